@@ -1,0 +1,107 @@
+"""Engine configuration (host side, no jax). msgspec Structs, validated at the edge.
+
+``EngineConfig`` is the flat user-facing config (the keyword arguments of ``LLM(...)`` and the
+``jaxllm.generate`` CLI flags, named like vLLM's). ``cache_config()`` / ``scheduler_config()``
+derive the narrow views the KV cache manager and the scheduler consume.
+
+Defaults worth knowing:
+- ``max_num_batched_tokens = 2048``: the token budget of one engine step (prefill chunks plus
+  one token per decoding request). Larger favours prefill throughput, smaller bounds the
+  latency a long prompt adds to everyone else's decode step (chunked prefill).
+- ``max_model_len = None``: take the model's context length (the factory fills it in).
+- ``kv_cache_memory_bytes = None``: on GPU size the cache from ``gpu_memory_utilization``;
+  on CPU the runner picks a sensible default.
+"""
+
+from __future__ import annotations
+
+import msgspec
+
+_DTYPES = ("auto", "float32", "bfloat16", "float16")
+_LOAD_FORMATS = ("auto", "safetensors", "gguf", "dummy", "orbax")
+
+
+class CacheConfig(msgspec.Struct, kw_only=True):
+    block_size: int = 16
+    enable_prefix_caching: bool = True
+    kv_cache_memory_bytes: int | None = None
+    gpu_memory_utilization: float = 0.9
+
+    def validate(self) -> "CacheConfig":
+        _pos_int("block_size", self.block_size)
+        _bool("enable_prefix_caching", self.enable_prefix_caching)
+        if self.kv_cache_memory_bytes is not None:
+            _pos_int("kv_cache_memory_bytes", self.kv_cache_memory_bytes)
+        g = self.gpu_memory_utilization
+        if isinstance(g, bool) or not isinstance(g, (int, float)) or not (0 < g <= 1):
+            raise ValueError(f"gpu_memory_utilization={g!r} is invalid: must be in (0, 1]")
+        return self
+
+
+class SchedulerConfig(msgspec.Struct, kw_only=True):
+    max_num_seqs: int = 64
+    max_num_batched_tokens: int = 2048
+    max_model_len: int = 2048
+
+    def validate(self) -> "SchedulerConfig":
+        _pos_int("max_num_seqs", self.max_num_seqs)
+        _pos_int("max_num_batched_tokens", self.max_num_batched_tokens)
+        _pos_int("max_model_len", self.max_model_len)
+        return self
+
+
+class EngineConfig(msgspec.Struct, kw_only=True):
+    model: str = ""
+    max_model_len: int | None = None
+    max_num_seqs: int = 64
+    max_num_batched_tokens: int = 2048
+    block_size: int = 16
+    enable_prefix_caching: bool = True
+    kv_cache_memory_bytes: int | None = None
+    gpu_memory_utilization: float = 0.9
+    tensor_parallel_size: int = 1
+    dtype: str = "auto"
+    load_format: str = "auto"
+    seed: int = 0
+
+    def validate(self) -> "EngineConfig":
+        if not isinstance(self.model, str):
+            raise ValueError(f"model={self.model!r} is invalid: must be a string (name or path)")
+        if self.max_model_len is not None:
+            _pos_int("max_model_len", self.max_model_len)
+        _pos_int("tensor_parallel_size", self.tensor_parallel_size)
+        if self.dtype not in _DTYPES:
+            raise ValueError(f"dtype={self.dtype!r} is invalid: must be one of {list(_DTYPES)}")
+        if self.load_format not in _LOAD_FORMATS:
+            raise ValueError(
+                f"load_format={self.load_format!r} is invalid: must be one of {list(_LOAD_FORMATS)}")
+        if isinstance(self.seed, bool) or not isinstance(self.seed, int):
+            raise ValueError(f"seed={self.seed!r} is invalid: must be an integer")
+        self.cache_config().validate()
+        SchedulerConfig(max_num_seqs=self.max_num_seqs,
+                        max_num_batched_tokens=self.max_num_batched_tokens).validate()
+        return self
+
+    def cache_config(self) -> CacheConfig:
+        return CacheConfig(block_size=self.block_size,
+                           enable_prefix_caching=self.enable_prefix_caching,
+                           kv_cache_memory_bytes=self.kv_cache_memory_bytes,
+                           gpu_memory_utilization=self.gpu_memory_utilization)
+
+    def scheduler_config(self) -> SchedulerConfig:
+        if self.max_model_len is None:
+            raise ValueError("max_model_len=None is invalid here: resolve it from the model "
+                             "config before building the scheduler")
+        return SchedulerConfig(max_num_seqs=self.max_num_seqs,
+                               max_num_batched_tokens=self.max_num_batched_tokens,
+                               max_model_len=self.max_model_len).validate()
+
+
+def _pos_int(name: str, v) -> None:
+    if isinstance(v, bool) or not isinstance(v, int) or v < 1:
+        raise ValueError(f"{name}={v!r} is invalid: must be an integer >= 1")
+
+
+def _bool(name: str, v) -> None:
+    if not isinstance(v, bool):
+        raise ValueError(f"{name}={v!r} is invalid: must be a bool")

@@ -1,0 +1,124 @@
+"""Per-request KV block bookkeeping on top of the BlockPool (host only, no jax).
+
+Contract with the runner: a request's block table maps token position ``p`` to slot
+``block_ids[p // block_size] * block_size + p % block_size``. Full blocks are registered in the
+prefix cache *when they are allocated* for the step that computes them (as vLLM V1 does), so a
+request scheduled later in the same step may already reuse them: the runner must write the KV
+of every scheduled token of a step before attention of that layer reads the cache.
+"""
+
+from __future__ import annotations
+
+from jaxllm.core.block_pool import BlockHash, BlockPool, KVBlock, hash_request_blocks
+from jaxllm.core.request import Request
+
+
+def cdiv(a: int, b: int) -> int:
+    return -(-a // b)
+
+
+class KVCacheManager:
+    def __init__(self, num_blocks: int, block_size: int, enable_caching: bool = True) -> None:
+        if isinstance(block_size, bool) or not isinstance(block_size, int) or block_size < 1:
+            raise ValueError(f"block_size={block_size!r} is invalid: must be an integer >= 1")
+        self.block_size = block_size
+        self.enable_caching = enable_caching
+        self.pool = BlockPool(num_blocks, enable_caching)
+        self.req_blocks: dict[str, list[KVBlock]] = {}
+        self.req_hashes: dict[str, list[BlockHash]] = {}
+        self.num_cached_blocks: dict[str, int] = {}  # leading blocks of a request already registered
+        # prefix cache statistics, in tokens
+        self.prefix_queries = 0
+        self.prefix_hits = 0
+
+    @property
+    def num_blocks(self) -> int:
+        return self.pool.num_blocks
+
+    @property
+    def num_free_blocks(self) -> int:
+        return self.pool.num_free_blocks
+
+    @property
+    def prefix_hit_rate(self) -> float:
+        return self.prefix_hits / self.prefix_queries if self.prefix_queries else 0.0
+
+    def _hashes(self, req: Request) -> list[BlockHash]:
+        hashes = self.req_hashes.setdefault(req.request_id, [])
+        return hash_request_blocks(req.all_token_ids, self.block_size, req.extra_key, hashes)
+
+    def get_computed_blocks(self, req: Request) -> tuple[list[KVBlock], int]:
+        """The longest cached prefix of the request's tokens, as (blocks, num_tokens).
+
+        Never the whole sequence: at least one token is left to compute so the step has
+        logits to sample from. Requests asking for prompt logprobs bypass the cache (every
+        prompt position must go through the model). Takes no reference; pass the blocks to
+        ``allocate_slots``."""
+        if not self.enable_caching or req.params.prompt_logprobs is not None:
+            return [], 0
+        hashes = self._hashes(req)
+        max_blocks = (req.num_tokens - 1) // self.block_size
+        blocks: list[KVBlock] = []
+        for h in hashes[:max_blocks]:
+            b = self.pool.get_cached_block(h)
+            if b is None:
+                break
+            blocks.append(b)
+        return blocks, len(blocks) * self.block_size
+
+    def record_prefix_lookup(self, num_tokens: int, num_hit_tokens: int) -> None:
+        """Count one admitted request's lookup in the hit-rate statistics."""
+        self.prefix_queries += num_tokens
+        self.prefix_hits += num_hit_tokens
+
+    def allocate_slots(self, req: Request, num_new_tokens: int,
+                       new_computed_blocks: list[KVBlock] | None = None) -> list[KVBlock] | None:
+        """Make room for ``num_new_tokens`` tokens after the computed ones (``req.num_computed_tokens``
+        plus the cached ``new_computed_blocks``). Returns the newly allocated blocks, or None
+        (nothing changed) when the pool cannot supply them."""
+        new_computed_blocks = new_computed_blocks or []
+        blocks = self.req_blocks.get(req.request_id, [])
+        num_computed = req.num_computed_tokens + len(new_computed_blocks) * self.block_size
+        total = num_computed + num_new_tokens
+        num_needed = cdiv(total, self.block_size) - len(blocks) - len(new_computed_blocks)
+        # cached blocks we are about to take back leave the free queue too
+        num_reclaimed = sum(1 for b in new_computed_blocks if b.ref_cnt == 0)
+        if num_needed > self.pool.num_free_blocks - num_reclaimed:
+            return None
+        blocks = self.req_blocks.setdefault(req.request_id, [])
+        if new_computed_blocks:
+            self.pool.touch(new_computed_blocks)
+            blocks.extend(new_computed_blocks)
+            self.num_cached_blocks[req.request_id] = len(blocks)
+        new_blocks = self.pool.get_new_blocks(max(num_needed, 0))
+        blocks.extend(new_blocks)
+        if self.enable_caching:
+            self._cache_full_blocks(req, blocks, total)
+        return new_blocks
+
+    def _cache_full_blocks(self, req: Request, blocks: list[KVBlock], num_tokens: int) -> None:
+        start = self.num_cached_blocks.get(req.request_id, 0)
+        end = min(num_tokens, req.num_tokens) // self.block_size
+        if end <= start:
+            return
+        hashes = self._hashes(req)
+        for i in range(start, end):
+            self.pool.cache_block(blocks[i], hashes[i])
+        self.num_cached_blocks[req.request_id] = end
+
+    def get_block_ids(self, request_id: str) -> list[int]:
+        return [b.block_id for b in self.req_blocks.get(request_id, ())]
+
+    def free(self, req: Request) -> None:
+        """Release the request's blocks, tail first (so its tail is evicted first)."""
+        blocks = self.req_blocks.pop(req.request_id, [])
+        self.pool.free_blocks(reversed(blocks))
+        self.num_cached_blocks.pop(req.request_id, None)
+        # hashes depend only on the tokens: keep them while the request lives (resume after
+        # preemption); drop them when it is gone for good via ``forget``.
+
+    def forget(self, request_id: str) -> None:
+        self.req_hashes.pop(request_id, None)
+
+    def reset_prefix_cache(self) -> bool:
+        return self.pool.reset_prefix_cache()

@@ -1,0 +1,75 @@
+"""Host-side request state (no jax).
+
+A ``Request`` is one sequence the scheduler knows about (an ``n > 1`` request fans out into
+``n`` child Requests in the engine). It carries the one number the scheduling model runs on,
+``num_computed_tokens``: tokens of ``all_token_ids`` whose KV is in the cache. Each step a
+request is given ``num_new_tokens``; when that reaches the end of ``all_token_ids`` the runner
+samples one token, which is appended (and not yet computed).
+"""
+
+from __future__ import annotations
+
+import enum
+from dataclasses import dataclass, field
+
+from jaxllm.sampling_params import SamplingParams
+
+
+class RequestStatus(enum.IntEnum):
+    WAITING = 0
+    RUNNING = 1
+    PREEMPTED = 2  # waiting again, to be recomputed from scratch
+    FINISHED_STOPPED = 3
+    FINISHED_LENGTH = 4
+    FINISHED_ABORTED = 5
+
+    @property
+    def finished(self) -> bool:
+        return self >= RequestStatus.FINISHED_STOPPED
+
+    @property
+    def finish_reason(self) -> str | None:
+        return {3: "stop", 4: "length", 5: "abort"}.get(int(self))
+
+
+@dataclass(eq=False)
+class Request:
+    request_id: str
+    prompt_token_ids: list[int]
+    params: SamplingParams
+    seed: int  # effective per-request seed (see ScheduledSeq.seed)
+    arrival_time: float = 0.0
+    arrival_seq: int = 0  # monotonic admission counter: the FCFS / preemption order
+    max_output_tokens: int = 16  # min(params.max_tokens, max_model_len - prompt length)
+    extra_key: object = None  # reserved for adapters: part of every block hash
+
+    status: RequestStatus = RequestStatus.WAITING
+    output_token_ids: list[int] = field(default_factory=list)
+    all_token_ids: list[int] = field(default_factory=list)
+    num_computed_tokens: int = 0
+    num_cached_tokens: int = -1  # prefix-cache hit at first schedule; -1 = not scheduled yet
+    num_preemptions: int = 0
+    first_scheduled_time: float | None = None
+
+    def __post_init__(self) -> None:
+        self.all_token_ids = list(self.prompt_token_ids) + list(self.output_token_ids)
+
+    @property
+    def num_prompt_tokens(self) -> int:
+        return len(self.prompt_token_ids)
+
+    @property
+    def num_tokens(self) -> int:
+        return len(self.all_token_ids)
+
+    @property
+    def num_output_tokens(self) -> int:
+        return len(self.output_token_ids)
+
+    def append_output_token(self, token_id: int) -> None:
+        self.output_token_ids.append(token_id)
+        self.all_token_ids.append(token_id)
+
+    @property
+    def is_finished(self) -> bool:
+        return self.status.finished

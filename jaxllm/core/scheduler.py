@@ -1,0 +1,188 @@
+"""The scheduler: one scheduling model, vLLM V1 style (host only, no jax).
+
+Every request carries ``num_computed_tokens``. Each ``schedule()`` hands out
+``{request_id: num_new_tokens}`` under ``max_num_batched_tokens`` (tokens per step) and
+``max_num_seqs`` (running requests):
+
+1. running requests first, in arrival order: a decode step (1 token) or the next chunk of a
+   prefill; when blocks run out, the latest-arrived running request not yet scheduled this
+   step is preempted (blocks freed, ``num_computed_tokens = 0``, back to the FRONT of the
+   waiting queue; it is recomputed later from prompt + outputs so far);
+2. then, if nothing was preempted, waiting requests FCFS (no skipping); on first scheduling a
+   prefix-cache hit sets ``num_computed_tokens``; a prompt longer than the remaining budget is
+   chunked.
+
+``update_from_output`` advances ``num_computed_tokens`` and appends sampled tokens; the engine
+decides stops and calls ``finish_requests``. Requests never exceed ``max_model_len``: the
+engine finishes a request whose length reaches it (finish_reason "length").
+"""
+
+from __future__ import annotations
+
+import bisect
+import time
+from collections import deque
+from collections.abc import Iterable, Mapping
+
+from jaxllm.config import SchedulerConfig
+from jaxllm.core.kv_cache_manager import KVCacheManager
+from jaxllm.core.request import Request, RequestStatus
+from jaxllm.core.scheduler_output import ScheduledSeq, SchedulerOutput
+
+
+class Scheduler:
+    def __init__(self, config: SchedulerConfig, kv_cache_manager: KVCacheManager) -> None:
+        self.config = config.validate()
+        self.kv = kv_cache_manager
+        self.requests: dict[str, Request] = {}
+        self.waiting: deque[Request] = deque()
+        self.running: list[Request] = []  # sorted by arrival_seq
+        self._to_forget: list[str] = []  # finished / preempted since the last schedule()
+        self.num_preemptions = 0
+        self._next_seq = 0
+
+    # ----- intake ---------------------------------------------------------------------
+    def add_request(self, req: Request) -> None:
+        if req.request_id in self.requests:
+            raise ValueError(f"request_id={req.request_id!r} is invalid: already in the scheduler")
+        if req.num_tokens >= self.config.max_model_len:
+            raise ValueError(f"prompt length={req.num_tokens} is invalid: must be < "
+                             f"max_model_len={self.config.max_model_len}")
+        req.arrival_seq = self._next_seq
+        self._next_seq += 1
+        req.status = RequestStatus.WAITING
+        self.requests[req.request_id] = req
+        self.waiting.append(req)
+
+    def has_unfinished_requests(self) -> bool:
+        return bool(self.requests)
+
+    @property
+    def num_running(self) -> int:
+        return len(self.running)
+
+    @property
+    def num_waiting(self) -> int:
+        return len(self.waiting)
+
+    # ----- one step -------------------------------------------------------------------
+    def schedule(self) -> SchedulerOutput:
+        budget = self.config.max_num_batched_tokens
+        max_len = self.config.max_model_len
+        scheduled: list[tuple[Request, int]] = []
+        preempted = False
+
+        i = 0
+        while i < len(self.running) and budget > 0:
+            req = self.running[i]
+            n = min(req.num_tokens - req.num_computed_tokens, budget,
+                    max_len - req.num_computed_tokens)
+            assert n > 0, (req.request_id, req.num_tokens, req.num_computed_tokens)
+            while self.kv.allocate_slots(req, n) is None:
+                victim = self.running.pop()  # latest arrival; never one scheduled this step
+                self._preempt(victim)
+                preempted = True
+                if victim is req:
+                    break
+            else:
+                scheduled.append((req, n))
+                budget -= n
+                i += 1
+                continue
+            break  # the current request preempted itself
+
+        now = time.time()
+        if not preempted:
+            while (self.waiting and budget > 0
+                   and len(self.running) < self.config.max_num_seqs):
+                req = self.waiting[0]
+                cached_blocks, num_cached = self.kv.get_computed_blocks(req)
+                n = min(req.num_tokens - num_cached, budget)
+                if self.kv.allocate_slots(req, n, cached_blocks) is None:
+                    break
+                self.waiting.popleft()
+                if self.kv.enable_caching:
+                    self.kv.record_prefix_lookup(req.num_tokens, num_cached)
+                req.num_computed_tokens = num_cached
+                if req.num_cached_tokens < 0:
+                    req.num_cached_tokens = num_cached
+                if req.first_scheduled_time is None:
+                    req.first_scheduled_time = now
+                req.status = RequestStatus.RUNNING
+                bisect.insort(self.running, req, key=lambda r: r.arrival_seq)
+                scheduled.append((req, n))
+                budget -= n
+
+        seqs = [
+            ScheduledSeq(
+                request_id=req.request_id,
+                token_ids=req.all_token_ids[req.num_computed_tokens:req.num_computed_tokens + n],
+                start_pos=req.num_computed_tokens,
+                block_ids=self.kv.get_block_ids(req.request_id),
+                sample=req.num_computed_tokens + n == req.num_tokens,
+                num_prompt_tokens=req.num_prompt_tokens,
+                params=req.params,
+                seed=req.seed,
+            )
+            for req, n in scheduled
+        ]
+        forget, self._to_forget = self._to_forget, []
+        return SchedulerOutput(seqs=seqs,
+                               num_batched_tokens=self.config.max_num_batched_tokens - budget,
+                               finished_or_preempted_ids=forget)
+
+    def _preempt(self, req: Request) -> None:
+        self.kv.free(req)
+        req.status = RequestStatus.PREEMPTED
+        req.num_computed_tokens = 0
+        req.num_preemptions += 1
+        self.num_preemptions += 1
+        self.waiting.appendleft(req)
+        self._to_forget.append(req.request_id)
+
+    def update_from_output(self, out: SchedulerOutput,
+                           sampled: Mapping[str, int]) -> list[tuple[Request, int]]:
+        """Advance ``num_computed_tokens`` by what ran; append each sampled token.
+        Returns ``(request, token_id)`` for every request that got a new token."""
+        new_tokens = []
+        for seq in out.seqs:
+            req = self.requests.get(seq.request_id)
+            if req is None or req.status != RequestStatus.RUNNING:
+                continue
+            assert req.num_computed_tokens == seq.start_pos, (req.request_id, seq.start_pos)
+            req.num_computed_tokens += len(seq.token_ids)
+            if seq.sample:
+                if seq.request_id not in sampled:
+                    raise RuntimeError(f"runner returned no token for request_id="
+                                       f"{seq.request_id!r} (scheduled with sample=True)")
+                tok = sampled[seq.request_id]
+                req.append_output_token(tok)
+                new_tokens.append((req, tok))
+        return new_tokens
+
+    def finish_requests(self, request_ids: str | Iterable[str],
+                        status: RequestStatus) -> list[Request]:
+        """Finish (or abort) requests: free their blocks, drop them. Unknown ids are a no-op."""
+        assert status.finished, status
+        if isinstance(request_ids, str):
+            request_ids = [request_ids]
+        done = []
+        for rid in request_ids:
+            req = self.requests.pop(rid, None)
+            if req is None:
+                continue
+            if req.status == RequestStatus.RUNNING:
+                self.running.remove(req)
+            else:
+                self.waiting.remove(req)
+            self.kv.free(req)
+            self.kv.forget(rid)
+            req.status = status
+            self._to_forget.append(rid)
+            done.append(req)
+        return done
+
+    def take_forgotten(self) -> list[str]:
+        """Ids to forget that no schedule() has reported yet (the engine releases them when idle)."""
+        forget, self._to_forget = self._to_forget, []
+        return forget

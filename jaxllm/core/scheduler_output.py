@@ -1,0 +1,52 @@
+"""What the scheduler hands the model runner for one step (host only, no jax)."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+from jaxllm.sampling_params import SamplingParams
+
+
+@dataclass
+class ScheduledSeq:
+    request_id: str
+    # the new tokens fed this step: all_token_ids[start_pos : start_pos + len(token_ids)]
+    token_ids: list[int]
+    # num_computed_tokens before this step (the position of token_ids[0])
+    start_pos: int
+    # the request's whole block table after this step's allocation; token at position p lives in
+    # slot block_ids[p // block_size] * block_size + p % block_size
+    block_ids: list[int]
+    # True iff after this step every known token is computed -> sample 1 new token
+    sample: bool
+    # original prompt length: positions >= this hold generated tokens (for penalties)
+    num_prompt_tokens: int
+    params: SamplingParams
+    # effective per-request seed: params.seed, or drawn from the engine's RNG at add time
+    # (n > 1 children: derived per index). Token keys derive from (seed, position).
+    seed: int
+
+    @property
+    def num_new_tokens(self) -> int:
+        return len(self.token_ids)
+
+
+@dataclass
+class SchedulerOutput:
+    seqs: list[ScheduledSeq]  # running requests first, then newly scheduled ones
+    num_batched_tokens: int
+    # requests the runner must forget (free per-request state) before this step: finished,
+    # aborted or preempted since the last step. Forgetting an unknown id is a no-op.
+    finished_or_preempted_ids: list[str] = field(default_factory=list)
+
+    @property
+    def num_seqs(self) -> int:
+        return len(self.seqs)
+
+    @property
+    def num_scheduled_tokens(self) -> dict[str, int]:
+        return {s.request_id: len(s.token_ids) for s in self.seqs}
+
+    @property
+    def is_empty(self) -> bool:
+        return not self.seqs

@@ -1,0 +1,115 @@
+"""Per-request sampling parameters (host side, no jax).
+
+``SamplingParams`` is a msgspec Struct so the offline API, JSONL files and the gRPC layer
+all fill the same object. ``validate()`` raises ``ValueError`` naming the field, the value
+and the allowed range; ``LLMEngine.add_request`` calls it before anything is scheduled.
+"""
+
+from __future__ import annotations
+
+import math
+
+import msgspec
+
+MAX_LOGPROBS = 20
+
+
+class SamplingParams(msgspec.Struct, kw_only=True):
+    n: int = 1
+    temperature: float = 1.0  # 0 = greedy
+    top_p: float = 1.0  # (0, 1]
+    top_k: int = -1  # -1 or 0 = off, else >= 1
+    min_p: float = 0.0  # [0, 1]
+    presence_penalty: float = 0.0  # [-2, 2]
+    frequency_penalty: float = 0.0  # [-2, 2]
+    repetition_penalty: float = 1.0  # > 0; 1 = off
+    seed: int | None = None
+    stop: str | list[str] | None = None
+    stop_token_ids: list[int] | None = None
+    ignore_eos: bool = False
+    max_tokens: int = 16  # >= 1
+    min_tokens: int = 0  # [0, max_tokens]
+    logprobs: int | None = None  # top-k logprobs per generated token, 0..20
+    prompt_logprobs: int | None = None  # 0..20
+    skip_special_tokens: bool = True
+    include_stop_str_in_output: bool = False
+
+    # ----- derived views -----------------------------------------------------------
+    @property
+    def stop_strings(self) -> list[str]:
+        if self.stop is None:
+            return []
+        if isinstance(self.stop, str):
+            return [self.stop]
+        return list(self.stop)
+
+    @property
+    def greedy(self) -> bool:
+        return self.temperature == 0.0
+
+    @property
+    def top_k_enabled(self) -> bool:
+        return self.top_k > 0
+
+    def clone(self, **changes) -> "SamplingParams":
+        return msgspec.structs.replace(self, **changes)
+
+    # ----- validation --------------------------------------------------------------
+    def validate(self, vocab_size: int | None = None) -> "SamplingParams":
+        """Check every field; raise ValueError('<field>=<value> is invalid: <rule>')."""
+        _int("n", self.n, lo=1)
+        _num("temperature", self.temperature, "must be >= 0", lambda v: v >= 0)
+        _num("top_p", self.top_p, "must be in (0, 1]", lambda v: 0 < v <= 1)
+        _int("top_k", self.top_k, rule="must be -1 or 0 (off) or >= 1", ok=lambda v: v >= -1)
+        _num("min_p", self.min_p, "must be in [0, 1]", lambda v: 0 <= v <= 1)
+        _num("presence_penalty", self.presence_penalty, "must be in [-2, 2]", lambda v: -2 <= v <= 2)
+        _num("frequency_penalty", self.frequency_penalty, "must be in [-2, 2]", lambda v: -2 <= v <= 2)
+        _num("repetition_penalty", self.repetition_penalty, "must be > 0", lambda v: v > 0)
+        if self.seed is not None:
+            _int("seed", self.seed, rule="must be None or an integer in [-2**63, 2**64)",
+                 ok=lambda v: -(2**63) <= v < 2**64)
+        _int("max_tokens", self.max_tokens, lo=1)
+        _int("min_tokens", self.min_tokens, lo=0)
+        if self.min_tokens > self.max_tokens:
+            raise ValueError(
+                f"min_tokens={self.min_tokens} is invalid: must be <= max_tokens={self.max_tokens}")
+        for name in ("logprobs", "prompt_logprobs"):
+            v = getattr(self, name)
+            if v is not None:
+                _int(name, v, rule=f"must be None or in [0, {MAX_LOGPROBS}]",
+                     ok=lambda x: 0 <= x <= MAX_LOGPROBS)
+        for name in ("ignore_eos", "skip_special_tokens", "include_stop_str_in_output"):
+            v = getattr(self, name)
+            if not isinstance(v, bool):
+                raise ValueError(f"{name}={v!r} is invalid: must be a bool")
+        if self.stop is not None:
+            stops = [self.stop] if isinstance(self.stop, str) else self.stop
+            if not isinstance(stops, (list, tuple)):
+                raise ValueError(f"stop={self.stop!r} is invalid: must be a string or a list of strings")
+            for s in stops:
+                if not isinstance(s, str) or s == "":
+                    raise ValueError(f"stop={self.stop!r} is invalid: every stop string must be a non-empty str")
+        if self.stop_token_ids is not None:
+            if not isinstance(self.stop_token_ids, (list, tuple)):
+                raise ValueError(
+                    f"stop_token_ids={self.stop_token_ids!r} is invalid: must be a list of token ids")
+            for t in self.stop_token_ids:
+                hi = vocab_size if vocab_size is not None else None
+                if isinstance(t, bool) or not isinstance(t, int) or t < 0 or (hi is not None and t >= hi):
+                    rng = f"[0, {hi})" if hi is not None else ">= 0"
+                    raise ValueError(f"stop_token_ids={self.stop_token_ids!r} is invalid: "
+                                     f"token id {t!r} must be an int in {rng}")
+        return self
+
+
+def _num(name: str, v, rule: str, ok) -> None:
+    if isinstance(v, bool) or not isinstance(v, (int, float)) or not math.isfinite(v) or not ok(v):
+        raise ValueError(f"{name}={v!r} is invalid: {rule}")
+
+
+def _int(name: str, v, lo: int | None = None, rule: str | None = None, ok=None) -> None:
+    if rule is None:
+        rule = f"must be an integer >= {lo}"
+        ok = lambda x: x >= lo  # noqa: E731
+    if isinstance(v, bool) or not isinstance(v, int) or not ok(v):
+        raise ValueError(f"{name}={v!r} is invalid: {rule}")

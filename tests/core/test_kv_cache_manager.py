@@ -1,0 +1,85 @@
+from jaxllm.core.kv_cache_manager import KVCacheManager
+from jaxllm.core.request import Request
+from jaxllm.sampling_params import SamplingParams
+
+
+def req(rid, tokens, **kw):
+    return Request(rid, list(tokens), SamplingParams(**kw), seed=0)
+
+
+def test_allocate_and_free_tail_first():
+    kv = KVCacheManager(num_blocks=8, block_size=4)
+    r = req("a", range(10))
+    blocks, n = kv.get_computed_blocks(r)
+    assert (blocks, n) == ([], 0)
+    new = kv.allocate_slots(r, 10)
+    assert len(new) == 3 and kv.num_free_blocks == 5
+    r.num_computed_tokens = 10
+    assert kv.allocate_slots(r, 2) == []  # fits in the third block
+    r.num_computed_tokens = 12
+    assert len(kv.allocate_slots(r, 1)) == 1
+    ids = kv.get_block_ids("a")
+    kv.free(r)
+    assert kv.num_free_blocks == 8
+    # freed tail first: the last block of "a" is the first to be reused (after the never-used ones)
+    fresh = kv.pool.get_new_blocks(8)
+    assert [b.block_id for b in fresh][-4:] == ids[::-1]
+
+
+def test_allocation_failure_changes_nothing():
+    kv = KVCacheManager(num_blocks=2, block_size=4)
+    r = req("a", range(12))
+    assert kv.allocate_slots(r, 12) is None
+    assert kv.num_free_blocks == 2 and kv.get_block_ids("a") == []
+
+
+def test_prefix_hit_never_whole_prompt_and_sharing():
+    kv = KVCacheManager(num_blocks=10, block_size=4)
+    a = req("a", range(12))
+    kv.allocate_slots(a, 12)  # 3 full blocks, cached at allocation
+    assert len(kv.pool.cached) == 3
+    b = req("b", range(12))  # identical prompt: may reuse only 2 blocks (1 token must be computed)
+    blocks, n = kv.get_computed_blocks(b)
+    assert n == 8 and [x.block_id for x in blocks] == kv.get_block_ids("a")[:2]
+    kv.allocate_slots(b, 4, blocks)
+    assert kv.get_block_ids("b")[:2] == kv.get_block_ids("a")[:2]
+    assert kv.get_block_ids("b")[2] != kv.get_block_ids("a")[2]
+    assert [x.ref_cnt for x in kv.req_blocks["b"]] == [2, 2, 1]
+    c = req("c", list(range(8)) + [99, 98, 97, 96, 95])  # diverges in block 2
+    blocks, n = kv.get_computed_blocks(c)
+    assert n == 8
+    # prompt_logprobs needs every prompt position: no cache
+    assert kv.get_computed_blocks(req("d", range(12), prompt_logprobs=1)) == ([], 0)
+    kv.free(a)
+    kv.free(b)
+    assert kv.num_free_blocks == 10
+    # freed but still cached: a new request hits them and takes them back from the free queue
+    e = req("e", range(13))
+    blocks, n = kv.get_computed_blocks(e)
+    assert n == 12
+    assert kv.allocate_slots(e, 1, blocks) is not None
+    assert kv.num_free_blocks == 6
+    kv.free(e)
+    assert kv.num_free_blocks == 10
+    kv.pool.check_invariants()
+
+
+def test_reclaimed_cached_blocks_count_against_free():
+    kv = KVCacheManager(num_blocks=3, block_size=2)
+    a = req("a", range(6))
+    kv.allocate_slots(a, 6)
+    kv.free(a)  # 3 cached free blocks
+    b = req("b", range(6))
+    blocks, n = kv.get_computed_blocks(b)
+    assert n == 4
+    # 2 cached blocks reclaimed + 1 new: exactly fits
+    assert kv.allocate_slots(b, 2, blocks) is not None
+    assert kv.num_free_blocks == 0
+    kv.free(b)
+    c = req("c", range(4))
+    blocks, n = kv.get_computed_blocks(c)
+    assert n == 2
+    # would need 1 reclaimed + 3 new (> 2 free others): None, nothing touched
+    assert kv.allocate_slots(c, 6, blocks) is None
+    assert kv.num_free_blocks == 3
+    kv.pool.check_invariants()

@@ -1,0 +1,1 @@
+"""Fakes for running the host engine without jax or a model."""

@@ -1,0 +1,124 @@
+"""A fake model runner that checks the block tables it is given (no jax).
+
+It keeps a fake KV store: ``kv[slot] = (token_id, position)``. Each step it first writes every
+scheduled token into the slot its block table names, then, for each seq, reads the WHOLE
+context back from the slots and checks it against what the request should hold; the "model"
+is a deterministic function of the context read back from the cache. So a wrong block table,
+a block shared by mistake, a prefix-cache hit on stale KV or a resumed request fed the wrong
+tokens all show up as an assertion error or as a different output.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable
+
+from jaxllm.core.scheduler_output import ScheduledSeq, SchedulerOutput
+from jaxllm.engine.runner_protocol import SampledToken
+
+M64 = (1 << 64) - 1
+
+
+def _mix(*xs: int) -> int:
+    h = 0x9E3779B97F4A7C15
+    for x in xs:
+        h ^= x & M64
+        h = (h * 0xBF58476D1CE4E5B9) & M64
+        h ^= h >> 31
+    return h
+
+
+def context_hash(ctx: list[int]) -> int:
+    h = 0
+    for t in ctx:
+        h = _mix(h, t)
+    return h
+
+
+class FakeRunner:
+    def __init__(self, num_blocks: int, block_size: int, vocab_size: int = 131,
+                 eos_token_ids: set[int] = frozenset({1}),
+                 next_token_fn: Callable[[list[int], ScheduledSeq], int] | None = None) -> None:
+        self.num_blocks = num_blocks
+        self.block_size = block_size
+        self.vocab_size = vocab_size
+        self.eos_token_ids = set(eos_token_ids)
+        self.next_token_fn = next_token_fn
+        self.kv: dict[int, tuple[int, int]] = {}
+        self.known: dict[str, list[int]] = {}  # request id -> tokens the runner has seen it compute
+        self.steps: list[SchedulerOutput] = []
+        self.released: list[str] = []
+
+    # ----- protocol -----------------------------------------------------------------
+    def release(self, request_ids: list[str]) -> None:
+        for rid in request_ids:
+            self.known.pop(rid, None)
+            self.released.append(rid)
+
+    def execute(self, out: SchedulerOutput) -> dict[str, SampledToken]:
+        self.steps.append(out)
+        self.release(out.finished_or_preempted_ids)
+        ids = [s.request_id for s in out.seqs]
+        assert len(ids) == len(set(ids)), f"request scheduled twice in a step: {ids}"
+        assert out.num_batched_tokens == sum(len(s.token_ids) for s in out.seqs)
+        for s in out.seqs:
+            assert not (set(out.finished_or_preempted_ids) & {s.request_id}), s.request_id
+            assert s.token_ids, s.request_id
+            end = s.start_pos + len(s.token_ids)
+            assert len(s.block_ids) >= -(-end // self.block_size), (s.request_id, end, s.block_ids)
+            assert all(0 <= b < self.num_blocks for b in s.block_ids), s.block_ids
+            assert len(set(s.block_ids)) == len(s.block_ids), f"duplicate block in table {s.block_ids}"
+            if s.request_id in self.known:
+                assert len(self.known[s.request_id]) == s.start_pos, (
+                    f"{s.request_id}: runner saw {len(self.known[s.request_id])} tokens, "
+                    f"start_pos={s.start_pos}")
+        # 1) write every scheduled token's KV (all writes land before any read)
+        for s in out.seqs:
+            for i, t in enumerate(s.token_ids):
+                self.kv[self._slot(s.block_ids, s.start_pos + i)] = (t, s.start_pos + i)
+        # 2) "attend": read the whole context back from the cache
+        result: dict[str, SampledToken] = {}
+        for s in out.seqs:
+            end = s.start_pos + len(s.token_ids)
+            ctx = []
+            for p in range(end):
+                tok, pos = self.kv.get(self._slot(s.block_ids, p), (None, None))
+                assert pos == p, f"{s.request_id}: slot for position {p} holds position {pos}"
+                ctx.append(tok)
+            assert ctx[s.start_pos:] == s.token_ids
+            known = self.known.get(s.request_id)
+            if known is not None:
+                assert ctx[:len(known)] == known, f"{s.request_id}: cached context changed"
+            self.known[s.request_id] = ctx
+            if s.sample:
+                result[s.request_id] = self._sample(ctx, s)
+        return result
+
+    # ----- the "model" --------------------------------------------------------------
+    def _slot(self, block_ids: list[int], pos: int) -> int:
+        return block_ids[pos // self.block_size] * self.block_size + pos % self.block_size
+
+    def _sample(self, ctx: list[int], s: ScheduledSeq) -> SampledToken:
+        p = s.params
+        num_generated = len(ctx) - s.num_prompt_tokens
+        banned = set()
+        if num_generated < p.min_tokens:
+            banned |= set(p.stop_token_ids or ())
+            if not p.ignore_eos:
+                banned |= self.eos_token_ids
+        if self.next_token_fn is not None:
+            tok = self.next_token_fn(ctx, s)
+        else:
+            h = context_hash(ctx)
+            if p.temperature > 0:  # seeded: depends on (seed, position) and the context only
+                h = _mix(h, s.seed, len(ctx))
+            tok = h % self.vocab_size
+        while tok in banned:
+            tok = (tok + 1) % self.vocab_size
+        lp = -float(_mix(tok, len(ctx)) % 1000) / 100.0
+        top = None
+        if p.logprobs is not None:
+            top = [(tok, lp)] + [((tok + k) % self.vocab_size, lp - k) for k in range(1, p.logprobs)]
+            top = top[:p.logprobs] if p.logprobs else []
+        assert math.isfinite(lp)
+        return SampledToken(token_id=tok, logprob=lp, top_logprobs=top)
