@@ -1,0 +1,100 @@
+"""Helpers shared by the attention implementations: scale, shape checks and the q-tile plan.
+
+A *q tile* is up to `bq` consecutive query tokens of ONE sequence. The mixed (prefill) kernel and
+the reference both walk a static number of tiles, `max_num_q_tiles(T, S, bq)`, which bounds
+`sum_i cdiv(q_len_i, bq)` for any ragged batch of T tokens in S sequences. Unused tiles are empty
+(n_q == 0) and do nothing.
+"""
+from __future__ import annotations
+
+import math
+
+import jax
+import jax.numpy as jnp
+
+from pallas_kernels.metadata import AttentionMetadata, KVCache
+
+# Finite "minus infinity" for masked logits inside the Pallas kernels (fp32). A row whose every
+# logit is masked never reaches the output: kernels store only rows of real tokens.
+MASK_VALUE = -1e30
+LOG2E = 1.4426950408889634
+
+# Columns of the int32 tile table `[num_tiles, TILE_FIELDS]`.
+TILE_SEQ, TILE_Q_START, TILE_NUM_Q, TILE_POS0, TILE_CTX = range(5)
+TILE_FIELDS = 5
+
+
+def next_pow2(x: int) -> int:
+    return 1 if x <= 1 else 1 << (int(x) - 1).bit_length()
+
+
+def resolve_scale(sm_scale: float | None, head_dim: int) -> float:
+    return float(sm_scale) if sm_scale is not None else 1.0 / math.sqrt(head_dim)
+
+
+def layer_index(layer) -> jax.Array:
+    """The layer as an int32 array of shape [1] (a Python int or a traced scalar)."""
+    return jnp.asarray(layer, dtype=jnp.int32).reshape(1)
+
+
+def check_inputs(q: jax.Array, cache: KVCache, metadata: AttentionMetadata) -> tuple[int, int, int]:
+    """Validates shapes at the edge; returns (num_kv_heads, q_per_kv, head_dim)."""
+    if q.ndim != 3:
+        raise ValueError(f"q must be [num_tokens, num_heads, head_dim], got shape {q.shape}")
+    if cache.k.ndim != 5 or cache.k.shape != cache.v.shape:
+        raise ValueError(
+            "cache.k and cache.v must both be [num_layers, num_blocks, block_size, num_kv_heads, "
+            f"head_dim], got {cache.k.shape} and {cache.v.shape}")
+    num_tokens, num_heads, head_dim = q.shape
+    num_kv_heads, cache_head_dim = cache.k.shape[3], cache.k.shape[4]
+    if cache_head_dim != head_dim:
+        raise ValueError(f"q head_dim {head_dim} != cache head_dim {cache_head_dim}")
+    if num_heads % num_kv_heads:
+        raise ValueError(f"num_heads {num_heads} is not a multiple of num_kv_heads {num_kv_heads}")
+    if metadata.num_tokens != num_tokens:
+        raise ValueError(
+            f"metadata.slot_mapping has {metadata.num_tokens} tokens but q has {num_tokens}")
+    if metadata.cu_q_lens.shape != (metadata.num_seqs + 1,):
+        raise ValueError(
+            f"cu_q_lens must be [num_seqs + 1] = [{metadata.num_seqs + 1}], "
+            f"got {metadata.cu_q_lens.shape}")
+    if metadata.block_tables.ndim != 2 or metadata.block_tables.shape[0] != metadata.num_seqs:
+        raise ValueError(
+            f"block_tables must be [num_seqs={metadata.num_seqs}, max_blocks_per_seq], "
+            f"got {metadata.block_tables.shape}")
+    if metadata.decode_only and num_tokens != metadata.num_seqs:
+        raise ValueError(
+            f"decode_only metadata needs num_tokens == num_seqs, got {num_tokens} tokens and "
+            f"{metadata.num_seqs} sequences")
+    return num_kv_heads, num_heads // num_kv_heads, head_dim
+
+
+def max_num_q_tiles(num_tokens: int, num_seqs: int, bq: int) -> int:
+    """Static upper bound of sum_i cdiv(q_len_i, bq) over sequences with sum_i q_len_i <= T."""
+    return max(1, (num_tokens + num_seqs * (bq - 1)) // bq)
+
+
+def build_q_tiles(cu_q_lens: jax.Array, context_lens: jax.Array, num_tokens: int, bq: int) -> jax.Array:
+    """Splits each sequence's query tokens into tiles of at most `bq` tokens.
+
+    Returns int32 `[num_tiles, TILE_FIELDS]`: (seq, first token, tokens in tile, absolute position
+    of the first token, context length of the sequence). Empty tiles have n_q == 0 and ctx == 0.
+    """
+    num_seqs = context_lens.shape[0]
+    num_tiles = max_num_q_tiles(num_tokens, num_seqs, bq)
+    cu_q_lens = cu_q_lens.astype(jnp.int32)
+    q_lens = jnp.maximum(cu_q_lens[1:] - cu_q_lens[:-1], 0)  # [S] i32
+    tiles_per_seq = (q_lens + bq - 1) // bq  # [S] i32
+    cu_tiles = jnp.cumsum(tiles_per_seq)  # [S] i32, inclusive
+    tile_ids = jnp.arange(num_tiles, dtype=jnp.int32)  # [NT] i32
+    seq = jnp.searchsorted(cu_tiles, tile_ids, side="right").astype(jnp.int32)  # [NT] i32
+    used = seq < num_seqs
+    seq = jnp.minimum(seq, num_seqs - 1)
+    local = tile_ids - (cu_tiles[seq] - tiles_per_seq[seq])  # tile index within its sequence
+    q_start = cu_q_lens[seq] + local * bq
+    n_q = jnp.where(used, jnp.clip(cu_q_lens[seq + 1] - q_start, 0, bq), 0)
+    ctx = jnp.where(used, context_lens[seq].astype(jnp.int32), 0)
+    pos0 = ctx - q_lens[seq] + local * bq
+    q_start = jnp.where(used, q_start, 0)
+    pos0 = jnp.where(used, pos0, 0)
+    return jnp.stack([seq, q_start, n_q, pos0, ctx], axis=1).astype(jnp.int32)  # [NT, 5] i32

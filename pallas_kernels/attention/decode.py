@@ -1,0 +1,151 @@
+"""Pallas (Triton) paged decode attention: one query token per sequence, split-K over the context.
+
+Grid `(num_seqs, num_kv_heads, num_splits)`. Program (s, h, p) takes the q heads of kv head h of
+sequence s together as the rows of one tile (`[gp, head_dim]`, q-per-kv padded to a power of two
+>= 16 for the tensor-core dot, padded rows masked) and walks split p of the context in chunks of
+`block_k` tokens, gathering each token's K/V row from the stacked cache through the block table:
+`k_ref[layer, block, offset, h, :]` indexes the full cache ref, so the traced layer needs no slice.
+Each split leaves an unnormalised fp32 accumulator with its running max and sum; a small jnp
+epilogue merges the splits (log-sum-exp) and casts to q.dtype.
+"""
+from __future__ import annotations
+
+import functools
+
+import jax
+import jax.numpy as jnp
+from jax import lax
+from jax.experimental import pallas as pl
+from jax.experimental.pallas import triton as plgpu
+
+from pallas_kernels.attention.common import (
+    LOG2E, MASK_VALUE, check_inputs, layer_index, next_pow2, resolve_scale)
+from pallas_kernels.metadata import AttentionMetadata, KVCache
+
+_DOT_DIMS_NT = (((1,), (1,)), ((), ()))  # a @ b.T
+_DOT_DIMS_NN = (((1,), (0,)), ((), ()))  # a @ b
+
+
+def _decode_kernel(layer_ref, ctx_ref, bt_ref, q_ref, k_ref, v_ref,  # inputs
+                   o_ref, m_ref, l_ref,  # outputs
+                   *, q_per_kv, num_heads, block_k, split_len, sm_scale, soft_cap, sliding_window):
+    s, h, split = pl.program_id(0), pl.program_id(1), pl.program_id(2)
+    gp, head_dim = o_ref.shape[-2], o_ref.shape[-1]
+    block_size, num_blocks = k_ref.shape[2], k_ref.shape[1]
+    max_blocks = bt_ref.shape[1]
+    layer = layer_ref[0]
+    ctx = ctx_ref[s]
+
+    g = jnp.arange(gp, dtype=jnp.int32)  # [gp] i32
+    dcol = jnp.arange(head_dim, dtype=jnp.int32)[None, :]  # [1, d] i32
+    head_ok = g < q_per_kv
+    q_rows = jnp.where(head_ok, s * num_heads + h * q_per_kv + g, 0)  # rows of q viewed [T*H, d]
+    q = plgpu.load(q_ref.at[q_rows[:, None], dcol], mask=head_ok[:, None], other=0.0)  # [gp, d]
+
+    lo = split * split_len
+    hi = jnp.minimum(ctx, lo + split_len)
+    if sliding_window is not None:
+        lo = jnp.maximum(lo, ctx - sliding_window)
+    num_chunks = (jnp.maximum(hi - lo, 0) + block_k - 1) // block_k
+
+    def body(i, carry):
+        acc, m_i, l_i = carry  # [gp, d] f32, [gp] f32, [gp] f32
+        k_pos = lo + i * block_k + jnp.arange(block_k, dtype=jnp.int32)  # [bk] i32
+        k_ok = k_pos < hi
+        page = plgpu.load(bt_ref.at[s, jnp.minimum(k_pos // block_size, max_blocks - 1)],
+                          mask=k_ok, other=0)
+        blk = jnp.clip(page, 0, num_blocks - 1)[:, None]  # [bk, 1] i32
+        off = (k_pos % block_size)[:, None]
+        k = plgpu.load(k_ref.at[layer, blk, off, h, dcol], mask=k_ok[:, None], other=0.0)  # [bk, d]
+        logits = lax.dot_general(q, k, _DOT_DIMS_NT, preferred_element_type=jnp.float32)  # [gp, bk]
+        if soft_cap is not None:
+            logits = jnp.tanh(logits * (sm_scale / soft_cap)) * (soft_cap * LOG2E)
+        else:
+            logits = logits * (sm_scale * LOG2E)
+        logits = jnp.where(k_ok[None, :], logits, MASK_VALUE)  # base-2 logits
+        m_new = jnp.maximum(m_i, logits.max(axis=1))
+        alpha = jnp.exp2(m_i - m_new)
+        p = jnp.exp2(logits - m_new[:, None])  # [gp, bk] f32
+        v = plgpu.load(v_ref.at[layer, blk, off, h, dcol], mask=k_ok[:, None], other=0.0)  # [bk, d]
+        pv = lax.dot_general(p.astype(v.dtype), v, _DOT_DIMS_NN, preferred_element_type=jnp.float32)
+        return acc * alpha[:, None] + pv, m_new, l_i * alpha + p.sum(axis=1)
+
+    init = (jnp.zeros((gp, head_dim), jnp.float32), jnp.full((gp,), MASK_VALUE, jnp.float32),
+            jnp.zeros((gp,), jnp.float32))
+    acc, m_i, l_i = lax.fori_loop(0, num_chunks, body, init)
+    o_ref[split, s, h, :, :] = acc
+    m_ref[split, s, h, :] = m_i
+    l_ref[split, s, h, :] = l_i
+
+
+def _plan_splits(num_seqs: int, num_kv_heads: int, table_tokens: int, block_k: int) -> tuple[int, int]:
+    """(num_splits, split_len): enough programs to fill a GPU, each split >= 2 chunks of work."""
+    target_programs = 512
+    want = max(1, -(-target_programs // (num_seqs * num_kv_heads)))
+    most = max(1, table_tokens // (2 * block_k))
+    num_splits = min(want, most)
+    split_len = -(-table_tokens // num_splits)
+    split_len = -(-split_len // block_k) * block_k
+    num_splits = -(-table_tokens // split_len)
+    return num_splits, split_len
+
+
+def paged_decode_attention(
+    q: jax.Array,
+    cache: KVCache,
+    layer,
+    metadata: AttentionMetadata,
+    *,
+    sm_scale: float | None = None,
+    sliding_window: int | None = None,
+    soft_cap: float | None = None,
+    interpret: bool = False,
+    block_k: int | None = None,
+    num_splits: int | None = None,
+    num_warps: int = 4,
+    num_stages: int = 2,
+) -> jax.Array:
+    """Decode-only paged attention (token i is the single new token of sequence i)."""
+    if not metadata.decode_only:
+        raise ValueError("pallas_decode needs metadata.decode_only=True (one token per sequence)")
+    num_kv_heads, q_per_kv, head_dim = check_inputs(q, cache, metadata)
+    num_tokens, num_heads, _ = q.shape
+    num_seqs = metadata.num_seqs
+    if head_dim < 16 or head_dim & (head_dim - 1):
+        raise ValueError(f"pallas_decode needs a power-of-two head_dim >= 16, got {head_dim}")
+    gp = max(16, next_pow2(q_per_kv))
+    block_k = block_k or (64 if head_dim <= 128 else 32)
+    table_tokens = metadata.block_tables.shape[1] * cache.block_size
+    splits, split_len = _plan_splits(num_seqs, num_kv_heads, table_tokens, block_k)
+    if num_splits is not None:
+        splits = num_splits
+        split_len = -(-(-(-table_tokens // splits)) // block_k) * block_k
+
+    # Padding sequences (q_len 0) attend to nothing and come out as zeros.
+    q_lens = metadata.cu_q_lens[1:] - metadata.cu_q_lens[:-1]
+    ctx = jnp.where(q_lens > 0, metadata.context_lens, 0).astype(jnp.int32)  # [S] i32
+    kernel = functools.partial(
+        _decode_kernel, q_per_kv=q_per_kv, num_heads=num_heads, block_k=block_k,
+        split_len=split_len, sm_scale=resolve_scale(sm_scale, head_dim),
+        soft_cap=None if soft_cap is None else float(soft_cap),
+        sliding_window=None if sliding_window is None else int(sliding_window))
+    f32 = jnp.float32
+    out_shape = (
+        jax.ShapeDtypeStruct((splits, num_seqs, num_kv_heads, gp, head_dim), f32),  # acc
+        jax.ShapeDtypeStruct((splits, num_seqs, num_kv_heads, gp), f32),  # running max (base 2)
+        jax.ShapeDtypeStruct((splits, num_seqs, num_kv_heads, gp), f32),  # running sum
+    )
+    acc, m, l = pl.pallas_call(
+        kernel, out_shape=out_shape, grid=(num_seqs, num_kv_heads, splits), interpret=interpret,
+        compiler_params=plgpu.CompilerParams(num_warps=num_warps, num_stages=num_stages),
+        name="jaxllm_paged_decode",
+    )(layer_index(layer), ctx, metadata.block_tables.astype(jnp.int32),
+      q.reshape(num_tokens * num_heads, head_dim), cache.k, cache.v)
+
+    # Merge the splits: [splits, S, kvh, gp(, d)] -> [S, kvh, gp, d].
+    m_all = m.max(axis=0)
+    w = jnp.exp2(m - m_all[None])  # [splits, S, kvh, gp] f32
+    l_all = (w * l).sum(axis=0)
+    out = (w[..., None] * acc).sum(axis=0) / jnp.where(l_all > 0, l_all, 1.0)[..., None]
+    out = out[:, :, :q_per_kv].astype(q.dtype)  # [S, kvh, G, d]
+    return out.reshape(num_tokens, num_heads, head_dim)

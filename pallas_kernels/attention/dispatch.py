@@ -1,0 +1,53 @@
+"""`ragged_paged_attention`: the one attention entry point, dispatching by backend or by `impl`.
+
+impl=None picks by `jax.default_backend()`: "gpu" (CUDA/ROCm) -> Pallas Triton kernels (decode
+kernel when `metadata.decode_only`, else the mixed prefill kernel); "tpu" and "cpu" -> reference.
+Tests force an implementation with impl=... and interpret=True.
+"""
+from __future__ import annotations
+
+import jax
+
+from pallas_kernels.attention.decode import paged_decode_attention
+from pallas_kernels.attention.prefill import paged_prefill_attention
+from pallas_kernels.attention.reference import ragged_paged_attention_reference
+from pallas_kernels.metadata import AttentionMetadata, KVCache
+
+IMPLS = {
+    "reference": ragged_paged_attention_reference,
+    "pallas_decode": paged_decode_attention,
+    "pallas_prefill": paged_prefill_attention,
+}
+
+
+def resolve_impl(impl: str | None, metadata: AttentionMetadata) -> str:
+    """The implementation name that `ragged_paged_attention` would run."""
+    if impl is None:
+        impl = "pallas" if jax.default_backend() == "gpu" else "reference"
+    if impl == "pallas":
+        impl = "pallas_decode" if metadata.decode_only else "pallas_prefill"
+    if impl not in IMPLS:
+        raise ValueError(f"unknown attention impl {impl!r}; expected None, 'pallas' or one of {sorted(IMPLS)}")
+    return impl
+
+
+def ragged_paged_attention(
+    q: jax.Array,
+    cache: KVCache,
+    layer,
+    metadata: AttentionMetadata,
+    *,
+    sm_scale: float | None = None,
+    sliding_window: int | None = None,
+    soft_cap: float | None = None,
+    impl: str | None = None,
+    interpret: bool = False,
+) -> jax.Array:
+    """Causal attention of ragged query tokens q [T, num_heads, head_dim] over the paged cache.
+
+    Returns [T, num_heads, head_dim] in q.dtype (fp32 accumulation). See metadata.py for the
+    batch layout; `layer` is a Python int or a traced int32 scalar selecting the cache layer.
+    """
+    fn = IMPLS[resolve_impl(impl, metadata)]
+    return fn(q, cache, layer, metadata, sm_scale=sm_scale, sliding_window=sliding_window,
+              soft_cap=soft_cap, interpret=interpret)

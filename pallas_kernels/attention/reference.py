@@ -1,0 +1,126 @@
+"""Pure-jnp ragged paged attention: the reference for the kernels and THE CPU path of the engine.
+
+Same signature as `ragged_paged_attention`. Algorithm (vectorised, static shapes):
+  * the query tokens are cut into q tiles of `bq` tokens of one sequence (decode-only: one tile per
+    sequence, bq = 1), so K/V gathered for a tile is reused by all its query tokens;
+  * a `lax.fori_loop` with a *traced* trip count walks KV chunks of `P` pages up to the longest
+    context in the batch (not the block-table width), gathering `[tiles, P pages]` straight from
+    the stacked cache at `layer` (no layer slice is materialised), with an online softmax in fp32.
+Cost: O(tiles * bq * max_context * heads * head_dim); a decode step reads each sequence's pages once.
+"""
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+from jax import lax
+
+from pallas_kernels.attention.common import build_q_tiles, check_inputs, next_pow2, resolve_scale
+from pallas_kernels.metadata import AttentionMetadata, KVCache
+
+# Target number of fp32 logits per KV chunk (all tiles, heads and queries together).
+_LOGITS_PER_CHUNK = 1 << 22
+
+
+def _choose_bq(num_tokens: int, num_seqs: int) -> int:
+    return int(min(512, next_pow2(max(1, -(-num_tokens // max(1, num_seqs))))))
+
+
+def _decode_tiles(metadata: AttentionMetadata) -> jax.Array:
+    """One tile per sequence (token i belongs to sequence i). [S, 5] int32."""
+    num_seqs = metadata.num_seqs
+    seq = jnp.arange(num_seqs, dtype=jnp.int32)  # [S] i32
+    q_lens = (metadata.cu_q_lens[1:] - metadata.cu_q_lens[:-1]).astype(jnp.int32)
+    n_q = jnp.clip(q_lens, 0, 1)
+    ctx = jnp.where(n_q > 0, metadata.context_lens.astype(jnp.int32), 0)
+    return jnp.stack([seq, seq, n_q, ctx - 1, ctx], axis=1)  # [S, 5] i32
+
+
+def ragged_paged_attention_reference(
+    q: jax.Array,
+    cache: KVCache,
+    layer,
+    metadata: AttentionMetadata,
+    *,
+    sm_scale: float | None = None,
+    sliding_window: int | None = None,
+    soft_cap: float | None = None,
+    interpret: bool = False,
+) -> jax.Array:
+    del interpret  # Signature parity with the kernels.
+    num_kv_heads, q_per_kv, head_dim = check_inputs(q, cache, metadata)
+    num_tokens, num_heads, _ = q.shape
+    num_seqs = metadata.num_seqs
+    block_size, num_blocks = cache.block_size, cache.num_blocks
+    scale = resolve_scale(sm_scale, head_dim)
+    layer = jnp.asarray(layer, dtype=jnp.int32).reshape(())
+
+    if metadata.decode_only:
+        bq = 1
+        tiles = _decode_tiles(metadata)
+    else:
+        bq = _choose_bq(num_tokens, num_seqs)
+        tiles = build_q_tiles(metadata.cu_q_lens, metadata.context_lens, num_tokens, bq)
+    num_tiles = tiles.shape[0]
+    seq, q_start, n_q, pos0, ctx = (tiles[:, i] for i in range(5))  # each [NT] i32
+
+    j = jnp.arange(bq, dtype=jnp.int32)
+    tok = q_start[:, None] + j  # [NT, bq] i32
+    q_valid = j[None, :] < n_q[:, None]  # [NT, bq] bool
+    q_pos = pos0[:, None] + j  # [NT, bq] i32
+    q_grouped = q.reshape(num_tokens, num_kv_heads, q_per_kv, head_dim)
+    q_tiles = q_grouped[jnp.clip(tok, 0, num_tokens - 1)].astype(jnp.float32)  # [NT, bq, kvh, G, d] f32
+
+    # KV chunk of P pages; logits per chunk [NT, kvh, G, bq, C] stay near _LOGITS_PER_CHUNK.
+    chunk = max(block_size, min(1024, _LOGITS_PER_CHUNK // max(1, num_tiles * bq * num_heads)))
+    pages_per_chunk = max(1, chunk // block_size)
+    chunk = pages_per_chunk * block_size
+    max_blocks = metadata.block_tables.shape[1]
+    padded_blocks = -(-max_blocks // pages_per_chunk) * pages_per_chunk
+    tables = metadata.block_tables.astype(jnp.int32)[seq]  # [NT, max_blocks] i32
+    tables = jnp.pad(tables, ((0, 0), (0, padded_blocks - max_blocks)))  # [NT, MBp] i32
+
+    has_q = n_q > 0
+    kv_hi = jnp.where(has_q, jnp.minimum(ctx, pos0 + n_q), 0)  # [NT] exclusive end of needed KV
+    if sliding_window is not None:
+        kv_lo = jnp.where(has_q, jnp.maximum(pos0 - sliding_window + 1, 0), jnp.iinfo(jnp.int32).max)
+        first_chunk = jnp.minimum(jnp.min(kv_lo), jnp.max(kv_hi)) // chunk
+    else:
+        first_chunk = jnp.int32(0)
+    last_chunk = (jnp.max(kv_hi) + chunk - 1) // chunk
+
+    def body(c, carry):
+        m, l, acc = carry  # [NT, kvh, G, bq] f32 x2, [NT, kvh, G, bq, d] f32
+        pages = lax.dynamic_slice_in_dim(tables, c * pages_per_chunk, pages_per_chunk, axis=1)
+        blocks = jnp.clip(pages, 0, num_blocks - 1)  # [NT, P] i32
+        k = cache.k[layer, blocks].reshape(num_tiles, chunk, num_kv_heads, head_dim)  # [NT, C, kvh, d]
+        v = cache.v[layer, blocks].reshape(num_tiles, chunk, num_kv_heads, head_dim)  # [NT, C, kvh, d]
+        s = jnp.einsum("nqkgd,nckd->nkgqc", q_tiles, k.astype(jnp.float32)) * scale  # [NT,kvh,G,bq,C]
+        if soft_cap is not None:
+            s = jnp.tanh(s / soft_cap) * soft_cap
+        k_pos = c * chunk + jnp.arange(chunk, dtype=jnp.int32)  # [C] i32
+        mask = (k_pos[None, None, :] <= q_pos[:, :, None]) & (k_pos[None, None, :] < ctx[:, None, None])
+        mask &= q_valid[:, :, None]
+        if sliding_window is not None:
+            mask &= k_pos[None, None, :] > q_pos[:, :, None] - sliding_window
+        s = jnp.where(mask[:, None, None], s, -jnp.inf)  # [NT, kvh, G, bq, C] f32
+        m_new = jnp.maximum(m, s.max(axis=-1))
+        m_safe = jnp.where(jnp.isfinite(m_new), m_new, 0.0)
+        alpha = jnp.exp(m - m_safe)
+        p = jnp.exp(s - m_safe[..., None])  # [NT, kvh, G, bq, C] f32
+        l = alpha * l + p.sum(axis=-1)
+        acc = alpha[..., None] * acc + jnp.einsum("nkgqc,nckd->nkgqd", p, v.astype(jnp.float32))
+        return m_new, l, acc
+
+    stat_shape = (num_tiles, num_kv_heads, q_per_kv, bq)
+    init = (jnp.full(stat_shape, -jnp.inf, jnp.float32), jnp.zeros(stat_shape, jnp.float32),
+            jnp.zeros(stat_shape + (head_dim,), jnp.float32))
+    _, l, acc = lax.fori_loop(first_chunk, last_chunk, body, init)
+    out = jnp.where(l[..., None] > 0, acc / jnp.where(l > 0, l, 1.0)[..., None], 0.0)
+    out = out.transpose(0, 3, 1, 2, 4).astype(q.dtype)  # [NT, bq, kvh, G, d]
+
+    if metadata.decode_only:
+        return out.reshape(num_tokens, num_heads, head_dim)
+    dest = jnp.where(q_valid, tok, num_tokens).reshape(-1)  # [NT * bq] i32, T = dropped
+    res = jnp.zeros((num_tokens, num_kv_heads, q_per_kv, head_dim), q.dtype)
+    res = res.at[dest].set(out.reshape(-1, num_kv_heads, q_per_kv, head_dim), mode="drop")
+    return res.reshape(num_tokens, num_heads, head_dim)

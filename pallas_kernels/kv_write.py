@@ -1,0 +1,40 @@
+"""Writing new tokens' K/V into the paged cache.
+
+`write_kv` is one XLA scatter per K and V into the stacked cache at `layer`. The cache is viewed
+as `[num_layers, num_blocks * block_size, kv_heads, head_dim]` (a free reshape of a row-major
+array), and the update is a scatter of `[T, kv_heads, head_dim]` rows: when the caller donates the
+cache to its jitted step, or carries it through `lax.scan` over layers, XLA updates the buffer in
+place — the cost is the T rows written, never the cache size. Slot -1 (padding) is mapped past the
+end and dropped (`mode="drop"`); negative slots would otherwise wrap around.
+"""
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+
+from pallas_kernels.metadata import KVCache
+
+
+def _scatter(cache_arr: jax.Array, layer: jax.Array, rows: jax.Array, slots: jax.Array) -> jax.Array:
+    num_layers, num_blocks, block_size, num_kv_heads, head_dim = cache_arr.shape
+    flat = cache_arr.reshape(num_layers, num_blocks * block_size, num_kv_heads, head_dim)
+    flat = flat.at[layer, slots].set(rows.astype(cache_arr.dtype), mode="drop")
+    return flat.reshape(cache_arr.shape)
+
+
+def write_kv(cache: KVCache, layer, k: jax.Array, v: jax.Array, slot_mapping: jax.Array) -> KVCache:
+    """Writes k, v `[T, num_kv_heads, head_dim]` into `cache.{k,v}[layer]` at `slot_mapping` [T].
+
+    slot = block_id * block_size + offset; slot -1 (or any slot outside the cache) writes nothing.
+    `layer` is a Python int or a traced int32 scalar (e.g. inside `lax.scan` over layers).
+    """
+    expected = (slot_mapping.shape[0], cache.k.shape[3], cache.k.shape[4])
+    if k.shape != expected or v.shape != expected:
+        raise ValueError(
+            f"k and v must be [num_tokens, num_kv_heads, head_dim] = {expected}, "
+            f"got {k.shape} and {v.shape}")
+    num_slots = cache.num_blocks * cache.block_size
+    slots = slot_mapping.astype(jnp.int32)
+    slots = jnp.where((slots >= 0) & (slots < num_slots), slots, num_slots)  # [T] i32, OOB = dropped
+    layer = jnp.asarray(layer, dtype=jnp.int32).reshape(())
+    return KVCache(_scatter(cache.k, layer, k, slots), _scatter(cache.v, layer, v, slots))
