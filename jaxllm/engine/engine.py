@@ -1,0 +1,227 @@
+"""LLMEngine: add_request / abort_request / step over the host scheduler and a model runner.
+
+``step() = schedule -> runner.execute -> scheduler.update_from_output -> detokenize -> stop
+checks -> outputs``. The engine imports no jax: the runner (``ModelRunnerProtocol``) and the
+tokenizer are injected; ``jaxllm.engine.factory.build_engine(config)`` builds the real ones.
+
+Input rules (``add_request`` validates everything before anything is scheduled and raises
+``ValueError`` naming the field, the value and the limit; the engine is unchanged after):
+- prompt: ``str`` | ``list[int]`` | ``{"prompt_token_ids": [...]}`` | ``{"prompt": str}``;
+  at least 1 token; every id in ``[0, vocab_size)``.
+- prompt length must be ``< max_model_len`` (room for at least one generated token).
+- prompt + max_tokens over max_model_len is accepted (vLLM's rule): generation stops when the
+  sequence reaches max_model_len, with finish_reason "length".
+- request ids are unique among unfinished requests; an ``n > 1`` request runs as n child
+  sequences with ids ``f"{request_id}#{i}"`` (those ids are taken too). The children share
+  full prompt blocks through the prefix cache.
+- seeds: ``params.seed`` if set, else one drawn from the engine RNG (``config.seed``); child i
+  of an n > 1 request uses a seed derived from (seed, i) (child 0 uses the seed itself).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import random
+import time
+from collections.abc import Iterable
+
+from jaxllm.config import EngineConfig
+from jaxllm.core.kv_cache_manager import KVCacheManager, cdiv
+from jaxllm.core.request import Request, RequestStatus
+from jaxllm.core.scheduler import Scheduler
+from jaxllm.engine.output_processor import DetokenizerFactory, ParentState, SeqState
+from jaxllm.engine.runner_protocol import ModelRunnerProtocol
+from jaxllm.outputs import RequestOutput
+from jaxllm.sampling_params import SamplingParams
+
+_SEED_MOD = 1 << 63
+
+
+def derive_seed(seed: int, index: int) -> int:
+    if index == 0:
+        return seed
+    d = hashlib.sha256(f"{seed}:{index}".encode()).digest()
+    return int.from_bytes(d[:8], "little") % _SEED_MOD
+
+
+class LLMEngine:
+    def __init__(self, config: EngineConfig, runner: ModelRunnerProtocol, tokenizer,
+                 detokenizer_factory: DetokenizerFactory | None = None) -> None:
+        self.config = config.validate()
+        if config.max_model_len is None:
+            raise ValueError("max_model_len=None is invalid for LLMEngine: resolve it from the "
+                             "model config first (the factory does)")
+        num_blocks = runner.num_blocks
+        if num_blocks * config.block_size < config.max_model_len:
+            raise ValueError(
+                f"num_blocks={num_blocks} is invalid: the KV cache holds {num_blocks} x "
+                f"block_size={config.block_size} = {num_blocks * config.block_size} tokens, less "
+                f"than max_model_len={config.max_model_len}; lower max_model_len or give the "
+                f"cache more memory (need >= {cdiv(config.max_model_len, config.block_size)} blocks)")
+        self.runner = runner
+        self.tokenizer = tokenizer
+        self.vocab_size = runner.vocab_size
+        self.max_model_len = config.max_model_len
+        self.eos_token_ids = set(getattr(tokenizer, "eos_token_ids", ()) or ())
+        if detokenizer_factory is None:
+            from jaxllm.tokenizer import IncrementalDetokenizer  # the lead's; lazy on purpose
+            detokenizer_factory = IncrementalDetokenizer
+        self.detokenizer_factory = detokenizer_factory
+        self.kv = KVCacheManager(num_blocks, config.block_size, config.enable_prefix_caching)
+        self.scheduler = Scheduler(config.scheduler_config(), self.kv)
+        self._rng = random.Random(config.seed)
+        self._parents: dict[str, ParentState] = {}
+        self._seqs: dict[str, tuple[ParentState, SeqState]] = {}  # child id -> states
+        self.num_steps = 0
+        self.num_generated_tokens = 0
+        self.num_prompt_tokens = 0
+
+    # ----- intake -------------------------------------------------------------------
+    def _resolve_prompt(self, prompt) -> tuple[str | None, list[int]]:
+        if isinstance(prompt, str):
+            return prompt, list(self.tokenizer.encode(prompt))
+        if isinstance(prompt, dict):
+            if "prompt_token_ids" in prompt:
+                ids = prompt["prompt_token_ids"]
+                if not isinstance(ids, (list, tuple)):
+                    raise ValueError(f"prompt_token_ids={ids!r} is invalid: must be a list of ints")
+                return prompt.get("prompt"), list(ids)
+            if "prompt" in prompt and isinstance(prompt["prompt"], str):
+                return prompt["prompt"], list(self.tokenizer.encode(prompt["prompt"]))
+            raise ValueError(f"prompt={prompt!r} is invalid: a dict prompt needs "
+                             f"'prompt_token_ids' (list of ints) or 'prompt' (str)")
+        if isinstance(prompt, (list, tuple)):
+            return None, list(prompt)
+        raise ValueError(f"prompt of type {type(prompt).__name__} is invalid: must be a str, a list "
+                         f"of token ids, or a dict with 'prompt_token_ids' or 'prompt'")
+
+    def _validate_ids(self, ids: list[int]) -> None:
+        if not ids:
+            raise ValueError("prompt=[] is invalid: the prompt must have at least 1 token")
+        v = self.vocab_size
+        for i, t in enumerate(ids):
+            if isinstance(t, bool) or not isinstance(t, int) or not 0 <= t < v:
+                raise ValueError(f"prompt_token_ids[{i}]={t!r} is invalid: must be an int in "
+                                 f"[0, vocab_size={v})")
+        if len(ids) >= self.max_model_len:
+            raise ValueError(f"prompt length={len(ids)} tokens is invalid: must be < "
+                             f"max_model_len={self.max_model_len} (room for 1 generated token)")
+
+    def add_request(self, request_id: str, prompt, params: SamplingParams | None = None,
+                    arrival_time: float | None = None) -> None:
+        if not isinstance(request_id, str) or not request_id:
+            raise ValueError(f"request_id={request_id!r} is invalid: must be a non-empty str")
+        if params is None:
+            params = SamplingParams()
+        if not isinstance(params, SamplingParams):
+            raise ValueError(f"params of type {type(params).__name__} is invalid: "
+                             f"must be a SamplingParams")
+        params.validate(self.vocab_size)
+        text, ids = self._resolve_prompt(prompt)
+        self._validate_ids(ids)
+        child_ids = [request_id] if params.n == 1 else [f"{request_id}#{i}" for i in range(params.n)]
+        for rid in {request_id, *child_ids}:
+            if rid in self._parents or rid in self._seqs:
+                raise ValueError(f"request_id={rid!r} is invalid: a request with this id is "
+                                 f"still unfinished")
+        # -- everything valid: nothing below raises on user input --
+        now = time.time()
+        arrival = now if arrival_time is None else arrival_time
+        base_seed = (params.seed % _SEED_MOD) if params.seed is not None \
+            else self._rng.getrandbits(63)
+        max_out = min(params.max_tokens, self.max_model_len - len(ids))
+        parent = ParentState(request_id, text, ids, arrival)
+        for i, cid in enumerate(child_ids):
+            req = Request(cid, ids, params, seed=derive_seed(base_seed, i), arrival_time=arrival,
+                          max_output_tokens=max_out)
+            detok = self.detokenizer_factory(self.tokenizer, ids, params.skip_special_tokens)
+            seq = SeqState(req, i, detok)
+            parent.children.append(seq)
+            self._seqs[cid] = (parent, seq)
+            self.scheduler.add_request(req)
+        self._parents[request_id] = parent
+        self.num_prompt_tokens += len(ids)
+
+    def abort_request(self, request_ids: str | Iterable[str]) -> list[RequestOutput]:
+        """Abort requests (parent ids). Unknown or finished ids are a no-op. Frees their blocks
+        at once; returns their final outputs (finish_reason "abort")."""
+        if isinstance(request_ids, str):
+            request_ids = [request_ids]
+        outs = []
+        for rid in request_ids:
+            parent = self._parents.pop(rid, None)
+            if parent is None:
+                continue
+            live = [c.req.request_id for c in parent.children if not c.finished]
+            for c in parent.children:
+                c.abort()
+                self._seqs.pop(c.req.request_id, None)
+            self.scheduler.finish_requests(live, RequestStatus.FINISHED_ABORTED)
+            outs.append(parent.output())
+        self._release_if_idle()
+        return outs
+
+    # ----- the loop -----------------------------------------------------------------
+    def has_unfinished_requests(self) -> bool:
+        return bool(self._parents)
+
+    def step(self) -> list[RequestOutput]:
+        if not self.scheduler.has_unfinished_requests():
+            self._release_if_idle()
+            return []
+        out = self.scheduler.schedule()
+        if not out.seqs:
+            raise RuntimeError(f"scheduler produced an empty step with {self.scheduler.num_waiting} "
+                               f"waiting / {self.scheduler.num_running} running requests and "
+                               f"{self.kv.num_free_blocks} free blocks")
+        sampled = self.runner.execute(out)
+        self.num_steps += 1
+        new = self.scheduler.update_from_output(out, {k: v.token_id for k, v in sampled.items()})
+        now = time.time()
+        touched: dict[str, ParentState] = {}
+        finished: dict[RequestStatus, list[str]] = {}
+        for req, _ in new:
+            parent, seq = self._seqs[req.request_id]
+            status = seq.add_token(sampled[req.request_id], self.eos_token_ids, self.max_model_len)
+            self.num_generated_tokens += 1
+            parent.note_token(now)
+            touched[parent.request_id] = parent
+            if status is not None:
+                finished.setdefault(status, []).append(req.request_id)
+        for status, ids in finished.items():
+            self.scheduler.finish_requests(ids, status)
+            for cid in ids:
+                del self._seqs[cid]
+        outputs = []
+        for parent in touched.values():
+            outputs.append(parent.output(now))
+            if parent.finished:
+                del self._parents[parent.request_id]
+        self._release_if_idle()
+        return outputs
+
+    def _release_if_idle(self) -> None:
+        if not self.scheduler.has_unfinished_requests():
+            ids = self.scheduler.take_forgotten()
+            if ids:
+                self.runner.release(ids)
+
+    # ----- introspection ------------------------------------------------------------
+    def get_stats(self) -> dict:
+        return {
+            "num_blocks": self.kv.num_blocks,
+            "num_free_blocks": self.kv.num_free_blocks,
+            "num_running": self.scheduler.num_running,
+            "num_waiting": self.scheduler.num_waiting,
+            "num_unfinished_requests": len(self._parents),
+            "num_preemptions": self.scheduler.num_preemptions,
+            "prefix_cache_hit_rate": self.kv.prefix_hit_rate,
+            "prefix_cache_queries": self.kv.prefix_queries,
+            "prefix_cache_hits": self.kv.prefix_hits,
+            "num_steps": self.num_steps,
+            "num_prompt_tokens": self.num_prompt_tokens,
+            "num_generated_tokens": self.num_generated_tokens,
+        }
+
+    def reset_prefix_cache(self) -> bool:
+        return self.kv.reset_prefix_cache()

@@ -1,0 +1,122 @@
+"""Per-request output state: incremental detokenization, stop checks, logprobs, and the
+merge of n > 1 child sequences into one cumulative ``RequestOutput`` (host only)."""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable, Collection
+
+from jaxllm.core.request import Request, RequestStatus
+from jaxllm.engine.runner_protocol import SampledToken
+from jaxllm.engine.stop_checker import find_stop_string, holdback_chars, stop_token_reason
+from jaxllm.outputs import CompletionOutput, RequestMetrics, RequestOutput
+
+
+class SeqState:
+    """Output side of one child sequence."""
+
+    def __init__(self, req: Request, index: int, detokenizer) -> None:
+        self.req = req
+        self.index = index
+        self.detok = detokenizer
+        self.text = ""
+        self.token_ids: list[int] = []
+        self.cumulative_logprob = 0.0
+        self.logprobs: list[dict[int, float]] | None = [] if req.params.logprobs is not None else None
+        self.status: RequestStatus | None = None  # set when finished
+        self.stop_reason: int | str | None = None
+        self._holdback = holdback_chars(req.params)
+
+    @property
+    def finished(self) -> bool:
+        return self.status is not None
+
+    def add_token(self, tok: SampledToken, eos_token_ids: Collection[int],
+                  max_model_len: int) -> RequestStatus | None:
+        """Record one generated token; return the finish status if it ends the sequence."""
+        p = self.req.params
+        self.token_ids.append(tok.token_id)
+        self.cumulative_logprob += tok.logprob
+        if self.logprobs is not None:
+            entry = {tok.token_id: tok.logprob}
+            for tid, lp in tok.top_logprobs or ():
+                entry.setdefault(tid, lp)
+            self.logprobs.append(entry)
+        n_out = len(self.token_ids)
+        stopped, reason = stop_token_reason(tok.token_id, n_out, p, eos_token_ids)
+        if stopped:
+            if p.include_stop_str_in_output:
+                self.text += self.detok.add([tok.token_id])
+            return self._finish(RequestStatus.FINISHED_STOPPED, reason)
+        delta = self.detok.add([tok.token_id])
+        self.text += delta
+        if n_out >= p.min_tokens:
+            hit = find_stop_string(self.text, len(delta), p.stop_strings,
+                                   p.include_stop_str_in_output)
+            if hit is not None:
+                self.text = self.text[:hit[0]]
+                return self._finish(RequestStatus.FINISHED_STOPPED, hit[1])
+        if n_out >= self.req.max_output_tokens or self.req.num_tokens >= max_model_len:
+            return self._finish(RequestStatus.FINISHED_LENGTH, None)
+        return None
+
+    def _finish(self, status: RequestStatus, stop_reason) -> RequestStatus:
+        self.status = status
+        self.stop_reason = stop_reason
+        return status
+
+    def abort(self) -> None:
+        if not self.finished:
+            self._finish(RequestStatus.FINISHED_ABORTED, None)
+
+    def completion(self) -> CompletionOutput:
+        text = self.text
+        if not self.finished and self._holdback:
+            text = text[:max(0, len(text) - self._holdback)]
+        return CompletionOutput(
+            index=self.index, text=text, token_ids=list(self.token_ids),
+            cumulative_logprob=self.cumulative_logprob,
+            logprobs=[dict(d) for d in self.logprobs] if self.logprobs is not None else None,
+            finish_reason=self.status.finish_reason if self.status is not None else None,
+            stop_reason=self.stop_reason)
+
+
+class ParentState:
+    """One user request: n child sequences sharing a prompt."""
+
+    def __init__(self, request_id: str, prompt: str | None, prompt_token_ids: list[int],
+                 arrival_time: float) -> None:
+        self.request_id = request_id
+        self.prompt = prompt
+        self.prompt_token_ids = prompt_token_ids
+        self.children: list[SeqState] = []
+        self.metrics = RequestMetrics(arrival_time=arrival_time)
+
+    @property
+    def finished(self) -> bool:
+        return all(c.finished for c in self.children)
+
+    def note_token(self, now: float) -> None:
+        if self.metrics.first_token_time is None:
+            self.metrics.first_token_time = now
+
+    def output(self, now: float | None = None) -> RequestOutput:
+        fin = self.finished
+        m = self.metrics
+        sched = [c.req.first_scheduled_time for c in self.children if c.req.first_scheduled_time]
+        if sched:
+            m.first_scheduled_time = min(sched)
+        if fin and m.finished_time is None:
+            m.finished_time = now if now is not None else time.time()
+        return RequestOutput(
+            request_id=self.request_id, prompt=self.prompt,
+            prompt_token_ids=list(self.prompt_token_ids),
+            outputs=[c.completion() for c in self.children], finished=fin,
+            num_cached_tokens=max(0, self.children[0].req.num_cached_tokens),
+            metrics=RequestMetrics(arrival_time=m.arrival_time,
+                                   first_scheduled_time=m.first_scheduled_time,
+                                   first_token_time=m.first_token_time,
+                                   finished_time=m.finished_time))
+
+
+DetokenizerFactory = Callable[[object, list[int], bool], object]

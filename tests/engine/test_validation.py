@@ -1,0 +1,102 @@
+import msgspec
+import pytest
+
+from jaxllm.config import EngineConfig
+from jaxllm.sampling_params import SamplingParams
+from tests.engine.conftest import assert_clean, make_engine, run_all
+
+BAD_PARAMS = [
+    (dict(n=0), "n=0 is invalid: must be an integer >= 1"),
+    (dict(temperature=-1.0), "temperature=-1.0 is invalid: must be >= 0"),
+    (dict(temperature=float("nan")), "temperature=nan is invalid"),
+    (dict(top_p=0.0), "top_p=0.0 is invalid: must be in (0, 1]"),
+    (dict(top_p=1.5), "top_p=1.5 is invalid"),
+    (dict(top_k=-2), "top_k=-2 is invalid: must be -1 or 0 (off) or >= 1"),
+    (dict(min_p=1.1), "min_p=1.1 is invalid: must be in [0, 1]"),
+    (dict(presence_penalty=2.5), "presence_penalty=2.5 is invalid: must be in [-2, 2]"),
+    (dict(frequency_penalty=-3), "frequency_penalty=-3 is invalid: must be in [-2, 2]"),
+    (dict(repetition_penalty=0.0), "repetition_penalty=0.0 is invalid: must be > 0"),
+    (dict(seed=1.5), "seed=1.5 is invalid"),
+    (dict(max_tokens=0), "max_tokens=0 is invalid: must be an integer >= 1"),
+    (dict(min_tokens=-1), "min_tokens=-1 is invalid"),
+    (dict(min_tokens=5, max_tokens=4), "min_tokens=5 is invalid: must be <= max_tokens=4"),
+    (dict(logprobs=21), "logprobs=21 is invalid: must be None or in [0, 20]"),
+    (dict(prompt_logprobs=-1), "prompt_logprobs=-1 is invalid"),
+    (dict(stop=[""]), "stop=[''] is invalid"),
+    (dict(stop=[1]), "stop=[1] is invalid"),
+    (dict(stop_token_ids=[-1]), "stop_token_ids=[-1] is invalid"),
+    (dict(stop_token_ids=[10_000]), "token id 10000 must be an int in [0, 131)"),
+    (dict(ignore_eos=1), "ignore_eos=1 is invalid: must be a bool"),
+]
+
+
+@pytest.mark.parametrize("kw,msg", BAD_PARAMS)
+def test_bad_sampling_params_rejected_engine_still_works(kw, msg):
+    e = make_engine()
+    with pytest.raises(ValueError) as ei:
+        e.add_request("bad", "hello", SamplingParams(**kw))
+    assert msg in str(ei.value)
+    assert_clean(e)
+    e.add_request("bad", "hello", SamplingParams(max_tokens=2))  # same id is free again
+    assert run_all(e)["bad"].finished
+
+
+def test_good_params_and_json_roundtrip():
+    p = SamplingParams(n=2, temperature=0.5, top_p=0.9, top_k=5, min_p=0.1, seed=3, stop="x",
+                       stop_token_ids=[4], logprobs=20, prompt_logprobs=0, min_tokens=2)
+    assert p.validate(131) is p
+    back = msgspec.json.decode(msgspec.json.encode(p), type=SamplingParams)
+    assert back == p and back.stop_strings == ["x"]
+    assert SamplingParams(top_k=0).validate() and SamplingParams(temperature=0).greedy
+
+
+@pytest.mark.parametrize("prompt,msg", [
+    ("", "prompt=[] is invalid: the prompt must have at least 1 token"),
+    ([], "prompt=[] is invalid"),
+    ({"prompt_token_ids": []}, "prompt=[] is invalid"),
+    ([5, 131], "prompt_token_ids[1]=131 is invalid: must be an int in [0, vocab_size=131)"),
+    ([-1], "prompt_token_ids[0]=-1 is invalid"),
+    ([True], "prompt_token_ids[0]=True is invalid"),
+    ("x" * 128, "prompt length=128 tokens is invalid: must be < max_model_len=128"),
+    ({"foo": 1}, "a dict prompt needs 'prompt_token_ids'"),
+    (3.5, "prompt of type float is invalid"),
+])
+def test_bad_prompts_rejected(prompt, msg):
+    e = make_engine()
+    with pytest.raises(ValueError) as ei:
+        e.add_request("r", prompt, SamplingParams(max_tokens=2))
+    assert msg in str(ei.value)
+    assert_clean(e)
+    assert e.get_stats()["num_steps"] == 0
+
+
+def test_duplicate_ids_and_n_children_ids():
+    e = make_engine()
+    e.add_request("a", "hi", SamplingParams(max_tokens=2))
+    with pytest.raises(ValueError, match="request_id='a' is invalid"):
+        e.add_request("a", "hi", SamplingParams(max_tokens=2))
+    e.add_request("b", "hi", SamplingParams(n=2, max_tokens=2))
+    with pytest.raises(ValueError, match=r"request_id='b#1' is invalid"):
+        e.add_request("b#1", "hi", SamplingParams(max_tokens=2))
+    with pytest.raises(ValueError, match="request_id='' is invalid"):
+        e.add_request("", "hi")
+    with pytest.raises(ValueError, match="params of type dict is invalid"):
+        e.add_request("c", "hi", {"max_tokens": 2})
+    fin = run_all(e)
+    assert set(fin) == {"a", "b"} and len(fin["b"].outputs) == 2
+
+
+def test_engine_config_validation():
+    with pytest.raises(ValueError, match="max_num_seqs=0 is invalid: must be an integer >= 1"):
+        EngineConfig(model="m", max_num_seqs=0).validate()
+    with pytest.raises(ValueError, match="gpu_memory_utilization=1.5 is invalid: must be in"):
+        EngineConfig(model="m", gpu_memory_utilization=1.5).validate()
+    with pytest.raises(ValueError, match="dtype='int3' is invalid"):
+        EngineConfig(model="m", dtype="int3").validate()
+    with pytest.raises(ValueError, match="block_size=0 is invalid"):
+        EngineConfig(model="m", block_size=0).validate()
+    with pytest.raises(ValueError, match=r"num_blocks=4 is invalid: the KV cache holds 4 x "
+                                         r"block_size=4 = 16 tokens, less than max_model_len=128"):
+        make_engine(num_blocks=4)
+    cfg = msgspec.json.decode(b'{"model": "m", "max_model_len": 64}', type=EngineConfig)
+    assert cfg.validate().scheduler_config().max_model_len == 64
