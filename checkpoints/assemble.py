@@ -1,0 +1,60 @@
+"""HF-named tensors → jaxllm's stacked parameter layout (shared by the HF and GGUF loaders)."""
+from __future__ import annotations
+
+from typing import Callable
+
+import numpy as np
+
+from checkpoints.errors import CheckpointError
+from jaxllm.models.config import ModelConfig
+from jaxllm.models.llama import param_shapes
+
+GetTensor = Callable[[str], "np.ndarray | None"]  # HF tensor name → array in HF orientation, None if absent
+
+
+def assemble_params(config: ModelConfig, get: GetTensor, source: str, dtype=np.float32) -> dict[str, np.ndarray]:
+    """Builds {param name: array} with per-layer weights stacked on axis 0, checked against the config."""
+    c = config
+    H, K, D, E = c.num_heads, c.num_kv_heads, c.head_dim, c.hidden_size
+
+    def need(name: str, shape: tuple[int, ...]) -> np.ndarray:
+        t = get(name)
+        if t is None:
+            raise CheckpointError(f"{source}: tensor {name} is missing")
+        if tuple(t.shape) != shape:
+            raise CheckpointError(f"{source}: tensor {name} has shape {tuple(t.shape)}, "
+                                  f"the config implies {shape}")
+        return np.asarray(t, dtype=dtype)
+
+    def linear(name: str, out_dim: int, in_dim: int) -> np.ndarray:
+        return need(name, (out_dim, in_dim)).T  # HF stores [out, in]; we keep [in, out]
+
+    def stack(fn) -> np.ndarray:
+        return np.stack([fn(f"model.layers.{i}.") for i in range(c.num_layers)])
+
+    F = c.intermediate_size
+    p: dict[str, np.ndarray] = {
+        "embed": need("model.embed_tokens.weight", (c.vocab_size, E)),
+        "final_norm": need("model.norm.weight", (E,)),
+        "layers.input_norm": stack(lambda l: need(l + "input_layernorm.weight", (E,))),
+        "layers.post_norm": stack(lambda l: need(l + "post_attention_layernorm.weight", (E,))),
+        "layers.wq": stack(lambda l: linear(l + "self_attn.q_proj.weight", H * D, E).reshape(E, H, D)),
+        "layers.wk": stack(lambda l: linear(l + "self_attn.k_proj.weight", K * D, E).reshape(E, K, D)),
+        "layers.wv": stack(lambda l: linear(l + "self_attn.v_proj.weight", K * D, E).reshape(E, K, D)),
+        "layers.wo": stack(lambda l: linear(l + "self_attn.o_proj.weight", E, H * D).reshape(H, D, E)),
+        "layers.w_gate": stack(lambda l: linear(l + "mlp.gate_proj.weight", F, E)),
+        "layers.w_up": stack(lambda l: linear(l + "mlp.up_proj.weight", F, E)),
+        "layers.w_down": stack(lambda l: linear(l + "mlp.down_proj.weight", E, F)),
+    }
+    if c.attention_bias:
+        p["layers.bq"] = stack(lambda l: need(l + "self_attn.q_proj.bias", (H * D,)).reshape(H, D))
+        p["layers.bk"] = stack(lambda l: need(l + "self_attn.k_proj.bias", (K * D,)).reshape(K, D))
+        p["layers.bv"] = stack(lambda l: need(l + "self_attn.v_proj.bias", (K * D,)).reshape(K, D))
+    if c.qk_norm:
+        p["layers.q_norm"] = stack(lambda l: need(l + "self_attn.q_norm.weight", (D,)))
+        p["layers.k_norm"] = stack(lambda l: need(l + "self_attn.k_norm.weight", (D,)))
+    if not c.tie_word_embeddings:
+        p["lm_head"] = linear("lm_head.weight", c.vocab_size, E)
+    expected = param_shapes(c)
+    assert {k: v.shape for k, v in p.items()} == expected, "internal: assembled shapes differ from param_shapes"
+    return p

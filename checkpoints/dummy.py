@@ -1,0 +1,69 @@
+"""Random weights for any config, for benchmarking: uniform in ±1e-3, norms at 1.
+
+Each parameter is drawn from its own key (base seed folded with a hash of its name) by a jitted
+function with `out_shardings`, so weights are born already sharded and every shard agrees with
+what a single device would have drawn.
+"""
+from __future__ import annotations
+
+import json
+import os
+import zlib
+
+import jax
+import jax.numpy as jnp
+
+from checkpoints.errors import CheckpointError
+from jaxllm.models.config import ModelConfig
+from jaxllm.models.llama import param_shapes
+
+_LLAMA2 = dict(model_type="llama", vocab_size=32000, hidden_act="silu", max_position_embeddings=4096,
+               rms_norm_eps=1e-5, rope_theta=10000.0, tie_word_embeddings=False, bos_token_id=1, eos_token_id=2)
+PRESETS: dict[str, dict] = {
+    "llama-2-7b": dict(_LLAMA2, hidden_size=4096, intermediate_size=11008, num_hidden_layers=32,
+                       num_attention_heads=32, num_key_value_heads=32),
+    "llama-2-13b": dict(_LLAMA2, hidden_size=5120, intermediate_size=13824, num_hidden_layers=40,
+                        num_attention_heads=40, num_key_value_heads=40),
+    "llama-3-8b": dict(model_type="llama", vocab_size=128256, hidden_size=4096, intermediate_size=14336,
+                       num_hidden_layers=32, num_attention_heads=32, num_key_value_heads=8,
+                       max_position_embeddings=8192, rms_norm_eps=1e-5, rope_theta=500000.0,
+                       tie_word_embeddings=False, bos_token_id=128000, eos_token_id=128001),
+    "qwen2.5-0.5b": dict(model_type="qwen2", vocab_size=151936, hidden_size=896, intermediate_size=4864,
+                         num_hidden_layers=24, num_attention_heads=14, num_key_value_heads=2,
+                         max_position_embeddings=32768, rms_norm_eps=1e-6, rope_theta=1000000.0,
+                         tie_word_embeddings=True, eos_token_id=151645),
+    "smollm2-135m": dict(model_type="llama", vocab_size=49152, hidden_size=576, intermediate_size=1536,
+                         num_hidden_layers=30, num_attention_heads=9, num_key_value_heads=3, head_dim=64,
+                         max_position_embeddings=8192, rms_norm_eps=1e-5, rope_theta=100000.0,
+                         tie_word_embeddings=True, bos_token_id=1, eos_token_id=2),
+    # Tiny configs for tests and quick runs.
+    "tiny-llama": dict(_LLAMA2, vocab_size=512, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                       num_attention_heads=8, num_key_value_heads=4, max_position_embeddings=2048),
+}
+
+
+def dummy_config(spec: str) -> ModelConfig:
+    """A preset name or a path to an HF config.json."""
+    if spec in PRESETS:
+        return ModelConfig.from_hf(PRESETS[spec], source=f"dummy preset {spec}")
+    if os.path.isfile(spec) or os.path.isfile(os.path.join(spec, "config.json")):
+        path = spec if os.path.isfile(spec) else os.path.join(spec, "config.json")
+        with open(path) as f:
+            return ModelConfig.from_hf(json.load(f), source=path)
+    raise CheckpointError(f"dummy model {spec!r}: not a preset ({', '.join(PRESETS)}) nor a config.json path")
+
+
+def dummy_params(config: ModelConfig, dtype, seed: int = 0, shardings: dict | None = None) -> dict[str, jax.Array]:
+    out = {}
+    for name, shape in param_shapes(config).items():
+        key = jax.random.fold_in(jax.random.key(seed), zlib.crc32(name.encode()) & 0x7FFFFFFF)
+        is_norm = name.endswith("norm")
+
+        def draw(key, shape=shape, is_norm=is_norm):
+            if is_norm:
+                return jnp.ones(shape, dtype)
+            return jax.random.uniform(key, shape, jnp.float32, -1e-3, 1e-3).astype(dtype)
+
+        sharding = (shardings or {}).get(name)
+        out[name] = jax.jit(draw, out_shardings=sharding)(key)
+    return out

@@ -1,0 +1,135 @@
+"""GGUF files (llama.cpp): dequantized weights, model config and tokenizer from the metadata."""
+from __future__ import annotations
+
+import os
+import re
+
+import numpy as np
+
+from checkpoints.assemble import assemble_params
+from checkpoints.errors import CheckpointError
+from jaxllm.models.config import ModelConfig, ModelConfigError
+
+# llama.cpp architecture → HF model_type (only those the Llama-family decoder covers).
+GGUF_ARCHS = {"llama": "llama", "mistral": "mistral", "qwen2": "qwen2", "qwen3": "qwen3"}
+# llama.cpp permutes Q/K rows for these architectures (interleaved rotary); others keep HF order.
+PERMUTED_ARCHS = {"llama", "mistral"}
+
+_LAYER_NAMES = {
+    "attn_norm.weight": "input_layernorm.weight",
+    "ffn_norm.weight": "post_attention_layernorm.weight",
+    "attn_q.weight": "self_attn.q_proj.weight",
+    "attn_k.weight": "self_attn.k_proj.weight",
+    "attn_v.weight": "self_attn.v_proj.weight",
+    "attn_output.weight": "self_attn.o_proj.weight",
+    "attn_q.bias": "self_attn.q_proj.bias",
+    "attn_k.bias": "self_attn.k_proj.bias",
+    "attn_v.bias": "self_attn.v_proj.bias",
+    "attn_q_norm.weight": "self_attn.q_norm.weight",
+    "attn_k_norm.weight": "self_attn.k_norm.weight",
+    "ffn_gate.weight": "mlp.gate_proj.weight",
+    "ffn_up.weight": "mlp.up_proj.weight",
+    "ffn_down.weight": "mlp.down_proj.weight",
+}
+_GLOBAL_NAMES = {"token_embd.weight": "model.embed_tokens.weight", "output_norm.weight": "model.norm.weight",
+                 "output.weight": "lm_head.weight"}
+
+
+def open_gguf(path: str):
+    import gguf
+
+    if not os.path.isfile(path):
+        raise CheckpointError(f"{path}: no such file")
+    try:
+        return gguf.GGUFReader(path)
+    except Exception as e:  # the reader raises ValueError/IndexError/struct errors on bad bytes
+        raise CheckpointError(f"{path}: corrupt or truncated GGUF file ({type(e).__name__}: {e})") from None
+
+
+def _field(reader, key: str, default=None):
+    f = reader.fields.get(key)
+    return default if f is None else f.contents()
+
+
+def gguf_config(reader, path: str) -> ModelConfig:
+    arch = _field(reader, "general.architecture")
+    if arch not in GGUF_ARCHS:
+        raise CheckpointError(f"{path}: unsupported architecture general.architecture={arch!r} "
+                              f"(supported: {', '.join(sorted(GGUF_ARCHS))})")
+    if any(t.name == "rope_freqs.weight" for t in reader.tensors):
+        raise CheckpointError(f"{path}: rope_freqs (Llama 3.1 rope scaling in GGUF) is not supported; "
+                              "load the HF checkpoint instead")
+    g = lambda k, d=None: _field(reader, f"{arch}.{k}", d)  # noqa: E731
+    names = {t.name for t in reader.tensors}
+    tokens = reader.fields.get("tokenizer.ggml.tokens")
+    vocab = g("vocab_size") or (len(tokens.data) if tokens is not None else None)
+    heads = g("attention.head_count")
+    hf = {
+        "model_type": GGUF_ARCHS[arch],
+        "vocab_size": vocab,
+        "hidden_size": g("embedding_length"),
+        "intermediate_size": g("feed_forward_length"),
+        "num_hidden_layers": g("block_count"),
+        "num_attention_heads": heads,
+        "num_key_value_heads": g("attention.head_count_kv", heads),
+        "head_dim": g("attention.key_length") or g("rope.dimension_count"),
+        "rms_norm_eps": g("attention.layer_norm_rms_epsilon", 1e-5),
+        "rope_theta": g("rope.freq_base", 10000.0),
+        "max_position_embeddings": g("context_length", 4096),
+        "tie_word_embeddings": "output.weight" not in names,
+        "sliding_window": g("attention.sliding_window"),
+        "bos_token_id": _field(reader, "tokenizer.ggml.bos_token_id"),
+        "eos_token_id": _field(reader, "tokenizer.ggml.eos_token_id"),
+    }
+    scaling = g("rope.scaling.type")
+    if scaling and scaling != "none":
+        hf["rope_scaling"] = {"rope_type": scaling, "factor": g("rope.scaling.factor", 1.0)}
+    if arch in ("qwen2", "qwen3"):
+        hf["use_sliding_window"] = False
+    missing = [k for k, v in hf.items() if v is None and k not in ("sliding_window", "bos_token_id", "eos_token_id")]
+    if missing:
+        raise CheckpointError(f"{path}: GGUF metadata lacks {', '.join(missing)} for architecture {arch}")
+    try:
+        return ModelConfig.from_hf(hf, source=path)
+    except ModelConfigError as e:
+        raise CheckpointError(str(e)) from None
+
+
+def _unpermute(w: np.ndarray, n_heads: int) -> np.ndarray:
+    """Undo llama.cpp's rotary permutation: per head, rows were interleaved (pairs) from two halves."""
+    out_dim = w.shape[0]
+    half = out_dim // n_heads // 2
+    return w.reshape(n_heads, half, 2, *w.shape[1:]).swapaxes(1, 2).reshape(w.shape)
+
+
+def load_gguf(path: str, dtype=np.float32) -> tuple[ModelConfig, dict[str, np.ndarray]]:
+    from gguf.quants import dequantize
+
+    reader = open_gguf(path)
+    config = gguf_config(reader, path)
+    arch = _field(reader, "general.architecture")
+    tensors = {}
+    for t in reader.tensors:
+        m = re.fullmatch(r"blk\.(\d+)\.(.+)", t.name)
+        hf_name = (f"model.layers.{m.group(1)}.{_LAYER_NAMES.get(m.group(2), m.group(2))}" if m
+                   else _GLOBAL_NAMES.get(t.name, t.name))
+        tensors[hf_name] = t
+
+    def get(name: str):
+        t = tensors.get(name)
+        if t is None:
+            return None
+        try:
+            w = dequantize(t.data, t.tensor_type)
+        except NotImplementedError:
+            raise CheckpointError(f"{path}: tensor {t.name} has type {t.tensor_type.name}, "
+                                  "which the gguf package cannot dequantize") from None
+        except Exception as e:
+            raise CheckpointError(f"{path}: tensor {t.name} is corrupt or truncated ({e})") from None
+        w = np.asarray(w, dtype=np.float32)
+        if arch in PERMUTED_ARCHS and name.endswith(("q_proj.weight", "k_proj.weight")):
+            heads = config.num_heads if name.endswith("q_proj.weight") else config.num_kv_heads
+            w = _unpermute(w, heads)
+        return w
+
+    return config, assemble_params(config, get, source=path, dtype=dtype)

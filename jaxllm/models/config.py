@@ -1,0 +1,114 @@
+"""ModelConfig: the one description of a Llama-family decoder, built from HF config.json or GGUF metadata."""
+from __future__ import annotations
+
+import dataclasses
+from typing import Any
+
+# HF model_type → the switches that distinguish it inside the one Llama-family decoder.
+SUPPORTED_ARCHITECTURES = {
+    "llama": dict(),
+    "mistral": dict(),
+    "qwen2": dict(attention_bias=True),
+    "qwen3": dict(qk_norm=True),
+}
+
+
+class ModelConfigError(ValueError):
+    """A model config that jaxllm cannot run, with the field and value named."""
+
+
+@dataclasses.dataclass(frozen=True)
+class ModelConfig:
+    architecture: str  # "llama" | "mistral" | "qwen2" | "qwen3"
+    vocab_size: int
+    hidden_size: int
+    intermediate_size: int
+    num_layers: int
+    num_heads: int
+    num_kv_heads: int
+    head_dim: int
+    rms_norm_eps: float = 1e-5
+    rope_theta: float = 10000.0
+    rope_scaling: tuple[tuple[str, Any], ...] | None = None  # sorted items of the HF dict (hashable)
+    max_position_embeddings: int = 4096
+    tie_word_embeddings: bool = False
+    attention_bias: bool = False  # bias on q/k/v projections (Qwen2)
+    qk_norm: bool = False  # RMSNorm of q and k per head before RoPE (Qwen3)
+    sliding_window: int | None = None
+    bos_token_id: int | None = None
+    eos_token_ids: tuple[int, ...] = ()
+
+    def __post_init__(self):
+        if self.num_heads % self.num_kv_heads:
+            raise ModelConfigError(
+                f"num_attention_heads={self.num_heads} is not a multiple of num_key_value_heads={self.num_kv_heads}")
+        for name in ("vocab_size", "hidden_size", "intermediate_size", "num_layers", "num_heads", "head_dim"):
+            if getattr(self, name) <= 0:
+                raise ModelConfigError(f"{name}={getattr(self, name)} must be > 0")
+
+    @property
+    def rope_scaling_dict(self) -> dict[str, Any] | None:
+        return dict(self.rope_scaling) if self.rope_scaling else None
+
+    @property
+    def num_params(self) -> int:
+        e, f, d = self.hidden_size, self.intermediate_size, self.head_dim
+        attn = e * d * (2 * self.num_heads + 2 * self.num_kv_heads)
+        per_layer = attn + 3 * e * f + 2 * e
+        head = 0 if self.tie_word_embeddings else self.vocab_size * e
+        return self.num_layers * per_layer + self.vocab_size * e + head + e
+
+    @staticmethod
+    def from_hf(cfg: dict[str, Any], source: str = "config.json") -> "ModelConfig":
+        model_type = cfg.get("model_type")
+        if model_type not in SUPPORTED_ARCHITECTURES:
+            raise ModelConfigError(
+                f"{source}: unsupported architecture model_type={model_type!r} "
+                f"(supported: {', '.join(sorted(SUPPORTED_ARCHITECTURES))})")
+        act = cfg.get("hidden_act", "silu")
+        if act != "silu":
+            raise ModelConfigError(f"{source}: hidden_act={act!r} is not supported (only 'silu')")
+        if cfg.get("mlp_bias"):
+            raise ModelConfigError(f"{source}: mlp_bias=True is not supported")
+        flags = dict(SUPPORTED_ARCHITECTURES[model_type])
+        if model_type in ("llama", "mistral") and cfg.get("attention_bias"):
+            flags["attention_bias"] = True
+        # transformers 5 keeps rope settings in `rope_parameters`; older configs use rope_theta + rope_scaling.
+        rope = dict(cfg.get("rope_parameters") or {})
+        scaling = cfg.get("rope_scaling") or {}
+        theta = rope.pop("rope_theta", cfg.get("rope_theta", 10000.0))
+        rope.update({k: v for k, v in scaling.items() if k not in rope})
+        rope_type = rope.get("rope_type", rope.get("type", "default"))
+        if rope_type not in ("default", "linear", "llama3"):
+            raise ModelConfigError(f"{source}: rope_type={rope_type!r} is not supported (default, linear, llama3)")
+        rope_scaling = None
+        if rope_type != "default":
+            rope["rope_type"] = rope_type
+            rope.pop("type", None)
+            rope_scaling = tuple(sorted(rope.items()))
+        num_heads = cfg["num_attention_heads"]
+        head_dim = cfg.get("head_dim") or cfg["hidden_size"] // num_heads
+        sliding = cfg.get("sliding_window")
+        if model_type in ("qwen2", "qwen3") and not cfg.get("use_sliding_window", False):
+            sliding = None
+        eos = cfg.get("eos_token_id")
+        eos_ids = tuple(eos) if isinstance(eos, list) else ((eos,) if eos is not None else ())
+        return ModelConfig(
+            architecture=model_type,
+            vocab_size=cfg["vocab_size"],
+            hidden_size=cfg["hidden_size"],
+            intermediate_size=cfg["intermediate_size"],
+            num_layers=cfg["num_hidden_layers"],
+            num_heads=num_heads,
+            num_kv_heads=cfg.get("num_key_value_heads") or num_heads,
+            head_dim=head_dim,
+            rms_norm_eps=cfg.get("rms_norm_eps", 1e-6),
+            rope_theta=float(theta),
+            rope_scaling=rope_scaling,
+            max_position_embeddings=cfg.get("max_position_embeddings", 4096),
+            tie_word_embeddings=bool(cfg.get("tie_word_embeddings", False)),
+            sliding_window=sliding,
+            bos_token_id=cfg.get("bos_token_id"),
+            eos_token_ids=eos_ids,
+            **flags,
+        )

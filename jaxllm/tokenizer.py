@@ -1,0 +1,111 @@
+"""Tokenizer: the HF tokenizer (from a directory or built offline from GGUF metadata), chat templates,
+and incremental detokenization for streaming."""
+from __future__ import annotations
+
+import hashlib
+import os
+
+_SPECIAL_CACHE = os.path.join(os.path.expanduser("~"), ".cache", "jaxllm", "tokenizers")
+
+
+class Tokenizer:
+    """Narrow wrapper over a transformers tokenizer: the only tokenizer surface the engine uses."""
+
+    def __init__(self, hf_tokenizer, extra_eos_ids=()):
+        self.hf = hf_tokenizer
+        eos = set(extra_eos_ids)
+        if hf_tokenizer.eos_token_id is not None:
+            eos.add(hf_tokenizer.eos_token_id)
+        self.eos_token_ids: set[int] = eos
+        self.all_special_ids: set[int] = set(hf_tokenizer.all_special_ids)
+        self.vocab_size: int = len(hf_tokenizer)
+        self.bos_token_id = hf_tokenizer.bos_token_id
+
+    @staticmethod
+    def from_dir(path: str, extra_eos_ids=()) -> "Tokenizer":
+        from transformers import AutoTokenizer
+
+        return Tokenizer(AutoTokenizer.from_pretrained(path, local_files_only=True), extra_eos_ids)
+
+    @staticmethod
+    def from_gguf(path: str, extra_eos_ids=()) -> "Tokenizer":
+        """Builds the tokenizer from GGUF metadata (offline); the converted files are cached by file
+        identity so later starts skip the slow conversion."""
+        from transformers import AutoTokenizer
+
+        st = os.stat(path)
+        key = hashlib.sha256(f"{os.path.abspath(path)}:{st.st_size}:{st.st_mtime_ns}".encode()).hexdigest()[:16]
+        cache = os.path.join(_SPECIAL_CACHE, key)
+        if os.path.isfile(os.path.join(cache, "tokenizer.json")):
+            return Tokenizer(AutoTokenizer.from_pretrained(cache, local_files_only=True), extra_eos_ids)
+        tok = AutoTokenizer.from_pretrained(os.path.dirname(path) or ".", gguf_file=os.path.basename(path),
+                                            local_files_only=True)
+        try:
+            tmp = cache + f".tmp{os.getpid()}"
+            tok.save_pretrained(tmp)
+            os.replace(tmp, cache)
+        except OSError:
+            pass  # a read-only home only costs the conversion next time
+        return Tokenizer(tok, extra_eos_ids)
+
+    def save(self, path: str) -> None:
+        self.hf.save_pretrained(path)
+
+    def encode(self, text: str, add_special_tokens: bool = True) -> list[int]:
+        return list(self.hf.encode(text, add_special_tokens=add_special_tokens))
+
+    def decode(self, ids, skip_special_tokens: bool = True) -> str:
+        return self.hf.decode(list(ids), skip_special_tokens=skip_special_tokens)
+
+    def apply_chat_template(self, messages: list[dict], add_generation_prompt: bool = True) -> list[int]:
+        if not self.hf.chat_template:
+            raise ValueError("messages: this model's tokenizer has no chat template; send a plain prompt")
+        out = self.hf.apply_chat_template(messages, add_generation_prompt=add_generation_prompt, tokenize=True)
+        if isinstance(out, dict) or hasattr(out, "keys"):
+            out = out["input_ids"]
+        return list(out)
+
+
+class IncrementalDetokenizer:
+    """Turns a growing list of output ids into text deltas.
+
+    Decodes a short window (a few already-emitted tokens for context plus the new ones) rather
+    than the whole text each step, and holds back text while it ends in an incomplete UTF-8
+    sequence (U+FFFD), so the concatenated deltas equal decoding all output ids at once.
+    """
+
+    CONTEXT = 5  # tokens of left context kept for merges and leading-space handling
+
+    def __init__(self, tokenizer: Tokenizer, prompt_ids: list[int], skip_special_tokens: bool = True):
+        self.tok = tokenizer
+        self.skip = skip_special_tokens
+        self.ids: list[int] = []
+        self.text = ""
+        self.prefix_offset = 0  # start of the decode window in self.ids
+        self.read_offset = 0  # ids before this are reflected in self.text
+
+    def add(self, new_ids: list[int]) -> str:
+        self.ids.extend(new_ids)
+        prefix_text = self.tok.decode(self.ids[self.prefix_offset:self.read_offset], self.skip)
+        full = self.tok.decode(self.ids[self.prefix_offset:], self.skip)
+        if full.endswith("\ufffd") or len(full) < len(prefix_text) or not full.startswith(prefix_text):
+            # Incomplete multi-byte character (or an unstable window): wait for more tokens.
+            if not full.startswith(prefix_text):
+                return self._resync()
+            return ""
+        delta = full[len(prefix_text):]
+        self.text += delta
+        self.read_offset = len(self.ids)
+        self.prefix_offset = max(0, self.read_offset - self.CONTEXT)
+        return delta
+
+    def _resync(self) -> str:
+        """Rare: the window decode disagrees with what was emitted; fall back to a full decode."""
+        full = self.tok.decode(self.ids, self.skip)
+        if full.endswith("\ufffd") or not full.startswith(self.text):
+            return ""
+        delta = full[len(self.text):]
+        self.text = full
+        self.read_offset = len(self.ids)
+        self.prefix_offset = max(0, self.read_offset - self.CONTEXT)
+        return delta

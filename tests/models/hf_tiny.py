@@ -1,0 +1,48 @@
+"""Tiny random HF models of every supported architecture, saved by transformers as safetensors dirs."""
+from __future__ import annotations
+
+import os
+
+COMMON = dict(vocab_size=256, hidden_size=64, intermediate_size=96, num_hidden_layers=2,
+              num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=1024,
+              rms_norm_eps=1e-6, initializer_range=0.1)
+
+TINY_CONFIGS = {
+    "llama": ("LlamaConfig", dict(COMMON, tie_word_embeddings=False)),
+    "llama3_rope": ("LlamaConfig", dict(COMMON, rope_parameters=dict(
+        rope_type="llama3", rope_theta=500000.0, factor=8.0, low_freq_factor=1.0, high_freq_factor=4.0,
+        original_max_position_embeddings=32))),
+    "mistral": ("MistralConfig", dict(COMMON, sliding_window=12, head_dim=24)),
+    "qwen2": ("Qwen2Config", dict(COMMON, tie_word_embeddings=True, num_key_value_heads=1)),
+    "qwen3": ("Qwen3Config", dict(COMMON, head_dim=32, num_attention_heads=6, num_key_value_heads=3)),
+}
+
+
+def make_tiny_hf(name: str, root: str, seed: int = 0) -> str:
+    """Creates (once) and returns the directory of a tiny random HF model."""
+    import torch
+    import transformers
+
+    path = os.path.join(root, name)
+    if os.path.isfile(os.path.join(path, "config.json")):
+        return path
+    cls_name, kwargs = TINY_CONFIGS[name]
+    config = getattr(transformers, cls_name)(**kwargs)
+    torch.manual_seed(seed)
+    model = transformers.AutoModelForCausalLM.from_config(config, dtype=torch.float32)
+    model.save_pretrained(path)
+    return path
+
+
+def hf_logits(path: str, seqs: list[list[int]]):
+    """Reference logits per sequence from transformers (PyTorch, fp32, eager attention)."""
+    import torch
+    import transformers
+
+    model = transformers.AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32,
+                                                              attn_implementation="eager")
+    out = []
+    with torch.no_grad():
+        for s in seqs:
+            out.append(model(torch.tensor([s])).logits[0].numpy())
+    return out
