@@ -70,6 +70,7 @@ class Scheduler:
         budget = self.config.max_num_batched_tokens
         max_len = self.config.max_model_len
         scheduled: list[tuple[Request, int]] = []
+        admitted: set[str] = set()
         preempted = False
 
         i = 0
@@ -110,6 +111,7 @@ class Scheduler:
                     req.first_scheduled_time = now
                 req.status = RequestStatus.RUNNING
                 bisect.insort(self.running, req, key=lambda r: r.arrival_seq)
+                admitted.add(req.request_id)
                 scheduled.append((req, n))
                 budget -= n
 
@@ -123,6 +125,8 @@ class Scheduler:
                 num_prompt_tokens=req.num_prompt_tokens,
                 params=req.params,
                 seed=req.seed,
+                prefix_token_ids=(req.all_token_ids[:req.num_computed_tokens]
+                                  if req.request_id in admitted else None),
             )
             for req, n in scheduled
         ]

@@ -23,8 +23,14 @@ class ScheduledSeq:
     num_prompt_tokens: int
     params: SamplingParams
     # effective per-request seed: params.seed, or drawn from the engine's RNG at add time
-    # (n > 1 children: derived per index). Token keys derive from (seed, position).
+    # (n > 1 children: derived per index). The key of the token sampled this step derives from
+    # (seed, start_pos + len(token_ids)) only -- the position the new token will take.
     seed: int
+    # Not None iff this is the request's first step since it was admitted (new, or resumed after
+    # preemption): the tokens before start_pos (a prefix-cache hit) that the runner has never
+    # seen. Per-request runner state (penalty counts over prompt/output tokens) starts from
+    # prefix_token_ids + token_ids; ``[]`` when start_pos == 0.
+    prefix_token_ids: list[int] | None = None
 
     @property
     def num_new_tokens(self) -> int:

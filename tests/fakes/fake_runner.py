@@ -68,7 +68,11 @@ class FakeRunner:
             assert len(s.block_ids) >= -(-end // self.block_size), (s.request_id, end, s.block_ids)
             assert all(0 <= b < self.num_blocks for b in s.block_ids), s.block_ids
             assert len(set(s.block_ids)) == len(s.block_ids), f"duplicate block in table {s.block_ids}"
-            if s.request_id in self.known:
+            if s.prefix_token_ids is not None:  # first step since (re)admission
+                assert s.request_id not in self.known, f"{s.request_id}: readmitted, not forgotten"
+                assert len(s.prefix_token_ids) == s.start_pos
+            else:
+                assert s.request_id in self.known, f"{s.request_id}: unknown and no prefix given"
                 assert len(self.known[s.request_id]) == s.start_pos, (
                     f"{s.request_id}: runner saw {len(self.known[s.request_id])} tokens, "
                     f"start_pos={s.start_pos}")
@@ -86,6 +90,8 @@ class FakeRunner:
                 assert pos == p, f"{s.request_id}: slot for position {p} holds position {pos}"
                 ctx.append(tok)
             assert ctx[s.start_pos:] == s.token_ids
+            if s.prefix_token_ids is not None:  # a prefix-cache hit must hold exactly our tokens
+                assert ctx[:s.start_pos] == s.prefix_token_ids, f"{s.request_id}: stale cached KV"
             known = self.known.get(s.request_id)
             if known is not None:
                 assert ctx[:len(known)] == known, f"{s.request_id}: cached context changed"

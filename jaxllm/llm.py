@@ -1,0 +1,142 @@
+"""The offline API: ``LLM(model=..., **engine kwargs).generate(prompts, SamplingParams(...))``.
+
+``LLM`` builds an ``EngineConfig`` from its keyword arguments (named like vLLM's) and the real
+engine through ``jaxllm.engine.factory.build_engine(config)`` (imported lazily: this module
+imports no jax). Tests, or callers holding an engine already, pass ``engine=``.
+"""
+
+from __future__ import annotations
+
+import itertools
+import time
+from collections.abc import Sequence
+
+import msgspec
+
+from jaxllm.config import EngineConfig
+from jaxllm.outputs import RequestOutput
+from jaxllm.sampling_params import SamplingParams
+
+
+class LLM:
+    def __init__(self, model: str = "", *, engine=None, **engine_kwargs) -> None:
+        fields = set(EngineConfig.__struct_fields__)
+        for k in engine_kwargs:
+            if k not in fields:
+                raise ValueError(f"{k}={engine_kwargs[k]!r} is invalid: unknown engine argument; "
+                                 f"expected one of {sorted(fields - {'model'})}")
+        self.config = EngineConfig(model=model, **engine_kwargs).validate()
+        if engine is None:
+            from jaxllm.engine.factory import build_engine  # the real runner: jax lives there
+            engine = build_engine(self.config)
+        self.engine = engine
+        self._ids = itertools.count()
+
+    def get_tokenizer(self):
+        return self.engine.tokenizer
+
+    # ----- generation ---------------------------------------------------------------
+    def generate(self, prompts, sampling_params: SamplingParams | Sequence[SamplingParams] | None = None,
+                 use_tqdm: bool = True) -> list[RequestOutput]:
+        """Run every prompt to completion; outputs come back in input order.
+
+        ``prompts``: one prompt or a list of them; a prompt is a ``str``, a list of token ids
+        or a dict with ``prompt_token_ids`` / ``prompt``. ``sampling_params``: one for all, or
+        one per prompt."""
+        prompts = _as_prompt_list(prompts)
+        params = _as_params_list(sampling_params, len(prompts))
+        return self._run(prompts, params, use_tqdm)
+
+    def chat(self, conversations, sampling_params: SamplingParams | Sequence[SamplingParams] | None = None,
+             use_tqdm: bool = True, add_generation_prompt: bool = True) -> list[RequestOutput]:
+        """``conversations``: one list of ``{"role", "content"}`` messages, or a list of them."""
+        if not isinstance(conversations, (list, tuple)) or not conversations:
+            raise ValueError(f"conversations={conversations!r} is invalid: must be a non-empty list "
+                             f"of messages or of conversations")
+        if isinstance(conversations[0], dict):
+            conversations = [conversations]
+        tok = self.get_tokenizer()
+        prompts = []
+        for i, conv in enumerate(conversations):
+            if not isinstance(conv, (list, tuple)) or not all(isinstance(m, dict) for m in conv):
+                raise ValueError(f"conversations[{i}]={conv!r} is invalid: must be a list of "
+                                 f"message dicts")
+            ids = tok.apply_chat_template(list(conv), add_generation_prompt=add_generation_prompt)
+            prompts.append({"prompt_token_ids": list(ids)})
+        params = _as_params_list(sampling_params, len(prompts))
+        return self._run(prompts, params, use_tqdm)
+
+    def _run(self, prompts: list, params: list[SamplingParams], use_tqdm: bool) -> list[RequestOutput]:
+        engine = self.engine
+        ids: list[str] = []
+        try:
+            for prompt, p in zip(prompts, params):
+                rid = f"llm-{next(self._ids)}"
+                engine.add_request(rid, prompt, p)
+                ids.append(rid)
+        except BaseException:
+            engine.abort_request(ids)  # all or nothing: nothing half-submitted keeps running
+            raise
+        pending = set(ids)
+        finals: dict[str, RequestOutput] = {}
+        bar = _progress(len(ids), use_tqdm)
+        start = time.perf_counter()
+        out_tokens = 0
+        try:
+            while pending:
+                if not engine.has_unfinished_requests():
+                    raise RuntimeError(f"engine has no unfinished requests but {len(pending)} of "
+                                       f"this call's requests never finished")
+                for out in engine.step():
+                    if out.finished and out.request_id in pending:
+                        pending.discard(out.request_id)
+                        finals[out.request_id] = out
+                        out_tokens += sum(len(c.token_ids) for c in out.outputs)
+                        if bar is not None:
+                            rate = out_tokens / max(time.perf_counter() - start, 1e-9)
+                            bar.set_postfix_str(f"output {rate:.1f} tok/s", refresh=False)
+                            bar.update(1)
+        except BaseException:
+            engine.abort_request(list(pending))
+            raise
+        finally:
+            if bar is not None:
+                bar.close()
+        return [finals[i] for i in ids]
+
+
+def _progress(total: int, enabled: bool):
+    if not enabled:
+        return None
+    from tqdm.auto import tqdm
+    return tqdm(total=total, desc="Processed prompts", unit="req", dynamic_ncols=True)
+
+
+def _is_token_list(x) -> bool:
+    return isinstance(x, (list, tuple)) and len(x) > 0 and all(
+        isinstance(t, int) and not isinstance(t, bool) for t in x)
+
+
+def _as_prompt_list(prompts) -> list:
+    if isinstance(prompts, (str, dict)) or _is_token_list(prompts):
+        return [prompts]
+    if isinstance(prompts, (list, tuple)):
+        if not prompts:
+            raise ValueError("prompts=[] is invalid: give at least one prompt")
+        return list(prompts)
+    raise ValueError(f"prompts of type {type(prompts).__name__} is invalid: must be a prompt "
+                     f"(str, token id list, dict) or a list of prompts")
+
+
+def _as_params_list(sampling_params, n: int) -> list[SamplingParams]:
+    if sampling_params is None:
+        return [SamplingParams()] * n
+    if isinstance(sampling_params, SamplingParams):
+        return [sampling_params] * n
+    if isinstance(sampling_params, dict):
+        return [msgspec.convert(sampling_params, SamplingParams)] * n
+    sp = list(sampling_params)
+    if len(sp) != n:
+        raise ValueError(f"sampling_params has {len(sp)} entries, which is invalid: must be one "
+                         f"SamplingParams or exactly one per prompt ({n})")
+    return sp
