@@ -3,6 +3,16 @@
 ``SamplingParams`` is a msgspec Struct so the offline API, JSONL files and the gRPC layer
 all fill the same object. ``validate()`` raises ``ValueError`` naming the field, the value
 and the allowed range; ``LLMEngine.add_request`` calls it before anything is scheduled.
+
+Notes on semantics:
+- ``temperature == 0`` is greedy (top_p/top_k/min_p are then irrelevant); ``top_k`` -1 or 0 = off.
+- ``seed=None`` draws a seed from the engine RNG (``EngineConfig.seed``) at add time, so a
+  whole run is reproducible; an explicit seed makes the request reproducible whatever else is
+  in the batch.
+- ``min_tokens``: EOS / stop_token_ids / stop strings do not end the request before it has
+  ``min_tokens`` generated tokens (the sampler also masks EOS and stop ids meanwhile).
+- ``prompt_logprobs``: validated, and such requests bypass the prefix cache, but the runner
+  protocol does not return prompt logprobs yet: ``RequestOutput.prompt_logprobs`` stays None.
 """
 
 from __future__ import annotations

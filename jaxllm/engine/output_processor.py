@@ -21,7 +21,7 @@ class SeqState:
         self.detok = detokenizer
         self.text = ""
         self.token_ids: list[int] = []
-        self.cumulative_logprob = 0.0
+        self.cumulative_logprob: float | None = 0.0  # None once the runner gives no logprob
         self.logprobs: list[dict[int, float]] | None = [] if req.params.logprobs is not None else None
         self.status: RequestStatus | None = None  # set when finished
         self.stop_reason: int | str | None = None
@@ -36,7 +36,9 @@ class SeqState:
         """Record one generated token; return the finish status if it ends the sequence."""
         p = self.req.params
         self.token_ids.append(tok.token_id)
-        self.cumulative_logprob += tok.logprob
+        if self.cumulative_logprob is not None:
+            self.cumulative_logprob = (None if tok.logprob is None
+                                       else self.cumulative_logprob + tok.logprob)
         if self.logprobs is not None:
             entry = {tok.token_id: tok.logprob}
             for tid, lp in tok.top_logprobs or ():
@@ -76,7 +78,8 @@ class SeqState:
         return CompletionOutput(
             index=self.index, text=text, token_ids=list(self.token_ids),
             cumulative_logprob=self.cumulative_logprob,
-            logprobs=[dict(d) for d in self.logprobs] if self.logprobs is not None else None,
+            # entries are never mutated once appended: a shallow copy keeps this O(len)
+            logprobs=list(self.logprobs) if self.logprobs is not None else None,
             finish_reason=self.status.finish_reason if self.status is not None else None,
             stop_reason=self.stop_reason)
 
