@@ -1,0 +1,14 @@
+import subprocess
+import sys
+
+
+def test_host_side_imports_no_jax():
+    """Convention 1: the host core, engine, offline API and configs import no jax."""
+    code = ("import sys\n"
+            "import jaxllm.sampling_params, jaxllm.outputs, jaxllm.config\n"
+            "import jaxllm.core.scheduler, jaxllm.core.kv_cache_manager, jaxllm.core.block_pool\n"
+            "import jaxllm.engine.engine, jaxllm.engine.runner_protocol, jaxllm.llm\n"
+            "bad = sorted(m for m in sys.modules if m.split('.')[0] in ('jax', 'jaxlib', 'flax'))\n"
+            "assert not bad, bad\n")
+    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60)
+    assert r.returncode == 0, r.stderr
