@@ -223,5 +223,12 @@ class LLMEngine:
             "num_generated_tokens": self.num_generated_tokens,
         }
 
+    def cache_summary(self) -> str:
+        """One line for start-up: blocks, tokens, and how many max_model_len requests fit."""
+        bs, nb = self.config.block_size, self.kv.num_blocks
+        per_req = cdiv(self.max_model_len, bs)
+        return (f"KV cache: {nb} blocks x {bs} tokens = {nb * bs} tokens; maximum concurrency "
+                f"at max_model_len={self.max_model_len}: {nb / per_req:.2f}x")
+
     def reset_prefix_cache(self) -> bool:
         return self.kv.reset_prefix_cache()

@@ -170,3 +170,9 @@ def test_prompt_forms_and_chat_template():
     assert fin["s"].prompt == "hey" and fin["l"].prompt is None and fin["t"].prompt == "yo"
     assert fin["d"].prompt_token_ids == [5, 6] and SEP in fin["c"].prompt_token_ids
     assert all(o.outputs[0].text == "ok" for o in fin.values())
+
+
+def test_cache_summary():
+    e = make_engine(num_blocks=64, block_size=4, max_model_len=128)
+    assert e.cache_summary() == ("KV cache: 64 blocks x 4 tokens = 256 tokens; maximum "
+                                 "concurrency at max_model_len=128: 2.00x")
