@@ -115,6 +115,7 @@ class FakeEngine:
         self._raise_next = threading.Event()
         self._hang_next = threading.Event()
         self._unhang = threading.Event()
+        self._stalled = False
         self.num_steps = 0
         self.free_blocks = self.config.num_blocks
         self._waiting: list[_Req] = []
@@ -134,6 +135,10 @@ class FakeEngine:
 
     def release_hang(self) -> None:
         self._unhang.set()
+
+    def stall(self, on: bool = True) -> None:
+        """``step`` keeps returning (the loop heartbeats) but generates nothing."""
+        self._stalled = on
 
     # ----- interface ------------------------------------------------------------------
     def add_request(self, request_id: str, prompt: Any, params: SamplingParams,
@@ -191,6 +196,9 @@ class FakeEngine:
             self._unhang.wait()
         if self.step_delay:
             time.sleep(self.step_delay)
+        if self._stalled:
+            time.sleep(0.005)
+            return []
         self._admit()
         outs = []
         for r in list(self._running):

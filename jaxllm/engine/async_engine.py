@@ -1,0 +1,402 @@
+"""AsyncEngine: drive an ``LLMEngine`` from asyncio on ONE background thread.
+
+Contract
+--------
+* Every call into the engine (build, ``add_request``, ``abort_request``, ``step``,
+  ``get_stats``) happens on the single engine thread, so the engine needs no locks. The
+  asyncio side talks to it through a command queue and gets results back through
+  ``loop.call_soon_threadsafe`` (one callback per step, not per request).
+* ``await add_request(...)`` returns a :class:`RequestStream` once the engine accepted the
+  request, or raises the engine's ``ValueError`` (validation), :class:`DuplicateRequestError`
+  or :class:`EngineDeadError`.
+* A stream receives the engine's cumulative ``RequestOutput``s. ``abort(request_id)`` is
+  thread-safe, non-blocking and idempotent: the stream is dropped at once and the engine frees
+  the request's KV blocks before its next step. Unknown / finished ids are a no-op.
+* If ``step()`` (or the build) raises, the engine is *dead*: every live stream and pending add
+  fails with :class:`EngineDeadError` carrying the cause, later adds fail at once, and
+  ``on_death`` callbacks run on the event loop.
+* Watchdog info: ``last_heartbeat`` is refreshed every loop iteration (after each step and at
+  least every ``idle_tick`` seconds while idle); ``step_started_at`` is set while inside
+  ``step()``. ``heartbeat_age()`` growing past a timeout means the loop is wedged.
+  ``last_output_time`` is the last time any request received tokens (progress).
+
+No jax here: this file only moves Python objects between threads.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import collections
+import logging
+import queue
+import threading
+import time
+from typing import Any, AsyncIterator, Callable
+
+log = logging.getLogger(__name__)
+
+_STOP = object()
+
+
+class EngineDeadError(RuntimeError):
+    """The engine loop died; ``__cause__``/``cause`` is what killed it."""
+
+    def __init__(self, cause: BaseException | None, message: str | None = None):
+        self.cause = cause
+        super().__init__(message or f"engine loop died: {type(cause).__name__}: {cause}")
+
+
+class DuplicateRequestError(ValueError):
+    pass
+
+
+class RequestAbortedError(RuntimeError):
+    """Raised by a stream aborted from the server side (e.g. drain timeout)."""
+
+
+class RequestStream:
+    """Asyncio-side sink for one request's outputs. Not thread-safe: touched only on the loop."""
+
+    __slots__ = ("request_id", "_pending", "_event", "finished", "_error", "_aborted")
+
+    def __init__(self, request_id: str):
+        self.request_id = request_id
+        self._pending: collections.deque = collections.deque()
+        self._event = asyncio.Event()
+        self.finished = False
+        self._error: BaseException | None = None
+        self._aborted = False
+
+    def _put(self, out: Any) -> None:
+        self._pending.append(out)
+        if getattr(out, "finished", False):
+            self.finished = True
+        self._event.set()
+
+    def _fail(self, exc: BaseException) -> None:
+        if self._error is None:
+            self._error = exc
+        self._event.set()
+
+    async def get_batch(self) -> list:
+        """Wait for, then return, every output received since the last call (oldest first).
+
+        Raises the stream's error (engine death, server-side abort) once pending outputs are
+        drained. Returns [] only after the final output was already returned.
+        """
+        while not self._pending:
+            if self.finished:
+                return []
+            if self._error is not None:
+                raise self._error
+            self._event.clear()
+            await self._event.wait()
+        if (self._error is not None and not self.finished
+                and not isinstance(self._error, RequestAbortedError)):
+            # engine died mid-request: report the cause rather than a partial result
+            raise self._error
+        batch = list(self._pending)
+        self._pending.clear()
+        return batch
+
+    async def __aiter__(self) -> AsyncIterator:
+        while True:
+            batch = await self.get_batch()
+            if not batch:
+                return
+            for out in batch:
+                yield out
+                if getattr(out, "finished", False):
+                    return
+
+
+class AsyncEngine:
+    def __init__(
+        self,
+        engine: Any = None,
+        *,
+        engine_factory: Callable[[], Any] | None = None,
+        warmup: Callable[[Any], None] | None = None,
+        idle_tick: float = 0.05,
+        name: str = "jaxllm-engine",
+    ):
+        if (engine is None) == (engine_factory is None):
+            raise ValueError("pass exactly one of engine= or engine_factory=")
+        self.engine = engine
+        self._factory = engine_factory
+        self._warmup = warmup
+        self._idle_tick = idle_tick
+        self._name = name
+        self._cmds: queue.SimpleQueue = queue.SimpleQueue()
+        self._wake = threading.Event()
+        self._loop: asyncio.AbstractEventLoop | None = None
+        self._thread: threading.Thread | None = None
+        self._streams: dict[str, RequestStream] = {}  # loop side
+        self._pending_adds = 0  # loop side: adds submitted, not yet answered
+        self._ready: asyncio.Future | None = None
+        self._death_callbacks: list[Callable[[BaseException], None]] = []
+        # watchdog / stats, written by the engine thread, read anywhere (atomic refs)
+        now = time.monotonic()
+        self.started_at = now
+        self.last_heartbeat = now
+        self.step_started_at: float | None = None
+        self.last_output_time = now
+        self.num_steps = 0
+        self.stats: dict = {}
+        self.dead: BaseException | None = None
+        self.stopped = False
+
+    # ----- lifecycle ----------------------------------------------------------------
+    def start(self) -> asyncio.Future:
+        """Start the engine thread; returns a future resolved once the engine is built+warm."""
+        if self._thread is not None:
+            raise RuntimeError("AsyncEngine already started")
+        self._loop = asyncio.get_running_loop()
+        self._ready = self._loop.create_future()
+        self._thread = threading.Thread(target=self._run, name=self._name, daemon=True)
+        self._thread.start()
+        return self._ready
+
+    @property
+    def ready(self) -> bool:
+        return self._ready is not None and self._ready.done() and not self._ready.exception()
+
+    @property
+    def is_alive(self) -> bool:
+        return self._thread is not None and self._thread.is_alive() and self.dead is None
+
+    def add_death_callback(self, cb: Callable[[BaseException], None]) -> None:
+        self._death_callbacks.append(cb)
+
+    async def stop(self, timeout: float = 5.0) -> None:
+        """Stop the loop thread (does not abort requests: do that first if needed)."""
+        self.stopped = True
+        self._cmds.put((_STOP,))
+        self._wake.set()
+        if self._thread is not None:
+            await asyncio.get_running_loop().run_in_executor(None, self._thread.join, timeout)
+
+    # ----- requests (call on the event loop) -----------------------------------------
+    @property
+    def num_pending_adds(self) -> int:
+        return self._pending_adds
+
+    @property
+    def num_active(self) -> int:
+        return len(self._streams)
+
+    def has_request(self, request_id: str) -> bool:
+        return request_id in self._streams
+
+    async def add_request(self, request_id: str, prompt: Any, params: Any) -> RequestStream:
+        if self.dead is not None:
+            raise EngineDeadError(self.dead)
+        if self.stopped:
+            raise RuntimeError("engine loop is stopped")
+        if request_id in self._streams:
+            raise DuplicateRequestError(f"request_id={request_id!r} is invalid: already in flight")
+        stream = RequestStream(request_id)
+        self._streams[request_id] = stream
+        fut = self._loop.create_future()
+        self._pending_adds += 1
+        try:
+            self._cmds.put(("add", request_id, prompt, params, fut))
+            self._wake.set()
+            try:
+                await asyncio.shield(fut)
+            except asyncio.CancelledError:
+                # caller went away while the add was queued: abort once it lands
+                self.abort(request_id)
+                raise
+        except BaseException:
+            if self._streams.get(request_id) is stream:
+                del self._streams[request_id]
+            raise
+        finally:
+            self._pending_adds -= 1
+        return stream
+
+    def abort(self, request_id: str, error: BaseException | None = None) -> None:
+        """Drop the stream now; the engine frees the request before its next step."""
+        stream = self._streams.pop(request_id, None)
+        if stream is not None and error is not None:
+            stream._aborted = True
+            stream._fail(error)
+        self._cmds.put(("abort", request_id))
+        self._wake.set()
+
+    async def generate(self, request_id: str, prompt: Any, params: Any) -> AsyncIterator:
+        """Convenience: yield each RequestOutput; abort the request if the consumer stops early."""
+        stream = await self.add_request(request_id, prompt, params)
+        finished = False
+        try:
+            async for out in stream:
+                finished = bool(getattr(out, "finished", False))
+                yield out
+        finally:
+            if not finished:
+                self.abort(request_id)
+            else:
+                self._streams.pop(request_id, None)
+
+    def release(self, request_id: str) -> None:
+        """Forget a finished stream (no engine call)."""
+        self._streams.pop(request_id, None)
+
+    # ----- watchdog -------------------------------------------------------------------
+    def heartbeat_age(self, now: float | None = None) -> float:
+        return (now if now is not None else time.monotonic()) - self.last_heartbeat
+
+    def health_info(self) -> dict:
+        now = time.monotonic()
+        return {
+            "ready": self.ready,
+            "alive": self.is_alive,
+            "dead": repr(self.dead) if self.dead is not None else None,
+            "heartbeat_age_s": round(self.heartbeat_age(now), 3),
+            "in_step_s": round(now - self.step_started_at, 3) if self.step_started_at else None,
+            "since_last_output_s": round(now - self.last_output_time, 3),
+            "num_steps": self.num_steps,
+            "num_active": self.num_active,
+        }
+
+    # ----- engine thread ---------------------------------------------------------------
+    def _post(self, fn: Callable, *args) -> None:
+        loop = self._loop
+        if loop is None or loop.is_closed():
+            return
+        try:
+            loop.call_soon_threadsafe(fn, *args)
+        except RuntimeError:  # loop closed under us during shutdown
+            pass
+
+    def _run(self) -> None:
+        try:
+            if self.engine is None:
+                self.engine = self._factory()
+            if self._warmup is not None:
+                self._warmup(self.engine)
+            self._refresh_stats()
+        except BaseException as exc:  # noqa: BLE001 - reported to the loop
+            log.exception("engine build/warm-up failed")
+            self._die(exc)
+            self._post(_set_exception, self._ready, exc)
+            return
+        self.last_heartbeat = time.monotonic()
+        self._post(_set_result, self._ready, None)
+        engine = self.engine
+        try:
+            while True:
+                busy = engine.has_unfinished_requests()
+                if not self._drain_commands(block=not busy):
+                    self._fail_queued(RuntimeError("engine loop stopped"))
+                    return
+                self.last_heartbeat = time.monotonic()
+                if engine.has_unfinished_requests():
+                    self.step_started_at = time.monotonic()
+                    outputs = engine.step()
+                    self.step_started_at = None
+                    self.num_steps += 1
+                    now = time.monotonic()
+                    self.last_heartbeat = now
+                    if outputs:
+                        self.last_output_time = now
+                        self._post(self._dispatch, outputs)
+                self._refresh_stats()
+        except BaseException as exc:  # noqa: BLE001
+            self.step_started_at = None
+            log.exception("engine loop died")
+            self._die(exc)
+
+    def _drain_commands(self, block: bool) -> bool:
+        """Apply queued adds/aborts. Returns False when asked to stop."""
+        if block:
+            self._wake.wait(self._idle_tick)
+        self._wake.clear()
+        engine = self.engine
+        answers: list[tuple[asyncio.Future, BaseException | None]] = []
+        keep_going = True
+        while True:
+            try:
+                cmd = self._cmds.get_nowait()
+            except queue.Empty:
+                break
+            kind = cmd[0]
+            if kind is _STOP:
+                keep_going = False
+                break
+            if kind == "add":
+                _, rid, prompt, params, fut = cmd
+                try:
+                    engine.add_request(rid, prompt, params)
+                except Exception as exc:  # validation errors go back to the caller
+                    answers.append((fut, exc))
+                else:
+                    answers.append((fut, None))
+            elif kind == "abort":
+                engine.abort_request(cmd[1])
+        if answers:
+            # refresh stats first, so a caller that sees its add accepted also sees it queued
+            self._refresh_stats()
+            self._post(_answer_adds, answers)
+        return keep_going
+
+    def _refresh_stats(self) -> None:
+        try:
+            self.stats = dict(self.engine.get_stats())
+        except Exception:  # stats are best effort
+            log.debug("get_stats failed", exc_info=True)
+
+    def _die(self, exc: BaseException) -> None:
+        self.dead = exc
+        self._fail_queued(EngineDeadError(exc))
+        self._post(self._on_death, exc)
+
+    def _fail_queued(self, err: BaseException) -> None:
+        """Answer adds still in the command queue (the loop will not run them)."""
+        while True:
+            try:
+                cmd = self._cmds.get_nowait()
+            except queue.Empty:
+                break
+            if cmd[0] == "add":
+                self._post(_set_exception, cmd[4], err)
+
+    # ----- loop side callbacks --------------------------------------------------------
+    def _dispatch(self, outputs: list) -> None:
+        streams = self._streams
+        for out in outputs:
+            stream = streams.get(out.request_id)
+            if stream is None:
+                continue  # aborted / unknown: drop
+            stream._put(out)
+
+    def _on_death(self, exc: BaseException) -> None:
+        err = EngineDeadError(exc)
+        for stream in list(self._streams.values()):
+            stream._fail(err)
+        if self._ready is not None and not self._ready.done():
+            self._ready.set_exception(err)
+        for cb in self._death_callbacks:
+            try:
+                cb(exc)
+            except Exception:
+                log.exception("death callback failed")
+
+
+def _answer_adds(answers) -> None:
+    for fut, exc in answers:
+        if exc is None:
+            _set_result(fut, None)
+        else:
+            _set_exception(fut, exc)
+
+
+def _set_result(fut: asyncio.Future, value) -> None:
+    if not fut.done():
+        fut.set_result(value)
+
+
+def _set_exception(fut: asyncio.Future, exc: BaseException) -> None:
+    if not fut.done():
+        fut.set_exception(exc)

@@ -1,0 +1,54 @@
+"""API-key interceptor: ``authorization: Bearer <key>`` on every RPC except grpc.health.v1."""
+
+from __future__ import annotations
+
+import hmac
+
+import grpc
+
+OPEN_PREFIXES = ("/grpc.health.v1.Health/",)
+
+
+class ApiKeyInterceptor(grpc.aio.ServerInterceptor):
+    def __init__(self, api_key: str, open_prefixes: tuple[str, ...] = OPEN_PREFIXES):
+        if not api_key:
+            raise ValueError("api_key='' is invalid: must be non-empty")
+        self._expected = f"Bearer {api_key}".encode()
+        self._open = open_prefixes
+
+    async def intercept_service(self, continuation, handler_call_details):
+        method = handler_call_details.method or ""
+        if method.startswith(self._open):
+            return await continuation(handler_call_details)
+        got = ""
+        for key, value in handler_call_details.invocation_metadata or ():
+            if key == "authorization":
+                got = value if isinstance(value, str) else value.decode("latin-1")
+                break
+        handler = await continuation(handler_call_details)
+        if hmac.compare_digest(got.encode("utf-8", "replace"), self._expected):
+            return handler
+        if handler is None:
+            return None
+        msg = ("missing authorization metadata: send 'authorization: Bearer <api key>'" if not got
+               else "invalid API key")
+        return _deny(handler, msg)
+
+
+def _deny(handler: grpc.RpcMethodHandler, message: str) -> grpc.RpcMethodHandler:
+    async def abort_unary(request_or_iterator, context):
+        await context.abort(grpc.StatusCode.UNAUTHENTICATED, message)
+
+    async def abort_stream(request_or_iterator, context):
+        await context.abort(grpc.StatusCode.UNAUTHENTICATED, message)
+        yield  # pragma: no cover - makes this an async generator
+
+    kw = dict(request_deserializer=handler.request_deserializer,
+              response_serializer=handler.response_serializer)
+    if handler.request_streaming and handler.response_streaming:
+        return grpc.stream_stream_rpc_method_handler(abort_stream, **kw)
+    if handler.request_streaming:
+        return grpc.stream_unary_rpc_method_handler(abort_unary, **kw)
+    if handler.response_streaming:
+        return grpc.unary_stream_rpc_method_handler(abort_stream, **kw)
+    return grpc.unary_unary_rpc_method_handler(abort_unary, **kw)

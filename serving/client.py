@@ -1,0 +1,309 @@
+"""Python clients for jaxllm.v1.Generation (sync and asyncio) and a small CLI.
+
+    from serving.client import GenerationClient
+    with GenerationClient("127.0.0.1:50051", api_key=None) as c:
+        for text in c.stream_text("The capital of France is", max_tokens=16, temperature=0):
+            print(text, end="", flush=True)
+        result = c.complete(chat=[{"role": "user", "content": "Hi!"}], max_tokens=32)
+        print(result.texts[0], result.finish_reasons[0], result.usage)
+
+    python -m serving.client --target 127.0.0.1:50051 "The three primary colors are"
+    python -m serving.client --chat --max-tokens 64 "What is the capital of France?"
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import sys
+from typing import AsyncIterator, Iterator
+
+import grpc
+from grpc_health.v1 import health_pb2, health_pb2_grpc
+
+from serving.proto.jaxllm.v1 import generation_pb2 as pb
+from serving.proto.jaxllm.v1 import generation_pb2_grpc as pb_grpc
+
+FINISH_NAMES = {pb.FINISH_REASON_UNSPECIFIED: None, pb.FINISH_REASON_STOP: "stop",
+                pb.FINISH_REASON_LENGTH: "length", pb.FINISH_REASON_ABORT: "abort"}
+_SAMPLING_FIELDS = set(pb.SamplingParams.DESCRIPTOR.fields_by_name)
+
+
+def build_request(prompt: str | None = None, *, chat: list[dict] | None = None,
+                  token_ids: list[int] | None = None, request_id: str = "",
+                  **sampling) -> pb.GenerateRequest:
+    """One of prompt/chat/token_ids, plus any SamplingParams field (None = engine default)."""
+    if sum(x is not None for x in (prompt, chat, token_ids)) != 1:
+        raise ValueError("give exactly one of prompt, chat or token_ids")
+    unknown = set(sampling) - _SAMPLING_FIELDS
+    if unknown:
+        raise TypeError(f"unknown sampling fields: {sorted(unknown)}")
+    sp = {k: v for k, v in sampling.items() if v is not None}
+    if isinstance(sp.get("stop"), str):
+        sp["stop"] = [sp["stop"]]
+    req = pb.GenerateRequest(request_id=request_id, sampling=pb.SamplingParams(**sp))
+    if prompt is not None:
+        req.text = prompt
+    elif chat is not None:
+        req.chat.messages.extend(pb.ChatMessage(role=m["role"], content=m["content"]) for m in chat)
+    else:
+        req.token_ids.ids.extend(token_ids)
+    return req
+
+
+@dataclasses.dataclass
+class Completion:
+    request_id: str = ""
+    texts: dict[int, str] = dataclasses.field(default_factory=dict)
+    token_ids: dict[int, list[int]] = dataclasses.field(default_factory=dict)
+    finish_reasons: dict[int, str | None] = dataclasses.field(default_factory=dict)
+    stop_reasons: dict[int, int | str | None] = dataclasses.field(default_factory=dict)
+    logprobs: dict[int, list] = dataclasses.field(default_factory=dict)
+    prompt_token_ids: list[int] = dataclasses.field(default_factory=list)
+    usage: pb.Usage | None = None
+    num_responses: int = 0
+
+    def add(self, resp: pb.GenerateResponse) -> None:
+        self.num_responses += 1
+        self.request_id = resp.request_id
+        if resp.prompt_token_ids:
+            self.prompt_token_ids = list(resp.prompt_token_ids)
+        for d in resp.outputs:
+            self.texts[d.index] = self.texts.get(d.index, "") + d.text
+            self.token_ids.setdefault(d.index, []).extend(d.token_ids)
+            self.logprobs.setdefault(d.index, []).extend(d.logprobs)
+            if d.finish_reason != pb.FINISH_REASON_UNSPECIFIED:
+                self.finish_reasons[d.index] = FINISH_NAMES[d.finish_reason]
+                kind = d.WhichOneof("stop_reason")
+                self.stop_reasons[d.index] = getattr(d, kind) if kind else None
+        if resp.finished:
+            self.usage = resp.usage
+
+    @property
+    def text(self) -> str:
+        return self.texts.get(0, "")
+
+
+def _metadata(api_key: str | None):
+    return (("authorization", f"Bearer {api_key}"),) if api_key else None
+
+
+def _credentials(tls_ca: str | None, tls: bool):
+    if not (tls or tls_ca):
+        return None
+    root = open(tls_ca, "rb").read() if tls_ca else None
+    return grpc.ssl_channel_credentials(root_certificates=root)
+
+
+class GenerationClient:
+    """Blocking client. ``timeout`` (seconds) becomes each call's gRPC deadline."""
+
+    def __init__(self, target: str = "127.0.0.1:50051", *, api_key: str | None = None,
+                 tls: bool = False, tls_ca: str | None = None, timeout: float | None = None,
+                 options: list | None = None):
+        creds = _credentials(tls_ca, tls)
+        self.channel = (grpc.secure_channel(target, creds, options=options) if creds
+                        else grpc.insecure_channel(target, options=options))
+        self.stub = pb_grpc.GenerationStub(self.channel)
+        self.health_stub = health_pb2_grpc.HealthStub(self.channel)
+        self.metadata = _metadata(api_key)
+        self.timeout = timeout
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        self.close()
+
+    def close(self) -> None:
+        self.channel.close()
+
+    def generate(self, prompt: str | None = None, *, timeout: float | None = None,
+                 **kw) -> Iterator[pb.GenerateResponse]:
+        """Stream the raw responses. Breaking out of the loop cancels the request."""
+        call = self.stub.Generate(build_request(prompt, **kw), metadata=self.metadata,
+                                  timeout=timeout or self.timeout)
+        try:
+            yield from call
+        finally:
+            call.cancel()
+
+    def stream_text(self, prompt: str | None = None, **kw) -> Iterator[str]:
+        """Text deltas of sample 0."""
+        for resp in self.generate(prompt, **kw):
+            for d in resp.outputs:
+                if d.index == 0 and d.text:
+                    yield d.text
+
+    def complete(self, prompt: str | None = None, **kw) -> Completion:
+        result = Completion()
+        for resp in self.generate(prompt, **kw):
+            result.add(resp)
+        return result
+
+    def tokenize(self, text: str | None = None, *, chat: list[dict] | None = None) -> list[int]:
+        req = pb.TokenizeRequest(text=text) if chat is None else pb.TokenizeRequest(
+            chat=pb.ChatMessages(messages=[pb.ChatMessage(**m) for m in chat]))
+        return list(self.stub.Tokenize(req, metadata=self.metadata, timeout=self.timeout).token_ids)
+
+    def detokenize(self, token_ids: list[int], skip_special_tokens: bool | None = None) -> str:
+        req = pb.DetokenizeRequest(token_ids=token_ids)
+        if skip_special_tokens is not None:
+            req.skip_special_tokens = skip_special_tokens
+        return self.stub.Detokenize(req, metadata=self.metadata, timeout=self.timeout).text
+
+    def model_info(self) -> pb.ModelInfo:
+        return self.stub.GetModelInfo(pb.GetModelInfoRequest(), metadata=self.metadata,
+                                      timeout=self.timeout)
+
+    def health(self, service: str = "") -> str:
+        resp = self.health_stub.Check(health_pb2.HealthCheckRequest(service=service),
+                                      timeout=self.timeout or 5.0)
+        return health_pb2.HealthCheckResponse.ServingStatus.Name(resp.status)
+
+
+class AsyncGenerationClient:
+    """asyncio client (grpc.aio). Use ``async with``; cancelling the consuming task cancels the RPC."""
+
+    def __init__(self, target: str = "127.0.0.1:50051", *, api_key: str | None = None,
+                 tls: bool = False, tls_ca: str | None = None, timeout: float | None = None,
+                 options: list | None = None):
+        creds = _credentials(tls_ca, tls)
+        self.channel = (grpc.aio.secure_channel(target, creds, options=options) if creds
+                        else grpc.aio.insecure_channel(target, options=options))
+        self.stub = pb_grpc.GenerationStub(self.channel)
+        self.health_stub = health_pb2_grpc.HealthStub(self.channel)
+        self.metadata = _metadata(api_key)
+        self.timeout = timeout
+
+    async def __aenter__(self):
+        return self
+
+    async def __aexit__(self, *exc):
+        await self.close()
+
+    async def close(self) -> None:
+        await self.channel.close()
+
+    async def generate(self, prompt: str | None = None, *, timeout: float | None = None,
+                       **kw) -> AsyncIterator[pb.GenerateResponse]:
+        call = self.stub.Generate(build_request(prompt, **kw), metadata=self.metadata,
+                                  timeout=timeout or self.timeout)
+        try:
+            async for resp in call:
+                yield resp
+        finally:
+            call.cancel()
+
+    async def stream_text(self, prompt: str | None = None, **kw) -> AsyncIterator[str]:
+        async for resp in self.generate(prompt, **kw):
+            for d in resp.outputs:
+                if d.index == 0 and d.text:
+                    yield d.text
+
+    async def complete(self, prompt: str | None = None, **kw) -> Completion:
+        result = Completion()
+        async for resp in self.generate(prompt, **kw):
+            result.add(resp)
+        return result
+
+    async def tokenize(self, text: str | None = None, *, chat: list[dict] | None = None) -> list[int]:
+        req = pb.TokenizeRequest(text=text) if chat is None else pb.TokenizeRequest(
+            chat=pb.ChatMessages(messages=[pb.ChatMessage(**m) for m in chat]))
+        resp = await self.stub.Tokenize(req, metadata=self.metadata, timeout=self.timeout)
+        return list(resp.token_ids)
+
+    async def detokenize(self, token_ids: list[int], skip_special_tokens: bool | None = None) -> str:
+        req = pb.DetokenizeRequest(token_ids=token_ids)
+        if skip_special_tokens is not None:
+            req.skip_special_tokens = skip_special_tokens
+        resp = await self.stub.Detokenize(req, metadata=self.metadata, timeout=self.timeout)
+        return resp.text
+
+    async def model_info(self) -> pb.ModelInfo:
+        return await self.stub.GetModelInfo(pb.GetModelInfoRequest(), metadata=self.metadata,
+                                            timeout=self.timeout)
+
+    async def health(self, service: str = "") -> str:
+        resp = await self.health_stub.Check(health_pb2.HealthCheckRequest(service=service),
+                                            timeout=self.timeout or 5.0)
+        return health_pb2.HealthCheckResponse.ServingStatus.Name(resp.status)
+
+
+# ----- CLI ---------------------------------------------------------------------------------
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(prog="python -m serving.client",
+                                description="Stream a completion from a jaxllm gRPC server.")
+    p.add_argument("prompt", nargs="?", help="prompt text (a user message with --chat)")
+    p.add_argument("--target", default="127.0.0.1:50051")
+    p.add_argument("--chat", action="store_true", help="send the prompt as a chat user message")
+    p.add_argument("--system", help="system message (with --chat)")
+    p.add_argument("--api-key")
+    p.add_argument("--tls", action="store_true", help="use TLS with the system roots")
+    p.add_argument("--tls-ca", help="PEM root certificate(s) to trust (implies --tls)")
+    p.add_argument("--timeout", type=float, help="deadline in seconds")
+    p.add_argument("--request-id", default="")
+    p.add_argument("--info", action="store_true", help="print GetModelInfo and exit")
+    p.add_argument("--health", action="store_true", help="print the health status and exit")
+    p.add_argument("--show-usage", action="store_true", help="print finish reason and usage")
+    s = p.add_argument_group("sampling (unset = engine default)")
+    for name, typ in (("n", int), ("temperature", float), ("top_p", float), ("top_k", int),
+                      ("min_p", float), ("presence_penalty", float), ("frequency_penalty", float),
+                      ("repetition_penalty", float), ("seed", int), ("max_tokens", int),
+                      ("min_tokens", int), ("logprobs", int), ("prompt_logprobs", int)):
+        s.add_argument("--" + name.replace("_", "-"), type=typ, dest=name)
+    s.add_argument("--stop", action="append", help="stop string (repeatable)")
+    s.add_argument("--stop-token-id", action="append", type=int, dest="stop_token_ids")
+    s.add_argument("--ignore-eos", action="store_true", default=None)
+    s.add_argument("--skip-special-tokens", action=argparse.BooleanOptionalAction, default=None)
+    s.add_argument("--include-stop-str-in-output", action="store_true", default=None)
+    args = p.parse_args(argv)
+
+    sampling = {k: getattr(args, k) for k in _SAMPLING_FIELDS if hasattr(args, k)}
+    client = GenerationClient(args.target, api_key=args.api_key, tls=args.tls,
+                              tls_ca=args.tls_ca, timeout=args.timeout)
+    try:
+        if args.health:
+            print(client.health())
+            return 0
+        if args.info:
+            print(client.model_info())
+            return 0
+        if args.prompt is None:
+            p.error("a prompt is required")
+        kw = dict(sampling, request_id=args.request_id)
+        if args.chat:
+            chat = ([{"role": "system", "content": args.system}] if args.system else [])
+            chat.append({"role": "user", "content": args.prompt})
+            kw["chat"] = chat
+        else:
+            kw["prompt"] = args.prompt
+        result = Completion()
+        multi = (args.n or 1) > 1
+        for resp in client.generate(**kw):
+            result.add(resp)
+            if not multi:
+                for d in resp.outputs:
+                    sys.stdout.write(d.text)
+                sys.stdout.flush()
+        if multi:
+            for i in sorted(result.texts):
+                print(f"--- [{i}] ---\n{result.texts[i]}")
+        else:
+            print()
+        if args.show_usage:
+            print(f"finish_reason={result.finish_reasons} usage: prompt={result.usage.prompt_tokens} "
+                  f"completion={result.usage.completion_tokens} "
+                  f"cached={result.usage.cached_tokens}", file=sys.stderr)
+        return 0
+    except grpc.RpcError as exc:
+        print(f"\nerror: {exc.code().name}: {exc.details()}", file=sys.stderr)
+        return 1
+    except KeyboardInterrupt:
+        return 130
+    finally:
+        client.close()
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,49 @@
+"""Server settings (no jax). One msgspec Struct filled by the CLI or by tests."""
+
+from __future__ import annotations
+
+import msgspec
+
+GENERATION_SERVICE = "jaxllm.v1.Generation"
+
+
+class ServerConfig(msgspec.Struct, kw_only=True):
+    host: str = "127.0.0.1"
+    port: int = 50051  # 0 = pick a free port (``ServingServer.port`` tells which)
+    api_key: str | None = None
+    tls_cert: str | None = None  # PEM paths; both or neither
+    tls_key: str | None = None
+    # admission and caps
+    max_queued_requests: int = 256  # waiting (not yet scheduled) requests before RESOURCE_EXHAUSTED
+    max_n: int = 16
+    max_tokens_cap: int | None = None  # None = max_model_len
+    max_logprobs: int = 20
+    max_stop_strings: int = 16
+    max_message_bytes: int = 4 * 1024 * 1024
+    max_request_id_len: int = 256
+    # lifecycle
+    shutdown_timeout: float = 30.0  # SIGTERM: how long in-flight requests may run on
+    watchdog_timeout: float = 30.0  # no loop heartbeat (or failed probe, no progress) this long -> NOT_SERVING
+    health_probe_interval: float = 10.0  # seconds between synthetic 1-token requests
+    engine_death_grace: float = 1.0  # after the engine dies: keep answering (INTERNAL/NOT_SERVING) this long, then exit 1
+
+    def validate(self) -> "ServerConfig":
+        for name in ("max_queued_requests", "max_n", "max_logprobs", "max_stop_strings",
+                     "max_message_bytes", "max_request_id_len"):
+            v = getattr(self, name)
+            if isinstance(v, bool) or not isinstance(v, int) or v < (0 if name in (
+                    "max_logprobs", "max_stop_strings") else 1):
+                raise ValueError(f"{name}={v!r} is invalid: must be a positive integer")
+        if self.max_tokens_cap is not None and self.max_tokens_cap < 1:
+            raise ValueError(f"max_tokens_cap={self.max_tokens_cap!r} is invalid: must be >= 1")
+        for name in ("shutdown_timeout", "watchdog_timeout", "health_probe_interval",
+                     "engine_death_grace"):
+            v = getattr(self, name)
+            if not isinstance(v, (int, float)) or v < 0 or (v == 0 and name != "engine_death_grace"
+                                                             and name != "shutdown_timeout"):
+                raise ValueError(f"{name}={v!r} is invalid: must be > 0")
+        if (self.tls_cert is None) != (self.tls_key is None):
+            raise ValueError("tls_cert/tls_key are invalid: give both or neither")
+        if not 0 <= self.port < 65536:
+            raise ValueError(f"port={self.port} is invalid: must be in [0, 65535]")
+        return self

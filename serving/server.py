@@ -1,0 +1,217 @@
+"""ServingServer: grpc.aio server + AsyncEngine + health + reflection + auth + drain (no jax).
+
+In-process use (tests)::
+
+    server = ServingServer(ServerConfig(port=0), engine=my_engine)      # or engine_factory=...
+    port = await server.start()          # listening at once; NOT_SERVING until warm + probed
+    await server.wait_serving()          # optional
+    ...
+    await server.drain()                 # graceful: what SIGTERM does
+    code = await server.wait()           # 0 after a drain, 1 after the engine died
+
+Lifecycle: ``start`` binds and serves health right away (NOT_SERVING), starts the engine thread
+(build + warm-up happen there) and the health monitor. Engine death: in-flight requests end with
+INTERNAL, health turns NOT_SERVING, and after ``engine_death_grace`` seconds the server stops
+with exit code 1. ``drain``: NOT_SERVING, new requests UNAVAILABLE, in-flight ones run up to
+``shutdown_timeout``, the rest are aborted with UNAVAILABLE, then the server stops (exit code 0).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from typing import Any, Callable
+
+import grpc
+from grpc_health.v1 import health, health_pb2, health_pb2_grpc
+from grpc_reflection.v1alpha import reflection
+
+from jaxllm.engine.async_engine import AsyncEngine, RequestAbortedError
+
+from serving.auth import ApiKeyInterceptor
+from serving.config import GENERATION_SERVICE, ServerConfig
+from serving.health import HealthMonitor
+from serving.proto.jaxllm.v1 import generation_pb2 as pb
+from serving.proto.jaxllm.v1 import generation_pb2_grpc as pb_grpc
+from serving.servicer import GenerationServicer
+
+log = logging.getLogger(__name__)
+
+SERVICE_NAMES = (
+    pb.DESCRIPTOR.services_by_name["Generation"].full_name,
+    health_pb2.DESCRIPTOR.services_by_name["Health"].full_name,
+    reflection.SERVICE_NAME,
+)
+
+
+class ServingServer:
+    def __init__(self, config: ServerConfig, *, engine: Any = None,
+                 engine_factory: Callable[[], Any] | None = None,
+                 warmup: Callable[[Any], None] | None = None,
+                 idle_tick: float = 0.05):
+        self.config = config.validate()
+        self.async_engine = AsyncEngine(engine, engine_factory=engine_factory, warmup=warmup,
+                                        idle_tick=idle_tick)
+        self.port: int | None = None
+        self.exit_code: int | None = None
+        self.draining = False
+        self._grpc: grpc.aio.Server | None = None
+        self.health_servicer = health.aio.HealthServicer()
+        self.servicer = GenerationServicer(self)
+        self.monitor = HealthMonitor(config, self.health_servicer, lambda: self.async_engine,
+                                     lambda: self.draining, self._probe_token_ids)
+        self._done = asyncio.Event()
+        self._idle = asyncio.Event()
+        self._stopping = False
+        self._background: set[asyncio.Task] = set()
+
+    # ----- start ----------------------------------------------------------------------
+    async def start(self) -> int:
+        cfg = self.config
+        interceptors = [ApiKeyInterceptor(cfg.api_key)] if cfg.api_key else []
+        options = [
+            ("grpc.max_receive_message_length", cfg.max_message_bytes),
+            ("grpc.max_send_message_length", max(cfg.max_message_bytes, 64 * 1024 * 1024)),
+            ("grpc.so_reuseport", 0),
+        ]
+        server = grpc.aio.server(interceptors=interceptors, options=options)
+        pb_grpc.add_GenerationServicer_to_server(self.servicer, server)
+        health_pb2_grpc.add_HealthServicer_to_server(self.health_servicer, server)
+        reflection.enable_server_reflection(SERVICE_NAMES, server)
+        await self.health_servicer.set("", health_pb2.HealthCheckResponse.NOT_SERVING)
+        await self.health_servicer.set(GENERATION_SERVICE, health_pb2.HealthCheckResponse.NOT_SERVING)
+        address = f"{cfg.host}:{cfg.port}"
+        if cfg.tls_cert:
+            with open(cfg.tls_key, "rb") as f:
+                key = f.read()
+            with open(cfg.tls_cert, "rb") as f:
+                cert = f.read()
+            self.port = server.add_secure_port(address, grpc.ssl_server_credentials([(key, cert)]))
+        else:
+            self.port = server.add_insecure_port(address)
+        if not self.port:
+            raise RuntimeError(f"could not bind {address}")
+        await server.start()
+        self._grpc = server
+        log.info("serving: listening on %s:%d (%s)", cfg.host, self.port,
+                 "TLS" if cfg.tls_cert else "plaintext")
+        self.async_engine.add_death_callback(self._on_engine_death)
+        ready = self.async_engine.start()
+        ready.add_done_callback(self._on_ready)
+        self.monitor.start()
+        return self.port
+
+    def _on_ready(self, fut: asyncio.Future) -> None:
+        if fut.cancelled():
+            return
+        exc = fut.exception()
+        if exc is None:
+            log.info("serving: engine ready")
+        else:
+            log.error("serving: engine failed to start: %r", exc)
+
+    def _probe_token_ids(self) -> list[int]:
+        tok = getattr(self.async_engine.engine, "tokenizer", None)
+        try:
+            ids = list(tok.encode("Hello"))[:4]
+            if ids:
+                return [int(t) for t in ids]
+        except Exception:  # noqa: BLE001
+            pass
+        return [0]
+
+    async def wait_serving(self, timeout: float = 30.0) -> None:
+        deadline = time.monotonic() + timeout
+        while self.monitor.status != health_pb2.HealthCheckResponse.SERVING:
+            if time.monotonic() > deadline:
+                raise TimeoutError(f"not SERVING after {timeout}s: {self.monitor.reason}")
+            await asyncio.sleep(0.02)
+
+    # ----- admission --------------------------------------------------------------------
+    def refusal_reason(self) -> str | None:
+        if self.draining or self._stopping:
+            return "server is draining (shutting down): not accepting new requests"
+        ae = self.async_engine
+        if ae.dead is not None:
+            return f"engine is not running: {type(ae.dead).__name__}: {ae.dead}"
+        if not ae.ready:
+            return "server is starting: the model is loading / compiling"
+        age = ae.heartbeat_age()
+        if age > self.config.watchdog_timeout:
+            return (f"engine loop wedged: no progress for {age:.1f}s "
+                    f"(watchdog {self.config.watchdog_timeout:g}s)")
+        return None
+
+    def notify_request_done(self) -> None:
+        if not self.servicer.active:
+            self._idle.set()
+
+    # ----- engine death -------------------------------------------------------------------
+    def _on_engine_death(self, exc: BaseException) -> None:
+        log.error("serving: engine loop died (%s: %s); exiting with code 1 in %.1fs",
+                  type(exc).__name__, exc, self.config.engine_death_grace)
+        self._spawn(self._die_later())
+
+    async def _die_later(self) -> None:
+        await self.monitor.update()
+        await asyncio.sleep(self.config.engine_death_grace)
+        await self._terminate(exit_code=1)
+
+    # ----- drain / stop ---------------------------------------------------------------------
+    async def drain(self, reason: str = "shutdown requested") -> None:
+        if self.draining or self._stopping:
+            return
+        self.draining = True
+        timeout = self.config.shutdown_timeout
+        log.warning("serving: draining (%s): %d requests in flight, up to %.1fs",
+                    reason, len(self.servicer.active), timeout)
+        await self.monitor.update()
+        if self.servicer.active:
+            self._idle.clear()
+            try:
+                await asyncio.wait_for(self._idle.wait(), timeout)
+            except TimeoutError:
+                pass
+        left = list(self.servicer.active)
+        if left:
+            log.warning("serving: aborting %d requests still running after %.1fs", len(left), timeout)
+            for rid in left:
+                self.async_engine.abort(rid, RequestAbortedError(
+                    f"server shutting down: request aborted after --shutdown-timeout={timeout:g}s"))
+            self._idle.clear()
+            try:
+                await asyncio.wait_for(self._idle.wait(), 2.0)
+            except TimeoutError:
+                pass
+        if self.exit_code is None:
+            await self._terminate(exit_code=0)
+
+    async def _terminate(self, exit_code: int) -> None:
+        if self._stopping:
+            return
+        self._stopping = True
+        self.exit_code = exit_code
+        await self.monitor.update()
+        await self.monitor.stop()
+        await self.health_servicer.enter_graceful_shutdown()
+        if self._grpc is not None:
+            await self._grpc.stop(grace=1.0)
+        await self.async_engine.stop(timeout=2.0)
+        log.info("serving: stopped (exit code %d)", exit_code)
+        self._done.set()
+
+    async def stop(self, exit_code: int = 0) -> None:
+        """Immediate stop (no drain)."""
+        for rid in list(self.servicer.active):
+            self.async_engine.abort(rid, RequestAbortedError("server stopped"))
+        await self._terminate(exit_code)
+
+    async def wait(self) -> int:
+        await self._done.wait()
+        return self.exit_code if self.exit_code is not None else 0
+
+    def _spawn(self, coro) -> None:
+        task = asyncio.get_running_loop().create_task(coro)
+        self._background.add(task)
+        task.add_done_callback(self._background.discard)

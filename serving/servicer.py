@@ -1,0 +1,208 @@
+"""jaxllm.v1.Generation: proto <-> AsyncEngine, statuses per the error contract (no jax).
+
+Status codes
+------------
+INVALID_ARGUMENT   any invalid field (the engine's own validation message), prompt too long,
+                   a server cap exceeded (--max-n, --max-tokens-cap, --max-logprobs, ...)
+ALREADY_EXISTS     a client request_id that is already in flight
+RESOURCE_EXHAUSTED waiting requests >= --max-queued-requests (at once, nothing queued);
+                   a request larger than --max-message-bytes (grpc itself)
+UNAVAILABLE        starting, draining, engine wedged/dead before the request was accepted,
+                   or aborted by the drain after --shutdown-timeout
+INTERNAL           the engine step raised while the request was in flight (message has the cause)
+UNAUTHENTICATED    missing/wrong API key (interceptor)
+Client cancel, disconnect or deadline: the handler is cancelled and the request aborted.
+"""
+
+from __future__ import annotations
+
+import logging
+import uuid
+from typing import TYPE_CHECKING, Any
+
+import grpc
+
+from jaxllm.engine.async_engine import (DuplicateRequestError, EngineDeadError,
+                                        RequestAbortedError)
+
+from serving import convert
+from serving.health import PROBE_PREFIX
+from serving.proto.jaxllm.v1 import generation_pb2 as pb
+from serving.proto.jaxllm.v1 import generation_pb2_grpc as pb_grpc
+
+if TYPE_CHECKING:
+    from serving.server import ServingServer
+
+log = logging.getLogger(__name__)
+
+
+def stat(stats: dict, *names: str, default: int = 0) -> int:
+    for n in names:
+        if n in stats and stats[n] is not None:
+            return int(stats[n])
+    return default
+
+
+class GenerationServicer(pb_grpc.GenerationServicer):
+    def __init__(self, server: "ServingServer"):
+        self.server = server
+        self.active: dict[str, Any] = {}  # request_id -> RequestStream of running Generate calls
+
+    # ----- helpers --------------------------------------------------------------------
+    @property
+    def cfg(self):
+        return self.server.config
+
+    async def _gate(self, context) -> Any:
+        """The AsyncEngine if new work is accepted, else abort UNAVAILABLE with the reason."""
+        reason = self.server.refusal_reason()
+        if reason is not None:
+            await context.abort(grpc.StatusCode.UNAVAILABLE, reason)
+        return self.server.async_engine
+
+    def _engine_info(self):
+        eng = self.server.async_engine.engine
+        tok = eng.tokenizer
+        vocab = getattr(eng, "vocab_size", None) or getattr(tok, "vocab_size", None)
+        return eng, tok, vocab, _config_get(eng, "max_model_len")
+
+    # ----- RPCs -----------------------------------------------------------------------
+    async def Generate(self, request: pb.GenerateRequest, context):
+        ae = await self._gate(context)
+        eng, tok, vocab, max_len = self._engine_info()
+        try:
+            params = convert.sampling_params_from_proto(request.sampling, self.cfg,
+                                                        vocab_size=vocab, max_model_len=max_len)
+            prompt = convert.prompt_from_request(request, tok, vocab)
+            rid = request.request_id
+            if len(rid) > self.cfg.max_request_id_len:
+                raise ValueError(f"request_id of length {len(rid)} is invalid: must be at most "
+                                 f"{self.cfg.max_request_id_len} characters")
+            if rid.startswith(PROBE_PREFIX):
+                raise ValueError(f"request_id={rid!r} is invalid: the prefix {PROBE_PREFIX!r} "
+                                 "is reserved")
+        except ValueError as exc:
+            await context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(exc))
+        rid = rid or uuid.uuid4().hex
+        waiting = stat(ae.stats, "num_waiting", "waiting") + ae.num_pending_adds
+        if waiting >= self.cfg.max_queued_requests:
+            await context.abort(grpc.StatusCode.RESOURCE_EXHAUSTED,
+                                f"server overloaded: {waiting} requests waiting "
+                                f"(--max-queued-requests={self.cfg.max_queued_requests}); retry later")
+        try:
+            stream = await ae.add_request(rid, prompt, params)
+        except DuplicateRequestError as exc:
+            await context.abort(grpc.StatusCode.ALREADY_EXISTS, str(exc))
+        except ValueError as exc:
+            await context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(exc))
+        except EngineDeadError as exc:
+            await context.abort(grpc.StatusCode.INTERNAL, _dead_message(exc))
+        except RuntimeError as exc:
+            await context.abort(grpc.StatusCode.UNAVAILABLE, str(exc))
+        self.active[rid] = stream
+        tracker = convert.DeltaTracker(rid, params)
+        finished = False
+        try:
+            while True:
+                try:
+                    batch = await stream.get_batch()
+                except EngineDeadError as exc:
+                    await context.abort(grpc.StatusCode.INTERNAL, _dead_message(exc))
+                except RequestAbortedError as exc:
+                    await context.abort(grpc.StatusCode.UNAVAILABLE, str(exc))
+                if not batch:
+                    break
+                resp = tracker.update(batch)
+                if resp is not None:
+                    yield resp
+                if tracker.finished:
+                    finished = True
+                    break
+        finally:
+            # reached on completion, error, client cancel, disconnect and deadline alike
+            self.active.pop(rid, None)
+            if finished:
+                ae.release(rid)
+            else:
+                ae.abort(rid)
+            self.server.notify_request_done()
+
+    async def Tokenize(self, request: pb.TokenizeRequest, context):
+        await self._gate(context)
+        eng, tok, vocab, max_len = self._engine_info()
+        kind = request.WhichOneof("input")
+        try:
+            if kind is None:
+                raise ValueError("input is invalid: set one of text or chat")
+            ids = (convert.render_chat(tok, request.chat) if kind == "chat"
+                   else [int(t) for t in tok.encode(request.text)])
+        except ValueError as exc:
+            await context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(exc))
+        return pb.TokenizeResponse(token_ids=ids, count=len(ids), max_model_len=max_len or 0)
+
+    async def Detokenize(self, request: pb.DetokenizeRequest, context):
+        await self._gate(context)
+        eng, tok, vocab, _ = self._engine_info()
+        try:
+            ids = list(request.token_ids)
+            if ids:
+                ids = convert.check_token_ids("token_ids", ids, vocab)
+        except ValueError as exc:
+            await context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(exc))
+        skip = request.skip_special_tokens if request.HasField("skip_special_tokens") else True
+        return pb.DetokenizeResponse(text=tok.decode(ids, skip_special_tokens=skip))
+
+    async def GetModelInfo(self, request: pb.GetModelInfoRequest, context):
+        await self._gate(context)
+        ae = self.server.async_engine
+        eng, tok, vocab, max_len = self._engine_info()
+        s = ae.stats
+        cfg = self.cfg
+        info = pb.ModelInfo(
+            model=str(_config_get(eng, "model") or ""),
+            max_model_len=max_len or 0,
+            vocab_size=vocab or 0,
+            dtype=str(_config_get(eng, "dtype") or ""),
+            tensor_parallel_size=int(_config_get(eng, "tensor_parallel_size") or 1),
+            block_size=int(_config_get(eng, "block_size") or 0),
+            token_buckets=_buckets(eng, s, "token_buckets", "num_tokens_buckets", "token_bucket_sizes"),
+            request_buckets=_buckets(eng, s, "request_buckets", "num_seqs_buckets", "batch_buckets"),
+            free_kv_blocks=stat(s, "free_blocks", "num_free_blocks", "free_kv_blocks"),
+            total_kv_blocks=stat(s, "total_blocks", "num_total_blocks", "num_blocks", "total_kv_blocks"),
+            num_running=stat(s, "num_running", "running"),
+            num_waiting=stat(s, "num_waiting", "waiting"),
+            max_num_seqs=int(_config_get(eng, "max_num_seqs") or 0),
+            eos_token_ids=[int(t) for t in (getattr(tok, "eos_token_ids", None) or [])],
+            limits=pb.ServerLimits(
+                max_n=cfg.max_n, max_tokens=cfg.max_tokens_cap or max_len or 0,
+                max_logprobs=cfg.max_logprobs, max_stop_strings=cfg.max_stop_strings,
+                max_message_bytes=cfg.max_message_bytes,
+                max_queued_requests=cfg.max_queued_requests),
+        )
+        return info
+
+
+def _dead_message(exc: EngineDeadError) -> str:
+    cause = exc.cause
+    return f"engine step failed: {type(cause).__name__}: {cause}" if cause is not None else str(exc)
+
+
+def _config_get(engine: Any, name: str):
+    for holder in (getattr(engine, "config", None), getattr(engine, "engine_config", None), engine):
+        if holder is not None and getattr(holder, name, None) is not None:
+            return getattr(holder, name)
+    return None
+
+
+def _buckets(engine: Any, stats: dict, *names: str) -> list[int]:
+    for n in names:
+        if stats.get(n):
+            return [int(x) for x in stats[n]]
+    for n in names:
+        v = _config_get(engine, n)
+        if v is None:
+            runner = getattr(engine, "runner", None) or getattr(engine, "model_runner", None)
+            v = getattr(runner, n, None) if runner is not None else None
+        if v:
+            return [int(x) for x in v]
+    return []
