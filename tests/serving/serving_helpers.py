@@ -104,7 +104,7 @@ async def running_server(engine: FakeEngine | None = None, *, engine_factory=Non
         yield Ctx(server, port, channel, pb_grpc.GenerationStub(channel),
                   health_pb2_grpc.HealthStub(channel), engine)
     finally:
-        if engine is not None:
+        if hasattr(engine, "release_hang"):
             engine.release_hang()
         await channel.close()
         if server.exit_code is None:

@@ -1,0 +1,122 @@
+"""API key interceptor, TLS, reflection, and the Python clients (sync + asyncio)."""
+
+from __future__ import annotations
+
+import asyncio
+import shutil
+import subprocess
+
+import grpc
+import pytest
+from google.protobuf import descriptor_pool
+from grpc_reflection.v1alpha.proto_reflection_descriptor_database import (
+    ProtoReflectionDescriptorDatabase)
+
+from serving.client import AsyncGenerationClient, GenerationClient
+from serving.proto.jaxllm.v1 import generation_pb2 as pb
+from serving_helpers import SERVING, collect, run, running_server
+from tests.fakes.fake_engine import FakeEngine
+
+KEY = "s3cret-key"
+
+
+def test_api_key_on_every_rpc_but_health():
+    async def main():
+        async with running_server(api_key=KEY) as c:
+            good = (("authorization", f"Bearer {KEY}"),)
+            for md in (None, (("authorization", "Bearer wrong"),), (("authorization", KEY),)):
+                with pytest.raises(grpc.aio.AioRpcError) as ei:
+                    await c.generate(prompt="hi", metadata=md)
+                assert ei.value.code() == grpc.StatusCode.UNAUTHENTICATED
+                for rpc, req in ((c.stub.Tokenize, pb.TokenizeRequest(text="x")),
+                                 (c.stub.GetModelInfo, pb.GetModelInfoRequest())):
+                    with pytest.raises(grpc.aio.AioRpcError) as ei:
+                        await rpc(req, metadata=md)
+                    assert ei.value.code() == grpc.StatusCode.UNAUTHENTICATED
+            assert await c.health_status() == SERVING  # health stays open
+            res = collect(await c.generate(prompt="hi", max_tokens=2, metadata=good))
+            assert res["texts"][0] == "hi"
+            # the helper clients send the key
+            async with AsyncGenerationClient(c.target, api_key=KEY) as ac:
+                assert (await ac.complete("abc", max_tokens=3)).text == "abc"
+    run(main())
+
+
+def _make_cert(tmp_path):
+    if shutil.which("openssl") is None:
+        pytest.skip("openssl not available to make a test certificate")
+    key, cert = tmp_path / "key.pem", tmp_path / "cert.pem"
+    subprocess.run(["openssl", "req", "-x509", "-newkey", "rsa:2048", "-nodes", "-keyout", str(key),
+                    "-out", str(cert), "-days", "1", "-subj", "/CN=localhost",
+                    "-addext", "subjectAltName=DNS:localhost,IP:127.0.0.1"],
+                   check=True, capture_output=True)
+    return key, cert
+
+
+def test_tls(tmp_path):
+    key, cert = _make_cert(tmp_path)
+    creds = grpc.ssl_channel_credentials(root_certificates=cert.read_bytes())
+
+    async def main():
+        async with running_server(tls_cert=str(cert), tls_key=str(key),
+                                  channel_credentials=creds) as c:
+            res = collect(await c.generate(prompt="secure", max_tokens=6))
+            assert res["texts"][0] == "secure"
+            async with grpc.aio.insecure_channel(f"127.0.0.1:{c.port}") as plain:
+                from serving.proto.jaxllm.v1 import generation_pb2_grpc as pb_grpc
+                with pytest.raises(grpc.aio.AioRpcError) as ei:
+                    await pb_grpc.GenerationStub(plain).GetModelInfo(pb.GetModelInfoRequest(),
+                                                                     timeout=2)
+                assert ei.value.code() == grpc.StatusCode.UNAVAILABLE
+            with GenerationClient(f"localhost:{c.port}", tls_ca=str(cert), timeout=5) as sc:
+                info = await asyncio.to_thread(sc.model_info)
+                assert info.model == "fake"
+    run(main())
+
+
+def test_reflection_lists_services_and_describes_messages():
+    def reflect(target):
+        with grpc.insecure_channel(target) as ch:
+            db = ProtoReflectionDescriptorDatabase(ch)
+            services = set(db.get_services())
+            pool = descriptor_pool.DescriptorPool(db)
+            req = pool.FindMessageTypeByName("jaxllm.v1.GenerateRequest")
+            sp = pool.FindMessageTypeByName("jaxllm.v1.SamplingParams")
+            svc = pool.FindServiceByName("jaxllm.v1.Generation")
+            return (services, [f.name for f in req.fields], set(sp.fields_by_name),
+                    [m.name for m in svc.methods])
+
+    async def main():
+        async with running_server() as c:
+            services, req_fields, sp_fields, methods = await asyncio.to_thread(reflect, c.target)
+            assert {"jaxllm.v1.Generation", "grpc.health.v1.Health",
+                    "grpc.reflection.v1alpha.ServerReflection"} <= services
+            assert req_fields == ["request_id", "text", "chat", "token_ids", "sampling"]
+            from jaxllm.sampling_params import SamplingParams
+            assert set(SamplingParams.__struct_fields__) == sp_fields  # every field is exposed
+            assert methods == ["Generate", "Tokenize", "Detokenize", "GetModelInfo"]
+    run(main())
+
+
+def test_sync_client_helpers_and_cancel_on_break():
+    def use(target):
+        with GenerationClient(target, timeout=10) as sc:
+            assert sc.health() == "SERVING"
+            assert sc.tokenize("ab") == [97, 98] and sc.detokenize([97, 98]) == "ab"
+            r = sc.complete(chat=[{"role": "user", "content": "yo"}], max_tokens=4, n=2)
+            assert set(r.texts) == {0, 1} and r.finish_reasons == {0: "length", 1: "length"}
+            pieces = []
+            for piece in sc.stream_text("streaming text", max_tokens=100):
+                pieces.append(piece)
+                if len(pieces) == 3:
+                    break  # cancels the RPC
+            return pieces
+
+    async def main():
+        eng = FakeEngine(step_delay=0.01)
+        async with running_server(eng) as c:
+            pieces = await asyncio.to_thread(use, c.target)
+            assert "".join(pieces) == "str"
+            await c.wait_blocks_free()
+            assert len(eng.aborted) == 1
+    run(main())
