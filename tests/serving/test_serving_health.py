@@ -115,3 +115,31 @@ def test_loop_alive_but_no_progress_fails_probe():
             eng.stall(False)
             await c.wait_status(SERVING, 3.0)
     run(main())
+
+
+def test_busy_engine_stays_serving_while_probe_queues():
+    async def main():
+        eng = FakeEngine(step_delay=0.01)
+        eng.config.max_num_seqs = 1  # the probe waits behind a long request
+        wd = 0.4
+        async with running_server(eng, watchdog_timeout=wd, health_probe_interval=0.1) as c:
+            call = c.stub.Generate(request(prompt="long one", max_tokens=150))
+            await call.read()
+            t0 = time.monotonic()
+            while time.monotonic() - t0 < 3 * wd:
+                assert await c.health_status() == SERVING, c.server.monitor.reason
+                await asyncio.sleep(0.05)
+            assert c.server.monitor.probe_failures >= 1  # the probe did time out in the queue
+            assert (await read_all(call))[-1].finished
+    run(main())
+
+
+def test_engine_build_failure_not_serving_exit_1():
+    def factory():
+        raise OSError("checkpoint not found")
+
+    async def main():
+        async with running_server(engine_factory=factory, wait=False, engine_death_grace=0.3) as c:
+            code = await asyncio.wait_for(c.server.wait(), 5)
+            assert code == 1 and "checkpoint not found" in c.server.monitor.reason
+    run(main())
