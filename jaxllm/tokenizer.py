@@ -109,3 +109,23 @@ class IncrementalDetokenizer:
         self.read_offset = len(self.ids)
         self.prefix_offset = max(0, self.read_offset - self.CONTEXT)
         return delta
+
+
+class TokenIdsOnlyTokenizer:
+    """Stands in for models without tokenizer files (dummy presets): prompts must be token ids and
+    outputs carry token ids with empty text."""
+
+    def __init__(self, vocab_size: int, eos_token_ids=()):
+        self.vocab_size = vocab_size
+        self.eos_token_ids = set(eos_token_ids)
+        self.all_special_ids: set[int] = set()
+        self.bos_token_id = None
+
+    def encode(self, text: str, add_special_tokens: bool = True) -> list[int]:
+        raise ValueError("prompt: this model has no tokenizer; pass {'prompt_token_ids': [...]} instead of text")
+
+    def decode(self, ids, skip_special_tokens: bool = True) -> str:
+        return ""
+
+    def apply_chat_template(self, messages, add_generation_prompt: bool = True) -> list[int]:
+        raise ValueError("messages: this model has no tokenizer or chat template; pass token ids")

@@ -1,0 +1,112 @@
+"""Host-side assembly of one step's flat ragged batch (numpy), padded to a bucket."""
+from __future__ import annotations
+
+import dataclasses
+
+import jax
+import numpy as np
+
+from jaxllm.core.scheduler_output import ScheduledSeq
+from jaxllm.runner.sampler import SamplingInputs
+from pallas_kernels import AttentionMetadata
+
+MAX_MASK_IDS = 32  # EOS + stop_token_ids masked while below min_tokens
+
+
+@jax.tree_util.register_dataclass
+@dataclasses.dataclass(frozen=True)
+class StepInputs:
+    tokens: jax.Array  # [T] i32
+    positions: jax.Array  # [T] i32
+    metadata: AttentionMetadata
+    logits_indices: jax.Array  # [S] i32, last token of each sequence
+    seq_rows: jax.Array  # [S] i32, penalty-state row (padding → the spare row)
+    reset_rows: jax.Array  # [S] i32, rows to clear before this step (R = none)
+    prompt_rows: jax.Array  # [T] i32, row of prompt tokens (R = not a prompt token)
+    output_rows: jax.Array  # [T] i32, row of generated tokens fed back (R = not one)
+    # Tokens the runner never saw being fed (prefix-cache hits, resumes) that penalties must count.
+    seen_tokens: jax.Array  # [X] i32
+    seen_prompt_rows: jax.Array  # [X] i32 (R = none)
+    seen_output_rows: jax.Array  # [X] i32 (R = none)
+    sampling: SamplingInputs
+    want_top_logprobs: jax.Array  # [] bool, any sequence asked for top logprobs
+
+
+def build_inputs(seqs: list[ScheduledSeq], rows: list[int], num_rows: int, eos_ids: list[int],
+                 padded_tokens: int, padded_seqs: int, decode_only: bool, block_size: int,
+                 max_blocks: int, max_seen: int) -> StepInputs:
+    """Numpy arrays for one step. `rows[i]` is seqs[i]'s penalty row; row `num_rows - 1` is spare."""
+    T, S, R = padded_tokens, padded_seqs, num_rows
+    spare = R - 1
+    tokens = np.zeros(T, np.int32)
+    positions = np.zeros(T, np.int32)
+    slots = np.full(T, -1, np.int32)
+    prompt_rows = np.full(T, R, np.int32)
+    output_rows = np.full(T, R, np.int32)
+    block_tables = np.zeros((S, max_blocks), np.int32)
+    context_lens = np.zeros(S, np.int32)
+    cu = np.zeros(S + 1, np.int32)
+    logits_idx = np.zeros(S, np.int32)
+    seq_rows = np.full(S, spare, np.int32)
+    reset_rows = np.full(S, R, np.int32)
+    temperature = np.zeros(S, np.float32)
+    top_k = np.zeros(S, np.int32)
+    top_p = np.ones(S, np.float32)
+    min_p = np.zeros(S, np.float32)
+    presence = np.zeros(S, np.float32)
+    frequency = np.zeros(S, np.float32)
+    repetition = np.ones(S, np.float32)
+    seeds = np.zeros(S, np.uint32)
+    sample_pos = np.zeros(S, np.int32)
+    mask_ids = np.full((S, MAX_MASK_IDS), -1, np.int32)
+    seen_tokens = np.zeros(max_seen, np.int32)
+    seen_prompt_rows = np.full(max_seen, R, np.int32)
+    seen_output_rows = np.full(max_seen, R, np.int32)
+    x = 0
+
+    t = 0
+    for i, (s, row) in enumerate(zip(seqs, rows)):
+        n = len(s.token_ids)
+        pos = np.arange(s.start_pos, s.start_pos + n, dtype=np.int32)
+        blocks = np.asarray(s.block_ids, np.int32)
+        tokens[t:t + n] = s.token_ids
+        positions[t:t + n] = pos
+        slots[t:t + n] = blocks[pos // block_size] * block_size + pos % block_size
+        is_prompt = pos < s.num_prompt_tokens
+        prompt_rows[t:t + n] = np.where(is_prompt, row, R)
+        output_rows[t:t + n] = np.where(is_prompt, R, row)
+        block_tables[i, :len(blocks)] = blocks
+        context_lens[i] = s.start_pos + n
+        t += n
+        cu[i + 1] = t
+        logits_idx[i] = t - 1
+        seq_rows[i] = row
+        if s.start_pos == 0 or s.prefix_token_ids is not None:
+            reset_rows[i] = row
+        if s.prefix_token_ids:  # capped at max_seen per step: penalties may under-count beyond it
+            pre = np.asarray(s.prefix_token_ids[:max_seen - x], np.int32)
+            ppos = np.arange(len(pre))
+            seen_tokens[x:x + len(pre)] = pre
+            seen_prompt_rows[x:x + len(pre)] = np.where(ppos < s.num_prompt_tokens, row, R)
+            seen_output_rows[x:x + len(pre)] = np.where(ppos < s.num_prompt_tokens, R, row)
+            x += len(pre)
+        p = s.params
+        temperature[i] = p.temperature
+        top_k[i] = p.top_k if p.top_k and p.top_k > 0 else 0
+        top_p[i], min_p[i] = p.top_p, p.min_p
+        presence[i], frequency[i], repetition[i] = p.presence_penalty, p.frequency_penalty, p.repetition_penalty
+        seeds[i] = s.seed & 0xFFFFFFFF
+        sample_pos[i] = s.start_pos + n
+        generated = s.start_pos + n - s.num_prompt_tokens
+        if generated < p.min_tokens:
+            banned = list(p.stop_token_ids or []) + ([] if p.ignore_eos else list(eos_ids))
+            banned = banned[:MAX_MASK_IDS]
+            mask_ids[i, :len(banned)] = banned
+    cu[len(seqs) + 1:] = t
+    meta = AttentionMetadata(slot_mapping=slots, block_tables=block_tables, context_lens=context_lens,
+                             cu_q_lens=cu, decode_only=decode_only)
+    sampling = SamplingInputs(temperature, top_k, top_p, min_p, presence, frequency, repetition, seeds,
+                              sample_pos, mask_ids)
+    want = np.asarray(any(s.params.logprobs for s in seqs))
+    return StepInputs(tokens, positions, meta, logits_idx, seq_rows, reset_rows, prompt_rows, output_rows,
+                      seen_tokens, seen_prompt_rows, seen_output_rows, sampling, want)

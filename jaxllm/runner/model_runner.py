@@ -1,0 +1,137 @@
+"""ModelRunner: pads each scheduled step to a precompiled bucket and runs ONE jitted call that
+writes the KV cache in place (donated), computes logits for the last token of each sequence and
+samples on device. Only sampled ids and logprobs come back to the host.
+
+Implements jaxllm.engine.runner_protocol.ModelRunnerProtocol.
+"""
+from __future__ import annotations
+
+import logging
+import time
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx
+
+from jaxllm.core.scheduler_output import SchedulerOutput
+from jaxllm.engine.runner_protocol import SampledToken
+from jaxllm.models.config import ModelConfig
+from jaxllm.models.llama import LlamaForCausalLM
+from jaxllm.runner.buckets import Buckets
+from jaxllm.runner.inputs import StepInputs, build_inputs
+from jaxllm.runner.sampler import sample
+from pallas_kernels import KVCache
+
+log = logging.getLogger("jaxllm")
+DEFAULT_CPU_KV_BYTES = 1 << 30
+
+
+def kv_cache_blocks(model_config: ModelConfig, block_size: int, dtype, kv_cache_memory_bytes: int | None,
+                    gpu_memory_utilization: float, reserve_bytes: int = 0) -> int:
+    """Number of KV blocks: from kv_cache_memory_bytes if given; on accelerators from the device's
+    memory limit × utilization minus what is in use (weights) and the step's own working memory;
+    on CPU a 1 GiB default."""
+    per_block = KVCache.bytes_per_block(model_config.num_layers, block_size, model_config.num_kv_heads,
+                                        model_config.head_dim, dtype)
+    budget = kv_cache_memory_bytes
+    if budget is None:
+        dev = jax.devices()[0]
+        stats = dev.memory_stats() if dev.platform != "cpu" else None
+        if stats and "bytes_limit" in stats:
+            budget = int(stats["bytes_limit"] * gpu_memory_utilization) - stats.get("bytes_in_use", 0) - reserve_bytes
+        else:
+            budget = DEFAULT_CPU_KV_BYTES
+    return max(0, budget // per_block)
+
+
+class ModelRunner:
+    def __init__(self, model: LlamaForCausalLM, *, block_size: int, num_blocks: int, max_model_len: int,
+                 max_num_seqs: int, max_num_batched_tokens: int, eos_token_ids=(), cache_sharding=None):
+        c = model.config
+        self.model_config = c
+        self.vocab_size = c.vocab_size
+        self.block_size = block_size
+        self.num_blocks = num_blocks
+        self.max_blocks_per_seq = -(-max_model_len // block_size)
+        self.max_model_len = max_model_len
+        self.buckets = Buckets.make(max_num_seqs, max_num_batched_tokens)
+        self.eos_ids = sorted(eos_token_ids)
+        self.num_rows = max_num_seqs + 1  # + one spare row for padding sequences
+        self._free_rows = list(range(max_num_seqs - 1, -1, -1))
+        self._rows: dict[str, int] = {}
+        self.num_traces = 0  # jit cache misses of the step function (a trace after warm-up is a bug)
+        dtype = model.dtype
+        self.kv_cache = KVCache.zeros(c.num_layers, num_blocks, block_size, c.num_kv_heads, c.head_dim, dtype,
+                                      sharding=cache_sharding)
+        self.counts = jnp.zeros((self.num_rows, c.vocab_size), jnp.int32)  # [R, V] generated-token counts
+        self.prompt_mask = jnp.zeros((self.num_rows, c.vocab_size), bool)  # [R, V] token in prompt
+        graphdef, self.state = nnx.split(model)
+
+        def step(state, cache, counts, prompt_mask, inp: StepInputs):
+            self.num_traces += 1  # runs only while tracing
+            m = nnx.merge(graphdef, state)
+            counts = counts.at[inp.reset_rows].set(0, mode="drop")
+            prompt_mask = prompt_mask.at[inp.reset_rows].set(False, mode="drop")
+            prompt_mask = prompt_mask.at[inp.prompt_rows, inp.tokens].set(True, mode="drop")
+            counts = counts.at[inp.output_rows, inp.tokens].add(1, mode="drop")
+            prompt_mask = prompt_mask.at[inp.seen_prompt_rows, inp.seen_tokens].set(True, mode="drop")
+            counts = counts.at[inp.seen_output_rows, inp.seen_tokens].add(1, mode="drop")
+            hidden, cache = m(inp.tokens, inp.positions, cache, inp.metadata)  # [T, E]
+            logits = m.compute_logits(hidden[inp.logits_indices])  # [S, V] f32
+            out = sample(logits, counts[inp.seq_rows], prompt_mask[inp.seq_rows], inp.sampling,
+                         inp.want_top_logprobs)
+            return cache, counts, prompt_mask, out
+
+        self._step = jax.jit(step, donate_argnums=(1, 2, 3))
+
+    # ----- per-request rows ---------------------------------------------------------
+    def release(self, request_ids) -> None:
+        for rid in request_ids:
+            row = self._rows.pop(rid, None)
+            if row is not None:
+                self._free_rows.append(row)
+
+    def _row(self, rid: str) -> int:
+        row = self._rows.get(rid)
+        if row is None:
+            row = self._rows[rid] = self._free_rows.pop()
+        return row
+
+    # ----- execution ----------------------------------------------------------------
+    def _run(self, inp: StepInputs):
+        self.kv_cache, self.counts, self.prompt_mask, out = self._step(
+            self.state, self.kv_cache, self.counts, self.prompt_mask, inp)
+        return out
+
+    def execute(self, sched: SchedulerOutput) -> dict[str, SampledToken]:
+        self.release(sched.finished_or_preempted_ids)
+        seqs = sched.seqs
+        if not seqs:
+            return {}
+        num_tokens = sum(len(s.token_ids) for s in seqs)
+        decode_only = all(len(s.token_ids) == 1 for s in seqs)
+        T, S, decode_only = self.buckets.pick(num_tokens, len(seqs), decode_only)
+        rows = [self._row(s.request_id) for s in seqs]
+        inp = build_inputs(seqs, rows, self.num_rows, self.eos_ids, T, S, decode_only, self.block_size,
+                           self.max_blocks_per_seq, self.max_model_len)
+        out = jax.device_get(self._run(inp))
+        result = {}
+        for i, s in enumerate(seqs):
+            if not s.sample:
+                continue
+            k = s.params.logprobs
+            top = None
+            if k is not None:
+                top = [(int(t), float(lp)) for t, lp in zip(out.top_ids[i, :k], out.top_logprobs[i, :k])]
+            result[s.request_id] = SampledToken(int(out.token_ids[i]), float(out.logprobs[i]), top)
+        return result
+
+    def warmup(self) -> float:
+        """Compiles every bucket (an all-padding batch touches nothing). Returns seconds taken."""
+        t0 = time.perf_counter()
+        for T, S, decode_only in self.buckets.all():
+            inp = build_inputs([], [], self.num_rows, self.eos_ids, T, S, decode_only, self.block_size,
+                               self.max_blocks_per_seq, self.max_model_len)
+            jax.block_until_ready(self._run(inp))
+        return time.perf_counter() - t0

@@ -1,0 +1,109 @@
+"""On-device batched sampling with per-row parameters.
+
+Order per row (documented; the tests' numpy reference follows it):
+  1. penalties on raw logits: repetition (tokens seen in prompt or output: divide positive logits,
+     multiply negative ones), then frequency (× output count) and presence (output seen);
+  2. min_tokens: the row's mask ids (EOS and stop ids) get -inf while below min_tokens;
+  3. greedy rows (temperature 0): argmax;
+  4. others: logits / temperature, then top-k, then top-p over the top-k-renormalised
+     distribution (keep the smallest prefix of sorted tokens whose mass reaches p), then min-p
+     (drop tokens with prob < min_p × max prob), then a Gumbel-max draw.
+Each row's key is fold_in(key(seed), position of the sampled token), so a request's draws do not
+depend on what else is in the batch. Filters work as per-row logit thresholds applied in vocab
+order, so whether the batch needed the sort (a lax.cond) never changes a row's result.
+Logprobs are those of the raw model distribution (log_softmax of the unprocessed logits), like
+vLLM's default: the sampled token's, and the top MAX_LOGPROBS.
+"""
+from __future__ import annotations
+
+import dataclasses
+
+import jax
+import jax.numpy as jnp
+
+MAX_LOGPROBS = 20
+
+
+@jax.tree_util.register_dataclass
+@dataclasses.dataclass(frozen=True)
+class SamplingInputs:
+    temperature: jax.Array  # [S] f32, 0 = greedy
+    top_k: jax.Array  # [S] i32, <= 0 = off
+    top_p: jax.Array  # [S] f32, 1 = off
+    min_p: jax.Array  # [S] f32, 0 = off
+    presence: jax.Array  # [S] f32
+    frequency: jax.Array  # [S] f32
+    repetition: jax.Array  # [S] f32, 1 = off
+    seeds: jax.Array  # [S] u32
+    positions: jax.Array  # [S] i32, position of the token being sampled
+    mask_ids: jax.Array  # [S, M] i32, ids forbidden this step (min_tokens), -1 = none
+
+
+@jax.tree_util.register_dataclass
+@dataclasses.dataclass(frozen=True)
+class SamplerOutput:
+    token_ids: jax.Array  # [S] i32
+    logprobs: jax.Array  # [S] f32, raw logprob of the sampled token
+    top_ids: jax.Array  # [S, MAX_LOGPROBS] i32
+    top_logprobs: jax.Array  # [S, MAX_LOGPROBS] f32
+
+
+def apply_penalties(logits, counts, seen_in_prompt, p: SamplingInputs):
+    """logits [S, V] f32; counts [S, V] i32 (output tokens); seen_in_prompt [S, V] bool."""
+    seen = seen_in_prompt | (counts > 0)
+    rep = p.repetition[:, None]
+    logits = jnp.where(seen, jnp.where(logits > 0, logits / rep, logits * rep), logits)
+    logits = logits - p.frequency[:, None] * counts.astype(jnp.float32)
+    return logits - p.presence[:, None] * (counts > 0).astype(jnp.float32)
+
+
+def _filter_thresholds(scaled, p: SamplingInputs):
+    """Per-row smallest kept logit after top-k, top-p and min-p: [S] f32 (-inf keeps all)."""
+    vocab = scaled.shape[-1]
+    sorted_desc = -jnp.sort(-scaled, axis=-1)  # [S, V] f32
+    rank = jnp.arange(vocab)[None, :]
+    k = jnp.where(p.top_k > 0, jnp.minimum(p.top_k, vocab), vocab)[:, None]
+    in_k = rank < k
+    masked = jnp.where(in_k, sorted_desc, -jnp.inf)
+    probs = jax.nn.softmax(masked, axis=-1)  # renormalised over the top-k
+    mass_before = jnp.cumsum(probs, axis=-1) - probs
+    keep = in_k & (mass_before < p.top_p[:, None])
+    keep &= probs >= p.min_p[:, None] * probs[:, :1]
+    keep = keep.at[:, 0].set(True)  # the best token always survives
+    last_kept = jnp.sum(keep, axis=-1) - 1  # kept tokens form a prefix of the sorted order
+    return jnp.take_along_axis(sorted_desc, last_kept[:, None], axis=-1)[:, 0]
+
+
+def sample(logits, counts, seen_in_prompt, p: SamplingInputs, want_top_logprobs) -> SamplerOutput:
+    """logits [S, V] f32 raw → SamplerOutput. want_top_logprobs: bool scalar (any row asked for logprobs)."""
+    raw_logprobs = jax.nn.log_softmax(logits, axis=-1)  # [S, V] f32
+    logits = apply_penalties(logits, counts, seen_in_prompt, p)
+    vocab = logits.shape[-1]
+    mask_cols = jnp.where(p.mask_ids >= 0, p.mask_ids, vocab)  # -1 → out of range → dropped
+    forbid = jnp.zeros(logits.shape, bool).at[jnp.arange(logits.shape[0])[:, None], mask_cols].set(
+        True, mode="drop")  # [S, V] bool
+    logits = jnp.where(forbid, -jnp.inf, logits)
+    greedy = p.temperature <= 0
+    scaled = logits / jnp.where(greedy, 1.0, p.temperature)[:, None]
+    needs_filter = (~greedy) & ((p.top_k > 0) & (p.top_k < vocab) | (p.top_p < 1) | (p.min_p > 0))
+    thresholds = jax.lax.cond(
+        jnp.any(needs_filter),
+        lambda: jnp.where(needs_filter, _filter_thresholds(scaled, p), -jnp.inf),
+        lambda: jnp.full(scaled.shape[:1], -jnp.inf, jnp.float32))
+    filtered = jnp.where(scaled >= thresholds[:, None], scaled, -jnp.inf)
+    any_random = jnp.any(~greedy)
+
+    def draw():  # Gumbel-max over the filtered logits; skipped when every row is greedy
+        keys = jax.vmap(lambda s, pos: jax.random.fold_in(jax.random.key(s), pos))(p.seeds, p.positions)
+        gumbel = jax.vmap(lambda k: jax.random.gumbel(k, (vocab,), jnp.float32))(keys)  # [S, V] f32
+        return jnp.argmax(filtered + gumbel, axis=-1).astype(jnp.int32)
+
+    drawn = jax.lax.cond(any_random, draw, lambda: jnp.zeros(logits.shape[:1], jnp.int32))
+    token_ids = jnp.where(greedy, jnp.argmax(logits, axis=-1), drawn).astype(jnp.int32)
+    top_lp, top_ids = jax.lax.cond(
+        want_top_logprobs,
+        lambda: tuple(jax.lax.top_k(raw_logprobs, MAX_LOGPROBS)),
+        lambda: (jnp.zeros((logits.shape[0], MAX_LOGPROBS), jnp.float32),
+                 jnp.zeros((logits.shape[0], MAX_LOGPROBS), jnp.int32)))
+    chosen = jnp.take_along_axis(raw_logprobs, token_ids[:, None], axis=-1)[:, 0]
+    return SamplerOutput(token_ids, chosen, top_ids.astype(jnp.int32), top_lp)
