@@ -91,7 +91,8 @@ def test_step_hangs_watchdog_not_serving_then_recovers():
             await c.wait_status(NOT_SERVING, wd + 1.5)
             elapsed = time.monotonic() - t0
             tick = c.server.monitor.tick
-            assert wd * 0.8 <= elapsed <= wd + tick + 0.5, elapsed  # within the stated timeout
+            # within the stated timeout (watchdog + one monitor tick; slack for a loaded CI box)
+            assert wd * 0.8 <= elapsed <= wd + tick + 1.0, elapsed
             assert "wedged" in c.server.monitor.reason
             with pytest.raises(grpc.aio.AioRpcError) as ei:
                 await c.generate(prompt="new")
@@ -121,12 +122,12 @@ def test_busy_engine_stays_serving_while_probe_queues():
     async def main():
         eng = FakeEngine(step_delay=0.01)
         eng.config.max_num_seqs = 1  # the probe waits behind a long request
-        wd = 0.4
+        wd = 0.8
         async with running_server(eng, watchdog_timeout=wd, health_probe_interval=0.1) as c:
-            call = c.stub.Generate(request(prompt="long one", max_tokens=150))
+            call = c.stub.Generate(request(prompt="long one", max_tokens=250))
             await call.read()
             t0 = time.monotonic()
-            while time.monotonic() - t0 < 3 * wd:
+            while time.monotonic() - t0 < 2.5 * wd:
                 assert await c.health_status() == SERVING, c.server.monitor.reason
                 await asyncio.sleep(0.05)
             assert c.server.monitor.probe_failures >= 1  # the probe did time out in the queue
