@@ -165,8 +165,8 @@ class GenerationServicer(pb_grpc.GenerationServicer):
             dtype=str(_config_get(eng, "dtype") or ""),
             tensor_parallel_size=int(_config_get(eng, "tensor_parallel_size") or 1),
             block_size=int(_config_get(eng, "block_size") or 0),
-            token_buckets=_buckets(eng, s, "token_buckets", "num_tokens_buckets", "token_bucket_sizes"),
-            request_buckets=_buckets(eng, s, "request_buckets", "num_seqs_buckets", "batch_buckets"),
+            token_buckets=_buckets(eng, s, "mixed", "token_buckets"),
+            request_buckets=_buckets(eng, s, "decode", "request_buckets"),
             free_kv_blocks=stat(s, "free_blocks", "num_free_blocks", "free_kv_blocks"),
             total_kv_blocks=stat(s, "total_blocks", "num_total_blocks", "num_blocks", "total_kv_blocks"),
             num_running=stat(s, "num_running", "running"),
@@ -194,15 +194,16 @@ def _config_get(engine: Any, name: str):
     return None
 
 
-def _buckets(engine: Any, stats: dict, *names: str) -> list[int]:
-    for n in names:
-        if stats.get(n):
-            return [int(x) for x in stats[n]]
-    for n in names:
-        v = _config_get(engine, n)
-        if v is None:
-            runner = getattr(engine, "runner", None) or getattr(engine, "model_runner", None)
-            v = getattr(runner, n, None) if runner is not None else None
-        if v:
-            return [int(x) for x in v]
-    return []
+def _buckets(engine: Any, stats: dict, runner_field: str, name: str) -> list[int]:
+    """Compiled buckets: the real runner's ``runner.buckets`` (``mixed`` = token counts of
+    prefill/mixed steps, ``decode`` = sequence counts of decode-only steps), else a
+    ``token_buckets``/``request_buckets`` list on the stats, the config or the engine."""
+    runner = getattr(engine, "runner", None)
+    b = getattr(runner, "buckets", None)
+    v = getattr(b, runner_field, None) if b is not None else None
+    if v is None:
+        v = stats.get(name) or _config_get(engine, name)
+    try:
+        return [int(x) for x in v or ()]
+    except (TypeError, ValueError):
+        return []
