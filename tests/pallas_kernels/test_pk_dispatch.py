@@ -1,0 +1,46 @@
+"""Dispatch by backend / impl name, and errors at the edge."""
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from pallas_kernels import AttentionMetadata, KVCache, ragged_paged_attention
+from pallas_kernels.attention import resolve_impl
+from tests.pallas_kernels.pk_cases import Config, make_case
+
+
+def _md(decode_only):
+    return AttentionMetadata(jnp.zeros(2, jnp.int32), jnp.zeros((2, 1), jnp.int32), jnp.ones(2, jnp.int32),
+                             jnp.arange(3, dtype=jnp.int32), decode_only=decode_only)
+
+
+def test_resolve_impl_on_cpu_is_reference():
+    assert resolve_impl(None, _md(True)) == "reference"
+    assert resolve_impl(None, _md(False)) == "reference"
+    assert resolve_impl("pallas", _md(True)) == "pallas_decode"
+    assert resolve_impl("pallas", _md(False)) == "pallas_prefill"
+    with pytest.raises(ValueError, match="unknown attention impl 'flash'"):
+        resolve_impl("flash", _md(True))
+
+
+def test_default_impl_matches_reference_on_cpu():
+    case = make_case(Config(3, 10, 40, block_size=8, num_kv_heads=1, q_per_kv=2), 0)
+    args = (case.q, case.cache, case.layer, case.metadata)
+    np.testing.assert_array_equal(np.asarray(ragged_paged_attention(*args)),
+                                  np.asarray(ragged_paged_attention(*args, impl="reference")))
+
+
+def test_decode_kernel_rejects_mixed_batches():
+    case = make_case(Config(2, 6, 20, block_size=8, num_kv_heads=1, q_per_kv=2), 0)
+    with pytest.raises(ValueError, match="decode_only"):
+        ragged_paged_attention(case.q, case.cache, case.layer, case.metadata, impl="pallas_decode", interpret=True)
+
+
+def test_shape_errors_name_the_field():
+    cache = KVCache.zeros(1, 4, 8, 2, 16, jnp.float32)
+    md = _md(False)
+    with pytest.raises(ValueError, match="num_heads 3 is not a multiple of num_kv_heads 2"):
+        ragged_paged_attention(jnp.zeros((2, 3, 16)), cache, 0, md)
+    with pytest.raises(ValueError, match="head_dim 32 != cache head_dim 16"):
+        ragged_paged_attention(jnp.zeros((2, 4, 32)), cache, 0, md)
+    with pytest.raises(ValueError, match="slot_mapping has 2 tokens but q has 5"):
+        ragged_paged_attention(jnp.zeros((5, 4, 16)), cache, 0, md)

@@ -1,0 +1,75 @@
+"""Every GPU kernel lowers for CUDA on a CPU-only machine (jax.export under an abstract H100).
+
+Catches Triton lowering errors (unsupported ops, bad indexing, shape/dtype mistakes) without a GPU.
+Shapes: SmolLM2 (9 q heads / 3 kv heads, head_dim 64) and Llama-2-13B (40 / 40, head_dim 128).
+"""
+import warnings
+
+import jax
+import jax.numpy as jnp
+import pytest
+from jax._src.pallas.triton import lowering as triton_lowering
+from jax.experimental.pallas import triton as plgpu
+from jax.sharding import AbstractDevice, AbstractMesh, AxisType
+
+from pallas_kernels import AttentionMetadata, KVCache, ragged_paged_attention
+
+MODELS = {"smollm2": (9, 3, 64), "llama2_13b": (40, 40, 128)}
+H100 = AbstractMesh((1,), ("x",), (AxisType.Explicit,),
+                    abstract_device=AbstractDevice(device_kind="NVIDIA H100", num_cores=None, platform="gpu"))
+
+
+def _sds(shape, dtype):
+    return jax.ShapeDtypeStruct(shape, dtype)
+
+
+def export_for_cuda(impl, num_heads, num_kv_heads, head_dim, *, decode, dtype=jnp.bfloat16, **opts):
+    T, S = (64, 64) if decode else (512, 16)
+    L, NB, bs, MB = 4, 256, 16, 128
+
+    def step(q, k, v, layer, slots, tables, ctx, cu):
+        md = AttentionMetadata(slots, tables, ctx, cu, decode_only=decode)
+        return ragged_paged_attention(q, KVCache(k, v), layer, md, impl=impl, **opts)
+
+    args = (_sds((T, num_heads, head_dim), dtype), _sds((L, NB, bs, num_kv_heads, head_dim), dtype),
+            _sds((L, NB, bs, num_kv_heads, head_dim), dtype), _sds((), jnp.int32), _sds((T,), jnp.int32),
+            _sds((S, MB), jnp.int32), _sds((S,), jnp.int32), _sds((S + 1,), jnp.int32))
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", DeprecationWarning)  # "Pallas Triton backend is deprecated"
+        with jax.sharding.use_abstract_mesh(H100):
+            return jax.export.export(
+                jax.jit(step), platforms=["cuda"],
+                disabled_checks=[jax.export.DisabledSafetyCheck.custom_call(plgpu.CUSTOM_CALL_TARGET_NAME)],
+            )(*args)
+
+
+@pytest.fixture(autouse=True)
+def verify_triton_modules(monkeypatch):
+    """Run the MLIR verifier on every Triton module the lowering builds (jax does not)."""
+    original = triton_lowering.lower_jaxpr_to_triton_module
+    built = []
+
+    def lower_and_verify(*args, **kwargs):
+        result = original(*args, **kwargs)
+        assert result.module.operation.verify()
+        built.append(result)
+        return result
+
+    monkeypatch.setattr(triton_lowering, "lower_jaxpr_to_triton_module", lower_and_verify)
+    yield built
+    assert built, "no Triton module was lowered"
+
+
+@pytest.mark.parametrize("model", sorted(MODELS))
+@pytest.mark.parametrize("impl,decode", [("pallas_decode", True), ("pallas_prefill", False), ("pallas_prefill", True)])
+@pytest.mark.parametrize("opts", [{}, dict(sliding_window=256, soft_cap=30.0)], ids=["plain", "window_softcap"])
+def test_kernels_lower_for_cuda(model, impl, decode, opts):
+    exported = export_for_cuda(impl, *MODELS[model], decode=decode, **opts)
+    assert exported.platforms == ("cuda",)
+    text = exported.mlir_module()
+    assert text.count(plgpu.CUSTOM_CALL_TARGET_NAME) == 1, "expected exactly one Triton kernel"
+
+
+def test_kernels_lower_for_cuda_fp32():
+    for impl, decode in [("pallas_decode", True), ("pallas_prefill", False)]:
+        export_for_cuda(impl, 9, 3, 64, decode=decode, dtype=jnp.float32)

@@ -1,0 +1,76 @@
+"""write_kv: slots land where they should, -1 slots and unrelated slots are untouched, in place."""
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from pallas_kernels import KVCache, write_kv
+
+
+def _random_cache(rng, shape, dtype=jnp.float32):
+    return KVCache(jnp.asarray(rng.standard_normal(shape), dtype), jnp.asarray(rng.standard_normal(shape), dtype))
+
+
+@pytest.mark.parametrize("dtype", [jnp.float32, jnp.bfloat16])
+def test_write_kv_scatter_and_skip(dtype):
+    rng = np.random.default_rng(0)
+    L, NB, bs, kvh, d, T = 3, 7, 4, 2, 8, 9
+    cache = _random_cache(rng, (L, NB, bs, kvh, d), dtype)
+    slots = np.array([5, -1, 27, 0, -1, 13, 2, 26, -1], np.int32)
+    k = jnp.asarray(rng.standard_normal((T, kvh, d)), dtype)
+    v = jnp.asarray(rng.standard_normal((T, kvh, d)), dtype)
+    out = jax.jit(write_kv)(cache, jnp.int32(1), k, v, jnp.asarray(slots))
+
+    for name, new, src in (("k", out.k, k), ("v", out.v, v)):
+        old = np.asarray(getattr(cache, name), np.float32).reshape(L, NB * bs, kvh, d)
+        expect = old.copy()
+        for t, s in enumerate(slots):
+            if s >= 0:
+                expect[1, s] = np.asarray(src[t], np.float32)
+        got = np.asarray(new, np.float32).reshape(L, NB * bs, kvh, d)
+        np.testing.assert_array_equal(got, expect, err_msg=name)  # other layers / slots untouched
+
+
+def test_write_kv_all_padding_is_noop():
+    rng = np.random.default_rng(1)
+    cache = _random_cache(rng, (2, 3, 4, 1, 4))
+    k = jnp.ones((5, 1, 4))
+    out = write_kv(cache, 0, k, k, jnp.full((5,), -1, jnp.int32))
+    np.testing.assert_array_equal(np.asarray(out.k), np.asarray(cache.k))
+    np.testing.assert_array_equal(np.asarray(out.v), np.asarray(cache.v))
+
+
+def test_write_kv_traced_layer_in_scan():
+    """The layer index is a traced scalar inside lax.scan over layers, the cache the carry."""
+    L, NB, bs, kvh, d, T = 4, 5, 2, 1, 4, 3
+    cache = KVCache.zeros(L, NB, bs, kvh, d, jnp.float32)
+    slots = jnp.array([3, -1, 8], jnp.int32)
+
+    def step(c, layer):
+        val = jnp.full((T, kvh, d), layer + 1, jnp.float32)
+        return write_kv(c, layer, val, -val, slots), None
+
+    out, _ = jax.jit(lambda c: jax.lax.scan(step, c, jnp.arange(L, dtype=jnp.int32)))(cache)
+    got = np.asarray(out.k).reshape(L, NB * bs, kvh, d)
+    for layer in range(L):
+        np.testing.assert_array_equal(got[layer, [3, 8]], layer + 1)
+        assert np.count_nonzero(got[layer]) == 2 * kvh * d
+    np.testing.assert_array_equal(np.asarray(out.v), -np.asarray(out.k))
+
+
+def test_write_kv_donated_is_in_place():
+    """With the cache donated, the output reuses the input buffers (no full-cache copy)."""
+    cache = KVCache.zeros(2, 64, 16, 2, 32, jnp.float32)
+    ptrs = (cache.k.unsafe_buffer_pointer(), cache.v.unsafe_buffer_pointer())
+    f = jax.jit(write_kv, donate_argnums=0)
+    k = jnp.ones((4, 2, 32))
+    out = f(cache, jnp.int32(1), k, k, jnp.array([0, 17, -1, 1000], jnp.int32))
+    assert (out.k.unsafe_buffer_pointer(), out.v.unsafe_buffer_pointer()) == ptrs
+    hlo = f.lower(out, jnp.int32(0), k, k, jnp.zeros(4, jnp.int32)).compile().as_text()
+    assert " copy(" not in hlo and "copy-start" not in hlo
+
+
+def test_write_kv_shape_error_names_shapes():
+    cache = KVCache.zeros(1, 2, 4, 2, 8, jnp.float32)
+    with pytest.raises(ValueError, match="num_kv_heads"):
+        write_kv(cache, 0, jnp.zeros((3, 1, 8)), jnp.zeros((3, 1, 8)), jnp.zeros(3, jnp.int32))
