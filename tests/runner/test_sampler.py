@@ -1,0 +1,258 @@
+"""The on-device sampler (jaxllm/runner/sampler.py) against a numpy reference of its documented
+order of operations: penalties -> min_tokens mask -> greedy | temperature -> top-k -> top-p ->
+min-p -> draw. Distributions are checked by chi-square over thousands of draws at one position."""
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from scipy import stats
+
+from jaxllm.runner.sampler import MAX_LOGPROBS, SamplingInputs, apply_penalties, sample
+
+V = 64
+M = 4  # mask id columns
+
+_sample = jax.jit(sample)
+_penalties = jax.jit(apply_penalties)
+
+
+def make_inputs(S, *, temperature=1.0, top_k=0, top_p=1.0, min_p=0.0, presence=0.0, frequency=0.0,
+                repetition=1.0, seeds=None, positions=None, mask_ids=None) -> SamplingInputs:
+    def col(v, dtype):
+        return np.broadcast_to(np.asarray(v, dtype), (S,)).copy()
+    seeds = np.arange(S) if seeds is None else seeds
+    positions = np.full(S, 7) if positions is None else positions
+    mask = np.full((S, M), -1, np.int32) if mask_ids is None else np.asarray(mask_ids, np.int32)
+    return SamplingInputs(col(temperature, np.float32), col(top_k, np.int32), col(top_p, np.float32),
+                          col(min_p, np.float32), col(presence, np.float32), col(frequency, np.float32),
+                          col(repetition, np.float32), col(seeds, np.uint32), col(positions, np.int32), mask)
+
+
+def run(logits, p: SamplingInputs, counts=None, seen=None, want=False):
+    S = logits.shape[0]
+    counts = np.zeros((S, V), np.int32) if counts is None else counts
+    seen = np.zeros((S, V), bool) if seen is None else seen
+    out = _sample(jnp.asarray(logits, jnp.float32), counts, seen, p, np.asarray(want))
+    return jax.device_get(out)
+
+
+# ----- numpy reference ----------------------------------------------------------------------
+def ref_penalties(logits, counts, seen_prompt, rep, freq, pres):
+    logits = logits.astype(np.float64).copy()
+    seen = seen_prompt | (counts > 0)
+    rep = np.broadcast_to(rep, logits.shape)
+    logits = np.where(seen, np.where(logits > 0, logits / rep, logits * rep), logits)
+    return logits - freq * counts - pres * (counts > 0)
+
+
+def ref_probs(logits, temperature, top_k=0, top_p=1.0, min_p=0.0):
+    """The truncated, renormalised distribution one row samples from (float64)."""
+    scaled = np.asarray(logits, np.float64) / temperature
+    order = np.argsort(-scaled, kind="stable")
+    k = top_k if 0 < top_k < V else V
+    probs = np.exp(scaled[order][:k] - scaled[order][0])
+    probs /= probs.sum()  # top-k renormalised
+    keep = (np.cumsum(probs) - probs) < top_p  # smallest prefix whose mass reaches top_p
+    keep &= probs >= min_p * probs[0]
+    keep[0] = True
+    out = np.zeros(V)
+    kept = order[:k][keep]
+    e = np.exp(scaled[kept] - scaled[kept].max())
+    out[kept] = e / e.sum()
+    return out
+
+
+def ref_log_softmax(logits):
+    x = np.asarray(logits, np.float64)
+    m = x.max(-1, keepdims=True)
+    return x - m - np.log(np.exp(x - m).sum(-1, keepdims=True))
+
+
+def chi_square_p(observed_ids, expected_probs):
+    """p-value of the draws against expected_probs; tokens with probability 0 must never appear."""
+    n = len(observed_ids)
+    obs = np.bincount(observed_ids, minlength=V).astype(np.float64)
+    zero = expected_probs == 0
+    assert obs[zero].sum() == 0, f"drew filtered tokens {np.nonzero(obs * zero)[0].tolist()}"
+    exp = expected_probs * n
+    big = exp >= 5
+    o = list(obs[big])
+    e = list(exp[big])
+    if (~big & ~zero).any():  # pool the rare tokens into one bin
+        o.append(obs[~big & ~zero].sum())
+        e.append(exp[~big & ~zero].sum())
+    assert len(o) >= 2
+    return stats.chisquare(o, e).pvalue
+
+
+def base_logits(seed=0):
+    rng = np.random.default_rng(seed)
+    return (rng.normal(0, 1.5, V)).astype(np.float32)
+
+
+N_DRAWS = 4000
+
+CASES = {
+    "temperature": dict(temperature=0.7),
+    "hot": dict(temperature=1.6),
+    "top_k": dict(temperature=1.0, top_k=10),
+    "top_p": dict(temperature=1.0, top_p=0.6),
+    "min_p": dict(temperature=1.0, min_p=0.1),
+    "combined": dict(temperature=0.8, top_k=20, top_p=0.9, min_p=0.05),
+}
+
+
+@pytest.mark.parametrize("case", sorted(CASES))
+@pytest.mark.parametrize("vary", ["seed", "position"])
+def test_distribution_matches_truncated_softmax(case, vary):
+    kw = CASES[case]
+    logits = np.tile(base_logits(), (N_DRAWS, 1))
+    if vary == "seed":  # one position, a different request seed per draw
+        p = make_inputs(N_DRAWS, seeds=np.arange(N_DRAWS) + 1000, positions=np.full(N_DRAWS, 5), **kw)
+    else:  # one seed, a different position per draw
+        p = make_inputs(N_DRAWS, seeds=np.full(N_DRAWS, 42), positions=np.arange(N_DRAWS), **kw)
+    ids = run(logits, p).token_ids
+    want = ref_probs(logits[0], **kw)
+    assert 1 < (want > 0).sum()
+    if case != "temperature" and case != "hot":
+        assert (want > 0).sum() < V, "the filter under test removes nothing: the case is too weak"
+    pval = chi_square_p(ids, want)
+    assert pval > 1e-4, (case, vary, pval)
+    # the test has power: the same draws are rejected against the untruncated/unscaled softmax
+    wrong = ref_probs(logits[0], temperature=1.0)
+    if case in ("temperature", "hot"):
+        assert chi_square_p(ids, wrong) < 1e-6
+    else:
+        obs = np.bincount(ids, minlength=V)
+        assert (obs[want == 0] == 0).all() and (wrong[want == 0] * N_DRAWS).sum() > 20
+
+
+def test_draws_differ_across_seeds_and_positions_but_repeat_for_same_key():
+    logits = np.tile(base_logits(), (8, 1))
+    a = run(logits, make_inputs(8, seeds=np.full(8, 3), positions=np.full(8, 11))).token_ids
+    assert len(set(a.tolist())) == 1  # same (seed, position) -> same token in every row
+    b = run(logits, make_inputs(8, seeds=np.full(8, 3), positions=np.full(8, 11))).token_ids
+    np.testing.assert_array_equal(a, b)
+    c = run(np.tile(base_logits(), (256, 1)), make_inputs(256, seeds=np.arange(256))).token_ids
+    assert len(set(c.tolist())) > 10
+
+
+def test_greedy_is_argmax():
+    rng = np.random.default_rng(1)
+    logits = rng.normal(0, 3, (16, V)).astype(np.float32)
+    # irrelevant filters on greedy rows must not matter
+    out = run(logits, make_inputs(16, temperature=0.0, top_k=3, top_p=0.2, min_p=0.5))
+    np.testing.assert_array_equal(out.token_ids, logits.argmax(-1))
+
+
+def test_penalties_match_numpy():
+    rng = np.random.default_rng(2)
+    S = 12
+    logits = rng.normal(0, 3, (S, V)).astype(np.float32)
+    counts = rng.integers(0, 4, (S, V)).astype(np.int32) * (rng.random((S, V)) < 0.3)
+    seen = rng.random((S, V)) < 0.2
+    rep = rng.uniform(0.5, 2.0, S).astype(np.float32)
+    freq = rng.uniform(-2, 2, S).astype(np.float32)
+    pres = rng.uniform(-2, 2, S).astype(np.float32)
+    p = make_inputs(S, temperature=0.0, repetition=rep, frequency=freq, presence=pres)
+    got = np.asarray(_penalties(jnp.asarray(logits), counts, seen, p))
+    want = ref_penalties(logits, counts, seen, rep[:, None], freq[:, None], pres[:, None])
+    np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-5)
+    assert np.abs(want - logits).max() > 0.5  # the penalties did something
+    # through sample(): greedy picks the argmax of the penalised logits, not of the raw ones
+    out = run(logits, p, counts, seen)
+    np.testing.assert_array_equal(out.token_ids, want.argmax(-1))
+    assert (want.argmax(-1) != logits.argmax(-1)).any()
+    # and a sampled row draws from the penalised distribution
+    n = 3000
+    lg = np.tile(logits[0], (n, 1))
+    pn = make_inputs(n, temperature=1.0, repetition=rep[0], frequency=freq[0], presence=pres[0],
+                     seeds=np.arange(n))
+    ids = run(lg, pn, np.tile(counts[0], (n, 1)), np.tile(seen[0], (n, 1))).token_ids
+    assert chi_square_p(ids, ref_probs(want[0], 1.0)) > 1e-4
+
+
+def test_min_tokens_mask():
+    rng = np.random.default_rng(3)
+    S = 6
+    logits = rng.normal(0, 1, (S, V)).astype(np.float32)
+    best = logits.argmax(-1)
+    logits[np.arange(S), best] += 20  # the masked token would win by far
+    mask = np.full((S, M), -1, np.int32)
+    mask[:3, 0] = best[:3]  # rows 0..2 forbid their argmax; rows 3..5 forbid nothing
+    mask[1, 1] = 5
+    out = run(logits, make_inputs(S, temperature=0.0, mask_ids=mask))
+    second = np.argsort(-logits, axis=-1)[:, 1]
+    np.testing.assert_array_equal(out.token_ids[:3], second[:3])
+    np.testing.assert_array_equal(out.token_ids[3:], best[3:])
+    # sampled rows never draw a masked token, even when it carries almost all the mass
+    n = 2000
+    lg = np.tile(logits[0], (n, 1))
+    m = np.full((n, M), -1, np.int32)
+    m[:, 0] = best[0]
+    ids = run(lg, make_inputs(n, temperature=1.0, mask_ids=m)).token_ids
+    assert (ids != best[0]).all()
+    ref = logits[0].astype(np.float64).copy()
+    ref[best[0]] = -np.inf
+    assert chi_square_p(ids, ref_probs(ref, 1.0)) > 1e-4
+
+
+def test_rows_are_independent_of_the_batch():
+    rng = np.random.default_rng(4)
+    S = 8
+    target = rng.normal(0, 2, V).astype(np.float32)
+    variants = {
+        # target row: plain sampling; others plain too (filter branch not taken)
+        "plain": dict(temperature=1.0),
+        # target row: top-p; forces the filter branch
+        "filtered": dict(temperature=0.9, top_p=0.7, top_k=30),
+        "greedy": dict(temperature=0.0),
+    }
+    for name, kw in variants.items():
+        results = []
+        for trial in range(4):
+            logits = rng.normal(0, 2, (S, V)).astype(np.float32)
+            logits[3] = target
+            cols = dict(temperature=rng.uniform(0.5, 1.5, S), top_k=np.zeros(S, np.int64), top_p=np.ones(S),
+                        min_p=np.zeros(S), seeds=rng.integers(0, 2**31, S), positions=rng.integers(0, 500, S))
+            if trial % 2 == 1:  # other rows take the filter path and greedy
+                cols["top_k"][0] = 5
+                cols["min_p"][1] = 0.2
+                cols["temperature"][2] = 0.0
+            for k, v in kw.items():
+                cols[k][3] = v
+            cols["seeds"][3] = 1234
+            cols["positions"][3] = 77
+            counts = rng.integers(0, 2, (S, V)).astype(np.int32)  # other rows' penalty state
+            counts[3] = 0
+            seen = rng.random((S, V)) < 0.1
+            seen[3] = False
+            p = make_inputs(S, presence=np.where(np.arange(S) == 3, 0.0, 0.5), **cols)
+            out = run(logits, p, counts, seen, want=bool(trial % 2))
+            results.append((int(out.token_ids[3]), float(out.logprobs[3])))
+        # alone, in a batch of one (another shape) and with no other row filtering
+        alone = make_inputs(1, seeds=[1234], positions=[77], **kw)
+        one = run(target[None], alone)
+        results.append((int(one.token_ids[0]), float(one.logprobs[0])))
+        assert len(set(results)) == 1, (name, results)
+        if name == "filtered":  # the row really draws from its truncated distribution
+            assert ref_probs(target, **kw)[results[0][0]] > 0
+
+
+def test_logprobs_are_raw_log_softmax():
+    rng = np.random.default_rng(5)
+    S = 10
+    logits = rng.normal(0, 4, (S, V)).astype(np.float32)
+    counts = (rng.random((S, V)) < 0.2).astype(np.int32)
+    # penalties and filters change what is drawn but not the reported (raw) logprobs
+    p = make_inputs(S, temperature=np.linspace(0, 1.5, S), top_k=np.where(np.arange(S) % 2, 8, 0),
+                    repetition=1.3, frequency=0.5, seeds=np.arange(S))
+    out = run(logits, p, counts, want=True)
+    lsm = ref_log_softmax(logits)
+    np.testing.assert_allclose(out.logprobs, lsm[np.arange(S), out.token_ids], rtol=1e-5, atol=1e-5)
+    order = np.argsort(-lsm, axis=-1, kind="stable")[:, :MAX_LOGPROBS]
+    np.testing.assert_array_equal(out.top_ids, order)
+    np.testing.assert_allclose(out.top_logprobs, np.take_along_axis(lsm, order, -1), rtol=1e-5, atol=1e-5)
+    assert out.top_ids.shape == (S, MAX_LOGPROBS)
