@@ -30,12 +30,25 @@ def make_inputs(S, *, temperature=1.0, top_k=0, top_p=1.0, min_p=0.0, presence=0
                           col(repetition, np.float32), col(seeds, np.uint32), col(positions, np.int32), mask)
 
 
+def _pad(x, rows, fill):
+    x = np.asarray(x)
+    pad = np.full((rows - x.shape[0],) + x.shape[1:], fill, x.dtype)
+    return np.concatenate([x, pad])
+
+
 def run(logits, p: SamplingInputs, counts=None, seen=None, want=False):
+    """Pads the batch to 16 or 4096 rows (two compiles for the whole file) and runs the jitted sampler."""
     S = logits.shape[0]
+    R = 16 if S <= 16 else 4096
     counts = np.zeros((S, V), np.int32) if counts is None else counts
     seen = np.zeros((S, V), bool) if seen is None else seen
-    out = _sample(jnp.asarray(logits, jnp.float32), counts, seen, p, np.asarray(want))
-    return jax.device_get(out)
+    fills = dict(temperature=1.0, top_k=0, top_p=1.0, min_p=0.0, presence=0.0, frequency=0.0, repetition=1.0,
+                 seeds=0, positions=0, mask_ids=-1)
+    p = SamplingInputs(**{k: _pad(getattr(p, k), R, f) for k, f in fills.items()})
+    out = _sample(jnp.asarray(_pad(logits, R, 0.0), jnp.float32), _pad(counts, R, 0), _pad(seen, R, False), p,
+                  np.asarray(want))
+    out = jax.device_get(out)
+    return type(out)(*(np.asarray(a)[:S] for a in (out.token_ids, out.logprobs, out.top_ids, out.top_logprobs)))
 
 
 # ----- numpy reference ----------------------------------------------------------------------
