@@ -1,0 +1,70 @@
+"""Writes tiny GGUF files the way llama.cpp's converter does (names, rotary permutation, quant types)
+from a tiny HF safetensors model, so the GGUF loader can be checked against transformers."""
+from __future__ import annotations
+
+import json
+import os
+
+import numpy as np
+from safetensors.numpy import load_file
+
+_GGUF_NAMES = {
+    "input_layernorm.weight": "attn_norm.weight", "post_attention_layernorm.weight": "ffn_norm.weight",
+    "self_attn.q_proj.weight": "attn_q.weight", "self_attn.k_proj.weight": "attn_k.weight",
+    "self_attn.v_proj.weight": "attn_v.weight", "self_attn.o_proj.weight": "attn_output.weight",
+    "self_attn.q_proj.bias": "attn_q.bias", "self_attn.k_proj.bias": "attn_k.bias",
+    "self_attn.v_proj.bias": "attn_v.bias", "mlp.gate_proj.weight": "ffn_gate.weight",
+    "mlp.up_proj.weight": "ffn_up.weight", "mlp.down_proj.weight": "ffn_down.weight",
+}
+
+
+def llama_cpp_permute(w: np.ndarray, n_heads: int) -> np.ndarray:
+    """What llama.cpp's converter does to Q/K rows: per head, interleave the two rotary halves."""
+    return w.reshape(n_heads, 2, w.shape[0] // n_heads // 2, *w.shape[1:]).swapaxes(1, 2).reshape(w.shape)
+
+
+def write_gguf_from_hf(hf_dir: str, out_path: str, qtype: str = "F32") -> str:
+    import gguf
+
+    with open(os.path.join(hf_dir, "config.json")) as f:
+        cfg = json.load(f)
+    arch = cfg["model_type"]
+    tensors = load_file(os.path.join(hf_dir, "model.safetensors"))
+    heads, kv = cfg["num_attention_heads"], cfg["num_key_value_heads"]
+    head_dim = cfg.get("head_dim") or cfg["hidden_size"] // heads
+    w = gguf.GGUFWriter(out_path, arch)
+    w.add_block_count(cfg["num_hidden_layers"])
+    w.add_context_length(cfg["max_position_embeddings"])
+    w.add_embedding_length(cfg["hidden_size"])
+    w.add_feed_forward_length(cfg["intermediate_size"])
+    w.add_head_count(heads)
+    w.add_head_count_kv(kv)
+    w.add_key_length(head_dim)
+    w.add_value_length(head_dim)
+    w.add_rope_dimension_count(head_dim)
+    w.add_rope_freq_base(cfg.get("rope_theta", (cfg.get("rope_parameters") or {}).get("rope_theta", 10000.0)))
+    w.add_layer_norm_rms_eps(cfg["rms_norm_eps"])
+    w.add_vocab_size(cfg["vocab_size"])
+    qt = gguf.GGMLQuantizationType[qtype]
+    for name, t in sorted(tensors.items()):
+        t = np.asarray(t, np.float32)
+        if name.startswith("model.layers."):
+            _, _, layer, rest = name.split(".", 3)
+            gname = f"blk.{layer}.{_GGUF_NAMES[rest]}"
+            if arch == "llama" and rest == "self_attn.q_proj.weight":
+                t = llama_cpp_permute(t, heads)
+            if arch == "llama" and rest == "self_attn.k_proj.weight":
+                t = llama_cpp_permute(t, kv)
+        else:
+            gname = {"model.embed_tokens.weight": "token_embd.weight", "model.norm.weight": "output_norm.weight",
+                     "lm_head.weight": "output.weight"}[name]
+        if t.ndim == 2 and qt != gguf.GGMLQuantizationType.F32:
+            data = gguf.quants.quantize(t, qt)
+            w.add_tensor(gname, data, raw_shape=data.shape, raw_dtype=qt)
+        else:
+            w.add_tensor(gname, t)
+    w.write_header_to_file()
+    w.write_kv_data_to_file()
+    w.write_tensors_to_file()
+    w.close()
+    return out_path

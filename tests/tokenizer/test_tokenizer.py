@@ -1,0 +1,64 @@
+"""SmolLM2's tokenizer from GGUF metadata: chat template, and incremental detokenization equal to a
+whole-sequence decode at every step."""
+import numpy as np
+import pytest
+
+from checkpoints import load_checkpoint, load_tokenizer
+from checkpoints.loader import packaged_model_path
+from jaxllm.tokenizer import IncrementalDetokenizer, Tokenizer
+
+
+@pytest.fixture(scope="module")
+def tok():
+    path = packaged_model_path("smollm2-135m")
+    from checkpoints.gguf_loader import gguf_config, open_gguf
+
+    return Tokenizer.from_gguf(path, gguf_config(open_gguf(path), path).eos_token_ids)
+
+
+def test_matches_transformers_gguf_tokenizer(tok):
+    import os
+
+    from transformers import AutoTokenizer
+
+    path = packaged_model_path("smollm2-135m")
+    ref = AutoTokenizer.from_pretrained(os.path.dirname(path), gguf_file=os.path.basename(path))
+    for text in ["Hello world", "  leading spaces", "naïve café 東京 🙂", "def f(x):\n    return x"]:
+        assert tok.encode(text) == ref.encode(text)
+    msgs = [{"role": "user", "content": "What is the capital of France?"}]
+    ids = tok.apply_chat_template(msgs)
+    assert ids == list(ref.apply_chat_template(msgs, add_generation_prompt=True, tokenize=True)["input_ids"])
+    assert tok.decode(ids, skip_special_tokens=False).endswith("<|im_start|>assistant\n")
+    assert 2 in tok.eos_token_ids  # <|im_end|>
+
+
+MULTIBYTE = ["é", "ü", "ß", "東京", "日本語", "🙂", "👍🏽", "Ωμέγα", "привет", "∑∫", "😀😃", "naïve"]
+
+
+def _random_text(rng) -> str:
+    words = ["the", " cat", " sat", "\n", "  ", "ing", ",", " 42", "<", "\t"] + MULTIBYTE + [" " + m for m in MULTIBYTE]
+    return "".join(rng.choice(words) for _ in range(rng.integers(1, 30)))
+
+
+@pytest.mark.parametrize("skip_special", [True, False])
+def test_incremental_detokenization_equals_full_decode(tok, skip_special):
+    rng = np.random.default_rng(0)
+    specials = sorted(tok.all_special_ids)
+    for case in range(100):  # 2 x 100 = 200 sequences
+        if case % 3 == 0:  # arbitrary ids: byte tokens split multi-byte characters anywhere
+            ids = rng.integers(0, tok.vocab_size, rng.integers(1, 60)).tolist()
+        else:
+            ids = tok.encode(_random_text(rng))
+            if case % 5 == 0:
+                ids.insert(int(rng.integers(0, len(ids) + 1)), int(rng.choice(specials)))
+        prompt = tok.encode("Say:")
+        detok = IncrementalDetokenizer(tok, prompt, skip_special_tokens=skip_special)
+        text = ""
+        for k, t in enumerate(ids):
+            text += detok.add([t])
+            full = tok.decode(ids[:k + 1], skip_special)
+            # Text is held back only while the full decode ends in an incomplete UTF-8 character.
+            assert full.startswith(text), (case, k)
+            held = full[len(text):]
+            assert held == "" or full.endswith("\ufffd"), (case, k, held)
+        assert detok.text == text
