@@ -8,7 +8,8 @@ Test hook (not for production): ``--model fake:<k=v,...>`` serves the determinis
 from ``tests/fakes/fake_engine.py`` (needs the repository root on ``sys.path``, i.e. run from
 the checkout), e.g. ``--model fake:step_delay=0.02,max_num_seqs=4,fail_at_step=50``.
 
-Exit codes: 0 after a SIGTERM/SIGINT drain; 1 when the engine died (step raised) or failed to
+Exit codes: 0 after a SIGTERM/SIGINT drain (a second SIGINT aborts in-flight requests at once;
+a repeated SIGTERM is ignored); 1 when the engine died (step raised) or failed to
 start; 2 for bad flags.
 """
 
@@ -121,9 +122,11 @@ async def serve(cfg: ServerConfig, factory: Callable[[], Any]) -> int:
         name = signal.Signals(signum).name
         if signals["n"] == 1:
             server._spawn(server.drain(f"{name} received"))
-        else:  # second signal: stop waiting for in-flight requests
+        elif signum == signal.SIGINT:  # Ctrl-C again: stop waiting for in-flight requests
             log.warning("serving: %s again: aborting in-flight requests now", name)
             server._spawn(server.stop(exit_code=0))
+        else:  # repeated SIGTERM (wrappers such as `timeout` forward it twice): keep draining
+            log.warning("serving: %s again: already draining", name)
 
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, on_signal, sig)

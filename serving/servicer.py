@@ -84,25 +84,32 @@ class GenerationServicer(pb_grpc.GenerationServicer):
         except ValueError as exc:
             await context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(exc))
         rid = rid or uuid.uuid4().hex
+        if rid in self.active or ae.has_request(rid):
+            await context.abort(grpc.StatusCode.ALREADY_EXISTS,
+                                f"request_id={rid!r} is invalid: already in flight")
         waiting = stat(ae.stats, "num_waiting", "waiting") + ae.num_pending_adds
         if waiting >= self.cfg.max_queued_requests:
             await context.abort(grpc.StatusCode.RESOURCE_EXHAUSTED,
                                 f"server overloaded: {waiting} requests waiting "
                                 f"(--max-queued-requests={self.cfg.max_queued_requests}); retry later")
-        try:
-            stream = await ae.add_request(rid, prompt, params)
-        except DuplicateRequestError as exc:
-            await context.abort(grpc.StatusCode.ALREADY_EXISTS, str(exc))
-        except ValueError as exc:
-            await context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(exc))
-        except EngineDeadError as exc:
-            await context.abort(grpc.StatusCode.INTERNAL, _dead_message(exc))
-        except RuntimeError as exc:
-            await context.abort(grpc.StatusCode.UNAVAILABLE, str(exc))
-        self.active[rid] = stream
+        # registered before the first await, so a drain that starts now waits for (or aborts) it
+        self.active[rid] = None
         tracker = convert.DeltaTracker(rid, params)
         finished = False
+        owned = True
         try:
+            try:
+                stream = await ae.add_request(rid, prompt, params)
+            except DuplicateRequestError as exc:  # another call's request: not ours to abort
+                owned = False
+                await context.abort(grpc.StatusCode.ALREADY_EXISTS, str(exc))
+            except ValueError as exc:
+                await context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(exc))
+            except EngineDeadError as exc:
+                await context.abort(grpc.StatusCode.INTERNAL, _dead_message(exc))
+            except RuntimeError as exc:
+                await context.abort(grpc.StatusCode.UNAVAILABLE, str(exc))
+            self.active[rid] = stream
             while True:
                 try:
                     batch = await stream.get_batch()
@@ -121,10 +128,11 @@ class GenerationServicer(pb_grpc.GenerationServicer):
         finally:
             # reached on completion, error, client cancel, disconnect and deadline alike
             self.active.pop(rid, None)
-            if finished:
-                ae.release(rid)
-            else:
-                ae.abort(rid)
+            if owned:
+                if finished:
+                    ae.release(rid)
+                else:
+                    ae.abort(rid)
             self.server.notify_request_done()
 
     async def Tokenize(self, request: pb.TokenizeRequest, context):

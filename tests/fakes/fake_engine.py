@@ -116,6 +116,7 @@ class FakeEngine:
         self._hang_next = threading.Event()
         self._unhang = threading.Event()
         self._stalled = False
+        self.add_delay = 0.0  # seconds each add_request takes (admission races)
         self.num_steps = 0
         self.free_blocks = self.config.num_blocks
         self._waiting: list[_Req] = []
@@ -144,6 +145,8 @@ class FakeEngine:
     def add_request(self, request_id: str, prompt: Any, params: SamplingParams,
                     arrival_time: float | None = None) -> None:
         self.thread_ids.add(threading.get_ident())
+        if self.add_delay:
+            time.sleep(self.add_delay)
         params.validate(vocab_size=VOCAB_SIZE)
         if isinstance(prompt, str):
             text, ids = prompt, self.tokenizer.encode(prompt)

@@ -144,3 +144,18 @@ def test_engine_build_failure_not_serving_exit_1():
             code = await asyncio.wait_for(c.server.wait(), 5)
             assert code == 1 and "checkpoint not found" in c.server.monitor.reason
     run(main())
+
+
+def test_drain_waits_for_a_request_still_being_admitted():
+    async def main():
+        eng = FakeEngine(step_delay=0.02)
+        async with running_server(eng, shutdown_timeout=5.0) as c:
+            eng.add_delay = 0.3  # the request sits in add_request when the drain starts
+            # runs ~1.5 s: longer than the grpc stop grace, so only a drain that counts it helps
+            task = asyncio.ensure_future(c.generate(prompt="late bloomer", max_tokens=75))
+            await asyncio.sleep(0.1)
+            await c.server.drain("test")
+            res = collect(await task)
+            assert res["finish"][0] == 2 and len(res["tokens"][0]) == 75
+            assert await c.server.wait() == 0
+    run(main())
