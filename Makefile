@@ -30,6 +30,7 @@ $(VENV)/.stamp-test: pyproject.toml | $(PY)
 
 run: $(VENV)/.stamp-run
 	$(PY) -m jaxllm.generate --model smollm2-135m --max-tokens 48 --temperature 0 \
+	  --max-model-len 2048 --max-num-seqs 8 --max-num-batched-tokens 512 \
 	  --prompt "The three primary colors are" \
 	  --chat-prompt "What is the capital of France? Answer in one sentence."
 
