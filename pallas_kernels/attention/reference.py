@@ -68,7 +68,10 @@ def ragged_paged_attention_reference(
     q_valid = j[None, :] < n_q[:, None]  # [NT, bq] bool
     q_pos = pos0[:, None] + j  # [NT, bq] i32
     q_grouped = q.reshape(num_tokens, num_kv_heads, q_per_kv, head_dim)
-    q_tiles = q_grouped[jnp.clip(tok, 0, num_tokens - 1)].astype(jnp.float32)  # [NT, bq, kvh, G, d] f32
+    # Dots take the cache's dtype with fp32 accumulation: bf16 x bf16 products are exact in fp32, so
+    # QK^T equals the upcast computation without an fp32 copy of the gathered pages.
+    dot_dtype = jnp.promote_types(q.dtype, cache.k.dtype)
+    q_tiles = q_grouped[jnp.clip(tok, 0, num_tokens - 1)].astype(dot_dtype)  # [NT, bq, kvh, G, d]
 
     # KV chunk of P pages; logits per chunk [NT, kvh, G, bq, C] stay near _LOGITS_PER_CHUNK.
     chunk = max(block_size, min(1024, _LOGITS_PER_CHUNK // max(1, num_tiles * bq * num_heads)))
@@ -94,7 +97,8 @@ def ragged_paged_attention_reference(
         blocks = jnp.clip(pages, 0, num_blocks - 1)  # [NT, P] i32
         k = cache.k[layer, blocks].reshape(num_tiles, chunk, num_kv_heads, head_dim)  # [NT, C, kvh, d]
         v = cache.v[layer, blocks].reshape(num_tiles, chunk, num_kv_heads, head_dim)  # [NT, C, kvh, d]
-        s = jnp.einsum("nqkgd,nckd->nkgqc", q_tiles, k.astype(jnp.float32)) * scale  # [NT,kvh,G,bq,C]
+        s = jnp.einsum("nqkgd,nckd->nkgqc", q_tiles, k.astype(dot_dtype),
+                       preferred_element_type=jnp.float32) * scale  # [NT, kvh, G, bq, C] f32
         if soft_cap is not None:
             s = jnp.tanh(s / soft_cap) * soft_cap
         k_pos = c * chunk + jnp.arange(chunk, dtype=jnp.int32)  # [C] i32
@@ -108,7 +112,10 @@ def ragged_paged_attention_reference(
         alpha = jnp.exp(m - m_safe)
         p = jnp.exp(s - m_safe[..., None])  # [NT, kvh, G, bq, C] f32
         l = alpha * l + p.sum(axis=-1)
-        acc = alpha[..., None] * acc + jnp.einsum("nkgqc,nckd->nkgqd", p, v.astype(jnp.float32))
+        # Like the kernels (and flash attention), P is cast to the cache dtype for P @ V.
+        pv = jnp.einsum("nkgqc,nckd->nkgqd", p.astype(dot_dtype), v.astype(dot_dtype),
+                        preferred_element_type=jnp.float32)
+        acc = alpha[..., None] * acc + pv
         return m_new, l, acc
 
     stat_shape = (num_tiles, num_kv_heads, q_per_kv, bq)

@@ -1,0 +1,186 @@
+"""Attention kernel bench: paged decode and prefill, each implementation on this machine's backend.
+
+    python bench/kernels.py                       # reference (CPU); reference + Pallas on a GPU
+    python bench/kernels.py --impls pallas --json out.json --check
+
+Decode: batch 64 x context 2048 x 32 q heads / 8 kv heads x head_dim 128, block_size 16, bf16 cache,
+shuffled block tables. Reported: time per call, bytes read (K+V of every context token + q + out),
+GB/s. Prefill: one 2048-token chunk (context 2048, causal), reported as TFLOP/s counting the causal
+FLOPs only (4 * heads * head_dim per (query, visible key) pair). On a GPU the bench also measures a
+device-to-device copy (read + write bytes / time) as the bandwidth yardstick, and --check compares
+each implementation against the reference on the bench inputs.
+"""
+from __future__ import annotations
+
+import argparse
+import datetime
+import json
+import os
+import platform
+import subprocess
+import sys
+import time
+import warnings
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+if ROOT not in sys.path:
+    sys.path.insert(0, ROOT)
+
+import jax  # noqa: E402
+import jax.numpy as jnp  # noqa: E402
+import numpy as np  # noqa: E402
+
+from pallas_kernels import AttentionMetadata, KVCache, ragged_paged_attention  # noqa: E402
+
+warnings.filterwarnings("ignore", message=".*Pallas Triton backend is deprecated.*")
+
+
+def make_workload(num_seqs: int, context: int, q_len: int, num_heads: int, num_kv_heads: int,
+                  head_dim: int, block_size: int, dtype, seed: int = 0):
+    """Every sequence has `context` tokens, the last `q_len` of them new; pages shuffled."""
+    rng = np.random.default_rng(seed)
+    blocks_per_seq = -(-context // block_size)
+    num_blocks = num_seqs * blocks_per_seq
+    tables = rng.permutation(num_blocks).astype(np.int32).reshape(num_seqs, blocks_per_seq)
+    T = num_seqs * q_len
+    pos = np.arange(context - q_len, context)
+    slots = (tables[:, pos // block_size] * block_size + pos % block_size).reshape(-1).astype(np.int32)
+    key = jax.random.key(seed)
+    kq, kk, kv = jax.random.split(key, 3)
+    shape = (1, num_blocks, block_size, num_kv_heads, head_dim)
+    cache = KVCache(jax.random.normal(kk, shape, dtype), jax.random.normal(kv, shape, dtype))
+    q = jax.random.normal(kq, (T, num_heads, head_dim), dtype)
+    md = AttentionMetadata(
+        slot_mapping=jnp.asarray(slots), block_tables=jnp.asarray(tables),
+        context_lens=jnp.full((num_seqs,), context, jnp.int32),
+        cu_q_lens=jnp.arange(num_seqs + 1, dtype=jnp.int32) * q_len, decode_only=q_len == 1)
+    return q, cache, md
+
+
+def time_call(fn, args, iters: int, warmup: int = 1) -> float:
+    """Median seconds per call (compile excluded)."""
+    for _ in range(warmup):
+        jax.block_until_ready(fn(*args))
+    times = []
+    for _ in range(iters):
+        t0 = time.perf_counter()
+        jax.block_until_ready(fn(*args))
+        times.append(time.perf_counter() - t0)
+    return float(np.median(times))
+
+
+def copy_bandwidth(nbytes: int, iters: int) -> float:
+    """Device-to-device copy, GB/s counting read + write."""
+    x = jnp.ones((nbytes // 4,), jnp.float32)
+    f = jax.jit(lambda a: a * 1.0 + 0.0)  # one read + one write of every byte
+    t = time_call(f, (x,), iters, warmup=2)
+    return 2 * x.nbytes / t / 1e9
+
+
+def attn_fn(impl: str):
+    return jax.jit(lambda q, c, md: ragged_paged_attention(q, c, 0, md, impl=impl))
+
+
+def bench_decode(impls, args, results):
+    q, cache, md = make_workload(args.batch, args.context, 1, args.heads, args.kv_heads, args.head_dim,
+                                 args.block_size, jnp.dtype(args.dtype))
+    kv_bytes = 2 * args.batch * args.context * args.kv_heads * args.head_dim * jnp.dtype(args.dtype).itemsize
+    nbytes = kv_bytes + 2 * q.nbytes + md.block_tables.nbytes
+    ref_out = None
+    for impl in impls:
+        fn = attn_fn(impl)
+        t = time_call(fn, (q, cache, md), args.iters)
+        row = {"kernel": "decode", "impl": impl, "ms": t * 1e3, "bytes_read": nbytes, "GB/s": nbytes / t / 1e9,
+               "shape": f"B{args.batch} ctx{args.context} H{args.heads}/{args.kv_heads} d{args.head_dim} "
+                        f"bs{args.block_size} {args.dtype}"}
+        if args.check:
+            out = np.asarray(fn(q, cache, md), np.float32)
+            if ref_out is None:
+                ref_out = np.asarray(attn_fn("reference")(q, cache, md), np.float32)
+            row["max_abs_err_vs_ref"] = float(np.abs(out - ref_out).max())
+        results.append(row)
+        print(f"decode  {impl:15s} {t * 1e3:9.3f} ms  {nbytes / 1e6:9.1f} MB read  {nbytes / t / 1e9:8.1f} GB/s"
+              + (f"  err {row['max_abs_err_vs_ref']:.2e}" if "max_abs_err_vs_ref" in row else ""), flush=True)
+
+
+def bench_prefill(impls, args, results):
+    n = args.prefill_tokens
+    q, cache, md = make_workload(1, n, n, args.heads, args.kv_heads, args.head_dim, args.block_size,
+                                 jnp.dtype(args.dtype))
+    flops = 4 * args.heads * args.head_dim * (n * (n + 1) // 2)  # causal: QK^T and PV
+    ref_out = None
+    for impl in impls:
+        fn = attn_fn(impl)
+        t = time_call(fn, (q, cache, md), args.iters)
+        row = {"kernel": "prefill", "impl": impl, "ms": t * 1e3, "flops": flops, "TFLOP/s": flops / t / 1e12,
+               "shape": f"T{n} ctx{n} H{args.heads}/{args.kv_heads} d{args.head_dim} bs{args.block_size} {args.dtype}"}
+        if args.check:
+            out = np.asarray(fn(q, cache, md), np.float32)
+            if ref_out is None:
+                ref_out = np.asarray(attn_fn("reference")(q, cache, md), np.float32)
+            row["max_abs_err_vs_ref"] = float(np.abs(out - ref_out).max())
+        results.append(row)
+        print(f"prefill {impl:15s} {t * 1e3:9.3f} ms  {flops / 1e9:9.1f} GFLOP    {flops / t / 1e12:8.3f} TFLOP/s"
+              + (f"  err {row['max_abs_err_vs_ref']:.2e}" if "max_abs_err_vs_ref" in row else ""), flush=True)
+
+
+def machine() -> dict:
+    cpu = platform.processor()
+    try:
+        with open("/proc/cpuinfo") as f:
+            cpu = next((ln.split(":", 1)[1].strip() for ln in f if ln.startswith("model name")), cpu)
+    except OSError:
+        pass
+    try:
+        commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=ROOT, capture_output=True,
+                                text=True, timeout=10).stdout.strip() or "unknown"
+    except (OSError, subprocess.SubprocessError):
+        commit = "unknown"
+    return {"date": datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M UTC"),
+            "cpu": cpu, "cores": os.cpu_count(), "commit": commit, "jax": jax.__version__,
+            "backend": jax.default_backend(), "device": jax.devices()[0].device_kind,
+            "command": " ".join(["python"] + sys.argv)}
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--impls", default=None,
+                   help="comma list of reference,pallas (default: reference; reference,pallas on a GPU)")
+    p.add_argument("--batch", type=int, default=64)
+    p.add_argument("--context", type=int, default=2048)
+    p.add_argument("--heads", type=int, default=32)
+    p.add_argument("--kv-heads", type=int, default=8)
+    p.add_argument("--head-dim", type=int, default=128)
+    p.add_argument("--block-size", type=int, default=16)
+    p.add_argument("--prefill-tokens", type=int, default=2048)
+    p.add_argument("--dtype", default="bfloat16")
+    p.add_argument("--iters", type=int, default=None, help="timed calls per case (default 3 CPU, 20 GPU)")
+    p.add_argument("--only", choices=["decode", "prefill"], default=None)
+    p.add_argument("--check", action="store_true", help="also compare each impl with the reference")
+    p.add_argument("--json", default=None, help="write results here")
+    args = p.parse_args(argv)
+    on_gpu = jax.default_backend() == "gpu"
+    impls = (args.impls or ("reference,pallas" if on_gpu else "reference")).split(",")
+    args.iters = args.iters or (20 if on_gpu else 3)
+    info = machine()
+    print(f"# {info['date']}  {info['device']} ({info['backend']})  cpu: {info['cpu']} x{info['cores']}  "
+          f"commit {info['commit']}  jax {info['jax']}", flush=True)
+    results = []
+    if on_gpu:
+        bw = copy_bandwidth(1 << 30, args.iters)
+        results.append({"kernel": "copy", "impl": "xla", "GB/s": bw, "bytes": 1 << 30})
+        print(f"copy    {'xla (r+w)':15s} {bw:8.1f} GB/s (1 GiB device-to-device)", flush=True)
+    if args.only in (None, "decode"):
+        bench_decode(impls, args, results)
+    if args.only in (None, "prefill"):
+        bench_prefill(impls, args, results)
+    if args.json:
+        os.makedirs(os.path.dirname(os.path.abspath(args.json)), exist_ok=True)
+        with open(args.json, "w") as f:
+            json.dump({"machine": info, "results": results}, f, indent=2)
+            f.write("\n")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
