@@ -35,7 +35,13 @@ def enable_compile_cache(config: EngineConfig) -> str:
     root = os.environ.get("JAXLLM_COMPILE_CACHE", os.path.join(os.path.expanduser("~"), ".cache", "jaxllm", "xla"))
     path = os.path.join(root, key)
     os.makedirs(path, exist_ok=True)
-    jax.config.update("jax_compilation_cache_dir", path)
+    if jax.config.jax_compilation_cache_dir != path:
+        from jax.experimental.compilation_cache import compilation_cache
+
+        jax.config.update("jax_compilation_cache_dir", path)
+        # JAX opens the cache directory once per process: without a reset, a second engine with
+        # another config would keep writing into the first one's directory.
+        compilation_cache.reset_cache()
     jax.config.update("jax_persistent_cache_min_compile_time_secs", 0)
     jax.config.update("jax_persistent_cache_min_entry_size_bytes", 0)
     return path
@@ -50,28 +56,36 @@ def build_engine(config: EngineConfig, *, compile_cache: bool = True, warmup: bo
     from jaxllm.tokenizer import TokenIdsOnlyTokenizer
 
     config.validate()
-    if config.tensor_parallel_size > len(jax.devices()):
-        raise ValueError(f"tensor_parallel_size={config.tensor_parallel_size} is invalid: only "
-                         f"{len(jax.devices())} {jax.default_backend()} device(s) are present")
-    if config.tensor_parallel_size != 1:
-        raise ValueError(f"tensor_parallel_size={config.tensor_parallel_size} is not supported yet (only 1)")
+    tp = config.tensor_parallel_size
+    mesh = layout_for = None
+    if tp > 1:  # tp == 1 keeps the plain single-device path (no mesh, no shard_map)
+        from jaxllm.parallel import TPLayout, make_mesh
+
+        mesh = make_mesh(tp)  # ValueError naming tp and the device count when too few devices
+
+        def layout_for(model_config):  # ValueError naming the numbers when the model does not fit
+            return TPLayout.plan(model_config, tp, mesh)
     t0 = time.perf_counter()
     if compile_cache:
         enable_compile_cache(config)
     dtype = resolve_dtype(config.dtype)
     load_format = {"safetensors": "hf"}.get(config.load_format, config.load_format)
-    ckpt = load_checkpoint(config.model or "smollm2-135m", load_format, dtype=dtype, seed=config.seed)
+    # Dummy and Orbax weights are born in their shards; HF/GGUF numpy goes host → shards in build_model.
+    shardings = (lambda mc: layout_for(mc).load_shardings(mc)) if layout_for else None
+    ckpt = load_checkpoint(config.model or "smollm2-135m", load_format, dtype=dtype, seed=config.seed,
+                           shardings=shardings)
     mc = ckpt.config
+    layout = layout_for(mc) if layout_for else None
     tokenizer = load_tokenizer(ckpt.tokenizer_source, mc) or TokenIdsOnlyTokenizer(mc.vocab_size, mc.eos_token_ids)
     max_model_len = config.max_model_len or mc.max_position_embeddings
     if max_model_len > mc.max_position_embeddings:
         raise ValueError(f"max_model_len={max_model_len} is invalid: the model supports at most "
                          f"{mc.max_position_embeddings} positions")
     config = msgspec.structs.replace(config, max_model_len=max_model_len)
-    model = build_model(mc, ckpt.params, dtype)
+    model = build_model(mc, ckpt.params, dtype, layout=layout)
     del ckpt
-    num_blocks = kv_cache_blocks(mc, config.block_size, dtype, config.kv_cache_memory_bytes,
-                                 config.gpu_memory_utilization)
+    num_blocks = kv_cache_blocks(model.config, config.block_size, dtype, config.kv_cache_memory_bytes,
+                                 config.gpu_memory_utilization, tp=tp)
     runner = ModelRunner(model, block_size=config.block_size, num_blocks=num_blocks, max_model_len=max_model_len,
                          max_num_seqs=config.max_num_seqs, max_num_batched_tokens=config.max_num_batched_tokens,
                          eos_token_ids=tokenizer.eos_token_ids)
@@ -79,6 +93,11 @@ def build_engine(config: EngineConfig, *, compile_cache: bool = True, warmup: bo
     tokens = num_blocks * config.block_size
     _info(f"model {config.model or 'smollm2-135m'} ({mc.architecture}, {mc.num_params / 1e6:.0f}M params, "
           f"{jax.numpy.dtype(dtype).name}) loaded in {time.perf_counter() - t0:.1f}s")
+    if layout is not None:
+        _info(f"tensor parallel: tp={tp} over {[str(d) for d in mesh.devices.flat]}; kv heads "
+              + (f"replicated x{layout.kv_repeat} ({mc.num_kv_heads} -> {model.config.num_kv_heads}, one per device)"
+                 if layout.kv_repeat > 1 else f"sharded ({mc.num_kv_heads // tp} per device)")
+              + f"; embed/lm_head {'vocab-parallel' if layout.shard_vocab else 'replicated'}")
     _info(f"KV cache: {num_blocks} blocks x {config.block_size} tokens = {tokens} tokens; maximum concurrency "
           f"at max_model_len={max_model_len}: {tokens / max_model_len:.1f}x")
     _info(f"buckets: {runner.buckets.describe()}")
