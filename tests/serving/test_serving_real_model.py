@@ -1,0 +1,68 @@
+"""The real SmolLM2-135M engine behind the server (slow: one model load + warm-up).
+
+Runs only when selected: ``.venv/bin/python -m pytest -m slow tests/serving``. Checks greedy
+equality with the offline ``LLM`` on the same engine (text and chat), concurrent streams,
+cancellation freeing every KV block, and that steady-state serving compiles nothing after warm-up.
+"""
+
+from __future__ import annotations
+
+import asyncio
+
+import pytest
+
+from serving_helpers import collect, request, run, running_server
+
+PROMPTS = ["The three primary colors are", "Once upon a time", "def add(a, b):",
+           "The capital of Japan is"]
+CHAT = [{"role": "user", "content": "What is the capital of France?"}]
+
+
+@pytest.fixture(scope="module")
+def real_engine(request):
+    if "slow" not in (request.config.getoption("markexpr") or ""):
+        pytest.skip("real-model test: run with -m slow")
+    from jaxllm.config import EngineConfig
+    from jaxllm.engine.factory import build_engine
+    try:
+        return build_engine(EngineConfig(model="smollm2-135m", max_model_len=256, max_num_seqs=4,
+                                         max_num_batched_tokens=64))
+    except (OSError, ImportError) as exc:
+        pytest.skip(f"smollm2-135m not loadable here: {exc}")
+
+
+@pytest.mark.slow
+def test_real_model_greedy_matches_offline(real_engine):
+    from jaxllm import LLM, SamplingParams
+
+    llm = LLM("smollm2-135m", engine=real_engine)
+    greedy = SamplingParams(temperature=0.0, max_tokens=16)
+    offline = [o.outputs[0] for o in llm.generate(PROMPTS, greedy, use_tqdm=False)]
+    chat_offline = llm.chat(CHAT, greedy, use_tqdm=False)[0].outputs[0]
+    runner = getattr(real_engine, "runner", None)
+    traces = getattr(runner, "num_traces", None)
+
+    async def main():
+        async with running_server(real_engine, watchdog_timeout=60, health_probe_interval=5) as c:
+            async def one(p):
+                return collect(await c.generate(prompt=p, temperature=0.0, max_tokens=16,
+                                                timeout=300))
+
+            async def cancel(p):
+                call = c.stub.Generate(request(prompt=p, max_tokens=100), timeout=300)
+                await call.read()
+                call.cancel()
+
+            results = await asyncio.gather(*(one(p) for p in PROMPTS * 2),
+                                           *(cancel(p) for p in PROMPTS[:2]))
+            for res, want in zip(results[:8], offline * 2):
+                assert res["texts"][0] == want.text and res["tokens"][0] == want.token_ids
+            chat = collect(await c.generate(prompt=None, chat=CHAT, temperature=0.0,
+                                            max_tokens=16, timeout=300))
+            assert chat["texts"][0] == chat_offline.text
+            info = await c.wait_blocks_free(timeout=60)
+            assert info.model == "smollm2-135m" and info.vocab_size == 49152
+            assert list(info.token_buckets) and list(info.request_buckets)
+    run(main(), timeout=600)
+    if traces is not None:
+        assert runner.num_traces == traces, "serving compiled a new shape after warm-up"
