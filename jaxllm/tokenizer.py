@@ -29,8 +29,8 @@ class Tokenizer:
 
     @staticmethod
     def from_gguf(path: str, extra_eos_ids=()) -> "Tokenizer":
-        """Builds the tokenizer from GGUF metadata (offline); the converted files are cached by file
-        identity so later starts skip the slow conversion."""
+        """Builds the tokenizer from GGUF metadata (offline, no torch); the converted files are cached
+        by file identity so later starts skip the conversion."""
         from transformers import AutoTokenizer
 
         st = os.stat(path)
@@ -38,8 +38,7 @@ class Tokenizer:
         cache = os.path.join(_SPECIAL_CACHE, key)
         if os.path.isfile(os.path.join(cache, "tokenizer.json")):
             return Tokenizer(AutoTokenizer.from_pretrained(cache, local_files_only=True), extra_eos_ids)
-        tok = AutoTokenizer.from_pretrained(os.path.dirname(path) or ".", gguf_file=os.path.basename(path),
-                                            local_files_only=True)
+        tok = _hf_tokenizer_from_gguf(path)
         try:
             tmp = cache + f".tmp{os.getpid()}"
             tok.save_pretrained(tmp)
@@ -64,6 +63,31 @@ class Tokenizer:
         if isinstance(out, dict) or hasattr(out, "keys"):
             out = out["input_ids"]
         return list(out)
+
+
+def _hf_tokenizer_from_gguf(path: str):
+    """A transformers fast tokenizer from GGUF metadata read with the gguf package.
+
+    transformers' own `gguf_file=` route reads metadata through a torch-based reader; this reads
+    it with `gguf` and hands it to transformers' tokenizer converters, so no torch is needed."""
+    from transformers.integrations.gguf.gguf_tokenizer_mapping import (
+        _SPECIAL_TOKENS, GGUF_TOKENIZER_MAPPING, convert_gguf_tokenizer)
+    from transformers.tokenization_utils_tokenizers import TokenizersBackend
+
+    from checkpoints.gguf_loader import open_gguf
+
+    reader = open_gguf(path)
+    meta = {k: f.contents() for k, f in reader.fields.items() if k.startswith(("tokenizer.", "general.arch"))}
+    groups = {group: {name: meta[f"tokenizer.{key}"] for key, name in renames.items() if f"tokenizer.{key}" in meta}
+              for group, renames in GGUF_TOKENIZER_MAPPING.items()}
+    tokenizer_dict, config = groups["tokenizer"], groups["tokenizer_config"]
+    if tokenizer_dict.get("tokenizer_type") == "llama":
+        config.setdefault("add_bos_token", True)  # llama.cpp's default for sentencepiece vocabularies
+    for name, key in _SPECIAL_TOKENS.items():
+        token_id = meta.get(f"tokenizer.ggml.{key}")
+        config[name] = tokenizer_dict["tokens"][token_id] if token_id is not None else None
+    fast, extra = convert_gguf_tokenizer(meta["general.architecture"], tokenizer_dict)
+    return TokenizersBackend(tokenizer_object=fast, **config, **extra)
 
 
 class IncrementalDetokenizer:
