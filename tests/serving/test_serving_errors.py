@@ -105,7 +105,8 @@ def test_queue_flood_gets_resource_exhausted_at_once():
     async def main():
         eng = FakeEngine(step_delay=0.02)
         eng.config.max_num_seqs = 2
-        async with running_server(eng, max_queued_requests=4) as c:
+        # no periodic probe during the flood: it would take one of the 4 waiting slots
+        async with running_server(eng, max_queued_requests=4, health_probe_interval=60) as c:
             async def one(i):
                 t0 = time.monotonic()
                 try:

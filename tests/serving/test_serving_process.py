@@ -154,3 +154,13 @@ def test_bad_flags_exit_2():
     out = subprocess.run([sys.executable, "-m", "serving", "--model", "fake", "--tls-cert", "x.pem"],
                          cwd=ROOT, capture_output=True, text=True, timeout=30)
     assert out.returncode == 2 and "tls_cert/tls_key" in out.stderr
+
+
+def test_serving_imports_no_jax():
+    code = ("import sys, serving.server, serving.client, serving.__main__, "
+            "jaxllm.engine.async_engine; "
+            "bad = [m for m in sys.modules if m == 'jax' or m.startswith('jax.')]; "
+            "assert not bad, bad")
+    out = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True,
+                         timeout=60)
+    assert out.returncode == 0, out.stderr
