@@ -68,8 +68,8 @@ def test_step_raises_in_flight_internal_not_serving_exit_1():
                     await read_all(call)
                 assert ei.value.code() == grpc.StatusCode.INTERNAL
                 assert "RuntimeError: injected fault" in ei.value.details()
-            took = await c.wait_status(NOT_SERVING, 1.0)
-            assert time.monotonic() - t0 < 1.0, took
+            took = await c.wait_status(NOT_SERVING, 2.0)
+            assert time.monotonic() - t0 < 2.0, took  # one monitor tick; slack for loaded CI
             with pytest.raises(grpc.aio.AioRpcError) as ei:
                 await c.generate(prompt="after death")
             assert ei.value.code() == grpc.StatusCode.UNAVAILABLE

@@ -11,7 +11,6 @@ import pytest
 from jaxllm.config import EngineConfig
 from jaxllm.engine.engine import LLMEngine
 from jaxllm.sampling_params import SamplingParams
-from serving.proto.jaxllm.v1 import generation_pb2 as pb
 from serving_helpers import collect, request, run, running_server
 from tests.fakes.fake_runner import FakeRunner
 from tests.fakes.fake_tokenizer import FakeIncrementalDetokenizer, FakeTokenizer
