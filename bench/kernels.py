@@ -78,7 +78,8 @@ def copy_bandwidth(nbytes: int, iters: int) -> float:
 
 
 def attn_fn(impl: str):
-    return jax.jit(lambda q, c, md: ragged_paged_attention(q, c, 0, md, impl=impl))
+    interpret = jax.default_backend() != "gpu" and impl != "reference"  # CPU: interpret (smoke only)
+    return jax.jit(lambda q, c, md: ragged_paged_attention(q, c, 0, md, impl=impl, interpret=interpret))
 
 
 def bench_decode(impls, args, results):
@@ -124,6 +125,44 @@ def bench_prefill(impls, args, results):
               + (f"  err {row['max_abs_err_vs_ref']:.2e}" if "max_abs_err_vs_ref" in row else ""), flush=True)
 
 
+def check_random_cases(num_cases: int, results) -> bool:
+    """Each Pallas kernel (compiled, not interpreted) vs the reference on seeded random batches."""
+    from tests.pallas_kernels.pk_cases import Config, make_case, valid_tokens
+
+    configs = [  # (config, options): mixed and decode-only, GQA 1/3/4/8, head_dim 64/128, fp32/bf16
+        (Config(8, 256, 2048, block_size=16, num_kv_heads=3, q_per_kv=3, dtype="bfloat16"), {}),
+        (Config(16, 512, 1024, block_size=32, num_kv_heads=8, q_per_kv=4, head_dim=128, dtype="bfloat16"),
+         dict(sliding_window=200, soft_cap=30.0)),
+        (Config(4, 128, 700, block_size=8, num_kv_heads=2, q_per_kv=1, head_dim=128), {}),
+        (Config(32, 32, 2048, block_size=16, num_kv_heads=3, q_per_kv=3, dtype="bfloat16", decode_only=True), {}),
+        (Config(16, 16, 1500, block_size=16, num_kv_heads=8, q_per_kv=8, head_dim=128, decode_only=True),
+         dict(sliding_window=300)),
+    ]
+    all_ok = True
+    for cfg, opts in configs:
+        impls = ["pallas_decode", "pallas_prefill"] if cfg.decode_only else ["pallas_prefill"]
+        interpret = jax.default_backend() != "gpu"  # CPU: a (slow) smoke run of this check itself
+        fns = {impl: jax.jit(lambda q, c, layer, m, i=impl, o=opts: ragged_paged_attention(
+            q, c, layer, m, impl=i, interpret=interpret, **o)) for impl in impls + ["reference"]}
+        tol = 2e-2 if cfg.dtype == "bfloat16" else 2e-3  # fp32 dots may run as TF32-free IEEE; keep margin
+        for seed in range(num_cases):
+            case = make_case(cfg, 1000 + seed, reverse_seq=seed % cfg.num_seqs)
+            args = (case.q, case.cache, case.layer, case.metadata)
+            ok = valid_tokens(case)
+            want = np.asarray(fns["reference"](*args), np.float32)[ok]
+            for impl in impls:
+                got = np.asarray(fns[impl](*args), np.float32)
+                err = float(np.abs(got[ok] - want).max()) if ok.any() else 0.0
+                finite = bool(np.isfinite(got).all())
+                passed = finite and bool(np.allclose(got[ok], want, atol=tol, rtol=tol))
+                all_ok &= passed
+                results.append({"kernel": "check", "impl": impl, "config": repr(cfg), "options": opts,
+                                "seed": 1000 + seed, "max_abs_err": err, "finite": finite, "passed": passed})
+        print(f"check   {cfg.num_seqs}x{cfg.num_tokens} g{cfg.q_per_kv} d{cfg.head_dim} {cfg.dtype} {opts}: "
+              f"{'ok' if all_ok else 'FAILED'}", flush=True)
+    return all_ok
+
+
 def machine() -> dict:
     cpu = platform.processor()
     try:
@@ -157,7 +196,10 @@ def main(argv=None) -> int:
     p.add_argument("--iters", type=int, default=None, help="timed calls per case (default 3 CPU, 20 GPU)")
     p.add_argument("--only", choices=["decode", "prefill"], default=None)
     p.add_argument("--check", action="store_true", help="also compare each impl with the reference")
-    p.add_argument("--json", default=None, help="write results here")
+    p.add_argument("--cases", type=int, default=0,
+                   help="first check each Pallas kernel against the reference on this many random batches per config")
+    p.add_argument("--json", default=None, help="write results here (merged into the file under --json-key)")
+    p.add_argument("--json-key", default="kernels")
     args = p.parse_args(argv)
     on_gpu = jax.default_backend() == "gpu"
     impls = (args.impls or ("reference,pallas" if on_gpu else "reference")).split(",")
@@ -166,6 +208,9 @@ def main(argv=None) -> int:
     print(f"# {info['date']}  {info['device']} ({info['backend']})  cpu: {info['cpu']} x{info['cores']}  "
           f"commit {info['commit']}  jax {info['jax']}", flush=True)
     results = []
+    checks_ok = True
+    if args.cases:
+        checks_ok = check_random_cases(args.cases, results)
     if on_gpu:
         bw = copy_bandwidth(1 << 30, args.iters)
         results.append({"kernel": "copy", "impl": "xla", "GB/s": bw, "bytes": 1 << 30})
@@ -176,10 +221,15 @@ def main(argv=None) -> int:
         bench_prefill(impls, args, results)
     if args.json:
         os.makedirs(os.path.dirname(os.path.abspath(args.json)), exist_ok=True)
+        doc = {}
+        if os.path.exists(args.json):
+            with open(args.json) as f:
+                doc = json.load(f)
+        doc[args.json_key] = {"machine": info, "checks_passed": checks_ok, "results": results}
         with open(args.json, "w") as f:
-            json.dump({"machine": info, "results": results}, f, indent=2)
+            json.dump(doc, f, indent=2, default=str)
             f.write("\n")
-    return 0
+    return 0 if checks_ok else 1
 
 
 if __name__ == "__main__":

@@ -5,10 +5,14 @@ Same signature as `ragged_paged_attention`. Algorithm (vectorised, static shapes
     sequence, bq = 1), so K/V gathered for a tile is reused by all its query tokens;
   * a `lax.fori_loop` with a *traced* trip count walks KV chunks of `P` pages up to the longest
     context in the batch (not the block-table width), gathering `[tiles, P pages]` straight from
-    the stacked cache at `layer` (no layer slice is materialised), with an online softmax in fp32.
+    the stacked cache at `layer` (no layer slice is materialised), with an online softmax in fp32;
+  * small tiles (decode-heavy batches) run as one batch; long tiles (prefill-heavy) run one after
+    another under `lax.map`, each only up to its own last query (causal skipping).
 Cost: O(tiles * bq * max_context * heads * head_dim); a decode step reads each sequence's pages once.
 """
 from __future__ import annotations
+
+import functools
 
 import jax
 import jax.numpy as jnp
@@ -18,11 +22,13 @@ from pallas_kernels.attention.common import build_q_tiles, check_inputs, next_po
 from pallas_kernels.metadata import AttentionMetadata, KVCache
 
 # Target number of fp32 logits per KV chunk (all tiles, heads and queries together).
-_LOGITS_PER_CHUNK = 1 << 22
+_LOGITS_PER_CHUNK = 1 << 24
+_MAX_CHUNK = 512  # tokens
+_SEQUENTIAL_MIN_BQ = 64  # q tiles this long run one by one (causal skipping beats batching)
 
 
 def _choose_bq(num_tokens: int, num_seqs: int) -> int:
-    return int(min(512, next_pow2(max(1, -(-num_tokens // max(1, num_seqs))))))
+    return int(min(256, next_pow2(max(1, -(-num_tokens // max(1, num_seqs))))))
 
 
 def _decode_tiles(metadata: AttentionMetadata) -> jax.Array:
@@ -35,51 +41,24 @@ def _decode_tiles(metadata: AttentionMetadata) -> jax.Array:
     return jnp.stack([seq, seq, n_q, ctx - 1, ctx], axis=1)  # [S, 5] i32
 
 
-def ragged_paged_attention_reference(
-    q: jax.Array,
-    cache: KVCache,
-    layer,
-    metadata: AttentionMetadata,
-    *,
-    sm_scale: float | None = None,
-    sliding_window: int | None = None,
-    soft_cap: float | None = None,
-    interpret: bool = False,
-) -> jax.Array:
-    del interpret  # Signature parity with the kernels.
-    num_kv_heads, q_per_kv, head_dim = check_inputs(q, cache, metadata)
-    num_tokens, num_heads, _ = q.shape
-    num_seqs = metadata.num_seqs
+def _attend_tiles(q_tiles, tables, q_pos, q_valid, ctx, n_q, pos0, *, cache, layer, scale,
+                  sliding_window, soft_cap, num_heads):
+    """Online-softmax attention of a batch of q tiles over their sequences' pages.
+
+    q_tiles [NT, bq, kvh, G, d]; tables [NT, max_blocks] i32; q_pos, q_valid [NT, bq]; ctx, n_q,
+    pos0 [NT]. Returns [NT, kvh, G, bq, d] f32. The KV loop runs from the first chunk any tile needs
+    to the last (traced bounds), so its cost follows the contexts, not the table width.
+    """
+    num_tiles, bq, num_kv_heads, q_per_kv, head_dim = q_tiles.shape
     block_size, num_blocks = cache.block_size, cache.num_blocks
-    scale = resolve_scale(sm_scale, head_dim)
-    layer = jnp.asarray(layer, dtype=jnp.int32).reshape(())
-
-    if metadata.decode_only:
-        bq = 1
-        tiles = _decode_tiles(metadata)
-    else:
-        bq = _choose_bq(num_tokens, num_seqs)
-        tiles = build_q_tiles(metadata.cu_q_lens, metadata.context_lens, num_tokens, bq)
-    num_tiles = tiles.shape[0]
-    seq, q_start, n_q, pos0, ctx = (tiles[:, i] for i in range(5))  # each [NT] i32
-
-    j = jnp.arange(bq, dtype=jnp.int32)
-    tok = q_start[:, None] + j  # [NT, bq] i32
-    q_valid = j[None, :] < n_q[:, None]  # [NT, bq] bool
-    q_pos = pos0[:, None] + j  # [NT, bq] i32
-    q_grouped = q.reshape(num_tokens, num_kv_heads, q_per_kv, head_dim)
-    # Dots take the cache's dtype with fp32 accumulation: bf16 x bf16 products are exact in fp32, so
-    # QK^T equals the upcast computation without an fp32 copy of the gathered pages.
-    dot_dtype = jnp.promote_types(q.dtype, cache.k.dtype)
-    q_tiles = q_grouped[jnp.clip(tok, 0, num_tokens - 1)].astype(dot_dtype)  # [NT, bq, kvh, G, d]
-
+    dot_dtype = q_tiles.dtype
     # KV chunk of P pages; logits per chunk [NT, kvh, G, bq, C] stay near _LOGITS_PER_CHUNK.
-    chunk = max(block_size, min(1024, _LOGITS_PER_CHUNK // max(1, num_tiles * bq * num_heads)))
-    pages_per_chunk = max(1, chunk // block_size)
+    # Short chunks waste little past each context's end; at most the block-table width.
+    max_blocks = tables.shape[1]
+    chunk = max(block_size, min(_MAX_CHUNK, _LOGITS_PER_CHUNK // max(1, num_tiles * bq * num_heads)))
+    pages_per_chunk = max(1, min(max_blocks, chunk // block_size))
     chunk = pages_per_chunk * block_size
-    max_blocks = metadata.block_tables.shape[1]
     padded_blocks = -(-max_blocks // pages_per_chunk) * pages_per_chunk
-    tables = metadata.block_tables.astype(jnp.int32)[seq]  # [NT, max_blocks] i32
     tables = jnp.pad(tables, ((0, 0), (0, padded_blocks - max_blocks)))  # [NT, MBp] i32
 
     has_q = n_q > 0
@@ -122,7 +101,55 @@ def ragged_paged_attention_reference(
     init = (jnp.full(stat_shape, -jnp.inf, jnp.float32), jnp.zeros(stat_shape, jnp.float32),
             jnp.zeros(stat_shape + (head_dim,), jnp.float32))
     _, l, acc = lax.fori_loop(first_chunk, last_chunk, body, init)
-    out = jnp.where(l[..., None] > 0, acc / jnp.where(l > 0, l, 1.0)[..., None], 0.0)
+    return jnp.where(l[..., None] > 0, acc / jnp.where(l > 0, l, 1.0)[..., None], 0.0)
+
+
+def ragged_paged_attention_reference(
+    q: jax.Array,
+    cache: KVCache,
+    layer,
+    metadata: AttentionMetadata,
+    *,
+    sm_scale: float | None = None,
+    sliding_window: int | None = None,
+    soft_cap: float | None = None,
+    interpret: bool = False,
+) -> jax.Array:
+    del interpret  # Signature parity with the kernels.
+    num_kv_heads, q_per_kv, head_dim = check_inputs(q, cache, metadata)
+    num_tokens, num_heads, _ = q.shape
+    num_seqs = metadata.num_seqs
+    scale = resolve_scale(sm_scale, head_dim)
+    layer = jnp.asarray(layer, dtype=jnp.int32).reshape(())
+
+    if metadata.decode_only:
+        bq = 1
+        tiles = _decode_tiles(metadata)
+    else:
+        bq = _choose_bq(num_tokens, num_seqs)
+        tiles = build_q_tiles(metadata.cu_q_lens, metadata.context_lens, num_tokens, bq)
+    seq, q_start, n_q, pos0, ctx = (tiles[:, i] for i in range(5))  # each [NT] i32
+
+    j = jnp.arange(bq, dtype=jnp.int32)
+    tok = q_start[:, None] + j  # [NT, bq] i32
+    q_valid = j[None, :] < n_q[:, None]  # [NT, bq] bool
+    q_pos = pos0[:, None] + j  # [NT, bq] i32
+    q_grouped = q.reshape(num_tokens, num_kv_heads, q_per_kv, head_dim)
+    # Dots take the cache's dtype with fp32 accumulation: bf16 x bf16 products are exact in fp32, so
+    # QK^T equals the upcast computation without an fp32 copy of the gathered pages.
+    dot_dtype = jnp.promote_types(q.dtype, cache.k.dtype)
+    q_tiles = q_grouped[jnp.clip(tok, 0, num_tokens - 1)].astype(dot_dtype)  # [NT, bq, kvh, G, d]
+
+    tables = metadata.block_tables.astype(jnp.int32)[seq]  # [NT, max_blocks] i32
+    attend = functools.partial(
+        _attend_tiles, cache=cache, layer=layer, scale=scale, sliding_window=sliding_window,
+        soft_cap=soft_cap, num_heads=num_heads)
+    tile_args = (q_tiles, tables, q_pos, q_valid, ctx, n_q, pos0)
+    if bq >= _SEQUENTIAL_MIN_BQ:
+        # Prefill-heavy: tiles one after another, each only up to its own last query (causal skip).
+        out = lax.map(lambda a: attend(*(x[None] for x in a))[0], tile_args)
+    else:
+        out = attend(*tile_args)  # [NT, kvh, G, bq, d] f32
     out = out.transpose(0, 3, 1, 2, 4).astype(q.dtype)  # [NT, bq, kvh, G, d]
 
     if metadata.decode_only:

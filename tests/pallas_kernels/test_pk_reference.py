@@ -13,6 +13,7 @@ CONFIGS = [
     Config(3, 64, 300, block_size=32, num_kv_heads=3, q_per_kv=1, head_dim=128),
     Config(8, 8, 40, block_size=8, num_kv_heads=2, q_per_kv=4, decode_only=True, dtype="bfloat16"),
     Config(5, 48, 120, block_size=16, num_kv_heads=2, q_per_kv=4, dtype="bfloat16"),
+    Config(2, 160, 400, block_size=16, num_kv_heads=2, q_per_kv=3),  # long q tiles: sequential path
 ]
 OPTIONS = [{}, dict(sliding_window=9), dict(soft_cap=4.0), dict(sm_scale=0.3, sliding_window=1)]
 
