@@ -1,0 +1,51 @@
+"""bench/serving.py against `python -m serving --model fake:...` (no jax, real gRPC)."""
+import json
+import os
+import subprocess
+import sys
+import time
+
+import pytest
+
+ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+
+@pytest.fixture
+def fake_server():
+    proc = subprocess.Popen([sys.executable, "-m", "serving", "--model", "fake:step_delay=0.005,max_num_seqs=4",
+                             "--port", "0"], cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    target = None
+    deadline = time.time() + 30
+    while time.time() < deadline:
+        line = proc.stdout.readline()
+        if not line:
+            break
+        if line.startswith("serving: listening on"):
+            target = line.split()[-1] if ":" in line.split()[-1] else line.split("listening on")[1].split()[0]
+            break
+    assert target, "server did not start"
+    from serving.client import GenerationClient
+    with GenerationClient(target, timeout=5) as c:
+        while time.time() < deadline and c.health() != "SERVING":
+            time.sleep(0.05)
+    yield target
+    proc.terminate()
+    try:
+        proc.wait(timeout=10)
+    except subprocess.TimeoutExpired:
+        proc.kill()
+
+
+def test_serving_bench_two_rates(fake_server, tmp_path, capsys):
+    from bench import serving as sb
+
+    out = tmp_path / "s.json"
+    rc = sb.main(["--target", fake_server, "--num-prompts", "8", "--input-len", "4..8", "--output-len", "3..6",
+                  "--request-rate", "50,inf", "--max-concurrency", "3", "--output-json", str(out)])
+    assert rc == 0
+    res = json.loads(out.read_text())
+    assert [r["request_rate"] for r in res["rows"]] == [50.0, float("inf")]
+    for r in res["rows"]:
+        assert r["completed"] == 8 and r["failed"] == 0 and r["short_outputs"] == 0
+        assert 0 < r["ttft_p50_ms"] <= r["e2e_p50_ms"] and r["tpot_mean_ms"] > 0 and r["itl_p99_ms"] > 0
+    assert "TTFT mean" in capsys.readouterr().out
