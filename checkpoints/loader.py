@@ -4,6 +4,7 @@ from __future__ import annotations
 import dataclasses
 import importlib.util
 import os
+from typing import Callable
 
 import numpy as np
 
@@ -64,22 +65,31 @@ def resolve(model: str, load_format: str = "auto") -> tuple[str, str]:
 
 
 def load_checkpoint(model: str, load_format: str = "auto", dtype=np.float32, seed: int = 0,
-                    shardings: dict | None = None) -> Checkpoint:
+                    shardings: dict | Callable[[ModelConfig], dict] | None = None) -> Checkpoint:
+    """`shardings`: {param name: Sharding} for the formats restored on device (dummy, Orbax), or a
+    function of the model config returning it (tensor parallelism: jaxllm.parallel decides from
+    the config; it is called as soon as the config is read, before weights, so a model that does
+    not fit fails fast). HF and GGUF return numpy arrays in host memory: the caller places them."""
     fmt, path = resolve(model, load_format)
     if fmt == "hf":
-        from checkpoints.hf import load_hf_dir
+        from checkpoints.hf import load_hf_dir, read_config
 
+        if callable(shardings):
+            shardings(read_config(path))  # validation only: the caller places the numpy arrays
         config, params = load_hf_dir(path, dtype=np.float32)
         return Checkpoint(fmt, path, config, params, ("dir", path))
     if fmt == "gguf":
         from checkpoints.gguf_loader import load_gguf
 
         config, params = load_gguf(path)
+        if callable(shardings):
+            shardings(config)
         return Checkpoint(fmt, path, config, params, ("gguf", path))
     if fmt == "orbax":
-        from checkpoints.orbax_store import load_orbax
+        from checkpoints.orbax_store import load_orbax, read_orbax_config
 
-        config, params = load_orbax(path, dtype, shardings)
+        sh = shardings(read_orbax_config(path)) if callable(shardings) else shardings
+        config, params = load_orbax(path, dtype, sh)
         tok = os.path.join(path, "tokenizer")
         return Checkpoint(fmt, path, config, params, ("dir", tok) if os.path.isdir(tok) else None)
     from checkpoints.dummy import dummy_config, dummy_params
@@ -88,7 +98,8 @@ def load_checkpoint(model: str, load_format: str = "auto", dtype=np.float32, see
     if path in PACKAGED_MODELS:  # dummy weights with the real model's shapes and tokenizer
         tokenizer_source = ("gguf", packaged_model_path(path))
     config = dummy_config(path)
-    return Checkpoint(fmt, path, config, dummy_params(config, dtype, seed, shardings), tokenizer_source)
+    sh = shardings(config) if callable(shardings) else shardings
+    return Checkpoint(fmt, path, config, dummy_params(config, dtype, seed, sh), tokenizer_source)
 
 
 def load_tokenizer(source: tuple[str, str] | None, config: ModelConfig):

@@ -16,7 +16,8 @@ from flax import nnx
 
 from jaxllm.models.config import ModelConfig
 from jaxllm.models.rope import apply_rope, inverse_frequencies, rope_tables
-from pallas_kernels import AttentionMetadata, KVCache, ragged_paged_attention, write_kv
+from jaxllm.parallel.ops import constrain, embed_lookup, paged_attention
+from pallas_kernels import AttentionMetadata, KVCache
 
 # Logical axis names of every parameter; jaxllm/parallel maps them to mesh axes.
 PARAM_AXES: dict[str, tuple[str, ...]] = {
@@ -82,7 +83,9 @@ class DecoderLayers(nnx.Module):
 
 class LlamaForCausalLM(nnx.Module):
     def __init__(self, config: ModelConfig, params: dict[str, jax.Array], *,
-                 attention_impl: str | None = None):
+                 attention_impl: str | None = None, layout=None):
+        """`layout`: a jaxllm.parallel.TPLayout when params are sharded on a mesh (config is then
+        the layout's model_config), None on one device."""
         expected = param_shapes(config)
         missing = sorted(set(expected) - set(params))
         if missing:
@@ -93,6 +96,7 @@ class LlamaForCausalLM(nnx.Module):
                                  f"the config's {shape}")
         self.config = config
         self.attention_impl = attention_impl
+        self.layout = layout
         self.embed = nnx.Param(params["embed"])
         self.final_norm = nnx.Param(params["final_norm"])
         self.lm_head = nnx.Param(params["lm_head"]) if "lm_head" in params else None
@@ -107,7 +111,8 @@ class LlamaForCausalLM(nnx.Module):
         """tokens, positions: [T] int32 → hidden [T, hidden_size] (after the final norm), updated cache."""
         c = self.config
         eps = c.rms_norm_eps
-        x = self.embed[...][tokens]  # [T, E]
+        lay = self.layout
+        x = embed_lookup(self.embed[...], tokens, lay)  # [T, E]
         cos, sin = rope_tables(positions, inverse_frequencies(c))  # [T, D/2] f32
         scale = c.head_dim ** -0.5
 
@@ -122,14 +127,14 @@ class LlamaForCausalLM(nnx.Module):
             if c.qk_norm:
                 q, k = rms_norm(q, w["q_norm"], eps), rms_norm(k, w["k_norm"], eps)
             q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
-            cache = write_kv(cache, i, k, v, metadata.slot_mapping)
-            attn = ragged_paged_attention(q, cache, i, metadata, sm_scale=scale,
+            attn, cache = paged_attention(q, k, v, cache, i, metadata, lay, sm_scale=scale,
                                           sliding_window=c.sliding_window, impl=self.attention_impl)
-            x = x + jnp.einsum("thd,hde->te", attn, w["wo"])  # [T, E]
+            x = x + constrain(jnp.einsum("thd,hde->te", attn, w["wo"]), lay, ("tokens", "embed"))  # [T, E]
             h = rms_norm(x, w["post_norm"], eps)
             gate = jnp.einsum("te,ef->tf", h, w["w_gate"])  # [T, F]
             up = jnp.einsum("te,ef->tf", h, w["w_up"])
-            x = x + jnp.einsum("tf,fe->te", jax.nn.silu(gate) * up, w["w_down"])
+            down = jnp.einsum("tf,fe->te", jax.nn.silu(gate) * up, w["w_down"])
+            x = x + constrain(down, lay, ("tokens", "embed"))
             return (x, cache, i + 1), None
 
         (x, kv_cache, _), _ = jax.lax.scan(layer, (x, kv_cache, jnp.int32(0)), self.layers.stacked())
@@ -138,12 +143,19 @@ class LlamaForCausalLM(nnx.Module):
     def compute_logits(self, hidden: jax.Array) -> jax.Array:
         """hidden [N, E] → logits [N, vocab] f32."""
         if self.lm_head is None:
-            return jnp.einsum("ne,ve->nv", hidden, self.embed[...], preferred_element_type=jnp.float32)
-        return jnp.einsum("ne,ev->nv", hidden, self.lm_head[...], preferred_element_type=jnp.float32)
+            logits = jnp.einsum("ne,ve->nv", hidden, self.embed[...], preferred_element_type=jnp.float32)
+        else:
+            logits = jnp.einsum("ne,ev->nv", hidden, self.lm_head[...], preferred_element_type=jnp.float32)
+        return constrain(logits, self.layout, ("seqs", None))  # vocab-parallel → gathered for sampling
 
 
 def build_model(config: ModelConfig, params: dict[str, np.ndarray | jax.Array], dtype,
-                attention_impl: str | None = None) -> LlamaForCausalLM:
-    """Places numpy params on the default device in `dtype` (norms included, as HF does)."""
-    arrays = {k: jnp.asarray(v, dtype=dtype) for k, v in params.items()}
-    return LlamaForCausalLM(config, arrays, attention_impl=attention_impl)
+                attention_impl: str | None = None, layout=None) -> LlamaForCausalLM:
+    """Places params in `dtype` (norms included, as HF does): on the default device, or with a
+    jaxllm.parallel.TPLayout into their shards (numpy straight from host memory; `params` is
+    emptied as it goes). `config` is the checkpoint's config either way."""
+    if layout is None:
+        arrays = {k: jnp.asarray(v, dtype=dtype) for k, v in params.items()}
+        return LlamaForCausalLM(config, arrays, attention_impl=attention_impl)
+    arrays = layout.place_params(config, params, dtype)
+    return LlamaForCausalLM(layout.model_config(config), arrays, attention_impl=attention_impl, layout=layout)

@@ -28,11 +28,12 @@ DEFAULT_CPU_KV_BYTES = 1 << 30
 
 
 def kv_cache_blocks(model_config: ModelConfig, block_size: int, dtype, kv_cache_memory_bytes: int | None,
-                    gpu_memory_utilization: float, reserve_bytes: int = 0) -> int:
-    """Number of KV blocks: from kv_cache_memory_bytes if given; on accelerators from the device's
-    memory limit × utilization minus what is in use (weights) and the step's own working memory;
-    on CPU a 1 GiB default."""
-    per_block = KVCache.bytes_per_block(model_config.num_layers, block_size, model_config.num_kv_heads,
+                    gpu_memory_utilization: float, reserve_bytes: int = 0, tp: int = 1) -> int:
+    """Number of KV blocks: from kv_cache_memory_bytes (per device) if given; on accelerators from
+    the device's memory limit × utilization minus what is in use (weights) and the step's own
+    working memory; on CPU a 1 GiB default (split over the tp devices, which share host memory).
+    With tensor parallelism each device holds num_kv_heads / tp heads of every block."""
+    per_block = KVCache.bytes_per_block(model_config.num_layers, block_size, model_config.num_kv_heads // tp,
                                         model_config.head_dim, dtype)
     budget = kv_cache_memory_bytes
     if budget is None:
@@ -41,7 +42,7 @@ def kv_cache_blocks(model_config: ModelConfig, block_size: int, dtype, kv_cache_
         if stats and "bytes_limit" in stats:
             budget = int(stats["bytes_limit"] * gpu_memory_utilization) - stats.get("bytes_in_use", 0) - reserve_bytes
         else:
-            budget = DEFAULT_CPU_KV_BYTES
+            budget = DEFAULT_CPU_KV_BYTES // tp
     return max(0, budget // per_block)
 
 
@@ -62,10 +63,19 @@ class ModelRunner:
         self._rows: dict[str, int] = {}
         self.num_traces = 0  # jit cache misses of the step function (a trace after warm-up is a bug)
         dtype = model.dtype
+        layout = getattr(model, "layout", None)  # jaxllm.parallel.TPLayout when tensor parallel
+        self.tensor_parallel_size = layout.tp if layout is not None else 1
+        if layout is not None and cache_sharding is None:
+            cache_sharding = layout.cache_sharding()  # kv heads on "tp"
         self.kv_cache = KVCache.zeros(c.num_layers, num_blocks, block_size, c.num_kv_heads, c.head_dim, dtype,
                                       sharding=cache_sharding)
         self.counts = jnp.zeros((self.num_rows, c.vocab_size), jnp.int32)  # [R, V] generated-token counts
         self.prompt_mask = jnp.zeros((self.num_rows, c.vocab_size), bool)  # [R, V] token in prompt
+        jit_kwargs = {}
+        if layout is not None:  # penalty state and sampler outputs replicated; shardings pinned so
+            rep = layout.replicated  # every step sees the same input shardings (no recompiles)
+            self.counts, self.prompt_mask = jax.device_put((self.counts, self.prompt_mask), rep)
+            jit_kwargs["out_shardings"] = (KVCache(cache_sharding, cache_sharding), rep, rep, rep)
         graphdef, self.state = nnx.split(model)
 
         def step(state, cache, counts, prompt_mask, inp: StepInputs):
@@ -83,7 +93,7 @@ class ModelRunner:
                          inp.want_top_logprobs)
             return cache, counts, prompt_mask, out
 
-        self._step = jax.jit(step, donate_argnums=(1, 2, 3))
+        self._step = jax.jit(step, donate_argnums=(1, 2, 3), **jit_kwargs)
 
     # ----- per-request rows ---------------------------------------------------------
     def release(self, request_ids) -> None:

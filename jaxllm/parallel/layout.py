@@ -1,0 +1,148 @@
+"""TPLayout: how one model is laid out on a tensor-parallel mesh, and parameter placement.
+
+`TPLayout.plan(config, tp)` validates that the model fits `tp` (errors name the numbers) and
+decides the two model-dependent choices:
+
+* KV-head replication. With tp <= num_kv_heads, kv heads are sharded (num_kv_heads % tp == 0).
+  With tp > num_kv_heads (tp % num_kv_heads == 0), every kv head is repeated r = tp / num_kv_heads
+  times in wk/wv/bk/bv (and so in the KV cache), making an equivalent model with tp kv heads and
+  exactly one kv head per device: q head h of the original uses kv head h // (H/K); in the repeated
+  model it uses kv head h // (H/(K·r)), a copy of the same head, and the q heads on device d all map
+  to kv head d. Per-device memory equals that at tp = num_kv_heads (the minimum possible with a
+  whole head per device); the cache's total grows r× like vLLM's replication.
+* Vocabulary: embed / lm_head are vocab-parallel when vocab_size % tp == 0 (always true for the
+  presets and SmolLM2), otherwise replicated.
+"""
+from __future__ import annotations
+
+import dataclasses
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from jax.sharding import Mesh, NamedSharding
+from jax.sharding import PartitionSpec as P
+
+from jaxllm.models.config import ModelConfig
+from jaxllm.parallel.mesh import make_mesh
+from jaxllm.parallel.rules import CACHE_AXES, LOGICAL_AXIS_RULES, TP, logical_to_spec
+
+KV_PARAMS = ("layers.wk", "layers.wv", "layers.bk", "layers.bv")
+
+
+def valid_tp_sizes(config: ModelConfig, limit: int | None = None) -> list[int]:
+    H, K, F = config.num_heads, config.num_kv_heads, config.intermediate_size
+    return [t for t in range(1, (limit or H) + 1)
+            if H % t == 0 and F % t == 0 and (K % t == 0 or t % K == 0)]
+
+
+def check_fits(config: ModelConfig, tp: int) -> None:
+    """ValueError naming the numbers when the model cannot be split `tp` ways."""
+    H, K, F = config.num_heads, config.num_kv_heads, config.intermediate_size
+    problem = None
+    if H % tp:
+        problem = f"num_attention_heads={H} is not divisible by {tp}"
+    elif K % tp and tp % K:
+        problem = (f"num_key_value_heads={K} is neither divisible by {tp} (to shard kv heads) nor a divisor "
+                   f"of it (to replicate each kv head {tp}/{K} times)")
+    elif F % tp:
+        problem = f"intermediate_size={F} is not divisible by {tp}"
+    if problem:
+        raise ValueError(f"tensor_parallel_size={tp} does not fit the model: {problem}; "
+                         f"valid sizes for this model: {valid_tp_sizes(config)}")
+
+
+@dataclasses.dataclass(frozen=True)
+class TPLayout:
+    mesh: Mesh
+    tp: int
+    kv_repeat: int  # each checkpoint kv head appears kv_repeat times (1: kv heads are sharded)
+    shard_vocab: bool  # embed / lm_head split on the vocabulary axis
+
+    @staticmethod
+    def plan(config: ModelConfig, tp: int, mesh: Mesh | None = None) -> "TPLayout":
+        mesh = make_mesh(tp) if mesh is None else mesh
+        if mesh.shape[TP] != tp:
+            raise ValueError(f"mesh axis {TP!r} has size {mesh.shape[TP]}, expected tensor_parallel_size={tp}")
+        check_fits(config, tp)
+        K = config.num_kv_heads
+        return TPLayout(mesh, tp, tp // K if tp > K else 1, config.vocab_size % tp == 0)
+
+    # ----- specs and shardings ---------------------------------------------------------------
+    @property
+    def rules(self) -> dict[str, str | None]:
+        return dict(LOGICAL_AXIS_RULES, vocab=TP if self.shard_vocab else None)
+
+    def spec(self, logical_axes: tuple[str | None, ...]) -> P:
+        return logical_to_spec(logical_axes, self.rules)
+
+    def sharding(self, logical_axes: tuple[str | None, ...]) -> NamedSharding:
+        return NamedSharding(self.mesh, self.spec(logical_axes))
+
+    @property
+    def replicated(self) -> NamedSharding:
+        return NamedSharding(self.mesh, P())
+
+    def cache_sharding(self) -> NamedSharding:
+        return self.sharding(CACHE_AXES)
+
+    def model_config(self, config: ModelConfig) -> ModelConfig:
+        """The config the sharded model runs: num_kv_heads × kv_repeat (same function)."""
+        if self.kv_repeat == 1:
+            return config
+        return dataclasses.replace(config, num_kv_heads=config.num_kv_heads * self.kv_repeat)
+
+    def param_shardings(self, config: ModelConfig) -> dict[str, NamedSharding]:
+        """Shardings of the model's parameters (shapes of `model_config(config)`)."""
+        from jaxllm.models.llama import PARAM_AXES, param_shapes
+
+        return {name: self.sharding(PARAM_AXES[name]) for name in param_shapes(config)}
+
+    def load_shardings(self, config: ModelConfig) -> dict[str, NamedSharding]:
+        """Shardings to load a checkpoint (original shapes) into: the final ones, except kv
+        projections that get repeated afterwards, which load replicated (they are small)."""
+        out = self.param_shardings(config)
+        if self.kv_repeat > 1:
+            for name in KV_PARAMS:
+                if name in out:
+                    out[name] = self.replicated
+        return out
+
+    # ----- placement -------------------------------------------------------------------------
+    def place_params(self, config: ModelConfig, params: dict, dtype) -> dict[str, jax.Array]:
+        """Checkpoint params (numpy on the host, or jax arrays) → the sharded model's params.
+
+        Numpy arrays go straight from host memory to their shards (each device receives only its
+        slice; the full model never sits on one device). Pops from `params` as it goes so host
+        copies can be freed."""
+        from jaxllm.models.llama import PARAM_AXES
+
+        shardings = self.param_shardings(self.model_config(config))
+        out = {}
+        for name in list(params):
+            x = params.pop(name)
+            sh = shardings[name]
+            rep = self.kv_repeat if name in KV_PARAMS else 1
+            axis = PARAM_AXES[name].index("kv_heads") if rep > 1 else 0
+            if isinstance(x, jax.Array):
+                out[name] = _transform_on_device(x, rep, axis, dtype, sh)
+            else:
+                a = np.asarray(x)
+                if rep > 1:
+                    a = np.repeat(a, rep, axis=axis)
+                a = a.astype(jnp.dtype(dtype), copy=False)
+                out[name] = jax.make_array_from_callback(a.shape, sh, lambda idx, a=a: a[idx])
+            del x
+        return out
+
+
+def _transform_on_device(x: jax.Array, rep: int, axis: int, dtype, sharding: NamedSharding) -> jax.Array:
+    if rep == 1 and x.dtype == jnp.dtype(dtype) and x.sharding == sharding:
+        return x
+
+    def f(a):
+        if rep > 1:
+            a = jnp.repeat(a, rep, axis=axis)
+        return a.astype(dtype)
+
+    return jax.jit(f, out_shardings=sharding)(x)

@@ -1,0 +1,60 @@
+"""Model-side tensor-parallel ops. Each takes `layout` (a TPLayout, or None on one device, where
+it is exactly the single-device computation).
+
+* `paged_attention`: cache write + ragged paged attention per device under `jax.shard_map`: q/k/v
+  arrive sharded on heads / kv_heads, the KV cache on kv_heads, the metadata replicated; each
+  device runs the unmodified kernel (reference on CPU, Pallas on GPU) on its local heads. No
+  communication: device d's q heads only read kv head(s) it holds (see layout.py).
+* `embed_lookup`: Megatron vocab-parallel embedding: each device looks up the ids in its vocab
+  slice, zeroes the rest, one psum (exact: one non-zero term per row).
+* `constrain`: pins an activation's sharding by logical axis names.
+"""
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+from jax.sharding import NamedSharding
+from jax.sharding import PartitionSpec as P
+
+from jaxllm.parallel.rules import CACHE_AXES, TP
+from pallas_kernels import KVCache, ragged_paged_attention, write_kv
+
+
+def constrain(x: jax.Array, layout, logical_axes: tuple[str | None, ...]) -> jax.Array:
+    if layout is None:
+        return x
+    return jax.lax.with_sharding_constraint(x, NamedSharding(layout.mesh, layout.spec(logical_axes)))
+
+
+def paged_attention(q, k, v, cache: KVCache, layer, metadata, layout, **attn_kwargs):
+    """q [T, H, D], k/v [T, K, D] → (attention [T, H, D], cache with k/v written at `layer`)."""
+
+    def local(q, k, v, cache, layer, metadata):
+        cache = write_kv(cache, layer, k, v, metadata.slot_mapping)
+        return ragged_paged_attention(q, cache, layer, metadata, **attn_kwargs), cache
+
+    if layout is None:
+        return local(q, k, v, cache, layer, metadata)
+    q_spec = layout.spec(("tokens", "heads", "head_dim"))
+    kv_spec = layout.spec(("tokens", "kv_heads", "head_dim"))
+    c_spec = layout.spec(CACHE_AXES)
+    cache_specs = KVCache(c_spec, c_spec)
+    fn = jax.shard_map(local, mesh=layout.mesh, in_specs=(q_spec, kv_spec, kv_spec, cache_specs, P(), P()),
+                       out_specs=(q_spec, cache_specs), check_vma=False)
+    return fn(q, k, v, cache, layer, metadata)
+
+
+def embed_lookup(table: jax.Array, tokens: jax.Array, layout) -> jax.Array:
+    """table [V, E], tokens [T] i32 → [T, E] (replicated)."""
+    if layout is None or not layout.shard_vocab:
+        return table[tokens]
+
+    def local(table, tokens):  # table [V / tp, E]
+        n = table.shape[0]
+        idx = tokens - jax.lax.axis_index(TP) * n
+        ok = (idx >= 0) & (idx < n)
+        rows = table[jnp.clip(idx, 0, n - 1)]  # [T, E]
+        return jax.lax.psum(jnp.where(ok[:, None], rows, jnp.zeros((), rows.dtype)), TP)
+
+    return jax.shard_map(local, mesh=layout.mesh, in_specs=(layout.spec(("vocab", "embed")), P()),
+                         out_specs=P(), check_vma=False)(table, tokens)

@@ -1,0 +1,53 @@
+"""THE table mapping logical axis names to mesh axes (the only place that knows about "tp").
+
+Model code names the axes of every parameter (`jaxllm.models.llama.PARAM_AXES`) and of the few
+activations it pins; this table turns those names into `PartitionSpec`s. Megatron layout:
+
+    wq/wk/wv [L, E, heads, D]      column-parallel (heads / kv_heads on "tp")
+    w_gate/w_up [L, E, mlp]        column-parallel (mlp on "tp")
+    wo [L, heads, D, E]            row-parallel (heads on "tp": XLA inserts one all-reduce)
+    w_down [L, mlp, E]             row-parallel (mlp on "tp": one all-reduce)
+    embed [V, E], lm_head [E, V]   vocab-parallel ("vocab" on "tp"), see README "Vocabulary"
+    KV cache [L, N, B, kv_heads, D]  kv_heads on "tp"
+
+Everything else (norms, layers, head_dim, embed, tokens) is replicated. A "dp" mesh axis exists
+(size 1 today) so data parallelism can later map "tokens"/"seqs" to it without touching models.
+"""
+from __future__ import annotations
+
+from jax.sharding import PartitionSpec as P
+
+TP = "tp"
+DP = "dp"
+MESH_AXES = (DP, TP)
+
+LOGICAL_AXIS_RULES: dict[str, str | None] = {
+    "vocab": TP,
+    "heads": TP,
+    "kv_heads": TP,
+    "mlp": TP,
+    "embed": None,
+    "head_dim": None,
+    "layers": None,
+    "norm": None,
+    # activations
+    "tokens": None,
+    "seqs": None,
+    # KV cache
+    "cache_blocks": None,
+    "block_slots": None,
+}
+
+# The KV cache's logical axes ([num_layers, num_blocks, block_size, num_kv_heads, head_dim]).
+CACHE_AXES = ("layers", "cache_blocks", "block_slots", "kv_heads", "head_dim")
+
+
+def logical_to_spec(axes: tuple[str | None, ...], rules: dict[str, str | None] | None = None) -> P:
+    """("layers", "embed", "heads", "head_dim") → P(None, None, "tp", None)."""
+    rules = LOGICAL_AXIS_RULES if rules is None else rules
+    out = []
+    for a in axes:
+        if a is not None and a not in rules:
+            raise KeyError(f"logical axis {a!r} has no rule in jaxllm.parallel.rules.LOGICAL_AXIS_RULES")
+        out.append(None if a is None else rules[a])
+    return P(*out)

@@ -1,0 +1,99 @@
+"""The sharding table, fit checks and errors, and parameter placement (no engine)."""
+from __future__ import annotations
+
+import dataclasses
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from jax.sharding import PartitionSpec as P
+
+from checkpoints.dummy import dummy_config
+from jaxllm.config import EngineConfig
+from jaxllm.engine.factory import build_engine
+from jaxllm.models.llama import PARAM_AXES, param_shapes
+from jaxllm.parallel import TPLayout, logical_to_spec, make_mesh, valid_tp_sizes
+
+TINY = dummy_config("tiny-llama")  # 8 heads / 4 kv heads
+
+
+def test_megatron_specs():
+    assert logical_to_spec(PARAM_AXES["layers.wq"]) == P(None, None, "tp", None)  # column-parallel
+    assert logical_to_spec(PARAM_AXES["layers.wk"]) == P(None, None, "tp", None)
+    assert logical_to_spec(PARAM_AXES["layers.w_gate"]) == P(None, None, "tp")
+    assert logical_to_spec(PARAM_AXES["layers.wo"]) == P(None, "tp", None, None)  # row-parallel
+    assert logical_to_spec(PARAM_AXES["layers.w_down"]) == P(None, "tp", None)
+    assert logical_to_spec(PARAM_AXES["embed"]) == P("tp", None)  # vocab-parallel
+    assert logical_to_spec(PARAM_AXES["lm_head"]) == P(None, "tp")
+    assert logical_to_spec(PARAM_AXES["layers.input_norm"]) == P(None, None)
+    with pytest.raises(KeyError, match="'bogus'"):
+        logical_to_spec(("bogus",))
+
+
+def test_plans():
+    assert valid_tp_sizes(TINY) == [1, 2, 4, 8]
+    plans = {tp: TPLayout.plan(TINY, tp) for tp in (2, 4, 8)}
+    assert [plans[t].kv_repeat for t in (2, 4, 8)] == [1, 1, 2]
+    assert plans[8].model_config(TINY).num_kv_heads == 8
+    assert all(p.shard_vocab for p in plans.values())
+    smol = dummy_config("smollm2-135m")  # 9 heads / 3 kv heads
+    assert TPLayout.plan(smol, 3).kv_repeat == 1
+    odd_vocab = dataclasses.replace(TINY, vocab_size=510)
+    assert not TPLayout.plan(odd_vocab, 4).shard_vocab  # 510 % 4: embed/lm_head replicated
+
+
+def test_errors_name_the_numbers():
+    with pytest.raises(ValueError, match=r"tensor_parallel_size=5 .*num_attention_heads=8 .*\[1, 2, 4, 8\]"):
+        TPLayout.plan(TINY, 5)
+    with pytest.raises(ValueError, match=r"tensor_parallel_size=16 .*16 devices .*only 8 cpu"):
+        make_mesh(16)
+    h24 = dataclasses.replace(TINY, num_heads=24, num_kv_heads=3)  # q heads of a device span 2 kv heads
+    with pytest.raises(ValueError, match=r"tensor_parallel_size=8 .*num_key_value_heads=3"):
+        TPLayout.plan(h24, 8)
+    with pytest.raises(ValueError, match=r"intermediate_size=100 is not divisible by 8"):
+        TPLayout.plan(dataclasses.replace(TINY, intermediate_size=100), 8)
+    # Through the engine, before any weights load.
+    with pytest.raises(ValueError, match=r"tensor_parallel_size=5 does not fit.*num_attention_heads=8"):
+        build_engine(EngineConfig(model="dummy:tiny-llama", tensor_parallel_size=5), compile_cache=False)
+    with pytest.raises(ValueError, match=r"tensor_parallel_size=16 .*only 8 cpu device"):
+        build_engine(EngineConfig(model="dummy:tiny-llama", tensor_parallel_size=16), compile_cache=False)
+
+
+@pytest.mark.parametrize("tp", [2, 8])
+def test_place_params_shards_and_replicates_kv(tp):
+    rng = np.random.default_rng(0)
+    params = {k: rng.standard_normal(s).astype(np.float32) for k, s in param_shapes(TINY).items()}
+    wk = params["layers.wk"].copy()
+    layout = TPLayout.plan(TINY, tp)
+    placed = layout.place_params(TINY, dict(params), jnp.float32)
+    cfg = layout.model_config(TINY)
+    assert {k: v.shape for k, v in placed.items()} == param_shapes(cfg)
+    for name, arr in placed.items():
+        spec = layout.spec(PARAM_AXES[name])
+        expected = tuple(n // tp if ax == "tp" else n for n, ax in zip(arr.shape, tuple(spec) + (None,) * 8))
+        assert len(arr.addressable_shards) == tp
+        assert all(s.data.shape == expected for s in arr.addressable_shards), (name, expected)
+    # kv head of q head h is h // (H/K) in the checkpoint and h // (H/K') in the placed model: same weights.
+    H, K, K2 = TINY.num_heads, TINY.num_kv_heads, cfg.num_kv_heads
+    got = np.asarray(placed["layers.wk"])
+    for h in range(H):
+        np.testing.assert_array_equal(got[:, :, h // (H // K2)], wk[:, :, h // (H // K)])
+    # Device d holds exactly the kv heads its q heads use.
+    for d, s in enumerate(placed["layers.wk"].addressable_shards):
+        q_heads = range(d * H // tp, (d + 1) * H // tp)
+        needed = {h // (H // K2) for h in q_heads}
+        held = set(range(*s.index[2].indices(K2)))
+        assert needed <= held, (d, needed, held)
+
+
+def test_dummy_born_sharded_matches_single_device():
+    from checkpoints import load_checkpoint
+
+    layout = TPLayout.plan(TINY, 4)
+    sharded = load_checkpoint("dummy:tiny-llama", dtype=jnp.float32, shardings=layout.load_shardings)
+    single = load_checkpoint("dummy:tiny-llama", dtype=jnp.float32)
+    w = sharded.params["layers.wq"]
+    assert w.sharding.spec == P(None, None, "tp", None) and len(w.addressable_shards) == 4
+    np.testing.assert_array_equal(np.asarray(w), np.asarray(single.params["layers.wq"]))
+    assert jax.tree.all(jax.tree.map(lambda a: a.is_fully_replicated, sharded.params["layers.input_norm"]))
