@@ -117,9 +117,10 @@ def paged_decode_attention(
     block_k = block_k or (64 if head_dim <= 128 else 32)
     table_tokens = metadata.block_tables.shape[1] * cache.block_size
     splits, split_len = _plan_splits(num_seqs, num_kv_heads, table_tokens, block_k)
-    if num_splits is not None:
+    if num_splits is not None:  # forced: equal splits of the table, each a multiple of block_k
+        split_len = -(-table_tokens // num_splits)
+        split_len = -(-split_len // block_k) * block_k
         splits = num_splits
-        split_len = -(-(-(-table_tokens // splits)) // block_k) * block_k
 
     # Padding sequences (q_len 0) attend to nothing and come out as zeros.
     q_lens = metadata.cu_q_lens[1:] - metadata.cu_q_lens[:-1]
