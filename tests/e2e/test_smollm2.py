@@ -1,0 +1,243 @@
+"""End to end on the real SmolLM2-135M (GGUF, fp32 on CPU): ONE engine for the whole module.
+
+The config is tight on purpose: a 128-token step budget forces chunked prefill and a 96-block
+KV cache (1,536 tokens) forces preemption. The caching-off comparison reuses that engine's
+runner (prefix caching is host-side only) under a second LLMEngine, so the module compiles once.
+The CLI test runs the same config in a subprocess against this module's compile cache.
+"""
+from __future__ import annotations
+
+import inspect
+import os
+import subprocess
+import sys
+
+import msgspec
+import numpy as np
+import pytest
+
+from jaxllm.engine.engine import LLMEngine
+from jaxllm.llm import LLM
+from jaxllm.sampling_params import SamplingParams
+
+pytestmark = pytest.mark.slow
+
+MODEL = "smollm2-135m"
+MAX_LEN = 1024
+MAX_SEQS = 8
+BUDGET = 128
+BLOCKS = 96
+KV_BYTES = BLOCKS * 2 * 30 * 16 * 3 * 64 * 4  # 30 layers, 3 kv heads, head_dim 64, f32
+ENGINE_KW = dict(max_model_len=MAX_LEN, max_num_seqs=MAX_SEQS, max_num_batched_tokens=BUDGET,
+                 kv_cache_memory_bytes=KV_BYTES)
+
+
+@pytest.fixture(scope="module")
+def compile_cache(tmp_path_factory):
+    return str(tmp_path_factory.mktemp("xla"))
+
+
+@pytest.fixture(scope="module")
+def llm(compile_cache):
+    old = os.environ.get("JAXLLM_COMPILE_CACHE")
+    os.environ["JAXLLM_COMPILE_CACHE"] = compile_cache
+    try:
+        llm = LLM(model=MODEL, **ENGINE_KW)
+    finally:
+        if old is None:
+            os.environ.pop("JAXLLM_COMPILE_CACHE")
+        else:
+            os.environ["JAXLLM_COMPILE_CACHE"] = old
+    assert llm.engine.kv.num_blocks == BLOCKS
+    return llm
+
+
+@pytest.fixture(autouse=True)
+def _no_leaks(request):
+    yield
+    if "llm" in request.fixturenames:
+        assert_clean(request.getfixturevalue("llm").engine)
+
+
+def assert_clean(engine):
+    assert not engine.has_unfinished_requests()
+    s = engine.get_stats()
+    assert s["num_free_blocks"] == s["num_blocks"], s
+    assert s["num_running"] == 0 and s["num_waiting"] == 0, s
+    assert not engine.scheduler.requests and not engine.kv.req_blocks
+    engine.kv.pool.check_invariants()
+    assert not engine.runner._rows
+
+
+def corpus(tok) -> list[int]:
+    """A few thousand tokens of natural text (stdlib docstrings and code), deterministic."""
+    import argparse
+    import textwrap
+
+    return tok.encode(inspect.getsource(textwrap) + inspect.getsource(argparse))
+
+
+def greedy(max_tokens, **kw):
+    return SamplingParams(temperature=0.0, max_tokens=max_tokens, **kw)
+
+
+CHATS = [[{"role": "user", "content": "What is the capital of France?"}],
+         [{"role": "user", "content": "Write a short poem about the sea."}]]
+PLAIN = ["The three primary colors are", "def fibonacci(n):\n    \"\"\"Return the n-th Fibonacci number."]
+
+
+def hf_greedy(prompts: list[list[int]], max_tokens: int) -> list[list[int]]:
+    """HF transformers greedy (fp32, from the same GGUF), with a KV cache, never stopping at EOS."""
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    from checkpoints.loader import packaged_model_path
+
+    path = packaged_model_path(MODEL)
+    model = AutoModelForCausalLM.from_pretrained(os.path.dirname(path), gguf_file=os.path.basename(path),
+                                                 dtype=torch.float32)
+    model.eval()
+    outs = []
+    with torch.no_grad():
+        for p in prompts:
+            ids = torch.tensor([p])
+            out = model(ids, use_cache=True)
+            toks = []
+            for _ in range(max_tokens):
+                t = int(out.logits[0, -1].argmax())
+                toks.append(t)
+                out = model(torch.tensor([[t]]), past_key_values=out.past_key_values, use_cache=True)
+            outs.append(toks)
+    return outs
+
+
+def test_greedy_batch_equals_alone_and_transformers(llm):
+    tok = llm.get_tokenizer()
+    text = corpus(tok)
+    rng = np.random.default_rng(0)
+    hf_prompts = [tok.apply_chat_template(c) for c in CHATS] + [tok.encode(p) for p in PLAIN]
+    lengths = [5, 9, 14, 22, 31, 47, 64, 80, 100, 128, 150, 190, 230, 270, 320, 380, 440, 520, 600, 600]
+    prompts = hf_prompts + [text[o:o + n] for n, o in zip(lengths, rng.integers(0, len(text) - 600, 20))]
+    assert len(prompts) == 24 and min(map(len, prompts)) == 5 and max(map(len, prompts)) == 600
+    params = [greedy(32)] * 4 + [greedy(16)] * 20
+    before = llm.engine.get_stats()["num_preemptions"]
+    batch = llm.generate([{"prompt_token_ids": p} for p in prompts], params, use_tqdm=False)
+    assert llm.engine.get_stats()["num_preemptions"] > before, "the KV budget did not force preemption"
+    assert_clean(llm.engine)
+    alone = [llm.generate({"prompt_token_ids": p}, sp, use_tqdm=False)[0] for p, sp in zip(prompts, params)]
+    for i, (b, a) in enumerate(zip(batch, alone)):
+        assert b.outputs[0].token_ids == a.outputs[0].token_ids, f"prompt {i} (len {len(prompts[i])})"
+        assert b.outputs[0].text == a.outputs[0].text
+    assert "Paris" in batch[0].outputs[0].text
+    # HF transformers greedy, 32 tokens, chat and plain prompts (EOS ends ours: compare up to it)
+    ref = hf_greedy(hf_prompts, 32)
+    for i, (b, r) in enumerate(zip(batch[:4], ref)):
+        got = b.outputs[0].token_ids
+        assert got == r[:len(got)], f"prompt {i}: {got} != {r}"
+        if b.outputs[0].finish_reason == "stop":
+            assert got[-1] in llm.engine.eos_token_ids
+        else:
+            assert len(got) == 32
+    assert sum(len(b.outputs[0].token_ids) for b in batch[:4]) >= 64
+
+
+def test_prefix_caching_on_and_off(llm):
+    tok = llm.get_tokenizer()
+    text = corpus(tok)
+    prefix = text[:1000]
+    suffixes = [tok.encode(s) for s in ("\n# Summary:", "\n# What does this do?", "\ndef main():",
+                                        "\nclass Parser:")]
+    prompts = [{"prompt_token_ids": prefix + s} for s in suffixes]
+    params = greedy(8)
+    first = llm.generate(prompts[0], params, use_tqdm=False)[0]  # fills the cache
+    on = [first] + llm.generate(prompts[1:], params, use_tqdm=False)
+    again = llm.generate(prompts[0], params, use_tqdm=False)[0]
+    for o in on[1:] + [again]:
+        assert o.num_cached_tokens >= 992, o.num_cached_tokens
+    # caching off: a second engine on the same runner (prefix caching is host-side only)
+    cfg = msgspec.structs.replace(llm.engine.config, enable_prefix_caching=False)
+    off_engine = LLMEngine(cfg, llm.engine.runner, llm.engine.tokenizer)
+    try:
+        off = LLM(MODEL, engine=off_engine).generate(prompts, params, use_tqdm=False)
+        assert_clean(off_engine)
+    finally:
+        assert llm.engine.reset_prefix_cache()  # the off engine overwrote cached blocks
+    assert all(o.num_cached_tokens == 0 for o in off)
+    assert [o.outputs[0].token_ids for o in on] == [o.outputs[0].token_ids for o in off]
+    assert again.outputs[0].token_ids == first.outputs[0].token_ids
+
+
+def test_seeded_sampling_alone_and_in_a_batch(llm):
+    tok = llm.get_tokenizer()
+    prompt = {"prompt_token_ids": tok.apply_chat_template(CHATS[1])}
+    sp = SamplingParams(temperature=0.9, top_p=0.95, top_k=50, seed=1234, max_tokens=16, ignore_eos=True)
+    alone = llm.generate(prompt, sp, use_tqdm=False)[0].outputs[0]
+    text = corpus(tok)
+    rng = np.random.default_rng(1)
+    others = [{"prompt_token_ids": text[o:o + n]} for o, n in zip(rng.integers(0, 2000, 16), rng.integers(5, 120, 16))]
+    other_params = [SamplingParams(temperature=float(t), seed=int(s), max_tokens=int(m), min_p=0.05)
+                    for t, s, m in zip(rng.uniform(0.5, 1.2, 16), rng.integers(0, 2**31, 16), rng.integers(4, 20, 16))]
+    outs = llm.generate(others[:8] + [prompt] + others[8:], other_params[:8] + [sp] + other_params[8:],
+                        use_tqdm=False)
+    inside = outs[8].outputs[0]
+    assert inside.token_ids == alone.token_ids and inside.text == alone.text
+    # the seed matters: other seeds give other texts
+    diff = [llm.generate(prompt, sp.clone(seed=s), use_tqdm=False)[0].outputs[0].token_ids for s in (1, 2)]
+    assert any(d != alone.token_ids for d in diff)
+
+
+BAD_PARAMS = [
+    (dict(temperature=-0.5), "temperature"), (dict(top_p=0.0), "top_p"), (dict(top_k=-2), "top_k"),
+    (dict(min_p=1.5), "min_p"), (dict(max_tokens=0), "max_tokens"), (dict(n=0), "n="),
+    (dict(logprobs=21), "logprobs"), (dict(presence_penalty=3.0), "presence_penalty"),
+    (dict(repetition_penalty=0.0), "repetition_penalty"), (dict(min_tokens=5, max_tokens=2), "min_tokens"),
+    (dict(stop_token_ids=[49152]), "stop_token_ids"), (dict(stop=[""]), "stop"),
+]
+
+
+def test_bad_input_is_rejected_and_the_engine_keeps_working(llm):
+    engine = llm.engine
+    vocab = engine.vocab_size
+    good = {"prompt_token_ids": llm.get_tokenizer().encode("The three primary colors are")}
+    want = llm.generate(good, greedy(8), use_tqdm=False)[0].outputs[0].token_ids
+    bad_prompts = [
+        ({"prompt_token_ids": [5] * MAX_LEN}, "max_model_len"),
+        ({"prompt_token_ids": [5] * (MAX_LEN + 50)}, "max_model_len"),
+        ({"prompt_token_ids": []}, "at least 1 token"),
+        ("", "at least 1 token"),
+        ({"prompt_token_ids": [1, 2, vocab]}, "vocab_size"),
+        ({"prompt_token_ids": [1, -1, 2]}, "vocab_size"),
+        ({"prompt_token_ids": [1, 2.5]}, "vocab_size"),
+    ]
+    steps = engine.num_steps
+    for prompt, msg in bad_prompts:
+        with pytest.raises(ValueError, match=msg):
+            engine.add_request("bad", prompt, greedy(4))
+        assert_clean(engine)
+    for kw, field in BAD_PARAMS:
+        with pytest.raises(ValueError, match=field):
+            engine.add_request("bad", good, SamplingParams(**kw))
+        assert_clean(engine)
+    # all or nothing through LLM: one bad prompt among good ones submits none
+    with pytest.raises(ValueError, match="vocab_size"):
+        llm.generate([good, good, {"prompt_token_ids": [vocab + 7]}], greedy(4), use_tqdm=False)
+    assert_clean(engine)
+    assert engine.num_steps == steps, "something was scheduled for a rejected request"
+    # prompt + max_tokens over max_model_len is accepted and clamped (finish_reason "length")
+    long = {"prompt_token_ids": [5] * (MAX_LEN - 3)}
+    out = llm.generate(long, greedy(50, ignore_eos=True), use_tqdm=False)[0].outputs[0]
+    assert len(out.token_ids) == 3 and out.finish_reason == "length"
+    assert llm.generate(good, greedy(8), use_tqdm=False)[0].outputs[0].token_ids == want
+
+
+def test_cli_generate(compile_cache, llm):
+    env = dict(os.environ, JAX_PLATFORMS="cpu", JAXLLM_COMPILE_CACHE=compile_cache)
+    cmd = [sys.executable, "-m", "jaxllm.generate", "--model", MODEL, "--chat", "--prompt",
+           "What is the capital of France?", "--max-tokens", "16", "--temperature", "0", "--no-progress",
+           "--max-model-len", str(MAX_LEN), "--max-num-seqs", str(MAX_SEQS),
+           "--max-num-batched-tokens", str(BUDGET), "--kv-cache-memory-bytes", str(KV_BYTES)]
+    res = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300,
+                         cwd=os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)))))
+    assert res.returncode == 0, res.stderr[-3000:]
+    assert "Paris" in res.stdout, res.stdout + res.stderr[-2000:]
+    assert "output tok/s" in res.stdout + res.stderr
