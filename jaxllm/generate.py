@@ -13,6 +13,7 @@ import time
 import msgspec
 
 from jaxllm.config import EngineConfig
+from jaxllm.parallel.cli import add_distributed_args, run_follower, start_distributed
 from jaxllm.sampling_params import SamplingParams
 
 
@@ -118,7 +119,16 @@ def main(argv=None) -> int:
     ap.add_argument("--no-progress", action="store_true", help="hide the progress bar")
     add_engine_args(ap)
     add_sampling_args(ap)
+    add_distributed_args(ap)
     args = ap.parse_args(argv)
+    try:
+        leader = start_distributed(args)  # multi-host: jax.distributed.initialize; process 0 leads
+        if not leader:  # other processes execute process 0's steps on their devices, then exit
+            run_follower(engine_config_from_args(args))
+            return 0
+    except ValueError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
 
     from checkpoints import CheckpointError
     from jaxllm.llm import LLM
@@ -145,6 +155,7 @@ def main(argv=None) -> int:
         t1 = time.perf_counter()
         outs = llm.generate(prompts, params, use_tqdm=not args.no_progress)
         secs = time.perf_counter() - t1
+        llm.engine.runner.stop_followers()  # multi-host: release processes > 0 (no-op on one host)
     except (ValueError, CheckpointError, OSError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2

@@ -46,6 +46,9 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("--dtype")
     e.add_argument("--load-format")
     e.add_argument("--seed", type=int)
+    from jaxllm.parallel.cli import add_distributed_args  # argparse only: no jax
+
+    add_distributed_args(p)
     s = p.add_argument_group("server")
     d = ServerConfig()
     s.add_argument("--max-queued-requests", type=int, default=d.max_queued_requests,
@@ -139,6 +142,13 @@ def main(argv: list[str] | None = None) -> int:
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     try:
         cfg = server_config(args)
+        from jaxllm.parallel.cli import run_follower, start_distributed
+
+        if not start_distributed(args):  # multi-host, processes > 0: no server, run process 0's steps
+            from jaxllm.config import EngineConfig
+
+            run_follower(EngineConfig(**engine_kwargs(args)).validate())
+            return 0
         factory = engine_factory(engine_kwargs(args))
     except ValueError as exc:
         print(f"error: {exc}", file=sys.stderr)

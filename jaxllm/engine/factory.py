@@ -86,6 +86,11 @@ def build_engine(config: EngineConfig, *, compile_cache: bool = True, warmup: bo
     del ckpt
     num_blocks = kv_cache_blocks(model.config, config.block_size, dtype, config.kv_cache_memory_bytes,
                                  config.gpu_memory_utilization, tp=tp)
+    if jax.process_count() > 1:  # multi-host: every process allocates the same cache (process 0's size)
+        import numpy as np
+        from jax.experimental import multihost_utils
+
+        num_blocks = int(multihost_utils.broadcast_one_to_all(np.int32(num_blocks)))
     runner = ModelRunner(model, block_size=config.block_size, num_blocks=num_blocks, max_model_len=max_model_len,
                          max_num_seqs=config.max_num_seqs, max_num_batched_tokens=config.max_num_batched_tokens,
                          eos_token_ids=tokenizer.eos_token_ids)

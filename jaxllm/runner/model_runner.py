@@ -37,7 +37,7 @@ def kv_cache_blocks(model_config: ModelConfig, block_size: int, dtype, kv_cache_
                                         model_config.head_dim, dtype)
     budget = kv_cache_memory_bytes
     if budget is None:
-        dev = jax.devices()[0]
+        dev = jax.local_devices()[0]
         stats = dev.memory_stats() if dev.platform != "cpu" else None
         if stats and "bytes_limit" in stats:
             budget = int(stats["bytes_limit"] * gpu_memory_utilization) - stats.get("bytes_in_use", 0) - reserve_bytes
@@ -94,6 +94,13 @@ class ModelRunner:
             return cache, counts, prompt_mask, out
 
         self._step = jax.jit(step, donate_argnums=(1, 2, 3), **jit_kwargs)
+        self._channel = None  # multi-host: process 0 broadcasts each step (jaxllm/parallel/multihost.py)
+        if jax.process_count() > 1:
+            from jaxllm.parallel.multihost import StepChannel
+
+            self._channel = StepChannel(lambda T, S, decode_only: build_inputs(
+                [], [], self.num_rows, self.eos_ids, T, S, decode_only, self.block_size,
+                self.max_blocks_per_seq, self.max_model_len))
 
     # ----- per-request rows ---------------------------------------------------------
     def release(self, request_ids) -> None:
@@ -110,9 +117,27 @@ class ModelRunner:
 
     # ----- execution ----------------------------------------------------------------
     def _run(self, inp: StepInputs):
+        if self._channel is not None:  # process 0 of a multi-host run: every process runs this step
+            inp = self._channel.send(inp)
+        return self._run_local(inp)
+
+    def _run_local(self, inp: StepInputs):
         self.kv_cache, self.counts, self.prompt_mask, out = self._step(
             self.state, self.kv_cache, self.counts, self.prompt_mask, inp)
         return out
+
+    # ----- multi-host ---------------------------------------------------------------
+    def follow(self) -> None:
+        """Processes other than 0: run process 0's steps until it calls `stop_followers`."""
+        if self._channel is None:
+            raise RuntimeError("follow() is for processes > 0 of a multi-host run (jax.process_count() > 1)")
+        while (inp := self._channel.receive()) is not None:
+            jax.block_until_ready(self._run_local(inp))
+
+    def stop_followers(self) -> None:
+        """Process 0: release the followers (no-op on one host)."""
+        if self._channel is not None:
+            self._channel.stop()
 
     def execute(self, sched: SchedulerOutput) -> dict[str, SampledToken]:
         self.release(sched.finished_or_preempted_ids)
