@@ -60,6 +60,7 @@ def _attend_tiles(q_tiles, tables, q_pos, q_valid, ctx, n_q, pos0, *, cache, lay
     chunk = pages_per_chunk * block_size
     padded_blocks = -(-max_blocks // pages_per_chunk) * pages_per_chunk
     tables = jnp.pad(tables, ((0, 0), (0, padded_blocks - max_blocks)))  # [NT, MBp] i32
+    heads = jnp.arange(num_kv_heads, dtype=jnp.int32)
 
     has_q = n_q > 0
     kv_hi = jnp.where(has_q, jnp.minimum(ctx, pos0 + n_q), 0)  # [NT] exclusive end of needed KV
@@ -74,9 +75,12 @@ def _attend_tiles(q_tiles, tables, q_pos, q_valid, ctx, n_q, pos0, *, cache, lay
         m, l, acc = carry  # [NT, kvh, G, bq] f32 x2, [NT, kvh, G, bq, d] f32
         pages = lax.dynamic_slice_in_dim(tables, c * pages_per_chunk, pages_per_chunk, axis=1)
         blocks = jnp.clip(pages, 0, num_blocks - 1)  # [NT, P] i32
-        k = cache.k[layer, blocks].reshape(num_tiles, chunk, num_kv_heads, head_dim)  # [NT, C, kvh, d]
-        v = cache.v[layer, blocks].reshape(num_tiles, chunk, num_kv_heads, head_dim)  # [NT, C, kvh, d]
-        s = jnp.einsum("nqkgd,nckd->nkgqc", q_tiles, k.astype(dot_dtype),
+        # Gathered head-major, [NT, kvh, P, bs, d] -> [NT, kvh, C, d]: the dots' batch dims (n, kvh)
+        # lead, so XLA needs no transpose of the gathered pages.
+        idx = (layer, blocks[:, None, :], slice(None), heads[None, :, None])
+        k = cache.k[idx].reshape(num_tiles, num_kv_heads, chunk, head_dim)  # [NT, kvh, C, d]
+        v = cache.v[idx].reshape(num_tiles, num_kv_heads, chunk, head_dim)  # [NT, kvh, C, d]
+        s = jnp.einsum("nqkgd,nkcd->nkgqc", q_tiles, k.astype(dot_dtype),
                        preferred_element_type=jnp.float32) * scale  # [NT, kvh, G, bq, C] f32
         if soft_cap is not None:
             s = jnp.tanh(s / soft_cap) * soft_cap
@@ -92,7 +96,7 @@ def _attend_tiles(q_tiles, tables, q_pos, q_valid, ctx, n_q, pos0, *, cache, lay
         p = jnp.exp(s - m_safe[..., None])  # [NT, kvh, G, bq, C] f32
         l = alpha * l + p.sum(axis=-1)
         # Like the kernels (and flash attention), P is cast to the cache dtype for P @ V.
-        pv = jnp.einsum("nkgqc,nckd->nkgqd", p.astype(dot_dtype), v.astype(dot_dtype),
+        pv = jnp.einsum("nkgqc,nkcd->nkgqd", p.astype(dot_dtype), v.astype(dot_dtype),
                         preferred_element_type=jnp.float32)
         acc = alpha[..., None] * acc + pv
         return m_new, l, acc
