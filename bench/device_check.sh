@@ -15,7 +15,7 @@ status=0
 
 # ---- imports first: fail in seconds, not minutes --------------------------------------------
 echo "== imports ($PY)"
-if ! timeout 120 "$PY" - <<'PY'
+if ! timeout 60 "$PY" - <<'PY'
 import jax, jax.numpy as jnp
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import triton as plgpu
@@ -31,7 +31,7 @@ nvidia-smi --query-gpu=name,memory.total,clocks.max.memory --format=csv,noheader
 
 # ---- kernels: Pallas vs reference on random batches, then timings next to a device copy -------
 echo "== kernels"
-timeout 360 "$PY" bench/kernels.py --impls reference,pallas --cases 3 --check --json "$OUT" --json-key kernels \
+timeout 400 "$PY" bench/kernels.py --impls reference,pallas --cases 3 --check --sweep --json "$OUT" --json-key kernels \
   || { echo "kernels FAILED (rc=$?)"; status=1; }
 
 exit $status

@@ -57,7 +57,7 @@ def make_workload(num_seqs: int, context: int, q_len: int, num_heads: int, num_k
     return q, cache, md
 
 
-def time_call(fn, args, iters: int, warmup: int = 1) -> float:
+def time_call(fn, args, iters: int, warmup: int = 2) -> float:
     """Median seconds per call (compile excluded)."""
     for _ in range(warmup):
         jax.block_until_ready(fn(*args))
@@ -163,6 +163,37 @@ def check_random_cases(num_cases: int, results) -> bool:
     return all_ok
 
 
+def sweep_configs(args, results):
+    """Times Pallas kernel variants (tile sizes, warps, stages) on the bench shapes, for tuning."""
+    import itertools
+
+    from pallas_kernels.attention import paged_decode_attention, paged_prefill_attention
+
+    dtype = jnp.dtype(args.dtype)
+    work = {"decode": make_workload(args.batch, args.context, 1, args.heads, args.kv_heads, args.head_dim,
+                                    args.block_size, dtype),
+            "prefill": make_workload(1, args.prefill_tokens, args.prefill_tokens, args.heads, args.kv_heads,
+                                     args.head_dim, args.block_size, dtype)}
+    grids = {
+        "decode": (paged_decode_attention, dict(block_k=[32, 64, 128], num_warps=[4, 8], num_stages=[2, 3])),
+        "prefill": (paged_prefill_attention, dict(rows_per_tile=[64, 128], block_k=[32, 64],
+                                                  num_warps=[4, 8], num_stages=[2, 3])),
+    }
+    for kind, (fn, grid) in grids.items():
+        q, cache, md = work[kind]
+        for values in itertools.product(*grid.values()):
+            kw = dict(zip(grid, values))
+            f = jax.jit(lambda q, c, md, kw=kw: fn(q, c, 0, md, **kw))
+            try:
+                t = time_call(f, (q, cache, md), max(3, args.iters // 2))
+            except Exception as e:  # noqa: BLE001 - a variant that does not compile is a result too
+                results.append({"kernel": f"sweep_{kind}", **kw, "error": str(e)[:300]})
+                print(f"sweep   {kind:7s} {kw}  FAILED {str(e)[:120]}", flush=True)
+                continue
+            results.append({"kernel": f"sweep_{kind}", **kw, "ms": t * 1e3})
+            print(f"sweep   {kind:7s} {kw}  {t * 1e3:8.3f} ms", flush=True)
+
+
 def machine() -> dict:
     cpu = platform.processor()
     try:
@@ -196,6 +227,7 @@ def main(argv=None) -> int:
     p.add_argument("--iters", type=int, default=None, help="timed calls per case (default 3 CPU, 20 GPU)")
     p.add_argument("--only", choices=["decode", "prefill"], default=None)
     p.add_argument("--check", action="store_true", help="also compare each impl with the reference")
+    p.add_argument("--sweep", action="store_true", help="GPU: also time Pallas tile/warp/stage variants")
     p.add_argument("--cases", type=int, default=0,
                    help="first check each Pallas kernel against the reference on this many random batches per config")
     p.add_argument("--json", default=None, help="write results here (merged into the file under --json-key)")
@@ -209,17 +241,10 @@ def main(argv=None) -> int:
           f"commit {info['commit']}  jax {info['jax']}", flush=True)
     results = []
     checks_ok = True
-    if args.cases:
-        checks_ok = check_random_cases(args.cases, results)
-    if on_gpu:
-        bw = copy_bandwidth(1 << 30, args.iters)
-        results.append({"kernel": "copy", "impl": "xla", "GB/s": bw, "bytes": 1 << 30})
-        print(f"copy    {'xla (r+w)':15s} {bw:8.1f} GB/s (1 GiB device-to-device)", flush=True)
-    if args.only in (None, "decode"):
-        bench_decode(impls, args, results)
-    if args.only in (None, "prefill"):
-        bench_prefill(impls, args, results)
-    if args.json:
+
+    def save():  # after each phase: a timeout in a later phase keeps what was measured
+        if not args.json:
+            return
         os.makedirs(os.path.dirname(os.path.abspath(args.json)), exist_ok=True)
         doc = {}
         if os.path.exists(args.json):
@@ -229,6 +254,22 @@ def main(argv=None) -> int:
         with open(args.json, "w") as f:
             json.dump(doc, f, indent=2, default=str)
             f.write("\n")
+
+    if args.cases:
+        checks_ok = check_random_cases(args.cases, results)
+        save()
+    if on_gpu:
+        bw = copy_bandwidth(1 << 30, args.iters)
+        results.append({"kernel": "copy", "impl": "xla", "GB/s": bw, "bytes": 1 << 30})
+        print(f"copy    {'xla (r+w)':15s} {bw:8.1f} GB/s (1 GiB device-to-device)", flush=True)
+    if args.only in (None, "decode"):
+        bench_decode(impls, args, results)
+    if args.only in (None, "prefill"):
+        bench_prefill(impls, args, results)
+    save()
+    if args.sweep and on_gpu:
+        sweep_configs(args, results)
+        save()
     return 0 if checks_ok else 1
 
 

@@ -10,9 +10,15 @@ from __future__ import annotations
 import math
 
 import jax
+import jax.experimental.pallas.fuser  # noqa: F401  (see below)
 import jax.numpy as jnp
 
 from pallas_kernels.metadata import AttentionMetadata, KVCache
+
+# Importing the Pallas fuser registers a config flag that is part of jax's trace context. jax
+# imports it lazily during the first pallas_call, which changes the trace context and makes every
+# function jitted before that call compile again on its next call (a compile after warm-up).
+# Importing it up front, with pallas_kernels, keeps the trace context fixed.
 
 # Finite "minus infinity" for masked logits inside the Pallas kernels (fp32). A row whose every
 # logit is masked never reaches the output: kernels store only rows of real tokens.

@@ -44,3 +44,29 @@ def test_shape_errors_name_the_field():
         ragged_paged_attention(jnp.zeros((2, 4, 32)), cache, 0, md)
     with pytest.raises(ValueError, match="slot_mapping has 2 tokens but q has 5"):
         ragged_paged_attention(jnp.zeros((5, 4, 16)), cache, 0, md)
+
+
+def test_first_pallas_call_does_not_retrigger_compiles():
+    """A function jitted before the process's first pallas_call must not compile again after it
+    (jax registers a trace-context config lazily on that call; importing pallas_kernels pre-empts it)."""
+    import os
+    import subprocess
+    import sys
+    import textwrap
+
+    script = textwrap.dedent("""
+        import jax, jax.numpy as jnp
+        from tests.pallas_kernels.pk_cases import Config, make_case
+        from pallas_kernels import ragged_paged_attention
+        f = jax.jit(lambda x: x * 2)
+        f(jnp.ones(3))
+        case = make_case(Config(2, 2, 20, block_size=8, num_kv_heads=1, q_per_kv=2, decode_only=True), 0)
+        ragged_paged_attention(case.q, case.cache, case.layer, case.metadata, impl="pallas_decode", interpret=True)
+        f(jnp.ones(3))
+        print("CACHE", f._cache_size())
+    """)
+    root = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+    env = {**os.environ, "JAX_PLATFORMS": "cpu", "PYTHONPATH": root}
+    out = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, env=env, timeout=120,
+                         cwd=root)
+    assert "CACHE 1" in out.stdout, out.stdout + out.stderr
