@@ -175,7 +175,8 @@ def sweep_configs(args, results):
             "prefill": make_workload(1, args.prefill_tokens, args.prefill_tokens, args.heads, args.kv_heads,
                                      args.head_dim, args.block_size, dtype)}
     grids = {
-        "decode": (paged_decode_attention, dict(block_k=[32, 64, 128], num_warps=[4, 8], num_stages=[2, 3])),
+        "decode": (paged_decode_attention, dict(num_splits=[None, 1, 4], block_k=[32, 64, 128], num_warps=[4, 8],
+                                                num_stages=[2, 3])),
         "prefill": (paged_prefill_attention, dict(rows_per_tile=[64, 128], block_k=[32, 64],
                                                   num_warps=[4, 8], num_stages=[2, 3])),
     }
