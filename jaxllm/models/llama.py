@@ -16,7 +16,7 @@ from flax import nnx
 
 from jaxllm.models.config import ModelConfig
 from jaxllm.models.rope import apply_rope, inverse_frequencies, rope_tables
-from jaxllm.parallel.ops import constrain, embed_lookup, paged_attention
+from jaxllm.parallel.ops import constrain, embed_lookup, lm_logits, paged_attention
 from pallas_kernels import AttentionMetadata, KVCache
 
 # Logical axis names of every parameter; jaxllm/parallel maps them to mesh axes.
@@ -143,10 +143,8 @@ class LlamaForCausalLM(nnx.Module):
     def compute_logits(self, hidden: jax.Array) -> jax.Array:
         """hidden [N, E] → logits [N, vocab] f32."""
         if self.lm_head is None:
-            logits = jnp.einsum("ne,ve->nv", hidden, self.embed[...], preferred_element_type=jnp.float32)
-        else:
-            logits = jnp.einsum("ne,ev->nv", hidden, self.lm_head[...], preferred_element_type=jnp.float32)
-        return constrain(logits, self.layout, ("seqs", None))  # vocab-parallel → gathered for sampling
+            return lm_logits(hidden, self.embed[...], self.layout, tied=True)
+        return lm_logits(hidden, self.lm_head[...], self.layout, tied=False)
 
 
 def build_model(config: ModelConfig, params: dict[str, np.ndarray | jax.Array], dtype,

@@ -7,6 +7,7 @@ it is exactly the single-device computation).
   communication: device d's q heads only read kv head(s) it holds (see layout.py).
 * `embed_lookup`: Megatron vocab-parallel embedding: each device looks up the ids in its vocab
   slice, zeroes the rest, one psum (exact: one non-zero term per row).
+* `lm_logits`: vocab-parallel LM head, logits all-gathered for the full-vocabulary sampler.
 * `constrain`: pins an activation's sharding by logical axis names.
 """
 from __future__ import annotations
@@ -58,3 +59,21 @@ def embed_lookup(table: jax.Array, tokens: jax.Array, layout) -> jax.Array:
 
     return jax.shard_map(local, mesh=layout.mesh, in_specs=(layout.spec(("vocab", "embed")), P()),
                          out_specs=P(), check_vma=False)(table, tokens)
+
+
+def lm_logits(hidden: jax.Array, weight: jax.Array, layout, *, tied: bool) -> jax.Array:
+    """hidden [N, E] (replicated) → f32 logits [N, V] (replicated, for the full-vocab sampler).
+
+    weight: lm_head [E, V], or the tied embedding [V, E]. Vocab-parallel: each device computes its
+    vocab slice of the logits and one all-gather of [N, V] assembles them (explicit: left to the
+    partitioner, XLA may all-gather the [E, V] weight instead, which is far more bytes)."""
+    eq = "ne,ve->nv" if tied else "ne,ev->nv"
+
+    def logits(h, w):
+        return jnp.einsum(eq, h, w, preferred_element_type=jnp.float32)
+
+    if layout is None or not layout.shard_vocab:
+        return logits(hidden, weight)
+    w_spec = layout.spec(("vocab", "embed") if tied else ("embed", "vocab"))
+    return jax.shard_map(lambda h, w: jax.lax.all_gather(logits(h, w), TP, axis=1, tiled=True),
+                         mesh=layout.mesh, in_specs=(P(), w_spec), out_specs=P(), check_vma=False)(hidden, weight)

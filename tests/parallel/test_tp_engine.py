@@ -143,3 +143,20 @@ def test_logits_match_tp1(path):
         prefill, decode = _forward_logits(path, tp)
         np.testing.assert_allclose(prefill, ref_prefill, atol=1e-4, rtol=0, err_msg=f"tp={tp}")
         np.testing.assert_allclose(decode, ref_decode, atol=1e-4, rtol=0, err_msg=f"tp={tp}")
+
+
+def test_collectives_are_megatron(engines):
+    """Per decode step at tp=4: one all-reduce of [T, E] for the embedding, two per layer (o_proj,
+    down_proj; the layer loop is one while body) and one all-gather of the [S, V] logits. No weight
+    is ever gathered."""
+    import re
+
+    from jaxllm.runner.inputs import build_inputs
+
+    r = engines(4).runner
+    inp = build_inputs([], [], r.num_rows, r.eos_ids, 4, 4, True, r.block_size, r.max_blocks_per_seq,
+                       r.max_model_len)
+    hlo = r._step.lower(r.state, r.kv_cache, r.counts, r.prompt_mask, inp).compile().as_text()
+    ops = sorted(m.groups() for m in re.finditer(
+        r"= (\S+?)\{[^}]*\} (all-reduce|all-gather|reduce-scatter|all-to-all|collective-permute)(?:-start)?\(", hlo))
+    assert ops == [("f32[4,512]", "all-gather")] + [("f32[4,64]", "all-reduce")] * 3, ops
