@@ -143,7 +143,7 @@ def paged_decode_attention(
         compiler_params=plgpu.CompilerParams(num_warps=num_warps, num_stages=num_stages),
         name="jaxllm_paged_decode",
     )(layer_index(layer), ctx, metadata.block_tables.astype(jnp.int32),
-      q.reshape(num_tokens * num_heads, head_dim), cache.k, cache.v)
+      q.reshape(num_tokens * num_heads, head_dim).astype(cache.k.dtype), cache.k, cache.v)
 
     # Merge the splits: [splits, S, kvh, gp(, d)] -> [S, kvh, gp, d].
     m_all = m.max(axis=0)

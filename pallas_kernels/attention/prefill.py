@@ -124,12 +124,13 @@ def paged_prefill_attention(
         sm_scale=resolve_scale(sm_scale, head_dim),
         soft_cap=None if soft_cap is None else float(soft_cap),
         sliding_window=None if sliding_window is None else int(sliding_window))
-    q_rows = q.reshape(num_tokens * num_heads, head_dim)  # [T*H, d]
+    # [T*H, d] in the cache dtype: the tensor-core dots take one input dtype.
+    q_rows = q.reshape(num_tokens * num_heads, head_dim).astype(cache.k.dtype)
     out = pl.pallas_call(
         kernel, out_shape=jax.ShapeDtypeStruct(q_rows.shape, q.dtype),
         grid=(tiles.shape[0], num_kv_heads), input_output_aliases={6: 0}, interpret=interpret,
         compiler_params=plgpu.CompilerParams(num_warps=num_warps, num_stages=num_stages),
         name="jaxllm_paged_prefill",
     )(layer_index(layer), tiles, metadata.block_tables.astype(jnp.int32), q_rows, cache.k, cache.v,
-      jnp.zeros_like(q_rows))
+      jnp.zeros(q_rows.shape, q.dtype))
     return out.reshape(num_tokens, num_heads, head_dim)

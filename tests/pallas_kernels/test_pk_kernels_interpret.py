@@ -109,3 +109,19 @@ def test_decode_kernel_split_override(num_splits):
     got = np.asarray(jax.jit(lambda *a: paged_decode_attention(*a, interpret=True, num_splits=num_splits))(*args))
     want = np.asarray(_jitted("reference", ())(*args))
     np.testing.assert_allclose(got, want, atol=1e-4, rtol=1e-4)
+
+
+@pytest.mark.parametrize("impl", ["pallas_prefill", "pallas_decode"])
+def test_kernel_fp32_queries_over_bf16_cache(impl):
+    """q in fp32 over a bf16 cache: q is cast to the cache dtype for the dots, output stays fp32."""
+    import jax.numpy as jnp
+
+    cfg = Config(3, 3 if impl == "pallas_decode" else 20, 90, block_size=8, num_kv_heads=1, q_per_kv=4,
+                 dtype="bfloat16", decode_only=impl == "pallas_decode")
+    case = make_case(cfg, 5)
+    q32 = case.q.astype(jnp.float32)
+    got = _jitted(impl, ())(q32, case.cache, case.layer, case.metadata)
+    assert got.dtype == jnp.float32
+    want = _jitted("reference", ())(q32, case.cache, case.layer, case.metadata)
+    ok = valid_tokens(case)
+    np.testing.assert_allclose(np.asarray(got)[ok], np.asarray(want)[ok], atol=2e-2, rtol=2e-2)
