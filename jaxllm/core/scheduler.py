@@ -127,6 +127,8 @@ class Scheduler:
                 seed=req.seed,
                 prefix_token_ids=(req.all_token_ids[:req.num_computed_tokens]
                                   if req.request_id in admitted else None),
+                next_token_id=(req.all_token_ids[req.num_computed_tokens + n]
+                               if req.num_computed_tokens + n < req.num_tokens else None),
             )
             for req, n in scheduled
         ]

@@ -31,6 +31,10 @@ class ScheduledSeq:
     # seen. Per-request runner state (penalty counts over prompt/output tokens) starts from
     # prefix_token_ids + token_ids; ``[]`` when start_pos == 0.
     prefix_token_ids: list[int] | None = None
+    # The known token right after this step's chunk (the next prompt token of a chunked prefill),
+    # None when the chunk ends at the last known token. Prompt logprobs of the chunk's last
+    # position need it.
+    next_token_id: int | None = None
 
     @property
     def num_new_tokens(self) -> int:

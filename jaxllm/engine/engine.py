@@ -117,6 +117,9 @@ class LLMEngine:
             raise ValueError(f"params of type {type(params).__name__} is invalid: "
                              f"must be a SamplingParams")
         params.validate(self.vocab_size)
+        if params.prompt_logprobs is not None and not getattr(self.runner, "supports_prompt_logprobs", False):
+            raise ValueError(f"prompt_logprobs={params.prompt_logprobs} is invalid: this engine's model runner "
+                             f"cannot compute prompt logprobs (multi-host runs); leave it None")
         text, ids = self._resolve_prompt(prompt)
         self._validate_ids(ids)
         child_ids = [request_id] if params.n == 1 else [f"{request_id}#{i}" for i in range(params.n)]
@@ -130,7 +133,7 @@ class LLMEngine:
         base_seed = (params.seed % _SEED_MOD) if params.seed is not None \
             else self._rng.getrandbits(63)
         max_out = min(params.max_tokens, self.max_model_len - len(ids))
-        parent = ParentState(request_id, text, ids, arrival)
+        parent = ParentState(request_id, text, ids, arrival, params.prompt_logprobs is not None)
         for i, cid in enumerate(child_ids):
             req = Request(cid, ids, params, seed=derive_seed(base_seed, i), arrival_time=arrival,
                           max_output_tokens=max_out)
@@ -176,6 +179,11 @@ class LLMEngine:
                                f"{self.kv.num_free_blocks} free blocks")
         sampled = self.runner.execute(out)
         self.num_steps += 1
+        take = getattr(self.runner, "take_prompt_logprobs", None)
+        if take is not None:
+            for rid, entries in take().items():
+                if rid in self._seqs:
+                    self._seqs[rid][0].add_prompt_logprobs(entries)
         new = self.scheduler.update_from_output(out, {k: v.token_id for k, v in sampled.items()})
         now = time.time()
         touched: dict[str, ParentState] = {}

@@ -88,8 +88,11 @@ class ParentState:
     """One user request: n child sequences sharing a prompt."""
 
     def __init__(self, request_id: str, prompt: str | None, prompt_token_ids: list[int],
-                 arrival_time: float) -> None:
+                 arrival_time: float, want_prompt_logprobs: bool = False) -> None:
         self.request_id = request_id
+        # One entry per prompt token ({token_id: logprob}); the first is None (nothing predicts it).
+        self.prompt_logprobs: list[dict[int, float] | None] | None = (
+            [None] * len(prompt_token_ids) if want_prompt_logprobs else None)
         self.prompt = prompt
         self.prompt_token_ids = prompt_token_ids
         self.children: list[SeqState] = []
@@ -98,6 +101,15 @@ class ParentState:
     @property
     def finished(self) -> bool:
         return all(c.finished for c in self.children)
+
+    def add_prompt_logprobs(self, entries: dict[int, dict[int, float]]) -> None:
+        """Entries by prompt position from the runner (a recompute after preemption or another of
+        the n children may send a position again: the first one stays)."""
+        if self.prompt_logprobs is None:
+            return
+        for pos, entry in entries.items():
+            if 0 < pos < len(self.prompt_logprobs) and self.prompt_logprobs[pos] is None:
+                self.prompt_logprobs[pos] = entry
 
     def note_token(self, now: float) -> None:
         if self.metrics.first_token_time is None:
@@ -115,6 +127,7 @@ class ParentState:
             request_id=self.request_id, prompt=self.prompt,
             prompt_token_ids=list(self.prompt_token_ids),
             outputs=[c.completion() for c in self.children], finished=fin,
+            prompt_logprobs=list(self.prompt_logprobs) if self.prompt_logprobs is not None else None,
             num_cached_tokens=max(0, self.children[0].req.num_cached_tokens),
             metrics=RequestMetrics(arrival_time=m.arrival_time,
                                    first_scheduled_time=m.first_scheduled_time,

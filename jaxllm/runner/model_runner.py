@@ -20,11 +20,12 @@ from jaxllm.models.config import ModelConfig
 from jaxllm.models.llama import LlamaForCausalLM
 from jaxllm.runner.buckets import Buckets
 from jaxllm.runner.inputs import StepInputs, build_inputs
-from jaxllm.runner.sampler import sample
+from jaxllm.runner.sampler import MAX_LOGPROBS, sample
 from pallas_kernels import KVCache
 
 log = logging.getLogger("jaxllm")
 DEFAULT_CPU_KV_BYTES = 1 << 30
+PROMPT_LP_CHUNK = 256  # tokens per chunk of the prompt-logprobs LM head
 
 
 def kv_cache_blocks(model_config: ModelConfig, block_size: int, dtype, kv_cache_memory_bytes: int | None,
@@ -75,7 +76,7 @@ class ModelRunner:
         if layout is not None:  # penalty state and sampler outputs replicated; shardings pinned so
             rep = layout.replicated  # every step sees the same input shardings (no recompiles)
             self.counts, self.prompt_mask = jax.device_put((self.counts, self.prompt_mask), rep)
-            jit_kwargs["out_shardings"] = (KVCache(cache_sharding, cache_sharding), rep, rep, rep)
+            jit_kwargs["out_shardings"] = (KVCache(cache_sharding, cache_sharding), rep, rep, rep, rep)
         graphdef, self.state = nnx.split(model)
 
         def step(state, cache, counts, prompt_mask, inp: StepInputs):
@@ -91,9 +92,31 @@ class ModelRunner:
             logits = m.compute_logits(hidden[inp.logits_indices])  # [S, V] f32
             out = sample(logits, counts[inp.seq_rows], prompt_mask[inp.seq_rows], inp.sampling,
                          inp.want_top_logprobs)
-            return cache, counts, prompt_mask, out
+            return cache, counts, prompt_mask, out, hidden  # hidden stays on device (prompt logprobs)
+
+        def prompt_logprobs(state, hidden, targets):
+            """Raw logprob of each token's next prompt token and the top MAX_LOGPROBS, computed in
+            chunks of PROMPT_LP_CHUNK tokens so [T, V] logits never exist at once."""
+            m = nnx.merge(graphdef, state)
+            n = hidden.shape[0]
+            c = min(PROMPT_LP_CHUNK, n)
+            pad = -n % c
+            h = jnp.pad(hidden, ((0, pad), (0, 0))).reshape(-1, c, hidden.shape[-1])  # [n/c, c, E]
+            t = jnp.pad(targets, (0, pad)).reshape(-1, c)  # [n/c, c] i32
+
+            def chunk(args):
+                hc, tc = args
+                lp = jax.nn.log_softmax(m.compute_logits(hc), axis=-1)  # [c, V] f32
+                top_lp, top_ids = jax.lax.top_k(lp, MAX_LOGPROBS)
+                return jnp.take_along_axis(lp, jnp.maximum(tc, 0)[:, None], axis=-1)[:, 0], top_ids, top_lp
+
+            lp, ids, top = jax.lax.map(chunk, (h, t))
+            return lp.reshape(-1)[:n], ids.reshape(-1, MAX_LOGPROBS)[:n], top.reshape(-1, MAX_LOGPROBS)[:n]
 
         self._step = jax.jit(step, donate_argnums=(1, 2, 3), **jit_kwargs)
+        self._prompt_lp = jax.jit(prompt_logprobs)
+        self._prompt_lp_out: dict[str, dict[int, dict[int, float]]] = {}
+        self.supports_prompt_logprobs = jax.process_count() == 1
         self._channel = None  # multi-host: process 0 broadcasts each step (jaxllm/parallel/multihost.py)
         if jax.process_count() > 1:
             from jaxllm.parallel.multihost import StepChannel
@@ -122,7 +145,7 @@ class ModelRunner:
         return self._run_local(inp)
 
     def _run_local(self, inp: StepInputs):
-        self.kv_cache, self.counts, self.prompt_mask, out = self._step(
+        self.kv_cache, self.counts, self.prompt_mask, out, self._hidden = self._step(
             self.state, self.kv_cache, self.counts, self.prompt_mask, inp)
         return out
 
@@ -160,7 +183,43 @@ class ModelRunner:
             if k is not None:
                 top = [(int(t), float(lp)) for t, lp in zip(out.top_ids[i, :k], out.top_logprobs[i, :k])]
             result[s.request_id] = SampledToken(int(out.token_ids[i]), float(out.logprobs[i]), top)
+        if any(s.params.prompt_logprobs is not None and s.start_pos + 1 < s.num_prompt_tokens for s in seqs):
+            self._compute_prompt_logprobs(seqs, T)
         return result
+
+    def _compute_prompt_logprobs(self, seqs, padded_tokens: int) -> None:
+        """For seqs asking prompt_logprobs: logprobs of prompt tokens 1.. predicted in this step."""
+        targets = np.full(padded_tokens, -1, np.int32)  # [T] next prompt token, -1 = not wanted
+        spans = []
+        t = 0
+        for s in seqs:
+            n = len(s.token_ids)
+            if s.params.prompt_logprobs is not None:
+                for j in range(n):
+                    p = s.start_pos + j  # this token predicts position p + 1
+                    if p + 1 < s.num_prompt_tokens:
+                        nxt = s.token_ids[j + 1] if j + 1 < n else s.next_token_id
+                        if nxt is not None:
+                            targets[t + j] = nxt
+                spans.append((s, t, n))
+            t += n
+        lp, top_ids, top_lp = jax.device_get(self._prompt_lp(self.state, self._hidden, targets))
+        for s, start, n in spans:
+            k = s.params.prompt_logprobs
+            entries = self._prompt_lp_out.setdefault(s.request_id, {})
+            for j in range(n):
+                tgt = int(targets[start + j])
+                if tgt < 0:
+                    continue
+                entry = {tgt: float(lp[start + j])}
+                for tid, v in zip(top_ids[start + j, :k], top_lp[start + j, :k]):
+                    entry.setdefault(int(tid), float(v))
+                entries[s.start_pos + j + 1] = entry
+
+    def take_prompt_logprobs(self) -> dict[str, dict[int, dict[int, float]]]:
+        """{request_id: {prompt position: {token_id: logprob}}} computed since the last call."""
+        out, self._prompt_lp_out = self._prompt_lp_out, {}
+        return out
 
     def warmup(self) -> float:
         """Compiles every bucket (an all-padding batch touches nothing). Returns seconds taken."""
@@ -169,4 +228,6 @@ class ModelRunner:
             inp = build_inputs([], [], self.num_rows, self.eos_ids, T, S, decode_only, self.block_size,
                                self.max_blocks_per_seq, self.max_model_len)
             jax.block_until_ready(self._run(inp))
+            if self.supports_prompt_logprobs:
+                jax.block_until_ready(self._prompt_lp(self.state, self._hidden, np.full(T, -1, np.int32)))
         return time.perf_counter() - t0

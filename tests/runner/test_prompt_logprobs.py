@@ -1,0 +1,45 @@
+"""prompt_logprobs on the real jitted engine vs HF transformers' log_softmax, across chunked prefill."""
+import numpy as np
+import pytest
+
+from jaxllm import LLM, SamplingParams
+from tests.models.hf_tiny import make_tiny_hf
+
+
+@pytest.fixture(scope="module")
+def setup(tmp_path_factory):
+    d = make_tiny_hf("llama", str(tmp_path_factory.mktemp("plp")))
+    llm = LLM(d, max_model_len=256, max_num_seqs=4, max_num_batched_tokens=64, block_size=8,
+              enable_prefix_caching=True)
+    return d, llm
+
+
+def test_prompt_logprobs_match_transformers(setup):
+    import torch
+    import transformers
+
+    d, llm = setup
+    rng = np.random.default_rng(0)
+    prompts = [rng.integers(0, 256, n).tolist() for n in (2, 5, 150)]  # 150 > budget 64: chunked
+    outs = llm.generate([{"prompt_token_ids": p} for p in prompts],
+                        SamplingParams(max_tokens=2, prompt_logprobs=3, temperature=0, n=2), use_tqdm=False)
+    model = transformers.AutoModelForCausalLM.from_pretrained(d, dtype=torch.float32)
+    for p, o in zip(prompts, outs):
+        with torch.no_grad():
+            ref = torch.log_softmax(model(torch.tensor([p])).logits[0], -1).numpy()  # [len, V]
+        pl = o.prompt_logprobs
+        assert pl is not None and len(pl) == len(p) and pl[0] is None
+        for i in range(1, len(p)):
+            assert abs(pl[i][p[i]] - ref[i - 1, p[i]]) < 1e-4
+            top3 = np.argsort(-ref[i - 1])[:3].tolist()
+            assert set(top3) <= set(pl[i]), (i, top3, pl[i])
+            assert len(pl[i]) in (3, 4)  # the prompt token plus the top 3 (it may be among them)
+    runner = llm.engine.runner
+    assert runner._prompt_lp._cache_size() == len(runner.buckets.all())  # compiled at warm-up only
+    assert llm.engine.get_stats()["num_free_blocks"] == llm.engine.get_stats()["num_blocks"]
+
+
+def test_no_prompt_logprobs_unless_asked(setup):
+    _, llm = setup
+    out = llm.generate([{"prompt_token_ids": [1, 2, 3, 4]}], SamplingParams(max_tokens=1), use_tqdm=False)[0]
+    assert out.prompt_logprobs is None
