@@ -84,16 +84,23 @@ def build_engine(config: EngineConfig, *, compile_cache: bool = True, warmup: bo
     config = msgspec.structs.replace(config, max_model_len=max_model_len)
     model = build_model(mc, ckpt.params, dtype, layout=layout)
     del ckpt
+    runner_kw = dict(block_size=config.block_size, max_model_len=max_model_len, max_num_seqs=config.max_num_seqs,
+                     max_num_batched_tokens=config.max_num_batched_tokens, eos_token_ids=tokenizer.eos_token_ids)
+    reserve = 0
+    if config.kv_cache_memory_bytes is None and jax.local_devices()[0].platform != "cpu":
+        # Profiling pass: what one step of the largest bucket needs besides weights and cache.
+        probe = ModelRunner(model, num_blocks=-(-max_model_len // config.block_size), **runner_kw)
+        reserve = probe.workspace_bytes()
+        del probe
+        _info(f"profiling pass: a step needs {reserve / 2**20:.0f} MiB of working memory")
     num_blocks = kv_cache_blocks(model.config, config.block_size, dtype, config.kv_cache_memory_bytes,
-                                 config.gpu_memory_utilization, tp=tp)
+                                 config.gpu_memory_utilization, reserve_bytes=reserve, tp=tp)
     if jax.process_count() > 1:  # multi-host: every process allocates the same cache (process 0's size)
         import numpy as np
         from jax.experimental import multihost_utils
 
         num_blocks = int(multihost_utils.broadcast_one_to_all(np.int32(num_blocks)))
-    runner = ModelRunner(model, block_size=config.block_size, num_blocks=num_blocks, max_model_len=max_model_len,
-                         max_num_seqs=config.max_num_seqs, max_num_batched_tokens=config.max_num_batched_tokens,
-                         eos_token_ids=tokenizer.eos_token_ids)
+    runner = ModelRunner(model, num_blocks=num_blocks, **runner_kw)
     engine = LLMEngine(config, runner, tokenizer)
     tokens = num_blocks * config.block_size
     _info(f"model {config.model or 'smollm2-135m'} ({mc.architecture}, {mc.num_params / 1e6:.0f}M params, "

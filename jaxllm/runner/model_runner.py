@@ -78,6 +78,7 @@ class ModelRunner:
             self.counts, self.prompt_mask = jax.device_put((self.counts, self.prompt_mask), rep)
             jit_kwargs["out_shardings"] = (KVCache(cache_sharding, cache_sharding), rep, rep, rep, rep)
         graphdef, self.state = nnx.split(model)
+        self.state_dtype = dtype
 
         def step(state, cache, counts, prompt_mask, inp: StepInputs):
             self.num_traces += 1  # runs only while tracing
@@ -220,6 +221,19 @@ class ModelRunner:
         """{request_id: {prompt position: {token_id: logprob}}} computed since the last call."""
         out, self._prompt_lp_out = self._prompt_lp_out, {}
         return out
+
+    def workspace_bytes(self) -> int:
+        """Device memory a step needs beyond weights and cache (the profiling pass that sizes the KV
+        cache on accelerators): XLA's temp allocation for the largest bucket's step and prompt-logprobs
+        pass, plus the penalty state. Compiles those two once; runs nothing."""
+        T, S, decode_only = max(self.buckets.all(), key=lambda b: b[0])
+        inp = build_inputs([], [], self.num_rows, self.eos_ids, T, S, decode_only, self.block_size,
+                           self.max_blocks_per_seq, self.max_model_len)
+        step = self._step.lower(self.state, self.kv_cache, self.counts, self.prompt_mask, inp).compile()
+        hidden = jax.ShapeDtypeStruct((T, self.model_config.hidden_size), self.state_dtype)
+        plp = self._prompt_lp.lower(self.state, hidden, np.full(T, -1, np.int32)).compile()
+        temp = sum(int(getattr(c.memory_analysis(), "temp_size_in_bytes", 0) or 0) for c in (step, plp))
+        return temp + self.counts.nbytes + self.prompt_mask.nbytes
 
     def warmup(self) -> float:
         """Compiles every bucket (an all-padding batch touches nothing). Returns seconds taken."""

@@ -43,3 +43,13 @@ def test_no_prompt_logprobs_unless_asked(setup):
     _, llm = setup
     out = llm.generate([{"prompt_token_ids": [1, 2, 3, 4]}], SamplingParams(max_tokens=1), use_tqdm=False)[0]
     assert out.prompt_logprobs is None
+
+
+def test_workspace_bytes_profiling_pass(setup):
+    """The accelerator KV sizing subtracts this; it must cover at least the penalty state and the
+    step's own temporaries (XLA's memory analysis of the largest bucket)."""
+    _, llm = setup
+    runner = llm.engine.runner
+    ws = runner.workspace_bytes()
+    assert ws > runner.counts.nbytes + runner.prompt_mask.nbytes
+    assert runner._step._cache_size() >= len(runner.buckets.all())
