@@ -117,6 +117,9 @@ def main(argv=None) -> int:
     ap.add_argument("--output", help="write one JSON RequestOutput per line")
     ap.add_argument("--chat", action="store_true", help="send --prompt/--input text through the chat template")
     ap.add_argument("--no-progress", action="store_true", help="hide the progress bar")
+    ap.add_argument("--profile", metavar="DIR", help="trace steady-state decode steps with jax.profiler into DIR "
+                    "(summarise with bench/profile_report.py DIR)")
+    ap.add_argument("--profile-steps", type=int, default=20, help="number of engine steps to trace")
     add_engine_args(ap)
     add_sampling_args(ap)
     add_distributed_args(ap)
@@ -152,10 +155,17 @@ def main(argv=None) -> int:
                 prompts.append({"prompt_token_ids": list(payload)})
             else:
                 prompts.append(payload)
+        prof = None
+        if args.profile:
+            from jaxllm.profiling import EngineProfiler
+            prof = EngineProfiler(llm.engine, args.profile, num_steps=args.profile_steps)
         t1 = time.perf_counter()
         outs = llm.generate(prompts, params, use_tqdm=not args.no_progress)
         secs = time.perf_counter() - t1
         llm.engine.runner.stop_followers()  # multi-host: release processes > 0 (no-op on one host)
+        if prof is not None and prof.finish() is None:
+            print(f"warning: --profile: no steady-state decode steps to trace (the run had fewer than "
+                  f"{prof.skip + 1} decode-only steps)", file=sys.stderr)
     except (ValueError, CheckpointError, OSError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2

@@ -1,0 +1,211 @@
+"""The end-to-end part of the GPU device check (bench/device_check.sh calls it).
+
+    python bench/device_e2e.py --output-json $OUT/device_e2e.json           # on the GPU machine
+    python bench/device_e2e.py --smoke --output-json /tmp/e2e.json          # tiny shapes, any backend
+
+On the card, in one run (no network needed: dummy weights, no tokenizer):
+1. copy bandwidth (a jitted elementwise op over a large bf16 array: read + write bytes / time)
+   and bf16 matmul rate (square matmul, 2·n³ / time);
+2. HF transformers generate() with random bf16 weights of the same shapes (Llama-2-13B by
+   default), at batch 1 and naive static batching of 8 (left padding, wait for the longest), on
+   subsets of the workload; HF runs first and frees the card before JAX allocates;
+3. jaxllm (dummy bf16 weights, same shapes): all requests at once (continuous batching);
+4. batch-1 decode: one request alone, time per output token vs the weight-read roofline
+   (weight bytes / measured copy bandwidth).
+Prints a table and writes {"rows": [...], "micro": {...}, "roofline": {...}, "machine": {...}}.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+import time
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+from bench.common import (BenchRequest, format_table, log, machine_info, parse_range, synthetic_requests,  # noqa: E402
+                          write_json)
+
+
+def _time(fn, reps: int) -> float:
+    fn()  # compile / warm
+    best = float("inf")
+    for _ in range(reps):
+        t0 = time.perf_counter()
+        fn()
+        best = min(best, time.perf_counter() - t0)
+    return best
+
+
+def micro_benchmarks(copy_bytes: int, matmul_n: int, reps: int) -> dict:
+    import jax
+    import jax.numpy as jnp
+
+    n = copy_bytes // 2
+    x = jnp.ones((n,), jnp.bfloat16)
+    add = jax.jit(lambda a: a + jnp.bfloat16(1))
+    t_copy = _time(lambda: add(x).block_until_ready(), reps)
+    del x
+    a = jnp.ones((matmul_n, matmul_n), jnp.bfloat16)
+    mm = jax.jit(lambda p, q: p @ q)
+    t_mm = _time(lambda: mm(a, a).block_until_ready(), reps)
+    del a
+    return {"copy_bytes": 2 * n * 2, "copy_s": t_copy, "copy_gbytes_per_s": 2 * n * 2 / t_copy / 1e9,
+            "matmul_n": matmul_n, "matmul_s": t_mm, "matmul_tflops": 2 * matmul_n ** 3 / t_mm / 1e12}
+
+
+# ----- HF ---------------------------------------------------------------------------
+def hf_model(preset: str, device: str):
+    import torch
+    import transformers
+
+    from checkpoints.dummy import PRESETS
+
+    spec = dict(PRESETS[preset])
+    cfg = transformers.AutoConfig.for_model(spec.pop("model_type"), **spec)
+    old = torch.get_default_dtype()
+    torch.set_default_dtype(torch.bfloat16)
+    try:
+        with torch.device(device):
+            model = transformers.AutoModelForCausalLM.from_config(cfg, dtype=torch.bfloat16)
+    finally:
+        torch.set_default_dtype(old)
+    return model.eval()
+
+
+def hf_run(model, reqs: list[BenchRequest], batch: int, device: str) -> float:
+    from bench.throughput import hf_generate  # the same static batching as the CPU comparison
+
+    return hf_generate(model, reqs, batch, pad_id=0, device=device)
+
+
+def row(system, reqs, secs, batch, note=""):
+    p, o = sum(r.prompt_len for r in reqs), sum(r.output_len for r in reqs)
+    return {"system": system, "batch": batch, "requests": len(reqs), "prompt_tokens": p, "output_tokens": o,
+            "elapsed_s": secs, "requests_per_s": len(reqs) / secs, "output_tokens_per_s": o / secs,
+            "total_tokens_per_s": (p + o) / secs, "note": note}
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--output-json", help="write the result here (a file of its own)")
+    ap.add_argument("--json", help="merge the result into this JSON file under --json-key (device_check.sh)")
+    ap.add_argument("--json-key", default="e2e")
+    ap.add_argument("--smoke", action="store_true", help="tiny model and sizes (CPU test of the script)")
+    ap.add_argument("--model", default="llama-2-13b", help="dummy preset (checkpoints/dummy.py)")
+    ap.add_argument("--num-prompts", type=int, default=64)
+    ap.add_argument("--input-len", default="64..512")
+    ap.add_argument("--output-len", default="64..256")
+    ap.add_argument("--hf-batch1-requests", type=int, default=4)
+    ap.add_argument("--hf-batched-requests", type=int, default=16)
+    ap.add_argument("--hf-batch-size", type=int, default=8)
+    ap.add_argument("--max-num-seqs", type=int, default=64)
+    ap.add_argument("--max-num-batched-tokens", type=int, default=2048)
+    ap.add_argument("--max-model-len", type=int, default=1024)
+    ap.add_argument("--decode-tokens", type=int, default=128, help="batch-1 decode: output tokens")
+    ap.add_argument("--copy-mib", type=int, default=2048)
+    ap.add_argument("--matmul-n", type=int, default=8192)
+    ap.add_argument("--skip-hf", action="store_true")
+    args = ap.parse_args(argv)
+    if args.smoke:
+        args.model, args.num_prompts, args.input_len, args.output_len = "tiny-llama", 6, "8..24", "4..8"
+        args.hf_batch1_requests, args.hf_batched_requests, args.hf_batch_size = 2, 4, 2
+        args.max_num_seqs, args.max_num_batched_tokens, args.max_model_len = 8, 64, 128
+        args.decode_tokens, args.copy_mib, args.matmul_n = 8, 8, 256
+
+    from checkpoints.dummy import dummy_config
+
+    mc = dummy_config(args.model)
+    reqs = synthetic_requests(args.num_prompts, parse_range(args.input_len), parse_range(args.output_len),
+                              mc.vocab_size, seed=0)
+    rows, result = [], {"model": args.model, "num_params": mc.num_params}
+
+    # HF first: torch frees the card before JAX preallocates its share.
+    if not args.skip_hf:
+        import torch
+
+        device = "cuda" if torch.cuda.is_available() else "cpu"
+        t0 = time.perf_counter()
+        model = hf_model(args.model, device)
+        log(f"HF {args.model} random bf16 on {device} in {time.perf_counter() - t0:.1f}s")
+        hf_run(model, [BenchRequest([5] * 8, 2)], 1, device)  # warm-up
+        sub = reqs[:args.hf_batch1_requests]
+        rows.append(row("hf generate", sub, hf_run(model, sub, 1, device), 1, f"first {len(sub)} requests"))
+        log(f"HF batch 1: {rows[-1]['output_tokens_per_s']:.1f} tok/s")
+        sub = reqs[:args.hf_batched_requests]
+        rows.append(row("hf generate", sub, hf_run(model, sub, args.hf_batch_size, device), args.hf_batch_size,
+                        f"first {len(sub)} requests, static batches"))
+        log(f"HF batch {args.hf_batch_size}: {rows[-1]['output_tokens_per_s']:.1f} tok/s")
+        del model
+        if device == "cuda":
+            torch.cuda.empty_cache()
+        result["hf_device"] = device
+
+    import jax
+
+    from jaxllm.llm import LLM
+    from jaxllm.sampling_params import SamplingParams
+
+    machine = machine_info()
+    micro = micro_benchmarks(args.copy_mib << 20, args.matmul_n, reps=5)
+    log(f"copy {micro['copy_gbytes_per_s']:.0f} GB/s, bf16 matmul {micro['matmul_tflops']:.1f} TFLOP/s")
+    t0 = time.perf_counter()
+    llm = LLM(model=args.model, load_format="dummy", dtype="bfloat16", max_model_len=args.max_model_len,
+              max_num_seqs=args.max_num_seqs, max_num_batched_tokens=args.max_num_batched_tokens,
+              enable_prefix_caching=False)
+    startup = time.perf_counter() - t0
+    log(f"jaxllm {args.model} built and warm in {startup:.1f}s")
+    params = [SamplingParams(max_tokens=r.output_len, ignore_eos=True, temperature=0.0) for r in reqs]
+    t0 = time.perf_counter()
+    llm.generate([{"prompt_token_ids": r.prompt_token_ids} for r in reqs], params, use_tqdm=False)
+    secs = time.perf_counter() - t0
+    rows.insert(0, row("jaxllm", reqs, secs, f"<={args.max_num_seqs}", f"engine start {startup:.1f}s"))
+    log(f"jaxllm: {rows[0]['output_tokens_per_s']:.1f} tok/s")
+
+    # Batch-1 decode against the weight-read roofline.
+    one = BenchRequest(reqs[0].prompt_token_ids[:128], args.decode_tokens)
+    out = llm.generate([{"prompt_token_ids": one.prompt_token_ids}],
+                       SamplingParams(max_tokens=one.output_len, ignore_eos=True, temperature=0.0), use_tqdm=False)[0]
+    m = out.metrics
+    per_tok = (m.finished_time - m.first_token_time) / max(1, one.output_len - 1)
+    weight_bytes = sum(x.nbytes for x in jax.tree_util.tree_leaves(llm.engine.runner.state))
+    roof = weight_bytes / (micro["copy_gbytes_per_s"] * 1e9)
+    result["roofline"] = {"weight_bytes": weight_bytes, "decode_s_per_token": per_tok,
+                          "decode_tokens_per_s": 1 / per_tok, "roofline_s_per_token": roof,
+                          "fraction_of_roofline": roof / per_tok}
+    rows.append(row("jaxllm batch-1 decode", [one], per_tok * (one.output_len - 1), 1,
+                    f"{1e3 * per_tok:.2f} ms/token vs weight-read roofline {1e3 * roof:.2f} ms "
+                    f"({100 * roof / per_tok:.0f}%)"))
+
+    ratios = {}
+    for r in rows:
+        if r["system"] == "hf generate":
+            ratios[f"jaxllm_vs_hf_batch{r['batch']}"] = rows[0]["output_tokens_per_s"] / r["output_tokens_per_s"]
+    cols = [("system", "system", ""), ("batch", "batch", ""), ("requests", "reqs", ""),
+            ("output_tokens", "out tok", ""), ("elapsed_s", "secs", ".2f"),
+            ("output_tokens_per_s", "output tok/s", ".1f"), ("total_tokens_per_s", "total tok/s", ".1f")]
+    print(f"\n{machine.get('device')} ({machine.get('backend')}), model {args.model} dummy bf16")
+    print(f"copy bandwidth {micro['copy_gbytes_per_s']:.1f} GB/s; bf16 matmul {micro['matmul_tflops']:.1f} TFLOP/s "
+          f"(n={args.matmul_n})")
+    print(format_table(rows, cols))
+    for r in rows:
+        if r["note"]:
+            print(f"  {r['system']} (batch {r['batch']}): {r['note']}")
+    for k, v in ratios.items():
+        print(f"{k}: {v:.2f}x")
+    result.update({"rows": rows, "ratios": ratios, "micro": micro, "machine": machine, "engine_start_s": startup})
+    if args.output_json:
+        write_json(args.output_json, result)
+    if args.json:
+        doc = {}
+        if os.path.exists(args.json):
+            with open(args.json) as f:
+                doc = json.load(f)
+        doc[args.json_key] = result
+        write_json(args.json, doc)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
