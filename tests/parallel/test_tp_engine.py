@@ -13,7 +13,7 @@ from checkpoints import load_checkpoint
 from jaxllm.config import EngineConfig
 from jaxllm.engine.factory import build_engine
 from jaxllm.llm import LLM
-from jaxllm.models.llama import PARAM_AXES, build_model, param_shapes
+from jaxllm.models.llama import build_model, param_shapes
 from jaxllm.parallel import TPLayout, make_mesh
 from jaxllm.sampling_params import SamplingParams
 from pallas_kernels import AttentionMetadata, KVCache
