@@ -6,8 +6,9 @@ Same signature as `ragged_paged_attention`. Algorithm (vectorised, static shapes
   * a `lax.fori_loop` with a *traced* trip count walks KV chunks of `P` pages up to the longest
     context in the batch (not the block-table width), gathering `[tiles, P pages]` straight from
     the stacked cache at `layer` (no layer slice is materialised), with an online softmax in fp32;
-  * small tiles (decode-heavy batches) run as one batch; long tiles (prefill-heavy) run one after
-    another under `lax.map`, each only up to its own last query (causal skipping).
+  * decode-only batches run as one batch of tiles; mixed batches run groups of ~_ROWS_PER_GROUP
+    query rows one after another under `lax.map`, each group's KV loop only up to its own last
+    query (causal skipping: a long prefill does not drag the decode tiles along, and vice versa).
 Cost: O(tiles * bq * max_context * heads * head_dim); a decode step reads each sequence's pages once.
 """
 from __future__ import annotations
@@ -24,7 +25,7 @@ from pallas_kernels.metadata import AttentionMetadata, KVCache
 # Target number of fp32 logits per KV chunk (all tiles, heads and queries together).
 _LOGITS_PER_CHUNK = 1 << 24
 _MAX_CHUNK = 512  # tokens
-_SEQUENTIAL_MIN_BQ = 64  # q tiles this long run one by one (causal skipping beats batching)
+_ROWS_PER_GROUP = 256  # mixed batches: q rows (tiles x bq) attended together per sequential step
 
 
 def _choose_bq(num_tokens: int, num_seqs: int) -> int:
@@ -149,11 +150,19 @@ def ragged_paged_attention_reference(
         _attend_tiles, cache=cache, layer=layer, scale=scale, sliding_window=sliding_window,
         soft_cap=soft_cap, num_heads=num_heads)
     tile_args = (q_tiles, tables, q_pos, q_valid, ctx, n_q, pos0)
-    if bq >= _SEQUENTIAL_MIN_BQ:
-        # Prefill-heavy: tiles one after another, each only up to its own last query (causal skip).
-        out = lax.map(lambda a: attend(*(x[None] for x in a))[0], tile_args)
-    else:
+    num_tiles = q_tiles.shape[0]
+    group = num_tiles if metadata.decode_only else max(1, _ROWS_PER_GROUP // bq)
+    if group >= num_tiles:
         out = attend(*tile_args)  # [NT, kvh, G, bq, d] f32
+    else:
+        # Mixed batch: groups of tiles one after another, each group's KV loop only up to its own
+        # last query (causal skipping; a long prefill no longer drags every decode tile along).
+        num_groups = -(-num_tiles // group)
+        pad = num_groups * group - num_tiles  # padded tiles have n_q = 0: empty
+        grouped = tuple(jnp.pad(x, [(0, pad)] + [(0, 0)] * (x.ndim - 1)).reshape(num_groups, group, *x.shape[1:])
+                        for x in tile_args)
+        out = lax.map(lambda a: attend(*a), grouped)  # [groups, group, kvh, G, bq, d] f32
+        out = out.reshape(num_groups * group, *out.shape[2:])[:num_tiles]
     out = out.transpose(0, 3, 1, 2, 4).astype(q.dtype)  # [NT, bq, kvh, G, d]
 
     if metadata.decode_only:

@@ -70,3 +70,18 @@ def test_reference_decode_cost_follows_context_not_table_width():
                                  case.metadata.cu_q_lens, decode_only=True)
     out = ragged_paged_attention(case.q, case.cache, case.layer, md, impl="reference")
     np.testing.assert_allclose(np.asarray(out), dense_attention(case), atol=2e-5, rtol=2e-5)
+
+
+def test_reference_tile_groups(monkeypatch):
+    """Mixed batches attended in several sequential groups of tiles (incl. a padded last group)."""
+    import pallas_kernels.attention.reference as reference
+
+    monkeypatch.setattr(reference, "_ROWS_PER_GROUP", 48)  # 3 tiles of 16 rows; 8 tiles
+    cfg = Config(6, 50, 150, block_size=8, num_kv_heads=2, q_per_kv=3)
+    for seed, opts in enumerate([{}, dict(sliding_window=20)]):
+        case = make_case(cfg, 40 + seed, reverse_seq=1)
+        out = np.asarray(ragged_paged_attention(case.q, case.cache, case.layer, case.metadata, impl="reference",
+                                                **opts))
+        ok = valid_tokens(case)
+        np.testing.assert_allclose(out[ok], dense_attention(case, **opts)[ok], atol=2e-5, rtol=2e-5)
+        assert np.all(out[~ok] == 0)
