@@ -80,17 +80,21 @@ def max_num_q_tiles(num_tokens: int, num_seqs: int, bq: int) -> int:
     return max(1, (num_tokens + num_seqs * (bq - 1)) // bq)
 
 
-def build_q_tiles(cu_q_lens: jax.Array, context_lens: jax.Array, num_tokens: int, bq: int) -> jax.Array:
+def build_q_tiles(cu_q_lens: jax.Array, context_lens: jax.Array, num_tokens: int, bq: int,
+                  seq_mask: jax.Array | None = None) -> jax.Array:
     """Splits each sequence's query tokens into tiles of at most `bq` tokens.
 
     Returns int32 `[num_tiles, TILE_FIELDS]`: (seq, first token, tokens in tile, absolute position
     of the first token, context length of the sequence). Empty tiles have n_q == 0 and ctx == 0.
+    `seq_mask` [S] bool, optional: only these sequences get tiles.
     """
     num_seqs = context_lens.shape[0]
     num_tiles = max_num_q_tiles(num_tokens, num_seqs, bq)
     cu_q_lens = cu_q_lens.astype(jnp.int32)
     q_lens = jnp.maximum(cu_q_lens[1:] - cu_q_lens[:-1], 0)  # [S] i32
     tiles_per_seq = (q_lens + bq - 1) // bq  # [S] i32
+    if seq_mask is not None:
+        tiles_per_seq = jnp.where(seq_mask, tiles_per_seq, 0)
     cu_tiles = jnp.cumsum(tiles_per_seq)  # [S] i32, inclusive
     tile_ids = jnp.arange(num_tiles, dtype=jnp.int32)  # [NT] i32
     seq = jnp.searchsorted(cu_tiles, tile_ids, side="right").astype(jnp.int32)  # [NT] i32

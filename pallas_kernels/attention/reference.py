@@ -1,15 +1,15 @@
 """Pure-jnp ragged paged attention: the reference for the kernels and THE CPU path of the engine.
 
 Same signature as `ragged_paged_attention`. Algorithm (vectorised, static shapes):
-  * the query tokens are cut into q tiles of `bq` tokens of one sequence (decode-only: one tile per
-    sequence, bq = 1), so K/V gathered for a tile is reused by all its query tokens;
-  * a `lax.fori_loop` with a *traced* trip count walks KV chunks of `P` pages up to the longest
-    context in the batch (not the block-table width), gathering `[tiles, P pages]` straight from
-    the stacked cache at `layer` (no layer slice is materialised), with an online softmax in fp32;
-  * decode-only batches run as one batch of tiles; mixed batches run groups of ~_ROWS_PER_GROUP
-    query rows one after another under `lax.map`, each group's KV loop only up to its own last
-    query (causal skipping: a long prefill does not drag the decode tiles along, and vice versa).
-Cost: O(tiles * bq * max_context * heads * head_dim); a decode step reads each sequence's pages once.
+  * the query tokens are cut into q tiles of up to `bq` tokens of one sequence, so K/V gathered for
+    a tile is reused by all its queries. Two tile plans over disjoint tokens: sequences with one new
+    token (decodes) get 1-token tiles, all attended as one batch; longer ones (prefill chunks) get
+    `bq`-token tiles, attended in sequential groups of ~_ROWS_PER_GROUP query rows (`lax.map`);
+  * per batch / group, a `lax.fori_loop` with a *traced* trip count walks KV chunks of `P` pages up
+    to the group's last query (causal skipping; never the block-table width), gathering
+    `[tiles, kv_heads, P pages]` straight from the stacked cache at `layer` (no layer slice is
+    materialised), with an fp32 online softmax.
+A decode step reads each sequence's pages once.
 """
 from __future__ import annotations
 
@@ -32,14 +32,15 @@ def _choose_bq(num_tokens: int, num_seqs: int) -> int:
     return int(min(256, next_pow2(max(1, -(-num_tokens // max(1, num_seqs))))))
 
 
-def _decode_tiles(metadata: AttentionMetadata) -> jax.Array:
-    """One tile per sequence (token i belongs to sequence i). [S, 5] int32."""
+def _single_token_tiles(metadata: AttentionMetadata) -> jax.Array:
+    """One 1-token tile per sequence with exactly one new token (others: empty). [S, 5] int32."""
     num_seqs = metadata.num_seqs
-    seq = jnp.arange(num_seqs, dtype=jnp.int32)  # [S] i32
     q_lens = (metadata.cu_q_lens[1:] - metadata.cu_q_lens[:-1]).astype(jnp.int32)
-    n_q = jnp.clip(q_lens, 0, 1)
-    ctx = jnp.where(n_q > 0, metadata.context_lens.astype(jnp.int32), 0)
-    return jnp.stack([seq, seq, n_q, ctx - 1, ctx], axis=1)  # [S, 5] i32
+    one = q_lens == 1
+    n_q = one.astype(jnp.int32)
+    ctx = jnp.where(one, metadata.context_lens.astype(jnp.int32), 0)
+    q_start = jnp.where(one, metadata.cu_q_lens[:-1].astype(jnp.int32), 0)
+    return jnp.stack([jnp.arange(num_seqs, dtype=jnp.int32), q_start, n_q, ctx - n_q, ctx], axis=1)
 
 
 def _attend_tiles(q_tiles, tables, q_pos, q_valid, ctx, n_q, pos0, *, cache, layer, scale,
@@ -127,47 +128,57 @@ def ragged_paged_attention_reference(
     scale = resolve_scale(sm_scale, head_dim)
     layer = jnp.asarray(layer, dtype=jnp.int32).reshape(())
 
-    if metadata.decode_only:
-        bq = 1
-        tiles = _decode_tiles(metadata)
-    else:
-        bq = _choose_bq(num_tokens, num_seqs)
-        tiles = build_q_tiles(metadata.cu_q_lens, metadata.context_lens, num_tokens, bq)
-    seq, q_start, n_q, pos0, ctx = (tiles[:, i] for i in range(5))  # each [NT] i32
-
-    j = jnp.arange(bq, dtype=jnp.int32)
-    tok = q_start[:, None] + j  # [NT, bq] i32
-    q_valid = j[None, :] < n_q[:, None]  # [NT, bq] bool
-    q_pos = pos0[:, None] + j  # [NT, bq] i32
     q_grouped = q.reshape(num_tokens, num_kv_heads, q_per_kv, head_dim)
     # Dots take the cache's dtype with fp32 accumulation: bf16 x bf16 products are exact in fp32, so
     # QK^T equals the upcast computation without an fp32 copy of the gathered pages.
     dot_dtype = jnp.promote_types(q.dtype, cache.k.dtype)
-    q_tiles = q_grouped[jnp.clip(tok, 0, num_tokens - 1)].astype(dot_dtype)  # [NT, bq, kvh, G, d]
+    attend = functools.partial(
+        _attend_plan, q_grouped.astype(dot_dtype), metadata.block_tables.astype(jnp.int32),
+        cache=cache, layer=layer, scale=scale, sliding_window=sliding_window, soft_cap=soft_cap)
 
-    tables = metadata.block_tables.astype(jnp.int32)[seq]  # [NT, max_blocks] i32
+    if metadata.decode_only:
+        out, _ = attend(_single_token_tiles(metadata), 1, group=num_seqs)  # [S, 1, kvh, G, d] f32
+        return out.reshape(num_tokens, num_heads, head_dim).astype(q.dtype)
+    # Mixed batch, two tile plans over disjoint tokens: single-token sequences (decodes) as one
+    # batch of 1-row tiles, longer ones in tiles of bq tokens, attended group by group.
+    q_lens = metadata.cu_q_lens[1:] - metadata.cu_q_lens[:-1]
+    bq = _choose_bq(num_tokens, num_seqs)
+    res = jnp.zeros((num_tokens, num_kv_heads, q_per_kv, head_dim), q.dtype)
+    for tiles, rows in ((_single_token_tiles(metadata), 1),
+                        (build_q_tiles(metadata.cu_q_lens, metadata.context_lens, num_tokens, bq,
+                                       seq_mask=q_lens > 1), bq)):
+        out, dest = attend(tiles, rows, group=max(1, _ROWS_PER_GROUP // rows))
+        res = res.at[dest].set(out.reshape(-1, num_kv_heads, q_per_kv, head_dim).astype(q.dtype), mode="drop")
+    return res.reshape(num_tokens, num_heads, head_dim)
+
+
+def _attend_plan(q_grouped, block_tables, tiles, bq, *, group, cache, layer, scale, sliding_window, soft_cap):
+    """Attention for one tile plan. q_grouped [T, kvh, G, d]; tiles [NT, 5] i32.
+
+    Returns (out [NT, bq, kvh, G, d] f32, dest [NT * bq] i32 token of each row, T = none). Tiles
+    run in sequential groups of `group` (one group = one batched KV loop up to its last query).
+    """
+    num_tokens, num_kv_heads, q_per_kv, _ = q_grouped.shape
+    seq, q_start, n_q, pos0, ctx = (tiles[:, i] for i in range(5))  # each [NT] i32
+    j = jnp.arange(bq, dtype=jnp.int32)
+    tok = q_start[:, None] + j  # [NT, bq] i32
+    q_valid = j[None, :] < n_q[:, None]  # [NT, bq] bool
+    q_pos = pos0[:, None] + j  # [NT, bq] i32
+    q_tiles = q_grouped[jnp.clip(tok, 0, num_tokens - 1)]  # [NT, bq, kvh, G, d]
+    tables = block_tables[seq]  # [NT, max_blocks] i32
     attend = functools.partial(
         _attend_tiles, cache=cache, layer=layer, scale=scale, sliding_window=sliding_window,
-        soft_cap=soft_cap, num_heads=num_heads)
+        soft_cap=soft_cap, num_heads=num_kv_heads * q_per_kv)
     tile_args = (q_tiles, tables, q_pos, q_valid, ctx, n_q, pos0)
     num_tiles = q_tiles.shape[0]
-    group = num_tiles if metadata.decode_only else max(1, _ROWS_PER_GROUP // bq)
     if group >= num_tiles:
         out = attend(*tile_args)  # [NT, kvh, G, bq, d] f32
     else:
-        # Mixed batch: groups of tiles one after another, each group's KV loop only up to its own
-        # last query (causal skipping; a long prefill no longer drags every decode tile along).
         num_groups = -(-num_tiles // group)
         pad = num_groups * group - num_tiles  # padded tiles have n_q = 0: empty
         grouped = tuple(jnp.pad(x, [(0, pad)] + [(0, 0)] * (x.ndim - 1)).reshape(num_groups, group, *x.shape[1:])
                         for x in tile_args)
         out = lax.map(lambda a: attend(*a), grouped)  # [groups, group, kvh, G, bq, d] f32
         out = out.reshape(num_groups * group, *out.shape[2:])[:num_tiles]
-    out = out.transpose(0, 3, 1, 2, 4).astype(q.dtype)  # [NT, bq, kvh, G, d]
-
-    if metadata.decode_only:
-        return out.reshape(num_tokens, num_heads, head_dim)
-    dest = jnp.where(q_valid, tok, num_tokens).reshape(-1)  # [NT * bq] i32, T = dropped
-    res = jnp.zeros((num_tokens, num_kv_heads, q_per_kv, head_dim), q.dtype)
-    res = res.at[dest].set(out.reshape(-1, num_kv_heads, q_per_kv, head_dim), mode="drop")
-    return res.reshape(num_tokens, num_heads, head_dim)
+    out = out.transpose(0, 3, 1, 2, 4)  # [NT, bq, kvh, G, d] f32
+    return out, jnp.where(q_valid, tok, num_tokens).reshape(-1)
