@@ -41,23 +41,26 @@ def engines(path):
                                           block_size=BLOCK, max_num_seqs=4, max_num_batched_tokens=64,
                                           kv_cache_memory_bytes=64 * 2 * 2 * BLOCK * 4 * 8 * 4),
                              compile_cache=False)
-            built[tp] = (e, (e.runner.num_traces, e.runner._step._cache_size()))
+            built[tp] = (e, compiles(e.runner))
         return built[tp][0]
 
     get.built = built
     return get
 
 
-def run(engine):
-    params = SamplingParams(temperature=0, max_tokens=10, ignore_eos=True, logprobs=5)
-    outs = LLM("tiny", engine=engine).generate([{"prompt_token_ids": p} for p in PROMPTS], params, use_tqdm=False)
-    return [o.outputs[0] for o in outs]
+def compiles(runner):
+    return runner.num_traces, runner._step._cache_size(), runner._prompt_lp._cache_size()
+
+
+def run(engine, **kw):
+    params = SamplingParams(temperature=0, max_tokens=10, ignore_eos=True, logprobs=5, **kw)
+    return LLM("tiny", engine=engine).generate([{"prompt_token_ids": p} for p in PROMPTS], params, use_tqdm=False)
 
 
 def test_greedy_outputs_identical_across_tp(engines):
-    ref = run(engines(1))
+    ref = [o.outputs[0] for o in run(engines(1))]
     for tp in TPS[1:]:
-        got = run(engines(tp))
+        got = [o.outputs[0] for o in run(engines(tp))]
         for r, g in zip(ref, got):
             assert g.token_ids == r.token_ids, tp
             for lr, lg in zip(r.logprobs, g.logprobs):  # raw top-5 logprobs of every step: {id: logprob}
@@ -65,12 +68,17 @@ def test_greedy_outputs_identical_across_tp(engines):
                 np.testing.assert_allclose([lg[t] for t in lr], [lr[t] for t in lr], atol=1e-4, rtol=0)
 
 
-def test_zero_compiles_after_warmup(engines):
+def test_zero_compiles_after_warmup_and_prompt_logprobs(engines):
+    ref = run(engines(1), prompt_logprobs=3)
     for tp in TPS[1:]:
         e = engines(tp)
         after_warmup = engines.built[tp][1]
-        run(e)
-        assert (e.runner.num_traces, e.runner._step._cache_size()) == after_warmup, tp
+        got = run(e, prompt_logprobs=3)
+        assert compiles(e.runner) == after_warmup, tp
+        for r, g in zip(ref, got):  # the prompt-logprobs LM-head pass on vocab-parallel weights
+            for lr, lg in zip(r.prompt_logprobs[1:], g.prompt_logprobs[1:]):
+                assert set(lg) == set(lr), tp
+                np.testing.assert_allclose([lg[t] for t in lr], [lr[t] for t in lr], atol=1e-4, rtol=0)
 
 
 def test_each_device_holds_1_over_tp(engines, path):
