@@ -1,15 +1,23 @@
 """Tensor parallelism: mesh, the logical-axis → mesh-axis table, layouts and sharded ops.
 
     layout = TPLayout.plan(model_config, tensor_parallel_size)   # validates, builds the mesh
-    params = layout.place_params(model_config, params, dtype)     # numpy/jax → sharded arrays
-    model = build_model(model_config, params, dtype, layout=layout)
+    model = build_model(model_config, params, dtype, layout=layout)  # places params into shards
 
 See README.md in this folder for the design (sharding table, kv-head replication, vocabulary,
-multi-host).
+multi-host). Names are loaded lazily so `jaxllm.parallel.cli` (argparse flags for the gRPC
+server and jaxllm.generate) imports no jax.
 """
-from jaxllm.parallel.layout import KV_PARAMS, TPLayout, check_fits, valid_tp_sizes
-from jaxllm.parallel.mesh import check_device_count, init_distributed, make_mesh
-from jaxllm.parallel.rules import CACHE_AXES, LOGICAL_AXIS_RULES, MESH_AXES, logical_to_spec
+import importlib
 
-__all__ = ["CACHE_AXES", "KV_PARAMS", "LOGICAL_AXIS_RULES", "MESH_AXES", "TPLayout", "check_device_count",
-           "check_fits", "init_distributed", "logical_to_spec", "make_mesh", "valid_tp_sizes"]
+_EXPORTS = {
+    "KV_PARAMS": "layout", "TPLayout": "layout", "check_fits": "layout", "valid_tp_sizes": "layout",
+    "check_device_count": "mesh", "init_distributed": "mesh", "make_mesh": "mesh",
+    "CACHE_AXES": "rules", "LOGICAL_AXIS_RULES": "rules", "MESH_AXES": "rules", "logical_to_spec": "rules",
+}
+__all__ = sorted(_EXPORTS)
+
+
+def __getattr__(name):
+    if name in _EXPORTS:
+        return getattr(importlib.import_module(f"jaxllm.parallel.{_EXPORTS[name]}"), name)
+    raise AttributeError(f"module 'jaxllm.parallel' has no attribute {name!r}")

@@ -141,3 +141,16 @@ def test_orbax_restores_into_shards(tmp_path):
     assert placed["layers.wk"].addressable_shards[0].data.shape == (2, 64, 1, 8)
     np.testing.assert_array_equal(np.asarray(placed["layers.wq"]), params["layers.wq"])
     np.testing.assert_array_equal(np.asarray(placed["layers.wv"]), np.repeat(params["layers.wv"], 2, axis=2))
+
+
+def test_cli_flags_import_no_jax():
+    """The multi-host flags live in jaxllm.parallel.cli, which the gRPC server's host side imports."""
+    import os
+    import subprocess
+    import sys
+
+    code = ("import sys, serving.__main__ as m, jaxllm.generate; m.build_parser(); "
+            "bad = [x for x in sys.modules if x == 'jax' or x.startswith('jax.')]; assert not bad, bad")
+    root = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+    out = subprocess.run([sys.executable, "-c", code], cwd=root, capture_output=True, text=True, timeout=120)
+    assert out.returncode == 0, out.stderr
