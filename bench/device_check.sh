@@ -34,4 +34,6 @@ echo "== kernels"
 timeout 400 "$PY" bench/kernels.py --impls reference,pallas --cases 3 --check --sweep --json "$OUT" --json-key kernels \
   || { echo "kernels FAILED (rc=$?)"; status=1; }
 
+timeout 300 "$PY" bench/device_e2e.py --json "$OUT" --json-key e2e || { echo "e2e FAILED (rc=$?)"; status=1; }
+
 exit $status
