@@ -1,7 +1,7 @@
 """End to end on the real SmolLM2-135M (GGUF, fp32 on CPU): ONE engine for the whole module.
 
-The config is tight on purpose: a 128-token step budget forces chunked prefill and a 96-block
-KV cache (1,536 tokens) forces preemption. The caching-off comparison reuses that engine's
+The config is tight on purpose: a 128-token step budget forces chunked prefill and an 80-block
+KV cache (1,280 tokens) forces preemption. The caching-off comparison reuses that engine's
 runner (prefix caching is host-side only) under a second LLMEngine, so the module compiles once.
 The CLI test runs the same config in a subprocess against this module's compile cache.
 """
@@ -26,7 +26,7 @@ MODEL = "smollm2-135m"
 MAX_LEN = 1024
 MAX_SEQS = 8
 BUDGET = 128
-BLOCKS = 96
+BLOCKS = 80
 KV_BYTES = BLOCKS * 2 * 30 * 16 * 3 * 64 * 4  # 30 layers, 3 kv heads, head_dim 64, f32
 ENGINE_KW = dict(max_model_len=MAX_LEN, max_num_seqs=MAX_SEQS, max_num_batched_tokens=BUDGET,
                  kv_cache_memory_bytes=KV_BYTES)
@@ -94,6 +94,8 @@ def hf_greedy(prompts: list[list[int]], max_tokens: int) -> list[list[int]]:
     from checkpoints.loader import packaged_model_path
 
     path = packaged_model_path(MODEL)
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)  # several torch threads on a busy 2-core machine are 30x slower
     model = AutoModelForCausalLM.from_pretrained(os.path.dirname(path), gguf_file=os.path.basename(path),
                                                  dtype=torch.float32)
     model.eval()
@@ -108,6 +110,7 @@ def hf_greedy(prompts: list[list[int]], max_tokens: int) -> list[list[int]]:
                 toks.append(t)
                 out = model(torch.tensor([[t]]), past_key_values=out.past_key_values, use_cache=True)
             outs.append(toks)
+    torch.set_num_threads(threads)
     return outs
 
 
@@ -116,10 +119,11 @@ def test_greedy_batch_equals_alone_and_transformers(llm):
     text = corpus(tok)
     rng = np.random.default_rng(0)
     hf_prompts = [tok.apply_chat_template(c) for c in CHATS] + [tok.encode(p) for p in PLAIN]
-    lengths = [5, 9, 14, 22, 31, 47, 64, 80, 100, 128, 150, 190, 230, 270, 320, 380, 440, 520, 600, 600]
+    lengths = [5, 7, 10, 14, 19, 25, 32, 40, 50, 62, 76, 92, 110, 135, 165, 200, 250, 320, 420, 600]
+    lengths.sort(reverse=True)  # the longest run together: the cache must preempt
     prompts = hf_prompts + [text[o:o + n] for n, o in zip(lengths, rng.integers(0, len(text) - 600, 20))]
     assert len(prompts) == 24 and min(map(len, prompts)) == 5 and max(map(len, prompts)) == 600
-    params = [greedy(32)] * 4 + [greedy(16)] * 20
+    params = [greedy(32)] * 4 + [greedy(8)] * 20  # few decode steps: "alone" runs 24 requests one by one
     before = llm.engine.get_stats()["num_preemptions"]
     batch = llm.generate([{"prompt_token_ids": p} for p in prompts], params, use_tqdm=False)
     assert llm.engine.get_stats()["num_preemptions"] > before, "the KV budget did not force preemption"
@@ -151,9 +155,9 @@ def test_prefix_caching_on_and_off(llm):
     params = greedy(8)
     first = llm.generate(prompts[0], params, use_tqdm=False)[0]  # fills the cache
     on = [first] + llm.generate(prompts[1:], params, use_tqdm=False)
-    again = llm.generate(prompts[0], params, use_tqdm=False)[0]
-    for o in on[1:] + [again]:
+    for o in on[1:]:
         assert o.num_cached_tokens >= 992, o.num_cached_tokens
+    prompts = prompts[:2]  # caching off recomputes every prefix: two are enough to compare
     # caching off: a second engine on the same runner (prefix caching is host-side only)
     cfg = msgspec.structs.replace(llm.engine.config, enable_prefix_caching=False)
     off_engine = LLMEngine(cfg, llm.engine.runner, llm.engine.tokenizer)
@@ -163,8 +167,8 @@ def test_prefix_caching_on_and_off(llm):
     finally:
         assert llm.engine.reset_prefix_cache()  # the off engine overwrote cached blocks
     assert all(o.num_cached_tokens == 0 for o in off)
-    assert [o.outputs[0].token_ids for o in on] == [o.outputs[0].token_ids for o in off]
-    assert again.outputs[0].token_ids == first.outputs[0].token_ids
+    assert [o.outputs[0].token_ids for o in on[:2]] == [o.outputs[0].token_ids for o in off]
+    assert len({tuple(o.outputs[0].token_ids) for o in on}) > 1, "the suffixes should change the output"
 
 
 def test_seeded_sampling_alone_and_in_a_batch(llm):
@@ -174,16 +178,16 @@ def test_seeded_sampling_alone_and_in_a_batch(llm):
     alone = llm.generate(prompt, sp, use_tqdm=False)[0].outputs[0]
     text = corpus(tok)
     rng = np.random.default_rng(1)
-    others = [{"prompt_token_ids": text[o:o + n]} for o, n in zip(rng.integers(0, 2000, 16), rng.integers(5, 120, 16))]
+    others = [{"prompt_token_ids": text[o:o + n]} for o, n in zip(rng.integers(0, 2000, 16), rng.integers(5, 40, 16))]
     other_params = [SamplingParams(temperature=float(t), seed=int(s), max_tokens=int(m), min_p=0.05)
-                    for t, s, m in zip(rng.uniform(0.5, 1.2, 16), rng.integers(0, 2**31, 16), rng.integers(4, 20, 16))]
+                    for t, s, m in zip(rng.uniform(0.5, 1.2, 16), rng.integers(0, 2**31, 16), rng.integers(4, 16, 16))]
     outs = llm.generate(others[:8] + [prompt] + others[8:], other_params[:8] + [sp] + other_params[8:],
                         use_tqdm=False)
     inside = outs[8].outputs[0]
     assert inside.token_ids == alone.token_ids and inside.text == alone.text
     # the seed matters: other seeds give other texts
-    diff = [llm.generate(prompt, sp.clone(seed=s), use_tqdm=False)[0].outputs[0].token_ids for s in (1, 2)]
-    assert any(d != alone.token_ids for d in diff)
+    other_seed = llm.generate(prompt, sp.clone(seed=1, max_tokens=8), use_tqdm=False)[0].outputs[0]
+    assert other_seed.token_ids != alone.token_ids[:8]
 
 
 BAD_PARAMS = [
