@@ -30,7 +30,7 @@ from jaxllm.core.scheduler_output import SchedulerOutput
 @dataclass
 class SampledToken:
     token_id: int
-    logprob: float  # logprob of the sampled token (under the processed distribution)
+    logprob: float  # logprob of the sampled token under the raw model distribution (vLLM default)
     top_logprobs: list[tuple[int, float]] | None = None  # top-k (k = params.logprobs) when asked
 
 
