@@ -34,8 +34,12 @@ class StepInputs:
 
 def build_inputs(seqs: list[ScheduledSeq], rows: list[int], num_rows: int, eos_ids: list[int],
                  padded_tokens: int, padded_seqs: int, decode_only: bool, block_size: int,
-                 max_blocks: int, max_seen: int) -> StepInputs:
-    """Numpy arrays for one step. `rows[i]` is seqs[i]'s penalty row; row `num_rows - 1` is spare."""
+                 max_blocks: int, max_seen: int, seed_steps: list | None = None) -> StepInputs:
+    """Numpy arrays for one step. `rows[i]` is seqs[i]'s penalty row; row `num_rows - 1` is spare.
+
+    Prefix-cache hits seed penalty state with up to `max_seen` tokens per step. When the step's
+    hits carry more and `seed_steps` is a list, the prefixes go instead into all-padding inputs of
+    the same bucket appended to `seed_steps` (run them first, in order); otherwise they are capped."""
     T, S, R = padded_tokens, padded_seqs, num_rows
     spare = R - 1
     tokens = np.zeros(T, np.int32)
@@ -62,7 +66,8 @@ def build_inputs(seqs: list[ScheduledSeq], rows: list[int], num_rows: int, eos_i
     seen_tokens = np.zeros(max_seen, np.int32)
     seen_prompt_rows = np.full(max_seen, R, np.int32)
     seen_output_rows = np.full(max_seen, R, np.int32)
-    x = 0
+    seen = []  # (tokens, prompt rows, output rows) per sequence with a prefix-cache hit
+    prefixed = []  # indices of sequences whose penalty rows this step (re)starts
 
     t = 0
     for i, (s, row) in enumerate(zip(seqs, rows)):
@@ -83,13 +88,11 @@ def build_inputs(seqs: list[ScheduledSeq], rows: list[int], num_rows: int, eos_i
         seq_rows[i] = row
         if s.start_pos == 0 or s.prefix_token_ids is not None:
             reset_rows[i] = row
-        if s.prefix_token_ids:  # capped at max_seen per step: penalties may under-count beyond it
-            pre = np.asarray(s.prefix_token_ids[:max_seen - x], np.int32)
+            prefixed.append(i)
+        if s.prefix_token_ids:
+            pre = np.asarray(s.prefix_token_ids, np.int32)
             ppos = np.arange(len(pre))
-            seen_tokens[x:x + len(pre)] = pre
-            seen_prompt_rows[x:x + len(pre)] = np.where(ppos < s.num_prompt_tokens, row, R)
-            seen_output_rows[x:x + len(pre)] = np.where(ppos < s.num_prompt_tokens, R, row)
-            x += len(pre)
+            seen.append((pre, np.where(ppos < s.num_prompt_tokens, row, R), np.where(ppos < s.num_prompt_tokens, R, row)))
         p = s.params
         temperature[i] = p.temperature
         top_k[i] = p.top_k if p.top_k and p.top_k > 0 else 0
@@ -103,6 +106,25 @@ def build_inputs(seqs: list[ScheduledSeq], rows: list[int], num_rows: int, eos_i
             banned = banned[:MAX_MASK_IDS]
             mask_ids[i, :len(banned)] = banned
     cu[len(seqs) + 1:] = t
+    if seen:
+        all_seen = [np.concatenate(a) for a in zip(*seen)]
+        if len(all_seen[0]) > max_seen and seed_steps is not None:
+            # more than one step can carry: reset and seed the rows in padding steps run before this one
+            for j, lo in enumerate(range(0, len(all_seen[0]), max_seen)):
+                pad = build_inputs([], [], num_rows, eos_ids, padded_tokens, padded_seqs, decode_only, block_size,
+                                   max_blocks, max_seen)
+                chunk = [a[lo:lo + max_seen] for a in all_seen]
+                n = len(chunk[0])
+                seen_tokens_j = pad.seen_tokens.copy()
+                seen_p_j, seen_o_j = pad.seen_prompt_rows.copy(), pad.seen_output_rows.copy()
+                seen_tokens_j[:n], seen_p_j[:n], seen_o_j[:n] = chunk
+                seed_steps.append(dataclasses.replace(
+                    pad, reset_rows=reset_rows.copy() if j == 0 else pad.reset_rows, seen_tokens=seen_tokens_j,
+                    seen_prompt_rows=seen_p_j, seen_output_rows=seen_o_j))
+            reset_rows[prefixed] = R
+        else:  # capped at max_seen: penalties may under-count beyond it
+            n = min(max_seen, len(all_seen[0]))
+            seen_tokens[:n], seen_prompt_rows[:n], seen_output_rows[:n] = (a[:n] for a in all_seen)
     meta = AttentionMetadata(slot_mapping=slots, block_tables=block_tables, context_lens=context_lens,
                              cu_q_lens=cu, decode_only=decode_only)
     sampling = SamplingInputs(temperature, top_k, top_p, min_p, presence, frequency, repetition, seeds,

@@ -172,8 +172,11 @@ class ModelRunner:
         decode_only = all(len(s.token_ids) == 1 for s in seqs)
         T, S, decode_only = self.buckets.pick(num_tokens, len(seqs), decode_only)
         rows = [self._row(s.request_id) for s in seqs]
+        seed_steps = []  # only when this step's prefix-cache hits exceed what one step carries
         inp = build_inputs(seqs, rows, self.num_rows, self.eos_ids, T, S, decode_only, self.block_size,
-                           self.max_blocks_per_seq, self.max_model_len)
+                           self.max_blocks_per_seq, self.max_model_len, seed_steps)
+        for seed in seed_steps:  # same bucket, all padding: seeds penalty state only
+            self._run(seed)
         out = jax.device_get(self._run(inp))
         result = {}
         for i, s in enumerate(seqs):
