@@ -62,7 +62,8 @@ class ModelRunner:
         self.num_rows = max_num_seqs + 1  # + one spare row for padding sequences
         self._free_rows = list(range(max_num_seqs - 1, -1, -1))
         self._rows: dict[str, int] = {}
-        self.num_traces = 0  # jit cache misses of the step function (a trace after warm-up is a bug)
+        self.num_traces = 0  # traces of the step function (a trace after warm-up is a bug)
+        self._executables: dict[tuple, object] = {}  # (fn, T, S, decode_only) → compiled executable
         dtype = model.dtype
         layout = getattr(model, "layout", None)  # jaxllm.parallel.TPLayout when tensor parallel
         self.tensor_parallel_size = layout.tp if layout is not None else 1
@@ -145,8 +146,35 @@ class ModelRunner:
             inp = self._channel.send(inp)
         return self._run_local(inp)
 
+    @property
+    def compile_count(self) -> int:
+        """Executables compiled so far (step + prompt-logprobs pass, one per bucket); a change after
+        warm-up means a new shape reached the device: a bug."""
+        return len(self._executables)
+
+    def _executable(self, key: tuple, lower):
+        """Ahead-of-time compiled executable per bucket: warm-up compiles (or loads from the
+        persistent cache) without running anything; serving only looks executables up."""
+        exe = self._executables.get(key)
+        if exe is None:
+            exe = self._executables[key] = lower().compile()
+        return exe
+
+    @staticmethod
+    def _bucket(inp: StepInputs) -> tuple:
+        return inp.tokens.shape[0], inp.logits_indices.shape[0], inp.metadata.decode_only
+
+    def _step_executable(self, inp: StepInputs):
+        return self._executable(("step",) + self._bucket(inp), lambda: self._step.lower(
+            self.state, self.kv_cache, self.counts, self.prompt_mask, inp))
+
+    def _prompt_lp_executable(self, num_tokens: int):
+        hidden = jax.ShapeDtypeStruct((num_tokens, self.model_config.hidden_size), self.state_dtype)
+        return self._executable(("prompt_lp", num_tokens), lambda: self._prompt_lp.lower(
+            self.state, hidden, np.zeros(num_tokens, np.int32)))
+
     def _run_local(self, inp: StepInputs):
-        self.kv_cache, self.counts, self.prompt_mask, out, self._hidden = self._step(
+        self.kv_cache, self.counts, self.prompt_mask, out, self._hidden = self._step_executable(inp)(
             self.state, self.kv_cache, self.counts, self.prompt_mask, inp)
         return out
 
@@ -155,6 +183,7 @@ class ModelRunner:
         """Processes other than 0: run process 0's steps until it calls `stop_followers`."""
         if self._channel is None:
             raise RuntimeError("follow() is for processes > 0 of a multi-host run (jax.process_count() > 1)")
+        self.warmup()  # compile every bucket here too, so serving compiles nothing on any process
         while (inp := self._channel.receive()) is not None:
             jax.block_until_ready(self._run_local(inp))
 
@@ -207,7 +236,8 @@ class ModelRunner:
                             targets[t + j] = nxt
                 spans.append((s, t, n))
             t += n
-        lp, top_ids, top_lp = jax.device_get(self._prompt_lp(self.state, self._hidden, targets))
+        lp, top_ids, top_lp = jax.device_get(
+            self._prompt_lp_executable(padded_tokens)(self.state, self._hidden, targets))
         for s, start, n in spans:
             k = s.params.prompt_logprobs
             entries = self._prompt_lp_out.setdefault(s.request_id, {})
@@ -239,12 +269,13 @@ class ModelRunner:
         return temp + self.counts.nbytes + self.prompt_mask.nbytes
 
     def warmup(self) -> float:
-        """Compiles every bucket (an all-padding batch touches nothing). Returns seconds taken."""
+        """Compiles every bucket's step and prompt-logprobs pass ahead of time (from JAX's persistent
+        cache when warm) without running them. Returns seconds taken."""
         t0 = time.perf_counter()
         for T, S, decode_only in self.buckets.all():
             inp = build_inputs([], [], self.num_rows, self.eos_ids, T, S, decode_only, self.block_size,
                                self.max_blocks_per_seq, self.max_model_len)
-            jax.block_until_ready(self._run(inp))
+            self._step_executable(inp)
             if self.supports_prompt_logprobs:
-                jax.block_until_ready(self._prompt_lp(self.state, self._hidden, np.full(T, -1, np.int32)))
+                self._prompt_lp_executable(T)
         return time.perf_counter() - t0

@@ -49,7 +49,7 @@ def engines(path):
 
 
 def compiles(runner):
-    return runner.num_traces, runner._step._cache_size(), runner._prompt_lp._cache_size()
+    return runner.num_traces, runner.compile_count
 
 
 def run(engine, **kw):

@@ -20,9 +20,9 @@ def generate(tp):
     tok = llm.get_tokenizer()
     prompts = [{"prompt_token_ids": tok.apply_chat_template([{"role": "user", "content": p}])} for p in PROMPTS]
     runner = llm.engine.runner
-    compiled = (runner.num_traces, runner._step._cache_size())
+    compiled = (runner.num_traces, runner.compile_count)
     outs = llm.generate(prompts, SamplingParams(temperature=0, max_tokens=16), use_tqdm=False)
-    assert (runner.num_traces, runner._step._cache_size()) == compiled, "compiled after warm-up"
+    assert (runner.num_traces, runner.compile_count) == compiled, "compiled after warm-up"
     return [(o.outputs[0].token_ids, o.outputs[0].text) for o in outs], runner
 
 

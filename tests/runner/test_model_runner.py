@@ -249,8 +249,8 @@ def _random_params(rng: random.Random) -> SamplingParams:
 
 def test_zero_compiles_after_warmup_serving_200_random_requests(engine):
     r = engine.runner
-    compiled, traces = r._step._cache_size(), r.num_traces
-    assert compiled == len(r.buckets.all()) and traces == compiled
+    compiled, traces = r.compile_count, r.num_traces
+    assert compiled == 2 * len(r.buckets.all()) and traces == len(r.buckets.all())  # step + prompt-lp
     rng = random.Random(7)
     prompts = [np.random.default_rng(i).integers(0, VOCAB, rng.randint(1, 200)).tolist() for i in range(200)]
     params = [_random_params(rng) for _ in prompts]
@@ -260,7 +260,7 @@ def test_zero_compiles_after_warmup_serving_200_random_requests(engine):
         outs += llm.generate([{"prompt_token_ids": p} for p in prompts[lo:lo + 50]], params[lo:lo + 50],
                              use_tqdm=False)
         assert_clean(engine)
-    assert r._step._cache_size() == compiled, "a step compiled after warm-up"
+    assert r.compile_count == compiled, "a step compiled after warm-up"
     assert r.num_traces == traces, "a step retraced after warm-up"
     eos = engine.eos_token_ids
     for o, p, pr in zip(outs, params, prompts):
@@ -285,7 +285,7 @@ def test_zero_compiles_after_warmup_serving_200_random_requests(engine):
     for i in seeded:
         alone = generate(engine, [prompts[i]], params[i])[0]
         assert alone.outputs[0].token_ids == outs[i].outputs[0].token_ids
-    assert r._step._cache_size() == compiled
+    assert r.compile_count == compiled
 
 
 def test_penalties_count_every_prefix_hit_token_in_a_crowded_step(engine, reference):
@@ -297,9 +297,9 @@ def test_penalties_count_every_prefix_hit_token_in_a_crowded_step(engine, refere
     kw = dict(rep=2.0, freq=0.0, pres=1.5)
     params = SamplingParams(temperature=0.0, max_tokens=12, ignore_eos=True, repetition_penalty=kw["rep"],
                             presence_penalty=kw["pres"])
-    compiled = engine.runner._step._cache_size()
+    compiled = engine.runner.compile_count
     outs = generate(engine, prompts, params)
-    assert engine.runner._step._cache_size() == compiled  # the extra seeding steps reuse the bucket
+    assert engine.runner.compile_count == compiled  # the extra seeding steps reuse the bucket
     assert all(o.num_cached_tokens >= 96 for o in outs)
     want, _ = reference.greedy(prompts, 12, **kw)
     for i, (o, w) in enumerate(zip(outs, want)):
