@@ -1,6 +1,6 @@
 """The real SmolLM2-135M engine behind the server (slow: one model load + warm-up).
 
-Runs only when selected: ``.venv/bin/python -m pytest -m slow tests/serving``. Checks greedy
+Runs in ``make test`` (deselect with ``-m "not slow"``). Checks greedy
 equality with the offline ``LLM`` on the same engine (text and chat), concurrent streams,
 cancellation freeing every KV block, and that steady-state serving compiles nothing after warm-up.
 """
@@ -19,16 +19,11 @@ CHAT = [{"role": "user", "content": "What is the capital of France?"}]
 
 
 @pytest.fixture(scope="module")
-def real_engine(request):
-    if "slow" not in (request.config.getoption("markexpr") or ""):
-        pytest.skip("real-model test: run with -m slow")
+def real_engine():
     from jaxllm.config import EngineConfig
     from jaxllm.engine.factory import build_engine
-    try:
-        return build_engine(EngineConfig(model="smollm2-135m", max_model_len=256, max_num_seqs=4,
-                                         max_num_batched_tokens=64))
-    except (OSError, ImportError) as exc:
-        pytest.skip(f"smollm2-135m not loadable here: {exc}")
+    return build_engine(EngineConfig(model="smollm2-135m", max_model_len=256, max_num_seqs=4,
+                                     max_num_batched_tokens=64))
 
 
 @pytest.mark.slow
