@@ -36,15 +36,21 @@ warnings.filterwarnings("ignore", message=".*Pallas Triton backend is deprecated
 
 
 def make_workload(num_seqs: int, context: int, q_len: int, num_heads: int, num_kv_heads: int,
-                  head_dim: int, block_size: int, dtype, seed: int = 0):
-    """Every sequence has `context` tokens, the last `q_len` of them new; pages shuffled."""
+                  head_dim: int, block_size: int, dtype, seed: int = 0, ragged: bool = False):
+    """Every sequence has `context` tokens, the last `q_len` of them new; pages shuffled.
+
+    ragged (decode, q_len 1): contexts drawn uniformly in [min(64, context), context] instead.
+    """
     rng = np.random.default_rng(seed)
+    ctx = (rng.integers(min(64, context), context + 1, num_seqs) if ragged and q_len == 1
+           else np.full(num_seqs, context)).astype(np.int32)
     blocks_per_seq = -(-context // block_size)
     num_blocks = num_seqs * blocks_per_seq
     tables = rng.permutation(num_blocks).astype(np.int32).reshape(num_seqs, blocks_per_seq)
     T = num_seqs * q_len
-    pos = np.arange(context - q_len, context)
-    slots = (tables[:, pos // block_size] * block_size + pos % block_size).reshape(-1).astype(np.int32)
+    pos = ctx[:, None] - q_len + np.arange(q_len)[None, :]  # [S, q_len]
+    slots = (np.take_along_axis(tables, pos // block_size, axis=1) * block_size
+             + pos % block_size).reshape(-1).astype(np.int32)
     key = jax.random.key(seed)
     kq, kk, kv = jax.random.split(key, 3)
     shape = (1, num_blocks, block_size, num_kv_heads, head_dim)
@@ -52,7 +58,7 @@ def make_workload(num_seqs: int, context: int, q_len: int, num_heads: int, num_k
     q = jax.random.normal(kq, (T, num_heads, head_dim), dtype)
     md = AttentionMetadata(
         slot_mapping=jnp.asarray(slots), block_tables=jnp.asarray(tables),
-        context_lens=jnp.full((num_seqs,), context, jnp.int32),
+        context_lens=jnp.asarray(ctx),
         cu_q_lens=jnp.arange(num_seqs + 1, dtype=jnp.int32) * q_len, decode_only=q_len == 1)
     return q, cache, md
 
@@ -84,15 +90,15 @@ def attn_fn(impl: str):
 
 def bench_decode(impls, args, results):
     q, cache, md = make_workload(args.batch, args.context, 1, args.heads, args.kv_heads, args.head_dim,
-                                 args.block_size, jnp.dtype(args.dtype))
-    kv_bytes = 2 * args.batch * args.context * args.kv_heads * args.head_dim * jnp.dtype(args.dtype).itemsize
+                                 args.block_size, jnp.dtype(args.dtype), ragged=args.ragged)
+    kv_bytes = 2 * int(np.asarray(md.context_lens).sum()) * args.kv_heads * args.head_dim * jnp.dtype(args.dtype).itemsize
     nbytes = kv_bytes + 2 * q.nbytes + md.block_tables.nbytes
     ref_out = None
     for impl in impls:
         fn = attn_fn(impl)
         t = time_call(fn, (q, cache, md), args.iters)
         row = {"kernel": "decode", "impl": impl, "ms": t * 1e3, "bytes_read": nbytes, "GB/s": nbytes / t / 1e9,
-               "shape": f"B{args.batch} ctx{args.context} H{args.heads}/{args.kv_heads} d{args.head_dim} "
+               "shape": f"B{args.batch} ctx{'<=' if args.ragged else ''}{args.context} H{args.heads}/{args.kv_heads} d{args.head_dim} "
                         f"bs{args.block_size} {args.dtype}"}
         if args.check:
             out = np.asarray(fn(q, cache, md), np.float32)
@@ -223,6 +229,8 @@ def main(argv=None) -> int:
     p.add_argument("--kv-heads", type=int, default=8)
     p.add_argument("--head-dim", type=int, default=128)
     p.add_argument("--block-size", type=int, default=16)
+    p.add_argument("--ragged", action="store_true",
+                   help="decode: contexts drawn uniformly in [64, --context] (seeded) instead of all equal")
     p.add_argument("--prefill-tokens", type=int, default=2048)
     p.add_argument("--dtype", default="bfloat16")
     p.add_argument("--iters", type=int, default=None, help="timed calls per case (default 3 CPU, 20 GPU)")

@@ -26,6 +26,10 @@ from pallas_kernels.metadata import AttentionMetadata, KVCache
 _LOGITS_PER_CHUNK = 1 << 24
 _MAX_CHUNK = 512  # tokens
 _ROWS_PER_GROUP = 256  # mixed batches: q rows (tiles x bq) attended together per sequential step
+# Decode rows: sorted by context and cut into this many groups, each looping to its own longest
+# context in chunks of _DECODE_CHUNK tokens (SmolLM2 CPU bench, bench/RESULTS.md "CPU decode").
+_DECODE_GROUPS = 8
+_DECODE_CHUNK = 128  # tokens
 
 
 def _choose_bq(num_tokens: int, num_seqs: int) -> int:
@@ -110,6 +114,78 @@ def _attend_tiles(q_tiles, tables, q_pos, q_valid, ctx, n_q, pos0, *, cache, lay
     return jnp.where(l[..., None] > 0, acc / jnp.where(l > 0, l, 1.0)[..., None], 0.0)
 
 
+def _attend_decodes(q_rows, tables, ctx, *, cache, layer, scale, sliding_window, soft_cap):
+    """Decode attention: row i is the last token of a sequence of ctx[i] tokens (ctx 0: no query).
+
+    q_rows [S, kvh, G, d] (dot dtype); tables [S, max_blocks] i32; ctx [S] i32. Returns
+    [S, kvh, G, d] f32 (zeros where ctx == 0). Work follows the sum of the contexts, not
+    S x the longest: rows are sorted by context on device and cut into _DECODE_GROUPS groups, each
+    walking KV chunks of _DECODE_CHUNK tokens only up to its own longest context (context-0 rows sort
+    first and cost nothing); results are scattered back to the original rows.
+    """
+    num_seqs, num_kv_heads, q_per_kv, head_dim = q_rows.shape
+    block_size, num_blocks = cache.block_size, cache.num_blocks
+    dot_dtype = q_rows.dtype
+    max_blocks = tables.shape[1]
+    pages_per_chunk = max(1, min(max_blocks, _DECODE_CHUNK // block_size))
+    chunk = pages_per_chunk * block_size
+    padded_blocks = -(-max_blocks // pages_per_chunk) * pages_per_chunk
+    num_groups = min(_DECODE_GROUPS, num_seqs)
+    group = -(-num_seqs // num_groups)
+    padded_seqs = group * num_groups
+    order = jnp.pad(jnp.argsort(ctx).astype(jnp.int32), (0, padded_seqs - num_seqs))  # [Sp] i32
+    real = jnp.arange(padded_seqs) < num_seqs
+    q_s = q_rows[order].reshape(num_groups, group, num_kv_heads, q_per_kv, head_dim)
+    t_s = jnp.pad(tables, ((0, 0), (0, padded_blocks - max_blocks)))[order].reshape(num_groups, group, padded_blocks)
+    c_s = jnp.where(real, ctx[order], 0).reshape(num_groups, group)  # padded rows: ctx 0
+    heads = jnp.arange(num_kv_heads, dtype=jnp.int32)
+
+    def attend_group(args):
+        qg, tg, cg = args  # [n, kvh, G, d], [n, MBp] i32, [n] i32
+        last_chunk = (jnp.max(cg) + chunk - 1) // chunk
+        if sliding_window is not None:
+            kv_lo = jnp.where(cg > 0, jnp.maximum(cg - sliding_window, 0), jnp.iinfo(jnp.int32).max)
+            first_chunk = jnp.minimum(jnp.min(kv_lo), jnp.max(cg)) // chunk
+        else:
+            first_chunk = jnp.int32(0)
+
+        def body(c, carry):
+            m, l, acc = carry  # [n, kvh, G] f32 x2, [n, kvh, G, d] f32
+            pages = lax.dynamic_slice_in_dim(tg, c * pages_per_chunk, pages_per_chunk, axis=1)
+            blocks = jnp.clip(pages, 0, num_blocks - 1)  # [n, P] i32
+            # Gathered head-major [n, kvh, P, bs, d] -> [n, kvh, C, d]: the dots' batch dims lead.
+            idx = (layer, blocks[:, None, :], slice(None), heads[None, :, None])
+            k = cache.k[idx].reshape(group, num_kv_heads, chunk, head_dim)
+            v = cache.v[idx].reshape(group, num_kv_heads, chunk, head_dim)
+            s = jnp.einsum("nkgd,nkcd->nkgc", qg, k.astype(dot_dtype),
+                           preferred_element_type=jnp.float32) * scale  # [n, kvh, G, C] f32
+            if soft_cap is not None:
+                s = jnp.tanh(s / soft_cap) * soft_cap
+            k_pos = c * chunk + jnp.arange(chunk, dtype=jnp.int32)  # [C] i32
+            mask = k_pos[None, :] < cg[:, None]  # [n, C]: the query sits at position ctx - 1
+            if sliding_window is not None:
+                mask &= k_pos[None, :] > cg[:, None] - 1 - sliding_window
+            s = jnp.where(mask[:, None, None], s, -jnp.inf)
+            m_new = jnp.maximum(m, s.max(axis=-1))
+            m_safe = jnp.where(jnp.isfinite(m_new), m_new, 0.0)
+            alpha = jnp.exp(m - m_safe)
+            p = jnp.exp(s - m_safe[..., None])  # [n, kvh, G, C] f32
+            l = alpha * l + p.sum(axis=-1)
+            pv = jnp.einsum("nkgc,nkcd->nkgd", p.astype(dot_dtype), v.astype(dot_dtype),
+                            preferred_element_type=jnp.float32)
+            return m_new, l, alpha[..., None] * acc + pv
+
+        stat_shape = (group, num_kv_heads, q_per_kv)
+        init = (jnp.full(stat_shape, -jnp.inf, jnp.float32), jnp.zeros(stat_shape, jnp.float32),
+                jnp.zeros(stat_shape + (head_dim,), jnp.float32))
+        _, l, acc = lax.fori_loop(first_chunk, last_chunk, body, init)
+        return jnp.where(l[..., None] > 0, acc / jnp.where(l > 0, l, 1.0)[..., None], 0.0)
+
+    out = lax.map(attend_group, (q_s, t_s, c_s)).reshape(padded_seqs, num_kv_heads, q_per_kv, head_dim)
+    dest = jnp.where(real, order, num_seqs)  # padded rows dropped
+    return jnp.zeros((num_seqs, num_kv_heads, q_per_kv, head_dim), jnp.float32).at[dest].set(out, mode="drop")
+
+
 def ragged_paged_attention_reference(
     q: jax.Array,
     cache: KVCache,
@@ -137,7 +213,11 @@ def ragged_paged_attention_reference(
         cache=cache, layer=layer, scale=scale, sliding_window=sliding_window, soft_cap=soft_cap)
 
     if metadata.decode_only:
-        out, _ = attend(_single_token_tiles(metadata), 1, group=num_seqs)  # [S, 1, kvh, G, d] f32
+        q_lens = metadata.cu_q_lens[1:] - metadata.cu_q_lens[:-1]
+        ctx = jnp.where(q_lens == 1, metadata.context_lens.astype(jnp.int32), 0)  # [S] i32, 0 = none
+        out = _attend_decodes(q_grouped.astype(dot_dtype), metadata.block_tables.astype(jnp.int32), ctx,
+                              cache=cache, layer=layer, scale=scale, sliding_window=sliding_window,
+                              soft_cap=soft_cap)  # [S, kvh, G, d] f32
         return out.reshape(num_tokens, num_heads, head_dim).astype(q.dtype)
     # Mixed batch, two tile plans over disjoint tokens: single-token sequences (decodes) as one
     # batch of 1-row tiles, longer ones in tiles of bq tokens, attended group by group.

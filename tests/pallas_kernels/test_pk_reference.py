@@ -86,3 +86,35 @@ def test_reference_tile_groups(monkeypatch):
         ok = valid_tokens(case)
         np.testing.assert_allclose(out[ok], dense_attention(case, **opts)[ok], atol=2e-5, rtol=2e-5)
         assert np.all(out[~ok] == 0)
+
+
+@pytest.mark.parametrize("opts", [{}, dict(sliding_window=40), dict(soft_cap=5.0)], ids=["plain", "window", "softcap"])
+@pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
+def test_reference_decode_uneven_contexts_and_padding(opts, dtype):
+    """Decode path (sorted, grouped rows): very uneven contexts (1 token .. 10 chunks, chunk
+    multiples), padding sequences at the end, a row count that is not a multiple of the groups."""
+    cfg = Config(21, 21, 1300, block_size=16, num_kv_heads=3, q_per_kv=3, decode_only=True, dtype=dtype)
+    ctx = [1300, 1, 17, 128, 129, 640, 2, 1000, 5, 256, 3, 1280, 77, 900, 16, 31, 0, 0, 0, 0, 0]
+    case = make_case(cfg, 11, ctx_override=ctx, q_override=[int(c > 0) for c in ctx], reverse_seq=0)
+    out = np.asarray(jax.jit(lambda q, c, layer, m: ragged_paged_attention(
+        q, c, layer, m, impl="reference", **opts))(case.q, case.cache, case.layer, case.metadata), np.float64)
+    ok = valid_tokens(case)
+    assert ok.sum() == 16
+    tol = 2e-2 if dtype == "bfloat16" else 2e-5
+    np.testing.assert_allclose(out[ok], dense_attention(case, **opts)[ok], atol=tol, rtol=tol)
+    assert np.all(out[~ok] == 0), "padding sequences must come out as zeros"
+
+
+def test_reference_decode_groups(monkeypatch):
+    """Decode rows in one group and in one group per row agree with the dense reference."""
+    import pallas_kernels.attention.reference as reference
+
+    cfg = Config(7, 7, 200, block_size=8, num_kv_heads=2, q_per_kv=2, decode_only=True)
+    case = make_case(cfg, 5)
+    for groups, chunk in ((1, 8), (7, 64), (3, 32)):
+        monkeypatch.setattr(reference, "_DECODE_GROUPS", groups)
+        monkeypatch.setattr(reference, "_DECODE_CHUNK", chunk)
+        out = np.asarray(ragged_paged_attention(case.q, case.cache, case.layer, case.metadata, impl="reference"))
+        ok = valid_tokens(case)
+        np.testing.assert_allclose(out[ok], dense_attention(case)[ok], atol=2e-5, rtol=2e-5)
+        assert np.all(out[~ok] == 0)
