@@ -1,10 +1,12 @@
 """Pure-jnp ragged paged attention: the reference for the kernels and THE CPU path of the engine.
 
 Same signature as `ragged_paged_attention`. Algorithm (vectorised, static shapes):
-  * the query tokens are cut into q tiles of up to `bq` tokens of one sequence, so K/V gathered for
-    a tile is reused by all its queries. Two tile plans over disjoint tokens: sequences with one new
-    token (decodes) get 1-token tiles, all attended as one batch; longer ones (prefill chunks) get
-    `bq`-token tiles, attended in sequential groups of ~_ROWS_PER_GROUP query rows (`lax.map`);
+  * sequences with one new token (decodes; all of a decode_only batch) go through
+    `_attend_decodes`: rows sorted by context on device, cut into _DECODE_GROUPS groups, each
+    looping over KV chunks only up to its own longest context (work ~ the sum of the contexts);
+  * longer ones (prefill chunks) are cut into q tiles of up to `bq` tokens of one sequence, so K/V
+    gathered for a tile is reused by all its queries, attended in sequential groups of
+    ~_ROWS_PER_GROUP query rows (`lax.map`);
   * per batch / group, a `lax.fori_loop` with a *traced* trip count walks KV chunks of `P` pages up
     to the group's last query (causal skipping; never the block-table width), gathering
     `[tiles, kv_heads, P pages]` straight from the stacked cache at `layer` (no layer slice is
@@ -34,17 +36,6 @@ _DECODE_CHUNK = 128  # tokens
 
 def _choose_bq(num_tokens: int, num_seqs: int) -> int:
     return int(min(256, next_pow2(max(1, -(-num_tokens // max(1, num_seqs))))))
-
-
-def _single_token_tiles(metadata: AttentionMetadata) -> jax.Array:
-    """One 1-token tile per sequence with exactly one new token (others: empty). [S, 5] int32."""
-    num_seqs = metadata.num_seqs
-    q_lens = (metadata.cu_q_lens[1:] - metadata.cu_q_lens[:-1]).astype(jnp.int32)
-    one = q_lens == 1
-    n_q = one.astype(jnp.int32)
-    ctx = jnp.where(one, metadata.context_lens.astype(jnp.int32), 0)
-    q_start = jnp.where(one, metadata.cu_q_lens[:-1].astype(jnp.int32), 0)
-    return jnp.stack([jnp.arange(num_seqs, dtype=jnp.int32), q_start, n_q, ctx - n_q, ctx], axis=1)
 
 
 def _attend_tiles(q_tiles, tables, q_pos, q_valid, ctx, n_q, pos0, *, cache, layer, scale,
@@ -219,16 +210,20 @@ def ragged_paged_attention_reference(
                               cache=cache, layer=layer, scale=scale, sliding_window=sliding_window,
                               soft_cap=soft_cap)  # [S, kvh, G, d] f32
         return out.reshape(num_tokens, num_heads, head_dim).astype(q.dtype)
-    # Mixed batch, two tile plans over disjoint tokens: single-token sequences (decodes) as one
-    # batch of 1-row tiles, longer ones in tiles of bq tokens, attended group by group.
-    q_lens = metadata.cu_q_lens[1:] - metadata.cu_q_lens[:-1]
-    bq = _choose_bq(num_tokens, num_seqs)
+    # Mixed batch, two plans over disjoint tokens: single-token sequences (decodes) through the
+    # decode path (one row each), longer ones in tiles of bq tokens, attended group by group.
+    q_lens = (metadata.cu_q_lens[1:] - metadata.cu_q_lens[:-1]).astype(jnp.int32)
+    one = q_lens == 1
+    q_start = jnp.where(one, metadata.cu_q_lens[:-1].astype(jnp.int32), 0)  # [S] i32
+    out = _attend_decodes(q_grouped.astype(dot_dtype)[q_start], metadata.block_tables.astype(jnp.int32),
+                          jnp.where(one, metadata.context_lens.astype(jnp.int32), 0), cache=cache, layer=layer,
+                          scale=scale, sliding_window=sliding_window, soft_cap=soft_cap)  # [S, kvh, G, d] f32
     res = jnp.zeros((num_tokens, num_kv_heads, q_per_kv, head_dim), q.dtype)
-    for tiles, rows in ((_single_token_tiles(metadata), 1),
-                        (build_q_tiles(metadata.cu_q_lens, metadata.context_lens, num_tokens, bq,
-                                       seq_mask=q_lens > 1), bq)):
-        out, dest = attend(tiles, rows, group=max(1, _ROWS_PER_GROUP // rows))
-        res = res.at[dest].set(out.reshape(-1, num_kv_heads, q_per_kv, head_dim).astype(q.dtype), mode="drop")
+    res = res.at[jnp.where(one, q_start, num_tokens)].set(out.astype(q.dtype), mode="drop")
+    bq = _choose_bq(num_tokens, num_seqs)
+    tiles = build_q_tiles(metadata.cu_q_lens, metadata.context_lens, num_tokens, bq, seq_mask=q_lens > 1)
+    out, dest = attend(tiles, bq, group=max(1, _ROWS_PER_GROUP // bq))
+    res = res.at[dest].set(out.reshape(-1, num_kv_heads, q_per_kv, head_dim).astype(q.dtype), mode="drop")
     return res.reshape(num_tokens, num_heads, head_dim)
 
 
