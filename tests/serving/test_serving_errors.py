@@ -4,7 +4,6 @@ queue flood -> RESOURCE_EXHAUSTED at once; message size cap."""
 from __future__ import annotations
 
 import asyncio
-import time
 
 import grpc
 import pytest
@@ -108,12 +107,12 @@ def test_queue_flood_gets_resource_exhausted_at_once():
         # no periodic probe during the flood: it would take one of the 4 waiting slots
         async with running_server(eng, max_queued_requests=4, health_probe_interval=60) as c:
             async def one(i):
-                t0 = time.monotonic()
+                rid = f"flood-{i}"
                 try:
-                    res = collect(await c.generate(prompt=f"flood {i}", max_tokens=20))
-                    return "ok", res["finish"][0], time.monotonic() - t0
+                    res = collect(await c.generate(prompt=f"flood {i}", max_tokens=20, request_id=rid))
+                    return "ok", res["finish"][0], rid
                 except grpc.aio.AioRpcError as e:
-                    return e.code(), e.details(), time.monotonic() - t0
+                    return e.code(), e.details(), rid
 
             results = await asyncio.gather(*(one(i) for i in range(40)))
             ok = [r for r in results if r[0] == "ok"]
@@ -122,10 +121,11 @@ def test_queue_flood_gets_resource_exhausted_at_once():
             assert len(ok) >= 4 and len(rejected) >= 20
             assert all(r[1] == pb.FINISH_REASON_LENGTH for r in ok)
             assert all("--max-queued-requests=4" in r[1] for r in rejected)
-            slowest_ok = max(r[2] for r in ok)
-            # immediate, not queued: every rejection beats the slowest accepted (>= 2 waves of
-            # 20 steps x 20 ms) by a wide margin
-            assert max(r[2] for r in rejected) < 0.5 * slowest_ok, (rejected, slowest_ok)
+            # Rejected at the door, not queued: no rejected request ever reached the engine, and
+            # every accepted one did (no wall-clock comparison: it flaked on a loaded machine).
+            added = set(eng.added)
+            assert not added & {r[2] for r in rejected}, "a rejected request was queued in the engine"
+            assert {r[2] for r in ok} <= added
             await c.wait_blocks_free()
             # once drained, requests are accepted again
             assert collect(await c.generate(prompt="after", max_tokens=2))["texts"][0] == "af"
