@@ -123,9 +123,7 @@ class ModelRunner:
         if jax.process_count() > 1:
             from jaxllm.parallel.multihost import StepChannel
 
-            self._channel = StepChannel(lambda T, S, decode_only: build_inputs(
-                [], [], self.num_rows, self.eos_ids, T, S, decode_only, self.block_size,
-                self.max_blocks_per_seq, self.max_model_len))
+            self._channel = StepChannel(self._padding_inputs)
 
     # ----- per-request rows ---------------------------------------------------------
     def release(self, request_ids) -> None:
@@ -159,6 +157,11 @@ class ModelRunner:
         if exe is None:
             exe = self._executables[key] = lower().compile()
         return exe
+
+    def _padding_inputs(self, T: int, S: int, decode_only: bool) -> StepInputs:
+        """An all-padding batch of one bucket: touches no slot and no penalty row."""
+        return build_inputs([], [], self.num_rows, self.eos_ids, T, S, decode_only, self.block_size,
+                            self.max_blocks_per_seq, self.max_model_len)
 
     @staticmethod
     def _bucket(inp: StepInputs) -> tuple:
@@ -260,8 +263,7 @@ class ModelRunner:
         cache on accelerators): XLA's temp allocation for the largest bucket's step and prompt-logprobs
         pass, plus the penalty state. Compiles those two once; runs nothing."""
         T, S, decode_only = max(self.buckets.all(), key=lambda b: b[0])
-        inp = build_inputs([], [], self.num_rows, self.eos_ids, T, S, decode_only, self.block_size,
-                           self.max_blocks_per_seq, self.max_model_len)
+        inp = self._padding_inputs(T, S, decode_only)
         step = self._step.lower(self.state, self.kv_cache, self.counts, self.prompt_mask, inp).compile()
         hidden = jax.ShapeDtypeStruct((T, self.model_config.hidden_size), self.state_dtype)
         plp = self._prompt_lp.lower(self.state, hidden, np.full(T, -1, np.int32)).compile()
@@ -273,9 +275,7 @@ class ModelRunner:
         cache when warm) without running them. Returns seconds taken."""
         t0 = time.perf_counter()
         for T, S, decode_only in self.buckets.all():
-            inp = build_inputs([], [], self.num_rows, self.eos_ids, T, S, decode_only, self.block_size,
-                               self.max_blocks_per_seq, self.max_model_len)
-            self._step_executable(inp)
+            self._step_executable(self._padding_inputs(T, S, decode_only))
             if self.supports_prompt_logprobs:
                 self._prompt_lp_executable(T)
         return time.perf_counter() - t0

@@ -19,6 +19,7 @@ import pytest
 from jaxllm.engine.engine import LLMEngine
 from jaxllm.llm import LLM
 from jaxllm.sampling_params import SamplingParams
+from tests.engine_checks import assert_clean
 
 pytestmark = pytest.mark.slow
 
@@ -57,16 +58,6 @@ def _no_leaks(request):
     yield
     if "llm" in request.fixturenames:
         assert_clean(request.getfixturevalue("llm").engine)
-
-
-def assert_clean(engine):
-    assert not engine.has_unfinished_requests()
-    s = engine.get_stats()
-    assert s["num_free_blocks"] == s["num_blocks"], s
-    assert s["num_running"] == 0 and s["num_waiting"] == 0, s
-    assert not engine.scheduler.requests and not engine.kv.req_blocks
-    engine.kv.pool.check_invariants()
-    assert not engine.runner._rows
 
 
 def corpus(tok) -> list[int]:

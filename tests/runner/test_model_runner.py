@@ -19,6 +19,7 @@ from jaxllm.engine.factory import build_engine
 from jaxllm.llm import LLM
 from jaxllm.models.llama import build_model
 from jaxllm.sampling_params import SamplingParams
+from tests.engine_checks import assert_clean
 from pallas_kernels import AttentionMetadata, KVCache
 from tests.models.hf_tiny import make_tiny_hf
 
@@ -50,17 +51,6 @@ def tight_engine(tiny_path):
     """Chunked prefill (64-token budget) and a 24-block cache: long batches must preempt."""
     return make_engine(tiny_path, max_num_seqs=8, max_num_batched_tokens=64,
                        kv_cache_memory_bytes=24 * PER_BLOCK_BYTES)
-
-
-def assert_clean(engine):
-    assert not engine.has_unfinished_requests()
-    s = engine.get_stats()
-    assert s["num_free_blocks"] == s["num_blocks"], s
-    assert s["num_running"] == 0 and s["num_waiting"] == 0, s
-    assert not engine.scheduler.requests and not engine.kv.req_blocks
-    engine.kv.pool.check_invariants()
-    r = engine.runner
-    assert not r._rows and len(r._free_rows) == r.num_rows - 1, "penalty rows leaked"
 
 
 def generate(engine, prompts, params):
