@@ -19,11 +19,10 @@ from jax.experimental import pallas as pl
 from jax.experimental.pallas import triton as plgpu
 
 from pallas_kernels.attention.common import (
-    LOG2E, MASK_VALUE, check_inputs, layer_index, next_pow2, resolve_scale)
+    MASK_VALUE, check_inputs, layer_index, next_pow2, resolve_scale)
+from pallas_kernels.attention.paged_chunk import attend_chunk
 from pallas_kernels.metadata import AttentionMetadata, KVCache
 
-_DOT_DIMS_NT = (((1,), (1,)), ((), ()))  # a @ b.T
-_DOT_DIMS_NN = (((1,), (0,)), ((), ()))  # a @ b
 
 
 def _decode_kernel(layer_ref, ctx_ref, bt_ref, q_ref, k_ref, v_ref,  # inputs
@@ -48,27 +47,12 @@ def _decode_kernel(layer_ref, ctx_ref, bt_ref, q_ref, k_ref, v_ref,  # inputs
         lo = jnp.maximum(lo, ctx - sliding_window)
     num_chunks = (jnp.maximum(hi - lo, 0) + block_k - 1) // block_k
 
-    def body(i, carry):
-        acc, m_i, l_i = carry  # [gp, d] f32, [gp] f32, [gp] f32
+    def body(i, carry):  # carry: [gp, d] f32, [gp] f32, [gp] f32
         k_pos = lo + i * block_k + jnp.arange(block_k, dtype=jnp.int32)  # [bk] i32
         k_ok = k_pos < hi
-        page = plgpu.load(bt_ref.at[s, jnp.minimum(k_pos // block_size, max_blocks - 1)],
-                          mask=k_ok, other=0)
-        blk = jnp.clip(page, 0, num_blocks - 1)[:, None]  # [bk, 1] i32
-        off = (k_pos % block_size)[:, None]
-        k = plgpu.load(k_ref.at[layer, blk, off, h, dcol], mask=k_ok[:, None], other=0.0)  # [bk, d]
-        logits = lax.dot_general(q, k, _DOT_DIMS_NT, preferred_element_type=jnp.float32)  # [gp, bk]
-        if soft_cap is not None:
-            logits = jnp.tanh(logits * (sm_scale / soft_cap)) * (soft_cap * LOG2E)
-        else:
-            logits = logits * (sm_scale * LOG2E)
-        logits = jnp.where(k_ok[None, :], logits, MASK_VALUE)  # base-2 logits
-        m_new = jnp.maximum(m_i, logits.max(axis=1))
-        alpha = jnp.exp2(m_i - m_new)
-        p = jnp.exp2(logits - m_new[:, None])  # [gp, bk] f32
-        v = plgpu.load(v_ref.at[layer, blk, off, h, dcol], mask=k_ok[:, None], other=0.0)  # [bk, d]
-        pv = lax.dot_general(p.astype(v.dtype), v, _DOT_DIMS_NN, preferred_element_type=jnp.float32)
-        return acc * alpha[:, None] + pv, m_new, l_i * alpha + p.sum(axis=1)
+        return attend_chunk(carry, q, k_ref, v_ref, bt_ref, seq=s, layer=layer, head=h, dcol=dcol, k_pos=k_pos,
+                            k_ok=k_ok, mask=k_ok[None, :], block_size=block_size, max_blocks=max_blocks,
+                            num_blocks=num_blocks, sm_scale=sm_scale, soft_cap=soft_cap)
 
     init = (jnp.zeros((gp, head_dim), jnp.float32), jnp.full((gp,), MASK_VALUE, jnp.float32),
             jnp.zeros((gp,), jnp.float32))

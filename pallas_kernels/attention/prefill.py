@@ -20,12 +20,11 @@ from jax.experimental import pallas as pl
 from jax.experimental.pallas import triton as plgpu
 
 from pallas_kernels.attention.common import (
-    LOG2E, MASK_VALUE, TILE_CTX, TILE_NUM_Q, TILE_POS0, TILE_Q_START, TILE_SEQ, build_q_tiles,
+    MASK_VALUE, TILE_CTX, TILE_NUM_Q, TILE_POS0, TILE_Q_START, TILE_SEQ, build_q_tiles,
     check_inputs, layer_index, next_pow2, resolve_scale)
+from pallas_kernels.attention.paged_chunk import attend_chunk
 from pallas_kernels.metadata import AttentionMetadata, KVCache
 
-_DOT_DIMS_NT = (((1,), (1,)), ((), ()))  # a @ b.T
-_DOT_DIMS_NN = (((1,), (0,)), ((), ()))  # a @ b
 
 
 def _prefill_kernel(layer_ref, tiles_ref, bt_ref, q_ref, k_ref, v_ref, _, o_ref,
@@ -52,30 +51,15 @@ def _prefill_kernel(layer_ref, tiles_ref, bt_ref, q_ref, k_ref, v_ref, _, o_ref,
         lo = jnp.maximum(pos0 - sliding_window + 1, 0)
     num_chunks = jnp.where(n_q > 0, (jnp.maximum(hi - lo, 0) + block_k - 1) // block_k, 0)
 
-    def body(i, carry):
-        acc, m_i, l_i = carry  # [M, d] f32, [M] f32, [M] f32
+    def body(i, carry):  # carry: [M, d] f32, [M] f32, [M] f32
         k_pos = lo + i * block_k + jnp.arange(block_k, dtype=jnp.int32)  # [bk] i32
         k_ok = k_pos < hi
-        page = plgpu.load(bt_ref.at[seq, jnp.minimum(k_pos // block_size, max_blocks - 1)],
-                          mask=k_ok, other=0)
-        blk = jnp.clip(page, 0, num_blocks - 1)[:, None]  # [bk, 1] i32
-        off = (k_pos % block_size)[:, None]
-        k = plgpu.load(k_ref.at[layer, blk, off, h, dcol], mask=k_ok[:, None], other=0.0)  # [bk, d]
-        logits = lax.dot_general(q, k, _DOT_DIMS_NT, preferred_element_type=jnp.float32)  # [M, bk]
-        if soft_cap is not None:
-            logits = jnp.tanh(logits * (sm_scale / soft_cap)) * (soft_cap * LOG2E)
-        else:
-            logits = logits * (sm_scale * LOG2E)
         mask = k_ok[None, :] & (k_pos[None, :] <= q_pos[:, None])
         if sliding_window is not None:
             mask &= k_pos[None, :] > q_pos[:, None] - sliding_window
-        logits = jnp.where(mask, logits, MASK_VALUE)  # base-2 logits
-        m_new = jnp.maximum(m_i, logits.max(axis=1))
-        alpha = jnp.exp2(m_i - m_new)
-        p = jnp.exp2(logits - m_new[:, None])  # [M, bk] f32
-        v = plgpu.load(v_ref.at[layer, blk, off, h, dcol], mask=k_ok[:, None], other=0.0)  # [bk, d]
-        pv = lax.dot_general(p.astype(v.dtype), v, _DOT_DIMS_NN, preferred_element_type=jnp.float32)
-        return acc * alpha[:, None] + pv, m_new, l_i * alpha + p.sum(axis=1)
+        return attend_chunk(carry, q, k_ref, v_ref, bt_ref, seq=seq, layer=layer, head=h, dcol=dcol, k_pos=k_pos,
+                            k_ok=k_ok, mask=mask, block_size=block_size, max_blocks=max_blocks,
+                            num_blocks=num_blocks, sm_scale=sm_scale, soft_cap=soft_cap)
 
     init = (jnp.zeros((bq * gp, head_dim), jnp.float32),
             jnp.full((bq * gp,), MASK_VALUE, jnp.float32), jnp.zeros((bq * gp,), jnp.float32))
