@@ -116,6 +116,18 @@ def main(argv=None) -> int:
 
     from checkpoints.dummy import dummy_config
 
+    def save():  # after each phase: a timeout in a later phase keeps what was measured
+        result["rows"] = rows
+        if args.output_json:
+            write_json(args.output_json, result)
+        if args.json:
+            doc = {}
+            if os.path.exists(args.json):
+                with open(args.json) as f:
+                    doc = json.load(f)
+            doc[args.json_key] = result
+            write_json(args.json, doc)
+
     mc = dummy_config(args.model)
     reqs = synthetic_requests(args.num_prompts, parse_range(args.input_len), parse_range(args.output_len),
                               mc.vocab_size, seed=0)
@@ -141,6 +153,7 @@ def main(argv=None) -> int:
         if device == "cuda":
             torch.cuda.empty_cache()
         result["hf_device"] = device
+        save()
 
     import jax
 
@@ -150,6 +163,8 @@ def main(argv=None) -> int:
     machine = machine_info()
     micro = micro_benchmarks(args.copy_mib << 20, args.matmul_n, reps=5)
     log(f"copy {micro['copy_gbytes_per_s']:.0f} GB/s, bf16 matmul {micro['matmul_tflops']:.1f} TFLOP/s")
+    result.update({"micro": micro, "machine": machine})
+    save()
     t0 = time.perf_counter()
     llm = LLM(model=args.model, load_format="dummy", dtype="bfloat16", max_model_len=args.max_model_len,
               max_num_seqs=args.max_num_seqs, max_num_batched_tokens=args.max_num_batched_tokens,
@@ -162,6 +177,8 @@ def main(argv=None) -> int:
     secs = time.perf_counter() - t0
     rows.insert(0, row("jaxllm", reqs, secs, f"<={args.max_num_seqs}", f"engine start {startup:.1f}s"))
     log(f"jaxllm: {rows[0]['output_tokens_per_s']:.1f} tok/s")
+    result["engine_start_s"] = startup
+    save()
 
     # Batch-1 decode against the weight-read roofline.
     one = BenchRequest(reqs[0].prompt_token_ids[:128], args.decode_tokens)
@@ -195,15 +212,7 @@ def main(argv=None) -> int:
     for k, v in ratios.items():
         print(f"{k}: {v:.2f}x")
     result.update({"rows": rows, "ratios": ratios, "micro": micro, "machine": machine, "engine_start_s": startup})
-    if args.output_json:
-        write_json(args.output_json, result)
-    if args.json:
-        doc = {}
-        if os.path.exists(args.json):
-            with open(args.json) as f:
-                doc = json.load(f)
-        doc[args.json_key] = result
-        write_json(args.json, doc)
+    save()
     return 0
 
 

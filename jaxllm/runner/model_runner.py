@@ -6,7 +6,9 @@ Implements jaxllm.engine.runner_protocol.ModelRunnerProtocol.
 """
 from __future__ import annotations
 
+import concurrent.futures
 import logging
+import os
 import time
 
 import jax
@@ -272,10 +274,21 @@ class ModelRunner:
 
     def warmup(self) -> float:
         """Compiles every bucket's step and prompt-logprobs pass ahead of time (from JAX's persistent
-        cache when warm) without running them. Returns seconds taken."""
+        cache when warm) without running them. Returns seconds taken. Tracing is sequential; the
+        XLA compiles run on a thread pool (they release the GIL), one per core."""
         t0 = time.perf_counter()
+        jobs = {}  # key -> lowered, in bucket order
         for T, S, decode_only in self.buckets.all():
-            self._step_executable(self._padding_inputs(T, S, decode_only))
-            if self.supports_prompt_logprobs:
-                self._prompt_lp_executable(T)
+            inp = self._padding_inputs(T, S, decode_only)
+            key = ("step",) + self._bucket(inp)
+            if key not in self._executables:
+                jobs[key] = self._step.lower(self.state, self.kv_cache, self.counts, self.prompt_mask, inp)
+            if self.supports_prompt_logprobs and ("prompt_lp", T) not in self._executables:
+                hidden = jax.ShapeDtypeStruct((T, self.model_config.hidden_size), self.state_dtype)
+                jobs[("prompt_lp", T)] = self._prompt_lp.lower(self.state, hidden, np.zeros(T, np.int32))
+        if jobs:
+            workers = max(1, min(len(jobs), os.cpu_count() or 1))
+            with concurrent.futures.ThreadPoolExecutor(workers, thread_name_prefix="jaxllm-compile") as pool:
+                for key, exe in zip(jobs, pool.map(lambda lowered: lowered.compile(), jobs.values())):
+                    self._executables[key] = exe
         return time.perf_counter() - t0

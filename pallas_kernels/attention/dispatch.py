@@ -2,9 +2,13 @@
 
 impl=None picks by `jax.default_backend()`: "gpu" (CUDA/ROCm) -> Pallas Triton kernels (decode
 kernel when `metadata.decode_only`, else the mixed prefill kernel); "tpu" and "cpu" -> reference.
-Tests force an implementation with impl=... and interpret=True.
+The environment variable JAXLLM_ATTENTION_IMPL (read at trace time; like vLLM's
+VLLM_ATTENTION_BACKEND) overrides that choice for a whole engine: "reference" or "pallas" (or one
+of IMPLS). Tests force an implementation with impl=... and interpret=True.
 """
 from __future__ import annotations
+
+import os
 
 import jax
 
@@ -13,6 +17,7 @@ from pallas_kernels.attention.prefill import paged_prefill_attention
 from pallas_kernels.attention.reference import ragged_paged_attention_reference
 from pallas_kernels.metadata import AttentionMetadata, KVCache
 
+ENV_VAR = "JAXLLM_ATTENTION_IMPL"
 IMPLS = {
     "reference": ragged_paged_attention_reference,
     "pallas_decode": paged_decode_attention,
@@ -22,6 +27,10 @@ IMPLS = {
 
 def resolve_impl(impl: str | None, metadata: AttentionMetadata) -> str:
     """The implementation name that `ragged_paged_attention` would run."""
+    if impl is None:
+        impl = os.environ.get(ENV_VAR, "").strip() or None
+        if impl is not None and impl not in IMPLS and impl != "pallas":
+            raise ValueError(f"{ENV_VAR}={impl!r}: expected 'reference', 'pallas' or one of {sorted(IMPLS)}")
     if impl is None:
         impl = "pallas" if jax.default_backend() == "gpu" else "reference"
     if impl == "pallas":

@@ -23,6 +23,18 @@ def test_resolve_impl_on_cpu_is_reference():
         resolve_impl("flash", _md(True))
 
 
+def test_env_var_overrides_the_backend_choice(monkeypatch):
+    monkeypatch.setenv("JAXLLM_ATTENTION_IMPL", "pallas")
+    assert resolve_impl(None, _md(True)) == "pallas_decode"
+    assert resolve_impl(None, _md(False)) == "pallas_prefill"
+    assert resolve_impl("reference", _md(True)) == "reference"  # an explicit impl still wins
+    monkeypatch.setenv("JAXLLM_ATTENTION_IMPL", "reference")
+    assert resolve_impl(None, _md(False)) == "reference"
+    monkeypatch.setenv("JAXLLM_ATTENTION_IMPL", "flash")
+    with pytest.raises(ValueError, match="JAXLLM_ATTENTION_IMPL='flash'"):
+        resolve_impl(None, _md(True))
+
+
 def test_default_impl_on_cpu_is_the_reference():
     from tests.pallas_kernels.pk_cases import dense_attention, valid_tokens
 
