@@ -1,10 +1,13 @@
 #!/usr/bin/env bash
 # GPU device check, run from the checkout on a machine with an NVIDIA GPU (H100/H200), no network,
 # with that machine's own python + jax[cuda]. Usage: bench/device_check.sh OUT.json
+# PHASES="memory e2e" bench/device_check.sh OUT.json runs only those phases (default: all of
+# kernels ragged sweep memory e2e; imports always).
 # Whole script < 8 minutes (each phase has its own timeout). Each phase merges its results into
 # OUT.json under its own key, after every sub-phase, so a timeout keeps what was measured.
 #   imports (60 s) -> kernels: Pallas vs reference on random batches + decode/prefill timings next to
 #   a device copy (150 s) -> extra decode shapes (60 s) -> tile/warp/stage sweep (90 s)
+#   -> step memory: does the compiled step update the KV cache in place (30 s)
 #   -> end to end: Llama-2-13B shapes, dummy bf16 weights, HF generate vs jaxllm (200 s).
 # If the Pallas kernels fail their check, the end-to-end part runs on the reference attention
 # (JAXLLM_ATTENTION_IMPL=reference) so the engine figures still come back, marked as such.
@@ -18,7 +21,10 @@ fi
 export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}"
 export XLA_PYTHON_CLIENT_PREALLOCATE=false PYTHONUNBUFFERED=1
 export JAXLLM_COMPILE_CACHE="${JAXLLM_COMPILE_CACHE:-/tmp/jaxllm_xla}"
+PHASES="${PHASES:-kernels ragged sweep memory e2e}"
+want() { [[ " $PHASES " == *" $1 "* ]]; }
 status=0
+kernels_rc=0
 t_start=$SECONDS
 phase() { echo; echo "== $1  (t=$((SECONDS - t_start))s)"; }
 
@@ -46,25 +52,49 @@ fi
 nvidia-smi --query-gpu=name,memory.total,clocks.max.sm,clocks.max.memory,driver_version --format=csv,noheader 2>/dev/null || true
 
 # ---- kernels: compiled Pallas vs reference, then timings next to a device copy ---------------
-phase "kernels: check + bench (Llama-style decode B64 x ctx2048, 32/8 heads, d128; 2048-token prefill)"
-timeout 150 "$PY" bench/kernels.py --impls reference,pallas --cases 2 --check --json "$OUT" --json-key kernels
-kernels_rc=$?
-[ $kernels_rc -eq 0 ] || { echo "kernels FAILED (rc=$kernels_rc)"; status=1; }
+if want kernels; then
+  phase "kernels: check + bench (Llama-style decode B64 x ctx2048, 32/8 heads, d128; 2048-token prefill)"
+  timeout 150 "$PY" bench/kernels.py --impls reference,pallas --cases 2 --check --json "$OUT" --json-key kernels
+  kernels_rc=$?
+  [ $kernels_rc -eq 0 ] || { echo "kernels FAILED (rc=$kernels_rc)"; status=1; }
+fi
 
-phase "kernels: ragged decode (contexts U[64, 2048]) and SmolLM2 shapes"
-timeout 30 "$PY" bench/kernels.py --impls reference,pallas --only decode --ragged --check \
-  --json "$OUT" --json-key kernels_ragged || status=1
-timeout 30 "$PY" bench/kernels.py --impls reference,pallas --batch 64 --context 1024 --heads 9 --kv-heads 3 \
-  --head-dim 64 --prefill-tokens 1024 --check --json "$OUT" --json-key kernels_smollm2 || status=1
+if want ragged; then
+  phase "kernels: ragged decode (contexts U[64, 2048]) and SmolLM2 shapes"
+  timeout 30 "$PY" bench/kernels.py --impls reference,pallas --only decode --ragged --check \
+    --json "$OUT" --json-key kernels_ragged || status=1
+  timeout 30 "$PY" bench/kernels.py --impls reference,pallas --batch 64 --context 1024 --heads 9 --kv-heads 3 \
+    --head-dim 64 --prefill-tokens 1024 --check --json "$OUT" --json-key kernels_smollm2 || status=1
+fi
 
-phase "kernels: sweep"
-timeout 90 "$PY" bench/kernels.py --impls pallas --sweep --skip-bench --iters 10 --json "$OUT" --json-key sweep || status=1
+if want sweep; then
+  phase "kernels: sweep"
+  timeout 90 "$PY" bench/kernels.py --impls pallas --sweep --skip-bench --iters 10 --json "$OUT" --json-key sweep || status=1
+fi
+
+e2e_env=()
+e2e_args=()
+if want memory; then
+  phase "step memory: is the KV cache updated in place? (1 GiB K + 1 GiB V, 4 layers)"
+  timeout 60 "$PY" bench/step_memory.py --probes --json "$OUT" --json-key step_memory
+  mem_rc=$?
+  if [ $mem_rc -eq 1 ]; then
+    echo "the step copies the cache: trying the kernels with the cache threaded through (aliased)"
+    if timeout 60 "$PY" bench/step_memory.py --alias --json "$OUT" --json-key step_memory_alias; then
+      e2e_env=(env JAXLLM_PALLAS_ALIAS_CACHE=1)
+    else  # leave room for the copy: the e2e figures still come back
+      e2e_args=(--gpu-memory-utilization 0.5)
+    fi
+    timeout 60 "$PY" bench/step_memory.py --impl reference --json "$OUT" --json-key step_memory_reference
+  fi
+fi
 
 # ---- end to end --------------------------------------------------------------------------------
-e2e_env=()
-if [ $kernels_rc -ne 0 ]; then e2e_env=(env JAXLLM_ATTENTION_IMPL=reference); echo "(e2e on the reference attention)"; fi
-phase "end to end (llama-2-13b shapes, dummy bf16)"
-timeout 200 "${e2e_env[@]}" "$PY" bench/device_e2e.py --json "$OUT" --json-key e2e || { echo "e2e FAILED (rc=$?)"; status=1; }
+if want e2e; then
+  if [ $kernels_rc -ne 0 ]; then e2e_env=(env JAXLLM_ATTENTION_IMPL=reference); echo "(e2e on the reference attention)"; fi
+  phase "end to end (llama-2-13b shapes, dummy bf16) ${e2e_env[*]} ${e2e_args[*]}"
+  timeout 200 "${e2e_env[@]}" "$PY" bench/device_e2e.py --json "$OUT" --json-key e2e "${e2e_args[@]}" || { echo "e2e FAILED (rc=$?)"; status=1; }
+fi
 
 phase "done"
 exit $status

@@ -28,30 +28,18 @@ from bench.common import (BenchRequest, format_table, log, machine_info, parse_r
                           write_json)
 
 
-def _time(fn, reps: int) -> float:
-    fn()  # compile / warm
-    best = float("inf")
-    for _ in range(reps):
-        t0 = time.perf_counter()
-        fn()
-        best = min(best, time.perf_counter() - t0)
-    return best
-
-
 def micro_benchmarks(copy_bytes: int, matmul_n: int, reps: int) -> dict:
+    """Copy bandwidth as bench/kernels.py measures it (calls queued, one block), and a bf16 matmul."""
     import jax
     import jax.numpy as jnp
 
-    n = copy_bytes // 2
-    x = jnp.ones((n,), jnp.bfloat16)
-    add = jax.jit(lambda a: a + jnp.bfloat16(1))
-    t_copy = _time(lambda: add(x).block_until_ready(), reps)
-    del x
+    from bench.kernels import copy_bandwidth, time_call
+
+    gbs = copy_bandwidth(copy_bytes, iters=10)
     a = jnp.ones((matmul_n, matmul_n), jnp.bfloat16)
-    mm = jax.jit(lambda p, q: p @ q)
-    t_mm = _time(lambda: mm(a, a).block_until_ready(), reps)
+    t_mm = time_call(jax.jit(lambda p, q: p @ q), (a, a), iters=reps)
     del a
-    return {"copy_bytes": 2 * n * 2, "copy_s": t_copy, "copy_gbytes_per_s": 2 * n * 2 / t_copy / 1e9,
+    return {"copy_bytes": 2 * copy_bytes, "copy_s": 2 * copy_bytes / gbs / 1e9, "copy_gbytes_per_s": gbs,
             "matmul_n": matmul_n, "matmul_s": t_mm, "matmul_tflops": 2 * matmul_n ** 3 / t_mm / 1e12}
 
 
@@ -103,6 +91,7 @@ def main(argv=None) -> int:
     ap.add_argument("--max-num-seqs", type=int, default=64)
     ap.add_argument("--max-num-batched-tokens", type=int, default=2048)
     ap.add_argument("--max-model-len", type=int, default=1024)
+    ap.add_argument("--gpu-memory-utilization", type=float, default=0.9)
     ap.add_argument("--decode-tokens", type=int, default=128, help="batch-1 decode: output tokens")
     ap.add_argument("--copy-mib", type=int, default=2048)
     ap.add_argument("--matmul-n", type=int, default=8192)
@@ -168,7 +157,7 @@ def main(argv=None) -> int:
     t0 = time.perf_counter()
     llm = LLM(model=args.model, load_format="dummy", dtype="bfloat16", max_model_len=args.max_model_len,
               max_num_seqs=args.max_num_seqs, max_num_batched_tokens=args.max_num_batched_tokens,
-              enable_prefix_caching=False)
+              enable_prefix_caching=False, gpu_memory_utilization=args.gpu_memory_utilization)
     startup = time.perf_counter() - t0
     log(f"jaxllm {args.model} built and warm in {startup:.1f}s")
     params = [SamplingParams(max_tokens=r.output_len, ignore_eos=True, temperature=0.0) for r in reqs]

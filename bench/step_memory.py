@@ -1,0 +1,164 @@
+"""Does the compiled engine step update the KV cache in place? Device memory per bucket vs the cache.
+
+    python bench/step_memory.py                          # small Llama-shaped model, 1 GiB K + 1 GiB V
+    python bench/step_memory.py --impl reference --hlo-dir /tmp/hlo
+
+Builds a ModelRunner (dummy bf16 weights) with a cache of --cache-mib per K and V, compiles every
+bucket (nothing runs) and prints XLA's memory analysis of each executable: arguments, outputs,
+aliased (donated) bytes and temp bytes. The step donates the cache, so the aliased bytes should
+cover K and V and the temp bytes should be far below one K: a temp of a cache's size means XLA
+copies the cache somewhere in the step (a 13B model's cache then no longer fits next to its copy).
+--hlo-dir writes each step's optimized HLO and lists its copy instructions of a cache's size.
+Exit status 1 when some bucket's temp reaches half of one cache array.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import re
+import sys
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+
+def scan_probes(args, runner) -> dict:
+    """Bare `lax.scan`s over the layers carrying the runner's (donated) cache, 64 decode tokens:
+    write_kv alone, then write_kv + attention (each impl; Pallas with and without the aliased cache).
+    Returns {probe: temp bytes / cache.k bytes}."""
+    import jax
+    import jax.numpy as jnp
+
+    from pallas_kernels import ragged_paged_attention, write_kv
+
+    cache = runner.kv_cache
+    L, _, _, kvh, d = cache.k.shape
+    inp = runner._padding_inputs(*runner.buckets.all()[0])
+    md = inp.metadata
+    T = md.slot_mapping.shape[0]
+    q = jnp.zeros((T, args.heads, d), cache.k.dtype)  # [T, H, D]
+    kv = jnp.zeros((T, kvh, d), cache.k.dtype)  # [T, K, D]
+    impls = ["reference"] + (["pallas"] if jax.default_backend() == "gpu" else [])
+
+    def make(attn, alias):
+        def f(cache, q, kv, md):
+            def body(carry, _):
+                cache, i, acc = carry
+                cache = write_kv(cache, i, kv, kv, md.slot_mapping)
+                if attn is not None:
+                    r = ragged_paged_attention(q, cache, i, md, impl=attn, alias_cache=alias)
+                    out, cache = r if alias else (r, cache)
+                    acc = acc + out.astype(jnp.float32).sum()
+                return (cache, i + 1, acc), None
+            (cache, _, acc), _ = jax.lax.scan(body, (cache, jnp.int32(0), jnp.float32(0)), None, length=L)
+            return cache, acc
+        return jax.jit(f, donate_argnums=0)
+
+    out = {}
+    variants = [("write_kv only", None, False)] + [(f"write_kv + {i}", i, False) for i in impls]
+    variants += [("write_kv + pallas (aliased cache)", "pallas", True)] if "pallas" in impls else []
+    for name, attn, alias in variants:
+        try:
+            exe = make(attn, alias).lower(cache, q, kv, md).compile()
+            ma = exe.memory_analysis()
+            out[name] = int(ma.temp_size_in_bytes) / cache.k.nbytes
+            print(f"probe {name:38s} temp {ma.temp_size_in_bytes / 2**20:9.1f} MiB = "
+                  f"{100 * out[name]:.0f}% of cache.k; alias {ma.alias_size_in_bytes / 2**20:.0f} MiB")
+        except Exception as e:  # noqa: BLE001 - report and go on
+            out[name] = f"error: {str(e)[:200]}"
+            print(f"probe {name}: FAILED {str(e)[:200]}")
+    return out
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--layers", type=int, default=4)
+    ap.add_argument("--hidden", type=int, default=1024)
+    ap.add_argument("--heads", type=int, default=8)
+    ap.add_argument("--kv-heads", type=int, default=8)
+    ap.add_argument("--cache-mib", type=int, default=1024, help="size of cache.k (and of cache.v)")
+    ap.add_argument("--block-size", type=int, default=16)
+    ap.add_argument("--max-num-seqs", type=int, default=16)
+    ap.add_argument("--max-num-batched-tokens", type=int, default=256)
+    ap.add_argument("--impl", default=None, help="attention impl (sets JAXLLM_ATTENTION_IMPL)")
+    ap.add_argument("--alias", action="store_true", help="set JAXLLM_PALLAS_ALIAS_CACHE=1 (cache threaded through the kernels)")
+    ap.add_argument("--probes", action="store_true",
+                    help="also compile bare layer scans (write_kv only; write_kv + each attention impl) and report their temp")
+    ap.add_argument("--hlo-dir", default=None)
+    ap.add_argument("--json", default=None, help="merge results into this JSON file under --json-key")
+    ap.add_argument("--json-key", default="step_memory")
+    args = ap.parse_args(argv)
+    if args.impl:
+        os.environ["JAXLLM_ATTENTION_IMPL"] = args.impl
+    if args.alias:
+        os.environ["JAXLLM_PALLAS_ALIAS_CACHE"] = "1"
+
+    import jax
+    import jax.numpy as jnp
+
+    from checkpoints.dummy import dummy_params
+    from jaxllm.models.config import ModelConfig
+    from jaxllm.models.llama import build_model
+    from jaxllm.runner.model_runner import ModelRunner
+    from pallas_kernels.attention.dispatch import resolve_impl
+
+    head_dim = args.hidden // args.heads
+    mc = ModelConfig.from_hf(dict(model_type="llama", vocab_size=4096, hidden_size=args.hidden,
+                                  intermediate_size=2 * args.hidden, num_hidden_layers=args.layers,
+                                  num_attention_heads=args.heads, num_key_value_heads=args.kv_heads,
+                                  max_position_embeddings=2048), source="step_memory")
+    dtype = jnp.bfloat16
+    per_block = args.layers * args.block_size * args.kv_heads * head_dim * 2  # bytes of one K block
+    num_blocks = max(8, (args.cache_mib << 20) // per_block)
+    cache_bytes = num_blocks * per_block
+    model = build_model(mc, dummy_params(mc, dtype), dtype)
+    runner = ModelRunner(model, block_size=args.block_size, num_blocks=num_blocks, max_model_len=1024,
+                         max_num_seqs=args.max_num_seqs, max_num_batched_tokens=args.max_num_batched_tokens)
+    runner.warmup()
+    print(f"backend {jax.default_backend()} ({jax.devices()[0].device_kind}); cache.k = cache.v = "
+          f"{cache_bytes / 2**20:.0f} MiB ({num_blocks} blocks); attention impl (env) "
+          f"{os.environ.get('JAXLLM_ATTENTION_IMPL') or 'by backend'}")
+    rows, bad = [], False
+    for key, exe in sorted(runner._executables.items(), key=lambda kv: str(kv[0])):
+        ma = exe.memory_analysis()
+        row = {"bucket": str(key)}
+        for f in ("argument_size_in_bytes", "output_size_in_bytes", "alias_size_in_bytes", "temp_size_in_bytes"):
+            row[f] = int(getattr(ma, f, 0) or 0)
+        if key[0] == "step":
+            row["temp_over_cache"] = row["temp_size_in_bytes"] / cache_bytes
+            bad |= row["temp_over_cache"] >= 0.5
+            if args.hlo_dir:
+                os.makedirs(args.hlo_dir, exist_ok=True)
+                text = exe.as_text()
+                name = "step_" + "_".join(str(k) for k in key[1:]) + ".hlo.txt"
+                with open(os.path.join(args.hlo_dir, name), "w") as f:
+                    f.write(text)
+                shape = r"\[{}\]".format(",".join(str(d) for d in (args.layers, num_blocks)))
+                copies = [ln.strip()[:200] for ln in text.splitlines()
+                          if re.search(r"\bcopy(-start)?\(", ln) and re.search(shape, ln)]
+                row["cache_sized_copies"] = copies
+        rows.append(row)
+        print(f"{row['bucket']:28s} args {row['argument_size_in_bytes'] / 2**20:9.0f} MiB  "
+              f"out {row['output_size_in_bytes'] / 2**20:9.0f} MiB  alias {row['alias_size_in_bytes'] / 2**20:9.0f} MiB  "
+              f"temp {row['temp_size_in_bytes'] / 2**20:9.1f} MiB"
+              + (f"  ({100 * row['temp_over_cache']:.0f}% of cache.k)" if "temp_over_cache" in row else ""))
+        for c in row.get("cache_sized_copies", []):
+            print("    copy:", c)
+    if args.probes:
+        result_probes = scan_probes(args, runner)
+    md_impl = resolve_impl(None, runner._padding_inputs(*runner.buckets.all()[0]).metadata)
+    result = {"backend": jax.default_backend(), "device": jax.devices()[0].device_kind, "impl": md_impl,
+              "cache_bytes": cache_bytes, "rows": rows, "copies_cache": bad,
+              "alias_env": os.environ.get("JAXLLM_PALLAS_ALIAS_CACHE", "0"),
+              "probes": result_probes if args.probes else None}
+    print("RESULT:", "the step COPIES the cache" if bad else "the cache is updated in place", f"(impl {md_impl})")
+    if args.json:
+        doc = json.load(open(args.json)) if os.path.exists(args.json) else {}
+        doc[f"{args.json_key}"] = result
+        with open(args.json, "w") as f:
+            json.dump(doc, f, indent=1)
+    return 1 if bad else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
