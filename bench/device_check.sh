@@ -76,7 +76,7 @@ e2e_env=()
 e2e_args=()
 if want memory; then
   phase "step memory: is the KV cache updated in place? (1 GiB K + 1 GiB V, 4 layers)"
-  timeout 60 "$PY" bench/step_memory.py --probes --json "$OUT" --json-key step_memory
+  timeout 60 "$PY" bench/step_memory.py --probes --hlo-dir "$(dirname "$OUT")/hlo" --json "$OUT" --json-key step_memory
   mem_rc=$?
   if [ $mem_rc -eq 1 ]; then
     echo "the step copies the cache: trying the kernels with the cache threaded through (aliased)"
