@@ -93,6 +93,12 @@ def build_engine(config: EngineConfig, *, compile_cache: bool = True, warmup: bo
         reserve = probe.workspace_bytes()
         del probe
         _info(f"profiling pass: a step needs {reserve / 2**20:.0f} MiB of working memory")
+    stats = jax.local_devices()[0].memory_stats() if jax.local_devices()[0].platform != "cpu" else None
+    if stats:
+        gib = 2 ** 30
+        _info(f"device memory: limit {stats.get('bytes_limit', 0) / gib:.1f} GiB, in use "
+              f"{stats.get('bytes_in_use', 0) / gib:.1f} GiB, pool {stats.get('pool_bytes', 0) / gib:.1f} GiB, "
+              f"largest free block {stats.get('largest_free_block_bytes', 0) / gib:.1f} GiB")
     num_blocks = kv_cache_blocks(model.config, config.block_size, dtype, config.kv_cache_memory_bytes,
                                  config.gpu_memory_utilization, reserve_bytes=reserve, tp=tp)
     if jax.process_count() > 1:  # multi-host: every process allocates the same cache (process 0's size)
