@@ -24,7 +24,7 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 def scan_probes(args, runner) -> dict:
     """Bare `lax.scan`s over the layers carrying the runner's (donated) cache, 64 decode tokens:
-    write_kv alone, then write_kv + attention (each impl; Pallas with and without the aliased cache).
+    write_kv alone, then write_kv + attention (each impl).
     Returns {probe: temp bytes / cache.k bytes}."""
     import jax
     import jax.numpy as jnp
@@ -40,14 +40,13 @@ def scan_probes(args, runner) -> dict:
     kv = jnp.zeros((T, kvh, d), cache.k.dtype)  # [T, K, D]
     impls = ["reference"] + (["pallas"] if jax.default_backend() == "gpu" else [])
 
-    def make(attn, alias):
+    def make(attn):
         def f(cache, q, kv, md):
             def body(carry, _):
                 cache, i, acc = carry
                 cache = write_kv(cache, i, kv, kv, md.slot_mapping)
                 if attn is not None:
-                    r = ragged_paged_attention(q, cache, i, md, impl=attn, alias_cache=alias)
-                    out, cache = r if alias else (r, cache)
+                    out = ragged_paged_attention(q, cache, i, md, impl=attn)
                     acc = acc + out.astype(jnp.float32).sum()
                 return (cache, i + 1, acc), None
             (cache, _, acc), _ = jax.lax.scan(body, (cache, jnp.int32(0), jnp.float32(0)), None, length=L)
@@ -55,11 +54,10 @@ def scan_probes(args, runner) -> dict:
         return jax.jit(f, donate_argnums=0)
 
     out = {}
-    variants = [("write_kv only", None, False)] + [(f"write_kv + {i}", i, False) for i in impls]
-    variants += [("write_kv + pallas (aliased cache)", "pallas", True)] if "pallas" in impls else []
-    for name, attn, alias in variants:
+    variants = [("write_kv only", None)] + [(f"write_kv + {i}", i) for i in impls]
+    for name, attn in variants:
         try:
-            exe = make(attn, alias).lower(cache, q, kv, md).compile()
+            exe = make(attn).lower(cache, q, kv, md).compile()
             ma = exe.memory_analysis()
             out[name] = int(ma.temp_size_in_bytes) / cache.k.nbytes
             print(f"probe {name:38s} temp {ma.temp_size_in_bytes / 2**20:9.1f} MiB = "
@@ -81,7 +79,6 @@ def main(argv=None) -> int:
     ap.add_argument("--max-num-seqs", type=int, default=16)
     ap.add_argument("--max-num-batched-tokens", type=int, default=256)
     ap.add_argument("--impl", default=None, help="attention impl (sets JAXLLM_ATTENTION_IMPL)")
-    ap.add_argument("--alias", action="store_true", help="set JAXLLM_PALLAS_ALIAS_CACHE=1 (cache threaded through the kernels)")
     ap.add_argument("--probes", action="store_true",
                     help="also compile bare layer scans (write_kv only; write_kv + each attention impl) and report their temp")
     ap.add_argument("--hlo-dir", default=None)
@@ -90,8 +87,6 @@ def main(argv=None) -> int:
     args = ap.parse_args(argv)
     if args.impl:
         os.environ["JAXLLM_ATTENTION_IMPL"] = args.impl
-    if args.alias:
-        os.environ["JAXLLM_PALLAS_ALIAS_CACHE"] = "1"
 
     import jax
     import jax.numpy as jnp
@@ -149,7 +144,6 @@ def main(argv=None) -> int:
     md_impl = resolve_impl(None, runner._padding_inputs(*runner.buckets.all()[0]).metadata)
     result = {"backend": jax.default_backend(), "device": jax.devices()[0].device_kind, "impl": md_impl,
               "cache_bytes": cache_bytes, "rows": rows, "copies_cache": bad,
-              "alias_env": os.environ.get("JAXLLM_PALLAS_ALIAS_CACHE", "0"),
               "probes": result_probes if args.probes else None}
     print("RESULT:", "the step COPIES the cache" if bad else "the cache is updated in place", f"(impl {md_impl})")
     if args.json:

@@ -47,6 +47,34 @@ def enable_compile_cache(config: EngineConfig) -> str:
     return path
 
 
+def allocate_runner(runner_cls, model, num_blocks: int, runner_kw: dict, *, shrink: bool, min_blocks: int = 16):
+    """The runner with its KV cache allocated (blocked on, so a refusal surfaces here). The device
+    allocator can refuse a size its statistics allowed (a growing pool extends in doubling regions,
+    free holes are not contiguous): an auto-sized cache (`shrink`) then retries 10% smaller and
+    says so; a configured size (kv_cache_memory_bytes) fails with the numbers."""
+    import gc
+
+    import jax
+
+    while True:
+        runner = runner_cls(model, num_blocks=num_blocks, **runner_kw)
+        try:
+            jax.block_until_ready(runner.kv_cache)
+            return runner
+        except jax.errors.JaxRuntimeError as e:
+            if "RESOURCE_EXHAUSTED" not in str(e):
+                raise
+            del runner
+            gc.collect()
+            if not shrink or int(num_blocks * 0.9) < min_blocks:
+                raise ValueError(f"KV cache of {num_blocks} blocks does not fit in device memory "
+                                 f"({str(e).splitlines()[0][:200]}); lower kv_cache_memory_bytes or "
+                                 f"gpu_memory_utilization") from None
+            _info(f"KV cache of {num_blocks} blocks refused by the device allocator; retrying with "
+                  f"{int(num_blocks * 0.9)}")
+            num_blocks = int(num_blocks * 0.9)
+
+
 def build_engine(config: EngineConfig, *, compile_cache: bool = True, warmup: bool = True) -> LLMEngine:
     import jax
 
@@ -106,7 +134,10 @@ def build_engine(config: EngineConfig, *, compile_cache: bool = True, warmup: bo
         from jax.experimental import multihost_utils
 
         num_blocks = int(multihost_utils.broadcast_one_to_all(np.int32(num_blocks)))
-    runner = ModelRunner(model, num_blocks=num_blocks, **runner_kw)
+    shrink = (config.kv_cache_memory_bytes is None and jax.local_devices()[0].platform != "cpu"
+              and jax.process_count() == 1)
+    runner = allocate_runner(ModelRunner, model, num_blocks, runner_kw, shrink=shrink)
+    num_blocks = runner.num_blocks
     engine = LLMEngine(config, runner, tokenizer)
     tokens = num_blocks * config.block_size
     _info(f"model {config.model or 'smollm2-135m'} ({mc.architecture}, {mc.num_params / 1e6:.0f}M params, "

@@ -12,8 +12,6 @@ it is exactly the single-device computation).
 """
 from __future__ import annotations
 
-import os
-
 import jax
 import jax.numpy as jnp
 from jax.sharding import NamedSharding
@@ -32,12 +30,8 @@ def constrain(x: jax.Array, layout, logical_axes: tuple[str | None, ...]) -> jax
 def paged_attention(q, k, v, cache: KVCache, layer, metadata, layout, **attn_kwargs):
     """q [T, H, D], k/v [T, K, D] → (attention [T, H, D], cache with k/v written at `layer`)."""
 
-    alias = os.environ.get("JAXLLM_PALLAS_ALIAS_CACHE", "0") == "1"  # trace time; experiment (GPU)
-
     def local(q, k, v, cache, layer, metadata):
         cache = write_kv(cache, layer, k, v, metadata.slot_mapping)
-        if alias:  # thread the cache through the kernel's aliased outputs
-            return ragged_paged_attention(q, cache, layer, metadata, alias_cache=True, **attn_kwargs)
         return ragged_paged_attention(q, cache, layer, metadata, **attn_kwargs), cache
 
     if layout is None:

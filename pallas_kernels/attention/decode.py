@@ -26,8 +26,8 @@ from pallas_kernels.metadata import AttentionMetadata, KVCache
 
 
 def _decode_kernel(layer_ref, ctx_ref, bt_ref, q_ref, k_ref, v_ref,  # inputs
-                   o_ref, m_ref, l_ref, *_aliased_cache,  # outputs (+ k, v passed through untouched)
-                   q_per_kv, num_heads, block_k, split_len, sm_scale, soft_cap, sliding_window):
+                   o_ref, m_ref, l_ref,  # outputs
+                   *, q_per_kv, num_heads, block_k, split_len, sm_scale, soft_cap, sliding_window):
     s, h, split = pl.program_id(0), pl.program_id(1), pl.program_id(2)
     gp, head_dim = o_ref.shape[-2], o_ref.shape[-1]
     block_size, num_blocks = k_ref.shape[2], k_ref.shape[1]
@@ -90,13 +90,8 @@ def paged_decode_attention(
     num_splits: int | None = None,
     num_warps: int = 4,
     num_stages: int = 2,
-    alias_cache: bool = False,
-):
-    """Decode-only paged attention (token i is the single new token of sequence i).
-
-    alias_cache: also return the cache, passed through the kernel as outputs aliased to its
-    inputs (untouched): `(out, cache)`. Lets a caller thread the cache through the custom call so
-    XLA never has to keep the pre-call buffer alive beside it."""
+) -> jax.Array:
+    """Decode-only paged attention (token i is the single new token of sequence i)."""
     if not metadata.decode_only:
         raise ValueError("pallas_decode needs metadata.decode_only=True (one token per sequence)")
     num_kv_heads, q_per_kv, head_dim = check_inputs(q, cache, metadata)
@@ -127,12 +122,8 @@ def paged_decode_attention(
         jax.ShapeDtypeStruct((splits, num_seqs, num_kv_heads, gp), f32),  # running max (base 2)
         jax.ShapeDtypeStruct((splits, num_seqs, num_kv_heads, gp), f32),  # running sum
     )
-    if alias_cache:
-        out_shape += (jax.ShapeDtypeStruct(cache.k.shape, cache.k.dtype),
-                      jax.ShapeDtypeStruct(cache.v.shape, cache.v.dtype))
-    acc, m, l, *kv = pl.pallas_call(
+    acc, m, l = pl.pallas_call(
         kernel, out_shape=out_shape, grid=(num_seqs, num_kv_heads, splits), interpret=interpret,
-        input_output_aliases={4: 3, 5: 4} if alias_cache else {},
         compiler_params=plgpu.CompilerParams(num_warps=num_warps, num_stages=num_stages),
         name="jaxllm_paged_decode",
     )(layer_index(layer), ctx, metadata.block_tables.astype(jnp.int32),
@@ -144,5 +135,4 @@ def paged_decode_attention(
     l_all = (w * l).sum(axis=0)
     out = (w[..., None] * acc).sum(axis=0) / jnp.where(l_all > 0, l_all, 1.0)[..., None]
     out = out[:, :, :q_per_kv].astype(q.dtype)  # [S, kvh, G, d]
-    out = out.reshape(num_tokens, num_heads, head_dim)
-    return (out, KVCache(*kv)) if alias_cache else out
+    return out.reshape(num_tokens, num_heads, head_dim)

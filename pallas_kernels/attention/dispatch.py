@@ -51,19 +51,12 @@ def ragged_paged_attention(
     soft_cap: float | None = None,
     impl: str | None = None,
     interpret: bool = False,
-    alias_cache: bool = False,
-):
+) -> jax.Array:
     """Causal attention of ragged query tokens q [T, num_heads, head_dim] over the paged cache.
 
     Returns [T, num_heads, head_dim] in q.dtype (fp32 accumulation). See metadata.py for the
     batch layout; `layer` is a Python int or a traced int32 scalar selecting the cache layer.
-    alias_cache=True returns `(out, cache)`: the Pallas kernels take the cache as in-place
-    (aliased, untouched) outputs, so a caller that carries the cache on (a layer scan) hands XLA
-    one chain of in-place buffers instead of a read of a buffer that is updated later.
     """
-    name = resolve_impl(impl, metadata)
-    kw = dict(sm_scale=sm_scale, sliding_window=sliding_window, soft_cap=soft_cap, interpret=interpret)
-    if name == "reference":
-        out = ragged_paged_attention_reference(q, cache, layer, metadata, **kw)
-        return (out, cache) if alias_cache else out
-    return IMPLS[name](q, cache, layer, metadata, alias_cache=alias_cache, **kw)
+    fn = IMPLS[resolve_impl(impl, metadata)]
+    return fn(q, cache, layer, metadata, sm_scale=sm_scale, sliding_window=sliding_window,
+              soft_cap=soft_cap, interpret=interpret)

@@ -27,8 +27,8 @@ from pallas_kernels.metadata import AttentionMetadata, KVCache
 
 
 
-def _prefill_kernel(layer_ref, tiles_ref, bt_ref, q_ref, k_ref, v_ref, _, o_ref, *_aliased_cache,
-                    q_per_kv, gp, bq, num_heads, block_k, sm_scale, soft_cap, sliding_window):
+def _prefill_kernel(layer_ref, tiles_ref, bt_ref, q_ref, k_ref, v_ref, _, o_ref,
+                    *, q_per_kv, gp, bq, num_heads, block_k, sm_scale, soft_cap, sliding_window):
     t, h = pl.program_id(0), pl.program_id(1)
     head_dim = q_ref.shape[1]
     block_size, num_blocks = k_ref.shape[2], k_ref.shape[1]
@@ -94,11 +94,8 @@ def paged_prefill_attention(
     block_k: int | None = None,
     num_warps: int = 4,
     num_stages: int = 2,
-    alias_cache: bool = False,
-):
-    """Ragged paged attention for any mix of prefill chunks and decode tokens.
-
-    alias_cache: also return the cache, passed through the kernel untouched: `(out, cache)`."""
+) -> jax.Array:
+    """Ragged paged attention for any mix of prefill chunks and decode tokens."""
     num_kv_heads, q_per_kv, head_dim = check_inputs(q, cache, metadata)
     num_tokens, num_heads, _ = q.shape
     if head_dim < 16 or head_dim & (head_dim - 1):
@@ -113,17 +110,11 @@ def paged_prefill_attention(
         sliding_window=None if sliding_window is None else int(sliding_window))
     # [T*H, d] in the cache dtype: the tensor-core dots take one input dtype.
     q_rows = q.reshape(num_tokens * num_heads, head_dim).astype(cache.k.dtype)
-    out_shape = (jax.ShapeDtypeStruct(q_rows.shape, q.dtype),)
-    if alias_cache:
-        out_shape += (jax.ShapeDtypeStruct(cache.k.shape, cache.k.dtype),
-                      jax.ShapeDtypeStruct(cache.v.shape, cache.v.dtype))
-    out, *kv = pl.pallas_call(
-        kernel, out_shape=out_shape,
-        grid=(tiles.shape[0], num_kv_heads), input_output_aliases={6: 0, **({4: 1, 5: 2} if alias_cache else {})},
-        interpret=interpret,
+    out = pl.pallas_call(
+        kernel, out_shape=jax.ShapeDtypeStruct(q_rows.shape, q.dtype),
+        grid=(tiles.shape[0], num_kv_heads), input_output_aliases={6: 0}, interpret=interpret,
         compiler_params=plgpu.CompilerParams(num_warps=num_warps, num_stages=num_stages),
         name="jaxllm_paged_prefill",
     )(layer_index(layer), tiles, metadata.block_tables.astype(jnp.int32), q_rows, cache.k, cache.v,
       jnp.zeros(q_rows.shape, q.dtype))
-    out = out.reshape(num_tokens, num_heads, head_dim)
-    return (out, KVCache(*kv)) if alias_cache else out
+    return out.reshape(num_tokens, num_heads, head_dim)

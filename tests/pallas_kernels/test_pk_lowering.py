@@ -73,12 +73,3 @@ def test_kernels_lower_for_cuda(model, impl, decode, opts):
 def test_kernels_lower_for_cuda_fp32():
     for impl, decode in [("pallas_decode", True), ("pallas_prefill", False)]:
         export_for_cuda(impl, 9, 3, 64, decode=decode, dtype=jnp.float32)
-
-
-def test_kernels_with_the_cache_aliased_lower_for_cuda():
-    """alias_cache=True: the cache leaves the kernel as outputs aliased to its inputs."""
-    for impl, decode in [("pallas_decode", True), ("pallas_prefill", False)]:
-        exported = export_for_cuda(impl, 9, 3, 64, decode=decode, alias_cache=True)
-        text = exported.mlir_module()
-        assert text.count(plgpu.CUSTOM_CALL_TARGET_NAME) == 1
-        assert "output_operand_alias" in text or "operand_index" in text, "cache not aliased"
