@@ -177,5 +177,16 @@ def write_json(path: str, obj) -> None:
         f.write("\n")
 
 
+def merge_json(path: str, key: str, value) -> None:
+    """Sets `key` in the JSON object stored at `path` (created if missing), keeping other keys:
+    the device check's phases each write their own key into one file."""
+    doc = {}
+    if os.path.exists(path):
+        with open(path) as f:
+            doc = json.load(f)
+    doc[key] = value
+    write_json(path, doc)
+
+
 def log(msg: str) -> None:
     print(f"[bench] {msg}", file=sys.stderr, flush=True)

@@ -17,15 +17,14 @@ Prints a table and writes {"rows": [...], "micro": {...}, "roofline": {...}, "ma
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import sys
 import time
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from bench.common import (BenchRequest, format_table, log, machine_info, parse_range, synthetic_requests,  # noqa: E402
-                          write_json)
+from bench.common import (BenchRequest, format_table, log, machine_info, merge_json, parse_range,  # noqa: E402
+                          synthetic_requests, write_json)
 
 
 def micro_benchmarks(copy_bytes: int, matmul_n: int, reps: int) -> dict:
@@ -110,12 +109,7 @@ def main(argv=None) -> int:
         if args.output_json:
             write_json(args.output_json, result)
         if args.json:
-            doc = {}
-            if os.path.exists(args.json):
-                with open(args.json) as f:
-                    doc = json.load(f)
-            doc[args.json_key] = result
-            write_json(args.json, doc)
+            merge_json(args.json, args.json_key, result)
 
     mc = dummy_config(args.model)
     reqs = synthetic_requests(args.num_prompts, parse_range(args.input_len), parse_range(args.output_len),

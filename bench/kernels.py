@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import argparse
 import datetime
-import json
 import os
 import platform
 import subprocess
@@ -290,15 +289,9 @@ def main(argv=None) -> int:
     def save():  # after each phase: a timeout in a later phase keeps what was measured
         if not args.json:
             return
-        os.makedirs(os.path.dirname(os.path.abspath(args.json)), exist_ok=True)
-        doc = {}
-        if os.path.exists(args.json):
-            with open(args.json) as f:
-                doc = json.load(f)
-        doc[args.json_key] = {"machine": info, "checks_passed": checks_ok, "results": results}
-        with open(args.json, "w") as f:
-            json.dump(doc, f, indent=2, default=str)
-            f.write("\n")
+        from bench.common import merge_json
+
+        merge_json(args.json, args.json_key, {"machine": info, "checks_passed": checks_ok, "results": results})
 
     if args.cases:
         checks_ok = check_random_cases(args.cases, results)

@@ -14,7 +14,6 @@ Exit status 1 when some bucket's temp reaches half of one cache array.
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import re
 import sys
@@ -147,10 +146,9 @@ def main(argv=None) -> int:
               "probes": result_probes if args.probes else None}
     print("RESULT:", "the step COPIES the cache" if bad else "the cache is updated in place", f"(impl {md_impl})")
     if args.json:
-        doc = json.load(open(args.json)) if os.path.exists(args.json) else {}
-        doc[f"{args.json_key}"] = result
-        with open(args.json, "w") as f:
-            json.dump(doc, f, indent=1)
+        from bench.common import merge_json
+
+        merge_json(args.json, args.json_key, result)
     return 1 if bad else 0
 
 
