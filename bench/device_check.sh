@@ -2,7 +2,7 @@
 # GPU device check, run from the checkout on a machine with an NVIDIA GPU (H100/H200), no network,
 # with that machine's own python + jax[cuda]. Usage: bench/device_check.sh OUT.json
 # PHASES="memory e2e" bench/device_check.sh OUT.json runs only those phases (default: all of
-# kernels ragged sweep memory e2e; imports always).
+# kernels ragged sweep memory e2e; imports always; "slicefusion" is an extra experiment).
 # Whole script < 8 minutes (each phase has its own timeout). Each phase merges its results into
 # OUT.json under its own key, after every sub-phase, so a timeout keeps what was measured.
 #   imports (60 s) -> kernels: Pallas vs reference on random batches + decode/prefill timings next to
@@ -97,6 +97,19 @@ if want e2e; then
     timeout 120 "${e2e_env[@]}" "$PY" bench/device_e2e.py --json "$OUT" --json-key e2e_retry --skip-hf \
       --gpu-memory-utilization 0.6 || echo "e2e retry FAILED (rc=$?)"
   fi
+fi
+
+# ---- optional (PHASES="... slicefusion"): batch-1 decode with XLA's dynamic-slice fusion -------
+# The layer scan copies each weight out of its stacked array before the gemm (GPU HLO, 2026-11-26);
+# this flag lets XLA hand the gemm the slice in place. A/B on the batch-1 decode vs the roofline.
+if want slicefusion; then
+  for flags in "" "--xla_gpu_enable_dynamic_slice_fusion=true"; do
+    phase "batch-1 decode, XLA_FLAGS='$flags'"
+    timeout 120 env -u XLA_PYTHON_CLIENT_PREALLOCATE XLA_FLAGS="${XLA_FLAGS:-} $flags" "$PY" bench/device_e2e.py \
+      --decode-only --json "$OUT" --json-key "decode1${flags:+_slicefusion}" || status=1
+  done
+  timeout 60 env XLA_FLAGS="${XLA_FLAGS:-} --xla_gpu_enable_dynamic_slice_fusion=true" "$PY" bench/step_memory.py \
+    --hlo-dir "$(dirname "$OUT")/hlo_slicefusion" --json "$OUT" --json-key step_memory_slicefusion || status=1
 fi
 
 phase "done"

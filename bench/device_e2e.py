@@ -95,6 +95,8 @@ def main(argv=None) -> int:
     ap.add_argument("--copy-mib", type=int, default=2048)
     ap.add_argument("--matmul-n", type=int, default=8192)
     ap.add_argument("--skip-hf", action="store_true")
+    ap.add_argument("--decode-only", action="store_true",
+                    help="only the batch-1 decode vs the roofline (no HF, no 64-request run): for A/B of XLA flags")
     args = ap.parse_args(argv)
     if args.smoke:
         args.model, args.num_prompts, args.input_len, args.output_len = "tiny-llama", 6, "8..24", "4..8"
@@ -117,7 +119,7 @@ def main(argv=None) -> int:
     rows, result = [], {"model": args.model, "num_params": mc.num_params}
 
     # HF first: torch frees the card before JAX preallocates its share.
-    if not args.skip_hf:
+    if not (args.skip_hf or args.decode_only):
         import torch
 
         device = "cuda" if torch.cuda.is_available() else "cpu"
@@ -154,14 +156,15 @@ def main(argv=None) -> int:
               enable_prefix_caching=False, gpu_memory_utilization=args.gpu_memory_utilization)
     startup = time.perf_counter() - t0
     log(f"jaxllm {args.model} built and warm in {startup:.1f}s")
-    params = [SamplingParams(max_tokens=r.output_len, ignore_eos=True, temperature=0.0) for r in reqs]
-    t0 = time.perf_counter()
-    llm.generate([{"prompt_token_ids": r.prompt_token_ids} for r in reqs], params, use_tqdm=False)
-    secs = time.perf_counter() - t0
-    rows.insert(0, row("jaxllm", reqs, secs, f"<={args.max_num_seqs}", f"engine start {startup:.1f}s"))
-    log(f"jaxllm: {rows[0]['output_tokens_per_s']:.1f} tok/s")
     result["engine_start_s"] = startup
-    save()
+    if not args.decode_only:
+        params = [SamplingParams(max_tokens=r.output_len, ignore_eos=True, temperature=0.0) for r in reqs]
+        t0 = time.perf_counter()
+        llm.generate([{"prompt_token_ids": r.prompt_token_ids} for r in reqs], params, use_tqdm=False)
+        secs = time.perf_counter() - t0
+        rows.insert(0, row("jaxllm", reqs, secs, f"<={args.max_num_seqs}", f"engine start {startup:.1f}s"))
+        log(f"jaxllm: {rows[0]['output_tokens_per_s']:.1f} tok/s")
+        save()
 
     # Batch-1 decode against the weight-read roofline.
     one = BenchRequest(reqs[0].prompt_token_ids[:128], args.decode_tokens)
@@ -180,7 +183,7 @@ def main(argv=None) -> int:
 
     ratios = {}
     for r in rows:
-        if r["system"] == "hf generate":
+        if r["system"] == "hf generate" and rows[0]["system"] == "jaxllm":
             ratios[f"jaxllm_vs_hf_batch{r['batch']}"] = rows[0]["output_tokens_per_s"] / r["output_tokens_per_s"]
     cols = [("system", "system", ""), ("batch", "batch", ""), ("requests", "reqs", ""),
             ("output_tokens", "out tok", ""), ("elapsed_s", "secs", ".2f"),
