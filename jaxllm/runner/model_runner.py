@@ -105,8 +105,8 @@ class ModelRunner:
             counts = counts.at[inp.seen_output_rows, inp.seen_tokens].add(1, mode="drop")
             hidden, cache = m(inp.tokens, inp.positions, cache, inp.metadata)  # [T, E]
             logits = m.compute_logits(hidden[inp.logits_indices])  # [S, V] f32
-            out = sample(logits, counts[inp.seq_rows], prompt_mask[inp.seq_rows], inp.sampling,
-                         inp.want_top_logprobs)
+            out = sample(logits, counts, prompt_mask, inp.sampling, inp.want_top_logprobs,
+                         rows=inp.seq_rows)  # the tables' rows are gathered only if a penalty needs them
             return cache, counts, prompt_mask, out, hidden  # hidden stays on device (prompt logprobs)
 
         def prompt_logprobs(state, hidden, targets):

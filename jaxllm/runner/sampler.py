@@ -74,36 +74,53 @@ def _filter_thresholds(scaled, p: SamplingInputs):
     return jnp.take_along_axis(sorted_desc, last_kept[:, None], axis=-1)[:, 0]
 
 
-def sample(logits, counts, seen_in_prompt, p: SamplingInputs, want_top_logprobs) -> SamplerOutput:
-    """logits [S, V] f32 raw → SamplerOutput. want_top_logprobs: bool scalar (any row asked for logprobs)."""
-    raw_logprobs = jax.nn.log_softmax(logits, axis=-1)  # [S, V] f32
-    logits = apply_penalties(logits, counts, seen_in_prompt, p)
+def sample(logits, counts, seen_in_prompt, p: SamplingInputs, want_top_logprobs, rows=None) -> SamplerOutput:
+    """logits [S, V] f32 raw → SamplerOutput. want_top_logprobs: bool scalar (any row asked for logprobs).
+
+    counts [S, V] i32 / seen_in_prompt [S, V] bool per row; or, with rows [S] i32, the whole penalty
+    tables [R, V] and each row's index into them. Work a batch does not need is skipped by lax.cond
+    (results do not depend on it): penalties (and the tables' row gathers) when no row has one, the
+    min_tokens mask when no row has ids to mask, temperature / filters / the draw when every row is
+    greedy, the [S, V] log-softmax when nobody wants top logprobs."""
     vocab = logits.shape[-1]
-    mask_cols = jnp.where(p.mask_ids >= 0, p.mask_ids, vocab)  # -1 → out of range → dropped
-    forbid = jnp.zeros(logits.shape, bool).at[jnp.arange(logits.shape[0])[:, None], mask_cols].set(
-        True, mode="drop")  # [S, V] bool
-    logits = jnp.where(forbid, -jnp.inf, logits)
+    row_max = jnp.max(logits, axis=-1, keepdims=True)  # [S, 1] f32
+    log_sum = jnp.log(jnp.sum(jnp.exp(logits - row_max), axis=-1))  # [S] f32, as jax.nn.log_softmax
+
+    def penalised():
+        c, seen = (counts, seen_in_prompt) if rows is None else (counts[rows], seen_in_prompt[rows])
+        return apply_penalties(logits, c, seen, p)
+
+    has_penalty = (p.repetition != 1) | (p.frequency != 0) | (p.presence != 0)  # [S] bool
+    processed = jax.lax.cond(jnp.any(has_penalty), penalised, lambda: logits)
+
+    def masked():
+        mask_cols = jnp.where(p.mask_ids >= 0, p.mask_ids, vocab)  # -1 → out of range → dropped
+        forbid = jnp.zeros(processed.shape, bool).at[jnp.arange(processed.shape[0])[:, None], mask_cols].set(
+            True, mode="drop")  # [S, V] bool
+        return jnp.where(forbid, -jnp.inf, processed)
+
+    processed = jax.lax.cond(jnp.any(p.mask_ids >= 0), masked, lambda: processed)
     greedy = p.temperature <= 0
-    scaled = logits / jnp.where(greedy, 1.0, p.temperature)[:, None]
-    needs_filter = (~greedy) & ((p.top_k > 0) & (p.top_k < vocab) | (p.top_p < 1) | (p.min_p > 0))
-    thresholds = jax.lax.cond(
-        jnp.any(needs_filter),
-        lambda: jnp.where(needs_filter, _filter_thresholds(scaled, p), -jnp.inf),
-        lambda: jnp.full(scaled.shape[:1], -jnp.inf, jnp.float32))
-    filtered = jnp.where(scaled >= thresholds[:, None], scaled, -jnp.inf)
-    any_random = jnp.any(~greedy)
 
     def draw():  # Gumbel-max over the filtered logits; skipped when every row is greedy
+        scaled = processed / jnp.where(greedy, 1.0, p.temperature)[:, None]
+        needs_filter = (~greedy) & ((p.top_k > 0) & (p.top_k < vocab) | (p.top_p < 1) | (p.min_p > 0))
+        thresholds = jax.lax.cond(
+            jnp.any(needs_filter),
+            lambda: jnp.where(needs_filter, _filter_thresholds(scaled, p), -jnp.inf),
+            lambda: jnp.full(scaled.shape[:1], -jnp.inf, jnp.float32))
+        filtered = jnp.where(scaled >= thresholds[:, None], scaled, -jnp.inf)
         keys = jax.vmap(lambda s, pos: jax.random.fold_in(jax.random.key(s), pos))(p.seeds, p.positions)
         gumbel = jax.vmap(lambda k: jax.random.gumbel(k, (vocab,), jnp.float32))(keys)  # [S, V] f32
         return jnp.argmax(filtered + gumbel, axis=-1).astype(jnp.int32)
 
-    drawn = jax.lax.cond(any_random, draw, lambda: jnp.zeros(logits.shape[:1], jnp.int32))
-    token_ids = jnp.where(greedy, jnp.argmax(logits, axis=-1), drawn).astype(jnp.int32)
+    drawn = jax.lax.cond(jnp.any(~greedy), draw, lambda: jnp.zeros(logits.shape[:1], jnp.int32))
+    token_ids = jnp.where(greedy, jnp.argmax(processed, axis=-1), drawn).astype(jnp.int32)
     top_lp, top_ids = jax.lax.cond(
         want_top_logprobs,
-        lambda: tuple(jax.lax.top_k(raw_logprobs, MAX_LOGPROBS)),
+        lambda: tuple(jax.lax.top_k(jax.nn.log_softmax(logits, axis=-1), MAX_LOGPROBS)),
         lambda: (jnp.zeros((logits.shape[0], MAX_LOGPROBS), jnp.float32),
                  jnp.zeros((logits.shape[0], MAX_LOGPROBS), jnp.int32)))
-    chosen = jnp.take_along_axis(raw_logprobs, token_ids[:, None], axis=-1)[:, 0]
+    picked = jnp.take_along_axis(logits, token_ids[:, None], axis=-1)[:, 0]  # [S] f32 raw logit
+    chosen = (picked - row_max[:, 0]) - log_sum  # raw logprob, the same arithmetic as log_softmax
     return SamplerOutput(token_ids, chosen, top_ids.astype(jnp.int32), top_lp)
