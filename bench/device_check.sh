@@ -103,10 +103,13 @@ fi
 # The layer scan copies each weight out of its stacked array before the gemm (GPU HLO, 2026-11-26);
 # this flag lets XLA hand the gemm the slice in place. A/B on the batch-1 decode vs the roofline.
 if want slicefusion; then
-  for flags in "" "--xla_gpu_enable_dynamic_slice_fusion=true"; do
+  i=0
+  for flags in "" "--xla_gpu_enable_dynamic_slice_fusion=true" \
+               "--xla_gpu_enable_dynamic_slice_fusion=true --xla_gpu_enable_triton_gemm=false"; do
     phase "batch-1 decode, XLA_FLAGS='$flags'"
     timeout 120 env -u XLA_PYTHON_CLIENT_PREALLOCATE XLA_FLAGS="${XLA_FLAGS:-} $flags" "$PY" bench/device_e2e.py \
-      --decode-only --json "$OUT" --json-key "decode1${flags:+_slicefusion}" || status=1
+      --decode-only --json "$OUT" --json-key "decode1_variant$i" || status=1
+    i=$((i + 1))
   done
   timeout 60 env XLA_FLAGS="${XLA_FLAGS:-} --xla_gpu_enable_dynamic_slice_fusion=true" "$PY" bench/step_memory.py \
     --hlo-dir "$(dirname "$OUT")/hlo_slicefusion" --json "$OUT" --json-key step_memory_slicefusion || status=1

@@ -116,7 +116,7 @@ def main(argv=None) -> int:
     mc = dummy_config(args.model)
     reqs = synthetic_requests(args.num_prompts, parse_range(args.input_len), parse_range(args.output_len),
                               mc.vocab_size, seed=0)
-    rows, result = [], {"model": args.model, "num_params": mc.num_params}
+    rows, result = [], {"model": args.model, "num_params": mc.num_params, "xla_flags": os.environ.get("XLA_FLAGS", "")}
 
     # HF first: torch frees the card before JAX preallocates its share.
     if not (args.skip_hf or args.decode_only):
