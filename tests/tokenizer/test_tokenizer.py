@@ -32,6 +32,18 @@ def test_matches_transformers_gguf_tokenizer(tok):
     assert 2 in tok.eos_token_ids  # <|im_end|>
 
 
+@pytest.mark.parametrize("skip_special", [True, False])
+def test_decode_equals_transformers_decode(tok, skip_special):
+    """Tokenizer.decode takes the Rust decoder directly; it must equal transformers' decode."""
+    assert tok._fast_decode is not None  # SmolLM2: the fast path is the one under test
+    rng = np.random.default_rng(1)
+    specials = sorted(tok.all_special_ids)
+    for _ in range(200):
+        ids = rng.integers(0, tok.vocab_size, rng.integers(0, 40)).tolist()
+        ids.insert(int(rng.integers(0, len(ids) + 1)), int(rng.choice(specials)))
+        assert tok.decode(ids, skip_special) == tok.hf.decode(ids, skip_special_tokens=skip_special)
+
+
 MULTIBYTE = ["é", "ü", "ß", "東京", "日本語", "🙂", "👍🏽", "Ωμέγα", "привет", "∑∫", "😀😃", "naïve"]
 
 
