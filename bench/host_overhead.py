@@ -1,0 +1,78 @@
+"""Engine host time per step, without a device: scheduler, output processing, incremental
+detokenization and stop checks around a stub runner that samples instantly.
+
+    JAX_PLATFORMS=cpu python bench/host_overhead.py                  # 64 sequences, SmolLM2's tokenizer
+    JAX_PLATFORMS=cpu python bench/host_overhead.py --num-seqs 1 --steps 200
+
+On an accelerator this time sits between device steps unless it is overlapped, so it bounds
+batch-1 latency from below; the runner's own host work (input building, dispatch) comes on top.
+"""
+from __future__ import annotations
+
+import argparse
+import os
+import random
+import statistics
+import sys
+import time
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+
+class InstantRunner:
+    """The runner protocol with no model: every sampled row gets a random ordinary token."""
+
+    def __init__(self, vocab_size: int, max_num_seqs: int, num_blocks: int = 8192, block_size: int = 16):
+        self.vocab_size, self.max_num_seqs = vocab_size, max_num_seqs
+        self.num_blocks, self.block_size = num_blocks, block_size
+        self.rng = random.Random(0)
+
+    def release(self, request_ids) -> None:
+        pass
+
+    def execute(self, out):
+        from jaxllm.engine.runner_protocol import SampledToken
+
+        return {s.request_id: SampledToken(self.rng.randrange(200, min(20000, self.vocab_size)), -1.0, None)
+                for s in out.seqs if s.sample}
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--model", default="smollm2-135m", help="whose tokenizer to use")
+    ap.add_argument("--num-seqs", type=int, default=64)
+    ap.add_argument("--steps", type=int, default=100, help="timed decode steps")
+    ap.add_argument("--stop", action="append", default=None, help="stop strings (default: one that never matches)")
+    args = ap.parse_args(argv)
+
+    from checkpoints import load_checkpoint, load_tokenizer
+    from jaxllm.config import EngineConfig
+    from jaxllm.engine.engine import LLMEngine
+    from jaxllm.sampling_params import SamplingParams
+
+    ckpt = load_checkpoint(args.model, "auto")
+    tok = load_tokenizer(ckpt.tokenizer_source, ckpt.config)
+    del ckpt
+    cfg = EngineConfig(model=args.model, max_model_len=4096, max_num_seqs=args.num_seqs,
+                       max_num_batched_tokens=8192).validate()
+    engine = LLMEngine(cfg, InstantRunner(tok.vocab_size, args.num_seqs), tok)
+    for i in range(args.num_seqs):
+        engine.add_request(f"r{i}", "Once upon a time " * 10,
+                           SamplingParams(max_tokens=args.steps + 10, ignore_eos=True, temperature=0.8, seed=i,
+                                          stop=args.stop or ["\x00never\x00"]))
+    engine.step()  # the prefill step
+    times = []
+    for _ in range(args.steps):
+        t0 = time.perf_counter()
+        engine.step()
+        times.append(time.perf_counter() - t0)
+    times.sort()
+    print(f"{args.num_seqs} sequences, {args.steps} decode steps: host time per step median "
+          f"{1e3 * statistics.median(times):.2f} ms, p90 {1e3 * times[int(0.9 * (len(times) - 1))]:.2f} ms "
+          f"({1e6 * statistics.median(times) / args.num_seqs:.0f} us per sequence)")
+    engine.abort_request([f"r{i}" for i in range(args.num_seqs)])
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
