@@ -2,7 +2,7 @@
 # GPU device check, run from the checkout on a machine with an NVIDIA GPU (H100/H200), no network,
 # with that machine's own python + jax[cuda]. Usage: bench/device_check.sh OUT.json
 # PHASES="memory e2e" bench/device_check.sh OUT.json runs only those phases (default: all of
-# kernels ragged sweep memory e2e; imports always; "slicefusion" is an extra experiment).
+# kernels ragged sweep memory e2e; imports always; "weightcopy" is an extra experiment, ~5 min).
 # Whole script < 8 minutes (each phase has its own timeout). Each phase merges its results into
 # OUT.json under its own key, after every sub-phase, so a timeout keeps what was measured.
 #   imports (60 s) -> kernels: Pallas vs reference on random batches + decode/prefill timings next to
@@ -99,17 +99,22 @@ if want e2e; then
   fi
 fi
 
-# ---- optional (PHASES="... slicefusion"): batch-1 decode with XLA's dynamic-slice fusion -------
-# The layer scan copies each weight out of its stacked array before the gemm (GPU HLO, 2026-11-26);
-# this flag lets XLA hand the gemm the slice in place. A/B on the batch-1 decode vs the roofline.
-if want slicefusion; then
-  i=0
-  for flags in "" "--xla_gpu_enable_dynamic_slice_fusion=true" \
-               "--xla_gpu_enable_dynamic_slice_fusion=true --xla_gpu_enable_triton_gemm=false"; do
-    phase "batch-1 decode, XLA_FLAGS='$flags'"
-    timeout 120 env -u XLA_PYTHON_CLIENT_PREALLOCATE XLA_FLAGS="${XLA_FLAGS:-} $flags" "$PY" bench/device_e2e.py \
-      --decode-only --json "$OUT" --json-key "decode1_variant$i" || status=1
-    i=$((i + 1))
+# ---- optional (PHASES="weightcopy"): the layer scan's per-layer weight copies -----------------
+# XLA copies each weight out of its stacked array before the gemm (GPU HLO, 2026-11-26), so batch-1
+# decode ran at 27% of the weight-read roofline. Candidates, each A/B'd on batch-1 decode:
+#   0 none; 1 XLA's dynamic-slice fusion; 2 the same with cuBLAS gemms (the fusion may need them);
+#   3 the Pallas stacked_matmul (JAXLLM_STACKED_MATMUL=1) reading w[layer] in place.
+if want weightcopy; then
+  phase "stacked_matmul vs XLA dot on a dynamically indexed layer (13B projections)"
+  timeout 90 "$PY" bench/stacked_matmul.py --json "$OUT" --json-key stacked_matmul || status=1
+  variants=("" "--xla_gpu_enable_dynamic_slice_fusion=true"
+            "--xla_gpu_enable_dynamic_slice_fusion=true --xla_gpu_enable_triton_gemm=false" "STACKED")
+  for i in "${!variants[@]}"; do
+    flags="${variants[$i]}"; extra=()
+    if [ "$flags" = STACKED ]; then flags=""; extra=(JAXLLM_STACKED_MATMUL=1); fi
+    phase "batch-1 decode, variant $i: XLA_FLAGS='$flags' ${extra[*]}"
+    timeout 120 env -u XLA_PYTHON_CLIENT_PREALLOCATE XLA_FLAGS="${XLA_FLAGS:-} $flags" "${extra[@]}" "$PY" \
+      bench/device_e2e.py --decode-only --json "$OUT" --json-key "decode1_variant$i" || status=1
   done
   timeout 60 env XLA_FLAGS="${XLA_FLAGS:-} --xla_gpu_enable_dynamic_slice_fusion=true" "$PY" bench/step_memory.py \
     --hlo-dir "$(dirname "$OUT")/hlo_slicefusion" --json "$OUT" --json-key step_memory_slicefusion || status=1

@@ -15,6 +15,7 @@ import numpy as np
 from flax import nnx
 
 from jaxllm.models.config import ModelConfig
+from jaxllm.models.projections import Projector
 from jaxllm.models.rope import apply_rope, inverse_frequencies, rope_tables
 from jaxllm.parallel.ops import constrain, embed_lookup, lm_logits, paged_attention
 from pallas_kernels import AttentionMetadata, KVCache
@@ -116,12 +117,15 @@ class LlamaForCausalLM(nnx.Module):
         cos, sin = rope_tables(positions, inverse_frequencies(c))  # [T, D/2] f32
         scale = c.head_dim ** -0.5
 
+        stacked = self.layers.stacked()
+        proj = Projector(stacked, tokens.shape[0], lay)
+
         def layer(carry, w):
             x, cache, i = carry
             h = rms_norm(x, w["input_norm"], eps)  # [T, E]
-            q = jnp.einsum("te,ehd->thd", h, w["wq"])  # [T, H, D]
-            k = jnp.einsum("te,ehd->thd", h, w["wk"])  # [T, K, D]
-            v = jnp.einsum("te,ehd->thd", h, w["wv"])  # [T, K, D]
+            q = proj("te,ehd->thd", h, "wq", w["wq"], i)  # [T, H, D]
+            k = proj("te,ehd->thd", h, "wk", w["wk"], i)  # [T, K, D]
+            v = proj("te,ehd->thd", h, "wv", w["wv"], i)  # [T, K, D]
             if c.attention_bias:
                 q, k, v = q + w["bq"], k + w["bk"], v + w["bv"]
             if c.qk_norm:
@@ -129,15 +133,15 @@ class LlamaForCausalLM(nnx.Module):
             q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
             attn, cache = paged_attention(q, k, v, cache, i, metadata, lay, sm_scale=scale,
                                           sliding_window=c.sliding_window, impl=self.attention_impl)
-            x = x + constrain(jnp.einsum("thd,hde->te", attn, w["wo"]), lay, ("tokens", "embed"))  # [T, E]
+            x = x + constrain(proj("thd,hde->te", attn, "wo", w["wo"], i), lay, ("tokens", "embed"))  # [T, E]
             h = rms_norm(x, w["post_norm"], eps)
-            gate = jnp.einsum("te,ef->tf", h, w["w_gate"])  # [T, F]
-            up = jnp.einsum("te,ef->tf", h, w["w_up"])
-            down = jnp.einsum("tf,fe->te", jax.nn.silu(gate) * up, w["w_down"])
+            gate = proj("te,ef->tf", h, "w_gate", w["w_gate"], i)  # [T, F]
+            up = proj("te,ef->tf", h, "w_up", w["w_up"], i)
+            down = proj("tf,fe->te", jax.nn.silu(gate) * up, "w_down", w["w_down"], i)
             x = x + constrain(down, lay, ("tokens", "embed"))
             return (x, cache, i + 1), None
 
-        (x, kv_cache, _), _ = jax.lax.scan(layer, (x, kv_cache, jnp.int32(0)), self.layers.stacked())
+        (x, kv_cache, _), _ = jax.lax.scan(layer, (x, kv_cache, jnp.int32(0)), stacked)
         return rms_norm(x, self.final_norm[...], eps), kv_cache
 
     def compute_logits(self, hidden: jax.Array) -> jax.Array:

@@ -73,3 +73,19 @@ def test_kernels_lower_for_cuda(model, impl, decode, opts):
 def test_kernels_lower_for_cuda_fp32():
     for impl, decode in [("pallas_decode", True), ("pallas_prefill", False)]:
         export_for_cuda(impl, 9, 3, 64, decode=decode, dtype=jnp.float32)
+
+
+@pytest.mark.parametrize("m,k,n", [(64, 5120, 5120), (8, 5120, 13824), (1, 13824, 5120), (64, 576, 192)])
+def test_stacked_matmul_lowers_for_cuda(m, k, n):
+    from pallas_kernels.matmul import stacked_matmul
+
+    f = jax.jit(lambda x, w, layer: stacked_matmul(x, w, layer))
+    args = (jax.ShapeDtypeStruct((m, k), jnp.bfloat16), jax.ShapeDtypeStruct((40, k, n), jnp.bfloat16),
+            jax.ShapeDtypeStruct((), jnp.int32))
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", DeprecationWarning)
+        with jax.sharding.use_abstract_mesh(H100):
+            exported = jax.export.export(
+                f, platforms=["cuda"],
+                disabled_checks=[jax.export.DisabledSafetyCheck.custom_call(plgpu.CUSTOM_CALL_TARGET_NAME)])(*args)
+    assert exported.mlir_module().count(plgpu.CUSTOM_CALL_TARGET_NAME) == 1

@@ -1,0 +1,42 @@
+"""The decoder's weight projections inside the layer scan: XLA's dot on the layer's slice, or
+(experiment, JAXLLM_STACKED_MATMUL=1) the Pallas `stacked_matmul` that reads the stacked weight in
+place at the traced layer index.
+
+Why the experiment: XLA copies each layer's weight slice out of the stacked array before its
+matmul (seen in the CPU and GPU HLO), so a decode step moves about 3x the weight bytes; on an H200
+batch-1 decode ran at 27% of the weight-read roofline (bench/RESULTS.md). The kernel path applies
+only on GPU (or interpret mode for tests), on one device, to steps of at most MAX_ROWS tokens.
+"""
+from __future__ import annotations
+
+import math
+import os
+
+import jax
+import jax.numpy as jnp
+
+from pallas_kernels.matmul import stacked_matmul, stacked_matmul_supported
+from pallas_kernels.matmul.stacked import MAX_ROWS
+
+ENV_VAR = "JAXLLM_STACKED_MATMUL"
+
+
+class Projector:
+    """`proj(spec, x, name, w_slice, layer)`: `jnp.einsum(spec, x, w_slice)` where spec contracts all
+    of x's axes but the first (tokens) with the weight's leading axes. Built once per trace (the
+    choice of path is static)."""
+
+    def __init__(self, stacked: dict[str, jax.Array], num_tokens: int, layout, *, interpret: bool | None = None):
+        on = os.environ.get(ENV_VAR, "0") == "1" and layout is None and num_tokens <= MAX_ROWS
+        self.interpret = jax.default_backend() != "gpu" if interpret is None else interpret
+        self.stacked = stacked if on else None
+
+    def __call__(self, spec: str, x: jax.Array, name: str, w: jax.Array, layer) -> jax.Array:
+        if self.stacked is not None:
+            t, k = x.shape[0], math.prod(x.shape[1:])
+            ws = self.stacked[name]  # [L, in..., out...]: the contracted axes lead
+            n = ws.size // (ws.shape[0] * k)
+            if stacked_matmul_supported(t, k, n):
+                y = stacked_matmul(x.reshape(t, k), ws.reshape(ws.shape[0], k, n), layer, interpret=self.interpret)
+                return y.reshape((t,) + w.shape[x.ndim - 1:])  # [T, out...]
+        return jnp.einsum(spec, x, w)

@@ -1,0 +1,93 @@
+"""`x @ w[layer]` for small x, reading the stacked weight `w [L, K, N]` in place.
+
+Why: inside `lax.scan` over layers, XLA (CPU and GPU alike, seen in the optimized HLO) copies each
+layer's weight slice out of the stacked array before the matmul, so a decode step reads every
+weight twice and writes it once. The attention kernels already avoid this for the KV cache by
+indexing the whole stacked ref at the traced layer; this kernel does the same for the projections.
+
+Pallas Triton. Grid `(N / block_n, splits)`: program (n, s) computes the `[Mp, block_n]` tile of
+output columns n over the s-th of `splits` equal parts of K (split-K, so that a decode-sized
+problem still has enough programs to keep every SM streaming weights), in fp32. A jnp epilogue sums
+the splits. x is padded to Mp = max(16, next power of two) rows for the tensor-core dot.
+Reference: `stacked_matmul_reference` (a dynamic index and a dot).
+"""
+from __future__ import annotations
+
+import functools
+
+import jax
+import jax.numpy as jnp
+from jax import lax
+from jax.experimental import pallas as pl
+from jax.experimental.pallas import triton as plgpu
+
+from pallas_kernels.attention.common import layer_index, next_pow2
+
+MAX_ROWS = 64  # beyond this the matmul is compute-bound and XLA's own gemm (plus the copy) wins
+TARGET_PROGRAMS = 264  # two waves of programs on a 132-SM H100/H200
+
+
+def stacked_matmul_reference(x: jax.Array, w: jax.Array, layer) -> jax.Array:
+    """x [M, K], w [L, K, N] -> x @ w[layer] [M, N] in x.dtype (fp32 accumulation)."""
+    wl = lax.dynamic_index_in_dim(w, jnp.asarray(layer, jnp.int32), axis=0, keepdims=False)
+    return jnp.dot(x, wl, preferred_element_type=jnp.float32).astype(x.dtype)
+
+
+def _block_n(n: int) -> int | None:
+    return next((b for b in (128, 64, 32, 16) if n % b == 0), None)
+
+
+def stacked_matmul_supported(m: int, k: int, n: int, block_k: int = 64) -> bool:
+    """Shapes the kernel takes without masks: few rows, K a multiple of block_k, N of 16."""
+    return m <= MAX_ROWS and k % block_k == 0 and _block_n(n) is not None
+
+
+def _plan_splits(k_chunks: int, n_tiles: int) -> int:
+    """The most splits up to TARGET_PROGRAMS programs that divide K's chunks evenly."""
+    want = max(1, -(-TARGET_PROGRAMS // n_tiles))
+    return max(d for d in range(1, min(want, k_chunks) + 1) if k_chunks % d == 0)
+
+
+def _kernel(layer_ref, x_ref, w_ref, o_ref, *, block_k, block_n, chunks_per_split):
+    n, split = pl.program_id(0), pl.program_id(1)
+    mp, bn = o_ref.shape[1], block_n
+    layer = layer_ref[0]
+    rows = jnp.arange(mp, dtype=jnp.int32)[:, None]  # [Mp, 1] i32
+    cols = (n * bn + jnp.arange(bn, dtype=jnp.int32))[None, :]  # [1, BN] i32
+    k0 = split * chunks_per_split * block_k
+
+    def body(j, acc):  # acc [Mp, BN] f32
+        ks = k0 + j * block_k + jnp.arange(block_k, dtype=jnp.int32)  # [BK] i32
+        x = plgpu.load(x_ref.at[rows, ks[None, :]])  # [Mp, BK]
+        w = plgpu.load(w_ref.at[layer, ks[:, None], cols])  # [BK, BN]
+        return acc + lax.dot_general(x, w, (((1,), (0,)), ((), ())), preferred_element_type=jnp.float32)
+
+    acc = lax.fori_loop(0, chunks_per_split, body, jnp.zeros((mp, bn), jnp.float32))
+    plgpu.store(o_ref.at[split, rows, cols], acc)
+
+
+def stacked_matmul(x: jax.Array, w: jax.Array, layer, *, block_k: int = 64, block_n: int | None = None,
+                   splits: int | None = None, num_warps: int = 4, num_stages: int = 3,
+                   interpret: bool = False) -> jax.Array:
+    """x [M, K] @ w[layer] with w [L, K, N] read in place -> [M, N] in x.dtype (fp32 accumulation)."""
+    m, k = x.shape
+    if w.ndim != 3 or w.shape[1] != k:
+        raise ValueError(f"w must be [num_layers, K={k}, N], got {w.shape}")
+    n = w.shape[2]
+    block_n = block_n or _block_n(n)
+    if m > MAX_ROWS or k % block_k or block_n is None or n % block_n:
+        raise ValueError(f"stacked_matmul takes M <= {MAX_ROWS}, K % {block_k} == 0 and N % 16 == 0; "
+                         f"got M={m}, K={k}, N={n} (check stacked_matmul_supported first)")
+    mp = max(16, next_pow2(m))
+    n_tiles, k_chunks = n // block_n, k // block_k
+    splits = splits or _plan_splits(k_chunks, n_tiles)
+    if k_chunks % splits:
+        raise ValueError(f"splits={splits} must divide K / block_k = {k_chunks}")
+    xp = jnp.pad(x.astype(w.dtype), ((0, mp - m), (0, 0)))  # [Mp, K] in the weight dtype
+    partial = pl.pallas_call(
+        functools.partial(_kernel, block_k=block_k, block_n=block_n, chunks_per_split=k_chunks // splits),
+        out_shape=jax.ShapeDtypeStruct((splits, mp, n), jnp.float32), grid=(n_tiles, splits),
+        interpret=interpret, compiler_params=plgpu.CompilerParams(num_warps=num_warps, num_stages=num_stages),
+        name="jaxllm_stacked_matmul",
+    )(layer_index(layer), xp, w)
+    return partial.sum(axis=0)[:m].astype(x.dtype)  # [M, N]
