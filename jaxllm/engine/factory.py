@@ -66,13 +66,13 @@ def allocate_runner(runner_cls, model, num_blocks: int, runner_kw: dict, *, shri
                 raise
             del runner
             gc.collect()
-            if not shrink or int(num_blocks * 0.9) < min_blocks:
+            smaller = int(num_blocks * 0.9)
+            if not shrink or smaller < min_blocks:
                 raise ValueError(f"KV cache of {num_blocks} blocks does not fit in device memory "
                                  f"({str(e).splitlines()[0][:200]}); lower kv_cache_memory_bytes or "
                                  f"gpu_memory_utilization") from None
-            _info(f"KV cache of {num_blocks} blocks refused by the device allocator; retrying with "
-                  f"{int(num_blocks * 0.9)}")
-            num_blocks = int(num_blocks * 0.9)
+            _info(f"KV cache of {num_blocks} blocks refused by the device allocator; retrying with {smaller}")
+            num_blocks = smaller
 
 
 def build_engine(config: EngineConfig, *, compile_cache: bool = True, warmup: bool = True) -> LLMEngine:

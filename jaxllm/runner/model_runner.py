@@ -180,14 +180,18 @@ class ModelRunner:
     def _bucket(inp: StepInputs) -> tuple:
         return inp.tokens.shape[0], inp.logits_indices.shape[0], inp.metadata.decode_only
 
+    def _step_lowering(self, inp: StepInputs):
+        return self._step.lower(self.state, self.kv_cache, self.counts, self.prompt_mask, inp)
+
+    def _prompt_lp_lowering(self, num_tokens: int):
+        hidden = jax.ShapeDtypeStruct((num_tokens, self.model_config.hidden_size), self.state_dtype)
+        return self._prompt_lp.lower(self.state, hidden, np.zeros(num_tokens, np.int32))
+
     def _step_executable(self, inp: StepInputs):
-        return self._executable(("step",) + self._bucket(inp), lambda: self._step.lower(
-            self.state, self.kv_cache, self.counts, self.prompt_mask, inp))
+        return self._executable(("step",) + self._bucket(inp), lambda: self._step_lowering(inp))
 
     def _prompt_lp_executable(self, num_tokens: int):
-        hidden = jax.ShapeDtypeStruct((num_tokens, self.model_config.hidden_size), self.state_dtype)
-        return self._executable(("prompt_lp", num_tokens), lambda: self._prompt_lp.lower(
-            self.state, hidden, np.zeros(num_tokens, np.int32)))
+        return self._executable(("prompt_lp", num_tokens), lambda: self._prompt_lp_lowering(num_tokens))
 
     def _run_local(self, inp: StepInputs):
         self.kv_cache, self.counts, self.prompt_mask, out, self._hidden = self._step_executable(inp)(
@@ -276,10 +280,8 @@ class ModelRunner:
         cache on accelerators): XLA's temp allocation for the largest bucket's step and prompt-logprobs
         pass, plus the penalty state. Compiles those two once; runs nothing."""
         T, S, decode_only = max(self.buckets.all(), key=lambda b: b[0])
-        inp = self._padding_inputs(T, S, decode_only)
-        step = self._step.lower(self.state, self.kv_cache, self.counts, self.prompt_mask, inp).compile()
-        hidden = jax.ShapeDtypeStruct((T, self.model_config.hidden_size), self.state_dtype)
-        plp = self._prompt_lp.lower(self.state, hidden, np.full(T, -1, np.int32)).compile()
+        step = self._step_lowering(self._padding_inputs(T, S, decode_only)).compile()
+        plp = self._prompt_lp_lowering(T).compile()
         temp = sum(int(getattr(c.memory_analysis(), "temp_size_in_bytes", 0) or 0) for c in (step, plp))
         return temp + self.counts.nbytes + self.prompt_mask.nbytes
 
@@ -293,10 +295,9 @@ class ModelRunner:
             inp = self._padding_inputs(T, S, decode_only)
             key = ("step",) + self._bucket(inp)
             if key not in self._executables:
-                jobs[key] = self._step.lower(self.state, self.kv_cache, self.counts, self.prompt_mask, inp)
+                jobs[key] = self._step_lowering(inp)
             if self.supports_prompt_logprobs and ("prompt_lp", T) not in self._executables:
-                hidden = jax.ShapeDtypeStruct((T, self.model_config.hidden_size), self.state_dtype)
-                jobs[("prompt_lp", T)] = self._prompt_lp.lower(self.state, hidden, np.zeros(T, np.int32))
+                jobs[("prompt_lp", T)] = self._prompt_lp_lowering(T)
         if jobs:
             workers = max(1, min(len(jobs), os.cpu_count() or 1))
             with concurrent.futures.ThreadPoolExecutor(workers, thread_name_prefix="jaxllm-compile") as pool:
