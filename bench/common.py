@@ -169,6 +169,24 @@ def format_table(rows: list[dict], columns: list[tuple[str, str, str]]) -> str:
     return "\n".join(out)
 
 
+def log_machine() -> dict:
+    """machine_info(), logged in one line (CPU, cores, load, commit) at a bench's start."""
+    machine = machine_info()
+    log(f"machine: {machine['cpu']} x{machine['cores']}, load {machine['loadavg_1_5_15']}, commit {machine['commit']}")
+    return machine
+
+
+def print_results(rows: list[dict], columns: list[tuple[str, str, str]], ratios: dict[str, float],
+                  ratio_unit: str = "") -> None:
+    """The throughput table, each row's note, then the jaxllm-vs-baseline ratios."""
+    print(format_table(rows, columns))
+    for r in rows:
+        if r["note"]:
+            print(f"  {r['system']} (batch {r['batch']}): {r['note']}")
+    for k, v in ratios.items():
+        print(f"{k}: {v:.2f}x{ratio_unit}")
+
+
 def write_json(path: str, obj) -> None:
     d = os.path.dirname(os.path.abspath(path))
     os.makedirs(d, exist_ok=True)

@@ -86,16 +86,16 @@ fi
 
 # ---- end to end --------------------------------------------------------------------------------
 if want e2e; then
-  if [ $kernels_rc -ne 0 ]; then e2e_env=(env JAXLLM_ATTENTION_IMPL=reference); echo "(e2e on the reference attention)"; fi
+  if [ $kernels_rc -ne 0 ]; then e2e_env=(JAXLLM_ATTENTION_IMPL=reference); echo "(e2e on the reference attention)"; fi
   phase "end to end (llama-2-13b shapes, dummy bf16) ${e2e_env[*]} ${e2e_args[*]}"
   # JAX's default allocator here (one preallocated pool, as users run it): with
   # XLA_PYTHON_CLIENT_PREALLOCATE=false the pool grows in doubling regions and refused the 13B
   # cache its statistics allowed (GPU run 3, 2026-11-26). HF runs first and frees the card.
-  e2e_env=(env -u XLA_PYTHON_CLIENT_PREALLOCATE "${e2e_env[@]:1}")
-  if ! timeout 200 "${e2e_env[@]}" "$PY" bench/device_e2e.py --json "$OUT" --json-key e2e "${e2e_args[@]}"; then
+  if ! timeout 200 env -u XLA_PYTHON_CLIENT_PREALLOCATE "${e2e_env[@]}" "$PY" bench/device_e2e.py \
+      --json "$OUT" --json-key e2e "${e2e_args[@]}"; then
     echo "e2e FAILED: once more without HF and with gpu_memory_utilization 0.6"; status=1
-    timeout 120 "${e2e_env[@]}" "$PY" bench/device_e2e.py --json "$OUT" --json-key e2e_retry --skip-hf \
-      --gpu-memory-utilization 0.6 || echo "e2e retry FAILED (rc=$?)"
+    timeout 120 env -u XLA_PYTHON_CLIENT_PREALLOCATE "${e2e_env[@]}" "$PY" bench/device_e2e.py \
+      --json "$OUT" --json-key e2e_retry --skip-hf --gpu-memory-utilization 0.6 || echo "e2e retry FAILED (rc=$?)"
   fi
 fi
 

@@ -23,8 +23,9 @@ import time
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from bench.common import (BenchRequest, format_table, log, machine_info, merge_json, parse_range,  # noqa: E402
+from bench.common import (BenchRequest, log, machine_info, merge_json, parse_range, print_results,  # noqa: E402
                           synthetic_requests, write_json)
+from bench.throughput import make_row  # noqa: E402  (the same row fields as the CPU comparison)
 
 
 def micro_benchmarks(copy_bytes: int, matmul_n: int, reps: int) -> dict:
@@ -65,13 +66,6 @@ def hf_run(model, reqs: list[BenchRequest], batch: int, device: str) -> float:
     from bench.throughput import hf_generate  # the same static batching as the CPU comparison
 
     return hf_generate(model, reqs, batch, pad_id=0, device=device)
-
-
-def row(system, reqs, secs, batch, note=""):
-    p, o = sum(r.prompt_len for r in reqs), sum(r.output_len for r in reqs)
-    return {"system": system, "batch": batch, "requests": len(reqs), "prompt_tokens": p, "output_tokens": o,
-            "elapsed_s": secs, "requests_per_s": len(reqs) / secs, "output_tokens_per_s": o / secs,
-            "total_tokens_per_s": (p + o) / secs, "note": note}
 
 
 def main(argv=None) -> int:
@@ -128,10 +122,10 @@ def main(argv=None) -> int:
         log(f"HF {args.model} random bf16 on {device} in {time.perf_counter() - t0:.1f}s")
         hf_run(model, [BenchRequest([5] * 8, 2)], 1, device)  # warm-up
         sub = reqs[:args.hf_batch1_requests]
-        rows.append(row("hf generate", sub, hf_run(model, sub, 1, device), 1, f"first {len(sub)} requests"))
+        rows.append(make_row("hf generate", sub, hf_run(model, sub, 1, device), 1, f"first {len(sub)} requests"))
         log(f"HF batch 1: {rows[-1]['output_tokens_per_s']:.1f} tok/s")
         sub = reqs[:args.hf_batched_requests]
-        rows.append(row("hf generate", sub, hf_run(model, sub, args.hf_batch_size, device), args.hf_batch_size,
+        rows.append(make_row("hf generate", sub, hf_run(model, sub, args.hf_batch_size, device), args.hf_batch_size,
                         f"first {len(sub)} requests, static batches"))
         log(f"HF batch {args.hf_batch_size}: {rows[-1]['output_tokens_per_s']:.1f} tok/s")
         del model
@@ -162,7 +156,7 @@ def main(argv=None) -> int:
         t0 = time.perf_counter()
         llm.generate([{"prompt_token_ids": r.prompt_token_ids} for r in reqs], params, use_tqdm=False)
         secs = time.perf_counter() - t0
-        rows.insert(0, row("jaxllm", reqs, secs, f"<={args.max_num_seqs}", f"engine start {startup:.1f}s"))
+        rows.insert(0, make_row("jaxllm", reqs, secs, f"<={args.max_num_seqs}", f"engine start {startup:.1f}s"))
         log(f"jaxllm: {rows[0]['output_tokens_per_s']:.1f} tok/s")
         save()
 
@@ -177,7 +171,7 @@ def main(argv=None) -> int:
     result["roofline"] = {"weight_bytes": weight_bytes, "decode_s_per_token": per_tok,
                           "decode_tokens_per_s": 1 / per_tok, "roofline_s_per_token": roof,
                           "fraction_of_roofline": roof / per_tok}
-    rows.append(row("jaxllm batch-1 decode", [one], per_tok * (one.output_len - 1), 1,
+    rows.append(make_row("jaxllm batch-1 decode", [one], per_tok * (one.output_len - 1), 1,
                     f"{1e3 * per_tok:.2f} ms/token vs weight-read roofline {1e3 * roof:.2f} ms "
                     f"({100 * roof / per_tok:.0f}%)"))
 
@@ -191,12 +185,7 @@ def main(argv=None) -> int:
     print(f"\n{machine.get('device')} ({machine.get('backend')}), model {args.model} dummy bf16")
     print(f"copy bandwidth {micro['copy_gbytes_per_s']:.1f} GB/s; bf16 matmul {micro['matmul_tflops']:.1f} TFLOP/s "
           f"(n={args.matmul_n})")
-    print(format_table(rows, cols))
-    for r in rows:
-        if r["note"]:
-            print(f"  {r['system']} (batch {r['batch']}): {r['note']}")
-    for k, v in ratios.items():
-        print(f"{k}: {v:.2f}x")
+    print_results(rows, cols, ratios)
     result.update({"rows": rows, "ratios": ratios, "micro": micro, "machine": machine, "engine_start_s": startup})
     save()
     return 0

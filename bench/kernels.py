@@ -13,10 +13,7 @@ each implementation against the reference on the bench inputs.
 from __future__ import annotations
 
 import argparse
-import datetime
 import os
-import platform
-import subprocess
 import sys
 import time
 import warnings
@@ -29,6 +26,7 @@ import jax  # noqa: E402
 import jax.numpy as jnp  # noqa: E402
 import numpy as np  # noqa: E402
 
+from bench.common import machine_info, merge_json  # noqa: E402
 from pallas_kernels import AttentionMetadata, KVCache, ragged_paged_attention  # noqa: E402
 
 warnings.filterwarnings("ignore", message=".*Pallas Triton backend is deprecated.*")
@@ -235,24 +233,6 @@ def sweep_configs(args, results):
             print(f"sweep   {kind:7s} {str(kw or 'defaults'):55s} {t * 1e3:8.3f} ms {rate}", flush=True)
 
 
-def machine() -> dict:
-    cpu = platform.processor()
-    try:
-        with open("/proc/cpuinfo") as f:
-            cpu = next((ln.split(":", 1)[1].strip() for ln in f if ln.startswith("model name")), cpu)
-    except OSError:
-        pass
-    try:
-        commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=ROOT, capture_output=True,
-                                text=True, timeout=10).stdout.strip() or "unknown"
-    except (OSError, subprocess.SubprocessError):
-        commit = "unknown"
-    return {"date": datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M UTC"),
-            "cpu": cpu, "cores": os.cpu_count(), "commit": commit, "jax": jax.__version__,
-            "backend": jax.default_backend(), "device": jax.devices()[0].device_kind,
-            "command": " ".join(["python"] + sys.argv)}
-
-
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--impls", default=None,
@@ -280,7 +260,7 @@ def main(argv=None) -> int:
     on_gpu = jax.default_backend() == "gpu"
     impls = (args.impls or ("reference,pallas" if on_gpu else "reference")).split(",")
     args.iters = args.iters or (20 if on_gpu else 3)
-    info = machine()
+    info = machine_info()
     print(f"# {info['date']}  {info['device']} ({info['backend']})  cpu: {info['cpu']} x{info['cores']}  "
           f"commit {info['commit']}  jax {info['jax']}", flush=True)
     results = []
@@ -289,8 +269,6 @@ def main(argv=None) -> int:
     def save():  # after each phase: a timeout in a later phase keeps what was measured
         if not args.json:
             return
-        from bench.common import merge_json
-
         merge_json(args.json, args.json_key, {"machine": info, "checks_passed": checks_ok, "results": results})
 
     if args.cases:

@@ -21,8 +21,8 @@ import time
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from bench.common import (FIRST_PLAIN_TOKEN, format_table, log, machine_info, parse_range, summarize,  # noqa: E402
-                          write_json)
+from bench.common import (FIRST_PLAIN_TOKEN, format_table, log, loadavg, log_machine, parse_range,  # noqa: E402
+                          summarize, write_json)
 
 
 def make_prompts(vocab: int, prefix_len: int, num: int, question_len: tuple[int, int], seed: int) -> list[list[int]]:
@@ -94,8 +94,7 @@ def main(argv=None) -> int:
     from jaxllm.sampling_params import SamplingParams
 
     args = build_parser().parse_args(argv)
-    machine = machine_info()
-    log(f"machine: {machine['cpu']} x{machine['cores']}, load {machine['loadavg_1_5_15']}, commit {machine['commit']}")
+    machine = log_machine()
     cfg = engine_config_from_args(args)
     t0 = time.perf_counter()
     llm_on = LLM(**msgspec.structs.asdict(msgspec.structs.replace(cfg, enable_prefix_caching=True)))
@@ -124,11 +123,11 @@ def main(argv=None) -> int:
         r = run_batch(llm, batch_p, params[:len(batch_p)])
         if prof is not None:
             prof.finish()
-        rows.append({"caching": caching, "phase": "batch", **r, "load": machine_info()["loadavg_1_5_15"]})
+        rows.append({"caching": caching, "phase": "batch", **r, "load": loadavg()})
         log(f"caching {caching}, batch: {r['total_tokens_per_s']:.0f} total tok/s, TTFT mean {r['ttft_mean_ms']:.0f} ms")
         if seq_p:
             r = run_sequential(llm, seq_p, params[:len(seq_p)])
-            rows.append({"caching": caching, "phase": "sequential", **r, "load": machine_info()["loadavg_1_5_15"]})
+            rows.append({"caching": caching, "phase": "sequential", **r, "load": loadavg()})
             log(f"caching {caching}, sequential: TTFT mean {r['ttft_mean_ms']:.0f} ms")
 
     speedups = {}
@@ -143,7 +142,7 @@ def main(argv=None) -> int:
     for k, v in speedups.items():
         print(f"caching on vs off, {k.replace('_x', '')}: {v:.2f}x")
     print(f"engine start {startup:.1f}s; prefix cache hit rate (on): {eng_on.kv.prefix_hit_rate:.3f}; "
-          f"load average now {machine_info()['loadavg_1_5_15']}")
+          f"load average now {loadavg()}")
     if args.output_json:
         write_json(args.output_json, {"rows": rows, "speedups": speedups, "machine": machine,
                                       "workload": {"num_questions": args.num_questions, "prefix_len": args.prefix_len,

@@ -25,8 +25,8 @@ import time
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from bench.common import (BenchRequest, format_table, jsonl_requests, log, machine_info, parse_range,  # noqa: E402
-                          synthetic_requests, write_json)
+from bench.common import (BenchRequest, jsonl_requests, log, loadavg, log_machine, parse_range,  # noqa: E402
+                          print_results, synthetic_requests, write_json)
 
 COLUMNS = [("system", "system", ""), ("requests", "reqs", ""), ("batch", "batch", ""),
            ("prompt_tokens", "prompt tok", ""), ("output_tokens", "output tok", ""),
@@ -196,8 +196,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv=None) -> int:
     args = build_parser().parse_args(argv)
-    machine = machine_info()
-    log(f"machine: {machine['cpu']} x{machine['cores']}, load {machine['loadavg_1_5_15']}, commit {machine['commit']}")
+    machine = log_machine()
 
     llm, startup = build_llm(args)
     vocab = llm.engine.vocab_size
@@ -215,7 +214,7 @@ def main(argv=None) -> int:
     stats = llm.engine.get_stats()
     rows.append(make_row("jaxllm", reqs, elapsed, f"<={args.max_num_seqs} (continuous)",
                          note=f"{stats['num_steps']} engine steps, {stats['num_preemptions']} preemptions",
-                         engine_start_s=startup, load_after=machine_info()["loadavg_1_5_15"]))
+                         engine_start_s=startup, load_after=loadavg()))
     log(f"jaxllm: {rows[-1]['output_tokens_per_s']:.1f} output tok/s ({elapsed:.1f}s)")
 
     profile = None
@@ -247,14 +246,14 @@ def main(argv=None) -> int:
         if sub1:
             secs = hf_generate(model, sub1, 1, pad_id)
             rows.append(make_row("hf generate", sub1, secs, 1, note=f"first {len(sub1)} requests; {hf_threads_note}",
-                                 load_after=machine_info()["loadavg_1_5_15"]))
+                                 load_after=loadavg()))
             log(f"HF batch 1: {rows[-1]['output_tokens_per_s']:.1f} output tok/s ({secs:.1f}s)")
         subb = reqs[:args.hf_batched_requests]
         if subb:
             secs = hf_generate(model, subb, args.hf_batch_size, pad_id)
             rows.append(make_row("hf generate", subb, secs, args.hf_batch_size,
                                  note=f"first {len(subb)} requests, static batches (left pad, wait for longest); {hf_threads_note}",
-                                 load_after=machine_info()["loadavg_1_5_15"]))
+                                 load_after=loadavg()))
             log(f"HF batch {args.hf_batch_size}: {rows[-1]['output_tokens_per_s']:.1f} output tok/s ({secs:.1f}s)")
 
     ratios = {}
@@ -263,13 +262,8 @@ def main(argv=None) -> int:
         ratios[f"jaxllm_vs_hf_batch{r['batch']}"] = jax_tps / r["output_tokens_per_s"]
 
     print()
-    print(format_table(rows, COLUMNS))
-    for r in rows:
-        if r["note"]:
-            print(f"  {r['system']} (batch {r['batch']}): {r['note']}")
-    for k, v in ratios.items():
-        print(f"{k}: {v:.2f}x (output tok/s)")
-    print(f"jaxllm engine start (load + warm-up compile): {startup:.1f}s; load average now {machine_info()['loadavg_1_5_15']}")
+    print_results(rows, COLUMNS, ratios, ratio_unit=" (output tok/s)")
+    print(f"jaxllm engine start (load + warm-up compile): {startup:.1f}s; load average now {loadavg()}")
     if profile:
         print(f"profile: {profile['num_steps']} steps in {profile['log_dir']} "
               f"(mean step {1e3 * (profile['mean_step_s'] or 0):.2f} ms)")
