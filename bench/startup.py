@@ -3,8 +3,9 @@
     python bench/startup.py --model smollm2-135m            # default engine flags
     python bench/startup.py --model smollm2-135m -- --max-num-seqs 8   # extra LLM kwargs as flags
 
-Runs two fresh processes against one new JAXLLM_COMPILE_CACHE directory: the first compiles every
-bucket (cold), the second loads them from the cache (warm). Each prints the seconds from the
+Runs two fresh processes against one new JAXLLM_COMPILE_CACHE directory and one new
+JAXLLM_GGUF_CACHE directory: the first compiles every bucket and converts the GGUF checkpoint
+(cold), the second loads both from the caches (warm). Each prints the seconds from the
 ``LLM(...)`` call to the first token of a 1-token greedy request (process start-up and imports not
 included; the import time is printed separately).
 """
@@ -13,6 +14,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import shutil
 import subprocess
 import sys
 import tempfile
@@ -45,7 +47,8 @@ def main(argv=None) -> int:
         child(args.model, extra)
         return 0
     cache = tempfile.mkdtemp(prefix="jaxllm-xla-")
-    env = dict(os.environ, JAXLLM_COMPILE_CACHE=cache)
+    gguf_cache = tempfile.mkdtemp(prefix="jaxllm-gguf-")
+    env = dict(os.environ, JAXLLM_COMPILE_CACHE=cache, JAXLLM_GGUF_CACHE=gguf_cache)
     env.setdefault("JAX_PLATFORMS", "cpu")
     results = {}
     for name in ("cold", "warm"):
@@ -61,7 +64,8 @@ def main(argv=None) -> int:
         for line in res.stderr.splitlines():
             if line.startswith("[jaxllm]"):
                 print(f"    {line}")
-    print(f"model {args.model}, kwargs {extra or 'defaults'}, compile cache {cache}")
+    print(f"model {args.model}, kwargs {extra or 'defaults'}, compile cache {cache}, GGUF cache {gguf_cache}")
+    shutil.rmtree(gguf_cache, ignore_errors=True)  # a converted checkpoint is ~0.5 GB
     return 0
 
 

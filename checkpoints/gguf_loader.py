@@ -1,11 +1,13 @@
 """GGUF files (llama.cpp): dequantized weights, model config and tokenizer from the metadata."""
 from __future__ import annotations
 
+import json
 import os
 import re
 
 import numpy as np
 
+from checkpoints import conversion_cache
 from checkpoints.assemble import assemble_params
 from checkpoints.errors import CheckpointError
 from jaxllm.models.config import ModelConfig, ModelConfigError
@@ -52,6 +54,11 @@ def _field(reader, key: str, default=None):
 
 
 def gguf_config(reader, path: str) -> ModelConfig:
+    return _config_from(_hf_config(reader, path), path)
+
+
+def _hf_config(reader, path: str) -> dict:
+    """The HF-style config dict the GGUF metadata implies (what ModelConfig.from_hf takes)."""
     arch = _field(reader, "general.architecture")
     if arch not in GGUF_ARCHS:
         raise CheckpointError(f"{path}: unsupported architecture general.architecture={arch!r} "
@@ -89,10 +96,7 @@ def gguf_config(reader, path: str) -> ModelConfig:
     missing = [k for k, v in hf.items() if v is None and k not in ("sliding_window", "bos_token_id", "eos_token_id")]
     if missing:
         raise CheckpointError(f"{path}: GGUF metadata lacks {', '.join(missing)} for architecture {arch}")
-    try:
-        return ModelConfig.from_hf(hf, source=path)
-    except ModelConfigError as e:
-        raise CheckpointError(str(e)) from None
+    return hf
 
 
 def _unpermute(w: np.ndarray, n_heads: int) -> np.ndarray:
@@ -102,11 +106,35 @@ def _unpermute(w: np.ndarray, n_heads: int) -> np.ndarray:
     return w.reshape(n_heads, half, 2, *w.shape[1:]).swapaxes(1, 2).reshape(w.shape)
 
 
+def _config_from(hf: dict, path: str) -> ModelConfig:
+    try:
+        return ModelConfig.from_hf(hf, source=path)
+    except ModelConfigError as e:
+        raise CheckpointError(str(e)) from None
+
+
 def load_gguf(path: str, dtype=np.float32) -> tuple[ModelConfig, dict[str, np.ndarray]]:
+    """Config and stacked params in `dtype`; a conversion cache hit (checkpoints.conversion_cache)
+    skips the GGUF parse and dequantization."""
+    if not os.path.isfile(path):
+        raise CheckpointError(f"{path}: no such file")
+    hit = conversion_cache.load(path)
+    if hit is not None:
+        hf, params = hit
+        return _config_from(hf, path), {k: v.astype(dtype, copy=False) for k, v in params.items()}
+    reader = open_gguf(path)
+    # Through JSON either way, so a cache hit builds exactly the config a conversion does.
+    hf = json.loads(json.dumps(_hf_config(reader, path), default=lambda o: o.item()))
+    config = _config_from(hf, path)
+    params = _convert(reader, config, path)
+    conversion_cache.save(path, hf, params)
+    return config, {k: v.astype(dtype, copy=False) for k, v in params.items()}
+
+
+def _convert(reader, config: ModelConfig, path: str) -> dict[str, np.ndarray]:
+    """Dequantized fp32 params in jaxllm's stacked layout."""
     from gguf.quants import dequantize
 
-    reader = open_gguf(path)
-    config = gguf_config(reader, path)
     arch = _field(reader, "general.architecture")
     tensors = {}
     for t in reader.tensors:
@@ -132,4 +160,4 @@ def load_gguf(path: str, dtype=np.float32) -> tuple[ModelConfig, dict[str, np.nd
             w = _unpermute(w, heads)
         return w
 
-    return config, assemble_params(config, get, source=path, dtype=dtype)
+    return assemble_params(config, get, source=path, dtype=np.float32)

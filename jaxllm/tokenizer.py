@@ -36,14 +36,16 @@ class Tokenizer:
     @staticmethod
     def from_gguf(path: str, extra_eos_ids=()) -> "Tokenizer":
         """Builds the tokenizer from GGUF metadata (offline, no torch); the converted files are cached
-        by file identity so later starts skip the conversion."""
-        from transformers import AutoTokenizer
+        by file identity so later starts skip the conversion. The cache holds what
+        `TokenizersBackend.save_pretrained` wrote, so it is read back with that class directly:
+        `AutoTokenizer` would import torch through transformers' config machinery (2.5 s of start-up)."""
+        from transformers.tokenization_utils_tokenizers import TokenizersBackend
 
         st = os.stat(path)
         key = hashlib.sha256(f"{os.path.abspath(path)}:{st.st_size}:{st.st_mtime_ns}".encode()).hexdigest()[:16]
         cache = os.path.join(_SPECIAL_CACHE, key)
         if os.path.isfile(os.path.join(cache, "tokenizer.json")):
-            return Tokenizer(AutoTokenizer.from_pretrained(cache, local_files_only=True), extra_eos_ids)
+            return Tokenizer(TokenizersBackend.from_pretrained(cache, local_files_only=True), extra_eos_ids)
         tok = _hf_tokenizer_from_gguf(path)
         try:
             tmp = cache + f".tmp{os.getpid()}"

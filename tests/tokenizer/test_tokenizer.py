@@ -23,13 +23,29 @@ def test_matches_transformers_gguf_tokenizer(tok):
 
     path = packaged_model_path("smollm2-135m")
     ref = AutoTokenizer.from_pretrained(os.path.dirname(path), gguf_file=os.path.basename(path))
-    for text in ["Hello world", "  leading spaces", "naïve café 東京 🙂", "def f(x):\n    return x"]:
-        assert tok.encode(text) == ref.encode(text)
+    # The fixture converted the metadata (or read the cache); this one reads the cache the first wrote.
+    cached = Tokenizer.from_gguf(path, tok.eos_token_ids)
     msgs = [{"role": "user", "content": "What is the capital of France?"}]
-    ids = tok.apply_chat_template(msgs)
-    assert ids == list(ref.apply_chat_template(msgs, add_generation_prompt=True, tokenize=True)["input_ids"])
-    assert tok.decode(ids, skip_special_tokens=False).endswith("<|im_start|>assistant\n")
-    assert 2 in tok.eos_token_ids  # <|im_end|>
+    for t in (tok, cached):
+        for text in ["Hello world", "  leading spaces", "naïve café 東京 🙂", "def f(x):\n    return x"]:
+            assert t.encode(text) == ref.encode(text)
+        ids = t.apply_chat_template(msgs)
+        assert ids == list(ref.apply_chat_template(msgs, add_generation_prompt=True, tokenize=True)["input_ids"])
+        assert t.decode(ids, skip_special_tokens=False).endswith("<|im_start|>assistant\n")
+        assert 2 in t.eos_token_ids  # <|im_end|>
+        assert t.all_special_ids == tok.all_special_ids and t.vocab_size == tok.vocab_size
+
+
+def test_cached_gguf_tokenizer_does_not_import_torch(tok):
+    """Start-up: the packaged model's tokenizer comes from the conversion cache without torch."""
+    import subprocess
+    import sys
+
+    code = ("import sys; from checkpoints.loader import packaged_model_path; from jaxllm.tokenizer import Tokenizer; "
+            "Tokenizer.from_gguf(packaged_model_path('smollm2-135m')); print('torch' in sys.modules)")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert out.returncode == 0, out.stderr[-2000:]
+    assert out.stdout.strip() == "False"
 
 
 @pytest.mark.parametrize("skip_special", [True, False])
