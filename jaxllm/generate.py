@@ -150,7 +150,7 @@ def main(argv=None) -> int:
         prompts = []
         for kind, payload in items:
             if kind == "chat":
-                prompts.append({"prompt_token_ids": tok.apply_chat_template(payload)})
+                prompts.append(tok.chat_prompt(payload))
             elif kind == "ids":
                 prompts.append({"prompt_token_ids": list(payload)})
             else:

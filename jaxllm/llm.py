@@ -48,8 +48,13 @@ class LLM:
         return self._run(prompts, params, use_tqdm)
 
     def chat(self, conversations, sampling_params: SamplingParams | Sequence[SamplingParams] | None = None,
-             use_tqdm: bool = True, add_generation_prompt: bool = True) -> list[RequestOutput]:
-        """``conversations``: one list of ``{"role", "content"}`` messages, or a list of them."""
+             use_tqdm: bool = True, add_generation_prompt: bool = True, chat_template: str | None = None,
+             continue_final_message: bool = False) -> list[RequestOutput]:
+        """``conversations``: one list of ``{"role", "content"}`` messages, or a list of them. Each
+        is rendered with the model's chat template (or ``chat_template``, a Jinja string); the
+        outputs' ``prompt`` is the rendered text. ``continue_final_message``: the last message
+        (an assistant prefix) is continued instead of a new turn being opened (then pass
+        ``add_generation_prompt=False``)."""
         if not isinstance(conversations, (list, tuple)) or not conversations:
             raise ValueError(f"conversations={conversations!r} is invalid: must be a non-empty list "
                              f"of messages or of conversations")
@@ -61,8 +66,8 @@ class LLM:
             if not isinstance(conv, (list, tuple)) or not all(isinstance(m, dict) for m in conv):
                 raise ValueError(f"conversations[{i}]={conv!r} is invalid: must be a list of "
                                  f"message dicts")
-            ids = tok.apply_chat_template(list(conv), add_generation_prompt=add_generation_prompt)
-            prompts.append({"prompt_token_ids": list(ids)})
+            prompts.append(tok.chat_prompt(list(conv), add_generation_prompt, chat_template=chat_template,
+                                           continue_final_message=continue_final_message))
         params = _as_params_list(sampling_params, len(prompts))
         return self._run(prompts, params, use_tqdm)
 

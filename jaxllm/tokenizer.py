@@ -67,12 +67,31 @@ class Tokenizer:
         return self.hf.decode(list(ids), skip_special_tokens=skip_special_tokens)
 
     def apply_chat_template(self, messages: list[dict], add_generation_prompt: bool = True) -> list[int]:
-        if not self.hf.chat_template:
+        return self.chat_prompt(messages, add_generation_prompt)["prompt_token_ids"]
+
+    def chat_prompt(self, messages: list[dict], add_generation_prompt: bool = True, *,
+                    chat_template: str | None = None, continue_final_message: bool = False) -> dict:
+        """``{"prompt": rendered text, "prompt_token_ids": ids}`` for a conversation, like vLLM's
+        ``LLM.chat``: the model's template (or ``chat_template``, a Jinja string); with
+        ``continue_final_message`` the last (assistant) message is left open for the model to
+        continue instead of starting a new turn. A template error is a ValueError naming it."""
+        if not (chat_template or self.hf.chat_template):
             raise ValueError("messages: this model's tokenizer has no chat template; send a plain prompt")
-        out = self.hf.apply_chat_template(messages, add_generation_prompt=add_generation_prompt, tokenize=True)
-        if isinstance(out, dict) or hasattr(out, "keys"):
-            out = out["input_ids"]
-        return list(out)
+        if continue_final_message and add_generation_prompt:
+            raise ValueError("continue_final_message=True is invalid with add_generation_prompt=True: "
+                             "continue the last message or start a new turn, not both")
+        kw = dict(add_generation_prompt=add_generation_prompt, chat_template=chat_template,
+                  continue_final_message=continue_final_message)
+        try:
+            text = self.hf.apply_chat_template(messages, tokenize=False, **kw)
+            ids = self.hf.apply_chat_template(messages, tokenize=True, **kw)
+        except ValueError:
+            raise
+        except Exception as exc:  # jinja's raise_exception, undefined fields, template syntax
+            raise ValueError(f"messages is invalid: the chat template failed: {exc}") from exc
+        if isinstance(ids, dict) or hasattr(ids, "keys"):
+            ids = ids["input_ids"]
+        return {"prompt": text, "prompt_token_ids": [int(t) for t in ids]}
 
 
 def _hf_tokenizer_from_gguf(path: str):
@@ -163,3 +182,6 @@ class TokenIdsOnlyTokenizer:
 
     def apply_chat_template(self, messages, add_generation_prompt: bool = True) -> list[int]:
         raise ValueError("messages: this model has no tokenizer or chat template; pass token ids")
+
+    def chat_prompt(self, messages, add_generation_prompt: bool = True, **_) -> dict:
+        self.apply_chat_template(messages, add_generation_prompt)

@@ -31,7 +31,12 @@ def test_per_prompt_params_and_chat():
     conv = [{"role": "user", "content": "hello"}]
     outs = llm.chat(conv, SamplingParams(max_tokens=6), use_tqdm=False)
     assert len(outs) == 1 and outs[0].outputs[0].text == "answer"
+    assert outs[0].prompt == "user: hello<sep>assistant: "  # the rendered conversation, as vLLM reports
+    assert outs[0].prompt_token_ids == llm.get_tokenizer().apply_chat_template(conv)
     assert len(llm.chat([conv, conv], use_tqdm=False)) == 2
+    cont = llm.chat(conv + [{"role": "assistant", "content": "hi"}], SamplingParams(max_tokens=1),
+                    use_tqdm=False, add_generation_prompt=False, continue_final_message=True)
+    assert cont[0].prompt == "user: hello<sep>assistant: hi"
     assert_clean(llm.engine)
 
 

@@ -40,6 +40,13 @@ class FakeTokenizer:
             ids += self.encode("assistant: ", add_special_tokens=False)
         return ids
 
+    def chat_prompt(self, messages: list[dict], add_generation_prompt: bool = True, *,
+                    chat_template: str | None = None, continue_final_message: bool = False) -> dict:
+        ids = self.apply_chat_template(messages, add_generation_prompt)
+        if continue_final_message:
+            ids = ids[:-1]  # the last message's <sep>: left open
+        return {"prompt": self.decode(ids, skip_special_tokens=False), "prompt_token_ids": ids}
+
 
 class FakeIncrementalDetokenizer:
     def __init__(self, tokenizer: FakeTokenizer, prompt_ids: list[int], skip_special_tokens: bool) -> None:

@@ -90,3 +90,24 @@ def test_incremental_detokenization_equals_full_decode(tok, skip_special):
             held = full[len(text):]
             assert held == "" or full.endswith("\ufffd"), (case, k, held)
         assert detok.text == text
+
+
+def test_chat_prompt_text_ids_override_and_continuation(tok):
+    """chat_prompt: the rendered text and its ids agree with transformers; a template override and
+    continue_final_message reach the template; template errors are ValueErrors naming messages."""
+    msgs = [{"role": "user", "content": "What is the capital of France?"}]
+    p = tok.chat_prompt(msgs)
+    assert p["prompt_token_ids"] == tok.apply_chat_template(msgs)
+    assert p["prompt"] == tok.hf.apply_chat_template(msgs, add_generation_prompt=True, tokenize=False)
+    assert p["prompt"].endswith("<|im_start|>assistant\n")
+    assert tok.encode(p["prompt"], add_special_tokens=False) == p["prompt_token_ids"]
+    cont = tok.chat_prompt(msgs + [{"role": "assistant", "content": "The capital is"}],
+                           add_generation_prompt=False, continue_final_message=True)
+    assert cont["prompt"].endswith("The capital is")  # left open: no <|im_end|>
+    assert cont["prompt_token_ids"][:len(p["prompt_token_ids"])] == p["prompt_token_ids"]
+    own = tok.chat_prompt(msgs, add_generation_prompt=False, chat_template="{% for m in messages %}[{{ m.content }}]{% endfor %}")
+    assert own["prompt"] == "[What is the capital of France?]"
+    with pytest.raises(ValueError, match="continue_final_message=True is invalid"):
+        tok.chat_prompt(msgs, continue_final_message=True)
+    with pytest.raises(ValueError, match="messages is invalid: the chat template failed: no roles"):
+        tok.chat_prompt(msgs, chat_template="{{ raise_exception('no roles') }}")
