@@ -65,6 +65,10 @@ def add_sampling_args(ap: argparse.ArgumentParser) -> None:
     g.add_argument("--min-tokens", type=int, default=d.min_tokens)
     g.add_argument("--logprobs", type=int, default=None)
     g.add_argument("--skip-special-tokens", action=argparse.BooleanOptionalAction, default=True)
+    g.add_argument("--allowed-token-ids", type=int, nargs="+", default=None, help="sample only among these ids")
+    g.add_argument("--logit-bias", type=_logit_bias, default=None, metavar="JSON",
+                   help='token id -> bias added to its logit, e.g. \'{"50256": -100}\'')
+    g.add_argument("--truncate-prompt-tokens", type=int, default=None, help="keep each prompt's last K tokens")
 
 
 def sampling_params_from_args(args) -> SamplingParams:
@@ -73,7 +77,17 @@ def sampling_params_from_args(args) -> SamplingParams:
                           frequency_penalty=args.frequency_penalty, repetition_penalty=args.repetition_penalty,
                           seed=args.sampling_seed, stop=args.stop, stop_token_ids=args.stop_token_ids,
                           ignore_eos=args.ignore_eos, max_tokens=args.max_tokens, min_tokens=args.min_tokens,
-                          logprobs=args.logprobs, skip_special_tokens=args.skip_special_tokens)
+                          logprobs=args.logprobs, skip_special_tokens=args.skip_special_tokens,
+                          allowed_token_ids=args.allowed_token_ids, logit_bias=args.logit_bias,
+                          truncate_prompt_tokens=args.truncate_prompt_tokens)
+
+
+def _logit_bias(text: str) -> dict[int, float]:
+    try:
+        return msgspec.json.decode(text, type=dict[int, float])
+    except msgspec.DecodeError as e:
+        raise argparse.ArgumentTypeError(f"--logit-bias {text!r} is invalid: need a JSON object of "
+                                         f"token id -> number ({e})") from None
 
 
 def read_inputs(path: str, chat: bool) -> list[tuple[str, object]]:

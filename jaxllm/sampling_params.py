@@ -11,6 +11,10 @@ Notes on semantics:
   in the batch.
 - ``min_tokens``: EOS / stop_token_ids / stop strings do not end the request before it has
   ``min_tokens`` generated tokens (the sampler also masks EOS and stop ids meanwhile).
+- ``allowed_token_ids`` (only these can be sampled) and ``logit_bias`` (added to the raw logits)
+  apply first, before penalties, as in vLLM; logprobs stay those of the raw model distribution.
+- ``truncate_prompt_tokens=k`` keeps the prompt's last k tokens (before the length checks);
+  ``RequestOutput.prompt_token_ids`` are the kept ones.
 - ``prompt_logprobs``: validated, and such requests bypass the prefix cache, but the runner
   protocol does not return prompt logprobs yet: ``RequestOutput.prompt_logprobs`` stays None.
 """
@@ -22,6 +26,11 @@ import math
 import msgspec
 
 MAX_LOGPROBS = 20
+# Per-row id lists travel to the on-device sampler as fixed-width [rows, K] arrays (one compiled
+# shape): these are K, and the validation limits.
+MAX_LOGIT_BIAS = 300  # entries of logit_bias (OpenAI's limit)
+MAX_ALLOWED_TOKEN_IDS = 300
+LOGIT_BIAS_RANGE = 100.0  # |bias| <= 100, as OpenAI's API
 
 
 class SamplingParams(msgspec.Struct, kw_only=True):
@@ -43,6 +52,9 @@ class SamplingParams(msgspec.Struct, kw_only=True):
     prompt_logprobs: int | None = None  # 0..20
     skip_special_tokens: bool = True
     include_stop_str_in_output: bool = False
+    logit_bias: dict[int, float] | None = None  # token id -> added to its logit, [-100, 100]
+    allowed_token_ids: list[int] | None = None  # sample only among these ids
+    truncate_prompt_tokens: int | None = None  # keep only the prompt's last k tokens (>= 1)
 
     # ----- derived views -----------------------------------------------------------
     @property
@@ -103,13 +115,40 @@ class SamplingParams(msgspec.Struct, kw_only=True):
             if not isinstance(self.stop_token_ids, (list, tuple)):
                 raise ValueError(
                     f"stop_token_ids={self.stop_token_ids!r} is invalid: must be a list of token ids")
-            for t in self.stop_token_ids:
-                hi = vocab_size if vocab_size is not None else None
-                if isinstance(t, bool) or not isinstance(t, int) or t < 0 or (hi is not None and t >= hi):
-                    rng = f"[0, {hi})" if hi is not None else ">= 0"
-                    raise ValueError(f"stop_token_ids={self.stop_token_ids!r} is invalid: "
-                                     f"token id {t!r} must be an int in {rng}")
+            _token_ids("stop_token_ids", self.stop_token_ids, vocab_size)
+        if self.allowed_token_ids is not None:
+            ids = self.allowed_token_ids
+            if not isinstance(ids, (list, tuple)) or not 1 <= len(ids) <= MAX_ALLOWED_TOKEN_IDS:
+                raise ValueError(f"allowed_token_ids={_short(ids)} is invalid: must be None or a list of 1 to "
+                                 f"{MAX_ALLOWED_TOKEN_IDS} token ids")
+            _token_ids("allowed_token_ids", ids, vocab_size)
+        if self.logit_bias is not None:
+            bias = self.logit_bias
+            if not isinstance(bias, dict) or len(bias) > MAX_LOGIT_BIAS:
+                raise ValueError(f"logit_bias={_short(bias)} is invalid: must be None or a dict of at most "
+                                 f"{MAX_LOGIT_BIAS} token id -> bias entries")
+            _token_ids("logit_bias", list(bias), vocab_size, shown=bias)
+            for t, b in bias.items():
+                _num(f"logit_bias[{t}]", b, f"must be a number in [-{LOGIT_BIAS_RANGE:g}, {LOGIT_BIAS_RANGE:g}]",
+                     lambda v: abs(v) <= LOGIT_BIAS_RANGE)
+        if self.truncate_prompt_tokens is not None:
+            _int("truncate_prompt_tokens", self.truncate_prompt_tokens, rule="must be None or an integer >= 1",
+                 ok=lambda v: v >= 1)
         return self
+
+
+def _short(v) -> str:
+    r = repr(v)
+    return r if len(r) <= 80 else r[:77] + "..."
+
+
+def _token_ids(name: str, ids, vocab_size: int | None, shown=None) -> None:
+    hi = vocab_size
+    shown = ids if shown is None else shown
+    for t in ids:
+        if isinstance(t, bool) or not isinstance(t, int) or t < 0 or (hi is not None and t >= hi):
+            rng = f"[0, {hi})" if hi is not None else ">= 0"
+            raise ValueError(f"{name}={_short(shown)} is invalid: token id {t!r} must be an int in {rng}")
 
 
 def _num(name: str, v, rule: str, ok) -> None:

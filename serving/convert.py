@@ -16,7 +16,7 @@ log = logging.getLogger(__name__)
 _OPTIONAL_FIELDS = (
     "n", "temperature", "top_p", "top_k", "min_p", "presence_penalty", "frequency_penalty",
     "repetition_penalty", "seed", "ignore_eos", "max_tokens", "min_tokens", "logprobs",
-    "prompt_logprobs", "skip_special_tokens", "include_stop_str_in_output",
+    "prompt_logprobs", "skip_special_tokens", "include_stop_str_in_output", "truncate_prompt_tokens",
 )
 
 FINISH_REASONS = {
@@ -35,6 +35,10 @@ def sampling_params_from_proto(msg: pb.SamplingParams, cfg: ServerConfig, *, voc
         kw["stop"] = list(msg.stop)
     if msg.stop_token_ids:
         kw["stop_token_ids"] = list(msg.stop_token_ids)
+    if msg.allowed_token_ids:
+        kw["allowed_token_ids"] = list(msg.allowed_token_ids)
+    if msg.logit_bias:
+        kw["logit_bias"] = dict(msg.logit_bias)
     params = SamplingParams(**kw)
     params.validate(vocab_size=vocab_size)
     # server caps (after the engine's own rules, so out-of-domain values get its message)

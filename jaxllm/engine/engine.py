@@ -121,6 +121,8 @@ class LLMEngine:
             raise ValueError(f"prompt_logprobs={params.prompt_logprobs} is invalid: this engine's model runner "
                              f"cannot compute prompt logprobs (multi-host runs); leave it None")
         text, ids = self._resolve_prompt(prompt)
+        if params.truncate_prompt_tokens is not None:
+            ids = ids[-params.truncate_prompt_tokens:]  # the last k (the length checks see what is kept)
         self._validate_ids(ids)
         child_ids = [request_id] if params.n == 1 else [f"{request_id}#{i}" for i in range(params.n)]
         for rid in {request_id, *child_ids}:

@@ -7,6 +7,7 @@ import jax
 import numpy as np
 
 from jaxllm.core.scheduler_output import ScheduledSeq
+from jaxllm.sampling_params import MAX_ALLOWED_TOKEN_IDS, MAX_LOGIT_BIAS
 from jaxllm.runner.sampler import SamplingInputs
 from pallas_kernels import AttentionMetadata
 
@@ -63,6 +64,9 @@ def build_inputs(seqs: list[ScheduledSeq], rows: list[int], num_rows: int, eos_i
     seeds = np.zeros(S, np.uint32)
     sample_pos = np.zeros(S, np.int32)
     mask_ids = np.full((S, MAX_MASK_IDS), -1, np.int32)
+    bias_ids = np.full((S, MAX_LOGIT_BIAS), -1, np.int32)
+    bias_values = np.zeros((S, MAX_LOGIT_BIAS), np.float32)
+    allowed_ids = np.full((S, MAX_ALLOWED_TOKEN_IDS), -1, np.int32)
     seen_tokens = np.zeros(max_seen, np.int32)
     seen_prompt_rows = np.full(max_seen, R, np.int32)
     seen_output_rows = np.full(max_seen, R, np.int32)
@@ -105,6 +109,11 @@ def build_inputs(seqs: list[ScheduledSeq], rows: list[int], num_rows: int, eos_i
             banned = list(p.stop_token_ids or []) + ([] if p.ignore_eos else list(eos_ids))
             banned = banned[:MAX_MASK_IDS]
             mask_ids[i, :len(banned)] = banned
+        if p.logit_bias:
+            bias_ids[i, :len(p.logit_bias)] = list(p.logit_bias)
+            bias_values[i, :len(p.logit_bias)] = list(p.logit_bias.values())
+        if p.allowed_token_ids:
+            allowed_ids[i, :len(p.allowed_token_ids)] = p.allowed_token_ids
     cu[len(seqs) + 1:] = t
     if seen:
         all_seen = [np.concatenate(a) for a in zip(*seen)]
@@ -128,7 +137,7 @@ def build_inputs(seqs: list[ScheduledSeq], rows: list[int], num_rows: int, eos_i
     meta = AttentionMetadata(slot_mapping=slots, block_tables=block_tables, context_lens=context_lens,
                              cu_q_lens=cu, decode_only=decode_only)
     sampling = SamplingInputs(temperature, top_k, top_p, min_p, presence, frequency, repetition, seeds,
-                              sample_pos, mask_ids)
+                              sample_pos, mask_ids, bias_ids, bias_values, allowed_ids)
     want = np.asarray(any(s.params.logprobs for s in seqs))
     return StepInputs(tokens, positions, meta, logits_idx, seq_rows, reset_rows, prompt_rows, output_rows,
                       seen_tokens, seen_prompt_rows, seen_output_rows, sampling, want)

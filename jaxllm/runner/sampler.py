@@ -1,7 +1,8 @@
 """On-device batched sampling with per-row parameters.
 
 Order per row (documented; the tests' numpy reference follows it):
-  1. penalties on raw logits: repetition (tokens seen in prompt or output: divide positive logits,
+  0. allowed_token_ids (every other id gets -inf), then logit_bias added (vLLM's order);
+  1. penalties on those logits: repetition (tokens seen in prompt or output: divide positive logits,
      multiply negative ones), then frequency (× output count) and presence (output seen);
   2. min_tokens: the row's mask ids (EOS and stop ids) get -inf while below min_tokens;
   3. greedy rows (temperature 0): argmax;
@@ -37,6 +38,9 @@ class SamplingInputs:
     seeds: jax.Array  # [S] u32
     positions: jax.Array  # [S] i32, position of the token being sampled
     mask_ids: jax.Array  # [S, M] i32, ids forbidden this step (min_tokens), -1 = none
+    bias_ids: jax.Array  # [S, B] i32, logit_bias ids, -1 = none
+    bias_values: jax.Array  # [S, B] f32
+    allowed_ids: jax.Array  # [S, A] i32, allowed_token_ids, -1 = none (a row without any allows all)
 
 
 @jax.tree_util.register_dataclass
@@ -86,17 +90,28 @@ def sample(logits, counts, seen_in_prompt, p: SamplingInputs, want_top_logprobs,
     row_max = jnp.max(logits, axis=-1, keepdims=True)  # [S, 1] f32
     log_sum = jnp.log(jnp.sum(jnp.exp(logits - row_max), axis=-1))  # [S] f32, as jax.nn.log_softmax
 
+    row_idx = jnp.arange(logits.shape[0])[:, None]  # [S, 1]
+
+    def restricted():  # allowed_token_ids, then logit_bias
+        allowed_cols = jnp.where(p.allowed_ids >= 0, p.allowed_ids, vocab)  # -1 → out of range → dropped
+        allowed = jnp.zeros(logits.shape, bool).at[row_idx, allowed_cols].set(True, mode="drop")  # [S, V]
+        has_list = jnp.any(p.allowed_ids >= 0, axis=-1, keepdims=True)  # [S, 1]
+        out = jnp.where(has_list & ~allowed, -jnp.inf, logits)
+        bias_cols = jnp.where(p.bias_ids >= 0, p.bias_ids, vocab)
+        return out.at[row_idx, bias_cols].add(p.bias_values, mode="drop")
+
+    base = jax.lax.cond(jnp.any(p.allowed_ids >= 0) | jnp.any(p.bias_ids >= 0), restricted, lambda: logits)
+
     def penalised():
         c, seen = (counts, seen_in_prompt) if rows is None else (counts[rows], seen_in_prompt[rows])
-        return apply_penalties(logits, c, seen, p)
+        return apply_penalties(base, c, seen, p)
 
     has_penalty = (p.repetition != 1) | (p.frequency != 0) | (p.presence != 0)  # [S] bool
-    processed = jax.lax.cond(jnp.any(has_penalty), penalised, lambda: logits)
+    processed = jax.lax.cond(jnp.any(has_penalty), penalised, lambda: base)
 
     def masked():
         mask_cols = jnp.where(p.mask_ids >= 0, p.mask_ids, vocab)  # -1 → out of range → dropped
-        forbid = jnp.zeros(processed.shape, bool).at[jnp.arange(processed.shape[0])[:, None], mask_cols].set(
-            True, mode="drop")  # [S, V] bool
+        forbid = jnp.zeros(processed.shape, bool).at[row_idx, mask_cols].set(True, mode="drop")  # [S, V] bool
         return jnp.where(forbid, -jnp.inf, processed)
 
     processed = jax.lax.cond(jnp.any(p.mask_ids >= 0), masked, lambda: processed)

@@ -27,6 +27,15 @@ BAD_PARAMS = [
     (dict(stop_token_ids=[-1]), "stop_token_ids=[-1] is invalid"),
     (dict(stop_token_ids=[10_000]), "token id 10000 must be an int in [0, 131)"),
     (dict(ignore_eos=1), "ignore_eos=1 is invalid: must be a bool"),
+    (dict(allowed_token_ids=[]), "allowed_token_ids=[] is invalid: must be None or a list of 1 to 300 token ids"),
+    (dict(allowed_token_ids=list(range(301))), "allowed_token_ids=[0, 1, 2"),
+    (dict(allowed_token_ids=[3, 131]), "allowed_token_ids=[3, 131] is invalid: token id 131 must be an int in [0, 131)"),
+    (dict(logit_bias={131: 1.0}), "logit_bias={131: 1.0} is invalid: token id 131 must be an int in [0, 131)"),
+    (dict(logit_bias={5: 101.0}), "logit_bias[5]=101.0 is invalid: must be a number in [-100, 100]"),
+    (dict(logit_bias={5: float("nan")}), "logit_bias[5]=nan is invalid"),
+    (dict(logit_bias={i: 1.0 for i in range(301)}), "is invalid: must be None or a dict of at most 300"),
+    (dict(logit_bias=[5]), "logit_bias=[5] is invalid: must be None or a dict"),
+    (dict(truncate_prompt_tokens=0), "truncate_prompt_tokens=0 is invalid: must be None or an integer >= 1"),
 ]
 
 
@@ -43,10 +52,23 @@ def test_bad_sampling_params_rejected_engine_still_works(kw, msg):
 
 def test_good_params_and_json_roundtrip():
     p = SamplingParams(n=2, temperature=0.5, top_p=0.9, top_k=5, min_p=0.1, seed=3, stop="x",
-                       stop_token_ids=[4], logprobs=20, prompt_logprobs=0, min_tokens=2)
+                       stop_token_ids=[4], logprobs=20, prompt_logprobs=0, min_tokens=2,
+                       logit_bias={7: -100.0, 130: 2.5}, allowed_token_ids=[7, 8], truncate_prompt_tokens=4)
     assert p.validate(131) is p
     back = msgspec.json.decode(msgspec.json.encode(p), type=SamplingParams)
     assert back == p and back.stop_strings == ["x"]
+    # JSON object keys are strings: a JSONL line's logit_bias decodes to int token ids
+    line = b'{"logit_bias": {"7": -100, "130": 2.5}, "allowed_token_ids": [7]}'
+    assert msgspec.json.decode(line, type=SamplingParams).logit_bias == {7: -100.0, 130: 2.5}
+
+
+def test_truncate_prompt_tokens_keeps_the_last_k():
+    e = make_engine()
+    prompt = "y" * 200  # over max_model_len=128 unless truncated
+    e.add_request("t", prompt, SamplingParams(max_tokens=2, truncate_prompt_tokens=5))
+    out = run_all(e)["t"]
+    assert out.prompt_token_ids == e.tokenizer.encode(prompt)[-5:] and out.finished
+    assert_clean(e)
     assert SamplingParams(top_k=0).validate() and SamplingParams(temperature=0).greedy
 
 

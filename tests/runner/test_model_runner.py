@@ -109,8 +109,9 @@ class Reference:
         out = self._fwd(self.state, tokens, positions, meta, last)
         return np.asarray(out, np.float64)[:len(seqs)]
 
-    def greedy(self, prompts, max_tokens, rep=1.0, freq=0.0, pres=0.0):
-        """→ (token ids per prompt, raw log_softmax rows per step per prompt)."""
+    def greedy(self, prompts, max_tokens, rep=1.0, freq=0.0, pres=0.0, allowed=None, bias=None):
+        """→ (token ids per prompt, raw log_softmax rows per step per prompt). allowed / bias: one
+        allowed_token_ids list / logit_bias dict for every prompt (applied before penalties)."""
         seqs = [list(p) for p in prompts]
         outs = [[] for _ in prompts]
         lsm = [[] for _ in prompts]
@@ -121,6 +122,12 @@ class Reference:
                 for j, i in enumerate(chunk):
                     x = logits[j]
                     lsm[i].append(x - x.max() - np.log(np.exp(x - x.max()).sum()))
+                    if allowed is not None:
+                        keep = np.zeros(VOCAB, bool)
+                        keep[allowed] = True
+                        x = np.where(keep, x, -np.inf)
+                    for t, b in (bias or {}).items():
+                        x[t] += b
                     counts = np.bincount(outs[i], minlength=VOCAB)
                     seen = np.zeros(VOCAB, bool)
                     seen[prompts[i]] = True
@@ -160,6 +167,23 @@ def test_greedy_matches_brute_force(engine, reference):
                 assert abs(entry[int(t)] - row[t]) < 1e-4
             spread.append(row.max() - np.median(row))
     assert np.mean(spread) > 1.0, "near-uniform logits: greedy equality would be a weak check"
+
+
+def test_allowed_token_ids_and_logit_bias_match_brute_force(engine, reference):
+    prompts = random_prompts(5, 4, 3, 60)
+    allowed = [int(t) for t in np.random.default_rng(5).choice(VOCAB, 12, replace=False)]
+    bias = {allowed[0]: -100.0, allowed[1]: 4.0, allowed[2]: 2.0}
+    params = SamplingParams(temperature=0.0, max_tokens=12, ignore_eos=True, allowed_token_ids=allowed,
+                            logit_bias=bias, repetition_penalty=1.3, logprobs=1)
+    outs = generate(engine, prompts, params)
+    want, lsm = reference.greedy(prompts, 12, rep=1.3, allowed=allowed, bias=bias)
+    for o, w, ls in zip(outs, want, lsm):
+        c = o.outputs[0]
+        assert c.token_ids == w and set(w) <= set(allowed) and allowed[0] not in w
+        for tok, entry, row in zip(c.token_ids, c.logprobs, ls):
+            assert abs(entry[tok] - row[tok]) < 1e-4  # logprobs: the raw model distribution
+    plain = generate(engine, prompts, SamplingParams(temperature=0.0, max_tokens=12, ignore_eos=True))
+    assert [o.outputs[0].token_ids for o in plain] == reference.greedy(prompts, 12)[0]  # rows without lists
 
 
 def test_greedy_with_chunked_prefill_preemption_and_n(tight_engine, reference):
@@ -233,6 +257,10 @@ def _random_params(rng: random.Random) -> SamplingParams:
         kw["stop_token_ids"] = rng.sample(range(VOCAB), 3)
     if rng.random() < 0.2:
         kw["min_tokens"] = rng.randint(0, kw["max_tokens"])
+    if rng.random() < 0.15:
+        kw["logit_bias"] = {t: rng.uniform(-100, 100) for t in rng.sample(range(VOCAB), rng.randint(1, VOCAB))}
+    if rng.random() < 0.15:
+        kw["allowed_token_ids"] = rng.sample(range(VOCAB), rng.randint(1, VOCAB))
     kw["ignore_eos"] = rng.random() < 0.5
     return SamplingParams(**kw)
 

@@ -43,6 +43,10 @@ BAD = [
     ("stop-too-many", dict(stop=["a", "b", "c", "d"]), INVALID, ["4 strings", "--max-stop-strings=3"]),
     ("stop-token-neg", dict(stop_token_ids=[-1]), INVALID, ["stop_token_ids", "-1"]),
     ("stop-token-vocab", dict(stop_token_ids=[258]), INVALID, ["stop_token_ids", "258", "[0, 258)"]),
+    ("allowed-vocab", dict(allowed_token_ids=[5, 258]), INVALID, ["allowed_token_ids=[5, 258]", "[0, 258)"]),
+    ("logit-bias-range", dict(logit_bias={5: 200.0}), INVALID, ["logit_bias[5]=200.0", "[-100, 100]"]),
+    ("logit-bias-vocab", dict(logit_bias={300: 1.0}), INVALID, ["logit_bias={300: 1.0}", "[0, 258)"]),
+    ("truncate-zero", dict(truncate_prompt_tokens=0), INVALID, ["truncate_prompt_tokens=0", ">= 1"]),
     ("token-ids-empty", dict(prompt=None, token_ids=[]), INVALID, ["token_ids=[]", "at least 1 token"]),
     ("token-id-vocab", dict(prompt=None, token_ids=[5, 258]), INVALID, ["258", "[0, 258)"]),
     ("token-id-neg", dict(prompt=None, token_ids=[-7]), INVALID, ["-7"]),
@@ -130,3 +134,14 @@ def test_queue_flood_gets_resource_exhausted_at_once():
             # once drained, requests are accepted again
             assert collect(await c.generate(prompt="after", max_tokens=2))["texts"][0] == "af"
     run(main())
+
+
+def test_new_sampling_fields_reach_sampling_params():
+    from serving.config import ServerConfig
+    from serving.convert import sampling_params_from_proto
+
+    msg = pb.SamplingParams(logit_bias={5: -1.5, 7: 100.0}, allowed_token_ids=[5, 6], truncate_prompt_tokens=3)
+    p = sampling_params_from_proto(msg, ServerConfig(), vocab_size=258, max_model_len=256)
+    assert p.logit_bias == {5: -1.5, 7: 100.0} and p.allowed_token_ids == [5, 6] and p.truncate_prompt_tokens == 3
+    unset = sampling_params_from_proto(pb.SamplingParams(), ServerConfig(), vocab_size=258, max_model_len=256)
+    assert unset.logit_bias is None and unset.allowed_token_ids is None and unset.truncate_prompt_tokens is None

@@ -24,15 +24,17 @@ _sym_db = _symbol_database.Default()
 
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1ajaxllm/v1/generation.proto\x12\tjaxllm.v1\",\n\x0b\x43hatMessage\x12\x0c\n\x04role\x18\x01 \x01(\t\x12\x0f\n\x07\x63ontent\x18\x02 \x01(\t\"8\n\x0c\x43hatMessages\x12(\n\x08messages\x18\x01 \x03(\x0b\x32\x16.jaxllm.v1.ChatMessage\"\x17\n\x08TokenIds\x12\x0b\n\x03ids\x18\x01 \x03(\x03\"\xde\x05\n\x0eSamplingParams\x12\x0e\n\x01n\x18\x01 \x01(\x03H\x00\x88\x01\x01\x12\x18\n\x0btemperature\x18\x02 \x01(\x01H\x01\x88\x01\x01\x12\x12\n\x05top_p\x18\x03 \x01(\x01H\x02\x88\x01\x01\x12\x12\n\x05top_k\x18\x04 \x01(\x03H\x03\x88\x01\x01\x12\x12\n\x05min_p\x18\x05 \x01(\x01H\x04\x88\x01\x01\x12\x1d\n\x10presence_penalty\x18\x06 \x01(\x01H\x05\x88\x01\x01\x12\x1e\n\x11\x66requency_penalty\x18\x07 \x01(\x01H\x06\x88\x01\x01\x12\x1f\n\x12repetition_penalty\x18\x08 \x01(\x01H\x07\x88\x01\x01\x12\x11\n\x04seed\x18\t \x01(\x03H\x08\x88\x01\x01\x12\x0c\n\x04stop\x18\n \x03(\t\x12\x16\n\x0estop_token_ids\x18\x0b \x03(\x03\x12\x17\n\nignore_eos\x18\x0c \x01(\x08H\t\x88\x01\x01\x12\x17\n\nmax_tokens\x18\r \x01(\x03H\n\x88\x01\x01\x12\x17\n\nmin_tokens\x18\x0e \x01(\x03H\x0b\x88\x01\x01\x12\x15\n\x08logprobs\x18\x0f \x01(\x03H\x0c\x88\x01\x01\x12\x1c\n\x0fprompt_logprobs\x18\x10 \x01(\x03H\r\x88\x01\x01\x12 \n\x13skip_special_tokens\x18\x11 \x01(\x08H\x0e\x88\x01\x01\x12\'\n\x1ainclude_stop_str_in_output\x18\x12 \x01(\x08H\x0f\x88\x01\x01\x42\x04\n\x02_nB\x0e\n\x0c_temperatureB\x08\n\x06_top_pB\x08\n\x06_top_kB\x08\n\x06_min_pB\x13\n\x11_presence_penaltyB\x14\n\x12_frequency_penaltyB\x15\n\x13_repetition_penaltyB\x07\n\x05_seedB\r\n\x0b_ignore_eosB\r\n\x0b_max_tokensB\r\n\x0b_min_tokensB\x0b\n\t_logprobsB\x12\n\x10_prompt_logprobsB\x16\n\x14_skip_special_tokensB\x1d\n\x1b_include_stop_str_in_output\"\xbf\x01\n\x0fGenerateRequest\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12\x0e\n\x04text\x18\x02 \x01(\tH\x00\x12\'\n\x04\x63hat\x18\x03 \x01(\x0b\x32\x17.jaxllm.v1.ChatMessagesH\x00\x12(\n\ttoken_ids\x18\x04 \x01(\x0b\x32\x13.jaxllm.v1.TokenIdsH\x00\x12+\n\x08sampling\x18\x05 \x01(\x0b\x32\x19.jaxllm.v1.SamplingParamsB\x08\n\x06prompt\"/\n\nTopLogprob\x12\x10\n\x08token_id\x18\x01 \x01(\x03\x12\x0f\n\x07logprob\x18\x02 \x01(\x01\"_\n\rTokenLogprobs\x12\x10\n\x08token_id\x18\x01 \x01(\x03\x12\x0f\n\x07logprob\x18\x02 \x01(\x01\x12+\n\x0ctop_logprobs\x18\x03 \x03(\x0b\x32\x15.jaxllm.v1.TopLogprob\"O\n\x13PromptTokenLogprobs\x12\x0f\n\x07present\x18\x01 \x01(\x08\x12\'\n\x08logprobs\x18\x02 \x03(\x0b\x32\x15.jaxllm.v1.TopLogprob\"\x94\x02\n\x0f\x43ompletionDelta\x12\r\n\x05index\x18\x01 \x01(\r\x12\x11\n\ttoken_ids\x18\x02 \x03(\x03\x12\x0c\n\x04text\x18\x03 \x01(\t\x12*\n\x08logprobs\x18\x04 \x03(\x0b\x32\x18.jaxllm.v1.TokenLogprobs\x12.\n\rfinish_reason\x18\x05 \x01(\x0e\x32\x17.jaxllm.v1.FinishReason\x12\x17\n\rstop_token_id\x18\x06 \x01(\x03H\x00\x12\x15\n\x0bstop_string\x18\x07 \x01(\tH\x00\x12\x1f\n\x12\x63umulative_logprob\x18\x08 \x01(\x01H\x01\x88\x01\x01\x42\r\n\x0bstop_reasonB\x15\n\x13_cumulative_logprob\"P\n\x05Usage\x12\x15\n\rprompt_tokens\x18\x01 \x01(\r\x12\x19\n\x11\x63ompletion_tokens\x18\x02 \x01(\r\x12\x15\n\rcached_tokens\x18\x03 \x01(\r\"\xd9\x01\n\x10GenerateResponse\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12+\n\x07outputs\x18\x02 \x03(\x0b\x32\x1a.jaxllm.v1.CompletionDelta\x12\x10\n\x08\x66inished\x18\x03 \x01(\x08\x12\x1f\n\x05usage\x18\x04 \x01(\x0b\x32\x10.jaxllm.v1.Usage\x12\x18\n\x10prompt_token_ids\x18\x05 \x03(\x03\x12\x37\n\x0fprompt_logprobs\x18\x06 \x03(\x0b\x32\x1e.jaxllm.v1.PromptTokenLogprobs\"S\n\x0fTokenizeRequest\x12\x0e\n\x04text\x18\x01 \x01(\tH\x00\x12\'\n\x04\x63hat\x18\x02 \x01(\x0b\x32\x17.jaxllm.v1.ChatMessagesH\x00\x42\x07\n\x05input\"K\n\x10TokenizeResponse\x12\x11\n\ttoken_ids\x18\x01 \x03(\x03\x12\r\n\x05\x63ount\x18\x02 \x01(\r\x12\x15\n\rmax_model_len\x18\x03 \x01(\r\"`\n\x11\x44\x65tokenizeRequest\x12\x11\n\ttoken_ids\x18\x01 \x03(\x03\x12 \n\x13skip_special_tokens\x18\x02 \x01(\x08H\x00\x88\x01\x01\x42\x16\n\x14_skip_special_tokens\"\"\n\x12\x44\x65tokenizeResponse\x12\x0c\n\x04text\x18\x01 \x01(\t\"\x15\n\x13GetModelInfoRequest\"\xe7\x02\n\tModelInfo\x12\r\n\x05model\x18\x01 \x01(\t\x12\x15\n\rmax_model_len\x18\x02 \x01(\r\x12\x12\n\nvocab_size\x18\x03 \x01(\r\x12\r\n\x05\x64type\x18\x04 \x01(\t\x12\x1c\n\x14tensor_parallel_size\x18\x05 \x01(\r\x12\x12\n\nblock_size\x18\x06 \x01(\r\x12\x15\n\rtoken_buckets\x18\x07 \x03(\r\x12\x17\n\x0frequest_buckets\x18\x08 \x03(\r\x12\x16\n\x0e\x66ree_kv_blocks\x18\t \x01(\x04\x12\x17\n\x0ftotal_kv_blocks\x18\n \x01(\x04\x12\x13\n\x0bnum_running\x18\x0b \x01(\r\x12\x13\n\x0bnum_waiting\x18\x0c \x01(\r\x12\x14\n\x0cmax_num_seqs\x18\r \x01(\r\x12\x15\n\reos_token_ids\x18\x0e \x03(\x03\x12\'\n\x06limits\x18\x0f \x01(\x0b\x32\x17.jaxllm.v1.ServerLimits\"\x99\x01\n\x0cServerLimits\x12\r\n\x05max_n\x18\x01 \x01(\r\x12\x12\n\nmax_tokens\x18\x02 \x01(\r\x12\x14\n\x0cmax_logprobs\x18\x03 \x01(\r\x12\x18\n\x10max_stop_strings\x18\x04 \x01(\r\x12\x19\n\x11max_message_bytes\x18\x05 \x01(\r\x12\x1b\n\x13max_queued_requests\x18\x06 \x01(\r*x\n\x0c\x46inishReason\x12\x1d\n\x19\x46INISH_REASON_UNSPECIFIED\x10\x00\x12\x16\n\x12\x46INISH_REASON_STOP\x10\x01\x12\x18\n\x14\x46INISH_REASON_LENGTH\x10\x02\x12\x17\n\x13\x46INISH_REASON_ABORT\x10\x03\x32\xa9\x02\n\nGeneration\x12\x45\n\x08Generate\x12\x1a.jaxllm.v1.GenerateRequest\x1a\x1b.jaxllm.v1.GenerateResponse0\x01\x12\x43\n\x08Tokenize\x12\x1a.jaxllm.v1.TokenizeRequest\x1a\x1b.jaxllm.v1.TokenizeResponse\x12I\n\nDetokenize\x12\x1c.jaxllm.v1.DetokenizeRequest\x1a\x1d.jaxllm.v1.DetokenizeResponse\x12\x44\n\x0cGetModelInfo\x12\x1e.jaxllm.v1.GetModelInfoRequest\x1a\x14.jaxllm.v1.ModelInfob\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1ajaxllm/v1/generation.proto\x12\tjaxllm.v1\",\n\x0b\x43hatMessage\x12\x0c\n\x04role\x18\x01 \x01(\t\x12\x0f\n\x07\x63ontent\x18\x02 \x01(\t\"8\n\x0c\x43hatMessages\x12(\n\x08messages\x18\x01 \x03(\x0b\x32\x16.jaxllm.v1.ChatMessage\"\x17\n\x08TokenIds\x12\x0b\n\x03ids\x18\x01 \x03(\x03\"\xa9\x07\n\x0eSamplingParams\x12\x0e\n\x01n\x18\x01 \x01(\x03H\x00\x88\x01\x01\x12\x18\n\x0btemperature\x18\x02 \x01(\x01H\x01\x88\x01\x01\x12\x12\n\x05top_p\x18\x03 \x01(\x01H\x02\x88\x01\x01\x12\x12\n\x05top_k\x18\x04 \x01(\x03H\x03\x88\x01\x01\x12\x12\n\x05min_p\x18\x05 \x01(\x01H\x04\x88\x01\x01\x12\x1d\n\x10presence_penalty\x18\x06 \x01(\x01H\x05\x88\x01\x01\x12\x1e\n\x11\x66requency_penalty\x18\x07 \x01(\x01H\x06\x88\x01\x01\x12\x1f\n\x12repetition_penalty\x18\x08 \x01(\x01H\x07\x88\x01\x01\x12\x11\n\x04seed\x18\t \x01(\x03H\x08\x88\x01\x01\x12\x0c\n\x04stop\x18\n \x03(\t\x12\x16\n\x0estop_token_ids\x18\x0b \x03(\x03\x12\x17\n\nignore_eos\x18\x0c \x01(\x08H\t\x88\x01\x01\x12\x17\n\nmax_tokens\x18\r \x01(\x03H\n\x88\x01\x01\x12\x17\n\nmin_tokens\x18\x0e \x01(\x03H\x0b\x88\x01\x01\x12\x15\n\x08logprobs\x18\x0f \x01(\x03H\x0c\x88\x01\x01\x12\x1c\n\x0fprompt_logprobs\x18\x10 \x01(\x03H\r\x88\x01\x01\x12 \n\x13skip_special_tokens\x18\x11 \x01(\x08H\x0e\x88\x01\x01\x12\'\n\x1ainclude_stop_str_in_output\x18\x12 \x01(\x08H\x0f\x88\x01\x01\x12<\n\nlogit_bias\x18\x13 \x03(\x0b\x32(.jaxllm.v1.SamplingParams.LogitBiasEntry\x12\x19\n\x11\x61llowed_token_ids\x18\x14 \x03(\x03\x12#\n\x16truncate_prompt_tokens\x18\x15 \x01(\x03H\x10\x88\x01\x01\x1a\x30\n\x0eLogitBiasEntry\x12\x0b\n\x03key\x18\x01 \x01(\x03\x12\r\n\x05value\x18\x02 \x01(\x01:\x02\x38\x01\x42\x04\n\x02_nB\x0e\n\x0c_temperatureB\x08\n\x06_top_pB\x08\n\x06_top_kB\x08\n\x06_min_pB\x13\n\x11_presence_penaltyB\x14\n\x12_frequency_penaltyB\x15\n\x13_repetition_penaltyB\x07\n\x05_seedB\r\n\x0b_ignore_eosB\r\n\x0b_max_tokensB\r\n\x0b_min_tokensB\x0b\n\t_logprobsB\x12\n\x10_prompt_logprobsB\x16\n\x14_skip_special_tokensB\x1d\n\x1b_include_stop_str_in_outputB\x19\n\x17_truncate_prompt_tokens\"\xbf\x01\n\x0fGenerateRequest\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12\x0e\n\x04text\x18\x02 \x01(\tH\x00\x12\'\n\x04\x63hat\x18\x03 \x01(\x0b\x32\x17.jaxllm.v1.ChatMessagesH\x00\x12(\n\ttoken_ids\x18\x04 \x01(\x0b\x32\x13.jaxllm.v1.TokenIdsH\x00\x12+\n\x08sampling\x18\x05 \x01(\x0b\x32\x19.jaxllm.v1.SamplingParamsB\x08\n\x06prompt\"/\n\nTopLogprob\x12\x10\n\x08token_id\x18\x01 \x01(\x03\x12\x0f\n\x07logprob\x18\x02 \x01(\x01\"_\n\rTokenLogprobs\x12\x10\n\x08token_id\x18\x01 \x01(\x03\x12\x0f\n\x07logprob\x18\x02 \x01(\x01\x12+\n\x0ctop_logprobs\x18\x03 \x03(\x0b\x32\x15.jaxllm.v1.TopLogprob\"O\n\x13PromptTokenLogprobs\x12\x0f\n\x07present\x18\x01 \x01(\x08\x12\'\n\x08logprobs\x18\x02 \x03(\x0b\x32\x15.jaxllm.v1.TopLogprob\"\x94\x02\n\x0f\x43ompletionDelta\x12\r\n\x05index\x18\x01 \x01(\r\x12\x11\n\ttoken_ids\x18\x02 \x03(\x03\x12\x0c\n\x04text\x18\x03 \x01(\t\x12*\n\x08logprobs\x18\x04 \x03(\x0b\x32\x18.jaxllm.v1.TokenLogprobs\x12.\n\rfinish_reason\x18\x05 \x01(\x0e\x32\x17.jaxllm.v1.FinishReason\x12\x17\n\rstop_token_id\x18\x06 \x01(\x03H\x00\x12\x15\n\x0bstop_string\x18\x07 \x01(\tH\x00\x12\x1f\n\x12\x63umulative_logprob\x18\x08 \x01(\x01H\x01\x88\x01\x01\x42\r\n\x0bstop_reasonB\x15\n\x13_cumulative_logprob\"P\n\x05Usage\x12\x15\n\rprompt_tokens\x18\x01 \x01(\r\x12\x19\n\x11\x63ompletion_tokens\x18\x02 \x01(\r\x12\x15\n\rcached_tokens\x18\x03 \x01(\r\"\xd9\x01\n\x10GenerateResponse\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12+\n\x07outputs\x18\x02 \x03(\x0b\x32\x1a.jaxllm.v1.CompletionDelta\x12\x10\n\x08\x66inished\x18\x03 \x01(\x08\x12\x1f\n\x05usage\x18\x04 \x01(\x0b\x32\x10.jaxllm.v1.Usage\x12\x18\n\x10prompt_token_ids\x18\x05 \x03(\x03\x12\x37\n\x0fprompt_logprobs\x18\x06 \x03(\x0b\x32\x1e.jaxllm.v1.PromptTokenLogprobs\"S\n\x0fTokenizeRequest\x12\x0e\n\x04text\x18\x01 \x01(\tH\x00\x12\'\n\x04\x63hat\x18\x02 \x01(\x0b\x32\x17.jaxllm.v1.ChatMessagesH\x00\x42\x07\n\x05input\"K\n\x10TokenizeResponse\x12\x11\n\ttoken_ids\x18\x01 \x03(\x03\x12\r\n\x05\x63ount\x18\x02 \x01(\r\x12\x15\n\rmax_model_len\x18\x03 \x01(\r\"`\n\x11\x44\x65tokenizeRequest\x12\x11\n\ttoken_ids\x18\x01 \x03(\x03\x12 \n\x13skip_special_tokens\x18\x02 \x01(\x08H\x00\x88\x01\x01\x42\x16\n\x14_skip_special_tokens\"\"\n\x12\x44\x65tokenizeResponse\x12\x0c\n\x04text\x18\x01 \x01(\t\"\x15\n\x13GetModelInfoRequest\"\xe7\x02\n\tModelInfo\x12\r\n\x05model\x18\x01 \x01(\t\x12\x15\n\rmax_model_len\x18\x02 \x01(\r\x12\x12\n\nvocab_size\x18\x03 \x01(\r\x12\r\n\x05\x64type\x18\x04 \x01(\t\x12\x1c\n\x14tensor_parallel_size\x18\x05 \x01(\r\x12\x12\n\nblock_size\x18\x06 \x01(\r\x12\x15\n\rtoken_buckets\x18\x07 \x03(\r\x12\x17\n\x0frequest_buckets\x18\x08 \x03(\r\x12\x16\n\x0e\x66ree_kv_blocks\x18\t \x01(\x04\x12\x17\n\x0ftotal_kv_blocks\x18\n \x01(\x04\x12\x13\n\x0bnum_running\x18\x0b \x01(\r\x12\x13\n\x0bnum_waiting\x18\x0c \x01(\r\x12\x14\n\x0cmax_num_seqs\x18\r \x01(\r\x12\x15\n\reos_token_ids\x18\x0e \x03(\x03\x12\'\n\x06limits\x18\x0f \x01(\x0b\x32\x17.jaxllm.v1.ServerLimits\"\x99\x01\n\x0cServerLimits\x12\r\n\x05max_n\x18\x01 \x01(\r\x12\x12\n\nmax_tokens\x18\x02 \x01(\r\x12\x14\n\x0cmax_logprobs\x18\x03 \x01(\r\x12\x18\n\x10max_stop_strings\x18\x04 \x01(\r\x12\x19\n\x11max_message_bytes\x18\x05 \x01(\r\x12\x1b\n\x13max_queued_requests\x18\x06 \x01(\r*x\n\x0c\x46inishReason\x12\x1d\n\x19\x46INISH_REASON_UNSPECIFIED\x10\x00\x12\x16\n\x12\x46INISH_REASON_STOP\x10\x01\x12\x18\n\x14\x46INISH_REASON_LENGTH\x10\x02\x12\x17\n\x13\x46INISH_REASON_ABORT\x10\x03\x32\xa9\x02\n\nGeneration\x12\x45\n\x08Generate\x12\x1a.jaxllm.v1.GenerateRequest\x1a\x1b.jaxllm.v1.GenerateResponse0\x01\x12\x43\n\x08Tokenize\x12\x1a.jaxllm.v1.TokenizeRequest\x1a\x1b.jaxllm.v1.TokenizeResponse\x12I\n\nDetokenize\x12\x1c.jaxllm.v1.DetokenizeRequest\x1a\x1d.jaxllm.v1.DetokenizeResponse\x12\x44\n\x0cGetModelInfo\x12\x1e.jaxllm.v1.GetModelInfoRequest\x1a\x14.jaxllm.v1.ModelInfob\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
 _builder.BuildTopDescriptorsAndMessages(DESCRIPTOR, 'jaxllm.v1.generation_pb2', _globals)
 if not _descriptor._USE_C_DESCRIPTORS:
   DESCRIPTOR._loaded_options = None
-  _globals['_FINISHREASON']._serialized_start=2746
-  _globals['_FINISHREASON']._serialized_end=2866
+  _globals['_SAMPLINGPARAMS_LOGITBIASENTRY']._loaded_options = None
+  _globals['_SAMPLINGPARAMS_LOGITBIASENTRY']._serialized_options = b'8\001'
+  _globals['_FINISHREASON']._serialized_start=2949
+  _globals['_FINISHREASON']._serialized_end=3069
   _globals['_CHATMESSAGE']._serialized_start=41
   _globals['_CHATMESSAGE']._serialized_end=85
   _globals['_CHATMESSAGES']._serialized_start=87
@@ -40,35 +42,37 @@ if not _descriptor._USE_C_DESCRIPTORS:
   _globals['_TOKENIDS']._serialized_start=145
   _globals['_TOKENIDS']._serialized_end=168
   _globals['_SAMPLINGPARAMS']._serialized_start=171
-  _globals['_SAMPLINGPARAMS']._serialized_end=905
-  _globals['_GENERATEREQUEST']._serialized_start=908
-  _globals['_GENERATEREQUEST']._serialized_end=1099
-  _globals['_TOPLOGPROB']._serialized_start=1101
-  _globals['_TOPLOGPROB']._serialized_end=1148
-  _globals['_TOKENLOGPROBS']._serialized_start=1150
-  _globals['_TOKENLOGPROBS']._serialized_end=1245
-  _globals['_PROMPTTOKENLOGPROBS']._serialized_start=1247
-  _globals['_PROMPTTOKENLOGPROBS']._serialized_end=1326
-  _globals['_COMPLETIONDELTA']._serialized_start=1329
-  _globals['_COMPLETIONDELTA']._serialized_end=1605
-  _globals['_USAGE']._serialized_start=1607
-  _globals['_USAGE']._serialized_end=1687
-  _globals['_GENERATERESPONSE']._serialized_start=1690
-  _globals['_GENERATERESPONSE']._serialized_end=1907
-  _globals['_TOKENIZEREQUEST']._serialized_start=1909
-  _globals['_TOKENIZEREQUEST']._serialized_end=1992
-  _globals['_TOKENIZERESPONSE']._serialized_start=1994
-  _globals['_TOKENIZERESPONSE']._serialized_end=2069
-  _globals['_DETOKENIZEREQUEST']._serialized_start=2071
-  _globals['_DETOKENIZEREQUEST']._serialized_end=2167
-  _globals['_DETOKENIZERESPONSE']._serialized_start=2169
-  _globals['_DETOKENIZERESPONSE']._serialized_end=2203
-  _globals['_GETMODELINFOREQUEST']._serialized_start=2205
-  _globals['_GETMODELINFOREQUEST']._serialized_end=2226
-  _globals['_MODELINFO']._serialized_start=2229
-  _globals['_MODELINFO']._serialized_end=2588
-  _globals['_SERVERLIMITS']._serialized_start=2591
-  _globals['_SERVERLIMITS']._serialized_end=2744
-  _globals['_GENERATION']._serialized_start=2869
-  _globals['_GENERATION']._serialized_end=3166
+  _globals['_SAMPLINGPARAMS']._serialized_end=1108
+  _globals['_SAMPLINGPARAMS_LOGITBIASENTRY']._serialized_start=773
+  _globals['_SAMPLINGPARAMS_LOGITBIASENTRY']._serialized_end=821
+  _globals['_GENERATEREQUEST']._serialized_start=1111
+  _globals['_GENERATEREQUEST']._serialized_end=1302
+  _globals['_TOPLOGPROB']._serialized_start=1304
+  _globals['_TOPLOGPROB']._serialized_end=1351
+  _globals['_TOKENLOGPROBS']._serialized_start=1353
+  _globals['_TOKENLOGPROBS']._serialized_end=1448
+  _globals['_PROMPTTOKENLOGPROBS']._serialized_start=1450
+  _globals['_PROMPTTOKENLOGPROBS']._serialized_end=1529
+  _globals['_COMPLETIONDELTA']._serialized_start=1532
+  _globals['_COMPLETIONDELTA']._serialized_end=1808
+  _globals['_USAGE']._serialized_start=1810
+  _globals['_USAGE']._serialized_end=1890
+  _globals['_GENERATERESPONSE']._serialized_start=1893
+  _globals['_GENERATERESPONSE']._serialized_end=2110
+  _globals['_TOKENIZEREQUEST']._serialized_start=2112
+  _globals['_TOKENIZEREQUEST']._serialized_end=2195
+  _globals['_TOKENIZERESPONSE']._serialized_start=2197
+  _globals['_TOKENIZERESPONSE']._serialized_end=2272
+  _globals['_DETOKENIZEREQUEST']._serialized_start=2274
+  _globals['_DETOKENIZEREQUEST']._serialized_end=2370
+  _globals['_DETOKENIZERESPONSE']._serialized_start=2372
+  _globals['_DETOKENIZERESPONSE']._serialized_end=2406
+  _globals['_GETMODELINFOREQUEST']._serialized_start=2408
+  _globals['_GETMODELINFOREQUEST']._serialized_end=2429
+  _globals['_MODELINFO']._serialized_start=2432
+  _globals['_MODELINFO']._serialized_end=2791
+  _globals['_SERVERLIMITS']._serialized_start=2794
+  _globals['_SERVERLIMITS']._serialized_end=2947
+  _globals['_GENERATION']._serialized_start=3072
+  _globals['_GENERATION']._serialized_end=3369
 # @@protoc_insertion_point(module_scope)
