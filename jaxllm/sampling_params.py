@@ -15,8 +15,10 @@ Notes on semantics:
   apply first, before penalties, as in vLLM; logprobs stay those of the raw model distribution.
 - ``truncate_prompt_tokens=k`` keeps the prompt's last k tokens (before the length checks);
   ``RequestOutput.prompt_token_ids`` are the kept ones.
-- ``prompt_logprobs``: validated, and such requests bypass the prefix cache, but the runner
-  protocol does not return prompt logprobs yet: ``RequestOutput.prompt_logprobs`` stays None.
+- ``prompt_logprobs=k``: ``RequestOutput.prompt_logprobs`` holds, per prompt token after the first,
+  its logprob and the top-k (None for the first token, as vLLM), computed by the prefill steps (a
+  step variant compiled per bucket at warm-up); such requests bypass the prefix cache (a cached
+  prefix has no logits).
 """
 
 from __future__ import annotations
