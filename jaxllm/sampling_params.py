@@ -57,6 +57,7 @@ class SamplingParams(msgspec.Struct, kw_only=True):
     logit_bias: dict[int, float] | None = None  # token id -> added to its logit, [-100, 100]
     allowed_token_ids: list[int] | None = None  # sample only among these ids
     truncate_prompt_tokens: int | None = None  # keep only the prompt's last k tokens (>= 1)
+    detokenize: bool = True  # False: outputs carry token ids only (text ""), no host decoding
 
     # ----- derived views -----------------------------------------------------------
     @property
@@ -102,7 +103,7 @@ class SamplingParams(msgspec.Struct, kw_only=True):
             if v is not None:
                 _int(name, v, rule=f"must be None or in [0, {MAX_LOGPROBS}]",
                      ok=lambda x: 0 <= x <= MAX_LOGPROBS)
-        for name in ("ignore_eos", "skip_special_tokens", "include_stop_str_in_output"):
+        for name in ("ignore_eos", "skip_special_tokens", "include_stop_str_in_output", "detokenize"):
             v = getattr(self, name)
             if not isinstance(v, bool):
                 raise ValueError(f"{name}={v!r} is invalid: must be a bool")
@@ -113,6 +114,9 @@ class SamplingParams(msgspec.Struct, kw_only=True):
             for s in stops:
                 if not isinstance(s, str) or s == "":
                     raise ValueError(f"stop={self.stop!r} is invalid: every stop string must be a non-empty str")
+        if not self.detokenize and self.stop_strings:
+            raise ValueError(f"stop={self.stop!r} is invalid with detokenize=False: stop strings are "
+                             f"matched on the text; use stop_token_ids")
         if self.stop_token_ids is not None:
             if not isinstance(self.stop_token_ids, (list, tuple)):
                 raise ValueError(

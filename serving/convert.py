@@ -17,6 +17,7 @@ _OPTIONAL_FIELDS = (
     "n", "temperature", "top_p", "top_k", "min_p", "presence_penalty", "frequency_penalty",
     "repetition_penalty", "seed", "ignore_eos", "max_tokens", "min_tokens", "logprobs",
     "prompt_logprobs", "skip_special_tokens", "include_stop_str_in_output", "truncate_prompt_tokens",
+    "detokenize",
 )
 
 FINISH_REASONS = {

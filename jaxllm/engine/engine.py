@@ -139,7 +139,8 @@ class LLMEngine:
         for i, cid in enumerate(child_ids):
             req = Request(cid, ids, params, seed=derive_seed(base_seed, i), arrival_time=arrival,
                           max_output_tokens=max_out)
-            detok = self.detokenizer_factory(self.tokenizer, ids, params.skip_special_tokens)
+            detok = (self.detokenizer_factory(self.tokenizer, ids, params.skip_special_tokens)
+                     if params.detokenize else _NO_TEXT)
             seq = SeqState(req, i, detok)
             parent.children.append(seq)
             self._seqs[cid] = (parent, seq)
@@ -242,3 +243,14 @@ class LLMEngine:
 
     def reset_prefix_cache(self) -> bool:
         return self.kv.reset_prefix_cache()
+
+
+class _NoText:
+    """The detokenizer of a detokenize=False request: no text, no host decoding."""
+
+    @staticmethod
+    def add(new_ids) -> str:
+        return ""
+
+
+_NO_TEXT = _NoText()

@@ -36,6 +36,8 @@ BAD_PARAMS = [
     (dict(logit_bias={i: 1.0 for i in range(301)}), "is invalid: must be None or a dict of at most 300"),
     (dict(logit_bias=[5]), "logit_bias=[5] is invalid: must be None or a dict"),
     (dict(truncate_prompt_tokens=0), "truncate_prompt_tokens=0 is invalid: must be None or an integer >= 1"),
+    (dict(detokenize=0), "detokenize=0 is invalid: must be a bool"),
+    (dict(detokenize=False, stop="x"), "stop='x' is invalid with detokenize=False"),
 ]
 
 
@@ -122,3 +124,13 @@ def test_engine_config_validation():
         make_engine(num_blocks=4)
     cfg = msgspec.json.decode(b'{"model": "m", "max_model_len": 64}', type=EngineConfig)
     assert cfg.validate().scheduler_config().max_model_len == 64
+
+
+def test_detokenize_false_gives_ids_without_text():
+    e = make_engine()
+    e.add_request("a", "hello", SamplingParams(max_tokens=4, temperature=0.0, detokenize=False))
+    e.add_request("b", "hello", SamplingParams(max_tokens=4, temperature=0.0))
+    fin = run_all(e)
+    assert fin["a"].outputs[0].token_ids == fin["b"].outputs[0].token_ids and len(fin["a"].outputs[0].token_ids) == 4
+    assert fin["a"].outputs[0].text == "" and fin["b"].outputs[0].text != ""
+    assert_clean(e)

@@ -140,8 +140,11 @@ def test_new_sampling_fields_reach_sampling_params():
     from serving.config import ServerConfig
     from serving.convert import sampling_params_from_proto
 
-    msg = pb.SamplingParams(logit_bias={5: -1.5, 7: 100.0}, allowed_token_ids=[5, 6], truncate_prompt_tokens=3)
+    msg = pb.SamplingParams(logit_bias={5: -1.5, 7: 100.0}, allowed_token_ids=[5, 6], truncate_prompt_tokens=3,
+                            detokenize=False)
     p = sampling_params_from_proto(msg, ServerConfig(), vocab_size=258, max_model_len=256)
     assert p.logit_bias == {5: -1.5, 7: 100.0} and p.allowed_token_ids == [5, 6] and p.truncate_prompt_tokens == 3
+    assert p.detokenize is False
     unset = sampling_params_from_proto(pb.SamplingParams(), ServerConfig(), vocab_size=258, max_model_len=256)
     assert unset.logit_bias is None and unset.allowed_token_ids is None and unset.truncate_prompt_tokens is None
+    assert unset.detokenize is True
