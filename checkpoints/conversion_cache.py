@@ -77,8 +77,7 @@ def save(path: str, hf: dict, params: dict[str, np.ndarray]) -> None:
                   os.path.join(tmp, "params.safetensors"))
         with open(os.path.join(tmp, "config.json"), "w") as f:
             json.dump(hf, f)
-        shutil.rmtree(entry, ignore_errors=True)  # a damaged entry being replaced
-        os.replace(tmp, entry)  # atomic: readers see a whole entry or none
+        os.replace(tmp, entry)  # atomic: readers see a whole entry or none (load removed a damaged one)
     except OSError:
         pass  # read-only or full disk, or another process won the race
     finally:
