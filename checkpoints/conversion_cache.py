@@ -2,11 +2,12 @@
 config the metadata implies (JSON), so a restart skips the pure-Python GGUF parse and the
 dequantization (SmolLM2-135M Q4_1: 5.9 s of a ~16 s warm start; a cache hit reads 0.5 GB instead).
 
-Keyed by the file's identity (absolute path, size, mtime), the gguf package's version and the
-converter's source, so an edited loader never serves stale weights. ``JAXLLM_GGUF_CACHE``: the
-directory (default ``~/.cache/jaxllm/gguf``) or ``off``. Files under ``MIN_BYTES`` are not cached:
-they parse fast, and tests write many. A damaged entry is a miss (and is rewritten); a read-only or
-full disk only costs the conversion next time.
+One entry per GGUF path (so a changed file or loader replaces its entry instead of adding
+another 4 bytes per parameter); the entry records the file's identity (size, mtime), the gguf
+package's version and the converter's source, and any difference is a miss, so an edited loader
+never serves stale weights. ``JAXLLM_GGUF_CACHE``: the directory (default ``~/.cache/jaxllm/gguf``)
+or ``off``. Files under ``MIN_BYTES`` are not cached: they parse fast, and tests write many. A
+damaged entry is a miss; a read-only or full disk only costs the conversion next time.
 """
 from __future__ import annotations
 
@@ -39,13 +40,17 @@ def _converter_key() -> str:
 
 
 def entry_dir(path: str) -> str | None:
-    """The cache entry for this GGUF file, or None when caching is off or the file is small."""
+    """The cache entry for this GGUF path, or None when caching is off or the file is small."""
     root = cache_root()
-    st = os.stat(path)
-    if root is None or st.st_size < MIN_BYTES:
+    if root is None or os.stat(path).st_size < MIN_BYTES:
         return None
-    ident = f"{os.path.abspath(path)}:{st.st_size}:{st.st_mtime_ns}:{_converter_key()}"
-    return os.path.join(root, hashlib.sha256(ident.encode()).hexdigest()[:24])
+    return os.path.join(root, hashlib.sha256(os.path.abspath(path).encode()).hexdigest()[:24])
+
+
+def identity(path: str) -> str:
+    """What an entry must match: the file's size and mtime and the converter."""
+    st = os.stat(path)
+    return f"{st.st_size}:{st.st_mtime_ns}:{_converter_key()}"
 
 
 def load(path: str) -> tuple[dict, dict[str, np.ndarray]] | None:
@@ -57,10 +62,11 @@ def load(path: str) -> tuple[dict, dict[str, np.ndarray]] | None:
 
     try:
         with open(os.path.join(entry, "config.json")) as f:
-            hf = json.load(f)
-        return hf, load_file(os.path.join(entry, "params.safetensors"))
-    except Exception:  # truncated or foreign files: convert again and overwrite
-        shutil.rmtree(entry, ignore_errors=True)
+            meta = json.load(f)
+        if meta.get("identity") != identity(path):
+            return None  # the file or the converter changed: save() replaces the entry
+        return meta["config"], load_file(os.path.join(entry, "params.safetensors"))
+    except Exception:  # truncated or foreign files: convert again (save() replaces the entry)
         return None
 
 
@@ -70,15 +76,18 @@ def save(path: str, hf: dict, params: dict[str, np.ndarray]) -> None:
         return
     from safetensors.numpy import save_file
 
-    tmp = f"{entry}.tmp{os.getpid()}"
+    tmp, old = f"{entry}.tmp{os.getpid()}", f"{entry}.old{os.getpid()}"
     try:
         os.makedirs(tmp, exist_ok=True)
         save_file({k: np.ascontiguousarray(v, dtype=np.float32) for k, v in params.items()},
                   os.path.join(tmp, "params.safetensors"))
         with open(os.path.join(tmp, "config.json"), "w") as f:
-            json.dump(hf, f)
-        os.replace(tmp, entry)  # atomic: readers see a whole entry or none (load removed a damaged one)
+            json.dump({"identity": identity(path), "config": hf}, f)
+        if os.path.isdir(entry):
+            os.replace(entry, old)  # the stale or damaged entry, removed below
+        os.replace(tmp, entry)  # atomic: readers see a whole entry or none
     except OSError:
         pass  # read-only or full disk, or another process won the race
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
+        shutil.rmtree(old, ignore_errors=True)

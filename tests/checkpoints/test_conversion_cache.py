@@ -50,15 +50,19 @@ def test_hit_skips_the_parse_and_equals_the_conversion(gguf_file, monkeypatch):
     assert calls == [gguf_file]
 
 
-def test_changed_file_misses(gguf_file, monkeypatch):
+def test_changed_file_or_converter_misses_and_replaces_the_entry(gguf_file, tmp_path, monkeypatch):
     load_gguf(gguf_file)
-    old_entry = conversion_cache.entry_dir(gguf_file)
     st = os.stat(gguf_file)
     os.utime(gguf_file, ns=(st.st_atime_ns, st.st_mtime_ns + 10**9))
-    assert conversion_cache.entry_dir(gguf_file) != old_entry
     calls = _parses(monkeypatch)
     load_gguf(gguf_file)
     assert calls == [gguf_file]
+    load_gguf(gguf_file)
+    assert calls == [gguf_file]  # the entry was rewritten for the new identity
+    monkeypatch.setattr(conversion_cache, "_converter_key", lambda: "edited loader")
+    load_gguf(gguf_file)
+    assert calls == [gguf_file] * 2
+    assert len(os.listdir(tmp_path / "cache")) == 1  # one entry per path: nothing piles up
 
 
 def test_damaged_entry_is_converted_again(gguf_file, monkeypatch):
