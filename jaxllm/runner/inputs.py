@@ -7,8 +7,8 @@ import jax
 import numpy as np
 
 from jaxllm.core.scheduler_output import ScheduledSeq
-from jaxllm.sampling_params import MAX_ALLOWED_TOKEN_IDS, MAX_LOGIT_BIAS
 from jaxllm.runner.sampler import SamplingInputs
+from jaxllm.sampling_params import MAX_ALLOWED_TOKEN_IDS, MAX_LOGIT_BIAS
 from pallas_kernels import AttentionMetadata
 
 MAX_MASK_IDS = 32  # EOS + stop_token_ids masked while below min_tokens
