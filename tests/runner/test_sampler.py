@@ -290,9 +290,14 @@ def test_allowed_token_ids_and_logit_bias():
     bias_vals = np.zeros((S, B), np.float32)
     bias_ids[1, :2], bias_vals[1, :2] = [11, 12], [50.0, -50.0]  # row 1: 11 forced, 12 banned
     bias_ids[2, 0], bias_vals[2, 0] = 7, -100.0  # row 2: its only allowed id, biased: still the pick
-    bias_ids[3, :2], bias_vals[3, :2] = [int(logits[3].argmax()), 20], [-100.0, 3.0]
+    # row 3: the order decides. Token 20 (seen, logit 2, bias +2) vs token 21 (logit 3): bias then
+    # repetition penalty 1.5 gives (2 + 2) / 1.5 = 2.67 < 3, so 21 wins; penalty first would give
+    # 2 / 1.5 + 2 = 3.33 and pick 20.
+    logits[3] = -5.0
+    logits[3, 20], logits[3, 21] = 2.0, 3.0
+    bias_ids[3, :2], bias_vals[3, :2] = [21, 20], [0.0, 2.0]
     rep = np.full(S, 1.0, np.float32)
-    rep[3] = 1.5  # row 3: repetition penalty applies to the biased logits
+    rep[3] = 1.5
     seen = np.zeros((S, V), bool)
     seen[3, 20] = True
     out = run(logits, make_inputs(S, temperature=0.0, repetition=rep, bias_ids=bias_ids, bias_values=bias_vals,
@@ -310,6 +315,7 @@ def test_allowed_token_ids_and_logit_bias():
     ref = ref_penalties(ref, np.zeros((S, V)), seen, rep[:, None], 0.0, 0.0)
     np.testing.assert_array_equal(out.token_ids, ref.argmax(-1))
     assert out.token_ids[0] in (5, 9, 40) and out.token_ids[1] == 11 and out.token_ids[2] == 7
+    assert out.token_ids[3] == 21
     np.testing.assert_array_equal(out.token_ids[4:], logits[4:].argmax(-1))
     # logprobs stay those of the raw model distribution
     np.testing.assert_allclose(out.logprobs, ref_log_softmax(logits)[np.arange(S), out.token_ids], rtol=1e-5, atol=1e-5)
