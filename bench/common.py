@@ -60,6 +60,19 @@ def synthetic_requests(num: int, input_len: tuple[int, int], output_len: tuple[i
     return out
 
 
+def add_workload_args(ap) -> None:
+    """The synthetic workload's flags, the same in every bench (defaults: issue 4's workload)."""
+    ap.add_argument("--num-prompts", type=int, default=64)
+    ap.add_argument("--input-len", default="64..512", help="prompt length: N or LO..HI (inclusive)")
+    ap.add_argument("--output-len", default="64..256", help="output length: N or LO..HI (inclusive)")
+
+
+def workload_from_args(args, vocab_size: int, seed: int = 0) -> list[BenchRequest]:
+    """synthetic_requests from add_workload_args' flags."""
+    return synthetic_requests(args.num_prompts, parse_range(args.input_len), parse_range(args.output_len),
+                              vocab_size, seed)
+
+
 def jsonl_requests(path: str, tokenizer, output_len: tuple[int, int], seed: int = 0,
                    num: int | None = None) -> list[BenchRequest]:
     """A JSONL of {"prompt": str} or {"prompt_token_ids": [...]} (optional "output_len"/"max_tokens")."""

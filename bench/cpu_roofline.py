@@ -23,7 +23,7 @@ import time
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from bench.common import log, log_machine, parse_range, synthetic_requests  # noqa: E402
+from bench.common import add_workload_args, log_machine, workload_from_args  # noqa: E402
 
 
 def workload_cost(config, reqs) -> dict:
@@ -83,9 +83,7 @@ def measure_read_bandwidth(nbytes: int = 1 << 30) -> dict:
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--model", default="smollm2-135m")
-    ap.add_argument("--num-prompts", type=int, default=64)
-    ap.add_argument("--input-len", default="64..512")
-    ap.add_argument("--output-len", default="64..256")
+    add_workload_args(ap)
     ap.add_argument("--workload-seed", type=int, default=0)
     ap.add_argument("--hf-batch1-tok-s", type=float, help="HF generate() batch-1 output tok/s (throughput.py)")
     ap.add_argument("--engine-tok-s", type=float, help="jaxllm output tok/s on the same workload (throughput.py)")
@@ -95,8 +93,7 @@ def main(argv=None) -> int:
     from checkpoints.dummy import dummy_config
 
     config = dummy_config(args.model)  # a preset (the packaged models' shapes) or a config.json
-    reqs = synthetic_requests(args.num_prompts, parse_range(args.input_len), parse_range(args.output_len),
-                              config.vocab_size, args.workload_seed)
+    reqs = workload_from_args(args, config.vocab_size, args.workload_seed)
     cost = workload_cost(config, reqs)
     gemm = {t: measure_gemm(config, t) for t in (64, 2048)}
     bw = measure_read_bandwidth()

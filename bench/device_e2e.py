@@ -23,8 +23,8 @@ import time
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from bench.common import (BenchRequest, log, machine_info, merge_json, parse_range, print_results,  # noqa: E402
-                          synthetic_requests, write_json)
+from bench.common import (BenchRequest, add_workload_args, log, machine_info, merge_json,  # noqa: E402
+                          print_results, workload_from_args, write_json)
 from bench.throughput import make_row  # noqa: E402  (the same row fields as the CPU comparison)
 
 
@@ -75,9 +75,7 @@ def main(argv=None) -> int:
     ap.add_argument("--json-key", default="e2e")
     ap.add_argument("--smoke", action="store_true", help="tiny model and sizes (CPU test of the script)")
     ap.add_argument("--model", default="llama-2-13b", help="dummy preset (checkpoints/dummy.py)")
-    ap.add_argument("--num-prompts", type=int, default=64)
-    ap.add_argument("--input-len", default="64..512")
-    ap.add_argument("--output-len", default="64..256")
+    add_workload_args(ap)
     ap.add_argument("--hf-batch1-requests", type=int, default=4)
     ap.add_argument("--hf-batched-requests", type=int, default=16)
     ap.add_argument("--hf-batch-size", type=int, default=8)
@@ -108,8 +106,7 @@ def main(argv=None) -> int:
             merge_json(args.json, args.json_key, result)
 
     mc = dummy_config(args.model)
-    reqs = synthetic_requests(args.num_prompts, parse_range(args.input_len), parse_range(args.output_len),
-                              mc.vocab_size, seed=0)
+    reqs = workload_from_args(args, mc.vocab_size, seed=0)
     rows, result = [], {"model": args.model, "num_params": mc.num_params, "xla_flags": os.environ.get("XLA_FLAGS", "")}
 
     # HF first: torch frees the card before JAX preallocates its share.

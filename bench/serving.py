@@ -22,7 +22,7 @@ import time
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from bench.common import (FIRST_PLAIN_TOKEN, format_table, log, machine_info, parse_range, summarize,  # noqa: E402
+from bench.common import (FIRST_PLAIN_TOKEN, add_workload_args, format_table, log, machine_info, parse_range, summarize,  # noqa: E402
                           write_json)
 
 
@@ -122,9 +122,7 @@ def build_parser():
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--target", default="127.0.0.1:50051")
     ap.add_argument("--api-key", default=os.environ.get("JAXLLM_API_KEY"))
-    ap.add_argument("--num-prompts", type=int, default=64)
-    ap.add_argument("--input-len", default="64..512")
-    ap.add_argument("--output-len", default="64..256")
+    add_workload_args(ap)
     ap.add_argument("--request-rate", default="inf", help="requests/s (Poisson), 'inf', or a comma list")
     ap.add_argument("--max-concurrency", type=int, default=64)
     ap.add_argument("--seed", type=int, default=0)

@@ -25,8 +25,8 @@ import time
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from bench.common import (BenchRequest, jsonl_requests, log, loadavg, log_machine, parse_range,  # noqa: E402
-                          print_results, synthetic_requests, write_json)
+from bench.common import (BenchRequest, add_workload_args, jsonl_requests, log, loadavg, log_machine,  # noqa: E402
+                          parse_range, print_results, workload_from_args, write_json)
 
 COLUMNS = [("system", "system", ""), ("requests", "reqs", ""), ("batch", "batch", ""),
            ("prompt_tokens", "prompt tok", ""), ("output_tokens", "output tok", ""),
@@ -175,9 +175,7 @@ def build_parser() -> argparse.ArgumentParser:
     from jaxllm.generate import add_engine_args
 
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--num-prompts", type=int, default=64)
-    ap.add_argument("--input-len", default="64..512", help="prompt length: N or LO..HI (inclusive)")
-    ap.add_argument("--output-len", default="64..256", help="output length: N or LO..HI (inclusive)")
+    add_workload_args(ap)
     ap.add_argument("--dataset", help="JSONL of prompts instead of the synthetic workload")
     ap.add_argument("--workload-seed", type=int, default=0)
     ap.add_argument("--temperature", type=float, default=0.0, help="jaxllm sampling temperature (HF is greedy)")
@@ -204,8 +202,7 @@ def main(argv=None) -> int:
         reqs = jsonl_requests(args.dataset, llm.get_tokenizer(), parse_range(args.output_len), args.workload_seed,
                               args.num_prompts)
     else:
-        reqs = synthetic_requests(args.num_prompts, parse_range(args.input_len), parse_range(args.output_len),
-                                  vocab, args.workload_seed)
+        reqs = workload_from_args(args, vocab, args.workload_seed)
     log(f"workload: {len(reqs)} requests, {sum(r.prompt_len for r in reqs)} prompt / "
         f"{sum(r.output_len for r in reqs)} output tokens; engine built in {startup:.1f}s")
 
