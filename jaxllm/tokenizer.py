@@ -67,7 +67,9 @@ class Tokenizer:
         return self.hf.decode(list(ids), skip_special_tokens=skip_special_tokens)
 
     def apply_chat_template(self, messages: list[dict], add_generation_prompt: bool = True) -> list[int]:
-        return self.chat_prompt(messages, add_generation_prompt)["prompt_token_ids"]
+        """Token ids of the rendered conversation. Template errors propagate as they are: each edge
+        names its own field (`chat_prompt` here, serving.convert.render_chat for gRPC)."""
+        return self._render_chat(messages, add_generation_prompt)[1]
 
     def chat_prompt(self, messages: list[dict], add_generation_prompt: bool = True, *,
                     chat_template: str | None = None, continue_final_message: bool = False) -> dict:
@@ -75,23 +77,27 @@ class Tokenizer:
         ``LLM.chat``: the model's template (or ``chat_template``, a Jinja string); with
         ``continue_final_message`` the last (assistant) message is left open for the model to
         continue instead of starting a new turn. A template error is a ValueError naming it."""
-        if not (chat_template or self.hf.chat_template):
-            raise ValueError("messages: this model's tokenizer has no chat template; send a plain prompt")
         if continue_final_message and add_generation_prompt:
             raise ValueError("continue_final_message=True is invalid with add_generation_prompt=True: "
                              "continue the last message or start a new turn, not both")
-        kw = dict(add_generation_prompt=add_generation_prompt, chat_template=chat_template,
-                  continue_final_message=continue_final_message)
         try:
-            text = self.hf.apply_chat_template(messages, tokenize=False, **kw)
-            ids = self.hf.apply_chat_template(messages, tokenize=True, **kw)
+            text, ids = self._render_chat(messages, add_generation_prompt, chat_template, continue_final_message)
         except ValueError:
             raise
         except Exception as exc:  # jinja's raise_exception, undefined fields, template syntax
             raise ValueError(f"messages is invalid: the chat template failed: {exc}") from exc
-        if isinstance(ids, dict) or hasattr(ids, "keys"):
-            ids = ids["input_ids"]
-        return {"prompt": text, "prompt_token_ids": [int(t) for t in ids]}
+        return {"prompt": text, "prompt_token_ids": ids}
+
+    def _render_chat(self, messages, add_generation_prompt: bool, chat_template: str | None = None,
+                     continue_final_message: bool = False) -> tuple[str, list[int]]:
+        """The template rendered once; its text tokenized without added special tokens (what
+        transformers' `apply_chat_template(tokenize=True)` does after rendering)."""
+        if not (chat_template or self.hf.chat_template):
+            raise ValueError("messages: this model's tokenizer has no chat template; send a plain prompt")
+        text = self.hf.apply_chat_template(messages, tokenize=False, add_generation_prompt=add_generation_prompt,
+                                           chat_template=chat_template,
+                                           continue_final_message=continue_final_message)
+        return text, self.encode(text, add_special_tokens=False)
 
 
 def _hf_tokenizer_from_gguf(path: str):
