@@ -115,13 +115,14 @@ def build_engine(config: EngineConfig, *, compile_cache: bool = True, warmup: bo
     runner_kw = dict(block_size=config.block_size, max_model_len=max_model_len, max_num_seqs=config.max_num_seqs,
                      max_num_batched_tokens=config.max_num_batched_tokens, eos_token_ids=tokenizer.eos_token_ids)
     reserve = 0
-    if config.kv_cache_memory_bytes is None and jax.local_devices()[0].platform != "cpu":
+    accelerator = jax.local_devices()[0].platform != "cpu"
+    if config.kv_cache_memory_bytes is None and accelerator:
         # Profiling pass: what one step of the largest bucket needs besides weights and cache.
         probe = ModelRunner(model, num_blocks=-(-max_model_len // config.block_size), **runner_kw)
         reserve = probe.workspace_bytes()
         del probe
         _info(f"profiling pass: a step needs {reserve / 2**20:.0f} MiB of working memory")
-    stats = jax.local_devices()[0].memory_stats() if jax.local_devices()[0].platform != "cpu" else None
+    stats = jax.local_devices()[0].memory_stats() if accelerator else None
     if stats:
         gib = 2 ** 30
         _info(f"device memory: limit {stats.get('bytes_limit', 0) / gib:.1f} GiB, in use "
@@ -134,8 +135,7 @@ def build_engine(config: EngineConfig, *, compile_cache: bool = True, warmup: bo
         from jax.experimental import multihost_utils
 
         num_blocks = int(multihost_utils.broadcast_one_to_all(np.int32(num_blocks)))
-    shrink = (config.kv_cache_memory_bytes is None and jax.local_devices()[0].platform != "cpu"
-              and jax.process_count() == 1)
+    shrink = config.kv_cache_memory_bytes is None and accelerator and jax.process_count() == 1
     runner = allocate_runner(ModelRunner, model, num_blocks, runner_kw, shrink=shrink)
     num_blocks = runner.num_blocks
     engine = LLMEngine(config, runner, tokenizer)
