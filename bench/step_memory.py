@@ -2,6 +2,7 @@
 
     python bench/step_memory.py                          # small Llama-shaped model, 1 GiB K + 1 GiB V
     python bench/step_memory.py --impl reference --hlo-dir /tmp/hlo
+    XLA_FLAGS=--xla_force_host_platform_device_count=4 python bench/step_memory.py --tp 2 --kv-heads 2
 
 Builds a ModelRunner (dummy bf16 weights) with a cache of --cache-mib per K and V, compiles every
 bucket (nothing runs) and prints XLA's memory analysis of each executable: arguments, outputs,
@@ -9,7 +10,12 @@ aliased (donated) bytes and temp bytes. The step donates the cache, so the alias
 cover K and V and the temp bytes should be far below one K: a temp of a cache's size means XLA
 copies the cache somewhere in the step (a 13B model's cache then no longer fits next to its copy).
 --hlo-dir writes each step's optimized HLO and lists its copy instructions of a cache's size.
-Exit status 1 when some bucket's temp reaches half of one cache array.
+Exit status 1 when some bucket's temp reaches half of one cache array or its HLO copies a whole one.
+
+--tp N shards the model and the cache over N devices; the memory analysis is then per device and
+is compared with one device's shard of the cache. One kv head per device (here --kv-heads equal to
+--tp, or --kv-heads 1 at tp 1) is the case that once copied the whole cache after every layer's
+write (issue 18: XLA gave the reshaped cache a layout of its own around its size-1 head axis).
 """
 from __future__ import annotations
 
@@ -77,6 +83,7 @@ def main(argv=None) -> int:
     ap.add_argument("--block-size", type=int, default=16)
     ap.add_argument("--max-num-seqs", type=int, default=16)
     ap.add_argument("--max-num-batched-tokens", type=int, default=256)
+    ap.add_argument("--tp", type=int, default=1, help="tensor-parallel size (needs that many devices)")
     ap.add_argument("--impl", default=None, help="attention impl (sets JAXLLM_ATTENTION_IMPL)")
     ap.add_argument("--probes", action="store_true",
                     help="also compile bare layer scans (write_kv only; write_kv + each attention impl) and report their temp")
@@ -105,12 +112,21 @@ def main(argv=None) -> int:
     per_block = args.layers * args.block_size * args.kv_heads * head_dim * 2  # bytes of one K block
     num_blocks = max(8, (args.cache_mib << 20) // per_block)
     cache_bytes = num_blocks * per_block
-    model = build_model(mc, dummy_params(mc, dtype), dtype)
+    layout = None
+    if args.tp > 1:
+        from jaxllm.parallel.layout import TPLayout
+
+        layout = TPLayout.plan(mc, args.tp)
+        mc_run = layout.model_config(mc)
+        per_block = args.layers * args.block_size * (mc_run.num_kv_heads // args.tp) * head_dim * 2
+        num_blocks = max(8, (args.cache_mib << 20) // per_block)
+        cache_bytes = num_blocks * per_block  # one device's shard of cache.k
+    model = build_model(mc, dummy_params(mc, dtype), dtype, layout=layout)
     runner = ModelRunner(model, block_size=args.block_size, num_blocks=num_blocks, max_model_len=1024,
                          max_num_seqs=args.max_num_seqs, max_num_batched_tokens=args.max_num_batched_tokens)
     runner.warmup()
-    print(f"backend {jax.default_backend()} ({jax.devices()[0].device_kind}); cache.k = cache.v = "
-          f"{cache_bytes / 2**20:.0f} MiB ({num_blocks} blocks); attention impl (env) "
+    print(f"backend {jax.default_backend()} ({jax.devices()[0].device_kind}); tp {args.tp}; cache.k = cache.v = "
+          f"{cache_bytes / 2**20:.0f} MiB per device ({num_blocks} blocks); attention impl (env) "
           f"{os.environ.get('JAXLLM_ATTENTION_IMPL') or 'by backend'}")
     rows, bad = [], False
     for key, exe in sorted(runner._executables.items(), key=lambda kv: str(kv[0])):
@@ -121,16 +137,16 @@ def main(argv=None) -> int:
         if key[0] == "step":
             row["temp_over_cache"] = row["temp_size_in_bytes"] / cache_bytes
             bad |= row["temp_over_cache"] >= 0.5
+            text = exe.as_text()
             if args.hlo_dir:
                 os.makedirs(args.hlo_dir, exist_ok=True)
-                text = exe.as_text()
                 name = "step_" + "_".join(str(k) for k in key[1:]) + ".hlo.txt"
                 with open(os.path.join(args.hlo_dir, name), "w") as f:
                     f.write(text)
-                shape = r"\[{}\]".format(",".join(str(d) for d in (args.layers, num_blocks)))
-                copies = [ln.strip()[:200] for ln in text.splitlines()
-                          if re.search(r"\bcopy(-start)?\(", ln) and re.search(shape, ln)]
-                row["cache_sized_copies"] = copies
+            shape = r"\[{},{},".format(args.layers, num_blocks)  # [L, N, ...]: a whole cache array
+            row["cache_sized_copies"] = [ln.strip()[:200] for ln in text.splitlines()
+                                         if re.search(r"\bcopy(-start)?\(", ln) and re.search(shape, ln)]
+            bad |= bool(row["cache_sized_copies"])
         rows.append(row)
         print(f"{row['bucket']:28s} args {row['argument_size_in_bytes'] / 2**20:9.0f} MiB  "
               f"out {row['output_size_in_bytes'] / 2**20:9.0f} MiB  alias {row['alias_size_in_bytes'] / 2**20:9.0f} MiB  "
@@ -138,10 +154,13 @@ def main(argv=None) -> int:
               + (f"  ({100 * row['temp_over_cache']:.0f}% of cache.k)" if "temp_over_cache" in row else ""))
         for c in row.get("cache_sized_copies", []):
             print("    copy:", c)
+    if args.probes and args.tp > 1:
+        print("--probes: single-device only; skipped at tp > 1")
+        args.probes = False
     if args.probes:
         result_probes = scan_probes(args, runner)
     md_impl = resolve_impl(None, runner._padding_inputs(*runner.buckets.all()[0]).metadata)
-    result = {"backend": jax.default_backend(), "device": jax.devices()[0].device_kind, "impl": md_impl,
+    result = {"backend": jax.default_backend(), "device": jax.devices()[0].device_kind, "impl": md_impl, "tp": args.tp,
               "cache_bytes": cache_bytes, "rows": rows, "copies_cache": bad,
               "probes": result_probes if args.probes else None}
     print("RESULT:", "the step COPIES the cache" if bad else "the cache is updated in place", f"(impl {md_impl})")

@@ -16,10 +16,12 @@ from pallas_kernels.metadata import KVCache
 
 
 def _scatter(cache_arr: jax.Array, layer: jax.Array, rows: jax.Array, slots: jax.Array) -> jax.Array:
-    num_layers, num_blocks, block_size, num_kv_heads, head_dim = cache_arr.shape
-    flat = cache_arr.reshape(num_layers, num_blocks * block_size, num_kv_heads, head_dim)
-    flat = flat.at[layer, slots].set(rows.astype(cache_arr.dtype), mode="drop")
-    return flat.reshape(cache_arr.shape)
+    # Indexed as [layer, block, offset] on the 5-D array itself: no reshape of the cache, whose
+    # layout XLA may then pick freely when num_kv_heads is 1 (it did, and copied the whole cache
+    # back to the parameter's layout after every write: issue 18).
+    block_size = cache_arr.shape[2]
+    blocks, offsets = slots // block_size, slots % block_size  # [T] i32 each
+    return cache_arr.at[layer, blocks, offsets].set(rows.astype(cache_arr.dtype), mode="drop")
 
 
 def write_kv(cache: KVCache, layer, k: jax.Array, v: jax.Array, slot_mapping: jax.Array) -> KVCache:

@@ -15,3 +15,14 @@ def test_step_updates_the_cache_in_place(tmp_path, capsys):
     assert steps and all(r["alias_size_in_bytes"] >= 2 * doc["cache_bytes"] for r in steps)  # K and V donated
     assert all(r["temp_over_cache"] < 0.5 for r in steps)
     assert all(v < 0.05 for v in doc["probes"].values())
+
+
+def test_one_kv_head_is_not_copied(tmp_path, capsys):
+    """MQA (one kv head): the cache's size-1 head axis once let XLA give the written cache a layout
+    of its own and copy it back after every layer (issue 18)."""
+    out = tmp_path / "mem.json"
+    rc = step_memory.main(["--cache-mib", "32", "--layers", "2", "--hidden", "256", "--heads", "4", "--kv-heads", "1",
+                           "--max-num-seqs", "8", "--max-num-batched-tokens", "64", "--json", str(out)])
+    assert rc == 0, capsys.readouterr().out
+    steps = [r for r in json.loads(out.read_text())["step_memory"]["rows"] if r["bucket"].startswith("('step'")]
+    assert steps and all(r["cache_sized_copies"] == [] and r["temp_over_cache"] < 0.1 for r in steps)
