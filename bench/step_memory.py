@@ -24,7 +24,36 @@ import os
 import re
 import sys
 
+import numpy as np
+
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+
+_INSTR = re.compile(r"^\s*(?:ROOT )?%\S+ = (\w+)\[([\d,]*)\]\S* (fusion|copy|dynamic-slice|slice|copy-start)\(")
+_BYTES = {"f32": 4, "bf16": 2, "f16": 2, "s8": 1, "u8": 1, "f8e4m3fn": 1}
+
+
+def weight_copies(text: str, weight_shapes: list[tuple[int, ...]], num_layers: int, scan: bool) -> tuple[list, int]:
+    """Instructions of the optimized HLO that materialise a slice of a layer weight: a fusion, copy,
+    dynamic-slice or slice (outside fused computations) whose op_name says slice and whose element
+    count is one layer's weight. Returns (those lines, bytes copied per step: x num_layers when the
+    layer loop is a scan, whose body runs once per layer)."""
+    sizes = {int(np.prod(s)) for s in weight_shapes}
+    lines, per_step, comp = [], 0, ""
+    for ln in text.splitlines():
+        if ln and not ln[0].isspace() and ln.rstrip().endswith("{"):
+            comp = ln.split()[0] if not ln.startswith("ENTRY") else "ENTRY"
+            continue
+        if comp.startswith(("%fused", "%wrapped")) or "slice" not in ln.split("op_name=")[-1][:200]:
+            continue
+        m = _INSTR.match(ln)
+        if not m or m.group(1) not in _BYTES:
+            continue
+        n = int(np.prod([int(d) for d in m.group(2).split(",") if d])) if m.group(2) else 1
+        if n in sizes:
+            lines.append(ln.strip()[:200])
+            per_step += n * _BYTES[m.group(1)] * (num_layers if scan else 1)
+    return lines, per_step
 
 
 def scan_probes(args, runner) -> dict:
@@ -84,6 +113,8 @@ def main(argv=None) -> int:
     ap.add_argument("--max-num-seqs", type=int, default=16)
     ap.add_argument("--max-num-batched-tokens", type=int, default=256)
     ap.add_argument("--tp", type=int, default=1, help="tensor-parallel size (needs that many devices)")
+    ap.add_argument("--layer-loop", choices=["auto", "scan", "unroll"], default=None,
+                    help="sets JAXLLM_LAYER_LOOP (default: the environment's, else auto)")
     ap.add_argument("--impl", default=None, help="attention impl (sets JAXLLM_ATTENTION_IMPL)")
     ap.add_argument("--probes", action="store_true",
                     help="also compile bare layer scans (write_kv only; write_kv + each attention impl) and report their temp")
@@ -93,6 +124,8 @@ def main(argv=None) -> int:
     args = ap.parse_args(argv)
     if args.impl:
         os.environ["JAXLLM_ATTENTION_IMPL"] = args.impl
+    if args.layer_loop:
+        os.environ["JAXLLM_LAYER_LOOP"] = args.layer_loop
 
     import jax
     import jax.numpy as jnp
@@ -128,6 +161,12 @@ def main(argv=None) -> int:
     print(f"backend {jax.default_backend()} ({jax.devices()[0].device_kind}); tp {args.tp}; cache.k = cache.v = "
           f"{cache_bytes / 2**20:.0f} MiB per device ({num_blocks} blocks); attention impl (env) "
           f"{os.environ.get('JAXLLM_ATTENTION_IMPL') or 'by backend'}")
+    from jaxllm.models.llama import param_shapes
+
+    weight_shapes = [shape[1:] for name, shape in param_shapes(mc).items()
+                     if name.startswith("layers.") and len(shape) > 2]
+    layer_weight_bytes = sum(int(np.prod(s)) for s in weight_shapes) * 2  # bf16
+    print(f"layer loop {model.layer_loop}; one layer's weights {layer_weight_bytes / 2**20:.1f} MiB")
     rows, bad = [], False
     for key, exe in sorted(runner._executables.items(), key=lambda kv: str(kv[0])):
         ma = exe.memory_analysis()
@@ -147,6 +186,8 @@ def main(argv=None) -> int:
             row["cache_sized_copies"] = [ln.strip()[:200] for ln in text.splitlines()
                                          if re.search(r"\bcopy(-start)?\(", ln) and re.search(shape, ln)]
             bad |= bool(row["cache_sized_copies"])
+            row["weight_copies"], row["weight_bytes_copied_per_step"] = weight_copies(
+                text, weight_shapes, args.layers, model.layer_loop == "scan")
         rows.append(row)
         print(f"{row['bucket']:28s} args {row['argument_size_in_bytes'] / 2**20:9.0f} MiB  "
               f"out {row['output_size_in_bytes'] / 2**20:9.0f} MiB  alias {row['alias_size_in_bytes'] / 2**20:9.0f} MiB  "
@@ -154,6 +195,9 @@ def main(argv=None) -> int:
               + (f"  ({100 * row['temp_over_cache']:.0f}% of cache.k)" if "temp_over_cache" in row else ""))
         for c in row.get("cache_sized_copies", []):
             print("    copy:", c)
+        if "weight_bytes_copied_per_step" in row:
+            print(f"    weight bytes copied per step: {row['weight_bytes_copied_per_step']} "
+                  f"({len(row['weight_copies'])} slice instructions)")
     if args.probes and args.tp > 1:
         print("--probes: single-device only; skipped at tp > 1")
         args.probes = False
@@ -161,6 +205,7 @@ def main(argv=None) -> int:
         result_probes = scan_probes(args, runner)
     md_impl = resolve_impl(None, runner._padding_inputs(*runner.buckets.all()[0]).metadata)
     result = {"backend": jax.default_backend(), "device": jax.devices()[0].device_kind, "impl": md_impl, "tp": args.tp,
+              "layer_loop": model.layer_loop, "layer_weight_bytes": layer_weight_bytes,
               "cache_bytes": cache_bytes, "rows": rows, "copies_cache": bad,
               "probes": result_probes if args.probes else None}
     print("RESULT:", "the step COPIES the cache" if bad else "the cache is updated in place", f"(impl {md_impl})")

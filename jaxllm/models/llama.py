@@ -1,13 +1,18 @@
 """One Llama-family decoder (Llama 2/3/3.1, Mistral, Qwen2, Qwen3) as a Flax NNX module.
 
-Per-layer weights are stacked on a leading "layers" axis and run with `lax.scan`, so compile time
-does not grow with depth. Projections are stored input-major ([in, ...out]) with explicit head
-axes so that tensor parallelism can shard by logical axis names (see `PARAM_AXES`).
+Checkpoints hand over each per-layer weight stacked on a leading "layers" axis (`PARAM_AXES`, the
+loaders' contract); the model keeps one array per layer and runs the layers in a Python loop
+unrolled at trace time, so every matmul reads its weight in place. (A `lax.scan` over the stacked
+arrays made XLA copy each layer's slice out before its matmul: about 3x the weight bytes per decode
+step, bench/RESULTS.md.) Projections are stored input-major ([in, ...out]) with explicit head axes
+so that tensor parallelism can shard by logical axis names.
 
 Contract: `model(tokens, positions, kv_cache, metadata) -> (hidden, kv_cache)` over a flat ragged
 batch (see pallas_kernels.metadata), and `model.compute_logits(hidden) -> f32 logits`.
 """
 from __future__ import annotations
+
+import os
 
 import jax
 import jax.numpy as jnp
@@ -40,6 +45,7 @@ PARAM_AXES: dict[str, tuple[str, ...]] = {
     "layers.w_up": ("layers", "embed", "mlp"),
     "layers.w_down": ("layers", "mlp", "embed"),
 }
+LAYER_LOOP_ENV = "JAXLLM_LAYER_LOOP"
 LAYER_PARAMS = tuple(k.split(".", 1)[1] for k in PARAM_AXES if k.startswith("layers."))
 
 
@@ -70,38 +76,105 @@ def rms_norm(x: jax.Array, weight: jax.Array, eps: float) -> jax.Array:
     return weight * xf.astype(x.dtype)
 
 
-class DecoderLayers(nnx.Module):
-    """Every decoder layer's weights, stacked on a leading [num_layers] axis."""
+def layer_axes(name: str) -> tuple[str, ...]:
+    """Logical axes of one layer's slice of the stacked parameter `name` ("layers.wq" -> (embed, heads, head_dim))."""
+    return PARAM_AXES[name][1:]
+
+
+def layer_loop_mode(mode: str | None = None) -> str:
+    """"unroll" (one array per layer, a Python loop unrolled at trace time: every weight read in
+    place) or "scan" (weights stacked [L, ...], `lax.scan`: one layer body to compile, but XLA copies
+    each layer's weight slice before its matmuls). `mode` or $JAXLLM_LAYER_LOOP, default "auto":
+    unroll on accelerators, scan on CPU, where unrolling SmolLM2's 30 layers made warm-up ~8x longer
+    for no measurable step gain (bench/RESULTS.md, "Layer loop")."""
+    mode = mode or os.environ.get(LAYER_LOOP_ENV, "auto") or "auto"
+    if mode not in ("auto", "unroll", "scan"):
+        raise ValueError(f"{LAYER_LOOP_ENV}={mode!r} is invalid: must be one of auto, unroll, scan")
+    if mode == "auto":
+        return "scan" if jax.default_backend() == "cpu" else "unroll"
+    return mode
+
+
+def decoder_layer(w: dict[str, jax.Array], x, cos, sin, cache: KVCache, index, metadata: AttentionMetadata,
+                  c: ModelConfig, lay, proj: Projector, attention_impl):
+    """One decoder layer: x [T, E] → (x [T, E], cache with this layer's k/v written at `index`).
+    `w`: the layer's weights by short name ("wq", ...), each the layer's own array or a slice."""
+    eps = c.rms_norm_eps
+    h = rms_norm(x, w["input_norm"], eps)  # [T, E]
+    q = proj("te,ehd->thd", h, "wq", w["wq"], index)  # [T, H, D]
+    k = proj("te,ehd->thd", h, "wk", w["wk"], index)  # [T, K, D]
+    v = proj("te,ehd->thd", h, "wv", w["wv"], index)  # [T, K, D]
+    if c.attention_bias:
+        q, k, v = q + w["bq"], k + w["bk"], v + w["bv"]
+    if c.qk_norm:
+        q, k = rms_norm(q, w["q_norm"], eps), rms_norm(k, w["k_norm"], eps)
+    q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
+    attn, cache = paged_attention(q, k, v, cache, index, metadata, lay, sm_scale=c.head_dim ** -0.5,
+                                  sliding_window=c.sliding_window, impl=attention_impl)
+    x = x + constrain(proj("thd,hde->te", attn, "wo", w["wo"], index), lay, ("tokens", "embed"))  # [T, E]
+    h = rms_norm(x, w["post_norm"], eps)
+    gate = proj("te,ef->tf", h, "w_gate", w["w_gate"], index)  # [T, F]
+    up = proj("te,ef->tf", h, "w_up", w["w_up"], index)
+    down = proj("tf,fe->te", jax.nn.silu(gate) * up, "w_down", w["w_down"], index)
+    return x + constrain(down, lay, ("tokens", "embed")), cache
+
+
+class LayerWeights(nnx.Module):
+    """Decoder-layer weights by short name: one layer's own arrays ("unroll"), or every layer's
+    stacked on a leading [num_layers] axis ("scan")."""
 
     def __init__(self, params: dict[str, jax.Array]):
         for name in LAYER_PARAMS:
-            value = params.get(f"layers.{name}")
+            value = params.get(name)
             setattr(self, name, nnx.Param(value) if value is not None else None)
 
-    def stacked(self) -> dict[str, jax.Array]:
+    def arrays(self) -> dict[str, jax.Array]:
         return {n: getattr(self, n)[...] for n in LAYER_PARAMS if getattr(self, n) is not None}
 
 
+def _per_layer(value, num_layers: int) -> list:
+    """A stacked [L, ...] parameter (or an already split list of L arrays) → L per-layer arrays."""
+    if isinstance(value, (list, tuple)):
+        return list(value)
+    return [value[i] for i in range(num_layers)]
+
+
 class LlamaForCausalLM(nnx.Module):
-    def __init__(self, config: ModelConfig, params: dict[str, jax.Array], *,
-                 attention_impl: str | None = None, layout=None):
-        """`layout`: a jaxllm.parallel.TPLayout when params are sharded on a mesh (config is then
-        the layout's model_config), None on one device."""
+    def __init__(self, config: ModelConfig, params: dict[str, jax.Array | list[jax.Array]], *,
+                 attention_impl: str | None = None, layout=None, layer_loop: str | None = None):
+        """`params`: the names of `param_shapes(config)`; a "layers.*" value is either the stacked
+        [L, ...] array or a list of L per-layer arrays (what `build_model` passes for "unroll").
+        `layout`: a jaxllm.parallel.TPLayout when params are sharded on a mesh (config is then the
+        layout's model_config), None on one device. `layer_loop`: see `layer_loop_mode`."""
         expected = param_shapes(config)
         missing = sorted(set(expected) - set(params))
         if missing:
             raise ValueError(f"parameters missing for {config.architecture}: {', '.join(missing)}")
+        L = config.num_layers
         for name, shape in expected.items():
-            if tuple(params[name].shape) != shape:
-                raise ValueError(f"parameter {name}: shape {tuple(params[name].shape)} does not match "
-                                 f"the config's {shape}")
+            value = params[name]
+            if isinstance(value, (list, tuple)):
+                got = (len(value),) + (tuple(value[0].shape) if value else ())
+                if any(tuple(v.shape) != shape[1:] for v in value):
+                    got = (len(value), "mixed shapes")
+            else:
+                got = tuple(value.shape)
+            if got != shape:
+                raise ValueError(f"parameter {name}: shape {got} does not match the config's {shape}")
         self.config = config
         self.attention_impl = attention_impl
         self.layout = layout
+        self.layer_loop = layer_loop_mode(layer_loop)
         self.embed = nnx.Param(params["embed"])
         self.final_norm = nnx.Param(params["final_norm"])
         self.lm_head = nnx.Param(params["lm_head"]) if "lm_head" in params else None
-        self.layers = DecoderLayers(params)
+        layer_params = {n: params[f"layers.{n}"] for n in LAYER_PARAMS if f"layers.{n}" in params}
+        if self.layer_loop == "scan":
+            self.layers = LayerWeights({n: v if not isinstance(v, (list, tuple)) else jnp.stack(v)
+                                        for n, v in layer_params.items()})
+        else:
+            per_layer = {n: _per_layer(v, L) for n, v in layer_params.items()}
+            self.layers = nnx.List([LayerWeights({n: w[i] for n, w in per_layer.items()}) for i in range(L)])
 
     @property
     def dtype(self):
@@ -111,38 +184,24 @@ class LlamaForCausalLM(nnx.Module):
                  metadata: AttentionMetadata) -> tuple[jax.Array, KVCache]:
         """tokens, positions: [T] int32 → hidden [T, hidden_size] (after the final norm), updated cache."""
         c = self.config
-        eps = c.rms_norm_eps
         lay = self.layout
         x = embed_lookup(self.embed[...], tokens, lay)  # [T, E]
         cos, sin = rope_tables(positions, inverse_frequencies(c))  # [T, D/2] f32
-        scale = c.head_dim ** -0.5
-
-        stacked = self.layers.stacked()
+        stacked = self.layers.arrays() if self.layer_loop == "scan" else None
         proj = Projector(stacked, tokens.shape[0], lay)
+        run = lambda w, x, cache, i: decoder_layer(w, x, cos, sin, cache, i, metadata, c, lay, proj,  # noqa: E731
+                                                   self.attention_impl)
+        if self.layer_loop == "scan":
+            def body(carry, w):
+                x, cache, i = carry
+                x, cache = run(w, x, cache, i)
+                return (x, cache, i + 1), None
 
-        def layer(carry, w):
-            x, cache, i = carry
-            h = rms_norm(x, w["input_norm"], eps)  # [T, E]
-            q = proj("te,ehd->thd", h, "wq", w["wq"], i)  # [T, H, D]
-            k = proj("te,ehd->thd", h, "wk", w["wk"], i)  # [T, K, D]
-            v = proj("te,ehd->thd", h, "wv", w["wv"], i)  # [T, K, D]
-            if c.attention_bias:
-                q, k, v = q + w["bq"], k + w["bk"], v + w["bv"]
-            if c.qk_norm:
-                q, k = rms_norm(q, w["q_norm"], eps), rms_norm(k, w["k_norm"], eps)
-            q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
-            attn, cache = paged_attention(q, k, v, cache, i, metadata, lay, sm_scale=scale,
-                                          sliding_window=c.sliding_window, impl=self.attention_impl)
-            x = x + constrain(proj("thd,hde->te", attn, "wo", w["wo"], i), lay, ("tokens", "embed"))  # [T, E]
-            h = rms_norm(x, w["post_norm"], eps)
-            gate = proj("te,ef->tf", h, "w_gate", w["w_gate"], i)  # [T, F]
-            up = proj("te,ef->tf", h, "w_up", w["w_up"], i)
-            down = proj("tf,fe->te", jax.nn.silu(gate) * up, "w_down", w["w_down"], i)
-            x = x + constrain(down, lay, ("tokens", "embed"))
-            return (x, cache, i + 1), None
-
-        (x, kv_cache, _), _ = jax.lax.scan(layer, (x, kv_cache, jnp.int32(0)), stacked)
-        return rms_norm(x, self.final_norm[...], eps), kv_cache
+            (x, kv_cache, _), _ = jax.lax.scan(body, (x, kv_cache, jnp.int32(0)), stacked)
+        else:
+            for i, layer in enumerate(self.layers):  # unrolled at trace time: each weight read in place
+                x, kv_cache = run(layer.arrays(), x, kv_cache, i)
+        return rms_norm(x, self.final_norm[...], c.rms_norm_eps), kv_cache
 
     def compute_logits(self, hidden: jax.Array) -> jax.Array:
         """hidden [N, E] → logits [N, vocab] f32."""
@@ -152,12 +211,24 @@ class LlamaForCausalLM(nnx.Module):
 
 
 def build_model(config: ModelConfig, params: dict[str, np.ndarray | jax.Array], dtype,
-                attention_impl: str | None = None, layout=None) -> LlamaForCausalLM:
-    """Places params in `dtype` (norms included, as HF does): on the default device, or with a
-    jaxllm.parallel.TPLayout into their shards (numpy straight from host memory; `params` is
-    emptied as it goes). `config` is the checkpoint's config either way."""
-    if layout is None:
-        arrays = {k: jnp.asarray(v, dtype=dtype) for k, v in params.items()}
-        return LlamaForCausalLM(config, arrays, attention_impl=attention_impl)
-    arrays = layout.place_params(config, params, dtype)
-    return LlamaForCausalLM(layout.model_config(config), arrays, attention_impl=attention_impl, layout=layout)
+                attention_impl: str | None = None, layout=None, layer_loop: str | None = None) -> LlamaForCausalLM:
+    """Places params in `dtype` (norms included, as HF does) on the default device, or with a
+    jaxllm.parallel.TPLayout into their shards (numpy straight from host memory). With the "unroll"
+    layer loop each stacked "layers.*" parameter is split into one array per layer as it is placed.
+    `params` is emptied as it goes, so at most one stacked parameter exists beside the placed ones.
+    `config` is the checkpoint's config."""
+    layer_loop = layer_loop_mode(layer_loop)
+    split = layer_loop == "unroll"
+    if layout is not None:
+        arrays = layout.place_params(config, params, dtype, split_layers=split)
+        return LlamaForCausalLM(layout.model_config(config), arrays, attention_impl=attention_impl, layout=layout,
+                                layer_loop=layer_loop)
+    arrays = {}
+    for name in list(params):
+        x = params.pop(name)
+        if split and name.startswith("layers."):
+            arrays[name] = [jnp.asarray(x[i], dtype=dtype) for i in range(config.num_layers)]
+        else:
+            arrays[name] = jnp.asarray(x, dtype=dtype)
+        del x
+    return LlamaForCausalLM(config, arrays, attention_impl=attention_impl, layer_loop=layer_loop)

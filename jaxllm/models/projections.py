@@ -1,6 +1,8 @@
-"""The decoder's weight projections inside the layer scan: XLA's dot on the layer's slice, or
-(experiment, JAXLLM_STACKED_MATMUL=1) the Pallas `stacked_matmul` that reads the stacked weight in
-place at the traced layer index.
+"""The one hook every decoder projection goes through: `proj(spec, x, name, w, layer)` (LoRA deltas
+and quantized weights land here, once). Normally XLA's dot on the layer's weight: its own array in
+the "unroll" layer loop (read in place), a slice of the stacked array in the "scan" loop. In the scan
+loop, an experiment (JAXLLM_STACKED_MATMUL=1) uses the Pallas `stacked_matmul` that reads the
+stacked weight in place at the traced layer index instead.
 
 Why the experiment: XLA copies each layer's weight slice out of the stacked array before its
 matmul (seen in the CPU and GPU HLO), so a decode step moves about 3x the weight bytes; on an H200
@@ -26,8 +28,10 @@ class Projector:
     of x's axes but the first (tokens) with the weight's leading axes. Built once per trace (the
     choice of path is static)."""
 
-    def __init__(self, stacked: dict[str, jax.Array], num_tokens: int, layout, *, interpret: bool | None = None):
-        on = os.environ.get(ENV_VAR, "0") == "1" and layout is None and num_tokens <= MAX_ROWS
+    def __init__(self, stacked: dict[str, jax.Array] | None, num_tokens: int, layout, *, interpret: bool | None = None):
+        """`stacked`: the scan loop's stacked weights (None in the unroll loop: no experiment)."""
+        on = (os.environ.get(ENV_VAR, "0") == "1" and stacked is not None and layout is None
+              and num_tokens <= MAX_ROWS)
         self.interpret = jax.default_backend() != "gpu" if interpret is None else interpret
         self.stacked = stacked if on else None
 

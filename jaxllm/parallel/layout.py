@@ -109,8 +109,11 @@ class TPLayout:
         return out
 
     # ----- placement -------------------------------------------------------------------------
-    def place_params(self, config: ModelConfig, params: dict, dtype) -> dict[str, jax.Array]:
-        """Checkpoint params (numpy on the host, or jax arrays) → the sharded model's params.
+    def place_params(self, config: ModelConfig, params: dict, dtype,
+                     split_layers: bool = False) -> dict[str, jax.Array | list[jax.Array]]:
+        """Checkpoint params (numpy on the host, or jax arrays) → the sharded model's params; with
+        `split_layers` each stacked "layers.*" parameter becomes a list of per-layer arrays (the
+        "unroll" layer loop, see jaxllm/models/llama.py).
 
         Numpy arrays go straight from host memory to their shards (each device receives only its
         slice; the full model never sits on one device). Pops from `params` as it goes so host
@@ -121,28 +124,34 @@ class TPLayout:
         out = {}
         for name in list(params):
             x = params.pop(name)
-            sh = shardings[name]
             rep = self.kv_repeat if name in KV_PARAMS else 1
             axis = PARAM_AXES[name].index("kv_heads") if rep > 1 else 0
-            if isinstance(x, jax.Array):
-                out[name] = _transform_on_device(x, rep, axis, dtype, sh)
+            if split_layers and name.startswith("layers."):
+                sh = self.sharding(PARAM_AXES[name][1:])  # one layer's slice
+                out[name] = [_place(x, i, rep, axis - 1, dtype, sh) for i in range(config.num_layers)]
             else:
-                a = np.asarray(x)
-                if rep > 1:
-                    a = np.repeat(a, rep, axis=axis)
-                a = a.astype(jnp.dtype(dtype), copy=False)
-                out[name] = jax.make_array_from_callback(a.shape, sh, lambda idx, a=a: a[idx])
+                out[name] = _place(x, None, rep, axis, dtype, shardings[name])
             del x
         return out
 
 
-def _transform_on_device(x: jax.Array, rep: int, axis: int, dtype, sharding: NamedSharding) -> jax.Array:
-    if rep == 1 and x.dtype == jnp.dtype(dtype) and x.sharding == sharding:
-        return x
+def _place(x, index: int | None, rep: int, axis: int, dtype, sharding: NamedSharding) -> jax.Array:
+    """x[index] (all of x if index is None), kv heads repeated `rep` times on `axis` (of the
+    result), in `dtype`, placed with `sharding`."""
+    if isinstance(x, jax.Array):
+        if index is None and rep == 1 and x.dtype == jnp.dtype(dtype) and x.sharding == sharding:
+            return x
 
-    def f(a):
-        if rep > 1:
-            a = jnp.repeat(a, rep, axis=axis)
-        return a.astype(dtype)
+        def f(a):
+            if index is not None:
+                a = a[index]
+            if rep > 1:
+                a = jnp.repeat(a, rep, axis=axis)
+            return a.astype(dtype)
 
-    return jax.jit(f, out_shardings=sharding)(x)
+        return jax.jit(f, out_shardings=sharding)(x)
+    a = np.asarray(x) if index is None else np.asarray(x[index])
+    if rep > 1:
+        a = np.repeat(a, rep, axis=axis)
+    a = a.astype(jnp.dtype(dtype), copy=False)
+    return jax.make_array_from_callback(a.shape, sharding, lambda idx: a[idx])

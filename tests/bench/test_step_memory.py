@@ -26,3 +26,26 @@ def test_one_kv_head_is_not_copied(tmp_path, capsys):
     assert rc == 0, capsys.readouterr().out
     steps = [r for r in json.loads(out.read_text())["step_memory"]["rows"] if r["bucket"].startswith("('step'")]
     assert steps and all(r["cache_sized_copies"] == [] and r["temp_over_cache"] < 0.1 for r in steps)
+
+
+def test_unrolled_layers_copy_no_weight(tmp_path, capsys):
+    """Issue 12: with per-layer weights (the unroll layer loop) the compiled decode and mixed steps
+    slice no weight (0 bytes copied per step) and their temp stays well below one layer's weights;
+    the scan loop over stacked weights, measured by the same detector, copies every layer's."""
+    docs = {}
+    for loop in ("unroll", "scan"):
+        out = tmp_path / f"{loop}.json"
+        rc = step_memory.main(["--cache-mib", "16", "--layers", "2", "--hidden", "512", "--heads", "4", "--kv-heads", "2",
+                               "--max-num-seqs", "8", "--max-num-batched-tokens", "64", "--layer-loop", loop,
+                               "--json", str(out)])
+        assert rc == 0, capsys.readouterr().out
+        docs[loop] = json.loads(out.read_text())["step_memory"]
+    unroll, scan = docs["unroll"], docs["scan"]
+    assert unroll["layer_loop"] == "unroll" and scan["layer_loop"] == "scan"
+    for r in unroll["rows"]:
+        if r["bucket"].startswith("('step'"):
+            assert r["weight_bytes_copied_per_step"] == 0 and r["weight_copies"] == [], r
+            if r["bucket"].endswith("True)"):  # decode
+                assert r["temp_size_in_bytes"] < 0.5 * unroll["layer_weight_bytes"], r
+    scan_steps = [r for r in scan["rows"] if r["bucket"].startswith("('step'")]
+    assert all(r["weight_bytes_copied_per_step"] >= 2 * scan["layer_weight_bytes"] // 2 for r in scan_steps), scan_steps

@@ -28,8 +28,10 @@ def run_model(path, seqs, block_size=8):
     return ckpt, [logits[offsets[i]:offsets[i + 1]] for i in range(len(seqs))]
 
 
+@pytest.mark.parametrize("layer_loop", ["scan", "unroll"])
 @pytest.mark.parametrize("arch", sorted(TINY_CONFIGS))
-def test_logits_match_transformers(arch, tiny_root):
+def test_logits_match_transformers(arch, layer_loop, tiny_root, monkeypatch):
+    monkeypatch.setenv("JAXLLM_LAYER_LOOP", layer_loop)
     path = make_tiny_hf(arch, tiny_root)
     rng = np.random.default_rng(0)
     seqs = [rng.integers(0, 256, n).tolist() for n in (1, 7, 33, 70)]  # different lengths, one batch
@@ -51,16 +53,30 @@ def test_config_switches_are_read(tiny_root):
     assert cfgs["qwen3"].qk_norm and cfgs["qwen3"].head_dim == 32
 
 
-def test_scan_compile_does_not_unroll_layers(tiny_root):
-    """Layers run under lax.scan: the lowered step holds one layer body whatever the depth."""
+@pytest.mark.parametrize("layer_loop", ["scan", "unroll"])
+def test_layer_loop_lowering(layer_loop, tiny_root, monkeypatch):
+    """scan: the lowered step holds one layer body whatever the depth (a while loop); unroll: no
+    loop over layers, and every layer's weights are separate arguments of the program."""
+    monkeypatch.setenv("JAXLLM_LAYER_LOOP", layer_loop)
     path = make_tiny_hf("llama", tiny_root)
     ckpt = load_checkpoint(path)
     c = ckpt.config
     model = build_model(c, ckpt.params, jnp.float32)
     tokens, positions, meta, nb = prefill_batch([[1, 2, 3]], 8)
     cache = KVCache.zeros(c.num_layers, nb, 8, c.num_kv_heads, c.head_dim, jnp.float32)
-    text = jax.jit(lambda *a: model(*a)).lower(tokens, positions, cache, meta).as_text()
-    assert "while" in text or "scan" in text
+    assert model.layer_loop == layer_loop
+    lowered = jax.jit(lambda *a: model(*a)).lower(tokens, positions, cache, meta)
+    text = lowered.as_text()
+    stacked_wq = "tensor<%dx%dx%dx%dx" % (c.num_layers, c.hidden_size, c.num_heads, c.head_dim)
+    layer_whiles = [ln for ln in text.splitlines() if "stablehlo.while" in ln and stacked_wq in ln]
+    if layer_loop == "scan":
+        assert layer_whiles  # the stacked weights ride through the layer loop
+    else:
+        assert stacked_wq not in text  # no stacked weight anywhere in the program
+        from flax import nnx
+
+        wq = [x for p, x in nnx.to_flat_state(nnx.state(model)) if p[-1] == "wq"]
+        assert len(wq) == c.num_layers and all(x.shape == (c.hidden_size, c.num_heads, c.head_dim) for x in wq)
 
 
 @pytest.mark.parametrize("arch", ["llama", "qwen3"])
@@ -73,6 +89,7 @@ def test_stacked_matmul_path_matches_transformers(arch, tiny_root, monkeypatch):
     real = projections.stacked_matmul
     monkeypatch.setattr(projections, "stacked_matmul", lambda *a, **k: calls.append(a[1].shape) or real(*a, **k))
     monkeypatch.setenv("JAXLLM_STACKED_MATMUL", "1")
+    monkeypatch.setenv("JAXLLM_LAYER_LOOP", "scan")  # the experiment reads the stacked weights
     path = make_tiny_hf(arch, tiny_root)
     rng = np.random.default_rng(1)
     seqs = [rng.integers(0, 256, n).tolist() for n in (1, 7, 33)]  # 41 tokens: the kernel's range
