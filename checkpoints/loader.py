@@ -102,6 +102,49 @@ def load_checkpoint(model: str, load_format: str = "auto", dtype=np.float32, see
     return Checkpoint(fmt, path, config, dummy_params(config, dtype, seed, sh), tokenizer_source)
 
 
+def load_config(model: str, load_format: str = "auto") -> tuple[ModelConfig, tuple[str, str] | None]:
+    """→ (config, tokenizer_source) without reading any weights: what `load_checkpoint` would
+    return as `.config` and `.tokenizer_source`. Lets a caller tokenize and validate prompts
+    before the engine is built (`python -m jaxllm.generate --input`)."""
+    fmt, path = resolve(model, load_format)
+    if fmt == "hf":
+        from checkpoints.hf import read_config
+
+        return read_config(path), ("dir", path)
+    if fmt == "gguf":
+        return _gguf_config(path), ("gguf", path)
+    if fmt == "orbax":
+        from checkpoints.orbax_store import read_orbax_config
+
+        tok = os.path.join(path, "tokenizer")
+        return read_orbax_config(path), ("dir", tok) if os.path.isdir(tok) else None
+    from checkpoints.dummy import dummy_config
+
+    return dummy_config(path), ("gguf", packaged_model_path(path)) if path in PACKAGED_MODELS else None
+
+
+def _gguf_config(path: str) -> ModelConfig:
+    """The conversion cache's copy of the config when it is current, else the header metadata.
+    (Here, not in gguf_loader.py / conversion_cache.py: their source keys the cache entries.)"""
+    import json
+
+    from checkpoints import conversion_cache
+    from checkpoints.gguf_loader import _config_from, _hf_config, open_gguf
+
+    if not os.path.isfile(path):
+        raise CheckpointError(f"{path}: no such file")
+    entry = conversion_cache.entry_dir(path)
+    try:
+        with open(os.path.join(entry, "config.json")) as f:
+            meta = json.load(f)
+        if meta.get("identity") == conversion_cache.identity(path):
+            return _config_from(meta["config"], path)
+    except (OSError, TypeError, ValueError, KeyError):  # no entry, or a damaged one: read the header
+        pass
+    hf = json.loads(json.dumps(_hf_config(open_gguf(path), path), default=lambda o: o.item()))
+    return _config_from(hf, path)
+
+
 def load_tokenizer(source: tuple[str, str] | None, config: ModelConfig):
     """The model's tokenizer, or None (dummy presets without one accept token-id prompts only)."""
     from jaxllm.tokenizer import Tokenizer

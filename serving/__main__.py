@@ -1,16 +1,21 @@
 """``python -m serving --model smollm2-135m --host 127.0.0.1 --port 50051 [engine flags]``.
 
-Engine flags carry the names of ``jaxllm.generate``'s; they fill ``jaxllm.config.EngineConfig``
-and the engine is built by ``jaxllm.engine.factory.build_engine(config)`` on the engine thread
-(the port is open and health says NOT_SERVING while the model loads and compiles).
+Engine flags are ``jaxllm.generate``'s (``jaxllm/cli_args.py``); they fill
+``jaxllm.config.EngineConfig`` and the engine is built by
+``jaxllm.engine.factory.build_engine(config)`` on the engine thread (the port is open and health
+says NOT_SERVING while the model loads and compiles).
+
+Once bound, one machine-readable line goes to stdout: ``serving: listening grpc=HOST:PORT``.
+Logs (``--log-level``, default info) go to stderr.
 
 Test hook (not for production): ``--model fake:<k=v,...>`` serves the deterministic fake engine
 from ``tests/fakes/fake_engine.py`` (needs the repository root on ``sys.path``, i.e. run from
 the checkout), e.g. ``--model fake:step_delay=0.02,max_num_seqs=4,fail_at_step=50``.
 
 Exit codes: 0 after a SIGTERM/SIGINT drain (a second SIGINT aborts in-flight requests at once;
-a repeated SIGTERM is ignored); 1 when the engine died (step raised) or failed to
-start; 2 for bad flags.
+a repeated SIGTERM is ignored); 1 when the engine died (step raised), failed to start, or the
+port could not be bound; 2 for bad flags (values, a model that does not resolve, TLS files).
+Every start-up failure is one ``error: ...`` line on stderr.
 """
 
 from __future__ import annotations
@@ -23,29 +28,20 @@ import signal
 import sys
 from typing import Any, Callable
 
+from jaxllm.cli_args import (ArgumentParser, add_engine_args, add_log_level_arg, api_key_from_env,
+                             configure_logging, engine_config_from_args)
 from serving.config import ServerConfig
 
 log = logging.getLogger("serving")
 
 
-def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="python -m serving",
-                                description="jaxllm gRPC server (jaxllm.v1.Generation)")
-    p.add_argument("--model", required=True, help="model name or path (e.g. smollm2-135m)")
-    p.add_argument("--host", default="127.0.0.1", help="bind address (default 127.0.0.1)")
-    p.add_argument("--port", type=int, default=50051, help="0 = any free port (printed at start)")
-    e = p.add_argument_group("engine (same names as jaxllm.generate)")
-    e.add_argument("--max-model-len", type=int)
-    e.add_argument("--max-num-seqs", type=int)
-    e.add_argument("--max-num-batched-tokens", type=int)
-    e.add_argument("--block-size", type=int)
-    e.add_argument("--enable-prefix-caching", action=argparse.BooleanOptionalAction, default=None)
-    e.add_argument("--kv-cache-memory-bytes", type=int)
-    e.add_argument("--gpu-memory-utilization", type=float)
-    e.add_argument("--tensor-parallel-size", type=int)
-    e.add_argument("--dtype")
-    e.add_argument("--load-format")
-    e.add_argument("--seed", type=int)
+def build_parser() -> ArgumentParser:
+    p = ArgumentParser(prog="python -m serving", description="jaxllm gRPC server (jaxllm.v1.Generation)")
+    p.add_argument("--host", default="127.0.0.1", help="address to bind")
+    p.add_argument("--port", type=int, default=50051,
+                   help="port to bind; 0 = any free port (the bound one is printed on stdout)")
+    add_log_level_arg(p)
+    add_engine_args(p)
     from jaxllm.parallel.cli import add_distributed_args  # argparse only: no jax
 
     add_distributed_args(p)
@@ -53,34 +49,27 @@ def build_parser() -> argparse.ArgumentParser:
     d = ServerConfig()
     s.add_argument("--max-queued-requests", type=int, default=d.max_queued_requests,
                    help="waiting requests before new ones get RESOURCE_EXHAUSTED")
-    s.add_argument("--api-key", default=os.environ.get("JAXLLM_API_KEY"),
-                   help="require 'authorization: Bearer <key>' (default: $JAXLLM_API_KEY)")
-    s.add_argument("--tls-cert", help="PEM certificate chain (with --tls-key)")
-    s.add_argument("--tls-key", help="PEM private key (with --tls-cert)")
+    s.add_argument("--api-key", default=api_key_from_env(),
+                   help="require 'authorization: Bearer <key>' on every RPC but health "
+                        "(default: $JAXLLM_API_KEY, else none)")
+    s.add_argument("--tls-cert", help="PEM certificate chain, with --tls-key (default: plaintext)")
+    s.add_argument("--tls-key", help="PEM private key, with --tls-cert (default: plaintext)")
     s.add_argument("--shutdown-timeout", type=float, default=d.shutdown_timeout,
                    help="seconds in-flight requests may run after SIGTERM")
     s.add_argument("--watchdog-timeout", type=float, default=d.watchdog_timeout,
-                   help="no engine heartbeat / probe progress this long -> NOT_SERVING")
+                   help="no engine heartbeat / probe progress for this many seconds -> NOT_SERVING")
     s.add_argument("--health-probe-interval", type=float, default=d.health_probe_interval,
                    help="seconds between synthetic 1-token requests")
-    s.add_argument("--max-n", type=int, default=d.max_n)
-    s.add_argument("--max-tokens-cap", type=int, default=None, help="default: max_model_len")
-    s.add_argument("--max-logprobs", type=int, default=d.max_logprobs)
-    s.add_argument("--max-stop-strings", type=int, default=d.max_stop_strings)
-    s.add_argument("--max-message-bytes", type=int, default=d.max_message_bytes)
-    s.add_argument("--log-level", default="INFO")
+    s.add_argument("--max-n", type=int, default=d.max_n, help="largest n a request may ask for")
+    s.add_argument("--max-tokens-cap", type=int, default=None,
+                   help="largest max_tokens a request may ask for (default: max_model_len)")
+    s.add_argument("--max-logprobs", type=int, default=d.max_logprobs,
+                   help="largest logprobs / prompt_logprobs a request may ask for")
+    s.add_argument("--max-stop-strings", type=int, default=d.max_stop_strings,
+                   help="most stop strings per request")
+    s.add_argument("--max-message-bytes", type=int, default=d.max_message_bytes,
+                   help="largest request message in bytes")
     return p
-
-
-_ENGINE_FLAGS = ("max_model_len", "max_num_seqs", "max_num_batched_tokens", "block_size",
-                 "enable_prefix_caching", "kv_cache_memory_bytes", "gpu_memory_utilization",
-                 "tensor_parallel_size", "dtype", "load_format", "seed")
-
-
-def engine_kwargs(args: argparse.Namespace) -> dict[str, Any]:
-    kw = {"model": args.model}
-    kw.update({k: getattr(args, k) for k in _ENGINE_FLAGS if getattr(args, k) is not None})
-    return kw
 
 
 def server_config(args: argparse.Namespace) -> ServerConfig:
@@ -94,16 +83,35 @@ def server_config(args: argparse.Namespace) -> ServerConfig:
     ).validate()
 
 
-def engine_factory(kw: dict[str, Any]) -> Callable[[], Any]:
-    model = kw["model"]
+def check_tls_files(cfg: ServerConfig) -> None:
+    """The certificate chain and key load and match (what gRPC would refuse later with C-core log
+    lines and 'Failed to bind')."""
+    if not cfg.tls_cert:
+        return
+    import ssl
+
+    for flag, path in (("--tls-cert", cfg.tls_cert), ("--tls-key", cfg.tls_key)):
+        if not os.path.isfile(path):
+            raise ValueError(f"{flag} {path}: no such file")
+    try:
+        ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER).load_cert_chain(cfg.tls_cert, cfg.tls_key)
+    except (ssl.SSLError, OSError) as e:
+        raise ValueError(f"--tls-cert {cfg.tls_cert} / --tls-key {cfg.tls_key} are invalid: need a PEM "
+                         f"certificate chain and its private key ({e})") from None
+
+
+def engine_factory(args: argparse.Namespace) -> Callable[[], Any]:
+    model = args.model
     if model == "fake" or model.startswith("fake:"):
         def build_fake():
             from tests.fakes.fake_engine import build_fake_engine  # test hook
             return build_fake_engine(model.partition(":")[2])
         return build_fake
 
-    from jaxllm.config import EngineConfig
-    config = EngineConfig(**kw).validate()  # bad flags fail here, before the port opens
+    from checkpoints.loader import resolve  # no jax: finds the files or names what is missing
+
+    config = engine_config_from_args(args).validate()  # bad flags fail here, before the port opens
+    resolve(config.model, config.load_format)
 
     def build_real():
         from jaxllm.engine.factory import build_engine
@@ -111,12 +119,20 @@ def engine_factory(kw: dict[str, Any]) -> Callable[[], Any]:
     return build_real
 
 
+def _address(host: str, port: int) -> str:
+    return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
+
+
 async def serve(cfg: ServerConfig, factory: Callable[[], Any]) -> int:
     from serving.server import ServingServer
 
     server = ServingServer(cfg, engine_factory=factory)
-    port = await server.start()
-    print(f"serving: listening on {cfg.host}:{port}", file=sys.stderr, flush=True)
+    try:
+        port = await server.start()
+    except OSError as exc:
+        print(f"error: {exc}", file=sys.stderr, flush=True)
+        return 1
+    print(f"serving: listening grpc={_address(cfg.host, port)}", flush=True)
     loop = asyncio.get_running_loop()
     signals = {"n": 0}
 
@@ -133,24 +149,28 @@ async def serve(cfg: ServerConfig, factory: Callable[[], Any]) -> int:
 
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, on_signal, sig)
-    return await server.wait()
+    code = await server.wait()
+    if server.start_error is not None:
+        exc = server.start_error
+        print(f"error: engine failed to start: {type(exc).__name__}: {exc}", file=sys.stderr, flush=True)
+    return code
 
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    logging.basicConfig(level=args.log_level.upper(), stream=sys.stderr,
-                        format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    configure_logging(args.log_level)
+    if args.log_level != "debug":  # gRPC C-core's own E-lines (e.g. a failed bind) repeat our error
+        os.environ.setdefault("GRPC_VERBOSITY", "NONE")
     try:
         cfg = server_config(args)
+        check_tls_files(cfg)
         from jaxllm.parallel.cli import run_follower, start_distributed
 
         if not start_distributed(args):  # multi-host, processes > 0: no server, run process 0's steps
-            from jaxllm.config import EngineConfig
-
-            run_follower(EngineConfig(**engine_kwargs(args)).validate())
+            run_follower(engine_config_from_args(args).validate())
             return 0
-        factory = engine_factory(engine_kwargs(args))
-    except ValueError as exc:
+        factory = engine_factory(args)
+    except ValueError as exc:  # CheckpointError is one
         print(f"error: {exc}", file=sys.stderr)
         return 2
     code = asyncio.run(serve(cfg, factory))

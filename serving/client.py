@@ -13,8 +13,8 @@
 
 from __future__ import annotations
 
-import argparse
 import dataclasses
+import os
 import sys
 from typing import AsyncIterator, Iterator
 
@@ -29,12 +29,16 @@ FINISH_NAMES = {pb.FINISH_REASON_UNSPECIFIED: None, pb.FINISH_REASON_STOP: "stop
 _SAMPLING_FIELDS = set(pb.SamplingParams.DESCRIPTOR.fields_by_name)
 
 
-def build_request(prompt: str | None = None, *, chat: list[dict] | None = None,
+def build_request(prompt: str | None = None, *, text: str | None = None, chat: list[dict] | None = None,
                   token_ids: list[int] | None = None, request_id: str = "",
                   **sampling) -> pb.GenerateRequest:
-    """One of prompt/chat/token_ids, plus any SamplingParams field (None = engine default)."""
+    """One of prompt (or `text`, the proto's name for it)/chat/token_ids, plus any SamplingParams
+    field (None = engine default)."""
+    if prompt is not None and text is not None:
+        raise ValueError("give prompt or text, not both (text is the proto's name for prompt)")
+    prompt = text if prompt is None else prompt
     if sum(x is not None for x in (prompt, chat, token_ids)) != 1:
-        raise ValueError("give exactly one of prompt, chat or token_ids")
+        raise ValueError("give exactly one of prompt (text), chat or token_ids")
     unknown = set(sampling) - _SAMPLING_FIELDS
     if unknown:
         raise TypeError(f"unknown sampling fields: {sorted(unknown)}")
@@ -85,6 +89,9 @@ class Completion:
 
 
 def _metadata(api_key: str | None):
+    """api_key None = $JAXLLM_API_KEY (what the server reads too); "" = send none."""
+    if api_key is None:
+        api_key = os.environ.get("JAXLLM_API_KEY")
     return (("authorization", f"Bearer {api_key}"),) if api_key else None
 
 
@@ -96,7 +103,8 @@ def _credentials(tls_ca: str | None, tls: bool):
 
 
 class GenerationClient:
-    """Blocking client. ``timeout`` (seconds) becomes each call's gRPC deadline."""
+    """Blocking client. ``timeout`` (seconds) becomes each call's gRPC deadline; ``api_key=None``
+    reads ``$JAXLLM_API_KEY`` (as the server does), ``api_key=""`` sends no key."""
 
     def __init__(self, target: str = "127.0.0.1:50051", *, api_key: str | None = None,
                  tls: bool = False, tls_ca: str | None = None, timeout: float | None = None,
@@ -163,7 +171,8 @@ class GenerationClient:
 
 
 class AsyncGenerationClient:
-    """asyncio client (grpc.aio). Use ``async with``; cancelling the consuming task cancels the RPC."""
+    """asyncio client (grpc.aio). Use ``async with``; cancelling the consuming task cancels the RPC.
+    ``api_key`` as in :class:`GenerationClient`."""
 
     def __init__(self, target: str = "127.0.0.1:50051", *, api_key: str | None = None,
                  tls: bool = False, tls_ca: str | None = None, timeout: float | None = None,
@@ -231,35 +240,39 @@ class AsyncGenerationClient:
 
 
 # ----- CLI ---------------------------------------------------------------------------------
-def main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(prog="python -m serving.client",
-                                description="Stream a completion from a jaxllm gRPC server.")
-    p.add_argument("prompt", nargs="?", help="prompt text (a user message with --chat)")
-    p.add_argument("--target", default="127.0.0.1:50051")
-    p.add_argument("--chat", action="store_true", help="send the prompt as a chat user message")
-    p.add_argument("--system", help="system message (with --chat)")
-    p.add_argument("--api-key")
-    p.add_argument("--tls", action="store_true", help="use TLS with the system roots")
-    p.add_argument("--tls-ca", help="PEM root certificate(s) to trust (implies --tls)")
-    p.add_argument("--timeout", type=float, help="deadline in seconds")
-    p.add_argument("--request-id", default="")
-    p.add_argument("--info", action="store_true", help="print GetModelInfo and exit")
-    p.add_argument("--health", action="store_true", help="print the health status and exit")
-    p.add_argument("--show-usage", action="store_true", help="print finish reason and usage")
-    s = p.add_argument_group("sampling (unset = engine default)")
-    for name, typ in (("n", int), ("temperature", float), ("top_p", float), ("top_k", int),
-                      ("min_p", float), ("presence_penalty", float), ("frequency_penalty", float),
-                      ("repetition_penalty", float), ("seed", int), ("max_tokens", int),
-                      ("min_tokens", int), ("logprobs", int), ("prompt_logprobs", int)):
-        s.add_argument("--" + name.replace("_", "-"), type=typ, dest=name)
-    s.add_argument("--stop", action="append", help="stop string (repeatable)")
-    s.add_argument("--stop-token-id", action="append", type=int, dest="stop_token_ids")
-    s.add_argument("--ignore-eos", action="store_true", default=None)
-    s.add_argument("--skip-special-tokens", action=argparse.BooleanOptionalAction, default=None)
-    s.add_argument("--include-stop-str-in-output", action="store_true", default=None)
-    args = p.parse_args(argv)
+def build_parser():
+    from jaxllm.cli_args import ArgumentParser, add_hidden_alias, add_sampling_args
 
-    sampling = {k: getattr(args, k) for k in _SAMPLING_FIELDS if hasattr(args, k)}
+    p = ArgumentParser(prog="python -m serving.client", description="Stream a completion from a jaxllm gRPC server.")
+    p.add_argument("prompt", nargs="?", help="prompt text (a user message with --chat); required unless "
+                   "--info or --health (default: none)")
+    p.add_argument("--target", default="127.0.0.1:50051", help="server address HOST:PORT")
+    p.add_argument("--chat", action="store_true",
+                   help="send the prompt as a chat user message (default: plain text)")
+    p.add_argument("--system", help="system message, with --chat (default: none)")
+    p.add_argument("--api-key", default=None,
+                   help="sent as 'authorization: Bearer <key>' (default: $JAXLLM_API_KEY, else none)")
+    p.add_argument("--tls", action="store_true", help="use TLS with the system roots (default: plaintext)")
+    p.add_argument("--tls-ca", help="PEM root certificate(s) to trust; implies --tls (default: system roots)")
+    p.add_argument("--timeout", type=float, help="deadline in seconds (default: none)")
+    p.add_argument("--request-id", default="", help="request id (default: the server assigns one)")
+    p.add_argument("--info", action="store_true", help="print GetModelInfo and exit (default: off)")
+    p.add_argument("--health", action="store_true", help="print the health status and exit (default: off)")
+    p.add_argument("--show-usage", action="store_true",
+                   help="print the finish reason and token usage after the text (default: off)")
+    add_sampling_args(p, server_defaults=True)
+    # old spellings of this client, kept working
+    add_hidden_alias(p, "--seed", "sampling_seed", type=int)
+    add_hidden_alias(p, "--stop-token-id", "stop_token_ids", type=int, action="extend", nargs=1)
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    from jaxllm.cli_args import sampling_fields_from_args
+
+    p = build_parser()
+    args = p.parse_args(argv)
+    sampling = {k: v for k, v in sampling_fields_from_args(args).items() if k in _SAMPLING_FIELDS}
     client = GenerationClient(args.target, api_key=args.api_key, tls=args.tls,
                               tls_ca=args.tls_ca, timeout=args.timeout)
     try:
@@ -270,7 +283,7 @@ def main(argv: list[str] | None = None) -> int:
             print(client.model_info())
             return 0
         if args.prompt is None:
-            p.error("a prompt is required")
+            p.error("a prompt is required (or --info / --health)")
         kw = dict(sampling, request_id=args.request_id)
         if args.chat:
             chat = ([{"role": "system", "content": args.system}] if args.system else [])
@@ -291,12 +304,14 @@ def main(argv: list[str] | None = None) -> int:
                 print(f"--- [{i}] ---\n{result.texts[i]}")
         else:
             print()
-        if args.show_usage:
-            print(f"finish_reason={result.finish_reasons} usage: prompt={result.usage.prompt_tokens} "
-                  f"completion={result.usage.completion_tokens} "
-                  f"cached={result.usage.cached_tokens}", file=sys.stderr)
+        if args.show_usage:  # its own line on stdout, after the text's newline
+            u = result.usage
+            print(f"finish_reason={result.finish_reasons} usage: prompt={u.prompt_tokens} "
+                  f"completion={u.completion_tokens} cached={u.cached_tokens}")
+        sys.stdout.flush()
         return 0
     except grpc.RpcError as exc:
+        sys.stdout.flush()
         print(f"\nerror: {exc.code().name}: {exc.details()}", file=sys.stderr)
         return 1
     except KeyboardInterrupt:

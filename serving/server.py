@@ -54,6 +54,7 @@ class ServingServer:
         self.async_engine = AsyncEngine(engine, engine_factory=engine_factory, warmup=warmup,
                                         idle_tick=idle_tick)
         self.port: int | None = None
+        self.start_error: BaseException | None = None  # what the engine build / warm-up raised
         self.exit_code: int | None = None
         self.draining = False
         self._grpc: grpc.aio.Server | None = None
@@ -81,21 +82,25 @@ class ServingServer:
         reflection.enable_server_reflection(SERVICE_NAMES, server)
         await self.health_servicer.set("", health_pb2.HealthCheckResponse.NOT_SERVING)
         await self.health_servicer.set(GENERATION_SERVICE, health_pb2.HealthCheckResponse.NOT_SERVING)
-        address = f"{cfg.host}:{cfg.port}"
-        if cfg.tls_cert:
-            with open(cfg.tls_key, "rb") as f:
-                key = f.read()
-            with open(cfg.tls_cert, "rb") as f:
-                cert = f.read()
-            self.port = server.add_secure_port(address, grpc.ssl_server_credentials([(key, cert)]))
-        else:
-            self.port = server.add_insecure_port(address)
+        address = f"[{cfg.host}]:{cfg.port}" if ":" in cfg.host else f"{cfg.host}:{cfg.port}"
+        try:
+            if cfg.tls_cert:
+                with open(cfg.tls_key, "rb") as f:
+                    key = f.read()
+                with open(cfg.tls_cert, "rb") as f:
+                    cert = f.read()
+                self.port = server.add_secure_port(address, grpc.ssl_server_credentials([(key, cert)]))
+            else:
+                self.port = server.add_insecure_port(address)
+        except RuntimeError:  # grpc: "Failed to bind to address ..."
+            self.port = 0
         if not self.port:
-            raise RuntimeError(f"could not bind {address}")
+            raise OSError(f"--host {cfg.host} --port {cfg.port}: cannot listen on {address}: "
+                          f"{_bind_problem(cfg.host, cfg.port, bool(cfg.tls_cert))}")
         await server.start()
         self._grpc = server
-        log.info("serving: listening on %s:%d (%s)", cfg.host, self.port,
-                 "TLS" if cfg.tls_cert else "plaintext")
+        log.debug("serving: listening on %s (%s)", address.replace(f":{cfg.port}", f":{self.port}"),
+                  "TLS" if cfg.tls_cert else "plaintext")
         self.async_engine.add_death_callback(self._on_engine_death)
         ready = self.async_engine.start()
         ready.add_done_callback(self._on_ready)
@@ -107,9 +112,9 @@ class ServingServer:
             return
         exc = fut.exception()
         if exc is None:
-            log.info("serving: engine ready")
-        else:
-            log.error("serving: engine failed to start: %r", exc)
+            log.info("serving: engine ready")  # its start-up time: build_engine's "engine start" line
+        else:  # the cause is in start_error; `python -m serving` prints it as its one error line
+            log.debug("serving: engine failed to start: %r", exc)
 
     def _probe_token_ids(self) -> list[int]:
         tok = getattr(self.async_engine.engine, "tokenizer", None)
@@ -149,8 +154,12 @@ class ServingServer:
 
     # ----- engine death -------------------------------------------------------------------
     def _on_engine_death(self, exc: BaseException) -> None:
-        log.error("serving: engine loop died (%s: %s); exiting with code 1 in %.1fs",
-                  type(exc).__name__, exc, self.config.engine_death_grace)
+        if not self.async_engine.ready:  # build or warm-up raised: a start-up failure
+            self.start_error = getattr(exc, "cause", None) or exc
+            log.debug("serving: engine failed to start (%s: %s)", type(exc).__name__, exc)
+        else:
+            log.error("serving: engine loop died (%s: %s); exiting with code 1 in %.1fs",
+                      type(exc).__name__, exc, self.config.engine_death_grace)
         self._spawn(self._die_later())
 
     async def _die_later(self) -> None:
@@ -198,7 +207,7 @@ class ServingServer:
         if self._grpc is not None:
             await self._grpc.stop(grace=1.0)
         await self.async_engine.stop(timeout=2.0)
-        log.info("serving: stopped (exit code %d)", exit_code)
+        (log.debug if self.start_error is not None else log.info)("serving: stopped (exit code %d)", exit_code)
         self._done.set()
 
     async def stop(self, exit_code: int = 0) -> None:
@@ -215,3 +224,16 @@ class ServingServer:
         task = asyncio.get_running_loop().create_task(coro)
         self._background.add(task)
         task.add_done_callback(self._background.discard)
+
+
+def _bind_problem(host: str, port: int, tls: bool) -> str:
+    """Why gRPC could not bind (it only says 'Failed to bind'): try the same bind ourselves."""
+    import socket
+
+    try:
+        family, kind, proto, _, sockaddr = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM)[0]
+        with socket.socket(family, kind, proto) as sock:
+            sock.bind(sockaddr)
+    except OSError as e:
+        return e.strerror or str(e)
+    return "gRPC refused the TLS credentials (--tls-cert/--tls-key)" if tls else "gRPC could not bind it"

@@ -278,7 +278,8 @@ class AsyncEngine:
                 self._warmup(self.engine)
             self._refresh_stats()
         except BaseException as exc:  # noqa: BLE001 - reported to the loop
-            log.exception("engine build/warm-up failed")
+            # the ready future carries it (the server prints it as one line); traceback at debug
+            log.debug("engine build/warm-up failed", exc_info=True)
             self._die(exc)
             self._post(_set_exception, self._ready, exc)
             return

@@ -44,6 +44,20 @@ def derive_seed(seed: int, index: int) -> int:
     return int.from_bytes(d[:8], "little") % _SEED_MOD
 
 
+def validate_prompt_ids(ids: list[int], vocab_size: int, max_model_len: int) -> None:
+    """The prompt rules (also checked by `python -m jaxllm.generate` before it builds an engine):
+    at least 1 token, every id an int in [0, vocab_size), shorter than max_model_len."""
+    if not ids:
+        raise ValueError("prompt=[] is invalid: the prompt must have at least 1 token")
+    for i, t in enumerate(ids):
+        if isinstance(t, bool) or not isinstance(t, int) or not 0 <= t < vocab_size:
+            raise ValueError(f"prompt_token_ids[{i}]={t!r} is invalid: must be an int in "
+                             f"[0, vocab_size={vocab_size})")
+    if len(ids) >= max_model_len:
+        raise ValueError(f"prompt length={len(ids)} tokens is invalid: must be < "
+                         f"max_model_len={max_model_len} (room for 1 generated token)")
+
+
 class LLMEngine:
     def __init__(self, config: EngineConfig, runner: ModelRunnerProtocol, tokenizer,
                  detokenizer_factory: DetokenizerFactory | None = None) -> None:
@@ -75,6 +89,7 @@ class LLMEngine:
         self.num_steps = 0
         self.num_generated_tokens = 0
         self.num_prompt_tokens = 0
+        self.startup_seconds: float | None = None  # load + warm-up, set by build_engine
 
     # ----- intake -------------------------------------------------------------------
     def _resolve_prompt(self, prompt) -> tuple[str | None, list[int]]:
@@ -96,16 +111,7 @@ class LLMEngine:
                          f"of token ids, or a dict with 'prompt_token_ids' or 'prompt'")
 
     def _validate_ids(self, ids: list[int]) -> None:
-        if not ids:
-            raise ValueError("prompt=[] is invalid: the prompt must have at least 1 token")
-        v = self.vocab_size
-        for i, t in enumerate(ids):
-            if isinstance(t, bool) or not isinstance(t, int) or not 0 <= t < v:
-                raise ValueError(f"prompt_token_ids[{i}]={t!r} is invalid: must be an int in "
-                                 f"[0, vocab_size={v})")
-        if len(ids) >= self.max_model_len:
-            raise ValueError(f"prompt length={len(ids)} tokens is invalid: must be < "
-                             f"max_model_len={self.max_model_len} (room for 1 generated token)")
+        validate_prompt_ids(ids, self.vocab_size, self.max_model_len)
 
     def add_request(self, request_id: str, prompt, params: SamplingParams | None = None,
                     arrival_time: float | None = None) -> None:

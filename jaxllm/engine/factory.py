@@ -3,6 +3,7 @@ hand a ready LLMEngine back. This is where the host engine meets jax."""
 from __future__ import annotations
 
 import hashlib
+import logging
 import os
 import sys
 import time
@@ -14,7 +15,10 @@ from jaxllm.engine.engine import LLMEngine
 
 
 def _info(msg: str) -> None:
-    print(f"[jaxllm] {msg}", file=sys.stderr, flush=True)
+    """A start-up line on stderr; hidden when the `jaxllm` logger's level is set above INFO
+    (the CLIs' `--log-level warning`). Unconfigured (the Python API), it prints."""
+    if logging.getLogger("jaxllm").level <= logging.INFO:
+        print(f"[jaxllm] {msg}", file=sys.stderr, flush=True)
 
 
 def resolve_dtype(name: str):
@@ -109,7 +113,8 @@ def build_engine(config: EngineConfig, *, compile_cache: bool = True, warmup: bo
     if max_model_len > mc.max_position_embeddings:
         raise ValueError(f"max_model_len={max_model_len} is invalid: the model supports at most "
                          f"{mc.max_position_embeddings} positions")
-    config = msgspec.structs.replace(config, max_model_len=max_model_len)
+    # the engine's config holds resolved values (what GetModelInfo and the CLIs report)
+    config = msgspec.structs.replace(config, max_model_len=max_model_len, dtype=jax.numpy.dtype(dtype).name)
     model = build_model(mc, ckpt.params, dtype, layout=layout)
     del ckpt
     runner_kw = dict(block_size=config.block_size, max_model_len=max_model_len, max_num_seqs=config.max_num_seqs,
@@ -152,6 +157,8 @@ def build_engine(config: EngineConfig, *, compile_cache: bool = True, warmup: bo
     _info(f"buckets: {runner.buckets.describe()}")
     if warmup:
         secs = runner.warmup()
-        _info(f"warm-up compiled {len(runner.buckets.all())} buckets in {secs:.1f}s "
-              f"(engine ready {time.perf_counter() - t0:.1f}s after start)")
+        _info(f"warm-up compiled {len(runner.buckets.all())} buckets in {secs:.1f}s")
+    # the one "engine start" figure (load + KV cache + warm-up) that the CLIs and the server print
+    engine.startup_seconds = time.perf_counter() - t0
+    _info(f"engine start {engine.startup_seconds:.1f}s")
     return engine

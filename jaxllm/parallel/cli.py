@@ -10,9 +10,9 @@ import argparse
 def add_distributed_args(ap: argparse.ArgumentParser) -> None:
     g = ap.add_argument_group("multi-host (one mesh over several hosts; scheduler on process 0)")
     g.add_argument("--coordinator-address", default=None,
-                   help="host:port of process 0 for jax.distributed.initialize (omit on one host)")
-    g.add_argument("--num-processes", type=int, default=None, help="number of processes (hosts)")
-    g.add_argument("--process-id", type=int, default=None, help="this process's index, 0 = the scheduler")
+                   help="host:port of process 0 for jax.distributed.initialize (default: none, one host)")
+    g.add_argument("--num-processes", type=int, default=None, help="number of processes (hosts) (default: 1)")
+    g.add_argument("--process-id", type=int, default=None, help="this process's index, 0 = the scheduler (default: 0)")
 
 
 def start_distributed(args) -> bool:

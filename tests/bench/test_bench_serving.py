@@ -20,8 +20,8 @@ def fake_server():
         line = proc.stdout.readline()
         if not line:
             break
-        if line.startswith("serving: listening on"):
-            target = line.split()[-1] if ":" in line.split()[-1] else line.split("listening on")[1].split()[0]
+        if line.startswith("serving: listening grpc="):
+            target = line.strip().split("grpc=", 1)[1]
             break
     assert target, "server did not start"
     from serving.client import GenerationClient

@@ -22,26 +22,27 @@ from serving.proto.jaxllm.v1 import generation_pb2_grpc as pb_grpc
 ROOT = Path(__file__).resolve().parents[2]
 
 
+def listening_port(proc: subprocess.Popen, timeout: float, log_lines: list[str]) -> int:
+    """The port of the stdout line `serving: listening grpc=HOST:PORT`, the only stdout line."""
+    deadline = time.monotonic() + timeout
+    line = proc.stdout.readline()
+    assert line, f"server exited early (code {proc.wait()}): {''.join(log_lines)}"
+    assert time.monotonic() < deadline
+    assert line.startswith("serving: listening grpc=127.0.0.1:"), line
+    return int(line.rsplit(":", 1)[1])
+
+
 class ServerProcess:
     def __init__(self, *args: str):
         env = dict(os.environ, PYTHONPATH=str(ROOT))
         self.proc = subprocess.Popen(
             [sys.executable, "-m", "serving", "--port", "0", "--health-probe-interval", "0.2",
              "--watchdog-timeout", "2", *args],
-            cwd=ROOT, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
-        self.lines: list[str] = []
-        self.port = None
-        deadline = time.monotonic() + 20
-        while self.port is None:
-            line = self.proc.stderr.readline()
-            if not line:
-                raise AssertionError(f"server exited early: {self.lines}")
-            self.lines.append(line)
-            if "listening on" in line and line.startswith("serving:"):
-                self.port = int(line.rsplit(":", 1)[1])
-            assert time.monotonic() < deadline, self.lines
+            cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+        self.lines: list[str] = []  # stderr (logs)
         self._reader = threading.Thread(target=self._read, daemon=True)
         self._reader.start()
+        self.port = listening_port(self.proc, 20, self.lines)
         self.target = f"127.0.0.1:{self.port}"
         self.channel = grpc.insecure_channel(self.target)
         self.stub = pb_grpc.GenerationStub(self.channel)
@@ -164,3 +165,81 @@ def test_serving_imports_no_jax():
     out = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True,
                          timeout=60)
     assert out.returncode == 0, out.stderr
+
+
+def _one_error_line(out: subprocess.CompletedProcess) -> str:
+    lines = [line for line in out.stderr.splitlines() if line.strip()]
+    assert len(lines) == 1 and lines[0].startswith("error: "), out.stderr
+    assert "Traceback" not in out.stderr
+    return lines[0]
+
+
+def _serve(*args: str, env: dict | None = None) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", "serving", "--port", "0", *args], cwd=ROOT,
+                          capture_output=True, text=True, timeout=120, env=env)
+
+
+def test_bad_model_is_one_line_exit_2():
+    out = _serve("--model", "nosuchmodel")
+    assert out.returncode == 2 and out.stdout == ""  # nothing was bound
+    line = _one_error_line(out)
+    assert "nosuchmodel: no such file or directory" in line
+
+
+def test_bad_tls_files_are_one_line_exit_2(tmp_path):
+    missing = _serve("--model", "fake", "--tls-cert", str(tmp_path / "c.pem"), "--tls-key", str(tmp_path / "k.pem"))
+    assert missing.returncode == 2 and f"--tls-cert {tmp_path / 'c.pem'}: no such file" in _one_error_line(missing)
+    junk = tmp_path / "junk.pem"
+    junk.write_text("not a certificate\n")
+    bad = _serve("--model", "fake", "--tls-cert", str(junk), "--tls-key", str(junk))
+    assert bad.returncode == 2 and "need a PEM certificate chain and its private key" in _one_error_line(bad)
+
+
+def test_bad_flag_value_is_one_line_exit_2():
+    out = _serve("--model", "fake", "--max-n", "many")
+    assert out.returncode == 2 and "argument --max-n: invalid int value: 'many'" in _one_error_line(out)
+    out = _serve("--model", "fake", "--max-n", "0")
+    assert out.returncode == 2 and "max_n=0 is invalid" in _one_error_line(out)
+    out = _serve("--dtype", "float64")
+    assert out.returncode == 2 and "--dtype: invalid choice: 'float64'" in _one_error_line(out)
+
+
+def test_port_in_use_is_one_line_exit_1():
+    import socket
+
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        out = subprocess.run([sys.executable, "-m", "serving", "--model", "fake", "--port", str(port)],
+                             cwd=ROOT, capture_output=True, text=True, timeout=60)
+    assert out.returncode == 1 and out.stdout == ""
+    line = _one_error_line(out)
+    assert f"--port {port}: cannot listen on 127.0.0.1:{port}" in line and "in use" in line
+
+
+def test_bad_checkpoint_fails_start_with_one_line_exit_1(tmp_path):
+    """The weights are read on the engine thread after the port opened: still one line, exit 1."""
+    bad = tmp_path / "text.gguf"
+    bad.write_text("hello, I am not a model\n" * 100)
+    out = _serve("--model", str(bad), env={**os.environ, "JAX_PLATFORMS": "cpu"})
+    assert out.returncode == 1
+    assert out.stdout.startswith("serving: listening grpc=127.0.0.1:"), out.stdout
+    line = _one_error_line(out)
+    assert line.startswith("error: engine failed to start: CheckpointError:") and "corrupt or truncated" in line
+
+
+def test_client_cli_reads_api_key_env_and_prints_usage_on_its_own_line(spawn):
+    srv = spawn("--model", "fake:step_delay=0.01", "--api-key", "s3cret")
+    srv.wait_status(health_pb2.HealthCheckResponse.SERVING)
+    cmd = [sys.executable, "-m", "serving.client", "--target", srv.target, "--max-tokens", "5",
+           "--temperature", "0", "--show-usage", "Bonjour"]
+    env = {k: v for k, v in os.environ.items() if k != "JAXLLM_API_KEY"}
+    refused = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=30, env=env)
+    assert refused.returncode == 1 and "UNAUTHENTICATED" in refused.stderr
+    out = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=30,
+                         env={**env, "JAXLLM_API_KEY": "s3cret"})
+    assert out.returncode == 0, out.stderr
+    text, usage = out.stdout.splitlines()
+    assert text == "Bonjo"  # the fake engine echoes the prompt, 5 tokens
+    assert usage.startswith("finish_reason={0: 'length'} usage: prompt=7 completion=5 cached="), usage

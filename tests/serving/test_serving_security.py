@@ -121,3 +121,35 @@ def test_sync_client_helpers_and_cancel_on_break():
             await c.wait_blocks_free()
             assert len([r for r in eng.aborted if not r.startswith(PROBE_PREFIX)]) == 1
     run(main())
+
+
+def test_clients_read_api_key_env_and_take_text(monkeypatch):
+    """JAXLLM_API_KEY is read by the clients as by the server; api_key="" sends none; complete()
+    takes the proto's own name `text` for the prompt."""
+    async def main():
+        async with running_server(api_key=KEY) as c:
+            monkeypatch.setenv("JAXLLM_API_KEY", KEY)
+            async with AsyncGenerationClient(c.target) as ac:
+                assert (await ac.complete(text="abc", max_tokens=3)).text == "abc"
+                assert (await ac.complete("xyz", max_tokens=2)).text == "xy"
+            async with AsyncGenerationClient(c.target, api_key="") as ac:
+                with pytest.raises(grpc.aio.AioRpcError) as ei:
+                    await ac.complete(text="abc", max_tokens=3)
+                assert ei.value.code() == grpc.StatusCode.UNAUTHENTICATED
+            monkeypatch.delenv("JAXLLM_API_KEY")
+            async with AsyncGenerationClient(c.target) as ac:
+                with pytest.raises(grpc.aio.AioRpcError) as ei:
+                    await ac.complete(text="abc", max_tokens=3)
+                assert ei.value.code() == grpc.StatusCode.UNAUTHENTICATED
+    run(main())
+
+
+def test_build_request_text_is_the_prompt():
+    from serving.client import build_request
+
+    assert build_request(text="hi", max_tokens=2) == build_request("hi", max_tokens=2)
+    assert build_request(text="hi").text == "hi"
+    with pytest.raises(ValueError, match="give prompt or text, not both"):
+        build_request("a", text="b")
+    with pytest.raises(ValueError, match="exactly one of prompt"):
+        build_request(text="a", token_ids=[1])

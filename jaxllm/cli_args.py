@@ -1,0 +1,193 @@
+"""The flag vocabulary shared by `python -m jaxllm.generate`, `python -m serving` and
+`python -m serving.client` (no jax: the server's host side and the client import this).
+
+One name per thing, vLLM's where vLLM has one: the engine flags are `vllm serve`'s, the sampling
+flags are the `SamplingParams` field names with dashes. `--seed` is the engine seed everywhere;
+a request's own seed is `--sampling-seed`. Every flag's help has a sentence and its default
+(`HelpFormatter` appends `(default: X)` when the text does not say it) and lists its choices.
+"""
+from __future__ import annotations
+
+import argparse
+import logging
+import os
+import sys
+
+import msgspec
+
+from jaxllm.config import _DTYPES, _LOAD_FORMATS, EngineConfig
+from jaxllm.sampling_params import SamplingParams
+
+LOG_LEVELS = ("debug", "info", "warning", "error", "critical")
+
+
+class HelpFormatter(argparse.RawDescriptionHelpFormatter):
+    """Keeps the description's line breaks; appends `(default: X)` to a value flag's help unless
+    the text already names its default (flags whose default is None must say what unset means)."""
+
+    def _get_help_string(self, action: argparse.Action) -> str:
+        text = action.help or ""
+        if ("default" in text.lower() or action.default in (None, argparse.SUPPRESS)
+                or (action.nargs == 0 and action.default is False)):
+            return text
+        return text + " (default: %(default)s)"
+
+
+class ArgumentParser(argparse.ArgumentParser):
+    """argparse with one-line errors: `error: argument --port: invalid int value: 'x'` and exit 2
+    (argparse prints the whole usage block first)."""
+
+    def __init__(self, *args, **kw):
+        kw.setdefault("formatter_class", HelpFormatter)
+        super().__init__(*args, **kw)
+
+    def error(self, message: str):
+        self.exit(2, f"error: {message} (see {self.prog} --help)\n")
+
+
+def add_hidden_alias(group, flag: str, dest: str, **kw) -> None:
+    """An old spelling kept working but not shown in --help."""
+    group.add_argument(flag, dest=dest, help=argparse.SUPPRESS, default=argparse.SUPPRESS, **kw)
+
+
+# ----- engine ---------------------------------------------------------------------------------
+def add_engine_args(ap: argparse.ArgumentParser) -> None:
+    """The engine flags (`EngineConfig` fields), shared by jaxllm.generate, the server and the benches."""
+    d = EngineConfig()
+    g = ap.add_argument_group("engine")
+    g.add_argument("--model", default="smollm2-135m",
+                   help="model name (smollm2-135m), HF directory, .gguf file, Orbax directory, or a dummy "
+                        "preset (dummy:tiny-llama, or any preset with --load-format dummy)")
+    g.add_argument("--max-model-len", type=int, default=None,
+                   help="longest prompt + output in tokens (default: the model's context length)")
+    g.add_argument("--max-num-seqs", type=int, default=d.max_num_seqs,
+                   help="sequences per engine step (also the largest decode bucket)")
+    g.add_argument("--max-num-batched-tokens", type=int, default=d.max_num_batched_tokens,
+                   help="token budget per step; longer prompts are prefilled in chunks")
+    g.add_argument("--block-size", type=int, default=d.block_size, help="tokens per KV cache block")
+    g.add_argument("--enable-prefix-caching", action=argparse.BooleanOptionalAction,
+                   default=d.enable_prefix_caching, help="share the KV blocks of identical prompt prefixes")
+    g.add_argument("--kv-cache-memory-bytes", type=int, default=None,
+                   help="KV cache size in bytes (default: 1 GiB on CPU; on an accelerator "
+                        "--gpu-memory-utilization of its memory minus weights and working memory)")
+    g.add_argument("--gpu-memory-utilization", type=float, default=d.gpu_memory_utilization,
+                   help="fraction of accelerator memory jaxllm may use")
+    g.add_argument("--tensor-parallel-size", type=int, default=d.tensor_parallel_size,
+                   help="devices to shard the model over")
+    g.add_argument("--dtype", default=d.dtype, choices=_DTYPES,
+                   help="weights and activations; auto = bfloat16 on an accelerator, float32 on CPU")
+    g.add_argument("--load-format", default=d.load_format, choices=_LOAD_FORMATS,
+                   help="checkpoint format; auto decides from the path")
+    g.add_argument("--seed", type=int, default=d.seed,
+                   help="engine seed: requests without --sampling-seed draw their seed from it")
+
+
+def engine_config_from_args(args) -> EngineConfig:
+    return EngineConfig(model=args.model, max_model_len=args.max_model_len, max_num_seqs=args.max_num_seqs,
+                        max_num_batched_tokens=args.max_num_batched_tokens, block_size=args.block_size,
+                        enable_prefix_caching=args.enable_prefix_caching,
+                        kv_cache_memory_bytes=args.kv_cache_memory_bytes,
+                        gpu_memory_utilization=args.gpu_memory_utilization,
+                        tensor_parallel_size=args.tensor_parallel_size, dtype=args.dtype,
+                        load_format=args.load_format, seed=args.seed)
+
+
+# ----- sampling ---------------------------------------------------------------------------------
+# (field, type, help); the flag is --field-with-dashes except seed (--sampling-seed).
+_SAMPLING = (
+    ("n", int, "samples per prompt"),
+    ("temperature", float, "0 = greedy"),
+    ("top_p", float, "nucleus sampling: keep the smallest set of tokens with this much probability"),
+    ("top_k", int, "keep the k most likely tokens; -1 or 0 = off"),
+    ("min_p", float, "drop tokens less likely than min_p times the most likely one"),
+    ("presence_penalty", float, "subtracted from the logit of every token already generated, in [-2, 2]"),
+    ("frequency_penalty", float, "subtracted per occurrence of a generated token, in [-2, 2]"),
+    ("repetition_penalty", float, "divides positive logits of prompt and generated tokens; 1 = off"),
+    ("max_tokens", int, "tokens to generate at most"),
+    ("min_tokens", int, "tokens to generate before EOS, stop ids or stop strings may end the request"),
+    ("logprobs", int, "return the top-k logprobs of each generated token"),
+    ("prompt_logprobs", int, "return the top-k logprobs of each prompt token"),
+    ("truncate_prompt_tokens", int, "keep each prompt's last K tokens"),
+)
+
+
+def add_sampling_args(ap: argparse.ArgumentParser, *, server_defaults: bool = False) -> None:
+    """The `SamplingParams` fields as flags. `server_defaults` (the gRPC client): an unset flag is
+    not sent and the server's default applies; the help shows that default."""
+    d = SamplingParams()
+
+    def default(field, shown=None):
+        value = getattr(d, field)
+        if not server_defaults:
+            return value, ""
+        return None, f" (default: the server's, {shown if shown is not None else value})"
+
+    g = ap.add_argument_group("sampling" + (" (unset = the server's default)" if server_defaults else ""))
+    for field, typ, text in _SAMPLING:
+        value, note = default(field, "none" if getattr(d, field) is None else None)
+        if getattr(d, field) is None and not note:
+            note = " (default: off)"
+        g.add_argument("--" + field.replace("_", "-"), type=typ, default=value, help=text + note)
+    value, note = default("seed", "drawn from the engine seed")
+    g.add_argument("--sampling-seed", type=int, dest="sampling_seed", default=value,
+                   help="this request's seed" + (note or " (default: drawn from the engine --seed)"))
+    g.add_argument("--stop", action="append", default=None,
+                   help="stop string, repeatable (default: none)")
+    g.add_argument("--stop-token-ids", type=int, nargs="+", action="extend", default=None, metavar="ID",
+                   help="token ids that end the request, several values or repeated (default: none)")
+    value, note = default("ignore_eos")
+    g.add_argument("--ignore-eos", action="store_true", default=value,
+                   help="keep generating after EOS" + (note or " (default: off)"))
+    value, note = default("skip_special_tokens")
+    g.add_argument("--skip-special-tokens", action=argparse.BooleanOptionalAction, default=value,
+                   help="leave special tokens out of the text" + note)
+    value, note = default("include_stop_str_in_output")
+    g.add_argument("--include-stop-str-in-output", action="store_true", default=value,
+                   help="keep the matched stop string at the end of the text" + (note or " (default: off)"))
+    g.add_argument("--allowed-token-ids", type=int, nargs="+", action="extend", default=None, metavar="ID",
+                   help="sample only among these ids (default: all)")
+    g.add_argument("--logit-bias", type=_logit_bias, default=None, metavar="JSON",
+                   help='token id -> bias added to its logit, e.g. \'{"50256": -100}\' (default: none)')
+
+
+def sampling_fields_from_args(args) -> dict:
+    """{SamplingParams field: value} of the sampling flags (None = unset); `seed` is --sampling-seed
+    (args.seed, where there is one, is the engine's)."""
+    fields = {f: getattr(args, f) for f in SamplingParams.__struct_fields__ if f != "seed" and hasattr(args, f)}
+    return {**fields, "seed": getattr(args, "sampling_seed", None)}
+
+
+def sampling_params_from_args(args) -> SamplingParams:
+    return SamplingParams(**{k: v for k, v in sampling_fields_from_args(args).items() if v is not None})
+
+
+def _logit_bias(text: str) -> dict[int, float]:
+    try:
+        return msgspec.json.decode(text, type=dict[int, float])
+    except msgspec.DecodeError as e:
+        raise argparse.ArgumentTypeError(f"--logit-bias {text!r} is invalid: need a JSON object of "
+                                         f"token id -> number ({e})") from None
+
+
+# ----- logging -----------------------------------------------------------------------------------
+def add_log_level_arg(ap: argparse.ArgumentParser) -> None:
+    ap.add_argument("--log-level", type=str.lower, default="info", choices=LOG_LEVELS,
+                    help="level of the log lines on stderr; JAX's and gRPC's own INFO lines (backend "
+                         "probing, compile cache) show only at debug")
+
+
+def configure_logging(level: str) -> None:
+    """Root handler at `level`; the `jaxllm` logger (start-up lines) at `level`; JAX, absl and gRPC
+    at WARNING unless `level` is debug (their INFO lines, e.g. "Unable to initialize backend 'tpu'"
+    and "Resetting cache at <empty>", are not news to a user)."""
+    lvl = getattr(logging, level.upper())
+    logging.basicConfig(level=lvl, stream=sys.stderr, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    logging.getLogger().setLevel(lvl)
+    logging.getLogger("jaxllm").setLevel(lvl)
+    quiet = lvl if lvl <= logging.DEBUG else max(lvl, logging.WARNING)
+    for name in ("jax", "absl", "grpc"):
+        logging.getLogger(name).setLevel(quiet)
+
+
+def api_key_from_env() -> str | None:
+    return os.environ.get("JAXLLM_API_KEY") or None

@@ -1,0 +1,118 @@
+"""One flag vocabulary across `python -m jaxllm.generate`, `python -m serving` and
+`python -m serving.client`: every flag has a sentence, a visible default and its choices; the
+renamed flags and their old spellings; one-line argparse errors; quiet JAX loggers."""
+from __future__ import annotations
+
+import argparse
+import logging
+
+import pytest
+
+from jaxllm import generate
+from jaxllm.cli_args import configure_logging, sampling_fields_from_args, sampling_params_from_args
+from serving import __main__ as server_main
+from serving import client
+
+PARSERS = {"generate": generate.build_parser, "serving": server_main.build_parser, "client": client.build_parser}
+
+
+def _actions(parser: argparse.ArgumentParser):
+    return [a for a in parser._actions if not isinstance(a, argparse._HelpAction)]
+
+
+@pytest.mark.parametrize("name", sorted(PARSERS))
+def test_every_flag_has_help_default_and_choices(name):
+    parser = PARSERS[name]()
+    formatter = parser._get_formatter()
+    text = parser.format_help()
+    visible_dests = {a.dest for a in _actions(parser) if a.help != argparse.SUPPRESS}
+    for action in _actions(parser):
+        flag = "/".join(action.option_strings) or action.dest
+        if action.help == argparse.SUPPRESS:  # only old spellings of a shown flag may hide
+            assert action.dest in visible_dests, f"{name} {flag}: hidden and not an alias"
+            continue
+        assert action.help and len(action.help.split()) >= 3, f"{name} {flag}: no sentence"
+        shown = formatter._expand_help(action)
+        assert "default" in shown.lower(), f"{name} {flag}: the help does not say its default: {shown!r}"
+        if action.default not in (None, False, argparse.SUPPRESS) and "(default: " not in action.help:
+            assert f"(default: {action.default})" in shown, (name, flag, shown)
+        if action.choices:
+            assert "{" + ",".join(map(str, action.choices)) + "}" in text, f"{name} {flag}: choices not listed"
+
+
+def test_engine_flags_are_one_set():
+    """The server takes exactly generate's engine flags, with the same defaults and choices."""
+    def engine_flags(parser):
+        group = next(g for g in parser._action_groups if g.title == "engine")
+        return {a.dest: (a.option_strings, a.default, a.choices) for a in group._group_actions}
+    gen, srv = engine_flags(generate.build_parser()), engine_flags(server_main.build_parser())
+    assert gen == srv
+    assert gen["model"][1] == "smollm2-135m"  # the server no longer requires --model
+    assert gen["dtype"][2] == ("auto", "float32", "bfloat16", "float16")
+    assert gen["load_format"][2] == ("auto", "safetensors", "gguf", "dummy", "orbax")
+    assert server_main.build_parser().parse_args([]).model == "smollm2-135m"
+
+
+def test_sampling_flags_are_one_set():
+    """The client's sampling flags are generate's (same names), unset = the server's default."""
+    def sampling(parser):
+        return {s for a in parser._actions if a.help != argparse.SUPPRESS and a.dest in
+                {"sampling_seed", *client._SAMPLING_FIELDS} for s in a.option_strings}
+    gen_flags = {s for s in sampling(generate.build_parser()) if s != "--seed"}  # --seed: engine seed
+    assert gen_flags == sampling(client.build_parser())
+    args = client.build_parser().parse_args(["x"])
+    assert all(v is None for v in sampling_fields_from_args(args).values()), vars(args)
+
+
+def test_seed_and_stop_token_ids_spellings():
+    gen = generate.build_parser().parse_args(["--seed", "7", "--sampling-seed", "3", "--stop-token-ids", "1", "2",
+                                              "--stop-token-ids", "5"])
+    assert gen.seed == 7  # engine seed
+    params = sampling_params_from_args(gen)
+    assert params.seed == 3 and params.stop_token_ids == [1, 2, 5]
+    cli = client.build_parser()
+    a = cli.parse_args(["p", "--sampling-seed", "4", "--stop-token-ids", "1", "2", "--stop-token-ids", "3"])
+    assert sampling_fields_from_args(a)["seed"] == 4 and a.stop_token_ids == [1, 2, 3]
+    old = cli.parse_args(["--seed", "9", "--stop-token-id", "1", "--stop-token-id", "2", "p"])  # hidden aliases
+    assert sampling_fields_from_args(old)["seed"] == 9 and old.stop_token_ids == [1, 2]
+    assert "--stop-token-id " not in cli.format_help() and "  --seed" not in cli.format_help()
+
+
+def test_client_api_key_default_names_env_without_showing_it(monkeypatch):
+    monkeypatch.setenv("JAXLLM_API_KEY", "hunter2")
+    for name in ("serving", "client"):
+        assert "hunter2" not in PARSERS[name]().format_help()
+    assert server_main.build_parser().parse_args([]).api_key == "hunter2"
+    assert client._metadata(None) == (("authorization", "Bearer hunter2"),)
+    assert client._metadata("") is None and client._metadata("k") == (("authorization", "Bearer k"),)
+    monkeypatch.delenv("JAXLLM_API_KEY")
+    assert client._metadata(None) is None
+
+
+@pytest.mark.parametrize("name,argv,needle", [
+    ("generate", ["--max-tokens", "x"], "argument --max-tokens: invalid int value: 'x'"),
+    ("serving", ["--dtype", "fp8"], "argument --dtype: invalid choice: 'fp8'"),
+    ("client", ["--top-k", "1.5", "p"], "argument --top-k: invalid int value: '1.5'"),
+])
+def test_argparse_errors_are_one_line(name, argv, needle, capsys):
+    with pytest.raises(SystemExit) as e:
+        PARSERS[name]().parse_args(argv)
+    err = capsys.readouterr().err
+    assert e.value.code == 2 and err.count("\n") == 1 and err.startswith("error: ") and needle in err, err
+
+
+def test_log_level_quiets_jax_unless_debug():
+    saved = {n: logging.getLogger(n).level for n in ("", "jaxllm", "jax", "absl", "grpc")}
+    try:
+        configure_logging("info")
+        assert logging.getLogger("serving").isEnabledFor(logging.INFO)
+        for name in ("jax._src.xla_bridge", "jax._src.compilation_cache"):  # "Unable to initialize
+            assert not logging.getLogger(name).isEnabledFor(logging.INFO)  # backend", "Resetting cache"
+            assert logging.getLogger(name).isEnabledFor(logging.WARNING)
+        configure_logging("debug")
+        assert logging.getLogger("jax._src.xla_bridge").isEnabledFor(logging.DEBUG)
+        configure_logging("warning")
+        assert not logging.getLogger("jaxllm").isEnabledFor(logging.INFO)
+    finally:
+        for n, lvl in saved.items():
+            logging.getLogger(n).setLevel(lvl)
