@@ -13,6 +13,7 @@ import time
 import msgspec
 
 from jaxllm.config import EngineConfig
+from jaxllm.outputs import output_json
 from jaxllm.parallel.cli import add_distributed_args, run_follower, start_distributed
 from jaxllm.sampling_params import SamplingParams
 
@@ -194,7 +195,7 @@ def main(argv=None) -> int:
     if args.output:
         with open(args.output, "wb") as f:
             for o in outs:
-                f.write(msgspec.json.encode(o) + b"\n")
+                f.write(output_json(o) + b"\n")  # logprobs as {"token_id": logprob}
     print(f"\n{len(outs)} requests, {n_prompt} prompt tokens, {n_out} output tokens in {secs:.2f}s: "
           f"{n_out / secs:.1f} output tok/s (engine start {t1 - t0:.1f}s)")
     return 0
