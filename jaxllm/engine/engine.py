@@ -67,7 +67,8 @@ class LLMEngine:
             from jaxllm.tokenizer import IncrementalDetokenizer  # the lead's; lazy on purpose
             detokenizer_factory = IncrementalDetokenizer
         self.detokenizer_factory = detokenizer_factory
-        self._token_texts = TokenTexts(tokenizer)  # Logprob.decoded_token
+        # Logprob.decoded_token (None for tokenizer-less models, like detokenize=False)
+        self._token_texts = TokenTexts(tokenizer) if getattr(tokenizer, "has_text", True) else None
         self.kv = KVCacheManager(num_blocks, config.block_size, config.enable_prefix_caching)
         self.scheduler = Scheduler(config.scheduler_config(), self.kv)
         self._rng = random.Random(config.seed)

@@ -206,7 +206,7 @@ def test_sampled_logprobs_ranks_and_texts_outside_the_top_k(engine, reference):
     prompts = random_prompts(9, 3, 5, 40)
     outs = generate(engine, prompts, SamplingParams(temperature=3.0, seed=4, max_tokens=8, ignore_eos=True,
                                                     logprobs=2))
-    tok_text = engine.tokenizer.decode
+    assert engine.tokenizer.has_text is False
     outside = 0
     for p, o in zip(prompts, outs):
         c = o.outputs[0]
@@ -220,7 +220,8 @@ def test_sampled_logprobs_ranks_and_texts_outside_the_top_k(engine, reference):
             assert [entry[int(t)].rank for t in top if int(t) != tok] == [r + 1 for r, t in enumerate(top)
                                                                           if int(t) != tok]
             assert len(entry) == 2 + (tok not in top)
-            assert all(lp.decoded_token == tok_text([t], skip_special_tokens=False) for t, lp in entry.items())
+            # the tiny model has no tokenizer: no text (tests/engine/test_engine.py checks texts)
+            assert all(lp.decoded_token is None for lp in entry.values())
     assert outside > 0, "no draw outside the top-2: raise the temperature"
 
 

@@ -24,7 +24,7 @@ def test_prompt_logprobs_match_transformers(setup):
     outs = llm.generate([{"prompt_token_ids": p} for p in prompts],
                         SamplingParams(max_tokens=2, prompt_logprobs=3, temperature=0, n=2), use_tqdm=False)
     model = transformers.AutoModelForCausalLM.from_pretrained(d, dtype=torch.float32)
-    tok = llm.get_tokenizer()
+    assert llm.get_tokenizer().has_text is False  # texts: tests/engine/test_engine.py
     ranks = []
     for p, o in zip(prompts, outs):
         with torch.no_grad():
@@ -41,7 +41,7 @@ def test_prompt_logprobs_match_transformers(setup):
             assert set(top3) <= set(pl[i]), (i, top3, pl[i])
             assert [pl[i][t].rank for t in top3 if t != p[i]] == [r + 1 for r, t in enumerate(top3) if t != p[i]]
             assert len(pl[i]) in (3, 4)  # the prompt token plus the top 3 (it may be among them)
-            assert all(lp.decoded_token == tok.decode([t], skip_special_tokens=False) for t, lp in pl[i].items())
+            assert all(lp.decoded_token is None for lp in pl[i].values())  # no tokenizer: no text
     assert max(ranks) > 3
     runner = llm.engine.runner
     assert runner.compile_count == 2 * len(runner.buckets.all())  # step + prompt-lp per bucket, at warm-up only
