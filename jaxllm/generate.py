@@ -13,6 +13,7 @@ import time
 import msgspec
 
 from jaxllm.config import EngineConfig
+from jaxllm.logprobs_table import format_table, rows_from_logprobs
 from jaxllm.outputs import output_json
 from jaxllm.parallel.cli import add_distributed_args, run_follower, start_distributed
 from jaxllm.sampling_params import SamplingParams
@@ -64,7 +65,10 @@ def add_sampling_args(ap: argparse.ArgumentParser) -> None:
     g.add_argument("--ignore-eos", action="store_true")
     g.add_argument("--max-tokens", type=int, default=d.max_tokens)
     g.add_argument("--min-tokens", type=int, default=d.min_tokens)
-    g.add_argument("--logprobs", type=int, default=None)
+    g.add_argument("--logprobs", type=int, default=None, metavar="K",
+                   help="return the top-K logprobs of every generated token (and print them as a table)")
+    g.add_argument("--prompt-logprobs", type=int, default=None, metavar="K",
+                   help="return the top-K logprobs of every prompt token (and print them as a table)")
     g.add_argument("--skip-special-tokens", action=argparse.BooleanOptionalAction, default=True)
     g.add_argument("--allowed-token-ids", type=int, nargs="+", default=None, help="sample only among these ids")
     g.add_argument("--logit-bias", type=_logit_bias, default=None, metavar="JSON",
@@ -78,7 +82,8 @@ def sampling_params_from_args(args) -> SamplingParams:
                           frequency_penalty=args.frequency_penalty, repetition_penalty=args.repetition_penalty,
                           seed=args.sampling_seed, stop=args.stop, stop_token_ids=args.stop_token_ids,
                           ignore_eos=args.ignore_eos, max_tokens=args.max_tokens, min_tokens=args.min_tokens,
-                          logprobs=args.logprobs, skip_special_tokens=args.skip_special_tokens,
+                          logprobs=args.logprobs, prompt_logprobs=args.prompt_logprobs,
+                          skip_special_tokens=args.skip_special_tokens,
                           allowed_token_ids=args.allowed_token_ids, logit_bias=args.logit_bias,
                           truncate_prompt_tokens=args.truncate_prompt_tokens)
 
@@ -189,9 +194,16 @@ def main(argv=None) -> int:
     for (kind, payload), o in zip(items, outs):
         shown = payload[-1]["content"] if kind == "chat" else payload
         print(f"\n>>> {shown!r}" if kind != "ids" else f"\n>>> {len(payload)} token ids")
+        if o.prompt_logprobs is not None:
+            k = params.prompt_logprobs
+            print(format_table(rows_from_logprobs(o.prompt_token_ids, o.prompt_logprobs, k), k,
+                               "prompt logprobs (position 0 has none):"))
         for c in o.outputs:
             tag = f"[{c.index}] " if len(o.outputs) > 1 else ""
             print(f"{tag}{c.text}\n    (finish_reason={c.finish_reason}, {len(c.token_ids)} tokens)")
+            if c.logprobs is not None:
+                print(format_table(rows_from_logprobs(c.token_ids, c.logprobs, params.logprobs), params.logprobs,
+                                   f"{tag}logprobs of the generated tokens:"))
     if args.output:
         with open(args.output, "wb") as f:
             for o in outs:
