@@ -15,6 +15,8 @@ import msgspec
 
 from jaxllm.cli_args import (ArgumentParser, add_engine_args, add_log_level_arg, add_sampling_args,
                              configure_logging, engine_config_from_args, sampling_params_from_args)
+from jaxllm.logprobs_table import format_table, rows_from_logprobs
+from jaxllm.outputs import output_json
 from jaxllm.parallel.cli import add_distributed_args, run_follower, start_distributed
 from jaxllm.prompt_inputs import cli_items, read_inputs, validate_items
 
@@ -103,13 +105,20 @@ def main(argv=None) -> int:
     n_out = sum(len(c.token_ids) for o in outs for c in o.outputs)
     for it, o in zip(items, outs):
         print(f"\n>>> {it.shown}")
+        if o.prompt_logprobs is not None:
+            k = it.params.prompt_logprobs
+            print(format_table(rows_from_logprobs(o.prompt_token_ids, o.prompt_logprobs, k), k,
+                               "prompt logprobs (position 0 has none):"))
         for c in o.outputs:
             tag = f"[{c.index}] " if len(o.outputs) > 1 else ""
             print(f"{tag}{c.text}\n    (finish_reason={c.finish_reason}, {len(c.token_ids)} tokens)")
+            if c.logprobs is not None:
+                print(format_table(rows_from_logprobs(c.token_ids, c.logprobs, it.params.logprobs), it.params.logprobs,
+                                   f"{tag}logprobs of the generated tokens:"))
     if args.output:
         with open(args.output, "wb") as f:
             for o in outs:
-                f.write(msgspec.json.encode(o) + b"\n")
+                f.write(output_json(o) + b"\n")  # logprobs as {"token_id": logprob}
     startup = getattr(llm.engine, "startup_seconds", None)
     print(f"\n{len(outs)} requests, {n_prompt} prompt tokens, {n_out} output tokens in {secs:.2f}s: "
           f"{n_out / secs:.1f} output tok/s" + (f" (engine start {startup:.1f}s)" if startup is not None else ""))

@@ -13,10 +13,41 @@ import msgspec
 
 FinishReason = Literal["stop", "length", "abort"]
 
-# One entry per generated token: {token_id: logprob} holding the sampled token and the top-k.
-Logprobs = list[dict[int, float]]
+
+class Logprob(msgspec.Struct):
+    """vLLM's ``Logprob``: one token's entry in a logprobs dict.
+
+    ``logprob``: under the raw model distribution (log_softmax of the unprocessed logits).
+    ``rank``: 1-based rank of the token in that whole distribution (1 + the number of tokens with a
+    strictly greater logit), also for a sampled or prompt token outside the top-k.
+    ``decoded_token``: the token's text alone, ``tokenizer.decode([id], skip_special_tokens=False)``
+    as vLLM shows it; None when the request has ``detokenize=False``."""
+
+    logprob: float
+    rank: int | None = None
+    decoded_token: str | None = None
+
+
+# One entry per generated token: {token_id: Logprob} holding the sampled token and the top-k.
+Logprobs = list[dict[int, Logprob]]
 # One entry per prompt token; the first is None (nothing predicts it).
-PromptLogprobs = list[dict[int, float] | None]
+PromptLogprobs = list[dict[int, Logprob] | None]
+
+
+def flat_logprobs(entries):
+    """Logprobs or PromptLogprobs as plain ``{token_id: logprob}`` dicts (None stays None): the
+    shape the JSONL output and the gRPC messages carry."""
+    if entries is None:
+        return None
+    return [None if e is None else {t: lp.logprob for t, lp in e.items()} for e in entries]
+
+
+def output_json(out: "RequestOutput") -> bytes:
+    """One JSONL line for ``out`` with logprobs as ``{"token_id": logprob}`` (the ``--output``
+    format, unchanged by the ``Logprob`` objects; rank and text are not written)."""
+    outs = [msgspec.structs.replace(c, logprobs=flat_logprobs(c.logprobs)) for c in out.outputs]
+    return msgspec.json.encode(msgspec.structs.replace(out, outputs=outs,
+                                                       prompt_logprobs=flat_logprobs(out.prompt_logprobs)))
 
 
 class CompletionOutput(msgspec.Struct, kw_only=True):

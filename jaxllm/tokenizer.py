@@ -174,6 +174,8 @@ class TokenIdsOnlyTokenizer:
     """Stands in for models without tokenizer files (dummy presets): prompts must be token ids and
     outputs carry token ids with empty text."""
 
+    has_text = False  # no token has a text: Logprob.decoded_token stays None
+
     def __init__(self, vocab_size: int, eos_token_ids=()):
         self.vocab_size = vocab_size
         self.eos_token_ids = set(eos_token_ids)

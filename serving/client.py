@@ -21,6 +21,7 @@ from typing import AsyncIterator, Iterator
 import grpc
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
+from jaxllm.logprobs_table import Alternative, TokenRow, format_table
 from serving.proto.jaxllm.v1 import generation_pb2 as pb
 from serving.proto.jaxllm.v1 import generation_pb2_grpc as pb_grpc
 
@@ -62,8 +63,9 @@ class Completion:
     token_ids: dict[int, list[int]] = dataclasses.field(default_factory=dict)
     finish_reasons: dict[int, str | None] = dataclasses.field(default_factory=dict)
     stop_reasons: dict[int, int | str | None] = dataclasses.field(default_factory=dict)
-    logprobs: dict[int, list] = dataclasses.field(default_factory=dict)
+    logprobs: dict[int, list] = dataclasses.field(default_factory=dict)  # pb.TokenLogprobs per token
     prompt_token_ids: list[int] = dataclasses.field(default_factory=list)
+    prompt_logprobs: list = dataclasses.field(default_factory=list)  # pb.PromptTokenLogprobs per token
     usage: pb.Usage | None = None
     num_responses: int = 0
 
@@ -72,6 +74,8 @@ class Completion:
         self.request_id = resp.request_id
         if resp.prompt_token_ids:
             self.prompt_token_ids = list(resp.prompt_token_ids)
+        if resp.prompt_logprobs:
+            self.prompt_logprobs = list(resp.prompt_logprobs)
         for d in resp.outputs:
             self.texts[d.index] = self.texts.get(d.index, "") + d.text
             self.token_ids.setdefault(d.index, []).extend(d.token_ids)
@@ -240,6 +244,49 @@ class AsyncGenerationClient:
 
 
 # ----- CLI ---------------------------------------------------------------------------------
+def logprob_rows(token_ids: list[int], entries: list, k: int, text) -> list[TokenRow]:
+    """Table rows from the proto: per token, ``entries[i]`` lists (best first) the token itself and
+    the top-k (a ``TokenLogprobs``' ``top_logprobs``, or a ``PromptTokenLogprobs``' ``logprobs``;
+    None or ``present=False``: nothing predicts it). The proto carries no rank: it is exact when
+    the token is among the top-k (1 + how many listed are strictly more likely), else ">k".
+    ``text(id)`` gives a token's text."""
+    rows = []
+    for pos, (tid, e) in enumerate(zip(token_ids, entries)):
+        if isinstance(e, pb.PromptTokenLogprobs):
+            listed = list(e.logprobs) if e.present else []
+        else:
+            listed = list(e.top_logprobs) if e is not None else []
+        own = next((x.logprob for x in listed if x.token_id == tid), None)
+        if own is None:
+            rows.append(TokenRow(pos, tid, text(tid), None, None, []))
+            continue
+        above = sum(x.logprob > own for x in listed)
+        inside = above < k
+        alts = [Alternative(x.token_id, text(x.token_id), x.logprob) for x in listed
+                if inside or x.token_id != tid][:k]
+        rows.append(TokenRow(pos, tid, text(tid), own, above + 1 if inside else f">{k}", alts))
+    return rows
+
+
+def _print_logprobs(client: "GenerationClient", result: Completion, logprobs: int | None,
+                    prompt_logprobs: int | None) -> None:
+    texts: dict[int, str] = {}
+
+    def text(tid: int) -> str:  # the server's tokenizer, one Detokenize per distinct id
+        if tid not in texts:
+            texts[tid] = client.detokenize([tid], skip_special_tokens=False)
+        return texts[tid]
+
+    if prompt_logprobs is not None and result.prompt_logprobs:
+        print(format_table(logprob_rows(result.prompt_token_ids, result.prompt_logprobs, prompt_logprobs, text),
+                           prompt_logprobs, "prompt logprobs (position 0 has none):"))
+    if logprobs is not None:
+        for i in sorted(result.logprobs):
+            tag = f"[{i}] " if len(result.token_ids) > 1 else ""
+            print(format_table(logprob_rows(result.token_ids[i], result.logprobs[i], logprobs, text),
+                               logprobs, f"{tag}logprobs of the generated tokens:"))
+
+
 def build_parser():
     from jaxllm.cli_args import ArgumentParser, add_hidden_alias, add_sampling_args
 
@@ -304,6 +351,8 @@ def main(argv: list[str] | None = None) -> int:
                 print(f"--- [{i}] ---\n{result.texts[i]}")
         else:
             print()
+        if args.logprobs is not None or args.prompt_logprobs is not None:
+            _print_logprobs(client, result, args.logprobs, args.prompt_logprobs)
         if args.show_usage:  # its own line on stdout, after the text's newline
             u = result.usage
             print(f"finish_reason={result.finish_reasons} usage: prompt={u.prompt_tokens} "

@@ -156,8 +156,8 @@ class DeltaTracker:
             for entry in out.prompt_logprobs:
                 item = resp.prompt_logprobs.add(present=entry is not None)
                 if entry:
-                    for tid, lp in sorted(entry.items(), key=lambda kv: -kv[1]):
-                        item.logprobs.add(token_id=int(tid), logprob=_f(lp))
+                    for tid, lp in sorted(entry.items(), key=lambda kv: -kv[1].logprob):
+                        item.logprobs.add(token_id=int(tid), logprob=_f(lp.logprob))
             self._prompt_logprobs_sent = True
         for idx in sorted(self.latest):
             delta = self._delta(idx, self.latest[idx])
@@ -188,11 +188,12 @@ class DeltaTracker:
         d = pb.CompletionDelta(index=idx, token_ids=new_tokens, text=new_text)
         if c.logprobs is not None:
             for j in range(sent.tokens, min(n_tok, len(c.logprobs))):
-                entry = c.logprobs[j] or {}
+                entry = c.logprobs[j] or {}  # {token_id: jaxllm.Logprob}
                 tid = token_ids[j]
-                tl = d.logprobs.add(token_id=int(tid), logprob=_f(entry.get(tid, float("nan"))))
-                for k, lp in sorted(entry.items(), key=lambda kv: -kv[1]):
-                    tl.top_logprobs.add(token_id=int(k), logprob=_f(lp))
+                own = entry.get(tid)
+                tl = d.logprobs.add(token_id=int(tid), logprob=_f(own.logprob if own is not None else float("nan")))
+                for k, lp in sorted(entry.items(), key=lambda kv: -kv[1].logprob):
+                    tl.top_logprobs.add(token_id=int(k), logprob=_f(lp.logprob))
         if c.cumulative_logprob is not None:
             d.cumulative_logprob = _f(c.cumulative_logprob)
         if done and not sent.finished:

@@ -29,7 +29,7 @@ from jaxllm.config import EngineConfig
 from jaxllm.core.kv_cache_manager import KVCacheManager, cdiv
 from jaxllm.core.request import Request, RequestStatus
 from jaxllm.core.scheduler import Scheduler
-from jaxllm.engine.output_processor import DetokenizerFactory, ParentState, SeqState
+from jaxllm.engine.output_processor import DetokenizerFactory, ParentState, SeqState, TokenTexts
 from jaxllm.engine.runner_protocol import ModelRunnerProtocol
 from jaxllm.outputs import RequestOutput
 from jaxllm.sampling_params import SamplingParams
@@ -81,6 +81,8 @@ class LLMEngine:
             from jaxllm.tokenizer import IncrementalDetokenizer  # the lead's; lazy on purpose
             detokenizer_factory = IncrementalDetokenizer
         self.detokenizer_factory = detokenizer_factory
+        # Logprob.decoded_token (None for tokenizer-less models, like detokenize=False)
+        self._token_texts = TokenTexts(tokenizer) if getattr(tokenizer, "has_text", True) else None
         self.kv = KVCacheManager(num_blocks, config.block_size, config.enable_prefix_caching)
         self.scheduler = Scheduler(config.scheduler_config(), self.kv)
         self._rng = random.Random(config.seed)
@@ -141,13 +143,14 @@ class LLMEngine:
         base_seed = (params.seed % _SEED_MOD) if params.seed is not None \
             else self._rng.getrandbits(63)
         max_out = min(params.max_tokens, self.max_model_len - len(ids))
-        parent = ParentState(request_id, text, ids, arrival, params.prompt_logprobs is not None)
+        token_text = self._token_texts if params.detokenize else None
+        parent = ParentState(request_id, text, ids, arrival, params.prompt_logprobs is not None, token_text)
         for i, cid in enumerate(child_ids):
             req = Request(cid, ids, params, seed=derive_seed(base_seed, i), arrival_time=arrival,
                           max_output_tokens=max_out)
             detok = (self.detokenizer_factory(self.tokenizer, ids, params.skip_special_tokens)
                      if params.detokenize else _NO_TEXT)
-            seq = SeqState(req, i, detok)
+            seq = SeqState(req, i, detok, token_text)
             parent.children.append(seq)
             self._seqs[cid] = (parent, seq)
             self.scheduler.add_request(req)

@@ -2,7 +2,6 @@
 hand a ready LLMEngine back. This is where the host engine meets jax."""
 from __future__ import annotations
 
-import hashlib
 import logging
 import os
 import sys
@@ -30,21 +29,39 @@ def resolve_dtype(name: str):
     return {"float32": jnp.float32, "bfloat16": jnp.bfloat16, "float16": jnp.float16}[name]
 
 
-def enable_compile_cache(config: EngineConfig) -> str:
-    """JAX's persistent compilation cache, one directory per (model, engine config): a restart
-    with the same settings loads every bucket's executable instead of compiling it."""
+def enable_compile_cache(root: str | None = None) -> str:
+    """JAX's persistent compilation cache in one directory for every model and engine config
+    (``root``, else ``$JAXLLM_COMPILE_CACHE``, else ``~/.cache/jaxllm/xla``): a restart, or another
+    engine whose compiled programs are the same, loads every bucket's executable instead of
+    compiling it.
+
+    The directory is deliberately not keyed by the engine config: JAX keys each entry by the
+    program itself (its StableHLO without locations, compile options, device kinds and count,
+    backend/jaxlib version, XLA flags), which is exactly "what changes shapes or code". Per field
+    of EngineConfig:
+    - change the program, so they get other entries by themselves: ``model``, ``load_format`` and
+      ``dtype`` (model shapes, parameter dtype), ``tensor_parallel_size`` (mesh, shardings),
+      ``max_num_seqs`` and ``max_num_batched_tokens`` (buckets, penalty-table rows),
+      ``max_model_len`` (block-table width), ``block_size``, ``kv_cache_memory_bytes`` and
+      ``gpu_memory_utilization`` (through the number of KV blocks, a dimension of the cache;
+      on CPU the latter does not change it, so it shares entries);
+    - never reach the program, so they must not key anything: ``seed`` (the host RNG that draws
+      per-request seeds, and the dummy-weight key, a jit *argument*), ``enable_prefix_caching``
+      (host block manager only). Weights are arguments too, so dummy and real weights of one
+      architecture share executables.
+    A hash of the whole config in the path (as before) made a new ``--seed`` recompile everything."""
     import jax
 
-    key = hashlib.sha256(msgspec.json.encode(config)).hexdigest()[:16]
-    root = os.environ.get("JAXLLM_COMPILE_CACHE", os.path.join(os.path.expanduser("~"), ".cache", "jaxllm", "xla"))
-    path = os.path.join(root, key)
+    if root is None:
+        root = os.environ.get("JAXLLM_COMPILE_CACHE", os.path.join(os.path.expanduser("~"), ".cache", "jaxllm", "xla"))
+    path = os.path.abspath(root)
     os.makedirs(path, exist_ok=True)
     if jax.config.jax_compilation_cache_dir != path:
         from jax.experimental.compilation_cache import compilation_cache
 
         jax.config.update("jax_compilation_cache_dir", path)
-        # JAX opens the cache directory once per process: without a reset, a second engine with
-        # another config would keep writing into the first one's directory.
+        # JAX opens the cache directory once per process: without a reset, a change of
+        # $JAXLLM_COMPILE_CACHE within one process would keep writing into the first directory.
         compilation_cache.reset_cache()
     jax.config.update("jax_persistent_cache_min_compile_time_secs", 0)
     jax.config.update("jax_persistent_cache_min_entry_size_bytes", 0)
@@ -99,7 +116,7 @@ def build_engine(config: EngineConfig, *, compile_cache: bool = True, warmup: bo
             return TPLayout.plan(model_config, tp, mesh)
     t0 = time.perf_counter()
     if compile_cache:
-        enable_compile_cache(config)
+        enable_compile_cache()
     dtype = resolve_dtype(config.dtype)
     load_format = {"safetensors": "hf"}.get(config.load_format, config.load_format)
     # Dummy and Orbax weights are born in their shards; HF/GGUF numpy goes host → shards in build_model.

@@ -9,20 +9,51 @@ from collections.abc import Callable, Collection
 from jaxllm.core.request import Request, RequestStatus
 from jaxllm.engine.runner_protocol import SampledToken
 from jaxllm.engine.stop_checker import find_stop_string, holdback_chars, stop_token_reason
-from jaxllm.outputs import CompletionOutput, RequestMetrics, RequestOutput
+from jaxllm.outputs import CompletionOutput, Logprob, RequestMetrics, RequestOutput
+
+TokenText = Callable[[int], str]  # one token id -> its text (for Logprob.decoded_token)
+
+
+class TokenTexts:
+    """``tokenizer.decode([id], skip_special_tokens=False)`` per id, memoised (vLLM's
+    decoded_token; logprob entries repeat the same few ids)."""
+
+    def __init__(self, tokenizer) -> None:
+        self.tokenizer = tokenizer
+        self._texts: dict[int, str] = {}
+
+    def __call__(self, token_id: int) -> str:
+        text = self._texts.get(token_id)
+        if text is None:
+            text = self._texts[token_id] = self.tokenizer.decode([token_id], skip_special_tokens=False)
+        return text
+
+
+def logprob_entry(tok: SampledToken, token_text: TokenText | None) -> dict[int, Logprob]:
+    """{token_id: Logprob} for one position: the sampled (or prompt) token first, with the rank the
+    runner computed, then the top-k alternatives not already there, ranked by their order."""
+    def text(t: int) -> str | None:
+        return None if token_text is None else token_text(t)
+
+    entry = {tok.token_id: Logprob(tok.logprob, tok.rank, text(tok.token_id))}
+    for i, (tid, lp) in enumerate(tok.top_logprobs or ()):
+        if tid not in entry:
+            entry[tid] = Logprob(lp, i + 1, text(tid))
+    return entry
 
 
 class SeqState:
     """Output side of one child sequence."""
 
-    def __init__(self, req: Request, index: int, detokenizer) -> None:
+    def __init__(self, req: Request, index: int, detokenizer, token_text: TokenText | None = None) -> None:
         self.req = req
+        self.token_text = token_text  # None: detokenize=False, decoded_token stays None
         self.index = index
         self.detok = detokenizer
         self.text = ""
         self.token_ids: list[int] = []
         self.cumulative_logprob: float | None = 0.0  # None once the runner gives no logprob
-        self.logprobs: list[dict[int, float]] | None = [] if req.params.logprobs is not None else None
+        self.logprobs: list[dict[int, Logprob]] | None = [] if req.params.logprobs is not None else None
         self.status: RequestStatus | None = None  # set when finished
         self.stop_reason: int | str | None = None
         self._holdback = holdback_chars(req.params)
@@ -40,10 +71,7 @@ class SeqState:
             self.cumulative_logprob = (None if tok.logprob is None
                                        else self.cumulative_logprob + tok.logprob)
         if self.logprobs is not None:
-            entry = {tok.token_id: tok.logprob}
-            for tid, lp in tok.top_logprobs or ():
-                entry.setdefault(tid, lp)
-            self.logprobs.append(entry)
+            self.logprobs.append(logprob_entry(tok, self.token_text))
         n_out = len(self.token_ids)
         stopped, reason = stop_token_reason(tok.token_id, n_out, p, eos_token_ids)
         if stopped:
@@ -88,10 +116,12 @@ class ParentState:
     """One user request: n child sequences sharing a prompt."""
 
     def __init__(self, request_id: str, prompt: str | None, prompt_token_ids: list[int],
-                 arrival_time: float, want_prompt_logprobs: bool = False) -> None:
+                 arrival_time: float, want_prompt_logprobs: bool = False,
+                 token_text: TokenText | None = None) -> None:
         self.request_id = request_id
-        # One entry per prompt token ({token_id: logprob}); the first is None (nothing predicts it).
-        self.prompt_logprobs: list[dict[int, float] | None] | None = (
+        self.token_text = token_text
+        # One entry per prompt token ({token_id: Logprob}); the first is None (nothing predicts it).
+        self.prompt_logprobs: list[dict[int, Logprob] | None] | None = (
             [None] * len(prompt_token_ids) if want_prompt_logprobs else None)
         self.prompt = prompt
         self.prompt_token_ids = prompt_token_ids
@@ -102,14 +132,14 @@ class ParentState:
     def finished(self) -> bool:
         return all(c.finished for c in self.children)
 
-    def add_prompt_logprobs(self, entries: dict[int, dict[int, float]]) -> None:
-        """Entries by prompt position from the runner (a recompute after preemption or another of
-        the n children may send a position again: the first one stays)."""
+    def add_prompt_logprobs(self, entries: dict[int, SampledToken]) -> None:
+        """The runner's prompt token per prompt position (a recompute after preemption or another
+        of the n children may send a position again: the first one stays)."""
         if self.prompt_logprobs is None:
             return
-        for pos, entry in entries.items():
+        for pos, tok in entries.items():
             if 0 < pos < len(self.prompt_logprobs) and self.prompt_logprobs[pos] is None:
-                self.prompt_logprobs[pos] = entry
+                self.prompt_logprobs[pos] = logprob_entry(tok, self.token_text)
 
     def note_token(self, now: float) -> None:
         if self.metrics.first_token_time is None:

@@ -14,6 +14,10 @@ The engine never imports jax; it talks to any object with this shape. Contract:
   from ``(seed, p)`` only, whatever else is in the batch. While the request has fewer than
   ``params.min_tokens`` generated tokens (``start_pos + len(token_ids) - num_prompt_tokens``),
   mask EOS (unless ``params.ignore_eos``) and ``params.stop_token_ids``.
+- ``take_prompt_logprobs()`` (optional; with ``supports_prompt_logprobs``): for seqs whose params
+  ask ``prompt_logprobs``, ``{request_id: {prompt position: SampledToken}}`` computed since the last
+  call, where the SampledToken is the prompt token at that position (its raw logprob and rank)
+  with the top ``prompt_logprobs`` alternatives.
 - ``release(ids)`` / ``out.finished_or_preempted_ids``: forget per-request device state
   (penalty counts, ...). Unknown ids are a no-op; a preempted request comes back later with
   ``start_pos == 0``.
@@ -31,7 +35,9 @@ from jaxllm.core.scheduler_output import SchedulerOutput
 class SampledToken:
     token_id: int
     logprob: float  # logprob of the sampled token under the raw model distribution (vLLM default)
-    top_logprobs: list[tuple[int, float]] | None = None  # top-k (k = params.logprobs) when asked
+    top_logprobs: list[tuple[int, float]] | None = None  # top-k (k = params.logprobs) when asked, best first:
+    # the i-th has rank i + 1
+    rank: int | None = None  # 1-based rank of token_id in the raw distribution (1 + #logits strictly greater)
 
 
 @runtime_checkable

@@ -22,7 +22,7 @@ from jaxllm.models.config import ModelConfig
 from jaxllm.models.llama import LlamaForCausalLM
 from jaxllm.runner.buckets import Buckets
 from jaxllm.runner.inputs import StepInputs, build_inputs
-from jaxllm.runner.sampler import MAX_LOGPROBS, sample
+from jaxllm.runner.sampler import MAX_LOGPROBS, sample, token_rank
 from pallas_kernels import KVCache
 
 log = logging.getLogger("jaxllm")
@@ -110,8 +110,8 @@ class ModelRunner:
             return cache, counts, prompt_mask, out, hidden  # hidden stays on device (prompt logprobs)
 
         def prompt_logprobs(state, hidden, targets):
-            """Raw logprob of each token's next prompt token and the top MAX_LOGPROBS, computed in
-            chunks of PROMPT_LP_CHUNK tokens so [T, V] logits never exist at once."""
+            """Raw logprob and rank of each token's next prompt token and the top MAX_LOGPROBS,
+            computed in chunks of PROMPT_LP_CHUNK tokens so [T, V] logits never exist at once."""
             m = nnx.merge(graphdef, state)
             n = hidden.shape[0]
             c = min(PROMPT_LP_CHUNK, n)
@@ -121,16 +121,20 @@ class ModelRunner:
 
             def chunk(args):
                 hc, tc = args
-                lp = jax.nn.log_softmax(m.compute_logits(hc), axis=-1)  # [c, V] f32
-                top_lp, top_ids = jax.lax.top_k(lp, MAX_LOGPROBS)
-                return jnp.take_along_axis(lp, jnp.maximum(tc, 0)[:, None], axis=-1)[:, 0], top_ids, top_lp
+                logits = m.compute_logits(hc)  # [c, V] f32
+                lp = jax.nn.log_softmax(logits, axis=-1)  # [c, V] f32
+                top_lp, top_ids = jax.lax.top_k(lp, MAX_LOGPROBS)  # [c, MAX_LOGPROBS]
+                tgt = jnp.maximum(tc, 0)[:, None]  # [c, 1] i32
+                rank = token_rank(logits, jnp.take_along_axis(logits, tgt, axis=-1)[:, 0])  # [c] i32
+                return jnp.take_along_axis(lp, tgt, axis=-1)[:, 0], rank, top_ids, top_lp
 
-            lp, ids, top = jax.lax.map(chunk, (h, t))
-            return lp.reshape(-1)[:n], ids.reshape(-1, MAX_LOGPROBS)[:n], top.reshape(-1, MAX_LOGPROBS)[:n]
+            lp, rank, ids, top = jax.lax.map(chunk, (h, t))
+            return (lp.reshape(-1)[:n], rank.reshape(-1)[:n], ids.reshape(-1, MAX_LOGPROBS)[:n],
+                    top.reshape(-1, MAX_LOGPROBS)[:n])
 
         self._step = jax.jit(step, donate_argnums=(1, 2, 3), **jit_kwargs)
         self._prompt_lp = jax.jit(prompt_logprobs)
-        self._prompt_lp_out: dict[str, dict[int, dict[int, float]]] = {}
+        self._prompt_lp_out: dict[str, dict[int, SampledToken]] = {}
         self.supports_prompt_logprobs = jax.process_count() == 1
         self._channel = None  # multi-host: process 0 broadcasts each step (jaxllm/parallel/multihost.py)
         if jax.process_count() > 1:
@@ -235,7 +239,8 @@ class ModelRunner:
             top = None
             if k is not None:
                 top = [(int(t), float(lp)) for t, lp in zip(out.top_ids[i, :k], out.top_logprobs[i, :k])]
-            result[s.request_id] = SampledToken(int(out.token_ids[i]), float(out.logprobs[i]), top)
+            result[s.request_id] = SampledToken(int(out.token_ids[i]), float(out.logprobs[i]), top,
+                                                rank=int(out.ranks[i]))
         if any(s.params.prompt_logprobs is not None and s.start_pos + 1 < s.num_prompt_tokens for s in seqs):
             self._compute_prompt_logprobs(seqs, T)
         return result
@@ -256,7 +261,7 @@ class ModelRunner:
                             targets[t + j] = nxt
                 spans.append((s, t, n))
             t += n
-        lp, top_ids, top_lp = jax.device_get(
+        lp, rank, top_ids, top_lp = jax.device_get(
             self._prompt_lp_executable(padded_tokens)(self.state, self._hidden, targets))
         for s, start, n in spans:
             k = s.params.prompt_logprobs
@@ -265,13 +270,12 @@ class ModelRunner:
                 tgt = int(targets[start + j])
                 if tgt < 0:
                     continue
-                entry = {tgt: float(lp[start + j])}
-                for tid, v in zip(top_ids[start + j, :k], top_lp[start + j, :k]):
-                    entry.setdefault(int(tid), float(v))
-                entries[s.start_pos + j + 1] = entry
+                top = [(int(tid), float(v)) for tid, v in zip(top_ids[start + j, :k], top_lp[start + j, :k])]
+                entries[s.start_pos + j + 1] = SampledToken(tgt, float(lp[start + j]), top, rank=int(rank[start + j]))
 
-    def take_prompt_logprobs(self) -> dict[str, dict[int, dict[int, float]]]:
-        """{request_id: {prompt position: {token_id: logprob}}} computed since the last call."""
+    def take_prompt_logprobs(self) -> dict[str, dict[int, SampledToken]]:
+        """{request_id: {prompt position: SampledToken of the prompt token there}} computed since
+        the last call (see runner_protocol)."""
         out, self._prompt_lp_out = self._prompt_lp_out, {}
         return out
 

@@ -13,7 +13,9 @@ Each row's key is fold_in(key(seed), position of the sampled token), so a reques
 depend on what else is in the batch. Filters work as per-row logit thresholds applied in vocab
 order, so whether the batch needed the sort (a lax.cond) never changes a row's result.
 Logprobs are those of the raw model distribution (log_softmax of the unprocessed logits), like
-vLLM's default: the sampled token's, and the top MAX_LOGPROBS.
+vLLM's default: the sampled token's, its rank, and the top MAX_LOGPROBS. The rank is 1 + the number
+of raw logits strictly greater than the sampled token's (so correct when it lies outside the top-k,
+as a temperature draw may); one [S, V] compare and sum, always computed (no cond, no new program).
 """
 from __future__ import annotations
 
@@ -48,6 +50,7 @@ class SamplingInputs:
 class SamplerOutput:
     token_ids: jax.Array  # [S] i32
     logprobs: jax.Array  # [S] f32, raw logprob of the sampled token
+    ranks: jax.Array  # [S] i32, 1-based rank of the sampled token in the raw distribution
     top_ids: jax.Array  # [S, MAX_LOGPROBS] i32
     top_logprobs: jax.Array  # [S, MAX_LOGPROBS] f32
 
@@ -138,4 +141,11 @@ def sample(logits, counts, seen_in_prompt, p: SamplingInputs, want_top_logprobs,
                  jnp.zeros((logits.shape[0], MAX_LOGPROBS), jnp.int32)))
     picked = jnp.take_along_axis(logits, token_ids[:, None], axis=-1)[:, 0]  # [S] f32 raw logit
     chosen = (picked - row_max[:, 0]) - log_sum  # raw logprob, the same arithmetic as log_softmax
-    return SamplerOutput(token_ids, chosen, top_ids.astype(jnp.int32), top_lp)
+    ranks = token_rank(logits, picked)  # [S] i32
+    return SamplerOutput(token_ids, chosen, ranks, top_ids.astype(jnp.int32), top_lp)
+
+
+def token_rank(logits, picked):
+    """logits [N, V] f32, picked [N] f32 (a logit of each row) → [N] i32: 1 + how many logits of
+    the row are strictly greater (vLLM's 1-based rank in the full distribution; ties share a rank)."""
+    return (jnp.sum(logits > picked[:, None], axis=-1) + 1).astype(jnp.int32)

@@ -1,7 +1,8 @@
 import msgspec
 import pytest
 
-from jaxllm.outputs import RequestOutput
+from jaxllm.engine.output_processor import TokenTexts
+from jaxllm.outputs import Logprob, RequestOutput, output_json
 from jaxllm.sampling_params import SamplingParams
 from tests.engine.conftest import make_engine, run_all, script_fn
 from tests.fakes.fake_tokenizer import EOS, SEP
@@ -153,9 +154,36 @@ def test_outputs_roundtrip_msgspec_json():
     out = run_all(e)["a"]
     c = out.outputs[0]
     assert len(c.logprobs) == 3 and all(len(d) == 2 for d in c.logprobs)
-    assert c.cumulative_logprob == pytest.approx(sum(d[t] for d, t in zip(c.logprobs, c.token_ids)))
+    assert c.cumulative_logprob == pytest.approx(sum(d[t].logprob for d, t in zip(c.logprobs, c.token_ids)))
     back = msgspec.json.decode(msgspec.json.encode(out), type=RequestOutput)
     assert back == out
+
+
+def test_logprob_objects_decoded_tokens_and_jsonl():
+    """vLLM's Logprob per entry: the runner's rank for the sampled token, 1..k for the top-k in
+    order, decoded_token = tokenizer.decode([id], skip_special_tokens=False) (None without
+    detokenize); the --output JSONL keeps plain {"token_id": logprob}."""
+    e = make_engine()
+    e.add_request("a", "hi", SamplingParams(max_tokens=4, logprobs=3, ignore_eos=True, **G))
+    e.add_request("b", "hi", SamplingParams(max_tokens=4, logprobs=3, ignore_eos=True, detokenize=False, **G))
+    fin = run_all(e)
+    c = fin["a"].outputs[0]
+    for tok, entry in zip(c.token_ids, c.logprobs):
+        assert all(isinstance(v, Logprob) for v in entry.values())
+        assert entry[tok].rank == 1  # the fake runner's sampled token is its best (it says rank 1)
+        others = [t for t in entry if t != tok]
+        assert [entry[t].rank for t in others] == list(range(2, 2 + len(others)))  # top-k order
+        for t, lp in entry.items():
+            assert lp.decoded_token == e.tokenizer.decode([t], skip_special_tokens=False)
+    assert TokenTexts(e.tokenizer)(EOS) == "<eos>" != e.tokenizer.decode([EOS])  # special tokens shown, as vLLM
+    b = fin["b"].outputs[0]
+    assert b.token_ids == c.token_ids and all(lp.decoded_token is None for d in b.logprobs for lp in d.values())
+    line = msgspec.json.decode(output_json(fin["a"]))
+    assert line["outputs"][0]["logprobs"] == [{str(t): lp.logprob for t, lp in d.items()} for d in c.logprobs]
+    assert line["prompt_logprobs"] is None and line["outputs"][0]["token_ids"] == c.token_ids
+    plain = msgspec.to_builtins(fin["a"], str_keys=True)
+    plain["outputs"][0]["logprobs"] = line["outputs"][0]["logprobs"]
+    assert line == plain  # everything else as msgspec writes the RequestOutput itself
 
 
 def test_prompt_forms_and_chat_template():

@@ -26,7 +26,7 @@ from typing import Any
 
 import msgspec
 
-from jaxllm.outputs import CompletionOutput, RequestMetrics, RequestOutput
+from jaxllm.outputs import CompletionOutput, Logprob, RequestMetrics, RequestOutput
 from jaxllm.sampling_params import SamplingParams
 
 BOS, EOS = 256, 257
@@ -83,7 +83,7 @@ class _Sample:
         self.index = index
         self.token_ids: list[int] = []
         self.text = ""
-        self.logprobs: list[dict[int, float]] | None = None
+        self.logprobs: list[dict[int, Logprob]] | None = None
         self.cum_logprob = 0.0
         self.finish_reason: str | None = None
         self.stop_reason: int | str | None = None
@@ -255,9 +255,10 @@ class FakeEngine:
         lp = -0.5 - 0.01 * (tok % 7)
         s.cum_logprob += lp
         if s.logprobs is not None:
-            d = {tok: lp}
+            d = {tok: Logprob(lp, 1, self.tokenizer.decode([tok], False))}
             for j in range(1, p.logprobs + 1):
-                d.setdefault((tok + j) % 256, lp - j)
+                t = (tok + j) % 256
+                d.setdefault(t, Logprob(lp - j, j + 1, self.tokenizer.decode([t], False)))
             s.logprobs.append(d)
         n = len(s.token_ids)
         piece = self.tokenizer.decode([tok], p.skip_special_tokens)
@@ -286,7 +287,7 @@ class FakeEngine:
                 for s in r.samples]
         plp = None
         if r.params.prompt_logprobs is not None:
-            plp = [None] + [{t: -1.0} for t in r.prompt_token_ids[1:]]
+            plp = [None] + [{t: Logprob(-1.0, 1, None)} for t in r.prompt_token_ids[1:]]
         return RequestOutput(request_id=r.request_id, prompt=r.prompt,
                              prompt_token_ids=list(r.prompt_token_ids), outputs=outs,
                              finished=finished, prompt_logprobs=plp,

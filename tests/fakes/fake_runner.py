@@ -127,4 +127,4 @@ class FakeRunner:
             top = [(tok, lp)] + [((tok + k) % self.vocab_size, lp - k) for k in range(1, p.logprobs)]
             top = top[:p.logprobs] if p.logprobs else []
         assert math.isfinite(lp)
-        return SampledToken(token_id=tok, logprob=lp, top_logprobs=top)
+        return SampledToken(token_id=tok, logprob=lp, top_logprobs=top, rank=1)  # the fake's best token

@@ -63,9 +63,10 @@ def test_greedy_outputs_identical_across_tp(engines):
         got = [o.outputs[0] for o in run(engines(tp))]
         for r, g in zip(ref, got):
             assert g.token_ids == r.token_ids, tp
-            for lr, lg in zip(r.logprobs, g.logprobs):  # raw top-5 logprobs of every step: {id: logprob}
+            for lr, lg in zip(r.logprobs, g.logprobs):  # raw top-5 logprobs of every step: {id: Logprob}
                 assert set(lg) == set(lr), tp
-                np.testing.assert_allclose([lg[t] for t in lr], [lr[t] for t in lr], atol=1e-4, rtol=0)
+                np.testing.assert_allclose([lg[t].logprob for t in lr], [lr[t].logprob for t in lr], atol=1e-4, rtol=0)
+                assert [lg[t].rank for t in lr] == [lr[t].rank for t in lr], tp
 
 
 def test_zero_compiles_after_warmup_and_prompt_logprobs(engines):
@@ -78,7 +79,8 @@ def test_zero_compiles_after_warmup_and_prompt_logprobs(engines):
         for r, g in zip(ref, got):  # the prompt-logprobs LM-head pass on vocab-parallel weights
             for lr, lg in zip(r.prompt_logprobs[1:], g.prompt_logprobs[1:]):
                 assert set(lg) == set(lr), tp
-                np.testing.assert_allclose([lg[t] for t in lr], [lr[t] for t in lr], atol=1e-4, rtol=0)
+                np.testing.assert_allclose([lg[t].logprob for t in lr], [lr[t].logprob for t in lr], atol=1e-4, rtol=0)
+                assert [lg[t].rank for t in lr] == [lr[t].rank for t in lr], tp
 
 
 def test_each_device_holds_1_over_tp(engines, path):

@@ -149,6 +149,13 @@ def random_prompts(seed, n, lo, hi):
     return [rng.integers(3, VOCAB, int(rng.integers(lo, hi + 1))).tolist() for _ in range(n)]
 
 
+def assert_rank(rank, row, tok, tol=1e-4):
+    """vLLM's rank (1 + how many tokens are strictly more likely) against the reference's log-softmax
+    row, up to near-ties within tol, which float rounding may order either way."""
+    lo, hi = 1 + (row > row[tok] + tol).sum(), 1 + (row > row[tok] - tol).sum()
+    assert lo <= rank <= hi, (rank, lo, hi)
+
+
 # ----- tests --------------------------------------------------------------------------------
 def test_greedy_matches_brute_force(engine, reference):
     prompts = random_prompts(0, 8, 1, 150)
@@ -163,8 +170,10 @@ def test_greedy_matches_brute_force(engine, reference):
         for tok, entry, row in zip(c.token_ids, c.logprobs, ls):  # raw logprobs of the model
             assert set(entry) >= {tok} and len(entry) >= 5
             top = np.argsort(-row, kind="stable")[:5]
-            for t in top:
-                assert abs(entry[int(t)] - row[t]) < 1e-4
+            for r, t in enumerate(top):
+                assert abs(entry[int(t)].logprob - row[t]) < 1e-4
+                assert entry[int(t)].rank == r + 1 or int(t) == tok
+            assert_rank(entry[tok].rank, row, tok)
             spread.append(row.max() - np.median(row))
     assert np.mean(spread) > 1.0, "near-uniform logits: greedy equality would be a weak check"
 
@@ -177,13 +186,43 @@ def test_allowed_token_ids_and_logit_bias_match_brute_force(engine, reference):
                             logit_bias=bias, repetition_penalty=1.3, logprobs=1)
     outs = generate(engine, prompts, params)
     want, lsm = reference.greedy(prompts, 12, rep=1.3, allowed=allowed, bias=bias)
+    ranks = []
     for o, w, ls in zip(outs, want, lsm):
         c = o.outputs[0]
         assert c.token_ids == w and set(w) <= set(allowed) and allowed[0] not in w
         for tok, entry, row in zip(c.token_ids, c.logprobs, ls):
-            assert abs(entry[tok] - row[tok]) < 1e-4  # logprobs: the raw model distribution
+            assert abs(entry[tok].logprob - row[tok]) < 1e-4  # logprobs: the raw model distribution
+            assert_rank(entry[tok].rank, row, tok)  # the allowed list often forces a low-ranked token
+            ranks.append(entry[tok].rank)
+    assert max(ranks) > 1, "every pick was the raw argmax: the rank check was weak"
     plain = generate(engine, prompts, SamplingParams(temperature=0.0, max_tokens=12, ignore_eos=True))
     assert [o.outputs[0].token_ids for o in plain] == reference.greedy(prompts, 12)[0]  # rows without lists
+
+
+def test_sampled_logprobs_ranks_and_texts_outside_the_top_k(engine, reference):
+    """Temperature sampling: the engine's Logprob of every drawn token (logprob, rank in the full
+    distribution, decoded_token) against the brute-force model's logits for the same context;
+    hot draws land outside the top-2 that is returned alongside."""
+    prompts = random_prompts(9, 3, 5, 40)
+    outs = generate(engine, prompts, SamplingParams(temperature=3.0, seed=4, max_tokens=8, ignore_eos=True,
+                                                    logprobs=2))
+    assert engine.tokenizer.has_text is False
+    outside = 0
+    for p, o in zip(prompts, outs):
+        c = o.outputs[0]
+        rows = reference.logits([p + c.token_ids[:i] for i in range(len(c.token_ids))])
+        for tok, entry, x in zip(c.token_ids, c.logprobs, rows):
+            row = x - x.max() - np.log(np.exp(x - x.max()).sum())
+            assert abs(entry[tok].logprob - row[tok]) < 1e-4
+            assert_rank(entry[tok].rank, row, tok)
+            outside += entry[tok].rank > 2
+            top = np.argsort(-row, kind="stable")[:2]
+            assert [entry[int(t)].rank for t in top if int(t) != tok] == [r + 1 for r, t in enumerate(top)
+                                                                          if int(t) != tok]
+            assert len(entry) == 2 + (tok not in top)
+            # the tiny model has no tokenizer: no text (tests/engine/test_engine.py checks texts)
+            assert all(lp.decoded_token is None for lp in entry.values())
+    assert outside > 0, "no draw outside the top-2: raise the temperature"
 
 
 def test_greedy_with_chunked_prefill_preemption_and_n(tight_engine, reference):

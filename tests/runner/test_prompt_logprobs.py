@@ -24,16 +24,25 @@ def test_prompt_logprobs_match_transformers(setup):
     outs = llm.generate([{"prompt_token_ids": p} for p in prompts],
                         SamplingParams(max_tokens=2, prompt_logprobs=3, temperature=0, n=2), use_tqdm=False)
     model = transformers.AutoModelForCausalLM.from_pretrained(d, dtype=torch.float32)
+    assert llm.get_tokenizer().has_text is False  # texts: tests/engine/test_engine.py
+    ranks = []
     for p, o in zip(prompts, outs):
         with torch.no_grad():
             ref = torch.log_softmax(model(torch.tensor([p])).logits[0], -1).numpy()  # [len, V]
         pl = o.prompt_logprobs
         assert pl is not None and len(pl) == len(p) and pl[0] is None
         for i in range(1, len(p)):
-            assert abs(pl[i][p[i]] - ref[i - 1, p[i]]) < 1e-4
-            top3 = np.argsort(-ref[i - 1])[:3].tolist()
+            row, own = ref[i - 1], pl[i][p[i]]
+            assert abs(own.logprob - row[p[i]]) < 1e-4
+            # vLLM's rank in the full distribution, also for prompt tokens far outside the top 3
+            assert 1 + (row > row[p[i]] + 1e-4).sum() <= own.rank <= 1 + (row > row[p[i]] - 1e-4).sum()
+            ranks.append(own.rank)
+            top3 = np.argsort(-row)[:3].tolist()
             assert set(top3) <= set(pl[i]), (i, top3, pl[i])
+            assert [pl[i][t].rank for t in top3 if t != p[i]] == [r + 1 for r, t in enumerate(top3) if t != p[i]]
             assert len(pl[i]) in (3, 4)  # the prompt token plus the top 3 (it may be among them)
+            assert all(lp.decoded_token is None for lp in pl[i].values())  # no tokenizer: no text
+    assert max(ranks) > 3
     runner = llm.engine.runner
     assert runner.compile_count == 2 * len(runner.buckets.all())  # step + prompt-lp per bucket, at warm-up only
     assert llm.engine.get_stats()["num_free_blocks"] == llm.engine.get_stats()["num_blocks"]

@@ -3,6 +3,8 @@ order of operations: allowed_token_ids -> logit_bias -> penalties -> min_tokens 
 min-p -> draw. Distributions are checked by chi-square over thousands of draws at one position."""
 from __future__ import annotations
 
+import dataclasses
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -54,7 +56,7 @@ def run(logits, p: SamplingInputs, counts=None, seen=None, want=False):
     out = _sample(jnp.asarray(_pad(logits, R, 0.0), jnp.float32), _pad(counts, R, 0), _pad(seen, R, False), p,
                   np.asarray(want))
     out = jax.device_get(out)
-    return type(out)(*(np.asarray(a)[:S] for a in (out.token_ids, out.logprobs, out.top_ids, out.top_logprobs)))
+    return type(out)(*(np.asarray(getattr(out, f.name))[:S] for f in dataclasses.fields(out)))
 
 
 # ----- numpy reference ----------------------------------------------------------------------
@@ -275,6 +277,23 @@ def test_logprobs_are_raw_log_softmax():
     np.testing.assert_array_equal(out.top_ids, order)
     np.testing.assert_allclose(out.top_logprobs, np.take_along_axis(lsm, order, -1), rtol=1e-5, atol=1e-5)
     assert out.top_ids.shape == (S, MAX_LOGPROBS)
+
+
+def test_rank_of_the_sampled_token_in_the_full_distribution():
+    """vLLM's rank: 1 + how many raw logits are strictly greater than the sampled token's; hot
+    temperature draws land far outside the top MAX_LOGPROBS, greedy rows are rank 1, ties share."""
+    rng = np.random.default_rng(11)
+    S = 200
+    logits = np.tile(rng.normal(0, 1, V).astype(np.float32), (S, 1))
+    logits[:, 3] = logits[:, 5] = logits[0].max() + 1  # a tie at the top
+    temperature = np.where(np.arange(S) < 4, 0.0, 8.0)  # 4 greedy rows, the rest nearly uniform
+    out = run(logits, make_inputs(S, temperature=temperature, seeds=np.arange(S), repetition=1.2),
+              counts=(rng.random((S, V)) < 0.3).astype(np.int32), want=True)
+    ref = 1 + (logits > logits[np.arange(S), out.token_ids][:, None]).sum(-1)  # independent of the sampler
+    np.testing.assert_array_equal(out.ranks, ref)
+    assert (out.ranks[:4] == 1).all() and set(out.token_ids[:4]) <= {3, 5}  # the tie: both rank 1
+    assert (out.ranks > MAX_LOGPROBS).sum() > 20  # many draws outside any top-k
+    assert out.ranks.dtype == np.int32
 
 
 def test_allowed_token_ids_and_logit_bias():
