@@ -154,7 +154,7 @@ class EngineProfiler:
         r = self.runner
         traces = getattr(r, "num_traces", None)
         t0 = time.perf_counter()
-        compiled = r._step.lower(r.state, r.kv_cache, r.counts, r.prompt_mask, self._last_inputs).compile()
+        compiled = r._step_lowering(self._last_inputs).compile()  # the runner knows its step's arguments
         if traces is not None:
             r.num_traces = traces  # lowering for analysis is not a serving-path compile
         ca = compiled.cost_analysis()
