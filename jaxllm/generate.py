@@ -34,6 +34,8 @@ def add_engine_args(ap: argparse.ArgumentParser) -> None:
     g.add_argument("--dtype", default="auto", choices=["auto", "float32", "bfloat16", "float16"])
     g.add_argument("--load-format", default="auto", choices=["auto", "safetensors", "gguf", "dummy", "orbax"])
     g.add_argument("--seed", type=int, default=0, help="engine seed (requests without a seed draw from it)")
+    g.add_argument("--async-scheduling", action=argparse.BooleanOptionalAction, default=d.async_scheduling,
+                   help="dispatch step N+1 before reading step N's tokens back (overlaps host and device)")
 
 
 def engine_config_from_args(args) -> EngineConfig:
@@ -43,7 +45,8 @@ def engine_config_from_args(args) -> EngineConfig:
                         kv_cache_memory_bytes=args.kv_cache_memory_bytes,
                         gpu_memory_utilization=args.gpu_memory_utilization,
                         tensor_parallel_size=args.tensor_parallel_size, dtype=args.dtype,
-                        load_format=args.load_format, seed=args.seed)
+                        load_format=args.load_format, seed=args.seed,
+                        async_scheduling=args.async_scheduling)
 
 
 def add_sampling_args(ap: argparse.ArgumentParser) -> None:

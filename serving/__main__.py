@@ -46,6 +46,7 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("--dtype")
     e.add_argument("--load-format")
     e.add_argument("--seed", type=int)
+    e.add_argument("--async-scheduling", action=argparse.BooleanOptionalAction, default=None)
     from jaxllm.parallel.cli import add_distributed_args  # argparse only: no jax
 
     add_distributed_args(p)
@@ -74,7 +75,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 _ENGINE_FLAGS = ("max_model_len", "max_num_seqs", "max_num_batched_tokens", "block_size",
                  "enable_prefix_caching", "kv_cache_memory_bytes", "gpu_memory_utilization",
-                 "tensor_parallel_size", "dtype", "load_format", "seed")
+                 "tensor_parallel_size", "dtype", "load_format", "seed", "async_scheduling")
 
 
 def engine_kwargs(args: argparse.Namespace) -> dict[str, Any]:

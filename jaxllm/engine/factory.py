@@ -31,7 +31,8 @@ def enable_compile_cache(config: EngineConfig) -> str:
     with the same settings loads every bucket's executable instead of compiling it."""
     import jax
 
-    key = hashlib.sha256(msgspec.json.encode(config)).hexdigest()[:16]
+    # async_scheduling changes no executable: both modes share one cache directory
+    key = hashlib.sha256(msgspec.json.encode(msgspec.structs.replace(config, async_scheduling=True))).hexdigest()[:16]
     root = os.environ.get("JAXLLM_COMPILE_CACHE", os.path.join(os.path.expanduser("~"), ".cache", "jaxllm", "xla"))
     path = os.path.join(root, key)
     os.makedirs(path, exist_ok=True)
