@@ -60,8 +60,15 @@ class PendingStep:
         self._prompt_lp = prompt_lp
         self._prompt_lp_sink = prompt_lp_sink  # () -> the runner's take_prompt_logprobs store
         self._result: dict[str, SampledToken] | None = None
+        self._marker = None if out is None else out.token_ids  # [S] i32: ready when the step is done
         if out is not None:
             start_copy(out)
+
+    def wait_device(self) -> None:
+        """Block until the device has finished this step, without copying anything (benches time
+        device idle gaps with it; any thread may call it)."""
+        if self._marker is not None:
+            self._marker.block_until_ready()
 
     def result(self) -> dict[str, SampledToken]:
         if self._result is not None:
