@@ -122,3 +122,22 @@ def test_sync_switch_runs_one_step_at_a_time():
         assert e._in_flight is None
     assert not any(s.placeholder for st in e.runner.steps for s in st.seqs)
     assert_clean(e)
+
+
+def test_switch_in_config_and_both_clis():
+    import argparse
+
+    from jaxllm.config import EngineConfig
+    from jaxllm.generate import add_engine_args, engine_config_from_args
+    from serving.__main__ import build_parser, engine_kwargs
+
+    assert EngineConfig().async_scheduling is True
+    with pytest.raises(ValueError, match="async_scheduling='no' is invalid: must be a bool"):
+        EngineConfig(model="m", async_scheduling="no").validate()
+    ap = argparse.ArgumentParser()
+    add_engine_args(ap)
+    assert engine_config_from_args(ap.parse_args([])).async_scheduling is True
+    assert engine_config_from_args(ap.parse_args(["--no-async-scheduling"])).async_scheduling is False
+    p = build_parser()
+    assert "async_scheduling" not in engine_kwargs(p.parse_args(["--model", "m"]))
+    assert engine_kwargs(p.parse_args(["--model", "m", "--no-async-scheduling"]))["async_scheduling"] is False
