@@ -80,6 +80,9 @@ def add_engine_args(ap: argparse.ArgumentParser) -> None:
                    help="checkpoint format; auto decides from the path")
     g.add_argument("--seed", type=int, default=d.seed,
                    help="engine seed: requests without --sampling-seed draw their seed from it")
+    g.add_argument("--async-scheduling", action=argparse.BooleanOptionalAction, default=d.async_scheduling,
+                   help="dispatch step N+1 before reading step N's sampled tokens back, so host work "
+                   "overlaps the device's")
 
 
 def engine_config_from_args(args) -> EngineConfig:
@@ -89,7 +92,8 @@ def engine_config_from_args(args) -> EngineConfig:
                         kv_cache_memory_bytes=args.kv_cache_memory_bytes,
                         gpu_memory_utilization=args.gpu_memory_utilization,
                         tensor_parallel_size=args.tensor_parallel_size, dtype=args.dtype,
-                        load_format=args.load_format, seed=args.seed)
+                        load_format=args.load_format, seed=args.seed,
+                        async_scheduling=args.async_scheduling)
 
 
 # ----- sampling ---------------------------------------------------------------------------------

@@ -53,18 +53,31 @@ class EngineProfiler:
         self._last_inputs = None  # StepInputs of the latest traced step
         self._orig_step = engine.step
         self._orig_execute = self.runner.execute
+        self._orig_dispatch = getattr(self.runner, "dispatch", None)  # what an async engine calls
         self._orig_run = getattr(self.runner, "_run", None)
         # (object, attribute, the instance attribute it had before, if any) to restore on finish
         self._patched = [(obj, name, vars(obj).get(name)) for obj, name in
-                         ((engine, "step"), (self.runner, "execute"), (self.runner, "_run"))]
+                         ((engine, "step"), (self.runner, "execute"), (self.runner, "dispatch"),
+                          (self.runner, "_run"))]
         engine.step = self._step
         self.runner.execute = self._execute
+        if self._orig_dispatch is not None:
+            self.runner.dispatch = self._dispatch
         if self._orig_run is not None:
             self.runner._run = self._run
         self.result: dict | None = None
 
     # ----- wrappers -----------------------------------------------------------------
     def _execute(self, sched):
+        self._note(sched)
+        return self._orig_execute(sched)
+
+    def _dispatch(self, sched):
+        self._note(sched)
+        return self._orig_dispatch(sched)
+
+    def _note(self, sched) -> None:
+        """What the engine step launched (with async scheduling: the step dispatched during it)."""
         seqs = sched.seqs
         n_tok = sum(len(s.token_ids) for s in seqs)
         decode = bool(seqs) and all(len(s.token_ids) == 1 for s in seqs)
@@ -73,7 +86,6 @@ class EngineProfiler:
             bucket = list(self.runner.buckets.pick(n_tok, len(seqs), decode))
         self._last = {"kind": "decode" if decode else "mixed", "num_seqs": len(seqs), "num_tokens": n_tok,
                       "bucket": bucket}
-        return self._orig_execute(sched)
 
     def _run(self, inp):
         if self.state == "tracing":
@@ -154,7 +166,7 @@ class EngineProfiler:
         r = self.runner
         traces = getattr(r, "num_traces", None)
         t0 = time.perf_counter()
-        compiled = r._step.lower(r.state, r.kv_cache, r.counts, r.prompt_mask, self._last_inputs).compile()
+        compiled = r._step_lowering(self._last_inputs).compile()  # the runner knows its step's arguments
         if traces is not None:
             r.num_traces = traces  # lowering for analysis is not a serving-path compile
         ca = compiled.cost_analysis()

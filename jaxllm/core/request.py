@@ -47,6 +47,10 @@ class Request:
     output_token_ids: list[int] = field(default_factory=list)
     all_token_ids: list[int] = field(default_factory=list)
     num_computed_tokens: int = 0
+    # tokens sampled by steps still in flight (async scheduling), not yet appended: they sit after
+    # all_token_ids, and num_computed_tokens already counts the step that samples them (vLLM's
+    # num_output_placeholders). 0 whenever the engine runs synchronously.
+    num_output_placeholders: int = 0
     num_cached_tokens: int = -1  # prefix-cache hit at first schedule; -1 = not scheduled yet
     num_preemptions: int = 0
     first_scheduled_time: float | None = None

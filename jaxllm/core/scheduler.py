@@ -12,9 +12,18 @@ Every request carries ``num_computed_tokens``. Each ``schedule()`` hands out
    prefix-cache hit sets ``num_computed_tokens``; a prompt longer than the remaining budget is
    chunked.
 
-``update_from_output`` advances ``num_computed_tokens`` and appends sampled tokens; the engine
-decides stops and calls ``finish_requests``. Requests never exceed ``max_model_len``: the
-engine finishes a request whose length reaches it (finish_reason "length").
+``schedule()`` advances ``num_computed_tokens`` by what it hands out (the KV of those tokens is
+written by the step before any later step runs) and counts one ``num_output_placeholders`` per
+sampling request; ``update_from_output`` appends the sampled tokens and clears the placeholders.
+The engine decides stops and calls ``finish_requests``. Requests never exceed ``max_model_len``:
+the engine finishes a request whose length reaches it (finish_reason "length").
+
+Async scheduling (the engine schedules step N+1 before step N's tokens are read back): a running
+request with a placeholder gets a one-token decode whose token is that placeholder
+(``ScheduledSeq.placeholder``; the runner feeds the sampled id on device), unless the placeholder
+already ends it (max tokens / max_model_len). A request preempted while its token is in flight
+keeps that token when it arrives and is not re-admitted before; one finished or aborted while a
+step is in flight gets nothing from that step (its slot is wasted, its blocks are already free).
 """
 
 from __future__ import annotations
@@ -27,7 +36,7 @@ from collections.abc import Iterable, Mapping
 from jaxllm.config import SchedulerConfig
 from jaxllm.core.kv_cache_manager import KVCacheManager
 from jaxllm.core.request import Request, RequestStatus
-from jaxllm.core.scheduler_output import ScheduledSeq, SchedulerOutput
+from jaxllm.core.scheduler_output import PLACEHOLDER_TOKEN_ID, ScheduledSeq, SchedulerOutput
 
 
 class Scheduler:
@@ -76,7 +85,12 @@ class Scheduler:
         i = 0
         while i < len(self.running) and budget > 0:
             req = self.running[i]
-            n = min(req.num_tokens - req.num_computed_tokens, budget,
+            ph = req.num_output_placeholders
+            if ph and (req.num_output_tokens + ph >= req.max_output_tokens
+                       or req.num_tokens + ph >= max_len):
+                i += 1  # its token in flight ends it: nothing more to compute
+                continue
+            n = min(req.num_tokens + ph - req.num_computed_tokens, budget,
                     max_len - req.num_computed_tokens)
             assert n > 0, (req.request_id, req.num_tokens, req.num_computed_tokens)
             while self.kv.allocate_slots(req, n) is None:
@@ -97,6 +111,8 @@ class Scheduler:
             while (self.waiting and budget > 0
                    and len(self.running) < self.config.max_num_seqs):
                 req = self.waiting[0]
+                if req.num_output_placeholders:
+                    break  # preempted while its token is in flight: resume once that token is known
                 cached_blocks, num_cached = self.kv.get_computed_blocks(req)
                 n = min(req.num_tokens - num_cached, budget)
                 if self.kv.allocate_slots(req, n, cached_blocks) is None:
@@ -115,27 +131,33 @@ class Scheduler:
                 scheduled.append((req, n))
                 budget -= n
 
-        seqs = [
-            ScheduledSeq(
+        seqs = []
+        for req, n in scheduled:
+            start = req.num_computed_tokens
+            placeholder = start == req.num_tokens  # the one token to feed is still on the device
+            assert not placeholder or (n == 1 and req.num_output_placeholders == 1), (req.request_id, n)
+            sample = start + n == req.num_tokens + req.num_output_placeholders
+            seqs.append(ScheduledSeq(
                 request_id=req.request_id,
-                token_ids=req.all_token_ids[req.num_computed_tokens:req.num_computed_tokens + n],
-                start_pos=req.num_computed_tokens,
+                token_ids=[PLACEHOLDER_TOKEN_ID] if placeholder else req.all_token_ids[start:start + n],
+                start_pos=start,
                 block_ids=self.kv.get_block_ids(req.request_id),
-                sample=req.num_computed_tokens + n == req.num_tokens,
+                sample=sample,
                 num_prompt_tokens=req.num_prompt_tokens,
                 params=req.params,
                 seed=req.seed,
-                prefix_token_ids=(req.all_token_ids[:req.num_computed_tokens]
-                                  if req.request_id in admitted else None),
-                next_token_id=(req.all_token_ids[req.num_computed_tokens + n]
-                               if req.num_computed_tokens + n < req.num_tokens else None),
-            )
-            for req, n in scheduled
-        ]
+                prefix_token_ids=req.all_token_ids[:start] if req.request_id in admitted else None,
+                next_token_id=req.all_token_ids[start + n] if start + n < req.num_tokens else None,
+                placeholder=placeholder,
+            ))
+            req.num_computed_tokens = start + n  # the step computes them before any later step runs
+            if sample:
+                req.num_output_placeholders += 1
         forget, self._to_forget = self._to_forget, []
         return SchedulerOutput(seqs=seqs,
                                num_batched_tokens=self.config.max_num_batched_tokens - budget,
-                               finished_or_preempted_ids=forget)
+                               finished_or_preempted_ids=forget,
+                               requests=[req for req, _ in scheduled])
 
     def _preempt(self, req: Request) -> None:
         self.kv.free(req)
@@ -148,22 +170,22 @@ class Scheduler:
 
     def update_from_output(self, out: SchedulerOutput,
                            sampled: Mapping[str, int]) -> list[tuple[Request, int]]:
-        """Advance ``num_computed_tokens`` by what ran; append each sampled token.
-        Returns ``(request, token_id)`` for every request that got a new token."""
+        """Append each sampled token of step ``out`` (``schedule()`` already counted what it
+        computed). A request finished or aborted since ``out`` was scheduled gets nothing (the
+        token is discarded); one preempted since keeps its token. Returns ``(request, token_id)``
+        for every request that got a new token."""
         new_tokens = []
-        for seq in out.seqs:
-            req = self.requests.get(seq.request_id)
-            if req is None or req.status != RequestStatus.RUNNING:
+        for seq, req in zip(out.seqs, out.requests):
+            if not seq.sample or self.requests.get(seq.request_id) is not req:
                 continue
-            assert req.num_computed_tokens == seq.start_pos, (req.request_id, seq.start_pos)
-            req.num_computed_tokens += len(seq.token_ids)
-            if seq.sample:
-                if seq.request_id not in sampled:
-                    raise RuntimeError(f"runner returned no token for request_id="
-                                       f"{seq.request_id!r} (scheduled with sample=True)")
-                tok = sampled[seq.request_id]
-                req.append_output_token(tok)
-                new_tokens.append((req, tok))
+            if seq.request_id not in sampled:
+                raise RuntimeError(f"runner returned no token for request_id="
+                                   f"{seq.request_id!r} (scheduled with sample=True)")
+            assert req.num_output_placeholders > 0, req.request_id
+            req.num_output_placeholders -= 1
+            tok = sampled[seq.request_id]
+            req.append_output_token(tok)
+            new_tokens.append((req, tok))
         return new_tokens
 
     def finish_requests(self, request_ids: str | Iterable[str],

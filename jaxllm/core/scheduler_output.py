@@ -6,6 +6,8 @@ from dataclasses import dataclass, field
 
 from jaxllm.sampling_params import SamplingParams
 
+PLACEHOLDER_TOKEN_ID = -1  # a token the host does not know yet (async scheduling)
+
 
 @dataclass
 class ScheduledSeq:
@@ -35,6 +37,10 @@ class ScheduledSeq:
     # None when the chunk ends at the last known token. Prompt logprobs of the chunk's last
     # position need it.
     next_token_id: int | None = None
+    # Async scheduling: True iff token_ids == [PLACEHOLDER_TOKEN_ID], the token this request sampled
+    # in the previous step, which is still on the device. The runner feeds that sampled token (it
+    # never comes back to the host first); it counts for penalties like any fed token.
+    placeholder: bool = False
 
     @property
     def num_new_tokens(self) -> int:
@@ -48,6 +54,10 @@ class SchedulerOutput:
     # requests the runner must forget (free per-request state) before this step: finished,
     # aborted or preempted since the last step. Forgetting an unknown id is a no-op.
     finished_or_preempted_ids: list[str] = field(default_factory=list)
+    # the scheduler's Request objects, parallel to seqs: update_from_output gives a sampled token
+    # only to the very request that was scheduled (a finished id may be reused by a new request
+    # while its last step is still in flight). The runner ignores it.
+    requests: list = field(default_factory=list, repr=False)
 
     @property
     def num_seqs(self) -> int:

@@ -1,8 +1,16 @@
 """LLMEngine: add_request / abort_request / step over the host scheduler and a model runner.
 
-``step() = schedule -> runner.execute -> scheduler.update_from_output -> detokenize -> stop
-checks -> outputs``. The engine imports no jax: the runner (``ModelRunnerProtocol``) and the
-tokenizer are injected; ``jaxllm.engine.factory.build_engine(config)`` builds the real ones.
+``step() = schedule -> runner.dispatch -> result -> scheduler.update_from_output -> detokenize
+-> stop checks -> outputs``. The engine imports no jax: the runner (``ModelRunnerProtocol``) and
+the tokenizer are injected; ``jaxllm.engine.factory.build_engine(config)`` builds the real ones.
+
+Async scheduling (``config.async_scheduling``, with a runner that has ``dispatch``): one step
+stays in flight between ``step()`` calls. ``step()`` schedules and dispatches step N+1 (decodes
+whose token step N sampled feed it on the device: ``ScheduledSeq.placeholder``), then reads
+step N back and processes it while N+1 runs; it returns step N's outputs. Results equal the
+synchronous engine's; a request that stops, is aborted or preempted while a step is in flight
+loses only that step's slot (its token there is discarded). When no request is left unfinished
+nothing stays in flight (the engine reads the last step back and drops it).
 
 Input rules (``add_request`` validates everything before anything is scheduled and raises
 ``ValueError`` naming the field, the value and the limit; the engine is unchanged after):
@@ -88,6 +96,8 @@ class LLMEngine:
         self._rng = random.Random(config.seed)
         self._parents: dict[str, ParentState] = {}
         self._seqs: dict[str, tuple[ParentState, SeqState]] = {}  # child id -> states
+        self.async_scheduling = bool(config.async_scheduling) and hasattr(runner, "dispatch")
+        self._in_flight: tuple | None = None  # (SchedulerOutput, PendingStep) not read back yet
         self.num_steps = 0
         self.num_generated_tokens = 0
         self.num_prompt_tokens = 0
@@ -181,20 +191,47 @@ class LLMEngine:
         return bool(self._parents)
 
     def step(self) -> list[RequestOutput]:
-        if not self.scheduler.has_unfinished_requests():
-            self._release_if_idle()
-            return []
+        if not self.async_scheduling:
+            if not self.scheduler.has_unfinished_requests():
+                self._release_if_idle()
+                return []
+            out = self._schedule(in_flight=False)
+            return self._process(out, self.runner.execute(out))
+        if self._in_flight is None:  # nothing running on the device: start a step
+            if not self.scheduler.has_unfinished_requests():
+                self._release_if_idle()
+                return []
+            out = self._schedule(in_flight=False)
+            self._in_flight = (out, self.runner.dispatch(out))
+        prev, self._in_flight = self._in_flight, None
+        if self.scheduler.has_unfinished_requests():  # step N+1 goes out before step N is read
+            out = self._schedule(in_flight=True)
+            if out is not None:
+                self._in_flight = (out, self.runner.dispatch(out))
+        return self._process(prev[0], prev[1].result())
+
+    def _schedule(self, in_flight: bool):
+        """The next step's SchedulerOutput. With a step in flight an empty one is normal (what is
+        left waits for that step's tokens): None then, after releasing the forgotten ids."""
         out = self.scheduler.schedule()
         if not out.seqs:
+            if in_flight:
+                if out.finished_or_preempted_ids:
+                    self.runner.release(out.finished_or_preempted_ids)
+                return None
             raise RuntimeError(f"scheduler produced an empty step with {self.scheduler.num_waiting} "
                                f"waiting / {self.scheduler.num_running} running requests and "
                                f"{self.kv.num_free_blocks} free blocks")
-        sampled = self.runner.execute(out)
+        return out
+
+    def _process(self, out, sampled) -> list[RequestOutput]:
+        """Step ``out``'s sampled tokens -> scheduler, detokenizer, stop checks, outputs."""
         self.num_steps += 1
         take = getattr(self.runner, "take_prompt_logprobs", None)
         if take is not None:
-            for rid, entries in take().items():
-                if rid in self._seqs:
+            scheduled = {r.request_id: r for r in out.requests}
+            for rid, entries in take().items():  # only to the request that ran (ids can be reused)
+                if rid in self._seqs and self._seqs[rid][1].req is scheduled.get(rid):
                     self._seqs[rid][0].add_prompt_logprobs(entries)
         new = self.scheduler.update_from_output(out, {k: v.token_id for k, v in sampled.items()})
         now = time.time()
@@ -222,6 +259,13 @@ class LLMEngine:
 
     def _release_if_idle(self) -> None:
         if not self.scheduler.has_unfinished_requests():
+            if self._in_flight is not None:  # every request it served is gone: read it back, drop it
+                (out, pending), self._in_flight = self._in_flight, None
+                pending.result()
+                self.num_steps += 1
+                take = getattr(self.runner, "take_prompt_logprobs", None)
+                if take is not None:
+                    take()
             ids = self.scheduler.take_forgotten()
             if ids:
                 self.runner.release(ids)

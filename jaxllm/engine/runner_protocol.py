@@ -18,6 +18,14 @@ The engine never imports jax; it talks to any object with this shape. Contract:
   ask ``prompt_logprobs``, ``{request_id: {prompt position: SampledToken}}`` computed since the last
   call, where the SampledToken is the prompt token at that position (its raw logprob and rank)
   with the top ``prompt_logprobs`` alternatives.
+- ``dispatch(out) -> PendingStep``: the same step, launched without waiting for it (JAX dispatch
+  is asynchronous); ``pending.result()`` waits and returns what ``execute`` would (prompt
+  logprobs become available to ``take_prompt_logprobs`` then). ``execute(out)`` is
+  ``dispatch(out).result()``. Steps run in dispatch order: a step dispatched later sees the KV
+  cache and penalty state of every earlier one. A seq with ``placeholder=True`` feeds, as its one
+  token, the token sampled for the same request by the previously dispatched step (kept on the
+  device; its ``token_ids`` hold ``PLACEHOLDER_TOKEN_ID``). The engine calls ``result()`` of each
+  pending step once, in dispatch order, with at most one step dispatched after it meanwhile.
 - ``release(ids)`` / ``out.finished_or_preempted_ids``: forget per-request device state
   (penalty counts, ...). Unknown ids are a no-op; a preempted request comes back later with
   ``start_pos == 0``.
@@ -40,10 +48,28 @@ class SampledToken:
     rank: int | None = None  # 1-based rank of token_id in the raw distribution (1 + #logits strictly greater)
 
 
+class PendingStep(Protocol):
+    def result(self) -> dict[str, SampledToken]: ...
+
+
+class DoneStep:
+    """A PendingStep whose result is already on the host (runners that compute synchronously)."""
+
+    __slots__ = ("_result",)
+
+    def __init__(self, result: dict[str, SampledToken]) -> None:
+        self._result = result
+
+    def result(self) -> dict[str, SampledToken]:
+        return self._result
+
+
 @runtime_checkable
 class ModelRunnerProtocol(Protocol):
     vocab_size: int
     num_blocks: int
+
+    def dispatch(self, out: SchedulerOutput) -> PendingStep: ...
 
     def execute(self, out: SchedulerOutput) -> dict[str, SampledToken]: ...
 

@@ -31,6 +31,10 @@ class StepInputs:
     seen_output_rows: jax.Array  # [X] i32 (R = none)
     sampling: SamplingInputs
     want_top_logprobs: jax.Array  # [] bool, any sequence asked for top logprobs
+    # Async scheduling: [T] i32, the penalty row whose last sampled token (the runner's device
+    # buffer) replaces tokens[t]; R = tokens[t] is the host's. A placeholder decode feeds the token
+    # the previous step sampled for its row without a trip through the host.
+    feed_rows: jax.Array
 
 
 def build_inputs(seqs: list[ScheduledSeq], rows: list[int], num_rows: int, eos_ids: list[int],
@@ -48,6 +52,7 @@ def build_inputs(seqs: list[ScheduledSeq], rows: list[int], num_rows: int, eos_i
     slots = np.full(T, -1, np.int32)
     prompt_rows = np.full(T, R, np.int32)
     output_rows = np.full(T, R, np.int32)
+    feed_rows = np.full(T, R, np.int32)
     block_tables = np.zeros((S, max_blocks), np.int32)
     context_lens = np.zeros(S, np.int32)
     cu = np.zeros(S + 1, np.int32)
@@ -78,7 +83,10 @@ def build_inputs(seqs: list[ScheduledSeq], rows: list[int], num_rows: int, eos_i
         n = len(s.token_ids)
         pos = np.arange(s.start_pos, s.start_pos + n, dtype=np.int32)
         blocks = np.asarray(s.block_ids, np.int32)
-        tokens[t:t + n] = s.token_ids
+        if s.placeholder:  # its one token is on the device: the last one sampled for this row
+            feed_rows[t] = row
+        else:
+            tokens[t:t + n] = s.token_ids
         positions[t:t + n] = pos
         slots[t:t + n] = blocks[pos // block_size] * block_size + pos % block_size
         is_prompt = pos < s.num_prompt_tokens
@@ -140,4 +148,4 @@ def build_inputs(seqs: list[ScheduledSeq], rows: list[int], num_rows: int, eos_i
                               sample_pos, mask_ids, bias_ids, bias_values, allowed_ids)
     want = np.asarray(any(s.params.logprobs for s in seqs))
     return StepInputs(tokens, positions, meta, logits_idx, seq_rows, reset_rows, prompt_rows, output_rows,
-                      seen_tokens, seen_prompt_rows, seen_output_rows, sampling, want)
+                      seen_tokens, seen_prompt_rows, seen_output_rows, sampling, want, feed_rows)

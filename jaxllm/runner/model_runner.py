@@ -2,11 +2,17 @@
 writes the KV cache in place (donated), computes logits for the last token of each sequence and
 samples on device. Only sampled ids and logprobs come back to the host.
 
+``dispatch(sched)`` launches a step and returns a ``PendingStep`` at once (JAX dispatch is
+asynchronous); ``PendingStep.result()`` waits and converts. Each row's last sampled token stays
+on the device (``last_tokens``, [R] i32) so the next step can feed it to a placeholder decode
+(async scheduling) without a round trip; ``execute`` = dispatch + result.
+
 Implements jaxllm.engine.runner_protocol.ModelRunnerProtocol.
 """
 from __future__ import annotations
 
 import concurrent.futures
+import dataclasses
 import logging
 import os
 import time
@@ -22,6 +28,7 @@ from jaxllm.models.config import ModelConfig
 from jaxllm.models.llama import LlamaForCausalLM
 from jaxllm.runner.buckets import Buckets
 from jaxllm.runner.inputs import StepInputs, build_inputs
+from jaxllm.runner.pending import PendingStep, PromptLogprobsJob
 from jaxllm.runner.sampler import MAX_LOGPROBS, sample, token_rank
 from pallas_kernels import KVCache
 
@@ -132,7 +139,24 @@ class ModelRunner:
             return (lp.reshape(-1)[:n], rank.reshape(-1)[:n], ids.reshape(-1, MAX_LOGPROBS)[:n],
                     top.reshape(-1, MAX_LOGPROBS)[:n])
 
-        self._step = jax.jit(step, donate_argnums=(1, 2, 3), **jit_kwargs)
+        # [R] i32: the token each penalty row sampled in its latest step (async scheduling feeds it)
+        self.last_tokens = jnp.zeros((self.num_rows,), jnp.int32)
+        if layout is not None:
+            self.last_tokens = jax.device_put(self.last_tokens, layout.replicated)
+            cs, counts_s, mask_s, *rest = jit_kwargs["out_shardings"]
+            jit_kwargs["out_shardings"] = (cs, counts_s, mask_s, layout.replicated, *rest)
+
+        def fed_step(state, cache, counts, prompt_mask, last_tokens, inp: StepInputs):
+            """step() with placeholder tokens taken from last_tokens on device (feed_rows < R), and
+            this step's sampled ids recorded per row (padding rows write the spare row only)."""
+            R = last_tokens.shape[0]
+            fed = last_tokens[jnp.minimum(inp.feed_rows, R - 1)]  # [T] i32
+            inp = dataclasses.replace(inp, tokens=jnp.where(inp.feed_rows < R, fed, inp.tokens))
+            cache, counts, prompt_mask, out, hidden = step(state, cache, counts, prompt_mask, inp)
+            last_tokens = last_tokens.at[inp.seq_rows].set(out.token_ids)
+            return cache, counts, prompt_mask, last_tokens, out, hidden
+
+        self._step = jax.jit(fed_step, donate_argnums=(1, 2, 3, 4), **jit_kwargs)
         self._prompt_lp = jax.jit(prompt_logprobs)
         self._prompt_lp_out: dict[str, dict[int, SampledToken]] = {}
         self.supports_prompt_logprobs = jax.process_count() == 1
@@ -185,7 +209,7 @@ class ModelRunner:
         return inp.tokens.shape[0], inp.logits_indices.shape[0], inp.metadata.decode_only
 
     def _step_lowering(self, inp: StepInputs):
-        return self._step.lower(self.state, self.kv_cache, self.counts, self.prompt_mask, inp)
+        return self._step.lower(self.state, self.kv_cache, self.counts, self.prompt_mask, self.last_tokens, inp)
 
     def _prompt_lp_lowering(self, num_tokens: int):
         hidden = jax.ShapeDtypeStruct((num_tokens, self.model_config.hidden_size), self.state_dtype)
@@ -198,8 +222,8 @@ class ModelRunner:
         return self._executable(("prompt_lp", num_tokens), lambda: self._prompt_lp_lowering(num_tokens))
 
     def _run_local(self, inp: StepInputs):
-        self.kv_cache, self.counts, self.prompt_mask, out, self._hidden = self._step_executable(inp)(
-            self.state, self.kv_cache, self.counts, self.prompt_mask, inp)
+        self.kv_cache, self.counts, self.prompt_mask, self.last_tokens, out, self._hidden = \
+            self._step_executable(inp)(self.state, self.kv_cache, self.counts, self.prompt_mask, self.last_tokens, inp)
         return out
 
     # ----- multi-host ---------------------------------------------------------------
@@ -217,10 +241,14 @@ class ModelRunner:
             self._channel.stop()
 
     def execute(self, sched: SchedulerOutput) -> dict[str, SampledToken]:
+        return self.dispatch(sched).result()
+
+    def dispatch(self, sched: SchedulerOutput) -> PendingStep:
+        """Launch one step (and its prompt-logprobs pass) without waiting for the device."""
         self.release(sched.finished_or_preempted_ids)
         seqs = sched.seqs
         if not seqs:
-            return {}
+            return PendingStep([], None, None)
         num_tokens = sum(len(s.token_ids) for s in seqs)
         decode_only = all(len(s.token_ids) == 1 for s in seqs)
         T, S, decode_only = self.buckets.pick(num_tokens, len(seqs), decode_only)
@@ -230,22 +258,13 @@ class ModelRunner:
                            self.max_blocks_per_seq, self.max_model_len, seed_steps)
         for seed in seed_steps:  # same bucket, all padding: seeds penalty state only
             self._run(seed)
-        out = jax.device_get(self._run(inp))
-        result = {}
-        for i, s in enumerate(seqs):
-            if not s.sample:
-                continue
-            k = s.params.logprobs
-            top = None
-            if k is not None:
-                top = [(int(t), float(lp)) for t, lp in zip(out.top_ids[i, :k], out.top_logprobs[i, :k])]
-            result[s.request_id] = SampledToken(int(out.token_ids[i]), float(out.logprobs[i]), top,
-                                                rank=int(out.ranks[i]))
+        out = self._run(inp)
+        prompt_lp = None
         if any(s.params.prompt_logprobs is not None and s.start_pos + 1 < s.num_prompt_tokens for s in seqs):
-            self._compute_prompt_logprobs(seqs, T)
-        return result
+            prompt_lp = self._dispatch_prompt_logprobs(seqs, T)
+        return PendingStep(seqs, out, prompt_lp, lambda: self._prompt_lp_out)
 
-    def _compute_prompt_logprobs(self, seqs, padded_tokens: int) -> None:
+    def _dispatch_prompt_logprobs(self, seqs, padded_tokens: int) -> PromptLogprobsJob:
         """For seqs asking prompt_logprobs: logprobs of prompt tokens 1.. predicted in this step."""
         targets = np.full(padded_tokens, -1, np.int32)  # [T] next prompt token, -1 = not wanted
         spans = []
@@ -261,17 +280,8 @@ class ModelRunner:
                             targets[t + j] = nxt
                 spans.append((s, t, n))
             t += n
-        lp, rank, top_ids, top_lp = jax.device_get(
-            self._prompt_lp_executable(padded_tokens)(self.state, self._hidden, targets))
-        for s, start, n in spans:
-            k = s.params.prompt_logprobs
-            entries = self._prompt_lp_out.setdefault(s.request_id, {})
-            for j in range(n):
-                tgt = int(targets[start + j])
-                if tgt < 0:
-                    continue
-                top = [(int(tid), float(v)) for tid, v in zip(top_ids[start + j, :k], top_lp[start + j, :k])]
-                entries[s.start_pos + j + 1] = SampledToken(tgt, float(lp[start + j]), top, rank=int(rank[start + j]))
+        outputs = self._prompt_lp_executable(padded_tokens)(self.state, self._hidden, targets)
+        return PromptLogprobsJob(outputs, targets, spans)
 
     def take_prompt_logprobs(self) -> dict[str, dict[int, SampledToken]]:
         """{request_id: {prompt position: SampledToken of the prompt token there}} computed since
@@ -287,7 +297,7 @@ class ModelRunner:
         step = self._step_lowering(self._padding_inputs(T, S, decode_only)).compile()
         plp = self._prompt_lp_lowering(T).compile()
         temp = sum(int(getattr(c.memory_analysis(), "temp_size_in_bytes", 0) or 0) for c in (step, plp))
-        return temp + self.counts.nbytes + self.prompt_mask.nbytes
+        return temp + self.counts.nbytes + self.prompt_mask.nbytes + self.last_tokens.nbytes
 
     def warmup(self) -> float:
         """Compiles every bucket's step and prompt-logprobs pass ahead of time (from JAX's persistent

@@ -6,6 +6,11 @@ context back from the slots and checks it against what the request should hold; 
 is a deterministic function of the context read back from the cache. So a wrong block table,
 a block shared by mistake, a prefix-cache hit on stale KV or a resumed request fed the wrong
 tokens all show up as an assertion error or as a different output.
+
+``dispatch`` computes the step at once and returns a pending handle; the fake checks the
+engine's side of the async contract: results are taken once each, in dispatch order, with at
+most one step dispatched past an unread one, and a placeholder token is fed the very token this
+request sampled in the previously dispatched step.
 """
 
 from __future__ import annotations
@@ -13,7 +18,7 @@ from __future__ import annotations
 import math
 from collections.abc import Callable
 
-from jaxllm.core.scheduler_output import ScheduledSeq, SchedulerOutput
+from jaxllm.core.scheduler_output import PLACEHOLDER_TOKEN_ID, ScheduledSeq, SchedulerOutput
 from jaxllm.engine.runner_protocol import SampledToken
 
 M64 = (1 << 64) - 1
@@ -48,6 +53,9 @@ class FakeRunner:
         self.known: dict[str, list[int]] = {}  # request id -> tokens the runner has seen it compute
         self.steps: list[SchedulerOutput] = []
         self.released: list[str] = []
+        self._prev_sampled: dict[str, int] = {}  # request id -> token sampled by the last dispatched step
+        self._unread: list[FakePending] = []  # dispatched, result() not called yet (oldest first)
+        self.num_placeholders_fed = 0
 
     # ----- protocol -----------------------------------------------------------------
     def release(self, request_ids: list[str]) -> None:
@@ -56,13 +64,27 @@ class FakeRunner:
             self.released.append(rid)
 
     def execute(self, out: SchedulerOutput) -> dict[str, SampledToken]:
+        return self.dispatch(out).result()
+
+    def dispatch(self, out: SchedulerOutput) -> FakePending:
+        assert len(self._unread) <= 1, "a step dispatched with two unread steps before it"
+        pending = FakePending(self, self._run(out))
+        self._unread.append(pending)
+        return pending
+
+    def _take(self, pending: FakePending) -> None:
+        assert self._unread and self._unread[0] is pending, "results read out of dispatch order or twice"
+        self._unread.pop(0)
+
+    def _run(self, out: SchedulerOutput) -> dict[str, SampledToken]:
         self.steps.append(out)
         self.release(out.finished_or_preempted_ids)
         ids = [s.request_id for s in out.seqs]
         assert len(ids) == len(set(ids)), f"request scheduled twice in a step: {ids}"
         assert out.num_batched_tokens == sum(len(s.token_ids) for s in out.seqs)
         for s in out.seqs:
-            assert not (set(out.finished_or_preempted_ids) & {s.request_id}), s.request_id
+            # a forgotten id comes back only as a new request (its id reused) or a resumed one
+            assert s.request_id not in out.finished_or_preempted_ids or s.prefix_token_ids is not None, s
             assert s.token_ids, s.request_id
             end = s.start_pos + len(s.token_ids)
             assert len(s.block_ids) >= -(-end // self.block_size), (s.request_id, end, s.block_ids)
@@ -76,9 +98,19 @@ class FakeRunner:
                 assert len(self.known[s.request_id]) == s.start_pos, (
                     f"{s.request_id}: runner saw {len(self.known[s.request_id])} tokens, "
                     f"start_pos={s.start_pos}")
+        # 0) placeholders: the token sampled for this request by the previously dispatched step
+        fed = {}
+        for s in out.seqs:
+            fed[s.request_id] = list(s.token_ids)
+            assert (PLACEHOLDER_TOKEN_ID in s.token_ids) == s.placeholder, s
+            if s.placeholder:
+                assert s.token_ids == [PLACEHOLDER_TOKEN_ID] and s.prefix_token_ids is None, s
+                assert s.request_id in self._prev_sampled, f"{s.request_id}: placeholder without a previous sample"
+                fed[s.request_id] = [self._prev_sampled[s.request_id]]
+                self.num_placeholders_fed += 1
         # 1) write every scheduled token's KV (all writes land before any read)
         for s in out.seqs:
-            for i, t in enumerate(s.token_ids):
+            for i, t in enumerate(fed[s.request_id]):
                 self.kv[self._slot(s.block_ids, s.start_pos + i)] = (t, s.start_pos + i)
         # 2) "attend": read the whole context back from the cache
         result: dict[str, SampledToken] = {}
@@ -89,7 +121,7 @@ class FakeRunner:
                 tok, pos = self.kv.get(self._slot(s.block_ids, p), (None, None))
                 assert pos == p, f"{s.request_id}: slot for position {p} holds position {pos}"
                 ctx.append(tok)
-            assert ctx[s.start_pos:] == s.token_ids
+            assert ctx[s.start_pos:] == fed[s.request_id]
             if s.prefix_token_ids is not None:  # a prefix-cache hit must hold exactly our tokens
                 assert ctx[:s.start_pos] == s.prefix_token_ids, f"{s.request_id}: stale cached KV"
             known = self.known.get(s.request_id)
@@ -98,6 +130,7 @@ class FakeRunner:
             self.known[s.request_id] = ctx
             if s.sample:
                 result[s.request_id] = self._sample(ctx, s)
+        self._prev_sampled = {rid: t.token_id for rid, t in result.items()}
         return result
 
     # ----- the "model" --------------------------------------------------------------
@@ -128,3 +161,16 @@ class FakeRunner:
             top = top[:p.logprobs] if p.logprobs else []
         assert math.isfinite(lp)
         return SampledToken(token_id=tok, logprob=lp, top_logprobs=top, rank=1)  # the fake's best token
+
+
+class FakePending:
+    """The fake's PendingStep: the result is computed at dispatch; result() checks the read order."""
+
+    def __init__(self, runner: FakeRunner, result: dict[str, SampledToken]) -> None:
+        self._runner, self._result, self._read = runner, result, False
+
+    def result(self) -> dict[str, SampledToken]:
+        if not self._read:
+            self._runner._take(self)
+            self._read = True
+        return self._result

@@ -166,7 +166,7 @@ def test_collectives_are_megatron(engines):
     r = engines(4).runner
     inp = build_inputs([], [], r.num_rows, r.eos_ids, 4, 4, True, r.block_size, r.max_blocks_per_seq,
                        r.max_model_len)
-    hlo = r._step.lower(r.state, r.kv_cache, r.counts, r.prompt_mask, inp).compile().as_text()
+    hlo = r._step_lowering(inp).compile().as_text()
     ops = sorted(m.groups() for m in re.finditer(
         r"= (\S+?)\{[^}]*\} (all-reduce|all-gather|reduce-scatter|all-to-all|collective-permute)(?:-start)?\(", hlo))
     from jaxllm.models.llama import layer_loop_mode

@@ -1,0 +1,90 @@
+"""A dispatched step whose results are still on the device (ModelRunner.dispatch's answer).
+
+JAX dispatch is asynchronous: the jitted step (and the prompt-logprobs pass) are launched and
+their outputs are device arrays that fill in later. ``result()`` is the one place the host waits:
+it copies them back (device_get) and converts them to ``SampledToken``s, and files prompt
+logprobs where ``ModelRunner.take_prompt_logprobs`` finds them.
+"""
+from __future__ import annotations
+
+from collections.abc import Callable
+
+import jax
+import numpy as np
+
+from jaxllm.core.scheduler_output import ScheduledSeq
+from jaxllm.engine.runner_protocol import SampledToken
+from jaxllm.runner.sampler import SamplerOutput
+
+
+def start_copy(tree) -> None:
+    """Start device -> host copies now, so result() does not pay for them after the step ends."""
+    for leaf in jax.tree_util.tree_leaves(tree):
+        copy = getattr(leaf, "copy_to_host_async", None)
+        if copy is not None:
+            copy()
+
+
+class PromptLogprobsJob:
+    """The dispatched prompt-logprobs pass of one step: device outputs plus what to file where."""
+
+    def __init__(self, outputs, targets: np.ndarray, spans: list[tuple[ScheduledSeq, int, int]]) -> None:
+        self.outputs = outputs  # (lp [T] f32, rank [T] i32, top_ids [T, K] i32, top_lp [T, K] f32), on device
+        self.targets = targets  # [T] i32 next prompt token, -1 = not wanted
+        self.spans = spans  # (seq, first token index, number of tokens)
+        start_copy(outputs)
+
+    def file(self, into: dict[str, dict[int, SampledToken]]) -> None:
+        lp, rank, top_ids, top_lp = jax.device_get(self.outputs)
+        for s, start, n in self.spans:
+            k = s.params.prompt_logprobs
+            entries = into.setdefault(s.request_id, {})
+            for j in range(n):
+                tgt = int(self.targets[start + j])
+                if tgt < 0:
+                    continue
+                top = [(int(tid), float(v)) for tid, v in zip(top_ids[start + j, :k], top_lp[start + j, :k])]
+                entries[s.start_pos + j + 1] = SampledToken(tgt, float(lp[start + j]), top, rank=int(rank[start + j]))
+
+
+class PendingStep:
+    """One dispatched step. ``result()`` waits for it once and returns
+    ``{request_id: SampledToken}`` for its ``sample=True`` seqs (later calls return the same)."""
+
+    def __init__(self, seqs: list[ScheduledSeq], out: SamplerOutput | None,
+                 prompt_lp: PromptLogprobsJob | None, prompt_lp_sink: Callable[[], dict] | None = None) -> None:
+        self._seqs = seqs
+        self._out = out
+        self._prompt_lp = prompt_lp
+        self._prompt_lp_sink = prompt_lp_sink  # () -> the runner's take_prompt_logprobs store
+        self._result: dict[str, SampledToken] | None = None
+        self._marker = None if out is None else out.token_ids  # [S] i32: ready when the step is done
+        if out is not None:
+            start_copy(out)
+
+    def wait_device(self) -> None:
+        """Block until the device has finished this step, without copying anything (benches time
+        device idle gaps with it; any thread may call it)."""
+        if self._marker is not None:
+            self._marker.block_until_ready()
+
+    def result(self) -> dict[str, SampledToken]:
+        if self._result is not None:
+            return self._result
+        result: dict[str, SampledToken] = {}
+        if self._out is not None:
+            out = jax.device_get(self._out)
+            for i, s in enumerate(self._seqs):
+                if not s.sample:
+                    continue
+                k = s.params.logprobs
+                top = None
+                if k is not None:
+                    top = [(int(t), float(lp)) for t, lp in zip(out.top_ids[i, :k], out.top_logprobs[i, :k])]
+                result[s.request_id] = SampledToken(int(out.token_ids[i]), float(out.logprobs[i]), top,
+                                                    rank=int(out.ranks[i]))
+        if self._prompt_lp is not None:
+            self._prompt_lp.file(self._prompt_lp_sink())
+        self._out = self._prompt_lp = None  # drop the device buffers
+        self._result = result
+        return result
