@@ -99,25 +99,28 @@ if want e2e; then
   fi
 fi
 
-# ---- optional (PHASES="weightcopy"): the layer scan's per-layer weight copies -----------------
-# XLA copies each weight out of its stacked array before the gemm (GPU HLO, 2026-11-26), so batch-1
-# decode ran at 27% of the weight-read roofline. Candidates, each A/B'd on batch-1 decode:
-#   0 none; 1 XLA's dynamic-slice fusion; 2 the same with cuBLAS gemms (the fusion may need them);
-#   3 the Pallas stacked_matmul (JAXLLM_STACKED_MATMUL=1) reading w[layer] in place.
+# ---- optional (PHASES="weightcopy"): the layer loop's weight reads ----------------------------
+# The scan over stacked weights copies each weight out of its stacked array before the gemm (GPU
+# HLO, 2026-11-26: batch-1 decode at 27% of the weight-read roofline). The default on GPU is now
+# per-layer weights with the loop unrolled (JAXLLM_LAYER_LOOP=unroll, no copy). A/B on batch-1 decode:
+#   0 unroll (default); 1 scan; 2 scan + XLA's dynamic-slice fusion; 3 the same with cuBLAS gemms;
+#   4 scan + the Pallas stacked_matmul (JAXLLM_STACKED_MATMUL=1) reading w[layer] in place.
 if want weightcopy; then
   phase "stacked_matmul vs XLA dot on a dynamically indexed layer (13B projections)"
   timeout 90 "$PY" bench/stacked_matmul.py --json "$OUT" --json-key stacked_matmul || status=1
-  variants=("" "--xla_gpu_enable_dynamic_slice_fusion=true"
-            "--xla_gpu_enable_dynamic_slice_fusion=true --xla_gpu_enable_triton_gemm=false" "STACKED")
+  variants=("unroll|" "scan|" "scan|--xla_gpu_enable_dynamic_slice_fusion=true"
+            "scan|--xla_gpu_enable_dynamic_slice_fusion=true --xla_gpu_enable_triton_gemm=false" "scan|STACKED")
   for i in "${!variants[@]}"; do
-    flags="${variants[$i]}"; extra=()
-    if [ "$flags" = STACKED ]; then flags=""; extra=(JAXLLM_STACKED_MATMUL=1); fi
-    phase "batch-1 decode, variant $i: XLA_FLAGS='$flags' ${extra[*]}"
-    timeout 120 env -u XLA_PYTHON_CLIENT_PREALLOCATE XLA_FLAGS="${XLA_FLAGS:-} $flags" "${extra[@]}" "$PY" \
+    loop="${variants[$i]%%|*}"; flags="${variants[$i]#*|}"; extra=(JAXLLM_LAYER_LOOP="$loop")
+    if [ "$flags" = STACKED ]; then flags=""; extra+=(JAXLLM_STACKED_MATMUL=1); fi
+    phase "batch-1 decode, variant $i: ${extra[*]} XLA_FLAGS='$flags'"
+    timeout 150 env -u XLA_PYTHON_CLIENT_PREALLOCATE XLA_FLAGS="${XLA_FLAGS:-} $flags" "${extra[@]}" "$PY" \
       bench/device_e2e.py --decode-only --json "$OUT" --json-key "decode1_variant$i" || status=1
   done
-  timeout 60 env XLA_FLAGS="${XLA_FLAGS:-} --xla_gpu_enable_dynamic_slice_fusion=true" "$PY" bench/step_memory.py \
-    --hlo-dir "$(dirname "$OUT")/hlo_slicefusion" --json "$OUT" --json-key step_memory_slicefusion || status=1
+  for loop in unroll scan; do
+    timeout 90 "$PY" bench/step_memory.py --layer-loop "$loop" --hlo-dir "$(dirname "$OUT")/hlo_$loop" \
+      --json "$OUT" --json-key "step_memory_$loop" || status=1
+  done
 fi
 
 phase "done"
