@@ -111,9 +111,9 @@ def measure_bandwidth(mib: int) -> dict:
         from bench.cpu_roofline import measure_read_bandwidth
 
         bw = measure_read_bandwidth(mib << 20)
-        return {"bytes_per_s": max(bw.values()), "how": f"CPU read, {mib} MiB sum (numpy {bw['numpy'] / 1e9:.1f}, "
-                f"torch {bw['torch'] / 1e9:.1f} GB/s; best)", "backend": backend, **{f"{k}_bytes_per_s": v
-                                                                                 for k, v in bw.items()}}
+        how = f"CPU read, {mib} MiB sum (numpy {bw['numpy'] / 1e9:.1f}, torch {bw['torch'] / 1e9:.1f} GB/s; best)"
+        return {"bytes_per_s": max(bw.values()), "how": how, "backend": backend,
+                **{f"{k}_bytes_per_s": v for k, v in bw.items()}}
     if backend == "gpu":
         from bench.kernels import copy_bandwidth
 
