@@ -44,7 +44,9 @@ def micro_benchmarks(copy_bytes: int, matmul_n: int, reps: int) -> dict:
 
 
 # ----- HF ---------------------------------------------------------------------------
-def hf_model(preset: str, device: str):
+def hf_model(preset: str, device: str, dtype: str = "bfloat16"):
+    """Random weights of a dummy preset's shapes, born on `device` in `dtype` (also bench/latency.py's
+    HF baseline for --load-format dummy)."""
     import torch
     import transformers
 
@@ -52,11 +54,12 @@ def hf_model(preset: str, device: str):
 
     spec = dict(PRESETS[preset])
     cfg = transformers.AutoConfig.for_model(spec.pop("model_type"), **spec)
+    tdtype = getattr(torch, dtype)
     old = torch.get_default_dtype()
-    torch.set_default_dtype(torch.bfloat16)
+    torch.set_default_dtype(tdtype)
     try:
         with torch.device(device):
-            model = transformers.AutoModelForCausalLM.from_config(cfg, dtype=torch.bfloat16)
+            model = transformers.AutoModelForCausalLM.from_config(cfg, dtype=tdtype)
     finally:
         torch.set_default_dtype(old)
     return model.eval()

@@ -154,7 +154,7 @@ def pick_hf_threads(model, candidates) -> tuple[int, dict]:
     import torch
 
     times = {}
-    x = torch.full((1, 64), 1000, dtype=torch.long)
+    x = torch.full((1, 64), min(1000, model.config.vocab_size - 1), dtype=torch.long)  # tiny vocabularies too
     with torch.inference_mode():
         for n in candidates:
             torch.set_num_threads(n)
