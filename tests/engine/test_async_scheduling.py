@@ -128,8 +128,8 @@ def test_switch_in_config_and_both_clis():
     import argparse
 
     from jaxllm.config import EngineConfig
-    from jaxllm.generate import add_engine_args, engine_config_from_args
-    from serving.__main__ import build_parser, engine_kwargs
+    from jaxllm.cli_args import add_engine_args, engine_config_from_args
+    from serving.__main__ import build_parser
 
     assert EngineConfig().async_scheduling is True
     with pytest.raises(ValueError, match="async_scheduling='no' is invalid: must be a bool"):
@@ -138,6 +138,6 @@ def test_switch_in_config_and_both_clis():
     add_engine_args(ap)
     assert engine_config_from_args(ap.parse_args([])).async_scheduling is True
     assert engine_config_from_args(ap.parse_args(["--no-async-scheduling"])).async_scheduling is False
-    p = build_parser()
-    assert "async_scheduling" not in engine_kwargs(p.parse_args(["--model", "m"]))
-    assert engine_kwargs(p.parse_args(["--model", "m", "--no-async-scheduling"]))["async_scheduling"] is False
+    p = build_parser()  # the server shares the engine flags
+    assert engine_config_from_args(p.parse_args(["--model", "m"])).async_scheduling is True
+    assert engine_config_from_args(p.parse_args(["--model", "m", "--no-async-scheduling"])).async_scheduling is False

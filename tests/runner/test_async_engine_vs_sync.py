@@ -100,7 +100,8 @@ def assert_same_logprobs(got, want, rid):
     def flat(o):
         entries = list(o.prompt_logprobs or []) + [e for c in o.outputs for e in (c.logprobs or [])]
         keys = [None if e is None else sorted(e) for e in entries]
-        vals = [v for e in entries if e is not None for _, v in sorted(e.items())]
+        vals = [v.logprob for e in entries if e is not None for _, v in sorted(e.items())]
+        vals += [v.rank for e in entries if e is not None for _, v in sorted(e.items())]
         return keys, vals + [c.cumulative_logprob or 0.0 for c in o.outputs]
     (gk, gv), (wk, wv) = flat(got), flat(want)
     assert gk == wk, rid
