@@ -32,14 +32,16 @@ KV_PARAMS = ("layers.wk", "layers.wv", "layers.bk", "layers.bv")
 FUSED_PARTS = {part: held for held, (parts, _) in FUSED.items() for part in parts}
 
 
-def fuse(xp, parts, axis: int, tp: int):
+def fuse(xp, parts, axis: int, tp: int, names: tuple[str, ...] | None = None):
     """Arrays equal in all axes but `axis` (negative) → one array, concatenated on `axis` in
     shard-major order: [part0 slice of shard 0, part1 slice of shard 0, ..., part0 slice of shard 1, ...].
-    `xp`: numpy or jax.numpy (placement runs on the host or on device)."""
+    `xp`: numpy or jax.numpy (placement runs on the host or on device); `names` label errors."""
     a = parts[0].ndim + axis
-    for name, p in enumerate(parts):
+    for i, p in enumerate(parts):
         if p.shape[a] % tp:
-            raise ValueError(f"fused part {name}: axis {a} of shape {tuple(p.shape)} is not divisible by tp={tp}")
+            name = names[i] if names else f"part {i}"
+            raise ValueError(f"cannot fuse {name}: its axis {a} (size {p.shape[a]}, shape {tuple(p.shape)}) "
+                             f"is not divisible by tensor_parallel_size={tp}")
     split = [p.reshape(p.shape[:a] + (tp, p.shape[a] // tp) + p.shape[a + 1:]) for p in parts]  # [.., tp, n/tp, ..]
     out = xp.concatenate(split, axis=a + 1)  # [.., tp, sum(n)/tp, ..]
     return out.reshape(out.shape[:a] + (out.shape[a] * out.shape[a + 1],) + out.shape[a + 2:])
@@ -67,7 +69,7 @@ def placement_plan(names, kv_repeat: int, tp: int) -> list[tuple[str, tuple[str,
         def fn(xp, *arrays, parts=parts, axis=axis):
             arrays = [xp.repeat(x, kv_repeat, axis=-2) if kv_repeat > 1 and p in KV_PARAMS else x
                       for p, x in zip(parts, arrays)]
-            return fuse(xp, arrays, axis, tp)
+            return fuse(xp, arrays, axis, tp, parts)
 
         plan.append((held, parts, fn))
     return plan

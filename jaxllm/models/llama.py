@@ -122,7 +122,7 @@ def layer_loop_mode(mode: str | None = None) -> str:
 def decoder_layer(w: dict[str, jax.Array], x, cos, sin, cache: KVCache, index, metadata: AttentionMetadata,
                   c: ModelConfig, lay, proj: Projector, attention_impl):
     """One decoder layer: x [T, E] → (x [T, E], cache with this layer's k/v written at `index`).
-    `w`: the layer's weights by short name ("wq", ...), each the layer's own array or a slice."""
+    `w`: the layer's held weights by short name ("wqkv", ...), each the layer's own array or a slice."""
     eps = c.rms_norm_eps
     H, K = c.num_heads, c.num_kv_heads
     h = rms_norm(x, w["input_norm"], eps)  # [T, E]
