@@ -228,3 +228,18 @@ def test_collectives_are_megatron(engines):
 
     per_layer = 2 * (1 if layer_loop_mode() == "scan" else r.model_config.num_layers)
     assert ops == [("f32[4,512]", "all-gather")] + [("f32[4,64]", "all-reduce")] * (1 + per_layer), ops
+
+
+@pytest.mark.parametrize("arch,tps", [("qwen2", (2, 4)), ("qwen3", (3, 6))])
+def test_bias_and_qk_norm_archs_match_tp1(arch, tps, tmp_path_factory):
+    """Qwen2 (q/k/v bias fused into bqkv, MQA: kv head repeated 2 and 4 times) and Qwen3 (q/k norm
+    after the split; kv heads sharded at tp=3, repeated at tp=6): sharded logits match tp=1 in both
+    layer loops."""
+    from tests.models.hf_tiny import make_tiny_hf
+
+    path = make_tiny_hf(arch, str(tmp_path_factory.mktemp("hf")))
+    ref_prefill, ref_decode = _forward_logits(path, 1, "scan")
+    for tp, loop in ((tps[0], "scan"), (tps[1], "unroll")):
+        prefill, decode = _forward_logits(path, tp, loop)
+        np.testing.assert_allclose(prefill, ref_prefill, atol=1e-4, rtol=0, err_msg=f"{arch} tp={tp} {loop}")
+        np.testing.assert_allclose(decode, ref_decode, atol=1e-4, rtol=0, err_msg=f"{arch} tp={tp} {loop}")
