@@ -161,9 +161,10 @@ def main(argv=None) -> int:
     print(f"backend {jax.default_backend()} ({jax.devices()[0].device_kind}); tp {args.tp}; cache.k = cache.v = "
           f"{cache_bytes / 2**20:.0f} MiB per device ({num_blocks} blocks); attention impl (env) "
           f"{os.environ.get('JAXLLM_ATTENTION_IMPL') or 'by backend'}")
-    from jaxllm.models.llama import param_shapes
+    from jaxllm.models.llama import model_param_shapes
 
-    weight_shapes = [shape[1:] for name, shape in param_shapes(mc).items()
+    # One layer's weights as the model holds them (wqkv, wo, w_gate_up, w_down: fused, kv heads repeated).
+    weight_shapes = [shape[1:] for name, shape in model_param_shapes(model.config).items()
                      if name.startswith("layers.") and len(shape) > 2]
     layer_weight_bytes = sum(int(np.prod(s)) for s in weight_shapes) * 2  # bf16
     print(f"layer loop {model.layer_loop}; one layer's weights {layer_weight_bytes / 2**20:.1f} MiB")

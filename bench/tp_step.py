@@ -1,7 +1,7 @@
 """Tensor parallelism's cost per decode step: tp=N vs tp=1, and vs the KV cache's size, in one run.
 
     python bench/tp_step.py                         # SmolLM2, tp 1 and 3 on 4 forced CPU devices,
-                                                    # caches of 16 and 256 MiB per device
+                                                    # caches of 32 and 256 MiB per device
     python bench/tp_step.py --tp 1 2 --cache-mib 64 --model dummy:tiny-llama --load-format dummy
 
 For each (tp, cache size) it builds an engine on forced CPU devices (`XLA_FLAGS=
@@ -88,12 +88,12 @@ def main(argv=None) -> int:
     ap.add_argument("--model", default="smollm2-135m")
     ap.add_argument("--load-format", default="auto")
     ap.add_argument("--tp", type=int, nargs="+", default=[1, 3], help="tensor-parallel sizes to compare")
-    ap.add_argument("--cache-mib", type=int, nargs="+", default=[16, 256], help="KV cache per device, MiB")
+    ap.add_argument("--cache-mib", type=int, nargs="+", default=[32, 256], help="KV cache per device, MiB")
     ap.add_argument("--devices", type=int, default=4, help="forced CPU devices (if XLA_FLAGS does not set them)")
     ap.add_argument("--input-len", type=int, default=32)
     ap.add_argument("--tokens", type=int, default=17, help="tokens of the timed run")
     ap.add_argument("--repeats", type=int, default=3)
-    ap.add_argument("--max-model-len", type=int, default=512)
+    ap.add_argument("--max-model-len", type=int, default=256)
     ap.add_argument("--output-json")
     args = ap.parse_args(argv)
     if "xla_force_host_platform_device_count" not in os.environ.get("XLA_FLAGS", ""):

@@ -20,6 +20,7 @@ import numpy as np
 from flax import nnx
 
 from jaxllm.models.config import ModelConfig
+from jaxllm.models.fusion import FUSED, FUSED_PARTS, placement_plan, split_fused
 from jaxllm.models.projections import Projector
 from jaxllm.models.rope import apply_rope, inverse_frequencies, rope_tables
 from jaxllm.parallel.ops import constrain, embed_lookup, lm_logits, paged_attention
@@ -45,8 +46,17 @@ PARAM_AXES: dict[str, tuple[str, ...]] = {
     "layers.w_up": ("layers", "embed", "mlp"),
     "layers.w_down": ("layers", "mlp", "embed"),
 }
+# What the model holds: PARAM_AXES with wq/wk/wv fused into wqkv, bq/bk/bv into bqkv and w_gate/w_up
+# into w_gate_up (jaxllm/models/fusion.py). "qkv_heads" = H + 2K heads, "mlp2" = 2F, both
+# column-parallel in shard-major order.
+MODEL_AXES: dict[str, tuple[str, ...]] = {
+    **{k: v for k, v in PARAM_AXES.items() if k not in FUSED_PARTS},
+    "layers.wqkv": ("layers", "embed", "qkv_heads", "head_dim"),
+    "layers.bqkv": ("layers", "qkv_heads", "head_dim"),
+    "layers.w_gate_up": ("layers", "embed", "mlp2"),
+}
 LAYER_LOOP_ENV = "JAXLLM_LAYER_LOOP"
-LAYER_PARAMS = tuple(k.split(".", 1)[1] for k in PARAM_AXES if k.startswith("layers."))
+LAYER_PARAMS = tuple(k.split(".", 1)[1] for k in MODEL_AXES if k.startswith("layers."))
 
 
 def param_shapes(c: ModelConfig) -> dict[str, tuple[int, ...]]:
@@ -69,6 +79,20 @@ def param_shapes(c: ModelConfig) -> dict[str, tuple[int, ...]]:
     return shapes
 
 
+def model_param_shapes(c: ModelConfig) -> dict[str, tuple[int, ...]]:
+    """The parameters the model holds (`MODEL_AXES`: fused), with their stacked shapes. `c` is the
+    model's config (under tensor parallelism: layout.model_config, kv heads repeated)."""
+    shapes = param_shapes(c)
+    for held, (parts, axis) in FUSED.items():
+        if all(p in shapes for p in parts):
+            first = shapes[parts[0]]
+            a = len(first) + axis
+            shapes[held] = first[:a] + (sum(shapes[p][a] for p in parts),) + first[a + 1:]
+            for p in parts:
+                del shapes[p]
+    return {k: shapes[k] for k in MODEL_AXES if k in shapes}
+
+
 def rms_norm(x: jax.Array, weight: jax.Array, eps: float) -> jax.Array:
     """RMSNorm over the last axis, computed in f32 like the reference implementation."""
     xf = x.astype(jnp.float32)
@@ -77,8 +101,8 @@ def rms_norm(x: jax.Array, weight: jax.Array, eps: float) -> jax.Array:
 
 
 def layer_axes(name: str) -> tuple[str, ...]:
-    """Logical axes of one layer's slice of the stacked parameter `name` ("layers.wq" -> (embed, heads, head_dim))."""
-    return PARAM_AXES[name][1:]
+    """Logical axes of one layer's slice of the held stacked parameter `name` ("layers.wqkv" -> (embed, qkv_heads, head_dim))."""
+    return MODEL_AXES[name][1:]
 
 
 def layer_loop_mode(mode: str | None = None) -> str:
@@ -98,14 +122,15 @@ def layer_loop_mode(mode: str | None = None) -> str:
 def decoder_layer(w: dict[str, jax.Array], x, cos, sin, cache: KVCache, index, metadata: AttentionMetadata,
                   c: ModelConfig, lay, proj: Projector, attention_impl):
     """One decoder layer: x [T, E] → (x [T, E], cache with this layer's k/v written at `index`).
-    `w`: the layer's weights by short name ("wq", ...), each the layer's own array or a slice."""
+    `w`: the layer's held weights by short name ("wqkv", ...), each the layer's own array or a slice."""
     eps = c.rms_norm_eps
+    H, K = c.num_heads, c.num_kv_heads
     h = rms_norm(x, w["input_norm"], eps)  # [T, E]
-    q = proj("te,ehd->thd", h, "wq", w["wq"], index)  # [T, H, D]
-    k = proj("te,ehd->thd", h, "wk", w["wk"], index)  # [T, K, D]
-    v = proj("te,ehd->thd", h, "wv", w["wv"], index)  # [T, K, D]
+    qkv = proj("te,ehd->thd", h, "wqkv", w["wqkv"], index)  # [T, H+2K, D] shard-major (fusion.py)
     if c.attention_bias:
-        q, k, v = q + w["bq"], k + w["bk"], v + w["bv"]
+        qkv = qkv + w["bqkv"]
+    q, k, v = split_fused(qkv, (H, K, K), lay, "qkv_heads", (("tokens", "heads", "head_dim"),
+                          ("tokens", "kv_heads", "head_dim"), ("tokens", "kv_heads", "head_dim")))  # [T, H|K|K, D]
     if c.qk_norm:
         q, k = rms_norm(q, w["q_norm"], eps), rms_norm(k, w["k_norm"], eps)
     q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
@@ -113,8 +138,8 @@ def decoder_layer(w: dict[str, jax.Array], x, cos, sin, cache: KVCache, index, m
                                   sliding_window=c.sliding_window, impl=attention_impl)
     x = x + constrain(proj("thd,hde->te", attn, "wo", w["wo"], index), lay, ("tokens", "embed"))  # [T, E]
     h = rms_norm(x, w["post_norm"], eps)
-    gate = proj("te,ef->tf", h, "w_gate", w["w_gate"], index)  # [T, F]
-    up = proj("te,ef->tf", h, "w_up", w["w_up"], index)
+    gate_up = proj("te,ef->tf", h, "w_gate_up", w["w_gate_up"], index)  # [T, 2F] shard-major
+    gate, up = split_fused(gate_up, (c.intermediate_size,) * 2, lay, "mlp2", (("tokens", "mlp"),) * 2)  # [T, F]
     down = proj("tf,fe->te", jax.nn.silu(gate) * up, "w_down", w["w_down"], index)
     return x + constrain(down, lay, ("tokens", "embed")), cache
 
@@ -142,14 +167,17 @@ def _per_layer(value, num_layers: int) -> list:
 class LlamaForCausalLM(nnx.Module):
     def __init__(self, config: ModelConfig, params: dict[str, jax.Array | list[jax.Array]], *,
                  attention_impl: str | None = None, layout=None, layer_loop: str | None = None):
-        """`params`: the names of `param_shapes(config)`; a "layers.*" value is either the stacked
-        [L, ...] array or a list of L per-layer arrays (what `build_model` passes for "unroll").
-        `layout`: a jaxllm.parallel.TPLayout when params are sharded on a mesh (config is then the
-        layout's model_config), None on one device. `layer_loop`: see `layer_loop_mode`."""
-        expected = param_shapes(config)
+        """`params`: the held (fused) names of `model_param_shapes(config)`, as `build_model` makes
+        them from a checkpoint's; a "layers.*" value is either the stacked [L, ...] array or a list
+        of L per-layer arrays (what `build_model` passes for "unroll"). `layout`: a
+        jaxllm.parallel.TPLayout when params are sharded on a mesh (config is then the layout's
+        model_config), None on one device. `layer_loop`: see `layer_loop_mode`."""
+        expected = model_param_shapes(config)
         missing = sorted(set(expected) - set(params))
         if missing:
-            raise ValueError(f"parameters missing for {config.architecture}: {', '.join(missing)}")
+            unfused = sorted(set(params) & set(FUSED_PARTS))
+            hint = f" (got unfused checkpoint params {', '.join(unfused)}: use build_model)" if unfused else ""
+            raise ValueError(f"parameters missing for {config.architecture}: {', '.join(missing)}{hint}")
         L = config.num_layers
         for name, shape in expected.items():
             value = params[name]
@@ -212,11 +240,12 @@ class LlamaForCausalLM(nnx.Module):
 
 def build_model(config: ModelConfig, params: dict[str, np.ndarray | jax.Array], dtype,
                 attention_impl: str | None = None, layout=None, layer_loop: str | None = None) -> LlamaForCausalLM:
-    """Places params in `dtype` (norms included, as HF does) on the default device, or with a
-    jaxllm.parallel.TPLayout into their shards (numpy straight from host memory). With the "unroll"
-    layer loop each stacked "layers.*" parameter is split into one array per layer as it is placed.
-    `params` is emptied as it goes, so at most one stacked parameter exists beside the placed ones.
-    `config` is the checkpoint's config."""
+    """Places a checkpoint's params (`param_shapes(config)`) in `dtype` (norms included, as HF does)
+    on the default device, or with a jaxllm.parallel.TPLayout into their shards (numpy straight from
+    host memory), fusing wq/wk/wv, bq/bk/bv and w_gate/w_up into the held layout (`MODEL_AXES`,
+    fusion.py). With the "unroll" layer loop each stacked "layers.*" parameter is split into one
+    array per layer as it is placed. `params` is emptied as it goes, so at most one stacked parameter
+    group exists beside the placed ones. `config` is the checkpoint's config."""
     layer_loop = layer_loop_mode(layer_loop)
     split = layer_loop == "unroll"
     if layout is not None:
@@ -224,11 +253,16 @@ def build_model(config: ModelConfig, params: dict[str, np.ndarray | jax.Array], 
         return LlamaForCausalLM(layout.model_config(config), arrays, attention_impl=attention_impl, layout=layout,
                                 layer_loop=layer_loop)
     arrays = {}
-    for name in list(params):
-        x = params.pop(name)
-        if split and name.startswith("layers."):
-            arrays[name] = [jnp.asarray(x[i], dtype=dtype) for i in range(config.num_layers)]
+    for held, sources, fn in placement_plan(params, kv_repeat=1, tp=1):
+        xs = [params.pop(s) for s in sources]  # numpy slices stay on the host until placed
+
+        def make(i, fn=fn, xs=xs):
+            parts = [jnp.asarray(x if i is None else x[i], dtype=dtype) for x in xs]
+            return parts[0] if fn is None else fn(jnp, *parts)  # tp=1: fusing is concatenation
+
+        if split and held.startswith("layers."):
+            arrays[held] = [make(i) for i in range(config.num_layers)]
         else:
-            arrays[name] = jnp.asarray(x, dtype=dtype)
-        del x
+            arrays[held] = make(None)
+        del xs
     return LlamaForCausalLM(config, arrays, attention_impl=attention_impl, layer_loop=layer_loop)

@@ -1,5 +1,6 @@
 """The one hook every decoder projection goes through: `proj(spec, x, name, w, layer)` (LoRA deltas
-and quantized weights land here, once). Normally XLA's dot on the layer's weight: its own array in
+and quantized weights land here, once). Four per layer: the fused "wqkv" and "w_gate_up"
+(shard-major, jaxllm/models/fusion.py: a per-part LoRA delta must follow that order), "wo", "w_down". Normally XLA's dot on the layer's weight: its own array in
 the "unroll" layer loop (read in place), a slice of the stacked array in the "scan" loop. In the scan
 loop, an experiment (JAXLLM_STACKED_MATMUL=1) uses the Pallas `stacked_matmul` that reads the
 stacked weight in place at the traced layer index instead.

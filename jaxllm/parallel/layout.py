@@ -5,13 +5,17 @@ decides the two model-dependent choices:
 
 * KV-head replication. With tp <= num_kv_heads, kv heads are sharded (num_kv_heads % tp == 0).
   With tp > num_kv_heads (tp % num_kv_heads == 0), every kv head is repeated r = tp / num_kv_heads
-  times in wk/wv/bk/bv (and so in the KV cache), making an equivalent model with tp kv heads and
+  times in wk/wv/bk/bv before they are fused into wqkv/bqkv (and so in the KV cache), making an equivalent model with tp kv heads and
   exactly one kv head per device: q head h of the original uses kv head h // (H/K); in the repeated
   model it uses kv head h // (H/(K·r)), a copy of the same head, and the q heads on device d all map
   to kv head d. Per-device memory equals that at tp = num_kv_heads (the minimum possible with a
   whole head per device); the cache's total grows r× like vLLM's replication.
 * Vocabulary: embed / lm_head are vocab-parallel when vocab_size % tp == 0 (always true for the
   presets and SmolLM2), otherwise replicated.
+
+`place_params` also fuses wq/wk/wv → wqkv, bq/bk/bv → bqkv and w_gate/w_up → w_gate_up in
+shard-major order (jaxllm/models/fusion.py), so each device's shard of a fused weight is exactly its
+own q, k, v (gate, up) slices.
 """
 from __future__ import annotations
 
@@ -24,10 +28,11 @@ from jax.sharding import Mesh, NamedSharding
 from jax.sharding import PartitionSpec as P
 
 from jaxllm.models.config import ModelConfig
+from jaxllm.models.fusion import KV_PARAMS, placement_plan
 from jaxllm.parallel.mesh import make_mesh
 from jaxllm.parallel.rules import CACHE_AXES, LOGICAL_AXIS_RULES, TP, logical_to_spec
 
-KV_PARAMS = ("layers.wk", "layers.wv", "layers.bk", "layers.bv")
+__all__ = ["KV_PARAMS", "TPLayout", "check_fits", "valid_tp_sizes"]
 
 
 def valid_tp_sizes(config: ModelConfig, limit: int | None = None) -> list[int]:
@@ -93,14 +98,21 @@ class TPLayout:
         return dataclasses.replace(config, num_kv_heads=config.num_kv_heads * self.kv_repeat)
 
     def param_shardings(self, config: ModelConfig) -> dict[str, NamedSharding]:
-        """Shardings of the model's parameters (shapes of `model_config(config)`)."""
+        """Shardings of a checkpoint's parameters (`param_shapes`, unfused) at `config`'s shapes."""
         from jaxllm.models.llama import PARAM_AXES, param_shapes
 
         return {name: self.sharding(PARAM_AXES[name]) for name in param_shapes(config)}
 
+    def model_shardings(self, config: ModelConfig) -> dict[str, NamedSharding]:
+        """Shardings of the parameters the model holds (`model_param_shapes(model_config(config))`: fused)."""
+        from jaxllm.models.llama import MODEL_AXES, model_param_shapes
+
+        return {name: self.sharding(MODEL_AXES[name]) for name in model_param_shapes(self.model_config(config))}
+
     def load_shardings(self, config: ModelConfig) -> dict[str, NamedSharding]:
-        """Shardings to load a checkpoint (original shapes) into: the final ones, except kv
-        projections that get repeated afterwards, which load replicated (they are small)."""
+        """Shardings to load a checkpoint (original shapes, unfused) into: the column-parallel
+        shardings the fused weights are made of, except kv projections that get repeated
+        afterwards, which load replicated (they are small)."""
         out = self.param_shardings(config)
         if self.kv_repeat > 1:
             for name in KV_PARAMS:
@@ -111,47 +123,50 @@ class TPLayout:
     # ----- placement -------------------------------------------------------------------------
     def place_params(self, config: ModelConfig, params: dict, dtype,
                      split_layers: bool = False) -> dict[str, jax.Array | list[jax.Array]]:
-        """Checkpoint params (numpy on the host, or jax arrays) → the sharded model's params; with
-        `split_layers` each stacked "layers.*" parameter becomes a list of per-layer arrays (the
-        "unroll" layer loop, see jaxllm/models/llama.py).
+        """Checkpoint params (numpy on the host, or jax arrays; `param_shapes(config)`) → the
+        sharded model's held params (`model_param_shapes(model_config(config))`: kv heads repeated,
+        wqkv/bqkv/w_gate_up fused in shard-major order); with `split_layers` each stacked
+        "layers.*" parameter becomes a list of per-layer arrays (the "unroll" layer loop, see
+        jaxllm/models/llama.py).
 
         Numpy arrays go straight from host memory to their shards (each device receives only its
-        slice; the full model never sits on one device). Pops from `params` as it goes so host
-        copies can be freed."""
-        from jaxllm.models.llama import PARAM_AXES
+        slice; the full model never sits on one device; repetition and fusion happen on the host one
+        layer at a time when split). Pops from `params` as it goes so host copies can be freed."""
+        from jaxllm.models.llama import MODEL_AXES
 
-        shardings = self.param_shardings(self.model_config(config))
         out = {}
-        for name in list(params):
-            x = params.pop(name)
-            rep = self.kv_repeat if name in KV_PARAMS else 1
-            axis = PARAM_AXES[name].index("kv_heads") if rep > 1 else 0
-            if split_layers and name.startswith("layers."):
-                sh = self.sharding(PARAM_AXES[name][1:])  # one layer's slice
-                out[name] = [_place(x, i, rep, axis - 1, dtype, sh) for i in range(config.num_layers)]
+        for held, sources, fn in placement_plan(params, self.kv_repeat, self.tp):
+            xs = [params.pop(s) for s in sources]
+            if split_layers and held.startswith("layers."):
+                sh = self.sharding(MODEL_AXES[held][1:])  # one layer's slice
+                out[held] = _place_layers(xs, config.num_layers, fn, dtype, sh)
             else:
-                out[name] = _place(x, None, rep, axis, dtype, shardings[name])
-            del x
+                out[held] = _place(xs, fn, dtype, self.sharding(MODEL_AXES[held]))
+            del xs
         return out
 
 
-def _place(x, index: int | None, rep: int, axis: int, dtype, sharding: NamedSharding) -> jax.Array:
-    """x[index] (all of x if index is None), kv heads repeated `rep` times on `axis` (of the
-    result), in `dtype`, placed with `sharding`."""
-    if isinstance(x, jax.Array):
-        if index is None and rep == 1 and x.dtype == jnp.dtype(dtype) and x.sharding == sharding:
+def _place(xs: list, fn, dtype, sharding: NamedSharding) -> jax.Array:
+    """fn(xp, *xs) (xs[0] if fn is None) in `dtype`, placed with `sharding`: jitted on device when
+    any input is a jax array, else computed on the host and sent shard by shard."""
+    if any(isinstance(x, jax.Array) for x in xs):
+        x = xs[0]
+        if fn is None and x.dtype == jnp.dtype(dtype) and x.sharding == sharding:
             return x
+        return jax.jit(lambda *a: (a[0] if fn is None else fn(jnp, *a)).astype(dtype), out_shardings=sharding)(*xs)
+    return _from_host([np.asarray(x) for x in xs], fn, dtype, sharding)
 
-        def f(a):
-            if index is not None:
-                a = a[index]
-            if rep > 1:
-                a = jnp.repeat(a, rep, axis=axis)
-            return a.astype(dtype)
 
-        return jax.jit(f, out_shardings=sharding)(x)
-    a = np.asarray(x) if index is None else np.asarray(x[index])
-    if rep > 1:
-        a = np.repeat(a, rep, axis=axis)
+def _place_layers(xs: list, num_layers: int, fn, dtype, sharding: NamedSharding) -> list[jax.Array]:
+    """Per layer i: fn(xp, *(x[i] for x in xs)) placed like `_place` (one compile for all layers)."""
+    if any(isinstance(x, jax.Array) for x in xs):
+        f = jax.jit(lambda i, *a: (lambda p: p[0] if fn is None else fn(jnp, *p))([x[i] for x in a]).astype(dtype),
+                    out_shardings=sharding)
+        return [f(jnp.int32(i), *xs) for i in range(num_layers)]
+    return [_from_host([np.asarray(x[i]) for x in xs], fn, dtype, sharding) for i in range(num_layers)]
+
+
+def _from_host(xs: list[np.ndarray], fn, dtype, sharding: NamedSharding) -> jax.Array:
+    a = xs[0] if fn is None else fn(np, *xs)
     a = a.astype(jnp.dtype(dtype), copy=False)
     return jax.make_array_from_callback(a.shape, sharding, lambda idx: a[idx])

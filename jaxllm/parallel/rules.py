@@ -1,10 +1,13 @@
 """THE table mapping logical axis names to mesh axes (the only place that knows about "tp").
 
-Model code names the axes of every parameter (`jaxllm.models.llama.PARAM_AXES`) and of the few
-activations it pins; this table turns those names into `PartitionSpec`s. Megatron layout:
+Model code names the axes of every parameter (`jaxllm.models.llama.PARAM_AXES` for checkpoints,
+`MODEL_AXES` for what the model holds) and of the few activations it pins; this table turns those
+names into `PartitionSpec`s. Megatron layout:
 
-    wq/wk/wv [L, E, heads, D]      column-parallel (heads / kv_heads on "tp")
-    w_gate/w_up [L, E, mlp]        column-parallel (mlp on "tp")
+    wqkv [L, E, qkv_heads, D]      column-parallel, fused in shard-major order (models/fusion.py):
+                                   device d holds its q heads, then its k heads, then its v heads
+    w_gate_up [L, E, mlp2]         column-parallel, shard-major: device d holds its gate, then its up slice
+    (checkpoint wq/wk/wv [L, E, heads|kv_heads, D], w_gate/w_up [L, E, mlp] load sharded the same way)
     wo [L, heads, D, E]            row-parallel (heads on "tp": XLA inserts one all-reduce)
     w_down [L, mlp, E]             row-parallel (mlp on "tp": one all-reduce)
     embed [V, E], lm_head [E, V]   vocab-parallel ("vocab" on "tp"), see README "Vocabulary"
@@ -26,6 +29,8 @@ LOGICAL_AXIS_RULES: dict[str, str | None] = {
     "heads": TP,
     "kv_heads": TP,
     "mlp": TP,
+    "qkv_heads": TP,  # fused q+k+v heads (shard-major); also the [tp] axis of a split fused output
+    "mlp2": TP,  # fused gate+up columns (shard-major)
     "embed": None,
     "head_dim": None,
     "layers": None,

@@ -67,16 +67,19 @@ def test_layer_loop_lowering(layer_loop, tiny_root, monkeypatch):
     assert model.layer_loop == layer_loop
     lowered = jax.jit(lambda *a: model(*a)).lower(tokens, positions, cache, meta)
     text = lowered.as_text()
-    stacked_wq = "tensor<%dx%dx%dx%dx" % (c.num_layers, c.hidden_size, c.num_heads, c.head_dim)
-    layer_whiles = [ln for ln in text.splitlines() if "stablehlo.while" in ln and stacked_wq in ln]
+    qkv = c.num_heads + 2 * c.num_kv_heads  # q, k, v fused into one weight (models/fusion.py)
+    stacked_wqkv = "tensor<%dx%dx%dx%dx" % (c.num_layers, c.hidden_size, qkv, c.head_dim)
+    layer_whiles = [ln for ln in text.splitlines() if "stablehlo.while" in ln and stacked_wqkv in ln]
+    from flax import nnx
+
+    names = {p[-1] for p, _ in nnx.to_flat_state(nnx.state(model))}
+    assert {"wqkv", "w_gate_up"} <= names and not names & {"wq", "wk", "wv", "w_gate", "w_up"}, names
     if layer_loop == "scan":
         assert layer_whiles  # the stacked weights ride through the layer loop
     else:
-        assert stacked_wq not in text  # no stacked weight anywhere in the program
-        from flax import nnx
-
-        wq = [x for p, x in nnx.to_flat_state(nnx.state(model)) if p[-1] == "wq"]
-        assert len(wq) == c.num_layers and all(x.shape == (c.hidden_size, c.num_heads, c.head_dim) for x in wq)
+        assert stacked_wqkv not in text  # no stacked weight anywhere in the program
+        wqkv = [x for p, x in nnx.to_flat_state(nnx.state(model)) if p[-1] == "wqkv"]
+        assert len(wqkv) == c.num_layers and all(x.shape == (c.hidden_size, qkv, c.head_dim) for x in wqkv)
 
 
 @pytest.mark.parametrize("arch", ["llama", "qwen3"])
@@ -94,6 +97,8 @@ def test_stacked_matmul_path_matches_transformers(arch, tiny_root, monkeypatch):
     rng = np.random.default_rng(1)
     seqs = [rng.integers(0, 256, n).tolist() for n in (1, 7, 33)]  # 41 tokens: the kernel's range
     _, ours = run_model(path, seqs)
-    assert len(calls) >= 4, calls  # q/k/v/o/gate/up at least (down's K=96 is not a multiple of 64)
+    assert len(calls) >= 3, calls  # qkv/o/gate_up (fused) at least (down's K=96 is not a multiple of 64)
+    E = load_checkpoint(path).config.hidden_size
+    assert (E, 2 * 96) in [tuple(s[1:]) for s in calls], calls  # the fused gate/up weight [L, E, 2F]
     for got, want in zip(ours, hf_logits(path, seqs)):
         np.testing.assert_array_less(np.abs(got - want).max(), 1e-4)

@@ -11,7 +11,8 @@ from jax.sharding import PartitionSpec as P
 from checkpoints.dummy import dummy_config
 from jaxllm.config import EngineConfig
 from jaxllm.engine.factory import build_engine
-from jaxllm.models.llama import PARAM_AXES, param_shapes
+from jaxllm.models.fusion import unfuse_numpy
+from jaxllm.models.llama import MODEL_AXES, PARAM_AXES, model_param_shapes, param_shapes
 from jaxllm.parallel import TPLayout, logical_to_spec, make_mesh, valid_tp_sizes
 
 TINY = dummy_config("tiny-llama")  # 8 heads / 4 kv heads
@@ -26,6 +27,9 @@ def test_megatron_specs():
     assert logical_to_spec(PARAM_AXES["embed"]) == P("tp", None)  # vocab-parallel
     assert logical_to_spec(PARAM_AXES["lm_head"]) == P(None, "tp")
     assert logical_to_spec(PARAM_AXES["layers.input_norm"]) == P(None, None)
+    assert logical_to_spec(MODEL_AXES["layers.wqkv"]) == P(None, None, "tp", None)  # fused, shard-major
+    assert logical_to_spec(MODEL_AXES["layers.bqkv"]) == P(None, "tp", None)
+    assert logical_to_spec(MODEL_AXES["layers.w_gate_up"]) == P(None, None, "tp")
     with pytest.raises(KeyError, match="'bogus'"):
         logical_to_spec(("bogus",))
 
@@ -59,31 +63,66 @@ def test_errors_name_the_numbers():
         build_engine(EngineConfig(model="dummy:tiny-llama", tensor_parallel_size=16), compile_cache=False)
 
 
-@pytest.mark.parametrize("tp", [2, 8])
-def test_place_params_shards_and_replicates_kv(tp):
+def own_slices(params: dict, d: int, tp: int, rep: int) -> dict[str, np.ndarray]:
+    """What device d of tp must hold of each fused weight, from the unfused checkpoint params: its
+    q heads, then its (repeated) k heads, then its v heads; its gate columns, then its up columns."""
+    def heads(x, repeat=1):  # [.., n, D] → device d's heads
+        x = np.repeat(x, repeat, axis=-2)
+        n = x.shape[-2] // tp
+        return x[..., d * n:(d + 1) * n, :]
+
+    def cols(x):
+        n = x.shape[-1] // tp
+        return x[..., d * n:(d + 1) * n]
+
+    out = {"layers.wqkv": np.concatenate([heads(params["layers.wq"]), heads(params["layers.wk"], rep),
+                                          heads(params["layers.wv"], rep)], axis=-2),
+           "layers.w_gate_up": np.concatenate([cols(params["layers.w_gate"]), cols(params["layers.w_up"])], axis=-1)}
+    if "layers.bq" in params:
+        out["layers.bqkv"] = np.concatenate([heads(params["layers.bq"]), heads(params["layers.bk"], rep),
+                                             heads(params["layers.bv"], rep)], axis=-2)
+    return out
+
+
+@pytest.mark.parametrize("tp,bias,split", [(2, False, False), (8, True, False), (4, True, True), (8, False, True)])
+def test_place_params_fuses_per_shard_and_replicates_kv(tp, bias, split):
+    cfg0 = dataclasses.replace(TINY, attention_bias=bias)
     rng = np.random.default_rng(0)
-    params = {k: rng.standard_normal(s).astype(np.float32) for k, s in param_shapes(TINY).items()}
-    wk = params["layers.wk"].copy()
-    layout = TPLayout.plan(TINY, tp)
-    placed = layout.place_params(TINY, dict(params), jnp.float32)
-    cfg = layout.model_config(TINY)
-    assert {k: v.shape for k, v in placed.items()} == param_shapes(cfg)
-    for name, arr in placed.items():
-        spec = layout.spec(PARAM_AXES[name])
-        expected = tuple(n // tp if ax == "tp" else n for n, ax in zip(arr.shape, tuple(spec) + (None,) * 8))
-        assert len(arr.addressable_shards) == tp
-        assert all(s.data.shape == expected for s in arr.addressable_shards), (name, expected)
+    params = {k: rng.standard_normal(s).astype(np.float32) for k, s in param_shapes(cfg0).items()}
+    layout = TPLayout.plan(cfg0, tp)
+    placed = layout.place_params(cfg0, dict(params), jnp.float32, split_layers=split)
+    cfg = layout.model_config(cfg0)
+    shapes = model_param_shapes(cfg)
+    assert set(placed) == set(shapes) and "layers.wq" not in placed
+    assert ("layers.bqkv" in placed) == bias
+    for name, value in placed.items():
+        layers = value if isinstance(value, list) else [value]
+        if isinstance(value, list):
+            assert len(value) == cfg.num_layers and all(a.shape == shapes[name][1:] for a in value)
+        else:
+            assert value.shape == shapes[name]
+        spec = tuple(layout.spec(MODEL_AXES[name]))[1 if split and name.startswith("layers.") else 0:]
+        for arr in layers:
+            expected = tuple(n // tp if ax == "tp" else n for n, ax in zip(arr.shape, spec + (None,) * 8))
+            assert len(arr.addressable_shards) == tp
+            assert all(s.data.shape == expected for s in arr.addressable_shards), (name, expected)
+    # Device d's shard of each fused weight is exactly its own q/k/v (gate/up) slices.
+    for d in range(tp):
+        for name, want in own_slices(params, d, tp, layout.kv_repeat).items():
+            value = placed[name]
+            if split:
+                got = np.stack([np.asarray(a.addressable_shards[d].data) for a in value])
+            else:
+                got = np.asarray(value.addressable_shards[d].data)
+            np.testing.assert_array_equal(got, want, err_msg=f"{name} device {d}")
     # kv head of q head h is h // (H/K) in the checkpoint and h // (H/K') in the placed model: same weights.
     H, K, K2 = TINY.num_heads, TINY.num_kv_heads, cfg.num_kv_heads
-    got = np.asarray(placed["layers.wk"])
+    wqkv = np.stack([np.asarray(a) for a in placed["layers.wqkv"]]) if split else np.asarray(placed["layers.wqkv"])
+    wq, wk, wv = unfuse_numpy(wqkv, (H, K2, K2), -2, tp)
+    np.testing.assert_array_equal(wq, params["layers.wq"])
     for h in range(H):
-        np.testing.assert_array_equal(got[:, :, h // (H // K2)], wk[:, :, h // (H // K)])
-    # Device d holds exactly the kv heads its q heads use.
-    for d, s in enumerate(placed["layers.wk"].addressable_shards):
-        q_heads = range(d * H // tp, (d + 1) * H // tp)
-        needed = {h // (H // K2) for h in q_heads}
-        held = set(range(*s.index[2].indices(K2)))
-        assert needed <= held, (d, needed, held)
+        np.testing.assert_array_equal(wk[:, :, h // (H // K2)], params["layers.wk"][:, :, h // (H // K)])
+        np.testing.assert_array_equal(wv[:, :, h // (H // K2)], params["layers.wv"][:, :, h // (H // K)])
 
 
 def test_dummy_weights_born_sharded():
@@ -95,8 +134,12 @@ def test_dummy_weights_born_sharded():
     assert params["layers.wq"].addressable_shards[0].data.shape == (2, 64, 1, 8)
     assert params["embed"].addressable_shards[0].data.shape == (512 // 8, 64)
     assert params["layers.wk"].is_fully_replicated
+    host = {k: np.asarray(v) for k, v in params.items()}
     placed = layout.place_params(TINY, params, jnp.float32)
-    assert placed["layers.wk"].addressable_shards[0].data.shape == (2, 64, 1, 8)
+    assert placed["layers.wqkv"].addressable_shards[0].data.shape == (2, 64, 1 + 1 + 1, 8)  # q, k, v head
+    for d in range(8):  # fused on device from sharded wq and replicated wk/wv: still each device's own heads
+        for name, want in own_slices(host, d, 8, layout.kv_repeat).items():
+            np.testing.assert_array_equal(np.asarray(placed[name].addressable_shards[d].data), want)
 
 
 @pytest.mark.parametrize("impl,decode_only", [("pallas_prefill", False), ("pallas_decode", True)])
@@ -138,9 +181,12 @@ def test_orbax_restores_into_shards(tmp_path):
     assert ckpt.params["layers.w_up"].addressable_shards[0].data.shape == (2, 64, 128 // 8)
     assert ckpt.params["layers.wk"].is_fully_replicated  # repeated to 8 kv heads next
     placed = layout.place_params(TINY, ckpt.params, jnp.float32)
-    assert placed["layers.wk"].addressable_shards[0].data.shape == (2, 64, 1, 8)
-    np.testing.assert_array_equal(np.asarray(placed["layers.wq"]), params["layers.wq"])
-    np.testing.assert_array_equal(np.asarray(placed["layers.wv"]), np.repeat(params["layers.wv"], 2, axis=2))
+    assert placed["layers.wqkv"].addressable_shards[0].data.shape == (2, 64, 3, 8)
+    wq, _, wv = unfuse_numpy(np.asarray(placed["layers.wqkv"]), (8, 8, 8), -2, 8)
+    np.testing.assert_array_equal(wq, params["layers.wq"])
+    np.testing.assert_array_equal(wv, np.repeat(params["layers.wv"], 2, axis=2))
+    gate, up = unfuse_numpy(np.asarray(placed["layers.w_gate_up"]), (128, 128), -1, 8)
+    np.testing.assert_array_equal(up, params["layers.w_up"])
 
 
 def test_cli_flags_import_no_jax():

@@ -1,6 +1,8 @@
 """The engine at tensor_parallel_size 1, 2, 4, 8 on a tiny random Llama (8 heads / 4 kv heads;
-tp=8 replicates kv heads): identical greedy outputs, logits within 1e-4 of tp=1, ~1/tp of the
-sharded parameters and of the KV cache per device, zero compiles after warm-up."""
+tp=8 replicates kv heads): identical greedy outputs, logits within 1e-4 of tp=1 (both layer loops),
+~1/tp of the sharded parameters and of the KV cache per device, each device's shard of the fused
+wqkv / w_gate_up holding exactly its own q/k/v and gate/up slices, Megatron collectives only, zero
+compiles after warm-up."""
 from __future__ import annotations
 
 import jax
@@ -108,12 +110,46 @@ def test_each_device_holds_1_over_tp(engines, path):
             assert s.data.nbytes * tp == k.nbytes
 
 
-def _forward_logits(path, tp):
-    """Logits of every token of two prompts (one prefill step) and then of one decode step."""
+def test_fused_shards_hold_their_own_heads(engines, path):
+    """In the serving engine's state, device d's shard of wqkv is its q heads, then its k heads, then
+    its v heads of the unfused checkpoint weights (kv heads repeated at tp=8), and its shard of
+    w_gate_up is its gate columns then its up columns: the fused column-parallel matmul needs no
+    communication and the split of its output stays local."""
+    params = load_checkpoint(path).params  # numpy, unfused: [L, E, H, D], [L, E, K, D], [L, E, F]
+    H, K = params["layers.wq"].shape[2], params["layers.wk"].shape[2]
+    for tp in (2, 4, 8):
+        rep = max(1, tp // K)
+        state = dict(jax.tree_util.tree_leaves_with_path(engines(tp).runner.state))
+        by_name = {}
+        for keypath, arr in state.items():
+            names = {str(getattr(k, "key", getattr(k, "name", k))) for k in keypath}
+            for name in names & {"wqkv", "w_gate_up"}:
+                by_name.setdefault(name, []).append(arr)
+        assert set(by_name) == {"wqkv", "w_gate_up"}, sorted(by_name)
+        for d in range(tp):
+            def own(x, n, r=1):  # device d's n // tp heads (axis -2) or columns (axis -1 when n is F)
+                x = np.repeat(x, r, axis=-2) if r > 1 else x
+                m = n * r // tp
+                return x[..., d * m:(d + 1) * m, :] if x.ndim == 4 else x[..., d * m:(d + 1) * m]
+
+            want_qkv = np.concatenate([own(params["layers.wq"], H), own(params["layers.wk"], K, rep),
+                                       own(params["layers.wv"], K, rep)], axis=-2)
+            F = params["layers.w_gate"].shape[-1]
+            want_gu = np.concatenate([own(params["layers.w_gate"], F), own(params["layers.w_up"], F)], axis=-1)
+            for name, want in (("wqkv", want_qkv), ("w_gate_up", want_gu)):
+                arrs = by_name[name]
+                shards = [np.asarray(a.addressable_shards[d].data) for a in arrs]
+                got = shards[0] if len(arrs) == 1 and shards[0].ndim == want.ndim else np.stack(shards)
+                np.testing.assert_array_equal(got, want, err_msg=f"tp={tp} device {d} {name}")
+
+
+def _forward_logits(path, tp, layer_loop=None, hlo=False):
+    """Logits of every token of two prompts (one prefill step) and then of one decode step (and
+    the decode step's optimized HLO with `hlo`)."""
     ckpt = load_checkpoint(path)
     c = ckpt.config
     layout = TPLayout.plan(c, tp, make_mesh(tp)) if tp > 1 else None
-    model = build_model(c, ckpt.params, jnp.float32, layout=layout)
+    model = build_model(c, ckpt.params, jnp.float32, layout=layout, layer_loop=layer_loop)
     mc = model.config
     cache = KVCache.zeros(mc.num_layers, 16, BLOCK, mc.num_kv_heads, mc.head_dim, jnp.float32,
                           sharding=layout.cache_sharding() if layout else None)
@@ -142,17 +178,36 @@ def _forward_logits(path, tp):
     dec_meta = AttentionMetadata(np.array([len(a), 4 * BLOCK + len(b)], np.int32), tables,
                                  np.array([len(a) + 1, len(b) + 1], np.int32), np.array([0, 1, 2], np.int32),
                                  decode_only=True)
-    decode, _ = fwd(state, cache, np.array([7, 11], np.int32), np.array([len(a), len(b)], np.int32), dec_meta)
+    dec_args = (state, cache, np.array([7, 11], np.int32), np.array([len(a), len(b)], np.int32), dec_meta)
+    decode, _ = fwd(*dec_args)
+    if hlo:
+        return prefill, np.asarray(decode), fwd.lower(*dec_args).compile().as_text()
     return prefill, np.asarray(decode)
 
 
 def test_logits_match_tp1(path):
-    ref_prefill, ref_decode = _forward_logits(path, 1)
+    ref_prefill, ref_decode = _forward_logits(path, 1, "scan")
     assert np.ptp(ref_prefill) > 1.0  # real random weights, not near-constant logits
-    for tp in (2, 8):
-        prefill, decode = _forward_logits(path, tp)
-        np.testing.assert_allclose(prefill, ref_prefill, atol=1e-4, rtol=0, err_msg=f"tp={tp}")
-        np.testing.assert_allclose(decode, ref_decode, atol=1e-4, rtol=0, err_msg=f"tp={tp}")
+    for tp, loop in ((2, "scan"), (4, "scan"), (8, "scan"), (1, "unroll"), (2, "unroll"), (4, "unroll")):
+        prefill, decode = _forward_logits(path, tp, loop)
+        np.testing.assert_allclose(prefill, ref_prefill, atol=1e-4, rtol=0, err_msg=f"tp={tp} {loop}")
+        np.testing.assert_allclose(decode, ref_decode, atol=1e-4, rtol=0, err_msg=f"tp={tp} {loop}")
+
+
+COLLECTIVE = r"= (\S+?)\{[^}]*\} (all-reduce|all-gather|reduce-scatter|all-to-all|collective-permute)(?:-start)?\("
+
+
+@pytest.mark.parametrize("layer_loop", ["scan", "unroll"])
+def test_fused_split_adds_no_collective(path, layer_loop):
+    """The decode forward at tp=4 in either layer loop: splitting the fused qkv / gate_up outputs
+    communicates nothing: one all-reduce for the embedding, two per layer body, one all-gather of
+    the [S, V] logits; no weight or activation gathered, permuted or scattered."""
+    import re
+
+    _, _, hlo = _forward_logits(path, 4, layer_loop, hlo=True)
+    ops = sorted(m.groups() for m in re.finditer(COLLECTIVE, hlo))
+    bodies = 1 if layer_loop == "scan" else 2  # the tiny model has 2 layers
+    assert ops == [("f32[2,512]", "all-gather")] + [("f32[2,64]", "all-reduce")] * (1 + 2 * bodies), ops
 
 
 def test_collectives_are_megatron(engines):
@@ -173,3 +228,18 @@ def test_collectives_are_megatron(engines):
 
     per_layer = 2 * (1 if layer_loop_mode() == "scan" else r.model_config.num_layers)
     assert ops == [("f32[4,512]", "all-gather")] + [("f32[4,64]", "all-reduce")] * (1 + per_layer), ops
+
+
+@pytest.mark.parametrize("arch,tps", [("qwen2", (2, 4)), ("qwen3", (3, 6))])
+def test_bias_and_qk_norm_archs_match_tp1(arch, tps, tmp_path_factory):
+    """Qwen2 (q/k/v bias fused into bqkv, MQA: kv head repeated 2 and 4 times) and Qwen3 (q/k norm
+    after the split; kv heads sharded at tp=3, repeated at tp=6): sharded logits match tp=1 in both
+    layer loops."""
+    from tests.models.hf_tiny import make_tiny_hf
+
+    path = make_tiny_hf(arch, str(tmp_path_factory.mktemp("hf")))
+    ref_prefill, ref_decode = _forward_logits(path, 1, "scan")
+    for tp, loop in ((tps[0], "scan"), (tps[1], "unroll")):
+        prefill, decode = _forward_logits(path, tp, loop)
+        np.testing.assert_allclose(prefill, ref_prefill, atol=1e-4, rtol=0, err_msg=f"{arch} tp={tp} {loop}")
+        np.testing.assert_allclose(decode, ref_decode, atol=1e-4, rtol=0, err_msg=f"{arch} tp={tp} {loop}")
