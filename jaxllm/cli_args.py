@@ -82,7 +82,7 @@ def add_engine_args(ap: argparse.ArgumentParser) -> None:
                    help="engine seed: requests without --sampling-seed draw their seed from it")
     g.add_argument("--async-scheduling", action=argparse.BooleanOptionalAction, default=d.async_scheduling,
                    help="dispatch step N+1 before reading step N's sampled tokens back, so host work "
-                   "overlaps the device's")
+                   "overlaps the device's (default: on with a GPU/TPU, off on CPU)")
 
 
 def engine_config_from_args(args) -> EngineConfig:

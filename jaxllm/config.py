@@ -11,9 +11,11 @@ Defaults worth knowing:
 - ``max_model_len = None``: take the model's context length (the factory fills it in).
 - ``kv_cache_memory_bytes = None``: on GPU size the cache from ``gpu_memory_utilization``;
   on CPU the runner picks a sensible default.
-- ``async_scheduling = True``: the engine dispatches step N+1 before it reads step N's sampled
-  tokens back, so scheduling and output processing overlap the device (same outputs as False,
-  which runs each step to completion first; a request that stops wastes at most one slot).
+- ``async_scheduling = None`` (auto: on with an accelerator, off on CPU): True makes the engine
+  dispatch step N+1 before it reads step N's sampled tokens back, so scheduling and output
+  processing overlap the device (same outputs as False, which runs each step to completion first;
+  a request that stops wastes at most one slot). On CPU the "device" is the same two cores as the
+  host, and overlapping made steps 8-11% slower (bench/RESULTS.md, "Async scheduling").
 """
 
 from __future__ import annotations
@@ -66,7 +68,7 @@ class EngineConfig(msgspec.Struct, kw_only=True):
     dtype: str = "auto"
     load_format: str = "auto"
     seed: int = 0
-    async_scheduling: bool = True
+    async_scheduling: bool | None = None
 
     def validate(self) -> "EngineConfig":
         if not isinstance(self.model, str):
@@ -81,7 +83,8 @@ class EngineConfig(msgspec.Struct, kw_only=True):
                 f"load_format={self.load_format!r} is invalid: must be one of {list(_LOAD_FORMATS)}")
         if isinstance(self.seed, bool) or not isinstance(self.seed, int):
             raise ValueError(f"seed={self.seed!r} is invalid: must be an integer")
-        _bool("async_scheduling", self.async_scheduling)
+        if self.async_scheduling is not None:
+            _bool("async_scheduling", self.async_scheduling)
         self.cache_config().validate()
         SchedulerConfig(max_num_seqs=self.max_num_seqs,
                         max_num_batched_tokens=self.max_num_batched_tokens).validate()

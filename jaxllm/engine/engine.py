@@ -96,7 +96,10 @@ class LLMEngine:
         self._rng = random.Random(config.seed)
         self._parents: dict[str, ParentState] = {}
         self._seqs: dict[str, tuple[ParentState, SeqState]] = {}  # child id -> states
-        self.async_scheduling = bool(config.async_scheduling) and hasattr(runner, "dispatch")
+        on = config.async_scheduling
+        if on is None:  # auto: the runner knows whether a separate device runs its steps
+            on = getattr(runner, "async_by_default", True)
+        self.async_scheduling = bool(on) and hasattr(runner, "dispatch")
         self._in_flight: tuple | None = None  # (SchedulerOutput, PendingStep) not read back yet
         self.num_steps = 0
         self.num_generated_tokens = 0

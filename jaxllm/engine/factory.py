@@ -171,7 +171,8 @@ def build_engine(config: EngineConfig, *, compile_cache: bool = True, warmup: bo
               + f"; embed/lm_head {'vocab-parallel' if layout.shard_vocab else 'replicated'}")
     _info(f"KV cache: {num_blocks} blocks x {config.block_size} tokens = {tokens} tokens; maximum concurrency "
           f"at max_model_len={max_model_len}: {tokens / max_model_len:.1f}x")
-    _info(f"buckets: {runner.buckets.describe()}")
+    _info(f"buckets: {runner.buckets.describe()}; async scheduling "
+          f"{'on' if engine.async_scheduling else 'off'}")
     if warmup:
         secs = runner.warmup()
         _info(f"warm-up compiled {len(runner.buckets.all())} buckets in {secs:.1f}s")

@@ -160,6 +160,9 @@ class ModelRunner:
         self._prompt_lp = jax.jit(prompt_logprobs)
         self._prompt_lp_out: dict[str, dict[int, SampledToken]] = {}
         self.supports_prompt_logprobs = jax.process_count() == 1
+        # Async scheduling's default: on where a device runs the steps while the host works; off
+        # on CPU, where both share the cores and overlapping slowed steps (bench/RESULTS.md).
+        self.async_by_default = jax.default_backend() != "cpu"
         self._channel = None  # multi-host: process 0 broadcasts each step (jaxllm/parallel/multihost.py)
         if jax.process_count() > 1:
             from jaxllm.parallel.multihost import StepChannel

@@ -131,13 +131,16 @@ def test_switch_in_config_and_both_clis():
     from jaxllm.cli_args import add_engine_args, engine_config_from_args
     from serving.__main__ import build_parser
 
-    assert EngineConfig().async_scheduling is True
+    assert EngineConfig().async_scheduling is None  # auto: the runner's async_by_default
+    assert make_engine().async_scheduling  # the fake runner states no preference: on
+    assert not make_engine(async_scheduling=False).async_scheduling
     with pytest.raises(ValueError, match="async_scheduling='no' is invalid: must be a bool"):
         EngineConfig(model="m", async_scheduling="no").validate()
     ap = argparse.ArgumentParser()
     add_engine_args(ap)
-    assert engine_config_from_args(ap.parse_args([])).async_scheduling is True
+    assert engine_config_from_args(ap.parse_args([])).async_scheduling is None
     assert engine_config_from_args(ap.parse_args(["--no-async-scheduling"])).async_scheduling is False
     p = build_parser()  # the server shares the engine flags
-    assert engine_config_from_args(p.parse_args(["--model", "m"])).async_scheduling is True
+    assert engine_config_from_args(p.parse_args(["--model", "m"])).async_scheduling is None
+    assert engine_config_from_args(p.parse_args(["--model", "m", "--async-scheduling"])).async_scheduling is True
     assert engine_config_from_args(p.parse_args(["--model", "m", "--no-async-scheduling"])).async_scheduling is False
