@@ -219,5 +219,29 @@ def merge_json(path: str, key: str, value) -> None:
     write_json(path, doc)
 
 
+# Bytes per element of the HLO dtypes the benches read shapes of.
+HLO_DTYPE_BYTES = {"f32": 4, "bf16": 2, "f16": 2, "s32": 4, "u32": 4, "s8": 1, "u8": 1, "pred": 1, "f8e4m3fn": 1}
+
+
+def hlo_instructions(text: str):
+    """(computation, line) for each line inside a computation of an HLO module's text; computation
+    is "ENTRY" for the entry computation, else its name as written ("%fused_computation.3", ...)."""
+    comp = ""
+    for ln in text.splitlines():
+        if ln and not ln[0].isspace() and ln.rstrip().endswith("{"):
+            comp = "ENTRY" if ln.startswith("ENTRY") else ln.split()[0]
+            continue
+        yield comp, ln
+
+
+def hlo_elements(dims: str) -> int:
+    """Elements of an HLO shape's dimension list ("4,2048,16" -> 131072; "" -> 1)."""
+    n = 1
+    for d in dims.split(","):
+        if d:
+            n *= int(d)
+    return n
+
+
 def log(msg: str) -> None:
     print(f"[bench] {msg}", file=sys.stderr, flush=True)

@@ -28,9 +28,10 @@ import numpy as np
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
+from bench.common import HLO_DTYPE_BYTES, hlo_elements, hlo_instructions  # noqa: E402
 
 _INSTR = re.compile(r"^\s*(?:ROOT )?%\S+ = (\w+)\[([\d,]*)\]\S* (fusion|copy|dynamic-slice|slice|copy-start)\(")
-_BYTES = {"f32": 4, "bf16": 2, "f16": 2, "s8": 1, "u8": 1, "f8e4m3fn": 1}
+_WEIGHT_DTYPES = ("f32", "bf16", "f16", "s8", "u8", "f8e4m3fn")
 
 
 def weight_copies(text: str, weight_shapes: list[tuple[int, ...]], num_layers: int, scan: bool) -> tuple[list, int]:
@@ -39,20 +40,17 @@ def weight_copies(text: str, weight_shapes: list[tuple[int, ...]], num_layers: i
     count is one layer's weight. Returns (those lines, bytes copied per step: x num_layers when the
     layer loop is a scan, whose body runs once per layer)."""
     sizes = {int(np.prod(s)) for s in weight_shapes}
-    lines, per_step, comp = [], 0, ""
-    for ln in text.splitlines():
-        if ln and not ln[0].isspace() and ln.rstrip().endswith("{"):
-            comp = ln.split()[0] if not ln.startswith("ENTRY") else "ENTRY"
-            continue
+    lines, per_step = [], 0
+    for comp, ln in hlo_instructions(text):
         if comp.startswith(("%fused", "%wrapped")) or "slice" not in ln.split("op_name=")[-1][:200]:
             continue
         m = _INSTR.match(ln)
-        if not m or m.group(1) not in _BYTES:
+        if not m or m.group(1) not in _WEIGHT_DTYPES:
             continue
-        n = int(np.prod([int(d) for d in m.group(2).split(",") if d])) if m.group(2) else 1
+        n = hlo_elements(m.group(2))
         if n in sizes:
             lines.append(ln.strip()[:200])
-            per_step += n * _BYTES[m.group(1)] * (num_layers if scan else 1)
+            per_step += n * HLO_DTYPE_BYTES[m.group(1)] * (num_layers if scan else 1)
     return lines, per_step
 
 

@@ -23,26 +23,22 @@ import time
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
+from bench.common import HLO_DTYPE_BYTES, hlo_elements, hlo_instructions  # noqa: E402
+
 _COLLECTIVE = re.compile(r"= (\w+)\[([\d,]*)\]\{[^}]*\} (all-reduce|all-gather|reduce-scatter|all-to-all|"
                          r"collective-permute)(?:-start)?\(")
-_BYTES = {"f32": 4, "bf16": 2, "f16": 2, "s32": 4, "u32": 4, "s8": 1, "pred": 1}
 
 
 def collectives(hlo: str, num_layers: int, scan: bool) -> list[dict]:
     """Collectives of a compiled step: [{op, shape, bytes, per_step}] (per_step: times it runs)."""
-    out, comp = [], ""
-    for ln in hlo.splitlines():
-        if ln and not ln[0].isspace() and ln.rstrip().endswith("{"):
-            comp = "ENTRY" if ln.startswith("ENTRY") else ln.split()[0]
-            continue
+    out = []
+    for comp, ln in hlo_instructions(hlo):
         m = _COLLECTIVE.search(ln)
         if not m:
             continue
-        dims = [int(d) for d in m.group(2).split(",") if d]
-        n = 1
-        for d in dims:
-            n *= d
-        out.append({"op": m.group(3), "shape": f"{m.group(1)}[{m.group(2)}]", "bytes": n * _BYTES.get(m.group(1), 4),
+        n = hlo_elements(m.group(2))
+        out.append({"op": m.group(3), "shape": f"{m.group(1)}[{m.group(2)}]",
+                    "bytes": n * HLO_DTYPE_BYTES.get(m.group(1), 4),
                     "per_step": num_layers if scan and comp != "ENTRY" else 1})
     return out
 

@@ -100,11 +100,6 @@ def rms_norm(x: jax.Array, weight: jax.Array, eps: float) -> jax.Array:
     return weight * xf.astype(x.dtype)
 
 
-def layer_axes(name: str) -> tuple[str, ...]:
-    """Logical axes of one layer's slice of the held stacked parameter `name` ("layers.wqkv" -> (embed, qkv_heads, head_dim))."""
-    return MODEL_AXES[name][1:]
-
-
 def layer_loop_mode(mode: str | None = None) -> str:
     """"unroll" (one array per layer, a Python loop unrolled at trace time: every weight read in
     place) or "scan" (weights stacked [L, ...], `lax.scan`: one layer body to compile, but XLA copies
