@@ -3,6 +3,10 @@
 ``LLM`` builds an ``EngineConfig`` from its keyword arguments (named like vLLM's) and the real
 engine through ``jaxllm.engine.factory.build_engine(config)`` (imported lazily: this module
 imports no jax). Tests, or callers holding an engine already, pass ``engine=``.
+
+``disable_log_stats=False`` (vLLM's flag; default True offline, as vLLM's ``LLM``) attaches a
+``LoggingStatLogger``: a one-line throughput / queue / KV-cache summary every
+``log_stats_interval`` seconds while generating, and one when a ``generate`` call ends.
 """
 
 from __future__ import annotations
@@ -14,23 +18,30 @@ from collections.abc import Sequence
 import msgspec
 
 from jaxllm.config import EngineConfig
+from jaxllm.metrics.loggers import LoggingStatLogger, validate_interval
 from jaxllm.outputs import RequestOutput
 from jaxllm.sampling_params import SamplingParams
 
 
 class LLM:
-    def __init__(self, model: str = "", *, engine=None, **engine_kwargs) -> None:
+    def __init__(self, model: str = "", *, engine=None, disable_log_stats: bool = True,
+                 log_stats_interval: float = 10.0, **engine_kwargs) -> None:
         fields = set(EngineConfig.__struct_fields__)
         for k in engine_kwargs:
             if k not in fields:
                 raise ValueError(f"{k}={engine_kwargs[k]!r} is invalid: unknown engine argument; "
                                  f"expected one of {sorted(fields - {'model'})}")
         self.config = EngineConfig(model=model, **engine_kwargs).validate()
+        validate_interval(log_stats_interval)
         if engine is None:
             from jaxllm.engine.factory import build_engine  # the real runner: jax lives there
             engine = build_engine(self.config)
         self.engine = engine
         self._ids = itertools.count()
+        self.stat_logger: LoggingStatLogger | None = None
+        if not disable_log_stats:
+            self.stat_logger = LoggingStatLogger(log_stats_interval)
+            engine.add_stat_logger(self.stat_logger)
 
     def get_tokenizer(self):
         return self.engine.tokenizer
@@ -107,6 +118,8 @@ class LLM:
         finally:
             if bar is not None:
                 bar.close()
+        if self.stat_logger is not None:
+            self.stat_logger.log()  # the last interval's line, however short the run
         return [finals[i] for i in ids]
 
 

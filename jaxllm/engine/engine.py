@@ -39,6 +39,7 @@ from jaxllm.core.request import Request, RequestStatus
 from jaxllm.core.scheduler import Scheduler
 from jaxllm.engine.output_processor import DetokenizerFactory, ParentState, SeqState, TokenTexts
 from jaxllm.engine.runner_protocol import ModelRunnerProtocol
+from jaxllm.metrics.stats import IterationStats, SchedulerStats
 from jaxllm.outputs import RequestOutput
 from jaxllm.sampling_params import SamplingParams
 
@@ -105,6 +106,10 @@ class LLMEngine:
         self.num_generated_tokens = 0
         self.num_prompt_tokens = 0
         self.startup_seconds: float | None = None  # load + warm-up, set by build_engine
+        # stats: loggers get (SchedulerStats, IterationStats) after every step; none = no cost
+        self.stat_loggers: list = []
+        self.compiles_at_warmup = getattr(runner, "compile_count", 0)  # build_engine sets it after warm-up
+        self._stats_base = (0, 0, 0)  # prefix queries, prefix hits, preemptions already reported
 
     # ----- intake -------------------------------------------------------------------
     def _resolve_prompt(self, prompt) -> tuple[str | None, list[int]]:
@@ -176,17 +181,26 @@ class LLMEngine:
         if isinstance(request_ids, str):
             request_ids = [request_ids]
         outs = []
+        it = None
         for rid in request_ids:
             parent = self._parents.pop(rid, None)
             if parent is None:
                 continue
             live = [c.req.request_id for c in parent.children if not c.finished]
+            if self.stat_loggers:
+                now = time.time()
+                it = it or IterationStats()
+                for c in parent.children:
+                    if not c.finished:
+                        it.add_finished(c, "abort", parent.metrics.arrival_time, now)
             for c in parent.children:
                 c.abort()
                 self._seqs.pop(c.req.request_id, None)
             self.scheduler.finish_requests(live, RequestStatus.FINISHED_ABORTED)
             outs.append(parent.output())
         self._release_if_idle()
+        if it is not None:
+            self._record_stats(it)
         return outs
 
     # ----- the loop -----------------------------------------------------------------
@@ -194,12 +208,13 @@ class LLMEngine:
         return bool(self._parents)
 
     def step(self) -> list[RequestOutput]:
+        t0 = time.perf_counter()
         if not self.async_scheduling:
             if not self.scheduler.has_unfinished_requests():
                 self._release_if_idle()
                 return []
             out = self._schedule(in_flight=False)
-            return self._process(out, self.runner.execute(out))
+            return self._process(out, self.runner.execute(out), t0)
         if self._in_flight is None:  # nothing running on the device: start a step
             if not self.scheduler.has_unfinished_requests():
                 self._release_if_idle()
@@ -211,7 +226,7 @@ class LLMEngine:
             out = self._schedule(in_flight=True)
             if out is not None:
                 self._in_flight = (out, self.runner.dispatch(out))
-        return self._process(prev[0], prev[1].result())
+        return self._process(prev[0], prev[1].result(), t0)
 
     def _schedule(self, in_flight: bool):
         """The next step's SchedulerOutput. With a step in flight an empty one is normal (what is
@@ -227,9 +242,11 @@ class LLMEngine:
                                f"{self.kv.num_free_blocks} free blocks")
         return out
 
-    def _process(self, out, sampled) -> list[RequestOutput]:
-        """Step ``out``'s sampled tokens -> scheduler, detokenizer, stop checks, outputs."""
+    def _process(self, out, sampled, t0: float) -> list[RequestOutput]:
+        """Step ``out``'s sampled tokens -> scheduler, detokenizer, stop checks, outputs (and the
+        step's stats to the loggers when any is attached; ``t0``: when ``step()`` began)."""
         self.num_steps += 1
+        it = IterationStats(num_batched_tokens=out.num_batched_tokens) if self.stat_loggers else None
         take = getattr(self.runner, "take_prompt_logprobs", None)
         if take is not None:
             scheduled = {r.request_id: r for r in out.requests}
@@ -246,8 +263,12 @@ class LLMEngine:
             self.num_generated_tokens += 1
             parent.note_token(now)
             touched[parent.request_id] = parent
+            if it is not None:
+                it.add_token(seq, parent.metrics.arrival_time, now)
             if status is not None:
                 finished.setdefault(status, []).append(req.request_id)
+                if it is not None:
+                    it.add_finished(seq, status.finish_reason, parent.metrics.arrival_time, now)
         for status, ids in finished.items():
             self.scheduler.finish_requests(ids, status)
             for cid in ids:
@@ -258,6 +279,10 @@ class LLMEngine:
             if parent.finished:
                 del self._parents[parent.request_id]
         self._release_if_idle()
+        if it is not None:
+            it.bucket = self._bucket_label(out)
+            it.step_time = time.perf_counter() - t0
+            self._record_stats(it)
         return outputs
 
     def _release_if_idle(self) -> None:
@@ -272,6 +297,42 @@ class LLMEngine:
             ids = self.scheduler.take_forgotten()
             if ids:
                 self.runner.release(ids)
+
+    # ----- stats --------------------------------------------------------------------
+    def add_stat_logger(self, logger) -> None:
+        """Attach a stat logger (``jaxllm.metrics.loggers.StatLogger``): it gets every step's
+        ``SchedulerStats`` and ``IterationStats`` from now on, on the thread that steps."""
+        if not self.stat_loggers:  # counters report increments from here on
+            self._stats_base = (self.kv.prefix_queries, self.kv.prefix_hits, self.scheduler.num_preemptions)
+        self.stat_loggers.append(logger)
+
+    def scheduler_stats(self) -> SchedulerStats:
+        """The gauges now, and the counters' increments since the previous call."""
+        kv, sched = self.kv, self.scheduler
+        q, h, p = kv.prefix_queries, kv.prefix_hits, sched.num_preemptions
+        q0, h0, p0 = self._stats_base
+        self._stats_base = (q, h, p)
+        return SchedulerStats(
+            num_running_reqs=sched.num_running, num_waiting_reqs=sched.num_waiting,
+            kv_cache_usage=1.0 - kv.num_free_blocks / kv.num_blocks,
+            prefix_cache_queries=q - q0, prefix_cache_hits=h - h0, num_preemptions=p - p0,
+            num_compiles_since_warmup=getattr(self.runner, "compile_count", 0) - self.compiles_at_warmup)
+
+    def _record_stats(self, it: IterationStats) -> None:
+        s = self.scheduler_stats()
+        for logger in self.stat_loggers:
+            logger.record(s, it)
+
+    def _bucket_label(self, out) -> str:
+        """The runner's shape bucket for step ``out`` ("decode_8", "mixed_64"), from the token and
+        sequence counts (host arithmetic, the runner's own ``Buckets.pick``)."""
+        buckets = getattr(self.runner, "buckets", None)
+        if buckets is None:
+            return "none"
+        seqs = out.seqs
+        T, _, decode_only = buckets.pick(out.num_batched_tokens, len(seqs),
+                                         all(len(s.token_ids) == 1 for s in seqs))
+        return f"{'decode' if decode_only else 'mixed'}_{T}"
 
     # ----- introspection ------------------------------------------------------------
     def get_stats(self) -> dict:

@@ -176,6 +176,7 @@ def build_engine(config: EngineConfig, *, compile_cache: bool = True, warmup: bo
     if warmup:
         secs = runner.warmup()
         _info(f"warm-up compiled {len(runner.buckets.all())} buckets in {secs:.1f}s")
+        engine.compiles_at_warmup = runner.compile_count  # jaxllm:xla_compiles_since_warmup counts from here
     # the one "engine start" figure (load + KV cache + warm-up) that the CLIs and the server print
     engine.startup_seconds = time.perf_counter() - t0
     _info(f"engine start {engine.startup_seconds:.1f}s")

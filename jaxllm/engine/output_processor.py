@@ -57,6 +57,7 @@ class SeqState:
         self.status: RequestStatus | None = None  # set when finished
         self.stop_reason: int | str | None = None
         self._holdback = holdback_chars(req.params)
+        self.last_token_time: float | None = None  # kept while stats are recorded (inter-token latency)
 
     @property
     def finished(self) -> bool:

@@ -1,0 +1,116 @@
+"""The ``jaxllm:*`` Prometheus series (vLLM's ``vllm:*`` names), fed by the engine's stats.
+
+Every series lives on the ``CollectorRegistry`` passed in (never the process-global default, so
+several engines or tests in one process do not collide) and carries a ``model_name`` label.
+Counters get prometheus-client's ``_total`` suffix in the exposition (``jaxllm:prompt_tokens_total``),
+as vLLM's do. Host only: prometheus-client is pure Python; ``record`` runs on the engine thread
+and a scrape reads the registry from another thread (the client's metrics are thread-safe).
+"""
+
+from __future__ import annotations
+
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
+
+from jaxllm.metrics.stats import IterationStats, SchedulerStats
+
+FINISH_REASONS = ("stop", "length", "abort")
+# seconds; a CPU decode step of a 135M model is ~10-100 ms, a GPU one ~1-10 ms
+LATENCY_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.02, 0.04, 0.06, 0.08, 0.1, 0.25, 0.5, 0.75, 1.0,
+                   2.5, 5.0, 7.5, 10.0, 20.0, 40.0, 80.0)
+REQUEST_BUCKETS = (0.1, 0.3, 0.5, 0.8, 1.0, 1.5, 2.0, 2.5, 5.0, 10.0, 15.0, 20.0, 30.0, 40.0, 50.0,
+                   60.0, 120.0, 240.0, 480.0, 960.0)
+
+
+def token_buckets(limit: int) -> tuple[float, ...]:
+    """1, 2, 4, ... up to (and including) ``limit``: request lengths and tokens per step."""
+    out, v = [], 1
+    while v < limit:
+        out.append(float(v))
+        v *= 2
+    out.append(float(max(limit, 1)))
+    return tuple(out)
+
+
+class PrometheusStatLogger:
+    def __init__(self, registry: CollectorRegistry, model_name: str, *, max_model_len: int = 131072,
+                 max_num_batched_tokens: int = 8192) -> None:
+        self.registry = registry
+        self.model_name = model_name
+        r, m = registry, [model_name]
+
+        def gauge(name, doc):
+            return Gauge(name, doc, ["model_name"], registry=r).labels(*m)
+
+        def counter(name, doc):
+            return Counter(name, doc, ["model_name"], registry=r).labels(*m)
+
+        def histogram(name, doc, buckets):
+            return Histogram(name, doc, ["model_name"], registry=r, buckets=buckets).labels(*m)
+
+        self.num_requests_running = gauge("jaxllm:num_requests_running", "Sequences running (holding KV blocks).")
+        self.num_requests_waiting = gauge("jaxllm:num_requests_waiting", "Sequences waiting to be scheduled.")
+        self.kv_cache_usage = gauge("jaxllm:kv_cache_usage_perc", "KV-cache usage: 1 = every block in use.")
+        self.compiles = gauge("jaxllm:xla_compiles_since_warmup",
+                              "XLA executables compiled after warm-up (a new shape reached the device; must stay 0).")
+        self.prefix_queries = counter("jaxllm:prefix_cache_queries", "Prompt tokens looked up in the prefix cache.")
+        self.prefix_hits = counter("jaxllm:prefix_cache_hits", "Prompt tokens found in the prefix cache.")
+        self.preemptions = counter("jaxllm:num_preemptions", "Sequences preempted (blocks freed, recomputed later).")
+        self.prompt_tokens = counter("jaxllm:prompt_tokens", "Prefilled prompt tokens (per sequence, at its first token).")
+        self.generation_tokens = counter("jaxllm:generation_tokens", "Generated tokens.")
+        success = Counter("jaxllm:request_success", "Finished sequences by finish reason.",
+                          ["model_name", "finished_reason"], registry=r)
+        self.request_success = {reason: success.labels(model_name, reason) for reason in FINISH_REASONS}
+        self._success = success
+        self.ttft = histogram("jaxllm:time_to_first_token_seconds", "Arrival to first token.", LATENCY_BUCKETS)
+        self.itl = histogram("jaxllm:inter_token_latency_seconds", "Gap between two tokens of a sequence.",
+                             LATENCY_BUCKETS)
+        self.e2e = histogram("jaxllm:e2e_request_latency_seconds", "Arrival to finish.", REQUEST_BUCKETS)
+        self.queue_time = histogram("jaxllm:request_queue_time_seconds", "Arrival to first scheduled.",
+                                    REQUEST_BUCKETS)
+        self.request_prompt_tokens = histogram("jaxllm:request_prompt_tokens", "Prompt length of finished sequences.",
+                                               token_buckets(max_model_len))
+        self.request_generation_tokens = histogram("jaxllm:request_generation_tokens",
+                                                   "Generated length of finished sequences.",
+                                                   token_buckets(max_model_len))
+        self.iteration_tokens = histogram("jaxllm:iteration_tokens_total", "Tokens computed per engine step (unpadded).",
+                                          token_buckets(max_num_batched_tokens))
+        self.step_time = Histogram("jaxllm:step_time_seconds", "engine.step() wall time by shape bucket.",
+                                   ["model_name", "bucket"], registry=r, buckets=LATENCY_BUCKETS)
+        self._step_time: dict[str, Histogram] = {}
+
+    def record(self, s: SchedulerStats, it: IterationStats | None) -> None:
+        self.num_requests_running.set(s.num_running_reqs)
+        self.num_requests_waiting.set(s.num_waiting_reqs)
+        self.kv_cache_usage.set(s.kv_cache_usage)
+        self.compiles.set(s.num_compiles_since_warmup)
+        if s.prefix_cache_queries:
+            self.prefix_queries.inc(s.prefix_cache_queries)
+            self.prefix_hits.inc(s.prefix_cache_hits)
+        if s.num_preemptions:
+            self.preemptions.inc(s.num_preemptions)
+        if it is None:
+            return
+        if it.num_prompt_tokens:
+            self.prompt_tokens.inc(it.num_prompt_tokens)
+        if it.num_generation_tokens:
+            self.generation_tokens.inc(it.num_generation_tokens)
+        for v in it.time_to_first_tokens:
+            self.ttft.observe(v)
+        for v in it.inter_token_latencies:
+            self.itl.observe(v)
+        for f in it.finished_requests:
+            child = self.request_success.get(f.finish_reason)
+            if child is None:
+                child = self.request_success[f.finish_reason] = self._success.labels(self.model_name, f.finish_reason)
+            child.inc()
+            self.e2e.observe(f.e2e_latency)
+            self.queue_time.observe(f.queue_time)
+            self.request_prompt_tokens.observe(f.num_prompt_tokens)
+            self.request_generation_tokens.observe(f.num_generation_tokens)
+        if it.step_time is not None:
+            self.iteration_tokens.observe(it.num_batched_tokens)
+            bucket = it.bucket or "none"
+            h = self._step_time.get(bucket)
+            if h is None:
+                h = self._step_time[bucket] = self.step_time.labels(self.model_name, bucket)
+            h.observe(it.step_time)
