@@ -16,6 +16,7 @@ import msgspec
 from jaxllm.cli_args import (ArgumentParser, add_engine_args, add_log_level_arg, add_sampling_args,
                              configure_logging, engine_config_from_args, sampling_params_from_args)
 from jaxllm.logprobs_table import format_table, rows_from_logprobs
+from jaxllm.metrics.loggers import validate_interval
 from jaxllm.outputs import output_json
 from jaxllm.parallel.cli import add_distributed_args, run_follower, start_distributed
 from jaxllm.prompt_inputs import cli_items, read_inputs, validate_items
@@ -38,6 +39,10 @@ def build_parser() -> ArgumentParser:
     ap.add_argument("--profile", metavar="DIR", help="trace steady-state decode steps with jax.profiler into "
                     "DIR; summarise with bench/profile_report.py DIR (default: off)")
     ap.add_argument("--profile-steps", type=int, default=20, help="number of engine steps to trace")
+    ap.add_argument("--log-stats", action="store_true",
+                    help="log a stats line (prompt/generation throughput, running/waiting requests, KV cache "
+                    "usage, prefix cache hit rate) every --log-stats-interval seconds and at the end (default: off)")
+    ap.add_argument("--log-stats-interval", type=float, default=10.0, help="seconds between stats lines")
     add_log_level_arg(ap)
     add_engine_args(ap)
     add_sampling_args(ap)
@@ -84,8 +89,10 @@ def main(argv=None) -> int:
 
     try:
         engine_config_from_args(args).validate()
+        validate_interval(args.log_stats_interval)
         items = load_prompts(args)
-        llm = LLM(**msgspec.structs.asdict(engine_config_from_args(args)))
+        llm = LLM(**msgspec.structs.asdict(engine_config_from_args(args)), disable_log_stats=not args.log_stats,
+                  log_stats_interval=args.log_stats_interval)
         prof = None
         if args.profile:
             from jaxllm.profiling import EngineProfiler

@@ -5,7 +5,8 @@ Engine flags are ``jaxllm.generate``'s (``jaxllm/cli_args.py``); they fill
 ``jaxllm.engine.factory.build_engine(config)`` on the engine thread (the port is open and health
 says NOT_SERVING while the model loads and compiles).
 
-Once bound, one machine-readable line goes to stdout: ``serving: listening grpc=HOST:PORT``.
+Once bound, one machine-readable line goes to stdout: ``serving: listening grpc=HOST:PORT``, and
+with ``--metrics-port`` a second one: ``serving: listening metrics=HOST:PORT``.
 Logs (``--log-level``, default info) go to stderr.
 
 Test hook (not for production): ``--model fake:<k=v,...>`` serves the deterministic fake engine
@@ -69,6 +70,15 @@ def build_parser() -> ArgumentParser:
                    help="most stop strings per request")
     s.add_argument("--max-message-bytes", type=int, default=d.max_message_bytes,
                    help="largest request message in bytes")
+    m = p.add_argument_group("metrics")
+    m.add_argument("--metrics-port", type=int, default=None,
+                   help="serve Prometheus metrics (jaxllm:*) on this port; 0 = any free port (the bound "
+                        "one is printed on stdout) (default: off)")
+    m.add_argument("--disable-log-stats", action="store_true",
+                   help="no periodic stats line (throughput, queue, KV cache, prefix cache) on the log "
+                        "(default: logged)")
+    m.add_argument("--log-stats-interval", type=float, default=d.log_stats_interval,
+                   help="seconds between stats lines")
     return p
 
 
@@ -80,6 +90,8 @@ def server_config(args: argparse.Namespace) -> ServerConfig:
         health_probe_interval=args.health_probe_interval, max_n=args.max_n,
         max_tokens_cap=args.max_tokens_cap, max_logprobs=args.max_logprobs,
         max_stop_strings=args.max_stop_strings, max_message_bytes=args.max_message_bytes,
+        metrics_port=args.metrics_port, log_stats=not args.disable_log_stats,
+        log_stats_interval=args.log_stats_interval,
     ).validate()
 
 
@@ -133,6 +145,8 @@ async def serve(cfg: ServerConfig, factory: Callable[[], Any]) -> int:
         print(f"error: {exc}", file=sys.stderr, flush=True)
         return 1
     print(f"serving: listening grpc={_address(cfg.host, port)}", flush=True)
+    if server.metrics.port is not None:
+        print(f"serving: listening metrics={_address(cfg.host, server.metrics.port)}", flush=True)
     loop = asyncio.get_running_loop()
     signals = {"n": 0}
 

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import msgspec
 
+from jaxllm.metrics.loggers import validate_interval
+
 GENERATION_SERVICE = "jaxllm.v1.Generation"
 
 
@@ -21,6 +23,10 @@ class ServerConfig(msgspec.Struct, kw_only=True):
     max_stop_strings: int = 16
     max_message_bytes: int = 4 * 1024 * 1024
     max_request_id_len: int = 256
+    # metrics
+    metrics_port: int | None = None  # Prometheus text on this port (0 = any free port); None = off
+    log_stats: bool = True  # the periodic stats line on the log (``--disable-log-stats`` turns it off)
+    log_stats_interval: float = 10.0  # seconds between stats lines
     # lifecycle
     shutdown_timeout: float = 30.0  # SIGTERM: how long in-flight requests may run on
     watchdog_timeout: float = 30.0  # no loop heartbeat (or failed probe, no progress) this long -> NOT_SERVING
@@ -46,4 +52,7 @@ class ServerConfig(msgspec.Struct, kw_only=True):
             raise ValueError("tls_cert/tls_key are invalid: give both or neither")
         if not 0 <= self.port < 65536:
             raise ValueError(f"port={self.port} is invalid: must be in [0, 65535]")
+        if self.metrics_port is not None and not 0 <= self.metrics_port < 65536:
+            raise ValueError(f"metrics_port={self.metrics_port} is invalid: must be in [0, 65535]")
+        validate_interval(self.log_stats_interval)
         return self

@@ -32,6 +32,7 @@ from jaxllm.engine.async_engine import AsyncEngine, RequestAbortedError
 from serving.auth import ApiKeyInterceptor
 from serving.config import GENERATION_SERVICE, ServerConfig
 from serving.health import HealthMonitor
+from serving.metrics import ServingMetrics
 from serving.proto.jaxllm.v1 import generation_pb2 as pb
 from serving.proto.jaxllm.v1 import generation_pb2_grpc as pb_grpc
 from serving.servicer import GenerationServicer
@@ -51,7 +52,13 @@ class ServingServer:
                  warmup: Callable[[Any], None] | None = None,
                  idle_tick: float = 0.05):
         self.config = config.validate()
-        self.async_engine = AsyncEngine(engine, engine_factory=engine_factory, warmup=warmup,
+        self.metrics = ServingMetrics(self.config)  # loggers attach once the engine is warm
+
+        def warm(eng: Any) -> None:  # on the engine thread
+            if warmup is not None:
+                warmup(eng)
+            self.metrics.attach(eng)
+        self.async_engine = AsyncEngine(engine, engine_factory=engine_factory, warmup=warm,
                                         idle_tick=idle_tick)
         self.port: int | None = None
         self.start_error: BaseException | None = None  # what the engine build / warm-up raised
@@ -97,6 +104,7 @@ class ServingServer:
         if not self.port:
             raise OSError(f"--host {cfg.host} --port {cfg.port}: cannot listen on {address}: "
                           f"{_bind_problem(cfg.host, cfg.port, bool(cfg.tls_cert))}")
+        self.metrics.start()  # OSError naming --metrics-port when it cannot bind
         await server.start()
         self._grpc = server
         log.debug("serving: listening on %s (%s)", address.replace(f":{cfg.port}", f":{self.port}"),
@@ -207,6 +215,7 @@ class ServingServer:
         if self._grpc is not None:
             await self._grpc.stop(grace=1.0)
         await self.async_engine.stop(timeout=2.0)
+        self.metrics.stop()
         (log.debug if self.start_error is not None else log.info)("serving: stopped (exit code %d)", exit_code)
         self._done.set()
 

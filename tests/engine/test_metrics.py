@@ -189,3 +189,16 @@ def _parse(line: str) -> dict:
     p, g, r, w, kv, hit = m.groups()
     return {"prompt": float(p), "gen": float(g), "running": int(r), "waiting": int(w), "kv": float(kv),
             "hit": float(hit)}
+
+
+def test_compile_gauge_counts_from_warmup():
+    eng = make_engine()
+    eng.runner.compile_count = 6  # what a real runner holds after warm-up
+    eng.compiles_at_warmup = 6  # build_engine's mark
+    reg = with_prometheus(eng)
+    eng.add_request("a", "abc", SamplingParams(max_tokens=2, ignore_eos=True))
+    eng.step()
+    assert metric(reg, "jaxllm:xla_compiles_since_warmup") == 0
+    eng.runner.compile_count = 8  # two new shapes reached the device
+    run_all(eng)
+    assert metric(reg, "jaxllm:xla_compiles_since_warmup") == 2

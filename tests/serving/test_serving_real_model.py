@@ -8,6 +8,7 @@ cancellation freeing every KV block, and that steady-state serving compiles noth
 from __future__ import annotations
 
 import asyncio
+from urllib.request import urlopen
 
 import pytest
 
@@ -38,7 +39,8 @@ def test_real_model_greedy_matches_offline(real_engine):
     traces = getattr(runner, "num_traces", None)
 
     async def main():
-        async with running_server(real_engine, watchdog_timeout=60, health_probe_interval=5) as c:
+        async with running_server(real_engine, watchdog_timeout=60, health_probe_interval=5,
+                                  metrics_port=0) as c:
             async def one(p):
                 return collect(await c.generate(prompt=p, temperature=0.0, max_tokens=16,
                                                 timeout=300))
@@ -58,6 +60,11 @@ def test_real_model_greedy_matches_offline(real_engine):
             info = await c.wait_blocks_free(timeout=60)
             assert info.model == "smollm2-135m" and info.vocab_size == 49152
             assert list(info.token_buckets) and list(info.request_buckets)
+            text = (await asyncio.to_thread(urlopen, f"http://127.0.0.1:{c.server.metrics.port}/metrics")).read().decode()
+            assert 'jaxllm:xla_compiles_since_warmup{model_name="smollm2-135m"} 0.0' in text
+            assert 'jaxllm:request_success_total{finished_reason="abort",model_name="smollm2-135m"} 2.0' in text
+            if runner is not None:  # every bucket's step + prompt-logprobs pass, all at warm-up
+                assert runner.compile_count == real_engine.compiles_at_warmup == 2 * len(runner.buckets.all())
     run(main(), timeout=600)
     if traces is not None:
         assert runner.num_traces == traces, "serving compiled a new shape after warm-up"

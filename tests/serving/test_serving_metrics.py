@@ -1,0 +1,142 @@
+"""``--metrics-port``: scrape Prometheus text from a real loopback server before and after a few
+gRPC requests (the real LLMEngine with the fake runner/tokenizer: no jax). The expected numbers
+come from what the gRPC client received."""
+
+from __future__ import annotations
+
+import asyncio
+import time
+
+import httpx
+from prometheus_client.parser import text_string_to_metric_families
+
+from serving.proto.jaxllm.v1 import generation_pb2 as pb
+from serving_helpers import collect, request, run, running_server
+from jaxllm.config import EngineConfig
+from jaxllm.engine.engine import LLMEngine
+from tests.fakes.fake_runner import FakeRunner
+from tests.fakes.fake_tokenizer import FakeIncrementalDetokenizer, FakeTokenizer
+
+REASON = {pb.FINISH_REASON_STOP: "stop", pb.FINISH_REASON_LENGTH: "length", pb.FINISH_REASON_ABORT: "abort"}
+
+
+async def scrape(port: int) -> dict[tuple, float]:
+    """{(sample name, sorted labels without model_name): value} from /metrics."""
+    async with httpx.AsyncClient() as client:
+        r = await client.get(f"http://127.0.0.1:{port}/metrics", timeout=5)
+    assert r.status_code == 200 and r.headers["content-type"].startswith("text/plain"), r
+    out = {}
+    for fam in text_string_to_metric_families(r.text):
+        for s in fam.samples:
+            if not s.name.startswith("jaxllm:"):
+                continue
+            assert s.labels.pop("model_name") == "fake-llm", s
+            out[(s.name, tuple(sorted(s.labels.items())))] = s.value
+    return out
+
+
+def delta(before: dict, after: dict, name: str, **labels) -> float:
+    key = (name, tuple(sorted(labels.items())))
+    return after.get(key, 0.0) - before.get(key, 0.0)
+
+
+def slow_engine(step_seconds: float = 0.005) -> LLMEngine:
+    """The real engine over the fake runner, whose "model" writes "the quick brown fox ..." over
+    and over, with steps that take a little time (so a stream can be cancelled midway)."""
+    tok = FakeTokenizer()
+    script = tok.encode("the quick brown fox jumps over the lazy dog. ", add_special_tokens=False)
+    runner = FakeRunner(256, 4, vocab_size=tok.vocab_size, eos_token_ids=tok.eos_token_ids,
+                        next_token_fn=lambda ctx, seq: script[(len(ctx) - seq.num_prompt_tokens) % len(script)])
+    config = EngineConfig(model="fake-llm", block_size=4, max_model_len=128, max_num_batched_tokens=64,
+                          max_num_seqs=8)
+    eng = LLMEngine(config, runner, tok, detokenizer_factory=FakeIncrementalDetokenizer)
+    step = eng.step
+
+    def slow_step():
+        time.sleep(step_seconds)
+        return step()
+    eng.step = slow_step
+    return eng
+
+
+def test_metrics_move_by_what_the_requests_did():
+    async def main():
+        async with running_server(slow_engine(), metrics_port=0, health_probe_interval=3600) as c:
+            port = c.server.metrics.port
+            assert port and port != c.port
+            await c.wait_blocks_free()  # the start-up health probe has finished
+            before = await scrape(port)
+            assert before[("jaxllm:xla_compiles_since_warmup", ())] == 0
+            calls = [c.generate(prompt=f"metrics request {i}", max_tokens=4 + i, ignore_eos=True)
+                     for i in range(3)]
+            calls.append(c.generate(prompt="stop at the letter q please", max_tokens=40, stop=["q"]))
+            calls.append(c.generate(prompt="two samples", n=2, max_tokens=5, ignore_eos=True))
+            results = [collect(r) for r in await asyncio.gather(*calls)]
+            stream = c.stub.Generate(request(prompt="cancelled midway", max_tokens=100, ignore_eos=True))
+            first = await stream.read()
+            while not first.outputs or not first.outputs[0].token_ids:  # its first token is out
+                first = await stream.read()
+            stream.cancel()
+            await c.wait_blocks_free()
+            after = await scrape(port)
+
+        seqs = [(len(r["prompt_token_ids"]), toks, REASON[r["finish"][i]])
+                for r in results for i, toks in r["tokens"].items()]
+        assert len(seqs) == 6
+        reasons = {}
+        for _, _, reason in seqs:
+            reasons[reason] = reasons.get(reason, 0) + 1
+        assert reasons == {"length": 5, "stop": 1}, reasons
+        for reason in ("length", "stop"):
+            assert delta(before, after, "jaxllm:request_success_total", finished_reason=reason) == reasons[reason]
+        assert delta(before, after, "jaxllm:request_success_total", finished_reason="abort") == 1
+        # the cancelled stream generated at least what reached the client before the cancel
+        cancelled_min = len(first.outputs[0].token_ids)
+        gen = sum(len(t) for _, t, _ in seqs)
+        gen_delta = delta(before, after, "jaxllm:generation_tokens_total")
+        assert gen + cancelled_min <= gen_delta, (gen, gen_delta)
+        cancelled_gen = gen_delta - gen
+        usage = [r["usage"] for r in results]
+        assert sum(u.completion_tokens for u in usage) == gen
+        prompt_tokens = sum(p for p, _, _ in seqs) + len("cancelled midway")
+        assert delta(before, after, "jaxllm:prompt_tokens_total") == prompt_tokens
+        assert delta(before, after, "jaxllm:time_to_first_token_seconds_count") == 7
+        assert delta(before, after, "jaxllm:inter_token_latency_seconds_count") == gen_delta - 7
+        assert delta(before, after, "jaxllm:e2e_request_latency_seconds_count") == 7
+        assert delta(before, after, "jaxllm:request_prompt_tokens_sum") == prompt_tokens
+        assert delta(before, after, "jaxllm:request_generation_tokens_sum") == gen + cancelled_gen
+        assert delta(before, after, "jaxllm:request_queue_time_seconds_count") == 7
+        assert delta(before, after, "jaxllm:iteration_tokens_total_count") > 0
+        assert after[("jaxllm:num_requests_running", ())] == 0 == after[("jaxllm:num_requests_waiting", ())]
+        assert after[("jaxllm:kv_cache_usage_perc", ())] == 0
+        assert after[("jaxllm:xla_compiles_since_warmup", ())] == 0
+
+    run(main())
+
+
+def test_metrics_off_by_default_and_the_log_line_on():
+    async def main():
+        async with running_server(slow_engine(0), log_stats_interval=0) as c:
+            assert c.server.metrics.port is None and c.server.metrics.prometheus is None
+            eng = c.server.async_engine.engine
+            assert [type(lg).__name__ for lg in eng.stat_loggers] == ["LoggingStatLogger"]
+
+    run(main())
+
+
+def test_cli_prints_the_metrics_port_and_serves_it():
+    from urllib.request import urlopen
+
+    from test_serving_process import ServerProcess
+
+    proc = ServerProcess("--model", "fake:", "--metrics-port", "0")
+    try:
+        line = proc.proc.stdout.readline()
+        assert line.startswith("serving: listening metrics=127.0.0.1:"), line
+        port = int(line.rsplit(":", 1)[1])
+        assert port not in (0, proc.port)
+        with urlopen(f"http://127.0.0.1:{port}/metrics", timeout=5) as r:
+            assert r.status == 200 and r.headers["Content-Type"].startswith("text/plain")
+            assert b"python_info" not in r.read()  # a dedicated registry, not the global default
+    finally:
+        proc.close()
