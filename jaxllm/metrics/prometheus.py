@@ -9,8 +9,9 @@ and a scrape reads the registry from another thread (the client's metrics are th
 
 from __future__ import annotations
 
-from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
+from prometheus_client import CollectorRegistry, Counter, Gauge
 
+from jaxllm.metrics.histogram import BatchHistogram
 from jaxllm.metrics.stats import IterationStats, SchedulerStats
 
 FINISH_REASONS = ("stop", "length", "abort")
@@ -45,7 +46,7 @@ class PrometheusStatLogger:
             return Counter(name, doc, ["model_name"], registry=r).labels(*m)
 
         def histogram(name, doc, buckets):
-            return Histogram(name, doc, ["model_name"], registry=r, buckets=buckets).labels(*m)
+            return BatchHistogram(name, doc, ["model_name"], buckets, r)
 
         self.num_requests_running = gauge("jaxllm:num_requests_running", "Sequences running (holding KV blocks).")
         self.num_requests_waiting = gauge("jaxllm:num_requests_waiting", "Sequences waiting to be scheduled.")
@@ -74,9 +75,9 @@ class PrometheusStatLogger:
                                                    token_buckets(max_model_len))
         self.iteration_tokens = histogram("jaxllm:iteration_tokens_total", "Tokens computed per engine step (unpadded).",
                                           token_buckets(max_num_batched_tokens))
-        self.step_time = Histogram("jaxllm:step_time_seconds", "engine.step() wall time by shape bucket.",
-                                   ["model_name", "bucket"], registry=r, buckets=LATENCY_BUCKETS)
-        self._step_time: dict[str, Histogram] = {}
+        self.step_time = BatchHistogram("jaxllm:step_time_seconds", "engine.step() wall time by shape bucket.",
+                                        ["model_name", "bucket"], LATENCY_BUCKETS, r)
+        self._labels = (model_name,)
 
     def record(self, s: SchedulerStats, it: IterationStats | None) -> None:
         self.num_requests_running.set(s.num_running_reqs)
@@ -94,23 +95,21 @@ class PrometheusStatLogger:
             self.prompt_tokens.inc(it.num_prompt_tokens)
         if it.num_generation_tokens:
             self.generation_tokens.inc(it.num_generation_tokens)
-        for v in it.time_to_first_tokens:
-            self.ttft.observe(v)
-        for v in it.inter_token_latencies:
-            self.itl.observe(v)
-        for f in it.finished_requests:
-            child = self.request_success.get(f.finish_reason)
-            if child is None:
-                child = self.request_success[f.finish_reason] = self._success.labels(self.model_name, f.finish_reason)
-            child.inc()
-            self.e2e.observe(f.e2e_latency)
-            self.queue_time.observe(f.queue_time)
-            self.request_prompt_tokens.observe(f.num_prompt_tokens)
-            self.request_generation_tokens.observe(f.num_generation_tokens)
+        m = self._labels
+        self.ttft.observe(it.time_to_first_tokens, m)
+        self.itl.observe(it.inter_token_latencies, m)
+        done = it.finished_requests
+        if done:
+            for f in done:
+                child = self.request_success.get(f.finish_reason)
+                if child is None:
+                    child = self.request_success[f.finish_reason] = self._success.labels(self.model_name,
+                                                                                         f.finish_reason)
+                child.inc()
+            self.e2e.observe([f.e2e_latency for f in done], m)
+            self.queue_time.observe([f.queue_time for f in done], m)
+            self.request_prompt_tokens.observe([f.num_prompt_tokens for f in done], m)
+            self.request_generation_tokens.observe([f.num_generation_tokens for f in done], m)
         if it.step_time is not None:
-            self.iteration_tokens.observe(it.num_batched_tokens)
-            bucket = it.bucket or "none"
-            h = self._step_time.get(bucket)
-            if h is None:
-                h = self._step_time[bucket] = self.step_time.labels(self.model_name, bucket)
-            h.observe(it.step_time)
+            self.iteration_tokens.observe((it.num_batched_tokens,), m)
+            self.step_time.observe((it.step_time,), (self.model_name, it.bucket or "none"))

@@ -202,3 +202,27 @@ def test_compile_gauge_counts_from_warmup():
     eng.runner.compile_count = 8  # two new shapes reached the device
     run_all(eng)
     assert metric(reg, "jaxllm:xla_compiles_since_warmup") == 2
+
+
+def test_batch_histogram_matches_prometheus_client_histogram():
+    import random
+
+    from prometheus_client import Histogram
+
+    from jaxllm.metrics.histogram import BatchHistogram
+
+    bounds = (0.01, 0.1, 0.5, 1.0, 2.0)
+    ours_reg, ref_reg = CollectorRegistry(), CollectorRegistry()
+    ours = BatchHistogram("t:h", "doc", ["model_name"], bounds, ours_reg)
+    ref = Histogram("t:h", "doc", ["model_name"], registry=ref_reg, buckets=bounds).labels(M)
+    rng = random.Random(0)
+    for n in (0, 1, 7, 64, 3):
+        values = [rng.choice([0.0, 0.01, 0.1, 0.5, 1.0, 2.0, 5.0, rng.random() * 3]) for _ in range(n)]
+        ours.observe(values, (M,))
+        for v in values:
+            ref.observe(v)
+    def samples(reg):
+        return sorted((s.name, tuple(sorted(s.labels.items())), s.value) for fam in reg.collect()
+                      for s in fam.samples if not s.name.endswith("_created"))
+    assert samples(ours_reg) == samples(ref_reg)
+    assert ours.count((M,)) == 75
