@@ -10,6 +10,7 @@ import subprocess
 import sys
 import threading
 import time
+import urllib.request
 from pathlib import Path
 
 from serving.client import GenerationClient
@@ -33,7 +34,8 @@ def test_generate_jsonl_per_line_overrides(tmp_path):
              {"prompt_token_ids": [4, 5], "max_tokens": 8, "min_tokens": 8, "stop_token_ids": [0, 1, 2]}]
     src, dst = tmp_path / "in.jsonl", tmp_path / "out.jsonl"
     src.write_text("\n".join(json.dumps(x) for x in lines) + "\n")
-    res = _generate("--input", str(src), "--output", str(dst), "--max-tokens", "5", "--temperature", "1.0")
+    res = _generate("--input", str(src), "--output", str(dst), "--max-tokens", "5", "--temperature", "1.0",
+                    "--log-stats")
     assert res.returncode == 0, res.stderr[-3000:]
     outs = [json.loads(x) for x in dst.read_text().splitlines()]
     counts = [[len(c["token_ids"]) for c in o["outputs"]] for o in outs]
@@ -42,6 +44,12 @@ def test_generate_jsonl_per_line_overrides(tmp_path):
     assert outs[0]["outputs"][0]["token_ids"] == outs[1]["outputs"][0]["token_ids"][:3]
     assert "4 requests, 13 prompt tokens, 27 output tokens" in res.stdout
     assert res.stdout.count("engine start") == 1 and res.stderr.count("engine start") == 1
+    # --log-stats: the closing stats line (the run is shorter than --log-stats-interval 10)
+    stats = [x for x in res.stderr.splitlines() if "Avg prompt throughput:" in x]
+    assert len(stats) == 1, res.stderr[-3000:]
+    # no prompt fills a 16-token block, so nothing can hit the prefix cache
+    assert stats[0].endswith("tokens/s, Running: 0 reqs, Waiting: 0 reqs, KV cache usage: 0.0%, "
+                             "Prefix cache hit rate: 0.0%"), stats
 
 
 def test_generate_bad_line_fails_before_the_engine_is_built(tmp_path):
@@ -56,7 +64,8 @@ def test_generate_bad_line_fails_before_the_engine_is_built(tmp_path):
 
 
 def test_server_stdout_line_quiet_logs_and_resolved_info(tmp_path):
-    proc = subprocess.Popen([sys.executable, "-m", "serving", "--port", "0", "--dtype", "auto", *TINY], cwd=ROOT,
+    proc = subprocess.Popen([sys.executable, "-m", "serving", "--port", "0", "--metrics-port", "0", "--dtype", "auto",
+                             *TINY], cwd=ROOT,
                             env=ENV, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     logs: list[str] = []
     reader = threading.Thread(target=lambda: logs.extend(proc.stderr), daemon=True)
@@ -65,6 +74,9 @@ def test_server_stdout_line_quiet_logs_and_resolved_info(tmp_path):
         first = proc.stdout.readline()
         assert first.startswith("serving: listening grpc=127.0.0.1:"), (first, logs)
         target = first.strip().split("grpc=", 1)[1]
+        second = proc.stdout.readline()
+        assert second.startswith("serving: listening metrics=127.0.0.1:"), (second, logs)
+        metrics_url = f"http://{second.strip().split('metrics=', 1)[1]}/metrics"
         with GenerationClient(target, timeout=5) as c:
             deadline = time.monotonic() + 540
             while c.health() != "SERVING":
@@ -74,11 +86,15 @@ def test_server_stdout_line_quiet_logs_and_resolved_info(tmp_path):
                               capture_output=True, text=True, timeout=60, env=ENV)
         assert info.returncode == 0, info.stderr
         assert 'dtype: "float32"' in info.stdout and "max_model_len: 128" in info.stdout, info.stdout
+        with urllib.request.urlopen(metrics_url, timeout=10) as r:  # health probes have run: steps, no compiles
+            metrics = r.read().decode()
+        assert 'jaxllm:xla_compiles_since_warmup{model_name="dummy:tiny-llama"} 0.0' in metrics, metrics
+        assert 'jaxllm:request_success_total{finished_reason="length",model_name="dummy:tiny-llama"}' in metrics
     finally:
         proc.terminate()
         proc.wait(timeout=60)
         reader.join(timeout=10)
-    assert proc.stdout.read() == ""  # the listening line is the only stdout line
+    assert proc.stdout.read() == ""  # the listening lines are the only stdout lines
     text = "".join(logs)
     assert "Resetting cache" not in text and "Unable to initialize backend" not in text, text
     assert text.count("engine start") == 1 and "engine ready" in text and "after start" not in text, text

@@ -140,3 +140,42 @@ def test_cli_prints_the_metrics_port_and_serves_it():
             assert b"python_info" not in r.read()  # a dedicated registry, not the global default
     finally:
         proc.close()
+
+
+def test_server_flags():
+    import pytest
+
+    from serving.__main__ import build_parser, server_config
+
+    cfg = server_config(build_parser().parse_args(["--metrics-port", "9100", "--disable-log-stats",
+                                                   "--log-stats-interval", "2.5"]))
+    assert (cfg.metrics_port, cfg.log_stats, cfg.log_stats_interval) == (9100, False, 2.5)
+    cfg = server_config(build_parser().parse_args([]))
+    assert (cfg.metrics_port, cfg.log_stats, cfg.log_stats_interval) == (None, True, 10.0)
+    with pytest.raises(ValueError, match=r"^metrics_port=70000 is invalid: must be in \[0, 65535\]$"):
+        server_config(build_parser().parse_args(["--metrics-port", "70000"]))
+    with pytest.raises(ValueError, match=r"^log_stats_interval=-1.0 is invalid"):
+        server_config(build_parser().parse_args(["--log-stats-interval", "-1"]))
+
+
+def test_metrics_port_in_use_is_one_error():
+    import socket
+
+    from serving.config import ServerConfig
+    from serving.server import ServingServer
+
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+
+        async def main():
+            server = ServingServer(ServerConfig(port=0, metrics_port=port), engine=slow_engine(0))
+            try:
+                await server.start()
+            except OSError as e:
+                return str(e)
+            await server.stop()
+            return None
+        msg = run(main())
+    assert msg is not None and msg.startswith(f"--host 127.0.0.1 --metrics-port {port}: cannot listen: "), msg
