@@ -179,3 +179,26 @@ def test_metrics_port_in_use_is_one_error():
             return None
         msg = run(main())
     assert msg is not None and msg.startswith(f"--host 127.0.0.1 --metrics-port {port}: cannot listen: "), msg
+
+
+def test_metrics_app_serves_the_same_registry():
+    from prometheus_client import CollectorRegistry
+
+    from jaxllm.metrics.prometheus import PrometheusStatLogger
+    from jaxllm.metrics.stats import IterationStats, SchedulerStats
+    from serving.metrics import metrics_app
+
+    reg = CollectorRegistry()
+    PrometheusStatLogger(reg, "fake-llm").record(SchedulerStats(3, 1, 0.25),
+                                                 IterationStats(num_generation_tokens=5, num_batched_tokens=5))
+
+    async def main():
+        transport = httpx.ASGITransport(app=metrics_app(reg))
+        async with httpx.AsyncClient(transport=transport, base_url="http://test") as client:
+            r = await client.get("/")
+        assert r.status_code == 200
+        values = {s.name: s.value for fam in text_string_to_metric_families(r.text) for s in fam.samples}
+        assert values["jaxllm:num_requests_running"] == 3 and values["jaxllm:num_requests_waiting"] == 1
+        assert values["jaxllm:kv_cache_usage_perc"] == 0.25 and values["jaxllm:generation_tokens_total"] == 5
+
+    run(main())
