@@ -13,6 +13,9 @@
   ``step_delay`` seconds slept per step; ``fail_at_step`` / ``inject_raise()`` make ``step``
   raise; ``hang_at_step`` / ``inject_hang()`` make ``step`` block until ``release_hang()``;
   ``warmup_delay`` / ``build_delay`` for slow start-up.
+* Stats: like ``LLMEngine``, ``add_stat_logger`` gets a ``SchedulerStats`` / ``IterationStats`` per
+  step and per abort (sequences, tokens, latencies, finish reasons, the toy prefix cache), so
+  ``--metrics-port`` serves real numbers with ``--model fake:``.
 
 Selectable from the CLI: ``python -m serving --model fake:step_delay=0.02,max_num_seqs=4``.
 """
@@ -26,6 +29,7 @@ from typing import Any
 
 import msgspec
 
+from jaxllm.metrics.stats import FinishedRequestStats, IterationStats, SchedulerStats
 from jaxllm.outputs import CompletionOutput, Logprob, RequestMetrics, RequestOutput
 from jaxllm.sampling_params import SamplingParams
 
@@ -77,7 +81,7 @@ class FakeEngineConfig(msgspec.Struct, kw_only=True):
 
 class _Sample:
     __slots__ = ("index", "token_ids", "text", "logprobs", "cum_logprob", "finish_reason",
-                 "stop_reason", "blocks")
+                 "stop_reason", "blocks", "last_token_time")
 
     def __init__(self, index: int):
         self.index = index
@@ -88,6 +92,7 @@ class _Sample:
         self.finish_reason: str | None = None
         self.stop_reason: int | str | None = None
         self.blocks = 0
+        self.last_token_time: float | None = None
 
 
 class _Req:
@@ -125,6 +130,8 @@ class FakeEngine:
         self.aborted: list[str] = []
         self.added: list[str] = []
         self.thread_ids: set[int] = set()  # threads that called into the engine
+        self.stat_loggers: list = []
+        self._prefix = [0, 0]  # prompt tokens looked up / hit since the last stats record
 
     # ----- faults -------------------------------------------------------------------
     def inject_raise(self) -> None:
@@ -172,11 +179,22 @@ class FakeEngine:
     def abort_request(self, ids) -> None:
         self.thread_ids.add(threading.get_ident())
         ids = {ids} if isinstance(ids, str) else set(ids)
+        it = IterationStats() if self.stat_loggers else None
+        now = time.time()
         for lst in (self._waiting, self._running):
             for r in [r for r in lst if r.request_id in ids]:
                 lst.remove(r)
                 self._free(r)
                 self.aborted.append(r.request_id)
+                if it is not None:
+                    for s in r.samples:
+                        if s.finish_reason is None:
+                            it.finished_requests.append(self._finished_stats(r, s, "abort", now))
+        if it is not None:
+            self._record(it)
+
+    def add_stat_logger(self, logger) -> None:
+        self.stat_loggers.append(logger)
 
     def has_unfinished_requests(self) -> bool:
         return bool(self._waiting or self._running)
@@ -202,19 +220,56 @@ class FakeEngine:
         if self._stalled:
             time.sleep(0.005)
             return []
+        t0 = time.perf_counter()
         self._admit()
         outs = []
+        it = IterationStats() if self.stat_loggers else None
+        now = time.time()
         for r in list(self._running):
             for s in r.samples:
                 if s.finish_reason is None:
                     self._advance(r, s)
+                    if it is not None:
+                        self._token_stats(it, r, s, now)
             done = all(s.finish_reason is not None for s in r.samples)
             if done:
                 self._running.remove(r)
                 self._free(r)
                 r.metrics.finished_time = time.time()
             outs.append(self._output(r, done))
+        if it is not None:
+            it.num_batched_tokens = it.num_generation_tokens
+            it.step_time, it.bucket = time.perf_counter() - t0, "none"
+            self._record(it)
         return outs
+
+    # ----- stats ------------------------------------------------------------------------
+    def _token_stats(self, it: IterationStats, r: _Req, s: _Sample, now: float) -> None:
+        it.num_generation_tokens += 1
+        if s.last_token_time is None:
+            it.time_to_first_tokens.append(now - r.metrics.arrival_time)
+            it.num_prompt_tokens += len(r.prompt_token_ids)
+        else:
+            it.inter_token_latencies.append(now - s.last_token_time)
+        s.last_token_time = now
+        if s.finish_reason is not None:
+            it.finished_requests.append(self._finished_stats(r, s, s.finish_reason, now))
+
+    @staticmethod
+    def _finished_stats(r: _Req, s: _Sample, reason: str, now: float) -> FinishedRequestStats:
+        m = r.metrics
+        scheduled = m.first_scheduled_time if m.first_scheduled_time is not None else now
+        return FinishedRequestStats(reason, now - m.arrival_time, max(0.0, scheduled - m.arrival_time),
+                                    len(r.prompt_token_ids), len(s.token_ids))
+
+    def _record(self, it: IterationStats) -> None:
+        (q, h), self._prefix = self._prefix, [0, 0]
+        st = SchedulerStats(num_running_reqs=sum(len(r.samples) for r in self._running),
+                            num_waiting_reqs=sum(len(r.samples) for r in self._waiting),
+                            kv_cache_usage=1.0 - self.free_blocks / self.config.num_blocks,
+                            prefix_cache_queries=q, prefix_cache_hits=h)
+        for logger in self.stat_loggers:
+            logger.record(st, it)
 
     # ----- internals --------------------------------------------------------------------
     def _blocks_for(self, n_tokens: int) -> int:
@@ -240,6 +295,9 @@ class FakeEngine:
                 else:
                     self._seen_blocks.add(key)
             r.num_cached_tokens = cached if self.config.enable_prefix_caching else 0
+            if self.config.enable_prefix_caching:
+                self._prefix[0] += len(ids)
+                self._prefix[1] += cached
             r.metrics.first_scheduled_time = time.time()
             self._running.append(r)
 

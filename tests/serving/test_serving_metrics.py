@@ -8,19 +8,21 @@ import asyncio
 import time
 
 import httpx
+import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
 from serving.proto.jaxllm.v1 import generation_pb2 as pb
 from serving_helpers import collect, request, run, running_server
 from jaxllm.config import EngineConfig
 from jaxllm.engine.engine import LLMEngine
+from tests.fakes.fake_engine import FakeEngine
 from tests.fakes.fake_runner import FakeRunner
 from tests.fakes.fake_tokenizer import FakeIncrementalDetokenizer, FakeTokenizer
 
 REASON = {pb.FINISH_REASON_STOP: "stop", pb.FINISH_REASON_LENGTH: "length", pb.FINISH_REASON_ABORT: "abort"}
 
 
-async def scrape(port: int) -> dict[tuple, float]:
+async def scrape(port: int, model: str = "fake-llm") -> dict[tuple, float]:
     """{(sample name, sorted labels without model_name): value} from /metrics."""
     async with httpx.AsyncClient() as client:
         r = await client.get(f"http://127.0.0.1:{port}/metrics", timeout=5)
@@ -30,7 +32,7 @@ async def scrape(port: int) -> dict[tuple, float]:
         for s in fam.samples:
             if not s.name.startswith("jaxllm:"):
                 continue
-            assert s.labels.pop("model_name") == "fake-llm", s
+            assert s.labels.pop("model_name") == model, s
             out[(s.name, tuple(sorted(s.labels.items())))] = s.value
     return out
 
@@ -59,13 +61,17 @@ def slow_engine(step_seconds: float = 0.005) -> LLMEngine:
     return eng
 
 
-def test_metrics_move_by_what_the_requests_did():
+@pytest.mark.parametrize("kind", ["llm-engine", "fake-engine"])
+def test_metrics_move_by_what_the_requests_did(kind):
+    """The real LLMEngine (fake runner) and tests/fakes' FakeEngine report the same way."""
+    engine, model = (slow_engine(), "fake-llm") if kind == "llm-engine" else (FakeEngine(step_delay=0.005), "fake")
+
     async def main():
-        async with running_server(slow_engine(), metrics_port=0, health_probe_interval=3600) as c:
+        async with running_server(engine, metrics_port=0, health_probe_interval=3600) as c:
             port = c.server.metrics.port
             assert port and port != c.port
             await c.wait_blocks_free()  # the start-up health probe has finished
-            before = await scrape(port)
+            before = await scrape(port, model)
             assert before[("jaxllm:xla_compiles_since_warmup", ())] == 0
             calls = [c.generate(prompt=f"metrics request {i}", max_tokens=4 + i, ignore_eos=True)
                      for i in range(3)]
@@ -78,7 +84,7 @@ def test_metrics_move_by_what_the_requests_did():
                 first = await stream.read()
             stream.cancel()
             await c.wait_blocks_free()
-            after = await scrape(port)
+            after = await scrape(port, model)
 
         seqs = [(len(r["prompt_token_ids"]), toks, REASON[r["finish"][i]])
                 for r in results for i, toks in r["tokens"].items()]
@@ -127,6 +133,7 @@ def test_metrics_off_by_default_and_the_log_line_on():
 def test_cli_prints_the_metrics_port_and_serves_it():
     from urllib.request import urlopen
 
+    from grpc_health.v1 import health_pb2
     from test_serving_process import ServerProcess
 
     proc = ServerProcess("--model", "fake:", "--metrics-port", "0")
@@ -135,9 +142,12 @@ def test_cli_prints_the_metrics_port_and_serves_it():
         assert line.startswith("serving: listening metrics=127.0.0.1:"), line
         port = int(line.rsplit(":", 1)[1])
         assert port not in (0, proc.port)
+        proc.wait_status(health_pb2.HealthCheckResponse.SERVING)  # the engine is warm: its series exist
         with urlopen(f"http://127.0.0.1:{port}/metrics", timeout=5) as r:
             assert r.status == 200 and r.headers["Content-Type"].startswith("text/plain")
-            assert b"python_info" not in r.read()  # a dedicated registry, not the global default
+            body = r.read()
+        assert b"python_info" not in body  # a dedicated registry, not the global default
+        assert b'jaxllm:xla_compiles_since_warmup{model_name="fake"} 0.0' in body, body
     finally:
         proc.close()
 
