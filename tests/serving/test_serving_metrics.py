@@ -11,10 +11,10 @@ import httpx
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
-from serving.proto.jaxllm.v1 import generation_pb2 as pb
-from serving_helpers import collect, request, run, running_server
 from jaxllm.config import EngineConfig
 from jaxllm.engine.engine import LLMEngine
+from serving.proto.jaxllm.v1 import generation_pb2 as pb
+from serving_helpers import collect, request, run, running_server
 from tests.fakes.fake_engine import FakeEngine
 from tests.fakes.fake_runner import FakeRunner
 from tests.fakes.fake_tokenizer import FakeIncrementalDetokenizer, FakeTokenizer
