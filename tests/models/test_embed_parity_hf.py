@@ -102,3 +102,27 @@ def test_errors_name_the_field_and_leak_nothing(llama, root):
     assert stats["num_free_blocks"] == stats["num_blocks"] and stats["num_unfinished_requests"] == 0
     with pytest.raises(ValueError, match="task='generate' is invalid for this checkpoint: .* without an LM head"):
         LLM(path, task="generate", max_model_len=64, kv_cache_memory_bytes=1 << 20)
+
+
+def test_cli_task_embed_writes_jsonl(llama, tmp_path, capsys):
+    """python -m jaxllm.generate --task embed: one JSON line per prompt, equal to LLM.embed's."""
+    import json
+
+    from jaxllm.generate import main
+
+    path, llm = llama
+    seqs = prompts(2)[:3]
+    inp, out = tmp_path / "in.jsonl", tmp_path / "out.jsonl"
+    inp.write_text("".join(json.dumps({"prompt_token_ids": s}) + "\n" for s in seqs))
+    rc = main(["--model", path, "--task", "embed", "--pooling-type", "MEAN", "--input", str(inp), "--output", str(out),
+               "--max-num-batched-tokens", str(BUDGET), "--max-num-seqs", "4", "--max-model-len", "256",
+               "--kv-cache-memory-bytes", str(1 << 22), "--no-progress", "--log-level", "warning"])
+    assert rc == 0, capsys.readouterr().err
+    lines = [json.loads(x) for x in out.read_text().splitlines()]
+    want = llm.embed(seqs, PoolingParams(pooling_type="MEAN"), use_tqdm=False)
+    assert [x["prompt_token_ids"] for x in lines] == seqs
+    for x, w in zip(lines, want):
+        np.testing.assert_allclose(x["embedding"], w.outputs.embedding, rtol=1e-5, atol=1e-6)
+    assert "3 embeddings" in capsys.readouterr().out
+    rc = main(["--model", path, "--task", "generate", "--input", str(inp), "--max-model-len", "256"])
+    assert rc == 2 and "task='generate' is invalid for this checkpoint" in capsys.readouterr().err
