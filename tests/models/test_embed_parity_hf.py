@@ -87,6 +87,13 @@ def test_qwen3_parity_and_sentence_transformers_default(qwen3):
     for s, b in zip(seqs, batched):  # the batch changes nothing: each prompt alone gives the same vector
         alone = llm.embed([s], use_tqdm=False)[0]  # engine default: MEAN
         np.testing.assert_allclose(alone.outputs.embedding, b.outputs.embedding, rtol=1e-5, atol=1e-6)
+    llm.engine.async_scheduling = True  # one step in flight (the GPU default): same vectors
+    try:
+        again = check_parity(path, llm, "MEAN", seqs)
+    finally:
+        llm.engine.async_scheduling = False
+    for a, b in zip(again, batched):
+        np.testing.assert_allclose(a.outputs.embedding, b.outputs.embedding, rtol=1e-5, atol=1e-6)
 
 
 def test_errors_name_the_field_and_leak_nothing(llama, root):
