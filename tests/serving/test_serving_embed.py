@@ -111,3 +111,16 @@ def test_embed_on_a_generate_server_names_task():
             await c.wait_blocks_free()
 
     run(main())
+
+
+def test_embed_needs_the_api_key():
+    async def main():
+        async with running_server(make_engine(), api_key="sekret") as c:
+            for md in (None, (("authorization", "Bearer wrong"),)):
+                with pytest.raises(grpc.aio.AioRpcError) as ei:
+                    await c.stub.Embed(embed_req("hi"), metadata=md, timeout=5)
+                assert ei.value.code() == grpc.StatusCode.UNAUTHENTICATED
+            r = await c.stub.Embed(embed_req("hi"), metadata=(("authorization", "Bearer sekret"),), timeout=5)
+            assert r.prompt_tokens == 2
+
+    run(main())
