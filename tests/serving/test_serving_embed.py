@@ -124,3 +124,24 @@ def test_embed_needs_the_api_key():
             assert r.prompt_tokens == 2
 
     run(main())
+
+
+def test_embed_many_is_ordered_and_all_or_nothing():
+    """serving.embed.embed_many (what an HTTP /v1/embeddings handler calls with OpenAI's input list)."""
+    from serving.embed import embed_many
+
+    texts = ["first", "second prompt " * 3, "third"]
+
+    async def main():
+        async with running_server(make_engine()) as c:
+            ae = c.server.async_engine
+            outs = await embed_many(ae, "req", texts, PoolingParams(pooling_type="MEAN"))
+            with pytest.raises(ValueError, match="prompt_token_ids\\[0\\]=10000 is invalid"):
+                await embed_many(ae, "bad", ["ok " * 20, {"prompt_token_ids": [10_000]}, "ok"])
+            await c.wait_blocks_free()
+            return outs
+
+    outs = run(main())
+    assert [o.request_id for o in outs] == ["req-0", "req-1", "req-2"]
+    for o, t in zip(outs, texts):
+        np.testing.assert_allclose(o.outputs.embedding, offline(t, PoolingParams(pooling_type="MEAN")), rtol=1e-6)
