@@ -43,8 +43,8 @@ from jaxllm.config import EngineConfig
 from jaxllm.core.kv_cache_manager import KVCacheManager, cdiv
 from jaxllm.core.request import Request, RequestStatus
 from jaxllm.core.scheduler import Scheduler
-from jaxllm.engine.pooling import EmbedState
 from jaxllm.engine.output_processor import DetokenizerFactory, ParentState, SeqState, TokenTexts
+from jaxllm.engine.pooling import EmbedState
 from jaxllm.engine.runner_protocol import ModelRunnerProtocol
 from jaxllm.outputs import EmbeddingRequestOutput, RequestOutput
 from jaxllm.pooling_params import PoolingParams
@@ -220,7 +220,7 @@ class LLMEngine:
 
     def abort_request(self, request_ids: str | Iterable[str]) -> list[RequestOutput]:
         """Abort requests (parent ids). Unknown or finished ids are a no-op. Frees their blocks
-        at once; returns their final outputs (finish_reason "abort")."""
+        at once; returns their final outputs (finish_reason "abort"; none for an embedding)."""
         if isinstance(request_ids, str):
             request_ids = [request_ids]
         outs = []
