@@ -211,7 +211,8 @@ class GenerationServicer(pb_grpc.GenerationServicer):
             tensor_parallel_size=int(_config_get(eng, "tensor_parallel_size") or 1),
             block_size=int(_config_get(eng, "block_size") or 0),
             token_buckets=_buckets(eng, s, "mixed", "token_buckets"),
-            request_buckets=_buckets(eng, s, "decode", "request_buckets"),
+            # an embed engine compiles no decode-only step (prefill only)
+            request_buckets=[] if getattr(eng, "task", None) == "embed" else _buckets(eng, s, "decode", "request_buckets"),
             free_kv_blocks=stat(s, "free_blocks", "num_free_blocks", "free_kv_blocks"),
             total_kv_blocks=stat(s, "total_blocks", "num_total_blocks", "num_blocks", "total_kv_blocks"),
             num_running=stat(s, "num_running", "running"),

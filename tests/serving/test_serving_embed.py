@@ -50,7 +50,7 @@ def test_embed_rpc_matches_offline_and_frees_blocks():
     async def main():
         async with running_server(make_engine(), max_queued_requests=100) as c:
             info = await c.stats()
-            assert info.task == "embed"
+            assert info.task == "embed" and list(info.request_buckets) == []  # no decode step compiled
             got = await asyncio.gather(*(c.stub.Embed(embed_req(t, pooling_type="MEAN" if i % 2 else "LAST"),
                                                       timeout=10) for i, t in enumerate(texts)))
             ids = await c.stub.Embed(embed_req(token_ids=[5, 6, 7], request_id="mine", normalize=False), timeout=10)
