@@ -344,6 +344,9 @@ class ModelRunner:
         cache on accelerators): XLA's temp allocation for the largest bucket's step and prompt-logprobs
         pass, plus the penalty state. Compiles those two once; runs nothing."""
         T, S, decode_only = max(self.buckets.all(), key=lambda b: b[0])
+        if self.task == "embed":  # the embed step is all this runner will run (a base model has no LM head)
+            exe = self._embed.lower(self.state, self.kv_cache, self._embed_inputs([], T, S)).compile()
+            return int(getattr(exe.memory_analysis(), "temp_size_in_bytes", 0) or 0)
         step = self._step_lowering(self._padding_inputs(T, S, decode_only)).compile()
         plp = self._prompt_lp_lowering(T).compile()
         temp = sum(int(getattr(c.memory_analysis(), "temp_size_in_bytes", 0) or 0) for c in (step, plp))

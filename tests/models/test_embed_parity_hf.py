@@ -133,3 +133,10 @@ def test_cli_task_embed_writes_jsonl(llama, tmp_path, capsys):
     assert "3 embeddings" in capsys.readouterr().out
     rc = main(["--model", path, "--task", "generate", "--input", str(inp), "--max-model-len", "256"])
     assert rc == 2 and "task='generate' is invalid for this checkpoint" in capsys.readouterr().err
+
+
+def test_workspace_probe_compiles_the_embed_step(llama):
+    """The accelerator KV-sizing probe (workspace_bytes) of an embed runner compiles its embed step:
+    the generate step would need the LM head a base model lacks."""
+    _, llm = llama
+    assert llm.engine.runner.workspace_bytes() > 0
