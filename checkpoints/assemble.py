@@ -53,7 +53,7 @@ def assemble_params(config: ModelConfig, get: GetTensor, source: str, dtype=np.f
     if c.qk_norm:
         p["layers.q_norm"] = stack(lambda l: need(l + "self_attn.q_norm.weight", (D,)))
         p["layers.k_norm"] = stack(lambda l: need(l + "self_attn.k_norm.weight", (D,)))
-    if not c.tie_word_embeddings:
+    if not c.tie_word_embeddings and c.has_lm_head:
         p["lm_head"] = linear("lm_head.weight", c.vocab_size, E)
     expected = param_shapes(c)
     assert {k: v.shape for k, v in p.items()} == expected, "internal: assembled shapes differ from param_shapes"

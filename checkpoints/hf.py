@@ -62,6 +62,8 @@ def load_hf_dir(path: str, dtype=np.float32) -> tuple[ModelConfig, dict[str, np.
                 where[name] = (file, h)
 
         def get(name: str):
+            if name not in where and name.startswith("model."):
+                name = name[len("model."):]  # a base model (LlamaModel, Qwen3Model) saved alone
             if name not in where:
                 return None
             file, h = where[name]

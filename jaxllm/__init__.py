@@ -1,6 +1,8 @@
 """jaxllm: a pure-JAX/Pallas LLM inference engine (paged attention, continuous batching, prefix caching)."""
 from jaxllm.llm import LLM
-from jaxllm.outputs import CompletionOutput, Logprob, RequestOutput
+from jaxllm.outputs import CompletionOutput, EmbeddingOutput, EmbeddingRequestOutput, Logprob, RequestOutput
+from jaxllm.pooling_params import PoolingParams
 from jaxllm.sampling_params import SamplingParams
 
-__all__ = ["LLM", "SamplingParams", "RequestOutput", "CompletionOutput", "Logprob"]
+__all__ = ["LLM", "SamplingParams", "PoolingParams", "RequestOutput", "CompletionOutput", "Logprob",
+           "EmbeddingRequestOutput", "EmbeddingOutput"]

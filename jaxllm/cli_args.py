@@ -15,7 +15,7 @@ import sys
 
 import msgspec
 
-from jaxllm.config import _DTYPES, _LOAD_FORMATS, EngineConfig
+from jaxllm.config import _DTYPES, _LOAD_FORMATS, TASKS, EngineConfig
 from jaxllm.sampling_params import SamplingParams
 
 LOG_LEVELS = ("debug", "info", "warning", "error", "critical")
@@ -83,6 +83,16 @@ def add_engine_args(ap: argparse.ArgumentParser) -> None:
     g.add_argument("--async-scheduling", action=argparse.BooleanOptionalAction, default=d.async_scheduling,
                    help="dispatch step N+1 before reading step N's sampled tokens back, so host work "
                    "overlaps the device's (default: on with a GPU/TPU, off on CPU)")
+    g.add_argument("--task", default=d.task, choices=TASKS,
+                   help="generate text or embed prompts (pooled last_hidden_state); auto = embed for a "
+                        "checkpoint without an LM head (architectures LlamaModel, Qwen3Model, ...) or with "
+                        "a sentence-transformers modules.json + 1_Pooling/config.json, else generate")
+    g.add_argument("--pooling-type", default=None, choices=("LAST", "MEAN"),
+                   help="embed task: the last token's hidden state or the mean over the prompt (default: "
+                        "the checkpoint's 1_Pooling/config.json, else LAST)")
+    g.add_argument("--normalize", action=argparse.BooleanOptionalAction, default=None,
+                   help="embed task: L2-normalise the embeddings (default: on, unless the checkpoint's "
+                        "sentence-transformers modules.json has no Normalize module)")
 
 
 def engine_config_from_args(args) -> EngineConfig:
@@ -93,7 +103,8 @@ def engine_config_from_args(args) -> EngineConfig:
                         gpu_memory_utilization=args.gpu_memory_utilization,
                         tensor_parallel_size=args.tensor_parallel_size, dtype=args.dtype,
                         load_format=args.load_format, seed=args.seed,
-                        async_scheduling=args.async_scheduling)
+                        async_scheduling=args.async_scheduling, task=args.task,
+                        pooling_type=args.pooling_type, normalize=args.normalize)
 
 
 # ----- sampling ---------------------------------------------------------------------------------

@@ -24,6 +24,7 @@ import msgspec
 
 _DTYPES = ("auto", "float32", "bfloat16", "float16")
 _LOAD_FORMATS = ("auto", "safetensors", "gguf", "dummy", "orbax")
+TASKS = ("auto", "generate", "embed")
 
 
 class CacheConfig(msgspec.Struct, kw_only=True):
@@ -69,6 +70,13 @@ class EngineConfig(msgspec.Struct, kw_only=True):
     load_format: str = "auto"
     seed: int = 0
     async_scheduling: bool | None = None
+    # "generate" | "embed" | "auto" (embed for a checkpoint without an LM head or with a
+    # sentence-transformers pooling config, else generate); the factory resolves it
+    task: str = "auto"
+    # embed task defaults (vLLM's PoolerConfig): None = the checkpoint's sentence-transformers
+    # config (1_Pooling/config.json, a Normalize module in modules.json), else LAST and True
+    pooling_type: str | None = None
+    normalize: bool | None = None
 
     def validate(self) -> "EngineConfig":
         if not isinstance(self.model, str):
@@ -85,6 +93,12 @@ class EngineConfig(msgspec.Struct, kw_only=True):
             raise ValueError(f"seed={self.seed!r} is invalid: must be an integer")
         if self.async_scheduling is not None:
             _bool("async_scheduling", self.async_scheduling)
+        if self.task not in TASKS:
+            raise ValueError(f"task={self.task!r} is invalid: must be one of {list(TASKS)}")
+        if self.pooling_type is not None and self.pooling_type not in ("LAST", "MEAN"):
+            raise ValueError(f"pooling_type={self.pooling_type!r} is invalid: must be one of ['LAST', 'MEAN']")
+        if self.normalize is not None:
+            _bool("normalize", self.normalize)
         self.cache_config().validate()
         SchedulerConfig(max_num_seqs=self.max_num_seqs,
                         max_num_batched_tokens=self.max_num_batched_tokens).validate()

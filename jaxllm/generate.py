@@ -5,6 +5,8 @@
     python -m jaxllm.generate --input prompts.jsonl --output out.jsonl
         # lines: text, or {"prompt": ...} / {"messages": [...]} / {"prompt_token_ids": [...]}
         # plus SamplingParams fields for that line, e.g. {"prompt": "Hi", "max_tokens": 3}
+    python -m jaxllm.generate --task embed --model DIR --input texts.txt --output emb.jsonl
+        # one {"request_id", "prompt", "prompt_token_ids", "embedding"} line per prompt
 """
 from __future__ import annotations
 
@@ -68,7 +70,10 @@ def load_prompts(args) -> list:
         raise ValueError(f"max_model_len={max_model_len} is invalid: the model supports at most "
                          f"{mc.max_position_embeddings} positions")
     tok = load_tokenizer(source, mc) or TokenIdsOnlyTokenizer(mc.vocab_size, mc.eos_token_ids)
-    validate_items(items, tok, mc.vocab_size, max_model_len)
+    from jaxllm.engine.factory import resolve_task
+
+    task = resolve_task(engine_config_from_args(args), mc, source[1] if source and source[0] == "dir" else None).task
+    validate_items(items, tok, mc.vocab_size, max_model_len, task=task)
     return items
 
 
@@ -97,6 +102,8 @@ def main(argv=None) -> int:
         if args.profile:
             from jaxllm.profiling import EngineProfiler
             prof = EngineProfiler(llm.engine, args.profile, num_steps=args.profile_steps)
+        if llm.engine.task == "embed":
+            return _embed(llm, items, args)
         t1 = time.perf_counter()
         outs = llm.generate([it.prompt for it in items], [it.params for it in items],
                             use_tqdm=not args.no_progress)
@@ -129,6 +136,29 @@ def main(argv=None) -> int:
     startup = getattr(llm.engine, "startup_seconds", None)
     print(f"\n{len(outs)} requests, {n_prompt} prompt tokens, {n_out} output tokens in {secs:.2f}s: "
           f"{n_out / secs:.1f} output tok/s" + (f" (engine start {startup:.1f}s)" if startup is not None else ""))
+    return 0
+
+
+def _embed(llm, items, args) -> int:
+    """--task embed (or an embedding checkpoint): embed every prompt, print a summary per prompt,
+    write one JSON line each to --output."""
+    t1 = time.perf_counter()
+    outs = llm.embed([it.prompt for it in items], use_tqdm=not args.no_progress)
+    secs = time.perf_counter() - t1
+    for it, o in zip(items, outs):
+        v = o.outputs.embedding
+        print(f"\n>>> {it.shown}\n    embedding[{len(v)}] = [{', '.join(f'{x:.4f}' for x in v[:4])}, ...] "
+              f"({len(o.prompt_token_ids)} tokens)")
+    if args.output:
+        with open(args.output, "wb") as f:
+            for o in outs:
+                f.write(msgspec.json.encode({"request_id": o.request_id, "prompt": o.prompt,
+                                             "prompt_token_ids": o.prompt_token_ids,
+                                             "embedding": o.outputs.embedding}) + b"\n")
+    n_prompt = sum(len(o.prompt_token_ids) for o in outs)
+    startup = getattr(llm.engine, "startup_seconds", None)
+    print(f"\n{len(outs)} embeddings, {n_prompt} prompt tokens in {secs:.2f}s: {n_prompt / secs:.1f} prompt tok/s"
+          + (f" (engine start {startup:.1f}s)" if startup is not None else ""))
     return 0
 
 

@@ -19,7 +19,8 @@ import msgspec
 
 from jaxllm.config import EngineConfig
 from jaxllm.metrics.loggers import LoggingStatLogger, validate_interval
-from jaxllm.outputs import RequestOutput
+from jaxllm.outputs import EmbeddingRequestOutput, RequestOutput
+from jaxllm.pooling_params import PoolingParams
 from jaxllm.sampling_params import SamplingParams
 
 
@@ -58,6 +59,25 @@ class LLM:
         params = _as_params_list(sampling_params, len(prompts))
         return self._run(prompts, params, use_tqdm)
 
+    def embed(self, prompts, pooling_params: PoolingParams | Sequence[PoolingParams] | None = None,
+              use_tqdm: bool = True) -> list[EmbeddingRequestOutput]:
+        """Embed every prompt (an engine built with ``task="embed"``, or auto-detected from the
+        checkpoint); outputs come back in input order, ``out.outputs.embedding`` a list of
+        hidden_size floats. ``pooling_params``: one for all, or one per prompt (None = the
+        engine's pooling_type / normalize)."""
+        prompts = _as_prompt_list(prompts)
+        if getattr(self.engine, "task", "generate") != "embed":
+            raise ValueError(f"task={getattr(self.engine, 'task', 'generate')!r} is invalid for embed(): "
+                             f"build the LLM with task='embed'")
+        if pooling_params is None or isinstance(pooling_params, PoolingParams):
+            params = [pooling_params or PoolingParams()] * len(prompts)
+        else:
+            params = list(pooling_params)
+            if len(params) != len(prompts):
+                raise ValueError(f"pooling_params has {len(params)} entries, which is invalid: must be one "
+                                 f"PoolingParams or exactly one per prompt ({len(prompts)})")
+        return self._run(prompts, params, use_tqdm)
+
     def chat(self, conversations, sampling_params: SamplingParams | Sequence[SamplingParams] | None = None,
              use_tqdm: bool = True, add_generation_prompt: bool = True, chat_template: str | None = None,
              continue_final_message: bool = False) -> list[RequestOutput]:
@@ -82,7 +102,7 @@ class LLM:
         params = _as_params_list(sampling_params, len(prompts))
         return self._run(prompts, params, use_tqdm)
 
-    def _run(self, prompts: list, params: list[SamplingParams], use_tqdm: bool) -> list[RequestOutput]:
+    def _run(self, prompts: list, params: list, use_tqdm: bool) -> list:
         engine = self.engine
         ids: list[str] = []
         try:
@@ -107,10 +127,12 @@ class LLM:
                     if out.finished and out.request_id in pending:
                         pending.discard(out.request_id)
                         finals[out.request_id] = out
-                        out_tokens += sum(len(c.token_ids) for c in out.outputs)
+                        out_tokens += (len(out.prompt_token_ids) if isinstance(out, EmbeddingRequestOutput)
+                                       else sum(len(c.token_ids) for c in out.outputs))
                         if bar is not None:
                             rate = out_tokens / max(time.perf_counter() - start, 1e-9)
-                            bar.set_postfix_str(f"output {rate:.1f} tok/s", refresh=False)
+                            kind = "prompt" if isinstance(out, EmbeddingRequestOutput) else "output"
+                            bar.set_postfix_str(f"{kind} {rate:.1f} tok/s", refresh=False)
                             bar.update(1)
         except BaseException:
             engine.abort_request(list(pending))

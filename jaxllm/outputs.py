@@ -81,3 +81,25 @@ class RequestOutput(msgspec.Struct, kw_only=True):
     prompt_logprobs: PromptLogprobs | None = None
     num_cached_tokens: int = 0
     metrics: RequestMetrics | None = None
+
+
+class EmbeddingOutput(msgspec.Struct, kw_only=True):
+    """vLLM's ``EmbeddingOutput``: the pooled (and, by default, L2-normalised) vector."""
+
+    embedding: list[float]
+
+    @property
+    def hidden_size(self) -> int:
+        return len(self.embedding)
+
+
+class EmbeddingRequestOutput(msgspec.Struct, kw_only=True):
+    """vLLM's ``EmbeddingRequestOutput``: one embedding request's result (always final: an
+    embedding request finishes in the step that computes its prompt's last chunk)."""
+
+    request_id: str
+    outputs: EmbeddingOutput
+    prompt_token_ids: list[int]
+    prompt: str | None = None
+    finished: bool = True
+    metrics: RequestMetrics | None = None

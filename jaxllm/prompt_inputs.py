@@ -102,9 +102,11 @@ def _json_item(where: str, obj: dict, chat: bool, params: SamplingParams) -> Pro
     return PromptItem(where, "ids", value, params)
 
 
-def validate_items(items: list[PromptItem], tokenizer, vocab_size: int, max_model_len: int) -> None:
+def validate_items(items: list[PromptItem], tokenizer, vocab_size: int, max_model_len: int,
+                   task: str = "generate") -> None:
     """Tokenize every prompt and check it and its SamplingParams as the engine would (same rules,
-    same messages, prefixed with where the prompt came from); fills each item's `prompt`."""
+    same messages, prefixed with where the prompt came from); fills each item's `prompt`.
+    task "embed": a prompt may be max_model_len tokens long (nothing is generated)."""
     from jaxllm.engine.engine import validate_prompt_ids
 
     for it in items:
@@ -123,6 +125,12 @@ def validate_items(items: list[PromptItem], tokenizer, vocab_size: int, max_mode
                 it.prompt = {"prompt_token_ids": ids}
             if it.params.truncate_prompt_tokens is not None:
                 ids = ids[-it.params.truncate_prompt_tokens:]  # the engine checks what is kept
-            validate_prompt_ids(ids, vocab_size, max_model_len)
+            if task == "embed":
+                if len(ids) > max_model_len:
+                    raise ValueError(f"prompt length={len(ids)} tokens is invalid: must be <= "
+                                     f"max_model_len={max_model_len}")
+                validate_prompt_ids(ids, vocab_size, max_model_len + 1)
+            else:
+                validate_prompt_ids(ids, vocab_size, max_model_len)
         except ValueError as e:
             raise ValueError(f"{it.where}: {e}") from None

@@ -26,6 +26,7 @@ from typing import Any, Callable
 
 from grpc_health.v1 import health_pb2
 
+from jaxllm.pooling_params import PoolingParams
 from jaxllm.sampling_params import SamplingParams
 
 from serving.config import GENERATION_SERVICE, ServerConfig
@@ -104,7 +105,9 @@ class HealthMonitor:
     # ----- probe ----------------------------------------------------------------------
     async def _probe(self, ae: Any) -> None:
         rid = f"{PROBE_PREFIX}{next(self._ids)}"
-        params = SamplingParams(max_tokens=1, temperature=0.0, ignore_eos=True)
+        embed = getattr(getattr(ae, "engine", None), "task", "generate") == "embed"
+        # an embedding engine refuses SamplingParams: probe it with a one-token embedding
+        params = PoolingParams() if embed else SamplingParams(max_tokens=1, temperature=0.0, ignore_eos=True)
         self._probe_started = time.monotonic()
         ok, err = False, None
         try:
@@ -112,9 +115,12 @@ class HealthMonitor:
                 async for out in ae.generate(rid, {"prompt_token_ids": self._probe_token_ids()},
                                              params):
                     if out.finished:
-                        ok = bool(out.outputs) and len(out.outputs[0].token_ids) >= 1
+                        if embed:
+                            ok = len(out.outputs.embedding) >= 1
+                        else:
+                            ok = bool(out.outputs) and len(out.outputs[0].token_ids) >= 1
                         if not ok:
-                            err = "finished without a token"
+                            err = "finished without " + ("an embedding" if embed else "a token")
         except TimeoutError:
             err = f"no token within {self.cfg.watchdog_timeout:g}s"
         except asyncio.CancelledError:

@@ -26,6 +26,7 @@ from jaxllm.engine.async_engine import (DuplicateRequestError, EngineDeadError,
                                         RequestAbortedError)
 
 from serving import convert
+from serving.embed import check_request_id, embed_request_to_engine, embed_response
 from serving.health import PROBE_PREFIX
 from serving.proto.jaxllm.v1 import generation_pb2 as pb
 from serving.proto.jaxllm.v1 import generation_pb2_grpc as pb_grpc
@@ -135,6 +136,42 @@ class GenerationServicer(pb_grpc.GenerationServicer):
                     ae.abort(rid)
             self.server.notify_request_done()
 
+    async def Embed(self, request: pb.EmbedRequest, context):
+        """Unary: admitted like Generate; the engine's ValueError (empty or too long a prompt, a
+        generate engine: "task='generate' is invalid ...") is INVALID_ARGUMENT."""
+        ae = await self._gate(context)
+        eng, tok, vocab, max_len = self._engine_info()
+        try:
+            prompt, params = embed_request_to_engine(request, vocab)
+            rid = request.request_id
+            check_request_id(rid, self.cfg.max_request_id_len)
+        except ValueError as exc:
+            await context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(exc))
+        rid = rid or uuid.uuid4().hex
+        if rid in self.active or ae.has_request(rid):
+            await context.abort(grpc.StatusCode.ALREADY_EXISTS, f"request_id={rid!r} is invalid: already in flight")
+        waiting = stat(ae.stats, "num_waiting", "waiting") + ae.num_pending_adds
+        if waiting >= self.cfg.max_queued_requests:
+            await context.abort(grpc.StatusCode.RESOURCE_EXHAUSTED,
+                                f"server overloaded: {waiting} requests waiting "
+                                f"(--max-queued-requests={self.cfg.max_queued_requests}); retry later")
+        self.active[rid] = None  # before the first await: a drain waits for (or aborts) it
+        try:
+            try:
+                out = await ae.embed(rid, prompt, params)  # aborts the request if cancelled
+            except DuplicateRequestError as exc:
+                await context.abort(grpc.StatusCode.ALREADY_EXISTS, str(exc))
+            except ValueError as exc:
+                await context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(exc))
+            except EngineDeadError as exc:
+                await context.abort(grpc.StatusCode.INTERNAL, _dead_message(exc))
+            except (RequestAbortedError, RuntimeError) as exc:
+                await context.abort(grpc.StatusCode.UNAVAILABLE, str(exc))
+        finally:
+            self.active.pop(rid, None)
+            self.server.notify_request_done()
+        return embed_response(rid, out)
+
     async def Tokenize(self, request: pb.TokenizeRequest, context):
         await self._gate(context)
         eng, tok, vocab, max_len = self._engine_info()
@@ -174,13 +211,16 @@ class GenerationServicer(pb_grpc.GenerationServicer):
             tensor_parallel_size=int(_config_get(eng, "tensor_parallel_size") or 1),
             block_size=int(_config_get(eng, "block_size") or 0),
             token_buckets=_buckets(eng, s, "mixed", "token_buckets"),
-            request_buckets=_buckets(eng, s, "decode", "request_buckets"),
+            # an embed engine compiles no decode-only step (prefill only)
+            request_buckets=[] if getattr(eng, "task", None) == "embed" else _buckets(eng, s, "decode", "request_buckets"),
             free_kv_blocks=stat(s, "free_blocks", "num_free_blocks", "free_kv_blocks"),
             total_kv_blocks=stat(s, "total_blocks", "num_total_blocks", "num_blocks", "total_kv_blocks"),
             num_running=stat(s, "num_running", "running"),
             num_waiting=stat(s, "num_waiting", "waiting"),
             max_num_seqs=int(_config_get(eng, "max_num_seqs") or 0),
             eos_token_ids=[int(t) for t in (getattr(tok, "eos_token_ids", None) or [])],
+            task=str(getattr(eng, "task", None) or "generate"),
+            hidden_size=int(getattr(getattr(getattr(eng, "runner", None), "model_config", None), "hidden_size", 0) or 0),
             limits=pb.ServerLimits(
                 max_n=cfg.max_n, max_tokens=cfg.max_tokens_cap or max_len or 0,
                 max_logprobs=cfg.max_logprobs, max_stop_strings=cfg.max_stop_strings,

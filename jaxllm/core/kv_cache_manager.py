@@ -52,9 +52,11 @@ class KVCacheManager:
 
         Never the whole sequence: at least one token is left to compute so the step has
         logits to sample from. Requests asking for prompt logprobs bypass the cache (every
-        prompt position must go through the model). Takes no reference; pass the blocks to
+        prompt position must go through the model), and so do embedding requests (MEAN pooling
+        needs every position's hidden state; their blocks are not registered either, see
+        ``allocate_slots``). Takes no reference; pass the blocks to
         ``allocate_slots``."""
-        if not self.enable_caching or req.params.prompt_logprobs is not None:
+        if not self.enable_caching or req.params.prompt_logprobs is not None or req.pooling is not None:
             return [], 0
         hashes = self._hashes(req)
         max_blocks = (req.num_tokens - 1) // self.block_size
@@ -92,7 +94,9 @@ class KVCacheManager:
             self.num_cached_blocks[req.request_id] = len(blocks)
         new_blocks = self.pool.get_new_blocks(max(num_needed, 0))
         blocks.extend(new_blocks)
-        if self.enable_caching:
+        if self.enable_caching and req.pooling is None:
+            # embedding requests keep their blocks out of the prefix cache: they are freed the step
+            # their prompt is done and would only evict generation prefixes from the LRU queue
             self._cache_full_blocks(req, blocks, total)
         return new_blocks
 

@@ -12,6 +12,7 @@ from __future__ import annotations
 import enum
 from dataclasses import dataclass, field
 
+from jaxllm.pooling_params import PoolingParams
 from jaxllm.sampling_params import SamplingParams
 
 
@@ -42,6 +43,9 @@ class Request:
     arrival_seq: int = 0  # monotonic admission counter: the FCFS / preemption order
     max_output_tokens: int = 16  # min(params.max_tokens, max_model_len - prompt length)
     extra_key: object = None  # reserved for adapters: part of every block hash
+    # an embedding request (resolved PoolingParams): prefill only, never samples, finishes in the
+    # step that computes its last prompt token; bypasses the prefix cache (kv_cache_manager.py)
+    pooling: PoolingParams | None = None
 
     status: RequestStatus = RequestStatus.WAITING
     output_token_ids: list[int] = field(default_factory=list)

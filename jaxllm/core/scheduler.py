@@ -18,6 +18,10 @@ sampling request; ``update_from_output`` appends the sampled tokens and clears t
 The engine decides stops and calls ``finish_requests``. Requests never exceed ``max_model_len``:
 the engine finishes a request whose length reaches it (finish_reason "length").
 
+Embedding requests (``req.pooling``) are prefill only: chunked under the same budget, never
+sampled, skipped once their whole prompt is scheduled (the engine finishes them when that step's
+hidden states are back), prompts up to max_model_len tokens (no room for an output needed).
+
 Async scheduling (the engine schedules step N+1 before step N's tokens are read back): a running
 request with a placeholder gets a one-token decode whose token is that placeholder
 (``ScheduledSeq.placeholder``; the runner feeds the sampled id on device), unless the placeholder
@@ -54,8 +58,9 @@ class Scheduler:
     def add_request(self, req: Request) -> None:
         if req.request_id in self.requests:
             raise ValueError(f"request_id={req.request_id!r} is invalid: already in the scheduler")
-        if req.num_tokens >= self.config.max_model_len:
-            raise ValueError(f"prompt length={req.num_tokens} is invalid: must be < "
+        if req.num_tokens >= self.config.max_model_len + (req.pooling is not None):
+            raise ValueError(f"prompt length={req.num_tokens} is invalid: must be "
+                             f"{'<=' if req.pooling is not None else '<'} "
                              f"max_model_len={self.config.max_model_len}")
         req.arrival_seq = self._next_seq
         self._next_seq += 1
@@ -85,6 +90,9 @@ class Scheduler:
         i = 0
         while i < len(self.running) and budget > 0:
             req = self.running[i]
+            if req.pooling is not None and req.num_computed_tokens >= req.num_tokens:
+                i += 1  # an embedding whose last chunk is in flight: the engine finishes it
+                continue
             ph = req.num_output_placeholders
             if ph and (req.num_output_tokens + ph >= req.max_output_tokens
                        or req.num_tokens + ph >= max_len):
@@ -118,7 +126,7 @@ class Scheduler:
                 if self.kv.allocate_slots(req, n, cached_blocks) is None:
                     break
                 self.waiting.popleft()
-                if self.kv.enable_caching:
+                if self.kv.enable_caching and req.pooling is None:  # embeddings bypass the cache
                     self.kv.record_prefix_lookup(req.num_tokens, num_cached)
                 req.num_computed_tokens = num_cached
                 if req.num_cached_tokens < 0:
@@ -136,7 +144,8 @@ class Scheduler:
             start = req.num_computed_tokens
             placeholder = start == req.num_tokens  # the one token to feed is still on the device
             assert not placeholder or (n == 1 and req.num_output_placeholders == 1), (req.request_id, n)
-            sample = start + n == req.num_tokens + req.num_output_placeholders
+            # embedding requests never sample: the engine pools their hidden states instead
+            sample = req.pooling is None and start + n == req.num_tokens + req.num_output_placeholders
             seqs.append(ScheduledSeq(
                 request_id=req.request_id,
                 token_ids=[PLACEHOLDER_TOKEN_ID] if placeholder else req.all_token_ids[start:start + n],

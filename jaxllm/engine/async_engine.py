@@ -239,6 +239,15 @@ class AsyncEngine:
             else:
                 self._streams.pop(request_id, None)
 
+    async def embed(self, request_id: str, prompt: Any, params: Any = None) -> Any:
+        """One embedding request (an engine with task "embed"; ``params`` a PoolingParams or None):
+        its ``EmbeddingRequestOutput``. Raises what ``add_request`` raises (ValueError for bad input);
+        cancelled, it aborts the request."""
+        async for out in self.generate(request_id, prompt, params):
+            if getattr(out, "finished", False):
+                return out
+        raise RequestAbortedError(f"request_id={request_id!r} ended without an embedding")
+
     def release(self, request_id: str) -> None:
         """Forget a finished stream (no engine call)."""
         self._streams.pop(request_id, None)

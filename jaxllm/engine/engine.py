@@ -22,6 +22,12 @@ Input rules (``add_request`` validates everything before anything is scheduled a
 - request ids are unique among unfinished requests; an ``n > 1`` request runs as n child
   sequences with ids ``f"{request_id}#{i}"`` (those ids are taken too). The children share
   full prompt blocks through the prefix cache.
+- task: an engine either generates (``SamplingParams``) or embeds (``PoolingParams``; its runner
+  pools hidden states instead of sampling, ``runner.task == "embed"``); the other kind of params
+  is refused naming ``task``. An embedding prompt may be up to max_model_len tokens; it is
+  prefilled (chunked under the token budget like any prompt), pooled, and finished in the step
+  that computes its last token: ``step()`` returns its ``EmbeddingRequestOutput`` then and its KV
+  blocks are free (they never enter the prefix cache).
 - seeds: ``params.seed`` if set, else one drawn from the engine RNG (``config.seed``); child i
   of an n > 1 request uses a seed derived from (seed, i) (child 0 uses the seed itself).
 """
@@ -38,9 +44,11 @@ from jaxllm.core.kv_cache_manager import KVCacheManager, cdiv
 from jaxllm.core.request import Request, RequestStatus
 from jaxllm.core.scheduler import Scheduler
 from jaxllm.engine.output_processor import DetokenizerFactory, ParentState, SeqState, TokenTexts
+from jaxllm.engine.pooling import EmbedState
 from jaxllm.engine.runner_protocol import ModelRunnerProtocol
 from jaxllm.metrics.stats import IterationStats, SchedulerStats
-from jaxllm.outputs import RequestOutput
+from jaxllm.outputs import EmbeddingRequestOutput, RequestOutput
+from jaxllm.pooling_params import PoolingParams
 from jaxllm.sampling_params import SamplingParams
 
 _SEED_MOD = 1 << 63
@@ -81,6 +89,13 @@ class LLMEngine:
                 f"block_size={config.block_size} = {num_blocks * config.block_size} tokens, less "
                 f"than max_model_len={config.max_model_len}; lower max_model_len or give the "
                 f"cache more memory (need >= {cdiv(config.max_model_len, config.block_size)} blocks)")
+        task = config.task if config.task != "auto" else getattr(runner, "task", "generate")
+        if getattr(runner, "task", "generate") != task:
+            raise ValueError(f"task={task!r} is invalid for this model runner, built for "
+                             f"task={getattr(runner, 'task', 'generate')!r}")
+        self.task = task
+        self.pooling_defaults = (config.pooling_type or "LAST",
+                                 True if config.normalize is None else config.normalize)
         self.runner = runner
         self.tokenizer = tokenizer
         self.vocab_size = runner.vocab_size
@@ -97,6 +112,7 @@ class LLMEngine:
         self._rng = random.Random(config.seed)
         self._parents: dict[str, ParentState] = {}
         self._seqs: dict[str, tuple[ParentState, SeqState]] = {}  # child id -> states
+        self._embeds: dict[str, EmbedState] = {}  # embedding requests (task "embed")
         on = config.async_scheduling
         if on is None:  # auto: the runner knows whether a separate device runs its steps
             on = getattr(runner, "async_by_default", True)
@@ -133,15 +149,28 @@ class LLMEngine:
     def _validate_ids(self, ids: list[int]) -> None:
         validate_prompt_ids(ids, self.vocab_size, self.max_model_len)
 
-    def add_request(self, request_id: str, prompt, params: SamplingParams | None = None,
+    def _check_new_id(self, request_id: str) -> None:
+        if request_id in self._parents or request_id in self._seqs or request_id in self._embeds:
+            raise ValueError(f"request_id={request_id!r} is invalid: a request with this id is "
+                             f"still unfinished")
+
+    def add_request(self, request_id: str, prompt, params: SamplingParams | PoolingParams | None = None,
                     arrival_time: float | None = None) -> None:
         if not isinstance(request_id, str) or not request_id:
             raise ValueError(f"request_id={request_id!r} is invalid: must be a non-empty str")
         if params is None:
-            params = SamplingParams()
+            params = PoolingParams() if self.task == "embed" else SamplingParams()
+        if isinstance(params, PoolingParams):
+            if self.task != "embed":
+                raise ValueError(f"task={self.task!r} is invalid for PoolingParams (an embedding request): "
+                                 f"this engine generates; start one with task='embed'")
+            return self._add_embed_request(request_id, prompt, params, arrival_time)
         if not isinstance(params, SamplingParams):
             raise ValueError(f"params of type {type(params).__name__} is invalid: "
-                             f"must be a SamplingParams")
+                             f"must be a SamplingParams or a PoolingParams")
+        if self.task != "generate":
+            raise ValueError(f"task={self.task!r} is invalid for SamplingParams (a generation request): "
+                             f"this engine embeds; start one with task='generate'")
         params.validate(self.vocab_size)
         if params.prompt_logprobs is not None and not getattr(self.runner, "supports_prompt_logprobs", False):
             raise ValueError(f"prompt_logprobs={params.prompt_logprobs} is invalid: this engine's model runner "
@@ -152,9 +181,7 @@ class LLMEngine:
         self._validate_ids(ids)
         child_ids = [request_id] if params.n == 1 else [f"{request_id}#{i}" for i in range(params.n)]
         for rid in {request_id, *child_ids}:
-            if rid in self._parents or rid in self._seqs:
-                raise ValueError(f"request_id={rid!r} is invalid: a request with this id is "
-                                 f"still unfinished")
+            self._check_new_id(rid)
         # -- everything valid: nothing below raises on user input --
         now = time.time()
         arrival = now if arrival_time is None else arrival_time
@@ -175,14 +202,39 @@ class LLMEngine:
         self._parents[request_id] = parent
         self.num_prompt_tokens += len(ids)
 
+    def _add_embed_request(self, request_id: str, prompt, params: PoolingParams,
+                           arrival_time: float | None) -> None:
+        params = params.validate().resolved(*self.pooling_defaults)
+        text, ids = self._resolve_prompt(prompt)
+        if params.truncate_prompt_tokens is not None:
+            ids = ids[-params.truncate_prompt_tokens:]
+        if not ids:
+            raise ValueError("prompt=[] is invalid: the prompt must have at least 1 token")
+        if len(ids) > self.max_model_len:
+            raise ValueError(f"prompt length={len(ids)} tokens is invalid: must be <= "
+                             f"max_model_len={self.max_model_len}")
+        validate_prompt_ids(ids, self.vocab_size, self.max_model_len + 1)
+        self._check_new_id(request_id)
+        # -- everything valid --
+        arrival = time.time() if arrival_time is None else arrival_time
+        req = Request(request_id, ids, SamplingParams(max_tokens=1), seed=0, arrival_time=arrival,
+                      max_output_tokens=0, pooling=params)
+        self._embeds[request_id] = EmbedState(req, text, arrival)
+        self.scheduler.add_request(req)
+        self.num_prompt_tokens += len(ids)
+
     def abort_request(self, request_ids: str | Iterable[str]) -> list[RequestOutput]:
         """Abort requests (parent ids). Unknown or finished ids are a no-op. Frees their blocks
-        at once; returns their final outputs (finish_reason "abort")."""
+        at once; returns their final outputs (finish_reason "abort"; none for an embedding)."""
         if isinstance(request_ids, str):
             request_ids = [request_ids]
         outs = []
         it = None
         for rid in request_ids:
+            if rid in self._embeds:  # no output: an aborted embedding has no vector
+                del self._embeds[rid]
+                self.scheduler.finish_requests([rid], RequestStatus.FINISHED_ABORTED)
+                continue
             parent = self._parents.pop(rid, None)
             if parent is None:
                 continue
@@ -205,7 +257,7 @@ class LLMEngine:
 
     # ----- the loop -----------------------------------------------------------------
     def has_unfinished_requests(self) -> bool:
-        return bool(self._parents)
+        return bool(self._parents) or bool(self._embeds)
 
     def step(self) -> list[RequestOutput]:
         t0 = time.perf_counter()
@@ -255,6 +307,7 @@ class LLMEngine:
                     self._seqs[rid][0].add_prompt_logprobs(entries)
         new = self.scheduler.update_from_output(out, {k: v.token_id for k, v in sampled.items()})
         now = time.time()
+        outputs: list = self._finish_embeddings(out, now) if self.task == "embed" else []
         touched: dict[str, ParentState] = {}
         finished: dict[RequestStatus, list[str]] = {}
         for req, _ in new:
@@ -273,7 +326,6 @@ class LLMEngine:
             self.scheduler.finish_requests(ids, status)
             for cid in ids:
                 del self._seqs[cid]
-        outputs = []
         for parent in touched.values():
             outputs.append(parent.output(now))
             if parent.finished:
@@ -285,15 +337,38 @@ class LLMEngine:
             self._record_stats(it)
         return outputs
 
+    def _finish_embeddings(self, out, now: float) -> list[EmbeddingRequestOutput]:
+        """File step ``out``'s pooled chunks; finish (free the blocks of) every embedding request
+        whose last prompt chunk it computed. A request aborted or preempted meanwhile is skipped
+        (a preempted one is recomputed from position 0)."""
+        chunks = self.runner.take_pooled()
+        done = []
+        for seq, req in zip(out.seqs, out.requests):
+            st = self._embeds.get(seq.request_id)
+            if st is None or st.req is not req or self.scheduler.requests.get(seq.request_id) is not req:
+                continue
+            if req.num_computed_tokens < seq.start_pos + len(seq.token_ids):
+                continue  # preempted after this step was scheduled: its chunks are recomputed
+            if st.add(seq.start_pos, len(seq.token_ids), chunks[seq.request_id]):
+                done.append(st)
+        outs = []
+        for st in done:
+            rid = st.req.request_id
+            self.scheduler.finish_requests([rid], RequestStatus.FINISHED_STOPPED)
+            del self._embeds[rid]
+            outs.append(st.output(now))
+        return outs
+
     def _release_if_idle(self) -> None:
         if not self.scheduler.has_unfinished_requests():
             if self._in_flight is not None:  # every request it served is gone: read it back, drop it
                 (out, pending), self._in_flight = self._in_flight, None
                 pending.result()
                 self.num_steps += 1
-                take = getattr(self.runner, "take_prompt_logprobs", None)
-                if take is not None:
-                    take()
+                for name in ("take_prompt_logprobs", "take_pooled"):
+                    take = getattr(self.runner, name, None)
+                    if take is not None:
+                        take()
             ids = self.scheduler.take_forgotten()
             if ids:
                 self.runner.release(ids)
@@ -341,7 +416,7 @@ class LLMEngine:
             "num_free_blocks": self.kv.num_free_blocks,
             "num_running": self.scheduler.num_running,
             "num_waiting": self.scheduler.num_waiting,
-            "num_unfinished_requests": len(self._parents),
+            "num_unfinished_requests": len(self._parents) + len(self._embeds),
             "num_preemptions": self.scheduler.num_preemptions,
             "prefix_cache_hit_rate": self.kv.prefix_hit_rate,
             "prefix_cache_queries": self.kv.prefix_queries,

@@ -96,6 +96,28 @@ def allocate_runner(runner_cls, model, num_blocks: int, runner_kw: dict, *, shri
             num_blocks = smaller
 
 
+def resolve_task(config: EngineConfig, model_config, checkpoint_path: str | None) -> EngineConfig:
+    """``config`` with ``task``, and for embed ``pooling_type`` / ``normalize``, resolved: "auto" is
+    "embed" for a checkpoint without an LM head or with a sentence-transformers pooling config
+    (checkpoints/pooling_config.py), else "generate"; unset pooling defaults come from that config,
+    else LAST and normalize=True (Qwen3-Embedding's and e5-mistral's). Raises ValueError naming
+    ``task`` when the checkpoint cannot do the task asked."""
+    from checkpoints.pooling_config import read_pooling_config
+
+    st = read_pooling_config(checkpoint_path) if checkpoint_path else None
+    task = config.task
+    if task == "auto":
+        task = "embed" if (st is not None or not model_config.has_lm_head) else "generate"
+    if task == "generate" and not model_config.has_lm_head:
+        raise ValueError(f"task='generate' is invalid for this checkpoint: it is a {model_config.architecture} "
+                         f"base model without an LM head (an embedding model); use task='embed'")
+    pooling_type, normalize = config.pooling_type, config.normalize
+    if task == "embed":
+        pooling_type = pooling_type or (st[0] if st else "LAST")
+        normalize = (st[1] if st else True) if normalize is None else normalize
+    return msgspec.structs.replace(config, task=task, pooling_type=pooling_type, normalize=normalize)
+
+
 def build_engine(config: EngineConfig, *, compile_cache: bool = True, warmup: bool = True) -> LLMEngine:
     import jax
 
@@ -124,6 +146,7 @@ def build_engine(config: EngineConfig, *, compile_cache: bool = True, warmup: bo
     ckpt = load_checkpoint(config.model or "smollm2-135m", load_format, dtype=dtype, seed=config.seed,
                            shardings=shardings)
     mc = ckpt.config
+    config = resolve_task(config, mc, ckpt.path if ckpt.format in ("hf", "orbax") else None)
     layout = layout_for(mc) if layout_for else None
     tokenizer = load_tokenizer(ckpt.tokenizer_source, mc) or TokenIdsOnlyTokenizer(mc.vocab_size, mc.eos_token_ids)
     max_model_len = config.max_model_len or mc.max_position_embeddings
@@ -135,7 +158,8 @@ def build_engine(config: EngineConfig, *, compile_cache: bool = True, warmup: bo
     model = build_model(mc, ckpt.params, dtype, layout=layout)
     del ckpt
     runner_kw = dict(block_size=config.block_size, max_model_len=max_model_len, max_num_seqs=config.max_num_seqs,
-                     max_num_batched_tokens=config.max_num_batched_tokens, eos_token_ids=tokenizer.eos_token_ids)
+                     max_num_batched_tokens=config.max_num_batched_tokens, eos_token_ids=tokenizer.eos_token_ids,
+                     task=config.task)
     reserve = 0
     accelerator = jax.local_devices()[0].platform != "cpu"
     if config.kv_cache_memory_bytes is None and accelerator:
@@ -171,11 +195,14 @@ def build_engine(config: EngineConfig, *, compile_cache: bool = True, warmup: bo
               + f"; embed/lm_head {'vocab-parallel' if layout.shard_vocab else 'replicated'}")
     _info(f"KV cache: {num_blocks} blocks x {config.block_size} tokens = {tokens} tokens; maximum concurrency "
           f"at max_model_len={max_model_len}: {tokens / max_model_len:.1f}x")
+    if config.task == "embed":
+        _info(f"task embed: pooling {config.pooling_type}, normalize={config.normalize}; "
+              f"mixed buckets only (prefill), nothing sampled")
     _info(f"buckets: {runner.buckets.describe()}; async scheduling "
           f"{'on' if engine.async_scheduling else 'off'}")
     if warmup:
         secs = runner.warmup()
-        _info(f"warm-up compiled {len(runner.buckets.all())} buckets in {secs:.1f}s")
+        _info(f"warm-up compiled {runner.compile_count} executables in {secs:.1f}s")
         engine.compiles_at_warmup = runner.compile_count  # jaxllm:xla_compiles_since_warmup counts from here
     # the one "engine start" figure (load + KV cache + warm-up) that the CLIs and the server print
     engine.startup_seconds = time.perf_counter() - t0

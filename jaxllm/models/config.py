@@ -37,6 +37,9 @@ class ModelConfig:
     sliding_window: int | None = None
     bos_token_id: int | None = None
     eos_token_ids: tuple[int, ...] = ()
+    # False for a base model without an LM head (HF architectures LlamaModel / MistralModel /
+    # Qwen2Model / Qwen3Model and untied embeddings, e.g. e5-mistral): it can only embed
+    has_lm_head: bool = True
 
     def __post_init__(self):
         if self.num_heads % self.num_kv_heads:
@@ -55,7 +58,7 @@ class ModelConfig:
         e, f, d = self.hidden_size, self.intermediate_size, self.head_dim
         attn = e * d * (2 * self.num_heads + 2 * self.num_kv_heads)
         per_layer = attn + 3 * e * f + 2 * e
-        head = 0 if self.tie_word_embeddings else self.vocab_size * e
+        head = 0 if self.tie_word_embeddings or not self.has_lm_head else self.vocab_size * e
         return self.num_layers * per_layer + self.vocab_size * e + head + e
 
     @staticmethod
@@ -91,6 +94,9 @@ class ModelConfig:
         sliding = cfg.get("sliding_window")
         if model_type in ("qwen2", "qwen3") and not cfg.get("use_sliding_window", False):
             sliding = None
+        archs = cfg.get("architectures") or []
+        tied = bool(cfg.get("tie_word_embeddings", False))
+        base_model = bool(archs) and not any(a.endswith(("ForCausalLM", "LMHeadModel")) for a in archs)
         eos = cfg.get("eos_token_id")
         eos_ids = tuple(eos) if isinstance(eos, list) else ((eos,) if eos is not None else ())
         return ModelConfig(
@@ -106,7 +112,8 @@ class ModelConfig:
             rope_theta=float(theta),
             rope_scaling=rope_scaling,
             max_position_embeddings=cfg.get("max_position_embeddings", 4096),
-            tie_word_embeddings=bool(cfg.get("tie_word_embeddings", False)),
+            tie_word_embeddings=tied,
+            has_lm_head=not base_model or tied,
             sliding_window=sliding,
             bos_token_id=cfg.get("bos_token_id"),
             eos_token_ids=eos_ids,

@@ -70,7 +70,7 @@ def param_shapes(c: ModelConfig) -> dict[str, tuple[int, ...]]:
         "layers.wo": (L, H, D, E),
         "layers.w_gate": (L, E, F), "layers.w_up": (L, E, F), "layers.w_down": (L, F, E),
     }
-    if not c.tie_word_embeddings:
+    if not c.tie_word_embeddings and c.has_lm_head:
         shapes["lm_head"] = (E, V)
     if c.attention_bias:
         shapes.update({"layers.bq": (L, H, D), "layers.bk": (L, K, D), "layers.bv": (L, K, D)})
@@ -228,6 +228,9 @@ class LlamaForCausalLM(nnx.Module):
 
     def compute_logits(self, hidden: jax.Array) -> jax.Array:
         """hidden [N, E] → logits [N, vocab] f32."""
+        if not self.config.has_lm_head:
+            raise ValueError(f"task='generate' is invalid for this model: the {self.config.architecture} "
+                             f"checkpoint has no LM head (an embedding model); use task='embed'")
         if self.lm_head is None:
             return lm_logits(hidden, self.embed[...], self.layout, tied=True)
         return lm_logits(hidden, self.lm_head[...], self.layout, tied=False)

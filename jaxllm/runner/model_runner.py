@@ -29,6 +29,7 @@ from jaxllm.models.llama import LlamaForCausalLM
 from jaxllm.runner.buckets import Buckets
 from jaxllm.runner.inputs import StepInputs, build_inputs
 from jaxllm.runner.pending import PendingStep, PromptLogprobsJob
+from jaxllm.runner.pooler import PendingPool, pool_hidden
 from jaxllm.runner.sampler import MAX_LOGPROBS, sample, token_rank
 from pallas_kernels import KVCache
 
@@ -69,8 +70,17 @@ def kv_cache_blocks(model_config: ModelConfig, block_size: int, dtype, kv_cache_
 
 class ModelRunner:
     def __init__(self, model: LlamaForCausalLM, *, block_size: int, num_blocks: int, max_model_len: int,
-                 max_num_seqs: int, max_num_batched_tokens: int, eos_token_ids=(), cache_sharding=None):
+                 max_num_seqs: int, max_num_batched_tokens: int, eos_token_ids=(), cache_sharding=None,
+                 task: str = "generate"):
+        """`task`: "generate" (sample from logits) or "embed" (pool hidden states, runner/pooler.py:
+        only the mixed buckets of the embed step are compiled; nothing is sampled)."""
+        if task not in ("generate", "embed"):
+            raise ValueError(f"task={task!r} is invalid: must be 'generate' or 'embed'")
         c = model.config
+        if task == "generate" and not getattr(c, "has_lm_head", True):
+            raise ValueError(f"task='generate' is invalid for this checkpoint: it has no LM head "
+                             f"(architecture {c.architecture} base model); use task='embed'")
+        self.task = task
         self.model_config = c
         self.vocab_size = c.vocab_size
         self.block_size = block_size
@@ -157,6 +167,20 @@ class ModelRunner:
             return cache, counts, prompt_mask, last_tokens, out, hidden
 
         self._step = jax.jit(fed_step, donate_argnums=(1, 2, 3, 4), **jit_kwargs)
+
+        def embed_step(state, cache, inp: StepInputs):
+            """Prefill chunks → (cache, per-sequence hidden sums [S, E] f32, last hidden [S, E] f32)."""
+            self.num_traces += 1  # runs only while tracing
+            m = nnx.merge(graphdef, state)
+            hidden, cache = m(inp.tokens, inp.positions, cache, inp.metadata)  # [T, E]
+            sums, last = pool_hidden(hidden, inp.metadata.cu_q_lens, inp.logits_indices)
+            return cache, sums, last
+
+        embed_kw = {}
+        if layout is not None:
+            embed_kw["out_shardings"] = (KVCache(cache_sharding, cache_sharding), layout.replicated, layout.replicated)
+        self._embed = jax.jit(embed_step, donate_argnums=(1,), **embed_kw)
+        self._pooled: dict = {}  # request_id -> PooledChunk, filed by PendingPool.result()
         self._prompt_lp = jax.jit(prompt_logprobs)
         self._prompt_lp_out: dict[str, dict[int, SampledToken]] = {}
         self.supports_prompt_logprobs = jax.process_count() == 1
@@ -246,12 +270,35 @@ class ModelRunner:
     def execute(self, sched: SchedulerOutput) -> dict[str, SampledToken]:
         return self.dispatch(sched).result()
 
+    # ----- embed task ---------------------------------------------------------------
+    def _embed_inputs(self, seqs, T: int, S: int) -> StepInputs:
+        spare = [self.num_rows - 1] * len(seqs)  # no penalty rows: embed steps never sample
+        return build_inputs(seqs, spare, self.num_rows, self.eos_ids, T, S, False, self.block_size,
+                            self.max_blocks_per_seq, self.max_model_len)
+
+    def _embed_executable(self, inp: StepInputs):
+        key = ("embed",) + self._bucket(inp)
+        return self._executable(key, lambda: self._embed.lower(self.state, self.kv_cache, inp))
+
+    def _dispatch_embed(self, seqs) -> PendingPool:
+        T, S, _ = self.buckets.pick(sum(len(s.token_ids) for s in seqs), len(seqs), False)
+        inp = self._embed_inputs(seqs, T, S)
+        self.kv_cache, sums, last = self._embed_executable(inp)(self.state, self.kv_cache, inp)
+        return PendingPool(seqs, (sums, last), lambda: self._pooled)
+
+    def take_pooled(self) -> dict:
+        """{request_id: PooledChunk} of the embed steps read back since the last call."""
+        out, self._pooled = self._pooled, {}
+        return out
+
     def dispatch(self, sched: SchedulerOutput) -> PendingStep:
         """Launch one step (and its prompt-logprobs pass) without waiting for the device."""
         self.release(sched.finished_or_preempted_ids)
         seqs = sched.seqs
         if not seqs:
             return PendingStep([], None, None)
+        if self.task == "embed":
+            return self._dispatch_embed(seqs)
         num_tokens = sum(len(s.token_ids) for s in seqs)
         decode_only = all(len(s.token_ids) == 1 for s in seqs)
         T, S, decode_only = self.buckets.pick(num_tokens, len(seqs), decode_only)
@@ -297,6 +344,9 @@ class ModelRunner:
         cache on accelerators): XLA's temp allocation for the largest bucket's step and prompt-logprobs
         pass, plus the penalty state. Compiles those two once; runs nothing."""
         T, S, decode_only = max(self.buckets.all(), key=lambda b: b[0])
+        if self.task == "embed":  # the embed step is all this runner will run (a base model has no LM head)
+            exe = self._embed.lower(self.state, self.kv_cache, self._embed_inputs([], T, S)).compile()
+            return int(getattr(exe.memory_analysis(), "temp_size_in_bytes", 0) or 0)
         step = self._step_lowering(self._padding_inputs(T, S, decode_only)).compile()
         plp = self._prompt_lp_lowering(T).compile()
         temp = sum(int(getattr(c.memory_analysis(), "temp_size_in_bytes", 0) or 0) for c in (step, plp))
@@ -309,6 +359,13 @@ class ModelRunner:
         t0 = time.perf_counter()
         jobs = {}  # key -> lowered, in bucket order
         for T, S, decode_only in self.buckets.all():
+            if self.task == "embed":  # prefill only: the mixed buckets of the embed step
+                if not decode_only:
+                    inp = self._embed_inputs([], T, S)
+                    key = ("embed",) + self._bucket(inp)
+                    if key not in self._executables:
+                        jobs[key] = self._embed.lower(self.state, self.kv_cache, inp)
+                continue
             inp = self._padding_inputs(T, S, decode_only)
             key = ("step",) + self._bucket(inp)
             if key not in self._executables:

@@ -18,6 +18,8 @@ from __future__ import annotations
 import math
 from collections.abc import Callable
 
+import numpy as np
+
 from jaxllm.core.scheduler_output import PLACEHOLDER_TOKEN_ID, ScheduledSeq, SchedulerOutput
 from jaxllm.engine.runner_protocol import SampledToken
 
@@ -40,10 +42,23 @@ def context_hash(ctx: list[int]) -> int:
     return h
 
 
+FAKE_HIDDEN_SIZE = 4
+
+
+def fake_hidden(ctx: list[int]) -> np.ndarray:
+    """The fake "model"'s last_hidden_state at the last position of ``ctx``: [4] f32, a
+    deterministic function of the whole context (what a causal model's hidden state is)."""
+    h = context_hash(ctx)
+    return np.array([((h >> (16 * i)) & 0xFFFF) / 65535.0 - 0.5 for i in range(FAKE_HIDDEN_SIZE)], np.float32)
+
+
 class FakeRunner:
     def __init__(self, num_blocks: int, block_size: int, vocab_size: int = 131,
                  eos_token_ids: set[int] = frozenset({1}),
-                 next_token_fn: Callable[[list[int], ScheduledSeq], int] | None = None) -> None:
+                 next_token_fn: Callable[[list[int], ScheduledSeq], int] | None = None,
+                 task: str = "generate") -> None:
+        self.task = task  # "embed": pool fake_hidden over each chunk instead of sampling (take_pooled)
+        self._pooled: dict = {}
         self.num_blocks = num_blocks
         self.block_size = block_size
         self.vocab_size = vocab_size
@@ -68,7 +83,8 @@ class FakeRunner:
 
     def dispatch(self, out: SchedulerOutput) -> FakePending:
         assert len(self._unread) <= 1, "a step dispatched with two unread steps before it"
-        pending = FakePending(self, self._run(out))
+        self._chunks: dict = {}
+        pending = FakePending(self, self._run(out), self._chunks)
         self._unread.append(pending)
         return pending
 
@@ -128,6 +144,12 @@ class FakeRunner:
             if known is not None:
                 assert ctx[:len(known)] == known, f"{s.request_id}: cached context changed"
             self.known[s.request_id] = ctx
+            if self.task == "embed":
+                from jaxllm.engine.pooling import PooledChunk
+
+                assert not s.sample, f"{s.request_id}: an embed step never samples"
+                hs = [fake_hidden(ctx[:p + 1]) for p in range(s.start_pos, end)]
+                self._chunks[s.request_id] = PooledChunk(np.sum(hs, axis=0, dtype=np.float32), hs[-1])
             if s.sample:
                 result[s.request_id] = self._sample(ctx, s)
         self._prev_sampled = {rid: t.token_id for rid, t in result.items()}
@@ -163,14 +185,23 @@ class FakeRunner:
         return SampledToken(token_id=tok, logprob=lp, top_logprobs=top, rank=1)  # the fake's best token
 
 
-class FakePending:
-    """The fake's PendingStep: the result is computed at dispatch; result() checks the read order."""
+    def take_pooled(self) -> dict:
+        out, self._pooled = self._pooled, {}
+        return out
 
-    def __init__(self, runner: FakeRunner, result: dict[str, SampledToken]) -> None:
+
+class FakePending:
+    """The fake's PendingStep: the result is computed at dispatch; result() checks the read order
+    (and, for an embed step, files its pooled chunks where take_pooled finds them, as the real
+    runner does)."""
+
+    def __init__(self, runner: FakeRunner, result: dict[str, SampledToken], chunks: dict | None = None) -> None:
         self._runner, self._result, self._read = runner, result, False
+        self._chunks = chunks or {}
 
     def result(self) -> dict[str, SampledToken]:
         if not self._read:
             self._runner._take(self)
+            self._runner._pooled.update(self._chunks)
             self._read = True
         return self._result

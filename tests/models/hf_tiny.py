@@ -46,3 +46,53 @@ def hf_logits(path: str, seqs: list[list[int]]):
         for s in seqs:
             out.append(model(torch.tensor([s])).logits[0].numpy())
     return out
+
+
+def make_tiny_hf_embed(name: str, root: str, seed: int = 0, sentence_transformers: str | None = None) -> str:
+    """A tiny random HF *base* model (LlamaModel, Qwen3Model, ...: architectures without
+    "ForCausalLM", no lm_head, tensors named without the "model." prefix), the shape of e5-mistral
+    or a Qwen3-Embedding export. `sentence_transformers`: "LAST" or "MEAN" also writes
+    modules.json + 1_Pooling/config.json + a Normalize module, as sentence-transformers saves them."""
+    import json
+
+    import torch
+    import transformers
+
+    path = os.path.join(root, f"{name}-embed" + (f"-st{sentence_transformers}" if sentence_transformers else ""))
+    if os.path.isfile(os.path.join(path, "config.json")):
+        return path
+    cls_name, kwargs = TINY_CONFIGS[name]
+    config = getattr(transformers, cls_name)(**dict(kwargs, tie_word_embeddings=False))
+    torch.manual_seed(seed)
+    transformers.AutoModel.from_config(config, dtype=torch.float32).save_pretrained(path)
+    if sentence_transformers:
+        modules = [{"idx": 0, "name": "0", "path": "", "type": "sentence_transformers.models.Transformer"},
+                   {"idx": 1, "name": "1", "path": "1_Pooling", "type": "sentence_transformers.models.Pooling"},
+                   {"idx": 2, "name": "2", "path": "2_Normalize", "type": "sentence_transformers.models.Normalize"}]
+        with open(os.path.join(path, "modules.json"), "w") as f:
+            json.dump(modules, f)
+        os.makedirs(os.path.join(path, "1_Pooling"))
+        with open(os.path.join(path, "1_Pooling", "config.json"), "w") as f:
+            json.dump({"word_embedding_dimension": config.hidden_size,
+                       "pooling_mode_mean_tokens": sentence_transformers == "MEAN",
+                       "pooling_mode_lasttoken": sentence_transformers == "LAST",
+                       "pooling_mode_cls_token": False, "pooling_mode_max_tokens": False}, f)
+    return path
+
+
+def hf_embeddings(path: str, seqs: list[list[int]], pooling_type: str, normalize: bool):
+    """Reference embeddings from transformers (fp32, eager): last_hidden_state (after the final
+    norm) of each sequence alone, pooled (LAST token or MEAN over tokens) and L2-normalised."""
+    import torch
+    import transformers
+
+    model = transformers.AutoModel.from_pretrained(path, dtype=torch.float32, attn_implementation="eager")
+    out = []
+    with torch.no_grad():
+        for s in seqs:
+            h = model(torch.tensor([s])).last_hidden_state[0]  # [n, E]
+            v = h[-1] if pooling_type == "LAST" else h.mean(0)
+            if normalize:
+                v = torch.nn.functional.normalize(v, dim=-1)
+            out.append(v.numpy())
+    return out

@@ -54,6 +54,11 @@ class GenerationStub:
                 request_serializer=jaxllm_dot_v1_dot_generation__pb2.GetModelInfoRequest.SerializeToString,
                 response_deserializer=jaxllm_dot_v1_dot_generation__pb2.ModelInfo.FromString,
                 _registered_method=True)
+        self.Embed = channel.unary_unary(
+                '/jaxllm.v1.Generation/Embed',
+                request_serializer=jaxllm_dot_v1_dot_generation__pb2.EmbedRequest.SerializeToString,
+                response_deserializer=jaxllm_dot_v1_dot_generation__pb2.EmbedResponse.FromString,
+                _registered_method=True)
 
 
 class GenerationServicer:
@@ -86,6 +91,14 @@ class GenerationServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def Embed(self, request, context):
+        """One embedding per request (a server started with --task embed, or an embedding checkpoint):
+        the prompt's pooled last_hidden_state. A generate server answers INVALID_ARGUMENT naming task.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_GenerationServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -108,6 +121,11 @@ def add_GenerationServicer_to_server(servicer, server):
                     servicer.GetModelInfo,
                     request_deserializer=jaxllm_dot_v1_dot_generation__pb2.GetModelInfoRequest.FromString,
                     response_serializer=jaxllm_dot_v1_dot_generation__pb2.ModelInfo.SerializeToString,
+            ),
+            'Embed': grpc.unary_unary_rpc_method_handler(
+                    servicer.Embed,
+                    request_deserializer=jaxllm_dot_v1_dot_generation__pb2.EmbedRequest.FromString,
+                    response_serializer=jaxllm_dot_v1_dot_generation__pb2.EmbedResponse.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -218,6 +236,33 @@ class Generation:
             '/jaxllm.v1.Generation/GetModelInfo',
             jaxllm_dot_v1_dot_generation__pb2.GetModelInfoRequest.SerializeToString,
             jaxllm_dot_v1_dot_generation__pb2.ModelInfo.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def Embed(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/jaxllm.v1.Generation/Embed',
+            jaxllm_dot_v1_dot_generation__pb2.EmbedRequest.SerializeToString,
+            jaxllm_dot_v1_dot_generation__pb2.EmbedResponse.FromString,
             options,
             channel_credentials,
             insecure,

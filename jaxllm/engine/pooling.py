@@ -1,0 +1,63 @@
+"""Host side of embedding requests: accumulate each chunk's pooled hidden states, finish (numpy).
+
+The runner returns, for every scheduled seq of an embed step, ``PooledChunk(sum, last)``: the f32
+sum of the chunk's hidden states (last_hidden_state, after the final norm) and the chunk's last
+token's. A prompt longer than the token budget arrives in several chunks (chunked prefill): MEAN
+needs the sum over all of them, LAST the final chunk's last token. A request preempted and
+recomputed starts again at position 0, which resets the sum.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+
+from jaxllm.core.request import Request
+from jaxllm.outputs import EmbeddingOutput, EmbeddingRequestOutput, RequestMetrics
+
+
+@dataclass
+class PooledChunk:
+    sum: np.ndarray  # [E] f32, sum of the chunk's hidden states
+    last: np.ndarray  # [E] f32, hidden state of the chunk's last token
+
+
+def pool(total: np.ndarray, last: np.ndarray, num_tokens: int, pooling_type: str, normalize: bool) -> np.ndarray:
+    """The embedding of a prompt from its summed and last hidden states ([E] f32 each)."""
+    v = last if pooling_type == "LAST" else total / num_tokens
+    v = v.astype(np.float32)
+    if normalize:
+        v = v / max(float(np.linalg.norm(v)), 1e-12)  # like torch.nn.functional.normalize
+    return v
+
+
+class EmbedState:
+    """One embedding request in the engine: its scheduler Request and the running sums."""
+
+    def __init__(self, req: Request, prompt: str | None, arrival_time: float) -> None:
+        self.req = req
+        self.prompt = prompt
+        self.arrival_time = arrival_time
+        self.sum: np.ndarray | None = None  # [E] f64
+        self.num_pooled = 0
+
+    def add(self, start_pos: int, num_tokens: int, chunk: PooledChunk) -> bool:
+        """File one computed chunk; True when it was the prompt's last."""
+        if start_pos == 0:  # first chunk, or recomputed after preemption
+            self.sum, self.num_pooled = None, 0
+        s = chunk.sum.astype(np.float64)
+        self.sum = s if self.sum is None else self.sum + s
+        self.num_pooled += num_tokens
+        self.last = chunk.last
+        return start_pos + num_tokens == self.req.num_prompt_tokens
+
+    def output(self, now: float) -> EmbeddingRequestOutput:
+        p = self.req.pooling
+        assert self.num_pooled == self.req.num_prompt_tokens, (self.num_pooled, self.req.num_prompt_tokens)
+        vec = pool(self.sum, self.last, self.num_pooled, p.pooling_type, p.normalize)
+        metrics = RequestMetrics(arrival_time=self.arrival_time, first_scheduled_time=self.req.first_scheduled_time,
+                                 first_token_time=now, finished_time=now)
+        return EmbeddingRequestOutput(request_id=self.req.request_id, outputs=EmbeddingOutput(embedding=vec.tolist()),
+                                      prompt_token_ids=list(self.req.prompt_token_ids), prompt=self.prompt,
+                                      metrics=metrics)
