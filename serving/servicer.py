@@ -9,7 +9,9 @@ RESOURCE_EXHAUSTED waiting requests >= --max-queued-requests (at once, nothing q
                    a request larger than --max-message-bytes (grpc itself)
 UNAVAILABLE        starting, draining, engine wedged/dead before the request was accepted,
                    or aborted by the drain after --shutdown-timeout
-INTERNAL           the engine step raised while the request was in flight (message has the cause)
+INTERNAL           the engine step raised while the request was in flight (message has the cause),
+                   or this request's host-side processing raised (detokenizer, stop checks:
+                   "request failed: <type>: <cause>"; only this request fails, blocks freed)
 UNAUTHENTICATED    missing/wrong API key (interceptor)
 Client cancel, disconnect or deadline: the handler is cancelled and the request aborted.
 """
@@ -23,7 +25,7 @@ from typing import TYPE_CHECKING, Any
 import grpc
 
 from jaxllm.engine.async_engine import (DuplicateRequestError, EngineDeadError,
-                                        RequestAbortedError)
+                                        RequestAbortedError, RequestFailedError)
 
 from serving import convert
 from serving.health import PROBE_PREFIX
@@ -117,6 +119,8 @@ class GenerationServicer(pb_grpc.GenerationServicer):
                     await context.abort(grpc.StatusCode.INTERNAL, _dead_message(exc))
                 except RequestAbortedError as exc:
                     await context.abort(grpc.StatusCode.UNAVAILABLE, str(exc))
+                except RequestFailedError as exc:  # this request only; the engine goes on
+                    await context.abort(grpc.StatusCode.INTERNAL, str(exc))
                 if not batch:
                     break
                 resp = tracker.update(batch)

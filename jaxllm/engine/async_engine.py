@@ -12,6 +12,9 @@ Contract
 * A stream receives the engine's cumulative ``RequestOutput``s. ``abort(request_id)`` is
   thread-safe, non-blocking and idempotent: the stream is dropped at once and the engine frees
   the request's KV blocks before its next step. Unknown / finished ids are a no-op.
+* A request whose host-side processing raised is dropped by the engine
+  (``engine.take_request_errors()``, read after each step): its stream fails with
+  :class:`RequestFailedError` and the loop goes on.
 * If ``step()`` (or the build) raises, the engine is *dead*: every live stream and pending add
   fails with :class:`EngineDeadError` carrying the cause, later adds fail at once, and
   ``on_death`` callbacks run on the event loop.
@@ -52,6 +55,15 @@ class DuplicateRequestError(ValueError):
 
 class RequestAbortedError(RuntimeError):
     """Raised by a stream aborted from the server side (e.g. drain timeout)."""
+
+
+class RequestFailedError(RuntimeError):
+    """This request's host-side processing raised (the engine keeps serving the others);
+    ``cause`` is the exception."""
+
+    def __init__(self, cause: BaseException):
+        self.cause = cause
+        super().__init__(f"request failed: {type(cause).__name__}: {cause}")
 
 
 class RequestStream:
@@ -286,6 +298,7 @@ class AsyncEngine:
         self.last_heartbeat = time.monotonic()
         self._post(_set_result, self._ready, None)
         engine = self.engine
+        take_errors = getattr(engine, "take_request_errors", None)
         try:
             while True:
                 busy = engine.has_unfinished_requests()
@@ -303,6 +316,9 @@ class AsyncEngine:
                     if outputs:
                         self.last_output_time = now
                         self._post(self._dispatch, outputs)
+                    errors = take_errors() if take_errors is not None else None
+                    if errors:
+                        self._post(self._fail_requests, errors)
                 self._refresh_stats()
         except BaseException as exc:  # noqa: BLE001
             self.step_started_at = None
@@ -371,6 +387,12 @@ class AsyncEngine:
             if stream is None:
                 continue  # aborted / unknown: drop
             stream._put(out)
+
+    def _fail_requests(self, errors: dict) -> None:
+        for rid, exc in errors.items():
+            stream = self._streams.pop(rid, None)
+            if stream is not None:
+                stream._fail(RequestFailedError(exc))
 
     def _on_death(self, exc: BaseException) -> None:
         err = EngineDeadError(exc)
