@@ -13,6 +13,7 @@ INTERNAL           the engine step raised while the request was in flight (messa
                    or this request's host-side processing raised (detokenizer, stop checks:
                    "request failed: <type>: <cause>"; only this request fails, blocks freed)
 UNAUTHENTICATED    missing/wrong API key (interceptor)
+DEADLINE_EXCEEDED  the client did not read its stream for --stream-timeout seconds (serving/streams.py)
 Client cancel, disconnect or deadline: the handler is cancelled and the request aborted.
 """
 
@@ -28,6 +29,7 @@ from jaxllm.engine.async_engine import (DuplicateRequestError, EngineDeadError,
                                         RequestAbortedError, RequestFailedError)
 
 from serving import convert
+from serving.streams import WriteTimeout
 from serving.health import PROBE_PREFIX
 from serving.proto.jaxllm.v1 import generation_pb2 as pb
 from serving.proto.jaxllm.v1 import generation_pb2_grpc as pb_grpc
@@ -99,6 +101,8 @@ class GenerationServicer(pb_grpc.GenerationServicer):
         tracker = convert.DeltaTracker(rid, params)
         finished = False
         owned = True
+        stuck = WriteTimeout(context, self.cfg.stream_timeout, lambda: self._drop(rid),
+                             what=f"request {rid!r}")
         try:
             try:
                 stream = await ae.add_request(rid, prompt, params)
@@ -125,12 +129,15 @@ class GenerationServicer(pb_grpc.GenerationServicer):
                     break
                 resp = tracker.update(batch)
                 if resp is not None:
+                    stuck.writing()
                     yield resp
+                    stuck.written()
                 if tracker.finished:
                     finished = True
                     break
         finally:
-            # reached on completion, error, client cancel, disconnect and deadline alike
+            # reached on completion, error, client cancel, disconnect, deadline and stream timeout
+            stuck.close()
             self.active.pop(rid, None)
             if owned:
                 if finished:
@@ -138,6 +145,12 @@ class GenerationServicer(pb_grpc.GenerationServicer):
                 else:
                     ae.abort(rid)
             self.server.notify_request_done()
+
+    def _drop(self, rid: str) -> None:
+        """A stream timed out: abort its request now (the handler's finally may run later)."""
+        self.active.pop(rid, None)
+        self.server.async_engine.abort(rid)
+        self.server.notify_request_done()
 
     async def Tokenize(self, request: pb.TokenizeRequest, context):
         await self._gate(context)

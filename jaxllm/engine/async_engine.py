@@ -9,7 +9,8 @@ Contract
 * ``await add_request(...)`` returns a :class:`RequestStream` once the engine accepted the
   request, or raises the engine's ``ValueError`` (validation), :class:`DuplicateRequestError`
   or :class:`EngineDeadError`.
-* A stream receives the engine's cumulative ``RequestOutput``s. ``abort(request_id)`` is
+* A stream receives the engine's cumulative ``RequestOutput``s and buffers only the newest
+  (a consumer that reads slowly sees fewer, larger steps; memory stays one output per stream). ``abort(request_id)`` is
   thread-safe, non-blocking and idempotent: the stream is dropped at once and the engine frees
   the request's KV blocks before its next step. Unknown / finished ids are a no-op.
 * A request whose host-side processing raised is dropped by the engine
@@ -80,6 +81,9 @@ class RequestStream:
         self._aborted = False
 
     def _put(self, out: Any) -> None:
+        # outputs are cumulative: the newest one holds everything the older ones did, so a slow
+        # consumer costs one buffered output, not one per engine step
+        self._pending.clear()
         self._pending.append(out)
         if getattr(out, "finished", False):
             self.finished = True
@@ -91,7 +95,8 @@ class RequestStream:
         self._event.set()
 
     async def get_batch(self) -> list:
-        """Wait for, then return, every output received since the last call (oldest first).
+        """Wait for, then return, the outputs received since the last call (the newest only: they
+        are cumulative).
 
         Raises the stream's error (engine death, server-side abort) once pending outputs are
         drained. Returns [] only after the final output was already returned.
