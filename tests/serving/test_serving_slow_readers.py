@@ -73,3 +73,14 @@ def test_slow_reader_under_the_timeout_gets_everything():
             assert res["usage"].completion_tokens == 60
             await c.wait_blocks_free()
     run(main())
+
+
+def test_stream_timeout_flag_is_validated():
+    from serving.__main__ import build_parser, server_config
+    from serving.config import ServerConfig
+
+    assert server_config(build_parser().parse_args(["--stream-timeout", "2.5"])).stream_timeout == 2.5
+    assert ServerConfig(stream_timeout=0).validate().stream_timeout == 0  # 0 = never
+    for bad in (-1, float("nan")):
+        with pytest.raises(ValueError, match=r"stream_timeout=.* is invalid: must be >= 0"):
+            ServerConfig(stream_timeout=bad).validate()
