@@ -65,7 +65,8 @@ def _lists(elem, hi: int, ramp: bool = False):
     short = st.lists(elem, max_size=4)
     if not ramp:
         return st.one_of(short, st.lists(elem, min_size=hi - 1, max_size=hi + 1)) if hi <= 16 else short
-    long = st.builds(lambda first, k: [first + i for i in range(k)], elem, st.integers(hi - 2, hi + 3))
+    long = st.builds(lambda first, k: [min(first, I64[1] - k) + i for i in range(k)], elem,
+                     st.integers(hi - 2, hi + 3))
     return st.one_of(short, short, long)
 
 
@@ -116,7 +117,7 @@ def message(draw, desc, vocab: int, depth: int = 0):
         if f.message_type is not None and f.message_type.GetOptions().map_entry:
             k = scalar(f.message_type.fields_by_name["key"], vocab)
             v = scalar(f.message_type.fields_by_name["value"], vocab)
-            many = st.builds(lambda first, n, b: {first + i: b for i in range(n)},
+            many = st.builds(lambda first, n, b: {first + i: b for i in range(n)},  # first <= vocab
                              st.integers(0, vocab), st.integers(298, 302), v)
             kw[f.name] = draw(st.one_of(st.dictionaries(k, v, max_size=4), many))
         elif f.message_type is not None:

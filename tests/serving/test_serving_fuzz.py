@@ -29,7 +29,10 @@ SEEN: dict[str, int] = {}
 
 @pytest.fixture(scope="module")
 def server():
-    with threaded_server(engine=FakeEngine(), max_queued_requests=64) as (ctx, call):
+    # the default watchdog: under a loaded CI machine the helpers' 1 s one can call the idle loop
+    # wedged (UNAVAILABLE), which is health's business, not the fuzz's
+    with threaded_server(engine=FakeEngine(), max_queued_requests=64, watchdog_timeout=30,
+                         health_probe_interval=5) as (ctx, call):
         with sync_channel(ctx.port) as ch:
             yield ctx, call, pb_grpc.GenerationStub(ch)
 
