@@ -29,10 +29,10 @@ from jaxllm.engine.async_engine import (DuplicateRequestError, EngineDeadError,
                                         RequestAbortedError, RequestFailedError)
 
 from serving import convert
-from serving.streams import WriteTimeout
 from serving.health import PROBE_PREFIX
 from serving.proto.jaxllm.v1 import generation_pb2 as pb
 from serving.proto.jaxllm.v1 import generation_pb2_grpc as pb_grpc
+from serving.streams import WriteTimeout
 
 if TYPE_CHECKING:
     from serving.server import ServingServer
