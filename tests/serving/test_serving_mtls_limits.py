@@ -125,3 +125,17 @@ def test_metadata_and_message_size_limits_hold():
             assert await c.health_status() == SERVING
             await c.wait_blocks_free()
     run(main())
+
+
+def test_tls_client_ca_file_is_checked_before_the_port_opens(pki, tmp_path):
+    from serving.config import ServerConfig
+    from serving.tls import check_tls_files
+
+    ok = dict(tls_cert=str(pki / "server.pem"), tls_key=str(pki / "server.key"))
+    check_tls_files(ServerConfig(**ok, tls_client_ca=str(pki / "ca.pem")).validate())
+    with pytest.raises(ValueError, match=r"--tls-client-ca .*missing.pem: no such file"):
+        check_tls_files(ServerConfig(**ok, tls_client_ca=str(tmp_path / "missing.pem")))
+    junk = tmp_path / "junk.pem"
+    junk.write_text("not a certificate\n")
+    with pytest.raises(ValueError, match=r"--tls-client-ca .*junk.pem is invalid: need PEM CA"):
+        check_tls_files(ServerConfig(**ok, tls_client_ca=str(junk)))
