@@ -15,8 +15,8 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
-from proto_fuzz import (FIELD_NAMES, fuzz_settings, generate_requests, message, named_field,
-                        sync_channel, threaded_server)
+from proto_fuzz import (fuzz_settings, generate_requests, message, named_field, sync_channel,
+                        threaded_server)
 from serving.proto.jaxllm.v1 import generation_pb2 as pb
 from serving.proto.jaxllm.v1 import generation_pb2_grpc as pb_grpc
 from serving_helpers import SERVING, collect, offline
@@ -24,7 +24,6 @@ from tests.fakes.fake_engine import VOCAB_SIZE, FakeEngine
 
 OK_CODES = {grpc.StatusCode.INVALID_ARGUMENT, grpc.StatusCode.ALREADY_EXISTS,
             grpc.StatusCode.RESOURCE_EXHAUSTED}
-SEEN: dict[str, int] = {}
 
 
 @pytest.fixture(scope="module")
@@ -37,55 +36,73 @@ def server():
             yield ctx, call, pb_grpc.GenerationStub(ch)
 
 
-def check_error(e: grpc.RpcError, what: str) -> None:
+def check_error(e: grpc.RpcError, what: str, seen: dict | None = None) -> None:
     code = e.code()
-    SEEN[code.name] = SEEN.get(code.name, 0) + 1
+    if seen is not None:
+        seen[code.name] = seen.get(code.name, 0) + 1
     assert code in OK_CODES, f"{what}: {code.name}: {e.details()}"
     if code == grpc.StatusCode.INVALID_ARGUMENT:
         assert named_field(e.details()), f"{what}: message names no field: {e.details()!r}"
     assert "Traceback" not in (e.details() or "")
 
 
-def check_stream(req: pb.GenerateRequest, responses: list) -> None:
+def check_stream(req: pb.GenerateRequest, responses: list, seen: dict | None = None) -> None:
     res = collect(responses)  # ends with finished=True exactly once, finish_reason once per index
     n = req.sampling.n if req.sampling.HasField("n") else 1
     assert set(res["tokens"]) <= set(range(n)) and set(res["finish"]) == set(range(n))
     assert res["usage"].completion_tokens == sum(len(t) for t in res["tokens"].values())
-    SEEN["OK"] = SEEN.get("OK", 0) + 1
+    if seen is not None:
+        seen["OK"] = seen.get("OK", 0) + 1
 
 
-@fuzz_settings(200)
-@given(req=generate_requests(VOCAB_SIZE))
-def test_fuzz_generate(server, req):
-    ctx, call, stub = server
-    try:
-        responses = list(stub.Generate(req, timeout=30))
-    except grpc.RpcError as e:
-        check_error(e, f"Generate({req})")
-    else:
-        check_stream(req, responses)
-
-
-@fuzz_settings(150)
-@given(req=st.one_of(message(pb.TokenizeRequest.DESCRIPTOR, VOCAB_SIZE),
-                     message(pb.DetokenizeRequest.DESCRIPTOR, VOCAB_SIZE)))
-def test_fuzz_tokenize_detokenize(server, req):
-    ctx, call, stub = server
-    rpc = stub.Tokenize if isinstance(req, pb.TokenizeRequest) else stub.Detokenize
-    try:
-        rpc(req, timeout=10)
-    except grpc.RpcError as e:
-        check_error(e, f"{type(req).__name__}({req})")
-
-
-def test_after_fuzzing_the_engine_still_serves(server):
-    ctx, call, stub = server
-    assert SEEN.get("OK", 0) > 20 and SEEN.get("INVALID_ARGUMENT", 0) > 20, SEEN  # both sides hit
+def still_serving(ctx, call, stub) -> None:
+    """After the fuzz: every block free, nothing in flight, SERVING, and a request still works."""
     info = call(ctx.wait_blocks_free(timeout=10))
     assert info.free_kv_blocks == info.total_kv_blocks
     assert not ctx.server.servicer.active and ctx.server.async_engine.num_active == 0
     assert call(ctx.health_status()) == SERVING
     res = collect(list(stub.Generate(pb.GenerateRequest(text="still here"), timeout=10)))
     assert res["texts"][0] == offline("still here")[0].text
-    print("fuzz statuses:", SEEN)
-    assert "sampling" in FIELD_NAMES and "role" in FIELD_NAMES
+
+
+def test_fuzz_generate(server):
+    ctx, call, stub = server
+    seen: dict[str, int] = {}
+
+    @fuzz_settings(200)
+    @given(req=generate_requests(VOCAB_SIZE))
+    def fuzz(req):
+        try:
+            responses = list(stub.Generate(req, timeout=30))
+        except grpc.RpcError as e:
+            check_error(e, f"Generate({req})", seen)
+        else:
+            check_stream(req, responses, seen)
+
+    fuzz()
+    print("fuzz statuses (Generate):", seen)
+    # both sides of the contract were exercised
+    assert seen.get("OK", 0) > 20 and seen.get("INVALID_ARGUMENT", 0) > 20, seen
+    still_serving(ctx, call, stub)
+
+
+def test_fuzz_tokenize_detokenize(server):
+    ctx, call, stub = server
+    seen: dict[str, int] = {}
+
+    @fuzz_settings(150)
+    @given(req=st.one_of(message(pb.TokenizeRequest.DESCRIPTOR, VOCAB_SIZE),
+                         message(pb.DetokenizeRequest.DESCRIPTOR, VOCAB_SIZE)))
+    def fuzz(req):
+        rpc = stub.Tokenize if isinstance(req, pb.TokenizeRequest) else stub.Detokenize
+        try:
+            rpc(req, timeout=10)
+        except grpc.RpcError as e:
+            check_error(e, f"{type(req).__name__}({req})", seen)
+        else:
+            seen["OK"] = seen.get("OK", 0) + 1
+
+    fuzz()
+    print("fuzz statuses (Tokenize/Detokenize):", seen)
+    assert seen.get("OK", 0) > 10 and seen.get("INVALID_ARGUMENT", 0) > 10, seen
+    still_serving(ctx, call, stub)
