@@ -57,7 +57,8 @@ def build_parser() -> ArgumentParser:
     s.add_argument("--tls-key", help="PEM private key, with --tls-cert (default: plaintext)")
     s.add_argument("--tls-client-ca",
                    help="PEM CA certificates: require a client certificate signed by one of them "
-                        "(mutual TLS; needs --tls-cert/--tls-key)")
+                        "(mutual TLS; needs --tls-cert/--tls-key; default: none, no client certificate "
+                        "asked for)")
     s.add_argument("--stream-timeout", type=float, default=d.stream_timeout,
                    help="abort a response stream whose client has read nothing for this many "
                         "seconds (frees its KV blocks; 0 = never)")
