@@ -12,6 +12,7 @@ import grpc
 import pytest
 
 from serving import auth
+from serving.client import AsyncGenerationClient
 from serving.proto.jaxllm.v1 import generation_pb2 as pb
 from serving.proto.jaxllm.v1 import generation_pb2_grpc as pb_grpc
 from serving_helpers import SERVING, collect, request, run, running_server
@@ -69,6 +70,11 @@ def test_mutual_tls_requires_a_client_cert_from_the_ca(pki):
                     await pb_grpc.GenerationStub(ch).GetModelInfo(pb.GetModelInfoRequest(), timeout=3)
                 assert ei.value.code() == grpc.StatusCode.UNAVAILABLE
             assert await c.health_status() == SERVING
+            # the helper clients present a client certificate too
+            async with AsyncGenerationClient(f"localhost:{c.port}", tls_ca=str(pki / "ca.pem"),
+                                             tls_cert=str(pki / "client.pem"),
+                                             tls_key=str(pki / "client.key")) as ac:
+                assert (await ac.complete("abc", max_tokens=3)).text == "abc"
     run(main())
 
 
