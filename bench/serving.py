@@ -128,6 +128,12 @@ def build_parser():
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--warmup-requests", type=int, default=1, help="requests sent (and ignored) first")
     ap.add_argument("--timeout", type=float, default=600.0, help="per-request deadline, seconds")
+    ap.add_argument("--overload", type=float, default=None, metavar="FACTOR",
+                    help="overload mode: a burst of FACTOR x the server's --max-queued-requests "
+                         "requests, all at once (overrides --num-prompts, --request-rate and "
+                         "--max-concurrency); RESOURCE_EXHAUSTED refusals are expected and "
+                         "counted, latencies are those of the accepted requests, and health must "
+                         "still be SERVING after")
     ap.add_argument("--output-json")
     return ap
 
@@ -153,6 +159,12 @@ async def amain(args) -> dict:
         if health != "SERVING":
             raise SystemExit(f"{args.target}: health is {health}, not SERVING")
         info = await c.model_info()
+    if args.overload:
+        queue = info.limits.max_queued_requests
+        args.num_prompts = max(1, round(args.overload * queue))
+        args.request_rate, args.max_concurrency = "inf", args.num_prompts
+        log(f"overload: a burst of {args.num_prompts} requests = {args.overload:g} x "
+            f"--max-queued-requests={queue}")
     reqs = make_requests(args.num_prompts, parse_range(args.input_len), parse_range(args.output_len),
                          info.vocab_size, set(info.eos_token_ids), args.seed)
     too_long = [i for i, (ids, n) in enumerate(reqs) if len(ids) >= info.max_model_len]
@@ -169,6 +181,13 @@ async def amain(args) -> dict:
         load0 = machine_info()["loadavg_1_5_15"]
         row = await run_rate(args.target, args.api_key, reqs, rate, args.max_concurrency, args.seed, args.timeout)
         row["load_before"], row["load_after"] = load0, machine_info()["loadavg_1_5_15"]
+        if args.overload:
+            row["refused"] = row["errors"].get("RESOURCE_EXHAUSTED", 0)
+            async with AsyncGenerationClient(args.target, api_key=args.api_key, timeout=30) as c:
+                row["health_after"] = await c.health()
+            log(f"overload: {row['completed']} accepted and completed, {row['refused']} refused "
+                f"(RESOURCE_EXHAUSTED), other errors {row['failed'] - row['refused']}; TTFT P99 of "
+                f"accepted {row['ttft_p99_ms']:.0f} ms; health after: {row['health_after']}")
         rows.append(row)
         log(f"rate {rate}: {row['completed']}/{row['requests']} ok in {row['duration_s']:.1f}s, "
             f"TTFT mean {row['ttft_mean_ms']:.0f} ms, TPOT mean {row['tpot_mean_ms']:.1f} ms")
@@ -193,6 +212,9 @@ def main(argv=None) -> int:
         write_json(args.output_json, {**result, "machine": machine,
                                       "workload": {"num_prompts": args.num_prompts, "input_len": args.input_len,
                                                    "output_len": args.output_len, "seed": args.seed}})
+    if args.overload:  # refusals are the point; anything else, or health not SERVING, fails
+        return 0 if all(r["failed"] == r["refused"] and r["health_after"] == "SERVING" and r["completed"]
+                        for r in rows) else 1
     return 0 if all(r["failed"] == 0 for r in rows) else 1
 
 

@@ -123,7 +123,14 @@ class LLM:
                 if not engine.has_unfinished_requests():
                     raise RuntimeError(f"engine has no unfinished requests but {len(pending)} of "
                                        f"this call's requests never finished")
-                for out in engine.step():
+                outs = engine.step()
+                errors = {r: e for r, e in engine.take_request_errors().items() if r in pending}
+                if errors:
+                    rid, exc = next(iter(errors.items()))
+                    pending.difference_update(errors)
+                    raise RuntimeError(f"request {rid} (prompt {ids.index(rid)}) failed: "
+                                       f"{type(exc).__name__}: {exc}") from exc
+                for out in outs:
                     if out.finished and out.request_id in pending:
                         pending.discard(out.request_id)
                         finals[out.request_id] = out

@@ -1,8 +1,12 @@
 """Per-request sampling parameters (host side, no jax).
 
 ``SamplingParams`` is a msgspec Struct so the offline API, JSONL files and the gRPC layer
-all fill the same object. ``validate()`` raises ``ValueError`` naming the field, the value
-and the allowed range; ``LLMEngine.add_request`` calls it before anything is scheduled.
+all fill the same object. Construction validates every field (``__post_init__``, as vLLM's
+``SamplingParams``): ``SamplingParams(temperature=-1.0)`` raises ``ValueError`` naming the
+field, the value and the allowed range (msgspec decoding wraps it in ``msgspec.ValidationError``).
+Only the vocabulary-dependent checks (token ids < vocab_size) wait for admission:
+``LLMEngine.add_request`` calls ``validate(vocab_size)``, which re-checks everything (a Struct is
+mutable after construction) before anything is scheduled.
 
 Notes on semantics:
 - ``temperature == 0`` is greedy (top_p/top_k/min_p are then irrelevant); ``top_k`` -1 or 0 = off.
@@ -80,6 +84,9 @@ class SamplingParams(msgspec.Struct, kw_only=True):
         return msgspec.structs.replace(self, **changes)
 
     # ----- validation --------------------------------------------------------------
+    def __post_init__(self) -> None:
+        self.validate(vocab_size=None)  # the vocabulary-dependent checks wait for admission
+
     def validate(self, vocab_size: int | None = None) -> "SamplingParams":
         """Check every field; raise ValueError('<field>=<value> is invalid: <rule>')."""
         _int("n", self.n, lo=1)

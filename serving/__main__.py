@@ -32,6 +32,7 @@ from typing import Any, Callable
 from jaxllm.cli_args import (ArgumentParser, add_engine_args, add_log_level_arg, api_key_from_env,
                              configure_logging, engine_config_from_args)
 from serving.config import ServerConfig
+from serving.tls import check_tls_files
 
 log = logging.getLogger("serving")
 
@@ -55,6 +56,13 @@ def build_parser() -> ArgumentParser:
                         "(default: $JAXLLM_API_KEY, else none)")
     s.add_argument("--tls-cert", help="PEM certificate chain, with --tls-key (default: plaintext)")
     s.add_argument("--tls-key", help="PEM private key, with --tls-cert (default: plaintext)")
+    s.add_argument("--tls-client-ca",
+                   help="PEM CA certificates: require a client certificate signed by one of them "
+                        "(mutual TLS; needs --tls-cert/--tls-key; default: none, no client certificate "
+                        "asked for)")
+    s.add_argument("--stream-timeout", type=float, default=d.stream_timeout,
+                   help="abort a response stream whose client has read nothing for this many "
+                        "seconds (frees its KV blocks; 0 = never)")
     s.add_argument("--shutdown-timeout", type=float, default=d.shutdown_timeout,
                    help="seconds in-flight requests may run after SIGTERM")
     s.add_argument("--watchdog-timeout", type=float, default=d.watchdog_timeout,
@@ -85,7 +93,8 @@ def build_parser() -> ArgumentParser:
 def server_config(args: argparse.Namespace) -> ServerConfig:
     return ServerConfig(
         host=args.host, port=args.port, api_key=args.api_key or None, tls_cert=args.tls_cert,
-        tls_key=args.tls_key, max_queued_requests=args.max_queued_requests,
+        tls_key=args.tls_key, tls_client_ca=args.tls_client_ca,
+        stream_timeout=args.stream_timeout, max_queued_requests=args.max_queued_requests,
         shutdown_timeout=args.shutdown_timeout, watchdog_timeout=args.watchdog_timeout,
         health_probe_interval=args.health_probe_interval, max_n=args.max_n,
         max_tokens_cap=args.max_tokens_cap, max_logprobs=args.max_logprobs,
@@ -93,23 +102,6 @@ def server_config(args: argparse.Namespace) -> ServerConfig:
         metrics_port=args.metrics_port, log_stats=not args.disable_log_stats,
         log_stats_interval=args.log_stats_interval,
     ).validate()
-
-
-def check_tls_files(cfg: ServerConfig) -> None:
-    """The certificate chain and key load and match (what gRPC would refuse later with C-core log
-    lines and 'Failed to bind')."""
-    if not cfg.tls_cert:
-        return
-    import ssl
-
-    for flag, path in (("--tls-cert", cfg.tls_cert), ("--tls-key", cfg.tls_key)):
-        if not os.path.isfile(path):
-            raise ValueError(f"{flag} {path}: no such file")
-    try:
-        ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER).load_cert_chain(cfg.tls_cert, cfg.tls_key)
-    except (ssl.SSLError, OSError) as e:
-        raise ValueError(f"--tls-cert {cfg.tls_cert} / --tls-key {cfg.tls_key} are invalid: need a PEM "
-                         f"certificate chain and its private key ({e})") from None
 
 
 def engine_factory(args: argparse.Namespace) -> Callable[[], Any]:

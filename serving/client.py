@@ -99,11 +99,23 @@ def _metadata(api_key: str | None):
     return (("authorization", f"Bearer {api_key}"),) if api_key else None
 
 
-def _credentials(tls_ca: str | None, tls: bool):
-    if not (tls or tls_ca):
+def _credentials(tls_ca: str | None, tls: bool, tls_cert: str | None = None,
+                 tls_key: str | None = None):
+    """None for plaintext; TLS with ``tls_ca`` (else the system roots) as trusted roots, and the
+    client certificate ``tls_cert``/``tls_key`` for a server run with --tls-client-ca."""
+    if (tls_cert is None) != (tls_key is None):
+        raise ValueError("tls_cert/tls_key are invalid: give both or neither")
+    if not (tls or tls_ca or tls_cert):
         return None
-    root = open(tls_ca, "rb").read() if tls_ca else None
-    return grpc.ssl_channel_credentials(root_certificates=root)
+
+    def read(path):
+        with open(path, "rb") as f:
+            return f.read()
+
+    return grpc.ssl_channel_credentials(
+        root_certificates=read(tls_ca) if tls_ca else None,
+        private_key=read(tls_key) if tls_key else None,
+        certificate_chain=read(tls_cert) if tls_cert else None)
 
 
 class GenerationClient:
@@ -112,8 +124,9 @@ class GenerationClient:
 
     def __init__(self, target: str = "127.0.0.1:50051", *, api_key: str | None = None,
                  tls: bool = False, tls_ca: str | None = None, timeout: float | None = None,
-                 options: list | None = None):
-        creds = _credentials(tls_ca, tls)
+                 options: list | None = None, tls_cert: str | None = None,
+                 tls_key: str | None = None):
+        creds = _credentials(tls_ca, tls, tls_cert, tls_key)
         self.channel = (grpc.secure_channel(target, creds, options=options) if creds
                         else grpc.insecure_channel(target, options=options))
         self.stub = pb_grpc.GenerationStub(self.channel)
@@ -180,8 +193,9 @@ class AsyncGenerationClient:
 
     def __init__(self, target: str = "127.0.0.1:50051", *, api_key: str | None = None,
                  tls: bool = False, tls_ca: str | None = None, timeout: float | None = None,
-                 options: list | None = None):
-        creds = _credentials(tls_ca, tls)
+                 options: list | None = None, tls_cert: str | None = None,
+                 tls_key: str | None = None):
+        creds = _credentials(tls_ca, tls, tls_cert, tls_key)
         self.channel = (grpc.aio.secure_channel(target, creds, options=options) if creds
                         else grpc.aio.insecure_channel(target, options=options))
         self.stub = pb_grpc.GenerationStub(self.channel)
@@ -301,6 +315,9 @@ def build_parser():
                    help="sent as 'authorization: Bearer <key>' (default: $JAXLLM_API_KEY, else none)")
     p.add_argument("--tls", action="store_true", help="use TLS with the system roots (default: plaintext)")
     p.add_argument("--tls-ca", help="PEM root certificate(s) to trust; implies --tls (default: system roots)")
+    p.add_argument("--tls-cert", help="PEM client certificate, with --tls-key, for a server run with "
+                                      "--tls-client-ca; implies --tls (default: none)")
+    p.add_argument("--tls-key", help="PEM private key of --tls-cert (default: none)")
     p.add_argument("--timeout", type=float, help="deadline in seconds (default: none)")
     p.add_argument("--request-id", default="", help="request id (default: the server assigns one)")
     p.add_argument("--info", action="store_true", help="print GetModelInfo and exit (default: off)")
@@ -321,7 +338,8 @@ def main(argv: list[str] | None = None) -> int:
     args = p.parse_args(argv)
     sampling = {k: v for k, v in sampling_fields_from_args(args).items() if k in _SAMPLING_FIELDS}
     client = GenerationClient(args.target, api_key=args.api_key, tls=args.tls,
-                              tls_ca=args.tls_ca, timeout=args.timeout)
+                              tls_ca=args.tls_ca, timeout=args.timeout, tls_cert=args.tls_cert,
+                              tls_key=args.tls_key)
     try:
         if args.health:
             print(client.health())

@@ -15,6 +15,7 @@ class ServerConfig(msgspec.Struct, kw_only=True):
     api_key: str | None = None
     tls_cert: str | None = None  # PEM paths; both or neither
     tls_key: str | None = None
+    tls_client_ca: str | None = None  # PEM CA bundle: require client certificates (mutual TLS)
     # admission and caps
     max_queued_requests: int = 256  # waiting (not yet scheduled) requests before RESOURCE_EXHAUSTED
     max_n: int = 16
@@ -29,6 +30,7 @@ class ServerConfig(msgspec.Struct, kw_only=True):
     log_stats_interval: float = 10.0  # seconds between stats lines
     # lifecycle
     shutdown_timeout: float = 30.0  # SIGTERM: how long in-flight requests may run on
+    stream_timeout: float = 30.0  # a stream whose client reads nothing this long is aborted (0 = never)
     watchdog_timeout: float = 30.0  # no loop heartbeat (or failed probe, no progress) this long -> NOT_SERVING
     health_probe_interval: float = 10.0  # seconds between synthetic 1-token requests
     engine_death_grace: float = 1.0  # after the engine dies: keep answering (INTERNAL/NOT_SERVING) this long, then exit 1
@@ -48,8 +50,14 @@ class ServerConfig(msgspec.Struct, kw_only=True):
             if not isinstance(v, (int, float)) or v < 0 or (v == 0 and name != "engine_death_grace"
                                                              and name != "shutdown_timeout"):
                 raise ValueError(f"{name}={v!r} is invalid: must be > 0")
+        v = self.stream_timeout
+        if isinstance(v, bool) or not isinstance(v, (int, float)) or not v >= 0:
+            raise ValueError(f"stream_timeout={v!r} is invalid: must be >= 0 (0 = never)")
         if (self.tls_cert is None) != (self.tls_key is None):
             raise ValueError("tls_cert/tls_key are invalid: give both or neither")
+        if self.tls_client_ca and not self.tls_cert:
+            raise ValueError(f"tls_client_ca={self.tls_client_ca!r} is invalid without tls_cert/"
+                             f"tls_key: mutual TLS needs the server's own certificate")
         if not 0 <= self.port < 65536:
             raise ValueError(f"port={self.port} is invalid: must be in [0, 65535]")
         if self.metrics_port is not None and not 0 <= self.metrics_port < 65536:

@@ -36,6 +36,7 @@ from serving.metrics import ServingMetrics
 from serving.proto.jaxllm.v1 import generation_pb2 as pb
 from serving.proto.jaxllm.v1 import generation_pb2_grpc as pb_grpc
 from serving.servicer import GenerationServicer
+from serving.tls import server_credentials
 
 log = logging.getLogger(__name__)
 
@@ -91,12 +92,9 @@ class ServingServer:
         await self.health_servicer.set(GENERATION_SERVICE, health_pb2.HealthCheckResponse.NOT_SERVING)
         address = f"[{cfg.host}]:{cfg.port}" if ":" in cfg.host else f"{cfg.host}:{cfg.port}"
         try:
-            if cfg.tls_cert:
-                with open(cfg.tls_key, "rb") as f:
-                    key = f.read()
-                with open(cfg.tls_cert, "rb") as f:
-                    cert = f.read()
-                self.port = server.add_secure_port(address, grpc.ssl_server_credentials([(key, cert)]))
+            creds = server_credentials(cfg)
+            if creds is not None:
+                self.port = server.add_secure_port(address, creds)
             else:
                 self.port = server.add_insecure_port(address)
         except RuntimeError:  # grpc: "Failed to bind to address ..."
@@ -108,7 +106,7 @@ class ServingServer:
         await server.start()
         self._grpc = server
         log.debug("serving: listening on %s (%s)", address.replace(f":{cfg.port}", f":{self.port}"),
-                  "TLS" if cfg.tls_cert else "plaintext")
+                  ("mutual TLS" if cfg.tls_client_ca else "TLS") if cfg.tls_cert else "plaintext")
         self.async_engine.add_death_callback(self._on_engine_death)
         ready = self.async_engine.start()
         ready.add_done_callback(self._on_ready)

@@ -9,8 +9,11 @@ RESOURCE_EXHAUSTED waiting requests >= --max-queued-requests (at once, nothing q
                    a request larger than --max-message-bytes (grpc itself)
 UNAVAILABLE        starting, draining, engine wedged/dead before the request was accepted,
                    or aborted by the drain after --shutdown-timeout
-INTERNAL           the engine step raised while the request was in flight (message has the cause)
+INTERNAL           the engine step raised while the request was in flight (message has the cause),
+                   or this request's host-side processing raised (detokenizer, stop checks:
+                   "request failed: <type>: <cause>"; only this request fails, blocks freed)
 UNAUTHENTICATED    missing/wrong API key (interceptor)
+DEADLINE_EXCEEDED  the client did not read its stream for --stream-timeout seconds (serving/streams.py)
 Client cancel, disconnect or deadline: the handler is cancelled and the request aborted.
 """
 
@@ -23,13 +26,14 @@ from typing import TYPE_CHECKING, Any
 import grpc
 
 from jaxllm.engine.async_engine import (DuplicateRequestError, EngineDeadError,
-                                        RequestAbortedError)
+                                        RequestAbortedError, RequestFailedError)
 
 from serving import convert
 from serving.embed import check_request_id, embed_request_to_engine, embed_response
 from serving.health import PROBE_PREFIX
 from serving.proto.jaxllm.v1 import generation_pb2 as pb
 from serving.proto.jaxllm.v1 import generation_pb2_grpc as pb_grpc
+from serving.streams import WriteTimeout
 
 if TYPE_CHECKING:
     from serving.server import ServingServer
@@ -98,6 +102,8 @@ class GenerationServicer(pb_grpc.GenerationServicer):
         tracker = convert.DeltaTracker(rid, params)
         finished = False
         owned = True
+        stuck = WriteTimeout(context, self.cfg.stream_timeout, lambda: self._drop(rid),
+                             what=f"request {rid!r}")
         try:
             try:
                 stream = await ae.add_request(rid, prompt, params)
@@ -118,16 +124,21 @@ class GenerationServicer(pb_grpc.GenerationServicer):
                     await context.abort(grpc.StatusCode.INTERNAL, _dead_message(exc))
                 except RequestAbortedError as exc:
                     await context.abort(grpc.StatusCode.UNAVAILABLE, str(exc))
+                except RequestFailedError as exc:  # this request only; the engine goes on
+                    await context.abort(grpc.StatusCode.INTERNAL, str(exc))
                 if not batch:
                     break
                 resp = tracker.update(batch)
                 if resp is not None:
+                    stuck.writing()
                     yield resp
+                    stuck.written()
                 if tracker.finished:
                     finished = True
                     break
         finally:
-            # reached on completion, error, client cancel, disconnect and deadline alike
+            # reached on completion, error, client cancel, disconnect, deadline and stream timeout
+            stuck.close()
             self.active.pop(rid, None)
             if owned:
                 if finished:
@@ -171,6 +182,12 @@ class GenerationServicer(pb_grpc.GenerationServicer):
             self.active.pop(rid, None)
             self.server.notify_request_done()
         return embed_response(rid, out)
+
+    def _drop(self, rid: str) -> None:
+        """A stream timed out: abort its request now (the handler's finally may run later)."""
+        self.active.pop(rid, None)
+        self.server.async_engine.abort(rid)
+        self.server.notify_request_done()
 
     async def Tokenize(self, request: pb.TokenizeRequest, context):
         await self._gate(context)

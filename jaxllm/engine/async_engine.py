@@ -9,9 +9,13 @@ Contract
 * ``await add_request(...)`` returns a :class:`RequestStream` once the engine accepted the
   request, or raises the engine's ``ValueError`` (validation), :class:`DuplicateRequestError`
   or :class:`EngineDeadError`.
-* A stream receives the engine's cumulative ``RequestOutput``s. ``abort(request_id)`` is
+* A stream receives the engine's cumulative ``RequestOutput``s and buffers only the newest
+  (a consumer that reads slowly sees fewer, larger steps; memory stays one output per stream). ``abort(request_id)`` is
   thread-safe, non-blocking and idempotent: the stream is dropped at once and the engine frees
   the request's KV blocks before its next step. Unknown / finished ids are a no-op.
+* A request whose host-side processing raised is dropped by the engine
+  (``engine.take_request_errors()``, read after each step): its stream fails with
+  :class:`RequestFailedError` and the loop goes on.
 * If ``step()`` (or the build) raises, the engine is *dead*: every live stream and pending add
   fails with :class:`EngineDeadError` carrying the cause, later adds fail at once, and
   ``on_death`` callbacks run on the event loop.
@@ -54,6 +58,15 @@ class RequestAbortedError(RuntimeError):
     """Raised by a stream aborted from the server side (e.g. drain timeout)."""
 
 
+class RequestFailedError(RuntimeError):
+    """This request's host-side processing raised (the engine keeps serving the others);
+    ``cause`` is the exception."""
+
+    def __init__(self, cause: BaseException):
+        self.cause = cause
+        super().__init__(f"request failed: {type(cause).__name__}: {cause}")
+
+
 class RequestStream:
     """Asyncio-side sink for one request's outputs. Not thread-safe: touched only on the loop."""
 
@@ -68,6 +81,9 @@ class RequestStream:
         self._aborted = False
 
     def _put(self, out: Any) -> None:
+        # outputs are cumulative: the newest one holds everything the older ones did, so a slow
+        # consumer costs one buffered output, not one per engine step
+        self._pending.clear()
         self._pending.append(out)
         if getattr(out, "finished", False):
             self.finished = True
@@ -79,7 +95,8 @@ class RequestStream:
         self._event.set()
 
     async def get_batch(self) -> list:
-        """Wait for, then return, every output received since the last call (oldest first).
+        """Wait for, then return, the outputs received since the last call (the newest only: they
+        are cumulative).
 
         Raises the stream's error (engine death, server-side abort) once pending outputs are
         drained. Returns [] only after the final output was already returned.
@@ -295,6 +312,7 @@ class AsyncEngine:
         self.last_heartbeat = time.monotonic()
         self._post(_set_result, self._ready, None)
         engine = self.engine
+        take_errors = getattr(engine, "take_request_errors", None)
         try:
             while True:
                 busy = engine.has_unfinished_requests()
@@ -312,6 +330,9 @@ class AsyncEngine:
                     if outputs:
                         self.last_output_time = now
                         self._post(self._dispatch, outputs)
+                    errors = take_errors() if take_errors is not None else None
+                    if errors:
+                        self._post(self._fail_requests, errors)
                 self._refresh_stats()
         except BaseException as exc:  # noqa: BLE001
             self.step_started_at = None
@@ -380,6 +401,12 @@ class AsyncEngine:
             if stream is None:
                 continue  # aborted / unknown: drop
             stream._put(out)
+
+    def _fail_requests(self, errors: dict) -> None:
+        for rid, exc in errors.items():
+            stream = self._streams.pop(rid, None)
+            if stream is not None:
+                stream._fail(RequestFailedError(exc))
 
     def _on_death(self, exc: BaseException) -> None:
         err = EngineDeadError(exc)

@@ -28,6 +28,10 @@ Input rules (``add_request`` validates everything before anything is scheduled a
   prefilled (chunked under the token budget like any prompt), pooled, and finished in the step
   that computes its last token: ``step()`` returns its ``EmbeddingRequestOutput`` then and its KV
   blocks are free (they never enter the prefix cache).
+- a request whose host-side processing raises (detokenizer, stop checks, output assembly) fails
+  alone: it is dropped as by an abort (blocks freed), no output is returned for it, and
+  ``take_request_errors()`` hands the exception to the caller (AsyncEngine fails its stream,
+  ``LLM.generate`` raises). The engine keeps stepping the other requests.
 - seeds: ``params.seed`` if set, else one drawn from the engine RNG (``config.seed``); child i
   of an n > 1 request uses a seed derived from (seed, i) (child 0 uses the seed itself).
 """
@@ -118,6 +122,7 @@ class LLMEngine:
             on = getattr(runner, "async_by_default", True)
         self.async_scheduling = bool(on) and hasattr(runner, "dispatch")
         self._in_flight: tuple | None = None  # (SchedulerOutput, PendingStep) not read back yet
+        self._request_errors: dict[str, Exception] = {}  # failed by their host-side processing
         self.num_steps = 0
         self.num_generated_tokens = 0
         self.num_prompt_tokens = 0
@@ -310,9 +315,16 @@ class LLMEngine:
         outputs: list = self._finish_embeddings(out, now) if self.task == "embed" else []
         touched: dict[str, ParentState] = {}
         finished: dict[RequestStatus, list[str]] = {}
+        failed: dict[str, tuple[ParentState, Exception]] = {}
         for req, _ in new:
             parent, seq = self._seqs[req.request_id]
-            status = seq.add_token(sampled[req.request_id], self.eos_token_ids, self.max_model_len)
+            if parent.request_id in failed:
+                continue
+            try:  # host-side per-request work (detokenizer, stop checks): a fault fails this request only
+                status = seq.add_token(sampled[req.request_id], self.eos_token_ids, self.max_model_len)
+            except Exception as exc:  # noqa: BLE001 - reported through take_request_errors()
+                failed[parent.request_id] = (parent, exc)
+                continue
             self.num_generated_tokens += 1
             parent.note_token(now)
             touched[parent.request_id] = parent
@@ -326,10 +338,18 @@ class LLMEngine:
             self.scheduler.finish_requests(ids, status)
             for cid in ids:
                 del self._seqs[cid]
-        for parent in touched.values():
-            outputs.append(parent.output(now))
+        for rid, parent in touched.items():
+            if rid in failed:
+                continue
+            try:
+                outputs.append(parent.output(now))
+            except Exception as exc:  # noqa: BLE001
+                failed[rid] = (parent, exc)
+                continue
             if parent.finished:
-                del self._parents[parent.request_id]
+                del self._parents[rid]
+        for rid, (parent, exc) in failed.items():
+            self._fail_request(parent, exc)
         self._release_if_idle()
         if it is not None:
             it.bucket = self._bucket_label(out)
@@ -358,6 +378,22 @@ class LLMEngine:
             del self._embeds[rid]
             outs.append(st.output(now))
         return outs
+
+    def _fail_request(self, parent: ParentState, exc: Exception) -> None:
+        """Drop a request whose host-side processing raised: its blocks are freed as by an abort and
+        the error waits in ``take_request_errors()`` (no output is returned for it)."""
+        live = [c.req.request_id for c in parent.children if not c.finished]
+        for c in parent.children:
+            c.abort()
+            self._seqs.pop(c.req.request_id, None)
+        self.scheduler.finish_requests(live, RequestStatus.FINISHED_ABORTED)
+        self._parents.pop(parent.request_id, None)
+        self._request_errors[parent.request_id] = exc
+
+    def take_request_errors(self) -> dict[str, Exception]:
+        """{request_id: exception} of requests failed since the last call (each reported once)."""
+        errors, self._request_errors = self._request_errors, {}
+        return errors
 
     def _release_if_idle(self) -> None:
         if not self.scheduler.has_unfinished_requests():

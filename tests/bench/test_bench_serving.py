@@ -10,10 +10,10 @@ import pytest
 ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 
-@pytest.fixture
+@pytest.fixture(scope="module")
 def fake_server():
     proc = subprocess.Popen([sys.executable, "-m", "serving", "--model", "fake:step_delay=0.005,max_num_seqs=4",
-                             "--port", "0"], cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+                             "--port", "0", "--max-queued-requests", "16", "--health-probe-interval", "60"], cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     target = None
     deadline = time.time() + 30
     while time.time() < deadline:
@@ -49,3 +49,19 @@ def test_serving_bench_two_rates(fake_server, tmp_path, capsys):
         assert r["completed"] == 8 and r["failed"] == 0 and r["short_outputs"] == 0
         assert 0 < r["ttft_p50_ms"] <= r["e2e_p50_ms"] and r["tpot_mean_ms"] > 0 and r["itl_p99_ms"] > 0
     assert "TTFT mean" in capsys.readouterr().out
+
+
+def test_serving_bench_overload_mode(fake_server, tmp_path):
+    """--overload 4: a burst of 4 x --max-queued-requests (16) at once; the excess is refused with
+    RESOURCE_EXHAUSTED, the accepted ones complete in full, health stays SERVING."""
+    from bench import serving as sb
+
+    out = tmp_path / "o.json"
+    rc = sb.main(["--target", fake_server, "--overload", "4", "--input-len", "4..8", "--output-len", "20..30",
+                  "--output-json", str(out)])
+    assert rc == 0
+    (row,) = json.loads(out.read_text())["rows"]
+    assert row["requests"] == 64 and row["completed"] + row["refused"] == 64
+    assert row["refused"] >= 16 and row["completed"] >= 16 and row["short_outputs"] == 0
+    assert row["errors"] == {"RESOURCE_EXHAUSTED": row["refused"]} and row["health_after"] == "SERVING"
+    assert 0 < row["ttft_p99_ms"] <= row["e2e_p99_ms"] * 1.0001

@@ -42,8 +42,11 @@ def test_per_prompt_params_and_chat():
 
 def test_bad_input_submits_nothing():
     llm = make_llm()
-    with pytest.raises(ValueError, match="temperature=-1 is invalid"):
-        llm.generate(["ok", "ok"], [SamplingParams(), SamplingParams(temperature=-1)], use_tqdm=False)
+    with pytest.raises(ValueError, match="temperature=-1 is invalid"):  # at construction now
+        SamplingParams(temperature=-1)
+    vocab = llm.engine.vocab_size  # constructs (needs the vocabulary), refused by generate
+    with pytest.raises(ValueError, match=f"stop_token_ids=\\[{vocab}\\] is invalid"):
+        llm.generate(["ok", "ok"], [SamplingParams(), SamplingParams(stop_token_ids=[vocab])], use_tqdm=False)
     with pytest.raises(ValueError, match="prompt=\\[\\] is invalid"):
         llm.generate(["ok", ""], use_tqdm=False)
     assert_clean(llm.engine)

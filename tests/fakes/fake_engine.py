@@ -12,7 +12,9 @@
 * Faults (thread-safe, settable at runtime or by ``build_fake_engine`` options):
   ``step_delay`` seconds slept per step; ``fail_at_step`` / ``inject_raise()`` make ``step``
   raise; ``hang_at_step`` / ``inject_hang()`` make ``step`` block until ``release_hang()``;
-  ``warmup_delay`` / ``build_delay`` for slow start-up.
+  ``warmup_delay`` / ``build_delay`` for slow start-up. ``poison = "text"``: a text prompt
+  holding it makes that request's host-side processing raise (UnicodeDecodeError), which fails
+  that request alone (``take_request_errors()``, as ``LLMEngine``).
 * Stats: like ``LLMEngine``, ``add_stat_logger`` gets a ``SchedulerStats`` / ``IterationStats`` per
   step and per abort (sequences, tokens, latencies, finish reasons, the toy prefix cache), so
   ``--metrics-port`` serves real numbers with ``--model fake:``.
@@ -122,6 +124,8 @@ class FakeEngine:
         self._unhang = threading.Event()
         self._stalled = False
         self.add_delay = 0.0  # seconds each add_request takes (admission races)
+        self.poison: str | None = None  # a text prompt holding it fails its "detokenizer"
+        self._request_errors: dict[str, Exception] = {}
         self.num_steps = 0
         self.free_blocks = self.config.num_blocks
         self._waiting: list[_Req] = []
@@ -226,11 +230,17 @@ class FakeEngine:
         it = IterationStats() if self.stat_loggers else None
         now = time.time()
         for r in list(self._running):
-            for s in r.samples:
-                if s.finish_reason is None:
-                    self._advance(r, s)
-                    if it is not None:
-                        self._token_stats(it, r, s, now)
+            try:
+                for s in r.samples:
+                    if s.finish_reason is None:
+                        self._advance(r, s)
+                        if it is not None:
+                            self._token_stats(it, r, s, now)
+            except Exception as exc:  # noqa: BLE001 - as LLMEngine: this request fails alone
+                self._running.remove(r)
+                self._free(r)
+                self._request_errors[r.request_id] = exc
+                continue
             done = all(s.finish_reason is not None for s in r.samples)
             if done:
                 self._running.remove(r)
@@ -301,8 +311,14 @@ class FakeEngine:
             r.metrics.first_scheduled_time = time.time()
             self._running.append(r)
 
+    def take_request_errors(self) -> dict[str, Exception]:
+        errors, self._request_errors = self._request_errors, {}
+        return errors
+
     def _advance(self, r: _Req, s: _Sample) -> None:
         p, ids = r.params, r.prompt_token_ids
+        if self.poison is not None and self.poison in (r.prompt or ""):
+            raise UnicodeDecodeError("fake", b"\xff", 0, 1, f"poisoned prompt {self.poison!r}")
         k = len(s.token_ids)
         tok = ids[(s.index + k) % len(ids)]
         s.token_ids.append(tok)

@@ -8,6 +8,7 @@ cancellation freeing every KV block, and that steady-state serving compiles noth
 from __future__ import annotations
 
 import asyncio
+import time
 from urllib.request import urlopen
 
 import pytest
@@ -68,3 +69,46 @@ def test_real_model_greedy_matches_offline(real_engine):
     run(main(), timeout=600)
     if traces is not None:
         assert runner.num_traces == traces, "serving compiled a new shape after warm-up"
+
+
+@pytest.mark.slow
+def test_real_model_fuzz(real_engine):
+    """The proto fuzz (test_serving_fuzz.py) against SmolLM2 with a small budget
+    (JAXLLM_FUZZ_REAL_EXAMPLES, default 12): documented statuses only, INVALID_ARGUMENT names
+    a field, nothing compiled after warm-up, every block free after, still serving."""
+    import grpc
+    from hypothesis import given
+
+    from proto_fuzz import fuzz_settings, generate_requests, sync_channel, threaded_server
+    from serving.proto.jaxllm.v1 import generation_pb2_grpc as pb_grpc
+    from test_serving_fuzz import check_error, check_stream
+
+    runner = getattr(real_engine, "runner", None)
+    traces = getattr(runner, "num_traces", None)
+    vocab = real_engine.vocab_size
+    # small caps keep each accepted request short on CPU; larger asks are INVALID_ARGUMENT
+    with threaded_server(engine=real_engine, max_tokens_cap=3, max_n=2, watchdog_timeout=60,
+                         health_probe_interval=5) as (ctx, call), sync_channel(ctx.port) as ch:
+        stub = pb_grpc.GenerationStub(ch)
+
+        @fuzz_settings(12, env="JAXLLM_FUZZ_REAL_EXAMPLES")
+        @given(req=generate_requests(vocab))
+        def fuzz(req):
+            t0 = time.monotonic()
+            try:
+                responses = list(stub.Generate(req, timeout=120))
+            except grpc.RpcError as e:
+                check_error(e, f"Generate({req})")
+            else:
+                check_stream(req, responses)
+            finally:
+                took.append(time.monotonic() - t0)
+
+        took: list[float] = []
+        fuzz()
+        print(f"real-model fuzz: {len(took)} requests, {sum(took):.1f}s, slowest {max(took):.1f}s")
+        info = call(ctx.wait_blocks_free(timeout=60))
+        assert info.free_kv_blocks == info.total_kv_blocks
+        assert call(ctx.health_status()) == 1  # SERVING
+    if traces is not None:
+        assert runner.num_traces == traces, "a fuzzed request compiled a new shape after warm-up"
