@@ -95,7 +95,7 @@ def test_reflection_lists_services_and_describes_messages():
             assert req_fields == ["request_id", "text", "chat", "token_ids", "sampling"]
             from jaxllm.sampling_params import SamplingParams
             assert set(SamplingParams.__struct_fields__) == sp_fields  # every field is exposed
-            assert methods == ["Generate", "Tokenize", "Detokenize", "GetModelInfo"]
+            assert methods == ["Generate", "Tokenize", "Detokenize", "GetModelInfo", "Embed"]
     run(main())
 
 
