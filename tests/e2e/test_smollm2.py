@@ -119,8 +119,11 @@ def test_greedy_batch_equals_alone_and_transformers(llm):
     batch = llm.generate([{"prompt_token_ids": p} for p in prompts], params, use_tqdm=False)
     assert llm.engine.get_stats()["num_preemptions"] > before, "the KV budget did not force preemption"
     assert_clean(llm.engine)
-    alone = [llm.generate({"prompt_token_ids": p}, sp, use_tqdm=False)[0] for p, sp in zip(prompts, params)]
-    for i, (b, a) in enumerate(zip(batch, alone)):
+    # alone: a chat and a plain prompt (32 tokens), the two longest (preempted in the batch), a
+    # middle one and the shortest; every prompt alone tripled this test's time for little coverage
+    for i in (0, 2, 4, 5, 14, 23):
+        a = llm.generate({"prompt_token_ids": prompts[i]}, params[i], use_tqdm=False)[0]
+        b = batch[i]
         assert b.outputs[0].token_ids == a.outputs[0].token_ids, f"prompt {i} (len {len(prompts[i])})"
         assert b.outputs[0].text == a.outputs[0].text
     assert "Paris" in batch[0].outputs[0].text

@@ -188,7 +188,8 @@ def _forward_logits(path, tp, layer_loop=None, hlo=False):
 def test_logits_match_tp1(path):
     ref_prefill, ref_decode = _forward_logits(path, 1, "scan")
     assert np.ptp(ref_prefill) > 1.0  # real random weights, not near-constant logits
-    for tp, loop in ((2, "scan"), (4, "scan"), (8, "scan"), (1, "unroll"), (2, "unroll"), (4, "unroll")):
+    # each tp once, both loops covered (scan vs unroll at tp=1 is the HF parity tests' job)
+    for tp, loop in ((2, "unroll"), (4, "scan"), (8, "unroll")):
         prefill, decode = _forward_logits(path, tp, loop)
         np.testing.assert_allclose(prefill, ref_prefill, atol=1e-4, rtol=0, err_msg=f"tp={tp} {loop}")
         np.testing.assert_allclose(decode, ref_decode, atol=1e-4, rtol=0, err_msg=f"tp={tp} {loop}")
