@@ -34,8 +34,11 @@ run: $(VENV)/.stamp-run
 	  --prompt "The three primary colors are" \
 	  --chat-prompt "What is the capital of France? Answer in one sentence."
 
+# Two pytest-xdist workers (CI has 2 cores; JAX compiles are mostly single-threaded), whole files
+# per worker so module-scoped engines are built once. PYTEST_WORKERS=0 runs in one process.
+PYTEST_WORKERS ?= 2
 test: $(VENV)/.stamp-test
-	$(PY) -m pytest -q $(PYTEST_ARGS)
+	$(PY) -m pytest -q -n $(PYTEST_WORKERS) --dist loadfile $(PYTEST_ARGS)
 
 proto: $(VENV)/.stamp-test
 	$(PY) -m serving.proto.generate
