@@ -39,6 +39,7 @@ from jaxllm.core.request import Request, RequestStatus
 from jaxllm.core.scheduler import Scheduler
 from jaxllm.engine.output_processor import DetokenizerFactory, ParentState, SeqState, TokenTexts
 from jaxllm.engine.runner_protocol import ModelRunnerProtocol
+from jaxllm.engine.stats import EngineStats
 from jaxllm.outputs import RequestOutput
 from jaxllm.sampling_params import SamplingParams
 
@@ -274,21 +275,20 @@ class LLMEngine:
                 self.runner.release(ids)
 
     # ----- introspection ------------------------------------------------------------
-    def get_stats(self) -> dict:
-        return {
-            "num_blocks": self.kv.num_blocks,
-            "num_free_blocks": self.kv.num_free_blocks,
-            "num_running": self.scheduler.num_running,
-            "num_waiting": self.scheduler.num_waiting,
-            "num_unfinished_requests": len(self._parents),
-            "num_preemptions": self.scheduler.num_preemptions,
-            "prefix_cache_hit_rate": self.kv.prefix_hit_rate,
-            "prefix_cache_queries": self.kv.prefix_queries,
-            "prefix_cache_hits": self.kv.prefix_hits,
-            "num_steps": self.num_steps,
-            "num_prompt_tokens": self.num_prompt_tokens,
-            "num_generated_tokens": self.num_generated_tokens,
-        }
+    def get_stats(self) -> EngineStats:
+        return EngineStats(
+            num_blocks=self.kv.num_blocks,
+            num_free_blocks=self.kv.num_free_blocks,
+            num_running=self.scheduler.num_running,
+            num_waiting=self.scheduler.num_waiting,
+            num_unfinished_requests=len(self._parents),
+            num_preemptions=self.scheduler.num_preemptions,
+            prefix_cache_queries=self.kv.prefix_queries,
+            prefix_cache_hits=self.kv.prefix_hits,
+            num_steps=self.num_steps,
+            num_prompt_tokens=self.num_prompt_tokens,
+            num_generated_tokens=self.num_generated_tokens,
+        )
 
     def cache_summary(self) -> str:
         """One line for start-up: blocks, tokens, and how many max_model_len requests fit."""
