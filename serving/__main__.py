@@ -5,7 +5,8 @@ Engine flags are ``jaxllm.generate``'s (``jaxllm/cli_args.py``); they fill
 ``jaxllm.engine.factory.build_engine(config)`` on the engine thread (the port is open and health
 says NOT_SERVING while the model loads and compiles).
 
-Once bound, one machine-readable line goes to stdout: ``serving: listening grpc=HOST:PORT``.
+Once bound, one machine-readable line goes to stdout: ``serving: listening grpc=HOST:PORT``,
+and with ``--http-port`` a second one, ``serving: listening http=HOST:PORT`` (the OpenAI API).
 Logs (``--log-level``, default info) go to stderr.
 
 Test hook (not for production): ``--model fake:<k=v,...>`` serves the deterministic fake engine
@@ -40,6 +41,11 @@ def build_parser() -> ArgumentParser:
     p.add_argument("--host", default="127.0.0.1", help="address to bind")
     p.add_argument("--port", type=int, default=50051,
                    help="port to bind; 0 = any free port (the bound one is printed on stdout)")
+    p.add_argument("--http-port", type=int, default=None,
+                   help="also serve the OpenAI-compatible HTTP API on this port (default: off; "
+                        "0 = any free port, printed on stdout)")
+    p.add_argument("--served-model-name", default=None,
+                   help="model id of the HTTP API (/v1/models, the 'model' field; default: --model)")
     add_log_level_arg(p)
     add_engine_args(p)
     from jaxllm.parallel.cli import add_distributed_args  # argparse only: no jax
@@ -50,7 +56,7 @@ def build_parser() -> ArgumentParser:
     s.add_argument("--max-queued-requests", type=int, default=d.max_queued_requests,
                    help="waiting requests before new ones get RESOURCE_EXHAUSTED")
     s.add_argument("--api-key", default=api_key_from_env(),
-                   help="require 'authorization: Bearer <key>' on every RPC but health "
+                   help="require 'authorization: Bearer <key>' on every RPC and HTTP request but health "
                         "(default: $JAXLLM_API_KEY, else none)")
     s.add_argument("--tls-cert", help="PEM certificate chain, with --tls-key (default: plaintext)")
     s.add_argument("--tls-key", help="PEM private key, with --tls-cert (default: plaintext)")
@@ -68,13 +74,14 @@ def build_parser() -> ArgumentParser:
     s.add_argument("--max-stop-strings", type=int, default=d.max_stop_strings,
                    help="most stop strings per request")
     s.add_argument("--max-message-bytes", type=int, default=d.max_message_bytes,
-                   help="largest request message in bytes")
+                   help="largest request message (gRPC) or body (HTTP, else 413) in bytes")
     return p
 
 
 def server_config(args: argparse.Namespace) -> ServerConfig:
     return ServerConfig(
-        host=args.host, port=args.port, api_key=args.api_key or None, tls_cert=args.tls_cert,
+        host=args.host, port=args.port, http_port=args.http_port,
+        served_model_name=args.served_model_name, api_key=args.api_key or None, tls_cert=args.tls_cert,
         tls_key=args.tls_key, max_queued_requests=args.max_queued_requests,
         shutdown_timeout=args.shutdown_timeout, watchdog_timeout=args.watchdog_timeout,
         health_probe_interval=args.health_probe_interval, max_n=args.max_n,
@@ -133,6 +140,8 @@ async def serve(cfg: ServerConfig, factory: Callable[[], Any]) -> int:
         print(f"error: {exc}", file=sys.stderr, flush=True)
         return 1
     print(f"serving: listening grpc={_address(cfg.host, port)}", flush=True)
+    if server.http_port is not None:
+        print(f"serving: listening http={_address(cfg.host, server.http_port)}", flush=True)
     loop = asyncio.get_running_loop()
     signals = {"n": 0}
 

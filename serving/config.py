@@ -10,6 +10,8 @@ GENERATION_SERVICE = "jaxllm.v1.Generation"
 class ServerConfig(msgspec.Struct, kw_only=True):
     host: str = "127.0.0.1"
     port: int = 50051  # 0 = pick a free port (``ServingServer.port`` tells which)
+    http_port: int | None = None  # OpenAI-compatible HTTP API; None = off, 0 = any free port
+    served_model_name: str | None = None  # the HTTP API's model id (default: the --model value)
     api_key: str | None = None
     tls_cert: str | None = None  # PEM paths; both or neither
     tls_key: str | None = None
@@ -46,4 +48,6 @@ class ServerConfig(msgspec.Struct, kw_only=True):
             raise ValueError("tls_cert/tls_key are invalid: give both or neither")
         if not 0 <= self.port < 65536:
             raise ValueError(f"port={self.port} is invalid: must be in [0, 65535]")
+        if self.http_port is not None and not 0 <= self.http_port < 65536:
+            raise ValueError(f"http_port={self.http_port} is invalid: must be in [0, 65535]")
         return self

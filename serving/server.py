@@ -55,6 +55,8 @@ class ServingServer:
         self.async_engine = AsyncEngine(engine, engine_factory=engine_factory, warmup=warmup,
                                         idle_tick=idle_tick)
         self.port: int | None = None
+        self.http = None  # serving.openai_api.HttpServer when config.http_port is set
+        self.http_port: int | None = None
         self.start_error: BaseException | None = None  # what the engine build / warm-up raised
         self.exit_code: int | None = None
         self.door = FrontDoor(self.config, self.async_engine)  # admission, registry, drain
@@ -100,6 +102,15 @@ class ServingServer:
                           f"{_bind_problem(cfg.host, cfg.port, bool(cfg.tls_cert))}")
         await server.start()
         self._grpc = server
+        if cfg.http_port is not None:  # the OpenAI-compatible door, same loop, same front door
+            from serving.openai_api import HttpServer
+
+            self.http = HttpServer(self, cfg.host, cfg.http_port)
+            try:
+                self.http_port = await self.http.start()
+            except OSError:
+                await server.stop(None)
+                raise
         log.debug("serving: listening on %s (%s)", address.replace(f":{cfg.port}", f":{self.port}"),
                   "TLS" if cfg.tls_cert else "plaintext")
         self.async_engine.add_death_callback(self._on_engine_death)
