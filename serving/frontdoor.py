@@ -62,7 +62,8 @@ class FrontDoorError(Exception):
 
 
 def invalid(message: str, param: str | None = None) -> FrontDoorError:
-    return FrontDoorError(Code.INVALID_ARGUMENT, message, param)
+    """INVALID_ARGUMENT; ``param`` defaults to the field the message names first."""
+    return FrontDoorError(Code.INVALID_ARGUMENT, message, param or _field_of(message))
 
 
 # ----- checks that do not depend on the wire format ----------------------------------------

@@ -46,7 +46,8 @@ _HTTP = {
     Code.UNAVAILABLE: (503, "service_unavailable_error"),
     Code.INTERNAL: (500, "internal_server_error"),
 }
-_BY_STATUS = {404: "not_found_error", 405: "invalid_request_error", 413: "invalid_request_error"}
+_BY_STATUS = {401: "authentication_error", 404: "not_found_error", 405: "invalid_request_error",
+              413: "invalid_request_error", 500: "internal_server_error"}
 
 
 def error_body(exc: FrontDoorError) -> tuple[int, dict]:
@@ -62,22 +63,37 @@ def _error(status: int, message: str, param: str | None = None, code: str | None
 
 
 def _validation_message(exc: RequestValidationError) -> tuple[str, str | None]:
-    """The first pydantic error as one line naming the field, the value and the rule."""
-    err = exc.errors()[0]
+    """The first pydantic error as one line naming the field, the value and the rule. Errors of
+    one field's union members (``prompt``: str | list[str] | ...) become one line listing them."""
+    errs = exc.errors()
+    err = errs[0]
     kind = err.get("type", "")
-    loc = [str(x) for x in err.get("loc", ()) if x != "body"]
-    field = ".".join(loc) if loc else None
     if kind == "json_invalid":
         return f"request body is not valid JSON: {err.get('ctx', {}).get('error', err.get('msg'))}", None
+    loc = [str(x) for x in err.get("loc", ()) if x != "body"]
     if not loc:
         return f"request body is invalid: {err.get('msg')} (expected a JSON object)", None
+    group = [e for e in errs if tuple(e.get("loc", ()))[:2] == tuple(err.get("loc", ()))[:2]]
+    if len(group) > 1 and kind not in ("missing", "extra_forbidden"):
+        locs = [[str(x) for x in e["loc"] if x != "body"] for e in group]
+        n = 0
+        while all(len(x) > n for x in locs) and len({x[n] for x in locs}) == 1:
+            n += 1
+        field = ".".join(locs[0][:n])
+        shortest = min(group, key=lambda e: len(e["loc"]))
+        tags = list(dict.fromkeys(x[n] for x in locs if len(x) > n))
+        return f"{field}={_shown(shortest.get('input'))} is invalid: expected {' or '.join(tags)}", loc[0]
+    field = ".".join(loc)
     if kind == "missing":
         return f"{field} is required", field
     if kind == "extra_forbidden":
         return f"{field} is not a supported field", field
-    value = err.get("input")
-    shown = repr(value) if len(repr(value)) <= 80 else repr(value)[:77] + "..."
-    return f"{field}={shown} is invalid: {err.get('msg')}", loc[0]
+    return f"{field}={_shown(err.get('input'))} is invalid: {err.get('msg')}", loc[0]
+
+
+def _shown(value) -> str:
+    r = repr(value)
+    return r if len(r) <= 80 else r[:77] + "..."
 
 
 class _Guard:

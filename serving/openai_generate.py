@@ -18,7 +18,7 @@ from typing import Any, AsyncIterator
 
 from starlette.responses import JSONResponse, StreamingResponse
 
-from jaxllm.sampling_params import SamplingParams
+from jaxllm.sampling_params import MAX_LOGPROBS, SamplingParams
 
 from serving.deltas import DeltaTracker, SampleDelta
 from serving.frontdoor import FrontDoor, FrontDoorError, ModelInfo, check_token_ids, invalid, render_chat
@@ -89,6 +89,11 @@ def completion_job(door: FrontDoor, info: ModelInfo, body: CompletionRequest) ->
 
 
 def chat_job(door: FrontDoor, info: ModelInfo, body: ChatCompletionRequest) -> _Job:
+    top = body.top_logprobs
+    if top is not None and not 0 <= top <= min(MAX_LOGPROBS, door.config.max_logprobs):
+        limit = (f"must be in [0, {MAX_LOGPROBS}]" if top < 0 or door.config.max_logprobs >= MAX_LOGPROBS
+                 else f"exceeds the server limit --max-logprobs={door.config.max_logprobs}")
+        raise invalid(f"top_logprobs={top} is invalid: {limit}", "top_logprobs")
     try:
         prompt = render_chat(info.tokenizer, [m.to_dict() for m in body.messages])
         params, max_set = body.to_params(info.max_model_len)
