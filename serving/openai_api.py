@@ -197,14 +197,14 @@ def build_app(server: "ServingServer") -> Any:
             "owned_by": "jaxllm", "root": info.name, "max_model_len": info.max_model_len}]}
 
     @app.post("/v1/completions")
-    async def completions(body: CompletionRequest):
+    async def completions(body: CompletionRequest, request: Request):
         info = model_of(body.model)
-        return await respond(door, completion_job(door, info, body))
+        return await respond(door, completion_job(door, info, body), request.receive)
 
     @app.post("/v1/chat/completions")
-    async def chat_completions(body: ChatCompletionRequest):
+    async def chat_completions(body: ChatCompletionRequest, request: Request):
         info = model_of(body.model)
-        return await respond(door, chat_job(door, info, body))
+        return await respond(door, chat_job(door, info, body), request.receive)
 
     @app.post("/tokenize")
     async def tokenize(body: TokenizeRequest):

@@ -16,7 +16,7 @@ import time
 import uuid
 from typing import Any, AsyncIterator
 
-from starlette.responses import JSONResponse, StreamingResponse
+from starlette.responses import JSONResponse, Response, StreamingResponse
 
 from jaxllm.sampling_params import MAX_LOGPROBS, SamplingParams
 
@@ -107,8 +107,10 @@ def chat_job(door: FrontDoor, info: ModelInfo, body: ChatCompletionRequest) -> _
 
 
 # ----- running ---------------------------------------------------------------------------------
-async def respond(door: FrontDoor, job: _Job):
-    """Admit every prompt of ``job`` (all or nothing), then answer: JSON or an SSE stream."""
+async def respond(door: FrontDoor, job: _Job, receive=None):
+    """Admit every prompt of ``job`` (all or nothing), then answer: JSON or an SSE stream.
+    ``receive`` (the ASGI receive, body already read) tells when a non-streamed request's client
+    hangs up: its requests are aborted then rather than run to the end."""
     stack = contextlib.AsyncExitStack()
     try:
         reqs = [await stack.enter_async_context(door.request("", p, job.params)) for p in job.prompts]
@@ -117,9 +119,24 @@ async def respond(door: FrontDoor, job: _Job):
         raise
     if not job.stream:
         async with stack:
-            await _run_to_end(job, reqs)
+            work = asyncio.ensure_future(_run_to_end(job, reqs))
+            watch = asyncio.ensure_future(_disconnected(receive)) if receive is not None else None
+            try:
+                await asyncio.wait({work, watch} - {None}, return_when=asyncio.FIRST_COMPLETED)
+            finally:
+                for fut in (work, watch):
+                    if fut is not None and not fut.done():
+                        fut.cancel()
+            if not work.done() or work.cancelled():  # client gone: leaving the stack aborts them
+                return Response(status_code=499)
+            work.result()
         return JSONResponse(_final_body(job))
     return _SSEResponse(_sse(job, reqs), stack.aclose)
+
+
+async def _disconnected(receive) -> None:
+    while (await receive())["type"] != "http.disconnect":
+        pass
 
 
 async def _merged(reqs: list) -> AsyncIterator[tuple[int, list]]:

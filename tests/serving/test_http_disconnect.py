@@ -1,5 +1,5 @@
-"""32 streaming HTTP clients that hang up mid-stream: each request is aborted in the engine and
-every KV block is free again (the real host engine's block pool, over a slowed fake runner so the
+"""32 streaming HTTP clients that hang up mid-stream (and 8 non-streamed ones that give up): each
+request is aborted in the engine and every KV block is free again (the real host engine's block pool, over a slowed fake runner so the
 streams are still running when the clients leave)."""
 
 from __future__ import annotations
@@ -51,6 +51,25 @@ def test_32_streams_disconnecting_free_every_block():
         assert stats.num_free_blocks == stats.num_blocks == 1024
         # the engine really ran them and cut them short: fewer tokens than 32 full answers
         assert 0 < stats.num_generated_tokens < 32 * 400
+        # non-streamed requests whose clients give up (read timeout closes the connection)
+        before = stats.num_generated_tokens
+
+        async def gives_up(i: int) -> str:
+            async with httpx.AsyncClient(base_url=srv.base_url, timeout=httpx.Timeout(10, read=0.3)) as c:
+                try:
+                    await c.post("/v1/completions", json={"prompt": f"impatient {i}", "max_tokens": 400,
+                                                          "ignore_eos": True})
+                except httpx.ReadTimeout:
+                    return "gave up"
+                return "answered"
+
+        async def impatient():
+            return await asyncio.gather(*(gives_up(i) for i in range(8)))
+
+        assert asyncio.run(impatient()) == ["gave up"] * 8
+        stats = srv.wait_idle(timeout=20)
+        assert stats.num_free_blocks == stats.num_blocks
+        assert 0 < stats.num_generated_tokens - before < 8 * 400
         ok = httpx.post(srv.base_url + "/v1/completions", json={"prompt": "after", "max_tokens": 3}, timeout=10)
         assert ok.status_code == 200 and ok.json()["usage"]["completion_tokens"] == 3
         srv.wait_idle()
