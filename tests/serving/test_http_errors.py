@@ -200,3 +200,23 @@ def test_process_sigterm_drains_http_with_503():
         if proc.poll() is None:
             proc.kill()
             proc.wait()
+
+
+def test_engine_death_is_500_and_an_error_event_in_a_stream():
+    eng = FakeEngine(step_delay=0.01)
+    srv = ThreadedServer(eng, engine_death_grace=30.0)
+    try:
+        with httpx.Client(base_url=srv.base_url, timeout=10) as h:
+            with h.stream("POST", C, json={"prompt": "doomed", "max_tokens": 200, "stream": True}) as r:
+                it = (line for line in r.iter_lines() if line)
+                assert "error" not in json.loads(next(it)[6:])
+                eng.inject_raise()
+                rest = list(it)
+            assert rest[-1] == "data: [DONE]"
+            err = json.loads(rest[-2][6:])["error"]
+            assert err["type"] == "internal_server_error" and "injected fault" in err["message"]
+            r = h.post(C, json={"prompt": "after death", "max_tokens": 2})
+            assert r.status_code == 503 and "engine is not running" in r.json()["error"]["message"]
+            assert h.get("/health").status_code == 503
+    finally:
+        srv.close()
