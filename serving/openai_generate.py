@@ -159,8 +159,9 @@ async def _merged(reqs: list) -> AsyncIterator[tuple[int, list]]:
 
 
 async def _run_to_end(job: _Job, reqs: list) -> None:
-    async for k, batch in _merged(reqs):
-        job.trackers[k].update(batch)
+    async with contextlib.aclosing(_merged(reqs)) as outputs:
+        async for k, batch in outputs:
+            job.trackers[k].update(batch)
 
 
 def _final_body(job: _Job) -> dict:
@@ -237,22 +238,15 @@ def _event(obj: dict) -> bytes:
 
 
 async def _sse(job: _Job, reqs: list) -> AsyncIterator[bytes]:
-    n = job.params.n
     obj = "text_completion" if job.kind == "completion" else "chat.completion.chunk"
     head = {"id": job.id, "object": obj, "created": job.created, "model": job.info.name}
     started: set[int] = set()
     try:
-        async for k, batch in _merged(reqs):
-            choices = []
-            for d in job.trackers[k].update(batch):
-                index = k * n + d.index
-                choices.append(_choice(job, index, d, final=False, first=index not in started))
-                started.add(index)
-            if choices:
-                chunk = dict(head, choices=choices)
-                if job.include_usage:
-                    chunk["usage"] = None
-                yield _event(chunk)
+        async with contextlib.aclosing(_merged(reqs)) as outputs:  # its pending reads end with us
+            async for k, batch in outputs:
+                chunk = _chunk(job, head, k, batch, started)
+                if chunk is not None:
+                    yield _event(chunk)
         if job.include_usage:
             yield _event(dict(head, choices=[], usage=job.usage()))
     except FrontDoorError as exc:
@@ -260,6 +254,20 @@ async def _sse(job: _Job, reqs: list) -> AsyncIterator[bytes]:
 
         yield _event(error_body(exc)[1])
     yield b"data: [DONE]\n\n"
+
+
+def _chunk(job: _Job, head: dict, k: int, batch: list, started: set[int]) -> dict | None:
+    choices = []
+    for d in job.trackers[k].update(batch):
+        index = k * job.params.n + d.index
+        choices.append(_choice(job, index, d, final=False, first=index not in started))
+        started.add(index)
+    if not choices:
+        return None
+    chunk = dict(head, choices=choices)
+    if job.include_usage:
+        chunk["usage"] = None
+    return chunk
 
 
 class _SSEResponse(StreamingResponse):
