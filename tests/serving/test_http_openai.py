@@ -167,3 +167,19 @@ def test_tokenize_detokenize_roundtrip(srv, llm):
         assert chat["tokens"] == llm.get_tokenizer().chat_prompt(CHAT)["prompt_token_ids"]
         assert h.post("/detokenize", json={"tokens": r["tokens"]}).json() == {"prompt": "Hello"}
         assert h.get("/health").status_code == 200
+
+
+def test_stream_two_prompts_n2_indices_and_texts(client, llm):
+    kw = dict(max_tokens=6, temperature=0.7, seed=11, n=2, ignore_eos=True)
+    want = [offline(llm, p, **kw).outputs for p in PROMPTS[:2]]
+    texts: dict[int, str] = {}
+    finish: dict[int, str] = {}
+    for ch in client.completions.create(model="fake-llm", prompt=PROMPTS[:2], max_tokens=6, temperature=0.7,
+                                        seed=11, n=2, stream=True, extra_body={"ignore_eos": True}):
+        for c in ch.choices:
+            texts[c.index] = texts.get(c.index, "") + c.text
+            if c.finish_reason:
+                assert c.index not in finish
+                finish[c.index] = c.finish_reason
+    assert texts == {k * 2 + i: want[k][i].text for k in range(2) for i in range(2)}
+    assert finish == {i: "length" for i in range(4)}
