@@ -8,9 +8,11 @@ benchmark_serving.
     python bench/serving.py ... --transport grpc,http --http-target 127.0.0.1:8000  # both doors, same rates
 
 ``--transport http`` streams ``POST /v1/completions`` (token-id prompt, ``stream: true``,
-``stream_options.include_usage``) with httpx; the model's vocabulary and limits still come from
-the gRPC ``GetModelInfo`` at ``--target`` (the same server). Over HTTP the output tokens are
-the final usage chunk's count and an ITL gap is between SSE chunks carrying text.
+``stream_options.include_usage``) with httpx's async client; ``http-raw`` sends the same request
+with a minimal asyncio HTTP/1.0 client (httpx itself added latency: RESULTS.md). The model's
+vocabulary and limits come from the gRPC ``GetModelInfo`` at ``--target`` (the same server). Over
+HTTP the output tokens are the final usage chunk's count and an ITL gap is between SSE chunks
+carrying text.
 
 Requests (seeded random plain-vocabulary token ids, ignore_eos, greedy) arrive as a Poisson process
 at --request-rate per second (``inf``: all at once), at most --max-concurrency in flight. Per
@@ -126,7 +128,83 @@ async def one_http_request(client, ids, n_out, sem, rec: dict):
             rec["error"] = str(e) if isinstance(e, RuntimeError) else type(e).__name__
 
 
+class _RawHttp:
+    """A minimal HTTP/1.0 client over asyncio streams, one connection per request (HTTP/1.0: no
+    chunked framing, the body ends at close). httpx's async client added its own latency to the
+    measurement (bench/RESULTS.md: TTFT P50 732 vs 259 ms against the same server at rate inf);
+    this one sends the request and reads SSE lines, nothing else."""
+
+    def __init__(self, target: str, api_key, timeout: float):
+        host, _, port = target.rpartition(":")
+        self.host, self.port, self.timeout = host.strip("[]"), int(port), timeout
+        self.auth = f"Authorization: Bearer {api_key}\r\n" if api_key else ""
+
+    async def __aenter__(self):
+        return self
+
+    async def __aexit__(self, *exc):
+        return None
+
+    async def sse(self, path: str, body: dict):
+        """Yield each ``data: ...`` line (bytes, without the prefix) of a streamed POST."""
+        import json
+
+        data = json.dumps(body).encode()
+        head = (f"POST {path} HTTP/1.0\r\nHost: {self.host}\r\nContent-Type: application/json\r\n"
+                f"{self.auth}Content-Length: {len(data)}\r\n\r\n").encode()
+        reader, writer = await asyncio.wait_for(asyncio.open_connection(self.host, self.port), self.timeout)
+        try:
+            writer.write(head + data)
+            await writer.drain()
+            status = await reader.readline()
+            if b" 200 " not in status:
+                raise RuntimeError(f"HTTP {status.decode(errors='replace').split(' ', 2)[1]}")
+            async for line in reader:
+                if line.startswith(b"data: "):
+                    yield line[6:].rstrip(b"\r\n")
+        finally:
+            writer.close()
+
+
+async def one_raw_http_request(client: _RawHttp, ids, n_out, sem, rec: dict):
+    import json
+
+    body = {"prompt": ids, "max_tokens": n_out, "ignore_eos": True, "temperature": 0.0, "stream": True,
+            "stream_options": {"include_usage": True}}
+    async with sem:
+        t0 = time.perf_counter()
+        rec["start"] = t0
+        last = None
+        itl = []
+        n_tok = 0
+        try:
+            async for data in client.sse("/v1/completions", body):
+                if data == b"[DONE]":
+                    break
+                now = time.perf_counter()
+                chunk = json.loads(data)
+                if "error" in chunk:
+                    raise RuntimeError(chunk["error"].get("code") or "error")
+                if chunk.get("usage"):
+                    n_tok = chunk["usage"]["completion_tokens"]
+                if any(c.get("text") for c in chunk.get("choices") or ()):
+                    if last is None:
+                        rec["ttft"] = now - t0
+                    else:
+                        itl.append(now - last)
+                    last = now
+            rec["e2e"] = time.perf_counter() - t0
+            rec["output_tokens"] = n_tok
+            rec["itl"] = itl
+            rec["ok"] = True
+        except Exception as e:  # noqa: BLE001 - counted, the run goes on
+            rec["ok"] = False
+            rec["error"] = str(e) if isinstance(e, RuntimeError) else type(e).__name__
+
+
 def _client(transport: str, target: str, api_key, timeout: float, max_concurrency: int):
+    if transport == "http-raw":
+        return _RawHttp(target, api_key, timeout)
     if transport == "http":
         import httpx
 
@@ -143,7 +221,7 @@ async def run_rate(target: str, api_key, reqs, rate: float, max_concurrency: int
     rng = random.Random(seed)
     recs = [{"prompt_tokens": len(ids), "requested": n} for ids, n in reqs]
     sem = asyncio.Semaphore(max_concurrency)
-    send = one_http_request if transport == "http" else one_request
+    send = {"http": one_http_request, "http-raw": one_raw_http_request}.get(transport, one_request)
     async with _client(transport, target, api_key, timeout, max_concurrency) as client:
         t0 = time.perf_counter()
         tasks = []
@@ -181,7 +259,8 @@ def build_parser():
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--target", default="127.0.0.1:50051", help="gRPC HOST:PORT (also where model info comes from)")
     ap.add_argument("--transport", default="grpc",
-                    help="grpc, http, or a comma list (grpc,http): each rate is run over each, in turn")
+                    help="grpc, http (the httpx client), http-raw (a minimal asyncio HTTP/1.0 client), or a "
+                         "comma list (grpc,http-raw): each rate is run over each, in turn")
     ap.add_argument("--http-target", default="127.0.0.1:8000", help="HOST:PORT of the server's --http-port")
     ap.add_argument("--api-key", default=os.environ.get("JAXLLM_API_KEY"))
     add_workload_args(ap)
@@ -223,10 +302,10 @@ async def amain(args) -> dict:
     log(f"server {info.model} (max_model_len {info.max_model_len}, max_num_seqs {info.max_num_seqs}); "
         f"{len(reqs)} requests, {sum(len(i) for i, _ in reqs)} prompt / {sum(n for _, n in reqs)} output tokens")
     transports = [t.strip() for t in args.transport.split(",") if t.strip()]
-    bad = [t for t in transports if t not in ("grpc", "http")]
+    bad = [t for t in transports if t not in ("grpc", "http", "http-raw")]
     if bad or not transports:
-        raise SystemExit(f"--transport {args.transport!r} is invalid: use grpc, http or grpc,http")
-    targets = {"grpc": args.target, "http": args.http_target}
+        raise SystemExit(f"--transport {args.transport!r} is invalid: use grpc, http, http-raw or a comma list")
+    targets = {"grpc": args.target, "http": args.http_target, "http-raw": args.http_target}
     if args.warmup_requests:
         warm = make_requests(args.warmup_requests, (16, 16), (4, 4), info.vocab_size, set(info.eos_token_ids),
                              args.seed + 1)

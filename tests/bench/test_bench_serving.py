@@ -42,13 +42,13 @@ def test_serving_bench_two_rates(fake_server, tmp_path, capsys):
 
     out = tmp_path / "s.json"
     target, http = fake_server
-    rc = sb.main(["--target", target, "--http-target", http, "--transport", "grpc,http", "--num-prompts", "8",
+    rc = sb.main(["--target", target, "--http-target", http, "--transport", "grpc,http,http-raw", "--num-prompts", "8",
                   "--input-len", "4..8", "--output-len", "3..6",
                   "--request-rate", "50,inf", "--max-concurrency", "3", "--output-json", str(out)])
     assert rc == 0
     res = json.loads(out.read_text())
     assert [(r["transport"], r["request_rate"]) for r in res["rows"]] == [
-        ("grpc", 50.0), ("http", 50.0), ("grpc", float("inf")), ("http", float("inf"))]
+        (t, rate) for rate in (50.0, float("inf")) for t in ("grpc", "http", "http-raw")]
     for r in res["rows"]:
         assert r["completed"] == 8 and r["failed"] == 0 and r["short_outputs"] == 0, r
         assert 0 < r["ttft_p50_ms"] <= r["e2e_p50_ms"] and r["tpot_mean_ms"] > 0 and r["itl_p99_ms"] > 0
