@@ -230,7 +230,7 @@ async def run(args) -> dict:
         "kv_req_blocks": len(engine.kv.req_blocks),
         "engine_parents": len(engine._parents), "engine_seqs": len(engine._seqs),
         "async_engine_streams": server.async_engine.num_active,
-        "servicer_active": len(server.servicer.active),
+        "servicer_active": len(server.door.active),
     }
     engine.kv.pool.check_invariants()
     for ch in channels:
@@ -271,7 +271,7 @@ async def _idle(server, engine, timeout: float) -> float:
     t0 = time.monotonic()
     while time.monotonic() - t0 < timeout:
         if (not engine.has_unfinished_requests() and server.async_engine.num_active == 0
-                and not server.servicer.active and server.async_engine.num_pending_adds == 0):
+                and not server.door.active and server.async_engine.num_pending_adds == 0):
             await asyncio.sleep(0.05)  # one more loop turn: queued aborts/releases applied
             if not engine.has_unfinished_requests():
                 break

@@ -5,8 +5,9 @@ Engine flags are ``jaxllm.generate``'s (``jaxllm/cli_args.py``); they fill
 ``jaxllm.engine.factory.build_engine(config)`` on the engine thread (the port is open and health
 says NOT_SERVING while the model loads and compiles).
 
-Once bound, one machine-readable line goes to stdout: ``serving: listening grpc=HOST:PORT``, and
-with ``--metrics-port`` a second one: ``serving: listening metrics=HOST:PORT``.
+Once bound, machine-readable lines go to stdout: ``serving: listening grpc=HOST:PORT``, with
+``--http-port`` ``serving: listening http=HOST:PORT`` (the OpenAI API), and with
+``--metrics-port`` ``serving: listening metrics=HOST:PORT``.
 Logs (``--log-level``, default info) go to stderr.
 
 Test hook (not for production): ``--model fake:<k=v,...>`` serves the deterministic fake engine
@@ -42,6 +43,11 @@ def build_parser() -> ArgumentParser:
     p.add_argument("--host", default="127.0.0.1", help="address to bind")
     p.add_argument("--port", type=int, default=50051,
                    help="port to bind; 0 = any free port (the bound one is printed on stdout)")
+    p.add_argument("--http-port", type=int, default=None,
+                   help="also serve the OpenAI-compatible HTTP API on this port (default: off; "
+                        "0 = any free port, printed on stdout)")
+    p.add_argument("--served-model-name", default=None,
+                   help="model id of the HTTP API (/v1/models, the 'model' field; default: --model)")
     add_log_level_arg(p)
     add_engine_args(p)
     from jaxllm.parallel.cli import add_distributed_args  # argparse only: no jax
@@ -52,7 +58,7 @@ def build_parser() -> ArgumentParser:
     s.add_argument("--max-queued-requests", type=int, default=d.max_queued_requests,
                    help="waiting requests before new ones get RESOURCE_EXHAUSTED")
     s.add_argument("--api-key", default=api_key_from_env(),
-                   help="require 'authorization: Bearer <key>' on every RPC but health "
+                   help="require 'authorization: Bearer <key>' on every RPC and HTTP request but health "
                         "(default: $JAXLLM_API_KEY, else none)")
     s.add_argument("--tls-cert", help="PEM certificate chain, with --tls-key (default: plaintext)")
     s.add_argument("--tls-key", help="PEM private key, with --tls-cert (default: plaintext)")
@@ -77,7 +83,7 @@ def build_parser() -> ArgumentParser:
     s.add_argument("--max-stop-strings", type=int, default=d.max_stop_strings,
                    help="most stop strings per request")
     s.add_argument("--max-message-bytes", type=int, default=d.max_message_bytes,
-                   help="largest request message in bytes")
+                   help="largest request message (gRPC) or body (HTTP, else 413) in bytes")
     m = p.add_argument_group("metrics")
     m.add_argument("--metrics-port", type=int, default=None,
                    help="serve Prometheus metrics (jaxllm:*) on this port; 0 = any free port (the bound "
@@ -92,7 +98,8 @@ def build_parser() -> ArgumentParser:
 
 def server_config(args: argparse.Namespace) -> ServerConfig:
     return ServerConfig(
-        host=args.host, port=args.port, api_key=args.api_key or None, tls_cert=args.tls_cert,
+        host=args.host, port=args.port, http_port=args.http_port,
+        served_model_name=args.served_model_name, api_key=args.api_key or None, tls_cert=args.tls_cert,
         tls_key=args.tls_key, tls_client_ca=args.tls_client_ca,
         stream_timeout=args.stream_timeout, max_queued_requests=args.max_queued_requests,
         shutdown_timeout=args.shutdown_timeout, watchdog_timeout=args.watchdog_timeout,
@@ -137,6 +144,8 @@ async def serve(cfg: ServerConfig, factory: Callable[[], Any]) -> int:
         print(f"error: {exc}", file=sys.stderr, flush=True)
         return 1
     print(f"serving: listening grpc={_address(cfg.host, port)}", flush=True)
+    if server.http_port is not None:
+        print(f"serving: listening http={_address(cfg.host, server.http_port)}", flush=True)
     if server.metrics.port is not None:
         print(f"serving: listening metrics={_address(cfg.host, server.metrics.port)}", flush=True)
     loop = asyncio.get_running_loop()

@@ -12,6 +12,8 @@ GENERATION_SERVICE = "jaxllm.v1.Generation"
 class ServerConfig(msgspec.Struct, kw_only=True):
     host: str = "127.0.0.1"
     port: int = 50051  # 0 = pick a free port (``ServingServer.port`` tells which)
+    http_port: int | None = None  # OpenAI-compatible HTTP API; None = off, 0 = any free port
+    served_model_name: str | None = None  # the HTTP API's model id (default: the --model value)
     api_key: str | None = None
     tls_cert: str | None = None  # PEM paths; both or neither
     tls_key: str | None = None
@@ -63,4 +65,6 @@ class ServerConfig(msgspec.Struct, kw_only=True):
         if self.metrics_port is not None and not 0 <= self.metrics_port < 65536:
             raise ValueError(f"metrics_port={self.metrics_port} is invalid: must be in [0, 65535]")
         validate_interval(self.log_stats_interval)
+        if self.http_port is not None and not 0 <= self.http_port < 65536:
+            raise ValueError(f"http_port={self.http_port} is invalid: must be in [0, 65535]")
         return self

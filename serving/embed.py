@@ -1,23 +1,14 @@
 """Embed RPC: proto <-> engine arguments (no jax). The servicer's ``Embed`` handler admits the
-request like ``Generate`` (same gate, request-id rules, queue limit, drain) and awaits
-``AsyncEngine.embed``; this module turns the message into what the engine takes and back."""
+request through the front door like ``Generate`` (same gate, request-id rules, queue limit,
+drain: ``FrontDoor.embed``); this module turns the message into what the engine takes and back."""
 
 from __future__ import annotations
 
-import asyncio
 from typing import Any
 
 from jaxllm.pooling_params import PoolingParams
 from serving import convert
-from serving.health import PROBE_PREFIX
 from serving.proto.jaxllm.v1 import generation_pb2 as pb
-
-
-def check_request_id(rid: str, max_len: int) -> None:
-    if len(rid) > max_len:
-        raise ValueError(f"request_id of length {len(rid)} is invalid: must be at most {max_len} characters")
-    if rid.startswith(PROBE_PREFIX):
-        raise ValueError(f"request_id={rid!r} is invalid: the prefix {PROBE_PREFIX!r} is reserved")
 
 
 def embed_request_to_engine(req: pb.EmbedRequest, vocab_size: int | None) -> tuple[Any, PoolingParams]:
@@ -41,18 +32,3 @@ def embed_request_to_engine(req: pb.EmbedRequest, vocab_size: int | None) -> tup
 def embed_response(rid: str, out: Any) -> pb.EmbedResponse:
     return pb.EmbedResponse(request_id=rid, embedding=out.outputs.embedding,
                             prompt_tokens=len(out.prompt_token_ids))
-
-
-async def embed_many(ae: Any, request_id: str, prompts: list, params: PoolingParams | None = None) -> list:
-    """Embed several prompts as one client request (OpenAI's ``input`` list): sub-requests
-    ``f"{request_id}-{i}"`` submitted together, so the scheduler batches them; the outputs in input
-    order. All or nothing: the first error (a ValueError naming the field for bad input) cancels
-    the others, whose requests are aborted (``AsyncEngine.embed`` aborts on cancel)."""
-    tasks = [asyncio.ensure_future(ae.embed(f"{request_id}-{i}", p, params)) for i, p in enumerate(prompts)]
-    try:
-        return list(await asyncio.gather(*tasks))
-    except BaseException:
-        for t in tasks:
-            t.cancel()
-        await asyncio.gather(*tasks, return_exceptions=True)
-        raise

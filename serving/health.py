@@ -35,7 +35,7 @@ log = logging.getLogger(__name__)
 
 SERVING = health_pb2.HealthCheckResponse.SERVING
 NOT_SERVING = health_pb2.HealthCheckResponse.NOT_SERVING
-PROBE_PREFIX = "__health-probe-"
+from serving.frontdoor import PROBE_PREFIX  # noqa: E402,F401  (re-exported)
 
 
 class HealthMonitor:

@@ -42,8 +42,13 @@ class ServingMetrics:
         self._httpd = None
 
     @property
+    def prometheus_wanted(self) -> bool:
+        """The series are served on --metrics-port and on the HTTP door's /metrics."""
+        return self.config.metrics_port is not None or self.config.http_port is not None
+
+    @property
     def enabled(self) -> bool:
-        return self.config.metrics_port is not None or self.config.log_stats
+        return self.prometheus_wanted or self.config.log_stats
 
     def attach(self, engine: Any) -> None:
         """Attach the stat loggers to a built (and warmed-up) engine; call on the engine thread."""
@@ -55,7 +60,7 @@ class ServingMetrics:
                         "there is no stats log", type(engine).__name__)
             return
         cfg = getattr(engine, "config", None)
-        if self.config.metrics_port is not None:
+        if self.prometheus_wanted:
             self.prometheus = PrometheusStatLogger(
                 self.registry, model_name(engine),
                 max_model_len=getattr(cfg, "max_model_len", None) or 131072,

@@ -27,10 +27,11 @@ import grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
-from jaxllm.engine.async_engine import AsyncEngine, RequestAbortedError
+from jaxllm.engine.async_engine import AsyncEngine
 
 from serving.auth import ApiKeyInterceptor
 from serving.config import GENERATION_SERVICE, ServerConfig
+from serving.frontdoor import FrontDoor
 from serving.health import HealthMonitor
 from serving.metrics import ServingMetrics
 from serving.proto.jaxllm.v1 import generation_pb2 as pb
@@ -62,17 +63,19 @@ class ServingServer:
         self.async_engine = AsyncEngine(engine, engine_factory=engine_factory, warmup=warm,
                                         idle_tick=idle_tick)
         self.port: int | None = None
+        self.http = None  # serving.openai_api.HttpServer when config.http_port is set
+        self.http_port: int | None = None
         self.start_error: BaseException | None = None  # what the engine build / warm-up raised
         self.exit_code: int | None = None
-        self.draining = False
+        self.door = FrontDoor(self.config, self.async_engine)  # admission, registry, drain
         self._grpc: grpc.aio.Server | None = None
         self.health_servicer = health.aio.HealthServicer()
         self.servicer = GenerationServicer(self)
         self.monitor = HealthMonitor(config, self.health_servicer, lambda: self.async_engine,
                                      lambda: self.draining, self._probe_token_ids)
         self._done = asyncio.Event()
-        self._idle = asyncio.Event()
         self._stopping = False
+        self._shutdown_hooks: list[Callable[[], Any]] = []  # other doors (HTTP): awaited at stop
         self._background: set[asyncio.Task] = set()
 
     # ----- start ----------------------------------------------------------------------
@@ -105,6 +108,15 @@ class ServingServer:
         self.metrics.start()  # OSError naming --metrics-port when it cannot bind
         await server.start()
         self._grpc = server
+        if cfg.http_port is not None:  # the OpenAI-compatible door, same loop, same front door
+            from serving.openai_api import HttpServer
+
+            self.http = HttpServer(self, cfg.host, cfg.http_port)
+            try:
+                self.http_port = await self.http.start()
+            except OSError:
+                await server.stop(None)
+                raise
         log.debug("serving: listening on %s (%s)", address.replace(f":{cfg.port}", f":{self.port}"),
                   ("mutual TLS" if cfg.tls_client_ca else "TLS") if cfg.tls_cert else "plaintext")
         self.async_engine.add_death_callback(self._on_engine_death)
@@ -139,24 +151,17 @@ class ServingServer:
                 raise TimeoutError(f"not SERVING after {timeout}s: {self.monitor.reason}")
             await asyncio.sleep(0.02)
 
-    # ----- admission --------------------------------------------------------------------
-    def refusal_reason(self) -> str | None:
-        if self.draining or self._stopping:
-            return "server is draining (shutting down): not accepting new requests"
-        ae = self.async_engine
-        if ae.dead is not None:
-            return f"engine is not running: {type(ae.dead).__name__}: {ae.dead}"
-        if not ae.ready:
-            return "server is starting: the model is loading / compiling"
-        age = ae.heartbeat_age()
-        if age > self.config.watchdog_timeout:
-            return (f"engine loop wedged: no progress for {age:.1f}s "
-                    f"(watchdog {self.config.watchdog_timeout:g}s)")
-        return None
+    # ----- admission (the front door's) ------------------------------------------------
+    @property
+    def draining(self) -> bool:
+        return self.door.draining
 
-    def notify_request_done(self) -> None:
-        if not self.servicer.active:
-            self._idle.set()
+    def refusal_reason(self) -> str | None:
+        return self.door.refusal_reason()
+
+    def add_shutdown_hook(self, hook: Callable[[], Any]) -> None:
+        """``await hook()`` when the server stops, before the engine does (e.g. the HTTP door)."""
+        self._shutdown_hooks.append(hook)
 
     # ----- engine death -------------------------------------------------------------------
     def _on_engine_death(self, exc: BaseException) -> None:
@@ -177,28 +182,12 @@ class ServingServer:
     async def drain(self, reason: str = "shutdown requested") -> None:
         if self.draining or self._stopping:
             return
-        self.draining = True
+        self.door.draining = True
         timeout = self.config.shutdown_timeout
         log.warning("serving: draining (%s): %d requests in flight, up to %.1fs",
-                    reason, len(self.servicer.active), timeout)
+                    reason, len(self.door.active), timeout)
         await self.monitor.update()
-        if self.servicer.active:
-            self._idle.clear()
-            try:
-                await asyncio.wait_for(self._idle.wait(), timeout)
-            except TimeoutError:
-                pass
-        left = list(self.servicer.active)
-        if left:
-            log.warning("serving: aborting %d requests still running after %.1fs", len(left), timeout)
-            for rid in left:
-                self.async_engine.abort(rid, RequestAbortedError(
-                    f"server shutting down: request aborted after --shutdown-timeout={timeout:g}s"))
-            self._idle.clear()
-            try:
-                await asyncio.wait_for(self._idle.wait(), 2.0)
-            except TimeoutError:
-                pass
+        await self.door.drain(timeout)
         if self.exit_code is None:
             await self._terminate(exit_code=0)
 
@@ -206,8 +195,14 @@ class ServingServer:
         if self._stopping:
             return
         self._stopping = True
+        self.door.stopping = True
         self.exit_code = exit_code
         await self.monitor.update()
+        for hook in self._shutdown_hooks:
+            try:
+                await hook()
+            except Exception:  # noqa: BLE001 - one door failing to close must not block the rest
+                log.exception("serving: shutdown hook failed")
         await self.monitor.stop()
         await self.health_servicer.enter_graceful_shutdown()
         if self._grpc is not None:
@@ -219,8 +214,7 @@ class ServingServer:
 
     async def stop(self, exit_code: int = 0) -> None:
         """Immediate stop (no drain)."""
-        for rid in list(self.servicer.active):
-            self.async_engine.abort(rid, RequestAbortedError("server stopped"))
+        self.door.abort_all("server stopped")
         await self._terminate(exit_code)
 
     async def wait(self) -> int:

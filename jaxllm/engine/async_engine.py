@@ -37,6 +37,8 @@ import threading
 import time
 from typing import Any, AsyncIterator, Callable
 
+from jaxllm.engine.stats import EngineStats
+
 log = logging.getLogger(__name__)
 
 _STOP = object()
@@ -159,7 +161,7 @@ class AsyncEngine:
         self.step_started_at: float | None = None
         self.last_output_time = now
         self.num_steps = 0
-        self.stats: dict = {}
+        self.stats: EngineStats = EngineStats()  # the engine's latest get_stats()
         self.dead: BaseException | None = None
         self.stopped = False
 
@@ -374,7 +376,7 @@ class AsyncEngine:
 
     def _refresh_stats(self) -> None:
         try:
-            self.stats = dict(self.engine.get_stats())
+            self.stats = self.engine.get_stats()
         except Exception:  # stats are best effort
             log.debug("get_stats failed", exc_info=True)
 

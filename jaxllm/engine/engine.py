@@ -50,6 +50,7 @@ from jaxllm.core.scheduler import Scheduler
 from jaxllm.engine.output_processor import DetokenizerFactory, ParentState, SeqState, TokenTexts
 from jaxllm.engine.pooling import EmbedState
 from jaxllm.engine.runner_protocol import ModelRunnerProtocol
+from jaxllm.engine.stats import EngineStats
 from jaxllm.metrics.stats import IterationStats, SchedulerStats
 from jaxllm.outputs import EmbeddingRequestOutput, RequestOutput
 from jaxllm.pooling_params import PoolingParams
@@ -446,21 +447,20 @@ class LLMEngine:
         return f"{'decode' if decode_only else 'mixed'}_{T}"
 
     # ----- introspection ------------------------------------------------------------
-    def get_stats(self) -> dict:
-        return {
-            "num_blocks": self.kv.num_blocks,
-            "num_free_blocks": self.kv.num_free_blocks,
-            "num_running": self.scheduler.num_running,
-            "num_waiting": self.scheduler.num_waiting,
-            "num_unfinished_requests": len(self._parents) + len(self._embeds),
-            "num_preemptions": self.scheduler.num_preemptions,
-            "prefix_cache_hit_rate": self.kv.prefix_hit_rate,
-            "prefix_cache_queries": self.kv.prefix_queries,
-            "prefix_cache_hits": self.kv.prefix_hits,
-            "num_steps": self.num_steps,
-            "num_prompt_tokens": self.num_prompt_tokens,
-            "num_generated_tokens": self.num_generated_tokens,
-        }
+    def get_stats(self) -> EngineStats:
+        return EngineStats(
+            num_blocks=self.kv.num_blocks,
+            num_free_blocks=self.kv.num_free_blocks,
+            num_running=self.scheduler.num_running,
+            num_waiting=self.scheduler.num_waiting,
+            num_unfinished_requests=len(self._parents) + len(self._embeds),
+            num_preemptions=self.scheduler.num_preemptions,
+            prefix_cache_queries=self.kv.prefix_queries,
+            prefix_cache_hits=self.kv.prefix_hits,
+            num_steps=self.num_steps,
+            num_prompt_tokens=self.num_prompt_tokens,
+            num_generated_tokens=self.num_generated_tokens,
+        )
 
     def cache_summary(self) -> str:
         """One line for start-up: blocks, tokens, and how many max_model_len requests fit."""

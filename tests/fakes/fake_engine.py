@@ -31,6 +31,7 @@ from typing import Any
 
 import msgspec
 
+from jaxllm.engine.stats import EngineStats
 from jaxllm.metrics.stats import FinishedRequestStats, IterationStats, SchedulerStats
 from jaxllm.outputs import CompletionOutput, Logprob, RequestMetrics, RequestOutput
 from jaxllm.sampling_params import SamplingParams
@@ -203,10 +204,11 @@ class FakeEngine:
     def has_unfinished_requests(self) -> bool:
         return bool(self._waiting or self._running)
 
-    def get_stats(self) -> dict:
-        return {"free_blocks": self.free_blocks, "total_blocks": self.config.num_blocks,
-                "num_running": len(self._running), "num_waiting": len(self._waiting),
-                "num_steps": self.num_steps}
+    def get_stats(self) -> EngineStats:
+        return EngineStats(num_blocks=self.config.num_blocks, num_free_blocks=self.free_blocks,
+                           num_running=len(self._running), num_waiting=len(self._waiting),
+                           num_unfinished_requests=len(self._running) + len(self._waiting),
+                           num_steps=self.num_steps)
 
     def step(self) -> list[RequestOutput]:
         self.thread_ids.add(threading.get_ident())

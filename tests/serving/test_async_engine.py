@@ -38,7 +38,7 @@ def test_streams_abort_and_single_thread():
                 break
             await asyncio.sleep(0.01)
         assert eng.aborted == ["c", "d"] and eng.free_blocks == eng.config.num_blocks
-        assert ae.num_active == 0 and ae.stats["free_blocks"] == eng.config.num_blocks
+        assert ae.num_active == 0 and ae.stats.num_free_blocks == eng.config.num_blocks
         assert eng.thread_ids == {ae._thread.ident} and ae._thread.ident != threading.get_ident()
         assert ae.health_info()["alive"] and ae.num_steps > 0
         await ae.stop()

@@ -126,22 +126,54 @@ def test_embed_needs_the_api_key():
     run(main())
 
 
-def test_embed_many_is_ordered_and_all_or_nothing():
-    """serving.embed.embed_many (what an HTTP /v1/embeddings handler calls with OpenAI's input list)."""
-    from serving.embed import embed_many
+def test_http_embeddings_openai_client_matches_offline_and_metrics():
+    """POST /v1/embeddings through the official openai client: a list input comes back in order,
+    equal to the offline engine, with unit norms and usage = prompt tokens; base64 decodes to the
+    same floats; bad items are 400 naming input with every block free (all or nothing); /metrics
+    on the HTTP port counts the requests. A generate server refuses /v1/embeddings naming model."""
+    import base64
+
+    import httpx
+    import openai
 
     texts = ["first", "second prompt " * 3, "third"]
 
     async def main():
-        async with running_server(make_engine()) as c:
-            ae = c.server.async_engine
-            outs = await embed_many(ae, "req", texts, PoolingParams(pooling_type="MEAN"))
-            with pytest.raises(ValueError, match="prompt_token_ids\\[0\\]=10000 is invalid"):
-                await embed_many(ae, "bad", ["ok " * 20, {"prompt_token_ids": [10_000]}, "ok"])
+        async with running_server(make_engine(), http_port=0) as c:
+            base = f"http://127.0.0.1:{c.server.http_port}"
+            async with openai.AsyncOpenAI(base_url=base + "/v1", api_key="x", max_retries=0, timeout=30) as oc:
+                r = await oc.embeddings.create(model="fake-embed", input=texts)
+                b64 = await oc.embeddings.create(model="fake-embed", input=[[5, 6, 7]], encoding_format="base64")
+                with pytest.raises(openai.BadRequestError) as ei:
+                    await oc.embeddings.create(model="fake-embed", input=[[5], [10_000], [6]])
+                assert ei.value.body["param"] == "input" and "10000" in ei.value.body["message"]
+                with pytest.raises(openai.BadRequestError) as ei:
+                    await oc.embeddings.create(model="fake-embed", input="x", dimensions=8)
+                assert ei.value.body["param"] == "dimensions"
+            async with httpx.AsyncClient() as h:
+                raw = await h.post(base + "/v1/embeddings", json={"input": [5, 6, 7], "encoding_format": "base64"})
+                metrics = (await h.get(base + "/metrics")).text
             await c.wait_blocks_free()
-            return outs
+            return r, b64, raw.json(), metrics
 
-    outs = run(main())
-    assert [o.request_id for o in outs] == ["req-0", "req-1", "req-2"]
-    for o, t in zip(outs, texts):
-        np.testing.assert_allclose(o.outputs.embedding, offline(t, PoolingParams(pooling_type="MEAN")), rtol=1e-6)
+    r, b64, raw, metrics = run(main())
+    assert [d.index for d in r.data] == [0, 1, 2]
+    for d, t in zip(r.data, texts):
+        np.testing.assert_allclose(d.embedding, offline(t, PoolingParams()), rtol=1e-6)
+        assert abs(np.linalg.norm(d.embedding) - 1.0) < 1e-5 and len(d.embedding) == FAKE_HIDDEN_SIZE
+    want = offline({"prompt_token_ids": [5, 6, 7]}, PoolingParams())
+    np.testing.assert_allclose(b64.data[0].embedding, want, rtol=1e-6)  # the client decodes base64
+    raw_vec = np.frombuffer(base64.b64decode(raw["data"][0]["embedding"]), dtype="<f4")
+    np.testing.assert_allclose(raw_vec, want, rtol=1e-6)
+    tok = FakeTokenizer()
+    assert r.usage.prompt_tokens == sum(len(tok.encode(t)) for t in texts) == r.usage.total_tokens
+    assert 'jaxllm:xla_compiles_since_warmup' in metrics or "jaxllm:" in metrics
+
+    async def generate_server():
+        async with running_server(make_engine("generate"), http_port=0) as c:
+            async with httpx.AsyncClient() as h:
+                return await h.post(f"http://127.0.0.1:{c.server.http_port}/v1/embeddings", json={"input": "hi"})
+
+    resp = run(generate_server())
+    assert resp.status_code == 400 and resp.json()["error"]["param"] == "model"
+    assert "--task embed" in resp.json()["error"]["message"]

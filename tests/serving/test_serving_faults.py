@@ -46,7 +46,7 @@ def test_fake_engine_request_fault_fails_only_that_request():
             for i, r in enumerate(res[:6]):
                 assert collect(r)["texts"][0] == offline(f"good {i}", max_tokens=30)[0].text
             await c.wait_blocks_free()
-            assert not c.server.servicer.active and c.server.async_engine.num_active == 0
+            assert not c.server.door.active and c.server.async_engine.num_active == 0
             assert await c.health_status() == SERVING
     run(main())
 

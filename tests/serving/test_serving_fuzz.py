@@ -59,7 +59,7 @@ def still_serving(ctx, call, stub) -> None:
     """After the fuzz: every block free, nothing in flight, SERVING, and a request still works."""
     info = call(ctx.wait_blocks_free(timeout=10))
     assert info.free_kv_blocks == info.total_kv_blocks
-    assert not ctx.server.servicer.active and ctx.server.async_engine.num_active == 0
+    assert not ctx.server.door.active and ctx.server.async_engine.num_active == 0
     assert call(ctx.health_status()) == SERVING
     res = collect(list(stub.Generate(pb.GenerateRequest(text="still here"), timeout=10)))
     assert res["texts"][0] == offline("still here")[0].text

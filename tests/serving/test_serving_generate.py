@@ -102,7 +102,7 @@ def test_64_concurrent_half_cancelled_frees_all_blocks():
             await c.wait_blocks_free()
             await asyncio.sleep(0.1)
             assert set(cancelled_ids) <= set(eng.aborted)
-            assert not c.server.servicer.active
+            assert not c.server.door.active
             live = [r for r in c.server.async_engine._streams if not r.startswith(PROBE_PREFIX)]
             assert not live  # (a health probe may be in flight)
             assert len(eng.thread_ids) == 1  # every engine call on the one engine thread

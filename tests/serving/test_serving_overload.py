@@ -51,5 +51,5 @@ def test_burst_of_4x_the_queue():
             assert health and set(health) == {SERVING}
             assert await c.health_status() == SERVING
             await c.wait_blocks_free()
-            assert not c.server.servicer.active and c.server.async_engine.num_active == 0
+            assert not c.server.door.active and c.server.async_engine.num_active == 0
     run(main())

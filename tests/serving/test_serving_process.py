@@ -159,6 +159,7 @@ def test_bad_flags_exit_2():
 
 def test_serving_imports_no_jax():
     code = ("import sys, serving.server, serving.client, serving.__main__, "
+            "serving.frontdoor, serving.openai_api, serving.openai_generate, "
             "jaxllm.engine.async_engine; "
             "bad = [m for m in sys.modules if m == 'jax' or m.startswith('jax.')]; "
             "assert not bad, bad")

@@ -112,3 +112,41 @@ def test_real_model_fuzz(real_engine):
         assert call(ctx.health_status()) == 1  # SERVING
     if traces is not None:
         assert runner.num_traces == traces, "a fuzzed request compiled a new shape after warm-up"
+
+
+def test_real_model_http_openai_client_matches_offline(real_engine):
+    """The OpenAI HTTP door over the same engine: greedy completions and chat through the
+    official async client equal the offline LLM, usage counts its tokens, nothing compiles."""
+    import openai
+
+    from jaxllm import LLM, SamplingParams
+
+    llm = LLM("smollm2-135m", engine=real_engine)
+    greedy = SamplingParams(temperature=0.0, max_tokens=8)
+    offline = [o for o in llm.generate(PROMPTS[:2], greedy, use_tqdm=False)]
+    chat_offline = llm.chat(CHAT, greedy, use_tqdm=False)[0]
+    runner = getattr(real_engine, "runner", None)
+    traces = getattr(runner, "num_traces", None)
+
+    async def main():
+        async with running_server(real_engine, http_port=0, watchdog_timeout=60, health_probe_interval=5) as c:
+            base = f"http://127.0.0.1:{c.server.http_port}/v1"
+            async with openai.AsyncOpenAI(base_url=base, api_key="unused", max_retries=0, timeout=300) as oc:
+                comp = await oc.completions.create(model="smollm2-135m", prompt=PROMPTS[:2], max_tokens=8,
+                                                   temperature=0)
+                for choice, want in zip(comp.choices, offline):
+                    assert choice.text == want.outputs[0].text
+                assert comp.usage.completion_tokens == sum(len(w.outputs[0].token_ids) for w in offline)
+                assert comp.usage.prompt_tokens == sum(len(w.prompt_token_ids) for w in offline)
+                stream = await oc.chat.completions.create(model="smollm2-135m", messages=CHAT, max_tokens=8,
+                                                          temperature=0, stream=True,
+                                                          stream_options={"include_usage": True})
+                chunks = [ch async for ch in stream]
+                text = "".join(ch.choices[0].delta.content or "" for ch in chunks if ch.choices)
+                assert text == chat_offline.outputs[0].text
+                assert chunks[-1].usage.prompt_tokens == len(chat_offline.prompt_token_ids)
+                assert chunks[-1].usage.completion_tokens == len(chat_offline.outputs[0].token_ids)
+            await c.wait_blocks_free(timeout=60)
+    run(main(), timeout=600)
+    if traces is not None:
+        assert runner.num_traces == traces, "HTTP serving compiled a new shape after warm-up"

@@ -59,10 +59,22 @@ def test_tls(tmp_path):
     creds = grpc.ssl_channel_credentials(root_certificates=cert.read_bytes())
 
     async def main():
-        async with running_server(tls_cert=str(cert), tls_key=str(key),
+        async with running_server(tls_cert=str(cert), tls_key=str(key), http_port=0,
                                   channel_credentials=creds) as c:
             res = collect(await c.generate(prompt="secure", max_tokens=6))
             assert res["texts"][0] == "secure"
+            import httpx  # the HTTP door uses the same certificate
+
+            import ssl
+
+            ctx = ssl.create_default_context(cafile=str(cert))
+            async with httpx.AsyncClient(verify=ctx, timeout=5) as h:
+                r = await h.post(f"https://localhost:{c.server.http_port}/v1/completions",
+                                 json={"prompt": "secure", "max_tokens": 6})
+                assert r.status_code == 200 and r.json()["choices"][0]["text"] == "secure"
+            async with httpx.AsyncClient(timeout=5) as h:
+                with pytest.raises(httpx.HTTPError):  # plaintext is refused
+                    await h.get(f"http://127.0.0.1:{c.server.http_port}/health")
             async with grpc.aio.insecure_channel(f"127.0.0.1:{c.port}") as plain:
                 from serving.proto.jaxllm.v1 import generation_pb2_grpc as pb_grpc
                 with pytest.raises(grpc.aio.AioRpcError) as ei:

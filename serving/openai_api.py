@@ -1,0 +1,307 @@
+"""The OpenAI-compatible HTTP door: FastAPI app + uvicorn on the server's asyncio loop (no jax).
+
+Endpoints: ``GET /v1/models``, ``POST /v1/completions``, ``POST /v1/chat/completions`` (both
+also as server-sent events ending ``data: [DONE]``), ``GET /health``, ``POST /tokenize``,
+``POST /detokenize``, ``POST /v1/embeddings`` (``serving/openai_embed.py``; a server started
+with ``--task embed``) and ``GET /metrics`` (Prometheus text of the server's registry, like
+``--metrics-port``; no API key, as /health). Admission, caps, queue limit, drain and the in-flight registry are the
+front door's, shared with gRPC; this module only maps HTTP <-> front door.
+
+Status codes (body: OpenAI's ``{"error": {"message", "type", "param", "code"}}``):
+400 bad JSON, wrong type, unknown field, out-of-range value, prompt too long, a server cap;
+401 missing/wrong ``Authorization: Bearer`` key (every path but /health); 404 unknown model or
+path; 405 wrong method; 413 body larger than --max-message-bytes; 429 waiting requests >=
+--max-queued-requests; 503 starting, draining, engine wedged; 500 the engine died mid-request.
+"""
+
+from __future__ import annotations
+
+import hmac
+import logging
+import socket
+import time
+from typing import TYPE_CHECKING, Any
+
+from fastapi import FastAPI, Request
+from fastapi.exceptions import RequestValidationError
+from starlette.exceptions import HTTPException as StarletteHTTPException
+from starlette.responses import JSONResponse
+
+from serving.frontdoor import Code, FrontDoorError, ModelInfo, check_token_ids, invalid, render_chat
+from serving.openai_embed import EmbeddingRequest, create_embeddings
+from serving.openai_generate import chat_job, completion_job, respond
+from serving.openai_protocol import (ChatCompletionRequest, CompletionRequest, DetokenizeRequest,
+                                     TokenizeRequest)
+
+if TYPE_CHECKING:
+    from serving.server import ServingServer
+
+log = logging.getLogger(__name__)
+
+# code -> (HTTP status, OpenAI error type)
+_HTTP = {
+    Code.INVALID_ARGUMENT: (400, "invalid_request_error"),
+    Code.NOT_FOUND: (404, "not_found_error"),
+    Code.ALREADY_EXISTS: (409, "invalid_request_error"),
+    Code.RESOURCE_EXHAUSTED: (429, "rate_limit_error"),
+    Code.UNAUTHENTICATED: (401, "authentication_error"),
+    Code.UNAVAILABLE: (503, "service_unavailable_error"),
+    Code.INTERNAL: (500, "internal_server_error"),
+}
+_BY_STATUS = {401: "authentication_error", 404: "not_found_error", 405: "invalid_request_error",
+              413: "invalid_request_error", 500: "internal_server_error"}
+
+
+def error_body(exc: FrontDoorError) -> tuple[int, dict]:
+    status, kind = _HTTP[exc.code]
+    return status, {"error": {"message": exc.message, "type": kind, "param": exc.param,
+                              "code": exc.code.value}}
+
+
+def _error(status: int, message: str, param: str | None = None, code: str | None = None) -> JSONResponse:
+    kind = _BY_STATUS.get(status, "invalid_request_error")
+    return JSONResponse({"error": {"message": message, "type": kind, "param": param, "code": code}},
+                        status_code=status)
+
+
+def _validation_message(exc: RequestValidationError) -> tuple[str, str | None]:
+    """The first pydantic error as one line naming the field, the value and the rule. Errors of
+    one field's union members (``prompt``: str | list[str] | ...) become one line listing them."""
+    errs = exc.errors()
+    err = errs[0]
+    kind = err.get("type", "")
+    if kind == "json_invalid":
+        return f"request body is not valid JSON: {err.get('ctx', {}).get('error', err.get('msg'))}", None
+    loc = [str(x) for x in err.get("loc", ()) if x != "body"]
+    if not loc:
+        return f"request body is invalid: {err.get('msg')} (expected a JSON object)", None
+    group = [e for e in errs if tuple(e.get("loc", ()))[:2] == tuple(err.get("loc", ()))[:2]]
+    if len(group) > 1 and kind not in ("missing", "extra_forbidden"):
+        locs = [[str(x) for x in e["loc"] if x != "body"] for e in group]
+        n = 0
+        while all(len(x) > n for x in locs) and len({x[n] for x in locs}) == 1:
+            n += 1
+        field = ".".join(locs[0][:n])
+        shortest = min(group, key=lambda e: len(e["loc"]))
+        tags = list(dict.fromkeys(x[n] for x in locs if len(x) > n))
+        return f"{field}={_shown(shortest.get('input'))} is invalid: expected {' or '.join(tags)}", loc[0]
+    field = ".".join(loc)
+    if kind == "missing":
+        return f"{field} is required", field
+    if kind == "extra_forbidden":
+        return f"{field} is not a supported field", field
+    return f"{field}={_shown(err.get('input'))} is invalid: {err.get('msg')}", loc[0]
+
+
+def _shown(value) -> str:
+    r = repr(value)
+    return r if len(r) <= 80 else r[:77] + "..."
+
+
+class _Guard:
+    """ASGI middleware in front of every route: the API key (not on /health, /metrics) and the body size
+    limit (the whole body is read here, so an oversized or chunked one is refused with 413
+    before any handler parses it)."""
+
+    def __init__(self, app, api_key: str | None, max_body: int):
+        self.app = app
+        self.expected = f"Bearer {api_key}".encode() if api_key else None
+        self.max_body = max_body
+
+    async def __call__(self, scope, receive, send):
+        if scope["type"] != "http":
+            return await self.app(scope, receive, send)
+        headers = dict(scope.get("headers") or ())
+        if self.expected is not None and scope.get("path") not in ("/health", "/metrics"):
+            got = headers.get(b"authorization", b"")
+            if not hmac.compare_digest(got, self.expected):
+                msg = ("missing API key: send the header 'Authorization: Bearer <api key>'" if not got
+                       else "invalid API key")
+                return await _error(401, msg, code="invalid_api_key")(scope, receive, send)
+        declared = headers.get(b"content-length")
+        if declared is not None and declared.isdigit() and int(declared) > self.max_body:
+            return await self._too_large(int(declared), scope, receive, send)
+        body = b""
+        more = True
+        while more:
+            msg = await receive()
+            if msg["type"] == "http.disconnect":
+                return
+            body += msg.get("body", b"")
+            more = msg.get("more_body", False)
+            if len(body) > self.max_body:
+                return await self._too_large(len(body), scope, receive, send)
+        replayed = False
+
+        async def replay():
+            nonlocal replayed
+            if not replayed:
+                replayed = True
+                return {"type": "http.request", "body": body, "more_body": False}
+            return await receive()  # after the body: http.disconnect, for streaming responses
+
+        await self.app(scope, replay, send)
+
+    async def _too_large(self, size: int, scope, receive, send):
+        return await _error(413, f"request body of {size} bytes is too large: the limit is "
+                                 f"--max-message-bytes={self.max_body}", code="request_too_large")(
+            scope, receive, send)
+
+
+def build_app(server: "ServingServer") -> Any:
+    door = server.door
+    cfg = server.config
+    app = FastAPI(title="jaxllm", docs_url=None, redoc_url=None, openapi_url=None)
+
+    @app.exception_handler(FrontDoorError)
+    async def _front_door_error(request: Request, exc: FrontDoorError):
+        status, body = error_body(exc)
+        return JSONResponse(body, status_code=status)
+
+    @app.exception_handler(RequestValidationError)
+    async def _bad_body(request: Request, exc: RequestValidationError):
+        msg, param = _validation_message(exc)
+        return _error(400, msg, param, code="invalid_argument")
+
+    @app.exception_handler(StarletteHTTPException)
+    async def _http_error(request: Request, exc: StarletteHTTPException):
+        msg = (f"{request.method} {request.url.path}: no such endpoint" if exc.status_code == 404
+               else f"{request.method} {request.url.path}: {exc.detail}")
+        return _error(exc.status_code, msg)
+
+    @app.exception_handler(Exception)
+    async def _unexpected(request: Request, exc: Exception):  # a bug, not the client's fault
+        log.exception("http: %s %s failed", request.method, request.url.path)
+        return _error(500, f"internal error: {type(exc).__name__}: {exc}", code="internal")
+
+    def model_of(name: str | None) -> ModelInfo:
+        info = door.model()
+        served = cfg.served_model_name or info.name
+        info.name = served
+        if name is not None and name != served:
+            raise FrontDoorError(Code.NOT_FOUND, f"model={name!r} does not exist: this server serves "
+                                                 f"{served!r} (GET /v1/models)", "model")
+        return info
+
+    @app.get("/health")
+    async def health():
+        from serving.health import SERVING
+
+        if server.monitor.status == SERVING:
+            return JSONResponse({"status": "SERVING"})
+        return JSONResponse({"status": "NOT_SERVING", "reason": server.monitor.reason}, status_code=503)
+
+    @app.get("/v1/models")
+    async def models():
+        info = model_of(None)
+        return {"object": "list", "data": [{
+            "id": info.name, "object": "model", "created": int(wall_started(server.async_engine.started_at)),
+            "owned_by": "jaxllm", "root": info.name, "max_model_len": info.max_model_len}]}
+
+    @app.post("/v1/completions")
+    async def completions(body: CompletionRequest, request: Request):
+        info = model_of(body.model)
+        return await respond(door, completion_job(door, info, body), request.receive)
+
+    @app.post("/v1/chat/completions")
+    async def chat_completions(body: ChatCompletionRequest, request: Request):
+        info = model_of(body.model)
+        return await respond(door, chat_job(door, info, body), request.receive)
+
+    @app.post("/tokenize")
+    async def tokenize(body: TokenizeRequest):
+        info = model_of(body.model)
+        if (body.prompt is None) == (body.messages is None):
+            raise invalid("prompt/messages are invalid: set exactly one of them", "prompt")
+        try:
+            if body.messages is not None:
+                ids = render_chat(info.tokenizer, [m.to_dict() for m in body.messages])["prompt_token_ids"]
+            else:
+                ids = [int(t) for t in info.tokenizer.encode(body.prompt, add_special_tokens=body.add_special_tokens)]
+        except ValueError as exc:
+            raise invalid(str(exc), "messages" if body.messages is not None else "prompt") from None
+        return {"count": len(ids), "max_model_len": info.max_model_len, "tokens": ids}
+
+    @app.post("/detokenize")
+    async def detokenize(body: DetokenizeRequest):
+        info = model_of(body.model)
+        try:
+            ids = check_token_ids("tokens", body.tokens, info.vocab_size) if body.tokens else []
+        except ValueError as exc:
+            raise invalid(str(exc), "tokens") from None
+        return {"prompt": info.tokenizer.decode(ids, skip_special_tokens=True)}
+
+    @app.post("/v1/embeddings")
+    async def embeddings(body: EmbeddingRequest):
+        return await create_embeddings(door, model_of(body.model), body)
+
+    @app.get("/metrics")
+    async def metrics():
+        from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
+        from starlette.responses import Response
+
+        return Response(generate_latest(server.metrics.registry), media_type=CONTENT_TYPE_LATEST)
+
+    return _Guard(app, cfg.api_key, cfg.max_message_bytes)
+
+
+class HttpServer:
+    """uvicorn serving ``build_app(server)`` on the running loop, beside gRPC.
+
+    Not ``uvicorn.Server.serve()``: that installs its own SIGTERM/SIGINT handlers, and the
+    process's signals belong to ``python -m serving`` (drain). We bind the socket ourselves (a
+    bind error is an OSError naming host and port, not uvicorn's sys.exit) and run its startup,
+    tick loop and shutdown."""
+
+    def __init__(self, server: "ServingServer", host: str, port: int):
+        self.server = server
+        self.host = host
+        self.port = port
+        self._uv = None
+        self._task = None
+        self._sock: socket.socket | None = None
+
+    async def start(self) -> int:
+        import asyncio
+
+        import uvicorn
+
+        family = socket.AF_INET6 if ":" in self.host else socket.AF_INET
+        sock = socket.socket(family, socket.SOCK_STREAM)
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        try:
+            sock.bind((self.host, self.port))
+        except OSError as exc:
+            sock.close()
+            raise OSError(f"--host {self.host} --http-port {self.port}: cannot listen: "
+                          f"{exc.strerror or exc}") from None
+        sock.listen(2048)
+        sock.setblocking(False)
+        self._sock = sock
+        config = uvicorn.Config(build_app(self.server), lifespan="off", access_log=False,
+                                log_level=logging.getLogger("serving").getEffectiveLevel(),
+                                timeout_graceful_shutdown=2, timeout_keep_alive=5,
+                                ssl_certfile=self.server.config.tls_cert,
+                                ssl_keyfile=self.server.config.tls_key)
+        config.load()
+        uv = uvicorn.Server(config)
+        uv.lifespan = config.lifespan_class(config)
+        await uv.startup(sockets=[sock])
+        self._uv = uv
+        self._task = asyncio.get_running_loop().create_task(uv.main_loop())
+        self.port = sock.getsockname()[1]
+        self.server.add_shutdown_hook(self.stop)
+        return self.port
+
+    async def stop(self) -> None:
+        uv, self._uv = self._uv, None
+        if uv is None:
+            return
+        uv.should_exit = True
+        if self._task is not None:
+            await self._task
+        await uv.shutdown(sockets=[self._sock] if self._sock else None)
+
+
+def wall_started(t_monotonic: float) -> float:
+    return time.time() - (time.monotonic() - t_monotonic)

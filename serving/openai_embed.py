@@ -1,0 +1,87 @@
+"""``POST /v1/embeddings``: OpenAI's embeddings API over the front door (no jax).
+
+``input`` is a string, a list of strings, a list of token ids or a list of token-id lists; every
+item is one engine request (``f"{id}-{i}"``), admitted together so the scheduler batches them,
+all or nothing (``FrontDoor.embed_many``). vLLM's extra fields: ``truncate_prompt_tokens``,
+``normalize``, ``pooling_type``. ``encoding_format="base64"`` returns little-endian float32
+bytes, base64-encoded, as OpenAI's client expects. A server that generates refuses with 400
+naming ``model`` (start it with ``--task embed``); ``dimensions`` (Matryoshka truncation) is
+refused by name.
+"""
+
+from __future__ import annotations
+
+import base64
+import uuid
+from typing import Literal
+
+import numpy as np
+from pydantic import BaseModel, ConfigDict
+
+from jaxllm.pooling_params import PoolingParams
+from serving.frontdoor import FrontDoor, ModelInfo, check_token_ids, invalid
+
+
+class EmbeddingRequest(BaseModel):
+    model_config = ConfigDict(extra="forbid", strict=True)
+
+    input: str | list[str] | list[int] | list[list[int]]
+    model: str | None = None
+    encoding_format: Literal["float", "base64"] = "float"
+    dimensions: int | None = None
+    user: str | None = None  # accepted, unused
+    # vLLM's extra fields
+    truncate_prompt_tokens: int | None = None
+    normalize: bool | None = None
+    pooling_type: str | None = None
+
+
+def _prompts(body: EmbeddingRequest, vocab_size: int | None, max_items: int) -> list:
+    inp = body.input
+    if isinstance(inp, str):
+        items: list = [inp]
+    elif not inp:
+        raise invalid("input=[] is invalid: must hold at least one string or token id", "input")
+    elif isinstance(inp[0], int):
+        items = [{"prompt_token_ids": check_token_ids("input", inp, vocab_size)}]
+    elif isinstance(inp[0], str):
+        items = list(inp)
+    else:
+        items = [{"prompt_token_ids": check_token_ids(f"input[{i}]", ids, vocab_size)}
+                 for i, ids in enumerate(inp)]
+    if len(items) > max_items:
+        raise invalid(f"input has {len(items)} items, which is invalid: exceeds the server limit "
+                      f"--max-queued-requests={max_items}", "input")
+    for i, p in enumerate(items):
+        if p == "":
+            raise invalid(f"input[{i}]='' is invalid: the prompt must be non-empty", "input")
+    return items
+
+
+async def create_embeddings(door: FrontDoor, info: ModelInfo, body: EmbeddingRequest) -> dict:
+    task = getattr(info.engine, "task", "generate")
+    if task != "embed":
+        raise invalid(f"model={info.name!r} is invalid for /v1/embeddings: this server's task is "
+                      f"{task!r} (start it with --task embed)", "model")
+    if body.dimensions is not None:
+        raise invalid(f"dimensions={body.dimensions} is not supported: the model's embeddings are "
+                      "returned whole", "dimensions")
+    try:
+        prompts = _prompts(body, info.vocab_size, door.config.max_queued_requests)
+    except ValueError as exc:
+        raise invalid(str(exc), "input") from None
+    try:
+        params = PoolingParams(pooling_type=body.pooling_type, normalize=body.normalize,
+                               truncate_prompt_tokens=body.truncate_prompt_tokens).validate()
+    except ValueError as exc:
+        raise invalid(str(exc)) from None
+    outs = await door.embed_many(f"embd-{uuid.uuid4().hex}", prompts, params)
+    data = []
+    for i, out in enumerate(outs):
+        vec = out.outputs.embedding
+        if body.encoding_format == "base64":
+            vec = base64.b64encode(np.asarray(vec, dtype="<f4").tobytes()).decode("ascii")
+        data.append({"object": "embedding", "index": i, "embedding": vec})
+    tokens = sum(len(o.prompt_token_ids) for o in outs)
+    return {"object": "list", "data": data, "model": info.name,
+            "usage": {"prompt_tokens": tokens, "total_tokens": tokens}}

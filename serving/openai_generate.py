@@ -1,0 +1,296 @@
+"""/v1/completions and /v1/chat/completions over the front door (no jax).
+
+A body becomes one front-door request per prompt (a completions ``prompt`` list is several
+prompts; ``n`` samples ride in one request). Admission happens before any byte of the answer is
+sent, so every refusal is an HTTP status + OpenAI error object; once a stream has started, a
+failure (engine death, drain abort) is one ``data: {"error": ...}`` event before ``[DONE]``.
+Choice ``index`` = prompt position * n + sample index, as OpenAI and vLLM number them.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+import time
+import uuid
+from typing import Any, AsyncIterator
+
+from starlette.responses import JSONResponse, Response, StreamingResponse
+
+from jaxllm.sampling_params import MAX_LOGPROBS, SamplingParams
+
+from serving.deltas import DeltaTracker, SampleDelta
+from serving.frontdoor import FrontDoor, FrontDoorError, ModelInfo, check_token_ids, invalid, render_chat
+from serving.openai_protocol import ChatCompletionRequest, CompletionRequest
+
+
+class _Job:
+    """One body: its prompts, params and the bookkeeping to answer it."""
+
+    def __init__(self, kind: str, info: ModelInfo, prompts: list[Any], params: SamplingParams,
+                 stream: bool, include_usage: bool):
+        self.kind = kind  # "completion" | "chat"
+        self.info = info
+        self.prompts = prompts
+        self.params = params
+        self.stream = stream
+        self.include_usage = include_usage
+        self.id = ("cmpl-" if kind == "completion" else "chatcmpl-") + uuid.uuid4().hex
+        self.created = int(time.time())
+        self.trackers = [DeltaTracker(f"{self.id}-{k}", params) for k in range(len(prompts))]
+
+    def usage(self) -> dict:
+        p = sum(t.num_prompt_tokens for t in self.trackers)
+        c = sum(t.num_completion_tokens for t in self.trackers)
+        return {"prompt_tokens": p, "completion_tokens": c, "total_tokens": p + c}
+
+    def token_text(self, tid: int, lp: Any) -> str:
+        text = getattr(lp, "decoded_token", None)
+        return text if text is not None else self.info.tokenizer.decode([tid], skip_special_tokens=False)
+
+
+# ----- bodies -> jobs ------------------------------------------------------------------------
+def completion_job(door: FrontDoor, info: ModelInfo, body: CompletionRequest) -> _Job:
+    if body.echo:
+        raise invalid("echo=true is not supported: the prompt is not returned", "echo")
+    if body.suffix is not None:
+        raise invalid("suffix is not supported: this server has no insertion models", "suffix")
+    if body.best_of is not None and body.best_of != body.n:
+        raise invalid(f"best_of={body.best_of} is not supported: only best_of == n ({body.n})", "best_of")
+    try:
+        params, max_set = body.to_params()
+    except ValueError as exc:
+        raise invalid(str(exc)) from None
+    params = door.check_params(params, info, max_tokens_set=max_set)
+    p = body.prompt
+    if isinstance(p, str):
+        texts: list = [p]
+    elif p and all(isinstance(x, int) for x in p):
+        texts = [p]
+    else:
+        texts = list(p)
+    if not texts:
+        raise invalid("prompt=[] is invalid: must hold at least one prompt", "prompt")
+    prompts = []
+    for i, x in enumerate(texts):
+        field = "prompt" if len(texts) == 1 else f"prompt[{i}]"
+        if isinstance(x, str):
+            if not x:
+                raise invalid(f"{field}='' is invalid: the prompt must be non-empty", "prompt")
+            prompts.append(x)
+        else:
+            try:
+                prompts.append({"prompt_token_ids": check_token_ids(field, x, info.vocab_size)})
+            except ValueError as exc:
+                raise invalid(str(exc), "prompt") from None
+    return _Job("completion", info, prompts, params, body.stream,
+                bool(body.stream_options and body.stream_options.include_usage))
+
+
+def chat_job(door: FrontDoor, info: ModelInfo, body: ChatCompletionRequest) -> _Job:
+    top = body.top_logprobs
+    if top is not None and not 0 <= top <= min(MAX_LOGPROBS, door.config.max_logprobs):
+        limit = (f"must be in [0, {MAX_LOGPROBS}]" if top < 0 or door.config.max_logprobs >= MAX_LOGPROBS
+                 else f"exceeds the server limit --max-logprobs={door.config.max_logprobs}")
+        raise invalid(f"top_logprobs={top} is invalid: {limit}", "top_logprobs")
+    try:
+        prompt = render_chat(info.tokenizer, [m.to_dict() for m in body.messages])
+        params, max_set = body.to_params(info.max_model_len)
+    except ValueError as exc:
+        raise invalid(str(exc)) from None
+    params = door.check_params(params, info, max_tokens_set=max_set)
+    if prompt.get("prompt") is None:
+        prompt = {"prompt_token_ids": prompt["prompt_token_ids"]}
+    return _Job("chat", info, [prompt], params, body.stream,
+                bool(body.stream_options and body.stream_options.include_usage))
+
+
+# ----- running ---------------------------------------------------------------------------------
+async def respond(door: FrontDoor, job: _Job, receive=None):
+    """Admit every prompt of ``job`` (all or nothing), then answer: JSON or an SSE stream.
+    ``receive`` (the ASGI receive, body already read) tells when a non-streamed request's client
+    hangs up: its requests are aborted then rather than run to the end."""
+    stack = contextlib.AsyncExitStack()
+    try:
+        reqs = [await stack.enter_async_context(door.request("", p, job.params)) for p in job.prompts]
+    except BaseException:
+        await stack.aclose()  # the ones already admitted are aborted
+        raise
+    if not job.stream:
+        async with stack:
+            work = asyncio.ensure_future(_run_to_end(job, reqs))
+            watch = asyncio.ensure_future(_disconnected(receive)) if receive is not None else None
+            try:
+                await asyncio.wait({work, watch} - {None}, return_when=asyncio.FIRST_COMPLETED)
+            finally:
+                for fut in (work, watch):
+                    if fut is not None and not fut.done():
+                        fut.cancel()
+            if not work.done() or work.cancelled():  # client gone: leaving the stack aborts them
+                return Response(status_code=499)
+            work.result()
+        return JSONResponse(_final_body(job))
+    return _SSEResponse(_sse(job, reqs), stack.aclose)
+
+
+async def _disconnected(receive) -> None:
+    while (await receive())["type"] != "http.disconnect":
+        pass
+
+
+async def _merged(reqs: list) -> AsyncIterator[tuple[int, list]]:
+    """(request position, new outputs) from every request as they come; FrontDoorError passes."""
+    if len(reqs) == 1:  # the common case: no task per read
+        req = reqs[0]
+        while not req.finished:
+            batch = await req.next_batch()
+            if not batch:
+                return
+            yield 0, batch
+        return
+    pending = {asyncio.ensure_future(r.next_batch()): k for k, r in enumerate(reqs)}
+    try:
+        while pending:
+            done, _ = await asyncio.wait(pending, return_when=asyncio.FIRST_COMPLETED)
+            for fut in done:
+                k = pending.pop(fut)
+                batch = fut.result()
+                if not batch:
+                    continue
+                yield k, batch
+                if not reqs[k].finished:
+                    pending[asyncio.ensure_future(reqs[k].next_batch())] = k
+    finally:
+        for fut in pending:
+            fut.cancel()
+
+
+async def _run_to_end(job: _Job, reqs: list) -> None:
+    async with contextlib.aclosing(_merged(reqs)) as outputs:
+        async for k, batch in outputs:
+            job.trackers[k].update(batch)
+
+
+def _final_body(job: _Job) -> dict:
+    n = job.params.n
+    choices = []
+    for k, tracker in enumerate(job.trackers):
+        for idx in sorted(tracker.latest):
+            c = tracker.latest[idx]
+            d = SampleDelta(idx, list(c.token_ids), c.text)
+            if c.logprobs is not None:
+                d.logprobs = []
+                for t, entry in zip(c.token_ids, c.logprobs):
+                    entry = entry or {}
+                    own = entry.get(t)
+                    d.logprobs.append((int(t), float(own.logprob) if own is not None else float("nan"), entry))
+            d.finish_reason, d.stop_reason = c.finish_reason, c.stop_reason
+            choices.append(_choice(job, k * n + idx, d, final=True))
+    obj = "text_completion" if job.kind == "completion" else "chat.completion"
+    return {"id": job.id, "object": obj, "created": job.created, "model": job.info.name,
+            "choices": choices, "usage": job.usage()}
+
+
+def _choice(job: _Job, index: int, d: SampleDelta, *, final: bool, first: bool = False) -> dict:
+    stop_reason = d.stop_reason if isinstance(d.stop_reason, (str, int)) else None
+    if job.kind == "completion":
+        out = {"index": index, "text": d.text, "logprobs": _completion_logprobs(job, d),
+               "finish_reason": d.finish_reason}
+    else:
+        lp = _chat_logprobs(job, d)
+        if final:
+            out = {"index": index, "message": {"role": "assistant", "content": d.text},
+                   "logprobs": lp, "finish_reason": d.finish_reason}
+        else:
+            delta = {"role": "assistant", "content": d.text} if first else {"content": d.text}
+            out = {"index": index, "delta": delta, "logprobs": lp, "finish_reason": d.finish_reason}
+    out["stop_reason"] = stop_reason
+    return out
+
+
+def _completion_logprobs(job: _Job, d: SampleDelta) -> dict | None:
+    if d.logprobs is None:
+        return None
+    k = job.params.logprobs or 0
+    tokens, token_lps, tops, offsets = [], [], [], []
+    offset = 0
+    for tid, own, entry in d.logprobs:
+        text = job.token_text(tid, entry.get(tid))
+        tokens.append(text)
+        token_lps.append(own)
+        offsets.append(offset)
+        offset += len(text)
+        best = sorted(entry.items(), key=lambda kv: -kv[1].logprob)[:k]
+        tops.append({job.token_text(t, lp): lp.logprob for t, lp in best} if k else None)
+    return {"tokens": tokens, "token_logprobs": token_lps, "top_logprobs": tops, "text_offset": offsets}
+
+
+def _chat_logprobs(job: _Job, d: SampleDelta) -> dict | None:
+    if d.logprobs is None:
+        return None
+    k = job.params.logprobs or 0
+    content = []
+    for tid, own, entry in d.logprobs:
+        text = job.token_text(tid, entry.get(tid))
+        best = sorted(entry.items(), key=lambda kv: -kv[1].logprob)[:k]
+        tops = [{"token": (t := job.token_text(i, lp)), "logprob": lp.logprob, "bytes": list(t.encode())}
+                for i, lp in best]
+        content.append({"token": text, "logprob": own, "bytes": list(text.encode()), "top_logprobs": tops})
+    return {"content": content}
+
+
+# ----- streaming --------------------------------------------------------------------------------
+def _event(obj: dict) -> bytes:
+    return b"data: " + json.dumps(obj, separators=(",", ":")).encode() + b"\n\n"
+
+
+async def _sse(job: _Job, reqs: list) -> AsyncIterator[bytes]:
+    obj = "text_completion" if job.kind == "completion" else "chat.completion.chunk"
+    head = {"id": job.id, "object": obj, "created": job.created, "model": job.info.name}
+    started: set[int] = set()
+    try:
+        async with contextlib.aclosing(_merged(reqs)) as outputs:  # its pending reads end with us
+            async for k, batch in outputs:
+                chunk = _chunk(job, head, k, batch, started)
+                if chunk is not None:
+                    yield _event(chunk)
+        if job.include_usage:
+            yield _event(dict(head, choices=[], usage=job.usage()))
+    except FrontDoorError as exc:
+        from serving.openai_api import error_body  # the error object lives with the app
+
+        yield _event(error_body(exc)[1])
+    yield b"data: [DONE]\n\n"
+
+
+def _chunk(job: _Job, head: dict, k: int, batch: list, started: set[int]) -> dict | None:
+    choices = []
+    for d in job.trackers[k].update(batch):
+        index = k * job.params.n + d.index
+        choices.append(_choice(job, index, d, final=False, first=index not in started))
+        started.add(index)
+    if not choices:
+        return None
+    chunk = dict(head, choices=choices)
+    if job.include_usage:
+        chunk["usage"] = None
+    return chunk
+
+
+class _SSEResponse(StreamingResponse):
+    """Server-sent events whose requests are released however the response ends: finished,
+    client gone (Starlette cancels the stream on http.disconnect) or never started."""
+
+    def __init__(self, content: AsyncIterator[bytes], cleanup):
+        super().__init__(content, media_type="text/event-stream",
+                         headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
+        self._cleanup = cleanup
+
+    async def __call__(self, scope, receive, send) -> None:
+        try:
+            await super().__call__(scope, receive, send)
+        finally:
+            with contextlib.suppress(Exception):
+                await self.body_iterator.aclose()
+            await self._cleanup()

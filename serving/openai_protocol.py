@@ -1,0 +1,137 @@
+"""Pydantic models of the OpenAI-compatible request bodies (no jax).
+
+Strict types (``"5"`` is not an int, ``1`` is not a bool) and unknown fields refused, so a typo
+such as ``max_tokenz`` is a 400 naming it rather than a silently ignored value. Ranges are left
+to ``SamplingParams.validate`` and the front door's caps, whose messages name field, value and
+limit the same way for every door. Besides OpenAI's fields, vLLM's extra sampling fields are
+accepted (``top_k``, ``min_p``, ``repetition_penalty``, ``min_tokens``, ``stop_token_ids``,
+``ignore_eos``, ``skip_special_tokens``, ``include_stop_str_in_output``).
+"""
+
+from __future__ import annotations
+
+from typing import Any, Literal
+
+from pydantic import BaseModel, ConfigDict
+
+from jaxllm.sampling_params import SamplingParams
+
+
+class _Body(BaseModel):
+    model_config = ConfigDict(extra="forbid", strict=True)
+
+
+class StreamOptions(_Body):
+    include_usage: bool = False
+
+
+class _SamplingFields(_Body):
+    model: str | None = None  # None = the served model
+    max_tokens: int | None = None
+    temperature: float | None = None
+    top_p: float | None = None
+    n: int = 1
+    stream: bool = False
+    stream_options: StreamOptions | None = None
+    stop: str | list[str] | None = None
+    presence_penalty: float | None = None
+    frequency_penalty: float | None = None
+    logit_bias: dict[str, float] | None = None  # token id (as a string, OpenAI's shape) -> bias
+    seed: int | None = None
+    user: str | None = None  # accepted, unused
+    # vLLM's extra body fields
+    top_k: int | None = None
+    min_p: float | None = None
+    repetition_penalty: float | None = None
+    min_tokens: int | None = None
+    stop_token_ids: list[int] | None = None
+    ignore_eos: bool | None = None
+    skip_special_tokens: bool | None = None
+    include_stop_str_in_output: bool | None = None
+
+    def sampling_kwargs(self) -> dict[str, Any]:
+        """The SamplingParams fields this body sets (unset = the engine's default)."""
+        kw: dict[str, Any] = {}
+        for name in ("temperature", "top_p", "presence_penalty", "frequency_penalty", "seed", "top_k",
+                     "min_p", "repetition_penalty", "min_tokens", "stop_token_ids", "ignore_eos",
+                     "skip_special_tokens", "include_stop_str_in_output", "stop"):
+            v = getattr(self, name)
+            if v is not None:
+                kw[name] = v
+        kw["n"] = self.n
+        if self.logit_bias is not None:
+            bias = {}
+            for key, val in self.logit_bias.items():
+                try:
+                    bias[int(key)] = val
+                except ValueError:
+                    raise ValueError(f"logit_bias key {key!r} is invalid: must be a token id") from None
+            kw["logit_bias"] = bias
+        return kw
+
+
+class CompletionRequest(_SamplingFields):
+    prompt: str | list[str] | list[int] | list[list[int]]
+    logprobs: int | None = None  # top-k per generated token (legacy completions shape)
+    echo: bool = False  # True is refused: prompt echo is not implemented
+    suffix: str | None = None  # refused: no insertion models
+    best_of: int | None = None  # only None or == n
+
+    def to_params(self) -> tuple[SamplingParams, bool]:
+        kw = self.sampling_kwargs()
+        if self.max_tokens is not None:
+            kw["max_tokens"] = self.max_tokens
+        if self.logprobs is not None:
+            kw["logprobs"] = self.logprobs
+        return SamplingParams(**kw), self.max_tokens is not None
+
+
+class TextPart(_Body):
+    type: Literal["text"]
+    text: str
+
+
+class ChatMessage(_Body):
+    role: str
+    content: str | list[TextPart] | None = None
+    name: str | None = None
+
+    def to_dict(self) -> dict:
+        c = self.content
+        text = c if isinstance(c, str) else "".join(p.text for p in c or ())
+        out = {"role": self.role, "content": text}
+        if self.name is not None:
+            out["name"] = self.name
+        return out
+
+
+class ChatCompletionRequest(_SamplingFields):
+    messages: list[ChatMessage]
+    max_completion_tokens: int | None = None  # OpenAI's newer name; wins over max_tokens
+    logprobs: bool = False
+    top_logprobs: int | None = None
+
+    def to_params(self, default_max_tokens: int | None) -> tuple[SamplingParams, bool]:
+        kw = self.sampling_kwargs()
+        limit = self.max_completion_tokens if self.max_completion_tokens is not None else self.max_tokens
+        if limit is not None:
+            kw["max_tokens"] = limit
+        elif default_max_tokens:  # chat: no limit = until max_model_len, as OpenAI and vLLM
+            kw["max_tokens"] = default_max_tokens
+        if self.top_logprobs is not None and not self.logprobs:
+            raise ValueError(f"top_logprobs={self.top_logprobs} is invalid: needs logprobs=true")
+        if self.logprobs:
+            kw["logprobs"] = self.top_logprobs or 0
+        return SamplingParams(**kw), limit is not None
+
+
+class TokenizeRequest(_Body):
+    model: str | None = None
+    prompt: str | None = None
+    messages: list[ChatMessage] | None = None
+    add_special_tokens: bool = True
+
+
+class DetokenizeRequest(_Body):
+    model: str | None = None
+    tokens: list[int]

@@ -1,0 +1,75 @@
+"""Helpers for the HTTP API tests: a real ServingServer (gRPC + HTTP on loopback, port 0) on
+its own event-loop thread, so module-scoped fixtures can share it and the sync ``openai``
+client can call it from the test thread."""
+
+from __future__ import annotations
+
+import asyncio
+import threading
+import time
+
+from jaxllm.config import EngineConfig
+from jaxllm.engine.engine import LLMEngine
+from serving.config import ServerConfig
+from serving.server import ServingServer
+from tests.fakes.fake_runner import FakeRunner
+from tests.fakes.fake_tokenizer import FakeIncrementalDetokenizer, FakeTokenizer
+
+# a loaded 2-core CI box can starve the engine thread for seconds: a tight watchdog would turn
+# that into 503s the tests do not ask about
+FAST = dict(watchdog_timeout=15.0, health_probe_interval=0.2)
+
+
+def make_llm_engine(max_model_len: int = 128, num_blocks: int = 256, max_num_seqs: int = 8,
+                    runner_cls=FakeRunner) -> LLMEngine:
+    """The real host engine (scheduler, KV cache manager, output processor) over the fake
+    runner and tokenizer: no jax, real block accounting."""
+    tok = FakeTokenizer()
+    config = EngineConfig(model="fake-llm", block_size=4, max_model_len=max_model_len,
+                          max_num_batched_tokens=64, max_num_seqs=max_num_seqs)
+    runner = runner_cls(num_blocks, 4, vocab_size=tok.vocab_size, eos_token_ids=tok.eos_token_ids)
+    return LLMEngine(config, runner, tok, detokenizer_factory=FakeIncrementalDetokenizer)
+
+
+class ThreadedServer:
+    def __init__(self, engine, **cfg):
+        cfg.setdefault("port", 0)
+        cfg.setdefault("http_port", 0)
+        for k, v in FAST.items():
+            cfg.setdefault(k, v)
+        self.engine = engine
+        self.loop = asyncio.new_event_loop()
+        self._thread = threading.Thread(target=self.loop.run_forever, name="http-test-loop", daemon=True)
+        self._thread.start()
+        self.server: ServingServer = self.call(self._make(ServerConfig(**cfg), engine))
+        self.call(self.server.start())
+        self.call(self.server.wait_serving(10))
+        self.base_url = f"http://127.0.0.1:{self.server.http_port}"
+
+    @staticmethod
+    async def _make(cfg, engine):
+        return ServingServer(cfg, engine=engine, idle_tick=0.02)
+
+    def call(self, coro, timeout: float = 30.0):
+        return asyncio.run_coroutine_threadsafe(coro, self.loop).result(timeout)
+
+    def stats(self):
+        return self.server.async_engine.stats
+
+    def wait_idle(self, timeout: float = 10.0):
+        """Poll the engine's stats until no request is left and every KV block is free."""
+        deadline = time.monotonic() + timeout
+        while True:
+            s = self.stats()
+            if s.num_free_blocks == s.num_blocks and s.num_running == 0 and s.num_waiting == 0 \
+                    and not self.server.door.active:
+                return s
+            if time.monotonic() > deadline:
+                raise AssertionError(f"not idle after {timeout}s: {s}, in flight: {list(self.server.door.active)}")
+            time.sleep(0.02)
+
+    def close(self):
+        if self.server.exit_code is None:
+            self.call(self.server.stop())
+        self.loop.call_soon_threadsafe(self.loop.stop)
+        self._thread.join(5)
