@@ -42,6 +42,10 @@ class Request:
     arrival_seq: int = 0  # monotonic admission counter: the FCFS / preemption order
     max_output_tokens: int = 16  # min(params.max_tokens, max_model_len - prompt length)
     extra_key: object = None  # reserved for adapters: part of every block hash
+    # structured outputs: the sequence's grammar state (jaxllm.engine.grammar.GrammarState, duck-typed
+    # here: ``.ready``). Its next-token mask depends on the last token, so it is never scheduled on a
+    # token still in flight (async scheduling), and it waits unscheduled until the grammar compiles.
+    grammar: object = None
 
     status: RequestStatus = RequestStatus.WAITING
     output_token_ids: list[int] = field(default_factory=list)
@@ -73,6 +77,10 @@ class Request:
     def append_output_token(self, token_id: int) -> None:
         self.output_token_ids.append(token_id)
         self.all_token_ids.append(token_id)
+
+    @property
+    def waits_for_grammar(self) -> bool:
+        return self.grammar is not None and not self.grammar.ready
 
     @property
     def is_finished(self) -> bool:

@@ -18,6 +18,8 @@ from __future__ import annotations
 import math
 from collections.abc import Callable
 
+import numpy as np
+
 from jaxllm.core.scheduler_output import PLACEHOLDER_TOKEN_ID, ScheduledSeq, SchedulerOutput
 from jaxllm.engine.runner_protocol import SampledToken
 
@@ -114,7 +116,7 @@ class FakeRunner:
                 self.kv[self._slot(s.block_ids, s.start_pos + i)] = (t, s.start_pos + i)
         # 2) "attend": read the whole context back from the cache
         result: dict[str, SampledToken] = {}
-        for s in out.seqs:
+        for i, s in enumerate(out.seqs):
             end = s.start_pos + len(s.token_ids)
             ctx = []
             for p in range(end):
@@ -129,7 +131,8 @@ class FakeRunner:
                 assert ctx[:len(known)] == known, f"{s.request_id}: cached context changed"
             self.known[s.request_id] = ctx
             if s.sample:
-                result[s.request_id] = self._sample(ctx, s)
+                mask = out.grammar_bitmask[i] if out.constrained and out.constrained[i] else None
+                result[s.request_id] = self._sample(ctx, s, mask)
         self._prev_sampled = {rid: t.token_id for rid, t in result.items()}
         return result
 
@@ -137,7 +140,8 @@ class FakeRunner:
     def _slot(self, block_ids: list[int], pos: int) -> int:
         return block_ids[pos // self.block_size] * self.block_size + pos % self.block_size
 
-    def _sample(self, ctx: list[int], s: ScheduledSeq) -> SampledToken:
+    def _sample(self, ctx: list[int], s: ScheduledSeq, mask=None) -> SampledToken:
+        """The context's hash token; with a grammar bitmask ([W] i32) the first allowed id from it on."""
         p = s.params
         num_generated = len(ctx) - s.num_prompt_tokens
         banned = set()
@@ -152,6 +156,11 @@ class FakeRunner:
             if p.temperature > 0:  # seeded: depends on (seed, position) and the context only
                 h = _mix(h, s.seed, len(ctx))
             tok = h % self.vocab_size
+        if mask is not None:
+            bits = (mask.view(np.uint32)[np.arange(self.vocab_size) // 32] >> (np.arange(self.vocab_size) % 32)) & 1
+            allowed = set(np.flatnonzero(bits).tolist()) - banned
+            assert allowed, f"{s.request_id}: the grammar bitmask allows no token"
+            banned = set(range(self.vocab_size)) - allowed
         while tok in banned:
             tok = (tok + 1) % self.vocab_size
         lp = -float(_mix(tok, len(ctx)) % 1000) / 100.0
