@@ -205,7 +205,7 @@ class ModelRunner:
     def _padding_inputs(self, T: int, S: int, decode_only: bool) -> StepInputs:
         """An all-padding batch of one bucket: touches no slot and no penalty row."""
         return build_inputs([], [], self.num_rows, self.eos_ids, T, S, decode_only, self.block_size,
-                            self.max_blocks_per_seq, self.max_model_len)
+                            self.max_blocks_per_seq, self.max_model_len, vocab_size=self.vocab_size)
 
     @staticmethod
     def _bucket(inp: StepInputs) -> tuple:
@@ -258,7 +258,8 @@ class ModelRunner:
         rows = [self._row(s.request_id) for s in seqs]
         seed_steps = []  # only when this step's prefix-cache hits exceed what one step carries
         inp = build_inputs(seqs, rows, self.num_rows, self.eos_ids, T, S, decode_only, self.block_size,
-                           self.max_blocks_per_seq, self.max_model_len, seed_steps)
+                           self.max_blocks_per_seq, self.max_model_len, seed_steps, vocab_size=self.vocab_size,
+                           grammar_bitmask=sched.grammar_bitmask, constrained=sched.constrained)
         for seed in seed_steps:  # same bucket, all padding: seeds penalty state only
             self._run(seed)
         out = self._run(inp)

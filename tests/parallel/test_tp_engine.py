@@ -220,7 +220,7 @@ def test_collectives_are_megatron(engines):
 
     r = engines(4).runner
     inp = build_inputs([], [], r.num_rows, r.eos_ids, 4, 4, True, r.block_size, r.max_blocks_per_seq,
-                       r.max_model_len)
+                       r.max_model_len, vocab_size=r.vocab_size)
     hlo = r._step_lowering(inp).compile().as_text()
     ops = sorted(m.groups() for m in re.finditer(
         r"= (\S+?)\{[^}]*\} (all-reduce|all-gather|reduce-scatter|all-to-all|collective-permute)(?:-start)?\(", hlo))
