@@ -19,7 +19,9 @@ from jaxllm.engine.factory import build_engine
 from jaxllm.llm import LLM
 from jaxllm.models.llama import build_model
 from jaxllm.sampling_params import SamplingParams
+from jaxllm.structured_outputs import StructuredOutputsParams
 from tests.engine_checks import assert_clean
+from tests.fakes.grammar_tokenizers import byte_vocab_grammar_tokenizer, decode_bytes
 from pallas_kernels import AttentionMetadata, KVCache
 from tests.models.hf_tiny import make_tiny_hf
 
@@ -42,8 +44,10 @@ def make_engine(path, **kw):
 
 @pytest.fixture(scope="module")
 def engine(tiny_path):
-    """Ample KV cache; buckets decode {8, 16}, mixed {64, 256}."""
-    return make_engine(tiny_path)
+    """Ample KV cache; buckets decode {8, 16}, mixed {64, 256}; grammars over a byte vocabulary."""
+    e = make_engine(tiny_path)
+    e._grammar_tokenizer = byte_vocab_grammar_tokenizer(VOCAB, e.eos_token_ids)
+    return e
 
 
 @pytest.fixture(scope="module")
@@ -301,7 +305,28 @@ def _random_params(rng: random.Random) -> SamplingParams:
     if rng.random() < 0.15:
         kw["allowed_token_ids"] = rng.sample(range(VOCAB), rng.randint(1, VOCAB))
     kw["ignore_eos"] = rng.random() < 0.5
+    if rng.random() < 0.2:  # structured outputs; no min_tokens / allowed ids / stop ids that could
+        kind, spec = rng.choice(GRAMMARS)  # leave the grammar no token, room to finish, EOS ends it
+        kw.update(structured_outputs=StructuredOutputsParams(**{kind: spec}), max_tokens=rng.randint(12, 40),
+                  ignore_eos=False, min_tokens=0, allowed_token_ids=None, stop_token_ids=None)
     return SamplingParams(**kw)
+
+
+GRAMMARS = [("regex", r"[a-c]{1,4}x"), ("choice", ["ab", "cde", "f"]),
+            ("json", {"type": "object", "properties": {"k": {"enum": [1, 22, "z"]}}, "required": ["k"],
+                      "additionalProperties": False})]
+
+
+def assert_matches(spec: StructuredOutputsParams, text: str) -> None:
+    import json
+    import re
+
+    if spec.regex is not None:
+        assert re.fullmatch(spec.regex, text), (spec.regex, text)
+    elif spec.choice is not None:
+        assert text in spec.choice, (spec.choice, text)
+    else:
+        assert json.loads(text) in ({"k": 1}, {"k": 22}, {"k": "z"}), text
 
 
 def test_zero_compiles_after_warmup_serving_200_random_requests(engine):
@@ -336,6 +361,10 @@ def test_zero_compiles_after_warmup_serving_200_random_requests(engine):
             if p.logprobs is not None:
                 assert len(c.logprobs) == len(c.token_ids)
                 assert all(t in e and len(e) >= p.logprobs for t, e in zip(c.token_ids, c.logprobs))
+            if p.structured_outputs is not None:
+                assert c.finish_reason == "stop", (p.structured_outputs, c.token_ids)
+                assert_matches(p.structured_outputs, decode_bytes(c.token_ids, eos))
+    assert sum(p.structured_outputs is not None for p in params) >= 20
     # seeded requests give the same tokens alone as inside the random batch
     seeded = [i for i, p in enumerate(params) if p.seed is not None and p.temperature > 0 and p.n == 1][:4]
     assert seeded
