@@ -6,6 +6,7 @@ import logging
 from typing import Any
 
 from jaxllm.sampling_params import SamplingParams
+from jaxllm.structured_outputs import StructuredOutputsParams
 
 from serving.config import ServerConfig
 from serving.proto.jaxllm.v1 import generation_pb2 as pb
@@ -40,6 +41,8 @@ def sampling_params_from_proto(msg: pb.SamplingParams, cfg: ServerConfig, *, voc
         kw["allowed_token_ids"] = list(msg.allowed_token_ids)
     if msg.logit_bias:
         kw["logit_bias"] = dict(msg.logit_bias)
+    if msg.HasField("structured_outputs"):
+        kw["structured_outputs"] = structured_outputs_from_proto(msg.structured_outputs)
     params = SamplingParams(**kw)
     params.validate(vocab_size=vocab_size)
     # server caps (after the engine's own rules, so out-of-domain values get its message)
@@ -59,6 +62,16 @@ def sampling_params_from_proto(msg: pb.SamplingParams, cfg: ServerConfig, *, voc
         raise ValueError(f"stop has {len(params.stop_strings)} strings, which is invalid: exceeds "
                          f"the server limit --max-stop-strings={cfg.max_stop_strings}")
     return params
+
+
+def structured_outputs_from_proto(msg: pb.StructuredOutputs) -> StructuredOutputsParams:
+    """The oneof as StructuredOutputsParams (validated with the rest: an empty oneof names the field)."""
+    kind = msg.WhichOneof("kind")
+    if kind is None:
+        return StructuredOutputsParams()
+    if kind == "choice":
+        return StructuredOutputsParams(choice=list(msg.choice.choices))
+    return StructuredOutputsParams(**{kind: getattr(msg, kind)})
 
 
 def chat_messages(msg: pb.ChatMessages) -> list[dict[str, str]]:
