@@ -155,14 +155,15 @@ def add_sampling_args(ap: argparse.ArgumentParser, *, server_defaults: bool = Fa
                    help='token id -> bias added to its logit, e.g. \'{"50256": -100}\' (default: none)')
     s = ap.add_argument_group("structured outputs (field structured_outputs; at most one, default: free text)")
     s.add_argument("--json-schema", type=_json_file, default=None, metavar="FILE", dest="so_json",
-                   help="the completion is JSON valid under the JSON schema in FILE")
-    s.add_argument("--regex", default=None, dest="so_regex", help="the whole completion matches this regex")
+                   help="the completion is JSON valid under the JSON schema in FILE (default: off)")
+    s.add_argument("--regex", default=None, dest="so_regex", help="the whole completion matches this regex (default: off)")
     s.add_argument("--choice", action="append", default=None, dest="so_choice",
-                   help="the completion is one of these strings (repeat the flag per choice)")
+                   help="the completion is one of these strings, one flag per choice (default: off)")
     s.add_argument("--grammar", type=_text_file, default=None, metavar="FILE", dest="so_grammar",
-                   help="the completion matches the Lark (llguidance dialect) or GBNF grammar in FILE")
+                   help="the completion matches the Lark (llguidance dialect) or GBNF grammar in FILE "
+                        "(default: off)")
     s.add_argument("--json-object", action="store_true", default=None, dest="so_json_object",
-                   help="the completion is a JSON object (any)")
+                   help="the completion is a JSON object, any (default: off)")
 
 
 def sampling_fields_from_args(args) -> dict:

@@ -233,6 +233,7 @@ def test_cli_generate(compile_cache, llm):
     env = dict(os.environ, JAX_PLATFORMS="cpu", JAXLLM_COMPILE_CACHE=compile_cache)
     cmd = [sys.executable, "-m", "jaxllm.generate", "--model", MODEL, "--chat", "--prompt",
            "What is the capital of France?", "--max-tokens", "16", "--temperature", "0", "--no-progress",
+           "--choice", "The capital of France is Paris.", "--choice", "London", "--choice", "Rome",
            "--max-model-len", str(MAX_LEN), "--max-num-seqs", str(MAX_SEQS),
            "--max-num-batched-tokens", str(BUDGET), "--kv-cache-memory-bytes", str(KV_BYTES)]
     res = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300,
@@ -250,16 +251,14 @@ def _so_params(seed, **so):
 
 
 @SETTINGS
-@given(schemas=st.lists(json_schemas(), min_size=MAX_SEQS, max_size=MAX_SEQS), data=st.data())
-def test_json_schema_completions_parse_and_validate_at_temperature_1(llm, schemas, data):
+@given(schemas=st.lists(json_schemas(), min_size=MAX_SEQS, max_size=MAX_SEQS))
+def test_json_schema_completions_parse_and_validate_at_temperature_1(llm, schemas):
     import json
 
     import jsonschema
-    from hypothesis_jsonschema import from_schema
 
     traces = llm.engine.runner.num_traces
-    examples = [data.draw(from_schema(s)) for s in schemas]  # each schema is satisfiable, and shown
-    prompts = [f"A JSON object for the schema {json.dumps(s)}, e.g. {json.dumps(e)}:\n" for s, e in zip(schemas, examples)]
+    prompts = [f"A JSON object for the schema {json.dumps(s)}:\n" for s in schemas]
     outs = llm.generate(prompts, [_so_params(i, json=s) for i, s in enumerate(schemas)], use_tqdm=False)
     for s, o in zip(schemas, outs):
         c = o.outputs[0]
