@@ -18,7 +18,7 @@ KINDS = ("json", "regex", "choice", "grammar", "json_object")
 MAX_SPEC_CHARS = 100_000  # a spec's text (schema JSON, regex, grammar, choices together)
 
 
-class StructuredOutputsParams(msgspec.Struct, kw_only=True, omit_defaults=True):
+class StructuredOutputsParams(msgspec.Struct, kw_only=True, omit_defaults=True, forbid_unknown_fields=True):
     json: dict | str | None = None  # JSON schema (dict, or its JSON text)
     regex: str | None = None
     choice: list[str] | None = None

@@ -12,6 +12,13 @@ synchronous engine's; a request that stops, is aborted or preempted while a step
 loses only that step's slot (its token there is discarded). When no request is left unfinished
 nothing stays in flight (the engine reads the last step back and drops it).
 
+Structured outputs (``params.structured_outputs``): ``add_request`` checks the spec (ValueError naming
+the field) and gives each sequence a ``GrammarState`` whose matcher compiles on a thread pool
+(``jaxllm/engine/grammar.py``); the scheduler leaves it waiting until then. After each schedule the
+engine writes the sampling seqs' allowed-token bitmask into the SchedulerOutput; each sampled token
+advances the matcher. With async scheduling a constrained request is never scheduled on a token
+still in flight (its mask needs that token), so it runs every other step; the rest overlap as usual.
+
 Input rules (``add_request`` validates everything before anything is scheduled and raises
 ``ValueError`` naming the field, the value and the limit; the engine is unchanged after):
 - prompt: ``str`` | ``list[int]`` | ``{"prompt_token_ids": [...]}`` | ``{"prompt": str}``;
