@@ -390,3 +390,33 @@ def test_penalties_count_every_prefix_hit_token_in_a_crowded_step(engine, refere
     want, _ = reference.greedy(prompts, 12, **kw)
     for i, (o, w) in enumerate(zip(outs, want)):
         assert o.outputs[0].token_ids == w, f"request {i}"
+
+
+def test_mixed_constrained_and_free_batch_sync_and_async(engine):
+    """The jitted path: seeded free requests get the same tokens beside constrained ones as alone;
+    constrained completions match their specs; async scheduling (a second engine over the same
+    runner) gives the synchronous engine's tokens. Nothing compiles."""
+    import msgspec
+
+    from jaxllm.engine.engine import LLMEngine
+
+    compiled = engine.runner.compile_count
+    prompts = random_prompts(11, 6, 3, 40)
+    free = [SamplingParams(temperature=1.0, seed=100 + i, max_tokens=14, ignore_eos=True) for i in range(3)]
+    constrained = [SamplingParams(temperature=1.0, seed=i, max_tokens=30, n=1 + i % 2, logprobs=1,
+                                  structured_outputs=StructuredOutputsParams(**{k: v}))
+                   for i, (k, v) in enumerate(GRAMMARS)]
+    alone = [o.outputs[0].token_ids for o in generate(engine, prompts[:3], free)]
+    mixed = generate(engine, prompts[:3] + prompts[3:], free + constrained)
+    assert [o.outputs[0].token_ids for o in mixed[:3]] == alone
+    for o, p in zip(mixed[3:], constrained):
+        for c in o.outputs:
+            assert c.finish_reason == "stop"
+            assert_matches(p.structured_outputs, decode_bytes(c.token_ids, engine.eos_token_ids))
+            assert all(t in lp for t, lp in zip(c.token_ids, c.logprobs))
+    async_engine = LLMEngine(msgspec.structs.replace(engine.config, async_scheduling=True), engine.runner,
+                             engine.tokenizer, grammar_tokenizer=engine._grammar_tokenizer)
+    assert async_engine.async_scheduling
+    again = generate(async_engine, prompts[:3] + prompts[3:], free + constrained)
+    assert [[c.token_ids for c in o.outputs] for o in again] == [[c.token_ids for c in o.outputs] for o in mixed]
+    assert engine.runner.compile_count == compiled
