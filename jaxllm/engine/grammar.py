@@ -19,7 +19,7 @@ from __future__ import annotations
 
 import collections
 import concurrent.futures
-import json
+import logging
 import threading
 from collections.abc import Callable, Sequence
 
@@ -27,6 +27,7 @@ import numpy as np
 
 from jaxllm.structured_outputs import StructuredOutputsParams
 
+log = logging.getLogger("jaxllm")
 JSON_OPTIONS = {"whitespace_flexible": False, "item_separator": ", ", "key_separator": ": "}
 CACHE_SIZE = 256  # compiled specs kept (LRU)
 
@@ -208,8 +209,10 @@ class GrammarState:
     def matcher(self):
         if self._matcher is None:
             self._matcher = self._future.result().deep_copy()
-            if self._matcher.is_error():
+            if self._matcher.is_error():  # valid without the tokenizer, not with it: EOS only, logged
                 self.error = self._matcher.get_error()
+                log.warning("structured outputs: the grammar failed to build (%s); the request ends "
+                            "at once", _one_line(self.error))
         return self._matcher
 
     @property
