@@ -138,3 +138,28 @@ def test_a_compiling_grammar_waits_without_blocking_others_and_abort_frees_it():
     finals = run_all(e)  # checks 0 leaked blocks
     assert finals["g"].outputs[0].text in ("yes", "no")
     assert "h" not in finals
+
+
+def test_bitmask_never_allows_ids_past_the_tokenizer_and_a_finished_grammar_allows_only_eos():
+    """Logits wider than the tokenizer (padded vocab): those ids are never allowed; a vocab that is not
+    a multiple of 32 clears the last word's unused bits; after the grammar ends only EOS is allowed."""
+    import numpy as np
+
+    from jaxllm.engine.grammar import GrammarCompiler
+
+    tok = FakeTokenizer()
+    for logits_width in (tok.vocab_size, 200, 256):
+        c = GrammarCompiler(fake_grammar_tokenizer, logits_width, tok.eos_token_ids)
+        state = c.new_state(c.check(SO(regex="[a-z]{1,3}")))
+        state.wait(30)
+        W = -(-logits_width // 32)
+        bits = np.unpackbits(c.fill_bitmask([state], W).view(np.uint8), bitorder="little")  # [32 W]
+        assert bits.shape == (32 * W,)
+        allowed = set(np.flatnonzero(bits).tolist())
+        assert allowed == {tok.encode(ch)[0] for ch in "abcdefghijklmnopqrstuvwxyz"}, logits_width
+        for ch in "abc":
+            state.accept(tok.encode(ch)[0])
+        assert state.finished
+        bits = np.unpackbits(c.fill_bitmask([state], W).view(np.uint8), bitorder="little")
+        assert set(np.flatnonzero(bits).tolist()) == set(tok.eos_token_ids)
+        c.shutdown()
