@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import collections
 import concurrent.futures
+import json
 import logging
 import threading
 from collections.abc import Callable, Sequence
@@ -132,8 +133,12 @@ class GrammarCompiler:
         """Future of the matcher template (initial state) for a checked spec's key."""
         with self._lock:
             grammar, fut = self._cache.get(key, (None, None))
-            if grammar is None:
-                raise KeyError(f"spec {key[0]} not checked (call check() first)")
+        if grammar is None:  # evicted since check() (a full cache under many new specs): redo it
+            kind, text = key
+            value = {"choice": lambda: json.loads(text), "json_object": lambda: True}.get(kind, lambda: text)()
+            self.check(StructuredOutputsParams(**{kind: value}))
+        with self._lock:
+            grammar, fut = self._cache.get(key, (None, None))
             if fut is None:
                 fut = self._pool.submit(self._compile, grammar)
                 self._cache[key] = (grammar, fut)

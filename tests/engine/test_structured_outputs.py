@@ -163,3 +163,14 @@ def test_bitmask_never_allows_ids_past_the_tokenizer_and_a_finished_grammar_allo
         bits = np.unpackbits(c.fill_bitmask([state], W).view(np.uint8), bitorder="little")
         assert set(np.flatnonzero(bits).tolist()) == set(tok.eos_token_ids)
         c.shutdown()
+
+
+def test_a_spec_evicted_between_check_and_submit_is_checked_again():
+    from jaxllm.engine.grammar import GrammarCompiler
+
+    c = GrammarCompiler(fake_grammar_tokenizer, FakeTokenizer.vocab_size, [1], cache_size=1)
+    keys = [c.check(SO(choice=["a", "b"])), c.check(SO(json_object=True))]  # the first is evicted
+    for k in keys:
+        c.new_state(k).wait(30)
+    assert c.num_compiles == 2
+    c.shutdown()
