@@ -165,9 +165,9 @@ class GrammarCompiler:
         import llguidance
         import llguidance.numpy as llnp
 
-        tok_words = -(-self.tokenizer.vocab_size // 32)
-        full = np.zeros((len(states), max(width, tok_words)), np.int32)  # [n, W'] i32 packed bits
         live = [(s.matcher, i) for i, s in enumerate(states) if not s.finished]
+        tok_words = -(-self.tokenizer.vocab_size // 32) if live else width  # live: the tokenizer was built
+        full = np.zeros((len(states), max(width, tok_words)), np.int32)  # [n, W'] i32 packed bits
         if len(live) == 1:
             llnp.fill_next_token_bitmask(live[0][0], full[:, :tok_words], live[0][1])
         elif live:
@@ -212,24 +212,32 @@ class GrammarState:
 
     @property
     def matcher(self):
+        """The sequence's own matcher, or None when building it failed (then only EOS is allowed)."""
         if self._matcher is None:
-            self._matcher = self._future.result().deep_copy()
-            if self._matcher.is_error():  # valid without the tokenizer, not with it: EOS only, logged
-                self.error = self._matcher.get_error()
+            try:
+                self._matcher = self._future.result().deep_copy()
+                if self._matcher.is_error():  # valid without the tokenizer, not with it
+                    self.error = self._matcher.get_error()
+            except Exception as e:  # noqa: BLE001 - e.g. the tokenizer could not be converted
+                self._matcher, self.error = _FAILED, f"{type(e).__name__}: {e}"
+            if self.error is not None:
                 log.warning("structured outputs: the grammar failed to build (%s); the request ends "
                             "at once", _one_line(self.error))
-        return self._matcher
+        return None if self._matcher is _FAILED else self._matcher
 
     @property
     def finished(self) -> bool:
         m = self.matcher
-        return m.is_stopped() or m.is_error()
+        return m is None or m.is_stopped() or m.is_error()
 
     def accept(self, token_id: int) -> None:
         m = self.matcher
-        if not m.is_error() and not m.is_stopped():
+        if m is not None and not m.is_error() and not m.is_stopped():
             if not m.consume_token(token_id):
                 self.error = m.get_error()
+
+
+_FAILED = object()
 
 
 def _one_line(e) -> str:

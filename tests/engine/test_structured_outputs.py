@@ -174,3 +174,15 @@ def test_a_spec_evicted_between_check_and_submit_is_checked_again():
         c.new_state(k).wait(30)
     assert c.num_compiles == 2
     c.shutdown()
+
+
+def test_a_grammar_that_fails_to_build_ends_its_request_not_the_engine():
+    def broken_tokenizer():
+        raise RuntimeError("no fast tokenizer")
+
+    e = make(grammar_tokenizer=broken_tokenizer)
+    e.add_request("g", "hi", SamplingParams(max_tokens=10, structured_outputs=SO(regex="[a-z]+")))
+    e.add_request("f", "hi", SamplingParams(max_tokens=3))
+    finals = run_all(e)
+    assert finals["g"].outputs[0].token_ids == [1] and finals["g"].outputs[0].finish_reason == "stop"
+    assert len(finals["f"].outputs[0].token_ids) == 3
