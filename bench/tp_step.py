@@ -65,7 +65,8 @@ def measure(args, tp: int, cache_mib: int) -> dict:
 
     run(2)  # first touch
     per_token = min((run(args.tokens) - run(1)) / (args.tokens - 1) for _ in range(args.repeats))
-    inp = build_inputs([], [], r.num_rows, r.eos_ids, 8, 8, True, r.block_size, r.max_blocks_per_seq, r.max_model_len)
+    inp = build_inputs([], [], r.num_rows, r.eos_ids, 8, 8, True, r.block_size, r.max_blocks_per_seq, r.max_model_len,
+                       vocab_size=r.vocab_size)
     exe = r._step_lowering(inp).compile()
     ma = exe.memory_analysis()
     shard_bytes = r.kv_cache.k.addressable_shards[0].data.nbytes

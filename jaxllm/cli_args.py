@@ -17,6 +17,7 @@ import msgspec
 
 from jaxllm.config import _DTYPES, _LOAD_FORMATS, TASKS, EngineConfig
 from jaxllm.sampling_params import SamplingParams
+from jaxllm.structured_outputs import KINDS, StructuredOutputsParams
 
 LOG_LEVELS = ("debug", "info", "warning", "error", "critical")
 
@@ -163,17 +164,50 @@ def add_sampling_args(ap: argparse.ArgumentParser, *, server_defaults: bool = Fa
                    help="sample only among these ids (default: all)")
     g.add_argument("--logit-bias", type=_logit_bias, default=None, metavar="JSON",
                    help='token id -> bias added to its logit, e.g. \'{"50256": -100}\' (default: none)')
+    s = ap.add_argument_group("structured outputs (field structured_outputs; at most one, default: free text)")
+    s.add_argument("--json-schema", type=_json_file, default=None, metavar="FILE", dest="so_json",
+                   help="the completion is JSON valid under the JSON schema in FILE (default: off)")
+    s.add_argument("--regex", default=None, dest="so_regex", help="the whole completion matches this regex (default: off)")
+    s.add_argument("--choice", action="append", default=None, dest="so_choice",
+                   help="the completion is one of these strings, one flag per choice (default: off)")
+    s.add_argument("--grammar", type=_text_file, default=None, metavar="FILE", dest="so_grammar",
+                   help="the completion matches the Lark (llguidance dialect) or GBNF grammar in FILE "
+                        "(default: off)")
+    s.add_argument("--json-object", action="store_true", default=None, dest="so_json_object",
+                   help="the completion is a JSON object, any (default: off)")
 
 
 def sampling_fields_from_args(args) -> dict:
     """{SamplingParams field: value} of the sampling flags (None = unset); `seed` is --sampling-seed
     (args.seed, where there is one, is the engine's)."""
     fields = {f: getattr(args, f) for f in SamplingParams.__struct_fields__ if f != "seed" and hasattr(args, f)}
+    so = {k: getattr(args, "so_" + k, None) for k in KINDS}
+    fields["structured_outputs"] = StructuredOutputsParams(**so) if any(v is not None for v in so.values()) else None
     return {**fields, "seed": getattr(args, "sampling_seed", None)}
 
 
 def sampling_params_from_args(args) -> SamplingParams:
     return SamplingParams(**{k: v for k, v in sampling_fields_from_args(args).items() if v is not None})
+
+
+def _text_file(path: str) -> str:
+    try:
+        with open(path, encoding="utf-8") as f:
+            return f.read()
+    except (OSError, UnicodeDecodeError) as e:
+        raise argparse.ArgumentTypeError(f"{path!r} is invalid: cannot read it ({e.__class__.__name__}: "
+                                         f"{getattr(e, 'strerror', None) or e})") from None
+
+
+def _json_file(path: str) -> dict:
+    text = _text_file(path)
+    try:
+        schema = msgspec.json.decode(text)
+    except msgspec.DecodeError as e:
+        raise argparse.ArgumentTypeError(f"{path!r} is invalid: not JSON ({e})") from None
+    if not isinstance(schema, dict):
+        raise argparse.ArgumentTypeError(f"{path!r} is invalid: a JSON schema must be an object")
+    return schema
 
 
 def _logit_bias(text: str) -> dict[int, float]:

@@ -17,6 +17,8 @@ Notes on semantics:
   ``min_tokens`` generated tokens (the sampler also masks EOS and stop ids meanwhile).
 - ``allowed_token_ids`` (only these can be sampled) and ``logit_bias`` (added to the raw logits)
   apply first, before penalties, as in vLLM; logprobs stay those of the raw model distribution.
+- ``structured_outputs``: the completion must match a JSON schema, regex, choice or Lark grammar
+  (a per-step token bitmask on device, see jaxllm/engine/grammar.py); logprobs stay the raw model's.
 - ``truncate_prompt_tokens=k`` keeps the prompt's last k tokens (before the length checks);
   ``RequestOutput.prompt_token_ids`` are the kept ones.
 - ``prompt_logprobs=k``: ``RequestOutput.prompt_logprobs`` holds, per prompt token after the first,
@@ -30,6 +32,8 @@ from __future__ import annotations
 import math
 
 import msgspec
+
+from jaxllm.structured_outputs import StructuredOutputsParams
 
 MAX_LOGPROBS = 20
 # Per-row id lists travel to the on-device sampler as fixed-width [rows, K] arrays (one compiled
@@ -62,6 +66,8 @@ class SamplingParams(msgspec.Struct, kw_only=True):
     allowed_token_ids: list[int] | None = None  # sample only among these ids
     truncate_prompt_tokens: int | None = None  # keep only the prompt's last k tokens (>= 1)
     detokenize: bool = True  # False: outputs carry token ids only (text ""), no host decoding
+    # the completion must match a JSON schema / regex / choice / grammar (jaxllm/structured_outputs.py)
+    structured_outputs: StructuredOutputsParams | None = None
 
     # ----- derived views -----------------------------------------------------------
     @property
@@ -147,6 +153,11 @@ class SamplingParams(msgspec.Struct, kw_only=True):
         if self.truncate_prompt_tokens is not None:
             _int("truncate_prompt_tokens", self.truncate_prompt_tokens, rule="must be None or an integer >= 1",
                  ok=lambda v: v >= 1)
+        if self.structured_outputs is not None:
+            if not isinstance(self.structured_outputs, StructuredOutputsParams):
+                raise ValueError(f"structured_outputs={_short(self.structured_outputs)} is invalid: must be "
+                                 f"None or a StructuredOutputsParams")
+            self.structured_outputs.validate()
         return self
 
 

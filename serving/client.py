@@ -46,6 +46,8 @@ def build_request(prompt: str | None = None, *, text: str | None = None, chat: l
     sp = {k: v for k, v in sampling.items() if v is not None}
     if isinstance(sp.get("stop"), str):
         sp["stop"] = [sp["stop"]]
+    if "structured_outputs" in sp:  # a StructuredOutputsParams, or a dict of its fields
+        sp["structured_outputs"] = structured_outputs_to_proto(sp["structured_outputs"])
     req = pb.GenerateRequest(request_id=request_id, sampling=pb.SamplingParams(**sp))
     if prompt is not None:
         req.text = prompt
@@ -54,6 +56,24 @@ def build_request(prompt: str | None = None, *, text: str | None = None, chat: l
     else:
         req.token_ids.ids.extend(token_ids)
     return req
+
+
+def structured_outputs_to_proto(so) -> pb.StructuredOutputs:
+    """StructuredOutputsParams (or a dict of its fields) -> the proto's oneof; a JSON schema goes as text."""
+    import json
+
+    fields = so if isinstance(so, dict) else {k: getattr(so, k) for k in so.__struct_fields__}
+    msg = pb.StructuredOutputs()
+    for kind, value in fields.items():
+        if value is None:
+            continue
+        if kind == "json":
+            msg.json = value if isinstance(value, str) else json.dumps(value)
+        elif kind == "choice":
+            msg.choice.choices.extend(value)
+        else:
+            setattr(msg, kind, value)
+    return msg
 
 
 @dataclasses.dataclass

@@ -9,6 +9,7 @@ import logging
 from typing import Any
 
 from jaxllm.sampling_params import SamplingParams
+from jaxllm.structured_outputs import StructuredOutputsParams
 
 from serving.config import ServerConfig
 from serving.deltas import DeltaTracker, SampleDelta
@@ -47,8 +48,20 @@ def sampling_params_from_proto(msg: pb.SamplingParams, cfg: ServerConfig, *, voc
         kw["allowed_token_ids"] = list(msg.allowed_token_ids)
     if msg.logit_bias:
         kw["logit_bias"] = dict(msg.logit_bias)
+    if msg.HasField("structured_outputs"):
+        kw["structured_outputs"] = structured_outputs_from_proto(msg.structured_outputs)
     return apply_caps(SamplingParams(**kw), cfg, vocab_size=vocab_size, max_model_len=max_model_len,
                       max_tokens_set="max_tokens" in kw)
+
+
+def structured_outputs_from_proto(msg: pb.StructuredOutputs) -> StructuredOutputsParams:
+    """The oneof as StructuredOutputsParams (validated with the rest: an empty oneof names the field)."""
+    kind = msg.WhichOneof("kind")
+    if kind is None:
+        return StructuredOutputsParams()
+    if kind == "choice":
+        return StructuredOutputsParams(choice=list(msg.choice.choices))
+    return StructuredOutputsParams(**{kind: getattr(msg, kind)})
 
 
 def chat_messages(msg: pb.ChatMessages) -> list[dict[str, str]]:

@@ -334,6 +334,6 @@ def dead_message(exc: EngineDeadError) -> str:
 def _field_of(message: str) -> str | None:
     """The field a validation message names first (``'temperature=-1.0 is invalid'`` -> temperature)."""
     head = message.split(" ", 1)[0]
-    for sep in ("=", "[", ":"):
+    for sep in ("=", "[", ":", "."):
         head = head.split(sep, 1)[0]
     return head if head.isidentifier() else None

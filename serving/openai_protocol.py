@@ -12,9 +12,10 @@ from __future__ import annotations
 
 from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict
+from pydantic import BaseModel, ConfigDict, Field
 
 from jaxllm.sampling_params import SamplingParams
+from jaxllm.structured_outputs import StructuredOutputsParams
 
 
 class _Body(BaseModel):
@@ -23,6 +24,29 @@ class _Body(BaseModel):
 
 class StreamOptions(_Body):
     include_usage: bool = False
+
+
+class JsonSchemaFormat(_Body):
+    name: str | None = None
+    description: str | None = None
+    schema_: dict | None = Field(default=None, alias="schema")
+    strict: bool | None = None
+
+
+class ResponseFormat(_Body):
+    """OpenAI's ``response_format``: ``text`` (free), ``json_object`` (any JSON object) or
+    ``json_schema`` (``{"json_schema": {"name", "schema", "strict"}}``)."""
+    type: Literal["text", "json_object", "json_schema"]
+    json_schema: JsonSchemaFormat | None = None
+
+
+class StructuredOutputsBody(_Body):
+    """vLLM's extra body field ``structured_outputs`` (its ``StructuredOutputsParams``)."""
+    json_: dict | str | None = Field(default=None, alias="json")
+    regex: str | None = None
+    choice: list[str] | None = None
+    grammar: str | None = None
+    json_object: bool | None = None
 
 
 class _SamplingFields(_Body):
@@ -48,6 +72,24 @@ class _SamplingFields(_Body):
     ignore_eos: bool | None = None
     skip_special_tokens: bool | None = None
     include_stop_str_in_output: bool | None = None
+    # structured outputs: OpenAI's response_format, or vLLM's structured_outputs (not both)
+    response_format: ResponseFormat | None = None
+    structured_outputs: StructuredOutputsBody | None = None
+
+    def structured(self) -> StructuredOutputsParams | None:
+        rf, so = self.response_format, self.structured_outputs
+        if rf is not None and rf.type != "text" and so is not None:
+            raise ValueError("response_format and structured_outputs are invalid together: set one")
+        if so is not None:
+            return StructuredOutputsParams(json=so.json_, regex=so.regex, choice=so.choice,
+                                           grammar=so.grammar, json_object=so.json_object)
+        if rf is None or rf.type == "text":
+            return None
+        if rf.type == "json_object":
+            return StructuredOutputsParams(json_object=True)
+        if rf.json_schema is None or rf.json_schema.schema_ is None:
+            raise ValueError("response_format.json_schema.schema is required for type 'json_schema'")
+        return StructuredOutputsParams(json=rf.json_schema.schema_)
 
     def sampling_kwargs(self) -> dict[str, Any]:
         """The SamplingParams fields this body sets (unset = the engine's default)."""
@@ -59,6 +101,9 @@ class _SamplingFields(_Body):
             if v is not None:
                 kw[name] = v
         kw["n"] = self.n
+        so = self.structured()
+        if so is not None:
+            kw["structured_outputs"] = so
         if self.logit_bias is not None:
             bias = {}
             for key, val in self.logit_bias.items():

@@ -46,6 +46,10 @@ class Request:
     # an embedding request (resolved PoolingParams): prefill only, never samples, finishes in the
     # step that computes its last prompt token; bypasses the prefix cache (kv_cache_manager.py)
     pooling: PoolingParams | None = None
+    # structured outputs: the sequence's grammar state (jaxllm.engine.grammar.GrammarState, duck-typed
+    # here: ``.ready``). Its next-token mask depends on the last token, so it is never scheduled on a
+    # token still in flight (async scheduling), and it waits unscheduled until the grammar compiles.
+    grammar: object = None
 
     status: RequestStatus = RequestStatus.WAITING
     output_token_ids: list[int] = field(default_factory=list)
@@ -77,6 +81,10 @@ class Request:
     def append_output_token(self, token_id: int) -> None:
         self.output_token_ids.append(token_id)
         self.all_token_ids.append(token_id)
+
+    @property
+    def waits_for_grammar(self) -> bool:
+        return self.grammar is not None and not self.grammar.ready
 
     @property
     def is_finished(self) -> bool:

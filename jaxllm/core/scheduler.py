@@ -8,7 +8,8 @@ Every request carries ``num_computed_tokens``. Each ``schedule()`` hands out
    prefill; when blocks run out, the latest-arrived running request not yet scheduled this
    step is preempted (blocks freed, ``num_computed_tokens = 0``, back to the FRONT of the
    waiting queue; it is recomputed later from prompt + outputs so far);
-2. then, if nothing was preempted, waiting requests FCFS (no skipping); on first scheduling a
+2. then, if nothing was preempted, waiting requests FCFS (no skipping, except that a request whose
+   grammar is still compiling keeps its place and lets later ones by); on first scheduling a
    prefix-cache hit sets ``num_computed_tokens``; a prompt longer than the remaining budget is
    chunked.
 
@@ -95,8 +96,8 @@ class Scheduler:
                 continue
             ph = req.num_output_placeholders
             if ph and (req.num_output_tokens + ph >= req.max_output_tokens
-                       or req.num_tokens + ph >= max_len):
-                i += 1  # its token in flight ends it: nothing more to compute
+                       or req.num_tokens + ph >= max_len or req.grammar is not None):
+                i += 1  # its token in flight ends it, or (a grammar) must be known to mask the next
                 continue
             n = min(req.num_tokens + ph - req.num_computed_tokens, budget,
                     max_len - req.num_computed_tokens)
@@ -116,9 +117,13 @@ class Scheduler:
 
         now = time.time()
         if not preempted:
+            compiling = []  # waiting for their grammar: skipped, they keep their place
             while (self.waiting and budget > 0
                    and len(self.running) < self.config.max_num_seqs):
                 req = self.waiting[0]
+                if req.waits_for_grammar:
+                    compiling.append(self.waiting.popleft())
+                    continue
                 if req.num_output_placeholders:
                     break  # preempted while its token is in flight: resume once that token is known
                 cached_blocks, num_cached = self.kv.get_computed_blocks(req)
@@ -138,6 +143,7 @@ class Scheduler:
                 admitted.add(req.request_id)
                 scheduled.append((req, n))
                 budget -= n
+            self.waiting.extendleft(reversed(compiling))
 
         seqs = []
         for req, n in scheduled:

@@ -58,6 +58,11 @@ class SchedulerOutput:
     # only to the very request that was scheduled (a finished id may be reused by a new request
     # while its last step is still in flight). The runner ignores it.
     requests: list = field(default_factory=list, repr=False)
+    # structured outputs: [num_seqs, ceil(vocab_size / 32)] int32 packed allowed-token bits (bit t % 32
+    # of word t // 32 = token t allowed), filled by the engine for the sampling seqs whose
+    # ``constrained`` entry is True; None when no seq of the step has a grammar.
+    grammar_bitmask: object = field(default=None, repr=False)
+    constrained: list[bool] | None = None
 
     @property
     def num_seqs(self) -> int:

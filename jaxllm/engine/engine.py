@@ -12,6 +12,13 @@ synchronous engine's; a request that stops, is aborted or preempted while a step
 loses only that step's slot (its token there is discarded). When no request is left unfinished
 nothing stays in flight (the engine reads the last step back and drops it).
 
+Structured outputs (``params.structured_outputs``): ``add_request`` checks the spec (ValueError naming
+the field) and gives each sequence a ``GrammarState`` whose matcher compiles on a thread pool
+(``jaxllm/engine/grammar.py``); the scheduler leaves it waiting until then. After each schedule the
+engine writes the sampling seqs' allowed-token bitmask into the SchedulerOutput; each sampled token
+advances the matcher. With async scheduling a constrained request is never scheduled on a token
+still in flight (its mask needs that token), so it runs every other step; the rest overlap as usual.
+
 Input rules (``add_request`` validates everything before anything is scheduled and raises
 ``ValueError`` naming the field, the value and the limit; the engine is unchanged after):
 - prompt: ``str`` | ``list[int]`` | ``{"prompt_token_ids": [...]}`` | ``{"prompt": str}``;
@@ -42,6 +49,8 @@ import hashlib
 import random
 import time
 from collections.abc import Iterable
+
+import numpy as np
 
 from jaxllm.config import EngineConfig
 from jaxllm.core.kv_cache_manager import KVCacheManager, cdiv
@@ -82,7 +91,7 @@ def validate_prompt_ids(ids: list[int], vocab_size: int, max_model_len: int) -> 
 
 class LLMEngine:
     def __init__(self, config: EngineConfig, runner: ModelRunnerProtocol, tokenizer,
-                 detokenizer_factory: DetokenizerFactory | None = None) -> None:
+                 detokenizer_factory: DetokenizerFactory | None = None, grammar_tokenizer=None) -> None:
         self.config = config.validate()
         if config.max_model_len is None:
             raise ValueError("max_model_len=None is invalid for LLMEngine: resolve it from the "
@@ -124,6 +133,10 @@ class LLMEngine:
         self.async_scheduling = bool(on) and hasattr(runner, "dispatch")
         self._in_flight: tuple | None = None  # (SchedulerOutput, PendingStep) not read back yet
         self._request_errors: dict[str, Exception] = {}  # failed by their host-side processing
+        # structured outputs: () -> llguidance tokenizer (default: from the model's HF tokenizer);
+        # the compiler (thread pool, cache) is made on the first constrained request
+        self._grammar_tokenizer = grammar_tokenizer
+        self.grammar = None
         self.num_steps = 0
         self.num_generated_tokens = 0
         self.num_prompt_tokens = 0
@@ -185,6 +198,9 @@ class LLMEngine:
         if params.truncate_prompt_tokens is not None:
             ids = ids[-params.truncate_prompt_tokens:]  # the last k (the length checks see what is kept)
         self._validate_ids(ids)
+        grammar_key = None
+        if params.structured_outputs is not None:
+            grammar_key = self.grammar_compiler().check(params.structured_outputs)
         child_ids = [request_id] if params.n == 1 else [f"{request_id}#{i}" for i in range(params.n)]
         for rid in {request_id, *child_ids}:
             self._check_new_id(rid)
@@ -198,7 +214,8 @@ class LLMEngine:
         parent = ParentState(request_id, text, ids, arrival, params.prompt_logprobs is not None, token_text)
         for i, cid in enumerate(child_ids):
             req = Request(cid, ids, params, seed=derive_seed(base_seed, i), arrival_time=arrival,
-                          max_output_tokens=max_out)
+                          max_output_tokens=max_out,
+                          grammar=None if grammar_key is None else self.grammar.new_state(grammar_key))
             detok = (self.detokenizer_factory(self.tokenizer, ids, params.skip_special_tokens)
                      if params.detokenize else _NO_TEXT)
             seq = SeqState(req, i, detok, token_text)
@@ -228,6 +245,21 @@ class LLMEngine:
         self._embeds[request_id] = EmbedState(req, text, arrival)
         self.scheduler.add_request(req)
         self.num_prompt_tokens += len(ids)
+
+    def grammar_compiler(self):
+        """The structured-outputs compiler (made on first use: llguidance's tokenizer takes ~1 s)."""
+        if self.grammar is None:
+            from jaxllm.engine.grammar import GrammarCompiler, hf_grammar_tokenizer
+
+            factory = self._grammar_tokenizer
+            if factory is None:
+                if getattr(self.tokenizer, "hf", None) is None:
+                    raise ValueError("structured_outputs is invalid for this model: it has no text tokenizer "
+                                     "(token-id-only model), so grammars cannot be matched")
+                tok, vocab = self.tokenizer, self.vocab_size
+                factory = lambda: hf_grammar_tokenizer(tok, vocab)  # noqa: E731
+            self.grammar = GrammarCompiler(factory, self.vocab_size, self.eos_token_ids)
+        return self.grammar
 
     def abort_request(self, request_ids: str | Iterable[str]) -> list[RequestOutput]:
         """Abort requests (parent ids). Unknown or finished ids are a no-op. Frees their blocks
@@ -272,12 +304,14 @@ class LLMEngine:
                 self._release_if_idle()
                 return []
             out = self._schedule(in_flight=False)
-            return self._process(out, self.runner.execute(out), t0)
+            return [] if out is None else self._process(out, self.runner.execute(out), t0)
         if self._in_flight is None:  # nothing running on the device: start a step
             if not self.scheduler.has_unfinished_requests():
                 self._release_if_idle()
                 return []
             out = self._schedule(in_flight=False)
+            if out is None:
+                return []
             self._in_flight = (out, self.runner.dispatch(out))
         prev, self._in_flight = self._in_flight, None
         if self.scheduler.has_unfinished_requests():  # step N+1 goes out before step N is read
@@ -291,14 +325,31 @@ class LLMEngine:
         left waits for that step's tokens): None then, after releasing the forgotten ids."""
         out = self.scheduler.schedule()
         if not out.seqs:
-            if in_flight:
+            compiling = [r for r in self.scheduler.waiting if r.waits_for_grammar]
+            if in_flight or compiling:
                 if out.finished_or_preempted_ids:
                     self.runner.release(out.finished_or_preempted_ids)
+                if compiling and not in_flight:  # nothing else to run: give the grammar a moment
+                    compiling[0].grammar.wait(0.05)
                 return None
             raise RuntimeError(f"scheduler produced an empty step with {self.scheduler.num_waiting} "
                                f"waiting / {self.scheduler.num_running} running requests and "
                                f"{self.kv.num_free_blocks} free blocks")
+        if self.grammar is not None:
+            self._attach_bitmask(out)
         return out
+
+    def _attach_bitmask(self, out) -> None:
+        """The allowed-token bitmask of every sampling seq with a grammar (its matcher has seen every
+        token before this step: constrained requests never run on a token still in flight)."""
+        constrained = [s.sample and r.grammar is not None for s, r in zip(out.seqs, out.requests)]
+        if not any(constrained):
+            return
+        states = [r.grammar for r, c in zip(out.requests, constrained) if c]
+        masks = self.grammar.fill_bitmask(states, cdiv(self.vocab_size, 32))  # [n, W] i32
+        bitmask = np.zeros((len(out.seqs), masks.shape[1]), np.int32)  # [num_seqs, W] i32
+        bitmask[np.flatnonzero(constrained)] = masks
+        out.grammar_bitmask, out.constrained = bitmask, constrained
 
     def _process(self, out, sampled, t0: float) -> list[RequestOutput]:
         """Step ``out``'s sampled tokens -> scheduler, detokenizer, stop checks, outputs (and the
@@ -317,7 +368,9 @@ class LLMEngine:
         touched: dict[str, ParentState] = {}
         finished: dict[RequestStatus, list[str]] = {}
         failed: dict[str, tuple[ParentState, Exception]] = {}
-        for req, _ in new:
+        for req, tok in new:
+            if req.grammar is not None:
+                req.grammar.accept(tok)
             parent, seq = self._seqs[req.request_id]
             if parent.request_id in failed:
                 continue

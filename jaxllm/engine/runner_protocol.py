@@ -14,6 +14,9 @@ The engine never imports jax; it talks to any object with this shape. Contract:
   from ``(seed, p)`` only, whatever else is in the batch. While the request has fewer than
   ``params.min_tokens`` generated tokens (``start_pos + len(token_ids) - num_prompt_tokens``),
   mask EOS (unless ``params.ignore_eos``) and ``params.stop_token_ids``.
+- Structured outputs: where ``out.constrained[i]`` is True, seq i's token is drawn only among the ids
+  whose bit is set in ``out.grammar_bitmask[i]`` (bit t % 32 of int32 word t // 32), applied before
+  allowed_token_ids, logit_bias and penalties; logprobs stay those of the raw distribution.
 - ``take_prompt_logprobs()`` (optional; with ``supports_prompt_logprobs``): for seqs whose params
   ask ``prompt_logprobs``, ``{request_id: {prompt position: SampledToken}}`` computed since the last
   call, where the SampledToken is the prompt token at that position (its raw logprob and rank)

@@ -39,8 +39,11 @@ class StepInputs:
 
 def build_inputs(seqs: list[ScheduledSeq], rows: list[int], num_rows: int, eos_ids: list[int],
                  padded_tokens: int, padded_seqs: int, decode_only: bool, block_size: int,
-                 max_blocks: int, max_seen: int, seed_steps: list | None = None) -> StepInputs:
+                 max_blocks: int, max_seen: int, seed_steps: list | None = None, *, vocab_size: int,
+                 grammar_bitmask: np.ndarray | None = None, constrained: list[bool] | None = None) -> StepInputs:
     """Numpy arrays for one step. `rows[i]` is seqs[i]'s penalty row; row `num_rows - 1` is spare.
+    `grammar_bitmask` [len(seqs), ceil(vocab_size / 32)] i32 and `constrained` (SchedulerOutput's)
+    restrict the constrained seqs' next token; without them every row is free (an all-zero mask).
 
     Prefix-cache hits seed penalty state with up to `max_seen` tokens per step. When the step's
     hits carry more and `seed_steps` is a list, the prefixes go instead into all-padding inputs of
@@ -72,6 +75,12 @@ def build_inputs(seqs: list[ScheduledSeq], rows: list[int], num_rows: int, eos_i
     bias_ids = np.full((S, MAX_LOGIT_BIAS), -1, np.int32)
     bias_values = np.zeros((S, MAX_LOGIT_BIAS), np.float32)
     allowed_ids = np.full((S, MAX_ALLOWED_TOKEN_IDS), -1, np.int32)
+    bitmask = np.zeros((S, -(-vocab_size // 32)), np.int32)  # [S, W] i32 packed allowed bits
+    constrained_rows = np.zeros(S, bool)  # [S] bool
+    if constrained is not None and any(constrained):
+        n = len(seqs)
+        bitmask[:n] = grammar_bitmask
+        constrained_rows[:n] = constrained
     seen_tokens = np.zeros(max_seen, np.int32)
     seen_prompt_rows = np.full(max_seen, R, np.int32)
     seen_output_rows = np.full(max_seen, R, np.int32)
@@ -129,7 +138,7 @@ def build_inputs(seqs: list[ScheduledSeq], rows: list[int], num_rows: int, eos_i
             # more than one step can carry: reset and seed the rows in padding steps run before this one
             for j, lo in enumerate(range(0, len(all_seen[0]), max_seen)):
                 pad = build_inputs([], [], num_rows, eos_ids, padded_tokens, padded_seqs, decode_only, block_size,
-                                   max_blocks, max_seen)
+                                   max_blocks, max_seen, vocab_size=vocab_size)
                 chunk = [a[lo:lo + max_seen] for a in all_seen]
                 n = len(chunk[0])
                 seen_tokens_j = pad.seen_tokens.copy()
@@ -145,7 +154,7 @@ def build_inputs(seqs: list[ScheduledSeq], rows: list[int], num_rows: int, eos_i
     meta = AttentionMetadata(slot_mapping=slots, block_tables=block_tables, context_lens=context_lens,
                              cu_q_lens=cu, decode_only=decode_only)
     sampling = SamplingInputs(temperature, top_k, top_p, min_p, presence, frequency, repetition, seeds,
-                              sample_pos, mask_ids, bias_ids, bias_values, allowed_ids)
+                              sample_pos, mask_ids, bias_ids, bias_values, allowed_ids, bitmask, constrained_rows)
     want = np.asarray(any(s.params.logprobs for s in seqs))
     return StepInputs(tokens, positions, meta, logits_idx, seq_rows, reset_rows, prompt_rows, output_rows,
                       seen_tokens, seen_prompt_rows, seen_output_rows, sampling, want, feed_rows)

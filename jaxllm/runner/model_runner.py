@@ -187,6 +187,7 @@ class ModelRunner:
         # Async scheduling's default: on where a device runs the steps while the host works; off
         # on CPU, where both share the cores and overlapping slowed steps (bench/RESULTS.md).
         self.async_by_default = jax.default_backend() != "cpu"
+        self._zero_bitmasks: dict[int, jax.Array] = {}  # S -> [S, ceil(V/32)] i32 zeros on device
         self._channel = None  # multi-host: process 0 broadcasts each step (jaxllm/parallel/multihost.py)
         if jax.process_count() > 1:
             from jaxllm.parallel.multihost import StepChannel
@@ -229,7 +230,7 @@ class ModelRunner:
     def _padding_inputs(self, T: int, S: int, decode_only: bool) -> StepInputs:
         """An all-padding batch of one bucket: touches no slot and no penalty row."""
         return build_inputs([], [], self.num_rows, self.eos_ids, T, S, decode_only, self.block_size,
-                            self.max_blocks_per_seq, self.max_model_len)
+                            self.max_blocks_per_seq, self.max_model_len, vocab_size=self.vocab_size)
 
     @staticmethod
     def _bucket(inp: StepInputs) -> tuple:
@@ -305,7 +306,10 @@ class ModelRunner:
         rows = [self._row(s.request_id) for s in seqs]
         seed_steps = []  # only when this step's prefix-cache hits exceed what one step carries
         inp = build_inputs(seqs, rows, self.num_rows, self.eos_ids, T, S, decode_only, self.block_size,
-                           self.max_blocks_per_seq, self.max_model_len, seed_steps)
+                           self.max_blocks_per_seq, self.max_model_len, seed_steps, vocab_size=self.vocab_size,
+                           grammar_bitmask=sched.grammar_bitmask, constrained=sched.constrained)
+        if not (sched.constrained and any(sched.constrained)):
+            inp = self._with_zero_bitmask(inp, S)
         for seed in seed_steps:  # same bucket, all padding: seeds penalty state only
             self._run(seed)
         out = self._run(inp)
@@ -313,6 +317,17 @@ class ModelRunner:
         if any(s.params.prompt_logprobs is not None and s.start_pos + 1 < s.num_prompt_tokens for s in seqs):
             prompt_lp = self._dispatch_prompt_logprobs(seqs, T)
         return PendingStep(seqs, out, prompt_lp, lambda: self._prompt_lp_out)
+
+    def _with_zero_bitmask(self, inp: StepInputs, S: int) -> StepInputs:
+        """A step without grammars: its all-zero [S, ceil(V/32)] bitmask is a device array kept per
+        bucket, so free steps do not copy it to the device each time (single device; under tensor
+        parallelism or multi-host the numpy array travels as before)."""
+        if self.tensor_parallel_size > 1 or self._channel is not None:
+            return inp
+        zero = self._zero_bitmasks.get(S)
+        if zero is None:
+            zero = self._zero_bitmasks[S] = jax.device_put(inp.sampling.bitmask)
+        return dataclasses.replace(inp, sampling=dataclasses.replace(inp.sampling, bitmask=zero))
 
     def _dispatch_prompt_logprobs(self, seqs, padded_tokens: int) -> PromptLogprobsJob:
         """For seqs asking prompt_logprobs: logprobs of prompt tokens 1.. predicted in this step."""

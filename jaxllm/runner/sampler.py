@@ -1,6 +1,9 @@
 """On-device batched sampling with per-row parameters.
 
 Order per row (documented; the tests' numpy reference follows it):
+  00. structured outputs: rows with the ``constrained`` flag keep only the ids whose bit is set in
+     their packed ``bitmask`` row (bit t % 32 of word t // 32; llguidance's layout), others -> -inf;
+     one lax.cond over the batch, so a step without grammars skips the [S, V] unpack;
   0. allowed_token_ids (every other id gets -inf), then logit_bias added (vLLM's order);
   1. penalties on those logits: repetition (tokens seen in prompt or output: divide positive logits,
      multiply negative ones), then frequency (× output count) and presence (output seen);
@@ -43,6 +46,8 @@ class SamplingInputs:
     bias_ids: jax.Array  # [S, B] i32, logit_bias ids, -1 = none
     bias_values: jax.Array  # [S, B] f32
     allowed_ids: jax.Array  # [S, A] i32, allowed_token_ids, -1 = none (a row without any allows all)
+    bitmask: jax.Array  # [S, ceil(V / 32)] i32, structured outputs: packed allowed-token bits
+    constrained: jax.Array  # [S] bool, the row's bitmask applies
 
 
 @jax.tree_util.register_dataclass
@@ -94,16 +99,19 @@ def sample(logits, counts, seen_in_prompt, p: SamplingInputs, want_top_logprobs,
     log_sum = jnp.log(jnp.sum(jnp.exp(logits - row_max), axis=-1))  # [S] f32, as jax.nn.log_softmax
 
     row_idx = jnp.arange(logits.shape[0])[:, None]  # [S, 1]
+    grammar_logits = jax.lax.cond(jnp.any(p.constrained), lambda: apply_bitmask(logits, p.bitmask, p.constrained),
+                                  lambda: logits)  # [S, V] f32; logprobs below stay the raw logits'
 
     def restricted():  # allowed_token_ids, then logit_bias
         allowed_cols = jnp.where(p.allowed_ids >= 0, p.allowed_ids, vocab)  # -1 → out of range → dropped
         allowed = jnp.zeros(logits.shape, bool).at[row_idx, allowed_cols].set(True, mode="drop")  # [S, V]
         has_list = jnp.any(p.allowed_ids >= 0, axis=-1, keepdims=True)  # [S, 1]
-        out = jnp.where(has_list & ~allowed, -jnp.inf, logits)
+        out = jnp.where(has_list & ~allowed, -jnp.inf, grammar_logits)
         bias_cols = jnp.where(p.bias_ids >= 0, p.bias_ids, vocab)
         return out.at[row_idx, bias_cols].add(p.bias_values, mode="drop")
 
-    base = jax.lax.cond(jnp.any(p.allowed_ids >= 0) | jnp.any(p.bias_ids >= 0), restricted, lambda: logits)
+    base = jax.lax.cond(jnp.any(p.allowed_ids >= 0) | jnp.any(p.bias_ids >= 0), restricted,
+                        lambda: grammar_logits)
 
     def penalised():
         c, seen = (counts, seen_in_prompt) if rows is None else (counts[rows], seen_in_prompt[rows])
@@ -143,6 +151,15 @@ def sample(logits, counts, seen_in_prompt, p: SamplingInputs, want_top_logprobs,
     chosen = (picked - row_max[:, 0]) - log_sum  # raw logprob, the same arithmetic as log_softmax
     ranks = token_rank(logits, picked)  # [S] i32
     return SamplerOutput(token_ids, chosen, ranks, top_ids.astype(jnp.int32), top_lp)
+
+
+def apply_bitmask(logits, bitmask, constrained):
+    """logits [S, V] f32, bitmask [S, W] i32 (W = ceil(V / 32)), constrained [S] bool → [S, V] f32 with
+    the ids whose bit is clear set to -inf in constrained rows."""
+    cols = jnp.arange(logits.shape[-1], dtype=jnp.int32)  # [V]
+    words = jnp.take(bitmask, cols // 32, axis=1)  # [S, V] i32
+    allowed = (jnp.right_shift(words, cols % 32) & 1) == 1  # [S, V] bool (arithmetic shift, then & 1)
+    return jnp.where(constrained[:, None] & ~allowed, -jnp.inf, logits)
 
 
 def token_rank(logits, picked):

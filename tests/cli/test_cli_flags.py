@@ -116,3 +116,32 @@ def test_log_level_quiets_jax_unless_debug():
     finally:
         for n, lvl in saved.items():
             logging.getLogger(n).setLevel(lvl)
+
+
+def test_structured_output_flags(tmp_path, capsys):
+    schema = {"type": "object", "properties": {"a": {"type": "integer"}}, "required": ["a"]}
+    path = tmp_path / "schema.json"
+    path.write_text(__import__("json").dumps(schema))
+    gen = generate.build_parser()
+    assert sampling_params_from_args(gen.parse_args(["--json-schema", str(path)])).structured_outputs.json == schema
+    so = sampling_params_from_args(gen.parse_args(["--choice", "yes", "--choice", "no"])).structured_outputs
+    assert so.choice == ["yes", "no"] and so.regex is None
+    assert sampling_params_from_args(gen.parse_args([])).structured_outputs is None
+    two = sampling_params_from_args(gen.parse_args(["--regex", "a+", "--json-object"]))
+    with pytest.raises(ValueError, match=r"structured_outputs \(regex='a\+', json_object=True\) is invalid"):
+        two.validate()
+    # the client sends the same flags as the proto's oneof
+    args = client.build_parser().parse_args(["p", "--regex", "[0-9]+"])
+    req = client.build_request("p", **{k: v for k, v in sampling_fields_from_args(args).items()
+                                       if k in client._SAMPLING_FIELDS})
+    assert req.sampling.structured_outputs.regex == "[0-9]+"
+    for argv, needle in [(["--json-schema", str(tmp_path / "missing.json")], "argument --json-schema: '"),
+                         (["--grammar", str(tmp_path)], "argument --grammar: '")]:
+        with pytest.raises(SystemExit):
+            gen.parse_args(argv)
+        err = capsys.readouterr().err
+        assert err.count("\n") == 1 and needle in err and "is invalid: cannot read it" in err, err
+    (tmp_path / "bad.json").write_text("[1, 2]")
+    with pytest.raises(SystemExit):
+        gen.parse_args(["--json-schema", str(tmp_path / "bad.json")])
+    assert "a JSON schema must be an object" in capsys.readouterr().err

@@ -9,16 +9,20 @@ from __future__ import annotations
 
 import inspect
 import os
+import re
 import subprocess
 import sys
 
 import msgspec
 import numpy as np
 import pytest
+from hypothesis import given
+from hypothesis import strategies as st
 
 from jaxllm.engine.engine import LLMEngine
 from jaxllm.llm import LLM
 from jaxllm.sampling_params import SamplingParams
+from tests.e2e.structured_strategies import ARITHMETIC, SETTINGS, choices, is_arithmetic, json_schemas, regexes
 from tests.engine_checks import assert_clean
 
 pytestmark = pytest.mark.slow
@@ -232,6 +236,7 @@ def test_cli_generate(compile_cache, llm):
     env = dict(os.environ, JAX_PLATFORMS="cpu", JAXLLM_COMPILE_CACHE=compile_cache)
     cmd = [sys.executable, "-m", "jaxllm.generate", "--model", MODEL, "--chat", "--prompt",
            "What is the capital of France?", "--max-tokens", "16", "--temperature", "0", "--no-progress",
+           "--choice", "The capital of France is Paris.", "--choice", "London", "--choice", "Rome",
            "--max-model-len", str(MAX_LEN), "--max-num-seqs", str(MAX_SEQS),
            "--max-num-batched-tokens", str(BUDGET), "--kv-cache-memory-bytes", str(KV_BYTES)]
     res = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300,
@@ -239,3 +244,69 @@ def test_cli_generate(compile_cache, llm):
     assert res.returncode == 0, res.stderr[-3000:]
     assert "Paris" in res.stdout, res.stdout + res.stderr[-2000:]
     assert "output tok/s" in res.stdout + res.stderr
+
+
+# ----- structured outputs (strategies and checks: tests/e2e/structured_strategies.py) -------------
+def _so_params(seed, **so):
+    from jaxllm.structured_outputs import StructuredOutputsParams
+
+    return SamplingParams(temperature=1.0, max_tokens=200, seed=seed, structured_outputs=StructuredOutputsParams(**so))
+
+
+@SETTINGS
+@given(schemas=st.lists(json_schemas(), min_size=MAX_SEQS, max_size=MAX_SEQS))
+def test_json_schema_completions_parse_and_validate_at_temperature_1(llm, schemas):
+    import json
+
+    import jsonschema
+
+    traces = llm.engine.runner.num_traces
+    prompts = [f"A JSON object for the schema {json.dumps(s)}:\n" for s in schemas]
+    outs = llm.generate(prompts, [_so_params(i, json=s) for i, s in enumerate(schemas)], use_tqdm=False)
+    for s, o in zip(schemas, outs):
+        c = o.outputs[0]
+        assert c.finish_reason == "stop", (s, c.text)
+        jsonschema.validate(json.loads(c.text), s)
+    assert llm.engine.runner.num_traces == traces
+
+
+@SETTINGS
+@given(rx=st.lists(regexes(), min_size=3, max_size=3), ch=st.lists(choices(), min_size=3, max_size=3))
+def test_regex_choice_and_lark_completions_hold_at_temperature_1(llm, rx, ch):
+    import re
+
+    params = ([_so_params(i, regex=r) for i, r in enumerate(rx)] + [_so_params(i, choice=c) for i, c in enumerate(ch)]
+              + [_so_params(i, grammar=ARITHMETIC) for i in range(2)])
+    prompts = [f"Text matching /{r}/: " for r in rx] + [f"One of {c}: " for c in ch] + ["12*(3+4)-5 = 79; 7+8*2 ="] * 2
+    outs = [o.outputs[0] for o in llm.generate(prompts, params, use_tqdm=False)]
+    assert all(c.finish_reason == "stop" for c in outs), [(c.text, c.finish_reason) for c in outs]
+    for r, c in zip(rx, outs[:3]):
+        assert re.fullmatch(r, c.text), (r, c.text)
+    for choice, c in zip(ch, outs[3:6]):
+        assert c.text in choice, (choice, c.text)
+    for c in outs[6:]:
+        assert is_arithmetic(c.text), c.text
+
+
+def test_structured_outputs_with_n_seeds_logprobs_stop_strings_and_free_neighbours(llm):
+    """n > 1 and a seed: the same completions alone and in a batch; logprobs are the raw model's (the
+    constrained token's logprob is reported even when it is far from the top); a stop string cuts a
+    constrained completion; seeded free requests get the same tokens beside constrained ones."""
+    free = [SamplingParams(temperature=1.0, max_tokens=12, seed=s) for s in (1, 2)]
+    prompts = ["The three primary colors are", "Once upon a time"]
+    alone_free = [o.outputs[0].token_ids for o in llm.generate(prompts, free, use_tqdm=False)]
+    colors = SamplingParams(temperature=1.0, max_tokens=20, seed=9, n=3, logprobs=2,
+                            structured_outputs=_so_params(0, choice=["red", "green", "blue", "zebra"]).structured_outputs)
+    code = _so_params(3, regex=r"[a-z]{3,5}-[0-9]{3}")
+    code = code.clone(stop=["-"])
+    mixed = llm.generate(prompts + ["My favourite color is", "A product code: "], free + [colors, code],
+                         use_tqdm=False)
+    assert [o.outputs[0].token_ids for o in mixed[:2]] == alone_free
+    again = llm.generate("My favourite color is", colors, use_tqdm=False)[0]
+    assert [c.token_ids for c in again.outputs] == [c.token_ids for c in mixed[2].outputs]
+    for c in mixed[2].outputs:
+        assert c.text in ("red", "green", "blue", "zebra") and c.finish_reason == "stop"
+        for t, lp in zip(c.token_ids, c.logprobs):
+            assert t in lp and lp[t].logprob <= 0 and lp[t].rank >= 1
+    stopped = mixed[3].outputs[0]
+    assert stopped.finish_reason == "stop" and re.fullmatch(r"[a-z]{3,5}", stopped.text), stopped.text

@@ -130,7 +130,7 @@ class FakeRunner:
                 self.kv[self._slot(s.block_ids, s.start_pos + i)] = (t, s.start_pos + i)
         # 2) "attend": read the whole context back from the cache
         result: dict[str, SampledToken] = {}
-        for s in out.seqs:
+        for i, s in enumerate(out.seqs):
             end = s.start_pos + len(s.token_ids)
             ctx = []
             for p in range(end):
@@ -151,7 +151,8 @@ class FakeRunner:
                 hs = [fake_hidden(ctx[:p + 1]) for p in range(s.start_pos, end)]
                 self._chunks[s.request_id] = PooledChunk(np.sum(hs, axis=0, dtype=np.float32), hs[-1])
             if s.sample:
-                result[s.request_id] = self._sample(ctx, s)
+                mask = out.grammar_bitmask[i] if out.constrained and out.constrained[i] else None
+                result[s.request_id] = self._sample(ctx, s, mask)
         self._prev_sampled = {rid: t.token_id for rid, t in result.items()}
         return result
 
@@ -159,7 +160,8 @@ class FakeRunner:
     def _slot(self, block_ids: list[int], pos: int) -> int:
         return block_ids[pos // self.block_size] * self.block_size + pos % self.block_size
 
-    def _sample(self, ctx: list[int], s: ScheduledSeq) -> SampledToken:
+    def _sample(self, ctx: list[int], s: ScheduledSeq, mask=None) -> SampledToken:
+        """The context's hash token; with a grammar bitmask ([W] i32) the first allowed id from it on."""
         p = s.params
         num_generated = len(ctx) - s.num_prompt_tokens
         banned = set()
@@ -174,6 +176,11 @@ class FakeRunner:
             if p.temperature > 0:  # seeded: depends on (seed, position) and the context only
                 h = _mix(h, s.seed, len(ctx))
             tok = h % self.vocab_size
+        if mask is not None:
+            bits = (mask.view(np.uint32)[np.arange(self.vocab_size) // 32] >> (np.arange(self.vocab_size) % 32)) & 1
+            allowed = set(np.flatnonzero(bits).tolist()) - banned
+            assert allowed, f"{s.request_id}: the grammar bitmask allows no token"
+            banned = set(range(self.vocab_size)) - allowed
         while tok in banned:
             tok = (tok + 1) % self.vocab_size
         lp = -float(_mix(tok, len(ctx)) % 1000) / 100.0

@@ -221,7 +221,7 @@ def test_collectives_are_megatron(engines):
 
     r = engines(4).runner
     inp = build_inputs([], [], r.num_rows, r.eos_ids, 4, 4, True, r.block_size, r.max_blocks_per_seq,
-                       r.max_model_len)
+                       r.max_model_len, vocab_size=r.vocab_size)
     hlo = r._step_lowering(inp).compile().as_text()
     ops = sorted(m.groups() for m in re.finditer(
         r"= (\S+?)\{[^}]*\} (all-reduce|all-gather|reduce-scatter|all-to-all|collective-permute)(?:-start)?\(", hlo))
@@ -244,3 +244,26 @@ def test_bias_and_qk_norm_archs_match_tp1(arch, tps, tmp_path_factory):
         prefill, decode = _forward_logits(path, tp, loop)
         np.testing.assert_allclose(prefill, ref_prefill, atol=1e-4, rtol=0, err_msg=f"{arch} tp={tp} {loop}")
         np.testing.assert_allclose(decode, ref_decode, atol=1e-4, rtol=0, err_msg=f"{arch} tp={tp} {loop}")
+
+
+def test_structured_outputs_identical_across_tp_without_compiles(engines):
+    """The grammar bitmask is replicated beside the replicated (all-gathered) logits: tp=2 gives tp=1's
+    constrained tokens, which match their regex, and compiles nothing."""
+    import re
+
+    from jaxllm.structured_outputs import StructuredOutputsParams
+    from tests.fakes.grammar_tokenizers import byte_vocab_grammar_tokenizer, decode_bytes
+
+    outs = {}
+    for tp in (1, 2):
+        e = engines(tp)
+        e._grammar_tokenizer = byte_vocab_grammar_tokenizer(e.vocab_size, e.eos_token_ids)
+        before = compiles(e.runner)
+        params = SamplingParams(temperature=0, max_tokens=20, structured_outputs=StructuredOutputsParams(
+            regex=r"[a-f]{2,4}(-[0-9]{1,2}){1,2}"))
+        outs[tp] = [o.outputs[0] for o in LLM("tiny", engine=e).generate(
+            [{"prompt_token_ids": p} for p in PROMPTS], params, use_tqdm=False)]
+        assert compiles(e.runner) == before, tp
+    for r, g in zip(outs[1], outs[2]):
+        assert g.token_ids == r.token_ids and r.finish_reason == "stop"
+        assert re.fullmatch(r"[a-f]{2,4}(-[0-9]{1,2}){1,2}", decode_bytes(r.token_ids, engines(1).eos_token_ids))

@@ -19,7 +19,9 @@ from jaxllm.engine.factory import build_engine
 from jaxllm.llm import LLM
 from jaxllm.models.llama import build_model
 from jaxllm.sampling_params import SamplingParams
+from jaxllm.structured_outputs import StructuredOutputsParams
 from tests.engine_checks import assert_clean
+from tests.fakes.grammar_tokenizers import byte_vocab_grammar_tokenizer, decode_bytes
 from pallas_kernels import AttentionMetadata, KVCache
 from tests.models.hf_tiny import make_tiny_hf
 
@@ -42,8 +44,10 @@ def make_engine(path, **kw):
 
 @pytest.fixture(scope="module")
 def engine(tiny_path):
-    """Ample KV cache; buckets decode {8, 16}, mixed {64, 256}."""
-    return make_engine(tiny_path)
+    """Ample KV cache; buckets decode {8, 16}, mixed {64, 256}; grammars over a byte vocabulary."""
+    e = make_engine(tiny_path)
+    e._grammar_tokenizer = byte_vocab_grammar_tokenizer(VOCAB, e.eos_token_ids)
+    return e
 
 
 @pytest.fixture(scope="module")
@@ -301,7 +305,28 @@ def _random_params(rng: random.Random) -> SamplingParams:
     if rng.random() < 0.15:
         kw["allowed_token_ids"] = rng.sample(range(VOCAB), rng.randint(1, VOCAB))
     kw["ignore_eos"] = rng.random() < 0.5
+    if rng.random() < 0.2:  # structured outputs; no min_tokens / allowed ids / stop ids that could
+        kind, spec = rng.choice(GRAMMARS)  # leave the grammar no token, room to finish, EOS ends it
+        kw.update(structured_outputs=StructuredOutputsParams(**{kind: spec}), max_tokens=rng.randint(12, 40),
+                  ignore_eos=False, min_tokens=0, allowed_token_ids=None, stop_token_ids=None)
     return SamplingParams(**kw)
+
+
+GRAMMARS = [("regex", r"[a-c]{1,4}x"), ("choice", ["ab", "cde", "f"]),
+            ("json", {"type": "object", "properties": {"k": {"enum": [1, 22, "z"]}}, "required": ["k"],
+                      "additionalProperties": False})]
+
+
+def assert_matches(spec: StructuredOutputsParams, text: str) -> None:
+    import json
+    import re
+
+    if spec.regex is not None:
+        assert re.fullmatch(spec.regex, text), (spec.regex, text)
+    elif spec.choice is not None:
+        assert text in spec.choice, (spec.choice, text)
+    else:
+        assert json.loads(text) in ({"k": 1}, {"k": 22}, {"k": "z"}), text
 
 
 def test_zero_compiles_after_warmup_serving_200_random_requests(engine):
@@ -336,6 +361,10 @@ def test_zero_compiles_after_warmup_serving_200_random_requests(engine):
             if p.logprobs is not None:
                 assert len(c.logprobs) == len(c.token_ids)
                 assert all(t in e and len(e) >= p.logprobs for t, e in zip(c.token_ids, c.logprobs))
+            if p.structured_outputs is not None:
+                assert c.finish_reason == "stop", (p.structured_outputs, c.token_ids)
+                assert_matches(p.structured_outputs, decode_bytes(c.token_ids, eos))
+    assert sum(p.structured_outputs is not None for p in params) >= 20
     # seeded requests give the same tokens alone as inside the random batch
     seeded = [i for i, p in enumerate(params) if p.seed is not None and p.temperature > 0 and p.n == 1][:4]
     assert seeded
@@ -361,3 +390,33 @@ def test_penalties_count_every_prefix_hit_token_in_a_crowded_step(engine, refere
     want, _ = reference.greedy(prompts, 12, **kw)
     for i, (o, w) in enumerate(zip(outs, want)):
         assert o.outputs[0].token_ids == w, f"request {i}"
+
+
+def test_mixed_constrained_and_free_batch_sync_and_async(engine):
+    """The jitted path: seeded free requests get the same tokens beside constrained ones as alone;
+    constrained completions match their specs; async scheduling (a second engine over the same
+    runner) gives the synchronous engine's tokens. Nothing compiles."""
+    import msgspec
+
+    from jaxllm.engine.engine import LLMEngine
+
+    compiled = engine.runner.compile_count
+    prompts = random_prompts(11, 6, 3, 40)
+    free = [SamplingParams(temperature=1.0, seed=100 + i, max_tokens=14, ignore_eos=True) for i in range(3)]
+    constrained = [SamplingParams(temperature=1.0, seed=i, max_tokens=30, n=1 + i % 2, logprobs=1,
+                                  structured_outputs=StructuredOutputsParams(**{k: v}))
+                   for i, (k, v) in enumerate(GRAMMARS)]
+    alone = [o.outputs[0].token_ids for o in generate(engine, prompts[:3], free)]
+    mixed = generate(engine, prompts[:3] + prompts[3:], free + constrained)
+    assert [o.outputs[0].token_ids for o in mixed[:3]] == alone
+    for o, p in zip(mixed[3:], constrained):
+        for c in o.outputs:
+            assert c.finish_reason == "stop"
+            assert_matches(p.structured_outputs, decode_bytes(c.token_ids, engine.eos_token_ids))
+            assert all(t in lp for t, lp in zip(c.token_ids, c.logprobs))
+    async_engine = LLMEngine(msgspec.structs.replace(engine.config, async_scheduling=True), engine.runner,
+                             engine.tokenizer, grammar_tokenizer=engine._grammar_tokenizer)
+    assert async_engine.async_scheduling
+    again = generate(async_engine, prompts[:3] + prompts[3:], free + constrained)
+    assert [[c.token_ids for c in o.outputs] for o in again] == [[c.token_ids for c in o.outputs] for o in mixed]
+    assert engine.runner.compile_count == compiled

@@ -24,7 +24,7 @@ _penalties = jax.jit(apply_penalties)
 
 def make_inputs(S, *, temperature=1.0, top_k=0, top_p=1.0, min_p=0.0, presence=0.0, frequency=0.0,
                 repetition=1.0, seeds=None, positions=None, mask_ids=None, bias_ids=None, bias_values=None,
-                allowed_ids=None) -> SamplingInputs:
+                allowed_ids=None, bitmask=None, constrained=None) -> SamplingInputs:
     def col(v, dtype):
         return np.broadcast_to(np.asarray(v, dtype), (S,)).copy()
 
@@ -35,7 +35,8 @@ def make_inputs(S, *, temperature=1.0, top_k=0, top_p=1.0, min_p=0.0, presence=0
     return SamplingInputs(col(temperature, np.float32), col(top_k, np.int32), col(top_p, np.float32),
                           col(min_p, np.float32), col(presence, np.float32), col(frequency, np.float32),
                           col(repetition, np.float32), col(seeds, np.uint32), col(positions, np.int32),
-                          ids(mask_ids, M), ids(bias_ids, B), ids(bias_values, B, 0.0, np.float32), ids(allowed_ids, A))
+                          ids(mask_ids, M), ids(bias_ids, B), ids(bias_values, B, 0.0, np.float32), ids(allowed_ids, A),
+                          ids(bitmask, -(-V // 32), 0), col(False if constrained is None else constrained, bool))
 
 
 def _pad(x, rows, fill):
@@ -51,7 +52,8 @@ def run(logits, p: SamplingInputs, counts=None, seen=None, want=False):
     counts = np.zeros((S, V), np.int32) if counts is None else counts
     seen = np.zeros((S, V), bool) if seen is None else seen
     fills = dict(temperature=1.0, top_k=0, top_p=1.0, min_p=0.0, presence=0.0, frequency=0.0, repetition=1.0,
-                 seeds=0, positions=0, mask_ids=-1, bias_ids=-1, bias_values=0.0, allowed_ids=-1)
+                 seeds=0, positions=0, mask_ids=-1, bias_ids=-1, bias_values=0.0, allowed_ids=-1,
+                 bitmask=0, constrained=False)
     p = SamplingInputs(**{k: _pad(getattr(p, k), R, f) for k, f in fills.items()})
     out = _sample(jnp.asarray(_pad(logits, R, 0.0), jnp.float32), _pad(counts, R, 0), _pad(seen, R, False), p,
                   np.asarray(want))

@@ -146,6 +146,25 @@ def test_real_model_http_openai_client_matches_offline(real_engine):
                 assert text == chat_offline.outputs[0].text
                 assert chunks[-1].usage.prompt_tokens == len(chat_offline.prompt_token_ids)
                 assert chunks[-1].usage.completion_tokens == len(chat_offline.outputs[0].token_ids)
+                # structured outputs: OpenAI's response_format and vLLM's structured_outputs field
+                schema = {"type": "object", "properties": {"city": {"type": "string", "maxLength": 12},
+                                                           "rank": {"type": "integer", "minimum": 1}},
+                          "required": ["city", "rank"], "additionalProperties": False}
+                js = await oc.chat.completions.create(
+                    model="smollm2-135m", messages=CHAT, max_tokens=40, temperature=1.0, seed=3,
+                    response_format={"type": "json_schema", "json_schema": {"name": "c", "schema": schema}})
+                import json as _json
+
+                import jsonschema
+                jsonschema.validate(_json.loads(js.choices[0].message.content), schema)
+                pick = await oc.completions.create(model="smollm2-135m", prompt=PROMPTS[0], max_tokens=8,
+                                                   temperature=1.0, seed=5,
+                                                   extra_body={"structured_outputs": {"choice": ["red", "blue"]}})
+                assert pick.choices[0].text in ("red", "blue")
+                with pytest.raises(openai.BadRequestError) as ei:
+                    await oc.completions.create(model="smollm2-135m", prompt="x", max_tokens=2,
+                                                extra_body={"structured_outputs": {"regex": "(a"}})
+                assert ei.value.body["param"] == "structured_outputs"
             await c.wait_blocks_free(timeout=60)
     run(main(), timeout=600)
     if traces is not None:
