@@ -20,7 +20,9 @@ def test_streams_abort_and_single_thread():
         await ae.start()
         outs = [o async for o in ae.generate("a", "abcdef", SamplingParams(max_tokens=5))]
         assert outs[-1].finished and outs[-1].outputs[0].text == "abcde"
-        assert [len(o.outputs[0].token_ids) for o in outs] == list(range(1, 6))
+        # a stream keeps only the newest (cumulative) output: a slow consumer may skip one
+        lens = [len(o.outputs[0].token_ids) for o in outs]
+        assert lens == sorted(set(lens)) and lens[-1] == 5
         with pytest.raises(ValueError, match="top_p"):
             await ae.add_request("b", "x", SamplingParams(top_p=5.0))
         stream = await ae.add_request("c", "xyz", SamplingParams(max_tokens=1000))
