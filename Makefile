@@ -38,7 +38,7 @@ run: $(VENV)/.stamp-run
 # per worker so module-scoped engines are built once. PYTEST_WORKERS=0 runs in one process.
 PYTEST_WORKERS ?= 2
 test: $(VENV)/.stamp-test
-	$(PY) -m pytest -q -n $(PYTEST_WORKERS) --dist loadfile $(PYTEST_ARGS)
+	$(PY) -m pytest -q -n $(PYTEST_WORKERS) --dist loadfile --no-loadscope-reorder $(PYTEST_ARGS)
 
 proto: $(VENV)/.stamp-test
 	$(PY) -m serving.proto.generate
