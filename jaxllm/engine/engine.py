@@ -59,9 +59,10 @@ from jaxllm.core.scheduler import Scheduler
 from jaxllm.engine.output_processor import DetokenizerFactory, ParentState, SeqState, TokenTexts
 from jaxllm.engine.pooling import EmbedState
 from jaxllm.engine.runner_protocol import ModelRunnerProtocol
-from jaxllm.engine.stats import EngineStats
-from jaxllm.metrics.stats import IterationStats, SchedulerStats
-from jaxllm.outputs import EmbeddingRequestOutput, RequestOutput
+from jaxllm.engine.embed_requests import EmbedRequestsMixin
+from jaxllm.engine.engine_stats import EngineStatsMixin
+from jaxllm.metrics.stats import IterationStats
+from jaxllm.outputs import RequestOutput
 from jaxllm.pooling_params import PoolingParams
 from jaxllm.sampling_params import SamplingParams
 
@@ -89,7 +90,7 @@ def validate_prompt_ids(ids: list[int], vocab_size: int, max_model_len: int) -> 
                          f"max_model_len={max_model_len} (room for 1 generated token)")
 
 
-class LLMEngine:
+class LLMEngine(EmbedRequestsMixin, EngineStatsMixin):
     def __init__(self, config: EngineConfig, runner: ModelRunnerProtocol, tokenizer,
                  detokenizer_factory: DetokenizerFactory | None = None, grammar_tokenizer=None) -> None:
         self.config = config.validate()
@@ -223,27 +224,6 @@ class LLMEngine:
             self._seqs[cid] = (parent, seq)
             self.scheduler.add_request(req)
         self._parents[request_id] = parent
-        self.num_prompt_tokens += len(ids)
-
-    def _add_embed_request(self, request_id: str, prompt, params: PoolingParams,
-                           arrival_time: float | None) -> None:
-        params = params.validate().resolved(*self.pooling_defaults)
-        text, ids = self._resolve_prompt(prompt)
-        if params.truncate_prompt_tokens is not None:
-            ids = ids[-params.truncate_prompt_tokens:]
-        if not ids:
-            raise ValueError("prompt=[] is invalid: the prompt must have at least 1 token")
-        if len(ids) > self.max_model_len:
-            raise ValueError(f"prompt length={len(ids)} tokens is invalid: must be <= "
-                             f"max_model_len={self.max_model_len}")
-        validate_prompt_ids(ids, self.vocab_size, self.max_model_len + 1)
-        self._check_new_id(request_id)
-        # -- everything valid --
-        arrival = time.time() if arrival_time is None else arrival_time
-        req = Request(request_id, ids, SamplingParams(max_tokens=1), seed=0, arrival_time=arrival,
-                      max_output_tokens=0, pooling=params)
-        self._embeds[request_id] = EmbedState(req, text, arrival)
-        self.scheduler.add_request(req)
         self.num_prompt_tokens += len(ids)
 
     def grammar_compiler(self):
@@ -411,28 +391,6 @@ class LLMEngine:
             self._record_stats(it)
         return outputs
 
-    def _finish_embeddings(self, out, now: float) -> list[EmbeddingRequestOutput]:
-        """File step ``out``'s pooled chunks; finish (free the blocks of) every embedding request
-        whose last prompt chunk it computed. A request aborted or preempted meanwhile is skipped
-        (a preempted one is recomputed from position 0)."""
-        chunks = self.runner.take_pooled()
-        done = []
-        for seq, req in zip(out.seqs, out.requests):
-            st = self._embeds.get(seq.request_id)
-            if st is None or st.req is not req or self.scheduler.requests.get(seq.request_id) is not req:
-                continue
-            if req.num_computed_tokens < seq.start_pos + len(seq.token_ids):
-                continue  # preempted after this step was scheduled: its chunks are recomputed
-            if st.add(seq.start_pos, len(seq.token_ids), chunks[seq.request_id]):
-                done.append(st)
-        outs = []
-        for st in done:
-            rid = st.req.request_id
-            self.scheduler.finish_requests([rid], RequestStatus.FINISHED_STOPPED)
-            del self._embeds[rid]
-            outs.append(st.output(now))
-        return outs
-
     def _fail_request(self, parent: ParentState, exc: Exception) -> None:
         """Drop a request whose host-side processing raised: its blocks are freed as by an abort and
         the error waits in ``take_request_errors()`` (no output is returned for it)."""
@@ -463,58 +421,7 @@ class LLMEngine:
             if ids:
                 self.runner.release(ids)
 
-    # ----- stats --------------------------------------------------------------------
-    def add_stat_logger(self, logger) -> None:
-        """Attach a stat logger (``jaxllm.metrics.loggers.StatLogger``): it gets every step's
-        ``SchedulerStats`` and ``IterationStats`` from now on, on the thread that steps."""
-        if not self.stat_loggers:  # counters report increments from here on
-            self._stats_base = (self.kv.prefix_queries, self.kv.prefix_hits, self.scheduler.num_preemptions)
-        self.stat_loggers.append(logger)
-
-    def scheduler_stats(self) -> SchedulerStats:
-        """The gauges now, and the counters' increments since the previous call."""
-        kv, sched = self.kv, self.scheduler
-        q, h, p = kv.prefix_queries, kv.prefix_hits, sched.num_preemptions
-        q0, h0, p0 = self._stats_base
-        self._stats_base = (q, h, p)
-        return SchedulerStats(
-            num_running_reqs=sched.num_running, num_waiting_reqs=sched.num_waiting,
-            kv_cache_usage=1.0 - kv.num_free_blocks / kv.num_blocks,
-            prefix_cache_queries=q - q0, prefix_cache_hits=h - h0, num_preemptions=p - p0,
-            num_compiles_since_warmup=getattr(self.runner, "compile_count", 0) - self.compiles_at_warmup)
-
-    def _record_stats(self, it: IterationStats) -> None:
-        s = self.scheduler_stats()
-        for logger in self.stat_loggers:
-            logger.record(s, it)
-
-    def _bucket_label(self, out) -> str:
-        """The runner's shape bucket for step ``out`` ("decode_8", "mixed_64"), from the token and
-        sequence counts (host arithmetic, the runner's own ``Buckets.pick``)."""
-        buckets = getattr(self.runner, "buckets", None)
-        if buckets is None:
-            return "none"
-        seqs = out.seqs
-        T, _, decode_only = buckets.pick(out.num_batched_tokens, len(seqs),
-                                         all(len(s.token_ids) == 1 for s in seqs))
-        return f"{'decode' if decode_only else 'mixed'}_{T}"
-
     # ----- introspection ------------------------------------------------------------
-    def get_stats(self) -> EngineStats:
-        return EngineStats(
-            num_blocks=self.kv.num_blocks,
-            num_free_blocks=self.kv.num_free_blocks,
-            num_running=self.scheduler.num_running,
-            num_waiting=self.scheduler.num_waiting,
-            num_unfinished_requests=len(self._parents) + len(self._embeds),
-            num_preemptions=self.scheduler.num_preemptions,
-            prefix_cache_queries=self.kv.prefix_queries,
-            prefix_cache_hits=self.kv.prefix_hits,
-            num_steps=self.num_steps,
-            num_prompt_tokens=self.num_prompt_tokens,
-            num_generated_tokens=self.num_generated_tokens,
-        )
-
     def cache_summary(self) -> str:
         """One line for start-up: blocks, tokens, and how many max_model_len requests fit."""
         bs, nb = self.config.block_size, self.kv.num_blocks

@@ -1,0 +1,62 @@
+"""LLMEngine's embedding requests (mixin, no jax): admission of a ``PoolingParams`` request and
+the step that finishes it. An embedding request is prefilled (chunked under the token budget like
+any prompt), its chunks' pooled hidden states are added up on the host (``pooling.EmbedState``),
+and it finishes (its KV blocks freed) in the step that computes its last prompt token."""
+
+from __future__ import annotations
+
+import time
+
+from jaxllm.core.request import Request, RequestStatus
+from jaxllm.engine.pooling import EmbedState
+from jaxllm.outputs import EmbeddingRequestOutput
+from jaxllm.pooling_params import PoolingParams
+from jaxllm.sampling_params import SamplingParams
+
+
+class EmbedRequestsMixin:
+    def _add_embed_request(self, request_id: str, prompt, params: PoolingParams,
+                           arrival_time: float | None) -> None:
+        params = params.validate().resolved(*self.pooling_defaults)
+        text, ids = self._resolve_prompt(prompt)
+        if params.truncate_prompt_tokens is not None:
+            ids = ids[-params.truncate_prompt_tokens:]
+        if not ids:
+            raise ValueError("prompt=[] is invalid: the prompt must have at least 1 token")
+        if len(ids) > self.max_model_len:
+            raise ValueError(f"prompt length={len(ids)} tokens is invalid: must be <= "
+                             f"max_model_len={self.max_model_len}")
+        from jaxllm.engine.engine import validate_prompt_ids
+
+        validate_prompt_ids(ids, self.vocab_size, self.max_model_len + 1)
+        self._check_new_id(request_id)
+        # -- everything valid --
+        arrival = time.time() if arrival_time is None else arrival_time
+        req = Request(request_id, ids, SamplingParams(max_tokens=1), seed=0, arrival_time=arrival,
+                      max_output_tokens=0, pooling=params)
+        self._embeds[request_id] = EmbedState(req, text, arrival)
+        self.scheduler.add_request(req)
+        self.num_prompt_tokens += len(ids)
+
+
+    def _finish_embeddings(self, out, now: float) -> list[EmbeddingRequestOutput]:
+        """File step ``out``'s pooled chunks; finish (free the blocks of) every embedding request
+        whose last prompt chunk it computed. A request aborted or preempted meanwhile is skipped
+        (a preempted one is recomputed from position 0)."""
+        chunks = self.runner.take_pooled()
+        done = []
+        for seq, req in zip(out.seqs, out.requests):
+            st = self._embeds.get(seq.request_id)
+            if st is None or st.req is not req or self.scheduler.requests.get(seq.request_id) is not req:
+                continue
+            if req.num_computed_tokens < seq.start_pos + len(seq.token_ids):
+                continue  # preempted after this step was scheduled: its chunks are recomputed
+            if st.add(seq.start_pos, len(seq.token_ids), chunks[seq.request_id]):
+                done.append(st)
+        outs = []
+        for st in done:
+            rid = st.req.request_id
+            self.scheduler.finish_requests([rid], RequestStatus.FINISHED_STOPPED)
+            del self._embeds[rid]
+            outs.append(st.output(now))
+        return outs

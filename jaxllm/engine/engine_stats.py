@@ -1,0 +1,61 @@
+"""LLMEngine's stats (mixin, no jax): the stat loggers' per-step records (``SchedulerStats``,
+``IterationStats``: jaxllm/metrics) and the ``EngineStats`` snapshot ``get_stats()`` returns.
+Host arithmetic only: nothing here reads the device."""
+
+from __future__ import annotations
+
+from jaxllm.engine.stats import EngineStats
+from jaxllm.metrics.stats import IterationStats, SchedulerStats
+
+
+class EngineStatsMixin:
+
+    def add_stat_logger(self, logger) -> None:
+        """Attach a stat logger (``jaxllm.metrics.loggers.StatLogger``): it gets every step's
+        ``SchedulerStats`` and ``IterationStats`` from now on, on the thread that steps."""
+        if not self.stat_loggers:  # counters report increments from here on
+            self._stats_base = (self.kv.prefix_queries, self.kv.prefix_hits, self.scheduler.num_preemptions)
+        self.stat_loggers.append(logger)
+
+    def scheduler_stats(self) -> SchedulerStats:
+        """The gauges now, and the counters' increments since the previous call."""
+        kv, sched = self.kv, self.scheduler
+        q, h, p = kv.prefix_queries, kv.prefix_hits, sched.num_preemptions
+        q0, h0, p0 = self._stats_base
+        self._stats_base = (q, h, p)
+        return SchedulerStats(
+            num_running_reqs=sched.num_running, num_waiting_reqs=sched.num_waiting,
+            kv_cache_usage=1.0 - kv.num_free_blocks / kv.num_blocks,
+            prefix_cache_queries=q - q0, prefix_cache_hits=h - h0, num_preemptions=p - p0,
+            num_compiles_since_warmup=getattr(self.runner, "compile_count", 0) - self.compiles_at_warmup)
+
+    def _record_stats(self, it: IterationStats) -> None:
+        s = self.scheduler_stats()
+        for logger in self.stat_loggers:
+            logger.record(s, it)
+
+    def _bucket_label(self, out) -> str:
+        """The runner's shape bucket for step ``out`` ("decode_8", "mixed_64"), from the token and
+        sequence counts (host arithmetic, the runner's own ``Buckets.pick``)."""
+        buckets = getattr(self.runner, "buckets", None)
+        if buckets is None:
+            return "none"
+        seqs = out.seqs
+        T, _, decode_only = buckets.pick(out.num_batched_tokens, len(seqs),
+                                         all(len(s.token_ids) == 1 for s in seqs))
+        return f"{'decode' if decode_only else 'mixed'}_{T}"
+
+    def get_stats(self) -> EngineStats:
+        return EngineStats(
+            num_blocks=self.kv.num_blocks,
+            num_free_blocks=self.kv.num_free_blocks,
+            num_running=self.scheduler.num_running,
+            num_waiting=self.scheduler.num_waiting,
+            num_unfinished_requests=len(self._parents) + len(self._embeds),
+            num_preemptions=self.scheduler.num_preemptions,
+            prefix_cache_queries=self.kv.prefix_queries,
+            prefix_cache_hits=self.kv.prefix_hits,
+            num_steps=self.num_steps,
+            num_prompt_tokens=self.num_prompt_tokens,
+            num_generated_tokens=self.num_generated_tokens,
+        )
