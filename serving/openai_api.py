@@ -151,7 +151,8 @@ class _Guard:
 def build_app(server: "ServingServer") -> Any:
     door = server.door
     cfg = server.config
-    app = FastAPI(title="jaxllm", docs_url=None, redoc_url=None, openapi_url=None)
+    app = FastAPI(title="jaxllm", docs_url=None, redoc_url=None, openapi_url=None,
+                  redirect_slashes=False)  # "/v1/completions/" is a 404, not an undocumented 307
 
     @app.exception_handler(FrontDoorError)
     async def _front_door_error(request: Request, exc: FrontDoorError):
@@ -165,6 +166,10 @@ def build_app(server: "ServingServer") -> Any:
 
     @app.exception_handler(StarletteHTTPException)
     async def _http_error(request: Request, exc: StarletteHTTPException):
+        if exc.status_code == 400 and exc.__cause__ is not None:  # FastAPI's "error parsing the body"
+            cause = exc.__cause__
+            why = "it is not UTF-8 text" if isinstance(cause, UnicodeDecodeError) else f"{type(cause).__name__}"
+            return _error(400, f"request body is not valid JSON: {why}", code="invalid_argument")
         msg = (f"{request.method} {request.url.path}: no such endpoint" if exc.status_code == 404
                else f"{request.method} {request.url.path}: {exc.detail}")
         return _error(exc.status_code, msg)
