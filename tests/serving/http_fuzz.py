@@ -41,7 +41,7 @@ FLOATS = st.one_of(st.sampled_from([0.0, -0.0, 1.0, -1.0, 0.5, 2.0, 1e-9, 5e-324
 INTS = st.one_of(st.sampled_from(EDGE_INTS), st.integers(-3, 40), st.integers(-(2**70), 2**70))
 TEXT = st.one_of(st.text(max_size=12),
                  st.sampled_from(["", "\x00", "Hello", "🙂🙃", "\u202e\u200b", "ß" * 40, "x" * 300,
-                                  "\n\t ", "\\ud800", "null", "{}"]),
+                                  "\n\t ", "\ud800", "a\udfffb", "null", "{}"]),
                  st.text(alphabet=st.characters(codec="utf-8"), max_size=40))
 SCALARS = st.one_of(st.none(), st.booleans(), INTS, FLOATS, TEXT)
 WILD = st.recursive(SCALARS, lambda inner: st.one_of(st.lists(inner, max_size=4),
@@ -156,10 +156,11 @@ def body(draw, model: type[BaseModel], vocab: int, depth: int = 0) -> dict:
     return out
 
 
-def dumps(obj: Any) -> bytes:
-    """JSON as Python writes it: NaN / Infinity / -Infinity tokens included, non-ASCII as raw
-    UTF-8 on the wire (a lone surrogate as its CESU bytes: invalid UTF-8, a 400)."""
-    return json.dumps(obj, allow_nan=True, ensure_ascii=False).encode("utf-8", "surrogatepass")
+def dumps(obj: Any, ascii: bool = False) -> bytes:
+    """JSON as Python writes it: NaN / Infinity / -Infinity tokens included; non-ASCII as ``\\u``
+    escapes (``ascii``: a lone surrogate arrives as one) or raw UTF-8 (a lone surrogate as its
+    CESU bytes: invalid UTF-8)."""
+    return json.dumps(obj, allow_nan=True, ensure_ascii=ascii).encode("utf-8", "surrogatepass")
 
 
 MALFORMED = st.one_of(
@@ -199,13 +200,13 @@ def http_requests(draw, vocab: int, key: str, paths: list[str], max_body: int) -
             b = draw(body(model, vocab))
             if path in ("/v1/completions", "/v1/chat/completions") and draw(st.booleans()):
                 b["stream"] = True
-            content = dumps(b)
+            content = dumps(b, ascii=draw(st.booleans()))
         ct = draw(st.integers(0, 14))
         headers["Content-Type"] = ("application/json" if ct > 1 else draw(st.sampled_from(CONTENT_TYPES)))
     if draw(st.integers(0, 9)) == 0:  # random extra headers
         headers.update(draw(st.dictionaries(st.sampled_from(["X-Request-Id", "Accept", "User-Agent", "X-Foo",
                                                              "Accept-Encoding"]),
                                             st.text(alphabet=st.characters(codec="ascii", min_codepoint=32,
-                                                                           max_codepoint=126), max_size=20),
+                                                                           max_codepoint=126), max_size=20).map(str.strip),  # h11 refuses edge spaces
                                             max_size=3)))
     return dict(method=method, path=path, headers=headers, content=content)
