@@ -10,8 +10,9 @@ front door's, shared with gRPC; this module only maps HTTP <-> front door.
 Status codes (body: OpenAI's ``{"error": {"message", "type", "param", "code"}}``):
 400 bad JSON, wrong type, unknown field, out-of-range value, prompt too long, a server cap;
 401 missing/wrong ``Authorization: Bearer`` key (every path but /health); 404 unknown model or
-path; 405 wrong method; 413 body larger than --max-message-bytes; 429 waiting requests >=
---max-queued-requests; 503 starting, draining, engine wedged; 500 the engine died mid-request.
+path (paths are exact: "/v1/models/" is a 404, not a redirect); 405 wrong method; 413 body
+larger than --max-message-bytes; 429 waiting requests >= --max-queued-requests; 503 starting,
+draining, engine wedged; 500 the engine died mid-request.
 """
 
 from __future__ import annotations
