@@ -204,14 +204,23 @@ def build_app(server: "ServingServer") -> Any:
             "id": info.name, "object": "model", "created": int(wall_started(server.async_engine.started_at)),
             "owned_by": "jaxllm", "root": info.name, "max_model_len": info.max_model_len}]}
 
+    def generating(info: ModelInfo, path: str) -> ModelInfo:
+        """An embedding server refuses generation by the field the client chose it with (the
+        mirror of /v1/embeddings on a generating server), not by the engine's ``task``."""
+        task = getattr(info.engine, "task", "generate")
+        if task != "generate":
+            raise invalid(f"model={info.name!r} is invalid for {path}: this server's task is {task!r} "
+                          "(start it with --task generate)", "model")
+        return info
+
     @app.post("/v1/completions")
     async def completions(body: CompletionRequest, request: Request):
-        info = model_of(body.model)
+        info = generating(model_of(body.model), "/v1/completions")
         return await respond(door, completion_job(door, info, body), request.receive)
 
     @app.post("/v1/chat/completions")
     async def chat_completions(body: ChatCompletionRequest, request: Request):
-        info = model_of(body.model)
+        info = generating(model_of(body.model), "/v1/chat/completions")
         return await respond(door, chat_job(door, info, body), request.receive)
 
     @app.post("/tokenize")
