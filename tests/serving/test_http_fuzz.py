@@ -231,4 +231,4 @@ def test_http_fuzz_generate_server(gen_server):
 
 def test_http_fuzz_embed_server(embed_server):
     seen = _fuzz(embed_server, EMBED_PATHS, 60, generates=False)
-    assert seen.get(200, 0) > 10 and seen.get(400, 0) > 10, seen
+    assert seen.get(200, 0) > 10 and seen.get(400, 0) >= 3, seen
