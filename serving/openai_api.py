@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import hmac
 import logging
+import re
 import socket
 import time
 from typing import TYPE_CHECKING, Any
@@ -82,16 +83,26 @@ def _validation_message(exc: RequestValidationError) -> tuple[str, str | None]:
         n = 0
         while all(len(x) > n for x in locs) and len({x[n] for x in locs}) == 1:
             n += 1
-        field = ".".join(locs[0][:n])
+        field = _name(".".join(locs[0][:n]))
         shortest = min(group, key=lambda e: len(e["loc"]))
         tags = list(dict.fromkeys(x[n] for x in locs if len(x) > n))
         return f"{field}={_shown(shortest.get('input'))} is invalid: expected {' or '.join(tags)}", loc[0]
-    field = ".".join(loc)
+    raw = ".".join(loc)
+    field = _name(raw)
     if kind == "missing":
-        return f"{field} is required", field
+        return f"{field} is required", raw
     if kind == "extra_forbidden":
-        return f"{field} is not a supported field", field
+        return f"{field} is not a supported field", raw
     return f"{field}={_shown(err.get('input'))} is invalid: {err.get('msg')}", loc[0]
+
+
+def _name(field: str) -> str:
+    """A field path as sent, quoted when it is not plain (an unknown key may hold a newline: the
+    message stays one line)."""
+    return field if _PLAIN.fullmatch(field) else repr(field)
+
+
+_PLAIN = re.compile(r"[A-Za-z0-9_.\-]+")
 
 
 def _shown(value) -> str:

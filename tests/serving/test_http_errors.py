@@ -88,6 +88,8 @@ CASES = [
     # found by tests/serving/test_http_fuzz.py: a body that is not UTF-8 was FastAPI's bare "There was
     # an error parsing the body", a trailing slash an undocumented 307 redirect
     ("body not UTF-8", "POST", C, b"\x00\xff\xfe", None, 400, None, ["not valid JSON", "UTF-8"]),
+    ("unknown field with a newline", "POST", C, {"prompt": "x", "a\nb": 1}, None, 400, "a\nb",
+     ["'a\\nb' is not a supported field"]),
     ("trailing slash", "POST", C + "/", {"prompt": "x"}, None, 404, None, ["no such endpoint"]),
 ]
 
