@@ -10,14 +10,16 @@ front door's, shared with gRPC; this module only maps HTTP <-> front door.
 Status codes (body: OpenAI's ``{"error": {"message", "type", "param", "code"}}``):
 400 bad JSON, wrong type, unknown field, out-of-range value, prompt too long, a server cap;
 401 missing/wrong ``Authorization: Bearer`` key (every path but /health); 404 unknown model or
-path; 405 wrong method; 413 body larger than --max-message-bytes; 429 waiting requests >=
---max-queued-requests; 503 starting, draining, engine wedged; 500 the engine died mid-request.
+path (paths are exact: "/v1/models/" is a 404, not a redirect); 405 wrong method; 413 body
+larger than --max-message-bytes; 429 waiting requests >= --max-queued-requests; 503 starting,
+draining, engine wedged; 500 the engine died mid-request.
 """
 
 from __future__ import annotations
 
 import hmac
 import logging
+import re
 import socket
 import time
 from typing import TYPE_CHECKING, Any
@@ -81,16 +83,26 @@ def _validation_message(exc: RequestValidationError) -> tuple[str, str | None]:
         n = 0
         while all(len(x) > n for x in locs) and len({x[n] for x in locs}) == 1:
             n += 1
-        field = ".".join(locs[0][:n])
+        field = _name(".".join(locs[0][:n]))
         shortest = min(group, key=lambda e: len(e["loc"]))
         tags = list(dict.fromkeys(x[n] for x in locs if len(x) > n))
         return f"{field}={_shown(shortest.get('input'))} is invalid: expected {' or '.join(tags)}", loc[0]
-    field = ".".join(loc)
+    raw = ".".join(loc)
+    field = _name(raw)
     if kind == "missing":
-        return f"{field} is required", field
+        return f"{field} is required", raw
     if kind == "extra_forbidden":
-        return f"{field} is not a supported field", field
+        return f"{field} is not a supported field", raw
     return f"{field}={_shown(err.get('input'))} is invalid: {err.get('msg')}", loc[0]
+
+
+def _name(field: str) -> str:
+    """A field path as sent, quoted when it is not plain (an unknown key may hold a newline: the
+    message stays one line)."""
+    return field if _PLAIN.fullmatch(field) else repr(field)
+
+
+_PLAIN = re.compile(r"[A-Za-z0-9_.\-]+")
 
 
 def _shown(value) -> str:
@@ -151,7 +163,8 @@ class _Guard:
 def build_app(server: "ServingServer") -> Any:
     door = server.door
     cfg = server.config
-    app = FastAPI(title="jaxllm", docs_url=None, redoc_url=None, openapi_url=None)
+    app = FastAPI(title="jaxllm", docs_url=None, redoc_url=None, openapi_url=None,
+                  redirect_slashes=False)  # "/v1/completions/" is a 404, not an undocumented 307
 
     @app.exception_handler(FrontDoorError)
     async def _front_door_error(request: Request, exc: FrontDoorError):
@@ -165,6 +178,10 @@ def build_app(server: "ServingServer") -> Any:
 
     @app.exception_handler(StarletteHTTPException)
     async def _http_error(request: Request, exc: StarletteHTTPException):
+        if exc.status_code == 400 and exc.__cause__ is not None:  # FastAPI's "error parsing the body"
+            cause = exc.__cause__
+            why = "it is not UTF-8 text" if isinstance(cause, UnicodeDecodeError) else f"{type(cause).__name__}"
+            return _error(400, f"request body is not valid JSON: {why}", code="invalid_argument")
         msg = (f"{request.method} {request.url.path}: no such endpoint" if exc.status_code == 404
                else f"{request.method} {request.url.path}: {exc.detail}")
         return _error(exc.status_code, msg)
@@ -198,14 +215,23 @@ def build_app(server: "ServingServer") -> Any:
             "id": info.name, "object": "model", "created": int(wall_started(server.async_engine.started_at)),
             "owned_by": "jaxllm", "root": info.name, "max_model_len": info.max_model_len}]}
 
+    def generating(info: ModelInfo, path: str) -> ModelInfo:
+        """An embedding server refuses generation by the field the client chose it with (the
+        mirror of /v1/embeddings on a generating server), not by the engine's ``task``."""
+        task = getattr(info.engine, "task", "generate")
+        if task != "generate":
+            raise invalid(f"model={info.name!r} is invalid for {path}: this server's task is {task!r} "
+                          "(start it with --task generate)", "model")
+        return info
+
     @app.post("/v1/completions")
     async def completions(body: CompletionRequest, request: Request):
-        info = model_of(body.model)
+        info = generating(model_of(body.model), "/v1/completions")
         return await respond(door, completion_job(door, info, body), request.receive)
 
     @app.post("/v1/chat/completions")
     async def chat_completions(body: ChatCompletionRequest, request: Request):
-        info = model_of(body.model)
+        info = generating(model_of(body.model), "/v1/chat/completions")
         return await respond(door, chat_job(door, info, body), request.receive)
 
     @app.post("/tokenize")

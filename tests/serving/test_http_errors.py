@@ -85,6 +85,12 @@ CASES = [
     ("tokenize: neither prompt nor messages", "POST", "/tokenize", {}, None, 400, "prompt", ["exactly one"]),
     ("wrong method", "GET", C, None, None, 405, None, ["GET /v1/completions"]),
     ("no such path", "POST", "/v1/nothing", {}, None, 404, None, ["no such endpoint"]),
+    # found by tests/serving/test_http_fuzz.py: a body that is not UTF-8 was FastAPI's bare "There was
+    # an error parsing the body", a trailing slash an undocumented 307 redirect
+    ("body not UTF-8", "POST", C, b"\x00\xff\xfe", None, 400, None, ["not valid JSON", "UTF-8"]),
+    ("unknown field with a newline", "POST", C, {"prompt": "x", "a\nb": 1}, None, 400, "a\nb",
+     ["'a\\nb' is not a supported field"]),
+    ("trailing slash", "POST", C + "/", {"prompt": "x"}, None, 404, None, ["no such endpoint"]),
 ]
 
 

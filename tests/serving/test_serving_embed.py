@@ -153,10 +153,21 @@ def test_http_embeddings_openai_client_matches_offline_and_metrics():
             async with httpx.AsyncClient() as h:
                 raw = await h.post(base + "/v1/embeddings", json={"input": [5, 6, 7], "encoding_format": "base64"})
                 metrics = (await h.get(base + "/metrics")).text
+                # found by tests/serving/test_http_fuzz.py: generation on an embed server named the
+                # engine's `task` as the param (no such request field); now `model`, as the mirror case
+                wrong = [await h.post(base + path, json=body) for path, body in (
+                    ("/v1/completions", {"prompt": "hi"}),
+                    ("/v1/chat/completions", {"messages": [{"role": "user", "content": "hi"}], "stream": True}))]
             await c.wait_blocks_free()
-            return r, b64, raw.json(), metrics
+            assert not c.server.door.active
+            return r, b64, raw.json(), metrics, wrong
 
-    r, b64, raw, metrics = run(main())
+    r, b64, raw, metrics, wrong = run(main())
+    for resp, path in zip(wrong, ("/v1/completions", "/v1/chat/completions")):
+        err = resp.json()["error"]
+        assert resp.status_code == 400 and err["param"] == "model", resp.text
+        assert err["message"] == (f"model='fake-embed' is invalid for {path}: this server's task is 'embed' "
+                                  "(start it with --task generate)")
     assert [d.index for d in r.data] == [0, 1, 2]
     for d, t in zip(r.data, texts):
         np.testing.assert_allclose(d.embedding, offline(t, PoolingParams()), rtol=1e-6)
