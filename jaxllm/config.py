@@ -93,6 +93,9 @@ class EngineConfig(msgspec.Struct, kw_only=True):
         if self.quantization is not None and self.quantization not in QUANTIZATIONS:
             raise ValueError(f"quantization={self.quantization!r} is invalid: must be one of "
                              f"{list(QUANTIZATIONS)} or None")
+        if self.quantization and (self.load_format == "gguf" or self.model.lower().endswith(".gguf")):
+            raise ValueError(f"quantization={self.quantization!r} is not supported for GGUF checkpoints yet "
+                             f"({self.model} is already quantized in its own format); load it without quantization")
         if self.load_format not in _LOAD_FORMATS:
             raise ValueError(
                 f"load_format={self.load_format!r} is invalid: must be one of {list(_LOAD_FORMATS)}")

@@ -157,7 +157,7 @@ def build_engine(config: EngineConfig, *, compile_cache: bool = True, warmup: bo
     config = msgspec.structs.replace(config, max_model_len=max_model_len, dtype=jax.numpy.dtype(dtype).name)
     if config.quantization and ckpt.format == "gguf":
         raise ValueError(f"quantization={config.quantization!r} is not supported for GGUF checkpoints yet "
-                         f"({ckpt.path} is already quantized in its own format); load it without --quantization")
+                         f"({ckpt.path} is already quantized in its own format); load it without quantization")
     model = build_model(mc, ckpt.params, dtype, layout=layout, quantization=config.quantization)
     del ckpt
     runner_kw = dict(block_size=config.block_size, max_model_len=max_model_len, max_num_seqs=config.max_num_seqs,
