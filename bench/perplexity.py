@@ -11,6 +11,12 @@ jaxllm's own model (build_model + the dense prefill batch of tests/models), in -
 CPU); perplexity = exp(mean next-token NLL) over every position after the first. Each quantization
 also reports its max |logit error| and greedy (argmax) agreement against full precision on the
 same positions.
+
+The "full precision" baseline is whatever the checkpoint loads as in --dtype. For smollm2-135m that
+is the packaged Q4_1 GGUF dequantized to fp32 (no HF safetensors copy on this machine): int8/fp8
+then re-quantize those values, per output channel. This bench calls build_model directly, so it
+runs a GGUF the engine would refuse with --quantization (the engine refuses a checkpoint already
+quantized in another format).
 """
 from __future__ import annotations
 
@@ -80,7 +86,7 @@ def main(argv=None) -> int:
         ids = load_tokenizer(ckpt.tokenizer_source, ckpt.config).encode(text, add_special_tokens=False)
         model = build_model(ckpt.config, ckpt.params, dtype, quantization=q)
         logits = logits_for(model, ckpt.config, list(ids), dtype)
-        row = {"quantization": method, "tokens": len(ids), "perplexity": perplexity(logits, list(ids)),
+        row = {"quantization": method, "checkpoint_format": ckpt.format, "tokens": len(ids), "perplexity": perplexity(logits, list(ids)),
                "seconds": round(time.perf_counter() - t0, 1)}
         if ref is None:
             ref = logits
