@@ -107,8 +107,8 @@ def test_engine_zero_compiles_after_warmup_fp8(tiny_path):
     from jaxllm.config import EngineConfig
     from jaxllm.engine.factory import build_engine
 
-    engine = build_engine(EngineConfig(model=tiny_path, max_model_len=128, block_size=16, max_num_seqs=4,
-                                       max_num_batched_tokens=64, quantization="fp8"), compile_cache=False)
+    engine = build_engine(EngineConfig(model=tiny_path, max_model_len=128, block_size=16, max_num_seqs=2,
+                                       max_num_batched_tokens=32, quantization="fp8"), compile_cache=False)
     r = engine.runner
     assert sum(x.dtype == jnp.float8_e4m3fn for x in jax.tree.leaves(r.state)) == len(QUANT_PARAMS)
     compiled = r.compile_count
