@@ -78,7 +78,8 @@ def add_engine_args(ap: argparse.ArgumentParser) -> None:
     g.add_argument("--dtype", default=d.dtype, choices=_DTYPES,
                    help="weights and activations; auto = bfloat16 on an accelerator, float32 on CPU")
     g.add_argument("--quantization", default=None, choices=QUANTIZATIONS,
-                   help="weight-only quantization of the per-layer projections at load (per-output-channel "
+                   help="weight-only quantization of the per-layer projections at load (default: none, full "
+                        "precision; per-output-channel "
                         "scales; embeddings, LM head and norms stay in --dtype); GGUF checkpoints not yet")
     g.add_argument("--load-format", default=d.load_format, choices=_LOAD_FORMATS,
                    help="checkpoint format; auto decides from the path")
