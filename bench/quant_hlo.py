@@ -11,13 +11,17 @@ import os
 import sys
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-import re, jax, jax.numpy as jnp, numpy as np
-from flax import nnx
-from tests.models.hf_tiny import make_tiny_hf
-from tests.models.test_quant import build
-from jaxllm.models.dense_batch import prefill_batch
-from pallas_kernels import KVCache
-from bench.common import hlo_instructions
+import re  # noqa: E402
+
+import jax  # noqa: E402
+import jax.numpy as jnp  # noqa: E402
+from flax import nnx  # noqa: E402
+
+from bench.common import hlo_instructions  # noqa: E402
+from jaxllm.models.dense_batch import prefill_batch  # noqa: E402
+from pallas_kernels import KVCache  # noqa: E402
+from tests.models.hf_tiny import make_tiny_hf  # noqa: E402
+from tests.models.test_quant import build  # noqa: E402
 path = make_tiny_hf("llama", os.environ.get("TINY_ROOT", "/tmp/jaxllm_tiny_hf"))
 for loop in ("scan", "unroll"):
     model, c = build(path, "int8", loop)
