@@ -13,7 +13,7 @@ The held weights are input-major (`[in..., out...]`, the contracted axes lead, s
 sharded like the weight's output axes (`scale_axes`). The matmul is `einsum(x, q.astype(x.dtype))`
 then `* scale` on the [T, out...] result (the scale is per output channel, so it commutes with the
 contraction): the weight's bytes are read in 8 bits; whether XLA converts inside the dot or
-materialises a converted copy first is backend-dependent (bench/RESULTS.md, "Quantization").
+materialises a converted copy first is backend-dependent (bench/RESULTS.md, "Quantized weights").
 
 Hand-written rather than Qwix's `QArray`: with float activations and a quantized weight Qwix's
 `einsum` takes its `_slow_dot_general` path, which dequantizes the whole weight (convert and

@@ -13,7 +13,7 @@ from pallas_kernels import KVCache
 from tests.models.hf_tiny import make_tiny_hf
 
 # Measured on tiny random "llama" (fp32; max |ref logit| 3.26; 135 positions): int8 max logit error
-# 0.081, greedy agreement 0.948; fp8 0.394, 0.881 (bench/RESULTS.md "Quantization"). A random tiny
+# 0.081, greedy agreement 0.948; fp8 0.394, 0.881 (bench/RESULTS.md "Quantized weights"). A random tiny
 # model has many near-tied logits, hence agreement below 1. Bounds: ~2.5x the error, agreement -0.1.
 MAX_LOGIT_ERR = {"int8": 0.2, "fp8": 1.0}
 MIN_GREEDY_AGREE = {"int8": 0.85, "fp8": 0.78}
