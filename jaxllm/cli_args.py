@@ -15,7 +15,7 @@ import sys
 
 import msgspec
 
-from jaxllm.config import _DTYPES, _LOAD_FORMATS, TASKS, EngineConfig
+from jaxllm.config import _DTYPES, _LOAD_FORMATS, QUANTIZATIONS, TASKS, EngineConfig
 from jaxllm.sampling_params import SamplingParams
 from jaxllm.structured_outputs import KINDS, StructuredOutputsParams
 
@@ -77,6 +77,10 @@ def add_engine_args(ap: argparse.ArgumentParser) -> None:
                    help="devices to shard the model over")
     g.add_argument("--dtype", default=d.dtype, choices=_DTYPES,
                    help="weights and activations; auto = bfloat16 on an accelerator, float32 on CPU")
+    g.add_argument("--quantization", default=None, choices=QUANTIZATIONS,
+                   help="weight-only quantization of the per-layer projections at load (default: none, full "
+                        "precision; per-output-channel "
+                        "scales; embeddings, LM head and norms stay in --dtype); GGUF checkpoints not yet")
     g.add_argument("--load-format", default=d.load_format, choices=_LOAD_FORMATS,
                    help="checkpoint format; auto decides from the path")
     g.add_argument("--seed", type=int, default=d.seed,
@@ -103,7 +107,7 @@ def engine_config_from_args(args) -> EngineConfig:
                         kv_cache_memory_bytes=args.kv_cache_memory_bytes,
                         gpu_memory_utilization=args.gpu_memory_utilization,
                         tensor_parallel_size=args.tensor_parallel_size, dtype=args.dtype,
-                        load_format=args.load_format, seed=args.seed,
+                        quantization=args.quantization, load_format=args.load_format, seed=args.seed,
                         async_scheduling=args.async_scheduling, task=args.task,
                         pooling_type=args.pooling_type, normalize=args.normalize)
 

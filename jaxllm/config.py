@@ -25,6 +25,7 @@ import msgspec
 _DTYPES = ("auto", "float32", "bfloat16", "float16")
 _LOAD_FORMATS = ("auto", "safetensors", "gguf", "dummy", "orbax")
 TASKS = ("auto", "generate", "embed")
+QUANTIZATIONS = ("int8", "fp8")  # weight-only, jaxllm/models/quant.py
 
 
 class CacheConfig(msgspec.Struct, kw_only=True):
@@ -67,6 +68,9 @@ class EngineConfig(msgspec.Struct, kw_only=True):
     gpu_memory_utilization: float = 0.9
     tensor_parallel_size: int = 1
     dtype: str = "auto"
+    # weight-only quantization of the per-layer projections at load: None | "int8" | "fp8"
+    # (jaxllm/models/quant.py; embeddings, LM head and norms stay in `dtype`)
+    quantization: str | None = None
     load_format: str = "auto"
     seed: int = 0
     async_scheduling: bool | None = None
@@ -86,6 +90,12 @@ class EngineConfig(msgspec.Struct, kw_only=True):
         _pos_int("tensor_parallel_size", self.tensor_parallel_size)
         if self.dtype not in _DTYPES:
             raise ValueError(f"dtype={self.dtype!r} is invalid: must be one of {list(_DTYPES)}")
+        if self.quantization is not None and self.quantization not in QUANTIZATIONS:
+            raise ValueError(f"quantization={self.quantization!r} is invalid: must be one of "
+                             f"{list(QUANTIZATIONS)} or None")
+        if self.quantization and (self.load_format == "gguf" or self.model.lower().endswith(".gguf")):
+            raise ValueError(f"quantization={self.quantization!r} is not supported for GGUF checkpoints yet "
+                             f"({self.model} is already quantized in its own format); load it without quantization")
         if self.load_format not in _LOAD_FORMATS:
             raise ValueError(
                 f"load_format={self.load_format!r} is invalid: must be one of {list(_LOAD_FORMATS)}")

@@ -155,7 +155,10 @@ def build_engine(config: EngineConfig, *, compile_cache: bool = True, warmup: bo
                          f"{mc.max_position_embeddings} positions")
     # the engine's config holds resolved values (what GetModelInfo and the CLIs report)
     config = msgspec.structs.replace(config, max_model_len=max_model_len, dtype=jax.numpy.dtype(dtype).name)
-    model = build_model(mc, ckpt.params, dtype, layout=layout)
+    if config.quantization and ckpt.format == "gguf":
+        raise ValueError(f"quantization={config.quantization!r} is not supported for GGUF checkpoints yet "
+                         f"({ckpt.path} is already quantized in its own format); load it without quantization")
+    model = build_model(mc, ckpt.params, dtype, layout=layout, quantization=config.quantization)
     del ckpt
     runner_kw = dict(block_size=config.block_size, max_model_len=max_model_len, max_num_seqs=config.max_num_seqs,
                      max_num_batched_tokens=config.max_num_batched_tokens, eos_token_ids=tokenizer.eos_token_ids,
@@ -186,8 +189,9 @@ def build_engine(config: EngineConfig, *, compile_cache: bool = True, warmup: bo
     num_blocks = runner.num_blocks
     engine = LLMEngine(config, runner, tokenizer)
     tokens = num_blocks * config.block_size
+    quant = f", {config.quantization} weights" if config.quantization else ""
     _info(f"model {config.model or 'smollm2-135m'} ({mc.architecture}, {mc.num_params / 1e6:.0f}M params, "
-          f"{jax.numpy.dtype(dtype).name}) loaded in {time.perf_counter() - t0:.1f}s")
+          f"{jax.numpy.dtype(dtype).name}{quant}) loaded in {time.perf_counter() - t0:.1f}s")
     if layout is not None:
         _info(f"tensor parallel: tp={tp} over {[str(d) for d in mesh.devices.flat]}; kv heads "
               + (f"replicated x{layout.kv_repeat} ({mc.num_kv_heads} -> {model.config.num_kv_heads}, one per device)"

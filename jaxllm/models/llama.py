@@ -22,6 +22,7 @@ from flax import nnx
 from jaxllm.models.config import ModelConfig
 from jaxllm.models.fusion import FUSED, FUSED_PARTS, placement_plan, split_fused
 from jaxllm.models.projections import Projector
+from jaxllm.models.quant import QUANT_PARAMS, QuantWeight, check_backend, check_method, quantize
 from jaxllm.models.rope import apply_rope, inverse_frequencies, rope_tables
 from jaxllm.parallel.ops import constrain, embed_lookup, lm_logits, paged_attention
 from pallas_kernels import AttentionMetadata, KVCache
@@ -141,15 +142,26 @@ def decoder_layer(w: dict[str, jax.Array], x, cos, sin, cache: KVCache, index, m
 
 class LayerWeights(nnx.Module):
     """Decoder-layer weights by short name: one layer's own arrays ("unroll"), or every layer's
-    stacked on a leading [num_layers] axis ("scan")."""
+    stacked on a leading [num_layers] axis ("scan"). A quantized weight (QuantWeight) is held as
+    two params, `name` (q) and `name_scale`, and handed back as a QuantWeight."""
 
-    def __init__(self, params: dict[str, jax.Array]):
+    def __init__(self, params: dict[str, jax.Array | QuantWeight]):
         for name in LAYER_PARAMS:
             value = params.get(name)
+            scale = None
+            if isinstance(value, QuantWeight):
+                value, scale = value.q, value.scale
             setattr(self, name, nnx.Param(value) if value is not None else None)
+            setattr(self, f"{name}_scale", nnx.Param(scale) if scale is not None else None)
 
-    def arrays(self) -> dict[str, jax.Array]:
-        return {n: getattr(self, n)[...] for n in LAYER_PARAMS if getattr(self, n) is not None}
+    def arrays(self) -> dict[str, jax.Array | QuantWeight]:
+        out = {}
+        for n in LAYER_PARAMS:
+            if getattr(self, n) is None:
+                continue
+            scale = getattr(self, f"{n}_scale")
+            out[n] = getattr(self, n)[...] if scale is None else QuantWeight(getattr(self, n)[...], scale[...])
+        return out
 
 
 def _per_layer(value, num_layers: int) -> list:
@@ -188,12 +200,17 @@ class LlamaForCausalLM(nnx.Module):
         self.attention_impl = attention_impl
         self.layout = layout
         self.layer_loop = layer_loop_mode(layer_loop)
+        first = params.get("layers.wqkv")
+        first = first[0] if isinstance(first, (list, tuple)) else first
+        self.quantization = ({jnp.dtype(jnp.int8): "int8"}.get(jnp.dtype(first.q.dtype), "fp8")
+                             if isinstance(first, QuantWeight) else None)
         self.embed = nnx.Param(params["embed"])
         self.final_norm = nnx.Param(params["final_norm"])
         self.lm_head = nnx.Param(params["lm_head"]) if "lm_head" in params else None
         layer_params = {n: params[f"layers.{n}"] for n in LAYER_PARAMS if f"layers.{n}" in params}
         if self.layer_loop == "scan":
-            self.layers = LayerWeights({n: v if not isinstance(v, (list, tuple)) else jnp.stack(v)
+            self.layers = LayerWeights({n: v if not isinstance(v, (list, tuple))
+                                        else jax.tree.map(lambda *a: jnp.stack(a), *v)  # QuantWeight too
                                         for n, v in layer_params.items()})
         else:
             per_layer = {n: _per_layer(v, L) for n, v in layer_params.items()}
@@ -237,17 +254,22 @@ class LlamaForCausalLM(nnx.Module):
 
 
 def build_model(config: ModelConfig, params: dict[str, np.ndarray | jax.Array], dtype,
-                attention_impl: str | None = None, layout=None, layer_loop: str | None = None) -> LlamaForCausalLM:
+                attention_impl: str | None = None, layout=None, layer_loop: str | None = None,
+                quantization: str | None = None) -> LlamaForCausalLM:
     """Places a checkpoint's params (`param_shapes(config)`) in `dtype` (norms included, as HF does)
     on the default device, or with a jaxllm.parallel.TPLayout into their shards (numpy straight from
     host memory), fusing wq/wk/wv, bq/bk/bv and w_gate/w_up into the held layout (`MODEL_AXES`,
     fusion.py). With the "unroll" layer loop each stacked "layers.*" parameter is split into one
     array per layer as it is placed. `params` is emptied as it goes, so at most one stacked parameter
-    group exists beside the placed ones. `config` is the checkpoint's config."""
+    group exists beside the placed ones. `config` is the checkpoint's config. `quantization`
+    ("int8", "fp8", None): the per-layer projections (`QUANT_PARAMS`) become QuantWeights as each
+    is placed (jaxllm/models/quant.py), so one full-precision projection exists at a time."""
+    check_method(quantization)
+    check_backend(quantization)
     layer_loop = layer_loop_mode(layer_loop)
     split = layer_loop == "unroll"
     if layout is not None:
-        arrays = layout.place_params(config, params, dtype, split_layers=split)
+        arrays = layout.place_params(config, params, dtype, split_layers=split, quantization=quantization)
         return LlamaForCausalLM(layout.model_config(config), arrays, attention_impl=attention_impl, layout=layout,
                                 layer_loop=layer_loop)
     arrays = {}
@@ -256,7 +278,10 @@ def build_model(config: ModelConfig, params: dict[str, np.ndarray | jax.Array], 
 
         def make(i, fn=fn, xs=xs):
             parts = [jnp.asarray(x if i is None else x[i], dtype=dtype) for x in xs]
-            return parts[0] if fn is None else fn(jnp, *parts)  # tp=1: fusing is concatenation
+            w = parts[0] if fn is None else fn(jnp, *parts)  # tp=1: fusing is concatenation
+            if quantization and held in QUANT_PARAMS:
+                w = _quantize_jit(w, quantization, QUANT_PARAMS[held], i is None)
+            return w
 
         if split and held.startswith("layers."):
             arrays[held] = [make(i) for i in range(config.num_layers)]
@@ -264,3 +289,6 @@ def build_model(config: ModelConfig, params: dict[str, np.ndarray | jax.Array], 
             arrays[held] = make(None)
         del xs
     return LlamaForCausalLM(config, arrays, attention_impl=attention_impl, layer_loop=layer_loop)
+
+
+_quantize_jit = jax.jit(quantize, static_argnums=(1, 2, 3))

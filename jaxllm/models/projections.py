@@ -18,6 +18,7 @@ import os
 import jax
 import jax.numpy as jnp
 
+from jaxllm.models.quant import QuantWeight, quant_einsum
 from pallas_kernels.matmul import stacked_matmul, stacked_matmul_supported
 from pallas_kernels.matmul.stacked import MAX_ROWS
 
@@ -36,7 +37,11 @@ class Projector:
         self.interpret = jax.default_backend() != "gpu" if interpret is None else interpret
         self.stacked = stacked if on else None
 
-    def __call__(self, spec: str, x: jax.Array, name: str, w: jax.Array, layer) -> jax.Array:
+    def __call__(self, spec: str, x: jax.Array, name: str, w, layer) -> jax.Array:
+        """`w`: the layer's weight, a jax.Array or a QuantWeight (weight-only int8/fp8: dequantized
+        in the dot, jaxllm/models/quant.py; the stacked-matmul experiment reads plain weights only)."""
+        if isinstance(w, QuantWeight):
+            return quant_einsum(spec, x, w)
         if self.stacked is not None:
             t, k = x.shape[0], math.prod(x.shape[1:])
             ws = self.stacked[name]  # [L, in..., out...]: the contracted axes lead

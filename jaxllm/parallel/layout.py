@@ -121,8 +121,8 @@ class TPLayout:
         return out
 
     # ----- placement -------------------------------------------------------------------------
-    def place_params(self, config: ModelConfig, params: dict, dtype,
-                     split_layers: bool = False) -> dict[str, jax.Array | list[jax.Array]]:
+    def place_params(self, config: ModelConfig, params: dict, dtype, split_layers: bool = False,
+                     quantization: str | None = None) -> dict[str, jax.Array | list[jax.Array]]:
         """Checkpoint params (numpy on the host, or jax arrays; `param_shapes(config)`) → the
         sharded model's held params (`model_param_shapes(model_config(config))`: kv heads repeated,
         wqkv/bqkv/w_gate_up fused in shard-major order); with `split_layers` each stacked
@@ -131,18 +131,33 @@ class TPLayout:
 
         Numpy arrays go straight from host memory to their shards (each device receives only its
         slice; the full model never sits on one device; repetition and fusion happen on the host one
-        layer at a time when split). Pops from `params` as it goes so host copies can be freed."""
+        layer at a time when split). Pops from `params` as it goes so host copies can be freed.
+
+        `quantization` ("int8" / "fp8"): each per-layer projection (`QUANT_PARAMS`) is quantized on
+        device right after it is placed (a QuantWeight: q sharded like the weight, the per-output-
+        channel scale like the weight's output axes, `scale_axes`)."""
         from jaxllm.models.llama import MODEL_AXES
+        from jaxllm.models.quant import QUANT_PARAMS, QuantWeight, quantize, scale_axes
 
         out = {}
         for held, sources, fn in placement_plan(params, self.kv_repeat, self.tp):
             xs = [params.pop(s) for s in sources]
+            axes = MODEL_AXES[held]
             if split_layers and held.startswith("layers."):
-                sh = self.sharding(MODEL_AXES[held][1:])  # one layer's slice
+                sh = self.sharding(axes[1:])  # one layer's slice
                 out[held] = _place_layers(xs, config.num_layers, fn, dtype, sh)
             else:
-                out[held] = _place(xs, fn, dtype, self.sharding(MODEL_AXES[held]))
+                out[held] = _place(xs, fn, dtype, self.sharding(axes))
             del xs
+            if quantization and held in QUANT_PARAMS:
+                n = QUANT_PARAMS[held]
+                stacked = not isinstance(out[held], list)
+                lead = 0 if stacked else 1  # a per-layer weight has no "layers" axis
+                q_sh = self.sharding(axes[lead:])
+                s_sh = self.sharding(scale_axes(axes, n)[lead:])
+                f = jax.jit(lambda w, n=n, st=stacked: quantize(w, quantization, n, st),
+                            out_shardings=QuantWeight(q_sh, s_sh))
+                out[held] = f(out[held]) if stacked else [f(w) for w in out[held]]
         return out
 
 

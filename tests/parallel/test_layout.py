@@ -200,3 +200,34 @@ def test_cli_flags_import_no_jax():
     root = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
     out = subprocess.run([sys.executable, "-c", code], cwd=root, capture_output=True, text=True, timeout=120)
     assert out.returncode == 0, out.stderr
+
+
+@pytest.mark.parametrize("method,split", [("int8", False), ("fp8", True)])
+def test_place_params_quantized_scales_follow_the_weight_sharding(method, split):
+    """tp=2: q is sharded like the weight, the per-output-channel scale like the weight's output axes
+    (row-parallel wo/w_down: scale replicated, the absmax reduced over the sharded input axis), and
+    the gathered QuantWeight equals the single-device quantization of the same fused weight."""
+    from jaxllm.models.quant import QUANT_PARAMS, QuantWeight, quantize, scale_axes
+
+    tp = 2
+    rng = np.random.default_rng(1)
+    params = {k: rng.standard_normal(s).astype(np.float32) for k, s in param_shapes(TINY).items()}
+    layout = TPLayout.plan(TINY, tp)
+    full = layout.place_params(TINY, dict(params), jnp.float32)
+    placed = layout.place_params(TINY, dict(params), jnp.float32, split_layers=split, quantization=method)
+    for name, n in QUANT_PARAMS.items():
+        layers = placed[name] if split else [placed[name]]
+        lead = 1 if split else 0
+        w_spec = tuple(layout.spec(MODEL_AXES[name]))[lead:]
+        s_spec = tuple(layout.spec(scale_axes(MODEL_AXES[name], n)))[lead:]
+        for arr in layers:
+            assert isinstance(arr, QuantWeight)
+            for a, spec in ((arr.q, w_spec), (arr.scale, s_spec)):
+                expected = tuple(d // tp if ax == "tp" else d for d, ax in zip(a.shape, spec + (None,) * 8))
+                assert all(s.data.shape == expected for s in a.addressable_shards), (name, expected)
+        want = quantize(np.asarray(full[name]), method, n, stacked=True)
+        got_q = np.stack([np.asarray(a.q) for a in layers]) if split else np.asarray(layers[0].q)
+        got_s = np.stack([np.asarray(a.scale) for a in layers]) if split else np.asarray(layers[0].scale)
+        np.testing.assert_array_equal(got_s, np.asarray(want.scale), err_msg=name)
+        np.testing.assert_array_equal(got_q.astype(np.float32), np.asarray(want.q).astype(np.float32), err_msg=name)
+    assert any("tp" in tuple(layout.spec(scale_axes(MODEL_AXES[k], n))) for k, n in QUANT_PARAMS.items())

@@ -1,0 +1,101 @@
+"""Decode speed with full-precision vs int8 vs fp8 weights, in one run (issue 17).
+
+    python bench/quant.py --model smollm2-135m --output-json /tmp/quant.json
+
+For each of --methods (none = --dtype weights) the engine is built (warm), then:
+- batch-1 decode: one request alone (--input-len prompt tokens drawn from the vocabulary, seeded,
+  --output-len greedy tokens, ignore_eos), ms/token = (last token - first token) / (n - 1), median of
+  --repeats (bench/latency.py's timing);
+- batched decode step: --batches requests (8 and 64 by default) added together with 16-token prompts,
+  stepped until every one has its first token, then --steps decode steps timed: ms per step.
+Weight bytes: the device bytes of the model's parameters. Machine load is printed and stored.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import statistics
+import sys
+import time
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+from bench.common import log_machine  # noqa: E402
+from bench.latency import jaxllm_one  # noqa: E402
+
+
+def step_ms(engine, batch: int, steps: int, vocab: int, rng) -> float:
+    from jaxllm.sampling_params import SamplingParams
+
+    params = SamplingParams(max_tokens=steps + 8, ignore_eos=True, temperature=0.0)
+    ids = [f"b{batch}-{i}" for i in range(batch)]
+    for rid in ids:
+        engine.add_request(rid, {"prompt_token_ids": rng.integers(10, vocab, 16).tolist()}, params)
+    started = set()
+    while len(started) < batch:
+        started |= {o.request_id for o in engine.step() if o.outputs and o.outputs[0].token_ids}
+    t0 = time.perf_counter()
+    for _ in range(steps):
+        engine.step()
+    ms = 1e3 * (time.perf_counter() - t0) / steps
+    for rid in ids:
+        engine.abort_request(rid)
+    while engine.has_unfinished_requests():
+        engine.step()
+    return ms
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--model", default="smollm2-135m")
+    ap.add_argument("--load-format", default="auto")
+    ap.add_argument("--dtype", default="auto")
+    ap.add_argument("--methods", default="none,int8,fp8")
+    ap.add_argument("--input-len", type=int, default=32)
+    ap.add_argument("--output-len", type=int, default=32)
+    ap.add_argument("--repeats", type=int, default=3)
+    ap.add_argument("--batches", default="8,64")
+    ap.add_argument("--steps", type=int, default=8)
+    ap.add_argument("--output-json")
+    args = ap.parse_args(argv)
+    import jax
+    import numpy as np
+
+    from jaxllm.config import EngineConfig
+    from jaxllm.engine.factory import build_engine
+
+    machine = log_machine()
+    batches = [int(b) for b in args.batches.split(",")]
+    rows = []
+    for method in args.methods.split(","):
+        engine = build_engine(EngineConfig(model=args.model, load_format=args.load_format, dtype=args.dtype,
+                                           quantization=None if method == "none" else method,
+                                           max_model_len=512, max_num_seqs=max(batches),
+                                           max_num_batched_tokens=1024))
+        state = engine.runner.state
+        weight_bytes = sum(int(x.nbytes) for x in jax.tree.leaves(state))
+        vocab = engine.runner.model_config.vocab_size
+        rng = np.random.default_rng(0)
+        jaxllm_one(engine, "warm", rng.integers(10, vocab, args.input_len).tolist(), 4)
+        runs = [jaxllm_one(engine, f"r{i}", rng.integers(10, vocab, args.input_len).tolist(), args.output_len)
+                for i in range(args.repeats)]
+        row = {"weights": method, "weight_MiB": round(weight_bytes / 2**20, 1),
+               "b1_ms_per_token": round(statistics.median(r["ms_per_token"] for r in runs), 2)}
+        for b in batches:
+            step_ms(engine, b, 2, vocab, rng)  # warm the path at this batch
+            row[f"b{b}_step_ms"] = round(step_ms(engine, b, args.steps, vocab, rng), 2)
+        rows.append(row)
+        print(json.dumps(row), flush=True)
+        del engine
+    print(f"\nload {os.getloadavg()}")
+    for r in rows:
+        print("  ".join(f"{k}={v}" for k, v in r.items()))
+    if args.output_json:
+        with open(args.output_json, "w") as f:
+            json.dump({"rows": rows, "machine": machine, "args": vars(args), "load_after": os.getloadavg()}, f, indent=1)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,43 @@
+"""Where the int8 weights are converted in the optimized HLO of one model step (issue 17).
+
+    python bench/quant_hlo.py
+
+Builds the tiny random HF llama of tests/models/hf_tiny.py with int8 weights, in both layer loops,
+compiles one forward on the default backend and lists every `convert` of an s8 array to f32: the
+fusion it sits in, the shapes, and whether a dot shares that fusion (the dequantize fused into the
+matmul) or not (a full-precision copy of the weight materialised before the dot).
+"""
+import os
+import sys
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+import re  # noqa: E402
+
+import jax  # noqa: E402
+import jax.numpy as jnp  # noqa: E402
+from flax import nnx  # noqa: E402
+
+from bench.common import hlo_instructions  # noqa: E402
+from jaxllm.models.dense_batch import prefill_batch  # noqa: E402
+from pallas_kernels import KVCache  # noqa: E402
+from tests.models.hf_tiny import make_tiny_hf  # noqa: E402
+from tests.models.test_quant import build  # noqa: E402
+path = make_tiny_hf("llama", os.environ.get("TINY_ROOT", "/tmp/jaxllm_tiny_hf"))
+for loop in ("scan", "unroll"):
+    model, c = build(path, "int8", loop)
+    gd, st = nnx.split(model)
+    tokens, positions, meta, nb = prefill_batch([[1, 2, 3]], 16)
+    cache = KVCache.zeros(c.num_layers, nb + 1, 16, c.num_kv_heads, c.head_dim, jnp.float32)
+    f = jax.jit(lambda st, t, p, cache, m: nnx.merge(gd, st)(t, p, cache, m)[0])
+    txt = f.lower(st, tokens, positions, cache, meta).compile().as_text()
+    # converts of s8 weights to f32, and whether the convert sits in the same fusion as a dot
+    comps = {}
+    for comp, ln in hlo_instructions(txt):
+        comps.setdefault(comp, []).append(ln)
+    for comp, lines in comps.items():
+        body = "\n".join(lines)
+        for m in re.finditer(r"= (f32\[[\d,]*\])[^=]*convert\((%[\w.\-]+)\)", body):
+            src = re.search(re.escape(m.group(2)) + r" = (s8\[[\d,]*\])", body)
+            if src:
+                print(loop, comp[:40], "converts", src.group(1), "->", m.group(1), "| dot in same computation:", " dot(" in body)
+print("backend:", jax.default_backend())

@@ -1,0 +1,116 @@
+"""Weight-only quantization of the per-layer projections: `QuantWeight(q, scale)`.
+
+`--quantization int8|fp8` quantizes the four held per-layer projection weights (fused "wqkv" and
+"w_gate_up", "wo", "w_down": the seven projections of a Llama layer) at load, from whatever
+full-precision checkpoint was loaded; embeddings, the LM head, norms and biases stay in the model
+dtype. Symmetric, one scale per output channel (absmax over the contracted axes):
+
+    int8: q = round(w / s) in [-127, 127],           s = absmax / 127
+    fp8:  q = (w / s).astype(float8_e4m3fn),         s = absmax / 448 (e4m3's largest finite)
+
+The held weights are input-major (`[in..., out...]`, the contracted axes lead, see llama.py), so
+`scale` has the weight's output axes only: `[out...]` per layer, `[L, out...]` stacked, and is
+sharded like the weight's output axes (`scale_axes`). The matmul is `einsum(x, q.astype(x.dtype))`
+then `* scale` on the [T, out...] result (the scale is per output channel, so it commutes with the
+contraction): the weight's bytes are read in 8 bits; whether XLA converts inside the dot or
+materialises a converted copy first is backend-dependent (bench/RESULTS.md, "Quantized weights").
+
+Hand-written rather than Qwix's `QArray`: with float activations and a quantized weight Qwix's
+`einsum` takes its `_slow_dot_general` path, which dequantizes the whole weight (convert and
+scale-multiply over [in, out]) before the dot; here the scale multiplies the small [T, out] output.
+"""
+from __future__ import annotations
+
+import dataclasses
+
+import jax
+import jax.numpy as jnp
+
+from jaxllm.config import QUANTIZATIONS as QUANT_METHODS  # one list for the config and the model
+
+# held name -> the number of contracted (input) axes after the "layers" axis
+QUANT_PARAMS: dict[str, int] = {"layers.wqkv": 1, "layers.wo": 2, "layers.w_gate_up": 1, "layers.w_down": 1}
+_QDTYPE = {"int8": jnp.int8, "fp8": jnp.float8_e4m3fn}
+_QMAX = {"int8": 127.0, "fp8": 448.0}
+
+
+@jax.tree_util.register_dataclass
+@dataclasses.dataclass(frozen=True)
+class QuantWeight:
+    """q: the weight's shape in int8 / float8_e4m3fn; scale: f32, q's output axes only
+    (`[out...]`, or `[L, out...]` when q is stacked `[L, in..., out...]`)."""
+    q: jax.Array
+    scale: jax.Array
+
+    @property
+    def shape(self) -> tuple[int, ...]:
+        return tuple(self.q.shape)
+
+    @property
+    def nbytes(self) -> int:
+        return int(self.q.nbytes) + int(self.scale.nbytes)
+
+    def __getitem__(self, i) -> "QuantWeight":
+        """Layer i of a stacked weight (the scale's leading axis is the layer axis too)."""
+        return QuantWeight(self.q[i], self.scale[i])
+
+
+def check_method(quantization) -> None:
+    if quantization is not None and quantization not in QUANT_METHODS:
+        raise ValueError(f"quantization={quantization!r} is invalid: must be one of {list(QUANT_METHODS)} or None")
+
+
+def check_backend(quantization, backend: str | None = None) -> None:
+    """fp8 needs float8_e4m3fn arrays and converts on the backend; ValueError naming it otherwise."""
+    if quantization != "fp8":
+        return
+    backend = backend or jax.default_backend()
+    try:
+        x = jnp.ones((2,), jnp.float32).astype(jnp.float8_e4m3fn).astype(jnp.float32)
+        jax.block_until_ready(x)
+    except Exception as e:  # noqa: BLE001 - any backend refusal becomes the one-line error below
+        raise ValueError(f"quantization='fp8' is not supported on the {backend} backend "
+                         f"(float8_e4m3fn: {type(e).__name__}); use quantization='int8'") from None
+
+
+def quantize(w: jax.Array, method: str, num_contracted: int, stacked: bool = False) -> QuantWeight:
+    """w [(L,) in..., out...] float → QuantWeight; `num_contracted` input axes after the optional
+    leading layer axis. Jit-compatible (layout.py runs it under jit with out_shardings)."""
+    lead = 1 if stacked else 0
+    axes = tuple(range(lead, lead + num_contracted))
+    wf = w.astype(jnp.float32)
+    amax = jnp.max(jnp.abs(wf), axis=axes)  # [(L,) out...] f32
+    scale = jnp.where(amax > 0, amax / _QMAX[method], 1.0)  # [(L,) out...] f32
+    x = wf / jnp.expand_dims(scale, axes)
+    if method == "int8":
+        q = jnp.clip(jnp.round(x), -127, 127).astype(jnp.int8)
+    else:
+        q = jnp.clip(x, -448.0, 448.0).astype(jnp.float8_e4m3fn)
+    return QuantWeight(q, scale)
+
+
+def dequantize(w: QuantWeight, num_contracted: int, stacked: bool = False, dtype=jnp.float32) -> jax.Array:
+    """The full-precision weight a QuantWeight stands for (tests and references only)."""
+    lead = 1 if stacked else 0
+    axes = tuple(range(lead, lead + num_contracted))
+    return (w.q.astype(jnp.float32) * jnp.expand_dims(w.scale, axes)).astype(dtype)
+
+
+def quant_einsum(spec: str, x: jax.Array, w: QuantWeight) -> jax.Array:
+    """`jnp.einsum(spec, x, dequantize(w))` with the scale applied to the output: x [T, in...] →
+    [T, out...] in x's dtype (accumulated in f32)."""
+    y = jnp.einsum(spec, x, w.q.astype(x.dtype), preferred_element_type=jnp.float32)  # [T, out...] f32
+    return (y * w.scale).astype(x.dtype)
+
+
+def scale_axes(weight_axes: tuple[str, ...], num_contracted: int) -> tuple[str, ...]:
+    """Logical axes of a stacked weight's scale: the weight's ("layers", in..., out...) without the
+    contracted axes, so the scale is sharded like the weight's output axes."""
+    return weight_axes[:1] + weight_axes[1 + num_contracted:]
+
+
+def weight_bytes(value) -> int:
+    """Device bytes of a held parameter (array, QuantWeight, or a list of per-layer ones)."""
+    if isinstance(value, (list, tuple)):
+        return sum(weight_bytes(v) for v in value)
+    return int(value.nbytes)
