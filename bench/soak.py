@@ -250,7 +250,7 @@ async def run(args) -> dict:
         "mismatched_outputs": mismatched, "mismatched_ids": bad[:10],
         "unfinished_normal": rec["unfinished_normal"][:10],
         "leaked_blocks": leaked_blocks, "leaked_requests": leaked_requests, "leaks": leaks,
-        "preemptions": stats.get("num_preemptions"),
+        "preemptions": stats.num_preemptions,
         "rss_after_warmup_mb": round(rss_warm, 1), "rss_after_mb": round(rss_after, 1),
         "rss_growth_mb": round(rss_after - rss_warm, 1), "rss_bound_mb": args.rss_bound_mb,
         "wall_s": round(wall, 1), "reference_s": round(ref_s, 1), "idle_wait_s": round(idle_s, 2),

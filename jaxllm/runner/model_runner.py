@@ -275,7 +275,7 @@ class ModelRunner:
     def _embed_inputs(self, seqs, T: int, S: int) -> StepInputs:
         spare = [self.num_rows - 1] * len(seqs)  # no penalty rows: embed steps never sample
         return build_inputs(seqs, spare, self.num_rows, self.eos_ids, T, S, False, self.block_size,
-                            self.max_blocks_per_seq, self.max_model_len)
+                            self.max_blocks_per_seq, self.max_model_len, vocab_size=self.vocab_size)
 
     def _embed_executable(self, inp: StepInputs):
         key = ("embed",) + self._bucket(inp)
