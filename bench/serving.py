@@ -88,44 +88,60 @@ async def one_request(client, ids, n_out, sem, rec: dict):
             rec["error"] = type(e).__name__
 
 
-async def one_http_request(client, ids, n_out, sem, rec: dict):
+def _completion_body(ids, n_out) -> dict:
+    """The streamed /v1/completions request both HTTP clients send."""
+    return {"prompt": ids, "max_tokens": n_out, "ignore_eos": True, "temperature": 0.0, "stream": True,
+            "stream_options": {"include_usage": True}}
+
+
+async def _time_sse(payloads, rec: dict, t0: float) -> None:
+    """Fill ``rec`` from one stream's SSE payloads (JSON bytes/str, ``[DONE]`` ends): TTFT, ITL
+    between chunks carrying text, E2E, the usage chunk's output tokens; ok or the error."""
     import json
 
-    body = {"prompt": ids, "max_tokens": n_out, "ignore_eos": True, "temperature": 0.0, "stream": True,
-            "stream_options": {"include_usage": True}}
+    last = None
+    itl = []
+    n_tok = 0
+    try:
+        async for data in payloads:
+            if data in (b"[DONE]", "[DONE]"):
+                break
+            now = time.perf_counter()
+            chunk = json.loads(data)
+            if "error" in chunk:
+                raise RuntimeError(chunk["error"].get("code") or "error")
+            if chunk.get("usage"):
+                n_tok = chunk["usage"]["completion_tokens"]
+            if any(c.get("text") for c in chunk.get("choices") or ()):
+                if last is None:
+                    rec["ttft"] = now - t0
+                else:
+                    itl.append(now - last)
+                last = now
+        rec["e2e"] = time.perf_counter() - t0
+        rec["output_tokens"] = n_tok
+        rec["itl"] = itl
+        rec["ok"] = True
+    except Exception as e:  # noqa: BLE001 - counted, the run goes on
+        rec["ok"] = False
+        rec["error"] = str(e) if isinstance(e, RuntimeError) else type(e).__name__
+
+
+async def one_http_request(client, ids, n_out, sem, rec: dict):
+    async def payloads():
+        async with client.stream("POST", "/v1/completions", json=_completion_body(ids, n_out)) as r:
+            if r.status_code != 200:
+                await r.aread()
+                raise RuntimeError(f"HTTP {r.status_code}")
+            async for line in r.aiter_lines():
+                if line.startswith("data: {"):
+                    yield line[6:]
+
     async with sem:
         t0 = time.perf_counter()
         rec["start"] = t0
-        last = None
-        itl = []
-        n_tok = 0
-        try:
-            async with client.stream("POST", "/v1/completions", json=body) as r:
-                if r.status_code != 200:
-                    await r.aread()
-                    raise RuntimeError(f"HTTP {r.status_code}")
-                async for line in r.aiter_lines():
-                    if not line.startswith("data: {"):
-                        continue
-                    now = time.perf_counter()
-                    chunk = json.loads(line[6:])
-                    if "error" in chunk:
-                        raise RuntimeError(chunk["error"].get("code") or "error")
-                    if chunk.get("usage"):
-                        n_tok = chunk["usage"]["completion_tokens"]
-                    if any(c.get("text") for c in chunk.get("choices") or ()):
-                        if last is None:
-                            rec["ttft"] = now - t0
-                        else:
-                            itl.append(now - last)
-                        last = now
-            rec["e2e"] = time.perf_counter() - t0
-            rec["output_tokens"] = n_tok
-            rec["itl"] = itl
-            rec["ok"] = True
-        except Exception as e:  # noqa: BLE001 - counted, the run goes on
-            rec["ok"] = False
-            rec["error"] = str(e) if isinstance(e, RuntimeError) else type(e).__name__
+        await _time_sse(payloads(), rec, t0)
+
 
 
 class _RawHttp:
@@ -167,39 +183,11 @@ class _RawHttp:
 
 
 async def one_raw_http_request(client: _RawHttp, ids, n_out, sem, rec: dict):
-    import json
-
-    body = {"prompt": ids, "max_tokens": n_out, "ignore_eos": True, "temperature": 0.0, "stream": True,
-            "stream_options": {"include_usage": True}}
     async with sem:
         t0 = time.perf_counter()
         rec["start"] = t0
-        last = None
-        itl = []
-        n_tok = 0
-        try:
-            async for data in client.sse("/v1/completions", body):
-                if data == b"[DONE]":
-                    break
-                now = time.perf_counter()
-                chunk = json.loads(data)
-                if "error" in chunk:
-                    raise RuntimeError(chunk["error"].get("code") or "error")
-                if chunk.get("usage"):
-                    n_tok = chunk["usage"]["completion_tokens"]
-                if any(c.get("text") for c in chunk.get("choices") or ()):
-                    if last is None:
-                        rec["ttft"] = now - t0
-                    else:
-                        itl.append(now - last)
-                    last = now
-            rec["e2e"] = time.perf_counter() - t0
-            rec["output_tokens"] = n_tok
-            rec["itl"] = itl
-            rec["ok"] = True
-        except Exception as e:  # noqa: BLE001 - counted, the run goes on
-            rec["ok"] = False
-            rec["error"] = str(e) if isinstance(e, RuntimeError) else type(e).__name__
+        await _time_sse(client.sse("/v1/completions", _completion_body(ids, n_out)), rec, t0)
+
 
 
 def _client(transport: str, target: str, api_key, timeout: float, max_concurrency: int):
