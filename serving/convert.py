@@ -77,12 +77,18 @@ def prompt_from_request(req: pb.GenerateRequest, tokenizer: Any, vocab_size: int
     kind = req.WhichOneof("prompt")
     if kind is None:
         raise ValueError("prompt is invalid: set one of text, chat or token_ids")
+    if kind == "chat":
+        return {"prompt_token_ids": render_chat(tokenizer, req.chat)}
+    return text_or_token_ids(req, kind, vocab_size)
+
+
+def text_or_token_ids(req: Any, kind: str, vocab_size: int | None):
+    """A request's ``text`` (non-empty) or checked ``token_ids`` oneof member, as the engine takes it
+    (GenerateRequest and EmbedRequest share these two)."""
     if kind == "text":
         if req.text == "":
             raise ValueError("text='' is invalid: the prompt must be non-empty")
         return req.text
-    if kind == "chat":
-        return {"prompt_token_ids": render_chat(tokenizer, req.chat)}
     return {"prompt_token_ids": check_token_ids("token_ids", req.token_ids.ids, vocab_size)}
 
 

@@ -16,12 +16,7 @@ def embed_request_to_engine(req: pb.EmbedRequest, vocab_size: int | None) -> tup
     kind = req.WhichOneof("prompt")
     if kind is None:
         raise ValueError("prompt is invalid: set one of text or token_ids")
-    if kind == "text":
-        if req.text == "":
-            raise ValueError("text='' is invalid: the prompt must be non-empty")
-        prompt: Any = req.text
-    else:
-        prompt = {"prompt_token_ids": convert.check_token_ids("token_ids", req.token_ids.ids, vocab_size)}
+    prompt = convert.text_or_token_ids(req, kind, vocab_size)
     params = PoolingParams(
         pooling_type=req.pooling_type if req.HasField("pooling_type") else None,
         normalize=req.normalize if req.HasField("normalize") else None,
