@@ -26,6 +26,7 @@ _DTYPES = ("auto", "float32", "bfloat16", "float16")
 _LOAD_FORMATS = ("auto", "safetensors", "gguf", "dummy", "orbax")
 TASKS = ("auto", "generate", "embed")
 QUANTIZATIONS = ("int8", "fp8")  # weight-only, jaxllm/models/quant.py
+KV_CACHE_DTYPES = ("auto", "fp8")  # pallas_kernels: fp8 = float8_e4m3fn with scales
 
 
 class CacheConfig(msgspec.Struct, kw_only=True):
@@ -71,6 +72,16 @@ class EngineConfig(msgspec.Struct, kw_only=True):
     # weight-only quantization of the per-layer projections at load: None | "int8" | "fp8"
     # (jaxllm/models/quant.py; embeddings, LM head and norms stay in `dtype`)
     quantization: str | None = None
+    # KV cache element type: "auto" (the model dtype) | "fp8" (float8_e4m3fn with scales, read and
+    # scaled inside the attention kernels; vLLM's --kv-cache-dtype)
+    kv_cache_dtype: str = "auto"
+    # Multi-LoRA (jaxllm/lora, vLLM's names): adapters served beside the base model in one batch.
+    # max_loras: device slots (distinct adapters per step); max_lora_rank: ranks padded to this;
+    # max_cpu_loras: adapters kept loaded on the host (LRU; None = max_loras)
+    enable_lora: bool = False
+    max_loras: int = 1
+    max_lora_rank: int = 16
+    max_cpu_loras: int | None = None
     load_format: str = "auto"
     seed: int = 0
     async_scheduling: bool | None = None
@@ -96,6 +107,15 @@ class EngineConfig(msgspec.Struct, kw_only=True):
         if self.quantization and (self.load_format == "gguf" or self.model.lower().endswith(".gguf")):
             raise ValueError(f"quantization={self.quantization!r} is not supported for GGUF checkpoints yet "
                              f"({self.model} is already quantized in its own format); load it without quantization")
+        if self.kv_cache_dtype not in KV_CACHE_DTYPES:
+            raise ValueError(f"kv_cache_dtype={self.kv_cache_dtype!r} is invalid: must be one of {list(KV_CACHE_DTYPES)}")
+        _bool("enable_lora", self.enable_lora)
+        _pos_int("max_loras", self.max_loras)
+        _pos_int("max_lora_rank", self.max_lora_rank)
+        if self.max_cpu_loras is not None:
+            _pos_int("max_cpu_loras", self.max_cpu_loras)
+            if self.max_cpu_loras < self.max_loras:
+                raise ValueError(f"max_cpu_loras={self.max_cpu_loras} is invalid: must be >= max_loras={self.max_loras}")
         if self.load_format not in _LOAD_FORMATS:
             raise ValueError(
                 f"load_format={self.load_format!r} is invalid: must be one of {list(_LOAD_FORMATS)}")

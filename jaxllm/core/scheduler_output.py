@@ -41,6 +41,9 @@ class ScheduledSeq:
     # in the previous step, which is still on the device. The runner feeds that sampled token (it
     # never comes back to the host first); it counts for penalties like any fed token.
     placeholder: bool = False
+    # Multi-LoRA: the device adapter slot this sequence runs with (0 = the base model, 1..max_loras:
+    # an adapter the engine loaded into that slot for this step; jaxllm/lora).
+    lora_slot: int = 0
 
     @property
     def num_new_tokens(self) -> int:
