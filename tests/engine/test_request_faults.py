@@ -5,24 +5,10 @@ from __future__ import annotations
 
 import pytest
 
-from jaxllm.engine import output_processor
 from jaxllm.llm import LLM
 from jaxllm.sampling_params import SamplingParams
 from tests.engine.conftest import assert_clean, make_engine, run_all
-from tests.fakes.fake_tokenizer import FakeIncrementalDetokenizer
-
-
-class PoisonDetokenizer(FakeIncrementalDetokenizer):
-    """Raises on the 3rd generated token of a prompt starting with "POISON"."""
-
-    def add(self, new_ids):
-        if self.tokenizer.decode(self.prompt_ids).startswith("POISON") and len(self.text) >= 2:
-            raise UnicodeDecodeError("utf-8", b"\xff", 0, 1, "invalid start byte")
-        return super().add(new_ids)
-
-    def __init__(self, tokenizer, prompt_ids, skip_special_tokens):
-        super().__init__(tokenizer, prompt_ids, skip_special_tokens)
-        self.prompt_ids = prompt_ids
+from tests.fakes.faults import PoisonDetokenizer, explode_on_boom_stop
 
 
 PROMPTS = ["alpha beta", "gamma", "delta epsilon zeta"]
@@ -59,14 +45,7 @@ def test_detokenizer_fault_fails_only_that_request(async_scheduling):
 
 
 def test_stop_checker_fault_fails_only_that_request(monkeypatch):
-    real = output_processor.find_stop_string
-
-    def flaky(text, n_new, stops, include):
-        if "BOOM" in stops:
-            raise RuntimeError("stop checker exploded")
-        return real(text, n_new, stops, include)
-
-    monkeypatch.setattr(output_processor, "find_stop_string", flaky)
+    explode_on_boom_stop(monkeypatch)
     e = make_engine()
     e.add_request("ok", "hello", SamplingParams(max_tokens=4, stop="zz"))
     e.add_request("bad", "hello", SamplingParams(max_tokens=4, stop=["BOOM"]))

@@ -9,23 +9,11 @@ import asyncio
 import grpc
 import pytest
 
-from jaxllm.engine import output_processor
 from jaxllm.sampling_params import SamplingParams
 from serving_helpers import SERVING, collect, offline, run, running_server
 from test_serving_llm_engine import make_engine, offline as llm_offline
 from tests.fakes.fake_engine import FakeEngine
-from tests.fakes.fake_tokenizer import FakeIncrementalDetokenizer
-
-
-class PoisonDetokenizer(FakeIncrementalDetokenizer):
-    def __init__(self, tokenizer, prompt_ids, skip_special_tokens):
-        super().__init__(tokenizer, prompt_ids, skip_special_tokens)
-        self.poisoned = tokenizer.decode(prompt_ids).startswith("POISON")
-
-    def add(self, new_ids):
-        if self.poisoned and len(self.text) >= 3:
-            raise UnicodeDecodeError("utf-8", b"\xff", 0, 1, "invalid start byte")
-        return super().add(new_ids)
+from tests.fakes.faults import PoisonDetokenizer, explode_on_boom_stop
 
 
 async def _expect_internal(c, part: str, **kw):
@@ -52,14 +40,7 @@ def test_fake_engine_request_fault_fails_only_that_request():
 
 
 def test_llm_engine_detokenizer_and_stop_checker_faults(monkeypatch):
-    real = output_processor.find_stop_string
-
-    def flaky(text, n_new, stops, include):
-        if "BOOM" in stops:
-            raise RuntimeError("stop checker exploded")
-        return real(text, n_new, stops, include)
-
-    monkeypatch.setattr(output_processor, "find_stop_string", flaky)
+    explode_on_boom_stop(monkeypatch)
     prompts = [f"request {i}: about {'xyz' * i}" for i in range(6)]
     want = llm_offline(prompts, SamplingParams(temperature=0.0, max_tokens=10, ignore_eos=True))
 
