@@ -22,6 +22,7 @@ scale-multiply over [in, out]) before the dot; here the scale multiplies the sma
 from __future__ import annotations
 
 import dataclasses
+import math
 
 import jax
 import jax.numpy as jnp
@@ -38,7 +39,9 @@ _QMAX = {"int8": 127.0, "fp8": 448.0}
 @dataclasses.dataclass(frozen=True)
 class QuantWeight:
     """q: the weight's shape in int8 / float8_e4m3fn; scale: f32, q's output axes only
-    (`[out...]`, or `[L, out...]` when q is stacked `[L, in..., out...]`)."""
+    (`[out...]`, or `[L, out...]` when q is stacked `[L, in..., out...]`), or block scales (f32 or f16) along
+    the last contracted axis (`[in..., in_last/B, out...]`: q's shape with that axis divided by the
+    block size B; a GGUF Q8_0 checkpoint kept quantized, B = 32): then scale.ndim == q.ndim."""
     q: jax.Array
     scale: jax.Array
 
@@ -89,18 +92,58 @@ def quantize(w: jax.Array, method: str, num_contracted: int, stacked: bool = Fal
     return QuantWeight(q, scale)
 
 
-def dequantize(w: QuantWeight, num_contracted: int, stacked: bool = False, dtype=jnp.float32) -> jax.Array:
-    """The full-precision weight a QuantWeight stands for (tests and references only)."""
+def block_axis(w: QuantWeight, num_contracted: int, stacked: bool = False) -> int | None:
+    """The axis of q (and scale) that block scales divide, or None for per-output-channel scales."""
+    if w.scale.ndim != w.q.ndim:
+        return None
+    return (1 if stacked else 0) + num_contracted - 1
+
+
+def dequantize(w: QuantWeight, num_contracted: int, stacked: bool = False, dtype=jnp.float32, xp=jnp):
+    """The full-precision weight a QuantWeight stands for (tests, references, and the host fallback
+    of a kept-quantized checkpoint; `xp`: jax.numpy or numpy)."""
     lead = 1 if stacked else 0
-    axes = tuple(range(lead, lead + num_contracted))
-    return (w.q.astype(jnp.float32) * jnp.expand_dims(w.scale, axes)).astype(dtype)
+    b = block_axis(w, num_contracted, stacked)
+    if b is None:
+        s = xp.expand_dims(w.scale, tuple(range(lead, lead + num_contracted)))
+    else:
+        s = xp.repeat(w.scale, w.q.shape[b] // w.scale.shape[b], axis=b)
+    return (w.q.astype(xp.float32) * s.astype(xp.float32)).astype(dtype)
 
 
 def quant_einsum(spec: str, x: jax.Array, w: QuantWeight) -> jax.Array:
     """`jnp.einsum(spec, x, dequantize(w))` with the scale applied to the output: x [T, in...] →
-    [T, out...] in x's dtype (accumulated in f32)."""
-    y = jnp.einsum(spec, x, w.q.astype(x.dtype), preferred_element_type=jnp.float32)  # [T, out...] f32
-    return (y * w.scale).astype(x.dtype)
+    [T, out...] in x's dtype (accumulated in f32). Block scales (scale.ndim == q.ndim): the dot
+    runs per block of the last contracted axis ([T, nb, out...] partial sums, then scaled and
+    summed over nb) while that partial is no larger than the weight; a larger step (a long prefill)
+    dequantizes the weight into the dot instead, once per step for all its tokens."""
+    if w.scale.ndim != w.q.ndim:
+        y = jnp.einsum(spec, x, w.q.astype(x.dtype), preferred_element_type=jnp.float32)  # [T, out...] f32
+        return (y * w.scale).astype(x.dtype)
+    nc = x.ndim - 1  # contracted axes: all of x's but the tokens axis
+    nb = w.scale.shape[nc - 1]
+    partial_size = x.shape[0] * w.scale.size // w.scale.shape[nc - 1] * nb  # T x scale's size
+    if partial_size > w.q.size:
+        y = jnp.einsum(spec, x, dequantize(w, nc, dtype=x.dtype), preferred_element_type=jnp.float32)
+        return y.astype(x.dtype)
+    bsz = w.q.shape[nc - 1] // nb
+    xb = x.reshape(x.shape[:-1] + (nb, bsz))  # [T, in..., nb, B]
+    qb = w.q.reshape(w.q.shape[:nc - 1] + (nb, bsz) + w.q.shape[nc:])  # [in..., nb, B, out...]
+    letters = "acdfgijklmopqrsuvwxyz"  # not t, n, b (tokens, blocks, within a block)
+    lead, outs = letters[:nc - 1], letters[nc - 1:nc - 1 + w.q.ndim - nc]
+    part = jnp.einsum(f"t{lead}nb,{lead}nb{outs}->t{lead}n{outs}", xb, qb.astype(x.dtype),
+                      preferred_element_type=jnp.float32)  # [T, in_lead..., nb, out...] f32
+    y = jnp.einsum(f"t{lead}n{outs},{lead}n{outs}->t{outs}", part, w.scale.astype(jnp.float32))  # [T, out...] f32
+    return y.astype(x.dtype)
+    bsz = w.q.shape[nc - 1] // nb
+    xb = x.reshape(x.shape[:-1] + (nb, bsz))  # [T, in..., nb, B]
+    qb = w.q.reshape(w.q.shape[:nc - 1] + (nb, bsz) + w.q.shape[nc:])  # [in..., nb, B, out...]
+    letters = "abcdfgijklmnopqrsuvwxyz"
+    lead, outs = letters[:nc - 1], letters[nc - 1:nc - 1 + w.q.ndim - nc]
+    part = jnp.einsum(f"t{lead}nb,{lead}nb{outs}->tn{outs}" if not lead else f"t{lead}nb,{lead}nb{outs}->t{lead}n{outs}",
+                      xb, qb.astype(x.dtype), preferred_element_type=jnp.float32)  # [T, in_lead..., nb, out...] f32
+    y = jnp.einsum(f"t{lead}n{outs},{lead}n{outs}->t{outs}", part, w.scale.astype(jnp.float32))  # [T, out...] f32
+    return y.astype(x.dtype)
 
 
 def scale_axes(weight_axes: tuple[str, ...], num_contracted: int) -> tuple[str, ...]:
