@@ -6,7 +6,8 @@ full-precision checkpoint was loaded; embeddings, the LM head, norms and biases 
 dtype. Symmetric, one scale per output channel (absmax over the contracted axes):
 
     int8: q = round(w / s) in [-127, 127],           s = absmax / 127
-    fp8:  q = (w / s).astype(float8_e4m3fn),         s = absmax / 448 (e4m3's largest finite)
+    fp8:  q = (w / s).astype(float8_e4m3fn),         s = absmax / 448 * 2^(k/8), k = 0..7 searched
+                                                      per channel for the least squared error
 
 The held weights are input-major (`[in..., out...]`, the contracted axes lead, see llama.py), so
 `scale` has the weight's output axes only: `[out...]` per layer, `[L, out...]` stacked, and is
@@ -33,6 +34,7 @@ from jaxllm.config import QUANTIZATIONS as QUANT_METHODS  # one list for the con
 QUANT_PARAMS: dict[str, int] = {"layers.wqkv": 1, "layers.wo": 2, "layers.w_gate_up": 1, "layers.w_down": 1}
 _QDTYPE = {"int8": jnp.int8, "fp8": jnp.float8_e4m3fn}
 _QMAX = {"int8": 127.0, "fp8": 448.0}
+FP8_SCALE_SEARCH = 8  # candidate fp8 scales per output channel (see `quantize`)
 
 
 @jax.tree_util.register_dataclass
@@ -78,18 +80,34 @@ def check_backend(quantization, backend: str | None = None) -> None:
 
 def quantize(w: jax.Array, method: str, num_contracted: int, stacked: bool = False) -> QuantWeight:
     """w [(L,) in..., out...] float → QuantWeight; `num_contracted` input axes after the optional
-    leading layer axis. Jit-compatible (layout.py runs it under jit with out_shardings)."""
+    leading layer axis. Jit-compatible (layout.py runs it under jit with out_shardings).
+
+    fp8: the per-channel scale is searched, not just absmax / 448: e4m3's relative error (3 mantissa
+    bits) does not depend on the scale, but which weights land near a grid point does; of
+    absmax / 448 * 2^(k/8), k = 0..7 (never clipping), each output channel keeps the scale with the
+    least squared error. That cuts SmolLM2's fp8 weight error 0.0262 -> 0.0247 (relative RMS) and
+    the perplexity cost +2.8% -> +1.2% on the held text (bench/RESULTS.md, "Quantized weights")."""
     lead = 1 if stacked else 0
     axes = tuple(range(lead, lead + num_contracted))
     wf = w.astype(jnp.float32)
     amax = jnp.max(jnp.abs(wf), axis=axes)  # [(L,) out...] f32
     scale = jnp.where(amax > 0, amax / _QMAX[method], 1.0)  # [(L,) out...] f32
-    x = wf / jnp.expand_dims(scale, axes)
     if method == "int8":
-        q = jnp.clip(jnp.round(x), -127, 127).astype(jnp.int8)
-    else:
-        q = jnp.clip(x, -448.0, 448.0).astype(jnp.float8_e4m3fn)
-    return QuantWeight(q, scale)
+        q = jnp.clip(jnp.round(wf / jnp.expand_dims(scale, axes)), -127, 127).astype(jnp.int8)
+        return QuantWeight(q, scale)
+    best_s, best_err = scale, None
+    for k in range(FP8_SCALE_SEARCH):
+        s = scale * 2.0 ** (k / FP8_SCALE_SEARCH)  # [(L,) out...]
+        se = jnp.expand_dims(s, axes)
+        d = jnp.clip(wf / se, -448.0, 448.0).astype(jnp.float8_e4m3fn).astype(jnp.float32) * se
+        err = jnp.sum((d - wf) ** 2, axis=axes)  # [(L,) out...]
+        if best_err is None:
+            best_err = err
+        else:
+            better = err < best_err
+            best_s, best_err = jnp.where(better, s, best_s), jnp.where(better, err, best_err)
+    q = jnp.clip(wf / jnp.expand_dims(best_s, axes), -448.0, 448.0).astype(jnp.float8_e4m3fn)
+    return QuantWeight(q, best_s)
 
 
 def block_axis(w: QuantWeight, num_contracted: int, stacked: bool = False) -> int | None:

@@ -13,10 +13,11 @@ from pallas_kernels import KVCache
 from tests.models.hf_tiny import make_tiny_hf
 
 # Measured on tiny random "llama" (fp32; max |ref logit| 3.26; 135 positions): int8 max logit error
-# 0.081, greedy agreement 0.948; fp8 0.394, 0.881 (bench/RESULTS.md "Quantized weights"). A random tiny
-# model has many near-tied logits, hence agreement below 1. Bounds: ~2.5x the error, agreement -0.1.
-MAX_LOGIT_ERR = {"int8": 0.2, "fp8": 1.0}
-MIN_GREEDY_AGREE = {"int8": 0.85, "fp8": 0.78}
+# 0.081, greedy agreement 0.948; fp8 (searched scales) 0.321, 0.911 (absmax / 448 alone: 0.394, 0.881;
+# bench/RESULTS.md "Quantized weights"). A random tiny model has many near-tied logits, hence agreement
+# below 1. Bounds: ~2.5x the error, agreement -0.1.
+MAX_LOGIT_ERR = {"int8": 0.2, "fp8": 0.8}
+MIN_GREEDY_AGREE = {"int8": 0.85, "fp8": 0.81}
 
 
 @pytest.fixture(scope="module")
@@ -84,8 +85,9 @@ def test_accuracy_and_bytes(method, layer_loop, tiny_path, seqs, reference, int8
 
 @pytest.mark.parametrize("method", ["int8", "fp8"])
 def test_quantize_round_trip(method):
-    """Per-output-channel scales: each output channel's largest |w| is representable exactly and the
-    relative error per element is within the format's step (int8: 0.5/127 of absmax; e4m3: 2^-4)."""
+    """Per-output-channel scales: the relative error per element is within the format's step (int8:
+    0.5/127 of absmax; e4m3: 2^-4); int8 represents each channel's largest |w| exactly; fp8's searched
+    scale has no more squared error per channel than plain absmax / 448 (computed here with ml_dtypes)."""
     w = jax.random.normal(jax.random.PRNGKey(1), (3, 32, 4, 8), jnp.float32) * jnp.arange(1, 9)  # [L, E, H, D]
     qw = quantize(w, method, 1, stacked=True)
     assert qw.scale.shape == (3, 4, 8) and qw.q.shape == w.shape
@@ -96,7 +98,15 @@ def test_quantize_round_trip(method):
         assert (err <= 0.5 / 127 * amax + 1e-6).all()
     else:
         assert (err <= np.abs(np.asarray(w)) * 2.0 ** -4 + amax / 448 * 2.0 ** -9 + 1e-6).all()
-    assert np.allclose(np.abs(back).max(axis=1, keepdims=True), amax, rtol=1e-6)
+    if method == "int8":
+        assert np.allclose(np.abs(back).max(axis=1, keepdims=True), amax, rtol=1e-6)
+    else:
+        import ml_dtypes
+
+        s = amax / 448
+        plain = (np.asarray(w) / s).astype(ml_dtypes.float8_e4m3fn).astype(np.float32) * s
+        plain_err, err2 = ((plain - np.asarray(w)) ** 2).sum(axis=1), (err ** 2).sum(axis=1)
+        assert (err2 <= plain_err * (1 + 1e-5)).all() and (err2 < plain_err).mean() > 0.5
 
 
 def test_bad_quantization_is_one_line_error(tiny_path):
