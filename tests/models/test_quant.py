@@ -155,3 +155,23 @@ def test_gguf_checkpoint_accepted_by_validate(tmp_path):
     for q in ("int8", "fp8"):
         args = ap.parse_args(["--model", str(tmp_path / "m.gguf"), "--quantization", q])
         assert engine_config_from_args(args).validate().quantization == q
+
+
+@pytest.mark.parametrize("method", ["int8", "fp8"])
+def test_bytes_halve_vs_bf16_at_smollm2_shapes(method):
+    """Array sizes `quantize` produces (jax.eval_shape: no compute) for SmolLM2-135M's held projections
+    vs the same weights in bf16: q is exactly half; with the f32 per-channel scales <= 0.51x
+    (measured: 101.8 of 202.5 MiB, 0.503x)."""
+    E, H, K, D, F, L = 576, 9, 3, 64, 1536, 30
+    shapes = {"layers.wqkv": (L, E, H + 2 * K, D), "layers.wo": (L, H, D, E), "layers.w_gate_up": (L, E, 2 * F),
+              "layers.w_down": (L, F, E)}
+    total_q = total_bf16 = 0
+    for name, shape in shapes.items():
+        out = jax.eval_shape(lambda w, n=QUANT_PARAMS[name]: quantize(w, method, n, stacked=True),
+                             jax.ShapeDtypeStruct(shape, jnp.bfloat16))
+        bf16 = np.prod(shape) * 2
+        q_bytes = np.prod(out.q.shape) * out.q.dtype.itemsize
+        assert q_bytes * 2 == bf16
+        total_q += q_bytes + np.prod(out.scale.shape) * out.scale.dtype.itemsize
+        total_bf16 += bf16
+    assert total_q <= 0.51 * total_bf16, total_q / total_bf16
