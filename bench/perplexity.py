@@ -92,7 +92,8 @@ def main(argv=None) -> int:
         q = None if method == "none" else method
         t0 = time.perf_counter()
         ckpt = load_checkpoint(args.model, dtype=dtype)
-        ids = load_tokenizer(ckpt.tokenizer_source, ckpt.config).encode(text, add_special_tokens=False)[:args.max_tokens]
+        tok = load_tokenizer(ckpt.tokenizer_source, ckpt.config)
+        ids = tok.encode(text, add_special_tokens=False)[:args.max_tokens]
         model = build_model(ckpt.config, ckpt.params, dtype, quantization=q)
         logits = logits_for(model, ckpt.config, list(ids), dtype)
         row = {"quantization": method, "checkpoint_format": ckpt.format, "tokens": len(ids), "perplexity": perplexity(logits, list(ids)),

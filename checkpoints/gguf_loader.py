@@ -120,7 +120,7 @@ def _config_from(hf: dict, path: str) -> ModelConfig:
 
 
 def load_gguf(path: str, dtype=np.float32) -> tuple[ModelConfig, dict[str, np.ndarray]]:
-    """Config and stacked params: Q8_0 projections as QuantWeights of numpy arrays (int8 q, f32
+    """Config and stacked params: Q8_0 projections as QuantWeights of numpy arrays (int8 q, f16
     block scales), the rest in `dtype`. A conversion cache hit (checkpoints.conversion_cache) skips
     the GGUF parse and dequantization; a file with kept-quantized projections is never cached (its
     Q8_0 bytes are read as they are, there is nothing slow to skip)."""

@@ -140,7 +140,7 @@ def quant_einsum(spec: str, x: jax.Array, w: QuantWeight) -> jax.Array:
         return (y * w.scale).astype(x.dtype)
     nc = x.ndim - 1  # contracted axes: all of x's but the tokens axis
     nb = w.scale.shape[nc - 1]
-    partial_size = x.shape[0] * w.scale.size // w.scale.shape[nc - 1] * nb  # T x scale's size
+    partial_size = x.shape[0] * w.scale.size  # [T, in_lead..., nb, out...]: T x the scale's size
     if partial_size > w.q.size:
         y = jnp.einsum(spec, x, dequantize(w, nc, dtype=x.dtype), preferred_element_type=jnp.float32)
         return y.astype(x.dtype)
@@ -151,15 +151,6 @@ def quant_einsum(spec: str, x: jax.Array, w: QuantWeight) -> jax.Array:
     lead, outs = letters[:nc - 1], letters[nc - 1:nc - 1 + w.q.ndim - nc]
     part = jnp.einsum(f"t{lead}nb,{lead}nb{outs}->t{lead}n{outs}", xb, qb.astype(x.dtype),
                       preferred_element_type=jnp.float32)  # [T, in_lead..., nb, out...] f32
-    y = jnp.einsum(f"t{lead}n{outs},{lead}n{outs}->t{outs}", part, w.scale.astype(jnp.float32))  # [T, out...] f32
-    return y.astype(x.dtype)
-    bsz = w.q.shape[nc - 1] // nb
-    xb = x.reshape(x.shape[:-1] + (nb, bsz))  # [T, in..., nb, B]
-    qb = w.q.reshape(w.q.shape[:nc - 1] + (nb, bsz) + w.q.shape[nc:])  # [in..., nb, B, out...]
-    letters = "abcdfgijklmnopqrsuvwxyz"
-    lead, outs = letters[:nc - 1], letters[nc - 1:nc - 1 + w.q.ndim - nc]
-    part = jnp.einsum(f"t{lead}nb,{lead}nb{outs}->tn{outs}" if not lead else f"t{lead}nb,{lead}nb{outs}->t{lead}n{outs}",
-                      xb, qb.astype(x.dtype), preferred_element_type=jnp.float32)  # [T, in_lead..., nb, out...] f32
     y = jnp.einsum(f"t{lead}n{outs},{lead}n{outs}->t{outs}", part, w.scale.astype(jnp.float32))  # [T, out...] f32
     return y.astype(x.dtype)
 
