@@ -2,9 +2,12 @@
 
     python bench/perplexity.py --model smollm2-135m --output-json /tmp/ppl.json
 
-The text (default): the Zen of Python, as CPython ships it in Lib/this.py (Tim Peters; the module
-stores it rot13-encoded in `this.s`, decoded here with codecs) — its provenance is the Python
-installation itself, nothing typed from memory. `--text-file` takes any other file.
+The text (default): bench/data/coriolanus_act1.txt, Shakespeare's Coriolanus (public domain) as it
+opens the "tiny shakespeare" corpus: the first 14,593 characters of data/tinyshakespeare/input.txt
+in github.com/karpathy/char-rnn (commit 6f9487a), copied byte for byte; scored on its first
+--max-tokens tokens (2048: 4314 in all). `--text zen`: the Zen of Python from CPython's `this`
+module (203 tokens: too short to tell a 2% change, see bench/RESULTS.md "Quantized weights": any
+perturbation of fp8's size moves its perplexity by -18%..+35%). `--text-file` takes any other file.
 
 One forward pass over the whole text (tokenized with the model's tokenizer, BOS-free), through
 jaxllm's own model (build_model + the dense prefill batch of tests/models), in --dtype (float32 on
@@ -14,9 +17,8 @@ same positions.
 
 The "full precision" baseline is whatever the checkpoint loads as in --dtype. For smollm2-135m that
 is the packaged Q4_1 GGUF dequantized to fp32 (no HF safetensors copy on this machine): int8/fp8
-then re-quantize those values, per output channel. This bench calls build_model directly, so it
-runs a GGUF the engine would refuse with --quantization (the engine refuses a checkpoint already
-quantized in another format).
+then re-quantize those values, per output channel (what the engine does too with --quantization
+on a GGUF whose types it dequantizes; a Q8_0 GGUF stays int8 with its block scales).
 """
 from __future__ import annotations
 
@@ -66,7 +68,9 @@ def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--model", default="smollm2-135m")
     ap.add_argument("--dtype", default="float32")
-    ap.add_argument("--text-file", help="held text (default: the Zen of Python from CPython's `this` module)")
+    ap.add_argument("--text-file", help="held text (default: bench/data/coriolanus_act1.txt)")
+    ap.add_argument("--text", choices=("coriolanus", "zen"), default="coriolanus")
+    ap.add_argument("--max-tokens", type=int, default=2048)
     ap.add_argument("--methods", default="none,int8,fp8")
     ap.add_argument("--output-json")
     args = ap.parse_args(argv)
@@ -76,14 +80,20 @@ def main(argv=None) -> int:
     from checkpoints import load_checkpoint, load_tokenizer
     from jaxllm.models.llama import build_model
 
-    text = open(args.text_file).read() if args.text_file else zen_of_python()
+    if args.text_file:
+        text = open(args.text_file).read()
+    elif args.text == "zen":
+        text = zen_of_python()
+    else:
+        text = open(os.path.join(os.path.dirname(os.path.abspath(__file__)), "data", "coriolanus_act1.txt")).read()
     dtype = jnp.dtype(args.dtype)
     rows, ref = [], None
     for method in args.methods.split(","):
         q = None if method == "none" else method
         t0 = time.perf_counter()
         ckpt = load_checkpoint(args.model, dtype=dtype)
-        ids = load_tokenizer(ckpt.tokenizer_source, ckpt.config).encode(text, add_special_tokens=False)
+        tok = load_tokenizer(ckpt.tokenizer_source, ckpt.config)
+        ids = tok.encode(text, add_special_tokens=False)[:args.max_tokens]
         model = build_model(ckpt.config, ckpt.params, dtype, quantization=q)
         logits = logits_for(model, ckpt.config, list(ids), dtype)
         row = {"quantization": method, "checkpoint_format": ckpt.format, "tokens": len(ids), "perplexity": perplexity(logits, list(ids)),
@@ -102,7 +112,7 @@ def main(argv=None) -> int:
               f"{r.get('max_logit_err', 0):11.3f} {r.get('greedy_agreement', 1):12.4f}")
     if args.output_json:
         with open(args.output_json, "w") as f:
-            json.dump({"model": args.model, "dtype": args.dtype, "text": args.text_file or "zen_of_python",
+            json.dump({"model": args.model, "dtype": args.dtype, "text": args.text_file or args.text,
                        "rows": rows, "load": os.getloadavg()}, f, indent=1)
     return 0
 

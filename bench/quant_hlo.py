@@ -5,7 +5,10 @@
 Builds the tiny random HF llama of tests/models/hf_tiny.py with int8 weights, in both layer loops,
 compiles one forward on the default backend and lists every `convert` of an s8 array to f32: the
 fusion it sits in, the shapes, and whether a dot shares that fusion (the dequantize fused into the
-matmul) or not (a full-precision copy of the weight materialised before the dot).
+matmul) or not (a full-precision copy of the weight materialised before the dot). Then the same for
+a Q8_0 GGUF of that model, kept int8 with its block-32 scales (scan loop), at 3 tokens (the
+per-block partial dots) and at 64 (the weight dequantized into the dot), listing also every f32
+array as large as a weight that a block-scale multiply produces.
 """
 import os
 import sys
@@ -22,11 +25,21 @@ from jaxllm.models.dense_batch import prefill_batch  # noqa: E402
 from pallas_kernels import KVCache  # noqa: E402
 from tests.models.hf_tiny import make_tiny_hf  # noqa: E402
 from tests.models.test_quant import build  # noqa: E402
+from checkpoints import load_checkpoint  # noqa: E402
+from jaxllm.models.llama import build_model  # noqa: E402
+from tests.checkpoints.gguf_tiny import write_gguf_from_hf  # noqa: E402
+
 path = make_tiny_hf("llama", os.environ.get("TINY_ROOT", "/tmp/jaxllm_tiny_hf"))
-for loop in ("scan", "unroll"):
-    model, c = build(path, "int8", loop)
+q8 = write_gguf_from_hf(path, os.path.join(os.path.dirname(path), "llama-q8_0.gguf"), "Q8_0")
+for loop, ntok in (("scan", 3), ("unroll", 3), ("q8_0 scan", 3), ("q8_0 scan", 64)):
+    if loop.startswith("q8_0"):
+        ck = load_checkpoint(q8)
+        model, c = build_model(ck.config, ck.params, jnp.float32, layer_loop="scan"), ck.config
+    else:
+        model, c = build(path, "int8", loop)
+    loop = f"{loop} T={ntok}"
     gd, st = nnx.split(model)
-    tokens, positions, meta, nb = prefill_batch([[1, 2, 3]], 16)
+    tokens, positions, meta, nb = prefill_batch([list(range(1, ntok + 1))], 16)
     cache = KVCache.zeros(c.num_layers, nb + 1, 16, c.num_kv_heads, c.head_dim, jnp.float32)
     f = jax.jit(lambda st, t, p, cache, m: nnx.merge(gd, st)(t, p, cache, m)[0])
     txt = f.lower(st, tokens, positions, cache, meta).compile().as_text()
@@ -40,4 +53,7 @@ for loop in ("scan", "unroll"):
             src = re.search(re.escape(m.group(2)) + r" = (s8\[[\d,]*\])", body)
             if src:
                 print(loop, comp[:40], "converts", src.group(1), "->", m.group(1), "| dot in same computation:", " dot(" in body)
+        for m in re.finditer(r"= (f32\[[\d,]*\])[^=]*multiply\(", body):  # block scales applied to a weight
+            if re.search(r"f16\[|convert\(", body) and "s8[" in body:
+                print(loop, comp[:40], "multiplies", m.group(1), "in a computation with s8 and scales")
 print("backend:", jax.default_backend())

@@ -12,8 +12,10 @@ from jaxllm.models.llama import param_shapes
 GetTensor = Callable[[str], "np.ndarray | None"]  # HF tensor name → array in HF orientation, None if absent
 
 
-def assemble_params(config: ModelConfig, get: GetTensor, source: str, dtype=np.float32) -> dict[str, np.ndarray]:
-    """Builds {param name: array} with per-layer weights stacked on axis 0, checked against the config."""
+def assemble_params(config: ModelConfig, get: GetTensor, source: str, dtype=np.float32,
+                    skip: frozenset[str] = frozenset()) -> dict[str, np.ndarray]:
+    """Builds {param name: array} with per-layer weights stacked on axis 0, checked against the config.
+    `skip`: stacked param names the caller assembles itself (GGUF projections kept quantized)."""
     c = config
     H, K, D, E = c.num_heads, c.num_kv_heads, c.head_dim, c.hidden_size
 
@@ -33,19 +35,20 @@ def assemble_params(config: ModelConfig, get: GetTensor, source: str, dtype=np.f
         return np.stack([fn(f"model.layers.{i}.") for i in range(c.num_layers)])
 
     F = c.intermediate_size
-    p: dict[str, np.ndarray] = {
-        "embed": need("model.embed_tokens.weight", (c.vocab_size, E)),
-        "final_norm": need("model.norm.weight", (E,)),
-        "layers.input_norm": stack(lambda l: need(l + "input_layernorm.weight", (E,))),
-        "layers.post_norm": stack(lambda l: need(l + "post_attention_layernorm.weight", (E,))),
-        "layers.wq": stack(lambda l: linear(l + "self_attn.q_proj.weight", H * D, E).reshape(E, H, D)),
-        "layers.wk": stack(lambda l: linear(l + "self_attn.k_proj.weight", K * D, E).reshape(E, K, D)),
-        "layers.wv": stack(lambda l: linear(l + "self_attn.v_proj.weight", K * D, E).reshape(E, K, D)),
-        "layers.wo": stack(lambda l: linear(l + "self_attn.o_proj.weight", E, H * D).reshape(H, D, E)),
-        "layers.w_gate": stack(lambda l: linear(l + "mlp.gate_proj.weight", F, E)),
-        "layers.w_up": stack(lambda l: linear(l + "mlp.up_proj.weight", F, E)),
-        "layers.w_down": stack(lambda l: linear(l + "mlp.down_proj.weight", E, F)),
+    lazy = {
+        "embed": lambda: need("model.embed_tokens.weight", (c.vocab_size, E)),
+        "final_norm": lambda: need("model.norm.weight", (E,)),
+        "layers.input_norm": lambda: stack(lambda l: need(l + "input_layernorm.weight", (E,))),
+        "layers.post_norm": lambda: stack(lambda l: need(l + "post_attention_layernorm.weight", (E,))),
+        "layers.wq": lambda: stack(lambda l: linear(l + "self_attn.q_proj.weight", H * D, E).reshape(E, H, D)),
+        "layers.wk": lambda: stack(lambda l: linear(l + "self_attn.k_proj.weight", K * D, E).reshape(E, K, D)),
+        "layers.wv": lambda: stack(lambda l: linear(l + "self_attn.v_proj.weight", K * D, E).reshape(E, K, D)),
+        "layers.wo": lambda: stack(lambda l: linear(l + "self_attn.o_proj.weight", E, H * D).reshape(H, D, E)),
+        "layers.w_gate": lambda: stack(lambda l: linear(l + "mlp.gate_proj.weight", F, E)),
+        "layers.w_up": lambda: stack(lambda l: linear(l + "mlp.up_proj.weight", F, E)),
+        "layers.w_down": lambda: stack(lambda l: linear(l + "mlp.down_proj.weight", E, F)),
     }
+    p: dict[str, np.ndarray] = {k: f() for k, f in lazy.items() if k not in skip}
     if c.attention_bias:
         p["layers.bq"] = stack(lambda l: need(l + "self_attn.q_proj.bias", (H * D,)).reshape(H, D))
         p["layers.bk"] = stack(lambda l: need(l + "self_attn.k_proj.bias", (K * D,)).reshape(K, D))
@@ -55,6 +58,6 @@ def assemble_params(config: ModelConfig, get: GetTensor, source: str, dtype=np.f
         p["layers.k_norm"] = stack(lambda l: need(l + "self_attn.k_norm.weight", (D,)))
     if not c.tie_word_embeddings and c.has_lm_head:
         p["lm_head"] = linear("lm_head.weight", c.vocab_size, E)
-    expected = param_shapes(c)
+    expected = {k: v for k, v in param_shapes(c).items() if k not in skip}
     assert {k: v.shape for k, v in p.items()} == expected, "internal: assembled shapes differ from param_shapes"
     return p

@@ -21,7 +21,7 @@ import shutil
 import numpy as np
 
 MIN_BYTES = 64 << 20
-_CONVERTER_SOURCES = ("gguf_loader.py", "assemble.py", "conversion_cache.py")
+_CONVERTER_SOURCES = ("gguf_loader.py", "gguf_quant.py", "assemble.py", "conversion_cache.py")
 
 
 def cache_root() -> str | None:

@@ -1,21 +1,27 @@
-"""GGUF files (llama.cpp): dequantized weights, model config and tokenizer from the metadata."""
+"""GGUF files (llama.cpp): weights, model config and tokenizer from the metadata. Q8_0 projections
+stay int8 with their block scales (checkpoints/gguf_quant.py); every other tensor is dequantized
+to fp32. One log line at load says what happened to each tensor type."""
 from __future__ import annotations
 
 import json
+import logging
 import os
 import re
+from collections import Counter
 
 import numpy as np
 
 from checkpoints import conversion_cache
 from checkpoints.assemble import assemble_params
 from checkpoints.errors import CheckpointError
+from checkpoints.gguf_quant import assemble_quantized, kept_projections
 from jaxllm.models.config import ModelConfig, ModelConfigError
 
 # llama.cpp architecture → HF model_type (only those the Llama-family decoder covers).
 GGUF_ARCHS = {"llama": "llama", "mistral": "mistral", "qwen2": "qwen2", "qwen3": "qwen3"}
 # llama.cpp permutes Q/K rows for these architectures (interleaved rotary); others keep HF order.
 PERMUTED_ARCHS = {"llama", "mistral"}
+log = logging.getLogger("jaxllm.checkpoints")
 
 _LAYER_NAMES = {
     "attn_norm.weight": "input_layernorm.weight",
@@ -114,25 +120,31 @@ def _config_from(hf: dict, path: str) -> ModelConfig:
 
 
 def load_gguf(path: str, dtype=np.float32) -> tuple[ModelConfig, dict[str, np.ndarray]]:
-    """Config and stacked params in `dtype`; a conversion cache hit (checkpoints.conversion_cache)
-    skips the GGUF parse and dequantization."""
+    """Config and stacked params: Q8_0 projections as QuantWeights of numpy arrays (int8 q, f16
+    block scales), the rest in `dtype`. A conversion cache hit (checkpoints.conversion_cache) skips
+    the GGUF parse and dequantization; a file with kept-quantized projections is never cached (its
+    Q8_0 bytes are read as they are, there is nothing slow to skip)."""
+    from jaxllm.models.quant import QuantWeight
+
     if not os.path.isfile(path):
         raise CheckpointError(f"{path}: no such file")
     hit = conversion_cache.load(path)
     if hit is not None:
         hf, params = hit
+        log.info("%s: loaded from the conversion cache (dequantized to fp32 earlier)", path)
         return _config_from(hf, path), {k: v.astype(dtype, copy=False) for k, v in params.items()}
     reader = open_gguf(path)
     # Through JSON either way, so a cache hit builds exactly the config a conversion does.
     hf = json.loads(json.dumps(_hf_config(reader, path), default=lambda o: o.item()))
     config = _config_from(hf, path)
     params = _convert(reader, config, path)
-    conversion_cache.save(path, hf, params)
-    return config, {k: v.astype(dtype, copy=False) for k, v in params.items()}
+    if not any(isinstance(v, QuantWeight) for v in params.values()):
+        conversion_cache.save(path, hf, params)
+    return config, {k: v if isinstance(v, QuantWeight) else v.astype(dtype, copy=False) for k, v in params.items()}
 
 
-def _convert(reader, config: ModelConfig, path: str) -> dict[str, np.ndarray]:
-    """Dequantized fp32 params in jaxllm's stacked layout."""
+def _convert(reader, config: ModelConfig, path: str) -> dict:
+    """Params in jaxllm's stacked layout: kept Q8_0 projections as QuantWeights, the rest fp32."""
     from gguf.quants import dequantize
 
     arch = _field(reader, "general.architecture")
@@ -142,11 +154,15 @@ def _convert(reader, config: ModelConfig, path: str) -> dict[str, np.ndarray]:
         hf_name = (f"model.layers.{m.group(1)}.{_LAYER_NAMES.get(m.group(2), m.group(2))}" if m
                    else _GLOBAL_NAMES.get(t.name, t.name))
         tensors[hf_name] = t
+    kept = kept_projections(tensors, config)
+    quantized = assemble_quantized(config, tensors, kept, _unpermute if arch in PERMUTED_ARCHS else None, path)
+    deq = Counter()
 
     def get(name: str):
         t = tensors.get(name)
         if t is None:
             return None
+        deq[t.tensor_type.name] += 1
         try:
             w = dequantize(t.data, t.tensor_type)
         except NotImplementedError:
@@ -160,4 +176,11 @@ def _convert(reader, config: ModelConfig, path: str) -> dict[str, np.ndarray]:
             w = _unpermute(w, heads)
         return w
 
-    return assemble_params(config, get, source=path, dtype=np.float32)
+    params = assemble_params(config, get, source=path, dtype=np.float32, skip=frozenset(quantized))
+    params.update(quantized)
+    kept_msg = (f"kept as int8 with block-32 scales: Q8_0 x {len(kept) * config.num_layers} "
+                f"({', '.join(sorted(quantized))}); "
+                if quantized else "")
+    deq_msg = ", ".join(f"{k} x {v}" for k, v in sorted(deq.items())) or "none"
+    log.info("%s: %sdequantized to fp32: %s", path, kept_msg, deq_msg)
+    return params

@@ -21,6 +21,12 @@ def read_config(path: str) -> ModelConfig:
             raw = json.load(f)
     except json.JSONDecodeError as e:
         raise CheckpointError(f"{cfg_path}: invalid JSON ({e})") from None
+    qc = raw.get("quantization_config") if isinstance(raw, dict) else None
+    if qc:  # GPTQ/AWQ/fp8/bitsandbytes tensors are not weights assemble_params can read
+        method = qc.get("quant_method", "?") if isinstance(qc, dict) else "?"
+        raise CheckpointError(f"{cfg_path}: the checkpoint is already quantized (quantization_config.quant_method="
+                              f"{method!r}), which jaxllm cannot load; use its full-precision checkpoint "
+                              f"(with --quantization int8|fp8) or a GGUF")
     try:
         return ModelConfig.from_hf(raw, source=cfg_path)
     except ModelConfigError as e:

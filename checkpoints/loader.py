@@ -153,7 +153,14 @@ def load_tokenizer(source: tuple[str, str] | None, config: ModelConfig):
         return None
     kind, path = source
     if kind == "gguf":
-        return Tokenizer.from_gguf(path, extra_eos_ids=config.eos_token_ids)
+        try:
+            return Tokenizer.from_gguf(path, extra_eos_ids=config.eos_token_ids)
+        except ValueError:
+            from checkpoints.gguf_loader import open_gguf
+
+            if "tokenizer.ggml.model" not in open_gguf(path).fields:  # weights only: token-id prompts
+                return None
+            raise
     if not any(os.path.isfile(os.path.join(path, f)) for f in ("tokenizer.json", "tokenizer.model",
                                                                 "tokenizer_config.json")):
         return None

@@ -104,9 +104,6 @@ class EngineConfig(msgspec.Struct, kw_only=True):
         if self.quantization is not None and self.quantization not in QUANTIZATIONS:
             raise ValueError(f"quantization={self.quantization!r} is invalid: must be one of "
                              f"{list(QUANTIZATIONS)} or None")
-        if self.quantization and (self.load_format == "gguf" or self.model.lower().endswith(".gguf")):
-            raise ValueError(f"quantization={self.quantization!r} is not supported for GGUF checkpoints yet "
-                             f"({self.model} is already quantized in its own format); load it without quantization")
         if self.kv_cache_dtype not in KV_CACHE_DTYPES:
             raise ValueError(f"kv_cache_dtype={self.kv_cache_dtype!r} is invalid: must be one of {list(KV_CACHE_DTYPES)}")
         _bool("enable_lora", self.enable_lora)

@@ -122,6 +122,7 @@ def build_engine(config: EngineConfig, *, compile_cache: bool = True, warmup: bo
     import jax
 
     from checkpoints import load_checkpoint, load_tokenizer
+    from jaxllm.models import prequantized
     from jaxllm.models.llama import build_model
     from jaxllm.runner.model_runner import ModelRunner, kv_cache_blocks
     from jaxllm.tokenizer import TokenIdsOnlyTokenizer
@@ -155,11 +156,12 @@ def build_engine(config: EngineConfig, *, compile_cache: bool = True, warmup: bo
                          f"{mc.max_position_embeddings} positions")
     # the engine's config holds resolved values (what GetModelInfo and the CLIs report)
     config = msgspec.structs.replace(config, max_model_len=max_model_len, dtype=jax.numpy.dtype(dtype).name)
-    if config.quantization and ckpt.format == "gguf":
-        raise ValueError(f"quantization={config.quantization!r} is not supported for GGUF checkpoints yet "
-                         f"({ckpt.path} is already quantized in its own format); load it without quantization")
+    if config.quantization and ckpt.format == "gguf" and not prequantized.names(ckpt.params):
+        _info(f"quantization={config.quantization!r}: re-quantizing {ckpt.path}'s dequantized GGUF weights per "
+              f"output channel (bench/RESULTS.md, \"Quantized weights\": the perplexity this costs)")
     model = build_model(mc, ckpt.params, dtype, layout=layout, quantization=config.quantization)
     del ckpt
+    config = msgspec.structs.replace(config, quantization=model.quantization)  # a Q8_0 GGUF: "int8"
     runner_kw = dict(block_size=config.block_size, max_model_len=max_model_len, max_num_seqs=config.max_num_seqs,
                      max_num_batched_tokens=config.max_num_batched_tokens, eos_token_ids=tokenizer.eos_token_ids,
                      task=config.task)
@@ -189,7 +191,7 @@ def build_engine(config: EngineConfig, *, compile_cache: bool = True, warmup: bo
     num_blocks = runner.num_blocks
     engine = LLMEngine(config, runner, tokenizer)
     tokens = num_blocks * config.block_size
-    quant = f", {config.quantization} weights" if config.quantization else ""
+    quant = f", {model.quantization} weights" if model.quantization else ""
     _info(f"model {config.model or 'smollm2-135m'} ({mc.architecture}, {mc.num_params / 1e6:.0f}M params, "
           f"{jax.numpy.dtype(dtype).name}{quant}) loaded in {time.perf_counter() - t0:.1f}s")
     if layout is not None:

@@ -21,6 +21,7 @@ from flax import nnx
 
 from jaxllm.models.config import ModelConfig
 from jaxllm.models.fusion import FUSED, FUSED_PARTS, placement_plan, split_fused
+from jaxllm.models import prequantized
 from jaxllm.models.projections import Projector
 from jaxllm.models.quant import QUANT_PARAMS, QuantWeight, check_backend, check_method, quantize
 from jaxllm.models.rope import apply_rope, inverse_frequencies, rope_tables
@@ -263,12 +264,16 @@ def build_model(config: ModelConfig, params: dict[str, np.ndarray | jax.Array], 
     array per layer as it is placed. `params` is emptied as it goes, so at most one stacked parameter
     group exists beside the placed ones. `config` is the checkpoint's config. `quantization`
     ("int8", "fp8", None): the per-layer projections (`QUANT_PARAMS`) become QuantWeights as each
-    is placed (jaxllm/models/quant.py), so one full-precision projection exists at a time."""
+    is placed (jaxllm/models/quant.py), so one full-precision projection exists at a time. A
+    checkpoint param that is already a QuantWeight (a GGUF's Q8_0 projection: int8 with block
+    scales) is placed as it is (fused like the others); see `prequantized.check`."""
     check_method(quantization)
     check_backend(quantization)
+    prequantized.check(params, quantization)
     layer_loop = layer_loop_mode(layer_loop)
     split = layer_loop == "unroll"
     if layout is not None:
+        prequantized.dequantize_for_layout(params)
         arrays = layout.place_params(config, params, dtype, split_layers=split, quantization=quantization)
         return LlamaForCausalLM(layout.model_config(config), arrays, attention_impl=attention_impl, layout=layout,
                                 layer_loop=layer_loop)
@@ -277,6 +282,8 @@ def build_model(config: ModelConfig, params: dict[str, np.ndarray | jax.Array], 
         xs = [params.pop(s) for s in sources]  # numpy slices stay on the host until placed
 
         def make(i, fn=fn, xs=xs):
+            if isinstance(xs[0], QuantWeight):  # already quantized: q and scales fused alike
+                return prequantized.place([x if i is None else x[i] for x in xs], fn)
             parts = [jnp.asarray(x if i is None else x[i], dtype=dtype) for x in xs]
             w = parts[0] if fn is None else fn(jnp, *parts)  # tp=1: fusing is concatenation
             if quantization and held in QUANT_PARAMS:

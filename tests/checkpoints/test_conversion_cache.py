@@ -14,7 +14,8 @@ from tests.models.hf_tiny import make_tiny_hf
 @pytest.fixture
 def gguf_file(tmp_path, monkeypatch):
     hf_dir = make_tiny_hf("llama", str(tmp_path))
-    path = write_gguf_from_hf(hf_dir, str(tmp_path / "tiny-q8.gguf"), "Q8_0")
+    # Q4_0: a dequantized type (a Q8_0 file keeps its projections int8 and is never cached)
+    path = write_gguf_from_hf(hf_dir, str(tmp_path / "tiny-q4_0.gguf"), "Q4_0")
     monkeypatch.setenv("JAXLLM_GGUF_CACHE", str(tmp_path / "cache"))
     monkeypatch.setattr(conversion_cache, "MIN_BYTES", 0)  # the tiny file counts as large
     return path
