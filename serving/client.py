@@ -31,10 +31,10 @@ _SAMPLING_FIELDS = set(pb.SamplingParams.DESCRIPTOR.fields_by_name)
 
 
 def build_request(prompt: str | None = None, *, text: str | None = None, chat: list[dict] | None = None,
-                  token_ids: list[int] | None = None, request_id: str = "",
+                  token_ids: list[int] | None = None, request_id: str = "", lora_name: str = "",
                   **sampling) -> pb.GenerateRequest:
     """One of prompt (or `text`, the proto's name for it)/chat/token_ids, plus any SamplingParams
-    field (None = engine default)."""
+    field (None = engine default); `lora_name`: a served LoRA adapter ("" = the base model)."""
     if prompt is not None and text is not None:
         raise ValueError("give prompt or text, not both (text is the proto's name for prompt)")
     prompt = text if prompt is None else prompt
@@ -48,7 +48,7 @@ def build_request(prompt: str | None = None, *, text: str | None = None, chat: l
         sp["stop"] = [sp["stop"]]
     if "structured_outputs" in sp:  # a StructuredOutputsParams, or a dict of its fields
         sp["structured_outputs"] = structured_outputs_to_proto(sp["structured_outputs"])
-    req = pb.GenerateRequest(request_id=request_id, sampling=pb.SamplingParams(**sp))
+    req = pb.GenerateRequest(request_id=request_id, sampling=pb.SamplingParams(**sp), lora_name=lora_name)
     if prompt is not None:
         req.text = prompt
     elif chat is not None:
