@@ -46,7 +46,8 @@ def make_lora_engine(num_blocks=64, block_size=4, max_loras=2, max_cpu_loras=Non
     cfg.setdefault("max_num_batched_tokens", 32)
     cfg.setdefault("max_num_seqs", 8)
     cfg.setdefault("enable_lora", True)
-    config = EngineConfig(model="fake", block_size=block_size, max_loras=max_loras,
+    cfg.setdefault("model", "fake")
+    config = EngineConfig(block_size=block_size, max_loras=max_loras,
                           max_cpu_loras=max_cpu_loras, **cfg)
     tok = FakeTokenizer()
     runner = FakeRunner(num_blocks, block_size, vocab_size=tok.vocab_size, eos_token_ids=tok.eos_token_ids)
