@@ -225,7 +225,7 @@ class LLMEngine(EmbedRequestsMixin, EngineStatsMixin, LoRARequestsMixin):
         for i, cid in enumerate(child_ids):
             req = Request(cid, ids, params, seed=derive_seed(base_seed, i), arrival_time=arrival,
                           max_output_tokens=max_out, lora_request=lora_request,
-                          extra_key=None if lora_request is None else lora_request.lora_int_id,
+                          extra_key=None if lora_request is None else self.lora.cache_key(lora_request.lora_int_id),
                           grammar=None if grammar_key is None else self.grammar.new_state(grammar_key))
             detok = (self.detokenizer_factory(self.tokenizer, ids, params.skip_special_tokens)
                      if params.detokenize else _NO_TEXT)

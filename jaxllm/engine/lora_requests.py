@@ -5,8 +5,9 @@ step's device slots.
 - ``enable_lora=False``: any ``lora_request`` is refused (one line naming enable_lora).
 - ``add_request(..., lora_request=LoRARequest)``: checked, loaded (host LRU) and pinned before the
   request is admitted (``LoRAManager.acquire``); a bad adapter is a one-line ValueError there and
-  nothing was admitted. The request's ``extra_key`` is the adapter's ``lora_int_id``: it is part of
-  every block hash, so two adapters never share KV blocks and one adapter's requests do.
+  nothing was admitted. The request's ``extra_key`` is the adapter's ``lora_int_id``
+  (``LoRAManager.cache_key``: with a removal count once the id was removed and reused): it is part
+  of every block hash, so two adapters never share KV blocks and one adapter's requests do.
 - every step: ``LoRAManager.assign_slots`` sets each seq's ``lora_slot`` and loads adapters into
   device slots (``runner.set_lora``) before the step is dispatched; the scheduler keeps the
   adapters of running requests within ``max_loras``.

@@ -58,6 +58,7 @@ class LoRAManager:
         self._slots: list[int | None] = [None] * max_loras  # slot s at index s - 1
         self._slot_used: list[int] = [0] * max_loras  # step counter when each slot was last used
         self._step = 0
+        self._removed: dict[int, int] = {}  # lora_int_id -> times removed (prefix-cache namespace)
         self.num_loads = 0  # load_fn calls (host cache misses)
         self.num_slot_loads = 0  # set_lora calls with an adapter
 
@@ -78,6 +79,7 @@ class LoRAManager:
         if self._pins[lora_int_id]:
             raise ValueError(f"lora_int_id={lora_int_id} is invalid to remove now: {self._pins[lora_int_id]} "
                              f"unfinished request(s) use adapter {self._registry[lora_int_id].lora_name!r}")
+        self._removed[lora_int_id] = self._removed.get(lora_int_id, 0) + 1
         lora = self._registry.pop(lora_int_id)
         self._by_name.pop(lora.lora_name, None)
         self._cache.pop(lora_int_id, None)
@@ -98,8 +100,12 @@ class LoRAManager:
         i = self._by_name.get(name)
         return None if i is None else self._registry[i]
 
-    def next_id(self) -> int:
-        return max(self._registry, default=0) + 1
+    def cache_key(self, lora_int_id: int):
+        """The adapter's prefix-cache namespace (``Request.extra_key``): its ``lora_int_id``, or, once
+        that id was removed and registered again (maybe another adapter under the same id),
+        ``(lora_int_id, times removed)``, so KV cached under the old registration is never hit."""
+        gen = self._removed.get(lora_int_id, 0)
+        return lora_int_id if gen == 0 else (lora_int_id, gen)
 
     # ----- per request ---------------------------------------------------------------------------
     def acquire(self, lora: LoRARequest) -> None:

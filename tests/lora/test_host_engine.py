@@ -136,3 +136,18 @@ def test_errors_leave_the_engine_serving():
     e.add_request("later", "hi", G, lora_request=lora(3))  # room again
     assert run_all(e)["later"].outputs[0].token_ids == alone("hi", 3)
     assert_clean(e)
+
+
+def test_a_reused_id_never_hits_the_old_adapters_blocks():
+    e = make_lora_engine(max_loras=1, max_cpu_loras=1)
+    prompt = "a prompt of a few blocks"
+    e.add_request("old", prompt, G, lora_request=lora(1, "/adapters/old"))
+    old = run_all(e)["old"]
+    assert e.remove_lora(1)
+    from jaxllm.lora import LoRARequest
+    new = LoRARequest("adapter1-v2", 1, "/adapters/new")  # same id, another adapter
+    e.add_request("new", prompt, G, lora_request=new)
+    e.add_request("new-again", prompt, G, lora_request=new)
+    fin = run_all(e)  # the fake runner's KV tags fail on any block computed by the old adapter
+    assert fin["new"].num_cached_tokens == 0 and fin["new-again"].num_cached_tokens > 0
+    assert fin["new"].outputs[0].token_ids != old.outputs[0].token_ids
