@@ -83,6 +83,14 @@ def test_grpc_adapters(srv):
     assert grpc_error(srv, "Generate", build_request(PROMPT, lora_name="a3")).code() == grpc.StatusCode.NOT_FOUND
     assert grpc_error(srv, "UnloadAdapter", pb.UnloadAdapterRequest(name="a3")).code() == grpc.StatusCode.NOT_FOUND
     assert [a.name for a in grpc_call(srv, "ListAdapters", pb.ListAdaptersRequest()).adapters] == ["a1", "a2"]
+    # the Python client's adapter calls (sync, from this thread)
+    from serving.client import GenerationClient
+    with GenerationClient(f"127.0.0.1:{srv.server.port}", timeout=10) as c:
+        assert c.load_adapter("c1", "/adapters/c1").id == 5  # ids are never reused: the failed load took 4
+        done = c.complete(PROMPT, temperature=0.0, max_tokens=8, ignore_eos=True, lora_name="c1")
+        assert done.token_ids[0] == offline(LoRARequest("c1", 5, "/adapters/c1"))
+        assert [a.name for a in c.list_adapters().adapters] == ["a1", "a2", "c1"]
+        assert c.unload_adapter("c1").name == "c1"
     srv.wait_idle()
 
 
