@@ -56,6 +56,7 @@ class LoRAManager:
         self._cache: OrderedDict[int, Any] = OrderedDict()  # id -> adapter, least recent first
         self._pins: Counter[int] = Counter()  # id -> unfinished requests using it
         self._slots: list[int | None] = [None] * max_loras  # slot s at index s - 1
+        self._slot_by_id: dict[int, int] = {}  # lora_int_id -> slot (the inverse of _slots)
         self._slot_used: list[int] = [0] * max_loras  # step counter when each slot was last used
         self._step = 0
         self._removed: dict[int, int] = {}  # lora_int_id -> times removed (prefix-cache namespace)
@@ -84,9 +85,9 @@ class LoRAManager:
         self._by_name.pop(lora.lora_name, None)
         self._cache.pop(lora_int_id, None)
         self._pins.pop(lora_int_id, None)
-        for i, sid in enumerate(self._slots):
-            if sid == lora_int_id:
-                self._slots[i] = None  # the device slot is simply reused later (nothing reads it)
+        slot = self._slot_by_id.pop(lora_int_id, None)
+        if slot is not None:
+            self._slots[slot - 1] = None  # the device slot is simply reused later (nothing reads it)
         return True
 
     def list_loras(self) -> set[int]:
@@ -128,10 +129,7 @@ class LoRAManager:
 
     # ----- per step ------------------------------------------------------------------------------
     def slot_of(self, lora_int_id: int) -> int | None:
-        for i, sid in enumerate(self._slots):
-            if sid == lora_int_id:
-                return i + 1
-        return None
+        return self._slot_by_id.get(lora_int_id)
 
     def assign_slots(self, out, resident: set[int]) -> None:
         """Set ``lora_slot`` on each seq of SchedulerOutput ``out`` (its ``requests`` carry
@@ -151,7 +149,11 @@ class LoRAManager:
                 assert adapter is not None, f"adapter {lora.lora_int_id} scheduled but not loaded (not pinned?)"
                 self._set_lora(slot, adapter)
                 self.num_slot_loads += 1
+                old = self._slots[slot - 1]
+                if old is not None:
+                    del self._slot_by_id[old]
                 self._slots[slot - 1] = lora.lora_int_id
+                self._slot_by_id[lora.lora_int_id] = slot
             self._slot_used[slot - 1] = self._step
             seq.lora_slot = slot
 
