@@ -8,6 +8,7 @@ INVALID_ARGUMENT   any invalid field (the engine's own validation message), prom
 NOT_FOUND          a lora_name this server does not serve (Generate, UnloadAdapter)
 ALREADY_EXISTS     a client request_id that is already in flight; LoadAdapter of a served name
 RESOURCE_EXHAUSTED waiting requests >= --max-queued-requests (at once, nothing queued);
+                   a new adapter while --max-cpu-loras others are in use by unfinished requests;
                    a request larger than --max-message-bytes (grpc itself)
 UNAVAILABLE        starting, draining, engine wedged/dead before the request was accepted,
                    or aborted by the drain after --shutdown-timeout

@@ -35,6 +35,12 @@ LoadFn = Callable[[LoRARequest], Any]  # -> a LoRAAdapter (``.name``, ``.rank``,
 SetLoraFn = Callable[[int, Any], None]  # (slot 1..max_loras, adapter | None)
 
 
+class LoRACapacityError(ValueError):
+    """A new adapter while all ``max_cpu_loras`` host entries are pinned by unfinished requests: the
+    request is fine, the server is full of other adapters (the servers answer RESOURCE_EXHAUSTED /
+    429, retry later)."""
+
+
 def _one_line(exc: BaseException) -> str:
     lines = str(exc).strip().splitlines()
     return lines[0] if lines else type(exc).__name__
@@ -193,7 +199,7 @@ class LoRAManager:
         if len(self._cache) >= self.max_cpu_loras:
             victim = next((i for i in self._cache if not self._pins[i]), None)
             if victim is None:
-                raise ValueError(f"lora_request={lora.lora_name!r} is invalid now: max_cpu_loras="
+                raise LoRACapacityError(f"lora_request={lora.lora_name!r} is invalid now: max_cpu_loras="
                                  f"{self.max_cpu_loras} adapters are all in use by unfinished requests; "
                                  f"retry when one finishes or raise max_cpu_loras")
         try:
