@@ -151,3 +151,24 @@ def test_a_reused_id_never_hits_the_old_adapters_blocks():
     fin = run_all(e)  # the fake runner's KV tags fail on any block computed by the old adapter
     assert fin["new"].num_cached_tokens == 0 and fin["new-again"].num_cached_tokens > 0
     assert fin["new"].outputs[0].token_ids != old.outputs[0].token_ids
+
+
+def test_lora_requests_info_series():
+    from prometheus_client import CollectorRegistry
+
+    from jaxllm.metrics.prometheus import PrometheusStatLogger
+
+    e = make_lora_engine(max_loras=1, max_cpu_loras=2, async_scheduling=False)
+    reg = CollectorRegistry()
+    e.add_stat_logger(PrometheusStatLogger(reg, "fake", max_model_len=128, max_num_batched_tokens=32))
+
+    def series():
+        return [(s.labels["running_lora_adapters"], s.labels["waiting_lora_adapters"], s.labels["max_lora"])
+                for m in reg.collect() if m.name == "jaxllm:lora_requests_info" for s in m.samples]
+    e.add_request("x", "hi", G, lora_request=lora(1))
+    e.add_request("y", "hi", G, lora_request=lora(2))  # waits: one slot
+    e.add_request("z", "hi", G)
+    e.step()
+    assert series() == [("adapter1", "adapter2", "1")]  # one series, the current adapters
+    run_all(e)
+    assert series() == [("", "", "1")]
