@@ -50,8 +50,9 @@ def test_run_batch_on_the_host_engine():
     loras = [lora(i) for i in (1, 2, 3, 4)]
     rng = np.random.default_rng(0)
     for _, mode in MODES:
+        first = len(e.runner.steps)
         r = run_batch(e, mode, loras, 8, 6, 5, e.vocab_size, rng)
         assert r["tok_s"] > 0 and r["step_ms"] == r["step_ms"]  # not NaN: decode steps were timed
-        last = e.runner.steps[-1]
-        assert len({s.lora_slot for s in last.seqs} - {0}) == mode
+        most = max(len({s.lora_slot for s in out.seqs} - {0}) for out in e.runner.steps[first:])
+        assert most == mode
     assert not e.has_unfinished_requests() and e.kv.num_free_blocks == e.kv.num_blocks
