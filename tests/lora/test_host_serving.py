@@ -165,3 +165,21 @@ def test_host_cache_full_of_pinned_adapters_is_resource_exhausted():
         assert grpc_tokens(s, "a2") == offline(LoRARequest("a2", 2, "/adapters/a2"))  # room again
     finally:
         s.close()
+
+
+def test_bad_lora_module_fails_the_start_with_one_line():
+    import asyncio
+
+    from serving.config import ServerConfig
+    from serving.server import ServingServer
+
+    async def go():
+        cfg = ServerConfig(port=0, engine_death_grace=0.0,
+                           lora_modules=(("ok", "/adapters/ok"), ("bad", "bad:/adapters/bad")))
+        server = ServingServer(cfg, engine=make_lora_engine(model="fake-llm", max_loras=1, max_cpu_loras=2),
+                               idle_tick=0.02)
+        await server.start()
+        return await asyncio.wait_for(server.wait(), 10), server.start_error
+    code, err = asyncio.run(go())
+    assert code == 1 and "\n" not in str(err)
+    assert str(err).startswith("--lora-modules bad=bad:/adapters/bad is invalid: lora_request='bad' is invalid")
