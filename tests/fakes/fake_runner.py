@@ -12,11 +12,11 @@ engine's side of the async contract: results are taken once each, in dispatch or
 most one step dispatched past an unread one, and a placeholder token is fed the very token this
 request sampled in the previously dispatched step.
 
-Multi-LoRA: ``set_lora(slot, adapter)`` fills a fake device slot (calls recorded in
-``lora_calls``). A seq's ``lora_slot`` names the adapter its tokens run with: the KV written for
-it is tagged with that adapter's name (None = the base model) and every read checks the tag, so
-a block shared across adapters (or a slot overwritten under a running request) fails; the adapter
-name is mixed into the sampled token, so each adapter "generates" differently.
+Multi-LoRA: ``set_lora(slot, adapter)`` fills a fake device slot (the slots in ``loras``, calls
+recorded in ``lora_calls``). A seq's ``lora_slot`` names the adapter its tokens run with: the KV
+written for it is tagged with that adapter's name (None = the base model) and every read checks
+the tag, so a block shared across adapters (or a slot overwritten under a running request) fails;
+the adapter name is mixed into the sampled token, so each adapter "generates" differently.
 """
 
 from __future__ import annotations
@@ -77,7 +77,7 @@ class FakeRunner:
         self._prev_sampled: dict[str, int] = {}  # request id -> token sampled by the last dispatched step
         self._unread: list[FakePending] = []  # dispatched, result() not called yet (oldest first)
         self.num_placeholders_fed = 0
-        self.lora_slots: dict[int, object] = {}  # slot -> adapter (set_lora)
+        self.loras: dict[int, object] = {}  # slot -> adapter (set_lora)
         self.lora_calls: list[tuple[int, object]] = []
         self.max_loras: int | None = None  # set it to check slot numbers against a bound
 
@@ -86,15 +86,15 @@ class FakeRunner:
         assert self.max_loras is None or slot <= self.max_loras, (slot, self.max_loras)
         self.lora_calls.append((slot, adapter))
         if adapter is None:
-            self.lora_slots.pop(slot, None)
+            self.loras.pop(slot, None)
         else:
-            self.lora_slots[slot] = adapter
+            self.loras[slot] = adapter
 
     def _adapter_key(self, s: ScheduledSeq):
         if s.lora_slot == 0:
             return None
-        assert s.lora_slot in self.lora_slots, f"{s.request_id}: lora_slot={s.lora_slot} is empty"
-        return self.lora_slots[s.lora_slot].name
+        assert s.lora_slot in self.loras, f"{s.request_id}: lora_slot={s.lora_slot} is empty"
+        return self.loras[s.lora_slot].name
 
     # ----- protocol -----------------------------------------------------------------
     def release(self, request_ids: list[str]) -> None:

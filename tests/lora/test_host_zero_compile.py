@@ -31,8 +31,8 @@ def test_adapters_loaded_unloaded_and_mixed_compile_nothing(tmp_path):
     mc = read_config(path)
     ads = [LoRARequest(f"a{i}", i, write_random_adapter(str(tmp_path / f"a{i}"), mc, rank=(4, 8, 2)[i - 1],
                                                         seed=i, scale=0.2)) for i in (1, 2, 3)]
-    engine = build_engine(EngineConfig(model=path, max_model_len=128, block_size=16, max_num_seqs=8,
-                                       max_num_batched_tokens=128, enable_lora=True, max_loras=2,
+    engine = build_engine(EngineConfig(model=path, max_model_len=64, block_size=16, max_num_seqs=4,
+                                       max_num_batched_tokens=32, enable_lora=True, max_loras=2,
                                        max_lora_rank=8, max_cpu_loras=3), compile_cache=False)
     r = engine.runner
     compiled, traces = r.compile_count, r.num_traces
