@@ -13,6 +13,9 @@ with ``add_lora``. Then, per mode, ``--batch`` requests (``--input-len`` random 
 - ``1 adapter``: every request on adapter 1;
 - ``4 adapters``: request i on adapter i % 4, all four in one batch.
 
+- ``plain`` (``--plain-baseline``): every request on a second engine built without ``enable_lora``
+  (what compiling the LoRA path in costs when no adapter is used).
+
 Modes run in rotated order ``--repeats`` times (median reported): output tokens/s over the whole
 batch, and the decode step time (ms per step, steps with every request decoding). The overhead per
 adapter is (mode step time - base step time) / base. ``compiles_after_warmup`` must be 0: mixing
@@ -126,8 +129,12 @@ def main(argv=None) -> int:
     ap.add_argument("--input-len", type=int, default=32)
     ap.add_argument("--output-len", type=int, default=32)
     ap.add_argument("--repeats", type=int, default=3)
+    ap.add_argument("--kv-cache-memory-bytes", type=int, default=None,
+                    help="KV cache per engine (default: the engine's, 1 GiB on CPU)")
     ap.add_argument("--adapter-dir", default=None, help="write the adapters here (default: a temp dir)")
     ap.add_argument("--dry-run", action="store_true", help="write and check the adapters, build no engine")
+    ap.add_argument("--plain-baseline", action="store_true",
+                    help="also time a second engine built without enable_lora (mode 'plain')")
     ap.add_argument("--output-json")
     args = ap.parse_args(argv)
     if args.num_adapters < 4:
@@ -155,29 +162,33 @@ def main(argv=None) -> int:
     from jaxllm.lora import LoRARequest
 
     machine = log_machine()
-    engine = build_engine(EngineConfig(model=args.model, load_format=args.load_format, dtype=args.dtype,
-                                       enable_lora=True, max_loras=4, max_lora_rank=args.rank,
-                                       max_cpu_loras=max(4, args.num_adapters),
-                                       max_model_len=args.input_len + args.output_len + 16,
-                                       max_num_seqs=args.batch, max_num_batched_tokens=1024))
+    common = dict(model=args.model, load_format=args.load_format, dtype=args.dtype,
+                  max_model_len=args.input_len + args.output_len + 16, max_num_seqs=args.batch,
+                  max_num_batched_tokens=1024, kv_cache_memory_bytes=args.kv_cache_memory_bytes)
+    engine = build_engine(EngineConfig(**common, enable_lora=True, max_loras=4, max_lora_rank=args.rank,
+                                       max_cpu_loras=max(4, args.num_adapters)))
+    plain = build_engine(EngineConfig(**common)) if args.plain_baseline else None
     loras = [LoRARequest(f"a{i + 1}", i + 1, p) for i, p in enumerate(paths)]
     for lora in loras:
         engine.add_lora(lora)
     vocab = engine.vocab_size
     rng = np.random.default_rng(0)
-    for _, mode in MODES:  # warm every path (slot loads, host caches) outside the timing
-        run_batch(engine, mode, loras, min(args.batch, 4), 8, 4, vocab, rng)
-    results: dict[str, list[dict]] = {name: [] for name, _ in MODES}
+    modes = MODES + ((("plain", 0),) if plain is not None else ())
+    for name, mode in modes:  # warm every path (slot loads, host caches) outside the timing
+        run_batch(plain if name == "plain" else engine, mode, loras, min(args.batch, 4), 8, 4, vocab, rng)
+    results: dict[str, list[dict]] = {name: [] for name, _ in modes}
     for rep in range(args.repeats):
-        order = MODES[rep % 3:] + MODES[:rep % 3]
+        order = modes[rep % len(modes):] + modes[:rep % len(modes)]
         for name, mode in order:
-            r = run_batch(engine, mode, loras, args.batch, args.input_len, args.output_len, vocab, rng)
+            eng = plain if name == "plain" else engine
+            r = run_batch(eng, mode, loras, args.batch, args.input_len, args.output_len, vocab, rng)
             results[name].append(r)
             print(json.dumps({"repeat": rep, "mode": name, **{k: round(v, 2) for k, v in r.items()}}), flush=True)
-    compiles = getattr(engine.runner, "compile_count", 0) - engine.compiles_at_warmup
+    compiles = sum(getattr(e.runner, "compile_count", 0) - e.compiles_at_warmup
+                   for e in (engine, plain) if e is not None)
     rows = []
     base_ms = statistics.median(r["step_ms"] for r in results["base"])
-    for name, mode in MODES:
+    for name, mode in modes:
         ms = statistics.median(r["step_ms"] for r in results[name])
         rows.append({"mode": name, "adapters": mode,
                      "tok_s": round(statistics.median(r["tok_s"] for r in results[name]), 1),
