@@ -3,6 +3,7 @@ detokenization and stop checks around a stub runner that samples instantly.
 
     JAX_PLATFORMS=cpu python bench/host_overhead.py                  # 64 sequences, SmolLM2's tokenizer
     JAX_PLATFORMS=cpu python bench/host_overhead.py --num-seqs 1 --steps 200
+    JAX_PLATFORMS=cpu python bench/host_overhead.py --num-adapters 4   # LoRA bookkeeping on top
 
 On an accelerator this time sits between device steps unless it is overlapped, so it bounds
 batch-1 latency from below; the runner's own host work (input building, dispatch) comes on top.
@@ -30,6 +31,9 @@ class InstantRunner:
     def release(self, request_ids) -> None:
         pass
 
+    def set_lora(self, slot: int, adapter) -> None:  # --num-adapters: the slot write costs nothing here
+        pass
+
     def execute(self, out):
         from jaxllm.engine.runner_protocol import SampledToken
 
@@ -43,6 +47,8 @@ def main(argv=None) -> int:
     ap.add_argument("--num-seqs", type=int, default=64)
     ap.add_argument("--steps", type=int, default=100, help="timed decode steps")
     ap.add_argument("--stop", action="append", default=None, help="stop strings (default: one that never matches)")
+    ap.add_argument("--num-adapters", type=int, default=0,
+                    help="sequence i runs with LoRA adapter i %% N (stub adapters, max_loras=N; default: 0, the base model)")
     args = ap.parse_args(argv)
 
     from checkpoints import load_checkpoint, load_tokenizer
@@ -53,13 +59,19 @@ def main(argv=None) -> int:
     ckpt = load_checkpoint(args.model, "auto")
     tok = load_tokenizer(ckpt.tokenizer_source, ckpt.config)
     del ckpt
+    n_ad = args.num_adapters
     cfg = EngineConfig(model=args.model, max_model_len=4096, max_num_seqs=args.num_seqs,
-                       max_num_batched_tokens=8192).validate()
-    engine = LLMEngine(cfg, InstantRunner(tok.vocab_size, args.num_seqs), tok)
+                       max_num_batched_tokens=8192, enable_lora=n_ad > 0, max_loras=max(n_ad, 1)).validate()
+    engine = LLMEngine(cfg, InstantRunner(tok.vocab_size, args.num_seqs), tok,
+                       lora_load_fn=(lambda lora: lora.lora_name) if n_ad else None)
+    from jaxllm.lora import LoRARequest
+
+    loras = [LoRARequest(f"a{k}", k + 1, f"/stub/a{k}") for k in range(n_ad)]
     for i in range(args.num_seqs):
         engine.add_request(f"r{i}", "Once upon a time " * 10,
                            SamplingParams(max_tokens=args.steps + 10, ignore_eos=True, temperature=0.8, seed=i,
-                                          stop=args.stop or ["\x00never\x00"]))
+                                          stop=args.stop or ["\x00never\x00"]),
+                           lora_request=loras[i % n_ad] if n_ad else None)
     engine.step()  # the prefill step
     times = []
     for _ in range(args.steps):
@@ -67,7 +79,8 @@ def main(argv=None) -> int:
         engine.step()
         times.append(time.perf_counter() - t0)
     times.sort()
-    print(f"{args.num_seqs} sequences, {args.steps} decode steps: host time per step median "
+    print(f"{args.num_seqs} sequences, {args.steps} decode steps" + (f", {n_ad} adapters" if n_ad else "")
+          + f": host time per step median "
           f"{1e3 * statistics.median(times):.2f} ms, p90 {1e3 * times[int(0.9 * (len(times) - 1))]:.2f} ms "
           f"({1e6 * statistics.median(times) / args.num_seqs:.0f} us per sequence)")
     engine.abort_request([f"r{i}" for i in range(args.num_seqs)])

@@ -98,6 +98,26 @@ def add_engine_args(ap: argparse.ArgumentParser) -> None:
     g.add_argument("--normalize", action=argparse.BooleanOptionalAction, default=None,
                    help="embed task: L2-normalise the embeddings (default: on, unless the checkpoint's "
                         "sentence-transformers modules.json has no Normalize module)")
+    lo = ap.add_argument_group("LoRA adapters (vLLM's flags)")
+    lo.add_argument("--enable-lora", action="store_true",
+                    help="serve PEFT LoRA adapters beside the base model, mixed in one batch (default: off; "
+                         "implied by --lora / --lora-modules)")
+    lo.add_argument("--max-loras", type=int, default=d.max_loras,
+                    help="device adapter slots: distinct adapters running at once")
+    lo.add_argument("--max-lora-rank", type=int, default=d.max_lora_rank,
+                    help="largest adapter rank; every adapter is padded to it")
+    lo.add_argument("--max-cpu-loras", type=int, default=None,
+                    help="adapters kept loaded on the host (LRU); also the most adapters unfinished requests "
+                         "may use at once (default: --max-loras)")
+
+
+def parse_lora_module(text: str) -> tuple[str, str]:
+    """``name=path`` (an adapter's public name and its PEFT directory) -> (name, path)."""
+    name, sep, path = text.partition("=")
+    if not sep or not name.strip() or not path.strip():
+        raise argparse.ArgumentTypeError(f"{text!r} is invalid: need name=path (a name and a PEFT adapter "
+                                         f"directory)")
+    return name.strip(), path.strip()
 
 
 def engine_config_from_args(args) -> EngineConfig:
@@ -109,7 +129,12 @@ def engine_config_from_args(args) -> EngineConfig:
                         tensor_parallel_size=args.tensor_parallel_size, dtype=args.dtype,
                         quantization=args.quantization, load_format=args.load_format, seed=args.seed,
                         async_scheduling=args.async_scheduling, task=args.task,
-                        pooling_type=args.pooling_type, normalize=args.normalize)
+                        pooling_type=args.pooling_type, normalize=args.normalize,
+                        enable_lora=bool(getattr(args, "enable_lora", False) or getattr(args, "lora", None)
+                                         or getattr(args, "lora_modules", None)),
+                        max_loras=getattr(args, "max_loras", EngineConfig().max_loras),
+                        max_lora_rank=getattr(args, "max_lora_rank", EngineConfig().max_lora_rank),
+                        max_cpu_loras=getattr(args, "max_cpu_loras", None))
 
 
 # ----- sampling ---------------------------------------------------------------------------------

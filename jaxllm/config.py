@@ -50,11 +50,15 @@ class SchedulerConfig(msgspec.Struct, kw_only=True):
     max_num_seqs: int = 64
     max_num_batched_tokens: int = 2048
     max_model_len: int = 2048
+    # Multi-LoRA: at most this many distinct adapters among running requests (None: no adapters)
+    max_loras: int | None = None
 
     def validate(self) -> "SchedulerConfig":
         _pos_int("max_num_seqs", self.max_num_seqs)
         _pos_int("max_num_batched_tokens", self.max_num_batched_tokens)
         _pos_int("max_model_len", self.max_model_len)
+        if self.max_loras is not None:
+            _pos_int("max_loras", self.max_loras)
         return self
 
 
@@ -143,7 +147,8 @@ class EngineConfig(msgspec.Struct, kw_only=True):
                              "config before building the scheduler")
         return SchedulerConfig(max_num_seqs=self.max_num_seqs,
                                max_num_batched_tokens=self.max_num_batched_tokens,
-                               max_model_len=self.max_model_len).validate()
+                               max_model_len=self.max_model_len,
+                               max_loras=self.max_loras if self.enable_lora else None).validate()
 
 
 def _pos_int(name: str, v) -> None:

@@ -16,7 +16,8 @@ import time
 import msgspec
 
 from jaxllm.cli_args import (ArgumentParser, add_engine_args, add_log_level_arg, add_sampling_args,
-                             configure_logging, engine_config_from_args, sampling_params_from_args)
+                             configure_logging, engine_config_from_args, parse_lora_module,
+                             sampling_params_from_args)
 from jaxllm.logprobs_table import format_table, rows_from_logprobs
 from jaxllm.metrics.loggers import validate_interval
 from jaxllm.outputs import output_json
@@ -45,6 +46,9 @@ def build_parser() -> ArgumentParser:
                     help="log a stats line (prompt/generation throughput, running/waiting requests, KV cache "
                     "usage, prefix cache hit rate) every --log-stats-interval seconds and at the end (default: off)")
     ap.add_argument("--log-stats-interval", type=float, default=10.0, help="seconds between stats lines")
+    ap.add_argument("--lora", type=parse_lora_module, default=None, metavar="NAME=PATH",
+                    help="run every prompt with this LoRA adapter (a PEFT directory); implies --enable-lora "
+                         "(default: the base model)")
     add_log_level_arg(ap)
     add_engine_args(ap)
     add_sampling_args(ap)
@@ -105,8 +109,13 @@ def main(argv=None) -> int:
         if llm.engine.task == "embed":
             return _embed(llm, items, args)
         t1 = time.perf_counter()
+        lora = None
+        if args.lora is not None:
+            from jaxllm.lora import LoRARequest
+
+            lora = LoRARequest(args.lora[0], 1, args.lora[1])
         outs = llm.generate([it.prompt for it in items], [it.params for it in items],
-                            use_tqdm=not args.no_progress)
+                            use_tqdm=not args.no_progress, lora_request=lora)
         secs = time.perf_counter() - t1
         llm.engine.runner.stop_followers()  # multi-host: release processes > 0 (no-op on one host)
         if prof is not None and prof.finish() is None:

@@ -49,15 +49,26 @@ class LLM:
 
     # ----- generation ---------------------------------------------------------------
     def generate(self, prompts, sampling_params: SamplingParams | Sequence[SamplingParams] | None = None,
-                 use_tqdm: bool = True) -> list[RequestOutput]:
+                 use_tqdm: bool = True, lora_request=None) -> list[RequestOutput]:
         """Run every prompt to completion; outputs come back in input order.
 
         ``prompts``: one prompt or a list of them; a prompt is a ``str``, a list of token ids
         or a dict with ``prompt_token_ids`` / ``prompt``. ``sampling_params``: one for all, or
-        one per prompt."""
+        one per prompt. ``lora_request``: a ``LoRARequest`` for all, or a list with one per
+        prompt (None entries: the base model); needs ``enable_lora=True``."""
         prompts = _as_prompt_list(prompts)
         params = _as_params_list(sampling_params, len(prompts))
-        return self._run(prompts, params, use_tqdm)
+        return self._run(prompts, params, use_tqdm, _as_lora_list(lora_request, len(prompts)))
+
+    # ----- adapters (vLLM's LLMEngine methods) -------------------------------------------
+    def add_lora(self, lora_request) -> bool:
+        return self.engine.add_lora(lora_request)
+
+    def remove_lora(self, lora_id: int) -> bool:
+        return self.engine.remove_lora(lora_id)
+
+    def list_loras(self) -> set[int]:
+        return self.engine.list_loras()
 
     def embed(self, prompts, pooling_params: PoolingParams | Sequence[PoolingParams] | None = None,
               use_tqdm: bool = True) -> list[EmbeddingRequestOutput]:
@@ -79,13 +90,13 @@ class LLM:
         return self._run(prompts, params, use_tqdm)
 
     def chat(self, conversations, sampling_params: SamplingParams | Sequence[SamplingParams] | None = None,
-             use_tqdm: bool = True, add_generation_prompt: bool = True, chat_template: str | None = None,
-             continue_final_message: bool = False) -> list[RequestOutput]:
+             use_tqdm: bool = True, lora_request=None, add_generation_prompt: bool = True,
+             chat_template: str | None = None, continue_final_message: bool = False) -> list[RequestOutput]:
         """``conversations``: one list of ``{"role", "content"}`` messages, or a list of them. Each
         is rendered with the model's chat template (or ``chat_template``, a Jinja string); the
         outputs' ``prompt`` is the rendered text. ``continue_final_message``: the last message
         (an assistant prefix) is continued instead of a new turn being opened (then pass
-        ``add_generation_prompt=False``)."""
+        ``add_generation_prompt=False``). ``lora_request``: as in ``generate``."""
         if not isinstance(conversations, (list, tuple)) or not conversations:
             raise ValueError(f"conversations={conversations!r} is invalid: must be a non-empty list "
                              f"of messages or of conversations")
@@ -100,15 +111,18 @@ class LLM:
             prompts.append(tok.chat_prompt(list(conv), add_generation_prompt, chat_template=chat_template,
                                            continue_final_message=continue_final_message))
         params = _as_params_list(sampling_params, len(prompts))
-        return self._run(prompts, params, use_tqdm)
+        return self._run(prompts, params, use_tqdm, _as_lora_list(lora_request, len(prompts)))
 
-    def _run(self, prompts: list, params: list, use_tqdm: bool) -> list:
+    def _run(self, prompts: list, params: list, use_tqdm: bool, loras: list | None = None) -> list:
         engine = self.engine
         ids: list[str] = []
         try:
-            for prompt, p in zip(prompts, params):
+            for i, (prompt, p) in enumerate(zip(prompts, params)):
                 rid = f"llm-{next(self._ids)}"
-                engine.add_request(rid, prompt, p)
+                if loras is not None and loras[i] is not None:
+                    engine.add_request(rid, prompt, p, lora_request=loras[i])
+                else:
+                    engine.add_request(rid, prompt, p)
                 ids.append(rid)
         except BaseException:
             engine.abort_request(ids)  # all or nothing: nothing half-submitted keeps running
@@ -173,6 +187,17 @@ def _as_prompt_list(prompts) -> list:
         return list(prompts)
     raise ValueError(f"prompts of type {type(prompts).__name__} is invalid: must be a prompt "
                      f"(str, token id list, dict) or a list of prompts")
+
+
+def _as_lora_list(lora_request, n: int) -> list | None:
+    if lora_request is None:
+        return None
+    if isinstance(lora_request, (list, tuple)):
+        if len(lora_request) != n:
+            raise ValueError(f"lora_request has {len(lora_request)} entries, which is invalid: must be one "
+                             f"LoRARequest or exactly one per prompt ({n})")
+        return list(lora_request)
+    return [lora_request] * n
 
 
 def _as_params_list(sampling_params, n: int) -> list[SamplingParams]:

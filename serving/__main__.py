@@ -31,7 +31,7 @@ import sys
 from typing import Any, Callable
 
 from jaxllm.cli_args import (ArgumentParser, add_engine_args, add_log_level_arg, api_key_from_env,
-                             configure_logging, engine_config_from_args)
+                             configure_logging, engine_config_from_args, parse_lora_module)
 from serving.config import ServerConfig
 from serving.tls import check_tls_files
 
@@ -50,6 +50,10 @@ def build_parser() -> ArgumentParser:
                    help="model id of the HTTP API (/v1/models, the 'model' field; default: --model)")
     add_log_level_arg(p)
     add_engine_args(p)
+    p.add_argument("--lora-modules", type=parse_lora_module, nargs="+", action="extend", default=None,
+                   metavar="NAME=PATH",
+                   help="LoRA adapters served from the start, each a name and a PEFT directory; a request "
+                        "picks one by name (gRPC lora_name, HTTP model); implies --enable-lora (default: none)")
     from jaxllm.parallel.cli import add_distributed_args  # argparse only: no jax
 
     add_distributed_args(p)
@@ -108,6 +112,7 @@ def server_config(args: argparse.Namespace) -> ServerConfig:
         max_stop_strings=args.max_stop_strings, max_message_bytes=args.max_message_bytes,
         metrics_port=args.metrics_port, log_stats=not args.disable_log_stats,
         log_stats_interval=args.log_stats_interval,
+        lora_modules=tuple(args.lora_modules or ()),
     ).validate()
 
 

@@ -31,10 +31,10 @@ _SAMPLING_FIELDS = set(pb.SamplingParams.DESCRIPTOR.fields_by_name)
 
 
 def build_request(prompt: str | None = None, *, text: str | None = None, chat: list[dict] | None = None,
-                  token_ids: list[int] | None = None, request_id: str = "",
+                  token_ids: list[int] | None = None, request_id: str = "", lora_name: str = "",
                   **sampling) -> pb.GenerateRequest:
     """One of prompt (or `text`, the proto's name for it)/chat/token_ids, plus any SamplingParams
-    field (None = engine default)."""
+    field (None = engine default); `lora_name`: a served LoRA adapter ("" = the base model)."""
     if prompt is not None and text is not None:
         raise ValueError("give prompt or text, not both (text is the proto's name for prompt)")
     prompt = text if prompt is None else prompt
@@ -48,7 +48,7 @@ def build_request(prompt: str | None = None, *, text: str | None = None, chat: l
         sp["stop"] = [sp["stop"]]
     if "structured_outputs" in sp:  # a StructuredOutputsParams, or a dict of its fields
         sp["structured_outputs"] = structured_outputs_to_proto(sp["structured_outputs"])
-    req = pb.GenerateRequest(request_id=request_id, sampling=pb.SamplingParams(**sp))
+    req = pb.GenerateRequest(request_id=request_id, sampling=pb.SamplingParams(**sp), lora_name=lora_name)
     if prompt is not None:
         req.text = prompt
     elif chat is not None:
@@ -201,6 +201,17 @@ class GenerationClient:
         return self.stub.GetModelInfo(pb.GetModelInfoRequest(), metadata=self.metadata,
                                       timeout=self.timeout)
 
+    def list_adapters(self) -> pb.ListAdaptersResponse:
+        return self.stub.ListAdapters(pb.ListAdaptersRequest(), metadata=self.metadata, timeout=self.timeout)
+
+    def load_adapter(self, name: str, path: str) -> pb.Adapter:
+        return self.stub.LoadAdapter(pb.LoadAdapterRequest(name=name, path=path), metadata=self.metadata,
+                                     timeout=self.timeout)
+
+    def unload_adapter(self, name: str) -> pb.Adapter:
+        return self.stub.UnloadAdapter(pb.UnloadAdapterRequest(name=name), metadata=self.metadata,
+                                       timeout=self.timeout)
+
     def health(self, service: str = "") -> str:
         resp = self.health_stub.Check(health_pb2.HealthCheckRequest(service=service),
                                       timeout=self.timeout or 5.0)
@@ -271,6 +282,18 @@ class AsyncGenerationClient:
         return await self.stub.GetModelInfo(pb.GetModelInfoRequest(), metadata=self.metadata,
                                             timeout=self.timeout)
 
+    async def list_adapters(self) -> pb.ListAdaptersResponse:
+        return await self.stub.ListAdapters(pb.ListAdaptersRequest(), metadata=self.metadata,
+                                            timeout=self.timeout)
+
+    async def load_adapter(self, name: str, path: str) -> pb.Adapter:
+        return await self.stub.LoadAdapter(pb.LoadAdapterRequest(name=name, path=path),
+                                           metadata=self.metadata, timeout=self.timeout)
+
+    async def unload_adapter(self, name: str) -> pb.Adapter:
+        return await self.stub.UnloadAdapter(pb.UnloadAdapterRequest(name=name), metadata=self.metadata,
+                                             timeout=self.timeout)
+
     async def health(self, service: str = "") -> str:
         resp = await self.health_stub.Check(health_pb2.HealthCheckRequest(service=service),
                                             timeout=self.timeout or 5.0)
@@ -340,6 +363,7 @@ def build_parser():
     p.add_argument("--tls-key", help="PEM private key of --tls-cert (default: none)")
     p.add_argument("--timeout", type=float, help="deadline in seconds (default: none)")
     p.add_argument("--request-id", default="", help="request id (default: the server assigns one)")
+    p.add_argument("--lora-name", default="", help="a LoRA adapter the server serves (default: the base model)")
     p.add_argument("--info", action="store_true", help="print GetModelInfo and exit (default: off)")
     p.add_argument("--health", action="store_true", help="print the health status and exit (default: off)")
     p.add_argument("--show-usage", action="store_true",
@@ -369,7 +393,7 @@ def main(argv: list[str] | None = None) -> int:
             return 0
         if args.prompt is None:
             p.error("a prompt is required (or --info / --health)")
-        kw = dict(sampling, request_id=args.request_id)
+        kw = dict(sampling, request_id=args.request_id, lora_name=args.lora_name)
         if args.chat:
             chat = ([{"role": "system", "content": args.system}] if args.system else [])
             chat.append({"role": "user", "content": args.prompt})

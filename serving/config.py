@@ -26,6 +26,8 @@ class ServerConfig(msgspec.Struct, kw_only=True):
     max_stop_strings: int = 16
     max_message_bytes: int = 4 * 1024 * 1024
     max_request_id_len: int = 256
+    # LoRA adapters served from the start (``--lora-modules name=path ...``; needs enable_lora)
+    lora_modules: tuple[tuple[str, str], ...] = ()
     # metrics
     metrics_port: int | None = None  # Prometheus text on this port (0 = any free port); None = off
     log_stats: bool = True  # the periodic stats line on the log (``--disable-log-stats`` turns it off)
@@ -65,6 +67,12 @@ class ServerConfig(msgspec.Struct, kw_only=True):
         if self.metrics_port is not None and not 0 <= self.metrics_port < 65536:
             raise ValueError(f"metrics_port={self.metrics_port} is invalid: must be in [0, 65535]")
         validate_interval(self.log_stats_interval)
+        names = [m[0] for m in self.lora_modules]
+        for name, path in self.lora_modules:
+            if not name or not path:
+                raise ValueError(f"lora_modules entry {name}={path} is invalid: need name=path, both non-empty")
+        if len(set(names)) != len(names):
+            raise ValueError(f"lora_modules={names} is invalid: adapter names must be unique")
         if self.http_port is not None and not 0 <= self.http_port < 65536:
             raise ValueError(f"http_port={self.http_port} is invalid: must be in [0, 65535]")
         return self

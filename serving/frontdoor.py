@@ -31,8 +31,10 @@ from typing import Any, AsyncIterator
 
 from jaxllm.engine.async_engine import (AsyncEngine, DuplicateRequestError, EngineDeadError,
                                         RequestAbortedError, RequestFailedError, RequestStream)
+from jaxllm.lora.manager import LoRACapacityError
 from jaxllm.sampling_params import SamplingParams
 
+from serving.adapters import Adapters
 from serving.config import ServerConfig
 
 log = logging.getLogger(__name__)
@@ -124,9 +126,10 @@ def render_chat(tokenizer: Any, messages: list[dict], field: str = "messages") -
 class ModelInfo:
     """What an adapter needs to know about the served model (read once the engine is built)."""
 
-    __slots__ = ("engine", "tokenizer", "vocab_size", "max_model_len", "name")
+    __slots__ = ("engine", "tokenizer", "vocab_size", "max_model_len", "name", "lora")
 
     def __init__(self, engine: Any):
+        self.lora = None  # the LoRA adapter the request chose (HTTP: by its model name)
         self.engine = engine
         self.tokenizer = getattr(engine, "tokenizer", None)
         self.vocab_size = getattr(engine, "vocab_size", None) or getattr(self.tokenizer, "vocab_size", None)
@@ -178,6 +181,7 @@ class FrontDoor:
         self.draining = False
         self.stopping = False
         self._idle = asyncio.Event()
+        self.adapters = Adapters(async_engine)  # LoRA adapters by name (serving/adapters.py)
 
     # ----- gate --------------------------------------------------------------------------
     def refusal_reason(self) -> str | None:
@@ -220,8 +224,10 @@ class FrontDoor:
 
     # ----- one request -------------------------------------------------------------------------
     @contextlib.asynccontextmanager
-    async def request(self, request_id: str, prompt: Any, params: SamplingParams) -> AsyncIterator[Request]:
-        """Admit (queue limit, duplicate ids, the engine's own validation) and run one request.
+    async def request(self, request_id: str, prompt: Any, params: SamplingParams,
+                      lora_request: Any = None) -> AsyncIterator[Request]:
+        """Admit (queue limit, duplicate ids, the engine's own validation) and run one request
+        (with ``lora_request``, an adapter from ``self.adapters.resolve``; None = the base model).
 
         Leaving the block before the final output aborts it in the engine (client cancel,
         disconnect, error alike); a finished request is only forgotten."""
@@ -245,10 +251,12 @@ class FrontDoor:
         req: Request | None = None
         try:
             try:
-                stream = await ae.add_request(rid, prompt, params)
+                stream = await ae.add_request(rid, prompt, params, lora_request)
             except DuplicateRequestError as exc:  # another caller's request: not ours to abort
                 owned = False
                 raise FrontDoorError(Code.ALREADY_EXISTS, str(exc), "request_id") from None
+            except LoRACapacityError as exc:  # other adapters fill the host cache: retry later
+                raise FrontDoorError(Code.RESOURCE_EXHAUSTED, str(exc), "lora_request") from None
             except ValueError as exc:
                 raise invalid(str(exc), _field_of(str(exc))) from None
             except EngineDeadError as exc:

@@ -1,6 +1,8 @@
 """The OpenAI-compatible HTTP door: FastAPI app + uvicorn on the server's asyncio loop (no jax).
 
-Endpoints: ``GET /v1/models``, ``POST /v1/completions``, ``POST /v1/chat/completions`` (both
+Endpoints: ``GET /v1/models`` (the model, then its LoRA adapters with ``parent`` = the model,
+as vLLM), ``POST /v1/load_lora_adapter`` / ``/v1/unload_lora_adapter`` (vLLM's, plain-text
+"Success: ..." answers), ``POST /v1/completions``, ``POST /v1/chat/completions`` (both
 also as server-sent events ending ``data: [DONE]``), ``GET /health``, ``POST /tokenize``,
 ``POST /detokenize``, ``POST /v1/embeddings`` (``serving/openai_embed.py``; a server started
 with ``--task embed``) and ``GET /metrics`` (Prometheus text of the server's registry, like
@@ -27,13 +29,13 @@ from typing import TYPE_CHECKING, Any
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from starlette.exceptions import HTTPException as StarletteHTTPException
-from starlette.responses import JSONResponse
+from starlette.responses import JSONResponse, PlainTextResponse
 
 from serving.frontdoor import Code, FrontDoorError, ModelInfo, check_token_ids, invalid, render_chat
 from serving.openai_embed import EmbeddingRequest, create_embeddings
 from serving.openai_generate import chat_job, completion_job, respond
 from serving.openai_protocol import (ChatCompletionRequest, CompletionRequest, DetokenizeRequest,
-                                     TokenizeRequest)
+                                     LoadLoRAAdapterRequest, TokenizeRequest, UnloadLoRAAdapterRequest)
 
 if TYPE_CHECKING:
     from serving.server import ServingServer
@@ -191,13 +193,22 @@ def build_app(server: "ServingServer") -> Any:
         log.exception("http: %s %s failed", request.method, request.url.path)
         return _error(500, f"internal error: {type(exc).__name__}: {exc}", code="internal")
 
-    def model_of(name: str | None) -> ModelInfo:
+    def model_of(name: str | None, adapters: bool = True) -> ModelInfo:
+        """The served model, or one of its LoRA adapters (``info.lora``) when ``name`` is an
+        adapter's (vLLM's rule: an adapter is chosen by ``model``); else 404."""
         info = door.model()
         served = cfg.served_model_name or info.name
         info.name = served
         if name is not None and name != served:
-            raise FrontDoorError(Code.NOT_FOUND, f"model={name!r} does not exist: this server serves "
-                                                 f"{served!r} (GET /v1/models)", "model")
+            lora = door.adapters.by_name.get(name)
+            if lora is None:
+                more = "".join(f", {a!r}" for a in sorted(door.adapters.by_name))
+                raise FrontDoorError(Code.NOT_FOUND, f"model={name!r} does not exist: this server serves "
+                                                     f"{served!r}{more} (GET /v1/models)", "model")
+            if not adapters:
+                raise invalid(f"model={name!r} is invalid here: it is a LoRA adapter, and adapters serve "
+                              f"generation only (use {served!r})", "model")
+            info.name, info.lora = name, lora
         return info
 
     @app.get("/health")
@@ -211,9 +222,25 @@ def build_app(server: "ServingServer") -> Any:
     @app.get("/v1/models")
     async def models():
         info = model_of(None)
-        return {"object": "list", "data": [{
-            "id": info.name, "object": "model", "created": int(wall_started(server.async_engine.started_at)),
-            "owned_by": "jaxllm", "root": info.name, "max_model_len": info.max_model_len}]}
+        created = int(wall_started(server.async_engine.started_at))
+        base = {"id": info.name, "object": "model", "created": created, "owned_by": "jaxllm",
+                "root": info.name, "parent": None, "max_model_len": info.max_model_len}
+        # LoRA adapters as vLLM lists them: root = the adapter's path, parent = the base model
+        return {"object": "list", "data": [base] + [
+            {**base, "id": a.lora_name, "root": a.lora_path, "parent": info.name}
+            for a in door.adapters.list()]}
+
+    @app.post("/v1/load_lora_adapter")
+    async def load_lora_adapter(body: LoadLoRAAdapterRequest):
+        info = model_of(None)
+        lora = await door.adapters.load(body.lora_name, body.lora_path, info.name)
+        return PlainTextResponse(f"Success: LoRA adapter {lora.lora_name!r} added successfully.")
+
+    @app.post("/v1/unload_lora_adapter")
+    async def unload_lora_adapter(body: UnloadLoRAAdapterRequest):
+        model_of(None)
+        lora = await door.adapters.unload(body.lora_name)
+        return PlainTextResponse(f"Success: LoRA adapter {lora.lora_name!r} removed successfully.")
 
     def generating(info: ModelInfo, path: str) -> ModelInfo:
         """An embedding server refuses generation by the field the client chose it with (the
@@ -259,7 +286,7 @@ def build_app(server: "ServingServer") -> Any:
 
     @app.post("/v1/embeddings")
     async def embeddings(body: EmbeddingRequest):
-        return await create_embeddings(door, model_of(body.model), body)
+        return await create_embeddings(door, model_of(body.model, adapters=False), body)
 
     @app.get("/metrics")
     async def metrics():

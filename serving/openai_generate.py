@@ -113,7 +113,8 @@ async def respond(door: FrontDoor, job: _Job, receive=None):
     hangs up: its requests are aborted then rather than run to the end."""
     stack = contextlib.AsyncExitStack()
     try:
-        reqs = [await stack.enter_async_context(door.request("", p, job.params)) for p in job.prompts]
+        reqs = [await stack.enter_async_context(door.request("", p, job.params, job.info.lora))
+                for p in job.prompts]
     except BaseException:
         await stack.aclose()  # the ones already admitted are aborted
         raise

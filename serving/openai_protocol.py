@@ -180,3 +180,15 @@ class TokenizeRequest(_Body):
 class DetokenizeRequest(_Body):
     model: str | None = None
     tokens: list[int]
+
+
+class LoadLoRAAdapterRequest(_Body):
+    """vLLM's ``POST /v1/load_lora_adapter`` body."""
+    lora_name: str
+    lora_path: str
+
+
+class UnloadLoRAAdapterRequest(_Body):
+    """vLLM's ``POST /v1/unload_lora_adapter`` body (``lora_int_id`` accepted and ignored, as vLLM)."""
+    lora_name: str
+    lora_int_id: int | None = None

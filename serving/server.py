@@ -59,6 +59,11 @@ class ServingServer:
         def warm(eng: Any) -> None:  # on the engine thread
             if warmup is not None:
                 warmup(eng)
+            if self.config.lora_modules:  # a bad adapter fails the start (start_error)
+                from serving.frontdoor import config_get
+
+                base = self.config.served_model_name or str(config_get(eng, "model") or "")
+                self.door.adapters.register_modules(eng, self.config.lora_modules, base)
             self.metrics.attach(eng)
         self.async_engine = AsyncEngine(engine, engine_factory=engine_factory, warmup=warm,
                                         idle_tick=idle_tick)

@@ -3,9 +3,12 @@
 Status codes
 ------------
 INVALID_ARGUMENT   any invalid field (the engine's own validation message), prompt too long,
-                   a server cap exceeded (--max-n, --max-tokens-cap, --max-logprobs, ...)
-ALREADY_EXISTS     a client request_id that is already in flight
+                   a server cap exceeded (--max-n, --max-tokens-cap, --max-logprobs, ...),
+                   adapters on a server without --enable-lora, a bad adapter at LoadAdapter
+NOT_FOUND          a lora_name this server does not serve (Generate, UnloadAdapter)
+ALREADY_EXISTS     a client request_id that is already in flight; LoadAdapter of a served name
 RESOURCE_EXHAUSTED waiting requests >= --max-queued-requests (at once, nothing queued);
+                   a new adapter while --max-cpu-loras others are in use by unfinished requests;
                    a request larger than --max-message-bytes (grpc itself)
 UNAVAILABLE        starting, draining, engine wedged/dead before the request was accepted,
                    or aborted by the drain after --shutdown-timeout
@@ -80,8 +83,9 @@ class GenerationServicer(pb_grpc.GenerationServicer):
             except ValueError as exc:
                 raise invalid(str(exc)) from None
             rid = self.door.check_request_id(request.request_id)
+            lora = self.door.adapters.resolve(request.lora_name)
             tracker = convert.ProtoDeltaTracker(rid, params)
-            async with self.door.request(rid, prompt, params) as req:
+            async with self.door.request(rid, prompt, params, lora) as req:
                 tracker.request_id = req.request_id
                 stuck = WriteTimeout(context, self.door.config.stream_timeout,
                                      lambda: self.door.drop(req.request_id), what=f"request {req.request_id!r}")
@@ -116,6 +120,29 @@ class GenerationServicer(pb_grpc.GenerationServicer):
         except FrontDoorError as exc:
             await _abort(context, exc)
         return embed_response(rid, out)
+
+    async def ListAdapters(self, request: pb.ListAdaptersRequest, context):
+        info = await self._model(context)
+        return pb.ListAdaptersResponse(
+            base_model=self.door.config.served_model_name or info.name,
+            adapters=[_adapter(a) for a in self.door.adapters.list()])
+
+    async def LoadAdapter(self, request: pb.LoadAdapterRequest, context):
+        info = await self._model(context)
+        try:
+            lora = await self.door.adapters.load(request.name, request.path,
+                                                 self.door.config.served_model_name or info.name)
+        except FrontDoorError as exc:
+            await _abort(context, exc)
+        return _adapter(lora)
+
+    async def UnloadAdapter(self, request: pb.UnloadAdapterRequest, context):
+        await self._model(context)
+        try:
+            lora = await self.door.adapters.unload(request.name)
+        except FrontDoorError as exc:
+            await _abort(context, exc)
+        return _adapter(lora)
 
     async def Tokenize(self, request: pb.TokenizeRequest, context):
         info = await self._model(context)
@@ -172,6 +199,10 @@ class GenerationServicer(pb_grpc.GenerationServicer):
                 max_queued_requests=cfg.max_queued_requests),
         )
         return info
+
+
+def _adapter(lora) -> pb.Adapter:
+    return pb.Adapter(name=lora.lora_name, id=lora.lora_int_id, path=lora.lora_path)
 
 
 def _buckets(engine: Any, stats: Any, runner_field: str, name: str) -> list[int]:

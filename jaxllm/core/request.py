@@ -42,7 +42,11 @@ class Request:
     arrival_time: float = 0.0
     arrival_seq: int = 0  # monotonic admission counter: the FCFS / preemption order
     max_output_tokens: int = 16  # min(params.max_tokens, max_model_len - prompt length)
-    extra_key: object = None  # reserved for adapters: part of every block hash
+    # part of every block hash: the adapter's lora_int_id (None = the base model), so requests of two
+    # adapters never share KV blocks and requests of one adapter do
+    extra_key: object = None
+    # Multi-LoRA: the adapter this request runs with (jaxllm.lora.LoRARequest; None = the base model)
+    lora_request: object = None
     # an embedding request (resolved PoolingParams): prefill only, never samples, finishes in the
     # step that computes its last prompt token; bypasses the prefix cache (kv_cache_manager.py)
     pooling: PoolingParams | None = None
@@ -81,6 +85,10 @@ class Request:
     def append_output_token(self, token_id: int) -> None:
         self.output_token_ids.append(token_id)
         self.all_token_ids.append(token_id)
+
+    @property
+    def lora_int_id(self) -> int | None:
+        return None if self.lora_request is None else self.lora_request.lora_int_id
 
     @property
     def waits_for_grammar(self) -> bool:

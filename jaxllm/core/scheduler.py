@@ -12,6 +12,11 @@ Every request carries ``num_computed_tokens``. Each ``schedule()`` hands out
    grammar is still compiling keeps its place and lets later ones by); on first scheduling a
    prefix-cache hit sets ``num_computed_tokens``; a prompt longer than the remaining budget is
    chunked.
+   Multi-LoRA (``config.max_loras``): at most that many distinct adapters among running requests
+   (the base model does not count), so every step's seqs fit the device slots. An adapter request
+   that would exceed it keeps its place and waits; so do all later adapter requests (adapter
+   requests are admitted in arrival order: the adapters running now drain, a slot frees, it goes
+   first, nobody starves), while later base-model requests, which take no slot, may pass it.
 
 ``schedule()`` advances ``num_computed_tokens`` by what it hands out (the KV of those tokens is
 written by the step before any later step runs) and counts one ``num_output_placeholders`` per
@@ -117,12 +122,20 @@ class Scheduler:
 
         now = time.time()
         if not preempted:
-            compiling = []  # waiting for their grammar: skipped, they keep their place
+            skipped = []  # waiting for their grammar or an adapter slot: they keep their place
+            max_loras = self.config.max_loras
+            resident = self.resident_loras() if max_loras is not None else set()
+            lora_blocked = False  # an adapter request waits for a slot: later adapter requests wait too
             while (self.waiting and budget > 0
                    and len(self.running) < self.config.max_num_seqs):
                 req = self.waiting[0]
                 if req.waits_for_grammar:
-                    compiling.append(self.waiting.popleft())
+                    skipped.append(self.waiting.popleft())
+                    continue
+                lid = req.lora_int_id if max_loras is not None else None
+                if lid is not None and (lora_blocked or (lid not in resident and len(resident) >= max_loras)):
+                    lora_blocked = True
+                    skipped.append(self.waiting.popleft())
                     continue
                 if req.num_output_placeholders:
                     break  # preempted while its token is in flight: resume once that token is known
@@ -143,7 +156,9 @@ class Scheduler:
                 admitted.add(req.request_id)
                 scheduled.append((req, n))
                 budget -= n
-            self.waiting.extendleft(reversed(compiling))
+                if lid is not None:
+                    resident.add(lid)
+            self.waiting.extendleft(reversed(skipped))
 
         seqs = []
         for req, n in scheduled:
@@ -173,6 +188,10 @@ class Scheduler:
                                num_batched_tokens=self.config.max_num_batched_tokens - budget,
                                finished_or_preempted_ids=forget,
                                requests=[req for req, _ in scheduled])
+
+    def resident_loras(self) -> set[int]:
+        """The adapters of running requests (each keeps its device slot while it runs)."""
+        return {r.lora_int_id for r in self.running if r.lora_request is not None}
 
     def _preempt(self, req: Request) -> None:
         self.kv.free(req)

@@ -207,7 +207,8 @@ class AsyncEngine:
     def has_request(self, request_id: str) -> bool:
         return request_id in self._streams
 
-    async def add_request(self, request_id: str, prompt: Any, params: Any) -> RequestStream:
+    async def add_request(self, request_id: str, prompt: Any, params: Any,
+                          lora_request: Any = None) -> RequestStream:
         if self.dead is not None:
             raise EngineDeadError(self.dead)
         if self.stopped:
@@ -219,7 +220,7 @@ class AsyncEngine:
         fut = self._loop.create_future()
         self._pending_adds += 1
         try:
-            self._cmds.put(("add", request_id, prompt, params, fut))
+            self._cmds.put(("add", request_id, prompt, params, fut, lora_request))
             self._wake.set()
             try:
                 await asyncio.shield(fut)
@@ -235,6 +236,18 @@ class AsyncEngine:
             self._pending_adds -= 1
         return stream
 
+    async def call(self, fn: Callable[[Any], Any]) -> Any:
+        """Run ``fn(engine)`` on the engine thread between steps (engine methods that are not
+        requests: ``add_lora``, ``remove_lora``, ``list_loras``); its result, or its exception."""
+        if self.dead is not None:
+            raise EngineDeadError(self.dead)
+        if self.stopped:
+            raise RuntimeError("engine loop is stopped")
+        fut = self._loop.create_future()
+        self._cmds.put(("call", fn, fut))
+        self._wake.set()
+        return await fut
+
     def abort(self, request_id: str, error: BaseException | None = None) -> None:
         """Drop the stream now; the engine frees the request before its next step."""
         stream = self._streams.pop(request_id, None)
@@ -244,9 +257,10 @@ class AsyncEngine:
         self._cmds.put(("abort", request_id))
         self._wake.set()
 
-    async def generate(self, request_id: str, prompt: Any, params: Any) -> AsyncIterator:
+    async def generate(self, request_id: str, prompt: Any, params: Any,
+                       lora_request: Any = None) -> AsyncIterator:
         """Convenience: yield each RequestOutput; abort the request if the consumer stops early."""
-        stream = await self.add_request(request_id, prompt, params)
+        stream = await self.add_request(request_id, prompt, params, lora_request)
         finished = False
         try:
             async for out in stream:
@@ -358,10 +372,21 @@ class AsyncEngine:
             if kind is _STOP:
                 keep_going = False
                 break
-            if kind == "add":
-                _, rid, prompt, params, fut = cmd
+            if kind == "call":
+                _, fn, fut = cmd
                 try:
-                    engine.add_request(rid, prompt, params)
+                    res = fn(engine)
+                except Exception as exc:  # noqa: BLE001 - the caller's error
+                    self._post(_set_exception, fut, exc)
+                else:
+                    self._post(_set_result, fut, res)
+            elif kind == "add":
+                _, rid, prompt, params, fut, lora = cmd
+                try:
+                    if lora is None:  # engines without adapters need not take the keyword
+                        engine.add_request(rid, prompt, params)
+                    else:
+                        engine.add_request(rid, prompt, params, lora_request=lora)
                 except Exception as exc:  # validation errors go back to the caller
                     answers.append((fut, exc))
                 else:
@@ -394,6 +419,8 @@ class AsyncEngine:
                 break
             if cmd[0] == "add":
                 self._post(_set_exception, cmd[4], err)
+            elif cmd[0] == "call":
+                self._post(_set_exception, cmd[2], err)
 
     # ----- loop side callbacks --------------------------------------------------------
     def _dispatch(self, outputs: list) -> None:

@@ -61,6 +61,7 @@ from jaxllm.engine.pooling import EmbedState
 from jaxllm.engine.runner_protocol import ModelRunnerProtocol
 from jaxllm.engine.embed_requests import EmbedRequestsMixin
 from jaxllm.engine.engine_stats import EngineStatsMixin
+from jaxllm.engine.lora_requests import LoRARequestsMixin
 from jaxllm.metrics.stats import IterationStats
 from jaxllm.outputs import RequestOutput
 from jaxllm.pooling_params import PoolingParams
@@ -90,9 +91,10 @@ def validate_prompt_ids(ids: list[int], vocab_size: int, max_model_len: int) -> 
                          f"max_model_len={max_model_len} (room for 1 generated token)")
 
 
-class LLMEngine(EmbedRequestsMixin, EngineStatsMixin):
+class LLMEngine(EmbedRequestsMixin, EngineStatsMixin, LoRARequestsMixin):
     def __init__(self, config: EngineConfig, runner: ModelRunnerProtocol, tokenizer,
-                 detokenizer_factory: DetokenizerFactory | None = None, grammar_tokenizer=None) -> None:
+                 detokenizer_factory: DetokenizerFactory | None = None, grammar_tokenizer=None,
+                 lora_load_fn=None) -> None:
         self.config = config.validate()
         if config.max_model_len is None:
             raise ValueError("max_model_len=None is invalid for LLMEngine: resolve it from the "
@@ -146,6 +148,8 @@ class LLMEngine(EmbedRequestsMixin, EngineStatsMixin):
         self.stat_loggers: list = []
         self.compiles_at_warmup = getattr(runner, "compile_count", 0)  # build_engine sets it after warm-up
         self._stats_base = (0, 0, 0)  # prefix queries, prefix hits, preemptions already reported
+        # multi-LoRA (enable_lora): lora_load_fn(LoRARequest) -> adapter; jaxllm/engine/lora_requests.py
+        self._init_lora(config, runner, lora_load_fn)
 
     # ----- intake -------------------------------------------------------------------
     def _resolve_prompt(self, prompt) -> tuple[str | None, list[int]]:
@@ -175,12 +179,16 @@ class LLMEngine(EmbedRequestsMixin, EngineStatsMixin):
                              f"still unfinished")
 
     def add_request(self, request_id: str, prompt, params: SamplingParams | PoolingParams | None = None,
-                    arrival_time: float | None = None) -> None:
+                    arrival_time: float | None = None, lora_request=None) -> None:
         if not isinstance(request_id, str) or not request_id:
             raise ValueError(f"request_id={request_id!r} is invalid: must be a non-empty str")
         if params is None:
             params = PoolingParams() if self.task == "embed" else SamplingParams()
+        self._check_lora_request(lora_request, params)
         if isinstance(params, PoolingParams):
+            if lora_request is not None:
+                raise ValueError(f"lora_request={lora_request.lora_name!r} is invalid for an embedding "
+                                 f"request: adapters serve generation only")
             if self.task != "embed":
                 raise ValueError(f"task={self.task!r} is invalid for PoolingParams (an embedding request): "
                                  f"this engine generates; start one with task='embed'")
@@ -205,6 +213,7 @@ class LLMEngine(EmbedRequestsMixin, EngineStatsMixin):
         child_ids = [request_id] if params.n == 1 else [f"{request_id}#{i}" for i in range(params.n)]
         for rid in {request_id, *child_ids}:
             self._check_new_id(rid)
+        self._acquire_lora(request_id, lora_request)  # loads the adapter: the last check
         # -- everything valid: nothing below raises on user input --
         now = time.time()
         arrival = now if arrival_time is None else arrival_time
@@ -215,7 +224,8 @@ class LLMEngine(EmbedRequestsMixin, EngineStatsMixin):
         parent = ParentState(request_id, text, ids, arrival, params.prompt_logprobs is not None, token_text)
         for i, cid in enumerate(child_ids):
             req = Request(cid, ids, params, seed=derive_seed(base_seed, i), arrival_time=arrival,
-                          max_output_tokens=max_out,
+                          max_output_tokens=max_out, lora_request=lora_request,
+                          extra_key=None if lora_request is None else self.lora.cache_key(lora_request.lora_int_id),
                           grammar=None if grammar_key is None else self.grammar.new_state(grammar_key))
             detok = (self.detokenizer_factory(self.tokenizer, ids, params.skip_special_tokens)
                      if params.detokenize else _NO_TEXT)
@@ -256,6 +266,7 @@ class LLMEngine(EmbedRequestsMixin, EngineStatsMixin):
             parent = self._parents.pop(rid, None)
             if parent is None:
                 continue
+            self._release_lora(rid)
             live = [c.req.request_id for c in parent.children if not c.finished]
             if self.stat_loggers:
                 now = time.time()
@@ -317,6 +328,7 @@ class LLMEngine(EmbedRequestsMixin, EngineStatsMixin):
                                f"{self.kv.num_free_blocks} free blocks")
         if self.grammar is not None:
             self._attach_bitmask(out)
+        self._assign_lora_slots(out)
         return out
 
     def _attach_bitmask(self, out) -> None:
@@ -382,6 +394,7 @@ class LLMEngine(EmbedRequestsMixin, EngineStatsMixin):
                 continue
             if parent.finished:
                 del self._parents[rid]
+                self._release_lora(rid)
         for rid, (parent, exc) in failed.items():
             self._fail_request(parent, exc)
         self._release_if_idle()
@@ -400,6 +413,7 @@ class LLMEngine(EmbedRequestsMixin, EngineStatsMixin):
             self._seqs.pop(c.req.request_id, None)
         self.scheduler.finish_requests(live, RequestStatus.FINISHED_ABORTED)
         self._parents.pop(parent.request_id, None)
+        self._release_lora(parent.request_id)
         self._request_errors[parent.request_id] = exc
 
     def take_request_errors(self) -> dict[str, Exception]:

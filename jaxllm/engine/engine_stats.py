@@ -23,8 +23,13 @@ class EngineStatsMixin:
         q, h, p = kv.prefix_queries, kv.prefix_hits, sched.num_preemptions
         q0, h0, p0 = self._stats_base
         self._stats_base = (q, h, p)
+        lora = {}
+        if getattr(self, "lora", None) is not None:  # O(running + waiting), only with a stat logger
+            lora = dict(max_lora=self.lora.max_loras,
+                        running_lora_adapters=_adapter_names(sched.running),
+                        waiting_lora_adapters=_adapter_names(sched.waiting))
         return SchedulerStats(
-            num_running_reqs=sched.num_running, num_waiting_reqs=sched.num_waiting,
+            **lora, num_running_reqs=sched.num_running, num_waiting_reqs=sched.num_waiting,
             kv_cache_usage=1.0 - kv.num_free_blocks / kv.num_blocks,
             prefix_cache_queries=q - q0, prefix_cache_hits=h - h0, num_preemptions=p - p0,
             num_compiles_since_warmup=getattr(self.runner, "compile_count", 0) - self.compiles_at_warmup)
@@ -59,3 +64,7 @@ class EngineStatsMixin:
             num_prompt_tokens=self.num_prompt_tokens,
             num_generated_tokens=self.num_generated_tokens,
         )
+
+
+def _adapter_names(requests) -> tuple[str, ...]:
+    return tuple(sorted({r.lora_request.lora_name for r in requests if r.lora_request is not None}))

@@ -189,7 +189,12 @@ def build_engine(config: EngineConfig, *, compile_cache: bool = True, warmup: bo
     shrink = config.kv_cache_memory_bytes is None and accelerator and jax.process_count() == 1
     runner = allocate_runner(ModelRunner, model, num_blocks, runner_kw, shrink=shrink)
     num_blocks = runner.num_blocks
-    engine = LLMEngine(config, runner, tokenizer)
+    lora_load_fn = None
+    if config.enable_lora:  # the PEFT loader (jaxllm/lora/peft.py), imported on the first adapter
+        from jaxllm.lora.manager import default_load_fn
+
+        lora_load_fn = default_load_fn(mc, config.max_lora_rank)
+    engine = LLMEngine(config, runner, tokenizer, lora_load_fn=lora_load_fn)
     tokens = num_blocks * config.block_size
     quant = f", {model.quantization} weights" if model.quantization else ""
     _info(f"model {config.model or 'smollm2-135m'} ({mc.architecture}, {mc.num_params / 1e6:.0f}M params, "

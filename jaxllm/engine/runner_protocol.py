@@ -29,6 +29,12 @@ The engine never imports jax; it talks to any object with this shape. Contract:
   token, the token sampled for the same request by the previously dispatched step (kept on the
   device; its ``token_ids`` hold ``PLACEHOLDER_TOKEN_ID``). The engine calls ``result()`` of each
   pending step once, in dispatch order, with at most one step dispatched after it meanwhile.
+- ``set_lora(slot, adapter | None)`` (multi-LoRA; only called when the engine has enable_lora): write
+  adapter (a ``jaxllm.lora.peft.LoRAAdapter``) into device slot ``slot`` (1..max_loras) in place, or
+  clear it. The engine calls it before dispatching the first step whose seqs carry that
+  ``lora_slot``, never for a slot that a seq of an undispatched step still needs; steps dispatched
+  before keep the weights they were dispatched with. ``ScheduledSeq.lora_slot`` (0 = base model)
+  picks each seq's adapter.
 - ``release(ids)`` / ``out.finished_or_preempted_ids``: forget per-request device state
   (penalty counts, ...). Unknown ids are a no-op; a preempted request comes back later with
   ``start_pos == 0``.
@@ -77,3 +83,6 @@ class ModelRunnerProtocol(Protocol):
     def execute(self, out: SchedulerOutput) -> dict[str, SampledToken]: ...
 
     def release(self, request_ids: list[str]) -> None: ...
+
+    # optional: only runners built for multi-LoRA (the engine checks for it when enable_lora)
+    def set_lora(self, slot: int, adapter) -> None: ...

@@ -9,6 +9,8 @@ and a scrape reads the registry from another thread (the client's metrics are th
 
 from __future__ import annotations
 
+import time
+
 from prometheus_client import CollectorRegistry, Counter, Gauge
 
 from jaxllm.metrics.histogram import BatchHistogram
@@ -78,12 +80,23 @@ class PrometheusStatLogger:
         self.step_time = BatchHistogram("jaxllm:step_time_seconds", "engine.step() wall time by shape bucket.",
                                         ["model_name", "bucket"], LATENCY_BUCKETS, r)
         self._labels = (model_name,)
+        # vLLM's multi-LoRA info series: value = the time of the record, labels = the adapters now
+        self.lora_info = Gauge("jaxllm:lora_requests_info", "Running stats on LoRA requests (vLLM's series).",
+                               ["max_lora", "waiting_lora_adapters", "running_lora_adapters"], registry=r)
+        self._lora_labels: tuple[str, str, str] | None = None
 
     def record(self, s: SchedulerStats, it: IterationStats | None) -> None:
         self.num_requests_running.set(s.num_running_reqs)
         self.num_requests_waiting.set(s.num_waiting_reqs)
         self.kv_cache_usage.set(s.kv_cache_usage)
         self.compiles.set(s.num_compiles_since_warmup)
+        if s.max_lora:
+            labels = (str(s.max_lora), ",".join(s.waiting_lora_adapters), ",".join(s.running_lora_adapters))
+            if labels != self._lora_labels:  # one series at a time: drop the previous label set
+                if self._lora_labels is not None:
+                    self.lora_info.remove(*self._lora_labels)
+                self._lora_labels = labels
+            self.lora_info.labels(*labels).set(time.time())
         if s.prefix_cache_queries:
             self.prefix_queries.inc(s.prefix_cache_queries)
             self.prefix_hits.inc(s.prefix_cache_hits)

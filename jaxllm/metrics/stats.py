@@ -26,6 +26,10 @@ class SchedulerStats:
     prefix_cache_hits: int = 0  # of those, tokens found cached
     num_preemptions: int = 0  # preemptions since the last record
     num_compiles_since_warmup: int = 0  # XLA executables compiled after warm-up (must stay 0)
+    # multi-LoRA (enable_lora; max_lora = 0 otherwise): adapter names among running / waiting sequences
+    max_lora: int = 0
+    running_lora_adapters: tuple[str, ...] = ()
+    waiting_lora_adapters: tuple[str, ...] = ()
 
 
 @dataclasses.dataclass(slots=True)

@@ -11,6 +11,12 @@ tokens all show up as an assertion error or as a different output.
 engine's side of the async contract: results are taken once each, in dispatch order, with at
 most one step dispatched past an unread one, and a placeholder token is fed the very token this
 request sampled in the previously dispatched step.
+
+Multi-LoRA: ``set_lora(slot, adapter)`` fills a fake device slot (the slots in ``loras``, calls
+recorded in ``lora_calls``). A seq's ``lora_slot`` names the adapter its tokens run with: the KV
+written for it is tagged with that adapter's name (None = the base model) and every read checks
+the tag, so a block shared across adapters (or a slot overwritten under a running request) fails;
+the adapter name is mixed into the sampled token, so each adapter "generates" differently.
 """
 
 from __future__ import annotations
@@ -71,6 +77,24 @@ class FakeRunner:
         self._prev_sampled: dict[str, int] = {}  # request id -> token sampled by the last dispatched step
         self._unread: list[FakePending] = []  # dispatched, result() not called yet (oldest first)
         self.num_placeholders_fed = 0
+        self.loras: dict[int, object] = {}  # slot -> adapter (set_lora)
+        self.lora_calls: list[tuple[int, object]] = []
+        self.max_loras: int | None = None  # set it to check slot numbers against a bound
+
+    def set_lora(self, slot: int, adapter) -> None:
+        assert isinstance(slot, int) and slot >= 1, slot
+        assert self.max_loras is None or slot <= self.max_loras, (slot, self.max_loras)
+        self.lora_calls.append((slot, adapter))
+        if adapter is None:
+            self.loras.pop(slot, None)
+        else:
+            self.loras[slot] = adapter
+
+    def _adapter_key(self, s: ScheduledSeq):
+        if s.lora_slot == 0:
+            return None
+        assert s.lora_slot in self.loras, f"{s.request_id}: lora_slot={s.lora_slot} is empty"
+        return self.loras[s.lora_slot].name
 
     # ----- protocol -----------------------------------------------------------------
     def release(self, request_ids: list[str]) -> None:
@@ -126,16 +150,20 @@ class FakeRunner:
                 self.num_placeholders_fed += 1
         # 1) write every scheduled token's KV (all writes land before any read)
         for s in out.seqs:
+            key = self._adapter_key(s)
             for i, t in enumerate(fed[s.request_id]):
-                self.kv[self._slot(s.block_ids, s.start_pos + i)] = (t, s.start_pos + i)
+                self.kv[self._slot(s.block_ids, s.start_pos + i)] = (t, s.start_pos + i, key)
         # 2) "attend": read the whole context back from the cache
         result: dict[str, SampledToken] = {}
         for i, s in enumerate(out.seqs):
             end = s.start_pos + len(s.token_ids)
             ctx = []
+            key = self._adapter_key(s)
             for p in range(end):
-                tok, pos = self.kv.get(self._slot(s.block_ids, p), (None, None))
+                tok, pos, kv_key = self.kv.get(self._slot(s.block_ids, p), (None, None, None))
                 assert pos == p, f"{s.request_id}: slot for position {p} holds position {pos}"
+                assert kv_key == key, (f"{s.request_id}: KV at position {p} was computed with adapter "
+                                       f"{kv_key!r}, the request runs with {key!r}")
                 ctx.append(tok)
             assert ctx[s.start_pos:] == fed[s.request_id]
             if s.prefix_token_ids is not None:  # a prefix-cache hit must hold exactly our tokens
@@ -152,7 +180,7 @@ class FakeRunner:
                 self._chunks[s.request_id] = PooledChunk(np.sum(hs, axis=0, dtype=np.float32), hs[-1])
             if s.sample:
                 mask = out.grammar_bitmask[i] if out.constrained and out.constrained[i] else None
-                result[s.request_id] = self._sample(ctx, s, mask)
+                result[s.request_id] = self._sample(ctx, s, mask, key)
         self._prev_sampled = {rid: t.token_id for rid, t in result.items()}
         return result
 
@@ -160,7 +188,7 @@ class FakeRunner:
     def _slot(self, block_ids: list[int], pos: int) -> int:
         return block_ids[pos // self.block_size] * self.block_size + pos % self.block_size
 
-    def _sample(self, ctx: list[int], s: ScheduledSeq, mask=None) -> SampledToken:
+    def _sample(self, ctx: list[int], s: ScheduledSeq, mask=None, adapter: str | None = None) -> SampledToken:
         """The context's hash token; with a grammar bitmask ([W] i32) the first allowed id from it on."""
         p = s.params
         num_generated = len(ctx) - s.num_prompt_tokens
@@ -173,6 +201,8 @@ class FakeRunner:
             tok = self.next_token_fn(ctx, s)
         else:
             h = context_hash(ctx)
+            if adapter is not None:  # each adapter is another "model"
+                h = _mix(h, context_hash([ord(c) for c in adapter]))
             if p.temperature > 0:  # seeded: depends on (seed, position) and the context only
                 h = _mix(h, s.seed, len(ctx))
             tok = h % self.vocab_size

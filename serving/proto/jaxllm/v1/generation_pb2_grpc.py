@@ -59,6 +59,21 @@ class GenerationStub:
                 request_serializer=jaxllm_dot_v1_dot_generation__pb2.EmbedRequest.SerializeToString,
                 response_deserializer=jaxllm_dot_v1_dot_generation__pb2.EmbedResponse.FromString,
                 _registered_method=True)
+        self.ListAdapters = channel.unary_unary(
+                '/jaxllm.v1.Generation/ListAdapters',
+                request_serializer=jaxllm_dot_v1_dot_generation__pb2.ListAdaptersRequest.SerializeToString,
+                response_deserializer=jaxllm_dot_v1_dot_generation__pb2.ListAdaptersResponse.FromString,
+                _registered_method=True)
+        self.LoadAdapter = channel.unary_unary(
+                '/jaxllm.v1.Generation/LoadAdapter',
+                request_serializer=jaxllm_dot_v1_dot_generation__pb2.LoadAdapterRequest.SerializeToString,
+                response_deserializer=jaxllm_dot_v1_dot_generation__pb2.Adapter.FromString,
+                _registered_method=True)
+        self.UnloadAdapter = channel.unary_unary(
+                '/jaxllm.v1.Generation/UnloadAdapter',
+                request_serializer=jaxllm_dot_v1_dot_generation__pb2.UnloadAdapterRequest.SerializeToString,
+                response_deserializer=jaxllm_dot_v1_dot_generation__pb2.Adapter.FromString,
+                _registered_method=True)
 
 
 class GenerationServicer:
@@ -99,6 +114,29 @@ class GenerationServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def ListAdapters(self, request, context):
+        """LoRA adapters (a server started with --enable-lora or --lora-modules; else INVALID_ARGUMENT
+        naming enable_lora). Generate picks one with GenerateRequest.lora_name.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def LoadAdapter(self, request, context):
+        """Load a PEFT adapter directory under a new name (ALREADY_EXISTS if the name is served;
+        INVALID_ARGUMENT with the file and tensor for a bad adapter).
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def UnloadAdapter(self, request, context):
+        """NOT_FOUND for an unknown name; INVALID_ARGUMENT while unfinished requests use it.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_GenerationServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -126,6 +164,21 @@ def add_GenerationServicer_to_server(servicer, server):
                     servicer.Embed,
                     request_deserializer=jaxllm_dot_v1_dot_generation__pb2.EmbedRequest.FromString,
                     response_serializer=jaxllm_dot_v1_dot_generation__pb2.EmbedResponse.SerializeToString,
+            ),
+            'ListAdapters': grpc.unary_unary_rpc_method_handler(
+                    servicer.ListAdapters,
+                    request_deserializer=jaxllm_dot_v1_dot_generation__pb2.ListAdaptersRequest.FromString,
+                    response_serializer=jaxllm_dot_v1_dot_generation__pb2.ListAdaptersResponse.SerializeToString,
+            ),
+            'LoadAdapter': grpc.unary_unary_rpc_method_handler(
+                    servicer.LoadAdapter,
+                    request_deserializer=jaxllm_dot_v1_dot_generation__pb2.LoadAdapterRequest.FromString,
+                    response_serializer=jaxllm_dot_v1_dot_generation__pb2.Adapter.SerializeToString,
+            ),
+            'UnloadAdapter': grpc.unary_unary_rpc_method_handler(
+                    servicer.UnloadAdapter,
+                    request_deserializer=jaxllm_dot_v1_dot_generation__pb2.UnloadAdapterRequest.FromString,
+                    response_serializer=jaxllm_dot_v1_dot_generation__pb2.Adapter.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -263,6 +316,87 @@ class Generation:
             '/jaxllm.v1.Generation/Embed',
             jaxllm_dot_v1_dot_generation__pb2.EmbedRequest.SerializeToString,
             jaxllm_dot_v1_dot_generation__pb2.EmbedResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def ListAdapters(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/jaxllm.v1.Generation/ListAdapters',
+            jaxllm_dot_v1_dot_generation__pb2.ListAdaptersRequest.SerializeToString,
+            jaxllm_dot_v1_dot_generation__pb2.ListAdaptersResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def LoadAdapter(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/jaxllm.v1.Generation/LoadAdapter',
+            jaxllm_dot_v1_dot_generation__pb2.LoadAdapterRequest.SerializeToString,
+            jaxllm_dot_v1_dot_generation__pb2.Adapter.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def UnloadAdapter(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/jaxllm.v1.Generation/UnloadAdapter',
+            jaxllm_dot_v1_dot_generation__pb2.UnloadAdapterRequest.SerializeToString,
+            jaxllm_dot_v1_dot_generation__pb2.Adapter.FromString,
             options,
             channel_credentials,
             insecure,

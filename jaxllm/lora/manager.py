@@ -1,0 +1,224 @@
+"""LoRAManager: the host side of multi-LoRA (no jax).
+
+Three tables, one owner (the engine thread):
+
+- **registry** ``{lora_int_id: LoRARequest}``: the adapters the engine knows (``add_lora`` /
+  ``remove_lora`` / ``list_loras``, vLLM's ``LLMEngine`` methods; a request's own LoRARequest
+  registers it too). An id names one adapter for good: the same id with another name or path, or
+  the same name under another id, is refused.
+- **host cache**: loaded adapters (``load_fn(LoRARequest) -> LoRAAdapter``), at most
+  ``max_cpu_loras``, least recently used evicted first. An adapter is *pinned* while an unfinished
+  request uses it (``acquire`` at add_request, ``release`` when the request finishes, aborts or
+  fails) and is never evicted then; a new adapter when every host entry is pinned is refused (a
+  one-line ValueError naming max_cpu_loras), so a scheduled request never waits on a load.
+- **slot table** ``device slot (1..max_loras) -> lora_int_id``: ``assign_slots(out, resident)``
+  gives every scheduled seq its ``lora_slot`` (0 = the base model) and, for an adapter not in a
+  slot yet, calls ``set_lora(slot, adapter)`` (the runner writes the device slot in place) before
+  the step is dispatched. It takes a free slot, else evicts the least recently used slot whose
+  adapter is neither in this step nor ``resident`` (the adapters of running requests). The
+  scheduler admits at most ``max_loras`` distinct adapters among running requests, so a slot
+  is always found; a RuntimeError otherwise (a scheduler bug, not user input).
+
+Errors from ``load_fn`` (a bad adapter: ValueError naming the file and tensor, by contract) reach
+the caller as a one-line ValueError; the tables are unchanged after any refusal.
+"""
+
+from __future__ import annotations
+
+from collections import Counter, OrderedDict
+from collections.abc import Callable
+from typing import Any
+
+from jaxllm.lora.request import LoRARequest
+
+LoadFn = Callable[[LoRARequest], Any]  # -> a LoRAAdapter (``.name``, ``.rank``, ``.nbytes``)
+SetLoraFn = Callable[[int, Any], None]  # (slot 1..max_loras, adapter | None)
+
+
+class LoRACapacityError(ValueError):
+    """A new adapter while all ``max_cpu_loras`` host entries are pinned by unfinished requests: the
+    request is fine, the server is full of other adapters (the servers answer RESOURCE_EXHAUSTED /
+    429, retry later)."""
+
+
+def _one_line(exc: BaseException) -> str:
+    lines = str(exc).strip().splitlines()
+    return lines[0] if lines else type(exc).__name__
+
+
+class LoRAManager:
+    def __init__(self, max_loras: int, max_cpu_loras: int | None, load_fn: LoadFn,
+                 set_lora: SetLoraFn) -> None:
+        if max_cpu_loras is None:
+            max_cpu_loras = max_loras
+        if max_cpu_loras < max_loras:
+            raise ValueError(f"max_cpu_loras={max_cpu_loras} is invalid: must be >= max_loras={max_loras}")
+        self.max_loras = max_loras
+        self.max_cpu_loras = max_cpu_loras
+        self._load = load_fn
+        self._set_lora = set_lora
+        self._registry: dict[int, LoRARequest] = {}
+        self._by_name: dict[str, int] = {}
+        self._cache: OrderedDict[int, Any] = OrderedDict()  # id -> adapter, least recent first
+        self._pins: Counter[int] = Counter()  # id -> unfinished requests using it
+        self._slots: list[int | None] = [None] * max_loras  # slot s at index s - 1
+        self._slot_by_id: dict[int, int] = {}  # lora_int_id -> slot (the inverse of _slots)
+        self._slot_used: list[int] = [0] * max_loras  # step counter when each slot was last used
+        self._step = 0
+        self._removed: dict[int, int] = {}  # lora_int_id -> times removed (prefix-cache namespace)
+        self.num_loads = 0  # load_fn calls (host cache misses)
+        self.num_slot_loads = 0  # set_lora calls with an adapter
+
+    # ----- registry (vLLM's add_lora / remove_lora / list_loras) -------------------------------
+    def add_lora(self, lora: LoRARequest) -> bool:
+        """Register ``lora`` and load it into the host cache (LRU). True on success; ValueError
+        (one line) for a conflicting id/name, a bad adapter, or a host cache full of pinned ones."""
+        self._check(lora)
+        self._ensure_loaded(lora)
+        self._register(lora)
+        return True
+
+    def remove_lora(self, lora_int_id: int) -> bool:
+        """Forget an adapter (registry, host cache, device slot). False if the id is unknown;
+        ValueError while unfinished requests use it."""
+        if lora_int_id not in self._registry:
+            return False
+        if self._pins[lora_int_id]:
+            raise ValueError(f"lora_int_id={lora_int_id} is invalid to remove now: {self._pins[lora_int_id]} "
+                             f"unfinished request(s) use adapter {self._registry[lora_int_id].lora_name!r}")
+        self._removed[lora_int_id] = self._removed.get(lora_int_id, 0) + 1
+        lora = self._registry.pop(lora_int_id)
+        self._by_name.pop(lora.lora_name, None)
+        self._cache.pop(lora_int_id, None)
+        self._pins.pop(lora_int_id, None)
+        slot = self._slot_by_id.pop(lora_int_id, None)
+        if slot is not None:
+            self._slots[slot - 1] = None  # the device slot is simply reused later (nothing reads it)
+        return True
+
+    def list_loras(self) -> set[int]:
+        return set(self._registry)
+
+    def lora_requests(self) -> list[LoRARequest]:
+        """The registered adapters, by id."""
+        return [self._registry[i] for i in sorted(self._registry)]
+
+    def get(self, name: str) -> LoRARequest | None:
+        i = self._by_name.get(name)
+        return None if i is None else self._registry[i]
+
+    def cache_key(self, lora_int_id: int):
+        """The adapter's prefix-cache namespace (``Request.extra_key``): its ``lora_int_id``, or, once
+        that id was removed and registered again (maybe another adapter under the same id),
+        ``(lora_int_id, times removed)``, so KV cached under the old registration is never hit."""
+        gen = self._removed.get(lora_int_id, 0)
+        return lora_int_id if gen == 0 else (lora_int_id, gen)
+
+    # ----- per request ---------------------------------------------------------------------------
+    def acquire(self, lora: LoRARequest) -> None:
+        """A new request uses ``lora``: register it, load it if needed, pin it. Raises a one-line
+        ValueError (nothing changed) when it cannot."""
+        self._check(lora)
+        self._ensure_loaded(lora)
+        self._register(lora)
+        self._pins[lora.lora_int_id] += 1
+
+    def release(self, lora_int_id: int) -> None:
+        """A request that acquired ``lora_int_id`` is gone (finished, aborted or failed)."""
+        if self._pins[lora_int_id] <= 1:
+            self._pins.pop(lora_int_id, None)
+        else:
+            self._pins[lora_int_id] -= 1
+
+    def num_pinned(self) -> int:
+        return len(self._pins)
+
+    # ----- per step ------------------------------------------------------------------------------
+    def slot_of(self, lora_int_id: int) -> int | None:
+        return self._slot_by_id.get(lora_int_id)
+
+    def assign_slots(self, out, resident: set[int]) -> None:
+        """Set ``lora_slot`` on each seq of SchedulerOutput ``out`` (its ``requests`` carry
+        ``lora_request``), loading adapters into device slots first where needed."""
+        self._step += 1
+        step_ids = {r.lora_request.lora_int_id for r in out.requests if r.lora_request is not None}
+        keep = step_ids | resident
+        for seq, req in zip(out.seqs, out.requests):
+            lora = req.lora_request
+            if lora is None:
+                seq.lora_slot = 0
+                continue
+            slot = self.slot_of(lora.lora_int_id)
+            if slot is None:
+                slot = self._free_slot(keep)
+                adapter = self._cache.get(lora.lora_int_id)
+                assert adapter is not None, f"adapter {lora.lora_int_id} scheduled but not loaded (not pinned?)"
+                self._set_lora(slot, adapter)
+                self.num_slot_loads += 1
+                old = self._slots[slot - 1]
+                if old is not None:
+                    del self._slot_by_id[old]
+                self._slots[slot - 1] = lora.lora_int_id
+                self._slot_by_id[lora.lora_int_id] = slot
+            self._slot_used[slot - 1] = self._step
+            seq.lora_slot = slot
+
+    def _free_slot(self, keep: set[int]) -> int:
+        free = [i for i, sid in enumerate(self._slots) if sid is None]
+        if not free:
+            free = sorted((i for i, sid in enumerate(self._slots) if sid not in keep),
+                          key=lambda i: self._slot_used[i])
+        if not free:
+            raise RuntimeError(f"no free LoRA slot: max_loras={self.max_loras} slots all hold adapters "
+                               f"of running requests {sorted(keep)} (the scheduler admitted too many)")
+        return free[0] + 1
+
+    # ----- internals -------------------------------------------------------------------------------
+    def _check(self, lora: LoRARequest) -> None:
+        if not isinstance(lora, LoRARequest):
+            raise ValueError(f"lora_request of type {type(lora).__name__} is invalid: must be a LoRARequest")
+        known = self._registry.get(lora.lora_int_id)
+        if known is not None and known != lora:
+            raise ValueError(f"lora_int_id={lora.lora_int_id} is invalid: already registered as "
+                             f"{known.lora_name!r} ({known.lora_path}), not {lora.lora_name!r} ({lora.lora_path})")
+        other = self._by_name.get(lora.lora_name)
+        if other is not None and other != lora.lora_int_id:
+            raise ValueError(f"lora_name={lora.lora_name!r} is invalid: already registered with "
+                             f"lora_int_id={other}, not {lora.lora_int_id}")
+
+    def _register(self, lora: LoRARequest) -> None:
+        self._registry[lora.lora_int_id] = lora
+        self._by_name[lora.lora_name] = lora.lora_int_id
+
+    def _ensure_loaded(self, lora: LoRARequest) -> None:
+        lid = lora.lora_int_id
+        if lid in self._cache:
+            self._cache.move_to_end(lid)
+            return
+        victim = None
+        if len(self._cache) >= self.max_cpu_loras:
+            victim = next((i for i in self._cache if not self._pins[i]), None)
+            if victim is None:
+                raise LoRACapacityError(f"lora_request={lora.lora_name!r} is invalid now: max_cpu_loras="
+                                 f"{self.max_cpu_loras} adapters are all in use by unfinished requests; "
+                                 f"retry when one finishes or raise max_cpu_loras")
+        try:
+            adapter = self._load(lora)
+        except Exception as exc:  # noqa: BLE001 - the request's error, on one line
+            raise ValueError(f"lora_request={lora.lora_name!r} is invalid: adapter at {lora.lora_path} "
+                             f"failed to load: {_one_line(exc)}") from exc
+        self.num_loads += 1
+        if victim is not None:
+            del self._cache[victim]  # its device slot, if any, stays valid until reused
+        self._cache[lid] = adapter
+
+
+def default_load_fn(model_config, max_lora_rank: int) -> LoadFn:
+    """The real loader: ``jaxllm.lora.peft.load_adapter`` (branch lorad), imported on first use."""
+
+    def load(lora: LoRARequest):
+        from jaxllm.lora.peft import load_adapter
+
+        return load_adapter(lora.lora_path, model_config, max_lora_rank, name=lora.lora_name)
+
+    return load
