@@ -37,14 +37,16 @@ def engines(path):
     """{tp: (engine, (num_traces, jit cache size) right after warm-up)}, built lazily."""
     built = {}
 
-    def get(tp):
-        if tp not in built:
+    def get(tp, kv_cache_dtype="auto", warmup=True):
+        key = tp if kv_cache_dtype == "auto" else (tp, kv_cache_dtype)
+        if key not in built:
             e = build_engine(EngineConfig(model=path, tensor_parallel_size=tp, max_model_len=MAX_LEN,
                                           block_size=BLOCK, max_num_seqs=4, max_num_batched_tokens=64,
-                                          kv_cache_memory_bytes=64 * 2 * 2 * BLOCK * 4 * 8 * 4),
-                             compile_cache=False)
-            built[tp] = (e, compiles(e.runner))
-        return built[tp][0]
+                                          kv_cache_memory_bytes=64 * 2 * 2 * BLOCK * 4 * 8 * 4,
+                                          kv_cache_dtype=kv_cache_dtype),
+                             compile_cache=False, warmup=warmup)
+            built[key] = (e, compiles(e.runner))
+        return built[key][0]
 
     get.built = built
     return get
@@ -69,6 +71,34 @@ def test_greedy_outputs_identical_across_tp(engines):
                 assert set(lg) == set(lr), tp
                 np.testing.assert_allclose([lg[t].logprob for t in lr], [lr[t].logprob for t in lr], atol=1e-4, rtol=0)
                 assert [lg[t].rank for t in lr] == [lr[t].rank for t in lr], tp
+
+
+def test_fp8_kv_cache_tp2_equals_tp1(engines):
+    """kv_cache_dtype="fp8" (pallas_kernels/kv_quant.py) at tp=2: each device holds its kv heads'
+    pages and their scales, greedy tokens and top-5 logprobs equal tp=1's fp8 engine (the scales
+    are per kv head, so no device needs another's), zero compiles after warm-up, 4x the blocks of
+    the f32 cache in the same kv_cache_memory_bytes (per device)."""
+    ref_engine = engines(1, "fp8", warmup=False)  # compiles only the buckets it runs
+    ref = [o.outputs[0] for o in run(ref_engine)]
+    e = engines(2, "fp8")
+    got = [o.outputs[0] for o in run(e)]
+    assert compiles(e.runner) == engines.built[(2, "fp8")][1]
+    for r, g in zip(ref, got):
+        assert g.token_ids == r.token_ids
+        for lr, lg in zip(r.logprobs, g.logprobs):
+            assert set(lg) == set(lr)
+            np.testing.assert_allclose([lg[t].logprob for t in lr], [lr[t].logprob for t in lr], atol=1e-4, rtol=0)
+    kc = e.runner.kv_cache
+    # same kv_cache_memory_bytes per device: x2 (each device holds half the heads) x4 (fp8 vs f32)
+    assert kc.quantized and kc.k.dtype == jnp.uint8 and kc.num_blocks == 8 * engines(1).runner.kv_cache.num_blocks
+    for name in ("k", "v"):
+        pages, scale = getattr(kc, name), getattr(kc, f"{name}_scale")
+        L, N, B, K, D = pages.shape
+        assert [s.data.shape for s in pages.addressable_shards] == [(L, N, B, K // 2, D)] * 2
+        assert [s.data.shape for s in scale.addressable_shards] == [(L, K // 2)] * 2
+        want = np.asarray(getattr(ref_engine.runner.kv_cache, f"{name}_scale"))
+        assert (want > 0).all()
+        np.testing.assert_allclose(np.asarray(scale), want, rtol=1e-5)
 
 
 def test_zero_compiles_after_warmup_and_prompt_logprobs(engines):
