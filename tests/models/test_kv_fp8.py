@@ -100,7 +100,7 @@ def test_logits_close_to_full_precision(tiny, seqs):
         assert (scales > 0).all()
 
 
-def test_cache_bytes_per_token_halve(tiny):
+def test_cache_bytes_per_token_halve(tiny, capsys):
     """Same kv_cache_memory_bytes: the fp8 cache holds 4x the blocks of the f32 one (2x of bf16),
     read off the arrays' sizes."""
     from jaxllm.config import EngineConfig
@@ -116,6 +116,10 @@ def test_cache_bytes_per_token_halve(tiny):
             kc = e.runner.kv_cache
             tokens = kc.num_blocks * kc.block_size
             per_token[kv, dtype] = (kc.k.nbytes + kc.v.nbytes) / tokens
+            err = capsys.readouterr().err  # the start-up line names the cache dtype, bytes and blocks
+            name = "fp8 (float8_e4m3fn, per-layer per-kv-head scales)" if kv == "fp8" else f"auto ({dtype})"
+            assert (f"KV cache: {name}, {int(per_token[kv, dtype])} bytes per token; {kc.num_blocks} blocks"
+                    in err), err
             assert e.get_stats()["num_blocks"] == kc.num_blocks
             assert kc.quantized == (kv == "fp8")
             if kv == "fp8":  # the scales: 2 x [L, kvh] f32, a constant beside the pages
@@ -157,3 +161,31 @@ def test_engine_zero_compiles_in_place_and_clean(tiny):
     got = np.array([o.outputs[0].token_ids[0] for o in outs])
     print(f"engine first-token agreement fp8 vs f32 cache: {(got == want).mean():.3f} over {len(got)} prompts")
     assert (got == want).mean() >= 0.8
+
+
+def test_fp8_where_the_backend_cannot_is_one_line_error(monkeypatch):
+    """fp8 on a GPU whose Pallas kernels cannot convert float8_e4m3fn (below compute capability
+    8.9), or on a backend that refuses float8 arrays: one-line ValueError naming the field."""
+    import jaxllm.runner.kv_cache_dtype as kvd
+
+    class Device:
+        def __init__(self, kind, cc):
+            self.device_kind, self.compute_capability = kind, cc
+
+    with pytest.raises(ValueError) as e:
+        kvd.check_kv_cache_dtype("fp8", backend="gpu", device=Device("NVIDIA A100-SXM4-80GB", "8.0"),
+                                 pallas_attention=True)
+    msg = str(e.value)
+    assert msg.startswith("kv_cache_dtype='fp8' is not supported on this NVIDIA A100-SXM4-80GB (compute "
+                          "capability 8.0)") and "use kv_cache_dtype='auto'" in msg and "\n" not in msg
+    kvd.check_kv_cache_dtype("fp8", backend="gpu", device=Device("NVIDIA H100", "9.0"), pallas_attention=True)
+    kvd.check_kv_cache_dtype("fp8", backend="gpu", device=Device("NVIDIA A100", "8.0"), pallas_attention=False)
+    kvd.check_kv_cache_dtype("auto", backend="gpu", device=Device("NVIDIA A100", "8.0"))
+    monkeypatch.setattr(kvd, "FP8", "no-such-dtype")  # a backend without float8
+    with pytest.raises(ValueError, match=r"^kv_cache_dtype='fp8' is not supported on the cpu backend "
+                                         r"\(float8_e4m3fn: TypeError\); use kv_cache_dtype='auto'$"):
+        kvd.check_kv_cache_dtype("fp8", backend="cpu")
+    from jaxllm import LLM
+
+    with pytest.raises(ValueError, match=r"^kv_cache_dtype='fp16' is invalid: must be one of \['auto', 'fp8'\]$"):
+        LLM("dummy:tiny-llama", kv_cache_dtype="fp16")
