@@ -151,6 +151,13 @@ def test_engine_zero_compiles_in_place_and_clean(tiny):
     assert r.kv_cache.k.unsafe_buffer_pointer() == ptr, "the fp8 cache moved: a step copied it"
     assert r.kv_cache.dtype == FP8 and float(jnp.min(r.kv_cache.k_scale)) > 0
     assert_clean(e)
+    # what bench/step_memory.py checks: each step aliases both uint8 page arrays (donated) and needs
+    # far less scratch than one of them (no cache-sized copy or convert)
+    pages = r.kv_cache.k.nbytes
+    for key, exe in r._executables.items():
+        if key[0] == "step":
+            ma = exe.memory_analysis()
+            assert ma.alias_size_in_bytes >= 2 * pages and ma.temp_size_in_bytes < 0.5 * pages, key
     assert all(len(o.outputs[0].token_ids) == 12 for o in outs)
     # first tokens vs the model with an f32 cache (one dense prefill of every prompt)
     tokens, positions, meta, nblocks = prefill_batch(prompts, 16)
