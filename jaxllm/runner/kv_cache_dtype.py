@@ -7,10 +7,13 @@ check that the backend can serve an fp8 cache (a one-line ValueError naming the 
 """
 from __future__ import annotations
 
+import os
+
 import jax
 import jax.numpy as jnp
 
 from jaxllm.config import KV_CACHE_DTYPES
+from pallas_kernels.attention.dispatch import ENV_VAR
 from pallas_kernels.kv_quant import FP8
 
 # Triton converts float8_e4m3fn ("fp8e4nv") only from compute capability 8.9 (Ada, Hopper) on.
@@ -46,11 +49,7 @@ def check_kv_cache_dtype(kv_cache_dtype: str, backend: str | None = None, device
     except Exception as e:  # noqa: BLE001 - any backend refusal becomes the one-line error below
         raise ValueError(f"kv_cache_dtype='fp8' is not supported on the {backend} backend "
                          f"(float8_e4m3fn: {type(e).__name__}); use kv_cache_dtype='auto'") from None
-    if pallas_attention is None:
-        import os
-
-        from pallas_kernels.attention.dispatch import ENV_VAR
-
+    if pallas_attention is None:  # what dispatch.resolve_impl picks on this backend
         impl = os.environ.get(ENV_VAR, "").strip()
         pallas_attention = impl.startswith("pallas") or (not impl and backend == "gpu")
     cc = _capability(device)
