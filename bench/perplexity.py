@@ -1,6 +1,8 @@
-"""Perplexity of a model on a held text with full-precision vs int8 vs fp8 weights (issue 17).
+"""Perplexity of a model on a held text with full-precision vs int8 vs fp8 weights, and with an
+fp8 KV cache (issue 17).
 
     python bench/perplexity.py --model smollm2-135m --output-json /tmp/ppl.json
+    python bench/perplexity.py --methods none --kv-cache-dtype auto,fp8 --kv-scale first,1.0,first4
 
 The text (default): bench/data/coriolanus_act1.txt, Shakespeare's Coriolanus (public domain) as it
 opens the "tiny shakespeare" corpus: the first 14,593 characters of data/tinyshakespeare/input.txt
@@ -13,7 +15,14 @@ One forward pass over the whole text (tokenized with the model's tokenizer, BOS-
 jaxllm's own model (build_model + the dense prefill batch of tests/models), in --dtype (float32 on
 CPU); perplexity = exp(mean next-token NLL) over every position after the first. Each quantization
 also reports its max |logit error| and greedy (argmax) agreement against full precision on the
-same positions.
+same positions (the first row).
+
+--kv-cache-dtype fp8 stores K/V as float8_e4m3fn with per-layer per-kv-head scales
+(pallas_kernels/kv_quant.py); the attention reads the cache, so the forward pass sees quantized K/V
+at every position. --kv-scale picks where the scales come from: "first" = the first write (here
+the whole text: the best case), "first4" = the text's first 4 tokens written alone first (the
+engine's case when a short prompt comes first; the rest may exceed those scales), or a number =
+a fixed scale for every layer and head (1.0: vLLM's default without calibration).
 
 The "full precision" baseline is whatever the checkpoint loads as in --dtype. For smollm2-135m that
 is the packaged Q4_1 GGUF dequantized to fp32 (no HF safetensors copy on this machine): int8/fp8
@@ -41,16 +50,22 @@ def zen_of_python() -> str:
     return codecs.decode(this.s, "rot13")
 
 
-def logits_for(model, config, ids: list[int], dtype, block_size: int = 16):
+def logits_for(model, config, ids: list[int], dtype, block_size: int = 16, kv_cache_dtype: str = "auto",
+               kv_scale: str = "first"):
     import jax.numpy as jnp
     import numpy as np
 
     from jaxllm.models.dense_batch import prefill_batch
+    from jaxllm.runner.kv_cache_dtype import cache_dtype
     from pallas_kernels import KVCache
 
     tokens, positions, meta, nblocks = prefill_batch([ids], block_size)
+    fixed = kv_cache_dtype == "fp8" and kv_scale not in ("first", "first4")
     cache = KVCache.zeros(config.num_layers, nblocks + 1, block_size, config.num_kv_heads, config.head_dim,
-                          jnp.dtype(dtype))
+                          cache_dtype(kv_cache_dtype, dtype), scale_init=float(kv_scale) if fixed else 0.0)
+    if kv_cache_dtype == "fp8" and kv_scale == "first4":  # the first 4 tokens alone set the scales
+        t4, p4, m4, _ = prefill_batch([ids[:4]], block_size)
+        _, cache = model(t4, p4, cache, m4)
     hidden, _ = model(tokens, positions, cache, meta)
     return np.asarray(model.compute_logits(hidden), dtype=np.float64)  # [T, V]
 
@@ -71,7 +86,9 @@ def main(argv=None) -> int:
     ap.add_argument("--text-file", help="held text (default: bench/data/coriolanus_act1.txt)")
     ap.add_argument("--text", choices=("coriolanus", "zen"), default="coriolanus")
     ap.add_argument("--max-tokens", type=int, default=2048)
-    ap.add_argument("--methods", default="none,int8,fp8")
+    ap.add_argument("--methods", default="none,int8,fp8", help="weight quantizations (none = full precision)")
+    ap.add_argument("--kv-cache-dtype", default="auto", help="comma list of auto, fp8 (each with every method)")
+    ap.add_argument("--kv-scale", default="first", help="fp8 KV scales, comma list: first, first4, or a number")
     ap.add_argument("--output-json")
     args = ap.parse_args(argv)
     import jax.numpy as jnp
@@ -88,15 +105,18 @@ def main(argv=None) -> int:
         text = open(os.path.join(os.path.dirname(os.path.abspath(__file__)), "data", "coriolanus_act1.txt")).read()
     dtype = jnp.dtype(args.dtype)
     rows, ref = [], None
-    for method in args.methods.split(","):
+    for method, kv, kv_scale in [(m, kv, s) for m in args.methods.split(",")
+                                 for kv in args.kv_cache_dtype.split(",")
+                                 for s in (args.kv_scale.split(",") if kv == "fp8" else ["-"])]:
         q = None if method == "none" else method
         t0 = time.perf_counter()
         ckpt = load_checkpoint(args.model, dtype=dtype)
         tok = load_tokenizer(ckpt.tokenizer_source, ckpt.config)
         ids = tok.encode(text, add_special_tokens=False)[:args.max_tokens]
         model = build_model(ckpt.config, ckpt.params, dtype, quantization=q)
-        logits = logits_for(model, ckpt.config, list(ids), dtype)
-        row = {"quantization": method, "checkpoint_format": ckpt.format, "tokens": len(ids), "perplexity": perplexity(logits, list(ids)),
+        logits = logits_for(model, ckpt.config, list(ids), dtype, kv_cache_dtype=kv, kv_scale=kv_scale)
+        row = {"quantization": method, "kv_cache_dtype": kv, "kv_scale": kv_scale, "checkpoint_format": ckpt.format,
+               "tokens": len(ids), "perplexity": perplexity(logits, list(ids)),
                "seconds": round(time.perf_counter() - t0, 1)}
         if ref is None:
             ref = logits
@@ -106,9 +126,11 @@ def main(argv=None) -> int:
             row["ppl_change_pct"] = 100 * (row["perplexity"] / rows[0]["perplexity"] - 1)
         rows.append(row)
         print(json.dumps(row), flush=True)
-    print(f"\n{'weights':8} {'ppl':>8} {'Δppl %':>7} {'max|Δlogit|':>11} {'greedy agree':>12}  ({rows[0]['tokens']} tokens)")
+    print(f"\n{'weights':8} {'kv cache':12} {'ppl':>8} {'Δppl %':>7} {'max|Δlogit|':>11} {'greedy agree':>12}  "
+          f"({rows[0]['tokens']} tokens)")
     for r in rows:
-        print(f"{r['quantization']:8} {r['perplexity']:8.3f} {r.get('ppl_change_pct', 0):7.2f} "
+        kv = r["kv_cache_dtype"] + (f" ({r['kv_scale']})" if r["kv_cache_dtype"] == "fp8" else "")
+        print(f"{r['quantization']:8} {kv:12} {r['perplexity']:8.3f} {r.get('ppl_change_pct', 0):7.2f} "
               f"{r.get('max_logit_err', 0):11.3f} {r.get('greedy_agreement', 1):12.4f}")
     if args.output_json:
         with open(args.output_json, "w") as f:

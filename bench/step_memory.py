@@ -68,8 +68,9 @@ def scan_probes(args, runner) -> dict:
     inp = runner._padding_inputs(*runner.buckets.all()[0])
     md = inp.metadata
     T = md.slot_mapping.shape[0]
-    q = jnp.zeros((T, args.heads, d), cache.k.dtype)  # [T, H, D]
-    kv = jnp.zeros((T, kvh, d), cache.k.dtype)  # [T, K, D]
+    act = jnp.bfloat16 if cache.quantized else cache.k.dtype  # an fp8 cache's pages are uint8
+    q = jnp.zeros((T, args.heads, d), act)  # [T, H, D]
+    kv = jnp.zeros((T, kvh, d), act)  # [T, K, D]
     impls = ["reference"] + (["pallas"] if jax.default_backend() == "gpu" else [])
 
     def make(attn):
@@ -108,6 +109,8 @@ def main(argv=None) -> int:
     ap.add_argument("--kv-heads", type=int, default=8)
     ap.add_argument("--cache-mib", type=int, default=1024, help="size of cache.k (and of cache.v)")
     ap.add_argument("--block-size", type=int, default=16)
+    ap.add_argument("--kv-cache-dtype", choices=["auto", "fp8"], default="auto",
+                    help="fp8: uint8 pages of e4m3fn bits (pallas_kernels/kv_quant.py); --cache-mib stays the bytes")
     ap.add_argument("--max-num-seqs", type=int, default=16)
     ap.add_argument("--max-num-batched-tokens", type=int, default=256)
     ap.add_argument("--tp", type=int, default=1, help="tensor-parallel size (needs that many devices)")
@@ -140,7 +143,8 @@ def main(argv=None) -> int:
                                   num_attention_heads=args.heads, num_key_value_heads=args.kv_heads,
                                   max_position_embeddings=2048), source="step_memory")
     dtype = jnp.bfloat16
-    per_block = args.layers * args.block_size * args.kv_heads * head_dim * 2  # bytes of one K block
+    item = 1 if args.kv_cache_dtype == "fp8" else 2  # bytes per element (bf16 or fp8)
+    per_block = args.layers * args.block_size * args.kv_heads * head_dim * item  # bytes of one K block
     num_blocks = max(8, (args.cache_mib << 20) // per_block)
     cache_bytes = num_blocks * per_block
     layout = None
@@ -149,12 +153,13 @@ def main(argv=None) -> int:
 
         layout = TPLayout.plan(mc, args.tp)
         mc_run = layout.model_config(mc)
-        per_block = args.layers * args.block_size * (mc_run.num_kv_heads // args.tp) * head_dim * 2
+        per_block = args.layers * args.block_size * (mc_run.num_kv_heads // args.tp) * head_dim * item
         num_blocks = max(8, (args.cache_mib << 20) // per_block)
         cache_bytes = num_blocks * per_block  # one device's shard of cache.k
     model = build_model(mc, dummy_params(mc, dtype), dtype, layout=layout)
     runner = ModelRunner(model, block_size=args.block_size, num_blocks=num_blocks, max_model_len=1024,
-                         max_num_seqs=args.max_num_seqs, max_num_batched_tokens=args.max_num_batched_tokens)
+                         max_num_seqs=args.max_num_seqs, max_num_batched_tokens=args.max_num_batched_tokens,
+                         kv_cache_dtype=args.kv_cache_dtype)
     runner.warmup()
     print(f"backend {jax.default_backend()} ({jax.devices()[0].device_kind}); tp {args.tp}; cache.k = cache.v = "
           f"{cache_bytes / 2**20:.0f} MiB per device ({num_blocks} blocks); attention impl (env) "
@@ -182,8 +187,9 @@ def main(argv=None) -> int:
                 with open(os.path.join(args.hlo_dir, name), "w") as f:
                     f.write(text)
             shape = r"\[{},{},".format(args.layers, num_blocks)  # [L, N, ...]: a whole cache array
+            # a copy, or a convert (XLA's CPU fp8 scatter converted the whole cache: kv_quant.py)
             row["cache_sized_copies"] = [ln.strip()[:200] for ln in text.splitlines()
-                                         if re.search(r"\bcopy(-start)?\(", ln) and re.search(shape, ln)]
+                                         if re.search(r"\b(copy(-start)?|convert)\(", ln) and re.search(shape, ln)]
             bad |= bool(row["cache_sized_copies"])
             row["weight_copies"], row["weight_bytes_copied_per_step"] = weight_copies(
                 text, weight_shapes, args.layers, model.layer_loop == "scan")
@@ -205,7 +211,7 @@ def main(argv=None) -> int:
     md_impl = resolve_impl(None, runner._padding_inputs(*runner.buckets.all()[0]).metadata)
     result = {"backend": jax.default_backend(), "device": jax.devices()[0].device_kind, "impl": md_impl, "tp": args.tp,
               "layer_loop": model.layer_loop, "layer_weight_bytes": layer_weight_bytes,
-              "cache_bytes": cache_bytes, "rows": rows, "copies_cache": bad,
+              "cache_bytes": cache_bytes, "kv_cache_dtype": args.kv_cache_dtype, "rows": rows, "copies_cache": bad,
               "probes": result_probes if args.probes else None}
     print("RESULT:", "the step COPIES the cache" if bad else "the cache is updated in place", f"(impl {md_impl})")
     if args.json:

@@ -15,7 +15,7 @@ import sys
 
 import msgspec
 
-from jaxllm.config import _DTYPES, _LOAD_FORMATS, QUANTIZATIONS, TASKS, EngineConfig
+from jaxllm.config import _DTYPES, _LOAD_FORMATS, KV_CACHE_DTYPES, QUANTIZATIONS, TASKS, EngineConfig
 from jaxllm.sampling_params import SamplingParams
 from jaxllm.structured_outputs import KINDS, StructuredOutputsParams
 
@@ -81,6 +81,10 @@ def add_engine_args(ap: argparse.ArgumentParser) -> None:
                    help="weight-only quantization of the per-layer projections at load (default: none, full "
                         "precision; per-output-channel "
                         "scales; embeddings, LM head and norms stay in --dtype); GGUF checkpoints not yet")
+    g.add_argument("--kv-cache-dtype", default=d.kv_cache_dtype, choices=KV_CACHE_DTYPES,
+                   help="KV cache element type: auto = the model dtype; fp8 = float8_e4m3fn with per-layer "
+                        "per-kv-head scales set by the first tokens written (half a bf16 cache's bytes: twice "
+                        "the blocks in the same memory)")
     g.add_argument("--load-format", default=d.load_format, choices=_LOAD_FORMATS,
                    help="checkpoint format; auto decides from the path")
     g.add_argument("--seed", type=int, default=d.seed,
@@ -127,7 +131,8 @@ def engine_config_from_args(args) -> EngineConfig:
                         kv_cache_memory_bytes=args.kv_cache_memory_bytes,
                         gpu_memory_utilization=args.gpu_memory_utilization,
                         tensor_parallel_size=args.tensor_parallel_size, dtype=args.dtype,
-                        quantization=args.quantization, load_format=args.load_format, seed=args.seed,
+                        quantization=args.quantization, kv_cache_dtype=args.kv_cache_dtype,
+                        load_format=args.load_format, seed=args.seed,
                         async_scheduling=args.async_scheduling, task=args.task,
                         pooling_type=args.pooling_type, normalize=args.normalize,
                         enable_lora=bool(getattr(args, "enable_lora", False) or getattr(args, "lora", None)

@@ -6,12 +6,17 @@ array), and the update is a scatter of `[T, kv_heads, head_dim]` rows: when the 
 cache to its jitted step, or carries it through `lax.scan` over layers, XLA updates the buffer in
 place — the cost is the T rows written, never the cache size. Slot -1 (padding) is mapped past the
 end and dropped (`mode="drop"`); negative slots would otherwise wrap around.
+
+An fp8 cache (`cache.quantized`) quantizes the rows on the way in with its per-layer, per-kv-head
+scales (kv_quant.py; the layer's first write sets them), scatters their uint8 bits and writes the layer's scales back: the
+same in-place scatter, plus one [kv_heads] row of each [L, kv_heads] scale array.
 """
 from __future__ import annotations
 
 import jax
 import jax.numpy as jnp
 
+from pallas_kernels.kv_quant import first_write_scale, quantize_rows, to_storage
 from pallas_kernels.metadata import KVCache
 
 
@@ -39,4 +44,11 @@ def write_kv(cache: KVCache, layer, k: jax.Array, v: jax.Array, slot_mapping: ja
     slots = slot_mapping.astype(jnp.int32)
     slots = jnp.where((slots >= 0) & (slots < num_slots), slots, num_slots)  # [T] i32, OOB = dropped
     layer = jnp.asarray(layer, dtype=jnp.int32).reshape(())
-    return KVCache(_scatter(cache.k, layer, k, slots), _scatter(cache.v, layer, v, slots))
+    if not cache.quantized:
+        return KVCache(_scatter(cache.k, layer, k, slots), _scatter(cache.v, layer, v, slots))
+    valid = slots < num_slots  # [T] bool
+    k_scale = first_write_scale(cache.k_scale[layer], k, valid)  # [kvh] f32
+    v_scale = first_write_scale(cache.v_scale[layer], v, valid)  # [kvh] f32
+    return KVCache(_scatter(cache.k, layer, to_storage(quantize_rows(k, k_scale)), slots),  # uint8 bits
+                   _scatter(cache.v, layer, to_storage(quantize_rows(v, v_scale)), slots),
+                   cache.k_scale.at[layer].set(k_scale), cache.v_scale.at[layer].set(v_scale))

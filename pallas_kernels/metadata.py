@@ -23,8 +23,14 @@ import jax.numpy as jnp
 @jax.tree_util.register_dataclass
 @dataclasses.dataclass(frozen=True)
 class KVCache:
-    k: jax.Array  # [num_layers, num_blocks, block_size, num_kv_heads, head_dim]
-    v: jax.Array  # [num_layers, num_blocks, block_size, num_kv_heads, head_dim]
+    """K and V pages of every layer. An fp8 cache (kv_quant.py) stores float8_e4m3fn values as their
+    uint8 bits and holds one f32 scale per layer and kv head for each of K and V: element x stands
+    for `x * scale[layer, head]`; 0 = not set yet (the first write to that layer sets it)."""
+
+    k: jax.Array  # [num_layers, num_blocks, block_size, num_kv_heads, head_dim] model dtype, or uint8 = fp8 bits
+    v: jax.Array  # [num_layers, num_blocks, block_size, num_kv_heads, head_dim] model dtype, or uint8 = fp8 bits
+    k_scale: jax.Array | None = None  # [num_layers, num_kv_heads] f32, fp8 caches only
+    v_scale: jax.Array | None = None  # [num_layers, num_kv_heads] f32, fp8 caches only
 
     @property
     def num_layers(self) -> int:
@@ -38,16 +44,44 @@ class KVCache:
     def block_size(self) -> int:
         return self.k.shape[2]
 
+    @property
+    def quantized(self) -> bool:
+        return self.k_scale is not None
+
+    @property
+    def dtype(self):
+        """The element type the pages stand for: float8_e4m3fn for an fp8 cache, else k's dtype."""
+        return jnp.dtype(jnp.float8_e4m3fn) if self.quantized else self.k.dtype
+
+    def like(self, pages, scales) -> "KVCache":
+        """A KVCache-shaped pytree of (pages, pages[, scales, scales]): shardings or specs that
+        match this cache's structure."""
+        return KVCache(pages, pages, *((scales, scales) if self.quantized else ()))
+
     @staticmethod
-    def zeros(num_layers, num_blocks, block_size, num_kv_heads, head_dim, dtype, sharding=None) -> "KVCache":
+    def zeros(num_layers, num_blocks, block_size, num_kv_heads, head_dim, dtype, sharding=None,
+              scale_sharding=None, scale_init: float = 0.0) -> "KVCache":
+        """An all-zero cache. `dtype` float8_e4m3fn makes an fp8 cache with scales [L, kvh] f32 set
+        to `scale_init` (0: each layer's first write derives them, kv_quant.py; 1.0: a fixed
+        scale, vLLM's default without calibration)."""
         shape = (num_layers, num_blocks, block_size, num_kv_heads, head_dim)
-        if sharding is None:
-            return KVCache(jnp.zeros(shape, dtype), jnp.zeros(shape, dtype))
-        mk = jax.jit(lambda: jnp.zeros(shape, dtype), out_shardings=sharding)
-        return KVCache(mk(), mk())
+        fp8 = jnp.dtype(dtype) == jnp.float8_e4m3fn
+
+        def make(shape, dtype, value, sharding):
+            if sharding is None:
+                return jnp.full(shape, value, dtype)
+            return jax.jit(lambda: jnp.full(shape, value, dtype), out_shardings=sharding)()
+
+        pages = [make(shape, jnp.uint8 if fp8 else dtype, 0, sharding) for _ in "kv"]  # fp8: its bits
+        if not fp8:
+            return KVCache(*pages)
+        scales = [make((num_layers, num_kv_heads), jnp.float32, scale_init, scale_sharding) for _ in "kv"]
+        return KVCache(*pages, *scales)
 
     @staticmethod
     def bytes_per_block(num_layers, block_size, num_kv_heads, head_dim, dtype) -> int:
+        """Bytes of one block's K and V pages over all layers (an fp8 cache's scales are a fixed
+        2 x num_layers x num_kv_heads f32, not per block)."""
         return 2 * num_layers * block_size * num_kv_heads * head_dim * jnp.dtype(dtype).itemsize
 
 

@@ -40,7 +40,8 @@ def enable_compile_cache(root: str | None = None) -> str:
     backend/jaxlib version, XLA flags), which is exactly "what changes shapes or code". Per field
     of EngineConfig:
     - change the program, so they get other entries by themselves: ``model``, ``load_format`` and
-      ``dtype`` (model shapes, parameter dtype), ``tensor_parallel_size`` (mesh, shardings),
+      ``dtype`` (model shapes, parameter dtype), ``kv_cache_dtype`` (the cache's element type),
+      ``tensor_parallel_size`` (mesh, shardings),
       ``max_num_seqs`` and ``max_num_batched_tokens`` (buckets, penalty-table rows),
       ``max_model_len`` (block-table width), ``block_size``, ``kv_cache_memory_bytes`` and
       ``gpu_memory_utilization`` (through the number of KV blocks, a dimension of the cache;
@@ -124,10 +125,13 @@ def build_engine(config: EngineConfig, *, compile_cache: bool = True, warmup: bo
     from checkpoints import load_checkpoint, load_tokenizer
     from jaxllm.models import prequantized
     from jaxllm.models.llama import build_model
+    from jaxllm.runner.kv_cache_dtype import cache_dtype, check_kv_cache_dtype
     from jaxllm.runner.model_runner import ModelRunner, kv_cache_blocks
     from jaxllm.tokenizer import TokenIdsOnlyTokenizer
+    from pallas_kernels import KVCache
 
     config.validate()
+    check_kv_cache_dtype(config.kv_cache_dtype)  # before any weight is loaded
     tp = config.tensor_parallel_size
     mesh = layout_for = None
     if tp > 1:  # tp == 1 keeps the plain single-device path (no mesh, no shard_map)
@@ -164,7 +168,7 @@ def build_engine(config: EngineConfig, *, compile_cache: bool = True, warmup: bo
     config = msgspec.structs.replace(config, quantization=model.quantization)  # a Q8_0 GGUF: "int8"
     runner_kw = dict(block_size=config.block_size, max_model_len=max_model_len, max_num_seqs=config.max_num_seqs,
                      max_num_batched_tokens=config.max_num_batched_tokens, eos_token_ids=tokenizer.eos_token_ids,
-                     task=config.task)
+                     task=config.task, kv_cache_dtype=config.kv_cache_dtype)
     reserve = 0
     accelerator = jax.local_devices()[0].platform != "cpu"
     if config.kv_cache_memory_bytes is None and accelerator:
@@ -179,7 +183,8 @@ def build_engine(config: EngineConfig, *, compile_cache: bool = True, warmup: bo
         _info(f"device memory: limit {stats.get('bytes_limit', 0) / gib:.1f} GiB, in use "
               f"{stats.get('bytes_in_use', 0) / gib:.1f} GiB, pool {stats.get('pool_bytes', 0) / gib:.1f} GiB, "
               f"largest free block {stats.get('largest_free_block_bytes', 0) / gib:.1f} GiB")
-    num_blocks = kv_cache_blocks(model.config, config.block_size, dtype, config.kv_cache_memory_bytes,
+    kv_dtype = cache_dtype(config.kv_cache_dtype, dtype)
+    num_blocks = kv_cache_blocks(model.config, config.block_size, kv_dtype, config.kv_cache_memory_bytes,
                                  config.gpu_memory_utilization, reserve_bytes=reserve, tp=tp)
     if jax.process_count() > 1:  # multi-host: every process allocates the same cache (process 0's size)
         import numpy as np
@@ -204,8 +209,12 @@ def build_engine(config: EngineConfig, *, compile_cache: bool = True, warmup: bo
               + (f"replicated x{layout.kv_repeat} ({mc.num_kv_heads} -> {model.config.num_kv_heads}, one per device)"
                  if layout.kv_repeat > 1 else f"sharded ({mc.num_kv_heads // tp} per device)")
               + f"; embed/lm_head {'vocab-parallel' if layout.shard_vocab else 'replicated'}")
-    _info(f"KV cache: {num_blocks} blocks x {config.block_size} tokens = {tokens} tokens; maximum concurrency "
-          f"at max_model_len={max_model_len}: {tokens / max_model_len:.1f}x")
+    per_token = KVCache.bytes_per_block(model.config.num_layers, 1, model.config.num_kv_heads // tp,
+                                        model.config.head_dim, kv_dtype)
+    _info(f"KV cache: {config.kv_cache_dtype} ({jax.numpy.dtype(kv_dtype).name}"
+          f"{', per-layer per-kv-head scales' if config.kv_cache_dtype == 'fp8' else ''}), {per_token} bytes per "
+          f"token{' per device' if tp > 1 else ''}; {num_blocks} blocks x {config.block_size} tokens = {tokens} "
+          f"tokens; maximum concurrency at max_model_len={max_model_len}: {tokens / max_model_len:.1f}x")
     if config.task == "embed":
         _info(f"task embed: pooling {config.pooling_type}, normalize={config.normalize}; "
               f"mixed buckets only (prefill), nothing sampled")

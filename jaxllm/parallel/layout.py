@@ -30,7 +30,7 @@ from jax.sharding import PartitionSpec as P
 from jaxllm.models.config import ModelConfig
 from jaxllm.models.fusion import KV_PARAMS, placement_plan
 from jaxllm.parallel.mesh import make_mesh
-from jaxllm.parallel.rules import CACHE_AXES, LOGICAL_AXIS_RULES, TP, logical_to_spec
+from jaxllm.parallel.rules import CACHE_AXES, CACHE_SCALE_AXES, LOGICAL_AXIS_RULES, TP, logical_to_spec
 
 __all__ = ["KV_PARAMS", "TPLayout", "check_fits", "valid_tp_sizes"]
 
@@ -90,6 +90,10 @@ class TPLayout:
 
     def cache_sharding(self) -> NamedSharding:
         return self.sharding(CACHE_AXES)
+
+    def cache_scale_sharding(self) -> NamedSharding:
+        """An fp8 cache's [num_layers, num_kv_heads] scales: each device holds its heads' scales."""
+        return self.sharding(CACHE_SCALE_AXES)
 
     def model_config(self, config: ModelConfig) -> ModelConfig:
         """The config the sharded model runs: num_kv_heads × kv_repeat (same function)."""

@@ -17,7 +17,7 @@ import jax.numpy as jnp
 from jax.sharding import NamedSharding
 from jax.sharding import PartitionSpec as P
 
-from jaxllm.parallel.rules import CACHE_AXES, TP
+from jaxllm.parallel.rules import CACHE_AXES, CACHE_SCALE_AXES, TP
 from pallas_kernels import KVCache, ragged_paged_attention, write_kv
 
 
@@ -38,8 +38,7 @@ def paged_attention(q, k, v, cache: KVCache, layer, metadata, layout, **attn_kwa
         return local(q, k, v, cache, layer, metadata)
     q_spec = layout.spec(("tokens", "heads", "head_dim"))
     kv_spec = layout.spec(("tokens", "kv_heads", "head_dim"))
-    c_spec = layout.spec(CACHE_AXES)
-    cache_specs = KVCache(c_spec, c_spec)
+    cache_specs = cache.like(layout.spec(CACHE_AXES), layout.spec(CACHE_SCALE_AXES))  # fp8: + scales
     fn = jax.shard_map(local, mesh=layout.mesh, in_specs=(q_spec, kv_spec, kv_spec, cache_specs, P(), P()),
                        out_specs=(q_spec, cache_specs), check_vma=False)
     return fn(q, k, v, cache, layer, metadata)

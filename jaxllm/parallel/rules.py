@@ -45,6 +45,8 @@ LOGICAL_AXIS_RULES: dict[str, str | None] = {
 
 # The KV cache's logical axes ([num_layers, num_blocks, block_size, num_kv_heads, head_dim]).
 CACHE_AXES = ("layers", "cache_blocks", "block_slots", "kv_heads", "head_dim")
+# An fp8 cache's per-layer, per-kv-head scales ([num_layers, num_kv_heads]): sharded with their heads.
+CACHE_SCALE_AXES = ("layers", "kv_heads")
 
 
 def logical_to_spec(axes: tuple[str | None, ...], rules: dict[str, str | None] | None = None) -> P:

@@ -28,6 +28,7 @@ from jaxllm.models.config import ModelConfig
 from jaxllm.models.llama import LlamaForCausalLM
 from jaxllm.runner.buckets import Buckets
 from jaxllm.runner.inputs import StepInputs, build_inputs
+from jaxllm.runner.kv_cache_dtype import cache_dtype
 from jaxllm.runner.pending import PendingStep, PromptLogprobsJob
 from jaxllm.runner.pooler import PendingPool, pool_hidden
 from jaxllm.runner.sampler import MAX_LOGPROBS, sample, token_rank
@@ -71,9 +72,10 @@ def kv_cache_blocks(model_config: ModelConfig, block_size: int, dtype, kv_cache_
 class ModelRunner:
     def __init__(self, model: LlamaForCausalLM, *, block_size: int, num_blocks: int, max_model_len: int,
                  max_num_seqs: int, max_num_batched_tokens: int, eos_token_ids=(), cache_sharding=None,
-                 task: str = "generate"):
+                 task: str = "generate", kv_cache_dtype: str = "auto"):
         """`task`: "generate" (sample from logits) or "embed" (pool hidden states, runner/pooler.py:
-        only the mixed buckets of the embed step are compiled; nothing is sampled)."""
+        only the mixed buckets of the embed step are compiled; nothing is sampled).
+        `kv_cache_dtype`: "auto" (the model dtype) or "fp8" (runner/kv_cache_dtype.py)."""
         if task not in ("generate", "embed"):
             raise ValueError(f"task={task!r} is invalid: must be 'generate' or 'embed'")
         c = model.config
@@ -99,15 +101,18 @@ class ModelRunner:
         self.tensor_parallel_size = layout.tp if layout is not None else 1
         if layout is not None and cache_sharding is None:
             cache_sharding = layout.cache_sharding()  # kv heads on "tp"
-        self.kv_cache = KVCache.zeros(c.num_layers, num_blocks, block_size, c.num_kv_heads, c.head_dim, dtype,
-                                      sharding=cache_sharding)
+        scale_sharding = layout.cache_scale_sharding() if layout is not None else None  # fp8 scales
+        self.kv_cache_dtype = kv_cache_dtype
+        self.kv_cache = KVCache.zeros(c.num_layers, num_blocks, block_size, c.num_kv_heads, c.head_dim,
+                                      cache_dtype(kv_cache_dtype, dtype), sharding=cache_sharding,
+                                      scale_sharding=scale_sharding)
         self.counts = jnp.zeros((self.num_rows, c.vocab_size), jnp.int32)  # [R, V] generated-token counts
         self.prompt_mask = jnp.zeros((self.num_rows, c.vocab_size), bool)  # [R, V] token in prompt
         jit_kwargs = {}
         if layout is not None:  # penalty state and sampler outputs replicated; shardings pinned so
             rep = layout.replicated  # every step sees the same input shardings (no recompiles)
             self.counts, self.prompt_mask = jax.device_put((self.counts, self.prompt_mask), rep)
-            jit_kwargs["out_shardings"] = (KVCache(cache_sharding, cache_sharding), rep, rep, rep, rep)
+            jit_kwargs["out_shardings"] = (self.kv_cache.like(cache_sharding, scale_sharding), rep, rep, rep, rep)
         graphdef, self.state = nnx.split(model)
         self.state_dtype = dtype
 
@@ -178,7 +183,8 @@ class ModelRunner:
 
         embed_kw = {}
         if layout is not None:
-            embed_kw["out_shardings"] = (KVCache(cache_sharding, cache_sharding), layout.replicated, layout.replicated)
+            embed_kw["out_shardings"] = (self.kv_cache.like(cache_sharding, scale_sharding), layout.replicated,
+                                         layout.replicated)
         self._embed = jax.jit(embed_step, donate_argnums=(1,), **embed_kw)
         self._pooled: dict = {}  # request_id -> PooledChunk, filed by PendingPool.result()
         self._prompt_lp = jax.jit(prompt_logprobs)

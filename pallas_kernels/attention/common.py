@@ -38,6 +38,12 @@ def resolve_scale(sm_scale: float | None, head_dim: int) -> float:
     return float(sm_scale) if sm_scale is not None else 1.0 / math.sqrt(head_dim)
 
 
+def dot_dtype(q: jax.Array, cache: KVCache):
+    """The kernels' dot input dtype: the cache's, or q's over an fp8 cache (whose pages are
+    converted in registers and scaled per kv head: pallas_kernels/kv_quant.py)."""
+    return q.dtype if cache.quantized else cache.k.dtype
+
+
 def layer_index(layer) -> jax.Array:
     """The layer as an int32 array of shape [1] (a Python int or a traced scalar)."""
     return jnp.asarray(layer, dtype=jnp.int32).reshape(1)

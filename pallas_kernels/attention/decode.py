@@ -19,21 +19,24 @@ from jax.experimental import pallas as pl
 from jax.experimental.pallas import triton as plgpu
 
 from pallas_kernels.attention.common import (
-    MASK_VALUE, check_inputs, layer_index, next_pow2, resolve_scale)
+    MASK_VALUE, check_inputs, dot_dtype, layer_index, next_pow2, resolve_scale)
 from pallas_kernels.attention.paged_chunk import attend_chunk
 from pallas_kernels.metadata import AttentionMetadata, KVCache
 
 
 
-def _decode_kernel(layer_ref, ctx_ref, bt_ref, q_ref, k_ref, v_ref,  # inputs
-                   o_ref, m_ref, l_ref,  # outputs
-                   *, q_per_kv, num_heads, block_k, split_len, sm_scale, soft_cap, sliding_window):
+def _decode_kernel(layer_ref, ctx_ref, bt_ref, q_ref, k_ref, v_ref, *refs,
+                   q_per_kv, num_heads, block_k, split_len, sm_scale, soft_cap, sliding_window, fp8):
+    # refs: [k_scale_ref, v_scale_ref ([L, kvh] f32, fp8 cache only)], then outputs o_ref, m_ref, l_ref
+    scale_refs, (o_ref, m_ref, l_ref) = refs[:-3], refs[-3:]
     s, h, split = pl.program_id(0), pl.program_id(1), pl.program_id(2)
     gp, head_dim = o_ref.shape[-2], o_ref.shape[-1]
     block_size, num_blocks = k_ref.shape[2], k_ref.shape[1]
     max_blocks = bt_ref.shape[1]
     layer = layer_ref[0]
     ctx = ctx_ref[s]
+    if fp8:  # this program's kv head scales: K's goes into the logit scale, V's onto the output
+        sm_scale = sm_scale * scale_refs[0][layer, h]
 
     g = jnp.arange(gp, dtype=jnp.int32)  # [gp] i32
     dcol = jnp.arange(head_dim, dtype=jnp.int32)[None, :]  # [1, d] i32
@@ -57,6 +60,8 @@ def _decode_kernel(layer_ref, ctx_ref, bt_ref, q_ref, k_ref, v_ref,  # inputs
     init = (jnp.zeros((gp, head_dim), jnp.float32), jnp.full((gp,), MASK_VALUE, jnp.float32),
             jnp.zeros((gp,), jnp.float32))
     acc, m_i, l_i = lax.fori_loop(0, num_chunks, body, init)
+    if fp8:
+        acc = acc * scale_refs[1][layer, h]
     o_ref[split, s, h, :, :] = acc
     m_ref[split, s, h, :] = m_i
     l_ref[split, s, h, :] = l_i
@@ -113,7 +118,7 @@ def paged_decode_attention(
     ctx = jnp.where(q_lens > 0, metadata.context_lens, 0).astype(jnp.int32)  # [S] i32
     kernel = functools.partial(
         _decode_kernel, q_per_kv=q_per_kv, num_heads=num_heads, block_k=block_k,
-        split_len=split_len, sm_scale=resolve_scale(sm_scale, head_dim),
+        split_len=split_len, sm_scale=resolve_scale(sm_scale, head_dim), fp8=cache.quantized,
         soft_cap=None if soft_cap is None else float(soft_cap),
         sliding_window=None if sliding_window is None else int(sliding_window))
     f32 = jnp.float32
@@ -127,7 +132,8 @@ def paged_decode_attention(
         compiler_params=plgpu.CompilerParams(num_warps=num_warps, num_stages=num_stages),
         name="jaxllm_paged_decode",
     )(layer_index(layer), ctx, metadata.block_tables.astype(jnp.int32),
-      q.reshape(num_tokens * num_heads, head_dim).astype(cache.k.dtype), cache.k, cache.v)
+      q.reshape(num_tokens * num_heads, head_dim).astype(dot_dtype(q, cache)), cache.k, cache.v,
+      *((cache.k_scale, cache.v_scale) if cache.quantized else ()))
 
     # Merge the splits: [splits, S, kvh, gp(, d)] -> [S, kvh, gp, d].
     m_all = m.max(axis=0)

@@ -12,15 +12,26 @@ DOT_NT = (((1,), (1,)), ((), ()))  # a @ b.T
 DOT_NN = (((1,), (0,)), ((), ()))  # a @ b
 
 
+def _pages_as(x, dtype):
+    """A loaded K/V tile in the dot dtype: an fp8 cache's uint8 bits are bitcast to float8_e4m3fn
+    and converted in registers (kv_quant.py); other caches are already in it."""
+    if x.dtype == jnp.uint8:
+        x = lax.bitcast_convert_type(x, jnp.float8_e4m3fn)
+    return x.astype(dtype)
+
+
 def attend_chunk(carry, q, k_ref, v_ref, bt_ref, *, seq, layer, head, dcol, k_pos, k_ok, mask,
                  block_size, max_blocks, num_blocks, sm_scale, soft_cap):
     """carry = (acc [rows, d] f32, m [rows] f32, l [rows] f32), q [rows, d]; k_pos/k_ok [bk];
-    mask [rows, bk] (which (row, position) pairs attend; must imply k_ok). Base-2 online softmax."""
+    mask [rows, bk] (which (row, position) pairs attend; must imply k_ok). Base-2 online softmax.
+    An fp8 cache: K/V rows are converted to q's dtype in registers for the dots; `sm_scale` then
+    carries the K scale (a traced scalar) and the caller multiplies the output by the V scale."""
     acc, m_i, l_i = carry
     page = plgpu.load(bt_ref.at[seq, jnp.minimum(k_pos // block_size, max_blocks - 1)], mask=k_ok, other=0)
     blk = jnp.clip(page, 0, num_blocks - 1)[:, None]  # [bk, 1] i32
     off = (k_pos % block_size)[:, None]
-    k = plgpu.load(k_ref.at[layer, blk, off, head, dcol], mask=k_ok[:, None], other=0.0)  # [bk, d]
+    k = plgpu.load(k_ref.at[layer, blk, off, head, dcol], mask=k_ok[:, None], other=0)  # [bk, d]
+    k = _pages_as(k, q.dtype)  # [bk, d] q.dtype
     logits = lax.dot_general(q, k, DOT_NT, preferred_element_type=jnp.float32)  # [rows, bk]
     if soft_cap is not None:
         logits = jnp.tanh(logits * (sm_scale / soft_cap)) * (soft_cap * LOG2E)
@@ -30,6 +41,7 @@ def attend_chunk(carry, q, k_ref, v_ref, bt_ref, *, seq, layer, head, dcol, k_po
     m_new = jnp.maximum(m_i, logits.max(axis=1))
     alpha = jnp.exp2(m_i - m_new)
     p = jnp.exp2(logits - m_new[:, None])  # [rows, bk] f32
-    v = plgpu.load(v_ref.at[layer, blk, off, head, dcol], mask=k_ok[:, None], other=0.0)  # [bk, d]
+    v = plgpu.load(v_ref.at[layer, blk, off, head, dcol], mask=k_ok[:, None], other=0)  # [bk, d]
+    v = _pages_as(v, q.dtype)
     pv = lax.dot_general(p.astype(v.dtype), v, DOT_NN, preferred_element_type=jnp.float32)
     return acc * alpha[:, None] + pv, m_new, l_i * alpha + p.sum(axis=1)

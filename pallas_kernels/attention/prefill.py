@@ -21,19 +21,23 @@ from jax.experimental.pallas import triton as plgpu
 
 from pallas_kernels.attention.common import (
     MASK_VALUE, TILE_CTX, TILE_NUM_Q, TILE_POS0, TILE_Q_START, TILE_SEQ, build_q_tiles,
-    check_inputs, layer_index, next_pow2, resolve_scale)
+    check_inputs, dot_dtype, layer_index, next_pow2, resolve_scale)
 from pallas_kernels.attention.paged_chunk import attend_chunk
 from pallas_kernels.metadata import AttentionMetadata, KVCache
 
 
 
-def _prefill_kernel(layer_ref, tiles_ref, bt_ref, q_ref, k_ref, v_ref, _, o_ref,
-                    *, q_per_kv, gp, bq, num_heads, block_k, sm_scale, soft_cap, sliding_window):
+def _prefill_kernel(layer_ref, tiles_ref, bt_ref, q_ref, k_ref, v_ref, _, *refs,
+                    q_per_kv, gp, bq, num_heads, block_k, sm_scale, soft_cap, sliding_window, fp8):
+    # refs: [k_scale_ref, v_scale_ref ([L, kvh] f32, fp8 cache only)], then the output o_ref
+    scale_refs, o_ref = refs[:-1], refs[-1]
     t, h = pl.program_id(0), pl.program_id(1)
     head_dim = q_ref.shape[1]
     block_size, num_blocks = k_ref.shape[2], k_ref.shape[1]
     max_blocks = bt_ref.shape[1]
     layer = layer_ref[0]
+    if fp8:  # this program's kv head scales: K's goes into the logit scale, V's onto the output
+        sm_scale = sm_scale * scale_refs[0][layer, h]
     seq, q_start = tiles_ref[t, TILE_SEQ], tiles_ref[t, TILE_Q_START]
     n_q, pos0, ctx = tiles_ref[t, TILE_NUM_Q], tiles_ref[t, TILE_POS0], tiles_ref[t, TILE_CTX]
 
@@ -65,6 +69,8 @@ def _prefill_kernel(layer_ref, tiles_ref, bt_ref, q_ref, k_ref, v_ref, _, o_ref,
             jnp.full((bq * gp,), MASK_VALUE, jnp.float32), jnp.zeros((bq * gp,), jnp.float32))
     acc, _, l_i = lax.fori_loop(0, num_chunks, body, init)
     out = acc / jnp.where(l_i > 0, l_i, 1.0)[:, None]
+    if fp8:
+        out = out * scale_refs[1][layer, h]
     # Masked rows point one past the end: never touched on GPU, dropped by interpret mode's scatter
     # (pointing them at a real row would make interpret mode write back stale values there).
     out_rows = jnp.where(row_ok, rows, o_ref.shape[0])
@@ -105,16 +111,16 @@ def paged_prefill_attention(
     tiles = build_q_tiles(metadata.cu_q_lens, metadata.context_lens, num_tokens, bq)  # [NT, 5] i32
     kernel = functools.partial(
         _prefill_kernel, q_per_kv=q_per_kv, gp=gp, bq=bq, num_heads=num_heads, block_k=block_k,
-        sm_scale=resolve_scale(sm_scale, head_dim),
+        sm_scale=resolve_scale(sm_scale, head_dim), fp8=cache.quantized,
         soft_cap=None if soft_cap is None else float(soft_cap),
         sliding_window=None if sliding_window is None else int(sliding_window))
-    # [T*H, d] in the cache dtype: the tensor-core dots take one input dtype.
-    q_rows = q.reshape(num_tokens * num_heads, head_dim).astype(cache.k.dtype)
+    # [T*H, d] in the cache dtype (fp8 cache: q's dtype): the tensor-core dots take one input dtype.
+    q_rows = q.reshape(num_tokens * num_heads, head_dim).astype(dot_dtype(q, cache))
     out = pl.pallas_call(
         kernel, out_shape=jax.ShapeDtypeStruct(q_rows.shape, q.dtype),
         grid=(tiles.shape[0], num_kv_heads), input_output_aliases={6: 0}, interpret=interpret,
         compiler_params=plgpu.CompilerParams(num_warps=num_warps, num_stages=num_stages),
         name="jaxllm_paged_prefill",
     )(layer_index(layer), tiles, metadata.block_tables.astype(jnp.int32), q_rows, cache.k, cache.v,
-      jnp.zeros(q_rows.shape, q.dtype))
+      jnp.zeros(q_rows.shape, q.dtype), *((cache.k_scale, cache.v_scale) if cache.quantized else ()))
     return out.reshape(num_tokens, num_heads, head_dim)

@@ -22,6 +22,7 @@ import jax.numpy as jnp
 from jax import lax
 
 from pallas_kernels.attention.common import build_q_tiles, check_inputs, next_pow2, resolve_scale
+from pallas_kernels.kv_quant import STORAGE, from_storage
 from pallas_kernels.metadata import AttentionMetadata, KVCache
 
 # Target number of fp32 logits per KV chunk (all tiles, heads and queries together).
@@ -40,6 +41,19 @@ _DECODE_CHUNK = 128  # tokens
 
 def _choose_bq(num_tokens: int, num_seqs: int) -> int:
     return int(min(256, next_pow2(max(1, -(-num_tokens // max(1, num_seqs))))))
+
+
+def _pages(x):
+    """Gathered pages: an fp8 cache's uint8 bits as float8_e4m3fn (only the gathered chunk is
+    bitcast, kv_quant.STORAGE); other caches unchanged."""
+    return from_storage(x) if x.dtype == STORAGE else x
+
+
+def _head_scales(cache: KVCache, layer):
+    """(k_scale, v_scale) [kvh] f32 of `layer` for an fp8 cache, else (None, None)."""
+    if not cache.quantized:
+        return None, None
+    return cache.k_scale[layer], cache.v_scale[layer]
 
 
 def _attend_tiles(q_tiles, tables, q_pos, q_valid, ctx, n_q, pos0, *, cache, layer, scale,
@@ -62,6 +76,9 @@ def _attend_tiles(q_tiles, tables, q_pos, q_valid, ctx, n_q, pos0, *, cache, lay
     padded_blocks = -(-max_blocks // pages_per_chunk) * pages_per_chunk
     tables = jnp.pad(tables, ((0, 0), (0, padded_blocks - max_blocks)))  # [NT, MBp] i32
     heads = jnp.arange(num_kv_heads, dtype=jnp.int32)
+    k_scale, v_scale = _head_scales(cache, layer)  # fp8: [kvh] f32 each
+    # per kv head logit scale, [kvh, 1, 1, 1] (sm_scale x the fp8 K scale) or a float
+    s_scale = scale if k_scale is None else (scale * k_scale)[:, None, None, None]
 
     has_q = n_q > 0
     kv_hi = jnp.where(has_q, jnp.minimum(ctx, pos0 + n_q), 0)  # [NT] exclusive end of needed KV
@@ -79,10 +96,10 @@ def _attend_tiles(q_tiles, tables, q_pos, q_valid, ctx, n_q, pos0, *, cache, lay
         # Gathered head-major, [NT, kvh, P, bs, d] -> [NT, kvh, C, d]: the dots' batch dims (n, kvh)
         # lead, so XLA needs no transpose of the gathered pages.
         idx = (layer, blocks[:, None, :], slice(None), heads[None, :, None])
-        k = cache.k[idx].reshape(num_tiles, num_kv_heads, chunk, head_dim)  # [NT, kvh, C, d]
-        v = cache.v[idx].reshape(num_tiles, num_kv_heads, chunk, head_dim)  # [NT, kvh, C, d]
+        k = _pages(cache.k[idx]).reshape(num_tiles, num_kv_heads, chunk, head_dim)  # [NT, kvh, C, d]
+        v = _pages(cache.v[idx]).reshape(num_tiles, num_kv_heads, chunk, head_dim)  # [NT, kvh, C, d]
         s = jnp.einsum("nqkgd,nkcd->nkgqc", q_tiles, k.astype(dot_dtype),
-                       preferred_element_type=jnp.float32) * scale  # [NT, kvh, G, bq, C] f32
+                       preferred_element_type=jnp.float32) * s_scale  # [NT, kvh, G, bq, C] f32
         if soft_cap is not None:
             s = jnp.tanh(s / soft_cap) * soft_cap
         k_pos = c * chunk + jnp.arange(chunk, dtype=jnp.int32)  # [C] i32
@@ -106,6 +123,8 @@ def _attend_tiles(q_tiles, tables, q_pos, q_valid, ctx, n_q, pos0, *, cache, lay
     init = (jnp.full(stat_shape, -jnp.inf, jnp.float32), jnp.zeros(stat_shape, jnp.float32),
             jnp.zeros(stat_shape + (head_dim,), jnp.float32))
     _, l, acc = lax.fori_loop(first_chunk, last_chunk, body, init)
+    if v_scale is not None:  # P @ (V x s) = (P @ V) x s: the fp8 V scale factors out per kv head
+        acc = acc * v_scale[:, None, None, None]
     return jnp.where(l[..., None] > 0, acc / jnp.where(l > 0, l, 1.0)[..., None], 0.0)
 
 
@@ -134,6 +153,8 @@ def _attend_decodes(q_rows, tables, ctx, *, cache, layer, scale, sliding_window,
     t_s = jnp.pad(tables, ((0, 0), (0, padded_blocks - max_blocks)))[order].reshape(num_groups, group, padded_blocks)
     c_s = jnp.where(real, ctx[order], 0).reshape(num_groups, group)  # padded rows: ctx 0
     heads = jnp.arange(num_kv_heads, dtype=jnp.int32)
+    k_scale, v_scale = _head_scales(cache, layer)  # fp8: [kvh] f32 each
+    s_scale = scale if k_scale is None else (scale * k_scale)[:, None, None]  # [kvh, 1, 1] or float
 
     def attend_group(args):
         qg, tg, cg = args  # [n, kvh, G, d], [n, MBp] i32, [n] i32
@@ -150,10 +171,10 @@ def _attend_decodes(q_rows, tables, ctx, *, cache, layer, scale, sliding_window,
             blocks = jnp.clip(pages, 0, num_blocks - 1)  # [n, P] i32
             # Gathered head-major [n, kvh, P, bs, d] -> [n, kvh, C, d]: the dots' batch dims lead.
             idx = (layer, blocks[:, None, :], slice(None), heads[None, :, None])
-            k = cache.k[idx].reshape(group, num_kv_heads, chunk, head_dim)
-            v = cache.v[idx].reshape(group, num_kv_heads, chunk, head_dim)
+            k = _pages(cache.k[idx]).reshape(group, num_kv_heads, chunk, head_dim)
+            v = _pages(cache.v[idx]).reshape(group, num_kv_heads, chunk, head_dim)
             s = jnp.einsum("nkgd,nkcd->nkgc", qg, k.astype(dot_dtype),
-                           preferred_element_type=jnp.float32) * scale  # [n, kvh, G, C] f32
+                           preferred_element_type=jnp.float32) * s_scale  # [n, kvh, G, C] f32
             if soft_cap is not None:
                 s = jnp.tanh(s / soft_cap) * soft_cap
             k_pos = c * chunk + jnp.arange(chunk, dtype=jnp.int32)  # [C] i32
@@ -174,6 +195,8 @@ def _attend_decodes(q_rows, tables, ctx, *, cache, layer, scale, sliding_window,
         init = (jnp.full(stat_shape, -jnp.inf, jnp.float32), jnp.zeros(stat_shape, jnp.float32),
                 jnp.zeros(stat_shape + (head_dim,), jnp.float32))
         _, l, acc = lax.fori_loop(first_chunk, last_chunk, body, init)
+        if v_scale is not None:
+            acc = acc * v_scale[:, None, None]
         return jnp.where(l[..., None] > 0, acc / jnp.where(l > 0, l, 1.0)[..., None], 0.0)
 
     out = lax.map(attend_group, (q_s, t_s, c_s)).reshape(padded_seqs, num_kv_heads, q_per_kv, head_dim)
@@ -201,8 +224,10 @@ def ragged_paged_attention_reference(
 
     q_grouped = q.reshape(num_tokens, num_kv_heads, q_per_kv, head_dim)
     # Dots take the cache's dtype with fp32 accumulation: bf16 x bf16 products are exact in fp32, so
-    # QK^T equals the upcast computation without an fp32 copy of the gathered pages.
-    dot_dtype = jnp.promote_types(q.dtype, cache.k.dtype)
+    # QK^T equals the upcast computation without an fp32 copy of the gathered pages. An fp8 cache's
+    # pages are converted to q's dtype (exact: e4m3 values are bf16/f16/f32 values) and scaled per
+    # kv head on the logits and the output (kv_quant.py).
+    dot_dtype = q.dtype if cache.quantized else jnp.promote_types(q.dtype, cache.k.dtype)
     attend = functools.partial(
         _attend_plan, q_grouped.astype(dot_dtype), metadata.block_tables.astype(jnp.int32),
         cache=cache, layer=layer, scale=scale, sliding_window=sliding_window, soft_cap=soft_cap)

@@ -49,3 +49,4 @@ def test_unrolled_layers_copy_no_weight(tmp_path, capsys):
                 assert r["temp_size_in_bytes"] < 0.5 * unroll["layer_weight_bytes"], r
     scan_steps = [r for r in scan["rows"] if r["bucket"].startswith("('step'")]
     assert all(r["weight_bytes_copied_per_step"] >= 2 * scan["layer_weight_bytes"] // 2 for r in scan_steps), scan_steps
+

@@ -50,6 +50,11 @@ def test_engine_flags_are_one_set():
     assert gen["model"][1] == "smollm2-135m"  # the server no longer requires --model
     assert gen["dtype"][2] == ("auto", "float32", "bfloat16", "float16")
     assert gen["load_format"][2] == ("auto", "safetensors", "gguf", "dummy", "orbax")
+    assert gen["kv_cache_dtype"][1:] == ("auto", ("auto", "fp8"))  # vLLM's --kv-cache-dtype
+    args = generate.build_parser().parse_args(["--kv-cache-dtype", "fp8"])
+    from jaxllm.cli_args import engine_config_from_args
+
+    assert engine_config_from_args(args).kv_cache_dtype == "fp8"
     assert server_main.build_parser().parse_args([]).model == "smollm2-135m"
 
 

@@ -8,6 +8,7 @@ from __future__ import annotations
 import dataclasses
 
 import jax.numpy as jnp
+import ml_dtypes
 import numpy as np
 
 from pallas_kernels import AttentionMetadata, KVCache
@@ -109,11 +110,42 @@ def make_case(cfg: Config, seed: int, *, reverse_seq: int | None = None,
     return Case(jnp.asarray(q, dtype), cache, layer, meta, q_lens, ctx, tables)
 
 
+def to_fp8(case: Case, seed: int) -> Case:
+    """The case with an fp8 cache: each (layer, kv head) of K and V first multiplied by its own
+    random magnitude (0.05 .. 50, so one scale per head matters), then quantized with a scale a
+    random 1..8x its absmax / 448 (kv_quant.quantize_rows, what write_kv does)."""
+    from pallas_kernels.kv_quant import FP8_MAX, quantize_rows
+
+    rng = np.random.default_rng(seed)
+    pages, scales = [], []
+    for arr in (case.cache.k, case.cache.v):
+        x = np.asarray(arr, np.float32)  # [L, NB, bs, kvh, d]
+        L, kvh = x.shape[0], x.shape[3]
+        x = x * np.exp(rng.uniform(np.log(0.05), np.log(50), (L, 1, 1, kvh, 1))).astype(np.float32)
+        scale = np.abs(x).max(axis=(1, 2, 4)) / FP8_MAX * rng.uniform(1, 8, (L, kvh))  # [L, kvh]
+        q = np.stack([np.asarray(quantize_rows(jnp.asarray(x[i].reshape(-1, kvh, x.shape[4])),
+                                               jnp.asarray(scale[i], jnp.float32))).reshape(x.shape[1:])
+                      for i in range(L)])
+        pages.append(jnp.asarray(q.view(np.uint8)))  # the cache stores the e4m3fn bits
+        scales.append(jnp.asarray(scale, jnp.float32))
+    return dataclasses.replace(case, cache=KVCache(pages[0], pages[1], scales[0], scales[1]))
+
+
+def _pages64(cache: KVCache, layer: int, name: str) -> np.ndarray:
+    """[NB, bs, kvh, d] float64 values of one layer's K or V (an fp8 cache's dequantized)."""
+    x = getattr(cache, name)[layer]
+    if not cache.quantized:
+        return np.asarray(x, np.float64)
+    x = np.asarray(x).view(ml_dtypes.float8_e4m3fn).astype(np.float64)  # the uint8 pages are e4m3fn bits
+    return x * np.asarray(getattr(cache, f"{name}_scale")[layer], np.float64)[None, None, :, None]
+    return x
+
+
 def dense_attention(case: Case, *, sm_scale=None, sliding_window=None, soft_cap=None) -> np.ndarray:
     """Brute force, per sequence, float64: position -> (block, offset) looked up one by one."""
     q = np.asarray(case.q, np.float64)
-    k_all = np.asarray(case.cache.k[case.layer], np.float64)  # [NB, bs, kvh, d]
-    v_all = np.asarray(case.cache.v[case.layer], np.float64)
+    k_all = _pages64(case.cache, case.layer, "k")  # [NB, bs, kvh, d]
+    v_all = _pages64(case.cache, case.layer, "v")
     T, H, d = q.shape
     bs, kvh = k_all.shape[1], k_all.shape[2]
     G = H // kvh

@@ -12,7 +12,7 @@ import numpy as np
 import pytest
 
 from pallas_kernels import ragged_paged_attention
-from tests.pallas_kernels.pk_cases import Config, make_case, valid_tokens
+from tests.pallas_kernels.pk_cases import Config, make_case, to_fp8, valid_tokens
 
 TOL = {"float32": 1e-4, "bfloat16": 2e-2}
 
@@ -125,3 +125,28 @@ def test_kernel_fp32_queries_over_bf16_cache(impl):
     want = _jitted("reference", ())(q32, case.cache, case.layer, case.metadata)
     ok = valid_tokens(case)
     np.testing.assert_allclose(np.asarray(got)[ok], np.asarray(want)[ok], atol=2e-2, rtol=2e-2)
+
+
+# fp8 caches (pk_cases.to_fp8: every (layer, kv head) of K and V at its own magnitude and scale), f32
+# or bf16 queries; (impl, config, options). The kernels convert the e4m3 tiles to q's dtype and scale
+# per kv head, as the reference does: same tolerances as the q dtype's, relative to the output's size.
+FP8 = [
+    ("pallas_prefill", Config(3, 24, 80, block_size=8, num_kv_heads=2, q_per_kv=3), dict(sliding_window=40, soft_cap=5.0)),
+    ("pallas_decode", Config(4, 4, 100, block_size=8, num_kv_heads=2, q_per_kv=4, dtype="bfloat16",
+                             decode_only=True), {}),
+]
+
+
+@pytest.mark.parametrize("item", FP8, ids=lambda it: it[0] + "-" + _cid((it[1], it[2], 0)))
+def test_kernels_read_fp8_cache(item):
+    impl, cfg, opts = item
+    kernel, ref = _jitted(impl, tuple(sorted(opts.items()))), _jitted("reference", tuple(sorted(opts.items())))
+    for seed in range(2):
+        case = to_fp8(make_case(cfg, 400 + seed, reverse_seq=seed % cfg.num_seqs), seed)
+        assert case.cache.quantized and case.cache.k.dtype == np.uint8
+        args = (case.q, case.cache, case.layer, case.metadata)
+        got, want = np.asarray(kernel(*args), np.float32), np.asarray(ref(*args), np.float32)
+        ok = valid_tokens(case)
+        assert np.isfinite(got).all()
+        tol = TOL[cfg.dtype] * max(1.0, np.abs(want[ok]).max())
+        np.testing.assert_allclose(got[ok], want[ok], atol=tol, rtol=TOL[cfg.dtype], err_msg=f"{impl} seed={seed}")

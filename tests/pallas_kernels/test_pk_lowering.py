@@ -23,17 +23,20 @@ def _sds(shape, dtype):
     return jax.ShapeDtypeStruct(shape, dtype)
 
 
-def export_for_cuda(impl, num_heads, num_kv_heads, head_dim, *, decode, dtype=jnp.bfloat16, **opts):
+def export_for_cuda(impl, num_heads, num_kv_heads, head_dim, *, decode, dtype=jnp.bfloat16, fp8=False, **opts):
+    """fp8: the cache is fp8 (uint8 pages holding e4m3fn bits + [L, kvh] f32 K/V scales)."""
     T, S = (64, 64) if decode else (512, 16)
     L, NB, bs, MB = 4, 256, 16, 128
+    page_dtype = jnp.uint8 if fp8 else dtype
 
-    def step(q, k, v, layer, slots, tables, ctx, cu):
+    def step(q, k, v, layer, slots, tables, ctx, cu, *scales):
         md = AttentionMetadata(slots, tables, ctx, cu, decode_only=decode)
-        return ragged_paged_attention(q, KVCache(k, v), layer, md, impl=impl, **opts)
+        return ragged_paged_attention(q, KVCache(k, v, *scales), layer, md, impl=impl, **opts)
 
-    args = (_sds((T, num_heads, head_dim), dtype), _sds((L, NB, bs, num_kv_heads, head_dim), dtype),
-            _sds((L, NB, bs, num_kv_heads, head_dim), dtype), _sds((), jnp.int32), _sds((T,), jnp.int32),
+    args = (_sds((T, num_heads, head_dim), dtype), _sds((L, NB, bs, num_kv_heads, head_dim), page_dtype),
+            _sds((L, NB, bs, num_kv_heads, head_dim), page_dtype), _sds((), jnp.int32), _sds((T,), jnp.int32),
             _sds((S, MB), jnp.int32), _sds((S,), jnp.int32), _sds((S + 1,), jnp.int32))
+    args += (_sds((L, num_kv_heads), jnp.float32),) * 2 if fp8 else ()
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", DeprecationWarning)  # "Pallas Triton backend is deprecated"
         with jax.sharding.use_abstract_mesh(H100):
@@ -68,6 +71,17 @@ def test_kernels_lower_for_cuda(model, impl, decode, opts):
     assert exported.platforms == ("cuda",)
     text = exported.mlir_module()
     assert text.count(plgpu.CUSTOM_CALL_TARGET_NAME) == 1, "expected exactly one Triton kernel"
+
+
+@pytest.mark.parametrize("model", sorted(MODELS))
+@pytest.mark.parametrize("impl,decode", [("pallas_decode", True), ("pallas_prefill", False)])
+def test_kernels_lower_for_cuda_fp8_cache(model, impl, decode):
+    """fp8 KV cache: each K/V tile is loaded as uint8, bitcast to e4m3fn and converted to bf16 in
+    registers, the per-kv-head scales loaded as scalars (one Triton kernel, verified)."""
+    exported = export_for_cuda(impl, *MODELS[model], decode=decode, fp8=True, soft_cap=30.0)
+    text = exported.mlir_module()
+    assert text.count(plgpu.CUSTOM_CALL_TARGET_NAME) == 1
+    assert "ui8" in text  # the cache's pages reach the kernel as bytes
 
 
 def test_kernels_lower_for_cuda_fp32():

@@ -118,3 +118,23 @@ def test_reference_decode_groups(monkeypatch):
         ok = valid_tokens(case)
         np.testing.assert_allclose(out[ok], dense_attention(case)[ok], atol=2e-5, rtol=2e-5)
         assert np.all(out[~ok] == 0)
+
+
+@pytest.mark.parametrize("cfg,opts", [
+    # a mixed batch: its single-token sequences take the decode path, the others the tile path
+    (Config(4, 24, 60, block_size=8, num_kv_heads=2, q_per_kv=3), dict(sliding_window=9, soft_cap=4.0)),
+], ids=["mixed"])
+def test_reference_reads_fp8_cache(cfg, opts):
+    """fp8 pages (uint8 bits) with per-(layer, kv head) scales: the reference equals dense float64
+    attention over the dequantized values (the quantization error is the cache's, not the read's)."""
+    from tests.pallas_kernels.pk_cases import to_fp8
+
+    fn = jax.jit(lambda q, c, layer, m: ragged_paged_attention(q, c, layer, m, impl="reference", **opts))
+    tol = 2e-2 if cfg.dtype == "bfloat16" else 2e-5
+    for seed in range(2):
+        case = to_fp8(make_case(cfg, seed, reverse_seq=seed % cfg.num_seqs), seed)
+        out = np.asarray(fn(case.q, case.cache, case.layer, case.metadata), np.float64)
+        ok = valid_tokens(case)
+        want = dense_attention(case, **opts)
+        np.testing.assert_allclose(out[ok], want[ok], atol=tol * max(1.0, np.abs(want).max()), rtol=tol)
+        assert np.all(out[~ok] == 0)

@@ -74,3 +74,43 @@ def test_write_kv_shape_error_names_shapes():
     cache = KVCache.zeros(1, 2, 4, 2, 8, jnp.float32)
     with pytest.raises(ValueError, match="num_kv_heads"):
         write_kv(cache, 0, jnp.zeros((3, 1, 8)), jnp.zeros((3, 1, 8)), jnp.zeros(3, jnp.int32))
+
+
+def test_write_kv_fp8_quantizes_with_first_write_scales_in_place():
+    """An fp8 cache: the first write to a layer sets each kv head's scale (HEADROOM x absmax / 448 of
+    the valid rows; padding rows ignored), later writes keep it and saturate at +-448 x scale; the
+    pages hold the e4m3fn bits of round(row / scale); other layers untouched; donated in place with
+    no full-cache copy or convert in the compiled HLO (XLA's CPU fp8 scatter converted the whole cache)."""
+    import ml_dtypes
+
+    from pallas_kernels.kv_quant import FP8_MAX, HEADROOM
+
+    L, NB, bs, kvh, d = 2, 64, 16, 2, 32
+    cache = KVCache.zeros(L, NB, bs, kvh, d, jnp.float8_e4m3fn)
+    assert cache.quantized and cache.k.dtype == jnp.uint8 and cache.k_scale.shape == (L, kvh)
+    ptrs = (cache.k.unsafe_buffer_pointer(), cache.v.unsafe_buffer_pointer())
+    f = jax.jit(write_kv, donate_argnums=0)
+    rng = np.random.default_rng(0)
+    k1 = rng.standard_normal((4, kvh, d)).astype(np.float32) * np.array([1.0, 30.0])[None, :, None]
+    k1[2] = 1e4  # a padding row: ignored by the scale
+    slots1 = np.array([0, 17, -1, 100], np.int32)
+    out = f(cache, jnp.int32(1), jnp.asarray(k1), jnp.asarray(-k1), jnp.asarray(slots1))
+    want_scale = np.abs(k1[[0, 1, 3]]).max(axis=(0, 2)) * HEADROOM / FP8_MAX  # [kvh]
+    np.testing.assert_allclose(np.asarray(out.k_scale[1]), want_scale, rtol=1e-6)
+    np.testing.assert_allclose(np.asarray(out.v_scale[1]), want_scale, rtol=1e-6)
+    assert not np.asarray(out.k_scale[0]).any()  # layer 0 not written: unset
+    k2 = np.full((2, kvh, d), 1e6, np.float32)  # far beyond the scale: saturates
+    out = f(out, jnp.int32(1), jnp.asarray(k2), jnp.asarray(k2), jnp.asarray([5, 6], np.int32))
+    np.testing.assert_allclose(np.asarray(out.k_scale[1]), want_scale, rtol=1e-6)  # unchanged
+    pages = np.asarray(out.k).view(ml_dtypes.float8_e4m3fn).astype(np.float32).reshape(L, NB * bs, kvh, d)
+    for t, s in enumerate(slots1):
+        if s >= 0:
+            want = (k1[t] / want_scale[:, None]).astype(ml_dtypes.float8_e4m3fn).astype(np.float32)
+            np.testing.assert_array_equal(pages[1, s], want)
+    np.testing.assert_array_equal(pages[1, [5, 6]], FP8_MAX)
+    assert np.count_nonzero(pages[0]) == 0
+    assert (out.k.unsafe_buffer_pointer(), out.v.unsafe_buffer_pointer()) == ptrs
+    hlo = f.lower(out, jnp.int32(0), jnp.asarray(k2), jnp.asarray(k2), jnp.zeros(2, jnp.int32)).compile().as_text()
+    page_ops = [ln for ln in hlo.splitlines() if f"[{L},{NB},{bs},{kvh},{d}]" in ln
+                and any(op in ln for op in (" copy(", "copy-start", "convert("))]
+    assert not page_ops, page_ops  # (the [L, kvh] scales may be copied: 16 bytes)

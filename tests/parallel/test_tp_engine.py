@@ -37,14 +37,16 @@ def engines(path):
     """{tp: (engine, (num_traces, jit cache size) right after warm-up)}, built lazily."""
     built = {}
 
-    def get(tp):
-        if tp not in built:
+    def get(tp, kv_cache_dtype="auto", warmup=True):
+        key = tp if kv_cache_dtype == "auto" else (tp, kv_cache_dtype)
+        if key not in built:
             e = build_engine(EngineConfig(model=path, tensor_parallel_size=tp, max_model_len=MAX_LEN,
                                           block_size=BLOCK, max_num_seqs=4, max_num_batched_tokens=64,
-                                          kv_cache_memory_bytes=64 * 2 * 2 * BLOCK * 4 * 8 * 4),
-                             compile_cache=False)
-            built[tp] = (e, compiles(e.runner))
-        return built[tp][0]
+                                          kv_cache_memory_bytes=64 * 2 * 2 * BLOCK * 4 * 8 * 4,
+                                          kv_cache_dtype=kv_cache_dtype),
+                             compile_cache=False, warmup=warmup)
+            built[key] = (e, compiles(e.runner))
+        return built[key][0]
 
     get.built = built
     return get
@@ -69,6 +71,32 @@ def test_greedy_outputs_identical_across_tp(engines):
                 assert set(lg) == set(lr), tp
                 np.testing.assert_allclose([lg[t].logprob for t in lr], [lr[t].logprob for t in lr], atol=1e-4, rtol=0)
                 assert [lg[t].rank for t in lr] == [lr[t].rank for t in lr], tp
+
+
+def test_fp8_kv_cache_tp2_equals_tp1(engines, path):
+    """kv_cache_dtype="fp8" (pallas_kernels/kv_quant.py) at tp=2: prefill and decode logits equal
+    tp=1's over an fp8 cache (the scales are per kv head, so no device needs another's); the served
+    runner holds each device's heads' pages and scales, the scales set by its first step, and 8x the
+    blocks of the tp=1 f32 cache in the same kv_cache_memory_bytes per device (x2 heads, x4 bytes)."""
+    ref_prefill, ref_decode = _forward_logits(path, 1, "scan", kv_dtype=jnp.float8_e4m3fn)
+    prefill, decode = _forward_logits(path, 2, "unroll", kv_dtype=jnp.float8_e4m3fn)
+    np.testing.assert_allclose(prefill, ref_prefill, atol=1e-4, rtol=0)
+    np.testing.assert_allclose(decode, ref_decode, atol=1e-4, rtol=0)
+    e = engines(2, "fp8", warmup=False)  # compiles only the buckets it runs
+    params = SamplingParams(temperature=0, max_tokens=3, ignore_eos=True)
+    out = LLM("tiny", engine=e).generate([{"prompt_token_ids": PROMPTS[0]}], params, use_tqdm=False)
+    assert len(out[0].outputs[0].token_ids) == 3
+    kc = e.runner.kv_cache
+    assert kc.quantized and kc.k.dtype == jnp.uint8
+    L, _, _, K, D = kc.k.shape
+    f32_tp1 = KVCache.bytes_per_block(L, BLOCK, K, D, jnp.float32)
+    assert kc.num_blocks == 8 * (e.config.kv_cache_memory_bytes // f32_tp1)
+    for name in ("k", "v"):
+        pages, scale = getattr(kc, name), getattr(kc, f"{name}_scale")
+        L, N, B, K, D = pages.shape
+        assert [s.data.shape for s in pages.addressable_shards] == [(L, N, B, K // 2, D)] * 2
+        assert [s.data.shape for s in scale.addressable_shards] == [(L, K // 2)] * 2
+        assert (np.asarray(scale) > 0).all()
 
 
 def test_zero_compiles_after_warmup_and_prompt_logprobs(engines):
@@ -143,7 +171,7 @@ def test_fused_shards_hold_their_own_heads(engines, path):
                 np.testing.assert_array_equal(got, want, err_msg=f"tp={tp} device {d} {name}")
 
 
-def _forward_logits(path, tp, layer_loop=None, hlo=False):
+def _forward_logits(path, tp, layer_loop=None, hlo=False, kv_dtype=jnp.float32):
     """Logits of every token of two prompts (one prefill step) and then of one decode step (and
     the decode step's optimized HLO with `hlo`)."""
     ckpt = load_checkpoint(path)
@@ -151,8 +179,9 @@ def _forward_logits(path, tp, layer_loop=None, hlo=False):
     layout = TPLayout.plan(c, tp, make_mesh(tp)) if tp > 1 else None
     model = build_model(c, ckpt.params, jnp.float32, layout=layout, layer_loop=layer_loop)
     mc = model.config
-    cache = KVCache.zeros(mc.num_layers, 16, BLOCK, mc.num_kv_heads, mc.head_dim, jnp.float32,
-                          sharding=layout.cache_sharding() if layout else None)
+    cache = KVCache.zeros(mc.num_layers, 16, BLOCK, mc.num_kv_heads, mc.head_dim, kv_dtype,
+                          sharding=layout.cache_sharding() if layout else None,
+                          scale_sharding=layout.cache_scale_sharding() if layout else None)
     graphdef, state = nnx.split(model)
 
     @jax.jit
