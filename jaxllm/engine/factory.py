@@ -122,6 +122,7 @@ def build_engine(config: EngineConfig, *, compile_cache: bool = True, warmup: bo
     import jax
 
     from checkpoints import load_checkpoint, load_tokenizer
+    from jaxllm.lora.config import LoRAConfig
     from jaxllm.models.llama import build_model
     from jaxllm.runner.model_runner import ModelRunner, kv_cache_blocks
     from jaxllm.tokenizer import TokenIdsOnlyTokenizer
@@ -162,7 +163,7 @@ def build_engine(config: EngineConfig, *, compile_cache: bool = True, warmup: bo
     del ckpt
     runner_kw = dict(block_size=config.block_size, max_model_len=max_model_len, max_num_seqs=config.max_num_seqs,
                      max_num_batched_tokens=config.max_num_batched_tokens, eos_token_ids=tokenizer.eos_token_ids,
-                     task=config.task)
+                     task=config.task, lora_config=LoRAConfig.from_engine_config(config))
     reserve = 0
     accelerator = jax.local_devices()[0].platform != "cpu"
     if config.kv_cache_memory_bytes is None and accelerator:

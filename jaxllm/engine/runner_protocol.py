@@ -32,6 +32,10 @@ The engine never imports jax; it talks to any object with this shape. Contract:
 - ``release(ids)`` / ``out.finished_or_preempted_ids``: forget per-request device state
   (penalty counts, ...). Unknown ids are a no-op; a preempted request comes back later with
   ``start_pos == 0``.
+- Multi-LoRA: ``set_lora(slot, adapter)`` loads a ``jaxllm.lora.peft.LoRAAdapter`` into device slot
+  ``slot`` (1..max_loras; ``None`` empties it), for every step dispatched afterwards; a seq runs with
+  the adapter in its ``lora_slot`` (0 = the base model). ValueError (nothing changed) for a slot out
+  of range, a rank above max_lora_rank or an adapter of another model; a runner without LoRA raises.
 """
 
 from __future__ import annotations
@@ -77,3 +81,5 @@ class ModelRunnerProtocol(Protocol):
     def execute(self, out: SchedulerOutput) -> dict[str, SampledToken]: ...
 
     def release(self, request_ids: list[str]) -> None: ...
+
+    def set_lora(self, slot: int, adapter) -> None: ...

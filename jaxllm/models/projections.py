@@ -18,6 +18,7 @@ import os
 import jax
 import jax.numpy as jnp
 
+from jaxllm.lora.delta import LoRAWeight, lora_delta
 from jaxllm.models.quant import QuantWeight, quant_einsum
 from pallas_kernels.matmul import stacked_matmul, stacked_matmul_supported
 from pallas_kernels.matmul.stacked import MAX_ROWS
@@ -30,8 +31,11 @@ class Projector:
     of x's axes but the first (tokens) with the weight's leading axes. Built once per trace (the
     choice of path is static)."""
 
-    def __init__(self, stacked: dict[str, jax.Array] | None, num_tokens: int, layout, *, interpret: bool | None = None):
-        """`stacked`: the scan loop's stacked weights (None in the unroll loop: no experiment)."""
+    def __init__(self, stacked: dict[str, jax.Array] | None, num_tokens: int, layout, *, interpret: bool | None = None,
+                 lora_onehot: jax.Array | None = None):
+        """`stacked`: the scan loop's stacked weights (None in the unroll loop: no experiment).
+        `lora_onehot` [T, S]: each token's adapter slot (jaxllm/lora/delta.py), for LoRAWeights."""
+        self.lora_onehot = lora_onehot
         on = (os.environ.get(ENV_VAR, "0") == "1" and stacked is not None and layout is None
               and num_tokens <= MAX_ROWS)
         self.interpret = jax.default_backend() != "gpu" if interpret is None else interpret
@@ -39,7 +43,10 @@ class Projector:
 
     def __call__(self, spec: str, x: jax.Array, name: str, w, layer) -> jax.Array:
         """`w`: the layer's weight, a jax.Array or a QuantWeight (weight-only int8/fp8: dequantized
-        in the dot, jaxllm/models/quant.py; the stacked-matmul experiment reads plain weights only)."""
+        in the dot, jaxllm/models/quant.py; the stacked-matmul experiment reads plain weights only), or
+        a LoRAWeight wrapping either: the base projection plus each token's adapter delta."""
+        if isinstance(w, LoRAWeight):
+            return self(spec, x, name, w.base, layer) + lora_delta(spec, x, w.a, w.b, self.lora_onehot)
         if isinstance(w, QuantWeight):
             return quant_einsum(spec, x, w)
         if self.stacked is not None:

@@ -71,12 +71,21 @@ class FakeRunner:
         self._prev_sampled: dict[str, int] = {}  # request id -> token sampled by the last dispatched step
         self._unread: list[FakePending] = []  # dispatched, result() not called yet (oldest first)
         self.num_placeholders_fed = 0
+        self.loras: dict[int, object] = {}  # slot -> adapter loaded by set_lora
 
     # ----- protocol -----------------------------------------------------------------
     def release(self, request_ids: list[str]) -> None:
         for rid in request_ids:
             self.known.pop(rid, None)
             self.released.append(rid)
+
+    def set_lora(self, slot: int, adapter) -> None:
+        """Records the adapter per slot (`loras`); a step's seqs may use loaded slots only."""
+        assert isinstance(slot, int) and slot >= 1, f"set_lora slot={slot!r}"
+        if adapter is None:
+            self.loras.pop(slot, None)
+        else:
+            self.loras[slot] = adapter
 
     def execute(self, out: SchedulerOutput) -> dict[str, SampledToken]:
         return self.dispatch(out).result()
@@ -97,6 +106,7 @@ class FakeRunner:
         self.release(out.finished_or_preempted_ids)
         ids = [s.request_id for s in out.seqs]
         assert len(ids) == len(set(ids)), f"request scheduled twice in a step: {ids}"
+        assert all(s.lora_slot == 0 or s.lora_slot in self.loras for s in out.seqs), "a seq ran on an empty LoRA slot"
         assert out.num_batched_tokens == sum(len(s.token_ids) for s in out.seqs)
         for s in out.seqs:
             # a forgotten id comes back only as a new request (its id reused) or a resumed one
