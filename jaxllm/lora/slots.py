@@ -54,6 +54,8 @@ class LoRASlots:
         """`model`: the LlamaForCausalLM the slots serve (its config, dtype, layer loop, layout)."""
         from jaxllm.models.llama import MODEL_AXES
 
+        if jax.process_count() > 1:  # set_lora would have to run on every process (StepChannel)
+            raise ValueError(f"enable_lora is not supported on {jax.process_count()} processes (multi-host) yet")
         self.config = config
         self.num_slots, self.rank = config.max_loras, config.max_lora_rank
         self.layout = layout = getattr(model, "layout", None)
