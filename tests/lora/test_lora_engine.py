@@ -3,10 +3,12 @@ step of every bucket and the slot update, and serving, loading and unloading ada
 compile nothing; LoRA off leaves the step program exactly as it was (no LoRA input, same HLO)."""
 from __future__ import annotations
 
+from checkpoints import load_checkpoint
 from jaxllm.config import EngineConfig
 from jaxllm.engine.factory import build_engine
 from jaxllm.llm import LLM
 from jaxllm.lora.peft import load_adapter
+from jaxllm.models.llama import build_model
 from jaxllm.sampling_params import SamplingParams
 from tests.lora.adapters import write_adapter
 from tests.parallel.tiny_llama import CONFIG, make_tiny_llama
@@ -36,7 +38,10 @@ def test_engine_with_lora_compiles_at_warmup_only(tmp_path):
     # LoRA off: no LoRA input at all (the slots and the [T] slot index are what LoRA on adds)
     import jax
 
-    plain = build_engine(EngineConfig(**cfg), compile_cache=False, warmup=False).runner
+    from jaxllm.runner.model_runner import ModelRunner
+
+    model = build_model(*(lambda ck: (ck.config, ck.params))(load_checkpoint(path)), jax.numpy.float32)
+    plain = ModelRunner(model, block_size=16, num_blocks=8, max_model_len=64, max_num_seqs=4, max_num_batched_tokens=32)
     assert plain.lora is None and plain.compile_count == 0
     T, S, dec = r.buckets.all()[0]
     inp = plain._padding_inputs(T, S, dec)

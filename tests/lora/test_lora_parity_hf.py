@@ -24,7 +24,7 @@ from jaxllm.runner.model_runner import ModelRunner
 from jaxllm.sampling_params import SamplingParams
 from pallas_kernels import KVCache
 from tests.lora.adapters import make_peft_adapter, peft_greedy, peft_logits, peft_model, write_adapter
-from tests.models.hf_tiny import make_tiny_hf
+from tests.models.hf_tiny import COMMON, make_tiny_hf
 
 MAX_RANK = 8
 # (name, r, alpha, targets, rslora): together all seven modules; "b" has r < MAX_RANK and rslora
@@ -103,13 +103,19 @@ def drive(runner, prompts, slots, n, tag):
     return out
 
 
-def test_runner_mixed_greedy_matches_peft_loads_in_place_and_compiles_nothing(setups):
-    base, adapters, _ = setups("llama")
+@pytest.fixture(scope="module")
+def runner(setups):
+    """A warmed-up ModelRunner on the tiny llama with 3 LoRA slots of rank MAX_RANK."""
+    base = setups("llama")[0]
     ckpt = load_checkpoint(base)
-    c = ckpt.config
-    runner = ModelRunner(build_model(c, ckpt.params, jnp.float32), block_size=16, num_blocks=32, max_model_len=64,
-                         max_num_seqs=4, max_num_batched_tokens=64, lora_config=LoRAConfig(3, MAX_RANK))
-    runner.warmup()
+    r = ModelRunner(build_model(ckpt.config, ckpt.params, jnp.float32), block_size=16, num_blocks=32,
+                    max_model_len=64, max_num_seqs=4, max_num_batched_tokens=64, lora_config=LoRAConfig(3, MAX_RANK))
+    r.warmup()
+    return r
+
+
+def test_runner_mixed_greedy_matches_peft_loads_in_place_and_compiles_nothing(setups, runner):
+    base, adapters, _ = setups("llama")
     compiled = (runner.compile_count, runner.num_traces)
     assert ("set_lora",) in runner._executables
     loaded = [load_adapter(p, runner.lora_model_config, MAX_RANK) for p in adapters]
@@ -130,27 +136,27 @@ def test_runner_mixed_greedy_matches_peft_loads_in_place_and_compiles_nothing(se
     assert (runner.compile_count, runner.num_traces) == compiled, "LoRA load/unload/mix compiled after warm-up"
 
 
-def test_runner_refuses_bad_slots_and_adapters(setups, tmp_path):
+def test_runner_refuses_bad_slots_and_adapters(setups, runner, tmp_path):
+    """Each refusal is a one-line ValueError that changes nothing; the runner keeps serving."""
     base, adapters, _ = setups("llama")
-    ckpt = load_checkpoint(base)
-    c = ckpt.config
-    runner = ModelRunner(build_model(c, ckpt.params, jnp.float32), block_size=16, num_blocks=8, max_model_len=64,
-                         max_num_seqs=2, max_num_batched_tokens=32, lora_config=LoRAConfig(2, 4))
-    small = load_adapter(adapters[1], c, 4)  # r=4
-    for slot in (0, 3, -1, True, 1.0):
-        with pytest.raises(ValueError, match=rf"slot={slot!r} is invalid: must be an integer in 1..max_loras=2"):
+    c = runner.lora_model_config
+    compiled = (runner.compile_count, runner.num_traces)
+    small = load_adapter(adapters[1], c, MAX_RANK)  # r=4
+    for slot in (0, 4, -1, True, 1.0):
+        with pytest.raises(ValueError, match=rf"slot={slot!r} is invalid: must be an integer in 1..max_loras=3"):
             runner.set_lora(slot, small)
-    big = load_adapter(adapters[0], c, 8)  # r=8 > the runner's 4
-    with pytest.raises(ValueError, match="rank=8 exceeds max_lora_rank=4"):
+    hf = dict(COMMON, intermediate_size=128)
+    big = load_adapter(write_adapter(str(tmp_path), "big", COMMON, r=16), c, 16)
+    with pytest.raises(ValueError, match=f"rank=16 exceeds max_lora_rank={MAX_RANK}"):
         runner.set_lora(1, big)
-    other = load_adapter(write_adapter(str(tmp_path), "wide", dict(hidden_size=64, intermediate_size=128,
-                                       num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2), r=2),
-                         dataclasses.replace(c, intermediate_size=128), 4)
+    other = load_adapter(write_adapter(str(tmp_path), "wide", hf, r=2), dataclasses.replace(c, intermediate_size=128), 4)
     with pytest.raises(ValueError, match=r"w_gate A/B shapes .* do not match this model's"):
         runner.set_lora(1, other)
     params = SamplingParams(temperature=0.0, max_tokens=1)
-    bad = ScheduledSeq("x", [1, 2], 0, [0], True, 2, params, 0, prefix_token_ids=[], lora_slot=3)
-    with pytest.raises(ValueError, match=r"lora_slot=3 of request x is invalid: must be in 0..2 \(max_loras=2\)"):
+    bad = ScheduledSeq("x", [1, 2], 0, [0], True, 2, params, 0, prefix_token_ids=[], lora_slot=4)
+    with pytest.raises(ValueError, match=r"lora_slot=4 of request x is invalid: must be in 0..3 \(max_loras=3\)"):
         runner.execute(SchedulerOutput([bad], 2))
     ok = dataclasses.replace(bad, lora_slot=0)
     assert set(runner.execute(SchedulerOutput([ok], 2))) == {"x"}  # still serving
+    runner.release(["x"])
+    assert (runner.compile_count, runner.num_traces) == compiled
