@@ -1,4 +1,5 @@
-"""Random non-zero LoRA adapters in PEFT format, and references from transformers + peft.
+"""Random non-zero LoRA adapters in PEFT format, references from transformers + peft, and `drive`:
+greedy generation through a ModelRunner with hand-built ScheduledSeqs (no scheduler).
 
 `make_peft_adapter` goes through peft itself (get_peft_model + save_pretrained, with A and B
 refilled at random: peft initialises B to zero, which would hide every bug); `write_adapter` writes
@@ -101,3 +102,24 @@ def write_adapter(root: str, name: str, config: dict, r: int, alpha: float = 16.
     with open(os.path.join(path, "adapter_config.json"), "w") as f:
         json.dump(cfg, f)
     return path
+
+
+def drive(runner, prompts, slots, n, tag):
+    """n greedy tokens per prompt, all prompts in every step (one mixed prefill, then decodes),
+    prompt i running LoRA slot slots[i]; ScheduledSeqs built by hand (no scheduler)."""
+    from jaxllm.core.scheduler_output import ScheduledSeq, SchedulerOutput
+    from jaxllm.sampling_params import SamplingParams
+
+    params = SamplingParams(temperature=0.0, max_tokens=n, ignore_eos=True)
+    per = -(-(max(map(len, prompts)) + n) // runner.block_size)
+    seqs = [ScheduledSeq(f"{tag}{i}", list(p), 0, list(range(i * per, (i + 1) * per)), True, len(p), params, 0,
+                         prefix_token_ids=[], lora_slot=s) for i, (p, s) in enumerate(zip(prompts, slots))]
+    out = [[] for _ in prompts]
+    for _ in range(n):
+        res = runner.execute(SchedulerOutput(seqs, sum(len(s.token_ids) for s in seqs)))
+        for i, s in enumerate(seqs):
+            out[i].append(res[s.request_id].token_id)
+        seqs = [ScheduledSeq(s.request_id, [o[-1]], s.start_pos + len(s.token_ids), s.block_ids, True,
+                             s.num_prompt_tokens, params, 0, lora_slot=s.lora_slot) for s, o in zip(seqs, out)]
+    runner.release([s.request_id for s in seqs])
+    return out

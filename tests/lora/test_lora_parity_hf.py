@@ -23,7 +23,7 @@ from jaxllm.models.llama import build_model
 from jaxllm.runner.model_runner import ModelRunner
 from jaxllm.sampling_params import SamplingParams
 from pallas_kernels import KVCache
-from tests.lora.adapters import make_peft_adapter, peft_greedy, peft_logits, peft_model, write_adapter
+from tests.lora.adapters import drive, make_peft_adapter, peft_greedy, peft_logits, peft_model, write_adapter
 from tests.models.hf_tiny import COMMON, make_tiny_hf
 
 MAX_RANK = 8
@@ -85,24 +85,6 @@ def test_mixed_batch_matches_peft(arch, layer_loop, setups):
 
 
 # ----- through the runner: greedy tokens, in-place loads, zero compiles -----------------------
-def drive(runner, prompts, slots, n, tag):
-    """n greedy tokens per prompt, all prompts in every step (one mixed prefill, then decodes),
-    prompt i running LoRA slot slots[i]; ScheduledSeqs built by hand (no scheduler)."""
-    params = SamplingParams(temperature=0.0, max_tokens=n, ignore_eos=True)
-    per = -(-(max(map(len, prompts)) + n) // runner.block_size)
-    seqs = [ScheduledSeq(f"{tag}{i}", list(p), 0, list(range(i * per, (i + 1) * per)), True, len(p), params, 0,
-                         prefix_token_ids=[], lora_slot=s) for i, (p, s) in enumerate(zip(prompts, slots))]
-    out = [[] for _ in prompts]
-    for _ in range(n):
-        res = runner.execute(SchedulerOutput(seqs, sum(len(s.token_ids) for s in seqs)))
-        for i, s in enumerate(seqs):
-            out[i].append(res[s.request_id].token_id)
-        seqs = [ScheduledSeq(s.request_id, [o[-1]], s.start_pos + len(s.token_ids), s.block_ids, True,
-                             s.num_prompt_tokens, params, 0, lora_slot=s.lora_slot) for s, o in zip(seqs, out)]
-    runner.release([s.request_id for s in seqs])
-    return out
-
-
 @pytest.fixture(scope="module")
 def runner(setups):
     """A warmed-up ModelRunner on the tiny llama with 3 LoRA slots of rank MAX_RANK."""
