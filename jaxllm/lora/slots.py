@@ -30,6 +30,8 @@ jitted, donated update (compiled at warm-up, any slot: the slot is an argument).
 """
 from __future__ import annotations
 
+import dataclasses
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -38,6 +40,7 @@ from jaxllm.lora.config import LoRAConfig
 from jaxllm.lora.delta import LoRAPair
 from jaxllm.lora.peft import LoRAAdapter, module_shapes
 from jaxllm.models.fusion import FUSED, KV_PARAMS, fuse
+from jaxllm.models.llama import MODEL_AXES
 
 # held short name -> the checkpoint projections fused into it, in order
 LORA_TARGETS: dict[str, tuple[str, ...]] = {
@@ -56,8 +59,6 @@ def lora_axes(weight_axes: tuple[str, ...], num_in: int, stacked: bool) -> tuple
 class LoRASlots:
     def __init__(self, config: LoRAConfig, model):
         """`model`: the LlamaForCausalLM the slots serve (its config, dtype, layer loop, layout)."""
-        from jaxllm.models.llama import MODEL_AXES
-
         if jax.process_count() > 1:  # set_lora would have to run on every process (StepChannel)
             raise ValueError(f"enable_lora is not supported on {jax.process_count()} processes (multi-host) yet")
         self.config = config
@@ -68,13 +69,11 @@ class LoRASlots:
         mc = model.config
         self.num_layers = mc.num_layers
         # the config adapters are checked against: the checkpoint's (kv heads before repetition)
-        import dataclasses
-
         self.adapter_config = dataclasses.replace(mc, num_kv_heads=mc.num_kv_heads // self.kv_repeat)
         self.ckpt_shapes = module_shapes(self.adapter_config)  # checkpoint name -> (in, out) per layer
         self.dtype = model.dtype
         self.stacked = model.layer_loop == "scan"
-        L, S, R = self.num_layers, self.num_slots, self.rank
+        R = self.rank
         held_out = module_shapes(mc)
         self.shapes, self.axes = {}, {}  # name -> (a shape, b shape) / (a axes, b axes), without L and S
         for name, parts in LORA_TARGETS.items():
