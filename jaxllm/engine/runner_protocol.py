@@ -36,6 +36,8 @@ The engine never imports jax; it talks to any object with this shape. Contract:
   ``slot`` (1..max_loras; ``None`` empties it), for every step dispatched afterwards; a seq runs with
   the adapter in its ``lora_slot`` (0 = the base model). ValueError (nothing changed) for a slot out
   of range, a rank above max_lora_rank or an adapter of another model; a runner without LoRA raises.
+  The real runner's ``lora_model_config`` is the ModelConfig to pass to ``load_adapter`` (the
+  checkpoint's: tensor parallelism may repeat kv heads in ``model_config``).
 """
 
 from __future__ import annotations
