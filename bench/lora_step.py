@@ -4,7 +4,7 @@
 
 1. "formulations": the delta of one fused wqkv projection (the model's shapes, P = 3 parts,
    --max-loras slots of --rank) as a one-hot einsum over slots (jaxllm/lora/delta.py) vs gathering
-   each token's A and B ([T, in, P·R], [T, P·R, out]), at T = --batch (decode) and prefill sizes:
+   each token's A and B ([T, in, P·R], [T, R, out_p] per part), at T = --batch (decode) and prefill sizes:
    ms per call, median of --repeats.
 2. "decode step": a --batch-sequence decode step of the ModelRunner (dummy weights of --model's
    shape, context --context tokens each, greedy) with LoRA off, and with LoRA on (--max-loras slots,
@@ -46,21 +46,25 @@ def formulations(mc, S: int, R: int, tokens: list[int], repeats: int, dtype) -> 
 
     from jaxllm.lora.delta import lora_delta
 
-    E, N, P = mc.hidden_size, (mc.num_heads + 2 * mc.num_kv_heads) * mc.head_dim, 3
+    E, P = mc.hidden_size, 3
+    outs = [mc.num_heads * mc.head_dim] + [mc.num_kv_heads * mc.head_dim] * 2  # q, k, v
     rng = np.random.default_rng(0)
     a = jnp.asarray(rng.standard_normal((S, E, P * R)), dtype)  # [S, E, PR]
-    b = jnp.asarray(rng.standard_normal((S, P * R, N)), dtype)  # [S, PR, N]
+    b = tuple(jnp.asarray(rng.standard_normal((S, R, n)), dtype) for n in outs)  # [S, R, N_p]
     a0 = jnp.concatenate([jnp.zeros_like(a[:1]), a])  # [S+1, ...]: slot 0 = zeros for the gather
-    b0 = jnp.concatenate([jnp.zeros_like(b[:1]), b])
+    b0 = tuple(jnp.concatenate([jnp.zeros_like(x[:1]), x]) for x in b)
+    N = sum(outs)
 
     @jax.jit
     def onehot(x, slots, a, b):
-        return lora_delta("te,en->tn", x, a, b, jax.nn.one_hot(slots - 1, S, dtype=x.dtype))
+        join = lambda parts: jnp.concatenate(parts, axis=1)  # noqa: E731  (tp=1: shard-major = concatenation)
+        return lora_delta("te,en->tn", x, a, b, jax.nn.one_hot(slots - 1, S, dtype=x.dtype), join)
 
     @jax.jit
     def gather(x, slots, a0, b0):
         u = jnp.einsum("te,ter->tr", x, a0[slots])  # [T, PR] from [T, E, PR]
-        return jnp.einsum("tr,trn->tn", u, b0[slots])  # [T, N] from [T, PR, N]
+        return jnp.concatenate([jnp.einsum("tr,trn->tn", u[:, p * R:(p + 1) * R], bp[slots])  # [T, R, N_p]
+                                for p, bp in enumerate(b0)], axis=1)
 
     rows = []
     for T in tokens:
@@ -68,7 +72,7 @@ def formulations(mc, S: int, R: int, tokens: list[int], repeats: int, dtype) -> 
         slots = jnp.asarray(rng.integers(0, S + 1, T), jnp.int32)
         np.testing.assert_allclose(np.asarray(onehot(x, slots, a, b), np.float32),
                                    np.asarray(gather(x, slots, a0, b0), np.float32), rtol=2e-2, atol=2e-2 * R)
-        base = jnp.asarray(rng.standard_normal((E, N)), dtype)
+        base = jnp.asarray(rng.standard_normal((E, N)), dtype)  # [E, N] the fused wqkv
         rows.append(dict(T=T, base_ms=timed(lambda: jax.jit(jnp.dot)(x, base), repeats),
                          onehot_ms=timed(lambda: onehot(x, slots, a, b), repeats),
                          gather_ms=timed(lambda: gather(x, slots, a0, b0), repeats)))

@@ -3,29 +3,31 @@
 Layout (per held projection of the model, `LORA_TARGETS`; S = max_loras, R = max_lora_rank, P = the
 number of checkpoint projections fused into it: 3 for wqkv, 2 for w_gate_up, 1 for wo / w_down):
 
-    a [L, S, in..., P·R]    the parts' A side by side on the rank axis (part p: columns pR..pR+r)
-    b [L, S, P·R, out...]   block-diagonal: part p's rows pR.. hold its B in its own output columns,
-                            fused in shard-major order by the same `fusion.fuse` as the base weight
+    a [L, S, in..., P·R]     the parts' A side by side on the rank axis (part p: columns pR..pR+r)
+    b: P arrays [L, S, R, out_p...]   each part's own B (q, k, v; gate, up), unfused
 
 (the "unroll" layer loop holds one [S, ...] array per layer instead, like its weights; the layer
-axis leads so the "scan" loop scans the slots with the weights). Why a fused, block-diagonal B
-rather than separate q/k/v (gate/up) pairs whose deltas are placed per part: `(x·a)·b` is then the
-delta of the whole fused output already in its shard-major order, so the four projections share one
-code path (`delta.lora_delta`) and tensor parallelism needs nothing new: a and b take their base
-weight's logical axes (`lora_axes`): column-parallel wqkv / w_gate_up keep a replicated and shard b
-on the fused output axis exactly like the weight (device d's b columns are its own q/k/v heads);
-row-parallel wo / w_down shard a on the input axis and keep b replicated, so the partial delta is
-summed by the all-reduce the base projection already has (XLA puts the partial u = x·a, [T, S, P·R],
-into that same all-reduce op: tests/parallel/test_tp_engine.py checks the HLO). The price is the
-zero blocks of b: the B side of wqkv holds 3x (w_gate_up 2x) the elements it needs, an extra
-2·S·R·(H+2K)·D + S·R·2F per layer, read every step. For SmolLM2-135M with 4 slots of rank 16 the
-slots take 111 MiB beside 513 MiB of f32 weights, a third of it those zeros; for a Llama-3-8B
-shape the same slots are ~4% of the layer weights (~2.4% without the zeros). Separate per-part b
-with the deltas fused in shard-major order would save that at the cost of a second code path.
+axis leads so the "scan" loop scans the slots with the weights). One code path for the four
+projections (`delta.lora_delta`): u = x·a once, then one u_p·b_p per part, and for a fused projection
+`fusion.join_fused` (the inverse of the decoder's `split_fused`) puts the part deltas in the fused
+output's shard-major order, each device concatenating its own slices.
+
+Tensor parallelism by logical axes (`lora_axes`): a takes the held weight's input axes, each b its
+unfused checkpoint projection's output axes (PARAM_AXES). Column-parallel wqkv / w_gate_up: a
+replicated, b_q on "heads", b_k/b_v on "kv_heads", b_gate/b_up on "mlp": every part delta is born
+on the device that holds those output columns and the join moves nothing. Row-parallel wo / w_down:
+a sharded on the input axis, b replicated; XLA sums the partial u = x·a ([T, S, R]) in the same
+all-reduce op as the base projection's partial output (tests/parallel/test_tp_engine.py checks the
+HLO: the decode step's collectives are those of the step without LoRA).
+
+Rejected first version (commit 6d5707b): one fused, block-diagonal b [L, S, P·R, out...] made with
+the base weight's own `fusion.fuse`; simpler (no join) but its zero blocks made b of wqkv 3x and of
+w_gate_up 2x the needed size, bytes read and FLOPs every step: 111 MiB of slots for SmolLM2-135M
+with 4 slots of rank 16 against 74 MiB now (bench/RESULTS.md).
 
 Slot s (1..S) lives at index s - 1; slot 0 (the base model) has no storage (delta.py). Adapters
 arrive from `jaxllm/lora/peft.py` in checkpoint layout; `slot_arrays` pads the rank, repeats kv
-heads (tensor parallelism with tp > kv heads) and fuses on the host; `set` writes them with one
+heads (tensor parallelism with tp > kv heads) on the host; `set` writes them with one
 jitted, donated update (compiled at warm-up, any slot: the slot is an argument).
 """
 from __future__ import annotations
@@ -39,8 +41,8 @@ import numpy as np
 from jaxllm.lora.config import LoRAConfig
 from jaxllm.lora.delta import LoRAPair
 from jaxllm.lora.peft import LoRAAdapter, module_shapes
-from jaxllm.models.fusion import FUSED, KV_PARAMS, fuse
-from jaxllm.models.llama import MODEL_AXES
+from jaxllm.models.fusion import FUSED, KV_PARAMS
+from jaxllm.models.llama import MODEL_AXES, PARAM_AXES
 
 # held short name -> the checkpoint projections fused into it, in order
 LORA_TARGETS: dict[str, tuple[str, ...]] = {
@@ -64,7 +66,6 @@ class LoRASlots:
         self.config = config
         self.num_slots, self.rank = config.max_loras, config.max_lora_rank
         self.layout = layout = getattr(model, "layout", None)
-        self.tp = 1 if layout is None else layout.tp
         self.kv_repeat = 1 if layout is None else layout.kv_repeat
         mc = model.config
         self.num_layers = mc.num_layers
@@ -74,17 +75,14 @@ class LoRASlots:
         self.dtype = model.dtype
         self.stacked = model.layer_loop == "scan"
         R = self.rank
-        held_out = module_shapes(mc)
-        self.shapes, self.axes = {}, {}  # name -> (a shape, b shape) / (a axes, b axes), without L and S
+        held_out = module_shapes(mc)  # the model's: kv heads as repeated
+        self.shapes, self.axes = {}, {}  # name -> (a, (b per part)) shapes / axes, without L and S
         for name, parts in LORA_TARGETS.items():
             ins = held_out[parts[0]][0]
-            outs = list(held_out[parts[0]][1])
-            if len(parts) > 1:  # the fused axis: wqkv's heads (-2), w_gate_up's columns (-1)
-                ax = FUSED[f"layers.{name}"][1]
-                outs[ax] = sum(held_out[p][1][ax] for p in parts)
             P = len(parts)
-            self.shapes[name] = (ins + (P * R,), (P * R,) + tuple(outs))
-            self.axes[name] = lora_axes(MODEL_AXES[f"layers.{name}"], len(ins), self.stacked)
+            self.shapes[name] = (ins + (P * R,), tuple((R,) + held_out[p][1] for p in parts))
+            self.axes[name] = (lora_axes(MODEL_AXES[f"layers.{name}"], len(ins), self.stacked)[0],
+                               tuple(lora_axes(PARAM_AXES[p], len(ins), self.stacked)[1] for p in parts))
         self.weights = self._zeros()
         self.nbytes = sum(x.nbytes for x in jax.tree.leaves(self.weights))
         self._zero_update = None  # numpy zeros of one slot, made on the first unload
@@ -95,15 +93,19 @@ class LoRASlots:
                 return jax.lax.dynamic_update_index_in_dim(w, x.astype(w.dtype), index, axis)
 
             if self.stacked:
-                return {n: LoRAPair(put(p.a, new[n].a, 1), put(p.b, new[n].b, 1)) for n, p in weights.items()}
-            return [{n: LoRAPair(put(p.a, new[n].a[i], 0), put(p.b, new[n].b[i], 0)) for n, p in layer.items()}
-                    for i, layer in enumerate(weights)]
+                return {n: LoRAPair(put(p.a, new[n].a, 1), tuple(put(b, nb, 1) for b, nb in zip(p.b, new[n].b)))
+                        for n, p in weights.items()}
+            return [{n: LoRAPair(put(p.a, new[n].a[i], 0), tuple(put(b, nb[i], 0) for b, nb in zip(p.b, new[n].b)))
+                     for n, p in layer.items()} for i, layer in enumerate(weights)]
 
         kw = {}
         if layout is not None:
             w_sh = jax.tree.map(lambda x: x.sharding, self.weights)
-            new_sh = {n: LoRAPair(*(layout.sharding(("layers",) + ax[-len(shape):])
-                                    for ax, shape in zip(self.axes[n], self.shapes[n])))
+            def per_layer(axes, shape):  # the stacked update's slot-less axes
+                return layout.sharding(("layers",) + axes[-len(shape):])
+
+            new_sh = {n: LoRAPair(per_layer(self.axes[n][0], self.shapes[n][0]),
+                                  tuple(per_layer(ax, sh) for ax, sh in zip(self.axes[n][1], self.shapes[n][1])))
                       for n in LORA_TARGETS}
             kw = dict(in_shardings=(w_sh, layout.replicated, new_sh), out_shardings=w_sh)
         self._update = jax.jit(update, donate_argnums=(0,), **kw)
@@ -119,8 +121,8 @@ class LoRASlots:
             return jax.jit(lambda: jnp.zeros(shape, self.dtype), out_shardings=lay.sharding(axes))()
 
         def pair(name, lead):
-            (sa, sb), (xa, xb) = self.shapes[name], self.axes[name]
-            return LoRAPair(zeros(lead + sa, xa), zeros(lead + sb, xb))
+            (sa, sbs), (xa, xbs) = self.shapes[name], self.axes[name]
+            return LoRAPair(zeros(lead + sa, xa), tuple(zeros(lead + sb, xb) for sb, xb in zip(sbs, xbs)))
 
         if self.stacked:
             return {n: pair(n, (L, S)) for n in LORA_TARGETS}
@@ -145,7 +147,7 @@ class LoRASlots:
                                  f"do not match this model's {want[0]}/{want[1]} (an adapter of another model?)")
 
     def slot_arrays(self, adapter: LoRAAdapter | None) -> dict[str, LoRAPair]:
-        """{name: LoRAPair(a [L, in..., P·R], b [L, P·R, out...])} numpy in the slot layout."""
+        """{name: LoRAPair(a [L, in..., P·R], b per part [L, R, out_p...])} numpy in the slot layout."""
         L, R = self.num_layers, self.rank
         out = {}
         for name, parts in LORA_TARGETS.items():
@@ -154,17 +156,16 @@ class LoRASlots:
             a = np.zeros((L,) + ins + (P * R,), np.float32)  # [L, in..., P*R]
             bs = []
             for p, param in enumerate(parts):
-                b = np.zeros((L, P * R) + self.ckpt_shapes[param][1], np.float32)  # [L, P*R, out_p...]
+                b = np.zeros((L, R) + self.ckpt_shapes[param][1], np.float32)  # [L, R, out_p...]
                 if adapter is not None and param in adapter.modules:
                     pa, pb = adapter.modules[param]
                     r = pa.shape[-1]
-                    a[..., p * R:p * R + r] = pa
-                    b[:, p * R:p * R + r] = pb
+                    a[..., p * R:p * R + r] = pa  # ranks r..R stay zero
+                    b[:, :r] = pb
                 if self.kv_repeat > 1 and param in KV_PARAMS:
                     b = np.repeat(b, self.kv_repeat, axis=-2)  # the model's repeated kv heads
-                bs.append(b)
-            b = bs[0] if P == 1 else fuse(np, bs, FUSED[f"layers.{name}"][1], self.tp, parts)
-            out[name] = LoRAPair(a.astype(self.dtype), b.astype(self.dtype))
+                bs.append(b.astype(self.dtype))
+            out[name] = LoRAPair(a.astype(self.dtype), tuple(bs))
         return out
 
     # ----- device side ---------------------------------------------------------------------------
