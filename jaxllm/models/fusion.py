@@ -17,6 +17,7 @@ each device's part where it is (no collective).
 from __future__ import annotations
 
 import jax
+import jax.numpy as jnp
 import numpy as np
 
 from jaxllm.parallel.ops import constrain
@@ -98,8 +99,6 @@ def join_fused(parts: list[jax.Array], layout, fused_axis: str, part_axes: tuple
     """Inverse of `split_fused`: parts [T, size_i, *rest] (each sharded like its unfused projection's
     output) → [T, sum(sizes), *rest] in shard-major order, each device concatenating its own slices
     (no collective). The LoRA deltas of a fused projection are computed per part and joined so."""
-    import jax.numpy as jnp
-
     tp = 1 if layout is None else layout.tp
     T, rest = parts[0].shape[0], tuple(parts[0].shape[2:])
     rest_axes = tuple(part_axes[0][2:])
