@@ -123,6 +123,7 @@ def build_engine(config: EngineConfig, *, compile_cache: bool = True, warmup: bo
     import jax
 
     from checkpoints import load_checkpoint, load_tokenizer
+    from jaxllm.lora.config import LoRAConfig
     from jaxllm.models import prequantized
     from jaxllm.models.llama import build_model
     from jaxllm.runner.kv_cache_dtype import cache_dtype, check_kv_cache_dtype
@@ -168,7 +169,8 @@ def build_engine(config: EngineConfig, *, compile_cache: bool = True, warmup: bo
     config = msgspec.structs.replace(config, quantization=model.quantization)  # a Q8_0 GGUF: "int8"
     runner_kw = dict(block_size=config.block_size, max_model_len=max_model_len, max_num_seqs=config.max_num_seqs,
                      max_num_batched_tokens=config.max_num_batched_tokens, eos_token_ids=tokenizer.eos_token_ids,
-                     task=config.task, kv_cache_dtype=config.kv_cache_dtype)
+                     task=config.task, kv_cache_dtype=config.kv_cache_dtype,
+                     lora_config=LoRAConfig.from_engine_config(config))
     reserve = 0
     accelerator = jax.local_devices()[0].platform != "cpu"
     if config.kv_cache_memory_bytes is None and accelerator:

@@ -38,6 +38,12 @@ The engine never imports jax; it talks to any object with this shape. Contract:
 - ``release(ids)`` / ``out.finished_or_preempted_ids``: forget per-request device state
   (penalty counts, ...). Unknown ids are a no-op; a preempted request comes back later with
   ``start_pos == 0``.
+- Multi-LoRA: ``set_lora(slot, adapter)`` loads a ``jaxllm.lora.peft.LoRAAdapter`` into device slot
+  ``slot`` (1..max_loras; ``None`` empties it), for every step dispatched afterwards; a seq runs with
+  the adapter in its ``lora_slot`` (0 = the base model). ValueError (nothing changed) for a slot out
+  of range, a rank above max_lora_rank or an adapter of another model; a runner without LoRA raises.
+  The real runner's ``lora_model_config`` is the ModelConfig to pass to ``load_adapter`` (the
+  checkpoint's: tensor parallelism may repeat kv heads in ``model_config``).
 """
 
 from __future__ import annotations
@@ -84,5 +90,4 @@ class ModelRunnerProtocol(Protocol):
 
     def release(self, request_ids: list[str]) -> None: ...
 
-    # optional: only runners built for multi-LoRA (the engine checks for it when enable_lora)
     def set_lora(self, slot: int, adapter) -> None: ...

@@ -17,6 +17,7 @@ each device's part where it is (no collective).
 from __future__ import annotations
 
 import jax
+import jax.numpy as jnp
 import numpy as np
 
 from jaxllm.parallel.ops import constrain
@@ -92,6 +93,19 @@ def split_fused(y: jax.Array, sizes: tuple[int, ...], layout, fused_axis: str,
         start += size // tp
         out.append(constrain(part.reshape((T, size) + rest), layout, axes))
     return out
+
+
+def join_fused(parts: list[jax.Array], layout, fused_axis: str, part_axes: tuple[tuple[str, ...], ...]) -> jax.Array:
+    """Inverse of `split_fused`: parts [T, size_i, *rest] (each sharded like its unfused projection's
+    output) → [T, sum(sizes), *rest] in shard-major order, each device concatenating its own slices
+    (no collective). The LoRA deltas of a fused projection are computed per part and joined so."""
+    tp = 1 if layout is None else layout.tp
+    T, rest = parts[0].shape[0], tuple(parts[0].shape[2:])
+    rest_axes = tuple(part_axes[0][2:])
+    split = [constrain(p, layout, axes).reshape((T, tp, p.shape[1] // tp) + rest)  # [T, tp, size/tp, *rest]
+             for p, axes in zip(parts, part_axes)]
+    y = constrain(jnp.concatenate(split, axis=2), layout, ("tokens", fused_axis, None) + rest_axes)
+    return constrain(y.reshape((T, -1) + rest), layout, ("tokens", fused_axis) + rest_axes)
 
 
 def unfuse_numpy(fused: np.ndarray, sizes: tuple[int, ...], axis: int, tp: int) -> list[np.ndarray]:

@@ -19,6 +19,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
+from jaxllm.lora.delta import LoRABatch, with_lora
 from jaxllm.models.config import ModelConfig
 from jaxllm.models.fusion import FUSED, FUSED_PARTS, placement_plan, split_fused
 from jaxllm.models import prequantized
@@ -222,26 +223,30 @@ class LlamaForCausalLM(nnx.Module):
         return self.embed[...].dtype
 
     def __call__(self, tokens: jax.Array, positions: jax.Array, kv_cache: KVCache,
-                 metadata: AttentionMetadata) -> tuple[jax.Array, KVCache]:
-        """tokens, positions: [T] int32 → hidden [T, hidden_size] (after the final norm), updated cache."""
+                 metadata: AttentionMetadata, lora: LoRABatch | None = None) -> tuple[jax.Array, KVCache]:
+        """tokens, positions: [T] int32 → hidden [T, hidden_size] (after the final norm), updated cache.
+        `lora`: adapter slots and the per-token slot index (jaxllm/lora/delta.py); None = the base
+        model only (the program is then exactly the one without LoRA)."""
         c = self.config
         lay = self.layout
         x = embed_lookup(self.embed[...], tokens, lay)  # [T, E]
         cos, sin = rope_tables(positions, inverse_frequencies(c))  # [T, D/2] f32
         stacked = self.layers.arrays() if self.layer_loop == "scan" else None
-        proj = Projector(stacked, tokens.shape[0], lay)
+        proj = Projector(stacked, tokens.shape[0], lay, lora_onehot=None if lora is None else lora.onehot(x.dtype))
         run = lambda w, x, cache, i: decoder_layer(w, x, cos, sin, cache, i, metadata, c, lay, proj,  # noqa: E731
                                                    self.attention_impl)
         if self.layer_loop == "scan":
             def body(carry, w):
                 x, cache, i = carry
-                x, cache = run(w, x, cache, i)
+                x, cache = run(w if lora is None else with_lora(*w), x, cache, i)
                 return (x, cache, i + 1), None
 
-            (x, kv_cache, _), _ = jax.lax.scan(body, (x, kv_cache, jnp.int32(0)), stacked)
+            xs = stacked if lora is None else (stacked, lora.weights)  # LoRA pairs stacked [L, S, ...] too
+            (x, kv_cache, _), _ = jax.lax.scan(body, (x, kv_cache, jnp.int32(0)), xs)
         else:
             for i, layer in enumerate(self.layers):  # unrolled at trace time: each weight read in place
-                x, kv_cache = run(layer.arrays(), x, kv_cache, i)
+                w = layer.arrays() if lora is None else with_lora(layer.arrays(), lora.weights[i])
+                x, kv_cache = run(w, x, kv_cache, i)
         return rms_norm(x, self.final_norm[...], c.rms_norm_eps), kv_cache
 
     def compute_logits(self, hidden: jax.Array) -> jax.Array:

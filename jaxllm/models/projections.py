@@ -1,5 +1,5 @@
-"""The one hook every decoder projection goes through: `proj(spec, x, name, w, layer)` (LoRA deltas
-and quantized weights land here, once). Four per layer: the fused "wqkv" and "w_gate_up"
+"""The one hook every decoder projection goes through: `proj(spec, x, name, w, layer)` (LoRA deltas,
+jaxllm/lora/delta.py, and quantized weights land here, once). Four per layer: the fused "wqkv" and "w_gate_up"
 (shard-major, jaxllm/models/fusion.py: a per-part LoRA delta must follow that order), "wo", "w_down". Normally XLA's dot on the layer's weight: its own array in
 the "unroll" layer loop (read in place), a slice of the stacked array in the "scan" loop. In the scan
 loop, an experiment (JAXLLM_STACKED_MATMUL=1) uses the Pallas `stacked_matmul` that reads the
@@ -18,11 +18,19 @@ import os
 import jax
 import jax.numpy as jnp
 
+from jaxllm.lora.delta import LoRAWeight, lora_delta
+from jaxllm.models.fusion import join_fused
 from jaxllm.models.quant import QuantWeight, quant_einsum
 from pallas_kernels.matmul import stacked_matmul, stacked_matmul_supported
 from pallas_kernels.matmul.stacked import MAX_ROWS
 
 ENV_VAR = "JAXLLM_STACKED_MATMUL"
+# fused projections: (fused output axis, the logical axes of each part's output), as the decoder splits them
+FUSED_OUTPUTS = {
+    "wqkv": ("qkv_heads", (("tokens", "heads", "head_dim"), ("tokens", "kv_heads", "head_dim"),
+                           ("tokens", "kv_heads", "head_dim"))),
+    "w_gate_up": ("mlp2", (("tokens", "mlp"), ("tokens", "mlp"))),
+}
 
 
 class Projector:
@@ -30,8 +38,12 @@ class Projector:
     of x's axes but the first (tokens) with the weight's leading axes. Built once per trace (the
     choice of path is static)."""
 
-    def __init__(self, stacked: dict[str, jax.Array] | None, num_tokens: int, layout, *, interpret: bool | None = None):
-        """`stacked`: the scan loop's stacked weights (None in the unroll loop: no experiment)."""
+    def __init__(self, stacked: dict[str, jax.Array] | None, num_tokens: int, layout, *, interpret: bool | None = None,
+                 lora_onehot: jax.Array | None = None):
+        """`stacked`: the scan loop's stacked weights (None in the unroll loop: no experiment).
+        `lora_onehot` [T, S]: each token's adapter slot (jaxllm/lora/delta.py), for LoRAWeights."""
+        self.lora_onehot = lora_onehot
+        self.layout = layout
         on = (os.environ.get(ENV_VAR, "0") == "1" and stacked is not None and layout is None
               and num_tokens <= MAX_ROWS)
         self.interpret = jax.default_backend() != "gpu" if interpret is None else interpret
@@ -39,7 +51,13 @@ class Projector:
 
     def __call__(self, spec: str, x: jax.Array, name: str, w, layer) -> jax.Array:
         """`w`: the layer's weight, a jax.Array or a QuantWeight (weight-only int8/fp8: dequantized
-        in the dot, jaxllm/models/quant.py; the stacked-matmul experiment reads plain weights only)."""
+        in the dot, jaxllm/models/quant.py; the stacked-matmul experiment reads plain weights only), or
+        a LoRAWeight wrapping either: the base projection plus each token's adapter delta."""
+        if isinstance(w, LoRAWeight):
+            join = None
+            if name in FUSED_OUTPUTS:
+                join = lambda parts: join_fused(parts, self.layout, *FUSED_OUTPUTS[name])  # noqa: E731
+            return self(spec, x, name, w.base, layer) + lora_delta(spec, x, w.a, w.b, self.lora_onehot, join)
         if isinstance(w, QuantWeight):
             return quant_einsum(spec, x, w)
         if self.stacked is not None:

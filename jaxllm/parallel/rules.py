@@ -38,6 +38,9 @@ LOGICAL_AXIS_RULES: dict[str, str | None] = {
     # activations
     "tokens": None,
     "seqs": None,
+    # LoRA slots (jaxllm/lora/slots.py): A/B otherwise take their base weight's input/output axes
+    "lora_slots": None,
+    "lora_rank": None,
     # KV cache
     "cache_blocks": None,
     "block_slots": None,

@@ -35,15 +35,20 @@ class StepInputs:
     # buffer) replaces tokens[t]; R = tokens[t] is the host's. A placeholder decode feeds the token
     # the previous step sampled for its row without a trip through the host.
     feed_rows: jax.Array
+    # Multi-LoRA: [T] i32, each token's adapter slot (ScheduledSeq.lora_slot; 0 = the base model,
+    # padding tokens 0); None when the runner has no LoRA (the step then has no such input)
+    lora_slots: jax.Array | None = None
 
 
 def build_inputs(seqs: list[ScheduledSeq], rows: list[int], num_rows: int, eos_ids: list[int],
                  padded_tokens: int, padded_seqs: int, decode_only: bool, block_size: int,
                  max_blocks: int, max_seen: int, seed_steps: list | None = None, *, vocab_size: int,
-                 grammar_bitmask: np.ndarray | None = None, constrained: list[bool] | None = None) -> StepInputs:
+                 grammar_bitmask: np.ndarray | None = None, constrained: list[bool] | None = None,
+                 lora: bool = False) -> StepInputs:
     """Numpy arrays for one step. `rows[i]` is seqs[i]'s penalty row; row `num_rows - 1` is spare.
     `grammar_bitmask` [len(seqs), ceil(vocab_size / 32)] i32 and `constrained` (SchedulerOutput's)
     restrict the constrained seqs' next token; without them every row is free (an all-zero mask).
+    `lora`: fill `lora_slots` [T] from each seq's lora_slot (else it stays None).
 
     Prefix-cache hits seed penalty state with up to `max_seen` tokens per step. When the step's
     hits carry more and `seed_steps` is a list, the prefixes go instead into all-padding inputs of
@@ -56,6 +61,7 @@ def build_inputs(seqs: list[ScheduledSeq], rows: list[int], num_rows: int, eos_i
     prompt_rows = np.full(T, R, np.int32)
     output_rows = np.full(T, R, np.int32)
     feed_rows = np.full(T, R, np.int32)
+    lora_slots = np.zeros(T, np.int32) if lora else None
     block_tables = np.zeros((S, max_blocks), np.int32)
     context_lens = np.zeros(S, np.int32)
     cu = np.zeros(S + 1, np.int32)
@@ -97,6 +103,8 @@ def build_inputs(seqs: list[ScheduledSeq], rows: list[int], num_rows: int, eos_i
         else:
             tokens[t:t + n] = s.token_ids
         positions[t:t + n] = pos
+        if lora:
+            lora_slots[t:t + n] = s.lora_slot
         slots[t:t + n] = blocks[pos // block_size] * block_size + pos % block_size
         is_prompt = pos < s.num_prompt_tokens
         prompt_rows[t:t + n] = np.where(is_prompt, row, R)
@@ -138,7 +146,7 @@ def build_inputs(seqs: list[ScheduledSeq], rows: list[int], num_rows: int, eos_i
             # more than one step can carry: reset and seed the rows in padding steps run before this one
             for j, lo in enumerate(range(0, len(all_seen[0]), max_seen)):
                 pad = build_inputs([], [], num_rows, eos_ids, padded_tokens, padded_seqs, decode_only, block_size,
-                                   max_blocks, max_seen, vocab_size=vocab_size)
+                                   max_blocks, max_seen, vocab_size=vocab_size, lora=lora)
                 chunk = [a[lo:lo + max_seen] for a in all_seen]
                 n = len(chunk[0])
                 seen_tokens_j = pad.seen_tokens.copy()
@@ -157,4 +165,4 @@ def build_inputs(seqs: list[ScheduledSeq], rows: list[int], num_rows: int, eos_i
                               sample_pos, mask_ids, bias_ids, bias_values, allowed_ids, bitmask, constrained_rows)
     want = np.asarray(any(s.params.logprobs for s in seqs))
     return StepInputs(tokens, positions, meta, logits_idx, seq_rows, reset_rows, prompt_rows, output_rows,
-                      seen_tokens, seen_prompt_rows, seen_output_rows, sampling, want, feed_rows)
+                      seen_tokens, seen_prompt_rows, seen_output_rows, sampling, want, feed_rows, lora_slots)

@@ -24,6 +24,8 @@ from flax import nnx
 
 from jaxllm.core.scheduler_output import SchedulerOutput
 from jaxllm.engine.runner_protocol import SampledToken
+from jaxllm.lora.delta import LoRABatch
+from jaxllm.lora.slots import LoRASlots, check_seq_slots
 from jaxllm.models.config import ModelConfig
 from jaxllm.models.llama import LlamaForCausalLM
 from jaxllm.runner.buckets import Buckets
@@ -72,10 +74,13 @@ def kv_cache_blocks(model_config: ModelConfig, block_size: int, dtype, kv_cache_
 class ModelRunner:
     def __init__(self, model: LlamaForCausalLM, *, block_size: int, num_blocks: int, max_model_len: int,
                  max_num_seqs: int, max_num_batched_tokens: int, eos_token_ids=(), cache_sharding=None,
-                 task: str = "generate", kv_cache_dtype: str = "auto"):
+                 task: str = "generate", kv_cache_dtype: str = "auto", lora_config=None):
         """`task`: "generate" (sample from logits) or "embed" (pool hidden states, runner/pooler.py:
         only the mixed buckets of the embed step are compiled; nothing is sampled).
-        `kv_cache_dtype`: "auto" (the model dtype) or "fp8" (runner/kv_cache_dtype.py)."""
+        `kv_cache_dtype`: "auto" (the model dtype) or "fp8" (runner/kv_cache_dtype.py).
+        `lora_config`: a jaxllm.lora.config.LoRAConfig (adapter slots on device, `set_lora`, each
+        ScheduledSeq's lora_slot picks its adapter; embed steps run the base model only) or None
+        (no LoRA: the step is exactly the program without it)."""
         if task not in ("generate", "embed"):
             raise ValueError(f"task={task!r} is invalid: must be 'generate' or 'embed'")
         c = model.config
@@ -115,8 +120,10 @@ class ModelRunner:
             jit_kwargs["out_shardings"] = (self.kv_cache.like(cache_sharding, scale_sharding), rep, rep, rep, rep)
         graphdef, self.state = nnx.split(model)
         self.state_dtype = dtype
+        # device adapter slots (none for embed: its steps run the base model)
+        self.lora = None if lora_config is None or task == "embed" else LoRASlots(lora_config, model)
 
-        def step(state, cache, counts, prompt_mask, inp: StepInputs):
+        def step(state, cache, counts, prompt_mask, inp: StepInputs, lora=None):
             self.num_traces += 1  # runs only while tracing
             m = nnx.merge(graphdef, state)
             counts = counts.at[inp.reset_rows].set(0, mode="drop")
@@ -125,7 +132,8 @@ class ModelRunner:
             counts = counts.at[inp.output_rows, inp.tokens].add(1, mode="drop")
             prompt_mask = prompt_mask.at[inp.seen_prompt_rows, inp.seen_tokens].set(True, mode="drop")
             counts = counts.at[inp.seen_output_rows, inp.seen_tokens].add(1, mode="drop")
-            hidden, cache = m(inp.tokens, inp.positions, cache, inp.metadata)  # [T, E]
+            lora = None if lora is None else LoRABatch(lora, inp.lora_slots)
+            hidden, cache = m(inp.tokens, inp.positions, cache, inp.metadata, lora)  # [T, E]
             logits = m.compute_logits(hidden[inp.logits_indices])  # [S, V] f32
             out = sample(logits, counts, prompt_mask, inp.sampling, inp.want_top_logprobs,
                          rows=inp.seq_rows)  # the tables' rows are gathered only if a penalty needs them
@@ -161,13 +169,14 @@ class ModelRunner:
             cs, counts_s, mask_s, *rest = jit_kwargs["out_shardings"]
             jit_kwargs["out_shardings"] = (cs, counts_s, mask_s, layout.replicated, *rest)
 
-        def fed_step(state, cache, counts, prompt_mask, last_tokens, inp: StepInputs):
+        def fed_step(state, cache, counts, prompt_mask, last_tokens, inp: StepInputs, lora=None):
             """step() with placeholder tokens taken from last_tokens on device (feed_rows < R), and
-            this step's sampled ids recorded per row (padding rows write the spare row only)."""
+            this step's sampled ids recorded per row (padding rows write the spare row only).
+            `lora`: the LoRA slots' weights (a jit argument: loading a slot recompiles nothing)."""
             R = last_tokens.shape[0]
             fed = last_tokens[jnp.minimum(inp.feed_rows, R - 1)]  # [T] i32
             inp = dataclasses.replace(inp, tokens=jnp.where(inp.feed_rows < R, fed, inp.tokens))
-            cache, counts, prompt_mask, out, hidden = step(state, cache, counts, prompt_mask, inp)
+            cache, counts, prompt_mask, out, hidden = step(state, cache, counts, prompt_mask, inp, lora)
             last_tokens = last_tokens.at[inp.seq_rows].set(out.token_ids)
             return cache, counts, prompt_mask, last_tokens, out, hidden
 
@@ -236,14 +245,16 @@ class ModelRunner:
     def _padding_inputs(self, T: int, S: int, decode_only: bool) -> StepInputs:
         """An all-padding batch of one bucket: touches no slot and no penalty row."""
         return build_inputs([], [], self.num_rows, self.eos_ids, T, S, decode_only, self.block_size,
-                            self.max_blocks_per_seq, self.max_model_len, vocab_size=self.vocab_size)
+                            self.max_blocks_per_seq, self.max_model_len, vocab_size=self.vocab_size,
+                            lora=self.lora is not None)
 
     @staticmethod
     def _bucket(inp: StepInputs) -> tuple:
         return inp.tokens.shape[0], inp.logits_indices.shape[0], inp.metadata.decode_only
 
     def _step_lowering(self, inp: StepInputs):
-        return self._step.lower(self.state, self.kv_cache, self.counts, self.prompt_mask, self.last_tokens, inp)
+        return self._step.lower(self.state, self.kv_cache, self.counts, self.prompt_mask, self.last_tokens, inp,
+                                self._lora_weights())
 
     def _prompt_lp_lowering(self, num_tokens: int):
         hidden = jax.ShapeDtypeStruct((num_tokens, self.model_config.hidden_size), self.state_dtype)
@@ -257,8 +268,27 @@ class ModelRunner:
 
     def _run_local(self, inp: StepInputs):
         self.kv_cache, self.counts, self.prompt_mask, self.last_tokens, out, self._hidden = \
-            self._step_executable(inp)(self.state, self.kv_cache, self.counts, self.prompt_mask, self.last_tokens, inp)
+            self._step_executable(inp)(self.state, self.kv_cache, self.counts, self.prompt_mask, self.last_tokens, inp,
+                                       self._lora_weights())
         return out
+
+    # ----- LoRA ---------------------------------------------------------------------
+    def _lora_weights(self):
+        return None if self.lora is None else self.lora.weights
+
+    @property
+    def lora_model_config(self) -> ModelConfig:
+        """The ModelConfig adapters are loaded against (jaxllm.lora.peft.load_adapter): the
+        checkpoint's, whose kv heads tensor parallelism may have repeated in `model_config`."""
+        return self.model_config if self.lora is None else self.lora.adapter_config
+
+    def set_lora(self, slot: int, adapter) -> None:
+        """Loads `adapter` (a jaxllm.lora.peft.LoRAAdapter; None: empties the slot) into device slot
+        `slot` (1..max_loras) in place: one donated update compiled at warm-up, nothing retraced.
+        Steps dispatched afterwards see it; ValueError (nothing changed) for a bad slot or adapter."""
+        if self.lora is None:
+            raise ValueError("set_lora needs a runner built with lora_config (enable_lora=True)")
+        self.lora.set(slot, adapter, self._executable(("set_lora",), self.lora.lower))
 
     # ----- multi-host ---------------------------------------------------------------
     def follow(self) -> None:
@@ -304,6 +334,7 @@ class ModelRunner:
         seqs = sched.seqs
         if not seqs:
             return PendingStep([], None, None)
+        check_seq_slots(seqs, self.lora, self.task)
         if self.task == "embed":
             return self._dispatch_embed(seqs)
         num_tokens = sum(len(s.token_ids) for s in seqs)
@@ -313,7 +344,8 @@ class ModelRunner:
         seed_steps = []  # only when this step's prefix-cache hits exceed what one step carries
         inp = build_inputs(seqs, rows, self.num_rows, self.eos_ids, T, S, decode_only, self.block_size,
                            self.max_blocks_per_seq, self.max_model_len, seed_steps, vocab_size=self.vocab_size,
-                           grammar_bitmask=sched.grammar_bitmask, constrained=sched.constrained)
+                           grammar_bitmask=sched.grammar_bitmask, constrained=sched.constrained,
+                           lora=self.lora is not None)
         if not (sched.constrained and any(sched.constrained)):
             inp = self._with_zero_bitmask(inp, S)
         for seed in seed_steps:  # same bucket, all padding: seeds penalty state only
@@ -363,7 +395,7 @@ class ModelRunner:
     def workspace_bytes(self) -> int:
         """Device memory a step needs beyond weights and cache (the profiling pass that sizes the KV
         cache on accelerators): XLA's temp allocation for the largest bucket's step and prompt-logprobs
-        pass, plus the penalty state. Compiles those two once; runs nothing."""
+        pass, plus the penalty state and the LoRA slots. Compiles those two once; runs nothing."""
         T, S, decode_only = max(self.buckets.all(), key=lambda b: b[0])
         if self.task == "embed":  # the embed step is all this runner will run (a base model has no LM head)
             exe = self._embed.lower(self.state, self.kv_cache, self._embed_inputs([], T, S)).compile()
@@ -371,7 +403,8 @@ class ModelRunner:
         step = self._step_lowering(self._padding_inputs(T, S, decode_only)).compile()
         plp = self._prompt_lp_lowering(T).compile()
         temp = sum(int(getattr(c.memory_analysis(), "temp_size_in_bytes", 0) or 0) for c in (step, plp))
-        return temp + self.counts.nbytes + self.prompt_mask.nbytes + self.last_tokens.nbytes
+        lora = 0 if self.lora is None else self.lora.nbytes  # the probe's slots are freed with it
+        return temp + self.counts.nbytes + self.prompt_mask.nbytes + self.last_tokens.nbytes + lora
 
     def warmup(self) -> float:
         """Compiles every bucket's step and prompt-logprobs pass ahead of time (from JAX's persistent
@@ -393,6 +426,8 @@ class ModelRunner:
                 jobs[key] = self._step_lowering(inp)
             if self.supports_prompt_logprobs and ("prompt_lp", T) not in self._executables:
                 jobs[("prompt_lp", T)] = self._prompt_lp_lowering(T)
+        if self.lora is not None and ("set_lora",) not in self._executables:
+            jobs[("set_lora",)] = self.lora.lower()
         if jobs:
             workers = max(1, min(len(jobs), os.cpu_count() or 1))
             with concurrent.futures.ThreadPoolExecutor(workers, thread_name_prefix="jaxllm-compile") as pool:

@@ -121,6 +121,7 @@ class FakeRunner:
         self.release(out.finished_or_preempted_ids)
         ids = [s.request_id for s in out.seqs]
         assert len(ids) == len(set(ids)), f"request scheduled twice in a step: {ids}"
+        assert all(s.lora_slot == 0 or s.lora_slot in self.loras for s in out.seqs), "a seq ran on an empty LoRA slot"
         assert out.num_batched_tokens == sum(len(s.token_ids) for s in out.seqs)
         for s in out.seqs:
             # a forgotten id comes back only as a new request (its id reused) or a resumed one

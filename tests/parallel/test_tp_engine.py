@@ -2,7 +2,7 @@
 tp=8 replicates kv heads): identical greedy outputs, logits within 1e-4 of tp=1 (both layer loops),
 ~1/tp of the sharded parameters and of the KV cache per device, each device's shard of the fused
 wqkv / w_gate_up holding exactly its own q/k/v and gate/up slices, Megatron collectives only, zero
-compiles after warm-up."""
+compiles after warm-up; with LoRA slots, mixed-adapter logits equal tp=1's too."""
 from __future__ import annotations
 
 import jax
@@ -296,3 +296,95 @@ def test_structured_outputs_identical_across_tp_without_compiles(engines):
     for r, g in zip(outs[1], outs[2]):
         assert g.token_ids == r.token_ids and r.finish_reason == "stop"
         assert re.fullmatch(r"[a-f]{2,4}(-[0-9]{1,2}){1,2}", decode_bytes(r.token_ids, engines(1).eos_token_ids))
+
+
+def _lora_forward_logits(path, tp, layer_loop, adapters, hlo=False):
+    # -> (prefill logits, decode logits, the decode step's optimized HLO if `hlo` else None)
+    """`_forward_logits`'s two steps with LoRA slots 1..3 holding `adapters`: prompt a runs slot 2,
+    prompt b slot 0 (base) in the prefill; the decode step runs them on slots 1 and 3."""
+    from jaxllm.lora.config import LoRAConfig
+    from jaxllm.lora.delta import LoRABatch
+    from jaxllm.lora.peft import load_adapter
+    from jaxllm.lora.slots import LoRASlots
+
+    ckpt = load_checkpoint(path)
+    c = ckpt.config
+    layout = TPLayout.plan(c, tp, make_mesh(tp)) if tp > 1 else None
+    model = build_model(c, ckpt.params, jnp.float32, layout=layout, layer_loop=layer_loop)
+    lora = LoRASlots(LoRAConfig(3, 8), model)
+    for slot, p in enumerate(adapters, start=1):
+        lora.set(slot, load_adapter(p, c, 8))
+    mc = model.config
+    cache = KVCache.zeros(mc.num_layers, 16, BLOCK, mc.num_kv_heads, mc.head_dim, jnp.float32,
+                          sharding=layout.cache_sharding() if layout else None)
+    graphdef, state = nnx.split(model)
+
+    @jax.jit
+    def fwd(state, cache, tokens, positions, meta, weights, slots):
+        m = nnx.merge(graphdef, state)
+        hidden, cache = m(tokens, positions, cache, meta, LoRABatch(weights, slots))
+        return m.compute_logits(hidden), cache
+
+    a, b = PROMPTS[0], PROMPTS[2]
+    T = 64
+    tokens = np.zeros(T, np.int32)
+    tokens[:len(a)], tokens[len(a):len(a) + len(b)] = a, b
+    positions = np.zeros(T, np.int32)
+    positions[:len(a)], positions[len(a):len(a) + len(b)] = np.arange(len(a)), np.arange(len(b))
+    slots = np.zeros(T, np.int32)
+    slots[:len(a)] = 2
+    tables = np.array([[0, 1, 2, 3], [4, 5, 6, 7]], np.int32)
+    smap = np.full(T, -1, np.int32)
+    smap[:len(a)] = np.arange(len(a))
+    smap[len(a):len(a) + len(b)] = 4 * BLOCK + np.arange(len(b))
+    meta = AttentionMetadata(smap, tables, np.array([len(a), len(b)], np.int32),
+                             np.array([0, len(a), len(a) + len(b)], np.int32))
+    prefill, cache = fwd(state, cache, tokens, positions, meta, lora.weights, slots)
+    dec_meta = AttentionMetadata(np.array([len(a), 4 * BLOCK + len(b)], np.int32), tables,
+                                 np.array([len(a) + 1, len(b) + 1], np.int32), np.array([0, 1, 2], np.int32),
+                                 decode_only=True)
+    dec_args = (state, cache, np.array([7, 11], np.int32), np.array([len(a), len(b)], np.int32), dec_meta,
+                lora.weights, np.array([1, 3], np.int32))
+    decode, _ = fwd(*dec_args)
+    out = np.asarray(prefill)[:len(a) + len(b)], np.asarray(decode)
+    return out + (fwd.lower(*dec_args).compile().as_text() if hlo else None,)
+
+
+@pytest.fixture(scope="module")
+def lora_adapters(tmp_path_factory):
+    from tests.lora.adapters import write_adapter
+    from tests.parallel.tiny_llama import CONFIG
+
+    root = str(tmp_path_factory.mktemp("lora"))
+    return [write_adapter(root, "qkvo", CONFIG, r=8, targets=("q_proj", "k_proj", "v_proj", "o_proj"), seed=1),
+            write_adapter(root, "mixed", CONFIG, r=4, targets=("v_proj", "gate_proj", "up_proj", "down_proj"), seed=2,
+                          extra_config=dict(use_rslora=True)),
+            write_adapter(root, "all", CONFIG, r=8, alpha=4, seed=3)]
+
+
+def test_lora_mixed_slots_match_tp1_and_add_no_collective(path, lora_adapters):
+    """LoRA A/B sharded like their base weights (tp=8 also repeats the kv heads of B_k/B_v): logits
+    of a prefill mixing slot 2 and the base, and of a decode on slots 1 and 3, equal tp=1's.
+
+    And at tp=2 the deltas ride on the base projections' communication: the decode forward has the
+    collectives it has without LoRA (test_fused_split_adds_no_collective), o_proj's and down_proj's
+    all-reduce carrying the row-parallel delta's partial x·A ([T, S, R], summed before its replicated
+    B) in the same op; the column-parallel deltas are computed where their outputs live."""
+    import re
+
+    ref_prefill, ref_decode, _ = _lora_forward_logits(path, 1, "scan", lora_adapters)
+    base_prefill, base_decode = _forward_logits(path, 1, "scan")
+    n = len(PROMPTS[0])
+    assert np.abs(ref_prefill[:n] - base_prefill[:n]).max() > 0.1  # the adapter is really there
+    np.testing.assert_allclose(ref_prefill[n:], base_prefill[n:], atol=1e-4, rtol=0)  # slot 0 is the base
+    assert (np.abs(ref_decode - base_decode).max(-1) > 0.1).all()
+    for tp, loop in ((2, "scan"), (8, "unroll")):
+        prefill, decode, hlo = _lora_forward_logits(path, tp, loop, lora_adapters, hlo=tp == 2)
+        np.testing.assert_allclose(prefill, ref_prefill, atol=1e-4, rtol=0, err_msg=f"tp={tp} {loop}")
+        np.testing.assert_allclose(decode, ref_decode, atol=1e-4, rtol=0, err_msg=f"tp={tp} {loop}")
+        if tp == 2:
+            ops = sorted(re.findall(r"= (\(?[^=]*?\)?) (all-reduce|all-gather|reduce-scatter|all-to-all|"
+                                    r"collective-permute)(?:-start)?\(", hlo))
+            ops = [(re.sub(r"\{[\d,]*\}", "", shape), op) for shape, op in ops]  # drop layouts
+            body = ("(f32[2,64], f32[2,3,8])", "all-reduce")  # [T, E] and u [T, S, R] in one op
+            assert ops == [body, body, ("f32[2,512]", "all-gather"), ("f32[2,64]", "all-reduce")], ops
