@@ -50,7 +50,6 @@ import random
 import time
 from collections.abc import Iterable
 
-import numpy as np
 
 from jaxllm.config import EngineConfig
 from jaxllm.core.kv_cache_manager import KVCacheManager, cdiv
@@ -61,6 +60,7 @@ from jaxllm.engine.pooling import EmbedState
 from jaxllm.engine.runner_protocol import ModelRunnerProtocol
 from jaxllm.engine.embed_requests import EmbedRequestsMixin
 from jaxllm.engine.engine_stats import EngineStatsMixin
+from jaxllm.engine.grammar_requests import GrammarRequestsMixin
 from jaxllm.engine.lora_requests import LoRARequestsMixin
 from jaxllm.metrics.stats import IterationStats
 from jaxllm.outputs import RequestOutput
@@ -91,7 +91,7 @@ def validate_prompt_ids(ids: list[int], vocab_size: int, max_model_len: int) -> 
                          f"max_model_len={max_model_len} (room for 1 generated token)")
 
 
-class LLMEngine(EmbedRequestsMixin, EngineStatsMixin, LoRARequestsMixin):
+class LLMEngine(EmbedRequestsMixin, EngineStatsMixin, GrammarRequestsMixin, LoRARequestsMixin):
     def __init__(self, config: EngineConfig, runner: ModelRunnerProtocol, tokenizer,
                  detokenizer_factory: DetokenizerFactory | None = None, grammar_tokenizer=None,
                  lora_load_fn=None) -> None:
@@ -236,21 +236,6 @@ class LLMEngine(EmbedRequestsMixin, EngineStatsMixin, LoRARequestsMixin):
         self._parents[request_id] = parent
         self.num_prompt_tokens += len(ids)
 
-    def grammar_compiler(self):
-        """The structured-outputs compiler (made on first use: llguidance's tokenizer takes ~1 s)."""
-        if self.grammar is None:
-            from jaxllm.engine.grammar import GrammarCompiler, hf_grammar_tokenizer
-
-            factory = self._grammar_tokenizer
-            if factory is None:
-                if getattr(self.tokenizer, "hf", None) is None:
-                    raise ValueError("structured_outputs is invalid for this model: it has no text tokenizer "
-                                     "(token-id-only model), so grammars cannot be matched")
-                tok, vocab = self.tokenizer, self.vocab_size
-                factory = lambda: hf_grammar_tokenizer(tok, vocab)  # noqa: E731
-            self.grammar = GrammarCompiler(factory, self.vocab_size, self.eos_token_ids)
-        return self.grammar
-
     def abort_request(self, request_ids: str | Iterable[str]) -> list[RequestOutput]:
         """Abort requests (parent ids). Unknown or finished ids are a no-op. Frees their blocks
         at once; returns their final outputs (finish_reason "abort"; none for an embedding)."""
@@ -330,18 +315,6 @@ class LLMEngine(EmbedRequestsMixin, EngineStatsMixin, LoRARequestsMixin):
             self._attach_bitmask(out)
         self._assign_lora_slots(out)
         return out
-
-    def _attach_bitmask(self, out) -> None:
-        """The allowed-token bitmask of every sampling seq with a grammar (its matcher has seen every
-        token before this step: constrained requests never run on a token still in flight)."""
-        constrained = [s.sample and r.grammar is not None for s, r in zip(out.seqs, out.requests)]
-        if not any(constrained):
-            return
-        states = [r.grammar for r, c in zip(out.requests, constrained) if c]
-        masks = self.grammar.fill_bitmask(states, cdiv(self.vocab_size, 32))  # [n, W] i32
-        bitmask = np.zeros((len(out.seqs), masks.shape[1]), np.int32)  # [num_seqs, W] i32
-        bitmask[np.flatnonzero(constrained)] = masks
-        out.grammar_bitmask, out.constrained = bitmask, constrained
 
     def _process(self, out, sampled, t0: float) -> list[RequestOutput]:
         """Step ``out``'s sampled tokens -> scheduler, detokenizer, stop checks, outputs (and the
