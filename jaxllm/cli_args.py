@@ -112,8 +112,8 @@ def add_engine_args(ap: argparse.ArgumentParser) -> None:
     lo.add_argument("--max-lora-rank", type=int, default=d.max_lora_rank,
                     help="largest adapter rank; every adapter is padded to it")
     lo.add_argument("--max-cpu-loras", type=int, default=None,
-                    help="adapters kept loaded on the host (LRU); also the most adapters unfinished requests "
-                         "may use at once (default: --max-loras)")
+                    help="adapters kept loaded on the host (LRU) beyond those unfinished requests use "
+                         "(default: --max-loras)")
 
 
 def parse_lora_module(text: str) -> tuple[str, str]:

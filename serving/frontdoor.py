@@ -31,7 +31,6 @@ from typing import Any, AsyncIterator
 
 from jaxllm.engine.async_engine import (AsyncEngine, DuplicateRequestError, EngineDeadError,
                                         RequestAbortedError, RequestFailedError, RequestStream)
-from jaxllm.lora.manager import LoRACapacityError
 from jaxllm.sampling_params import SamplingParams
 
 from serving.adapters import Adapters
@@ -255,8 +254,6 @@ class FrontDoor:
             except DuplicateRequestError as exc:  # another caller's request: not ours to abort
                 owned = False
                 raise FrontDoorError(Code.ALREADY_EXISTS, str(exc), "request_id") from None
-            except LoRACapacityError as exc:  # other adapters fill the host cache: retry later
-                raise FrontDoorError(Code.RESOURCE_EXHAUSTED, str(exc), "lora_request") from None
             except ValueError as exc:
                 raise invalid(str(exc), _field_of(str(exc))) from None
             except EngineDeadError as exc:

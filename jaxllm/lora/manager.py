@@ -6,11 +6,12 @@ Three tables, one owner (the engine thread):
   ``remove_lora`` / ``list_loras``, vLLM's ``LLMEngine`` methods; a request's own LoRARequest
   registers it too). An id names one adapter for good: the same id with another name or path, or
   the same name under another id, is refused.
-- **host cache**: loaded adapters (``load_fn(LoRARequest) -> LoRAAdapter``), at most
-  ``max_cpu_loras``, least recently used evicted first. An adapter is *pinned* while an unfinished
-  request uses it (``acquire`` at add_request, ``release`` when the request finishes, aborts or
-  fails) and is never evicted then; a new adapter when every host entry is pinned is refused (a
-  one-line ValueError naming max_cpu_loras), so a scheduled request never waits on a load.
+- **host cache**: loaded adapters (``load_fn(LoRARequest) -> LoRAAdapter``), least recently used
+  evicted first once more than ``max_cpu_loras`` are loaded. An adapter is *pinned* while an
+  unfinished request uses it (``acquire`` at add_request, ``release`` when the request finishes,
+  aborts or fails) and is never evicted then, so a scheduled request never waits on a load: when
+  every entry is pinned a new adapter still loads (the cache holds more than ``max_cpu_loras``
+  until pins drop; vLLM queues such requests too) and waits for a device slot in the scheduler.
 - **slot table** ``device slot (1..max_loras) -> lora_int_id``: ``assign_slots(out, resident)``
   gives every scheduled seq its ``lora_slot`` (0 = the base model) and, for an adapter not in a
   slot yet, calls ``set_lora(slot, adapter)`` (the runner writes the device slot in place) before
@@ -33,12 +34,6 @@ from jaxllm.lora.request import LoRARequest
 
 LoadFn = Callable[[LoRARequest], Any]  # -> a LoRAAdapter (``.name``, ``.rank``, ``.nbytes``)
 SetLoraFn = Callable[[int, Any], None]  # (slot 1..max_loras, adapter | None)
-
-
-class LoRACapacityError(ValueError):
-    """A new adapter while all ``max_cpu_loras`` host entries are pinned by unfinished requests: the
-    request is fine, the server is full of other adapters (the servers answer RESOURCE_EXHAUSTED /
-    429, retry later)."""
 
 
 def _one_line(exc: BaseException) -> str:
@@ -127,6 +122,7 @@ class LoRAManager:
         """A request that acquired ``lora_int_id`` is gone (finished, aborted or failed)."""
         if self._pins[lora_int_id] <= 1:
             self._pins.pop(lora_int_id, None)
+            self._shrink()
         else:
             self._pins[lora_int_id] -= 1
 
@@ -195,22 +191,23 @@ class LoRAManager:
         if lid in self._cache:
             self._cache.move_to_end(lid)
             return
-        victim = None
-        if len(self._cache) >= self.max_cpu_loras:
-            victim = next((i for i in self._cache if not self._pins[i]), None)
-            if victim is None:
-                raise LoRACapacityError(f"lora_request={lora.lora_name!r} is invalid now: max_cpu_loras="
-                                 f"{self.max_cpu_loras} adapters are all in use by unfinished requests; "
-                                 f"retry when one finishes or raise max_cpu_loras")
         try:
             adapter = self._load(lora)
         except Exception as exc:  # noqa: BLE001 - the request's error, on one line
             raise ValueError(f"lora_request={lora.lora_name!r} is invalid: adapter at {lora.lora_path} "
                              f"failed to load: {_one_line(exc)}") from exc
         self.num_loads += 1
-        if victim is not None:
-            del self._cache[victim]  # its device slot, if any, stays valid until reused
         self._cache[lid] = adapter
+        self._shrink(keep=lid)
+
+    def _shrink(self, keep: int | None = None) -> None:
+        """Evict least recently used unpinned adapters (never ``keep``) down to ``max_cpu_loras``;
+        a device slot's copy stays valid until the slot is reused."""
+        while len(self._cache) > self.max_cpu_loras:
+            victim = next((i for i in self._cache if not self._pins[i] and i != keep), None)
+            if victim is None:
+                return  # every other entry is in use by unfinished requests
+            del self._cache[victim]
 
 
 def default_load_fn(model_config, max_lora_rank: int) -> LoadFn:

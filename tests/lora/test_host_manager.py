@@ -26,7 +26,7 @@ def step(ids):
     return SchedulerOutput(seqs=seqs, num_batched_tokens=len(seqs), requests=reqs)
 
 
-def test_host_lru_pins_and_refusals():
+def test_host_lru_and_pins():
     m, loader, _ = make(max_cpu_loras=3)
     assert m.add_lora(lora(1)) and m.add_lora(lora(2)) and m.add_lora(lora(3))
     assert m.list_loras() == {1, 2, 3} and loader.loads == {1: 1, 2: 1, 3: 1}
@@ -37,20 +37,23 @@ def test_host_lru_pins_and_refusals():
     m.acquire(lora(2))  # reloaded, evicting 3 (1 is pinned, 3 is older than 4)
     assert loader.loads[2] == 2 and list(m._cache) == [1, 4, 2]
     m.acquire(lora(4))
-    with pytest.raises(ValueError, match="max_cpu_loras=3 adapters are all in use"):
-        m.acquire(lora(3))
     assert list(m._cache) == [1, 2, 4] and m.num_pinned() == 3  # acquire(4) made 4 the most recent
+    m.acquire(lora(3))  # every entry pinned: 3 loads anyway, over max_cpu_loras while they run
+    assert list(m._cache) == [1, 2, 4, 3] and m.num_pinned() == 4 and loader.loads[3] == 2
+    m.release(2)  # 2 unpinned: evicted at once, back to max_cpu_loras
+    assert list(m._cache) == [1, 4, 3]
 
 
-def test_all_pinned_refuses_a_new_adapter_and_changes_nothing():
+def test_all_pinned_loads_over_the_limit_then_shrinks():
     m, loader, _ = make(max_loras=1, max_cpu_loras=2)
-    m.acquire(lora(1)), m.acquire(lora(2))
-    with pytest.raises(ValueError, match=r"^lora_request='adapter3' is invalid now: max_cpu_loras=2 "):
-        m.acquire(lora(3))
-    assert 3 not in m.list_loras() and loader.loads[3] == 0
-    m.release(2)
-    m.acquire(lora(3))  # 2 is unpinned now: evicted for 3
-    assert loader.loads[3] == 1 and m.num_pinned() == 2
+    m.acquire(lora(1)), m.acquire(lora(2)), m.acquire(lora(3))  # a 3rd adapter in use: loaded, not refused
+    assert loader.loads[3] == 1 and list(m._cache) == [1, 2, 3] and m.num_pinned() == 3
+    m.release(3)  # the only unpinned entry: evicted (LRU among unpinned), back to max_cpu_loras
+    assert list(m._cache) == [1, 2]
+    m.release(1)  # within the limit: kept for the next request
+    assert list(m._cache) == [1, 2]
+    m.acquire(lora(3))  # reloaded, evicting 1 (unpinned, least recent)
+    assert loader.loads[3] == 2 and list(m._cache) == [2, 3]
 
 
 def test_load_error_is_one_line_and_registers_nothing():
