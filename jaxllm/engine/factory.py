@@ -127,7 +127,8 @@ def build_engine(config: EngineConfig, *, compile_cache: bool = True, warmup: bo
     from jaxllm.models import prequantized
     from jaxllm.models.llama import build_model
     from jaxllm.runner.kv_cache_dtype import cache_dtype, check_kv_cache_dtype
-    from jaxllm.runner.model_runner import ModelRunner, kv_cache_blocks
+    from jaxllm.runner.kv_sizing import kv_cache_blocks
+    from jaxllm.runner.model_runner import ModelRunner
     from jaxllm.tokenizer import TokenIdsOnlyTokenizer
     from pallas_kernels import KVCache
 

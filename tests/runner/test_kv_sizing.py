@@ -1,5 +1,5 @@
 """KV cache sizing from device memory statistics (no device needed: the stats are given)."""
-from jaxllm.runner.model_runner import contiguous_bytes
+from jaxllm.runner.kv_sizing import contiguous_bytes
 
 GiB = 2 ** 30
 
@@ -28,7 +28,7 @@ def test_fp8_cache_fits_twice_the_bf16_blocks():
 
     from jaxllm.models.config import ModelConfig
     from jaxllm.runner.kv_cache_dtype import cache_dtype
-    from jaxllm.runner.model_runner import kv_cache_blocks
+    from jaxllm.runner.kv_sizing import kv_cache_blocks
 
     mc = ModelConfig.from_hf(dict(model_type="llama", vocab_size=512, hidden_size=576, intermediate_size=1536,
                                   num_hidden_layers=30, num_attention_heads=9, num_key_value_heads=3,
