@@ -104,10 +104,11 @@ def test_reflection_lists_services_and_describes_messages():
             services, req_fields, sp_fields, methods = await asyncio.to_thread(reflect, c.target)
             assert {"jaxllm.v1.Generation", "grpc.health.v1.Health",
                     "grpc.reflection.v1alpha.ServerReflection"} <= services
-            assert req_fields == ["request_id", "text", "chat", "token_ids", "sampling"]
+            assert req_fields == ["request_id", "text", "chat", "token_ids", "sampling", "lora_name"]
             from jaxllm.sampling_params import SamplingParams
             assert set(SamplingParams.__struct_fields__) == sp_fields  # every field is exposed
-            assert methods == ["Generate", "Tokenize", "Detokenize", "GetModelInfo", "Embed"]
+            assert methods == ["Generate", "Tokenize", "Detokenize", "GetModelInfo", "Embed", "ListAdapters",
+                               "LoadAdapter", "UnloadAdapter"]
     run(main())
 
 
