@@ -29,6 +29,7 @@ import jax
 import jax.numpy as jnp
 
 from jaxllm.config import QUANTIZATIONS as QUANT_METHODS  # one list for the config and the model
+from jaxllm.models.quant_dot import quant_dot_flat
 
 # held name -> the number of contracted (input) axes after the "layers" axis
 QUANT_PARAMS: dict[str, int] = {"layers.wqkv": 1, "layers.wo": 2, "layers.w_gate_up": 1, "layers.w_down": 1}
@@ -129,12 +130,16 @@ def dequantize(w: QuantWeight, num_contracted: int, stacked: bool = False, dtype
     return (w.q.astype(xp.float32) * s.astype(xp.float32)).astype(dtype)
 
 
-def quant_einsum(spec: str, x: jax.Array, w: QuantWeight) -> jax.Array:
+def quant_einsum(spec: str, x: jax.Array, w: QuantWeight, chunked: bool = False) -> jax.Array:
     """`jnp.einsum(spec, x, dequantize(w))` with the scale applied to the output: x [T, in...] →
-    [T, out...] in x's dtype (accumulated in f32). Block scales (scale.ndim == q.ndim): the dot
+    [T, out...] in x's dtype (accumulated in f32). `chunked` (the CPU backend, one device): the dot
+    runs over chunks of the output columns, each dequantized alone (jaxllm/models/quant_dot.py), so
+    no full-precision copy of the weight exists. Otherwise, block scales (scale.ndim == q.ndim): the dot
     runs per block of the last contracted axis ([T, nb, out...] partial sums, then scaled and
     summed over nb) while that partial is no larger than the weight; a larger step (a long prefill)
     dequantizes the weight into the dot instead, once per step for all its tokens."""
+    if chunked:
+        return quant_dot_flat(x, w.q, w.scale).astype(x.dtype)
     if w.scale.ndim != w.q.ndim:
         y = jnp.einsum(spec, x, w.q.astype(x.dtype), preferred_element_type=jnp.float32)  # [T, out...] f32
         return (y * w.scale).astype(x.dtype)
