@@ -7,8 +7,9 @@ flag of jax 0.11.2 changes that (XNNPACK/YNNPACK/oneDNN library fusions: checked
 
 `chunked_quant_dot` runs the dot in a `fori_loop` over chunks of the weight's output columns: each
 iteration converts (and, for block scales, scales) one [K, ch] chunk of about CHUNK_BYTES in the
-activation dtype, small enough to stay in the core's L2, and writes its [T, ch] slice of the
-output in place. The temporary is one chunk, not the weight; the s8/f8 weight is read once.
+activation dtype (512 KiB, in L2; 4x that for steps of 32+ tokens, whose dots want wider chunks),
+and writes its [T, ch] slice of the output in place. The temporary is one chunk, not the weight;
+the s8/f8 weight is read once.
 
 float8_e4m3fn weights travel as their uint8 bits (`fp8_as_bits`): XLA CPU widens a float8 operand
 of a while loop (the layer scan, the chunk loop) to f16 whole, before the loop: a 2-byte copy of
@@ -29,6 +30,7 @@ from jax import lax
 
 ENABLED = True  # read when a step is traced; bench/quant.py sets it False to measure the plain dot
 CHUNK_BYTES = 512 * 1024  # one converted chunk [K, ch] in the activation dtype (bench/RESULTS.md, "chunked")
+WIDE_FROM_T, WIDE_FACTOR = 32, 4  # steps of >= 32 tokens: 4x wider chunks (2 MiB; each chunk's dot is larger)
 MIN_COLS = 64  # narrower column chunks make the per-chunk dot inefficient
 
 
@@ -61,6 +63,8 @@ def chunked_quant_dot(x: jax.Array, q: jax.Array, scale: jax.Array, block: int |
     scales along K) → [T, N] f32 = x @ dequantize(q, scale), computed chunk by chunk of N."""
     t, k = x.shape
     n = q.shape[1]
+    if chunk_bytes is None:  # measured on SmolLM2 shapes (bench/RESULTS.md): 512 KiB best at T=1, 2 MiB at T=64..256
+        chunk_bytes = CHUNK_BYTES * (WIDE_FACTOR if t >= WIDE_FROM_T else 1)
     q = fp8_as_bits(q)  # [K, N] int8, or uint8 bits of float8_e4m3fn
     ch = chunk_cols(k, n, jnp.dtype(x.dtype).itemsize, chunk_bytes)
     nfull = n // ch
