@@ -35,7 +35,8 @@ c = ck.config
 for method in args.methods.split(","):
     base = method.removesuffix("-plain")
     quant_dot.ENABLED = not method.endswith("-plain")
-    model = build_model(c, dict(ck.params), jnp.float32, layer_loop="scan", quantization=None if base == "none" else base)
+    model = build_model(c, dict(ck.params), jnp.float32, layer_loop="scan",
+                        quantization=None if base == "none" else base)
     shapes = set()
     for name, v in model.layers.arrays().items():
         if f"layers.{name}" in QUANT_PARAMS:
@@ -48,8 +49,8 @@ for method in args.methods.split(","):
         cache = KVCache.zeros(c.num_layers, nb + 1, 16, c.num_kv_heads, c.head_dim, jnp.float32)
         comp = jax.jit(lambda st, t, p, cache, m: nnx.merge(gd, st)(t, p, cache, m)[0]).lower(
             st, tokens, positions, cache, meta).compile()
-        copies = sorted({f"{m.group(1)}[{m.group(2)}]" for m in re.finditer(r"= (f32|f16|bf16)\[([\d,]+)\]\{[^}]*\} (\S+)\(",
-                                                                               comp.as_text())
+        floats = re.finditer(r"= (f32|f16|bf16)\[([\d,]+)\]\{[^}]*\} (\S+)\(", comp.as_text())
+        copies = sorted({f"{m.group(1)}[{m.group(2)}]" for m in floats
                          if m.group(3) != "parameter" and tuple(int(d) for d in m.group(2).split(",")) in shapes})
         ts = []
         for _ in range(5):

@@ -59,8 +59,9 @@ def chunk_cols(k: int, n: int, itemsize: int = 4, chunk_bytes: int | None = None
 
 def chunked_quant_dot(x: jax.Array, q: jax.Array, scale: jax.Array, block: int | None = None,
                       chunk_bytes: int | None = None) -> jax.Array:
-    """x [T, K] float, q [K, N] int8/float8_e4m3fn (or its uint8 bits), scale [N] (per output channel) or [K/block, N] (block
-    scales along K) → [T, N] f32 = x @ dequantize(q, scale), computed chunk by chunk of N."""
+    """x [T, K] float, q [K, N] int8/float8_e4m3fn (or its uint8 bits), scale [N] (per output
+    channel) or [K/block, N] (block scales along K) → [T, N] f32 = x @ dequantize(q, scale),
+    computed chunk by chunk of N."""
     t, k = x.shape
     n = q.shape[1]
     if chunk_bytes is None:  # measured on SmolLM2 shapes (bench/RESULTS.md): 512 KiB best at T=1, 2 MiB at T=64..256
