@@ -13,8 +13,10 @@ The held weights are input-major (`[in..., out...]`, the contracted axes lead, s
 `scale` has the weight's output axes only: `[out...]` per layer, `[L, out...]` stacked, and is
 sharded like the weight's output axes (`scale_axes`). The matmul is `einsum(x, q.astype(x.dtype))`
 then `* scale` on the [T, out...] result (the scale is per output channel, so it commutes with the
-contraction): the weight's bytes are read in 8 bits; whether XLA converts inside the dot or
-materialises a converted copy first is backend-dependent (bench/RESULTS.md, "Quantized weights").
+contraction): the weight's bytes are read in 8 bits. XLA CPU materialises a converted copy of the
+whole weight before a dot, so on CPU (one device) the dot runs in output-column chunks instead
+(jaxllm/models/quant_dot.py: the converted temporary is one chunk); elsewhere whether the compiler
+converts inside the dot is backend-dependent (bench/RESULTS.md, "Quantized weights").
 
 Hand-written rather than Qwix's `QArray`: with float activations and a quantized weight Qwix's
 `einsum` takes its `_slow_dot_general` path, which dequantizes the whole weight (convert and
