@@ -47,10 +47,11 @@ def fp8_as_bits(tree):
 
 def chunk_cols(k: int, n: int, itemsize: int = 4, chunk_bytes: int | None = None) -> int:
     """Columns per chunk for a [k, n] weight: about `chunk_bytes` of [k, ch] at `itemsize`, at least
-    MIN_COLS, at most n; a divisor of n in [cols/2, cols] when one exists (no tail chunk)."""
-    cols = max(MIN_COLS, (chunk_bytes or CHUNK_BYTES) // (itemsize * k))
-    if cols >= n:
+    MIN_COLS, at most n / 2 (never the whole weight, unless n < 2 * MIN_COLS); a divisor of n in
+    [cols/2, cols] when one exists (no tail chunk)."""
+    if n < 2 * MIN_COLS:
         return n
+    cols = min(n // 2, max(MIN_COLS, (chunk_bytes or CHUNK_BYTES) // (itemsize * k)))
     for d in range(cols, max(cols // 2, 1) - 1, -1):
         if n % d == 0:
             return d

@@ -27,10 +27,11 @@ def block_weight(k, n, block, seed):
 def test_chunk_cols():
     assert chunk_cols(576, 3072, 4, 512 * 1024) == 192  # 227 columns asked: the divisor 192 of 3072
     assert chunk_cols(576, 960, 4, 512 * 1024) == 192
-    assert chunk_cols(64, 100, 4, 64 * 4 * 70) == 50  # the divisor 50 of 100 in [35, 70]
-    assert chunk_cols(64, 101, 4, 64 * 4 * 70) == 70  # 101 is prime: a tail chunk
+    assert chunk_cols(64, 200, 4, 64 * 4 * 70) == 50  # the largest divisor of 200 in [35, 70]
+    assert chunk_cols(64, 211, 4, 64 * 4 * 70) == 70  # 211 is prime: a tail chunk
     assert chunk_cols(13824, 5120, 4, 512 * 1024) == quant_dot.MIN_COLS
-    assert chunk_cols(64, 50, 4, 1 << 20) == 50  # wider than the weight: one chunk
+    assert chunk_cols(64, 50, 4, 1 << 20) == 50  # narrower than 2 * MIN_COLS: one chunk
+    assert chunk_cols(576, 576, 4, 2 << 20) == 288  # never the whole weight (SmolLM2's wo at 2 MiB)
 
 
 @pytest.mark.parametrize("kind,t,n", [("int8", 1, 3072), ("int8", 37, 1000), ("fp8", 5, 640), ("q8_0", 3, 1000),
