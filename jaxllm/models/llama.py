@@ -25,7 +25,6 @@ from jaxllm.models.fusion import FUSED, FUSED_PARTS, placement_plan, split_fused
 from jaxllm.models import prequantized
 from jaxllm.models.projections import Projector
 from jaxllm.models.quant import QUANT_PARAMS, QuantWeight, check_backend, check_method, quantize
-from jaxllm.models.quant_dot import fp8_as_bits
 from jaxllm.models.rope import apply_rope, inverse_frequencies, rope_tables
 from jaxllm.parallel.ops import constrain, embed_lookup, lm_logits, paged_attention
 from pallas_kernels import AttentionMetadata, KVCache
@@ -242,8 +241,9 @@ class LlamaForCausalLM(nnx.Module):
                 x, cache = run(w if lora is None else with_lora(*w), x, cache, i)
                 return (x, cache, i + 1), None
 
-            if proj.chunked_quant:  # float8 weights carried as uint8 bits: XLA CPU widens f8 loop operands whole
-                stacked = fp8_as_bits(stacked)
+            # the quantized weights as the Projector reads them (float8 as uint8 bits: XLA CPU widens a
+            # float8 loop operand to f16 whole); their scan slices then go unused
+            stacked = {**stacked, **proj.stacked_quant}
             xs = stacked if lora is None else (stacked, lora.weights)  # LoRA pairs stacked [L, S, ...] too
             (x, kv_cache, _), _ = jax.lax.scan(body, (x, kv_cache, jnp.int32(0)), xs)
         else:

@@ -132,16 +132,17 @@ def dequantize(w: QuantWeight, num_contracted: int, stacked: bool = False, dtype
     return (w.q.astype(xp.float32) * s.astype(xp.float32)).astype(dtype)
 
 
-def quant_einsum(spec: str, x: jax.Array, w: QuantWeight, chunked: bool = False) -> jax.Array:
+def quant_einsum(spec: str, x: jax.Array, w: QuantWeight, chunked: bool = False, layer=None) -> jax.Array:
     """`jnp.einsum(spec, x, dequantize(w))` with the scale applied to the output: x [T, in...] →
     [T, out...] in x's dtype (accumulated in f32). `chunked` (the CPU backend, one device): the dot
     runs over chunks of the output columns, each dequantized alone (jaxllm/models/quant_dot.py), so
-    no full-precision copy of the weight exists. Otherwise, block scales (scale.ndim == q.ndim): the dot
+    no full-precision copy of the weight exists; with `layer`, w is stacked [L, ...] and its layer
+    `layer` is read in place, chunk by chunk. Otherwise, block scales (scale.ndim == q.ndim): the dot
     runs per block of the last contracted axis ([T, nb, out...] partial sums, then scaled and
     summed over nb) while that partial is no larger than the weight; a larger step (a long prefill)
     dequantizes the weight into the dot instead, once per step for all its tokens."""
     if chunked:
-        return quant_dot_flat(x, w.q, w.scale).astype(x.dtype)
+        return quant_dot_flat(x, w.q, w.scale, layer=layer).astype(x.dtype)
     if w.scale.ndim != w.q.ndim:
         y = jnp.einsum(spec, x, w.q.astype(x.dtype), preferred_element_type=jnp.float32)  # [T, out...] f32
         return (y * w.scale).astype(x.dtype)

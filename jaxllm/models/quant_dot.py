@@ -59,12 +59,13 @@ def chunk_cols(k: int, n: int, itemsize: int = 4, chunk_bytes: int | None = None
 
 
 def chunked_quant_dot(x: jax.Array, q: jax.Array, scale: jax.Array, block: int | None = None,
-                      chunk_bytes: int | None = None) -> jax.Array:
+                      chunk_bytes: int | None = None, layer=None) -> jax.Array:
     """x [T, K] float, q [K, N] int8/float8_e4m3fn (or its uint8 bits), scale [N] (per output
     channel) or [K/block, N] (block scales along K) → [T, N] f32 = x @ dequantize(q, scale),
-    computed chunk by chunk of N."""
-    t, k = x.shape
-    n = q.shape[1]
+    computed chunk by chunk of N. `layer` (an int or traced int32): q [L, K, N] and scale [L, ...]
+    are stacked and each chunk is sliced out of layer `layer` directly (no copy of the layer's slice)."""
+    t, k = x.shape[0], x.shape[1]
+    n = q.shape[-1]
     if chunk_bytes is None:  # measured on SmolLM2 shapes (bench/RESULTS.md): 512 KiB best at T=1, 2 MiB at T=64..256
         chunk_bytes = CHUNK_BYTES * (WIDE_FACTOR if t >= WIDE_FROM_T else 1)
     q = fp8_as_bits(q)  # [K, N] int8, or uint8 bits of float8_e4m3fn
@@ -81,30 +82,41 @@ def chunked_quant_dot(x: jax.Array, q: jax.Array, scale: jax.Array, block: int |
         w = (qc.reshape(k // block, block, c).astype(jnp.float32) * sc.astype(jnp.float32)[:, None, :])
         return jnp.dot(x, w.reshape(k, c).astype(x.dtype), preferred_element_type=jnp.float32)  # [T, c]
 
+    def cols(a: jax.Array, start, width: int) -> jax.Array:
+        """Columns [start, start + width) of a [..., N] (of its layer `layer` when stacked)."""
+        if layer is None:
+            return lax.dynamic_slice_in_dim(a, start, width, axis=a.ndim - 1)
+        starts = (layer,) + (0,) * (a.ndim - 2) + (start,)
+        return lax.dynamic_slice(a, starts, (1,) + a.shape[1:-1] + (width,))[0]
+
     def body(i, y):  # y [T, N] f32, written in place chunk by chunk
-        qc = lax.dynamic_slice_in_dim(q, i * ch, ch, axis=1)  # [K, ch]
-        sc = lax.dynamic_slice_in_dim(scale, i * ch, ch, axis=scale.ndim - 1)
-        return lax.dynamic_update_slice_in_dim(y, part(qc, sc), i * ch, axis=1)
+        return lax.dynamic_update_slice_in_dim(y, part(cols(q, i * ch, ch), cols(scale, i * ch, ch)), i * ch, axis=1)
 
     if nfull <= 1 and ch == n:
-        return part(q, scale)
+        return part(cols(q, 0, n), cols(scale, 0, n))
     y = lax.fori_loop(0, nfull, body, jnp.zeros((t, n), jnp.float32))  # [T, N] f32
     if nfull * ch < n:  # the tail chunk, static
-        y = y.at[:, nfull * ch:].set(part(q[:, nfull * ch:], scale[..., nfull * ch:]))
+        tail = n - nfull * ch
+        y = y.at[:, nfull * ch:].set(part(cols(q, nfull * ch, tail), cols(scale, nfull * ch, tail)))
     return y
 
 
-def quant_dot_flat(x: jax.Array, q: jax.Array, scale: jax.Array, chunk_bytes: int | None = None) -> jax.Array:
+def quant_dot_flat(x: jax.Array, q: jax.Array, scale: jax.Array, chunk_bytes: int | None = None,
+                   layer=None) -> jax.Array:
     """`einsum(x, dequantize(QuantWeight(q, scale)))` for x [T, in...] contracting all its axes but
     the first with q's leading ones (q [in..., out...]; scale [out...] or block scales
-    [in..., in_last/B, out...]) → [T, out...] f32, through `chunked_quant_dot` on flattened views."""
+    [in..., in_last/B, out...]) → [T, out...] f32, through `chunked_quant_dot` on flattened views.
+    `layer`: q and scale carry a leading [L] axis and layer `layer` is used, read in place."""
     nc = x.ndim - 1
-    out_shape = q.shape[nc:]
-    k, n = math.prod(q.shape[:nc]), math.prod(out_shape)
+    lead = () if layer is None else q.shape[:1]
+    qs = q.shape[len(lead):]
+    out_shape = qs[nc:]
+    k, n = math.prod(qs[:nc]), math.prod(out_shape)
     if scale.ndim == q.ndim:  # block scales along the last contracted axis: K/B rows of scales
-        block = q.shape[nc - 1] // scale.shape[nc - 1]
-        s2 = scale.reshape(k // block, n)
+        block = qs[nc - 1] // scale.shape[len(lead) + nc - 1]
+        s2 = scale.reshape(lead + (k // block, n))
     else:
-        block, s2 = None, scale.reshape(n)
-    y = chunked_quant_dot(x.reshape(x.shape[0], k), q.reshape(k, n), s2, block, chunk_bytes)  # [T, N] f32
+        block, s2 = None, scale.reshape(lead + (n,))
+    y = chunked_quant_dot(x.reshape(x.shape[0], k), q.reshape(lead + (k, n)), s2, block, chunk_bytes,
+                          layer)  # [T, N] f32
     return y.reshape((x.shape[0],) + out_shape)

@@ -138,3 +138,22 @@ def test_tiny_model_chunked_equals_plain_and_no_weight_copy(method, tmp_path_fac
     bad = {a for a in float_arrays(hlo) if a[1] in shapes}
     assert not bad, bad
     assert "while" in hlo and re.search(r"s8\[|u8\[", hlo)
+
+
+@pytest.mark.parametrize("kind", ["int8", "q8_0"])
+def test_stacked_layer_read_in_place(kind):
+    """`layer` (traced, as in the scan loop): each chunk sliced from the stacked [L, K, N] weight at
+    that layer, tail chunk included (N = 211 is prime) = x @ dequantize(that layer's weight)."""
+    k, n, layers = 128, 211, 3
+    x = np.random.default_rng(4).standard_normal((2, k)).astype(np.float32)
+    if kind == "q8_0":
+        ws = [block_weight(k, n, 32, s) for s in range(layers)]
+    else:
+        ws = [quantize(jax.random.normal(jax.random.PRNGKey(s), (k, n)), "int8", 1) for s in range(layers)]
+    stacked = QuantWeight(jnp.stack([w.q for w in ws]), jnp.stack([w.scale for w in ws]))
+    f = jax.jit(lambda x, w, i: chunked_quant_dot(x, w.q, w.scale, 32 if kind == "q8_0" else None, 16 * 1024, i))
+    assert chunk_cols(k, n, 4, 16 * 1024) * 2 < n and n % chunk_cols(k, n, 4, 16 * 1024)  # chunks and a tail
+    for i in (2, 0):
+        ref = x @ dequantize(ws[i], 1, xp=np)
+        got = np.asarray(f(jnp.asarray(x), stacked, jnp.int32(i)))
+        np.testing.assert_allclose(got, ref, rtol=2e-5, atol=2e-5 * np.abs(ref).max())
