@@ -9,7 +9,8 @@ flag of jax 0.11.2 changes that (XNNPACK/YNNPACK/oneDNN library fusions: checked
 iteration converts (and, for block scales, scales) one [K, ch] chunk of about CHUNK_BYTES in the
 activation dtype (512 KiB, in L2; 4x that for steps of 32+ tokens, whose dots want wider chunks),
 and writes its [T, ch] slice of the output in place. The temporary is one chunk, not the weight;
-the s8/f8 weight is read once.
+the s8/f8 weight is read once. In the layer scan, chunks are sliced from the stacked [L, K, N]
+weight at the traced layer (`layer`): slicing the layer first made XLA copy it (s8) every step.
 
 float8_e4m3fn weights travel as their uint8 bits (`fp8_as_bits`): XLA CPU widens a float8 operand
 of a while loop (the layer scan, the chunk loop) to f16 whole, before the loop: a 2-byte copy of
