@@ -2,7 +2,10 @@
 
     python bench/quant.py --model smollm2-135m --output-json /tmp/quant.json
 
-For each of --methods (none = --dtype weights) the engine is built (warm), then:
+For each of --methods (none = --dtype weights; a "-plain" suffix, e.g. int8-plain, builds that
+method with the plain dot instead of CPU's column-chunked one, jaxllm/models/quant_dot.py: the
+"before") the engine is built (warm); then --rounds rounds, each measuring every engine in turn
+(interleaved, so a load change on the shared machine hits all alike); the median over rounds:
 - batch-1 decode: one request alone (--input-len prompt tokens drawn from the vocabulary, seeded,
   --output-len greedy tokens, ignore_eos), ms/token = (last token - first token) / (n - 1), median of
   --repeats (bench/latency.py's timing);
@@ -57,6 +60,7 @@ def main(argv=None) -> int:
     ap.add_argument("--repeats", type=int, default=3)
     ap.add_argument("--batches", default="8,64")
     ap.add_argument("--steps", type=int, default=8)
+    ap.add_argument("--rounds", type=int, default=1)
     ap.add_argument("--output-json")
     args = ap.parse_args(argv)
     import jax
@@ -67,27 +71,40 @@ def main(argv=None) -> int:
 
     machine = log_machine()
     batches = [int(b) for b in args.batches.split(",")]
-    rows = []
+    from jaxllm.models import quant_dot
+
+    engines = {}
     for method in args.methods.split(","):
+        base = method.removesuffix("-plain")
+        quant_dot.ENABLED = not method.endswith("-plain")  # read when the engine's steps are traced (warm-up)
         engine = build_engine(EngineConfig(model=args.model, load_format=args.load_format, dtype=args.dtype,
-                                           quantization=None if method == "none" else method,
+                                           quantization=None if base == "none" else base,
                                            max_model_len=512, max_num_seqs=max(batches),
                                            max_num_batched_tokens=1024))
-        state = engine.runner.state
-        weight_bytes = sum(int(x.nbytes) for x in jax.tree.leaves(state))
         vocab = engine.runner.model_config.vocab_size
-        rng = np.random.default_rng(0)
-        jaxllm_one(engine, "warm", rng.integers(10, vocab, args.input_len).tolist(), 4)
-        runs = [jaxllm_one(engine, f"r{i}", rng.integers(10, vocab, args.input_len).tolist(), args.output_len)
-                for i in range(args.repeats)]
-        row = {"weights": method, "weight_MiB": round(weight_bytes / 2**20, 1),
-               "b1_ms_per_token": round(statistics.median(r["ms_per_token"] for r in runs), 2)}
+        jaxllm_one(engine, "warm", np.random.default_rng(0).integers(10, vocab, args.input_len).tolist(), 4)
         for b in batches:
-            step_ms(engine, b, 2, vocab, rng)  # warm the path at this batch
-            row[f"b{b}_step_ms"] = round(step_ms(engine, b, args.steps, vocab, rng), 2)
+            step_ms(engine, b, 2, vocab, np.random.default_rng(0))  # warm the path at this batch
+        engines[method] = engine
+    quant_dot.ENABLED = True
+    samples = {m: {} for m in engines}
+    for rnd in range(args.rounds):
+        for method, engine in engines.items():
+            vocab = engine.runner.model_config.vocab_size
+            rng = np.random.default_rng(rnd)
+            runs = [jaxllm_one(engine, f"r{rnd}-{i}", rng.integers(10, vocab, args.input_len).tolist(),
+                               args.output_len) for i in range(args.repeats)]
+            samples[method].setdefault("b1_ms_per_token", []).append(statistics.median(r["ms_per_token"] for r in runs))
+            for b in batches:
+                samples[method].setdefault(f"b{b}_step_ms", []).append(step_ms(engine, b, args.steps, vocab, rng))
+            print(method, f"round {rnd}", {k: round(v[-1], 2) for k, v in samples[method].items()},
+                  f"load {os.getloadavg()[0]:.2f}", flush=True)
+    rows = []
+    for method, engine in engines.items():
+        weight_bytes = sum(int(x.nbytes) for x in jax.tree.leaves(engine.runner.state))
+        row = {"weights": method, "weight_MiB": round(weight_bytes / 2**20, 1)}
+        row.update({k: round(statistics.median(v), 2) for k, v in samples[method].items()})
         rows.append(row)
-        print(json.dumps(row), flush=True)
-        del engine
     print(f"\nload {os.getloadavg()}")
     for r in rows:
         print("  ".join(f"{k}={v}" for k, v in r.items()))

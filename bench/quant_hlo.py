@@ -9,6 +9,11 @@ matmul) or not (a full-precision copy of the weight materialised before the dot)
 a Q8_0 GGUF of that model, kept int8 with its block-32 scales (scan loop), at 3 tokens (the
 per-block partial dots) and at 64 (the weight dequantized into the dot), listing also every f32
 array as large as a weight that a block-scale multiply produces.
+
+On CPU the quantized dot now runs in output-column chunks (jaxllm/models/quant_dot.py): the converts
+listed are chunk-shaped (the tiny wqkv [64,128] as [64,64], w_gate_up [64,192] as [64,96]), except
+weights under 128 columns, converted whole by design (the tiny wo and w_down). bench/quant_temp.py
+checks SmolLM2-135M's shapes and the temp bytes.
 """
 import os
 import sys

@@ -241,6 +241,9 @@ class LlamaForCausalLM(nnx.Module):
                 x, cache = run(w if lora is None else with_lora(*w), x, cache, i)
                 return (x, cache, i + 1), None
 
+            # the quantized weights as the Projector reads them (float8 as uint8 bits: XLA CPU widens a
+            # float8 loop operand to f16 whole); their scan slices then go unused
+            stacked = {**stacked, **proj.stacked_quant}
             xs = stacked if lora is None else (stacked, lora.weights)  # LoRA pairs stacked [L, S, ...] too
             (x, kv_cache, _), _ = jax.lax.scan(body, (x, kv_cache, jnp.int32(0)), xs)
         else:

@@ -20,6 +20,7 @@ import jax.numpy as jnp
 
 from jaxllm.lora.delta import LoRAWeight, lora_delta
 from jaxllm.models.fusion import join_fused
+from jaxllm.models import quant_dot
 from jaxllm.models.quant import QuantWeight, quant_einsum
 from pallas_kernels.matmul import stacked_matmul, stacked_matmul_supported
 from pallas_kernels.matmul.stacked import MAX_ROWS
@@ -48,6 +49,13 @@ class Projector:
               and num_tokens <= MAX_ROWS)
         self.interpret = jax.default_backend() != "gpu" if interpret is None else interpret
         self.stacked = stacked if on else None
+        # quantized weights: the column-chunked dot on CPU (no f32 copy of a weight), one device only
+        self.chunked_quant = quant_dot.ENABLED and jax.default_backend() == "cpu" and layout is None
+        # ... and in the scan loop each chunk is sliced straight out of the stacked weight at the traced
+        # layer (else XLA copies the layer's s8 slice first); float8 as uint8 bits (quant_dot.py)
+        self.stacked_quant = {}
+        if self.chunked_quant and stacked is not None:
+            self.stacked_quant = quant_dot.fp8_as_bits({n: w for n, w in stacked.items() if isinstance(w, QuantWeight)})
 
     def __call__(self, spec: str, x: jax.Array, name: str, w, layer) -> jax.Array:
         """`w`: the layer's weight, a jax.Array or a QuantWeight (weight-only int8/fp8: dequantized
@@ -59,7 +67,9 @@ class Projector:
                 join = lambda parts: join_fused(parts, self.layout, *FUSED_OUTPUTS[name])  # noqa: E731
             return self(spec, x, name, w.base, layer) + lora_delta(spec, x, w.a, w.b, self.lora_onehot, join)
         if isinstance(w, QuantWeight):
-            return quant_einsum(spec, x, w)
+            if name in self.stacked_quant:
+                return quant_einsum(spec, x, self.stacked_quant[name], chunked=True, layer=layer)
+            return quant_einsum(spec, x, w, chunked=self.chunked_quant)
         if self.stacked is not None:
             t, k = x.shape[0], math.prod(x.shape[1:])
             ws = self.stacked[name]  # [L, in..., out...]: the contracted axes lead

@@ -13,8 +13,10 @@ The held weights are input-major (`[in..., out...]`, the contracted axes lead, s
 `scale` has the weight's output axes only: `[out...]` per layer, `[L, out...]` stacked, and is
 sharded like the weight's output axes (`scale_axes`). The matmul is `einsum(x, q.astype(x.dtype))`
 then `* scale` on the [T, out...] result (the scale is per output channel, so it commutes with the
-contraction): the weight's bytes are read in 8 bits; whether XLA converts inside the dot or
-materialises a converted copy first is backend-dependent (bench/RESULTS.md, "Quantized weights").
+contraction): the weight's bytes are read in 8 bits. XLA CPU materialises a converted copy of the
+whole weight before a dot, so on CPU (one device) the dot runs in output-column chunks instead
+(jaxllm/models/quant_dot.py: the converted temporary is one chunk); elsewhere whether the compiler
+converts inside the dot is backend-dependent (bench/RESULTS.md, "Quantized weights").
 
 Hand-written rather than Qwix's `QArray`: with float activations and a quantized weight Qwix's
 `einsum` takes its `_slow_dot_general` path, which dequantizes the whole weight (convert and
@@ -29,6 +31,7 @@ import jax
 import jax.numpy as jnp
 
 from jaxllm.config import QUANTIZATIONS as QUANT_METHODS  # one list for the config and the model
+from jaxllm.models.quant_dot import quant_dot_flat
 
 # held name -> the number of contracted (input) axes after the "layers" axis
 QUANT_PARAMS: dict[str, int] = {"layers.wqkv": 1, "layers.wo": 2, "layers.w_gate_up": 1, "layers.w_down": 1}
@@ -129,12 +132,17 @@ def dequantize(w: QuantWeight, num_contracted: int, stacked: bool = False, dtype
     return (w.q.astype(xp.float32) * s.astype(xp.float32)).astype(dtype)
 
 
-def quant_einsum(spec: str, x: jax.Array, w: QuantWeight) -> jax.Array:
+def quant_einsum(spec: str, x: jax.Array, w: QuantWeight, chunked: bool = False, layer=None) -> jax.Array:
     """`jnp.einsum(spec, x, dequantize(w))` with the scale applied to the output: x [T, in...] →
-    [T, out...] in x's dtype (accumulated in f32). Block scales (scale.ndim == q.ndim): the dot
+    [T, out...] in x's dtype (accumulated in f32). `chunked` (the CPU backend, one device): the dot
+    runs over chunks of the output columns, each dequantized alone (jaxllm/models/quant_dot.py), so
+    no full-precision copy of the weight exists; with `layer`, w is stacked [L, ...] and its layer
+    `layer` is read in place, chunk by chunk. Otherwise, block scales (scale.ndim == q.ndim): the dot
     runs per block of the last contracted axis ([T, nb, out...] partial sums, then scaled and
     summed over nb) while that partial is no larger than the weight; a larger step (a long prefill)
     dequantizes the weight into the dot instead, once per step for all its tokens."""
+    if chunked:
+        return quant_dot_flat(x, w.q, w.scale, layer=layer).astype(x.dtype)
     if w.scale.ndim != w.q.ndim:
         y = jnp.einsum(spec, x, w.q.astype(x.dtype), preferred_element_type=jnp.float32)  # [T, out...] f32
         return (y * w.scale).astype(x.dtype)

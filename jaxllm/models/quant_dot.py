@@ -1,0 +1,123 @@
+"""The quantized matmul in output-column chunks, so no full-precision copy of a weight exists (issue 17).
+
+XLA CPU converts an int8/fp8 dot operand to the activation dtype in a fusion of its own before the
+dot: `einsum(x, q.astype(f32))` materialises the whole layer weight in f32 every step (4x the int8
+bytes written and read again; bench/RESULTS.md, "Where the int8 weight is converted"). No XLA CPU
+flag of jax 0.11.2 changes that (XNNPACK/YNNPACK/oneDNN library fusions: checked, same convert).
+
+`chunked_quant_dot` runs the dot in a `fori_loop` over chunks of the weight's output columns: each
+iteration converts (and, for block scales, scales) one [K, ch] chunk of about CHUNK_BYTES in the
+activation dtype (512 KiB, in L2; 4x that for steps of 32+ tokens, whose dots want wider chunks),
+and writes its [T, ch] slice of the output in place. The temporary is one chunk, not the weight;
+the s8/f8 weight is read once. In the layer scan, chunks are sliced from the stacked [L, K, N]
+weight at the traced layer (`layer`): slicing the layer first made XLA copy it (s8) every step.
+
+float8_e4m3fn weights travel as their uint8 bits (`fp8_as_bits`): XLA CPU widens a float8 operand
+of a while loop (the layer scan, the chunk loop) to f16 whole, before the loop: a 2-byte copy of
+every fp8 weight per step (211 MiB for SmolLM2-135M). A uint8 `q` here means float8_e4m3fn bits;
+each chunk bitcasts its slice back before converting it.
+
+Used on the CPU backend on one device (jaxllm/models/projections.py decides); elsewhere `quant_einsum`
+keeps the plain dot (a GPU compiler may fuse the convert into the GEMM; the column loop would also
+fight a sharded output axis).
+"""
+from __future__ import annotations
+
+import math
+
+import jax
+import jax.numpy as jnp
+from jax import lax
+
+ENABLED = True  # read when a step is traced; bench/quant.py sets it False to measure the plain dot
+CHUNK_BYTES = 512 * 1024  # one converted chunk [K, ch] in the activation dtype (bench/RESULTS.md, "chunked")
+WIDE_FROM_T, WIDE_FACTOR = 32, 4  # steps of >= 32 tokens: 4x wider chunks (2 MiB; each chunk's dot is larger)
+MIN_COLS = 64  # narrower column chunks make the per-chunk dot inefficient
+
+
+FP8_BITS = jnp.uint8  # a q of this dtype holds float8_e4m3fn bits
+
+
+def fp8_as_bits(tree):
+    """Every float8_e4m3fn array in `tree` (QuantWeight.q of a stacked or per-layer weight) bitcast to
+    its uint8 bits; other leaves unchanged. Free (a bitcast); undone per chunk in chunked_quant_dot."""
+    def bits(a):
+        return lax.bitcast_convert_type(a, FP8_BITS) if a.dtype == jnp.float8_e4m3fn else a
+    return jax.tree.map(bits, tree)
+
+
+def chunk_cols(k: int, n: int, itemsize: int = 4, chunk_bytes: int | None = None) -> int:
+    """Columns per chunk for a [k, n] weight: about `chunk_bytes` of [k, ch] at `itemsize`, at least
+    MIN_COLS, at most n / 2 (never the whole weight, unless n < 2 * MIN_COLS); a divisor of n in
+    [cols/2, cols] when one exists (no tail chunk)."""
+    if n < 2 * MIN_COLS:
+        return n
+    cols = min(n // 2, max(MIN_COLS, (chunk_bytes or CHUNK_BYTES) // (itemsize * k)))
+    for d in range(cols, max(cols // 2, 1) - 1, -1):
+        if n % d == 0:
+            return d
+    return cols
+
+
+def chunked_quant_dot(x: jax.Array, q: jax.Array, scale: jax.Array, block: int | None = None,
+                      chunk_bytes: int | None = None, layer=None) -> jax.Array:
+    """x [T, K] float, q [K, N] int8/float8_e4m3fn (or its uint8 bits), scale [N] (per output
+    channel) or [K/block, N] (block scales along K) → [T, N] f32 = x @ dequantize(q, scale),
+    computed chunk by chunk of N. `layer` (an int or traced int32): q [L, K, N] and scale [L, ...]
+    are stacked and each chunk is sliced out of layer `layer` directly (no copy of the layer's slice)."""
+    t, k = x.shape[0], x.shape[1]
+    n = q.shape[-1]
+    if chunk_bytes is None:  # measured on SmolLM2 shapes (bench/RESULTS.md): 512 KiB best at T=1, 2 MiB at T=64..256
+        chunk_bytes = CHUNK_BYTES * (WIDE_FACTOR if t >= WIDE_FROM_T else 1)
+    q = fp8_as_bits(q)  # [K, N] int8, or uint8 bits of float8_e4m3fn
+    ch = chunk_cols(k, n, jnp.dtype(x.dtype).itemsize, chunk_bytes)
+    nfull = n // ch
+
+    def part(qc: jax.Array, sc: jax.Array) -> jax.Array:
+        """One chunk: qc [K, c], sc [c] or [K/block, c] → [T, c] f32."""
+        if qc.dtype == FP8_BITS:
+            qc = lax.bitcast_convert_type(qc, jnp.float8_e4m3fn)
+        if block is None:
+            return jnp.dot(x, qc.astype(x.dtype), preferred_element_type=jnp.float32) * sc.astype(jnp.float32)
+        c = qc.shape[1]
+        w = (qc.reshape(k // block, block, c).astype(jnp.float32) * sc.astype(jnp.float32)[:, None, :])
+        return jnp.dot(x, w.reshape(k, c).astype(x.dtype), preferred_element_type=jnp.float32)  # [T, c]
+
+    def cols(a: jax.Array, start, width: int) -> jax.Array:
+        """Columns [start, start + width) of a [..., N] (of its layer `layer` when stacked)."""
+        if layer is None:
+            return lax.dynamic_slice_in_dim(a, start, width, axis=a.ndim - 1)
+        starts = (layer,) + (0,) * (a.ndim - 2) + (start,)
+        return lax.dynamic_slice(a, starts, (1,) + a.shape[1:-1] + (width,))[0]
+
+    def body(i, y):  # y [T, N] f32, written in place chunk by chunk
+        return lax.dynamic_update_slice_in_dim(y, part(cols(q, i * ch, ch), cols(scale, i * ch, ch)), i * ch, axis=1)
+
+    if nfull <= 1 and ch == n:
+        return part(cols(q, 0, n), cols(scale, 0, n))
+    y = lax.fori_loop(0, nfull, body, jnp.zeros((t, n), jnp.float32))  # [T, N] f32
+    if nfull * ch < n:  # the tail chunk, static
+        tail = n - nfull * ch
+        y = y.at[:, nfull * ch:].set(part(cols(q, nfull * ch, tail), cols(scale, nfull * ch, tail)))
+    return y
+
+
+def quant_dot_flat(x: jax.Array, q: jax.Array, scale: jax.Array, chunk_bytes: int | None = None,
+                   layer=None) -> jax.Array:
+    """`einsum(x, dequantize(QuantWeight(q, scale)))` for x [T, in...] contracting all its axes but
+    the first with q's leading ones (q [in..., out...]; scale [out...] or block scales
+    [in..., in_last/B, out...]) → [T, out...] f32, through `chunked_quant_dot` on flattened views.
+    `layer`: q and scale carry a leading [L] axis and layer `layer` is used, read in place."""
+    nc = x.ndim - 1
+    lead = () if layer is None else q.shape[:1]
+    qs = q.shape[len(lead):]
+    out_shape = qs[nc:]
+    k, n = math.prod(qs[:nc]), math.prod(out_shape)
+    if scale.ndim == q.ndim:  # block scales along the last contracted axis: K/B rows of scales
+        block = qs[nc - 1] // scale.shape[len(lead) + nc - 1]
+        s2 = scale.reshape(lead + (k // block, n))
+    else:
+        block, s2 = None, scale.reshape(lead + (n,))
+    y = chunked_quant_dot(x.reshape(x.shape[0], k), q.reshape(lead + (k, n)), s2, block, chunk_bytes,
+                          layer)  # [T, N] f32
+    return y.reshape((x.shape[0],) + out_shape)
