@@ -2,7 +2,8 @@
 # GPU device check, run from the checkout on a machine with an NVIDIA GPU (H100/H200), no network,
 # with that machine's own python + jax[cuda]. Usage: bench/device_check.sh OUT.json
 # PHASES="memory e2e" bench/device_check.sh OUT.json runs only those phases (default: all of
-# kernels ragged sweep memory e2e; imports always; "weightcopy" is an extra experiment, ~5 min).
+# kernels ragged sweep memory e2e; imports always; "weightcopy" is an extra experiment, ~5 min;
+# "quant" runs issue 17's int8/fp8 weights and fp8 KV cache end to end, ~6 min).
 # Whole script < 8 minutes (each phase has its own timeout). Each phase merges its results into
 # OUT.json under its own key, after every sub-phase, so a timeout keeps what was measured.
 #   imports (60 s) -> kernels: Pallas vs reference on random batches + decode/prefill timings next to
@@ -121,6 +122,21 @@ if want weightcopy; then
     timeout 90 "$PY" bench/step_memory.py --layer-loop "$loop" --hlo-dir "$(dirname "$OUT")/hlo_$loop" \
       --json "$OUT" --json-key "step_memory_$loop" || status=1
   done
+fi
+
+# ---- optional (PHASES="quant"): issue 17 on the GPU, ~6 min ------------------------------------
+# Llama-2-13B-shaped dummy: batch-1 decode and the 64-request workload with int8 and fp8 weights
+# (bf16 is the e2e phase's row: run PHASES="e2e quant" for one run), then fp8 KV's blocks (maximum
+# concurrency) against the e2e row's. Target: batch-1 decode >= 1.6x bf16's with int8/fp8 weights.
+if want quant; then
+  for q in int8 fp8; do
+    phase "end to end, --quantization $q (no HF)"
+    timeout 150 env -u XLA_PYTHON_CLIENT_PREALLOCATE "$PY" bench/device_e2e.py --skip-hf --quantization "$q" \
+      --json "$OUT" --json-key "e2e_$q" || status=1
+  done
+  phase "end to end, --kv-cache-dtype fp8 (no HF)"
+  timeout 150 env -u XLA_PYTHON_CLIENT_PREALLOCATE "$PY" bench/device_e2e.py --skip-hf --kv-cache-dtype fp8 \
+    --json "$OUT" --json-key e2e_kv_fp8 || status=1
 fi
 
 phase "done"

@@ -90,6 +90,8 @@ def main(argv=None) -> int:
     ap.add_argument("--copy-mib", type=int, default=2048)
     ap.add_argument("--matmul-n", type=int, default=8192)
     ap.add_argument("--skip-hf", action="store_true")
+    ap.add_argument("--quantization", default=None, choices=("int8", "fp8"), help="weight-only quantization (issue 17)")
+    ap.add_argument("--kv-cache-dtype", default="auto", choices=("auto", "fp8"), help="KV cache element type (issue 17)")
     ap.add_argument("--decode-only", action="store_true",
                     help="only the batch-1 decode vs the roofline (no HF, no 64-request run): for A/B of XLA flags")
     args = ap.parse_args(argv)
@@ -147,8 +149,11 @@ def main(argv=None) -> int:
     t0 = time.perf_counter()
     llm = LLM(model=args.model, load_format="dummy", dtype="bfloat16", max_model_len=args.max_model_len,
               max_num_seqs=args.max_num_seqs, max_num_batched_tokens=args.max_num_batched_tokens,
-              enable_prefix_caching=False, gpu_memory_utilization=args.gpu_memory_utilization)
+              enable_prefix_caching=False, gpu_memory_utilization=args.gpu_memory_utilization,
+              quantization=args.quantization, kv_cache_dtype=args.kv_cache_dtype)
     startup = time.perf_counter() - t0
+    result["config"] = {"quantization": args.quantization, "kv_cache_dtype": args.kv_cache_dtype,
+                        "kv_blocks": llm.engine.get_stats().num_blocks, "block_size": llm.engine.config.block_size}
     log(f"jaxllm {args.model} built and warm in {startup:.1f}s")
     result["engine_start_s"] = startup
     if not args.decode_only:
