@@ -31,6 +31,13 @@ FUSED: dict[str, tuple[tuple[str, ...], int]] = {
 # Checkpoint params whose kv-head axis (-2) is repeated layout.kv_repeat times before fusing.
 KV_PARAMS = ("layers.wk", "layers.wv", "layers.bk", "layers.bv")
 FUSED_PARTS = {part: held for held, (parts, _) in FUSED.items() for part in parts}
+# each fused projection's output: (its fused logical axis, the logical axes of each part's output),
+# what `split_fused` (the decoder) and `join_fused` (LoRA deltas per part) both take
+FUSED_OUTPUTS: dict[str, tuple[str, tuple[tuple[str, ...], ...]]] = {
+    "wqkv": ("qkv_heads", (("tokens", "heads", "head_dim"), ("tokens", "kv_heads", "head_dim"),
+                           ("tokens", "kv_heads", "head_dim"))),
+    "w_gate_up": ("mlp2", (("tokens", "mlp"), ("tokens", "mlp"))),
+}
 
 
 def fuse(xp, parts, axis: int, tp: int, names: tuple[str, ...] | None = None):

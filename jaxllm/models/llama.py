@@ -21,7 +21,7 @@ from flax import nnx
 
 from jaxllm.lora.delta import LoRABatch, with_lora
 from jaxllm.models.config import ModelConfig
-from jaxllm.models.fusion import FUSED, FUSED_PARTS, placement_plan, split_fused
+from jaxllm.models.fusion import FUSED, FUSED_OUTPUTS, FUSED_PARTS, placement_plan, split_fused
 from jaxllm.models import prequantized
 from jaxllm.models.projections import Projector
 from jaxllm.models.quant import QUANT_PARAMS, QuantWeight, check_backend, check_method, quantize
@@ -127,8 +127,7 @@ def decoder_layer(w: dict[str, jax.Array], x, cos, sin, cache: KVCache, index, m
     qkv = proj("te,ehd->thd", h, "wqkv", w["wqkv"], index)  # [T, H+2K, D] shard-major (fusion.py)
     if c.attention_bias:
         qkv = qkv + w["bqkv"]
-    q, k, v = split_fused(qkv, (H, K, K), lay, "qkv_heads", (("tokens", "heads", "head_dim"),
-                          ("tokens", "kv_heads", "head_dim"), ("tokens", "kv_heads", "head_dim")))  # [T, H|K|K, D]
+    q, k, v = split_fused(qkv, (H, K, K), lay, *FUSED_OUTPUTS["wqkv"])  # [T, H|K|K, D]
     if c.qk_norm:
         q, k = rms_norm(q, w["q_norm"], eps), rms_norm(k, w["k_norm"], eps)
     q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
@@ -137,7 +136,7 @@ def decoder_layer(w: dict[str, jax.Array], x, cos, sin, cache: KVCache, index, m
     x = x + constrain(proj("thd,hde->te", attn, "wo", w["wo"], index), lay, ("tokens", "embed"))  # [T, E]
     h = rms_norm(x, w["post_norm"], eps)
     gate_up = proj("te,ef->tf", h, "w_gate_up", w["w_gate_up"], index)  # [T, 2F] shard-major
-    gate, up = split_fused(gate_up, (c.intermediate_size,) * 2, lay, "mlp2", (("tokens", "mlp"),) * 2)  # [T, F]
+    gate, up = split_fused(gate_up, (c.intermediate_size,) * 2, lay, *FUSED_OUTPUTS["w_gate_up"])  # [T, F]
     down = proj("tf,fe->te", jax.nn.silu(gate) * up, "w_down", w["w_down"], index)
     return x + constrain(down, lay, ("tokens", "embed")), cache
 

@@ -19,19 +19,13 @@ import jax
 import jax.numpy as jnp
 
 from jaxllm.lora.delta import LoRAWeight, lora_delta
-from jaxllm.models.fusion import join_fused
+from jaxllm.models.fusion import FUSED_OUTPUTS, join_fused
 from jaxllm.models import quant_dot
 from jaxllm.models.quant import QuantWeight, quant_einsum
 from pallas_kernels.matmul import stacked_matmul, stacked_matmul_supported
 from pallas_kernels.matmul.stacked import MAX_ROWS
 
 ENV_VAR = "JAXLLM_STACKED_MATMUL"
-# fused projections: (fused output axis, the logical axes of each part's output), as the decoder splits them
-FUSED_OUTPUTS = {
-    "wqkv": ("qkv_heads", (("tokens", "heads", "head_dim"), ("tokens", "kv_heads", "head_dim"),
-                           ("tokens", "kv_heads", "head_dim"))),
-    "w_gate_up": ("mlp2", (("tokens", "mlp"), ("tokens", "mlp"))),
-}
 
 
 class Projector:
