@@ -39,10 +39,11 @@ class EmbedRequestsMixin:
         self.num_prompt_tokens += len(ids)
 
 
-    def _finish_embeddings(self, out, now: float) -> list[EmbeddingRequestOutput]:
+    def _finish_embeddings(self, out, now: float, it=None) -> list[EmbeddingRequestOutput]:
         """File step ``out``'s pooled chunks; finish (free the blocks of) every embedding request
-        whose last prompt chunk it computed. A request aborted or preempted meanwhile is skipped
-        (a preempted one is recomputed from position 0)."""
+        whose last prompt chunk it computed (into ``it``, the step's ``IterationStats``, when stats
+        are recorded). A request aborted or preempted meanwhile is skipped (a preempted one is
+        recomputed from position 0)."""
         chunks = self.runner.take_pooled()
         done = []
         for seq, req in zip(out.seqs, out.requests):
@@ -59,4 +60,14 @@ class EmbedRequestsMixin:
             self.scheduler.finish_requests([rid], RequestStatus.FINISHED_STOPPED)
             del self._embeds[rid]
             outs.append(st.output(now))
+            if it is not None:
+                it.add_embedding(st.req, "stop", st.arrival_time, now)
         return outs
+
+    def _abort_embedding(self, rid: str, it) -> None:
+        """Drop embedding request ``rid`` (no output: an aborted embedding has no vector), free its
+        blocks, and file it as "abort" into ``it`` when stats are recorded."""
+        st = self._embeds.pop(rid)
+        self.scheduler.finish_requests([rid], RequestStatus.FINISHED_ABORTED)
+        if it is not None:
+            it.add_embedding(st.req, "abort", st.arrival_time, time.time())

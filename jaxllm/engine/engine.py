@@ -242,30 +242,31 @@ class LLMEngine(EmbedRequestsMixin, EngineStatsMixin, GrammarRequestsMixin, LoRA
         if isinstance(request_ids, str):
             request_ids = [request_ids]
         outs = []
-        it = None
+        it = IterationStats() if self.stat_loggers else None
+        recorded = False
         for rid in request_ids:
-            if rid in self._embeds:  # no output: an aborted embedding has no vector
-                del self._embeds[rid]
-                self.scheduler.finish_requests([rid], RequestStatus.FINISHED_ABORTED)
+            if rid in self._embeds:
+                self._abort_embedding(rid, it)
+                recorded = True
                 continue
             parent = self._parents.pop(rid, None)
             if parent is None:
                 continue
             self._release_lora(rid)
             live = [c.req.request_id for c in parent.children if not c.finished]
-            if self.stat_loggers:
+            if it is not None:
                 now = time.time()
-                it = it or IterationStats()
                 for c in parent.children:
                     if not c.finished:
                         it.add_finished(c, "abort", parent.metrics.arrival_time, now)
+                        recorded = True
             for c in parent.children:
                 c.abort()
                 self._seqs.pop(c.req.request_id, None)
             self.scheduler.finish_requests(live, RequestStatus.FINISHED_ABORTED)
             outs.append(parent.output())
         self._release_if_idle()
-        if it is not None:
+        if recorded:
             self._record_stats(it)
         return outs
 
@@ -329,7 +330,7 @@ class LLMEngine(EmbedRequestsMixin, EngineStatsMixin, GrammarRequestsMixin, LoRA
                     self._seqs[rid][0].add_prompt_logprobs(entries)
         new = self.scheduler.update_from_output(out, {k: v.token_id for k, v in sampled.items()})
         now = time.time()
-        outputs: list = self._finish_embeddings(out, now) if self.task == "embed" else []
+        outputs: list = self._finish_embeddings(out, now, it) if self.task == "embed" else []
         touched: dict[str, ParentState] = {}
         finished: dict[RequestStatus, list[str]] = {}
         failed: dict[str, tuple[ParentState, Exception]] = {}

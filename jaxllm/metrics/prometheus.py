@@ -58,9 +58,10 @@ class PrometheusStatLogger:
         self.prefix_queries = counter("jaxllm:prefix_cache_queries", "Prompt tokens looked up in the prefix cache.")
         self.prefix_hits = counter("jaxllm:prefix_cache_hits", "Prompt tokens found in the prefix cache.")
         self.preemptions = counter("jaxllm:num_preemptions", "Sequences preempted (blocks freed, recomputed later).")
-        self.prompt_tokens = counter("jaxllm:prompt_tokens", "Prefilled prompt tokens (per sequence, at its first token).")
+        self.prompt_tokens = counter("jaxllm:prompt_tokens", "Prefilled prompt tokens (a sequence's at its first "
+                                     "token, an embedding request's when it is pooled).")
         self.generation_tokens = counter("jaxllm:generation_tokens", "Generated tokens.")
-        success = Counter("jaxllm:request_success", "Finished sequences by finish reason.",
+        success = Counter("jaxllm:request_success", "Finished sequences and embedding requests by finish reason.",
                           ["model_name", "finished_reason"], registry=r)
         self.request_success = {reason: success.labels(model_name, reason) for reason in FINISH_REASONS}
         self._success = success
@@ -73,7 +74,7 @@ class PrometheusStatLogger:
         self.request_prompt_tokens = histogram("jaxllm:request_prompt_tokens", "Prompt length of finished sequences.",
                                                token_buckets(max_model_len))
         self.request_generation_tokens = histogram("jaxllm:request_generation_tokens",
-                                                   "Generated length of finished sequences.",
+                                                   "Generated length of finished sequences (not embeddings).",
                                                    token_buckets(max_model_len))
         self.iteration_tokens = histogram("jaxllm:iteration_tokens_total", "Tokens computed per engine step (unpadded).",
                                           token_buckets(max_num_batched_tokens))
@@ -122,7 +123,8 @@ class PrometheusStatLogger:
             self.e2e.observe([f.e2e_latency for f in done], m)
             self.queue_time.observe([f.queue_time for f in done], m)
             self.request_prompt_tokens.observe([f.num_prompt_tokens for f in done], m)
-            self.request_generation_tokens.observe([f.num_generation_tokens for f in done], m)
+            self.request_generation_tokens.observe(
+                [f.num_generation_tokens for f in done if f.num_generation_tokens is not None], m)
         if it.step_time is not None:
             self.iteration_tokens.observe((it.num_batched_tokens,), m)
             self.step_time.observe((it.step_time,), (self.model_name, it.bucket or "none"))

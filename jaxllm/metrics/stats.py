@@ -10,6 +10,12 @@ with its prompt). A sequence's prompt tokens are counted once, when its first to
 time to first token and end-to-end latency run from the request's arrival; inter-token latency
 is the gap between two consecutive tokens of one sequence. Times are ``time.time()`` seconds,
 the clock of ``RequestMetrics``.
+
+Embedding (pooling) requests are counted as vLLM V1 counts them in its request-level series: a
+finished one is a ``FinishedRequestStats`` (finish reason "stop", or "abort"), its prompt tokens are
+counted when its last prompt chunk is computed, and its end-to-end and queue times are recorded.
+It generates nothing, so it adds no time to first token, no inter-token latency and no generation
+tokens (``num_generation_tokens`` is None: the per-request generation-length histogram skips it).
 """
 
 from __future__ import annotations
@@ -38,7 +44,7 @@ class FinishedRequestStats:
     e2e_latency: float  # seconds, arrival -> finished
     queue_time: float  # seconds, arrival -> first scheduled (-> finished if never scheduled)
     num_prompt_tokens: int
-    num_generation_tokens: int
+    num_generation_tokens: int | None  # None: an embedding request (it generates nothing)
 
 
 @dataclasses.dataclass(slots=True)
@@ -64,9 +70,19 @@ class IterationStats:
         seq.last_token_time = now
 
     def add_finished(self, seq, finish_reason: str, arrival_time: float, now: float) -> None:
-        req = seq.req
+        self._finished(seq.req, finish_reason, arrival_time, now, len(seq.token_ids))
+
+    def add_embedding(self, req, finish_reason: str, arrival_time: float, now: float) -> None:
+        """An embedding request (a ``core.request.Request`` with ``pooling``) finished at ``now``:
+        "stop" (pooled; its prompt tokens count as prefilled) or "abort"."""
+        if finish_reason == "stop":
+            self.num_prompt_tokens += req.num_prompt_tokens
+        self._finished(req, finish_reason, arrival_time, now, None)
+
+    def _finished(self, req, finish_reason: str, arrival_time: float, now: float,
+                  num_generation_tokens: int | None) -> None:
         scheduled = req.first_scheduled_time if req.first_scheduled_time is not None else now
         self.finished_requests.append(FinishedRequestStats(
             finish_reason=finish_reason, e2e_latency=now - arrival_time,
             queue_time=max(0.0, scheduled - arrival_time), num_prompt_tokens=req.num_prompt_tokens,
-            num_generation_tokens=len(seq.token_ids)))
+            num_generation_tokens=num_generation_tokens))

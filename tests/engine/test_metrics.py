@@ -9,6 +9,7 @@ from prometheus_client import CollectorRegistry, generate_latest
 
 from jaxllm.llm import LLM
 from jaxllm.metrics.prometheus import PrometheusStatLogger
+from jaxllm.pooling_params import PoolingParams
 from jaxllm.runner.buckets import Buckets
 from jaxllm.sampling_params import SamplingParams
 from tests.engine.conftest import make_engine, run_all, script_fn
@@ -128,6 +129,54 @@ def test_counters_start_at_zero_when_a_logger_is_attached_late():
     outs = run_all(eng)
     assert metric(reg, "jaxllm:prefix_cache_hits_total") == outs["after"].num_cached_tokens > 0
     assert metric(reg, "jaxllm:request_success_total", finished_reason="length") == 1
+
+
+def test_embedding_requests_in_the_request_series():
+    """vLLM V1 counts pooling requests in its request-level series: success by reason ("stop" when
+    pooled), prompt tokens, e2e and queue time; they add nothing to the generation-only series
+    (time to first token, inter-token latency, generated tokens). The reference numbers come from
+    the EmbeddingRequestOutputs (prompt ids, RequestMetrics) and the scheduler's own requests."""
+    from tests.engine.test_embed_engine import make_embed_engine
+
+    eng = make_embed_engine(max_num_batched_tokens=16, async_scheduling=False)
+    reg = with_prometheus(eng)
+    prompts = {"short": [5, 6, 7], "chunked": list(range(2, 40))}  # 38 tokens: three chunks of <= 16
+    for rid, ids in prompts.items():
+        eng.add_request(rid, ids, PoolingParams())
+    outs = run_all(eng)
+    assert sorted(outs) == sorted(prompts) and eng.num_steps >= 3
+    n_prompt = sum(len(o.prompt_token_ids) for o in outs.values())
+    assert n_prompt == sum(len(p) for p in prompts.values())
+    e2e = sum(o.metrics.finished_time - o.metrics.arrival_time for o in outs.values())
+    queue = sum(o.metrics.first_scheduled_time - o.metrics.arrival_time for o in outs.values())
+    assert metric(reg, "jaxllm:request_success_total", finished_reason="stop") == 2
+    assert metric(reg, "jaxllm:prompt_tokens_total") == n_prompt
+    assert metric(reg, "jaxllm:request_prompt_tokens_count") == 2
+    assert metric(reg, "jaxllm:request_prompt_tokens_sum") == n_prompt
+    assert metric(reg, "jaxllm:e2e_request_latency_seconds_count") == 2
+    assert metric(reg, "jaxllm:e2e_request_latency_seconds_sum") == pytest.approx(e2e, abs=1e-9)
+    assert metric(reg, "jaxllm:request_queue_time_seconds_count") == 2
+    assert metric(reg, "jaxllm:request_queue_time_seconds_sum") == pytest.approx(queue, abs=1e-9)
+
+    # aborted after its first chunk: "abort", its prompt length in the per-request histogram (as
+    # for an aborted sequence), but its tokens were never all prefilled: not in prompt_tokens_total
+    eng.add_request("aborted", list(range(3, 50)), PoolingParams())
+    eng.step()
+    assert eng.scheduler.requests["aborted"].num_computed_tokens == 16
+    assert eng.abort_request("aborted") == []
+    assert not eng.has_unfinished_requests()
+    assert metric(reg, "jaxllm:request_success_total", finished_reason="abort") == 1
+    assert metric(reg, "jaxllm:request_success_total", finished_reason="stop") == 2
+    assert metric(reg, "jaxllm:prompt_tokens_total") == n_prompt
+    assert metric(reg, "jaxllm:request_prompt_tokens_sum") == n_prompt + 47
+    assert metric(reg, "jaxllm:e2e_request_latency_seconds_count") == 3
+    assert metric(reg, "jaxllm:request_queue_time_seconds_count") == 3
+    # generation-only series: nothing, not zeros
+    for name in ("jaxllm:generation_tokens_total", "jaxllm:time_to_first_token_seconds_count",
+                 "jaxllm:inter_token_latency_seconds_count", "jaxllm:request_generation_tokens_count"):
+        assert metric(reg, name) == 0, name
+    assert metric(reg, "jaxllm:iteration_tokens_total_sum") == n_prompt + 16  # every prefilled chunk
+    assert metric(reg, "jaxllm:num_requests_running") == 0 == metric(reg, "jaxllm:kv_cache_usage_perc")
 
 
 class StepClock:

@@ -120,6 +120,43 @@ def test_metrics_move_by_what_the_requests_did(kind):
     run(main())
 
 
+def test_embedding_requests_in_the_request_series():
+    """An embedding server's /metrics (HTTP door, parsed by prometheus-client) counts the embedding
+    requests as vLLM V1 counts pooling requests: success "stop", prompt tokens (reference: the
+    usage the clients received), e2e and queue time; no time to first token, inter-token latency or
+    generated tokens."""
+    import httpx
+    from test_serving_embed import embed_req, make_engine as make_embed_engine
+
+    async def main():
+        async with running_server(make_embed_engine(), http_port=0, health_probe_interval=3600) as c:
+            http = c.server.http_port
+            await c.wait_blocks_free()  # the start-up health probe has finished
+            before = await scrape(http, "fake-embed")
+            async with httpx.AsyncClient() as h:
+                r = await h.post(f"http://127.0.0.1:{http}/v1/embeddings",
+                                 json={"input": ["first", "second prompt " * 4, "third"]}, timeout=10)
+            assert r.status_code == 200, r.text
+            g = await c.stub.Embed(embed_req(token_ids=list(range(5, 30))), timeout=10)
+            await c.wait_blocks_free()
+            after = await scrape(http, "fake-embed")
+        return r.json()["usage"]["prompt_tokens"] + g.prompt_tokens, before, after
+
+    prompt_tokens, before, after = run(main())
+    assert prompt_tokens > 25
+    assert delta(before, after, "jaxllm:request_success_total", finished_reason="stop") == 4
+    assert delta(before, after, "jaxllm:request_success_total", finished_reason="abort") == 0
+    assert delta(before, after, "jaxllm:prompt_tokens_total") == prompt_tokens
+    assert delta(before, after, "jaxllm:request_prompt_tokens_sum") == prompt_tokens
+    for name in ("jaxllm:request_prompt_tokens_count", "jaxllm:e2e_request_latency_seconds_count",
+                 "jaxllm:request_queue_time_seconds_count"):
+        assert delta(before, after, name) == 4, name
+    for name in ("jaxllm:generation_tokens_total", "jaxllm:time_to_first_token_seconds_count",
+                 "jaxllm:inter_token_latency_seconds_count", "jaxllm:request_generation_tokens_count"):
+        assert delta(before, after, name) == 0, name
+    assert delta(before, after, "jaxllm:iteration_tokens_total_sum") == prompt_tokens
+
+
 def test_metrics_off_by_default_and_the_log_line_on():
     async def main():
         async with running_server(slow_engine(0), log_stats_interval=0) as c:
