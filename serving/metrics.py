@@ -7,6 +7,11 @@ warm-up is not counted and ``jaxllm:xla_compiles_since_warmup`` starts at 0), an
 registry on ``--metrics-port`` from prometheus-client's own threaded HTTP server (any path answers;
 ``/metrics`` is the usual one). ``metrics_app(registry)`` is the same registry as an ASGI app, for
 mounting ``/metrics`` on an HTTP front door: ``app.mount("/metrics", metrics_app(m.registry))``.
+
+Probes are not traffic (vLLM's HTTP instrumentator excludes ``/health`` and ``/metrics``): the
+health monitor's synthetic requests (ids ``PROBE_PREFIX...``) are left out of the request-level
+series through ``engine.exclude_from_stats``, and ``/health``, ``/metrics`` and gRPC health checks
+never reach the engine or any series.
 """
 
 from __future__ import annotations
@@ -19,6 +24,7 @@ from prometheus_client import CollectorRegistry, make_asgi_app, start_http_serve
 from jaxllm.metrics.loggers import LoggingStatLogger
 from jaxllm.metrics.prometheus import PrometheusStatLogger
 from serving.config import ServerConfig
+from serving.frontdoor import PROBE_PREFIX
 
 log = logging.getLogger(__name__)
 
@@ -59,6 +65,12 @@ class ServingMetrics:
             log.warning("serving: %s records no stats: --metrics-port serves no jaxllm:* series and "
                         "there is no stats log", type(engine).__name__)
             return
+        exclude = getattr(engine, "exclude_from_stats", None)
+        if exclude is not None:  # the health probes are not requests anyone sent
+            exclude(PROBE_PREFIX)
+        else:
+            log.warning("serving: %s cannot leave the health probes out of its stats: they are counted",
+                        type(engine).__name__)
         cfg = getattr(engine, "config", None)
         if self.prometheus_wanted:
             self.prometheus = PrometheusStatLogger(

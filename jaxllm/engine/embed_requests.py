@@ -34,7 +34,8 @@ class EmbedRequestsMixin:
         arrival = time.time() if arrival_time is None else arrival_time
         req = Request(request_id, ids, SamplingParams(max_tokens=1), seed=0, arrival_time=arrival,
                       max_output_tokens=0, pooling=params)
-        self._embeds[request_id] = EmbedState(req, text, arrival)
+        st = self._embeds[request_id] = EmbedState(req, text, arrival)
+        st.in_stats = self._in_stats(request_id)
         self.scheduler.add_request(req)
         self.num_prompt_tokens += len(ids)
 
@@ -60,7 +61,7 @@ class EmbedRequestsMixin:
             self.scheduler.finish_requests([rid], RequestStatus.FINISHED_STOPPED)
             del self._embeds[rid]
             outs.append(st.output(now))
-            if it is not None:
+            if it is not None and st.in_stats:
                 it.add_embedding(st.req, "stop", st.arrival_time, now)
         return outs
 
@@ -69,5 +70,5 @@ class EmbedRequestsMixin:
         blocks, and file it as "abort" into ``it`` when stats are recorded."""
         st = self._embeds.pop(rid)
         self.scheduler.finish_requests([rid], RequestStatus.FINISHED_ABORTED)
-        if it is not None:
+        if it is not None and st.in_stats:
             it.add_embedding(st.req, "abort", st.arrival_time, time.time())

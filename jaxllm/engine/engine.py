@@ -148,6 +148,7 @@ class LLMEngine(EmbedRequestsMixin, EngineStatsMixin, GrammarRequestsMixin, LoRA
         self.stat_loggers: list = []
         self.compiles_at_warmup = getattr(runner, "compile_count", 0)  # build_engine sets it after warm-up
         self._stats_base = (0, 0, 0)  # prefix queries, prefix hits, preemptions already reported
+        self._stats_excluded: tuple[str, ...] = ()  # request-id prefixes left out (exclude_from_stats)
         # multi-LoRA (enable_lora): lora_load_fn(LoRARequest) -> adapter; jaxllm/engine/lora_requests.py
         self._init_lora(config, runner, lora_load_fn)
 
@@ -222,6 +223,7 @@ class LLMEngine(EmbedRequestsMixin, EngineStatsMixin, GrammarRequestsMixin, LoRA
         max_out = min(params.max_tokens, self.max_model_len - len(ids))
         token_text = self._token_texts if params.detokenize else None
         parent = ParentState(request_id, text, ids, arrival, params.prompt_logprobs is not None, token_text)
+        parent.in_stats = self._in_stats(request_id)
         for i, cid in enumerate(child_ids):
             req = Request(cid, ids, params, seed=derive_seed(base_seed, i), arrival_time=arrival,
                           max_output_tokens=max_out, lora_request=lora_request,
@@ -254,7 +256,7 @@ class LLMEngine(EmbedRequestsMixin, EngineStatsMixin, GrammarRequestsMixin, LoRA
                 continue
             self._release_lora(rid)
             live = [c.req.request_id for c in parent.children if not c.finished]
-            if it is not None:
+            if it is not None and parent.in_stats:
                 now = time.time()
                 for c in parent.children:
                     if not c.finished:
@@ -348,12 +350,13 @@ class LLMEngine(EmbedRequestsMixin, EngineStatsMixin, GrammarRequestsMixin, LoRA
             self.num_generated_tokens += 1
             parent.note_token(now)
             touched[parent.request_id] = parent
-            if it is not None:
-                it.add_token(seq, parent.metrics.arrival_time, now)
+            pit = it if parent.in_stats else None
+            if pit is not None:
+                pit.add_token(seq, parent.metrics.arrival_time, now)
             if status is not None:
                 finished.setdefault(status, []).append(req.request_id)
-                if it is not None:
-                    it.add_finished(seq, status.finish_reason, parent.metrics.arrival_time, now)
+                if pit is not None:
+                    pit.add_finished(seq, status.finish_reason, parent.metrics.arrival_time, now)
         for status, ids in finished.items():
             self.scheduler.finish_requests(ids, status)
             for cid in ids:

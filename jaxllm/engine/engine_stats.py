@@ -17,6 +17,19 @@ class EngineStatsMixin:
             self._stats_base = (self.kv.prefix_queries, self.kv.prefix_hits, self.scheduler.num_preemptions)
         self.stat_loggers.append(logger)
 
+    def exclude_from_stats(self, prefix: str) -> None:
+        """Leave requests whose id starts with ``prefix`` (a server's synthetic health probes) out of
+        the stat loggers' request-level records: success counts, prompt/generation tokens, latency
+        and length histograms. The steps they run in still count (tokens per step, step time,
+        gauges): that is real engine work. ``get_stats()`` totals are unchanged (they count all)."""
+        if not isinstance(prefix, str) or not prefix:
+            raise ValueError(f"prefix={prefix!r} is invalid: must be a non-empty str")
+        self._stats_excluded += (prefix,)
+
+    def _in_stats(self, request_id: str) -> bool:
+        """Whether request ``request_id`` enters the request-level stats (see exclude_from_stats)."""
+        return not request_id.startswith(self._stats_excluded)
+
     def scheduler_stats(self) -> SchedulerStats:
         """The gauges now, and the counters' increments since the previous call."""
         kv, sched = self.kv, self.scheduler

@@ -128,6 +128,7 @@ class ParentState:
         self.prompt_token_ids = prompt_token_ids
         self.children: list[SeqState] = []
         self.metrics = RequestMetrics(arrival_time=arrival_time)
+        self.in_stats = True  # False: left out of the request-level stats (engine.exclude_from_stats)
 
     @property
     def finished(self) -> bool:

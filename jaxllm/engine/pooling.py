@@ -41,6 +41,7 @@ class EmbedState:
         self.arrival_time = arrival_time
         self.sum: np.ndarray | None = None  # [E] f64
         self.num_pooled = 0
+        self.in_stats = True  # False: left out of the request-level stats (engine.exclude_from_stats)
 
     def add(self, start_pos: int, num_tokens: int, chunk: PooledChunk) -> bool:
         """File one computed chunk; True when it was the prompt's last."""

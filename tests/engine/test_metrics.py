@@ -179,6 +179,64 @@ def test_embedding_requests_in_the_request_series():
     assert metric(reg, "jaxllm:num_requests_running") == 0 == metric(reg, "jaxllm:kv_cache_usage_perc")
 
 
+def test_excluded_prefix_adds_no_request_stats():
+    """exclude_from_stats (the server's health probes): requests with the prefix -- finished, n=2,
+    aborted -- add nothing to the request-level series; the others count exactly as alone (the
+    reference: a second engine that never sees the probes). Steps still count their tokens."""
+    def run(with_probes):
+        eng = make_engine(next_token_fn=script_fn("hello world"), async_scheduling=False)
+        eng.runner = rec = Recorder(eng.runner)
+        reg = with_prometheus(eng)
+        eng.exclude_from_stats("__probe-")
+        if with_probes:
+            eng.add_request("__probe-0", "probe", SamplingParams(max_tokens=1, ignore_eos=True))
+            eng.add_request("__probe-1", "probe two", SamplingParams(n=2, max_tokens=3, ignore_eos=True))
+            eng.add_request("__probe-2", "probe aborted", SamplingParams(max_tokens=30, ignore_eos=True))
+        eng.add_request("real", "the quick brown fox", SamplingParams(max_tokens=5, ignore_eos=True))
+        eng.step()
+        eng.step()
+        eng.abort_request("__probe-2")
+        run_all(eng)
+        return reg, rec
+
+    reg, rec = run(True)
+    alone, _ = run(False)
+    names = ["jaxllm:prompt_tokens_total", "jaxllm:generation_tokens_total",
+             "jaxllm:time_to_first_token_seconds_count", "jaxllm:inter_token_latency_seconds_count",
+             "jaxllm:e2e_request_latency_seconds_count", "jaxllm:request_queue_time_seconds_count",
+             "jaxllm:request_prompt_tokens_sum", "jaxllm:request_generation_tokens_sum"]
+    def series(r):
+        return {n: metric(r, n) for n in names} | {
+            reason: metric(r, "jaxllm:request_success_total", finished_reason=reason)
+            for reason in ("stop", "length", "abort")}
+
+    got, want = series(reg), series(alone)
+    assert got == want and want["length"] == 1 and want["jaxllm:generation_tokens_total"] == 5, (got, want)
+    real_tokens = 5 + len(TOK.encode("the quick brown fox"))
+    assert metric(reg, "jaxllm:iteration_tokens_total_sum") == sum(rec.tokens) > real_tokens  # + the probes'
+    with pytest.raises(ValueError, match=r"^prefix='' is invalid: must be a non-empty str$"):
+        make_engine().exclude_from_stats("")
+
+
+def test_excluded_prefix_embedding_requests():
+    from tests.engine.test_embed_engine import make_embed_engine
+
+    eng = make_embed_engine(max_num_batched_tokens=16, async_scheduling=False)
+    reg = with_prometheus(eng)
+    eng.exclude_from_stats("__probe-")
+    eng.add_request("__probe-0", [5], PoolingParams())
+    eng.add_request("__probe-1", list(range(2, 40)), PoolingParams())
+    eng.add_request("real", [7, 8, 9], PoolingParams())
+    outs = {o.request_id: o for o in eng.step()}  # the 1-token probe is done; the other is chunked
+    assert eng.abort_request("__probe-1") == []
+    outs |= run_all(eng)
+    assert set(outs) == {"__probe-0", "real"}
+    assert metric(reg, "jaxllm:request_success_total", finished_reason="stop") == 1
+    assert metric(reg, "jaxllm:request_success_total", finished_reason="abort") == 0
+    assert metric(reg, "jaxllm:prompt_tokens_total") == 3 == metric(reg, "jaxllm:request_prompt_tokens_sum")
+    assert metric(reg, "jaxllm:e2e_request_latency_seconds_count") == 1
+
+
 class StepClock:
     """+0.5 s per reading: each step's record() and log() read it once each -> 1 s per line."""
 

@@ -137,6 +137,7 @@ class FakeEngine:
         self.thread_ids: set[int] = set()  # threads that called into the engine
         self.stat_loggers: list = []
         self._prefix = [0, 0]  # prompt tokens looked up / hit since the last stats record
+        self._stats_excluded: tuple[str, ...] = ()
 
     # ----- faults -------------------------------------------------------------------
     def inject_raise(self) -> None:
@@ -191,7 +192,7 @@ class FakeEngine:
                 lst.remove(r)
                 self._free(r)
                 self.aborted.append(r.request_id)
-                if it is not None:
+                if it is not None and not r.request_id.startswith(self._stats_excluded):
                     for s in r.samples:
                         if s.finish_reason is None:
                             it.finished_requests.append(self._finished_stats(r, s, "abort", now))
@@ -200,6 +201,10 @@ class FakeEngine:
 
     def add_stat_logger(self, logger) -> None:
         self.stat_loggers.append(logger)
+
+    def exclude_from_stats(self, prefix: str) -> None:
+        """As LLMEngine's: requests whose id starts with ``prefix`` add no request-level stats."""
+        self._stats_excluded += (prefix,)
 
     def has_unfinished_requests(self) -> bool:
         return bool(self._waiting or self._running)
@@ -236,7 +241,7 @@ class FakeEngine:
                 for s in r.samples:
                     if s.finish_reason is None:
                         self._advance(r, s)
-                        if it is not None:
+                        if it is not None and not r.request_id.startswith(self._stats_excluded):
                             self._token_stats(it, r, s, now)
             except Exception as exc:  # noqa: BLE001 - as LLMEngine: this request fails alone
                 self._running.remove(r)

@@ -157,6 +157,59 @@ def test_embedding_requests_in_the_request_series():
     assert delta(before, after, "jaxllm:iteration_tokens_total_sum") == prompt_tokens
 
 
+PROBE_LABELS = {"/health", "/metrics", "/grpc.health.v1.Health/Check", "grpc.health.v1.Health", "Check"}
+
+
+@pytest.mark.parametrize("task", ["generate", "embed"])
+def test_health_probes_and_scrapes_are_not_counted(task):
+    """Probes are not traffic (vLLM's instrumentator leaves /health and /metrics out): the health
+    monitor's synthetic requests (a 1-token generation, or a one-token embedding) run through the
+    engine every 50 ms, but no request-level series counts them; /health, /metrics and gRPC health
+    checks appear in no series. That the probes really ran with the loggers attached is the engine's
+    own step record (tokens per step) moving."""
+    from grpc_health.v1 import health_pb2
+    from test_serving_embed import make_engine as make_embed_engine
+
+    engine, model = (slow_engine(0), "fake-llm") if task == "generate" else (make_embed_engine(), "fake-embed")
+
+    async def main():
+        async with running_server(engine, http_port=0, health_probe_interval=0.05) as c:
+            base = f"http://127.0.0.1:{c.server.http_port}"
+            async with httpx.AsyncClient() as h:
+                for _ in range(5):
+                    assert (await h.get(base + "/health", timeout=5)).status_code == 200
+                    assert (await h.get(base + "/metrics", timeout=5)).status_code == 200
+                    ok = await c.health.Check(health_pb2.HealthCheckRequest(service=""), timeout=5)
+                    assert ok.status == health_pb2.HealthCheckResponse.SERVING
+                t0 = time.monotonic()
+                while c.server.monitor.probe_successes < 4:
+                    assert time.monotonic() - t0 < 10, c.server.monitor.probe_successes
+                    await asyncio.sleep(0.02)
+                await c.wait_blocks_free()
+                text = (await h.get(base + "/metrics", timeout=5)).text
+            return c.server.monitor.probe_successes, text
+
+    probes, text = run(main())
+    assert probes >= 4
+    values = {}
+    for fam in text_string_to_metric_families(text):
+        for smp in fam.samples:
+            assert not PROBE_LABELS & set(smp.labels.values()), smp
+            if smp.name.startswith("jaxllm:"):
+                assert smp.labels.pop("model_name") == model, smp
+                values[(smp.name, tuple(sorted(smp.labels.items())))] = smp.value
+    # no request was sent: every step recorded is a probe's (one step each; the first probe may
+    # run before the loggers are attached)
+    assert values[("jaxllm:iteration_tokens_total_count", ())] >= 3
+    counted = {k: v for k, v in values.items() if v and not k[0].endswith("_created") and k[0].startswith((
+        "jaxllm:request_", "jaxllm:prompt_tokens", "jaxllm:generation_tokens", "jaxllm:time_to_first_token",
+        "jaxllm:inter_token_latency", "jaxllm:e2e_request_latency"))}
+    assert not counted, counted
+    for reason in ("stop", "length", "abort"):
+        assert values[("jaxllm:request_success_total", (("finished_reason", reason),))] == 0
+    assert values[("jaxllm:prompt_tokens_total", ())] == 0 == values[("jaxllm:generation_tokens_total", ())]
+
+
 def test_metrics_off_by_default_and_the_log_line_on():
     async def main():
         async with running_server(slow_engine(0), log_stats_interval=0) as c:
