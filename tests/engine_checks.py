@@ -12,3 +12,26 @@ def assert_clean(engine):
     engine.kv.pool.check_invariants()
     r = engine.runner
     assert not r._rows and len(r._free_rows) == r.num_rows - 1, "penalty rows leaked"
+
+
+def assert_warm_and_greedy(engine, logits, check=(1,)):
+    """A warmed-up engine serving mixed traffic (prompts of 3, 17, 50 and 8 random tokens, 4 greedy
+    tokens each: prefill, mixed and decode steps) compiles nothing, and the outputs of the prompts
+    at indices ``check`` are greedy under an independent reference: ``logits(seq)`` -> [len(seq), V],
+    one full-sequence forward of the same weights without the engine (no paging), whose argmax at
+    the position before each output token is that token."""
+    import numpy as np
+
+    from jaxllm import LLM, SamplingParams
+
+    r = engine.runner
+    compiled = r.compile_count
+    rng = np.random.default_rng(3)
+    prompts = [rng.integers(0, 256, n).tolist() for n in (3, 17, 50, 8)]
+    outs = LLM("tiny", engine=engine).generate([{"prompt_token_ids": p} for p in prompts],
+                                               SamplingParams(max_tokens=4, temperature=0), use_tqdm=False)
+    assert r.compile_count == compiled, "a step compiled after warm-up"
+    for i in check:
+        p, got = prompts[i], list(outs[i].outputs[0].token_ids)
+        ref = logits(p + got)
+        assert got == [int(ref[len(p) - 1 + k].argmax()) for k in range(len(got))], i

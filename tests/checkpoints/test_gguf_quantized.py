@@ -17,6 +17,7 @@ from checkpoints.errors import CheckpointError
 from jaxllm.models.llama import build_model
 from jaxllm.models.quant import QuantWeight, weight_bytes
 from tests.checkpoints.gguf_tiny import write_gguf_from_hf
+from tests.engine_checks import assert_warm_and_greedy
 from tests.models.test_quant import logits_of
 
 PROJ = ("layers.wq", "layers.wk", "layers.wv", "layers.wo", "layers.w_gate", "layers.w_up", "layers.w_down")
@@ -149,7 +150,6 @@ def test_engine_q8_0_gguf_int8_without_flag_zero_compiles(files, loaded, models,
     its own; the scan loop is the reference): int8 weights, the resolved config says so, warm-up
     compiles every bucket and mixed traffic (3..50-token prompts: both matmul paths) compiles nothing
     after; greedy output equals the argmax of an unpaged forward of the same weights."""
-    from jaxllm import LLM, SamplingParams
     from jaxllm.config import EngineConfig
     from jaxllm.engine.factory import build_engine
 
@@ -157,17 +157,9 @@ def test_engine_q8_0_gguf_int8_without_flag_zero_compiles(files, loaded, models,
     monkeypatch.setenv("JAXLLM_LAYER_LOOP", "unroll")
     engine = build_engine(EngineConfig(model=q8, max_model_len=128, block_size=16, max_num_seqs=2,
                                        max_num_batched_tokens=64), compile_cache=False)
-    r = engine.runner
     assert engine.config.quantization == "int8"
-    assert sum(x.dtype == jnp.int8 for x in jax.tree.leaves(r.state)) == 4 * 2  # 4 held projections x 2 layers
-    compiled = r.compile_count
-    rng = np.random.default_rng(3)
-    prompts = [rng.integers(0, 256, n).tolist() for n in (3, 17, 50, 8)]
-    outs = LLM("q8", engine=engine).generate([{"prompt_token_ids": p} for p in prompts],
-                                             SamplingParams(max_tokens=4, temperature=0), use_tqdm=False)
-    assert r.compile_count == compiled, "a step compiled after warm-up"
+    held = sum(x.dtype == jnp.int8 for x in jax.tree.leaves(engine.runner.state))
+    assert held == 4 * 2  # 4 held projections x 2 layers
     c = loaded[2]
-    for p, out in ((prompts[0], outs[0]), (prompts[1], outs[1])):  # 3 tokens: blockwise; 17 + 4: too
-        got = list(out.outputs[0].token_ids)
-        logits = logits_of(models[0], c, [p + got])
-        assert got == [int(logits[len(p) - 1 + i].argmax()) for i in range(len(got))]
+    # prompts 0 (3 tokens: blockwise) and 1 (17 + 4: too)
+    assert_warm_and_greedy(engine, lambda seq: logits_of(models[0], c, [seq]), check=(0, 1))

@@ -10,6 +10,7 @@ from jaxllm.models.dense_batch import prefill_batch
 from jaxllm.models.llama import build_model
 from jaxllm.models.quant import QUANT_PARAMS, QuantWeight, dequantize, quantize, weight_bytes
 from pallas_kernels import KVCache
+from tests.engine_checks import assert_warm_and_greedy
 from tests.models.hf_tiny import make_tiny_hf
 
 # Measured on tiny random "llama" (fp32; max |ref logit| 3.26; 135 positions): int8 max logit error
@@ -119,27 +120,15 @@ def test_engine_zero_compiles_after_warmup_int8(tiny_path, int8_scan):
     """The served path with int8 weights (fp8 is the same code with another q dtype; its convert is
     slow on CPU): warm-up compiles every bucket, mixed prefill/decode traffic
     compiles nothing after, greedy output equals the quantized model's own greedy continuation."""
-    from jaxllm import LLM, SamplingParams
     from jaxllm.config import EngineConfig
     from jaxllm.engine.factory import build_engine
 
     engine = build_engine(EngineConfig(model=tiny_path, max_model_len=128, block_size=16, max_num_seqs=2,
                                        max_num_batched_tokens=64, quantization="int8"), compile_cache=False)
-    r = engine.runner
-    assert sum(x.dtype == jnp.int8 for x in jax.tree.leaves(r.state)) == len(QUANT_PARAMS)
-    compiled = r.compile_count
-    rng = np.random.default_rng(3)
-    prompts = [rng.integers(0, 256, n).tolist() for n in (3, 17, 50, 8)]
-    outs = LLM("tiny", engine=engine).generate([{"prompt_token_ids": p} for p in prompts],
-                                               SamplingParams(max_tokens=4, temperature=0), use_tqdm=False)
-    assert r.compile_count == compiled, "a step compiled after warm-up"
-    # independent reference: one full-sequence forward of the same quantized weights (the same
-    # deterministic quantization of the same checkpoint, no paging, no engine) over prompt + output;
-    # greedy means each output token is the argmax at the position before it
+    assert sum(x.dtype == jnp.int8 for x in jax.tree.leaves(engine.runner.state)) == len(QUANT_PARAMS)
+    # the reference: the same deterministic quantization of the same checkpoint, unpaged
     model, c = int8_scan
-    p, got = prompts[1], list(outs[1].outputs[0].token_ids)
-    logits = logits_of(model, c, [p + got])
-    assert got == [int(logits[len(p) - 1 + i].argmax()) for i in range(len(got))]
+    assert_warm_and_greedy(engine, lambda seq: logits_of(model, c, [seq]), check=(1,))
 
 
 def test_gguf_checkpoint_accepted_by_validate(tmp_path):

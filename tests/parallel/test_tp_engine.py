@@ -171,6 +171,26 @@ def test_fused_shards_hold_their_own_heads(engines, path):
                 np.testing.assert_array_equal(got, want, err_msg=f"tp={tp} device {d} {name}")
 
 
+def _two_prompt_steps(a, b, T=64):
+    """The ragged batches both forwards run: prompts ``a`` (blocks 0-3) and ``b`` (blocks 4-7)
+    prefilled together, packed into ``T`` tokens, then one decode step of tokens 7 and 11 after them.
+    -> (prefill (tokens [T], positions [T], meta), decode (tokens [2], positions [2], meta))"""
+    tokens = np.zeros(T, np.int32)  # [T]
+    tokens[:len(a)], tokens[len(a):len(a) + len(b)] = a, b
+    positions = np.zeros(T, np.int32)  # [T]
+    positions[:len(a)], positions[len(a):len(a) + len(b)] = np.arange(len(a)), np.arange(len(b))
+    tables = np.array([[0, 1, 2, 3], [4, 5, 6, 7]], np.int32)  # [2, 4]
+    slots = np.full(T, -1, np.int32)  # [T] cache slot of each token, -1 = padding
+    slots[:len(a)] = np.arange(len(a))
+    slots[len(a):len(a) + len(b)] = 4 * BLOCK + np.arange(len(b))
+    meta = AttentionMetadata(slots, tables, np.array([len(a), len(b)], np.int32),
+                             np.array([0, len(a), len(a) + len(b)], np.int32))
+    dec_meta = AttentionMetadata(np.array([len(a), 4 * BLOCK + len(b)], np.int32), tables,
+                                 np.array([len(a) + 1, len(b) + 1], np.int32), np.array([0, 1, 2], np.int32),
+                                 decode_only=True)
+    return (tokens, positions, meta), (np.array([7, 11], np.int32), np.array([len(a), len(b)], np.int32), dec_meta)
+
+
 def _forward_logits(path, tp, layer_loop=None, hlo=False, kv_dtype=jnp.float32):
     """Logits of every token of two prompts (one prefill step) and then of one decode step (and
     the decode step's optimized HLO with `hlo`)."""
@@ -191,23 +211,10 @@ def _forward_logits(path, tp, layer_loop=None, hlo=False, kv_dtype=jnp.float32):
         return m.compute_logits(hidden), cache
 
     a, b = PROMPTS[0], PROMPTS[2]  # 17 and 40 tokens; blocks 0-1 and 4-6
-    T = 64
-    tokens = np.zeros(T, np.int32)
-    tokens[:len(a)], tokens[len(a):len(a) + len(b)] = a, b
-    positions = np.zeros(T, np.int32)
-    positions[:len(a)], positions[len(a):len(a) + len(b)] = np.arange(len(a)), np.arange(len(b))
-    tables = np.array([[0, 1, 2, 3], [4, 5, 6, 7]], np.int32)
-    slots = np.full(T, -1, np.int32)
-    slots[:len(a)] = np.arange(len(a))
-    slots[len(a):len(a) + len(b)] = 4 * BLOCK + np.arange(len(b))
-    meta = AttentionMetadata(slots, tables, np.array([len(a), len(b)], np.int32),
-                             np.array([0, len(a), len(a) + len(b)], np.int32))
-    prefill, cache = fwd(state, cache, tokens, positions, meta)
+    prefill_step, decode_step = _two_prompt_steps(a, b)
+    prefill, cache = fwd(state, cache, *prefill_step)
     prefill = np.asarray(prefill)[:len(a) + len(b)]
-    dec_meta = AttentionMetadata(np.array([len(a), 4 * BLOCK + len(b)], np.int32), tables,
-                                 np.array([len(a) + 1, len(b) + 1], np.int32), np.array([0, 1, 2], np.int32),
-                                 decode_only=True)
-    dec_args = (state, cache, np.array([7, 11], np.int32), np.array([len(a), len(b)], np.int32), dec_meta)
+    dec_args = (state, cache, *decode_step)
     decode, _ = fwd(*dec_args)
     if hlo:
         return prefill, np.asarray(decode), fwd.lower(*dec_args).compile().as_text()
@@ -326,25 +333,11 @@ def _lora_forward_logits(path, tp, layer_loop, adapters, hlo=False):
         return m.compute_logits(hidden), cache
 
     a, b = PROMPTS[0], PROMPTS[2]
-    T = 64
-    tokens = np.zeros(T, np.int32)
-    tokens[:len(a)], tokens[len(a):len(a) + len(b)] = a, b
-    positions = np.zeros(T, np.int32)
-    positions[:len(a)], positions[len(a):len(a) + len(b)] = np.arange(len(a)), np.arange(len(b))
-    slots = np.zeros(T, np.int32)
+    prefill_step, decode_step = _two_prompt_steps(a, b)
+    slots = np.zeros(len(prefill_step[0]), np.int32)  # [T] LoRA slot of each token: a on 2, b on the base
     slots[:len(a)] = 2
-    tables = np.array([[0, 1, 2, 3], [4, 5, 6, 7]], np.int32)
-    smap = np.full(T, -1, np.int32)
-    smap[:len(a)] = np.arange(len(a))
-    smap[len(a):len(a) + len(b)] = 4 * BLOCK + np.arange(len(b))
-    meta = AttentionMetadata(smap, tables, np.array([len(a), len(b)], np.int32),
-                             np.array([0, len(a), len(a) + len(b)], np.int32))
-    prefill, cache = fwd(state, cache, tokens, positions, meta, lora.weights, slots)
-    dec_meta = AttentionMetadata(np.array([len(a), 4 * BLOCK + len(b)], np.int32), tables,
-                                 np.array([len(a) + 1, len(b) + 1], np.int32), np.array([0, 1, 2], np.int32),
-                                 decode_only=True)
-    dec_args = (state, cache, np.array([7, 11], np.int32), np.array([len(a), len(b)], np.int32), dec_meta,
-                lora.weights, np.array([1, 3], np.int32))
+    prefill, cache = fwd(state, cache, *prefill_step, lora.weights, slots)
+    dec_args = (state, cache, *decode_step, lora.weights, np.array([1, 3], np.int32))
     decode, _ = fwd(*dec_args)
     out = np.asarray(prefill)[:len(a) + len(b)], np.asarray(decode)
     return out + (fwd.lower(*dec_args).compile().as_text() if hlo else None,)
