@@ -22,7 +22,7 @@ from flax import nnx
 from jaxllm.lora.delta import LoRABatch, with_lora
 from jaxllm.models.config import ModelConfig
 from jaxllm.models.fusion import FUSED, FUSED_OUTPUTS, FUSED_PARTS, placement_plan, split_fused
-from jaxllm.models import prequantized
+from jaxllm.models import prequantized, quant_dot
 from jaxllm.models.projections import Projector
 from jaxllm.models.quant import QUANT_PARAMS, QuantWeight, check_backend, check_method, quantize
 from jaxllm.models.rope import apply_rope, inverse_frequencies, rope_tables
@@ -203,8 +203,7 @@ class LlamaForCausalLM(nnx.Module):
         self.layer_loop = layer_loop_mode(layer_loop)
         first = params.get("layers.wqkv")
         first = first[0] if isinstance(first, (list, tuple)) else first
-        self.quantization = ({jnp.dtype(jnp.int8): "int8"}.get(jnp.dtype(first.q.dtype), "fp8")
-                             if isinstance(first, QuantWeight) else None)
+        self.quantization = first.method if isinstance(first, QuantWeight) else None
         self.embed = nnx.Param(params["embed"])
         self.final_norm = nnx.Param(params["final_norm"])
         self.lm_head = nnx.Param(params["lm_head"]) if "lm_head" in params else None
@@ -271,7 +270,8 @@ def build_model(config: ModelConfig, params: dict[str, np.ndarray | jax.Array], 
     array per layer as it is placed. `params` is emptied as it goes, so at most one stacked parameter
     group exists beside the placed ones. `config` is the checkpoint's config. `quantization`
     ("int8", "fp8", None): the per-layer projections (`QUANT_PARAMS`) become QuantWeights as each
-    is placed (jaxllm/models/quant.py), so one full-precision projection exists at a time. A
+    is placed (jaxllm/models/quant.py), so one full-precision projection exists at a time; where the
+    chunked dot runs (CPU, one device) an fp8 q is held as its uint8 bits (quant_dot.holds_fp8_bits). A
     checkpoint param that is already a QuantWeight (a GGUF's Q8_0 projection: int8 with block
     scales) is placed as it is (fused like the others); see `prequantized.check`."""
     check_method(quantization)
@@ -285,6 +285,7 @@ def build_model(config: ModelConfig, params: dict[str, np.ndarray | jax.Array], 
         return LlamaForCausalLM(layout.model_config(config), arrays, attention_impl=attention_impl, layout=layout,
                                 layer_loop=layer_loop)
     arrays = {}
+    fp8_bits = quantization == "fp8" and quant_dot.holds_fp8_bits(None)
     for held, sources, fn in placement_plan(params, kv_repeat=1, tp=1):
         xs = [params.pop(s) for s in sources]  # numpy slices stay on the host until placed
 
@@ -294,7 +295,7 @@ def build_model(config: ModelConfig, params: dict[str, np.ndarray | jax.Array], 
             parts = [jnp.asarray(x if i is None else x[i], dtype=dtype) for x in xs]
             w = parts[0] if fn is None else fn(jnp, *parts)  # tp=1: fusing is concatenation
             if quantization and held in QUANT_PARAMS:
-                w = _quantize_jit(w, quantization, QUANT_PARAMS[held], i is None)
+                w = _quantize_jit(w, quantization, QUANT_PARAMS[held], i is None, fp8_bits)
             return w
 
         if split and held.startswith("layers."):
@@ -305,4 +306,4 @@ def build_model(config: ModelConfig, params: dict[str, np.ndarray | jax.Array], 
     return LlamaForCausalLM(config, arrays, attention_impl=attention_impl, layer_loop=layer_loop)
 
 
-_quantize_jit = jax.jit(quantize, static_argnums=(1, 2, 3))
+_quantize_jit = jax.jit(quantize, static_argnums=(1, 2, 3, 4))

@@ -44,9 +44,9 @@ class Projector:
         self.interpret = jax.default_backend() != "gpu" if interpret is None else interpret
         self.stacked = stacked if on else None
         # quantized weights: the column-chunked dot on CPU (no f32 copy of a weight), one device only
-        self.chunked_quant = quant_dot.ENABLED and jax.default_backend() == "cpu" and layout is None
+        self.chunked_quant = quant_dot.use_chunked(layout)
         # ... and in the scan loop each chunk is sliced straight out of the stacked weight at the traced
-        # layer (else XLA copies the layer's s8 slice first); float8 as uint8 bits (quant_dot.py)
+        # layer (else XLA copies the layer's s8 slice first); float8 as uint8 bits (held so from load, quant_dot.py)
         self.stacked_quant = {}
         if self.chunked_quant and stacked is not None:
             self.stacked_quant = quant_dot.fp8_as_bits({n: w for n, w in stacked.items() if isinstance(w, QuantWeight)})
