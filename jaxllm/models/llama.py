@@ -23,7 +23,7 @@ from jaxllm.lora.delta import LoRABatch, with_lora
 from jaxllm.models.config import ModelConfig
 from jaxllm.models.fusion import FUSED, FUSED_OUTPUTS, FUSED_PARTS, placement_plan, split_fused
 from jaxllm.models import prequantized, quant_dot
-from jaxllm.models.projections import Projector
+from jaxllm.models.projections import IN_PLACE, Projector
 from jaxllm.models.quant import QUANT_PARAMS, QuantWeight, check_backend, check_method, quantize
 from jaxllm.models.rope import apply_rope, inverse_frequencies, rope_tables
 from jaxllm.parallel.ops import constrain, embed_lookup, lm_logits, paged_attention
@@ -234,15 +234,18 @@ class LlamaForCausalLM(nnx.Module):
         run = lambda w, x, cache, i: decoder_layer(w, x, cos, sin, cache, i, metadata, c, lay, proj,  # noqa: E731
                                                    self.attention_impl)
         if self.layer_loop == "scan":
+            in_place = {n: IN_PLACE for n in proj.in_place}  # read by the Projector at the traced layer
+
             def body(carry, w):
                 x, cache, i = carry
-                x, cache = run(w if lora is None else with_lora(*w), x, cache, i)
+                w = {**w, **in_place} if lora is None else with_lora({**w[0], **in_place}, w[1])
+                x, cache = run(w, x, cache, i)
                 return (x, cache, i + 1), None
 
-            # the quantized weights as the Projector reads them (float8 as uint8 bits: XLA CPU widens a
-            # float8 loop operand to f16 whole); their scan slices then go unused
-            stacked = {**stacked, **proj.stacked_quant}
-            xs = stacked if lora is None else (stacked, lora.weights)  # LoRA pairs stacked [L, S, ...] too
+            # the scan slices only the weights the Projector does not read in place (the chunked
+            # quantized ones reach the loop once, through the Projector)
+            sliced = {n: v for n, v in stacked.items() if n not in in_place}
+            xs = sliced if lora is None else (sliced, lora.weights)  # LoRA pairs stacked [L, S, ...] too
             (x, kv_cache, _), _ = jax.lax.scan(body, (x, kv_cache, jnp.int32(0)), xs)
         else:
             for i, layer in enumerate(self.layers):  # unrolled at trace time: each weight read in place

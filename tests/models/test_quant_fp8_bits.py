@@ -1,6 +1,7 @@
 """fp8 weights held as their uint8 bits where the chunked dot runs (CPU, one device), float8_e4m3fn
 elsewhere (jaxllm/models/quant_dot.py, `holds_fp8_bits`): the bits read back as the same values, the
-CPU step copies no quantized weight, and the GPU lowering keeps float8 weights and the plain dot."""
+CPU step copies no quantized weight, the scan slices no weight the Projector reads in place, and the
+GPU lowering keeps float8 weights and the plain dot."""
 import re
 
 import jax
@@ -102,6 +103,28 @@ def test_cpu_step_copies_no_fp8_weight(layer_loop, tiny_path, monkeypatch):
     print(copies)
     assert copies["f8"], "the float8-held step should copy its weights to uint8 (else this check is void)"
     assert not copies["bits"], copies["bits"]
+
+
+@pytest.mark.parametrize("method", ["int8", "fp8"])
+def test_scan_does_not_slice_weights_read_in_place(method, tiny_path):
+    """Scan loop, chunked dot: the quantized weights reach the layer scan once (loop constants), not as
+    scan xs sliced per layer; the scan's xs are the other layer weights (norms), all float."""
+    model, c = build(tiny_path, method, "scan")
+    gd, st = nnx.split(model)
+    jaxpr = jax.make_jaxpr(lambda st, t, p, cache, m: nnx.merge(gd, st)(t, p, cache, m)[0])(st, *step_inputs(c))
+    scans = [e for e in jaxpr.jaxpr.eqns if e.primitive.name == "scan"]
+    assert len(scans) == 1
+    eqn = scans[0]
+    body = eqn.params["jaxpr"].jaxpr
+    # an operand the scan slices per layer (xs) is [L, ...] outside and [...] in the body; a constant
+    # (or carry) has the same shape in both
+    pairs = [(o.aval, b.aval) for o, b in zip(eqn.invars, body.invars, strict=True)]
+    sliced = [o for o, b in pairs if o.shape == (eqn.params["length"],) + b.shape]
+    whole = [o for o, b in pairs if o.shape == b.shape]
+    assert len(sliced) + len(whole) == len(pairs)
+    qdtype = jnp.int8 if method == "int8" else jnp.uint8
+    assert len([o for o in whole if o.dtype == qdtype and o.ndim >= 3]) == len(QUANT_PARAMS), whole
+    assert sliced and all(jnp.issubdtype(o.dtype, jnp.floating) for o in sliced), sliced
 
 
 def test_gpu_lowering_keeps_float8_and_the_plain_dot(tiny_path, monkeypatch):
