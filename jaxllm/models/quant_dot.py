@@ -22,9 +22,9 @@ fusion(param)`), not as a free bitcast: converting at trace time (`fp8_as_bits`,
 for a float8 q) cost a 1-byte copy of every fp8 weight per step (106 MiB). A uint8 `q` here means
 float8_e4m3fn bits.
 
-Used on the CPU backend on one device (`use_chunked`, read by jaxllm/models/projections.py); elsewhere `quant_einsum`
-keeps the plain dot (a GPU compiler may fuse the convert into the GEMM; the column loop would also
-fight a sharded output axis).
+Used on the CPU backend on one device (`use_chunked`, read by jaxllm/models/projections.py);
+elsewhere `quant_einsum` keeps the plain dot (a GPU compiler may fuse the convert into the GEMM; the
+column loop would also fight a sharded output axis).
 """
 from __future__ import annotations
 
@@ -58,9 +58,9 @@ def holds_fp8_bits(layout) -> bool:
 
 def fp8_as_bits(tree):
     """Every float8_e4m3fn array in `tree` (QuantWeight.q of a stacked or per-layer weight) bitcast to
-    its uint8 bits; other leaves unchanged. Undone per chunk in chunked_quant_dot. Under jit on XLA CPU
-    this is a copy of the array (a loop fusion), so the model holds fp8 as bits instead (`holds_fp8_bits`);
-    here it is the fallback for a float8 q (a weight quantized without fp8_bits=True)."""
+    its uint8 bits; other leaves unchanged. Undone per chunk in chunked_quant_dot. Under jit on XLA
+    CPU this is a copy of the array (a loop fusion), so the model holds fp8 as bits instead
+    (`holds_fp8_bits`); here it is the fallback for a float8 q (quantized without fp8_bits=True)."""
     def bits(a):
         return lax.bitcast_convert_type(a, FP8_BITS) if a.dtype == jnp.float8_e4m3fn else a
     return jax.tree.map(bits, tree)

@@ -37,8 +37,9 @@ def files(tmp_path_factory):
 
 
 def forward(path, adapters, layer_loop, quantization=None, dequantized_from=None, slots_of_seq=SLOTS):
-    """Logits [T, V] of SEQS in one LoRA forward, seq i on slot slots_of_seq[i]; `dequantized_from`: a method whose quantize-then-
-    dequantize replaces the checkpoint's projections (a full-precision model of the quantized weights)."""
+    """Logits [T, V] of SEQS in one LoRA forward, seq i on slot slots_of_seq[i]; `dequantized_from`:
+    a method whose quantize-then-dequantize replaces the checkpoint's projections (a full-precision
+    model of the quantized weights)."""
     ckpt = load_checkpoint(path)
     c, params = ckpt.config, dict(ckpt.params)
     if dequantized_from:
