@@ -4,8 +4,10 @@
 
 For each of --methods (none = --dtype weights; a "-plain" suffix, e.g. int8-plain, builds that
 method with the plain dot instead of CPU's column-chunked one, jaxllm/models/quant_dot.py: the
-"before") the engine is built (warm); then --rounds rounds, each measuring every engine in turn
-(interleaved, so a load change on the shared machine hits all alike); the median over rounds:
+"before"; "fp8-f8" holds the fp8 weights as float8_e4m3fn instead of their uint8 bits, so each step
+bitcasts them, a copy on XLA CPU: the "before" of quant_dot.holds_fp8_bits) the engine is built
+(warm); then --rounds rounds, each measuring every engine in turn (interleaved, so a load change on
+the shared machine hits all alike); the median over rounds:
 - batch-1 decode: one request alone (--input-len prompt tokens drawn from the vocabulary, seeded,
   --output-len greedy tokens, ignore_eos), ms/token = (last token - first token) / (n - 1), median of
   --repeats (bench/latency.py's timing);
@@ -75,8 +77,9 @@ def main(argv=None) -> int:
 
     engines = {}
     for method in args.methods.split(","):
-        base = method.removesuffix("-plain")
+        base = method.removesuffix("-plain").removesuffix("-f8")
         quant_dot.ENABLED = not method.endswith("-plain")  # read when the engine's steps are traced (warm-up)
+        quant_dot.HOLD_FP8_BITS = not method.endswith("-f8")  # read at load
         engine = build_engine(EngineConfig(model=args.model, load_format=args.load_format, dtype=args.dtype,
                                            quantization=None if base == "none" else base,
                                            max_model_len=512, max_num_seqs=max(batches),
@@ -86,7 +89,7 @@ def main(argv=None) -> int:
         for b in batches:
             step_ms(engine, b, 2, vocab, np.random.default_rng(0))  # warm the path at this batch
         engines[method] = engine
-    quant_dot.ENABLED = True
+    quant_dot.ENABLED = quant_dot.HOLD_FP8_BITS = True
     samples = {m: {} for m in engines}
     for rnd in range(args.rounds):
         for method, engine in engines.items():

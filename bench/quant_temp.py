@@ -1,12 +1,14 @@
 """Temp bytes and full-precision weight copies of one SmolLM2-135M-shaped step with quantized weights (issue 17).
 
-    PYTHONPATH=. python bench/quant_temp.py [--methods none,int8,int8-plain,fp8,fp8-plain]
+    PYTHONPATH=. python bench/quant_temp.py [--methods none,int8,int8-plain,fp8,fp8-plain,fp8-f8]
 
 Dummy weights, fp32, scan loop (the CPU default). For each method ("-plain": the unchunked dot,
-jaxllm/models/quant_dot.py off) and T = 1 and 64 one-token sequences (decode steps), jits one
-forward and prints the compiled memory analysis' temp bytes, every float array in the optimized HLO
-with a held projection weight's shape (per layer, flattened [K, N], or stacked), and the median of
-5 calls (ms; noisy on a shared machine, bench/quant.py is the timing bench).
+jaxllm/models/quant_dot.py off; "-f8": fp8 held as float8_e4m3fn, not as its uint8 bits) and T = 1
+and 64 one-token sequences (decode steps), jits one forward and prints the compiled memory
+analysis' temp bytes, every float array in the optimized HLO with a held projection weight's shape
+(per layer, flattened [K, N], or stacked), every 8-bit array of a held weight's shape that an
+instruction writes (a copy of quantized weights: not a parameter, bitcast or slice), and the
+median of 5 calls (ms; noisy on a shared machine, bench/quant.py is the timing bench).
 """
 import argparse
 import os
@@ -33,8 +35,9 @@ args = ap.parse_args()
 ck = load_checkpoint("smollm2-135m", "dummy")
 c = ck.config
 for method in args.methods.split(","):
-    base = method.removesuffix("-plain")
+    base = method.removesuffix("-plain").removesuffix("-f8")
     quant_dot.ENABLED = not method.endswith("-plain")
+    quant_dot.HOLD_FP8_BITS = not method.endswith("-f8")
     model = build_model(c, dict(ck.params), jnp.float32, layer_loop="scan",
                         quantization=None if base == "none" else base)
     shapes = set()
@@ -52,13 +55,18 @@ for method in args.methods.split(","):
         floats = re.finditer(r"= (f32|f16|bf16)\[([\d,]+)\]\{[^}]*\} (\S+)\(", comp.as_text())
         copies = sorted({f"{m.group(1)}[{m.group(2)}]" for m in floats
                          if m.group(3) != "parameter" and tuple(int(d) for d in m.group(2).split(",")) in shapes})
+        bytes8 = re.finditer(r"= (s8|u8|f8e4m3fn)\[([\d,]+)\]\{[^}]*\} (\S+)\(", comp.as_text())
+        copies8 = sorted({f"{m.group(1)}[{m.group(2)}]" for m in bytes8
+                          if m.group(3) not in ("parameter", "bitcast", "get-tuple-element", "tuple")
+                          and tuple(int(d) for d in m.group(2).split(",")) in shapes})
         ts = []
         for _ in range(5):
             t0 = time.perf_counter()
             comp(st, tokens, positions, cache, meta).block_until_ready()
             ts.append(time.perf_counter() - t0)
         print(f"{method:10s} T={ntok:3d} temp {comp.memory_analysis().temp_size_in_bytes / 2**20:7.2f} MiB  "
-              f"weight-shaped float arrays: {copies or 'none'}  step {1e3 * np.median(ts):.1f} ms  "
+              f"weight-shaped float arrays: {copies or 'none'}  8-bit copies: {copies8 or 'none'}  "
+              f"step {1e3 * np.median(ts):.1f} ms  "
               f"load {os.getloadavg()[0]:.2f}", flush=True)
     del model, gd, st
 print("backend:", jax.default_backend())

@@ -22,8 +22,8 @@ from flax import nnx
 from jaxllm.lora.delta import LoRABatch, with_lora
 from jaxllm.models.config import ModelConfig
 from jaxllm.models.fusion import FUSED, FUSED_OUTPUTS, FUSED_PARTS, placement_plan, split_fused
-from jaxllm.models import prequantized
-from jaxllm.models.projections import Projector
+from jaxllm.models import prequantized, quant_dot
+from jaxllm.models.projections import IN_PLACE, Projector
 from jaxllm.models.quant import QUANT_PARAMS, QuantWeight, check_backend, check_method, quantize
 from jaxllm.models.rope import apply_rope, inverse_frequencies, rope_tables
 from jaxllm.parallel.ops import constrain, embed_lookup, lm_logits, paged_attention
@@ -203,8 +203,7 @@ class LlamaForCausalLM(nnx.Module):
         self.layer_loop = layer_loop_mode(layer_loop)
         first = params.get("layers.wqkv")
         first = first[0] if isinstance(first, (list, tuple)) else first
-        self.quantization = ({jnp.dtype(jnp.int8): "int8"}.get(jnp.dtype(first.q.dtype), "fp8")
-                             if isinstance(first, QuantWeight) else None)
+        self.quantization = first.method if isinstance(first, QuantWeight) else None
         self.embed = nnx.Param(params["embed"])
         self.final_norm = nnx.Param(params["final_norm"])
         self.lm_head = nnx.Param(params["lm_head"]) if "lm_head" in params else None
@@ -235,15 +234,18 @@ class LlamaForCausalLM(nnx.Module):
         run = lambda w, x, cache, i: decoder_layer(w, x, cos, sin, cache, i, metadata, c, lay, proj,  # noqa: E731
                                                    self.attention_impl)
         if self.layer_loop == "scan":
+            in_place = {n: IN_PLACE for n in proj.in_place}  # read by the Projector at the traced layer
+
             def body(carry, w):
                 x, cache, i = carry
-                x, cache = run(w if lora is None else with_lora(*w), x, cache, i)
+                w = {**w, **in_place} if lora is None else with_lora({**w[0], **in_place}, w[1])
+                x, cache = run(w, x, cache, i)
                 return (x, cache, i + 1), None
 
-            # the quantized weights as the Projector reads them (float8 as uint8 bits: XLA CPU widens a
-            # float8 loop operand to f16 whole); their scan slices then go unused
-            stacked = {**stacked, **proj.stacked_quant}
-            xs = stacked if lora is None else (stacked, lora.weights)  # LoRA pairs stacked [L, S, ...] too
+            # the scan slices only the weights the Projector does not read in place (the chunked
+            # quantized ones reach the loop once, through the Projector)
+            sliced = {n: v for n, v in stacked.items() if n not in in_place}
+            xs = sliced if lora is None else (sliced, lora.weights)  # LoRA pairs stacked [L, S, ...] too
             (x, kv_cache, _), _ = jax.lax.scan(body, (x, kv_cache, jnp.int32(0)), xs)
         else:
             for i, layer in enumerate(self.layers):  # unrolled at trace time: each weight read in place
@@ -271,7 +273,8 @@ def build_model(config: ModelConfig, params: dict[str, np.ndarray | jax.Array], 
     array per layer as it is placed. `params` is emptied as it goes, so at most one stacked parameter
     group exists beside the placed ones. `config` is the checkpoint's config. `quantization`
     ("int8", "fp8", None): the per-layer projections (`QUANT_PARAMS`) become QuantWeights as each
-    is placed (jaxllm/models/quant.py), so one full-precision projection exists at a time. A
+    is placed (jaxllm/models/quant.py), so one full-precision projection exists at a time; where the
+    chunked dot runs (CPU, one device) an fp8 q is held as its uint8 bits (quant_dot.holds_fp8_bits). A
     checkpoint param that is already a QuantWeight (a GGUF's Q8_0 projection: int8 with block
     scales) is placed as it is (fused like the others); see `prequantized.check`."""
     check_method(quantization)
@@ -285,6 +288,7 @@ def build_model(config: ModelConfig, params: dict[str, np.ndarray | jax.Array], 
         return LlamaForCausalLM(layout.model_config(config), arrays, attention_impl=attention_impl, layout=layout,
                                 layer_loop=layer_loop)
     arrays = {}
+    fp8_bits = quantization == "fp8" and quant_dot.holds_fp8_bits(None)
     for held, sources, fn in placement_plan(params, kv_repeat=1, tp=1):
         xs = [params.pop(s) for s in sources]  # numpy slices stay on the host until placed
 
@@ -294,7 +298,7 @@ def build_model(config: ModelConfig, params: dict[str, np.ndarray | jax.Array], 
             parts = [jnp.asarray(x if i is None else x[i], dtype=dtype) for x in xs]
             w = parts[0] if fn is None else fn(jnp, *parts)  # tp=1: fusing is concatenation
             if quantization and held in QUANT_PARAMS:
-                w = _quantize_jit(w, quantization, QUANT_PARAMS[held], i is None)
+                w = _quantize_jit(w, quantization, QUANT_PARAMS[held], i is None, fp8_bits)
             return w
 
         if split and held.startswith("layers."):
@@ -305,4 +309,4 @@ def build_model(config: ModelConfig, params: dict[str, np.ndarray | jax.Array], 
     return LlamaForCausalLM(config, arrays, attention_impl=attention_impl, layer_loop=layer_loop)
 
 
-_quantize_jit = jax.jit(quantize, static_argnums=(1, 2, 3))
+_quantize_jit = jax.jit(quantize, static_argnums=(1, 2, 3, 4))

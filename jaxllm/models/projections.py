@@ -28,6 +28,17 @@ from pallas_kernels.matmul.stacked import MAX_ROWS
 ENV_VAR = "JAXLLM_STACKED_MATMUL"
 
 
+class _InPlace:
+    """What the scan loop hands the decoder layer for a weight the Projector reads from the stacked
+    array at the traced layer (`Projector.in_place`): the scan does not slice such a weight."""
+
+    def __repr__(self) -> str:
+        return "IN_PLACE"
+
+
+IN_PLACE = _InPlace()
+
+
 class Projector:
     """`proj(spec, x, name, w_slice, layer)`: `jnp.einsum(spec, x, w_slice)` where spec contracts all
     of x's axes but the first (tokens) with the weight's leading axes. Built once per trace (the
@@ -44,25 +55,33 @@ class Projector:
         self.interpret = jax.default_backend() != "gpu" if interpret is None else interpret
         self.stacked = stacked if on else None
         # quantized weights: the column-chunked dot on CPU (no f32 copy of a weight), one device only
-        self.chunked_quant = quant_dot.ENABLED and jax.default_backend() == "cpu" and layout is None
+        self.chunked_quant = quant_dot.use_chunked(layout)
         # ... and in the scan loop each chunk is sliced straight out of the stacked weight at the traced
-        # layer (else XLA copies the layer's s8 slice first); float8 as uint8 bits (quant_dot.py)
+        # layer (else XLA copies the layer's s8 slice first): these weights are passed to the loop once,
+        # not as scan xs (`in_place`); float8 as uint8 bits (held so from load, quant_dot.py)
         self.stacked_quant = {}
         if self.chunked_quant and stacked is not None:
             self.stacked_quant = quant_dot.fp8_as_bits({n: w for n, w in stacked.items() if isinstance(w, QuantWeight)})
 
+    @property
+    def in_place(self) -> frozenset[str]:
+        """Names the Projector reads from the stacked weight at the traced layer (scan loop): the layer
+        hands it `IN_PLACE` for them instead of a slice."""
+        return frozenset(self.stacked_quant)
+
     def __call__(self, spec: str, x: jax.Array, name: str, w, layer) -> jax.Array:
         """`w`: the layer's weight, a jax.Array or a QuantWeight (weight-only int8/fp8: dequantized
-        in the dot, jaxllm/models/quant.py; the stacked-matmul experiment reads plain weights only), or
-        a LoRAWeight wrapping either: the base projection plus each token's adapter delta."""
+        in the dot, jaxllm/models/quant.py; the stacked-matmul experiment reads plain weights only),
+        IN_PLACE for a name in `in_place` (scan loop), or a LoRAWeight wrapping any of them: the base
+        projection plus each token's adapter delta."""
         if isinstance(w, LoRAWeight):
             join = None
             if name in FUSED_OUTPUTS:
                 join = lambda parts: join_fused(parts, self.layout, *FUSED_OUTPUTS[name])  # noqa: E731
             return self(spec, x, name, w.base, layer) + lora_delta(spec, x, w.a, w.b, self.lora_onehot, join)
+        if name in self.stacked_quant:  # w is IN_PLACE: the stacked weight, read at the traced layer
+            return quant_einsum(spec, x, self.stacked_quant[name], chunked=True, layer=layer)
         if isinstance(w, QuantWeight):
-            if name in self.stacked_quant:
-                return quant_einsum(spec, x, self.stacked_quant[name], chunked=True, layer=layer)
             return quant_einsum(spec, x, w, chunked=self.chunked_quant)
         if self.stacked is not None:
             t, k = x.shape[0], math.prod(x.shape[1:])

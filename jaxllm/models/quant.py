@@ -16,7 +16,9 @@ then `* scale` on the [T, out...] result (the scale is per output channel, so it
 contraction): the weight's bytes are read in 8 bits. XLA CPU materialises a converted copy of the
 whole weight before a dot, so on CPU (one device) the dot runs in output-column chunks instead
 (jaxllm/models/quant_dot.py: the converted temporary is one chunk); elsewhere whether the compiler
-converts inside the dot is backend-dependent (bench/RESULTS.md, "Quantized weights").
+converts inside the dot is backend-dependent (bench/RESULTS.md, "Quantized weights"). Where the
+chunked dot runs, an fp8 `q` is held as its uint8 bits (quant_dot.py: XLA CPU copies float8 weights
+per step otherwise); `QuantWeight.method` and `fp8_view` read it as float8_e4m3fn again.
 
 Hand-written rather than Qwix's `QArray`: with float activations and a quantized weight Qwix's
 `einsum` takes its `_slow_dot_general` path, which dequantizes the whole weight (convert and
@@ -31,7 +33,7 @@ import jax
 import jax.numpy as jnp
 
 from jaxllm.config import QUANTIZATIONS as QUANT_METHODS  # one list for the config and the model
-from jaxllm.models.quant_dot import quant_dot_flat
+from jaxllm.models.quant_dot import FP8_BITS, quant_dot_flat
 
 # held name -> the number of contracted (input) axes after the "layers" axis
 QUANT_PARAMS: dict[str, int] = {"layers.wqkv": 1, "layers.wo": 2, "layers.w_gate_up": 1, "layers.w_down": 1}
@@ -43,7 +45,8 @@ FP8_SCALE_SEARCH = 8  # candidate fp8 scales per output channel (see `quantize`)
 @jax.tree_util.register_dataclass
 @dataclasses.dataclass(frozen=True)
 class QuantWeight:
-    """q: the weight's shape in int8 / float8_e4m3fn; scale: f32, q's output axes only
+    """q: the weight's shape in int8 / float8_e4m3fn (or uint8 holding float8_e4m3fn bits, on the
+    chunked-dot path: `quantize(..., fp8_bits=True)`); scale: f32, q's output axes only
     (`[out...]`, or `[L, out...]` when q is stacked `[L, in..., out...]`), or block scales (f32 or f16) along
     the last contracted axis (`[in..., in_last/B, out...]`: q's shape with that axis divided by the
     block size B; a GGUF Q8_0 checkpoint kept quantized, B = 32): then scale.ndim == q.ndim."""
@@ -53,6 +56,11 @@ class QuantWeight:
     @property
     def shape(self) -> tuple[int, ...]:
         return tuple(self.q.shape)
+
+    @property
+    def method(self) -> str:
+        """"int8" or "fp8" (float8_e4m3fn values, or their uint8 bits)."""
+        return "int8" if jnp.dtype(self.q.dtype) == jnp.int8 else "fp8"
 
     @property
     def nbytes(self) -> int:
@@ -81,9 +89,21 @@ def check_backend(quantization, backend: str | None = None) -> None:
                          f"(float8_e4m3fn: {type(e).__name__}); use quantization='int8'") from None
 
 
-def quantize(w: jax.Array, method: str, num_contracted: int, stacked: bool = False) -> QuantWeight:
+def fp8_view(q, xp=jnp):
+    """q as its values' dtype: uint8 bits (`FP8_BITS`) → float8_e4m3fn (a bitcast; `xp`: jax.numpy or
+    numpy), int8 / float8_e4m3fn unchanged."""
+    if q.dtype != FP8_BITS:
+        return q
+    if xp is jnp:
+        return jax.lax.bitcast_convert_type(q, jnp.float8_e4m3fn)
+    return q.view(jnp.dtype(jnp.float8_e4m3fn))  # numpy: ml_dtypes' float8_e4m3fn
+
+
+def quantize(w: jax.Array, method: str, num_contracted: int, stacked: bool = False,
+             fp8_bits: bool = False) -> QuantWeight:
     """w [(L,) in..., out...] float → QuantWeight; `num_contracted` input axes after the optional
-    leading layer axis. Jit-compatible (layout.py runs it under jit with out_shardings).
+    leading layer axis. Jit-compatible (layout.py runs it under jit with out_shardings). `fp8_bits`:
+    an fp8 q is returned as its uint8 bits (the chunked dot's held form, quant_dot.holds_fp8_bits).
 
     fp8: the per-channel scale is searched, not just absmax / 448: e4m3's relative error (3 mantissa
     bits) does not depend on the scale, but which weights land near a grid point does; of
@@ -110,7 +130,7 @@ def quantize(w: jax.Array, method: str, num_contracted: int, stacked: bool = Fal
             better = err < best_err
             best_s, best_err = jnp.where(better, s, best_s), jnp.where(better, err, best_err)
     q = jnp.clip(wf / jnp.expand_dims(best_s, axes), -448.0, 448.0).astype(jnp.float8_e4m3fn)
-    return QuantWeight(q, best_s)
+    return QuantWeight(jax.lax.bitcast_convert_type(q, FP8_BITS) if fp8_bits else q, best_s)
 
 
 def block_axis(w: QuantWeight, num_contracted: int, stacked: bool = False) -> int | None:
@@ -129,7 +149,7 @@ def dequantize(w: QuantWeight, num_contracted: int, stacked: bool = False, dtype
         s = xp.expand_dims(w.scale, tuple(range(lead, lead + num_contracted)))
     else:
         s = xp.repeat(w.scale, w.q.shape[b] // w.scale.shape[b], axis=b)
-    return (w.q.astype(xp.float32) * s.astype(xp.float32)).astype(dtype)
+    return (fp8_view(w.q, xp).astype(xp.float32) * s.astype(xp.float32)).astype(dtype)
 
 
 def quant_einsum(spec: str, x: jax.Array, w: QuantWeight, chunked: bool = False, layer=None) -> jax.Array:
@@ -143,6 +163,7 @@ def quant_einsum(spec: str, x: jax.Array, w: QuantWeight, chunked: bool = False,
     dequantizes the weight into the dot instead, once per step for all its tokens."""
     if chunked:
         return quant_dot_flat(x, w.q, w.scale, layer=layer).astype(x.dtype)
+    w = QuantWeight(fp8_view(w.q), w.scale)  # uint8 bits (a model loaded for the chunked dot) → float8
     if w.scale.ndim != w.q.ndim:
         y = jnp.einsum(spec, x, w.q.astype(x.dtype), preferred_element_type=jnp.float32)  # [T, out...] f32
         return (y * w.scale).astype(x.dtype)

@@ -12,14 +12,19 @@ and writes its [T, ch] slice of the output in place. The temporary is one chunk,
 the s8/f8 weight is read once. In the layer scan, chunks are sliced from the stacked [L, K, N]
 weight at the traced layer (`layer`): slicing the layer first made XLA copy it (s8) every step.
 
-float8_e4m3fn weights travel as their uint8 bits (`fp8_as_bits`): XLA CPU widens a float8 operand
-of a while loop (the layer scan, the chunk loop) to f16 whole, before the loop: a 2-byte copy of
-every fp8 weight per step (211 MiB for SmolLM2-135M). A uint8 `q` here means float8_e4m3fn bits;
-each chunk bitcasts its slice back before converting it.
+float8_e4m3fn weights are held as their uint8 bits on this path (`holds_fp8_bits`: `quantize(...,
+fp8_bits=True)` at load, jaxllm/models/llama.py) and each chunk bitcasts its slice back before
+converting it. Two XLA CPU behaviours make that necessary: it widens a float8 operand of a while loop
+(the layer scan, the chunk loop) to f16 whole, before the loop (a 2-byte copy of every fp8 weight
+per step, 211 MiB for SmolLM2-135M), and it runs a float8 -> uint8 `bitcast_convert_type` of a whole
+weight as a loop fusion writing a new u8 array (`%wrapped_bitcast-convert = u8[30,576,3072]
+fusion(param)`), not as a free bitcast: converting at trace time (`fp8_as_bits`, still the fallback
+for a float8 q) cost a 1-byte copy of every fp8 weight per step (106 MiB). A uint8 `q` here means
+float8_e4m3fn bits.
 
-Used on the CPU backend on one device (jaxllm/models/projections.py decides); elsewhere `quant_einsum`
-keeps the plain dot (a GPU compiler may fuse the convert into the GEMM; the column loop would also
-fight a sharded output axis).
+Used on the CPU backend on one device (`use_chunked`, read by jaxllm/models/projections.py);
+elsewhere `quant_einsum` keeps the plain dot (a GPU compiler may fuse the convert into the GEMM; the
+column loop would also fight a sharded output axis).
 """
 from __future__ import annotations
 
@@ -30,6 +35,7 @@ import jax.numpy as jnp
 from jax import lax
 
 ENABLED = True  # read when a step is traced; bench/quant.py sets it False to measure the plain dot
+HOLD_FP8_BITS = True  # read at load; bench/quant.py sets it False ("fp8-f8") to measure the per-step bitcast copy
 CHUNK_BYTES = 512 * 1024  # one converted chunk [K, ch] in the activation dtype (bench/RESULTS.md, "chunked")
 WIDE_FROM_T, WIDE_FACTOR = 32, 4  # steps of >= 32 tokens: 4x wider chunks (2 MiB; each chunk's dot is larger)
 MIN_COLS = 64  # narrower column chunks make the per-chunk dot inefficient
@@ -38,9 +44,23 @@ MIN_COLS = 64  # narrower column chunks make the per-chunk dot inefficient
 FP8_BITS = jnp.uint8  # a q of this dtype holds float8_e4m3fn bits
 
 
+def use_chunked(layout) -> bool:
+    """Whether quantized projections run the chunked dot: the CPU backend, one device (`layout` None)."""
+    return ENABLED and jax.default_backend() == "cpu" and layout is None
+
+
+def holds_fp8_bits(layout) -> bool:
+    """Whether an fp8 weight is held as its uint8 bits from load on: wherever the chunked dot runs
+    (XLA CPU copies a whole-weight float8 -> uint8 bitcast every step, see above). Elsewhere (GPU,
+    tensor parallel) q stays float8_e4m3fn, the dtype the plain dot hands the backend's gemm."""
+    return HOLD_FP8_BITS and use_chunked(layout)
+
+
 def fp8_as_bits(tree):
     """Every float8_e4m3fn array in `tree` (QuantWeight.q of a stacked or per-layer weight) bitcast to
-    its uint8 bits; other leaves unchanged. Free (a bitcast); undone per chunk in chunked_quant_dot."""
+    its uint8 bits; other leaves unchanged. Undone per chunk in chunked_quant_dot. Under jit on XLA
+    CPU this is a copy of the array (a loop fusion), so the model holds fp8 as bits instead
+    (`holds_fp8_bits`); here it is the fallback for a float8 q (quantized without fp8_bits=True)."""
     def bits(a):
         return lax.bitcast_convert_type(a, FP8_BITS) if a.dtype == jnp.float8_e4m3fn else a
     return jax.tree.map(bits, tree)
@@ -69,7 +89,7 @@ def chunked_quant_dot(x: jax.Array, q: jax.Array, scale: jax.Array, block: int |
     n = q.shape[-1]
     if chunk_bytes is None:  # measured on SmolLM2 shapes (bench/RESULTS.md): 512 KiB best at T=1, 2 MiB at T=64..256
         chunk_bytes = CHUNK_BYTES * (WIDE_FACTOR if t >= WIDE_FROM_T else 1)
-    q = fp8_as_bits(q)  # [K, N] int8, or uint8 bits of float8_e4m3fn
+    q = fp8_as_bits(q)  # [K, N] int8, or uint8 bits of float8_e4m3fn (a no-op for the bits the model holds)
     ch = chunk_cols(k, n, jnp.dtype(x.dtype).itemsize, chunk_bytes)
     nfull = n // ch
 

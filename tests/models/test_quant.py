@@ -7,6 +7,7 @@ import pytest
 
 from checkpoints import load_checkpoint
 from jaxllm.models.dense_batch import prefill_batch
+from jaxllm.models import quant_dot
 from jaxllm.models.llama import build_model
 from jaxllm.models.quant import QUANT_PARAMS, QuantWeight, dequantize, quantize, weight_bytes
 from pallas_kernels import KVCache
@@ -78,7 +79,9 @@ def test_accuracy_and_bytes(method, layer_loop, tiny_path, seqs, reference, int8
         v = held[short]
         first = v[0] if isinstance(v, list) else v
         assert isinstance(first, QuantWeight)
-        assert first.q.dtype == (jnp.int8 if method == "int8" else jnp.float8_e4m3fn)
+        assert first.method == method
+        fp8_held = jnp.uint8 if quant_dot.holds_fp8_bits(None) else jnp.float8_e4m3fn  # CPU: the bits
+        assert first.q.dtype == (jnp.int8 if method == "int8" else fp8_held)
         assert weight_bytes(v) <= ref_bytes[short] / 2, (name, weight_bytes(v), ref_bytes[short])
     for short in ("input_norm", "post_norm"):
         assert not isinstance(held[short], QuantWeight)

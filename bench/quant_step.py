@@ -1,0 +1,66 @@
+"""One jitted model step per weight format, timed in interleaved rounds (SmolLM2-135M shapes, issue 17).
+
+    PYTHONPATH=. python bench/quant_step.py [--methods none,int8,fp8,fp8-f8] [--rounds 7]
+
+Dummy weights, fp32, scan loop (the CPU default), T = 1 and 64 one-token sequences (decode steps).
+Every (method, T) step is compiled first; then each round calls every one 5 times in turn (so a load
+change on the shared machine hits all alike) and keeps the median; printed: the median over rounds,
+with min and max. Methods as in bench/quant_temp.py ("-f8": fp8 held as float8_e4m3fn, not its
+uint8 bits; "-plain": the unchunked dot). No engine, sampling or host work: bench/quant.py has those.
+"""
+import argparse
+import os
+import sys
+import time
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+import jax  # noqa: E402
+import jax.numpy as jnp  # noqa: E402
+import numpy as np  # noqa: E402
+from flax import nnx  # noqa: E402
+
+from checkpoints import load_checkpoint  # noqa: E402
+from jaxllm.models import quant_dot  # noqa: E402
+from jaxllm.models.dense_batch import prefill_batch  # noqa: E402
+from jaxllm.models.llama import build_model  # noqa: E402
+from pallas_kernels import KVCache  # noqa: E402
+
+ap = argparse.ArgumentParser()
+ap.add_argument("--methods", default="none,int8,fp8,fp8-f8")
+ap.add_argument("--rounds", type=int, default=7)
+args = ap.parse_args()
+ck = load_checkpoint("smollm2-135m", "dummy")
+c = ck.config
+steps = {}
+for method in args.methods.split(","):
+    base = method.removesuffix("-plain").removesuffix("-f8")
+    quant_dot.ENABLED = not method.endswith("-plain")  # read at trace time (below)
+    quant_dot.HOLD_FP8_BITS = not method.endswith("-f8")  # read at load
+    model = build_model(c, dict(ck.params), jnp.float32, layer_loop="scan",
+                        quantization=None if base == "none" else base)
+    gd, st = nnx.split(model)
+    for ntok in (1, 64):
+        tokens, positions, meta, nb = prefill_batch([[5]] * ntok, 16)
+        cache = KVCache.zeros(c.num_layers, nb + 1, 16, c.num_kv_heads, c.head_dim, jnp.float32)
+        inputs = (st, tokens, positions, cache, meta)
+        comp = jax.jit(lambda st, t, p, cache, m, gd=gd: nnx.merge(gd, st)(t, p, cache, m)[0]).lower(*inputs).compile()
+        comp(*inputs).block_until_ready()
+        steps[(method, ntok)] = (comp, inputs)
+quant_dot.ENABLED = quant_dot.HOLD_FP8_BITS = True
+samples = {k: [] for k in steps}
+loads = []
+for r in range(args.rounds):
+    for key, (comp, inputs) in steps.items():
+        ts = []
+        for _ in range(5):
+            t0 = time.perf_counter()
+            comp(*inputs).block_until_ready()
+            ts.append(time.perf_counter() - t0)
+        samples[key].append(1e3 * float(np.median(ts)))
+    loads.append(os.getloadavg()[0])
+    print(f"round {r}", {f"{m} T={t}": round(v[-1], 1) for (m, t), v in samples.items()},
+          f"load {loads[-1]:.2f}", flush=True)
+print("step ms, median over rounds (min, max):")
+for (method, ntok), v in samples.items():
+    print(f"  {method:10s} T={ntok:3d} {np.median(v):7.1f}  ({min(v):.1f}, {max(v):.1f})")
+print(f"load {min(loads):.2f}-{max(loads):.2f}, backend {jax.default_backend()}")
