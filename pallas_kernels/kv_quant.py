@@ -43,13 +43,18 @@ def is_fp8(dtype) -> bool:
     return jnp.dtype(dtype) == jnp.dtype(FP8)
 
 
+def amax_scale(amax: jax.Array) -> jax.Array:
+    """amax [...] f32 (the largest |K| or |V| seen) → the scale that maps it to 448 / HEADROOM."""
+    return amax * (HEADROOM / FP8_MAX)
+
+
 def first_write_scale(current: jax.Array, rows: jax.Array, valid: jax.Array) -> jax.Array:
     """current [kvh] f32 (0 = unset), rows [T, kvh, d], valid [T] bool → the scale [kvh] f32 to
     write with: `current` where set, else HEADROOM x absmax of the valid rows / 448 (0 while a
     layer has seen no non-zero row)."""
     a = jnp.where(valid[:, None, None], jnp.abs(rows.astype(jnp.float32)), 0.0)  # [T, kvh, d] f32
     amax = jnp.max(a, axis=(0, 2)) if rows.shape[0] else jnp.zeros(rows.shape[1], jnp.float32)  # [kvh]
-    return jnp.where(current > 0, current, amax * (HEADROOM / FP8_MAX))
+    return jnp.where(current > 0, current, amax_scale(amax))
 
 
 def quantize_rows(rows: jax.Array, scale: jax.Array) -> jax.Array:

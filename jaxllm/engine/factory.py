@@ -197,6 +197,12 @@ def build_engine(config: EngineConfig, *, compile_cache: bool = True, warmup: bo
     shrink = config.kv_cache_memory_bytes is None and accelerator and jax.process_count() == 1
     runner = allocate_runner(ModelRunner, model, num_blocks, runner_kw, shrink=shrink)
     num_blocks = runner.num_blocks
+    scales_line = None
+    if runner.kv_cache.quantized:  # fixed before any request: outputs never depend on which came first
+        from jaxllm.runner.kv_calibration import init_kv_scales
+
+        scales_line = init_kv_scales(runner, model, tokenizer, config.calculate_kv_scales,
+                                     layout.cache_sharding() if layout is not None else None)
     lora_load_fn = None
     if config.enable_lora:  # the PEFT loader (jaxllm/lora/peft.py), imported on the first adapter
         from jaxllm.lora.manager import default_load_fn
@@ -218,6 +224,8 @@ def build_engine(config: EngineConfig, *, compile_cache: bool = True, warmup: bo
           f"{', per-layer per-kv-head scales' if config.kv_cache_dtype == 'fp8' else ''}), {per_token} bytes per "
           f"token{' per device' if tp > 1 else ''}; {num_blocks} blocks x {config.block_size} tokens = {tokens} "
           f"tokens; maximum concurrency at max_model_len={max_model_len}: {tokens / max_model_len:.1f}x")
+    if scales_line:
+        _info(scales_line)
     if config.task == "embed":
         _info(f"task embed: pooling {config.pooling_type}, normalize={config.normalize}; "
               f"mixed buckets only (prefill), nothing sampled")
