@@ -89,7 +89,7 @@ def add_engine_args(ap: argparse.ArgumentParser) -> None:
     g.add_argument("--calculate-kv-scales", action=argparse.BooleanOptionalAction, default=d.calculate_kv_scales,
                    help="fp8 KV cache: calibrate the scales once at start on a fixed prefill (the Zen of "
                         "Python; seeded ids without a tokenizer), the same whatever requests come first; "
-                        "--no-calculate-kv-scales = every scale 1.0, vLLM's uncalibrated default")
+                        "--no-calculate-kv-scales = every scale 1.0, vLLM's uncalibrated default (default: on)")
     g.add_argument("--load-format", default=d.load_format, choices=_LOAD_FORMATS,
                    help="checkpoint format; auto decides from the path")
     g.add_argument("--seed", type=int, default=d.seed,
