@@ -98,8 +98,11 @@ def test_fp8_kv_cache_tp2_equals_tp1(engines, path):
         assert [s.data.shape for s in pages.addressable_shards] == [(L, N, B, K // 2, D)] * 2
         assert [s.data.shape for s in scale.addressable_shards] == [(L, K // 2)] * 2
         assert (np.asarray(scale) > 0).all()
-        tp1 = getattr(engines(1, "fp8", warmup=False).runner.kv_cache, f"{name}_scale")
-        np.testing.assert_allclose(np.asarray(scale), np.asarray(tp1), rtol=1e-5)
+        tp1 = np.asarray(getattr(engines(1, "fp8", warmup=False).runner.kv_cache, f"{name}_scale"))  # [L, 4]
+        np.testing.assert_allclose(np.asarray(scale), tp1, rtol=1e-5)
+        # tp=8 repeats each kv head on two devices: each copy calibrates to its head's tp=1 scale
+        tp8 = np.asarray(getattr(engines(8, "fp8", warmup=False).runner.kv_cache, f"{name}_scale"))  # [L, 8]
+        np.testing.assert_allclose(tp8, np.repeat(tp1, 2, axis=1), rtol=1e-5)
 
 
 def test_zero_compiles_after_warmup_and_prompt_logprobs(engines):
