@@ -72,22 +72,37 @@ def calibrated_scales(model, ids: list[int], block_size: int, cache_sharding=Non
     return run(state, cache, tokens, positions, meta)
 
 
-def init_kv_scales(runner, model, tokenizer, calculate: bool, cache_sharding=None) -> str:
-    """Sets an fp8 runner cache's scales once, before warm-up: calibrated (`calculate`) or all 1.0.
-    The new [L, kvh] arrays keep the old ones' shardings, so no compiled step sees another input.
-    Returns the start-up line that says which, on how many tokens and in how long."""
+def start_scales(model, tokenizer, calculate: bool, block_size: int, max_len: int, scale_sharding=None,
+                 cache_sharding=None):
+    """An fp8 engine's (k_scale, v_scale) [L, kvh] f32, placed with `scale_sharding`, and the start-up
+    line that says which, on how many tokens and in how long: calibrated (`calculate`) or all 1.0.
+    build_engine runs it before it allocates the KV cache, so the calibration's transient memory is
+    free again by then; each array is its own buffer (the step donates both)."""
     import time
 
-    kc = runner.kv_cache
     t0 = time.perf_counter()
+    c = model.config
     if calculate:
-        ids = calibration_ids(tokenizer, model.config.vocab_size, runner.max_model_len)
-        k, v = calibrated_scales(model, ids, runner.block_size, cache_sharding)
-        how = (f"calibrated on {len(ids)} tokens ({'the Zen of Python' if getattr(tokenizer, 'has_text', True) else 'seeded ids'})"
-               f", {HEADROOM:g} x absmax / 448")
+        ids = calibration_ids(tokenizer, c.vocab_size, max_len)
+        scales = calibrated_scales(model, ids, block_size, cache_sharding)
+        source = "the Zen of Python" if getattr(tokenizer, "has_text", True) else "seeded ids"
+        how = f"calibrated on {len(ids)} tokens ({source}), {HEADROOM:g} x absmax / 448"
     else:
-        k, v = (jnp.ones(kc.k_scale.shape, jnp.float32) for _ in "kv")  # two buffers: the step donates both
+        scales = (None, None)
         how = "fixed 1.0 (calculate_kv_scales=False)"
-    k, v = jax.device_put(k, kc.k_scale.sharding), jax.device_put(v, kc.v_scale.sharding)
-    runner.kv_cache = KVCache(kc.k, kc.v, jax.block_until_ready(k), jax.block_until_ready(v))
-    return f"fp8 KV scales: {how} in {time.perf_counter() - t0:.2f}s"
+
+    def place(x):  # [L, kvh] f32 in its own buffer, placed as KVCache.zeros places (multi-host safe)
+        return jnp.ones((c.num_layers, c.num_kv_heads), jnp.float32) if x is None else x
+
+    if scale_sharding is not None:
+        place = jax.jit(place, out_shardings=scale_sharding)
+    k, v = jax.block_until_ready([place(x) for x in scales])
+    return k, v, f"fp8 KV scales: {how} in {time.perf_counter() - t0:.2f}s"
+
+
+def set_scales(runner, k_scale, v_scale) -> None:
+    """Replaces the fp8 runner cache's [L, kvh] scales (same shapes and shardings: no step recompiles)."""
+    kc = runner.kv_cache
+    if k_scale.shape != kc.k_scale.shape or v_scale.shape != kc.v_scale.shape:
+        raise ValueError(f"k_scale / v_scale must be {kc.k_scale.shape}, got {k_scale.shape} / {v_scale.shape}")
+    runner.kv_cache = KVCache(kc.k, kc.v, k_scale, v_scale)

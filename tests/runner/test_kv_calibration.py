@@ -12,7 +12,7 @@ from jaxllm.config import EngineConfig
 from jaxllm.engine.factory import build_engine
 from jaxllm.models.dense_batch import prefill_batch
 from jaxllm.models.llama import build_model
-from jaxllm.runner.kv_calibration import CALIBRATION_LEN, calibration_ids
+from jaxllm.runner.kv_calibration import CALIBRATION_LEN, calibration_ids, set_scales
 from pallas_kernels import KVCache
 from pallas_kernels.kv_quant import HEADROOM
 from tests.engine_checks import assert_clean
@@ -98,6 +98,8 @@ def test_no_calculate_kv_scales_is_fixed_one(path, capsys):
     _engine(path)
     assert (f"fp8 KV scales: calibrated on {MAX_LEN} tokens (seeded ids), {HEADROOM:g} x absmax / 448"
             in capsys.readouterr().err)
+    with pytest.raises(ValueError, match=r"^k_scale / v_scale must be \(2, 2\), got \(2, 3\) / \(2, 3\)$"):
+        set_scales(e.runner, jnp.ones((2, 3)), jnp.ones((2, 3)))  # the tiny model: 2 layers, 2 kv heads
     with pytest.raises(ValueError, match=r"^calculate_kv_scales=1 is invalid: must be a bool$"):
         EngineConfig(calculate_kv_scales=1).validate()
 
