@@ -2,7 +2,7 @@
 fp8 KV cache (issue 17).
 
     python bench/perplexity.py --model smollm2-135m --output-json /tmp/ppl.json
-    python bench/perplexity.py --methods none --kv-cache-dtype auto,fp8 --kv-scale first,1.0,first4
+    python bench/perplexity.py --methods none --kv-cache-dtype auto,fp8 --kv-scale calibrated,first,1.0,first4
 
 The text (default): bench/data/coriolanus_act1.txt, Shakespeare's Coriolanus (public domain) as it
 opens the "tiny shakespeare" corpus: the first 14,593 characters of data/tinyshakespeare/input.txt
@@ -19,10 +19,13 @@ same positions (the first row).
 
 --kv-cache-dtype fp8 stores K/V as float8_e4m3fn with per-layer per-kv-head scales
 (pallas_kernels/kv_quant.py); the attention reads the cache, so the forward pass sees quantized K/V
-at every position. --kv-scale picks where the scales come from: "first" = the first write (here
+at every position. --kv-scale picks where the scales come from: "calibrated" (the default) = the
+engine's: one prefill of its fixed calibration sequence at start (jaxllm/runner/kv_calibration.py:
+the Zen of Python through the model's tokenizer, not this text); "first" = the first write (here
 the whole text: the best case), "first4" = the text's first 4 tokens written alone first (the
-engine's case when a short prompt comes first; the rest may exceed those scales), or a number =
-a fixed scale for every layer and head (1.0: vLLM's default without calibration).
+engine's case before calibration when a short prompt came first; the rest may exceed those
+scales), or a number = a fixed scale for every layer and head (1.0: vLLM's default without
+calibration, the engine's --no-calculate-kv-scales).
 
 The "full precision" baseline is whatever the checkpoint loads as in --dtype. For smollm2-135m that
 is the packaged Q4_1 GGUF dequantized to fp32 (no HF safetensors copy on this machine): int8/fp8
@@ -51,7 +54,7 @@ def zen_of_python() -> str:
 
 
 def logits_for(model, config, ids: list[int], dtype, block_size: int = 16, kv_cache_dtype: str = "auto",
-               kv_scale: str = "first"):
+               kv_scale: str = "first", tokenizer=None):
     import jax.numpy as jnp
     import numpy as np
 
@@ -60,9 +63,14 @@ def logits_for(model, config, ids: list[int], dtype, block_size: int = 16, kv_ca
     from pallas_kernels import KVCache
 
     tokens, positions, meta, nblocks = prefill_batch([ids], block_size)
-    fixed = kv_cache_dtype == "fp8" and kv_scale not in ("first", "first4")
+    fixed = kv_cache_dtype == "fp8" and kv_scale not in ("first", "first4", "calibrated")
     cache = KVCache.zeros(config.num_layers, nblocks + 1, block_size, config.num_kv_heads, config.head_dim,
                           cache_dtype(kv_cache_dtype, dtype), scale_init=float(kv_scale) if fixed else 0.0)
+    if kv_cache_dtype == "fp8" and kv_scale == "calibrated":  # the engine's start-up calibration
+        from jaxllm.runner.kv_calibration import calibrated_scales, calibration_ids
+
+        cal = calibration_ids(tokenizer, config.vocab_size, config.max_position_embeddings)
+        cache = KVCache(cache.k, cache.v, *calibrated_scales(model, cal, block_size))
     if kv_cache_dtype == "fp8" and kv_scale == "first4":  # the first 4 tokens alone set the scales
         t4, p4, m4, _ = prefill_batch([ids[:4]], block_size)
         _, cache = model(t4, p4, cache, m4)
@@ -88,7 +96,8 @@ def main(argv=None) -> int:
     ap.add_argument("--max-tokens", type=int, default=2048)
     ap.add_argument("--methods", default="none,int8,fp8", help="weight quantizations (none = full precision)")
     ap.add_argument("--kv-cache-dtype", default="auto", help="comma list of auto, fp8 (each with every method)")
-    ap.add_argument("--kv-scale", default="first", help="fp8 KV scales, comma list: first, first4, or a number")
+    ap.add_argument("--kv-scale", default="calibrated",
+                    help="fp8 KV scales, comma list: calibrated, first, first4, or a number")
     ap.add_argument("--output-json")
     args = ap.parse_args(argv)
     import jax.numpy as jnp
@@ -114,7 +123,8 @@ def main(argv=None) -> int:
         tok = load_tokenizer(ckpt.tokenizer_source, ckpt.config)
         ids = tok.encode(text, add_special_tokens=False)[:args.max_tokens]
         model = build_model(ckpt.config, ckpt.params, dtype, quantization=q)
-        logits = logits_for(model, ckpt.config, list(ids), dtype, kv_cache_dtype=kv, kv_scale=kv_scale)
+        logits = logits_for(model, ckpt.config, list(ids), dtype, kv_cache_dtype=kv, kv_scale=kv_scale,
+                            tokenizer=tok)
         row = {"quantization": method, "kv_cache_dtype": kv, "kv_scale": kv_scale, "checkpoint_format": ckpt.format,
                "tokens": len(ids), "perplexity": perplexity(logits, list(ids)),
                "seconds": round(time.perf_counter() - t0, 1)}

@@ -84,8 +84,12 @@ def add_engine_args(ap: argparse.ArgumentParser) -> None:
                         "its block scales without it; other GGUF types re-quantize from their dequantized values")
     g.add_argument("--kv-cache-dtype", default=d.kv_cache_dtype, choices=KV_CACHE_DTYPES,
                    help="KV cache element type: auto = the model dtype; fp8 = float8_e4m3fn with per-layer "
-                        "per-kv-head scales set by the first tokens written (half a bf16 cache's bytes: twice "
+                        "per-kv-head scales (see --calculate-kv-scales; half a bf16 cache's bytes: twice "
                         "the blocks in the same memory)")
+    g.add_argument("--calculate-kv-scales", action=argparse.BooleanOptionalAction, default=d.calculate_kv_scales,
+                   help="fp8 KV cache: calibrate the scales once at start on a fixed prefill (the Zen of "
+                        "Python; seeded ids without a tokenizer), the same whatever requests come first; "
+                        "--no-calculate-kv-scales = every scale 1.0, vLLM's uncalibrated default (default: on)")
     g.add_argument("--load-format", default=d.load_format, choices=_LOAD_FORMATS,
                    help="checkpoint format; auto decides from the path")
     g.add_argument("--seed", type=int, default=d.seed,
@@ -133,6 +137,7 @@ def engine_config_from_args(args) -> EngineConfig:
                         gpu_memory_utilization=args.gpu_memory_utilization,
                         tensor_parallel_size=args.tensor_parallel_size, dtype=args.dtype,
                         quantization=args.quantization, kv_cache_dtype=args.kv_cache_dtype,
+                        calculate_kv_scales=args.calculate_kv_scales,
                         load_format=args.load_format, seed=args.seed,
                         async_scheduling=args.async_scheduling, task=args.task,
                         pooling_type=args.pooling_type, normalize=args.normalize,

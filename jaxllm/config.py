@@ -79,6 +79,9 @@ class EngineConfig(msgspec.Struct, kw_only=True):
     # KV cache element type: "auto" (the model dtype) | "fp8" (float8_e4m3fn with scales, read and
     # scaled inside the attention kernels; vLLM's --kv-cache-dtype)
     kv_cache_dtype: str = "auto"
+    # fp8 KV cache scales (vLLM's name; our default differs): True = calibrated once at engine start
+    # on a fixed prefill (jaxllm/runner/kv_calibration.py), False = every scale 1.0 (vLLM's default)
+    calculate_kv_scales: bool = True
     # Multi-LoRA (jaxllm/lora, vLLM's names): adapters served beside the base model in one batch.
     # max_loras: device slots (distinct adapters per step); max_lora_rank: ranks padded to this;
     # max_cpu_loras: adapters kept loaded on the host (LRU; None = max_loras)
@@ -110,6 +113,7 @@ class EngineConfig(msgspec.Struct, kw_only=True):
                              f"{list(QUANTIZATIONS)} or None")
         if self.kv_cache_dtype not in KV_CACHE_DTYPES:
             raise ValueError(f"kv_cache_dtype={self.kv_cache_dtype!r} is invalid: must be one of {list(KV_CACHE_DTYPES)}")
+        _bool("calculate_kv_scales", self.calculate_kv_scales)
         _bool("enable_lora", self.enable_lora)
         _pos_int("max_loras", self.max_loras)
         _pos_int("max_lora_rank", self.max_lora_rank)

@@ -8,19 +8,26 @@ attention kernels and the reference read fp8, multiply the QK logits by the K sc
 P @ V output by the V scale inside the kernel (both are per kv head, so they factor out of the
 dots exactly).
 
-Where the scales come from (there is no calibration data at load time): a scale of 0 means
-"not set"; the first write to a layer (the engine's first real prefill) sets each kv head's
-scale to `HEADROOM * absmax / 448` of the rows it writes, and it never changes after (tokens
-already stored were quantized with it). HEADROOM = 64 lets later values grow to 64x the first
-tokens' largest before they clip (SmolLM2's V reaches 11x its first token's: a headroom of 8
-clipped it when a 4-token prompt came first), while e4m3's normal range (2^-6 .. 448) still
-covers values down to amax / 448 at full (3-bit mantissa) relative precision: the headroom costs
-nothing to values in range, e4m3's relative step is the same across its normal range.
-Why not vLLM's fixed 1.0: it is as accurate here (SmolLM2's |K| <= 21, |V| <= 17), but clips a
-model whose K reaches 448 and drops small-valued heads into subnormals; a derived scale follows
-the model. `KVCache.zeros(...,
-scale_init=1.0)` gives vLLM's uncalibrated default instead (a fixed scale 1.0); bench/perplexity.py
---kv-scale compares the two (bench/RESULTS.md, "fp8 KV cache").
+Where the scales come from. The engine sets them once at start, before any request, so a
+request's output never depends on what the server saw first (jaxllm/runner/kv_calibration.py):
+- `calculate_kv_scales=True` (default; vLLM's flag name, `--[no-]calculate-kv-scales`): one fixed
+  calibration prefill (the Zen of Python through the model's tokenizer, or seeded ids for a model
+  without one) runs through the model into a private cache in the model dtype, and each layer's
+  kv head gets `amax_scale(absmax)` = HEADROOM * absmax / 448 of its K / V rows there;
+- `calculate_kv_scales=False`: every scale 1.0, vLLM's uncalibrated default (checkpoint-provided
+  scales are not read yet).
+HEADROOM = 64 lets values grow to 64x the calibration's largest before they clip (SmolLM2's V grew
+to 11x its first token's), while e4m3's normal range (2^-6 .. 448) still covers values down to
+absmax / 448 at full (3-bit mantissa) relative precision: the headroom costs nothing to values in
+range, e4m3's relative step is the same across its normal range. Why calibrate rather than 1.0: as
+accurate on SmolLM2 (|K| <= 21, |V| <= 17), but 1.0 clips a model whose K reaches 448 and drops
+small-valued heads into subnormals; a derived scale follows the model.
+
+The kernel-level fallback (a raw `KVCache.zeros(..., fp8)` whose scales are 0 = "not set", used by
+tests and bench/perplexity.py's "first"): the first write to a layer sets each kv head's scale to
+HEADROOM x absmax / 448 of the rows it writes (`first_write_scale`), fixed after. An engine from
+build_engine never leaves a scale at 0. bench/perplexity.py --kv-scale compares calibrated, first-write and fixed
+scales (bench/RESULTS.md, "fp8 KV cache" and "fp8 KV scales calibrated at start").
 """
 from __future__ import annotations
 
@@ -43,13 +50,18 @@ def is_fp8(dtype) -> bool:
     return jnp.dtype(dtype) == jnp.dtype(FP8)
 
 
+def amax_scale(amax: jax.Array) -> jax.Array:
+    """amax [...] f32 (the largest |K| or |V| seen) → the scale that maps it to 448 / HEADROOM."""
+    return amax * (HEADROOM / FP8_MAX)
+
+
 def first_write_scale(current: jax.Array, rows: jax.Array, valid: jax.Array) -> jax.Array:
     """current [kvh] f32 (0 = unset), rows [T, kvh, d], valid [T] bool → the scale [kvh] f32 to
     write with: `current` where set, else HEADROOM x absmax of the valid rows / 448 (0 while a
     layer has seen no non-zero row)."""
     a = jnp.where(valid[:, None, None], jnp.abs(rows.astype(jnp.float32)), 0.0)  # [T, kvh, d] f32
     amax = jnp.max(a, axis=(0, 2)) if rows.shape[0] else jnp.zeros(rows.shape[1], jnp.float32)  # [kvh]
-    return jnp.where(current > 0, current, amax * (HEADROOM / FP8_MAX))
+    return jnp.where(current > 0, current, amax_scale(amax))
 
 
 def quantize_rows(rows: jax.Array, scale: jax.Array) -> jax.Array:

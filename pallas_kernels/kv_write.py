@@ -8,7 +8,7 @@ place — the cost is the T rows written, never the cache size. Slot -1 (padding
 end and dropped (`mode="drop"`); negative slots would otherwise wrap around.
 
 An fp8 cache (`cache.quantized`) quantizes the rows on the way in with its per-layer, per-kv-head
-scales (kv_quant.py; the layer's first write sets them), scatters their uint8 bits and writes the layer's scales back: the
+scales (kv_quant.py; the engine sets them at start, a 0 scale is set by the layer's first write), scatters their uint8 bits and writes the layer's scales back: the
 same in-place scatter, plus one [kv_heads] row of each [L, kv_heads] scale array.
 """
 from __future__ import annotations

@@ -25,7 +25,8 @@ import jax.numpy as jnp
 class KVCache:
     """K and V pages of every layer. An fp8 cache (kv_quant.py) stores float8_e4m3fn values as their
     uint8 bits and holds one f32 scale per layer and kv head for each of K and V: element x stands
-    for `x * scale[layer, head]`; 0 = not set yet (the first write to that layer sets it)."""
+    for `x * scale[layer, head]`; 0 = not set yet (the first write to that layer sets it; the engine
+    sets every scale at start: jaxllm/runner/kv_calibration.py)."""
 
     k: jax.Array  # [num_layers, num_blocks, block_size, num_kv_heads, head_dim] model dtype, or uint8 = fp8 bits
     v: jax.Array  # [num_layers, num_blocks, block_size, num_kv_heads, head_dim] model dtype, or uint8 = fp8 bits
@@ -63,7 +64,8 @@ class KVCache:
               scale_sharding=None, scale_init: float = 0.0) -> "KVCache":
         """An all-zero cache. `dtype` float8_e4m3fn makes an fp8 cache with scales [L, kvh] f32 set
         to `scale_init` (0: each layer's first write derives them, kv_quant.py; 1.0: a fixed
-        scale, vLLM's default without calibration)."""
+        scale, vLLM's default without calibration; the engine replaces them with its calibrated
+        scales at start, jaxllm/runner/kv_calibration.py)."""
         shape = (num_layers, num_blocks, block_size, num_kv_heads, head_dim)
         fp8 = jnp.dtype(dtype) == jnp.float8_e4m3fn
 

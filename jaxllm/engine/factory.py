@@ -195,8 +195,17 @@ def build_engine(config: EngineConfig, *, compile_cache: bool = True, warmup: bo
 
         num_blocks = int(multihost_utils.broadcast_one_to_all(np.int32(num_blocks)))
     shrink = config.kv_cache_memory_bytes is None and accelerator and jax.process_count() == 1
+    scales = scales_line = None
+    if config.kv_cache_dtype == "fp8":  # fixed before any request: outputs never depend on which came first
+        from jaxllm.runner import kv_calibration
+
+        *scales, scales_line = kv_calibration.start_scales(
+            model, tokenizer, config.calculate_kv_scales, config.block_size, max_model_len,
+            *((layout.cache_scale_sharding(), layout.cache_sharding()) if layout is not None else ()))
     runner = allocate_runner(ModelRunner, model, num_blocks, runner_kw, shrink=shrink)
     num_blocks = runner.num_blocks
+    if scales:
+        kv_calibration.set_scales(runner, *scales)
     lora_load_fn = None
     if config.enable_lora:  # the PEFT loader (jaxllm/lora/peft.py), imported on the first adapter
         from jaxllm.lora.manager import default_load_fn
@@ -218,6 +227,8 @@ def build_engine(config: EngineConfig, *, compile_cache: bool = True, warmup: bo
           f"{', per-layer per-kv-head scales' if config.kv_cache_dtype == 'fp8' else ''}), {per_token} bytes per "
           f"token{' per device' if tp > 1 else ''}; {num_blocks} blocks x {config.block_size} tokens = {tokens} "
           f"tokens; maximum concurrency at max_model_len={max_model_len}: {tokens / max_model_len:.1f}x")
+    if scales_line:
+        _info(scales_line)
     if config.task == "embed":
         _info(f"task embed: pooling {config.pooling_type}, normalize={config.normalize}; "
               f"mixed buckets only (prefill), nothing sampled")

@@ -2,7 +2,7 @@
 check that the backend can serve an fp8 cache (a one-line ValueError naming the field otherwise).
 
 "auto" stores K/V in the model dtype; "fp8" in float8_e4m3fn with per-layer, per-kv-head scales
-(pallas_kernels/kv_quant.py): half the bytes of a bf16 cache, a quarter of an f32 one, so twice
+(pallas_kernels/kv_quant.py; calibrated at engine start, runner/kv_calibration.py): half the bytes of a bf16 cache, a quarter of an f32 one, so twice
 (four times) the blocks fit the same memory.
 """
 from __future__ import annotations

@@ -55,6 +55,9 @@ def test_engine_flags_are_one_set():
     from jaxllm.cli_args import engine_config_from_args
 
     assert engine_config_from_args(args).kv_cache_dtype == "fp8"
+    assert engine_config_from_args(args).calculate_kv_scales is True  # calibrated fp8 scales by default
+    args = generate.build_parser().parse_args(["--kv-cache-dtype", "fp8", "--no-calculate-kv-scales"])
+    assert engine_config_from_args(args).calculate_kv_scales is False  # vLLM's fixed 1.0
     assert server_main.build_parser().parse_args([]).model == "smollm2-135m"
 
 

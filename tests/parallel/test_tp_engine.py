@@ -76,8 +76,9 @@ def test_greedy_outputs_identical_across_tp(engines):
 def test_fp8_kv_cache_tp2_equals_tp1(engines, path):
     """kv_cache_dtype="fp8" (pallas_kernels/kv_quant.py) at tp=2: prefill and decode logits equal
     tp=1's over an fp8 cache (the scales are per kv head, so no device needs another's); the served
-    runner holds each device's heads' pages and scales, the scales set by its first step, and 8x the
-    blocks of the tp=1 f32 cache in the same kv_cache_memory_bytes per device (x2 heads, x4 bytes)."""
+    runner holds each device's heads' pages and scales, the scales calibrated at start equal to
+    tp=1's (jaxllm/runner/kv_calibration.py), and 8x the blocks of the tp=1 f32 cache in the same
+    kv_cache_memory_bytes per device (x2 heads, x4 bytes)."""
     ref_prefill, ref_decode = _forward_logits(path, 1, "scan", kv_dtype=jnp.float8_e4m3fn)
     prefill, decode = _forward_logits(path, 2, "unroll", kv_dtype=jnp.float8_e4m3fn)
     np.testing.assert_allclose(prefill, ref_prefill, atol=1e-4, rtol=0)
@@ -97,6 +98,11 @@ def test_fp8_kv_cache_tp2_equals_tp1(engines, path):
         assert [s.data.shape for s in pages.addressable_shards] == [(L, N, B, K // 2, D)] * 2
         assert [s.data.shape for s in scale.addressable_shards] == [(L, K // 2)] * 2
         assert (np.asarray(scale) > 0).all()
+        tp1 = np.asarray(getattr(engines(1, "fp8", warmup=False).runner.kv_cache, f"{name}_scale"))  # [L, 4]
+        np.testing.assert_allclose(np.asarray(scale), tp1, rtol=1e-5)
+        # tp=8 repeats each kv head on two devices: each copy calibrates to its head's tp=1 scale
+        tp8 = np.asarray(getattr(engines(8, "fp8", warmup=False).runner.kv_cache, f"{name}_scale"))  # [L, 8]
+        np.testing.assert_allclose(tp8, np.repeat(tp1, 2, axis=1), rtol=1e-5)
 
 
 def test_zero_compiles_after_warmup_and_prompt_logprobs(engines):
