@@ -48,6 +48,8 @@ def test_run_batch_on_the_host_engine():
 
     e = make_lora_engine(max_loras=4, max_cpu_loras=4, max_num_seqs=8, async_scheduling=False)
     loras = [lora(i) for i in (1, 2, 3, 4)]
+    for a in loras:  # as the bench's main does: loaded before the timing (a request's own load runs off-thread)
+        e.add_lora(a)
     rng = np.random.default_rng(0)
     for _, mode in MODES:
         first = len(e.runner.steps)
