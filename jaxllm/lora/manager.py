@@ -277,12 +277,15 @@ class LoRAManager:
             del self._cache[victim]
 
 
-def default_load_fn(model_config, max_lora_rank: int) -> LoadFn:
-    """The real loader: ``jaxllm.lora.peft.load_adapter`` (branch lorad), imported on first use."""
+def default_load_fn(model_config, max_lora_rank: int, prepare=None) -> LoadFn:
+    """The real loader: ``jaxllm.lora.peft.load_adapter`` (imported here, not in the first load: an
+    import on the loader thread would hold the GIL against the engine's first steps), then
+    ``prepare`` (the runner's ``prepare_lora``: the slot layout) when given. Runs on the loader
+    thread: the engine thread is left only the device write (``set_lora``)."""
+    from jaxllm.lora.peft import load_adapter
 
     def load(lora: LoRARequest):
-        from jaxllm.lora.peft import load_adapter
-
-        return load_adapter(lora.lora_path, model_config, max_lora_rank, name=lora.lora_name)
+        adapter = load_adapter(lora.lora_path, model_config, max_lora_rank, name=lora.lora_name)
+        return adapter if prepare is None else prepare(adapter)
 
     return load
