@@ -14,6 +14,8 @@ repeat (wall clock, ``time.perf_counter``):
   before the add to the adapter request's first token (what a streaming client sees stall), the
   ``add_request`` call included;
 - ``add_ms``: the ``add_request`` call itself; ``ttft_ms``: add to the adapter request's first token;
+- ``set_lora_ms``: time on the engine thread in the manager's ``set_lora`` call (the device slot
+  write, plus, where the loader does not prepare it, the host-side slot layout);
 - ``stream_tokens_during_load``: tokens one stream got between the add and the adapter's first token.
 
 The same script runs on any commit of the engine (only public API: add_request / step): for the
@@ -41,6 +43,14 @@ def run_repeat(engine, lora, args, vocab: int, rng, tag: str) -> dict:
     for i in range(args.streams):
         engine.add_request(f"{tag}-s{i}", {"prompt_token_ids": rng.integers(10, vocab, args.input_len).tolist()}, long)
     watch = f"{tag}-s0"
+    set_lora_s = [0.0]
+    inner = engine.lora._set_lora
+
+    def timed_set_lora(slot, adapter):
+        t = time.perf_counter()
+        inner(slot, adapter)
+        set_lora_s[0] += time.perf_counter() - t
+    engine.lora._set_lora = timed_set_lora
     times: list[float] = []  # when the watched stream got a token
     t_add = t_add_end = t_first = None
     n_adapter = 0
@@ -62,6 +72,7 @@ def run_repeat(engine, lora, args, vocab: int, rng, tag: str) -> dict:
                     t_first = now
         if t_first is not None and n_adapter >= args.adapter_tokens:
             break
+    engine.lora._set_lora = inner
     engine.abort_request([f"{tag}-s{i}" for i in range(args.streams)])
     while engine.has_unfinished_requests():
         engine.step()
@@ -74,6 +85,7 @@ def run_repeat(engine, lora, args, vocab: int, rng, tag: str) -> dict:
     gaps = [b - a for a, b in zip(window, window[1:])]
     return {"steady_gap_ms": 1e3 * statistics.median(gaps_before), "max_gap_ms": 1e3 * max(gaps),
             "add_ms": 1e3 * (t_add_end - t_add), "ttft_ms": 1e3 * (t_first - t_add),
+            "set_lora_ms": 1e3 * set_lora_s[0],
             "stream_tokens_during_load": sum(1 for t in times if t_add <= t <= t_first)}
 
 
