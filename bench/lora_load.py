@@ -16,7 +16,9 @@ repeat (wall clock, ``time.perf_counter``):
 - ``add_ms``: the ``add_request`` call itself; ``ttft_ms``: add to the adapter request's first token;
 - ``set_lora_ms``: time on the engine thread in the manager's ``set_lora`` call (the device slot
   write, plus, where the loader does not prepare it, the host-side slot layout);
-- ``stream_tokens_during_load``: tokens one stream got between the add and the adapter's first token.
+- ``stream_tokens_during_load``: tokens one stream got between the add and the adapter's first token;
+- ``control_max_gap_ms``: the longest of as many consecutive gaps just before the add (the same
+  statistic with no load in flight: how much of ``max_gap_ms`` this machine's noise alone gives).
 
 The same script runs on any commit of the engine (only public API: add_request / step): for the
 "before" figure run it from a checkout of that commit. Machine load is printed and stored (CPU
@@ -83,10 +85,12 @@ def run_repeat(engine, lora, args, vocab: int, rng, tag: str) -> dict:
     if after:
         window.append(after[0])  # the first token after the adapter's: a gap that spans the load counts
     gaps = [b - a for a, b in zip(window, window[1:])]
+    control = gaps_before[-len(gaps):]
     return {"steady_gap_ms": 1e3 * statistics.median(gaps_before), "max_gap_ms": 1e3 * max(gaps),
             "add_ms": 1e3 * (t_add_end - t_add), "ttft_ms": 1e3 * (t_first - t_add),
             "set_lora_ms": 1e3 * set_lora_s[0],
-            "stream_tokens_during_load": sum(1 for t in times if t_add <= t <= t_first)}
+            "stream_tokens_during_load": sum(1 for t in times if t_add <= t <= t_first),
+            "control_max_gap_ms": 1e3 * max(control)}
 
 
 def main(argv=None) -> int:
@@ -97,7 +101,7 @@ def main(argv=None) -> int:
     ap.add_argument("--rank", type=int, default=64, help="adapter rank (also max_lora_rank)")
     ap.add_argument("--streams", type=int, default=4, help="base-model requests decoding meanwhile")
     ap.add_argument("--input-len", type=int, default=32)
-    ap.add_argument("--warm-steps", type=int, default=12, help="stream tokens before the adapter request")
+    ap.add_argument("--warm-steps", type=int, default=24, help="stream tokens before the adapter request")
     ap.add_argument("--adapter-tokens", type=int, default=4, help="adapter tokens awaited per repeat")
     ap.add_argument("--repeats", type=int, default=3, help="cold adapters, one per repeat")
     ap.add_argument("--kv-cache-memory-bytes", type=int, default=268435456)

@@ -12,17 +12,32 @@ loader's thread(s) and keeps stepping; the engine thread later takes the finishe
 - ``load(lora)``: the same on the caller's thread (``LLM.add_lora``, ``--lora-modules`` at start).
 
 One worker by default: loads are file reads and numpy copies, a second one mostly competes for the
-same disk and GIL; ``workers`` is there for a host that serves many cold adapters.
+same disk and GIL; ``workers`` is there for a host that serves many cold adapters. The workers run
+at a lower CPU priority (``nice``, Linux: per thread) so that on a host whose cores also run the
+model (the CPU backend) a load takes the cores the step leaves idle instead of stretching the step.
 """
 
 from __future__ import annotations
 
 import concurrent.futures
+import os
 import threading
 from collections.abc import Callable
 from typing import Any
 
 LoadFn = Callable[[Any], Any]  # LoRARequest -> a LoRAAdapter (``.name``, ``.rank``, ``.nbytes``)
+
+
+NICE = 10  # added to a loader thread's niceness (0..19; the engine thread keeps its own)
+
+
+def _lower_priority() -> None:
+    """Make the calling thread yield the CPU to the engine's (Linux: niceness is per thread)."""
+    try:
+        tid = threading.get_native_id()
+        os.setpriority(os.PRIO_PROCESS, tid, min(19, os.getpriority(os.PRIO_PROCESS, tid) + NICE))
+    except (AttributeError, OSError):  # not Linux, or not allowed: the loads still run off-thread
+        pass
 
 
 def _one_line(exc: BaseException) -> str:
@@ -62,8 +77,8 @@ class AdapterLoader:
         """``load(lora)`` on a worker thread (thread-safe)."""
         with self._lock:
             if self._pool is None:  # made on the first load: an engine without adapters has no thread
-                self._pool = concurrent.futures.ThreadPoolExecutor(self.workers,
-                                                                   thread_name_prefix="jaxllm-lora-load")
+                self._pool = concurrent.futures.ThreadPoolExecutor(
+                    self.workers, thread_name_prefix="jaxllm-lora-load", initializer=_lower_priority)
             return self._pool.submit(self.load, lora)
 
     def close(self) -> None:
