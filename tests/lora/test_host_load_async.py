@@ -8,6 +8,7 @@ added with ``add_lora`` (loaded on the caller's thread) before the request, on a
 
 from __future__ import annotations
 
+import asyncio
 import time
 
 import grpc
@@ -198,9 +199,9 @@ def test_add_lora_with_an_adapter_loaded_elsewhere_wakes_waiting_requests():
 
 
 def test_grpc_load_adapter_does_not_stall_a_streaming_request():
+    from serving.client import build_request
     from serving.proto.jaxllm.v1 import generation_pb2 as pb
     from serving.proto.jaxllm.v1 import generation_pb2_grpc as pb_grpc
-    from serving.client import build_request
     from tests.serving.http_helpers import ThreadedServer
 
     loader = GatedLoader(held={1})
@@ -212,10 +213,9 @@ def test_grpc_load_adapter_does_not_stall_a_streaming_request():
     async def go():
         async with grpc.aio.insecure_channel(f"127.0.0.1:{s.server.port}") as ch:
             stub = pb_grpc.GenerationStub(ch)
-            stream = stub.Generate(build_request("a base prompt", max_tokens=40, ignore_eos=True), timeout=20)
+            stream = stub.Generate(build_request("a base prompt", max_tokens=80, ignore_eos=True), timeout=20)
             await stream.read()
             load = stub.LoadAdapter(pb.LoadAdapterRequest(name="slow", path="/adapters/slow"), timeout=20)
-            import asyncio
             while not loader.started[1].is_set():
                 await asyncio.sleep(0.01)
             during = []  # tokens that arrive while the load is held
