@@ -17,8 +17,9 @@ repeat (wall clock, ``time.perf_counter``):
 - ``set_lora_ms``: time on the engine thread in the manager's ``set_lora`` call (the device slot
   write, plus, where the loader does not prepare it, the host-side slot layout);
 - ``stream_tokens_during_load``: tokens one stream got between the add and the adapter's first token;
-- ``control_max_gap_ms``: the longest of as many consecutive gaps just before the add (the same
-  statistic with no load in flight: how much of ``max_gap_ms`` this machine's noise alone gives).
+- ``base_add_max_gap_ms``: the floor: the same ``max_gap_ms`` for a base-model request of the same
+  shape added ``--warm-steps // 2`` tokens earlier (its prefill step stretches one gap too; nothing
+  loads). ``max_gap_ms - base_add_max_gap_ms`` is what the adapter's load and slot write add.
 
 The same script runs on any commit of the engine (only public API: add_request / step): for the
 "before" figure run it from a checkout of that commit. Machine load is printed and stored (CPU
@@ -55,8 +56,13 @@ def run_repeat(engine, lora, args, vocab: int, rng, tag: str) -> dict:
     engine.lora._set_lora = timed_set_lora
     times: list[float] = []  # when the watched stream got a token
     t_add = t_add_end = t_first = None
+    t_base = t_base_first = None
     n_adapter = 0
     while engine.has_unfinished_requests():
+        if t_base is None and len(times) >= args.warm_steps // 2:
+            t_base = time.perf_counter()
+            engine.add_request(f"{tag}-base", {"prompt_token_ids": rng.integers(10, vocab, args.input_len).tolist()},
+                               SamplingParams(max_tokens=args.adapter_tokens, ignore_eos=True, temperature=0.0))
         if t_add is None and len(times) >= args.warm_steps:
             t_add = time.perf_counter()
             engine.add_request(f"{tag}-lora", {"prompt_token_ids": rng.integers(10, vocab, args.input_len).tolist()},
@@ -68,6 +74,8 @@ def run_repeat(engine, lora, args, vocab: int, rng, tag: str) -> dict:
         for o in outs:
             if o.request_id == watch and o.outputs[0].token_ids:
                 times.append(now)
+            if o.request_id == f"{tag}-base" and o.outputs[0].token_ids and t_base_first is None:
+                t_base_first = now
             if o.request_id == f"{tag}-lora" and o.outputs[0].token_ids:
                 n_adapter = len(o.outputs[0].token_ids)
                 if t_first is None:
@@ -78,19 +86,20 @@ def run_repeat(engine, lora, args, vocab: int, rng, tag: str) -> dict:
     engine.abort_request([f"{tag}-s{i}" for i in range(args.streams)])
     while engine.has_unfinished_requests():
         engine.step()
-    before = [t for t in times if t < t_add]
+    before = [t for t in times if t < t_base]
     gaps_before = [b - a for a, b in zip(before, before[1:])]
-    window = [before[-1]] + [t for t in times if t_add <= t <= t_first]
-    after = [t for t in times if t > t_first]
-    if after:
-        window.append(after[0])  # the first token after the adapter's: a gap that spans the load counts
-    gaps = [b - a for a, b in zip(window, window[1:])]
-    control = gaps_before[-len(gaps):]
-    return {"steady_gap_ms": 1e3 * statistics.median(gaps_before), "max_gap_ms": 1e3 * max(gaps),
+
+    def max_gap(start: float, first: float) -> float:
+        """The longest gap of the watched stream from its last token before ``start`` to its first
+        token after ``first`` (a gap that spans the add or the first token counts)."""
+        window = [max(t for t in times if t < start)] + [t for t in times if start <= t <= first]
+        after = [t for t in times if t > first]
+        return max(b - a for a, b in zip(window + after[:1], (window + after[:1])[1:]))
+    return {"steady_gap_ms": 1e3 * statistics.median(gaps_before), "max_gap_ms": 1e3 * max_gap(t_add, t_first),
             "add_ms": 1e3 * (t_add_end - t_add), "ttft_ms": 1e3 * (t_first - t_add),
             "set_lora_ms": 1e3 * set_lora_s[0],
             "stream_tokens_during_load": sum(1 for t in times if t_add <= t <= t_first),
-            "control_max_gap_ms": 1e3 * max(control)}
+            "base_add_max_gap_ms": 1e3 * max_gap(t_base, t_base_first)}
 
 
 def main(argv=None) -> int:
@@ -128,7 +137,7 @@ def main(argv=None) -> int:
     asyn = {"auto": None, "on": True, "off": False}[args.async_scheduling]
     engine = build_engine(EngineConfig(model=args.model, load_format=args.load_format, dtype=args.dtype,
                                        max_model_len=args.input_len + args.warm_steps + 512,
-                                       max_num_seqs=args.streams + 1, max_num_batched_tokens=512,
+                                       max_num_seqs=args.streams + 2, max_num_batched_tokens=512,
                                        kv_cache_memory_bytes=args.kv_cache_memory_bytes, enable_lora=True,
                                        max_loras=2, max_lora_rank=args.rank, max_cpu_loras=2,
                                        async_scheduling=asyn))
