@@ -8,8 +8,9 @@ the server is ready: a bad module fails the start) and from ``load`` / ``unload`
 (gRPC ``LoadAdapter`` / ``UnloadAdapter``, HTTP ``/v1/load_lora_adapter`` /
 ``/v1/unload_lora_adapter``, vLLM's). A load reads and checks the adapter's files on the engine's
 loader thread (``engine.load_lora_adapter``: the engine keeps stepping meanwhile), then runs the
-engine's ``add_lora(lora, adapter)`` on the engine thread; an unload runs ``remove_lora`` there. Each name gets the next ``lora_int_id`` (ids are never reused, so a reloaded adapter
-never hits the prefix cache of the one it replaces).
+engine's ``add_lora(lora, adapter)`` on the engine thread; an unload runs ``remove_lora`` there.
+Each name gets the next ``lora_int_id`` (ids are never reused, so a reloaded adapter never hits
+the prefix cache of the one it replaces).
 
 Errors (FrontDoorError): lora off (INVALID_ARGUMENT naming enable_lora), unknown name (NOT_FOUND),
 a name already served or the base model's name (ALREADY_EXISTS), a bad adapter or one in use

@@ -237,3 +237,36 @@ def test_grpc_load_adapter_does_not_stall_a_streaming_request():
         assert eng.list_loras() == {1} and eng.lora.num_pinned() == 0
     finally:
         s.close()
+
+
+def test_a_served_adapter_that_fails_to_reload_is_invalid_argument():
+    # max_cpu_loras=1: a1 leaves the host cache when a2 is registered; its files then break, so the
+    # request that needs it again fails its (off-thread) reload: INVALID_ARGUMENT, one line, and the
+    # server goes on
+    from serving.client import build_request
+    from tests.lora.host_fakes import FakeLoader
+    from tests.lora.test_host_serving import grpc_error, grpc_tokens, offline
+    from tests.serving.http_helpers import ThreadedServer
+
+    broken: set[int] = set()
+
+    class BreakingLoader(FakeLoader):
+        def __call__(self, lora):
+            if lora.lora_int_id in broken:
+                raise ValueError(f"{lora.lora_path}/adapter_model.safetensors: No such file or directory")
+            return super().__call__(lora)
+
+    eng = make_lora_engine(model="fake-llm", max_loras=1, max_cpu_loras=1, loader=BreakingLoader())
+    s = ThreadedServer(eng, lora_modules=(("a1", "/adapters/a1"), ("a2", "/adapters/a2")))
+    try:
+        assert list(eng.lora._cache) == [2]
+        broken.add(1)
+        err = grpc_error(s, "Generate", build_request("Once upon a time", max_tokens=4, lora_name="a1"))
+        assert err.code() == grpc.StatusCode.INVALID_ARGUMENT and "\n" not in err.details()
+        assert err.details().startswith("lora_request='a1' is invalid: adapter at /adapters/a1 failed to load: "
+                                        "/adapters/a1/adapter_model.safetensors: No such file")
+        assert grpc_tokens(s, "a2") == offline(LoRARequest("a2", 2, "/adapters/a2"))
+        s.wait_idle()
+        assert eng.lora.num_pinned() == 0 and eng.list_loras() == {1, 2}  # still served, as before the change
+    finally:
+        s.close()
