@@ -97,6 +97,30 @@ def test_a_loading_request_keeps_its_place_and_reserves_a_slot():
         assert fin[rid].outputs[0].token_ids == want, rid
 
 
+def test_a_loading_request_with_no_slot_to_reserve_waits_as_the_synchronous_path():
+    # one slot, held by r2's adapter: r1 (loading) could not get a slot even if loaded, so it waits
+    # like a request waiting for a slot, and the adapter requests behind it wait too (FCFS: else
+    # adapter 2's requests could keep the slot forever); a base request passes
+    loader = GatedLoader(held={1})
+    e = make_lora_engine(max_loras=1, max_cpu_loras=2, loader=loader, async_scheduling=False)
+    e.add_lora(lora(2))
+    e.add_request("r2", "two", SamplingParams(temperature=0.0, max_tokens=6, ignore_eos=True), lora_request=lora(2))
+    e.step()
+    e.add_request("r1", "one", G, lora_request=lora(1))
+    e.add_request("r2b", "two again", G, lora_request=lora(2))
+    e.add_request("b", "base", G)
+    e.step()
+    assert {r.request_id for r in e.scheduler.running} == {"r2", "b"}
+    loader.let_go(1)
+    settle_loads(e)
+    run_all(e)
+    first = {}
+    for k, out in enumerate(e.runner.steps):
+        for s in out.seqs:
+            first.setdefault(s.request_id, k)
+    assert first["r2"] < first["b"] < first["r1"] < first["r2b"], first
+
+
 @pytest.mark.parametrize("async_scheduling", [False, True])
 def test_a_failed_load_fails_exactly_its_requests(async_scheduling):
     loader = GatedLoader(held={1})
