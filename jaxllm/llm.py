@@ -18,6 +18,7 @@ from collections.abc import Sequence
 import msgspec
 
 from jaxllm.config import EngineConfig
+from jaxllm.lora.loader import LoRALoadError
 from jaxllm.metrics.loggers import LoggingStatLogger, validate_interval
 from jaxllm.outputs import EmbeddingRequestOutput, RequestOutput
 from jaxllm.pooling_params import PoolingParams
@@ -142,6 +143,8 @@ class LLM:
                 if errors:
                     rid, exc = next(iter(errors.items()))
                     pending.difference_update(errors)
+                    if isinstance(exc, LoRALoadError):  # a bad adapter (its load ran off-thread): bad input
+                        raise exc
                     raise RuntimeError(f"request {rid} (prompt {ids.index(rid)}) failed: "
                                        f"{type(exc).__name__}: {exc}") from exc
                 for out in outs:

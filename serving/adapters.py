@@ -6,9 +6,11 @@ The front door owns one ``Adapters`` (``door.adapters``). gRPC names an adapter 
 ``--lora-modules name=path ...`` at start (``register_modules``, on the engine thread, before
 the server is ready: a bad module fails the start) and from ``load`` / ``unload`` at run time
 (gRPC ``LoadAdapter`` / ``UnloadAdapter``, HTTP ``/v1/load_lora_adapter`` /
-``/v1/unload_lora_adapter``, vLLM's), which run the engine's ``add_lora`` / ``remove_lora`` on the
-engine thread. Each name gets the next ``lora_int_id`` (ids are never reused, so a reloaded adapter
-never hits the prefix cache of the one it replaces).
+``/v1/unload_lora_adapter``, vLLM's). A load reads and checks the adapter's files on the engine's
+loader thread (``engine.load_lora_adapter``: the engine keeps stepping meanwhile), then runs the
+engine's ``add_lora(lora, adapter)`` on the engine thread; an unload runs ``remove_lora`` there.
+Each name gets the next ``lora_int_id`` (ids are never reused, so a reloaded adapter never hits
+the prefix cache of the one it replaces).
 
 Errors (FrontDoorError): lora off (INVALID_ARGUMENT naming enable_lora), unknown name (NOT_FOUND),
 a name already served or the base model's name (ALREADY_EXISTS), a bad adapter or one in use
@@ -85,7 +87,9 @@ class Adapters:
 
         async def run() -> LoRARequest:  # shielded: a caller gone mid-load leaves the tables consistent
             try:
-                await self._engine_call(lambda eng: eng.add_lora(lora))
+                adapter = await self._load_files(lora)  # off the engine thread: other requests keep streaming
+                await self._engine_call(lambda eng: eng.add_lora(lora) if adapter is None
+                                        else eng.add_lora(lora, adapter))
             finally:
                 self._busy.discard(name)
             self.by_name[name] = lora
@@ -116,6 +120,19 @@ class Adapters:
 
             raise invalid("enable_lora=False is invalid for adapters: start the server with --enable-lora "
                           "(or --lora-modules)", "enable_lora")
+
+    async def _load_files(self, lora: LoRARequest):
+        """``lora``'s files read and checked on the engine's loader thread (``load_lora_adapter``),
+        registering nothing; None for an engine without one (then ``add_lora`` loads them)."""
+        submit = getattr(self.async_engine.engine, "load_lora_adapter", None)
+        if submit is None:
+            return None
+        from serving.frontdoor import invalid
+
+        try:
+            return await asyncio.wrap_future(submit(lora))
+        except ValueError as exc:  # a bad adapter: the engine's one-line message, as add_lora's
+            raise invalid(str(exc)) from None
 
     async def _engine_call(self, fn):
         from jaxllm.engine.async_engine import EngineDeadError

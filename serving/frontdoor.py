@@ -31,6 +31,7 @@ from typing import Any, AsyncIterator
 
 from jaxllm.engine.async_engine import (AsyncEngine, DuplicateRequestError, EngineDeadError,
                                         RequestAbortedError, RequestFailedError, RequestStream)
+from jaxllm.lora.loader import LoRALoadError
 from jaxllm.sampling_params import SamplingParams
 
 from serving.adapters import Adapters
@@ -166,6 +167,8 @@ class Request:
         except RequestAbortedError as exc:
             raise FrontDoorError(Code.UNAVAILABLE, str(exc)) from exc
         except RequestFailedError as exc:  # this request's host-side processing raised; the engine goes on
+            if isinstance(exc.cause, LoRALoadError):  # its adapter failed to load (off-thread): bad input,
+                raise invalid(str(exc.cause)) from exc  # as when add_request loaded it inline
             raise FrontDoorError(Code.INTERNAL, str(exc)) from exc
         if any(getattr(o, "finished", False) for o in batch):
             self.finished = True

@@ -17,6 +17,12 @@ Every request carries ``num_computed_tokens``. Each ``schedule()`` hands out
    that would exceed it keeps its place and waits; so do all later adapter requests (adapter
    requests are admitted in arrival order: the adapters running now drain, a slot frees, it goes
    first, nobody starves), while later base-model requests, which take no slot, may pass it.
+   A request whose adapter is still loading (``loading_loras``: its lora_int_id is there until the
+   engine takes the finished load) keeps its place in that order and *reserves* a slot: later
+   base requests and requests for resident adapters run meanwhile, and so do later adapters while
+   slots stay free beside the reserved ones; an adapter that would need the reserved slot waits (as
+   behind a request waiting for a slot). Once loaded it is admitted from its place; when no slot is
+   left to reserve it waits like any adapter request without a slot.
 
 ``schedule()`` advances ``num_computed_tokens`` by what it hands out (the KV of those tokens is
 written by the step before any later step runs) and counts one ``num_output_placeholders`` per
@@ -41,7 +47,7 @@ from __future__ import annotations
 import bisect
 import time
 from collections import deque
-from collections.abc import Iterable, Mapping
+from collections.abc import Container, Iterable, Mapping
 
 from jaxllm.config import SchedulerConfig
 from jaxllm.core.kv_cache_manager import KVCacheManager
@@ -59,6 +65,8 @@ class Scheduler:
         self._to_forget: list[str] = []  # finished / preempted since the last schedule()
         self.num_preemptions = 0
         self._next_seq = 0
+        # lora_int_ids whose adapter is still loading (the engine sets the LoRAManager's ``loading``)
+        self.loading_loras: Container[int] = frozenset()
 
     # ----- intake ---------------------------------------------------------------------
     def add_request(self, req: Request) -> None:
@@ -122,10 +130,11 @@ class Scheduler:
 
         now = time.time()
         if not preempted:
-            skipped = []  # waiting for their grammar or an adapter slot: they keep their place
+            skipped = []  # waiting for their grammar, adapter load or adapter slot: they keep their place
             max_loras = self.config.max_loras
             resident = self.resident_loras() if max_loras is not None else set()
             lora_blocked = False  # an adapter request waits for a slot: later adapter requests wait too
+            reserved: set[int] = set()  # adapters still loading for requests ahead: their slots are kept
             while (self.waiting and budget > 0
                    and len(self.running) < self.config.max_num_seqs):
                 req = self.waiting[0]
@@ -133,8 +142,13 @@ class Scheduler:
                     skipped.append(self.waiting.popleft())
                     continue
                 lid = req.lora_int_id if max_loras is not None else None
-                if lid is not None and (lora_blocked or (lid not in resident and len(resident) >= max_loras)):
+                if lid is not None and (lora_blocked or (lid not in resident and lid not in reserved
+                                                         and len(resident) + len(reserved) >= max_loras)):
                     lora_blocked = True
+                    skipped.append(self.waiting.popleft())
+                    continue
+                if lid is not None and lid in self.loading_loras:  # never resident: it ran nobody yet
+                    reserved.add(lid)
                     skipped.append(self.waiting.popleft())
                     continue
                 if req.num_output_placeholders:

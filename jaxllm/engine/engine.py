@@ -214,7 +214,7 @@ class LLMEngine(EmbedRequestsMixin, EngineStatsMixin, GrammarRequestsMixin, LoRA
         child_ids = [request_id] if params.n == 1 else [f"{request_id}#{i}" for i in range(params.n)]
         for rid in {request_id, *child_ids}:
             self._check_new_id(rid)
-        self._acquire_lora(request_id, lora_request)  # loads the adapter: the last check
+        self._acquire_lora(request_id, lora_request)  # pins the adapter (its load runs off-thread): the last check
         # -- everything valid: nothing below raises on user input --
         now = time.time()
         arrival = now if arrival_time is None else arrival_time
@@ -278,6 +278,7 @@ class LLMEngine(EmbedRequestsMixin, EngineStatsMixin, GrammarRequestsMixin, LoRA
 
     def step(self) -> list[RequestOutput]:
         t0 = time.perf_counter()
+        self._poll_lora_loads()  # finished adapter loads: their requests may run (or fail) now
         if not self.async_scheduling:
             if not self.scheduler.has_unfinished_requests():
                 self._release_if_idle()
@@ -300,16 +301,21 @@ class LLMEngine(EmbedRequestsMixin, EngineStatsMixin, GrammarRequestsMixin, LoRA
         return self._process(prev[0], prev[1].result(), t0)
 
     def _schedule(self, in_flight: bool):
-        """The next step's SchedulerOutput. With a step in flight an empty one is normal (what is
-        left waits for that step's tokens): None then, after releasing the forgotten ids."""
+        """The next step's SchedulerOutput. With a step in flight, a grammar compiling or an adapter
+        loading, an empty one is normal (what is left waits for those): None then, after releasing
+        the forgotten ids."""
         out = self.scheduler.schedule()
         if not out.seqs:
             compiling = [r for r in self.scheduler.waiting if r.waits_for_grammar]
-            if in_flight or compiling:
+            loading = self._lora_loading()
+            if in_flight or compiling or loading:
                 if out.finished_or_preempted_ids:
                     self.runner.release(out.finished_or_preempted_ids)
-                if compiling and not in_flight:  # nothing else to run: give the grammar a moment
-                    compiling[0].grammar.wait(0.05)
+                if not in_flight:  # nothing else to run: give the grammar / the load a moment
+                    if compiling:
+                        compiling[0].grammar.wait(0.05)
+                    else:
+                        self.lora.wait(0.02)
                 return None
             raise RuntimeError(f"scheduler produced an empty step with {self.scheduler.num_waiting} "
                                f"waiting / {self.scheduler.num_running} running requests and "

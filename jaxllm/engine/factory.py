@@ -207,10 +207,10 @@ def build_engine(config: EngineConfig, *, compile_cache: bool = True, warmup: bo
     if scales:
         kv_calibration.set_scales(runner, *scales)
     lora_load_fn = None
-    if config.enable_lora:  # the PEFT loader (jaxllm/lora/peft.py), imported on the first adapter
+    if config.enable_lora:  # the PEFT loader (jaxllm/lora/peft.py) + the slot layout, both on the loader thread
         from jaxllm.lora.manager import default_load_fn
 
-        lora_load_fn = default_load_fn(mc, config.max_lora_rank)
+        lora_load_fn = default_load_fn(mc, config.max_lora_rank, prepare=runner.prepare_lora)
     engine = LLMEngine(config, runner, tokenizer, lora_load_fn=lora_load_fn)
     tokens = num_blocks * config.block_size
     quant = f", {model.quantization} weights" if model.quantization else ""

@@ -3,15 +3,23 @@
 step's device slots.
 
 - ``enable_lora=False``: any ``lora_request`` is refused (one line naming enable_lora).
-- ``add_request(..., lora_request=LoRARequest)``: checked, loaded (host LRU) and pinned before the
-  request is admitted (``LoRAManager.acquire``); a bad adapter is a one-line ValueError there and
-  nothing was admitted. The request's ``extra_key`` is the adapter's ``lora_int_id``
+- ``add_request(..., lora_request=LoRARequest)``: checked and pinned before the request is admitted
+  (``LoRAManager.acquire``; a conflicting id/name is a one-line ValueError there). An adapter not in
+  the host cache is loaded on the loader thread (``jaxllm/lora/loader.py``), never on this one: the
+  request waits in the scheduler meanwhile while every other request keeps stepping. Before each
+  step the engine takes the finished loads (``_poll_lora_loads``); a failed load fails exactly the
+  requests waiting for it (``take_request_errors``: the one-line ValueError naming the file and the
+  field; they held no blocks and their pins are released). The request's ``extra_key`` is the
+  adapter's ``lora_int_id``
   (``LoRAManager.cache_key``: with a removal count once the id was removed and reused): it is part
   of every block hash, so two adapters never share KV blocks and one adapter's requests do.
 - every step: ``LoRAManager.assign_slots`` sets each seq's ``lora_slot`` and loads adapters into
   device slots (``runner.set_lora``) before the step is dispatched; the scheduler keeps the
   adapters of running requests within ``max_loras``.
-- a request's pin is released when it finishes, is aborted, or fails.
+- a request's pin is released when it finishes, is aborted (also while its adapter loads), or fails.
+- ``add_lora(lora)`` loads on the caller's thread (vLLM's ``LLM.add_lora`` is synchronous too);
+  ``load_lora_adapter(lora)`` (thread-safe) loads on the loader thread and returns a future whose
+  adapter ``add_lora(lora, adapter)`` installs on the engine thread: the servers' LoadAdapter.
 """
 
 from __future__ import annotations
@@ -36,10 +44,19 @@ class LoRARequestsMixin:
             raise ValueError(f"enable_lora=True is invalid for this model runner "
                              f"({type(runner).__name__} has no set_lora)")
         self.lora = LoRAManager(config.max_loras, config.max_cpu_loras, lora_load_fn, set_lora)
+        self.scheduler.loading_loras = self.lora.loading  # their requests wait, others run
 
     # ----- vLLM's LLMEngine methods ------------------------------------------------------------
-    def add_lora(self, lora_request: LoRARequest) -> bool:
-        return self._lora_manager("add_lora").add_lora(lora_request)
+    def add_lora(self, lora_request: LoRARequest, adapter=None) -> bool:
+        """Register ``lora_request``'s adapter: ``adapter`` if given (from ``load_lora_adapter``),
+        else loaded now on this thread. One-line ValueError for a bad adapter or a conflict."""
+        return self._lora_manager("add_lora").add_lora(lora_request, adapter)
+
+    def load_lora_adapter(self, lora_request: LoRARequest):
+        """Thread-safe: read and check ``lora_request``'s files on the loader thread, registering
+        nothing; a ``concurrent.futures.Future`` of the adapter (or of add_lora's one-line
+        ValueError). Pass its result to ``add_lora(lora_request, adapter)`` on the engine thread."""
+        return self._lora_manager("load_lora_adapter").loader.submit(lora_request)
 
     def remove_lora(self, lora_id: int) -> bool:
         return self._lora_manager("remove_lora").remove_lora(lora_id)
@@ -69,8 +86,9 @@ class LoRARequestsMixin:
                              f"must be a jaxllm.lora.LoRARequest or None")
 
     def _acquire_lora(self, request_id: str, lora_request: LoRARequest | None) -> None:
-        """Load and pin the request's adapter: the last check of add_request (ValueError, nothing
-        changed); the pin is released by ``_release_lora`` when the request is gone."""
+        """Pin the request's adapter, starting its load if needed: the last check of add_request
+        (ValueError for a conflict, nothing changed); the pin is released by ``_release_lora`` when
+        the request is gone."""
         if lora_request is None:
             return
         self.lora.acquire(lora_request)
@@ -82,6 +100,21 @@ class LoRARequestsMixin:
             self.lora.release(lid)
 
     # ----- per step ------------------------------------------------------------------------------
+    def _poll_lora_loads(self) -> None:
+        """Take finished adapter loads (their requests may be scheduled now); fail the requests
+        whose adapter failed to load (no output; the error in take_request_errors)."""
+        if self.lora is None or not self.lora.loading:
+            return
+        for lid, exc in self.lora.poll():
+            for rid in [r for r, i in self._lora_of.items() if i == lid]:
+                parent = self._parents.get(rid)
+                if parent is not None:  # waiting (an adapter that loads runs nobody): no blocks yet
+                    self._fail_request(parent, exc)
+
+    def _lora_loading(self) -> bool:
+        """Some adapter is loading (an empty schedule is then normal: its requests wait for it)."""
+        return self.lora is not None and bool(self.lora.loading)
+
     def _assign_lora_slots(self, out) -> None:
         if self.lora is not None:
             self.lora.assign_slots(out, self.scheduler.resident_loras())

@@ -30,7 +30,9 @@ The engine never imports jax; it talks to any object with this shape. Contract:
   device; its ``token_ids`` hold ``PLACEHOLDER_TOKEN_ID``). The engine calls ``result()`` of each
   pending step once, in dispatch order, with at most one step dispatched after it meanwhile.
 - ``set_lora(slot, adapter | None)`` (multi-LoRA; only called when the engine has enable_lora): write
-  adapter (a ``jaxllm.lora.peft.LoRAAdapter``) into device slot ``slot`` (1..max_loras) in place, or
+  adapter (a ``jaxllm.lora.peft.LoRAAdapter``, or what the runner's optional ``prepare_lora(adapter)``
+  made of one: the host-side layout, done on the engine's adapter-loader thread so that ``set_lora``
+  on the engine thread is only the device write) into device slot ``slot`` (1..max_loras) in place, or
   clear it. The engine calls it before dispatching the first step whose seqs carry that
   ``lora_slot``, never for a slot that a seq of an undispatched step still needs; steps dispatched
   before keep the weights they were dispatched with. ``ScheduledSeq.lora_slot`` (0 = base model)

@@ -28,7 +28,10 @@ with 4 slots of rank 16 against 74 MiB now (bench/RESULTS.md).
 Slot s (1..S) lives at index s - 1; slot 0 (the base model) has no storage (delta.py). Adapters
 arrive from `jaxllm/lora/peft.py` in checkpoint layout; `slot_arrays` pads the rank, repeats kv
 heads (tensor parallelism with tp > kv heads) on the host; `set` writes them with one
-jitted, donated update (compiled at warm-up, any slot: the slot is an argument).
+jitted, donated update (compiled at warm-up, any slot: the slot is an argument). `prepare` does the
+host part (check + `slot_arrays`, numpy only, thread-safe) ahead of time: the engine's adapter
+loader runs it on its own thread, so that `set` of a `SlotAdapter` on the engine thread is only
+the device write.
 """
 from __future__ import annotations
 
@@ -49,6 +52,20 @@ LORA_TARGETS: dict[str, tuple[str, ...]] = {
     "wqkv": FUSED["layers.wqkv"][0], "wo": ("layers.wo",),
     "w_gate_up": FUSED["layers.w_gate_up"][0], "w_down": ("layers.w_down",),
 }
+
+
+@dataclasses.dataclass(frozen=True)
+class SlotAdapter:
+    """An adapter already in the slot layout (``LoRASlots.prepare``): ``arrays`` {name: LoRAPair}
+    numpy as ``slot_arrays`` makes them; name / rank / path as the LoRAAdapter's it came from."""
+    name: str
+    rank: int
+    arrays: dict
+    path: str = ""
+
+    @property
+    def nbytes(self) -> int:
+        return sum(p.a.nbytes + sum(b.nbytes for b in p.b) for p in self.arrays.values())
 
 
 def lora_axes(weight_axes: tuple[str, ...], num_in: int, stacked: bool) -> tuple[tuple, tuple]:
@@ -146,6 +163,11 @@ class LoRASlots:
                 raise ValueError(f"adapter {adapter.name!r}: {param} A/B shapes {tuple(a.shape)}/{tuple(b.shape)} "
                                  f"do not match this model's {want[0]}/{want[1]} (an adapter of another model?)")
 
+    def prepare(self, adapter: LoRAAdapter) -> SlotAdapter:
+        """``adapter`` checked and in the slot layout, ready for ``set`` (numpy only; any thread)."""
+        self.check(1, adapter)
+        return SlotAdapter(adapter.name, adapter.rank, self.slot_arrays(adapter), adapter.path)
+
     def slot_arrays(self, adapter: LoRAAdapter | None) -> dict[str, LoRAPair]:
         """{name: LoRAPair(a [L, in..., P·R], b per part [L, R, out_p...])} numpy in the slot layout."""
         L, R = self.num_layers, self.rank
@@ -173,15 +195,19 @@ class LoRASlots:
         """The update's lowering (the runner compiles it at warm-up)."""
         return self._update.lower(self.weights, np.int32(0), self.slot_arrays(None))
 
-    def set(self, slot: int, adapter: LoRAAdapter | None, executable=None) -> None:
-        """Writes `adapter` (None: zeros) into `slot` in place with the compiled update (`executable`,
-        the runner's from warm-up; None: the jitted function)."""
-        self.check(slot, adapter)
-        if adapter is None:
+    def set(self, slot: int, adapter: LoRAAdapter | SlotAdapter | None, executable=None) -> None:
+        """Writes `adapter` (None: zeros; a SlotAdapter: as prepared) into `slot` in place with the
+        compiled update (`executable`, the runner's from warm-up; None: the jitted function)."""
+        if isinstance(adapter, SlotAdapter):  # checked and laid out by prepare (the loader thread)
+            self.check(slot, None)
+            new = adapter.arrays
+        elif adapter is None:
+            self.check(slot, None)
             if self._zero_update is None:
                 self._zero_update = self.slot_arrays(None)
             new = self._zero_update
         else:
+            self.check(slot, adapter)
             new = self.slot_arrays(adapter)
         self.weights = (executable or self._update)(self.weights, np.int32(slot - 1), new)
 

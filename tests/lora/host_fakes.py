@@ -2,11 +2,18 @@
 
 ``FakeLoader`` stands in for ``jaxllm.lora.peft.load_adapter``: a path ``bad:<why>`` raises the
 one-line ValueError a bad adapter raises; any other path loads a ``FakeAdapter`` named after the
-request. It counts loads per adapter id.
+request. It counts loads per adapter id. ``GatedLoader`` holds the loads of chosen ids until a
+test lets them go: "this adapter is still loading" for as many steps as the test needs.
+
+The engine loads a request's adapter on its loader thread; ``settle_loads(engine)`` waits until
+every load in flight is done, so the next ``step()`` takes them all (a test about scheduling, not
+about loading, calls it after adding its requests: the same steps every run).
 """
 
 from __future__ import annotations
 
+import concurrent.futures
+import threading
 from collections import Counter
 from dataclasses import dataclass
 
@@ -35,6 +42,34 @@ class FakeLoader:
                              f"max_lora_rank=16\n(a second line the engine must not pass on)")
         self.loads[lora.lora_int_id] += 1
         return FakeAdapter(lora.lora_name)
+
+
+class GatedLoader(FakeLoader):
+    """A FakeLoader whose loads of the ids in ``held`` wait until ``let_go(id)`` (``started[id]`` is
+    set once such a load began; a load still held after 30 s fails, so a test cannot hang)."""
+
+    def __init__(self, held=()) -> None:
+        super().__init__()
+        self._gates = {i: threading.Event() for i in held}
+        self.started = {i: threading.Event() for i in held}
+
+    def let_go(self, i: int) -> None:
+        self._gates[i].set()
+
+    def __call__(self, lora: LoRARequest) -> FakeAdapter:
+        gate = self._gates.get(lora.lora_int_id)
+        if gate is not None:
+            self.started[lora.lora_int_id].set()
+            if not gate.wait(30):
+                raise TimeoutError(f"GatedLoader: load of {lora.lora_int_id} never let go")
+        return super().__call__(lora)
+
+
+def settle_loads(engine, timeout: float = 30) -> None:
+    """Wait until every adapter load in flight is done (the next step takes them)."""
+    futures = [job.future for job in engine.lora.loading.values()]
+    done, pending = concurrent.futures.wait(futures, timeout)
+    assert not pending, f"{len(pending)} adapter load(s) still running after {timeout}s"
 
 
 def lora(i: int, path: str | None = None) -> LoRARequest:

@@ -13,13 +13,15 @@ import pytest
 from jaxllm.core.block_pool import hash_request_blocks
 from jaxllm.sampling_params import SamplingParams
 from tests.engine.conftest import assert_clean, run_all
-from tests.lora.host_fakes import FakeLoader, lora, make_lora_engine
+from tests.lora.host_fakes import FakeLoader, lora, make_lora_engine, settle_loads
 
 G = SamplingParams(temperature=0.0, max_tokens=6, ignore_eos=True)
 
 
 def alone(prompt, adapter, params=G, **kw):
     e = make_lora_engine(**kw)
+    if adapter is not None:
+        e.add_lora(lora(adapter))  # loaded here, synchronously: the reference never waits for a load
     e.add_request("x", prompt, params, lora_request=None if adapter is None else lora(adapter))
     return run_all(e)["x"].outputs[0].token_ids
 
@@ -42,6 +44,7 @@ def test_more_adapters_than_slots_all_finish_in_arrival_order(async_scheduling):
         e.add_request(rid, f"prompt {i} " + "x" * i, SamplingParams(temperature=0.0, max_tokens=4 + i,
                                                                    ignore_eos=True),
                       lora_request=None if a is None else lora(a))
+    settle_loads(e)  # the rule under test is about slots, not loads (tests/lora/test_host_load_async.py)
     fin = run_all(e)
     runner = e.runner
     for out in runner.steps:  # the rule: at most max_loras distinct adapters in every step
@@ -116,9 +119,14 @@ def test_errors_leave_the_engine_serving():
         off.add_lora(lora(1))
     assert off.list_loras() == set()
     e = make_lora_engine(max_loras=1, max_cpu_loras=1)
-    with pytest.raises(ValueError) as ei:
-        e.add_request("bad", "hi", G, lora_request=lora(1, "bad:/adapters/broken"))
-    assert "\n" not in str(ei.value) and "/adapters/broken/adapter_model.safetensors" in str(ei.value)
+    e.add_request("bad", "hi", G, lora_request=lora(1, "bad:/adapters/broken"))  # its load fails off-thread
+    settle_loads(e)
+    assert e.step() == [] and not e.has_unfinished_requests()  # the failed load failed the request
+    errors = e.take_request_errors()
+    assert list(errors) == ["bad"] and isinstance(errors["bad"], ValueError)
+    msg = str(errors["bad"])
+    assert "\n" not in msg and msg.startswith("lora_request='adapter1' is invalid: adapter at bad:/adapters/broken")
+    assert "/adapters/broken/adapter_model.safetensors" in msg and e.list_loras() == set()
     with pytest.raises(ValueError, match=r"^lora_request of type str is invalid"):
         e.add_request("bad", "hi", G, lora_request="adapter1")
     e.add_request("ok", "hi", G, lora_request=lora(2))

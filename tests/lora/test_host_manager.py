@@ -1,6 +1,10 @@
-"""LoRAManager alone: host LRU with pins, registry conflicts, slot table (no engine, no jax)."""
+"""LoRAManager alone: host LRU with pins, registry conflicts, slot table, loads in flight (no
+engine, no jax). ``acquire`` of an adapter not in the host cache starts its load on the loader
+thread; ``settle`` waits for it and takes it, as the engine does before a step."""
 
 from __future__ import annotations
+
+import concurrent.futures
 
 import pytest
 
@@ -15,6 +19,12 @@ def make(max_loras=2, max_cpu_loras=3):
     loader, calls = FakeLoader(), []
     m = LoRAManager(max_loras, max_cpu_loras, loader, lambda slot, a: calls.append((slot, a.name)))
     return m, loader, calls
+
+
+def settle(m):
+    """Wait for every load in flight, then ``poll`` (what the engine does before each step)."""
+    concurrent.futures.wait([job.future for job in m.loading.values()])
+    return m.poll()
 
 
 def step(ids):
@@ -34,11 +44,14 @@ def test_host_lru_and_pins():
     assert loader.loads[1] == 1
     m.add_lora(lora(4))  # evicts the least recently used unpinned one: 2 (order 3, 1, 4)
     assert list(m._cache) == [3, 1, 4] and m.list_loras() == {1, 2, 3, 4}  # still registered
-    m.acquire(lora(2))  # reloaded, evicting 3 (1 is pinned, 3 is older than 4)
+    assert not m.acquire(lora(2))  # reloaded (off-thread), evicting 3 (1 is pinned, 3 is older than 4)
+    assert list(m._cache) == [3, 1, 4] and set(m.loading) == {2}  # nothing evicted before it is loaded
+    assert settle(m) == [] and not m.loading
     assert loader.loads[2] == 2 and list(m._cache) == [1, 4, 2]
-    m.acquire(lora(4))
+    assert m.acquire(lora(4))  # a hit: ready at once
     assert list(m._cache) == [1, 2, 4] and m.num_pinned() == 3  # acquire(4) made 4 the most recent
     m.acquire(lora(3))  # every entry pinned: 3 loads anyway, over max_cpu_loras while they run
+    settle(m)
     assert list(m._cache) == [1, 2, 4, 3] and m.num_pinned() == 4 and loader.loads[3] == 2
     m.release(2)  # 2 unpinned: evicted at once, back to max_cpu_loras
     assert list(m._cache) == [1, 4, 3]
@@ -46,32 +59,45 @@ def test_host_lru_and_pins():
 
 def test_all_pinned_loads_over_the_limit_then_shrinks():
     m, loader, _ = make(max_loras=1, max_cpu_loras=2)
-    m.acquire(lora(1)), m.acquire(lora(2)), m.acquire(lora(3))  # a 3rd adapter in use: loaded, not refused
+    m.acquire(lora(1)), settle(m), m.acquire(lora(2)), settle(m)
+    m.acquire(lora(3))  # a 3rd adapter in use: loaded, not refused
+    settle(m)
     assert loader.loads[3] == 1 and list(m._cache) == [1, 2, 3] and m.num_pinned() == 3
     m.release(3)  # the only unpinned entry: evicted (LRU among unpinned), back to max_cpu_loras
     assert list(m._cache) == [1, 2]
     m.release(1)  # within the limit: kept for the next request
     assert list(m._cache) == [1, 2]
     m.acquire(lora(3))  # reloaded, evicting 1 (unpinned, least recent)
+    settle(m)
     assert loader.loads[3] == 2 and list(m._cache) == [2, 3]
 
 
 def test_load_error_is_one_line_and_registers_nothing():
     m, _, _ = make()
-    with pytest.raises(ValueError) as ei:
-        m.acquire(lora(1, "bad:/tmp/x"))
+    with pytest.raises(ValueError) as ei:  # add_lora loads on the caller's thread and raises there
+        m.add_lora(lora(1, "bad:/tmp/x"))
+    assert m.list_loras() == set() and not m.loading
+    assert not m.acquire(lora(1, "bad:/tmp/x"))  # a request's load fails later, through poll
+    failed = settle(m)
+    assert [(lid, str(exc)) for lid, exc in failed] == [(1, str(ei.value))]
     msg = str(ei.value)
     assert "\n" not in msg and msg.startswith("lora_request='adapter1' is invalid: adapter at bad:/tmp/x")
     assert "rank 99 > max_lora_rank=16" in msg
-    assert m.list_loras() == set() and m.num_pinned() == 0
+    m.release(1)  # the engine fails the request, which releases its pin
+    assert m.list_loras() == set() and m.num_pinned() == 0 and not m._cache and not m.loading
 
 
 def test_registry_conflicts_and_remove():
     m, _, _ = make()
     m.add_lora(lora(1))
+    m.acquire(lora(5))  # loading: its id and name are taken already
+    with pytest.raises(ValueError, match=r"^lora_int_id=5 is invalid: already registered as 'adapter5'"):
+        m.acquire(lora(5, "/elsewhere"))
+    from jaxllm.lora import LoRARequest
+    with pytest.raises(ValueError, match=r"^lora_name='adapter5' is invalid: already registered with lora_int_id=5"):
+        m.add_lora(LoRARequest("adapter5", 6, "/adapters/a5"))
     with pytest.raises(ValueError, match=r"^lora_int_id=1 is invalid: already registered as 'adapter1'"):
         m.add_lora(lora(1, "/elsewhere"))
-    from jaxllm.lora import LoRARequest
     with pytest.raises(ValueError, match=r"^lora_name='adapter1' is invalid: already registered with lora_int_id=1"):
         m.add_lora(LoRARequest("adapter1", 7, "/adapters/a1"))
     m.acquire(lora(1))
@@ -86,6 +112,7 @@ def test_slots_load_once_and_evict_the_least_recent_unused():
     m, _, calls = make(max_loras=2, max_cpu_loras=4)
     for i in (1, 2, 3):
         m.acquire(lora(i))
+    settle(m)
     out = step([1, None, 2, 1])
     m.assign_slots(out, resident=set())
     assert [s.lora_slot for s in out.seqs] == [1, 0, 2, 1]
@@ -99,5 +126,6 @@ def test_slots_load_once_and_evict_the_least_recent_unused():
     assert out.seqs[0].lora_slot == 1 and calls[-1] == (1, "adapter3")
     # both slots pinned by the step / running requests: a scheduler bug, loudly
     m.acquire(lora(4))
+    settle(m)
     with pytest.raises(RuntimeError, match="no free LoRA slot"):
         m.assign_slots(step([4]), resident={2, 3})

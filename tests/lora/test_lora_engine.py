@@ -3,6 +3,8 @@ step of every bucket and the slot update, and serving, loading and unloading ada
 compile nothing; LoRA off leaves the step program exactly as it was (no LoRA input, same HLO)."""
 from __future__ import annotations
 
+import jax
+
 from checkpoints import load_checkpoint
 from jaxllm.config import EngineConfig
 from jaxllm.engine.factory import build_engine
@@ -30,13 +32,21 @@ def test_engine_with_lora_compiles_at_warmup_only(tmp_path):
     ad = load_adapter(write_adapter(str(tmp_path), "a", CONFIG, r=4, seed=1), r.lora_model_config, 8)
     r.set_lora(1, ad)
     r.set_lora(2, ad)
+    import numpy as np
+
+    def slots():
+        return [np.array(x) for x in jax.tree.leaves(r.lora.weights)]
+    direct = slots()
+    r.set_lora(2, None)
+    assert any(not np.array_equal(a, b) for a, b in zip(direct, slots()))
+    r.set_lora(2, r.prepare_lora(ad))  # laid out ahead (the loader thread's part): the same slot contents
+    assert all(np.array_equal(a, b) for a, b in zip(direct, slots()))
     r.set_lora(1, None)
     # the engine's requests run slot 0 (the host side assigns slots): loaded adapters change nothing
     assert [o.outputs[0].token_ids for o in llm.generate(prompts, params, use_tqdm=False)] == before
     assert (r.compile_count, r.num_traces) == compiled
 
     # LoRA off: no LoRA input at all (the slots and the [T] slot index are what LoRA on adds)
-    import jax
 
     from jaxllm.runner.model_runner import ModelRunner
 

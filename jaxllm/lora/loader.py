@@ -1,0 +1,89 @@
+"""AdapterLoader: reads PEFT adapters off the engine thread (host only, no jax).
+
+A LoRA adapter's files are read, validated and turned into host arrays by ``load_fn``
+(``jaxllm.lora.peft.load_adapter``: hundreds of ms to seconds for a big adapter). Run on the engine
+thread that would stall every other request's steps for the load, so the engine hands loads to this
+loader's thread(s) and keeps stepping; the engine thread later takes the finished adapter
+(``LoRAManager.poll``) and only writes the device slot (``set_lora``) when a request runs with it.
+
+- ``submit(lora) -> Future``: the load on a worker thread (thread-safe: touches nothing but
+  ``load_fn``; the servers call it from their event loop too). The future's exception is already
+  the one-line ``LoRALoadError`` (a ValueError) the engine reports (``load_error``).
+- ``load(lora)``: the same on the caller's thread (``LLM.add_lora``, ``--lora-modules`` at start).
+
+One worker by default: loads are file reads and numpy copies, a second one mostly competes for the
+same disk and GIL; ``workers`` is there for a host that serves many cold adapters. The workers run
+at a lower CPU priority (``nice``, Linux: per thread) so that on a host whose cores also run the
+model (the CPU backend) a load takes the cores the step leaves idle instead of stretching the step.
+"""
+
+from __future__ import annotations
+
+import concurrent.futures
+import os
+import threading
+from collections.abc import Callable
+from typing import Any
+
+LoadFn = Callable[[Any], Any]  # LoRARequest -> a LoRAAdapter (``.name``, ``.rank``, ``.nbytes``)
+
+
+NICE = 10  # added to a loader thread's niceness (0..19; the engine thread keeps its own)
+
+
+def _lower_priority() -> None:
+    """Make the calling thread yield the CPU to the engine's (Linux: niceness is per thread)."""
+    try:
+        tid = threading.get_native_id()
+        os.setpriority(os.PRIO_PROCESS, tid, min(19, os.getpriority(os.PRIO_PROCESS, tid) + NICE))
+    except (AttributeError, OSError):  # not Linux, or not allowed: the loads still run off-thread
+        pass
+
+
+def _one_line(exc: BaseException) -> str:
+    lines = str(exc).strip().splitlines()
+    return lines[0] if lines else type(exc).__name__
+
+
+class LoRALoadError(ValueError):
+    """A bad adapter, found by its load: the caller's input error (``LLM.generate`` raises it as
+    is, the servers answer INVALID_ARGUMENT), even when the load ran after the request was admitted."""
+
+
+def load_error(lora, exc: BaseException) -> LoRALoadError:
+    """The one-line error of a failed load (naming the request's adapter, its path, and the
+    loader's first line: the file and the field or tensor)."""
+    return LoRALoadError(f"lora_request={lora.lora_name!r} is invalid: adapter at {lora.lora_path} "
+                      f"failed to load: {_one_line(exc)}")
+
+
+class AdapterLoader:
+    def __init__(self, load_fn: LoadFn, workers: int = 1) -> None:
+        if isinstance(workers, bool) or not isinstance(workers, int) or workers < 1:
+            raise ValueError(f"workers={workers!r} is invalid: must be an integer >= 1")
+        self.load_fn = load_fn
+        self.workers = workers
+        self._pool: concurrent.futures.ThreadPoolExecutor | None = None
+        self._lock = threading.Lock()
+
+    def load(self, lora) -> Any:
+        """``load_fn(lora)`` here and now; a failure is the one-line ValueError."""
+        try:
+            return self.load_fn(lora)
+        except Exception as exc:  # noqa: BLE001 - the request's error, on one line
+            raise load_error(lora, exc) from exc
+
+    def submit(self, lora) -> concurrent.futures.Future:
+        """``load(lora)`` on a worker thread (thread-safe)."""
+        with self._lock:
+            if self._pool is None:  # made on the first load: an engine without adapters has no thread
+                self._pool = concurrent.futures.ThreadPoolExecutor(
+                    self.workers, thread_name_prefix="jaxllm-lora-load", initializer=_lower_priority)
+            return self._pool.submit(self.load, lora)
+
+    def close(self) -> None:
+        """Stop the worker(s) once the queued loads are done (results nobody waits for are dropped)."""
+        with self._lock:
+            pool, self._pool = self._pool, None
+        if pool is not None:
+            pool.shutdown(wait=False, cancel_futures=True)
