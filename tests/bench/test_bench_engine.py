@@ -58,9 +58,18 @@ def test_device_e2e_smoke(tmp_path):
     from bench import device_e2e
 
     out = tmp_path / "e2e.json"
-    assert device_e2e.main(["--smoke", "--output-json", str(out)]) == 0
+    assert device_e2e.main(["--smoke", "--article-requests", "512", "--output-json", str(out)]) == 0
     res = json.loads(out.read_text())
     systems = [r["system"] for r in res["rows"]]
     assert systems[0] == "jaxllm" and systems.count("hf generate") == 2
     assert res["roofline"]["decode_s_per_token"] > 0 and res["micro"]["copy_gbytes_per_s"] > 0
     assert set(res["ratios"]) == {"jaxllm_vs_hf_batch1", "jaxllm_vs_hf_batch2"}
+    # the article-sized run on the same engine, scaled to the tiny model (--smoke: 12 requests)
+    from bench.article import chat_requests
+
+    art = res["article"]
+    want = chat_requests(12, 512, input_mean=16.0, output_mean=8.0, max_prompt=64, max_total=128)
+    assert art["requests"] == art["completed"] == 12 and not art["truncated"] and art["compiles"] == 0
+    assert art["output_tokens"] == sum(r.output_len for r in want)
+    assert art["itl_ms"]["n"] == sum(r.output_len - 1 for r in want) and art["ttft_ms"]["n"] == 12
+    assert art["output_tokens_per_s"] > 0 and art["max_num_seqs"] == 8
