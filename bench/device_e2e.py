@@ -179,7 +179,7 @@ def main(argv=None) -> int:
     startup = time.perf_counter() - t0
     result["config"] = {"quantization": args.quantization, "kv_cache_dtype": args.kv_cache_dtype,
                         "kv_blocks": llm.engine.get_stats().num_blocks, "block_size": llm.engine.config.block_size}
-    log(f"jaxllm {args.model} built and warm in {startup:.1f}s")
+    log(f"jaxllm {args.model} built{'' if args.no_warmup else ' and warm'} in {startup:.1f}s")
     result["engine_start_s"] = startup
     if not (args.decode_only or args.article_only):
         params = [SamplingParams(max_tokens=r.output_len, ignore_eos=True, temperature=0.0) for r in reqs]
