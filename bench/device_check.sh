@@ -22,6 +22,8 @@
 #                       the same engine (max_num_seqs 256, bench/article.py): 512 chat-like requests,
 #                       158,357 output tokens = ~53 s at 3,000 tok/s. ~140 s + the article's ~60 s; the
 #                       article stops 15 s before the timeout whatever it has done (--article-stop-by)
+#                       With "article" the engine has max_num_seqs 256 and max_model_len 2048 (the 64
+#                       requests still run at most 64 at once); without it, 64 and 1024 as on 2026-11-26
 #   e2e_retry   200 s   only if e2e left no batch-1 figure: no HF, gpu_memory_utilization 0.6
 #   article     180 s   only if neither e2e run stored the article run: --article-only, no HF
 #   int8, fp8   120 s   issue 17: e2e without HF, --quantization int8 / fp8 (~90 s: start + runs)
@@ -87,7 +89,7 @@ json_has() { "$PY" -c 'import json, sys
 d = json.load(open(sys.argv[1]))
 for k in sys.argv[2:]:
     d = d.get(k) if isinstance(d, dict) else None
-sys.exit(0 if d is not None else 1)' "$OUT" "$@" 2>/dev/null; }
+sys.exit(0 if d else 1)' "$OUT" "$@" 2>/dev/null; }  # present and not 0/empty
 record() {  # record NAME TIMEOUT WALL RC|skipped: OUT.json's "device_check" key
   "$PY" - "$OUT" "$@" "$BUDGET_S" "$SMOKE" <<'PY'
 import json, os, sys
@@ -158,7 +160,8 @@ nvidia-smi --query-gpu=name,memory.total,clocks.max.sm,clocks.max.memory,driver_
 E2E=(env -u XLA_PYTHON_CLIENT_PREALLOCATE "$PY" bench/device_e2e.py "${smoke_args[@]}")
 article_args=()
 want article && article_args=(--article-requests 512 --max-num-seqs 256 --max-model-len 2048)
-has_article() { json_has e2e article || json_has e2e_retry article || json_has article article; }
+has_article() {  # an article run that made tokens (one cut off at once by its stop-by time does not count)
+  json_has e2e article output_tokens || json_has e2e_retry article output_tokens || json_has article article output_tokens; }
 stop_by() { echo --article-stop-by $(($(date +%s) + $1 - 15)); }  # the article run ends 15 s before the kill
 if want e2e; then
   run e2e 240 "${E2E[@]}" --hf-batch1-requests 2 "${article_args[@]}" $(stop_by 240) --json "$OUT" --json-key e2e
