@@ -11,8 +11,12 @@ On the card, in one run (no network needed: dummy weights, no tokenizer):
    subsets of the workload; HF runs first and frees the card before JAX allocates;
 3. jaxllm (dummy bf16 weights, same shapes): all requests at once (continuous batching);
 4. batch-1 decode: one request alone, time per output token vs the weight-read roofline
-   (weight bytes / measured copy bandwidth).
-Prints a table and writes {"rows": [...], "micro": {...}, "roofline": {...}, "machine": {...}}.
+   (weight bytes / measured copy bandwidth);
+5. with --article-requests N (issue 12's article-sized run, bench/article.py): N chat-like requests
+   on the same engine (build it with --max-num-seqs 256 --max-model-len 2048), output and total
+   tok/s, TTFT and inter-token latency P50/P99. --article-only runs 5 alone (after 1).
+Prints a table and writes {"rows": [...], "micro": {...}, "roofline": {...}, "article": {...},
+"machine": {...}}.
 """
 from __future__ import annotations
 
@@ -23,6 +27,7 @@ import time
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
+from bench.article import add_article_args, print_article, requests_from_args, run_article  # noqa: E402
 from bench.common import (BenchRequest, add_workload_args, log, machine_info, merge_json,  # noqa: E402
                           print_results, workload_from_args, write_json)
 from bench.throughput import make_row  # noqa: E402  (the same row fields as the CPU comparison)
@@ -94,12 +99,25 @@ def main(argv=None) -> int:
     ap.add_argument("--kv-cache-dtype", default="auto", choices=("auto", "fp8"), help="KV cache element type (issue 17)")
     ap.add_argument("--decode-only", action="store_true",
                     help="only the batch-1 decode vs the roofline (no HF, no 64-request run): for A/B of XLA flags")
+    ap.add_argument("--no-warmup", action="store_true",
+                    help="build the engine without compiling every bucket (with --decode-only: the KV block "
+                         "count and a batch-1 decode at a fraction of the start-up)")
+    add_article_args(ap)
     args = ap.parse_args(argv)
+    if args.article_only:
+        args.article_requests = args.article_requests or 512
+        args.skip_hf = True
     if args.smoke:
         args.model, args.num_prompts, args.input_len, args.output_len = "tiny-llama", 6, "8..24", "4..8"
         args.hf_batch1_requests, args.hf_batched_requests, args.hf_batch_size = 2, 4, 2
         args.max_num_seqs, args.max_num_batched_tokens, args.max_model_len = 8, 64, 128
         args.decode_tokens, args.copy_mib, args.matmul_n = 8, 8, 256
+        if args.article_requests:  # the same draw scaled to the tiny engine (12 requests, <= 128 tokens)
+            args.article_requests, args.article_input_mean, args.article_output_mean = 12, 16.0, 8.0
+            args.article_max_prompt, args.article_max_total = 64, 128
+    if args.article_requests and args.article_max_total > args.max_model_len:
+        ap.error(f"--article-max-total={args.article_max_total} is invalid: above --max-model-len="
+                 f"{args.max_model_len} (the article run needs --max-model-len 2048)")
 
     from checkpoints.dummy import dummy_config
 
@@ -147,16 +165,23 @@ def main(argv=None) -> int:
     result.update({"micro": micro, "machine": machine})
     save()
     t0 = time.perf_counter()
-    llm = LLM(model=args.model, load_format="dummy", dtype="bfloat16", max_model_len=args.max_model_len,
+    kw = dict(load_format="dummy", dtype="bfloat16", max_model_len=args.max_model_len,
               max_num_seqs=args.max_num_seqs, max_num_batched_tokens=args.max_num_batched_tokens,
               enable_prefix_caching=False, gpu_memory_utilization=args.gpu_memory_utilization,
               quantization=args.quantization, kv_cache_dtype=args.kv_cache_dtype)
+    if args.no_warmup:  # buckets compile on first use: the KV block count comes back in seconds
+        from jaxllm.config import EngineConfig
+        from jaxllm.engine.factory import build_engine
+
+        llm = LLM(args.model, engine=build_engine(EngineConfig(model=args.model, **kw), warmup=False), **kw)
+    else:
+        llm = LLM(model=args.model, **kw)
     startup = time.perf_counter() - t0
     result["config"] = {"quantization": args.quantization, "kv_cache_dtype": args.kv_cache_dtype,
                         "kv_blocks": llm.engine.get_stats().num_blocks, "block_size": llm.engine.config.block_size}
-    log(f"jaxllm {args.model} built and warm in {startup:.1f}s")
+    log(f"jaxllm {args.model} built{'' if args.no_warmup else ' and warm'} in {startup:.1f}s")
     result["engine_start_s"] = startup
-    if not args.decode_only:
+    if not (args.decode_only or args.article_only):
         params = [SamplingParams(max_tokens=r.output_len, ignore_eos=True, temperature=0.0) for r in reqs]
         t0 = time.perf_counter()
         llm.generate([{"prompt_token_ids": r.prompt_token_ids} for r in reqs], params, use_tqdm=False)
@@ -165,8 +190,14 @@ def main(argv=None) -> int:
         log(f"jaxllm: {rows[0]['output_tokens_per_s']:.1f} tok/s")
         save()
 
+    if args.article_only:
+        return article(llm.engine, args, result, save)
+
     # Batch-1 decode against the weight-read roofline.
     one = BenchRequest(reqs[0].prompt_token_ids[:128], args.decode_tokens)
+    if args.no_warmup:  # compile this request's buckets outside the timing
+        llm.generate([{"prompt_token_ids": one.prompt_token_ids}], SamplingParams(max_tokens=4, ignore_eos=True),
+                     use_tqdm=False)
     out = llm.generate([{"prompt_token_ids": one.prompt_token_ids}],
                        SamplingParams(max_tokens=one.output_len, ignore_eos=True, temperature=0.0), use_tqdm=False)[0]
     m = out.metrics
@@ -193,6 +224,20 @@ def main(argv=None) -> int:
     print_results(rows, cols, ratios)
     result.update({"rows": rows, "ratios": ratios, "micro": micro, "machine": machine, "engine_start_s": startup})
     save()
+    return article(llm.engine, args, result, save) if args.article_requests else 0
+
+
+def article(engine, args, result: dict, save) -> int:
+    """The article-sized run on this engine, stored under result["article"] (bench/article.py)."""
+    reqs = requests_from_args(args, engine.vocab_size)
+    deadline = args.article_deadline_s
+    if args.article_stop_by:  # the caller's own timeout: stop in time to write what was measured
+        deadline = min(deadline, args.article_stop_by - time.time())
+    res = run_article(engine, reqs, deadline)
+    res["max_num_seqs"], res["max_model_len"] = args.max_num_seqs, args.max_model_len
+    result["article"] = res
+    save()
+    print_article(res, args.max_num_seqs)
     return 0
 
 

@@ -2,6 +2,9 @@
 
     python bench/lora.py --model smollm2-135m --output-json /tmp/lora.json
     python bench/lora.py --dry-run --model dummy:tiny-llama   # writes and checks the adapters only
+    # the GPU phase of bench/device_check.sh (Llama-2-13B shapes, dummy bf16 weights, rank-16 adapters):
+    python bench/lora.py --model llama-2-13b --load-format dummy --dtype bfloat16 --plain-baseline \
+        --kv-cache-memory-bytes 2147483648 --json OUT.json --json-key lora
 
 One engine is built with ``enable_lora=True, max_loras=4`` (warm). ``--num-adapters`` random PEFT
 adapters (rank ``--rank``, every projection q/k/v/o/gate/up/down, non-zero A and B) are written
@@ -136,6 +139,8 @@ def main(argv=None) -> int:
     ap.add_argument("--plain-baseline", action="store_true",
                     help="also time a second engine built without enable_lora (mode 'plain')")
     ap.add_argument("--output-json")
+    ap.add_argument("--json", help="merge the result into this JSON file under --json-key (device_check.sh)")
+    ap.add_argument("--json-key", default="lora")
     args = ap.parse_args(argv)
     if args.num_adapters < 4:
         ap.error(f"--num-adapters={args.num_adapters} is invalid: the 4-adapter mode needs >= 4")
@@ -197,10 +202,16 @@ def main(argv=None) -> int:
     print(f"\nload {os.getloadavg()}, compiles after warm-up: {compiles}")
     for r in rows:
         print("  ".join(f"{k}={v}" for k, v in r.items()))
+    doc = {"rows": rows, "compiles_after_warmup": compiles, "machine": machine, "args": vars(args),
+           "load_after": os.getloadavg(), "engine_start_s": {"lora": engine.startup_seconds,
+                                                             "plain": getattr(plain, "startup_seconds", None)}}
     if args.output_json:
         with open(args.output_json, "w") as f:
-            json.dump({"rows": rows, "compiles_after_warmup": compiles, "machine": machine, "args": vars(args),
-                       "load_after": os.getloadavg()}, f, indent=1)
+            json.dump(doc, f, indent=1)
+    if args.json:
+        from bench.common import merge_json
+
+        merge_json(args.json, args.json_key, doc)
     if tmp is not None:
         tmp.cleanup()
     return 0 if compiles == 0 else 1

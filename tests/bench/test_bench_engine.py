@@ -58,9 +58,44 @@ def test_device_e2e_smoke(tmp_path):
     from bench import device_e2e
 
     out = tmp_path / "e2e.json"
-    assert device_e2e.main(["--smoke", "--output-json", str(out)]) == 0
+    assert device_e2e.main(["--smoke", "--article-requests", "512", "--output-json", str(out)]) == 0
     res = json.loads(out.read_text())
     systems = [r["system"] for r in res["rows"]]
     assert systems[0] == "jaxllm" and systems.count("hf generate") == 2
     assert res["roofline"]["decode_s_per_token"] > 0 and res["micro"]["copy_gbytes_per_s"] > 0
     assert set(res["ratios"]) == {"jaxllm_vs_hf_batch1", "jaxllm_vs_hf_batch2"}
+    # the article-sized run on the same engine, scaled to the tiny model (--smoke: 12 requests)
+    from bench.article import chat_requests
+
+    art = res["article"]
+    want = chat_requests(12, 512, input_mean=16.0, output_mean=8.0, max_prompt=64, max_total=128)
+    assert art["requests"] == art["completed"] == 12 and not art["truncated"] and art["compiles"] == 0
+    assert art["output_tokens"] == sum(r.output_len for r in want)
+    assert art["itl_ms"]["n"] == sum(r.output_len - 1 for r in want) and art["ttft_ms"]["n"] == 12
+    assert art["output_tokens_per_s"] > 0 and art["max_num_seqs"] == 8
+
+
+def test_device_check_smoke_e2e_with_article(tmp_path):
+    """bench/device_check.sh end to end on CPU (DEVICE_CHECK_SMOKE=1) for the issue-12 phases: the
+    article-sized run goes on e2e's engine, so no standalone article phase runs and nothing is left to
+    do. After test_device_e2e_smoke: the same tiny engine, so this module's compile cache is warm."""
+    import subprocess
+    import sys
+
+    pytest.importorskip("torch")
+    root = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+    out, todo = tmp_path / "gpu.json", tmp_path / "todo"
+    env = dict(os.environ, PYTHON=sys.executable, DEVICE_CHECK_SMOKE="1", PHASES="e2e article", BUDGET_S="600",
+               DEVICE_CHECK_TODO=str(todo), DEVICE_CHECK_HLO=str(tmp_path / "hlo"))
+    p = subprocess.run(["bash", "bench/device_check.sh", str(out)], cwd=root, env=env, capture_output=True,
+                       text=True, timeout=600)
+    assert p.returncode == 0, p.stdout[-3000:] + p.stderr[-3000:]
+    res = json.loads(out.read_text())
+    dc = res["device_check"]
+    assert list(dc["phases"]) == ["imports", "e2e"] and dc["phases"]["e2e"]["rc"] == 0 and dc["skipped"] == []
+    assert todo.read_text().split() == [] and "every requested phase ran" in p.stdout
+    e2e = res["e2e"]
+    assert [r["system"] for r in e2e["rows"]].count("hf generate") == 2 and e2e["rows"][1]["requests"] == 2
+    assert e2e["roofline"]["decode_s_per_token"] > 0
+    art = e2e["article"]
+    assert art["requests"] == art["completed"] == 12 and not art["truncated"] and art["itl_ms"]["n"] > 0

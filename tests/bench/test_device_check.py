@@ -1,0 +1,39 @@
+"""bench/device_check.sh's control flow on CPU (DEVICE_CHECK_SMOKE=1: no GPU assert, tiny shapes): the
+budget skips phases whose timeout exceeds the time left, records them and leaves them in the to-do
+file that PHASES=rest reads back. The smoke run of the e2e + article phases is in
+test_bench_engine.py (it shares that module's compile cache with the device_e2e smoke test)."""
+import json
+import os
+import subprocess
+import sys
+
+ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+
+def run_check(tmp_path, out, **env):
+    full = dict(os.environ, PYTHON=sys.executable, DEVICE_CHECK_SMOKE="1",
+                DEVICE_CHECK_TODO=str(tmp_path / "todo"), DEVICE_CHECK_HLO=str(tmp_path / "hlo"), **env)
+    return subprocess.run(["bash", "bench/device_check.sh", str(out)], cwd=ROOT, env=full, capture_output=True,
+                          text=True, timeout=300)
+
+
+def test_budget_skips_in_acceptance_order_and_rest_resumes(tmp_path):
+    out = tmp_path / "a.json"
+    # PHASES in any order; "quant" names the four issue-17 phases; a 1 s budget covers no timeout
+    p = run_check(tmp_path, out, PHASES="memory quant lora e2e", BUDGET_S="1")
+    assert p.returncode == 0, p.stdout + p.stderr
+    order = ["e2e", "int8", "fp8", "lora", "kvfp8", "quanthlo", "memory"]
+    for name in order:
+        assert f"== {name}: skipped: budget" in p.stdout
+    assert (tmp_path / "todo").read_text().split() == order
+    dc = json.loads(out.read_text())["device_check"]
+    assert dc["skipped"] == order and list(dc["phases"]) == ["imports"] and dc["phases"]["imports"]["rc"] == 0
+    assert dc["budget_s"] == 1 and dc["smoke"] is True
+    # the second call picks up exactly what the first left undone
+    p = run_check(tmp_path, tmp_path / "b.json", PHASES="rest", BUDGET_S="1")
+    assert p.returncode == 0 and f"left undone: '{' '.join(order)}'" in p.stdout, p.stdout
+    assert json.loads((tmp_path / "b.json").read_text())["device_check"]["skipped"] == order
+    # on a fresh machine there is nothing to resume: a clear refusal, no phase run
+    os.remove(tmp_path / "todo")
+    p = run_check(tmp_path, tmp_path / "c.json", PHASES="rest")
+    assert p.returncode == 2 and "name the phases" in p.stdout and not (tmp_path / "c.json").exists()
