@@ -6,7 +6,11 @@ Dummy weights, fp32, scan loop (the CPU default), T = 1 and 64 one-token sequenc
 Every (method, T) step is compiled first; then each round calls every one 5 times in turn (so a load
 change on the shared machine hits all alike) and keeps the median; printed: the median over rounds,
 with min and max. Methods as in bench/quant_temp.py ("-f8": fp8 held as float8_e4m3fn, not its
-uint8 bits; "-plain": the unchunked dot). No engine, sampling or host work: bench/quant.py has those.
+uint8 bits; "-plain": the unchunked dot; "-bits" / "-lut" / "-astype": the held fp8 bits converted per
+chunk by integer ops (the default) / a 256-entry table / a float8 bitcast and convert,
+quant_dot.FP8_CONVERT; a last "-copy" / "-nocopy": each u8 chunk copied out of the weight before
+its convert (the default) or not, quant_dot.FP8_CHUNK_COPY; e.g. "fp8-astype-nocopy", the
+convert before). No engine, sampling or host work: bench/quant.py has those.
 """
 import argparse
 import os
@@ -32,10 +36,13 @@ args = ap.parse_args()
 ck = load_checkpoint("smollm2-135m", "dummy")
 c = ck.config
 steps = {}
+fp8_convert, fp8_copy = quant_dot.FP8_CONVERT, quant_dot.FP8_CHUNK_COPY  # the defaults
 for method in args.methods.split(","):
-    base = method.removesuffix("-plain").removesuffix("-f8")
-    quant_dot.ENABLED = not method.endswith("-plain")  # read at trace time (below)
-    quant_dot.HOLD_FP8_BITS = not method.endswith("-f8")  # read at load
+    base, *opts = method.split("-")
+    quant_dot.FP8_CONVERT = next((o for o in opts if o in ("bits", "lut", "astype")), fp8_convert)  # read at trace time
+    quant_dot.FP8_CHUNK_COPY = {"copy": True, "nocopy": False}.get(opts[-1] if opts else "", fp8_copy)
+    quant_dot.ENABLED = "plain" not in opts  # read at trace time (below)
+    quant_dot.HOLD_FP8_BITS = "f8" not in opts  # read at load
     model = build_model(c, dict(ck.params), jnp.float32, layer_loop="scan",
                         quantization=None if base == "none" else base)
     gd, st = nnx.split(model)
@@ -47,6 +54,7 @@ for method in args.methods.split(","):
         comp(*inputs).block_until_ready()
         steps[(method, ntok)] = (comp, inputs)
 quant_dot.ENABLED = quant_dot.HOLD_FP8_BITS = True
+quant_dot.FP8_CONVERT, quant_dot.FP8_CHUNK_COPY = fp8_convert, fp8_copy
 samples = {k: [] for k in steps}
 loads = []
 for r in range(args.rounds):

@@ -13,8 +13,12 @@ the s8/f8 weight is read once. In the layer scan, chunks are sliced from the sta
 weight at the traced layer (`layer`): slicing the layer first made XLA copy it (s8) every step.
 
 float8_e4m3fn weights are held as their uint8 bits on this path (`holds_fp8_bits`: `quantize(...,
-fp8_bits=True)` at load, jaxllm/models/llama.py) and each chunk bitcasts its slice back before
-converting it. Two XLA CPU behaviours make that necessary: it widens a float8 operand of a while loop
+fp8_bits=True)` at load, jaxllm/models/llama.py) and each chunk converts its slice of bits to the
+activation dtype with integer ops (`fp8_bits_to_float`, FP8_CONVERT "bits": XLA CPU emulates a
+float8 -> f32 convert per element in software) after copying the slice out (FP8_CHUNK_COPY: a
+dynamic-slice fused into the convert made that fusion 3-4x slower than the same convert of a
+contiguous chunk; the copy is one u8 chunk). SmolLM2 fp8 step at T=1: 63 -> 40 ms, int8 26
+(bench/RESULTS.md, "fp8 bits converted with integer ops"). Two XLA CPU behaviours make that necessary: it widens a float8 operand of a while loop
 (the layer scan, the chunk loop) to f16 whole, before the loop (a 2-byte copy of every fp8 weight
 per step, 211 MiB for SmolLM2-135M), and it runs a float8 -> uint8 `bitcast_convert_type` of a whole
 weight as a loop fusion writing a new u8 array (`%wrapped_bitcast-convert = u8[30,576,3072]
@@ -32,6 +36,8 @@ import math
 
 import jax
 import jax.numpy as jnp
+import ml_dtypes
+import numpy as np
 from jax import lax
 
 ENABLED = True  # read when a step is traced; bench/quant.py sets it False to measure the plain dot
@@ -39,6 +45,8 @@ HOLD_FP8_BITS = True  # read at load; bench/quant.py sets it False ("fp8-f8") to
 CHUNK_BYTES = 512 * 1024  # one converted chunk [K, ch] in the activation dtype (bench/RESULTS.md, "chunked")
 WIDE_FROM_T, WIDE_FACTOR = 32, 4  # steps of >= 32 tokens: 4x wider chunks (2 MiB; each chunk's dot is larger)
 MIN_COLS = 64  # narrower column chunks make the per-chunk dot inefficient
+FP8_CONVERT = "bits"  # read at trace time: "bits" | "lut" | "astype" (fp8_bits_to_float; bench/quant_step.py)
+FP8_CHUNK_COPY = True  # read at trace time: copy each u8 loop chunk out before converting it (chunked_quant_dot)
 
 
 FP8_BITS = jnp.uint8  # a q of this dtype holds float8_e4m3fn bits
@@ -64,6 +72,30 @@ def fp8_as_bits(tree):
     def bits(a):
         return lax.bitcast_convert_type(a, FP8_BITS) if a.dtype == jnp.float8_e4m3fn else a
     return jax.tree.map(bits, tree)
+
+
+def fp8_bits_to_float(b: jax.Array, dtype, how: str | None = None) -> jax.Array:
+    """b (uint8 bits of float8_e4m3fn) → the same values in `dtype`, by `how` (FP8_CONVERT if None):
+    "astype": bitcast to float8 and convert (XLA CPU emulates that per element in software);
+    "bits": the f32 bits built with integer ops (XLA CPU flushes f32 subnormals, so no 2^120 rescale
+    of the 7 low bits): a normal code (exponent e > 0, mantissa m) is exponent e + 120, mantissa m
+    at bits 20..22; a subnormal one (e == 0) is m * 2^-9 from an int → f32 convert; 0x7F → NaN; the
+    sign bit moved to bit 31;
+    "lut": a gather from the [256] f32 table of every code's value."""
+    how = how or FP8_CONVERT
+    if how == "astype":
+        return lax.bitcast_convert_type(b, jnp.float8_e4m3fn).astype(dtype)
+    if how == "lut":
+        table = jnp.asarray(np.arange(256, dtype=np.uint8).view(ml_dtypes.float8_e4m3fn).astype(np.float32))  # [256]
+        return jnp.take(table, b.astype(jnp.int32), axis=0).astype(dtype)
+    if how != "bits":
+        raise ValueError(f"FP8_CONVERT={how!r}: expected 'astype', 'bits' or 'lut'")
+    w = b.astype(jnp.uint32)  # same shape as b
+    mag = w & 0x7F
+    sub = lax.bitcast_convert_type(mag.astype(jnp.float32) * jnp.float32(2.0 ** -9), jnp.uint32)  # e == 0
+    bits = jnp.where(mag < 8, sub, (mag << 20) + (120 << 23))
+    bits = jnp.where(mag == 0x7F, jnp.uint32(0x7FC00000), bits)
+    return lax.bitcast_convert_type(bits | ((w & 0x80) << 24), jnp.float32).astype(dtype)
 
 
 def chunk_cols(k: int, n: int, itemsize: int = 4, chunk_bytes: int | None = None) -> int:
@@ -93,10 +125,13 @@ def chunked_quant_dot(x: jax.Array, q: jax.Array, scale: jax.Array, block: int |
     ch = chunk_cols(k, n, jnp.dtype(x.dtype).itemsize, chunk_bytes)
     nfull = n // ch
 
-    def part(qc: jax.Array, sc: jax.Array) -> jax.Array:
-        """One chunk: qc [K, c], sc [c] or [K/block, c] → [T, c] f32."""
+    def part(qc: jax.Array, sc: jax.Array, copy: bool = True) -> jax.Array:
+        """One chunk: qc [K, c], sc [c] or [K/block, c] → [T, c] f32. `copy`: qc is a chunk, not the
+        whole weight (whose copy the barrier would make)."""
         if qc.dtype == FP8_BITS:
-            qc = lax.bitcast_convert_type(qc, jnp.float8_e4m3fn)
+            if FP8_CHUNK_COPY and copy:  # the slice its own fusion: a contiguous u8 [K, c] the convert reads
+                qc = lax.optimization_barrier(qc)
+            qc = fp8_bits_to_float(qc, x.dtype if block is None else jnp.float32)
         if block is None:
             return jnp.dot(x, qc.astype(x.dtype), preferred_element_type=jnp.float32) * sc.astype(jnp.float32)
         c = qc.shape[1]
@@ -114,7 +149,7 @@ def chunked_quant_dot(x: jax.Array, q: jax.Array, scale: jax.Array, block: int |
         return lax.dynamic_update_slice_in_dim(y, part(cols(q, i * ch, ch), cols(scale, i * ch, ch)), i * ch, axis=1)
 
     if nfull <= 1 and ch == n:
-        return part(cols(q, 0, n), cols(scale, 0, n))
+        return part(cols(q, 0, n), cols(scale, 0, n), copy=False)
     y = lax.fori_loop(0, nfull, body, jnp.zeros((t, n), jnp.float32))  # [T, N] f32
     if nfull * ch < n:  # the tail chunk, static
         tail = n - nfull * ch

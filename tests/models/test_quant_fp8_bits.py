@@ -74,6 +74,44 @@ def test_bits_dequantize_to_the_float8_values():
     assert host.q.view(ml_dtypes.float8_e4m3fn).dtype == ml_dtypes.float8_e4m3fn
 
 
+@pytest.mark.parametrize("how", ["astype", "bits", "lut"])
+@pytest.mark.parametrize("dtype", [jnp.float32, jnp.bfloat16])
+def test_fp8_bits_to_float_all_256_codes(how, dtype):
+    """Every uint8 code (as a [16, 16] chunk, jitted as in the dot) converts to ml_dtypes' own
+    float8_e4m3fn value in `dtype`, bit for bit (signed zeros and the subnormals included); 0x7F/0xFF → NaN."""
+    codes = np.arange(256, dtype=np.uint8).reshape(16, 16)
+    ref = codes.view(ml_dtypes.float8_e4m3fn).astype(np.float32).astype(dtype)  # [16, 16]
+    got = np.asarray(jax.jit(lambda b: quant_dot.fp8_bits_to_float(b, dtype, how))(jnp.asarray(codes)))
+    assert got.dtype == ref.dtype
+    nan = np.isnan(ref.astype(np.float32))
+    assert sorted(codes[nan].tolist()) == [0x7F, 0xFF] and np.isnan(got.astype(np.float32)[nan]).all()
+    bits = np.uint16 if dtype == jnp.bfloat16 else np.uint32
+    np.testing.assert_array_equal(got[~nan].view(bits), ref[~nan].view(bits))
+    assert (ref[~nan] != 0).sum() == 252 and np.abs(ref[~nan].astype(np.float32)).min() == 0  # subnormals, +-0, 448
+
+
+@pytest.mark.parametrize("how,copy", [("bits", True), ("bits", False), ("lut", True), ("astype", True)])
+def test_chunked_dot_same_with_each_fp8_convert(how, copy, monkeypatch):
+    """The chunked dot over held fp8 bits (per-channel and block scales, a tail chunk) gives the same
+    f32 result with each FP8_CONVERT and FP8_CHUNK_COPY as with the float8 astype of the uncopied slice."""
+    w = jax.random.normal(jax.random.PRNGKey(3), (64, 200), jnp.float32)
+    x = jax.random.normal(jax.random.PRNGKey(4), (3, 64), jnp.float32)
+    qw = quantize(w, "fp8", 1, fp8_bits=True)  # q [64, 200] uint8 bits
+    qf = np.asarray(qw.q).view(ml_dtypes.float8_e4m3fn).astype(np.float32)  # [64, 200]
+    blocks = np.asarray(jax.random.uniform(jax.random.PRNGKey(5), (2, 200), jnp.float32, 0.5, 2.0))  # [64/32, 200]
+    for block, s, deq in ((None, qw.scale, qf * np.asarray(qw.scale)), (32, blocks, qf * np.repeat(blocks, 32, 0))):
+        monkeypatch.setattr(quant_dot, "FP8_CONVERT", "astype")
+        monkeypatch.setattr(quant_dot, "FP8_CHUNK_COPY", False)
+        ref = quant_dot.chunked_quant_dot(x, qw.q, s, block, chunk_bytes=64 * 4 * 64)  # 64-col chunks, a tail
+        monkeypatch.setattr(quant_dot, "FP8_CONVERT", how)
+        monkeypatch.setattr(quant_dot, "FP8_CHUNK_COPY", copy)
+        got = quant_dot.chunked_quant_dot(x, qw.q, s, block, chunk_bytes=64 * 4 * 64)
+        np.testing.assert_array_equal(np.asarray(got), np.asarray(ref))
+        np.testing.assert_allclose(np.asarray(got), np.asarray(x) @ deq, rtol=1e-5, atol=1e-4)
+    with pytest.raises(ValueError, match="FP8_CONVERT='f16'"):
+        quant_dot.fp8_bits_to_float(qw.q, jnp.float32, "f16")
+
+
 @pytest.mark.parametrize("layer_loop", ["scan", "unroll"])
 def test_cpu_step_copies_no_fp8_weight(layer_loop, tiny_path, monkeypatch):
     """The tiny llama with fp8 weights (chunks small enough that every projection loops): held as uint8
