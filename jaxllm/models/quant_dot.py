@@ -17,7 +17,7 @@ fp8_bits=True)` at load, jaxllm/models/llama.py) and each chunk converts its sli
 activation dtype with integer ops (`fp8_bits_to_float`, FP8_CONVERT "bits": XLA CPU emulates a
 float8 -> f32 convert per element in software) after copying the slice out (FP8_CHUNK_COPY: a
 dynamic-slice fused into the convert made that fusion 3-4x slower than the same convert of a
-contiguous chunk; the copy is one u8 chunk). SmolLM2 fp8 step at T=1: 63 -> 40 ms, int8 26
+contiguous chunk; the copy is one u8 chunk). SmolLM2 fp8 step at T=1: 60 -> 40 ms, int8 26
 (bench/RESULTS.md, "fp8 bits converted with integer ops"). Two XLA CPU behaviours make that necessary: it widens a float8 operand of a while loop
 (the layer scan, the chunk loop) to f16 whole, before the loop (a 2-byte copy of every fp8 weight
 per step, 211 MiB for SmolLM2-135M), and it runs a float8 -> uint8 `bitcast_convert_type` of a whole
