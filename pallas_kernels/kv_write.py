@@ -8,10 +8,14 @@ place — the cost is the T rows written, never the cache size. Slot -1 (padding
 end and dropped (`mode="drop"`); negative slots would otherwise wrap around.
 
 An fp8 cache (`cache.quantized`) quantizes the rows on the way in with its per-layer, per-kv-head
-scales (kv_quant.py; the engine sets them at start, a 0 scale is set by the layer's first write), scatters their uint8 bits and writes the layer's scales back: the
-same in-place scatter, plus one [kv_heads] row of each [L, kv_heads] scale array.
+scales (kv_quant.py) and scatters their uint8 bits. The engine's cache has `scales_fixed` (set at
+start): that is all. A raw cache (tests, bench/perplexity.py "first") may hold 0 = unset scales: its
+write sets them from the absmax of the rows (`first_write_scale`) and writes the layer's scales back,
+one [kv_heads] row of each [L, kv_heads] scale array.
 """
 from __future__ import annotations
+
+import dataclasses
 
 import jax
 import jax.numpy as jnp
@@ -46,6 +50,10 @@ def write_kv(cache: KVCache, layer, k: jax.Array, v: jax.Array, slot_mapping: ja
     layer = jnp.asarray(layer, dtype=jnp.int32).reshape(())
     if not cache.quantized:
         return KVCache(_scatter(cache.k, layer, k, slots), _scatter(cache.v, layer, v, slots))
+    if cache.scales_fixed:  # the engine's cache: set at start, never changed; nothing to derive
+        k_scale, v_scale = cache.k_scale[layer], cache.v_scale[layer]  # [kvh] f32 each
+        return dataclasses.replace(cache, k=_scatter(cache.k, layer, to_storage(quantize_rows(k, k_scale)), slots),
+                                   v=_scatter(cache.v, layer, to_storage(quantize_rows(v, v_scale)), slots))
     valid = slots < num_slots  # [T] bool
     k_scale = first_write_scale(cache.k_scale[layer], k, valid)  # [kvh] f32
     v_scale = first_write_scale(cache.v_scale[layer], v, valid)  # [kvh] f32

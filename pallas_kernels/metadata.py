@@ -26,12 +26,15 @@ class KVCache:
     """K and V pages of every layer. An fp8 cache (kv_quant.py) stores float8_e4m3fn values as their
     uint8 bits and holds one f32 scale per layer and kv head for each of K and V: element x stands
     for `x * scale[layer, head]`; 0 = not set yet (the first write to that layer sets it; the engine
-    sets every scale at start: jaxllm/runner/kv_calibration.py)."""
+    sets every scale at start: jaxllm/runner/kv_calibration.py). `scales_fixed` (static): every
+    scale is set and never changes (the engine's cache), so writes quantize with them as they are:
+    no per-write absmax, no scale write-back (kv_write.py)."""
 
     k: jax.Array  # [num_layers, num_blocks, block_size, num_kv_heads, head_dim] model dtype, or uint8 = fp8 bits
     v: jax.Array  # [num_layers, num_blocks, block_size, num_kv_heads, head_dim] model dtype, or uint8 = fp8 bits
     k_scale: jax.Array | None = None  # [num_layers, num_kv_heads] f32, fp8 caches only
     v_scale: jax.Array | None = None  # [num_layers, num_kv_heads] f32, fp8 caches only
+    scales_fixed: bool = dataclasses.field(default=False, metadata=dict(static=True))  # fp8 caches only
 
     @property
     def num_layers(self) -> int:
@@ -57,15 +60,20 @@ class KVCache:
     def like(self, pages, scales) -> "KVCache":
         """A KVCache-shaped pytree of (pages, pages[, scales, scales]): shardings or specs that
         match this cache's structure."""
-        return KVCache(pages, pages, *((scales, scales) if self.quantized else ()))
+        if not self.quantized:
+            return KVCache(pages, pages)
+        return KVCache(pages, pages, scales, scales, scales_fixed=self.scales_fixed)
 
     @staticmethod
     def zeros(num_layers, num_blocks, block_size, num_kv_heads, head_dim, dtype, sharding=None,
-              scale_sharding=None, scale_init: float = 0.0) -> "KVCache":
+              scale_sharding=None, scale_init: float = 0.0, scales_fixed: bool = False) -> "KVCache":
         """An all-zero cache. `dtype` float8_e4m3fn makes an fp8 cache with scales [L, kvh] f32 set
         to `scale_init` (0: each layer's first write derives them, kv_quant.py; 1.0: a fixed
         scale, vLLM's default without calibration; the engine replaces them with its calibrated
-        scales at start, jaxllm/runner/kv_calibration.py)."""
+        scales at start, jaxllm/runner/kv_calibration.py). `scales_fixed`: writes never derive or
+        change the scales (the engine's runner: kv_write.py), so they must start > 0."""
+        if scales_fixed and not scale_init > 0:
+            raise ValueError(f"scale_init={scale_init} is invalid with scales_fixed=True: must be > 0")
         shape = (num_layers, num_blocks, block_size, num_kv_heads, head_dim)
         fp8 = jnp.dtype(dtype) == jnp.float8_e4m3fn
 
@@ -78,7 +86,7 @@ class KVCache:
         if not fp8:
             return KVCache(*pages)
         scales = [make((num_layers, num_kv_heads), jnp.float32, scale_init, scale_sharding) for _ in "kv"]
-        return KVCache(*pages, *scales)
+        return KVCache(*pages, *scales, scales_fixed=scales_fixed)
 
     @staticmethod
     def bytes_per_block(num_layers, block_size, num_kv_heads, head_dim, dtype) -> int:

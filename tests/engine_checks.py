@@ -1,4 +1,4 @@
-"""Shared checks for tests that run a real engine."""
+"""Shared checks for tests that run a real engine, and the independent reference forward they compare with."""
 
 
 def assert_clean(engine):
@@ -35,3 +35,30 @@ def assert_warm_and_greedy(engine, logits, check=(1,)):
         p, got = prompts[i], list(outs[i].outputs[0].token_ids)
         ref = logits(p + got)
         assert got == [int(ref[len(p) - 1 + k].argmax()) for k in range(len(got))], i
+
+
+def logits_of(model, c, seqs, block_size=8):
+    """The independent reference forward: `model` on each of `seqs` (lists of token ids) in one
+    dense prefill batch through a fresh f32 cache, no engine → logits [sum(len), V] f32 numpy."""
+    import jax.numpy as jnp
+    import numpy as np
+
+    from jaxllm.models.dense_batch import prefill_batch
+    from pallas_kernels import KVCache
+
+    tokens, positions, meta, nblocks = prefill_batch(seqs, block_size)
+    cache = KVCache.zeros(c.num_layers, nblocks + 1, block_size, c.num_kv_heads, c.head_dim, jnp.float32)
+    hidden, _ = model(tokens, positions, cache, meta)
+    return np.asarray(model.compute_logits(hidden))  # [sum(len), V] f32
+
+
+def build(path, quantization, layer_loop="scan"):
+    """(model, config) of the checkpoint at `path` in f32 with weight-only `quantization` (or None)."""
+    import jax.numpy as jnp
+
+    from checkpoints import load_checkpoint
+    from jaxllm.models.llama import build_model
+
+    ckpt = load_checkpoint(path)
+    return build_model(ckpt.config, ckpt.params, jnp.float32, layer_loop=layer_loop,
+                       quantization=quantization), ckpt.config

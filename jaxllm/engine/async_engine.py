@@ -270,6 +270,10 @@ class AsyncEngine:
             self.step_started_at = None
             log.exception("engine loop died")
             self._die(exc)
+        finally:  # stopped or dead: the engine's worker threads go too (LoRA loader, grammar pool)
+            close = getattr(engine, "close", None)  # test doubles may have none
+            if close is not None:
+                close()
 
     def _drain_commands(self, block: bool) -> bool:
         """Apply queued adds/aborts. Returns False when asked to stop."""

@@ -272,6 +272,15 @@ class LLMEngine(EmbedRequestsMixin, EngineStatsMixin, GrammarRequestsMixin, LoRA
             self._record_stats(it)
         return outs
 
+    def close(self) -> None:
+        """Stop the engine's host worker threads without waiting for them (AsyncEngine calls it when
+        its loop ends; the servers stop that loop): the LoRA loader (queued loads cancelled, a load in
+        flight dropped on its daemon thread) and the grammar compiler's pool."""
+        if self.lora is not None:
+            self.lora.close()
+        if self.grammar is not None:
+            self.grammar.shutdown()
+
     # ----- the loop -----------------------------------------------------------------
     def has_unfinished_requests(self) -> bool:
         return bool(self._parents) or bool(self._embeds)

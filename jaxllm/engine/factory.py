@@ -171,7 +171,8 @@ def build_engine(config: EngineConfig, *, compile_cache: bool = True, warmup: bo
     runner_kw = dict(block_size=config.block_size, max_model_len=max_model_len, max_num_seqs=config.max_num_seqs,
                      max_num_batched_tokens=config.max_num_batched_tokens, eos_token_ids=tokenizer.eos_token_ids,
                      task=config.task, kv_cache_dtype=config.kv_cache_dtype,
-                     lora_config=LoRAConfig.from_engine_config(config))
+                     lora_config=LoRAConfig.from_engine_config(config),
+                     kv_scales_fixed=config.kv_cache_dtype == "fp8")  # set at start below: no per-write absmax
     reserve = 0
     accelerator = jax.local_devices()[0].platform != "cpu"
     if config.kv_cache_memory_bytes is None and accelerator:

@@ -15,12 +15,15 @@ One worker by default: loads are file reads and numpy copies, a second one mostl
 same disk and GIL; ``workers`` is there for a host that serves many cold adapters. The workers run
 at a lower CPU priority (``nice``, Linux: per thread) so that on a host whose cores also run the
 model (the CPU backend) a load takes the cores the step leaves idle instead of stretching the step.
+The workers are daemon threads (a load in flight never holds up interpreter exit) and ``close``
+(``LLMEngine.close``, when the servers stop the engine loop) cancels queued loads without waiting.
 """
 
 from __future__ import annotations
 
 import concurrent.futures
 import os
+import queue
 import threading
 from collections.abc import Callable
 from typing import Any
@@ -63,7 +66,7 @@ class AdapterLoader:
             raise ValueError(f"workers={workers!r} is invalid: must be an integer >= 1")
         self.load_fn = load_fn
         self.workers = workers
-        self._pool: concurrent.futures.ThreadPoolExecutor | None = None
+        self._queue: queue.SimpleQueue | None = None  # (future, lora) jobs; None = a worker's stop
         self._lock = threading.Lock()
 
     def load(self, lora) -> Any:
@@ -75,15 +78,43 @@ class AdapterLoader:
 
     def submit(self, lora) -> concurrent.futures.Future:
         """``load(lora)`` on a worker thread (thread-safe)."""
+        fut: concurrent.futures.Future = concurrent.futures.Future()
         with self._lock:
-            if self._pool is None:  # made on the first load: an engine without adapters has no thread
-                self._pool = concurrent.futures.ThreadPoolExecutor(
-                    self.workers, thread_name_prefix="jaxllm-lora-load", initializer=_lower_priority)
-            return self._pool.submit(self.load, lora)
+            start = self._queue is None  # made on the first load: an engine without adapters has no thread
+            if start:
+                self._queue = queue.SimpleQueue()
+            self._queue.put((fut, lora))  # before the workers start: the first takes it at once
+            for i in range(self.workers if start else 0):
+                threading.Thread(target=self._work, args=(self._queue,), name=f"jaxllm-lora-load_{i}",
+                                 daemon=True).start()
+        return fut
+
+    def _work(self, jobs: queue.SimpleQueue) -> None:
+        """A worker: daemon (an in-flight load never holds up interpreter exit, unlike a
+        ThreadPoolExecutor's, which exit joins); stops at its None."""
+        _lower_priority()
+        while (job := jobs.get()) is not None:
+            fut, lora = job
+            if not fut.set_running_or_notify_cancel():
+                continue
+            try:
+                fut.set_result(self.load(lora))
+            except BaseException as exc:  # noqa: BLE001 - the future carries it
+                fut.set_exception(exc)
 
     def close(self) -> None:
-        """Stop the worker(s) once the queued loads are done (results nobody waits for are dropped)."""
+        """Stop the worker(s) without waiting: queued loads are cancelled, a load in flight finishes
+        on its daemon thread and its result is dropped. A later ``submit`` starts new workers."""
         with self._lock:
-            pool, self._pool = self._pool, None
-        if pool is not None:
-            pool.shutdown(wait=False, cancel_futures=True)
+            jobs, self._queue = self._queue, None
+        if jobs is None:
+            return
+        while True:
+            try:
+                job = jobs.get_nowait()
+            except queue.Empty:
+                break
+            if job is not None:
+                job[0].cancel()
+        for _ in range(self.workers):
+            jobs.put(None)

@@ -196,7 +196,7 @@ class LoRAManager:
             concurrent.futures.wait(futures, timeout, return_when=concurrent.futures.FIRST_COMPLETED)
 
     def close(self) -> None:
-        """Stop the loader thread (loads still queued are dropped)."""
+        """Stop the loader thread without waiting (queued loads cancelled; LLMEngine.close)."""
         self.loader.close()
 
     # ----- per step ------------------------------------------------------------------------------

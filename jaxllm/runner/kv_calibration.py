@@ -5,7 +5,8 @@ calibration prefill through the model into a small private cache in the model dt
 never the engine's cache: no block is taken from the pool, nothing enters the prefix cache), and
 sets each layer's per-kv-head K and V scale to `HEADROOM * absmax / 448` of the K / V rows it
 wrote (pallas_kernels/kv_quant.py). The scales then never change, so a request's output does not
-depend on what the server saw first. `calculate_kv_scales=False`: every scale is 1.0 (vLLM's
+depend on what the server saw first (the runner's cache is `scales_fixed`: its writes compute no
+absmax). `calculate_kv_scales=False`: every scale is 1.0 (vLLM's
 uncalibrated default).
 
 The calibration sequence (`calibration_ids`): the Zen of Python (CPython's `this` module, in every
@@ -19,6 +20,7 @@ from __future__ import annotations
 
 import codecs
 import contextlib
+import dataclasses
 import io
 
 import jax
@@ -101,8 +103,9 @@ def start_scales(model, tokenizer, calculate: bool, block_size: int, max_len: in
 
 
 def set_scales(runner, k_scale, v_scale) -> None:
-    """Replaces the fp8 runner cache's [L, kvh] scales (same shapes and shardings: no step recompiles)."""
+    """Replaces the fp8 runner cache's [L, kvh] scales (same shapes and shardings, `scales_fixed` kept:
+    no step recompiles)."""
     kc = runner.kv_cache
     if k_scale.shape != kc.k_scale.shape or v_scale.shape != kc.v_scale.shape:
         raise ValueError(f"k_scale / v_scale must be {kc.k_scale.shape}, got {k_scale.shape} / {v_scale.shape}")
-    runner.kv_cache = KVCache(kc.k, kc.v, k_scale, v_scale)
+    runner.kv_cache = dataclasses.replace(kc, k_scale=k_scale, v_scale=v_scale)

@@ -43,10 +43,14 @@ PROMPT_LP_CHUNK = 256  # tokens per chunk of the prompt-logprobs LM head
 class ModelRunner:
     def __init__(self, model: LlamaForCausalLM, *, block_size: int, num_blocks: int, max_model_len: int,
                  max_num_seqs: int, max_num_batched_tokens: int, eos_token_ids=(), cache_sharding=None,
-                 task: str = "generate", kv_cache_dtype: str = "auto", lora_config=None):
+                 task: str = "generate", kv_cache_dtype: str = "auto", lora_config=None,
+                 kv_scales_fixed: bool = False):
         """`task`: "generate" (sample from logits) or "embed" (pool hidden states, runner/pooler.py:
         only the mixed buckets of the embed step are compiled; nothing is sampled).
         `kv_cache_dtype`: "auto" (the model dtype) or "fp8" (runner/kv_cache_dtype.py).
+        `kv_scales_fixed` (fp8): the scales start at 1.0 and only `kv_calibration.set_scales` changes
+        them, so the step's KV writes compute no absmax (build_engine's runner); False: they start
+        at 0 and each layer's first write sets them (kv_quant.py; runners built directly).
         `lora_config`: a jaxllm.lora.config.LoRAConfig (adapter slots on device, `set_lora`, each
         ScheduledSeq's lora_slot picks its adapter; embed steps run the base model only) or None
         (no LoRA: the step is exactly the program without it)."""
@@ -79,7 +83,8 @@ class ModelRunner:
         self.kv_cache_dtype = kv_cache_dtype
         self.kv_cache = KVCache.zeros(c.num_layers, num_blocks, block_size, c.num_kv_heads, c.head_dim,
                                       cache_dtype(kv_cache_dtype, dtype), sharding=cache_sharding,
-                                      scale_sharding=scale_sharding)
+                                      scale_sharding=scale_sharding, scale_init=1.0 if kv_scales_fixed else 0.0,
+                                      scales_fixed=kv_scales_fixed)
         self.counts = jnp.zeros((self.num_rows, c.vocab_size), jnp.int32)  # [R, V] generated-token counts
         self.prompt_mask = jnp.zeros((self.num_rows, c.vocab_size), bool)  # [R, V] token in prompt
         jit_kwargs = {}

@@ -17,8 +17,7 @@ from checkpoints.errors import CheckpointError
 from jaxllm.models.llama import build_model
 from jaxllm.models.quant import QuantWeight, weight_bytes
 from tests.checkpoints.gguf_tiny import write_gguf_from_hf
-from tests.engine_checks import assert_warm_and_greedy
-from tests.models.test_quant import logits_of
+from tests.engine_checks import assert_warm_and_greedy, logits_of
 
 PROJ = ("layers.wq", "layers.wk", "layers.wv", "layers.wo", "layers.w_gate", "layers.w_up", "layers.w_down")
 

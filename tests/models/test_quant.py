@@ -6,12 +6,10 @@ import numpy as np
 import pytest
 
 from checkpoints import load_checkpoint
-from jaxllm.models.dense_batch import prefill_batch
 from jaxllm.models import quant_dot
 from jaxllm.models.llama import build_model
 from jaxllm.models.quant import QUANT_PARAMS, QuantWeight, dequantize, quantize, weight_bytes
-from pallas_kernels import KVCache
-from tests.engine_checks import assert_warm_and_greedy
+from tests.engine_checks import assert_warm_and_greedy, build, logits_of
 from tests.models.hf_tiny import make_tiny_hf
 
 # Measured on tiny random "llama" (fp32; max |ref logit| 3.26; 135 positions): int8 max logit error
@@ -25,19 +23,6 @@ MIN_GREEDY_AGREE = {"int8": 0.85, "fp8": 0.81}
 @pytest.fixture(scope="module")
 def tiny_path(tmp_path_factory):
     return make_tiny_hf("llama", str(tmp_path_factory.mktemp("tiny_hf_quant")))
-
-
-def logits_of(model, c, seqs, block_size=8):
-    tokens, positions, meta, nblocks = prefill_batch(seqs, block_size)
-    cache = KVCache.zeros(c.num_layers, nblocks + 1, block_size, c.num_kv_heads, c.head_dim, jnp.float32)
-    hidden, _ = model(tokens, positions, cache, meta)
-    return np.asarray(model.compute_logits(hidden))  # [sum(len), V] f32
-
-
-def build(path, quantization, layer_loop="scan"):
-    ckpt = load_checkpoint(path)
-    return build_model(ckpt.config, ckpt.params, jnp.float32, layer_loop=layer_loop,
-                       quantization=quantization), ckpt.config
 
 
 @pytest.fixture(scope="module")

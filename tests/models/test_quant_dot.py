@@ -11,7 +11,7 @@ import pytest
 from jaxllm.models import quant_dot
 from jaxllm.models.quant import QUANT_PARAMS, QuantWeight, dequantize, quant_einsum, quantize
 from jaxllm.models.quant_dot import chunk_cols, chunked_quant_dot
-from tests.models.test_quant import build, logits_of
+from tests.engine_checks import build, logits_of
 
 pytestmark = pytest.mark.skipif(jax.default_backend() != "cpu", reason="the chunked dot is the CPU path")
 

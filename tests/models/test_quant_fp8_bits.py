@@ -16,7 +16,7 @@ from jaxllm.models.dense_batch import prefill_batch
 from jaxllm.models.quant import QUANT_PARAMS, QuantWeight, dequantize, quantize
 from pallas_kernels import KVCache
 from tests.models.hf_tiny import make_tiny_hf
-from tests.models.test_quant import build, logits_of
+from tests.engine_checks import build, logits_of
 
 pytestmark = pytest.mark.skipif(jax.default_backend() != "cpu", reason="the bits are the CPU path's held form")
 

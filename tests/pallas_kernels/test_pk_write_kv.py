@@ -1,4 +1,6 @@
 """write_kv: slots land where they should, -1 slots and unrelated slots are untouched, in place."""
+import dataclasses
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -114,3 +116,39 @@ def test_write_kv_fp8_quantizes_with_first_write_scales_in_place():
     page_ops = [ln for ln in hlo.splitlines() if f"[{L},{NB},{bs},{kvh},{d}]" in ln
                 and any(op in ln for op in (" copy(", "copy-start", "convert("))]
     assert not page_ops, page_ops  # (the [L, kvh] scales may be copied: 16 bytes)
+
+
+
+def test_write_kv_fp8_fixed_scales_match_first_write_path_and_never_move():
+    """`scales_fixed` (the engine's cache): a write quantizes with the set scales, bit for bit what
+    the first-write path writes once those scales are set, and leaves the scales as they were; the
+    flag survives the write, jit and `like`; zeros refuses fixed 0 scales."""
+    import ml_dtypes
+
+    L, NB, bs, kvh, d = 2, 8, 4, 2, 16
+    rng = np.random.default_rng(1)
+    scales = jnp.asarray(rng.uniform(0.01, 0.2, (L, kvh)), jnp.float32)  # [L, kvh] f32
+    raw = KVCache.zeros(L, NB, bs, kvh, d, jnp.float8_e4m3fn)
+    raw = dataclasses.replace(raw, k_scale=scales, v_scale=2 * scales)  # set: first-write keeps them
+    fixed = dataclasses.replace(raw, scales_fixed=True)
+    k = (rng.standard_normal((5, kvh, d)) * 20).astype(np.float32)  # some values saturate
+    slots = jnp.asarray([0, 9, -1, 31, 1000], jnp.int32)  # padding and out-of-range dropped
+    want = jax.jit(write_kv)(raw, jnp.int32(1), jnp.asarray(k), jnp.asarray(-k), slots)
+    got = jax.jit(write_kv)(fixed, jnp.int32(1), jnp.asarray(k), jnp.asarray(-k), slots)
+    assert got.scales_fixed and not want.scales_fixed
+    np.testing.assert_array_equal(np.asarray(got.k), np.asarray(want.k))
+    np.testing.assert_array_equal(np.asarray(got.v), np.asarray(want.v))
+    pages = np.asarray(got.k).view(ml_dtypes.float8_e4m3fn).astype(np.float32).reshape(L, NB * bs, kvh, d)
+    s1 = np.asarray(scales[1])[:, None]  # [kvh, 1]
+    for t, slot in ((0, 0), (1, 9), (3, 31)):  # numpy: e4m3fn of clip(row / scale, +-448)
+        want_row = np.clip(k[t] / s1, -448, 448).astype(ml_dtypes.float8_e4m3fn).astype(np.float32)
+        np.testing.assert_array_equal(pages[1, slot], want_row)
+    assert np.abs(k[[0, 1, 3]] / s1).max() > 448  # the saturating case is exercised
+    assert np.count_nonzero(pages[0]) == 0 and np.count_nonzero(np.delete(pages[1], [0, 9, 31], axis=0)) == 0
+    np.testing.assert_array_equal(np.asarray(got.k_scale), np.asarray(scales))
+    np.testing.assert_array_equal(np.asarray(got.v_scale), 2 * np.asarray(scales))
+    assert fixed.like(1, 2).scales_fixed and not raw.like(1, 2).scales_fixed
+    ones = KVCache.zeros(L, NB, bs, kvh, d, jnp.float8_e4m3fn, scale_init=1.0, scales_fixed=True)
+    assert ones.scales_fixed and (np.asarray(ones.k_scale) == 1.0).all()
+    with pytest.raises(ValueError, match=r"^scale_init=0.0 is invalid with scales_fixed=True: must be > 0$"):
+        KVCache.zeros(L, NB, bs, kvh, d, jnp.float8_e4m3fn, scales_fixed=True)

@@ -2,6 +2,9 @@
 output does not depend on which request the server saw first, the scales are HEADROOM x the
 calibration prefill's per-layer per-kv-head absmax / 448, calibration leaves no block or prefix-cache
 entry behind, and calculate_kv_scales=False gives vLLM's fixed 1.0."""
+import dataclasses
+import re
+
 import jax.numpy as jnp
 import numpy as np
 import pytest
@@ -123,3 +126,27 @@ def test_calibration_ids_from_the_tokenizer():
         has_text = False
 
     assert calibration_ids(NoText(), 300, 10_000) == np.random.default_rng(0).integers(0, 300, CALIBRATION_LEN).tolist()
+
+
+def _absmax_reductions(hlo: str, kvh: int) -> list[str]:
+    """Reductions of [T, kvh, head_dim] rows to [kvh] f32 over tokens and head_dim: the first-write
+    absmax (pallas_kernels/kv_quant.py first_write_scale), one per K and V in the layer scan's body."""
+    return [ln.strip() for ln in hlo.splitlines()
+            if re.search(rf"= f32\[{kvh}\]\S* reduce\(", ln) and "dimensions={0,2}" in ln]
+
+
+def test_engine_decode_step_computes_no_kv_absmax(path):
+    """build_engine's fp8 cache has fixed scales (set at start): the optimized CPU HLO of its decode
+    step holds no per-write absmax. The same step on the same cache with `scales_fixed=False` (a raw cache's first-write path) holds the two
+    (K and V), so the pattern does match what it looks for."""
+    e = _engine(path)
+    r = e.runner
+    assert r.kv_cache.scales_fixed
+    kvh = r.kv_cache.k_scale.shape[1]
+    inp = r._padding_inputs(*r.buckets.pick(1, 1, True))  # the smallest decode bucket
+    assert inp.metadata.decode_only
+    fixed = r._step_lowering(inp).compile().as_text()
+    assert _absmax_reductions(fixed, kvh) == []
+    r.kv_cache = dataclasses.replace(r.kv_cache, scales_fixed=False)
+    first_write = r._step_lowering(inp).compile().as_text()
+    assert len(_absmax_reductions(first_write, kvh)) == 2, _absmax_reductions(first_write, kvh)
