@@ -73,6 +73,7 @@ def test_block_hashes_namespaced_by_adapter():
     prompt = "the same long prompt, several blocks"
     e.add_request("a1", prompt, G, lora_request=lora(1))
     e.add_request("a2", prompt, G, lora_request=lora(2))
+    settle_loads(e)  # the loads run on the loader thread: the step below must find them done
     e.step()  # both prefilled in one step
     b1, b2 = (set(e.kv.get_block_ids(r)) for r in ("a1", "a2"))
     assert b1 and not b1 & b2  # same prompt, other adapter: disjoint blocks
@@ -177,6 +178,7 @@ def test_lora_requests_info_series():
     e.add_request("x", "hi", G, lora_request=lora(1))
     e.add_request("y", "hi", G, lora_request=lora(2))  # waits: one slot
     e.add_request("z", "hi", G)
+    settle_loads(e)
     e.step()
     assert series() == [("adapter1", "adapter2", "1")]  # one series, the current adapters
     run_all(e)
