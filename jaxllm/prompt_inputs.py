@@ -107,7 +107,7 @@ def validate_items(items: list[PromptItem], tokenizer, vocab_size: int, max_mode
     """Tokenize every prompt and check it and its SamplingParams as the engine would (same rules,
     same messages, prefixed with where the prompt came from); fills each item's `prompt`.
     task "embed": a prompt may be max_model_len tokens long (nothing is generated)."""
-    from jaxllm.engine.engine import validate_prompt_ids
+    from jaxllm.engine.intake import validate_prompt_ids
 
     for it in items:
         try:

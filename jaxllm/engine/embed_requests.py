@@ -26,7 +26,7 @@ class EmbedRequestsMixin:
         if len(ids) > self.max_model_len:
             raise ValueError(f"prompt length={len(ids)} tokens is invalid: must be <= "
                              f"max_model_len={self.max_model_len}")
-        from jaxllm.engine.engine import validate_prompt_ids
+        from jaxllm.engine.intake import validate_prompt_ids
 
         validate_prompt_ids(ids, self.vocab_size, self.max_model_len + 1)
         self._check_new_id(request_id)

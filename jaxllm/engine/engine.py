@@ -45,11 +45,9 @@ Input rules (``add_request`` validates everything before anything is scheduled a
 
 from __future__ import annotations
 
-import hashlib
 import random
 import time
 from collections.abc import Iterable
-
 
 from jaxllm.config import EngineConfig
 from jaxllm.core.kv_cache_manager import KVCacheManager, cdiv
@@ -61,35 +59,12 @@ from jaxllm.engine.runner_protocol import ModelRunnerProtocol
 from jaxllm.engine.embed_requests import EmbedRequestsMixin
 from jaxllm.engine.engine_stats import EngineStatsMixin
 from jaxllm.engine.grammar_requests import GrammarRequestsMixin
+from jaxllm.engine.intake import _NO_TEXT, SEED_MOD, derive_seed, resolve_prompt, validate_prompt_ids
 from jaxllm.engine.lora_requests import LoRARequestsMixin
 from jaxllm.metrics.stats import IterationStats
 from jaxllm.outputs import RequestOutput
 from jaxllm.pooling_params import PoolingParams
 from jaxllm.sampling_params import SamplingParams
-
-_SEED_MOD = 1 << 63
-
-
-def derive_seed(seed: int, index: int) -> int:
-    if index == 0:
-        return seed
-    d = hashlib.sha256(f"{seed}:{index}".encode()).digest()
-    return int.from_bytes(d[:8], "little") % _SEED_MOD
-
-
-def validate_prompt_ids(ids: list[int], vocab_size: int, max_model_len: int) -> None:
-    """The prompt rules (also checked by `python -m jaxllm.generate` before it builds an engine):
-    at least 1 token, every id an int in [0, vocab_size), shorter than max_model_len."""
-    if not ids:
-        raise ValueError("prompt=[] is invalid: the prompt must have at least 1 token")
-    for i, t in enumerate(ids):
-        if isinstance(t, bool) or not isinstance(t, int) or not 0 <= t < vocab_size:
-            raise ValueError(f"prompt_token_ids[{i}]={t!r} is invalid: must be an int in "
-                             f"[0, vocab_size={vocab_size})")
-    if len(ids) >= max_model_len:
-        raise ValueError(f"prompt length={len(ids)} tokens is invalid: must be < "
-                         f"max_model_len={max_model_len} (room for 1 generated token)")
-
 
 class LLMEngine(EmbedRequestsMixin, EngineStatsMixin, GrammarRequestsMixin, LoRARequestsMixin):
     def __init__(self, config: EngineConfig, runner: ModelRunnerProtocol, tokenizer,
@@ -154,22 +129,7 @@ class LLMEngine(EmbedRequestsMixin, EngineStatsMixin, GrammarRequestsMixin, LoRA
 
     # ----- intake -------------------------------------------------------------------
     def _resolve_prompt(self, prompt) -> tuple[str | None, list[int]]:
-        if isinstance(prompt, str):
-            return prompt, list(self.tokenizer.encode(prompt))
-        if isinstance(prompt, dict):
-            if "prompt_token_ids" in prompt:
-                ids = prompt["prompt_token_ids"]
-                if not isinstance(ids, (list, tuple)):
-                    raise ValueError(f"prompt_token_ids={ids!r} is invalid: must be a list of ints")
-                return prompt.get("prompt"), list(ids)
-            if "prompt" in prompt and isinstance(prompt["prompt"], str):
-                return prompt["prompt"], list(self.tokenizer.encode(prompt["prompt"]))
-            raise ValueError(f"prompt={prompt!r} is invalid: a dict prompt needs "
-                             f"'prompt_token_ids' (list of ints) or 'prompt' (str)")
-        if isinstance(prompt, (list, tuple)):
-            return None, list(prompt)
-        raise ValueError(f"prompt of type {type(prompt).__name__} is invalid: must be a str, a list "
-                         f"of token ids, or a dict with 'prompt_token_ids' or 'prompt'")
+        return resolve_prompt(prompt, self.tokenizer)
 
     def _validate_ids(self, ids: list[int]) -> None:
         validate_prompt_ids(ids, self.vocab_size, self.max_model_len)
@@ -218,7 +178,7 @@ class LLMEngine(EmbedRequestsMixin, EngineStatsMixin, GrammarRequestsMixin, LoRA
         # -- everything valid: nothing below raises on user input --
         now = time.time()
         arrival = now if arrival_time is None else arrival_time
-        base_seed = (params.seed % _SEED_MOD) if params.seed is not None \
+        base_seed = (params.seed % SEED_MOD) if params.seed is not None \
             else self._rng.getrandbits(63)
         max_out = min(params.max_tokens, self.max_model_len - len(ids))
         token_text = self._token_texts if params.detokenize else None
@@ -437,14 +397,3 @@ class LLMEngine(EmbedRequestsMixin, EngineStatsMixin, GrammarRequestsMixin, LoRA
 
     def reset_prefix_cache(self) -> bool:
         return self.kv.reset_prefix_cache()
-
-
-class _NoText:
-    """The detokenizer of a detokenize=False request: no text, no host decoding."""
-
-    @staticmethod
-    def add(new_ids) -> str:
-        return ""
-
-
-_NO_TEXT = _NoText()
