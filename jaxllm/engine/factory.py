@@ -196,12 +196,14 @@ def build_engine(config: EngineConfig, *, compile_cache: bool = True, warmup: bo
 
         num_blocks = int(multihost_utils.broadcast_one_to_all(np.int32(num_blocks)))
     shrink = config.kv_cache_memory_bytes is None and accelerator and jax.process_count() == 1
-    scales = scales_line = None
-    if config.kv_cache_dtype == "fp8":  # fixed before any request: outputs never depend on which came first
+    scales, scales_line = None, None
+    if config.kv_cache_dtype == "fp8" and not config.calculate_kv_scales:
+        scales_line = "fp8 KV scales: fixed 1.0 (calculate_kv_scales=False)"  # the runner's cache starts so
+    elif config.kv_cache_dtype == "fp8":  # fixed before any request: outputs never depend on which came first
         from jaxllm.runner import kv_calibration
 
         *scales, scales_line = kv_calibration.start_scales(
-            model, tokenizer, config.calculate_kv_scales, config.block_size, max_model_len,
+            model, tokenizer, config.block_size, max_model_len,
             *((layout.cache_scale_sharding(), layout.cache_sharding()) if layout is not None else ()))
     runner = allocate_runner(ModelRunner, model, num_blocks, runner_kw, shrink=shrink)
     num_blocks = runner.num_blocks

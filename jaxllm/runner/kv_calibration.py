@@ -54,16 +54,16 @@ def calibration_ids(tokenizer, vocab_size: int, max_len: int) -> list[int]:
     return ids[:max_len]
 
 
-def calibrated_scales(model, ids: list[int], block_size: int, cache_sharding=None):
+def calibrated_scales(model, ids: list[int], block_size: int, cache_sharding=None, scale_sharding=None):
     """(k_scale, v_scale) [L, kvh] f32 each: HEADROOM x the absmax of each layer's and kv head's K / V
-    over one prefill of `ids` through `model` (sharded like the engine's cache when `cache_sharding`)."""
+    over one prefill of `ids` through `model` (into a cache sharded like the engine's when
+    `cache_sharding`; the scales placed with `scale_sharding`, as KVCache.zeros places them)."""
     c = model.config
     tokens, positions, meta, nblocks = prefill_batch([ids], block_size)
     cache = KVCache.zeros(c.num_layers, nblocks, block_size, c.num_kv_heads, c.head_dim, model.dtype,
                           sharding=cache_sharding)  # private, model dtype: the unquantized K/V
     graphdef, state = nnx.split(model)
 
-    @jax.jit
     def run(state, cache, tokens, positions, meta):
         _, cache = nnx.merge(graphdef, state)(tokens, positions, cache, meta)
         # every slot of the private cache is a written row or zero: its absmax is the rows'
@@ -71,35 +71,23 @@ def calibrated_scales(model, ids: list[int], block_size: int, cache_sharding=Non
         # a head whose calibration K/V is all zero gets 1.0, never 0 (kv_quant's "unset")
         return tuple(jnp.where(a > 0, amax_scale(a), 1.0) for a in amax)
 
-    return run(state, cache, tokens, positions, meta)
+    out_shardings = None if scale_sharding is None else (scale_sharding, scale_sharding)
+    return jax.jit(run, out_shardings=out_shardings)(state, cache, tokens, positions, meta)
 
 
-def start_scales(model, tokenizer, calculate: bool, block_size: int, max_len: int, scale_sharding=None,
-                 cache_sharding=None):
-    """An fp8 engine's (k_scale, v_scale) [L, kvh] f32, placed with `scale_sharding`, and the start-up
-    line that says which, on how many tokens and in how long: calibrated (`calculate`) or all 1.0.
-    build_engine runs it before it allocates the KV cache, so the calibration's transient memory is
-    free again by then; each array is its own buffer (the step donates both)."""
+def start_scales(model, tokenizer, block_size: int, max_len: int, scale_sharding=None, cache_sharding=None):
+    """An fp8 engine's calibrated (k_scale, v_scale) [L, kvh] f32, placed with `scale_sharding`, and
+    the start-up line that says on how many tokens and in how long. build_engine runs it before it
+    allocates the KV cache, so the calibration's transient memory is free again by then (with
+    calculate_kv_scales=False it does not run: the runner's cache starts at 1.0)."""
     import time
 
     t0 = time.perf_counter()
-    c = model.config
-    if calculate:
-        ids = calibration_ids(tokenizer, c.vocab_size, max_len)
-        scales = calibrated_scales(model, ids, block_size, cache_sharding)
-        source = "the Zen of Python" if getattr(tokenizer, "has_text", True) else "seeded ids"
-        how = f"calibrated on {len(ids)} tokens ({source}), {HEADROOM:g} x absmax / 448"
-    else:
-        scales = (None, None)
-        how = "fixed 1.0 (calculate_kv_scales=False)"
-
-    def place(x):  # [L, kvh] f32 in its own buffer, placed as KVCache.zeros places (multi-host safe)
-        return jnp.ones((c.num_layers, c.num_kv_heads), jnp.float32) if x is None else x
-
-    if scale_sharding is not None:
-        place = jax.jit(place, out_shardings=scale_sharding)
-    k, v = jax.block_until_ready([place(x) for x in scales])
-    return k, v, f"fp8 KV scales: {how} in {time.perf_counter() - t0:.2f}s"
+    ids = calibration_ids(tokenizer, model.config.vocab_size, max_len)
+    k, v = jax.block_until_ready(calibrated_scales(model, ids, block_size, cache_sharding, scale_sharding))
+    source = "the Zen of Python" if getattr(tokenizer, "has_text", True) else "seeded ids"
+    return k, v, (f"fp8 KV scales: calibrated on {len(ids)} tokens ({source}), {HEADROOM:g} x absmax / 448 "
+                  f"in {time.perf_counter() - t0:.2f}s")
 
 
 def set_scales(runner, k_scale, v_scale) -> None:
