@@ -17,6 +17,12 @@ recorded in ``lora_calls``). A seq's ``lora_slot`` names the adapter its tokens 
 written for it is tagged with that adapter's name (None = the base model) and every read checks
 the tag, so a block shared across adapters (or a slot overwritten under a running request) fails;
 the adapter name is mixed into the sampled token, so each adapter "generates" differently.
+
+Prompt logprobs (``supports_prompt_logprobs``): for a seq asking ``prompt_logprobs=k``, each prompt
+position p >= 1 computed in a step gets the prompt token's fake logprob at context ``ctx[:p]``
+(the same formula ``_sample`` gives a sampled token there), a rank (1 when it is the token greedy
+decoding would pick) and the k-token top list ``_sample`` would report; filed at ``result()``, as
+the real runner files them, for ``take_prompt_logprobs``.
 """
 
 from __future__ import annotations
@@ -80,6 +86,8 @@ class FakeRunner:
         self.loras: dict[int, object] = {}  # slot -> adapter (set_lora)
         self.lora_calls: list[tuple[int, object]] = []
         self.max_loras: int | None = None  # set it to check slot numbers against a bound
+        self.supports_prompt_logprobs = True
+        self._prompt_lp_out: dict[str, dict[int, SampledToken]] = {}  # filed by FakePending.result()
 
     def set_lora(self, slot: int, adapter) -> None:
         assert isinstance(slot, int) and slot >= 1, slot
@@ -108,7 +116,8 @@ class FakeRunner:
     def dispatch(self, out: SchedulerOutput) -> FakePending:
         assert len(self._unread) <= 1, "a step dispatched with two unread steps before it"
         self._chunks: dict = {}
-        pending = FakePending(self, self._run(out), self._chunks)
+        self._prompt_lp: dict[str, dict[int, SampledToken]] = {}
+        pending = FakePending(self, self._run(out), self._chunks, self._prompt_lp)
         self._unread.append(pending)
         return pending
 
@@ -179,6 +188,8 @@ class FakeRunner:
                 assert not s.sample, f"{s.request_id}: an embed step never samples"
                 hs = [fake_hidden(ctx[:p + 1]) for p in range(s.start_pos, end)]
                 self._chunks[s.request_id] = PooledChunk(np.sum(hs, axis=0, dtype=np.float32), hs[-1])
+            if s.params.prompt_logprobs is not None:
+                self._prompt_logprobs(s, ctx, fed[s.request_id])
             if s.sample:
                 mask = out.grammar_bitmask[i] if out.constrained and out.constrained[i] else None
                 result[s.request_id] = self._sample(ctx, s, mask, key)
@@ -223,6 +234,30 @@ class FakeRunner:
         return SampledToken(token_id=tok, logprob=lp, top_logprobs=top, rank=1)  # the fake's best token
 
 
+    def _prompt_logprobs(self, s: ScheduledSeq, ctx: list[int], fed: list[int]) -> None:
+        """Prompt positions p + 1 predicted by this step's tokens (p = start_pos + j), as the real
+        runner: the chunk's last token predicts ``next_token_id``."""
+        k = s.params.prompt_logprobs
+        entries = self._prompt_lp.setdefault(s.request_id, {})
+        for j in range(len(fed)):
+            p = s.start_pos + j
+            if p + 1 >= s.num_prompt_tokens:
+                break
+            target = fed[j + 1] if j + 1 < len(fed) else s.next_token_id
+            if target is None:
+                continue
+            context = ctx[:p + 1]
+            best = context_hash(context) % self.vocab_size
+            lp = -float(_mix(target, len(context)) % 1000) / 100.0
+            rank = 1 if target == best else 2 + _mix(target, len(context)) % (self.vocab_size - 1)
+            best_lp = -float(_mix(best, len(context)) % 1000) / 100.0
+            top = [((best + i) % self.vocab_size, best_lp - i) for i in range(k)]
+            entries[p + 1] = SampledToken(token_id=target, logprob=lp, top_logprobs=top, rank=rank)
+
+    def take_prompt_logprobs(self) -> dict[str, dict[int, SampledToken]]:
+        out, self._prompt_lp_out = self._prompt_lp_out, {}
+        return out
+
     def take_pooled(self) -> dict:
         out, self._pooled = self._pooled, {}
         return out
@@ -233,13 +268,17 @@ class FakePending:
     (and, for an embed step, files its pooled chunks where take_pooled finds them, as the real
     runner does)."""
 
-    def __init__(self, runner: FakeRunner, result: dict[str, SampledToken], chunks: dict | None = None) -> None:
+    def __init__(self, runner: FakeRunner, result: dict[str, SampledToken], chunks: dict | None = None,
+                 prompt_lp: dict | None = None) -> None:
         self._runner, self._result, self._read = runner, result, False
         self._chunks = chunks or {}
+        self._prompt_lp = prompt_lp or {}
 
     def result(self) -> dict[str, SampledToken]:
         if not self._read:
             self._runner._take(self)
             self._runner._pooled.update(self._chunks)
+            for rid, entries in self._prompt_lp.items():
+                self._runner._prompt_lp_out.setdefault(rid, {}).update(entries)
             self._read = True
         return self._result
