@@ -22,6 +22,7 @@ from jaxllm.sampling_params import MAX_LOGPROBS, SamplingParams
 
 from serving.deltas import DeltaTracker, SampleDelta
 from serving.frontdoor import FrontDoor, FrontDoorError, ModelInfo, check_token_ids, invalid, render_chat
+from serving.openai_echo import Echo, check_stream, echo_text, prompt_logprobs_json
 from serving.openai_protocol import ChatCompletionRequest, CompletionRequest
 
 
@@ -39,10 +40,14 @@ class _Job:
         self.id = ("cmpl-" if kind == "completion" else "chatcmpl-") + uuid.uuid4().hex
         self.created = int(time.time())
         self.trackers = [DeltaTracker(f"{self.id}-{k}", params) for k in range(len(prompts))]
+        self.echo: Echo | None = None  # completions with echo=true
+        self.prompt_logprobs: int | None = None  # the k of the prompt_logprobs answer; None = none
+        self.offsets: dict[int, int] = {}  # choice index -> text_offset of its next token
 
     def usage(self) -> dict:
         p = sum(t.num_prompt_tokens for t in self.trackers)
-        c = sum(t.num_completion_tokens for t in self.trackers)
+        prompt_only = self.echo is not None and self.echo.prompt_only  # its one token is dropped
+        c = 0 if prompt_only else sum(t.num_completion_tokens for t in self.trackers)
         return {"prompt_tokens": p, "completion_tokens": c, "total_tokens": p + c}
 
     def token_text(self, tid: int, lp: Any) -> str:
@@ -52,8 +57,6 @@ class _Job:
 
 # ----- bodies -> jobs ------------------------------------------------------------------------
 def completion_job(door: FrontDoor, info: ModelInfo, body: CompletionRequest) -> _Job:
-    if body.echo:
-        raise invalid("echo=true is not supported: the prompt is not returned", "echo")
     if body.suffix is not None:
         raise invalid("suffix is not supported: this server has no insertion models", "suffix")
     if body.best_of is not None and body.best_of != body.n:
@@ -84,8 +87,16 @@ def completion_job(door: FrontDoor, info: ModelInfo, body: CompletionRequest) ->
                 prompts.append({"prompt_token_ids": check_token_ids(field, x, info.vocab_size)})
             except ValueError as exc:
                 raise invalid(str(exc), "prompt") from None
-    return _Job("completion", info, prompts, params, body.stream,
-                bool(body.stream_options and body.stream_options.include_usage))
+    if (msg := check_stream(body.prompt_logprobs, body.stream)) is not None:
+        raise invalid(msg, "prompt_logprobs")
+    job = _Job("completion", info, prompts, params, body.stream,
+               bool(body.stream_options and body.stream_options.include_usage))
+    job.prompt_logprobs = body.prompt_logprobs
+    if body.echo:  # vLLM: echo with logprobs answers the prompt logprobs too
+        if job.prompt_logprobs is None and body.logprobs is not None:
+            job.prompt_logprobs = params.logprobs
+        job.echo = Echo([echo_text(x, info.tokenizer) for x in prompts], prompt_only=body.max_tokens == 0)
+    return job
 
 
 def chat_job(door: FrontDoor, info: ModelInfo, body: ChatCompletionRequest) -> _Job:
@@ -102,8 +113,12 @@ def chat_job(door: FrontDoor, info: ModelInfo, body: ChatCompletionRequest) -> _
     params = door.check_params(params, info, max_tokens_set=max_set)
     if prompt.get("prompt") is None:
         prompt = {"prompt_token_ids": prompt["prompt_token_ids"]}
-    return _Job("chat", info, [prompt], params, body.stream,
-                bool(body.stream_options and body.stream_options.include_usage))
+    if (msg := check_stream(body.prompt_logprobs, body.stream)) is not None:
+        raise invalid(msg, "prompt_logprobs")
+    job = _Job("chat", info, [prompt], params, body.stream,
+               bool(body.stream_options and body.stream_options.include_usage))
+    job.prompt_logprobs = body.prompt_logprobs
+    return job
 
 
 # ----- running ---------------------------------------------------------------------------------
@@ -187,16 +202,46 @@ def _final_body(job: _Job) -> dict:
                     own = entry.get(t)
                     d.logprobs.append((int(t), float(own.logprob) if own is not None else float("nan"), entry))
             d.finish_reason, d.stop_reason = c.finish_reason, c.stop_reason
-            choices.append(_choice(job, k * n + idx, d, final=True))
+            choice = _choice(job, k * n + idx, _echoed(job, k, d, first=True), final=True)
+            if job.kind == "completion":  # vLLM: on each completion choice
+                choice["prompt_logprobs"] = _prompt_logprobs(job, tracker)
+            choices.append(choice)
     obj = "text_completion" if job.kind == "completion" else "chat.completion"
-    return {"id": job.id, "object": obj, "created": job.created, "model": job.info.name,
-            "choices": choices, "usage": job.usage()}
+    out = {"id": job.id, "object": obj, "created": job.created, "model": job.info.name,
+           "choices": choices, "usage": job.usage()}
+    if job.kind == "chat":  # vLLM: on the chat response
+        out["prompt_logprobs"] = _prompt_logprobs(job, job.trackers[0])
+    return out
+
+
+def _prompt_logprobs(job: _Job, tracker: DeltaTracker) -> list | None:
+    if job.prompt_logprobs is None or tracker.last is None:
+        return None
+    return prompt_logprobs_json(tracker.last, job.prompt_logprobs, job.token_text)
+
+
+def _echoed(job: _Job, k: int, d: SampleDelta, *, first: bool) -> SampleDelta:
+    """``d`` with prompt ``k`` echoed before it (a choice's first delta); with ``max_tokens=0``
+    the generated token is dropped and the choice ends as ``length``."""
+    echo = job.echo
+    if echo is None:
+        return d
+    if echo.prompt_only:
+        finish = "length" if d.finish_reason is not None else None
+        d = SampleDelta(d.index, [], "")
+        d.logprobs = [] if job.params.logprobs is not None else None
+        d.finish_reason = finish
+    if first:
+        d.text = echo.texts[k] + d.text
+        if d.logprobs is not None:
+            d.logprobs = echo.rows(job.trackers[k].last) + d.logprobs
+    return d
 
 
 def _choice(job: _Job, index: int, d: SampleDelta, *, final: bool, first: bool = False) -> dict:
     stop_reason = d.stop_reason if isinstance(d.stop_reason, (str, int)) else None
     if job.kind == "completion":
-        out = {"index": index, "text": d.text, "logprobs": _completion_logprobs(job, d),
+        out = {"index": index, "text": d.text, "logprobs": _completion_logprobs(job, index, d),
                "finish_reason": d.finish_reason}
     else:
         lp = _chat_logprobs(job, d)
@@ -210,20 +255,26 @@ def _choice(job: _Job, index: int, d: SampleDelta, *, final: bool, first: bool =
     return out
 
 
-def _completion_logprobs(job: _Job, d: SampleDelta) -> dict | None:
+def _completion_logprobs(job: _Job, index: int, d: SampleDelta) -> dict | None:
+    """The legacy logprobs object of a delta; an echoed prompt token without logprobs (the first)
+    has ``null`` entries. ``text_offset`` runs on across a choice's deltas."""
     if d.logprobs is None:
         return None
     k = job.params.logprobs or 0
     tokens, token_lps, tops, offsets = [], [], [], []
-    offset = 0
+    offset = job.offsets.get(index, 0)
     for tid, own, entry in d.logprobs:
-        text = job.token_text(tid, entry.get(tid))
+        text = job.token_text(tid, entry.get(tid) if entry is not None else None)
         tokens.append(text)
         token_lps.append(own)
         offsets.append(offset)
         offset += len(text)
+        if entry is None:
+            tops.append(None)
+            continue
         best = sorted(entry.items(), key=lambda kv: -kv[1].logprob)[:k]
         tops.append({job.token_text(t, lp): lp.logprob for t, lp in best} if k else None)
+    job.offsets[index] = offset
     return {"tokens": tokens, "token_logprobs": token_lps, "top_logprobs": tops, "text_offset": offsets}
 
 
@@ -269,7 +320,8 @@ def _chunk(job: _Job, head: dict, k: int, batch: list, started: set[int]) -> dic
     choices = []
     for d in job.trackers[k].update(batch):
         index = k * job.params.n + d.index
-        choices.append(_choice(job, index, d, final=False, first=index not in started))
+        first = index not in started
+        choices.append(_choice(job, index, _echoed(job, k, d, first=first), final=False, first=first))
         started.add(index)
     if not choices:
         return None

@@ -5,7 +5,7 @@ such as ``max_tokenz`` is a 400 naming it rather than a silently ignored value. 
 to ``SamplingParams.validate`` and the front door's caps, whose messages name field, value and
 limit the same way for every door. Besides OpenAI's fields, vLLM's extra sampling fields are
 accepted (``top_k``, ``min_p``, ``repetition_penalty``, ``min_tokens``, ``stop_token_ids``,
-``ignore_eos``, ``skip_special_tokens``, ``include_stop_str_in_output``).
+``ignore_eos``, ``skip_special_tokens``, ``include_stop_str_in_output``, ``prompt_logprobs``).
 """
 
 from __future__ import annotations
@@ -16,6 +16,8 @@ from pydantic import BaseModel, ConfigDict, Field
 
 from jaxllm.sampling_params import SamplingParams
 from jaxllm.structured_outputs import StructuredOutputsParams
+
+from serving.openai_echo import echo_sampling_kwargs
 
 
 class _Body(BaseModel):
@@ -72,6 +74,7 @@ class _SamplingFields(_Body):
     ignore_eos: bool | None = None
     skip_special_tokens: bool | None = None
     include_stop_str_in_output: bool | None = None
+    prompt_logprobs: int | None = None  # top-k per prompt token (serving/openai_echo.py answers it)
     # structured outputs: OpenAI's response_format, or vLLM's structured_outputs (not both)
     response_format: ResponseFormat | None = None
     structured_outputs: StructuredOutputsBody | None = None
@@ -96,7 +99,7 @@ class _SamplingFields(_Body):
         kw: dict[str, Any] = {}
         for name in ("temperature", "top_p", "presence_penalty", "frequency_penalty", "seed", "top_k",
                      "min_p", "repetition_penalty", "min_tokens", "stop_token_ids", "ignore_eos",
-                     "skip_special_tokens", "include_stop_str_in_output", "stop"):
+                     "skip_special_tokens", "include_stop_str_in_output", "stop", "prompt_logprobs"):
             v = getattr(self, name)
             if v is not None:
                 kw[name] = v
@@ -118,7 +121,7 @@ class _SamplingFields(_Body):
 class CompletionRequest(_SamplingFields):
     prompt: str | list[str] | list[int] | list[list[int]]
     logprobs: int | None = None  # top-k per generated token (legacy completions shape)
-    echo: bool = False  # True is refused: prompt echo is not implemented
+    echo: bool = False  # the prompt comes back before the completion (serving/openai_echo.py)
     suffix: str | None = None  # refused: no insertion models
     best_of: int | None = None  # only None or == n
 
@@ -128,6 +131,7 @@ class CompletionRequest(_SamplingFields):
             kw["max_tokens"] = self.max_tokens
         if self.logprobs is not None:
             kw["logprobs"] = self.logprobs
+        kw = echo_sampling_kwargs(kw, echo=self.echo)
         return SamplingParams(**kw), self.max_tokens is not None
 
 
