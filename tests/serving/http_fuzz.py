@@ -80,7 +80,7 @@ def plausible(vocab: int) -> dict[str, st.SearchStrategy]:
                                  "content": st.one_of(words, st.lists(st.fixed_dictionaries(
                                      {"type": st.just("text"), "text": words}), max_size=2))})
     return dict(
-        model=st.just("fake-llm"), max_tokens=st.integers(1, 8), max_completion_tokens=st.integers(1, 8),
+        model=st.just("fake-llm"), max_tokens=st.integers(0, 8), max_completion_tokens=st.integers(1, 8),
         temperature=st.floats(0, 2), top_p=st.floats(0.01, 1), n=st.integers(1, 3),
         stop=st.one_of(st.text(min_size=1, max_size=3), st.lists(st.text(min_size=1, max_size=3), max_size=2)),
         presence_penalty=st.floats(-2, 2), frequency_penalty=st.floats(-2, 2),
@@ -94,7 +94,8 @@ def plausible(vocab: int) -> dict[str, st.SearchStrategy]:
         messages=st.lists(msg, min_size=1, max_size=3), tokens=ids,
         input=st.one_of(words, ids, st.lists(words, min_size=1, max_size=3),
                         st.lists(ids, min_size=1, max_size=3)),
-        truncate_prompt_tokens=st.integers(1, 16), echo=st.just(False), suffix=st.none(),
+        truncate_prompt_tokens=st.integers(1, 16), echo=st.booleans(), prompt_logprobs=st.integers(0, 5),
+        suffix=st.none(),
         best_of=st.none(), encoding_format=st.sampled_from(["float", "base64"]),
         pooling_type=st.sampled_from(["MEAN", "LAST", "CLS", "mean", ""]),
         response_format=st.one_of(
