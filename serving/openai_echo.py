@@ -20,6 +20,8 @@ from __future__ import annotations
 import math
 from typing import Any, Callable
 
+from serving.deltas import SampleDelta
+
 # vLLM's clamp for a -inf logprob in JSON (clamp_prompt_logprobs)
 MIN_LOGPROB = -9999.0
 
@@ -63,6 +65,21 @@ class Echo:
     def __init__(self, texts: list[str], prompt_only: bool):
         self.texts = texts
         self.prompt_only = prompt_only
+
+    def delta(self, k: int, d: SampleDelta, *, first: bool, out: Any, logprobs: bool) -> SampleDelta:
+        """``d`` (a choice of prompt ``k``; ``out`` its newest RequestOutput) with the prompt
+        before it when it is the choice's first delta; with ``max_tokens=0`` the generated token
+        is dropped and the choice ends as ``length``."""
+        if self.prompt_only:
+            finish = "length" if d.finish_reason in ("stop", "length") else d.finish_reason  # its 1 token ended it
+            d = SampleDelta(d.index, [], "")
+            d.logprobs = [] if logprobs else None
+            d.finish_reason = finish
+        if first:
+            d.text = self.texts[k] + d.text
+            if d.logprobs is not None:
+                d.logprobs = self.rows(out) + d.logprobs
+        return d
 
     def rows(self, out: Any) -> list[tuple[int, float | None, dict | None]]:
         """Legacy-logprobs rows ``(token id, its logprob or None, {id: Logprob} or None)`` of a

@@ -221,21 +221,9 @@ def _prompt_logprobs(job: _Job, tracker: DeltaTracker) -> list | None:
 
 
 def _echoed(job: _Job, k: int, d: SampleDelta, *, first: bool) -> SampleDelta:
-    """``d`` with prompt ``k`` echoed before it (a choice's first delta); with ``max_tokens=0``
-    the generated token is dropped and the choice ends as ``length``."""
-    echo = job.echo
-    if echo is None:
+    if job.echo is None:
         return d
-    if echo.prompt_only:
-        finish = "length" if d.finish_reason is not None else None
-        d = SampleDelta(d.index, [], "")
-        d.logprobs = [] if job.params.logprobs is not None else None
-        d.finish_reason = finish
-    if first:
-        d.text = echo.texts[k] + d.text
-        if d.logprobs is not None:
-            d.logprobs = echo.rows(job.trackers[k].last) + d.logprobs
-    return d
+    return job.echo.delta(k, d, first=first, out=job.trackers[k].last, logprobs=job.params.logprobs is not None)
 
 
 def _choice(job: _Job, index: int, d: SampleDelta, *, final: bool, first: bool = False) -> dict:
