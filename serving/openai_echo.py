@@ -9,6 +9,9 @@
 - ``max_tokens=0`` with ``echo`` scores the prompt, as vLLM and OpenAI allow: the engine, whose
   requests generate at least one token, runs ``max_tokens=1`` and that token is dropped: the
   answer holds only the prompt, ``finish_reason`` ``length``, ``completion_tokens`` 0.
+- ``echo=true`` on chat (vLLM's extra field): the answer's content starts with the last message's
+  content when that message is the assistant's (the role of the answer: this server always adds
+  the generation prompt), so a client that prefilled the reply gets it whole; no logprobs for it.
 - ``prompt_logprobs=k`` (both endpoints): vLLM's list, ``null`` for the first prompt token, then
   per token ``{token id: {"logprob", "rank", "decoded_token"}}`` (the prompt token and the top k);
   on each choice for completions, on the response for chat, as vLLM places it. Like vLLM, it is
@@ -62,9 +65,10 @@ class Echo:
     """What a completions job puts before each choice: per prompt position, its text; and whether
     the answer is the prompt alone (``max_tokens=0``)."""
 
-    def __init__(self, texts: list[str], prompt_only: bool):
+    def __init__(self, texts: list[str], prompt_only: bool, with_logprobs: bool = True):
         self.texts = texts
         self.prompt_only = prompt_only
+        self.with_logprobs = with_logprobs  # the prompt tokens' rows lead the legacy logprobs
 
     def delta(self, k: int, d: SampleDelta, *, first: bool, out: Any, logprobs: bool) -> SampleDelta:
         """``d`` (a choice of prompt ``k``; ``out`` its newest RequestOutput) with the prompt
@@ -77,7 +81,7 @@ class Echo:
             d.finish_reason = finish
         if first:
             d.text = self.texts[k] + d.text
-            if d.logprobs is not None:
+            if d.logprobs is not None and self.with_logprobs:
                 d.logprobs = self.rows(out) + d.logprobs
         return d
 
@@ -91,6 +95,17 @@ class Echo:
             own = entry.get(tid) if entry else None
             rows.append((int(tid), float(own.logprob) if own is not None else None, entry if own is not None else None))
         return rows
+
+
+def chat_echo(body: Any) -> Echo | None:
+    """A chat body's echo (vLLM's ``echo``): the last message's text when its role is the answer's
+    (``assistant``); None when there is nothing to echo."""
+    if not getattr(body, "echo", False) or not body.messages:
+        return None
+    last = body.messages[-1].to_dict()
+    if last["role"] != "assistant" or not last["content"]:
+        return None
+    return Echo([last["content"]], prompt_only=False, with_logprobs=False)
 
 
 def prompt_logprobs_json(out: Any, k: int, token_text: Callable[[int, Any], str]) -> list | None:

@@ -22,7 +22,7 @@ from jaxllm.sampling_params import MAX_LOGPROBS, SamplingParams
 
 from serving.deltas import DeltaTracker, SampleDelta
 from serving.frontdoor import FrontDoor, FrontDoorError, ModelInfo, check_token_ids, invalid, render_chat
-from serving.openai_echo import Echo, check_stream, echo_text, prompt_logprobs_json
+from serving.openai_echo import Echo, chat_echo, check_stream, echo_text, prompt_logprobs_json
 from serving.openai_protocol import ChatCompletionRequest, CompletionRequest
 
 
@@ -118,6 +118,7 @@ def chat_job(door: FrontDoor, info: ModelInfo, body: ChatCompletionRequest) -> _
     job = _Job("chat", info, [prompt], params, body.stream,
                bool(body.stream_options and body.stream_options.include_usage))
     job.prompt_logprobs = body.prompt_logprobs
+    job.echo = chat_echo(body)
     return job
 
 

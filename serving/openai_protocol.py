@@ -159,6 +159,7 @@ class ChatCompletionRequest(_SamplingFields):
     max_completion_tokens: int | None = None  # OpenAI's newer name; wins over max_tokens
     logprobs: bool = False
     top_logprobs: int | None = None
+    echo: bool = False  # vLLM's extra: the answer starts with the last message when it is the assistant's
 
     def to_params(self, default_max_tokens: int | None) -> tuple[SamplingParams, bool]:
         kw = self.sampling_kwargs()

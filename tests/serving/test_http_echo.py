@@ -199,3 +199,24 @@ def test_limits_are_400_naming_the_field(srv, path, body, param, words):
     for w in words:
         assert w in err["message"], (w, err["message"])
     srv.wait_idle()
+
+
+def test_chat_echo_prepends_the_last_assistant_message(client, llm):
+    conv = CHAT + [{"role": "assistant", "content": "The capital is"}]
+    ref = llm.chat(conv, SamplingParams(max_tokens=5, temperature=0, ignore_eos=True, logprobs=1),
+                   use_tqdm=False)[0].outputs[0]
+    kw = dict(model="fake-llm", messages=conv, max_tokens=5, temperature=0, logprobs=True, top_logprobs=1)
+    resp = client.chat.completions.create(extra_body={"ignore_eos": True, "echo": True}, **kw)
+    msg = resp.choices[0].message
+    assert msg.role == "assistant" and msg.content == "The capital is" + ref.text
+    # logprobs cover the generated tokens only (vLLM)
+    assert "".join(e.token for e in resp.choices[0].logprobs.content) == ref.text
+    assert resp.usage.completion_tokens == 5
+    chunks = list(client.chat.completions.create(stream=True, extra_body={"ignore_eos": True, "echo": True}, **kw))
+    assert chunks[0].choices[0].delta.content.startswith("The capital is")
+    assert "".join(c.choices[0].delta.content or "" for c in chunks) == msg.content
+    # the last message is the user's: nothing to echo
+    plain = llm.chat(CHAT, SamplingParams(max_tokens=5, temperature=0, ignore_eos=True), use_tqdm=False)[0]
+    resp = client.chat.completions.create(model="fake-llm", messages=CHAT, max_tokens=5, temperature=0,
+                                          extra_body={"ignore_eos": True, "echo": True})
+    assert resp.choices[0].message.content == plain.outputs[0].text
