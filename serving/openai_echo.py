@@ -39,9 +39,9 @@ def echo_sampling_kwargs(kw: dict[str, Any], *, echo: bool) -> dict[str, Any]:
         if kw.get("min_tokens"):
             raise ValueError(f"min_tokens={kw['min_tokens']} is invalid: must be <= max_tokens=0")
         kw["max_tokens"] = 1  # generated, then dropped from the answer
-    k = kw.get("logprobs")
-    if echo and isinstance(k, int) and k >= 0:
-        kw["prompt_logprobs"] = max(k, kw.get("prompt_logprobs") or 0)
+    k, pk = kw.get("logprobs"), kw.get("prompt_logprobs")
+    if echo and k is not None and k >= 0 and (pk is None or pk >= 0):  # bad values stay for validation
+        kw["prompt_logprobs"] = max(k, pk or 0)
     return kw
 
 
@@ -62,8 +62,8 @@ def echo_text(prompt: Any, tokenizer: Any) -> str:
 
 
 class Echo:
-    """What a completions job puts before each choice: per prompt position, its text; and whether
-    the answer is the prompt alone (``max_tokens=0``)."""
+    """What a job puts before each choice: per prompt position, its text (completions: the prompt;
+    chat: the last assistant message); whether the answer is the prompt alone (``max_tokens=0``)."""
 
     def __init__(self, texts: list[str], prompt_only: bool, with_logprobs: bool = True):
         self.texts = texts

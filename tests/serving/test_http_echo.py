@@ -176,6 +176,8 @@ LIMITS = [
      ["prompt_logprobs=21", "[0, 20]"]),
     ("/v1/completions", {"prompt": "x", "echo": True, "logprobs": 5}, "logprobs",
      ["logprobs=5", f"--max-logprobs={MAX_LOGPROBS}"]),
+    ("/v1/completions", {"prompt": "x", "echo": True, "logprobs": 1, "extra": {"prompt_logprobs": -1}},
+     "prompt_logprobs", ["prompt_logprobs=-1", "[0, 20]"]),
     ("/v1/completions", {"prompt": "x", "max_tokens": 0}, "max_tokens", ["max_tokens=0", "echo=true"]),
     ("/v1/completions", {"prompt": "x", "max_tokens": 0, "echo": True, "extra": {"min_tokens": 2}},
      "min_tokens", ["min_tokens=2", "max_tokens=0"]),
