@@ -222,3 +222,19 @@ def test_chat_echo_prepends_the_last_assistant_message(client, llm):
     resp = client.chat.completions.create(model="fake-llm", messages=CHAT, max_tokens=5, temperature=0,
                                           extra_body={"ignore_eos": True, "echo": True})
     assert resp.choices[0].message.content == plain.outputs[0].text
+
+
+def test_prompt_logprobs_json_clamps_and_trims():
+    from jaxllm.outputs import Logprob, RequestOutput
+    from serving.openai_echo import prompt_logprobs_json
+
+    out = RequestOutput(request_id="r", prompt="ab", prompt_token_ids=[5, 6, 7], outputs=[], finished=True,
+                        prompt_logprobs=[None,
+                                         {6: Logprob(float("-inf"), 9, "b"), 8: Logprob(-0.1, 1, "x"),
+                                          9: Logprob(-0.2, 2, "y")},
+                                         {7: Logprob(-0.5, 1, None), 3: Logprob(-1.5, 2, "z")}])
+    got = prompt_logprobs_json(out, 1, lambda t, lp: lp.decoded_token or f"<{t}>")
+    assert got == [None,
+                   {"6": {"logprob": -9999.0, "rank": 9, "decoded_token": "b"},  # -inf is not JSON: vLLM's clamp
+                    "8": {"logprob": -0.1, "rank": 1, "decoded_token": "x"}},  # rank 2 is past k=1
+                   {"7": {"logprob": -0.5, "rank": 1, "decoded_token": "<7>"}}]
