@@ -235,11 +235,12 @@ class LLMEngine(EmbedRequestsMixin, EngineStatsMixin, GrammarRequestsMixin, LoRA
     def close(self) -> None:
         """Stop the engine's host worker threads without waiting for them (AsyncEngine calls it when
         its loop ends; the servers stop that loop): the LoRA loader (queued loads cancelled, a load in
-        flight dropped on its daemon thread) and the grammar compiler's pool."""
+        flight dropped on its daemon thread) and the grammar compiler's (likewise: queued compiles
+        cancelled, one in flight left to its daemon thread)."""
         if self.lora is not None:
             self.lora.close()
         if self.grammar is not None:
-            self.grammar.shutdown()
+            self.grammar.close()
 
     # ----- the loop -----------------------------------------------------------------
     def has_unfinished_requests(self) -> bool:
