@@ -196,7 +196,7 @@ class LLMEngine(EmbedRequestsMixin, EngineStatsMixin, GrammarRequestsMixin, LoRA
             self._seqs[cid] = (parent, seq)
             self.scheduler.add_request(req)
         self._parents[request_id] = parent
-        self.num_prompt_tokens += len(ids)
+        self.num_prompt_tokens += len(ids) if parent.in_stats else 0  # not health probes' (exclude_from_stats)
 
     def abort_request(self, request_ids: str | Iterable[str]) -> list[RequestOutput]:
         """Abort requests (parent ids). Unknown or finished ids are a no-op. Frees their blocks
@@ -323,7 +323,7 @@ class LLMEngine(EmbedRequestsMixin, EngineStatsMixin, GrammarRequestsMixin, LoRA
             except Exception as exc:  # noqa: BLE001 - reported through take_request_errors()
                 failed[parent.request_id] = (parent, exc)
                 continue
-            self.num_generated_tokens += 1
+            self.num_generated_tokens += 1 if parent.in_stats else 0
             parent.note_token(now)
             touched[parent.request_id] = parent
             pit = it if parent.in_stats else None
