@@ -377,7 +377,7 @@ class LLMEngine(EmbedRequestsMixin, EngineStatsMixin, GrammarRequestsMixin, LoRA
     def _release_if_idle(self) -> None:
         if not self.scheduler.has_unfinished_requests():
             if self._in_flight is not None:  # every request it served is gone: read it back, drop it
-                (out, pending), self._in_flight = self._in_flight, None
+                (_, pending), self._in_flight = self._in_flight, None
                 pending.result()
                 self.num_steps += 1
                 for name in ("take_prompt_logprobs", "take_pooled"):
