@@ -55,7 +55,6 @@ def zen_of_python() -> str:
 
 def logits_for(model, config, ids: list[int], dtype, block_size: int = 16, kv_cache_dtype: str = "auto",
                kv_scale: str = "first", tokenizer=None):
-    import jax.numpy as jnp
     import numpy as np
 
     from jaxllm.models.dense_batch import prefill_batch

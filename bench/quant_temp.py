@@ -68,5 +68,5 @@ for method in args.methods.split(","):
               f"weight-shaped float arrays: {copies or 'none'}  8-bit copies: {copies8 or 'none'}  "
               f"step {1e3 * np.median(ts):.1f} ms  "
               f"load {os.getloadavg()[0]:.2f}", flush=True)
-    del model, gd, st
+    model = gd = st = None  # free this model before the next one is built
 print("backend:", jax.default_backend())

@@ -12,6 +12,11 @@ copies the cache somewhere in the step (a 13B model's cache then no longer fits 
 --hlo-dir writes each step's optimized HLO and lists its copy instructions of a cache's size.
 Exit status 1 when some bucket's temp reaches half of one cache array or its HLO copies a whole one.
 
+--kv-cache-dtype fp8 builds the cache the engine runs (``build_engine``: ``kv_scales_fixed=True``,
+``KVCache.scales_fixed``: scales set at start, so the step's writes quantize with them and compute
+no per-write absmax), not a raw runner's first-write-derives-the-scales cache (``scale_init=0``,
+kv_quant.py): the memory figures are those of the engine's fp8 step.
+
 --tp N shards the model and the cache over N devices; the memory analysis is then per device and
 is compared with one device's shard of the cache. One kv head per device (here --kv-heads equal to
 --tp, or --kv-heads 1 at tp 1) is the case that once copied the whole cache after every layer's
@@ -159,7 +164,8 @@ def main(argv=None) -> int:
     model = build_model(mc, dummy_params(mc, dtype), dtype, layout=layout)
     runner = ModelRunner(model, block_size=args.block_size, num_blocks=num_blocks, max_model_len=1024,
                          max_num_seqs=args.max_num_seqs, max_num_batched_tokens=args.max_num_batched_tokens,
-                         kv_cache_dtype=args.kv_cache_dtype)
+                         kv_cache_dtype=args.kv_cache_dtype,
+                         kv_scales_fixed=args.kv_cache_dtype == "fp8")  # as build_engine: the engine's cache
     runner.warmup()
     print(f"backend {jax.default_backend()} ({jax.devices()[0].device_kind}); tp {args.tp}; cache.k = cache.v = "
           f"{cache_bytes / 2**20:.0f} MiB per device ({num_blocks} blocks); attention impl (env) "
@@ -211,7 +217,8 @@ def main(argv=None) -> int:
     md_impl = resolve_impl(None, runner._padding_inputs(*runner.buckets.all()[0]).metadata)
     result = {"backend": jax.default_backend(), "device": jax.devices()[0].device_kind, "impl": md_impl, "tp": args.tp,
               "layer_loop": model.layer_loop, "layer_weight_bytes": layer_weight_bytes,
-              "cache_bytes": cache_bytes, "kv_cache_dtype": args.kv_cache_dtype, "rows": rows, "copies_cache": bad,
+              "cache_bytes": cache_bytes, "kv_cache_dtype": args.kv_cache_dtype,
+              "kv_scales_fixed": runner.kv_cache.scales_fixed, "rows": rows, "copies_cache": bad,
               "probes": result_probes if args.probes else None}
     print("RESULT:", "the step COPIES the cache" if bad else "the cache is updated in place", f"(impl {md_impl})")
     if args.json:

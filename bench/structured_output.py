@@ -73,7 +73,7 @@ def host_part(model: str, counts: list[int], steps: int) -> list[dict]:
         med = lambda xs: statistics.median(xs) * 1e3  # noqa: E731
         rows.append(dict(seqs=n, fill_ms=med(fill), accept_ms=med(accept), upload_ms=med(upload),
                          total_ms=med([a + b + c for a, b, c in zip(fill, accept, upload)])))
-    compiler.shutdown()
+    compiler.close()
     return rows
 
 

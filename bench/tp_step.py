@@ -76,8 +76,7 @@ def measure(args, tp: int, cache_mib: int) -> dict:
            "temp_mib": ma.temp_size_in_bytes / 2**20, "alias_mib": ma.alias_size_in_bytes / 2**20,
            "cache_shard_mib": shard_bytes / 2**20, "collectives": colls,
            "collective_bytes_per_step": sum(c["bytes"] * c["per_step"] for c in colls)}
-    del llm, engine, r
-    return row
+    return row  # the engine goes with this frame (before the next tp builds its own)
 
 
 def main(argv=None) -> int:

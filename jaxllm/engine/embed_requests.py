@@ -37,7 +37,8 @@ class EmbedRequestsMixin:
         st = self._embeds[request_id] = EmbedState(req, text, arrival)
         st.in_stats = self._in_stats(request_id)
         self.scheduler.add_request(req)
-        self.num_prompt_tokens += len(ids)
+        if st.in_stats:
+            self.num_prompt_tokens += len(ids)
 
 
     def _finish_embeddings(self, out, now: float, it=None) -> list[EmbeddingRequestOutput]:

@@ -196,7 +196,7 @@ class LLMEngine(EmbedRequestsMixin, EngineStatsMixin, GrammarRequestsMixin, LoRA
             self._seqs[cid] = (parent, seq)
             self.scheduler.add_request(req)
         self._parents[request_id] = parent
-        self.num_prompt_tokens += len(ids)
+        self.num_prompt_tokens += len(ids) if parent.in_stats else 0  # not health probes' (exclude_from_stats)
 
     def abort_request(self, request_ids: str | Iterable[str]) -> list[RequestOutput]:
         """Abort requests (parent ids). Unknown or finished ids are a no-op. Frees their blocks
@@ -235,11 +235,12 @@ class LLMEngine(EmbedRequestsMixin, EngineStatsMixin, GrammarRequestsMixin, LoRA
     def close(self) -> None:
         """Stop the engine's host worker threads without waiting for them (AsyncEngine calls it when
         its loop ends; the servers stop that loop): the LoRA loader (queued loads cancelled, a load in
-        flight dropped on its daemon thread) and the grammar compiler's pool."""
+        flight dropped on its daemon thread) and the grammar compiler's (likewise: queued compiles
+        cancelled, one in flight left to its daemon thread)."""
         if self.lora is not None:
             self.lora.close()
         if self.grammar is not None:
-            self.grammar.shutdown()
+            self.grammar.close()
 
     # ----- the loop -----------------------------------------------------------------
     def has_unfinished_requests(self) -> bool:
@@ -322,7 +323,7 @@ class LLMEngine(EmbedRequestsMixin, EngineStatsMixin, GrammarRequestsMixin, LoRA
             except Exception as exc:  # noqa: BLE001 - reported through take_request_errors()
                 failed[parent.request_id] = (parent, exc)
                 continue
-            self.num_generated_tokens += 1
+            self.num_generated_tokens += 1 if parent.in_stats else 0
             parent.note_token(now)
             touched[parent.request_id] = parent
             pit = it if parent.in_stats else None
@@ -376,7 +377,7 @@ class LLMEngine(EmbedRequestsMixin, EngineStatsMixin, GrammarRequestsMixin, LoRA
     def _release_if_idle(self) -> None:
         if not self.scheduler.has_unfinished_requests():
             if self._in_flight is not None:  # every request it served is gone: read it back, drop it
-                (out, pending), self._in_flight = self._in_flight, None
+                (_, pending), self._in_flight = self._in_flight, None
                 pending.result()
                 self.num_steps += 1
                 for name in ("take_prompt_logprobs", "take_pooled"):

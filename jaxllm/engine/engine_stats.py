@@ -19,9 +19,10 @@ class EngineStatsMixin:
 
     def exclude_from_stats(self, prefix: str) -> None:
         """Leave requests whose id starts with ``prefix`` (a server's synthetic health probes) out of
-        the stat loggers' request-level records: success counts, prompt/generation tokens, latency
-        and length histograms. The steps they run in still count (tokens per step, step time,
-        gauges): that is real engine work. ``get_stats()`` totals are unchanged (they count all)."""
+        the stat loggers' request-level records (success counts, prompt/generation tokens, latency
+        and length histograms) and out of ``get_stats()``'s prompt/generated token totals. The steps
+        they run in still count (tokens per step, step time, ``num_steps``, gauges, prefix-cache and
+        preemption counters): that is real engine work."""
         if not isinstance(prefix, str) or not prefix:
             raise ValueError(f"prefix={prefix!r} is invalid: must be a non-empty str")
         self._stats_excluded += (prefix,)

@@ -2,6 +2,7 @@
 hand a ready LLMEngine back. This is where the host engine meets jax."""
 from __future__ import annotations
 
+import functools
 import logging
 import os
 import sys
@@ -140,9 +141,8 @@ def build_engine(config: EngineConfig, *, compile_cache: bool = True, warmup: bo
         from jaxllm.parallel import TPLayout, make_mesh
 
         mesh = make_mesh(tp)  # ValueError naming tp and the device count when too few devices
-
-        def layout_for(model_config):  # ValueError naming the numbers when the model does not fit
-            return TPLayout.plan(model_config, tp, mesh)
+        # model_config -> its TPLayout; ValueError naming the numbers when the model does not fit
+        layout_for = functools.partial(TPLayout.plan, tp=tp, mesh=mesh)
     t0 = time.perf_counter()
     if compile_cache:
         enable_compile_cache()

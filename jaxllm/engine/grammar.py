@@ -3,8 +3,9 @@
 - ``GrammarCompiler.check(spec)`` (engine thread, at admission): turns the spec into an
   llguidance grammar and validates it without the tokenizer (milliseconds); a bad schema, regex or
   grammar raises ``ValueError`` naming ``structured_outputs.<kind>``, so the request never enters
-  the scheduler. ``submit(spec)`` builds the matcher (the tokenizer-dependent part) on a thread
-  pool; both results sit in an LRU cache keyed by the spec, so a repeated schema costs nothing.
+  the scheduler. ``submit(spec)`` builds the matcher (the tokenizer-dependent part) on a pool of
+  daemon threads (``jaxllm/daemon_pool.py``: a compile in flight never holds up exit); both
+  results sit in an LRU cache keyed by the spec, so a repeated schema costs nothing.
 - ``GrammarState`` (one per sequence): ``ready`` once its matcher exists (the scheduler leaves the
   request waiting until then, without blocking others), ``accept(token)`` after every sampled token.
 - ``fill_bitmask(states, width)``: ``[n, width]`` int32 rows, bit ``t % 32`` of word ``t // 32`` set
@@ -26,6 +27,7 @@ from collections.abc import Callable, Sequence
 
 import numpy as np
 
+from jaxllm.daemon_pool import DaemonPool
 from jaxllm.structured_outputs import StructuredOutputsParams
 
 log = logging.getLogger("jaxllm")
@@ -94,7 +96,7 @@ class GrammarCompiler:
         self._tokenizer_lock = threading.Lock()
         self.vocab_size = vocab_size  # logits width
         self.eos_token_ids = sorted(eos_token_ids)
-        self._pool = concurrent.futures.ThreadPoolExecutor(workers, thread_name_prefix="jaxllm-grammar")
+        self._pool = DaemonPool(workers, "jaxllm-grammar")  # daemon workers: exit never waits on a compile
         self._cache: collections.OrderedDict[tuple, tuple[str, concurrent.futures.Future | None]] = \
             collections.OrderedDict()
         self._cache_size = cache_size
@@ -139,7 +141,7 @@ class GrammarCompiler:
             self.check(StructuredOutputsParams(**{kind: value}))
         with self._lock:
             grammar, fut = self._cache.get(key, (None, None))
-            if fut is None:
+            if fut is None or fut.cancelled():  # a cancelled one was queued at a close(): compile again
                 fut = self._pool.submit(self._compile, grammar)
                 self._cache[key] = (grammar, fut)
                 self._trim()
@@ -188,8 +190,10 @@ class GrammarCompiler:
             out[:, -1] &= np.int32((1 << (self.vocab_size % 32)) - 1)
         return out
 
-    def shutdown(self) -> None:
-        self._pool.shutdown(wait=False, cancel_futures=True)
+    def close(self) -> None:
+        """Stop the compile workers without waiting (``LLMEngine.close``): queued compiles are
+        cancelled, one in flight finishes on its daemon thread. A later ``submit`` starts them again."""
+        self._pool.close()
 
 
 class GrammarState:

@@ -3,7 +3,9 @@
 One struct for the real ``LLMEngine`` and the serving fakes, so the front door, health and
 metrics read the same names (``num_free_blocks``/``num_blocks``) instead of probing aliases.
 Counters (``num_steps``, tokens, prefix-cache queries/hits, preemptions) are totals since the
-engine was built; the rest is the state at the time of the call.
+engine was built; the rest is the state at the time of the call. The token totals leave out the
+requests ``exclude_from_stats`` names (the servers' health probes), as the metrics do; the steps,
+gauges and cache counters count them (engine work).
 """
 
 from __future__ import annotations

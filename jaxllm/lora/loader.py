@@ -15,32 +15,23 @@ One worker by default: loads are file reads and numpy copies, a second one mostl
 same disk and GIL; ``workers`` is there for a host that serves many cold adapters. The workers run
 at a lower CPU priority (``nice``, Linux: per thread) so that on a host whose cores also run the
 model (the CPU backend) a load takes the cores the step leaves idle instead of stretching the step.
-The workers are daemon threads (a load in flight never holds up interpreter exit) and ``close``
-(``LLMEngine.close``, when the servers stop the engine loop) cancels queued loads without waiting.
+The workers are daemon threads (``jaxllm/daemon_pool.py``: a load in flight never holds up
+interpreter exit) and ``close`` (``LLMEngine.close``, when the servers stop the engine loop)
+cancels queued loads without waiting.
 """
 
 from __future__ import annotations
 
 import concurrent.futures
-import os
-import queue
-import threading
 from collections.abc import Callable
 from typing import Any
+
+from jaxllm.daemon_pool import DaemonPool
 
 LoadFn = Callable[[Any], Any]  # LoRARequest -> a LoRAAdapter (``.name``, ``.rank``, ``.nbytes``)
 
 
 NICE = 10  # added to a loader thread's niceness (0..19; the engine thread keeps its own)
-
-
-def _lower_priority() -> None:
-    """Make the calling thread yield the CPU to the engine's (Linux: niceness is per thread)."""
-    try:
-        tid = threading.get_native_id()
-        os.setpriority(os.PRIO_PROCESS, tid, min(19, os.getpriority(os.PRIO_PROCESS, tid) + NICE))
-    except (AttributeError, OSError):  # not Linux, or not allowed: the loads still run off-thread
-        pass
 
 
 def _one_line(exc: BaseException) -> str:
@@ -62,12 +53,9 @@ def load_error(lora, exc: BaseException) -> LoRALoadError:
 
 class AdapterLoader:
     def __init__(self, load_fn: LoadFn, workers: int = 1) -> None:
-        if isinstance(workers, bool) or not isinstance(workers, int) or workers < 1:
-            raise ValueError(f"workers={workers!r} is invalid: must be an integer >= 1")
         self.load_fn = load_fn
+        self.pool = DaemonPool(workers, "jaxllm-lora-load", nice=NICE)  # validates ``workers``
         self.workers = workers
-        self._queue: queue.SimpleQueue | None = None  # (future, lora) jobs; None = a worker's stop
-        self._lock = threading.Lock()
 
     def load(self, lora) -> Any:
         """``load_fn(lora)`` here and now; a failure is the one-line ValueError."""
@@ -77,44 +65,10 @@ class AdapterLoader:
             raise load_error(lora, exc) from exc
 
     def submit(self, lora) -> concurrent.futures.Future:
-        """``load(lora)`` on a worker thread (thread-safe)."""
-        fut: concurrent.futures.Future = concurrent.futures.Future()
-        with self._lock:
-            start = self._queue is None  # made on the first load: an engine without adapters has no thread
-            if start:
-                self._queue = queue.SimpleQueue()
-            self._queue.put((fut, lora))  # before the workers start: the first takes it at once
-            for i in range(self.workers if start else 0):
-                threading.Thread(target=self._work, args=(self._queue,), name=f"jaxllm-lora-load_{i}",
-                                 daemon=True).start()
-        return fut
-
-    def _work(self, jobs: queue.SimpleQueue) -> None:
-        """A worker: daemon (an in-flight load never holds up interpreter exit, unlike a
-        ThreadPoolExecutor's, which exit joins); stops at its None."""
-        _lower_priority()
-        while (job := jobs.get()) is not None:
-            fut, lora = job
-            if not fut.set_running_or_notify_cancel():
-                continue
-            try:
-                fut.set_result(self.load(lora))
-            except BaseException as exc:  # noqa: BLE001 - the future carries it
-                fut.set_exception(exc)
+        """``load(lora)`` on a worker thread (thread-safe; the first submit starts the worker(s))."""
+        return self.pool.submit(self.load, lora)
 
     def close(self) -> None:
         """Stop the worker(s) without waiting: queued loads are cancelled, a load in flight finishes
         on its daemon thread and its result is dropped. A later ``submit`` starts new workers."""
-        with self._lock:
-            jobs, self._queue = self._queue, None
-        if jobs is None:
-            return
-        while True:
-            try:
-                job = jobs.get_nowait()
-            except queue.Empty:
-                break
-            if job is not None:
-                job[0].cancel()
-        for _ in range(self.workers):
-            jobs.put(None)
+        self.pool.close()

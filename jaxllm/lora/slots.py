@@ -29,9 +29,11 @@ Slot s (1..S) lives at index s - 1; slot 0 (the base model) has no storage (delt
 arrive from `jaxllm/lora/peft.py` in checkpoint layout; `slot_arrays` pads the rank, repeats kv
 heads (tensor parallelism with tp > kv heads) on the host; `set` writes them with one
 jitted, donated update (compiled at warm-up, any slot: the slot is an argument). `prepare` does the
-host part (check + `slot_arrays`, numpy only, thread-safe) ahead of time: the engine's adapter
-loader runs it on its own thread, so that `set` of a `SlotAdapter` on the engine thread is only
-the device write.
+checks and the cast to the slots' dtype ahead of time (numpy only, thread-safe: the engine's adapter
+loader runs it on its own thread) but keeps the adapter at its own rank: the host cache holds
+`max_cpu_loras` of them, and a rank-8 adapter padded to max_lora_rank=64 would cost 8x its bytes
+there (bench/lora_host_bytes.py). `set` pads it (fresh zeros, the adapter's columns copied in)
+just before the device write, on the engine thread.
 """
 from __future__ import annotations
 
@@ -56,16 +58,18 @@ LORA_TARGETS: dict[str, tuple[str, ...]] = {
 
 @dataclasses.dataclass(frozen=True)
 class SlotAdapter:
-    """An adapter already in the slot layout (``LoRASlots.prepare``): ``arrays`` {name: LoRAPair}
-    numpy as ``slot_arrays`` makes them; name / rank / path as the LoRAAdapter's it came from."""
+    """An adapter checked against the slots and cast to their dtype (``LoRASlots.prepare``), still
+    at its own rank: ``modules`` {checkpoint name: (A [L, in..., r], B [L, r, out...])} numpy, as the
+    LoRAAdapter's it came from (name / rank / path too). The host cache keeps these: a rank-8 adapter
+    costs rank 8, not ``max_lora_rank``; ``LoRASlots.set`` pads it into the slot layout."""
     name: str
     rank: int
-    arrays: dict
+    modules: dict
     path: str = ""
 
     @property
     def nbytes(self) -> int:
-        return sum(p.a.nbytes + sum(b.nbytes for b in p.b) for p in self.arrays.values())
+        return sum(a.nbytes + b.nbytes for a, b in self.modules.values())
 
 
 def lora_axes(weight_axes: tuple[str, ...], num_in: int, stacked: bool) -> tuple[tuple, tuple]:
@@ -164,30 +168,35 @@ class LoRASlots:
                                  f"do not match this model's {want[0]}/{want[1]} (an adapter of another model?)")
 
     def prepare(self, adapter: LoRAAdapter) -> SlotAdapter:
-        """``adapter`` checked and in the slot layout, ready for ``set`` (numpy only; any thread)."""
+        """``adapter`` checked and cast to the slots' dtype at its own rank, ready for ``set`` (numpy
+        only; any thread)."""
         self.check(1, adapter)
-        return SlotAdapter(adapter.name, adapter.rank, self.slot_arrays(adapter), adapter.path)
+        dt = np.dtype(self.dtype)
+        modules = {param: (a.astype(dt, copy=False), b.astype(dt, copy=False))
+                   for param, (a, b) in adapter.modules.items()}
+        return SlotAdapter(adapter.name, adapter.rank, modules, adapter.path)
 
-    def slot_arrays(self, adapter: LoRAAdapter | None) -> dict[str, LoRAPair]:
-        """{name: LoRAPair(a [L, in..., P·R], b per part [L, R, out_p...])} numpy in the slot layout."""
-        L, R = self.num_layers, self.rank
+    def slot_arrays(self, adapter: LoRAAdapter | SlotAdapter | None) -> dict[str, LoRAPair]:
+        """{name: LoRAPair(a [L, in..., P·R], b per part [L, R, out_p...])} numpy in the slot layout
+        and dtype: the adapter's rank-r columns, zeros past them (None: all zeros)."""
+        L, R, dt = self.num_layers, self.rank, np.dtype(self.dtype)
         out = {}
         for name, parts in LORA_TARGETS.items():
             P = len(parts)
             ins = self.ckpt_shapes[parts[0]][0]
-            a = np.zeros((L,) + ins + (P * R,), np.float32)  # [L, in..., P*R]
+            a = np.zeros((L,) + ins + (P * R,), dt)  # [L, in..., P*R]
             bs = []
             for p, param in enumerate(parts):
-                b = np.zeros((L, R) + self.ckpt_shapes[param][1], np.float32)  # [L, R, out_p...]
+                b = np.zeros((L, R) + self.ckpt_shapes[param][1], dt)  # [L, R, out_p...]
                 if adapter is not None and param in adapter.modules:
                     pa, pb = adapter.modules[param]
                     r = pa.shape[-1]
-                    a[..., p * R:p * R + r] = pa  # ranks r..R stay zero
+                    a[..., p * R:p * R + r] = pa  # ranks r..R stay zero (an f32 adapter is cast here)
                     b[:, :r] = pb
                 if self.kv_repeat > 1 and param in KV_PARAMS:
                     b = np.repeat(b, self.kv_repeat, axis=-2)  # the model's repeated kv heads
-                bs.append(b.astype(self.dtype))
-            out[name] = LoRAPair(a.astype(self.dtype), tuple(bs))
+                bs.append(b)
+            out[name] = LoRAPair(a, tuple(bs))
         return out
 
     # ----- device side ---------------------------------------------------------------------------
@@ -198,9 +207,9 @@ class LoRASlots:
     def set(self, slot: int, adapter: LoRAAdapter | SlotAdapter | None, executable=None) -> None:
         """Writes `adapter` (None: zeros; a SlotAdapter: as prepared) into `slot` in place with the
         compiled update (`executable`, the runner's from warm-up; None: the jitted function)."""
-        if isinstance(adapter, SlotAdapter):  # checked and laid out by prepare (the loader thread)
+        if isinstance(adapter, SlotAdapter):  # checked and cast by prepare (the loader thread)
             self.check(slot, None)
-            new = adapter.arrays
+            new = self.slot_arrays(adapter)
         elif adapter is None:
             self.check(slot, None)
             if self._zero_update is None:

@@ -27,7 +27,6 @@ scale-multiply over [in, out]) before the dot; here the scale multiplies the sma
 from __future__ import annotations
 
 import dataclasses
-import math
 
 import jax
 import jax.numpy as jnp

@@ -257,15 +257,15 @@ class ModelRunner:
         return self.model_config if self.lora is None else self.lora.adapter_config
 
     def prepare_lora(self, adapter):
-        """`adapter` (a LoRAAdapter) checked and laid out for `set_lora` (a SlotAdapter): the host
-        side of a slot write, numpy only, safe on any thread (the engine's adapter loader runs it)."""
+        """`adapter` (a LoRAAdapter) checked and cast for `set_lora` (a SlotAdapter at its own rank, as
+        the host cache keeps it): numpy only, safe on any thread (the engine's adapter loader runs it)."""
         if self.lora is None:
             raise ValueError("prepare_lora needs a runner built with lora_config (enable_lora=True)")
         return self.lora.prepare(adapter)
 
     def set_lora(self, slot: int, adapter) -> None:
         """Loads `adapter` (a jaxllm.lora.peft.LoRAAdapter, or a SlotAdapter from `prepare_lora`: then
-        only the device write is left; None: empties the slot) into device slot
+        only the rank padding and the device write are left; None: empties the slot) into device slot
         `slot` (1..max_loras) in place: one donated update compiled at warm-up, nothing retraced.
         Steps dispatched afterwards see it; ValueError (nothing changed) for a bad slot or adapter."""
         if self.lora is None:

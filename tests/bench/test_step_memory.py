@@ -50,3 +50,22 @@ def test_unrolled_layers_copy_no_weight(tmp_path, capsys):
     scan_steps = [r for r in scan["rows"] if r["bucket"].startswith("('step'")]
     assert all(r["weight_bytes_copied_per_step"] >= 2 * scan["layer_weight_bytes"] // 2 for r in scan_steps), scan_steps
 
+
+
+def test_fp8_measures_the_engine_fixed_scale_cache(tmp_path, capsys):
+    """--kv-cache-dtype fp8 compiles the engine's step (build_engine's ``scales_fixed`` cache): in place,
+    and its optimized HLO computes no per-write absmax (the first-write path's two per layer, K and V,
+    are what tests/runner/test_kv_calibration.py's pattern finds on a raw cache)."""
+    from tests.runner.test_kv_calibration import _absmax_reductions
+
+    out, hlo = tmp_path / "mem.json", tmp_path / "hlo"
+    rc = step_memory.main(["--cache-mib", "16", "--layers", "2", "--hidden", "256", "--heads", "4", "--kv-heads", "2",
+                           "--max-num-seqs", "4", "--max-num-batched-tokens", "32", "--kv-cache-dtype", "fp8",
+                           "--hlo-dir", str(hlo), "--json", str(out)])
+    assert rc == 0, capsys.readouterr().out
+    doc = json.loads(out.read_text())["step_memory"]
+    assert doc["kv_scales_fixed"] and not doc["copies_cache"]
+    files = sorted(hlo.iterdir())
+    assert len(files) == sum(r["bucket"].startswith("('step'") for r in doc["rows"]) > 0
+    for f in files:
+        assert _absmax_reductions(f.read_text(), 2) == [], f.name

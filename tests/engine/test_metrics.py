@@ -181,8 +181,9 @@ def test_embedding_requests_in_the_request_series():
 
 def test_excluded_prefix_adds_no_request_stats():
     """exclude_from_stats (the server's health probes): requests with the prefix -- finished, n=2,
-    aborted -- add nothing to the request-level series; the others count exactly as alone (the
-    reference: a second engine that never sees the probes). Steps still count their tokens."""
+    aborted -- add nothing to the request-level series nor to get_stats()'s token totals; the others
+    count exactly as alone (the reference: a second engine that never sees the probes). Steps still
+    count their tokens, and get_stats() every step the runner ran."""
     def run(with_probes):
         eng = make_engine(next_token_fn=script_fn("hello world"), async_scheduling=False)
         eng.runner = rec = Recorder(eng.runner)
@@ -197,10 +198,10 @@ def test_excluded_prefix_adds_no_request_stats():
         eng.step()
         eng.abort_request("__probe-2")
         run_all(eng)
-        return reg, rec
+        return reg, rec, eng.get_stats()
 
-    reg, rec = run(True)
-    alone, _ = run(False)
+    reg, rec, stats = run(True)
+    alone, _, alone_stats = run(False)
     names = ["jaxllm:prompt_tokens_total", "jaxllm:generation_tokens_total",
              "jaxllm:time_to_first_token_seconds_count", "jaxllm:inter_token_latency_seconds_count",
              "jaxllm:e2e_request_latency_seconds_count", "jaxllm:request_queue_time_seconds_count",
@@ -214,6 +215,9 @@ def test_excluded_prefix_adds_no_request_stats():
     assert got == want and want["length"] == 1 and want["jaxllm:generation_tokens_total"] == 5, (got, want)
     real_tokens = 5 + len(TOK.encode("the quick brown fox"))
     assert metric(reg, "jaxllm:iteration_tokens_total_sum") == sum(rec.tokens) > real_tokens  # + the probes'
+    assert (stats.num_prompt_tokens, stats.num_generated_tokens) == (len(TOK.encode("the quick brown fox")), 5)
+    assert (alone_stats.num_prompt_tokens, alone_stats.num_generated_tokens) == (stats.num_prompt_tokens, 5)
+    assert stats.num_steps == len(rec.tokens)  # the steps that ran only probes count too
     with pytest.raises(ValueError, match=r"^prefix='' is invalid: must be a non-empty str$"):
         make_engine().exclude_from_stats("")
 
@@ -235,6 +239,7 @@ def test_excluded_prefix_embedding_requests():
     assert metric(reg, "jaxllm:request_success_total", finished_reason="abort") == 0
     assert metric(reg, "jaxllm:prompt_tokens_total") == 3 == metric(reg, "jaxllm:request_prompt_tokens_sum")
     assert metric(reg, "jaxllm:e2e_request_latency_seconds_count") == 1
+    assert eng.get_stats().num_prompt_tokens == 3  # the probes' 1 + 38 are left out
 
 
 class StepClock:

@@ -162,7 +162,7 @@ def test_bitmask_never_allows_ids_past_the_tokenizer_and_a_finished_grammar_allo
         assert state.finished
         bits = np.unpackbits(c.fill_bitmask([state], W).view(np.uint8), bitorder="little")
         assert set(np.flatnonzero(bits).tolist()) == set(tok.eos_token_ids)
-        c.shutdown()
+        c.close()
 
 
 def test_a_spec_evicted_between_check_and_submit_is_checked_again():
@@ -173,7 +173,7 @@ def test_a_spec_evicted_between_check_and_submit_is_checked_again():
     for k in keys:
         c.new_state(k).wait(30)
     assert c.num_compiles == 2
-    c.shutdown()
+    c.close()
 
 
 def test_a_grammar_that_fails_to_build_ends_its_request_not_the_engine():

@@ -56,7 +56,7 @@ def test_engine_close_closes_the_loader_with_a_load_in_flight():
     e.add_request("r2", "two", SamplingParams(max_tokens=2), lora_request=lora(2))  # queued behind 1
     queued = e.lora.loading[2].future
     assert _returns(e.close)
-    assert queued.cancelled() and e.lora.loader._queue is None
+    assert queued.cancelled() and not e.lora.loader.pool.started
     gated.let_go(1)
 
 
@@ -76,7 +76,7 @@ def test_async_engine_stop_closes_the_engine():
         await ae.stop(timeout=10)
 
     asyncio.run(main())
-    assert closed.is_set() and e.lora.loader._queue is None
+    assert closed.is_set() and not e.lora.loader.pool.started
     gated.let_go(1)
 
 

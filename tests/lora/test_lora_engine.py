@@ -39,7 +39,11 @@ def test_engine_with_lora_compiles_at_warmup_only(tmp_path):
     direct = slots()
     r.set_lora(2, None)
     assert any(not np.array_equal(a, b) for a, b in zip(direct, slots()))
-    r.set_lora(2, r.prepare_lora(ad))  # laid out ahead (the loader thread's part): the same slot contents
+    prepared = r.prepare_lora(ad)  # checked ahead (the loader thread's part), kept at the adapter's rank
+    assert {k: (a.shape, b.shape) for k, (a, b) in prepared.modules.items()} == \
+        {k: (a.shape, b.shape) for k, (a, b) in ad.modules.items()}  # rank 4, not max_lora_rank 8
+    assert prepared.nbytes == ad.nbytes < r.lora.nbytes // r.lora.num_slots  # f32 model: f32 as loaded
+    r.set_lora(2, prepared)  # padded at the write: the same slot contents
     assert all(np.array_equal(a, b) for a, b in zip(direct, slots()))
     r.set_lora(1, None)
     # the engine's requests run slot 0 (the host side assigns slots): loaded adapters change nothing

@@ -42,7 +42,7 @@ def test_chunked_prefill_then_decode_through_scan(impl):
         return jax.lax.scan(layer_fn, cache, (jnp.arange(L, dtype=jnp.int32), q, k, v))
 
     for seqs, news, ctxs in steps:
-        T, S = 8, 3
+        T = 8
         q = np.zeros((L, T, KVH * G, D), np.float32)
         k = np.zeros((L, T, KVH, D), np.float32)
         v = np.zeros((L, T, KVH, D), np.float32)

@@ -4,7 +4,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from pallas_kernels import KVCache, ragged_paged_attention
+from pallas_kernels import ragged_paged_attention
 from tests.pallas_kernels.pk_cases import Config, dense_attention, make_case, valid_tokens
 
 CONFIGS = [

@@ -15,7 +15,7 @@ from serving import auth
 from serving.client import AsyncGenerationClient
 from serving.proto.jaxllm.v1 import generation_pb2 as pb
 from serving.proto.jaxllm.v1 import generation_pb2_grpc as pb_grpc
-from serving_helpers import SERVING, collect, request, run, running_server
+from serving_helpers import SERVING, collect, run, running_server
 
 KEY = "k3y-that-must-never-be-logged-9f2c"
 

@@ -3,7 +3,6 @@ whole-sequence decode at every step."""
 import numpy as np
 import pytest
 
-from checkpoints import load_checkpoint, load_tokenizer
 from checkpoints.loader import packaged_model_path
 from jaxllm.tokenizer import IncrementalDetokenizer, Tokenizer
 
