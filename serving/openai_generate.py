@@ -21,8 +21,9 @@ from starlette.responses import JSONResponse, Response, StreamingResponse
 from jaxllm.sampling_params import MAX_LOGPROBS, SamplingParams
 
 from serving.deltas import DeltaTracker, SampleDelta
-from serving.frontdoor import FrontDoor, FrontDoorError, ModelInfo, check_token_ids, invalid, render_chat
+from serving.frontdoor import FrontDoor, FrontDoorError, ModelInfo, check_token_ids, invalid
 from serving.openai_protocol import ChatCompletionRequest, CompletionRequest
+from serving.openai_tools import ToolPlan, render_body
 
 
 class _Job:
@@ -39,6 +40,7 @@ class _Job:
         self.id = ("cmpl-" if kind == "completion" else "chatcmpl-") + uuid.uuid4().hex
         self.created = int(time.time())
         self.trackers = [DeltaTracker(f"{self.id}-{k}", params) for k in range(len(prompts))]
+        self.tools: ToolPlan | None = None  # chat with tool_choice named/required/auto (serving/openai_tools.py)
 
     def usage(self) -> dict:
         p = sum(t.num_prompt_tokens for t in self.trackers)
@@ -95,15 +97,20 @@ def chat_job(door: FrontDoor, info: ModelInfo, body: ChatCompletionRequest) -> _
                  else f"exceeds the server limit --max-logprobs={door.config.max_logprobs}")
         raise invalid(f"top_logprobs={top} is invalid: {limit}", "top_logprobs")
     try:
-        prompt = render_chat(info.tokenizer, [m.to_dict() for m in body.messages])
+        tools = ToolPlan.from_body(body, door.config)
+        prompt = render_body(info.tokenizer, body, door.config)
         params, max_set = body.to_params(info.max_model_len)
+        if tools is not None and (spec := tools.structured()) is not None:
+            params.structured_outputs = spec  # named/required: the tool schema constrains the output
     except ValueError as exc:
         raise invalid(str(exc)) from None
     params = door.check_params(params, info, max_tokens_set=max_set)
     if prompt.get("prompt") is None:
         prompt = {"prompt_token_ids": prompt["prompt_token_ids"]}
-    return _Job("chat", info, [prompt], params, body.stream,
-                bool(body.stream_options and body.stream_options.include_usage))
+    job = _Job("chat", info, [prompt], params, body.stream,
+               bool(body.stream_options and body.stream_options.include_usage))
+    job.tools = tools
+    return job
 
 
 # ----- running ---------------------------------------------------------------------------------
@@ -200,7 +207,14 @@ def _choice(job: _Job, index: int, d: SampleDelta, *, final: bool, first: bool =
                "finish_reason": d.finish_reason}
     else:
         lp = _chat_logprobs(job, d)
-        if final:
+        if job.tools is not None:  # tool calls: the choice's text read by its tool reader
+            if final:
+                msg, reason = job.tools.message(d.text, d.finish_reason)
+                out = {"index": index, "message": msg, "logprobs": lp, "finish_reason": reason}
+            else:
+                delta, reason = job.tools.delta(index, d.text, d.finish_reason, first)
+                out = {"index": index, "delta": delta, "logprobs": lp, "finish_reason": reason}
+        elif final:
             out = {"index": index, "message": {"role": "assistant", "content": d.text},
                    "logprobs": lp, "finish_reason": d.finish_reason}
         else:
