@@ -200,7 +200,7 @@ def _final_body(job: _Job) -> dict:
             "choices": choices, "usage": job.usage()}
 
 
-def _choice(job: _Job, index: int, d: SampleDelta, *, final: bool, first: bool = False) -> dict:
+def _choice(job: _Job, index: int, d: SampleDelta, *, final: bool, first: bool = False) -> dict | None:
     stop_reason = d.stop_reason if isinstance(d.stop_reason, (str, int)) else None
     if job.kind == "completion":
         out = {"index": index, "text": d.text, "logprobs": _completion_logprobs(job, d),
@@ -213,6 +213,8 @@ def _choice(job: _Job, index: int, d: SampleDelta, *, final: bool, first: bool =
                 out = {"index": index, "message": msg, "logprobs": lp, "finish_reason": reason}
             else:
                 delta, reason = job.tools.delta(index, d.text, d.finish_reason, first)
+                if not delta and lp is None and reason is None:
+                    return None  # text held back by the reader: nothing to send for this choice yet
                 out = {"index": index, "delta": delta, "logprobs": lp, "finish_reason": reason}
         elif final:
             out = {"index": index, "message": {"role": "assistant", "content": d.text},
@@ -283,8 +285,10 @@ def _chunk(job: _Job, head: dict, k: int, batch: list, started: set[int]) -> dic
     choices = []
     for d in job.trackers[k].update(batch):
         index = k * job.params.n + d.index
-        choices.append(_choice(job, index, d, final=False, first=index not in started))
-        started.add(index)
+        choice = _choice(job, index, d, final=False, first=index not in started)
+        if choice is not None:
+            choices.append(choice)
+            started.add(index)
     if not choices:
         return None
     chunk = dict(head, choices=choices)

@@ -92,11 +92,7 @@ def check_parser_name(name: str) -> None:
     except ImportError:
         raise ValueError(f"tool_call_parser={name!r} is invalid: this build has no tool parsers "
                          f"(serving/tool_parsers)") from None
-    try:
-        get_parser(name)
-    except (KeyError, ValueError) as exc:
-        msg = exc.args[0] if exc.args else exc
-        raise ValueError(f"tool_call_parser={name!r} is invalid: {msg}") from None
+    get_parser(name)  # ValueError("tool_call_parser='x' is invalid: must be one of ...")
 
 
 # ----- the request's plan ------------------------------------------------------------------------
@@ -203,7 +199,8 @@ class ToolPlan:
         return msg, self._finish(finish_reason, bool(merged))
 
     def delta(self, index: int, text: str, finish_reason: str | None, first: bool) -> tuple[dict, str | None]:
-        """The streamed ``delta`` and finish_reason of choice ``index``'s new text."""
+        """The streamed ``delta`` and finish_reason of choice ``index``'s new text (``{}`` while the
+        reader holds the text back)."""
         st = self._streams.get(index)
         if st is None:
             st = self._streams[index] = self._new_stream()
