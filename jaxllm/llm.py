@@ -21,6 +21,7 @@ from jaxllm.config import EngineConfig
 from jaxllm.lora.loader import LoRALoadError
 from jaxllm.metrics.loggers import LoggingStatLogger, validate_interval
 from jaxllm.outputs import EmbeddingRequestOutput, RequestOutput
+from jaxllm.tokenizer import parse_tool_call_arguments
 from jaxllm.pooling_params import PoolingParams
 from jaxllm.sampling_params import SamplingParams
 
@@ -115,7 +116,8 @@ class LLM:
                 raise ValueError(f"conversations[{i}]={conv!r} is invalid: must be a list of "
                                  f"message dicts")
             kw = {k: v for k, v in (("tools", tools), ("chat_template_kwargs", chat_template_kwargs)) if v}
-            prompts.append(tok.chat_prompt(list(conv), add_generation_prompt, chat_template=chat_template,
+            conv = parse_tool_call_arguments(list(conv), f"conversations[{i}]")
+            prompts.append(tok.chat_prompt(conv, add_generation_prompt, chat_template=chat_template,
                                            continue_final_message=continue_final_message, **kw))
         params = _as_params_list(sampling_params, len(prompts))
         return self._run(prompts, params, use_tqdm, _as_lora_list(lora_request, len(prompts)))

@@ -3,6 +3,7 @@ and incremental detokenization for streaming."""
 from __future__ import annotations
 
 import hashlib
+import json
 import os
 
 _SPECIAL_CACHE = os.path.join(os.path.expanduser("~"), ".cache", "jaxllm", "tokenizers")
@@ -107,6 +108,27 @@ class Tokenizer:
                                            continue_final_message=continue_final_message,
                                            tools=tools or None, **(extra or {}))
         return text, self.encode(text, add_special_tokens=False)
+
+
+def parse_tool_call_arguments(messages: list[dict], field: str = "messages") -> list[dict]:
+    """The messages with each assistant tool call's ``arguments`` JSON text turned into a dict, as
+    vLLM hands them to chat templates (copies; others unchanged). ValueError names a bad one."""
+    out = []
+    for i, m in enumerate(messages):
+        calls = m.get("tool_calls") if isinstance(m, dict) else None
+        if calls:
+            m = dict(m, tool_calls=[dict(c) for c in calls])
+            for j, call in enumerate(m["tool_calls"]):
+                fn = call.get("function")
+                if isinstance(fn, dict) and isinstance(fn.get("arguments"), str):
+                    try:
+                        call["function"] = dict(fn, arguments=json.loads(fn["arguments"]))
+                    except json.JSONDecodeError as exc:
+                        shown = fn["arguments"] if len(fn["arguments"]) <= 60 else fn["arguments"][:57] + "..."
+                        raise ValueError(f"{field}[{i}].tool_calls[{j}].function.arguments={shown!r} is invalid: "
+                                         f"not JSON ({exc})") from None
+        out.append(m)
+    return out
 
 
 # arguments of transformers' apply_chat_template that chat_template_kwargs may not set

@@ -28,6 +28,7 @@ import uuid
 from typing import Any
 
 from jaxllm.structured_outputs import StructuredOutputsParams
+from jaxllm.tokenizer import parse_tool_call_arguments
 
 _TOOL_NAME = re.compile(r"[A-Za-z0-9_-]{1,64}")
 _ANY_OBJECT = {"type": "object"}
@@ -48,19 +49,7 @@ def load_chat_template(value: str) -> str:
 
 def template_messages(messages: list) -> list[dict]:
     """The body's messages as templates get them: tool call arguments as dicts (vLLM's)."""
-    out = []
-    for i, m in enumerate(messages):
-        d = m.to_dict()
-        for j, call in enumerate(d.get("tool_calls") or ()):
-            args = call["function"]["arguments"]
-            if isinstance(args, str):
-                try:
-                    call["function"]["arguments"] = json.loads(args)
-                except json.JSONDecodeError as exc:
-                    raise ValueError(f"messages[{i}].tool_calls[{j}].function.arguments={_short(args)} is "
-                                     f"invalid: not JSON ({exc})") from None
-        out.append(d)
-    return out
+    return parse_tool_call_arguments([m.to_dict() for m in messages])
 
 
 def render_body(tokenizer: Any, body: Any, cfg: Any) -> dict:
