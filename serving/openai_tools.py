@@ -167,7 +167,7 @@ class ToolPlan:
             reader = _ArrayReader()
         else:
             reader = _ParserReader(self.parser, self.tools)
-        return _ChoiceStream(reader)
+        return _ChoiceStream(reader, self.parallel)
 
     # ----- answers ----------------------------------------------------------------------------
     def message(self, text: str, finish_reason: str | None) -> tuple[dict, str | None]:
@@ -221,10 +221,13 @@ class ToolPlan:
 
 class _ChoiceStream:
     """A reader's (content, [(call index, name on its first delta, arguments fragment)]) as
-    OpenAI tool-call deltas, each call with its ``chatcmpl-tool-<hex>`` id on its first."""
+    OpenAI tool-call deltas, each call with its ``chatcmpl-tool-<hex>`` id on its first. Without
+    ``parallel`` calls after the first are dropped (vLLM's ``parallel_tool_calls=false``: the
+    model may write more; only the first is answered)."""
 
-    def __init__(self, reader: Any):
+    def __init__(self, reader: Any, parallel: bool = True):
         self.reader = reader
+        self.parallel = parallel
         self.called = False
 
     def feed(self, text: str) -> tuple[str, list[dict]]:
@@ -236,6 +239,8 @@ class _ChoiceStream:
     def _wire(self, content: str, calls: list[tuple[int, str | None, str]]) -> tuple[str, list[dict]]:
         out = []
         for index, name, args in calls:
+            if index > 0 and not self.parallel:
+                continue
             if name is not None:
                 self.called = True
                 out.append({"index": index, "id": f"chatcmpl-tool-{uuid.uuid4().hex}", "type": "function",

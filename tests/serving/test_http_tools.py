@@ -186,6 +186,23 @@ def test_auto_splits_content_and_calls_with_the_hermes_parser(auto_srv, text, ca
         ch.message.content, calls_of(ch.message), ch.finish_reason)
 
 
+@pytest.mark.parametrize("parallel", [None, False])
+def test_auto_without_parallel_tool_calls_answers_only_the_first_call(auto_srv, parallel):
+    second = HERMES.replace("get_weather", "get_time").replace('"city": "Oslo", "days": 3', '"zone": "CET"')
+    text = HERMES + "\n" + second
+    kw = dict(tools=TOOLS, max_tokens=300, temperature=0, extra_body={"structured_outputs": {"regex": re.escape(text)}})
+    if parallel is not None:
+        kw["parallel_tool_calls"] = parallel
+    want = [(t.name, t.arguments) for t in get_parser("hermes")(TOOLS).extract(text).calls]
+    assert [n for n, _ in want] == ["get_weather", "get_time"]
+    with _client(auto_srv) as c:
+        resp = c.chat.completions.create(model="fake-llm", messages=MSGS, **kw)
+        final = streamed(c, **kw)
+    expect = want if parallel is None else want[:1]
+    assert calls_of(resp.choices[0].message) == calls_of(final.choices[0].message) == expect
+    assert resp.choices[0].finish_reason == final.choices[0].finish_reason == "tool_calls"
+
+
 def test_tool_history_renders_and_none_is_plain_text(client):
     history = MSGS + [
         {"role": "assistant", "content": None, "tool_calls": [
