@@ -122,8 +122,10 @@ async def respond(door: FrontDoor, job: _Job, receive=None):
     try:
         reqs = [await stack.enter_async_context(door.request("", p, job.params, job.info.lora))
                 for p in job.prompts]
-    except BaseException:
+    except BaseException as exc:
         await stack.aclose()  # the ones already admitted are aborted
+        if job.tools is not None and isinstance(exc, FrontDoorError):
+            raise job.tools.explain(exc) from None  # a tool schema the grammar compiler refused
         raise
     if not job.stream:
         async with stack:

@@ -160,6 +160,20 @@ class ToolPlan:
             schema["$defs"] = defs
         return StructuredOutputsParams(json=schema)
 
+    def explain(self, exc: Any) -> Any:
+        """An admission error about the constraint built from the tools, told as the tools' fault
+        (``structured_outputs.json=... is invalid: why`` names no field the client sent)."""
+        if (self.mode == "auto" or getattr(exc, "param", None) != "structured_outputs"
+                or " is invalid: " not in exc.message):
+            return exc  # auto: structured_outputs is the client's own
+        why = exc.message.split(" is invalid: ", 1)[1]
+        if self.mode == "named":
+            i = next(i for i, t in enumerate(self.tools) if t.name == self.name)
+            field, msg = "tools", f"tools[{i}].function.parameters is invalid for tool_choice {self.name!r}: {why}"
+        else:
+            field, msg = "tools", f"tools are invalid for tool_choice 'required': a parameters schema: {why}"
+        return type(exc)(exc.code, msg, field)
+
     def _new_stream(self) -> "_ChoiceStream":
         if self.mode == "named":
             reader: Any = _NamedReader(self.name)

@@ -238,6 +238,11 @@ BAD = [
     ({"messages": [{"role": "assistant", "tool_calls": [{"id": "c", "type": "function", "function": {
         "name": "f", "arguments": "{oops"}}]}]}, "messages", "messages[0].tool_calls[0].function.arguments="),
     ({"chat_template": "{{ messages }}"}, "chat_template", "--trust-request-chat-template"),
+    ({"tools": [{"type": "function", "function": {"name": "f", "parameters": {"type": "foo"}}}],
+      "tool_choice": {"type": "function", "function": {"name": "f"}}}, "tools",
+     "tools[0].function.parameters is invalid for tool_choice 'f': "),
+    ({"tools": TOOLS + [{"type": "function", "function": {"name": "f", "parameters": {"type": "foo"}}}],
+      "tool_choice": "required"}, "tools", "tools are invalid for tool_choice 'required': a parameters schema: "),
 ]
 
 
