@@ -215,6 +215,19 @@ def test_tool_history_renders_and_none_is_plain_text(client):
     assert ch.message.tool_calls is None and len(ch.message.content) == 5 and ch.finish_reason == "length"
 
 
+def test_an_answer_message_appended_as_it_is_continues_the_conversation(srv, client):
+    """The agent loop: the client's own ChatCompletionMessage goes back in ``messages``."""
+    r = client.chat.completions.create(model="fake-llm", messages=MSGS, tools=TOOLS, tool_choice=NAMED,
+                                       max_tokens=100, temperature=0)
+    m = r.choices[0].message
+    msgs = MSGS + [m, {"role": "tool", "tool_call_id": m.tool_calls[0].id, "content": "sunny"}]
+    r2 = client.chat.completions.create(model="fake-llm", messages=msgs, tools=TOOLS, tool_choice="none",
+                                        max_tokens=3, temperature=0, extra_body={"ignore_eos": True})
+    as_dicts = MSGS + [{"role": "assistant", "content": ""}, {"role": "tool", "content": "sunny"}]
+    want = _post(srv, {"messages": as_dicts, "tools": TOOLS}, "/tokenize").json()["count"]
+    assert r2.usage.prompt_tokens == want and r2.choices[0].message.tool_calls is None
+
+
 def _post(s, body, path="/v1/chat/completions"):
     return httpx.post(s.base_url + path, json=body, timeout=30)
 
