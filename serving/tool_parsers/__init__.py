@@ -10,9 +10,10 @@ from __future__ import annotations
 from serving.tool_parsers.base import (CallDelta, Extracted, ToolCall, ToolDelta, ToolParser,
                                        tool_names)
 from serving.tool_parsers.hermes import HermesToolParser
+from serving.tool_parsers.llama3_json import Llama3JsonToolParser
 
 PARSERS: dict[str, type[ToolParser]] = {
-    p.name: p for p in (HermesToolParser,)
+    p.name: p for p in (HermesToolParser, Llama3JsonToolParser)
 }
 
 

@@ -9,6 +9,7 @@ the same content and calls (each name once, in the first delta of its index).
 from __future__ import annotations
 
 import json
+import re
 
 import pytest
 from hypothesis import HealthCheck, given, settings
@@ -187,3 +188,65 @@ def test_hermes_contract(out, cuts):
     want = Extracted(content, calls)
     assert H(TOOLS).extract(text) == want
     assert stream(H, split(text, cuts)) == want
+
+
+# -- llama3_json -----------------------------------------------------------------------------
+L = get_parser("llama3_json")
+
+
+def test_llama3_json_worked_examples():
+    w = {"city": "Paris", "days": 3}
+    one = '{"name": "get_weather", "parameters": {"city": "Paris", "days": 3}}'
+    check(L, one, None, [call("get_weather", w)])
+    check(L, "<|python_tag|>" + one, None, [call("get_weather", w)])
+    check(L, "\n <|python_tag|> " + one + " ;\n" + '{"name": "f", "arguments": {}};', None,
+          [call("get_weather", w), call("f", {})])
+    # prose first: all content, even when JSON follows (a call must open the output)
+    check(L, "The answer is " + one, "The answer is " + one, [])
+    check(L, "<|python_tag|>print(1)", "<|python_tag|>print(1)", [])  # a code call, not JSON
+    check(L, "<|python", "<|python", [])
+    # unicode, escaped quotes, nested objects
+    args = {"q": 'a "quoted" \\ back}slash{', "where": "Zürich 東京", "n": {"m": [1, {"k": None}]}}
+    check(L, json.dumps({"name": "s", "parameters": args}), None, [call("s", args)])
+    # text after a call: from the end of the last good call on, it is content
+    check(L, one + " Hope that helps!", " Hope that helps!", [call("get_weather", w)])
+    check(L, one + '; {"name": 1}', '; {"name": 1}', [call("get_weather", w)])
+
+
+def test_llama3_json_malformed_is_content():
+    for bad in ['{"name": "f", "parameters": {"a": 1}', '{"parameters": {}}', "{'name': 'f'}",
+                '<|python_tag|>{"name": "f", "parameters": [1]}', "{", "{}"]:
+        check(L, bad, bad, [])
+    p = L(None)
+    assert p.feed("  <|pyth").content == ""
+    assert p.feed("on_tag|>{").content == ""
+    assert p.feed('"name": "f"} x').calls == [CallDelta(0, "f", "{}")]
+    assert p.finish() == ToolDelta()
+
+
+@st.composite
+def llama3_output(draw):
+    lead = draw(st.sampled_from(["", " ", "\n"]))
+    if draw(st.booleans()):  # no call: prose (which may even start with "{" or the tag)
+        text = lead + draw(st.sampled_from(["", "<|python_tag|>"])) + draw(CONTENT)
+        return text, (text if text.strip() else None), []
+    text = lead + draw(st.sampled_from(["", "<|python_tag|>"]))
+    calls = []
+    for i in range(draw(st.integers(1, 3))):
+        if i:
+            text += draw(st.sampled_from([";", "; ", " ;\n"]))
+        name, args = draw(NAMES), draw(ARGS)
+        text += draw(model_json({"name": name, draw(st.sampled_from(["parameters", "arguments"])): args}))
+        calls.append(call(name, args))
+    tail = draw(st.sampled_from(["", ";", " ;\n", " "])) + draw(CONTENT)
+    # content is all text outside the calls: the leading whitespace too, once it is not alone
+    return text + tail, (None if re.fullmatch(r"\s*(;\s*)?", tail) else lead + tail), calls
+
+
+@SETTINGS
+@given(llama3_output(), CUTS)
+def test_llama3_json_contract(out, cuts):
+    text, content, calls = out
+    want = Extracted(content, calls)
+    assert L(TOOLS).extract(text) == want
+    assert stream(L, split(text, cuts)) == want
