@@ -11,9 +11,10 @@ from serving.tool_parsers.base import (CallDelta, Extracted, ToolCall, ToolDelta
                                        tool_names)
 from serving.tool_parsers.hermes import HermesToolParser
 from serving.tool_parsers.llama3_json import Llama3JsonToolParser
+from serving.tool_parsers.mistral import MistralToolParser
 
 PARSERS: dict[str, type[ToolParser]] = {
-    p.name: p for p in (HermesToolParser, Llama3JsonToolParser)
+    p.name: p for p in (HermesToolParser, Llama3JsonToolParser, MistralToolParser)
 }
 
 
