@@ -12,9 +12,11 @@ from serving.tool_parsers.base import (CallDelta, Extracted, ToolCall, ToolDelta
 from serving.tool_parsers.hermes import HermesToolParser
 from serving.tool_parsers.llama3_json import Llama3JsonToolParser
 from serving.tool_parsers.mistral import MistralToolParser
+from serving.tool_parsers.pythonic import PythonicToolParser
 
 PARSERS: dict[str, type[ToolParser]] = {
-    p.name: p for p in (HermesToolParser, Llama3JsonToolParser, MistralToolParser)
+    p.name: p for p in (HermesToolParser, Llama3JsonToolParser, MistralToolParser,
+                         PythonicToolParser)
 }
 
 

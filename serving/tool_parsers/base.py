@@ -151,7 +151,18 @@ def make_call(obj: Any, arg_keys: tuple[str, ...] = ("arguments", "parameters"))
             return None
     if not isinstance(args, dict):
         return None
-    return ToolCall(name, json.dumps(args, ensure_ascii=False))
+    return ToolCall(name, dump_args(args))
+
+
+def dump_args(args: dict) -> str:
+    """JSON text of an arguments object: characters as they are, except that a lone surrogate
+    (``"\\ud800"`` alone is valid JSON) would make the text unencodable: then all is escaped."""
+    text = json.dumps(args, ensure_ascii=False)
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError:
+        return json.dumps(args)
+    return text
 
 
 def partial_suffix(text: str, marker: str) -> int:

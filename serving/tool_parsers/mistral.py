@@ -21,7 +21,8 @@ from __future__ import annotations
 import json
 import re
 
-from serving.tool_parsers.base import ToolCall, ToolDelta, ToolParser, make_call, partial_suffix
+from serving.tool_parsers.base import (ToolCall, ToolDelta, ToolParser, dump_args, make_call,
+                                       partial_suffix)
 from serving.tool_parsers.scan import Scanner
 
 MARK = "[TOOL_CALLS]"
@@ -46,7 +47,7 @@ def parse_args(name: str, body: str) -> ToolCall | None:
         args = json.loads(body)
     except ValueError:
         return None
-    return ToolCall(name, json.dumps(args, ensure_ascii=False)) if isinstance(args, dict) else None
+    return ToolCall(name, dump_args(args)) if isinstance(args, dict) else None
 
 
 class MistralToolParser(ToolParser):

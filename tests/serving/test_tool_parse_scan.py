@@ -23,7 +23,7 @@ CUTS = st.lists(st.integers(0, 10**6), max_size=10)
 
 def end_of(text: str, cuts: list[int], python: bool) -> int | None:
     points = sorted({c % (len(text) + 1) for c in cuts})
-    s, at = Scanner(python), 0
+    s = Scanner(python)
     for a, b in zip([0] + points, points + [len(text)]):
         end = s.scan(text[a:b])
         if end is not None:

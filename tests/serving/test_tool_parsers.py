@@ -12,53 +12,12 @@ import json
 import re
 
 import pytest
-from hypothesis import HealthCheck, given, settings
+from hypothesis import given
 from hypothesis import strategies as st
 
-from serving.tool_parsers import (PARSERS, CallDelta, Extracted, ToolCall, ToolDelta, ToolParser,
-                                  get_parser)
-
-TOOLS = [{"type": "function", "function": {"name": "get_weather", "parameters": {}}}]
-
-
-def call(name: str, args: dict) -> ToolCall:
-    return ToolCall(name, json.dumps(args, ensure_ascii=False))
-
-
-def stream(cls: type[ToolParser], chunks: list[str]) -> Extracted:
-    """Feed ``chunks`` in order then finish; check the delta rules; fold into an Extracted."""
-    p = cls(TOOLS)
-    deltas = [p.feed(c) for c in chunks] + [p.finish()]
-    content = ""
-    names: list[str] = []
-    args: list[str] = []
-    for d in deltas:
-        assert isinstance(d, ToolDelta)
-        content += d.content
-        for c in d.calls:
-            assert isinstance(c, CallDelta)
-            if c.index == len(names):  # a new index: its first delta carries the name
-                assert c.name, c
-                names.append(c.name)
-                args.append("")
-            else:  # a later delta of an index already open
-                assert c.index == len(names) - 1 and c.name is None, c
-            args[c.index] += c.arguments
-    return Extracted(content or None, [ToolCall(n, a) for n, a in zip(names, args)])
-
-
-def split(text: str, cuts: list[int]) -> list[str]:
-    points = sorted({c % (len(text) + 1) for c in cuts})
-    return [text[a:b] for a, b in zip([0] + points, points + [len(text)])]
-
-
-def check(cls: type[ToolParser], text: str, content: str | None, calls: list[ToolCall]):
-    """extract and three streamings (whole, one char at a time, two halves) all give the same."""
-    want = Extracted(content, calls)
-    assert cls(TOOLS).extract(text) == want
-    assert stream(cls, [text]) == want
-    assert stream(cls, list(text)) == want
-    assert stream(cls, [text[: len(text) // 2], text[len(text) // 2:]]) == want
+from serving.tool_parsers import PARSERS, CallDelta, ToolCall, ToolDelta, get_parser
+from tool_parse_helpers import (ARGS, CONTENT, CUTS, JSON_VALUE, NAMES, SETTINGS, call, check,
+                                contract, model_json)
 
 
 # -- registry --------------------------------------------------------------------------------
@@ -106,6 +65,9 @@ def test_hermes_worked_examples():
     # "parameters" instead of "arguments", and arguments given as a JSON string
     check(H, tc('{"name": "f", "parameters": {"a": 1}}'), None, [call("f", {"a": 1})])
     check(H, tc('{"name": "f", "arguments": "{\\"a\\": 1}"}'), None, [call("f", {"a": 1})])
+    # a lone surrogate escape is valid JSON but cannot be UTF-8: then the arguments stay escaped
+    check(H, tc('{"name": "f", "arguments": {"s": "\\ud800 \\u00e9"}}'), None,
+          [ToolCall("f", '{"s": "\\ud800 \\u00e9"}')])
     # a name that is not in `tools` stays a call (vLLM does not check names either)
     check(H, tc('{"name": "not_a_tool", "arguments": {}}'), None, [call("not_a_tool", {})])
     # a final block without its closing tag is still a call when its JSON is whole
@@ -134,27 +96,6 @@ def test_hermes_malformed_calls_are_content():
     assert p.finish() == ToolDelta()
 
 
-# -- hypothesis: the contract ----------------------------------------------------------------
-JSON_LEAF = st.none() | st.booleans() | st.integers(-10**6, 10**6) | st.text(max_size=8) | \
-    st.floats(allow_nan=False, allow_infinity=False)
-JSON_VALUE = st.recursive(JSON_LEAF, lambda inner: st.lists(inner, max_size=3)
-                          | st.dictionaries(st.text(max_size=5), inner, max_size=3), max_leaves=8)
-ARGS = st.dictionaries(st.text(max_size=6), JSON_VALUE, max_size=4)
-NAMES = st.sampled_from(["get_weather", "f", "search_web", "tool-2", "unknown_fn"])
-# content pieces: no ">" anywhere, so they can begin but never complete a hermes tag
-CONTENT_ATOMS = st.sampled_from(["Hi", " ", "\n", "<", "<tool_", "<tool_call", "</tool_call",
-                                 "é😀", "東京", '{"a": 1}', "[", "]", ";", '"', "\\", "x,y"])
-CONTENT = st.lists(CONTENT_ATOMS, max_size=4).map("".join)
-CUTS = st.lists(st.integers(0, 10**6), max_size=12)
-
-
-@st.composite
-def model_json(draw, obj) -> str:
-    """``obj`` as a model might write it: ASCII escapes or not, compact or spaced or indented."""
-    style = draw(st.sampled_from([{}, {"separators": (",", ":")}, {"indent": 1}]))
-    return json.dumps(obj, ensure_ascii=draw(st.booleans()), **style)
-
-
 @st.composite
 def hermes_output(draw):
     text, content, calls = "", "", []
@@ -178,16 +119,10 @@ def hermes_output(draw):
     return text, (content if content.strip() else None), calls
 
 
-SETTINGS = settings(max_examples=300, deadline=None, suppress_health_check=[HealthCheck.too_slow])
-
-
 @SETTINGS
 @given(hermes_output(), CUTS)
 def test_hermes_contract(out, cuts):
-    text, content, calls = out
-    want = Extracted(content, calls)
-    assert H(TOOLS).extract(text) == want
-    assert stream(H, split(text, cuts)) == want
+    contract(H, out, cuts)
 
 
 # -- llama3_json -----------------------------------------------------------------------------
@@ -246,10 +181,7 @@ def llama3_output(draw):
 @SETTINGS
 @given(llama3_output(), CUTS)
 def test_llama3_json_contract(out, cuts):
-    text, content, calls = out
-    want = Extracted(content, calls)
-    assert L(TOOLS).extract(text) == want
-    assert stream(L, split(text, cuts)) == want
+    contract(L, out, cuts)
 
 
 # -- mistral ---------------------------------------------------------------------------------
@@ -325,7 +257,72 @@ def mistral_output(draw):
 @SETTINGS
 @given(mistral_output(), CUTS)
 def test_mistral_contract(out, cuts):
-    text, content, calls = out
-    want = Extracted(content, calls)
-    assert M(TOOLS).extract(text) == want
-    assert stream(M, split(text, cuts)) == want
+    contract(M, out, cuts)
+
+
+# -- pythonic --------------------------------------------------------------------------------
+P = get_parser("pythonic")
+
+
+def test_pythonic_worked_examples():
+    w = {"city": "Paris", "days": 3}
+    check(P, '[get_weather(city="Paris", days=3)]', None, [call("get_weather", w)])
+    check(P, "\n[get_weather(city='Paris', days=3), get_time()]", None,
+          [call("get_weather", w), call("get_time", {})])
+    # Llama 4 tags; text after the list is content, the end tag and whitespace before it are not
+    check(P, '<|python_start|>[f(x=1)] <|python_end|>', None, [call("f", {"x": 1})])
+    check(P, '<|python_start|>[f(x=1)]<|python_end|>\nDone', "\nDone", [call("f", {"x": 1})])
+    check(P, "[f(x=1)] and more", " and more", [call("f", {"x": 1})])
+    # literals: signs, tuples, JSON names, nested dicts, escapes, triple quotes, unicode
+    args = {"a": -1.5, "b": [1, [2, 3]], "c": {"k": None, "t": True, "u": False}, "d": "Zürich 😀",
+            "e": 'say "hi" \\ )]', "f": "it's\n)", "g": +2}
+    src = ("[search(a=-1.5, b=[1, (2, 3)], c={'k': null, 't': true, 'u': False}, d='Zürich 😀', "
+           "e='say \"hi\" \\\\ )]', f='''it's\n)''', g=+2)]")
+    check(P, src, None, [call("search", args)])
+    check(P, "[s(q=" + json.dumps("東京 \"q\"") + ")]", None, [call("s", {"q": '東京 "q"'})])
+    check(P, '[s(q="\\ud83d\\ude00")]', None, [call("s", {"q": "😀"})])  # a JSON-style pair
+    check(P, "The answer is [f(x=1)]", "The answer is [f(x=1)]", [])  # must open the output
+
+
+def test_pythonic_non_calls_are_content():
+    for bad in ["[f(1)]", "[f(x=y)]", "[f(x=1), 2]", "[f(**k)]", "[a.b(x=1)]", "[f(x={1, 2})]",
+                "[f(x=1)", "[f(x=1e999)]", "[f(x=1, x=2)]", "[]", "[f(x=1+2)]", "[f(x={1: 2})]",
+                "[f(x=b'1')]", "<|python_start|>", "<|python_start|>print(1)", "[f(x=__import__('os'))]"]:
+        check(P, bad, bad, [])
+    p = P(None)
+    assert p.feed("[f(a=']").calls == []
+    assert p.feed("', b=1)").calls == []
+    assert p.feed("]<|python").calls == [CallDelta(0, "f", '{"a": "]", "b": 1}')]
+    assert p.finish() == ToolDelta(content="<|python")
+
+
+IDENT = st.from_regex(r"[a-z_][a-z0-9_]{0,5}", fullmatch=True).filter(
+    lambda s: not __import__("keyword").iskeyword(s) and s not in ("true", "false", "null"))
+PY_ARGS = st.dictionaries(IDENT, JSON_VALUE, max_size=4)
+
+
+@st.composite
+def pythonic_output(draw):
+    lead = draw(st.sampled_from(["", " ", "\n"])) + draw(st.sampled_from(["", "<|python_start|>"]))
+    if draw(st.booleans()):  # no call: prose (which may even look like a list)
+        text = lead + draw(CONTENT)
+        return text, (text if text.strip() else None), []
+    calls, written = [], []
+    for _ in range(draw(st.integers(1, 3))):
+        name, args = draw(st.sampled_from(["get_weather", "f", "search_web"])), draw(PY_ARGS)
+        write = repr if draw(st.booleans()) else lambda v: json.dumps(v, ensure_ascii=draw(st.booleans()))
+        written.append(name + "(" + draw(st.sampled_from([", ", ","])).join(
+            f"{k}={write(v)}" for k, v in args.items()) + ")")
+        calls.append(call(name, args))
+    text = lead + "[" + draw(st.sampled_from([", ", ",\n"])).join(written) + "]"
+    space, end, extra = draw(st.sampled_from(["", " ", "\n"])), draw(st.booleans()), draw(CONTENT)
+    text += space + ("<|python_end|>" if end else "") + extra
+    rest = extra if end else space + extra  # whitespace before the end tag is dropped with it
+    lead_ws = lead.replace("<|python_start|>", "")
+    return text, (lead_ws + rest if rest.strip() else None), calls
+
+
+@SETTINGS
+@given(pythonic_output(), CUTS)
+def test_pythonic_contract(out, cuts):
+    contract(P, out, cuts)
