@@ -29,11 +29,17 @@ def test_get_parser_names_and_error():
         get_parser("nope")
 
 
-def test_feed_after_finish_is_an_error():
+def test_feed_after_finish_is_an_error_and_calls_are_counted():
     p = get_parser("hermes")(None)
+    assert p.feed("") == ToolDelta() and p.num_calls == 0
+    p.feed('<tool_call>{"name": "f"}</tool_call><tool_call>{"name": "g"}')
+    assert p.num_calls == 1
     p.finish()
+    assert p.num_calls == 2
     with pytest.raises(RuntimeError, match="after finish"):
         p.feed("x")
+    with pytest.raises(RuntimeError, match="finish called twice"):
+        p.finish()
 
 
 # -- hermes ----------------------------------------------------------------------------------
