@@ -17,13 +17,16 @@ from hypothesis import strategies as st
 
 from serving.tool_parsers import PARSERS, CallDelta, ToolCall, ToolDelta, get_parser
 from tool_parse_helpers import (ARGS, CONTENT, CUTS, JSON_VALUE, NAMES, SETTINGS, call, check,
-                                contract, model_json)
+                                contract, model_json, split, stream)
 
 
 # -- registry --------------------------------------------------------------------------------
 def test_get_parser_names_and_error():
     assert get_parser("hermes") is PARSERS["hermes"]
-    assert all(PARSERS[n].name == n for n in PARSERS)
+    assert {n for n in PARSERS if PARSERS[n].name == n} == {"hermes", "llama3_json", "mistral",
+                                                           "pythonic"}
+    assert get_parser("llama4_json").name == "llama3_json"  # vLLM's aliases
+    assert get_parser("llama4_pythonic").name == "pythonic"
     with pytest.raises(ValueError, match=r"^tool_call_parser='nope' is invalid: must be one of "
                                          r"hermes"):
         get_parser("nope")
@@ -332,3 +335,23 @@ def pythonic_output(draw):
 @given(pythonic_output(), CUTS)
 def test_pythonic_contract(out, cuts):
     contract(P, out, cuts)
+
+
+# -- any text, any parser --------------------------------------------------------------------
+NOISE = st.lists(st.sampled_from(
+    ["<tool_call>", "</tool_call>", "<tool_", "[TOOL_CALLS]", "[ARGS]", "<|python_tag|>",
+     "<|python_start|>", "<|python_end|>", '{"name": "f", "arguments": {}}', '{"name": "g"}', "{",
+     "}", "[", "]", "(", ")", "f(", "x=1", "'", '"', '"""', "\\", ";", ",", " ", "\n", "#", "é😀",
+     "get_weather", "[f()]", "null"]), max_size=14).map("".join)
+
+
+@SETTINGS
+@given(st.sampled_from(sorted(PARSERS)), NOISE, CUTS)
+def test_any_text_splits_alike_and_loses_nothing_without_calls(name, text, cuts):
+    """Arbitrary mixes of every format's markers: every split streams what extract says, and an
+    output in which no call was found comes back whole as content."""
+    cls = get_parser(name)
+    got = cls(None).extract(text)
+    assert stream(cls, split(text, cuts)) == got
+    if not got.calls:
+        assert got.content == (text if text.strip() else None)
