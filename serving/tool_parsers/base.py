@@ -55,7 +55,7 @@ class ToolParser:
         self.tools = tools
         self.tool_names = frozenset(tool_names(tools))  # informative: unknown names stay calls
         self._next_index = 0
-        self._held_ws = ""  # whitespace-only content not released yet
+        self._held_ws: list[str] = []  # whitespace-only content not released yet
         self._spoke = False  # some non-whitespace content was released
         self._finished = False
 
@@ -92,8 +92,13 @@ class ToolParser:
         self._finished = True
         out = ToolDelta()
         self._finish(out)
-        self._held_ws = ""  # content that was only whitespace is no content
+        self._held_ws = []  # content that was only whitespace is no content
         return out
+
+    @property
+    def num_calls(self) -> int:
+        """Calls released so far (for ``finish_reason="tool_calls"``)."""
+        return self._next_index
 
     # -- for subclasses ----------------------------------------------------------------------
     def _feed(self, delta: str, out: ToolDelta) -> None:
@@ -108,10 +113,10 @@ class ToolParser:
         if self._spoke:
             out.content += text
         elif text.isspace():
-            self._held_ws += text
+            self._held_ws.append(text)
         else:
-            out.content += self._held_ws + text
-            self._held_ws = ""
+            out.content += "".join(self._held_ws) + text
+            self._held_ws = []
             self._spoke = True
 
     def _call(self, out: ToolDelta, call: ToolCall) -> None:
@@ -151,7 +156,18 @@ def make_call(obj: Any, arg_keys: tuple[str, ...] = ("arguments", "parameters"))
             return None
     if not isinstance(args, dict):
         return None
-    return ToolCall(name, json.dumps(args, ensure_ascii=False))
+    return ToolCall(name, dump_args(args))
+
+
+def dump_args(args: dict) -> str:
+    """JSON text of an arguments object: characters as they are, except that a lone surrogate
+    (``"\\ud800"`` alone is valid JSON) would make the text unencodable: then all is escaped."""
+    text = json.dumps(args, ensure_ascii=False)
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError:
+        return json.dumps(args)
+    return text
 
 
 def partial_suffix(text: str, marker: str) -> int:

@@ -9,71 +9,40 @@ the same content and calls (each name once, in the first delta of its index).
 from __future__ import annotations
 
 import json
+import re
 
 import pytest
-from hypothesis import HealthCheck, given, settings
+from hypothesis import given
 from hypothesis import strategies as st
 
-from serving.tool_parsers import (PARSERS, CallDelta, Extracted, ToolCall, ToolDelta, ToolParser,
-                                  get_parser)
-
-TOOLS = [{"type": "function", "function": {"name": "get_weather", "parameters": {}}}]
-
-
-def call(name: str, args: dict) -> ToolCall:
-    return ToolCall(name, json.dumps(args, ensure_ascii=False))
-
-
-def stream(cls: type[ToolParser], chunks: list[str]) -> Extracted:
-    """Feed ``chunks`` in order then finish; check the delta rules; fold into an Extracted."""
-    p = cls(TOOLS)
-    deltas = [p.feed(c) for c in chunks] + [p.finish()]
-    content = ""
-    names: list[str] = []
-    args: list[str] = []
-    for d in deltas:
-        assert isinstance(d, ToolDelta)
-        content += d.content
-        for c in d.calls:
-            assert isinstance(c, CallDelta)
-            if c.index == len(names):  # a new index: its first delta carries the name
-                assert c.name, c
-                names.append(c.name)
-                args.append("")
-            else:  # a later delta of an index already open
-                assert c.index == len(names) - 1 and c.name is None, c
-            args[c.index] += c.arguments
-    return Extracted(content or None, [ToolCall(n, a) for n, a in zip(names, args)])
-
-
-def split(text: str, cuts: list[int]) -> list[str]:
-    points = sorted({c % (len(text) + 1) for c in cuts})
-    return [text[a:b] for a, b in zip([0] + points, points + [len(text)])]
-
-
-def check(cls: type[ToolParser], text: str, content: str | None, calls: list[ToolCall]):
-    """extract and three streamings (whole, one char at a time, two halves) all give the same."""
-    want = Extracted(content, calls)
-    assert cls(TOOLS).extract(text) == want
-    assert stream(cls, [text]) == want
-    assert stream(cls, list(text)) == want
-    assert stream(cls, [text[: len(text) // 2], text[len(text) // 2:]]) == want
+from serving.tool_parsers import PARSERS, CallDelta, ToolCall, ToolDelta, get_parser
+from tool_parse_helpers import (ARGS, CONTENT, CUTS, JSON_VALUE, NAMES, SETTINGS, call, check,
+                                contract, model_json, split, stream)
 
 
 # -- registry --------------------------------------------------------------------------------
 def test_get_parser_names_and_error():
     assert get_parser("hermes") is PARSERS["hermes"]
-    assert all(PARSERS[n].name == n for n in PARSERS)
+    assert {n for n in PARSERS if PARSERS[n].name == n} == {"hermes", "llama3_json", "mistral",
+                                                           "pythonic"}
+    assert get_parser("llama4_json").name == "llama3_json"  # vLLM's aliases
+    assert get_parser("llama4_pythonic").name == "pythonic"
     with pytest.raises(ValueError, match=r"^tool_call_parser='nope' is invalid: must be one of "
                                          r"hermes"):
         get_parser("nope")
 
 
-def test_feed_after_finish_is_an_error():
+def test_feed_after_finish_is_an_error_and_calls_are_counted():
     p = get_parser("hermes")(None)
+    assert p.feed("") == ToolDelta() and p.num_calls == 0
+    p.feed('<tool_call>{"name": "f"}</tool_call><tool_call>{"name": "g"}')
+    assert p.num_calls == 1
     p.finish()
+    assert p.num_calls == 2
     with pytest.raises(RuntimeError, match="after finish"):
         p.feed("x")
+    with pytest.raises(RuntimeError, match="finish called twice"):
+        p.finish()
 
 
 # -- hermes ----------------------------------------------------------------------------------
@@ -105,6 +74,9 @@ def test_hermes_worked_examples():
     # "parameters" instead of "arguments", and arguments given as a JSON string
     check(H, tc('{"name": "f", "parameters": {"a": 1}}'), None, [call("f", {"a": 1})])
     check(H, tc('{"name": "f", "arguments": "{\\"a\\": 1}"}'), None, [call("f", {"a": 1})])
+    # a lone surrogate escape is valid JSON but cannot be UTF-8: then the arguments stay escaped
+    check(H, tc('{"name": "f", "arguments": {"s": "\\ud800 \\u00e9"}}'), None,
+          [ToolCall("f", '{"s": "\\ud800 \\u00e9"}')])
     # a name that is not in `tools` stays a call (vLLM does not check names either)
     check(H, tc('{"name": "not_a_tool", "arguments": {}}'), None, [call("not_a_tool", {})])
     # a final block without its closing tag is still a call when its JSON is whole
@@ -133,27 +105,6 @@ def test_hermes_malformed_calls_are_content():
     assert p.finish() == ToolDelta()
 
 
-# -- hypothesis: the contract ----------------------------------------------------------------
-JSON_LEAF = st.none() | st.booleans() | st.integers(-10**6, 10**6) | st.text(max_size=8) | \
-    st.floats(allow_nan=False, allow_infinity=False)
-JSON_VALUE = st.recursive(JSON_LEAF, lambda inner: st.lists(inner, max_size=3)
-                          | st.dictionaries(st.text(max_size=5), inner, max_size=3), max_leaves=8)
-ARGS = st.dictionaries(st.text(max_size=6), JSON_VALUE, max_size=4)
-NAMES = st.sampled_from(["get_weather", "f", "search_web", "tool-2", "unknown_fn"])
-# content pieces: no ">" anywhere, so they can begin but never complete a hermes tag
-CONTENT_ATOMS = st.sampled_from(["Hi", " ", "\n", "<", "<tool_", "<tool_call", "</tool_call",
-                                 "é😀", "東京", '{"a": 1}', "[", "]", ";", '"', "\\", "x,y"])
-CONTENT = st.lists(CONTENT_ATOMS, max_size=4).map("".join)
-CUTS = st.lists(st.integers(0, 10**6), max_size=12)
-
-
-@st.composite
-def model_json(draw, obj) -> str:
-    """``obj`` as a model might write it: ASCII escapes or not, compact or spaced or indented."""
-    style = draw(st.sampled_from([{}, {"separators": (",", ":")}, {"indent": 1}]))
-    return json.dumps(obj, ensure_ascii=draw(st.booleans()), **style)
-
-
 @st.composite
 def hermes_output(draw):
     text, content, calls = "", "", []
@@ -177,13 +128,230 @@ def hermes_output(draw):
     return text, (content if content.strip() else None), calls
 
 
-SETTINGS = settings(max_examples=300, deadline=None, suppress_health_check=[HealthCheck.too_slow])
-
-
 @SETTINGS
 @given(hermes_output(), CUTS)
 def test_hermes_contract(out, cuts):
-    text, content, calls = out
-    want = Extracted(content, calls)
-    assert H(TOOLS).extract(text) == want
-    assert stream(H, split(text, cuts)) == want
+    contract(H, out, cuts)
+
+
+# -- llama3_json -----------------------------------------------------------------------------
+L = get_parser("llama3_json")
+
+
+def test_llama3_json_worked_examples():
+    w = {"city": "Paris", "days": 3}
+    one = '{"name": "get_weather", "parameters": {"city": "Paris", "days": 3}}'
+    check(L, one, None, [call("get_weather", w)])
+    check(L, "<|python_tag|>" + one, None, [call("get_weather", w)])
+    check(L, "\n <|python_tag|> " + one + " ;\n" + '{"name": "f", "arguments": {}};', None,
+          [call("get_weather", w), call("f", {})])
+    # prose first: all content, even when JSON follows (a call must open the output)
+    check(L, "The answer is " + one, "The answer is " + one, [])
+    check(L, "<|python_tag|>print(1)", "<|python_tag|>print(1)", [])  # a code call, not JSON
+    check(L, "<|python", "<|python", [])
+    # unicode, escaped quotes, nested objects
+    args = {"q": 'a "quoted" \\ back}slash{', "where": "Zürich 東京", "n": {"m": [1, {"k": None}]}}
+    check(L, json.dumps({"name": "s", "parameters": args}), None, [call("s", args)])
+    # text after a call: from the end of the last good call on, it is content
+    check(L, one + " Hope that helps!", " Hope that helps!", [call("get_weather", w)])
+    check(L, one + '; {"name": 1}', '; {"name": 1}', [call("get_weather", w)])
+
+
+def test_llama3_json_malformed_is_content():
+    for bad in ['{"name": "f", "parameters": {"a": 1}', '{"parameters": {}}', "{'name': 'f'}",
+                '<|python_tag|>{"name": "f", "parameters": [1]}', "{", "{}"]:
+        check(L, bad, bad, [])
+    p = L(None)
+    assert p.feed("  <|pyth").content == ""
+    assert p.feed("on_tag|>{").content == ""
+    assert p.feed('"name": "f"} x').calls == [CallDelta(0, "f", "{}")]
+    assert p.finish() == ToolDelta()
+
+
+@st.composite
+def llama3_output(draw):
+    lead = draw(st.sampled_from(["", " ", "\n"]))
+    if draw(st.booleans()):  # no call: prose (which may even start with "{" or the tag)
+        text = lead + draw(st.sampled_from(["", "<|python_tag|>"])) + draw(CONTENT)
+        return text, (text if text.strip() else None), []
+    text = lead + draw(st.sampled_from(["", "<|python_tag|>"]))
+    calls = []
+    for i in range(draw(st.integers(1, 3))):
+        if i:
+            text += draw(st.sampled_from([";", "; ", " ;\n"]))
+        name, args = draw(NAMES), draw(ARGS)
+        text += draw(model_json({"name": name, draw(st.sampled_from(["parameters", "arguments"])): args}))
+        calls.append(call(name, args))
+    tail = draw(st.sampled_from(["", ";", " ;\n", " "])) + draw(CONTENT)
+    # content is all text outside the calls: the leading whitespace too, once it is not alone
+    return text + tail, (None if re.fullmatch(r"\s*(;\s*)?", tail) else lead + tail), calls
+
+
+@SETTINGS
+@given(llama3_output(), CUTS)
+def test_llama3_json_contract(out, cuts):
+    contract(L, out, cuts)
+
+
+# -- mistral ---------------------------------------------------------------------------------
+M = get_parser("mistral")
+
+
+def test_mistral_worked_examples():
+    w = {"city": "Paris", "days": 3}
+    arr = '[{"name": "get_weather", "arguments": {"city": "Paris", "days": 3}}, {"name": "f", "arguments": {}}]'
+    check(M, "[TOOL_CALLS]" + arr, None, [call("get_weather", w), call("f", {})])
+    check(M, "Checking. [TOOL_CALLS] " + arr + " Done.", "Checking.  Done.",
+          [call("get_weather", w), call("f", {})])
+    # the name-then-object formats (v11: name{...}; v13: name[ARGS]{...}), one group per call
+    check(M, '[TOOL_CALLS]get_weather{"city": "Paris", "days": 3}[TOOL_CALLS]f{}', None,
+          [call("get_weather", w), call("f", {})])
+    check(M, '[TOOL_CALLS]get_weather[ARGS]{"city": "Paris", "days": 3}', None,
+          [call("get_weather", w)])
+    args = {"q": 'say "hi" \\ ]}', "city": "Zürich 東京 😀", "nested": {"a": [1, {"b": None}]}}
+    check(M, "[TOOL_CALLS]" + json.dumps([{"name": "s", "arguments": args}]), None, [call("s", args)])
+    check(M, "[TOOL_CALLS]s" + json.dumps(args, ensure_ascii=False), None, [call("s", args)])
+    check(M, "[TOOL_CALLS][" + json.dumps({"name": "s", "arguments": json.dumps(args)}) + "]", None,
+          [call("s", args)])  # arguments given as a JSON string
+    check(M, "No calls, [TOOL] [ARGS] [TOOL_CALL", "No calls, [TOOL] [ARGS] [TOOL_CALL", [])
+
+
+def test_mistral_malformed_groups_are_content():
+    for bad in ['[TOOL_CALLS][{"name": "f", "arguments": {}}', '[TOOL_CALLS][{"arguments": {}}]',
+                "[TOOL_CALLS][]", '[TOOL_CALLS][{"name": "f", "arguments": 3}]', "[TOOL_CALLS]",
+                "[TOOL_CALLS]f", "[TOOL_CALLS]f[ARG", '[TOOL_CALLS]f[ARGS] {"a": 1}',
+                "[TOOL_CALLS]f{1: 2}", "[TOOL_CALLS]f{\"a\": 1", "[TOOL_CALLS]!"]:
+        check(M, bad, bad, [])
+    # reading goes on after a bad group
+    check(M, '[TOOL_CALLS]f (x) [TOOL_CALLS]g{"k": 1} end', "[TOOL_CALLS]f (x)  end",
+          [call("g", {"k": 1})])
+    check(M, "[TOOL_CALLS]" + "n" * 129 + "{}", "[TOOL_CALLS]" + "n" * 129 + "{}", [])  # name cap
+
+
+MISTRAL_ATOMS = st.sampled_from(["Hi", " ", "\n", "[", "[TOOL_", "[TOOL_CALLS", "[ARGS", "é😀",
+                                 '{"a": 1}', "{", "}", ";", '"', "\\"])  # no "]": no marker
+MISTRAL_BAD = st.sampled_from(['[{"name": 1}]', "[1, 2]", "[]", '{"a": 1}', "!", " ?", "f!",
+                               "f[AR!", '[{"name": "f", "arguments": []}]'])
+
+
+@st.composite
+def mistral_output(draw):
+    text, content, calls = "", "", []
+    for _ in range(draw(st.integers(0, 4))):
+        kind = draw(st.sampled_from(["content", "array", "named", "bad"]))
+        if kind == "content":
+            piece = draw(st.lists(MISTRAL_ATOMS, max_size=4).map("".join))
+            content += piece
+        elif kind == "bad":
+            piece = "[TOOL_CALLS]" + draw(MISTRAL_BAD)
+            content += piece
+        elif kind == "array":
+            group = [(draw(NAMES), draw(ARGS)) for _ in range(draw(st.integers(1, 3)))]
+            piece = "[TOOL_CALLS]" + draw(st.sampled_from(["", " "])) + draw(
+                model_json([{"name": n, "arguments": a} for n, a in group]))
+            calls += [call(n, a) for n, a in group]
+        else:
+            name, args = draw(NAMES), draw(ARGS)
+            piece = ("[TOOL_CALLS]" + name + draw(st.sampled_from(["", "[ARGS]"]))
+                     + draw(model_json(args)))
+            calls.append(call(name, args))
+        text += piece
+    if draw(st.booleans()):  # cut off inside a group: that group is content
+        piece = draw(st.sampled_from(['[TOOL_CALLS][{"name": "f"', "[TOOL_CALLS]get_weather",
+                                      "[TOOL_CALLS]f[ARGS]", '[TOOL_CALLS]f{"a": "}', "[TOOL_CALLS"]))
+        text, content = text + piece, content + piece
+    return text, (content if content.strip() else None), calls
+
+
+@SETTINGS
+@given(mistral_output(), CUTS)
+def test_mistral_contract(out, cuts):
+    contract(M, out, cuts)
+
+
+# -- pythonic --------------------------------------------------------------------------------
+P = get_parser("pythonic")
+
+
+def test_pythonic_worked_examples():
+    w = {"city": "Paris", "days": 3}
+    check(P, '[get_weather(city="Paris", days=3)]', None, [call("get_weather", w)])
+    check(P, "\n[get_weather(city='Paris', days=3), get_time()]", None,
+          [call("get_weather", w), call("get_time", {})])
+    # Llama 4 tags; text after the list is content, the end tag and whitespace before it are not
+    check(P, '<|python_start|>[f(x=1)] <|python_end|>', None, [call("f", {"x": 1})])
+    check(P, '<|python_start|>[f(x=1)]<|python_end|>\nDone', "\nDone", [call("f", {"x": 1})])
+    check(P, "[f(x=1)] and more", " and more", [call("f", {"x": 1})])
+    # literals: signs, tuples, JSON names, nested dicts, escapes, triple quotes, unicode
+    args = {"a": -1.5, "b": [1, [2, 3]], "c": {"k": None, "t": True, "u": False}, "d": "Zürich 😀",
+            "e": 'say "hi" \\ )]', "f": "it's\n)", "g": +2}
+    src = ("[search(a=-1.5, b=[1, (2, 3)], c={'k': null, 't': true, 'u': False}, d='Zürich 😀', "
+           "e='say \"hi\" \\\\ )]', f='''it's\n)''', g=+2)]")
+    check(P, src, None, [call("search", args)])
+    check(P, "[s(q=" + json.dumps("東京 \"q\"") + ")]", None, [call("s", {"q": '東京 "q"'})])
+    check(P, '[s(q="\\ud83d\\ude00")]', None, [call("s", {"q": "😀"})])  # a JSON-style pair
+    check(P, "The answer is [f(x=1)]", "The answer is [f(x=1)]", [])  # must open the output
+
+
+def test_pythonic_non_calls_are_content():
+    for bad in ["[f(1)]", "[f(x=y)]", "[f(x=1), 2]", "[f(**k)]", "[a.b(x=1)]", "[f(x={1, 2})]",
+                "[f(x=1)", "[f(x=1e999)]", "[f(x=1, x=2)]", "[]", "[f(x=1+2)]", "[f(x={1: 2})]",
+                "[f(x=b'1')]", "<|python_start|>", "<|python_start|>print(1)", "[f(x=__import__('os'))]"]:
+        check(P, bad, bad, [])
+    p = P(None)
+    assert p.feed("[f(a=']").calls == []
+    assert p.feed("', b=1)").calls == []
+    assert p.feed("]<|python").calls == [CallDelta(0, "f", '{"a": "]", "b": 1}')]
+    assert p.finish() == ToolDelta(content="<|python")
+
+
+IDENT = st.from_regex(r"[a-z_][a-z0-9_]{0,5}", fullmatch=True).filter(
+    lambda s: not __import__("keyword").iskeyword(s) and s not in ("true", "false", "null"))
+PY_ARGS = st.dictionaries(IDENT, JSON_VALUE, max_size=4)
+
+
+@st.composite
+def pythonic_output(draw):
+    lead = draw(st.sampled_from(["", " ", "\n"])) + draw(st.sampled_from(["", "<|python_start|>"]))
+    if draw(st.booleans()):  # no call: prose (which may even look like a list)
+        text = lead + draw(CONTENT)
+        return text, (text if text.strip() else None), []
+    calls, written = [], []
+    for _ in range(draw(st.integers(1, 3))):
+        name, args = draw(st.sampled_from(["get_weather", "f", "search_web"])), draw(PY_ARGS)
+        write = repr if draw(st.booleans()) else lambda v: json.dumps(v, ensure_ascii=draw(st.booleans()))
+        written.append(name + "(" + draw(st.sampled_from([", ", ","])).join(
+            f"{k}={write(v)}" for k, v in args.items()) + ")")
+        calls.append(call(name, args))
+    text = lead + "[" + draw(st.sampled_from([", ", ",\n"])).join(written) + "]"
+    space, end, extra = draw(st.sampled_from(["", " ", "\n"])), draw(st.booleans()), draw(CONTENT)
+    text += space + ("<|python_end|>" if end else "") + extra
+    rest = extra if end else space + extra  # whitespace before the end tag is dropped with it
+    lead_ws = lead.replace("<|python_start|>", "")
+    return text, (lead_ws + rest if rest.strip() else None), calls
+
+
+@SETTINGS
+@given(pythonic_output(), CUTS)
+def test_pythonic_contract(out, cuts):
+    contract(P, out, cuts)
+
+
+# -- any text, any parser --------------------------------------------------------------------
+NOISE = st.lists(st.sampled_from(
+    ["<tool_call>", "</tool_call>", "<tool_", "[TOOL_CALLS]", "[ARGS]", "<|python_tag|>",
+     "<|python_start|>", "<|python_end|>", '{"name": "f", "arguments": {}}', '{"name": "g"}', "{",
+     "}", "[", "]", "(", ")", "f(", "x=1", "'", '"', '"""', "\\", ";", ",", " ", "\n", "#", "é😀",
+     "get_weather", "[f()]", "null"]), max_size=14).map("".join)
+
+
+@SETTINGS
+@given(st.sampled_from(sorted(PARSERS)), NOISE, CUTS)
+def test_any_text_splits_alike_and_loses_nothing_without_calls(name, text, cuts):
+    """Arbitrary mixes of every format's markers: every split streams what extract says, and an
+    output in which no call was found comes back whole as content."""
+    cls = get_parser(name)
+    got = cls(None).extract(text)
+    assert stream(cls, split(text, cuts)) == got
+    if not got.calls:
+        assert got.content == (text if text.strip() else None)
