@@ -100,8 +100,8 @@ def chat_job(door: FrontDoor, info: ModelInfo, body: ChatCompletionRequest) -> _
         tools = ToolPlan.from_body(body, door.config)
         prompt = render_body(info.tokenizer, body, door.config)
         params, max_set = body.to_params(info.max_model_len)
-        if tools is not None and (spec := tools.structured()) is not None:
-            params.structured_outputs = spec  # named/required: the tool schema constrains the output
+        if tools is not None:
+            tools.adjust(params, body)  # named/required: the tool schema constrains the output
     except ValueError as exc:
         raise invalid(str(exc)) from None
     params = door.check_params(params, info, max_tokens_set=max_set)

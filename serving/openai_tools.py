@@ -136,6 +136,17 @@ class ToolPlan:
         parallel = body.parallel_tool_calls is not False
         return cls(mode, tools, name, parallel, cfg.tool_call_parser if mode == "auto" else None)
 
+    def adjust(self, params: Any, body: Any) -> None:
+        """The request's SamplingParams for this plan: named/required get the tools' constraint;
+        auto decodes special tokens (parsers' markers such as ``[TOOL_CALLS]`` or
+        ``<|python_tag|>`` are special in some vocabularies; vLLM's parsers do the same) unless
+        the body set ``skip_special_tokens`` itself."""
+        spec = self.structured()
+        if spec is not None:
+            params.structured_outputs = spec
+        if self.mode == "auto" and body.skip_special_tokens is None:
+            params.skip_special_tokens = False
+
     def structured(self) -> StructuredOutputsParams | None:
         """The output constraint of named and required (None for auto)."""
         if self.mode == "named":

@@ -105,3 +105,20 @@ def test_chat_template_flag_reads_a_file_or_takes_the_template(tmp_path):
     assert load_chat_template("{% for m in messages %}{% endfor %}") == "{% for m in messages %}{% endfor %}"
     with pytest.raises(ValueError, match=r"--chat-template 'missing\.jinja' is invalid: no such file"):
         load_chat_template("missing.jinja")
+
+
+def test_auto_decodes_special_tokens_unless_the_body_says_otherwise():
+    from jaxllm.sampling_params import SamplingParams
+
+    cfg = ServerConfig(enable_auto_tool_choice=True, tool_call_parser="hermes")
+    tools = [{"type": "function", "function": {"name": "f"}}]
+    for extra, want in (({}, False), ({"skip_special_tokens": True}, True)):
+        req = ChatCompletionRequest(messages=[{"role": "user", "content": "hi"}], tools=tools, **extra)
+        plan = ToolPlan.from_body(req, cfg)
+        params = SamplingParams(**req.sampling_kwargs())
+        plan.adjust(params, req)
+        assert plan.mode == "auto" and params.skip_special_tokens is want and params.structured_outputs is None
+    req = ChatCompletionRequest(messages=[{"role": "user", "content": "hi"}], tools=tools, tool_choice="required")
+    params = SamplingParams()
+    ToolPlan.from_body(req, cfg).adjust(params, req)
+    assert params.skip_special_tokens is True and params.structured_outputs.kind == "json"
