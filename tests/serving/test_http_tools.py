@@ -203,6 +203,26 @@ def test_auto_without_parallel_tool_calls_answers_only_the_first_call(auto_srv, 
     assert resp.choices[0].finish_reason == final.choices[0].finish_reason == "tool_calls"
 
 
+@pytest.mark.parametrize("parser, text", [
+    ("pythonic", "[get_weather(city='Rome', days=2), get_time(zone='UTC')]"),
+    ("llama3_json", '{"name": "get_time", "parameters": {"zone": "EST"}}'),
+])
+def test_auto_with_other_parsers(parser, text):
+    s = ThreadedServer(_engine(), enable_auto_tool_choice=True, tool_call_parser=parser)
+    try:
+        kw = dict(tools=TOOLS, max_tokens=300, temperature=0, extra_body={"structured_outputs": {"regex": re.escape(text)}})
+        with _client(s) as c:
+            resp = c.chat.completions.create(model="fake-llm", messages=MSGS, **kw)
+            final = streamed(c, **kw)
+    finally:
+        s.close()
+    want = get_parser(parser)(TOOLS).extract(text)
+    assert want.calls and calls_of(resp.choices[0].message) == [(t.name, t.arguments) for t in want.calls]
+    assert calls_of(final.choices[0].message) == calls_of(resp.choices[0].message)
+    assert resp.choices[0].message.content == final.choices[0].message.content == want.content
+    assert resp.choices[0].finish_reason == "tool_calls"
+
+
 def test_tool_history_renders_and_none_is_plain_text(client):
     history = MSGS + [
         {"role": "assistant", "content": None, "tool_calls": [
