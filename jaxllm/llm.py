@@ -21,6 +21,7 @@ from jaxllm.config import EngineConfig
 from jaxllm.lora.loader import LoRALoadError
 from jaxllm.metrics.loggers import LoggingStatLogger, validate_interval
 from jaxllm.outputs import EmbeddingRequestOutput, RequestOutput
+from jaxllm.tokenizer import parse_tool_call_arguments
 from jaxllm.pooling_params import PoolingParams
 from jaxllm.sampling_params import SamplingParams
 
@@ -92,12 +93,17 @@ class LLM:
 
     def chat(self, conversations, sampling_params: SamplingParams | Sequence[SamplingParams] | None = None,
              use_tqdm: bool = True, lora_request=None, add_generation_prompt: bool = True,
-             chat_template: str | None = None, continue_final_message: bool = False) -> list[RequestOutput]:
+             chat_template: str | None = None, continue_final_message: bool = False,
+             tools: list[dict] | None = None, chat_template_kwargs: dict | None = None) -> list[RequestOutput]:
         """``conversations``: one list of ``{"role", "content"}`` messages, or a list of them. Each
         is rendered with the model's chat template (or ``chat_template``, a Jinja string); the
         outputs' ``prompt`` is the rendered text. ``continue_final_message``: the last message
         (an assistant prefix) is continued instead of a new turn being opened (then pass
-        ``add_generation_prompt=False``). ``lora_request``: as in ``generate``."""
+        ``add_generation_prompt=False``). ``tools``: OpenAI function tools
+        (``[{"type": "function", "function": {"name", "description", "parameters"}}]``), given to
+        the template as its ``tools`` variable (rendered only: the output is not parsed, as
+        vLLM's ``LLM.chat``); ``chat_template_kwargs``: more template variables.
+        ``lora_request``: as in ``generate``."""
         if not isinstance(conversations, (list, tuple)) or not conversations:
             raise ValueError(f"conversations={conversations!r} is invalid: must be a non-empty list "
                              f"of messages or of conversations")
@@ -109,8 +115,10 @@ class LLM:
             if not isinstance(conv, (list, tuple)) or not all(isinstance(m, dict) for m in conv):
                 raise ValueError(f"conversations[{i}]={conv!r} is invalid: must be a list of "
                                  f"message dicts")
-            prompts.append(tok.chat_prompt(list(conv), add_generation_prompt, chat_template=chat_template,
-                                           continue_final_message=continue_final_message))
+            kw = {k: v for k, v in (("tools", tools), ("chat_template_kwargs", chat_template_kwargs)) if v}
+            conv = parse_tool_call_arguments(list(conv), f"conversations[{i}]")
+            prompts.append(tok.chat_prompt(conv, add_generation_prompt, chat_template=chat_template,
+                                           continue_final_message=continue_final_message, **kw))
         params = _as_params_list(sampling_params, len(prompts))
         return self._run(prompts, params, use_tqdm, _as_lora_list(lora_request, len(prompts)))
 

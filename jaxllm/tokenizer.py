@@ -3,6 +3,7 @@ and incremental detokenization for streaming."""
 from __future__ import annotations
 
 import hashlib
+import json
 import os
 
 _SPECIAL_CACHE = os.path.join(os.path.expanduser("~"), ".cache", "jaxllm", "tokenizers")
@@ -72,16 +73,23 @@ class Tokenizer:
         return self._render_chat(messages, add_generation_prompt)[1]
 
     def chat_prompt(self, messages: list[dict], add_generation_prompt: bool = True, *,
-                    chat_template: str | None = None, continue_final_message: bool = False) -> dict:
+                    chat_template: str | None = None, continue_final_message: bool = False,
+                    tools: list[dict] | None = None, chat_template_kwargs: dict | None = None) -> dict:
         """``{"prompt": rendered text, "prompt_token_ids": ids}`` for a conversation, like vLLM's
         ``LLM.chat``: the model's template (or ``chat_template``, a Jinja string); with
         ``continue_final_message`` the last (assistant) message is left open for the model to
-        continue instead of starting a new turn. A template error is a ValueError naming it."""
+        continue instead of starting a new turn. ``tools`` (OpenAI's ``[{"type": "function",
+        "function": {...}}]``) reach the template as its ``tools`` variable, ``chat_template_kwargs``
+        as further variables (``enable_thinking``...). A template error is a ValueError naming it."""
         if continue_final_message and add_generation_prompt:
             raise ValueError("continue_final_message=True is invalid with add_generation_prompt=True: "
                              "continue the last message or start a new turn, not both")
+        extra = dict(chat_template_kwargs or {})
+        for key in sorted(set(extra) & _RESERVED_TEMPLATE_KWARGS):
+            raise ValueError(f"chat_template_kwargs.{key} is invalid: {key} is set by its own argument")
         try:
-            text, ids = self._render_chat(messages, add_generation_prompt, chat_template, continue_final_message)
+            text, ids = self._render_chat(messages, add_generation_prompt, chat_template, continue_final_message,
+                                          tools, extra)
         except ValueError:
             raise
         except Exception as exc:  # jinja's raise_exception, undefined fields, template syntax
@@ -89,15 +97,45 @@ class Tokenizer:
         return {"prompt": text, "prompt_token_ids": ids}
 
     def _render_chat(self, messages, add_generation_prompt: bool, chat_template: str | None = None,
-                     continue_final_message: bool = False) -> tuple[str, list[int]]:
+                     continue_final_message: bool = False, tools: list[dict] | None = None,
+                     extra: dict | None = None) -> tuple[str, list[int]]:
         """The template rendered once; its text tokenized without added special tokens (what
         transformers' `apply_chat_template(tokenize=True)` does after rendering)."""
         if not (chat_template or self.hf.chat_template):
             raise ValueError("messages: this model's tokenizer has no chat template; send a plain prompt")
         text = self.hf.apply_chat_template(messages, tokenize=False, add_generation_prompt=add_generation_prompt,
                                            chat_template=chat_template,
-                                           continue_final_message=continue_final_message)
+                                           continue_final_message=continue_final_message,
+                                           tools=tools or None, **(extra or {}))
         return text, self.encode(text, add_special_tokens=False)
+
+
+def parse_tool_call_arguments(messages: list[dict], field: str = "messages") -> list[dict]:
+    """The messages with each assistant tool call's ``arguments`` JSON text turned into a dict, as
+    vLLM hands them to chat templates (copies; others unchanged). ValueError names a bad one."""
+    out = []
+    for i, m in enumerate(messages):
+        calls = m.get("tool_calls") if isinstance(m, dict) else None
+        if calls:
+            m = dict(m, tool_calls=[dict(c) for c in calls])
+            for j, call in enumerate(m["tool_calls"]):
+                fn = call.get("function")
+                if isinstance(fn, dict) and isinstance(fn.get("arguments"), str):
+                    try:
+                        call["function"] = dict(fn, arguments=json.loads(fn["arguments"]))
+                    except json.JSONDecodeError as exc:
+                        shown = fn["arguments"] if len(fn["arguments"]) <= 60 else fn["arguments"][:57] + "..."
+                        raise ValueError(f"{field}[{i}].tool_calls[{j}].function.arguments={shown!r} is invalid: "
+                                         f"not JSON ({exc})") from None
+        out.append(m)
+    return out
+
+
+# arguments of transformers' apply_chat_template that chat_template_kwargs may not set
+_RESERVED_TEMPLATE_KWARGS = frozenset({"conversation", "messages", "tools", "documents", "chat_template",
+                                       "add_generation_prompt", "continue_final_message", "tokenize",
+                                       "return_dict", "return_tensors", "padding", "truncation", "max_length",
+                                       "tokenizer_kwargs", "return_assistant_tokens_mask"})
 
 
 def _hf_tokenizer_from_gguf(path: str):

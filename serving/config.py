@@ -26,6 +26,11 @@ class ServerConfig(msgspec.Struct, kw_only=True):
     max_stop_strings: int = 16
     max_message_bytes: int = 4 * 1024 * 1024
     max_request_id_len: int = 256
+    # chat (OpenAI HTTP API): --chat-template's text (None = the model's), request templates, tool calling
+    chat_template: str | None = None
+    trust_request_chat_template: bool = False  # let a request's chat_template replace the template
+    enable_auto_tool_choice: bool = False  # tool_choice "auto" (needs tool_call_parser)
+    tool_call_parser: str | None = None  # serving/tool_parsers name for "auto" (hermes, ...)
     # LoRA adapters served from the start (``--lora-modules name=path ...``; needs enable_lora)
     lora_modules: tuple[tuple[str, str], ...] = ()
     # metrics
@@ -73,6 +78,13 @@ class ServerConfig(msgspec.Struct, kw_only=True):
                 raise ValueError(f"lora_modules entry {name}={path} is invalid: need name=path, both non-empty")
         if len(set(names)) != len(names):
             raise ValueError(f"lora_modules={names} is invalid: adapter names must be unique")
+        if self.enable_auto_tool_choice and not self.tool_call_parser:
+            raise ValueError("enable_auto_tool_choice=True is invalid without tool_call_parser: name the "
+                             "parser that reads the model's tool calls (--tool-call-parser)")
+        if self.tool_call_parser:
+            from serving.openai_tools import check_parser_name  # no jax
+
+            check_parser_name(self.tool_call_parser)
         if self.http_port is not None and not 0 <= self.http_port < 65536:
             raise ValueError(f"http_port={self.http_port} is invalid: must be in [0, 65535]")
         return self

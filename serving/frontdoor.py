@@ -103,9 +103,12 @@ def check_token_ids(field: str, ids, vocab_size: int | None) -> list[int]:
     return ids
 
 
-def render_chat(tokenizer: Any, messages: list[dict], field: str = "messages") -> dict:
+def render_chat(tokenizer: Any, messages: list[dict], field: str = "messages", *,
+                add_generation_prompt: bool = True, **template: Any) -> dict:
     """``{"prompt": text or None, "prompt_token_ids": ids}`` through the model's chat template,
-    as ``LLM.chat`` renders it (``tokenizer.chat_prompt`` where the tokenizer has it)."""
+    as ``LLM.chat`` renders it (``tokenizer.chat_prompt`` where the tokenizer has it).
+    ``template``: ``chat_prompt``'s keywords (chat_template, tools, chat_template_kwargs,
+    continue_final_message), passed only when set."""
     if not messages:
         raise ValueError(f"{field}=[] is invalid: must hold at least one message")
     for i, m in enumerate(messages):
@@ -113,9 +116,12 @@ def render_chat(tokenizer: Any, messages: list[dict], field: str = "messages") -
             raise ValueError(f"{field}[{i}].role='' is invalid: must be non-empty")
     try:
         if hasattr(tokenizer, "chat_prompt"):
-            out = tokenizer.chat_prompt(messages, add_generation_prompt=True)
+            out = tokenizer.chat_prompt(messages, add_generation_prompt=add_generation_prompt, **template)
             return {"prompt": out.get("prompt"), "prompt_token_ids": [int(t) for t in out["prompt_token_ids"]]}
-        ids = tokenizer.apply_chat_template(messages, add_generation_prompt=True)
+        if template:
+            raise ValueError(f"{field} is invalid with {', '.join(sorted(template))}: this model's tokenizer "
+                             f"renders only its own template")
+        ids = tokenizer.apply_chat_template(messages, add_generation_prompt=add_generation_prompt)
     except ValueError:
         raise
     except Exception as exc:  # jinja raise_exception etc.

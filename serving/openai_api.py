@@ -31,11 +31,12 @@ from fastapi.exceptions import RequestValidationError
 from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.responses import JSONResponse, PlainTextResponse
 
-from serving.frontdoor import Code, FrontDoorError, ModelInfo, check_token_ids, invalid, render_chat
+from serving.frontdoor import Code, FrontDoorError, ModelInfo, check_token_ids, invalid
 from serving.openai_embed import EmbeddingRequest, create_embeddings
 from serving.openai_generate import chat_job, completion_job, respond
 from serving.openai_protocol import (ChatCompletionRequest, CompletionRequest, DetokenizeRequest,
                                      LoadLoRAAdapterRequest, TokenizeRequest, UnloadLoRAAdapterRequest)
+from serving.openai_tools import render_body
 
 if TYPE_CHECKING:
     from serving.server import ServingServer
@@ -268,7 +269,7 @@ def build_app(server: "ServingServer") -> Any:
             raise invalid("prompt/messages are invalid: set exactly one of them", "prompt")
         try:
             if body.messages is not None:
-                ids = render_chat(info.tokenizer, [m.to_dict() for m in body.messages])["prompt_token_ids"]
+                ids = render_body(info.tokenizer, body, cfg)["prompt_token_ids"]
             else:
                 ids = [int(t) for t in info.tokenizer.encode(body.prompt, add_special_tokens=body.add_special_tokens)]
         except ValueError as exc:

@@ -99,11 +99,13 @@ class Echo:
 
 def chat_echo(body: Any) -> Echo | None:
     """A chat body's echo (vLLM's ``echo``): the last message's text when its role is the answer's
-    (``assistant``); None when there is nothing to echo."""
+    (``assistant`` with ``add_generation_prompt``, else the last message's own role, as vLLM);
+    None when there is nothing to echo."""
     if not getattr(body, "echo", False) or not body.messages:
         return None
     last = body.messages[-1].to_dict()
-    if last["role"] != "assistant" or not last["content"]:
+    role = "assistant" if getattr(body, "add_generation_prompt", True) else last["role"]
+    if last["role"] != role or not last["content"]:
         return None
     return Echo([last["content"]], prompt_only=False, with_logprobs=False)
 

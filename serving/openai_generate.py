@@ -21,9 +21,10 @@ from starlette.responses import JSONResponse, Response, StreamingResponse
 from jaxllm.sampling_params import MAX_LOGPROBS, SamplingParams
 
 from serving.deltas import DeltaTracker, SampleDelta
-from serving.frontdoor import FrontDoor, FrontDoorError, ModelInfo, check_token_ids, invalid, render_chat
+from serving.frontdoor import FrontDoor, FrontDoorError, ModelInfo, check_token_ids, invalid
 from serving.openai_echo import Echo, chat_echo, check_stream, echo_text, prompt_logprobs_json
 from serving.openai_protocol import ChatCompletionRequest, CompletionRequest
+from serving.openai_tools import ToolPlan, render_body
 
 
 class _Job:
@@ -43,6 +44,7 @@ class _Job:
         self.echo: Echo | None = None  # completions with echo=true
         self.prompt_logprobs: int | None = None  # the k of the prompt_logprobs answer; None = none
         self.offsets: dict[int, int] = {}  # choice index -> text_offset of its next token
+        self.tools: ToolPlan | None = None  # chat with tool_choice named/required/auto (serving/openai_tools.py)
 
     def usage(self) -> dict:
         p = sum(t.num_prompt_tokens for t in self.trackers)
@@ -106,8 +108,11 @@ def chat_job(door: FrontDoor, info: ModelInfo, body: ChatCompletionRequest) -> _
                  else f"exceeds the server limit --max-logprobs={door.config.max_logprobs}")
         raise invalid(f"top_logprobs={top} is invalid: {limit}", "top_logprobs")
     try:
-        prompt = render_chat(info.tokenizer, [m.to_dict() for m in body.messages])
+        tools = ToolPlan.from_body(body, door.config)
+        prompt = render_body(info.tokenizer, body, door.config)
         params, max_set = body.to_params(info.max_model_len)
+        if tools is not None:
+            tools.adjust(params, body)  # named/required: the tool schema constrains the output
     except ValueError as exc:
         raise invalid(str(exc)) from None
     params = door.check_params(params, info, max_tokens_set=max_set)
@@ -119,6 +124,7 @@ def chat_job(door: FrontDoor, info: ModelInfo, body: ChatCompletionRequest) -> _
                bool(body.stream_options and body.stream_options.include_usage))
     job.prompt_logprobs = body.prompt_logprobs
     job.echo = chat_echo(body)
+    job.tools = tools
     return job
 
 
@@ -131,8 +137,10 @@ async def respond(door: FrontDoor, job: _Job, receive=None):
     try:
         reqs = [await stack.enter_async_context(door.request("", p, job.params, job.info.lora))
                 for p in job.prompts]
-    except BaseException:
+    except BaseException as exc:
         await stack.aclose()  # the ones already admitted are aborted
+        if job.tools is not None and isinstance(exc, FrontDoorError):
+            raise job.tools.explain(exc) from None  # a tool schema the grammar compiler refused
         raise
     if not job.stream:
         async with stack:
@@ -227,14 +235,23 @@ def _echoed(job: _Job, k: int, d: SampleDelta, *, first: bool) -> SampleDelta:
     return job.echo.delta(k, d, first=first, out=job.trackers[k].last, logprobs=job.params.logprobs is not None)
 
 
-def _choice(job: _Job, index: int, d: SampleDelta, *, final: bool, first: bool = False) -> dict:
+def _choice(job: _Job, index: int, d: SampleDelta, *, final: bool, first: bool = False) -> dict | None:
     stop_reason = d.stop_reason if isinstance(d.stop_reason, (str, int)) else None
     if job.kind == "completion":
         out = {"index": index, "text": d.text, "logprobs": _completion_logprobs(job, index, d),
                "finish_reason": d.finish_reason}
     else:
         lp = _chat_logprobs(job, d)
-        if final:
+        if job.tools is not None:  # tool calls: the choice's text read by its tool reader
+            if final:
+                msg, reason = job.tools.message(d.text, d.finish_reason)
+                out = {"index": index, "message": msg, "logprobs": lp, "finish_reason": reason}
+            else:
+                delta, reason = job.tools.delta(index, d.text, d.finish_reason, first)
+                if not delta and lp is None and reason is None:
+                    return None  # text held back by the reader: nothing to send for this choice yet
+                out = {"index": index, "delta": delta, "logprobs": lp, "finish_reason": reason}
+        elif final:
             out = {"index": index, "message": {"role": "assistant", "content": d.text},
                    "logprobs": lp, "finish_reason": d.finish_reason}
         else:
@@ -310,8 +327,10 @@ def _chunk(job: _Job, head: dict, k: int, batch: list, started: set[int]) -> dic
     for d in job.trackers[k].update(batch):
         index = k * job.params.n + d.index
         first = index not in started
-        choices.append(_choice(job, index, _echoed(job, k, d, first=first), final=False, first=first))
-        started.add(index)
+        choice = _choice(job, index, _echoed(job, k, d, first=first), final=False, first=first)
+        if choice is not None:
+            choices.append(choice)
+            started.add(index)
     if not choices:
         return None
     chunk = dict(head, choices=choices)

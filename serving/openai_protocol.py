@@ -140,22 +140,84 @@ class TextPart(_Body):
     text: str
 
 
+class FunctionDefinition(_Body):
+    """A tool's function: ``name``, ``description``, ``parameters`` (its arguments' JSON schema)."""
+    name: str
+    description: str | None = None
+    parameters: dict | None = None
+    strict: bool | None = None  # accepted (the openai client's .stream() asks for it); schemas are always enforced
+
+
+class Tool(_Body):
+    type: Literal["function"]
+    function: FunctionDefinition
+
+
+class NamedFunction(_Body):
+    name: str
+
+
+class NamedToolChoice(_Body):
+    """``tool_choice={"type": "function", "function": {"name": ...}}``: call exactly this tool."""
+    type: Literal["function"]
+    function: NamedFunction
+
+
+class FunctionCall(_Body):
+    name: str
+    arguments: str | dict  # the JSON text (OpenAI); a dict is taken as it is
+
+
+class MessageToolCall(_Body):
+    """A call an earlier assistant turn made (``messages[i].tool_calls[j]``)."""
+    id: str
+    type: Literal["function"] = "function"
+    function: FunctionCall
+
+
 class ChatMessage(_Body):
     role: str
     content: str | list[TextPart] | None = None
     name: str | None = None
+    tool_calls: list[MessageToolCall] | None = None  # assistant turns that called tools
+    tool_call_id: str | None = None  # role "tool": the call this message answers
+    # what the openai client sends back when an answer's message is appended as it is: accepted, unused
+    refusal: str | None = None
+    annotations: list | None = None
+    audio: dict | None = None
+    function_call: dict | None = None
 
     def to_dict(self) -> dict:
+        """The message as chat templates see it (tool call arguments stay text here; see
+        serving/openai_tools.template_messages for the dict vLLM hands templates)."""
         c = self.content
         text = c if isinstance(c, str) else "".join(p.text for p in c or ())
-        out = {"role": self.role, "content": text}
+        out: dict[str, Any] = {"role": self.role, "content": text}
         if self.name is not None:
             out["name"] = self.name
+        if self.tool_calls is not None:
+            out["tool_calls"] = [{"id": t.id, "type": t.type,
+                                  "function": {"name": t.function.name, "arguments": t.function.arguments}}
+                                 for t in self.tool_calls]
+        if self.tool_call_id is not None:
+            out["tool_call_id"] = self.tool_call_id
         return out
 
 
-class ChatCompletionRequest(_SamplingFields):
+class _ChatTemplateFields(_Body):
+    """vLLM's chat-template fields of /v1/chat/completions and /tokenize."""
+    tools: list[Tool] | None = None
+    chat_template: str | None = None  # a Jinja template for this request (needs --trust-request-chat-template)
+    chat_template_kwargs: dict[str, Any] | None = None  # more template variables
+    add_generation_prompt: bool = True
+    continue_final_message: bool = False
+
+
+class ChatCompletionRequest(_SamplingFields, _ChatTemplateFields):
     messages: list[ChatMessage]
+    # unset: "auto" with tools, else "none" (OpenAI's and vLLM's default)
+    tool_choice: Literal["none", "auto", "required"] | NamedToolChoice | None = None
+    parallel_tool_calls: bool | None = None  # None = true
     max_completion_tokens: int | None = None  # OpenAI's newer name; wins over max_tokens
     logprobs: bool = False
     top_logprobs: int | None = None
@@ -175,7 +237,7 @@ class ChatCompletionRequest(_SamplingFields):
         return SamplingParams(**kw), limit is not None
 
 
-class TokenizeRequest(_Body):
+class TokenizeRequest(_ChatTemplateFields):
     model: str | None = None
     prompt: str | None = None
     messages: list[ChatMessage] | None = None

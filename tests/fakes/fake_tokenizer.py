@@ -41,8 +41,12 @@ class FakeTokenizer:
         return ids
 
     def chat_prompt(self, messages: list[dict], add_generation_prompt: bool = True, *,
-                    chat_template: str | None = None, continue_final_message: bool = False) -> dict:
+                    chat_template: str | None = None, continue_final_message: bool = False,
+                    tools: list[dict] | None = None, chat_template_kwargs: dict | None = None) -> dict:
         ids = self.apply_chat_template(messages, add_generation_prompt)
+        if tools:  # the tools' names lead the conversation, as a system line would
+            names = ",".join(t["function"]["name"] for t in tools)
+            ids = self.encode(f"tools: {names}", add_special_tokens=False) + [SEP] + ids
         if continue_final_message:
             ids = ids[:-1]  # the last message's <sep>: left open
         return {"prompt": self.decode(ids, skip_special_tokens=False), "prompt_token_ids": ids}

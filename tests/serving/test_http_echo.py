@@ -238,3 +238,20 @@ def test_prompt_logprobs_json_clamps_and_trims():
                    {"6": {"logprob": -9999.0, "rank": 9, "decoded_token": "b"},  # -inf is not JSON: vLLM's clamp
                     "8": {"logprob": -0.1, "rank": 1, "decoded_token": "x"}},  # rank 2 is past k=1
                    {"7": {"logprob": -0.5, "rank": 1, "decoded_token": "<7>"}}]
+
+
+def test_chat_echo_role_follows_add_generation_prompt():
+    """vLLM's rule: the echoed role is the answer's (assistant) with the generation prompt, else the
+    last message's own role; a user message is echoed only in the second case."""
+    from types import SimpleNamespace
+
+    from serving.openai_echo import chat_echo
+    from serving.openai_protocol import ChatCompletionRequest
+
+    user_last = [{"role": "user", "content": "Hi there"}]
+    body = ChatCompletionRequest(messages=user_last, echo=True)
+    assert chat_echo(body) is None
+    body = ChatCompletionRequest(messages=user_last, echo=True, add_generation_prompt=False)
+    echo = chat_echo(body)
+    assert echo is not None and echo.texts == ["Hi there"]
+    assert chat_echo(SimpleNamespace(echo=False, messages=body.messages)) is None

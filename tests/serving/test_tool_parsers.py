@@ -1,0 +1,357 @@
+"""serving/tool_parsers: worked examples per format, and the streaming contract under hypothesis.
+
+The hypothesis tests build outputs from pieces whose meaning is known by construction (content,
+a valid call with random arguments written by "the model" in a random JSON style, a malformed
+block), so the expected content and calls are an independent reference; then they check that
+``extract`` gives exactly that and that every random split of the text, fed in order, streams
+the same content and calls (each name once, in the first delta of its index).
+"""
+from __future__ import annotations
+
+import json
+import re
+
+import pytest
+from hypothesis import given
+from hypothesis import strategies as st
+
+from serving.tool_parsers import PARSERS, CallDelta, ToolCall, ToolDelta, get_parser
+from tool_parse_helpers import (ARGS, CONTENT, CUTS, JSON_VALUE, NAMES, SETTINGS, call, check,
+                                contract, model_json, split, stream)
+
+
+# -- registry --------------------------------------------------------------------------------
+def test_get_parser_names_and_error():
+    assert get_parser("hermes") is PARSERS["hermes"]
+    assert {n for n in PARSERS if PARSERS[n].name == n} == {"hermes", "llama3_json", "mistral",
+                                                           "pythonic"}
+    assert get_parser("llama4_json").name == "llama3_json"  # vLLM's aliases
+    assert get_parser("llama4_pythonic").name == "pythonic"
+    with pytest.raises(ValueError, match=r"^tool_call_parser='nope' is invalid: must be one of "
+                                         r"hermes"):
+        get_parser("nope")
+
+
+def test_feed_after_finish_is_an_error_and_calls_are_counted():
+    p = get_parser("hermes")(None)
+    assert p.feed("") == ToolDelta() and p.num_calls == 0
+    p.feed('<tool_call>{"name": "f"}</tool_call><tool_call>{"name": "g"}')
+    assert p.num_calls == 1
+    p.finish()
+    assert p.num_calls == 2
+    with pytest.raises(RuntimeError, match="after finish"):
+        p.feed("x")
+    with pytest.raises(RuntimeError, match="finish called twice"):
+        p.finish()
+
+
+# -- hermes ----------------------------------------------------------------------------------
+H = get_parser("hermes")
+
+
+def tc(body: str) -> str:
+    return f"<tool_call>\n{body}\n</tool_call>"
+
+
+def test_hermes_worked_examples():
+    w = {"city": "Paris", "days": 3}
+    check(H, "Just text, no calls < > <tool_", "Just text, no calls < > <tool_", [])
+    check(H, tc('{"name": "get_weather", "arguments": {"city": "Paris", "days": 3}}'),
+          None, [call("get_weather", w)])
+    # several, with content before, between and after (whitespace between calls is content too)
+    text = ("Let me check.\n" + tc('{"name": "get_weather", "arguments": {"city": "Paris", "days": 3}}')
+            + "\nand\n" + tc('{"arguments": {}, "name": "get_time"}') + "\nDone.")
+    check(H, text, "Let me check.\n\nand\n\nDone.", [call("get_weather", w), call("get_time", {})])
+    # only whitespace outside the calls: no content
+    check(H, "\n" + tc('{"name": "a", "arguments": {}}') + "\n" + tc('{"name": "b"}') + "\n",
+          None, [call("a", {}), call("b", {})])
+    # unicode, escaped quotes and backslashes, nested objects; \u escapes come out as characters
+    args = {"q": 'say "hi" \\ there', "city": "Zürich 東京 😀", "nested": {"a": [1, {"b": None}],
+                                                                         "t": True}, "x": 1.5}
+    check(H, tc(json.dumps({"name": "search", "arguments": args})), None, [call("search", args)])
+    check(H, tc(json.dumps({"name": "search", "arguments": args}, ensure_ascii=False)), None,
+          [call("search", args)])
+    # "parameters" instead of "arguments", and arguments given as a JSON string
+    check(H, tc('{"name": "f", "parameters": {"a": 1}}'), None, [call("f", {"a": 1})])
+    check(H, tc('{"name": "f", "arguments": "{\\"a\\": 1}"}'), None, [call("f", {"a": 1})])
+    # a lone surrogate escape is valid JSON but cannot be UTF-8: then the arguments stay escaped
+    check(H, tc('{"name": "f", "arguments": {"s": "\\ud800 \\u00e9"}}'), None,
+          [ToolCall("f", '{"s": "\\ud800 \\u00e9"}')])
+    # a name that is not in `tools` stays a call (vLLM does not check names either)
+    check(H, tc('{"name": "not_a_tool", "arguments": {}}'), None, [call("not_a_tool", {})])
+    # a final block without its closing tag is still a call when its JSON is whole
+    check(H, "Sure. <tool_call>\n" + '{"name": "f", "arguments": {"a": "</tool"}}\n', "Sure. ",
+          [call("f", {"a": "</tool"})])
+
+
+def test_hermes_malformed_calls_are_content():
+    bad = [tc('{"name": "f", "arguments": {"a": 1}'),  # bad JSON
+           tc('{"arguments": {"a": 1}}'),  # no name
+           tc('{"name": 3, "arguments": {}}'),  # name not a string
+           tc('{"name": "f", "arguments": [1, 2]}'),  # arguments not an object
+           tc('["f", {}]'),  # not an object
+           "<tool_call></tool_call>"]
+    for b in bad:
+        check(H, b, b, [])
+    good = tc('{"name": "g", "arguments": {"k": "v"}}')
+    check(H, "A " + bad[0] + " B " + good + " C", "A " + bad[0] + " B  C", [call("g", {"k": "v"})])
+    # an unclosed block that does not parse: the whole rest is content, opening tag included
+    check(H, 'x <tool_call>{"name": "f", "argum', 'x <tool_call>{"name": "f", "argum', [])
+    # the tag itself is held back while it could still be one, then released as content
+    p = H(None)
+    assert p.feed("Hi <tool").content == "Hi "
+    assert p.feed("_ca").content == ""
+    assert p.feed("ll!").content == "<tool_call!"
+    assert p.finish() == ToolDelta()
+
+
+@st.composite
+def hermes_output(draw):
+    text, content, calls = "", "", []
+    for _ in range(draw(st.integers(0, 4))):
+        kind = draw(st.sampled_from(["content", "call", "bad"]))
+        if kind == "content":
+            piece = draw(CONTENT)
+            text, content = text + piece, content + piece
+        elif kind == "call":
+            name, args = draw(NAMES), draw(ARGS)
+            key = draw(st.sampled_from(["arguments", "parameters"]))
+            text += tc(draw(model_json({"name": name, key: args})))
+            calls.append(call(name, args))
+        else:
+            piece = "<tool_call>" + draw(CONTENT) + "</tool_call>"
+            text, content = text + piece, content + piece
+    if draw(st.booleans()):  # a final call whose closing tag never came
+        name, args = draw(NAMES), draw(ARGS)
+        text += "<tool_call>" + draw(model_json({"name": name, "arguments": args}))
+        calls.append(call(name, args))
+    return text, (content if content.strip() else None), calls
+
+
+@SETTINGS
+@given(hermes_output(), CUTS)
+def test_hermes_contract(out, cuts):
+    contract(H, out, cuts)
+
+
+# -- llama3_json -----------------------------------------------------------------------------
+L = get_parser("llama3_json")
+
+
+def test_llama3_json_worked_examples():
+    w = {"city": "Paris", "days": 3}
+    one = '{"name": "get_weather", "parameters": {"city": "Paris", "days": 3}}'
+    check(L, one, None, [call("get_weather", w)])
+    check(L, "<|python_tag|>" + one, None, [call("get_weather", w)])
+    check(L, "\n <|python_tag|> " + one + " ;\n" + '{"name": "f", "arguments": {}};', None,
+          [call("get_weather", w), call("f", {})])
+    # prose first: all content, even when JSON follows (a call must open the output)
+    check(L, "The answer is " + one, "The answer is " + one, [])
+    check(L, "<|python_tag|>print(1)", "<|python_tag|>print(1)", [])  # a code call, not JSON
+    check(L, "<|python", "<|python", [])
+    # unicode, escaped quotes, nested objects
+    args = {"q": 'a "quoted" \\ back}slash{', "where": "Zürich 東京", "n": {"m": [1, {"k": None}]}}
+    check(L, json.dumps({"name": "s", "parameters": args}), None, [call("s", args)])
+    # text after a call: from the end of the last good call on, it is content
+    check(L, one + " Hope that helps!", " Hope that helps!", [call("get_weather", w)])
+    check(L, one + '; {"name": 1}', '; {"name": 1}', [call("get_weather", w)])
+
+
+def test_llama3_json_malformed_is_content():
+    for bad in ['{"name": "f", "parameters": {"a": 1}', '{"parameters": {}}', "{'name': 'f'}",
+                '<|python_tag|>{"name": "f", "parameters": [1]}', "{", "{}"]:
+        check(L, bad, bad, [])
+    p = L(None)
+    assert p.feed("  <|pyth").content == ""
+    assert p.feed("on_tag|>{").content == ""
+    assert p.feed('"name": "f"} x').calls == [CallDelta(0, "f", "{}")]
+    assert p.finish() == ToolDelta()
+
+
+@st.composite
+def llama3_output(draw):
+    lead = draw(st.sampled_from(["", " ", "\n"]))
+    if draw(st.booleans()):  # no call: prose (which may even start with "{" or the tag)
+        text = lead + draw(st.sampled_from(["", "<|python_tag|>"])) + draw(CONTENT)
+        return text, (text if text.strip() else None), []
+    text = lead + draw(st.sampled_from(["", "<|python_tag|>"]))
+    calls = []
+    for i in range(draw(st.integers(1, 3))):
+        if i:
+            text += draw(st.sampled_from([";", "; ", " ;\n"]))
+        name, args = draw(NAMES), draw(ARGS)
+        text += draw(model_json({"name": name, draw(st.sampled_from(["parameters", "arguments"])): args}))
+        calls.append(call(name, args))
+    tail = draw(st.sampled_from(["", ";", " ;\n", " "])) + draw(CONTENT)
+    # content is all text outside the calls: the leading whitespace too, once it is not alone
+    return text + tail, (None if re.fullmatch(r"\s*(;\s*)?", tail) else lead + tail), calls
+
+
+@SETTINGS
+@given(llama3_output(), CUTS)
+def test_llama3_json_contract(out, cuts):
+    contract(L, out, cuts)
+
+
+# -- mistral ---------------------------------------------------------------------------------
+M = get_parser("mistral")
+
+
+def test_mistral_worked_examples():
+    w = {"city": "Paris", "days": 3}
+    arr = '[{"name": "get_weather", "arguments": {"city": "Paris", "days": 3}}, {"name": "f", "arguments": {}}]'
+    check(M, "[TOOL_CALLS]" + arr, None, [call("get_weather", w), call("f", {})])
+    check(M, "Checking. [TOOL_CALLS] " + arr + " Done.", "Checking.  Done.",
+          [call("get_weather", w), call("f", {})])
+    # the name-then-object formats (v11: name{...}; v13: name[ARGS]{...}), one group per call
+    check(M, '[TOOL_CALLS]get_weather{"city": "Paris", "days": 3}[TOOL_CALLS]f{}', None,
+          [call("get_weather", w), call("f", {})])
+    check(M, '[TOOL_CALLS]get_weather[ARGS]{"city": "Paris", "days": 3}', None,
+          [call("get_weather", w)])
+    args = {"q": 'say "hi" \\ ]}', "city": "Zürich 東京 😀", "nested": {"a": [1, {"b": None}]}}
+    check(M, "[TOOL_CALLS]" + json.dumps([{"name": "s", "arguments": args}]), None, [call("s", args)])
+    check(M, "[TOOL_CALLS]s" + json.dumps(args, ensure_ascii=False), None, [call("s", args)])
+    check(M, "[TOOL_CALLS][" + json.dumps({"name": "s", "arguments": json.dumps(args)}) + "]", None,
+          [call("s", args)])  # arguments given as a JSON string
+    check(M, "No calls, [TOOL] [ARGS] [TOOL_CALL", "No calls, [TOOL] [ARGS] [TOOL_CALL", [])
+
+
+def test_mistral_malformed_groups_are_content():
+    for bad in ['[TOOL_CALLS][{"name": "f", "arguments": {}}', '[TOOL_CALLS][{"arguments": {}}]',
+                "[TOOL_CALLS][]", '[TOOL_CALLS][{"name": "f", "arguments": 3}]', "[TOOL_CALLS]",
+                "[TOOL_CALLS]f", "[TOOL_CALLS]f[ARG", '[TOOL_CALLS]f[ARGS] {"a": 1}',
+                "[TOOL_CALLS]f{1: 2}", "[TOOL_CALLS]f{\"a\": 1", "[TOOL_CALLS]!"]:
+        check(M, bad, bad, [])
+    # reading goes on after a bad group
+    check(M, '[TOOL_CALLS]f (x) [TOOL_CALLS]g{"k": 1} end', "[TOOL_CALLS]f (x)  end",
+          [call("g", {"k": 1})])
+    check(M, "[TOOL_CALLS]" + "n" * 129 + "{}", "[TOOL_CALLS]" + "n" * 129 + "{}", [])  # name cap
+
+
+MISTRAL_ATOMS = st.sampled_from(["Hi", " ", "\n", "[", "[TOOL_", "[TOOL_CALLS", "[ARGS", "é😀",
+                                 '{"a": 1}', "{", "}", ";", '"', "\\"])  # no "]": no marker
+MISTRAL_BAD = st.sampled_from(['[{"name": 1}]', "[1, 2]", "[]", '{"a": 1}', "!", " ?", "f!",
+                               "f[AR!", '[{"name": "f", "arguments": []}]'])
+
+
+@st.composite
+def mistral_output(draw):
+    text, content, calls = "", "", []
+    for _ in range(draw(st.integers(0, 4))):
+        kind = draw(st.sampled_from(["content", "array", "named", "bad"]))
+        if kind == "content":
+            piece = draw(st.lists(MISTRAL_ATOMS, max_size=4).map("".join))
+            content += piece
+        elif kind == "bad":
+            piece = "[TOOL_CALLS]" + draw(MISTRAL_BAD)
+            content += piece
+        elif kind == "array":
+            group = [(draw(NAMES), draw(ARGS)) for _ in range(draw(st.integers(1, 3)))]
+            piece = "[TOOL_CALLS]" + draw(st.sampled_from(["", " "])) + draw(
+                model_json([{"name": n, "arguments": a} for n, a in group]))
+            calls += [call(n, a) for n, a in group]
+        else:
+            name, args = draw(NAMES), draw(ARGS)
+            piece = ("[TOOL_CALLS]" + name + draw(st.sampled_from(["", "[ARGS]"]))
+                     + draw(model_json(args)))
+            calls.append(call(name, args))
+        text += piece
+    if draw(st.booleans()):  # cut off inside a group: that group is content
+        piece = draw(st.sampled_from(['[TOOL_CALLS][{"name": "f"', "[TOOL_CALLS]get_weather",
+                                      "[TOOL_CALLS]f[ARGS]", '[TOOL_CALLS]f{"a": "}', "[TOOL_CALLS"]))
+        text, content = text + piece, content + piece
+    return text, (content if content.strip() else None), calls
+
+
+@SETTINGS
+@given(mistral_output(), CUTS)
+def test_mistral_contract(out, cuts):
+    contract(M, out, cuts)
+
+
+# -- pythonic --------------------------------------------------------------------------------
+P = get_parser("pythonic")
+
+
+def test_pythonic_worked_examples():
+    w = {"city": "Paris", "days": 3}
+    check(P, '[get_weather(city="Paris", days=3)]', None, [call("get_weather", w)])
+    check(P, "\n[get_weather(city='Paris', days=3), get_time()]", None,
+          [call("get_weather", w), call("get_time", {})])
+    # Llama 4 tags; text after the list is content, the end tag and whitespace before it are not
+    check(P, '<|python_start|>[f(x=1)] <|python_end|>', None, [call("f", {"x": 1})])
+    check(P, '<|python_start|>[f(x=1)]<|python_end|>\nDone', "\nDone", [call("f", {"x": 1})])
+    check(P, "[f(x=1)] and more", " and more", [call("f", {"x": 1})])
+    # literals: signs, tuples, JSON names, nested dicts, escapes, triple quotes, unicode
+    args = {"a": -1.5, "b": [1, [2, 3]], "c": {"k": None, "t": True, "u": False}, "d": "Zürich 😀",
+            "e": 'say "hi" \\ )]', "f": "it's\n)", "g": +2}
+    src = ("[search(a=-1.5, b=[1, (2, 3)], c={'k': null, 't': true, 'u': False}, d='Zürich 😀', "
+           "e='say \"hi\" \\\\ )]', f='''it's\n)''', g=+2)]")
+    check(P, src, None, [call("search", args)])
+    check(P, "[s(q=" + json.dumps("東京 \"q\"") + ")]", None, [call("s", {"q": '東京 "q"'})])
+    check(P, '[s(q="\\ud83d\\ude00")]', None, [call("s", {"q": "😀"})])  # a JSON-style pair
+    check(P, "The answer is [f(x=1)]", "The answer is [f(x=1)]", [])  # must open the output
+
+
+def test_pythonic_non_calls_are_content():
+    for bad in ["[f(1)]", "[f(x=y)]", "[f(x=1), 2]", "[f(**k)]", "[a.b(x=1)]", "[f(x={1, 2})]",
+                "[f(x=1)", "[f(x=1e999)]", "[f(x=1, x=2)]", "[]", "[f(x=1+2)]", "[f(x={1: 2})]",
+                "[f(x=b'1')]", "<|python_start|>", "<|python_start|>print(1)", "[f(x=__import__('os'))]"]:
+        check(P, bad, bad, [])
+    p = P(None)
+    assert p.feed("[f(a=']").calls == []
+    assert p.feed("', b=1)").calls == []
+    assert p.feed("]<|python").calls == [CallDelta(0, "f", '{"a": "]", "b": 1}')]
+    assert p.finish() == ToolDelta(content="<|python")
+
+
+IDENT = st.from_regex(r"[a-z_][a-z0-9_]{0,5}", fullmatch=True).filter(
+    lambda s: not __import__("keyword").iskeyword(s) and s not in ("true", "false", "null"))
+PY_ARGS = st.dictionaries(IDENT, JSON_VALUE, max_size=4)
+
+
+@st.composite
+def pythonic_output(draw):
+    lead = draw(st.sampled_from(["", " ", "\n"])) + draw(st.sampled_from(["", "<|python_start|>"]))
+    if draw(st.booleans()):  # no call: prose (which may even look like a list)
+        text = lead + draw(CONTENT)
+        return text, (text if text.strip() else None), []
+    calls, written = [], []
+    for _ in range(draw(st.integers(1, 3))):
+        name, args = draw(st.sampled_from(["get_weather", "f", "search_web"])), draw(PY_ARGS)
+        write = repr if draw(st.booleans()) else lambda v: json.dumps(v, ensure_ascii=draw(st.booleans()))
+        written.append(name + "(" + draw(st.sampled_from([", ", ","])).join(
+            f"{k}={write(v)}" for k, v in args.items()) + ")")
+        calls.append(call(name, args))
+    text = lead + "[" + draw(st.sampled_from([", ", ",\n"])).join(written) + "]"
+    space, end, extra = draw(st.sampled_from(["", " ", "\n"])), draw(st.booleans()), draw(CONTENT)
+    text += space + ("<|python_end|>" if end else "") + extra
+    rest = extra if end else space + extra  # whitespace before the end tag is dropped with it
+    lead_ws = lead.replace("<|python_start|>", "")
+    return text, (lead_ws + rest if rest.strip() else None), calls
+
+
+@SETTINGS
+@given(pythonic_output(), CUTS)
+def test_pythonic_contract(out, cuts):
+    contract(P, out, cuts)
+
+
+# -- any text, any parser --------------------------------------------------------------------
+NOISE = st.lists(st.sampled_from(
+    ["<tool_call>", "</tool_call>", "<tool_", "[TOOL_CALLS]", "[ARGS]", "<|python_tag|>",
+     "<|python_start|>", "<|python_end|>", '{"name": "f", "arguments": {}}', '{"name": "g"}', "{",
+     "}", "[", "]", "(", ")", "f(", "x=1", "'", '"', '"""', "\\", ";", ",", " ", "\n", "#", "é😀",
+     "get_weather", "[f()]", "null"]), max_size=14).map("".join)
+
+
+@SETTINGS
+@given(st.sampled_from(sorted(PARSERS)), NOISE, CUTS)
+def test_any_text_splits_alike_and_loses_nothing_without_calls(name, text, cuts):
+    """Arbitrary mixes of every format's markers: every split streams what extract says, and an
+    output in which no call was found comes back whole as content."""
+    cls = get_parser(name)
+    got = cls(None).extract(text)
+    assert stream(cls, split(text, cuts)) == got
+    if not got.calls:
+        assert got.content == (text if text.strip() else None)
