@@ -76,10 +76,11 @@ def write_dir(path: str, tensors: dict, cfg: dict) -> str:
 
 def make_fp8(root: str, name: str, qconfig: dict, strategy: str, *, block=(128, 128), skip=(),
              quantize_extra=(), kv_scales: dict | None = None, input_scale: bool = False, seed: int = 0,
-             cfg: dict = CONFIG) -> tuple[str, str]:
+             cfg: dict = CONFIG, replace: dict | None = None) -> tuple[str, str]:
     """Writes (fp8 checkpoint dir, its numpy-dequantized fp32 reference dir). `skip`: full tensor
     names left in full precision (an ignore list); `quantize_extra`: other weights quantized too
-    (embeddings, the LM head); `kv_scales`: {"self_attn.k_scale": [L] values, ...} per layer."""
+    (embeddings, the LM head); `kv_scales`: {"self_attn.k_scale": [L] values, ...} per layer;
+    `replace`: tensors written to the fp8 file instead of the computed ones (damaged checkpoints)."""
     t = fp32_weights(seed, cfg)
     fp8, ref = {}, {}
     names = [f"model.layers.{i}.{lin}.weight" for i in range(cfg["num_hidden_layers"]) for lin in LINEARS]
@@ -97,6 +98,8 @@ def make_fp8(root: str, name: str, qconfig: dict, strategy: str, *, block=(128, 
     for key, vals in (kv_scales or {}).items():
         for i, v in enumerate(vals):
             fp8[f"model.layers.{i}.{key}"] = np.asarray(v, np.float32)
+    fp8.update(replace or {})
+    fp8 = {k: v for k, v in fp8.items() if v is not None}  # replace={name: None} removes a tensor
     fp8_dir = write_dir(os.path.join(root, name), fp8, dict(cfg, quantization_config=qconfig))
     return fp8_dir, write_dir(os.path.join(root, name + "-ref"), ref, cfg)
 
