@@ -84,3 +84,23 @@ def test_bad_kv_scale_is_one_line(tmp_path):
     with pytest.raises(CheckpointError, match=r"tensor model\.layers\.1\.self_attn\.k_scale = \[-1\.0\]: a KV scale "
                                               r"must be finite and > 0$"):
         load_checkpoint(d)
+
+
+def test_checkpoint_scales_follow_repeated_kv_heads():
+    """Under tensor parallelism with tp > kv heads each checkpoint kv head is repeated before fusing
+    (fusion.placement_plan); each repeated head must get its own head's stored scale."""
+    from jaxllm.models.fusion import placement_plan
+    from jaxllm.runner.kv_calibration import checkpoint_scales
+
+    k = np.array([[0.1, 0.2], [0.3, 0.4]], np.float32)  # [L=2, K=2]
+    v = k * 10
+    ks, vs, line = checkpoint_scales((k, v, "self_attn.k_scale/self_attn.v_scale"), kv_repeat=2)
+    # which checkpoint head each repeated head is: the placement's own repetition of a wk whose
+    # kv-head axis holds the head ids
+    (held, _, fn), = [p for p in placement_plan(["layers.wq", "layers.wk", "layers.wv"], 2, 1)]
+    ids = np.arange(2, dtype=np.float32)[None, None, :, None]  # [L=1, E=1, K, D=1]
+    fused = fn(np, np.full((1, 1, 4, 1), -1.0, np.float32), ids, ids)  # [1, 1, H + 2*2K, 1]
+    heads = fused[0, 0, 4:8, 0].astype(int)  # the repeated k heads' checkpoint ids
+    np.testing.assert_array_equal(np.asarray(ks), k[:, heads])
+    np.testing.assert_array_equal(np.asarray(vs), v[:, heads])
+    assert "per kv head" in line and "from the checkpoint (self_attn.k_scale/self_attn.v_scale" in line
