@@ -91,9 +91,17 @@ def load_hf(path: str, dtype=np.float32):
                 for name in safetensors_f8.f8_names(header):
                     where[name] = (file, h, (header, start))
 
-        def raw(name: str):
+        def stored_name(name: str) -> str:
             if name not in where and name.startswith("model."):
-                name = name[len("model."):]  # a base model (LlamaModel, Qwen3Model) saved alone
+                return name[len("model."):]  # a base model (LlamaModel, Qwen3Model) saved alone
+            return name
+
+        def stored_f8(name: str) -> bool:
+            entry = where.get(stored_name(name))
+            return entry is not None and entry[2] is not None
+
+        def raw(name: str):
+            name = stored_name(name)
             if name not in where:
                 return None
             file, h, f8 = where[name]
@@ -108,7 +116,7 @@ def load_hf(path: str, dtype=np.float32):
             return config, assemble_params(config, raw, source=path, dtype=dtype), None
         from checkpoints import hf_fp8
 
-        quantized = hf_fp8.assemble_fp8(config, raw, scheme, path)
+        quantized = hf_fp8.assemble_fp8(config, raw, stored_f8, scheme, path)
         get = hf_fp8.dequantizing(raw, scheme.block, path)
         params = assemble_params(config, get, source=path, dtype=dtype, skip=frozenset(quantized))
         params.update(quantized)

@@ -104,16 +104,17 @@ def dequantizing(raw: RawGet, block, source: str) -> RawGet:
     return get
 
 
-def kept(raw: RawGet, num_layers: int) -> list[str]:
-    """The HF suffixes (PROJECTIONS) stored in fp8 in every layer, fused groups all or none."""
-    out = [s for s in PROJECTIONS if all(is_f8(raw(f"model.layers.{i}.{s}")) for i in range(num_layers))]
+def kept(stored_f8: Callable[[str], bool], num_layers: int) -> list[str]:
+    """The HF suffixes (PROJECTIONS) stored in fp8 in every layer, fused groups all or none.
+    `stored_f8(name)`: whether the file stores that tensor as float8 (from the header: nothing read)."""
+    out = [s for s in PROJECTIONS if all(stored_f8(f"model.layers.{i}.{s}") for i in range(num_layers))]
     for group in _GROUPS:
         if not all(g in out for g in group):
             out = [s for s in out if s not in group]
     return out
 
 
-def assemble_fp8(config, raw: RawGet, scheme: Fp8Scheme, source: str) -> dict:
+def assemble_fp8(config, raw: RawGet, stored_f8: Callable[[str], bool], scheme: Fp8Scheme, source: str) -> dict:
     """{stacked param name: QuantWeight(q [L, in..., out...] float8_e4m3fn, scale [L, out...] f32
     per channel or [L, in.../b, out...] f32 block form)} of the kept projections (numpy)."""
     from jaxllm.models.quant import QuantWeight
@@ -128,7 +129,7 @@ def assemble_fp8(config, raw: RawGet, scheme: Fp8Scheme, source: str) -> dict:
               "mlp.gate_proj.weight": ((F, E), (F,), lambda a: a),
               "mlp.up_proj.weight": ((F, E), (F,), lambda a: a),
               "mlp.down_proj.weight": ((E, F), (E,), lambda a: a)}
-    suffixes = kept(raw, c.num_layers)
+    suffixes = kept(stored_f8, c.num_layers)
     groups = [g for g in _GROUPS if g[0] in suffixes] + [(s,) for s in suffixes if not any(s in g for g in _GROUPS)]
     params = {}
     for group in groups:

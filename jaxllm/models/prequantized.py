@@ -53,9 +53,14 @@ def check(params: dict, quantization: str | None) -> None:
 def dequantize_for_layout(params: dict) -> None:
     """In place: each pre-quantized int8 param → its fp32 numpy weight (the tensor-parallel fallback
     for GGUF block scales; fp8 ones are sharded as they are)."""
-    kept = [k for k in names(params) if params[k].method == "int8"]
+    dequantize_all(params, "tensor parallelism", only="int8")
+
+
+def dequantize_all(params: dict, why: str, only: str | None = None) -> None:
+    """In place: each pre-quantized param (of method `only`, or all) → its fp32 numpy weight, logged."""
+    kept = [k for k in names(params) if only is None or params[k].method == only]
     if kept:
-        log.info("tensor parallelism: dequantizing the checkpoint's int8 block-scaled %s to fp32", ", ".join(kept))
+        log.info("%s: dequantizing the checkpoint's pre-quantized %s to fp32", why, ", ".join(kept))
     for k in kept:
         params[k] = dequantize(params[k], _CONTRACTED[k], stacked=True, dtype=np.float32, xp=np)
 

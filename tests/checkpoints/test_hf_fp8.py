@@ -165,3 +165,15 @@ def test_config_refusal_before_weights(root):
     os.remove(os.path.join(d, "model.safetensors"))
     with pytest.raises(CheckpointError, match=r"quant_method='bitsandbytes' is not supported"):
         load_config(d)
+
+
+def test_convert_to_orbax_stores_the_dequantized_weights(dirs, tmp_path):
+    """checkpoints.convert on an fp8 checkpoint: the kept float8 projections are written as their
+    fp32 dequantization (Orbax holds plain arrays), equal to the numpy reference's."""
+    from checkpoints.convert import main
+
+    fp8_dir, ref_dir = dirs["fp8-block"]
+    assert main([fp8_dir, str(tmp_path / "orbax")]) == 0
+    got, ref = load_checkpoint(str(tmp_path / "orbax")), load_checkpoint(ref_dir)
+    for p in PROJ:
+        np.testing.assert_array_equal(np.asarray(got.params[p]), ref.params[p], err_msg=p)
