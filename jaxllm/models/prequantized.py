@@ -47,7 +47,8 @@ def check(params: dict, quantization: str | None) -> None:
     kept, m = names(params), method(params)
     if kept and quantization not in (None, m):
         raise ValueError(f"quantization={quantization!r} conflicts with the checkpoint's {m} weights "
-                         f"({', '.join(kept)}: {_ORIGIN[m]}, kept quantized); load it without quantization or with {m!r}")
+                         f"({', '.join(kept)}: {_ORIGIN[m]}, kept quantized); load it without quantization "
+                         f"or with {m!r}")
 
 
 def dequantize_for_layout(params: dict) -> None:

@@ -110,8 +110,9 @@ def ct_config(strategy: str, dynamic_acts: bool | None, block=(128, 128), ignore
     weights = {"num_bits": 8, "type": "float", "symmetric": True, "dynamic": False, "strategy": strategy,
                "group_size": None, "block_structure": list(block) if strategy == "block" else None,
                "observer": "minmax"}
-    acts = None if dynamic_acts is None else {"num_bits": 8, "type": "float", "symmetric": True,
-                                              "dynamic": dynamic_acts, "strategy": "token" if dynamic_acts else "tensor"}
+    acts = None if dynamic_acts is None else {
+        "num_bits": 8, "type": "float", "symmetric": True, "dynamic": dynamic_acts,
+        "strategy": "token" if dynamic_acts else "tensor"}
     return {"quant_method": "compressed-tensors", "format": "float-quantized", "quantization_status": "compressed",
             "config_groups": {"group_0": {"targets": ["Linear"], "weights": weights, "input_activations": acts,
                                           "output_activations": None}},

@@ -15,7 +15,7 @@ from checkpoints import load_checkpoint
 from checkpoints.errors import CheckpointError
 from jaxllm.models.llama import build_model
 from jaxllm.models.quant import QUANT_PARAMS, QuantWeight, dequantize, weight_bytes
-from tests.checkpoints.fp8_tiny import CONFIG, ct_config, make_fp8
+from tests.checkpoints.fp8_tiny import ct_config, make_fp8
 from tests.engine_checks import logits_of
 
 PROJ = {"layers.wq": 1, "layers.wk": 1, "layers.wv": 1, "layers.wo": 2, "layers.w_gate": 1, "layers.w_up": 1,
@@ -121,10 +121,10 @@ def _ct(**weights):
      r"config_groups\.group_0\.weights\.type/num_bits='int4' is not supported; jaxllm loads "
      r"float8 weights"),
     (_ct(type="int", num_bits=8), r"config_groups\.group_0\.weights\.type/num_bits='int8' is not supported"),
-    (_ct(strategy="group", group_size=32), r"config_groups\.group_0\.weights\.strategy='group' is not supported; jaxllm loads strategies "
-                                            r"tensor, channel, block$"),
-    (dict(ct_config("channel", True), format="pack-quantized"), r"format='pack-quantized' is "
-                                                                 r"not supported"),
+    (_ct(strategy="group", group_size=32),
+     r"config_groups\.group_0\.weights\.strategy='group' is not supported; jaxllm loads strategies "
+     r"tensor, channel, block$"),
+    (dict(ct_config("channel", True), format="pack-quantized"), r"format='pack-quantized' is not supported"),
     ({**ct_config("channel", True), "config_groups": {"g": {"weights": {"type": "float", "num_bits": 8,
                                                                         "strategy": "channel"},
                                                             "output_activations": {"type": "float", "num_bits": 8}}}},
@@ -177,3 +177,15 @@ def test_convert_to_orbax_stores_the_dequantized_weights(dirs, tmp_path):
     got, ref = load_checkpoint(str(tmp_path / "orbax")), load_checkpoint(ref_dir)
     for p in PROJ:
         np.testing.assert_array_equal(np.asarray(got.params[p]), ref.params[p], err_msg=p)
+
+
+def test_fp8_block_checkpoint_matches_transformers_on_dequantized(dirs):
+    """A second, outside reference: HF transformers (PyTorch, fp32, eager) on the numpy-dequantized
+    checkpoint gives the fp8 block checkpoint's logits."""
+    from tests.models.hf_tiny import hf_logits
+
+    fp8_dir, ref_dir = dirs["fp8-block"]
+    ck = load_checkpoint(fp8_dir)
+    got = logits_of(build_model(ck.config, ck.params, jnp.float32), ck.config, SEQS)
+    want = np.concatenate(hf_logits(ref_dir, SEQS))
+    np.testing.assert_allclose(got, want, atol=1e-4 * np.abs(want).max(), rtol=0)

@@ -5,7 +5,6 @@ where they would straddle shards), and the logits equal the same checkpoint's at
 numpy-dequantized fp32 reference's; tp=4 repeats the 2 kv heads (and their scales)."""
 from __future__ import annotations
 
-import jax
 import jax.numpy as jnp
 import ml_dtypes
 import numpy as np
