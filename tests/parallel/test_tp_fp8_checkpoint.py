@@ -61,3 +61,26 @@ def test_fp8_checkpoint_tp_matches_tp1_and_reference(name, qc, strategy, tmp_pat
                 assert all(s.data.shape == expected for s in a.addressable_shards), (short, a.shape, expected)
             if strategy == "block" and short == "w_down":  # 320 / 64 = 5 blocks: split finer to shard over tp
                 assert w.scale.shape[-2] % tp == 0 and w.scale.shape[-2] > 5
+
+
+def test_checkpoint_kv_scales_under_tp4_follow_repeated_heads(tmp_path):
+    """tp=4 > 2 kv heads: each kv head is repeated twice, and so is its stored per-head KV scale;
+    the scales are sharded with their heads (one per device) and one request decodes."""
+    from jaxllm import LLM, SamplingParams
+    from jaxllm.config import EngineConfig
+    from jaxllm.engine.factory import build_engine
+
+    k = [[0.02, 0.03], [0.04, 0.05]]  # [L, K]
+    v = [[0.01, 0.02], [0.03, 0.06]]
+    fp8_dir, _ = make_fp8(str(tmp_path), "kv", ct_config("channel", True), "channel",
+                          kv_scales={"self_attn.k_scale": k, "self_attn.v_scale": v})
+    e = build_engine(EngineConfig(model=fp8_dir, tensor_parallel_size=4, max_model_len=64, block_size=16,
+                                  max_num_seqs=2, max_num_batched_tokens=32, kv_cache_dtype="fp8",
+                                  kv_cache_memory_bytes=1 << 20), compile_cache=False, warmup=False)
+    ks, vs = e.runner.kv_cache.k_scale, e.runner.kv_cache.v_scale  # [L, 4]
+    np.testing.assert_array_equal(np.asarray(ks), np.repeat(np.asarray(k, np.float32), 2, axis=1))
+    np.testing.assert_array_equal(np.asarray(vs), np.repeat(np.asarray(v, np.float32), 2, axis=1))
+    assert all(s.data.shape == (2, 1) for s in ks.addressable_shards)
+    out = LLM("tiny", engine=e).generate([{"prompt_token_ids": [5, 6, 7]}],
+                                         SamplingParams(temperature=0, max_tokens=2), use_tqdm=False)
+    assert len(out[0].outputs[0].token_ids) == 2
