@@ -61,7 +61,9 @@ def test_loads_fp8_and_matches_numpy_dequantized(name, dirs, caplog):
         assert weight_bytes(w) <= 1.07 * w.q.size, p
     for p in ("embed", "lm_head", "final_norm"):  # dequantized when stored in fp8 ("fp8-tensor")
         np.testing.assert_array_equal(ck.params[p], ref.params[p], err_msg=p)
-    assert "activation quantization is not run" in caplog.text if CASES[name][2].get("input_scale") else True
+    # every case declares fp8 activation quantization: run weight-only, and the load line says so
+    assert "activation quantization is not run" in caplog.text
+    assert "kept as float8_e4m3fn" in caplog.text and "layers.w_down, layers.w_gate" in caplog.text
     mq = build_model(ck.config, ck.params, jnp.float32)
     mf = build_model(ref.config, ref.params, jnp.float32)
     assert mq.quantization == "fp8" and mf.quantization is None
@@ -94,6 +96,9 @@ def test_ignored_layers_stay_full_precision_and_quantize_flag(root):
     assert not isinstance(mq.layers.arrays()["w_down"], QuantWeight) and mq.quantization == "fp8"
     want = logits_of(build_model(ref.config, ref.params, jnp.float32), ref.config, SEQS)
     np.testing.assert_allclose(logits_of(mq, ck.config, SEQS), want, atol=2e-5 * np.abs(want).max(), rtol=0)
+    mu = build_model(ck.config, dict(ck.params), jnp.float32, layer_loop="unroll")  # per-layer QuantWeights
+    assert isinstance(mu.layers[1].arrays()["wo"], QuantWeight)
+    np.testing.assert_allclose(logits_of(mu, ck.config, SEQS), want, atol=2e-5 * np.abs(want).max(), rtol=0)
 
 
 def _with_qc(root: str, name: str, qc) -> str:
