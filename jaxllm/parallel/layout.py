@@ -168,7 +168,6 @@ class TPLayout:
                 out[held] = f(out[held]) if stacked else [f(w) for w in out[held]]
         return out
 
-
     def _place_quant(self, xs: list, axes: tuple[str, ...], n: int, fn, num_layers: int, split_layers: bool):
         """Pre-quantized parts (QuantWeights of numpy, stacked) → the held QuantWeight (a list per
         layer when `split_layers`): q sharded like the weight, a per-channel scale like the weight's
