@@ -20,6 +20,9 @@ def main(argv=None) -> int:
         t = time.perf_counter()
         ckpt = load_checkpoint(args.src, args.load_format)
         tok = load_tokenizer(ckpt.tokenizer_source, ckpt.config)
+        from jaxllm.models import prequantized
+
+        prequantized.dequantize_all(ckpt.params, "Orbax conversion")  # Q8_0 / fp8 projections: stored fp32
         save_orbax(args.dst, ckpt.config, ckpt.params, tok)
     except CheckpointError as e:
         print(f"error: {e}", file=sys.stderr)

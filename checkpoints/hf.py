@@ -1,7 +1,10 @@
-"""HF checkpoint directories: config.json + *.safetensors (single file or sharded with an index)."""
+"""HF checkpoint directories: config.json + *.safetensors (single file or sharded with an index).
+A `quantization_config` is read by checkpoints/hf_fp8_config.py: fp8 checkpoints load (their
+projections kept fp8, checkpoints/hf_fp8.py), every other kind is refused in one line."""
 from __future__ import annotations
 
 import json
+import logging
 import os
 
 import numpy as np
@@ -11,8 +14,15 @@ from checkpoints.assemble import assemble_params
 from checkpoints.errors import CheckpointError
 from jaxllm.models.config import ModelConfig, ModelConfigError
 
+log = logging.getLogger("jaxllm.checkpoints")
+
 
 def read_config(path: str) -> ModelConfig:
+    return _read_config(path)[0]
+
+
+def _read_config(path: str):
+    """→ (ModelConfig, hf_fp8_config.Fp8Scheme or None)."""
     cfg_path = os.path.join(path, "config.json")
     if not os.path.isfile(cfg_path):
         raise CheckpointError(f"{cfg_path}: not found (an HF checkpoint directory needs config.json)")
@@ -22,13 +32,13 @@ def read_config(path: str) -> ModelConfig:
     except json.JSONDecodeError as e:
         raise CheckpointError(f"{cfg_path}: invalid JSON ({e})") from None
     qc = raw.get("quantization_config") if isinstance(raw, dict) else None
-    if qc:  # GPTQ/AWQ/fp8/bitsandbytes tensors are not weights assemble_params can read
-        method = qc.get("quant_method", "?") if isinstance(qc, dict) else "?"
-        raise CheckpointError(f"{cfg_path}: the checkpoint is already quantized (quantization_config.quant_method="
-                              f"{method!r}), which jaxllm cannot load; use its full-precision checkpoint "
-                              f"(with --quantization int8|fp8) or a GGUF")
+    scheme = None
+    if qc:  # fp8 loads; GPTQ/AWQ/bitsandbytes/int tensors are refused in one line
+        from checkpoints.hf_fp8_config import parse
+
+        scheme = parse(qc, cfg_path)
     try:
-        return ModelConfig.from_hf(raw, source=cfg_path)
+        return ModelConfig.from_hf(raw, source=cfg_path), scheme
     except ModelConfigError as e:
         raise CheckpointError(str(e)) from None
     except KeyError as e:
@@ -55,7 +65,17 @@ def _weight_files(path: str) -> list[str]:
 
 
 def load_hf_dir(path: str, dtype=np.float32) -> tuple[ModelConfig, dict[str, np.ndarray]]:
-    config = read_config(path)
+    config, params, _ = load_hf(path, dtype)
+    return config, params
+
+
+def load_hf(path: str, dtype=np.float32):
+    """→ (config, params, kv_scales). params: {name: array}, an fp8 checkpoint's kept projections as
+    QuantWeights of numpy float8_e4m3fn + f32 scales (checkpoints/hf_fp8.py); kv_scales: the
+    checkpoint's fp8 KV cache scales (k [L, kv_heads], v [L, kv_heads], their tensor names) or None."""
+    from checkpoints import safetensors_f8
+
+    config, scheme = _read_config(path)
     handles, where = [], {}
     try:
         for file in _weight_files(path):
@@ -65,19 +85,50 @@ def load_hf_dir(path: str, dtype=np.float32) -> tuple[ModelConfig, dict[str, np.
                 raise CheckpointError(f"{file}: corrupt or truncated safetensors file ({e})") from None
             handles.append(h)
             for name in h.keys():
-                where[name] = (file, h)
+                where[name] = (file, h, None)
+            if scheme is not None:  # float8 tensors: read from the bytes (safetensors' numpy loader cannot)
+                header, start = safetensors_f8.read_header(file)
+                for name in safetensors_f8.f8_names(header):
+                    where[name] = (file, h, (header, start))
 
-        def get(name: str):
+        def stored_name(name: str) -> str:
             if name not in where and name.startswith("model."):
-                name = name[len("model."):]  # a base model (LlamaModel, Qwen3Model) saved alone
+                return name[len("model."):]  # a base model (LlamaModel, Qwen3Model) saved alone
+            return name
+
+        def stored_f8(name: str) -> bool:
+            entry = where.get(stored_name(name))
+            return entry is not None and entry[2] is not None
+
+        def raw(name: str):
+            name = stored_name(name)
             if name not in where:
                 return None
-            file, h = where[name]
+            file, h, f8 = where[name]
+            if f8 is not None:
+                return safetensors_f8.read_f8(file, *f8, name)
             try:
                 return h.get_tensor(name)
             except Exception as e:
                 raise CheckpointError(f"{file}: cannot read tensor {name}: corrupt or truncated ({e})") from None
 
-        return config, assemble_params(config, get, source=path, dtype=dtype)
+        if scheme is None:
+            return config, assemble_params(config, raw, source=path, dtype=dtype), None
+        from checkpoints import hf_fp8
+
+        quantized = hf_fp8.assemble_fp8(config, raw, stored_f8, scheme, path)
+        get = hf_fp8.dequantizing(raw, scheme.block, path)
+        params = assemble_params(config, get, source=path, dtype=dtype, skip=frozenset(quantized))
+        params.update(quantized)
+        kept = tuple(s for s, p in hf_fp8.PROJECTIONS.items() if p in quantized)
+        deq = sorted(n for n, (_, _, f8) in where.items() if f8 is not None and n.endswith("weight")
+                     and not n.endswith(kept))
+        log.info("%s: fp8 checkpoint (quant_method %r): kept as float8_e4m3fn with %s scales: %s; "
+                 "dequantized to fp32: %s%s", path, scheme.method,
+                 f"{list(scheme.block)}-block" if scheme.block else "per-tensor/per-channel",
+                 ", ".join(sorted(quantized)) or "none", ", ".join(deq) or "none",
+                 f"; its {scheme.activations} activation quantization is not run (weight-only: activations "
+                 f"stay in the model dtype, input_scale ignored)" if scheme.activations else "")
+        return config, params, hf_fp8.kv_scales(config, raw, path)
     finally:
         handles.clear()

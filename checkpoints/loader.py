@@ -24,6 +24,8 @@ class Checkpoint:
     config: ModelConfig
     params: dict  # name → np.ndarray (hf, gguf) or jax.Array (dummy, orbax)
     tokenizer_source: tuple[str, str] | None  # ("dir" | "gguf", path)
+    # an fp8 HF checkpoint's KV cache scales: (k [L, kv_heads] f32, v [L, kv_heads] f32, tensor names)
+    kv_scales: tuple | None = None
 
 
 def packaged_model_path(name: str) -> str:
@@ -72,12 +74,12 @@ def load_checkpoint(model: str, load_format: str = "auto", dtype=np.float32, see
     not fit fails fast). HF and GGUF return numpy arrays in host memory: the caller places them."""
     fmt, path = resolve(model, load_format)
     if fmt == "hf":
-        from checkpoints.hf import load_hf_dir, read_config
+        from checkpoints.hf import load_hf, read_config
 
         if callable(shardings):
             shardings(read_config(path))  # validation only: the caller places the numpy arrays
-        config, params = load_hf_dir(path, dtype=np.float32)
-        return Checkpoint(fmt, path, config, params, ("dir", path))
+        config, params, kv_scales = load_hf(path, dtype=np.float32)
+        return Checkpoint(fmt, path, config, params, ("dir", path), kv_scales)
     if fmt == "gguf":
         from checkpoints.gguf_loader import load_gguf
 

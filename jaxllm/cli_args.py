@@ -81,7 +81,8 @@ def add_engine_args(ap: argparse.ArgumentParser) -> None:
                    help="weight-only quantization of the per-layer projections at load (default: none, full "
                         "precision; per-output-channel "
                         "scales; embeddings, LM head and norms stay in --dtype); a Q8_0 GGUF stays int8 with "
-                        "its block scales without it; other GGUF types re-quantize from their dequantized values")
+                        "its block scales without it, an fp8 HF checkpoint (compressed-tensors, fp8) stays fp8; "
+                        "other GGUF types re-quantize from their dequantized values")
     g.add_argument("--kv-cache-dtype", default=d.kv_cache_dtype, choices=KV_CACHE_DTYPES,
                    help="KV cache element type: auto = the model dtype; fp8 = float8_e4m3fn with per-layer "
                         "per-kv-head scales (see --calculate-kv-scales; half a bf16 cache's bytes: twice "
@@ -89,7 +90,8 @@ def add_engine_args(ap: argparse.ArgumentParser) -> None:
     g.add_argument("--calculate-kv-scales", action=argparse.BooleanOptionalAction, default=d.calculate_kv_scales,
                    help="fp8 KV cache: calibrate the scales once at start on a fixed prefill (the Zen of "
                         "Python; seeded ids without a tokenizer), the same whatever requests come first; "
-                        "--no-calculate-kv-scales = every scale 1.0, vLLM's uncalibrated default (default: on)")
+                        "--no-calculate-kv-scales = every scale 1.0, vLLM's uncalibrated default (default: on); an fp8 "
+                        "checkpoint's stored k_scale/v_scale are used instead of either")
     g.add_argument("--load-format", default=d.load_format, choices=_LOAD_FORMATS,
                    help="checkpoint format; auto decides from the path")
     g.add_argument("--seed", type=int, default=d.seed,

@@ -166,6 +166,7 @@ def build_engine(config: EngineConfig, *, compile_cache: bool = True, warmup: bo
         _info(f"quantization={config.quantization!r}: re-quantizing {ckpt.path}'s dequantized GGUF weights per "
               f"output channel (bench/RESULTS.md, \"Quantized weights\": the perplexity this costs)")
     model = build_model(mc, ckpt.params, dtype, layout=layout, quantization=config.quantization)
+    ckpt_kv_scales = ckpt.kv_scales  # an fp8 checkpoint's KV cache scales, or None
     del ckpt
     config = msgspec.structs.replace(config, quantization=model.quantization)  # a Q8_0 GGUF: "int8"
     runner_kw = dict(block_size=config.block_size, max_model_len=max_model_len, max_num_seqs=config.max_num_seqs,
@@ -197,7 +198,13 @@ def build_engine(config: EngineConfig, *, compile_cache: bool = True, warmup: bo
         num_blocks = int(multihost_utils.broadcast_one_to_all(np.int32(num_blocks)))
     shrink = config.kv_cache_memory_bytes is None and accelerator and jax.process_count() == 1
     scales, scales_line = None, None
-    if config.kv_cache_dtype == "fp8" and not config.calculate_kv_scales:
+    if config.kv_cache_dtype == "fp8" and ckpt_kv_scales is not None:  # vLLM: a checkpoint's scales win
+        from jaxllm.runner import kv_calibration
+
+        *scales, scales_line = kv_calibration.checkpoint_scales(
+            ckpt_kv_scales, layout.kv_repeat if layout is not None else 1,
+            layout.cache_scale_sharding() if layout is not None else None)
+    elif config.kv_cache_dtype == "fp8" and not config.calculate_kv_scales:
         scales_line = "fp8 KV scales: fixed 1.0 (calculate_kv_scales=False)"  # the runner's cache starts so
     elif config.kv_cache_dtype == "fp8":  # fixed before any request: outputs never depend on which came first
         from jaxllm.runner import kv_calibration

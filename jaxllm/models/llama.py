@@ -201,9 +201,9 @@ class LlamaForCausalLM(nnx.Module):
         self.attention_impl = attention_impl
         self.layout = layout
         self.layer_loop = layer_loop_mode(layer_loop)
-        first = params.get("layers.wqkv")
-        first = first[0] if isinstance(first, (list, tuple)) else first
-        self.quantization = first.method if isinstance(first, QuantWeight) else None
+        held = [params.get(n) for n in QUANT_PARAMS]  # an fp8 checkpoint may keep only some of them
+        held = [w[0] if isinstance(w, (list, tuple)) else w for w in held]
+        self.quantization = next((w.method for w in held if isinstance(w, QuantWeight)), None)
         self.embed = nnx.Param(params["embed"])
         self.final_norm = nnx.Param(params["final_norm"])
         self.lm_head = nnx.Param(params["lm_head"]) if "lm_head" in params else None
@@ -276,9 +276,10 @@ def build_model(config: ModelConfig, params: dict[str, np.ndarray | jax.Array], 
     is placed (jaxllm/models/quant.py), so one full-precision projection exists at a time; where the
     chunked dot runs (CPU, one device) an fp8 q is held as its uint8 bits (quant_dot.holds_fp8_bits). A
     checkpoint param that is already a QuantWeight (a GGUF's Q8_0 projection: int8 with block
-    scales) is placed as it is (fused like the others); see `prequantized.check`."""
+    scales; an fp8 checkpoint's: float8 with per-channel or block scales) is placed as it is (fused
+    like the others); see `prequantized.check`."""
     check_method(quantization)
-    check_backend(quantization)
+    check_backend(quantization or prequantized.method(params))
     prequantized.check(params, quantization)
     layer_loop = layer_loop_mode(layer_loop)
     split = layer_loop == "unroll"
@@ -289,12 +290,13 @@ def build_model(config: ModelConfig, params: dict[str, np.ndarray | jax.Array], 
                                 layer_loop=layer_loop)
     arrays = {}
     fp8_bits = quantization == "fp8" and quant_dot.holds_fp8_bits(None)
+    held_bits = quant_dot.holds_fp8_bits(None)  # an fp8 checkpoint's own q too
     for held, sources, fn in placement_plan(params, kv_repeat=1, tp=1):
         xs = [params.pop(s) for s in sources]  # numpy slices stay on the host until placed
 
         def make(i, fn=fn, xs=xs):
             if isinstance(xs[0], QuantWeight):  # already quantized: q and scales fused alike
-                return prequantized.place([x if i is None else x[i] for x in xs], fn)
+                return prequantized.place([x if i is None else x[i] for x in xs], fn, held_bits)
             parts = [jnp.asarray(x if i is None else x[i], dtype=dtype) for x in xs]
             w = parts[0] if fn is None else fn(jnp, *parts)  # tp=1: fusing is concatenation
             if quantization and held in QUANT_PARAMS:

@@ -1,12 +1,18 @@
-"""Checkpoint params that arrive already quantized (`QuantWeight`s of numpy arrays: a GGUF's Q8_0
-projections, int8 with block-32 scales, checkpoints/gguf_quant.py): the rules for combining them
-with `--quantization`, and their placement.
+"""Checkpoint params that arrive already quantized (`QuantWeight`s of numpy arrays): a GGUF's Q8_0
+projections, int8 with block-32 scales (checkpoints/gguf_quant.py), or an fp8 HF checkpoint's,
+float8_e4m3fn with per-channel or block scales (checkpoints/hf_fp8.py). The rules for combining
+them with `--quantization`, and their placement:
 
-- no flag, or `int8`: placed as they are (int8 already; the block scales are kept, nothing is
-  rounded again); the other projections of the same checkpoint are quantized per channel by `int8`.
-- `fp8`: ValueError, one line: re-rounding int8 weights to e4m3 would only add error.
-- tensor parallelism: the block-scale layout is not sharded yet; the projections are dequantized to
-  fp32 on the host (logged) and placed like any full-precision checkpoint.
+- no flag, or the checkpoint's own method (`int8` for Q8_0, `fp8` for an fp8 checkpoint, as vLLM
+  infers it from the config): placed as they are (nothing is rounded again; block scales kept); the
+  checkpoint's other projections (an fp8 checkpoint's ignored layers) are quantized per channel by
+  the flag, or stay full precision without it.
+- the other method: ValueError, one line: re-rounding int8 to e4m3 or e4m3 to int8 only adds error
+  (use the full-precision checkpoint for that method).
+- tensor parallelism: fp8 QuantWeights are sharded like `--quantization fp8`'s (q like the weight,
+  per-channel scales like its output axes, block scales like the weight: jaxllm/parallel/layout.py);
+  GGUF int8 block scales are not sharded yet: those projections are dequantized to fp32 on the host
+  (logged) and placed like any full-precision checkpoint.
 """
 from __future__ import annotations
 
@@ -27,29 +33,51 @@ def names(params: dict) -> list[str]:
     return sorted(k for k, v in params.items() if isinstance(v, QuantWeight))
 
 
+_ORIGIN = {"int8": "GGUF Q8_0", "fp8": "an fp8 checkpoint"}
+
+
+def method(params: dict) -> str | None:
+    """The method of the checkpoint's pre-quantized params ("int8" / "fp8"), None if there are none."""
+    kept = names(params)
+    return params[kept[0]].method if kept else None
+
+
 def check(params: dict, quantization: str | None) -> None:
     """ValueError when `quantization` conflicts with params that are already quantized."""
-    kept = names(params)
-    if kept and quantization not in (None, "int8"):
-        raise ValueError(f"quantization={quantization!r} conflicts with the checkpoint's int8 weights "
-                         f"({', '.join(kept)}: GGUF Q8_0, kept quantized); load it without quantization or with 'int8'")
+    kept, m = names(params), method(params)
+    if kept and quantization not in (None, m):
+        raise ValueError(f"quantization={quantization!r} conflicts with the checkpoint's {m} weights "
+                         f"({', '.join(kept)}: {_ORIGIN[m]}, kept quantized); load it without quantization "
+                         f"or with {m!r}")
 
 
 def dequantize_for_layout(params: dict) -> None:
-    """In place: each pre-quantized param → its fp32 numpy weight (the tensor-parallel fallback)."""
-    kept = names(params)
+    """In place: each pre-quantized int8 param → its fp32 numpy weight (the tensor-parallel fallback
+    for GGUF block scales; fp8 ones are sharded as they are)."""
+    dequantize_all(params, "tensor parallelism", only="int8")
+
+
+def dequantize_all(params: dict, why: str, only: str | None = None) -> None:
+    """In place: each pre-quantized param (of method `only`, or all) → its fp32 numpy weight, logged."""
+    kept = [k for k in names(params) if only is None or params[k].method == only]
     if kept:
-        log.info("tensor parallelism: dequantizing the checkpoint's int8 block-scaled %s to fp32", ", ".join(kept))
+        log.info("%s: dequantizing the checkpoint's pre-quantized %s to fp32", why, ", ".join(kept))
     for k in kept:
         params[k] = dequantize(params[k], _CONTRACTED[k], stacked=True, dtype=np.float32, xp=np)
 
 
-def place(parts: list[QuantWeight], fn) -> QuantWeight:
+def place(parts: list[QuantWeight], fn, fp8_bits: bool = False) -> QuantWeight:
     """One held projection from its pre-quantized checkpoint parts (stacked, or one layer's):
     `fn(jnp, *arrays)` (fusion.placement_plan: concatenation on the output axes) applied to the q
-    parts and to the scale parts alike (the scales have the weight's output axes)."""
-    q = [jnp.asarray(p.q) for p in parts]  # int8, as stored
-    s = [jnp.asarray(p.scale) for p in parts]  # f16 block scales as stored (8.5 bits a weight in all)
+    parts and to the scale parts alike (the scales have the weight's output axes). `fp8_bits`: a
+    float8 q is held as its uint8 bits (the chunked dot's form, quant_dot.holds_fp8_bits)."""
+    q = [jnp.asarray(_bits(p.q) if fp8_bits else p.q) for p in parts]  # int8 / float8 (or its bits), as stored
+    s = [jnp.asarray(p.scale) for p in parts]  # GGUF: f16 block scales as stored; fp8: f32
     if fn is None:
         return QuantWeight(q[0], s[0])
     return QuantWeight(fn(jnp, *q), fn(jnp, *s))
+
+
+def _bits(q):
+    """numpy float8_e4m3fn → its uint8 bits (a view); other dtypes unchanged."""
+    return q.view(np.uint8) if q.dtype == jnp.dtype(jnp.float8_e4m3fn) else q

@@ -139,7 +139,8 @@ class TPLayout:
 
         `quantization` ("int8" / "fp8"): each per-layer projection (`QUANT_PARAMS`) is quantized on
         device right after it is placed (a QuantWeight: q sharded like the weight, the per-output-
-        channel scale like the weight's output axes, `scale_axes`)."""
+        channel scale like the weight's output axes, `scale_axes`). Params that are QuantWeights already
+        (an fp8 checkpoint's projections) are placed as they are, sharded the same way."""
         from jaxllm.models.llama import MODEL_AXES
         from jaxllm.models.quant import QUANT_PARAMS, QuantWeight, quantize, scale_axes
 
@@ -147,6 +148,9 @@ class TPLayout:
         for held, sources, fn in placement_plan(params, self.kv_repeat, self.tp):
             xs = [params.pop(s) for s in sources]
             axes = MODEL_AXES[held]
+            if isinstance(xs[0], QuantWeight):  # an fp8 checkpoint's projection: q and scales placed as stored
+                out[held] = self._place_quant(xs, axes, QUANT_PARAMS[held], fn, config.num_layers, split_layers)
+                continue
             if split_layers and held.startswith("layers."):
                 sh = self.sharding(axes[1:])  # one layer's slice
                 out[held] = _place_layers(xs, config.num_layers, fn, dtype, sh)
@@ -163,6 +167,35 @@ class TPLayout:
                             out_shardings=QuantWeight(q_sh, s_sh))
                 out[held] = f(out[held]) if stacked else [f(w) for w in out[held]]
         return out
+
+    def _place_quant(self, xs: list, axes: tuple[str, ...], n: int, fn, num_layers: int, split_layers: bool):
+        """Pre-quantized parts (QuantWeights of numpy, stacked) → the held QuantWeight (a list per
+        layer when `split_layers`): q sharded like the weight, a per-channel scale like the weight's
+        output axes, block scales ([L, in..., in_last/B, out...]) like the weight. kv-head repetition
+        and shard-major fusion (`fn`) act on the output axes, which q and scale share at the end."""
+        from jaxllm.models.quant import QuantWeight, scale_axes
+
+        blocked = xs[0].scale.ndim == xs[0].q.ndim
+        s_axes = axes if blocked else scale_axes(axes, n)
+        qs, ss = [x.q for x in xs], [x.scale for x in xs]
+        if blocked:  # a row-parallel weight's blocks must not straddle shards: finer blocks, same scales
+            ss = [_whole_blocks(q, sc, n, self.tp) for q, sc in zip(qs, ss)]
+        q_dt, s_dt = qs[0].dtype, ss[0].dtype
+        if split_layers:
+            q = _place_layers(qs, num_layers, fn, q_dt, self.sharding(axes[1:]))
+            s = _place_layers(ss, num_layers, fn, s_dt, self.sharding(s_axes[1:]))
+            return [QuantWeight(a, b) for a, b in zip(q, s)]
+        return QuantWeight(_place(qs, fn, q_dt, self.sharding(axes)), _place(ss, fn, s_dt, self.sharding(s_axes)))
+
+
+def _whole_blocks(q, scale, axis: int, tp: int):
+    """Block scales [L, in..., nb, out...] (blocks of B = q.shape[axis] / nb along `axis`) repeated r
+    times along it (blocks of B / r, each with its block's scale: the same weight), r the least
+    divisor of B for which nb * r splits evenly over tp devices."""
+    nb = scale.shape[axis]
+    bsz = q.shape[axis] // nb
+    r = next(r for r in range(1, bsz + 1) if bsz % r == 0 and (nb * r) % tp == 0)
+    return scale if r == 1 else np.repeat(scale, r, axis=axis)
 
 
 def _place(xs: list, fn, dtype, sharding: NamedSharding) -> jax.Array:

@@ -4,7 +4,9 @@
 calibration prefill through the model into a small private cache in the model dtype (unquantized,
 never the engine's cache: no block is taken from the pool, nothing enters the prefix cache), and
 sets each layer's per-kv-head K and V scale to `HEADROOM * absmax / 448` of the K / V rows it
-wrote (pallas_kernels/kv_quant.py). The scales then never change, so a request's output does not
+wrote (pallas_kernels/kv_quant.py). An fp8 checkpoint that stores KV scales (`self_attn.k_scale` /
+`v_scale`, checkpoints/hf_fp8.py) skips the calibration: its scales are used as stored
+(`checkpoint_scales`), as vLLM does, whatever `calculate_kv_scales` says. The scales then never change, so a request's output does not
 depend on what the server saw first (the runner's cache is `scales_fixed`: its writes compute no
 absmax). `calculate_kv_scales=False`: every scale is 1.0 (vLLM's
 uncalibrated default).
@@ -88,6 +90,20 @@ def start_scales(model, tokenizer, block_size: int, max_len: int, scale_sharding
     source = "the Zen of Python" if getattr(tokenizer, "has_text", True) else "seeded ids"
     return k, v, (f"fp8 KV scales: calibrated on {len(ids)} tokens ({source}), {HEADROOM:g} x absmax / 448 "
                   f"in {time.perf_counter() - t0:.2f}s")
+
+
+def checkpoint_scales(kv_scales, kv_repeat: int = 1, scale_sharding=None):
+    """An fp8 checkpoint's KV scales (checkpoints/hf_fp8.py `kv_scales`: k, v [L, kv_heads] f32 and
+    the tensor names) → (k_scale, v_scale) [L, kv_heads x kv_repeat] placed with `scale_sharding`
+    (each checkpoint kv head's scale repeated like the head itself under tensor parallelism), and the
+    start-up line. Used as stored, vLLM's convention and the cache's: an e4m3 value x stands for
+    x * scale (no HEADROOM: the checkpoint's calibration chose the range)."""
+    k, v, names = kv_scales
+    k, v = (np.repeat(np.asarray(a, np.float32), kv_repeat, axis=1) for a in (k, v))  # [L, kvh]
+    place = (lambda a: jax.device_put(a, scale_sharding)) if scale_sharding is not None else jnp.asarray
+    per = "per tensor" if all(np.all(a == a[:, :1]) for a in (k, v)) else "per kv head"
+    return place(k), place(v), (f"fp8 KV scales: from the checkpoint ({names}, {per}; K {k.min():.3g}..{k.max():.3g}, "
+                                f"V {v.min():.3g}..{v.max():.3g}), not calibrated")
 
 
 def set_scales(runner, k_scale, v_scale) -> None:

@@ -126,8 +126,8 @@ def test_prequantized_hf_checkpoint_is_one_line_error(files, tmp_path):
     cfg["quantization_config"] = {"quant_method": "gptq", "bits": 4}
     with open(os.path.join(d, "config.json"), "w") as f:
         json.dump(cfg, f)
-    with pytest.raises(CheckpointError, match=r"config.json: the checkpoint is already quantized "
-                                              r"\(quantization_config.quant_method='gptq'\), which jaxllm cannot load"):
+    with pytest.raises(CheckpointError, match=r"config.json: quantization_config.quant_method='gptq' is not supported; "
+                                              r"jaxllm loads 'compressed-tensors' .* and 'fp8' "):
         load_checkpoint(d)
 
 

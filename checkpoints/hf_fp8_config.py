@@ -1,0 +1,130 @@
+"""An HF checkpoint's `quantization_config` → what jaxllm can load of it (an `Fp8Scheme`), or one line
+saying why not.
+
+Loaded (weight-only, float8_e4m3fn weights with their scales, checkpoints/hf_fp8.py):
+- quant_method "compressed-tensors" (llm-compressor): every `config_groups` entry's `weights` are
+  `type: float, num_bits: 8` with strategy "tensor" (one scale), "channel" (one per output row) or
+  "block" (`block_structure` [out, in]), stored "float-quantized". The "FP8" (static per-tensor input
+  scale) and "FP8_DYNAMIC" (per-token) schemes also quantize activations to fp8: jaxllm runs those
+  checkpoints weight-only (the activations stay in the model dtype; `input_scale` is not read),
+  which it says in one log line.
+- quant_method "fp8" (AutoFP8, HF FineGrainedFP8): per-tensor `weight_scale`, or block-wise
+  `weight_scale_inv` [out/bo, in/bi] with `weight_block_size` [bo, bi] (DeepSeek-style [128, 128]);
+  `activation_scheme` static or dynamic, run weight-only likewise.
+
+Which tensors are quantized is read from the tensors (a float8 `weight` beside its scale), not from
+`ignore` / `ignored_layers`: those list the layers left in full precision, which load as such.
+Refused, naming the field, its value and what is supported: other quant methods (GPTQ, AWQ,
+bitsandbytes, ...), int or non-8-bit weights, group strategies, packed formats, quantized output
+activations, sparsity.
+"""
+from __future__ import annotations
+
+import dataclasses
+
+from checkpoints.errors import CheckpointError
+
+SUPPORTED = ("'compressed-tensors' (float8 weights: per-tensor, per-channel or block scales) and 'fp8' "
+             "(per-tensor or block scales)")
+_STRATEGIES = ("tensor", "channel", "block")
+
+
+@dataclasses.dataclass(frozen=True)
+class Fp8Scheme:
+    method: str  # "compressed-tensors" | "fp8"
+    block: tuple[int, int] | None  # [out, in] block of a block-scaled weight, None otherwise
+    activations: str | None  # the activation quantization the checkpoint asks for and jaxllm does not run
+    kv_cache: bool  # the config declares fp8 KV cache scales (kv_cache_scheme)
+
+
+def _refuse(source: str, field: str, value, what: str = SUPPORTED) -> CheckpointError:
+    return CheckpointError(f"{source}: quantization_config.{field}={value!r} is not supported; jaxllm loads {what}")
+
+
+def _block(source: str, field: str, value) -> tuple[int, int]:
+    if isinstance(value, str) and "x" in value:  # older compressed-tensors wrote "128x128"
+        value = value.split("x")
+    try:
+        bo, bi = (int(v) for v in value)
+    except (TypeError, ValueError):
+        raise _refuse(source, field, value, "a block [out, in] of two positive integers") from None
+    if bo <= 0 or bi <= 0:
+        raise _refuse(source, field, value, "a block [out, in] of two positive integers")
+    return bo, bi
+
+
+def parse(qc, source: str) -> Fp8Scheme:
+    """`qc`: config.json's quantization_config; `source` names the file in errors."""
+    if not isinstance(qc, dict):
+        raise _refuse(source, "", qc)
+    method = qc.get("quant_method")
+    if method == "fp8":
+        return _parse_fp8(qc, source)
+    if method == "compressed-tensors":
+        return _parse_compressed_tensors(qc, source)
+    raise _refuse(source, "quant_method", method, SUPPORTED + "; use the full-precision checkpoint "
+                  "(with --quantization int8|fp8) or a GGUF")
+
+
+def _parse_fp8(qc: dict, source: str) -> Fp8Scheme:
+    fmt = qc.get("fmt", "e4m3")
+    if fmt != "e4m3":
+        raise _refuse(source, "fmt", fmt, "'e4m3' (float8_e4m3fn) fp8 weights")
+    act = qc.get("activation_scheme", "dynamic")
+    if act not in ("static", "dynamic"):
+        raise _refuse(source, "activation_scheme", act, "'static' or 'dynamic' (run weight-only)")
+    bs = qc.get("weight_block_size")
+    block = None if bs is None else _block(source, "weight_block_size", bs)
+    return Fp8Scheme("fp8", block, f"{act} fp8", kv_cache=False)
+
+
+def _parse_compressed_tensors(qc: dict, source: str) -> Fp8Scheme:
+    fmt = qc.get("format")
+    if fmt not in (None, "float-quantized"):
+        raise _refuse(source, "format", fmt, "format 'float-quantized' (float8 weights)")
+    sparsity = qc.get("sparsity_config")
+    if sparsity and (sparsity.get("format") not in (None, "dense") if isinstance(sparsity, dict) else True):
+        raise _refuse(source, "sparsity_config.format", sparsity.get("format") if isinstance(sparsity, dict)
+                      else sparsity, "dense weights (no sparsity compression)")
+    groups = qc.get("config_groups")
+    if not isinstance(groups, dict) or not groups:
+        raise _refuse(source, "config_groups", groups, "at least one group of float8 weights")
+    block, acts = None, set()
+    for gname, g in groups.items():
+        f = f"config_groups.{gname}"
+        if not isinstance(g, dict):
+            raise _refuse(source, f, g, "a group with 'weights'")
+        if g.get("format") not in (None, "float-quantized"):
+            raise _refuse(source, f"{f}.format", g.get("format"), "format 'float-quantized' (float8 weights)")
+        w = g.get("weights")
+        if not isinstance(w, dict):
+            raise _refuse(source, f"{f}.weights", w, "float8 weight quantization")
+        if w.get("type") != "float" or w.get("num_bits") != 8:
+            raise _refuse(source, f"{f}.weights.type/num_bits", f"{w.get('type')}{w.get('num_bits')}",
+                          "float8 weights (type 'float', num_bits 8) only; int4/int8 (GPTQ/AWQ/W8A8 int) are not")
+        if w.get("symmetric", True) is not True:
+            raise _refuse(source, f"{f}.weights.symmetric", w.get("symmetric"), "symmetric float8 weights")
+        if w.get("dynamic", False):
+            raise _refuse(source, f"{f}.weights.dynamic", w.get("dynamic"), "weights quantized ahead (dynamic false)")
+        strategy = w.get("strategy")
+        if strategy not in _STRATEGIES:
+            raise _refuse(source, f"{f}.weights.strategy", strategy, f"strategies {', '.join(_STRATEGIES)}")
+        if strategy == "block":
+            b = _block(source, f"{f}.weights.block_structure", w.get("block_structure"))
+            if block not in (None, b):
+                raise _refuse(source, f"{f}.weights.block_structure", list(b), f"one block size (also {list(block)})")
+            block = b
+        if g.get("output_activations"):
+            raise _refuse(source, f"{f}.output_activations", g["output_activations"],
+                          "weight quantization (output activations unquantized)")
+        a = g.get("input_activations")
+        if a:
+            if not isinstance(a, dict) or a.get("type") != "float" or a.get("num_bits") != 8:
+                raise _refuse(source, f"{f}.input_activations",
+                              a if not isinstance(a, dict) else f"{a.get('type')}{a.get('num_bits')}",
+                              "float8 or no input activation quantization (run weight-only)")
+            acts.add(f"{'dynamic' if a.get('dynamic') else 'static'} fp8 per-{a.get('strategy', 'tensor')}")
+    kv = qc.get("kv_cache_scheme")
+    if kv and not (isinstance(kv, dict) and kv.get("type") == "float" and kv.get("num_bits") == 8):
+        raise _refuse(source, "kv_cache_scheme", kv, "fp8 KV cache scales (type 'float', num_bits 8) or none")
+    return Fp8Scheme("compressed-tensors", block, ", ".join(sorted(acts)) or None, kv_cache=bool(kv))
