@@ -40,7 +40,9 @@ def check_error(e: grpc.RpcError, what: str, seen: dict | None = None) -> None:
     code = e.code()
     if seen is not None:
         seen[code.name] = seen.get(code.name, 0) + 1
-    assert code in OK_CODES, f"{what}: {code.name}: {e.details()}"
+    # NOT_FOUND is documented for one field only: a lora_name the server does not serve
+    lora_unknown = code == grpc.StatusCode.NOT_FOUND and (e.details() or "").startswith("lora_name=")
+    assert code in OK_CODES or lora_unknown, f"{what}: {code.name}: {e.details()}"
     if code == grpc.StatusCode.INVALID_ARGUMENT:
         assert named_field(e.details()), f"{what}: message names no field: {e.details()!r}"
     assert "Traceback" not in (e.details() or "")
