@@ -117,7 +117,7 @@ def chat_job(door: FrontDoor, info: ModelInfo, body: ChatCompletionRequest) -> _
             tools.adjust(params, body)  # named/required: the tool schema constrains the output
         reasoning = ReasoningPlan.from_body(body, door.config, prompt, info.tokenizer)
         if reasoning is not None:
-            reasoning.adjust(params, info.tokenizer)  # a constraint starts after the reasoning
+            reasoning.adjust(params, body, info.tokenizer)  # a constraint starts after the reasoning
     except ValueError as exc:
         raise invalid(str(exc)) from None
     params = door.check_params(params, info, max_tokens_set=max_set)

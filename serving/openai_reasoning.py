@@ -6,14 +6,15 @@
   when there is none, ``content`` is ``None`` when the answer is only reasoning. Streamed:
   reasoning deltas, then content deltas. ``include_reasoning=false`` (vLLM's body field) drops
   the reasoning from the answer (it is still generated). Usage counts all completion tokens.
-* **Prompt that already closed the reasoning** (the template wrote ``<think></think>``, e.g.
-  Qwen3 with ``chat_template_kwargs={"enable_thinking": false}``; the last think marker of the
-  prompt is the end tag): the whole output is content, as vLLM's ``is_reasoning_end(prompt)``.
+* **No reasoning** when the prompt already closed it (the template wrote ``<think></think>``:
+  the last think tag of the prompt is the end tag; vLLM's ``is_reasoning_end(prompt)``) or the
+  request switched thinking off (the parser's ``thinking_switch`` in ``chat_template_kwargs`` set
+  to false, e.g. qwen3's ``enable_thinking``): the whole output is content.
 * **Tools**: the tool reader reads only the content part (after the reasoning).
 * **Constraints** (``response_format`` / ``structured_outputs`` / tool_choice named or required):
   only the text after the reasoning is constrained: the constraint gets ``reasoning_end`` (the
   end tag's token ids) and the engine's grammar stays idle until they appear in the output
-  (jaxllm/structured_outputs.py). Not when the prompt already closed the reasoning.
+  (jaxllm/structured_outputs.py). Not when there is no reasoning (above): constrained from the start.
 """
 
 from __future__ import annotations
@@ -26,10 +27,10 @@ from serving.reasoning_parsers import ThinkParser, get_parser
 class ReasoningPlan:
     """One chat body's reasoning split: per choice index, one parser over its text."""
 
-    def __init__(self, parser: type[ThinkParser], include: bool, ended_in_prompt: bool):
+    def __init__(self, parser: type[ThinkParser], include: bool, off: bool):
         self.parser = parser
         self.include = include  # include_reasoning
-        self.ended_in_prompt = ended_in_prompt  # the whole output is content
+        self.off = off  # no reasoning: the whole output is content
         self._streams: dict[int, ThinkParser] = {}
 
     @classmethod
@@ -41,12 +42,17 @@ class ReasoningPlan:
         if text is None:
             text = tokenizer.decode(prompt["prompt_token_ids"], skip_special_tokens=False)
         ended = text.rfind(parser.END) > text.rfind(parser.START)
-        return cls(parser, body.include_reasoning, ended)
+        switch = parser.thinking_switch
+        off = switch is not None and (body.chat_template_kwargs or {}).get(switch) is False
+        return cls(parser, body.include_reasoning, ended or off)
 
-    def adjust(self, params: Any, tokenizer: Any) -> None:
-        """A constrained request's constraint starts after the end of the reasoning."""
+    def adjust(self, params: Any, body: Any, tokenizer: Any) -> None:
+        """Tags that are special tokens are decoded (unless the body set ``skip_special_tokens``);
+        a constrained request's constraint starts after the end of the reasoning."""
+        if self.parser.special_markers and body.skip_special_tokens is None:
+            params.skip_special_tokens = False
         spec = params.structured_outputs
-        if spec is None or self.ended_in_prompt:
+        if spec is None or self.off:
             return
         ids = [int(t) for t in tokenizer.encode(self.parser.END, add_special_tokens=False)]
         if not ids:
@@ -57,14 +63,14 @@ class ReasoningPlan:
     # ----- answers ----------------------------------------------------------------------------
     def split(self, text: str) -> tuple[str | None, str]:
         """A whole choice's (reasoning or None, content text)."""
-        if self.ended_in_prompt:
+        if self.off:
             return None, text
         r = self.parser().extract(text)
         return (r.reasoning if self.include else None), r.content or ""
 
     def delta(self, index: int, text: str, final: bool) -> tuple[str, str]:
         """Choice ``index``'s new text -> (reasoning delta, content delta); ``final`` flushes."""
-        if self.ended_in_prompt:
+        if self.off:
             return "", text
         p = self._streams.get(index)
         if p is None:

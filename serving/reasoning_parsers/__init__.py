@@ -8,9 +8,12 @@ its content (the answer), for a whole output (``extract``) and incrementally whi
 from __future__ import annotations
 
 from serving.reasoning_parsers.base import Reasoned, ReasoningDelta, ThinkParser
-from serving.reasoning_parsers.think import DeepSeekR1ReasoningParser, Qwen3ReasoningParser
+from serving.reasoning_parsers.think import (DeepSeekR1ReasoningParser, MistralReasoningParser,
+                                             Qwen3ReasoningParser)
 
-PARSERS: dict[str, type[ThinkParser]] = {p.name: p for p in (DeepSeekR1ReasoningParser, Qwen3ReasoningParser)}
+PARSERS: dict[str, type[ThinkParser]] = {
+    p.name: p for p in (DeepSeekR1ReasoningParser, MistralReasoningParser, Qwen3ReasoningParser)
+}
 
 
 def get_parser(name: str) -> type[ThinkParser]:

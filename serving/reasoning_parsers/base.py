@@ -45,6 +45,10 @@ class ThinkParser:
     START: ClassVar[str] = "<think>"
     END: ClassVar[str] = "</think>"
     implicit_start: ClassVar[bool] = False
+    # a chat_template_kwargs key that, set to false, means the model does not think (all content)
+    thinking_switch: ClassVar[str | None] = None
+    # the tags are special tokens in the model's vocabulary: decode them (skip_special_tokens=False)
+    special_markers: ClassVar[bool] = False
 
     def __init__(self) -> None:
         self._state = "start"

@@ -21,12 +21,12 @@ import pytest
 from http_helpers import ThreadedServer, make_llm_engine
 from serving.tool_parsers import get_parser
 from tests.fakes.fake_runner import context_hash
-from tests.fakes.fake_tokenizer import EOS, FakeTokenizer
+from tests.fakes.fake_tokenizer import EOS, SEP, FakeTokenizer
 from tests.fakes.grammar_tokenizers import fake_grammar_tokenizer
 from test_http_tools import HERMES, TOOLS, WEATHER, calls_of
 
 TOK = FakeTokenizer()
-SCRIPTS: dict[str, tuple[str, bool]] = {}  # user message -> (text the model writes, then EOS?)
+SCRIPTS: dict[str, tuple[str | list[int], bool]] = {}  # user message -> (text or ids the model writes, then EOS?)
 
 
 def _engine():
@@ -36,8 +36,8 @@ def _engine():
         prompt = TOK.decode(ctx[:s.num_prompt_tokens], skip_special_tokens=False)
         k = len(ctx) - s.num_prompt_tokens
         for key, (text, eos) in SCRIPTS.items():
-            if f"user: {key}" in prompt:
-                ids = TOK.encode(text, add_special_tokens=False)
+            if f"user: {key}<sep>" in prompt:
+                ids = text if isinstance(text, list) else TOK.encode(text, add_special_tokens=False)
                 if k < len(ids):
                     return ids[k]
                 if eos:
@@ -67,7 +67,7 @@ def _client(s):
     return openai.OpenAI(base_url=s.base_url + "/v1", api_key="unused", max_retries=0)
 
 
-def ask(s, key: str, text: str, eos: bool = True, messages=None, **kw):
+def ask(s, key: str, text: str | list[int], eos: bool = True, messages=None, **kw):
     """(non-streamed response, the stream's chunks, the client's accumulation of the stream)."""
     SCRIPTS[key] = (text, eos)
     msgs = messages or [{"role": "user", "content": key}]
@@ -127,12 +127,43 @@ def test_deepseek_r1_splits_reasoning_from_content_streamed_the_same(r1, text, r
 
 @pytest.mark.parametrize("text, reasoning, content", [
     ("<think>\nhm\n</think>\n\nIt is 4.", "\nhm\n", "\n\nIt is 4."),
-    ("It is 4.</think>", None, "It is 4.</think>"),  # no opening tag: all content
+    ("hm</think>It is 4.", "hm", "It is 4."),  # current vLLM: <think> may sit in the prompt
 ])
-def test_qwen3_needs_the_opening_tag(q3, text, reasoning, content):
+def test_qwen3_splits_like_current_vllm(q3, text, reasoning, content):
     resp, chunks, final = ask(q3, f"q3 {len(text)}", text)
     assert (reasoning_of(resp.choices[0].message), resp.choices[0].message.content) == (reasoning, content)
     check_stream(resp, chunks, final)
+
+
+def test_qwen3_enable_thinking_false_is_all_content_and_unconstrained_reasoning_is_off(q3):
+    text = "It is 4.</think> really"
+    resp, chunks, final = ask(q3, "nothink", text, extra_body={"chat_template_kwargs": {"enable_thinking": False}})
+    assert (reasoning_of(resp.choices[0].message), resp.choices[0].message.content) == (None, text)
+    check_stream(resp, chunks, final)
+    # and a constraint then holds from the first token (the script's "<think>" cannot get in)
+    rf = {"type": "json_schema", "json_schema": {"name": "w", "schema": WEATHER}}
+    resp, _, _ = ask(q3, "nothink json", THINK, eos=False, response_format=rf,
+                     extra_body={"chat_template_kwargs": {"enable_thinking": False}})
+    assert reasoning_of(resp.choices[0].message) is None
+    jsonschema.validate(json.loads(resp.choices[0].message.content), WEATHER)
+
+
+def test_mistral_decodes_special_tokens_unless_the_body_says():
+    """[THINK] is a special token in Mistral's vocabularies, so the server decodes special tokens
+    for this parser (as the fake has no [THINK] token, its special <sep> written inside the block
+    shows whether they were decoded); the body's skip_special_tokens wins."""
+    s = ThreadedServer(_engine(), reasoning_parser="mistral")
+    try:
+        ids = TOK.encode("[THINK]a", add_special_tokens=False) + [SEP] + TOK.encode("[/THINK]b", add_special_tokens=False)
+        resp, chunks, final = ask(s, "mi", ids)
+        assert (reasoning_of(resp.choices[0].message), resp.choices[0].message.content) == ("a<sep>", "b")
+        check_stream(resp, chunks, final)
+        resp, chunks, final = ask(s, "mi", ids, extra_body={"skip_special_tokens": True})
+        assert (reasoning_of(resp.choices[0].message), resp.choices[0].message.content) == ("a", "b")
+        resp, _, _ = ask(s, "plain answer", "It is 4.")  # no [THINK]: all content
+        assert (reasoning_of(resp.choices[0].message), resp.choices[0].message.content) == (None, "It is 4.")
+    finally:
+        s.close()
 
 
 def test_include_reasoning_false_drops_it_and_a_prompt_that_closed_the_block_is_all_content(q3):
@@ -140,8 +171,8 @@ def test_include_reasoning_false_drops_it_and_a_prompt_that_closed_the_block_is_
     resp, chunks, final = ask(q3, "incl", text, extra_body={"include_reasoning": False})
     assert (reasoning_of(resp.choices[0].message), resp.choices[0].message.content) == (None, "\n\nIt is 4.")
     check_stream(resp, chunks, final)
-    # enable_thinking=false: the template writes an empty block into the prompt (here the client
-    # continues such an assistant turn): the whole output is content, tags and all
+    # a prompt whose template closed the block (what enable_thinking=false renders; here the
+    # client continues such an assistant turn): the whole output is content, tags and all
     msgs = [{"role": "user", "content": "closed"}, {"role": "assistant", "content": "<think>\n\n</think>\n\n"}]
     resp, chunks, final = ask(q3, "closed", text, messages=msgs,
                               extra_body={"continue_final_message": True, "add_generation_prompt": False})
@@ -200,5 +231,6 @@ def test_without_a_reasoning_parser_the_think_block_is_content_and_the_constrain
 def test_an_unknown_parser_is_a_one_line_config_error():
     from serving.config import ServerConfig
 
-    with pytest.raises(ValueError, match=r"^reasoning_parser='nope' is invalid: must be one of deepseek_r1, qwen3$"):
+    with pytest.raises(ValueError, match=r"^reasoning_parser='nope' is invalid: must be one of deepseek_r1, "
+                                         r"mistral, qwen3$"):
         ServerConfig(reasoning_parser="nope").validate()

@@ -15,7 +15,7 @@ from hypothesis import strategies as st
 from serving.reasoning_parsers import PARSERS, Reasoned, ReasoningDelta, get_parser
 from tool_parse_helpers import CUTS, SETTINGS, split
 
-R1, Q3 = get_parser("deepseek_r1"), get_parser("qwen3")
+R1, Q3, MI = get_parser("deepseek_r1"), get_parser("qwen3"), get_parser("mistral")
 
 
 def stream(cls, chunks: list[str]) -> Reasoned:
@@ -39,8 +39,9 @@ def check(cls, text: str, reasoning: str | None, content: str | None):
 
 
 def test_registry_and_errors():
-    assert {n for n, p in PARSERS.items() if p.name == n} == {"deepseek_r1", "qwen3"}
-    with pytest.raises(ValueError, match=r"^reasoning_parser='nope' is invalid: must be one of deepseek_r1, qwen3$"):
+    assert {n for n, p in PARSERS.items() if p.name == n} == {"deepseek_r1", "mistral", "qwen3"}
+    with pytest.raises(ValueError, match=r"^reasoning_parser='nope' is invalid: must be one of deepseek_r1, "
+                                         r"mistral, qwen3$"):
         get_parser("nope")
     p = R1()
     p.finish()
@@ -67,44 +68,52 @@ def test_deepseek_r1_worked_examples():
     check(R1, "", None, None)
 
 
-def test_qwen3_worked_examples():
+def test_qwen3_reads_like_deepseek_r1_and_has_a_thinking_switch():
+    # current vLLM: Qwen3.5 / 2507 templates put <think> in the prompt; older ones let the model write it
     check(Q3, "<think>\nLet me think.\n</think>\n\nThe answer is 4.", "\nLet me think.\n", "\n\nThe answer is 4.")
-    # no block (enable_thinking false: the template already closed an empty one): all content
-    check(Q3, "The answer is 4.", None, "The answer is 4.")
-    check(Q3, "Let me think.</think>4", None, "Let me think.</think>4")
-    check(Q3, "Use <think> tags", None, "Use <think> tags")  # only an opening <think> starts a block
-    check(Q3, "  <thi", None, "  <thi")
-    check(Q3, " \n", None, " \n")
-    check(Q3, "<think>cut off", "cut off", None)  # an open block is reasoning (see think.py)
-    check(Q3, "\n <think>a</think>", "a", None)
+    check(Q3, "Let me think.</think>4", "Let me think.", "4")
+    check(Q3, "Let me thi", "Let me thi", None)
+    assert Q3.thinking_switch == "enable_thinking" and R1.thinking_switch is None  # used by the server
+
+
+def test_mistral_needs_the_opening_tag():
+    check(MI, "[THINK]Let me think.[/THINK]It is 4.", "Let me think.", "It is 4.")
+    check(MI, "\n [THINK]a[/THINK]", "a", None)
+    check(MI, "It is 4.", None, "It is 4.")  # no block: all content
+    check(MI, "It is 4.[/THINK]", None, "It is 4.[/THINK]")
+    check(MI, "Use [THINK] tags", None, "Use [THINK] tags")  # only an opening [THINK] starts a block
+    check(MI, "  [THI", None, "  [THI")
+    check(MI, " \n", None, " \n")
+    check(MI, "[THINK]cut off", "cut off", None)  # an open block is reasoning, as vLLM's
+    check(MI, "[THINK]<think>x</think>[/THINK]y", "<think>x</think>", "y")  # other parsers' tags are text
+    assert MI.special_markers and not R1.special_markers
 
 
 # outputs built from pieces whose meaning is known: (text, reasoning, content) per parser
-ATOMS = st.sampled_from(["Hi", " ", "\n", "<", "</", "<think", "</think", "<think>", "think>", "é😀", "東京", "x"])
-PIECE = st.lists(ATOMS, max_size=5).map("".join)
-BODY = PIECE.filter(lambda s: "</think>" not in s)  # reasoning cannot hold the end tag
+ATOMS = ["Hi", " ", "\n", "<", "</", "<think", "</think", "<think>", "think>", "é😀", "東京", "x",
+         "[", "[/", "[THINK", "[/THINK", "[THINK]", "THINK]"]
+PIECE = st.lists(st.sampled_from(ATOMS), max_size=5).map("".join)
 
 
 @st.composite
 def outputs(draw, cls):
     ws = draw(st.sampled_from(["", " ", "\n", "\n\n"]))
-    reasoning = draw(BODY)
+    reasoning = draw(PIECE.filter(lambda s: cls.END not in s))  # reasoning cannot hold the end tag
     content = draw(PIECE)
     kind = draw(st.sampled_from(["block", "implicit", "open", "none"]))
     if kind == "block":
-        return ws + "<think>" + reasoning + "</think>" + content, reasoning, content
+        return ws + cls.START + reasoning + cls.END + content, reasoning, content
     if kind == "open":
-        return ws + "<think>" + reasoning, reasoning, ""
-    text = ws + reasoning + ("</think>" + content if kind == "implicit" else "")
-    opens = text.lstrip().startswith("<think>")
-    if opens:  # the pieces happened to write a block after all: not what this kind means
+        return ws + cls.START + reasoning, reasoning, ""
+    text = ws + reasoning + (cls.END + content if kind == "implicit" else "")
+    if text.lstrip().startswith(cls.START):  # the pieces happened to write a block after all
         return None
-    if cls is R1:  # no opening tag: reasoning up to </think>, or all of it
+    if cls.implicit_start:  # no opening tag: reasoning up to the end tag, or all of it
         return (text, ws + reasoning, content if kind == "implicit" else "")
-    return text, "", text  # qwen3: no opening tag, all content
+    return text, "", text  # the opening tag is required: all content
 
 
-@pytest.mark.parametrize("cls", [R1, Q3], ids=lambda c: c.name)
+@pytest.mark.parametrize("cls", [R1, Q3, MI], ids=lambda c: c.name)
 @SETTINGS
 @given(data=st.data(), cuts=CUTS)
 def test_split_invariance(cls, data, cuts):
