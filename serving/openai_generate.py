@@ -52,7 +52,12 @@ class _Job:
         p = sum(t.num_prompt_tokens for t in self.trackers)
         prompt_only = self.echo is not None and self.echo.prompt_only  # its one token is dropped
         c = 0 if prompt_only else sum(t.num_completion_tokens for t in self.trackers)
-        return {"prompt_tokens": p, "completion_tokens": c, "total_tokens": p + c}
+        out = {"prompt_tokens": p, "completion_tokens": c, "total_tokens": p + c}
+        if self.reasoning is not None:  # current vLLM: with a reasoning parser, the think blocks' tokens
+            r = sum(self.reasoning.reasoning_tokens(o.text, o.token_ids, o.finish_reason == "stop")
+                    for t in self.trackers for o in t.latest.values())
+            out["completion_tokens_details"] = {"reasoning_tokens": r}
+        return out
 
     def token_text(self, tid: int, lp: Any) -> str:
         text = getattr(lp, "decoded_token", None)

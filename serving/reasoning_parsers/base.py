@@ -86,11 +86,6 @@ class ThinkParser:
         self._hold = ""
         return out
 
-    @property
-    def reasoning_ended(self) -> bool:
-        """The output is past the reasoning (its content has begun or there is no think block)."""
-        return self._state == "answer"
-
     # -- the machine -------------------------------------------------------------------------
     def _begin(self, out: ReasoningDelta, opened: bool, rest: str) -> None:
         """The beginning is decided: ``opened`` = it was ``START``; ``rest`` follows it."""

@@ -122,6 +122,8 @@ def test_deepseek_r1_splits_reasoning_from_content_streamed_the_same(r1, text, r
     # logprobs and usage cover every generated token, the think block's too
     assert "".join(t.token for t in ch.logprobs.content) == text + "<eos>"
     assert resp.usage.completion_tokens == len(text) + 1
+    # current vLLM: the think block's tokens (one per character here, tags and EOS not counted)
+    assert resp.usage.completion_tokens_details.reasoning_tokens == len(reasoning)
     check_stream(resp, chunks, final)
 
 
@@ -132,6 +134,7 @@ def test_deepseek_r1_splits_reasoning_from_content_streamed_the_same(r1, text, r
 def test_qwen3_splits_like_current_vllm(q3, text, reasoning, content):
     resp, chunks, final = ask(q3, f"q3 {len(text)}", text)
     assert (reasoning_of(resp.choices[0].message), resp.choices[0].message.content) == (reasoning, content)
+    assert resp.usage.completion_tokens_details.reasoning_tokens == len(reasoning)
     check_stream(resp, chunks, final)
 
 
@@ -139,6 +142,7 @@ def test_qwen3_enable_thinking_false_is_all_content_and_unconstrained_reasoning_
     text = "It is 4.</think> really"
     resp, chunks, final = ask(q3, "nothink", text, extra_body={"chat_template_kwargs": {"enable_thinking": False}})
     assert (reasoning_of(resp.choices[0].message), resp.choices[0].message.content) == (None, text)
+    assert resp.usage.completion_tokens_details.reasoning_tokens == 0
     check_stream(resp, chunks, final)
     # and a constraint then holds from the first token (the script's "<think>" cannot get in)
     rf = {"type": "json_schema", "json_schema": {"name": "w", "schema": WEATHER}}
@@ -170,6 +174,7 @@ def test_include_reasoning_false_drops_it_and_a_prompt_that_closed_the_block_is_
     text = "<think>\nhm\n</think>\n\nIt is 4."
     resp, chunks, final = ask(q3, "incl", text, extra_body={"include_reasoning": False})
     assert (reasoning_of(resp.choices[0].message), resp.choices[0].message.content) == (None, "\n\nIt is 4.")
+    assert resp.usage.completion_tokens_details.reasoning_tokens == len("\nhm\n")  # generated all the same
     check_stream(resp, chunks, final)
     # a prompt whose template closed the block (what enable_thinking=false renders; here the
     # client continues such an assistant turn): the whole output is content, tags and all
@@ -205,6 +210,7 @@ def test_a_constraint_holds_only_after_the_reasoning(r1):
     ch = resp.choices[0]
     assert reasoning_of(ch.message) == "\nJSON wanted: {not json yet}\n" and ch.finish_reason == "stop"
     jsonschema.validate(json.loads(ch.message.content), WEATHER)
+    assert resp.usage.completion_tokens_details.reasoning_tokens == len("\nJSON wanted: {not json yet}\n")
     check_stream(resp, chunks, final)
     # named tool choice: the call's arguments are the constrained text after the reasoning
     named = {"type": "function", "function": {"name": "get_weather"}}
@@ -221,6 +227,7 @@ def test_without_a_reasoning_parser_the_think_block_is_content_and_the_constrain
     try:
         resp, chunks, final = ask(s, "plain", "<think>x</think>y")
         assert resp.choices[0].message.content == "<think>x</think>y" and reasoning_of(resp.choices[0].message) is None
+        assert resp.usage.completion_tokens_details is None
         rf = {"type": "json_schema", "json_schema": {"name": "w", "schema": WEATHER}}
         resp, _, _ = ask(s, "json0", THINK, eos=False, response_format=rf)
         jsonschema.validate(json.loads(resp.choices[0].message.content), WEATHER)  # the script never got in
@@ -234,3 +241,14 @@ def test_an_unknown_parser_is_a_one_line_config_error():
     with pytest.raises(ValueError, match=r"^reasoning_parser='nope' is invalid: must be one of deepseek_r1, "
                                          r"mistral, qwen3$"):
         ServerConfig(reasoning_parser="nope").validate()
+
+
+def test_n2_choices_are_split_each_by_its_own_parser(r1):
+    text = "<think>ab</think>cd"
+    resp, chunks, final = ask(r1, "two", text, n=2)
+    got = {c.index: (reasoning_of(c.message), c.message.content) for c in resp.choices}
+    assert got == {0: ("ab", "cd"), 1: ("ab", "cd")}
+    streamed = {c.index: (reasoning_of(c.message), c.message.content) for c in final.choices}
+    assert streamed == got
+    assert resp.usage.completion_tokens_details.reasoning_tokens == 2 * len("ab")
+    assert chunks[-1].usage == resp.usage
