@@ -10,7 +10,9 @@
   tokens of the think block (tags excluded), found by the tags' token ids in each choice's output
   (:meth:`ReasoningPlan.reasoning_tokens`), summed over choices.
 * **No reasoning** when the prompt already closed it (the template wrote ``<think></think>``:
-  the last think tag of the prompt is the end tag; vLLM's ``is_reasoning_end(prompt)``) or the
+  the prompt ends with the end tag and whitespace; vLLM's ``is_reasoning_end(prompt)`` looks for
+  the last tag anywhere, which an earlier turn's block kept in the history, as Qwen3's template
+  keeps it in tool loops, would match too) or the
   request switched thinking off (the parser's ``thinking_switch`` in ``chat_template_kwargs`` set
   to false, e.g. qwen3's ``enable_thinking``): the whole output is content.
 * **Tools**: the tool reader reads only the content part (after the reasoning).
@@ -46,7 +48,7 @@ class ReasoningPlan:
         text = prompt.get("prompt")
         if text is None:
             text = tokenizer.decode(prompt["prompt_token_ids"], skip_special_tokens=False)
-        ended = text.rfind(parser.END) > text.rfind(parser.START)
+        ended = text.rstrip().endswith(parser.END)  # not a block closed in an earlier turn
         switch = parser.thinking_switch
         off = switch is not None and (body.chat_template_kwargs or {}).get(switch) is False
         return cls(parser, body.include_reasoning, ended or off, tokenizer)

@@ -183,6 +183,12 @@ def test_include_reasoning_false_drops_it_and_a_prompt_that_closed_the_block_is_
                               extra_body={"continue_final_message": True, "add_generation_prompt": False})
     assert (reasoning_of(resp.choices[0].message), resp.choices[0].message.content) == (None, text)
     check_stream(resp, chunks, final)
+    # a block closed in an earlier turn of the history does not close this one
+    msgs = [{"role": "user", "content": "first"}, {"role": "assistant", "content": "<think>old</think>answer"},
+            {"role": "user", "content": "again"}]
+    resp, chunks, final = ask(q3, "again", text, messages=msgs)
+    assert (reasoning_of(resp.choices[0].message), resp.choices[0].message.content) == ("\nhm\n", "\n\nIt is 4.")
+    check_stream(resp, chunks, final)
 
 
 def test_auto_tools_read_only_the_content(r1):
