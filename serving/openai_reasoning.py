@@ -9,12 +9,12 @@
   as current vLLM under a reasoning parser, ``completion_tokens_details.reasoning_tokens``: the
   tokens of the think block (tags excluded), found by the tags' token ids in each choice's output
   (:meth:`ReasoningPlan.reasoning_tokens`), summed over choices.
-* **No reasoning** when the prompt already closed it (the template wrote ``<think></think>``:
-  the prompt ends with the end tag and whitespace; vLLM's ``is_reasoning_end(prompt)`` looks for
-  the last tag anywhere, which an earlier turn's block kept in the history, as Qwen3's template
-  keeps it in tool loops, would match too) or the
-  request switched thinking off (the parser's ``thinking_switch`` in ``chat_template_kwargs`` set
-  to false, e.g. qwen3's ``enable_thinking``): the whole output is content.
+* **No reasoning** (the whole output is content) when the prompt already closed it (the template
+  wrote ``<think></think>``: the prompt ends with the end tag and whitespace) or the request
+  switched thinking off (the parser's ``thinking_switch`` in ``chat_template_kwargs`` set to
+  false, e.g. qwen3's ``enable_thinking``). vLLM's ``is_reasoning_end(prompt)`` takes the last
+  tag anywhere in the prompt, so a block of an earlier turn kept in the history (Qwen3's
+  template keeps it in tool loops) would end this one's reasoning there; not here.
 * **Tools**: the tool reader reads only the content part (after the reasoning).
 * **Constraints** (``response_format`` / ``structured_outputs`` / tool_choice named or required):
   only the text after the reasoning is constrained: the constraint gets ``reasoning_end`` (the
