@@ -241,9 +241,23 @@ def test_without_a_reasoning_parser_the_think_block_is_content_and_the_constrain
         s.close()
 
 
-def test_an_unknown_parser_is_a_one_line_config_error():
+def test_the_flag_reaches_the_config_and_an_unknown_name_is_a_one_line_error():
+    import os
+    import subprocess
+    import sys
+
+    from serving import __main__ as server_main
     from serving.config import ServerConfig
 
+    p = server_main.build_parser()
+    assert "deepseek_r1, mistral, qwen3" in " ".join(p.format_help().split())  # the choices in --help
+    args = p.parse_args(["--model", "fake", "--reasoning-parser", "qwen3"])
+    assert server_main.server_config(args).reasoning_parser == "qwen3"
+    root = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+    r = subprocess.run([sys.executable, "-m", "serving", "--model", "fake", "--reasoning-parser", "nope"],
+                       cwd=root, env=dict(os.environ, PYTHONPATH=root), capture_output=True, text=True, timeout=120)
+    assert r.returncode == 2 and r.stdout == ""
+    assert r.stderr == "error: reasoning_parser='nope' is invalid: must be one of deepseek_r1, mistral, qwen3\n"
     with pytest.raises(ValueError, match=r"^reasoning_parser='nope' is invalid: must be one of deepseek_r1, "
                                          r"mistral, qwen3$"):
         ServerConfig(reasoning_parser="nope").validate()
