@@ -1,12 +1,12 @@
 """Streaming cost of the reasoning parsers (serving/reasoning_parsers): an output fed ~one token
 (4 characters) at a time, as the HTTP server feeds a stream, at two output lengths.
 
-    python bench/reasoning_parse.py                  # 2,000 and 20,000 tokens, both parsers
+    python bench/reasoning_parse.py                  # 2,000 and 20,000 tokens, every parser
     python bench/reasoning_parse.py --tokens 2000 --parsers qwen3
 
-Each output is a think block filling three quarters of it, then the answer. The reasoning is
-strewn with ``<``, ``</``, ``</think`` (no ``>``) so that many feeds end in a possible beginning of
-the end tag and are held back, the case where a rescanning parser turns quadratic. Per length:
+Each output is a think block (in the parser's tags) filling three quarters of it, then the
+answer. The reasoning is strewn with beginnings of the end tag (``<``, ``</``, ``</think``) so
+that many feeds end in a possible end tag and are held back, the case where a rescanning parser turns quadratic. Per length:
 total ms of all feeds + finish, mean µs per feed (wall clock, and CPU time of this thread, which
 leaves out time slices lost to other processes on a shared machine), and the slowest single feed
 in ms, each the fastest of --repeat runs. A linear parser shows the same µs per feed at both lengths. The parse
@@ -23,15 +23,16 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from serving.reasoning_parsers import PARSERS  # noqa: E402
 
-THOUGHT = "Let me compare 9.11 and 9.8 </think not yet; a < b </ maybe Zürich 東京 "
 ANSWER = "9.8 is greater than 9.11, because 0.8 > 0.11. "
 
 
-def workload(tokens: int) -> tuple[str, str, str]:
-    """(text, reasoning, content) of an output of ``tokens`` * 4 characters."""
+def workload(cls, tokens: int) -> tuple[str, str, str]:
+    """(text, reasoning, content) of an output of ``tokens`` * 4 characters in ``cls``'s tags."""
     chars = 4 * tokens
-    reasoning = (THOUGHT * (chars // len(THOUGHT) + 1))[: chars * 3 // 4]
-    head = "<think>\n" + reasoning + "\n</think>\n\n"
+    end = cls.END
+    thought = f"Let me compare 9.11 and 9.8 {end[:-1]} not yet; a {end[0]} b {end[:2]} maybe Zürich 東京 "
+    reasoning = (thought * (chars // len(thought) + 1))[: chars * 3 // 4]
+    head = cls.START + "\n" + reasoning + "\n" + end + "\n\n"
     content = (ANSWER * (chars // len(ANSWER) + 1))[: max(chars - len(head), 1)]
     return head + content, "\n" + reasoning + "\n", "\n\n" + content
 
@@ -75,7 +76,7 @@ def main() -> None:
     for name in args.parsers:
         cls = PARSERS[name]
         for tokens in args.tokens:
-            text, reasoning, content = workload(tokens)
+            text, reasoning, content = workload(cls, tokens)
             chunks = [text[i:i + 4] for i in range(0, len(text), 4)]
             got = cls().extract(text)
             if (got.reasoning, got.content) != (reasoning, content):
