@@ -52,7 +52,8 @@ class ThinkParser:
 
     def __init__(self) -> None:
         self._state = "start"
-        self._hold = ""  # "start": the beginning seen so far; "think": a possible start of END
+        self._ws = ""  # "start": the leading whitespace seen so far
+        self._hold = ""  # "start": what follows it (a proper prefix of START); "think": a possible start of END
         self._finished = False
 
     # -- public API --------------------------------------------------------------------------
@@ -80,7 +81,7 @@ class ThinkParser:
         self._finished = True
         out = ReasoningDelta()
         if self._state == "start":  # the whole output was whitespace or a proper prefix of START
-            self._begin(out, opened=False, rest=self._hold)
+            self._begin(out, opened=False, rest=self._ws + self._hold)
         if self._state == "think":
             out.reasoning += self._hold
         self._hold = ""
@@ -89,21 +90,24 @@ class ThinkParser:
     # -- the machine -------------------------------------------------------------------------
     def _begin(self, out: ReasoningDelta, opened: bool, rest: str) -> None:
         """The beginning is decided: ``opened`` = it was ``START``; ``rest`` follows it."""
-        self._hold = ""
+        self._ws = self._hold = ""
         self._state = "think" if opened or self.implicit_start else "answer"
         if rest:
             self._feed(rest, out)
 
     def _feed(self, delta: str, out: ReasoningDelta) -> None:
         if self._state == "start":
-            text = self._hold + delta
-            body = text.lstrip()
+            if self._hold:  # the tag has begun: whitespace now belongs to the body
+                body = self._hold + delta
+            else:  # more leading whitespace (kept apart: no rescans of a long run of it)
+                body = delta.lstrip()
+                self._ws += delta[: len(delta) - len(body)]
             if body.startswith(self.START):
                 self._begin(out, True, body[len(self.START):])
             elif body and not self.START.startswith(body):
-                self._begin(out, False, text)
+                self._begin(out, False, self._ws + body)
             else:
-                self._hold = text
+                self._hold = body
         elif self._state == "think":
             text = self._hold + delta
             i = text.find(self.END)

@@ -59,6 +59,7 @@ def test_deepseek_r1_worked_examples():
     check(R1, "Let me think", "Let me think", None)
     check(R1, "<think>half a th", "half a th", None)
     check(R1, "  <thi", "  <thi", None)  # a beginning that never became <think>
+    check(R1, " \n <th <think>x", " \n <th <think>x", None)
     # leading whitespace before <think> goes with the tag; nothing after </think>: content None
     check(R1, "\n<think>x</think>", "x", None)
     check(R1, "<think></think>answer", None, "answer")
@@ -83,6 +84,7 @@ def test_mistral_needs_the_opening_tag():
     check(MI, "It is 4.[/THINK]", None, "It is 4.[/THINK]")
     check(MI, "Use [THINK] tags", None, "Use [THINK] tags")  # only an opening [THINK] starts a block
     check(MI, "  [THI", None, "  [THI")
+    check(MI, "\n[TH \n[THINK]", None, "\n[TH \n[THINK]")  # a tag begun then broken: all of it stays
     check(MI, " \n", None, " \n")
     check(MI, "[THINK]cut off", "cut off", None)  # an open block is reasoning, as vLLM's
     check(MI, "[THINK]<think>x</think>[/THINK]y", "<think>x</think>", "y")  # other parsers' tags are text
