@@ -158,6 +158,10 @@ class SamplingParams(msgspec.Struct, kw_only=True):
                 raise ValueError(f"structured_outputs={_short(self.structured_outputs)} is invalid: must be "
                                  f"None or a StructuredOutputsParams")
             self.structured_outputs.validate()
+            end = self.structured_outputs.reasoning_end
+            if end and vocab_size is not None and max(end) >= vocab_size:
+                raise ValueError(f"structured_outputs.reasoning_end={_short(end)} is invalid: token id "
+                                 f"{max(end)} is past the vocabulary ({vocab_size} ids)")
         return self
 
 

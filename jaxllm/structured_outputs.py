@@ -7,6 +7,11 @@ completion is one of them), ``grammar`` (a Lark grammar, llguidance's dialect) o
 types) and raises ``ValueError("structured_outputs.<field>=<value> is invalid: <rule>")``; the
 engine then checks the spec itself (a schema llguidance cannot compile, a bad regex or grammar)
 with the same message shape before anything is scheduled (``jaxllm/engine/grammar.py``).
+
+``reasoning_end`` (jaxllm's, not a vLLM field; the OpenAI server sets it under
+``--reasoning-parser``): token ids that end a thinking model's reasoning, e.g. ``</think>``'s. The
+constraint then holds only for the output after the first time they appear, in order, as those
+tokens; before that every token is allowed (vLLM constrains only the text after the reasoning).
 """
 from __future__ import annotations
 
@@ -24,6 +29,7 @@ class StructuredOutputsParams(msgspec.Struct, kw_only=True, omit_defaults=True, 
     choice: list[str] | None = None
     grammar: str | None = None  # Lark (llguidance dialect)
     json_object: bool | None = None  # True: any JSON object
+    reasoning_end: list[int] | None = None  # constrain only after these token ids (not part of the key)
 
     def kinds(self) -> list[str]:
         return [k for k in KINDS if getattr(self, k) not in (None, False)]
@@ -62,6 +68,11 @@ class StructuredOutputsParams(msgspec.Struct, kw_only=True, omit_defaults=True, 
                     raise ValueError(f"{name}={_short(value)} is invalid: every choice must be a non-empty string")
         elif value is not True:
             raise ValueError(f"{name}={value!r} is invalid: must be True or unset")
+        end = self.reasoning_end
+        if end is not None and (not isinstance(end, (list, tuple)) or not end or not all(
+                isinstance(t, int) and not isinstance(t, bool) and t >= 0 for t in end)):
+            raise ValueError(f"structured_outputs.reasoning_end={_short(end)} is invalid: must be None or a "
+                             f"non-empty list of token ids (integers >= 0)")
         if len(self.spec_text()) > MAX_SPEC_CHARS:
             raise ValueError(f"{name} of {len(self.spec_text())} characters is invalid: at most "
                              f"{MAX_SPEC_CHARS}")

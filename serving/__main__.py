@@ -101,6 +101,9 @@ def build_parser() -> ArgumentParser:
                         "such requests get 400)")
     c.add_argument("--tool-call-parser", default=None,
                    help="parser of the model's tool calls for tool_choice 'auto' (e.g. hermes; default: none)")
+    c.add_argument("--reasoning-parser", default=None,
+                   help="split a thinking model's reasoning out of chat answers into the message's "
+                        f"'reasoning' field; one of {', '.join(_reasoning_parsers())} (default: none)")
     m = p.add_argument_group("metrics")
     m.add_argument("--metrics-port", type=int, default=None,
                    help="serve Prometheus metrics (jaxllm:*) on this port; 0 = any free port (the bound "
@@ -129,7 +132,14 @@ def server_config(args: argparse.Namespace) -> ServerConfig:
         chat_template=load_chat_template(args.chat_template) if args.chat_template else None,
         trust_request_chat_template=args.trust_request_chat_template,
         enable_auto_tool_choice=args.enable_auto_tool_choice, tool_call_parser=args.tool_call_parser,
+        reasoning_parser=args.reasoning_parser,
     ).validate()
+
+
+def _reasoning_parsers() -> list[str]:
+    from serving.reasoning_parsers import PARSERS  # no jax
+
+    return sorted(PARSERS)
 
 
 def engine_factory(args: argparse.Namespace) -> Callable[[], Any]:

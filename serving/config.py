@@ -31,6 +31,7 @@ class ServerConfig(msgspec.Struct, kw_only=True):
     trust_request_chat_template: bool = False  # let a request's chat_template replace the template
     enable_auto_tool_choice: bool = False  # tool_choice "auto" (needs tool_call_parser)
     tool_call_parser: str | None = None  # serving/tool_parsers name for "auto" (hermes, ...)
+    reasoning_parser: str | None = None  # serving/reasoning_parsers name (deepseek_r1, qwen3); None = off
     # LoRA adapters served from the start (``--lora-modules name=path ...``; needs enable_lora)
     lora_modules: tuple[tuple[str, str], ...] = ()
     # metrics
@@ -85,6 +86,10 @@ class ServerConfig(msgspec.Struct, kw_only=True):
             from serving.openai_tools import check_parser_name  # no jax
 
             check_parser_name(self.tool_call_parser)
+        if self.reasoning_parser is not None:
+            from serving.reasoning_parsers import get_parser  # no jax
+
+            get_parser(self.reasoning_parser)  # "reasoning_parser='x' is invalid: must be one of ..."
         if self.http_port is not None and not 0 <= self.http_port < 65536:
             raise ValueError(f"http_port={self.http_port} is invalid: must be in [0, 65535]")
         return self

@@ -24,6 +24,7 @@ from serving.deltas import DeltaTracker, SampleDelta
 from serving.frontdoor import FrontDoor, FrontDoorError, ModelInfo, check_token_ids, invalid
 from serving.openai_echo import Echo, chat_echo, check_stream, echo_text, prompt_logprobs_json
 from serving.openai_protocol import ChatCompletionRequest, CompletionRequest
+from serving.openai_reasoning import ReasoningPlan
 from serving.openai_tools import ToolPlan, render_body
 
 
@@ -45,12 +46,18 @@ class _Job:
         self.prompt_logprobs: int | None = None  # the k of the prompt_logprobs answer; None = none
         self.offsets: dict[int, int] = {}  # choice index -> text_offset of its next token
         self.tools: ToolPlan | None = None  # chat with tool_choice named/required/auto (serving/openai_tools.py)
+        self.reasoning: ReasoningPlan | None = None  # chat under --reasoning-parser (serving/openai_reasoning.py)
 
     def usage(self) -> dict:
         p = sum(t.num_prompt_tokens for t in self.trackers)
         prompt_only = self.echo is not None and self.echo.prompt_only  # its one token is dropped
         c = 0 if prompt_only else sum(t.num_completion_tokens for t in self.trackers)
-        return {"prompt_tokens": p, "completion_tokens": c, "total_tokens": p + c}
+        out = {"prompt_tokens": p, "completion_tokens": c, "total_tokens": p + c}
+        if self.reasoning is not None:  # current vLLM: with a reasoning parser, the think blocks' tokens
+            r = sum(self.reasoning.reasoning_tokens(o.text, o.token_ids, o.finish_reason == "stop")
+                    for t in self.trackers for o in t.latest.values())
+            out["completion_tokens_details"] = {"reasoning_tokens": r}
+        return out
 
     def token_text(self, tid: int, lp: Any) -> str:
         text = getattr(lp, "decoded_token", None)
@@ -113,6 +120,9 @@ def chat_job(door: FrontDoor, info: ModelInfo, body: ChatCompletionRequest) -> _
         params, max_set = body.to_params(info.max_model_len)
         if tools is not None:
             tools.adjust(params, body)  # named/required: the tool schema constrains the output
+        reasoning = ReasoningPlan.from_body(body, door.config, prompt, info.tokenizer)
+        if reasoning is not None:
+            reasoning.adjust(params, body, info.tokenizer)  # a constraint starts after the reasoning
     except ValueError as exc:
         raise invalid(str(exc)) from None
     params = door.check_params(params, info, max_tokens_set=max_set)
@@ -125,6 +135,7 @@ def chat_job(door: FrontDoor, info: ModelInfo, body: ChatCompletionRequest) -> _
     job.prompt_logprobs = body.prompt_logprobs
     job.echo = chat_echo(body)
     job.tools = tools
+    job.reasoning = reasoning
     return job
 
 
@@ -241,23 +252,51 @@ def _choice(job: _Job, index: int, d: SampleDelta, *, final: bool, first: bool =
         out = {"index": index, "text": d.text, "logprobs": _completion_logprobs(job, index, d),
                "finish_reason": d.finish_reason}
     else:
-        lp = _chat_logprobs(job, d)
-        if job.tools is not None:  # tool calls: the choice's text read by its tool reader
-            if final:
-                msg, reason = job.tools.message(d.text, d.finish_reason)
-                out = {"index": index, "message": msg, "logprobs": lp, "finish_reason": reason}
-            else:
-                delta, reason = job.tools.delta(index, d.text, d.finish_reason, first)
-                if not delta and lp is None and reason is None:
-                    return None  # text held back by the reader: nothing to send for this choice yet
-                out = {"index": index, "delta": delta, "logprobs": lp, "finish_reason": reason}
-        elif final:
-            out = {"index": index, "message": {"role": "assistant", "content": d.text},
-                   "logprobs": lp, "finish_reason": d.finish_reason}
-        else:
-            delta = {"role": "assistant", "content": d.text} if first else {"content": d.text}
-            out = {"index": index, "delta": delta, "logprobs": lp, "finish_reason": d.finish_reason}
+        out = _chat_choice(job, index, d, final=final, first=first)
+        if out is None:
+            return None
     out["stop_reason"] = stop_reason
+    return out
+
+
+def _chat_choice(job: _Job, index: int, d: SampleDelta, *, final: bool, first: bool) -> dict | None:
+    """A chat choice: the reasoning parser (if any) takes the think block out of the text, the tool
+    reader (if any) reads the rest; None while both hold the text back."""
+    lp = _chat_logprobs(job, d)
+    rp, tools = job.reasoning, job.tools
+    if final:
+        reasoning, text = rp.split(d.text) if rp is not None else (None, d.text)
+        if tools is not None:  # tool calls: the content read by its tool reader
+            msg, reason = tools.message(text, d.finish_reason)
+        else:
+            msg = {"role": "assistant", "content": text if rp is None else text or None}
+            reason = d.finish_reason
+        if rp is not None:
+            msg = _with_reasoning(msg, reasoning)
+        return {"index": index, "message": msg, "logprobs": lp, "finish_reason": reason}
+    reasoning, text = rp.delta(index, d.text, d.finish_reason is not None) if rp is not None else ("", d.text)
+    if tools is not None:
+        delta, reason = tools.delta(index, text, d.finish_reason, first)
+    elif rp is not None:
+        delta = {"role": "assistant"} if first else {}
+        if text:
+            delta["content"] = text
+        reason = d.finish_reason
+    else:
+        delta = {"role": "assistant", "content": text} if first else {"content": text}
+        reason = d.finish_reason
+    if reasoning:
+        delta = _with_reasoning(delta, reasoning)
+    if not delta and lp is None and reason is None:
+        return None  # text held back by the parser or the reader: nothing to send for this choice yet
+    return {"index": index, "delta": delta, "logprobs": lp, "finish_reason": reason}
+
+
+def _with_reasoning(msg: dict, reasoning: str | None) -> dict:
+    """``msg`` with ``reasoning`` after ``role`` (vLLM's field order)."""
+    out = {"role": msg["role"]} if "role" in msg else {}
+    out["reasoning"] = reasoning
+    out.update((k, v) for k, v in msg.items() if k != "role")
     return out
 
 

@@ -222,6 +222,7 @@ class ChatCompletionRequest(_SamplingFields, _ChatTemplateFields):
     logprobs: bool = False
     top_logprobs: int | None = None
     echo: bool = False  # vLLM's extra: the answer starts with the last message when it is the assistant's
+    include_reasoning: bool = True  # vLLM's extra: under --reasoning-parser, answer the reasoning too
 
     def to_params(self, default_max_tokens: int | None) -> tuple[SamplingParams, bool]:
         kw = self.sampling_kwargs()

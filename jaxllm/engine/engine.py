@@ -188,7 +188,8 @@ class LLMEngine(EmbedRequestsMixin, EngineStatsMixin, GrammarRequestsMixin, LoRA
             req = Request(cid, ids, params, seed=derive_seed(base_seed, i), arrival_time=arrival,
                           max_output_tokens=max_out, lora_request=lora_request,
                           extra_key=None if lora_request is None else self.lora.cache_key(lora_request.lora_int_id),
-                          grammar=None if grammar_key is None else self.grammar.new_state(grammar_key))
+                          grammar=None if grammar_key is None else self.grammar.new_state(
+                              grammar_key, params.structured_outputs.reasoning_end))
             detok = (self.detokenizer_factory(self.tokenizer, ids, params.skip_special_tokens)
                      if params.detokenize else _NO_TEXT)
             seq = SeqState(req, i, detok, token_text)

@@ -158,8 +158,8 @@ class GrammarCompiler:
         self.num_compiles += 1
         return llguidance.LLMatcher(self.tokenizer, grammar, log_level=0)
 
-    def new_state(self, key: tuple) -> "GrammarState":
-        return GrammarState(self.submit(key), self.eos_token_ids)
+    def new_state(self, key: tuple, reasoning_end: Sequence[int] | None = None) -> "GrammarState":
+        return GrammarState(self.submit(key), self.eos_token_ids, reasoning_end)
 
     # ----- per step -------------------------------------------------------------------
     def fill_bitmask(self, states: Sequence["GrammarState"], width: int) -> np.ndarray:
@@ -167,7 +167,7 @@ class GrammarCompiler:
         import llguidance
         import llguidance.numpy as llnp
 
-        live = [(s.matcher, i) for i, s in enumerate(states) if not s.finished]
+        live = [(s.matcher, i) for i, s in enumerate(states) if not s.thinking and not s.finished]
         tok_words = -(-self.tokenizer.vocab_size // 32) if live else width  # live: the tokenizer was built
         full = np.zeros((len(states), max(width, tok_words)), np.int32)  # [n, W'] i32 packed bits
         if len(live) == 1:
@@ -182,7 +182,9 @@ class GrammarCompiler:
         out = np.ascontiguousarray(full[:, :width])
         bits = out.view(np.uint32)
         for i, s in enumerate(states):
-            if s.finished:  # only EOS may follow
+            if s.thinking:  # the reasoning before the constraint: every token
+                out[i] = -1
+            elif s.finished:  # only EOS may follow
                 bits[i] = 0
                 for t in self.eos_token_ids:
                     bits[i, t // 32] |= np.uint32(1 << (t % 32))
@@ -197,15 +199,26 @@ class GrammarCompiler:
 
 
 class GrammarState:
-    """One sequence's matcher. ``ready`` once compiled; ``accept`` each sampled token."""
+    """One sequence's matcher. ``ready`` once compiled; ``accept`` each sampled token.
 
-    __slots__ = ("_future", "_matcher", "eos_token_ids", "error")
+    With ``reasoning_end`` (token ids) the sequence is ``thinking`` until its output holds them in
+    a row: until then every token is allowed and none reaches the matcher (the end ids neither)."""
 
-    def __init__(self, future: concurrent.futures.Future, eos_token_ids) -> None:
+    __slots__ = ("_future", "_matcher", "eos_token_ids", "error", "_end", "_recent")
+
+    def __init__(self, future: concurrent.futures.Future, eos_token_ids,
+                 reasoning_end: Sequence[int] | None = None) -> None:
         self._future = future
         self._matcher = None
         self.eos_token_ids = eos_token_ids
         self.error: str | None = None
+        self._end = list(reasoning_end) if reasoning_end else None  # None: constrained from the start
+        self._recent: list[int] = []  # thinking: the output's last len(_end) tokens
+
+    @property
+    def thinking(self) -> bool:
+        """Still before the end of the reasoning (unconstrained)."""
+        return self._end is not None
 
     @property
     def ready(self) -> bool:
@@ -235,6 +248,11 @@ class GrammarState:
         return m is None or m.is_stopped() or m.is_error()
 
     def accept(self, token_id: int) -> None:
+        if self._end is not None:
+            self._recent = (self._recent + [token_id])[-len(self._end):]
+            if self._recent == self._end:
+                self._end, self._recent = None, []
+            return
         m = self.matcher
         if m is not None and not m.is_error() and not m.is_stopped():
             if not m.consume_token(token_id):
