@@ -19,7 +19,7 @@ prints µs per proposal on 2k-token sequences.
 from __future__ import annotations
 
 from array import array
-from collections.abc import Iterable, Sequence
+from collections.abc import Container, Hashable, Iterable, Sequence
 
 _W = 4  # bytes per packed token (int32)
 
@@ -50,15 +50,16 @@ def propose_ngram(tokens: Sequence[int], k: int, min_n: int, max_n: int) -> list
 
 
 class NgramProposer:
-    """Per-request packed token buffers; ``propose(request_id, all_token_ids)`` packs the tokens
-    appended since the last call (a request's known tokens only ever grow: drafts are never in
-    them) and returns up to ``k`` drafts. ``forget(ids)`` drops finished requests' buffers."""
+    """Per-request packed token buffers; ``propose(key, all_token_ids)`` packs the tokens appended
+    since the last call (a request's known tokens only ever grow: drafts are never in them) and
+    returns up to ``k`` drafts. The key must be unique per request for its whole life (the engine
+    uses Request.arrival_seq: request ids can be reused). ``forget`` / ``retain`` drop buffers."""
 
     def __init__(self, k: int, min_n: int, max_n: int) -> None:
         self.k, self.min_n, self.max_n = k, min_n, max_n
-        self._bufs: dict[str, bytearray] = {}  # request id -> its known tokens, packed int32
+        self._bufs: dict[Hashable, bytearray] = {}  # request id -> its known tokens, packed int32
 
-    def propose(self, request_id: str, tokens: Sequence[int], k: int | None = None) -> list[int]:
+    def propose(self, request_id: Hashable, tokens: Sequence[int], k: int | None = None) -> list[int]:
         k = self.k if k is None else k
         num = len(tokens)
         buf = self._bufs.get(request_id)
@@ -71,6 +72,11 @@ class NgramProposer:
         j = _find_longest(buf, num, self.min_n, self.max_n)
         return [] if j < 0 else list(tokens[j + 1:j + 1 + k])
 
-    def forget(self, request_ids: Iterable[str]) -> None:
+    def forget(self, request_ids: Iterable) -> None:
         for rid in request_ids:
             self._bufs.pop(rid, None)
+
+    def retain(self, keep: Container) -> None:
+        """Drop every buffer whose key is not in ``keep``."""
+        for key in [key for key in self._bufs if key not in keep]:
+            del self._bufs[key]
