@@ -79,3 +79,35 @@ def test_config_defaults_like_vllm():
                                                     "prompt_lookup_max": 2}).speculative()
     assert (c.prompt_lookup_max, c.prompt_lookup_min) == (2, 2)
     assert EngineConfig(model="x").speculative() is None
+
+
+def test_flag_in_both_clis_and_llm_kwarg():
+    import argparse
+
+    from jaxllm.cli_args import add_engine_args, engine_config_from_args
+    from serving.__main__ import build_parser
+
+    ap = argparse.ArgumentParser()
+    add_engine_args(ap)
+    assert engine_config_from_args(ap.parse_args([])).speculative() is None
+    flag = '{"method": "ngram", "num_speculative_tokens": 3, "prompt_lookup_max": 4, "prompt_lookup_min": 2}'
+    for parser, extra in ((ap, []), (build_parser(), ["--model", "m"])):
+        c = engine_config_from_args(parser.parse_args(extra + ["--speculative-config", flag])).validate().speculative()
+        assert (c.method, c.num_speculative_tokens, c.prompt_lookup_max, c.prompt_lookup_min) == ("ngram", 3, 4, 2)
+    bad = engine_config_from_args(ap.parse_args(["--speculative-config", '{"method": "ngram", "num_speculative_tokens": 99}']))
+    with pytest.raises(ValueError, match=r"^speculative_config.num_speculative_tokens=99 is invalid: must be an integer in \[1, 16\]$"):
+        bad.validate()
+
+
+def test_runner_built_for_fewer_drafts_is_refused():
+    from jaxllm.engine.engine import LLMEngine
+    from tests.fakes.fake_runner import FakeRunner
+    from tests.fakes.fake_tokenizer import FakeIncrementalDetokenizer, FakeTokenizer
+
+    tok = FakeTokenizer()
+    runner = FakeRunner(64, 4, vocab_size=tok.vocab_size, eos_token_ids=tok.eos_token_ids)
+    runner.num_speculative_tokens = 2  # as a ModelRunner built with K=2: its mixed buckets hold 3 rows a seq
+    cfg = EngineConfig(model="fake", block_size=4, max_model_len=128,
+                       speculative_config={"method": "ngram", "num_speculative_tokens": 4})
+    with pytest.raises(ValueError, match="num_speculative_tokens=4 is invalid for this runner: built for at most 2"):
+        LLMEngine(cfg, runner, tok, detokenizer_factory=FakeIncrementalDetokenizer)
