@@ -12,6 +12,9 @@ synchronous engine's; a request that stops, is aborted or preempted while a step
 loses only that step's slot (its token there is discarded). When no request is left unfinished
 nothing stays in flight (the engine reads the last step back and drops it).
 
+Speculative decoding (``config.speculative_config``, engine/spec_requests.py): n-gram drafts
+proposed after each step ride in the next one; the engine then runs synchronously.
+
 Structured outputs (``params.structured_outputs``): ``add_request`` checks the spec (ValueError naming
 the field) and gives each sequence a ``GrammarState`` whose matcher compiles on a thread pool
 (``jaxllm/engine/grammar.py``); the scheduler leaves it waiting until then. After each schedule the
@@ -345,10 +348,10 @@ class LLMEngine(EmbedRequestsMixin, EngineStatsMixin, GrammarRequestsMixin, LoRA
                 return True
             return False
 
-        ids = {k: [t.token_id for t in v] if isinstance(v, list) else v.token_id for k, v in sampled.items()}
-        self.scheduler.update_from_output(out, ids, on_token)
+        token_ids = {k: [t.token_id for t in v] if isinstance(v, list) else v.token_id for k, v in sampled.items()}
+        self.scheduler.update_from_output(out, token_ids, on_token)
         if self._proposer is not None:
-            self._count_accepted(out, ids)
+            self._count_accepted(out, token_ids)
         for status, ids in finished.items():
             self.scheduler.finish_requests(ids, status)
             for cid in ids:
