@@ -24,18 +24,32 @@ from collections.abc import Container, Hashable, Iterable, Sequence
 _W = 4  # bytes per packed token (int32)
 
 
+def _find(buf: bytes | bytearray, num: int, n: int, start: int) -> int:
+    """Byte offset of the earliest token-aligned occurrence, at or after byte ``start``, of the
+    last ``n`` tokens that ends before the last token (so a follower exists); -1 if none."""
+    pat = buf[(num - n) * _W:num * _W]
+    end = (num - 1) * _W
+    pos = buf.find(pat, start, end)
+    while pos >= 0 and pos % _W:
+        pos = buf.find(pat, pos + 1, end)
+    return pos
+
+
 def _find_longest(buf: bytes | bytearray, num: int, min_n: int, max_n: int) -> int:
     """The token index where the earliest occurrence of the longest matched suffix n-gram ends
-    (strictly before the last token), or -1."""
-    end = (num - 1) * _W  # the occurrence must end before the last token: a follower exists
-    for n in range(min(max_n, num - 1), min_n - 1, -1):
-        pat = buf[(num - n) * _W:num * _W]
-        pos = buf.find(pat, 0, end)
-        while pos >= 0 and pos % _W:
-            pos = buf.find(pat, pos + 1, end)
+    (strictly before the last token), or -1. The min_n-gram is searched first: without it no longer
+    one occurs (one scan for text with no match), and a longer one's earliest occurrence ends no
+    earlier than its, so the longer searches start there."""
+    if min_n > num - 1:
+        return -1
+    first = _find(buf, num, min_n, 0)
+    if first < 0:
+        return -1
+    for n in range(min(max_n, num - 1), min_n, -1):
+        pos = _find(buf, num, n, max(0, first - (n - min_n) * _W))
         if pos >= 0:
             return pos // _W + n - 1
-    return -1
+    return first // _W + min_n - 1
 
 
 def propose_ngram(tokens: Sequence[int], k: int, min_n: int, max_n: int) -> list[int]:
