@@ -109,6 +109,10 @@ def add_engine_args(ap: argparse.ArgumentParser) -> None:
     g.add_argument("--normalize", action=argparse.BooleanOptionalAction, default=None,
                    help="embed task: L2-normalise the embeddings (default: on, unless the checkpoint's "
                         "sentence-transformers modules.json has no Normalize module)")
+    g.add_argument("--speculative-config", default=None,
+                   help='speculative decoding, a JSON object (vLLM\'s flag): {"method": "ngram", '
+                        '"num_speculative_tokens": 4, "prompt_lookup_max": 4, "prompt_lookup_min": 1} '
+                        "(prompt lookup drafts; runs steps synchronously; default: off)")
     lo = ap.add_argument_group("LoRA adapters (vLLM's flags)")
     lo.add_argument("--enable-lora", action="store_true",
                     help="serve PEFT LoRA adapters beside the base model, mixed in one batch (default: off; "
@@ -143,6 +147,7 @@ def engine_config_from_args(args) -> EngineConfig:
                         load_format=args.load_format, seed=args.seed,
                         async_scheduling=args.async_scheduling, task=args.task,
                         pooling_type=args.pooling_type, normalize=args.normalize,
+                        speculative_config=getattr(args, "speculative_config", None),
                         enable_lora=bool(getattr(args, "enable_lora", False) or getattr(args, "lora", None)
                                          or getattr(args, "lora_modules", None)),
                         max_loras=getattr(args, "max_loras", EngineConfig().max_loras),

@@ -99,6 +99,10 @@ class EngineConfig(msgspec.Struct, kw_only=True):
     # config (1_Pooling/config.json, a Normalize module in modules.json), else LAST and True
     pooling_type: str | None = None
     normalize: bool | None = None
+    # speculative decoding (vLLM's --speculative-config): None, or a dict / JSON string such as
+    # {"method": "ngram", "num_speculative_tokens": 4, "prompt_lookup_max": 4, "prompt_lookup_min": 1}
+    # (jaxllm/spec_config.py). Speculation runs the engine synchronously (async_scheduling off).
+    speculative_config: dict | str | None = None
 
     def validate(self) -> "EngineConfig":
         if not isinstance(self.model, str):
@@ -134,10 +138,17 @@ class EngineConfig(msgspec.Struct, kw_only=True):
             raise ValueError(f"pooling_type={self.pooling_type!r} is invalid: must be one of ['LAST', 'MEAN']")
         if self.normalize is not None:
             _bool("normalize", self.normalize)
+        self.speculative()
         self.cache_config().validate()
         SchedulerConfig(max_num_seqs=self.max_num_seqs,
                         max_num_batched_tokens=self.max_num_batched_tokens).validate()
         return self
+
+    def speculative(self):
+        """The parsed speculative_config (jaxllm.spec_config.SpeculativeConfig) or None."""
+        from jaxllm.spec_config import parse_speculative_config
+
+        return parse_speculative_config(self.speculative_config)
 
     def cache_config(self) -> CacheConfig:
         return CacheConfig(block_size=self.block_size,

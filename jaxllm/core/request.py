@@ -63,6 +63,9 @@ class Request:
     # all_token_ids, and num_computed_tokens already counts the step that samples them (vLLM's
     # num_output_placeholders). 0 whenever the engine runs synchronously.
     num_output_placeholders: int = 0
+    # speculative decoding: draft tokens proposed for the next step (after all_token_ids). The
+    # scheduler feeds them behind the last known token and clears them once scheduled or preempted.
+    spec_token_ids: list[int] = field(default_factory=list)
     num_cached_tokens: int = -1  # prefix-cache hit at first schedule; -1 = not scheduled yet
     num_preemptions: int = 0
     first_scheduled_time: float | None = None

@@ -40,6 +40,13 @@ request with a placeholder gets a one-token decode whose token is that placehold
 already ends it (max tokens / max_model_len). A request preempted while its token is in flight
 keeps that token when it arrives and is not re-admitted before; one finished or aborted while a
 step is in flight gets nothing from that step (its slot is wasted, its blocks are already free).
+
+Speculative decoding (synchronous steps only; vLLM's ``spec_token_ids``): a running request may
+carry ``spec_token_ids`` (drafts, e.g. from jaxllm.core.ngram_proposer). When its chunk ends its
+known tokens, as many drafts as the budget, max_output_tokens and max_model_len allow ride behind
+it (``ScheduledSeq.num_draft_tokens``): they take budget and KV slots like any token, and
+``num_computed_tokens`` counts them until ``update_from_output`` learns how many the target model
+accepted and rolls the rest back. Requests with a grammar, embeddings and placeholders get none.
 """
 
 from __future__ import annotations
@@ -47,7 +54,7 @@ from __future__ import annotations
 import bisect
 import time
 from collections import deque
-from collections.abc import Container, Iterable, Mapping
+from collections.abc import Callable, Container, Iterable, Mapping, Sequence
 
 from jaxllm.config import SchedulerConfig
 from jaxllm.core.kv_cache_manager import KVCacheManager
@@ -99,6 +106,7 @@ class Scheduler:
         max_len = self.config.max_model_len
         scheduled: list[tuple[Request, int]] = []
         admitted: set[str] = set()
+        num_drafts: dict[str, int] = {}  # speculative decoding: drafts scheduled per running request
         preempted = False
 
         i = 0
@@ -115,6 +123,9 @@ class Scheduler:
             n = min(req.num_tokens + ph - req.num_computed_tokens, budget,
                     max_len - req.num_computed_tokens)
             assert n > 0, (req.request_id, req.num_tokens, req.num_computed_tokens)
+            drafts = self._fit_drafts(req, n, budget) if req.spec_token_ids else 0
+            num_drafts[req.request_id] = drafts
+            n += drafts
             while self.kv.allocate_slots(req, n) is None:
                 victim = self.running.pop()  # latest arrival; never one scheduled this step
                 self._preempt(victim)
@@ -179,11 +190,15 @@ class Scheduler:
             start = req.num_computed_tokens
             placeholder = start == req.num_tokens  # the one token to feed is still on the device
             assert not placeholder or (n == 1 and req.num_output_placeholders == 1), (req.request_id, n)
+            d = num_drafts.get(req.request_id, 0)
+            drafts, req.spec_token_ids = req.spec_token_ids[:d], []
+            n -= d  # the known tokens of the chunk
             # embedding requests never sample: the engine pools their hidden states instead
             sample = req.pooling is None and start + n == req.num_tokens + req.num_output_placeholders
             seqs.append(ScheduledSeq(
                 request_id=req.request_id,
-                token_ids=[PLACEHOLDER_TOKEN_ID] if placeholder else req.all_token_ids[start:start + n],
+                token_ids=([PLACEHOLDER_TOKEN_ID] if placeholder
+                           else req.all_token_ids[start:start + n] + drafts),
                 start_pos=start,
                 block_ids=self.kv.get_block_ids(req.request_id),
                 sample=sample,
@@ -193,8 +208,11 @@ class Scheduler:
                 prefix_token_ids=req.all_token_ids[:start] if req.request_id in admitted else None,
                 next_token_id=req.all_token_ids[start + n] if start + n < req.num_tokens else None,
                 placeholder=placeholder,
+                num_draft_tokens=d,
             ))
-            req.num_computed_tokens = start + n  # the step computes them before any later step runs
+            # the step computes them (drafts too) before any later step runs; update_from_output
+            # rolls the rejected drafts back
+            req.num_computed_tokens = start + n + d
             if sample:
                 req.num_output_placeholders += 1
         forget, self._to_forget = self._to_forget, []
@@ -202,6 +220,18 @@ class Scheduler:
                                num_batched_tokens=self.config.max_num_batched_tokens - budget,
                                finished_or_preempted_ids=forget,
                                requests=[req for req, _ in scheduled])
+
+    def _fit_drafts(self, req: Request, n: int, budget: int) -> int:
+        """How many of ``req.spec_token_ids`` go behind its ``n`` known tokens this step: only when
+        those end its known tokens (a decode, or a prefill's last chunk; never on a placeholder), at
+        most what the token budget leaves, and never so many that the tokens the step may
+        produce (drafts + 1) pass max_output_tokens or max_model_len."""
+        if (req.num_output_placeholders or req.grammar is not None or req.pooling is not None
+                or req.num_computed_tokens + n != req.num_tokens):
+            return 0
+        return max(0, min(len(req.spec_token_ids), budget - n,
+                          req.max_output_tokens - req.num_output_tokens - 1,
+                          self.config.max_model_len - req.num_tokens - 1))
 
     def resident_loras(self) -> set[int]:
         """The adapters of running requests (each keeps its device slot while it runs)."""
@@ -211,17 +241,26 @@ class Scheduler:
         self.kv.free(req)
         req.status = RequestStatus.PREEMPTED
         req.num_computed_tokens = 0
+        req.spec_token_ids = []
         req.num_preemptions += 1
         self.num_preemptions += 1
         self.waiting.appendleft(req)
         self._to_forget.append(req.request_id)
 
-    def update_from_output(self, out: SchedulerOutput,
-                           sampled: Mapping[str, int]) -> list[tuple[Request, int]]:
+    def update_from_output(self, out: SchedulerOutput, sampled: Mapping[str, int | Sequence[int]],
+                           on_token: Callable[[Request, int], bool] | None = None,
+                           ) -> list[tuple[Request, int]]:
         """Append each sampled token of step ``out`` (``schedule()`` already counted what it
         computed). A request finished or aborted since ``out`` was scheduled gets nothing (the
         token is discarded); one preempted since keeps its token. Returns ``(request, token_id)``
-        for every request that got a new token."""
+        for every token appended, in order.
+
+        Speculative decoding: a seq scheduled with drafts gets a sequence of 1..drafts + 1 tokens
+        (the accepted drafts, then the target's own token); ``num_computed_tokens`` drops by the
+        rejected drafts (their KV is overwritten by a later step; the prefix cache only registers
+        blocks of known tokens, so it never holds them). ``on_token(req, tok)`` is called after
+        each appended token; True means the request ends there (a stop): its later tokens are
+        dropped, never appended."""
         new_tokens = []
         for seq, req in zip(out.seqs, out.requests):
             if not seq.sample or self.requests.get(seq.request_id) is not req:
@@ -231,9 +270,18 @@ class Scheduler:
                                    f"{seq.request_id!r} (scheduled with sample=True)")
             assert req.num_output_placeholders > 0, req.request_id
             req.num_output_placeholders -= 1
-            tok = sampled[seq.request_id]
-            req.append_output_token(tok)
-            new_tokens.append((req, tok))
+            toks = sampled[seq.request_id]
+            toks = [toks] if isinstance(toks, int) else list(toks)
+            if not 1 <= len(toks) <= seq.num_draft_tokens + 1:
+                raise RuntimeError(f"runner returned {len(toks)} tokens for request_id={seq.request_id!r}: "
+                                   f"must be 1..{seq.num_draft_tokens + 1} (num_draft_tokens + 1)")
+            if req.status == RequestStatus.RUNNING:  # preempted since: already reset to 0
+                req.num_computed_tokens -= seq.num_draft_tokens + 1 - len(toks)
+            for tok in toks:
+                req.append_output_token(tok)
+                new_tokens.append((req, tok))
+                if on_token is not None and on_token(req, tok):
+                    break
         return new_tokens
 
     def finish_requests(self, request_ids: str | Iterable[str],

@@ -41,6 +41,10 @@ class ScheduledSeq:
     # in the previous step, which is still on the device. The runner feeds that sampled token (it
     # never comes back to the host first); it counts for penalties like any fed token.
     placeholder: bool = False
+    # Speculative decoding: the last num_draft_tokens of token_ids are drafts (not known tokens; not in
+    # all_token_ids). The runner returns 1..num_draft_tokens + 1 tokens for this seq: the drafts the
+    # target model agrees with, then its own next token. Always 0 with placeholder / sample=False.
+    num_draft_tokens: int = 0
     # Multi-LoRA: the device adapter slot this sequence runs with (0 = the base model, 1..max_loras:
     # an adapter the engine loaded into that slot for this step; jaxllm/lora).
     lora_slot: int = 0

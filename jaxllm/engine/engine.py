@@ -12,6 +12,9 @@ synchronous engine's; a request that stops, is aborted or preempted while a step
 loses only that step's slot (its token there is discarded). When no request is left unfinished
 nothing stays in flight (the engine reads the last step back and drops it).
 
+Speculative decoding (``config.speculative_config``, engine/spec_requests.py): n-gram drafts
+proposed after each step ride in the next one; the engine then runs synchronously.
+
 Structured outputs (``params.structured_outputs``): ``add_request`` checks the spec (ValueError naming
 the field) and gives each sequence a ``GrammarState`` whose matcher compiles on a thread pool
 (``jaxllm/engine/grammar.py``); the scheduler leaves it waiting until then. After each schedule the
@@ -61,12 +64,13 @@ from jaxllm.engine.engine_stats import EngineStatsMixin
 from jaxllm.engine.grammar_requests import GrammarRequestsMixin
 from jaxllm.engine.intake import _NO_TEXT, SEED_MOD, derive_seed, resolve_prompt, validate_prompt_ids
 from jaxllm.engine.lora_requests import LoRARequestsMixin
+from jaxllm.engine.spec_requests import SpecDecodeMixin
 from jaxllm.metrics.stats import IterationStats
 from jaxllm.outputs import RequestOutput
 from jaxllm.pooling_params import PoolingParams
 from jaxllm.sampling_params import SamplingParams
 
-class LLMEngine(EmbedRequestsMixin, EngineStatsMixin, GrammarRequestsMixin, LoRARequestsMixin):
+class LLMEngine(EmbedRequestsMixin, EngineStatsMixin, GrammarRequestsMixin, LoRARequestsMixin, SpecDecodeMixin):
     def __init__(self, config: EngineConfig, runner: ModelRunnerProtocol, tokenizer,
                  detokenizer_factory: DetokenizerFactory | None = None, grammar_tokenizer=None,
                  lora_load_fn=None) -> None:
@@ -109,6 +113,7 @@ class LLMEngine(EmbedRequestsMixin, EngineStatsMixin, GrammarRequestsMixin, LoRA
         if on is None:  # auto: the runner knows whether a separate device runs its steps
             on = getattr(runner, "async_by_default", True)
         self.async_scheduling = bool(on) and hasattr(runner, "dispatch")
+        self._init_speculative(config, runner)  # n-gram drafts: synchronous steps only (spec_requests.py)
         self._in_flight: tuple | None = None  # (SchedulerOutput, PendingStep) not read back yet
         self._request_errors: dict[str, Exception] = {}  # failed by their host-side processing
         # structured outputs: () -> llguidance tokenizer (default: from the model's HF tokenizer);
@@ -307,23 +312,30 @@ class LLMEngine(EmbedRequestsMixin, EngineStatsMixin, GrammarRequestsMixin, LoRA
             for rid, entries in take().items():  # only to the request that ran (ids can be reused)
                 if rid in self._seqs and self._seqs[rid][1].req is scheduled.get(rid):
                     self._seqs[rid][0].add_prompt_logprobs(entries)
-        new = self.scheduler.update_from_output(out, {k: v.token_id for k, v in sampled.items()})
         now = time.time()
         outputs: list = self._finish_embeddings(out, now, it) if self.task == "embed" else []
         touched: dict[str, ParentState] = {}
         finished: dict[RequestStatus, list[str]] = {}
         failed: dict[str, tuple[ParentState, Exception]] = {}
-        for req, tok in new:
+        taken: dict[str, int] = {}  # request id -> tokens of a speculative list handled so far
+
+        def on_token(req, tok: int) -> bool:
+            """One appended token: grammar, detokenizer, stop checks, stats. True = the request ends
+            here (a speculative step's later tokens are then dropped)."""
+            st = sampled[req.request_id]
+            if isinstance(st, list):
+                i = taken[req.request_id] = taken.get(req.request_id, -1) + 1
+                st = st[i]
             if req.grammar is not None:
                 req.grammar.accept(tok)
             parent, seq = self._seqs[req.request_id]
             if parent.request_id in failed:
-                continue
+                return True
             try:  # host-side per-request work (detokenizer, stop checks): a fault fails this request only
-                status = seq.add_token(sampled[req.request_id], self.eos_token_ids, self.max_model_len)
+                status = seq.add_token(st, self.eos_token_ids, self.max_model_len)
             except Exception as exc:  # noqa: BLE001 - reported through take_request_errors()
                 failed[parent.request_id] = (parent, exc)
-                continue
+                return True
             self.num_generated_tokens += 1 if parent.in_stats else 0
             parent.note_token(now)
             touched[parent.request_id] = parent
@@ -334,6 +346,13 @@ class LLMEngine(EmbedRequestsMixin, EngineStatsMixin, GrammarRequestsMixin, LoRA
                 finished.setdefault(status, []).append(req.request_id)
                 if pit is not None:
                     pit.add_finished(seq, status.finish_reason, parent.metrics.arrival_time, now)
+                return True
+            return False
+
+        token_ids = {k: [t.token_id for t in v] if isinstance(v, list) else v.token_id for k, v in sampled.items()}
+        self.scheduler.update_from_output(out, token_ids, on_token)
+        if self._proposer is not None:
+            self._count_accepted(out, token_ids)
         for status, ids in finished.items():
             self.scheduler.finish_requests(ids, status)
             for cid in ids:
@@ -351,6 +370,8 @@ class LLMEngine(EmbedRequestsMixin, EngineStatsMixin, GrammarRequestsMixin, LoRA
                 self._release_lora(rid)
         for rid, (parent, exc) in failed.items():
             self._fail_request(parent, exc)
+        if self._proposer is not None:
+            self._propose_drafts()
         self._release_if_idle()
         if it is not None:
             it.bucket = self._bucket_label(out)

@@ -173,7 +173,8 @@ def build_engine(config: EngineConfig, *, compile_cache: bool = True, warmup: bo
                      max_num_batched_tokens=config.max_num_batched_tokens, eos_token_ids=tokenizer.eos_token_ids,
                      task=config.task, kv_cache_dtype=config.kv_cache_dtype,
                      lora_config=LoRAConfig.from_engine_config(config),
-                     kv_scales_fixed=config.kv_cache_dtype == "fp8")  # set at start below: no per-write absmax
+                     kv_scales_fixed=config.kv_cache_dtype == "fp8",  # set at start below: no per-write absmax
+                     num_speculative_tokens=spec.num_speculative_tokens if (spec := config.speculative()) else 0)
     reserve = 0
     accelerator = jax.local_devices()[0].platform != "cpu"
     if config.kv_cache_memory_bytes is None and accelerator:

@@ -20,8 +20,11 @@ class StepInputs:
     tokens: jax.Array  # [T] i32
     positions: jax.Array  # [T] i32
     metadata: AttentionMetadata
-    logits_indices: jax.Array  # [S] i32, last token of each sequence
-    seq_rows: jax.Array  # [S] i32, penalty-state row (padding → the spare row)
+    # [S] i32, per sampling row: the token whose logits it samples from. A sequence has one row (its
+    # last token) or, with d speculative drafts, d + 1 consecutive rows (its last d + 1 tokens; see
+    # sample_rows); the attention metadata's S indexes sequences, these arrays sampling rows.
+    logits_indices: jax.Array
+    seq_rows: jax.Array  # [S] i32, per sampling row: penalty-state row (padding → the spare row)
     reset_rows: jax.Array  # [S] i32, rows to clear before this step (R = none)
     prompt_rows: jax.Array  # [T] i32, row of prompt tokens (R = not a prompt token)
     output_rows: jax.Array  # [T] i32, row of generated tokens fed back (R = not one)
@@ -38,6 +41,15 @@ class StepInputs:
     # Multi-LoRA: [T] i32, each token's adapter slot (ScheduledSeq.lora_slot; 0 = the base model,
     # padding tokens 0); None when the runner has no LoRA (the step then has no such input)
     lora_slots: jax.Array | None = None
+
+
+def sample_rows(seqs: list[ScheduledSeq]) -> list[int]:
+    """The first sampling row of each seq (one row each, d + 1 for a seq with d drafts); the
+    last entry is the total."""
+    out = [0]
+    for s in seqs:
+        out.append(out[-1] + 1 + s.num_draft_tokens)
+    return out
 
 
 def build_inputs(seqs: list[ScheduledSeq], rows: list[int], num_rows: int, eos_ids: list[int],
@@ -83,10 +95,11 @@ def build_inputs(seqs: list[ScheduledSeq], rows: list[int], num_rows: int, eos_i
     allowed_ids = np.full((S, MAX_ALLOWED_TOKEN_IDS), -1, np.int32)
     bitmask = np.zeros((S, -(-vocab_size // 32)), np.int32)  # [S, W] i32 packed allowed bits
     constrained_rows = np.zeros(S, bool)  # [S] bool
+    first_row = sample_rows(seqs)
     if constrained is not None and any(constrained):
-        n = len(seqs)
-        bitmask[:n] = grammar_bitmask
-        constrained_rows[:n] = constrained
+        at = first_row[:-1]  # seqs with a grammar get no drafts: one row each
+        bitmask[at] = grammar_bitmask
+        constrained_rows[at] = constrained
     seen_tokens = np.zeros(max_seen, np.int32)
     seen_prompt_rows = np.full(max_seen, R, np.int32)
     seen_output_rows = np.full(max_seen, R, np.int32)
@@ -113,8 +126,6 @@ def build_inputs(seqs: list[ScheduledSeq], rows: list[int], num_rows: int, eos_i
         context_lens[i] = s.start_pos + n
         t += n
         cu[i + 1] = t
-        logits_idx[i] = t - 1
-        seq_rows[i] = row
         if s.start_pos == 0 or s.prefix_token_ids is not None:
             reset_rows[i] = row
             prefixed.append(i)
@@ -123,22 +134,27 @@ def build_inputs(seqs: list[ScheduledSeq], rows: list[int], num_rows: int, eos_i
             ppos = np.arange(len(pre))
             seen.append((pre, np.where(ppos < s.num_prompt_tokens, row, R), np.where(ppos < s.num_prompt_tokens, R, row)))
         p = s.params
-        temperature[i] = p.temperature
-        top_k[i] = p.top_k if p.top_k and p.top_k > 0 else 0
-        top_p[i], min_p[i] = p.top_p, p.min_p
-        presence[i], frequency[i], repetition[i] = p.presence_penalty, p.frequency_penalty, p.repetition_penalty
-        seeds[i] = s.seed & 0xFFFFFFFF
-        sample_pos[i] = s.start_pos + n
-        generated = s.start_pos + n - s.num_prompt_tokens
-        if generated < p.min_tokens:
-            banned = list(p.stop_token_ids or []) + ([] if p.ignore_eos else list(eos_ids))
-            banned = banned[:MAX_MASK_IDS]
-            mask_ids[i, :len(banned)] = banned
-        if p.logit_bias:
-            bias_ids[i, :len(p.logit_bias)] = list(p.logit_bias)
-            bias_values[i, :len(p.logit_bias)] = list(p.logit_bias.values())
-        if p.allowed_token_ids:
-            allowed_ids[i, :len(p.allowed_token_ids)] = p.allowed_token_ids
+        d = s.num_draft_tokens
+        for r in range(first_row[i], first_row[i + 1]):  # row r samples the token at position sample_pos
+            j = r - first_row[i]  # 0..d: the token after draft j - 1 (the known tokens' next one when 0)
+            logits_idx[r] = t - 1 - d + j
+            seq_rows[r] = row
+            temperature[r] = p.temperature
+            top_k[r] = p.top_k if p.top_k and p.top_k > 0 else 0
+            top_p[r], min_p[r] = p.top_p, p.min_p
+            presence[r], frequency[r], repetition[r] = p.presence_penalty, p.frequency_penalty, p.repetition_penalty
+            seeds[r] = s.seed & 0xFFFFFFFF
+            sample_pos[r] = s.start_pos + n - d + j  # the key depends on it: as if sampled without drafts
+            generated = sample_pos[r] - s.num_prompt_tokens
+            if generated < p.min_tokens:
+                banned = list(p.stop_token_ids or []) + ([] if p.ignore_eos else list(eos_ids))
+                banned = banned[:MAX_MASK_IDS]
+                mask_ids[r, :len(banned)] = banned
+            if p.logit_bias:
+                bias_ids[r, :len(p.logit_bias)] = list(p.logit_bias)
+                bias_values[r, :len(p.logit_bias)] = list(p.logit_bias.values())
+            if p.allowed_token_ids:
+                allowed_ids[r, :len(p.allowed_token_ids)] = p.allowed_token_ids
     cu[len(seqs) + 1:] = t
     if seen:
         all_seen = [np.concatenate(a) for a in zip(*seen)]

@@ -29,7 +29,7 @@ from jaxllm.lora.slots import LoRASlots, check_seq_slots
 from jaxllm.models.config import ModelConfig
 from jaxllm.models.llama import LlamaForCausalLM
 from jaxllm.runner.buckets import Buckets
-from jaxllm.runner.inputs import StepInputs, build_inputs
+from jaxllm.runner.inputs import StepInputs, build_inputs, sample_rows
 from jaxllm.runner.kv_cache_dtype import cache_dtype
 from jaxllm.runner.pending import PendingStep, PromptLogprobsJob
 from jaxllm.runner.pooler import PendingPool, pool_hidden
@@ -44,7 +44,7 @@ class ModelRunner:
     def __init__(self, model: LlamaForCausalLM, *, block_size: int, num_blocks: int, max_model_len: int,
                  max_num_seqs: int, max_num_batched_tokens: int, eos_token_ids=(), cache_sharding=None,
                  task: str = "generate", kv_cache_dtype: str = "auto", lora_config=None,
-                 kv_scales_fixed: bool = False):
+                 kv_scales_fixed: bool = False, num_speculative_tokens: int = 0):
         """`task`: "generate" (sample from logits) or "embed" (pool hidden states, runner/pooler.py:
         only the mixed buckets of the embed step are compiled; nothing is sampled).
         `kv_cache_dtype`: "auto" (the model dtype) or "fp8" (runner/kv_cache_dtype.py).
@@ -53,7 +53,9 @@ class ModelRunner:
         at 0 and each layer's first write sets them (kv_quant.py; runners built directly).
         `lora_config`: a jaxllm.lora.config.LoRAConfig (adapter slots on device, `set_lora`, each
         ScheduledSeq's lora_slot picks its adapter; embed steps run the base model only) or None
-        (no LoRA: the step is exactly the program without it)."""
+        (no LoRA: the step is exactly the program without it).
+        `num_speculative_tokens` (K): seqs may carry up to K drafts (ScheduledSeq.num_draft_tokens);
+        the mixed buckets' S grows to the most sampling rows a step can have (runner/buckets.py)."""
         if task not in ("generate", "embed"):
             raise ValueError(f"task={task!r} is invalid: must be 'generate' or 'embed'")
         c = model.config
@@ -67,7 +69,8 @@ class ModelRunner:
         self.num_blocks = num_blocks
         self.max_blocks_per_seq = -(-max_model_len // block_size)
         self.max_model_len = max_model_len
-        self.buckets = Buckets.make(max_num_seqs, max_num_batched_tokens)
+        self.num_speculative_tokens = num_speculative_tokens
+        self.buckets = Buckets.make(max_num_seqs, max_num_batched_tokens, num_speculative_tokens)
         self.eos_ids = sorted(eos_token_ids)
         self.num_rows = max_num_seqs + 1  # + one spare row for padding sequences
         self._free_rows = list(range(max_num_seqs - 1, -1, -1))
@@ -321,7 +324,7 @@ class ModelRunner:
             return self._dispatch_embed(seqs)
         num_tokens = sum(len(s.token_ids) for s in seqs)
         decode_only = all(len(s.token_ids) == 1 for s in seqs)
-        T, S, decode_only = self.buckets.pick(num_tokens, len(seqs), decode_only)
+        T, S, decode_only = self.buckets.pick(num_tokens, sample_rows(seqs)[-1], decode_only)
         rows = [self._row(s.request_id) for s in seqs]
         seed_steps = []  # only when this step's prefix-cache hits exceed what one step carries
         inp = build_inputs(seqs, rows, self.num_rows, self.eos_ids, T, S, decode_only, self.block_size,

@@ -14,6 +14,7 @@ import numpy as np
 
 from jaxllm.core.scheduler_output import ScheduledSeq
 from jaxllm.engine.runner_protocol import SampledToken
+from jaxllm.runner.inputs import sample_rows
 from jaxllm.runner.sampler import SamplerOutput
 
 
@@ -49,7 +50,9 @@ class PromptLogprobsJob:
 
 class PendingStep:
     """One dispatched step. ``result()`` waits for it once and returns
-    ``{request_id: SampledToken}`` for its ``sample=True`` seqs (later calls return the same)."""
+    ``{request_id: SampledToken}`` for its ``sample=True`` seqs (later calls return the same); a seq
+    with speculative drafts gets a list: the accepted drafts' SampledTokens, then the model's own
+    (1..num_draft_tokens + 1 entries; acceptance is decided here, on the sampled ids)."""
 
     def __init__(self, seqs: list[ScheduledSeq], out: SamplerOutput | None,
                  prompt_lp: PromptLogprobsJob | None, prompt_lp_sink: Callable[[], dict] | None = None) -> None:
@@ -71,18 +74,33 @@ class PendingStep:
     def result(self) -> dict[str, SampledToken]:
         if self._result is not None:
             return self._result
-        result: dict[str, SampledToken] = {}
+        result: dict = {}
         if self._out is not None:
             out = jax.device_get(self._out)
+            first_row = sample_rows(self._seqs)
             for i, s in enumerate(self._seqs):
                 if not s.sample:
                     continue
                 k = s.params.logprobs
-                top = None
-                if k is not None:
-                    top = [(int(t), float(lp)) for t, lp in zip(out.top_ids[i, :k], out.top_logprobs[i, :k])]
-                result[s.request_id] = SampledToken(int(out.token_ids[i]), float(out.logprobs[i]), top,
-                                                    rank=int(out.ranks[i]))
+
+                def token(r: int) -> SampledToken:
+                    top = None
+                    if k is not None:
+                        top = [(int(t), float(lp)) for t, lp in zip(out.top_ids[r, :k], out.top_logprobs[r, :k])]
+                    return SampledToken(int(out.token_ids[r]), float(out.logprobs[r]), top, rank=int(out.ranks[r]))
+
+                r0, d = first_row[i], s.num_draft_tokens
+                if not d:
+                    result[s.request_id] = token(r0)
+                    continue
+                # verification: row j sampled the token after draft j - 1 as if the drafts were the
+                # sequence's; keep rows while their token equals the next draft, then the first
+                # that differs (or the bonus row after the last draft)
+                drafts = s.token_ids[len(s.token_ids) - d:]
+                toks = [token(r0)]
+                while len(toks) <= d and toks[-1].token_id == drafts[len(toks) - 1]:
+                    toks.append(token(r0 + len(toks)))
+                result[s.request_id] = toks
         if self._prompt_lp is not None:
             self._prompt_lp.file(self._prompt_lp_sink())
         self._out = self._prompt_lp = None  # drop the device buffers

@@ -5,6 +5,7 @@ import sys
 def test_host_side_imports_no_jax():
     """Convention 1: the host core, engine, offline API and configs import no jax."""
     code = ("import sys\n"
+            "import jaxllm.core.ngram_proposer, jaxllm.spec_config, jaxllm.engine.spec_requests\n"
             "import jaxllm.sampling_params, jaxllm.outputs, jaxllm.config\n"
             "import jaxllm.core.scheduler, jaxllm.core.kv_cache_manager, jaxllm.core.block_pool\n"
             "import jaxllm.engine.engine, jaxllm.engine.runner_protocol, jaxllm.llm\n"

@@ -83,6 +83,10 @@ class FakeRunner:
         self._prev_sampled: dict[str, int] = {}  # request id -> token sampled by the last dispatched step
         self._unread: list[FakePending] = []  # dispatched, result() not called yet (oldest first)
         self.num_placeholders_fed = 0
+        # speculative decoding: a seq with num_draft_tokens gets a list of SampledTokens (greedy
+        # verification: the accepted drafts, then the model's own token)
+        self.num_drafts_scheduled = 0
+        self.num_drafts_accepted = 0
         self.loras: dict[int, object] = {}  # slot -> adapter (set_lora)
         self.lora_calls: list[tuple[int, object]] = []
         self.max_loras: int | None = None  # set it to check slot numbers against a bound
@@ -182,6 +186,21 @@ class FakeRunner:
             if known is not None:
                 assert ctx[:len(known)] == known, f"{s.request_id}: cached context changed"
             self.known[s.request_id] = ctx
+            if s.num_draft_tokens:  # speculative decoding: greedy verification of the drafts
+                assert s.sample and not s.placeholder, s
+                d = s.num_draft_tokens
+                mask = out.grammar_bitmask[i] if out.constrained and out.constrained[i] else None
+                toks = []
+                for j in range(d + 1):  # the token after ctx[:end - d + j] (the target's choice)
+                    toks.append(self._sample(ctx[:end - d + j], s, mask, key))
+                    if j == d or toks[-1].token_id != ctx[end - d + j]:
+                        break
+                # the rejected drafts' KV is garbage: the runner may only rely on the accepted ones
+                self.known[s.request_id] = ctx[:end - d + len(toks) - 1]
+                self.num_drafts_scheduled += d
+                self.num_drafts_accepted += len(toks) - 1
+                result[s.request_id] = toks
+                continue
             if self.task == "embed":
                 from jaxllm.engine.pooling import PooledChunk
 
@@ -193,7 +212,7 @@ class FakeRunner:
             if s.sample:
                 mask = out.grammar_bitmask[i] if out.constrained and out.constrained[i] else None
                 result[s.request_id] = self._sample(ctx, s, mask, key)
-        self._prev_sampled = {rid: t.token_id for rid, t in result.items()}
+        self._prev_sampled = {rid: (t[-1] if isinstance(t, list) else t).token_id for rid, t in result.items()}
         return result
 
     # ----- the "model" --------------------------------------------------------------

@@ -1,0 +1,67 @@
+"""Speculative decoding on the engine side (n-gram drafts; host only, no jax).
+
+vLLM's ``--speculative-config '{"method": "ngram", ...}'`` (jaxllm/spec_config.py). After each step
+the engine proposes drafts (jaxllm/core/ngram_proposer.py) for the running requests; the scheduler
+feeds them behind the last token (they take budget and KV slots); the runner samples a row per
+draft position and keeps the drafts while the token sampled before each equals it, plus the next
+sampled token (runner/pending.py); the scheduler rolls the rejected ones back. The engine then
+handles the tokens one by one, so a stop inside them ends the request there.
+
+Synchronous steps only (async scheduling is switched off), as vLLM's first version: the drafts of
+step N+1 need step N's tokens. Requests with a grammar or a penalty get no drafts (see
+``_propose_drafts``); everything else (random sampling, logprobs, stop strings, min_tokens,
+max_tokens) stays exactly what a run without speculation gives.
+"""
+
+from __future__ import annotations
+
+from jaxllm.core.ngram_proposer import NgramProposer
+
+
+class SpecDecodeMixin:
+    def _init_speculative(self, config, runner) -> None:
+        # speculative decoding (n-gram drafts): synchronous steps only, as vLLM's first version
+        self.speculative = config.speculative()
+        self._proposer = None
+        self.num_spec_seqs = self.num_draft_tokens = self.num_accepted_tokens = 0  # per seq-step with drafts
+        if self.speculative is not None:
+            if self.task == "embed":
+                raise ValueError("speculative_config is invalid for task='embed': nothing is generated")
+            k = getattr(runner, "num_speculative_tokens", None)
+            if k is not None and k < self.speculative.num_speculative_tokens:
+                raise ValueError(f"speculative_config.num_speculative_tokens={self.speculative.num_speculative_tokens}"
+                                 f" is invalid for this runner: built for at most {k} (its mixed buckets' rows)")
+            self.async_scheduling = False
+            sc = self.speculative
+            self._proposer = NgramProposer(sc.num_speculative_tokens, sc.prompt_lookup_min, sc.prompt_lookup_max)
+
+    @property
+    def mean_accepted_tokens(self) -> float:
+        """Tokens per sequence-step with drafts (accepted drafts + the model's own token)."""
+        return 1 + self.num_accepted_tokens / self.num_spec_seqs if self.num_spec_seqs else 0.0
+
+    def _count_accepted(self, out, ids) -> None:
+        for seq in out.seqs:
+            if seq.num_draft_tokens and seq.request_id in ids:
+                self.num_spec_seqs += 1
+                self.num_draft_tokens += seq.num_draft_tokens
+                self.num_accepted_tokens += len(ids[seq.request_id]) - 1
+
+    def _propose_drafts(self) -> None:
+        """Fresh n-gram drafts for every running request that may carry them. None for a grammar
+        (its mask depends on each token) or a penalty (the runner's penalty counts take every fed
+        token, drafts included); random sampling keeps them: each draft row samples with the key
+        of its position, so accepting while the draw equals the draft gives the very tokens a run
+        without speculation draws."""
+        prop = self._proposer
+        for req in self.scheduler.running:
+            p = req.params
+            if (req.grammar is not None or req.pooling is not None or p.repetition_penalty != 1
+                    or p.frequency_penalty or p.presence_penalty
+                    or req.num_computed_tokens != req.num_tokens - 1):  # not decoding (yet)
+                req.spec_token_ids = []
+                continue
+            k = min(prop.k, req.max_output_tokens - req.num_output_tokens - 1)
+            req.spec_token_ids = prop.propose(req.arrival_seq, req.all_token_ids, k) if k > 0 else []
+        if len(prop._bufs) > 2 * len(self.scheduler.requests) + 64:  # drop finished requests' buffers
+            prop.retain({r.arrival_seq for r in self.scheduler.requests.values()})
