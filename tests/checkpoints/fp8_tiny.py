@@ -76,11 +76,12 @@ def write_dir(path: str, tensors: dict, cfg: dict) -> str:
 
 def make_fp8(root: str, name: str, qconfig: dict, strategy: str, *, block=(128, 128), skip=(),
              quantize_extra=(), kv_scales: dict | None = None, input_scale: bool = False, seed: int = 0,
-             cfg: dict = CONFIG, replace: dict | None = None) -> tuple[str, str]:
+             cfg: dict = CONFIG, replace: dict | None = None, scale_shape=None) -> tuple[str, str]:
     """Writes (fp8 checkpoint dir, its numpy-dequantized fp32 reference dir). `skip`: full tensor
     names left in full precision (an ignore list); `quantize_extra`: other weights quantized too
     (embeddings, the LM head); `kv_scales`: {"self_attn.k_scale": [L] values, ...} per layer;
-    `replace`: tensors written to the fp8 file instead of the computed ones (damaged checkpoints)."""
+    `replace`: tensors written to the fp8 file instead of the computed ones (damaged checkpoints);
+    `scale_shape(s)`: the stored scale's shape from quantize's."""
     t = fp32_weights(seed, cfg)
     fp8, ref = {}, {}
     names = [f"model.layers.{i}.{lin}.weight" for i in range(cfg["num_hidden_layers"]) for lin in LINEARS]
@@ -89,7 +90,7 @@ def make_fp8(root: str, name: str, qconfig: dict, strategy: str, *, block=(128, 
         if (n in names and n not in skip) or n in quantize_extra:
             q, s, deq = quantize(w, strategy, block)
             fp8[n] = q
-            fp8[n[:-len("weight")] + scale_key] = s
+            fp8[n[:-len("weight")] + scale_key] = s if scale_shape is None else s.reshape(scale_shape(s))
             if input_scale:
                 fp8[n[:-len("weight")] + "input_scale"] = np.array([0.05], np.float32)
             ref[n] = deq
