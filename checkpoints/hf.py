@@ -108,10 +108,15 @@ def load_hf(path: str, dtype=np.float32):
             handles.append(h)
             for name in h.keys():
                 where[name] = (file, h, None)
-            if scheme is not None:  # float8 tensors: read from the bytes (safetensors' numpy loader cannot)
-                header, start = safetensors_f8.read_header(file)
-                for name in safetensors_f8.f8_names(header):
-                    where[name] = (file, h, (header, start))
+            # float8 tensors: read from the bytes (safetensors' numpy loader cannot)
+            header, start = safetensors_f8.read_header(file)
+            f8 = sorted(safetensors_f8.f8_names(header))
+            if f8 and scheme is None:
+                raise CheckpointError(f"{file}: holds float8 tensors ({f8[0]}: {header[f8[0]]['dtype']}, "
+                                      f"{len(f8)} in all) but {os.path.join(path, 'config.json')} has no "
+                                      f"quantization_config (an fp8 checkpoint names its scheme there)")
+            for name in f8:
+                where[name] = (file, h, (header, start))
 
         def stored_name(name: str) -> str:
             if name not in where and name.startswith("model."):
