@@ -207,3 +207,22 @@ def test_float8_tensors_without_quantization_config_is_one_line(root):
                                               r"\(an fp8 checkpoint names its scheme there\)$"):
         load_checkpoint(d)
 
+
+@pytest.mark.parametrize("scale_dtype", [ml_dtypes.bfloat16, np.float16], ids=["bf16", "f16"])
+@pytest.mark.parametrize("name", ["ct-fp8-dynamic", "fp8-block"])
+def test_half_precision_scales_load_exactly(root, name, scale_dtype):
+    """weight_scale / weight_scale_inv stored as bfloat16 or float16 (some exporters do): read as the
+    f32 of the stored values; the kept weights equal the numpy reference's (q times those scales)."""
+    from checkpoints.safetensors_f8 import read_header
+
+    qc, strategy, kw = CASES[name]
+    tag = np.dtype(scale_dtype).name
+    fp8_dir, ref_dir = make_fp8(root, f"{name}-{tag}", qc, strategy, scale_dtype=scale_dtype, **kw)
+    header, _ = read_header(os.path.join(fp8_dir, "model.safetensors"))
+    scales = {k: v["dtype"] for k, v in header.items() if "weight_scale" in k}
+    assert scales and set(scales.values()) == {"BF16" if scale_dtype == ml_dtypes.bfloat16 else "F16"}
+    ck, ref = load_checkpoint(fp8_dir), load_checkpoint(ref_dir)
+    for p, n in PROJ.items():
+        w = ck.params[p]
+        assert isinstance(w, QuantWeight) and w.scale.dtype == np.float32, p
+        np.testing.assert_array_equal(np.asarray(dequantize(w, n, stacked=True, xp=np)), ref.params[p], err_msg=p)
