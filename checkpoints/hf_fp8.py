@@ -19,9 +19,10 @@ all; a group mixing per-channel and block scales is held in block form. Any othe
 
 KV cache scales (`kv_scales`): per layer `self_attn.k_scale` / `self_attn.v_scale` (llm-compressor,
 modelopt), older `self_attn.kv_scale` (AutoFP8: one for both), `self_attn.{k,v}_proj.output_scale`
-(early compressed-tensors) or `self_attn.k_proj.k_scale` / `self_attn.v_proj.v_scale` (older ModelOpt): [] / [1] per tensor, broadcast over the kv heads, or [kv_heads]. vLLM's
-convention, the same as jaxllm's fp8 cache (pallas_kernels/kv_quant.py): a stored e4m3 value x
-stands for `x * k_scale` (llm-compressor writes absmax / 448 of its calibration K/V).
+(early compressed-tensors) or `self_attn.k_proj.k_scale` / `self_attn.v_proj.v_scale` (older
+ModelOpt): [] / [1] per tensor, broadcast over the kv heads, or [kv_heads]. vLLM's convention, the
+same as jaxllm's fp8 cache (pallas_kernels/kv_quant.py): a stored e4m3 value x stands for
+`x * k_scale` (llm-compressor writes absmax / 448 of its calibration K/V).
 """
 from __future__ import annotations
 
