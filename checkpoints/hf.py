@@ -1,6 +1,7 @@
 """HF checkpoint directories: config.json + *.safetensors (single file or sharded with an index).
-A `quantization_config` is read by checkpoints/hf_fp8_config.py: fp8 checkpoints load (their
-projections kept fp8, checkpoints/hf_fp8.py), every other kind is refused in one line."""
+A `quantization_config` (or, without one, an older ModelOpt export's hf_quant_config.json) is read by
+checkpoints/hf_fp8_config.py: fp8 checkpoints load (their projections kept fp8, checkpoints/hf_fp8.py),
+every other kind is refused in one line."""
 from __future__ import annotations
 
 import json
@@ -37,12 +38,33 @@ def _read_config(path: str):
         from checkpoints.hf_fp8_config import parse
 
         scheme = parse(qc, cfg_path)
+    else:
+        scheme = _modelopt_file(path)
     try:
         return ModelConfig.from_hf(raw, source=cfg_path), scheme
     except ModelConfigError as e:
         raise CheckpointError(str(e)) from None
     except KeyError as e:
         raise CheckpointError(f"{cfg_path}: required field {e.args[0]!r} is missing") from None
+
+
+def _modelopt_file(path: str):
+    """An older ModelOpt export's hf_quant_config.json (read, as vLLM does, when config.json has no
+    quantization_config) → its Fp8Scheme, or None when there is no such file."""
+    hq_path = os.path.join(path, "hf_quant_config.json")
+    if not os.path.isfile(hq_path):
+        return None
+    try:
+        with open(hq_path) as f:
+            hq = json.load(f)
+    except json.JSONDecodeError as e:
+        raise CheckpointError(f"{hq_path}: invalid JSON ({e})") from None
+    from checkpoints.hf_fp8_config import parse_modelopt
+
+    if not isinstance(hq, dict) or "quantization" not in hq:
+        raise CheckpointError(f"{hq_path}: no 'quantization' object (a ModelOpt export's "
+                              f"{{\"quantization\": {{\"quant_algo\": ...}}}})")
+    return parse_modelopt(hq, hq_path, prefix="")
 
 
 def _weight_files(path: str) -> list[str]:
@@ -86,10 +108,15 @@ def load_hf(path: str, dtype=np.float32):
             handles.append(h)
             for name in h.keys():
                 where[name] = (file, h, None)
-            if scheme is not None:  # float8 tensors: read from the bytes (safetensors' numpy loader cannot)
-                header, start = safetensors_f8.read_header(file)
-                for name in safetensors_f8.f8_names(header):
-                    where[name] = (file, h, (header, start))
+            # float8 tensors: read from the bytes (safetensors' numpy loader cannot)
+            header, start = safetensors_f8.read_header(file)
+            f8 = sorted(safetensors_f8.f8_names(header))
+            if f8 and scheme is None:
+                raise CheckpointError(f"{file}: holds float8 tensors ({f8[0]}: {header[f8[0]]['dtype']}, "
+                                      f"{len(f8)} in all) but {os.path.join(path, 'config.json')} has no "
+                                      f"quantization_config (an fp8 checkpoint names its scheme there)")
+            for name in f8:
+                where[name] = (file, h, (header, start))
 
         def stored_name(name: str) -> str:
             if name not in where and name.startswith("model."):

@@ -1,11 +1,12 @@
-"""fp8 HF checkpoints (compressed-tensors / AutoFP8 / FineGrainedFP8, checkpoints/hf_fp8_config.py):
+"""fp8 HF checkpoints (compressed-tensors / AutoFP8 / FineGrainedFP8 / ModelOpt, checkpoints/hf_fp8_config.py):
 float8_e4m3fn projections kept as `QuantWeight`s, everything else dequantized, and the KV scales.
 
 A quantized linear `X` is stored as `X.weight` [out, in] float8_e4m3fn plus its scale, the weight
 being `weight * scale` (the name `weight_scale_inv` notwithstanding, it multiplies too):
 - `X.weight_scale` [] or [1]: per tensor → broadcast to one scale per output channel;
 - `X.weight_scale` [out, 1] or [out]: per output channel, as jaxllm's fp8 `QuantWeight` holds them;
-- `X.weight_scale_inv` (or a compressed-tensors "block" `weight_scale`) [ceil(out/bo), ceil(in/bi)]:
+- `X.weight_scale_inv` (or a compressed-tensors "block" `weight_scale`) [ceil(out/bo), ceil(in/bi)]
+  (ModelOpt FP8_PB_WO: [out/bo, 1, in/bi, 1], read as [out/bo, in/bi]):
   one scale per [bo, bi] block → jaxllm's block form (jaxllm/models/quant.py): one scale per
   (input block of B, output column), B = gcd(bi, the last contracted axis: in, or head_dim for
   o_proj) dividing bi, each block's scale repeated over its output columns: the same products.
@@ -17,10 +18,11 @@ all; a group mixing per-channel and block scales is held in block form. Any othe
 (an ignored layer's partner, embeddings, the LM head) is dequantized to fp32 on the host.
 
 KV cache scales (`kv_scales`): per layer `self_attn.k_scale` / `self_attn.v_scale` (llm-compressor,
-modelopt), older `self_attn.kv_scale` (AutoFP8: one for both) or `self_attn.{k,v}_proj.output_scale`
-(early compressed-tensors): [] / [1] per tensor, broadcast over the kv heads, or [kv_heads]. vLLM's
-convention, the same as jaxllm's fp8 cache (pallas_kernels/kv_quant.py): a stored e4m3 value x
-stands for `x * k_scale` (llm-compressor writes absmax / 448 of its calibration K/V).
+modelopt), older `self_attn.kv_scale` (AutoFP8: one for both), `self_attn.{k,v}_proj.output_scale`
+(early compressed-tensors) or `self_attn.k_proj.k_scale` / `self_attn.v_proj.v_scale` (older
+ModelOpt): [] / [1] per tensor, broadcast over the kv heads, or [kv_heads]. vLLM's convention, the
+same as jaxllm's fp8 cache (pallas_kernels/kv_quant.py): a stored e4m3 value x stands for
+`x * k_scale` (llm-compressor writes absmax / 448 of its calibration K/V).
 """
 from __future__ import annotations
 
@@ -51,6 +53,8 @@ def scale_of(raw: RawGet, weight_name: str, source: str) -> np.ndarray:
         s = raw(n)
         if s is not None:
             s = np.asarray(s, dtype=np.float32)
+            if s.ndim == 4 and s.shape[1] == s.shape[3] == 1:  # ModelOpt FP8_PB_WO [out/bo, 1, in/bi, 1]
+                s = s.reshape(s.shape[0], s.shape[2])
             if not np.all(np.isfinite(s)):
                 raise CheckpointError(f"{source}: tensor {n} has non-finite values")
             return s
@@ -161,7 +165,8 @@ def assemble_fp8(config, raw: RawGet, stored_f8: Callable[[str], bool], scheme: 
 
 
 _KV_NAMES = (("self_attn.k_scale", "self_attn.v_scale"), ("self_attn.kv_scale", "self_attn.kv_scale"),
-             ("self_attn.k_proj.output_scale", "self_attn.v_proj.output_scale"))
+             ("self_attn.k_proj.output_scale", "self_attn.v_proj.output_scale"),
+             ("self_attn.k_proj.k_scale", "self_attn.v_proj.v_scale"))
 
 
 def kv_scales(config, raw: RawGet, source: str):

@@ -11,6 +11,14 @@ Loaded (weight-only, float8_e4m3fn weights with their scales, checkpoints/hf_fp8
 - quant_method "fp8" (AutoFP8, HF FineGrainedFP8): per-tensor `weight_scale`, or block-wise
   `weight_scale_inv` [out/bo, in/bi] with `weight_block_size` [bo, bi] (DeepSeek-style [128, 128]);
   `activation_scheme` static or dynamic, run weight-only likewise.
+- NVIDIA ModelOpt (quant_method "modelopt", or an `hf_quant_config.json` beside config.json as
+  older exports write it: {"producer", "quantization": {"quant_algo", "kv_cache_quant_algo",
+  "exclude_modules"}}, read by checkpoints/hf.py when config.json has no quantization_config), the
+  float8 algos vLLM loads: "FP8" (per-tensor `weight_scale`, static per-tensor `input_scale`, run
+  weight-only), "FP8_PER_CHANNEL_PER_TOKEN" (`weight_scale` [out], dynamic per-token activations,
+  run weight-only) and "FP8_PB_WO" (weight-only, [128, 128] blocks: `weight_scale`
+  [out/128, 1, in/128, 1]); KV scales with kv_cache_quant_algo "FP8" (or a float-8
+  kv_cache_scheme). NVFP4, W4A16_NVFP4, MXFP8, W4A8_AWQ, INT4_AWQ, MIXED_PRECISION ... are refused.
 
 Which tensors are quantized is read from the tensors (a float8 `weight` beside its scale), not from
 `ignore` / `ignored_layers`: those list the layers left in full precision, which load as such.
@@ -25,20 +33,24 @@ import dataclasses
 from checkpoints.errors import CheckpointError
 
 SUPPORTED = ("'compressed-tensors' (float8 weights: per-tensor, per-channel or block scales) and 'fp8' "
-             "(per-tensor or block scales)")
+             "(per-tensor or block scales), and 'modelopt' (quant_algo FP8, FP8_PER_CHANNEL_PER_TOKEN or FP8_PB_WO)")
 _STRATEGIES = ("tensor", "channel", "block")
+# ModelOpt quant_algo (upper-cased, as vLLM reads it) -> (block, activation quantization not run)
+_MODELOPT = {"FP8": (None, "static fp8 per-tensor"), "FP8_PER_CHANNEL_PER_TOKEN": (None, "dynamic fp8 per-token"),
+             "FP8_PB_WO": ((128, 128), None)}
 
 
 @dataclasses.dataclass(frozen=True)
 class Fp8Scheme:
-    method: str  # "compressed-tensors" | "fp8"
+    method: str  # "compressed-tensors" | "fp8" | "modelopt"
     block: tuple[int, int] | None  # [out, in] block of a block-scaled weight, None otherwise
     activations: str | None  # the activation quantization the checkpoint asks for and jaxllm does not run
     kv_cache: bool  # the config declares fp8 KV cache scales (kv_cache_scheme)
 
 
-def _refuse(source: str, field: str, value, what: str = SUPPORTED) -> CheckpointError:
-    return CheckpointError(f"{source}: quantization_config.{field}={value!r} is not supported; jaxllm loads {what}")
+def _refuse(source: str, field: str, value, what: str = SUPPORTED,
+            prefix: str = "quantization_config.") -> CheckpointError:
+    return CheckpointError(f"{source}: {prefix}{field}={value!r} is not supported; jaxllm loads {what}")
 
 
 def _block(source: str, field: str, value) -> tuple[int, int]:
@@ -62,6 +74,8 @@ def parse(qc, source: str) -> Fp8Scheme:
         return _parse_fp8(qc, source)
     if method == "compressed-tensors":
         return _parse_compressed_tensors(qc, source)
+    if isinstance(method, str) and method.lower().startswith("modelopt"):  # "modelopt", "modelopt_fp4"
+        return parse_modelopt(qc, source)
     raise _refuse(source, "quant_method", method, SUPPORTED + "; use the full-precision checkpoint "
                   "(with --quantization int8|fp8) or a GGUF")
 
@@ -128,3 +142,34 @@ def _parse_compressed_tensors(qc: dict, source: str) -> Fp8Scheme:
     if kv and not (isinstance(kv, dict) and kv.get("type") == "float" and kv.get("num_bits") == 8):
         raise _refuse(source, "kv_cache_scheme", kv, "fp8 KV cache scales (type 'float', num_bits 8) or none")
     return Fp8Scheme("compressed-tensors", block, ", ".join(sorted(acts)) or None, kv_cache=bool(kv))
+
+
+def parse_modelopt(qc: dict, source: str, prefix: str = "quantization_config.") -> Fp8Scheme:
+    """A ModelOpt config: config.json's quantization_config {"quant_method": "modelopt", "quant_algo",
+    "kv_cache_scheme", "ignore"} or hf_quant_config.json {"quantization": {"quant_algo",
+    "kv_cache_quant_algo", "exclude_modules"}} (`prefix` "" names its fields). The ignore lists are
+    not read: the tensors say what is quantized, as for the other methods."""
+    inner = qc.get("quantization", qc) if isinstance(qc, dict) else qc
+    if not isinstance(inner, dict):
+        raise _refuse(source, "quantization", inner, "a ModelOpt 'quantization' object with its quant_algo", prefix)
+    at = "quantization." if inner is not qc else ""
+    algo = inner.get("quant_algo")
+    key = str(algo).upper() if algo is not None else None
+    if key not in _MODELOPT:
+        raise _refuse(source, f"{at}quant_algo", algo, "ModelOpt's float8 weights (quant_algo FP8, "
+                      "FP8_PER_CHANNEL_PER_TOKEN or FP8_PB_WO); NVFP4, MXFP8, W4A8/INT4 AWQ and mixed "
+                      "precision are not", prefix)
+    if at:  # hf_quant_config.json: a string
+        kv_algo = inner.get("kv_cache_quant_algo")
+        kv_field = "quantization.kv_cache_quant_algo"
+    else:  # config.json: a compressed-tensors style scheme, or the string as in the file
+        kv = inner.get("kv_cache_scheme")
+        kv_algo, kv_field = inner.get("kv_cache_quant_algo"), "kv_cache_quant_algo"
+        if kv:
+            kv_field = "kv_cache_scheme"
+            ok = isinstance(kv, dict) and kv.get("type") == "float" and kv.get("num_bits") == 8
+            kv_algo = "FP8" if ok else kv
+    if kv_algo is not None and str(kv_algo).upper() != "FP8":
+        raise _refuse(source, kv_field, kv_algo, "fp8 KV cache scales (FP8) or none", prefix)
+    block, acts = _MODELOPT[key]
+    return Fp8Scheme("modelopt", block, acts, kv_cache=kv_algo is not None)

@@ -284,7 +284,6 @@ def build_model(config: ModelConfig, params: dict[str, np.ndarray | jax.Array], 
     layer_loop = layer_loop_mode(layer_loop)
     split = layer_loop == "unroll"
     if layout is not None:
-        prequantized.dequantize_for_layout(params)
         arrays = layout.place_params(config, params, dtype, split_layers=split, quantization=quantization)
         return LlamaForCausalLM(layout.model_config(config), arrays, attention_impl=attention_impl, layout=layout,
                                 layer_loop=layer_loop)

@@ -9,10 +9,10 @@ them with `--quantization`, and their placement:
   the flag, or stay full precision without it.
 - the other method: ValueError, one line: re-rounding int8 to e4m3 or e4m3 to int8 only adds error
   (use the full-precision checkpoint for that method).
-- tensor parallelism: fp8 QuantWeights are sharded like `--quantization fp8`'s (q like the weight,
-  per-channel scales like its output axes, block scales like the weight: jaxllm/parallel/layout.py);
-  GGUF int8 block scales are not sharded yet: those projections are dequantized to fp32 on the host
-  (logged) and placed like any full-precision checkpoint.
+- tensor parallelism: QuantWeights are sharded like `--quantization`'s (q like the weight,
+  per-channel scales like its output axes, block scales, an fp8 checkpoint's or a GGUF's Q8_0 f16
+  block-32 ones, like the weight, split into finer blocks where a row-parallel weight's block would
+  straddle two devices: jaxllm/parallel/layout.py).
 """
 from __future__ import annotations
 
@@ -49,12 +49,6 @@ def check(params: dict, quantization: str | None) -> None:
         raise ValueError(f"quantization={quantization!r} conflicts with the checkpoint's {m} weights "
                          f"({', '.join(kept)}: {_ORIGIN[m]}, kept quantized); load it without quantization "
                          f"or with {m!r}")
-
-
-def dequantize_for_layout(params: dict) -> None:
-    """In place: each pre-quantized int8 param → its fp32 numpy weight (the tensor-parallel fallback
-    for GGUF block scales; fp8 ones are sharded as they are)."""
-    dequantize_all(params, "tensor parallelism", only="int8")
 
 
 def dequantize_all(params: dict, why: str, only: str | None = None) -> None:

@@ -140,7 +140,7 @@ class TPLayout:
         `quantization` ("int8" / "fp8"): each per-layer projection (`QUANT_PARAMS`) is quantized on
         device right after it is placed (a QuantWeight: q sharded like the weight, the per-output-
         channel scale like the weight's output axes, `scale_axes`). Params that are QuantWeights already
-        (an fp8 checkpoint's projections) are placed as they are, sharded the same way."""
+        (an fp8 checkpoint's projections, a GGUF's Q8_0 ones) are placed as they are, sharded the same way."""
         from jaxllm.models.llama import MODEL_AXES
         from jaxllm.models.quant import QUANT_PARAMS, QuantWeight, quantize, scale_axes
 
@@ -148,7 +148,7 @@ class TPLayout:
         for held, sources, fn in placement_plan(params, self.kv_repeat, self.tp):
             xs = [params.pop(s) for s in sources]
             axes = MODEL_AXES[held]
-            if isinstance(xs[0], QuantWeight):  # an fp8 checkpoint's projection: q and scales placed as stored
+            if isinstance(xs[0], QuantWeight):  # an fp8 checkpoint's / Q8_0 projection: placed as stored
                 out[held] = self._place_quant(xs, axes, QUANT_PARAMS[held], fn, config.num_layers, split_layers)
                 continue
             if split_layers and held.startswith("layers."):
@@ -178,7 +178,8 @@ class TPLayout:
         blocked = xs[0].scale.ndim == xs[0].q.ndim
         s_axes = axes if blocked else scale_axes(axes, n)
         qs, ss = [x.q for x in xs], [x.scale for x in xs]
-        if blocked:  # a row-parallel weight's blocks must not straddle shards: finer blocks, same scales
+        if blocked and self.rules.get(axes[n]) == TP:  # the blocked axis (the last contracted one) is
+            # sharded (a row-parallel w_down): its blocks must not straddle shards: finer blocks, same scales
             ss = [_whole_blocks(q, sc, n, self.tp) for q, sc in zip(qs, ss)]
         q_dt, s_dt = qs[0].dtype, ss[0].dtype
         if split_layers:
@@ -191,7 +192,9 @@ class TPLayout:
 def _whole_blocks(q, scale, axis: int, tp: int):
     """Block scales [L, in..., nb, out...] (blocks of B = q.shape[axis] / nb along `axis`) repeated r
     times along it (blocks of B / r, each with its block's scale: the same weight), r the least
-    divisor of B for which nb * r splits evenly over tp devices."""
+    divisor of B for which nb * r splits evenly over tp devices (r = B at worst: the axis, sharded,
+    divides by tp). Only for an axis that is sharded: wo's blocks run along head_dim, wqkv's along
+    the hidden axis, neither split."""
     nb = scale.shape[axis]
     bsz = q.shape[axis] // nb
     r = next(r for r in range(1, bsz + 1) if bsz % r == 0 and (nb * r) % tp == 0)

@@ -42,9 +42,11 @@ def fp32_weights(seed: int = 0, cfg: dict = CONFIG) -> dict[str, np.ndarray]:
     return t
 
 
-def quantize(w: np.ndarray, strategy: str, block=(128, 128)) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+def quantize(w: np.ndarray, strategy: str, block=(128, 128), scale_dtype=np.float32
+             ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """w [out, in] f32 → (q float8_e4m3fn, the stored scale, the dequantized f32 weight): scale =
-    absmax / 448 per tensor ([1]), per output row ([out, 1]) or per [bo, bi] block ([ceil(out/bo), ceil(in/bi)])."""
+    absmax / 448 per tensor ([1]), per output row ([out, 1]) or per [bo, bi] block ([ceil(out/bo), ceil(in/bi)]),
+    rounded to `scale_dtype` (bf16 / f16 scales) before q is computed."""
     out_dim, in_dim = w.shape
     if strategy == "tensor":
         s = np.array([np.abs(w).max() / 448.0], np.float32)
@@ -60,6 +62,9 @@ def quantize(w: np.ndarray, strategy: str, block=(128, 128)) -> tuple[np.ndarray
             for c in range(nbi):
                 s[r, c] = np.abs(w[r * bo:(r + 1) * bo, c * bi:(c + 1) * bi]).max() / 448.0
         full = np.repeat(np.repeat(s, bo, axis=0), bi, axis=1)[:out_dim, :in_dim]
+    if scale_dtype != np.float32:
+        s = s.astype(scale_dtype)
+        full = np.asarray(full, np.float32).astype(scale_dtype).astype(np.float32)
     q = (w / full).astype(F8)
     return q, s, q.astype(np.float32) * full
 
@@ -76,20 +81,22 @@ def write_dir(path: str, tensors: dict, cfg: dict) -> str:
 
 def make_fp8(root: str, name: str, qconfig: dict, strategy: str, *, block=(128, 128), skip=(),
              quantize_extra=(), kv_scales: dict | None = None, input_scale: bool = False, seed: int = 0,
-             cfg: dict = CONFIG, replace: dict | None = None) -> tuple[str, str]:
+             cfg: dict = CONFIG, replace: dict | None = None, scale_dtype=np.float32,
+             scale_shape=None) -> tuple[str, str]:
     """Writes (fp8 checkpoint dir, its numpy-dequantized fp32 reference dir). `skip`: full tensor
     names left in full precision (an ignore list); `quantize_extra`: other weights quantized too
     (embeddings, the LM head); `kv_scales`: {"self_attn.k_scale": [L] values, ...} per layer;
-    `replace`: tensors written to the fp8 file instead of the computed ones (damaged checkpoints)."""
+    `replace`: tensors written to the fp8 file instead of the computed ones (damaged checkpoints);
+    `scale_dtype`: the stored scales' dtype; `scale_shape(s)`: the stored scale's shape from quantize's."""
     t = fp32_weights(seed, cfg)
     fp8, ref = {}, {}
     names = [f"model.layers.{i}.{lin}.weight" for i in range(cfg["num_hidden_layers"]) for lin in LINEARS]
     scale_key = "weight_scale_inv" if qconfig.get("quant_method") == "fp8" and strategy == "block" else "weight_scale"
     for n, w in t.items():
         if (n in names and n not in skip) or n in quantize_extra:
-            q, s, deq = quantize(w, strategy, block)
+            q, s, deq = quantize(w, strategy, block, scale_dtype)
             fp8[n] = q
-            fp8[n[:-len("weight")] + scale_key] = s
+            fp8[n[:-len("weight")] + scale_key] = s if scale_shape is None else s.reshape(scale_shape(s))
             if input_scale:
                 fp8[n[:-len("weight")] + "input_scale"] = np.array([0.05], np.float32)
             ref[n] = deq

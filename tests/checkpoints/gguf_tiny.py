@@ -68,3 +68,19 @@ def write_gguf_from_hf(hf_dir: str, out_path: str, qtype: str = "F32") -> str:
     w.write_tensors_to_file()
     w.close()
     return out_path
+
+
+def tiny_llama_hd32(root: str, heads: int = 4, kv_heads: int = 2, hidden: int = 64) -> str:
+    """A tiny random HF llama with head_dim 32 (one Q8_0 block per head row of o_proj's input, so
+    all seven projections are kept)."""
+    import torch
+    import transformers
+
+    path = os.path.join(root, f"llama_hd32_{heads}h{kv_heads}kv{hidden}")
+    config = transformers.LlamaConfig(vocab_size=256, hidden_size=hidden, intermediate_size=96, num_hidden_layers=2,
+                                      num_attention_heads=heads, num_key_value_heads=kv_heads, head_dim=32,
+                                      max_position_embeddings=256, rms_norm_eps=1e-6, initializer_range=0.1,
+                                      tie_word_embeddings=False)
+    torch.manual_seed(0)
+    transformers.AutoModelForCausalLM.from_config(config, dtype=torch.float32).save_pretrained(path)
+    return path

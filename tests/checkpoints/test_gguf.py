@@ -37,7 +37,7 @@ def test_quantized_gguf_dequantizes_close_to_source(qtype, tiny_root):
     hf_dir = make_tiny_hf("llama", tiny_root)
     path = write_gguf_from_hf(hf_dir, f"{tiny_root}/llama-{qtype}.gguf", qtype)
     got = load_checkpoint(path).params
-    prequantized.dequantize_for_layout(got)  # Q8_0 projections come as int8 + block scales
+    prequantized.dequantize_all(got, "test")  # Q8_0 projections come as int8 + block scales
     _, want = load_hf_dir(hf_dir)
     for name in ("layers.wq", "layers.wk", "layers.w_down", "embed"):
         err = np.abs(got[name] - want[name]).max() / np.abs(want[name]).max()

@@ -16,32 +16,16 @@ from checkpoints import load_checkpoint
 from checkpoints.errors import CheckpointError
 from jaxllm.models.llama import build_model
 from jaxllm.models.quant import QuantWeight, weight_bytes
-from tests.checkpoints.gguf_tiny import write_gguf_from_hf
+from tests.checkpoints.gguf_tiny import tiny_llama_hd32, write_gguf_from_hf
 from tests.engine_checks import assert_warm_and_greedy, logits_of
 
 PROJ = ("layers.wq", "layers.wk", "layers.wv", "layers.wo", "layers.w_gate", "layers.w_up", "layers.w_down")
 
 
-def _tiny_llama_hd32(root: str) -> str:
-    """A tiny random HF llama with head_dim 32 (one Q8_0 block per head row of o_proj's input, so
-    all seven projections are kept)."""
-    import torch
-    import transformers
-
-    path = os.path.join(root, "llama_hd32")
-    config = transformers.LlamaConfig(vocab_size=256, hidden_size=64, intermediate_size=96, num_hidden_layers=2,
-                                      num_attention_heads=4, num_key_value_heads=2, head_dim=32,
-                                      max_position_embeddings=256, rms_norm_eps=1e-6, initializer_range=0.1,
-                                      tie_word_embeddings=False)
-    torch.manual_seed(0)
-    transformers.AutoModelForCausalLM.from_config(config, dtype=torch.float32).save_pretrained(path)
-    return path
-
-
 @pytest.fixture(scope="module")
 def files(tmp_path_factory):
     root = str(tmp_path_factory.mktemp("gguf_q"))
-    hf = _tiny_llama_hd32(root)
+    hf = tiny_llama_hd32(root)
     return hf, write_gguf_from_hf(hf, f"{root}/q8.gguf", "Q8_0"), write_gguf_from_hf(hf, f"{root}/q4_1.gguf", "Q4_1")
 
 

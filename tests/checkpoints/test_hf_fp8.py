@@ -194,3 +194,35 @@ def test_fp8_block_checkpoint_matches_transformers_on_dequantized(dirs):
     got = logits_of(build_model(ck.config, ck.params, jnp.float32), ck.config, SEQS)
     want = np.concatenate(hf_logits(ref_dir, SEQS))
     np.testing.assert_allclose(got, want, atol=1e-4 * np.abs(want).max(), rtol=0)
+
+
+def test_float8_tensors_without_quantization_config_is_one_line(root):
+    """float8 tensors in a checkpoint whose config.json has no quantization_config (dropped by hand,
+    or never written): one line naming a float8 tensor and the missing field, before any weight is
+    read, instead of the safetensors package's failure on the first float8 tensor."""
+    d = _with_qc(root, "no-qc", None)
+    with pytest.raises(CheckpointError, match=r"^\S+/no-qc/model\.safetensors: holds float8 tensors "
+                                              r"\(model\.layers\.0\.mlp\.down_proj\.weight: F8_E4M3, 14 in all\) "
+                                              r"but \S+/no-qc/config\.json has no quantization_config "
+                                              r"\(an fp8 checkpoint names its scheme there\)$"):
+        load_checkpoint(d)
+
+
+@pytest.mark.parametrize("scale_dtype", [ml_dtypes.bfloat16, np.float16], ids=["bf16", "f16"])
+@pytest.mark.parametrize("name", ["ct-fp8-dynamic", "fp8-block"])
+def test_half_precision_scales_load_exactly(root, name, scale_dtype):
+    """weight_scale / weight_scale_inv stored as bfloat16 or float16 (some exporters do): read as the
+    f32 of the stored values; the kept weights equal the numpy reference's (q times those scales)."""
+    from checkpoints.safetensors_f8 import read_header
+
+    qc, strategy, kw = CASES[name]
+    tag = np.dtype(scale_dtype).name
+    fp8_dir, ref_dir = make_fp8(root, f"{name}-{tag}", qc, strategy, scale_dtype=scale_dtype, **kw)
+    header, _ = read_header(os.path.join(fp8_dir, "model.safetensors"))
+    scales = {k: v["dtype"] for k, v in header.items() if "weight_scale" in k}
+    assert scales and set(scales.values()) == {"BF16" if scale_dtype == ml_dtypes.bfloat16 else "F16"}
+    ck, ref = load_checkpoint(fp8_dir), load_checkpoint(ref_dir)
+    for p, n in PROJ.items():
+        w = ck.params[p]
+        assert isinstance(w, QuantWeight) and w.scale.dtype == np.float32, p
+        np.testing.assert_array_equal(np.asarray(dequantize(w, n, stacked=True, xp=np)), ref.params[p], err_msg=p)
