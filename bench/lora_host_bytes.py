@@ -8,9 +8,12 @@ step), and loads the adapter the way the engine's loader does (``default_load_fn
 then the runner's ``prepare_lora``). Prints the adapter file's bytes, the ``LoRAAdapter``'s (f32, as
 read) and the prepared host-cache entry's (``nbytes`` of what the manager keeps), and, for scale, one
 device slot's bytes (``LoRASlots.nbytes / max_loras``: every slot is padded to ``max_lora_rank``).
+``sent_bytes``: what one write sends to the device (the entry at its rank bucket: ``LoRASlots.write_arrays``);
 ``set_lora_ms``: the median of ``--repeats`` writes of the prepared entry into slot 1
 (``runner.set_lora``, blocked until done; the first write, which compiles the update, is left out):
-the engine thread's part of a cold adapter (wall clock, ``time.perf_counter``; noisy on a busy host).
+the engine thread's part of a cold adapter (wall clock, ``time.perf_counter``; noisy on a busy host);
+``write_compile_s``: seconds to lower and compile the slot write of each rank bucket (``rank_buckets``:
+what warm-up compiles for LoRA writes; XLA's persistent cache is off here).
 """
 from __future__ import annotations
 
@@ -58,6 +61,11 @@ def main(argv=None) -> int:
         entry = default_load_fn(runner.lora_model_config, args.max_lora_rank, prepare=runner.prepare_lora)(lora)
     import jax
 
+    compile_s = {}  # the slot write's compile per rank bucket (what warm-up adds for LoRA writes)
+    for rb in runner.lora.rank_buckets:
+        t = time.perf_counter()
+        runner.lora.lower(rb).compile()
+        compile_s[rb] = round(time.perf_counter() - t, 3)
     times = []
     for _ in range(args.repeats + 1):
         t = time.perf_counter()
@@ -67,7 +75,8 @@ def main(argv=None) -> int:
     row = {"model": args.model, "dtype": str(runner.lora.dtype), "rank": args.rank,
            "max_lora_rank": args.max_lora_rank, "file_bytes": file_bytes, "loaded_f32_bytes": raw.nbytes,
            "host_cache_bytes": entry.nbytes, "device_slot_bytes": runner.lora.nbytes // runner.lora.num_slots,
-           "set_lora_ms": round(1e3 * statistics.median(times[1:]), 2), "load": os.getloadavg()[0]}
+           "sent_bytes": runner.lora.last_write_nbytes, "set_lora_ms": round(1e3 * statistics.median(times[1:]), 2),
+           "write_compile_s": compile_s, "load": os.getloadavg()[0]}
     print(json.dumps(row) + "\n" + "  ".join(f"{k}: {v / 2**20:.2f} MiB" for k, v in row.items()
                                              if k.endswith("_bytes")))
     if args.output_json:

@@ -32,8 +32,8 @@ The engine never imports jax; it talks to any object with this shape. Contract:
 - ``set_lora(slot, adapter | None)`` (multi-LoRA; only called when the engine has enable_lora): write
   adapter (a ``jaxllm.lora.peft.LoRAAdapter``, or what the runner's optional ``prepare_lora(adapter)``
   made of one: checked and cast on the engine's adapter-loader thread, still at its own rank (the
-  engine's host cache keeps that), so that ``set_lora`` on the engine thread is only the rank padding
-  and the device write) into device slot ``slot`` (1..max_loras) in place, or clear it. The engine
+  engine's host cache keeps that), so that ``set_lora`` on the engine thread is only the device
+  write, which sends it at its rank and pads it on the device) into device slot ``slot`` (1..max_loras) in place, or clear it. The engine
   calls it before dispatching the first step whose seqs carry that ``lora_slot``, never for a slot
   that a seq of an undispatched step still needs; steps dispatched before keep the weights they were
   dispatched with. ``ScheduledSeq.lora_slot`` (0 = base model) picks each seq's adapter.

@@ -281,8 +281,8 @@ def default_load_fn(model_config, max_lora_rank: int, prepare=None) -> LoadFn:
     """The real loader: ``jaxllm.lora.peft.load_adapter`` (imported here, not in the first load: an
     import on the loader thread would hold the GIL against the engine's first steps), then
     ``prepare`` (the runner's ``prepare_lora``: checked and cast, at the adapter's own rank) when
-    given. Runs on the loader thread: the engine thread is left the rank padding and the device
-    write (``set_lora``)."""
+    given. Runs on the loader thread: the engine thread is left the device write (``set_lora``:
+    sent at the adapter's rank bucket, padded to ``max_lora_rank`` on the device)."""
     from jaxllm.lora.peft import load_adapter
 
     def load(lora: LoRARequest):

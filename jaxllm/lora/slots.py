@@ -26,14 +26,23 @@ w_gate_up 2x the needed size, bytes read and FLOPs every step: 111 MiB of slots 
 with 4 slots of rank 16 against 74 MiB now (bench/RESULTS.md).
 
 Slot s (1..S) lives at index s - 1; slot 0 (the base model) has no storage (delta.py). Adapters
-arrive from `jaxllm/lora/peft.py` in checkpoint layout; `slot_arrays` pads the rank, repeats kv
-heads (tensor parallelism with tp > kv heads) on the host; `set` writes them with one
-jitted, donated update (compiled at warm-up, any slot: the slot is an argument). `prepare` does the
-checks and the cast to the slots' dtype ahead of time (numpy only, thread-safe: the engine's adapter
-loader runs it on its own thread) but keeps the adapter at its own rank: the host cache holds
-`max_cpu_loras` of them, and a rank-8 adapter padded to max_lora_rank=64 would cost 8x its bytes
-there (bench/lora_host_bytes.py). `set` pads it (fresh zeros, the adapter's columns copied in)
-just before the device write, on the engine thread.
+arrive from `jaxllm/lora/peft.py` in checkpoint layout. `prepare` does the checks and the cast to the
+slots' dtype ahead of time (numpy only, thread-safe: the engine's adapter loader runs it on its own
+thread) but keeps the adapter at its own rank: the host cache holds `max_cpu_loras` of them, and a
+rank-8 adapter padded to max_lora_rank=64 would cost 8x its bytes there (bench/lora_host_bytes.py).
+
+A slot write (`set`, on the engine thread) sends the adapter at its rank bucket (`rank_buckets`: the
+powers of two from 8 below max_lora_rank, then max_lora_rank) with the checkpoint's kv heads
+(`write_arrays`: the adapter's own arrays when its rank is a bucket, no host copy), and one jitted,
+donated update per bucket (all compiled at warm-up; the slot is an argument) zeroes the slot and
+`dynamic_update_slice`s each part's columns in, repeating kv heads on the device. Under tensor
+parallelism what is sent lands sharded like the slots (each device its own shard; unrepeated kv
+heads whole) and the update moves nothing between devices. Measured on SmolLM2-135M, rank 8 into
+max_lora_rank 64 (bench/RESULTS.md): 9.3 MiB sent instead of 74.5 MiB (f32), no host padding.
+Rejected: padding on the device with `jnp.pad` + concatenate and then one slot-sized update (the
+first version here): on the CPU backend its update ran 58 ms against 8 ms for the zeroed slot and
+the column writes (rank 8, f32); one program for every rank (rank-r sends need a program per
+shape); compiling a bucket on first use (a compile after warm-up: adapters arrive while serving).
 """
 from __future__ import annotations
 
@@ -61,7 +70,8 @@ class SlotAdapter:
     """An adapter checked against the slots and cast to their dtype (``LoRASlots.prepare``), still
     at its own rank: ``modules`` {checkpoint name: (A [L, in..., r], B [L, r, out...])} numpy, as the
     LoRAAdapter's it came from (name / rank / path too). The host cache keeps these: a rank-8 adapter
-    costs rank 8, not ``max_lora_rank``; ``LoRASlots.set`` pads it into the slot layout."""
+    costs rank 8, not ``max_lora_rank``; ``LoRASlots.set`` sends it at its rank bucket and the device
+    pads it into the slot layout."""
     name: str
     rank: int
     modules: dict
@@ -106,31 +116,68 @@ class LoRASlots:
                                tuple(lora_axes(PARAM_AXES[p], len(ins), self.stacked)[1] for p in parts))
         self.weights = self._zeros()
         self.nbytes = sum(x.nbytes for x in jax.tree.leaves(self.weights))
-        self._zero_update = None  # numpy zeros of one slot, made on the first unload
+        self.rank_buckets = rank_buckets(R)  # a slot write is compiled for each (warm-up): its rank → the next
+        self._zero_write = None  # the unload's write (zeros at the smallest bucket), made on the first unload
+        self.last_write_nbytes = 0  # bytes the last `set` sent to the device (bench/lora_host_bytes.py)
 
-        def update(weights, index, new):
-            """weights with slot `index` (0-based) replaced by `new` ({name: LoRAPair [L, ...]})."""
-            def put(w, x, axis):
-                return jax.lax.dynamic_update_index_in_dim(w, x.astype(w.dtype), index, axis)
+        def repeat_kv(param, x):  # B [.., K, D] -> [.., K·kv_repeat, D]: the model's repeated kv heads
+            return jnp.repeat(x, self.kv_repeat, axis=-2) if self.kv_repeat > 1 and param in KV_PARAMS else x
+
+        def write(w, index, xs, slot_axis, rank_axis):
+            """w [(L,) S, ...] with slot `index` zeroed and the parts xs [(L,) ..., rb, ...] (no slot
+            axis) written side by side on `rank_axis` (part k at column k·R): in place, the columns
+            past rb left zero (no zeroing when rb = R: the parts cover the slot)."""
+            rb = xs[0].shape[rank_axis - 1]
+            if rb < R:
+                zeros = jnp.zeros(w.shape[:slot_axis] + w.shape[slot_axis + 1:], w.dtype)  # one slot
+                w = jax.lax.dynamic_update_index_in_dim(w, zeros, index, slot_axis)
+            for k, x in enumerate(xs):
+                starts = [0] * w.ndim
+                starts[slot_axis], starts[rank_axis] = index, k * R
+                w = jax.lax.dynamic_update_slice(w, jnp.expand_dims(x.astype(w.dtype), slot_axis), starts)
+            return w
+
+        def update(weights, index, sent):
+            """weights with slot `index` (0-based) replaced by `sent` ({name: (A parts, B parts)} at one
+            rank bucket: `write_arrays`), padded to max_lora_rank and kv-repeated here, on the device."""
+            def pair(p, n, layer=None):  # one held projection's slots, of every layer (None) or one
+                a_parts, b_parts = sent[n]
+                if layer is not None:
+                    a_parts, b_parts = [x[layer] for x in a_parts], [x[layer] for x in b_parts]
+                s = 0 if layer is not None else 1  # the slot axis
+                return LoRAPair(write(p.a, index, a_parts, s, p.a.ndim - 1),
+                                tuple(write(b, index, [repeat_kv(q, x)], s, s + 1)
+                                      for b, q, x in zip(p.b, LORA_TARGETS[n], b_parts)))
 
             if self.stacked:
-                return {n: LoRAPair(put(p.a, new[n].a, 1), tuple(put(b, nb, 1) for b, nb in zip(p.b, new[n].b)))
-                        for n, p in weights.items()}
-            return [{n: LoRAPair(put(p.a, new[n].a[i], 0), tuple(put(b, nb[i], 0) for b, nb in zip(p.b, new[n].b)))
-                     for n, p in layer.items()} for i, layer in enumerate(weights)]
+                return {n: pair(p, n) for n, p in weights.items()}
+            return [{n: pair(p, n, i) for n, p in layer.items()} for i, layer in enumerate(weights)]
 
         kw = {}
         if layout is not None:
             w_sh = jax.tree.map(lambda x: x.sharding, self.weights)
-            def per_layer(axes, shape):  # the stacked update's slot-less axes
-                return layout.sharding(("layers",) + axes[-len(shape):])
-
-            new_sh = {n: LoRAPair(per_layer(self.axes[n][0], self.shapes[n][0]),
-                                  tuple(per_layer(ax, sh) for ax, sh in zip(self.axes[n][1], self.shapes[n][1])))
-                      for n in LORA_TARGETS}
-            kw = dict(in_shardings=(w_sh, layout.replicated, new_sh), out_shardings=w_sh)
+            # what is sent lands sharded like the slots (minus the slot axis): each device gets its own
+            # shard; kv heads not yet repeated (fewer than the devices when kv_repeat > 1) go whole
+            sent_sh = {n: tuple(tuple(layout.sharding(ax) for ax in side) for side in self._sent_axes(n))
+                       for n in LORA_TARGETS}
+            kw = dict(in_shardings=(w_sh, layout.replicated, sent_sh), out_shardings=w_sh)
         self._update = jax.jit(update, donate_argnums=(0,), **kw)
-        self._exe = None
+
+    def _sent_axes(self, name: str) -> tuple[tuple, tuple]:
+        """Logical axes of what a slot write sends for `name`: (A per part ("layers", in..., "lora_rank"),
+        B per part ("layers", "lora_rank", out...)); B's "kv_heads" unsharded while they are repeated."""
+        parts = LORA_TARGETS[name]
+        ins = len(self.ckpt_shapes[parts[0]][0])
+        a = lora_axes(MODEL_AXES[f"layers.{name}"], ins, True)[0]
+        a = (a[0],) + a[2:]  # without "lora_slots"
+        bs = []
+        for p in parts:
+            b = lora_axes(PARAM_AXES[p], ins, True)[1]
+            b = (b[0],) + b[2:]
+            if self.kv_repeat > 1 and p in KV_PARAMS:
+                b = tuple(None if x == "kv_heads" else x for x in b)
+            bs.append(b)
+        return (a,) * len(parts), tuple(bs)
 
     def _zeros(self):
         L, S = self.num_layers, self.num_slots
@@ -176,49 +223,82 @@ class LoRASlots:
                    for param, (a, b) in adapter.modules.items()}
         return SlotAdapter(adapter.name, adapter.rank, modules, adapter.path)
 
-    def slot_arrays(self, adapter: LoRAAdapter | SlotAdapter | None) -> dict[str, LoRAPair]:
-        """{name: LoRAPair(a [L, in..., P·R], b per part [L, R, out_p...])} numpy in the slot layout
-        and dtype: the adapter's rank-r columns, zeros past them (None: all zeros)."""
-        L, R, dt = self.num_layers, self.rank, np.dtype(self.dtype)
-        out = {}
+    def bucket(self, rank: int) -> int:
+        """The rank a rank-`rank` adapter is sent at: the smallest of `rank_buckets` >= it."""
+        return next(b for b in self.rank_buckets if b >= rank)
+
+    def write_arrays(self, adapter: SlotAdapter | None) -> tuple[int, dict]:
+        """(rb, {name: (A per part [L, in..., rb], B per part [L, rb, out_p...])}): what a slot write
+        sends, numpy in the slots' dtype at the adapter's rank bucket rb (`bucket`) with the checkpoint's
+        kv heads. The adapter's own arrays when its rank is a bucket (no copy); else, and for a
+        projection it does not have, zeros past its rank (None: zeros at the smallest bucket)."""
+        L, dt = self.num_layers, np.dtype(self.dtype)
+        rb = self.bucket(0 if adapter is None else adapter.rank)
+
+        def at_rank(x, shape, axis):  # x [.., r, ..] (None: absent) -> [.., rb, ..] `shape`
+            if x is not None and x.shape == shape:
+                return x
+            out = np.zeros(shape, dt)
+            if x is not None:
+                index = [slice(None)] * len(shape)
+                index[axis] = slice(0, x.shape[axis])
+                out[tuple(index)] = x
+            return out
+
+        sent = {}
         for name, parts in LORA_TARGETS.items():
-            P = len(parts)
-            ins = self.ckpt_shapes[parts[0]][0]
-            a = np.zeros((L,) + ins + (P * R,), dt)  # [L, in..., P*R]
-            bs = []
-            for p, param in enumerate(parts):
-                b = np.zeros((L, R) + self.ckpt_shapes[param][1], dt)  # [L, R, out_p...]
-                if adapter is not None and param in adapter.modules:
-                    pa, pb = adapter.modules[param]
-                    r = pa.shape[-1]
-                    a[..., p * R:p * R + r] = pa  # ranks r..R stay zero (an f32 adapter is cast here)
-                    b[:, :r] = pb
-                if self.kv_repeat > 1 and param in KV_PARAMS:
-                    b = np.repeat(b, self.kv_repeat, axis=-2)  # the model's repeated kv heads
-                bs.append(b)
-            out[name] = LoRAPair(a, tuple(bs))
-        return out
+            As, Bs = [], []
+            for param in parts:
+                ins, outs = self.ckpt_shapes[param]
+                a, b = (None, None) if adapter is None else adapter.modules.get(param, (None, None))
+                As.append(at_rank(a, (L,) + ins + (rb,), -1))  # [L, in..., rb]
+                Bs.append(at_rank(b, (L, rb) + outs, 1))  # [L, rb, out_p...]
+            sent[name] = (tuple(As), tuple(Bs))
+        return rb, sent
 
     # ----- device side ---------------------------------------------------------------------------
-    def lower(self):
-        """The update's lowering (the runner compiles it at warm-up)."""
-        return self._update.lower(self.weights, np.int32(0), self.slot_arrays(None))
+    def lower(self, rank: int):
+        """The update's lowering for sends at rank bucket `rank` (the runner compiles every one of
+        `rank_buckets` at warm-up)."""
+        if rank not in self.rank_buckets:
+            raise ValueError(f"rank={rank} is not a slot-write rank bucket: must be one of {self.rank_buckets}")
+        L, dt = self.num_layers, np.dtype(self.dtype)
+        sent = {}
+        for name, parts in LORA_TARGETS.items():
+            ins = self.ckpt_shapes[parts[0]][0]
+            sent[name] = (tuple(jax.ShapeDtypeStruct((L,) + ins + (rank,), dt) for _ in parts),
+                          tuple(jax.ShapeDtypeStruct((L, rank) + self.ckpt_shapes[p][1], dt) for p in parts))
+        return self._update.lower(self.weights, np.int32(0), sent)
 
     def set(self, slot: int, adapter: LoRAAdapter | SlotAdapter | None, executable=None) -> None:
-        """Writes `adapter` (None: zeros; a SlotAdapter: as prepared) into `slot` in place with the
-        compiled update (`executable`, the runner's from warm-up; None: the jitted function)."""
+        """Writes `adapter` (None: zeros; a SlotAdapter: as prepared) into `slot` in place: sends it at
+        its rank bucket (`write_arrays`) to the compiled update of that bucket (`executable(rb)`, the
+        runner's from warm-up; None: the jitted function), which pads it to max_lora_rank on the device."""
         if isinstance(adapter, SlotAdapter):  # checked and cast by prepare (the loader thread)
             self.check(slot, None)
-            new = self.slot_arrays(adapter)
         elif adapter is None:
             self.check(slot, None)
-            if self._zero_update is None:
-                self._zero_update = self.slot_arrays(None)
-            new = self._zero_update
         else:
             self.check(slot, adapter)
-            new = self.slot_arrays(adapter)
-        self.weights = (executable or self._update)(self.weights, np.int32(slot - 1), new)
+            adapter = self.prepare(adapter)  # cast on the host: one program per bucket, the slots' dtype
+        if adapter is None:
+            if self._zero_write is None:
+                self._zero_write = self.write_arrays(None)
+            rb, sent = self._zero_write
+        else:
+            rb, sent = self.write_arrays(adapter)
+        self.last_write_nbytes = sum(x.nbytes for x in jax.tree.leaves(sent))
+        self.weights = (self._update if executable is None else executable(rb))(self.weights, np.int32(slot - 1), sent)
+
+
+def rank_buckets(max_rank: int, smallest: int = 8) -> tuple[int, ...]:
+    """The ranks a slot write is compiled for: the powers of two from `smallest` below `max_rank`, then
+    `max_rank` (64: 8, 16, 32, 64; 8 or less: just it). An adapter is sent at the next one up."""
+    out, b = [], smallest
+    while b < max_rank:
+        out.append(b)
+        b *= 2
+    return tuple(out) + (max_rank,)
 
 
 def check_seq_slots(seqs, slots: "LoRASlots | None", task: str) -> None:

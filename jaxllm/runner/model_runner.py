@@ -268,12 +268,13 @@ class ModelRunner:
 
     def set_lora(self, slot: int, adapter) -> None:
         """Loads `adapter` (a jaxllm.lora.peft.LoRAAdapter, or a SlotAdapter from `prepare_lora`: then
-        only the rank padding and the device write are left; None: empties the slot) into device slot
-        `slot` (1..max_loras) in place: one donated update compiled at warm-up, nothing retraced.
+        only the device write is left: sent at its rank bucket, padded on the device; None: empties the
+        slot) into device slot `slot` (1..max_loras) in place: a donated update per rank bucket,
+        compiled at warm-up, nothing retraced.
         Steps dispatched afterwards see it; ValueError (nothing changed) for a bad slot or adapter."""
         if self.lora is None:
             raise ValueError("set_lora needs a runner built with lora_config (enable_lora=True)")
-        self.lora.set(slot, adapter, self._executable(("set_lora",), self.lora.lower))
+        self.lora.set(slot, adapter, lambda rank: self._executable(("set_lora", rank), lambda: self.lora.lower(rank)))
 
     # ----- multi-host ---------------------------------------------------------------
     def follow(self) -> None:
@@ -411,8 +412,9 @@ class ModelRunner:
                 jobs[key] = self._step_lowering(inp)
             if self.supports_prompt_logprobs and ("prompt_lp", T) not in self._executables:
                 jobs[("prompt_lp", T)] = self._prompt_lp_lowering(T)
-        if self.lora is not None and ("set_lora",) not in self._executables:
-            jobs[("set_lora",)] = self.lora.lower()
+        for rank in () if self.lora is None else self.lora.rank_buckets:  # a slot write per rank bucket
+            if ("set_lora", rank) not in self._executables:
+                jobs[("set_lora", rank)] = self.lora.lower(rank)
         if jobs:
             workers = max(1, min(len(jobs), os.cpu_count() or 1))
             with concurrent.futures.ThreadPoolExecutor(workers, thread_name_prefix="jaxllm-compile") as pool:

@@ -387,3 +387,39 @@ def test_lora_mixed_slots_match_tp1_and_add_no_collective(path, lora_adapters):
             ops = [(re.sub(r"\{[\d,]*\}", "", shape), op) for shape, op in ops]  # drop layouts
             body = ("(f32[2,64], f32[2,3,8])", "all-reduce")  # [T, E] and u [T, S, R] in one op
             assert ops == [body, body, ("f32[2,512]", "all-gather"), ("f32[2,64]", "all-reduce")], ops
+
+
+@pytest.mark.parametrize("tp,layer_loop", [(2, "scan"), (8, "scan"), (8, "unroll")])
+def test_lora_slot_write_pads_on_device_sharded_in_place(path, tp, layer_loop):
+    """A slot write sends the adapter at its rank bucket, B_k/B_v with the checkpoint's kv heads (tp=8
+    repeats them twice on the device): each slot's contents equal the numpy padding with repeated kv
+    heads (tests/lora/slot_ref.py), the slots keep their shardings, the write is donated (aliased in
+    place) and its program moves nothing between devices."""
+    import re
+
+    from jaxllm.lora.config import LoRAConfig
+    from jaxllm.lora.slots import LoRASlots
+    from tests.lora.slot_ref import assert_slot_equal, padded_slot, random_adapter, read_slot
+
+    ckpt = load_checkpoint(path)
+    c = ckpt.config
+    layout = TPLayout.plan(c, tp, make_mesh(tp))
+    slots = LoRASlots(LoRAConfig(2, 16), build_model(c, ckpt.params, jnp.float32, layout=layout, layer_loop=layer_loop))
+    assert slots.kv_repeat == (2 if tp == 8 else 1) and slots.rank_buckets == (8, 16)
+    shardings = jax.tree.map(lambda x: x.sharding, slots.weights)
+    assert any(not s.is_fully_replicated for s in jax.tree.leaves(shardings))
+    for rb in slots.rank_buckets:
+        hlo = slots.lower(rb).compile().as_text()
+        assert "input_output_alias" in hlo, f"rank {rb}: the slot update is not in place"
+        assert not re.search(r"all-reduce|all-gather|reduce-scatter|all-to-all|collective-permute", hlo), rb
+    want = {s: padded_slot(None, c, 16, slots.kv_repeat, jnp.float32) for s in (1, 2)}
+    writes = ((1, 8, None), (2, 5, ("layers.wk", "layers.wv", "layers.wo")), (1, 16, None), (2, None, None))
+    for seed, (slot, rank, params) in enumerate(writes):
+        ad = None if rank is None else random_adapter(c, rank, seed, params=params)
+        old = jax.tree.leaves(slots.weights)
+        slots.set(slot, ad)
+        assert all(x.is_deleted() for x in old), "the slot write is not donated"
+        assert jax.tree.map(lambda x: x.sharding, slots.weights) == shardings
+        want[slot] = padded_slot(ad, c, 16, slots.kv_repeat, jnp.float32)
+        for s in want:
+            assert_slot_equal(read_slot(slots, s), want[s], f"tp={tp} {layer_loop} slot {s} after writing slot {slot}")
