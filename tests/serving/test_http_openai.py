@@ -99,9 +99,31 @@ def test_n2_seeded_sampling_and_logprobs_equal_offline(client, llm):
     for c, w in zip(resp.choices, want):
         assert c.text == w.text
         assert c.logprobs.token_logprobs == pytest.approx([lp[t].logprob for t, lp in zip(w.token_ids, w.logprobs)])
-        assert all(len(top) == 2 for top in c.logprobs.top_logprobs)
+        # vLLM's legacy top_logprobs: the sampled token and the top k (2 or 3 entries here)
+        assert c.logprobs.top_logprobs == [pytest.approx(legacy_top(lp, t, 2)) for t, lp in zip(w.token_ids, w.logprobs)]
         assert "".join(c.logprobs.tokens) == c.text
     assert resp.usage.completion_tokens == 16
+
+
+def legacy_top(entry, tid, k):
+    """vLLM's legacy completions ``top_logprobs`` of one token from the offline entry: the
+    sampled token plus the top k by rank (k = 0: the sampled token alone)."""
+    return {lp.decoded_token: lp.logprob for t, lp in entry.items() if t == tid or lp.rank <= k}
+
+
+def test_completions_logprobs_0_holds_the_sampled_token(client, llm):
+    kw = dict(max_tokens=6, temperature=0.9, seed=11, ignore_eos=True)
+    want = offline(llm, PROMPTS[2], logprobs=3, **kw).outputs[0]
+    resp = client.completions.create(model="fake-llm", prompt=PROMPTS[2], logprobs=0, max_tokens=6,
+                                     temperature=0.9, seed=11, extra_body={"ignore_eos": True})
+    lp = resp.choices[0].logprobs
+    assert resp.choices[0].text == want.text
+    assert lp.top_logprobs == [pytest.approx({w[t].decoded_token: w[t].logprob}) for t, w in zip(want.token_ids, want.logprobs)]
+    assert lp.top_logprobs == [{tok: own} for tok, own in zip(lp.tokens, lp.token_logprobs)]
+    streamed = [top for ch in client.completions.create(
+        model="fake-llm", prompt=PROMPTS[2], logprobs=0, max_tokens=6, temperature=0.9, seed=11, stream=True,
+        extra_body={"ignore_eos": True}) for top in (ch.choices[0].logprobs.top_logprobs if ch.choices else [])]
+    assert streamed == lp.top_logprobs
 
 
 def test_chat_greedy_equals_offline_chat(client, llm):
