@@ -253,7 +253,7 @@ def _choice(job: _Job, index: int, d: SampleDelta, *, final: bool, first: bool =
                     return None  # text held back by the reader: nothing to send for this choice yet
                 out = {"index": index, "delta": delta, "logprobs": lp, "finish_reason": reason}
         elif final:
-            out = {"index": index, "message": {"role": "assistant", "content": d.text},
+            out = {"index": index, "message": {"role": "assistant", "content": d.text, "tool_calls": []},  # as vLLM's
                    "logprobs": lp, "finish_reason": d.finish_reason}
         else:
             delta = {"role": "assistant", "content": d.text} if first else {"content": d.text}

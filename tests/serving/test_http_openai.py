@@ -205,3 +205,23 @@ def test_stream_two_prompts_n2_indices_and_texts(client, llm):
                 finish[c.index] = c.finish_reason
     assert texts == {k * 2 + i: want[k][i].text for k in range(2) for i in range(2)}
     assert finish == {i: "length" for i in range(4)}
+
+
+def test_chat_message_carries_an_empty_tool_calls_list_as_vllm(client):
+    """vLLM's ChatMessage has ``tool_calls`` default [] and the response is dumped whole: a message
+    without a call says ``"tool_calls": []`` (with tools given or not); streamed deltas do not."""
+    tools = [{"type": "function", "function": {"name": "f", "parameters": {"type": "object"}}}]
+    for extra in ({}, {"tools": tools, "tool_choice": "none"}):
+        raw = client.chat.completions.with_raw_response.create(
+            model="fake-llm", messages=CHAT, max_tokens=4, temperature=0, extra_body={"ignore_eos": True}, **extra)
+        msg = raw.http_response.json()["choices"][0]["message"]
+        assert msg["tool_calls"] == [] and msg["role"] == "assistant" and len(msg["content"]) == 4, extra
+        parsed = raw.parse().choices[0].message
+        assert parsed.tool_calls == [] and parsed.content == msg["content"]
+        chunks = list(client.chat.completions.create(model="fake-llm", messages=CHAT, max_tokens=4, temperature=0,
+                                                     stream=True, extra_body={"ignore_eos": True}, **extra))
+        assert all(c.choices[0].delta.tool_calls is None for c in chunks if c.choices)
+        # the answer's message goes back into the conversation as the client holds it
+        again = client.chat.completions.create(model="fake-llm", messages=CHAT + [parsed, {"role": "user", "content": "?"}],
+                                               max_tokens=2, temperature=0, **extra)
+        assert again.choices[0].message.tool_calls == []
