@@ -6,12 +6,14 @@ as vLLM), ``POST /v1/load_lora_adapter`` / ``/v1/unload_lora_adapter`` (vLLM's, 
 also as server-sent events ending ``data: [DONE]``), ``GET /health``, ``POST /tokenize``,
 ``POST /detokenize``, ``POST /v1/embeddings`` (``serving/openai_embed.py``; a server started
 with ``--task embed``) and ``GET /metrics`` (Prometheus text of the server's registry, like
-``--metrics-port``; no API key, as /health). Admission, caps, queue limit, drain and the in-flight registry are the
+``--metrics-port``; no API key, as /health), ``GET|POST /ping`` (= /health), ``GET /version``
+(both without a key) and ``POST /reset_prefix_cache`` (vLLM's: the prefix cache forgets the
+blocks no request holds). Admission, caps, queue limit, drain and the in-flight registry are the
 front door's, shared with gRPC; this module only maps HTTP <-> front door.
 
 Status codes (body: OpenAI's ``{"error": {"message", "type", "param", "code"}}``):
 400 bad JSON, wrong type, unknown field, out-of-range value, prompt too long, a server cap;
-401 missing/wrong ``Authorization: Bearer`` key (every path but /health); 404 unknown model or
+401 missing/wrong ``Authorization: Bearer`` key (every path but /health, /ping, /metrics, /version); 404 unknown model or
 path (paths are exact: "/v1/models/" is a 404, not a redirect); 405 wrong method; 413 body
 larger than --max-message-bytes; 429 waiting requests >= --max-queued-requests; 503 starting,
 draining, engine wedged; 500 the engine died mid-request.
@@ -31,7 +33,8 @@ from fastapi.exceptions import RequestValidationError
 from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.responses import JSONResponse, PlainTextResponse
 
-from serving.frontdoor import Code, FrontDoorError, ModelInfo, check_token_ids, invalid
+from jaxllm.engine.async_engine import EngineDeadError
+from serving.frontdoor import Code, FrontDoorError, ModelInfo, check_token_ids, dead_message, invalid
 from serving.openai_embed import EmbeddingRequest, create_embeddings
 from serving.openai_generate import chat_job, completion_job, respond
 from serving.openai_protocol import (ChatCompletionRequest, CompletionRequest, DetokenizeRequest,
@@ -113,8 +116,22 @@ def _shown(value) -> str:
     return r if len(r) <= 80 else r[:77] + "..."
 
 
+# paths served without the API key: health and its SageMaker alias, metrics and the version (vLLM
+# asks a key only under /v1; jaxllm also guards /tokenize, /detokenize and /reset_prefix_cache)
+OPEN_PATHS = ("/health", "/ping", "/metrics", "/version")
+
+
+def jaxllm_version() -> str:
+    from importlib.metadata import PackageNotFoundError, version
+
+    try:
+        return version("jaxllm")
+    except PackageNotFoundError:  # a checkout on PYTHONPATH, not installed
+        return "unknown"
+
+
 class _Guard:
-    """ASGI middleware in front of every route: the API key (not on /health, /metrics) and the body size
+    """ASGI middleware in front of every route: the API key (not on OPEN_PATHS) and the body size
     limit (the whole body is read here, so an oversized or chunked one is refused with 413
     before any handler parses it)."""
 
@@ -127,7 +144,7 @@ class _Guard:
         if scope["type"] != "http":
             return await self.app(scope, receive, send)
         headers = dict(scope.get("headers") or ())
-        if self.expected is not None and scope.get("path") not in ("/health", "/metrics"):
+        if self.expected is not None and scope.get("path") not in OPEN_PATHS:
             got = headers.get(b"authorization", b"")
             if not hmac.compare_digest(got, self.expected):
                 msg = ("missing API key: send the header 'Authorization: Bearer <api key>'" if not got
@@ -219,6 +236,26 @@ def build_app(server: "ServingServer") -> Any:
         if server.monitor.status == SERVING:
             return JSONResponse({"status": "SERVING"})
         return JSONResponse({"status": "NOT_SERVING", "reason": server.monitor.reason}, status_code=503)
+
+    # SageMaker-style health: the same answer as /health, GET or POST (vLLM's /ping)
+    app.add_api_route("/ping", health, methods=["GET", "POST"])
+
+    @app.get("/version")
+    async def version():
+        return {"version": jaxllm_version()}
+
+    @app.post("/reset_prefix_cache")
+    async def reset_prefix_cache():
+        """vLLM's dev endpoint: the prefix cache forgets the blocks no request holds (requests in
+        flight keep theirs); answers how many blocks it dropped."""
+        reason = door.refusal_reason()
+        if reason is not None:
+            raise FrontDoorError(Code.UNAVAILABLE, reason)
+        try:
+            dropped = await server.async_engine.call(lambda engine: engine.evict_free_cached())
+        except EngineDeadError as exc:
+            raise FrontDoorError(Code.INTERNAL, dead_message(exc)) from None
+        return {"num_blocks_dropped": int(dropped)}
 
     @app.get("/v1/models")
     async def models():
