@@ -26,6 +26,7 @@ import logging
 import re
 import socket
 import time
+import uuid
 from typing import TYPE_CHECKING, Any
 
 from fastapi import FastAPI, Request
@@ -259,14 +260,15 @@ def build_app(server: "ServingServer") -> Any:
 
     @app.get("/v1/models")
     async def models():
+        model = door.model().name  # the --model value, vLLM's root of the base model's card
         info = model_of(None)
         created = int(wall_started(server.async_engine.started_at))
         base = {"id": info.name, "object": "model", "created": created, "owned_by": "jaxllm",
-                "root": info.name, "parent": None, "max_model_len": info.max_model_len}
+                "root": model, "parent": None, "max_model_len": info.max_model_len}
         # LoRA adapters as vLLM lists them: root = the adapter's path, parent = the base model
-        return {"object": "list", "data": [base] + [
-            {**base, "id": a.lora_name, "root": a.lora_path, "parent": info.name}
-            for a in door.adapters.list()]}
+        cards = [base] + [{**base, "id": a.lora_name, "root": a.lora_path, "parent": info.name}
+                          for a in door.adapters.list()]
+        return {"object": "list", "data": [{**c, "permission": [_permission(created)]} for c in cards]}
 
     @app.post("/v1/load_lora_adapter")
     async def load_lora_adapter(body: LoadLoRAAdapterRequest):
@@ -392,6 +394,14 @@ class HttpServer:
         if self._task is not None:
             await self._task
         await uv.shutdown(sockets=[self._sock] if self._sock else None)
+
+
+def _permission(created: int) -> dict:
+    """vLLM's ModelPermission with its defaults (the OpenAI legacy object): one per model card."""
+    return {"id": f"modelperm-{uuid.uuid4().hex}", "object": "model_permission", "created": created,
+            "allow_create_engine": False, "allow_sampling": True, "allow_logprobs": True,
+            "allow_search_indices": False, "allow_view": True, "allow_fine_tuning": False,
+            "organization": "*", "group": None, "is_blocking": False}
 
 
 def wall_started(t_monotonic: float) -> float:

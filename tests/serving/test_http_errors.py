@@ -159,7 +159,7 @@ def test_queue_limit_is_429_served_model_name_and_health_needs_no_key():
     try:
         with httpx.Client(base_url=srv.base_url, headers=AUTH, timeout=10) as h:
             assert httpx.get(srv.base_url + "/health").status_code == 200  # no key needed
-            assert [m["id"] for m in h.get("/v1/models").json()["data"]] == ["team/model-a"]
+            assert [(m["id"], m["root"]) for m in h.get("/v1/models").json()["data"]] == [("team/model-a", "fake")]
             assert h.post(C, json={"model": "fake", "prompt": "a"}).status_code == 404  # --model is not its id
             assert h.post(C, json={"model": "team/model-a", "prompt": "a", "max_tokens": 1}).status_code == 200
             eng.stall(True)  # steps run but admit nothing: requests stay waiting

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import asyncio
 
+import httpx
 import openai
 import pytest
 
@@ -43,9 +44,19 @@ def offline(llm, prompt, **kw):
     return llm.generate([prompt], SamplingParams(**kw), use_tqdm=False)[0]
 
 
-def test_models_lists_the_served_model(client):
+def test_models_lists_the_served_model(client, srv):
     models = client.models.list().data
     assert [m.id for m in models] == ["fake-llm"]
+    # vLLM's ModelCard fields: root (the --model value), parent, max_model_len, permission
+    card = httpx.get(srv.base_url + "/v1/models").json()["data"][0]
+    assert set(card) == {"id", "object", "created", "owned_by", "root", "parent", "max_model_len", "permission"}
+    assert (card["object"], card["root"], card["parent"], card["max_model_len"]) == ("model", "fake-llm", None, 128)
+    [perm] = card["permission"]
+    assert perm["id"].startswith("modelperm-") and perm["object"] == "model_permission"
+    assert perm["created"] == card["created"] and perm["organization"] == "*" and perm["group"] is None
+    assert [k for k in perm if perm[k] is True] == ["allow_sampling", "allow_logprobs", "allow_view"]
+    assert [k for k in perm if perm[k] is False] == ["allow_create_engine", "allow_search_indices",
+                                                     "allow_fine_tuning", "is_blocking"]
 
 
 def test_completions_greedy_equals_offline_with_usage(client, llm):
