@@ -313,7 +313,9 @@ def build_app(server: "ServingServer") -> Any:
                 ids = [int(t) for t in info.tokenizer.encode(body.prompt, add_special_tokens=body.add_special_tokens)]
         except ValueError as exc:
             raise invalid(str(exc), "messages" if body.messages is not None else "prompt") from None
-        return {"count": len(ids), "max_model_len": info.max_model_len, "tokens": ids}
+        # vLLM's answer: token_strs (the vocabulary's strings) only with return_token_strs, else null
+        strs = token_strs(info.tokenizer, ids) if body.return_token_strs else None
+        return {"count": len(ids), "max_model_len": info.max_model_len, "tokens": ids, "token_strs": strs}
 
     @app.post("/detokenize")
     async def detokenize(body: DetokenizeRequest):
@@ -394,6 +396,15 @@ class HttpServer:
         if self._task is not None:
             await self._task
         await uv.shutdown(sockets=[self._sock] if self._sock else None)
+
+
+def token_strs(tokenizer: Any, ids: list[int]) -> list[str]:
+    """The vocabulary strings of ``ids`` (``convert_ids_to_tokens``); a tokenizer without one
+    (the fakes, token-ids-only models) answers each id's own text, special tokens kept."""
+    convert = getattr(tokenizer, "convert_ids_to_tokens", None)
+    if convert is not None:
+        return list(convert(ids))
+    return [tokenizer.decode([t], skip_special_tokens=False) for t in ids]
 
 
 def _permission(created: int) -> dict:

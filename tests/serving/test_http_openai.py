@@ -200,6 +200,13 @@ def test_tokenize_detokenize_roundtrip(srv, llm):
         assert chat["tokens"] == llm.get_tokenizer().chat_prompt(CHAT)["prompt_token_ids"]
         assert h.post("/detokenize", json={"tokens": r["tokens"]}).json() == {"prompt": "Hello"}
         assert h.get("/health").status_code == 200
+        # vLLM's return_token_strs: each token's vocabulary string (the fake's: its character; specials kept)
+        assert r["token_strs"] is None
+        strs = h.post("/tokenize", json={"prompt": "Hi!", "return_token_strs": True}).json()
+        assert strs["tokens"] == tok.encode("Hi!") and strs["token_strs"] == ["H", "i", "!"]
+        with_chat = h.post("/tokenize", json={"messages": CHAT, "return_token_strs": True}).json()
+        assert with_chat["token_strs"] == [tok.decode([t], skip_special_tokens=False) for t in chat["tokens"]]
+        assert "<sep>" in with_chat["token_strs"]  # special tokens keep their strings
 
 
 def test_stream_two_prompts_n2_indices_and_texts(client, llm):
