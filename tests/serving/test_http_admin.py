@@ -29,7 +29,10 @@ class SlowRunner(FakeRunner):
 
 @pytest.fixture(scope="module")
 def srv():
-    s = ThreadedServer(make_llm_engine(max_model_len=4096, num_blocks=2048, runner_cls=SlowRunner), api_key=KEY)
+    # health probes off after the first: a probe caches (and hits) its own prompt's block, which the
+    # exact prefix-cache counts below would see
+    s = ThreadedServer(make_llm_engine(max_model_len=4096, num_blocks=2048, runner_cls=SlowRunner), api_key=KEY,
+                       health_probe_interval=3600.0)
     yield s
     s.close()
 
