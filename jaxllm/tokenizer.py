@@ -67,6 +67,11 @@ class Tokenizer:
             return self._fast_decode(list(ids), skip_special_tokens=skip_special_tokens)
         return self.hf.decode(list(ids), skip_special_tokens=skip_special_tokens)
 
+    def convert_ids_to_tokens(self, ids) -> list[str]:
+        """The vocabulary's own strings of ``ids`` (byte-level BPE: ``"Ġworld"``), as vLLM's
+        ``/tokenize`` ``token_strs``; not their decoded text."""
+        return [str(t) for t in self.hf.convert_ids_to_tokens(list(ids))]
+
     def apply_chat_template(self, messages: list[dict], add_generation_prompt: bool = True) -> list[int]:
         """Token ids of the rendered conversation. Template errors propagate as they are: each edge
         names its own field (`chat_prompt` here, serving.convert.render_chat for gRPC)."""

@@ -6,12 +6,14 @@ as vLLM), ``POST /v1/load_lora_adapter`` / ``/v1/unload_lora_adapter`` (vLLM's, 
 also as server-sent events ending ``data: [DONE]``), ``GET /health``, ``POST /tokenize``,
 ``POST /detokenize``, ``POST /v1/embeddings`` (``serving/openai_embed.py``; a server started
 with ``--task embed``) and ``GET /metrics`` (Prometheus text of the server's registry, like
-``--metrics-port``; no API key, as /health). Admission, caps, queue limit, drain and the in-flight registry are the
+``--metrics-port``; no API key, as /health), ``GET|POST /ping`` (= /health), ``GET /version``
+(both without a key) and ``POST /reset_prefix_cache`` (vLLM's: the prefix cache forgets the
+blocks no request holds). Admission, caps, queue limit, drain and the in-flight registry are the
 front door's, shared with gRPC; this module only maps HTTP <-> front door.
 
 Status codes (body: OpenAI's ``{"error": {"message", "type", "param", "code"}}``):
 400 bad JSON, wrong type, unknown field, out-of-range value, prompt too long, a server cap;
-401 missing/wrong ``Authorization: Bearer`` key (every path but /health); 404 unknown model or
+401 missing/wrong ``Authorization: Bearer`` key (every path but /health, /ping, /metrics, /version); 404 unknown model or
 path (paths are exact: "/v1/models/" is a 404, not a redirect); 405 wrong method; 413 body
 larger than --max-message-bytes; 429 waiting requests >= --max-queued-requests; 503 starting,
 draining, engine wedged; 500 the engine died mid-request.
@@ -24,6 +26,7 @@ import logging
 import re
 import socket
 import time
+import uuid
 from typing import TYPE_CHECKING, Any
 
 from fastapi import FastAPI, Request
@@ -31,7 +34,8 @@ from fastapi.exceptions import RequestValidationError
 from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.responses import JSONResponse, PlainTextResponse
 
-from serving.frontdoor import Code, FrontDoorError, ModelInfo, check_token_ids, invalid
+from jaxllm.engine.async_engine import EngineDeadError
+from serving.frontdoor import Code, FrontDoorError, ModelInfo, check_token_ids, dead_message, invalid
 from serving.openai_embed import EmbeddingRequest, create_embeddings
 from serving.openai_generate import chat_job, completion_job, respond
 from serving.openai_protocol import (ChatCompletionRequest, CompletionRequest, DetokenizeRequest,
@@ -113,8 +117,22 @@ def _shown(value) -> str:
     return r if len(r) <= 80 else r[:77] + "..."
 
 
+# paths served without the API key: health and its SageMaker alias, metrics and the version (vLLM
+# asks a key only under /v1; jaxllm also guards /tokenize, /detokenize and /reset_prefix_cache)
+OPEN_PATHS = ("/health", "/ping", "/metrics", "/version")
+
+
+def jaxllm_version() -> str:
+    from importlib.metadata import PackageNotFoundError, version
+
+    try:
+        return version("jaxllm")
+    except PackageNotFoundError:  # a checkout on PYTHONPATH, not installed
+        return "unknown"
+
+
 class _Guard:
-    """ASGI middleware in front of every route: the API key (not on /health, /metrics) and the body size
+    """ASGI middleware in front of every route: the API key (not on OPEN_PATHS) and the body size
     limit (the whole body is read here, so an oversized or chunked one is refused with 413
     before any handler parses it)."""
 
@@ -127,7 +145,7 @@ class _Guard:
         if scope["type"] != "http":
             return await self.app(scope, receive, send)
         headers = dict(scope.get("headers") or ())
-        if self.expected is not None and scope.get("path") not in ("/health", "/metrics"):
+        if self.expected is not None and scope.get("path") not in OPEN_PATHS:
             got = headers.get(b"authorization", b"")
             if not hmac.compare_digest(got, self.expected):
                 msg = ("missing API key: send the header 'Authorization: Bearer <api key>'" if not got
@@ -220,16 +238,37 @@ def build_app(server: "ServingServer") -> Any:
             return JSONResponse({"status": "SERVING"})
         return JSONResponse({"status": "NOT_SERVING", "reason": server.monitor.reason}, status_code=503)
 
+    # SageMaker-style health: the same answer as /health, GET or POST (vLLM's /ping)
+    app.add_api_route("/ping", health, methods=["GET", "POST"])
+
+    @app.get("/version")
+    async def version():
+        return {"version": jaxllm_version()}
+
+    @app.post("/reset_prefix_cache")
+    async def reset_prefix_cache():
+        """vLLM's dev endpoint: the prefix cache forgets the blocks no request holds (requests in
+        flight keep theirs); answers how many blocks it dropped."""
+        reason = door.refusal_reason()
+        if reason is not None:
+            raise FrontDoorError(Code.UNAVAILABLE, reason)
+        try:
+            dropped = await server.async_engine.call(lambda engine: engine.evict_free_cached())
+        except EngineDeadError as exc:
+            raise FrontDoorError(Code.INTERNAL, dead_message(exc)) from None
+        return {"num_blocks_dropped": int(dropped)}
+
     @app.get("/v1/models")
     async def models():
+        model = door.model().name  # the --model value, vLLM's root of the base model's card
         info = model_of(None)
         created = int(wall_started(server.async_engine.started_at))
         base = {"id": info.name, "object": "model", "created": created, "owned_by": "jaxllm",
-                "root": info.name, "parent": None, "max_model_len": info.max_model_len}
+                "root": model, "parent": None, "max_model_len": info.max_model_len}
         # LoRA adapters as vLLM lists them: root = the adapter's path, parent = the base model
-        return {"object": "list", "data": [base] + [
-            {**base, "id": a.lora_name, "root": a.lora_path, "parent": info.name}
-            for a in door.adapters.list()]}
+        cards = [base] + [{**base, "id": a.lora_name, "root": a.lora_path, "parent": info.name}
+                          for a in door.adapters.list()]
+        return {"object": "list", "data": [{**c, "permission": [_permission(created)]} for c in cards]}
 
     @app.post("/v1/load_lora_adapter")
     async def load_lora_adapter(body: LoadLoRAAdapterRequest):
@@ -274,7 +313,9 @@ def build_app(server: "ServingServer") -> Any:
                 ids = [int(t) for t in info.tokenizer.encode(body.prompt, add_special_tokens=body.add_special_tokens)]
         except ValueError as exc:
             raise invalid(str(exc), "messages" if body.messages is not None else "prompt") from None
-        return {"count": len(ids), "max_model_len": info.max_model_len, "tokens": ids}
+        # vLLM's answer: token_strs (the vocabulary's strings) only with return_token_strs, else null
+        strs = token_strs(info.tokenizer, ids) if body.return_token_strs else None
+        return {"count": len(ids), "max_model_len": info.max_model_len, "tokens": ids, "token_strs": strs}
 
     @app.post("/detokenize")
     async def detokenize(body: DetokenizeRequest):
@@ -355,6 +396,23 @@ class HttpServer:
         if self._task is not None:
             await self._task
         await uv.shutdown(sockets=[self._sock] if self._sock else None)
+
+
+def token_strs(tokenizer: Any, ids: list[int]) -> list[str]:
+    """The vocabulary strings of ``ids`` (``convert_ids_to_tokens``); a tokenizer without one
+    (the fakes, token-ids-only models) answers each id's own text, special tokens kept."""
+    convert = getattr(tokenizer, "convert_ids_to_tokens", None)
+    if convert is not None:
+        return list(convert(ids))
+    return [tokenizer.decode([t], skip_special_tokens=False) for t in ids]
+
+
+def _permission(created: int) -> dict:
+    """vLLM's ModelPermission with its defaults (the OpenAI legacy object): one per model card."""
+    return {"id": f"modelperm-{uuid.uuid4().hex}", "object": "model_permission", "created": created,
+            "allow_create_engine": False, "allow_sampling": True, "allow_logprobs": True,
+            "allow_search_indices": False, "allow_view": True, "allow_fine_tuning": False,
+            "organization": "*", "group": None, "is_blocking": False}
 
 
 def wall_started(t_monotonic: float) -> float:

@@ -12,6 +12,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import json
+import math
 import time
 import uuid
 from typing import Any, AsyncIterator
@@ -269,7 +270,8 @@ def _chat_choice(job: _Job, index: int, d: SampleDelta, *, final: bool, first: b
         if tools is not None:  # tool calls: the content read by its tool reader
             msg, reason = tools.message(text, d.finish_reason)
         else:
-            msg = {"role": "assistant", "content": text if rp is None else text or None}
+            msg = {"role": "assistant", "content": text if rp is None else text or None,
+                   "tool_calls": []}  # as vLLM's ChatMessage dumps it
             reason = d.finish_reason
         if rp is not None:
             msg = _with_reasoning(msg, reasoning)
@@ -302,7 +304,9 @@ def _with_reasoning(msg: dict, reasoning: str | None) -> dict:
 
 def _completion_logprobs(job: _Job, index: int, d: SampleDelta) -> dict | None:
     """The legacy logprobs object of a delta; an echoed prompt token without logprobs (the first)
-    has ``null`` entries. ``text_offset`` runs on across a choice's deltas."""
+    has ``null`` entries. ``top_logprobs`` per token: the token itself and the top k (so k or
+    k + 1 entries; ``logprobs=0`` gives the token alone), as vLLM. ``text_offset`` runs on across
+    a choice's deltas."""
     if d.logprobs is None:
         return None
     k = job.params.logprobs or 0
@@ -317,10 +321,19 @@ def _completion_logprobs(job: _Job, index: int, d: SampleDelta) -> dict | None:
         if entry is None:
             tops.append(None)
             continue
-        best = sorted(entry.items(), key=lambda kv: -kv[1].logprob)[:k]
-        tops.append({job.token_text(t, lp): lp.logprob for t, lp in best} if k else None)
+        # vLLM's rule (the OpenAI API's): the chosen token first, then the top k (k = 0: the chosen one alone)
+        best = [(tid, entry[tid])] if tid in entry else []
+        best += [kv for kv in sorted(entry.items(), key=_by_rank)[:k] if kv[0] != tid]
+        tops.append({job.token_text(t, lp): lp.logprob for t, lp in best})
     job.offsets[index] = offset
     return {"tokens": tokens, "token_logprobs": token_lps, "top_logprobs": tops, "text_offset": offsets}
+
+
+def _by_rank(kv: tuple[int, Any]) -> tuple[float, float]:
+    """Sort key of a logprobs entry's items: the engine's rank (the top k are ranks 1..k), then
+    the logprob (a rank may be missing)."""
+    rank = kv[1].rank
+    return (rank if rank is not None else math.inf, -kv[1].logprob)
 
 
 def _chat_logprobs(job: _Job, d: SampleDelta) -> dict | None:

@@ -243,6 +243,7 @@ class TokenizeRequest(_ChatTemplateFields):
     prompt: str | None = None
     messages: list[ChatMessage] | None = None
     add_special_tokens: bool = True
+    return_token_strs: bool = False  # vLLM's extra: the vocabulary strings of the tokens too
 
 
 class DetokenizeRequest(_Body):

@@ -209,9 +209,9 @@ class ToolPlan:
                 merged[c["index"]]["function"]["arguments"] += c["function"]["arguments"]
             else:
                 merged[c["index"]] = {"id": c["id"], "type": "function", "function": dict(c["function"])}
-        msg: dict[str, Any] = {"role": "assistant", "content": content or self._empty_content()}
-        if merged:
-            msg["tool_calls"] = [merged[i] for i in sorted(merged)]
+        # vLLM's message always carries tool_calls ([] when no call was made)
+        msg: dict[str, Any] = {"role": "assistant", "content": content or self._empty_content(),
+                               "tool_calls": [merged[i] for i in sorted(merged)]}
         return msg, self._finish(finish_reason, bool(merged))
 
     def delta(self, index: int, text: str, finish_reason: str | None, first: bool) -> tuple[dict, str | None]:

@@ -133,6 +133,19 @@ class BlockPool:
         self.cached.clear()
         return True
 
+    def evict_free_cached(self) -> int:
+        """Drop the hash of every cached block no request holds (ref_cnt 0), so no later request
+        finds them; blocks in use keep theirs (requests in flight are unaffected). The blocks
+        stay free. Returns how many were dropped."""
+        dropped = 0
+        for b in self._free.values():
+            if b.block_hash is not None:
+                if self.cached.get(b.block_hash) is b:
+                    del self.cached[b.block_hash]
+                b.block_hash = None
+                dropped += 1
+        return dropped
+
     def check_invariants(self) -> None:
         """Debug/test helper: raise AssertionError when the pool's bookkeeping is inconsistent."""
         for b in self.blocks:

@@ -126,3 +126,7 @@ class KVCacheManager:
 
     def reset_prefix_cache(self) -> bool:
         return self.pool.reset_prefix_cache()
+
+    def evict_free_cached(self) -> int:
+        """Forget the cached prefixes of blocks no request holds (see BlockPool.evict_free_cached)."""
+        return self.pool.evict_free_cached()

@@ -420,3 +420,8 @@ class LLMEngine(EmbedRequestsMixin, EngineStatsMixin, GrammarRequestsMixin, LoRA
 
     def reset_prefix_cache(self) -> bool:
         return self.kv.reset_prefix_cache()
+
+    def evict_free_cached(self) -> int:
+        """Drop the prefix cache's free blocks (no request holds them), while requests run: the
+        serving ``/reset_prefix_cache``. Returns the number of blocks dropped."""
+        return self.kv.evict_free_cached()

@@ -115,3 +115,20 @@ def test_randomized_against_brute_force():
             pool.check_invariants()
     pool.free_blocks(held)
     assert pool.num_free_blocks == n
+
+
+def test_evict_free_cached_keeps_held_blocks_cached():
+    pool = BlockPool(4)
+    blocks = pool.get_new_blocks(3)
+    for i, b in enumerate(blocks):
+        pool.cache_block(b, bytes([i]))
+    pool.free_blocks([blocks[1], blocks[2]])  # blocks[0] stays held by a "request"
+    assert pool.evict_free_cached() == 2
+    assert pool.get_cached_block(bytes([0])) is blocks[0]  # in use: still found
+    assert pool.get_cached_block(bytes([1])) is None and pool.get_cached_block(bytes([2])) is None
+    assert pool.num_free_blocks == 3  # nothing allocated or leaked
+    pool.check_invariants()
+    assert pool.evict_free_cached() == 0
+    pool.free_blocks([blocks[0]])
+    assert pool.evict_free_cached() == 1 and not pool.cached and pool.num_free_blocks == 4
+    pool.check_invariants()

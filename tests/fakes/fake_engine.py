@@ -318,6 +318,11 @@ class FakeEngine:
             r.metrics.first_scheduled_time = time.time()
             self._running.append(r)
 
+    def evict_free_cached(self) -> int:
+        """As LLMEngine's: forget the cached prefixes (the fake holds no blocks beyond requests)."""
+        n, self._seen_blocks = len(self._seen_blocks), set()
+        return n
+
     def take_request_errors(self) -> dict[str, Exception]:
         errors, self._request_errors = self._request_errors, {}
         return errors

@@ -150,11 +150,16 @@ def test_bad_requests_table(srv, http):
 
 def test_queue_limit_is_429_served_model_name_and_health_needs_no_key():
     eng = FakeEngine()
-    srv = ThreadedServer(eng, api_key=KEY, max_queued_requests=1, served_model_name="team/model-a")
+    # the health monitor's synthetic request is a waiting request too: with a queue of 1, a probe
+    # queued at the wrong moment refused this test's own requests (429 under load). Only the
+    # first probe (before SERVING) runs here, so the queue holds exactly what the test sends.
+    srv = ThreadedServer(eng, api_key=KEY, max_queued_requests=1, served_model_name="team/model-a",
+                         health_probe_interval=3600.0)
+    assert srv.server.monitor.probe_successes == 1
     try:
         with httpx.Client(base_url=srv.base_url, headers=AUTH, timeout=10) as h:
             assert httpx.get(srv.base_url + "/health").status_code == 200  # no key needed
-            assert [m["id"] for m in h.get("/v1/models").json()["data"]] == ["team/model-a"]
+            assert [(m["id"], m["root"]) for m in h.get("/v1/models").json()["data"]] == [("team/model-a", "fake")]
             assert h.post(C, json={"model": "fake", "prompt": "a"}).status_code == 404  # --model is not its id
             assert h.post(C, json={"model": "team/model-a", "prompt": "a", "max_tokens": 1}).status_code == 200
             eng.stall(True)  # steps run but admit nothing: requests stay waiting
@@ -173,6 +178,7 @@ def test_queue_limit_is_429_served_model_name_and_health_needs_no_key():
             t.join(10)
             assert done[0].status_code == 200
         srv.wait_idle()
+        assert srv.server.monitor.probe_successes + srv.server.monitor.probe_failures == 1
     finally:
         srv.close()
 

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import asyncio
 
+import httpx
 import openai
 import pytest
 
@@ -43,9 +44,19 @@ def offline(llm, prompt, **kw):
     return llm.generate([prompt], SamplingParams(**kw), use_tqdm=False)[0]
 
 
-def test_models_lists_the_served_model(client):
+def test_models_lists_the_served_model(client, srv):
     models = client.models.list().data
     assert [m.id for m in models] == ["fake-llm"]
+    # vLLM's ModelCard fields: root (the --model value), parent, max_model_len, permission
+    card = httpx.get(srv.base_url + "/v1/models").json()["data"][0]
+    assert set(card) == {"id", "object", "created", "owned_by", "root", "parent", "max_model_len", "permission"}
+    assert (card["object"], card["root"], card["parent"], card["max_model_len"]) == ("model", "fake-llm", None, 128)
+    [perm] = card["permission"]
+    assert perm["id"].startswith("modelperm-") and perm["object"] == "model_permission"
+    assert perm["created"] == card["created"] and perm["organization"] == "*" and perm["group"] is None
+    assert [k for k in perm if perm[k] is True] == ["allow_sampling", "allow_logprobs", "allow_view"]
+    assert [k for k in perm if perm[k] is False] == ["allow_create_engine", "allow_search_indices",
+                                                     "allow_fine_tuning", "is_blocking"]
 
 
 def test_completions_greedy_equals_offline_with_usage(client, llm):
@@ -99,9 +110,31 @@ def test_n2_seeded_sampling_and_logprobs_equal_offline(client, llm):
     for c, w in zip(resp.choices, want):
         assert c.text == w.text
         assert c.logprobs.token_logprobs == pytest.approx([lp[t].logprob for t, lp in zip(w.token_ids, w.logprobs)])
-        assert all(len(top) == 2 for top in c.logprobs.top_logprobs)
+        # vLLM's legacy top_logprobs: the sampled token and the top k (2 or 3 entries here)
+        assert c.logprobs.top_logprobs == [pytest.approx(legacy_top(lp, t, 2)) for t, lp in zip(w.token_ids, w.logprobs)]
         assert "".join(c.logprobs.tokens) == c.text
     assert resp.usage.completion_tokens == 16
+
+
+def legacy_top(entry, tid, k):
+    """vLLM's legacy completions ``top_logprobs`` of one token from the offline entry: the
+    sampled token plus the top k by rank (k = 0: the sampled token alone)."""
+    return {lp.decoded_token: lp.logprob for t, lp in entry.items() if t == tid or lp.rank <= k}
+
+
+def test_completions_logprobs_0_holds_the_sampled_token(client, llm):
+    kw = dict(max_tokens=6, temperature=0.9, seed=11, ignore_eos=True)
+    want = offline(llm, PROMPTS[2], logprobs=3, **kw).outputs[0]
+    resp = client.completions.create(model="fake-llm", prompt=PROMPTS[2], logprobs=0, max_tokens=6,
+                                     temperature=0.9, seed=11, extra_body={"ignore_eos": True})
+    lp = resp.choices[0].logprobs
+    assert resp.choices[0].text == want.text
+    assert lp.top_logprobs == [pytest.approx({w[t].decoded_token: w[t].logprob}) for t, w in zip(want.token_ids, want.logprobs)]
+    assert lp.top_logprobs == [{tok: own} for tok, own in zip(lp.tokens, lp.token_logprobs)]
+    streamed = [top for ch in client.completions.create(
+        model="fake-llm", prompt=PROMPTS[2], logprobs=0, max_tokens=6, temperature=0.9, seed=11, stream=True,
+        extra_body={"ignore_eos": True}) for top in (ch.choices[0].logprobs.top_logprobs if ch.choices else [])]
+    assert streamed == lp.top_logprobs
 
 
 def test_chat_greedy_equals_offline_chat(client, llm):
@@ -167,6 +200,13 @@ def test_tokenize_detokenize_roundtrip(srv, llm):
         assert chat["tokens"] == llm.get_tokenizer().chat_prompt(CHAT)["prompt_token_ids"]
         assert h.post("/detokenize", json={"tokens": r["tokens"]}).json() == {"prompt": "Hello"}
         assert h.get("/health").status_code == 200
+        # vLLM's return_token_strs: each token's vocabulary string (the fake's: its character; specials kept)
+        assert r["token_strs"] is None
+        strs = h.post("/tokenize", json={"prompt": "Hi!", "return_token_strs": True}).json()
+        assert strs["tokens"] == tok.encode("Hi!") and strs["token_strs"] == ["H", "i", "!"]
+        with_chat = h.post("/tokenize", json={"messages": CHAT, "return_token_strs": True}).json()
+        assert with_chat["token_strs"] == [tok.decode([t], skip_special_tokens=False) for t in chat["tokens"]]
+        assert "<sep>" in with_chat["token_strs"]  # special tokens keep their strings
 
 
 def test_stream_two_prompts_n2_indices_and_texts(client, llm):
@@ -183,3 +223,23 @@ def test_stream_two_prompts_n2_indices_and_texts(client, llm):
                 finish[c.index] = c.finish_reason
     assert texts == {k * 2 + i: want[k][i].text for k in range(2) for i in range(2)}
     assert finish == {i: "length" for i in range(4)}
+
+
+def test_chat_message_carries_an_empty_tool_calls_list_as_vllm(client):
+    """vLLM's ChatMessage has ``tool_calls`` default [] and the response is dumped whole: a message
+    without a call says ``"tool_calls": []`` (with tools given or not); streamed deltas do not."""
+    tools = [{"type": "function", "function": {"name": "f", "parameters": {"type": "object"}}}]
+    for extra in ({}, {"tools": tools, "tool_choice": "none"}):
+        raw = client.chat.completions.with_raw_response.create(
+            model="fake-llm", messages=CHAT, max_tokens=4, temperature=0, extra_body={"ignore_eos": True}, **extra)
+        msg = raw.http_response.json()["choices"][0]["message"]
+        assert msg["tool_calls"] == [] and msg["role"] == "assistant" and len(msg["content"]) == 4, extra
+        parsed = raw.parse().choices[0].message
+        assert parsed.tool_calls == [] and parsed.content == msg["content"]
+        chunks = list(client.chat.completions.create(model="fake-llm", messages=CHAT, max_tokens=4, temperature=0,
+                                                     stream=True, extra_body={"ignore_eos": True}, **extra))
+        assert all(c.choices[0].delta.tool_calls is None for c in chunks if c.choices)
+        # the answer's message goes back into the conversation as the client holds it
+        again = client.chat.completions.create(model="fake-llm", messages=CHAT + [parsed, {"role": "user", "content": "?"}],
+                                               max_tokens=2, temperature=0, **extra)
+        assert again.choices[0].message.tool_calls == []

@@ -91,7 +91,7 @@ def test_named_tool_choice_answers_one_call_matching_the_schema_streamed_the_sam
                                            max_tokens=200, temperature=0,
                                            response_format={"type": "json_schema",
                                                             "json_schema": {"name": "w", "schema": WEATHER}})
-    assert plain.choices[0].message.content == args and plain.choices[0].message.tool_calls is None
+    assert plain.choices[0].message.content == args and plain.choices[0].message.tool_calls == []
     final = streamed(client, **kw)
     fc = final.choices[0]
     assert calls_of(fc.message) == [(name, args)] and fc.finish_reason == "stop"
@@ -232,7 +232,7 @@ def test_tool_history_renders_and_none_is_plain_text(client):
     resp = client.chat.completions.create(model="fake-llm", messages=history, tools=TOOLS, tool_choice="none",
                                           max_tokens=5, temperature=0, extra_body={"ignore_eos": True})
     ch = resp.choices[0]
-    assert ch.message.tool_calls is None and len(ch.message.content) == 5 and ch.finish_reason == "length"
+    assert ch.message.tool_calls == [] and len(ch.message.content) == 5 and ch.finish_reason == "length"
 
 
 def test_an_answer_message_appended_as_it_is_continues_the_conversation(srv, client):
@@ -245,7 +245,7 @@ def test_an_answer_message_appended_as_it_is_continues_the_conversation(srv, cli
                                         max_tokens=3, temperature=0, extra_body={"ignore_eos": True})
     as_dicts = MSGS + [{"role": "assistant", "content": ""}, {"role": "tool", "content": "sunny"}]
     want = _post(srv, {"messages": as_dicts, "tools": TOOLS}, "/tokenize").json()["count"]
-    assert r2.usage.prompt_tokens == want and r2.choices[0].message.tool_calls is None
+    assert r2.usage.prompt_tokens == want and r2.choices[0].message.tool_calls == []
 
 
 def _post(s, body, path="/v1/chat/completions"):

@@ -110,3 +110,12 @@ def test_chat_prompt_text_ids_override_and_continuation(tok):
         tok.chat_prompt(msgs, continue_final_message=True)
     with pytest.raises(ValueError, match="messages is invalid: the chat template failed: no roles"):
         tok.chat_prompt(msgs, chat_template="{{ raise_exception('no roles') }}")
+
+
+def test_convert_ids_to_tokens_gives_vocabulary_strings(tok):
+    """/tokenize's token_strs: the BPE vocabulary's strings (a leading space is "Ġ"), which join
+    back to the text through the byte-level mapping; specials by name."""
+    ids = tok.encode("Hello world", add_special_tokens=False)
+    strs = tok.convert_ids_to_tokens(ids)
+    assert len(strs) == len(ids) and strs[-1] == "Ġworld" and "".join(strs).replace("Ġ", " ") == "Hello world"
+    assert tok.convert_ids_to_tokens([tok.hf.eos_token_id]) == [tok.hf.eos_token]
