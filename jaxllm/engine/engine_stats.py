@@ -54,15 +54,12 @@ class EngineStatsMixin:
             logger.record(s, it)
 
     def _bucket_label(self, out) -> str:
-        """The runner's shape bucket for step ``out`` ("decode_8", "mixed_64"), from the token and
-        sequence counts (host arithmetic, the runner's own ``Buckets.pick``)."""
+        """The runner's shape bucket for step ``out`` ("decode_8", "draft_40", "mixed_64"), from the
+        step's seqs (host arithmetic, the runner's own ``Buckets.pick_step``)."""
         buckets = getattr(self.runner, "buckets", None)
         if buckets is None:
             return "none"
-        seqs = out.seqs
-        T, _, decode_only = buckets.pick(out.num_batched_tokens, len(seqs),
-                                         all(len(s.token_ids) == 1 for s in seqs))
-        return f"{'decode' if decode_only else 'mixed'}_{T}"
+        return buckets.label(out.seqs)
 
     def get_stats(self) -> EngineStats:
         return EngineStats(
