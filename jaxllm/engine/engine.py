@@ -352,7 +352,7 @@ class LLMEngine(EmbedRequestsMixin, EngineStatsMixin, GrammarRequestsMixin, LoRA
         token_ids = {k: [t.token_id for t in v] if isinstance(v, list) else v.token_id for k, v in sampled.items()}
         self.scheduler.update_from_output(out, token_ids, on_token)
         if self._proposer is not None:
-            self._count_accepted(out, token_ids)
+            self._count_accepted(out, token_ids, it)
         for status, ids in finished.items():
             self.scheduler.finish_requests(ids, status)
             for cid in ids:

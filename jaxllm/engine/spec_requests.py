@@ -19,6 +19,7 @@ from __future__ import annotations
 
 from jaxllm.core.ngram_proposer import NgramProposer
 from jaxllm.engine.spec_backoff import DraftBackoff
+from jaxllm.metrics.stats import SpecDecodingStats
 
 
 class SpecDecodeMixin:
@@ -45,9 +46,9 @@ class SpecDecodeMixin:
         """Tokens per sequence-step with drafts (accepted drafts + the model's own token)."""
         return 1 + self.num_accepted_tokens / self.num_spec_seqs if self.num_spec_seqs else 0.0
 
-    def _count_accepted(self, out, ids) -> None:
+    def _count_accepted(self, out, ids, it=None) -> None:
         """Drafted / accepted counts of step ``out`` (``ids``: its tokens by request id): the engine's
-        totals and the backoff's rates."""
+        totals, the backoff's rates, and ``it.spec_decoding`` for the stat loggers when ``it``."""
         backoff, requests = self.spec_backoff, self.scheduler.requests
         for seq in out.seqs:
             if seq.num_draft_tokens and seq.request_id in ids:
@@ -55,6 +56,10 @@ class SpecDecodeMixin:
                 self.num_spec_seqs += 1
                 self.num_draft_tokens += seq.num_draft_tokens
                 self.num_accepted_tokens += accepted
+                if it is not None and self._in_stats(seq.request_id):
+                    if it.spec_decoding is None:
+                        it.spec_decoding = SpecDecodingStats(self.speculative.num_speculative_tokens)
+                    it.spec_decoding.observe_draft(seq.num_draft_tokens, accepted)
                 req = requests.get(seq.request_id)
                 if backoff is not None and req is not None:
                     backoff.record(req.arrival_seq, seq.num_draft_tokens, accepted, self.num_steps)
