@@ -1,14 +1,25 @@
 """LLMEngine's stats (mixin, no jax): the stat loggers' per-step records (``SchedulerStats``,
-``IterationStats``: jaxllm/metrics) and the ``EngineStats`` snapshot ``get_stats()`` returns.
+``IterationStats``: jaxllm/metrics), the ``EngineStats`` snapshot ``get_stats()`` returns, and the
+KV cache's start-up summary and prefix-cache reset.
 Host arithmetic only: nothing here reads the device."""
 
 from __future__ import annotations
 
+from jaxllm.core.kv_cache_manager import cdiv
 from jaxllm.engine.stats import EngineStats
 from jaxllm.metrics.stats import IterationStats, SchedulerStats
 
 
 class EngineStatsMixin:
+    def cache_summary(self) -> str:
+        """One line for start-up: blocks, tokens, and how many max_model_len requests fit."""
+        bs, nb = self.config.block_size, self.kv.num_blocks
+        per_req = cdiv(self.max_model_len, bs)
+        return (f"KV cache: {nb} blocks x {bs} tokens = {nb * bs} tokens; maximum concurrency "
+                f"at max_model_len={self.max_model_len}: {nb / per_req:.2f}x")
+
+    def reset_prefix_cache(self) -> bool:
+        return self.kv.reset_prefix_cache()
 
     def add_stat_logger(self, logger) -> None:
         """Attach a stat logger (``jaxllm.metrics.loggers.StatLogger``): it gets every step's

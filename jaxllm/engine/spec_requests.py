@@ -17,9 +17,29 @@ speculation gives.
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 from jaxllm.core.ngram_proposer import NgramProposer
 from jaxllm.engine.spec_backoff import DraftBackoff
 from jaxllm.metrics.stats import SpecDecodingStats
+
+
+def split_sampled(sampled: dict) -> tuple[dict, Callable[[str], object]]:
+    """A step's ``{request_id: SampledToken | [SampledToken, ...]}`` (a list: a seq with drafts, the
+    accepted drafts then the model's own token) -> (``{request_id: token id | [ids]}`` for the
+    scheduler, ``next_sampled(request_id)``: the SampledToken of that request's next token to handle,
+    in order, as the scheduler hands the tokens over one by one)."""
+    token_ids = {k: [t.token_id for t in v] if isinstance(v, list) else v.token_id for k, v in sampled.items()}
+    taken: dict[str, int] = {}  # request id -> tokens of a speculative list handled so far
+
+    def next_sampled(request_id: str):
+        st = sampled[request_id]
+        if isinstance(st, list):
+            i = taken[request_id] = taken.get(request_id, -1) + 1
+            st = st[i]
+        return st
+
+    return token_ids, next_sampled
 
 
 class SpecDecodeMixin:
@@ -48,7 +68,10 @@ class SpecDecodeMixin:
 
     def _count_accepted(self, out, ids, it=None) -> None:
         """Drafted / accepted counts of step ``out`` (``ids``: its tokens by request id): the engine's
-        totals, the backoff's rates, and ``it.spec_decoding`` for the stat loggers when ``it``."""
+        totals, the backoff's rates, and ``it.spec_decoding`` for the stat loggers when ``it``. A
+        no-op without speculative decoding."""
+        if self._proposer is None:
+            return
         backoff, requests = self.spec_backoff, self.scheduler.requests
         for seq in out.seqs:
             if seq.num_draft_tokens and seq.request_id in ids:
@@ -69,7 +92,9 @@ class SpecDecodeMixin:
         (its mask depends on each token) or a penalty (the runner's penalty counts take every fed
         token, drafts included); random sampling keeps them: each draft row samples with the key
         of its position, so accepting while the draw equals the draft gives the very tokens a run
-        without speculation draws."""
+        without speculation draws. A no-op without speculative decoding."""
+        if self._proposer is None:
+            return
         prop, backoff, step = self._proposer, self.spec_backoff, self.num_steps
         for req in self.scheduler.running:
             p = req.params
