@@ -20,7 +20,7 @@ from __future__ import annotations
 
 from collections.abc import Container, Hashable
 
-ALPHA = 0.5
+ALPHA = 0.3  # 5 drafting steps with nothing accepted in a row pause a fresh request (0.5: 3)
 THRESHOLD = 0.2
 PAUSE_STEPS = 4
 MAX_PAUSE_STEPS = 64
