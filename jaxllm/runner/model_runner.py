@@ -29,7 +29,7 @@ from jaxllm.lora.slots import LoRASlots, check_seq_slots
 from jaxllm.models.config import ModelConfig
 from jaxllm.models.llama import LlamaForCausalLM
 from jaxllm.runner.buckets import Buckets
-from jaxllm.runner.inputs import StepInputs, build_inputs, sample_rows
+from jaxllm.runner.inputs import StepInputs, build_inputs
 from jaxllm.runner.kv_cache_dtype import cache_dtype
 from jaxllm.runner.pending import PendingStep, PromptLogprobsJob
 from jaxllm.runner.pooler import PendingPool, pool_hidden
