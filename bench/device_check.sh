@@ -36,6 +36,16 @@
 #   kernels      90 s   Pallas vs reference on random batches + timings next to a device copy (28 s)
 #   ragged    30+30 s   ragged decode and SmolLM2 shapes (11 s)
 #   sweep        60 s   tile/warp/stage sweep (20 s)
+#   spec        120 s   n-gram speculative decoding (lowest priority): bench/spec_decode.py on the 13B
+#                       shape, dummy bf16, K=4, vLLM's prompt_lookup 5..5, batch 1 and 8, workloads
+#                       repeat and chat, plain vs spec on one runner (tok/s, steps, drafts, mean
+#                       accepted, same output; rc 1 if outputs differ or anything compiles after
+#                       warm-up). Sized like int8: one engine start (~35 s: 10 buckets) + 8 runs of
+#                       96 tokens. Random weights: the prompts are random ids (no tokenizer), so
+#                       acceptance measures how soon the random model's greedy output loops (the
+#                       tiny dummy llama on CPU loops at once: mean accepted 4.7-5.0 of K+1 = 5), not
+#                       prompt lookup on real text; what it gives is a draft step's cost vs a decode
+#                       step's on the GPU at near-full acceptance (steps, tok/s), an upper bound
 #   weightcopy ~900 s   (only when named) the layer loop's weight reads: five batch-1 decode variants
 # lora sits before kvfp8/quanthlo: with two calls in 15 minutes of device time it is the only way
 # issue 15 gets a GPU figure (kvfp8 + quanthlo fit a second call's tail; lora's 200 s does not).
@@ -67,8 +77,8 @@ export DEVICE_CHECK_SMOKE="${DEVICE_CHECK_SMOKE:-0}"
 SMOKE=$DEVICE_CHECK_SMOKE
 BUDGET_S="${BUDGET_S:-540}"
 TODO_FILE="${DEVICE_CHECK_TODO:-/tmp/jaxllm_device_check.todo}"
-ORDER="e2e article int8 fp8 lora kvfp8 quanthlo memory kernels ragged sweep weightcopy"
-PHASES="${PHASES:-e2e article int8 fp8 lora kvfp8 quanthlo memory kernels ragged sweep}"
+ORDER="e2e article int8 fp8 lora kvfp8 quanthlo memory kernels ragged sweep spec weightcopy"
+PHASES="${PHASES:-e2e article int8 fp8 lora kvfp8 quanthlo memory kernels ragged sweep spec}"
 if [ "$PHASES" = rest ]; then
   [ -f "$TODO_FILE" ] || { echo "PHASES=rest: no $TODO_FILE (a fresh machine?): name the phases"; exit 2; }
   PHASES="$(cat "$TODO_FILE")"
@@ -237,6 +247,15 @@ fi
 if want sweep && gpu_only sweep; then
   run sweep 60 "$PY" bench/kernels.py --impls pallas --sweep --skip-bench --iters 10 --json "$OUT" --json-key sweep
   finish sweep $?
+fi
+
+# ---- speculative decoding (lowest priority): plain vs n-gram drafts on one runner, 13B shape ------
+if want spec; then
+  spec_args=(--model llama-2-13b --load-format dummy --dtype bfloat16 --kv-cache-memory-bytes $((2 << 30)))
+  [ "$SMOKE" = 1 ] && spec_args=(--smoke)
+  run spec 120 "$PY" bench/spec_decode.py "${spec_args[@]}" --batch 1 8 --workloads repeat chat \
+    --json "$OUT" --json-key spec_decode
+  finish spec $?
 fi
 
 # ---- weightcopy (only when named): the layer loop's weight reads --------------------------------

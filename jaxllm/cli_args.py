@@ -112,7 +112,8 @@ def add_engine_args(ap: argparse.ArgumentParser) -> None:
     g.add_argument("--speculative-config", default=None,
                    help='speculative decoding, a JSON object (vLLM\'s flag): {"method": "ngram", '
                         '"num_speculative_tokens": 4, "prompt_lookup_max": 4, "prompt_lookup_min": 1} '
-                        "(prompt lookup drafts; runs steps synchronously; default: off)")
+                        "(prompt lookup drafts; runs steps synchronously; prompt_lookup_min/max default to 5 "
+                        "as vLLM's, one given sets both; default: off)")
     lo = ap.add_argument_group("LoRA adapters (vLLM's flags)")
     lo.add_argument("--enable-lora", action="store_true",
                     help="serve PEFT LoRA adapters beside the base model, mixed in one batch (default: off; "

@@ -8,8 +8,8 @@ What lands in ``dir``:
 - ``plugins/profile/<run>/<host>.trace.json.gz`` (+ ``.xplane.pb``): the trace JAX writes, viewable
   in Perfetto / XProf / TensorBoard; ``perfetto_trace.json.gz`` beside it.
 - ``jaxllm_profile.json``: every traced step's wall time measured around ``engine.step()`` (host
-  ``perf_counter``), its kind (``decode`` when every scheduled sequence fed one token, else
-  ``mixed``), sequences, tokens and padded bucket; and the compiled step's ``cost_analysis()``
+  ``perf_counter``), its kind (``decode`` when every scheduled sequence fed one token, ``draft``
+  when each fed one plus its speculative drafts, else ``mixed``), sequences, tokens and padded bucket; and the compiled step's ``cost_analysis()``
   (FLOPs, bytes accessed) for the bucket of the last traced step.
 - ``step.hlo.txt``: that executable's optimized HLO (op names in the trace are its instruction
   names; ``bench/profile_report.py`` uses the metadata to put each op in a category).
@@ -26,6 +26,8 @@ import os
 import time
 
 import jax
+
+from jaxllm.runner.buckets import Buckets
 
 PROFILE_JSON = "jaxllm_profile.json"
 HLO_FILE = "step.hlo.txt"
@@ -80,11 +82,11 @@ class EngineProfiler:
         """What the engine step launched (with async scheduling: the step dispatched during it)."""
         seqs = sched.seqs
         n_tok = sum(len(s.token_ids) for s in seqs)
-        decode = bool(seqs) and all(len(s.token_ids) == 1 for s in seqs)
+        kind = Buckets.kind(seqs) if seqs else "mixed"
         bucket = None
         if seqs and hasattr(self.runner, "buckets"):
-            bucket = list(self.runner.buckets.pick(n_tok, len(seqs), decode))
-        self._last = {"kind": "decode" if decode else "mixed", "num_seqs": len(seqs), "num_tokens": n_tok,
+            bucket = list(self.runner.buckets.pick_step(seqs))
+        self._last = {"kind": kind, "num_seqs": len(seqs), "num_tokens": n_tok,
                       "bucket": bucket}
 
     def _run(self, inp):

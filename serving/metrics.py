@@ -76,7 +76,8 @@ class ServingMetrics:
             self.prometheus = PrometheusStatLogger(
                 self.registry, model_name(engine),
                 max_model_len=getattr(cfg, "max_model_len", None) or 131072,
-                max_num_batched_tokens=getattr(cfg, "max_num_batched_tokens", None) or 8192)
+                max_num_batched_tokens=getattr(cfg, "max_num_batched_tokens", None) or 8192,
+                num_speculative_tokens=getattr(getattr(engine, "speculative", None), "num_speculative_tokens", 0))
             add(self.prometheus)
         if self.config.log_stats:
             add(LoggingStatLogger(self.config.log_stats_interval))

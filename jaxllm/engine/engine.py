@@ -64,7 +64,7 @@ from jaxllm.engine.engine_stats import EngineStatsMixin
 from jaxllm.engine.grammar_requests import GrammarRequestsMixin
 from jaxllm.engine.intake import _NO_TEXT, SEED_MOD, derive_seed, resolve_prompt, validate_prompt_ids
 from jaxllm.engine.lora_requests import LoRARequestsMixin
-from jaxllm.engine.spec_requests import SpecDecodeMixin
+from jaxllm.engine.spec_requests import SpecDecodeMixin, split_sampled
 from jaxllm.metrics.stats import IterationStats
 from jaxllm.outputs import RequestOutput
 from jaxllm.pooling_params import PoolingParams
@@ -317,15 +317,12 @@ class LLMEngine(EmbedRequestsMixin, EngineStatsMixin, GrammarRequestsMixin, LoRA
         touched: dict[str, ParentState] = {}
         finished: dict[RequestStatus, list[str]] = {}
         failed: dict[str, tuple[ParentState, Exception]] = {}
-        taken: dict[str, int] = {}  # request id -> tokens of a speculative list handled so far
+        token_ids, next_sampled = split_sampled(sampled)  # a speculative seq's list: one token at a time
 
         def on_token(req, tok: int) -> bool:
             """One appended token: grammar, detokenizer, stop checks, stats. True = the request ends
             here (a speculative step's later tokens are then dropped)."""
-            st = sampled[req.request_id]
-            if isinstance(st, list):
-                i = taken[req.request_id] = taken.get(req.request_id, -1) + 1
-                st = st[i]
+            st = next_sampled(req.request_id)
             if req.grammar is not None:
                 req.grammar.accept(tok)
             parent, seq = self._seqs[req.request_id]
@@ -349,10 +346,8 @@ class LLMEngine(EmbedRequestsMixin, EngineStatsMixin, GrammarRequestsMixin, LoRA
                 return True
             return False
 
-        token_ids = {k: [t.token_id for t in v] if isinstance(v, list) else v.token_id for k, v in sampled.items()}
         self.scheduler.update_from_output(out, token_ids, on_token)
-        if self._proposer is not None:
-            self._count_accepted(out, token_ids)
+        self._count_accepted(out, token_ids, it)  # speculative decoding only (spec_requests.py)
         for status, ids in finished.items():
             self.scheduler.finish_requests(ids, status)
             for cid in ids:
@@ -370,8 +365,7 @@ class LLMEngine(EmbedRequestsMixin, EngineStatsMixin, GrammarRequestsMixin, LoRA
                 self._release_lora(rid)
         for rid, (parent, exc) in failed.items():
             self._fail_request(parent, exc)
-        if self._proposer is not None:
-            self._propose_drafts()
+        self._propose_drafts()  # speculative decoding only: the next step's drafts
         self._release_if_idle()
         if it is not None:
             it.bucket = self._bucket_label(out)
@@ -409,19 +403,3 @@ class LLMEngine(EmbedRequestsMixin, EngineStatsMixin, GrammarRequestsMixin, LoRA
             ids = self.scheduler.take_forgotten()
             if ids:
                 self.runner.release(ids)
-
-    # ----- introspection ------------------------------------------------------------
-    def cache_summary(self) -> str:
-        """One line for start-up: blocks, tokens, and how many max_model_len requests fit."""
-        bs, nb = self.config.block_size, self.kv.num_blocks
-        per_req = cdiv(self.max_model_len, bs)
-        return (f"KV cache: {nb} blocks x {bs} tokens = {nb * bs} tokens; maximum concurrency "
-                f"at max_model_len={self.max_model_len}: {nb / per_req:.2f}x")
-
-    def reset_prefix_cache(self) -> bool:
-        return self.kv.reset_prefix_cache()
-
-    def evict_free_cached(self) -> int:
-        """Drop the prefix cache's free blocks (no request holds them), while requests run: the
-        serving ``/reset_prefix_cache``. Returns the number of blocks dropped."""
-        return self.kv.evict_free_cached()

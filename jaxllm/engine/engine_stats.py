@@ -1,14 +1,30 @@
 """LLMEngine's stats (mixin, no jax): the stat loggers' per-step records (``SchedulerStats``,
-``IterationStats``: jaxllm/metrics) and the ``EngineStats`` snapshot ``get_stats()`` returns.
+``IterationStats``: jaxllm/metrics), the ``EngineStats`` snapshot ``get_stats()`` returns, and the
+KV cache's start-up summary and prefix-cache reset.
 Host arithmetic only: nothing here reads the device."""
 
 from __future__ import annotations
 
+from jaxllm.core.kv_cache_manager import cdiv
 from jaxllm.engine.stats import EngineStats
 from jaxllm.metrics.stats import IterationStats, SchedulerStats
 
 
 class EngineStatsMixin:
+    def cache_summary(self) -> str:
+        """One line for start-up: blocks, tokens, and how many max_model_len requests fit."""
+        bs, nb = self.config.block_size, self.kv.num_blocks
+        per_req = cdiv(self.max_model_len, bs)
+        return (f"KV cache: {nb} blocks x {bs} tokens = {nb * bs} tokens; maximum concurrency "
+                f"at max_model_len={self.max_model_len}: {nb / per_req:.2f}x")
+
+    def reset_prefix_cache(self) -> bool:
+        return self.kv.reset_prefix_cache()
+
+    def evict_free_cached(self) -> int:
+        """Drop the prefix cache's free blocks (no request holds them), while requests run: the
+        serving ``/reset_prefix_cache``. Returns the number of blocks dropped."""
+        return self.kv.evict_free_cached()
 
     def add_stat_logger(self, logger) -> None:
         """Attach a stat logger (``jaxllm.metrics.loggers.StatLogger``): it gets every step's
@@ -54,15 +70,12 @@ class EngineStatsMixin:
             logger.record(s, it)
 
     def _bucket_label(self, out) -> str:
-        """The runner's shape bucket for step ``out`` ("decode_8", "mixed_64"), from the token and
-        sequence counts (host arithmetic, the runner's own ``Buckets.pick``)."""
+        """The runner's shape bucket for step ``out`` ("decode_8", "draft_40", "mixed_64"), from the
+        step's seqs (host arithmetic, the runner's own ``Buckets.pick_step``)."""
         buckets = getattr(self.runner, "buckets", None)
         if buckets is None:
             return "none"
-        seqs = out.seqs
-        T, _, decode_only = buckets.pick(out.num_batched_tokens, len(seqs),
-                                         all(len(s.token_ids) == 1 for s in seqs))
-        return f"{'decode' if decode_only else 'mixed'}_{T}"
+        return buckets.label(out.seqs)
 
     def get_stats(self) -> EngineStats:
         return EngineStats(

@@ -36,7 +36,9 @@ def token_buckets(limit: int) -> tuple[float, ...]:
 
 class PrometheusStatLogger:
     def __init__(self, registry: CollectorRegistry, model_name: str, *, max_model_len: int = 131072,
-                 max_num_batched_tokens: int = 8192) -> None:
+                 max_num_batched_tokens: int = 8192, num_speculative_tokens: int = 0) -> None:
+        """`num_speculative_tokens` (K > 0: speculative decoding is on): the spec_decode series
+        exist from the start, one per-position child for positions 0..K-1 (vLLM's)."""
         self.registry = registry
         self.model_name = model_name
         r, m = registry, [model_name]
@@ -85,6 +87,26 @@ class PrometheusStatLogger:
         self.lora_info = Gauge("jaxllm:lora_requests_info", "Running stats on LoRA requests (vLLM's series).",
                                ["max_lora", "waiting_lora_adapters", "running_lora_adapters"], registry=r)
         self._lora_labels: tuple[str, str, str] | None = None
+        self.spec = None  # (drafts, draft tokens, accepted tokens, [accepted per position]) once K is known
+        if num_speculative_tokens:
+            self._spec_series(num_speculative_tokens)
+
+    def _spec_series(self, k: int):
+        """vLLM V1's spec-decode counters: a *draft* is one sequence-step that carried drafts."""
+        if self.spec is None:
+            r, m = self.registry, self.model_name
+
+            def counter(name, doc):
+                return Counter(name, doc, ["model_name"], registry=r).labels(m)
+
+            per_pos = Counter("jaxllm:spec_decode_num_accepted_tokens_per_pos",
+                              "Accepted draft tokens by position in the draft (0 = the first).",
+                              ["model_name", "position"], registry=r)
+            self.spec = (counter("jaxllm:spec_decode_num_drafts", "Sequence-steps that carried draft tokens."),
+                         counter("jaxllm:spec_decode_num_draft_tokens", "Draft tokens proposed and verified."),
+                         counter("jaxllm:spec_decode_num_accepted_tokens", "Draft tokens accepted."),
+                         [per_pos.labels(m, str(i)) for i in range(k)])
+        return self.spec
 
     def record(self, s: SchedulerStats, it: IterationStats | None) -> None:
         self.num_requests_running.set(s.num_running_reqs)
@@ -125,6 +147,15 @@ class PrometheusStatLogger:
             self.request_prompt_tokens.observe([f.num_prompt_tokens for f in done], m)
             self.request_generation_tokens.observe(
                 [f.num_generation_tokens for f in done if f.num_generation_tokens is not None], m)
+        sd = it.spec_decoding
+        if sd is not None:
+            drafts, draft_tokens, accepted, per_pos = self._spec_series(sd.num_spec_tokens)
+            drafts.inc(sd.num_drafts)
+            draft_tokens.inc(sd.num_draft_tokens)
+            accepted.inc(sd.num_accepted_tokens)
+            for child, n in zip(per_pos, sd.num_accepted_tokens_per_pos):
+                if n:
+                    child.inc(n)
         if it.step_time is not None:
             self.iteration_tokens.observe((it.num_batched_tokens,), m)
             self.step_time.observe((it.step_time,), (self.model_name, it.bucket or "none"))

@@ -48,6 +48,28 @@ class FinishedRequestStats:
 
 
 @dataclasses.dataclass(slots=True)
+class SpecDecodingStats:
+    """Speculative decoding in one step (vLLM V1's): a *draft* is one sequence-step that carried
+    drafts; ``num_accepted_tokens_per_pos[i]``: drafts whose token at position i was accepted."""
+    num_spec_tokens: int  # K: the most drafts a sequence carries
+    num_drafts: int = 0
+    num_draft_tokens: int = 0
+    num_accepted_tokens: int = 0
+    num_accepted_tokens_per_pos: list[int] = dataclasses.field(default_factory=list)
+
+    def __post_init__(self) -> None:
+        if not self.num_accepted_tokens_per_pos:
+            self.num_accepted_tokens_per_pos = [0] * self.num_spec_tokens
+
+    def observe_draft(self, num_draft_tokens: int, num_accepted_tokens: int) -> None:
+        self.num_drafts += 1
+        self.num_draft_tokens += num_draft_tokens
+        self.num_accepted_tokens += num_accepted_tokens
+        for i in range(num_accepted_tokens):
+            self.num_accepted_tokens_per_pos[i] += 1
+
+
+@dataclasses.dataclass(slots=True)
 class IterationStats:
     num_prompt_tokens: int = 0  # prompt tokens of sequences that got their first token this step
     num_generation_tokens: int = 0  # tokens generated this step
@@ -57,6 +79,7 @@ class IterationStats:
     time_to_first_tokens: list[float] = dataclasses.field(default_factory=list)
     inter_token_latencies: list[float] = dataclasses.field(default_factory=list)
     finished_requests: list[FinishedRequestStats] = dataclasses.field(default_factory=list)
+    spec_decoding: SpecDecodingStats | None = None  # None: no sequence carried drafts this step
 
     def add_token(self, seq, arrival_time: float, now: float) -> None:
         """One generated token of ``seq`` (an ``output_processor.SeqState``) at ``now``."""

@@ -29,7 +29,7 @@ from jaxllm.lora.slots import LoRASlots, check_seq_slots
 from jaxllm.models.config import ModelConfig
 from jaxllm.models.llama import LlamaForCausalLM
 from jaxllm.runner.buckets import Buckets
-from jaxllm.runner.inputs import StepInputs, build_inputs, sample_rows
+from jaxllm.runner.inputs import StepInputs, build_inputs
 from jaxllm.runner.kv_cache_dtype import cache_dtype
 from jaxllm.runner.pending import PendingStep, PromptLogprobsJob
 from jaxllm.runner.pooler import PendingPool, pool_hidden
@@ -55,7 +55,8 @@ class ModelRunner:
         ScheduledSeq's lora_slot picks its adapter; embed steps run the base model only) or None
         (no LoRA: the step is exactly the program without it).
         `num_speculative_tokens` (K): seqs may carry up to K drafts (ScheduledSeq.num_draft_tokens);
-        the mixed buckets' S grows to the most sampling rows a step can have (runner/buckets.py)."""
+        the mixed buckets' S grows to the most sampling rows a step can have, and steps whose seqs all
+        decode (with 0..K drafts) run draft buckets, T == S sized for them (runner/buckets.py)."""
         if task not in ("generate", "embed"):
             raise ValueError(f"task={task!r} is invalid: must be 'generate' or 'embed'")
         c = model.config
@@ -323,9 +324,7 @@ class ModelRunner:
         check_seq_slots(seqs, self.lora, self.task)
         if self.task == "embed":
             return self._dispatch_embed(seqs)
-        num_tokens = sum(len(s.token_ids) for s in seqs)
-        decode_only = all(len(s.token_ids) == 1 for s in seqs)
-        T, S, decode_only = self.buckets.pick(num_tokens, sample_rows(seqs)[-1], decode_only)
+        T, S, decode_only = self.buckets.pick_step(seqs)  # decode, draft or mixed bucket
         rows = [self._row(s.request_id) for s in seqs]
         seed_steps = []  # only when this step's prefix-cache hits exceed what one step carries
         inp = build_inputs(seqs, rows, self.num_rows, self.eos_ids, T, S, decode_only, self.block_size,
@@ -410,7 +409,8 @@ class ModelRunner:
             key = ("step",) + self._bucket(inp)
             if key not in self._executables:
                 jobs[key] = self._step_lowering(inp)
-            if self.supports_prompt_logprobs and ("prompt_lp", T) not in self._executables:
+            prompt_lp = decode_only or T in self.buckets.mixed  # draft steps have no prompt tokens
+            if prompt_lp and self.supports_prompt_logprobs and ("prompt_lp", T) not in self._executables:
                 jobs[("prompt_lp", T)] = self._prompt_lp_lowering(T)
         for rank in () if self.lora is None else self.lora.rank_buckets:  # a slot write per rank bucket
             if ("set_lora", rank) not in self._executables:

@@ -37,3 +37,25 @@ def test_budget_skips_in_acceptance_order_and_rest_resumes(tmp_path):
     os.remove(tmp_path / "todo")
     p = run_check(tmp_path, tmp_path / "c.json", PHASES="rest")
     assert p.returncode == 2 and "name the phases" in p.stdout and not (tmp_path / "c.json").exists()
+
+
+def test_spec_phase_is_last_by_default_and_runs_in_smoke(tmp_path):
+    # the default phases under a 1 s budget: spec is skipped last (lowest priority); GPU-only ones are not listed
+    p = run_check(tmp_path, tmp_path / "a.json", BUDGET_S="1")
+    assert p.returncode == 0, p.stdout + p.stderr
+    assert (tmp_path / "todo").read_text().split() == ["e2e", "article", "int8", "fp8", "lora", "kvfp8", "quanthlo",
+                                                       "memory", "spec"]
+    # the phase itself on CPU: bench/spec_decode.py --smoke merges its rows into OUT.json
+    out = tmp_path / "b.json"
+    p = run_check(tmp_path, out, PHASES="spec", BUDGET_S="300")
+    assert p.returncode == 0, p.stdout + p.stderr
+    doc = json.loads(out.read_text())
+    assert doc["device_check"]["phases"]["spec"]["rc"] == 0 and not doc["device_check"]["skipped"]
+    sd = doc["spec_decode"]
+    assert sd["load_format"] == "dummy" and sd["compiled_after_warmup"] == 0
+    rows = {(r["workload"], r["batch"], r["mode"]): r for r in sd["rows"]}
+    assert set(rows) == {(w, b, m) for w in ("repeat", "chat") for b in (1, 8) for m in ("plain", "spec")}
+    for (w, b, m), r in rows.items():
+        assert r["tokens"] == rows[(w, b, "plain")]["tokens"] > 0
+        assert r["same_output"] is (None if m == "plain" else True)
+    assert not (tmp_path / "todo").read_text().split()

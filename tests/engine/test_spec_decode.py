@@ -111,3 +111,21 @@ def test_runner_built_for_fewer_drafts_is_refused():
                        speculative_config={"method": "ngram", "num_speculative_tokens": 4})
     with pytest.raises(ValueError, match="num_speculative_tokens=4 is invalid for this runner: built for at most 2"):
         LLMEngine(cfg, runner, tok, detokenizer_factory=FakeIncrementalDetokenizer)
+
+
+def test_backoff_stops_drafting_for_rejected_requests_outputs_unchanged():
+    """The hash model rarely continues an earlier n-gram: most drafts are rejected, so the
+    low-acceptance pause (engine/spec_backoff.py) cuts the drafts; tokens stay the plain run's."""
+    reqs = [(f"r{i}", f"a prompt number {i} " * 3, SamplingParams(max_tokens=80, ignore_eos=True,
+                                                                 logprobs=1 if i == 0 else None), None)
+            for i in range(4)]
+    want = run_workload(make_engine(seed=0, async_scheduling=False), reqs)
+    on = make_engine(seed=0, async_scheduling=False, speculative_config=SPEC)
+    off = make_engine(seed=0, async_scheduling=False, speculative_config=SPEC)
+    off.spec_backoff = None
+    got_on, got_off = run_workload(on, reqs), run_workload(off, reqs)
+    for rid in want:
+        assert summary(got_on[rid]) == summary(got_off[rid]) == summary(want[rid]), rid
+    assert off.num_accepted_tokens < off.num_draft_tokens / 4  # mostly rejected without the pause
+    assert 0 < on.num_draft_tokens < off.num_draft_tokens / 2, (on.num_draft_tokens, off.num_draft_tokens)
+    assert on.runner.num_drafts_scheduled == on.num_draft_tokens

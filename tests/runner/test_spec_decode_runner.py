@@ -53,7 +53,9 @@ def test_spec_and_plain_engines_give_identical_outputs_and_compile_nothing(runne
     eng = engine_on(runner, SPEC)
     drafts = []
     dispatch = runner.dispatch
-    runner.dispatch = lambda out: drafts.append(sum(s.num_draft_tokens for s in out.seqs)) or dispatch(out)
+    kinds = set()
+    runner.dispatch = lambda out: (drafts.append(sum(s.num_draft_tokens for s in out.seqs)),
+                                   kinds.add(runner.buckets.label(out.seqs).split("_")[0]))[0] or dispatch(out)
     try:
         got = run(eng, reqs)
     finally:
@@ -64,5 +66,6 @@ def test_spec_and_plain_engines_give_identical_outputs_and_compile_nothing(runne
         assert exact(got[rid]) == exact(want[rid]), rid
         assert_same_logprobs(got[rid], want[rid], rid)
     assert sum(drafts) == eng.num_draft_tokens > 0
+    assert kinds == {"decode", "draft", "mixed"}, kinds  # all-decoding steps with drafts ran draft buckets
     assert eng.num_accepted_tokens > 0, (eng.num_draft_tokens, eng.num_accepted_tokens)
     assert eng.get_stats()["num_preemptions"] > 0

@@ -43,3 +43,29 @@ def test_mixed_buckets_hold_the_draft_rows():
     assert Buckets.make(8, 256).mixed_s == 8
     with pytest.raises(ValueError, match="sampling rows=9 is invalid: must be <= the mixed buckets' S=8"):
         Buckets.make(8, 256).pick(20, 9, False)
+
+
+class _Seq:
+    def __init__(self, n: int, d: int = 0):
+        self.token_ids, self.num_draft_tokens = [1] * n, d
+
+
+def test_draft_steps_run_draft_buckets_sized_for_them():
+    b = Buckets.make(8, 256, num_speculative_tokens=4)
+    assert b.draft == (8, 16, 32, 40)  # powers of 2 from the smallest decode size to 8 x (1 + 4) rows
+    # every seq decodes (1 token + its drafts): T == S == the tokens, rounded up to a draft size
+    seqs = [_Seq(1 + d, d) for d in (4, 0, 2, 4, 4, 1, 0, 3)]  # 26 tokens, 26 sampling rows
+    assert Buckets.kind(seqs) == "draft" and b.pick_step(seqs) == (32, 32, False) and b.label(seqs) == "draft_32"
+    assert b.pick_step([_Seq(5, 4)]) == (8, 8, False)
+    assert b.pick_step([_Seq(5, 4)] * 8) == (40, 40, False)
+    # a prefill chunk among them: the mixed bucket; no drafts at all: decode
+    assert Buckets.kind(seqs + [_Seq(7)]) == "mixed" and b.pick_step(seqs + [_Seq(7)]) == (64, 40, False)
+    assert b.label(seqs + [_Seq(7)]) == "mixed_64"
+    assert b.pick_step([_Seq(1)] * 3) == (8, 8, True) and b.label([_Seq(1)] * 3) == "decode_8"
+    # each bucket once; the step's rows never exceed the token budget
+    assert b.all() == [(8, 8, True), (8, 8, False), (16, 16, False), (32, 32, False), (40, 40, False),
+                       (64, 40, False), (256, 40, False)]
+    small = Buckets.make(8, 32, num_speculative_tokens=4)
+    assert small.draft == (8, 16, 32) and small.all().count((32, 32, False)) == 1
+    assert Buckets.make(16, 512, num_speculative_tokens=3).draft == (8, 16, 32, 64)  # 8 x 4 and 16 x 4 included
+    assert Buckets.make(8, 256).draft == ()  # no speculation: no draft buckets
