@@ -4,7 +4,6 @@ host engine (scheduler, KV cache manager, block pool) and the fake runner."""
 
 from __future__ import annotations
 
-import json
 import time
 from importlib.metadata import version
 
