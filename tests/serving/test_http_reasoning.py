@@ -117,7 +117,7 @@ def test_deepseek_r1_splits_reasoning_from_content_streamed_the_same(r1, text, r
     ch = resp.choices[0]
     assert (reasoning_of(ch.message), ch.message.content) == (reasoning, content)
     assert "reasoning_content" not in ch.message.model_extra  # the old name is gone from vLLM
-    assert ch.finish_reason == "stop" and ch.message.tool_calls is None
+    assert ch.finish_reason == "stop" and ch.message.tool_calls == []  # as vLLM's ChatMessage
     # logprobs and usage cover every generated token, the think block's too
     assert "".join(t.token for t in ch.logprobs.content) == text + "<eos>"
     assert resp.usage.completion_tokens == len(text) + 1
