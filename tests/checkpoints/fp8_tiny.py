@@ -9,6 +9,8 @@ import os
 import ml_dtypes
 import numpy as np
 
+from tests.parallel.tiny_llama import random_weights
+
 F8 = ml_dtypes.float8_e4m3fn
 # E 256 / F 320 / head_dim 64: [128, 128] blocks with partial ones (320 = 2.5 x 128) and o_proj's
 # input blocks split per head (head_dim 64 < 128)
@@ -21,25 +23,7 @@ LINEARS = ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj", "self_att
 
 
 def fp32_weights(seed: int = 0, cfg: dict = CONFIG) -> dict[str, np.ndarray]:
-    rng = np.random.default_rng(seed)
-    E, F, V = cfg["hidden_size"], cfg["intermediate_size"], cfg["vocab_size"]
-    H, K = cfg["num_attention_heads"], cfg["num_key_value_heads"]
-    D = E // H
-
-    def w(*shape, std=0.08):
-        return (rng.standard_normal(shape) * std).astype(np.float32)
-
-    t = {"model.embed_tokens.weight": w(V, E, std=1.0), "model.norm.weight": 1 + w(E, std=0.1),
-         "lm_head.weight": w(V, E, std=0.15)}
-    for i in range(cfg["num_hidden_layers"]):
-        p = f"model.layers.{i}."
-        t.update({p + "input_layernorm.weight": 1 + w(E, std=0.1),
-                  p + "post_attention_layernorm.weight": 1 + w(E, std=0.1),
-                  p + "self_attn.q_proj.weight": w(H * D, E), p + "self_attn.k_proj.weight": w(K * D, E),
-                  p + "self_attn.v_proj.weight": w(K * D, E), p + "self_attn.o_proj.weight": w(E, H * D),
-                  p + "mlp.gate_proj.weight": w(F, E), p + "mlp.up_proj.weight": w(F, E),
-                  p + "mlp.down_proj.weight": w(E, F)})
-    return t
+    return random_weights(cfg, seed, std=0.08, lm_head_std=0.15)
 
 
 def quantize(w: np.ndarray, strategy: str, block=(128, 128), scale_dtype=np.float32

@@ -21,16 +21,26 @@ def make_tiny_llama(root: str, seed: int = 0, **overrides) -> str:
     if os.path.isfile(os.path.join(path, "config.json")):
         return path
     os.makedirs(path, exist_ok=True)
+    t = random_weights(cfg, seed)
+    save_file(t, os.path.join(path, "model.safetensors"))
+    with open(os.path.join(path, "config.json"), "w") as f:
+        json.dump(cfg, f)
+    return path
+
+
+def random_weights(cfg: dict, seed: int = 0, std: float = 0.15, lm_head_std: float = 0.3
+                   ) -> dict[str, np.ndarray]:
+    """HF-named fp32 random weights of a Llama config (projections ~ N(0, std))."""
     rng = np.random.default_rng(seed)
     E, F, V = cfg["hidden_size"], cfg["intermediate_size"], cfg["vocab_size"]
     H, K = cfg["num_attention_heads"], cfg["num_key_value_heads"]
     D = E // H
 
-    def w(*shape, std=0.15):
+    def w(*shape, std=std):
         return (rng.standard_normal(shape) * std).astype(np.float32)
 
     t = {"model.embed_tokens.weight": w(V, E, std=1.0), "model.norm.weight": 1 + w(E, std=0.1),
-         "lm_head.weight": w(V, E, std=0.3)}
+         "lm_head.weight": w(V, E, std=lm_head_std)}
     for i in range(cfg["num_hidden_layers"]):
         p = f"model.layers.{i}."
         t.update({p + "input_layernorm.weight": 1 + w(E, std=0.1),
@@ -39,7 +49,4 @@ def make_tiny_llama(root: str, seed: int = 0, **overrides) -> str:
                   p + "self_attn.v_proj.weight": w(K * D, E), p + "self_attn.o_proj.weight": w(E, H * D),
                   p + "mlp.gate_proj.weight": w(F, E), p + "mlp.up_proj.weight": w(F, E),
                   p + "mlp.down_proj.weight": w(E, F)})
-    save_file(t, os.path.join(path, "model.safetensors"))
-    with open(os.path.join(path, "config.json"), "w") as f:
-        json.dump(cfg, f)
-    return path
+    return t
