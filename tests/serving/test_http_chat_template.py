@@ -136,7 +136,7 @@ def test_bad_template_fields_are_400s(srv, extra, message):
         assert message in r.json()["error"]["message"] and "\n" not in r.json()["error"]["message"]
 
 
-def test_chat_completion_prompt_and_offline_llm_chat_render_the_same(srv, engine, tok):
+def test_chat_completion_prompt_and_offline_llm_chat_render_the_same(srv, engine, tok, monkeypatch):
     import openai
 
     with openai.OpenAI(base_url=srv.base_url + "/v1", api_key="x", max_retries=0) as c:
@@ -144,6 +144,13 @@ def test_chat_completion_prompt_and_offline_llm_chat_render_the_same(srv, engine
                                          max_tokens=3, temperature=0, extra_body={"ignore_eos": True})
     want = tok.encode(reference(HISTORY, TOOLS), add_special_tokens=False)
     assert resp.usage.prompt_tokens == len(want)
-    out = LLM("smollm2-135m", engine=engine).chat(HISTORY, chat_template=HERMES_TEMPLATE, tools=TOOLS,
-                                                   chat_template_kwargs={"greeting": "hi"}, use_tqdm=False)[0]
-    assert out.prompt_token_ids == tok.encode(reference(HISTORY, TOOLS, greeting="hi"), add_special_tokens=False)
+    # LLM.chat's rendering, stopped before it steps the engine: the server's engine thread owns the
+    # engine (a second thread stepping it races the server's own loop and health probes)
+    llm = LLM("smollm2-135m", engine=engine)
+    ran: list = []
+    monkeypatch.setattr(llm, "_run", lambda prompts, *a, **k: ran.extend(prompts) or [])
+    llm.chat(HISTORY, chat_template=HERMES_TEMPLATE, tools=TOOLS, chat_template_kwargs={"greeting": "hi"},
+             use_tqdm=False)
+    (prompt,) = ran
+    assert prompt["prompt_token_ids"] == tok.encode(reference(HISTORY, TOOLS, greeting="hi"),
+                                                    add_special_tokens=False)
