@@ -62,3 +62,20 @@ def build(path, quantization, layer_loop="scan"):
     ckpt = load_checkpoint(path)
     return build_model(ckpt.config, ckpt.params, jnp.float32, layer_loop=layer_loop,
                        quantization=quantization), ckpt.config
+
+
+def returns_within(fn, guard: float = 20.0) -> bool:
+    """fn() returned (run on a helper thread; the guard only keeps a broken close from hanging the test)."""
+    import threading
+
+    t = threading.Thread(target=fn, daemon=True)
+    t.start()
+    t.join(guard)
+    return not t.is_alive()
+
+
+def threads_named(prefix: str) -> list:
+    """The live threads whose name starts with ``prefix`` (a DaemonPool's workers)."""
+    import threading
+
+    return [t for t in threading.enumerate() if t.name.startswith(prefix)]

@@ -18,22 +18,11 @@ from jaxllm.engine.grammar import GrammarCompiler
 from jaxllm.sampling_params import SamplingParams
 from jaxllm.structured_outputs import StructuredOutputsParams as SO
 from tests.engine.test_structured_outputs import make
+from tests.engine_checks import returns_within, threads_named
 from tests.fakes.fake_tokenizer import FakeTokenizer
 from tests.fakes.grammar_tokenizers import fake_grammar_tokenizer
 
 ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-
-
-def _returns(fn, guard: float = 20.0) -> bool:
-    """fn() returned (run on a helper thread; the guard only keeps a broken close from hanging the test)."""
-    t = threading.Thread(target=fn, daemon=True)
-    t.start()
-    t.join(guard)
-    return not t.is_alive()
-
-
-def _grammar_threads() -> list[threading.Thread]:
-    return [t for t in threading.enumerate() if t.name.startswith("jaxllm-grammar")]
 
 
 class GatedCompile:
@@ -64,8 +53,8 @@ def test_close_cancels_queued_compiles_without_waiting_for_the_one_in_flight():
     running = c.submit(first)
     assert gated.started.wait(10)
     queued = c.submit(second)  # behind the held compile on the one worker
-    assert _grammar_threads() and all(t.daemon for t in _grammar_threads())
-    assert _returns(c.close)  # the first compile is still held
+    assert threads_named("jaxllm-grammar") and all(t.daemon for t in threads_named("jaxllm-grammar"))
+    assert returns_within(c.close)  # the first compile is still held
     assert queued.cancelled() and not running.done()
     gated.let_go()  # the compile in flight ends on its own thread
     running.result(10)
@@ -91,7 +80,7 @@ def test_engine_close_closes_the_grammar_pool_with_a_compile_in_flight():
     e, gated = _engine_with_a_held_compile()
     e.add_request("h", "other", SamplingParams(max_tokens=4, structured_outputs=SO(choice=["x", "y"])))
     queued = e.grammar._cache[SO(choice=["x", "y"]).key()][1]
-    assert _returns(e.close)
+    assert returns_within(e.close)
     assert queued.cancelled() and not e.grammar._pool.started
     gated.let_go()
 

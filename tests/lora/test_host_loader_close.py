@@ -14,21 +14,10 @@ import threading
 from jaxllm.engine.async_engine import AsyncEngine
 from jaxllm.lora.loader import AdapterLoader
 from jaxllm.sampling_params import SamplingParams
+from tests.engine_checks import returns_within, threads_named
 from tests.lora.host_fakes import FakeAdapter, GatedLoader, lora, make_lora_engine
 
 ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-
-
-def _returns(fn, guard: float = 20.0) -> bool:
-    """fn() returned (run on a helper thread; the guard only keeps a broken close from hanging the test)."""
-    t = threading.Thread(target=fn, daemon=True)
-    t.start()
-    t.join(guard)
-    return not t.is_alive()
-
-
-def _load_threads() -> list[threading.Thread]:
-    return [t for t in threading.enumerate() if t.name.startswith("jaxllm-lora-load")]
 
 
 def test_close_cancels_queued_loads_without_waiting_for_the_one_in_flight():
@@ -37,8 +26,8 @@ def test_close_cancels_queued_loads_without_waiting_for_the_one_in_flight():
     running = loader.submit(lora(1))
     assert gated.started[1].wait(10)
     queued = loader.submit(lora(2))
-    assert _load_threads() and all(t.daemon for t in _load_threads())
-    assert _returns(loader.close)  # load 1 is still held
+    assert threads_named("jaxllm-lora-load") and all(t.daemon for t in threads_named("jaxllm-lora-load"))
+    assert returns_within(loader.close)  # load 1 is still held
     assert queued.cancelled() and not running.done()
     gated.let_go(1)  # the in-flight load ends on its own thread; nobody takes it
     assert running.result(10) == FakeAdapter("adapter1")
@@ -55,7 +44,7 @@ def test_engine_close_closes_the_loader_with_a_load_in_flight():
     assert gated.started[1].wait(10)
     e.add_request("r2", "two", SamplingParams(max_tokens=2), lora_request=lora(2))  # queued behind 1
     queued = e.lora.loading[2].future
-    assert _returns(e.close)
+    assert returns_within(e.close)
     assert queued.cancelled() and not e.lora.loader.pool.started
     gated.let_go(1)
 
