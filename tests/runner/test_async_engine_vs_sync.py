@@ -108,6 +108,17 @@ def assert_same_logprobs(got, want, rid):
     assert gv == pytest.approx(wv, rel=1e-5, abs=1e-5), rid
 
 
+def assert_same_run(runner, compiled, got, want, reqs):
+    """``got`` (a run of ``reqs`` on ``runner``, warmed up with ``compiled`` = its (compile_count,
+    num_traces) before) compiled nothing and equals ``want`` request for request: tokens, text,
+    finish and stop reasons exactly, logprobs as ``assert_same_logprobs``."""
+    assert (runner.compile_count, runner.num_traces) == compiled, "compiled after warm-up"
+    assert set(got) == set(want) == {r[0] for r in reqs}
+    for rid in want:
+        assert exact(got[rid]) == exact(want[rid]), rid
+        assert_same_logprobs(got[rid], want[rid], rid)
+
+
 def test_async_and_sync_engines_give_identical_outputs_and_compile_nothing(runner):
     reqs = workload()
     compiled = (runner.compile_count, runner.num_traces)
@@ -122,11 +133,7 @@ def test_async_and_sync_engines_give_identical_outputs_and_compile_nothing(runne
         got = run(eng, reqs)
     finally:
         del runner.dispatch
-    assert (runner.compile_count, runner.num_traces) == compiled, "compiled after warm-up"
-    assert set(got) == set(want) == {r[0] for r in reqs}
-    for rid in want:
-        assert exact(got[rid]) == exact(want[rid]), rid
-        assert_same_logprobs(got[rid], want[rid], rid)
+    assert_same_run(runner, compiled, got, want, reqs)
     reasons = {c.finish_reason for o in want.values() for c in o.outputs}
     assert reasons == {"stop", "length", "abort"}, reasons
     assert any(o.prompt_logprobs for o in want.values())

@@ -16,7 +16,7 @@ from jaxllm.engine.factory import build_engine
 from jaxllm.sampling_params import SamplingParams
 from tests.fakes.fake_tokenizer import FakeIncrementalDetokenizer, FakeTokenizer
 from tests.models.hf_tiny import make_tiny_hf
-from tests.runner.test_async_engine_vs_sync import BLOCK, PER_BLOCK_BYTES, VOCAB, assert_same_logprobs, exact, run, workload
+from tests.runner.test_async_engine_vs_sync import BLOCK, PER_BLOCK_BYTES, VOCAB, assert_same_run, run, workload
 
 SPEC = {"method": "ngram", "num_speculative_tokens": 3, "prompt_lookup_max": 3, "prompt_lookup_min": 1}
 
@@ -60,11 +60,7 @@ def test_spec_and_plain_engines_give_identical_outputs_and_compile_nothing(runne
         got = run(eng, reqs)
     finally:
         del runner.dispatch
-    assert (runner.compile_count, runner.num_traces) == compiled, "compiled after warm-up"
-    assert set(got) == set(want) == {r[0] for r in reqs}
-    for rid in want:
-        assert exact(got[rid]) == exact(want[rid]), rid
-        assert_same_logprobs(got[rid], want[rid], rid)
+    assert_same_run(runner, compiled, got, want, reqs)
     assert sum(drafts) == eng.num_draft_tokens > 0
     assert kinds == {"decode", "draft", "mixed"}, kinds  # all-decoding steps with drafts ran draft buckets
     assert eng.num_accepted_tokens > 0, (eng.num_draft_tokens, eng.num_accepted_tokens)
