@@ -133,6 +133,21 @@ def test_every_line_answers_what_the_http_server_answers_in_input_order(http_ans
     assert len({o["id"] for o in out}) == len(out) and all(o["id"].startswith("batch-") for o in out)
 
 
+def test_embedding_lines_on_an_embed_engine_equal_the_offline_engine():
+    from jaxllm.pooling_params import PoolingParams
+    from test_serving_embed import make_engine as embed_engine, offline
+
+    texts = ["embed me", "and me too " * 3]
+    lines = [_line("e", "/v1/embeddings", {"input": texts}),
+             _line("c", "/v1/chat/completions", {"messages": MSGS})]
+    emb, chat = run_lines(lines, embed_engine())
+    data = emb["response"]["body"]["data"]
+    assert [d["index"] for d in data] == [0, 1] and emb["error"] is None
+    for d, t in zip(data, texts):
+        assert d["embedding"] == pytest.approx(offline(t, PoolingParams()), rel=1e-6)
+    assert chat["response"]["status_code"] == 400 and "--task generate" in chat["error"]["error"]["message"]
+
+
 @pytest.mark.parametrize("line, field, message", [
     ('{"custom_id": 7, "method": "POST", "url": "/v1/completions", "body": {}}', "custom_id",
      "custom_id=7 on line 1 is invalid: expected a string"),
@@ -182,3 +197,20 @@ def test_cli_reads_stdin_writes_stdout_and_exit_codes(tmp_path):
     missing = subprocess.run(cmd + ["-i", str(tmp_path / "nope.jsonl"), "-o", "-"], capture_output=True,
                              text=True, cwd=ROOT, env=env, timeout=120)
     assert missing.returncode == 2 and missing.stderr.startswith("error: ") and "nope.jsonl" in missing.stderr
+
+
+def test_cli_engine_death_answers_error_lines_and_exits_1():
+    env = dict(os.environ, PYTHONPATH=ROOT)
+    lines = "".join(_line(c, "/v1/completions", {"prompt": "abc" + c, "max_tokens": 8}) + "\n" for c in "ab")
+    base = [sys.executable, "-m", "serving.run_batch", "-i", "-", "-o", "-", "--log-level", "critical"]
+    p = subprocess.run(base + ["--model", "fake:fail_at_step=3"], input=lines, capture_output=True, text=True,
+                       cwd=ROOT, env=env, timeout=120)
+    out = [json.loads(x) for x in p.stdout.splitlines()]
+    assert p.returncode == 1 and [o["custom_id"] for o in out] == ["a", "b"]
+    assert all(o["response"]["status_code"] >= 500 and "injected fault at step 3" in o["error"]["error"]["message"]
+               for o in out)
+    p = subprocess.run(base + ["--model", "fake:nope=1"], input=lines, capture_output=True, text=True, cwd=ROOT,
+                       env=env, timeout=120)
+    assert p.returncode == 1 and p.stdout == ""
+    assert p.stderr.strip().splitlines()[-1] == ("error: engine failed to start: ValueError: fake engine option "
+                                                 "'nope' is invalid: unknown")
