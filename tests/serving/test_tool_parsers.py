@@ -285,6 +285,36 @@ def test_arguments_streamer_any_split_and_any_cut(args, data, cuts):
     assert want.startswith(got) and (s.broken or s.done)
 
 
+@st.composite
+def broken_calls(draw, parser):
+    """Outputs whose calls may break anywhere after the model began them: a call's text cut at a
+    random point, then maybe a bad character, then the block's end (hermes) or more text."""
+    text, wanted = "", []
+    for _ in range(draw(st.integers(1, 3))):
+        name, args = draw(NAMES), draw(ARGS)
+        key = "arguments" if parser is H else "parameters"
+        body = draw(model_json({"name": name, key: args}))
+        cut = draw(st.integers(0, len(body)))
+        body = body[:cut] + draw(st.sampled_from(["", "\x00", "}", "]", " tru", "</tool_call>"]))
+        wanted.append((name, json.dumps(args, ensure_ascii=False)))
+        text += (tc(body) + draw(CONTENT) if parser is H else (body if not text else "; " + body))
+    return text, wanted
+
+
+@SETTINGS
+@pytest.mark.parametrize("cls", [H, L])
+@given(data=st.data(), cuts=CUTS)
+def test_broken_calls_stream_as_they_parse(cls, data, cuts):
+    """Split-invariance when calls break anywhere (what the stream sent is what the whole parse
+    answers), and every call is one the model began, in order."""
+    text, wanted = data.draw(broken_calls(cls))
+    whole = cls(TOOLS).extract(text)
+    assert stream(cls, split(text, cuts)) == whole
+    names = [n for n, _ in wanted]
+    got = [c.name for c in whole.calls]
+    assert len(got) <= len(names) and all(n in names for n in got)
+
+
 # -- mistral ---------------------------------------------------------------------------------
 M = get_parser("mistral")
 
