@@ -14,7 +14,6 @@ answers must be equal (text, finish reason, usage), else the bench fails.
 """
 from __future__ import annotations
 
-import argparse
 import asyncio
 import json
 import os

@@ -153,8 +153,8 @@ class BatchRunner:
         return output_line(cid, resp.status_code, None, data)
 
     async def run(self, lines, write: Callable[[dict], None]) -> int:
-        """Answer every line of ``lines`` (an iterator of str, read as needed), calling ``write``
-        with the output lines in input order; returns how many lines were answered."""
+        """Answer every line of ``lines`` (an iterator or async iterator of str, read as needed),
+        calling ``write`` with the output lines in input order; returns how many were answered."""
         gate = asyncio.Semaphore(self._bound())
         done: dict[int, dict] = {}
         next_out = 0
@@ -170,8 +170,9 @@ class BatchRunner:
                 write(done.pop(next_out))
                 next_out += 1
 
-        k = 0
-        for n, line in enumerate(lines, 1):
+        k = n = 0
+        async for line in _aiter(lines):
+            n += 1
             if not line.strip():
                 continue
             await gate.acquire()
@@ -188,8 +189,10 @@ class BatchRunner:
 def build_parser() -> ArgumentParser:
     p = ArgumentParser(prog="python -m serving.run_batch",
                        description="run an OpenAI Batch API file (JSON lines) through one engine")
-    p.add_argument("-i", "--input-file", required=True, help="batch input file (JSON lines); - = stdin (no default: required)")
-    p.add_argument("-o", "--output-file", required=True, help="output file (JSON lines); - = stdout (no default: required)")
+    p.add_argument("-i", "--input-file", required=True,
+                   help="batch input file (JSON lines); - = stdin (no default: required)")
+    p.add_argument("-o", "--output-file", required=True,
+                   help="output file (JSON lines); - = stdout (no default: required)")
     p.add_argument("--max-concurrent-lines", type=int, default=None,
                    help="lines in flight at once (default: 2 x --max-num-seqs, as vLLM)")
     p.add_argument("--served-model-name", default=None,
@@ -223,8 +226,19 @@ def server_config(args: argparse.Namespace) -> ServerConfig:
         watchdog_timeout=1e9, health_probe_interval=1e9, **chat_fields_from_args(args)).validate()
 
 
-def _lines(stream: IO[str]):
-    for line in stream:
+async def _aiter(lines):
+    if hasattr(lines, "__aiter__"):
+        async for line in lines:
+            yield line
+    else:
+        for line in lines:
+            yield line
+
+
+async def _lines(stream: IO[str]):
+    """The lines of ``stream``, each read off the event loop (a slow pipe does not hold up the
+    answers of the lines already in flight)."""
+    while line := await asyncio.to_thread(stream.readline):
         yield line
 
 

@@ -261,7 +261,8 @@ def test_llama3_json_call_that_breaks_after_its_name_stays_a_call():
 def test_arguments_are_rewritten_as_json_dumps_writes_them():
     raw = '{"a":1.0E2,"b":"\\u00e9\\n\\/\\ud83d\\ude00","c":[ ],"d":{ },"e":[1,[2,{"f":null}]],"g":-0,"h":1e-7}'
     want = json.dumps(json.loads(raw), ensure_ascii=False)
-    for cls, text in ((H, tc('{"name": "f", "arguments": ' + raw + "}")), (L, '{"name": "f", "parameters": ' + raw + "}")):
+    for cls, text in ((H, tc('{"name": "f", "arguments": ' + raw + "}")),
+                      (L, '{"name": "f", "parameters": ' + raw + "}")):
         check(cls, text, None, [ToolCall("f", want)])
 
 
