@@ -13,6 +13,7 @@ from __future__ import annotations
 import asyncio
 import io
 import json
+import math
 import os
 import re
 import subprocess
@@ -214,3 +215,49 @@ def test_cli_engine_death_answers_error_lines_and_exits_1():
     assert p.returncode == 1 and p.stdout == ""
     assert p.stderr.strip().splitlines()[-1] == ("error: engine failed to start: ValueError: fake engine option "
                                                  "'nope' is invalid: unknown")
+
+
+@pytest.mark.slow
+def test_real_model_batch_lines_equal_the_http_answers():
+    """SmolLM2-135M: one engine, driven first by the batch runner (the lines together), then by a
+    loopback server (one request at a time): same texts, calls and errors; logprobs to rounding."""
+    from jaxllm.config import EngineConfig
+    from jaxllm.engine.factory import build_engine
+
+    engine = build_engine(EngineConfig(model="smollm2-135m", max_model_len=512, max_num_seqs=4,
+                                       max_num_batched_tokens=256))
+    reqs = [("/v1/chat/completions", {"messages": [{"role": "user", "content": "Capital of France?"}],
+                                      "max_tokens": 12, "temperature": 0}),
+            ("/v1/completions", {"prompt": "The three primary colors are", "max_tokens": 12, "temperature": 0,
+                                 "logprobs": 1}),
+            ("/v1/chat/completions", {"messages": MSGS, "tools": TOOLS, "max_tokens": 40, "temperature": 0,
+                                      "tool_choice": {"type": "function", "function": {"name": "get_weather"}}}),
+            ("/v1/completions", {"prompt": "x", "max_tokens": 0})]
+    out = run_lines([_line(str(i), u, b) for i, (u, b) in enumerate(reqs)], engine)
+    srv = ThreadedServer(engine)
+    try:
+        with httpx.Client(base_url=srv.base_url, timeout=300) as c:
+            answers = [c.post(u, json=b) for u, b in reqs]
+    finally:
+        srv.close()
+    for o, r in zip(out, answers):
+        assert o["response"]["status_code"] == r.status_code
+        got = o["response"]["body"] if r.status_code == 200 else o["error"]
+        _same(_strip(got), _strip(r.json()))  # logprobs: to f32 rounding (other batch shapes)
+    assert [r.status_code for r in answers] == [200, 200, 200, 400]
+    assert out[2]["response"]["body"]["choices"][0]["message"]["tool_calls"][0]["function"]["name"] == "get_weather"
+
+
+def _same(a, b, path="") -> None:
+    if isinstance(a, float) and isinstance(b, float):
+        assert math.isclose(a, b, rel_tol=1e-3, abs_tol=1e-4), (path, a, b)
+    elif isinstance(a, dict) and isinstance(b, dict):
+        assert a.keys() == b.keys(), path
+        for k in a:
+            _same(a[k], b[k], f"{path}.{k}")
+    elif isinstance(a, list) and isinstance(b, list):
+        assert len(a) == len(b), path
+        for i, (x, y) in enumerate(zip(a, b)):
+            _same(x, y, f"{path}[{i}]")
+    else:
+        assert a == b, (path, a, b)
