@@ -33,7 +33,7 @@ from typing import Any, Callable
 from jaxllm.cli_args import (ArgumentParser, add_engine_args, add_log_level_arg, api_key_from_env,
                              configure_logging, engine_config_from_args, parse_lora_module)
 from serving.config import ServerConfig
-from serving.openai_tools import load_chat_template
+from serving.chat_args import add_chat_args, chat_fields_from_args
 from serving.tls import check_tls_files
 
 log = logging.getLogger("serving")
@@ -89,21 +89,7 @@ def build_parser() -> ArgumentParser:
                    help="most stop strings per request")
     s.add_argument("--max-message-bytes", type=int, default=d.max_message_bytes,
                    help="largest request message (gRPC) or body (HTTP, else 413) in bytes")
-    c = p.add_argument_group("chat and tool calling (OpenAI HTTP API; vLLM's flags)")
-    c.add_argument("--chat-template", default=None,
-                   help="chat template for /v1/chat/completions and /tokenize: a file path or the Jinja "
-                        "template itself (default: the model's)")
-    c.add_argument("--trust-request-chat-template", action="store_true",
-                   help="let a request's chat_template field replace the template (default: refused)")
-    c.add_argument("--enable-auto-tool-choice", action="store_true",
-                   help="serve tool_choice 'auto' (the default when a request has tools): the model's "
-                        "text is split into content and tool calls by --tool-call-parser (default: off, "
-                        "such requests get 400)")
-    c.add_argument("--tool-call-parser", default=None,
-                   help="parser of the model's tool calls for tool_choice 'auto' (e.g. hermes; default: none)")
-    c.add_argument("--reasoning-parser", default=None,
-                   help="split a thinking model's reasoning out of chat answers into the message's "
-                        f"'reasoning' field; one of {', '.join(_reasoning_parsers())} (default: none)")
+    add_chat_args(p)
     m = p.add_argument_group("metrics")
     m.add_argument("--metrics-port", type=int, default=None,
                    help="serve Prometheus metrics (jaxllm:*) on this port; 0 = any free port (the bound "
@@ -129,17 +115,8 @@ def server_config(args: argparse.Namespace) -> ServerConfig:
         metrics_port=args.metrics_port, log_stats=not args.disable_log_stats,
         log_stats_interval=args.log_stats_interval,
         lora_modules=tuple(args.lora_modules or ()),
-        chat_template=load_chat_template(args.chat_template) if args.chat_template else None,
-        trust_request_chat_template=args.trust_request_chat_template,
-        enable_auto_tool_choice=args.enable_auto_tool_choice, tool_call_parser=args.tool_call_parser,
-        reasoning_parser=args.reasoning_parser,
+        **chat_fields_from_args(args),
     ).validate()
-
-
-def _reasoning_parsers() -> list[str]:
-    from serving.reasoning_parsers import PARSERS  # no jax
-
-    return sorted(PARSERS)
 
 
 def engine_factory(args: argparse.Namespace) -> Callable[[], Any]:

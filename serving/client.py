@@ -14,6 +14,7 @@
 from __future__ import annotations
 
 import dataclasses
+import json
 import os
 import sys
 from typing import AsyncIterator, Iterator
@@ -26,15 +27,20 @@ from serving.proto.jaxllm.v1 import generation_pb2 as pb
 from serving.proto.jaxllm.v1 import generation_pb2_grpc as pb_grpc
 
 FINISH_NAMES = {pb.FINISH_REASON_UNSPECIFIED: None, pb.FINISH_REASON_STOP: "stop",
-                pb.FINISH_REASON_LENGTH: "length", pb.FINISH_REASON_ABORT: "abort"}
+                pb.FINISH_REASON_LENGTH: "length", pb.FINISH_REASON_ABORT: "abort",
+                pb.FINISH_REASON_TOOL_CALLS: "tool_calls"}
 _SAMPLING_FIELDS = set(pb.SamplingParams.DESCRIPTOR.fields_by_name)
 
 
 def build_request(prompt: str | None = None, *, text: str | None = None, chat: list[dict] | None = None,
                   token_ids: list[int] | None = None, request_id: str = "", lora_name: str = "",
-                  **sampling) -> pb.GenerateRequest:
+                  tools: list[dict] | None = None, tool_choice: str = "", **sampling) -> pb.GenerateRequest:
     """One of prompt (or `text`, the proto's name for it)/chat/token_ids, plus any SamplingParams
-    field (None = engine default); `lora_name`: a served LoRA adapter ("" = the base model)."""
+    field (None = engine default); `lora_name`: a served LoRA adapter ("" = the base model);
+    `tools` (OpenAI's list) and `tool_choice` ("none" | "auto" | "required" | a function name),
+    with `chat`: tool calling as /v1/chat/completions does it."""
+    if (tools is not None or tool_choice) and chat is None:
+        raise ValueError("tools/tool_choice are invalid without chat: tool calls are a chat feature")
     if prompt is not None and text is not None:
         raise ValueError("give prompt or text, not both (text is the proto's name for prompt)")
     prompt = text if prompt is None else prompt
@@ -53,6 +59,9 @@ def build_request(prompt: str | None = None, *, text: str | None = None, chat: l
         req.text = prompt
     elif chat is not None:
         req.chat.messages.extend(pb.ChatMessage(role=m["role"], content=m["content"]) for m in chat)
+        if tools is not None:
+            req.chat.tools_json = json.dumps(tools)
+        req.chat.tool_choice = tool_choice
     else:
         req.token_ids.ids.extend(token_ids)
     return req
@@ -60,8 +69,6 @@ def build_request(prompt: str | None = None, *, text: str | None = None, chat: l
 
 def structured_outputs_to_proto(so) -> pb.StructuredOutputs:
     """StructuredOutputsParams (or a dict of its fields) -> the proto's oneof; a JSON schema goes as text."""
-    import json
-
     fields = so if isinstance(so, dict) else {k: getattr(so, k) for k in so.__struct_fields__}
     msg = pb.StructuredOutputs()
     for kind, value in fields.items():
@@ -88,6 +95,9 @@ class Completion:
     prompt_logprobs: list = dataclasses.field(default_factory=list)  # pb.PromptTokenLogprobs per token
     usage: pb.Usage | None = None
     num_responses: int = 0
+    # chat with tools: per sample, the text outside calls and the calls ({"id", "name", "arguments"})
+    contents: dict[int, str] = dataclasses.field(default_factory=dict)
+    tool_calls: dict[int, list[dict]] = dataclasses.field(default_factory=dict)
 
     def add(self, resp: pb.GenerateResponse) -> None:
         self.num_responses += 1
@@ -100,6 +110,13 @@ class Completion:
             self.texts[d.index] = self.texts.get(d.index, "") + d.text
             self.token_ids.setdefault(d.index, []).extend(d.token_ids)
             self.logprobs.setdefault(d.index, []).extend(d.logprobs)
+            if d.content:
+                self.contents[d.index] = self.contents.get(d.index, "") + d.content
+            calls = self.tool_calls.setdefault(d.index, []) if d.tool_calls else ()
+            for c in d.tool_calls:
+                if c.index == len(calls):
+                    calls.append({"id": c.id, "name": c.name, "arguments": ""})
+                calls[c.index]["arguments"] += c.arguments
             if d.finish_reason != pb.FINISH_REASON_UNSPECIFIED:
                 self.finish_reasons[d.index] = FINISH_NAMES[d.finish_reason]
                 kind = d.WhichOneof("stop_reason")
@@ -354,6 +371,10 @@ def build_parser():
     p.add_argument("--chat", action="store_true",
                    help="send the prompt as a chat user message (default: plain text)")
     p.add_argument("--system", help="system message, with --chat (default: none)")
+    p.add_argument("--tools", metavar="FILE", help="JSON file of OpenAI tools for --chat; each call the "
+                   "server reads is printed as a JSON line after the text (default: none)")
+    p.add_argument("--tool-choice", default="", help="none, auto, required or a function name, with "
+                   "--tools (default: auto with tools)")
     p.add_argument("--api-key", default=None,
                    help="sent as 'authorization: Bearer <key>' (default: $JAXLLM_API_KEY, else none)")
     p.add_argument("--tls", action="store_true", help="use TLS with the system roots (default: plaintext)")
@@ -398,6 +419,15 @@ def main(argv: list[str] | None = None) -> int:
             chat = ([{"role": "system", "content": args.system}] if args.system else [])
             chat.append({"role": "user", "content": args.prompt})
             kw["chat"] = chat
+            if args.tools:
+                try:
+                    with open(args.tools, encoding="utf-8") as f:
+                        kw["tools"] = json.load(f)
+                except (OSError, ValueError) as exc:
+                    p.error(f"--tools {args.tools} is invalid: {getattr(exc, 'strerror', None) or exc}")
+            kw["tool_choice"] = args.tool_choice
+        elif args.tools or args.tool_choice:
+            p.error("--tools/--tool-choice need --chat")
         else:
             kw["prompt"] = args.prompt
         result = Completion()
@@ -413,6 +443,10 @@ def main(argv: list[str] | None = None) -> int:
                 print(f"--- [{i}] ---\n{result.texts[i]}")
         else:
             print()
+        for i in sorted(result.tool_calls):
+            for call in result.tool_calls[i]:
+                print(json.dumps({"index": i, "name": call["name"], "arguments": call["arguments"]},
+                                 ensure_ascii=False))
         if args.logprobs is not None or args.prompt_logprobs is not None:
             _print_logprobs(client, result, args.logprobs, args.prompt_logprobs)
         if args.show_usage:  # its own line on stdout, after the text's newline

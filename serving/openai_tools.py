@@ -15,7 +15,8 @@
   (``serving/tool_parsers``) split the free text into content and calls; ``"none"`` is plain text.
 * **One reader for both answers**: a choice's text goes through the same per-choice state whether
   streamed (fed chunk by chunk) or not (fed whole), so the openai client's accumulation of the
-  stream equals the non-streamed message. A call's ``arguments`` are the JSON text the model wrote.
+  stream equals the non-streamed message. A call's ``arguments`` are the JSON text the model wrote
+  (named, required) or, under auto, the parsed object as ``json.dumps`` writes it.
   The readers, one per mode, are in serving/tool_readers.py.
 """
 

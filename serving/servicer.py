@@ -27,7 +27,7 @@ from typing import TYPE_CHECKING, Any
 
 import grpc
 
-from serving import convert
+from serving import convert, proto_tools
 from serving.embed import embed_request_to_engine, embed_response
 from serving.frontdoor import Code, FrontDoor, FrontDoorError, ModelInfo, config_get, invalid
 from serving.proto.jaxllm.v1 import generation_pb2 as pb
@@ -74,17 +74,23 @@ class GenerationServicer(pb_grpc.GenerationServicer):
     # ----- RPCs -----------------------------------------------------------------------
     async def Generate(self, request: pb.GenerateRequest, context):
         info = await self._model(context)
+        plan = None
         try:
             try:
                 params = convert.sampling_params_from_proto(request.sampling, self.door.config,
                                                             vocab_size=info.vocab_size,
                                                             max_model_len=info.max_model_len)
-                prompt = convert.prompt_from_request(request, info.tokenizer, info.vocab_size)
+                plan, prompt = proto_tools.plan_request(request, self.door.config, info.tokenizer, params)
+                if prompt is None:
+                    prompt = convert.prompt_from_request(request, info.tokenizer, info.vocab_size)
             except ValueError as exc:
                 raise invalid(str(exc)) from None
+            if plan is not None:  # its constraint: checked as the request's own would be
+                params = self.door.check_params(params, info, max_tokens_set=request.sampling.HasField("max_tokens"))
             rid = self.door.check_request_id(request.request_id)
             lora = self.door.adapters.resolve(request.lora_name)
             tracker = convert.ProtoDeltaTracker(rid, params)
+            started: set[int] = set()  # with tools: the choices whose first delta went out
             async with self.door.request(rid, prompt, params, lora) as req:
                 tracker.request_id = req.request_id
                 stuck = WriteTimeout(context, self.door.config.stream_timeout,
@@ -95,6 +101,8 @@ class GenerationServicer(pb_grpc.GenerationServicer):
                         if not batch:
                             break
                         resp = tracker.update(batch)
+                        if resp is not None and plan is not None:
+                            proto_tools.split(plan, resp, started)
                         if resp is not None:
                             stuck.writing()
                             yield resp
@@ -104,7 +112,7 @@ class GenerationServicer(pb_grpc.GenerationServicer):
                 finally:
                     stuck.close()
         except FrontDoorError as exc:
-            await _abort(context, exc)
+            await _abort(context, plan.explain(exc) if plan is not None else exc)
 
     async def Embed(self, request: pb.EmbedRequest, context):
         """Unary: admitted by the front door like Generate; the engine's ValueError (empty or too

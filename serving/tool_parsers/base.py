@@ -123,6 +123,22 @@ class ToolParser:
         out.calls.append(CallDelta(self._next_index, call.name, call.arguments))
         self._next_index += 1
 
+    def _open_call(self, out: ToolDelta, name: str) -> int:
+        """A call whose arguments will follow in pieces (``_args``): its index."""
+        out.calls.append(CallDelta(self._next_index, name, ""))
+        self._next_index += 1
+        return self._next_index - 1
+
+    def _args(self, out: ToolDelta, index: int, fragment: str) -> None:
+        """The next arguments fragment of call ``index`` (joined to this delta's last one of it)."""
+        if not fragment:
+            return
+        last = out.calls[-1] if out.calls else None
+        if last is not None and last.index == index:
+            out.calls[-1] = CallDelta(index, last.name, last.arguments + fragment)
+        else:
+            out.calls.append(CallDelta(index, None, fragment))
+
 
 def tool_names(tools: list[dict] | None) -> list[str]:
     """Function names of an OpenAI ``tools`` list (entries without one are skipped)."""

@@ -16,10 +16,15 @@ does not parse or is not such an object is content, tags included (vLLM returns 
 content on a bad call too). A final block without ``</tool_call>`` (the model stopped right after
 the JSON) is still a call when its JSON is whole, like vLLM's ``<tool_call>(.*)`` fallback.
 
-Streaming: text that could be the start of ``<tool_call>`` is held back until it cannot be; a
-block is held until ``</tool_call>`` (or the end) and then released as one call with its whole
-arguments, because a block can only be judged a call once its JSON is complete. Each fragment is
-looked at once (the end-tag search overlaps the previous fragment by ``len(tag) - 1`` chars).
+Streaming: text that could be the start of ``<tool_call>`` (or, inside a block, of
+``</tool_call>``) is held back until it cannot be. A block that begins
+``{"name": "...", "arguments": {`` is released as the call's name at that point, then its
+arguments as the model writes them (``stream_args.py``: the same text the whole parse answers);
+whatever follows the arguments object in the block is dropped, and a block that breaks after its
+name was sent stays a call with the arguments up to the break (vLLM streams the same; its
+non-streamed answer is then content). Any other block (keys in another order, arguments as a JSON
+string, none) is held until ``</tool_call>`` (or the end) and judged whole, as above. Each
+fragment is looked at once.
 """
 
 from __future__ import annotations
@@ -27,6 +32,7 @@ from __future__ import annotations
 import json
 
 from serving.tool_parsers.base import ToolCall, ToolDelta, ToolParser, make_call, partial_suffix
+from serving.tool_parsers.stream_args import ArgsStreamer, head
 
 START = "<tool_call>"
 END = "</tool_call>"
@@ -46,36 +52,58 @@ class HermesToolParser(ToolParser):
     def __init__(self, tools: list[dict] | None = None):
         super().__init__(tools)
         self._in_block = False
-        self._hold = ""  # outside a block: an end of text that may begin START
-        self._parts: list[str] = []  # inside a block: the body so far
-        self._tail = ""  # inside a block: the body's last len(END) - 1 chars
+        self._hold = ""  # an end of text that may begin START (outside a block) or END (inside)
+        self._mode = "head"  # inside a block: head (undecided), args (streaming a call), whole
+        self._parts: list[str] = []  # head / whole: the block's body so far
+        self._stream: ArgsStreamer | None = None  # args: the call's arguments
+        self._index = -1  # args: the call's index
 
     def _feed(self, delta: str, out: ToolDelta) -> None:
         while delta:
-            if not self._in_block:
-                text = self._hold + delta
-                i = text.find(START)
-                if i < 0:
-                    k = partial_suffix(text, START)
+            text = self._hold + delta
+            self._hold = ""
+            mark = END if self._in_block else START
+            i = text.find(mark)
+            if i < 0:
+                k = partial_suffix(text, mark) if "<" in text[1 - len(mark):] else 0
+                self._hold = text[len(text) - k:]
+                if self._in_block:
+                    self._body(out, text[: len(text) - k])
+                else:
                     self._content(out, text[: len(text) - k])
-                    self._hold = text[len(text) - k:]
-                    return
-                self._content(out, text[:i])
-                self._hold = ""
-                self._in_block, self._parts, self._tail = True, [], ""
-                delta = text[i + len(START):]
+                return
+            delta = text[i + len(mark):]
+            if self._in_block:
+                self._body(out, text[:i])
+                self._end_block(out, END)
             else:
-                text = self._tail + delta
-                i = text.find(END)
-                if i < 0:
-                    self._parts.append(delta)
-                    self._tail = text[-(len(END) - 1):]
-                    return
-                so_far = "".join(self._parts)
-                body = so_far[: len(so_far) - len(self._tail)] + text[:i]
-                self._in_block = False
-                self._close(out, body, END)
-                delta = text[i + len(END):]
+                self._content(out, text[:i])
+                self._in_block, self._mode, self._parts = True, "head", []
+
+    def _body(self, out: ToolDelta, piece: str) -> None:
+        """The next characters of the block's body (none of them part of END)."""
+        if not piece:
+            return
+        if self._mode == "args":
+            self._args(out, self._index, self._stream.feed(piece))
+            return
+        self._parts.append(piece)
+        if self._mode == "whole":
+            return
+        body = "".join(self._parts)  # head: short (stream_args.HEAD_LIMIT decides within it)
+        verdict, name, at = head(body)
+        if verdict == "commit":
+            self._mode, self._parts, self._stream = "args", [], ArgsStreamer()
+            self._index = self._open_call(out, name)
+            self._args(out, self._index, self._stream.feed(body[at:]))
+        elif verdict == "fallback":
+            self._mode = "whole"
+
+    def _end_block(self, out: ToolDelta, end: str) -> None:
+        self._in_block = False
+        if self._mode != "args":  # a streamed call stands as sent
+            self._close(out, "".join(self._parts), end)
+        self._parts, self._stream = [], None
 
     def _close(self, out: ToolDelta, body: str, end: str) -> None:
         call = parse_block(body)
@@ -85,9 +113,9 @@ class HermesToolParser(ToolParser):
             self._call(out, call)
 
     def _finish(self, out: ToolDelta) -> None:
+        hold, self._hold = self._hold, ""
         if self._in_block:
-            self._in_block = False
-            self._close(out, "".join(self._parts), "")
+            self._body(out, hold)  # not END after all
+            self._end_block(out, "")
         else:
-            self._content(out, self._hold)
-            self._hold = ""
+            self._content(out, hold)

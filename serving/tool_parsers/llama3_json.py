@@ -12,8 +12,14 @@ JSON out of the middle of prose, which streaming cannot, so here both follow the
 Calls are read left to right. When an object is not a call (bad JSON, no name) or something other
 than ``;`` / whitespace follows a call, that point and everything after it is content, from the end
 of the last good call on (so an output whose first object is bad is all content, the tag
-included). Whitespace and ``;`` after the last call are dropped. Each call is released whole
-when its object closes; held text is only the current object and the separators before it.
+included). Whitespace and ``;`` after the last call are dropped.
+
+Streaming: an object that begins ``{"name": "...", "parameters": {`` (or ``"arguments"``) is
+released as the call's name at that point, then its arguments as the model writes them
+(``stream_args.py``); the rest of the object is dropped, and an object that breaks after its name
+was sent stays a call with the arguments up to the break (the text up to where the brackets
+close, or to the end of the output, is not content). Any other object is held until it closes
+and judged whole. Held text is only the current object's beginning and the separators before it.
 """
 
 from __future__ import annotations
@@ -22,6 +28,7 @@ import json
 
 from serving.tool_parsers.base import ToolDelta, ToolParser, make_call
 from serving.tool_parsers.scan import Scanner
+from serving.tool_parsers.stream_args import ArgsStreamer, head
 
 TAG = "<|python_tag|>"
 
@@ -36,8 +43,11 @@ class Llama3JsonToolParser(ToolParser):
         self._state = "start"
         self._hold = ""  # start: a beginning that may still be <|python_tag|>
         self._raw: list[str] = []  # held separators since the last good call (tag, ws, ";")
-        self._obj: list[str] = []  # object: its text so far
+        self._obj: list[str] = []  # object (head / whole): its text so far
         self._scanner = Scanner()
+        self._mode = "head"  # object: head (undecided), args (streaming a call), whole
+        self._stream: ArgsStreamer | None = None  # args: the call's arguments
+        self._index = -1  # args: the call's index
 
     def _feed(self, delta: str, out: ToolDelta) -> None:
         while delta:
@@ -47,13 +57,15 @@ class Llama3JsonToolParser(ToolParser):
                 return
             if state == "object":
                 end = self._scanner.scan(delta)
+                self._piece(out, delta if end is None else delta[:end])
                 if end is None:
-                    self._obj.append(delta)
                     return
-                body = "".join(self._obj) + delta[:end]
                 delta = delta[end:]
-                self._obj = []
-                self._close(out, body)
+                if self._mode == "args":  # the streamed call stands as sent
+                    self._state, self._stream = "sep", None
+                else:
+                    body, self._obj = "".join(self._obj), []
+                    self._close(out, body)
                 continue
             if state == "start":
                 text, self._hold = self._hold + delta, ""
@@ -82,12 +94,29 @@ class Llama3JsonToolParser(ToolParser):
                 self._state = "next"
                 delta = rest[1:]
             elif state != "sep" and rest[0] == "{":
-                self._state = "object"
+                self._state, self._mode = "object", "head"
                 self._scanner = Scanner()
                 delta = rest
             else:
                 self._to_text(out, rest)
                 return
+
+    def _piece(self, out: ToolDelta, piece: str) -> None:
+        """The next characters of the current object (up to where it closes)."""
+        if self._mode == "args":
+            self._args(out, self._index, self._stream.feed(piece))
+            return
+        self._obj.append(piece)
+        if self._mode == "whole":
+            return
+        body = "".join(self._obj)  # head: short (stream_args.HEAD_LIMIT decides within it)
+        verdict, name, at = head(body)
+        if verdict == "commit":
+            self._mode, self._obj, self._raw, self._stream = "args", [], [], ArgsStreamer()
+            self._index = self._open_call(out, name)
+            self._args(out, self._index, self._stream.feed(body[at:]))
+        elif verdict == "fallback":
+            self._mode = "whole"
 
     def _close(self, out: ToolDelta, body: str) -> None:
         try:
@@ -109,6 +138,6 @@ class Llama3JsonToolParser(ToolParser):
     def _finish(self, out: ToolDelta) -> None:
         if self._state == "start":
             self._content(out, self._hold)
-        elif self._state in ("tag", "object"):
+        elif self._state == "tag" or (self._state == "object" and self._mode != "args"):
             self._content(out, "".join(self._raw) + "".join(self._obj))
         # sep / next: only whitespace and ";" after the last call are held: dropped

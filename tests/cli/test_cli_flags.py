@@ -1,5 +1,5 @@
-"""One flag vocabulary across `python -m jaxllm.generate`, `python -m serving` and
-`python -m serving.client`: every flag has a sentence, a visible default and its choices; the
+"""One flag vocabulary across `python -m jaxllm.generate`, `python -m serving`,
+`python -m serving.run_batch` and `python -m serving.client`: every flag has a sentence, a visible default and its choices; the
 renamed flags and their old spellings; one-line argparse errors; quiet JAX loggers."""
 from __future__ import annotations
 
@@ -11,9 +11,10 @@ import pytest
 from jaxllm import generate
 from jaxllm.cli_args import configure_logging, sampling_fields_from_args, sampling_params_from_args
 from serving import __main__ as server_main
-from serving import client
+from serving import client, run_batch
 
-PARSERS = {"generate": generate.build_parser, "serving": server_main.build_parser, "client": client.build_parser}
+PARSERS = {"generate": generate.build_parser, "serving": server_main.build_parser, "client": client.build_parser,
+           "run_batch": run_batch.build_parser}
 
 
 def _actions(parser: argparse.ArgumentParser):
@@ -46,7 +47,7 @@ def test_engine_flags_are_one_set():
         group = next(g for g in parser._action_groups if g.title == "engine")
         return {a.dest: (a.option_strings, a.default, a.choices) for a in group._group_actions}
     gen, srv = engine_flags(generate.build_parser()), engine_flags(server_main.build_parser())
-    assert gen == srv
+    assert gen == srv == engine_flags(run_batch.build_parser())
     assert gen["model"][1] == "smollm2-135m"  # the server no longer requires --model
     assert gen["dtype"][2] == ("auto", "float32", "bfloat16", "float16")
     assert gen["load_format"][2] == ("auto", "safetensors", "gguf", "dummy", "orbax")

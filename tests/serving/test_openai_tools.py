@@ -70,6 +70,35 @@ def test_required_reader_streams_the_same_calls_under_any_split(case, data):
         (c["function"]["name"], c["function"]["arguments"]) for c in whole["tool_calls"]]
 
 
+@pytest.mark.parametrize("parser, text", [
+    ("hermes", 'Let me check. <tool_call>\n{"name": "f", "arguments": {"city": "Oslo", "days": 3}}\n</tool_call>'),
+    ("llama3_json", '<|python_tag|>{"name": "f", "parameters": {"city": "Oslo", "days": 3}}'),
+])
+def test_auto_streams_a_call_name_first_then_its_arguments_token_by_token(parser, text):
+    """The OpenAI deltas of "auto" fed a token (4 characters) at a time: the call's first delta
+    (id, name) comes as soon as its arguments' "{" is read, its arguments follow fragment by
+    fragment (not whole at the close), and they add up to the non-streamed answer."""
+    cfg = ServerConfig(enable_auto_tool_choice=True, tool_call_parser=parser)
+    req = ChatCompletionRequest(messages=[{"role": "user", "content": "hi"}],
+                                tools=[{"type": "function", "function": {"name": "f"}}])
+    plan = ToolPlan.from_body(req, cfg)
+    whole, reason = plan.message(text, "stop")
+    assert reason == "tool_calls" and json.loads(whole["tool_calls"][0]["function"]["arguments"]) == {
+        "city": "Oslo", "days": 3}
+    pieces = [text[i:i + 4] for i in range(0, len(text), 4)]
+    opened_at, frags = None, []
+    for i, piece in enumerate(pieces):
+        delta, _ = plan.delta(0, piece, "stop" if i == len(pieces) - 1 else None, first=i == 0)
+        for tc in delta.get("tool_calls", ()):
+            if "id" in tc:
+                assert opened_at is None and tc["function"]["name"] == "f"
+                opened_at = i
+            frags.append(tc["function"]["arguments"])
+    assert opened_at == text.index('{"city"') // 4  # the name: with the piece holding the arguments' "{"
+    assert len([f for f in frags if f]) >= 5  # the arguments in pieces
+    assert "".join(frags) == whole["tool_calls"][0]["function"]["arguments"]
+
+
 def test_required_reader_keeps_a_truncated_call_and_drops_a_nameless_one():
     plan = _plan("required", tool_choice="required")
     msg, reason = plan.message('[{"name": "f", "parameters": {"a": [1, 2', "length")

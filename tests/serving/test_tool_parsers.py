@@ -16,7 +16,7 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 from serving.tool_parsers import PARSERS, CallDelta, ToolCall, ToolDelta, get_parser
-from tool_parse_helpers import (ARGS, CONTENT, CUTS, JSON_VALUE, NAMES, SETTINGS, call, check,
+from tool_parse_helpers import (ARGS, CONTENT, CUTS, JSON_VALUE, NAMES, SETTINGS, TOOLS, call, check,
                                 contract, model_json, split, stream)
 
 
@@ -74,8 +74,10 @@ def test_hermes_worked_examples():
     # "parameters" instead of "arguments", and arguments given as a JSON string
     check(H, tc('{"name": "f", "parameters": {"a": 1}}'), None, [call("f", {"a": 1})])
     check(H, tc('{"name": "f", "arguments": "{\\"a\\": 1}"}'), None, [call("f", {"a": 1})])
-    # a lone surrogate escape is valid JSON but cannot be UTF-8: then the arguments stay escaped
+    # a lone surrogate escape is valid JSON but cannot be UTF-8: it stays escaped, the rest not
     check(H, tc('{"name": "f", "arguments": {"s": "\\ud800 \\u00e9"}}'), None,
+          [ToolCall("f", '{"s": "\\ud800 é"}')])
+    check(H, tc('{"arguments": {"s": "\\ud800 \\u00e9"}, "name": "f"}'), None,  # judged whole: all escaped
           [ToolCall("f", '{"s": "\\ud800 \\u00e9"}')])
     # a name that is not in `tools` stays a call (vLLM does not check names either)
     check(H, tc('{"name": "not_a_tool", "arguments": {}}'), None, [call("not_a_tool", {})])
@@ -85,7 +87,7 @@ def test_hermes_worked_examples():
 
 
 def test_hermes_malformed_calls_are_content():
-    bad = [tc('{"name": "f", "arguments": {"a": 1}'),  # bad JSON
+    bad = [tc('{"arguments": {"a": 1}, "name": "f"'),  # bad JSON
            tc('{"arguments": {"a": 1}}'),  # no name
            tc('{"name": 3, "arguments": {}}'),  # name not a string
            tc('{"name": "f", "arguments": [1, 2]}'),  # arguments not an object
@@ -97,6 +99,7 @@ def test_hermes_malformed_calls_are_content():
     check(H, "A " + bad[0] + " B " + good + " C", "A " + bad[0] + " B  C", [call("g", {"k": "v"})])
     # an unclosed block that does not parse: the whole rest is content, opening tag included
     check(H, 'x <tool_call>{"name": "f", "argum', 'x <tool_call>{"name": "f", "argum', [])
+    check(H, 'x <tool_call>{"name": "", "arguments": {}}', 'x <tool_call>{"name": "", "arguments": {}}', [])
     # the tag itself is held back while it could still be one, then released as content
     p = H(None)
     assert p.feed("Hi <tool").content == "Hi "
@@ -158,7 +161,7 @@ def test_llama3_json_worked_examples():
 
 
 def test_llama3_json_malformed_is_content():
-    for bad in ['{"name": "f", "parameters": {"a": 1}', '{"parameters": {}}', "{'name': 'f'}",
+    for bad in ['{"parameters": {"a": 1}, "name": "f"', '{"parameters": {}}', "{'name': 'f'}",
                 '<|python_tag|>{"name": "f", "parameters": [1]}', "{", "{}"]:
         check(L, bad, bad, [])
     p = L(None)
@@ -191,6 +194,126 @@ def llama3_output(draw):
 @given(llama3_output(), CUTS)
 def test_llama3_json_contract(out, cuts):
     contract(L, out, cuts)
+
+
+# -- streamed arguments (hermes, llama3_json) ------------------------------------------------
+def _fold(deltas: list[ToolDelta]) -> list[tuple[str | None, str]]:
+    """(name, accumulated arguments) per call after ``deltas``."""
+    calls: list[list] = []
+    for d in deltas:
+        for c in d.calls:
+            if c.index == len(calls):
+                calls.append([c.name, ""])
+            calls[c.index][1] += c.arguments
+    return [tuple(c) for c in calls]
+
+
+@pytest.mark.parametrize("cls, lead", [(H, "Sure. <tool_call>\n"), (L, "<|python_tag|>")])
+def test_arguments_stream_while_the_model_writes_them(cls, lead):
+    """The name goes out once the arguments' "{" is read, then the arguments grow with the text:
+    what has been released after each character is the canonical text so far (held: only an
+    unfinished number, literal or escape)."""
+    body = '{"name": "get_weather", "arguments": {"city": "Par\\u00eds", "days": 12, "ok": true}}'
+    text = lead + body + ("\n</tool_call>" if cls is H else "")
+    p = cls(TOOLS)
+    deltas, seen = [], {}
+    for i, ch in enumerate(text):
+        deltas.append(p.feed(ch))
+        seen[text[: i + 1]] = _fold(deltas)
+    deltas.append(p.finish())
+    at = len(lead) + body.index('"arguments": {') + len('"arguments": {')
+    assert seen[text[: at - 1]] == []  # before the arguments' "{": nothing yet
+    assert seen[text[:at]] == [("get_weather", "{")]
+    assert seen[text[: at + len('"city": "Pa')]] == [("get_weather", '{"city": "Pa')]
+    assert seen[text[: at + len('"city": "Par\\u00e')]] == [("get_weather", '{"city": "Par')]  # \u00ed not whole
+    assert seen[text[: at + len('"city": "Par\\u00eds", "days": 1')]] == [
+        ("get_weather", '{"city": "París", "days": ')]  # 1 may be 12: held
+    assert seen[text[: at + len('"city": "Par\\u00eds", "days": 12,')]] == [
+        ("get_weather", '{"city": "París", "days": 12, ')]
+    assert _fold(deltas) == [("get_weather", '{"city": "París", "days": 12, "ok": true}')]
+    assert 2 < sum(len(d.calls) for d in deltas)  # in pieces, not one delta
+
+
+def test_hermes_call_that_breaks_after_its_name_stays_a_call():
+    """vLLM's streaming: what was sent stays sent. The arguments stop at the last valid character,
+    the rest of the block is dropped, and the whole answer says the same as the stream."""
+    w = '{"name": "f", "arguments": {"a": 1, "b": tru, "c": 3}}'
+    check(H, "A " + tc(w) + " B", "A  B", [ToolCall("f", '{"a": 1, "b": ')])
+    check(H, tc('{"name": "f", "arguments": {"a": 1}'), None, [call("f", {"a": 1})])  # outer "}" missing
+    check(H, tc('{"name": "f", "arguments": {"a": 1}, "id": 7}'), None, [call("f", {"a": 1})])  # more keys
+    # the output stops mid-arguments (max_tokens): the call has the arguments written so far
+    check(H, 'Sure. <tool_call>\n{"name": "f", "arguments": {"city": "Pa', "Sure. ", [ToolCall("f", '{"city": "Pa')])
+    check(H, '<tool_call>{"name": "f", "arguments": {"n": 12', None, [ToolCall("f", '{"n": ')])
+    # the block ends inside the arguments (a raw newline cannot be in a JSON string): the call ends
+    # there, text after the block is content
+    check(H, tc('{"name": "f", "arguments": {"s": "x') + "after", "after", [ToolCall("f", '{"s": "x')])
+
+
+def test_llama3_json_call_that_breaks_after_its_name_stays_a_call():
+    check(L, '{"name": "f", "parameters": {"a": 1}', None, [call("f", {"a": 1})])  # outer "}" missing
+    check(L, '{"name": "f", "parameters": {"a": tru}}; {"name": "g", "parameters": {}}', None,
+          [ToolCall("f", '{"a": '), call("g", {})])  # the object still closes: the next call is read
+    check(L, '{"name": "f", "parameters": {"a": 1}, "x": [2]} Hope that helps', " Hope that helps",
+          [call("f", {"a": 1})])
+    check(L, '{"name": "f", "parameters": {"q": "unclosed} ; more', None, [ToolCall("f", '{"q": "unclosed} ; more')])
+
+
+def test_arguments_are_rewritten_as_json_dumps_writes_them():
+    raw = '{"a":1.0E2,"b":"\\u00e9\\n\\/\\ud83d\\ude00","c":[ ],"d":{ },"e":[1,[2,{"f":null}]],"g":-0,"h":1e-7}'
+    want = json.dumps(json.loads(raw), ensure_ascii=False)
+    for cls, text in ((H, tc('{"name": "f", "arguments": ' + raw + "}")),
+                      (L, '{"name": "f", "parameters": ' + raw + "}")):
+        check(cls, text, None, [ToolCall("f", want)])
+
+
+@SETTINGS
+@given(JSON_VALUE.filter(lambda v: isinstance(v, dict)) | ARGS, st.data(), CUTS)
+def test_arguments_streamer_any_split_and_any_cut(args, data, cuts):
+    """Any object as a model writes it, split anywhere: the canonical text; cut anywhere: a prefix
+    of it (a broken or unfinished call never sends text the whole call would not have)."""
+    from serving.tool_parsers.stream_args import ArgsStreamer
+
+    raw = data.draw(model_json(args))
+    want = json.dumps(args, ensure_ascii=False)
+    s = ArgsStreamer()
+    assert "".join(s.feed(p) for p in split(raw, cuts)) == want and s.done
+    cut = data.draw(st.integers(0, len(raw)))
+    s = ArgsStreamer()
+    got = s.feed(raw[:cut])
+    assert want.startswith(got) and (s.done or cut < len(raw))
+    s = ArgsStreamer()  # a character that cannot continue the JSON: nothing from it on
+    got = s.feed(raw[:cut] + "\x00" + raw[cut:])
+    assert want.startswith(got) and (s.broken or s.done)
+
+
+@st.composite
+def broken_calls(draw, parser):
+    """Outputs whose calls may break anywhere after the model began them: a call's text cut at a
+    random point, then maybe a bad character, then the block's end (hermes) or more text."""
+    text, wanted = "", []
+    for _ in range(draw(st.integers(1, 3))):
+        name, args = draw(NAMES), draw(ARGS)
+        key = "arguments" if parser is H else "parameters"
+        body = draw(model_json({"name": name, key: args}))
+        cut = draw(st.integers(0, len(body)))
+        body = body[:cut] + draw(st.sampled_from(["", "\x00", "}", "]", " tru", "</tool_call>"]))
+        wanted.append((name, json.dumps(args, ensure_ascii=False)))
+        text += (tc(body) + draw(CONTENT) if parser is H else (body if not text else "; " + body))
+    return text, wanted
+
+
+@SETTINGS
+@pytest.mark.parametrize("cls", [H, L])
+@given(data=st.data(), cuts=CUTS)
+def test_broken_calls_stream_as_they_parse(cls, data, cuts):
+    """Split-invariance when calls break anywhere (what the stream sent is what the whole parse
+    answers), and every call is one the model began, in order."""
+    text, wanted = data.draw(broken_calls(cls))
+    whole = cls(TOOLS).extract(text)
+    assert stream(cls, split(text, cuts)) == whole
+    names = [n for n, _ in wanted]
+    got = [c.name for c in whole.calls]
+    assert len(got) <= len(names) and all(n in names for n in got)
 
 
 # -- mistral ---------------------------------------------------------------------------------
