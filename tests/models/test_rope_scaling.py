@@ -156,3 +156,16 @@ def test_bad_rope_scaling_is_one_line(scaling, message):
     with pytest.raises(ModelConfigError, match=message) as e:
         ModelConfig.from_hf(json.loads(json.dumps(cfg)), source="cfg")
     assert "\n" not in str(e.value)
+
+
+def test_engine_max_model_len_defaults_to_the_scaled_length(tiny_root):
+    """build_engine: max_model_len defaults to, and may not pass, the dynamic model's scaled length
+    (max_position_embeddings 16 * factor 4)."""
+    from jaxllm.config import EngineConfig
+    from jaxllm.engine.factory import build_engine
+
+    path = make_tiny_hf("llama_dynamic", tiny_root)
+    engine = build_engine(EngineConfig(model=path), compile_cache=False, warmup=False)
+    assert engine.config.max_model_len == 64
+    with pytest.raises(ValueError, match=r"^max_model_len=65 is invalid: the model supports at most 64 positions$"):
+        build_engine(EngineConfig(model=path, max_model_len=65), compile_cache=False, warmup=False)
