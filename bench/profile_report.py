@@ -152,7 +152,8 @@ def categorize(name: str, hlo: HloIndex | None) -> tuple[str, str, str]:
         return "attention", op_name, source
     if "sampler.py" in files or re.search(r"\bsample\b|apply_penalties|_filter_thresholds", funcs):
         return "sampling", op_name, source
-    if "model_runner.py" in files and "llama.py" not in files and "compute_logits" not in funcs:
+    if re.search(r"model_runner\.py|step_programs\.py", files) and "llama.py" not in files \
+            and "compute_logits" not in funcs:
         return "sampling", op_name, source  # penalty state (counts / prompt mask) updated in the step
     if "dot_general" in op_name or opcode in ("dot", "convolution") or name.startswith(("dot", "ynn_fusion",
                                                                                          "gemm", "cublas")):

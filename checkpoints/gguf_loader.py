@@ -97,12 +97,33 @@ def _hf_config(reader, path: str) -> dict:
     scaling = g("rope.scaling.type")
     if scaling and scaling != "none":
         hf["rope_scaling"] = {"rope_type": scaling, "factor": g("rope.scaling.factor", 1.0)}
+        if scaling == "yarn":
+            hf["rope_scaling"]["factor"] = float(hf["rope_scaling"]["factor"])
+            hf["rope_scaling"].update(_yarn_keys(g, f"{path}: {arch}.rope.scaling"))
     if arch in ("qwen2", "qwen3"):
         hf["use_sliding_window"] = False
     missing = [k for k, v in hf.items() if v is None and k not in ("sliding_window", "bos_token_id", "eos_token_id")]
     if missing:
         raise CheckpointError(f"{path}: GGUF metadata lacks {', '.join(missing)} for architecture {arch}")
     return hf
+
+
+# llama.cpp's yarn keys (convert_hf_to_gguf.py writes them from the HF rope parameters) → HF's names
+_YARN_KEYS = {"original_context_length": "original_max_position_embeddings",
+              "yarn_attn_factor": "attention_factor", "yarn_beta_fast": "beta_fast", "yarn_beta_slow": "beta_slow"}
+# keys HF's yarn has no equivalent for: refused unless neutral (llama.cpp reads an ext factor < 0 as 1)
+_YARN_NEUTRAL = {"yarn_ext_factor": (1.0, -1.0), "yarn_log_multiplier": (0.0,), "attn_factor": (1.0,)}
+
+
+def _yarn_keys(g, where: str) -> dict:
+    """The HF rope_scaling entries of a GGUF's yarn metadata (`where`: file and key prefix, for errors)."""
+    out = {hf: (int if hf.startswith("original") else float)(g(f"rope.scaling.{k}"))
+           for k, hf in _YARN_KEYS.items() if g(f"rope.scaling.{k}") is not None}
+    for k, neutral in _YARN_NEUTRAL.items():
+        v = g(f"rope.scaling.{k}")
+        if v is not None and float(v) not in neutral:
+            raise CheckpointError(f"{where}.{k}={float(v)!r} is not supported with yarn (only {neutral[0]})")
+    return out
 
 
 def _unpermute(w: np.ndarray, n_heads: int) -> np.ndarray:

@@ -106,17 +106,18 @@ def load_hf(path: str, dtype=np.float32):
             except Exception as e:  # safetensors raises its own error types for a bad header
                 raise CheckpointError(f"{file}: corrupt or truncated safetensors file ({e})") from None
             handles.append(h)
-            for name in h.keys():
-                where[name] = (file, h, None)
-            # float8 tensors: read from the bytes (safetensors' numpy loader cannot)
+            # the one header pass: every tensor's name and dtype (the float8 check here, which projections
+            # stay fp8 in hf_fp8.kept via stored_f8); float8 tensors are read from the bytes (safetensors'
+            # numpy loader cannot), the rest through `h`
             header, start = safetensors_f8.read_header(file)
-            f8 = sorted(safetensors_f8.f8_names(header))
+            f8 = safetensors_f8.f8_names(header)
             if f8 and scheme is None:
-                raise CheckpointError(f"{file}: holds float8 tensors ({f8[0]}: {header[f8[0]]['dtype']}, "
+                first = min(f8)
+                raise CheckpointError(f"{file}: holds float8 tensors ({first}: {header[first]['dtype']}, "
                                       f"{len(f8)} in all) but {os.path.join(path, 'config.json')} has no "
                                       f"quantization_config (an fp8 checkpoint names its scheme there)")
-            for name in f8:
-                where[name] = (file, h, (header, start))
+            for name in header:
+                where[name] = (file, h, (header, start) if name in f8 else None)
 
         def stored_name(name: str) -> str:
             if name not in where and name.startswith("model."):

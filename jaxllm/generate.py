@@ -69,10 +69,10 @@ def load_prompts(args) -> list:
     if not items:
         raise ValueError("no prompts: give --prompt, --chat-prompt or --input")
     mc, source = load_config(args.model, args.load_format)
-    max_model_len = args.max_model_len or mc.max_position_embeddings
-    if max_model_len > mc.max_position_embeddings:
+    max_model_len = args.max_model_len or mc.max_model_len_limit
+    if max_model_len > mc.max_model_len_limit:
         raise ValueError(f"max_model_len={max_model_len} is invalid: the model supports at most "
-                         f"{mc.max_position_embeddings} positions")
+                         f"{mc.max_model_len_limit} positions")
     tok = load_tokenizer(source, mc) or TokenIdsOnlyTokenizer(mc.vocab_size, mc.eos_token_ids)
     from jaxllm.engine.factory import resolve_task
 

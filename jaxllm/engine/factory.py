@@ -156,10 +156,10 @@ def build_engine(config: EngineConfig, *, compile_cache: bool = True, warmup: bo
     config = resolve_task(config, mc, ckpt.path if ckpt.format in ("hf", "orbax") else None)
     layout = layout_for(mc) if layout_for else None
     tokenizer = load_tokenizer(ckpt.tokenizer_source, mc) or TokenIdsOnlyTokenizer(mc.vocab_size, mc.eos_token_ids)
-    max_model_len = config.max_model_len or mc.max_position_embeddings
-    if max_model_len > mc.max_position_embeddings:
+    max_model_len = config.max_model_len or mc.max_model_len_limit
+    if max_model_len > mc.max_model_len_limit:
         raise ValueError(f"max_model_len={max_model_len} is invalid: the model supports at most "
-                         f"{mc.max_position_embeddings} positions")
+                         f"{mc.max_model_len_limit} positions")
     # the engine's config holds resolved values (what GetModelInfo and the CLIs report)
     config = msgspec.structs.replace(config, max_model_len=max_model_len, dtype=jax.numpy.dtype(dtype).name)
     if config.quantization and ckpt.format == "gguf" and not prequantized.names(ckpt.params):

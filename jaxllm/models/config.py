@@ -17,6 +17,9 @@ class ModelConfigError(ValueError):
     """A model config that jaxllm cannot run, with the field and value named."""
 
 
+ROPE_TYPES = ("default", "linear", "llama3", "yarn", "dynamic")  # jaxllm/models/rope.py
+
+
 @dataclasses.dataclass(frozen=True)
 class ModelConfig:
     architecture: str  # "llama" | "mistral" | "qwen2" | "qwen3"
@@ -54,6 +57,18 @@ class ModelConfig:
         return dict(self.rope_scaling) if self.rope_scaling else None
 
     @property
+    def max_model_len_limit(self) -> int:
+        """The longest max_model_len the model takes, as vLLM derives it: max_position_embeddings, but for
+        yarn original_max_position_embeddings * factor and for dynamic max_position_embeddings * factor
+        (the scaled length those types are configured for)."""
+        s = self.rope_scaling_dict or {}
+        if s.get("rope_type") == "yarn" and s.get("factor") is not None:
+            return int(s["original_max_position_embeddings"] * s["factor"])
+        if s.get("rope_type") == "dynamic":
+            return int(self.max_position_embeddings * s["factor"])
+        return self.max_position_embeddings
+
+    @property
     def num_params(self) -> int:
         e, f, d = self.hidden_size, self.intermediate_size, self.head_dim
         attn = e * d * (2 * self.num_heads + 2 * self.num_kv_heads)
@@ -82,12 +97,13 @@ class ModelConfig:
         theta = rope.pop("rope_theta", cfg.get("rope_theta", 10000.0))
         rope.update({k: v for k, v in scaling.items() if k not in rope})
         rope_type = rope.get("rope_type", rope.get("type", "default"))
-        if rope_type not in ("default", "linear", "llama3"):
-            raise ModelConfigError(f"{source}: rope_type={rope_type!r} is not supported (default, linear, llama3)")
+        if rope_type not in ROPE_TYPES:
+            raise ModelConfigError(f"{source}: rope_type={rope_type!r} is not supported ({', '.join(ROPE_TYPES)})")
         rope_scaling = None
         if rope_type != "default":
             rope["rope_type"] = rope_type
             rope.pop("type", None)
+            _check_rope(rope, cfg, source)
             rope_scaling = tuple(sorted(rope.items()))
         num_heads = cfg["num_attention_heads"]
         head_dim = cfg.get("head_dim") or cfg["hidden_size"] // num_heads
@@ -119,3 +135,21 @@ class ModelConfig:
             eos_token_ids=eos_ids,
             **flags,
         )
+
+
+def _check_rope(rope: dict, cfg: dict, source: str) -> None:
+    """Fills what HF defaults and refuses, in one line, what the scaling type cannot run without."""
+    kind = rope["rope_type"]
+    if kind == "yarn":  # HF: a top-level original_max_position_embeddings wins, else max_position_embeddings
+        old_len = cfg.get("original_max_position_embeddings") or rope.get("original_max_position_embeddings")
+        rope["original_max_position_embeddings"] = old_len or cfg.get("max_position_embeddings", 4096)
+    if kind == "dynamic":
+        if "alpha" in rope:
+            raise ModelConfigError(f"{source}: rope_scaling.alpha={rope['alpha']!r} (dynamic NTK-alpha scaling) is "
+                                   f"not supported (dynamic takes rope_scaling.factor)")
+        if rope.get("factor") is None:
+            raise ModelConfigError(f"{source}: rope_scaling.factor is missing (rope_type 'dynamic' needs it)")
+    for key in ("factor", "attention_factor", "mscale", "mscale_all_dim", "beta_fast", "beta_slow"):
+        v = rope.get(key) if kind in ("yarn", "dynamic") else None
+        if v is not None and (isinstance(v, bool) or not isinstance(v, (int, float)) or v < 0):
+            raise ModelConfigError(f"{source}: rope_scaling.{key}={v!r} must be a number >= 0")

@@ -1,4 +1,17 @@
-"""Rotary position embeddings (HF "rotate half" convention) with default, linear and llama3 scaling."""
+"""Rotary position embeddings (HF "rotate half" convention) with default, linear, llama3, yarn and
+dynamic (NTK) scaling.
+
+- yarn (Qwen2.5/Qwen3 long-context configs, DeepSeek-style `mscale`/`mscale_all_dim`, gpt-oss's
+  `truncate: false`): HF transformers' `_compute_yarn_parameters`: the inverse frequencies ramp from
+  extrapolated (high frequencies) to interpolated (divided by `factor`) between the dimensions of
+  `beta_fast` and `beta_slow` rotations over `original_max_position_embeddings`, and cos and sin are
+  multiplied by the attention factor (`attention_factor`, else from `factor`, `mscale`, `mscale_all_dim`).
+- dynamic: HF recomputes the NTK base in every forward from the sequence's length (unscaled up to
+  `max_position_embeddings`). vLLM, whose behaviour jaxllm matches, scales once: the base HF would use at
+  the longest sequence vLLM derives for the model, `max_position_embeddings * factor`, for every position
+  (`base * (factor**2 - factor + 1) ** (d / (d - 2))`). Logits equal HF's for a sequence of exactly that
+  length; shorter sequences differ from HF (not from vLLM).
+"""
 from __future__ import annotations
 
 import math
@@ -11,15 +24,21 @@ from jaxllm.models.config import ModelConfig
 
 def inverse_frequencies(config: ModelConfig) -> np.ndarray:
     """[head_dim // 2] float64 inverse frequencies after any rope scaling."""
+    return rope_parameters(config)[0]
+
+
+def rope_parameters(config: ModelConfig) -> tuple[np.ndarray, float]:
+    """→ (inverse frequencies [head_dim // 2] float64 after any rope scaling, the attention factor
+    multiplying cos and sin: 1.0 except for yarn)."""
     d = config.head_dim
     inv = 1.0 / (config.rope_theta ** (np.arange(0, d, 2, dtype=np.float64) / d))
     scaling = config.rope_scaling_dict
     if not scaling:
-        return inv
+        return inv, 1.0
     kind = scaling["rope_type"]
     factor = float(scaling.get("factor", 1.0))
     if kind == "linear":
-        return inv / factor
+        return inv / factor, 1.0
     if kind == "llama3":
         # Llama 3.1: leave high frequencies alone, divide low ones by `factor`, interpolate between.
         low, high = float(scaling["low_freq_factor"]), float(scaling["high_freq_factor"])
@@ -29,14 +48,52 @@ def inverse_frequencies(config: ModelConfig) -> np.ndarray:
         smooth = (old_len / wavelen - low) / (high - low)
         blended = (1 - smooth) * scaled / factor + smooth * scaled
         medium = (wavelen >= old_len / high) & (wavelen <= old_len / low)
-        return np.where(medium, blended, scaled)
+        return np.where(medium, blended, scaled), 1.0
+    if kind == "yarn":
+        return _yarn(inv, config, scaling)
+    if kind == "dynamic":
+        base = config.rope_theta * (factor * factor - (factor - 1)) ** (d / (d - 2))
+        return 1.0 / (base ** (np.arange(0, d, 2, dtype=np.float64) / d)), 1.0
     raise ValueError(f"rope_type={kind!r} is not supported")
 
 
-def rope_tables(positions: jnp.ndarray, inv_freq: np.ndarray) -> tuple[jnp.ndarray, jnp.ndarray]:
-    """cos, sin: [T, head_dim // 2] f32 for int positions [T]."""
+def _mscale(factor: float, mscale: float = 1.0) -> float:
+    return 1.0 if factor <= 1 else 0.1 * mscale * math.log(factor) + 1.0
+
+
+def _yarn(inv: np.ndarray, config: ModelConfig, s: dict) -> tuple[np.ndarray, float]:
+    d, base = config.head_dim, config.rope_theta
+    old_len = float(s["original_max_position_embeddings"])
+    factor = s.get("factor")
+    factor = config.max_position_embeddings / old_len if factor is None else float(factor)
+    attention = s.get("attention_factor")
+    if attention is None:
+        mscale, mscale_all_dim = s.get("mscale"), s.get("mscale_all_dim")
+        attention = (_mscale(factor, mscale) / _mscale(factor, mscale_all_dim) if mscale and mscale_all_dim
+                     else _mscale(factor))
+    beta_fast, beta_slow = s.get("beta_fast") or 32, s.get("beta_slow") or 1
+
+    def dim_of(rotations: float) -> float:  # the dimension that turns `rotations` times over old_len
+        return d * math.log(old_len / (rotations * 2 * math.pi)) / (2 * math.log(base))
+
+    low, high = dim_of(beta_fast), dim_of(beta_slow)
+    if s.get("truncate", True):
+        low, high = math.floor(low), math.ceil(high)
+    low, high = max(low, 0), min(high, d - 1)
+    if low == high:
+        high += 0.001  # as HF: no division by zero
+    ramp = np.clip((np.arange(d // 2, dtype=np.float64) - low) / (high - low), 0.0, 1.0)  # [d/2]: 1 = interpolate
+    return inv / factor * ramp + inv * (1.0 - ramp), float(attention)
+
+
+def rope_tables(positions: jnp.ndarray, inv_freq: np.ndarray,
+                attention_factor: float = 1.0) -> tuple[jnp.ndarray, jnp.ndarray]:
+    """cos, sin: [T, head_dim // 2] f32 for int positions [T], times `attention_factor` (yarn's)."""
     angles = positions.astype(jnp.float32)[:, None] * jnp.asarray(inv_freq, jnp.float32)[None, :]
-    return jnp.cos(angles), jnp.sin(angles)
+    cos, sin = jnp.cos(angles), jnp.sin(angles)
+    if attention_factor != 1.0:
+        cos, sin = cos * attention_factor, sin * attention_factor
+    return cos, sin
 
 
 def apply_rope(x: jnp.ndarray, cos: jnp.ndarray, sin: jnp.ndarray) -> jnp.ndarray:

@@ -7,6 +7,10 @@ asynchronous); ``PendingStep.result()`` waits and converts. Each row's last samp
 on the device (``last_tokens``, [R] i32) so the next step can feed it to a placeholder decode
 (async scheduling) without a round trip; ``execute`` = dispatch + result.
 
+The device programs themselves (step, prompt-logprobs pass, embed step) are runner/step_programs.py;
+the runner holds their state (cache, penalty tables, rows), picks buckets and compiles one executable
+per bucket.
+
 Implements jaxllm.engine.runner_protocol.ModelRunnerProtocol.
 """
 from __future__ import annotations
@@ -24,7 +28,6 @@ from flax import nnx
 
 from jaxllm.core.scheduler_output import SchedulerOutput
 from jaxllm.engine.runner_protocol import SampledToken
-from jaxllm.lora.delta import LoRABatch
 from jaxllm.lora.slots import LoRASlots, check_seq_slots
 from jaxllm.models.config import ModelConfig
 from jaxllm.models.llama import LlamaForCausalLM
@@ -32,12 +35,11 @@ from jaxllm.runner.buckets import Buckets
 from jaxllm.runner.inputs import StepInputs, build_inputs
 from jaxllm.runner.kv_cache_dtype import cache_dtype
 from jaxllm.runner.pending import PendingStep, PromptLogprobsJob
-from jaxllm.runner.pooler import PendingPool, pool_hidden
-from jaxllm.runner.sampler import MAX_LOGPROBS, sample, token_rank
+from jaxllm.runner.pooler import PendingPool
+from jaxllm.runner.step_programs import step_programs
 from pallas_kernels import KVCache
 
 log = logging.getLogger("jaxllm")
-PROMPT_LP_CHUNK = 256  # tokens per chunk of the prompt-logprobs LM head
 
 
 class ModelRunner:
@@ -101,44 +103,7 @@ class ModelRunner:
         # device adapter slots (none for embed: its steps run the base model)
         self.lora = None if lora_config is None or task == "embed" else LoRASlots(lora_config, model)
 
-        def step(state, cache, counts, prompt_mask, inp: StepInputs, lora=None):
-            self.num_traces += 1  # runs only while tracing
-            m = nnx.merge(graphdef, state)
-            counts = counts.at[inp.reset_rows].set(0, mode="drop")
-            prompt_mask = prompt_mask.at[inp.reset_rows].set(False, mode="drop")
-            prompt_mask = prompt_mask.at[inp.prompt_rows, inp.tokens].set(True, mode="drop")
-            counts = counts.at[inp.output_rows, inp.tokens].add(1, mode="drop")
-            prompt_mask = prompt_mask.at[inp.seen_prompt_rows, inp.seen_tokens].set(True, mode="drop")
-            counts = counts.at[inp.seen_output_rows, inp.seen_tokens].add(1, mode="drop")
-            lora = None if lora is None else LoRABatch(lora, inp.lora_slots)
-            hidden, cache = m(inp.tokens, inp.positions, cache, inp.metadata, lora)  # [T, E]
-            logits = m.compute_logits(hidden[inp.logits_indices])  # [S, V] f32
-            out = sample(logits, counts, prompt_mask, inp.sampling, inp.want_top_logprobs,
-                         rows=inp.seq_rows)  # the tables' rows are gathered only if a penalty needs them
-            return cache, counts, prompt_mask, out, hidden  # hidden stays on device (prompt logprobs)
-
-        def prompt_logprobs(state, hidden, targets):
-            """Raw logprob and rank of each token's next prompt token and the top MAX_LOGPROBS,
-            computed in chunks of PROMPT_LP_CHUNK tokens so [T, V] logits never exist at once."""
-            m = nnx.merge(graphdef, state)
-            n = hidden.shape[0]
-            c = min(PROMPT_LP_CHUNK, n)
-            pad = -n % c
-            h = jnp.pad(hidden, ((0, pad), (0, 0))).reshape(-1, c, hidden.shape[-1])  # [n/c, c, E]
-            t = jnp.pad(targets, (0, pad)).reshape(-1, c)  # [n/c, c] i32
-
-            def chunk(args):
-                hc, tc = args
-                logits = m.compute_logits(hc)  # [c, V] f32
-                lp = jax.nn.log_softmax(logits, axis=-1)  # [c, V] f32
-                top_lp, top_ids = jax.lax.top_k(lp, MAX_LOGPROBS)  # [c, MAX_LOGPROBS]
-                tgt = jnp.maximum(tc, 0)[:, None]  # [c, 1] i32
-                rank = token_rank(logits, jnp.take_along_axis(logits, tgt, axis=-1)[:, 0])  # [c] i32
-                return jnp.take_along_axis(lp, tgt, axis=-1)[:, 0], rank, top_ids, top_lp
-
-            lp, rank, ids, top = jax.lax.map(chunk, (h, t))
-            return (lp.reshape(-1)[:n], rank.reshape(-1)[:n], ids.reshape(-1, MAX_LOGPROBS)[:n],
-                    top.reshape(-1, MAX_LOGPROBS)[:n])
+        programs = step_programs(graphdef, self._traced)
 
         # [R] i32: the token each penalty row sampled in its latest step (async scheduling feeds it)
         self.last_tokens = jnp.zeros((self.num_rows,), jnp.int32)
@@ -147,34 +112,15 @@ class ModelRunner:
             cs, counts_s, mask_s, *rest = jit_kwargs["out_shardings"]
             jit_kwargs["out_shardings"] = (cs, counts_s, mask_s, layout.replicated, *rest)
 
-        def fed_step(state, cache, counts, prompt_mask, last_tokens, inp: StepInputs, lora=None):
-            """step() with placeholder tokens taken from last_tokens on device (feed_rows < R), and
-            this step's sampled ids recorded per row (padding rows write the spare row only).
-            `lora`: the LoRA slots' weights (a jit argument: loading a slot recompiles nothing)."""
-            R = last_tokens.shape[0]
-            fed = last_tokens[jnp.minimum(inp.feed_rows, R - 1)]  # [T] i32
-            inp = dataclasses.replace(inp, tokens=jnp.where(inp.feed_rows < R, fed, inp.tokens))
-            cache, counts, prompt_mask, out, hidden = step(state, cache, counts, prompt_mask, inp, lora)
-            last_tokens = last_tokens.at[inp.seq_rows].set(out.token_ids)
-            return cache, counts, prompt_mask, last_tokens, out, hidden
-
-        self._step = jax.jit(fed_step, donate_argnums=(1, 2, 3, 4), **jit_kwargs)
-
-        def embed_step(state, cache, inp: StepInputs):
-            """Prefill chunks → (cache, per-sequence hidden sums [S, E] f32, last hidden [S, E] f32)."""
-            self.num_traces += 1  # runs only while tracing
-            m = nnx.merge(graphdef, state)
-            hidden, cache = m(inp.tokens, inp.positions, cache, inp.metadata)  # [T, E]
-            sums, last = pool_hidden(hidden, inp.metadata.cu_q_lens, inp.logits_indices)
-            return cache, sums, last
+        self._step = jax.jit(programs.fed_step, donate_argnums=(1, 2, 3, 4), **jit_kwargs)
 
         embed_kw = {}
         if layout is not None:
             embed_kw["out_shardings"] = (self.kv_cache.like(cache_sharding, scale_sharding), layout.replicated,
                                          layout.replicated)
-        self._embed = jax.jit(embed_step, donate_argnums=(1,), **embed_kw)
+        self._embed = jax.jit(programs.embed_step, donate_argnums=(1,), **embed_kw)
         self._pooled: dict = {}  # request_id -> PooledChunk, filed by PendingPool.result()
-        self._prompt_lp = jax.jit(prompt_logprobs)
+        self._prompt_lp = jax.jit(programs.prompt_logprobs)
         self._prompt_lp_out: dict[str, dict[int, SampledToken]] = {}
         self.supports_prompt_logprobs = jax.process_count() == 1
         # Async scheduling's default: on where a device runs the steps while the host works; off
@@ -186,6 +132,9 @@ class ModelRunner:
             from jaxllm.parallel.multihost import StepChannel
 
             self._channel = StepChannel(self._padding_inputs)
+
+    def _traced(self) -> None:
+        self.num_traces += 1  # a trace of the step or embed step (runs only while tracing)
 
     # ----- per-request rows ---------------------------------------------------------
     def release(self, request_ids) -> None:

@@ -23,7 +23,8 @@ def llama_cpp_permute(w: np.ndarray, n_heads: int) -> np.ndarray:
     return w.reshape(n_heads, 2, w.shape[0] // n_heads // 2, *w.shape[1:]).swapaxes(1, 2).reshape(w.shape)
 
 
-def write_gguf_from_hf(hf_dir: str, out_path: str, qtype: str = "F32") -> str:
+def write_gguf_from_hf(hf_dir: str, out_path: str, qtype: str = "F32", extra_f32: dict | None = None) -> str:
+    """`extra_f32`: more float32 metadata, {key suffix after the architecture: value}."""
     import gguf
 
     with open(os.path.join(hf_dir, "config.json")) as f:
@@ -44,6 +45,19 @@ def write_gguf_from_hf(hf_dir: str, out_path: str, qtype: str = "F32") -> str:
     w.add_rope_dimension_count(head_dim)
     w.add_rope_freq_base(cfg.get("rope_theta", (cfg.get("rope_parameters") or {}).get("rope_theta", 10000.0)))
     w.add_layer_norm_rms_eps(cfg["rms_norm_eps"])
+    rope = dict(cfg.get("rope_parameters") or cfg.get("rope_scaling") or {})
+    if rope.get("rope_type") == "yarn":  # as llama.cpp's convert_hf_to_gguf.py writes it
+        w.add_rope_scaling_type(gguf.RopeScalingType.YARN)
+        w.add_rope_scaling_factor(rope["factor"])
+        w.add_rope_scaling_orig_ctx_len(rope["original_max_position_embeddings"])
+        if rope.get("attention_factor") is not None:
+            w.add_rope_scaling_yarn_attn_factor(rope["attention_factor"])
+        if rope.get("beta_fast") is not None:
+            w.add_rope_scaling_yarn_beta_fast(rope["beta_fast"])
+        if rope.get("beta_slow") is not None:
+            w.add_rope_scaling_yarn_beta_slow(rope["beta_slow"])
+    for key, value in (extra_f32 or {}).items():
+        w.add_float32(f"{arch}.{key}", value)
     w.add_vocab_size(cfg["vocab_size"])
     qt = gguf.GGMLQuantizationType[qtype]
     for name, t in sorted(tensors.items()):

@@ -17,6 +17,23 @@ TINY_CONFIGS = {
     "qwen3": ("Qwen3Config", dict(COMMON, head_dim=32, num_attention_heads=6, num_key_value_heads=3)),
 }
 
+# RoPE scaling types past the original length (tests/models/test_rope_scaling.py): yarn as Qwen2.5/Qwen3
+# long-context configs write it, DeepSeek's mscale/mscale_all_dim, an explicit attention_factor with
+# gpt-oss's truncate=False and custom betas; dynamic NTK (max_position_embeddings is its original length).
+_ROPE_COMMON = dict(COMMON, max_position_embeddings=128)
+ROPE_CONFIGS = {
+    "qwen2_yarn": ("Qwen2Config", dict(_ROPE_COMMON, tie_word_embeddings=True, rope_parameters=dict(
+        rope_type="yarn", rope_theta=10000.0, factor=4.0, original_max_position_embeddings=32))),
+    "llama_yarn_mscale": ("LlamaConfig", dict(_ROPE_COMMON, rope_parameters=dict(
+        rope_type="yarn", rope_theta=10000.0, factor=4.0, original_max_position_embeddings=32, mscale=1.0,
+        mscale_all_dim=0.5))),
+    "llama_yarn_attn_notrunc": ("LlamaConfig", dict(_ROPE_COMMON, rope_parameters=dict(
+        rope_type="yarn", rope_theta=10000.0, factor=4.0, original_max_position_embeddings=32,
+        attention_factor=1.25, beta_fast=16.0, beta_slow=2.0, truncate=False))),
+    "llama_dynamic": ("LlamaConfig", dict(COMMON, max_position_embeddings=16, rope_parameters=dict(
+        rope_type="dynamic", rope_theta=10000.0, factor=4.0))),
+}
+
 
 def make_tiny_hf(name: str, root: str, seed: int = 0) -> str:
     """Creates (once) and returns the directory of a tiny random HF model."""
@@ -26,7 +43,7 @@ def make_tiny_hf(name: str, root: str, seed: int = 0) -> str:
     path = os.path.join(root, name)
     if os.path.isfile(os.path.join(path, "config.json")):
         return path
-    cls_name, kwargs = TINY_CONFIGS[name]
+    cls_name, kwargs = {**TINY_CONFIGS, **ROPE_CONFIGS}[name]
     config = getattr(transformers, cls_name)(**kwargs)
     torch.manual_seed(seed)
     model = transformers.AutoModelForCausalLM.from_config(config, dtype=torch.float32)

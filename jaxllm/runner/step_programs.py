@@ -1,0 +1,96 @@
+"""The device programs a ModelRunner compiles (runner/model_runner.py jits, lowers and runs them):
+
+- `fed_step`: one scheduled step: placeholder tokens fed from the device's last sampled ids, the
+  penalty tables updated, the model run over the padded batch (KV cache written in place), logits of
+  each sequence's sampling rows, sampling on device;
+- `prompt_logprobs`: the prompt-logprobs pass over a step's hidden states, in chunks;
+- `embed_step`: the embed task's step: pooled hidden states, nothing sampled.
+
+They close over the model's graph definition only; the weights (`state`) are an argument of each.
+"""
+from __future__ import annotations
+
+import dataclasses
+from typing import Callable, NamedTuple
+
+import jax
+import jax.numpy as jnp
+from flax import nnx
+
+from jaxllm.lora.delta import LoRABatch
+from jaxllm.runner.inputs import StepInputs
+from jaxllm.runner.pooler import pool_hidden
+from jaxllm.runner.sampler import MAX_LOGPROBS, sample, token_rank
+
+PROMPT_LP_CHUNK = 256  # tokens per chunk of the prompt-logprobs LM head
+
+
+class StepPrograms(NamedTuple):
+    fed_step: Callable
+    prompt_logprobs: Callable
+    embed_step: Callable
+
+
+def step_programs(graphdef, on_trace: Callable[[], None]) -> StepPrograms:
+    """The three programs of a model split into `graphdef` + state (nnx.split); `on_trace()` runs each
+    time the step or the embed step is traced (the runner counts traces: one after warm-up is a bug)."""
+
+    def step(state, cache, counts, prompt_mask, inp: StepInputs, lora=None):
+        on_trace()  # runs only while tracing
+        m = nnx.merge(graphdef, state)
+        counts = counts.at[inp.reset_rows].set(0, mode="drop")
+        prompt_mask = prompt_mask.at[inp.reset_rows].set(False, mode="drop")
+        prompt_mask = prompt_mask.at[inp.prompt_rows, inp.tokens].set(True, mode="drop")
+        counts = counts.at[inp.output_rows, inp.tokens].add(1, mode="drop")
+        prompt_mask = prompt_mask.at[inp.seen_prompt_rows, inp.seen_tokens].set(True, mode="drop")
+        counts = counts.at[inp.seen_output_rows, inp.seen_tokens].add(1, mode="drop")
+        lora = None if lora is None else LoRABatch(lora, inp.lora_slots)
+        hidden, cache = m(inp.tokens, inp.positions, cache, inp.metadata, lora)  # [T, E]
+        logits = m.compute_logits(hidden[inp.logits_indices])  # [S, V] f32
+        out = sample(logits, counts, prompt_mask, inp.sampling, inp.want_top_logprobs,
+                     rows=inp.seq_rows)  # the tables' rows are gathered only if a penalty needs them
+        return cache, counts, prompt_mask, out, hidden  # hidden stays on device (prompt logprobs)
+
+    def fed_step(state, cache, counts, prompt_mask, last_tokens, inp: StepInputs, lora=None):
+        """step() with placeholder tokens taken from last_tokens on device (feed_rows < R), and
+        this step's sampled ids recorded per row (padding rows write the spare row only).
+        `lora`: the LoRA slots' weights (a jit argument: loading a slot recompiles nothing)."""
+        R = last_tokens.shape[0]
+        fed = last_tokens[jnp.minimum(inp.feed_rows, R - 1)]  # [T] i32
+        inp = dataclasses.replace(inp, tokens=jnp.where(inp.feed_rows < R, fed, inp.tokens))
+        cache, counts, prompt_mask, out, hidden = step(state, cache, counts, prompt_mask, inp, lora)
+        last_tokens = last_tokens.at[inp.seq_rows].set(out.token_ids)
+        return cache, counts, prompt_mask, last_tokens, out, hidden
+
+    def prompt_logprobs(state, hidden, targets):
+        """Raw logprob and rank of each token's next prompt token and the top MAX_LOGPROBS,
+        computed in chunks of PROMPT_LP_CHUNK tokens so [T, V] logits never exist at once."""
+        m = nnx.merge(graphdef, state)
+        n = hidden.shape[0]
+        c = min(PROMPT_LP_CHUNK, n)
+        pad = -n % c
+        h = jnp.pad(hidden, ((0, pad), (0, 0))).reshape(-1, c, hidden.shape[-1])  # [n/c, c, E]
+        t = jnp.pad(targets, (0, pad)).reshape(-1, c)  # [n/c, c] i32
+
+        def chunk(args):
+            hc, tc = args
+            logits = m.compute_logits(hc)  # [c, V] f32
+            lp = jax.nn.log_softmax(logits, axis=-1)  # [c, V] f32
+            top_lp, top_ids = jax.lax.top_k(lp, MAX_LOGPROBS)  # [c, MAX_LOGPROBS]
+            tgt = jnp.maximum(tc, 0)[:, None]  # [c, 1] i32
+            rank = token_rank(logits, jnp.take_along_axis(logits, tgt, axis=-1)[:, 0])  # [c] i32
+            return jnp.take_along_axis(lp, tgt, axis=-1)[:, 0], rank, top_ids, top_lp
+
+        lp, rank, ids, top = jax.lax.map(chunk, (h, t))
+        return (lp.reshape(-1)[:n], rank.reshape(-1)[:n], ids.reshape(-1, MAX_LOGPROBS)[:n],
+                top.reshape(-1, MAX_LOGPROBS)[:n])
+
+    def embed_step(state, cache, inp: StepInputs):
+        """Prefill chunks → (cache, per-sequence hidden sums [S, E] f32, last hidden [S, E] f32)."""
+        on_trace()  # runs only while tracing
+        m = nnx.merge(graphdef, state)
+        hidden, cache = m(inp.tokens, inp.positions, cache, inp.metadata)  # [T, E]
+        sums, last = pool_hidden(hidden, inp.metadata.cu_q_lens, inp.logits_indices)
+        return cache, sums, last
+
+    return StepPrograms(fed_step, prompt_logprobs, embed_step)
