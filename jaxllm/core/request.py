@@ -41,6 +41,8 @@ class Request:
     seed: int  # effective per-request seed (see ScheduledSeq.seed)
     arrival_time: float = 0.0
     arrival_seq: int = 0  # monotonic admission counter: the FCFS / preemption order
+    # scheduling_policy "priority" (vLLM's): lower runs first, ties by arrival_seq; 0 under "fcfs"
+    priority: int = 0
     max_output_tokens: int = 16  # min(params.max_tokens, max_model_len - prompt length)
     # part of every block hash: the adapter's lora_int_id (None = the base model), so requests of two
     # adapters never share KV blocks and requests of one adapter do

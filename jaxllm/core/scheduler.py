@@ -47,6 +47,19 @@ known tokens, as many drafts as the budget, max_output_tokens and max_model_len 
 it (``ScheduledSeq.num_draft_tokens``): they take budget and KV slots like any token, and
 ``num_computed_tokens`` counts them until ``update_from_output`` learns how many the target model
 accepted and rolls the rest back. Requests with a grammar, embeddings and placeholders get none.
+
+Priority scheduling (``config.policy == "priority"``, vLLM's ``--scheduling-policy priority``):
+every order above that says "arrival" is ``(req.priority, arrival_seq)`` instead (lower value
+first, ties by arrival): running requests are walked in that order, waiting requests are kept
+and admitted in it (a preempted one goes back to its place in it, not to the front), and the
+request preempted when blocks run out is the running one with the largest key (lowest priority,
+latest arrival), which is never one already scheduled this step: the walk reaches it last (vLLM
+walks running requests in admission order and unschedules a victim it already scheduled; the
+victim is the same, only which requests get a tight step's budget first differs). As in
+vLLM v1, a *waiting* request never preempts: when the pool cannot hold its prompt it waits (and
+everything behind it) until a running request finishes or is preempted by a running request's
+need; the freed blocks then go to the waiting requests in priority order. Under "fcfs" every
+priority is 0 (``add_request`` refuses another value) and the order is arrival.
 """
 
 from __future__ import annotations
@@ -68,12 +81,16 @@ class Scheduler:
         self.kv = kv_cache_manager
         self.requests: dict[str, Request] = {}
         self.waiting: deque[Request] = deque()
-        self.running: list[Request] = []  # sorted by arrival_seq
+        self.running: list[Request] = []  # sorted by self._order (arrival_seq under fcfs)
         self._to_forget: list[str] = []  # finished / preempted since the last schedule()
         self.num_preemptions = 0
         self._next_seq = 0
         # lora_int_ids whose adapter is still loading (the engine sets the LoRAManager's ``loading``)
         self.loading_loras: Container[int] = frozenset()
+        # the order of running and waiting requests (and, reversed, of preemption victims)
+        self.priority = self.config.policy == "priority"
+        self._order: Callable[[Request], object] = (
+            (lambda r: (r.priority, r.arrival_seq)) if self.priority else (lambda r: r.arrival_seq))
 
     # ----- intake ---------------------------------------------------------------------
     def add_request(self, req: Request) -> None:
@@ -83,11 +100,17 @@ class Scheduler:
             raise ValueError(f"prompt length={req.num_tokens} is invalid: must be "
                              f"{'<=' if req.pooling is not None else '<'} "
                              f"max_model_len={self.config.max_model_len}")
+        if req.priority != 0 and not self.priority:
+            raise ValueError(f"priority={req.priority!r} is invalid: scheduling_policy='fcfs' takes "
+                             f"priority 0 only (start the engine with --scheduling-policy priority)")
         req.arrival_seq = self._next_seq
         self._next_seq += 1
         req.status = RequestStatus.WAITING
         self.requests[req.request_id] = req
-        self.waiting.append(req)
+        if self.priority:
+            bisect.insort(self.waiting, req, key=self._order)
+        else:
+            self.waiting.append(req)
 
     def has_unfinished_requests(self) -> bool:
         return bool(self.requests)
@@ -127,7 +150,7 @@ class Scheduler:
             num_drafts[req.request_id] = drafts
             n += drafts
             while self.kv.allocate_slots(req, n) is None:
-                victim = self.running.pop()  # latest arrival; never one scheduled this step
+                victim = self.running.pop()  # latest (priority, arrival); never one scheduled this step
                 self._preempt(victim)
                 preempted = True
                 if victim is req:
@@ -177,7 +200,7 @@ class Scheduler:
                 if req.first_scheduled_time is None:
                     req.first_scheduled_time = now
                 req.status = RequestStatus.RUNNING
-                bisect.insort(self.running, req, key=lambda r: r.arrival_seq)
+                bisect.insort(self.running, req, key=self._order)
                 admitted.add(req.request_id)
                 scheduled.append((req, n))
                 budget -= n
@@ -244,7 +267,10 @@ class Scheduler:
         req.spec_token_ids = []
         req.num_preemptions += 1
         self.num_preemptions += 1
-        self.waiting.appendleft(req)
+        if self.priority:  # back to its place in (priority, arrival) order
+            bisect.insort(self.waiting, req, key=self._order)
+        else:
+            self.waiting.appendleft(req)
         self._to_forget.append(req.request_id)
 
     def update_from_output(self, out: SchedulerOutput, sampled: Mapping[str, int | Sequence[int]],
