@@ -15,7 +15,8 @@ import sys
 
 import msgspec
 
-from jaxllm.config import _DTYPES, _LOAD_FORMATS, KV_CACHE_DTYPES, QUANTIZATIONS, TASKS, EngineConfig
+from jaxllm.config import (_DTYPES, _LOAD_FORMATS, KV_CACHE_DTYPES, QUANTIZATIONS, SCHEDULING_POLICIES, TASKS,
+                           EngineConfig)
 from jaxllm.sampling_params import SamplingParams
 from jaxllm.structured_outputs import KINDS, StructuredOutputsParams
 
@@ -114,6 +115,11 @@ def add_engine_args(ap: argparse.ArgumentParser) -> None:
                         '"num_speculative_tokens": 4, "prompt_lookup_max": 4, "prompt_lookup_min": 1} '
                         "(prompt lookup drafts; runs steps synchronously; prompt_lookup_min/max default to 5 "
                         "as vLLM's, one given sets both; default: off)")
+    g.add_argument("--scheduling-policy", default=d.scheduling_policy, choices=SCHEDULING_POLICIES,
+                   help="fcfs = requests run in arrival order; priority = lower request priority first "
+                        "(ties by arrival), and the lowest-priority running request is the one preempted "
+                        "when the KV cache is full (vLLM's flag; requests set priority through "
+                        "LLM.generate(priority=[...]), the HTTP field and the gRPC field)")
     lo = ap.add_argument_group("LoRA adapters (vLLM's flags)")
     lo.add_argument("--enable-lora", action="store_true",
                     help="serve PEFT LoRA adapters beside the base model, mixed in one batch (default: off; "
@@ -149,6 +155,7 @@ def engine_config_from_args(args) -> EngineConfig:
                         async_scheduling=args.async_scheduling, task=args.task,
                         pooling_type=args.pooling_type, normalize=args.normalize,
                         speculative_config=getattr(args, "speculative_config", None),
+                        scheduling_policy=getattr(args, "scheduling_policy", EngineConfig().scheduling_policy),
                         enable_lora=bool(getattr(args, "enable_lora", False) or getattr(args, "lora", None)
                                          or getattr(args, "lora_modules", None)),
                         max_loras=getattr(args, "max_loras", EngineConfig().max_loras),
