@@ -17,7 +17,7 @@ import msgspec
 
 from jaxllm.config import (_DTYPES, _LOAD_FORMATS, KV_CACHE_DTYPES, QUANTIZATIONS, SCHEDULING_POLICIES, TASKS,
                            EngineConfig)
-from jaxllm.sampling_params import SamplingParams
+from jaxllm.sampling_params import MAX_BAD_WORD_TOKENS, MAX_BAD_WORDS, SamplingParams
 from jaxllm.structured_outputs import KINDS, StructuredOutputsParams
 
 LOG_LEVELS = ("debug", "info", "warning", "error", "critical")
@@ -219,6 +219,10 @@ def add_sampling_args(ap: argparse.ArgumentParser, *, server_defaults: bool = Fa
                    help="sample only among these ids (default: all)")
     g.add_argument("--logit-bias", type=_logit_bias, default=None, metavar="JSON",
                    help='token id -> bias added to its logit, e.g. \'{"50256": -100}\' (default: none)')
+    g.add_argument("--bad-words", action="append", default=None, metavar="WORD",
+                   help="a word never to generate, repeatable (vLLM's bad_words: tokenized with and without a "
+                        "leading space; at most %d words of at most %d tokens; default: none)"
+                        % (MAX_BAD_WORDS, MAX_BAD_WORD_TOKENS))
     s = ap.add_argument_group("structured outputs (field structured_outputs; at most one, default: free text)")
     s.add_argument("--json-schema", type=_json_file, default=None, metavar="FILE", dest="so_json",
                    help="the completion is JSON valid under the JSON schema in FILE (default: off)")

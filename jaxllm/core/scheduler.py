@@ -37,7 +37,8 @@ hidden states are back), prompts up to max_model_len tokens (no room for an outp
 Async scheduling (the engine schedules step N+1 before step N's tokens are read back): a running
 request with a placeholder gets a one-token decode whose token is that placeholder
 (``ScheduledSeq.placeholder``; the runner feeds the sampled id on device), unless the placeholder
-already ends it (max tokens / max_model_len). A request preempted while its token is in flight
+already ends it (max tokens / max_model_len) or the next step's mask needs it (a grammar, a bad word
+of 2+ tokens: ``Request.needs_last_token``). A request preempted while its token is in flight
 keeps that token when it arrives and is not re-admitted before; one finished or aborted while a
 step is in flight gets nothing from that step (its slot is wasted, its blocks are already free).
 
@@ -46,7 +47,8 @@ carry ``spec_token_ids`` (drafts, e.g. from jaxllm.core.ngram_proposer). When it
 known tokens, as many drafts as the budget, max_output_tokens and max_model_len allow ride behind
 it (``ScheduledSeq.num_draft_tokens``): they take budget and KV slots like any token, and
 ``num_computed_tokens`` counts them until ``update_from_output`` learns how many the target model
-accepted and rolls the rest back. Requests with a grammar, embeddings and placeholders get none.
+accepted and rolls the rest back. Requests with a grammar or a multi-token
+bad word (``needs_last_token``), embeddings and placeholders get none.
 
 Priority scheduling (``config.policy == "priority"``, vLLM's ``--scheduling-policy priority``):
 every order above that says "arrival" is ``(req.priority, arrival_seq)`` instead (lower value
@@ -140,8 +142,8 @@ class Scheduler:
                 continue
             ph = req.num_output_placeholders
             if ph and (req.num_output_tokens + ph >= req.max_output_tokens
-                       or req.num_tokens + ph >= max_len or req.grammar is not None):
-                i += 1  # its token in flight ends it, or (a grammar) must be known to mask the next
+                       or req.num_tokens + ph >= max_len or req.needs_last_token):
+                i += 1  # its token in flight ends it, or (a grammar, bad words) must be known to mask the next
                 continue
             n = min(req.num_tokens + ph - req.num_computed_tokens, budget,
                     max_len - req.num_computed_tokens)
@@ -249,7 +251,7 @@ class Scheduler:
         those end its known tokens (a decode, or a prefill's last chunk; never on a placeholder), at
         most what the token budget leaves, and never so many that the tokens the step may
         produce (drafts + 1) pass max_output_tokens or max_model_len."""
-        if (req.num_output_placeholders or req.grammar is not None or req.pooling is not None
+        if (req.num_output_placeholders or req.needs_last_token or req.pooling is not None
                 or req.num_computed_tokens + n != req.num_tokens):
             return 0
         return max(0, min(len(req.spec_token_ids), budget - n,

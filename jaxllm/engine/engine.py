@@ -62,6 +62,7 @@ from jaxllm.core.scheduler import Scheduler
 from jaxllm.engine.output_processor import DetokenizerFactory, ParentState, SeqState, TokenTexts
 from jaxllm.engine.pooling import EmbedState
 from jaxllm.engine.runner_protocol import ModelRunnerProtocol
+from jaxllm.engine.bad_words import attach_bans, tokenize_bad_words
 from jaxllm.engine.embed_requests import EmbedRequestsMixin
 from jaxllm.engine.engine_stats import EngineStatsMixin
 from jaxllm.engine.grammar_requests import GrammarRequestsMixin
@@ -180,6 +181,7 @@ class LLMEngine(EmbedRequestsMixin, EngineStatsMixin, GrammarRequestsMixin, LoRA
         grammar_key = None
         if params.structured_outputs is not None:
             grammar_key = self.grammar_compiler().check(params.structured_outputs)
+        bad_words = tokenize_bad_words(params.bad_words, self.tokenizer, self.vocab_size) if params.bad_words else ()
         child_ids = [request_id] if params.n == 1 else [f"{request_id}#{i}" for i in range(params.n)]
         for rid in {request_id, *child_ids}:
             self._check_new_id(rid)
@@ -196,6 +198,7 @@ class LLMEngine(EmbedRequestsMixin, EngineStatsMixin, GrammarRequestsMixin, LoRA
         for i, cid in enumerate(child_ids):
             req = Request(cid, ids, params, seed=derive_seed(base_seed, i), arrival_time=arrival,
                           max_output_tokens=max_out, lora_request=lora_request, priority=priority,
+                          bad_words=bad_words,
                           extra_key=None if lora_request is None else self.lora.cache_key(lora_request.lora_int_id),
                           grammar=None if grammar_key is None else self.grammar.new_state(
                               grammar_key, params.structured_outputs.reasoning_end))
@@ -309,6 +312,7 @@ class LLMEngine(EmbedRequestsMixin, EngineStatsMixin, GrammarRequestsMixin, LoRA
                                f"{self.kv.num_free_blocks} free blocks")
         if self.grammar is not None:
             self._attach_bitmask(out)
+        attach_bans(out)
         self._assign_lora_slots(out)
         return out
 
