@@ -4,9 +4,9 @@
 
 ``--num-seqs`` requests (greedy, ignore_eos, exactly ``--output-len`` tokens each) run once free and
 once with the same ``--num-words`` bad words each (sea-story words: one-token words banned every
-step, multi-token ones whose last token is banned when the generated tail matches), alternating for ``--rounds`` timed rounds after one warm-up round of each. The
-bans ride in the sampler's existing mask input: the bench asserts that nothing compiles or retraces
-while it runs. It also counts how often the free run produced a bad word, and checks the
+step, multi-token ones whose last token is banned when the generated tail matches), alternating
+for ``--rounds`` timed rounds after one warm-up round of each. The bans ride in the sampler's
+existing mask input: the bench asserts that nothing compiles or retraces while it runs. It also counts how often the free run produced a bad word, and checks the
 constrained run never does.
 """
 from __future__ import annotations

@@ -77,8 +77,9 @@ def main(argv=None) -> int:
             pre.append(n)
     for (policy, pool), (times, pre) in results.items():
         per_run = [statistics.median(times[i * args.steps:(i + 1) * args.steps]) * 1e6 for i in range(args.repeats)]
-        print(f"{pool:5s} pool ({pools[pool]:5d} blocks)  {policy:8s}  schedule+update {statistics.median(times) * 1e6:7.1f} us"
-              f"/step median (runs {min(per_run):.0f}-{max(per_run):.0f}), preemptions per run {statistics.median(pre):.0f}")
+        print(f"{pool:5s} pool ({pools[pool]:5d} blocks)  {policy:8s}  schedule+update "
+              f"{statistics.median(times) * 1e6:7.1f} us/step median (runs {min(per_run):.0f}-{max(per_run):.0f}), "
+              f"preemptions per run {statistics.median(pre):.0f}")
     return 0
 
 
