@@ -79,3 +79,11 @@ def test_http_priority(policy):
     finally:
         srv.close()
     assert sorted(seen.values()) == ([-1, 4] if policy == "priority" else [])
+
+
+def test_client_sends_the_priority():
+    from serving import client
+
+    assert client.build_request("hi", priority=3, max_tokens=2).priority == 3
+    args = client.build_parser().parse_args(["hi", "--priority", "-2"])
+    assert args.priority == -2 and client.build_parser().parse_args(["hi"]).priority == 0
