@@ -4,6 +4,8 @@ detokenization and stop checks around a stub runner that samples instantly.
     JAX_PLATFORMS=cpu python bench/host_overhead.py                  # 64 sequences, SmolLM2's tokenizer
     JAX_PLATFORMS=cpu python bench/host_overhead.py --num-seqs 1 --steps 200
     JAX_PLATFORMS=cpu python bench/host_overhead.py --num-adapters 4   # LoRA bookkeeping on top
+    JAX_PLATFORMS=cpu python bench/host_overhead.py --scheduling-policy priority --priorities 8
+    JAX_PLATFORMS=cpu python bench/host_overhead.py --bad-words " the" --bad-words "once upon"
 
 On an accelerator this time sits between device steps unless it is overlapped, so it bounds
 batch-1 latency from below; the runner's own host work (input building, dispatch) comes on top.
@@ -49,6 +51,13 @@ def main(argv=None) -> int:
     ap.add_argument("--stop", action="append", default=None, help="stop strings (default: one that never matches)")
     ap.add_argument("--num-adapters", type=int, default=0,
                     help="sequence i runs with LoRA adapter i %% N (stub adapters, max_loras=N; default: 0, the base model)")
+    ap.add_argument("--scheduling-policy", choices=("fcfs", "priority"), default="fcfs",
+                    help="the engine's policy (default: fcfs)")
+    ap.add_argument("--priorities", type=int, default=1,
+                    help="with --scheduling-policy priority: sequence i gets priority (7 * i) %% N, so the "
+                         "running order is not the arrival order (default: 1, all 0)")
+    ap.add_argument("--bad-words", action="append", default=None,
+                    help="bad_words of every sequence, repeatable (default: none)")
     args = ap.parse_args(argv)
 
     from checkpoints import load_checkpoint, load_tokenizer
@@ -61,7 +70,8 @@ def main(argv=None) -> int:
     del ckpt
     n_ad = args.num_adapters
     cfg = EngineConfig(model=args.model, max_model_len=4096, max_num_seqs=args.num_seqs,
-                       max_num_batched_tokens=8192, enable_lora=n_ad > 0, max_loras=max(n_ad, 1)).validate()
+                       max_num_batched_tokens=8192, enable_lora=n_ad > 0, max_loras=max(n_ad, 1),
+                       scheduling_policy=args.scheduling_policy).validate()
     engine = LLMEngine(cfg, InstantRunner(tok.vocab_size, args.num_seqs), tok,
                        lora_load_fn=(lambda lora: lora.lora_name) if n_ad else None)
     from jaxllm.lora import LoRARequest
@@ -70,8 +80,9 @@ def main(argv=None) -> int:
     for i in range(args.num_seqs):
         engine.add_request(f"r{i}", "Once upon a time " * 10,
                            SamplingParams(max_tokens=args.steps + 10, ignore_eos=True, temperature=0.8, seed=i,
-                                          stop=args.stop or ["\x00never\x00"]),
-                           lora_request=loras[i % n_ad] if n_ad else None)
+                                          stop=args.stop or ["\x00never\x00"], bad_words=args.bad_words),
+                           lora_request=loras[i % n_ad] if n_ad else None,
+                           **({"priority": (7 * i) % args.priorities} if args.priorities > 1 else {}))
     engine.step()  # the prefill step
     times = []
     for _ in range(args.steps):
@@ -79,7 +90,10 @@ def main(argv=None) -> int:
         engine.step()
         times.append(time.perf_counter() - t0)
     times.sort()
-    print(f"{args.num_seqs} sequences, {args.steps} decode steps" + (f", {n_ad} adapters" if n_ad else "")
+    extra = (f", {n_ad} adapters" if n_ad else "") + (
+        f", priority ({args.priorities} levels)" if args.scheduling_policy == "priority" else "") + (
+        f", {len(args.bad_words)} bad words" if args.bad_words else "")
+    print(f"{args.num_seqs} sequences, {args.steps} decode steps" + extra
           + f": host time per step median "
           f"{1e3 * statistics.median(times):.2f} ms, p90 {1e3 * times[int(0.9 * (len(times) - 1))]:.2f} ms "
           f"({1e6 * statistics.median(times) / args.num_seqs:.0f} us per sequence)")

@@ -15,8 +15,9 @@ import sys
 
 import msgspec
 
-from jaxllm.config import _DTYPES, _LOAD_FORMATS, KV_CACHE_DTYPES, QUANTIZATIONS, TASKS, EngineConfig
-from jaxllm.sampling_params import SamplingParams
+from jaxllm.config import (_DTYPES, _LOAD_FORMATS, KV_CACHE_DTYPES, QUANTIZATIONS, SCHEDULING_POLICIES, TASKS,
+                           EngineConfig)
+from jaxllm.sampling_params import MAX_BAD_WORD_TOKENS, MAX_BAD_WORDS, SamplingParams
 from jaxllm.structured_outputs import KINDS, StructuredOutputsParams
 
 LOG_LEVELS = ("debug", "info", "warning", "error", "critical")
@@ -114,6 +115,11 @@ def add_engine_args(ap: argparse.ArgumentParser) -> None:
                         '"num_speculative_tokens": 4, "prompt_lookup_max": 4, "prompt_lookup_min": 1} '
                         "(prompt lookup drafts; runs steps synchronously; prompt_lookup_min/max default to 5 "
                         "as vLLM's, one given sets both; default: off)")
+    g.add_argument("--scheduling-policy", default=d.scheduling_policy, choices=SCHEDULING_POLICIES,
+                   help="fcfs = requests run in arrival order; priority = lower request priority first "
+                        "(ties by arrival), and the lowest-priority running request is the one preempted "
+                        "when the KV cache is full (vLLM's flag; requests set priority through "
+                        "LLM.generate(priority=[...]), the HTTP field and the gRPC field)")
     lo = ap.add_argument_group("LoRA adapters (vLLM's flags)")
     lo.add_argument("--enable-lora", action="store_true",
                     help="serve PEFT LoRA adapters beside the base model, mixed in one batch (default: off; "
@@ -149,6 +155,7 @@ def engine_config_from_args(args) -> EngineConfig:
                         async_scheduling=args.async_scheduling, task=args.task,
                         pooling_type=args.pooling_type, normalize=args.normalize,
                         speculative_config=getattr(args, "speculative_config", None),
+                        scheduling_policy=getattr(args, "scheduling_policy", EngineConfig().scheduling_policy),
                         enable_lora=bool(getattr(args, "enable_lora", False) or getattr(args, "lora", None)
                                          or getattr(args, "lora_modules", None)),
                         max_loras=getattr(args, "max_loras", EngineConfig().max_loras),
@@ -212,6 +219,10 @@ def add_sampling_args(ap: argparse.ArgumentParser, *, server_defaults: bool = Fa
                    help="sample only among these ids (default: all)")
     g.add_argument("--logit-bias", type=_logit_bias, default=None, metavar="JSON",
                    help='token id -> bias added to its logit, e.g. \'{"50256": -100}\' (default: none)')
+    g.add_argument("--bad-words", action="append", default=None, metavar="WORD",
+                   help="a word never to generate, repeatable (vLLM's bad_words: tokenized with and without a "
+                        "leading space; at most %d words of at most %d tokens; default: none)"
+                        % (MAX_BAD_WORDS, MAX_BAD_WORD_TOKENS))
     s = ap.add_argument_group("structured outputs (field structured_outputs; at most one, default: free text)")
     s.add_argument("--json-schema", type=_json_file, default=None, metavar="FILE", dest="so_json",
                    help="the completion is JSON valid under the JSON schema in FILE (default: off)")

@@ -27,6 +27,7 @@ _LOAD_FORMATS = ("auto", "safetensors", "gguf", "dummy", "orbax")
 TASKS = ("auto", "generate", "embed")
 QUANTIZATIONS = ("int8", "fp8")  # weight-only, jaxllm/models/quant.py
 KV_CACHE_DTYPES = ("auto", "fp8")  # pallas_kernels: fp8 = float8_e4m3fn with scales
+SCHEDULING_POLICIES = ("fcfs", "priority")  # vLLM's --scheduling-policy (jaxllm/core/scheduler.py)
 
 
 class CacheConfig(msgspec.Struct, kw_only=True):
@@ -52,11 +53,14 @@ class SchedulerConfig(msgspec.Struct, kw_only=True):
     max_model_len: int = 2048
     # Multi-LoRA: at most this many distinct adapters among running requests (None: no adapters)
     max_loras: int | None = None
+    # "fcfs" (arrival order) | "priority" (lower Request.priority first, ties by arrival)
+    policy: str = "fcfs"
 
     def validate(self) -> "SchedulerConfig":
         _pos_int("max_num_seqs", self.max_num_seqs)
         _pos_int("max_num_batched_tokens", self.max_num_batched_tokens)
         _pos_int("max_model_len", self.max_model_len)
+        _policy(self.policy)
         if self.max_loras is not None:
             _pos_int("max_loras", self.max_loras)
         return self
@@ -103,6 +107,10 @@ class EngineConfig(msgspec.Struct, kw_only=True):
     # {"method": "ngram", "num_speculative_tokens": 4, "prompt_lookup_max": 4, "prompt_lookup_min": 1}
     # (jaxllm/spec_config.py). Speculation runs the engine synchronously (async_scheduling off).
     speculative_config: dict | str | None = None
+    # vLLM's --scheduling-policy: "fcfs" (arrival order; a request's priority must be 0) or "priority"
+    # (lower add_request(priority=...) first, ties by arrival; the lowest-priority running request is
+    # the one preempted when KV blocks run out)
+    scheduling_policy: str = "fcfs"
 
     def validate(self) -> "EngineConfig":
         if not isinstance(self.model, str):
@@ -138,6 +146,7 @@ class EngineConfig(msgspec.Struct, kw_only=True):
             raise ValueError(f"pooling_type={self.pooling_type!r} is invalid: must be one of ['LAST', 'MEAN']")
         if self.normalize is not None:
             _bool("normalize", self.normalize)
+        _policy(self.scheduling_policy)
         self.speculative()
         self.cache_config().validate()
         SchedulerConfig(max_num_seqs=self.max_num_seqs,
@@ -163,12 +172,18 @@ class EngineConfig(msgspec.Struct, kw_only=True):
         return SchedulerConfig(max_num_seqs=self.max_num_seqs,
                                max_num_batched_tokens=self.max_num_batched_tokens,
                                max_model_len=self.max_model_len,
-                               max_loras=self.max_loras if self.enable_lora else None).validate()
+                               max_loras=self.max_loras if self.enable_lora else None,
+                               policy=self.scheduling_policy).validate()
 
 
 def _pos_int(name: str, v) -> None:
     if isinstance(v, bool) or not isinstance(v, int) or v < 1:
         raise ValueError(f"{name}={v!r} is invalid: must be an integer >= 1")
+
+
+def _policy(v) -> None:
+    if v not in SCHEDULING_POLICIES:
+        raise ValueError(f"scheduling_policy={v!r} is invalid: must be one of {list(SCHEDULING_POLICIES)}")
 
 
 def _bool(name: str, v) -> None:

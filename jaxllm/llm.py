@@ -51,16 +51,19 @@ class LLM:
 
     # ----- generation ---------------------------------------------------------------
     def generate(self, prompts, sampling_params: SamplingParams | Sequence[SamplingParams] | None = None,
-                 use_tqdm: bool = True, lora_request=None) -> list[RequestOutput]:
+                 use_tqdm: bool = True, lora_request=None,
+                 priority: Sequence[int] | None = None) -> list[RequestOutput]:
         """Run every prompt to completion; outputs come back in input order.
 
         ``prompts``: one prompt or a list of them; a prompt is a ``str``, a list of token ids
         or a dict with ``prompt_token_ids`` / ``prompt``. ``sampling_params``: one for all, or
         one per prompt. ``lora_request``: a ``LoRARequest`` for all, or a list with one per
-        prompt (None entries: the base model); needs ``enable_lora=True``."""
+        prompt (None entries: the base model); needs ``enable_lora=True``. ``priority``: one int per
+        prompt (vLLM's), lower runs first; needs ``scheduling_policy="priority"`` unless all are 0."""
         prompts = _as_prompt_list(prompts)
         params = _as_params_list(sampling_params, len(prompts))
-        return self._run(prompts, params, use_tqdm, _as_lora_list(lora_request, len(prompts)))
+        return self._run(prompts, params, use_tqdm, _as_lora_list(lora_request, len(prompts)),
+                         _as_priority_list(priority, len(prompts)))
 
     # ----- adapters (vLLM's LLMEngine methods) -------------------------------------------
     def add_lora(self, lora_request) -> bool:
@@ -94,7 +97,8 @@ class LLM:
     def chat(self, conversations, sampling_params: SamplingParams | Sequence[SamplingParams] | None = None,
              use_tqdm: bool = True, lora_request=None, add_generation_prompt: bool = True,
              chat_template: str | None = None, continue_final_message: bool = False,
-             tools: list[dict] | None = None, chat_template_kwargs: dict | None = None) -> list[RequestOutput]:
+             tools: list[dict] | None = None, chat_template_kwargs: dict | None = None,
+             priority: Sequence[int] | None = None) -> list[RequestOutput]:
         """``conversations``: one list of ``{"role", "content"}`` messages, or a list of them. Each
         is rendered with the model's chat template (or ``chat_template``, a Jinja string); the
         outputs' ``prompt`` is the rendered text. ``continue_final_message``: the last message
@@ -103,7 +107,7 @@ class LLM:
         (``[{"type": "function", "function": {"name", "description", "parameters"}}]``), given to
         the template as its ``tools`` variable (rendered only: the output is not parsed, as
         vLLM's ``LLM.chat``); ``chat_template_kwargs``: more template variables.
-        ``lora_request``: as in ``generate``."""
+        ``lora_request``, ``priority``: as in ``generate``."""
         if not isinstance(conversations, (list, tuple)) or not conversations:
             raise ValueError(f"conversations={conversations!r} is invalid: must be a non-empty list "
                              f"of messages or of conversations")
@@ -120,18 +124,22 @@ class LLM:
             prompts.append(tok.chat_prompt(conv, add_generation_prompt, chat_template=chat_template,
                                            continue_final_message=continue_final_message, **kw))
         params = _as_params_list(sampling_params, len(prompts))
-        return self._run(prompts, params, use_tqdm, _as_lora_list(lora_request, len(prompts)))
+        return self._run(prompts, params, use_tqdm, _as_lora_list(lora_request, len(prompts)),
+                         _as_priority_list(priority, len(prompts)))
 
-    def _run(self, prompts: list, params: list, use_tqdm: bool, loras: list | None = None) -> list:
+    def _run(self, prompts: list, params: list, use_tqdm: bool, loras: list | None = None,
+             priorities: list[int] | None = None) -> list:
         engine = self.engine
         ids: list[str] = []
         try:
             for i, (prompt, p) in enumerate(zip(prompts, params)):
                 rid = f"llm-{next(self._ids)}"
+                kw = {}  # engines without adapters or priorities need not take the keywords
                 if loras is not None and loras[i] is not None:
-                    engine.add_request(rid, prompt, p, lora_request=loras[i])
-                else:
-                    engine.add_request(rid, prompt, p)
+                    kw["lora_request"] = loras[i]
+                if priorities is not None and priorities[i] != 0:
+                    kw["priority"] = priorities[i]
+                engine.add_request(rid, prompt, p, **kw)
                 ids.append(rid)
         except BaseException:
             engine.abort_request(ids)  # all or nothing: nothing half-submitted keeps running
@@ -209,6 +217,15 @@ def _as_lora_list(lora_request, n: int) -> list | None:
                              f"LoRARequest or exactly one per prompt ({n})")
         return list(lora_request)
     return [lora_request] * n
+
+
+def _as_priority_list(priority, n: int) -> list[int] | None:
+    if priority is None:
+        return None
+    if not isinstance(priority, (list, tuple)) or len(priority) != n:
+        raise ValueError(f"priority={priority!r} is invalid: must be a list with exactly one int per "
+                         f"prompt ({n})")
+    return list(priority)
 
 
 def _as_params_list(sampling_params, n: int) -> list[SamplingParams]:

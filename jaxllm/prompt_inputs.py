@@ -107,11 +107,14 @@ def validate_items(items: list[PromptItem], tokenizer, vocab_size: int, max_mode
     """Tokenize every prompt and check it and its SamplingParams as the engine would (same rules,
     same messages, prefixed with where the prompt came from); fills each item's `prompt`.
     task "embed": a prompt may be max_model_len tokens long (nothing is generated)."""
+    from jaxllm.engine.bad_words import tokenize_bad_words
     from jaxllm.engine.intake import validate_prompt_ids
 
     for it in items:
         try:
             it.params.validate(vocab_size)
+            if it.params.bad_words:
+                tokenize_bad_words(it.params.bad_words, tokenizer, vocab_size)
             if it.kind == "text":
                 if not it.payload:
                     raise ValueError("prompt='' is invalid: must be a non-empty string")

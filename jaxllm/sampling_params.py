@@ -17,6 +17,12 @@ Notes on semantics:
   ``min_tokens`` generated tokens (the sampler also masks EOS and stop ids meanwhile).
 - ``allowed_token_ids`` (only these can be sampled) and ``logit_bias`` (added to the raw logits)
   apply first, before penalties, as in vLLM; logprobs stay those of the raw model distribution.
+- ``bad_words`` (vLLM's): strings the completion must not contain as tokens. Each word is
+  tokenized as is and with a leading space (jaxllm/engine/bad_words.py, vLLM's rule); at every step
+  the last token of a tokenized word is banned when the generated tokens end with the rest of it
+  (a one-token word is always banned). Only generated tokens count (a prompt ending in a word's
+  first tokens does not ban its last), and only that tokenization (the same text spelled with
+  other tokens passes), as in vLLM. Logprobs stay the raw model's.
 - ``structured_outputs``: the completion must match a JSON schema, regex, choice or Lark grammar
   (a per-step token bitmask on device, see jaxllm/engine/grammar.py); logprobs stay the raw model's.
 - ``truncate_prompt_tokens=k`` keeps the prompt's last k tokens (before the length checks);
@@ -41,6 +47,10 @@ MAX_LOGPROBS = 20
 MAX_LOGIT_BIAS = 300  # entries of logit_bias (OpenAI's limit)
 MAX_ALLOWED_TOKEN_IDS = 300
 LOGIT_BIAS_RANGE = 100.0  # |bias| <= 100, as OpenAI's API
+# bad_words: words per request, and tokens per tokenized word (jaxllm/engine/bad_words.py). Each word
+# bans at most 2 ids a step (its two tokenizations), which ride in the sampler's mask_ids.
+MAX_BAD_WORDS = 16
+MAX_BAD_WORD_TOKENS = 16
 
 
 class SamplingParams(msgspec.Struct, kw_only=True):
@@ -66,6 +76,7 @@ class SamplingParams(msgspec.Struct, kw_only=True):
     allowed_token_ids: list[int] | None = None  # sample only among these ids
     truncate_prompt_tokens: int | None = None  # keep only the prompt's last k tokens (>= 1)
     detokenize: bool = True  # False: outputs carry token ids only (text ""), no host decoding
+    bad_words: list[str] | None = None  # never generate these words (vLLM's; see the module notes)
     # the completion must match a JSON schema / regex / choice / grammar (jaxllm/structured_outputs.py)
     structured_outputs: StructuredOutputsParams | None = None
 
@@ -150,6 +161,15 @@ class SamplingParams(msgspec.Struct, kw_only=True):
             for t, b in bias.items():
                 _num(f"logit_bias[{t}]", b, f"must be a number in [-{LOGIT_BIAS_RANGE:g}, {LOGIT_BIAS_RANGE:g}]",
                      lambda v: abs(v) <= LOGIT_BIAS_RANGE)
+        if self.bad_words is not None:
+            words = self.bad_words
+            if not isinstance(words, (list, tuple)) or not 1 <= len(words) <= MAX_BAD_WORDS:
+                raise ValueError(f"bad_words={_short(words)} is invalid: must be None or a list of 1 to "
+                                 f"{MAX_BAD_WORDS} words")
+            for w in words:
+                if not isinstance(w, str) or not w.lstrip():
+                    raise ValueError(f"bad_words={_short(words)} is invalid: every word must be a str with a "
+                                     f"non-space character (got {_short(w)})")
         if self.truncate_prompt_tokens is not None:
             _int("truncate_prompt_tokens", self.truncate_prompt_tokens, rule="must be None or an integer >= 1",
                  ok=lambda v: v >= 1)

@@ -34,11 +34,13 @@ _SAMPLING_FIELDS = set(pb.SamplingParams.DESCRIPTOR.fields_by_name)
 
 def build_request(prompt: str | None = None, *, text: str | None = None, chat: list[dict] | None = None,
                   token_ids: list[int] | None = None, request_id: str = "", lora_name: str = "",
-                  tools: list[dict] | None = None, tool_choice: str = "", **sampling) -> pb.GenerateRequest:
+                  tools: list[dict] | None = None, tool_choice: str = "", priority: int = 0,
+                  **sampling) -> pb.GenerateRequest:
     """One of prompt (or `text`, the proto's name for it)/chat/token_ids, plus any SamplingParams
     field (None = engine default); `lora_name`: a served LoRA adapter ("" = the base model);
     `tools` (OpenAI's list) and `tool_choice` ("none" | "auto" | "required" | a function name),
-    with `chat`: tool calling as /v1/chat/completions does it."""
+    with `chat`: tool calling as /v1/chat/completions does it; `priority`: vLLM's request priority
+    (lower first; a server run with --scheduling-policy priority)."""
     if (tools is not None or tool_choice) and chat is None:
         raise ValueError("tools/tool_choice are invalid without chat: tool calls are a chat feature")
     if prompt is not None and text is not None:
@@ -54,7 +56,8 @@ def build_request(prompt: str | None = None, *, text: str | None = None, chat: l
         sp["stop"] = [sp["stop"]]
     if "structured_outputs" in sp:  # a StructuredOutputsParams, or a dict of its fields
         sp["structured_outputs"] = structured_outputs_to_proto(sp["structured_outputs"])
-    req = pb.GenerateRequest(request_id=request_id, sampling=pb.SamplingParams(**sp), lora_name=lora_name)
+    req = pb.GenerateRequest(request_id=request_id, sampling=pb.SamplingParams(**sp), lora_name=lora_name,
+                             priority=priority)
     if prompt is not None:
         req.text = prompt
     elif chat is not None:
@@ -385,6 +388,9 @@ def build_parser():
     p.add_argument("--timeout", type=float, help="deadline in seconds (default: none)")
     p.add_argument("--request-id", default="", help="request id (default: the server assigns one)")
     p.add_argument("--lora-name", default="", help="a LoRA adapter the server serves (default: the base model)")
+    p.add_argument("--priority", type=int, default=0,
+                   help="request priority, lower runs first on a server run with --scheduling-policy priority "
+                        "(default: 0)")
     p.add_argument("--info", action="store_true", help="print GetModelInfo and exit (default: off)")
     p.add_argument("--health", action="store_true", help="print the health status and exit (default: off)")
     p.add_argument("--show-usage", action="store_true",
@@ -414,7 +420,7 @@ def main(argv: list[str] | None = None) -> int:
             return 0
         if args.prompt is None:
             p.error("a prompt is required (or --info / --health)")
-        kw = dict(sampling, request_id=args.request_id, lora_name=args.lora_name)
+        kw = dict(sampling, request_id=args.request_id, lora_name=args.lora_name, priority=args.priority)
         if args.chat:
             chat = ([{"role": "system", "content": args.system}] if args.system else [])
             chat.append({"role": "user", "content": args.prompt})

@@ -48,6 +48,8 @@ def sampling_params_from_proto(msg: pb.SamplingParams, cfg: ServerConfig, *, voc
         kw["allowed_token_ids"] = list(msg.allowed_token_ids)
     if msg.logit_bias:
         kw["logit_bias"] = dict(msg.logit_bias)
+    if msg.bad_words:
+        kw["bad_words"] = list(msg.bad_words)
     if msg.HasField("structured_outputs"):
         kw["structured_outputs"] = structured_outputs_from_proto(msg.structured_outputs)
     return apply_caps(SamplingParams(**kw), cfg, vocab_size=vocab_size, max_model_len=max_model_len,

@@ -48,6 +48,7 @@ class _Job:
         self.offsets: dict[int, int] = {}  # choice index -> text_offset of its next token
         self.tools: ToolPlan | None = None  # chat with tool_choice named/required/auto (serving/openai_tools.py)
         self.reasoning: ReasoningPlan | None = None  # chat under --reasoning-parser (serving/openai_reasoning.py)
+        self.priority = 0  # the body's priority (--scheduling-policy priority)
 
     def usage(self) -> dict:
         p = sum(t.num_prompt_tokens for t in self.trackers)
@@ -102,6 +103,7 @@ def completion_job(door: FrontDoor, info: ModelInfo, body: CompletionRequest) ->
     job = _Job("completion", info, prompts, params, body.stream,
                bool(body.stream_options and body.stream_options.include_usage))
     job.prompt_logprobs = body.prompt_logprobs
+    job.priority = body.priority
     if body.echo:  # vLLM: echo with logprobs answers the prompt logprobs too
         if job.prompt_logprobs is None and body.logprobs is not None:
             job.prompt_logprobs = params.logprobs
@@ -134,6 +136,7 @@ def chat_job(door: FrontDoor, info: ModelInfo, body: ChatCompletionRequest) -> _
     job = _Job("chat", info, [prompt], params, body.stream,
                bool(body.stream_options and body.stream_options.include_usage))
     job.prompt_logprobs = body.prompt_logprobs
+    job.priority = body.priority
     job.echo = chat_echo(body)
     job.tools = tools
     job.reasoning = reasoning
@@ -147,7 +150,7 @@ async def respond(door: FrontDoor, job: _Job, receive=None):
     hangs up: its requests are aborted then rather than run to the end."""
     stack = contextlib.AsyncExitStack()
     try:
-        reqs = [await stack.enter_async_context(door.request("", p, job.params, job.info.lora))
+        reqs = [await stack.enter_async_context(door.request("", p, job.params, job.info.lora, job.priority))
                 for p in job.prompts]
     except BaseException as exc:
         await stack.aclose()  # the ones already admitted are aborted

@@ -5,7 +5,9 @@ such as ``max_tokenz`` is a 400 naming it rather than a silently ignored value. 
 to ``SamplingParams.validate`` and the front door's caps, whose messages name field, value and
 limit the same way for every door. Besides OpenAI's fields, vLLM's extra sampling fields are
 accepted (``top_k``, ``min_p``, ``repetition_penalty``, ``min_tokens``, ``stop_token_ids``,
-``ignore_eos``, ``skip_special_tokens``, ``include_stop_str_in_output``, ``prompt_logprobs``).
+``ignore_eos``, ``skip_special_tokens``, ``include_stop_str_in_output``, ``prompt_logprobs``,
+``bad_words``), and
+vLLM's ``priority`` (the request's, not a sampling field).
 """
 
 from __future__ import annotations
@@ -75,6 +77,9 @@ class _SamplingFields(_Body):
     skip_special_tokens: bool | None = None
     include_stop_str_in_output: bool | None = None
     prompt_logprobs: int | None = None  # top-k per prompt token (serving/openai_echo.py answers it)
+    bad_words: list[str] | None = None  # words never generated (jaxllm/engine/bad_words.py)
+    # vLLM's: lower runs first under --scheduling-policy priority; a non-zero value under fcfs is a 400
+    priority: int = 0
     # structured outputs: OpenAI's response_format, or vLLM's structured_outputs (not both)
     response_format: ResponseFormat | None = None
     structured_outputs: StructuredOutputsBody | None = None
@@ -99,7 +104,8 @@ class _SamplingFields(_Body):
         kw: dict[str, Any] = {}
         for name in ("temperature", "top_p", "presence_penalty", "frequency_penalty", "seed", "top_k",
                      "min_p", "repetition_penalty", "min_tokens", "stop_token_ids", "ignore_eos",
-                     "skip_special_tokens", "include_stop_str_in_output", "stop", "prompt_logprobs"):
+                     "skip_special_tokens", "include_stop_str_in_output", "stop", "prompt_logprobs",
+                     "bad_words"):
             v = getattr(self, name)
             if v is not None:
                 kw[name] = v

@@ -91,7 +91,7 @@ class GenerationServicer(pb_grpc.GenerationServicer):
             lora = self.door.adapters.resolve(request.lora_name)
             tracker = convert.ProtoDeltaTracker(rid, params)
             started: set[int] = set()  # with tools: the choices whose first delta went out
-            async with self.door.request(rid, prompt, params, lora) as req:
+            async with self.door.request(rid, prompt, params, lora, request.priority) as req:
                 tracker.request_id = req.request_id
                 stuck = WriteTimeout(context, self.door.config.stream_timeout,
                                      lambda: self.door.drop(req.request_id), what=f"request {req.request_id!r}")

@@ -41,6 +41,8 @@ class Request:
     seed: int  # effective per-request seed (see ScheduledSeq.seed)
     arrival_time: float = 0.0
     arrival_seq: int = 0  # monotonic admission counter: the FCFS / preemption order
+    # scheduling_policy "priority" (vLLM's): lower runs first, ties by arrival_seq; 0 under "fcfs"
+    priority: int = 0
     max_output_tokens: int = 16  # min(params.max_tokens, max_model_len - prompt length)
     # part of every block hash: the adapter's lora_int_id (None = the base model), so requests of two
     # adapters never share KV blocks and requests of one adapter do
@@ -54,6 +56,9 @@ class Request:
     # here: ``.ready``). Its next-token mask depends on the last token, so it is never scheduled on a
     # token still in flight (async scheduling), and it waits unscheduled until the grammar compiles.
     grammar: object = None
+    # bad_words (jaxllm/engine/bad_words.py): the words' token sequences; the engine bans each one's
+    # last token at a step whose generated tokens end with the rest of it
+    bad_words: tuple[tuple[int, ...], ...] = ()
 
     status: RequestStatus = RequestStatus.WAITING
     output_token_ids: list[int] = field(default_factory=list)
@@ -96,6 +101,12 @@ class Request:
     @property
     def waits_for_grammar(self) -> bool:
         return self.grammar is not None and not self.grammar.ready
+
+    @property
+    def needs_last_token(self) -> bool:
+        """Its next step's sampling depends on its last token (a grammar's mask; a bad word of 2+
+        tokens): never scheduled on a token still in flight, never given speculative drafts."""
+        return self.grammar is not None or any(len(ids) > 1 for ids in self.bad_words)
 
     @property
     def is_finished(self) -> bool:

@@ -37,7 +37,8 @@ hidden states are back), prompts up to max_model_len tokens (no room for an outp
 Async scheduling (the engine schedules step N+1 before step N's tokens are read back): a running
 request with a placeholder gets a one-token decode whose token is that placeholder
 (``ScheduledSeq.placeholder``; the runner feeds the sampled id on device), unless the placeholder
-already ends it (max tokens / max_model_len). A request preempted while its token is in flight
+already ends it (max tokens / max_model_len) or the next step's mask needs it (a grammar, a bad word
+of 2+ tokens: ``Request.needs_last_token``). A request preempted while its token is in flight
 keeps that token when it arrives and is not re-admitted before; one finished or aborted while a
 step is in flight gets nothing from that step (its slot is wasted, its blocks are already free).
 
@@ -46,7 +47,21 @@ carry ``spec_token_ids`` (drafts, e.g. from jaxllm.core.ngram_proposer). When it
 known tokens, as many drafts as the budget, max_output_tokens and max_model_len allow ride behind
 it (``ScheduledSeq.num_draft_tokens``): they take budget and KV slots like any token, and
 ``num_computed_tokens`` counts them until ``update_from_output`` learns how many the target model
-accepted and rolls the rest back. Requests with a grammar, embeddings and placeholders get none.
+accepted and rolls the rest back. Requests with a grammar or a multi-token
+bad word (``needs_last_token``), embeddings and placeholders get none.
+
+Priority scheduling (``config.policy == "priority"``, vLLM's ``--scheduling-policy priority``):
+every order above that says "arrival" is ``(req.priority, arrival_seq)`` instead (lower value
+first, ties by arrival): running requests are walked in that order, waiting requests are kept
+and admitted in it (a preempted one goes back to its place in it, not to the front), and the
+request preempted when blocks run out is the running one with the largest key (lowest priority,
+latest arrival), which is never one already scheduled this step: the walk reaches it last (vLLM
+walks running requests in admission order and unschedules a victim it already scheduled; the
+victim is the same, only which requests get a tight step's budget first differs). As in
+vLLM v1, a *waiting* request never preempts: when the pool cannot hold its prompt it waits (and
+everything behind it) until a running request finishes or is preempted by a running request's
+need; the freed blocks then go to the waiting requests in priority order. Under "fcfs" every
+priority is 0 (``add_request`` refuses another value) and the order is arrival.
 """
 
 from __future__ import annotations
@@ -68,12 +83,16 @@ class Scheduler:
         self.kv = kv_cache_manager
         self.requests: dict[str, Request] = {}
         self.waiting: deque[Request] = deque()
-        self.running: list[Request] = []  # sorted by arrival_seq
+        self.running: list[Request] = []  # sorted by self._order (arrival_seq under fcfs)
         self._to_forget: list[str] = []  # finished / preempted since the last schedule()
         self.num_preemptions = 0
         self._next_seq = 0
         # lora_int_ids whose adapter is still loading (the engine sets the LoRAManager's ``loading``)
         self.loading_loras: Container[int] = frozenset()
+        # the order of running and waiting requests (and, reversed, of preemption victims)
+        self.priority = self.config.policy == "priority"
+        self._order: Callable[[Request], object] = (
+            (lambda r: (r.priority, r.arrival_seq)) if self.priority else (lambda r: r.arrival_seq))
 
     # ----- intake ---------------------------------------------------------------------
     def add_request(self, req: Request) -> None:
@@ -83,11 +102,17 @@ class Scheduler:
             raise ValueError(f"prompt length={req.num_tokens} is invalid: must be "
                              f"{'<=' if req.pooling is not None else '<'} "
                              f"max_model_len={self.config.max_model_len}")
+        if req.priority != 0 and not self.priority:
+            raise ValueError(f"priority={req.priority!r} is invalid: scheduling_policy='fcfs' takes "
+                             f"priority 0 only (start the engine with --scheduling-policy priority)")
         req.arrival_seq = self._next_seq
         self._next_seq += 1
         req.status = RequestStatus.WAITING
         self.requests[req.request_id] = req
-        self.waiting.append(req)
+        if self.priority:
+            bisect.insort(self.waiting, req, key=self._order)
+        else:
+            self.waiting.append(req)
 
     def has_unfinished_requests(self) -> bool:
         return bool(self.requests)
@@ -117,8 +142,8 @@ class Scheduler:
                 continue
             ph = req.num_output_placeholders
             if ph and (req.num_output_tokens + ph >= req.max_output_tokens
-                       or req.num_tokens + ph >= max_len or req.grammar is not None):
-                i += 1  # its token in flight ends it, or (a grammar) must be known to mask the next
+                       or req.num_tokens + ph >= max_len or req.needs_last_token):
+                i += 1  # its token in flight ends it, or (a grammar, bad words) must be known to mask the next
                 continue
             n = min(req.num_tokens + ph - req.num_computed_tokens, budget,
                     max_len - req.num_computed_tokens)
@@ -127,7 +152,7 @@ class Scheduler:
             num_drafts[req.request_id] = drafts
             n += drafts
             while self.kv.allocate_slots(req, n) is None:
-                victim = self.running.pop()  # latest arrival; never one scheduled this step
+                victim = self.running.pop()  # latest (priority, arrival); never one scheduled this step
                 self._preempt(victim)
                 preempted = True
                 if victim is req:
@@ -177,7 +202,7 @@ class Scheduler:
                 if req.first_scheduled_time is None:
                     req.first_scheduled_time = now
                 req.status = RequestStatus.RUNNING
-                bisect.insort(self.running, req, key=lambda r: r.arrival_seq)
+                bisect.insort(self.running, req, key=self._order)
                 admitted.add(req.request_id)
                 scheduled.append((req, n))
                 budget -= n
@@ -226,7 +251,7 @@ class Scheduler:
         those end its known tokens (a decode, or a prefill's last chunk; never on a placeholder), at
         most what the token budget leaves, and never so many that the tokens the step may
         produce (drafts + 1) pass max_output_tokens or max_model_len."""
-        if (req.num_output_placeholders or req.grammar is not None or req.pooling is not None
+        if (req.num_output_placeholders or req.needs_last_token or req.pooling is not None
                 or req.num_computed_tokens + n != req.num_tokens):
             return 0
         return max(0, min(len(req.spec_token_ids), budget - n,
@@ -244,7 +269,10 @@ class Scheduler:
         req.spec_token_ids = []
         req.num_preemptions += 1
         self.num_preemptions += 1
-        self.waiting.appendleft(req)
+        if self.priority:  # back to its place in (priority, arrival) order
+            bisect.insort(self.waiting, req, key=self._order)
+        else:
+            self.waiting.appendleft(req)
         self._to_forget.append(req.request_id)
 
     def update_from_output(self, out: SchedulerOutput, sampled: Mapping[str, int | Sequence[int]],

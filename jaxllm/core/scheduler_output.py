@@ -48,6 +48,9 @@ class ScheduledSeq:
     # Multi-LoRA: the device adapter slot this sequence runs with (0 = the base model, 1..max_loras:
     # an adapter the engine loaded into that slot for this step; jaxllm/lora).
     lora_slot: int = 0
+    # bad_words: token ids the sampler must not pick this step (the engine fills them; every sampling
+    # row of the seq gets them: a seq with drafts has only one-token bad words, banned at every row)
+    banned_token_ids: list[int] = field(default_factory=list)
 
     @property
     def num_new_tokens(self) -> int:

@@ -124,7 +124,7 @@ class AsyncEngine:
         return request_id in self._streams
 
     async def add_request(self, request_id: str, prompt: Any, params: Any,
-                          lora_request: Any = None) -> RequestStream:
+                          lora_request: Any = None, priority: int = 0) -> RequestStream:
         if self.dead is not None:
             raise EngineDeadError(self.dead)
         if self.stopped:
@@ -136,7 +136,7 @@ class AsyncEngine:
         fut = self._loop.create_future()
         self._pending_adds += 1
         try:
-            self._cmds.put(("add", request_id, prompt, params, fut, lora_request))
+            self._cmds.put(("add", request_id, prompt, params, fut, lora_request, priority))
             self._wake.set()
             try:
                 await asyncio.shield(fut)
@@ -174,9 +174,9 @@ class AsyncEngine:
         self._wake.set()
 
     async def generate(self, request_id: str, prompt: Any, params: Any,
-                       lora_request: Any = None) -> AsyncIterator:
+                       lora_request: Any = None, priority: int = 0) -> AsyncIterator:
         """Convenience: yield each RequestOutput; abort the request if the consumer stops early."""
-        stream = await self.add_request(request_id, prompt, params, lora_request)
+        stream = await self.add_request(request_id, prompt, params, lora_request, priority)
         finished = False
         try:
             async for out in stream:
@@ -301,12 +301,13 @@ class AsyncEngine:
                 else:
                     self._post(_set_result, fut, res)
             elif kind == "add":
-                _, rid, prompt, params, fut, lora = cmd
+                _, rid, prompt, params, fut, lora, priority = cmd
                 try:
-                    if lora is None:  # engines without adapters need not take the keyword
-                        engine.add_request(rid, prompt, params)
-                    else:
-                        engine.add_request(rid, prompt, params, lora_request=lora)
+                    # engines without adapters or priorities need not take the keywords
+                    kw = {} if lora is None else {"lora_request": lora}
+                    if priority != 0:
+                        kw["priority"] = priority
+                    engine.add_request(rid, prompt, params, **kw)
                 except Exception as exc:  # validation errors go back to the caller
                     answers.append((fut, exc))
                 else:
@@ -338,7 +339,7 @@ class AsyncEngine:
             except queue.Empty:
                 break
             if cmd[0] == "add":
-                self._post(_set_exception, cmd[4], err)
+                self._post(_set_exception, cmd[4], err)  # ("add", rid, prompt, params, fut, lora, priority)
             elif cmd[0] == "call":
                 self._post(_set_exception, cmd[2], err)
 

@@ -16,7 +16,7 @@ from jaxllm.sampling_params import SamplingParams
 
 class EmbedRequestsMixin:
     def _add_embed_request(self, request_id: str, prompt, params: PoolingParams,
-                           arrival_time: float | None) -> None:
+                           arrival_time: float | None, priority: int = 0) -> None:
         params = params.validate().resolved(*self.pooling_defaults)
         text, ids = self._resolve_prompt(prompt)
         if params.truncate_prompt_tokens is not None:
@@ -33,7 +33,7 @@ class EmbedRequestsMixin:
         # -- everything valid --
         arrival = time.time() if arrival_time is None else arrival_time
         req = Request(request_id, ids, SamplingParams(max_tokens=1), seed=0, arrival_time=arrival,
-                      max_output_tokens=0, pooling=params)
+                      max_output_tokens=0, pooling=params, priority=priority)
         st = self._embeds[request_id] = EmbedState(req, text, arrival)
         st.in_stats = self._in_stats(request_id)
         self.scheduler.add_request(req)

@@ -44,6 +44,9 @@ Input rules (``add_request`` validates everything before anything is scheduled a
   ``LLM.generate`` raises). The engine keeps stepping the other requests.
 - seeds: ``params.seed`` if set, else one drawn from the engine RNG (``config.seed``); child i
   of an n > 1 request uses a seed derived from (seed, i) (child 0 uses the seed itself).
+- priority (vLLM's ``add_request(..., priority=)``): an int, lower runs first under
+  ``scheduling_policy="priority"`` (jaxllm/core/scheduler.py); under "fcfs" only 0 is accepted.
+  The children of an n > 1 request share it.
 """
 
 from __future__ import annotations
@@ -59,6 +62,7 @@ from jaxllm.core.scheduler import Scheduler
 from jaxllm.engine.output_processor import DetokenizerFactory, ParentState, SeqState, TokenTexts
 from jaxllm.engine.pooling import EmbedState
 from jaxllm.engine.runner_protocol import ModelRunnerProtocol
+from jaxllm.engine.bad_words import attach_bans, tokenize_bad_words
 from jaxllm.engine.embed_requests import EmbedRequestsMixin
 from jaxllm.engine.engine_stats import EngineStatsMixin
 from jaxllm.engine.grammar_requests import GrammarRequestsMixin
@@ -145,9 +149,10 @@ class LLMEngine(EmbedRequestsMixin, EngineStatsMixin, GrammarRequestsMixin, LoRA
                              f"still unfinished")
 
     def add_request(self, request_id: str, prompt, params: SamplingParams | PoolingParams | None = None,
-                    arrival_time: float | None = None, lora_request=None) -> None:
+                    arrival_time: float | None = None, lora_request=None, priority: int = 0) -> None:
         if not isinstance(request_id, str) or not request_id:
             raise ValueError(f"request_id={request_id!r} is invalid: must be a non-empty str")
+        self._check_priority(priority)
         if params is None:
             params = PoolingParams() if self.task == "embed" else SamplingParams()
         self._check_lora_request(lora_request, params)
@@ -158,7 +163,7 @@ class LLMEngine(EmbedRequestsMixin, EngineStatsMixin, GrammarRequestsMixin, LoRA
             if self.task != "embed":
                 raise ValueError(f"task={self.task!r} is invalid for PoolingParams (an embedding request): "
                                  f"this engine generates; start one with task='embed'")
-            return self._add_embed_request(request_id, prompt, params, arrival_time)
+            return self._add_embed_request(request_id, prompt, params, arrival_time, priority)
         if not isinstance(params, SamplingParams):
             raise ValueError(f"params of type {type(params).__name__} is invalid: "
                              f"must be a SamplingParams or a PoolingParams")
@@ -176,6 +181,7 @@ class LLMEngine(EmbedRequestsMixin, EngineStatsMixin, GrammarRequestsMixin, LoRA
         grammar_key = None
         if params.structured_outputs is not None:
             grammar_key = self.grammar_compiler().check(params.structured_outputs)
+        bad_words = tokenize_bad_words(params.bad_words, self.tokenizer, self.vocab_size) if params.bad_words else ()
         child_ids = [request_id] if params.n == 1 else [f"{request_id}#{i}" for i in range(params.n)]
         for rid in {request_id, *child_ids}:
             self._check_new_id(rid)
@@ -191,7 +197,8 @@ class LLMEngine(EmbedRequestsMixin, EngineStatsMixin, GrammarRequestsMixin, LoRA
         parent.in_stats = self._in_stats(request_id)
         for i, cid in enumerate(child_ids):
             req = Request(cid, ids, params, seed=derive_seed(base_seed, i), arrival_time=arrival,
-                          max_output_tokens=max_out, lora_request=lora_request,
+                          max_output_tokens=max_out, lora_request=lora_request, priority=priority,
+                          bad_words=bad_words,
                           extra_key=None if lora_request is None else self.lora.cache_key(lora_request.lora_int_id),
                           grammar=None if grammar_key is None else self.grammar.new_state(
                               grammar_key, params.structured_outputs.reasoning_end))
@@ -203,6 +210,13 @@ class LLMEngine(EmbedRequestsMixin, EngineStatsMixin, GrammarRequestsMixin, LoRA
             self.scheduler.add_request(req)
         self._parents[request_id] = parent
         self.num_prompt_tokens += len(ids) if parent.in_stats else 0  # not health probes' (exclude_from_stats)
+
+    def _check_priority(self, priority) -> None:
+        if isinstance(priority, bool) or not isinstance(priority, int):
+            raise ValueError(f"priority={priority!r} is invalid: must be an integer")
+        if priority != 0 and not self.scheduler.priority:
+            raise ValueError(f"priority={priority} is invalid: scheduling_policy='fcfs' takes priority 0 "
+                             f"only (start the engine with --scheduling-policy priority)")
 
     def abort_request(self, request_ids: str | Iterable[str]) -> list[RequestOutput]:
         """Abort requests (parent ids). Unknown or finished ids are a no-op. Frees their blocks
@@ -298,6 +312,7 @@ class LLMEngine(EmbedRequestsMixin, EngineStatsMixin, GrammarRequestsMixin, LoRA
                                f"{self.kv.num_free_blocks} free blocks")
         if self.grammar is not None:
             self._attach_bitmask(out)
+        attach_bans(out)
         self._assign_lora_slots(out)
         return out
 

@@ -88,8 +88,8 @@ class SpecDecodeMixin:
                     backoff.record(req.arrival_seq, seq.num_draft_tokens, accepted, self.num_steps)
 
     def _propose_drafts(self) -> None:
-        """Fresh n-gram drafts for every running request that may carry them. None for a grammar
-        (its mask depends on each token) or a penalty (the runner's penalty counts take every fed
+        """Fresh n-gram drafts for every running request that may carry them. None for a grammar or
+        a multi-token bad word (its mask depends on each token) or a penalty (the runner's penalty counts take every fed
         token, drafts included); random sampling keeps them: each draft row samples with the key
         of its position, so accepting while the draw equals the draft gives the very tokens a run
         without speculation draws. A no-op without speculative decoding."""
@@ -98,7 +98,7 @@ class SpecDecodeMixin:
         prop, backoff, step = self._proposer, self.spec_backoff, self.num_steps
         for req in self.scheduler.running:
             p = req.params
-            if (req.grammar is not None or req.pooling is not None or p.repetition_penalty != 1
+            if (req.needs_last_token or req.pooling is not None or p.repetition_penalty != 1
                     or p.frequency_penalty or p.presence_penalty
                     or req.num_computed_tokens != req.num_tokens - 1  # not decoding (yet)
                     or (backoff is not None and not backoff.allows(req.arrival_seq, step))):

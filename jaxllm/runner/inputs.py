@@ -8,10 +8,12 @@ import numpy as np
 
 from jaxllm.core.scheduler_output import ScheduledSeq
 from jaxllm.runner.sampler import SamplingInputs
-from jaxllm.sampling_params import MAX_ALLOWED_TOKEN_IDS, MAX_LOGIT_BIAS
+from jaxllm.sampling_params import MAX_ALLOWED_TOKEN_IDS, MAX_BAD_WORDS, MAX_LOGIT_BIAS
 from pallas_kernels import AttentionMetadata
 
-MAX_MASK_IDS = 32  # EOS + stop_token_ids masked while below min_tokens
+MAX_MIN_TOKENS_MASK = 32  # EOS + stop_token_ids masked while below min_tokens
+# mask_ids width: those, then the step's bad_words bans (at most 2 per word, ScheduledSeq.banned_token_ids)
+MAX_MASK_IDS = MAX_MIN_TOKENS_MASK + 2 * MAX_BAD_WORDS
 
 
 @jax.tree_util.register_dataclass
@@ -146,10 +148,12 @@ def build_inputs(seqs: list[ScheduledSeq], rows: list[int], num_rows: int, eos_i
             seeds[r] = s.seed & 0xFFFFFFFF
             sample_pos[r] = s.start_pos + n - d + j  # the key depends on it: as if sampled without drafts
             generated = sample_pos[r] - s.num_prompt_tokens
+            banned = []
             if generated < p.min_tokens:
                 banned = list(p.stop_token_ids or []) + ([] if p.ignore_eos else list(eos_ids))
-                banned = banned[:MAX_MASK_IDS]
-                mask_ids[r, :len(banned)] = banned
+                banned = banned[:MAX_MIN_TOKENS_MASK]
+            banned += s.banned_token_ids[:MAX_MASK_IDS - len(banned)]
+            mask_ids[r, :len(banned)] = banned
             if p.logit_bias:
                 bias_ids[r, :len(p.logit_bias)] = list(p.logit_bias)
                 bias_values[r, :len(p.logit_bias)] = list(p.logit_bias.values())

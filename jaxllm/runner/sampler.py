@@ -7,7 +7,8 @@ Order per row (documented; the tests' numpy reference follows it):
   0. allowed_token_ids (every other id gets -inf), then logit_bias added (vLLM's order);
   1. penalties on those logits: repetition (tokens seen in prompt or output: divide positive logits,
      multiply negative ones), then frequency (× output count) and presence (output seen);
-  2. min_tokens: the row's mask ids (EOS and stop ids) get -inf while below min_tokens;
+  2. mask ids get -inf: EOS and stop ids while below min_tokens, and the step's bad_words bans
+     (jaxllm/engine/bad_words.py; -inf absorbs, so their place after 0 and 1 changes no pick);
   3. greedy rows (temperature 0): argmax;
   4. others: logits / temperature, then top-k, then top-p over the top-k-renormalised
      distribution (keep the smallest prefix of sorted tokens whose mass reaches p), then min-p
@@ -42,7 +43,7 @@ class SamplingInputs:
     repetition: jax.Array  # [S] f32, 1 = off
     seeds: jax.Array  # [S] u32
     positions: jax.Array  # [S] i32, position of the token being sampled
-    mask_ids: jax.Array  # [S, M] i32, ids forbidden this step (min_tokens), -1 = none
+    mask_ids: jax.Array  # [S, M] i32, ids forbidden this step (min_tokens, bad_words), -1 = none
     bias_ids: jax.Array  # [S, B] i32, logit_bias ids, -1 = none
     bias_values: jax.Array  # [S, B] f32
     allowed_ids: jax.Array  # [S, A] i32, allowed_token_ids, -1 = none (a row without any allows all)

@@ -310,3 +310,48 @@ def test_structured_outputs_with_n_seeds_logprobs_stop_strings_and_free_neighbou
             assert t in lp and lp[t].logprob <= 0 and lp[t].rank >= 1
     stopped = mixed[3].outputs[0]
     assert stopped.finish_reason == "stop" and re.fullmatch(r"[a-z]{3,5}", stopped.text), stopped.text
+
+
+def test_priority_engine_equals_fcfs_and_bad_words_on_the_real_vocabulary(llm):
+    """Priority: a second engine (scheduling_policy="priority") over the same runner, 80 blocks, so
+    the batch preempts: greedy outputs equal the fcfs engine's and the most urgent request is never
+    preempted. bad_words on SmolLM2's BPE vocabulary: words the free run produced never appear, the
+    run is the free one up to the first ban, and the logprob there is the raw model's."""
+    from jaxllm.engine.bad_words import tokenize_bad_words
+
+    tok = llm.get_tokenizer()
+    text = corpus(tok)
+    prompts = [{"prompt_token_ids": text[i * 150:i * 150 + 120]} for i in range(8)]  # 8 x (120 + 64) > 1280
+    params = greedy(64, ignore_eos=True)
+    fcfs = llm.generate(prompts, params, use_tqdm=False)
+    cfg = msgspec.structs.replace(llm.engine.config, scheduling_policy="priority")
+    prio_engine = LLMEngine(cfg, llm.engine.runner, llm.engine.tokenizer)
+    victims, preempt = [], prio_engine.scheduler._preempt
+    prio_engine.scheduler._preempt = lambda r: (victims.append(r.priority), preempt(r))
+    try:
+        prio = LLM(MODEL, engine=prio_engine).generate(prompts, params, use_tqdm=False,
+                                                       priority=[5, 0, 3, 1, 7, 2, 6, 4])
+        assert_clean(prio_engine)
+    finally:
+        assert llm.engine.reset_prefix_cache()  # the second engine overwrote cached blocks
+    assert victims and 0 not in victims
+    assert [o.outputs[0].token_ids for o in fcfs] == [o.outputs[0].token_ids for o in prio]
+
+    free = llm.generate(PLAIN, greedy(24, logprobs=20), use_tqdm=False)
+    for f, prompt in zip(free, PLAIN):
+        c = f.outputs[0]
+        words = [w for w in re.findall(r"[A-Za-z]{4,}", c.text)][:3]
+        assert words, c.text
+        seqs = tokenize_bad_words(words, tok, llm.engine.vocab_size)
+        out = list(c.token_ids)
+        hits = [k for k in range(len(out)) for s in seqs if out[k:k + len(s)] == list(s)]
+        assert hits, (words, seqs, out)
+        got = llm.generate(prompt, greedy(24, logprobs=20, bad_words=words), use_tqdm=False)[0].outputs[0]
+        g = list(got.token_ids)
+        assert not any(g[k:k + len(s)] == list(s) for s in seqs for k in range(len(g))), (words, got.text)
+        first = min(k + len(s) - 1 for k in range(len(out)) for s in seqs if out[k:k + len(s)] == list(s))
+        assert g[:first] == out[:first] and g[first] != out[first]
+        for k in range(first):
+            assert abs(got.logprobs[k][g[k]].logprob - c.logprobs[k][out[k]].logprob) < 1e-4
+        if g[first] in c.logprobs[first]:  # the free run's top 20 there holds the raw logprob
+            assert abs(got.logprobs[first][g[first]].logprob - c.logprobs[first][g[first]].logprob) < 1e-4

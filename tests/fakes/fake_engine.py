@@ -156,10 +156,12 @@ class FakeEngine:
 
     # ----- interface ------------------------------------------------------------------
     def add_request(self, request_id: str, prompt: Any, params: SamplingParams,
-                    arrival_time: float | None = None) -> None:
+                    arrival_time: float | None = None, priority: int = 0) -> None:
         self.thread_ids.add(threading.get_ident())
         if self.add_delay:
             time.sleep(self.add_delay)
+        if priority != 0:  # an fcfs engine, as LLMEngine's default
+            raise ValueError(f"priority={priority} is invalid: scheduling_policy='fcfs' takes priority 0 only")
         params.validate(vocab_size=VOCAB_SIZE)
         if isinstance(prompt, str):
             text, ids = prompt, self.tokenizer.encode(prompt)

@@ -223,7 +223,7 @@ class FakeRunner:
         """The context's hash token; with a grammar bitmask ([W] i32) the first allowed id from it on."""
         p = s.params
         num_generated = len(ctx) - s.num_prompt_tokens
-        banned = set()
+        banned = set(s.banned_token_ids)  # bad_words
         if num_generated < p.min_tokens:
             banned |= set(p.stop_token_ids or ())
             if not p.ignore_eos:

@@ -420,3 +420,52 @@ def test_mixed_constrained_and_free_batch_sync_and_async(engine):
     again = generate(async_engine, prompts[:3] + prompts[3:], free + constrained)
     assert [[c.token_ids for c in o.outputs] for o in again] == [[c.token_ids for c in o.outputs] for o in mixed]
     assert engine.runner.compile_count == compiled
+
+
+class _ByteTokenizer:
+    """Byte i = id i (the tiny model's 256 ids): enough of a tokenizer for bad_words."""
+    has_text = True
+
+    def encode(self, text, add_special_tokens=True):
+        return list(text.encode("latin-1"))
+
+
+def test_bad_words_greedy_matches_brute_force_with_raw_logprobs(engine, reference):
+    """bad_words on the jitted path: the engine's greedy tokens equal a brute-force loop that bans, at
+    each step, the last token of every word the generated tokens are one token short of; no word the
+    unconstrained run produced appears; logprobs stay the raw model's; nothing compiles."""
+    from jaxllm.engine.bad_words import tokenize_bad_words
+
+    compiled = engine.runner.compile_count
+    prompts = random_prompts(21, 4, 5, 60)
+    free = SamplingParams(temperature=0.0, max_tokens=16, ignore_eos=True)
+    plain = [list(o.outputs[0].token_ids) for o in generate(engine, prompts, free)]
+    words = []
+    for t in plain:  # pieces of 3, 2 and 1 tokens of the free output (vLLM strips a word's leading spaces)
+        starts = [i for i in range(len(t)) if not chr(t[i]).isspace()]
+        words.append([bytes(t[i:i + n]).decode("latin-1") for i, n in zip(starts[1::4], (3, 2, 1))])
+    seqs = [tokenize_bad_words(w, _ByteTokenizer(), VOCAB) for w in words]
+    tok, engine.tokenizer = engine.tokenizer, _ByteTokenizer()
+    try:
+        outs = generate(engine, prompts, [free.clone(bad_words=w, logprobs=1, detokenize=False) for w in words])
+    finally:
+        engine.tokenizer = tok
+    ctx, want, lsm = [list(p) for p in prompts], [[] for _ in prompts], [[] for _ in prompts]
+    for _ in range(16):
+        for i, x in enumerate(reference.logits(ctx)):
+            lsm[i].append(x - x.max() - np.log(np.exp(x - x.max()).sum()))
+            x = x.copy()
+            for s in seqs[i]:  # brute force: ban s[-1] when the output ends with s[:-1]
+                if len(s) - 1 <= len(want[i]) and want[i][len(want[i]) - len(s) + 1:] == list(s[:-1]):
+                    x[s[-1]] = -np.inf
+            want[i].append(int(np.argmax(x)))
+            ctx[i].append(want[i][-1])
+    assert engine.runner.compile_count == compiled
+    for o, w, free_out, ss, ls in zip(outs, want, plain, seqs, lsm):
+        c = o.outputs[0]
+        assert c.token_ids == w
+        assert all(any(free_out[k:k + len(s)] == list(s) for k in range(len(free_out))) for s in ss)
+        assert not any(w[k:k + len(s)] == list(s) for s in ss for k in range(len(w)))
+        for t, entry, row in zip(c.token_ids, c.logprobs, ls):
+            assert abs(entry[t].logprob - row[t]) < 1e-4  # the raw distribution, bans or not
+    assert sum(o.outputs[0].token_ids != f for o, f in zip(outs, plain)) == len(prompts)

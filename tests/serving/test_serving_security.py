@@ -104,7 +104,7 @@ def test_reflection_lists_services_and_describes_messages():
             services, req_fields, sp_fields, methods = await asyncio.to_thread(reflect, c.target)
             assert {"jaxllm.v1.Generation", "grpc.health.v1.Health",
                     "grpc.reflection.v1alpha.ServerReflection"} <= services
-            assert req_fields == ["request_id", "text", "chat", "token_ids", "sampling", "lora_name"]
+            assert req_fields == ["request_id", "text", "chat", "token_ids", "sampling", "lora_name", "priority"]
             from jaxllm.sampling_params import SamplingParams
             assert set(SamplingParams.__struct_fields__) == sp_fields  # every field is exposed
             assert methods == ["Generate", "Tokenize", "Detokenize", "GetModelInfo", "Embed", "ListAdapters",
