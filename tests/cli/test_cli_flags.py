@@ -66,7 +66,7 @@ def test_sampling_flags_are_one_set():
     """The client's sampling flags are generate's (same names), unset = the server's default."""
     def sampling(parser):
         return {s for a in parser._actions if a.help != argparse.SUPPRESS and a.dest in
-                {"sampling_seed", *client._SAMPLING_FIELDS} for s in a.option_strings}
+                {"sampling_seed", *client.SAMPLING_FIELDS} for s in a.option_strings}
     gen_flags = {s for s in sampling(generate.build_parser()) if s != "--seed"}  # --seed: engine seed
     assert gen_flags == sampling(client.build_parser())
     args = client.build_parser().parse_args(["x"])
@@ -141,7 +141,7 @@ def test_structured_output_flags(tmp_path, capsys):
     # the client sends the same flags as the proto's oneof
     args = client.build_parser().parse_args(["p", "--regex", "[0-9]+"])
     req = client.build_request("p", **{k: v for k, v in sampling_fields_from_args(args).items()
-                                       if k in client._SAMPLING_FIELDS})
+                                       if k in client.SAMPLING_FIELDS})
     assert req.sampling.structured_outputs.regex == "[0-9]+"
     for argv, needle in [(["--json-schema", str(tmp_path / "missing.json")], "argument --json-schema: '"),
                          (["--grammar", str(tmp_path)], "argument --grammar: '")]:
