@@ -101,7 +101,13 @@ def get_beam_search_score(tokens: list[int], cumulative_logprob: float, eos_toke
     seq_len = len(tokens)
     if tokens[-1] in eos_token_ids:
         seq_len -= 1
-    return cumulative_logprob / (seq_len ** length_penalty)
+    try:
+        denom = float(seq_len) ** length_penalty
+    except OverflowError:  # a huge length_penalty: the score goes to 0
+        denom = math.inf
+    if denom == 0.0:  # a very negative length_penalty, or a beam of nothing but an EOS
+        return math.copysign(math.inf, cumulative_logprob) if cumulative_logprob else 0.0
+    return cumulative_logprob / denom
 
 
 def sort_key(eos_token_ids: Collection[int], length_penalty: float):
@@ -170,15 +176,18 @@ class BeamSearchRun:
         if any(b.rid == request_id for b in self.beams):
             self.outputs[request_id] = out.outputs[0]
 
-    def ready(self) -> bool:
-        """Whether every live beam's next-token entry has arrived."""
-        if self.done:
-            return False
+    def lagging_request_ids(self) -> list[str]:
+        """The live beams' requests whose output for this depth has not arrived yet."""
+        out = []
         for b in self.beams:
             c = self.outputs.get(b.rid)
             if c is None or len(c.token_ids) <= self.depth - b.start:
-                return False
-        return True
+                out.append(b.rid)
+        return out
+
+    def ready(self) -> bool:
+        """Whether every live beam's next-token entry has arrived."""
+        return not self.done and not self.lagging_request_ids()
 
     # ----- one depth ------------------------------------------------------------------
     def advance(self) -> None:

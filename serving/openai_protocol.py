@@ -5,7 +5,8 @@ such as ``max_tokenz`` is a 400 naming it rather than a silently ignored value. 
 to ``SamplingParams.validate`` and the front door's caps, whose messages name field, value and
 limit the same way for every door. Besides OpenAI's fields, vLLM's extra sampling fields are
 accepted (``top_k``, ``min_p``, ``repetition_penalty``, ``min_tokens``, ``stop_token_ids``,
-``ignore_eos``, ``skip_special_tokens``, ``include_stop_str_in_output``, ``prompt_logprobs``).
+``ignore_eos``, ``skip_special_tokens``, ``include_stop_str_in_output``, ``prompt_logprobs``,
+``use_beam_search``, ``length_penalty``).
 """
 
 from __future__ import annotations
@@ -75,6 +76,9 @@ class _SamplingFields(_Body):
     skip_special_tokens: bool | None = None
     include_stop_str_in_output: bool | None = None
     prompt_logprobs: int | None = None  # top-k per prompt token (serving/openai_echo.py answers it)
+    # vLLM's beam search fields (serving/openai_beam.py): n is the beam width
+    use_beam_search: bool = False
+    length_penalty: float = 1.0
     # structured outputs: OpenAI's response_format, or vLLM's structured_outputs (not both)
     response_format: ResponseFormat | None = None
     structured_outputs: StructuredOutputsBody | None = None
