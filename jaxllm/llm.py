@@ -64,16 +64,20 @@ class LLM:
         return self._run(prompts, params, use_tqdm, _as_lora_list(lora_request, len(prompts)))
 
     def beam_search(self, prompts, params: BeamSearchParams, lora_request=None,
-                    use_tqdm: bool = False) -> list[BeamSearchOutput]:
+                    use_tqdm: bool = False, concurrency_limit: int | None = None) -> list[BeamSearchOutput]:
         """vLLM's ``LLM.beam_search``: the best ``params.beam_width`` sequences of every prompt
         (jaxllm/beam_search.py has the algorithm and its cost). ``prompts``: one prompt or a list,
         each a ``str``, a list of token ids or a dict with ``prompt_token_ids`` / ``prompt`` (a chat:
         ``llm.get_tokenizer().chat_prompt(messages)``). ``lora_request``: one for all or one per
-        prompt. Everything is validated before the engine sees a request; on any error every request
-        of this call is aborted (no KV block stays held)."""
+        prompt. ``concurrency_limit``: at most this many prompts searched at once (each holds up to
+        ``beam_width`` running requests); None = all. Everything is validated before the engine sees
+        a request; on any error every request of this call is aborted (no KV block stays held)."""
         if not isinstance(params, BeamSearchParams):
             raise ValueError(f"params of type {type(params).__name__} is invalid: must be a BeamSearchParams")
         params.validate()
+        if concurrency_limit is not None and (isinstance(concurrency_limit, bool) or not isinstance(
+                concurrency_limit, int) or concurrency_limit < 1):
+            raise ValueError(f"concurrency_limit={concurrency_limit!r} is invalid: must be None or an integer >= 1")
         engine = self.engine
         prompts = _as_prompt_list(prompts)
         loras = _as_lora_list(lora_request, len(prompts)) or [None] * len(prompts)
@@ -83,11 +87,15 @@ class LLM:
             engine._validate_ids(ids)
             runs.append(BeamSearchRun(f"beam-{next(self._ids)}", ids, params, engine.eos_token_ids,
                                       engine.max_model_len, lora))
+        limit = concurrency_limit or len(runs)
         owner: dict[str, BeamSearchRun] = {}
         bar = _progress(len(runs), use_tqdm)
+        started = 0  # runs[:started] have begun; a finished one makes room for the next
         try:
             while True:
-                for run in runs:
+                while started < len(runs) and sum(not r.done for r in runs[:started]) < limit:
+                    started += 1
+                for run in runs[:started]:
                     for rid, ids, sp in run.take_adds():
                         kw = {} if run.lora_request is None else {"lora_request": run.lora_request}
                         engine.add_request(rid, {"prompt_token_ids": ids}, sp, **kw)
@@ -113,7 +121,7 @@ class LLM:
                     run = owner.get(out.request_id)
                     if run is not None:
                         run.feed(out.request_id, out)
-                for run in runs:
+                for run in runs[:started]:
                     while run.ready():
                         run.advance()
                         if run.done and bar is not None:

@@ -105,3 +105,25 @@ def test_error_mid_search_aborts_everything():
     outs = llm.beam_search(PROMPTS[:1], BeamSearchParams(beam_width=3, max_tokens=10))
     assert [s.tokens for s in outs[0].sequences] == [t for t, _, _ in brute_force(PROMPTS[0], 3, 10, 40)]
     assert_clean(engine)
+
+
+def test_concurrency_limit_runs_prompts_in_turn():
+    engine = make_engine(num_blocks=96, block_size=4, max_num_seqs=32, max_num_batched_tokens=256,
+                         max_model_len=40, async_scheduling=False)
+    llm = LLM(engine=engine)
+    running = []
+    real_step = engine.step
+
+    def step():
+        running.append(len({r.rsplit(".", 1)[0] for r in engine._parents}))  # prompts with live requests
+        return real_step()
+
+    engine.step = step
+    outs = llm.beam_search(PROMPTS, BeamSearchParams(beam_width=3, max_tokens=6), concurrency_limit=1)
+    del engine.step
+    assert max(running) == 1 and len(running) == 3 * 6  # one prompt at a time, one step per depth
+    for p, out in zip(PROMPTS, outs):
+        assert [(s.tokens, s.cum_logprob) for s in out.sequences] == [(t, c) for t, c, _ in brute_force(p, 3, 6, 40)]
+    with pytest.raises(ValueError, match="^concurrency_limit=0 is invalid"):
+        llm.beam_search(PROMPTS, BeamSearchParams(beam_width=3, max_tokens=6), concurrency_limit=0)
+    assert_clean(engine)
