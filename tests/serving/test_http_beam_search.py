@@ -97,3 +97,47 @@ def test_refusals_are_one_line_400s(client, srv, extra, field):
     msg = e.value.body["message"] if isinstance(e.value.body, dict) else str(e.value)
     assert field in msg and "\n" not in msg
     srv.wait_idle()
+
+
+def test_clients_giving_up_mid_search_free_every_block():
+    """Non-streamed and streamed beam searches whose clients leave before the search ends: every
+    fork the searches opened is aborted, every KV block is free, the server keeps answering."""
+    import asyncio
+    import time
+
+    import httpx
+
+    from tests.fakes.fake_runner import FakeRunner
+
+    class SlowRunner(FakeRunner):
+        def dispatch(self, out):
+            time.sleep(0.003)
+            return super().dispatch(out)
+
+    srv = ThreadedServer(make_llm_engine(max_model_len=512, num_blocks=1024, max_num_seqs=32,
+                                         runner_cls=SlowRunner))
+    try:
+        body = {"max_tokens": 400, "n": 4, "use_beam_search": True, "temperature": 0, "ignore_eos": True}
+
+        async def gives_up(i: int, stream: bool) -> str:
+            async with httpx.AsyncClient(base_url=srv.base_url, timeout=httpx.Timeout(10, read=0.4)) as c:
+                try:
+                    r = await c.post("/v1/completions", json=dict(body, prompt=f"impatient {i}", stream=stream))
+                    return f"answered {r.status_code}"
+                except httpx.ReadTimeout:
+                    return "gave up"
+
+        async def main():
+            return await asyncio.gather(*(gives_up(i, i % 2 == 1) for i in range(4)))
+
+        assert asyncio.run(main()) == ["gave up"] * 4
+        stats = srv.wait_idle(timeout=20)
+        assert stats.num_free_blocks == stats.num_blocks == 1024
+        # the searches really ran, and were cut short: 4 full searches decode >= 4 x 4 beams x 400 tokens
+        assert 0 < stats.num_generated_tokens < 4 * 4 * 400
+        r = httpx.post(srv.base_url + "/v1/completions", timeout=20,
+                       json=dict(body, prompt="after", max_tokens=3))
+        assert r.status_code == 200 and len(r.json()["choices"]) == 4
+        srv.wait_idle()
+    finally:
+        srv.close()
