@@ -98,9 +98,12 @@ class BeamSearchOutput:
 def get_beam_search_score(tokens: list[int], cumulative_logprob: float, eos_token_ids: Collection[int],
                           length_penalty: float = 1.0) -> float:
     """vLLM's (and HF's) length-penalised score: a final EOS does not count in the length."""
-    seq_len = len(tokens)
-    if tokens[-1] in eos_token_ids:
-        seq_len -= 1
+    return _score(len(tokens), tokens[-1], cumulative_logprob, eos_token_ids, length_penalty)
+
+
+def _score(num_tokens: int, last_token: int, cumulative_logprob: float, eos_token_ids: Collection[int],
+           length_penalty: float) -> float:
+    seq_len = num_tokens - 1 if last_token in eos_token_ids else num_tokens
     try:
         denom = float(seq_len) ** length_penalty
     except OverflowError:  # a huge length_penalty: the score goes to 0
@@ -112,6 +115,10 @@ def get_beam_search_score(tokens: list[int], cumulative_logprob: float, eos_toke
 
 def sort_key(eos_token_ids: Collection[int], length_penalty: float):
     return lambda b: get_beam_search_score(b.tokens, b.cum_logprob, eos_token_ids, length_penalty)
+
+
+def _extended(seq: BeamSearchSequence, tok: int, entry: dict, cum: float) -> BeamSearchSequence:
+    return BeamSearchSequence(seq.tokens + [tok], seq.logprobs + [entry], seq.lora_request, cum)
 
 
 @dataclasses.dataclass
@@ -193,23 +200,28 @@ class BeamSearchRun:
     def advance(self) -> None:
         """Rank this depth's candidates, keep the best ``beam_width``; fork / continue / abort."""
         p = self.params
-        candidates: list[tuple[BeamSearchSequence, _Beam, int]] = []
+        # candidates as (score, beam, token, cum_logprob, entry, sampled): a sequence object is built
+        # only for the kept ones and the finished ones (2 * beam_width^2 candidates a step otherwise)
+        candidates: list[tuple] = []
+        lp_pen, score_eos = p.length_penalty, self.score_eos
         for b in self.beams:
             c = self.outputs[b.rid]
             j = self.depth - b.start
             entry, sampled = c.logprobs[j], c.token_ids[j]
+            n = len(b.seq.tokens) + 1
             for tok, lp in entry.items():
-                seq = BeamSearchSequence(b.seq.tokens + [tok], b.seq.logprobs + [entry], b.seq.lora_request,
-                                         b.seq.cum_logprob + lp.logprob)
+                cum = b.seq.cum_logprob + lp.logprob
                 if tok in self.eos:
+                    seq = _extended(b.seq, tok, entry, cum)
                     if not p.include_stop_str_in_output:
                         seq.tokens.pop()
                     seq.finish_reason, seq.stop_reason = "stop", tok
                     self.completed.append(seq)
                 else:
-                    candidates.append((seq, b, sampled))
-        candidates.sort(key=lambda x: self.key(x[0]), reverse=True)
-        kept = candidates[:p.beam_width]
+                    candidates.append((_score(n, tok, cum, score_eos, lp_pen), b, tok, cum, entry, sampled))
+        candidates.sort(key=lambda x: x[0], reverse=True)  # stable: ties keep beam, then entry order
+        kept = [(_extended(b.seq, tok, entry, cum), b, sampled)
+                for _, b, tok, cum, entry, sampled in candidates[:p.beam_width]]
         self.depth += 1
         old = self.beams
         if self.depth >= self.max_depth or not kept:
