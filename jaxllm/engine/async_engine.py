@@ -124,7 +124,7 @@ class AsyncEngine:
         return request_id in self._streams
 
     async def add_request(self, request_id: str, prompt: Any, params: Any,
-                          lora_request: Any = None) -> RequestStream:
+                          lora_request: Any = None, fork_of: str | None = None) -> RequestStream:
         if self.dead is not None:
             raise EngineDeadError(self.dead)
         if self.stopped:
@@ -136,7 +136,8 @@ class AsyncEngine:
         fut = self._loop.create_future()
         self._pending_adds += 1
         try:
-            self._cmds.put(("add", request_id, prompt, params, fut, lora_request))
+            kw = {k: v for k, v in (("lora_request", lora_request), ("fork_of", fork_of)) if v is not None}
+            self._cmds.put(("add", request_id, prompt, params, fut, kw))
             self._wake.set()
             try:
                 await asyncio.shield(fut)
@@ -301,12 +302,9 @@ class AsyncEngine:
                 else:
                     self._post(_set_result, fut, res)
             elif kind == "add":
-                _, rid, prompt, params, fut, lora = cmd
-                try:
-                    if lora is None:  # engines without adapters need not take the keyword
-                        engine.add_request(rid, prompt, params)
-                    else:
-                        engine.add_request(rid, prompt, params, lora_request=lora)
+                _, rid, prompt, params, fut, kw = cmd
+                try:  # keywords only when set: engines without adapters / forks need not take them
+                    engine.add_request(rid, prompt, params, **kw)
                 except Exception as exc:  # validation errors go back to the caller
                     answers.append((fut, exc))
                 else:
