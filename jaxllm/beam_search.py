@@ -20,11 +20,14 @@ How it runs on the engine (``BeamSearchRun``, one per prompt, a state machine th
 with the engine's outputs): a beam is an ordinary engine request (``logprobs=2*beam_width``,
 ``ignore_eos``: EOS is the search's decision). A request keeps decoding while its beam's chosen
 token is the one the engine sampled for it, so that beam costs one decode token per step and no
-prefill; any other surviving candidate forks a new request whose prompt is the beam's tokens: its
-full KV blocks are prefix-cache hits (a running request's full blocks are registered), only the
-partial last block is prefilled again. Requests no beam continues are aborted (their blocks
-freed). All beams of all prompts ride in the same engine steps. vLLM instead submits every beam
-as a new one-token request each step (every beam re-prefills its partial last block every step).
+prefill; any other surviving candidate forks a new request whose prompt is the beam's tokens
+(``fork_of`` its parent's request): its full KV blocks are the parent's (prefix-cache hits: a
+running request's full blocks are registered) and its partial last block a device copy of the
+parent's (KVCacheManager.pin_fork), so it too computes one token. Where the engine cannot fork
+(runner without block copies, prefix caching off, parent gone) the fork prefills what the prefix
+cache does not hold. Requests no beam continues are aborted (their blocks freed). All beams of all
+prompts ride in the same engine steps. vLLM instead submits every beam as a new one-token request
+each step (every beam re-prefills the tokens past its last full block every step).
 """
 
 from __future__ import annotations
@@ -158,16 +161,18 @@ class BeamSearchRun:
         self.num_continued = 0
 
     # ----- engine traffic -------------------------------------------------------------
-    def _fork(self, seq: BeamSearchSequence) -> _Beam:
+    def _fork(self, seq: BeamSearchSequence, parent: "_Beam | None" = None) -> _Beam:
         rid = f"{self.prefix}.{self._ids}"
         self._ids += 1
         p = self.params
         sp = SamplingParams(temperature=p.temperature, max_tokens=self.max_depth - self.depth,
                             logprobs=2 * p.beam_width, ignore_eos=True, detokenize=True)
-        self._adds.append((rid, list(seq.tokens), sp))
+        self._adds.append((rid, list(seq.tokens), sp, None if parent is None else parent.rid))
         return _Beam(seq, rid, self.depth)
 
-    def take_adds(self) -> list[tuple[str, list[int], SamplingParams]]:
+    def take_adds(self) -> list[tuple[str, list[int], SamplingParams, str | None]]:
+        """(request id, prompt ids, params, fork_of): fork_of is the request whose KV the new one
+        extends by one token (LLMEngine.add_request's hint); add these before ``take_aborts``."""
         adds, self._adds = self._adds, []
         return adds
 
@@ -240,7 +245,7 @@ class BeamSearchRun:
                 new.append(_Beam(seq, parent.rid, parent.start))
                 self.num_continued += 1
             else:
-                new.append(self._fork(seq))
+                new.append(self._fork(seq, parent))
                 self.num_forks += 1
         self.beams = new
         self._aborts += [b.rid for b in old if b.rid not in claimed]

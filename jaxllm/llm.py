@@ -96,9 +96,9 @@ class LLM:
                 while started < len(runs) and sum(not r.done for r in runs[:started]) < limit:
                     started += 1
                 for run in runs[:started]:
-                    for rid, ids, sp in run.take_adds():
+                    for rid, ids, sp, fork_of in run.take_adds():
                         kw = {} if run.lora_request is None else {"lora_request": run.lora_request}
-                        engine.add_request(rid, {"prompt_token_ids": ids}, sp, **kw)
+                        engine.add_request(rid, {"prompt_token_ids": ids}, sp, fork_of=fork_of, **kw)
                         owner[rid] = run
                     aborts = run.take_aborts()
                     if aborts:

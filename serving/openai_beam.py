@@ -85,8 +85,8 @@ class BeamRequest:
             return []
         run = self.run
         while True:
-            for rid, ids, sp in run.take_adds():
-                cm = self.door.request(rid, {"prompt_token_ids": ids}, sp, run.lora_request)
+            for rid, ids, sp, fork_of in run.take_adds():  # added (parents still running) before the aborts
+                cm = self.door.request(rid, {"prompt_token_ids": ids}, sp, run.lora_request, fork_of)
                 self._open[rid] = (cm, await cm.__aenter__())
             for rid in run.take_aborts():
                 await self._close(rid)

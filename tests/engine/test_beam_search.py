@@ -119,14 +119,35 @@ def assert_no_leak(llm):
     llm.engine.kv.pool.check_invariants()
 
 
+class Computed:
+    """Stat logger: tokens the engine computed, per step."""
+
+    def __init__(self):
+        self.per_step = []
+
+    def record(self, scheduler_stats, it) -> None:
+        if it is not None and it.step_time is not None:
+            self.per_step.append(it.num_batched_tokens)
+
+
 @pytest.mark.parametrize("width,lp", [(4, 1.0), (3, 0.3)])
 def test_batched_prompts_match_brute_force_with_eos(setup, width, lp):
     llm, ref, eos = setup
     params = BeamSearchParams(beam_width=width, max_tokens=6, length_penalty=lp)
-    outs = llm.beam_search([{"prompt_token_ids": p} for p in PROMPTS], params)
+    computed = Computed()
+    llm.engine.add_stat_logger(computed)
+    try:
+        outs = llm.beam_search([{"prompt_token_ids": p} for p in PROMPTS], params)
+    finally:
+        llm.engine.stat_loggers.remove(computed)
     refs = [ref.beam_search(p, width, 6, {eos}, length_penalty=lp) for p in PROMPTS]
     check(outs, refs, PROMPTS)
     assert any(s.finish_reason == "stop" for o in outs for s in o.sequences)  # EOS ended some beam
+    # one step per depth for all prompts; after the prompts' prefill every beam computes exactly one
+    # token a step: forks share their parent's blocks (the partial one copied on the device)
+    # (the first step prefills what the prefix cache does not hold of the prompts)
+    assert len(PROMPTS) <= computed.per_step[0] <= sum(map(len, PROMPTS))
+    assert computed.per_step[1:] == [width * len(PROMPTS)] * 5
     assert_no_leak(llm)
 
 

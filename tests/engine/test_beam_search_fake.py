@@ -79,7 +79,26 @@ def test_continued_beams_skip_prefill():
     resubmit = len(p) + sum(n * (L - (L - 1) // 4 * 4) for n, L in
                             zip(beams_per_step[1:], range(len(p) + 1, len(p) + 16)))
     decode_only = len(p) + sum(beams_per_step[1:])
-    assert decode_only <= computed < resubmit, (decode_only, computed, resubmit)
+    # forks share their parent's blocks (partial one copied): every beam computes one token a step
+    assert computed == decode_only < resubmit, (decode_only, computed, resubmit)
+    assert engine.runner.num_block_copies > 0
+    assert_clean(engine)
+
+
+@pytest.mark.parametrize("caching", [False, True])
+def test_forks_under_preemption_and_without_prefix_caching(caching):
+    """A KV pool far too small for every beam: requests (forks among them) are preempted and
+    recomputed, pins of forks not admitted yet hold their source blocks; without prefix caching
+    forks fall back to a full prefill. Same beams as the brute force either way, nothing leaks."""
+    engine = make_engine(num_blocks=12, block_size=4, max_num_seqs=32, max_num_batched_tokens=64,
+                         max_model_len=40, enable_prefix_caching=caching, async_scheduling=False)
+    llm = LLM(engine=engine)
+    outs = llm.beam_search(PROMPTS, BeamSearchParams(beam_width=4, max_tokens=14))
+    for p, out in zip(PROMPTS, outs):
+        assert [(s.tokens, s.cum_logprob) for s in out.sequences] == [(t, c) for t, c, _ in brute_force(p, 4, 14, 40)]
+    assert engine.scheduler.num_preemptions > 0
+    assert (engine.runner.num_block_copies > 0) == caching
+    assert not engine.kv.fork_pins
     assert_clean(engine)
 
 

@@ -64,6 +64,7 @@ def test_completions_beams_equal_offline_stream_too(client, llm, srv):
             texts[c.index] = texts.get(c.index, "") + c.text
             reasons[c.index] = c.finish_reason or reasons.get(c.index)
     assert [(texts[i], reasons[i]) for i in range(6)] == [(t, f) for t, f, _ in want]
+    assert srv.engine.runner.num_block_copies > 0  # forks shared their parents' KV through the door too
     srv.wait_idle()
 
 
