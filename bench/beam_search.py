@@ -15,6 +15,9 @@ number of steps). Columns, per mode:
   full blocks prefix-cache hits, the rest prefilled: ``L - ((L-1)//block)*block`` tokens for a
   length-L beam), computed from the run's beam counts, not measured;
 - ``forks``: engine requests the search added (one per prompt is the initial prefill).
+``beam W no-fork`` rows (``--no-fork-too``, on by default) run the same search with the runner's
+block copies switched off: forks then prefill their partial last block again (prefix caching only),
+the engine before forks shared KV.
 """
 from __future__ import annotations
 
@@ -57,7 +60,7 @@ def vllm_scheme_tokens(prompt_lens: list[int], beams_per_depth: list[list[int]],
     return total
 
 
-def run_mode(llm, counter, prompts, width, output_len) -> dict:
+def run_mode(llm, counter, prompts, width, output_len, fork: bool = True) -> dict:
     from jaxllm import BeamSearchParams, SamplingParams
 
     engine = llm.engine
@@ -70,6 +73,9 @@ def run_mode(llm, counter, prompts, width, output_len) -> dict:
         return real_add(rid, prompt, params, *a, **kw)
 
     engine.add_request = counting_add
+    runner = engine.runner
+    copies = runner.supports_block_copy
+    runner.supports_block_copy = copies and fork
     s0, t0, c0 = counter.steps, counter.tokens, time.perf_counter()
     try:
         if width == 0:  # greedy generate
@@ -85,12 +91,14 @@ def run_mode(llm, counter, prompts, width, output_len) -> dict:
             beams = [[1] + [width] * (output_len - 1) for _ in prompts]
     finally:
         del engine.add_request  # the bound method again
+        runner.supports_block_copy = copies
     secs = time.perf_counter() - c0
     steps, computed = counter.steps - s0, counter.tokens - t0
     beam_positions = sum(sum(b) for b in beams)
     prompt_tokens = sum(len(p) for p in prompts)
     block = llm.config.block_size
-    return {"mode": "greedy" if width == 0 else f"beam {width}", "seconds": secs, "output_tokens": best,
+    mode = "greedy" if width == 0 else f"beam {width}" + ("" if fork else " no-fork")
+    return {"mode": mode, "seconds": secs, "output_tokens": best,
             "tok_s": best / secs, "beam_tok_s": beam_positions / secs, "steps": steps,
             "steps_per_tok": steps / output_len, "computed": computed,
             "computed_per_tok": (computed - prompt_tokens) / (beam_positions - len(prompts)),
@@ -107,6 +115,8 @@ def main(argv=None) -> int:
     ap.add_argument("--widths", default="1,4", help="beam widths, comma-separated (greedy always runs first)")
     ap.add_argument("--block-size", type=int, default=16)
     ap.add_argument("--repeats", type=int, default=2, help="runs per mode; the fastest is reported")
+    ap.add_argument("--no-fork-too", action=argparse.BooleanOptionalAction, default=True,
+                    help="also run each width > 1 with the runner's block copies off (forks re-prefill)")
     ap.add_argument("--output-json", default=None)
     args = ap.parse_args(argv)
     machine = log_machine()
@@ -120,8 +130,9 @@ def main(argv=None) -> int:
     tok = llm.get_tokenizer()
     prompts = [tok.encode(PROMPTS[i % len(PROMPTS)]) for i in range(args.num_prompts)]
     rows = []
-    for width in [0] + widths:
-        runs = [run_mode(llm, counter, prompts, width, args.output_len) for _ in range(args.repeats)]
+    modes = [(0, True)] + [(w, f) for w in widths for f in ((True, False) if args.no_fork_too and w > 1 else (True,))]
+    for width, fork in modes:
+        runs = [run_mode(llm, counter, prompts, width, args.output_len, fork) for _ in range(args.repeats)]
         rows.append(min(runs, key=lambda r: r["seconds"]))
         log(f"{rows[-1]['mode']}: {rows[-1]['seconds']:.2f}s")
     cols = [("mode", "mode", ""), ("seconds", "s", ".2f"), ("tok_s", "tok/s", ".1f"),
