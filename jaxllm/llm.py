@@ -70,8 +70,11 @@ class LLM:
         each a ``str``, a list of token ids or a dict with ``prompt_token_ids`` / ``prompt`` (a chat:
         ``llm.get_tokenizer().chat_prompt(messages)``). ``lora_request``: one for all or one per
         prompt. ``concurrency_limit``: at most this many prompts searched at once (each holds up to
-        ``beam_width`` running requests); None = all. Everything is validated before the engine sees
-        a request; on any error every request of this call is aborted (no KV block stays held)."""
+        ``beam_width`` running requests); None = as many as ``max_num_seqs // beam_width`` (at least
+        1), so every live beam runs in every step (vLLM's None = all: with more beams than
+        ``max_num_seqs``, the running beams would decode ahead while the others wait). Everything is
+        validated before the engine sees a request; on any error every request of this call is
+        aborted (no KV block stays held)."""
         if not isinstance(params, BeamSearchParams):
             raise ValueError(f"params of type {type(params).__name__} is invalid: must be a BeamSearchParams")
         params.validate()
@@ -87,7 +90,8 @@ class LLM:
             engine._validate_ids(ids)
             runs.append(BeamSearchRun(f"beam-{next(self._ids)}", ids, params, engine.eos_token_ids,
                                       engine.max_model_len, lora))
-        limit = concurrency_limit or len(runs)
+        max_seqs = getattr(getattr(engine, "config", None), "max_num_seqs", None)
+        limit = concurrency_limit or (max(1, max_seqs // params.beam_width) if max_seqs else len(runs))
         owner: dict[str, BeamSearchRun] = {}
         bar = _progress(len(runs), use_tqdm)
         started = 0  # runs[:started] have begun; a finished one makes room for the next

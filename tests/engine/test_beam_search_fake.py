@@ -146,3 +146,19 @@ def test_concurrency_limit_runs_prompts_in_turn():
     with pytest.raises(ValueError, match="^concurrency_limit=0 is invalid"):
         llm.beam_search(PROMPTS, BeamSearchParams(beam_width=3, max_tokens=6), concurrency_limit=0)
     assert_clean(engine)
+
+
+def test_default_concurrency_keeps_every_beam_in_the_step():
+    """More beams than max_num_seqs: by default only the prompts whose beams all fit run at once,
+    so no running beam decodes ahead of a waiting one (tokens nobody asked for)."""
+    engine = make_engine(num_blocks=96, block_size=4, max_num_seqs=8, max_num_batched_tokens=256,
+                         max_model_len=40, async_scheduling=False)
+    llm = LLM(engine=engine)
+    outs = llm.beam_search(PROMPTS, BeamSearchParams(beam_width=4, max_tokens=8))  # 12 beams, 8 seqs
+    for p, out in zip(PROMPTS, outs):
+        assert [(s.tokens, s.cum_logprob) for s in out.sequences] == [(t, c) for t, c, _ in brute_force(p, 4, 8, 40)]
+    steps = engine.runner.steps
+    assert max(len(o.seqs) for o in steps) <= 8 and len(steps) == 2 * 8  # 2 prompts, then 1: 8 depths each
+    decode_only = sum(map(len, PROMPTS)) + 3 * 7 * 4
+    assert sum(o.num_batched_tokens for o in steps) == decode_only
+    assert_clean(engine)
