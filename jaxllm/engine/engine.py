@@ -44,6 +44,10 @@ Input rules (``add_request`` validates everything before anything is scheduled a
   ``LLM.generate`` raises). The engine keeps stepping the other requests.
 - seeds: ``params.seed`` if set, else one drawn from the engine RNG (``config.seed``); child i
   of an n > 1 request uses a seed derived from (seed, i) (child 0 uses the seed itself).
+- ``fork_of`` (beam search, jaxllm/beam_search.py): a running request whose computed tokens the new
+  prompt extends by one; the new request then shares its full KV blocks and gets a device copy of
+  its partial last block at admission (KVCacheManager.pin_fork) instead of a prefill. Only a hint:
+  anything that does not match falls back to an ordinary (prefix-cached) prefill.
 """
 
 from __future__ import annotations
