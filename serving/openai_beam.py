@@ -32,7 +32,7 @@ def beam_params(job, body) -> None:
     """Check a ``use_beam_search`` body and give ``job`` its BeamSearchParams and prompt ids."""
     for name in _REFUSED:
         v = getattr(body, name, None)
-        if v is not None and v != 0 and not (name == "response_format" and v.type == "text"):
+        if v not in (None, 0, [], "") and not (name == "response_format" and v.type == "text"):
             raise invalid(f"{name} is invalid with use_beam_search=true: beam search honours n, max_tokens, "
                           f"temperature, length_penalty, ignore_eos and include_stop_str_in_output", name)
     if getattr(body, "echo", False):
