@@ -92,6 +92,12 @@ class LLM:
                                       engine.max_model_len, lora))
         max_seqs = getattr(getattr(engine, "config", None), "max_num_seqs", None)
         limit = concurrency_limit or (max(1, max_seqs // params.beam_width) if max_seqs else len(runs))
+        # A fork needs the step before it read back: with a step in flight (async scheduling) every
+        # depth would take two steps and continued beams would decode a token ahead for nothing. The
+        # offline engine runs nothing else meanwhile, so the search steps it synchronously.
+        was_async = getattr(engine, "async_scheduling", False) and not engine.has_unfinished_requests()
+        if was_async:
+            engine.async_scheduling = False
         owner: dict[str, BeamSearchRun] = {}
         bar = _progress(len(runs), use_tqdm)
         started = 0  # runs[:started] have begun; a finished one makes room for the next
@@ -136,6 +142,8 @@ class LLM:
         finally:
             if bar is not None:
                 bar.close()
+            if was_async:
+                engine.async_scheduling = True
         tok = self.get_tokenizer()
         return [run.output(tok) for run in runs]
 
