@@ -17,6 +17,7 @@ from collections.abc import Sequence
 
 import msgspec
 
+from jaxllm.beam_search import BeamSearchOutput, BeamSearchParams, BeamSearchRun
 from jaxllm.config import EngineConfig
 from jaxllm.lora.loader import LoRALoadError
 from jaxllm.metrics.loggers import LoggingStatLogger, validate_interval
@@ -64,6 +65,90 @@ class LLM:
         params = _as_params_list(sampling_params, len(prompts))
         return self._run(prompts, params, use_tqdm, _as_lora_list(lora_request, len(prompts)),
                          _as_priority_list(priority, len(prompts)))
+
+    def beam_search(self, prompts, params: BeamSearchParams, lora_request=None,
+                    use_tqdm: bool = False, concurrency_limit: int | None = None) -> list[BeamSearchOutput]:
+        """vLLM's ``LLM.beam_search``: the best ``params.beam_width`` sequences of every prompt
+        (jaxllm/beam_search.py has the algorithm and its cost). ``prompts``: one prompt or a list,
+        each a ``str``, a list of token ids or a dict with ``prompt_token_ids`` / ``prompt`` (a chat:
+        ``llm.get_tokenizer().chat_prompt(messages)``). ``lora_request``: one for all or one per
+        prompt. ``concurrency_limit``: at most this many prompts searched at once (each holds up to
+        ``beam_width`` running requests); None = as many as ``max_num_seqs // beam_width`` (at least
+        1), so every live beam runs in every step (vLLM's None = all: with more beams than
+        ``max_num_seqs``, the running beams would decode ahead while the others wait). Everything is
+        validated before the engine sees a request; on any error every request of this call is
+        aborted (no KV block stays held)."""
+        if not isinstance(params, BeamSearchParams):
+            raise ValueError(f"params of type {type(params).__name__} is invalid: must be a BeamSearchParams")
+        params.validate()
+        if concurrency_limit is not None and (isinstance(concurrency_limit, bool) or not isinstance(
+                concurrency_limit, int) or concurrency_limit < 1):
+            raise ValueError(f"concurrency_limit={concurrency_limit!r} is invalid: must be None or an integer >= 1")
+        engine = self.engine
+        prompts = _as_prompt_list(prompts)
+        loras = _as_lora_list(lora_request, len(prompts)) or [None] * len(prompts)
+        runs = []
+        for prompt, lora in zip(prompts, loras):
+            _, ids = engine._resolve_prompt(prompt)
+            engine._validate_ids(ids)
+            runs.append(BeamSearchRun(f"beam-{next(self._ids)}", ids, params, engine.eos_token_ids,
+                                      engine.max_model_len, lora))
+        max_seqs = getattr(getattr(engine, "config", None), "max_num_seqs", None)
+        limit = concurrency_limit or (max(1, max_seqs // params.beam_width) if max_seqs else len(runs))
+        # A fork needs the step before it read back: with a step in flight (async scheduling) every
+        # depth would take two steps and continued beams would decode a token ahead for nothing. The
+        # offline engine runs nothing else meanwhile, so the search steps it synchronously.
+        was_async = getattr(engine, "async_scheduling", False) and not engine.has_unfinished_requests()
+        if was_async:
+            engine.async_scheduling = False
+        owner: dict[str, BeamSearchRun] = {}
+        bar = _progress(len(runs), use_tqdm)
+        started = 0  # runs[:started] have begun; a finished one makes room for the next
+        try:
+            while True:
+                while started < len(runs) and sum(not r.done for r in runs[:started]) < limit:
+                    started += 1
+                for run in runs[:started]:
+                    for rid, ids, sp, fork_of in run.take_adds():
+                        kw = {} if run.lora_request is None else {"lora_request": run.lora_request}
+                        engine.add_request(rid, {"prompt_token_ids": ids}, sp, fork_of=fork_of, **kw)
+                        owner[rid] = run
+                    aborts = run.take_aborts()
+                    if aborts:
+                        engine.abort_request(aborts)
+                        for rid in aborts:
+                            owner.pop(rid, None)
+                if all(run.done for run in runs):
+                    break
+                if not engine.has_unfinished_requests():
+                    raise RuntimeError("engine has no unfinished requests but a beam search waits for "
+                                       "its outputs")
+                outs = engine.step()
+                errors = {r: e for r, e in engine.take_request_errors().items() if r in owner}
+                if errors:
+                    rid, exc = next(iter(errors.items()))
+                    if isinstance(exc, LoRALoadError):
+                        raise exc
+                    raise RuntimeError(f"beam request {rid} failed: {type(exc).__name__}: {exc}") from exc
+                for out in outs:
+                    run = owner.get(out.request_id)
+                    if run is not None:
+                        run.feed(out.request_id, out)
+                for run in runs[:started]:
+                    while run.ready():
+                        run.advance()
+                        if run.done and bar is not None:
+                            bar.update(1)
+        except BaseException:
+            engine.abort_request(list(owner))
+            raise
+        finally:
+            if bar is not None:
+                bar.close()
+            if was_async:
+                engine.async_scheduling = True
+        tok = self.get_tokenizer()
+        return [run.output(tok) for run in runs]
 
     # ----- adapters (vLLM's LLMEngine methods) -------------------------------------------
     def add_lora(self, lora_request) -> bool:

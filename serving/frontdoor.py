@@ -233,10 +233,12 @@ class FrontDoor:
     # ----- one request -------------------------------------------------------------------------
     @contextlib.asynccontextmanager
     async def request(self, request_id: str, prompt: Any, params: SamplingParams,
-                      lora_request: Any = None, priority: int = 0) -> AsyncIterator[Request]:
+                      lora_request: Any = None, priority: int = 0,
+                      fork_of: str | None = None) -> AsyncIterator[Request]:
         """Admit (queue limit, duplicate ids, the engine's own validation) and run one request
         (with ``lora_request``, an adapter from ``self.adapters.resolve``; None = the base model;
-        ``priority``: vLLM's request priority, checked by the engine against its policy).
+        ``priority``: vLLM's request priority, checked by the engine against its policy;
+        ``fork_of``: LLMEngine.add_request's beam-search fork hint).
 
         Leaving the block before the final output aborts it in the engine (client cancel,
         disconnect, error alike); a finished request is only forgotten."""
@@ -260,7 +262,7 @@ class FrontDoor:
         req: Request | None = None
         try:
             try:
-                stream = await ae.add_request(rid, prompt, params, lora_request, priority)
+                stream = await ae.add_request(rid, prompt, params, lora_request, priority, fork_of)
             except DuplicateRequestError as exc:  # another caller's request: not ours to abort
                 owned = False
                 raise FrontDoorError(Code.ALREADY_EXISTS, str(exc), "request_id") from None

@@ -23,6 +23,7 @@ from jaxllm.sampling_params import MAX_LOGPROBS, SamplingParams
 
 from serving.deltas import DeltaTracker, SampleDelta
 from serving.frontdoor import FrontDoor, FrontDoorError, ModelInfo, check_token_ids, invalid
+from serving.openai_beam import BeamRequest, beam_params
 from serving.openai_echo import Echo, chat_echo, check_stream, echo_text, prompt_logprobs_json
 from serving.openai_protocol import ChatCompletionRequest, CompletionRequest
 from serving.openai_reasoning import ReasoningPlan
@@ -49,6 +50,8 @@ class _Job:
         self.tools: ToolPlan | None = None  # chat with tool_choice named/required/auto (serving/openai_tools.py)
         self.reasoning: ReasoningPlan | None = None  # chat under --reasoning-parser (serving/openai_reasoning.py)
         self.priority = 0  # the body's priority (--scheduling-policy priority)
+        self.beam = None  # use_beam_search: its BeamSearchParams (serving/openai_beam.py)
+        self.beam_prompt_ids: list[list[int]] = []
 
     def usage(self) -> dict:
         p = sum(t.num_prompt_tokens for t in self.trackers)
@@ -108,6 +111,8 @@ def completion_job(door: FrontDoor, info: ModelInfo, body: CompletionRequest) ->
         if job.prompt_logprobs is None and body.logprobs is not None:
             job.prompt_logprobs = params.logprobs
         job.echo = Echo([echo_text(x, info.tokenizer) for x in prompts], prompt_only=body.max_tokens == 0)
+    if body.use_beam_search:
+        beam_params(job, body)
     return job
 
 
@@ -140,6 +145,8 @@ def chat_job(door: FrontDoor, info: ModelInfo, body: ChatCompletionRequest) -> _
     job.echo = chat_echo(body)
     job.tools = tools
     job.reasoning = reasoning
+    if body.use_beam_search:
+        beam_params(job, body)
     return job
 
 
@@ -150,8 +157,14 @@ async def respond(door: FrontDoor, job: _Job, receive=None):
     hangs up: its requests are aborted then rather than run to the end."""
     stack = contextlib.AsyncExitStack()
     try:
-        reqs = [await stack.enter_async_context(door.request("", p, job.params, job.info.lora, job.priority))
-                for p in job.prompts]
+        if job.beam is not None:  # each prompt's search opens and closes its own engine requests
+            door.model()  # refused now (draining, dead engine) rather than mid-answer
+            reqs = [BeamRequest(door, job, k) for k in range(len(job.prompts))]
+            for r in reqs:
+                stack.push_async_callback(r.aclose)
+        else:
+            reqs = [await stack.enter_async_context(door.request("", p, job.params, job.info.lora, job.priority))
+                    for p in job.prompts]
     except BaseException as exc:
         await stack.aclose()  # the ones already admitted are aborted
         if job.tools is not None and isinstance(exc, FrontDoorError):

@@ -5,6 +5,13 @@ Contract with the runner: a request's block table maps token position ``p`` to s
 prefix cache *when they are allocated* for the step that computes them (as vLLM V1 does), so a
 request scheduled later in the same step may already reuse them: the runner must write the KV
 of every scheduled token of a step before attention of that layer reads the cache.
+
+Forks (``pin_fork``; beam search): a new request whose tokens are a running request's computed
+tokens plus one takes that request's full blocks as prefix-cache hits and a *copy* of its partial
+last block: the source block is pinned (one reference) from ``pin_fork`` until the fork is
+admitted, when a fresh block takes the copy (``ScheduledSeq``-independent: the SchedulerOutput's
+``block_copies``, applied by the runner before the step) and the pin is dropped. A fork whose full
+blocks are no longer all cached when it is admitted drops the pin and recomputes as any request.
 """
 
 from __future__ import annotations
@@ -27,6 +34,8 @@ class KVCacheManager:
         self.req_blocks: dict[str, list[KVBlock]] = {}
         self.req_hashes: dict[str, list[BlockHash]] = {}
         self.num_cached_blocks: dict[str, int] = {}  # leading blocks of a request already registered
+        self.fork_pins: dict[str, tuple[KVBlock, int]] = {}  # fork id -> (pinned source block, tokens it covers)
+        self._pinned_to_release: list[KVBlock] = []
         # prefix cache statistics, in tokens
         self.prefix_queries = 0
         self.prefix_hits = 0
@@ -66,7 +75,47 @@ class KVCacheManager:
             if b is None:
                 break
             blocks.append(b)
+        pin = self.fork_pins.get(req.request_id)
+        if pin is not None and len(blocks) == pin[1] // self.block_size:
+            return blocks, pin[1]  # the partial block's tokens come from the pinned source's copy
         return blocks, len(blocks) * self.block_size
+
+    # ----- forks ----------------------------------------------------------------------
+    def pin_fork(self, req: Request, source: Request) -> bool:
+        """Make ``req`` (waiting, its tokens = ``source``'s first m computed tokens + 1 more) a fork
+        of running ``source``: pin source's partial block m // block_size. False (nothing pinned)
+        when there is nothing to copy or the tokens / adapter differ."""
+        m = req.num_tokens - 1
+        blocks = self.req_blocks.get(source.request_id)
+        if (not self.enable_caching or req.params.prompt_logprobs is not None or m % self.block_size == 0
+                or req.request_id in self.fork_pins or not blocks or len(blocks) <= m // self.block_size
+                or source.num_computed_tokens < m or req.extra_key != source.extra_key
+                or req.all_token_ids[:m] != source.all_token_ids[:m]):
+            return False
+        block = blocks[m // self.block_size]
+        self.pool.touch([block])
+        self.fork_pins[req.request_id] = (block, m)
+        return True
+
+    def take_fork_copy(self, req: Request) -> tuple[int, int] | None:
+        """At admission (after ``allocate_slots``): (source block, destination block) when ``req``
+        was admitted as a fork, else None; either way its pin is released (the caller applies the
+        copy in the step it schedules, before any later allocation can reuse the source)."""
+        pin = self.fork_pins.pop(req.request_id, None)
+        if pin is None:
+            return None
+        block, m = pin
+        blocks = self.req_blocks.get(req.request_id, [])
+        copy = None
+        if req.num_computed_tokens == m and len(blocks) > m // self.block_size:
+            copy = (block.block_id, blocks[m // self.block_size].block_id)
+        self._pinned_to_release.append(block)
+        return copy
+
+    def release_pins(self) -> None:
+        """Drop the pins of forks admitted in this schedule (after its allocations)."""
+        blocks, self._pinned_to_release = self._pinned_to_release, []
+        self.pool.free_blocks(blocks)
 
     def record_prefix_lookup(self, num_tokens: int, num_hit_tokens: int) -> None:
         """Count one admitted request's lookup in the hit-rate statistics."""
@@ -74,13 +123,15 @@ class KVCacheManager:
         self.prefix_hits += num_hit_tokens
 
     def allocate_slots(self, req: Request, num_new_tokens: int,
-                       new_computed_blocks: list[KVBlock] | None = None) -> list[KVBlock] | None:
+                       new_computed_blocks: list[KVBlock] | None = None,
+                       num_copied_tokens: int = 0) -> list[KVBlock] | None:
         """Make room for ``num_new_tokens`` tokens after the computed ones (``req.num_computed_tokens``
-        plus the cached ``new_computed_blocks``). Returns the newly allocated blocks, or None
-        (nothing changed) when the pool cannot supply them."""
+        plus the cached ``new_computed_blocks``, plus ``num_copied_tokens`` a fork's copied partial
+        block holds). Returns the newly allocated blocks, or None (nothing changed) when the pool
+        cannot supply them."""
         new_computed_blocks = new_computed_blocks or []
         blocks = self.req_blocks.get(req.request_id, [])
-        num_computed = req.num_computed_tokens + len(new_computed_blocks) * self.block_size
+        num_computed = req.num_computed_tokens + len(new_computed_blocks) * self.block_size + num_copied_tokens
         total = num_computed + num_new_tokens
         num_needed = cdiv(total, self.block_size) - len(blocks) - len(new_computed_blocks)
         # cached blocks we are about to take back leave the free queue too
@@ -114,7 +165,10 @@ class KVCacheManager:
         return [b.block_id for b in self.req_blocks.get(request_id, ())]
 
     def free(self, req: Request) -> None:
-        """Release the request's blocks, tail first (so its tail is evicted first)."""
+        """Release the request's blocks, tail first (so its tail is evicted first), and its fork pin."""
+        pin = self.fork_pins.pop(req.request_id, None)
+        if pin is not None:
+            self.pool.free_blocks([pin[0]])
         blocks = self.req_blocks.pop(req.request_id, [])
         self.pool.free_blocks(reversed(blocks))
         self.num_cached_blocks.pop(req.request_id, None)

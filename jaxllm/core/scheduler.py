@@ -165,6 +165,7 @@ class Scheduler:
             break  # the current request preempted itself
 
         now = time.time()
+        copies: list[tuple[int, int]] = []  # forks admitted now: (source block, their own copy)
         if not preempted:
             skipped = []  # waiting for their grammar, adapter load or adapter slot: they keep their place
             max_loras = self.config.max_loras
@@ -191,12 +192,16 @@ class Scheduler:
                     break  # preempted while its token is in flight: resume once that token is known
                 cached_blocks, num_cached = self.kv.get_computed_blocks(req)
                 n = min(req.num_tokens - num_cached, budget)
-                if self.kv.allocate_slots(req, n, cached_blocks) is None:
+                num_hit = len(cached_blocks) * self.kv.block_size  # the rest (a fork's partial block) is copied
+                if self.kv.allocate_slots(req, n, cached_blocks, num_cached - num_hit) is None:
                     break
                 self.waiting.popleft()
                 if self.kv.enable_caching and req.pooling is None:  # embeddings bypass the cache
-                    self.kv.record_prefix_lookup(req.num_tokens, num_cached)
+                    self.kv.record_prefix_lookup(req.num_tokens, num_hit)
                 req.num_computed_tokens = num_cached
+                copy = self.kv.take_fork_copy(req)
+                if copy is not None:
+                    copies.append(copy)
                 if req.num_cached_tokens < 0:
                     req.num_cached_tokens = num_cached
                 if req.first_scheduled_time is None:
@@ -241,10 +246,11 @@ class Scheduler:
             if sample:
                 req.num_output_placeholders += 1
         forget, self._to_forget = self._to_forget, []
+        self.kv.release_pins()  # after every allocation of this step: a source block is reused later at the earliest
         return SchedulerOutput(seqs=seqs,
                                num_batched_tokens=self.config.max_num_batched_tokens - budget,
                                finished_or_preempted_ids=forget,
-                               requests=[req for req, _ in scheduled])
+                               requests=[req for req, _ in scheduled], block_copies=copies)
 
     def _fit_drafts(self, req: Request, n: int, budget: int) -> int:
         """How many of ``req.spec_token_ids`` go behind its ``n`` known tokens this step: only when

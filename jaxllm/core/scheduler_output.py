@@ -73,6 +73,10 @@ class SchedulerOutput:
     # ``constrained`` entry is True; None when no seq of the step has a grammar.
     grammar_bitmask: object = field(default=None, repr=False)
     constrained: list[bool] | None = None
+    # forks admitted this step (beam search; KVCacheManager.pin_fork): (source block, destination
+    # block) pairs whose whole KV the runner copies before the step runs (no step reads a
+    # destination before)
+    block_copies: list[tuple[int, int]] = field(default_factory=list)
 
     @property
     def num_seqs(self) -> int:

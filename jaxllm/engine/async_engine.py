@@ -124,7 +124,8 @@ class AsyncEngine:
         return request_id in self._streams
 
     async def add_request(self, request_id: str, prompt: Any, params: Any,
-                          lora_request: Any = None, priority: int = 0) -> RequestStream:
+                          lora_request: Any = None, priority: int = 0,
+                          fork_of: str | None = None) -> RequestStream:
         if self.dead is not None:
             raise EngineDeadError(self.dead)
         if self.stopped:
@@ -136,7 +137,10 @@ class AsyncEngine:
         fut = self._loop.create_future()
         self._pending_adds += 1
         try:
-            self._cmds.put(("add", request_id, prompt, params, fut, lora_request, priority))
+            kw = {k: v for k, v in (("lora_request", lora_request), ("fork_of", fork_of)) if v is not None}
+            if priority != 0:
+                kw["priority"] = priority
+            self._cmds.put(("add", request_id, prompt, params, fut, kw))
             self._wake.set()
             try:
                 await asyncio.shield(fut)
@@ -301,12 +305,8 @@ class AsyncEngine:
                 else:
                     self._post(_set_result, fut, res)
             elif kind == "add":
-                _, rid, prompt, params, fut, lora, priority = cmd
-                try:
-                    # engines without adapters or priorities need not take the keywords
-                    kw = {} if lora is None else {"lora_request": lora}
-                    if priority != 0:
-                        kw["priority"] = priority
+                _, rid, prompt, params, fut, kw = cmd
+                try:  # keywords only when set: engines without adapters / priorities / forks need not take them
                     engine.add_request(rid, prompt, params, **kw)
                 except Exception as exc:  # validation errors go back to the caller
                     answers.append((fut, exc))
@@ -339,7 +339,7 @@ class AsyncEngine:
             except queue.Empty:
                 break
             if cmd[0] == "add":
-                self._post(_set_exception, cmd[4], err)  # ("add", rid, prompt, params, fut, lora, priority)
+                self._post(_set_exception, cmd[4], err)  # ("add", rid, prompt, params, fut, kw)
             elif cmd[0] == "call":
                 self._post(_set_exception, cmd[2], err)
 

@@ -47,6 +47,10 @@ Input rules (``add_request`` validates everything before anything is scheduled a
 - priority (vLLM's ``add_request(..., priority=)``): an int, lower runs first under
   ``scheduling_policy="priority"`` (jaxllm/core/scheduler.py); under "fcfs" only 0 is accepted.
   The children of an n > 1 request share it.
+- ``fork_of`` (beam search, jaxllm/beam_search.py): a running request whose computed tokens the new
+  prompt extends by one; the new request then shares its full KV blocks and gets a device copy of
+  its partial last block at admission (KVCacheManager.pin_fork) instead of a prefill. Only a hint:
+  anything that does not match falls back to an ordinary (prefix-cached) prefill.
 """
 
 from __future__ import annotations
@@ -149,10 +153,18 @@ class LLMEngine(EmbedRequestsMixin, EngineStatsMixin, GrammarRequestsMixin, LoRA
                              f"still unfinished")
 
     def add_request(self, request_id: str, prompt, params: SamplingParams | PoolingParams | None = None,
-                    arrival_time: float | None = None, lora_request=None, priority: int = 0) -> None:
+                    arrival_time: float | None = None, lora_request=None, priority: int = 0,
+                    fork_of: str | None = None) -> None:
+        """``fork_of`` (beam search): the id of a running request whose computed tokens this prompt
+        extends by one token; the new request then shares its KV blocks (the partial last one
+        copied on the device) instead of prefilling them (KVCacheManager.pin_fork). A hint: when
+        it does not apply (tokens differ, no runner support, source gone) the prompt is prefilled
+        as usual, with prefix caching."""
         if not isinstance(request_id, str) or not request_id:
             raise ValueError(f"request_id={request_id!r} is invalid: must be a non-empty str")
         self._check_priority(priority)
+        if fork_of is not None and not isinstance(fork_of, str):
+            raise ValueError(f"fork_of={fork_of!r} is invalid: must be None or a request id (str)")
         if params is None:
             params = PoolingParams() if self.task == "embed" else SamplingParams()
         self._check_lora_request(lora_request, params)
@@ -208,6 +220,10 @@ class LLMEngine(EmbedRequestsMixin, EngineStatsMixin, GrammarRequestsMixin, LoRA
             parent.children.append(seq)
             self._seqs[cid] = (parent, seq)
             self.scheduler.add_request(req)
+            if fork_of is not None and params.n == 1 and getattr(self.runner, "supports_block_copy", False):
+                source = self.scheduler.requests.get(fork_of)
+                if source is not None and source.status == RequestStatus.RUNNING:
+                    self.kv.pin_fork(req, source)
         self._parents[request_id] = parent
         self.num_prompt_tokens += len(ids) if parent.in_stats else 0  # not health probes' (exclude_from_stats)
 

@@ -31,6 +31,7 @@ from jaxllm.engine.runner_protocol import SampledToken
 from jaxllm.lora.slots import LoRASlots, check_seq_slots
 from jaxllm.models.config import ModelConfig
 from jaxllm.models.llama import LlamaForCausalLM
+from jaxllm.runner.block_copy import copy_blocks
 from jaxllm.runner.buckets import Buckets
 from jaxllm.runner.inputs import StepInputs, build_inputs
 from jaxllm.runner.kv_cache_dtype import cache_dtype
@@ -119,6 +120,11 @@ class ModelRunner:
             embed_kw["out_shardings"] = (self.kv_cache.like(cache_sharding, scale_sharding), layout.replicated,
                                          layout.replicated)
         self._embed = jax.jit(programs.embed_step, donate_argnums=(1,), **embed_kw)
+        # forks (beam search): whole-block KV copies before a step; one executable, compiled at warm-up
+        copy_kw = {} if layout is None else {"out_shardings": self.kv_cache.like(cache_sharding, scale_sharding)}
+        self._copy = jax.jit(copy_blocks, donate_argnums=(0,), **copy_kw)
+        self.max_copies = max_num_seqs  # forks admitted in one step: at most one per scheduled seq
+        self.supports_block_copy = task != "embed" and jax.process_count() == 1
         self._pooled: dict = {}  # request_id -> PooledChunk, filed by PendingPool.result()
         self._prompt_lp = jax.jit(programs.prompt_logprobs)
         self._prompt_lp_out: dict[str, dict[int, SampledToken]] = {}
@@ -157,7 +163,8 @@ class ModelRunner:
 
     @property
     def compile_count(self) -> int:
-        """Executables compiled so far (step + prompt-logprobs pass, one per bucket); a change after
+        """Executables compiled so far (step + prompt-logprobs pass, one per bucket, + the block copy of
+        a generating runner); a change after
         warm-up means a new shape reached the device: a bug."""
         return len(self._executables)
 
@@ -192,6 +199,18 @@ class ModelRunner:
 
     def _prompt_lp_executable(self, num_tokens: int):
         return self._executable(("prompt_lp", num_tokens), lambda: self._prompt_lp_lowering(num_tokens))
+
+    def _copy_lowering(self):
+        pad = np.zeros(self.max_copies, np.int32)
+        return self._copy.lower(self.kv_cache, pad, pad, np.int32(0))
+
+    def _copy_blocks(self, pairs) -> None:
+        """SchedulerOutput.block_copies: (source, destination) block ids, copied before the step."""
+        src = np.zeros(self.max_copies, np.int32)  # [max_copies] i32
+        dst = np.zeros(self.max_copies, np.int32)
+        src[:len(pairs)], dst[:len(pairs)] = zip(*pairs)
+        exe = self._executable(("copy_blocks",), self._copy_lowering)
+        self.kv_cache = exe(self.kv_cache, src, dst, np.int32(len(pairs)))
 
     def _run_local(self, inp: StepInputs):
         self.kv_cache, self.counts, self.prompt_mask, self.last_tokens, out, self._hidden = \
@@ -273,6 +292,8 @@ class ModelRunner:
         check_seq_slots(seqs, self.lora, self.task)
         if self.task == "embed":
             return self._dispatch_embed(seqs)
+        if sched.block_copies:  # forks admitted this step: their copied partial blocks first
+            self._copy_blocks(sched.block_copies)
         T, S, decode_only = self.buckets.pick_step(seqs)  # decode, draft or mixed bucket
         rows = [self._row(s.request_id) for s in seqs]
         seed_steps = []  # only when this step's prefix-cache hits exceed what one step carries
@@ -361,6 +382,8 @@ class ModelRunner:
             prompt_lp = decode_only or T in self.buckets.mixed  # draft steps have no prompt tokens
             if prompt_lp and self.supports_prompt_logprobs and ("prompt_lp", T) not in self._executables:
                 jobs[("prompt_lp", T)] = self._prompt_lp_lowering(T)
+        if self.supports_block_copy and ("copy_blocks",) not in self._executables:
+            jobs[("copy_blocks",)] = self._copy_lowering()
         for rank in () if self.lora is None else self.lora.rank_buckets:  # a slot write per rank bucket
             if ("set_lora", rank) not in self._executables:
                 jobs[("set_lora", rank)] = self.lora.lower(rank)

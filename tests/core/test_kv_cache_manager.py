@@ -83,3 +83,41 @@ def test_reclaimed_cached_blocks_count_against_free():
     assert kv.allocate_slots(c, 6, blocks) is None
     assert kv.num_free_blocks == 3
     kv.pool.check_invariants()
+
+
+def test_fork_pins_shares_full_blocks_and_copies_the_partial_one():
+    """pin_fork (beam search): the fork takes the source's full blocks as prefix hits and a fresh
+    block for the partial one, (source, destination) handed out once at admission; the source block
+    stays pinned until then (even after the source is freed), and nothing leaks either way."""
+    kv = KVCacheManager(num_blocks=10, block_size=4)
+    src = req("src", range(10))  # 10 computed tokens: blocks 0-1 full, block 2 holds 2 of them
+    kv.allocate_slots(src, 10)
+    src.num_computed_tokens = 10
+    src.append_output_token(77)  # sampled, not computed
+    src_blocks = kv.get_block_ids("src")
+    fork = req("fork", list(range(10)) + [55])
+    assert kv.pin_fork(fork, src) and kv.pool.blocks[src_blocks[2]].ref_cnt == 2
+    assert not kv.pin_fork(req("other", list(range(9)) + [3, 55]), src)  # tokens differ: no pin
+    kv.free(src)  # the source goes (its partial block stays pinned for the fork)
+    assert kv.pool.blocks[src_blocks[2]].ref_cnt == 1 and kv.num_free_blocks == 9
+    blocks, n = kv.get_computed_blocks(fork)
+    assert [b.block_id for b in blocks] == src_blocks[:2] and n == 10
+    assert len(kv.allocate_slots(fork, 1, blocks, n - 8)) == 1  # one fresh block: the copy's destination
+    fork.num_computed_tokens = n
+    dst = kv.get_block_ids("fork")[2]
+    assert kv.take_fork_copy(fork) == (src_blocks[2], dst) and dst != src_blocks[2]
+    kv.release_pins()
+    assert kv.pool.blocks[src_blocks[2]].ref_cnt == 0 and not kv.fork_pins
+    kv.free(fork)
+    assert kv.num_free_blocks == 10
+    kv.pool.check_invariants()
+    # a pinned fork that never runs (aborted while waiting): free() drops the pin
+    a = req("a", range(6))
+    kv.allocate_slots(a, 6)
+    a.num_computed_tokens = 6
+    f = req("f", list(range(6)) + [1])
+    assert kv.pin_fork(f, a)
+    kv.free(a)
+    kv.free(f)
+    assert kv.num_free_blocks == 10 and not kv.fork_pins
+    kv.pool.check_invariants()

@@ -91,6 +91,8 @@ class FakeRunner:
         self.lora_calls: list[tuple[int, object]] = []
         self.max_loras: int | None = None  # set it to check slot numbers against a bound
         self.supports_prompt_logprobs = True
+        self.supports_block_copy = True  # SchedulerOutput.block_copies (forks) are applied before a step
+        self.num_block_copies = 0
         self._prompt_lp_out: dict[str, dict[int, SampledToken]] = {}  # filed by FakePending.result()
 
     def set_lora(self, slot: int, adapter) -> None:
@@ -136,6 +138,17 @@ class FakeRunner:
         assert len(ids) == len(set(ids)), f"request scheduled twice in a step: {ids}"
         assert all(s.lora_slot == 0 or s.lora_slot in self.loras for s in out.seqs), "a seq ran on an empty LoRA slot"
         assert out.num_batched_tokens == sum(len(s.token_ids) for s in out.seqs)
+        # forks: copy each source block's slots into its destination before any write (a wrong or
+        # stale source shows up below as "stale cached KV" in the fork's first step)
+        admitted = {b for s in out.seqs if s.prefix_token_ids is not None for b in s.block_ids}
+        for src, dst in out.block_copies:
+            assert src != dst and dst in admitted, (src, dst, "a copy into a block no admitted seq holds")
+            for off in range(self.block_size):
+                if (v := self.kv.get(src * self.block_size + off)) is not None:
+                    self.kv[dst * self.block_size + off] = v
+                else:
+                    self.kv.pop(dst * self.block_size + off, None)
+            self.num_block_copies += 1
         for s in out.seqs:
             # a forgotten id comes back only as a new request (its id reused) or a resumed one
             assert s.request_id not in out.finished_or_preempted_ids or s.prefix_token_ids is not None, s

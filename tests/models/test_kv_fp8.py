@@ -155,7 +155,7 @@ def test_engine_zero_compiles_in_place_and_clean(tiny):
     # far less scratch than one of them (no cache-sized copy or convert)
     pages = r.kv_cache.k.nbytes
     for key, exe in r._executables.items():
-        if key[0] == "step":
+        if key[0] in ("step", "copy_blocks"):  # the beam-search block copy too: in place
             ma = exe.memory_analysis()
             assert ma.alias_size_in_bytes >= 2 * pages and ma.temp_size_in_bytes < 0.5 * pages, key
     assert all(len(o.outputs[0].token_ids) == 12 for o in outs)

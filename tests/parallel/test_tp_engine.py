@@ -423,3 +423,40 @@ def test_lora_slot_write_pads_on_device_sharded_in_place(path, tp, layer_loop):
         want[slot] = padded_slot(ad, c, 16, slots.kv_repeat, jnp.float32)
         for s in want:
             assert_slot_equal(read_slot(slots, s), want[s], f"tp={tp} {layer_loop} slot {s} after writing slot {slot}")
+
+
+class _Computed:
+    """Stat logger: tokens the engine computed, per step."""
+
+    def __init__(self):
+        self.per_step = []
+
+    def record(self, scheduler_stats, it) -> None:
+        if it is not None and it.step_time is not None:
+            self.per_step.append(it.num_batched_tokens)
+
+
+def test_beam_search_forks_across_tp_without_compiles(engines):
+    """Beam search forks copy blocks of the tp-sharded cache (the copy executable compiled at
+    warm-up): the beams equal tp=1's, every beam computes one token a step, nothing compiles."""
+    from jaxllm.beam_search import BeamSearchParams
+
+    prompts = [list(range(60, 73)), [9, 8, 7, 6, 5, 4, 3]]  # 13 and 7 tokens: partial blocks to copy
+    params = BeamSearchParams(beam_width=2, max_tokens=6, ignore_eos=True)
+    ref = LLM("tiny", engine=engines(1)).beam_search(prompts, params)
+    for tp in (2, 4):
+        e = engines(tp)
+        after_warmup = engines.built[tp][1]
+        computed = _Computed()
+        e.add_stat_logger(computed)
+        try:
+            got = LLM("tiny", engine=e).beam_search(prompts, params)
+        finally:
+            e.stat_loggers.remove(computed)
+        assert compiles(e.runner) == after_warmup, tp
+        assert computed.per_step[1:] == [2 * len(prompts)] * 5, (tp, computed.per_step)
+        for r, g in zip(ref, got):
+            assert [s.tokens for s in g.sequences] == [s.tokens for s in r.sequences], tp
+            np.testing.assert_allclose([s.cum_logprob for s in g.sequences], [s.cum_logprob for s in r.sequences],
+                                       atol=1e-4, rtol=0)
+        assert e.get_stats().num_free_blocks == e.get_stats().num_blocks

@@ -44,7 +44,8 @@ def test_prompt_logprobs_match_transformers(setup):
             assert all(lp.decoded_token is None for lp in pl[i].values())  # no tokenizer: no text
     assert max(ranks) > 3
     runner = llm.engine.runner
-    assert runner.compile_count == 2 * len(runner.buckets.all())  # step + prompt-lp per bucket, at warm-up only
+    # step + prompt-lp per bucket + the block copy (beam search forks), at warm-up only
+    assert runner.compile_count == 2 * len(runner.buckets.all()) + 1
     assert llm.engine.get_stats()["num_free_blocks"] == llm.engine.get_stats()["num_blocks"]
 
 
@@ -61,4 +62,4 @@ def test_workspace_bytes_profiling_pass(setup):
     runner = llm.engine.runner
     ws = runner.workspace_bytes()
     assert ws > runner.counts.nbytes + runner.prompt_mask.nbytes
-    assert runner.compile_count == 2 * len(runner.buckets.all())
+    assert runner.compile_count == 2 * len(runner.buckets.all()) + 1
