@@ -23,7 +23,6 @@ from __future__ import annotations
 
 import hmac
 import logging
-import re
 import socket
 import time
 import uuid
@@ -36,6 +35,7 @@ from starlette.responses import JSONResponse, PlainTextResponse
 
 from jaxllm.engine.async_engine import EngineDeadError
 from serving.frontdoor import Code, FrontDoorError, ModelInfo, check_token_ids, dead_message, invalid
+from serving.openai_errors import error_body, error_response, validation_message
 from serving.openai_embed import EmbeddingRequest, create_embeddings
 from serving.openai_generate import chat_job, completion_job, respond
 from serving.openai_protocol import (ChatCompletionRequest, CompletionRequest, DetokenizeRequest,
@@ -46,76 +46,6 @@ if TYPE_CHECKING:
     from serving.server import ServingServer
 
 log = logging.getLogger(__name__)
-
-# code -> (HTTP status, OpenAI error type)
-_HTTP = {
-    Code.INVALID_ARGUMENT: (400, "invalid_request_error"),
-    Code.NOT_FOUND: (404, "not_found_error"),
-    Code.ALREADY_EXISTS: (409, "invalid_request_error"),
-    Code.RESOURCE_EXHAUSTED: (429, "rate_limit_error"),
-    Code.UNAUTHENTICATED: (401, "authentication_error"),
-    Code.UNAVAILABLE: (503, "service_unavailable_error"),
-    Code.INTERNAL: (500, "internal_server_error"),
-}
-_BY_STATUS = {401: "authentication_error", 404: "not_found_error", 405: "invalid_request_error",
-              413: "invalid_request_error", 500: "internal_server_error"}
-
-
-def error_body(exc: FrontDoorError) -> tuple[int, dict]:
-    status, kind = _HTTP[exc.code]
-    return status, {"error": {"message": exc.message, "type": kind, "param": exc.param,
-                              "code": exc.code.value}}
-
-
-def _error(status: int, message: str, param: str | None = None, code: str | None = None) -> JSONResponse:
-    kind = _BY_STATUS.get(status, "invalid_request_error")
-    return JSONResponse({"error": {"message": message, "type": kind, "param": param, "code": code}},
-                        status_code=status)
-
-
-def _validation_message(exc: RequestValidationError) -> tuple[str, str | None]:
-    """The first pydantic error as one line naming the field, the value and the rule. Errors of
-    one field's union members (``prompt``: str | list[str] | ...) become one line listing them."""
-    errs = exc.errors()
-    err = errs[0]
-    kind = err.get("type", "")
-    if kind == "json_invalid":
-        return f"request body is not valid JSON: {err.get('ctx', {}).get('error', err.get('msg'))}", None
-    loc = [str(x) for x in err.get("loc", ()) if x != "body"]
-    if not loc:
-        return f"request body is invalid: {err.get('msg')} (expected a JSON object)", None
-    group = [e for e in errs if tuple(e.get("loc", ()))[:2] == tuple(err.get("loc", ()))[:2]]
-    if len(group) > 1 and kind not in ("missing", "extra_forbidden"):
-        locs = [[str(x) for x in e["loc"] if x != "body"] for e in group]
-        n = 0
-        while all(len(x) > n for x in locs) and len({x[n] for x in locs}) == 1:
-            n += 1
-        field = _name(".".join(locs[0][:n]))
-        shortest = min(group, key=lambda e: len(e["loc"]))
-        tags = list(dict.fromkeys(x[n] for x in locs if len(x) > n))
-        return f"{field}={_shown(shortest.get('input'))} is invalid: expected {' or '.join(tags)}", loc[0]
-    raw = ".".join(loc)
-    field = _name(raw)
-    if kind == "missing":
-        return f"{field} is required", raw
-    if kind == "extra_forbidden":
-        return f"{field} is not a supported field", raw
-    return f"{field}={_shown(err.get('input'))} is invalid: {err.get('msg')}", loc[0]
-
-
-def _name(field: str) -> str:
-    """A field path as sent, quoted when it is not plain (an unknown key may hold a newline: the
-    message stays one line)."""
-    return field if _PLAIN.fullmatch(field) else repr(field)
-
-
-_PLAIN = re.compile(r"[A-Za-z0-9_.\-]+")
-
-
-def _shown(value) -> str:
-    r = repr(value)
-    return r if len(r) <= 80 else r[:77] + "..."
-
 
 # paths served without the API key: health and its SageMaker alias, metrics and the version (vLLM
 # asks a key only under /v1; jaxllm also guards /tokenize, /detokenize and /reset_prefix_cache)
@@ -150,7 +80,7 @@ class _Guard:
             if not hmac.compare_digest(got, self.expected):
                 msg = ("missing API key: send the header 'Authorization: Bearer <api key>'" if not got
                        else "invalid API key")
-                return await _error(401, msg, code="invalid_api_key")(scope, receive, send)
+                return await error_response(401, msg, code="invalid_api_key")(scope, receive, send)
         declared = headers.get(b"content-length")
         if declared is not None and declared.isdigit() and int(declared) > self.max_body:
             return await self._too_large(int(declared), scope, receive, send)
@@ -176,7 +106,7 @@ class _Guard:
         await self.app(scope, replay, send)
 
     async def _too_large(self, size: int, scope, receive, send):
-        return await _error(413, f"request body of {size} bytes is too large: the limit is "
+        return await error_response(413, f"request body of {size} bytes is too large: the limit is "
                                  f"--max-message-bytes={self.max_body}", code="request_too_large")(
             scope, receive, send)
 
@@ -194,23 +124,23 @@ def build_app(server: "ServingServer") -> Any:
 
     @app.exception_handler(RequestValidationError)
     async def _bad_body(request: Request, exc: RequestValidationError):
-        msg, param = _validation_message(exc)
-        return _error(400, msg, param, code="invalid_argument")
+        msg, param = validation_message(exc)
+        return error_response(400, msg, param, code="invalid_argument")
 
     @app.exception_handler(StarletteHTTPException)
     async def _http_error(request: Request, exc: StarletteHTTPException):
         if exc.status_code == 400 and exc.__cause__ is not None:  # FastAPI's "error parsing the body"
             cause = exc.__cause__
             why = "it is not UTF-8 text" if isinstance(cause, UnicodeDecodeError) else f"{type(cause).__name__}"
-            return _error(400, f"request body is not valid JSON: {why}", code="invalid_argument")
+            return error_response(400, f"request body is not valid JSON: {why}", code="invalid_argument")
         msg = (f"{request.method} {request.url.path}: no such endpoint" if exc.status_code == 404
                else f"{request.method} {request.url.path}: {exc.detail}")
-        return _error(exc.status_code, msg)
+        return error_response(exc.status_code, msg)
 
     @app.exception_handler(Exception)
     async def _unexpected(request: Request, exc: Exception):  # a bug, not the client's fault
         log.exception("http: %s %s failed", request.method, request.url.path)
-        return _error(500, f"internal error: {type(exc).__name__}: {exc}", code="internal")
+        return error_response(500, f"internal error: {type(exc).__name__}: {exc}", code="internal")
 
     def model_of(name: str | None, adapters: bool = True) -> ModelInfo:
         """The served model, or one of its LoRA adapters (``info.lora``) when ``name`` is an

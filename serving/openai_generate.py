@@ -12,7 +12,6 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import json
-import math
 import time
 import uuid
 from typing import Any, AsyncIterator
@@ -25,6 +24,7 @@ from serving.deltas import DeltaTracker, SampleDelta
 from serving.frontdoor import FrontDoor, FrontDoorError, ModelInfo, check_token_ids, invalid
 from serving.openai_beam import BeamRequest, beam_params
 from serving.openai_echo import Echo, chat_echo, check_stream, echo_text, prompt_logprobs_json
+from serving.openai_logprobs import chat_logprobs, completion_logprobs
 from serving.openai_protocol import ChatCompletionRequest, CompletionRequest
 from serving.openai_reasoning import ReasoningPlan
 from serving.openai_tools import ToolPlan, render_body
@@ -266,7 +266,7 @@ def _echoed(job: _Job, k: int, d: SampleDelta, *, first: bool) -> SampleDelta:
 def _choice(job: _Job, index: int, d: SampleDelta, *, final: bool, first: bool = False) -> dict | None:
     stop_reason = d.stop_reason if isinstance(d.stop_reason, (str, int)) else None
     if job.kind == "completion":
-        out = {"index": index, "text": d.text, "logprobs": _completion_logprobs(job, index, d),
+        out = {"index": index, "text": d.text, "logprobs": completion_logprobs(job, index, d),
                "finish_reason": d.finish_reason}
     else:
         out = _chat_choice(job, index, d, final=final, first=first)
@@ -279,7 +279,7 @@ def _choice(job: _Job, index: int, d: SampleDelta, *, final: bool, first: bool =
 def _chat_choice(job: _Job, index: int, d: SampleDelta, *, final: bool, first: bool) -> dict | None:
     """A chat choice: the reasoning parser (if any) takes the think block out of the text, the tool
     reader (if any) reads the rest; None while both hold the text back."""
-    lp = _chat_logprobs(job, d)
+    lp = chat_logprobs(job, d)
     rp, tools = job.reasoning, job.tools
     if final:
         reasoning, text = rp.split(d.text) if rp is not None else (None, d.text)
@@ -318,54 +318,6 @@ def _with_reasoning(msg: dict, reasoning: str | None) -> dict:
     return out
 
 
-def _completion_logprobs(job: _Job, index: int, d: SampleDelta) -> dict | None:
-    """The legacy logprobs object of a delta; an echoed prompt token without logprobs (the first)
-    has ``null`` entries. ``top_logprobs`` per token: the token itself and the top k (so k or
-    k + 1 entries; ``logprobs=0`` gives the token alone), as vLLM. ``text_offset`` runs on across
-    a choice's deltas."""
-    if d.logprobs is None:
-        return None
-    k = job.params.logprobs or 0
-    tokens, token_lps, tops, offsets = [], [], [], []
-    offset = job.offsets.get(index, 0)
-    for tid, own, entry in d.logprobs:
-        text = job.token_text(tid, entry.get(tid) if entry is not None else None)
-        tokens.append(text)
-        token_lps.append(own)
-        offsets.append(offset)
-        offset += len(text)
-        if entry is None:
-            tops.append(None)
-            continue
-        # vLLM's rule (the OpenAI API's): the chosen token first, then the top k (k = 0: the chosen one alone)
-        best = [(tid, entry[tid])] if tid in entry else []
-        best += [kv for kv in sorted(entry.items(), key=_by_rank)[:k] if kv[0] != tid]
-        tops.append({job.token_text(t, lp): lp.logprob for t, lp in best})
-    job.offsets[index] = offset
-    return {"tokens": tokens, "token_logprobs": token_lps, "top_logprobs": tops, "text_offset": offsets}
-
-
-def _by_rank(kv: tuple[int, Any]) -> tuple[float, float]:
-    """Sort key of a logprobs entry's items: the engine's rank (the top k are ranks 1..k), then
-    the logprob (a rank may be missing)."""
-    rank = kv[1].rank
-    return (rank if rank is not None else math.inf, -kv[1].logprob)
-
-
-def _chat_logprobs(job: _Job, d: SampleDelta) -> dict | None:
-    if d.logprobs is None:
-        return None
-    k = job.params.logprobs or 0
-    content = []
-    for tid, own, entry in d.logprobs:
-        text = job.token_text(tid, entry.get(tid))
-        best = sorted(entry.items(), key=lambda kv: -kv[1].logprob)[:k]
-        tops = [{"token": (t := job.token_text(i, lp)), "logprob": lp.logprob, "bytes": list(t.encode())}
-                for i, lp in best]
-        content.append({"token": text, "logprob": own, "bytes": list(text.encode()), "top_logprobs": tops})
-    return {"content": content}
-
-
 # ----- streaming --------------------------------------------------------------------------------
 def _event(obj: dict) -> bytes:
     return b"data: " + json.dumps(obj, separators=(",", ":")).encode() + b"\n\n"
@@ -384,7 +336,7 @@ async def _sse(job: _Job, reqs: list) -> AsyncIterator[bytes]:
         if job.include_usage:
             yield _event(dict(head, choices=[], usage=job.usage()))
     except FrontDoorError as exc:
-        from serving.openai_api import error_body  # the error object lives with the app
+        from serving.openai_errors import error_body
 
         yield _event(error_body(exc)[1])
     yield b"data: [DONE]\n\n"
