@@ -33,7 +33,7 @@ def names(params: dict) -> list[str]:
     return sorted(k for k, v in params.items() if isinstance(v, QuantWeight))
 
 
-_ORIGIN = {"int8": "GGUF Q8_0", "fp8": "an fp8 checkpoint"}
+_ORIGIN = {"int8": "GGUF Q8_0", "fp8": "an fp8 checkpoint", "int4": "a GGUF Q4 / AWQ / GPTQ checkpoint"}
 
 
 def method(params: dict) -> str | None:
@@ -65,11 +65,12 @@ def place(parts: list[QuantWeight], fn, fp8_bits: bool = False) -> QuantWeight:
     `fn(jnp, *arrays)` (fusion.placement_plan: concatenation on the output axes) applied to the q
     parts and to the scale parts alike (the scales have the weight's output axes). `fp8_bits`: a
     float8 q is held as its uint8 bits (the chunked dot's form, quant_dot.holds_fp8_bits)."""
-    q = [jnp.asarray(_bits(p.q) if fp8_bits else p.q) for p in parts]  # int8 / float8 (or its bits), as stored
+    q = [jnp.asarray(_bits(p.q) if fp8_bits else p.q) for p in parts]  # int8 / int4 / float8 (or its bits), as stored
     s = [jnp.asarray(p.scale) for p in parts]  # GGUF: f16 block scales as stored; fp8: f32
+    o = None if parts[0].offset is None else [jnp.asarray(p.offset) for p in parts]  # like the scales
     if fn is None:
-        return QuantWeight(q[0], s[0])
-    return QuantWeight(fn(jnp, *q), fn(jnp, *s))
+        return QuantWeight(q[0], s[0], None if o is None else o[0])
+    return QuantWeight(fn(jnp, *q), fn(jnp, *s), None if o is None else fn(jnp, *o))
 
 
 def _bits(q):
