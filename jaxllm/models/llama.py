@@ -282,8 +282,11 @@ def build_model(config: ModelConfig, params: dict[str, np.ndarray | jax.Array], 
     scales; an fp8 checkpoint's: float8 with per-channel or block scales) is placed as it is (fused
     like the others); see `prequantized.check`."""
     check_method(quantization)
+    prequantized.requantize_int4(params, quantization)
     check_backend(quantization or prequantized.method(params))
     prequantized.check(params, quantization)
+    if quantization == "int4":  # the checkpoint's own 4-bit weights (check: there are some), placed as they are
+        quantization = None
     layer_loop = layer_loop_mode(layer_loop)
     split = layer_loop == "unroll"
     if layout is not None:
