@@ -13,6 +13,7 @@ from safetensors import safe_open
 
 from checkpoints.assemble import assemble_params
 from checkpoints.errors import CheckpointError
+from checkpoints.hf_int4 import Int4Scheme
 from jaxllm.models.config import ModelConfig, ModelConfigError
 
 log = logging.getLogger("jaxllm.checkpoints")
@@ -111,6 +112,10 @@ def load_hf(path: str, dtype=np.float32):
             # float8 tensors: read from the bytes (safetensors' numpy loader cannot)
             header, start = safetensors_f8.read_header(file)
             f8 = sorted(safetensors_f8.f8_names(header))
+            if f8 and isinstance(scheme, Int4Scheme):  # an AWQ / GPTQ config over float8 tensors
+                raise CheckpointError(f"{file}: holds float8 tensors ({f8[0]}: {header[f8[0]]['dtype']}) but "
+                                      f"{os.path.join(path, 'config.json')} says quantization_config.quant_method="
+                                      f"{scheme.method!r} (int4 qweight/qzeros/scales)")
             if f8 and scheme is None:
                 raise CheckpointError(f"{file}: holds float8 tensors ({f8[0]}: {header[f8[0]]['dtype']}, "
                                       f"{len(f8)} in all) but {os.path.join(path, 'config.json')} has no "

@@ -108,3 +108,19 @@ def test_act_order_g_idx_is_refused(hf):
     with pytest.raises(CheckpointError, match=r"tensor model.layers.0.mlp.down_proj.g_idx is not i // group_size "
                                               r"\(an act-order checkpoint\); quantization_config.desc_act=true"):
         load_checkpoint(qdir)
+
+
+def test_int4_config_over_float8_tensors_is_one_line(tmp_path):
+    """A GPTQ quantization_config beside float8 weights (an fp8 checkpoint mislabelled): refused,
+    not read as unscaled float8 values."""
+    from tests.checkpoints.fp8_tiny import make_fp8
+
+    d, _ = make_fp8(str(tmp_path), "f8", {"quant_method": "fp8"}, "tensor")
+    with open(os.path.join(d, "config.json")) as f:
+        cfg = json.load(f)
+    cfg["quantization_config"] = {"quant_method": "gptq", "bits": 4, "group_size": 32, "desc_act": False}
+    with open(os.path.join(d, "config.json"), "w") as f:
+        json.dump(cfg, f)
+    with pytest.raises(CheckpointError, match=r"model.safetensors: holds float8 tensors \(.*: F8_E4M3\) but .*config.json "
+                                              r"says quantization_config.quant_method='gptq' \(int4 qweight/qzeros/scales\)$"):
+        load_checkpoint(d)
