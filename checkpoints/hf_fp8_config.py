@@ -22,7 +22,8 @@ Loaded (weight-only, float8_e4m3fn weights with their scales, checkpoints/hf_fp8
 
 Which tensors are quantized is read from the tensors (a float8 `weight` beside its scale), not from
 `ignore` / `ignored_layers`: those list the layers left in full precision, which load as such.
-AWQ and GPTQ (quant_method "awq" / "gptq", 4-bit) are parsed by checkpoints/hf_int4.py.
+AWQ and GPTQ (quant_method "awq" / "gptq", 4-bit) and compressed-tensors "pack-quantized" int4
+(W4A16) are parsed by checkpoints/hf_int4.py.
 Refused, naming the field, its value and what is supported: other quant methods (bitsandbytes, ...), int or non-8-bit weights, group strategies, packed formats, quantized output
 activations, sparsity.
 """
@@ -99,6 +100,10 @@ def _parse_fp8(qc: dict, source: str) -> Fp8Scheme:
 
 def _parse_compressed_tensors(qc: dict, source: str) -> Fp8Scheme:
     fmt = qc.get("format")
+    if fmt == "pack-quantized":  # int4 weights packed in int32 (W4A16): checkpoints/hf_int4.py
+        from checkpoints.hf_int4 import parse_compressed
+
+        return parse_compressed(qc, source)
     if fmt not in (None, "float-quantized"):
         raise _refuse(source, "format", fmt, "format 'float-quantized' (float8 weights)")
     sparsity = qc.get("sparsity_config")
@@ -120,7 +125,8 @@ def _parse_compressed_tensors(qc: dict, source: str) -> Fp8Scheme:
             raise _refuse(source, f"{f}.weights", w, "float8 weight quantization")
         if w.get("type") != "float" or w.get("num_bits") != 8:
             raise _refuse(source, f"{f}.weights.type/num_bits", f"{w.get('type')}{w.get('num_bits')}",
-                          "float8 weights (type 'float', num_bits 8) only; int4/int8 (GPTQ/AWQ/W8A8 int) are not")
+                          "float8 weights (type 'float', num_bits 8) in this format; int4 loads from format "
+                          "'pack-quantized', int8 (W8A8 int) does not")
         if w.get("symmetric", True) is not True:
             raise _refuse(source, f"{f}.weights.symmetric", w.get("symmetric"), "symmetric float8 weights")
         if w.get("dynamic", False):

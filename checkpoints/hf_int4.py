@@ -1,4 +1,4 @@
-"""AWQ and GPTQ int4 HF checkpoints: their projections kept 4-bit (`QuantWeight` int4 / uint4 with
+"""AWQ, GPTQ and compressed-tensors pack-quantized int4 HF checkpoints: their projections kept 4-bit (`QuantWeight` int4 / uint4 with
 group scales and offsets, jaxllm/models/quant.py), everything else as stored.
 
 `quantization_config` (config.json), as vLLM reads it:
@@ -46,9 +46,10 @@ _GROUPS = (("self_attn.q_proj.weight", "self_attn.k_proj.weight", "self_attn.v_p
 
 @dataclasses.dataclass(frozen=True)
 class Int4Scheme:
-    method: str  # "awq" | "gptq"
+    method: str  # "awq" | "gptq" | "compressed-tensors"
     group_size: int  # -1: one group over the whole input
     zero_plus_one: bool  # GPTQ v1: the stored zeros are zero - 1
+    symmetric: bool = True  # compressed-tensors: no weight_zero_point (zero 8 in unsigned terms)
 
 
 def _refuse(source: str, field: str, value, what: str) -> CheckpointError:
@@ -83,6 +84,39 @@ def parse(qc: dict, source: str) -> Int4Scheme:
     return Int4Scheme("gptq", g, zero_plus_one=fmt == "gptq")
 
 
+def parse_compressed(qc: dict, source: str) -> Int4Scheme:
+    """A compressed-tensors config with format "pack-quantized": every config group's `weights`
+    `type: int, num_bits: 4`, strategy "group" (`group_size`) or "channel", no act-order, one
+    scheme for all groups; input activations unquantized (W4A16)."""
+    groups = qc.get("config_groups")
+    if not isinstance(groups, dict) or not groups:
+        raise _refuse(source, "config_groups", groups, "at least one group of int4 weights")
+    found = set()
+    for gname, g in groups.items():
+        f = f"config_groups.{gname}"
+        w = g.get("weights") if isinstance(g, dict) else None
+        if not isinstance(w, dict) or w.get("type") != "int" or w.get("num_bits") != 4:
+            raise _refuse(source, f"{f}.weights", w, "pack-quantized int4 weights (type 'int', num_bits 4)")
+        strategy = w.get("strategy")
+        if strategy not in ("group", "channel"):
+            raise _refuse(source, f"{f}.weights.strategy", strategy, "pack-quantized strategies group, channel")
+        if w.get("actorder") not in (None, False):
+            raise _refuse(source, f"{f}.weights.actorder", w.get("actorder"), "weights without act-order")
+        if w.get("dynamic", False):
+            raise _refuse(source, f"{f}.weights.dynamic", w.get("dynamic"), "weights quantized ahead (dynamic false)")
+        if g.get("input_activations") or g.get("output_activations"):
+            raise _refuse(source, f"{f}.input_activations", g.get("input_activations") or g.get("output_activations"),
+                          "pack-quantized int4 weights with unquantized activations (W4A16)")
+        gs = w.get("group_size") if strategy == "group" else -1
+        if not isinstance(gs, int) or isinstance(gs, bool) or (gs <= 0 and gs != -1):
+            raise _refuse(source, f"{f}.weights.group_size", gs, "a positive group size")
+        found.add((gs, bool(w.get("symmetric", True))))
+    if len(found) != 1:
+        raise _refuse(source, "config_groups", sorted(found), "one int4 scheme (group size, symmetric) for all groups")
+    (gs, sym), = found
+    return Int4Scheme("compressed-tensors", gs, zero_plus_one=False, symmetric=sym)
+
+
 def unpack_cols(packed: np.ndarray, order=tuple(range(8))) -> np.ndarray:
     """int32 [r, c/8] packed along the last axis → uint8 [r, c]: column 8w + order[j] is nibble j of word w."""
     p = np.asarray(packed).view(np.uint32)
@@ -103,6 +137,8 @@ def read_linear(raw: RawGet, weight_name: str, scheme: Int4Scheme, out_dim: int,
     """A quantized linear's tensors → (q [in, out] uint8, z [groups, out] uint8, s [groups, out] f16,
     G), or None when `X.qweight` is absent (stored unquantized). HF orientation unpacked, input-major."""
     stem = weight_name[:-len("weight")]
+    if scheme.method == "compressed-tensors":
+        return _read_packed(raw, stem, scheme, out_dim, in_dim, source)
     qw = raw(stem + "qweight")
     if qw is None:
         return None
@@ -132,7 +168,41 @@ def read_linear(raw: RawGet, weight_name: str, scheme: Int4Scheme, out_dim: int,
     s = np.asarray(sc)
     if not np.all(np.isfinite(s.astype(np.float32))):
         raise CheckpointError(f"{source}: tensor {stem}scales has non-finite values")
-    return q, z, s.astype(np.float16), g
+    return q, z, s if s.dtype == np.float16 else s.astype(np.float32), g
+
+
+def _read_packed(raw: RawGet, stem: str, scheme: Int4Scheme, out_dim: int, in_dim: int, source: str):
+    """compressed-tensors pack-quantized: `X.weight_packed` int32 [out, in/8] packed along the input
+    in order (nibble j of word w = input 8w + j), values q + 8 (unsigned); `X.weight_scale` [out,
+    in/G] ([out, 1] per channel); asymmetric: `X.weight_zero_point` int32 [out/8, in/G] packed along
+    the output axis, zero + 8; `X.weight_g_idx` refused unless i // G. w = (q - zero) * scale."""
+    qw = raw(stem + "weight_packed")
+    if qw is None:
+        return None
+    g = in_dim if scheme.group_size == -1 else scheme.group_size
+    if in_dim % g or in_dim % 8 or out_dim % 8:
+        raise CheckpointError(f"{source}: {stem}weight_packed: group_size={scheme.group_size} / [out, in]="
+                              f"{[out_dim, in_dim]} not whole groups of int32 words")
+    ng = in_dim // g
+    sc, zp = raw(stem + "weight_scale"), raw(stem + "weight_zero_point")
+    want = {"weight_packed": (qw, (out_dim, in_dim // 8)), "weight_scale": (sc, (out_dim, ng))}
+    if not scheme.symmetric:
+        want["weight_zero_point"] = (zp, (out_dim // 8, ng))
+    for n, (t, shape) in want.items():
+        if t is None or tuple(np.shape(t)) != shape:
+            raise CheckpointError(f"{source}: tensor {stem}{n} has shape {None if t is None else list(np.shape(t))}; "
+                                  f"expected {list(shape)} (pack-quantized, group_size={scheme.group_size})")
+    gi = raw(stem + "weight_g_idx")
+    if gi is not None and not np.array_equal(np.asarray(gi), np.arange(in_dim) // g):
+        raise CheckpointError(f"{source}: tensor {stem}weight_g_idx is not i // group_size (act-order); "
+                              f"weights.actorder is not supported")
+    q = np.ascontiguousarray(unpack_cols(qw).T)  # [in, out] uint8: q + 8
+    z = np.full((ng, out_dim), 8, np.uint8) if scheme.symmetric else np.ascontiguousarray(unpack_rows(zp).T)
+    s = np.asarray(sc)
+    s = s if s.dtype == np.float16 else s.astype(np.float32)
+    if not np.all(np.isfinite(s.astype(np.float32))):
+        raise CheckpointError(f"{source}: tensor {stem}weight_scale has non-finite values")
+    return q, z, np.ascontiguousarray(s.T), g
 
 
 def dequantize_linear(q, z, s, g) -> np.ndarray:
@@ -146,11 +216,16 @@ def dequantizing(raw: RawGet, scheme: Int4Scheme, source: str, shape_of: Callabl
     """`raw` where a missing `X.weight` beside an `X.qweight` is that linear dequantized to f32 [out, in]."""
     def get(name: str):
         t = raw(name)
-        if t is None and name.endswith("weight") and raw(name[:-len("weight")] + "qweight") is not None:
+        if t is None and name.endswith("weight") and raw(name[:-len("weight")] + _packed(scheme)) is not None:
             out_dim, in_dim = shape_of(name)
             return dequantize_linear(*read_linear(raw, name, scheme, out_dim, in_dim, source))
         return t
     return get
+
+
+def _packed(scheme: Int4Scheme) -> str:
+    """The suffix of a quantized linear's packed tensor."""
+    return "weight_packed" if scheme.method == "compressed-tensors" else "qweight"
 
 
 def shapes(config) -> dict:
@@ -174,7 +249,7 @@ def assemble_int4(config, raw: RawGet, scheme: Int4Scheme, source: str) -> dict:
     L = config.num_layers
     sh = shapes(config)
     kept = [s for s in PROJECTIONS
-            if all(raw(f"model.layers.{i}.{s[:-len('weight')]}qweight") is not None for i in range(L))]
+            if all(raw(f"model.layers.{i}.{s[:-len('weight')]}{_packed(scheme)}") is not None for i in range(L))]
     for group in _GROUPS:
         if not all(g in kept for g in group):
             kept = [s for s in kept if s not in group]

@@ -8,6 +8,9 @@ Packing (written here word by word, independently of checkpoints/hf_int4.py's un
 - GPTQ: qweight int32 [in/8, out], nibble j of word r = input row 8r + j; qzeros int32
   [groups, out/8] in plain order, v1 ("gptq") storing zero - 1; scales f16 [groups, out];
   g_idx int32 [in] = i // group.
+- compressed-tensors pack-quantized ("compressed"): weight_packed int32 [out, in/8], nibble j of
+  word w = input 8w + j, values q + 8 (= the unsigned q here); weight_scale [out, groups];
+  asymmetric: weight_zero_point int32 [out/8, groups] packed along the output axis (zero + 8).
 """
 from __future__ import annotations
 
@@ -79,6 +82,13 @@ def write_int4(hf_dir: str, out_dir: str, method: str, group: int, sym: bool = F
         g = q.shape[0] if group == -1 else group
         deq = (q - np.repeat(z, g, axis=0)).astype(np.float32) * np.repeat(s.astype(np.float32), g, axis=0)
         ref[name] = np.ascontiguousarray(deq.T)  # [out, in] f32: what the checkpoint stands for
+        if method == "compressed":  # [out, in] packed along in; zero points [out, groups] packed along out
+            qt[stem + ".weight_packed"] = pack_cols(np.ascontiguousarray(q.T))
+            qt[stem + ".weight_scale"] = np.ascontiguousarray(s.T)
+            qt[stem + ".weight_shape"] = np.array(t.shape, np.int64)
+            if not sym:
+                qt[stem + ".weight_zero_point"] = pack_rows(np.ascontiguousarray(z.T))
+            continue
         if method == "awq":
             qt[stem + ".qweight"], qt[stem + ".qzeros"] = pack_cols(q, AWQ_ORDER), pack_cols(z, AWQ_ORDER)
         else:
@@ -90,7 +100,14 @@ def write_int4(hf_dir: str, out_dir: str, method: str, group: int, sym: bool = F
     save_file(ref, os.path.join(ref_dir, "model.safetensors"))
     with open(os.path.join(hf_dir, "config.json")) as f:
         cfg = json.load(f)
-    if method == "awq":
+    if method == "compressed":
+        w = {"num_bits": 4, "type": "int", "symmetric": sym, "dynamic": False, "actorder": None,
+             "strategy": "channel" if group == -1 else "group", "group_size": None if group == -1 else group}
+        cfg["quantization_config"] = {"quant_method": "compressed-tensors", "format": "pack-quantized",
+                                      "config_groups": {"group_0": {"targets": ["Linear"], "weights": w,
+                                                                    "input_activations": None}},
+                                      "ignore": ["lm_head"]}
+    elif method == "awq":
         cfg["quantization_config"] = {"quant_method": "awq", "bits": 4, "group_size": group, "zero_point": True,
                                       "version": "gemm"}
     else:

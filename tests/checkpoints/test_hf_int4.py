@@ -1,4 +1,4 @@
-"""AWQ (GEMM) and GPTQ int4 HF checkpoints (checkpoints/hf_int4.py): tiny checkpoints packed with
+"""AWQ (GEMM), GPTQ and compressed-tensors pack-quantized int4 HF checkpoints (checkpoints/hf_int4.py): tiny checkpoints packed with
 numpy in each format's layout (tests/checkpoints/int4_tiny.py) load their projections 4-bit, checked
 against the fp32 checkpoint of the same weights ((q - z) * s): weights exact, logits close, greedy
 equal; symmetric GPTQ held as int4 without offsets; a layer left unquantized dequantized; refusals
@@ -34,6 +34,8 @@ CASES = {  # id -> (method, group, sym, checkpoint_format)
     "gptq-sym-g32-v1": ("gptq", 32, True, "gptq"),
     "gptq-asym-g-1-v1": ("gptq", -1, False, "gptq"),
     "gptq-asym-g32-v2": ("gptq", 32, False, "gptq_v2"),
+    "ct-sym-g32": ("compressed", 32, True, None),
+    "ct-asym-channel": ("compressed", -1, False, None),
 }
 
 
@@ -81,6 +83,16 @@ def test_unquantized_layer_is_dequantized_and_rest_stays_fp32(hf):
                                                 r"loads AWQ's GEMM layout \(version 'gemm'\)$"),
     ({"quant_method": "bitsandbytes"}, r"quantization_config.quant_method='bitsandbytes' is not supported; "
                                        r"jaxllm loads .*'awq' / 'gptq' \(4-bit\)"),
+    ({"quant_method": "compressed-tensors", "format": "pack-quantized",
+      "config_groups": {"g": {"weights": {"type": "int", "num_bits": 4, "strategy": "group", "group_size": 32,
+                                          "actorder": "group"}}}},
+     r"quantization_config.config_groups.g.weights.actorder='group' is not supported; jaxllm loads weights "
+     r"without act-order$"),
+    ({"quant_method": "compressed-tensors", "format": "pack-quantized",
+      "config_groups": {"g": {"weights": {"type": "int", "num_bits": 4, "strategy": "group", "group_size": 32},
+                              "input_activations": {"type": "int", "num_bits": 8}}}},
+     r"quantization_config.config_groups.g.input_activations=.* is not supported; jaxllm loads pack-quantized "
+     r"int4 weights with unquantized activations \(W4A16\)$"),
 ])
 def test_refusals_are_one_line(hf, patch, message):
     root, src = hf
