@@ -1,8 +1,11 @@
-"""Decode speed with full-precision vs int8 vs fp8 weights, in one run (issue 17).
+"""Decode speed with full-precision vs int8 vs fp8 vs 4-bit weights, in one run (issue 17).
 
     python bench/quant.py --model smollm2-135m --output-json /tmp/quant.json
+    python bench/quant.py --methods none,int8,int4 --batches 8   # the Q4_1 GGUF kept 4-bit vs fp32
 
-For each of --methods (none = --dtype weights; a "-plain" suffix, e.g. int8-plain, builds that
+For each of --methods (none = --dtype weights: a GGUF's Q4_0 / Q4_1 projections dequantized to fp32
+as before 4-bit weights were kept, JAXLLM_GGUF_Q4=fp32; int4 = the checkpoint's 4-bit weights as
+they load off CPU by default, JAXLLM_GGUF_Q4=keep, no flag; a "-plain" suffix, e.g. int8-plain, builds that
 method with the plain dot instead of CPU's column-chunked one, jaxllm/models/quant_dot.py: the
 "before"; "fp8-f8" holds the fp8 weights as float8_e4m3fn instead of their uint8 bits, so each step
 bitcasts them, a copy on XLA CPU: the "before" of quant_dot.holds_fp8_bits) the engine is built
@@ -80,8 +83,9 @@ def main(argv=None) -> int:
         base = method.removesuffix("-plain").removesuffix("-f8")
         quant_dot.ENABLED = not method.endswith("-plain")  # read when the engine's steps are traced (warm-up)
         quant_dot.HOLD_FP8_BITS = not method.endswith("-f8")  # read at load
+        os.environ["JAXLLM_GGUF_Q4"] = "keep" if base == "int4" else "fp32"  # read at load
         engine = build_engine(EngineConfig(model=args.model, load_format=args.load_format, dtype=args.dtype,
-                                           quantization=None if base == "none" else base,
+                                           quantization=None if base in ("none", "int4") else base,
                                            max_model_len=512, max_num_seqs=max(batches),
                                            max_num_batched_tokens=1024))
         vocab = engine.runner.model_config.vocab_size
@@ -104,7 +108,9 @@ def main(argv=None) -> int:
                   f"load {os.getloadavg()[0]:.2f}", flush=True)
     rows = []
     for method, engine in engines.items():
-        weight_bytes = sum(int(x.nbytes) for x in jax.tree.leaves(engine.runner.state))
+        # device bytes (int4 / uint4 are packed two a byte; jax's nbytes counts a byte each)
+        weight_bytes = sum(sh.data.on_device_size_in_bytes() for x in jax.tree.leaves(engine.runner.state)
+                           for sh in x.addressable_shards)
         row = {"weights": method, "weight_MiB": round(weight_bytes / 2**20, 1)}
         row.update({k: round(statistics.median(v), 2) for k, v in samples[method].items()})
         rows.append(row)

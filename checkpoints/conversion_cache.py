@@ -48,9 +48,12 @@ def entry_dir(path: str) -> str | None:
 
 
 def identity(path: str) -> str:
-    """What an entry must match: the file's size and mtime and the converter."""
+    """What an entry must match: the file's size and mtime, the converter, and the resolved
+    JAXLLM_GGUF_Q4 mode (an entry written with Q4 dequantized to fp32 must not stand in for a 4-bit load)."""
+    from checkpoints.gguf_quant import q4_mode
+
     st = os.stat(path)
-    return f"{st.st_size}:{st.st_mtime_ns}:{_converter_key()}"
+    return f"{st.st_size}:{st.st_mtime_ns}:{_converter_key()}:q4={q4_mode()}"
 
 
 def load(path: str) -> tuple[dict, dict[str, np.ndarray]] | None:

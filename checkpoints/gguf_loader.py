@@ -1,6 +1,6 @@
 """GGUF files (llama.cpp): weights, model config and tokenizer from the metadata. Q8_0 projections
-stay int8 with their block scales (checkpoints/gguf_quant.py); every other tensor is dequantized
-to fp32. One log line at load says what happened to each tensor type."""
+stay int8 with their block scales, Q4_0 / Q4_1 ones 4-bit (checkpoints/gguf_quant.py); every other
+tensor is dequantized to fp32. One log line at load says what happened to each tensor type."""
 from __future__ import annotations
 
 import json
@@ -14,7 +14,7 @@ import numpy as np
 from checkpoints import conversion_cache
 from checkpoints.assemble import assemble_params
 from checkpoints.errors import CheckpointError
-from checkpoints.gguf_quant import assemble_quantized, kept_projections
+from checkpoints.gguf_quant import assemble_quantized, kept_projections, kept_summary
 from jaxllm.models.config import ModelConfig, ModelConfigError
 
 # llama.cpp architecture → HF model_type (only those the Llama-family decoder covers).
@@ -141,10 +141,10 @@ def _config_from(hf: dict, path: str) -> ModelConfig:
 
 
 def load_gguf(path: str, dtype=np.float32) -> tuple[ModelConfig, dict[str, np.ndarray]]:
-    """Config and stacked params: Q8_0 projections as QuantWeights of numpy arrays (int8 q, f16
-    block scales), the rest in `dtype`. A conversion cache hit (checkpoints.conversion_cache) skips
+    """Config and stacked params: Q8_0 / Q4_0 / Q4_1 projections as QuantWeights of numpy arrays
+    (int8 / int4 / uint4 q, f16 block scales, Q4_1's f16 offsets), the rest in `dtype`. A conversion cache hit (checkpoints.conversion_cache) skips
     the GGUF parse and dequantization; a file with kept-quantized projections is never cached (its
-    Q8_0 bytes are read as they are, there is nothing slow to skip)."""
+    Q8_0 / Q4 bytes are read as they are, there is nothing slow to skip)."""
     from jaxllm.models.quant import QuantWeight
 
     if not os.path.isfile(path):
@@ -199,7 +199,7 @@ def _convert(reader, config: ModelConfig, path: str) -> dict:
 
     params = assemble_params(config, get, source=path, dtype=np.float32, skip=frozenset(quantized))
     params.update(quantized)
-    kept_msg = (f"kept as int8 with block-32 scales: Q8_0 x {len(kept) * config.num_layers} "
+    kept_msg = (f"kept quantized with block-32 scales: {kept_summary(tensors, kept, config.num_layers)} "
                 f"({', '.join(sorted(quantized))}); "
                 if quantized else "")
     deq_msg = ", ".join(f"{k} x {v}" for k, v in sorted(deq.items())) or "none"

@@ -1,7 +1,7 @@
 """HF checkpoint directories: config.json + *.safetensors (single file or sharded with an index).
 A `quantization_config` (or, without one, an older ModelOpt export's hf_quant_config.json) is read by
 checkpoints/hf_fp8_config.py: fp8 checkpoints load (their projections kept fp8, checkpoints/hf_fp8.py),
-every other kind is refused in one line."""
+AWQ / GPTQ int4 ones too (kept 4-bit, checkpoints/hf_int4.py), every other kind is refused in one line."""
 from __future__ import annotations
 
 import json
@@ -13,6 +13,7 @@ from safetensors import safe_open
 
 from checkpoints.assemble import assemble_params
 from checkpoints.errors import CheckpointError
+from checkpoints.hf_int4 import Int4Scheme
 from jaxllm.models.config import ModelConfig, ModelConfigError
 
 log = logging.getLogger("jaxllm.checkpoints")
@@ -111,6 +112,11 @@ def load_hf(path: str, dtype=np.float32):
             # numpy loader cannot), the rest through `h`
             header, start = safetensors_f8.read_header(file)
             f8 = safetensors_f8.f8_names(header)
+            if f8 and isinstance(scheme, Int4Scheme):  # an AWQ / GPTQ config over float8 tensors
+                first = min(f8)
+                raise CheckpointError(f"{file}: holds float8 tensors ({first}: {header[first]['dtype']}) but "
+                                      f"{os.path.join(path, 'config.json')} says quantization_config.quant_method="
+                                      f"{scheme.method!r} (int4 qweight/qzeros/scales)")
             if f8 and scheme is None:
                 first = min(f8)
                 raise CheckpointError(f"{file}: holds float8 tensors ({first}: {header[first]['dtype']}, "
@@ -142,7 +148,10 @@ def load_hf(path: str, dtype=np.float32):
 
         if scheme is None:
             return config, assemble_params(config, raw, source=path, dtype=dtype), None
-        from checkpoints import hf_fp8
+        from checkpoints import hf_fp8, hf_int4
+
+        if isinstance(scheme, hf_int4.Int4Scheme):
+            return config, _load_int4(config, raw, scheme, path, dtype), None
 
         quantized = hf_fp8.assemble_fp8(config, raw, stored_f8, scheme, path)
         get = hf_fp8.dequantizing(raw, scheme.block, path)
@@ -160,3 +169,19 @@ def load_hf(path: str, dtype=np.float32):
         return config, params, hf_fp8.kv_scales(config, raw, path)
     finally:
         handles.clear()
+
+
+def _load_int4(config, raw, scheme, path: str, dtype) -> dict:
+    """An AWQ / GPTQ checkpoint: the projections stored 4-bit in every layer kept 4-bit
+    (checkpoints/hf_int4.py), any other quantized linear dequantized to fp32, the rest as stored."""
+    from checkpoints import hf_int4
+
+    quantized = hf_int4.assemble_int4(config, raw, scheme, path)
+    shapes = hf_int4.shapes(config)
+    get = hf_int4.dequantizing(raw, scheme, path, lambda name: shapes[name.split(".", 3)[3]][0])
+    params = assemble_params(config, get, source=path, dtype=dtype, skip=frozenset(quantized))
+    params.update(quantized)
+    kinds = sorted({f"{w.q.dtype}{' + offset' if w.offset is not None else ''}" for w in quantized.values()})
+    log.info("%s: %s int4 checkpoint (group_size %d): kept 4-bit (%s): %s", path, scheme.method,
+             scheme.group_size, ", ".join(kinds) or "-", ", ".join(sorted(quantized)) or "none")
+    return params

@@ -1,5 +1,5 @@
-"""An HF checkpoint's `quantization_config` → what jaxllm can load of it (an `Fp8Scheme`), or one line
-saying why not.
+"""An HF checkpoint's `quantization_config` → what jaxllm can load of it (an `Fp8Scheme`, or for AWQ /
+GPTQ an `hf_int4.Int4Scheme`), or one line saying why not.
 
 Loaded (weight-only, float8_e4m3fn weights with their scales, checkpoints/hf_fp8.py):
 - quant_method "compressed-tensors" (llm-compressor): every `config_groups` entry's `weights` are
@@ -22,8 +22,9 @@ Loaded (weight-only, float8_e4m3fn weights with their scales, checkpoints/hf_fp8
 
 Which tensors are quantized is read from the tensors (a float8 `weight` beside its scale), not from
 `ignore` / `ignored_layers`: those list the layers left in full precision, which load as such.
-Refused, naming the field, its value and what is supported: other quant methods (GPTQ, AWQ,
-bitsandbytes, ...), int or non-8-bit weights, group strategies, packed formats, quantized output
+AWQ and GPTQ (quant_method "awq" / "gptq", 4-bit) and compressed-tensors "pack-quantized" int4
+(W4A16) are parsed by checkpoints/hf_int4.py.
+Refused, naming the field, its value and what is supported: other quant methods (bitsandbytes, ...), int or non-8-bit weights, group strategies, packed formats, quantized output
 activations, sparsity.
 """
 from __future__ import annotations
@@ -33,7 +34,8 @@ import dataclasses
 from checkpoints.errors import CheckpointError
 
 SUPPORTED = ("'compressed-tensors' (float8 weights: per-tensor, per-channel or block scales) and 'fp8' "
-             "(per-tensor or block scales), and 'modelopt' (quant_algo FP8, FP8_PER_CHANNEL_PER_TOKEN or FP8_PB_WO)")
+             "(per-tensor or block scales), 'modelopt' (quant_algo FP8, FP8_PER_CHANNEL_PER_TOKEN or FP8_PB_WO), "
+             "and 'awq' / 'gptq' (4-bit)")
 _STRATEGIES = ("tensor", "channel", "block")
 # ModelOpt quant_algo (upper-cased, as vLLM reads it) -> (block, activation quantization not run)
 _MODELOPT = {"FP8": (None, "static fp8 per-tensor"), "FP8_PER_CHANNEL_PER_TOKEN": (None, "dynamic fp8 per-token"),
@@ -76,6 +78,10 @@ def parse(qc, source: str) -> Fp8Scheme:
         return _parse_compressed_tensors(qc, source)
     if isinstance(method, str) and method.lower().startswith("modelopt"):  # "modelopt", "modelopt_fp4"
         return parse_modelopt(qc, source)
+    if method in ("awq", "gptq"):  # int4 weights: checkpoints/hf_int4.py (an Int4Scheme, not an Fp8Scheme)
+        from checkpoints.hf_int4 import parse as parse_int4
+
+        return parse_int4(qc, source)
     raise _refuse(source, "quant_method", method, SUPPORTED + "; use the full-precision checkpoint "
                   "(with --quantization int8|fp8) or a GGUF")
 
@@ -94,6 +100,10 @@ def _parse_fp8(qc: dict, source: str) -> Fp8Scheme:
 
 def _parse_compressed_tensors(qc: dict, source: str) -> Fp8Scheme:
     fmt = qc.get("format")
+    if fmt == "pack-quantized":  # int4 weights packed in int32 (W4A16): checkpoints/hf_int4.py
+        from checkpoints.hf_int4 import parse_compressed
+
+        return parse_compressed(qc, source)
     if fmt not in (None, "float-quantized"):
         raise _refuse(source, "format", fmt, "format 'float-quantized' (float8 weights)")
     sparsity = qc.get("sparsity_config")
@@ -115,7 +125,8 @@ def _parse_compressed_tensors(qc: dict, source: str) -> Fp8Scheme:
             raise _refuse(source, f"{f}.weights", w, "float8 weight quantization")
         if w.get("type") != "float" or w.get("num_bits") != 8:
             raise _refuse(source, f"{f}.weights.type/num_bits", f"{w.get('type')}{w.get('num_bits')}",
-                          "float8 weights (type 'float', num_bits 8) only; int4/int8 (GPTQ/AWQ/W8A8 int) are not")
+                          "float8 weights (type 'float', num_bits 8) in this format; int4 loads from format "
+                          "'pack-quantized', int8 (W8A8 int) does not")
         if w.get("symmetric", True) is not True:
             raise _refuse(source, f"{f}.weights.symmetric", w.get("symmetric"), "symmetric float8 weights")
         if w.get("dynamic", False):

@@ -162,7 +162,7 @@ def build_engine(config: EngineConfig, *, compile_cache: bool = True, warmup: bo
                          f"{mc.max_model_len_limit} positions")
     # the engine's config holds resolved values (what GetModelInfo and the CLIs report)
     config = msgspec.structs.replace(config, max_model_len=max_model_len, dtype=jax.numpy.dtype(dtype).name)
-    if config.quantization and ckpt.format == "gguf" and not prequantized.names(ckpt.params):
+    if config.quantization and ckpt.format == "gguf" and prequantized.method(ckpt.params) in (None, "int4"):
         _info(f"quantization={config.quantization!r}: re-quantizing {ckpt.path}'s dequantized GGUF weights per "
               f"output channel (bench/RESULTS.md, \"Quantized weights\": the perplexity this costs)")
     model = build_model(mc, ckpt.params, dtype, layout=layout, quantization=config.quantization)

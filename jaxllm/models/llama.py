@@ -144,24 +144,27 @@ def decoder_layer(w: dict[str, jax.Array], x, cos, sin, cache: KVCache, index, m
 class LayerWeights(nnx.Module):
     """Decoder-layer weights by short name: one layer's own arrays ("unroll"), or every layer's
     stacked on a leading [num_layers] axis ("scan"). A quantized weight (QuantWeight) is held as
-    two params, `name` (q) and `name_scale`, and handed back as a QuantWeight."""
+    two or three params, `name` (q), `name_scale` and `name_offset` (an asymmetric 4-bit weight's),
+    and handed back as a QuantWeight."""
 
     def __init__(self, params: dict[str, jax.Array | QuantWeight]):
         for name in LAYER_PARAMS:
             value = params.get(name)
-            scale = None
+            scale = offset = None
             if isinstance(value, QuantWeight):
-                value, scale = value.q, value.scale
+                value, scale, offset = value.q, value.scale, value.offset
             setattr(self, name, nnx.Param(value) if value is not None else None)
             setattr(self, f"{name}_scale", nnx.Param(scale) if scale is not None else None)
+            setattr(self, f"{name}_offset", nnx.Param(offset) if offset is not None else None)
 
     def arrays(self) -> dict[str, jax.Array | QuantWeight]:
         out = {}
         for n in LAYER_PARAMS:
             if getattr(self, n) is None:
                 continue
-            scale = getattr(self, f"{n}_scale")
-            out[n] = getattr(self, n)[...] if scale is None else QuantWeight(getattr(self, n)[...], scale[...])
+            scale, offset = getattr(self, f"{n}_scale"), getattr(self, f"{n}_offset")
+            out[n] = getattr(self, n)[...] if scale is None else QuantWeight(
+                getattr(self, n)[...], scale[...], None if offset is None else offset[...])
         return out
 
 
@@ -279,8 +282,11 @@ def build_model(config: ModelConfig, params: dict[str, np.ndarray | jax.Array], 
     scales; an fp8 checkpoint's: float8 with per-channel or block scales) is placed as it is (fused
     like the others); see `prequantized.check`."""
     check_method(quantization)
+    prequantized.requantize_int4(params, quantization)
     check_backend(quantization or prequantized.method(params))
     prequantized.check(params, quantization)
+    if quantization == "int4":  # the checkpoint's own 4-bit weights (check: there are some), placed as they are
+        quantization = None
     layer_loop = layer_loop_mode(layer_loop)
     split = layer_loop == "unroll"
     if layout is not None:

@@ -1,6 +1,7 @@
 """Checkpoint params that arrive already quantized (`QuantWeight`s of numpy arrays): a GGUF's Q8_0
-projections, int8 with block-32 scales (checkpoints/gguf_quant.py), or an fp8 HF checkpoint's,
-float8_e4m3fn with per-channel or block scales (checkpoints/hf_fp8.py). The rules for combining
+projections, int8 with block-32 scales, or its Q4_0 / Q4_1 ones, 4-bit (checkpoints/gguf_quant.py),
+an fp8 HF checkpoint's, float8_e4m3fn with per-channel or block scales (checkpoints/hf_fp8.py), or
+an AWQ / GPTQ checkpoint's, 4-bit with group scales and offsets (checkpoints/hf_int4.py). The rules for combining
 them with `--quantization`, and their placement:
 
 - no flag, or the checkpoint's own method (`int8` for Q8_0, `fp8` for an fp8 checkpoint, as vLLM
@@ -8,7 +9,8 @@ them with `--quantization`, and their placement:
   checkpoint's other projections (an fp8 checkpoint's ignored layers) are quantized per channel by
   the flag, or stay full precision without it.
 - the other method: ValueError, one line: re-rounding int8 to e4m3 or e4m3 to int8 only adds error
-  (use the full-precision checkpoint for that method).
+  (use the full-precision checkpoint for that method). 4-bit weights with `--quantization int8|fp8`
+  are dequantized and quantized per channel by the flag (`requantize_int4`), as before they were kept.
 - tensor parallelism: QuantWeights are sharded like `--quantization`'s (q like the weight,
   per-channel scales like its output axes, block scales, an fp8 checkpoint's or a GGUF's Q8_0 f16
   block-32 ones, like the weight, split into finer blocks where a row-parallel weight's block would
@@ -33,7 +35,7 @@ def names(params: dict) -> list[str]:
     return sorted(k for k, v in params.items() if isinstance(v, QuantWeight))
 
 
-_ORIGIN = {"int8": "GGUF Q8_0", "fp8": "an fp8 checkpoint"}
+_ORIGIN = {"int8": "GGUF Q8_0", "fp8": "an fp8 checkpoint", "int4": "a GGUF Q4 / AWQ / GPTQ checkpoint"}
 
 
 def method(params: dict) -> str | None:
@@ -45,10 +47,22 @@ def method(params: dict) -> str | None:
 def check(params: dict, quantization: str | None) -> None:
     """ValueError when `quantization` conflicts with params that are already quantized."""
     kept, m = names(params), method(params)
+    if quantization == "int4" and m != "int4":
+        raise ValueError("quantization='int4' needs a 4-bit checkpoint (GGUF Q4_0 / Q4_1, AWQ, GPTQ), "
+                         f"this one has {f'{m} weights' if m else 'no quantized weights'}; jaxllm does not "
+                         "quantize to 4 bits at load: use 'int8' or 'fp8'")
     if kept and quantization not in (None, m):
         raise ValueError(f"quantization={quantization!r} conflicts with the checkpoint's {m} weights "
                          f"({', '.join(kept)}: {_ORIGIN[m]}, kept quantized); load it without quantization "
                          f"or with {m!r}")
+
+
+def requantize_int4(params: dict, quantization: str | None) -> None:
+    """In place: with `quantization` ("int8" / "fp8") given, the checkpoint's 4-bit projections (GGUF
+    Q4_0 / Q4_1, AWQ, GPTQ) are dequantized to fp32 first and then quantized per channel by the flag
+    like any full-precision weight (what a GGUF Q4 load did before 4-bit weights were kept)."""
+    if quantization in ("int8", "fp8"):
+        dequantize_all(params, f"quantization={quantization!r}", only="int4")
 
 
 def dequantize_all(params: dict, why: str, only: str | None = None) -> None:
@@ -65,11 +79,12 @@ def place(parts: list[QuantWeight], fn, fp8_bits: bool = False) -> QuantWeight:
     `fn(jnp, *arrays)` (fusion.placement_plan: concatenation on the output axes) applied to the q
     parts and to the scale parts alike (the scales have the weight's output axes). `fp8_bits`: a
     float8 q is held as its uint8 bits (the chunked dot's form, quant_dot.holds_fp8_bits)."""
-    q = [jnp.asarray(_bits(p.q) if fp8_bits else p.q) for p in parts]  # int8 / float8 (or its bits), as stored
+    q = [jnp.asarray(_bits(p.q) if fp8_bits else p.q) for p in parts]  # int8 / int4 / float8 (or its bits), as stored
     s = [jnp.asarray(p.scale) for p in parts]  # GGUF: f16 block scales as stored; fp8: f32
+    o = None if parts[0].offset is None else [jnp.asarray(p.offset) for p in parts]  # like the scales
     if fn is None:
-        return QuantWeight(q[0], s[0])
-    return QuantWeight(fn(jnp, *q), fn(jnp, *s))
+        return QuantWeight(q[0], s[0], None if o is None else o[0])
+    return QuantWeight(fn(jnp, *q), fn(jnp, *s), None if o is None else fn(jnp, *o))
 
 
 def _bits(q):

@@ -41,16 +41,28 @@ _QMAX = {"int8": 127.0, "fp8": 448.0}
 FP8_SCALE_SEARCH = 8  # candidate fp8 scales per output channel (see `quantize`)
 
 
+INT4_DTYPES = (jnp.dtype(jnp.int4), jnp.dtype(jnp.uint4))
+
+
+def is_int4(dtype) -> bool:
+    """int4 / uint4: XLA stores these packed, two a byte (bench/RESULTS.md, "4-bit weights")."""
+    return jnp.dtype(dtype) in INT4_DTYPES
+
+
 @jax.tree_util.register_dataclass
 @dataclasses.dataclass(frozen=True)
 class QuantWeight:
     """q: the weight's shape in int8 / float8_e4m3fn (or uint8 holding float8_e4m3fn bits, on the
-    chunked-dot path: `quantize(..., fp8_bits=True)`); scale: f32, q's output axes only
-    (`[out...]`, or `[L, out...]` when q is stacked `[L, in..., out...]`), or block scales (f32 or f16) along
-    the last contracted axis (`[in..., in_last/B, out...]`: q's shape with that axis divided by the
-    block size B; a GGUF Q8_0 checkpoint kept quantized, B = 32): then scale.ndim == q.ndim."""
+    chunked-dot path: `quantize(..., fp8_bits=True)`) or 4-bit int4 / uint4; scale: f32, q's output
+    axes only (`[out...]`, or `[L, out...]` when q is stacked `[L, in..., out...]`), or block (group)
+    scales (f32 or f16) along the last contracted axis (`[in..., in_last/B, out...]`: q's shape with
+    that axis divided by the block size B; a GGUF Q8_0 / Q4 checkpoint kept quantized, B = 32; an
+    AWQ / GPTQ group): then scale.ndim == q.ndim. offset: None, or (asymmetric 4-bit formats: GGUF
+    Q4_1's min, AWQ / GPTQ's -scale * zero) the block scales' shape, the weight being
+    `scale * q + offset` per block (4-bit weights always have block scales)."""
     q: jax.Array
     scale: jax.Array
+    offset: jax.Array | None = None
 
     @property
     def shape(self) -> tuple[int, ...]:
@@ -58,16 +70,21 @@ class QuantWeight:
 
     @property
     def method(self) -> str:
-        """"int8" or "fp8" (float8_e4m3fn values, or their uint8 bits)."""
+        """"int8", "int4" (int4 / uint4) or "fp8" (float8_e4m3fn values, or their uint8 bits)."""
+        if is_int4(self.q.dtype):
+            return "int4"
         return "int8" if jnp.dtype(self.q.dtype) == jnp.int8 else "fp8"
 
     @property
     def nbytes(self) -> int:
-        return int(self.q.nbytes) + int(self.scale.nbytes)
+        """Stored bytes: a 4-bit q is packed two values a byte (numpy's int4 takes a byte each; XLA's
+        device buffers are packed: `on_device_size_in_bytes`)."""
+        qb = (int(self.q.size) + 1) // 2 if is_int4(self.q.dtype) else int(self.q.nbytes)
+        return qb + int(self.scale.nbytes) + (0 if self.offset is None else int(self.offset.nbytes))
 
     def __getitem__(self, i) -> "QuantWeight":
-        """Layer i of a stacked weight (the scale's leading axis is the layer axis too)."""
-        return QuantWeight(self.q[i], self.scale[i])
+        """Layer i of a stacked weight (the scale's and offset's leading axis is the layer axis too)."""
+        return QuantWeight(self.q[i], self.scale[i], None if self.offset is None else self.offset[i])
 
 
 def check_method(quantization) -> None:
@@ -148,7 +165,10 @@ def dequantize(w: QuantWeight, num_contracted: int, stacked: bool = False, dtype
         s = xp.expand_dims(w.scale, tuple(range(lead, lead + num_contracted)))
     else:
         s = xp.repeat(w.scale, w.q.shape[b] // w.scale.shape[b], axis=b)
-    return (fp8_view(w.q, xp).astype(xp.float32) * s.astype(xp.float32)).astype(dtype)
+    d = fp8_view(w.q, xp).astype(xp.float32) * s.astype(xp.float32)
+    if w.offset is not None:  # block form only (4-bit asymmetric): scale * q + offset, as GGUF Q4_1 computes it
+        d = d + xp.repeat(w.offset, w.q.shape[b] // w.offset.shape[b], axis=b).astype(xp.float32)
+    return d.astype(dtype)
 
 
 def quant_einsum(spec: str, x: jax.Array, w: QuantWeight, chunked: bool = False, layer=None) -> jax.Array:
@@ -161,8 +181,8 @@ def quant_einsum(spec: str, x: jax.Array, w: QuantWeight, chunked: bool = False,
     summed over nb) while that partial is no larger than the weight; a larger step (a long prefill)
     dequantizes the weight into the dot instead, once per step for all its tokens."""
     if chunked:
-        return quant_dot_flat(x, w.q, w.scale, layer=layer).astype(x.dtype)
-    w = QuantWeight(fp8_view(w.q), w.scale)  # uint8 bits (a model loaded for the chunked dot) → float8
+        return quant_dot_flat(x, w.q, w.scale, layer=layer, offset=w.offset).astype(x.dtype)
+    w = QuantWeight(fp8_view(w.q), w.scale, w.offset)  # uint8 bits (a model loaded for the chunked dot) → float8
     if w.scale.ndim != w.q.ndim:
         y = jnp.einsum(spec, x, w.q.astype(x.dtype), preferred_element_type=jnp.float32)  # [T, out...] f32
         return (y * w.scale).astype(x.dtype)
@@ -180,6 +200,9 @@ def quant_einsum(spec: str, x: jax.Array, w: QuantWeight, chunked: bool = False,
     part = jnp.einsum(f"t{lead}nb,{lead}nb{outs}->t{lead}n{outs}", xb, qb.astype(x.dtype),
                       preferred_element_type=jnp.float32)  # [T, in_lead..., nb, out...] f32
     y = jnp.einsum(f"t{lead}n{outs},{lead}n{outs}->t{outs}", part, w.scale.astype(jnp.float32))  # [T, out...] f32
+    if w.offset is not None:  # + sum_g (sum of x over block g) * offset_g: a [T, nb] x [nb, out] dot
+        xsum = jnp.sum(xb.astype(jnp.float32), axis=-1)  # [T, in_lead..., nb] f32
+        y = y + jnp.einsum(f"t{lead}n,{lead}n{outs}->t{outs}", xsum, w.offset.astype(jnp.float32))
     return y.astype(x.dtype)
 
 

@@ -112,11 +112,13 @@ def chunk_cols(k: int, n: int, itemsize: int = 4, chunk_bytes: int | None = None
 
 
 def chunked_quant_dot(x: jax.Array, q: jax.Array, scale: jax.Array, block: int | None = None,
-                      chunk_bytes: int | None = None, layer=None) -> jax.Array:
-    """x [T, K] float, q [K, N] int8/float8_e4m3fn (or its uint8 bits), scale [N] (per output
-    channel) or [K/block, N] (block scales along K) → [T, N] f32 = x @ dequantize(q, scale),
-    computed chunk by chunk of N. `layer` (an int or traced int32): q [L, K, N] and scale [L, ...]
-    are stacked and each chunk is sliced out of layer `layer` directly (no copy of the layer's slice)."""
+                      chunk_bytes: int | None = None, layer=None, offset: jax.Array | None = None) -> jax.Array:
+    """x [T, K] float, q [K, N] int8/int4/uint4/float8_e4m3fn (or its uint8 bits), scale [N] (per
+    output channel) or [K/block, N] (block scales along K) → [T, N] f32 = x @ dequantize(q, scale),
+    computed chunk by chunk of N. `offset` [K/block, N] (block scales only): each chunk's weight is
+    scale * q + offset (GGUF Q4_1 / AWQ / GPTQ). `layer` (an int or traced int32): q [L, K, N] and
+    scale [L, ...] (and offset) are stacked and each chunk is sliced out of layer `layer` directly
+    (no copy of the layer's slice)."""
     t, k = x.shape[0], x.shape[1]
     n = q.shape[-1]
     if chunk_bytes is None:  # measured on SmolLM2 shapes (bench/RESULTS.md): 512 KiB best at T=1, 2 MiB at T=64..256
@@ -125,9 +127,9 @@ def chunked_quant_dot(x: jax.Array, q: jax.Array, scale: jax.Array, block: int |
     ch = chunk_cols(k, n, jnp.dtype(x.dtype).itemsize, chunk_bytes)
     nfull = n // ch
 
-    def part(qc: jax.Array, sc: jax.Array, copy: bool = True) -> jax.Array:
-        """One chunk: qc [K, c], sc [c] or [K/block, c] → [T, c] f32. `copy`: qc is a chunk, not the
-        whole weight (whose copy the barrier would make)."""
+    def part(qc: jax.Array, sc: jax.Array, oc: jax.Array | None, copy: bool = True) -> jax.Array:
+        """One chunk: qc [K, c], sc [c] or [K/block, c], oc None or [K/block, c] → [T, c] f32.
+        `copy`: qc is a chunk, not the whole weight (whose copy the barrier would make)."""
         if qc.dtype == FP8_BITS:
             if FP8_CHUNK_COPY and copy:  # the slice its own fusion: a contiguous u8 [K, c] the convert reads
                 qc = lax.optimization_barrier(qc)
@@ -136,6 +138,8 @@ def chunked_quant_dot(x: jax.Array, q: jax.Array, scale: jax.Array, block: int |
             return jnp.dot(x, qc.astype(x.dtype), preferred_element_type=jnp.float32) * sc.astype(jnp.float32)
         c = qc.shape[1]
         w = (qc.reshape(k // block, block, c).astype(jnp.float32) * sc.astype(jnp.float32)[:, None, :])
+        if oc is not None:  # [K/block, B, c] f32: scale * q + offset, the order GGUF Q4_1's dequantization uses
+            w = w + oc.astype(jnp.float32)[:, None, :]
         return jnp.dot(x, w.reshape(k, c).astype(x.dtype), preferred_element_type=jnp.float32)  # [T, c]
 
     def cols(a: jax.Array, start, width: int) -> jax.Array:
@@ -145,34 +149,40 @@ def chunked_quant_dot(x: jax.Array, q: jax.Array, scale: jax.Array, block: int |
         starts = (layer,) + (0,) * (a.ndim - 2) + (start,)
         return lax.dynamic_slice(a, starts, (1,) + a.shape[1:-1] + (width,))[0]
 
+    def chunk(start, width: int, copy: bool = True) -> jax.Array:
+        oc = None if offset is None else cols(offset, start, width)
+        return part(cols(q, start, width), cols(scale, start, width), oc, copy)
+
     def body(i, y):  # y [T, N] f32, written in place chunk by chunk
-        return lax.dynamic_update_slice_in_dim(y, part(cols(q, i * ch, ch), cols(scale, i * ch, ch)), i * ch, axis=1)
+        return lax.dynamic_update_slice_in_dim(y, chunk(i * ch, ch), i * ch, axis=1)
 
     if nfull <= 1 and ch == n:
-        return part(cols(q, 0, n), cols(scale, 0, n), copy=False)
+        return chunk(0, n, copy=False)
     y = lax.fori_loop(0, nfull, body, jnp.zeros((t, n), jnp.float32))  # [T, N] f32
     if nfull * ch < n:  # the tail chunk, static
         tail = n - nfull * ch
-        y = y.at[:, nfull * ch:].set(part(cols(q, nfull * ch, tail), cols(scale, nfull * ch, tail)))
+        y = y.at[:, nfull * ch:].set(chunk(nfull * ch, tail))
     return y
 
 
 def quant_dot_flat(x: jax.Array, q: jax.Array, scale: jax.Array, chunk_bytes: int | None = None,
-                   layer=None) -> jax.Array:
+                   layer=None, offset: jax.Array | None = None) -> jax.Array:
     """`einsum(x, dequantize(QuantWeight(q, scale)))` for x [T, in...] contracting all its axes but
     the first with q's leading ones (q [in..., out...]; scale [out...] or block scales
-    [in..., in_last/B, out...]) → [T, out...] f32, through `chunked_quant_dot` on flattened views.
+    [in..., in_last/B, out...], and an `offset` of the block scales' shape) → [T, out...] f32, through `chunked_quant_dot` on flattened views.
     `layer`: q and scale carry a leading [L] axis and layer `layer` is used, read in place."""
     nc = x.ndim - 1
     lead = () if layer is None else q.shape[:1]
     qs = q.shape[len(lead):]
     out_shape = qs[nc:]
     k, n = math.prod(qs[:nc]), math.prod(out_shape)
+    o2 = None
     if scale.ndim == q.ndim:  # block scales along the last contracted axis: K/B rows of scales
         block = qs[nc - 1] // scale.shape[len(lead) + nc - 1]
         s2 = scale.reshape(lead + (k // block, n))
+        o2 = None if offset is None else offset.reshape(lead + (k // block, n))
     else:
         block, s2 = None, scale.reshape(lead + (n,))
     y = chunked_quant_dot(x.reshape(x.shape[0], k), q.reshape(lead + (k, n)), s2, block, chunk_bytes,
-                          layer)  # [T, N] f32
+                          layer, o2)  # [T, N] f32
     return y.reshape((x.shape[0],) + out_shape)

@@ -178,15 +178,21 @@ class TPLayout:
         blocked = xs[0].scale.ndim == xs[0].q.ndim
         s_axes = axes if blocked else scale_axes(axes, n)
         qs, ss = [x.q for x in xs], [x.scale for x in xs]
+        os_ = None if xs[0].offset is None else [x.offset for x in xs]  # 4-bit asymmetric: like the block scales
         if blocked and self.rules.get(axes[n]) == TP:  # the blocked axis (the last contracted one) is
-            # sharded (a row-parallel w_down): its blocks must not straddle shards: finer blocks, same scales
+            # sharded (a row-parallel w_down): its blocks must not straddle shards: finer blocks, same
+            # scales (and offsets: each finer block keeps its group's s and m, the same weight)
             ss = [_whole_blocks(q, sc, n, self.tp) for q, sc in zip(qs, ss)]
+            os_ = None if os_ is None else [_whole_blocks(q, o, n, self.tp) for q, o in zip(qs, os_)]
         q_dt, s_dt = qs[0].dtype, ss[0].dtype
         if split_layers:
             q = _place_layers(qs, num_layers, fn, q_dt, self.sharding(axes[1:]))
             s = _place_layers(ss, num_layers, fn, s_dt, self.sharding(s_axes[1:]))
-            return [QuantWeight(a, b) for a, b in zip(q, s)]
-        return QuantWeight(_place(qs, fn, q_dt, self.sharding(axes)), _place(ss, fn, s_dt, self.sharding(s_axes)))
+            o = [None] * num_layers if os_ is None else _place_layers(os_, num_layers, fn, os_[0].dtype,
+                                                                       self.sharding(s_axes[1:]))
+            return [QuantWeight(a, b, c) for a, b, c in zip(q, s, o)]
+        o = None if os_ is None else _place(os_, fn, os_[0].dtype, self.sharding(s_axes))
+        return QuantWeight(_place(qs, fn, q_dt, self.sharding(axes)), _place(ss, fn, s_dt, self.sharding(s_axes)), o)
 
 
 def _whole_blocks(q, scale, axis: int, tp: int):

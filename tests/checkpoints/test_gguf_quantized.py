@@ -96,7 +96,7 @@ def test_quantization_flag_rules_for_gguf(files, loaded):
     m8 = build_model(c, dict(params), jnp.float32, quantization="int8")
     assert m8.layers.arrays()["wqkv"].scale.ndim == 4  # [L, E/32, H+2K, D]: the file's block scales kept
     ck = load_checkpoint(q4)
-    assert not any(isinstance(v, QuantWeight) for v in ck.params.values())  # Q4_1: dequantized as before
+    assert not any(isinstance(v, QuantWeight) for v in ck.params.values())  # Q4_1 on CPU: dequantized as before
     m4 = build_model(ck.config, ck.params, jnp.float32, quantization="int8")
     assert m4.quantization == "int8" and m4.layers.arrays()["wqkv"].scale.ndim == 3  # per output channel
 
@@ -107,10 +107,10 @@ def test_prequantized_hf_checkpoint_is_one_line_error(files, tmp_path):
     shutil.copytree(hf, d)
     with open(os.path.join(d, "config.json")) as f:
         cfg = json.load(f)
-    cfg["quantization_config"] = {"quant_method": "gptq", "bits": 4}
+    cfg["quantization_config"] = {"quant_method": "bitsandbytes", "load_in_4bit": True}
     with open(os.path.join(d, "config.json"), "w") as f:
         json.dump(cfg, f)
-    with pytest.raises(CheckpointError, match=r"config.json: quantization_config.quant_method='gptq' is not supported; "
+    with pytest.raises(CheckpointError, match=r"config.json: quantization_config.quant_method='bitsandbytes' is not supported; "
                                               r"jaxllm loads 'compressed-tensors' .* and 'fp8' "):
         load_checkpoint(d)
 

@@ -119,9 +119,11 @@ def _ct(**weights):
 
 
 @pytest.mark.parametrize("qc,msg", [
-    ({"quant_method": "gptq", "bits": 4}, r"quant_method='gptq' is not supported; jaxllm loads "
-                                          r"'compressed-tensors' .* and 'fp8' .*; use the full-precision checkpoint"),
-    ({"quant_method": "awq"}, r"quant_method='awq' is not supported"),
+    ({"quant_method": "bitsandbytes", "load_in_4bit": True},
+     r"quant_method='bitsandbytes' is not supported; jaxllm loads 'compressed-tensors' .* 'fp8' .* and "
+     r"'awq' / 'gptq' \(4-bit\); use the full-precision checkpoint"),
+    ({"quant_method": "gptq", "bits": 8}, r"bits=8 is not supported; jaxllm loads gptq int4 weights \(bits 4\)$"),
+    ({"quant_method": "awq", "bits": 4, "version": "marlin"}, r"version='marlin' is not supported"),
     (_ct(type="int", num_bits=4, strategy="group", group_size=128),
      r"config_groups\.group_0\.weights\.type/num_bits='int4' is not supported; jaxllm loads "
      r"float8 weights"),
@@ -129,7 +131,8 @@ def _ct(**weights):
     (_ct(strategy="group", group_size=32),
      r"config_groups\.group_0\.weights\.strategy='group' is not supported; jaxllm loads strategies "
      r"tensor, channel, block$"),
-    (dict(ct_config("channel", True), format="pack-quantized"), r"format='pack-quantized' is not supported"),
+    (dict(ct_config("channel", True), format="pack-quantized"),  # float8 weights declared packed: not int4
+     r"config_groups\.group_0\.weights=.* is not supported; jaxllm loads pack-quantized int4 weights"),
     ({**ct_config("channel", True), "config_groups": {"g": {"weights": {"type": "float", "num_bits": 8,
                                                                         "strategy": "channel"},
                                                             "output_activations": {"type": "float", "num_bits": 8}}}},

@@ -100,8 +100,13 @@ def test_quantize_round_trip(method):
 
 def test_bad_quantization_is_one_line_error(tiny_path):
     ckpt = load_checkpoint(tiny_path)
-    with pytest.raises(ValueError, match=r"^quantization='int4' is invalid: must be one of \['int8', 'fp8'\]"):
-        build_model(ckpt.config, ckpt.params, jnp.float32, quantization="int4")
+    with pytest.raises(ValueError, match=r"^quantization='int2' is invalid: must be one of \['int8', 'fp8', 'int4'\]"):
+        build_model(ckpt.config, ckpt.params, jnp.float32, quantization="int2")
+    # int4 names a 4-bit checkpoint's own weights: a full-precision one is refused (no 4-bit rounding at load)
+    with pytest.raises(ValueError, match=r"^quantization='int4' needs a 4-bit checkpoint \(GGUF Q4_0 / Q4_1, AWQ, "
+                                         r"GPTQ\), this one has no quantized weights; jaxllm does not quantize to "
+                                         r"4 bits at load: use 'int8' or 'fp8'$"):
+        build_model(ckpt.config, dict(ckpt.params), jnp.float32, quantization="int4")
 
 
 def test_engine_zero_compiles_after_warmup_int8(tiny_path, int8_scan):
