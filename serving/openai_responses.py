@@ -43,8 +43,12 @@ from serving.openai_responses_protocol import ResponsesRequest
 _RENAMES = [(re.compile(r"\bmax_tokens\b"), "max_output_tokens"), (re.compile(r"\bmessages\b"), "input"),
             (re.compile(r"\bresponse_format\.json_schema\b"), "text.format"),
             (re.compile(r"\bresponse_format\b"), "text.format"),
+            (re.compile(r"\bstructured_outputs\.json\b"), "text.format.schema"),
+            (re.compile(r"\bstructured_outputs\b"), "text.format"),
             (re.compile(r"\btools\[(\d+)\]\.function\."), r"tools[\1]."),
-            (re.compile(r"\btool_choice\.function\.name\b"), "tool_choice.name")]
+            (re.compile(r"\btool_choice\.function\.name\b"), "tool_choice.name"),
+            (re.compile(r"\{'function': \{'name': ('[^']*')\}\}"), r"{'type': 'function', 'name': \1}"),
+            (re.compile(r"text\.format/text\.format"), "text.format")]
 
 
 def _renamed(exc: FrontDoorError) -> FrontDoorError:

@@ -233,6 +233,11 @@ BAD = [
      "tool_choice.name='nope' is invalid: tools has no such function (it has get_weather)"),
     (dict(max_output_tokenz=5), "max_output_tokenz", "max_output_tokenz is not a supported field"),
     (dict(truncation="auto"), "truncation", None),
+    (dict(text={"format": {"type": "json_schema", "name": "x", "schema": {"type": 5}}}), "text.format",
+     "text.format.schema={'type': 5} is invalid: type must be a string or array of strings"),
+    (dict(tools=FLAT_TOOLS, tool_choice={"type": "function", "name": "get_weather"}, text={"format": {"type": "json_object"}}),
+     "tool_choice", "tool_choice={'type': 'function', 'name': 'get_weather'} is invalid with text.format: the tool's "
+     "schema already constrains the output; set one of them"),
 ]
 
 
