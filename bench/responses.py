@@ -12,6 +12,10 @@ answers' texts and token counts are equal (so both did the same engine work) and
 Per (endpoint, stream): mean / P50 latency per request, completion tokens, tok/s = tokens / time.
 The ratio responses / chat is what the Responses door costs (its body translation, its output
 items, its SSE events: ~3x the bytes per token of a chat chunk); the engine work is the same.
+
+``--fake-engine``: the server in this process instead (tests/serving/http_helpers.ThreadedServer:
+the real host engine, scheduler and front door over the fake runner and byte tokenizer, no model
+compute), so the time is the HTTP door's and the host engine's: the door's own cost per token shows.
 """
 from __future__ import annotations
 
@@ -101,10 +105,19 @@ def main() -> None:
     ap.add_argument("--max-tokens", type=int, default=64)
     ap.add_argument("--server-args", default="--max-model-len 1024 --max-num-seqs 4 --max-num-batched-tokens 512",
                     help="more flags for python -m serving")
+    ap.add_argument("--fake-engine", action="store_true",
+                    help="serve in-process over the fake runner (no model compute): the door's own cost")
     ap.add_argument("--output-json", default=None)
     args = ap.parse_args()
     t0 = time.perf_counter()
-    proc, url = start_server(args.model, args.server_args.split())
+    if args.fake_engine:
+        sys.path.insert(0, os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "tests", "serving"))
+        from http_helpers import ThreadedServer, make_llm_engine
+
+        fake = ThreadedServer(make_llm_engine(max_model_len=2048, num_blocks=2048, max_num_seqs=4))
+        proc, url = None, fake.base_url
+    else:
+        proc, url = start_server(args.model, args.server_args.split())
     print(f"server up in {time.perf_counter() - t0:.1f} s at {url}", flush=True)
     doors = {"chat": chat, "responses": responses}
     res: dict[str, list[dict]] = {f"{d} {'stream' if s else 'json'}": [] for s in (False, True) for d in doors}
@@ -123,8 +136,11 @@ def main() -> None:
                     for d in doors:
                         res[f"{d} {'stream' if stream else 'json'}"].append(got[d])
     finally:
-        proc.terminate()
-        proc.wait(60)
+        if proc is None:
+            fake.close()
+        else:
+            proc.terminate()
+            proc.wait(60)
     rows = {k: summary(v) for k, v in res.items()}
     print(f"{'endpoint':18} {'req':>4} {'mean ms':>9} {'p50 ms':>9} {'tokens':>7} {'tok/s':>7}")
     for k, r in rows.items():
