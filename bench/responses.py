@@ -11,7 +11,7 @@ decoding of the same rendered prompt gives the same tokens: the script checks th
 answers' texts and token counts are equal (so both did the same engine work) and fails otherwise.
 Per (endpoint, stream): mean / P50 latency per request, completion tokens, tok/s = tokens / time.
 The ratio responses / chat is what the Responses door costs (its body translation, its output
-items, its SSE events: ~3x the bytes per token of a chat chunk); the engine work is the same.
+items and events; a text delta's event is about a chat chunk's size); the engine work is the same.
 
 ``--fake-engine``: the server in this process instead (tests/serving/http_helpers.ThreadedServer:
 the real host engine, scheduler and front door over the fake runner and byte tokenizer, no model
