@@ -260,3 +260,27 @@ def test_every_unsupported_or_bad_field_is_a_one_line_400_naming_it(srv, extra, 
 def test_store_is_accepted_and_nothing_is_stored(client):
     resp = client.responses.create(model="fake-llm", input="hi", store=True, max_output_tokens=2)
     assert resp.store is False
+
+
+def test_engine_death_mid_stream_is_one_error_event_last():
+    import httpx
+
+    from tests.fakes.fake_engine import FakeEngine
+
+    eng = FakeEngine(step_delay=0.01)
+    s = ThreadedServer(eng, engine_death_grace=30.0)
+    try:
+        with httpx.Client(base_url=s.base_url, timeout=10) as h:
+            with h.stream("POST", "/v1/responses", json={"input": "doomed", "max_output_tokens": 200,
+                                                         "stream": True}) as r:
+                assert r.headers["content-type"].startswith("text/event-stream")
+                it = (line for line in r.iter_lines() if line.startswith("data: "))
+                assert json.loads(next(it)[6:])["type"] == "response.created"
+                eng.inject_raise()
+                rest = [json.loads(line[6:]) for line in it]
+            assert [e["type"] for e in rest].count("error") == 1 and rest[-1]["type"] == "error"
+            assert "response.completed" not in [e["type"] for e in rest]
+            assert rest[-1]["code"] == "internal" and "injected fault" in rest[-1]["message"]
+            assert [e["sequence_number"] for e in rest] == list(range(1, len(rest) + 1))
+    finally:
+        s.close()
