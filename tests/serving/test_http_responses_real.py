@@ -11,7 +11,6 @@ from __future__ import annotations
 import json
 
 import jsonschema
-import openai
 import pytest
 
 from test_http_tools_real import WEATHER, client  # noqa: F401  (the module's SmolLM2 server)
