@@ -4,7 +4,8 @@ Endpoints: ``GET /v1/models`` (the model, then its LoRA adapters with ``parent``
 as vLLM), ``POST /v1/load_lora_adapter`` / ``/v1/unload_lora_adapter`` (vLLM's, plain-text
 "Success: ..." answers), ``POST /v1/completions``, ``POST /v1/chat/completions`` (both
 also as server-sent events ending ``data: [DONE]``), ``GET /health``, ``POST /tokenize``,
-``POST /detokenize``, ``POST /v1/embeddings`` (``serving/openai_embed.py``; a server started
+``POST /detokenize``, ``POST /v1/responses`` (OpenAI's Responses API over the chat path,
+``serving/openai_responses.py``), ``POST /v1/embeddings`` (``serving/openai_embed.py``; a server started
 with ``--task embed``) and ``GET /metrics`` (Prometheus text of the server's registry, like
 ``--metrics-port``; no API key, as /health), ``GET|POST /ping`` (= /health), ``GET /version``
 (both without a key) and ``POST /reset_prefix_cache`` (vLLM's: the prefix cache forgets the
@@ -40,6 +41,8 @@ from serving.openai_embed import EmbeddingRequest, create_embeddings
 from serving.openai_generate import chat_job, completion_job, respond
 from serving.openai_protocol import (ChatCompletionRequest, CompletionRequest, DetokenizeRequest,
                                      LoadLoRAAdapterRequest, TokenizeRequest, UnloadLoRAAdapterRequest)
+from serving.openai_responses import create_response
+from serving.openai_responses_protocol import ResponsesRequest
 from serving.openai_tools import render_body
 
 if TYPE_CHECKING:
@@ -230,6 +233,11 @@ def build_app(server: "ServingServer") -> Any:
     async def chat_completions(body: ChatCompletionRequest, request: Request):
         info = generating(model_of(body.model), "/v1/chat/completions")
         return await respond(door, chat_job(door, info, body), request.receive)
+
+    @app.post("/v1/responses")
+    async def responses(body: ResponsesRequest, request: Request):
+        info = generating(model_of(body.model), "/v1/responses")
+        return await create_response(door, info, body, request.receive)
 
     @app.post("/tokenize")
     async def tokenize(body: TokenizeRequest):

@@ -151,10 +151,12 @@ def chat_job(door: FrontDoor, info: ModelInfo, body: ChatCompletionRequest) -> _
 
 
 # ----- running ---------------------------------------------------------------------------------
-async def respond(door: FrontDoor, job: _Job, receive=None):
+async def respond(door: FrontDoor, job: _Job, receive=None, final=None, sse=None):
     """Admit every prompt of ``job`` (all or nothing), then answer: JSON or an SSE stream.
     ``receive`` (the ASGI receive, body already read) tells when a non-streamed request's client
-    hangs up: its requests are aborted then rather than run to the end."""
+    hangs up: its requests are aborted then rather than run to the end. ``final(job)`` (the JSON
+    body) and ``sse(job, reqs)`` (the event bytes) default to the completions/chat shapes; the
+    Responses door (serving/openai_responses.py) passes its own."""
     stack = contextlib.AsyncExitStack()
     try:
         if job.beam is not None:  # each prompt's search opens and closes its own engine requests
@@ -183,8 +185,8 @@ async def respond(door: FrontDoor, job: _Job, receive=None):
             if not work.done() or work.cancelled():  # client gone: leaving the stack aborts them
                 return Response(status_code=499)
             work.result()
-        return JSONResponse(_final_body(job))
-    return _SSEResponse(_sse(job, reqs), stack.aclose)
+        return JSONResponse((final or _final_body)(job))
+    return _SSEResponse((sse or _sse)(job, reqs), stack.aclose)
 
 
 async def _disconnected(receive) -> None:

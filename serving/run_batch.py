@@ -5,8 +5,8 @@ Input, one JSON object a line (blank lines skipped)::
 
     {"custom_id": "a", "method": "POST", "url": "/v1/chat/completions", "body": {...}}
 
-``url``: ``/v1/chat/completions``, ``/v1/completions`` or ``/v1/embeddings`` (a server started
-with ``--task embed``). Output, one line per input line, in input order (vLLM's format)::
+``url``: ``/v1/chat/completions``, ``/v1/completions``, ``/v1/responses`` (OpenAI's Batch API
+takes it too) or ``/v1/embeddings`` (a server started with ``--task embed``). Output, one line per input line, in input order (vLLM's format)::
 
     {"id": "batch-...", "custom_id": "a",
      "response": {"status_code": 200, "request_id": "batch-req-...", "body": {<the HTTP answer>}},
@@ -46,7 +46,7 @@ from serving.config import ServerConfig
 
 log = logging.getLogger("serving.run_batch")
 
-URLS = ("/v1/chat/completions", "/v1/completions", "/v1/embeddings")
+URLS = ("/v1/chat/completions", "/v1/completions", "/v1/embeddings", "/v1/responses")
 # the runner bounds what is in flight itself: the server's waiting-queue refusal (429) must not fire
 _NO_QUEUE_LIMIT = 1 << 30
 

@@ -24,11 +24,13 @@ from pydantic import BaseModel
 from serving.openai_embed import EmbeddingRequest
 from serving.openai_protocol import (ChatCompletionRequest, CompletionRequest, DetokenizeRequest,
                                      TokenizeRequest)
+from serving.openai_responses_protocol import ResponsesRequest
 
 # path -> body model (None: a GET without a body)
 POST_BODIES: dict[str, type[BaseModel]] = {
     "/v1/completions": CompletionRequest, "/v1/chat/completions": ChatCompletionRequest,
-    "/tokenize": TokenizeRequest, "/detokenize": DetokenizeRequest, "/v1/embeddings": EmbeddingRequest}
+    "/tokenize": TokenizeRequest, "/detokenize": DetokenizeRequest, "/v1/embeddings": EmbeddingRequest,
+    "/v1/responses": ResponsesRequest}
 GETS = ("/v1/models", "/health", "/metrics")
 STATUSES = {200, 400, 401, 404, 405, 413, 429, 503}
 NO_KEY_PATHS = ("/health", "/metrics")
@@ -201,7 +203,7 @@ def http_requests(draw, vocab: int, key: str, paths: list[str], max_body: int) -
             content = dumps({"prompt": "x" * max_body})
         else:
             b = draw(body(model, vocab))
-            if path in ("/v1/completions", "/v1/chat/completions") and draw(st.booleans()):
+            if path in ("/v1/completions", "/v1/chat/completions", "/v1/responses") and draw(st.booleans()):
                 b["stream"] = True
             content = dumps(b, ascii=draw(st.booleans()))
         ct = draw(st.integers(0, 14))

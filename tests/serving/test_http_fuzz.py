@@ -36,7 +36,7 @@ MAX_BODY = 16384
 VOCAB = FakeTokenizer().vocab_size
 ENV = "JAXLLM_HTTP_FUZZ_EXAMPLES"
 GEN_PATHS = ["/v1/completions", "/v1/chat/completions", "/tokenize", "/detokenize", "/v1/embeddings",
-             "/v1/models", "/health", "/metrics"]
+             "/v1/models", "/health", "/metrics", "/v1/responses"]
 EMBED_PATHS = ["/v1/embeddings", "/v1/completions", "/tokenize", "/v1/models", "/health"]
 _LEAD = re.compile(r"[A-Za-z_]+")
 
@@ -123,6 +123,29 @@ def n_prompts(path: str, body: dict) -> int:
     return len(p)
 
 
+def check_response_ok(r: httpx.Response, body: dict) -> None:
+    """/v1/responses: one response body, or events numbered from 0 ending response.completed (or
+    one error event) whose completed body's usage adds up."""
+    if not body.get("stream"):
+        out = r.json()
+        assert out["object"] == "response" and out["status"] in ("completed", "incomplete"), out
+    else:
+        assert r.headers["content-type"].startswith("text/event-stream")
+        events = [e for e in r.text.split("\n\n") if e]
+        objs = []
+        for k, ev in enumerate(events):
+            kind, data = ev.split("\n")
+            obj = json.loads(data[len("data: "):])
+            assert kind == f"event: {obj['type']}" and obj["sequence_number"] == k, ev
+            objs.append(obj)
+        assert objs[0]["type"] == "response.created" and objs[-1]["type"] in ("response.completed", "error"), objs[-1]
+        out = objs[-1].get("response")
+        if out is None:
+            return
+    u = out["usage"]
+    assert u["total_tokens"] == u["input_tokens"] + u["output_tokens"], u
+
+
 def check_ok(r: httpx.Response, req: dict) -> None:
     path, body = req["path"], _body(req)
     if path in ("/v1/completions", "/v1/chat/completions"):
@@ -140,6 +163,8 @@ def check_ok(r: httpx.Response, req: dict) -> None:
             assert all(c["finish_reason"] in ("stop", "length") for c in out["choices"]), out
             u = out["usage"]
             assert u["total_tokens"] == u["prompt_tokens"] + u["completion_tokens"]
+    elif path == "/v1/responses":
+        check_response_ok(r, body)
     elif path == "/tokenize":
         out = r.json()
         assert out["count"] == len(out["tokens"]) and all(0 <= t < VOCAB for t in out["tokens"])

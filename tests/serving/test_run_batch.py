@@ -54,6 +54,11 @@ REQUESTS = [
     ("/v1/completions", {"prompt": "x", "max_tokens": 5, "bogus": 1}),  # 400: unknown field
     ("/v1/chat/completions", {"messages": MSGS, "model": "nope"}),  # 404: unknown model
     ("/v1/embeddings", {"input": "hello"}),  # 400: this server generates
+    ("/v1/responses", {"input": "Weather?", "instructions": "Be brief.", "max_output_tokens": 10, "temperature": 0}),
+    ("/v1/responses", {"input": "Weather?", "max_output_tokens": 200, "temperature": 0,
+                       "tools": [{"type": "function", "name": "get_weather", "parameters": WEATHER}],
+                       "tool_choice": {"type": "function", "name": "get_weather"}}),
+    ("/v1/responses", {"input": "x", "previous_response_id": "resp_1"}),  # 400: no stored responses
 ]
 
 
@@ -98,7 +103,7 @@ def _jobs(step) -> set[str]:
 def _strip(obj):
     """The answer without what is random per request: ids and creation times."""
     if isinstance(obj, dict):
-        return {k: _strip(v) for k, v in obj.items() if k not in ("id", "created", "request_id")}
+        return {k: _strip(v) for k, v in obj.items() if k not in ("id", "created", "request_id", "created_at", "call_id")}
     if isinstance(obj, list):
         return [_strip(v) for v in obj]
     return obj
@@ -122,7 +127,10 @@ def test_every_line_answers_what_the_http_server_answers_in_input_order(http_ans
             assert o["response"]["body"] is None and o["error"] == answer, (url, body)
     # what the lines are about really happened: a tool call, a schema-valid answer, a refusal
     statuses = [s for s, _ in http_answers]
-    assert statuses[:7] == [200] * 7 and statuses[7:] == [400, 400, 404, 400]
+    assert statuses[:7] == [200] * 7 and statuses[7:] == [400, 400, 404, 400, 200, 200, 400]
+    call = out[12]["response"]["body"]["output"][0]
+    assert call["type"] == "function_call" and json.loads(call["arguments"])["city"] in WEATHER[
+        "properties"]["city"]["enum"]
     auto = out[6]["response"]["body"]["choices"][0]
     assert auto["message"]["content"] == "Sure. " and auto["finish_reason"] == "tool_calls"
     assert json.loads(auto["message"]["tool_calls"][0]["function"]["arguments"]) == {"city": "Oslo", "days": 3}
@@ -154,9 +162,9 @@ def test_embedding_lines_on_an_embed_engine_equal_the_offline_engine():
      "custom_id=7 on line 1 is invalid: expected a string"),
     ('{"custom_id": "a", "method": "GET", "url": "/v1/completions", "body": {}}', "method",
      "method='GET' on line 1 is invalid: must be 'POST'"),
-    ('{"custom_id": "a", "method": "POST", "url": "/v1/responses", "body": {}}', "url",
-     "url='/v1/responses' on line 1 is invalid: must be one of /v1/chat/completions, /v1/completions, "
-     "/v1/embeddings"),
+    ('{"custom_id": "a", "method": "POST", "url": "/v1/moderations", "body": {}}', "url",
+     "url='/v1/moderations' on line 1 is invalid: must be one of /v1/chat/completions, /v1/completions, "
+     "/v1/embeddings, /v1/responses"),
     ('{"custom_id": "a", "method": "POST", "url": "/v1/completions", "body": [1]}', "body",
      "body=[1] on line 1 is invalid: expected a JSON object"),
     ('{"custom_id": "a", "method": "POST", "url": "/v1/completions", "body": {"prompt": "x", "stream": true}}',
