@@ -194,7 +194,7 @@ async def _disconnected(receive) -> None:
         pass
 
 
-async def _merged(reqs: list) -> AsyncIterator[tuple[int, list]]:
+async def merged_outputs(reqs: list) -> AsyncIterator[tuple[int, list]]:
     """(request position, new outputs) from every request as they come; FrontDoorError passes."""
     if len(reqs) == 1:  # the common case: no task per read
         req = reqs[0]
@@ -222,7 +222,7 @@ async def _merged(reqs: list) -> AsyncIterator[tuple[int, list]]:
 
 
 async def _run_to_end(job: _Job, reqs: list) -> None:
-    async with contextlib.aclosing(_merged(reqs)) as outputs:
+    async with contextlib.aclosing(merged_outputs(reqs)) as outputs:
         async for k, batch in outputs:
             job.trackers[k].update(batch)
 
@@ -271,14 +271,14 @@ def _choice(job: _Job, index: int, d: SampleDelta, *, final: bool, first: bool =
         out = {"index": index, "text": d.text, "logprobs": completion_logprobs(job, index, d),
                "finish_reason": d.finish_reason}
     else:
-        out = _chat_choice(job, index, d, final=final, first=first)
+        out = chat_choice(job, index, d, final=final, first=first)
         if out is None:
             return None
     out["stop_reason"] = stop_reason
     return out
 
 
-def _chat_choice(job: _Job, index: int, d: SampleDelta, *, final: bool, first: bool) -> dict | None:
+def chat_choice(job: _Job, index: int, d: SampleDelta, *, final: bool, first: bool) -> dict | None:
     """A chat choice: the reasoning parser (if any) takes the think block out of the text, the tool
     reader (if any) reads the rest; None while both hold the text back."""
     lp = chat_logprobs(job, d)
@@ -330,7 +330,7 @@ async def _sse(job: _Job, reqs: list) -> AsyncIterator[bytes]:
     head = {"id": job.id, "object": obj, "created": job.created, "model": job.info.name}
     started: set[int] = set()
     try:
-        async with contextlib.aclosing(_merged(reqs)) as outputs:  # its pending reads end with us
+        async with contextlib.aclosing(merged_outputs(reqs)) as outputs:  # its pending reads end with us
             async for k, batch in outputs:
                 chunk = _chunk(job, head, k, batch, started)
                 if chunk is not None:

@@ -35,7 +35,7 @@ from pydantic import ValidationError
 
 from serving.deltas import SampleDelta
 from serving.frontdoor import FrontDoor, FrontDoorError, ModelInfo, invalid
-from serving.openai_generate import _chat_choice, _merged, chat_job, respond
+from serving.openai_generate import chat_choice, merged_outputs, chat_job, respond
 from serving.openai_protocol import ChatCompletionRequest
 from serving.openai_responses_protocol import ResponsesRequest
 
@@ -157,7 +157,7 @@ def response_body(job: Any, ans: _Answer) -> dict:
     c = job.trackers[0].latest[0]
     d = SampleDelta(0, list(c.token_ids), c.text)
     d.finish_reason, d.stop_reason = c.finish_reason, c.stop_reason
-    msg = _chat_choice(job, 0, d, final=True, first=True)["message"]
+    msg = chat_choice(job, 0, d, final=True, first=True)["message"]
     status = _status(job)
     output = []
     if msg.get("reasoning"):
@@ -278,10 +278,10 @@ async def _events(job: Any, ans: _Answer, reqs: list) -> AsyncIterator[bytes]:
     yield w.event("response.in_progress", response=ans.envelope(job, "in_progress", [], final=False))
     first = True
     try:
-        async with contextlib.aclosing(_merged(reqs)) as outputs:
+        async with contextlib.aclosing(merged_outputs(reqs)) as outputs:
             async for k, batch in outputs:
                 for d in job.trackers[k].update(batch):
-                    choice = _chat_choice(job, d.index, d, final=False, first=first)
+                    choice = chat_choice(job, d.index, d, final=False, first=first)
                     if choice is None:
                         continue
                     first = False
