@@ -171,7 +171,8 @@ def body(draw, model: type[BaseModel], vocab: int, depth: int = 0, served: str =
     for name, f in model.model_fields.items():
         key = f.alias or name
         if tame:
-            if key in easy and (f.is_required() or key in TAME_ALWAYS or (key in TAME and draw(st.integers(0, 2)) == 0)):
+            wanted = f.is_required() or key in TAME_ALWAYS or (key in TAME and draw(st.integers(0, 2)) == 0)
+            if key in easy and wanted:
                 out[key] = draw(easy[key].filter(lambda v, m=model, n=name: _fits(m, n, v)))  # its type's value
             elif f.is_required():
                 out[key] = draw(from_annotation(f.annotation, vocab, depth))

@@ -10,7 +10,8 @@ shape their endpoint promises (one choice per prompt x n, SSE ``data:`` lines of
 ``active`` map or the async engine, and the server still answers a greedy request correctly.
 Budget: JAXLLM_HTTP_FUZZ_EXAMPLES (default 200 generate-server + 60 embed-server examples,
 fixed seed), given per path by GEN_PLAN / EMBED_PLAN, each path fuzzed on its own examples and
-checked to have been answered both ways (e.g. 200 and 400); a longer run: ``JAXLLM_HTTP_FUZZ_EXAMPLES=3000 pytest -s tests/serving/test_http_fuzz.py``.
+checked to have been answered both ways (e.g. 200 and 400); a longer run:
+``JAXLLM_HTTP_FUZZ_EXAMPLES=3000 pytest -s tests/serving/test_http_fuzz.py``.
 """
 
 from __future__ import annotations

@@ -10,7 +10,8 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 from serving.tool_parsers import ToolCall, ToolDelta, get_parser
-from tool_parse_helpers import ARGS, CONTENT, CUTS, NAMES, SETTINGS, TOOLS, call, check, contract, model_json, split, stream
+from tool_parse_helpers import (ARGS, CONTENT, CUTS, NAMES, SETTINGS, TOOLS, call, check, contract, model_json,
+                                split, stream)
 
 
 # -- mistral ---------------------------------------------------------------------------------
