@@ -4,7 +4,8 @@
         --max-tokens 16 --temperature 0
     python -m jaxllm.generate --input prompts.jsonl --output out.jsonl
         # lines: text, or {"prompt": ...} / {"messages": [...]} / {"prompt_token_ids": [...]}
-        # plus SamplingParams fields for that line, e.g. {"prompt": "Hi", "max_tokens": 3}
+        # plus SamplingParams fields for that line, e.g. {"prompt": "Hi", "max_tokens": 3}, and its
+        # "priority" (with --scheduling-policy priority)
     python -m jaxllm.generate --task embed --model DIR --input texts.txt --output emb.jsonl
         # one {"request_id", "prompt", "prompt_token_ids", "embedding"} line per prompt
 """
@@ -34,7 +35,7 @@ def build_parser() -> ArgumentParser:
     ap.add_argument("--chat-prompt", action="append", default=[],
                     help="a user message sent through the chat template, repeatable (default: none)")
     ap.add_argument("--input", help="file of prompts: text lines, or JSONL lines with prompt, messages or "
-                    "prompt_token_ids and per-line SamplingParams fields (default: none)")
+                    "prompt_token_ids, per-line SamplingParams fields and priority (default: none)")
     ap.add_argument("--output", help="write one JSON RequestOutput per line to this file (default: none)")
     ap.add_argument("--chat", action="store_true",
                     help="send --prompt and --input text through the chat template (default: off)")
@@ -65,7 +66,7 @@ def load_prompts(args) -> list:
     params = sampling_params_from_args(args).validate()
     items = cli_items(args.prompt, args.chat_prompt, args.chat, params)
     if args.input:
-        items += read_inputs(args.input, args.chat, params)
+        items += read_inputs(args.input, args.chat, params, args.scheduling_policy)
     if not items:
         raise ValueError("no prompts: give --prompt, --chat-prompt or --input")
     mc, source = load_config(args.model, args.load_format)
@@ -115,7 +116,8 @@ def main(argv=None) -> int:
 
             lora = LoRARequest(args.lora[0], 1, args.lora[1])
         outs = llm.generate([it.prompt for it in items], [it.params for it in items],
-                            use_tqdm=not args.no_progress, lora_request=lora)
+                            use_tqdm=not args.no_progress, lora_request=lora,
+                            priority=[it.priority for it in items])
         secs = time.perf_counter() - t1
         llm.engine.runner.stop_followers()  # multi-host: release processes > 0 (no-op on one host)
         if prof is not None and prof.finish() is None:

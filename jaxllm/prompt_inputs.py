@@ -3,7 +3,8 @@ SamplingParams, checked with the tokenizer and the model config alone, before th
 
 `--input` lines are plain text (one prompt a line) or JSON objects with exactly one of `prompt`,
 `messages` (chat) or `prompt_token_ids`, plus any `SamplingParams` field, which overrides the
-command line's value for that line: `{"prompt": "Hi", "max_tokens": 3, "temperature": 0}`.
+command line's value for that line: `{"prompt": "Hi", "max_tokens": 3, "temperature": 0}`, and
+`priority` (an int, lower first; not 0 only with `--scheduling-policy priority`).
 Every problem is a ValueError starting with where it is (`FILE:LINE: ` or `--prompt #2: `).
 """
 from __future__ import annotations
@@ -15,6 +16,7 @@ import msgspec
 from jaxllm.sampling_params import SamplingParams
 
 PROMPT_KEYS = ("prompt", "messages", "prompt_token_ids")
+REQUEST_KEYS = ("priority",)  # keys of the request itself, beside the prompt and SamplingParams
 SAMPLING_KEYS = frozenset(SamplingParams.__struct_fields__)
 
 
@@ -25,6 +27,7 @@ class PromptItem:
     payload: object  # str | list of messages | list of ids, as given
     params: SamplingParams
     prompt: object = None  # what LLM.generate takes, filled by validate_items
+    priority: int = 0  # the line's `priority` key (scheduling_policy "priority")
 
     @property
     def shown(self) -> str:
@@ -45,8 +48,10 @@ def cli_items(prompts: list[str], chat_prompts: list[str], chat: bool, params: S
     return items
 
 
-def read_inputs(path: str, chat: bool, params: SamplingParams) -> list[PromptItem]:
-    """The prompts of an --input file; `params` are the command line's, which JSON keys override."""
+def read_inputs(path: str, chat: bool, params: SamplingParams,
+                scheduling_policy: str = "fcfs") -> list[PromptItem]:
+    """The prompts of an --input file; `params` are the command line's, which JSON keys override;
+    a line's `priority` is checked against `scheduling_policy` as the engine would."""
     items = []
     with open(path) as f:
         for lineno, line in enumerate(f, 1):
@@ -62,22 +67,30 @@ def read_inputs(path: str, chat: bool, params: SamplingParams) -> list[PromptIte
                 obj = msgspec.json.decode(line)
             except msgspec.DecodeError as e:
                 raise ValueError(f"{where}: invalid JSON ({e})") from None
-            items.append(_json_item(where, obj, chat, params))
+            items.append(_json_item(where, obj, chat, params, scheduling_policy))
     if not items:
         raise ValueError(f"--input {path}: the file is empty (no prompt lines)")
     return items
 
 
-def _json_item(where: str, obj: dict, chat: bool, params: SamplingParams) -> PromptItem:
+def _json_item(where: str, obj: dict, chat: bool, params: SamplingParams, scheduling_policy: str) -> PromptItem:
     kinds = [k for k in PROMPT_KEYS if k in obj]
     if not kinds:
         raise ValueError(f"{where}: a JSON line needs one of 'prompt', 'messages' or 'prompt_token_ids'")
     if len(kinds) > 1:
         raise ValueError(f"{where}: {' and '.join(repr(k) for k in kinds)} conflict: give one prompt kind per line")
     for key in obj:
-        if key not in PROMPT_KEYS and key not in SAMPLING_KEYS:
+        if key not in PROMPT_KEYS and key not in REQUEST_KEYS and key not in SAMPLING_KEYS:
             raise ValueError(f"{where}: unknown key {key!r}: a line holds one of 'prompt', 'messages', "
-                             f"'prompt_token_ids' and SamplingParams fields ({', '.join(sorted(SAMPLING_KEYS))})")
+                             f"'prompt_token_ids', 'priority' and SamplingParams fields "
+                             f"({', '.join(sorted(SAMPLING_KEYS))})")
+    priority = obj.get("priority", 0)
+    try:
+        from jaxllm.engine.intake import check_priority
+
+        check_priority(priority, scheduling_policy == "priority")
+    except ValueError as e:
+        raise ValueError(f"{where}: {e}") from None
     overrides = {k: v for k, v in obj.items() if k in SAMPLING_KEYS}
     if overrides:
         try:
@@ -91,15 +104,18 @@ def _json_item(where: str, obj: dict, chat: bool, params: SamplingParams) -> Pro
     if kind == "prompt":
         if not isinstance(value, str):
             raise ValueError(f"{where}: prompt={value!r} is invalid: must be a string")
-        return PromptItem(where, "chat", _user(value), params) if chat else PromptItem(where, "text", value, params)
-    if kind == "messages":
+        item = PromptItem(where, "chat", _user(value), params) if chat else PromptItem(where, "text", value, params)
+    elif kind == "messages":
         if not isinstance(value, list) or not value or not all(isinstance(m, dict) for m in value):
             raise ValueError(f"{where}: messages={value!r} is invalid: must be a non-empty list of "
                              f"{{'role': ..., 'content': ...}} objects")
-        return PromptItem(where, "chat", value, params)
-    if not isinstance(value, list):
-        raise ValueError(f"{where}: prompt_token_ids={value!r} is invalid: must be a list of ints")
-    return PromptItem(where, "ids", value, params)
+        item = PromptItem(where, "chat", value, params)
+    else:
+        if not isinstance(value, list):
+            raise ValueError(f"{where}: prompt_token_ids={value!r} is invalid: must be a list of ints")
+        item = PromptItem(where, "ids", value, params)
+    item.priority = priority
+    return item
 
 
 def validate_items(items: list[PromptItem], tokenizer, vocab_size: int, max_model_len: int,

@@ -22,7 +22,7 @@ from jaxllm.sampling_params import MAX_LOGPROBS, SamplingParams
 
 from serving.deltas import DeltaTracker, SampleDelta
 from serving.frontdoor import FrontDoor, FrontDoorError, ModelInfo, check_token_ids, invalid
-from serving.openai_beam import BeamRequest, beam_params
+from serving.openai_beam import beam_params, beam_request
 from serving.openai_echo import Echo, chat_echo, check_stream, echo_text, prompt_logprobs_json
 from serving.openai_logprobs import chat_logprobs, completion_logprobs
 from serving.openai_protocol import ChatCompletionRequest, CompletionRequest
@@ -161,7 +161,7 @@ async def respond(door: FrontDoor, job: _Job, receive=None, final=None, sse=None
     try:
         if job.beam is not None:  # each prompt's search opens and closes its own engine requests
             door.model()  # refused now (draining, dead engine) rather than mid-answer
-            reqs = [BeamRequest(door, job, k) for k in range(len(job.prompts))]
+            reqs = [beam_request(door, job, k) for k in range(len(job.prompts))]
             for r in reqs:
                 stack.push_async_callback(r.aclose)
         else:

@@ -23,11 +23,12 @@ Client cancel, disconnect or deadline: the handler is cancelled and the request 
 from __future__ import annotations
 
 import logging
+import uuid
 from typing import TYPE_CHECKING, Any
 
 import grpc
 
-from serving import convert, proto_tools
+from serving import beam, convert, proto_tools
 from serving.embed import embed_request_to_engine, embed_response
 from serving.frontdoor import Code, FrontDoor, FrontDoorError, ModelInfo, config_get, invalid
 from serving.proto.jaxllm.v1 import generation_pb2 as pb
@@ -74,9 +75,16 @@ class GenerationServicer(pb_grpc.GenerationServicer):
     # ----- RPCs -----------------------------------------------------------------------
     async def Generate(self, request: pb.GenerateRequest, context):
         info = await self._model(context)
+        if request.sampling.use_beam_search:
+            async for resp in self._beam_search(request, info, context):
+                yield resp
+            return
         plan = None
         try:
             try:
+                if request.sampling.HasField("length_penalty"):
+                    raise ValueError(f"length_penalty={request.sampling.length_penalty!r} is invalid without "
+                                     f"use_beam_search=true")
                 params = convert.sampling_params_from_proto(request.sampling, self.door.config,
                                                             vocab_size=info.vocab_size,
                                                             max_model_len=info.max_model_len)
@@ -113,6 +121,37 @@ class GenerationServicer(pb_grpc.GenerationServicer):
                     stuck.close()
         except FrontDoorError as exc:
             await _abort(context, plan.explain(exc) if plan is not None else exc)
+
+    async def _beam_search(self, request: pb.GenerateRequest, info: ModelInfo, context):
+        """``SamplingParams.use_beam_search``: serving/beam.py's search through the front door (as
+        HTTP's), answered in one final response with the ``n`` best beams; leaving early (client
+        cancel, deadline, error) aborts the search's engine requests."""
+        sp = request.sampling
+        try:
+            try:
+                params = convert.sampling_params_from_proto(sp, self.door.config, vocab_size=info.vocab_size,
+                                                            max_model_len=info.max_model_len)
+                prompt = convert.prompt_from_request(request, info.tokenizer, info.vocab_size)
+            except ValueError as exc:
+                raise invalid(str(exc)) from None
+            if request.WhichOneof("prompt") == "chat" and (request.chat.tools_json or request.chat.tool_choice):
+                raise beam.refused("chat.tools_json" if request.chat.tools_json else "chat.tool_choice")
+            beam.refuse_params(params)
+            search = beam.search_params(params, sp.temperature if sp.HasField("temperature") else None,
+                                        sp.length_penalty if sp.HasField("length_penalty") else 1.0)
+            ids = beam.prompt_ids([prompt], info, "prompt")[0]
+            rid = self.door.check_request_id(request.request_id) or f"beam-{uuid.uuid4().hex}"
+            info.lora = self.door.adapters.resolve(request.lora_name)
+            search_req = beam.BeamRequest(self.door, info, rid, rid, prompt, ids, search, request.priority,
+                                          logprobs=params.logprobs is not None)
+            try:
+                tracker = convert.ProtoDeltaTracker(rid, params)
+                resp = tracker.update(await search_req.next_batch())
+            finally:
+                await search_req.aclose()
+            yield resp
+        except FrontDoorError as exc:
+            await _abort(context, exc)
 
     async def Embed(self, request: pb.EmbedRequest, context):
         """Unary: admitted by the front door like Generate; the engine's ValueError (empty or too

@@ -37,7 +37,8 @@ import time
 
 from jaxllm.core.request import Request, RequestStatus
 from jaxllm.engine.bad_words import tokenize_bad_words
-from jaxllm.engine.intake import _NO_TEXT, SEED_MOD, derive_seed, resolve_prompt, validate_prompt_ids
+from jaxllm.engine.intake import (_NO_TEXT, SEED_MOD, check_priority, derive_seed, resolve_prompt,
+                                  validate_prompt_ids)
 from jaxllm.engine.output_processor import ParentState, SeqState
 from jaxllm.pooling_params import PoolingParams
 from jaxllm.sampling_params import SamplingParams
@@ -67,7 +68,7 @@ class AddRequestsMixin:
         as usual, with prefix caching."""
         if not isinstance(request_id, str) or not request_id:
             raise ValueError(f"request_id={request_id!r} is invalid: must be a non-empty str")
-        self._check_priority(priority)
+        check_priority(priority, self.scheduler.priority)
         if fork_of is not None and not isinstance(fork_of, str):
             raise ValueError(f"fork_of={fork_of!r} is invalid: must be None or a request id (str)")
         if params is None:
@@ -131,10 +132,3 @@ class AddRequestsMixin:
                     self.kv.pin_fork(req, source)
         self._parents[request_id] = parent
         self.num_prompt_tokens += len(ids) if parent.in_stats else 0  # not health probes' (exclude_from_stats)
-
-    def _check_priority(self, priority) -> None:
-        if isinstance(priority, bool) or not isinstance(priority, int):
-            raise ValueError(f"priority={priority!r} is invalid: must be an integer")
-        if priority != 0 and not self.scheduler.priority:
-            raise ValueError(f"priority={priority} is invalid: scheduling_policy='fcfs' takes priority 0 "
-                             f"only (start the engine with --scheduling-policy priority)")

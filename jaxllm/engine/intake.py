@@ -28,6 +28,16 @@ def validate_prompt_ids(ids: list[int], vocab_size: int, max_model_len: int) -> 
                          f"max_model_len={max_model_len} (room for 1 generated token)")
 
 
+def check_priority(priority, priority_policy: bool) -> None:
+    """A request's priority (vLLM's): an int; under scheduling_policy "fcfs" only 0 (also checked by
+    `python -m jaxllm.generate` for its --input lines before it builds an engine)."""
+    if isinstance(priority, bool) or not isinstance(priority, int):
+        raise ValueError(f"priority={priority!r} is invalid: must be an integer")
+    if priority != 0 and not priority_policy:
+        raise ValueError(f"priority={priority} is invalid: scheduling_policy='fcfs' takes priority 0 "
+                         f"only (start the engine with --scheduling-policy priority)")
+
+
 def resolve_prompt(prompt, tokenizer) -> tuple[str | None, list[int]]:
     """A prompt as vLLM takes it (a str, a list of ids, or a dict with 'prompt_token_ids' or
     'prompt') -> (its text or None, its token ids); one-line ValueError for anything else."""

@@ -5,7 +5,7 @@ text fragment and returns what can be released now; ``finish`` flushes what was 
 any split of a text into fragments, the content deltas concatenate to ``extract(text).content or
 ""`` and, per call index, the name and the argument fragments to ``extract(text).calls``:
 ``extract`` is one ``feed`` of the whole text then ``finish`` on a fresh instance, so the parsers
-only have to be split-invariant, which tests/serving/test_tool_parsers.py checks with hypothesis.
+only have to be split-invariant, which tests/serving/test_tool_parsers*.py check with hypothesis.
 
 Content that is only whitespace is ``None`` (vLLM's "no content"); while streaming, whitespace is
 held back until a non-whitespace character of content arrives, then released with it.

@@ -12,8 +12,15 @@ right before its arguments object. A group that does not parse (bad JSON, an ele
 name, a name without an object after it) is content, ``[TOOL_CALLS]`` included, and reading
 goes on after it. The server must not skip special tokens for this parser: ``[TOOL_CALLS]`` is one.
 
-Streaming: text that may begin ``[TOOL_CALLS]`` (or ``[ARGS]`` after a name) is held back; a
-group is held until its array / object closes, then released whole.
+Streaming: text that may begin ``[TOOL_CALLS]`` (or ``[ARGS]`` after a name) is held back. In the
+name-then-object formats a group whose object begins ``{"`` or ``{}`` (whitespace allowed after
+the ``{``) is released as the call's name at that point, then its arguments as the model writes
+them (``stream_args.py``: the same text the whole parse answers); a group that breaks after its
+name was sent stays a call with the arguments up to the break, the text up to where the object's
+brackets close (or to the end of the output) is not content, and reading goes on after it. Any
+other object (``f{1: 2}``) is held until it closes and judged whole, as is an array group: its
+elements are all calls or the whole group is content, which a stream that already sent an element
+could not honour.
 """
 
 from __future__ import annotations
@@ -24,6 +31,7 @@ import re
 from serving.tool_parsers.base import (ToolCall, ToolDelta, ToolParser, dump_args, make_call,
                                        partial_suffix)
 from serving.tool_parsers.scan import Scanner
+from serving.tool_parsers.stream_args import ArgsStreamer
 
 MARK = "[TOOL_CALLS]"
 ARGS = "[ARGS]"
@@ -56,7 +64,8 @@ class MistralToolParser(ToolParser):
     def __init__(self, tools: list[dict] | None = None):
         super().__init__(tools)
         # out: content; after: just after [TOOL_CALLS]; name: reading a name; mark: maybe [ARGS];
-        # brace: after [ARGS]; array / args: inside the array / the arguments object
+        # brace: after [ARGS]; head: the arguments' "{" read, streamable or not yet known;
+        # array / args: inside the array / the arguments object, held whole; stream: streaming them
         self._state = "out"
         self._hold = ""  # out: an end that may begin [TOOL_CALLS]; mark: one that may be [ARGS]
         self._raw: list[str] = []  # the group's text before its array / object
@@ -64,6 +73,8 @@ class MistralToolParser(ToolParser):
         self._args_mark = ""  # "[ARGS]" once read after the name
         self._obj: list[str] = []
         self._scanner = Scanner()
+        self._stream: ArgsStreamer | None = None  # stream: the call's arguments
+        self._index = -1  # stream: the call's index
 
     def _feed(self, delta: str, out: ToolDelta) -> None:
         while delta:
@@ -101,7 +112,7 @@ class MistralToolParser(ToolParser):
                 elif not rest:
                     return
                 elif rest[0] == "{":
-                    self._open("args")
+                    self._open("head")
                     delta = rest
                 elif rest[0] == "[":
                     self._state = "mark"
@@ -121,9 +132,29 @@ class MistralToolParser(ToolParser):
                     delta = self._fail(out, text)
             elif state == "brace":  # after [ARGS]: the object must follow
                 if delta[0] == "{":
-                    self._open("args")
+                    self._open("head")
                 else:
                     delta = self._fail(out, delta)
+            elif state == "head":  # the arguments object so far: "{" and whitespace
+                text = "".join(self._obj) + delta
+                rest = text[1:].lstrip()
+                if not rest:
+                    self._obj = [text]
+                    return
+                if rest[0] in '"}':  # a key or the end: stream from here (the scanner starts over)
+                    self._state, self._obj, self._stream = "stream", [], ArgsStreamer()
+                    self._index = self._open_call(out, self._name)
+                else:  # not an object of keys: held whole and judged at its end
+                    self._state, self._obj = "args", []
+                delta = text
+            elif state == "stream":
+                end = self._scanner.scan(delta)
+                self._args(out, self._index, self._stream.feed(delta if end is None else delta[:end]))
+                if end is None:
+                    return
+                delta = delta[end:]  # the streamed call stands as sent
+                self._stream = None
+                self._reset()
             else:  # array / args
                 end = self._scanner.scan(delta)
                 if end is None:
@@ -164,5 +195,5 @@ class MistralToolParser(ToolParser):
     def _finish(self, out: ToolDelta) -> None:
         if self._state == "out":
             self._content(out, self._hold)
-        else:
+        elif self._state != "stream":  # a streamed call stands as sent, its object's rest dropped
             self._content(out, self._group() + self._hold + "".join(self._obj))

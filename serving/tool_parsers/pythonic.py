@@ -14,7 +14,9 @@ calls) is content, as is an output that does not start with ``[``. After the lis
 into content there; a stream that already sent the calls cannot, so both paths keep the calls).
 
 Streaming: the list is held until its closing bracket (strings and comments are skipped
-incrementally), then its calls are released together.
+incrementally), then its calls are released together. Nothing of it can go out earlier without
+changing the whole parse's answer: one non-call element anywhere makes the whole list content, and
+a literal's JSON is only known once it ends (``'a' 'b'`` is one string, ``1_0`` is 10).
 """
 
 from __future__ import annotations

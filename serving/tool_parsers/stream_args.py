@@ -1,6 +1,7 @@
 """Streaming a tool call's arguments while the model writes them (pure Python, no jax).
 
-Two pieces, shared by the parsers whose calls are JSON objects (hermes, llama3_json):
+Two pieces, shared by the parsers whose calls are JSON objects (hermes, llama3_json; mistral's
+name-then-object calls use the streamer alone, their name being known before the object):
 
 * :func:`head` decides, from the beginning of a call's object alone, whether it is a call whose
   arguments can be streamed: ``{"name": "<non-empty string>", "arguments": {`` (or

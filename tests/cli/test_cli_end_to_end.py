@@ -98,3 +98,24 @@ def test_server_stdout_line_quiet_logs_and_resolved_info(tmp_path):
     text = "".join(logs)
     assert "Resetting cache" not in text and "Unable to initialize backend" not in text, text
     assert text.count("engine start") == 1 and "engine ready" in text and "after start" not in text, text
+
+
+def test_generate_jsonl_priority_orders_the_runs(tmp_path):
+    # one sequence at a time: the lines run in priority order (lower first), ties in line order
+    lines = [{"prompt_token_ids": [7, 8, 9], "priority": 5}, {"prompt_token_ids": [4, 5], "priority": -1},
+             {"prompt_token_ids": [1, 2, 3], "priority": 5}, {"prompt_token_ids": [3, 4]}]
+    src, dst = tmp_path / "in.jsonl", tmp_path / "out.jsonl"
+    src.write_text("\n".join(json.dumps(x) for x in lines) + "\n")
+    res = _generate("--input", str(src), "--output", str(dst), "--max-tokens", "3", "--ignore-eos",
+                    "--max-num-seqs", "1", "--scheduling-policy", "priority")
+    assert res.returncode == 0, res.stderr[-3000:]
+    outs = [json.loads(x) for x in dst.read_text().splitlines()]
+    assert [o["prompt_token_ids"] for o in outs] == [x["prompt_token_ids"] for x in lines]  # output in line order
+    started = [o["metrics"]["first_scheduled_time"] for o in outs]
+    assert sorted(range(4), key=started.__getitem__) == [1, 3, 0, 2], started
+    # under fcfs the same file is refused before any engine is built
+    res = _generate("--input", str(src))
+    assert res.returncode == 2 and res.stderr.strip().splitlines() == [
+        f"error: {src}:1: priority=5 is invalid: scheduling_policy='fcfs' takes priority 0 only (start the "
+        f"engine with --scheduling-policy priority)"], res.stderr[-3000:]
+    assert "[jaxllm]" not in res.stderr

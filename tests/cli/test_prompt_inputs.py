@@ -94,3 +94,25 @@ def test_command_line_prompts_are_checked_too():
     validate_items(ok, TOK, VOCAB, 64)
     assert ok[0].prompt == "ok" and ok[1].kind == "chat" and ok[1].where == "--chat-prompt #1"
     assert ok[1].prompt["prompt_token_ids"][:1] == [OFFSET + ord("u")]  # "user: chat me"
+
+
+def test_priority_key_under_the_priority_policy(tmp_path):
+    path = _file(tmp_path, {"prompt": "a", "priority": 3}, {"prompt": "b", "priority": -2}, {"prompt": "c"}, "plain")
+    items = read_inputs(path, False, BASE, "priority")
+    assert [it.priority for it in items] == [3, -2, 0, 0]
+    assert all(it.params == BASE for it in items)  # priority is the request's, not a SamplingParams field
+
+
+@pytest.mark.parametrize("policy,line,message", [
+    ("fcfs", {"prompt": "a", "priority": 1},
+     "priority=1 is invalid: scheduling_policy='fcfs' takes priority 0 only (start the engine with "
+     "--scheduling-policy priority)"),
+    ("priority", {"prompt": "a", "priority": "1"}, "priority='1' is invalid: must be an integer"),
+    ("priority", {"prompt": "a", "priority": 1.5}, "priority=1.5 is invalid: must be an integer"),
+    ("priority", {"prompt": "a", "priority": True}, "priority=True is invalid: must be an integer"),
+])
+def test_bad_priority_names_file_and_line(tmp_path, policy, line, message):
+    path = _file(tmp_path, {"prompt": "fine", "priority": 0}, line)  # priority 0 is fine under fcfs
+    with pytest.raises(ValueError) as e:
+        read_inputs(path, False, BASE, policy)
+    assert str(e.value) == f"{path}:2: {message}"

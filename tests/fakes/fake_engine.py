@@ -1,6 +1,7 @@
 """A deterministic tiny engine with the ``LLMEngine`` interface, for serving tests (no jax).
 
-* Tokenizer: one token per Latin-1 character (id = ord(c)), plus BOS=256, EOS=257.
+* Tokenizer (tests/fakes/fake_char_tokenizer.py): one token per Latin-1 character (id = ord(c)),
+  plus BOS=256, EOS=257.
 * Generation: sample ``i`` of a request echoes its prompt tokens cyclically, starting ``i``
   tokens in (so n > 1 samples differ); EOS never appears unless the prompt holds it.
   ``max_tokens`` -> "length", stop strings / stop token ids / EOS -> "stop".
@@ -35,38 +36,7 @@ from jaxllm.engine.stats import EngineStats
 from jaxllm.metrics.stats import FinishedRequestStats, IterationStats, SchedulerStats
 from jaxllm.outputs import CompletionOutput, Logprob, RequestMetrics, RequestOutput
 from jaxllm.sampling_params import SamplingParams
-
-BOS, EOS = 256, 257
-VOCAB_SIZE = 258
-
-
-class FakeCharTokenizer:
-    vocab_size = VOCAB_SIZE
-    eos_token_ids = [EOS]
-    bos_token_id = BOS
-
-    def encode(self, text: str, add_special_tokens: bool = True) -> list[int]:
-        return [ord(c) if ord(c) < 256 else ord("?") for c in text]
-
-    def decode(self, ids, skip_special_tokens: bool = True) -> str:
-        out = []
-        for i in ids:
-            if i < 256:
-                out.append(chr(i))
-            elif not skip_special_tokens:
-                out.append("<bos>" if i == BOS else "<eos>")
-        return "".join(out)
-
-    def apply_chat_template(self, messages: list[dict], add_generation_prompt: bool = True) -> list[int]:
-        text = ""
-        for m in messages:
-            if m.get("role") not in ("system", "user", "assistant"):
-                raise ValueError(f"role={m.get('role')!r} is invalid: must be system, user or assistant")
-            text += f"<{m['role']}>{m['content']}\n"
-        if add_generation_prompt:
-            text += "<assistant>"
-        return self.encode(text)
-
+from tests.fakes.fake_char_tokenizer import EOS, VOCAB_SIZE, FakeCharTokenizer
 
 class FakeEngineConfig(msgspec.Struct, kw_only=True):
     model: str = "fake"

@@ -2,29 +2,26 @@
 tp=8 replicates kv heads): identical greedy outputs, logits within 1e-4 of tp=1 (both layer loops),
 ~1/tp of the sharded parameters and of the KV cache per device, each device's shard of the fused
 wqkv / w_gate_up holding exactly its own q/k/v and gate/up slices, Megatron collectives only, zero
-compiles after warm-up; with LoRA slots, mixed-adapter logits equal tp=1's too."""
+compiles after warm-up (LoRA slots: test_tp_lora.py; the forward outside the engine: tp_forward.py)."""
 from __future__ import annotations
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-from flax import nnx
 
 from checkpoints import load_checkpoint
 from jaxllm.config import EngineConfig
 from jaxllm.engine.factory import build_engine
 from jaxllm.llm import LLM
-from jaxllm.models.llama import build_model, param_shapes
-from jaxllm.parallel import TPLayout, make_mesh
+from jaxllm.models.llama import param_shapes
 from jaxllm.sampling_params import SamplingParams
-from pallas_kernels import AttentionMetadata, KVCache
+from pallas_kernels import KVCache
 from tests.parallel.tiny_llama import make_tiny_llama
+from tests.parallel.tp_forward import BLOCK, PROMPTS, forward_logits
 
 TPS = (1, 2, 4, 8)
-BLOCK = 16
 MAX_LEN = 128
-PROMPTS = [list(range(3, 20)), [5, 9, 200, 7], list(range(100, 140)), [42]]
 
 
 @pytest.fixture(scope="module")
@@ -79,8 +76,8 @@ def test_fp8_kv_cache_tp2_equals_tp1(engines, path):
     runner holds each device's heads' pages and scales, the scales calibrated at start equal to
     tp=1's (jaxllm/runner/kv_calibration.py), and 8x the blocks of the tp=1 f32 cache in the same
     kv_cache_memory_bytes per device (x2 heads, x4 bytes)."""
-    ref_prefill, ref_decode = _forward_logits(path, 1, "scan", kv_dtype=jnp.float8_e4m3fn)
-    prefill, decode = _forward_logits(path, 2, "unroll", kv_dtype=jnp.float8_e4m3fn)
+    ref_prefill, ref_decode = forward_logits(path, 1, "scan", kv_dtype=jnp.float8_e4m3fn)
+    prefill, decode = forward_logits(path, 2, "unroll", kv_dtype=jnp.float8_e4m3fn)
     np.testing.assert_allclose(prefill, ref_prefill, atol=1e-4, rtol=0)
     np.testing.assert_allclose(decode, ref_decode, atol=1e-4, rtol=0)
     e = engines(2, "fp8", warmup=False)  # compiles only the buckets it runs
@@ -177,62 +174,12 @@ def test_fused_shards_hold_their_own_heads(engines, path):
                 np.testing.assert_array_equal(got, want, err_msg=f"tp={tp} device {d} {name}")
 
 
-def _two_prompt_steps(a, b, T=64):
-    """The ragged batches both forwards run: prompts ``a`` (blocks 0-3) and ``b`` (blocks 4-7)
-    prefilled together, packed into ``T`` tokens, then one decode step of tokens 7 and 11 after them.
-    -> (prefill (tokens [T], positions [T], meta), decode (tokens [2], positions [2], meta))"""
-    tokens = np.zeros(T, np.int32)  # [T]
-    tokens[:len(a)], tokens[len(a):len(a) + len(b)] = a, b
-    positions = np.zeros(T, np.int32)  # [T]
-    positions[:len(a)], positions[len(a):len(a) + len(b)] = np.arange(len(a)), np.arange(len(b))
-    tables = np.array([[0, 1, 2, 3], [4, 5, 6, 7]], np.int32)  # [2, 4]
-    slots = np.full(T, -1, np.int32)  # [T] cache slot of each token, -1 = padding
-    slots[:len(a)] = np.arange(len(a))
-    slots[len(a):len(a) + len(b)] = 4 * BLOCK + np.arange(len(b))
-    meta = AttentionMetadata(slots, tables, np.array([len(a), len(b)], np.int32),
-                             np.array([0, len(a), len(a) + len(b)], np.int32))
-    dec_meta = AttentionMetadata(np.array([len(a), 4 * BLOCK + len(b)], np.int32), tables,
-                                 np.array([len(a) + 1, len(b) + 1], np.int32), np.array([0, 1, 2], np.int32),
-                                 decode_only=True)
-    return (tokens, positions, meta), (np.array([7, 11], np.int32), np.array([len(a), len(b)], np.int32), dec_meta)
-
-
-def _forward_logits(path, tp, layer_loop=None, hlo=False, kv_dtype=jnp.float32):
-    """Logits of every token of two prompts (one prefill step) and then of one decode step (and
-    the decode step's optimized HLO with `hlo`)."""
-    ckpt = load_checkpoint(path)
-    c = ckpt.config
-    layout = TPLayout.plan(c, tp, make_mesh(tp)) if tp > 1 else None
-    model = build_model(c, ckpt.params, jnp.float32, layout=layout, layer_loop=layer_loop)
-    mc = model.config
-    cache = KVCache.zeros(mc.num_layers, 16, BLOCK, mc.num_kv_heads, mc.head_dim, kv_dtype,
-                          sharding=layout.cache_sharding() if layout else None,
-                          scale_sharding=layout.cache_scale_sharding() if layout else None)
-    graphdef, state = nnx.split(model)
-
-    @jax.jit
-    def fwd(state, cache, tokens, positions, meta):
-        m = nnx.merge(graphdef, state)
-        hidden, cache = m(tokens, positions, cache, meta)
-        return m.compute_logits(hidden), cache
-
-    a, b = PROMPTS[0], PROMPTS[2]  # 17 and 40 tokens; blocks 0-1 and 4-6
-    prefill_step, decode_step = _two_prompt_steps(a, b)
-    prefill, cache = fwd(state, cache, *prefill_step)
-    prefill = np.asarray(prefill)[:len(a) + len(b)]
-    dec_args = (state, cache, *decode_step)
-    decode, _ = fwd(*dec_args)
-    if hlo:
-        return prefill, np.asarray(decode), fwd.lower(*dec_args).compile().as_text()
-    return prefill, np.asarray(decode)
-
-
 def test_logits_match_tp1(path):
-    ref_prefill, ref_decode = _forward_logits(path, 1, "scan")
+    ref_prefill, ref_decode = forward_logits(path, 1, "scan")
     assert np.ptp(ref_prefill) > 1.0  # real random weights, not near-constant logits
     # each tp once, both loops covered (scan vs unroll at tp=1 is the HF parity tests' job)
     for tp, loop in ((2, "unroll"), (4, "scan"), (8, "unroll")):
-        prefill, decode = _forward_logits(path, tp, loop)
+        prefill, decode = forward_logits(path, tp, loop)
         np.testing.assert_allclose(prefill, ref_prefill, atol=1e-4, rtol=0, err_msg=f"tp={tp} {loop}")
         np.testing.assert_allclose(decode, ref_decode, atol=1e-4, rtol=0, err_msg=f"tp={tp} {loop}")
 
@@ -247,7 +194,7 @@ def test_fused_split_adds_no_collective(path, layer_loop):
     the [S, V] logits; no weight or activation gathered, permuted or scattered."""
     import re
 
-    _, _, hlo = _forward_logits(path, 4, layer_loop, hlo=True)
+    _, _, hlo = forward_logits(path, 4, layer_loop, hlo=True)
     ops = sorted(m.groups() for m in re.finditer(COLLECTIVE, hlo))
     bodies = 1 if layer_loop == "scan" else 2  # the tiny model has 2 layers
     assert ops == [("f32[2,512]", "all-gather")] + [("f32[2,64]", "all-reduce")] * (1 + 2 * bodies), ops
@@ -281,9 +228,9 @@ def test_bias_and_qk_norm_archs_match_tp1(arch, tps, tmp_path_factory):
     from tests.models.hf_tiny import make_tiny_hf
 
     path = make_tiny_hf(arch, str(tmp_path_factory.mktemp("hf")))
-    ref_prefill, ref_decode = _forward_logits(path, 1, "scan")
+    ref_prefill, ref_decode = forward_logits(path, 1, "scan")
     for tp, loop in ((tps[0], "scan"), (tps[1], "unroll")):
-        prefill, decode = _forward_logits(path, tp, loop)
+        prefill, decode = forward_logits(path, tp, loop)
         np.testing.assert_allclose(prefill, ref_prefill, atol=1e-4, rtol=0, err_msg=f"{arch} tp={tp} {loop}")
         np.testing.assert_allclose(decode, ref_decode, atol=1e-4, rtol=0, err_msg=f"{arch} tp={tp} {loop}")
 
@@ -309,120 +256,6 @@ def test_structured_outputs_identical_across_tp_without_compiles(engines):
     for r, g in zip(outs[1], outs[2]):
         assert g.token_ids == r.token_ids and r.finish_reason == "stop"
         assert re.fullmatch(r"[a-f]{2,4}(-[0-9]{1,2}){1,2}", decode_bytes(r.token_ids, engines(1).eos_token_ids))
-
-
-def _lora_forward_logits(path, tp, layer_loop, adapters, hlo=False):
-    # -> (prefill logits, decode logits, the decode step's optimized HLO if `hlo` else None)
-    """`_forward_logits`'s two steps with LoRA slots 1..3 holding `adapters`: prompt a runs slot 2,
-    prompt b slot 0 (base) in the prefill; the decode step runs them on slots 1 and 3."""
-    from jaxllm.lora.config import LoRAConfig
-    from jaxllm.lora.delta import LoRABatch
-    from jaxllm.lora.peft import load_adapter
-    from jaxllm.lora.slots import LoRASlots
-
-    ckpt = load_checkpoint(path)
-    c = ckpt.config
-    layout = TPLayout.plan(c, tp, make_mesh(tp)) if tp > 1 else None
-    model = build_model(c, ckpt.params, jnp.float32, layout=layout, layer_loop=layer_loop)
-    lora = LoRASlots(LoRAConfig(3, 8), model)
-    for slot, p in enumerate(adapters, start=1):
-        lora.set(slot, load_adapter(p, c, 8))
-    mc = model.config
-    cache = KVCache.zeros(mc.num_layers, 16, BLOCK, mc.num_kv_heads, mc.head_dim, jnp.float32,
-                          sharding=layout.cache_sharding() if layout else None)
-    graphdef, state = nnx.split(model)
-
-    @jax.jit
-    def fwd(state, cache, tokens, positions, meta, weights, slots):
-        m = nnx.merge(graphdef, state)
-        hidden, cache = m(tokens, positions, cache, meta, LoRABatch(weights, slots))
-        return m.compute_logits(hidden), cache
-
-    a, b = PROMPTS[0], PROMPTS[2]
-    prefill_step, decode_step = _two_prompt_steps(a, b)
-    slots = np.zeros(len(prefill_step[0]), np.int32)  # [T] LoRA slot of each token: a on 2, b on the base
-    slots[:len(a)] = 2
-    prefill, cache = fwd(state, cache, *prefill_step, lora.weights, slots)
-    dec_args = (state, cache, *decode_step, lora.weights, np.array([1, 3], np.int32))
-    decode, _ = fwd(*dec_args)
-    out = np.asarray(prefill)[:len(a) + len(b)], np.asarray(decode)
-    return out + (fwd.lower(*dec_args).compile().as_text() if hlo else None,)
-
-
-@pytest.fixture(scope="module")
-def lora_adapters(tmp_path_factory):
-    from tests.lora.adapters import write_adapter
-    from tests.parallel.tiny_llama import CONFIG
-
-    root = str(tmp_path_factory.mktemp("lora"))
-    return [write_adapter(root, "qkvo", CONFIG, r=8, targets=("q_proj", "k_proj", "v_proj", "o_proj"), seed=1),
-            write_adapter(root, "mixed", CONFIG, r=4, targets=("v_proj", "gate_proj", "up_proj", "down_proj"), seed=2,
-                          extra_config=dict(use_rslora=True)),
-            write_adapter(root, "all", CONFIG, r=8, alpha=4, seed=3)]
-
-
-def test_lora_mixed_slots_match_tp1_and_add_no_collective(path, lora_adapters):
-    """LoRA A/B sharded like their base weights (tp=8 also repeats the kv heads of B_k/B_v): logits
-    of a prefill mixing slot 2 and the base, and of a decode on slots 1 and 3, equal tp=1's.
-
-    And at tp=2 the deltas ride on the base projections' communication: the decode forward has the
-    collectives it has without LoRA (test_fused_split_adds_no_collective), o_proj's and down_proj's
-    all-reduce carrying the row-parallel delta's partial x·A ([T, S, R], summed before its replicated
-    B) in the same op; the column-parallel deltas are computed where their outputs live."""
-    import re
-
-    ref_prefill, ref_decode, _ = _lora_forward_logits(path, 1, "scan", lora_adapters)
-    base_prefill, base_decode = _forward_logits(path, 1, "scan")
-    n = len(PROMPTS[0])
-    assert np.abs(ref_prefill[:n] - base_prefill[:n]).max() > 0.1  # the adapter is really there
-    np.testing.assert_allclose(ref_prefill[n:], base_prefill[n:], atol=1e-4, rtol=0)  # slot 0 is the base
-    assert (np.abs(ref_decode - base_decode).max(-1) > 0.1).all()
-    for tp, loop in ((2, "scan"), (8, "unroll")):
-        prefill, decode, hlo = _lora_forward_logits(path, tp, loop, lora_adapters, hlo=tp == 2)
-        np.testing.assert_allclose(prefill, ref_prefill, atol=1e-4, rtol=0, err_msg=f"tp={tp} {loop}")
-        np.testing.assert_allclose(decode, ref_decode, atol=1e-4, rtol=0, err_msg=f"tp={tp} {loop}")
-        if tp == 2:
-            ops = sorted(re.findall(r"= (\(?[^=]*?\)?) (all-reduce|all-gather|reduce-scatter|all-to-all|"
-                                    r"collective-permute)(?:-start)?\(", hlo))
-            ops = [(re.sub(r"\{[\d,]*\}", "", shape), op) for shape, op in ops]  # drop layouts
-            body = ("(f32[2,64], f32[2,3,8])", "all-reduce")  # [T, E] and u [T, S, R] in one op
-            assert ops == [body, body, ("f32[2,512]", "all-gather"), ("f32[2,64]", "all-reduce")], ops
-
-
-@pytest.mark.parametrize("tp,layer_loop", [(2, "scan"), (8, "scan"), (8, "unroll")])
-def test_lora_slot_write_pads_on_device_sharded_in_place(path, tp, layer_loop):
-    """A slot write sends the adapter at its rank bucket, B_k/B_v with the checkpoint's kv heads (tp=8
-    repeats them twice on the device): each slot's contents equal the numpy padding with repeated kv
-    heads (tests/lora/slot_ref.py), the slots keep their shardings, the write is donated (aliased in
-    place) and its program moves nothing between devices."""
-    import re
-
-    from jaxllm.lora.config import LoRAConfig
-    from jaxllm.lora.slots import LoRASlots
-    from tests.lora.slot_ref import assert_slot_equal, padded_slot, random_adapter, read_slot
-
-    ckpt = load_checkpoint(path)
-    c = ckpt.config
-    layout = TPLayout.plan(c, tp, make_mesh(tp))
-    slots = LoRASlots(LoRAConfig(2, 16), build_model(c, ckpt.params, jnp.float32, layout=layout, layer_loop=layer_loop))
-    assert slots.kv_repeat == (2 if tp == 8 else 1) and slots.rank_buckets == (8, 16)
-    shardings = jax.tree.map(lambda x: x.sharding, slots.weights)
-    assert any(not s.is_fully_replicated for s in jax.tree.leaves(shardings))
-    for rb in slots.rank_buckets:
-        hlo = slots.lower(rb).compile().as_text()
-        assert "input_output_alias" in hlo, f"rank {rb}: the slot update is not in place"
-        assert not re.search(r"all-reduce|all-gather|reduce-scatter|all-to-all|collective-permute", hlo), rb
-    want = {s: padded_slot(None, c, 16, slots.kv_repeat, jnp.float32) for s in (1, 2)}
-    writes = ((1, 8, None), (2, 5, ("layers.wk", "layers.wv", "layers.wo")), (1, 16, None), (2, None, None))
-    for seed, (slot, rank, params) in enumerate(writes):
-        ad = None if rank is None else random_adapter(c, rank, seed, params=params)
-        old = jax.tree.leaves(slots.weights)
-        slots.set(slot, ad)
-        assert all(x.is_deleted() for x in old), "the slot write is not donated"
-        assert jax.tree.map(lambda x: x.sharding, slots.weights) == shardings
-        want[slot] = padded_slot(ad, c, 16, slots.kv_repeat, jnp.float32)
-        for s in want:
-            assert_slot_equal(read_slot(slots, s), want[s], f"tp={tp} {layer_loop} slot {s} after writing slot {slot}")
 
 
 class _Computed:

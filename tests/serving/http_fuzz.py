@@ -12,6 +12,7 @@ with a wrong method or to an unknown path.
 
 from __future__ import annotations
 
+import functools
 import json
 import math
 import types
@@ -19,7 +20,7 @@ import typing
 from typing import Any, Literal
 
 from hypothesis import strategies as st
-from pydantic import BaseModel
+from pydantic import BaseModel, TypeAdapter, ValidationError
 
 from serving.openai_embed import EmbeddingRequest
 from serving.openai_protocol import (ChatCompletionRequest, CompletionRequest, DetokenizeRequest,
@@ -31,9 +32,9 @@ POST_BODIES: dict[str, type[BaseModel]] = {
     "/v1/completions": CompletionRequest, "/v1/chat/completions": ChatCompletionRequest,
     "/tokenize": TokenizeRequest, "/detokenize": DetokenizeRequest, "/v1/embeddings": EmbeddingRequest,
     "/v1/responses": ResponsesRequest}
-GETS = ("/v1/models", "/health", "/metrics")
+GETS = ("/v1/models", "/health", "/metrics", "/ping", "/version")
 STATUSES = {200, 400, 401, 404, 405, 413, 429, 503}
-NO_KEY_PATHS = ("/health", "/metrics")
+NO_KEY_PATHS = ("/health", "/metrics", "/ping", "/version")  # serving/openai_api.py's OPEN_PATHS
 
 EDGE_INTS = [0, 1, -1, 2, 3, 5, 20, 21, 127, 128, 130, 131, 2**31 - 1, -(2**31), 2**53, 2**63 - 1,
              -(2**63), 2**64, 10**30]
@@ -71,8 +72,9 @@ def _models_in(ann) -> list:
 FIELDS = _known_fields()  # what a 400's ``param`` may be rooted in
 
 
-def plausible(vocab: int) -> dict[str, st.SearchStrategy]:
-    """Values in a field's useful range, by field name: these reach the engine."""
+def plausible(vocab: int, served: str = "fake-llm") -> dict[str, st.SearchStrategy]:
+    """Values in a field's useful range, by field name: these reach the engine (``served``: the
+    server's model name)."""
     tid = st.integers(0, vocab - 1)
     # lengths uniform in [1, 12]: hypothesis's lists start short, and a fixed-seed short budget
     # would otherwise rarely send more than a few ids
@@ -82,7 +84,8 @@ def plausible(vocab: int) -> dict[str, st.SearchStrategy]:
                                  "content": st.one_of(words, st.lists(st.fixed_dictionaries(
                                      {"type": st.just("text"), "text": words}), max_size=2))})
     return dict(
-        model=st.just("fake-llm"), max_tokens=st.integers(0, 8), max_completion_tokens=st.integers(1, 8),
+        model=st.just(served), max_tokens=st.integers(0, 8), max_completion_tokens=st.integers(1, 8),
+        max_output_tokens=st.integers(1, 8),
         temperature=st.floats(0, 2), top_p=st.floats(0.01, 1), n=st.integers(1, 3),
         stop=st.one_of(st.text(min_size=1, max_size=3), st.lists(st.text(min_size=1, max_size=3), max_size=2)),
         presence_penalty=st.floats(-2, 2), frequency_penalty=st.floats(-2, 2),
@@ -136,14 +139,51 @@ def from_annotation(ann, vocab: int, depth: int = 0) -> st.SearchStrategy:
     return {bool: st.booleans(), int: INTS, float: FLOATS, str: TEXT}.get(ann, WILD)
 
 
+# optional fields a tame body may hold: each valid alone with any plausible value of the others;
+# and the ones it always holds (/tokenize's prompt: it takes "prompt" or "messages")
+TAME = frozenset({"model", "max_tokens", "max_output_tokens", "temperature", "top_p", "n", "seed", "top_k", "min_p", "presence_penalty",
+                  "frequency_penalty", "repetition_penalty", "stop", "min_tokens", "encoding_format"})
+TAME_ALWAYS = frozenset({"prompt"})
+# ...but not where the field means something else: the Responses API's `prompt` (a stored prompt
+# template) is refused by this server
+TAME_NEVER = {"ResponsesRequest": frozenset({"prompt"})}
+
+
+@functools.lru_cache(maxsize=None)
+def _adapter(model: type[BaseModel], name: str) -> TypeAdapter:
+    return TypeAdapter(model.model_fields[name].annotation)
+
+
+def _fits(model: type[BaseModel], name: str, value: Any) -> bool:
+    """Whether ``value`` is of the field's type (a plausible value may be another endpoint's form:
+    /tokenize's prompt is a string, /v1/completions' also token ids)."""
+    try:
+        _adapter(model, name).validate_python(value)
+        return True
+    except ValidationError:
+        return False
+
+
 @st.composite
-def body(draw, model: type[BaseModel], vocab: int, depth: int = 0) -> dict:
+def body(draw, model: type[BaseModel], vocab: int, depth: int = 0, served: str = "fake-llm") -> dict:
     """A JSON object for ``model``: required fields mostly present, each optional one a third of
-    the time; a value plausible (top level) or typed, one in ten wild; now and then an unknown field."""
-    easy = plausible(vocab) if depth == 0 else {}
+    the time; a value plausible (top level) or typed, one in ten wild; now and then an unknown field.
+    One top-level body in two is tame: required fields present, optional ones only from TAME,
+    all plausible (with ~40 fields, and fields that only go together, a body the server accepts is
+    otherwise too rare for every endpoint's success side to be exercised)."""
+    easy = plausible(vocab, served) if depth == 0 else {}
+    tame = depth == 0 and draw(st.booleans())
     out: dict = {}
     for name, f in model.model_fields.items():
         key = f.alias or name
+        if tame:
+            wanted = f.is_required() or key in TAME_ALWAYS or (key in TAME and draw(st.integers(0, 2)) == 0)
+            wanted = wanted and key not in TAME_NEVER.get(model.__name__, ())
+            if key in easy and wanted:
+                out[key] = draw(easy[key].filter(lambda v, m=model, n=name: _fits(m, n, v)))  # its type's value
+            elif f.is_required():
+                out[key] = draw(from_annotation(f.annotation, vocab, depth))
+            continue
         if f.is_required():
             if draw(st.integers(0, 19)) == 0:  # a required field missing
                 continue
@@ -156,7 +196,7 @@ def body(draw, model: type[BaseModel], vocab: int, depth: int = 0) -> dict:
             out[key] = draw(easy[key])
         else:
             out[key] = draw(from_annotation(f.annotation, vocab, depth))
-    if draw(st.integers(0, 14)) == 0:
+    if not tame and draw(st.integers(0, 14)) == 0:
         out[draw(st.sampled_from(["max_tokenz", "extra", "", "🙂", "Model"]))] = draw(WILD)
     return out
 
@@ -177,7 +217,7 @@ CONTENT_TYPES = ["application/json", "application/json; charset=utf-8", "text/pl
 
 
 @st.composite
-def http_requests(draw, vocab: int, key: str, paths: list[str], max_body: int) -> dict:
+def http_requests(draw, vocab: int, key: str, paths: list[str], max_body: int, served: str = "fake-llm") -> dict:
     """One HTTP request: method, path, headers and raw body bytes."""
     path = draw(st.sampled_from(paths + ["/v1/nothing", "/v1/completions/", "/"]) if draw(st.integers(0, 24)) == 0
                 else st.sampled_from(paths))
@@ -202,7 +242,7 @@ def http_requests(draw, vocab: int, key: str, paths: list[str], max_body: int) -
         elif kind == 2:  # just past the size limit: 413 before any parsing
             content = dumps({"prompt": "x" * max_body})
         else:
-            b = draw(body(model, vocab))
+            b = draw(body(model, vocab, served=served))
             if path in ("/v1/completions", "/v1/chat/completions", "/v1/responses") and draw(st.booleans()):
                 b["stream"] = True
             content = dumps(b, ascii=draw(st.booleans()))

@@ -30,9 +30,10 @@ ROLES = ["system", "user", "assistant", "tool", "", "USER", "user\x00", "🙂", 
 TOKEN_ID_FIELDS = {"ids", "token_ids", "stop_token_ids", "allowed_token_ids"}
 
 
-def fuzz_settings(default_examples: int, env: str = "JAXLLM_FUZZ_EXAMPLES") -> settings:
-    """Fixed seed (derandomize), no example database, the budget from ``env`` when set."""
-    n = int(os.environ.get(env, default_examples))
+def fuzz_settings(default_examples: int, env: str | None = "JAXLLM_FUZZ_EXAMPLES") -> settings:
+    """Fixed seed (derandomize), no example database, the budget from ``env`` when set (None:
+    ``default_examples`` as given)."""
+    n = default_examples if env is None else int(os.environ.get(env, default_examples))
     return settings(max_examples=n, deadline=None, derandomize=True, database=None,
                     suppress_health_check=list(HealthCheck), print_blob=True)
 

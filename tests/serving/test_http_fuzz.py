@@ -9,7 +9,9 @@ shape their endpoint promises (one choice per prompt x n, SSE ``data:`` lines of
 ``data: [DONE]``); afterwards every KV block is free, nothing is left in the front door's
 ``active`` map or the async engine, and the server still answers a greedy request correctly.
 Budget: JAXLLM_HTTP_FUZZ_EXAMPLES (default 200 generate-server + 60 embed-server examples,
-fixed seed); a longer run: ``JAXLLM_HTTP_FUZZ_EXAMPLES=3000 pytest -s tests/serving/test_http_fuzz.py``.
+fixed seed), given per path by GEN_PLAN / EMBED_PLAN, each path fuzzed on its own examples and
+checked to have been answered both ways (e.g. 200 and 400); a longer run:
+``JAXLLM_HTTP_FUZZ_EXAMPLES=3000 pytest -s tests/serving/test_http_fuzz.py``.
 """
 
 from __future__ import annotations
@@ -17,6 +19,7 @@ from __future__ import annotations
 import base64
 import json
 import math
+import os
 import re
 
 import httpx
@@ -35,9 +38,15 @@ KEY = "sk-fuzz"
 MAX_BODY = 16384
 VOCAB = FakeTokenizer().vocab_size
 ENV = "JAXLLM_HTTP_FUZZ_EXAMPLES"
-GEN_PATHS = ["/v1/completions", "/v1/chat/completions", "/tokenize", "/detokenize", "/v1/embeddings",
-             "/v1/models", "/health", "/metrics", "/v1/responses"]
-EMBED_PATHS = ["/v1/embeddings", "/v1/completions", "/tokenize", "/v1/models", "/health"]
+# path -> (its examples at the default budget, the statuses it must have been answered with at least
+# once). Each path is fuzzed on its own examples, so a path added here neither changes another
+# path's draws nor dilutes its mix of answers (both sides of the contract are checked path by path).
+GEN_PLAN = {"/v1/completions": (44, {200, 400}), "/v1/chat/completions": (44, {200, 400}),
+            "/tokenize": (22, {200, 400}), "/detokenize": (22, {200, 400}), "/v1/embeddings": (12, {400}),
+            "/v1/models": (12, {200}), "/health": (11, {200}), "/metrics": (11, {200}), "/ping": (11, {200}),
+            "/version": (11, {200}), "/v1/responses": (44, {200, 400})}
+EMBED_PLAN = {"/v1/embeddings": (20, {200, 400}), "/v1/completions": (8, {400}), "/tokenize": (12, {200, 400}),
+              "/v1/models": (5, {200}), "/health": (5, {200}), "/ping": (5, {200}), "/version": (5, {200})}
 _LEAD = re.compile(r"[A-Za-z_]+")
 
 
@@ -180,8 +189,12 @@ def check_ok(r: httpx.Response, req: dict) -> None:
             vec = d["embedding"]
             size = len(base64.b64decode(vec)) // 4 if isinstance(vec, str) else len(vec)
             assert size == FAKE_HIDDEN_SIZE
-    elif path == "/health":
+    elif path in ("/health", "/ping"):
         assert r.json() == {"status": "SERVING"}
+    elif path == "/version":
+        from importlib.metadata import version
+
+        assert r.json() == {"version": version("jaxllm")}  # the installed package's
     elif path == "/metrics":
         assert "jaxllm" in r.text
     elif path == "/v1/models":
@@ -202,7 +215,7 @@ def check_response(r: httpx.Response, req: dict, paths: list[str]) -> None:
         assert req["path"] in paths and req["method"] != ("POST" if req["path"] in POST_BODIES else "GET"), what
     if r.status_code == 200:
         check_ok(r, req)
-    elif not (req["path"] == "/health" and r.status_code == 503):
+    elif not (req["path"] in ("/health", "/ping") and r.status_code == 503):
         try:
             check_error(r, req)
         except (AssertionError, ValueError, KeyError) as e:
@@ -230,30 +243,43 @@ def still_serving(srv: ThreadedServer, http: httpx.Client, generates: bool) -> N
     srv.wait_idle()
 
 
-def _fuzz(srv: ThreadedServer, paths: list[str], default: int, generates: bool) -> dict:
-    seen: dict[int, int] = {}
+def _fuzz(srv: ThreadedServer, plan: dict, generates: bool) -> dict[str, dict[int, int]]:
+    """Fuzz each path of ``plan`` on its examples (JAXLLM_HTTP_FUZZ_EXAMPLES, when set, is the
+    total, shared in the plan's proportions); the statuses seen, counted per path."""
+    paths = list(plan)
+    default = sum(share for share, _ in plan.values())
+    total = int(os.environ.get(ENV, default))
+    seen: dict[str, dict[int, int]] = {}
     with httpx.Client(base_url=srv.base_url, timeout=30) as http:
+        for path, (share, _) in plan.items():
 
-        @fuzz_settings(default, env=ENV)
-        @given(req=http_requests(VOCAB, KEY, paths, MAX_BODY))
-        def fuzz(req):
-            r = http.request(req["method"], req["path"], headers=req["headers"], content=req["content"])
-            seen[r.status_code] = seen.get(r.status_code, 0) + 1
-            check_response(r, req, paths)
+            @fuzz_settings(max(1, round(total * share / default)), env=None)
+            @given(req=http_requests(VOCAB, KEY, [path], MAX_BODY, served=srv.engine.config.model))
+            def fuzz(req):
+                r = http.request(req["method"], req["path"], headers=req["headers"], content=req["content"])
+                by_path = seen.setdefault(req["path"], {})  # now and then another path (an unknown one)
+                by_path[r.status_code] = by_path.get(r.status_code, 0) + 1
+                check_response(r, req, paths)
 
-        fuzz()
-        print(f"http fuzz statuses ({'generate' if generates else 'embed'}):", dict(sorted(seen.items())))
+            fuzz()
+        print(f"http fuzz statuses ({'generate' if generates else 'embed'}):",
+              {p: dict(sorted(c.items())) for p, c in seen.items()})
         still_serving(srv, httpx.Client(base_url=srv.base_url, timeout=30, headers={"Authorization": f"Bearer {KEY}"}),
                       generates)
     return seen
 
 
+def check_coverage(seen: dict[str, dict[int, int]], plan: dict) -> None:
+    """Both sides of the contract were exercised, path by path: each path was answered with each
+    status its plan names at least once, and a key-gated path was refused for its key (401)."""
+    missing = {p: sorted(want - set(seen.get(p, {}))) for p, (_, want) in plan.items() if want - set(seen.get(p, {}))}
+    assert not missing, (missing, seen)
+    assert any(c.get(401, 0) for p, c in seen.items() if p not in NO_KEY_PATHS), seen
+
+
 def test_http_fuzz_generate_server(gen_server):
-    seen = _fuzz(gen_server, GEN_PATHS, 200, generates=True)
-    # both sides of the contract were exercised
-    assert seen.get(200, 0) > 40 and seen.get(400, 0) > 40 and seen.get(401, 0) > 5, seen
+    check_coverage(_fuzz(gen_server, GEN_PLAN, generates=True), GEN_PLAN)
 
 
 def test_http_fuzz_embed_server(embed_server):
-    seen = _fuzz(embed_server, EMBED_PATHS, 60, generates=False)
-    assert seen.get(200, 0) > 10 and seen.get(400, 0) >= 3, seen
+    check_coverage(_fuzz(embed_server, EMBED_PLAN, generates=False), EMBED_PLAN)

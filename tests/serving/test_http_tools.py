@@ -206,6 +206,8 @@ def test_auto_without_parallel_tool_calls_answers_only_the_first_call(auto_srv, 
 @pytest.mark.parametrize("parser, text", [
     ("pythonic", "[get_weather(city='Rome', days=2), get_time(zone='UTC')]"),
     ("llama3_json", '{"name": "get_time", "parameters": {"zone": "EST"}}'),
+    ("mistral", 'Checking. [TOOL_CALLS]get_weather[ARGS]{"city": "Rome", "days": 2}'
+                '[TOOL_CALLS]get_time{"zone": "UTC"}'),
 ])
 def test_auto_with_other_parsers(parser, text):
     s = ThreadedServer(_engine(), enable_auto_tool_choice=True, tool_call_parser=parser)

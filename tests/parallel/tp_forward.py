@@ -1,0 +1,66 @@
+"""The tiny Llama's forward at any tensor-parallel size, outside the engine: two prompts prefilled
+together in one ragged step, then one decode step; shared by test_tp_engine.py and test_tp_lora.py."""
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx
+
+from checkpoints import load_checkpoint
+from jaxllm.models.llama import build_model
+from jaxllm.parallel import TPLayout, make_mesh
+from pallas_kernels import AttentionMetadata, KVCache
+
+BLOCK = 16
+PROMPTS = [list(range(3, 20)), [5, 9, 200, 7], list(range(100, 140)), [42]]
+
+
+def two_prompt_steps(a, b, T=64):
+    """The ragged batches both forwards run: prompts ``a`` (blocks 0-3) and ``b`` (blocks 4-7)
+    prefilled together, packed into ``T`` tokens, then one decode step of tokens 7 and 11 after them.
+    -> (prefill (tokens [T], positions [T], meta), decode (tokens [2], positions [2], meta))"""
+    tokens = np.zeros(T, np.int32)  # [T]
+    tokens[:len(a)], tokens[len(a):len(a) + len(b)] = a, b
+    positions = np.zeros(T, np.int32)  # [T]
+    positions[:len(a)], positions[len(a):len(a) + len(b)] = np.arange(len(a)), np.arange(len(b))
+    tables = np.array([[0, 1, 2, 3], [4, 5, 6, 7]], np.int32)  # [2, 4]
+    slots = np.full(T, -1, np.int32)  # [T] cache slot of each token, -1 = padding
+    slots[:len(a)] = np.arange(len(a))
+    slots[len(a):len(a) + len(b)] = 4 * BLOCK + np.arange(len(b))
+    meta = AttentionMetadata(slots, tables, np.array([len(a), len(b)], np.int32),
+                             np.array([0, len(a), len(a) + len(b)], np.int32))
+    dec_meta = AttentionMetadata(np.array([len(a), 4 * BLOCK + len(b)], np.int32), tables,
+                                 np.array([len(a) + 1, len(b) + 1], np.int32), np.array([0, 1, 2], np.int32),
+                                 decode_only=True)
+    return (tokens, positions, meta), (np.array([7, 11], np.int32), np.array([len(a), len(b)], np.int32), dec_meta)
+
+
+def forward_logits(path, tp, layer_loop=None, hlo=False, kv_dtype=jnp.float32):
+    """Logits of every token of two prompts (one prefill step) and then of one decode step (and
+    the decode step's optimized HLO with `hlo`)."""
+    ckpt = load_checkpoint(path)
+    c = ckpt.config
+    layout = TPLayout.plan(c, tp, make_mesh(tp)) if tp > 1 else None
+    model = build_model(c, ckpt.params, jnp.float32, layout=layout, layer_loop=layer_loop)
+    mc = model.config
+    cache = KVCache.zeros(mc.num_layers, 16, BLOCK, mc.num_kv_heads, mc.head_dim, kv_dtype,
+                          sharding=layout.cache_sharding() if layout else None,
+                          scale_sharding=layout.cache_scale_sharding() if layout else None)
+    graphdef, state = nnx.split(model)
+
+    @jax.jit
+    def fwd(state, cache, tokens, positions, meta):
+        m = nnx.merge(graphdef, state)
+        hidden, cache = m(tokens, positions, cache, meta)
+        return m.compute_logits(hidden), cache
+
+    a, b = PROMPTS[0], PROMPTS[2]  # 17 and 40 tokens; blocks 0-1 and 4-6
+    prefill_step, decode_step = two_prompt_steps(a, b)
+    prefill, cache = fwd(state, cache, *prefill_step)
+    prefill = np.asarray(prefill)[:len(a) + len(b)]
+    dec_args = (state, cache, *decode_step)
+    decode, _ = fwd(*dec_args)
+    if hlo:
+        return prefill, np.asarray(decode), fwd.lower(*dec_args).compile().as_text()
+    return prefill, np.asarray(decode)
