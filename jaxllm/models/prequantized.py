@@ -47,10 +47,6 @@ def method(params: dict) -> str | None:
 def check(params: dict, quantization: str | None) -> None:
     """ValueError when `quantization` conflicts with params that are already quantized."""
     kept, m = names(params), method(params)
-    if quantization == "int4" and m != "int4":
-        raise ValueError("quantization='int4' needs a 4-bit checkpoint (GGUF Q4_0 / Q4_1, AWQ, GPTQ), "
-                         f"this one has {f'{m} weights' if m else 'no quantized weights'}; jaxllm does not "
-                         "quantize to 4 bits at load: use 'int8' or 'fp8'")
     if kept and quantization not in (None, m):
         raise ValueError(f"quantization={quantization!r} conflicts with the checkpoint's {m} weights "
                          f"({', '.join(kept)}: {_ORIGIN[m]}, kept quantized); load it without quantization "

@@ -37,7 +37,6 @@ from jaxllm.models.quant_pack4 import can_pack, pack4, unpack4
 
 # held name -> the number of contracted (input) axes after the "layers" axis
 QUANT_PARAMS: dict[str, int] = {"layers.wqkv": 1, "layers.wo": 2, "layers.w_gate_up": 1, "layers.w_down": 1}
-_QDTYPE = {"int8": jnp.int8, "fp8": jnp.float8_e4m3fn}
 _QMAX = {"int8": 127.0, "fp8": 448.0}
 FP8_SCALE_SEARCH = 8  # candidate fp8 scales per output channel (see `quantize`)
 
@@ -137,17 +136,52 @@ def fp8_view(q, xp=jnp):
     return q.view(jnp.dtype(jnp.float8_e4m3fn))  # numpy: ml_dtypes' float8_e4m3fn
 
 
+INT4_GROUP = 128  # `--quantization int4`: scales per group of 128 along the last contracted axis (see int4_group)
+
+
+def int4_group(k_last: int) -> int:
+    """The group size of `--quantization int4` along a last contracted axis of `k_last`: INT4_GROUP
+    when it divides the axis, else the largest even divisor of the axis below it (SmolLM2's hidden
+    576: 96; a head_dim of 64: 64, one group per head), else the whole axis (per output channel
+    within the leading contracted axes)."""
+    if k_last % INT4_GROUP == 0:
+        return INT4_GROUP
+    for g in range(min(INT4_GROUP, k_last), 1, -1):
+        if k_last % g == 0 and g % 2 == 0:
+            return g
+    return k_last
+
+
+def quantize_int4(w: jax.Array, num_contracted: int, stacked: bool = False) -> QuantWeight:
+    """Round to nearest, symmetric: per group of `int4_group(K_last)` inputs along the last contracted
+    axis and output channel, s = absmax / 7, q = round(w / s) in [-7, 7] as int4; scale f32
+    [(L,) in..., in_last/g, out...] (block scales, QuantWeight's 4-bit form, like a symmetric GPTQ's)."""
+    lead = 1 if stacked else 0
+    a = lead + num_contracted - 1  # the last contracted axis
+    k = w.shape[a]
+    g = int4_group(k)
+    wf = w.astype(jnp.float32).reshape(w.shape[:a] + (k // g, g) + w.shape[a + 1:])  # [(L,) in.., nb, g, out..]
+    amax = jnp.max(jnp.abs(wf), axis=a + 1)  # [(L,) in.., nb, out..] f32
+    scale = jnp.where(amax > 0, amax / 7.0, 1.0)
+    q = jnp.clip(jnp.round(wf / jnp.expand_dims(scale, a + 1)), -7, 7).astype(jnp.int4).reshape(w.shape)
+    return QuantWeight(q, scale)
+
+
 def quantize(w: jax.Array, method: str, num_contracted: int, stacked: bool = False,
-             fp8_bits: bool = False) -> QuantWeight:
+             fp8_bits: bool = False, pack4: bool = False) -> QuantWeight:
     """w [(L,) in..., out...] float → QuantWeight; `num_contracted` input axes after the optional
     leading layer axis. Jit-compatible (layout.py runs it under jit with out_shardings). `fp8_bits`:
-    an fp8 q is returned as its uint8 bits (the chunked dot's held form, quant_dot.holds_fp8_bits).
+    an fp8 q is returned as its uint8 bits (the chunked dot's held form, quant_dot.holds_fp8_bits);
+    `pack4`: an int4 q is returned packed two a byte (quant_dot.packs_int4). int4: `quantize_int4`.
 
     fp8: the per-channel scale is searched, not just absmax / 448: e4m3's relative error (3 mantissa
     bits) does not depend on the scale, but which weights land near a grid point does; of
     absmax / 448 * 2^(k/8), k = 0..7 (never clipping), each output channel keeps the scale with the
     least squared error. That cuts SmolLM2's fp8 weight error 0.0262 -> 0.0247 (relative RMS) and
     the perplexity cost +2.8% -> +1.2% on the held text (bench/RESULTS.md, "Quantized weights")."""
+    if method == "int4":
+        qw = quantize_int4(w, num_contracted, stacked)
+        return pack_int4(qw) if pack4 else qw
     lead = 1 if stacked else 0
     axes = tuple(range(lead, lead + num_contracted))
     wf = w.astype(jnp.float32)
