@@ -113,3 +113,40 @@ def test_engine_int4_greedy_equals_numpy_dequantized(tiny, tmp_path):
             seq.append(int(logits_of(model, ck.config, [seq])[-1].argmax()))
         want.append(seq[len(p["prompt_token_ids"]):])
     assert got == want
+
+
+def test_gpu_lowering_keeps_int4_and_the_block_dots(tiny, monkeypatch):
+    """On a GPU backend (simulated: jax.default_backend() says "gpu") `--quantization int4` holds XLA's
+    int4 q (not the CPU's uint8 pairs), and the forward exports for CUDA (unrolled layers, the GPU
+    default): each weight's int4 parameter is converted for the einsum path's per-block dots, no
+    uint8 unpacking anywhere."""
+    import re
+
+    from flax import nnx
+
+    from tests.models.test_quant_fp8_bits import held_quant, step_inputs
+
+    monkeypatch.setattr(jax, "default_backend", lambda: "gpu")
+    assert not quant_dot.packs_int4(None) and not quant_dot.use_chunked(None)
+    ck = load_checkpoint(tiny)
+    c = ck.config
+    model = build_model(c, ck.params, jnp.float32, layer_loop="unroll", quantization="int4", attention_impl="reference")
+    qs = [v.q for _, v in held_quant(model)]
+    assert len(qs) == c.num_layers * 4 and {q.dtype for q in qs} == {jnp.dtype(jnp.int4)}
+    assert all(v.packed is None for _, v in held_quant(model))
+    gd, st = nnx.split(model)
+    args = [jax.ShapeDtypeStruct(a.shape, a.dtype) for a in jax.tree.leaves((st, *step_inputs(c)))]
+    treedef = jax.tree.structure((st, *step_inputs(c)))
+
+    def fwd(*leaves):
+        st, t, p, cache, m = jax.tree.unflatten(treedef, leaves)
+        return nnx.merge(gd, st)(t, p, cache, m)[0]
+
+    exported = jax.export.export(jax.jit(fwd), platforms=["cuda"])(*args)
+    assert exported.platforms == ("cuda",)
+    text = exported.mlir_module()
+    params = re.findall(r"%arg\d+: tensor<([\dx]+)xi4>", text)
+    assert sorted(params) == sorted("x".join(map(str, q.shape)) for q in qs)
+    converts = re.findall(r"stablehlo\.convert %\S+ : \(tensor<([\dx]+)xi4>\) -> tensor<[\dx]+xf32>", text)
+    assert len(converts) >= len(qs), converts  # each int4 weight converted for its dot (reshaped per block first)
+    assert "xui8>" not in text and "shift_right" not in text
