@@ -23,7 +23,7 @@ SEQS = [[3, 9, 27], list(range(40, 57)), list(range(100, 140))]  # 60 tokens in 
 
 @pytest.fixture(autouse=True)
 def keep_q4(monkeypatch):
-    """4-bit on every backend (the default, "auto", dequantizes Q4 to fp32 on CPU, where it is faster)."""
+    """4-bit on every backend (what the default, "auto", does too)."""
     monkeypatch.setenv("JAXLLM_GGUF_Q4", "keep")
 
 
@@ -82,7 +82,7 @@ def test_q4_loads_4bit_and_matches_dequantized(files, qtype, monkeypatch):
 
 def test_q4_flag_rules_and_fp32_switch(files, monkeypatch):
     """--quantization int8 on a Q4_1 file: its weights dequantized, then int8 per channel (as before);
-    JAXLLM_GGUF_Q4=fp32, and auto (the default) on CPU: no 4-bit weights at all; another value: one line;
+    JAXLLM_GGUF_Q4=fp32: no 4-bit weights at all; auto (the default): 4-bit, CPU included; another value: one line;
     quantization='int4' names the file's own 4-bit weights."""
     path = files["Q4_1"]
     ck = load_checkpoint(path)
@@ -95,10 +95,10 @@ def test_q4_flag_rules_and_fp32_switch(files, monkeypatch):
     for mode in ("fp32", "auto"):
         monkeypatch.setenv("JAXLLM_GGUF_Q4", mode)
         held = [isinstance(v, QuantWeight) for v in load_checkpoint(path).params.values()]
-        assert not any(held) if mode == "fp32" or jax.default_backend() == "cpu" else any(held), mode
+        assert not any(held) if mode == "fp32" else any(held), mode
     monkeypatch.setenv("JAXLLM_GGUF_Q4", "int4")
-    with pytest.raises(CheckpointError, match=r"^JAXLLM_GGUF_Q4='int4' is invalid: must be 'auto' \(4-bit except on "
-                                              r"CPU\), 'keep' \(4-bit weights\) or 'fp32'$"):
+    with pytest.raises(CheckpointError, match=r"^JAXLLM_GGUF_Q4='int4' is invalid: must be 'auto' \(= 'keep'\), "
+                                              r"'keep' \(4-bit weights\) or 'fp32'$"):
         load_checkpoint(path)
 
 
