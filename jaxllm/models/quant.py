@@ -20,6 +20,10 @@ converts inside the dot is backend-dependent (bench/RESULTS.md, "Quantized weigh
 chunked dot runs, an fp8 `q` is held as its uint8 bits (quant_dot.py: XLA CPU copies float8 weights
 per step otherwise); `QuantWeight.method` and `fp8_view` read it as float8_e4m3fn again.
 
+4-bit (`--quantization int4`, `quantize_int4`; or a 4-bit checkpoint's own weights): int4 / uint4 q
+with group (block) scales along the last contracted axis, held on the chunked-dot path as uint8
+two values a byte (`QuantWeight.packed`, jaxllm/models/quant_pack4.py).
+
 Hand-written rather than Qwix's `QArray`: with float activations and a quantized weight Qwix's
 `einsum` takes its `_slow_dot_general` path, which dequantizes the whole weight (convert and
 scale-multiply over [in, out]) before the dot; here the scale multiplies the small [T, out] output.

@@ -8,6 +8,7 @@ import numpy as np
 import pytest
 
 from jaxllm.models.quant import QuantWeight, dequantize, pack_int4, quant_einsum, weight_bytes
+from jaxllm.models.quant_dot import quant_dot_flat
 from jaxllm.models.quant_pack4 import can_pack, pack4, unpack4
 from tests.models.test_quant4 import CASES, int4_weight, numpy_weight
 
@@ -71,9 +72,9 @@ def test_packed_chunked_dot_matches_numpy_dequantized(case, offset):
         ref = np.einsum(spec, x, ref_w)
         tol = 3e-5 * np.abs(ref).max()
         for chunk in (None, 4096):  # the default chunks, and narrow ones (several loop iterations + tail)
-            got = np.asarray(jax.jit(lambda x, w: quant_einsum(spec, x, w, chunked=True) if chunk is None else
-                                     __import__("jaxllm.models.quant_dot", fromlist=["x"]).quant_dot_flat(
-                                         x, w.q, w.scale, chunk, offset=w.offset, packed=w.packed))(jnp.asarray(x), p))
+            f = (lambda x, w: quant_einsum(spec, x, w, chunked=True)) if chunk is None else (
+                lambda x, w: quant_dot_flat(x, w.q, w.scale, chunk, offset=w.offset, packed=w.packed))
+            got = np.asarray(jax.jit(f)(jnp.asarray(x), p))
             np.testing.assert_allclose(got, ref, rtol=0, atol=tol, err_msg=f"chunked T={t} {chunk}")
         got = np.asarray(jax.jit(lambda x, w: quant_einsum(spec, x, w))(jnp.asarray(x), p))  # einsum: unpacked
         np.testing.assert_allclose(got, ref, rtol=0, atol=tol, err_msg=f"einsum T={t}")
