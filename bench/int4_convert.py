@@ -119,9 +119,14 @@ def layouts(t: int) -> None:
         return f
 
     print(f"T={t}, chunk {ch} columns")
-    print(f"{'today uint4 + offset':40s} {timed(lambda x, q, s: chunked_quant_dot(x, q, s, b, offset=s), x, jnp.asarray(u).astype(jnp.uint4), s):7.3f} ms")
-    print(f"{'today int8 + offset':40s} {timed(lambda x, q, s: chunked_quant_dot(x, q, s, b, offset=s), x, jnp.asarray(u.astype(np.int8)), s):7.3f} ms")
-    print(f"{'quant_dot packed uint4 (halves, two)':40s} {timed(lambda x, q, s: chunked_quant_dot(x, q, s, b, offset=s, packed='uint4'), x, held['halves'], s):7.3f} ms")
+    def dot(packed=None):
+        return lambda x, q, s: chunked_quant_dot(x, q, s, b, offset=s, packed=packed)
+
+    rows = {"today uint4 + offset": (dot(), jnp.asarray(u).astype(jnp.uint4)),
+            "today int8 + offset": (dot(), jnp.asarray(u.astype(np.int8))),
+            "quant_dot packed uint4 (halves, two)": (dot("uint4"), held["halves"])}
+    for name, (f, q) in rows.items():
+        print(f"{name:40s} {timed(f, x, q, s):7.3f} ms")
     for form in held:
         for mode in ("natural", "two", "cat"):
             print(f"{form + ' ' + mode:40s} {timed(variant(form, mode), x, held[form], s):7.3f} ms")

@@ -105,8 +105,7 @@ def test_engine_int4_greedy_equals_numpy_dequantized(tiny, tmp_path):
     for name, nc in CONTRACTED.items():
         ck.params[name] = numpy_rtn(np.asarray(ck.params[name]), nc, int4_group(ck.params[name].shape[nc]))
     model = build_model(ck.config, ck.params, jnp.float32, layer_loop="scan")
-    from jaxllm.models.dense_batch import prefill_batch  # noqa: F401 - the reference: greedy by full forwards
-    want = []
+    want = []  # the reference: greedy by full forwards of the growing sequence
     for p in prompts:
         seq = list(p["prompt_token_ids"])
         for _ in range(8):

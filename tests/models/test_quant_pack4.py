@@ -7,7 +7,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from jaxllm.models.quant import QuantWeight, dequantize, pack_int4, quant_einsum, weight_bytes
+from jaxllm.models.quant import dequantize, pack_int4, quant_einsum, weight_bytes
 from jaxllm.models.quant_dot import quant_dot_flat
 from jaxllm.models.quant_pack4 import can_pack, pack4, unpack4
 from tests.models.test_quant4 import CASES, int4_weight, numpy_weight
@@ -99,5 +99,6 @@ def test_packed_chunked_reads_stacked_layer_in_place(offset):
 def test_packed_dot_refuses_per_channel_scales():
     from jaxllm.models.quant_dot import chunked_quant_dot
 
-    with pytest.raises(ValueError, match=r"^packed='int4': needs block scales and q \[K/2, N\] = \[32, 8\], got block=None"):
+    with pytest.raises(ValueError,
+                       match=r"^packed='int4': needs block scales and q \[K/2, N\] = \[32, 8\], got block=None"):
         chunked_quant_dot(jnp.ones((1, 64)), jnp.zeros((32, 8), jnp.uint8), jnp.ones((8,)), packed="int4")
