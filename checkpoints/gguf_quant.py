@@ -18,7 +18,7 @@ norms, biases) dequantizes to fp32 as before (gguf_loader.py). A projection is k
 its layers have one kept type (llama.cpp's mixed "_M" files vary the type per layer), and q/k/v,
 gate/up (fused into one held weight) only when they share it. Whether Q4_0 / Q4_1 stay 4-bit:
 `JAXLLM_GGUF_Q4` (`q4_mode`): `auto` (default) = `keep`, on every backend (on CPU the chunked dot
-reads them as uint8 pairs, as fast as fp32 there: bench/RESULTS.md, "4-bit on CPU as uint8 pairs");
+reads them as uint8 pairs, a little faster than fp32 there: bench/RESULTS.md, "4-bit on CPU as uint8 pairs");
 `fp32` dequantizes them as before 4-bit weights existed.
 """
 from __future__ import annotations
