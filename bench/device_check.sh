@@ -4,7 +4,7 @@
 # machine's own python + jax[cuda]. Usage:
 #   [PHASES="..."] [BUDGET_S=540] bench/device_check.sh OUT.json
 # Phases run in this order (by acceptance value), each only when PHASES names it (default: all but
-# weightcopy; "quant" names int8 fp8 kvfp8 quanthlo) and only when the time left of BUDGET_S covers
+# weightcopy; "quant" names int8 fp8 int4 kvfp8 quanthlo) and only when the time left of BUDGET_S covers
 # its timeout; else it logs "skipped: budget" and stays in the to-do file ($DEVICE_CHECK_TODO,
 # default /tmp/jaxllm_device_check.todo). PHASES=rest runs that file's phases: the second call on
 # the same, still warm machine (its compile cache in /tmp/jaxllm_xla is warm too).
@@ -27,6 +27,9 @@
 #   e2e_retry   200 s   only if e2e left no batch-1 figure: no HF, gpu_memory_utilization 0.6
 #   article     180 s   only if neither e2e run stored the article run: --article-only, no HF
 #   int8, fp8   120 s   issue 17: e2e without HF, --quantization int8 / fp8 (~90 s: start + runs)
+#   int4        120 s   4-bit weights: e2e without HF, --quantization int4 (dummy weights rounded to int4
+#                       at load, groups of 128; sized like int8, one more quantize pass at load). After
+#                       lora, so that issue 15's figure keeps its place in a first call
 #   lora        200 s   issue 15: bench/lora.py on the 13B shape, dummy bf16, 4 rank-16 adapters, batch
 #                       16: decode step with 0/1/4 adapters vs a plain engine (~170 s: two engine starts)
 #   kvfp8        90 s   issue 17: --kv-cache-dtype fp8 without the warm-up: its KV block count (maximum
@@ -47,7 +50,7 @@
 #                       prompt lookup on real text; what it gives is a draft step's cost vs a decode
 #                       step's on the GPU at near-full acceptance (steps, tok/s), an upper bound
 #   weightcopy ~900 s   (only when named) the layer loop's weight reads: five batch-1 decode variants
-# lora sits before kvfp8/quanthlo: with two calls in 15 minutes of device time it is the only way
+# lora sits before int4/kvfp8/quanthlo: with two calls in 15 minutes of device time it is the only way
 # issue 15 gets a GPU figure (kvfp8 + quanthlo fit a second call's tail; lora's 200 s does not).
 # Each phase merges its results into OUT.json under its own key after every sub-step, so a timeout
 # keeps what was measured; OUT.json's "device_check" key records each phase's timeout, wall time
@@ -77,14 +80,14 @@ export DEVICE_CHECK_SMOKE="${DEVICE_CHECK_SMOKE:-0}"
 SMOKE=$DEVICE_CHECK_SMOKE
 BUDGET_S="${BUDGET_S:-540}"
 TODO_FILE="${DEVICE_CHECK_TODO:-/tmp/jaxllm_device_check.todo}"
-ORDER="e2e article int8 fp8 lora kvfp8 quanthlo memory kernels ragged sweep spec weightcopy"
-PHASES="${PHASES:-e2e article int8 fp8 lora kvfp8 quanthlo memory kernels ragged sweep spec}"
+ORDER="e2e article int8 fp8 lora int4 kvfp8 quanthlo memory kernels ragged sweep spec weightcopy"
+PHASES="${PHASES:-e2e article int8 fp8 lora int4 kvfp8 quanthlo memory kernels ragged sweep spec}"
 if [ "$PHASES" = rest ]; then
   [ -f "$TODO_FILE" ] || { echo "PHASES=rest: no $TODO_FILE (a fresh machine?): name the phases"; exit 2; }
   PHASES="$(cat "$TODO_FILE")"
   echo "PHASES=rest: the phases the last run left undone: '${PHASES}'"
 fi
-words=""; for p in $PHASES; do [ "$p" = quant ] && p="int8 fp8 kvfp8 quanthlo"; words+=" $p"; done
+words=""; for p in $PHASES; do [ "$p" = quant ] && p="int8 fp8 int4 kvfp8 quanthlo"; words+=" $p"; done
 PHASES="$words "
 todo=()
 for p in $ORDER; do [[ "$PHASES" == *" $p "* ]] && todo+=("$p"); done
@@ -203,6 +206,12 @@ if want lora; then
                                  --repeats 1 --kv-cache-memory-bytes $((1 << 20)))
   run lora 200 "$PY" bench/lora.py "${lora_args[@]}" --plain-baseline --json "$OUT" --json-key lora
   finish lora $?
+fi
+
+# ---- 4-bit weights (--quantization int4 at load: RTN, groups of 128) on the e2e workload -----------
+if want int4; then
+  run int4 120 "${E2E[@]}" --skip-hf --quantization int4 --json "$OUT" --json-key e2e_int4
+  finish int4 $?
 fi
 
 # ---- issue 17: fp8 KV's maximum concurrency (its block count; the warm-up is skipped) and a batch-1 decode

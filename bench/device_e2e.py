@@ -95,7 +95,8 @@ def main(argv=None) -> int:
     ap.add_argument("--copy-mib", type=int, default=2048)
     ap.add_argument("--matmul-n", type=int, default=8192)
     ap.add_argument("--skip-hf", action="store_true")
-    ap.add_argument("--quantization", default=None, choices=("int8", "fp8"), help="weight-only quantization (issue 17)")
+    ap.add_argument("--quantization", default=None, choices=("int8", "fp8", "int4"),
+                    help="weight-only quantization (issue 17; int4: rounded at load, groups of 128)")
     ap.add_argument("--kv-cache-dtype", default="auto", choices=("auto", "fp8"), help="KV cache element type (issue 17)")
     ap.add_argument("--decode-only", action="store_true",
                     help="only the batch-1 decode vs the roofline (no HF, no 64-request run): for A/B of XLA flags")

@@ -8,7 +8,10 @@ as before 4-bit weights were kept, JAXLLM_GGUF_Q4=fp32; int4 = the checkpoint's 
 they load off CPU by default, JAXLLM_GGUF_Q4=keep, no flag; a "-plain" suffix, e.g. int8-plain, builds that
 method with the plain dot instead of CPU's column-chunked one, jaxllm/models/quant_dot.py: the
 "before"; "fp8-f8" holds the fp8 weights as float8_e4m3fn instead of their uint8 bits, so each step
-bitcasts them, a copy on XLA CPU: the "before" of quant_dot.holds_fp8_bits) the engine is built
+bitcasts them, a copy on XLA CPU: the "before" of quant_dot.holds_fp8_bits; "int4-xla" holds the 4-bit
+weights as XLA's int4 / uint4 instead of uint8 two a byte: the "before" of quant_dot.packs_int4; "int4-rtn"
+rounds the --dtype weights to int4 at load, `--quantization int4`, groups of 128, quant.quantize_int4,
+a GGUF's Q4 projections dequantized to fp32 first) the engine is built
 (warm); then --rounds rounds, each measuring every engine in turn (interleaved, so a load change on
 the shared machine hits all alike); the median over rounds:
 - batch-1 decode: one request alone (--input-len prompt tokens drawn from the vocabulary, seeded,
@@ -80,12 +83,14 @@ def main(argv=None) -> int:
 
     engines = {}
     for method in args.methods.split(","):
-        base = method.removesuffix("-plain").removesuffix("-f8")
+        base = method.removesuffix("-plain").removesuffix("-f8").removesuffix("-xla").removesuffix("-rtn")
+        rtn = method.endswith("-rtn")
         quant_dot.ENABLED = not method.endswith("-plain")  # read when the engine's steps are traced (warm-up)
         quant_dot.HOLD_FP8_BITS = not method.endswith("-f8")  # read at load
-        os.environ["JAXLLM_GGUF_Q4"] = "keep" if base == "int4" else "fp32"  # read at load
+        quant_dot.PACK_INT4 = not method.endswith("-xla")  # read at load
+        os.environ["JAXLLM_GGUF_Q4"] = "keep" if base == "int4" and not rtn else "fp32"  # read at load
         engine = build_engine(EngineConfig(model=args.model, load_format=args.load_format, dtype=args.dtype,
-                                           quantization=None if base in ("none", "int4") else base,
+                                           quantization=None if base == "none" or (base == "int4" and not rtn) else base,
                                            max_model_len=512, max_num_seqs=max(batches),
                                            max_num_batched_tokens=1024))
         vocab = engine.runner.model_config.vocab_size
@@ -93,7 +98,7 @@ def main(argv=None) -> int:
         for b in batches:
             step_ms(engine, b, 2, vocab, np.random.default_rng(0))  # warm the path at this batch
         engines[method] = engine
-    quant_dot.ENABLED = quant_dot.HOLD_FP8_BITS = True
+    quant_dot.ENABLED = quant_dot.HOLD_FP8_BITS = quant_dot.PACK_INT4 = True
     samples = {m: {} for m in engines}
     for rnd in range(args.rounds):
         for method, engine in engines.items():

@@ -17,8 +17,9 @@ Every other type (F32/F16/BF16, Q5_x, K-quants, ...) and every other tensor (emb
 norms, biases) dequantizes to fp32 as before (gguf_loader.py). A projection is kept only when all
 its layers have one kept type (llama.cpp's mixed "_M" files vary the type per layer), and q/k/v,
 gate/up (fused into one held weight) only when they share it. Whether Q4_0 / Q4_1 stay 4-bit:
-`JAXLLM_GGUF_Q4` (`q4_mode`): `auto` (default) keeps them 4-bit except on the CPU backend, where they
-dequantize to fp32 as before 4-bit weights existed (faster there, bench/RESULTS.md); `keep` / `fp32` force.
+`JAXLLM_GGUF_Q4` (`q4_mode`): `auto` (default) = `keep`, on every backend (on CPU the chunked dot
+reads them as uint8 pairs, a little faster than fp32 there: bench/RESULTS.md, "4-bit on CPU as uint8 pairs");
+`fp32` dequantizes them as before 4-bit weights existed.
 """
 from __future__ import annotations
 
@@ -30,7 +31,7 @@ import numpy as np
 from checkpoints.errors import CheckpointError
 
 BLOCK = 32
-Q4_ENV = "JAXLLM_GGUF_Q4"  # "auto" (default): 4-bit off CPU, fp32 on CPU; "keep": Q4_0 / Q4_1 projections held 4-bit; "fp32": dequantized
+Q4_ENV = "JAXLLM_GGUF_Q4"  # "auto" (default) = "keep": Q4_0 / Q4_1 projections held 4-bit; "fp32": dequantized
 # HF projection name (after "model.layers.{i}.") -> the jaxllm stacked param it becomes
 PROJECTIONS = {"self_attn.q_proj.weight": "layers.wq", "self_attn.k_proj.weight": "layers.wk",
                "self_attn.v_proj.weight": "layers.wv", "self_attn.o_proj.weight": "layers.wo",
@@ -61,18 +62,14 @@ def q4_blocks(data: np.ndarray, out_dim: int, in_dim: int, qtype: str):
 
 
 def q4_mode() -> str:
-    """"keep" or "fp32": JAXLLM_GGUF_Q4, "auto" (the default) resolved by the backend: fp32 on CPU,
-    where XLA's int4 → float convert makes the 4-bit dot ~3x slower than the fp32 one
-    (bench/RESULTS.md, "4-bit weights"), 4-bit elsewhere (a GPU/TPU reads a quarter of the bytes)."""
+    """"keep" or "fp32": JAXLLM_GGUF_Q4, "auto" (the default) meaning "keep" on every backend. (Until
+    the CPU chunked dot held 4-bit q as uint8 pairs, auto was fp32 on CPU, where XLA's int4 → float
+    convert made the 4-bit dot ~3x slower: bench/RESULTS.md, "4-bit weights".)"""
     how = os.environ.get(Q4_ENV, "auto")
     if how not in ("auto", "keep", "fp32"):
-        raise CheckpointError(f"{Q4_ENV}={how!r} is invalid: must be 'auto' (4-bit except on CPU), 'keep' "
+        raise CheckpointError(f"{Q4_ENV}={how!r} is invalid: must be 'auto' (= 'keep'), 'keep' "
                               f"(4-bit weights) or 'fp32'")
-    if how == "auto":
-        import jax
-
-        return "fp32" if jax.default_backend() == "cpu" else "keep"
-    return how
+    return "keep" if how == "auto" else how
 
 
 def kept_types() -> tuple[str, ...]:

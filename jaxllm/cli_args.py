@@ -83,8 +83,9 @@ def add_engine_args(ap: argparse.ArgumentParser) -> None:
                         "precision; per-output-channel "
                         "scales; embeddings, LM head and norms stay in --dtype); a Q8_0 GGUF stays int8 with "
                         "its block scales without it, an fp8 HF checkpoint (compressed-tensors, fp8, ModelOpt "
-                        "FP8) stays fp8, an AWQ / GPTQ checkpoint (and a GGUF Q4_0/Q4_1 off CPU, "
-                        "JAXLLM_GGUF_Q4) stays 4-bit ('int4' names those only: no 4-bit rounding at load); "
+                        "FP8) stays fp8, an AWQ / GPTQ checkpoint (and a GGUF Q4_0/Q4_1, "
+                        "JAXLLM_GGUF_Q4) stays 4-bit; 'int4' on other weights rounds them to int4 at load "
+                        "(symmetric, groups of 128 along the input axis); "
                         "other GGUF types re-quantize from their dequantized values")
     g.add_argument("--kv-cache-dtype", default=d.kv_cache_dtype, choices=KV_CACHE_DTYPES,
                    help="KV cache element type: auto = the model dtype; fp8 = float8_e4m3fn with per-layer "

@@ -25,8 +25,8 @@ import msgspec
 _DTYPES = ("auto", "float32", "bfloat16", "float16")
 _LOAD_FORMATS = ("auto", "safetensors", "gguf", "dummy", "orbax")
 TASKS = ("auto", "generate", "embed")
-# weight-only, jaxllm/models/quant.py; "int4" = a 4-bit checkpoint's own weights (GGUF Q4_0/Q4_1, AWQ,
-# GPTQ), which load 4-bit without the flag too: jaxllm does not quantize to 4 bits at load
+# weight-only, jaxllm/models/quant.py; "int4": a 4-bit checkpoint's own weights (GGUF Q4_0/Q4_1, AWQ,
+# GPTQ, which load 4-bit without the flag too), or any other weights rounded to int4 at load (groups of 128)
 QUANTIZATIONS = ("int8", "fp8", "int4")
 KV_CACHE_DTYPES = ("auto", "fp8")  # pallas_kernels: fp8 = float8_e4m3fn with scales
 SCHEDULING_POLICIES = ("fcfs", "priority")  # vLLM's --scheduling-policy (jaxllm/core/scheduler.py)
@@ -81,7 +81,7 @@ class EngineConfig(msgspec.Struct, kw_only=True):
     dtype: str = "auto"
     # weight-only quantization of the per-layer projections at load: None | "int8" | "fp8" | "int4"
     # (jaxllm/models/quant.py; embeddings, LM head and norms stay in `dtype`; "int4": a 4-bit
-    # checkpoint's own weights only)
+    # checkpoint's own weights, or others rounded to int4 at load)
     quantization: str | None = None
     # KV cache element type: "auto" (the model dtype) | "fp8" (float8_e4m3fn with scales, read and
     # scaled inside the attention kernels; vLLM's --kv-cache-dtype)

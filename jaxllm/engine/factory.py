@@ -162,9 +162,11 @@ def build_engine(config: EngineConfig, *, compile_cache: bool = True, warmup: bo
                          f"{mc.max_model_len_limit} positions")
     # the engine's config holds resolved values (what GetModelInfo and the CLIs report)
     config = msgspec.structs.replace(config, max_model_len=max_model_len, dtype=jax.numpy.dtype(dtype).name)
-    if config.quantization and ckpt.format == "gguf" and prequantized.method(ckpt.params) in (None, "int4"):
-        _info(f"quantization={config.quantization!r}: re-quantizing {ckpt.path}'s dequantized GGUF weights per "
-              f"output channel (bench/RESULTS.md, \"Quantized weights\": the perplexity this costs)")
+    kept = prequantized.method(ckpt.params)
+    if config.quantization and ckpt.format == "gguf" and kept in (None, "int4") and kept != config.quantization:
+        how = "in groups (int4)" if config.quantization == "int4" else "per output channel"
+        _info(f"quantization={config.quantization!r}: re-quantizing {ckpt.path}'s dequantized GGUF weights {how} "
+              f"(bench/RESULTS.md, \"Quantized weights\": the perplexity this costs)")
     model = build_model(mc, ckpt.params, dtype, layout=layout, quantization=config.quantization)
     ckpt_kv_scales = ckpt.kv_scales  # an fp8 checkpoint's KV cache scales, or None
     del ckpt

@@ -151,8 +151,11 @@ class LayerWeights(nnx.Module):
         for name in LAYER_PARAMS:
             value = params.get(name)
             scale = offset = None
+            packed = None
             if isinstance(value, QuantWeight):
+                packed = (value.packed, value.pack_axis) if value.packed else None
                 value, scale, offset = value.q, value.scale, value.offset
+            setattr(self, f"{name}_packed", packed)  # static: a 4-bit q held two a byte (quant_pack4.py)
             setattr(self, name, nnx.Param(value) if value is not None else None)
             setattr(self, f"{name}_scale", nnx.Param(scale) if scale is not None else None)
             setattr(self, f"{name}_offset", nnx.Param(offset) if offset is not None else None)
@@ -164,7 +167,8 @@ class LayerWeights(nnx.Module):
                 continue
             scale, offset = getattr(self, f"{n}_scale"), getattr(self, f"{n}_offset")
             out[n] = getattr(self, n)[...] if scale is None else QuantWeight(
-                getattr(self, n)[...], scale[...], None if offset is None else offset[...])
+                getattr(self, n)[...], scale[...], None if offset is None else offset[...],
+                *(getattr(self, f"{n}_packed") or ()))
         return out
 
 
@@ -285,8 +289,6 @@ def build_model(config: ModelConfig, params: dict[str, np.ndarray | jax.Array], 
     prequantized.requantize_int4(params, quantization)
     check_backend(quantization or prequantized.method(params))
     prequantized.check(params, quantization)
-    if quantization == "int4":  # the checkpoint's own 4-bit weights (check: there are some), placed as they are
-        quantization = None
     layer_loop = layer_loop_mode(layer_loop)
     split = layer_loop == "unroll"
     if layout is not None:
@@ -295,17 +297,19 @@ def build_model(config: ModelConfig, params: dict[str, np.ndarray | jax.Array], 
                                 layer_loop=layer_loop)
     arrays = {}
     fp8_bits = quantization == "fp8" and quant_dot.holds_fp8_bits(None)
+    int4_packed = quantization == "int4" and quant_dot.packs_int4(None)
     held_bits = quant_dot.holds_fp8_bits(None)  # an fp8 checkpoint's own q too
+    pack4 = quant_dot.packs_int4(None)  # a 4-bit q as uint8 two a byte (quant_pack4.py)
     for held, sources, fn in placement_plan(params, kv_repeat=1, tp=1):
         xs = [params.pop(s) for s in sources]  # numpy slices stay on the host until placed
 
         def make(i, fn=fn, xs=xs):
             if isinstance(xs[0], QuantWeight):  # already quantized: q and scales fused alike
-                return prequantized.place([x if i is None else x[i] for x in xs], fn, held_bits)
+                return prequantized.place([x if i is None else x[i] for x in xs], fn, held_bits, pack4)
             parts = [jnp.asarray(x if i is None else x[i], dtype=dtype) for x in xs]
             w = parts[0] if fn is None else fn(jnp, *parts)  # tp=1: fusing is concatenation
             if quantization and held in QUANT_PARAMS:
-                w = _quantize_jit(w, quantization, QUANT_PARAMS[held], i is None, fp8_bits)
+                w = _quantize_jit(w, quantization, QUANT_PARAMS[held], i is None, fp8_bits, int4_packed)
             return w
 
         if split and held.startswith("layers."):
@@ -316,4 +320,4 @@ def build_model(config: ModelConfig, params: dict[str, np.ndarray | jax.Array], 
     return LlamaForCausalLM(config, arrays, attention_impl=attention_impl, layer_loop=layer_loop)
 
 
-_quantize_jit = jax.jit(quantize, static_argnums=(1, 2, 3, 4))
+_quantize_jit = jax.jit(quantize, static_argnums=(1, 2, 3, 4, 5))

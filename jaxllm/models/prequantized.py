@@ -23,7 +23,7 @@ import logging
 import jax.numpy as jnp
 import numpy as np
 
-from jaxllm.models.quant import QUANT_PARAMS, QuantWeight, dequantize
+from jaxllm.models.quant import QUANT_PARAMS, QuantWeight, dequantize, pack_int4
 
 log = logging.getLogger("jaxllm.models")
 # checkpoint (unfused) name -> its number of contracted axes after "layers"
@@ -47,10 +47,6 @@ def method(params: dict) -> str | None:
 def check(params: dict, quantization: str | None) -> None:
     """ValueError when `quantization` conflicts with params that are already quantized."""
     kept, m = names(params), method(params)
-    if quantization == "int4" and m != "int4":
-        raise ValueError("quantization='int4' needs a 4-bit checkpoint (GGUF Q4_0 / Q4_1, AWQ, GPTQ), "
-                         f"this one has {f'{m} weights' if m else 'no quantized weights'}; jaxllm does not "
-                         "quantize to 4 bits at load: use 'int8' or 'fp8'")
     if kept and quantization not in (None, m):
         raise ValueError(f"quantization={quantization!r} conflicts with the checkpoint's {m} weights "
                          f"({', '.join(kept)}: {_ORIGIN[m]}, kept quantized); load it without quantization "
@@ -74,17 +70,22 @@ def dequantize_all(params: dict, why: str, only: str | None = None) -> None:
         params[k] = dequantize(params[k], _CONTRACTED[k], stacked=True, dtype=np.float32, xp=np)
 
 
-def place(parts: list[QuantWeight], fn, fp8_bits: bool = False) -> QuantWeight:
+def place(parts: list[QuantWeight], fn, fp8_bits: bool = False, pack4: bool = False) -> QuantWeight:
     """One held projection from its pre-quantized checkpoint parts (stacked, or one layer's):
     `fn(jnp, *arrays)` (fusion.placement_plan: concatenation on the output axes) applied to the q
     parts and to the scale parts alike (the scales have the weight's output axes). `fp8_bits`: a
-    float8 q is held as its uint8 bits (the chunked dot's form, quant_dot.holds_fp8_bits)."""
+    float8 q is held as its uint8 bits (the chunked dot's form, quant_dot.holds_fp8_bits). `pack4`:
+    a 4-bit q is packed two values a byte on the host first (quant_pack4.py, quant_dot.packs_int4;
+    packing runs along the contracted axis, so it commutes with fusing the output axes)."""
+    if pack4:
+        parts = [pack_int4(p, np) for p in parts]
+    meta = (parts[0].packed, parts[0].pack_axis)
     q = [jnp.asarray(_bits(p.q) if fp8_bits else p.q) for p in parts]  # int8 / int4 / float8 (or its bits), as stored
     s = [jnp.asarray(p.scale) for p in parts]  # GGUF: f16 block scales as stored; fp8: f32
     o = None if parts[0].offset is None else [jnp.asarray(p.offset) for p in parts]  # like the scales
     if fn is None:
-        return QuantWeight(q[0], s[0], None if o is None else o[0])
-    return QuantWeight(fn(jnp, *q), fn(jnp, *s), None if o is None else fn(jnp, *o))
+        return QuantWeight(q[0], s[0], None if o is None else o[0], *meta)
+    return QuantWeight(fn(jnp, *q), fn(jnp, *s), None if o is None else fn(jnp, *o), *meta)
 
 
 def _bits(q):

@@ -20,6 +20,10 @@ converts inside the dot is backend-dependent (bench/RESULTS.md, "Quantized weigh
 chunked dot runs, an fp8 `q` is held as its uint8 bits (quant_dot.py: XLA CPU copies float8 weights
 per step otherwise); `QuantWeight.method` and `fp8_view` read it as float8_e4m3fn again.
 
+4-bit (`--quantization int4`, `quantize_int4`; or a 4-bit checkpoint's own weights): int4 / uint4 q
+with group (block) scales along the last contracted axis, held on the chunked-dot path as uint8
+two values a byte (`QuantWeight.packed`, jaxllm/models/quant_pack4.py).
+
 Hand-written rather than Qwix's `QArray`: with float activations and a quantized weight Qwix's
 `einsum` takes its `_slow_dot_general` path, which dequantizes the whole weight (convert and
 scale-multiply over [in, out]) before the dot; here the scale multiplies the small [T, out] output.
@@ -33,10 +37,10 @@ import jax.numpy as jnp
 
 from jaxllm.config import QUANTIZATIONS as QUANT_METHODS  # one list for the config and the model
 from jaxllm.models.quant_dot import FP8_BITS, quant_dot_flat
+from jaxllm.models.quant_pack4 import can_pack, pack4, unpack4
 
 # held name -> the number of contracted (input) axes after the "layers" axis
 QUANT_PARAMS: dict[str, int] = {"layers.wqkv": 1, "layers.wo": 2, "layers.w_gate_up": 1, "layers.w_down": 1}
-_QDTYPE = {"int8": jnp.int8, "fp8": jnp.float8_e4m3fn}
 _QMAX = {"int8": 127.0, "fp8": 448.0}
 FP8_SCALE_SEARCH = 8  # candidate fp8 scales per output channel (see `quantize`)
 
@@ -63,28 +67,49 @@ class QuantWeight:
     q: jax.Array
     scale: jax.Array
     offset: jax.Array | None = None
+    # static: "int4" / "uint4" when q is uint8 holding two such values a byte along `pack_axis`
+    # (negative: counted from the end), the chunked dot's 4-bit form (jaxllm/models/quant_pack4.py)
+    packed: str | None = dataclasses.field(default=None, metadata=dict(static=True))
+    pack_axis: int = dataclasses.field(default=-2, metadata=dict(static=True))
 
     @property
     def shape(self) -> tuple[int, ...]:
-        return tuple(self.q.shape)
+        """The weight's shape (a packed q's packed axis counted twice)."""
+        s = list(self.q.shape)
+        if self.packed:
+            s[self.pack_axis] *= 2
+        return tuple(s)
 
     @property
     def method(self) -> str:
-        """"int8", "int4" (int4 / uint4) or "fp8" (float8_e4m3fn values, or their uint8 bits)."""
-        if is_int4(self.q.dtype):
+        """"int8", "int4" (int4 / uint4, or packed two a byte) or "fp8" (float8_e4m3fn values, or their uint8 bits)."""
+        if self.packed or is_int4(self.q.dtype):
             return "int4"
         return "int8" if jnp.dtype(self.q.dtype) == jnp.int8 else "fp8"
 
     @property
+    def bits(self) -> int:
+        """Bits per weight value of q: 4 or 8."""
+        return 4 if self.method == "int4" else 8
+
+    @property
     def nbytes(self) -> int:
         """Stored bytes: a 4-bit q is packed two values a byte (numpy's int4 takes a byte each; XLA's
-        device buffers are packed: `on_device_size_in_bytes`)."""
+        device buffers are packed: `on_device_size_in_bytes`; a `packed` q is bytes already)."""
         qb = (int(self.q.size) + 1) // 2 if is_int4(self.q.dtype) else int(self.q.nbytes)
         return qb + int(self.scale.nbytes) + (0 if self.offset is None else int(self.offset.nbytes))
 
     def __getitem__(self, i) -> "QuantWeight":
         """Layer i of a stacked weight (the scale's and offset's leading axis is the layer axis too)."""
-        return QuantWeight(self.q[i], self.scale[i], None if self.offset is None else self.offset[i])
+        return QuantWeight(self.q[i], self.scale[i], None if self.offset is None else self.offset[i],
+                           self.packed, self.pack_axis)
+
+    def unpacked(self, xp=jnp) -> "QuantWeight":
+        """The same weight with an int4 / uint4 q (a packed one unpacked; `xp`: jax.numpy or numpy)."""
+        if not self.packed:
+            return self
+        nb = self.scale.shape[self.pack_axis]
+        return QuantWeight(unpack4(self.q, self.packed, self.pack_axis, nb, xp), self.scale, self.offset)
 
 
 def check_method(quantization) -> None:
@@ -115,17 +140,52 @@ def fp8_view(q, xp=jnp):
     return q.view(jnp.dtype(jnp.float8_e4m3fn))  # numpy: ml_dtypes' float8_e4m3fn
 
 
+INT4_GROUP = 128  # `--quantization int4`: scales per group of 128 along the last contracted axis (see int4_group)
+
+
+def int4_group(k_last: int) -> int:
+    """The group size of `--quantization int4` along a last contracted axis of `k_last`: INT4_GROUP
+    when it divides the axis, else the largest even divisor of the axis below it (SmolLM2's hidden
+    576: 96; a head_dim of 64: 64, one group per head), else the whole axis (per output channel
+    within the leading contracted axes)."""
+    if k_last % INT4_GROUP == 0:
+        return INT4_GROUP
+    for g in range(min(INT4_GROUP, k_last), 1, -1):
+        if k_last % g == 0 and g % 2 == 0:
+            return g
+    return k_last
+
+
+def quantize_int4(w: jax.Array, num_contracted: int, stacked: bool = False) -> QuantWeight:
+    """Round to nearest, symmetric: per group of `int4_group(K_last)` inputs along the last contracted
+    axis and output channel, s = absmax / 7, q = round(w / s) in [-7, 7] as int4; scale f32
+    [(L,) in..., in_last/g, out...] (block scales, QuantWeight's 4-bit form, like a symmetric GPTQ's)."""
+    lead = 1 if stacked else 0
+    a = lead + num_contracted - 1  # the last contracted axis
+    k = w.shape[a]
+    g = int4_group(k)
+    wf = w.astype(jnp.float32).reshape(w.shape[:a] + (k // g, g) + w.shape[a + 1:])  # [(L,) in.., nb, g, out..]
+    amax = jnp.max(jnp.abs(wf), axis=a + 1)  # [(L,) in.., nb, out..] f32
+    scale = jnp.where(amax > 0, amax / 7.0, 1.0)
+    q = jnp.clip(jnp.round(wf / jnp.expand_dims(scale, a + 1)), -7, 7).astype(jnp.int4).reshape(w.shape)
+    return QuantWeight(q, scale)
+
+
 def quantize(w: jax.Array, method: str, num_contracted: int, stacked: bool = False,
-             fp8_bits: bool = False) -> QuantWeight:
+             fp8_bits: bool = False, pack4: bool = False) -> QuantWeight:
     """w [(L,) in..., out...] float → QuantWeight; `num_contracted` input axes after the optional
     leading layer axis. Jit-compatible (layout.py runs it under jit with out_shardings). `fp8_bits`:
-    an fp8 q is returned as its uint8 bits (the chunked dot's held form, quant_dot.holds_fp8_bits).
+    an fp8 q is returned as its uint8 bits (the chunked dot's held form, quant_dot.holds_fp8_bits);
+    `pack4`: an int4 q is returned packed two a byte (quant_dot.packs_int4). int4: `quantize_int4`.
 
     fp8: the per-channel scale is searched, not just absmax / 448: e4m3's relative error (3 mantissa
     bits) does not depend on the scale, but which weights land near a grid point does; of
     absmax / 448 * 2^(k/8), k = 0..7 (never clipping), each output channel keeps the scale with the
     least squared error. That cuts SmolLM2's fp8 weight error 0.0262 -> 0.0247 (relative RMS) and
     the perplexity cost +2.8% -> +1.2% on the held text (bench/RESULTS.md, "Quantized weights")."""
+    if method == "int4":
+        qw = quantize_int4(w, num_contracted, stacked)
+        return pack_int4(qw) if pack4 else qw
     lead = 1 if stacked else 0
     axes = tuple(range(lead, lead + num_contracted))
     wf = w.astype(jnp.float32)
@@ -159,6 +219,7 @@ def block_axis(w: QuantWeight, num_contracted: int, stacked: bool = False) -> in
 def dequantize(w: QuantWeight, num_contracted: int, stacked: bool = False, dtype=jnp.float32, xp=jnp):
     """The full-precision weight a QuantWeight stands for (tests, references, and the host fallback
     of a kept-quantized checkpoint; `xp`: jax.numpy or numpy)."""
+    w = w.unpacked(xp)
     lead = 1 if stacked else 0
     b = block_axis(w, num_contracted, stacked)
     if b is None:
@@ -181,7 +242,8 @@ def quant_einsum(spec: str, x: jax.Array, w: QuantWeight, chunked: bool = False,
     summed over nb) while that partial is no larger than the weight; a larger step (a long prefill)
     dequantizes the weight into the dot instead, once per step for all its tokens."""
     if chunked:
-        return quant_dot_flat(x, w.q, w.scale, layer=layer, offset=w.offset).astype(x.dtype)
+        return quant_dot_flat(x, w.q, w.scale, layer=layer, offset=w.offset, packed=w.packed).astype(x.dtype)
+    w = w.unpacked()  # a packed 4-bit q (a model loaded for the chunked dot) → int4 / uint4
     w = QuantWeight(fp8_view(w.q), w.scale, w.offset)  # uint8 bits (a model loaded for the chunked dot) → float8
     if w.scale.ndim != w.q.ndim:
         y = jnp.einsum(spec, x, w.q.astype(x.dtype), preferred_element_type=jnp.float32)  # [T, out...] f32
@@ -204,6 +266,18 @@ def quant_einsum(spec: str, x: jax.Array, w: QuantWeight, chunked: bool = False,
         xsum = jnp.sum(xb.astype(jnp.float32), axis=-1)  # [T, in_lead..., nb] f32
         y = y + jnp.einsum(f"t{lead}n,{lead}n{outs}->t{outs}", xsum, w.offset.astype(jnp.float32))
     return y.astype(x.dtype)
+
+
+def pack_int4(w: QuantWeight, xp=jnp) -> QuantWeight:
+    """A 4-bit QuantWeight with block scales → its packed form (two values a byte, quant_pack4.py),
+    the chunked dot's; unchanged when it is not 4-bit, already packed, or its blocks are odd."""
+    if w.packed or not is_int4(w.q.dtype):
+        return w
+    axis = can_pack(tuple(w.q.shape), tuple(w.scale.shape))
+    if axis is None:
+        return w
+    packed = "int4" if jnp.dtype(w.q.dtype) == jnp.dtype(jnp.int4) else "uint4"
+    return QuantWeight(pack4(w.q, axis, w.scale.shape[axis], xp), w.scale, w.offset, packed, axis)
 
 
 def scale_axes(weight_axes: tuple[str, ...], num_contracted: int) -> tuple[str, ...]:

@@ -40,12 +40,15 @@ import ml_dtypes
 import numpy as np
 from jax import lax
 
+from jaxllm.models.quant_pack4 import nibbles, split_halves
+
 ENABLED = True  # read when a step is traced; bench/quant.py sets it False to measure the plain dot
 HOLD_FP8_BITS = True  # read at load; bench/quant.py sets it False ("fp8-f8") to measure the per-step bitcast copy
 CHUNK_BYTES = 512 * 1024  # one converted chunk [K, ch] in the activation dtype (bench/RESULTS.md, "chunked")
 WIDE_FROM_T, WIDE_FACTOR = 32, 4  # steps of >= 32 tokens: 4x wider chunks (2 MiB; each chunk's dot is larger)
 MIN_COLS = 64  # narrower column chunks make the per-chunk dot inefficient
 FP8_CONVERT = "bits"  # read at trace time: "bits" | "lut" | "astype" (fp8_bits_to_float; bench/quant_step.py)
+PACK_INT4 = True  # read at load: 4-bit q held as uint8 two values a byte (quant_pack4.py); bench/quant.py "int4-xla" sets it False
 FP8_CHUNK_COPY = True  # read at trace time: copy each u8 loop chunk out before converting it (chunked_quant_dot)
 
 
@@ -62,6 +65,13 @@ def holds_fp8_bits(layout) -> bool:
     (XLA CPU copies a whole-weight float8 -> uint8 bitcast every step, see above). Elsewhere (GPU,
     tensor parallel) q stays float8_e4m3fn, the dtype the plain dot hands the backend's gemm."""
     return HOLD_FP8_BITS and use_chunked(layout)
+
+
+def packs_int4(layout) -> bool:
+    """Whether a 4-bit weight is held packed two values a byte in uint8 from load on (quant_pack4.py):
+    wherever the chunked dot runs (XLA CPU's int4 / uint4 → f32 convert costs ~3x int8's; the
+    bytes unpack with a mask and a shift). Elsewhere q stays XLA's int4 / uint4."""
+    return PACK_INT4 and use_chunked(layout)
 
 
 def fp8_as_bits(tree):
@@ -112,13 +122,16 @@ def chunk_cols(k: int, n: int, itemsize: int = 4, chunk_bytes: int | None = None
 
 
 def chunked_quant_dot(x: jax.Array, q: jax.Array, scale: jax.Array, block: int | None = None,
-                      chunk_bytes: int | None = None, layer=None, offset: jax.Array | None = None) -> jax.Array:
+                      chunk_bytes: int | None = None, layer=None, offset: jax.Array | None = None,
+                      packed: str | None = None) -> jax.Array:
     """x [T, K] float, q [K, N] int8/int4/uint4/float8_e4m3fn (or its uint8 bits), scale [N] (per
     output channel) or [K/block, N] (block scales along K) → [T, N] f32 = x @ dequantize(q, scale),
     computed chunk by chunk of N. `offset` [K/block, N] (block scales only): each chunk's weight is
     scale * q + offset (GGUF Q4_1 / AWQ / GPTQ). `layer` (an int or traced int32): q [L, K, N] and
     scale [L, ...] (and offset) are stacked and each chunk is sliced out of layer `layer` directly
-    (no copy of the layer's slice)."""
+    (no copy of the layer's slice). `packed` ("int4" / "uint4", block scales only): q is [K/2, N]
+    uint8 holding two such values a byte (quant_pack4.py); each chunk's low and high rows are
+    scaled alone and meet x's matching halves in two [T, K/2] x [K/2, c] dots (no re-interleave)."""
     t, k = x.shape[0], x.shape[1]
     n = q.shape[-1]
     if chunk_bytes is None:  # measured on SmolLM2 shapes (bench/RESULTS.md): 512 KiB best at T=1, 2 MiB at T=64..256
@@ -126,10 +139,29 @@ def chunked_quant_dot(x: jax.Array, q: jax.Array, scale: jax.Array, block: int |
     q = fp8_as_bits(q)  # [K, N] int8, or uint8 bits of float8_e4m3fn (a no-op for the bits the model holds)
     ch = chunk_cols(k, n, jnp.dtype(x.dtype).itemsize, chunk_bytes)
     nfull = n // ch
+    if packed:
+        if block is None or q.shape[-2] * 2 != k:
+            raise ValueError(f"packed={packed!r}: needs block scales and q [K/2, N] = [{k // 2}, {n}], "
+                             f"got block={block}, q {tuple(q.shape)}")
+        x_lo, x_hi = split_halves(x, block)  # [T, K/2] each: the rows held in the low / high nibbles
+
+    def part4(qc: jax.Array, sc: jax.Array, oc: jax.Array | None) -> jax.Array:
+        """One packed chunk: qc [K/2, c] uint8, sc / oc [K/block, c] → [T, c] f32."""
+        c = qc.shape[1]
+        y = None
+        for xh, vh in zip((x_lo, x_hi), nibbles(qc, packed)):  # vh [K/2, c] int8 / uint8 values
+            w = vh.reshape(k // block, block // 2, c).astype(jnp.float32) * sc.astype(jnp.float32)[:, None, :]
+            if oc is not None:  # scale * q + offset, as the unpacked path computes it
+                w = w + oc.astype(jnp.float32)[:, None, :]
+            d = jnp.dot(xh, w.reshape(k // 2, c).astype(x.dtype), preferred_element_type=jnp.float32)  # [T, c]
+            y = d if y is None else y + d
+        return y
 
     def part(qc: jax.Array, sc: jax.Array, oc: jax.Array | None, copy: bool = True) -> jax.Array:
         """One chunk: qc [K, c], sc [c] or [K/block, c], oc None or [K/block, c] → [T, c] f32.
         `copy`: qc is a chunk, not the whole weight (whose copy the barrier would make)."""
+        if packed:
+            return part4(qc, sc, oc)
         if qc.dtype == FP8_BITS:
             if FP8_CHUNK_COPY and copy:  # the slice its own fusion: a contiguous u8 [K, c] the convert reads
                 qc = lax.optimization_barrier(qc)
@@ -166,14 +198,17 @@ def chunked_quant_dot(x: jax.Array, q: jax.Array, scale: jax.Array, block: int |
 
 
 def quant_dot_flat(x: jax.Array, q: jax.Array, scale: jax.Array, chunk_bytes: int | None = None,
-                   layer=None, offset: jax.Array | None = None) -> jax.Array:
+                   layer=None, offset: jax.Array | None = None, packed: str | None = None) -> jax.Array:
     """`einsum(x, dequantize(QuantWeight(q, scale)))` for x [T, in...] contracting all its axes but
     the first with q's leading ones (q [in..., out...]; scale [out...] or block scales
     [in..., in_last/B, out...], and an `offset` of the block scales' shape) → [T, out...] f32, through `chunked_quant_dot` on flattened views.
-    `layer`: q and scale carry a leading [L] axis and layer `layer` is used, read in place."""
+    `layer`: q and scale carry a leading [L] axis and layer `layer` is used, read in place.
+    `packed`: q is uint8 holding two 4-bit values a byte along its last contracted axis (quant_pack4.py)."""
     nc = x.ndim - 1
     lead = () if layer is None else q.shape[:1]
     qs = q.shape[len(lead):]
+    if packed:  # the weight's own shape: the packed (last contracted) axis holds two rows a byte
+        qs = qs[:nc - 1] + (qs[nc - 1] * 2,) + qs[nc:]
     out_shape = qs[nc:]
     k, n = math.prod(qs[:nc]), math.prod(out_shape)
     o2 = None
@@ -183,6 +218,6 @@ def quant_dot_flat(x: jax.Array, q: jax.Array, scale: jax.Array, chunk_bytes: in
         o2 = None if offset is None else offset.reshape(lead + (k // block, n))
     else:
         block, s2 = None, scale.reshape(lead + (n,))
-    y = chunked_quant_dot(x.reshape(x.shape[0], k), q.reshape(lead + (k, n)), s2, block, chunk_bytes,
-                          layer, o2)  # [T, N] f32
+    q2 = q.reshape(lead + ((k // 2 if packed else k), n))  # [(L,) K, N], or [(L,) K/2, N] packed
+    y = chunked_quant_dot(x.reshape(x.shape[0], k), q2, s2, block, chunk_bytes, layer, o2, packed)  # [T, N] f32
     return y.reshape((x.shape[0],) + out_shape)

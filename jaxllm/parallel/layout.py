@@ -137,9 +137,9 @@ class TPLayout:
         slice; the full model never sits on one device; repetition and fusion happen on the host one
         layer at a time when split). Pops from `params` as it goes so host copies can be freed.
 
-        `quantization` ("int8" / "fp8"): each per-layer projection (`QUANT_PARAMS`) is quantized on
+        `quantization` ("int8" / "fp8" / "int4"): each per-layer projection (`QUANT_PARAMS`) is quantized on
         device right after it is placed (a QuantWeight: q sharded like the weight, the per-output-
-        channel scale like the weight's output axes, `scale_axes`). Params that are QuantWeights already
+        channel scale like the weight's output axes, `scale_axes`; int4's group scales like the weight). Params that are QuantWeights already
         (an fp8 checkpoint's projections, a GGUF's Q8_0 ones) are placed as they are, sharded the same way."""
         from jaxllm.models.llama import MODEL_AXES
         from jaxllm.models.quant import QUANT_PARAMS, QuantWeight, quantize, scale_axes
@@ -163,10 +163,24 @@ class TPLayout:
                 lead = 0 if stacked else 1  # a per-layer weight has no "layers" axis
                 q_sh = self.sharding(axes[lead:])
                 s_sh = self.sharding(scale_axes(axes, n)[lead:])
-                f = jax.jit(lambda w, n=n, st=stacked: quantize(w, quantization, n, st),
-                            out_shardings=QuantWeight(q_sh, s_sh))
+                quant = lambda w, n=n, st=stacked: quantize(w, quantization, n, st)  # noqa: E731
+                if quantization == "int4":  # group scales [(L,) in..., in_last/g, out...]: sharded like the weight,
+                    s_sh = q_sh  # split finer where a group would straddle two devices (a row-parallel w_down)
+                    quant = lambda w, n=n, st=stacked, lead=lead: self._int4_whole_groups(  # noqa: E731
+                        quantize(w, "int4", n, st), axes, n - lead)
+                f = jax.jit(quant, out_shardings=QuantWeight(q_sh, s_sh))
                 out[held] = f(out[held]) if stacked else [f(w) for w in out[held]]
         return out
+
+    def _int4_whole_groups(self, w, axes: tuple[str, ...], axis: int):
+        """`--quantization int4`'s QuantWeight with its group scales repeated along `axis` (the last
+        contracted one) where that axis is sharded and a group would straddle two devices (`_whole_blocks`:
+        finer blocks, each with its group's scale, the same weight)."""
+        from jaxllm.models.quant import QuantWeight
+
+        if self.rules.get(axes[len(axes) - w.q.ndim + axis]) != TP:
+            return w
+        return QuantWeight(w.q, _whole_blocks(w.q, w.scale, axis, self.tp))
 
     def _place_quant(self, xs: list, axes: tuple[str, ...], n: int, fn, num_layers: int, split_layers: bool):
         """Pre-quantized parts (QuantWeights of numpy, stacked) → the held QuantWeight (a list per
@@ -204,7 +218,8 @@ def _whole_blocks(q, scale, axis: int, tp: int):
     nb = scale.shape[axis]
     bsz = q.shape[axis] // nb
     r = next(r for r in range(1, bsz + 1) if bsz % r == 0 and (nb * r) % tp == 0)
-    return scale if r == 1 else np.repeat(scale, r, axis=axis)
+    repeat = jnp.repeat if isinstance(scale, jax.Array) else np.repeat  # numpy (a checkpoint's) or traced (int4 at load)
+    return scale if r == 1 else repeat(scale, r, axis=axis)
 
 
 def _place(xs: list, fn, dtype, sharding: NamedSharding) -> jax.Array:

@@ -19,10 +19,10 @@ def run_check(tmp_path, out, **env):
 
 def test_budget_skips_in_acceptance_order_and_rest_resumes(tmp_path):
     out = tmp_path / "a.json"
-    # PHASES in any order; "quant" names the four issue-17 phases; a 1 s budget covers no timeout
+    # PHASES in any order; "quant" names the five quantization phases; a 1 s budget covers no timeout
     p = run_check(tmp_path, out, PHASES="memory quant lora e2e", BUDGET_S="1")
     assert p.returncode == 0, p.stdout + p.stderr
-    order = ["e2e", "int8", "fp8", "lora", "kvfp8", "quanthlo", "memory"]
+    order = ["e2e", "int8", "fp8", "lora", "int4", "kvfp8", "quanthlo", "memory"]
     for name in order:
         assert f"== {name}: skipped: budget" in p.stdout
     assert (tmp_path / "todo").read_text().split() == order
@@ -43,8 +43,8 @@ def test_spec_phase_is_last_by_default_and_runs_in_smoke(tmp_path):
     # the default phases under a 1 s budget: spec is skipped last (lowest priority); GPU-only ones are not listed
     p = run_check(tmp_path, tmp_path / "a.json", BUDGET_S="1")
     assert p.returncode == 0, p.stdout + p.stderr
-    assert (tmp_path / "todo").read_text().split() == ["e2e", "article", "int8", "fp8", "lora", "kvfp8", "quanthlo",
-                                                       "memory", "spec"]
+    assert (tmp_path / "todo").read_text().split() == ["e2e", "article", "int8", "fp8", "lora", "int4", "kvfp8",
+                                                       "quanthlo", "memory", "spec"]
     # the phase itself on CPU: bench/spec_decode.py --smoke merges its rows into OUT.json
     out = tmp_path / "b.json"
     p = run_check(tmp_path, out, PHASES="spec", BUDGET_S="300")

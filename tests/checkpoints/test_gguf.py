@@ -6,6 +6,7 @@ import pytest
 from checkpoints import load_checkpoint
 from checkpoints.hf import load_hf_dir
 from jaxllm.models import prequantized
+from jaxllm.models.quant import QuantWeight, dequantize
 from tests.checkpoints.gguf_tiny import write_gguf_from_hf
 from tests.models.hf_tiny import hf_logits, make_tiny_hf
 from tests.models.test_parity_hf import run_model
@@ -55,4 +56,7 @@ def test_smollm2_gguf_config_from_metadata():
     assert (c.num_layers, c.num_heads, c.num_kv_heads, c.head_dim, c.hidden_size) == (30, 9, 3, 64, 576)
     assert c.tie_word_embeddings and c.rope_theta == 100000.0 and c.vocab_size == 49152
     assert "lm_head" not in ckpt.params
-    assert ckpt.params["embed"].dtype == np.float32 and np.isfinite(ckpt.params["layers.wq"]).all()
+    assert ckpt.params["embed"].dtype == np.float32
+    wq = ckpt.params["layers.wq"]  # the file's Q4_1, kept 4-bit on every backend (JAXLLM_GGUF_Q4=auto)
+    assert isinstance(wq, QuantWeight) and wq.method == "int4" and wq.offset is not None
+    assert np.isfinite(dequantize(wq, 1, stacked=True, dtype=np.float32, xp=np)).all()

@@ -23,7 +23,7 @@ SEQS = [[3, 9, 27], list(range(40, 57)), list(range(100, 140))]  # 60 tokens in 
 
 @pytest.fixture(autouse=True)
 def keep_q4(monkeypatch):
-    """4-bit on every backend (the default, "auto", dequantizes Q4 to fp32 on CPU, where it is faster)."""
+    """4-bit on every backend (what the default, "auto", does too)."""
     monkeypatch.setenv("JAXLLM_GGUF_Q4", "keep")
 
 
@@ -70,7 +70,11 @@ def test_q4_loads_4bit_and_matches_dequantized(files, qtype, monkeypatch):
         mq = build_model(c, dict(kept.params), jnp.float32, layer_loop=loop)
         assert mq.quantization == "int4"
         held = mq.layers.arrays() if loop == "scan" else mq.layers[0].arrays()
-        assert held["wqkv"].q.dtype == (jnp.int4 if qtype == "Q4_0" else jnp.uint4)
+        kind = "int4" if qtype == "Q4_0" else "uint4"
+        if chunked:  # the CPU chunked dot's form: uint8, two values a byte (quant_pack4.py)
+            assert held["wqkv"].packed == kind and held["wqkv"].q.dtype == jnp.uint8
+        else:
+            assert held["wqkv"].packed is None and held["wqkv"].q.dtype == jnp.dtype(kind)
         got = logits_of(mq, c, SEQS)
         np.testing.assert_allclose(got, want, atol=2e-4 * np.abs(want).max(), rtol=0, err_msg=f"{loop} {chunked}")
         assert (got.argmax(-1) == want.argmax(-1)).all()
@@ -78,21 +82,23 @@ def test_q4_loads_4bit_and_matches_dequantized(files, qtype, monkeypatch):
 
 def test_q4_flag_rules_and_fp32_switch(files, monkeypatch):
     """--quantization int8 on a Q4_1 file: its weights dequantized, then int8 per channel (as before);
-    JAXLLM_GGUF_Q4=fp32, and auto (the default) on CPU: no 4-bit weights at all; another value: one line;
+    JAXLLM_GGUF_Q4=fp32: no 4-bit weights at all; auto (the default): 4-bit, CPU included; another value: one line;
     quantization='int4' names the file's own 4-bit weights."""
     path = files["Q4_1"]
     ck = load_checkpoint(path)
     m8 = build_model(ck.config, ck.params, jnp.float32, quantization="int8")
     assert m8.quantization == "int8" and m8.layers.arrays()["wqkv"].scale.ndim == 3  # per output channel
     m4 = build_model(ck.config, dict(load_checkpoint(path).params), jnp.float32, quantization="int4")
-    assert m4.quantization == "int4" and m4.layers.arrays()["wqkv"].q.dtype == jnp.uint4
+    w4 = m4.layers.arrays()["wqkv"]  # CPU: held packed two a byte (quant_pack4.py)
+    assert m4.quantization == "int4" and w4.method == "int4" and w4.bits == 4
+    assert (w4.packed, w4.q.dtype) == (("uint4", jnp.uint8) if quant_dot.packs_int4(None) else (None, jnp.uint4))
     for mode in ("fp32", "auto"):
         monkeypatch.setenv("JAXLLM_GGUF_Q4", mode)
         held = [isinstance(v, QuantWeight) for v in load_checkpoint(path).params.values()]
-        assert not any(held) if mode == "fp32" or jax.default_backend() == "cpu" else any(held), mode
+        assert not any(held) if mode == "fp32" else any(held), mode
     monkeypatch.setenv("JAXLLM_GGUF_Q4", "int4")
-    with pytest.raises(CheckpointError, match=r"^JAXLLM_GGUF_Q4='int4' is invalid: must be 'auto' \(4-bit except on "
-                                              r"CPU\), 'keep' \(4-bit weights\) or 'fp32'$"):
+    with pytest.raises(CheckpointError, match=r"^JAXLLM_GGUF_Q4='int4' is invalid: must be 'auto' \(= 'keep'\), "
+                                              r"'keep' \(4-bit weights\) or 'fp32'$"):
         load_checkpoint(path)
 
 
@@ -117,6 +123,7 @@ def test_engine_q4_1_greedy_equals_dequantized(files):
             mp.undo()
         assert e.config.quantization == ("int4" if mode == "keep" else None)
         if mode == "keep":
-            assert sum(x.dtype == jnp.uint4 for x in jax.tree.leaves(e.runner.state)) == 4
+            held = jnp.uint8 if quant_dot.packs_int4(None) else jnp.uint4  # CPU: packed two a byte
+            assert sum(x.dtype == held for x in jax.tree.leaves(e.runner.state)) == 4
         outs[mode] = [o.outputs[0].token_ids for o in LLM("tiny", engine=e).generate(prompts, params, use_tqdm=False)]
     assert outs["keep"] == outs["fp32"]

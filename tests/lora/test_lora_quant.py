@@ -57,7 +57,8 @@ def forward(path, adapters, layer_loop, quantization=None, dequantized_from=None
     return np.asarray(model.compute_logits(hidden))
 
 
-@pytest.mark.parametrize("method,layer_loop", [("int8", "scan"), ("fp8", "scan"), ("fp8", "unroll")])
+@pytest.mark.parametrize("method,layer_loop", [("int8", "scan"), ("fp8", "scan"), ("fp8", "unroll"),
+                                               ("int4", "scan"), ("int4", "unroll")])  # int4: packed on CPU
 def test_lora_on_quantized_weights_equals_dequantized_model(method, layer_loop, files):
     path, adapters = files
     got = forward(path, adapters, layer_loop, quantization=method)

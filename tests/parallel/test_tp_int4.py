@@ -94,3 +94,29 @@ def test_greedy_under_tp2_equals_tp1(ckpts):
         assert e.config.quantization == "int4", tp
         outs[tp] = [o.outputs[0].token_ids for o in LLM("tiny", engine=e).generate(prompts, params, use_tqdm=False)]
     assert outs[2] == outs[1]
+
+
+def test_int4_at_load_tp2_equals_tp1(tmp_path_factory):
+    """`--quantization int4` on a full-precision checkpoint: at tp=2 (einsum path, group scales sharded
+    like the weight; w_down's one group of 96 along its sharded F split into two of 48) the logits
+    equal tp=1's (the chunked dot on uint8 pairs) and the int4 weights are the same."""
+    hf = tiny_llama_hd32(str(tmp_path_factory.mktemp("tp_int4_rtn")))
+    got, w_down = {}, {}
+    for tp in (1, 2):
+        ck = load_checkpoint(hf)
+        c = ck.config
+        layout = TPLayout.plan(c, tp, make_mesh(tp)) if tp > 1 else None
+        model = build_model(c, ck.params, jnp.float32, layout=layout, layer_loop="scan", quantization="int4")
+        assert model.quantization == "int4"
+        mc = model.config
+        tokens, positions, meta, nblocks = prefill_batch(SEQS, 8)
+        cache = KVCache.zeros(mc.num_layers, nblocks + 1, 8, mc.num_kv_heads, mc.head_dim, jnp.float32,
+                              sharding=layout.cache_sharding() if layout else None)
+        hidden, _ = model(tokens, positions, cache, meta)
+        got[tp] = np.asarray(model.compute_logits(hidden))
+        wd = w_down[tp] = model.layers.arrays()["w_down"]
+        assert wd.method == "int4" and wd.scale.shape[-2] == tp  # F = 96: one group, split in two at tp=2
+    assert all(s.data.shape[-2] == 1 for s in w_down[2].scale.addressable_shards)
+    np.testing.assert_array_equal(np.asarray(w_down[2].unpacked().q), np.asarray(w_down[1].unpacked().q))
+    assert np.abs(got[1]).max() > 0.5
+    np.testing.assert_allclose(got[2], got[1], atol=2e-5 * np.abs(got[1]).max(), rtol=0)
