@@ -142,9 +142,9 @@ def _config_from(hf: dict, path: str) -> ModelConfig:
 
 def load_gguf(path: str, dtype=np.float32) -> tuple[ModelConfig, dict[str, np.ndarray]]:
     """Config and stacked params: Q8_0 / Q4_0 / Q4_1 projections as QuantWeights of numpy arrays
-    (int8 / int4 / uint4 q, f16 block scales, Q4_1's f16 offsets), the rest in `dtype`. A conversion cache hit (checkpoints.conversion_cache) skips
-    the GGUF parse and dequantization; a file with kept-quantized projections is never cached (its
-    Q8_0 / Q4 bytes are read as they are, there is nothing slow to skip)."""
+    (int8 / int4 / uint4 q, f16 block scales, Q4_1's f16 offsets), the rest in `dtype`. A conversion
+    cache hit (checkpoints.conversion_cache) skips the GGUF parse (5 s of pure Python for SmolLM2's
+    metadata) and any dequantization; kept-quantized projections are cached as they are."""
     from jaxllm.models.quant import QuantWeight
 
     if not os.path.isfile(path):
@@ -152,15 +152,15 @@ def load_gguf(path: str, dtype=np.float32) -> tuple[ModelConfig, dict[str, np.nd
     hit = conversion_cache.load(path)
     if hit is not None:
         hf, params = hit
-        log.info("%s: loaded from the conversion cache (dequantized to fp32 earlier)", path)
-        return _config_from(hf, path), {k: v.astype(dtype, copy=False) for k, v in params.items()}
+        log.info("%s: loaded from the conversion cache (converted earlier)", path)
+        return _config_from(hf, path), {k: v if isinstance(v, QuantWeight) else v.astype(dtype, copy=False)
+                                        for k, v in params.items()}
     reader = open_gguf(path)
     # Through JSON either way, so a cache hit builds exactly the config a conversion does.
     hf = json.loads(json.dumps(_hf_config(reader, path), default=lambda o: o.item()))
     config = _config_from(hf, path)
     params = _convert(reader, config, path)
-    if not any(isinstance(v, QuantWeight) for v in params.values()):
-        conversion_cache.save(path, hf, params)
+    conversion_cache.save(path, hf, params)
     return config, {k: v if isinstance(v, QuantWeight) else v.astype(dtype, copy=False) for k, v in params.items()}
 
 

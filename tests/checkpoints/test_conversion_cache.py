@@ -7,15 +7,18 @@ import pytest
 
 from checkpoints import conversion_cache, gguf_loader
 from checkpoints.gguf_loader import load_gguf
+from jaxllm.models.quant import QuantWeight
 from tests.checkpoints.gguf_tiny import write_gguf_from_hf
 from tests.models.hf_tiny import make_tiny_hf
 
 
-@pytest.fixture
-def gguf_file(tmp_path, monkeypatch):
+@pytest.fixture(params=[("Q4_1", "keep"), ("Q4_0", "fp32"), ("Q8_0", "keep")])
+def gguf_file(request, tmp_path, monkeypatch):
+    """Kept 4-bit (int4 q with uint4 + offsets for Q4_1), dequantized to fp32, and kept int8."""
+    qtype, mode = request.param
+    monkeypatch.setenv("JAXLLM_GGUF_Q4", mode)
     hf_dir = make_tiny_hf("llama", str(tmp_path))
-    # Q4_0: a dequantized type (a Q8_0 file keeps its projections int8 and is never cached)
-    path = write_gguf_from_hf(hf_dir, str(tmp_path / "tiny-q4_0.gguf"), "Q4_0")
+    path = write_gguf_from_hf(hf_dir, str(tmp_path / f"tiny-{qtype}.gguf"), qtype)
     monkeypatch.setenv("JAXLLM_GGUF_CACHE", str(tmp_path / "cache"))
     monkeypatch.setattr(conversion_cache, "MIN_BYTES", 0)  # the tiny file counts as large
     return path
@@ -34,8 +37,16 @@ def _same(a, b):
     assert ca == cb
     assert pa.keys() == pb.keys()
     for k in pa:
-        assert pa[k].dtype == pb[k].dtype == np.float32 and pa[k].shape == pb[k].shape
-        np.testing.assert_array_equal(pa[k], pb[k])
+        a, b = pa[k], pb[k]
+        if isinstance(a, QuantWeight):  # the same q (dtype included), scales and offsets, exactly
+            assert isinstance(b, QuantWeight) and (a.offset is None) == (b.offset is None)
+            for x, y in [(a.q, b.q), (a.scale, b.scale)] + ([(a.offset, b.offset)] if a.offset is not None else []):
+                assert x.dtype == y.dtype and x.shape == y.shape
+                np.testing.assert_array_equal(np.asarray(x).astype(np.float32), np.asarray(y).astype(np.float32))
+            continue
+        assert a.dtype == b.dtype == np.float32 and a.shape == b.shape
+        np.testing.assert_array_equal(a, b)
+    return sum(isinstance(v, QuantWeight) for v in pa.values())
 
 
 def test_hit_skips_the_parse_and_equals_the_conversion(gguf_file, monkeypatch):
@@ -45,7 +56,8 @@ def test_hit_skips_the_parse_and_equals_the_conversion(gguf_file, monkeypatch):
     calls = _parses(monkeypatch)
     second = load_gguf(gguf_file)
     assert calls == []
-    _same(first, second)
+    kept = _same(first, second)
+    assert (kept == 0) == (os.environ["JAXLLM_GGUF_Q4"] == "fp32")  # kept projections come back as QuantWeights
     monkeypatch.setenv("JAXLLM_GGUF_CACHE", "off")  # the uncached conversion, for reference
     _same(load_gguf(gguf_file), second)
     assert calls == [gguf_file]

@@ -85,7 +85,7 @@ def test_q8_0_logits_match_dequantized_load(loaded, models):
         assert weight_bytes(held[short]) <= 0.27 * weight_bytes(ref_held[short]), short
 
 
-def test_quantization_flag_rules_for_gguf(files, loaded):
+def test_quantization_flag_rules_for_gguf(files, loaded, monkeypatch):
     """Q8_0 + fp8: one line (re-rounding int8 to e4m3 only adds error); Q8_0 + int8: kept as is;
     Q4_1 + int8: its dequantized weights re-quantized per channel."""
     _, q8, q4 = files
@@ -95,8 +95,9 @@ def test_quantization_flag_rules_for_gguf(files, loaded):
         build_model(c, dict(params), jnp.float32, quantization="fp8")
     m8 = build_model(c, dict(params), jnp.float32, quantization="int8")
     assert m8.layers.arrays()["wqkv"].scale.ndim == 4  # [L, E/32, H+2K, D]: the file's block scales kept
+    monkeypatch.setenv("JAXLLM_GGUF_Q4", "fp32")  # Q4_1 dequantized (the default keeps it 4-bit: test_gguf_q4.py)
     ck = load_checkpoint(q4)
-    assert not any(isinstance(v, QuantWeight) for v in ck.params.values())  # Q4_1 on CPU: dequantized as before
+    assert not any(isinstance(v, QuantWeight) for v in ck.params.values())
     m4 = build_model(ck.config, ck.params, jnp.float32, quantization="int8")
     assert m4.quantization == "int8" and m4.layers.arrays()["wqkv"].scale.ndim == 3  # per output channel
 
