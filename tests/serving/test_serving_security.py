@@ -106,7 +106,8 @@ def test_reflection_lists_services_and_describes_messages():
                     "grpc.reflection.v1alpha.ServerReflection"} <= services
             assert req_fields == ["request_id", "text", "chat", "token_ids", "sampling", "lora_name", "priority"]
             from jaxllm.sampling_params import SamplingParams
-            assert set(SamplingParams.__struct_fields__) == sp_fields  # every field is exposed
+            # every field is exposed; the proto's beam search options become BeamSearchParams instead
+            assert set(SamplingParams.__struct_fields__) == sp_fields - {"use_beam_search", "length_penalty"}
             assert methods == ["Generate", "Tokenize", "Detokenize", "GetModelInfo", "Embed", "ListAdapters",
                                "LoadAdapter", "UnloadAdapter"]
     run(main())
