@@ -62,10 +62,10 @@ def _renamed(exc: FrontDoorError) -> FrontDoorError:
 class _Answer:
     """One response's id, time and echoed request fields."""
 
-    def __init__(self, body: ResponsesRequest, info: ModelInfo):
+    def __init__(self, body: ResponsesRequest, info: ModelInfo, request_id: str | None = None):
         self.body = body
         self.model = info.name
-        self.id = "resp_" + uuid.uuid4().hex
+        self.id = "resp_" + (request_id or uuid.uuid4().hex)
         self.created = int(time.time())
 
     def envelope(self, job: Any, status: str, output: list, *, final: bool) -> dict:
@@ -93,7 +93,9 @@ class _Answer:
 
 
 # ----- the route --------------------------------------------------------------------------------
-async def create_response(door: FrontDoor, info: ModelInfo, body: ResponsesRequest, receive=None):
+async def create_response(door: FrontDoor, info: ModelInfo, body: ResponsesRequest, receive=None,
+                          request_id: str | None = None):
+    """``request_id``: the client's (serving/request_ids.py), None = a fresh uuid."""
     refused = body.refused()
     if refused is not None:
         raise invalid(*refused)
@@ -105,9 +107,9 @@ async def create_response(door: FrontDoor, info: ModelInfo, body: ResponsesReque
         raise invalid(f"{loc} is invalid: {err.get('msg')}") from None
     except ValueError as exc:
         raise invalid(str(exc)) from None
-    ans = _Answer(body, info)
+    ans = _Answer(body, info, request_id)
     try:
-        job = chat_job(door, info, chat)
+        job = chat_job(door, info, chat, request_id)
         return await respond(door, job, receive, final=lambda j: response_body(j, ans),
                              sse=lambda j, reqs: _events(j, ans, reqs))
     except FrontDoorError as exc:

@@ -103,6 +103,7 @@ class ResponsesRequest(_Body):
     seed: int | None = None
     stop: str | list[str] | None = None
     priority: int = 0
+    request_id: str | None = None  # vLLM's: the answer's id is resp_<it> (X-Request-Id wins)
 
     def refused(self) -> tuple[str, str] | None:
         """(message, field) of the first field this server cannot honour, else None."""
