@@ -98,7 +98,7 @@ class GenerationServicer(pb_grpc.GenerationServicer):
             rid = self.door.check_request_id(request.request_id)
             lora = self.door.adapters.resolve(request.lora_name)
             tracker = convert.ProtoDeltaTracker(rid, params)
-            started: set[int] = set()  # with tools: the choices whose first delta went out
+            started: set[int] = set()  # with a chat plan: the choices whose first delta went out
             async with self.door.request(rid, prompt, params, lora, request.priority) as req:
                 tracker.request_id = req.request_id
                 stuck = WriteTimeout(context, self.door.config.stream_timeout,
@@ -110,7 +110,7 @@ class GenerationServicer(pb_grpc.GenerationServicer):
                             break
                         resp = tracker.update(batch)
                         if resp is not None and plan is not None:
-                            proto_tools.split(plan, resp, started)
+                            proto_tools.split(plan, resp, started, tracker.latest)
                         if resp is not None:
                             stuck.writing()
                             yield resp
@@ -136,6 +136,9 @@ class GenerationServicer(pb_grpc.GenerationServicer):
                 raise invalid(str(exc)) from None
             if request.WhichOneof("prompt") == "chat" and (request.chat.tools_json or request.chat.tool_choice):
                 raise beam.refused("chat.tools_json" if request.chat.tools_json else "chat.tool_choice")
+            if request.WhichOneof("prompt") == "chat" and self.door.config.reasoning_parser:
+                raise invalid("use_beam_search=true is invalid under --reasoning-parser: the reasoning split "
+                              "applies to sampled outputs only", "use_beam_search")
             beam.refuse_params(params)
             search = beam.search_params(params, sp.temperature if sp.HasField("temperature") else None,
                                         sp.length_penalty if sp.HasField("length_penalty") else 1.0)
