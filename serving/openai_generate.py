@@ -239,15 +239,7 @@ def _final_body(job: _Job) -> dict:
     choices = []
     for k, tracker in enumerate(job.trackers):
         for idx in sorted(tracker.latest):
-            c = tracker.latest[idx]
-            d = SampleDelta(idx, list(c.token_ids), c.text)
-            if c.logprobs is not None:
-                d.logprobs = []
-                for t, entry in zip(c.token_ids, c.logprobs):
-                    entry = entry or {}
-                    own = entry.get(t)
-                    d.logprobs.append((int(t), float(own.logprob) if own is not None else float("nan"), entry))
-            d.finish_reason, d.stop_reason = c.finish_reason, c.stop_reason
+            d = final_delta(idx, tracker.latest[idx])
             choice = _choice(job, k * n + idx, _echoed(job, k, d, first=True), final=True)
             if job.kind == "completion":  # vLLM: on each completion choice
                 choice["prompt_logprobs"] = _prompt_logprobs(job, tracker)
@@ -258,6 +250,19 @@ def _final_body(job: _Job) -> dict:
     if job.kind == "chat":  # vLLM: on the chat response
         out["prompt_logprobs"] = _prompt_logprobs(job, job.trackers[0])
     return out
+
+
+def final_delta(idx: int, c: Any) -> SampleDelta:
+    """Sample ``idx``'s whole output ``c`` (a CompletionOutput) as one delta, logprobs included."""
+    d = SampleDelta(idx, list(c.token_ids), c.text)
+    if c.logprobs is not None:
+        d.logprobs = []
+        for t, entry in zip(c.token_ids, c.logprobs):
+            entry = entry or {}
+            own = entry.get(t)
+            d.logprobs.append((int(t), float(own.logprob) if own is not None else float("nan"), entry))
+    d.finish_reason, d.stop_reason = c.finish_reason, c.stop_reason
+    return d
 
 
 def _prompt_logprobs(job: _Job, tracker: DeltaTracker) -> list | None:
