@@ -82,9 +82,7 @@ class GenerationServicer(pb_grpc.GenerationServicer):
         plan = None
         try:
             try:
-                if request.sampling.HasField("length_penalty"):
-                    raise ValueError(f"length_penalty={request.sampling.length_penalty!r} is invalid without "
-                                     f"use_beam_search=true")
+                # length_penalty without use_beam_search: accepted and unused, as vLLM (and HTTP)
                 params = convert.sampling_params_from_proto(request.sampling, self.door.config,
                                                             vocab_size=info.vocab_size,
                                                             max_model_len=info.max_model_len)
