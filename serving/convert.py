@@ -11,12 +11,10 @@ from typing import Any
 
 from jaxllm.sampling_params import SamplingParams
 from jaxllm.structured_outputs import StructuredOutputsParams
-from jaxllm.tokenizer import parse_tool_call_arguments
 
 from serving.config import ServerConfig
 from serving.deltas import DeltaTracker, SampleDelta
 from serving.frontdoor import apply_caps, check_token_ids
-from serving.frontdoor import render_chat as render_chat_messages
 from serving.proto.jaxllm.v1 import generation_pb2 as pb
 
 log = logging.getLogger(__name__)
@@ -84,16 +82,6 @@ def chat_messages(msg: pb.ChatMessages) -> list[dict[str, Any]]:
     return out
 
 
-def render_chat(tokenizer: Any, msg: pb.ChatMessages) -> list[int]:
-    """The model's template over the messages, tool call arguments as objects (as HTTP's
-    serving/openai_tools.template_messages hands them over)."""
-    try:
-        messages = parse_tool_call_arguments(chat_messages(msg))
-    except ValueError as exc:
-        raise ValueError(chat_field(str(exc))) from None
-    return render_chat_messages(tokenizer, messages, "chat.messages")["prompt_token_ids"]
-
-
 def chat_field(message: str) -> str:
     """A chat error message of the HTTP door's (``messages[0].tool_calls[0].function.arguments=...``)
     naming the proto's field instead (``chat.messages[0].tool_calls[0].arguments=...``)."""
@@ -101,13 +89,14 @@ def chat_field(message: str) -> str:
     return re.sub(r"^(chat\.messages\[\d+\]\.tool_calls\[\d+\])\.function\.arguments", r"\1.arguments", message)
 
 
-def prompt_from_request(req: pb.GenerateRequest, tokenizer: Any, vocab_size: int | None):
-    """Return what ``engine.add_request`` takes: a str or {"prompt_token_ids": [...]}."""
+def prompt_from_request(req: pb.GenerateRequest, vocab_size: int | None, render_chat):
+    """Return what ``engine.add_request`` takes: a str or {"prompt_token_ids": [...]};
+    ``render_chat(chat)``: a chat's prompt token ids (serving/proto_tools.render_ids)."""
     kind = req.WhichOneof("prompt")
     if kind is None:
         raise ValueError("prompt is invalid: set one of text, chat or token_ids")
     if kind == "chat":
-        return {"prompt_token_ids": render_chat(tokenizer, req.chat)}
+        return {"prompt_token_ids": render_chat(req.chat)}
     return text_or_token_ids(req, kind, vocab_size)
 
 

@@ -102,6 +102,15 @@ def plan_request(request: pb.GenerateRequest, cfg: Any, tokenizer: Any,
     return plan, {"prompt_token_ids": rendered["prompt_token_ids"]}
 
 
+def render_ids(chat: pb.ChatMessages, cfg: Any, tokenizer: Any) -> list[int]:
+    """The prompt token ids of ``chat`` as Generate renders it (Tokenize; HTTP's /tokenize)."""
+    body = chat_body(chat, pb.SamplingParams())
+    try:
+        return render_body(tokenizer, body, cfg)["prompt_token_ids"]
+    except ValueError as exc:
+        raise ValueError(convert.chat_field(str(exc))) from None
+
+
 def split(plan: ChatPlan, resp: pb.GenerateResponse, started: set[int], latest: dict) -> None:
     """Fill ``reasoning`` / ``content`` / ``tool_calls`` (and the tool_calls finish reason) of
     ``resp``'s deltas, and the final usage's ``reasoning_tokens`` (``latest``: the tracker's

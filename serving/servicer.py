@@ -72,6 +72,10 @@ class GenerationServicer(pb_grpc.GenerationServicer):
         except FrontDoorError as exc:
             await _abort(context, exc)
 
+    def _chat_renderer(self, info: ModelInfo):
+        """chat -> prompt token ids, as the HTTP chat renders them (serving/proto_tools.py)."""
+        return lambda chat: proto_tools.render_ids(chat, self.door.config, info.tokenizer)
+
     # ----- RPCs -----------------------------------------------------------------------
     async def Generate(self, request: pb.GenerateRequest, context):
         info = await self._model(context)
@@ -88,7 +92,7 @@ class GenerationServicer(pb_grpc.GenerationServicer):
                                                             max_model_len=info.max_model_len)
                 plan, prompt = proto_tools.plan_request(request, self.door.config, info.tokenizer, params)
                 if prompt is None:
-                    prompt = convert.prompt_from_request(request, info.tokenizer, info.vocab_size)
+                    prompt = convert.prompt_from_request(request, info.vocab_size, self._chat_renderer(info))
             except ValueError as exc:
                 raise invalid(str(exc)) from None
             if plan is not None:  # its constraint: checked as the request's own would be
@@ -129,7 +133,7 @@ class GenerationServicer(pb_grpc.GenerationServicer):
             try:
                 params = convert.sampling_params_from_proto(sp, self.door.config, vocab_size=info.vocab_size,
                                                             max_model_len=info.max_model_len)
-                prompt = convert.prompt_from_request(request, info.tokenizer, info.vocab_size)
+                prompt = convert.prompt_from_request(request, info.vocab_size, self._chat_renderer(info))
             except ValueError as exc:
                 raise invalid(str(exc)) from None
             if request.WhichOneof("prompt") == "chat" and (request.chat.tools_json or request.chat.tool_choice):
@@ -198,7 +202,7 @@ class GenerationServicer(pb_grpc.GenerationServicer):
         try:
             if kind is None:
                 raise ValueError("input is invalid: set one of text or chat")
-            ids = (convert.render_chat(info.tokenizer, request.chat) if kind == "chat"
+            ids = (proto_tools.render_ids(request.chat, self.door.config, info.tokenizer) if kind == "chat"
                    else [int(t) for t in info.tokenizer.encode(request.text)])
         except ValueError as exc:
             await context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(exc))

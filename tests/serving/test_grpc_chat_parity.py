@@ -142,6 +142,9 @@ def test_tool_round_trip_equals_http(srv):
     tokenized = httpx.post(srv.base_url + "/tokenize", json={"messages": history, "tools": TOOLS}, timeout=30).json()
     assert g2.prompt_token_ids == tokenized["tokens"]
     assert g2.usage.prompt_tokens == h2["usage"]["prompt_tokens"] == len(g2.prompt_token_ids)
+    # gRPC Tokenize counts what Generate sends (the tools and the history rendered the same way)
+    req = build_request(chat=history, tools=TOOLS)
+    assert list(srv.stub.Tokenize(pb.TokenizeRequest(chat=req.chat), timeout=30).token_ids) == g2.prompt_token_ids
     m2 = h2["choices"][0]["message"]
     assert (g2.reasonings[0], g2.contents[0]) == (m2["reasoning"], m2["content"]) == \
         ("The tool says sunny.", "It is sunny in Paris, 21C.")
