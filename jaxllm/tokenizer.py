@@ -74,7 +74,7 @@ class Tokenizer:
 
     def apply_chat_template(self, messages: list[dict], add_generation_prompt: bool = True) -> list[int]:
         """Token ids of the rendered conversation. Template errors propagate as they are: each edge
-        names its own field (`chat_prompt` here, serving.convert.render_chat for gRPC)."""
+        names its own field (`chat_prompt` here, serving.proto_tools.render_ids for gRPC)."""
         return self._render_chat(messages, add_generation_prompt)[1]
 
     def chat_prompt(self, messages: list[dict], add_generation_prompt: bool = True, *,

@@ -1,7 +1,7 @@
 """The messages a jaxllm.v1.Generation client sends and what it makes of the answers: `build_request`
 (a GenerateRequest from a prompt, chat or token ids plus SamplingParams fields) and `Completion` (a
 stream of GenerateResponses accumulated per sample: text, token ids, logprobs, finish and stop
-reasons, tool calls, usage). Transport-free; serving/client.py holds the sync and asyncio clients.
+reasons, tool calls, reasoning, usage). Transport-free; serving/client.py holds the sync and asyncio clients.
 """
 
 from __future__ import annotations
@@ -46,13 +46,25 @@ def build_request(prompt: str | None = None, *, text: str | None = None, chat: l
     if prompt is not None:
         req.text = prompt
     elif chat is not None:
-        req.chat.messages.extend(pb.ChatMessage(role=m["role"], content=m["content"]) for m in chat)
+        req.chat.messages.extend(chat_message(m) for m in chat)
         if tools is not None:
             req.chat.tools_json = json.dumps(tools)
         req.chat.tool_choice = tool_choice
     else:
         req.token_ids.ids.extend(token_ids)
     return req
+
+
+def chat_message(m: dict) -> pb.ChatMessage:
+    """An OpenAI chat message dict (as /v1/chat/completions takes it: ``content`` may be None,
+    an assistant's ``tool_calls`` with ``function.name``/``arguments``, a tool message's
+    ``tool_call_id``) as the proto's ChatMessage."""
+    msg = pb.ChatMessage(role=m["role"], content=m.get("content") or "", tool_call_id=m.get("tool_call_id") or "")
+    for c in m.get("tool_calls") or ():
+        fn = c["function"]
+        args = fn["arguments"] if isinstance(fn["arguments"], str) else json.dumps(fn["arguments"])
+        msg.tool_calls.add(id=c.get("id", ""), name=fn["name"], arguments=args)
+    return msg
 
 
 def structured_outputs_to_proto(so) -> pb.StructuredOutputs:
@@ -86,6 +98,8 @@ class Completion:
     # chat with tools: per sample, the text outside calls and the calls ({"id", "name", "arguments"})
     contents: dict[int, str] = dataclasses.field(default_factory=dict)
     tool_calls: dict[int, list[dict]] = dataclasses.field(default_factory=dict)
+    # chat under --reasoning-parser: per sample, the think block's text
+    reasonings: dict[int, str] = dataclasses.field(default_factory=dict)
 
     def add(self, resp: pb.GenerateResponse) -> None:
         self.num_responses += 1
@@ -100,6 +114,8 @@ class Completion:
             self.logprobs.setdefault(d.index, []).extend(d.logprobs)
             if d.content:
                 self.contents[d.index] = self.contents.get(d.index, "") + d.content
+            if d.reasoning:
+                self.reasonings[d.index] = self.reasonings.get(d.index, "") + d.reasoning
             calls = self.tool_calls.setdefault(d.index, []) if d.tool_calls else ()
             for c in d.tool_calls:
                 if c.index == len(calls):

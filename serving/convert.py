@@ -6,6 +6,7 @@ Only the protobuf mapping lives here; the checks behind it (caps, token ids, cha
 from __future__ import annotations
 
 import logging
+import re
 from typing import Any
 
 from jaxllm.sampling_params import SamplingParams
@@ -14,7 +15,6 @@ from jaxllm.structured_outputs import StructuredOutputsParams
 from serving.config import ServerConfig
 from serving.deltas import DeltaTracker, SampleDelta
 from serving.frontdoor import apply_caps, check_token_ids
-from serving.frontdoor import render_chat as render_chat_messages
 from serving.proto.jaxllm.v1 import generation_pb2 as pb
 
 log = logging.getLogger(__name__)
@@ -66,21 +66,37 @@ def structured_outputs_from_proto(msg: pb.StructuredOutputs) -> StructuredOutput
     return StructuredOutputsParams(**{kind: getattr(msg, kind)})
 
 
-def chat_messages(msg: pb.ChatMessages) -> list[dict[str, str]]:
-    return [{"role": m.role, "content": m.content} for m in msg.messages]
+def chat_messages(msg: pb.ChatMessages) -> list[dict[str, Any]]:
+    """The messages as OpenAI chat message dicts (what /v1/chat/completions takes): role and
+    content, an assistant turn's ``tool_calls`` (arguments as JSON text), a tool message's
+    ``tool_call_id``."""
+    out = []
+    for m in msg.messages:
+        d: dict[str, Any] = {"role": m.role, "content": m.content}
+        if m.tool_calls:
+            d["tool_calls"] = [{"id": c.id, "type": "function", "function": {"name": c.name, "arguments": c.arguments}}
+                               for c in m.tool_calls]
+        if m.tool_call_id:
+            d["tool_call_id"] = m.tool_call_id
+        out.append(d)
+    return out
 
 
-def render_chat(tokenizer: Any, msg: pb.ChatMessages) -> list[int]:
-    return render_chat_messages(tokenizer, chat_messages(msg), "chat.messages")["prompt_token_ids"]
+def chat_field(message: str) -> str:
+    """A chat error message of the HTTP door's (``messages[0].tool_calls[0].function.arguments=...``)
+    naming the proto's field instead (``chat.messages[0].tool_calls[0].arguments=...``)."""
+    message = re.sub(r"^messages\b", "chat.messages", message)
+    return re.sub(r"^(chat\.messages\[\d+\]\.tool_calls\[\d+\])\.function\.arguments", r"\1.arguments", message)
 
 
-def prompt_from_request(req: pb.GenerateRequest, tokenizer: Any, vocab_size: int | None):
-    """Return what ``engine.add_request`` takes: a str or {"prompt_token_ids": [...]}."""
+def prompt_from_request(req: pb.GenerateRequest, vocab_size: int | None, render_chat):
+    """Return what ``engine.add_request`` takes: a str or {"prompt_token_ids": [...]};
+    ``render_chat(chat)``: a chat's prompt token ids (serving/proto_tools.render_ids)."""
     kind = req.WhichOneof("prompt")
     if kind is None:
         raise ValueError("prompt is invalid: set one of text, chat or token_ids")
     if kind == "chat":
-        return {"prompt_token_ids": render_chat(tokenizer, req.chat)}
+        return {"prompt_token_ids": render_chat(req.chat)}
     return text_or_token_ids(req, kind, vocab_size)
 
 

@@ -44,6 +44,7 @@ from serving.openai_protocol import (ChatCompletionRequest, CompletionRequest, D
 from serving.openai_responses import create_response
 from serving.openai_responses_protocol import ResponsesRequest
 from serving.openai_tools import render_body
+from serving.request_ids import HEADER, client_request_id
 
 if TYPE_CHECKING:
     from serving.server import ServingServer
@@ -78,6 +79,9 @@ class _Guard:
         if scope["type"] != "http":
             return await self.app(scope, receive, send)
         headers = dict(scope.get("headers") or ())
+        echoed = headers.get(b"x-request-id")
+        if echoed is not None:  # vLLM's --enable-request-id-headers: the client's id comes back
+            send = _with_header(send, b"x-request-id", echoed)
         if self.expected is not None and scope.get("path") not in OPEN_PATHS:
             got = headers.get(b"authorization", b"")
             if not hmac.compare_digest(got, self.expected):
@@ -112,6 +116,17 @@ class _Guard:
         return await error_response(413, f"request body of {size} bytes is too large: the limit is "
                                  f"--max-message-bytes={self.max_body}", code="request_too_large")(
             scope, receive, send)
+
+
+def _with_header(send, name: bytes, value: bytes):
+    """``send`` with the header ``name: value`` added to the response start (every answer, errors too)."""
+
+    async def sending(message):
+        if message["type"] == "http.response.start":
+            message = dict(message, headers=[*message.get("headers", ()), (name, value)])
+        await send(message)
+
+    return sending
 
 
 def build_app(server: "ServingServer") -> Any:
@@ -224,20 +239,31 @@ def build_app(server: "ServingServer") -> Any:
                           "(start it with --task generate)", "model")
         return info
 
+    def client_id(request: Request, body: Any) -> str | None:
+        """The client's request id (X-Request-Id, then the body's request_id), or a 400."""
+        header = request.headers.get(HEADER)
+        try:
+            return client_request_id(header, body.request_id, cfg.max_request_id_len)
+        except ValueError as exc:
+            raise invalid(str(exc), HEADER if header is not None else "request_id") from None
+
     @app.post("/v1/completions")
     async def completions(body: CompletionRequest, request: Request):
+        rid = client_id(request, body)
         info = generating(model_of(body.model), "/v1/completions")
-        return await respond(door, completion_job(door, info, body), request.receive)
+        return await respond(door, completion_job(door, info, body, rid), request.receive)
 
     @app.post("/v1/chat/completions")
     async def chat_completions(body: ChatCompletionRequest, request: Request):
+        rid = client_id(request, body)
         info = generating(model_of(body.model), "/v1/chat/completions")
-        return await respond(door, chat_job(door, info, body), request.receive)
+        return await respond(door, chat_job(door, info, body, rid), request.receive)
 
     @app.post("/v1/responses")
     async def responses(body: ResponsesRequest, request: Request):
+        rid = client_id(request, body)
         info = generating(model_of(body.model), "/v1/responses")
-        return await create_response(door, info, body, request.receive)
+        return await create_response(door, info, body, request.receive, rid)
 
     @app.post("/tokenize")
     async def tokenize(body: TokenizeRequest):

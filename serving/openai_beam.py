@@ -31,6 +31,6 @@ def beam_params(job, body) -> None:
 
 
 def beam_request(door: FrontDoor, job, k: int) -> BeamRequest:
-    """The search of ``job``'s prompt ``k`` (engine requests ``f"{job.id}-{k}.{i}"``)."""
-    return BeamRequest(door, job.info, f"{job.id}-{k}", f"{job.id}-beam", job.prompts[k], job.beam_prompt_ids[k],
+    """The search of ``job``'s prompt ``k`` (engine requests ``f"{job.engine_id}-{k}.{i}"``)."""
+    return BeamRequest(door, job.info, f"{job.engine_id}-{k}", f"{job.id}-beam", job.prompts[k], job.beam_prompt_ids[k],
                        job.beam, job.priority, logprobs=job.params.logprobs is not None)

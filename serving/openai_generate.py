@@ -28,20 +28,24 @@ from serving.openai_logprobs import chat_logprobs, completion_logprobs
 from serving.openai_protocol import ChatCompletionRequest, CompletionRequest
 from serving.openai_reasoning import ReasoningPlan
 from serving.openai_tools import ToolPlan, render_body
+from serving.request_ids import engine_prefix
 
 
 class _Job:
     """One body: its prompts, params and the bookkeeping to answer it."""
 
     def __init__(self, kind: str, info: ModelInfo, prompts: list[Any], params: SamplingParams,
-                 stream: bool, include_usage: bool):
+                 stream: bool, include_usage: bool, request_id: str | None = None):
         self.kind = kind  # "completion" | "chat"
         self.info = info
         self.prompts = prompts
         self.params = params
         self.stream = stream
         self.include_usage = include_usage
-        self.id = ("cmpl-" if kind == "completion" else "chatcmpl-") + uuid.uuid4().hex
+        # the answer's id: the client's request id (serving/request_ids.py) or a fresh uuid; the
+        # engine's requests are f"{self.engine_id}-{k}" (unique even when two clients send one id)
+        self.id = ("cmpl-" if kind == "completion" else "chatcmpl-") + (request_id or uuid.uuid4().hex)
+        self.engine_id = engine_prefix(self.id, request_id is not None)
         self.created = int(time.time())
         self.trackers = [DeltaTracker(f"{self.id}-{k}", params) for k in range(len(prompts))]
         self.echo: Echo | None = None  # completions with echo=true
@@ -70,7 +74,8 @@ class _Job:
 
 
 # ----- bodies -> jobs ------------------------------------------------------------------------
-def completion_job(door: FrontDoor, info: ModelInfo, body: CompletionRequest) -> _Job:
+def completion_job(door: FrontDoor, info: ModelInfo, body: CompletionRequest,
+                   request_id: str | None = None) -> _Job:
     if body.suffix is not None:
         raise invalid("suffix is not supported: this server has no insertion models", "suffix")
     if body.best_of is not None and body.best_of != body.n:
@@ -104,7 +109,7 @@ def completion_job(door: FrontDoor, info: ModelInfo, body: CompletionRequest) ->
     if (msg := check_stream(body.prompt_logprobs, body.stream)) is not None:
         raise invalid(msg, "prompt_logprobs")
     job = _Job("completion", info, prompts, params, body.stream,
-               bool(body.stream_options and body.stream_options.include_usage))
+               bool(body.stream_options and body.stream_options.include_usage), request_id)
     job.prompt_logprobs = body.prompt_logprobs
     job.priority = body.priority
     if body.echo:  # vLLM: echo with logprobs answers the prompt logprobs too
@@ -116,7 +121,8 @@ def completion_job(door: FrontDoor, info: ModelInfo, body: CompletionRequest) ->
     return job
 
 
-def chat_job(door: FrontDoor, info: ModelInfo, body: ChatCompletionRequest) -> _Job:
+def chat_job(door: FrontDoor, info: ModelInfo, body: ChatCompletionRequest,
+             request_id: str | None = None) -> _Job:
     top = body.top_logprobs
     if top is not None and not 0 <= top <= min(MAX_LOGPROBS, door.config.max_logprobs):
         limit = (f"must be in [0, {MAX_LOGPROBS}]" if top < 0 or door.config.max_logprobs >= MAX_LOGPROBS
@@ -139,7 +145,7 @@ def chat_job(door: FrontDoor, info: ModelInfo, body: ChatCompletionRequest) -> _
     if (msg := check_stream(body.prompt_logprobs, body.stream)) is not None:
         raise invalid(msg, "prompt_logprobs")
     job = _Job("chat", info, [prompt], params, body.stream,
-               bool(body.stream_options and body.stream_options.include_usage))
+               bool(body.stream_options and body.stream_options.include_usage), request_id)
     job.prompt_logprobs = body.prompt_logprobs
     job.priority = body.priority
     job.echo = chat_echo(body)
@@ -165,8 +171,9 @@ async def respond(door: FrontDoor, job: _Job, receive=None, final=None, sse=None
             for r in reqs:
                 stack.push_async_callback(r.aclose)
         else:
-            reqs = [await stack.enter_async_context(door.request("", p, job.params, job.info.lora, job.priority))
-                    for p in job.prompts]
+            reqs = [await stack.enter_async_context(door.request(f"{job.engine_id}-{k}", p, job.params,
+                                                                 job.info.lora, job.priority))
+                    for k, p in enumerate(job.prompts)]
     except BaseException as exc:
         await stack.aclose()  # the ones already admitted are aborted
         if job.tools is not None and isinstance(exc, FrontDoorError):
@@ -232,15 +239,7 @@ def _final_body(job: _Job) -> dict:
     choices = []
     for k, tracker in enumerate(job.trackers):
         for idx in sorted(tracker.latest):
-            c = tracker.latest[idx]
-            d = SampleDelta(idx, list(c.token_ids), c.text)
-            if c.logprobs is not None:
-                d.logprobs = []
-                for t, entry in zip(c.token_ids, c.logprobs):
-                    entry = entry or {}
-                    own = entry.get(t)
-                    d.logprobs.append((int(t), float(own.logprob) if own is not None else float("nan"), entry))
-            d.finish_reason, d.stop_reason = c.finish_reason, c.stop_reason
+            d = final_delta(idx, tracker.latest[idx])
             choice = _choice(job, k * n + idx, _echoed(job, k, d, first=True), final=True)
             if job.kind == "completion":  # vLLM: on each completion choice
                 choice["prompt_logprobs"] = _prompt_logprobs(job, tracker)
@@ -251,6 +250,19 @@ def _final_body(job: _Job) -> dict:
     if job.kind == "chat":  # vLLM: on the chat response
         out["prompt_logprobs"] = _prompt_logprobs(job, job.trackers[0])
     return out
+
+
+def final_delta(idx: int, c: Any) -> SampleDelta:
+    """Sample ``idx``'s whole output ``c`` (a CompletionOutput) as one delta, logprobs included."""
+    d = SampleDelta(idx, list(c.token_ids), c.text)
+    if c.logprobs is not None:
+        d.logprobs = []
+        for t, entry in zip(c.token_ids, c.logprobs):
+            entry = entry or {}
+            own = entry.get(t)
+            d.logprobs.append((int(t), float(own.logprob) if own is not None else float("nan"), entry))
+    d.finish_reason, d.stop_reason = c.finish_reason, c.stop_reason
+    return d
 
 
 def _prompt_logprobs(job: _Job, tracker: DeltaTracker) -> list | None:

@@ -6,8 +6,8 @@ to ``SamplingParams.validate`` and the front door's caps, whose messages name fi
 limit the same way for every door. Besides OpenAI's fields, vLLM's extra sampling fields are
 accepted (``top_k``, ``min_p``, ``repetition_penalty``, ``min_tokens``, ``stop_token_ids``,
 ``ignore_eos``, ``skip_special_tokens``, ``include_stop_str_in_output``, ``prompt_logprobs``,
-``bad_words``, ``use_beam_search``, ``length_penalty``), and vLLM's ``priority`` (the request's,
-not a sampling field).
+``bad_words``, ``use_beam_search``, ``length_penalty``), and vLLM's ``priority`` and ``request_id``
+(the request's, not sampling fields).
 """
 
 from __future__ import annotations
@@ -80,6 +80,8 @@ class _SamplingFields(_Body):
     bad_words: list[str] | None = None  # words never generated (jaxllm/engine/bad_words.py)
     # vLLM's: lower runs first under --scheduling-policy priority; a non-zero value under fcfs is a 400
     priority: int = 0
+    # vLLM's: the answer's id suffix (the X-Request-Id header wins; serving/request_ids.py)
+    request_id: str | None = None
     # vLLM's beam search fields (serving/openai_beam.py): n is the beam width
     use_beam_search: bool = False
     length_penalty: float = 1.0

@@ -6,7 +6,9 @@ caps, admission); only the answer's shape is this module's. A chat answer's mess
 output items in this order: ``reasoning`` (the reasoning parser's text, a ``reasoning_text``
 part), ``message`` (the content, one ``output_text`` part; none when the content is empty, as a
 forced tool call's), one ``function_call`` per tool call (``call_id`` = ``call_<hex>``).
-``status`` is ``"incomplete"`` with ``incomplete_details.reason = "max_output_tokens"`` when the
+With ``include: ["message.output_text.logprobs"]`` the output_text part carries the chat
+logprobs entries of every generated token (vLLM's rule), each streamed text delta those of its own
+tokens. ``status`` is ``"incomplete"`` with ``incomplete_details.reason = "max_output_tokens"`` when the
 output ran out of tokens. ``usage``: input/output tokens, ``input_tokens_details.cached_tokens``
 (prefix-cache hits) and ``output_tokens_details.reasoning_tokens`` (the think block's tokens).
 
@@ -33,9 +35,8 @@ from typing import Any, AsyncIterator
 
 from pydantic import ValidationError
 
-from serving.deltas import SampleDelta
 from serving.frontdoor import FrontDoor, FrontDoorError, ModelInfo, invalid
-from serving.openai_generate import chat_choice, merged_outputs, chat_job, respond
+from serving.openai_generate import chat_choice, chat_job, final_delta, merged_outputs, respond
 from serving.openai_protocol import ChatCompletionRequest
 from serving.openai_responses_protocol import ResponsesRequest
 
@@ -62,10 +63,10 @@ def _renamed(exc: FrontDoorError) -> FrontDoorError:
 class _Answer:
     """One response's id, time and echoed request fields."""
 
-    def __init__(self, body: ResponsesRequest, info: ModelInfo):
+    def __init__(self, body: ResponsesRequest, info: ModelInfo, request_id: str | None = None):
         self.body = body
         self.model = info.name
-        self.id = "resp_" + uuid.uuid4().hex
+        self.id = "resp_" + (request_id or uuid.uuid4().hex)
         self.created = int(time.time())
 
     def envelope(self, job: Any, status: str, output: list, *, final: bool) -> dict:
@@ -93,7 +94,9 @@ class _Answer:
 
 
 # ----- the route --------------------------------------------------------------------------------
-async def create_response(door: FrontDoor, info: ModelInfo, body: ResponsesRequest, receive=None):
+async def create_response(door: FrontDoor, info: ModelInfo, body: ResponsesRequest, receive=None,
+                          request_id: str | None = None):
+    """``request_id``: the client's (serving/request_ids.py), None = a fresh uuid."""
     refused = body.refused()
     if refused is not None:
         raise invalid(*refused)
@@ -105,9 +108,9 @@ async def create_response(door: FrontDoor, info: ModelInfo, body: ResponsesReque
         raise invalid(f"{loc} is invalid: {err.get('msg')}") from None
     except ValueError as exc:
         raise invalid(str(exc)) from None
-    ans = _Answer(body, info)
+    ans = _Answer(body, info, request_id)
     try:
-        job = chat_job(door, info, chat)
+        job = chat_job(door, info, chat, request_id)
         return await respond(door, job, receive, final=lambda j: response_body(j, ans),
                              sse=lambda j, reqs: _events(j, ans, reqs))
     except FrontDoorError as exc:
@@ -124,13 +127,23 @@ def reasoning_item(item_id: str, text: str) -> dict:
             "content": [{"type": "reasoning_text", "text": text}], "encrypted_content": None, "status": None}
 
 
-def message_item(item_id: str, text: str, status: str) -> dict:
+def message_item(item_id: str, text: str, status: str, logprobs: list | None = None) -> dict:
     return {"id": item_id, "type": "message", "role": "assistant", "status": status,
-            "content": [_text_part(text)]}
+            "content": [_text_part(text, logprobs)]}
 
 
-def _text_part(text: str) -> dict:
-    return {"type": "output_text", "text": text, "annotations": [], "logprobs": []}
+def _text_part(text: str, logprobs: list | None = None) -> dict:
+    """An output_text part; ``logprobs``: the chat logprobs object's ``content`` entries (token,
+    logprob, bytes, top_logprobs of token/logprob/bytes: OpenAI's output_text logprob shape)."""
+    return {"type": "output_text", "text": text, "annotations": [], "logprobs": list(logprobs or ())}
+
+
+def delta_logprobs(entries: list) -> list:
+    """Chat logprobs entries in the ``response.output_text.delta`` event's shape (OpenAI's and
+    vLLM's: token, logprob, top_logprobs of token/logprob; no bytes)."""
+    return [{"token": e["token"], "logprob": e["logprob"],
+             "top_logprobs": [{"token": t["token"], "logprob": t["logprob"]} for t in e["top_logprobs"]]}
+            for e in entries]
 
 
 def call_item(item_id: str, call_id: str, name: str, arguments: str, status: str) -> dict:
@@ -154,16 +167,15 @@ def usage(job: Any) -> dict:
 
 def response_body(job: Any, ans: _Answer) -> dict:
     """The non-streamed answer: the chat message of the one choice, as output items."""
-    c = job.trackers[0].latest[0]
-    d = SampleDelta(0, list(c.token_ids), c.text)
-    d.finish_reason, d.stop_reason = c.finish_reason, c.stop_reason
-    msg = chat_choice(job, 0, d, final=True, first=True)["message"]
+    choice = chat_choice(job, 0, final_delta(0, job.trackers[0].latest[0]), final=True, first=True)
+    msg = choice["message"]
+    logprobs = (choice["logprobs"] or {}).get("content")  # every generated token's, as vLLM's
     status = _status(job)
     output = []
     if msg.get("reasoning"):
         output.append(reasoning_item("rs_" + _hex(), msg["reasoning"]))
     if msg.get("content"):
-        output.append(message_item("msg_" + _hex(), msg["content"], status))
+        output.append(message_item("msg_" + _hex(), msg["content"], status, logprobs))
     for tc in msg.get("tool_calls") or ():
         output.append(call_item("fc_" + _hex(), "call_" + _hex(), tc["function"]["name"],
                                 tc["function"]["arguments"], "completed"))
@@ -181,6 +193,7 @@ class _EventWriter:
         self.message: int | None = None  # ... of the message item
         self.calls: dict[int, int] = {}  # chat tool call index -> output_index
         self.closed: set[int] = set()
+        self.pending: list = []  # logprobs entries of tokens whose text has not gone out as output_text
 
     def event(self, kind: str, **fields) -> bytes:
         obj = {"type": kind, "sequence_number": self.seq, **fields}
@@ -200,7 +213,10 @@ class _EventWriter:
                                   content_index=0, part=_text_part("")))
         return k, out
 
-    def feed(self, delta: dict) -> list[bytes]:
+    def feed(self, delta: dict, logprobs: list | None = None) -> list[bytes]:
+        """Events for one chat delta; ``logprobs``: its tokens' chat logprobs entries (with
+        ``include`` logprobs), carried by the next output_text delta."""
+        self.pending += logprobs or ()
         out: list[bytes] = []
         r = delta.get("reasoning")
         if r:
@@ -217,10 +233,7 @@ class _EventWriter:
             if self.message is None:
                 self.message, evs = self._open(message_item("msg_" + _hex(), "", "completed"))
                 out += evs
-            k = self.message
-            self.items[k]["content"][0]["text"] += text
-            out.append(self.event("response.output_text.delta", item_id=self.items[k]["id"], output_index=k,
-                                  content_index=0, delta=text, logprobs=[]))
+            out.append(self._text_delta(text))
         for tc in delta.get("tool_calls") or ():
             fn = tc.get("function") or {}
             if "id" in tc:
@@ -235,6 +248,16 @@ class _EventWriter:
                 out.append(self.event("response.function_call_arguments.delta", item_id=self.items[k]["id"],
                                       output_index=k, delta=args))
         return out
+
+    def _text_delta(self, text: str) -> bytes:
+        """The message's output_text delta: ``text`` and the logprobs of every token since the last one."""
+        k = self.message
+        part = self.items[k]["content"][0]
+        part["text"] += text
+        lps, self.pending = self.pending, []
+        part["logprobs"] += lps
+        return self.event("response.output_text.delta", item_id=self.items[k]["id"], output_index=k,
+                          content_index=0, delta=text, logprobs=delta_logprobs(lps))
 
     def _close_reasoning(self) -> list[bytes]:
         return self._close(self.reasoning) if self.reasoning is not None else []
@@ -252,7 +275,8 @@ class _EventWriter:
                               part={"type": "reasoning_text", "text": text})]
         elif item["type"] == "message":
             part = item["content"][0]
-            out = [self.event("response.output_text.done", **ids, content_index=0, text=part["text"], logprobs=[]),
+            out = [self.event("response.output_text.done", **ids, content_index=0, text=part["text"],
+                              logprobs=delta_logprobs(part["logprobs"])),
                    self.event("response.content_part.done", **ids, content_index=0, part=_copy(part))]
         else:
             out = [self.event("response.function_call_arguments.done", **ids, arguments=item["arguments"])]
@@ -260,9 +284,11 @@ class _EventWriter:
         return out
 
     def close_all(self, status: str) -> list[bytes]:
+        out: list[bytes] = []
         if self.message is not None:
             self.items[self.message]["status"] = status
-        out: list[bytes] = []
+            if self.pending:  # tokens after the last text (an EOS, text held back): the non-streamed part has them
+                out.append(self._text_delta(""))
         for k in range(len(self.items)):
             out += self._close(k)
         return out
@@ -285,7 +311,7 @@ async def _events(job: Any, ans: _Answer, reqs: list) -> AsyncIterator[bytes]:
                     if choice is None:
                         continue
                     first = False
-                    for ev in w.feed(choice["delta"]):
+                    for ev in w.feed(choice["delta"], (choice["logprobs"] or {}).get("content")):
                         yield ev
         status = _status(job)
         for ev in w.close_all(status):

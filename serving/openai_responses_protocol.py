@@ -12,9 +12,14 @@ item sent back) -> dropped, as chat templates drop earlier turns' reasoning. ``t
 function tools) -> chat tools; ``tool_choice`` ``{"type": "function", "name"}`` -> named;
 ``max_output_tokens`` -> ``max_tokens``; ``text.format`` -> ``response_format``.
 
+Logprobs (OpenAI's and vLLM's rule): ``include: ["message.output_text.logprobs"]`` asks for
+them (the chat body's ``logprobs: true``), ``top_logprobs`` (0-20, default 0) is how many
+alternatives each token gets (the chat body's ``top_logprobs``); ``top_logprobs`` without that
+``include`` returns none.
+
 Refused with a 400 naming the field (a server without state or built-in tools):
-``previous_response_id``, ``conversation``, ``background: true``, ``prompt``, ``include``,
-``top_logprobs``, ``truncation: "auto"``, ``max_tool_calls``, built-in tool types, images,
+``previous_response_id``, ``conversation``, ``background: true``, ``prompt``, another
+``include`` value, ``truncation: "auto"``, ``max_tool_calls``, built-in tool types, images,
 files and audio. ``store`` is accepted and ignored (vLLM's default ``true``: without its
 ``VLLM_ENABLE_RESPONSES_API_STORE`` vLLM silently does not store either); the answer says
 ``store: false``.
@@ -27,6 +32,7 @@ from typing import Any, Literal
 from pydantic import BaseModel, ConfigDict, Field
 
 _ROLES = ("user", "system", "developer", "assistant")
+LOGPROBS_INCLUDE = "message.output_text.logprobs"
 _TEXT_PARTS = ("input_text", "output_text", "text")
 
 
@@ -103,6 +109,7 @@ class ResponsesRequest(_Body):
     seed: int | None = None
     stop: str | list[str] | None = None
     priority: int = 0
+    request_id: str | None = None  # vLLM's: the answer's id is resp_<it> (X-Request-Id wins)
 
     def refused(self) -> tuple[str, str] | None:
         """(message, field) of the first field this server cannot honour, else None."""
@@ -117,11 +124,10 @@ class ResponsesRequest(_Body):
                 "background"
         if self.prompt is not None:
             return "prompt is not supported: this server has no stored prompt templates", "prompt"
-        if self.include:
-            return f"include={self.include!r} is not supported: this server adds no extra output data", "include"
-        if self.top_logprobs:
-            return f"top_logprobs={self.top_logprobs} is not supported on /v1/responses (use " \
-                   "/v1/chat/completions)", "top_logprobs"
+        for i, value in enumerate(self.include or ()):
+            if value != LOGPROBS_INCLUDE:
+                return (f"include[{i}]={value!r} is not supported: this server adds only "
+                        f"{LOGPROBS_INCLUDE!r}", "include")
         if self.truncation == "auto":
             return "truncation='auto' is not supported: a prompt longer than the model's limit is refused", \
                 "truncation"
@@ -131,10 +137,17 @@ class ResponsesRequest(_Body):
         return None
 
     # ----- translation ---------------------------------------------------------------------------
+    def output_logprobs(self) -> bool:
+        """Whether the answer's output_text parts carry logprobs (``include`` names them)."""
+        return LOGPROBS_INCLUDE in (self.include or ())
+
     def chat_body(self) -> dict:
         """The /v1/chat/completions body this request is (ValueError naming the Responses field)."""
         body: dict[str, Any] = {"model": self.model, "messages": self.messages(), "stream": self.stream,
                                 "priority": self.priority}
+        if self.output_logprobs():
+            body["logprobs"] = True
+            body["top_logprobs"] = self.top_logprobs or 0
         for name in ("temperature", "top_p", "top_k", "min_p", "repetition_penalty", "seed", "stop",
                      "parallel_tool_calls"):
             v = getattr(self, name)

@@ -72,6 +72,10 @@ class GenerationServicer(pb_grpc.GenerationServicer):
         except FrontDoorError as exc:
             await _abort(context, exc)
 
+    def _chat_renderer(self, info: ModelInfo):
+        """chat -> prompt token ids, as the HTTP chat renders them (serving/proto_tools.py)."""
+        return lambda chat: proto_tools.render_ids(chat, self.door.config, info.tokenizer)
+
     # ----- RPCs -----------------------------------------------------------------------
     async def Generate(self, request: pb.GenerateRequest, context):
         info = await self._model(context)
@@ -82,15 +86,13 @@ class GenerationServicer(pb_grpc.GenerationServicer):
         plan = None
         try:
             try:
-                if request.sampling.HasField("length_penalty"):
-                    raise ValueError(f"length_penalty={request.sampling.length_penalty!r} is invalid without "
-                                     f"use_beam_search=true")
+                # length_penalty without use_beam_search: accepted and unused, as vLLM (and HTTP)
                 params = convert.sampling_params_from_proto(request.sampling, self.door.config,
                                                             vocab_size=info.vocab_size,
                                                             max_model_len=info.max_model_len)
                 plan, prompt = proto_tools.plan_request(request, self.door.config, info.tokenizer, params)
                 if prompt is None:
-                    prompt = convert.prompt_from_request(request, info.tokenizer, info.vocab_size)
+                    prompt = convert.prompt_from_request(request, info.vocab_size, self._chat_renderer(info))
             except ValueError as exc:
                 raise invalid(str(exc)) from None
             if plan is not None:  # its constraint: checked as the request's own would be
@@ -98,7 +100,7 @@ class GenerationServicer(pb_grpc.GenerationServicer):
             rid = self.door.check_request_id(request.request_id)
             lora = self.door.adapters.resolve(request.lora_name)
             tracker = convert.ProtoDeltaTracker(rid, params)
-            started: set[int] = set()  # with tools: the choices whose first delta went out
+            started: set[int] = set()  # with a chat plan: the choices whose first delta went out
             async with self.door.request(rid, prompt, params, lora, request.priority) as req:
                 tracker.request_id = req.request_id
                 stuck = WriteTimeout(context, self.door.config.stream_timeout,
@@ -110,7 +112,7 @@ class GenerationServicer(pb_grpc.GenerationServicer):
                             break
                         resp = tracker.update(batch)
                         if resp is not None and plan is not None:
-                            proto_tools.split(plan, resp, started)
+                            proto_tools.split(plan, resp, started, tracker.latest)
                         if resp is not None:
                             stuck.writing()
                             yield resp
@@ -131,11 +133,14 @@ class GenerationServicer(pb_grpc.GenerationServicer):
             try:
                 params = convert.sampling_params_from_proto(sp, self.door.config, vocab_size=info.vocab_size,
                                                             max_model_len=info.max_model_len)
-                prompt = convert.prompt_from_request(request, info.tokenizer, info.vocab_size)
+                prompt = convert.prompt_from_request(request, info.vocab_size, self._chat_renderer(info))
             except ValueError as exc:
                 raise invalid(str(exc)) from None
             if request.WhichOneof("prompt") == "chat" and (request.chat.tools_json or request.chat.tool_choice):
                 raise beam.refused("chat.tools_json" if request.chat.tools_json else "chat.tool_choice")
+            if request.WhichOneof("prompt") == "chat" and self.door.config.reasoning_parser:
+                raise invalid("use_beam_search=true is invalid under --reasoning-parser: the reasoning split "
+                              "applies to sampled outputs only", "use_beam_search")
             beam.refuse_params(params)
             search = beam.search_params(params, sp.temperature if sp.HasField("temperature") else None,
                                         sp.length_penalty if sp.HasField("length_penalty") else 1.0)
@@ -197,7 +202,7 @@ class GenerationServicer(pb_grpc.GenerationServicer):
         try:
             if kind is None:
                 raise ValueError("input is invalid: set one of text or chat")
-            ids = (convert.render_chat(info.tokenizer, request.chat) if kind == "chat"
+            ids = (proto_tools.render_ids(request.chat, self.door.config, info.tokenizer) if kind == "chat"
                    else [int(t) for t in info.tokenizer.encode(request.text)])
         except ValueError as exc:
             await context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(exc))

@@ -17,6 +17,8 @@ import json
 from dataclasses import dataclass, field
 from typing import Any, ClassVar
 
+from serving.tool_parsers.stream_args import ArgsStreamer, head
+
 
 @dataclass(frozen=True)
 class ToolCall:
@@ -58,6 +60,11 @@ class ToolParser:
         self._held_ws: list[str] = []  # whitespace-only content not released yet
         self._spoke = False  # some non-whitespace content was released
         self._finished = False
+        # a JSON call object streamed from its head (_stream_head: hermes, llama3_json)
+        self._mode = "head"  # head (undecided), args (streaming a call), whole (judged at its end)
+        self._parts: list[str] = []  # head / whole: the object's text so far
+        self._stream: Any = None  # args: the call's stream_args.ArgsStreamer
+        self._index = -1  # args: the call's index
 
     # -- public API --------------------------------------------------------------------------
     def extract(self, text: str) -> Extracted:
@@ -128,6 +135,35 @@ class ToolParser:
         out.calls.append(CallDelta(self._next_index, name, ""))
         self._next_index += 1
         return self._next_index - 1
+
+    def _start_head(self) -> None:
+        """A call object begins: undecided (``head``) until its first characters say how to read it."""
+        self._mode, self._parts, self._stream = "head", [], None
+
+    def _stream_head(self, out: ToolDelta, piece: str) -> bool:
+        """The next characters of a call object (none past its end), for the parsers whose calls
+        are ``{"name": ..., "arguments": {...}}`` objects. ``head``: held until
+        ``stream_args.head`` decides: ``commit`` opens the call (its name, now) and streams its
+        arguments from then on (``args``); ``fallback`` holds the whole object (``whole``) in
+        ``self._parts`` for the parser to judge at its end. True when this piece committed."""
+        if not piece:
+            return False
+        if self._mode == "args":
+            self._args(out, self._index, self._stream.feed(piece))
+            return False
+        self._parts.append(piece)
+        if self._mode == "whole":
+            return False
+        body = "".join(self._parts)  # head: short (stream_args.HEAD_LIMIT decides within it)
+        verdict, name, at = head(body)
+        if verdict == "commit":
+            self._mode, self._parts, self._stream = "args", [], ArgsStreamer()
+            self._index = self._open_call(out, name)
+            self._args(out, self._index, self._stream.feed(body[at:]))
+            return True
+        if verdict == "fallback":
+            self._mode = "whole"
+        return False
 
     def _args(self, out: ToolDelta, index: int, fragment: str) -> None:
         """The next arguments fragment of call ``index`` (joined to this delta's last one of it)."""

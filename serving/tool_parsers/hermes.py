@@ -32,7 +32,6 @@ from __future__ import annotations
 import json
 
 from serving.tool_parsers.base import ToolCall, ToolDelta, ToolParser, make_call, partial_suffix
-from serving.tool_parsers.stream_args import ArgsStreamer, head
 
 START = "<tool_call>"
 END = "</tool_call>"
@@ -53,10 +52,7 @@ class HermesToolParser(ToolParser):
         super().__init__(tools)
         self._in_block = False
         self._hold = ""  # an end of text that may begin START (outside a block) or END (inside)
-        self._mode = "head"  # inside a block: head (undecided), args (streaming a call), whole
-        self._parts: list[str] = []  # head / whole: the block's body so far
-        self._stream: ArgsStreamer | None = None  # args: the call's arguments
-        self._index = -1  # args: the call's index
+        # inside a block: the base's _mode / _parts / _stream / _index (ToolParser._stream_head)
 
     def _feed(self, delta: str, out: ToolDelta) -> None:
         while delta:
@@ -78,26 +74,12 @@ class HermesToolParser(ToolParser):
                 self._end_block(out, END)
             else:
                 self._content(out, text[:i])
-                self._in_block, self._mode, self._parts = True, "head", []
+                self._in_block = True
+                self._start_head()
 
     def _body(self, out: ToolDelta, piece: str) -> None:
         """The next characters of the block's body (none of them part of END)."""
-        if not piece:
-            return
-        if self._mode == "args":
-            self._args(out, self._index, self._stream.feed(piece))
-            return
-        self._parts.append(piece)
-        if self._mode == "whole":
-            return
-        body = "".join(self._parts)  # head: short (stream_args.HEAD_LIMIT decides within it)
-        verdict, name, at = head(body)
-        if verdict == "commit":
-            self._mode, self._parts, self._stream = "args", [], ArgsStreamer()
-            self._index = self._open_call(out, name)
-            self._args(out, self._index, self._stream.feed(body[at:]))
-        elif verdict == "fallback":
-            self._mode = "whole"
+        self._stream_head(out, piece)
 
     def _end_block(self, out: ToolDelta, end: str) -> None:
         self._in_block = False

@@ -28,7 +28,6 @@ import json
 
 from serving.tool_parsers.base import ToolDelta, ToolParser, make_call
 from serving.tool_parsers.scan import Scanner
-from serving.tool_parsers.stream_args import ArgsStreamer, head
 
 TAG = "<|python_tag|>"
 
@@ -43,11 +42,8 @@ class Llama3JsonToolParser(ToolParser):
         self._state = "start"
         self._hold = ""  # start: a beginning that may still be <|python_tag|>
         self._raw: list[str] = []  # held separators since the last good call (tag, ws, ";")
-        self._obj: list[str] = []  # object (head / whole): its text so far
         self._scanner = Scanner()
-        self._mode = "head"  # object: head (undecided), args (streaming a call), whole
-        self._stream: ArgsStreamer | None = None  # args: the call's arguments
-        self._index = -1  # args: the call's index
+        # object: the base's _mode / _parts / _stream / _index (ToolParser._stream_head)
 
     def _feed(self, delta: str, out: ToolDelta) -> None:
         while delta:
@@ -57,14 +53,15 @@ class Llama3JsonToolParser(ToolParser):
                 return
             if state == "object":
                 end = self._scanner.scan(delta)
-                self._piece(out, delta if end is None else delta[:end])
+                if self._stream_head(out, delta if end is None else delta[:end]):
+                    self._raw = []  # a call: the separators before it are not content
                 if end is None:
                     return
                 delta = delta[end:]
                 if self._mode == "args":  # the streamed call stands as sent
                     self._state, self._stream = "sep", None
                 else:
-                    body, self._obj = "".join(self._obj), []
+                    body, self._parts = "".join(self._parts), []
                     self._close(out, body)
                 continue
             if state == "start":
@@ -94,29 +91,13 @@ class Llama3JsonToolParser(ToolParser):
                 self._state = "next"
                 delta = rest[1:]
             elif state != "sep" and rest[0] == "{":
-                self._state, self._mode = "object", "head"
+                self._state = "object"
+                self._start_head()
                 self._scanner = Scanner()
                 delta = rest
             else:
                 self._to_text(out, rest)
                 return
-
-    def _piece(self, out: ToolDelta, piece: str) -> None:
-        """The next characters of the current object (up to where it closes)."""
-        if self._mode == "args":
-            self._args(out, self._index, self._stream.feed(piece))
-            return
-        self._obj.append(piece)
-        if self._mode == "whole":
-            return
-        body = "".join(self._obj)  # head: short (stream_args.HEAD_LIMIT decides within it)
-        verdict, name, at = head(body)
-        if verdict == "commit":
-            self._mode, self._obj, self._raw, self._stream = "args", [], [], ArgsStreamer()
-            self._index = self._open_call(out, name)
-            self._args(out, self._index, self._stream.feed(body[at:]))
-        elif verdict == "fallback":
-            self._mode = "whole"
 
     def _close(self, out: ToolDelta, body: str) -> None:
         try:
@@ -139,5 +120,5 @@ class Llama3JsonToolParser(ToolParser):
         if self._state == "start":
             self._content(out, self._hold)
         elif self._state == "tag" or (self._state == "object" and self._mode != "args"):
-            self._content(out, "".join(self._raw) + "".join(self._obj))
+            self._content(out, "".join(self._raw) + "".join(self._parts))
         # sep / next: only whitespace and ";" after the last call are held: dropped

@@ -114,6 +114,11 @@ def plausible(vocab: int, served: str = "fake-llm") -> dict[str, st.SearchStrate
             st.fixed_dictionaries({"grammar": st.sampled_from(["start: \"a\"", "%%%"])}),
             st.fixed_dictionaries({"json_object": st.booleans()})),
         stream_options=st.fixed_dictionaries({}, optional={"include_usage": st.booleans()}),
+        request_id=st.text(st.characters(min_codepoint=0x21, max_codepoint=0x7e), min_size=1, max_size=12),
+        # a field another body shares the name of, by "Model.field": the Responses input is text
+        # or message items, not the token ids /v1/embeddings' input also takes
+        **{"ResponsesRequest.input": st.one_of(words, st.lists(msg.map(lambda m: {**m, "type": "message"}),
+                                                               min_size=1, max_size=2))},
     )
 
 
@@ -142,7 +147,8 @@ def from_annotation(ann, vocab: int, depth: int = 0) -> st.SearchStrategy:
 # optional fields a tame body may hold: each valid alone with any plausible value of the others;
 # and the ones it always holds (/tokenize's prompt: it takes "prompt" or "messages")
 TAME = frozenset({"model", "max_tokens", "max_output_tokens", "temperature", "top_p", "n", "seed", "top_k", "min_p", "presence_penalty",
-                  "frequency_penalty", "repetition_penalty", "stop", "min_tokens", "encoding_format"})
+                  "frequency_penalty", "repetition_penalty", "stop", "min_tokens", "encoding_format",
+                  "request_id"})
 TAME_ALWAYS = frozenset({"prompt"})
 # ...but not where the field means something else: the Responses API's `prompt` (a stored prompt
 # template) is refused by this server
@@ -172,6 +178,7 @@ def body(draw, model: type[BaseModel], vocab: int, depth: int = 0, served: str =
     all plausible (with ~40 fields, and fields that only go together, a body the server accepts is
     otherwise too rare for every endpoint's success side to be exercised)."""
     easy = plausible(vocab, served) if depth == 0 else {}
+    easy.update({k.split(".", 1)[1]: v for k, v in easy.items() if k.startswith(model.__name__ + ".")})
     tame = depth == 0 and draw(st.booleans())
     out: dict = {}
     for name, f in model.model_fields.items():

@@ -114,8 +114,6 @@ def test_grpc_chat_and_token_id_prompts(srv, llm):
      "structured_outputs is invalid with use_beam_search=true"),
     ({"n": 11}, {}, "n=11 is invalid: must be an integer in [1, 10]"),
     ({"temperature": -1.0}, {}, "temperature=-1.0 is invalid"),
-    ({"use_beam_search": False, "length_penalty": 0.5}, {},
-     "length_penalty=0.5 is invalid without use_beam_search=true"),
     ({}, {"chat": pb.ChatMessages(messages=[pb.ChatMessage(role="user", content="hi")], tools_json="[]")},
      "chat.tools_json is invalid with use_beam_search=true"),
     ({}, {"token_ids": pb.TokenIds(ids=[5] * 128)}, "prompt length=128 tokens is invalid"),
@@ -127,6 +125,30 @@ def test_bad_fields_are_invalid_argument_naming_the_field(srv, sampling, extra, 
         list(srv.stub.Generate(pb.GenerateRequest(sampling=sp, **req), timeout=30))
     assert e.value.code() == grpc.StatusCode.INVALID_ARGUMENT
     assert message in e.value.details() and "\n" not in e.value.details(), e.value.details()
+    srv.wait_idle()
+
+
+def test_length_penalty_without_beam_search_is_ignored_by_both_doors(srv, llm):
+    """vLLM's rule on both doors: length_penalty is accepted and used only by beam search; a
+    sampled request answers what it answers without it (the offline LLM's greedy output)."""
+    from jaxllm import SamplingParams
+
+    want = llm.generate([PROMPT], SamplingParams(max_tokens=6, temperature=0, ignore_eos=True), use_tqdm=False)[0]
+    want_ids = list(want.outputs[0].token_ids)
+    for lp in (0.5, 2.0):
+        sp = pb.SamplingParams(max_tokens=6, temperature=0, ignore_eos=True, length_penalty=lp)
+        resps = list(srv.stub.Generate(pb.GenerateRequest(text=PROMPT, sampling=sp), timeout=30))
+        assert [t for r in resps for d in r.outputs for t in d.token_ids] == want_ids
+        for path, body in (("/v1/completions", {"prompt": PROMPT}),
+                           ("/v1/chat/completions", {"messages": CHAT})):
+            r = httpx.post(srv.base_url + path, timeout=30, json={
+                "model": "fake-llm", "max_tokens": 6, "temperature": 0, "ignore_eos": True, "length_penalty": lp,
+                "use_beam_search": False, **body})
+            assert r.status_code == 200 and r.json()["usage"]["completion_tokens"] == 6, r.text
+    r = httpx.post(srv.base_url + "/v1/completions", timeout=30, json={
+        "model": "fake-llm", "prompt": PROMPT, "max_tokens": 6, "temperature": 0, "ignore_eos": True,
+        "length_penalty": 0.5})
+    assert r.json()["choices"][0]["text"] == want.outputs[0].text
     srv.wait_idle()
 
 

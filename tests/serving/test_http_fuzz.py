@@ -89,6 +89,10 @@ def check_error(r: httpx.Response, req: dict) -> None:
     assert set(err) == {"message", "type", "param", "code"}, err
     msg = err["message"]
     assert isinstance(msg, str) and msg and "\n" not in msg and "Traceback" not in msg, err
+    if r.status_code == 400 and err["param"] == "X-Request-Id":  # the header (serving/request_ids.py)
+        sent = req["headers"].get("X-Request-Id")
+        assert sent is not None and msg.startswith("X-Request-Id") and not re.fullmatch(r"[!-~]{1,256}", sent), err
+        return
     if r.status_code == 400 and err["param"] is not None:
         body = _body(req)
         if isinstance(body, dict) and err["param"] in body and err["param"] not in FIELDS:
@@ -209,6 +213,8 @@ def check_response(r: httpx.Response, req: dict, paths: list[str]) -> None:
         assert r.status_code == 401, what
     else:
         assert r.status_code != 401, what
+    if "X-Request-Id" in req["headers"]:  # echoed on every answer, refusals included
+        assert r.headers.get("x-request-id") == req["headers"]["X-Request-Id"], what
     if r.status_code == 413:
         assert len(req["content"]) > MAX_BODY, what
     if r.status_code == 405:

@@ -50,3 +50,23 @@ def test_real_model_named_function_call_validates(client):  # noqa: F811
                                  max_output_tokens=80, temperature=0) as stream:
         final = stream.get_final_response()
     assert [(i.name, i.arguments) for i in final.output if i.type == "function_call"] == [(call.name, call.arguments)]
+
+
+@pytest.mark.slow
+def test_real_model_logprobs_equal_chat(client):  # noqa: F811
+    """include=["message.output_text.logprobs"]: the output_text part's logprobs are the chat
+    endpoint's for the same greedy request (tokens and bytes exact; logprobs to float noise, the
+    second request's prefill reading the first one's cached prefix), and the stream's deltas carry them."""
+    msgs = [{"role": "user", "content": "Name three colors."}]
+    chat = client.chat.completions.create(model="smollm2-135m", messages=msgs, max_tokens=12, temperature=0,
+                                          logprobs=True, top_logprobs=2)
+    kw = dict(model="smollm2-135m", input="Name three colors.", max_output_tokens=12, temperature=0,
+              include=["message.output_text.logprobs"], top_logprobs=2)
+    resp = client.responses.create(**kw)
+    got, want = resp.output[0].content[0].logprobs, chat.choices[0].logprobs.content
+    assert [(e.token, e.bytes) for e in got] == [(e.token, e.bytes) for e in want] and len(got) == 12
+    assert [e.logprob for e in got] == pytest.approx([e.logprob for e in want], abs=1e-4)
+    assert [[t.token for t in e.top_logprobs] for e in got] == [[t.token for t in e.top_logprobs] for e in want]
+    streamed = [lp for ev in client.responses.create(stream=True, **kw) if ev.type == "response.output_text.delta"
+                for lp in ev.logprobs]
+    assert [lp.token for lp in streamed] == [e.token for e in got]
