@@ -25,7 +25,7 @@ from jaxllm.models.fusion import FUSED, FUSED_OUTPUTS, FUSED_PARTS, placement_pl
 from jaxllm.models import prequantized, quant_dot
 from jaxllm.models.projections import IN_PLACE, Projector
 from jaxllm.models.quant import QUANT_PARAMS, QuantWeight, check_backend, check_method, quantize
-from jaxllm.models.rope import apply_rope, rope_parameters, rope_tables
+from jaxllm.models.rope import apply_rope, rope_for_step
 from jaxllm.parallel.ops import constrain, embed_lookup, lm_logits, paged_attention
 from pallas_kernels import AttentionMetadata, KVCache
 
@@ -235,7 +235,7 @@ class LlamaForCausalLM(nnx.Module):
         c = self.config
         lay = self.layout
         x = embed_lookup(self.embed[...], tokens, lay)  # [T, E]
-        cos, sin = rope_tables(positions, *rope_parameters(c))  # [T, D/2] f32
+        cos, sin = rope_for_step(c, positions, metadata)  # [T, rotary_dim/2] f32
         stacked = self.layers.arrays() if self.layer_loop == "scan" else None
         proj = Projector(stacked, tokens.shape[0], lay, lora_onehot=None if lora is None else lora.onehot(x.dtype))
         run = lambda w, x, cache, i: decoder_layer(w, x, cos, sin, cache, i, metadata, c, lay, proj,  # noqa: E731

@@ -35,6 +35,17 @@ ROPE_CONFIGS = {
 }
 
 
+# Phi-3 (tests/models/test_archs_hf.py). phi3: fused qkv_proj / gate_up_proj and a sliding
+# window; phi3_longrope: Phi-4-mini's shape (partial rotary 0.75, longrope, tied) with original length 32;
+_LONG = dict(short_factor=[1.0 + 0.2 * i for i in range(6)], long_factor=[1.0 + 3.0 * i for i in range(6)])
+ARCH_CONFIGS = {
+    "phi3": ("Phi3Config", dict(COMMON, sliding_window=12, pad_token_id=0)),
+    "phi3_longrope": ("Phi3Config", dict(COMMON, max_position_embeddings=128, original_max_position_embeddings=32,
+                                         partial_rotary_factor=0.75, tie_word_embeddings=True, pad_token_id=0,
+                                         rope_parameters=dict(rope_type="longrope", rope_theta=10000.0, **_LONG))),
+}
+
+
 def make_tiny_hf(name: str, root: str, seed: int = 0) -> str:
     """Creates (once) and returns the directory of a tiny random HF model."""
     import torch
@@ -43,7 +54,7 @@ def make_tiny_hf(name: str, root: str, seed: int = 0) -> str:
     path = os.path.join(root, name)
     if os.path.isfile(os.path.join(path, "config.json")):
         return path
-    cls_name, kwargs = {**TINY_CONFIGS, **ROPE_CONFIGS}[name]
+    cls_name, kwargs = {**TINY_CONFIGS, **ROPE_CONFIGS, **ARCH_CONFIGS}[name]
     config = getattr(transformers, cls_name)(**kwargs)
     torch.manual_seed(seed)
     model = transformers.AutoModelForCausalLM.from_config(config, dtype=torch.float32)
