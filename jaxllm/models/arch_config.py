@@ -1,16 +1,21 @@
-"""Per-architecture config fields beyond plain Llama: Phi-3 (partial rotary, longrope). `ModelConfig.from_hf` calls
+"""Per-architecture config fields beyond plain Llama: Phi-3 (partial rotary, longrope) and Granite
+(embedding / residual / attention multipliers, logits scaling). `ModelConfig.from_hf` calls
 `arch_fields` and `check_longrope`; the decoder reads the resulting ModelConfig fields.
 
 - phi3 (Phi-3 / Phi-3.5 / Phi-4 / Phi-4-mini, `Phi3ForCausalLM`): `partial_rotary_factor` (RoPE on the
   first int(head_dim * factor) dims only, Phi-4-mini's 0.75), rope type `longrope` (HF also reads the
   older names "su" and "yarn" as longrope for phi3). The checkpoint's fused qkv_proj / gate_up_proj are
   split by the HF loader (checkpoints/hf_names.py) and re-fused shard-major by build_model.
+- granite (`GraniteForCausalLM`): x = embed * embedding_multiplier; each residual branch is scaled by
+  residual_multiplier before it is added; the softmax scale is attention_multiplier (not 1/sqrt(d));
+  logits are divided by logits_scaling.
 """
 from __future__ import annotations
 
 import math
 from typing import Any
 
+GRANITE_FIELDS = ("embedding_multiplier", "residual_multiplier", "attention_multiplier", "logits_scaling")
 _LONGROPE_ALIASES = ("su", "yarn")  # HF's Phi3Config reads both as longrope
 
 
@@ -47,6 +52,16 @@ def arch_fields(model_type: str, cfg: dict[str, Any], rope: dict[str, Any], sour
         if kind in _LONGROPE_ALIASES:
             rope["rope_type"] = "longrope"
             rope.pop("type", None)
+    if model_type == "granite":
+        for name in GRANITE_FIELDS:
+            if cfg.get(name) is not None:
+                out[name] = _number(cfg[name], name, source)
+        out.setdefault("attention_multiplier", 1.0)  # HF GraniteConfig's default: the scale is never 1/sqrt(d)
+    else:
+        given = [n for n in GRANITE_FIELDS if cfg.get(n) not in (None, 1.0)]
+        if given:
+            raise _error(f"{source}: {given[0]}={cfg[given[0]]!r} is only supported for model_type 'granite' "
+                         f"(got {model_type!r})")
     return out
 
 

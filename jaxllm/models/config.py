@@ -13,6 +13,7 @@ SUPPORTED_ARCHITECTURES = {
     "qwen2": dict(attention_bias=True),
     "qwen3": dict(qk_norm=True),
     "phi3": dict(),  # fused qkv/gate_up split by the loader; partial rotary, longrope (arch_config.py)
+    "granite": dict(),  # multipliers and logits scaling (arch_config.py)
 }
 
 
@@ -47,6 +48,11 @@ class ModelConfig:
     # Qwen2Model / Qwen3Model and untied embeddings, e.g. e5-mistral): it can only embed
     has_lm_head: bool = True
     partial_rotary_factor: float = 1.0  # Phi-4-mini 0.75: RoPE on the first rotary_dim dims of head_dim
+    # Granite (jaxllm/models/arch_config.py); 1.0 / None leave a plain Llama
+    embedding_multiplier: float = 1.0
+    residual_multiplier: float = 1.0
+    attention_multiplier: float | None = None  # the softmax scale; None = head_dim ** -0.5
+    logits_scaling: float = 1.0  # logits are divided by it
 
     def __post_init__(self):
         if self.num_heads % self.num_kv_heads:
@@ -60,6 +66,11 @@ class ModelConfig:
     def rotary_dim(self) -> int:
         """The leading dims of head_dim that RoPE rotates (HF: int(head_dim * partial_rotary_factor))."""
         return int(self.head_dim * self.partial_rotary_factor)
+
+    @property
+    def attention_scale(self) -> float:
+        """The softmax scale of q.k: Granite's attention_multiplier, else 1/sqrt(head_dim)."""
+        return self.head_dim ** -0.5 if self.attention_multiplier is None else self.attention_multiplier
 
     @property
     def rope_scaling_dict(self) -> dict[str, Any] | None:
@@ -98,7 +109,7 @@ class ModelConfig:
         if cfg.get("mlp_bias"):
             raise ModelConfigError(f"{source}: mlp_bias=True is not supported")
         flags = dict(SUPPORTED_ARCHITECTURES[model_type])
-        if model_type in ("llama", "mistral") and cfg.get("attention_bias"):
+        if model_type in ("llama", "mistral", "granite") and cfg.get("attention_bias"):
             flags["attention_bias"] = True
         # transformers 5 keeps rope settings in `rope_parameters`; older configs use rope_theta + rope_scaling.
         rope = dict(cfg.get("rope_parameters") or {})

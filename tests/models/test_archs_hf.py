@@ -1,5 +1,6 @@
-"""Phi-3 (fused qkv_proj / gate_up_proj, sliding window, partial rotary, longrope) against HF
-transformers on tiny random checkpoints: prefill logits, longrope's frequencies, greedy through the engine (paged, batched) against
+"""Phi-3 (fused qkv_proj / gate_up_proj, sliding window, partial rotary, longrope) and Granite
+(embedding / residual / attention multipliers, logits scaling) against HF transformers on tiny random
+checkpoints: prefill logits, longrope's frequencies, greedy through the engine (paged, batched) against
 HF generate, and the config fields refused in one line."""
 import numpy as np
 import pytest
@@ -35,10 +36,13 @@ def test_logits_match_transformers(arch, tiny_root):
 
 def test_config_fields_are_read(tiny_root):
     """Each tiny config really exercises its feature (not silently a plain Llama)."""
-    phi3, long = (load_checkpoint(make_tiny_hf(a, tiny_root)).config for a in ("phi3", "phi3_longrope"))
+    phi3, long, granite = (load_checkpoint(make_tiny_hf(a, tiny_root)).config
+                           for a in ("phi3", "phi3_longrope", "granite"))
     assert phi3.sliding_window == 12 and phi3.rotary_dim == phi3.head_dim == 16
     assert long.rotary_dim == 12 and long.rope_scaling_dict["rope_type"] == "longrope"
     assert long.rope_scaling_dict["original_max_position_embeddings"] == ORIGINAL
+    assert granite.attention_scale == 0.09 and granite.logits_scaling == 2.5
+    assert (granite.embedding_multiplier, granite.residual_multiplier) == (6.0, 0.4)
 
 
 def test_longrope_frequencies_match_transformers():
@@ -94,7 +98,7 @@ def test_engine_greedy_matches_hf_generate(arch, tiny_root):
     greedy tokens: HF generate's tokens. phi3_longrope (original length 32): prompts of 5 and 14 stay
     short, one of 40 is long from its prefill; one of 28 crosses 32 while decoding, where HF generate
     recomputes its whole cache with the long set and jaxllm (like vLLM) keeps the short-set keys: it
-    is checked against HF's forward with the cache kept instead."""
+    is checked against HF's forward with the cache kept instead (the other archs: HF generate too)."""
     from jaxllm import LLM, SamplingParams
     from jaxllm.config import EngineConfig
     from jaxllm.engine.factory import build_engine
@@ -127,6 +131,10 @@ LONGROPE = dict(rope_type="longrope", short_factor=[1.0] * 8, long_factor=[2.0] 
      "rope_scaling.short_factor='a list of 8' must be a list of 4 numbers > 0"),
     (dict(BASE, model_type="phi3", rope_scaling=dict(LONGROPE, long_mscale=1.2)),
      "rope_scaling.long_mscale=1.2 is not supported"),
+    (dict(BASE, model_type="granite", residual_multiplier=-0.2), "residual_multiplier=-0.2 must be a finite number > 0"),
+    (dict(BASE, model_type="granite", attention_multiplier="0.1"), "attention_multiplier='0.1' must be"),
+    (dict(BASE, model_type="llama", logits_scaling=8.0),
+     "logits_scaling=8.0 is only supported for model_type 'granite' (got 'llama')"),
 ])
 def test_bad_fields_refused_in_one_line(cfg, message):
     with pytest.raises(ModelConfigError) as e:
@@ -137,7 +145,8 @@ def test_bad_fields_refused_in_one_line(cfg, message):
 def test_phi3_aliases_and_defaults():
     """HF's Phi3Config reads rope type "su" (and "yarn") as longrope; original_max_position_embeddings at the
     top level wins; without factor or attention_factor the attention factor is
-    sqrt(1 + ln(max / original) / ln(original)), 1.0 when max <= original."""
+    sqrt(1 + ln(max / original) / ln(original)), 1.0 when max <= original. Granite's default softmax scale
+    is HF's attention_multiplier default, 1.0, not 1/sqrt(head_dim)."""
     c = ModelConfig.from_hf(dict(BASE, model_type="phi3", max_position_embeddings=4096,
                                  original_max_position_embeddings=1024, rope_scaling=dict(LONGROPE, type="su")))
     s = c.rope_scaling_dict
@@ -146,6 +155,8 @@ def test_phi3_aliases_and_defaults():
     c = ModelConfig.from_hf(dict(BASE, model_type="phi3", max_position_embeddings=1024,
                                  original_max_position_embeddings=1024, rope_scaling=LONGROPE))
     assert c.rope_scaling_dict["attention_factor"] == 1.0 and c.max_model_len_limit == 1024
+    assert ModelConfig.from_hf(dict(BASE, model_type="granite")).attention_scale == 1.0
+    assert ModelConfig.from_hf(dict(BASE, model_type="llama")).attention_scale == 16 ** -0.5
 
 
 def test_orbax_round_trip_keeps_longrope(tiny_root, tmp_path):

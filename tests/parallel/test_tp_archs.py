@@ -1,7 +1,8 @@
 """Phi-3 and Granite at tensor_parallel_size=2: logits of a two-prompt prefill and a decode step
 (tests/parallel/tp_forward.py) within 1e-4 of tp=1. phi3_longrope: the fused qkv_proj / gate_up_proj
 split by the loader and re-fused shard-major, partial rotary, longrope's short set (17 tokens) and
-long set (40 tokens) in one step. One build per tp and arch, tiny configs (tests/models/hf_tiny.py)."""
+long set (40 tokens) in one step; granite: its multipliers (the logits scaling after the vocab-parallel
+LM head's gather). One build per tp and arch, tiny configs (tests/models/hf_tiny.py)."""
 from __future__ import annotations
 
 import numpy as np
@@ -10,7 +11,7 @@ import pytest
 from tests.models.hf_tiny import make_tiny_hf
 from tests.parallel.tp_forward import forward_logits
 
-ARCHS = ["phi3_longrope"]
+ARCHS = ["phi3_longrope", "granite"]
 
 
 @pytest.fixture(scope="module")
