@@ -35,12 +35,12 @@ ROPE_CONFIGS = {
 }
 
 
-# Phi-3 and Granite (tests/models/test_archs_hf.py). phi3: fused qkv_proj / gate_up_proj and a sliding
-# window; phi3_longrope: Phi-4-mini's shape (partial rotary 0.75, longrope, tied) with original length 32;
+# Phi-3 and Granite (tests/models/test_archs_hf.py). phi3: fused qkv_proj / gate_up_proj, a sliding
+# window and partial rotary (half of head_dim) with default rope; phi3_longrope: Phi-4-mini's shape (partial rotary 0.75, longrope, tied) with original length 32;
 # granite: every multiplier away from 1, attention_multiplier far from 1/sqrt(head_dim).
 _LONG = dict(short_factor=[1.0 + 0.2 * i for i in range(6)], long_factor=[1.0 + 3.0 * i for i in range(6)])
 ARCH_CONFIGS = {
-    "phi3": ("Phi3Config", dict(COMMON, sliding_window=12, pad_token_id=0)),
+    "phi3": ("Phi3Config", dict(COMMON, sliding_window=12, partial_rotary_factor=0.5, pad_token_id=0)),
     "phi3_longrope": ("Phi3Config", dict(COMMON, max_position_embeddings=128, original_max_position_embeddings=32,
                                          partial_rotary_factor=0.75, tie_word_embeddings=True, pad_token_id=0,
                                          rope_parameters=dict(rope_type="longrope", rope_theta=10000.0, **_LONG))),

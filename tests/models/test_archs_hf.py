@@ -38,7 +38,7 @@ def test_config_fields_are_read(tiny_root):
     """Each tiny config really exercises its feature (not silently a plain Llama)."""
     phi3, long, granite = (load_checkpoint(make_tiny_hf(a, tiny_root)).config
                            for a in ("phi3", "phi3_longrope", "granite"))
-    assert phi3.sliding_window == 12 and phi3.rotary_dim == phi3.head_dim == 16
+    assert phi3.sliding_window == 12 and phi3.head_dim == 16 and phi3.rotary_dim == 8
     assert long.rotary_dim == 12 and long.rope_scaling_dict["rope_type"] == "longrope"
     assert long.rope_scaling_dict["original_max_position_embeddings"] == ORIGINAL
     assert granite.attention_scale == 0.09 and granite.logits_scaling == 2.5
