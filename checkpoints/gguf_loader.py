@@ -42,7 +42,8 @@ _LAYER_NAMES = {
 }
 # phi3 keeps HF's fused tensors: attn_qkv (q, k, v rows) and ffn_up (gate, then up rows; llama.cpp's
 # swiglu halves), split under Llama's names by checkpoints/hf_names.py as for an HF Phi-3 checkpoint
-_PHI3_NAMES = {**_LAYER_NAMES, "attn_qkv.weight": "self_attn.qkv_proj.weight", "ffn_up.weight": "mlp.gate_up_proj.weight"}
+_PHI3_NAMES = {**_LAYER_NAMES, "attn_qkv.weight": "self_attn.qkv_proj.weight",
+               "ffn_up.weight": "mlp.gate_up_proj.weight"}
 _GLOBAL_NAMES = {"token_embd.weight": "model.embed_tokens.weight", "output_norm.weight": "model.norm.weight",
                  "output.weight": "lm_head.weight"}
 

@@ -24,7 +24,8 @@ def llama_cpp_permute(w: np.ndarray, n_heads: int) -> np.ndarray:
 
 
 # phi3: llama.cpp keeps HF's fused tensors
-_PHI3_GGUF_NAMES = {**_GGUF_NAMES, "self_attn.qkv_proj.weight": "attn_qkv.weight", "mlp.gate_up_proj.weight": "ffn_up.weight"}
+_PHI3_GGUF_NAMES = {**_GGUF_NAMES, "self_attn.qkv_proj.weight": "attn_qkv.weight",
+                    "mlp.gate_up_proj.weight": "ffn_up.weight"}
 
 
 def write_gguf_from_hf(hf_dir: str, out_path: str, qtype: str = "F32", extra_f32: dict | None = None,

@@ -69,7 +69,8 @@ def test_phi3_longrope_gguf_refused(tiny_root):
 
     hf_dir = make_tiny_hf("phi3", tiny_root)
     path = write_gguf_from_hf(hf_dir, f"{tiny_root}/phi3-longrope.gguf",
-                              extra_tensors={"rope_factors_long.weight": np.ones(4), "rope_factors_short.weight": np.ones(4)})
+                              extra_tensors={"rope_factors_long.weight": np.ones(4),
+                                             "rope_factors_short.weight": np.ones(4)})
     with pytest.raises(CheckpointError, match=r"^\S+phi3-longrope\.gguf: rope_factors_long/rope_factors_short "
                                               r"\(Phi-3 longrope in GGUF\) are not supported; load the HF checkpoint"):
         load_checkpoint(path)

@@ -36,7 +36,8 @@ ROPE_CONFIGS = {
 
 
 # Phi-3 and Granite (tests/models/test_archs_hf.py). phi3: fused qkv_proj / gate_up_proj, a sliding
-# window and partial rotary (half of head_dim) with default rope; phi3_longrope: Phi-4-mini's shape (partial rotary 0.75, longrope, tied) with original length 32;
+# window and partial rotary (half of head_dim) with default rope; phi3_longrope: Phi-4-mini's shape
+# (partial rotary 0.75, longrope, tied) with original length 32;
 # granite: every multiplier away from 1, attention_multiplier far from 1/sqrt(head_dim).
 _LONG = dict(short_factor=[1.0 + 0.2 * i for i in range(6)], long_factor=[1.0 + 3.0 * i for i in range(6)])
 ARCH_CONFIGS = {
