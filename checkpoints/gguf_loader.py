@@ -19,9 +19,14 @@ from checkpoints.hf_names import llama_names
 from jaxllm.models.config import ModelConfig, ModelConfigError
 
 # llama.cpp architecture → HF model_type (only those the Llama-family decoder covers).
-GGUF_ARCHS = {"llama": "llama", "mistral": "mistral", "qwen2": "qwen2", "qwen3": "qwen3", "phi3": "phi3"}
+GGUF_ARCHS = {"llama": "llama", "mistral": "mistral", "qwen2": "qwen2", "qwen3": "qwen3", "phi3": "phi3",
+              "granite": "granite"}
 # llama.cpp permutes Q/K rows for these architectures (interleaved rotary); others keep HF order.
-PERMUTED_ARCHS = {"llama", "mistral"}
+PERMUTED_ARCHS = {"llama", "mistral", "granite"}  # convert_hf_to_gguf's GraniteModel is a LlamaModel
+# granite's µP scalars: llama.cpp metadata key (after "granite.") → HF config field (same meaning:
+# logit_scale divides the logits, attention.scale is the softmax scale)
+_GRANITE_KEYS = {"embedding_scale": "embedding_multiplier", "residual_scale": "residual_multiplier",
+                 "attention.scale": "attention_multiplier", "logit_scale": "logits_scaling"}
 log = logging.getLogger("jaxllm.checkpoints")
 
 _LAYER_NAMES = {
@@ -110,6 +115,8 @@ def _hf_config(reader, path: str) -> dict:
             hf["rope_scaling"].update(_yarn_keys(g, f"{path}: {arch}.rope.scaling"))
     if arch in ("qwen2", "qwen3"):
         hf["use_sliding_window"] = False
+    if arch == "granite":
+        hf.update({field: g(key) for key, field in _GRANITE_KEYS.items() if g(key) is not None})
     if arch == "phi3":  # llama.cpp writes the rotated dims (partial_rotary_factor * head_dim) as the rope dims
         per_head = hf["hidden_size"] // heads if hf["hidden_size"] and heads else None
         hf["head_dim"] = g("attention.key_length") or per_head

@@ -69,6 +69,11 @@ def write_gguf_from_hf(hf_dir: str, out_path: str, qtype: str = "F32", extra_f32
             w.add_rope_scaling_yarn_beta_fast(rope["beta_fast"])
         if rope.get("beta_slow") is not None:
             w.add_rope_scaling_yarn_beta_slow(rope["beta_slow"])
+    if arch == "granite":  # as convert_hf_to_gguf.py's GraniteModel
+        w.add_attention_scale(cfg["attention_multiplier"])
+        w.add_embedding_scale(cfg["embedding_multiplier"])
+        w.add_residual_scale(cfg["residual_multiplier"])
+        w.add_logit_scale(cfg["logits_scaling"])
     for key, value in (extra_f32 or {}).items():
         w.add_float32(f"{arch}.{key}", value)
     w.add_vocab_size(cfg["vocab_size"])
@@ -78,9 +83,9 @@ def write_gguf_from_hf(hf_dir: str, out_path: str, qtype: str = "F32", extra_f32
         if name.startswith("model.layers."):
             _, _, layer, rest = name.split(".", 3)
             gname = f"blk.{layer}.{(_PHI3_GGUF_NAMES if arch == 'phi3' else _GGUF_NAMES)[rest]}"
-            if arch == "llama" and rest == "self_attn.q_proj.weight":
+            if arch in ("llama", "granite") and rest == "self_attn.q_proj.weight":
                 t = llama_cpp_permute(t, heads)
-            if arch == "llama" and rest == "self_attn.k_proj.weight":
+            if arch in ("llama", "granite") and rest == "self_attn.k_proj.weight":
                 t = llama_cpp_permute(t, kv)
         else:
             gname = {"model.embed_tokens.weight": "token_embd.weight", "model.norm.weight": "output_norm.weight",

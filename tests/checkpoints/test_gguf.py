@@ -19,9 +19,10 @@ def tiny_root(tmp_path_factory):
     return str(tmp_path_factory.mktemp("tiny_gguf"))
 
 
-@pytest.mark.parametrize("arch", ["llama", "qwen2", "phi3"])
+@pytest.mark.parametrize("arch", ["llama", "qwen2", "phi3", "granite"])
 def test_f32_gguf_matches_transformers(arch, tiny_root):
-    """phi3: fused attn_qkv / ffn_up split, partial rotary from rope.dimension_count, the sliding window."""
+    """phi3: fused attn_qkv / ffn_up split, partial rotary from rope.dimension_count, the sliding window;
+    granite: its four scalars from the metadata, Q/K un-permuted as llama's."""
     hf_dir = make_tiny_hf(arch, tiny_root)
     path = write_gguf_from_hf(hf_dir, f"{tiny_root}/{arch}.gguf")
     ckpt, ours = run_model(path, SEQS)
