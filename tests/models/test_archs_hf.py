@@ -191,3 +191,35 @@ def test_quantized_phi3_checkpoint_refused(tiny_root, tmp_path):
                                               r"is not supported \(its fused qkv_proj / gate_up_proj") as e:
         load_checkpoint(dst)
     assert "\n" not in str(e.value)
+
+
+def test_granite_scale_reaches_the_pallas_kernel(tiny_root, monkeypatch):
+    """Granite's attention_multiplier (0.09, not 1/sqrt(16)) goes through the Pallas prefill kernel
+    (interpret mode on CPU) as its sm_scale: logits equal HF's."""
+    import jax.numpy as jnp
+
+    import jaxllm.parallel.ops as ops
+    from jaxllm.models.dense_batch import prefill_batch
+    from jaxllm.models.llama import build_model
+    from pallas_kernels import KVCache
+
+    calls = []
+    real = ops.ragged_paged_attention
+
+    def interpreted(*args, **kwargs):
+        calls.append((kwargs["impl"], kwargs["sm_scale"]))
+        return real(*args, **kwargs, interpret=True)
+
+    monkeypatch.setattr(ops, "ragged_paged_attention", interpreted)
+    path = make_tiny_hf("granite", tiny_root)
+    ckpt = load_checkpoint(path)
+    c = ckpt.config
+    model = build_model(c, ckpt.params, jnp.float32, attention_impl="pallas")
+    seqs = [[3, 9, 27], list(range(40, 73))]
+    tokens, positions, meta, nblocks = prefill_batch(seqs, 8)
+    cache = KVCache.zeros(c.num_layers, nblocks + 1, 8, c.num_kv_heads, c.head_dim, jnp.float32)
+    hidden, _ = model(tokens, positions, cache, meta)
+    got = np.asarray(model.compute_logits(hidden))
+    want = np.concatenate(hf_logits(path, seqs))
+    assert calls and all(call == ("pallas", 0.09) for call in calls), calls
+    np.testing.assert_array_less(np.abs(got[:len(want)] - want).max(), 1e-4)
