@@ -141,7 +141,10 @@ def apply_rope(x: jnp.ndarray, cos: jnp.ndarray, sin: jnp.ndarray) -> jnp.ndarra
     convention; all of head_dim unless partial rotary), the rest pass through. Computed in f32."""
     half = cos.shape[-1]
     xf = x.astype(jnp.float32)
-    x1, x2, rest = xf[..., :half], xf[..., half:2 * half], xf[..., 2 * half:]
+    x1, x2 = xf[..., :half], xf[..., half:2 * half]
     c, s = cos[:, None, :], sin[:, None, :]
-    out = jnp.concatenate([x1 * c - x2 * s, x2 * c + x1 * s, rest], axis=-1)
+    parts = [x1 * c - x2 * s, x2 * c + x1 * s]
+    if 2 * half < x.shape[-1]:  # partial rotary: the rest of head_dim passes through
+        parts.append(xf[..., 2 * half:])
+    out = jnp.concatenate(parts, axis=-1)
     return out.astype(x.dtype)
