@@ -96,3 +96,17 @@ def check_longrope(rope: dict[str, Any], cfg: dict[str, Any], rotary_dim: int, s
     if attention is None:
         attention = 1.0 if factor <= 1.0 else math.sqrt(1 + math.log(factor) / math.log(old_len))
     rope["attention_factor"] = _number(attention, "rope_scaling.attention_factor", source)
+
+
+def prefix_cache_conflict(config, max_model_len: int) -> str | None:
+    """Why cached KV blocks cannot be shared between requests of this model, or None. longrope
+    (jaxllm/models/rope.py): a block's keys are rotated with the short or the long set depending on
+    its sequence's length when it was written, which the block's hash (its tokens) does not say, so a
+    long prompt could reuse short-set keys and a short one long-set keys; the engine turns prefix
+    caching off when max_model_len lets a sequence pass original_max_position_embeddings."""
+    s = config.rope_scaling_dict or {}
+    if s.get("rope_type") != "longrope" or max_model_len <= s["original_max_position_embeddings"]:
+        return None
+    return (f"rope_type 'longrope' with max_model_len={max_model_len} > original_max_position_embeddings="
+            f"{s['original_max_position_embeddings']}: a cached block's keys depend on which rope set "
+            f"wrote them, not only on its tokens")

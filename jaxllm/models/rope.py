@@ -24,7 +24,9 @@ partial_rotary_factor; all of it otherwise).
   the set they were written with (as in vLLM): a sequence that grows past the original length while
   decoding keeps its short-set keys, where HF generate (Phi3ForCausalLM.prepare_inputs_for_generation)
   drops its cache once and recomputes the whole sequence with the long set; and a prompt prefilled
-  in several chunks uses the short set for chunks that end before the threshold.
+  in several chunks uses the short set for chunks that end before the threshold. Since a block's keys
+  depend on the set that wrote them, the engine turns prefix caching off for such models
+  (arch_config.prefix_cache_conflict).
 """
 from __future__ import annotations
 

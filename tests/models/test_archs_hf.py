@@ -115,11 +115,26 @@ def test_engine_greedy_matches_hf_generate(arch, tiny_root):
     outs = LLM("tiny", engine=engine).generate([{"prompt_token_ids": p} for p in prompts],
                                                SamplingParams(temperature=0, max_tokens=8, ignore_eos=True),
                                                use_tqdm=False)
+    # longrope: a cached block's keys depend on the rope set that wrote them, so no sharing of blocks
+    assert engine.config.enable_prefix_caching == (arch != "phi3_longrope")
+    assert engine.kv.enable_caching == (arch != "phi3_longrope")
     model = hf_model(path)
     for p, o in zip(prompts, outs):
         crosses = arch == "phi3_longrope" and len(p) == 28
         want = hf_greedy_kept_cache(model, p, 8) if crosses else hf_greedy(model, p, 8)
         assert list(o.outputs[0].token_ids) == want, len(p)
+    if arch == "phi3_longrope":  # the 40-token prompt's first 20: its first block, written long, is not reused
+        import torch
+
+        short = prompts[3][:20]
+        out = LLM("tiny", engine=engine).generate([{"prompt_token_ids": short}], SamplingParams(
+            temperature=0, max_tokens=1, logprobs=1), use_tqdm=False)[0].outputs[0]
+        with torch.no_grad():
+            want = torch.log_softmax(model(torch.tensor([short])).logits[0, -1], -1)  # [V]
+        token = out.token_ids[0]
+        assert token == int(want.argmax())
+        # reusing the long-set block would move it by ~1e-2 (checked with prefix caching forced on)
+        assert abs(out.logprobs[0][token].logprob - float(want[token])) < 1e-4
 
 
 BASE = dict(vocab_size=256, hidden_size=64, intermediate_size=96, num_hidden_layers=2, num_attention_heads=4)
