@@ -36,6 +36,18 @@ PRESETS: dict[str, dict] = {
                          num_hidden_layers=30, num_attention_heads=9, num_key_value_heads=3, head_dim=64,
                          max_position_embeddings=8192, rms_norm_eps=1e-5, rope_theta=100000.0,
                          tie_word_embeddings=True, bos_token_id=1, eos_token_id=2),
+    # microsoft/Phi-3-mini-4k-instruct: MHA, sliding window 2047 (fused qkv/gate_up in its checkpoint)
+    "phi-3-mini": dict(model_type="phi3", vocab_size=32064, hidden_size=3072, intermediate_size=8192,
+                       num_hidden_layers=32, num_attention_heads=32, num_key_value_heads=32,
+                       max_position_embeddings=4096, original_max_position_embeddings=4096, sliding_window=2047,
+                       rms_norm_eps=1e-5, rope_theta=10000.0, tie_word_embeddings=False, bos_token_id=1,
+                       eos_token_id=32000),
+    # IBM Granite 3.x 8B (granite-3.3-8b-instruct's config.json): GQA, tied, µP multipliers
+    "granite-3-8b": dict(model_type="granite", vocab_size=49159, hidden_size=4096, intermediate_size=12800,
+                         num_hidden_layers=40, num_attention_heads=32, num_key_value_heads=8,
+                         max_position_embeddings=131072, rms_norm_eps=1e-5, rope_theta=10000000.0,
+                         tie_word_embeddings=True, embedding_multiplier=12.0, residual_multiplier=0.22,
+                         attention_multiplier=0.0078125, logits_scaling=16.0, bos_token_id=0, eos_token_id=0),
     # Tiny configs for tests and quick runs.
     "tiny-llama": dict(_LLAMA2, vocab_size=512, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
                        num_attention_heads=8, num_key_value_heads=4, max_position_embeddings=2048),

@@ -15,12 +15,18 @@ from checkpoints import conversion_cache
 from checkpoints.assemble import assemble_params
 from checkpoints.errors import CheckpointError
 from checkpoints.gguf_quant import assemble_quantized, kept_projections, kept_summary
+from checkpoints.hf_names import llama_names
 from jaxllm.models.config import ModelConfig, ModelConfigError
 
 # llama.cpp architecture → HF model_type (only those the Llama-family decoder covers).
-GGUF_ARCHS = {"llama": "llama", "mistral": "mistral", "qwen2": "qwen2", "qwen3": "qwen3"}
+GGUF_ARCHS = {"llama": "llama", "mistral": "mistral", "qwen2": "qwen2", "qwen3": "qwen3", "phi3": "phi3",
+              "granite": "granite"}
 # llama.cpp permutes Q/K rows for these architectures (interleaved rotary); others keep HF order.
-PERMUTED_ARCHS = {"llama", "mistral"}
+PERMUTED_ARCHS = {"llama", "mistral", "granite"}  # convert_hf_to_gguf's GraniteModel is a LlamaModel
+# granite's µP scalars: llama.cpp metadata key (after "granite.") → HF config field (same meaning:
+# logit_scale divides the logits, attention.scale is the softmax scale)
+_GRANITE_KEYS = {"embedding_scale": "embedding_multiplier", "residual_scale": "residual_multiplier",
+                 "attention.scale": "attention_multiplier", "logit_scale": "logits_scaling"}
 log = logging.getLogger("jaxllm.checkpoints")
 
 _LAYER_NAMES = {
@@ -39,6 +45,10 @@ _LAYER_NAMES = {
     "ffn_up.weight": "mlp.up_proj.weight",
     "ffn_down.weight": "mlp.down_proj.weight",
 }
+# phi3 keeps HF's fused tensors: attn_qkv (q, k, v rows) and ffn_up (gate, then up rows; llama.cpp's
+# swiglu halves), split under Llama's names by checkpoints/hf_names.py as for an HF Phi-3 checkpoint
+_PHI3_NAMES = {**_LAYER_NAMES, "attn_qkv.weight": "self_attn.qkv_proj.weight",
+               "ffn_up.weight": "mlp.gate_up_proj.weight"}
 _GLOBAL_NAMES = {"token_embd.weight": "model.embed_tokens.weight", "output_norm.weight": "model.norm.weight",
                  "output.weight": "lm_head.weight"}
 
@@ -74,6 +84,9 @@ def _hf_config(reader, path: str) -> dict:
                               "load the HF checkpoint instead")
     g = lambda k, d=None: _field(reader, f"{arch}.{k}", d)  # noqa: E731
     names = {t.name for t in reader.tensors}
+    if arch == "phi3" and names & {"rope_factors_long.weight", "rope_factors_short.weight"}:
+        raise CheckpointError(f"{path}: rope_factors_long/rope_factors_short (Phi-3 longrope in GGUF) are not "
+                              "supported; load the HF checkpoint instead")
     tokens = reader.fields.get("tokenizer.ggml.tokens")
     vocab = g("vocab_size") or (len(tokens.data) if tokens is not None else None)
     heads = g("attention.head_count")
@@ -102,6 +115,14 @@ def _hf_config(reader, path: str) -> dict:
             hf["rope_scaling"].update(_yarn_keys(g, f"{path}: {arch}.rope.scaling"))
     if arch in ("qwen2", "qwen3"):
         hf["use_sliding_window"] = False
+    if arch == "granite":
+        hf.update({field: g(key) for key, field in _GRANITE_KEYS.items() if g(key) is not None})
+    if arch == "phi3":  # llama.cpp writes the rotated dims (partial_rotary_factor * head_dim) as the rope dims
+        per_head = hf["hidden_size"] // heads if hf["hidden_size"] and heads else None
+        hf["head_dim"] = g("attention.key_length") or per_head
+        rot = g("rope.dimension_count")
+        if rot and hf["head_dim"] and rot != hf["head_dim"]:
+            hf["partial_rotary_factor"] = rot / hf["head_dim"]
     missing = [k for k, v in hf.items() if v is None and k not in ("sliding_window", "bos_token_id", "eos_token_id")]
     if missing:
         raise CheckpointError(f"{path}: GGUF metadata lacks {', '.join(missing)} for architecture {arch}")
@@ -172,7 +193,8 @@ def _convert(reader, config: ModelConfig, path: str) -> dict:
     tensors = {}
     for t in reader.tensors:
         m = re.fullmatch(r"blk\.(\d+)\.(.+)", t.name)
-        hf_name = (f"model.layers.{m.group(1)}.{_LAYER_NAMES.get(m.group(2), m.group(2))}" if m
+        layer_names = _PHI3_NAMES if arch == "phi3" else _LAYER_NAMES
+        hf_name = (f"model.layers.{m.group(1)}.{layer_names.get(m.group(2), m.group(2))}" if m
                    else _GLOBAL_NAMES.get(t.name, t.name))
         tensors[hf_name] = t
     kept = kept_projections(tensors, config)
@@ -197,6 +219,7 @@ def _convert(reader, config: ModelConfig, path: str) -> dict:
             w = _unpermute(w, heads)
         return w
 
+    get = llama_names(config, get, path)  # phi3's fused attn_qkv / ffn_up split (checkpoints/hf_names.py)
     params = assemble_params(config, get, source=path, dtype=np.float32, skip=frozenset(quantized))
     params.update(quantized)
     kept_msg = (f"kept quantized with block-32 scales: {kept_summary(tensors, kept, config.num_layers)} "

@@ -14,6 +14,7 @@ from safetensors import safe_open
 from checkpoints.assemble import assemble_params
 from checkpoints.errors import CheckpointError
 from checkpoints.hf_int4 import Int4Scheme
+from checkpoints.hf_names import llama_names
 from jaxllm.models.config import ModelConfig, ModelConfigError
 
 log = logging.getLogger("jaxllm.checkpoints")
@@ -99,6 +100,9 @@ def load_hf(path: str, dtype=np.float32):
     from checkpoints import safetensors_f8
 
     config, scheme = _read_config(path)
+    if scheme is not None and config.architecture == "phi3":
+        raise CheckpointError(f"{os.path.join(path, 'config.json')}: quantization_config with model_type 'phi3' "
+                              f"is not supported (its fused qkv_proj / gate_up_proj are split only unquantized)")
     handles, where = [], {}
     try:
         for file in _weight_files(path):
@@ -147,7 +151,8 @@ def load_hf(path: str, dtype=np.float32):
                 raise CheckpointError(f"{file}: cannot read tensor {name}: corrupt or truncated ({e})") from None
 
         if scheme is None:
-            return config, assemble_params(config, raw, source=path, dtype=dtype), None
+            get = llama_names(config, raw, path)  # Phi-3's fused qkv_proj / gate_up_proj split (hf_names.py)
+            return config, assemble_params(config, get, source=path, dtype=dtype), None
         from checkpoints import hf_fp8, hf_int4
 
         if isinstance(scheme, hf_int4.Int4Scheme):

@@ -38,7 +38,8 @@ def read_orbax_config(path: str) -> ModelConfig:
     with open(os.path.join(path, CONFIG_FILE)) as f:
         raw = json.load(f)
     if raw.get("rope_scaling"):
-        raw["rope_scaling"] = tuple(tuple(kv) for kv in raw["rope_scaling"])
+        # JSON gives lists back: the (key, value) pairs and longrope's factor lists become tuples (hashable)
+        raw["rope_scaling"] = tuple((k, tuple(v) if isinstance(v, list) else v) for k, v in raw["rope_scaling"])
     raw["eos_token_ids"] = tuple(raw.get("eos_token_ids", ()))
     return ModelConfig(**raw)
 

@@ -4,12 +4,16 @@ from __future__ import annotations
 import dataclasses
 from typing import Any
 
+from jaxllm.models.arch_config import arch_fields, check_longrope
+
 # HF model_type → the switches that distinguish it inside the one Llama-family decoder.
 SUPPORTED_ARCHITECTURES = {
     "llama": dict(),
     "mistral": dict(),
     "qwen2": dict(attention_bias=True),
     "qwen3": dict(qk_norm=True),
+    "phi3": dict(),  # fused qkv/gate_up split by the loader; partial rotary, longrope (arch_config.py)
+    "granite": dict(),  # multipliers and logits scaling (arch_config.py)
 }
 
 
@@ -17,12 +21,12 @@ class ModelConfigError(ValueError):
     """A model config that jaxllm cannot run, with the field and value named."""
 
 
-ROPE_TYPES = ("default", "linear", "llama3", "yarn", "dynamic")  # jaxllm/models/rope.py
+ROPE_TYPES = ("default", "linear", "llama3", "yarn", "dynamic", "longrope")  # jaxllm/models/rope.py
 
 
 @dataclasses.dataclass(frozen=True)
 class ModelConfig:
-    architecture: str  # "llama" | "mistral" | "qwen2" | "qwen3"
+    architecture: str  # a SUPPORTED_ARCHITECTURES key
     vocab_size: int
     hidden_size: int
     intermediate_size: int
@@ -43,6 +47,12 @@ class ModelConfig:
     # False for a base model without an LM head (HF architectures LlamaModel / MistralModel /
     # Qwen2Model / Qwen3Model and untied embeddings, e.g. e5-mistral): it can only embed
     has_lm_head: bool = True
+    partial_rotary_factor: float = 1.0  # Phi-4-mini 0.75: RoPE on the first rotary_dim dims of head_dim
+    # Granite (jaxllm/models/arch_config.py); 1.0 / None leave a plain Llama
+    embedding_multiplier: float = 1.0
+    residual_multiplier: float = 1.0
+    attention_multiplier: float | None = None  # the softmax scale; None = head_dim ** -0.5
+    logits_scaling: float = 1.0  # logits are divided by it
 
     def __post_init__(self):
         if self.num_heads % self.num_kv_heads:
@@ -51,6 +61,16 @@ class ModelConfig:
         for name in ("vocab_size", "hidden_size", "intermediate_size", "num_layers", "num_heads", "head_dim"):
             if getattr(self, name) <= 0:
                 raise ModelConfigError(f"{name}={getattr(self, name)} must be > 0")
+
+    @property
+    def rotary_dim(self) -> int:
+        """The leading dims of head_dim that RoPE rotates (HF: int(head_dim * partial_rotary_factor))."""
+        return int(self.head_dim * self.partial_rotary_factor)
+
+    @property
+    def attention_scale(self) -> float:
+        """The softmax scale of q.k: Granite's attention_multiplier, else 1/sqrt(head_dim)."""
+        return self.head_dim ** -0.5 if self.attention_multiplier is None else self.attention_multiplier
 
     @property
     def rope_scaling_dict(self) -> dict[str, Any] | None:
@@ -89,13 +109,17 @@ class ModelConfig:
         if cfg.get("mlp_bias"):
             raise ModelConfigError(f"{source}: mlp_bias=True is not supported")
         flags = dict(SUPPORTED_ARCHITECTURES[model_type])
-        if model_type in ("llama", "mistral") and cfg.get("attention_bias"):
+        if model_type in ("llama", "mistral", "granite") and cfg.get("attention_bias"):
             flags["attention_bias"] = True
         # transformers 5 keeps rope settings in `rope_parameters`; older configs use rope_theta + rope_scaling.
         rope = dict(cfg.get("rope_parameters") or {})
         scaling = cfg.get("rope_scaling") or {}
         theta = rope.pop("rope_theta", cfg.get("rope_theta", 10000.0))
         rope.update({k: v for k, v in scaling.items() if k not in rope})
+        num_heads = cfg["num_attention_heads"]
+        head_dim = cfg.get("head_dim") or cfg["hidden_size"] // num_heads
+        flags.update(arch_fields(model_type, cfg, rope, source))
+        rotary_dim = int(head_dim * flags.get("partial_rotary_factor", 1.0))
         rope_type = rope.get("rope_type", rope.get("type", "default"))
         if rope_type not in ROPE_TYPES:
             raise ModelConfigError(f"{source}: rope_type={rope_type!r} is not supported ({', '.join(ROPE_TYPES)})")
@@ -104,9 +128,9 @@ class ModelConfig:
             rope["rope_type"] = rope_type
             rope.pop("type", None)
             _check_rope(rope, cfg, source)
+            if rope_type == "longrope":
+                check_longrope(rope, cfg, rotary_dim, source)
             rope_scaling = tuple(sorted(rope.items()))
-        num_heads = cfg["num_attention_heads"]
-        head_dim = cfg.get("head_dim") or cfg["hidden_size"] // num_heads
         sliding = cfg.get("sliding_window")
         if model_type in ("qwen2", "qwen3") and not cfg.get("use_sliding_window", False):
             sliding = None

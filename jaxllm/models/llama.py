@@ -25,7 +25,7 @@ from jaxllm.models.fusion import FUSED, FUSED_OUTPUTS, FUSED_PARTS, placement_pl
 from jaxllm.models import prequantized, quant_dot
 from jaxllm.models.projections import IN_PLACE, Projector
 from jaxllm.models.quant import QUANT_PARAMS, QuantWeight, check_backend, check_method, quantize
-from jaxllm.models.rope import apply_rope, rope_parameters, rope_tables
+from jaxllm.models.rope import apply_rope, rope_for_step
 from jaxllm.parallel.ops import constrain, embed_lookup, lm_logits, paged_attention
 from pallas_kernels import AttentionMetadata, KVCache
 
@@ -131,14 +131,20 @@ def decoder_layer(w: dict[str, jax.Array], x, cos, sin, cache: KVCache, index, m
     if c.qk_norm:
         q, k = rms_norm(q, w["q_norm"], eps), rms_norm(k, w["k_norm"], eps)
     q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
-    attn, cache = paged_attention(q, k, v, cache, index, metadata, lay, sm_scale=c.head_dim ** -0.5,
+    attn, cache = paged_attention(q, k, v, cache, index, metadata, lay, sm_scale=c.attention_scale,
                                   sliding_window=c.sliding_window, impl=attention_impl)
-    x = x + constrain(proj("thd,hde->te", attn, "wo", w["wo"], index), lay, ("tokens", "embed"))  # [T, E]
+    out = constrain(proj("thd,hde->te", attn, "wo", w["wo"], index), lay, ("tokens", "embed"))  # [T, E]
+    x = x + _residual(out, c)
     h = rms_norm(x, w["post_norm"], eps)
     gate_up = proj("te,ef->tf", h, "w_gate_up", w["w_gate_up"], index)  # [T, 2F] shard-major
     gate, up = split_fused(gate_up, (c.intermediate_size,) * 2, lay, *FUSED_OUTPUTS["w_gate_up"])  # [T, F]
     down = proj("tf,fe->te", jax.nn.silu(gate) * up, "w_down", w["w_down"], index)
-    return x + constrain(down, lay, ("tokens", "embed")), cache
+    return x + _residual(constrain(down, lay, ("tokens", "embed")), c), cache
+
+
+def _residual(branch: jax.Array, c: ModelConfig) -> jax.Array:
+    """A residual branch's output as added to x: times Granite's residual_multiplier."""
+    return branch if c.residual_multiplier == 1.0 else branch * c.residual_multiplier
 
 
 class LayerWeights(nnx.Module):
@@ -235,7 +241,9 @@ class LlamaForCausalLM(nnx.Module):
         c = self.config
         lay = self.layout
         x = embed_lookup(self.embed[...], tokens, lay)  # [T, E]
-        cos, sin = rope_tables(positions, *rope_parameters(c))  # [T, D/2] f32
+        if c.embedding_multiplier != 1.0:  # Granite
+            x = x * c.embedding_multiplier
+        cos, sin = rope_for_step(c, positions, metadata)  # [T, rotary_dim/2] f32
         stacked = self.layers.arrays() if self.layer_loop == "scan" else None
         proj = Projector(stacked, tokens.shape[0], lay, lora_onehot=None if lora is None else lora.onehot(x.dtype))
         run = lambda w, x, cache, i: decoder_layer(w, x, cos, sin, cache, i, metadata, c, lay, proj,  # noqa: E731
@@ -266,8 +274,12 @@ class LlamaForCausalLM(nnx.Module):
             raise ValueError(f"task='generate' is invalid for this model: the {self.config.architecture} "
                              f"checkpoint has no LM head (an embedding model); use task='embed'")
         if self.lm_head is None:
-            return lm_logits(hidden, self.embed[...], self.layout, tied=True)
-        return lm_logits(hidden, self.lm_head[...], self.layout, tied=False)
+            logits = lm_logits(hidden, self.embed[...], self.layout, tied=True)
+        else:
+            logits = lm_logits(hidden, self.lm_head[...], self.layout, tied=False)
+        if self.config.logits_scaling != 1.0:  # Granite
+            logits = logits / self.config.logits_scaling
+        return logits
 
 
 def build_model(config: ModelConfig, params: dict[str, np.ndarray | jax.Array], dtype,

@@ -1,5 +1,6 @@
-"""Rotary position embeddings (HF "rotate half" convention) with default, linear, llama3, yarn and
-dynamic (NTK) scaling.
+"""Rotary position embeddings (HF "rotate half" convention) with default, linear, llama3, yarn,
+dynamic (NTK) and longrope scaling, over the first `rotary_dim` dims of head_dim (Phi's
+partial_rotary_factor; all of it otherwise).
 
 - yarn (Qwen2.5/Qwen3 long-context configs, DeepSeek-style `mscale`/`mscale_all_dim`, gpt-oss's
   `truncate: false`): HF transformers' `_compute_yarn_parameters`: the inverse frequencies ramp from
@@ -11,6 +12,21 @@ dynamic (NTK) scaling.
   the longest sequence vLLM derives for the model, `max_position_embeddings * factor`, for every position
   (`base * (factor**2 - factor + 1) ** (d / (d - 2))`). Logits equal HF's for a sequence of exactly that
   length; shorter sequences differ from HF (not from vLLM).
+- longrope (Phi-3 / Phi-3.5 / Phi-4-mini): two sets of inverse frequencies, base ones divided by
+  `short_factor` or by `long_factor` (per dim), cos and sin times the attention factor. HF picks one
+  set per forward from the batch's longest position (long when max(position) + 1 >
+  `original_max_position_embeddings`); vLLM keeps both caches and picks by position, long for every
+  token of a step when any position in the step is past the original length. jaxllm picks per
+  sequence: a token uses the long set when its sequence's length at this step (context_lens, the
+  kv length with the new tokens) exceeds the original length: HF's rule for a sequence alone, and
+  unlike vLLM's not dependent on the other sequences of the batch. So a prompt prefilled in one step
+  matches HF's forward on either side of the threshold. The keys already cached stay rotated with
+  the set they were written with (as in vLLM): a sequence that grows past the original length while
+  decoding keeps its short-set keys, where HF generate (Phi3ForCausalLM.prepare_inputs_for_generation)
+  drops its cache once and recomputes the whole sequence with the long set; and a prompt prefilled
+  in several chunks uses the short set for chunks that end before the threshold. Since a block's keys
+  depend on the set that wrote them, the engine turns prefix caching off for such models
+  (arch_config.prefix_cache_conflict).
 """
 from __future__ import annotations
 
@@ -30,7 +46,7 @@ def inverse_frequencies(config: ModelConfig) -> np.ndarray:
 def rope_parameters(config: ModelConfig) -> tuple[np.ndarray, float]:
     """→ (inverse frequencies [head_dim // 2] float64 after any rope scaling, the attention factor
     multiplying cos and sin: 1.0 except for yarn)."""
-    d = config.head_dim
+    d = config.rotary_dim
     inv = 1.0 / (config.rope_theta ** (np.arange(0, d, 2, dtype=np.float64) / d))
     scaling = config.rope_scaling_dict
     if not scaling:
@@ -51,6 +67,8 @@ def rope_parameters(config: ModelConfig) -> tuple[np.ndarray, float]:
         return np.where(medium, blended, scaled), 1.0
     if kind == "yarn":
         return _yarn(inv, config, scaling)
+    if kind == "longrope":  # the short set; `longrope_tables` picks between both
+        return inv / np.asarray(scaling["short_factor"], np.float64), float(scaling["attention_factor"])
     if kind == "dynamic":
         base = config.rope_theta * (factor * factor - (factor - 1)) ** (d / (d - 2))
         return 1.0 / (base ** (np.arange(0, d, 2, dtype=np.float64) / d)), 1.0
@@ -61,8 +79,32 @@ def _mscale(factor: float, mscale: float = 1.0) -> float:
     return 1.0 if factor <= 1 else 0.1 * mscale * math.log(factor) + 1.0
 
 
+def longrope_long_frequencies(config: ModelConfig) -> np.ndarray:
+    """[rotary_dim // 2] float64: longrope's long set (base inverse frequencies / long_factor)."""
+    d, s = config.rotary_dim, config.rope_scaling_dict
+    inv = 1.0 / (config.rope_theta ** (np.arange(0, d, 2, dtype=np.float64) / d))
+    return inv / np.asarray(s["long_factor"], np.float64)
+
+
+def rope_for_step(config: ModelConfig, positions: jnp.ndarray, metadata) -> tuple[jnp.ndarray, jnp.ndarray]:
+    """cos, sin [T, rotary_dim // 2] f32 for a step's tokens (positions [T]); longrope picks its short
+    or long set per token from its sequence's length (`metadata`: pallas_kernels AttentionMetadata;
+    see the module doc)."""
+    inv, attention = rope_parameters(config)
+    cos, sin = rope_tables(positions, inv, attention)
+    s = config.rope_scaling_dict
+    if not s or s["rope_type"] != "longrope":
+        return cos, sin
+    cos_l, sin_l = rope_tables(positions, longrope_long_frequencies(config), attention)
+    t = jnp.arange(positions.shape[0], dtype=jnp.int32)  # [T]
+    seq = jnp.searchsorted(metadata.cu_q_lens, t, side="right") - 1  # [T] each token's sequence
+    seq = jnp.clip(seq, 0, metadata.context_lens.shape[0] - 1)  # padding tokens past the last sequence
+    long = (metadata.context_lens[seq] > s["original_max_position_embeddings"])[:, None]  # [T, 1]
+    return jnp.where(long, cos_l, cos), jnp.where(long, sin_l, sin)
+
+
 def _yarn(inv: np.ndarray, config: ModelConfig, s: dict) -> tuple[np.ndarray, float]:
-    d, base = config.head_dim, config.rope_theta
+    d, base = config.rotary_dim, config.rope_theta
     old_len = float(s["original_max_position_embeddings"])
     factor = s.get("factor")
     factor = config.max_position_embeddings / old_len if factor is None else float(factor)
@@ -97,10 +139,14 @@ def rope_tables(positions: jnp.ndarray, inv_freq: np.ndarray,
 
 
 def apply_rope(x: jnp.ndarray, cos: jnp.ndarray, sin: jnp.ndarray) -> jnp.ndarray:
-    """x [T, heads, head_dim]; rotates the two halves of head_dim (HF convention). Computed in f32."""
-    half = x.shape[-1] // 2
+    """x [T, heads, head_dim]; rotates the two halves of the first 2 * cos.shape[-1] dims (HF
+    convention; all of head_dim unless partial rotary), the rest pass through. Computed in f32."""
+    half = cos.shape[-1]
     xf = x.astype(jnp.float32)
-    x1, x2 = xf[..., :half], xf[..., half:]
+    x1, x2 = xf[..., :half], xf[..., half:2 * half]
     c, s = cos[:, None, :], sin[:, None, :]
-    out = jnp.concatenate([x1 * c - x2 * s, x2 * c + x1 * s], axis=-1)
+    parts = [x1 * c - x2 * s, x2 * c + x1 * s]
+    if 2 * half < x.shape[-1]:  # partial rotary: the rest of head_dim passes through
+        parts.append(xf[..., 2 * half:])
+    out = jnp.concatenate(parts, axis=-1)
     return out.astype(x.dtype)

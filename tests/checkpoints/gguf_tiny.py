@@ -23,8 +23,15 @@ def llama_cpp_permute(w: np.ndarray, n_heads: int) -> np.ndarray:
     return w.reshape(n_heads, 2, w.shape[0] // n_heads // 2, *w.shape[1:]).swapaxes(1, 2).reshape(w.shape)
 
 
-def write_gguf_from_hf(hf_dir: str, out_path: str, qtype: str = "F32", extra_f32: dict | None = None) -> str:
-    """`extra_f32`: more float32 metadata, {key suffix after the architecture: value}."""
+# phi3: llama.cpp keeps HF's fused tensors
+_PHI3_GGUF_NAMES = {**_GGUF_NAMES, "self_attn.qkv_proj.weight": "attn_qkv.weight",
+                    "mlp.gate_up_proj.weight": "ffn_up.weight"}
+
+
+def write_gguf_from_hf(hf_dir: str, out_path: str, qtype: str = "F32", extra_f32: dict | None = None,
+                       extra_tensors: dict | None = None) -> str:
+    """`extra_f32`: more float32 metadata, {key suffix after the architecture: value}; `extra_tensors`:
+    more f32 tensors by GGUF name."""
     import gguf
 
     with open(os.path.join(hf_dir, "config.json")) as f:
@@ -40,12 +47,18 @@ def write_gguf_from_hf(hf_dir: str, out_path: str, qtype: str = "F32", extra_f32
     w.add_feed_forward_length(cfg["intermediate_size"])
     w.add_head_count(heads)
     w.add_head_count_kv(kv)
-    w.add_key_length(head_dim)
-    w.add_value_length(head_dim)
-    w.add_rope_dimension_count(head_dim)
+    rope = dict(cfg.get("rope_parameters") or cfg.get("rope_scaling") or {})
+    if arch == "phi3":  # as convert_hf_to_gguf.py's Phi3MiniModel: no key length, the rotated dims, the window
+        partial = cfg.get("partial_rotary_factor", rope.get("partial_rotary_factor", 1.0))
+        w.add_rope_dimension_count(int(partial * cfg["hidden_size"]) // heads)
+        if cfg.get("sliding_window"):
+            w.add_sliding_window(cfg["sliding_window"])
+    else:
+        w.add_key_length(head_dim)
+        w.add_value_length(head_dim)
+        w.add_rope_dimension_count(head_dim)
     w.add_rope_freq_base(cfg.get("rope_theta", (cfg.get("rope_parameters") or {}).get("rope_theta", 10000.0)))
     w.add_layer_norm_rms_eps(cfg["rms_norm_eps"])
-    rope = dict(cfg.get("rope_parameters") or cfg.get("rope_scaling") or {})
     if rope.get("rope_type") == "yarn":  # as llama.cpp's convert_hf_to_gguf.py writes it
         w.add_rope_scaling_type(gguf.RopeScalingType.YARN)
         w.add_rope_scaling_factor(rope["factor"])
@@ -56,6 +69,11 @@ def write_gguf_from_hf(hf_dir: str, out_path: str, qtype: str = "F32", extra_f32
             w.add_rope_scaling_yarn_beta_fast(rope["beta_fast"])
         if rope.get("beta_slow") is not None:
             w.add_rope_scaling_yarn_beta_slow(rope["beta_slow"])
+    if arch == "granite":  # as convert_hf_to_gguf.py's GraniteModel
+        w.add_attention_scale(cfg["attention_multiplier"])
+        w.add_embedding_scale(cfg["embedding_multiplier"])
+        w.add_residual_scale(cfg["residual_multiplier"])
+        w.add_logit_scale(cfg["logits_scaling"])
     for key, value in (extra_f32 or {}).items():
         w.add_float32(f"{arch}.{key}", value)
     w.add_vocab_size(cfg["vocab_size"])
@@ -64,10 +82,10 @@ def write_gguf_from_hf(hf_dir: str, out_path: str, qtype: str = "F32", extra_f32
         t = np.asarray(t, np.float32)
         if name.startswith("model.layers."):
             _, _, layer, rest = name.split(".", 3)
-            gname = f"blk.{layer}.{_GGUF_NAMES[rest]}"
-            if arch == "llama" and rest == "self_attn.q_proj.weight":
+            gname = f"blk.{layer}.{(_PHI3_GGUF_NAMES if arch == 'phi3' else _GGUF_NAMES)[rest]}"
+            if arch in ("llama", "granite") and rest == "self_attn.q_proj.weight":
                 t = llama_cpp_permute(t, heads)
-            if arch == "llama" and rest == "self_attn.k_proj.weight":
+            if arch in ("llama", "granite") and rest == "self_attn.k_proj.weight":
                 t = llama_cpp_permute(t, kv)
         else:
             gname = {"model.embed_tokens.weight": "token_embd.weight", "model.norm.weight": "output_norm.weight",
@@ -77,6 +95,8 @@ def write_gguf_from_hf(hf_dir: str, out_path: str, qtype: str = "F32", extra_f32
             w.add_tensor(gname, data, raw_shape=data.shape, raw_dtype=qt)
         else:
             w.add_tensor(gname, t)
+    for gname, t in (extra_tensors or {}).items():
+        w.add_tensor(gname, np.asarray(t, np.float32))
     w.write_header_to_file()
     w.write_kv_data_to_file()
     w.write_tensors_to_file()

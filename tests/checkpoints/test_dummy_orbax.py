@@ -14,10 +14,12 @@ from tests.models.hf_tiny import hf_logits, make_tiny_hf
 from tests.models.test_parity_hf import run_model
 
 
-@pytest.mark.parametrize("preset", ["llama-2-7b", "llama-2-13b", "llama-3-8b", "qwen2.5-0.5b"])
+@pytest.mark.parametrize("preset", ["llama-2-7b", "llama-2-13b", "llama-3-8b", "qwen2.5-0.5b", "phi-3-mini",
+                                    "granite-3-8b"])
 def test_presets_have_the_published_shapes(preset):
     c = dummy_config(preset)
-    expected = {"llama-2-7b": 6.74e9, "llama-2-13b": 13.0e9, "llama-3-8b": 8.03e9, "qwen2.5-0.5b": 0.494e9}
+    expected = {"llama-2-7b": 6.74e9, "llama-2-13b": 13.0e9, "llama-3-8b": 8.03e9, "qwen2.5-0.5b": 0.494e9,
+                "phi-3-mini": 3.82e9, "granite-3-8b": 8.17e9}
     assert abs(c.num_params / expected[preset] - 1) < 0.02, c.num_params
 
 

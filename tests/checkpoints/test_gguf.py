@@ -19,8 +19,10 @@ def tiny_root(tmp_path_factory):
     return str(tmp_path_factory.mktemp("tiny_gguf"))
 
 
-@pytest.mark.parametrize("arch", ["llama", "qwen2"])
+@pytest.mark.parametrize("arch", ["llama", "qwen2", "phi3", "granite"])
 def test_f32_gguf_matches_transformers(arch, tiny_root):
+    """phi3: fused attn_qkv / ffn_up split, partial rotary from rope.dimension_count, the sliding window;
+    granite: its four scalars from the metadata, Q/K un-permuted as llama's."""
     hf_dir = make_tiny_hf(arch, tiny_root)
     path = write_gguf_from_hf(hf_dir, f"{tiny_root}/{arch}.gguf")
     ckpt, ours = run_model(path, SEQS)
@@ -60,3 +62,16 @@ def test_smollm2_gguf_config_from_metadata():
     wq = ckpt.params["layers.wq"]  # the file's Q4_1, kept 4-bit on every backend (JAXLLM_GGUF_Q4=auto)
     assert isinstance(wq, QuantWeight) and wq.method == "int4" and wq.offset is not None
     assert np.isfinite(dequantize(wq, 1, stacked=True, dtype=np.float32, xp=np)).all()
+
+
+def test_phi3_longrope_gguf_refused(tiny_root):
+    """llama.cpp stores Phi-3 longrope as rope_factors_long / rope_factors_short tensors: refused in one line."""
+    from checkpoints.errors import CheckpointError
+
+    hf_dir = make_tiny_hf("phi3", tiny_root)
+    path = write_gguf_from_hf(hf_dir, f"{tiny_root}/phi3-longrope.gguf",
+                              extra_tensors={"rope_factors_long.weight": np.ones(4),
+                                             "rope_factors_short.weight": np.ones(4)})
+    with pytest.raises(CheckpointError, match=r"^\S+phi3-longrope\.gguf: rope_factors_long/rope_factors_short "
+                                              r"\(Phi-3 longrope in GGUF\) are not supported; load the HF checkpoint"):
+        load_checkpoint(path)

@@ -35,6 +35,21 @@ ROPE_CONFIGS = {
 }
 
 
+# Phi-3 and Granite (tests/models/test_archs_hf.py). phi3: fused qkv_proj / gate_up_proj, a sliding
+# window and partial rotary (half of head_dim) with default rope; phi3_longrope: Phi-4-mini's shape
+# (partial rotary 0.75, longrope, tied) with original length 32;
+# granite: every multiplier away from 1, attention_multiplier far from 1/sqrt(head_dim).
+_LONG = dict(short_factor=[1.0 + 0.2 * i for i in range(6)], long_factor=[1.0 + 3.0 * i for i in range(6)])
+ARCH_CONFIGS = {
+    "phi3": ("Phi3Config", dict(COMMON, sliding_window=12, partial_rotary_factor=0.5, pad_token_id=0)),
+    "phi3_longrope": ("Phi3Config", dict(COMMON, max_position_embeddings=128, original_max_position_embeddings=32,
+                                         partial_rotary_factor=0.75, tie_word_embeddings=True, pad_token_id=0,
+                                         rope_parameters=dict(rope_type="longrope", rope_theta=10000.0, **_LONG))),
+    "granite": ("GraniteConfig", dict(COMMON, embedding_multiplier=6.0, residual_multiplier=0.4,
+                                      attention_multiplier=0.09, logits_scaling=2.5, tie_word_embeddings=True)),
+}
+
+
 def make_tiny_hf(name: str, root: str, seed: int = 0) -> str:
     """Creates (once) and returns the directory of a tiny random HF model."""
     import torch
@@ -43,7 +58,7 @@ def make_tiny_hf(name: str, root: str, seed: int = 0) -> str:
     path = os.path.join(root, name)
     if os.path.isfile(os.path.join(path, "config.json")):
         return path
-    cls_name, kwargs = {**TINY_CONFIGS, **ROPE_CONFIGS}[name]
+    cls_name, kwargs = {**TINY_CONFIGS, **ROPE_CONFIGS, **ARCH_CONFIGS}[name]
     config = getattr(transformers, cls_name)(**kwargs)
     torch.manual_seed(seed)
     model = transformers.AutoModelForCausalLM.from_config(config, dtype=torch.float32)

@@ -143,8 +143,10 @@ def test_max_model_len_limit_as_vllm_derives_it():
 
 
 @pytest.mark.parametrize("scaling, message", [
-    ({"rope_type": "longrope", "factor": 2.0},
-     r"^cfg: rope_type='longrope' is not supported \(default, linear, llama3, yarn, dynamic\)$"),
+    ({"rope_type": "mrope", "factor": 2.0},
+     r"^cfg: rope_type='mrope' is not supported \(default, linear, llama3, yarn, dynamic, longrope\)$"),
+    ({"rope_type": "longrope", "factor": 2.0},  # longrope runs (Phi-3), but needs its factor lists
+     r"^cfg: rope_scaling\.short_factor=None must be a list of 4 numbers > 0 \(rotary_dim // 2\)$"),
     ({"rope_type": "dynamic", "alpha": 1000.0},
      r"^cfg: rope_scaling\.alpha=1000\.0 \(dynamic NTK-alpha scaling\) is not supported"),
     ({"rope_type": "dynamic"}, r"^cfg: rope_scaling\.factor is missing \(rope_type 'dynamic' needs it\)$"),
