@@ -1,4 +1,4 @@
-"""One Llama-family decoder (Llama 2/3/3.1, Mistral, Qwen2, Qwen3) as a Flax NNX module.
+"""One Llama-family decoder (Llama 2/3/3.1, Mistral, Qwen2, Qwen3; Mixtral, Qwen3-MoE with moe.py's MLP) as a Flax NNX module.
 
 Checkpoints hand over each per-layer weight stacked on a leading "layers" axis (`PARAM_AXES`, the
 loaders' contract); the model keeps one array per layer and runs the layers in a Python loop
@@ -23,6 +23,7 @@ from jaxllm.lora.delta import LoRABatch, with_lora
 from jaxllm.models.config import ModelConfig
 from jaxllm.models.fusion import FUSED, FUSED_OUTPUTS, FUSED_PARTS, placement_plan, split_fused
 from jaxllm.models import prequantized, quant_dot
+from jaxllm.models.moe import moe_mlp
 from jaxllm.models.projections import IN_PLACE, Projector
 from jaxllm.models.quant import QUANT_PARAMS, QuantWeight, check_backend, check_method, quantize
 from jaxllm.models.rope import apply_rope, rope_parameters, rope_tables
@@ -48,6 +49,11 @@ PARAM_AXES: dict[str, tuple[str, ...]] = {
     "layers.w_gate": ("layers", "embed", "mlp"),
     "layers.w_up": ("layers", "embed", "mlp"),
     "layers.w_down": ("layers", "mlp", "embed"),
+    # mixture of experts (jaxllm/models/moe.py): the router and each expert's MLP, in place of w_gate/w_up/w_down
+    "layers.router": ("layers", "embed", "experts"),
+    "layers.we_gate": ("layers", "experts", "embed", "mlp"),
+    "layers.we_up": ("layers", "experts", "embed", "mlp"),
+    "layers.we_down": ("layers", "experts", "mlp", "embed"),
 }
 # What the model holds: PARAM_AXES with wq/wk/wv fused into wqkv, bq/bk/bv into bqkv and w_gate/w_up
 # into w_gate_up (jaxllm/models/fusion.py). "qkv_heads" = H + 2K heads, "mlp2" = 2F, both
@@ -57,6 +63,7 @@ MODEL_AXES: dict[str, tuple[str, ...]] = {
     "layers.wqkv": ("layers", "embed", "qkv_heads", "head_dim"),
     "layers.bqkv": ("layers", "qkv_heads", "head_dim"),
     "layers.w_gate_up": ("layers", "embed", "mlp2"),
+    "layers.we_gate_up": ("layers", "experts", "embed", "mlp2"),
 }
 LAYER_LOOP_ENV = "JAXLLM_LAYER_LOOP"
 LAYER_PARAMS = tuple(k.split(".", 1)[1] for k in MODEL_AXES if k.startswith("layers."))
@@ -73,6 +80,12 @@ def param_shapes(c: ModelConfig) -> dict[str, tuple[int, ...]]:
         "layers.wo": (L, H, D, E),
         "layers.w_gate": (L, E, F), "layers.w_up": (L, E, F), "layers.w_down": (L, F, E),
     }
+    if c.is_moe:
+        X, F = c.num_experts, c.moe_intermediate_size
+        for n in ("layers.w_gate", "layers.w_up", "layers.w_down"):
+            del shapes[n]
+        shapes.update({"layers.router": (L, E, X), "layers.we_gate": (L, X, E, F), "layers.we_up": (L, X, E, F),
+                       "layers.we_down": (L, X, F, E)})
     if not c.tie_word_embeddings and c.has_lm_head:
         shapes["lm_head"] = (E, V)
     if c.attention_bias:
@@ -135,6 +148,9 @@ def decoder_layer(w: dict[str, jax.Array], x, cos, sin, cache: KVCache, index, m
                                   sliding_window=c.sliding_window, impl=attention_impl)
     x = x + constrain(proj("thd,hde->te", attn, "wo", w["wo"], index), lay, ("tokens", "embed"))  # [T, E]
     h = rms_norm(x, w["post_norm"], eps)
+    if c.is_moe:  # [T, E]: each token's top-k experts (moe.py)
+        down = moe_mlp(h, w["router"], w["we_gate_up"], w["we_down"], c.num_experts_per_tok, c.norm_topk_prob, lay)
+        return x + constrain(down, lay, ("tokens", "embed")), cache
     gate_up = proj("te,ef->tf", h, "w_gate_up", w["w_gate_up"], index)  # [T, 2F] shard-major
     gate, up = split_fused(gate_up, (c.intermediate_size,) * 2, lay, *FUSED_OUTPUTS["w_gate_up"])  # [T, F]
     down = proj("tf,fe->te", jax.nn.silu(gate) * up, "w_down", w["w_down"], index)
@@ -286,6 +302,9 @@ def build_model(config: ModelConfig, params: dict[str, np.ndarray | jax.Array], 
     scales; an fp8 checkpoint's: float8 with per-channel or block scales) is placed as it is (fused
     like the others); see `prequantized.check`."""
     check_method(quantization)
+    if config.is_moe and (quantization or prequantized.method(params)):
+        raise ValueError(f"quantization={quantization or prequantized.method(params)!r} is not supported for the "
+                         f"{config.architecture} MoE model: expert weights have no quantized path (run it unquantized)")
     prequantized.requantize_int4(params, quantization)
     check_backend(quantization or prequantized.method(params))
     prequantized.check(params, quantization)

@@ -1,0 +1,106 @@
+"""The mixture-of-experts MLP of Mixtral and Qwen3-MoE: a router picks each token's top-k experts,
+each picked expert runs its own SwiGLU MLP on the token, and the outputs are summed with the
+routing weights.
+
+Routing (as HF's MixtralTopKRouter / Qwen3MoeTopKRouter): logits = x @ router in the model dtype,
+softmax in f32, top-k (ties: the lower expert index first, `lax.top_k`), the k weights renormalised
+to sum to 1 when `norm_topk_prob` (always for Mixtral). Router jitter is a training knob: ignored.
+
+Experts ("grouped", the default): only the T*k routed (token, expert) pairs are computed. The
+assignments are sorted by expert (stable), the tokens gathered in that order, and two
+`jax.lax.ragged_dot`s (gate/up, then down) multiply each expert's contiguous group of rows by that
+expert's weights; group_sizes [X] says where each group ends. Shapes stay static (T*k rows whatever
+the routing). The rows are then put back in (token, slot) order and weight-summed. On GPU
+ragged_dot lowers to a grouped GEMM (XLA's, or JAX's Triton kernel); on CPU XLA expands it densely
+(every expert over every row: see bench/RESULTS.md, "MoE"), so there "dense" is no worse.
+
+"dense" (`JAXLLM_MOE=dense`, and `dense_moe_reference` in tests): every expert on every token, the
+unrouted outputs masked out by a zero weight. The reference the grouped path is tested against and
+the bench's "same MoE computed densely".
+
+Tensor parallelism: each expert's intermediate axis is split over "tp" like the dense MLP's
+(w_gate_up column-parallel in shard-major order, w_down row-parallel, jaxllm/models/fusion.py); the
+router and its choices are replicated. Under `shard_map` every device runs the same sort and its
+own slice of every expert, and one psum adds the partial outputs (the dense MLP's one all-reduce).
+"""
+from __future__ import annotations
+
+import os
+
+import jax
+import jax.numpy as jnp
+from jax.sharding import PartitionSpec as P
+
+from jaxllm.parallel.rules import TP
+
+MOE_ENV = "JAXLLM_MOE"
+MOE_IMPLS = ("grouped", "dense")
+
+
+def moe_impl(impl: str | None = None) -> str:
+    impl = impl or os.environ.get(MOE_ENV, "grouped") or "grouped"
+    if impl not in MOE_IMPLS:
+        raise ValueError(f"{MOE_ENV}={impl!r} is invalid: must be one of {', '.join(MOE_IMPLS)}")
+    return impl
+
+
+def route(x: jax.Array, w_router: jax.Array, top_k: int, renormalize: bool) -> tuple[jax.Array, jax.Array]:
+    """x [T, E], w_router [E, X] → (weights [T, k] f32, experts [T, k] int32), best first."""
+    logits = jnp.einsum("te,ex->tx", x, w_router).astype(jnp.float32)  # [T, X]
+    probs = jax.nn.softmax(logits, axis=-1)  # [T, X] f32
+    weights, experts = jax.lax.top_k(probs, top_k)  # [T, k], [T, k]
+    if renormalize:
+        weights = weights / jnp.sum(weights, axis=-1, keepdims=True)
+    return weights, experts.astype(jnp.int32)
+
+
+def _swiglu(gate_up: jax.Array) -> jax.Array:
+    """[..., 2F] (one device's gate columns, then its up columns: shard-major, fusion.py) → [..., F]."""
+    gate, up = jnp.split(gate_up, 2, axis=-1)
+    return jax.nn.silu(gate) * up
+
+
+def grouped_experts(x: jax.Array, weights: jax.Array, experts: jax.Array, w_gate_up: jax.Array,
+                    w_down: jax.Array) -> jax.Array:
+    """x [T, E], weights/experts [T, k], w_gate_up [X, E, 2F], w_down [X, F, E] → [T, E]: each token's
+    k experts, weight-summed, computing only the T*k routed rows (ragged_dot over expert groups)."""
+    T, k = experts.shape
+    X = w_gate_up.shape[0]
+    flat = experts.reshape(-1)  # [T*k] expert of assignment (token t, slot j) at t*k + j
+    order = jnp.argsort(flat, stable=True)  # [T*k] assignments grouped by expert
+    group_sizes = jnp.bincount(flat, length=X).astype(jnp.int32)  # [X], sums to T*k
+    rows = x[order // k]  # [T*k, E] each assignment's token, in expert order
+    h = _swiglu(jax.lax.ragged_dot(rows, w_gate_up, group_sizes))  # [T*k, F]
+    y = jax.lax.ragged_dot(h, w_down, group_sizes)  # [T*k, E] in expert order
+    unsort = jnp.zeros_like(order).at[order].set(jnp.arange(T * k, dtype=order.dtype))  # [T*k] inverse perm
+    y = y[unsort].reshape(T, k, -1)  # [T, k, E] back in (token, slot) order
+    return jnp.einsum("tke,tk->te", y.astype(jnp.float32), weights).astype(x.dtype)
+
+
+def dense_experts(x: jax.Array, weights: jax.Array, experts: jax.Array, w_gate_up: jax.Array,
+                  w_down: jax.Array) -> jax.Array:
+    """Same contract as `grouped_experts`, computed with every expert on every token; the experts a
+    token was not routed to get weight 0."""
+    T = x.shape[0]
+    X = w_gate_up.shape[0]
+    h = _swiglu(jnp.einsum("te,xef->txf", x, w_gate_up))  # [T, X, F]
+    y = jnp.einsum("txf,xfe->txe", h, w_down)  # [T, X, E]
+    combine = jnp.zeros((T, X), jnp.float32).at[jnp.arange(T)[:, None], experts].add(weights)  # [T, X]
+    return jnp.einsum("txe,tx->te", y.astype(jnp.float32), combine).astype(x.dtype)
+
+
+def moe_mlp(x: jax.Array, w_router: jax.Array, w_gate_up: jax.Array, w_down: jax.Array, top_k: int,
+            renormalize: bool, layout=None, impl: str | None = None) -> jax.Array:
+    """One layer's MoE MLP: x [T, E] (replicated) → [T, E] (replicated). `w_gate_up` [X, E, 2F] fused
+    shard-major and `w_down` [X, F, E], F sharded on "tp" under a TPLayout `layout`."""
+    weights, experts = route(x, w_router, top_k, renormalize)  # [T, k] each, replicated
+    fn = grouped_experts if moe_impl(impl) == "grouped" else dense_experts
+    if layout is None:
+        return fn(x, weights, experts, w_gate_up, w_down)
+
+    def local(x, weights, experts, w_gate_up, w_down):  # this device's F/tp slice of every expert
+        return jax.lax.psum(fn(x, weights, experts, w_gate_up, w_down), TP)
+
+    specs = (P(), P(), P(), layout.spec(("experts", "embed", "mlp2")), layout.spec(("experts", "mlp", "embed")))
+    return jax.shard_map(local, mesh=layout.mesh, in_specs=specs, out_specs=P(),
+                         check_vma=False)(x, weights, experts, w_gate_up, w_down)
