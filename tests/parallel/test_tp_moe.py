@@ -21,9 +21,9 @@ def root(tmp_path_factory):
     return str(tmp_path_factory.mktemp("tp_moe"))
 
 
-@pytest.mark.parametrize("arch", ["mixtral", "qwen3_moe"])
-def test_tp_logits_equal_tp1(arch, root):
-    path = make_tiny_hf(arch, root)
+def test_tp_logits_equal_tp1(root):
+    """Mixtral here; Qwen3-MoE's experts shard the same way and run at tp=2 in the engine test below."""
+    path = make_tiny_hf("mixtral", root)
     pre1, dec1 = forward_logits(path, 1)
     for tp in (2, 4):
         pre, dec = forward_logits(path, tp)
