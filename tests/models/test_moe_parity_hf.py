@@ -120,3 +120,40 @@ def test_quantization_refused_in_one_line(method, root):
     with pytest.raises(ValueError, match=f"quantization='{method}' is not supported for the mixtral MoE model") as e:
         build_model(ck.config, ck.params, jnp.float32, quantization=method)
     assert "\n" not in str(e.value)
+
+
+def test_attention_lora_on_moe_equals_peft(root, tmp_path):
+    """LoRA on the attention projections of an MoE model works (the experts stay the base model's):
+    greedy tokens with the adapter equal peft's over transformers; an adapter on the MLP (the experts)
+    is refused in one line naming target_modules."""
+    from jaxllm import LLM, SamplingParams
+    from jaxllm.lora import LoRARequest
+    from tests.lora.adapters import make_peft_adapter, peft_greedy, peft_model
+
+    base = sharpened("mixtral", root)
+    ad = make_peft_adapter(base, str(tmp_path), "attn", r=4, alpha=8.0, targets=["q_proj", "v_proj", "o_proj"],
+                           seed=1)
+    prompts = [[5, 17, 33, 2, 99, 140, 7], [200, 3, 3, 81, 12]]
+    n = 6
+    llm = LLM(base, max_model_len=64, max_num_seqs=4, max_num_batched_tokens=16, block_size=4, enable_lora=True,
+              max_lora_rank=8)
+    params = SamplingParams(temperature=0.0, max_tokens=n, ignore_eos=True)
+    outs = llm.generate([{"prompt_token_ids": p} for p in prompts], params, use_tqdm=False,
+                        lora_request=LoRARequest("attn", 1, ad))
+    ref = peft_model(base, ad)
+    base_ref = peft_model(base, None)
+    for p, out in zip(prompts, outs):
+        assert list(out.outputs[0].token_ids) == peft_greedy(ref, p, n)
+    assert any(peft_greedy(ref, p, n) != peft_greedy(base_ref, p, n) for p in prompts), "the adapter changes nothing"
+
+    from jaxllm.lora.peft import load_adapter
+    from tests.lora.adapters import write_adapter
+
+    cfg = load_checkpoint(base).config
+    bad = write_adapter(str(tmp_path), "mlp", dict(hidden_size=64, intermediate_size=96, num_hidden_layers=2,
+                                                   num_attention_heads=4, num_key_value_heads=2), r=4,
+                        targets=("q_proj", "gate_proj"))
+    with pytest.raises(ValueError, match=r"targets gate_proj: LoRA on the mixtral MoE expert weights is not "
+                                         r"supported") as e:
+        load_adapter(bad, cfg, 8)
+    assert "\n" not in str(e.value)
