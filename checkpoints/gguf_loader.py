@@ -73,6 +73,9 @@ def _hf_config(reader, path: str) -> dict:
         raise CheckpointError(f"{path}: rope_freqs (Llama 3.1 rope scaling in GGUF) is not supported; "
                               "load the HF checkpoint instead")
     g = lambda k, d=None: _field(reader, f"{arch}.{k}", d)  # noqa: E731
+    if g("expert_count"):  # llama.cpp's Mixtral: ffn_{gate,up,down}_exps per layer
+        raise CheckpointError(f"{path}: {arch}.expert_count={g('expert_count')} (a mixture-of-experts GGUF, e.g. "
+                              f"Mixtral) is not supported; load the HF checkpoint instead")
     names = {t.name for t in reader.tensors}
     tokens = reader.fields.get("tokenizer.ggml.tokens")
     vocab = g("vocab_size") or (len(tokens.data) if tokens is not None else None)
