@@ -6,17 +6,17 @@ Routing (as HF's MixtralTopKRouter / Qwen3MoeTopKRouter): logits = x @ router in
 softmax in f32, top-k (ties: the lower expert index first, `lax.top_k`), the k weights renormalised
 to sum to 1 when `norm_topk_prob` (always for Mixtral). Router jitter is a training knob: ignored.
 
-Experts ("grouped", the default): only the T*k routed (token, expert) pairs are computed. The
+Experts ("grouped", the default off CPU): only the T*k routed (token, expert) pairs are computed. The
 assignments are sorted by expert (stable), the tokens gathered in that order, and two
 `jax.lax.ragged_dot`s (gate/up, then down) multiply each expert's contiguous group of rows by that
 expert's weights; group_sizes [X] says where each group ends. Shapes stay static (T*k rows whatever
 the routing). The rows are then put back in (token, slot) order and weight-summed. On GPU
-ragged_dot lowers to a grouped GEMM (XLA's, or JAX's Triton kernel); on CPU XLA expands it densely
-(every expert over every row: see bench/RESULTS.md, "MoE"), so there "dense" is no worse.
+ragged_dot lowers to XLA's ragged dot (a grouped GEMM); on CPU jax expands it densely (every expert
+over every row, in a dot form XLA CPU runs slowly: bench/RESULTS.md, "MoE").
 
-"dense" (`JAXLLM_MOE=dense`, and `dense_moe_reference` in tests): every expert on every token, the
-unrouted outputs masked out by a zero weight. The reference the grouped path is tested against and
-the bench's "same MoE computed densely".
+"dense" (the CPU default, `JAXLLM_MOE=dense`): every expert on every token as dots batched over the
+experts, the unrouted outputs masked out by a zero weight. The bench's "same MoE computed densely";
+both are tested against a numpy reference (tests/models/test_moe.py).
 
 Tensor parallelism: each expert's intermediate axis is split over "tp" like the dense MLP's
 (w_gate_up column-parallel in shard-major order, w_down row-parallel, jaxllm/models/fusion.py); the
@@ -34,13 +34,17 @@ from jax.sharding import PartitionSpec as P
 from jaxllm.parallel.rules import TP
 
 MOE_ENV = "JAXLLM_MOE"
-MOE_IMPLS = ("grouped", "dense")
+MOE_IMPLS = ("auto", "grouped", "dense")
 
 
 def moe_impl(impl: str | None = None) -> str:
-    impl = impl or os.environ.get(MOE_ENV, "grouped") or "grouped"
+    """`impl` or $JAXLLM_MOE: "grouped", "dense", or "auto" (the default): dense on CPU, where XLA expands
+    ragged_dot into a slower dense form anyway, grouped on every other backend."""
+    impl = impl or os.environ.get(MOE_ENV, "auto") or "auto"
     if impl not in MOE_IMPLS:
         raise ValueError(f"{MOE_ENV}={impl!r} is invalid: must be one of {', '.join(MOE_IMPLS)}")
+    if impl == "auto":
+        return "dense" if jax.default_backend() == "cpu" else "grouped"
     return impl
 
 
@@ -80,13 +84,15 @@ def grouped_experts(x: jax.Array, weights: jax.Array, experts: jax.Array, w_gate
 def dense_experts(x: jax.Array, weights: jax.Array, experts: jax.Array, w_gate_up: jax.Array,
                   w_down: jax.Array) -> jax.Array:
     """Same contract as `grouped_experts`, computed with every expert on every token; the experts a
-    token was not routed to get weight 0."""
+    token was not routed to get weight 0. Written as dots batched over the experts (x broadcast to
+    [X, T, E]): XLA CPU runs "xte,xef->xtf" as X GEMMs, but "te,xef->txf" ~10x slower (bench/RESULTS.md)."""
     T = x.shape[0]
     X = w_gate_up.shape[0]
-    h = _swiglu(jnp.einsum("te,xef->txf", x, w_gate_up))  # [T, X, F]
-    y = jnp.einsum("txf,xfe->txe", h, w_down)  # [T, X, E]
+    xb = jnp.broadcast_to(x, (X,) + x.shape)  # [X, T, E]
+    h = _swiglu(jnp.einsum("xte,xef->xtf", xb, w_gate_up))  # [X, T, F]
+    y = jnp.einsum("xtf,xfe->xte", h, w_down)  # [X, T, E]
     combine = jnp.zeros((T, X), jnp.float32).at[jnp.arange(T)[:, None], experts].add(weights)  # [T, X]
-    return jnp.einsum("txe,tx->te", y.astype(jnp.float32), combine).astype(x.dtype)
+    return jnp.einsum("xte,tx->te", y.astype(jnp.float32), combine).astype(x.dtype)
 
 
 def moe_mlp(x: jax.Array, w_router: jax.Array, w_gate_up: jax.Array, w_down: jax.Array, top_k: int,

@@ -89,9 +89,18 @@ def test_grouped_computes_only_routed_rows():
     args = (jnp.ones((T, E)), jnp.ones((E, X)), jnp.ones((X, E, 2 * F)), jnp.ones((X, F, E)))
     text = str(jax.make_jaxpr(lambda *a: moe_mlp(*a, k, True, impl="grouped"))(*args))
     assert text.count("ragged_dot_general") == 2 and f"f32[{T * k},{2 * F}]" in text
-    assert f"f32[{T},{X},{F}]" not in text
+    assert f"f32[{X},{T},{F}]" not in text
     dense = str(jax.make_jaxpr(lambda *a: moe_mlp(*a, k, True, impl="dense"))(*args))
-    assert "ragged_dot" not in dense and f"f32[{T},{X},{2 * F}]" in dense
+    assert "ragged_dot" not in dense and f"f32[{X},{T},{2 * F}]" in dense
+
+
+def test_auto_is_dense_on_cpu_grouped_elsewhere(monkeypatch):
+    from jaxllm.models.moe import moe_impl
+
+    monkeypatch.delenv("JAXLLM_MOE", raising=False)
+    assert moe_impl() == "dense"  # this machine: CPU
+    monkeypatch.setattr(jax, "default_backend", lambda: "gpu")
+    assert moe_impl() == "grouped" and moe_impl("dense") == "dense"
 
 
 def test_bad_impl_env_is_one_line(monkeypatch):
@@ -163,4 +172,4 @@ def test_moe_forward_exports_for_cuda(monkeypatch):
     want = {(f"tensor<{T * k}x{E}xbf16>, tensor<{X}x{E}x{2 * F}xbf16>, tensor<{X}xi32>", f"tensor<{T * k}x{2 * F}xbf16>"),
             (f"tensor<{T * k}x{F}xbf16>, tensor<{X}x{F}x{E}xbf16>, tensor<{X}xi32>", f"tensor<{T * k}x{E}xbf16>")}
     assert len(dots) == 2 * c.num_layers and set(dots) == want, dots
-    assert f"tensor<{T}x{X}x{F}x" not in text and f"tensor<{T}x{X}x{2 * F}x" not in text
+    assert f"tensor<{X}x{T}x{F}x" not in text and f"tensor<{X}x{T}x{2 * F}x" not in text

@@ -20,10 +20,11 @@ def root(tmp_path_factory):
     return str(tmp_path_factory.mktemp("tiny_moe"))
 
 
-@pytest.mark.parametrize("layer_loop", ["scan", "unroll"])
+@pytest.mark.parametrize("layer_loop,impl", [("scan", "grouped"), ("unroll", "dense")])  # each loop, each impl
 @pytest.mark.parametrize("arch", ARCHS)
-def test_prefill_logits_match_transformers(arch, layer_loop, root, monkeypatch):
+def test_prefill_logits_match_transformers(arch, layer_loop, impl, root, monkeypatch):
     monkeypatch.setenv("JAXLLM_LAYER_LOOP", layer_loop)
+    monkeypatch.setenv("JAXLLM_MOE", impl)
     path = make_tiny_hf(arch, root)
     rng = np.random.default_rng(0)
     seqs = [rng.integers(0, 256, n).tolist() for n in (1, 9, 40)]
@@ -77,9 +78,10 @@ def sharpened(arch: str, root: str) -> str:
 
 
 @pytest.mark.parametrize("arch", ARCHS)
-def test_engine_greedy_equals_hf_generate(arch, root):
-    """Through LLM (paged KV in blocks of 4, the prompts batched, chunked prefill): greedy tokens
-    equal HF generate's for each prompt."""
+def test_engine_greedy_equals_hf_generate(arch, root, monkeypatch):
+    """Through LLM (paged KV in blocks of 4, the prompts batched, chunked prefill; the grouped ragged_dot
+    experts, the GPU default): greedy tokens equal HF generate's for each prompt."""
+    monkeypatch.setenv("JAXLLM_MOE", "grouped")
     import torch
     import transformers
 

@@ -21,10 +21,13 @@ def root(tmp_path_factory):
     return str(tmp_path_factory.mktemp("tp_moe"))
 
 
-def test_tp_logits_equal_tp1(root):
-    """Mixtral here; Qwen3-MoE's experts shard the same way and run at tp=2 in the engine test below."""
+def test_tp_logits_equal_tp1(root, monkeypatch):
+    """Mixtral here (tp=1 with the dense experts, tp=2/4 grouped: ragged_dot under shard_map); Qwen3-MoE's
+    experts shard the same way and run at tp=2 in the engine test below (the CPU default: dense)."""
     path = make_tiny_hf("mixtral", root)
+    monkeypatch.setenv("JAXLLM_MOE", "dense")
     pre1, dec1 = forward_logits(path, 1)
+    monkeypatch.setenv("JAXLLM_MOE", "grouped")
     for tp in (2, 4):
         pre, dec = forward_logits(path, tp)
         np.testing.assert_allclose(pre, pre1, atol=1e-4, rtol=0)
