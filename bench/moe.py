@@ -4,6 +4,7 @@ densely (every expert on every token, masked) vs a dense model with the same ACT
     JAX_PLATFORMS=cpu python bench/moe.py                      # small Mixtral-shaped dummy, batch 1 and 16
     python bench/moe.py --preset mixtral-8x7b --layers 2 --dtype bfloat16 --batches 1 16 64 --json out.json
 
+The layer loop is the default's (JAXLLM_LAYER_LOOP=auto: an MoE unrolls, a dense model scans on CPU).
 The model forward + logits of one decode step (every sequence one new token over a 64-token context,
 paged KV) is jitted and timed in a loop (best of --rounds medians of --iters steps). Three models of one
 shape: "moe-grouped" (JAXLLM_MOE=grouped, the GPU default), "moe-dense" (JAXLLM_MOE=dense, the CPU
@@ -63,8 +64,8 @@ def decode_inputs(c, batch: int):
     return tokens, positions, meta, batch * nb
 
 
-def time_step(c, dtype, batch: int, impl: str | None, iters: int, rounds: int) -> float:
-    """ms per decode step (median of `iters`, best of `rounds`)."""
+def time_step(c, dtype, batch: int, impl: str | None, iters: int, rounds: int) -> tuple[float, str]:
+    """(ms per decode step (median of `iters`, best of `rounds`), the layer loop it ran)."""
     import jax
     import jax.numpy as jnp
     import numpy as np
@@ -96,8 +97,9 @@ def time_step(c, dtype, batch: int, impl: str | None, iters: int, rounds: int) -
             jax.block_until_ready(step(st, cache, tokens, positions, meta))
             ts.append(time.perf_counter() - t)
         best = min(best, float(np.median(ts)))
+    loop = model.layer_loop
     del model, st, cache
-    return 1000 * best
+    return 1000 * best, loop
 
 
 def weight_bytes(c, batch: int, dense_experts: bool, itemsize: int) -> int:
@@ -126,6 +128,7 @@ def main(argv=None) -> int:
     ap.add_argument("--rounds", type=int, default=3)
     ap.add_argument("--peak-gbs", type=float, default=4800.0, help="HBM bandwidth for the roofline (H200: 4800)")
     ap.add_argument("--json", default=None)
+    ap.add_argument("--json-key", default=None, help="merge the result into --json under this key (device_check.sh)")
     args = ap.parse_args(argv)
     import jax.numpy as jnp
 
@@ -142,13 +145,13 @@ def main(argv=None) -> int:
     for name in args.models:
         c, impl = {"moe-grouped": (moe, "grouped"), "moe-dense": (moe, "dense"), "dense-active": (dense, None)}[name]
         for b in args.batches:
-            ms = time_step(c, dtype, b, impl, args.iters, args.rounds)
+            ms, loop = time_step(c, dtype, b, impl, args.iters, args.rounds)
             read = weight_bytes(c, b, name == "moe-dense", dtype.itemsize)
-            row = dict(model=name, batch=b, step_ms=round(ms, 3), tok_s=round(1000 * b / ms, 1),
+            row = dict(model=name, batch=b, layer_loop=loop, step_ms=round(ms, 3), tok_s=round(1000 * b / ms, 1),
                        weight_mib_read=round(read / 2**20, 1),
                        roofline=round(read / (ms / 1000) / (args.peak_gbs * 1e9), 3))
             rows.append(row)
-            print(f"{name:13s} batch {b:3d}: {ms:8.2f} ms/step  {row['tok_s']:9.1f} tok/s  "
+            print(f"{name:13s} batch {b:3d} ({loop}): {ms:8.2f} ms/step  {row['tok_s']:9.1f} tok/s  "
                   f"reads {row['weight_mib_read']:8.1f} MiB  roofline {row['roofline']:.3f}", flush=True)
     by = {(r["model"], r["batch"]): r["step_ms"] for r in rows}
     for b in args.batches:
@@ -156,9 +159,10 @@ def main(argv=None) -> int:
             if (a, b) in by and (z, b) in by:
                 print(f"batch {b}: {a} / {z} = {by[(a, b)] / by[(z, b)]:.2f}x")
     if args.json:
-        from bench.common import write_json
+        from bench.common import merge_json, write_json
 
-        write_json(args.json, dict(machine=machine, config=dataclasses.asdict(moe), dtype=args.dtype, rows=rows))
+        doc = dict(machine=machine, config=dataclasses.asdict(moe), dtype=args.dtype, rows=rows)
+        merge_json(args.json, args.json_key, doc) if args.json_key else write_json(args.json, doc)
     return 0
 
 

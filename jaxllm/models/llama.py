@@ -116,17 +116,18 @@ def rms_norm(x: jax.Array, weight: jax.Array, eps: float) -> jax.Array:
     return weight * xf.astype(x.dtype)
 
 
-def layer_loop_mode(mode: str | None = None) -> str:
+def layer_loop_mode(mode: str | None = None, config: ModelConfig | None = None) -> str:
     """"unroll" (one array per layer, a Python loop unrolled at trace time: every weight read in
     place) or "scan" (weights stacked [L, ...], `lax.scan`: one layer body to compile, but XLA copies
     each layer's weight slice before its matmuls). `mode` or $JAXLLM_LAYER_LOOP, default "auto":
     unroll on accelerators, scan on CPU, where unrolling SmolLM2's 30 layers made warm-up ~8x longer
-    for no measurable step gain (bench/RESULTS.md, "Layer loop")."""
+    for no measurable step gain (bench/RESULTS.md, "Layer loop"). An MoE `config` unrolls on CPU too: the
+    scan's per-layer copy of the expert weights made a decode step 4-8x slower there (bench/RESULTS.md, "MoE")."""
     mode = mode or os.environ.get(LAYER_LOOP_ENV, "auto") or "auto"
     if mode not in ("auto", "unroll", "scan"):
         raise ValueError(f"{LAYER_LOOP_ENV}={mode!r} is invalid: must be one of auto, unroll, scan")
     if mode == "auto":
-        return "scan" if jax.default_backend() == "cpu" else "unroll"
+        return "scan" if jax.default_backend() == "cpu" and not (config is not None and config.is_moe) else "unroll"
     return mode
 
 
@@ -223,7 +224,7 @@ class LlamaForCausalLM(nnx.Module):
         self.config = config
         self.attention_impl = attention_impl
         self.layout = layout
-        self.layer_loop = layer_loop_mode(layer_loop)
+        self.layer_loop = layer_loop_mode(layer_loop, config)
         held = [params.get(n) for n in QUANT_PARAMS]  # an fp8 checkpoint may keep only some of them
         held = [w[0] if isinstance(w, (list, tuple)) else w for w in held]
         self.quantization = next((w.method for w in held if isinstance(w, QuantWeight)), None)
@@ -308,7 +309,7 @@ def build_model(config: ModelConfig, params: dict[str, np.ndarray | jax.Array], 
     prequantized.requantize_int4(params, quantization)
     check_backend(quantization or prequantized.method(params))
     prequantized.check(params, quantization)
-    layer_loop = layer_loop_mode(layer_loop)
+    layer_loop = layer_loop_mode(layer_loop, config)
     split = layer_loop == "unroll"
     if layout is not None:
         arrays = layout.place_params(config, params, dtype, split_layers=split, quantization=quantization)
