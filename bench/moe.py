@@ -64,20 +64,19 @@ def decode_inputs(c, batch: int):
     return tokens, positions, meta, batch * nb
 
 
-def time_step(c, dtype, batch: int, impl: str | None, iters: int, rounds: int) -> tuple[float, str]:
+def time_step(c, params: dict, dtype, batch: int, impl: str | None, iters: int, rounds: int) -> tuple[float, str]:
     """(ms per decode step (median of `iters`, best of `rounds`), the layer loop it ran)."""
     import jax
     import jax.numpy as jnp
     import numpy as np
     from flax import nnx
 
-    from checkpoints.dummy import dummy_params
     from jaxllm.models.llama import build_model
     from pallas_kernels import KVCache
 
     if impl:
         os.environ["JAXLLM_MOE"] = impl  # read when the step is traced (jaxllm/models/moe.py)
-    model = build_model(c, dummy_params(c, dtype), dtype)
+    model = build_model(c, dict(params), dtype)  # a copy: build_model empties the dict it is given
     tokens, positions, meta, nblocks = decode_inputs(c, batch)
     cache = KVCache.zeros(c.num_layers, nblocks, BLOCK, c.num_kv_heads, c.head_dim, dtype)
     gd, st = nnx.split(model)
@@ -141,11 +140,15 @@ def main(argv=None) -> int:
           f"top-{moe.num_experts_per_tok}, F={moe.moe_intermediate_size}: {moe.num_params / 1e6:.1f}M params, "
           f"{moe.num_active_params / 1e6:.1f}M active; dense-active: F={dense.intermediate_size}, "
           f"{dense.num_params / 1e6:.1f}M params; {args.dtype}", flush=True)
-    rows = []
+    from checkpoints.dummy import dummy_params
+
+    rows, params = [], {}  # dummy weights drawn once per config (each draw compiles: ~1 s a tensor on CPU)
     for name in args.models:
         c, impl = {"moe-grouped": (moe, "grouped"), "moe-dense": (moe, "dense"), "dense-active": (dense, None)}[name]
         for b in args.batches:
-            ms, loop = time_step(c, dtype, b, impl, args.iters, args.rounds)
+            if c.is_moe not in params:
+                params[c.is_moe] = dummy_params(c, dtype)
+            ms, loop = time_step(c, params[c.is_moe], dtype, b, impl, args.iters, args.rounds)
             read = weight_bytes(c, b, name == "moe-dense", dtype.itemsize)
             row = dict(model=name, batch=b, layer_loop=loop, step_ms=round(ms, 3), tok_s=round(1000 * b / ms, 1),
                        weight_mib_read=round(read / 2**20, 1),

@@ -173,3 +173,21 @@ def test_moe_forward_exports_for_cuda(monkeypatch):
             (f"tensor<{T * k}x{F}xbf16>, tensor<{X}x{F}x{E}xbf16>, tensor<{X}xi32>", f"tensor<{T * k}x{E}xbf16>")}
     assert len(dots) == 2 * c.num_layers and set(dots) == want, dots
     assert f"tensor<{X}x{T}x{F}x" not in text and f"tensor<{X}x{T}x{2 * F}x" not in text
+
+
+@pytest.mark.parametrize("preset,total,active", [("mixtral-8x7b", 46.7e9, 12.9e9), ("qwen3-30b-a3b", 30.5e9, 3.3e9)])
+def test_moe_presets_have_the_published_sizes(preset, total, active):
+    from checkpoints.dummy import dummy_config
+
+    c = dummy_config(preset)
+    assert abs(c.num_params / total - 1) < 0.02 and abs(c.num_active_params / active - 1) < 0.03, c
+
+
+def test_moe_unrolls_the_layer_loop_on_cpu(monkeypatch):
+    from checkpoints.dummy import dummy_config
+    from jaxllm.models.llama import layer_loop_mode
+
+    monkeypatch.delenv("JAXLLM_LAYER_LOOP", raising=False)
+    assert layer_loop_mode(None, dummy_config("tiny-mixtral")) == "unroll"
+    assert layer_loop_mode(None, dummy_config("tiny-llama")) == "scan"
+    assert layer_loop_mode("scan", dummy_config("tiny-mixtral")) == "scan"
