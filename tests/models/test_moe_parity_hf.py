@@ -178,6 +178,32 @@ def test_quantized_hf_and_gguf_moe_refused_in_one_line(root, tmp_path):
         load_checkpoint(d)
     assert "\n" not in str(e.value)
     gg = write_gguf_from_hf(make_tiny_hf("llama", root), str(tmp_path / "moe.gguf"), extra_f32={"expert_count": 8.0})
-    with pytest.raises(CheckpointError, match="llama.expert_count=8.0 .* is not supported") as e:
+    with pytest.raises(CheckpointError, match="llama.expert_count=8.0 .* is not supported: its experts are not "
+                                              "stacked") as e:
         load_checkpoint(gg)
     assert "\n" not in str(e.value)
+
+
+def test_gguf_mixtral_matches_transformers(root, tmp_path, monkeypatch):
+    """llama.cpp's Mixtral layout (general.architecture llama + expert_count, blk.N.ffn_gate_inp and the
+    stacked ffn_{gate,up,down}_exps): F32 logits equal HF's. A Q8_0 file (2-D tensors Q8_0: attention,
+    router, embeddings) loads with every tensor dequantized (MoE has no quantized path), each param
+    within Q8_0's rounding of the F32 file's (its logits are not compared: a rounded router flips
+    near-tied expert choices)."""
+    from jaxllm.models.quant import QuantWeight
+    from tests.checkpoints.gguf_tiny import write_gguf_from_hf
+
+    monkeypatch.setenv("JAXLLM_GGUF_CACHE", str(tmp_path / "cache"))
+    src = make_tiny_hf("mixtral", root)
+    gg = write_gguf_from_hf(src, str(tmp_path / "mixtral-f32.gguf"))
+    seqs = [[1, 2, 3, 4, 5], list(range(10, 40))]
+    ck, ours = run_model(gg, seqs)
+    assert ck.format == "gguf" and ck.config.architecture == "mixtral" and ck.config.num_experts == 4
+    for got, want in zip(ours, hf_logits(src, seqs)):
+        np.testing.assert_array_less(np.abs(got - want).max(), 1e-4)
+    f32 = load_checkpoint(gg).params
+    q8 = load_checkpoint(write_gguf_from_hf(src, str(tmp_path / "mixtral-q8.gguf"), qtype="Q8_0")).params
+    assert set(q8) == set(f32) and not any(isinstance(v, QuantWeight) for v in q8.values())
+    for k in f32:
+        a, b = np.asarray(f32[k]), np.asarray(q8[k])
+        assert np.abs(a - b).max() <= np.abs(a).max() / 127 + 1e-6, k  # at most half a Q8_0 step of the largest block
