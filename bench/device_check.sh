@@ -276,7 +276,7 @@ fi
 if want moe; then
   moe_args=(--preset mixtral-8x7b --layers 2 --dtype bfloat16 --batches 1 16 64 --iters 10 --rounds 2)
   [ "$SMOKE" = 1 ] && moe_args=(--preset tiny-mixtral --batches 1 --iters 2 --rounds 1)
-  run moe 90 "$PY" bench/moe.py "${moe_args[@]}" --json "$OUT" --json-key moe
+  run moe 90 "$PY" bench/moe.py "${moe_args[@]}" --models moe-grouped moe-dense dense-active --json "$OUT" --json-key moe
   finish moe $?
 fi
 

@@ -8,7 +8,7 @@ The layer loop is the default's (JAXLLM_LAYER_LOOP=auto: an MoE unrolls, a dense
 The model forward + logits of one decode step (every sequence one new token over a 64-token context,
 paged KV) is jitted and timed in a loop (best of --rounds medians of --iters steps). Three models of one
 shape: "moe-grouped" (JAXLLM_MOE=grouped, the GPU default), "moe-dense" (JAXLLM_MOE=dense, the CPU
-default) and "dense-active", a
+default from T*k >= X rows), "moe-gather" (JAXLLM_MOE=gather, the CPU default below) and "dense-active", a
 dense model of the same shape whose MLP has intermediate_size = k * moe_intermediate_size (the same
 active parameters, minus the router's X*E per layer). `weight_mib_read` is what a step must read: the
 active experts' bytes for the routed models (at most min(T*k, X) experts a layer), all of them for
@@ -101,14 +101,14 @@ def time_step(c, params: dict, dtype, batch: int, impl: str | None, iters: int, 
     return 1000 * best, loop
 
 
-def weight_bytes(c, batch: int, dense_experts: bool, itemsize: int) -> int:
+def weight_bytes(c, batch: int, dense_experts: bool, itemsize: int, gather: bool = False) -> int:
     """Bytes one decode step must read: embeddings rows aside, every layer's attention and norms,
     the experts it routes to (all of them computed densely), and the LM head."""
     E, D, H, K, V, L = c.hidden_size, c.head_dim, c.num_heads, c.num_kv_heads, c.vocab_size, c.num_layers
     attn = E * D * (2 * H + 2 * K)
     if c.is_moe:
         X, k, F = c.num_experts, c.num_experts_per_tok, c.moe_intermediate_size
-        experts = X if dense_experts else min(batch * k, X)
+        experts = X if dense_experts else batch * k if gather else min(batch * k, X)  # gather: one per row
         mlp = experts * 3 * E * F + E * X
     else:
         mlp = 3 * E * c.intermediate_size
@@ -121,8 +121,8 @@ def main(argv=None) -> int:
     ap.add_argument("--layers", type=int, default=None, help="override num_hidden_layers")
     ap.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"])
     ap.add_argument("--batches", type=int, nargs="+", default=[1, 16])
-    ap.add_argument("--models", nargs="+", default=["moe-grouped", "moe-dense", "dense-active"],
-                    choices=["moe-grouped", "moe-dense", "dense-active"])
+    ap.add_argument("--models", nargs="+", default=["moe-grouped", "moe-dense", "moe-gather", "dense-active"],
+                    choices=["moe-grouped", "moe-dense", "moe-gather", "dense-active"])
     ap.add_argument("--iters", type=int, default=20)
     ap.add_argument("--rounds", type=int, default=3)
     ap.add_argument("--peak-gbs", type=float, default=4800.0, help="HBM bandwidth for the roofline (H200: 4800)")
@@ -144,12 +144,13 @@ def main(argv=None) -> int:
 
     rows, params = [], {}  # dummy weights drawn once per config (each draw compiles: ~1 s a tensor on CPU)
     for name in args.models:
-        c, impl = {"moe-grouped": (moe, "grouped"), "moe-dense": (moe, "dense"), "dense-active": (dense, None)}[name]
+        c, impl = {"moe-grouped": (moe, "grouped"), "moe-dense": (moe, "dense"), "moe-gather": (moe, "gather"),
+                   "dense-active": (dense, None)}[name]
         for b in args.batches:
             if c.is_moe not in params:
                 params[c.is_moe] = dummy_params(c, dtype)
             ms, loop = time_step(c, params[c.is_moe], dtype, b, impl, args.iters, args.rounds)
-            read = weight_bytes(c, b, name == "moe-dense", dtype.itemsize)
+            read = weight_bytes(c, b, name == "moe-dense", dtype.itemsize, gather=name == "moe-gather")
             row = dict(model=name, batch=b, layer_loop=loop, step_ms=round(ms, 3), tok_s=round(1000 * b / ms, 1),
                        weight_mib_read=round(read / 2**20, 1),
                        roofline=round(read / (ms / 1000) / (args.peak_gbs * 1e9), 3))
@@ -158,7 +159,8 @@ def main(argv=None) -> int:
                   f"reads {row['weight_mib_read']:8.1f} MiB  roofline {row['roofline']:.3f}", flush=True)
     by = {(r["model"], r["batch"]): r["step_ms"] for r in rows}
     for b in args.batches:
-        for a, z in (("moe-grouped", "moe-dense"), ("moe-grouped", "dense-active"), ("moe-dense", "dense-active")):
+        for a, z in (("moe-grouped", "moe-dense"), ("moe-grouped", "dense-active"), ("moe-dense", "dense-active"),
+                     ("moe-gather", "moe-dense"), ("moe-gather", "dense-active")):
             if (a, b) in by and (z, b) in by:
                 print(f"batch {b}: {a} / {z} = {by[(a, b)] / by[(z, b)]:.2f}x")
     if args.json:

@@ -14,9 +14,11 @@ the routing). The rows are then put back in (token, slot) order and weight-summe
 ragged_dot lowers to XLA's ragged dot (a grouped GEMM); on CPU jax expands it densely (every expert
 over every row, in a dot form XLA CPU runs slowly: bench/RESULTS.md, "MoE").
 
-"dense" (the CPU default, `JAXLLM_MOE=dense`): every expert on every token as dots batched over the
-experts, the unrouted outputs masked out by a zero weight. The bench's "same MoE computed densely";
-both are tested against a numpy reference (tests/models/test_moe.py).
+"dense" (the CPU default from T*k >= X rows, `JAXLLM_MOE=dense`): every expert on every token as dots
+batched over the experts, the unrouted outputs masked out by a zero weight; the bench's "same MoE
+computed densely". "gather" (the CPU default below X rows, a small decode batch): each assignment
+gathers its expert's weights, so only the routed experts are read. All three are tested against a
+numpy reference (tests/models/test_moe.py).
 
 Tensor parallelism: each expert's intermediate axis is split over "tp" like the dense MLP's
 (w_gate_up column-parallel in shard-major order, w_down row-parallel, jaxllm/models/fusion.py); the
@@ -34,17 +36,21 @@ from jax.sharding import PartitionSpec as P
 from jaxllm.parallel.rules import TP
 
 MOE_ENV = "JAXLLM_MOE"
-MOE_IMPLS = ("auto", "grouped", "dense")
+MOE_IMPLS = ("auto", "grouped", "dense", "gather")
 
 
-def moe_impl(impl: str | None = None) -> str:
-    """`impl` or $JAXLLM_MOE: "grouped", "dense", or "auto" (the default): dense on CPU, where XLA expands
-    ragged_dot into a slower dense form anyway, grouped on every other backend."""
+def moe_impl(impl: str | None = None, rows: int | None = None, num_experts: int | None = None) -> str:
+    """`impl` or $JAXLLM_MOE: "grouped", "dense", "gather", or "auto" (the default): grouped off CPU; on
+    CPU, where jax expands ragged_dot into a slow dense form, "gather" while the step's `rows` (T*k)
+    are fewer than `num_experts` (a small decode batch: only the routed experts' weights are read),
+    else "dense"."""
     impl = impl or os.environ.get(MOE_ENV, "auto") or "auto"
     if impl not in MOE_IMPLS:
         raise ValueError(f"{MOE_ENV}={impl!r} is invalid: must be one of {', '.join(MOE_IMPLS)}")
     if impl == "auto":
-        return "dense" if jax.default_backend() == "cpu" else "grouped"
+        if jax.default_backend() != "cpu":
+            return "grouped"
+        return "gather" if rows is not None and num_experts is not None and rows < num_experts else "dense"
     return impl
 
 
@@ -95,12 +101,26 @@ def dense_experts(x: jax.Array, weights: jax.Array, experts: jax.Array, w_gate_u
     return jnp.einsum("xte,tx->te", y.astype(jnp.float32), combine).astype(x.dtype)
 
 
+def gather_experts(x: jax.Array, weights: jax.Array, experts: jax.Array, w_gate_up: jax.Array,
+                   w_down: jax.Array) -> jax.Array:
+    """Same contract as `grouped_experts`: each of the T*k assignments gathers its expert's weights
+    ([T*k, E, 2F] and [T*k, F, E]) and runs one batched matvec. Reads T*k experts' weights (copying
+    them once): below X rows, less than the dense form's X; above, more."""
+    T, k = experts.shape
+    flat = experts.reshape(-1)  # [T*k]: token t's slot j at t*k + j
+    rows = jnp.repeat(x, k, axis=0)  # [T*k, E]
+    h = _swiglu(jnp.einsum("re,ref->rf", rows, w_gate_up[flat]))  # [T*k, F]
+    y = jnp.einsum("rf,rfe->re", h, w_down[flat]).reshape(T, k, -1)  # [T, k, E]
+    return jnp.einsum("tke,tk->te", y.astype(jnp.float32), weights).astype(x.dtype)
+
+
 def moe_mlp(x: jax.Array, w_router: jax.Array, w_gate_up: jax.Array, w_down: jax.Array, top_k: int,
             renormalize: bool, layout=None, impl: str | None = None) -> jax.Array:
     """One layer's MoE MLP: x [T, E] (replicated) → [T, E] (replicated). `w_gate_up` [X, E, 2F] fused
     shard-major and `w_down` [X, F, E], F sharded on "tp" under a TPLayout `layout`."""
     weights, experts = route(x, w_router, top_k, renormalize)  # [T, k] each, replicated
-    fn = grouped_experts if moe_impl(impl) == "grouped" else dense_experts
+    fn = {"grouped": grouped_experts, "dense": dense_experts, "gather": gather_experts}[
+        moe_impl(impl, x.shape[0] * top_k, w_gate_up.shape[0])]
     if layout is None:
         return fn(x, weights, experts, w_gate_up, w_down)
 

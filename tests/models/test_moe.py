@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 
 from jaxllm.models.config import ModelConfig, ModelConfigError
-from jaxllm.models.moe import dense_experts, grouped_experts, moe_mlp, route
+from jaxllm.models.moe import dense_experts, gather_experts, grouped_experts, moe_mlp, route
 
 
 def reference_moe(x, w_router, w_gate, w_up, w_down, k, renorm):
@@ -40,7 +40,7 @@ def test_moe_matches_reference(T, X, k, renorm):
     wr, wg, wu, wd = weights(rng, X, E, F)
     gate_up = np.concatenate([wg, wu], axis=-1)  # [X, E, 2F]: the tp=1 fused layout
     want = reference_moe(x, wr, wg, wu, wd, k, renorm)
-    for impl in ("grouped", "dense"):
+    for impl in ("grouped", "dense", "gather"):
         got = np.asarray(jax.jit(lambda *a: moe_mlp(*a, k, renorm, impl=impl))(x, wr, gate_up, wd))
         np.testing.assert_allclose(got, want, rtol=1e-4, atol=1e-5, err_msg=impl)
 
@@ -79,6 +79,7 @@ def test_ties_and_all_tokens_to_one_expert():
         got = np.asarray(grouped_experts(jnp.asarray(x), w, e, jnp.asarray(gate_up), jnp.asarray(wd)))
         np.testing.assert_allclose(got, want, rtol=1e-4, atol=1e-5)
         np.testing.assert_allclose(np.asarray(dense_experts(x, w, e, gate_up, wd)), want, rtol=1e-4, atol=1e-5)
+        np.testing.assert_allclose(np.asarray(gather_experts(x, w, e, gate_up, wd)), want, rtol=1e-4, atol=1e-5)
 
 
 def test_grouped_computes_only_routed_rows():
@@ -94,11 +95,12 @@ def test_grouped_computes_only_routed_rows():
     assert "ragged_dot" not in dense and f"f32[{X},{T},{2 * F}]" in dense
 
 
-def test_auto_is_dense_on_cpu_grouped_elsewhere(monkeypatch):
+def test_auto_is_gather_or_dense_on_cpu_grouped_elsewhere(monkeypatch):
     from jaxllm.models.moe import moe_impl
 
     monkeypatch.delenv("JAXLLM_MOE", raising=False)
     assert moe_impl() == "dense"  # this machine: CPU
+    assert moe_impl(rows=2, num_experts=8) == "gather" and moe_impl(rows=8, num_experts=8) == "dense"
     monkeypatch.setattr(jax, "default_backend", lambda: "gpu")
     assert moe_impl() == "grouped" and moe_impl("dense") == "dense"
 
