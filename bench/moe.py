@@ -18,7 +18,6 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
-import json
 import os
 import sys
 import time
@@ -52,7 +51,7 @@ def decode_inputs(c, batch: int):
     import jax.numpy as jnp
     import numpy as np
 
-    from pallas_kernels import AttentionMetadata, KVCache
+    from pallas_kernels import AttentionMetadata
 
     nb = CONTEXT // BLOCK + 1
     tables = np.arange(batch * nb, dtype=np.int32).reshape(batch, nb)  # [S, nb]
@@ -67,7 +66,6 @@ def decode_inputs(c, batch: int):
 def time_step(c, params: dict, dtype, batch: int, impl: str | None, iters: int, rounds: int) -> tuple[float, str]:
     """(ms per decode step (median of `iters`, best of `rounds`), the layer loop it ran)."""
     import jax
-    import jax.numpy as jnp
     import numpy as np
     from flax import nnx
 

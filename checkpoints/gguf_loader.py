@@ -1,6 +1,7 @@
 """GGUF files (llama.cpp): weights, model config and tokenizer from the metadata. Q8_0 projections
 stay int8 with their block scales, Q4_0 / Q4_1 ones 4-bit (checkpoints/gguf_quant.py); every other
-tensor is dequantized to fp32 (all of a Mixtral's: MoE has no quantized path). One log line at load says what happened to each tensor type."""
+tensor is dequantized to fp32 (all of a Mixtral's: MoE has no quantized path). One log line at load
+says what happened to each tensor type."""
 from __future__ import annotations
 
 import json

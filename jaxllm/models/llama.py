@@ -1,4 +1,5 @@
-"""One Llama-family decoder (Llama 2/3/3.1, Mistral, Qwen2, Qwen3; Mixtral, Qwen3-MoE with moe.py's MLP) as a Flax NNX module.
+"""One Llama-family decoder (Llama 2/3/3.1, Mistral, Qwen2, Qwen3; Mixtral, Qwen3-MoE with moe.py's
+MLP) as a Flax NNX module.
 
 Checkpoints hand over each per-layer weight stacked on a leading "layers" axis (`PARAM_AXES`, the
 loaders' contract); the model keeps one array per layer and runs the layers in a Python loop

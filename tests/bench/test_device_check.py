@@ -40,7 +40,8 @@ def test_budget_skips_in_acceptance_order_and_rest_resumes(tmp_path):
 
 
 def test_spec_phase_is_last_by_default_and_runs_in_smoke(tmp_path):
-    # the default phases under a 1 s budget: spec then moe are skipped last (lowest priority); GPU-only ones are not listed
+    # the default phases under a 1 s budget: spec then moe are skipped last (lowest priority); GPU-only ones
+    # are not listed
     p = run_check(tmp_path, tmp_path / "a.json", BUDGET_S="1")
     assert p.returncode == 0, p.stdout + p.stderr
     assert (tmp_path / "todo").read_text().split() == ["e2e", "article", "int8", "fp8", "lora", "int4", "kvfp8",

@@ -171,7 +171,8 @@ def test_moe_forward_exports_for_cuda(monkeypatch):
     text = exported.mlir_module()
     T, k, X, E, F = 7, c.num_experts_per_tok, c.num_experts, c.hidden_size, c.moe_intermediate_size
     dots = re.findall(r"chlo\.ragged_dot\.impl.*: \((tensor<[^)]*)\) -> (tensor<[\dx]+\w+>)", text)
-    want = {(f"tensor<{T * k}x{E}xbf16>, tensor<{X}x{E}x{2 * F}xbf16>, tensor<{X}xi32>", f"tensor<{T * k}x{2 * F}xbf16>"),
+    want = {(f"tensor<{T * k}x{E}xbf16>, tensor<{X}x{E}x{2 * F}xbf16>, tensor<{X}xi32>",
+             f"tensor<{T * k}x{2 * F}xbf16>"),
             (f"tensor<{T * k}x{F}xbf16>, tensor<{X}x{F}x{E}xbf16>, tensor<{X}xi32>", f"tensor<{T * k}x{E}xbf16>")}
     assert len(dots) == 2 * c.num_layers and set(dots) == want, dots
     assert f"tensor<{X}x{T}x{F}x" not in text and f"tensor<{X}x{T}x{2 * F}x" not in text
