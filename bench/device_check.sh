@@ -49,6 +49,11 @@
 #                       tiny dummy llama on CPU loops at once: mean accepted 4.7-5.0 of K+1 = 5), not
 #                       prompt lookup on real text; what it gives is a draft step's cost vs a decode
 #                       step's on the GPU at near-full acceptance (steps, tok/s), an upper bound
+#   moe          90 s   mixture of experts: bench/moe.py on a 2-layer Mixtral-8x7B-shaped dummy (bf16, 5.6 GB of
+#                       experts: the full 93 GB model fits an H200 only without HF), batch 1/16/64 decode steps:
+#                       the grouped ragged_dot experts vs the same MoE computed densely vs a dense model of
+#                       the same active parameters; tok/s and the active-weight-read roofline fraction
+#                       (9 compiles + 3 dummy inits, ~60 s expected; lowest priority, after spec)
 #   weightcopy ~900 s   (only when named) the layer loop's weight reads: five batch-1 decode variants
 # lora sits before int4/kvfp8/quanthlo: with two calls in 15 minutes of device time it is the only way
 # issue 15 gets a GPU figure (kvfp8 + quanthlo fit a second call's tail; lora's 200 s does not).
@@ -80,8 +85,8 @@ export DEVICE_CHECK_SMOKE="${DEVICE_CHECK_SMOKE:-0}"
 SMOKE=$DEVICE_CHECK_SMOKE
 BUDGET_S="${BUDGET_S:-540}"
 TODO_FILE="${DEVICE_CHECK_TODO:-/tmp/jaxllm_device_check.todo}"
-ORDER="e2e article int8 fp8 lora int4 kvfp8 quanthlo memory kernels ragged sweep spec weightcopy"
-PHASES="${PHASES:-e2e article int8 fp8 lora int4 kvfp8 quanthlo memory kernels ragged sweep spec}"
+ORDER="e2e article int8 fp8 lora int4 kvfp8 quanthlo memory kernels ragged sweep spec moe weightcopy"
+PHASES="${PHASES:-e2e article int8 fp8 lora int4 kvfp8 quanthlo memory kernels ragged sweep spec moe}"
 if [ "$PHASES" = rest ]; then
   [ -f "$TODO_FILE" ] || { echo "PHASES=rest: no $TODO_FILE (a fresh machine?): name the phases"; exit 2; }
   PHASES="$(cat "$TODO_FILE")"
@@ -265,6 +270,14 @@ if want spec; then
   run spec 120 "$PY" bench/spec_decode.py "${spec_args[@]}" --batch 1 8 --workloads repeat chat \
     --json "$OUT" --json-key spec_decode
   finish spec $?
+fi
+
+# ---- mixture of experts: grouped (ragged_dot) vs dense-all-experts vs dense-active, 2-layer Mixtral shape
+if want moe; then
+  moe_args=(--preset mixtral-8x7b --layers 2 --dtype bfloat16 --batches 1 16 64 --iters 10 --rounds 2)
+  [ "$SMOKE" = 1 ] && moe_args=(--preset tiny-mixtral --batches 1 --iters 2 --rounds 1)
+  run moe 90 "$PY" bench/moe.py "${moe_args[@]}" --models moe-grouped moe-dense dense-active --json "$OUT" --json-key moe
+  finish moe $?
 fi
 
 # ---- weightcopy (only when named): the layer loop's weight reads --------------------------------

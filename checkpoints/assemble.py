@@ -48,6 +48,10 @@ def assemble_params(config: ModelConfig, get: GetTensor, source: str, dtype=np.f
         "layers.w_up": lambda: stack(lambda l: linear(l + "mlp.up_proj.weight", F, E)),
         "layers.w_down": lambda: stack(lambda l: linear(l + "mlp.down_proj.weight", E, F)),
     }
+    if c.is_moe:
+        for n in ("layers.w_gate", "layers.w_up", "layers.w_down"):
+            del lazy[n]
+        lazy.update(moe_params(c, get, need, stack))
     p: dict[str, np.ndarray] = {k: f() for k, f in lazy.items() if k not in skip}
     if c.attention_bias:
         p["layers.bq"] = stack(lambda l: need(l + "self_attn.q_proj.bias", (H * D,)).reshape(H, D))
@@ -61,3 +65,35 @@ def assemble_params(config: ModelConfig, get: GetTensor, source: str, dtype=np.f
     expected = {k: v for k, v in param_shapes(c).items() if k not in skip}
     assert {k: v.shape for k, v in p.items()} == expected, "internal: assembled shapes differ from param_shapes"
     return p
+
+
+# per model_type: (the MoE block's module, (gate, up, down) of expert N's HF names)
+_MOE_NAMES = {"mixtral": ("block_sparse_moe", ("w1", "w3", "w2")),
+              "qwen3_moe": ("mlp", ("gate_proj", "up_proj", "down_proj"))}
+
+
+def moe_params(c: ModelConfig, get: GetTensor, need, stack) -> dict:
+    """Lazy loaders of the router and the experts, stacked [L, X, in, out]. Each expert's weights are
+    read from `experts.N.w1/w3/w2` (Mixtral) or `experts.N.gate_proj/up_proj/down_proj` (Qwen3-MoE)
+    as HF checkpoints store them, or from the fused `experts.gate_up_proj` [X, 2F, E] /
+    `experts.down_proj` [X, E, F] that transformers 5 keeps in memory."""
+    E, X, F = c.hidden_size, c.num_experts, c.moe_intermediate_size
+    block, (g, u, d) = _MOE_NAMES[c.architecture]
+
+    def experts(l: str, part: int) -> np.ndarray:  # part 0 gate, 1 up, 2 down → [X, in, out]
+        fused = l + f"{block}.experts.gate_up_proj" if part < 2 else l + f"{block}.experts.down_proj"
+        if get(fused) is not None:
+            if part < 2:
+                w = need(fused, (X, 2 * F, E))[:, part * F:(part + 1) * F]  # [X, F, E]
+            else:
+                w = need(fused, (X, E, F))
+            return np.ascontiguousarray(w.transpose(0, 2, 1))
+        name, shape = ((g, (F, E)), (u, (F, E)), (d, (E, F)))[part]
+        return np.stack([need(f"{l}{block}.experts.{x}.{name}.weight", shape).T for x in range(X)])
+
+    return {
+        "layers.router": lambda: stack(lambda l: need(l + f"{block}.gate.weight", (X, E)).T),
+        "layers.we_gate": lambda: stack(lambda l: experts(l, 0)),
+        "layers.we_up": lambda: stack(lambda l: experts(l, 1)),
+        "layers.we_down": lambda: stack(lambda l: experts(l, 2)),
+    }

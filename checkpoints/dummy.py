@@ -48,9 +48,29 @@ PRESETS: dict[str, dict] = {
                          max_position_embeddings=131072, rms_norm_eps=1e-5, rope_theta=10000000.0,
                          tie_word_embeddings=True, embedding_multiplier=12.0, residual_multiplier=0.22,
                          attention_multiplier=0.0078125, logits_scaling=16.0, bos_token_id=0, eos_token_id=0),
+
+    # Mixture of experts (jaxllm/models/moe.py).
+    "mixtral-8x7b": dict(model_type="mixtral", vocab_size=32000, hidden_size=4096, intermediate_size=14336,
+                         num_hidden_layers=32, num_attention_heads=32, num_key_value_heads=8,
+                         num_local_experts=8, num_experts_per_tok=2, max_position_embeddings=32768,
+                         rms_norm_eps=1e-5, rope_theta=1000000.0, tie_word_embeddings=False,
+                         bos_token_id=1, eos_token_id=2),
+    "qwen3-30b-a3b": dict(model_type="qwen3_moe", vocab_size=151936, hidden_size=2048, intermediate_size=6144,
+                          moe_intermediate_size=768, num_hidden_layers=48, num_attention_heads=32,
+                          num_key_value_heads=4, head_dim=128, num_experts=128, num_experts_per_tok=8,
+                          norm_topk_prob=True, max_position_embeddings=40960, rms_norm_eps=1e-6,
+                          rope_theta=1000000.0, tie_word_embeddings=False, eos_token_id=151645),
     # Tiny configs for tests and quick runs.
     "tiny-llama": dict(_LLAMA2, vocab_size=512, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
                        num_attention_heads=8, num_key_value_heads=4, max_position_embeddings=2048),
+    "tiny-mixtral": dict(_LLAMA2, model_type="mixtral", vocab_size=512, hidden_size=64, intermediate_size=128,
+                         num_hidden_layers=2, num_attention_heads=8, num_key_value_heads=4,
+                         num_local_experts=4, num_experts_per_tok=2, max_position_embeddings=2048),
+    "tiny-qwen3-moe": dict(model_type="qwen3_moe", vocab_size=512, hidden_size=64, intermediate_size=256,
+                           moe_intermediate_size=32, num_hidden_layers=2, num_attention_heads=8,
+                           num_key_value_heads=4, head_dim=16, num_experts=8, num_experts_per_tok=2,
+                           norm_topk_prob=True, max_position_embeddings=2048, rms_norm_eps=1e-6,
+                           tie_word_embeddings=False, eos_token_id=2),
 }
 
 

@@ -1,6 +1,7 @@
 """GGUF files (llama.cpp): weights, model config and tokenizer from the metadata. Q8_0 projections
 stay int8 with their block scales, Q4_0 / Q4_1 ones 4-bit (checkpoints/gguf_quant.py); every other
-tensor is dequantized to fp32. One log line at load says what happened to each tensor type."""
+tensor is dequantized to fp32 (all of a Mixtral's: MoE has no quantized path). One log line at load
+says what happened to each tensor type."""
 from __future__ import annotations
 
 import json
@@ -44,6 +45,11 @@ _LAYER_NAMES = {
     "ffn_gate.weight": "mlp.gate_proj.weight",
     "ffn_up.weight": "mlp.up_proj.weight",
     "ffn_down.weight": "mlp.down_proj.weight",
+    # Mixtral (general.architecture llama with expert_count): the router and the experts stacked [X, out, in]
+    "ffn_gate_inp.weight": "block_sparse_moe.gate.weight",
+    "ffn_gate_exps.weight": "block_sparse_moe.experts.gate_exps",
+    "ffn_up_exps.weight": "block_sparse_moe.experts.up_exps",
+    "ffn_down_exps.weight": "block_sparse_moe.experts.down_proj",
 }
 # phi3 keeps HF's fused tensors: attn_qkv (q, k, v rows) and ffn_up (gate, then up rows; llama.cpp's
 # swiglu halves), split under Llama's names by checkpoints/hf_names.py as for an HF Phi-3 checkpoint
@@ -83,10 +89,16 @@ def _hf_config(reader, path: str) -> dict:
         raise CheckpointError(f"{path}: rope_freqs (Llama 3.1 rope scaling in GGUF) is not supported; "
                               "load the HF checkpoint instead")
     g = lambda k, d=None: _field(reader, f"{arch}.{k}", d)  # noqa: E731
+    experts = g("expert_count")
     names = {t.name for t in reader.tensors}
     if arch == "phi3" and names & {"rope_factors_long.weight", "rope_factors_short.weight"}:
         raise CheckpointError(f"{path}: rope_factors_long/rope_factors_short (Phi-3 longrope in GGUF) are not "
                               "supported; load the HF checkpoint instead")
+    if experts and (arch != "llama" or "blk.0.ffn_gate_exps.weight" not in names):
+        why = (f"general.architecture={arch!r}" if arch != "llama" else
+               "its experts are not stacked (blk.N.ffn_gate_exps: re-convert with a current llama.cpp)")
+        raise CheckpointError(f"{path}: {arch}.expert_count={experts} (a mixture-of-experts GGUF) is not supported: "
+                              f"{why}; only Mixtral's llama layout loads")
     tokens = reader.fields.get("tokenizer.ggml.tokens")
     vocab = g("vocab_size") or (len(tokens.data) if tokens is not None else None)
     heads = g("attention.head_count")
@@ -123,6 +135,8 @@ def _hf_config(reader, path: str) -> dict:
         rot = g("rope.dimension_count")
         if rot and hf["head_dim"] and rot != hf["head_dim"]:
             hf["partial_rotary_factor"] = rot / hf["head_dim"]
+    if experts:  # Mixtral: feed_forward_length is each expert's
+        hf.update(model_type="mixtral", num_local_experts=experts, num_experts_per_tok=g("expert_used_count", 2))
     missing = [k for k, v in hf.items() if v is None and k not in ("sliding_window", "bos_token_id", "eos_token_id")]
     if missing:
         raise CheckpointError(f"{path}: GGUF metadata lacks {', '.join(missing)} for architecture {arch}")
@@ -197,11 +211,14 @@ def _convert(reader, config: ModelConfig, path: str) -> dict:
         hf_name = (f"model.layers.{m.group(1)}.{layer_names.get(m.group(2), m.group(2))}" if m
                    else _GLOBAL_NAMES.get(t.name, t.name))
         tensors[hf_name] = t
-    kept = kept_projections(tensors, config)
+    kept = {} if config.is_moe else kept_projections(tensors, config)  # MoE: no quantized path (models/moe.py)
     quantized = assemble_quantized(config, tensors, kept, _unpermute if arch in PERMUTED_ARCHS else None, path)
     deq = Counter()
 
     def get(name: str):
+        if name.endswith("experts.gate_up_proj"):  # [X, 2F, E], as assemble.moe_params reads it
+            parts = [get(name.replace("gate_up_proj", p)) for p in ("gate_exps", "up_exps")]
+            return None if parts[0] is None else np.concatenate(parts, axis=1)
         t = tensors.get(name)
         if t is None:
             return None

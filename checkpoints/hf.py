@@ -43,7 +43,12 @@ def _read_config(path: str):
     else:
         scheme = _modelopt_file(path)
     try:
-        return ModelConfig.from_hf(raw, source=cfg_path), scheme
+        config = ModelConfig.from_hf(raw, source=cfg_path)
+        if config.is_moe and scheme is not None:  # expert weights have no quantized path (models/moe.py)
+            raise CheckpointError(f"{cfg_path}: quantization_config on the {config.architecture} MoE model is not "
+                                  f"supported (quant_method={(qc or {}).get('quant_method')!r}: expert weights have "
+                                  f"no quantized path); load an unquantized checkpoint")
+        return config, scheme
     except ModelConfigError as e:
         raise CheckpointError(str(e)) from None
     except KeyError as e:

@@ -137,6 +137,10 @@ def load_adapter(path: str, model_config: ModelConfig, max_lora_rank: int, *, na
     rank, scaling = _scaling(file, cfg, max_lora_rank)
     L = c.num_layers
     targets = _targets(file, cfg, L)
+    experts = sorted((t for t in targets if MODULES[t][0] == "mlp"), key=list(MODULES).index)
+    if c.is_moe and experts:  # an MoE layer's MLP is its experts (jaxllm/models/moe.py): no LoRA hook there
+        raise _fail(file, f"target_modules={cfg.get('target_modules')!r} targets {', '.join(experts)}: LoRA on "
+                          f"the {c.architecture} MoE expert weights is not supported (attention q/k/v/o_proj only)")
     layers = cfg.get("layers_to_transform")
     layers = list(range(L)) if layers is None else ([layers] if isinstance(layers, int) else list(layers))
     if not all(isinstance(i, int) and 0 <= i < L for i in layers):

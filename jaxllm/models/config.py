@@ -14,7 +14,11 @@ SUPPORTED_ARCHITECTURES = {
     "qwen3": dict(qk_norm=True),
     "phi3": dict(),  # fused qkv/gate_up split by the loader; partial rotary, longrope (arch_config.py)
     "granite": dict(),  # multipliers and logits scaling (arch_config.py)
+    # mixture-of-experts (jaxllm/models/moe.py): every layer's MLP is a routed set of experts
+    "mixtral": dict(),
+    "qwen3_moe": dict(qk_norm=True),
 }
+MOE_ARCHITECTURES = ("mixtral", "qwen3_moe")
 
 
 class ModelConfigError(ValueError):
@@ -54,6 +58,13 @@ class ModelConfig:
     attention_multiplier: float | None = None  # the softmax scale; None = head_dim ** -0.5
     logits_scaling: float = 1.0  # logits are divided by it
 
+    # mixture of experts (mixtral, qwen3_moe; 0 = a dense MLP): every layer routes each token to
+    # num_experts_per_tok of num_experts experts, each an MLP of moe_intermediate_size
+    num_experts: int = 0
+    num_experts_per_tok: int = 0
+    moe_intermediate_size: int = 0
+    norm_topk_prob: bool = True  # renormalise the top-k routing weights to sum to 1 (Mixtral always)
+
     def __post_init__(self):
         if self.num_heads % self.num_kv_heads:
             raise ModelConfigError(
@@ -61,6 +72,21 @@ class ModelConfig:
         for name in ("vocab_size", "hidden_size", "intermediate_size", "num_layers", "num_heads", "head_dim"):
             if getattr(self, name) <= 0:
                 raise ModelConfigError(f"{name}={getattr(self, name)} must be > 0")
+        if self.num_experts:
+            if self.moe_intermediate_size <= 0:
+                raise ModelConfigError(f"moe_intermediate_size={self.moe_intermediate_size} must be > 0")
+            if not 1 <= self.num_experts_per_tok <= self.num_experts:
+                raise ModelConfigError(f"num_experts_per_tok={self.num_experts_per_tok} must be in "
+                                       f"1..num_experts={self.num_experts}")
+
+    @property
+    def is_moe(self) -> bool:
+        return self.num_experts > 0
+
+    @property
+    def mlp_size(self) -> int:
+        """The intermediate size each MLP of a layer has: an expert's (MoE) or the dense MLP's."""
+        return self.moe_intermediate_size if self.is_moe else self.intermediate_size
 
     @property
     def rotary_dim(self) -> int:
@@ -92,9 +118,20 @@ class ModelConfig:
     def num_params(self) -> int:
         e, f, d = self.hidden_size, self.intermediate_size, self.head_dim
         attn = e * d * (2 * self.num_heads + 2 * self.num_kv_heads)
-        per_layer = attn + 3 * e * f + 2 * e
+        mlp = 3 * e * f
+        if self.is_moe:  # every expert's MLP plus the router
+            mlp = self.num_experts * 3 * e * self.moe_intermediate_size + e * self.num_experts
+        per_layer = attn + mlp + 2 * e
         head = 0 if self.tie_word_embeddings or not self.has_lm_head else self.vocab_size * e
         return self.num_layers * per_layer + self.vocab_size * e + head + e
+
+    @property
+    def num_active_params(self) -> int:
+        """Parameters one token reads: num_params with only num_experts_per_tok experts per layer."""
+        if not self.is_moe:
+            return self.num_params
+        idle = self.num_experts - self.num_experts_per_tok
+        return self.num_params - self.num_layers * idle * 3 * self.hidden_size * self.moe_intermediate_size
 
     @staticmethod
     def from_hf(cfg: dict[str, Any], source: str = "config.json") -> "ModelConfig":
@@ -132,11 +169,12 @@ class ModelConfig:
                 check_longrope(rope, cfg, rotary_dim, source)
             rope_scaling = tuple(sorted(rope.items()))
         sliding = cfg.get("sliding_window")
-        if model_type in ("qwen2", "qwen3") and not cfg.get("use_sliding_window", False):
+        if model_type in ("qwen2", "qwen3", "qwen3_moe") and not cfg.get("use_sliding_window", False):
             sliding = None
         archs = cfg.get("architectures") or []
         tied = bool(cfg.get("tie_word_embeddings", False))
         base_model = bool(archs) and not any(a.endswith(("ForCausalLM", "LMHeadModel")) for a in archs)
+        moe = _moe_fields(model_type, cfg, source)
         eos = cfg.get("eos_token_id")
         eos_ids = tuple(eos) if isinstance(eos, list) else ((eos,) if eos is not None else ())
         return ModelConfig(
@@ -157,8 +195,41 @@ class ModelConfig:
             sliding_window=sliding,
             bos_token_id=cfg.get("bos_token_id"),
             eos_token_ids=eos_ids,
+            **moe,
             **flags,
         )
+
+
+def _moe_fields(model_type: str, cfg: dict, source: str) -> dict:
+    """The MoE fields of a mixtral / qwen3_moe config (router jitter is a training knob, ignored);
+    the variants jaxllm does not run are refused in one line naming the field."""
+    if model_type not in MOE_ARCHITECTURES:
+        return {}
+    # HF's defaults for a missing field; transformers 5 writes either model's expert count as num_local_experts
+    experts = cfg.get("num_local_experts", cfg.get("num_experts"))
+    if model_type == "mixtral":
+        experts = 8 if experts is None else experts
+        inter, norm, top_k = cfg["intermediate_size"], True, cfg.get("num_experts_per_tok", 2)
+    else:
+        experts = 128 if experts is None else experts
+        inter, top_k = cfg.get("moe_intermediate_size", 768), cfg.get("num_experts_per_tok", 8)
+        norm = bool(cfg.get("norm_topk_prob", False))
+        step = cfg.get("decoder_sparse_step", 1)
+        if step != 1:
+            raise ModelConfigError(f"{source}: decoder_sparse_step={step!r} is not supported (only 1: every layer MoE)")
+        if cfg.get("mlp_only_layers"):
+            raise ModelConfigError(f"{source}: mlp_only_layers={cfg['mlp_only_layers']!r} is not supported "
+                                   f"(only []: no dense-MLP layers)")
+    for key in ("shared_expert_intermediate_size", "n_shared_experts", "num_shared_experts"):
+        if cfg.get(key):
+            raise ModelConfigError(f"{source}: {key}={cfg[key]!r} is not supported (shared experts)")
+    for key, v in (("num_experts" if model_type == "qwen3_moe" else "num_local_experts", experts),
+                   ("moe_intermediate_size", inter), ("num_experts_per_tok", top_k)):
+        if isinstance(v, bool) or not isinstance(v, int) or v < 1:
+            raise ModelConfigError(f"{source}: {key}={v!r} must be an integer >= 1")
+    if top_k > experts:
+        raise ModelConfigError(f"{source}: num_experts_per_tok={top_k} exceeds the {experts} experts")
+    return dict(num_experts=experts, num_experts_per_tok=top_k, moe_intermediate_size=inter, norm_topk_prob=norm)
 
 
 def _check_rope(rope: dict, cfg: dict, source: str) -> None:

@@ -27,6 +27,7 @@ FUSED: dict[str, tuple[tuple[str, ...], int]] = {
     "layers.wqkv": (("layers.wq", "layers.wk", "layers.wv"), -2),
     "layers.bqkv": (("layers.bq", "layers.bk", "layers.bv"), -2),
     "layers.w_gate_up": (("layers.w_gate", "layers.w_up"), -1),
+    "layers.we_gate_up": (("layers.we_gate", "layers.we_up"), -1),  # [.., X, E, 2F]: per expert, like w_gate_up
 }
 # Checkpoint params whose kv-head axis (-2) is repeated layout.kv_repeat times before fusing.
 KV_PARAMS = ("layers.wk", "layers.wv", "layers.bk", "layers.bv")

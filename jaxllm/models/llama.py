@@ -1,4 +1,5 @@
-"""One Llama-family decoder (Llama 2/3/3.1, Mistral, Qwen2, Qwen3) as a Flax NNX module.
+"""One Llama-family decoder (Llama 2/3/3.1, Mistral, Qwen2, Qwen3; Mixtral, Qwen3-MoE with moe.py's
+MLP) as a Flax NNX module.
 
 Checkpoints hand over each per-layer weight stacked on a leading "layers" axis (`PARAM_AXES`, the
 loaders' contract); the model keeps one array per layer and runs the layers in a Python loop
@@ -23,6 +24,7 @@ from jaxllm.lora.delta import LoRABatch, with_lora
 from jaxllm.models.config import ModelConfig
 from jaxllm.models.fusion import FUSED, FUSED_OUTPUTS, FUSED_PARTS, placement_plan, split_fused
 from jaxllm.models import prequantized, quant_dot
+from jaxllm.models.moe import moe_mlp
 from jaxllm.models.projections import IN_PLACE, Projector
 from jaxllm.models.quant import QUANT_PARAMS, QuantWeight, check_backend, check_method, quantize
 from jaxllm.models.rope import apply_rope, rope_for_step
@@ -48,6 +50,11 @@ PARAM_AXES: dict[str, tuple[str, ...]] = {
     "layers.w_gate": ("layers", "embed", "mlp"),
     "layers.w_up": ("layers", "embed", "mlp"),
     "layers.w_down": ("layers", "mlp", "embed"),
+    # mixture of experts (jaxllm/models/moe.py): the router and each expert's MLP, in place of w_gate/w_up/w_down
+    "layers.router": ("layers", "embed", "experts"),
+    "layers.we_gate": ("layers", "experts", "embed", "mlp"),
+    "layers.we_up": ("layers", "experts", "embed", "mlp"),
+    "layers.we_down": ("layers", "experts", "mlp", "embed"),
 }
 # What the model holds: PARAM_AXES with wq/wk/wv fused into wqkv, bq/bk/bv into bqkv and w_gate/w_up
 # into w_gate_up (jaxllm/models/fusion.py). "qkv_heads" = H + 2K heads, "mlp2" = 2F, both
@@ -57,6 +64,7 @@ MODEL_AXES: dict[str, tuple[str, ...]] = {
     "layers.wqkv": ("layers", "embed", "qkv_heads", "head_dim"),
     "layers.bqkv": ("layers", "qkv_heads", "head_dim"),
     "layers.w_gate_up": ("layers", "embed", "mlp2"),
+    "layers.we_gate_up": ("layers", "experts", "embed", "mlp2"),
 }
 LAYER_LOOP_ENV = "JAXLLM_LAYER_LOOP"
 LAYER_PARAMS = tuple(k.split(".", 1)[1] for k in MODEL_AXES if k.startswith("layers."))
@@ -73,6 +81,12 @@ def param_shapes(c: ModelConfig) -> dict[str, tuple[int, ...]]:
         "layers.wo": (L, H, D, E),
         "layers.w_gate": (L, E, F), "layers.w_up": (L, E, F), "layers.w_down": (L, F, E),
     }
+    if c.is_moe:
+        X, F = c.num_experts, c.moe_intermediate_size
+        for n in ("layers.w_gate", "layers.w_up", "layers.w_down"):
+            del shapes[n]
+        shapes.update({"layers.router": (L, E, X), "layers.we_gate": (L, X, E, F), "layers.we_up": (L, X, E, F),
+                       "layers.we_down": (L, X, F, E)})
     if not c.tie_word_embeddings and c.has_lm_head:
         shapes["lm_head"] = (E, V)
     if c.attention_bias:
@@ -103,17 +117,18 @@ def rms_norm(x: jax.Array, weight: jax.Array, eps: float) -> jax.Array:
     return weight * xf.astype(x.dtype)
 
 
-def layer_loop_mode(mode: str | None = None) -> str:
+def layer_loop_mode(mode: str | None = None, config: ModelConfig | None = None) -> str:
     """"unroll" (one array per layer, a Python loop unrolled at trace time: every weight read in
     place) or "scan" (weights stacked [L, ...], `lax.scan`: one layer body to compile, but XLA copies
     each layer's weight slice before its matmuls). `mode` or $JAXLLM_LAYER_LOOP, default "auto":
     unroll on accelerators, scan on CPU, where unrolling SmolLM2's 30 layers made warm-up ~8x longer
-    for no measurable step gain (bench/RESULTS.md, "Layer loop")."""
+    for no measurable step gain (bench/RESULTS.md, "Layer loop"). An MoE `config` unrolls on CPU too: the
+    scan's per-layer copy of the expert weights made a decode step 4-8x slower there (bench/RESULTS.md, "MoE")."""
     mode = mode or os.environ.get(LAYER_LOOP_ENV, "auto") or "auto"
     if mode not in ("auto", "unroll", "scan"):
         raise ValueError(f"{LAYER_LOOP_ENV}={mode!r} is invalid: must be one of auto, unroll, scan")
     if mode == "auto":
-        return "scan" if jax.default_backend() == "cpu" else "unroll"
+        return "scan" if jax.default_backend() == "cpu" and not (config is not None and config.is_moe) else "unroll"
     return mode
 
 
@@ -136,6 +151,9 @@ def decoder_layer(w: dict[str, jax.Array], x, cos, sin, cache: KVCache, index, m
     out = constrain(proj("thd,hde->te", attn, "wo", w["wo"], index), lay, ("tokens", "embed"))  # [T, E]
     x = x + _residual(out, c)
     h = rms_norm(x, w["post_norm"], eps)
+    if c.is_moe:  # [T, E]: each token's top-k experts (moe.py)
+        down = moe_mlp(h, w["router"], w["we_gate_up"], w["we_down"], c.num_experts_per_tok, c.norm_topk_prob, lay)
+        return x + constrain(down, lay, ("tokens", "embed")), cache
     gate_up = proj("te,ef->tf", h, "w_gate_up", w["w_gate_up"], index)  # [T, 2F] shard-major
     gate, up = split_fused(gate_up, (c.intermediate_size,) * 2, lay, *FUSED_OUTPUTS["w_gate_up"])  # [T, F]
     down = proj("tf,fe->te", jax.nn.silu(gate) * up, "w_down", w["w_down"], index)
@@ -213,7 +231,7 @@ class LlamaForCausalLM(nnx.Module):
         self.config = config
         self.attention_impl = attention_impl
         self.layout = layout
-        self.layer_loop = layer_loop_mode(layer_loop)
+        self.layer_loop = layer_loop_mode(layer_loop, config)
         held = [params.get(n) for n in QUANT_PARAMS]  # an fp8 checkpoint may keep only some of them
         held = [w[0] if isinstance(w, (list, tuple)) else w for w in held]
         self.quantization = next((w.method for w in held if isinstance(w, QuantWeight)), None)
@@ -298,10 +316,13 @@ def build_model(config: ModelConfig, params: dict[str, np.ndarray | jax.Array], 
     scales; an fp8 checkpoint's: float8 with per-channel or block scales) is placed as it is (fused
     like the others); see `prequantized.check`."""
     check_method(quantization)
+    if config.is_moe and (quantization or prequantized.method(params)):
+        raise ValueError(f"quantization={quantization or prequantized.method(params)!r} is not supported for the "
+                         f"{config.architecture} MoE model: expert weights have no quantized path (run it unquantized)")
     prequantized.requantize_int4(params, quantization)
     check_backend(quantization or prequantized.method(params))
     prequantized.check(params, quantization)
-    layer_loop = layer_loop_mode(layer_loop)
+    layer_loop = layer_loop_mode(layer_loop, config)
     split = layer_loop == "unroll"
     if layout is not None:
         arrays = layout.place_params(config, params, dtype, split_layers=split, quantization=quantization)

@@ -36,14 +36,14 @@ __all__ = ["KV_PARAMS", "TPLayout", "check_fits", "valid_tp_sizes"]
 
 
 def valid_tp_sizes(config: ModelConfig, limit: int | None = None) -> list[int]:
-    H, K, F = config.num_heads, config.num_kv_heads, config.intermediate_size
+    H, K, F = config.num_heads, config.num_kv_heads, config.mlp_size
     return [t for t in range(1, (limit or H) + 1)
             if H % t == 0 and F % t == 0 and (K % t == 0 or t % K == 0)]
 
 
 def check_fits(config: ModelConfig, tp: int) -> None:
     """ValueError naming the numbers when the model cannot be split `tp` ways."""
-    H, K, F = config.num_heads, config.num_kv_heads, config.intermediate_size
+    H, K, F = config.num_heads, config.num_kv_heads, config.mlp_size
     problem = None
     if H % tp:
         problem = f"num_attention_heads={H} is not divisible by {tp}"
@@ -51,7 +51,8 @@ def check_fits(config: ModelConfig, tp: int) -> None:
         problem = (f"num_key_value_heads={K} is neither divisible by {tp} (to shard kv heads) nor a divisor "
                    f"of it (to replicate each kv head {tp}/{K} times)")
     elif F % tp:
-        problem = f"intermediate_size={F} is not divisible by {tp}"
+        name = "moe_intermediate_size" if config.is_moe else "intermediate_size"
+        problem = f"{name}={F} is not divisible by {tp}"
     if problem:
         raise ValueError(f"tensor_parallel_size={tp} does not fit the model: {problem}; "
                          f"valid sizes for this model: {valid_tp_sizes(config)}")

@@ -10,6 +10,8 @@ names into `PartitionSpec`s. Megatron layout:
     (checkpoint wq/wk/wv [L, E, heads|kv_heads, D], w_gate/w_up [L, E, mlp] load sharded the same way)
     wo [L, heads, D, E]            row-parallel (heads on "tp": XLA inserts one all-reduce)
     w_down [L, mlp, E]             row-parallel (mlp on "tp": one all-reduce)
+    we_gate_up [L, X, E, mlp2]     MoE experts: each expert column-parallel like w_gate_up,
+    we_down [L, X, mlp, E]         and row-parallel like w_down; the router [L, E, X] replicated
     embed [V, E], lm_head [E, V]   vocab-parallel ("vocab" on "tp"), see README "Vocabulary"
     KV cache [L, N, B, kv_heads, D]  kv_heads on "tp"
 
@@ -32,6 +34,7 @@ LOGICAL_AXIS_RULES: dict[str, str | None] = {
     "qkv_heads": TP,  # fused q+k+v heads (shard-major); also the [tp] axis of a split fused output
     "mlp2": TP,  # fused gate+up columns (shard-major)
     "embed": None,
+    "experts": None,  # MoE: every device holds its mlp slice of every expert (jaxllm/models/moe.py)
     "head_dim": None,
     "layers": None,
     "norm": None,

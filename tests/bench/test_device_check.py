@@ -40,11 +40,12 @@ def test_budget_skips_in_acceptance_order_and_rest_resumes(tmp_path):
 
 
 def test_spec_phase_is_last_by_default_and_runs_in_smoke(tmp_path):
-    # the default phases under a 1 s budget: spec is skipped last (lowest priority); GPU-only ones are not listed
+    # the default phases under a 1 s budget: spec then moe are skipped last (lowest priority); GPU-only ones
+    # are not listed
     p = run_check(tmp_path, tmp_path / "a.json", BUDGET_S="1")
     assert p.returncode == 0, p.stdout + p.stderr
     assert (tmp_path / "todo").read_text().split() == ["e2e", "article", "int8", "fp8", "lora", "int4", "kvfp8",
-                                                       "quanthlo", "memory", "spec"]
+                                                       "quanthlo", "memory", "spec", "moe"]
     # the phase itself on CPU: bench/spec_decode.py --smoke merges its rows into OUT.json
     out = tmp_path / "b.json"
     p = run_check(tmp_path, out, PHASES="spec", BUDGET_S="300")
@@ -59,3 +60,15 @@ def test_spec_phase_is_last_by_default_and_runs_in_smoke(tmp_path):
         assert r["tokens"] == rows[(w, b, "plain")]["tokens"] > 0
         assert r["same_output"] is (None if m == "plain" else True)
     assert not (tmp_path / "todo").read_text().split()
+
+
+def test_moe_phase_runs_in_smoke(tmp_path):
+    """bench/moe.py --preset tiny-mixtral merges its rows (three models at batch 1) into OUT.json."""
+    out = tmp_path / "m.json"
+    p = run_check(tmp_path, out, PHASES="moe", BUDGET_S="300")
+    assert p.returncode == 0, p.stdout + p.stderr
+    doc = json.loads(out.read_text())
+    assert doc["device_check"]["phases"]["moe"]["rc"] == 0
+    rows = {(r["model"], r["batch"]) for r in doc["moe"]["rows"]}
+    assert rows == {(m, 1) for m in ("moe-grouped", "moe-dense", "dense-active")}
+    assert all(r["step_ms"] > 0 for r in doc["moe"]["rows"])

@@ -15,7 +15,19 @@ _GGUF_NAMES = {
     "self_attn.q_proj.bias": "attn_q.bias", "self_attn.k_proj.bias": "attn_k.bias",
     "self_attn.v_proj.bias": "attn_v.bias", "mlp.gate_proj.weight": "ffn_gate.weight",
     "mlp.up_proj.weight": "ffn_up.weight", "mlp.down_proj.weight": "ffn_down.weight",
+    "block_sparse_moe.gate.weight": "ffn_gate_inp.weight", "block_sparse_moe.gate_exps": "ffn_gate_exps.weight",
+    "block_sparse_moe.up_exps": "ffn_up_exps.weight", "block_sparse_moe.down_exps": "ffn_down_exps.weight",
 }
+
+
+def _stack_experts(tensors: dict, cfg: dict) -> dict:
+    """HF Mixtral's experts.N.w1/w3/w2 [F, E] / [E, F] → llama.cpp's stacked gate/up/down_exps [X, ...]."""
+    out = {k: v for k, v in tensors.items() if ".experts." not in k}
+    for i in range(cfg["num_hidden_layers"]):
+        p = f"model.layers.{i}.block_sparse_moe."
+        for hf, name in (("w1", "gate_exps"), ("w3", "up_exps"), ("w2", "down_exps")):
+            out[p + name] = np.stack([tensors[f"{p}experts.{x}.{hf}.weight"] for x in range(cfg["num_local_experts"])])
+    return out
 
 
 def llama_cpp_permute(w: np.ndarray, n_heads: int) -> np.ndarray:
@@ -40,7 +52,11 @@ def write_gguf_from_hf(hf_dir: str, out_path: str, qtype: str = "F32", extra_f32
     tensors = load_file(os.path.join(hf_dir, "model.safetensors"))
     heads, kv = cfg["num_attention_heads"], cfg["num_key_value_heads"]
     head_dim = cfg.get("head_dim") or cfg["hidden_size"] // heads
+    arch = "llama" if arch == "mixtral" else arch
     w = gguf.GGUFWriter(out_path, arch)
+    if cfg["model_type"] == "mixtral":
+        w.add_expert_count(cfg["num_local_experts"])
+        w.add_expert_used_count(cfg["num_experts_per_tok"])
     w.add_block_count(cfg["num_hidden_layers"])
     w.add_context_length(cfg["max_position_embeddings"])
     w.add_embedding_length(cfg["hidden_size"])
@@ -78,6 +94,8 @@ def write_gguf_from_hf(hf_dir: str, out_path: str, qtype: str = "F32", extra_f32
         w.add_float32(f"{arch}.{key}", value)
     w.add_vocab_size(cfg["vocab_size"])
     qt = gguf.GGMLQuantizationType[qtype]
+    if cfg["model_type"] == "mixtral":  # llama.cpp writes Mixtral as llama with stacked experts
+        tensors = _stack_experts(tensors, cfg)
     for name, t in sorted(tensors.items()):
         t = np.asarray(t, np.float32)
         if name.startswith("model.layers."):

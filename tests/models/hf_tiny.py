@@ -17,6 +17,15 @@ TINY_CONFIGS = {
     "qwen3": ("Qwen3Config", dict(COMMON, head_dim=32, num_attention_heads=6, num_key_value_heads=3)),
 }
 
+# Mixture of experts (jaxllm/models/moe.py): Mixtral (top-2 of 4, renormalised, sliding_window null) and
+# Qwen3-MoE (top-2 of 8, norm_topk_prob, an expert size of its own, qk-norm); not in TINY_CONFIGS (their
+# own tests: tests/models/test_moe_parity_hf.py).
+MOE_CONFIGS = {
+    "mixtral": ("MixtralConfig", dict(COMMON, num_local_experts=4, num_experts_per_tok=2, sliding_window=None)),
+    "qwen3_moe": ("Qwen3MoeConfig", dict(COMMON, head_dim=32, num_experts=8, num_experts_per_tok=2,
+                                         moe_intermediate_size=48, norm_topk_prob=True)),
+}
+
 # RoPE scaling types past the original length (tests/models/test_rope_scaling.py): yarn as Qwen2.5/Qwen3
 # long-context configs write it, DeepSeek's mscale/mscale_all_dim, an explicit attention_factor with
 # gpt-oss's truncate=False and custom betas; dynamic NTK (max_position_embeddings is its original length).
@@ -58,7 +67,7 @@ def make_tiny_hf(name: str, root: str, seed: int = 0) -> str:
     path = os.path.join(root, name)
     if os.path.isfile(os.path.join(path, "config.json")):
         return path
-    cls_name, kwargs = {**TINY_CONFIGS, **ROPE_CONFIGS, **ARCH_CONFIGS}[name]
+    cls_name, kwargs = {**TINY_CONFIGS, **ROPE_CONFIGS, **ARCH_CONFIGS, **MOE_CONFIGS}[name]
     config = getattr(transformers, cls_name)(**kwargs)
     torch.manual_seed(seed)
     model = transformers.AutoModelForCausalLM.from_config(config, dtype=torch.float32)

@@ -1,0 +1,132 @@
+"""The mixture-of-experts MLP of Mixtral and Qwen3-MoE: a router picks each token's top-k experts,
+each picked expert runs its own SwiGLU MLP on the token, and the outputs are summed with the
+routing weights.
+
+Routing (as HF's MixtralTopKRouter / Qwen3MoeTopKRouter): logits = x @ router in the model dtype,
+softmax in f32, top-k (ties: the lower expert index first, `lax.top_k`), the k weights renormalised
+to sum to 1 when `norm_topk_prob` (always for Mixtral). Router jitter is a training knob: ignored.
+
+Experts ("grouped", the default off CPU): only the T*k routed (token, expert) pairs are computed. The
+assignments are sorted by expert (stable), the tokens gathered in that order, and two
+`jax.lax.ragged_dot`s (gate/up, then down) multiply each expert's contiguous group of rows by that
+expert's weights; group_sizes [X] says where each group ends. Shapes stay static (T*k rows whatever
+the routing). The rows are then put back in (token, slot) order and weight-summed. On GPU
+ragged_dot lowers to XLA's ragged dot (a grouped GEMM); on CPU jax expands it densely (every expert
+over every row, in a dot form XLA CPU runs slowly: bench/RESULTS.md, "MoE").
+
+"dense" (the CPU default from T*k >= X rows, `JAXLLM_MOE=dense`): every expert on every token as dots
+batched over the experts, the unrouted outputs masked out by a zero weight; the bench's "same MoE
+computed densely". "gather" (the CPU default below X rows, a small decode batch): each assignment
+gathers its expert's weights, so only the routed experts are read. All three are tested against a
+numpy reference (tests/models/test_moe.py).
+
+Tensor parallelism: each expert's intermediate axis is split over "tp" like the dense MLP's
+(w_gate_up column-parallel in shard-major order, w_down row-parallel, jaxllm/models/fusion.py); the
+router and its choices are replicated. Under `shard_map` every device runs the same sort and its
+own slice of every expert, and one psum adds the partial outputs (the dense MLP's one all-reduce).
+"""
+from __future__ import annotations
+
+import os
+
+import jax
+import jax.numpy as jnp
+from jax.sharding import PartitionSpec as P
+
+from jaxllm.parallel.rules import TP
+
+MOE_ENV = "JAXLLM_MOE"
+MOE_IMPLS = ("auto", "grouped", "dense", "gather")
+
+
+def moe_impl(impl: str | None = None, rows: int | None = None, num_experts: int | None = None) -> str:
+    """`impl` or $JAXLLM_MOE: "grouped", "dense", "gather", or "auto" (the default): grouped off CPU; on
+    CPU, where jax expands ragged_dot into a slow dense form, "gather" while the step's `rows` (T*k)
+    are fewer than `num_experts` (a small decode batch: only the routed experts' weights are read),
+    else "dense"."""
+    impl = impl or os.environ.get(MOE_ENV, "auto") or "auto"
+    if impl not in MOE_IMPLS:
+        raise ValueError(f"{MOE_ENV}={impl!r} is invalid: must be one of {', '.join(MOE_IMPLS)}")
+    if impl == "auto":
+        if jax.default_backend() != "cpu":
+            return "grouped"
+        return "gather" if rows is not None and num_experts is not None and rows < num_experts else "dense"
+    return impl
+
+
+def route(x: jax.Array, w_router: jax.Array, top_k: int, renormalize: bool) -> tuple[jax.Array, jax.Array]:
+    """x [T, E], w_router [E, X] → (weights [T, k] f32, experts [T, k] int32), best first."""
+    logits = jnp.einsum("te,ex->tx", x, w_router).astype(jnp.float32)  # [T, X]
+    probs = jax.nn.softmax(logits, axis=-1)  # [T, X] f32
+    weights, experts = jax.lax.top_k(probs, top_k)  # [T, k], [T, k]
+    if renormalize:
+        weights = weights / jnp.sum(weights, axis=-1, keepdims=True)
+    return weights, experts.astype(jnp.int32)
+
+
+def _swiglu(gate_up: jax.Array) -> jax.Array:
+    """[..., 2F] (one device's gate columns, then its up columns: shard-major, fusion.py) → [..., F]."""
+    gate, up = jnp.split(gate_up, 2, axis=-1)
+    return jax.nn.silu(gate) * up
+
+
+def grouped_experts(x: jax.Array, weights: jax.Array, experts: jax.Array, w_gate_up: jax.Array,
+                    w_down: jax.Array) -> jax.Array:
+    """x [T, E], weights/experts [T, k], w_gate_up [X, E, 2F], w_down [X, F, E] → [T, E]: each token's
+    k experts, weight-summed, computing only the T*k routed rows (ragged_dot over expert groups)."""
+    T, k = experts.shape
+    X = w_gate_up.shape[0]
+    flat = experts.reshape(-1)  # [T*k] expert of assignment (token t, slot j) at t*k + j
+    order = jnp.argsort(flat, stable=True)  # [T*k] assignments grouped by expert
+    group_sizes = jnp.bincount(flat, length=X).astype(jnp.int32)  # [X], sums to T*k
+    rows = x[order // k]  # [T*k, E] each assignment's token, in expert order
+    h = _swiglu(jax.lax.ragged_dot(rows, w_gate_up, group_sizes))  # [T*k, F]
+    y = jax.lax.ragged_dot(h, w_down, group_sizes)  # [T*k, E] in expert order
+    unsort = jnp.zeros_like(order).at[order].set(jnp.arange(T * k, dtype=order.dtype))  # [T*k] inverse perm
+    y = y[unsort].reshape(T, k, -1)  # [T, k, E] back in (token, slot) order
+    return jnp.einsum("tke,tk->te", y.astype(jnp.float32), weights).astype(x.dtype)
+
+
+def dense_experts(x: jax.Array, weights: jax.Array, experts: jax.Array, w_gate_up: jax.Array,
+                  w_down: jax.Array) -> jax.Array:
+    """Same contract as `grouped_experts`, computed with every expert on every token; the experts a
+    token was not routed to get weight 0. Written as dots batched over the experts (x broadcast to
+    [X, T, E]): XLA CPU runs "xte,xef->xtf" as X GEMMs, but "te,xef->txf" ~10x slower (bench/RESULTS.md)."""
+    T = x.shape[0]
+    X = w_gate_up.shape[0]
+    xb = jnp.broadcast_to(x, (X,) + x.shape)  # [X, T, E]
+    h = _swiglu(jnp.einsum("xte,xef->xtf", xb, w_gate_up))  # [X, T, F]
+    y = jnp.einsum("xtf,xfe->xte", h, w_down)  # [X, T, E]
+    combine = jnp.zeros((T, X), jnp.float32).at[jnp.arange(T)[:, None], experts].add(weights)  # [T, X]
+    return jnp.einsum("xte,tx->te", y.astype(jnp.float32), combine).astype(x.dtype)
+
+
+def gather_experts(x: jax.Array, weights: jax.Array, experts: jax.Array, w_gate_up: jax.Array,
+                   w_down: jax.Array) -> jax.Array:
+    """Same contract as `grouped_experts`: each of the T*k assignments gathers its expert's weights
+    ([T*k, E, 2F] and [T*k, F, E]) and runs one batched matvec. Reads T*k experts' weights (copying
+    them once): below X rows, less than the dense form's X; above, more."""
+    T, k = experts.shape
+    flat = experts.reshape(-1)  # [T*k]: token t's slot j at t*k + j
+    rows = jnp.repeat(x, k, axis=0)  # [T*k, E]
+    h = _swiglu(jnp.einsum("re,ref->rf", rows, w_gate_up[flat]))  # [T*k, F]
+    y = jnp.einsum("rf,rfe->re", h, w_down[flat]).reshape(T, k, -1)  # [T, k, E]
+    return jnp.einsum("tke,tk->te", y.astype(jnp.float32), weights).astype(x.dtype)
+
+
+def moe_mlp(x: jax.Array, w_router: jax.Array, w_gate_up: jax.Array, w_down: jax.Array, top_k: int,
+            renormalize: bool, layout=None, impl: str | None = None) -> jax.Array:
+    """One layer's MoE MLP: x [T, E] (replicated) → [T, E] (replicated). `w_gate_up` [X, E, 2F] fused
+    shard-major and `w_down` [X, F, E], F sharded on "tp" under a TPLayout `layout`."""
+    weights, experts = route(x, w_router, top_k, renormalize)  # [T, k] each, replicated
+    fn = {"grouped": grouped_experts, "dense": dense_experts, "gather": gather_experts}[
+        moe_impl(impl, x.shape[0] * top_k, w_gate_up.shape[0])]
+    if layout is None:
+        return fn(x, weights, experts, w_gate_up, w_down)
+
+    def local(x, weights, experts, w_gate_up, w_down):  # this device's F/tp slice of every expert
+        return jax.lax.psum(fn(x, weights, experts, w_gate_up, w_down), TP)
+
+    specs = (P(), P(), P(), layout.spec(("experts", "embed", "mlp2")), layout.spec(("experts", "mlp", "embed")))
+    return jax.shard_map(local, mesh=layout.mesh, in_specs=specs, out_specs=P(),
+                         check_vma=False)(x, weights, experts, w_gate_up, w_down)
