@@ -13,12 +13,10 @@ import pytest
 
 import checkpoints.gguf_loader as gguf_loader
 from checkpoints import load_checkpoint
-from jaxllm.models.llama import MODEL_AXES, build_model
+from jaxllm.models.llama import MODEL_AXES
 from jaxllm.models.quant import QuantWeight
-from jaxllm.parallel import TPLayout, make_mesh
-from pallas_kernels import KVCache
-from jaxllm.models.dense_batch import prefill_batch
 from tests.checkpoints.gguf_tiny import tiny_llama_hd32, write_gguf_from_hf
+from tests.parallel.tp_forward import prefill_logits
 
 SEQS = [list(range(3, 20)), list(range(100, 140))]  # 17 tokens: blockwise dot; 40: dequantized dot
 SHORT = ("wqkv", "wo", "w_gate_up", "w_down")
@@ -44,15 +42,7 @@ def _logits(path, tp, layer_loop, dequantized=False):
             mp.undo()
     else:
         ck = load_checkpoint(path)
-    c = ck.config
-    layout = TPLayout.plan(c, tp, make_mesh(tp)) if tp > 1 else None
-    model = build_model(c, ck.params, jnp.float32, layout=layout, layer_loop=layer_loop)
-    mc = model.config
-    tokens, positions, meta, nblocks = prefill_batch(SEQS, 8)
-    cache = KVCache.zeros(mc.num_layers, nblocks + 1, 8, mc.num_kv_heads, mc.head_dim, jnp.float32,
-                          sharding=layout.cache_sharding() if layout else None)
-    hidden, _ = model(tokens, positions, cache, meta)
-    return model, layout, np.asarray(model.compute_logits(hidden))
+    return prefill_logits(ck, tp, layer_loop, SEQS)
 
 
 # model (heads, kv heads, hidden) -> [(tp, layer loop, w_down's blocks along its sharded F = 96)]
