@@ -11,29 +11,17 @@ import numpy as np
 import pytest
 
 from checkpoints import load_checkpoint
-from jaxllm.models.llama import MODEL_AXES, build_model
+from jaxllm.models.llama import MODEL_AXES
 from jaxllm.models.quant import QuantWeight, scale_axes
-from jaxllm.parallel import TPLayout, make_mesh
-from pallas_kernels import KVCache
-from jaxllm.models.dense_batch import prefill_batch
 from tests.checkpoints.fp8_tiny import ct_config, make_fp8
+from tests.parallel.tp_forward import prefill_logits
 
 SEQS = [list(range(3, 20)), list(range(100, 140))]
 FP8_BLOCK = {"quant_method": "fp8", "activation_scheme": "dynamic", "weight_block_size": [128, 128]}
 
 
 def _logits(path, tp, layer_loop):
-    ck = load_checkpoint(path)
-    c = ck.config
-    layout = TPLayout.plan(c, tp, make_mesh(tp)) if tp > 1 else None
-    model = build_model(c, ck.params, jnp.float32, layout=layout, layer_loop=layer_loop)
-    mc = model.config
-    tokens, positions, meta, nblocks = prefill_batch(SEQS, 8)
-    cache = KVCache.zeros(mc.num_layers, nblocks + 1, 8, mc.num_kv_heads, mc.head_dim, jnp.float32,
-                          sharding=layout.cache_sharding() if layout else None,
-                          scale_sharding=layout.cache_scale_sharding() if layout else None)
-    hidden, _ = model(tokens, positions, cache, meta)
-    return model, layout, np.asarray(model.compute_logits(hidden))
+    return prefill_logits(load_checkpoint(path), tp, layer_loop, SEQS)
 
 
 @pytest.mark.parametrize("name,qc,strategy", [("ct-channel", ct_config("channel", True), "channel"),

@@ -4,7 +4,8 @@ weight, block scales like the weight, w_down's 96 / 32 = 3 blocks split finer so
 tp; only that axis: wo's blocks run along head_dim, wqkv's along the hidden axis, unsplit), each
 device holding 1/tp of them; the logits at tp=2, tp=4 (2 kv heads repeated) and tp=3 (a 6-head model:
 32 has no divisor r making one head_dim block 3-way splittable, so only a sharded axis may be split)
-equal tp=1's and those of the same file dequantized by the gguf package; greedy outputs equal tp=1's."""
+equal tp=1's and those of the same file dequantized by the gguf package; greedy outputs and logprobs
+in the engine at tp=4 (kv heads repeated; tp=2's sharding is the logits test's) equal tp=1's."""
 from __future__ import annotations
 
 import jax.numpy as jnp
@@ -13,12 +14,10 @@ import pytest
 
 import checkpoints.gguf_loader as gguf_loader
 from checkpoints import load_checkpoint
-from jaxllm.models.llama import MODEL_AXES, build_model
+from jaxllm.models.llama import MODEL_AXES
 from jaxllm.models.quant import QuantWeight
-from jaxllm.parallel import TPLayout, make_mesh
-from pallas_kernels import KVCache
-from jaxllm.models.dense_batch import prefill_batch
 from tests.checkpoints.gguf_tiny import tiny_llama_hd32, write_gguf_from_hf
+from tests.parallel.tp_forward import prefill_logits
 
 SEQS = [list(range(3, 20)), list(range(100, 140))]  # 17 tokens: blockwise dot; 40: dequantized dot
 SHORT = ("wqkv", "wo", "w_gate_up", "w_down")
@@ -44,15 +43,7 @@ def _logits(path, tp, layer_loop, dequantized=False):
             mp.undo()
     else:
         ck = load_checkpoint(path)
-    c = ck.config
-    layout = TPLayout.plan(c, tp, make_mesh(tp)) if tp > 1 else None
-    model = build_model(c, ck.params, jnp.float32, layout=layout, layer_loop=layer_loop)
-    mc = model.config
-    tokens, positions, meta, nblocks = prefill_batch(SEQS, 8)
-    cache = KVCache.zeros(mc.num_layers, nblocks + 1, 8, mc.num_kv_heads, mc.head_dim, jnp.float32,
-                          sharding=layout.cache_sharding() if layout else None)
-    hidden, _ = model(tokens, positions, cache, meta)
-    return model, layout, np.asarray(model.compute_logits(hidden))
+    return prefill_logits(ck, tp, layer_loop, SEQS)
 
 
 # model (heads, kv heads, hidden) -> [(tp, layer loop, w_down's blocks along its sharded F = 96)]
@@ -97,13 +88,13 @@ def test_greedy_under_tp_equals_tp1(q8):
     prompts = [{"prompt_token_ids": p} for p in ([5, 6, 7], list(range(30, 52)))]
     params = SamplingParams(temperature=0, max_tokens=8, ignore_eos=True, logprobs=3)
     outs = {}
-    for tp in (1, 2, 4):
+    for tp in (1, 4):
         e = build_engine(EngineConfig(model=q8, tensor_parallel_size=tp, max_model_len=64, block_size=16,
                                       max_num_seqs=2, max_num_batched_tokens=32, kv_cache_memory_bytes=1 << 20),
                          compile_cache=False, warmup=False)
         assert e.config.quantization == "int8", tp
         outs[tp] = [o.outputs[0] for o in LLM("tiny", engine=e).generate(prompts, params, use_tqdm=False)]
-    for tp in (2, 4):
+    for tp in (4,):
         for r, g in zip(outs[1], outs[tp]):
             assert g.token_ids == r.token_ids, tp
             for lr, lg in zip(r.logprobs, g.logprobs):

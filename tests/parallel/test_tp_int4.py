@@ -6,18 +6,15 @@ and tp=4 (2 kv heads repeated) equal tp=1's and the fp32 checkpoint of the same 
 tokens at tp=2 equal tp=1's. All on the einsum path (the chunked dot is one-device only)."""
 from __future__ import annotations
 
-import jax.numpy as jnp
 import numpy as np
 import pytest
 
 from checkpoints import load_checkpoint
-from jaxllm.models.dense_batch import prefill_batch
-from jaxllm.models.llama import MODEL_AXES, build_model
+from jaxllm.models.llama import MODEL_AXES
 from jaxllm.models.quant import QuantWeight
-from jaxllm.parallel import TPLayout, make_mesh
-from pallas_kernels import KVCache
 from tests.checkpoints.gguf_tiny import tiny_llama_hd32, write_gguf_from_hf
 from tests.checkpoints.int4_tiny import write_int4
+from tests.parallel.tp_forward import prefill_logits
 
 SEQS = [list(range(3, 20)), list(range(100, 140))]  # 17 tokens: blockwise dot; 40: dequantized dot
 SHORT = ("wqkv", "wo", "w_gate_up", "w_down")
@@ -36,16 +33,7 @@ def ckpts(tmp_path_factory):
 
 
 def _logits(path, tp, layer_loop):
-    ck = load_checkpoint(path)
-    c = ck.config
-    layout = TPLayout.plan(c, tp, make_mesh(tp)) if tp > 1 else None
-    model = build_model(c, ck.params, jnp.float32, layout=layout, layer_loop=layer_loop)
-    mc = model.config
-    tokens, positions, meta, nblocks = prefill_batch(SEQS, 8)
-    cache = KVCache.zeros(mc.num_layers, nblocks + 1, 8, mc.num_kv_heads, mc.head_dim, jnp.float32,
-                          sharding=layout.cache_sharding() if layout else None)
-    hidden, _ = model(tokens, positions, cache, meta)
-    return model, layout, np.asarray(model.compute_logits(hidden))
+    return prefill_logits(load_checkpoint(path), tp, layer_loop, SEQS)
 
 
 @pytest.mark.parametrize("kind", ["gptq", "gptq-sym", "awq", "q4_1"])
@@ -103,17 +91,8 @@ def test_int4_at_load_tp2_equals_tp1(tmp_path_factory):
     hf = tiny_llama_hd32(str(tmp_path_factory.mktemp("tp_int4_rtn")))
     got, w_down = {}, {}
     for tp in (1, 2):
-        ck = load_checkpoint(hf)
-        c = ck.config
-        layout = TPLayout.plan(c, tp, make_mesh(tp)) if tp > 1 else None
-        model = build_model(c, ck.params, jnp.float32, layout=layout, layer_loop="scan", quantization="int4")
+        model, _, got[tp] = prefill_logits(load_checkpoint(hf), tp, "scan", SEQS, quantization="int4")
         assert model.quantization == "int4"
-        mc = model.config
-        tokens, positions, meta, nblocks = prefill_batch(SEQS, 8)
-        cache = KVCache.zeros(mc.num_layers, nblocks + 1, 8, mc.num_kv_heads, mc.head_dim, jnp.float32,
-                              sharding=layout.cache_sharding() if layout else None)
-        hidden, _ = model(tokens, positions, cache, meta)
-        got[tp] = np.asarray(model.compute_logits(hidden))
         wd = w_down[tp] = model.layers.arrays()["w_down"]
         assert wd.method == "int4" and wd.scale.shape[-2] == tp  # F = 96: one group, split in two at tp=2
     assert all(s.data.shape[-2] == 1 for s in w_down[2].scale.addressable_shards)
