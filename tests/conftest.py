@@ -10,13 +10,24 @@ if _worker and "JAXLLM_COMPILE_CACHE" not in os.environ:
         os.path.expanduser("~"), ".cache", "jaxllm", f"xla-test-{_worker}")
 
 
+# tests/parallel modules by their child pytest's time, longest first (load ~3, 12-2026: test_tp_int4
+# 66 s, test_tp_logits 65, test_tp_gguf_q8 42, test_tp_moe 41, test_multihost 41, test_tp_smollm2
+# 37, test_tp_cache_in_place 32, test_tp_fp8_checkpoint 31); the rest of tests/parallel (under
+# 25 s each) keeps its collection order after these.
+PARALLEL_LONGEST = ("test_tp_int4.py", "test_tp_logits.py", "test_tp_gguf_q8.py", "test_tp_moe.py",
+                    "test_multihost.py", "test_tp_smollm2.py", "test_tp_cache_in_place.py",
+                    "test_tp_fp8_checkpoint.py")
+
+
 def pytest_collection_modifyitems(session, config, items):
-    """The longest modules first (tests/parallel's subprocess modules, then the SmolLM2 end to
-    end), so under `make test`'s two workers (--dist loadfile --no-loadscope-reorder) the run
-    does not end waiting on one of them. A stable sort: the order within each group is kept."""
-    def rank(item) -> int:
+    """The longest modules first (tests/parallel's subprocess modules, the longest of them first,
+    then the SmolLM2 end to end), so under `make test`'s two workers (--dist loadfile
+    --no-loadscope-reorder) the run does not end waiting on one of them. A stable sort: the order
+    within each group is kept."""
+    def rank(item) -> tuple[int, int]:
         path = str(item.fspath)
-        if path.endswith("/tests/parallel/test_tp_engine.py"):  # the longest of all
-            return 0
-        return 1 if "/tests/parallel/" in path else 2 if "/tests/e2e/" in path else 3
+        if "/tests/parallel/" in path:
+            name = os.path.basename(path)
+            return 0, PARALLEL_LONGEST.index(name) if name in PARALLEL_LONGEST else len(PARALLEL_LONGEST)
+        return (1 if "/tests/e2e/" in path else 2), 0
     items.sort(key=rank)

@@ -1,27 +1,25 @@
-"""The engine at tensor_parallel_size 1, 2, 4, 8 on a tiny random Llama (8 heads / 4 kv heads;
-tp=8 replicates kv heads): identical greedy outputs, logits within 1e-4 of tp=1 (both layer loops),
-~1/tp of the sharded parameters and of the KV cache per device, each device's shard of the fused
-wqkv / w_gate_up holding exactly its own q/k/v and gate/up slices, Megatron collectives only, zero
-compiles after warm-up (LoRA slots: test_tp_lora.py; the forward outside the engine: tp_forward.py)."""
+"""The serving engine at tensor_parallel_size 1, 4, 8 on a tiny random Llama (8 heads / 4 kv heads;
+tp=8 replicates kv heads): identical greedy outputs and prompt logprobs, ~1/tp of the sharded
+parameters and of the KV cache per device, each device's shard of the fused wqkv / w_gate_up holding
+exactly its own q/k/v and gate/up slices, Megatron collectives only, zero compiles after warm-up,
+structured outputs and beam search across tp. tp=2 is covered elsewhere: its forward and fp8 KV cache
+in test_tp_logits.py, its engine greedy in test_tp_int4.py and test_tp_moe.py, its fused placement in
+test_layout.py (LoRA slots: test_tp_lora.py; the forward outside the engine: tp_forward.py)."""
 from __future__ import annotations
 
 import jax
-import jax.numpy as jnp
 import numpy as np
 import pytest
 
 from checkpoints import load_checkpoint
-from jaxllm.config import EngineConfig
-from jaxllm.engine.factory import build_engine
 from jaxllm.llm import LLM
 from jaxllm.models.llama import param_shapes
 from jaxllm.sampling_params import SamplingParams
-from pallas_kernels import KVCache
+from tests.parallel.tiny_engine import compiles, engine_factory
 from tests.parallel.tiny_llama import make_tiny_llama
-from tests.parallel.tp_forward import BLOCK, PROMPTS, forward_logits
+from tests.parallel.tp_forward import PROMPTS
 
-TPS = (1, 2, 4, 8)
-MAX_LEN = 128
+TPS = (1, 4, 8)  # 4: kv heads sharded, 8: kv heads repeated
 
 
 @pytest.fixture(scope="module")
@@ -31,26 +29,8 @@ def path(tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def engines(path):
-    """{tp: (engine, (num_traces, jit cache size) right after warm-up)}, built lazily."""
-    built = {}
-
-    def get(tp, kv_cache_dtype="auto", warmup=True):
-        key = tp if kv_cache_dtype == "auto" else (tp, kv_cache_dtype)
-        if key not in built:
-            e = build_engine(EngineConfig(model=path, tensor_parallel_size=tp, max_model_len=MAX_LEN,
-                                          block_size=BLOCK, max_num_seqs=4, max_num_batched_tokens=64,
-                                          kv_cache_memory_bytes=64 * 2 * 2 * BLOCK * 4 * 8 * 4,
-                                          kv_cache_dtype=kv_cache_dtype),
-                             compile_cache=False, warmup=warmup)
-            built[key] = (e, compiles(e.runner))
-        return built[key][0]
-
-    get.built = built
-    return get
-
-
-def compiles(runner):
-    return runner.num_traces, runner.compile_count
+    """get(tp) -> the engine, built lazily; engines.built[tp][1]: its compiles right after warm-up."""
+    return engine_factory(path)
 
 
 def run(engine, **kw):
@@ -68,38 +48,6 @@ def test_greedy_outputs_identical_across_tp(engines):
                 assert set(lg) == set(lr), tp
                 np.testing.assert_allclose([lg[t].logprob for t in lr], [lr[t].logprob for t in lr], atol=1e-4, rtol=0)
                 assert [lg[t].rank for t in lr] == [lr[t].rank for t in lr], tp
-
-
-def test_fp8_kv_cache_tp2_equals_tp1(engines, path):
-    """kv_cache_dtype="fp8" (pallas_kernels/kv_quant.py) at tp=2: prefill and decode logits equal
-    tp=1's over an fp8 cache (the scales are per kv head, so no device needs another's); the served
-    runner holds each device's heads' pages and scales, the scales calibrated at start equal to
-    tp=1's (jaxllm/runner/kv_calibration.py), and 8x the blocks of the tp=1 f32 cache in the same
-    kv_cache_memory_bytes per device (x2 heads, x4 bytes)."""
-    ref_prefill, ref_decode = forward_logits(path, 1, "scan", kv_dtype=jnp.float8_e4m3fn)
-    prefill, decode = forward_logits(path, 2, "unroll", kv_dtype=jnp.float8_e4m3fn)
-    np.testing.assert_allclose(prefill, ref_prefill, atol=1e-4, rtol=0)
-    np.testing.assert_allclose(decode, ref_decode, atol=1e-4, rtol=0)
-    e = engines(2, "fp8", warmup=False)  # compiles only the buckets it runs
-    params = SamplingParams(temperature=0, max_tokens=3, ignore_eos=True)
-    out = LLM("tiny", engine=e).generate([{"prompt_token_ids": PROMPTS[0]}], params, use_tqdm=False)
-    assert len(out[0].outputs[0].token_ids) == 3
-    kc = e.runner.kv_cache
-    assert kc.quantized and kc.k.dtype == jnp.uint8
-    L, _, _, K, D = kc.k.shape
-    f32_tp1 = KVCache.bytes_per_block(L, BLOCK, K, D, jnp.float32)
-    assert kc.num_blocks == 8 * (e.config.kv_cache_memory_bytes // f32_tp1)
-    for name in ("k", "v"):
-        pages, scale = getattr(kc, name), getattr(kc, f"{name}_scale")
-        L, N, B, K, D = pages.shape
-        assert [s.data.shape for s in pages.addressable_shards] == [(L, N, B, K // 2, D)] * 2
-        assert [s.data.shape for s in scale.addressable_shards] == [(L, K // 2)] * 2
-        assert (np.asarray(scale) > 0).all()
-        tp1 = np.asarray(getattr(engines(1, "fp8", warmup=False).runner.kv_cache, f"{name}_scale"))  # [L, 4]
-        np.testing.assert_allclose(np.asarray(scale), tp1, rtol=1e-5)
-        # tp=8 repeats each kv head on two devices: each copy calibrates to its head's tp=1 scale
-        tp8 = np.asarray(getattr(engines(8, "fp8", warmup=False).runner.kv_cache, f"{name}_scale"))  # [L, 8]
-        np.testing.assert_allclose(tp8, np.repeat(tp1, 2, axis=1), rtol=1e-5)
 
 
 def test_zero_compiles_after_warmup_and_prompt_logprobs(engines):
@@ -148,7 +96,7 @@ def test_fused_shards_hold_their_own_heads(engines, path):
     communication and the split of its output stays local."""
     params = load_checkpoint(path).params  # numpy, unfused: [L, E, H, D], [L, E, K, D], [L, E, F]
     H, K = params["layers.wq"].shape[2], params["layers.wk"].shape[2]
-    for tp in (2, 4, 8):
+    for tp in TPS[1:]:  # tp=2: test_layout.py's placement test
         rep = max(1, tp // K)
         state = dict(jax.tree_util.tree_leaves_with_path(engines(tp).runner.state))
         by_name = {}
@@ -174,32 +122,6 @@ def test_fused_shards_hold_their_own_heads(engines, path):
                 np.testing.assert_array_equal(got, want, err_msg=f"tp={tp} device {d} {name}")
 
 
-def test_logits_match_tp1(path):
-    ref_prefill, ref_decode = forward_logits(path, 1, "scan")
-    assert np.ptp(ref_prefill) > 1.0  # real random weights, not near-constant logits
-    # each tp once, both loops covered (scan vs unroll at tp=1 is the HF parity tests' job)
-    for tp, loop in ((2, "unroll"), (4, "scan"), (8, "unroll")):
-        prefill, decode = forward_logits(path, tp, loop)
-        np.testing.assert_allclose(prefill, ref_prefill, atol=1e-4, rtol=0, err_msg=f"tp={tp} {loop}")
-        np.testing.assert_allclose(decode, ref_decode, atol=1e-4, rtol=0, err_msg=f"tp={tp} {loop}")
-
-
-COLLECTIVE = r"= (\S+?)\{[^}]*\} (all-reduce|all-gather|reduce-scatter|all-to-all|collective-permute)(?:-start)?\("
-
-
-@pytest.mark.parametrize("layer_loop", ["scan", "unroll"])
-def test_fused_split_adds_no_collective(path, layer_loop):
-    """The decode forward at tp=4 in either layer loop: splitting the fused qkv / gate_up outputs
-    communicates nothing: one all-reduce for the embedding, two per layer body, one all-gather of
-    the [S, V] logits; no weight or activation gathered, permuted or scattered."""
-    import re
-
-    _, _, hlo = forward_logits(path, 4, layer_loop, hlo=True)
-    ops = sorted(m.groups() for m in re.finditer(COLLECTIVE, hlo))
-    bodies = 1 if layer_loop == "scan" else 2  # the tiny model has 2 layers
-    assert ops == [("f32[2,512]", "all-gather")] + [("f32[2,64]", "all-reduce")] * (1 + 2 * bodies), ops
-
-
 def test_collectives_are_megatron(engines):
     """Per decode step at tp=4: one all-reduce of [T, E] for the embedding, two per layer (o_proj,
     down_proj; written once in the scan loop's body, once per layer when unrolled) and one
@@ -220,23 +142,8 @@ def test_collectives_are_megatron(engines):
     assert ops == [("f32[4,512]", "all-gather")] + [("f32[4,64]", "all-reduce")] * (1 + per_layer), ops
 
 
-@pytest.mark.parametrize("arch,tps", [("qwen2", (2, 4)), ("qwen3", (3, 6))])
-def test_bias_and_qk_norm_archs_match_tp1(arch, tps, tmp_path_factory):
-    """Qwen2 (q/k/v bias fused into bqkv, MQA: kv head repeated 2 and 4 times) and Qwen3 (q/k norm
-    after the split; kv heads sharded at tp=3, repeated at tp=6): sharded logits match tp=1 in both
-    layer loops."""
-    from tests.models.hf_tiny import make_tiny_hf
-
-    path = make_tiny_hf(arch, str(tmp_path_factory.mktemp("hf")))
-    ref_prefill, ref_decode = forward_logits(path, 1, "scan")
-    for tp, loop in ((tps[0], "scan"), (tps[1], "unroll")):
-        prefill, decode = forward_logits(path, tp, loop)
-        np.testing.assert_allclose(prefill, ref_prefill, atol=1e-4, rtol=0, err_msg=f"{arch} tp={tp} {loop}")
-        np.testing.assert_allclose(decode, ref_decode, atol=1e-4, rtol=0, err_msg=f"{arch} tp={tp} {loop}")
-
-
 def test_structured_outputs_identical_across_tp_without_compiles(engines):
-    """The grammar bitmask is replicated beside the replicated (all-gathered) logits: tp=2 gives tp=1's
+    """The grammar bitmask is replicated beside the replicated (all-gathered) logits: tp=4 gives tp=1's
     constrained tokens, which match their regex, and compiles nothing."""
     import re
 
@@ -244,7 +151,7 @@ def test_structured_outputs_identical_across_tp_without_compiles(engines):
     from tests.fakes.grammar_tokenizers import byte_vocab_grammar_tokenizer, decode_bytes
 
     outs = {}
-    for tp in (1, 2):
+    for tp in (1, 4):
         e = engines(tp)
         e._grammar_tokenizer = byte_vocab_grammar_tokenizer(e.vocab_size, e.eos_token_ids)
         before = compiles(e.runner)
@@ -253,7 +160,7 @@ def test_structured_outputs_identical_across_tp_without_compiles(engines):
         outs[tp] = [o.outputs[0] for o in LLM("tiny", engine=e).generate(
             [{"prompt_token_ids": p} for p in PROMPTS], params, use_tqdm=False)]
         assert compiles(e.runner) == before, tp
-    for r, g in zip(outs[1], outs[2]):
+    for r, g in zip(outs[1], outs[4]):
         assert g.token_ids == r.token_ids and r.finish_reason == "stop"
         assert re.fullmatch(r"[a-f]{2,4}(-[0-9]{1,2}){1,2}", decode_bytes(r.token_ids, engines(1).eos_token_ids))
 
@@ -277,7 +184,7 @@ def test_beam_search_forks_across_tp_without_compiles(engines):
     prompts = [list(range(60, 73)), [9, 8, 7, 6, 5, 4, 3]]  # 13 and 7 tokens: partial blocks to copy
     params = BeamSearchParams(beam_width=2, max_tokens=6, ignore_eos=True)
     ref = LLM("tiny", engine=engines(1)).beam_search(prompts, params)
-    for tp in (2, 4):
+    for tp in TPS[1:]:
         e = engines(tp)
         after_warmup = engines.built[tp][1]
         computed = _Computed()

@@ -1,5 +1,5 @@
 """The tiny Llama's forward at any tensor-parallel size, outside the engine: two prompts prefilled
-together in one ragged step, then one decode step; shared by test_tp_engine.py and test_tp_lora.py.
+together in one ragged step, then one decode step; shared by test_tp_logits.py and test_tp_lora.py.
 `prefill_logits`: one jitted ragged prefill of a loaded checkpoint, for the quantized-checkpoint
 modules (jitted: the eager forward at tp > 1 dispatches op by op, ~15x slower on the 8 CPU devices)."""
 from __future__ import annotations
