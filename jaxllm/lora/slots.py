@@ -17,7 +17,7 @@ unfused checkpoint projection's output axes (PARAM_AXES). Column-parallel wqkv /
 replicated, b_q on "heads", b_k/b_v on "kv_heads", b_gate/b_up on "mlp": every part delta is born
 on the device that holds those output columns and the join moves nothing. Row-parallel wo / w_down:
 a sharded on the input axis, b replicated; XLA sums the partial u = x·a ([T, S, R]) in the same
-all-reduce op as the base projection's partial output (tests/parallel/test_tp_engine.py checks the
+all-reduce op as the base projection's partial output (tests/parallel/test_tp_lora.py checks the
 HLO: the decode step's collectives are those of the step without LoRA).
 
 Rejected first version (commit 6d5707b): one fused, block-diagonal b [L, S, P·R, out...] made with

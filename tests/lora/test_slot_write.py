@@ -3,7 +3,7 @@ contents after each write equal the old host-side numpy padding exactly (tests/l
 for ranks at, below and between the buckets, partial adapters, overwrites and unloads, both layer
 loops, f32 and bf16; the bytes sent are the bucket's, the write is donated, and a runner compiles one
 update per bucket at warm-up and nothing after, whatever the ranks. (Kv-head repetition and sharded
-slots: tests/parallel/test_tp_engine.py -k lora.)"""
+slots: tests/parallel/test_tp_lora.py.)"""
 from __future__ import annotations
 
 import jax
