@@ -80,10 +80,13 @@ def main() -> None:
     ap.add_argument("--modes", nargs="*", default=["plain", "spec"], choices=["plain", "spec", "nobackoff"])
     ap.add_argument("--json", help="merge the results into this JSON file under --json-key (device_check.sh)")
     ap.add_argument("--json-key", default="spec_decode")
-    ap.add_argument("--smoke", action="store_true", help="tiny dummy model, 8 tokens (device_check.sh's CPU flow)")
+    ap.add_argument("--smoke", action="store_true", help="tiny dummy model, 8 tokens, K=2, a 64-token step budget "
+                    "(device_check.sh's CPU flow: 5 step buckets to compile instead of 7)")
     args = ap.parse_args()
+    token_budget = 256
     if args.smoke:
         args.model, args.load_format, args.max_tokens, args.kv_cache_memory_bytes = "tiny-llama", "dummy", 8, 1 << 20
+        args.k, token_budget = 2, 64  # mixed T in [64] (not [64, 256]); draft T in [8, 16, 24] (not up to 40)
 
     from jaxllm.config import EngineConfig
     from jaxllm.engine.engine import LLMEngine
@@ -94,7 +97,7 @@ def main() -> None:
         spec["prompt_lookup_max"] = args.lookup_max
     if args.lookup_min is not None:
         spec["prompt_lookup_min"] = args.lookup_min
-    kw = dict(max_model_len=1024, max_num_seqs=max(args.batch), max_num_batched_tokens=256,
+    kw = dict(max_model_len=1024, max_num_seqs=max(args.batch), max_num_batched_tokens=token_budget,
               load_format=args.load_format, dtype=args.dtype)
     if args.kv_cache_memory_bytes:
         kw["kv_cache_memory_bytes"] = args.kv_cache_memory_bytes

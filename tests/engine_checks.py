@@ -41,25 +41,33 @@ def logits_of(model, c, seqs, block_size=8):
     """The independent reference forward: `model` on each of `seqs` (lists of token ids) in one
     dense prefill batch through a fresh f32 cache, no engine → logits [sum(len), V] f32 numpy."""
     import jax.numpy as jnp
-    import numpy as np
 
     from jaxllm.models.dense_batch import prefill_batch
     from pallas_kernels import KVCache
 
-    import jax
-    from flax import nnx
-
     tokens, positions, meta, nblocks = prefill_batch(seqs, block_size)
     cache = KVCache.zeros(c.num_layers, nblocks + 1, block_size, c.num_kv_heads, c.head_dim, jnp.float32)
+    return jit_logits(model, tokens, positions, cache, meta)  # [sum(len), V] f32
+
+
+def jit_logits(model, *args, with_cache=False):
+    """`model(*args)` then its compute_logits as ONE jitted program (op-by-op dispatch of the eager
+    forward is several times slower on CPU; same model, same math) → logits [T, V] numpy, or
+    (logits, the returned cache) with `with_cache`."""
+    import jax
+    import numpy as np
+    from flax import nnx
+
     graphdef, state = nnx.split(model)
 
-    @jax.jit  # one compiled program: op-by-op dispatch of the eager forward is several times slower
-    def fwd(state, cache, tokens, positions, meta):
+    @jax.jit
+    def fwd(state, *args):
         m = nnx.merge(graphdef, state)
-        hidden, _ = m(tokens, positions, cache, meta)
-        return m.compute_logits(hidden)
+        hidden, cache = m(*args)
+        return m.compute_logits(hidden), cache
 
-    return np.asarray(fwd(state, cache, tokens, positions, meta))  # [sum(len), V] f32
+    logits, cache = fwd(state, *args)
+    return (np.asarray(logits), cache) if with_cache else np.asarray(logits)
 
 
 def build(path, quantization, layer_loop="scan"):

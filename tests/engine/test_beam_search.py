@@ -74,7 +74,9 @@ def setup(tmp_path_factory):
     cfg["eos_token_id"] = eos
     with open(os.path.join(d, "config.json"), "w") as f:
         json.dump(cfg, f)
-    llm = LLM(d, max_model_len=48, max_num_seqs=32, max_num_batched_tokens=128, block_size=4)
+    # 16 seqs: every live beam (3 prompts x width 4 at most) still runs in every step; buckets decode 8/16,
+    # mixed 64 (3 step programs to compile, not 5)
+    llm = LLM(d, max_model_len=48, max_num_seqs=16, max_num_batched_tokens=64, block_size=4)
     return llm, ref, eos
 
 

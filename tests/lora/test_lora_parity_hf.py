@@ -23,6 +23,7 @@ from jaxllm.models.llama import build_model
 from jaxllm.runner.model_runner import ModelRunner
 from jaxllm.sampling_params import SamplingParams
 from pallas_kernels import KVCache
+from tests.engine_checks import jit_logits
 from tests.lora.adapters import drive, make_peft_adapter, peft_greedy, peft_logits, peft_model, write_adapter
 from tests.models.hf_tiny import COMMON, make_tiny_hf
 
@@ -66,8 +67,7 @@ def mixed_forward(base, adapters, seqs, slots_of_seq, layer_loop, block_size=8):
     tokens, positions, meta, nblocks = prefill_batch(seqs, block_size)
     token_slots = jnp.asarray(np.repeat(slots_of_seq, [len(s) for s in seqs]), jnp.int32)  # [T]
     cache = KVCache.zeros(c.num_layers, nblocks + 1, block_size, c.num_kv_heads, c.head_dim, jnp.float32)
-    hidden, _ = model(tokens, positions, cache, meta, LoRABatch(lora.weights, token_slots))
-    logits = np.asarray(model.compute_logits(hidden))
+    logits = jit_logits(model, tokens, positions, cache, meta, LoRABatch(lora.weights, token_slots))  # [T, V]
     offsets = np.cumsum([0] + [len(s) for s in seqs])
     return [logits[offsets[i]:offsets[i + 1]] for i in range(len(seqs))]
 

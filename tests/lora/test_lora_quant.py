@@ -18,6 +18,7 @@ from jaxllm.models.dense_batch import prefill_batch
 from jaxllm.models.llama import build_model
 from jaxllm.models.quant import dequantize, quantize
 from pallas_kernels import KVCache
+from tests.engine_checks import jit_logits
 from tests.lora.adapters import write_adapter
 from tests.parallel.tiny_llama import CONFIG, make_tiny_llama
 
@@ -53,8 +54,7 @@ def forward(path, adapters, layer_loop, quantization=None, dequantized_from=None
     tokens, positions, meta, nblocks = prefill_batch(SEQS, 8)
     slots = jnp.asarray(np.repeat(slots_of_seq, [len(s) for s in SEQS]), jnp.int32)  # [T]
     cache = KVCache.zeros(c.num_layers, nblocks + 1, 8, c.num_kv_heads, c.head_dim, jnp.float32)
-    hidden, _ = model(tokens, positions, cache, meta, LoRABatch(lora.weights, slots))
-    return np.asarray(model.compute_logits(hidden))
+    return jit_logits(model, tokens, positions, cache, meta, LoRABatch(lora.weights, slots))  # [T, V]
 
 
 @pytest.mark.parametrize("method,layer_loop", [("int8", "scan"), ("fp8", "scan"), ("fp8", "unroll"),

@@ -219,9 +219,8 @@ def test_granite_scale_reaches_the_pallas_kernel(tiny_root, monkeypatch):
     import jax.numpy as jnp
 
     import jaxllm.parallel.ops as ops
-    from jaxllm.models.dense_batch import prefill_batch
     from jaxllm.models.llama import build_model
-    from pallas_kernels import KVCache
+    from tests.engine_checks import logits_of
 
     calls = []
     real = ops.ragged_paged_attention
@@ -236,10 +235,7 @@ def test_granite_scale_reaches_the_pallas_kernel(tiny_root, monkeypatch):
     c = ckpt.config
     model = build_model(c, ckpt.params, jnp.float32, attention_impl="pallas")
     seqs = [[3, 9, 27], list(range(40, 73))]
-    tokens, positions, meta, nblocks = prefill_batch(seqs, 8)
-    cache = KVCache.zeros(c.num_layers, nblocks + 1, 8, c.num_kv_heads, c.head_dim, jnp.float32)
-    hidden, _ = model(tokens, positions, cache, meta)
-    got = np.asarray(model.compute_logits(hidden))
+    got = logits_of(model, c, seqs, 8)  # [T, V]: one jitted forward
     want = np.concatenate(hf_logits(path, seqs))
     assert calls and all(call == ("pallas", 0.09) for call in calls), calls
     np.testing.assert_array_less(np.abs(got[:len(want)] - want).max(), 1e-4)

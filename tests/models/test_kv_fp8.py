@@ -12,7 +12,7 @@ from checkpoints import load_checkpoint
 from jaxllm.models.llama import build_model
 from pallas_kernels import AttentionMetadata, KVCache
 from pallas_kernels.kv_quant import FP8, HEADROOM
-from tests.engine_checks import assert_clean
+from tests.engine_checks import assert_clean, jit_logits
 from tests.models.hf_tiny import make_tiny_hf
 
 # Measured (fp32 model, 135 positions of 3 prompts; max |ref logit| 3.26; scales from the first 4 tokens
@@ -161,10 +161,10 @@ def test_engine_zero_compiles_in_place_and_clean(tiny):
     assert all(len(o.outputs[0].token_ids) == 12 for o in outs)
     # first tokens vs the model with an f32 cache (one dense prefill of every prompt)
     tokens, positions, meta, nblocks = prefill_batch(prompts, 16)
-    hidden, _ = model(tokens, positions, KVCache.zeros(c.num_layers, nblocks, 16, c.num_kv_heads, c.head_dim,
-                                                       jnp.float32), meta)
+    logits = jit_logits(model, tokens, positions, KVCache.zeros(c.num_layers, nblocks, 16, c.num_kv_heads,
+                                                                c.head_dim, jnp.float32), meta)  # [T, V]
     last = np.cumsum([len(p) for p in prompts]) - 1
-    want = np.asarray(model.compute_logits(hidden[last])).argmax(-1)
+    want = logits[last].argmax(-1)
     got = np.array([o.outputs[0].token_ids[0] for o in outs])
     print(f"engine first-token agreement fp8 vs f32 cache: {(got == want).mean():.3f} over {len(got)} prompts")
     assert (got == want).mean() >= 0.8

@@ -8,6 +8,7 @@ from checkpoints import load_checkpoint
 from jaxllm.models.dense_batch import prefill_batch
 from jaxllm.models.llama import build_model
 from pallas_kernels import KVCache
+from tests.engine_checks import logits_of
 from tests.models.hf_tiny import TINY_CONFIGS, hf_logits, make_tiny_hf
 
 
@@ -20,10 +21,7 @@ def run_model(path, seqs, block_size=8):
     ckpt = load_checkpoint(path)
     c = ckpt.config
     model = build_model(c, ckpt.params, jnp.float32)
-    tokens, positions, meta, nblocks = prefill_batch(seqs, block_size)
-    cache = KVCache.zeros(c.num_layers, nblocks + 1, block_size, c.num_kv_heads, c.head_dim, jnp.float32)
-    hidden, _ = model(tokens, positions, cache, meta)
-    logits = np.asarray(model.compute_logits(hidden))
+    logits = logits_of(model, c, seqs, block_size)  # [sum(len), V]: one jitted forward
     offsets = np.cumsum([0] + [len(s) for s in seqs])
     return ckpt, [logits[offsets[i]:offsets[i + 1]] for i in range(len(seqs))]
 

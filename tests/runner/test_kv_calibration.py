@@ -18,7 +18,7 @@ from jaxllm.models.llama import build_model
 from jaxllm.runner.kv_calibration import CALIBRATION_LEN, calibration_ids, set_scales
 from pallas_kernels import KVCache
 from pallas_kernels.kv_quant import HEADROOM
-from tests.engine_checks import assert_clean
+from tests.engine_checks import assert_clean, jit_logits
 from tests.models.hf_tiny import make_tiny_hf
 
 BLOCK = 16
@@ -79,8 +79,8 @@ def test_scales_are_the_calibration_prefill_absmax(path):
     assert calibration_ids(e.tokenizer, c.vocab_size, MAX_LEN) == ids
     model = build_model(c, ckpt.params, jnp.float32)
     tokens, positions, meta, nblocks = prefill_batch([ids], BLOCK)
-    _, ref = model(tokens, positions, KVCache.zeros(c.num_layers, nblocks, BLOCK, c.num_kv_heads, c.head_dim,
-                                                    jnp.float32), meta)
+    _, ref = jit_logits(model, tokens, positions, KVCache.zeros(c.num_layers, nblocks, BLOCK, c.num_kv_heads,
+                                                                c.head_dim, jnp.float32), meta, with_cache=True)
     for name in ("k", "v"):
         rows = np.asarray(getattr(ref, name)).reshape(c.num_layers, -1, c.num_kv_heads, c.head_dim)[:, :len(ids)]
         want = np.abs(rows).max(axis=(1, 3)) * HEADROOM / 448  # [L, kvh]
