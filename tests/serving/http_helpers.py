@@ -33,6 +33,24 @@ def make_llm_engine(max_model_len: int = 128, num_blocks: int = 256, max_num_seq
                      grammar_tokenizer=grammar_tokenizer)
 
 
+def record_fork_hints(engine: LLMEngine) -> list[tuple[str, str]]:
+    """(request id, fork_of) of every add_request that carries a beam-search fork hint, recorded as
+    the engine thread adds them. A server test checks the door passes the hints; whether the engine
+    can honour one is timing there (the engine does not wait for the beam driver, so on the fake
+    runner a parent may finish its max_tokens before its fork is added, and the fork then prefills):
+    the honoured forks are checked deterministically offline (tests/engine/test_beam_search.py)."""
+    hints: list[tuple[str, str]] = []
+    add = engine.add_request
+
+    def recording_add(request_id, *args, fork_of=None, **kw):
+        if fork_of is not None:
+            hints.append((request_id, fork_of))
+        return add(request_id, *args, fork_of=fork_of, **kw)
+
+    engine.add_request = recording_add
+    return hints
+
+
 class ThreadedServer:
     def __init__(self, engine, **cfg):
         cfg.setdefault("port", 0)
