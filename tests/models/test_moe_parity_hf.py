@@ -82,15 +82,19 @@ def test_engine_greedy_equals_hf_generate(arch, root, monkeypatch):
     """Through LLM (paged KV in blocks of 4, the prompts batched, chunked prefill; the grouped ragged_dot
     experts, the GPU default): greedy tokens equal HF generate's for each prompt."""
     monkeypatch.setenv("JAXLLM_MOE", "grouped")
+    assert_engine_greedy_equals_hf(sharpened(arch, root), [[5, 17, 33, 2, 99, 140, 7], [200, 3, 3, 81, 12],
+                                                             list(range(30, 43))], 12, max_num_batched_tokens=16)
+
+
+def assert_engine_greedy_equals_hf(d, prompts, n, **llm_kw):
+    """Greedy tokens of `LLM(d, ...)` (paged KV in blocks of 4, the prompts batched) equal HF
+    generate's for each prompt (no prompt holds token 0, HF's pad id here)."""
     import torch
     import transformers
 
     from jaxllm import LLM, SamplingParams
 
-    d = sharpened(arch, root)
-    prompts = [[5, 17, 33, 2, 99, 140, 7], [200, 3, 3, 81, 12], list(range(30, 43))]
-    n = 12
-    llm = LLM(d, max_model_len=64, max_num_seqs=4, max_num_batched_tokens=16, block_size=4)
+    llm = LLM(d, max_model_len=64, max_num_seqs=4, block_size=4, **llm_kw)
     outs = llm.generate([{"prompt_token_ids": p} for p in prompts],
                         SamplingParams(temperature=0.0, max_tokens=n, ignore_eos=True), use_tqdm=False)
     hf = transformers.AutoModelForCausalLM.from_pretrained(d, dtype=torch.float32, attn_implementation="eager")

@@ -57,21 +57,7 @@ def test_each_device_holds_its_slice_of_every_expert(root):
 
 
 def test_engine_tp2_greedy_equals_hf_generate(root):
-    import torch
-    import transformers
+    from tests.models.test_moe_parity_hf import assert_engine_greedy_equals_hf, sharpened
 
-    from jaxllm import LLM, SamplingParams
-    from tests.models.test_moe_parity_hf import sharpened
-
-    d = sharpened("qwen3_moe", root)
-    prompts = [[5, 17, 33, 2, 99, 140, 7], list(range(30, 43))]
-    n = 8
-    llm = LLM(d, tensor_parallel_size=2, max_model_len=64, max_num_seqs=4, max_num_batched_tokens=32, block_size=4)
-    outs = llm.generate([{"prompt_token_ids": p} for p in prompts],
-                        SamplingParams(temperature=0.0, max_tokens=n, ignore_eos=True), use_tqdm=False)
-    hf = transformers.AutoModelForCausalLM.from_pretrained(d, dtype=torch.float32, attn_implementation="eager")
-    for p, out in zip(prompts, outs):
-        with torch.no_grad():
-            want = hf.generate(torch.tensor([p]), max_new_tokens=n, min_new_tokens=n, do_sample=False,
-                               pad_token_id=0)[0, len(p):].tolist()
-        assert list(out.outputs[0].token_ids) == want
+    assert_engine_greedy_equals_hf(sharpened("qwen3_moe", root), [[5, 17, 33, 2, 99, 140, 7], list(range(30, 43))], 8,
+                                   tensor_parallel_size=2, max_num_batched_tokens=32)
