@@ -20,6 +20,15 @@ from tests.fakes.fake_tokenizer import FakeIncrementalDetokenizer, FakeTokenizer
 FAST = dict(watchdog_timeout=15.0, health_probe_interval=0.2)
 
 
+class SlowRunner(FakeRunner):
+    """The fake runner at 3 ms a step: a long request runs for seconds (aborts, disconnects, admin
+    calls and beam forks land while it streams)."""
+
+    def dispatch(self, out):
+        time.sleep(0.003)
+        return super().dispatch(out)
+
+
 def make_llm_engine(max_model_len: int = 128, num_blocks: int = 256, max_num_seqs: int = 8,
                     runner_cls=FakeRunner, grammar_tokenizer=None) -> LLMEngine:
     """The real host engine (scheduler, KV cache manager, output processor) over the fake

@@ -7,13 +7,12 @@ the context), so the beams must match exactly; every KV block must be free after
 
 from __future__ import annotations
 
-import time
 
 import grpc
 import httpx
 import pytest
 
-from http_helpers import ThreadedServer, make_llm_engine, record_fork_hints
+from http_helpers import SlowRunner, ThreadedServer, make_llm_engine, record_fork_hints
 from jaxllm import LLM, BeamSearchParams
 from serving.proto.jaxllm.v1 import generation_pb2 as pb
 from serving.proto.jaxllm.v1 import generation_pb2_grpc as pb_grpc
@@ -158,13 +157,6 @@ def test_length_penalty_without_beam_search_is_ignored_by_both_doors(srv, llm):
 def test_client_leaving_mid_search_frees_every_block():
     """gRPC deadlines that expire mid-search: every fork the searches opened is aborted, every KV
     block is free, the server keeps answering."""
-    from tests.fakes.fake_runner import FakeRunner
-
-    class SlowRunner(FakeRunner):
-        def dispatch(self, out):
-            time.sleep(0.003)
-            return super().dispatch(out)
-
     srv = ThreadedServer(make_llm_engine(max_model_len=512, num_blocks=1024, max_num_seqs=32, runner_cls=SlowRunner))
     try:
         with grpc.insecure_channel(f"127.0.0.1:{srv.server.port}") as ch:

@@ -4,26 +4,16 @@ host engine (scheduler, KV cache manager, block pool) and the fake runner."""
 
 from __future__ import annotations
 
-import time
 from importlib.metadata import version
 
 import httpx
 import pytest
 
-from http_helpers import ThreadedServer, make_llm_engine
-from tests.fakes.fake_runner import FakeRunner
+from http_helpers import SlowRunner, ThreadedServer, make_llm_engine
 
 KEY = "sk-admin"
 AUTH = {"Authorization": f"Bearer {KEY}"}
 PROMPT = "The quick brown fox jumps over the lazy dog, twice over."  # 14 full blocks of 4 tokens
-
-
-class SlowRunner(FakeRunner):
-    """3 ms a step: a long request runs for seconds."""
-
-    def dispatch(self, out):
-        time.sleep(0.003)
-        return super().dispatch(out)
 
 
 @pytest.fixture(scope="module")

@@ -8,7 +8,7 @@ from __future__ import annotations
 import openai
 import pytest
 
-from http_helpers import ThreadedServer, make_llm_engine, record_fork_hints
+from http_helpers import SlowRunner, ThreadedServer, make_llm_engine, record_fork_hints
 from jaxllm import LLM, BeamSearchParams
 
 PROMPTS = ["The three primary colors are", "Once upon a time"]
@@ -107,16 +107,8 @@ def test_clients_giving_up_mid_search_free_every_block():
     """Non-streamed and streamed beam searches whose clients leave before the search ends: every
     fork the searches opened is aborted, every KV block is free, the server keeps answering."""
     import asyncio
-    import time
 
     import httpx
-
-    from tests.fakes.fake_runner import FakeRunner
-
-    class SlowRunner(FakeRunner):
-        def dispatch(self, out):
-            time.sleep(0.003)
-            return super().dispatch(out)
 
     srv = ThreadedServer(make_llm_engine(max_model_len=512, num_blocks=1024, max_num_seqs=32,
                                          runner_cls=SlowRunner))

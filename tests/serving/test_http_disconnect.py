@@ -6,18 +6,10 @@ from __future__ import annotations
 
 import asyncio
 import json
-import time
 
 import httpx
 
-from http_helpers import ThreadedServer, make_llm_engine
-from tests.fakes.fake_runner import FakeRunner
-
-
-class SlowRunner(FakeRunner):
-    def dispatch(self, out):
-        time.sleep(0.003)
-        return super().dispatch(out)
+from http_helpers import SlowRunner, ThreadedServer, make_llm_engine
 
 
 def test_32_streams_disconnecting_free_every_block():

@@ -15,16 +15,9 @@ import httpx
 import openai
 import pytest
 
-from http_helpers import ThreadedServer, make_llm_engine
-from tests.fakes.fake_runner import FakeRunner
+from http_helpers import SlowRunner, ThreadedServer, make_llm_engine
 
 CHAT = [{"role": "user", "content": "Capital of France?"}]
-
-
-class SlowRunner(FakeRunner):
-    def dispatch(self, out):
-        time.sleep(0.003)
-        return super().dispatch(out)
 
 
 @pytest.fixture(scope="module")
