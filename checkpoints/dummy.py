@@ -1,4 +1,5 @@
-"""Random weights for any config, for benchmarking: uniform in ±1e-3, norms at 1.
+"""Random weights for any config, for benchmarking: uniform in ±1e-3, norms at 1 (Gemma's, scaling
+by 1 + w, at 0).
 
 Each parameter is drawn from its own key (base seed folded with a hash of its name) by a jitted
 function with `out_shardings`, so weights are born already sharded and every shard agrees with
@@ -49,6 +50,13 @@ PRESETS: dict[str, dict] = {
                          tie_word_embeddings=True, embedding_multiplier=12.0, residual_multiplier=0.22,
                          attention_multiplier=0.0078125, logits_scaling=16.0, bos_token_id=0, eos_token_id=0),
 
+    # google/gemma-2-9b: sandwich norms, every other layer a 4096-token window, soft-capping 50 / 30
+    "gemma-2-9b": dict(model_type="gemma2", vocab_size=256000, hidden_size=3584, intermediate_size=14336,
+                       num_hidden_layers=42, num_attention_heads=16, num_key_value_heads=8, head_dim=256,
+                       query_pre_attn_scalar=256, sliding_window=4096, attn_logit_softcapping=50.0,
+                       final_logit_softcapping=30.0, max_position_embeddings=8192, rms_norm_eps=1e-6,
+                       rope_theta=10000.0, bos_token_id=2, eos_token_id=1),
+
     # Mixture of experts (jaxllm/models/moe.py).
     "mixtral-8x7b": dict(model_type="mixtral", vocab_size=32000, hidden_size=4096, intermediate_size=14336,
                          num_hidden_layers=32, num_attention_heads=32, num_key_value_heads=8,
@@ -93,7 +101,7 @@ def dummy_params(config: ModelConfig, dtype, seed: int = 0, shardings: dict | No
 
         def draw(key, shape=shape, is_norm=is_norm):
             if is_norm:
-                return jnp.ones(shape, dtype)
+                return jnp.full(shape, 0 if config.norm_offset else 1, dtype)
             # Drawn in the target dtype: an f32 draw + cast leaves an f32-sized hole per tensor in
             # the device allocator (13B bf16: ~20 GiB of holes, enough to fail the KV cache's
             # contiguous allocation later).

@@ -5,6 +5,7 @@ import dataclasses
 from typing import Any
 
 from jaxllm.models.arch_config import arch_fields, check_longrope
+from jaxllm.models.gemma_config import GEMMA_ARCHITECTURES, gemma_fields, hf_defaults
 
 # HF model_type → the switches that distinguish it inside the one Llama-family decoder.
 SUPPORTED_ARCHITECTURES = {
@@ -17,6 +18,9 @@ SUPPORTED_ARCHITECTURES = {
     # mixture-of-experts (jaxllm/models/moe.py): every layer's MLP is a routed set of experts
     "mixtral": dict(),
     "qwen3_moe": dict(qk_norm=True),
+    # Google Gemma 2 (jaxllm/models/gemma_config.py): (1 + w) norms, scaled embeddings, GELU-tanh,
+    # sandwich norms, per-layer sliding window, soft-capping
+    "gemma2": dict(),
 }
 MOE_ARCHITECTURES = ("mixtral", "qwen3_moe")
 
@@ -57,6 +61,13 @@ class ModelConfig:
     residual_multiplier: float = 1.0
     attention_multiplier: float | None = None  # the softmax scale; None = head_dim ** -0.5
     logits_scaling: float = 1.0  # logits are divided by it
+    # Gemma (jaxllm/models/gemma_config.py); the defaults leave a plain Llama
+    hidden_act: str = "silu"  # the MLP's gate activation: "silu" or "gelu_tanh"
+    norm_offset: bool = False  # RMSNorm scales by (1 + weight), in f32
+    sandwich_norms: bool = False  # norms on the attention and MLP outputs too (layers.attn_out_norm / mlp_out_norm)
+    attn_logit_softcap: float | None = None  # attention scores = cap * tanh(scores / cap)
+    final_logit_softcap: float | None = None  # logits = cap * tanh(logits / cap)
+    layer_types: tuple[str, ...] | None = None  # per layer "sliding_attention" | "full_attention"; None: all alike
 
     # mixture of experts (mixtral, qwen3_moe; 0 = a dense MLP): every layer routes each token to
     # num_experts_per_tok of num_experts experts, each an MLP of moe_intermediate_size
@@ -140,8 +151,9 @@ class ModelConfig:
             raise ModelConfigError(
                 f"{source}: unsupported architecture model_type={model_type!r} "
                 f"(supported: {', '.join(sorted(SUPPORTED_ARCHITECTURES))})")
+        cfg = hf_defaults(model_type, cfg)  # Gemma: HF's defaults for absent fields
         act = cfg.get("hidden_act", "silu")
-        if act != "silu":
+        if act != "silu" and model_type not in GEMMA_ARCHITECTURES:  # Gemma's activation: gemma_fields
             raise ModelConfigError(f"{source}: hidden_act={act!r} is not supported (only 'silu')")
         if cfg.get("mlp_bias"):
             raise ModelConfigError(f"{source}: mlp_bias=True is not supported")
@@ -156,6 +168,7 @@ class ModelConfig:
         num_heads = cfg["num_attention_heads"]
         head_dim = cfg.get("head_dim") or cfg["hidden_size"] // num_heads
         flags.update(arch_fields(model_type, cfg, rope, source))
+        flags.update(gemma_fields(model_type, cfg, source))
         rotary_dim = int(head_dim * flags.get("partial_rotary_factor", 1.0))
         rope_type = rope.get("rope_type", rope.get("type", "default"))
         if rope_type not in ROPE_TYPES:

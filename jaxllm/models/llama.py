@@ -1,5 +1,5 @@
-"""One Llama-family decoder (Llama 2/3/3.1, Mistral, Qwen2, Qwen3; Mixtral, Qwen3-MoE with moe.py's
-MLP) as a Flax NNX module.
+"""One Llama-family decoder (Llama 2/3/3.1, Mistral, Qwen2, Qwen3, Phi-3, Granite, Gemma 2;
+Mixtral, Qwen3-MoE with moe.py's MLP) as a Flax NNX module.
 
 Checkpoints hand over each per-layer weight stacked on a leading "layers" axis (`PARAM_AXES`, the
 loaders' contract); the model keeps one array per layer and runs the layers in a Python loop
@@ -23,6 +23,7 @@ from flax import nnx
 from jaxllm.lora.delta import LoRABatch, with_lora
 from jaxllm.models.config import ModelConfig
 from jaxllm.models.fusion import FUSED, FUSED_OUTPUTS, FUSED_PARTS, placement_plan, split_fused
+from jaxllm.models.gemma_config import layer_attention
 from jaxllm.models import prequantized, quant_dot
 from jaxllm.models.moe import moe_mlp
 from jaxllm.models.projections import IN_PLACE, Projector
@@ -38,6 +39,8 @@ PARAM_AXES: dict[str, tuple[str, ...]] = {
     "final_norm": ("norm",),
     "layers.input_norm": ("layers", "norm"),
     "layers.post_norm": ("layers", "norm"),
+    "layers.attn_out_norm": ("layers", "norm"),  # Gemma 2 sandwich norms (HF post_attention_layernorm,
+    "layers.mlp_out_norm": ("layers", "norm"),  # post_feedforward_layernorm); post_norm: pre_feedforward
     "layers.wq": ("layers", "embed", "heads", "head_dim"),
     "layers.wk": ("layers", "embed", "kv_heads", "head_dim"),
     "layers.wv": ("layers", "embed", "kv_heads", "head_dim"),
@@ -93,6 +96,8 @@ def param_shapes(c: ModelConfig) -> dict[str, tuple[int, ...]]:
         shapes.update({"layers.bq": (L, H, D), "layers.bk": (L, K, D), "layers.bv": (L, K, D)})
     if c.qk_norm:
         shapes.update({"layers.q_norm": (L, D), "layers.k_norm": (L, D)})
+    if c.sandwich_norms:
+        shapes.update({"layers.attn_out_norm": (L, E), "layers.mlp_out_norm": (L, E)})
     return shapes
 
 
@@ -110,10 +115,13 @@ def model_param_shapes(c: ModelConfig) -> dict[str, tuple[int, ...]]:
     return {k: shapes[k] for k in MODEL_AXES if k in shapes}
 
 
-def rms_norm(x: jax.Array, weight: jax.Array, eps: float) -> jax.Array:
-    """RMSNorm over the last axis, computed in f32 like the reference implementation."""
+def rms_norm(x: jax.Array, weight: jax.Array, eps: float, offset: bool = False) -> jax.Array:
+    """RMSNorm over the last axis, computed in f32 like the reference implementation. `offset`
+    (Gemma): scaled by (1 + weight) in f32 before the cast back, as HF's GemmaRMSNorm."""
     xf = x.astype(jnp.float32)
     xf = xf * jax.lax.rsqrt(jnp.mean(xf * xf, axis=-1, keepdims=True) + eps)
+    if offset:
+        return (xf * (1.0 + weight.astype(jnp.float32))).astype(x.dtype)
     return weight * xf.astype(x.dtype)
 
 
@@ -123,41 +131,54 @@ def layer_loop_mode(mode: str | None = None, config: ModelConfig | None = None) 
     each layer's weight slice before its matmuls). `mode` or $JAXLLM_LAYER_LOOP, default "auto":
     unroll on accelerators, scan on CPU, where unrolling SmolLM2's 30 layers made warm-up ~8x longer
     for no measurable step gain (bench/RESULTS.md, "Layer loop"). An MoE `config` unrolls on CPU too: the
-    scan's per-layer copy of the expert weights made a decode step 4-8x slower there (bench/RESULTS.md, "MoE")."""
+    scan's per-layer copy of the expert weights made a decode step 4-8x slower there (bench/RESULTS.md, "MoE").
+    A config with `layer_types` (Gemma 2: each layer's window is static, its own) always
+    unrolls; "scan" is refused for it."""
     mode = mode or os.environ.get(LAYER_LOOP_ENV, "auto") or "auto"
     if mode not in ("auto", "unroll", "scan"):
         raise ValueError(f"{LAYER_LOOP_ENV}={mode!r} is invalid: must be one of auto, unroll, scan")
+    if config is not None and config.layer_types is not None:  # Gemma 2: the window differs per layer
+        if mode == "scan":
+            raise ValueError(f"{LAYER_LOOP_ENV}=scan is not supported for model_type={config.architecture!r}: its "
+                             f"layers differ (layer_types: sliding-window and full attention); use unroll or auto")
+        return "unroll"
     if mode == "auto":
         return "scan" if jax.default_backend() == "cpu" and not (config is not None and config.is_moe) else "unroll"
     return mode
 
 
 def decoder_layer(w: dict[str, jax.Array], x, cos, sin, cache: KVCache, index, metadata: AttentionMetadata,
-                  c: ModelConfig, lay, proj: Projector, attention_impl):
+                  c: ModelConfig, lay, proj: Projector, attention_impl, window: int | None):
     """One decoder layer: x [T, E] → (x [T, E], cache with this layer's k/v written at `index`).
-    `w`: the layer's held weights by short name ("wqkv", ...), each the layer's own array or a slice."""
-    eps = c.rms_norm_eps
+    `w`: the layer's held weights by short name ("wqkv", ...), each the layer's own array or a slice.
+    `window`: this layer's sliding window (None: full attention)."""
     H, K = c.num_heads, c.num_kv_heads
-    h = rms_norm(x, w["input_norm"], eps)  # [T, E]
+    norm = lambda x, weight: rms_norm(x, weight, c.rms_norm_eps, c.norm_offset)  # noqa: E731
+    h = norm(x, w["input_norm"])  # [T, E]
     qkv = proj("te,ehd->thd", h, "wqkv", w["wqkv"], index)  # [T, H+2K, D] shard-major (fusion.py)
     if c.attention_bias:
         qkv = qkv + w["bqkv"]
     q, k, v = split_fused(qkv, (H, K, K), lay, *FUSED_OUTPUTS["wqkv"])  # [T, H|K|K, D]
     if c.qk_norm:
-        q, k = rms_norm(q, w["q_norm"], eps), rms_norm(k, w["k_norm"], eps)
+        q, k = norm(q, w["q_norm"]), norm(k, w["k_norm"])
     q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
     attn, cache = paged_attention(q, k, v, cache, index, metadata, lay, sm_scale=c.attention_scale,
-                                  sliding_window=c.sliding_window, impl=attention_impl)
+                                  sliding_window=window, soft_cap=c.attn_logit_softcap, impl=attention_impl)
     out = constrain(proj("thd,hde->te", attn, "wo", w["wo"], index), lay, ("tokens", "embed"))  # [T, E]
+    if c.sandwich_norms:  # Gemma 2: the attention output normalised before the residual
+        out = norm(out, w["attn_out_norm"])
     x = x + _residual(out, c)
-    h = rms_norm(x, w["post_norm"], eps)
+    h = norm(x, w["post_norm"])
     if c.is_moe:  # [T, E]: each token's top-k experts (moe.py)
         down = moe_mlp(h, w["router"], w["we_gate_up"], w["we_down"], c.num_experts_per_tok, c.norm_topk_prob, lay)
         return x + constrain(down, lay, ("tokens", "embed")), cache
     gate_up = proj("te,ef->tf", h, "w_gate_up", w["w_gate_up"], index)  # [T, 2F] shard-major
     gate, up = split_fused(gate_up, (c.intermediate_size,) * 2, lay, *FUSED_OUTPUTS["w_gate_up"])  # [T, F]
-    down = proj("tf,fe->te", jax.nn.silu(gate) * up, "w_down", w["w_down"], index)
-    return x + _residual(constrain(down, lay, ("tokens", "embed")), c), cache
+    act = jax.nn.silu(gate) if c.hidden_act == "silu" else jax.nn.gelu(gate, approximate=True)  # gelu_tanh: Gemma
+    down = constrain(proj("tf,fe->te", act * up, "w_down", w["w_down"], index), lay, ("tokens", "embed"))  # [T, E]
+    if c.sandwich_norms:
+        down = norm(down, w["mlp_out_norm"])
+    return x + _residual(down, c), cache
 
 
 def _residual(branch: jax.Array, c: ModelConfig) -> jax.Array:
@@ -259,13 +280,16 @@ class LlamaForCausalLM(nnx.Module):
         c = self.config
         lay = self.layout
         x = embed_lookup(self.embed[...], tokens, lay)  # [T, E]
-        if c.embedding_multiplier != 1.0:  # Granite
-            x = x * c.embedding_multiplier
+        if c.embedding_multiplier != 1.0:  # Granite; Gemma's sqrt(hidden_size), cast to x's dtype as HF does
+            x = x * jnp.asarray(c.embedding_multiplier, x.dtype)
         cos, sin = rope_for_step(c, positions, metadata)  # [T, rotary_dim/2] f32
         stacked = self.layers.arrays() if self.layer_loop == "scan" else None
         proj = Projector(stacked, tokens.shape[0], lay, lora_onehot=None if lora is None else lora.onehot(x.dtype))
-        run = lambda w, x, cache, i: decoder_layer(w, x, cos, sin, cache, i, metadata, c, lay, proj,  # noqa: E731
-                                                   self.attention_impl)
+
+        def run(w, x, cache, i):  # i: a Python int (unroll) or traced (scan: every layer alike)
+            return decoder_layer(w, x, cos, sin, cache, i, metadata, c, lay, proj, self.attention_impl,
+                                 layer_attention(c, i))
+
         if self.layer_loop == "scan":
             in_place = {n: IN_PLACE for n in proj.in_place}  # read by the Projector at the traced layer
 
@@ -284,7 +308,7 @@ class LlamaForCausalLM(nnx.Module):
             for i, layer in enumerate(self.layers):  # unrolled at trace time: each weight read in place
                 w = layer.arrays() if lora is None else with_lora(layer.arrays(), lora.weights[i])
                 x, kv_cache = run(w, x, kv_cache, i)
-        return rms_norm(x, self.final_norm[...], c.rms_norm_eps), kv_cache
+        return rms_norm(x, self.final_norm[...], c.rms_norm_eps, c.norm_offset), kv_cache
 
     def compute_logits(self, hidden: jax.Array) -> jax.Array:
         """hidden [N, E] → logits [N, vocab] f32."""
@@ -297,6 +321,9 @@ class LlamaForCausalLM(nnx.Module):
             logits = lm_logits(hidden, self.lm_head[...], self.layout, tied=False)
         if self.config.logits_scaling != 1.0:  # Granite
             logits = logits / self.config.logits_scaling
+        cap = self.config.final_logit_softcap
+        if cap is not None:  # Gemma 2
+            logits = jnp.tanh(logits / cap) * cap
         return logits
 
 

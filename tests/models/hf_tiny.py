@@ -58,6 +58,16 @@ ARCH_CONFIGS = {
                                       attention_multiplier=0.09, logits_scaling=2.5, tie_word_embeddings=True)),
 }
 
+# Gemma (tests/models/test_gemma_hf.py). gemma2: head_dim 256 (Gemma's), every other layer a 12-token window
+# (layer 0 sliding), query_pre_attn_scalar 144 (not head_dim), soft-caps small enough to bite on tiny random
+# weights.
+# HF initialises Gemma's norm weights to 0 (a scale of 1 + 0): make_tiny_hf draws them, so the norms count.
+_GEMMA = dict(COMMON, head_dim=256, pad_token_id=0)
+GEMMA_CONFIGS = {
+    "gemma2": ("Gemma2Config", dict(_GEMMA, sliding_window=12, query_pre_attn_scalar=144,
+                                    attn_logit_softcapping=1.0, final_logit_softcapping=3.0)),
+}
+
 
 def make_tiny_hf(name: str, root: str, seed: int = 0) -> str:
     """Creates (once) and returns the directory of a tiny random HF model."""
@@ -67,10 +77,15 @@ def make_tiny_hf(name: str, root: str, seed: int = 0) -> str:
     path = os.path.join(root, name)
     if os.path.isfile(os.path.join(path, "config.json")):
         return path
-    cls_name, kwargs = {**TINY_CONFIGS, **ROPE_CONFIGS, **ARCH_CONFIGS, **MOE_CONFIGS}[name]
+    cls_name, kwargs = {**TINY_CONFIGS, **ROPE_CONFIGS, **ARCH_CONFIGS, **MOE_CONFIGS, **GEMMA_CONFIGS}[name]
     config = getattr(transformers, cls_name)(**kwargs)
     torch.manual_seed(seed)
     model = transformers.AutoModelForCausalLM.from_config(config, dtype=torch.float32)
+    if name in GEMMA_CONFIGS:
+        with torch.no_grad():
+            for n, p in model.named_parameters():
+                if n.endswith("norm.weight"):
+                    p.normal_(0.0, 0.3)
     model.save_pretrained(path)
     return path
 

@@ -1,0 +1,202 @@
+"""Google Gemma 2 against HF transformers on tiny random checkpoints
+(tests/models/hf_tiny.py GEMMA_CONFIGS: head_dim 256, a 12-token window on the sliding layers, soft-caps
+that bite, drawn norm weights): prefill logits, greedy through the engine (paged, batched, prefix cache
+reused) against HF generate, Gemma 2 through the Pallas kernels (interpret mode), int8 weights, the
+config fields refused in one line, dummy presets and the Orbax config round trip."""
+import numpy as np
+import pytest
+
+from checkpoints import load_checkpoint
+from jaxllm.models.config import ModelConfig, ModelConfigError
+from tests.models.hf_tiny import GEMMA_CONFIGS, hf_logits, make_tiny_hf
+from tests.models.test_parity_hf import run_model
+
+PROMPT_LENS = (1, 7, 33, 70)  # past the 12-token window: the sliding layers mask
+
+
+@pytest.fixture(scope="module")
+def tiny_root(tmp_path_factory):
+    return str(tmp_path_factory.mktemp("tiny_gemma"))
+
+
+@pytest.mark.parametrize("arch", sorted(GEMMA_CONFIGS))
+def test_logits_match_transformers(arch, tiny_root):
+    """One ragged batch of 1, 7, 33 and 70 tokens equals HF's per-sequence forwards (fp32, eager)."""
+    path = make_tiny_hf(arch, tiny_root)
+    rng = np.random.default_rng(0)
+    seqs = [rng.integers(0, 256, n).tolist() for n in PROMPT_LENS]
+    _, ours = run_model(path, seqs)
+    for got, want in zip(ours, hf_logits(path, seqs)):
+        assert got.shape == want.shape
+        assert np.abs(want).max() > 0.05, "reference logits are degenerate: the comparison would be weak"
+        np.testing.assert_array_less(np.abs(got - want).max(), 1e-4)
+
+
+def test_config_fields_are_read(tiny_root):
+    """Each tiny config really exercises its features (not silently a plain Llama)."""
+    g2 = load_checkpoint(make_tiny_hf("gemma2", tiny_root)).config
+    for c in (g2,):
+        assert c.norm_offset and c.hidden_act == "gelu_tanh" and c.tie_word_embeddings
+        assert c.embedding_multiplier == 8.0  # sqrt(hidden_size 64)
+    assert g2.head_dim == 256 and g2.attention_scale == 144 ** -0.5 and g2.sandwich_norms and not g2.qk_norm
+    assert (g2.attn_logit_softcap, g2.final_logit_softcap, g2.sliding_window) == (1.0, 3.0, 12)
+    assert g2.layer_types == ("sliding_attention", "full_attention")
+
+
+def hf_greedy(path, prompts, n):
+    import torch
+    import transformers
+
+    model = transformers.AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32, attn_implementation="eager")
+    model.generation_config.eos_token_id = None  # random weights: never stop early
+    out = []
+    with torch.no_grad():
+        for p in prompts:
+            ids = torch.tensor([p])  # the explicit mask: a token equal to pad_token_id is no padding here
+            gen = model.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=n, do_sample=False,
+                                 pad_token_id=0)
+            out.append(gen[0, len(p):].tolist())
+    return out
+
+
+@pytest.mark.parametrize("arch", ["gemma2"])
+def test_engine_greedy_matches_hf_generate(arch, tiny_root):
+    """Four prompts batched through the engine (paged cache, block 16), 8 greedy tokens each: HF
+    generate's tokens. Served twice: the second round's prompts hit the prefix cache (sliding layers
+    only mask, so a cached block's keys depend on its tokens and positions alone) and give the same tokens."""
+    from jaxllm import LLM, SamplingParams
+    from jaxllm.config import EngineConfig
+    from jaxllm.engine.factory import build_engine
+
+    path = make_tiny_hf(arch, tiny_root)
+    rng = np.random.default_rng(7)
+    prompts = [rng.integers(0, 256, n).tolist() for n in (5, 14, 28, 40)]
+    engine = build_engine(EngineConfig(model=path, max_model_len=128, block_size=16, max_num_seqs=4,
+                                       max_num_batched_tokens=128), compile_cache=False, warmup=False)
+    assert engine.kv.enable_caching
+    llm = LLM("tiny", engine=engine)
+    params = SamplingParams(temperature=0, max_tokens=8, ignore_eos=True)
+    want = hf_greedy(path, prompts, 8)
+    for round_ in range(2):
+        hits = engine.kv.prefix_hits
+        outs = llm.generate([{"prompt_token_ids": p} for p in prompts], params, use_tqdm=False)
+        assert [list(o.outputs[0].token_ids) for o in outs] == want, round_
+    assert engine.kv.prefix_hits - hits == 16 + 32  # round 2 reused the full blocks of the 28- and 40-token prompts
+
+
+def test_gemma2_through_pallas_kernels(tiny_root, monkeypatch):
+    """Gemma 2's softmax scale (144 ** -0.5), attention soft-cap (1.0) and per-layer window (12 on layer 0,
+    none on layer 1) reach the Pallas prefill and decode kernels (interpret mode) at head_dim 256:
+    prefill and decode logits equal HF's."""
+    import jax.numpy as jnp
+
+    import jaxllm.parallel.ops as ops
+    from jaxllm.models.llama import build_model
+    from tests.parallel.tp_forward import PROMPTS, jit_forward, two_prompt_steps
+    from pallas_kernels import KVCache
+
+    calls = []
+    real = ops.ragged_paged_attention
+
+    def interpreted(q, cache, layer, metadata, **kwargs):
+        calls.append((kwargs["impl"], metadata.decode_only, kwargs["sm_scale"], kwargs["sliding_window"],
+                      kwargs["soft_cap"], q.shape[-1]))
+        return real(q, cache, layer, metadata, **kwargs, interpret=True)
+
+    monkeypatch.setattr(ops, "ragged_paged_attention", interpreted)
+    path = make_tiny_hf("gemma2", tiny_root)
+    ckpt = load_checkpoint(path)
+    c = ckpt.config
+    model = build_model(c, ckpt.params, jnp.float32, attention_impl="pallas")
+    fwd, state = jit_forward(model)
+    a, b = PROMPTS[0], PROMPTS[2]  # 17 and 40 tokens
+    prefill_step, decode_step = two_prompt_steps(a, b)
+    cache = KVCache.zeros(c.num_layers, 16, 16, c.num_kv_heads, c.head_dim, jnp.float32)
+    prefill, cache = fwd(state, cache, *prefill_step)
+    decode, _ = fwd(state, cache, *decode_step)  # tokens 7 and 11 after each prompt
+    scale = 144 ** -0.5
+    assert set(calls) == {("pallas", decode, scale, window, 1.0, 256)
+                          for decode in (False, True) for window in (12, None)}
+    want_a, want_b, want_a7, want_b11 = hf_logits(path, [a, b, a + [7], b + [11]])
+    prefill = np.asarray(prefill)
+    np.testing.assert_array_less(np.abs(prefill[:len(a)] - want_a).max(), 1e-4)
+    np.testing.assert_array_less(np.abs(prefill[len(a):len(a) + len(b)] - want_b).max(), 1e-4)
+    np.testing.assert_array_less(np.abs(np.asarray(decode) - np.stack([want_a7[-1], want_b11[-1]])).max(), 1e-4)
+
+
+def test_int8_weights(tiny_root):
+    """--quantization int8 goes through the same projections: Gemma 2's logits stay within
+    tests/models/test_quant.py's int8 bounds of HF's fp32 ones (fp32 reference)."""
+    from tests.engine_checks import build, logits_of
+    from tests.models.test_quant import MAX_LOGIT_ERR, MIN_GREEDY_AGREE
+
+    path = make_tiny_hf("gemma2", tiny_root)
+    model, c = build(path, "int8", layer_loop="unroll")
+    assert model.quantization == "int8"
+    seqs = [list(range(3, 40))]
+    got = logits_of(model, c, seqs)
+    want = hf_logits(path, seqs)[0]
+    err = np.abs(got - want).max()
+    assert 0 < err < MAX_LOGIT_ERR["int8"], err
+    assert (got.argmax(-1) == want.argmax(-1)).mean() > MIN_GREEDY_AGREE["int8"]
+
+
+def test_scan_layer_loop_refused(tiny_root):
+    """Gemma 2's layers differ (window): they always unroll; an explicit scan is refused in one
+    line."""
+    from jaxllm.models.llama import layer_loop_mode
+
+    g2 = load_checkpoint(make_tiny_hf("gemma2", tiny_root)).config
+    assert layer_loop_mode("auto", g2) == "unroll"
+    with pytest.raises(ValueError, match=r"^JAXLLM_LAYER_LOOP=scan is not supported for model_type='gemma2': "
+                                         r"its layers differ \(layer_types") as e:
+        layer_loop_mode("scan", g2)
+    assert "\n" not in str(e.value)
+
+
+BASE = dict(vocab_size=256, hidden_size=64, intermediate_size=96, num_hidden_layers=2, num_attention_heads=4)
+
+
+@pytest.mark.parametrize("cfg,message", [
+    (dict(BASE, model_type="llama", attn_logit_softcapping=50.0),
+     "attn_logit_softcapping=50.0 is only supported for model_type 'gemma2' (got 'llama')"),
+    (dict(BASE, model_type="qwen3", query_pre_attn_scalar=144),
+     "query_pre_attn_scalar=144 is only supported for model_type 'gemma2'"),
+    (dict(BASE, model_type="gemma2", layer_types=["sliding_attention", "chunked_attention"]),
+     "layer_types[1]='chunked_attention' is not supported (sliding_attention / full_attention)"),
+    (dict(BASE, model_type="gemma2", layer_types=["full_attention"]),
+     "layer_types='a list of 1' must list one type per layer (num_hidden_layers=2)"),
+    (dict(BASE, model_type="gemma2", hidden_activation="gelu"),
+     "hidden_activation='gelu' is not supported for model_type 'gemma2' (only 'gelu_pytorch_tanh')"),
+    (dict(BASE, model_type="gemma2", final_logit_softcapping=-1.0),
+     "final_logit_softcapping=-1.0 must be a finite number > 0 or null"),
+    (dict(BASE, model_type="gemma2", use_bidirectional_attention=True),
+     "use_bidirectional_attention=True is not supported (only causal attention)"),
+])
+def test_bad_fields_refused_in_one_line(cfg, message):
+    with pytest.raises(ModelConfigError) as e:
+        ModelConfig.from_hf(cfg, source="config.json")
+    assert message in str(e.value) and "\n" not in str(e.value), str(e.value)
+
+
+def test_hf_defaults():
+    """Fields a Gemma 2 config.json leaves out take HF's defaults: soft-caps 50 / 30, every other layer
+    sliding from layer 0 (window 4096), head_dim 256, tied embeddings."""
+    g2 = ModelConfig.from_hf(dict(BASE, model_type="gemma2", num_hidden_layers=4))
+    assert (g2.attn_logit_softcap, g2.final_logit_softcap) == (50.0, 30.0)
+    assert g2.head_dim == 256 and g2.tie_word_embeddings
+    assert g2.layer_types == ("sliding_attention", "full_attention") * 2 and g2.sliding_window == 4096
+
+
+def test_dummy_preset_and_orbax_round_trip(tiny_root, tmp_path):
+    """The dummy preset has gemma-2-9b's shapes and features; the Orbax store's config comes back equal
+    and hashable (layer_types a tuple)."""
+    from checkpoints.dummy import dummy_config
+    from checkpoints.orbax_store import read_orbax_config, save_orbax
+
+    g2 = dummy_config("gemma-2-9b")
+    assert g2.num_layers == 42 and g2.layer_types[:2] == ("sliding_attention", "full_attention")
+    ckpt = load_checkpoint(make_tiny_hf("gemma2", tiny_root))
+    save_orbax(str(tmp_path / "orbax"), ckpt.config, {"embed": np.asarray(ckpt.params["embed"])})
+    back = read_orbax_config(str(tmp_path / "orbax"))
+    assert back == ckpt.config and hash(back) == hash(ckpt.config)
