@@ -48,7 +48,7 @@ def assemble_params(config: ModelConfig, get: GetTensor, source: str, dtype=np.f
         "layers.w_up": lambda: stack(lambda l: linear(l + "mlp.up_proj.weight", F, E)),
         "layers.w_down": lambda: stack(lambda l: linear(l + "mlp.down_proj.weight", E, F)),
     }
-    if c.sandwich_norms:  # Gemma 2: HF's post_attention_layernorm normalises the attention output, and
+    if c.sandwich_norms:  # Gemma 2/3: HF's post_attention_layernorm normalises the attention output, and
         # pre_feedforward_layernorm is the MLP's input norm (Llama's post_attention_layernorm role: post_norm)
         norm = lambda suffix: lambda: stack(lambda l: need(l + suffix, (E,)))  # noqa: E731
         lazy.update({"layers.post_norm": norm("pre_feedforward_layernorm.weight"),

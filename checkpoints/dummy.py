@@ -56,6 +56,12 @@ PRESETS: dict[str, dict] = {
                        query_pre_attn_scalar=256, sliding_window=4096, attn_logit_softcapping=50.0,
                        final_logit_softcapping=30.0, max_position_embeddings=8192, rms_norm_eps=1e-6,
                        rope_theta=10000.0, bos_token_id=2, eos_token_id=1),
+    # google/gemma-3-1b-it: MQA, q/k norms, 5 sliding (512, rope base 1e4) : 1 full (rope base 1e6) layers
+    "gemma-3-1b": dict(model_type="gemma3_text", vocab_size=262144, hidden_size=1152, intermediate_size=6912,
+                       num_hidden_layers=26, num_attention_heads=4, num_key_value_heads=1, head_dim=256,
+                       query_pre_attn_scalar=256, sliding_window=512, sliding_window_pattern=6,
+                       rope_theta=1000000.0, rope_local_base_freq=10000.0, max_position_embeddings=32768,
+                       rms_norm_eps=1e-6, bos_token_id=2, eos_token_id=[1, 106]),
 
     # Mixture of experts (jaxllm/models/moe.py).
     "mixtral-8x7b": dict(model_type="mixtral", vocab_size=32000, hidden_size=4096, intermediate_size=14336,

@@ -41,7 +41,7 @@ def read_orbax_config(path: str) -> ModelConfig:
         # JSON gives lists back: the (key, value) pairs and longrope's factor lists become tuples (hashable)
         raw["rope_scaling"] = tuple((k, tuple(v) if isinstance(v, list) else v) for k, v in raw["rope_scaling"])
     raw["eos_token_ids"] = tuple(raw.get("eos_token_ids", ()))
-    if raw.get("layer_types"):  # Gemma 2
+    if raw.get("layer_types"):  # Gemma 2/3
         raw["layer_types"] = tuple(raw["layer_types"])
     return ModelConfig(**raw)
 

@@ -5,7 +5,7 @@ import dataclasses
 from typing import Any
 
 from jaxllm.models.arch_config import arch_fields, check_longrope
-from jaxllm.models.gemma_config import GEMMA_ARCHITECTURES, gemma_fields, hf_defaults
+from jaxllm.models.gemma_config import GEMMA_ARCHITECTURES, gemma_fields, gemma_rope, hf_defaults
 
 # HF model_type → the switches that distinguish it inside the one Llama-family decoder.
 SUPPORTED_ARCHITECTURES = {
@@ -18,9 +18,10 @@ SUPPORTED_ARCHITECTURES = {
     # mixture-of-experts (jaxllm/models/moe.py): every layer's MLP is a routed set of experts
     "mixtral": dict(),
     "qwen3_moe": dict(qk_norm=True),
-    # Google Gemma 2 (jaxllm/models/gemma_config.py): (1 + w) norms, scaled embeddings, GELU-tanh,
-    # sandwich norms, per-layer sliding window, soft-capping
+    # Google Gemma 2 / 3 text (jaxllm/models/gemma_config.py): (1 + w) norms, scaled embeddings, GELU-tanh,
+    # sandwich norms, per-layer sliding window, soft-capping; Gemma 3: q/k norm, local rope
     "gemma2": dict(),
+    "gemma3_text": dict(),
 }
 MOE_ARCHITECTURES = ("mixtral", "qwen3_moe")
 
@@ -68,6 +69,7 @@ class ModelConfig:
     attn_logit_softcap: float | None = None  # attention scores = cap * tanh(scores / cap)
     final_logit_softcap: float | None = None  # logits = cap * tanh(logits / cap)
     layer_types: tuple[str, ...] | None = None  # per layer "sliding_attention" | "full_attention"; None: all alike
+    rope_local_theta: float | None = None  # Gemma 3: the sliding layers' default-rope base
 
     # mixture of experts (mixtral, qwen3_moe; 0 = a dense MLP): every layer routes each token to
     # num_experts_per_tok of num_experts experts, each an MLP of moe_intermediate_size
@@ -148,9 +150,11 @@ class ModelConfig:
     def from_hf(cfg: dict[str, Any], source: str = "config.json") -> "ModelConfig":
         model_type = cfg.get("model_type")
         if model_type not in SUPPORTED_ARCHITECTURES:
+            hint = (" (Gemma 3 multimodal: only its text model, model_type 'gemma3_text', is supported)"
+                    if model_type == "gemma3" else "")
             raise ModelConfigError(
                 f"{source}: unsupported architecture model_type={model_type!r} "
-                f"(supported: {', '.join(sorted(SUPPORTED_ARCHITECTURES))})")
+                f"(supported: {', '.join(sorted(SUPPORTED_ARCHITECTURES))}){hint}")
         cfg = hf_defaults(model_type, cfg)  # Gemma: HF's defaults for absent fields
         act = cfg.get("hidden_act", "silu")
         if act != "silu" and model_type not in GEMMA_ARCHITECTURES:  # Gemma's activation: gemma_fields
@@ -161,7 +165,7 @@ class ModelConfig:
         if model_type in ("llama", "mistral", "granite") and cfg.get("attention_bias"):
             flags["attention_bias"] = True
         # transformers 5 keeps rope settings in `rope_parameters`; older configs use rope_theta + rope_scaling.
-        rope = dict(cfg.get("rope_parameters") or {})
+        rope, local_theta = gemma_rope(model_type, cfg, dict(cfg.get("rope_parameters") or {}), source)
         scaling = cfg.get("rope_scaling") or {}
         theta = rope.pop("rope_theta", cfg.get("rope_theta", 10000.0))
         rope.update({k: v for k, v in scaling.items() if k not in rope})
@@ -169,6 +173,8 @@ class ModelConfig:
         head_dim = cfg.get("head_dim") or cfg["hidden_size"] // num_heads
         flags.update(arch_fields(model_type, cfg, rope, source))
         flags.update(gemma_fields(model_type, cfg, source))
+        if local_theta is not None:
+            flags["rope_local_theta"] = local_theta
         rotary_dim = int(head_dim * flags.get("partial_rotary_factor", 1.0))
         rope_type = rope.get("rope_type", rope.get("type", "default"))
         if rope_type not in ROPE_TYPES:

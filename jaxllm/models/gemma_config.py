@@ -1,29 +1,35 @@
-"""Google Gemma config fields (host side, no jax): Gemma 2 (`gemma2`, `Gemma2ForCausalLM`), as
-transformers 5 reads it. `ModelConfig.from_hf` calls `hf_defaults` (HF's defaults for the fields a Gemma
+"""Google Gemma config fields (host side, no jax): Gemma 2
+(`gemma2`, `Gemma2ForCausalLM`) and Gemma 3 text (`gemma3_text`, `Gemma3ForCausalLM`), as transformers
+5 reads them. `ModelConfig.from_hf` calls `hf_defaults` (HF's defaults for the fields a Gemma
 config.json may leave out) and `gemma_fields`; the decoder reads the resulting ModelConfig fields.
 
-RMSNorm weight used as (1 + w) (`norm_offset`: the model computes it, in f32 before the
+Both: RMSNorm weight used as (1 + w) (`norm_offset`: the model computes it, in f32 before the
 cast as HF does; folding the +1 into a bf16 weight would round 1 + w to bf16's 2^-7 steps near 1, so it
 is not folded), embeddings times sqrt(hidden_size) (`embedding_multiplier`; the model multiplies in
 its dtype, as HF casts the normalizer), GELU-tanh MLP (`hidden_act` "gelu_tanh"), tied embeddings.
 Softmax scale query_pre_attn_scalar ** -0.5 (`attention_multiplier`), sandwich norms
 (`sandwich_norms`: HF's post_attention_layernorm normalises the attention output, pre/post_feedforward
 _layernorm wrap the MLP), `layer_types` (sliding-window or full attention per layer), attention and
-final logit soft-capping (defaults 50 / 30).
+final logit soft-capping (Gemma 2's defaults 50 / 30). Gemma 3: q/k RMSNorm, and the sliding layers'
+own default rope of base `rope_local_base_freq` (`rope_local_theta`) while the full layers use
+`rope_theta` with any rope scaling.
 """
 from __future__ import annotations
 
 import math
 from typing import Any
 
-GEMMA_ARCHITECTURES = ("gemma2",)
+GEMMA_ARCHITECTURES = ("gemma2", "gemma3_text")
 LAYER_TYPES = ("sliding_attention", "full_attention")
-GEMMA_ONLY_FIELDS = ("query_pre_attn_scalar", "attn_logit_softcapping", "final_logit_softcapping")
+GEMMA_ONLY_FIELDS = ("query_pre_attn_scalar", "attn_logit_softcapping", "final_logit_softcapping",
+                     "rope_local_base_freq")
 
 _COMMON = dict(head_dim=256, tie_word_embeddings=True, rms_norm_eps=1e-6, rope_theta=10000.0)
 _V2 = dict(_COMMON, hidden_activation="gelu_pytorch_tanh", query_pre_attn_scalar=256, sliding_window=4096)
-HF_DEFAULTS = {  # transformers 5's Gemma2Config defaults
+HF_DEFAULTS = {  # transformers 5's Gemma2Config / Gemma3TextConfig defaults
     "gemma2": dict(_V2, final_logit_softcapping=30.0, attn_logit_softcapping=50.0),
+    "gemma3_text": dict(_V2, final_logit_softcapping=None, attn_logit_softcapping=None, rope_theta=1_000_000.0,
+                        rope_local_base_freq=10000.0, sliding_window_pattern=6),
 }
 
 
@@ -47,14 +53,35 @@ def _cap(cfg: dict, name: str, source: str) -> float | None:
     return float(v)
 
 
+def gemma_rope(model_type: str, cfg: dict[str, Any], rope: dict[str, Any], source: str) -> tuple[dict, float | None]:
+    """→ (the full-attention layers' rope dict, the sliding layers' rope base or None). Gemma 3's
+    transformers 5 `rope_parameters` is keyed by layer type ({"full_attention": {...},
+    "sliding_attention": {...}}); older configs give rope_theta (+ rope_scaling) and rope_local_base_freq."""
+    if model_type != "gemma3_text":
+        return rope, None
+    if "full_attention" in rope or "sliding_attention" in rope:
+        full, local = dict(rope.get("full_attention") or {}), dict(rope.get("sliding_attention") or {})
+    else:
+        full, local = rope, {}
+    kind = local.get("rope_type", local.get("type", "default"))
+    if kind != "default":
+        raise _error(f"{source}: rope_parameters.sliding_attention.rope_type={kind!r} is not supported (only "
+                     f"'default' for Gemma 3's sliding layers)")
+    full.setdefault("rope_theta", cfg.get("rope_theta"))
+    theta = local.get("rope_theta", cfg.get("rope_local_base_freq"))
+    if isinstance(theta, bool) or not isinstance(theta, (int, float)) or not theta > 1:
+        raise _error(f"{source}: rope_local_base_freq={theta!r} must be a number > 1")
+    return full, float(theta)
+
+
 def gemma_fields(model_type: str, cfg: dict[str, Any], source: str) -> dict[str, Any]:
     """ModelConfig keyword fields of a Gemma config (after `hf_defaults`); for any other model_type the
     Gemma-only fields are refused in one line when set."""
     if model_type not in GEMMA_ARCHITECTURES:
         given = [n for n in GEMMA_ONLY_FIELDS if cfg.get(n) is not None]
         if given:
-            raise _error(f"{source}: {given[0]}={cfg[given[0]]!r} is only supported for model_type 'gemma2' "
-                         f"(got {model_type!r})")
+            raise _error(f"{source}: {given[0]}={cfg[given[0]]!r} is only supported for model_type 'gemma2' / "
+                         f"'gemma3_text' (got {model_type!r})")
         return {}
     if cfg.get("use_bidirectional_attention"):
         raise _error(f"{source}: use_bidirectional_attention={cfg['use_bidirectional_attention']!r} is not "
@@ -72,16 +99,22 @@ def gemma_fields(model_type: str, cfg: dict[str, Any], source: str) -> dict[str,
                attn_logit_softcap=_cap(cfg, "attn_logit_softcapping", source),
                final_logit_softcap=_cap(cfg, "final_logit_softcapping", source),
                layer_types=_layer_types(model_type, cfg, source))
+    if model_type == "gemma3_text":
+        out["qk_norm"] = True
     return out
 
 
 def _layer_types(model_type: str, cfg: dict, source: str) -> tuple[str, ...]:
     """Per layer "sliding_attention" / "full_attention": the config's `layer_types`, else HF's default
-    pattern (every other layer sliding, the first one too)."""
+    pattern (Gemma 2: every other layer sliding, the first one too; Gemma 3: `sliding_window_pattern`
+    - 1 sliding then one full)."""
     n = cfg["num_hidden_layers"]
     types = cfg.get("layer_types")
     if types is None:
-        types = ["sliding_attention" if (i + 1) % 2 else "full_attention" for i in range(n)]
+        period = 2 if model_type == "gemma2" else cfg.get("sliding_window_pattern")
+        if isinstance(period, bool) or not isinstance(period, int) or period < 1:
+            raise _error(f"{source}: sliding_window_pattern={period!r} must be an integer >= 1")
+        types = ["sliding_attention" if (i + 1) % period else "full_attention" for i in range(n)]
     if not isinstance(types, (list, tuple)) or len(types) != n:
         shown = f"a list of {len(types)}" if isinstance(types, (list, tuple)) else types
         raise _error(f"{source}: layer_types={shown!r} must list one type per layer (num_hidden_layers={n})")
@@ -91,9 +124,10 @@ def _layer_types(model_type: str, cfg: dict, source: str) -> tuple[str, ...]:
     return tuple(types)
 
 
-def layer_attention(config, i) -> int | None:
-    """Layer `i`'s sliding window or None. Without layer_types every layer has the config's
-    sliding_window (then `i` may be traced: a scan)."""
+def layer_attention(config, i) -> tuple[int | None, bool]:
+    """Layer `i`'s (sliding window or None, whether it uses the local rope table). Without layer_types
+    every layer has the config's sliding_window and its one rope (then `i` may be traced: a scan)."""
     if config.layer_types is None:
-        return config.sliding_window
-    return config.sliding_window if config.layer_types[i] == "sliding_attention" else None
+        return config.sliding_window, False
+    sliding = config.layer_types[i] == "sliding_attention"
+    return (config.sliding_window if sliding else None), sliding and config.rope_local_theta is not None

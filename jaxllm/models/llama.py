@@ -1,4 +1,4 @@
-"""One Llama-family decoder (Llama 2/3/3.1, Mistral, Qwen2, Qwen3, Phi-3, Granite, Gemma 2;
+"""One Llama-family decoder (Llama 2/3/3.1, Mistral, Qwen2, Qwen3, Phi-3, Granite, Gemma 2/3 text;
 Mixtral, Qwen3-MoE with moe.py's MLP) as a Flax NNX module.
 
 Checkpoints hand over each per-layer weight stacked on a leading "layers" axis (`PARAM_AXES`, the
@@ -28,7 +28,7 @@ from jaxllm.models import prequantized, quant_dot
 from jaxllm.models.moe import moe_mlp
 from jaxllm.models.projections import IN_PLACE, Projector
 from jaxllm.models.quant import QUANT_PARAMS, QuantWeight, check_backend, check_method, quantize
-from jaxllm.models.rope import apply_rope, rope_for_step
+from jaxllm.models.rope import apply_rope, local_rope_for_step, rope_for_step
 from jaxllm.parallel.ops import constrain, embed_lookup, lm_logits, paged_attention
 from pallas_kernels import AttentionMetadata, KVCache
 
@@ -39,7 +39,7 @@ PARAM_AXES: dict[str, tuple[str, ...]] = {
     "final_norm": ("norm",),
     "layers.input_norm": ("layers", "norm"),
     "layers.post_norm": ("layers", "norm"),
-    "layers.attn_out_norm": ("layers", "norm"),  # Gemma 2 sandwich norms (HF post_attention_layernorm,
+    "layers.attn_out_norm": ("layers", "norm"),  # Gemma 2/3 sandwich norms (HF post_attention_layernorm,
     "layers.mlp_out_norm": ("layers", "norm"),  # post_feedforward_layernorm); post_norm: pre_feedforward
     "layers.wq": ("layers", "embed", "heads", "head_dim"),
     "layers.wk": ("layers", "embed", "kv_heads", "head_dim"),
@@ -132,12 +132,12 @@ def layer_loop_mode(mode: str | None = None, config: ModelConfig | None = None) 
     unroll on accelerators, scan on CPU, where unrolling SmolLM2's 30 layers made warm-up ~8x longer
     for no measurable step gain (bench/RESULTS.md, "Layer loop"). An MoE `config` unrolls on CPU too: the
     scan's per-layer copy of the expert weights made a decode step 4-8x slower there (bench/RESULTS.md, "MoE").
-    A config with `layer_types` (Gemma 2: each layer's window is static, its own) always
+    A config with `layer_types` (Gemma 2/3: each layer's window and rope are static, its own) always
     unrolls; "scan" is refused for it."""
     mode = mode or os.environ.get(LAYER_LOOP_ENV, "auto") or "auto"
     if mode not in ("auto", "unroll", "scan"):
         raise ValueError(f"{LAYER_LOOP_ENV}={mode!r} is invalid: must be one of auto, unroll, scan")
-    if config is not None and config.layer_types is not None:  # Gemma 2: the window differs per layer
+    if config is not None and config.layer_types is not None:  # Gemma 2/3: window and rope differ per layer
         if mode == "scan":
             raise ValueError(f"{LAYER_LOOP_ENV}=scan is not supported for model_type={config.architecture!r}: its "
                              f"layers differ (layer_types: sliding-window and full attention); use unroll or auto")
@@ -165,7 +165,7 @@ def decoder_layer(w: dict[str, jax.Array], x, cos, sin, cache: KVCache, index, m
     attn, cache = paged_attention(q, k, v, cache, index, metadata, lay, sm_scale=c.attention_scale,
                                   sliding_window=window, soft_cap=c.attn_logit_softcap, impl=attention_impl)
     out = constrain(proj("thd,hde->te", attn, "wo", w["wo"], index), lay, ("tokens", "embed"))  # [T, E]
-    if c.sandwich_norms:  # Gemma 2: the attention output normalised before the residual
+    if c.sandwich_norms:  # Gemma 2/3: the attention output normalised before the residual
         out = norm(out, w["attn_out_norm"])
     x = x + _residual(out, c)
     h = norm(x, w["post_norm"])
@@ -282,13 +282,14 @@ class LlamaForCausalLM(nnx.Module):
         x = embed_lookup(self.embed[...], tokens, lay)  # [T, E]
         if c.embedding_multiplier != 1.0:  # Granite; Gemma's sqrt(hidden_size), cast to x's dtype as HF does
             x = x * jnp.asarray(c.embedding_multiplier, x.dtype)
-        cos, sin = rope_for_step(c, positions, metadata)  # [T, rotary_dim/2] f32
+        ropes = (rope_for_step(c, positions, metadata),  # [T, rotary_dim/2] f32 cos, sin
+                 local_rope_for_step(c, positions) if c.rope_local_theta is not None else None)  # Gemma 3 sliding
         stacked = self.layers.arrays() if self.layer_loop == "scan" else None
         proj = Projector(stacked, tokens.shape[0], lay, lora_onehot=None if lora is None else lora.onehot(x.dtype))
 
         def run(w, x, cache, i):  # i: a Python int (unroll) or traced (scan: every layer alike)
-            return decoder_layer(w, x, cos, sin, cache, i, metadata, c, lay, proj, self.attention_impl,
-                                 layer_attention(c, i))
+            window, local = layer_attention(c, i)
+            return decoder_layer(w, x, *ropes[local], cache, i, metadata, c, lay, proj, self.attention_impl, window)
 
         if self.layer_loop == "scan":
             in_place = {n: IN_PLACE for n in proj.in_place}  # read by the Projector at the traced layer

@@ -103,6 +103,13 @@ def rope_for_step(config: ModelConfig, positions: jnp.ndarray, metadata) -> tupl
     return jnp.where(long, cos_l, cos), jnp.where(long, sin_l, sin)
 
 
+def local_rope_for_step(config: ModelConfig, positions: jnp.ndarray) -> tuple[jnp.ndarray, jnp.ndarray]:
+    """cos, sin [T, rotary_dim // 2] f32 of Gemma 3's sliding layers: default rope of base
+    `rope_local_theta` (no scaling; the full layers' rope_scaling is theirs alone)."""
+    d = config.rotary_dim
+    return rope_tables(positions, 1.0 / (config.rope_local_theta ** (np.arange(0, d, 2, dtype=np.float64) / d)))
+
+
 def _yarn(inv: np.ndarray, config: ModelConfig, s: dict) -> tuple[np.ndarray, float]:
     d, base = config.rotary_dim, config.rope_theta
     old_len = float(s["original_max_position_embeddings"])

@@ -60,12 +60,19 @@ ARCH_CONFIGS = {
 
 # Gemma (tests/models/test_gemma_hf.py). gemma2: head_dim 256 (Gemma's), every other layer a 12-token window
 # (layer 0 sliding), query_pre_attn_scalar 144 (not head_dim), soft-caps small enough to bite on tiny random
-# weights.
+# weights; gemma3: q/k norms, 2 sliding layers (window 12, rope base 1e4) then 1 full (rope base 1e6, linear 8),
+# no soft-capping.
 # HF initialises Gemma's norm weights to 0 (a scale of 1 + 0): make_tiny_hf draws them, so the norms count.
 _GEMMA = dict(COMMON, head_dim=256, pad_token_id=0)
 GEMMA_CONFIGS = {
     "gemma2": ("Gemma2Config", dict(_GEMMA, sliding_window=12, query_pre_attn_scalar=144,
                                     attn_logit_softcapping=1.0, final_logit_softcapping=3.0)),
+    "gemma3": ("Gemma3TextConfig", dict(_GEMMA, num_hidden_layers=3, sliding_window=12, query_pre_attn_scalar=144,
+                                        layer_types=["sliding_attention", "sliding_attention", "full_attention"],
+                                        rope_parameters={"full_attention": dict(rope_type="linear", factor=8.0,
+                                                                                rope_theta=1000000.0),
+                                                         "sliding_attention": dict(rope_type="default",
+                                                                                   rope_theta=10000.0)})),
 }
 
 

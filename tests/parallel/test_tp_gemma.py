@@ -1,7 +1,8 @@
-"""Gemma 2 at tensor_parallel_size=2: logits of a two-prompt prefill (17 and 40 tokens,
+"""Gemma 2 and Gemma 3 text at tensor_parallel_size=2: logits of a two-prompt prefill (17 and 40 tokens,
 past the 12-token window of the sliding layers) and a decode step (tests/parallel/tp_forward.py) within
 1e-4 of tp=1. gemma2: sandwich norms, attention soft-cap inside the sharded attention, the final soft-cap
-after the vocab-parallel LM head's gather, one kv head per device. One build per tp and arch, tiny configs (tests/models/hf_tiny.py GEMMA_CONFIGS)."""
+after the vocab-parallel LM head's gather; gemma3: q/k norms, the sliding layers' local rope table, one
+kv head per device. One build per tp and arch, tiny configs (tests/models/hf_tiny.py GEMMA_CONFIGS)."""
 from __future__ import annotations
 
 import numpy as np
@@ -16,7 +17,7 @@ def root(tmp_path_factory):
     return str(tmp_path_factory.mktemp("tp_gemma"))
 
 
-@pytest.mark.parametrize("arch", ["gemma2"])
+@pytest.mark.parametrize("arch", ["gemma2", "gemma3"])
 def test_tp2_logits_equal_tp1(arch, root):
     path = make_tiny_hf(arch, root)
     ref_prefill, ref_decode = forward_logits(path, 1)
