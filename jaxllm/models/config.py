@@ -18,8 +18,9 @@ SUPPORTED_ARCHITECTURES = {
     # mixture-of-experts (jaxllm/models/moe.py): every layer's MLP is a routed set of experts
     "mixtral": dict(),
     "qwen3_moe": dict(qk_norm=True),
-    # Google Gemma 2 / 3 text (jaxllm/models/gemma_config.py): (1 + w) norms, scaled embeddings, GELU-tanh,
-    # sandwich norms, per-layer sliding window, soft-capping; Gemma 3: q/k norm, local rope
+    # Google Gemma 1 / 2 / 3 text (jaxllm/models/gemma_config.py): (1 + w) norms, scaled embeddings, GELU-tanh;
+    # Gemma 2/3: sandwich norms, per-layer sliding window, soft-capping; Gemma 3: q/k norm, local rope
+    "gemma": dict(),
     "gemma2": dict(),
     "gemma3_text": dict(),
 }

@@ -1,13 +1,13 @@
-"""Google Gemma config fields (host side, no jax): Gemma 2
+"""Google Gemma config fields (host side, no jax): Gemma 1 (`gemma`, `GemmaForCausalLM`), Gemma 2
 (`gemma2`, `Gemma2ForCausalLM`) and Gemma 3 text (`gemma3_text`, `Gemma3ForCausalLM`), as transformers
 5 reads them. `ModelConfig.from_hf` calls `hf_defaults` (HF's defaults for the fields a Gemma
 config.json may leave out) and `gemma_fields`; the decoder reads the resulting ModelConfig fields.
 
-Both: RMSNorm weight used as (1 + w) (`norm_offset`: the model computes it, in f32 before the
+All three: RMSNorm weight used as (1 + w) (`norm_offset`: the model computes it, in f32 before the
 cast as HF does; folding the +1 into a bf16 weight would round 1 + w to bf16's 2^-7 steps near 1, so it
 is not folded), embeddings times sqrt(hidden_size) (`embedding_multiplier`; the model multiplies in
 its dtype, as HF casts the normalizer), GELU-tanh MLP (`hidden_act` "gelu_tanh"), tied embeddings.
-Softmax scale query_pre_attn_scalar ** -0.5 (`attention_multiplier`), sandwich norms
+Gemma 2 and 3: softmax scale query_pre_attn_scalar ** -0.5 (`attention_multiplier`), sandwich norms
 (`sandwich_norms`: HF's post_attention_layernorm normalises the attention output, pre/post_feedforward
 _layernorm wrap the MLP), `layer_types` (sliding-window or full attention per layer), attention and
 final logit soft-capping (Gemma 2's defaults 50 / 30). Gemma 3: q/k RMSNorm, and the sliding layers'
@@ -19,14 +19,15 @@ from __future__ import annotations
 import math
 from typing import Any
 
-GEMMA_ARCHITECTURES = ("gemma2", "gemma3_text")
+GEMMA_ARCHITECTURES = ("gemma", "gemma2", "gemma3_text")
 LAYER_TYPES = ("sliding_attention", "full_attention")
 GEMMA_ONLY_FIELDS = ("query_pre_attn_scalar", "attn_logit_softcapping", "final_logit_softcapping",
                      "rope_local_base_freq")
 
 _COMMON = dict(head_dim=256, tie_word_embeddings=True, rms_norm_eps=1e-6, rope_theta=10000.0)
 _V2 = dict(_COMMON, hidden_activation="gelu_pytorch_tanh", query_pre_attn_scalar=256, sliding_window=4096)
-HF_DEFAULTS = {  # transformers 5's Gemma2Config / Gemma3TextConfig defaults
+HF_DEFAULTS = {  # transformers 5's GemmaConfig / Gemma2Config / Gemma3TextConfig defaults
+    "gemma": dict(_COMMON, hidden_act="gelu_pytorch_tanh"),
     "gemma2": dict(_V2, final_logit_softcapping=30.0, attn_logit_softcapping=50.0),
     "gemma3_text": dict(_V2, final_logit_softcapping=None, attn_logit_softcapping=None, rope_theta=1_000_000.0,
                         rope_local_base_freq=10000.0, sliding_window_pattern=6),
@@ -86,12 +87,17 @@ def gemma_fields(model_type: str, cfg: dict[str, Any], source: str) -> dict[str,
     if cfg.get("use_bidirectional_attention"):
         raise _error(f"{source}: use_bidirectional_attention={cfg['use_bidirectional_attention']!r} is not "
                      f"supported (only causal attention)")
-    act_name, act, ok = "hidden_activation", cfg.get("hidden_activation"), ("gelu_pytorch_tanh",)
+    if model_type == "gemma":  # HF's GemmaConfig reads the legacy "gelu" as the tanh approximation
+        act_name, act, ok = "hidden_act", cfg.get("hidden_act"), ("gelu", "gelu_pytorch_tanh")
+    else:
+        act_name, act, ok = "hidden_activation", cfg.get("hidden_activation"), ("gelu_pytorch_tanh",)
     if act not in ok:
         raise _error(f"{source}: {act_name}={act!r} is not supported for model_type {model_type!r} "
                      f"(only {' / '.join(map(repr, ok))})")
     out: dict[str, Any] = dict(hidden_act="gelu_tanh", norm_offset=True,
                                embedding_multiplier=float(cfg["hidden_size"] ** 0.5))
+    if model_type == "gemma":
+        return out
     scalar = cfg.get("query_pre_attn_scalar")
     if isinstance(scalar, bool) or not isinstance(scalar, (int, float)) or not scalar > 0:
         raise _error(f"{source}: query_pre_attn_scalar={scalar!r} must be a number > 0")

@@ -1,4 +1,4 @@
-"""One Llama-family decoder (Llama 2/3/3.1, Mistral, Qwen2, Qwen3, Phi-3, Granite, Gemma 2/3 text;
+"""One Llama-family decoder (Llama 2/3/3.1, Mistral, Qwen2, Qwen3, Phi-3, Granite, Gemma 1/2/3 text;
 Mixtral, Qwen3-MoE with moe.py's MLP) as a Flax NNX module.
 
 Checkpoints hand over each per-layer weight stacked on a leading "layers" axis (`PARAM_AXES`, the

@@ -61,7 +61,7 @@ ARCH_CONFIGS = {
 # Gemma (tests/models/test_gemma_hf.py). gemma2: head_dim 256 (Gemma's), every other layer a 12-token window
 # (layer 0 sliding), query_pre_attn_scalar 144 (not head_dim), soft-caps small enough to bite on tiny random
 # weights; gemma3: q/k norms, 2 sliding layers (window 12, rope base 1e4) then 1 full (rope base 1e6, linear 8),
-# no soft-capping.
+# no soft-capping; gemma: Gemma 1 with the legacy hidden_act "gelu" (HF reads it as the tanh approximation).
 # HF initialises Gemma's norm weights to 0 (a scale of 1 + 0): make_tiny_hf draws them, so the norms count.
 _GEMMA = dict(COMMON, head_dim=256, pad_token_id=0)
 GEMMA_CONFIGS = {
@@ -73,6 +73,7 @@ GEMMA_CONFIGS = {
                                                                                 rope_theta=1000000.0),
                                                          "sliding_attention": dict(rope_type="default",
                                                                                    rope_theta=10000.0)})),
+    "gemma": ("GemmaConfig", dict(COMMON, head_dim=32, hidden_act="gelu", pad_token_id=0)),
 }
 
 

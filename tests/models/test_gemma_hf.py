@@ -1,4 +1,4 @@
-"""Google Gemma 2 and Gemma 3 text against HF transformers on tiny random checkpoints
+"""Google Gemma 2, Gemma 3 text and Gemma 1 against HF transformers on tiny random checkpoints
 (tests/models/hf_tiny.py GEMMA_CONFIGS: head_dim 256, a 12-token window on the sliding layers, soft-caps
 that bite, drawn norm weights): prefill logits, greedy through the engine (paged, batched, prefix cache
 reused) against HF generate, Gemma 2 through the Pallas kernels (interpret mode), int8 weights, the
@@ -34,8 +34,8 @@ def test_logits_match_transformers(arch, tiny_root):
 
 def test_config_fields_are_read(tiny_root):
     """Each tiny config really exercises its features (not silently a plain Llama)."""
-    g2, g3 = (load_checkpoint(make_tiny_hf(a, tiny_root)).config for a in ("gemma2", "gemma3"))
-    for c in (g2, g3):
+    g2, g3, g1 = (load_checkpoint(make_tiny_hf(a, tiny_root)).config for a in ("gemma2", "gemma3", "gemma"))
+    for c in (g2, g3, g1):
         assert c.norm_offset and c.hidden_act == "gelu_tanh" and c.tie_word_embeddings
         assert c.embedding_multiplier == 8.0  # sqrt(hidden_size 64)
     assert g2.head_dim == 256 and g2.attention_scale == 144 ** -0.5 and g2.sandwich_norms and not g2.qk_norm
@@ -45,6 +45,7 @@ def test_config_fields_are_read(tiny_root):
     assert g3.rope_scaling_dict == {"rope_type": "linear", "factor": 8.0}
     assert g3.layer_types == ("sliding_attention", "sliding_attention", "full_attention")
     assert g3.attn_logit_softcap is None and g3.final_logit_softcap is None
+    assert g1.layer_types is None and not g1.sandwich_norms and g1.attention_scale == 32 ** -0.5
 
 
 def hf_greedy(path, prompts, n):
@@ -147,11 +148,11 @@ def test_int8_weights(tiny_root):
 
 def test_scan_layer_loop_refused(tiny_root):
     """Gemma 2/3's layers differ (window, rope): they always unroll; an explicit scan is refused in one
-    line."""
+    line. Gemma 1's layers are alike: either loop."""
     from jaxllm.models.llama import layer_loop_mode
 
-    g2 = load_checkpoint(make_tiny_hf("gemma2", tiny_root)).config
-    assert layer_loop_mode("auto", g2) == "unroll"
+    g2, g1 = (load_checkpoint(make_tiny_hf(a, tiny_root)).config for a in ("gemma2", "gemma"))
+    assert layer_loop_mode("auto", g2) == "unroll" and layer_loop_mode("scan", g1) == "scan"
     with pytest.raises(ValueError, match=r"^JAXLLM_LAYER_LOOP=scan is not supported for model_type='gemma2': "
                                          r"its layers differ \(layer_types") as e:
         layer_loop_mode("scan", g2)
@@ -172,6 +173,8 @@ BASE = dict(vocab_size=256, hidden_size=64, intermediate_size=96, num_hidden_lay
      "layer_types='a list of 1' must list one type per layer (num_hidden_layers=2)"),
     (dict(BASE, model_type="gemma2", hidden_activation="gelu"),
      "hidden_activation='gelu' is not supported for model_type 'gemma2' (only 'gelu_pytorch_tanh')"),
+    (dict(BASE, model_type="gemma", hidden_act="silu"),
+     "hidden_act='silu' is not supported for model_type 'gemma' (only 'gelu' / 'gelu_pytorch_tanh')"),
     (dict(BASE, model_type="gemma2", final_logit_softcapping=-1.0),
      "final_logit_softcapping=-1.0 must be a finite number > 0 or null"),
     (dict(BASE, model_type="gemma3_text", use_bidirectional_attention=True),
