@@ -62,6 +62,37 @@ def test_longrope_frequencies_match_transformers():
     assert np.abs(inv - longrope_long_frequencies(mc)).max() > 1e-3
 
 
+def test_longrope_set_follows_prompt_length_and_position():
+    """rope_for_step picks longrope's long set for a token iff its sequence's prompt is longer than
+    the original length (32) or its position is >= 32, whatever the step's chunk: a 40-token prompt's
+    first 16-token chunk (kv length 16) is long, a 20-token prompt's tokens at 30-33 (a speculative
+    step, kv length 34) are short then long; without prompt_lens the step's kv length stands in."""
+    import jax.numpy as jnp
+    import transformers
+
+    from jaxllm.models.rope import rope_for_step, rope_tables
+    from pallas_kernels import AttentionMetadata
+
+    mc = ModelConfig.from_hf(transformers.Phi3Config(**ARCH_CONFIGS["phi3_longrope"][1]).to_dict())
+    short, attention = rope_parameters(mc)
+    long = longrope_long_frequencies(mc)
+    positions = np.array(list(range(16)) + [30, 31, 32, 33] + [5, 6], np.int32)  # [T=22]: 3 sequences
+    cu = np.array([0, 16, 20, 22], np.int32)
+    context = np.array([16, 34, 7], np.int32)
+
+    def check(prompt_lens, want_long):
+        meta = AttentionMetadata(np.zeros(22, np.int32), np.zeros((3, 4), np.int32), context, cu,
+                                 prompt_lens=prompt_lens)
+        cos, sin = rope_for_step(mc, jnp.asarray(positions), meta)
+        for t, is_long in enumerate(want_long):
+            want_cos, want_sin = rope_tables(jnp.asarray(positions[t:t + 1]), long if is_long else short, attention)
+            np.testing.assert_allclose(np.asarray(cos[t]), np.asarray(want_cos[0]), atol=1e-6, err_msg=str(t))
+            np.testing.assert_allclose(np.asarray(sin[t]), np.asarray(want_sin[0]), atol=1e-6, err_msg=str(t))
+
+    check(np.array([40, 20, 50], np.int32), [True] * 16 + [False, False, True, True] + [True, True])
+    check(None, [False] * 16 + [True] * 4 + [False, False])  # kv lengths 16, 34, 7
+
+
 def hf_model(path):
     import torch
     import transformers
