@@ -107,6 +107,10 @@ class AttentionMetadata:
     # Static: True when every sequence has at most one new token and token i belongs to sequence i
     # (T == S). Lets the dispatcher pick the decode kernel without looking at values.
     decode_only: bool = dataclasses.field(default=False, metadata=dict(static=True))
+    # [S] int32, each sequence's prompt length (0 for padding sequences); the kernels never read it.
+    # Only longrope's per-sequence set choice does (jaxllm/models/rope.py); None = not given (the
+    # model then takes context_lens in its place, which is the same for a one-step prefill).
+    prompt_lens: jax.Array | None = None
 
     @property
     def num_tokens(self) -> int:

@@ -89,6 +89,13 @@ def build_parser() -> ArgumentParser:
                    help="most stop strings per request")
     s.add_argument("--max-message-bytes", type=int, default=d.max_message_bytes,
                    help="largest request message (gRPC) or body (HTTP, else 413) in bytes")
+    s.add_argument("--max-request-id-len", type=int, default=d.max_request_id_len,
+                   help="longest client request id (gRPC request_id, HTTP X-Request-Id / body request_id) "
+                        "in characters")
+    s.add_argument("--enable-request-id-headers", action="store_true",
+                   help="every HTTP answer carries an X-Request-Id header: the client's, else the id the "
+                        "server gave the request (vLLM's flag; default: off, only a client's X-Request-Id "
+                        "comes back)")
     add_chat_args(p)
     m = p.add_argument_group("metrics")
     m.add_argument("--metrics-port", type=int, default=None,
@@ -112,6 +119,7 @@ def server_config(args: argparse.Namespace) -> ServerConfig:
         health_probe_interval=args.health_probe_interval, max_n=args.max_n,
         max_tokens_cap=args.max_tokens_cap, max_logprobs=args.max_logprobs,
         max_stop_strings=args.max_stop_strings, max_message_bytes=args.max_message_bytes,
+        max_request_id_len=args.max_request_id_len, enable_request_id_headers=args.enable_request_id_headers,
         metrics_port=args.metrics_port, log_stats=not args.disable_log_stats,
         log_stats_interval=args.log_stats_interval,
         lora_modules=tuple(args.lora_modules or ()),

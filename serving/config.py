@@ -26,6 +26,9 @@ class ServerConfig(msgspec.Struct, kw_only=True):
     max_stop_strings: int = 16
     max_message_bytes: int = 4 * 1024 * 1024
     max_request_id_len: int = 256
+    # vLLM's --enable-request-id-headers: every HTTP answer carries X-Request-Id, the server's id when
+    # the client sent none (serving/request_ids.py); off: only a client's X-Request-Id comes back
+    enable_request_id_headers: bool = False
     # chat (OpenAI HTTP API): --chat-template's text (None = the model's), request templates, tool calling
     chat_template: str | None = None
     trust_request_chat_template: bool = False  # let a request's chat_template replace the template

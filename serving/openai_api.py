@@ -44,7 +44,7 @@ from serving.openai_protocol import (ChatCompletionRequest, CompletionRequest, D
 from serving.openai_responses import create_response
 from serving.openai_responses_protocol import ResponsesRequest
 from serving.openai_tools import render_body
-from serving.request_ids import HEADER, client_request_id
+from serving.request_ids import HEADER, RequestIdSlot, client_request_id, fresh_request_id
 
 if TYPE_CHECKING:
     from serving.server import ServingServer
@@ -70,8 +70,9 @@ class _Guard:
     limit (the whole body is read here, so an oversized or chunked one is refused with 413
     before any handler parses it)."""
 
-    def __init__(self, app, api_key: str | None, max_body: int):
+    def __init__(self, app, api_key: str | None, max_body: int, request_id_headers: bool = False):
         self.app = app
+        self.request_id_headers = request_id_headers  # --enable-request-id-headers
         self.expected = f"Bearer {api_key}".encode() if api_key else None
         self.max_body = max_body
 
@@ -80,8 +81,13 @@ class _Guard:
             return await self.app(scope, receive, send)
         headers = dict(scope.get("headers") or ())
         echoed = headers.get(b"x-request-id")
-        if echoed is not None:  # vLLM's --enable-request-id-headers: the client's id comes back
-            send = _with_header(send, b"x-request-id", echoed)
+        # the client's id comes back on every answer, errors included; with --enable-request-id-headers
+        # every answer has one (the handler may name it: the body's request_id; RequestIdSlot)
+        slot = RequestIdSlot(echoed.decode("latin-1") if echoed is not None
+                             else fresh_request_id() if self.request_id_headers else None)
+        if slot.value is not None:
+            scope = {**scope, RequestIdSlot.SCOPE_KEY: slot}
+            send = _with_request_id(send, slot)
         if self.expected is not None and scope.get("path") not in OPEN_PATHS:
             got = headers.get(b"authorization", b"")
             if not hmac.compare_digest(got, self.expected):
@@ -118,12 +124,13 @@ class _Guard:
             scope, receive, send)
 
 
-def _with_header(send, name: bytes, value: bytes):
-    """``send`` with the header ``name: value`` added to the response start (every answer, errors too)."""
+def _with_request_id(send, slot: RequestIdSlot):
+    """``send`` with ``X-Request-Id: <slot's value when the response starts>`` added (errors too)."""
 
     async def sending(message):
         if message["type"] == "http.response.start":
-            message = dict(message, headers=[*message.get("headers", ()), (name, value)])
+            message = dict(message, headers=[*message.get("headers", ()),
+                                             (b"x-request-id", slot.value.encode("latin-1"))])
         await send(message)
 
     return sending
@@ -240,12 +247,20 @@ def build_app(server: "ServingServer") -> Any:
         return info
 
     def client_id(request: Request, body: Any) -> str | None:
-        """The client's request id (X-Request-Id, then the body's request_id), or a 400."""
+        """The id naming the answer: the client's (X-Request-Id, then the body's request_id; a bad one
+        is a 400), else under --enable-request-id-headers the one the X-Request-Id header will carry,
+        else None (a fresh uuid)."""
         header = request.headers.get(HEADER)
         try:
-            return client_request_id(header, body.request_id, cfg.max_request_id_len)
+            rid = client_request_id(header, body.request_id, cfg.max_request_id_len)
         except ValueError as exc:
             raise invalid(str(exc), HEADER if header is not None else "request_id") from None
+        slot = RequestIdSlot.of(request.scope)
+        if slot is None:
+            return rid
+        if rid is not None:
+            slot.value = rid  # the body's request_id (a header is there already)
+        return slot.value
 
     @app.post("/v1/completions")
     async def completions(body: CompletionRequest, request: Request):
@@ -291,8 +306,9 @@ def build_app(server: "ServingServer") -> Any:
         return {"prompt": info.tokenizer.decode(ids, skip_special_tokens=True)}
 
     @app.post("/v1/embeddings")
-    async def embeddings(body: EmbeddingRequest):
-        return await create_embeddings(door, model_of(body.model, adapters=False), body)
+    async def embeddings(body: EmbeddingRequest, request: Request):
+        rid = client_id(request, body)
+        return await create_embeddings(door, model_of(body.model, adapters=False), body, rid)
 
     @app.get("/metrics")
     async def metrics():
@@ -301,7 +317,7 @@ def build_app(server: "ServingServer") -> Any:
 
         return Response(generate_latest(server.metrics.registry), media_type=CONTENT_TYPE_LATEST)
 
-    return _Guard(app, cfg.api_key, cfg.max_message_bytes)
+    return _Guard(app, cfg.api_key, cfg.max_message_bytes, cfg.enable_request_id_headers)
 
 
 class HttpServer:

@@ -3,7 +3,9 @@
 ``input`` is a string, a list of strings, a list of token ids or a list of token-id lists; every
 item is one engine request (``f"{id}-{i}"``), admitted together so the scheduler batches them,
 all or nothing (``FrontDoor.embed_many``). vLLM's extra fields: ``truncate_prompt_tokens``,
-``normalize``, ``pooling_type``. ``encoding_format="base64"`` returns little-endian float32
+``normalize``, ``pooling_type``, ``request_id`` (the answer's ``id`` is ``embd-<id>``, the
+``X-Request-Id`` header winning as on the other endpoints: serving/request_ids.py; with neither a
+random uuid). ``encoding_format="base64"`` returns little-endian float32
 bytes, base64-encoded, as OpenAI's client expects. A server that generates refuses with 400
 naming ``model`` (start it with ``--task embed``); ``dimensions`` (Matryoshka truncation) is
 refused by name.
@@ -12,6 +14,7 @@ refused by name.
 from __future__ import annotations
 
 import base64
+import time
 import uuid
 from typing import Literal
 
@@ -20,6 +23,7 @@ from pydantic import BaseModel, ConfigDict
 
 from jaxllm.pooling_params import PoolingParams
 from serving.frontdoor import FrontDoor, ModelInfo, check_token_ids, invalid
+from serving.request_ids import engine_prefix
 
 
 class EmbeddingRequest(BaseModel):
@@ -34,6 +38,7 @@ class EmbeddingRequest(BaseModel):
     truncate_prompt_tokens: int | None = None
     normalize: bool | None = None
     pooling_type: str | None = None
+    request_id: str | None = None  # vLLM's: names the answer (serving/request_ids.py)
 
 
 def _prompts(body: EmbeddingRequest, vocab_size: int | None, max_items: int) -> list:
@@ -58,7 +63,9 @@ def _prompts(body: EmbeddingRequest, vocab_size: int | None, max_items: int) -> 
     return items
 
 
-async def create_embeddings(door: FrontDoor, info: ModelInfo, body: EmbeddingRequest) -> dict:
+async def create_embeddings(door: FrontDoor, info: ModelInfo, body: EmbeddingRequest,
+                            request_id: str | None = None) -> dict:
+    """``request_id``: the client's (checked by the caller), None = a fresh uuid."""
     task = getattr(info.engine, "task", "generate")
     if task != "embed":
         raise invalid(f"model={info.name!r} is invalid for /v1/embeddings: this server's task is "
@@ -75,7 +82,9 @@ async def create_embeddings(door: FrontDoor, info: ModelInfo, body: EmbeddingReq
                                truncate_prompt_tokens=body.truncate_prompt_tokens).validate()
     except ValueError as exc:
         raise invalid(str(exc)) from None
-    outs = await door.embed_many(f"embd-{uuid.uuid4().hex}", prompts, params)
+    answer_id = "embd-" + (request_id or uuid.uuid4().hex)
+    # the engine's requests: f"{prefix}-{i}", unique even when two clients send one id
+    outs = await door.embed_many(engine_prefix(answer_id, request_id is not None), prompts, params)
     data = []
     for i, out in enumerate(outs):
         vec = out.outputs.embedding
@@ -83,5 +92,5 @@ async def create_embeddings(door: FrontDoor, info: ModelInfo, body: EmbeddingReq
             vec = base64.b64encode(np.asarray(vec, dtype="<f4").tobytes()).decode("ascii")
         data.append({"object": "embedding", "index": i, "embedding": vec})
     tokens = sum(len(o.prompt_token_ids) for o in outs)
-    return {"object": "list", "data": data, "model": info.name,
+    return {"id": answer_id, "object": "list", "created": int(time.time()), "data": data, "model": info.name,
             "usage": {"prompt_tokens": tokens, "total_tokens": tokens}}

@@ -2,9 +2,11 @@
 ``request_id``; no jax).
 
 vLLM's rule (``OpenAIServing._base_request_id``): the ``X-Request-Id`` header wins, then the
-body's ``request_id`` (completions and chat), else a random id; the answer's ``id`` is
-``cmpl-<id>`` / ``chatcmpl-<id>`` (``resp_<id>`` on /v1/responses). The header comes back on
-the response (vLLM's ``--enable-request-id-headers``, always on here).
+body's ``request_id`` (completions, chat, embeddings), else a random id; the answer's ``id`` is
+``cmpl-<id>`` / ``chatcmpl-<id>`` / ``embd-<id>`` (``resp_<id>`` on /v1/responses). A client's
+``X-Request-Id`` always comes back as a response header; with ``--enable-request-id-headers``
+(vLLM's flag) every answer carries one: the client's header, else the body's ``request_id``, else
+the id the server drew for the request (``RequestIdSlot``), which then also names the answer.
 
 The client's id is what the client sees; the engine never runs it bare. Each engine request is
 ``<shown id>-<8 random hex>-<prompt>``, so two clients (or one client's retry) sending the same id
@@ -35,6 +37,26 @@ def client_request_id(header: str | None, body_value: str | None, max_len: int) 
         bad = "it is empty" if not value else f"{_first_bad(value)!r} is not a visible ASCII character"
         raise ValueError(f"{field}={value[:64]!r} is invalid: {bad} (allowed: '!' to '~', no spaces)")
     return value
+
+
+class RequestIdSlot:
+    """One HTTP request's id for its ``X-Request-Id`` response header, shared by the middleware
+    (which sends the header when the response starts) and the handler (which names the answer).
+    ``value`` starts as the client's header, else (``--enable-request-id-headers``) a fresh uuid
+    hex, else None (no header); a handler that takes the body's ``request_id`` puts it here."""
+
+    SCOPE_KEY = "jaxllm.request_id"
+
+    def __init__(self, value: str | None):
+        self.value = value
+
+    @classmethod
+    def of(cls, scope: dict) -> "RequestIdSlot | None":
+        return scope.get(cls.SCOPE_KEY)
+
+
+def fresh_request_id() -> str:
+    return uuid.uuid4().hex
 
 
 def _first_bad(value: str) -> str:

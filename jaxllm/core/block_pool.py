@@ -7,8 +7,9 @@ first). A free block may still hold a *cached* prefix: its ``block_hash`` is reg
 recomputing. Allocating a free block that is cached evicts it (drops the hash entry).
 
 Block hashes are chained: ``hash(parent_hash, block token ids, extra_key)`` (sha256), so a
-hash identifies the whole prefix up to and including the block. ``extra_key`` is reserved
-for adapters (LoRA id, multimodal hashes): different keys never share blocks.
+hash identifies the whole prefix up to and including the block. ``extra_key`` holds what else
+the KV depends on (the LoRA adapter; longrope's prompt side, KVCacheManager.block_key): different
+keys never share blocks.
 """
 
 from __future__ import annotations

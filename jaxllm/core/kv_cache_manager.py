@@ -12,6 +12,13 @@ last block: the source block is pinned (one reference) from ``pin_fork`` until t
 admitted, when a fresh block takes the copy (``ScheduledSeq``-independent: the SchedulerOutput's
 ``block_copies``, applied by the runner before the step) and the pin is dropped. A fork whose full
 blocks are no longer all cached when it is admitted drops the pin and recomputes as any request.
+
+Block keys: a block's hash covers its tokens, every token before it and the request's ``extra_key``
+(its LoRA adapter), plus, for a model whose KV also depends on the prompt's length, which side of
+``long_prompt_threshold`` the prompt is on. That is longrope (Phi-3 / Phi-3.5 128k): a prompt longer
+than original_max_position_embeddings writes every key with the long rope set, a shorter one writes
+the keys before that length with the short set (jaxllm/models/rope.py), so the two never share a
+block, nor a fork's copied block; prompts on one side share as any others.
 """
 
 from __future__ import annotations
@@ -25,9 +32,15 @@ def cdiv(a: int, b: int) -> int:
 
 
 class KVCacheManager:
-    def __init__(self, num_blocks: int, block_size: int, enable_caching: bool = True) -> None:
+    def __init__(self, num_blocks: int, block_size: int, enable_caching: bool = True,
+                 long_prompt_threshold: int | None = None) -> None:
         if isinstance(block_size, bool) or not isinstance(block_size, int) or block_size < 1:
             raise ValueError(f"block_size={block_size!r} is invalid: must be an integer >= 1")
+        if long_prompt_threshold is not None and (isinstance(long_prompt_threshold, bool) or not isinstance(
+                long_prompt_threshold, int) or long_prompt_threshold < 1):
+            raise ValueError(f"long_prompt_threshold={long_prompt_threshold!r} is invalid: must be None or an "
+                             f"integer >= 1")
+        self.long_prompt_threshold = long_prompt_threshold
         self.block_size = block_size
         self.enable_caching = enable_caching
         self.pool = BlockPool(num_blocks, enable_caching)
@@ -52,9 +65,16 @@ class KVCacheManager:
     def prefix_hit_rate(self) -> float:
         return self.prefix_hits / self.prefix_queries if self.prefix_queries else 0.0
 
+    def block_key(self, req: Request) -> object:
+        """The part of ``req``'s block hashes beyond its tokens: its extra_key, and with a
+        long_prompt_threshold whether its prompt is longer than that (see the module doc)."""
+        if self.long_prompt_threshold is None:
+            return req.extra_key
+        return (req.extra_key, "long-prompt" if req.num_prompt_tokens > self.long_prompt_threshold else "short-prompt")
+
     def _hashes(self, req: Request) -> list[BlockHash]:
         hashes = self.req_hashes.setdefault(req.request_id, [])
-        return hash_request_blocks(req.all_token_ids, self.block_size, req.extra_key, hashes)
+        return hash_request_blocks(req.all_token_ids, self.block_size, self.block_key(req), hashes)
 
     def get_computed_blocks(self, req: Request) -> tuple[list[KVBlock], int]:
         """The longest cached prefix of the request's tokens, as (blocks, num_tokens).
@@ -89,7 +109,7 @@ class KVCacheManager:
         blocks = self.req_blocks.get(source.request_id)
         if (not self.enable_caching or req.params.prompt_logprobs is not None or m % self.block_size == 0
                 or req.request_id in self.fork_pins or not blocks or len(blocks) <= m // self.block_size
-                or source.num_computed_tokens < m or req.extra_key != source.extra_key
+                or source.num_computed_tokens < m or self.block_key(req) != self.block_key(source)
                 or req.all_token_ids[:m] != source.all_token_ids[:m]):
             return False
         block = blocks[m // self.block_size]

@@ -46,6 +46,7 @@ from jaxllm.engine.engine_stats import EngineStatsMixin
 from jaxllm.engine.grammar_requests import GrammarRequestsMixin
 from jaxllm.engine.lora_requests import LoRARequestsMixin
 from jaxllm.engine.spec_requests import SpecDecodeMixin, split_sampled
+from jaxllm.models.arch_config import long_prompt_threshold
 from jaxllm.metrics.stats import IterationStats
 from jaxllm.outputs import RequestOutput
 
@@ -84,7 +85,9 @@ class LLMEngine(AddRequestsMixin, EmbedRequestsMixin, EngineStatsMixin, GrammarR
         self.detokenizer_factory = detokenizer_factory
         # Logprob.decoded_token (None for tokenizer-less models, like detokenize=False)
         self._token_texts = TokenTexts(tokenizer) if getattr(tokenizer, "has_text", True) else None
-        self.kv = KVCacheManager(num_blocks, config.block_size, config.enable_prefix_caching)
+        # longrope: prompts past the original length write other KV; their blocks hash apart
+        self.kv = KVCacheManager(num_blocks, config.block_size, config.enable_prefix_caching,
+                                 long_prompt_threshold(getattr(runner, "model_config", None), config.max_model_len))
         self.scheduler = Scheduler(config.scheduler_config(), self.kv)
         self._rng = random.Random(config.seed)
         self._parents: dict[str, ParentState] = {}

@@ -11,7 +11,6 @@ import time
 import msgspec
 
 from jaxllm.config import EngineConfig
-from jaxllm.models.arch_config import prefix_cache_conflict
 from jaxllm.engine.engine import LLMEngine
 
 
@@ -163,9 +162,6 @@ def build_engine(config: EngineConfig, *, compile_cache: bool = True, warmup: bo
                          f"{mc.max_model_len_limit} positions")
     # the engine's config holds resolved values (what GetModelInfo and the CLIs report)
     config = msgspec.structs.replace(config, max_model_len=max_model_len, dtype=jax.numpy.dtype(dtype).name)
-    if config.enable_prefix_caching and (why := prefix_cache_conflict(mc, max_model_len)):
-        config = msgspec.structs.replace(config, enable_prefix_caching=False)
-        _info(f"prefix caching off: {why}")
     kept = prequantized.method(ckpt.params)
     if config.quantization and ckpt.format == "gguf" and kept in (None, "int4") and kept != config.quantization:
         how = "in groups (int4)" if config.quantization == "int4" else "per output channel"

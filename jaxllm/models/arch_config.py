@@ -98,15 +98,14 @@ def check_longrope(rope: dict[str, Any], cfg: dict[str, Any], rotary_dim: int, s
     rope["attention_factor"] = _number(attention, "rope_scaling.attention_factor", source)
 
 
-def prefix_cache_conflict(config, max_model_len: int) -> str | None:
-    """Why cached KV blocks cannot be shared between requests of this model, or None. longrope
-    (jaxllm/models/rope.py): a block's keys are rotated with the short or the long set depending on
-    its sequence's length when it was written, which the block's hash (its tokens) does not say, so a
-    long prompt could reuse short-set keys and a short one long-set keys; the engine turns prefix
-    caching off when max_model_len lets a sequence pass original_max_position_embeddings."""
-    s = config.rope_scaling_dict or {}
+def long_prompt_threshold(config, max_model_len: int) -> int | None:
+    """The prompt length past which a prompt's KV is written differently, or None. longrope
+    (jaxllm/models/rope.py): a prompt longer than original_max_position_embeddings writes every key
+    with the long set, a shorter one the keys before that length with the short set; the prefix
+    cache keys its blocks on the side (jaxllm/core/kv_cache_manager.py). None when max_model_len
+    keeps every sequence within the original length (always the short set) or the model is no
+    longrope one."""
+    s = (config.rope_scaling_dict if config is not None else None) or {}
     if s.get("rope_type") != "longrope" or max_model_len <= s["original_max_position_embeddings"]:
         return None
-    return (f"rope_type 'longrope' with max_model_len={max_model_len} > original_max_position_embeddings="
-            f"{s['original_max_position_embeddings']}: a cached block's keys depend on which rope set "
-            f"wrote them, not only on its tokens")
+    return int(s["original_max_position_embeddings"])

@@ -15,18 +15,17 @@ partial_rotary_factor; all of it otherwise).
 - longrope (Phi-3 / Phi-3.5 / Phi-4-mini): two sets of inverse frequencies, base ones divided by
   `short_factor` or by `long_factor` (per dim), cos and sin times the attention factor. HF picks one
   set per forward from the batch's longest position (long when max(position) + 1 >
-  `original_max_position_embeddings`); vLLM keeps both caches and picks by position, long for every
-  token of a step when any position in the step is past the original length. jaxllm picks per
-  sequence: a token uses the long set when its sequence's length at this step (context_lens, the
-  kv length with the new tokens) exceeds the original length: HF's rule for a sequence alone, and
-  unlike vLLM's not dependent on the other sequences of the batch. So a prompt prefilled in one step
-  matches HF's forward on either side of the threshold. The keys already cached stay rotated with
-  the set they were written with (as in vLLM): a sequence that grows past the original length while
-  decoding keeps its short-set keys, where HF generate (Phi3ForCausalLM.prepare_inputs_for_generation)
-  drops its cache once and recomputes the whole sequence with the long set; and a prompt prefilled
-  in several chunks uses the short set for chunks that end before the threshold. Since a block's keys
-  depend on the set that wrote them, the engine turns prefix caching off for such models
-  (arch_config.prefix_cache_conflict).
+  `original_max_position_embeddings`); vLLM uses the long set for every token once max_model_len
+  passes the original length. jaxllm picks per sequence and position: a token uses the long set when
+  its sequence's prompt is longer than the original length, or its own position is at or past it
+  (position + 1 > original). So a prompt uses one set for all its tokens, however it is chunked or
+  preempted: HF's forward over that prompt, on either side of the threshold. A sequence whose prompt
+  is short and that grows past the original length while decoding keeps its short-set keys (as in
+  vLLM's old per-step rule), where HF generate (Phi3ForCausalLM.prepare_inputs_for_generation) drops
+  its cache once and recomputes the whole sequence with the long set. The set that writes a key is a
+  function of (prompt longer than the original length, position), so the prefix cache keys blocks on
+  the first (jaxllm/core/kv_cache_manager.py, `long_prompt_threshold`; the position is in the hash
+  chain already): a block written for a long prompt never serves a short one and vice versa.
 """
 from __future__ import annotations
 
@@ -88,18 +87,21 @@ def longrope_long_frequencies(config: ModelConfig) -> np.ndarray:
 
 def rope_for_step(config: ModelConfig, positions: jnp.ndarray, metadata) -> tuple[jnp.ndarray, jnp.ndarray]:
     """cos, sin [T, rotary_dim // 2] f32 for a step's tokens (positions [T]); longrope picks its short
-    or long set per token from its sequence's length (`metadata`: pallas_kernels AttentionMetadata;
-    see the module doc)."""
+    or long set per token from its sequence's prompt length and its position (`metadata`:
+    pallas_kernels AttentionMetadata, whose prompt_lens stand in for context_lens when None; see the
+    module doc)."""
     inv, attention = rope_parameters(config)
     cos, sin = rope_tables(positions, inv, attention)
     s = config.rope_scaling_dict
     if not s or s["rope_type"] != "longrope":
         return cos, sin
     cos_l, sin_l = rope_tables(positions, longrope_long_frequencies(config), attention)
+    original = s["original_max_position_embeddings"]
+    lens = metadata.prompt_lens if metadata.prompt_lens is not None else metadata.context_lens  # [S]
     t = jnp.arange(positions.shape[0], dtype=jnp.int32)  # [T]
     seq = jnp.searchsorted(metadata.cu_q_lens, t, side="right") - 1  # [T] each token's sequence
-    seq = jnp.clip(seq, 0, metadata.context_lens.shape[0] - 1)  # padding tokens past the last sequence
-    long = (metadata.context_lens[seq] > s["original_max_position_embeddings"])[:, None]  # [T, 1]
+    seq = jnp.clip(seq, 0, lens.shape[0] - 1)  # padding tokens past the last sequence
+    long = ((lens[seq] > original) | (positions >= original))[:, None]  # [T, 1]
     return jnp.where(long, cos_l, cos), jnp.where(long, sin_l, sin)
 
 

@@ -78,6 +78,7 @@ def build_inputs(seqs: list[ScheduledSeq], rows: list[int], num_rows: int, eos_i
     lora_slots = np.zeros(T, np.int32) if lora else None
     block_tables = np.zeros((S, max_blocks), np.int32)
     context_lens = np.zeros(S, np.int32)
+    prompt_lens = np.zeros(S, np.int32)  # [S] longrope's set choice (jaxllm/models/rope.py)
     cu = np.zeros(S + 1, np.int32)
     logits_idx = np.zeros(S, np.int32)
     seq_rows = np.full(S, spare, np.int32)
@@ -126,6 +127,7 @@ def build_inputs(seqs: list[ScheduledSeq], rows: list[int], num_rows: int, eos_i
         output_rows[t:t + n] = np.where(is_prompt, R, row)
         block_tables[i, :len(blocks)] = blocks
         context_lens[i] = s.start_pos + n
+        prompt_lens[i] = s.num_prompt_tokens
         t += n
         cu[i + 1] = t
         if s.start_pos == 0 or s.prefix_token_ids is not None:
@@ -180,7 +182,7 @@ def build_inputs(seqs: list[ScheduledSeq], rows: list[int], num_rows: int, eos_i
             n = min(max_seen, len(all_seen[0]))
             seen_tokens[:n], seen_prompt_rows[:n], seen_output_rows[:n] = (a[:n] for a in all_seen)
     meta = AttentionMetadata(slot_mapping=slots, block_tables=block_tables, context_lens=context_lens,
-                             cu_q_lens=cu, decode_only=decode_only)
+                             cu_q_lens=cu, decode_only=decode_only, prompt_lens=prompt_lens)
     sampling = SamplingInputs(temperature, top_k, top_p, min_p, presence, frequency, repetition, seeds,
                               sample_pos, mask_ids, bias_ids, bias_values, allowed_ids, bitmask, constrained_rows)
     want = np.asarray(any(s.params.logprobs for s in seqs))

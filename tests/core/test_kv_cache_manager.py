@@ -1,3 +1,5 @@
+import pytest
+
 from jaxllm.core.kv_cache_manager import KVCacheManager
 from jaxllm.core.request import Request
 from jaxllm.sampling_params import SamplingParams
@@ -121,3 +123,61 @@ def test_fork_pins_shares_full_blocks_and_copies_the_partial_one():
     kv.free(f)
     assert kv.num_free_blocks == 10 and not kv.fork_pins
     kv.pool.check_invariants()
+
+
+def rope_sets(prompt_len, num_tokens, threshold):
+    """The reference rule (jaxllm/models/rope.py, longrope): the token at position p is written with
+    the long set iff its sequence's prompt is longer than the threshold or p >= threshold."""
+    return [prompt_len > threshold or p >= threshold for p in range(num_tokens)]
+
+
+def test_long_prompt_threshold_hashes_differ_exactly_when_the_rope_set_differs():
+    """Same 24 tokens, prompts of 3 / 10 / 11 / 20 of them (the rest generated), threshold 10, block 4:
+    block i of two requests hashes equal iff every token up to its end was written with the same set
+    (a block's KV depends on every key before it); without a threshold all hash equal."""
+    from jaxllm.core.block_pool import hash_request_blocks
+
+    tokens, thr, bs = list(range(100, 124)), 10, 4
+    kv = KVCacheManager(num_blocks=16, block_size=bs, long_prompt_threshold=thr)
+    plain = KVCacheManager(num_blocks=16, block_size=bs)
+    reqs = []
+    for n in (3, 10, 11, 20):
+        r = Request(f"p{n}", tokens[:n], SamplingParams(), seed=0, output_token_ids=tokens[n:])
+        reqs.append((r, hash_request_blocks(r.all_token_ids, bs, kv.block_key(r)),
+                     rope_sets(n, len(tokens), thr)))
+    pairs = 0
+    for ra, ha, sa in reqs:
+        assert hash_request_blocks(ra.all_token_ids, bs, plain.block_key(ra)) == \
+            hash_request_blocks(reqs[0][0].all_token_ids, bs, plain.block_key(reqs[0][0]))
+        for rb, hb, sb in reqs:
+            for i in range(len(tokens) // bs):
+                end = (i + 1) * bs
+                assert (ha[i] == hb[i]) == (sa[:end] == sb[:end]), (ra.request_id, rb.request_id, i)
+                pairs += ra is not rb and ha[i] == hb[i]
+    assert pairs == 4 * 6  # ordered pairs: p3 / p10 share all 6 blocks (both short), p11 / p20 too (long)
+
+
+def test_long_prompt_threshold_lookups_and_forks():
+    """A long prompt's blocks serve an identical long prompt and a longer one, never a short prompt
+    with the same first tokens (nor a fork across the threshold); short prompts share as usual."""
+    kv = KVCacheManager(num_blocks=32, block_size=4, long_prompt_threshold=10)
+    long_a = req("long_a", range(16))
+    kv.allocate_slots(long_a, 16)
+    long_a.num_computed_tokens = 16
+    assert kv.get_computed_blocks(req("long_b", range(16)))[1] == 12
+    assert kv.get_computed_blocks(req("long_c", list(range(16)) + [7]))[1] == 16
+    assert kv.get_computed_blocks(req("short", range(9))) == ([], 0)  # same 8 first tokens, short set
+    short_a = req("short_a", range(9))
+    kv.allocate_slots(short_a, 9)
+    short_a.num_computed_tokens = 9
+    assert kv.get_computed_blocks(req("short_b", range(10)))[1] == 8
+    assert kv.get_computed_blocks(req("long_d", range(12)))[1] == 8  # long_a's, not short_a's blocks
+    assert kv.get_computed_blocks(req("long_d2", range(12)))[0] == kv.req_blocks["long_a"][:2]
+    # a fork of short_a whose prompt (its 9 tokens + 1) is still short shares; one made long cannot
+    assert kv.pin_fork(req("fork_short", list(range(9)) + [5]), short_a)
+    long_src = Request("long_src", list(range(5)), SamplingParams(), seed=0, output_token_ids=list(range(5, 11)))
+    kv.allocate_slots(long_src, 11)
+    long_src.num_computed_tokens = 11
+    assert not kv.pin_fork(req("fork_long", list(range(11)) + [5]), long_src)  # prompt 12 > 10 vs 5
+    with pytest.raises(ValueError, match="long_prompt_threshold=0 is invalid: must be None or an integer >= 1"):
+        KVCacheManager(num_blocks=4, block_size=4, long_prompt_threshold=0)

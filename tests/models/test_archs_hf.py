@@ -62,6 +62,37 @@ def test_longrope_frequencies_match_transformers():
     assert np.abs(inv - longrope_long_frequencies(mc)).max() > 1e-3
 
 
+def test_longrope_set_follows_prompt_length_and_position():
+    """rope_for_step picks longrope's long set for a token iff its sequence's prompt is longer than
+    the original length (32) or its position is >= 32, whatever the step's chunk: a 40-token prompt's
+    first 16-token chunk (kv length 16) is long, a 20-token prompt's tokens at 30-33 (a speculative
+    step, kv length 34) are short then long; without prompt_lens the step's kv length stands in."""
+    import jax.numpy as jnp
+    import transformers
+
+    from jaxllm.models.rope import rope_for_step, rope_tables
+    from pallas_kernels import AttentionMetadata
+
+    mc = ModelConfig.from_hf(transformers.Phi3Config(**ARCH_CONFIGS["phi3_longrope"][1]).to_dict())
+    short, attention = rope_parameters(mc)
+    long = longrope_long_frequencies(mc)
+    positions = np.array(list(range(16)) + [30, 31, 32, 33] + [5, 6], np.int32)  # [T=22]: 3 sequences
+    cu = np.array([0, 16, 20, 22], np.int32)
+    context = np.array([16, 34, 7], np.int32)
+
+    def check(prompt_lens, want_long):
+        meta = AttentionMetadata(np.zeros(22, np.int32), np.zeros((3, 4), np.int32), context, cu,
+                                 prompt_lens=prompt_lens)
+        cos, sin = rope_for_step(mc, jnp.asarray(positions), meta)
+        for t, is_long in enumerate(want_long):
+            want_cos, want_sin = rope_tables(jnp.asarray(positions[t:t + 1]), long if is_long else short, attention)
+            np.testing.assert_allclose(np.asarray(cos[t]), np.asarray(want_cos[0]), atol=1e-6, err_msg=str(t))
+            np.testing.assert_allclose(np.asarray(sin[t]), np.asarray(want_sin[0]), atol=1e-6, err_msg=str(t))
+
+    check(np.array([40, 20, 50], np.int32), [True] * 16 + [False, False, True, True] + [True, True])
+    check(None, [False] * 16 + [True] * 4 + [False, False])  # kv lengths 16, 34, 7
+
+
 def hf_model(path):
     import torch
     import transformers
@@ -115,9 +146,9 @@ def test_engine_greedy_matches_hf_generate(arch, tiny_root):
     outs = LLM("tiny", engine=engine).generate([{"prompt_token_ids": p} for p in prompts],
                                                SamplingParams(temperature=0, max_tokens=8, ignore_eos=True),
                                                use_tqdm=False)
-    # longrope: a cached block's keys depend on the rope set that wrote them, so no sharing of blocks
-    assert engine.config.enable_prefix_caching == (arch != "phi3_longrope")
-    assert engine.kv.enable_caching == (arch != "phi3_longrope")
+    # longrope keeps prefix caching: its blocks hash apart by the prompt's side of the original length
+    assert engine.config.enable_prefix_caching and engine.kv.enable_caching
+    assert engine.kv.long_prompt_threshold == (ORIGINAL if arch == "phi3_longrope" else None)
     model = hf_model(path)
     for p, o in zip(prompts, outs):
         crosses = arch == "phi3_longrope" and len(p) == 28
@@ -133,8 +164,49 @@ def test_engine_greedy_matches_hf_generate(arch, tiny_root):
             want = torch.log_softmax(model(torch.tensor([short])).logits[0, -1], -1)  # [V]
         token = out.token_ids[0]
         assert token == int(want.argmax())
-        # reusing the long-set block would move it by ~1e-2 (checked with prefix caching forced on)
+        # reusing the long-set block would move it by ~1e-2 (checked by hashing without the prompt's side)
         assert abs(out.logprobs[0][token].logprob - float(want[token])) < 1e-4
+
+
+def test_longrope_prefix_cache_and_chunked_prefill_match_one_uncached_prefill(tiny_root):
+    """phi3_longrope (original length 32), block 16: a 40-token prompt (long set for all its keys)
+    run twice with prefix caching on (the second run hits 32 cached tokens) gives the tokens and
+    logprobs of the same prompt prefilled without the cache in 16-token chunks (chunks ending at 16
+    and 32 still write the long set: the set follows the prompt's length, not the step's) and HF
+    generate's tokens. A 20-token prompt sharing its first block hits nothing of it; a second
+    20-token one hits the first's block."""
+    import torch
+
+    from jaxllm import LLM, SamplingParams
+    from jaxllm.config import EngineConfig
+    from jaxllm.engine.factory import build_engine
+
+    path = make_tiny_hf("phi3_longrope", tiny_root)
+    prompt = np.random.default_rng(11).integers(0, 256, 40).tolist()
+    sp = SamplingParams(temperature=0, max_tokens=6, ignore_eos=True, logprobs=0)
+
+    def run(prefix_caching, chunk, prompts):
+        engine = build_engine(EngineConfig(model=path, max_model_len=128, block_size=16, max_num_seqs=2,
+                                           max_num_batched_tokens=chunk, enable_prefix_caching=prefix_caching),
+                              compile_cache=False, warmup=False)
+        llm = LLM("tiny", engine=engine)
+        return [llm.generate([{"prompt_token_ids": p}], sp, use_tqdm=False)[0] for p in prompts]
+
+    first, again, short, short2 = run(True, 128, [prompt, prompt, prompt[:20], prompt[:19] + [7]])
+    (chunked,) = run(False, 16, [prompt])
+    assert (first.num_cached_tokens, again.num_cached_tokens) == (0, 32)
+    assert (short.num_cached_tokens, short2.num_cached_tokens) == (0, 16)
+    want = hf_greedy(hf_model(path), prompt, 6)
+    for out in (first, again, chunked):
+        got = out.outputs[0]
+        assert list(got.token_ids) == want
+        lp = [d[t].logprob for d, t in zip(got.logprobs, got.token_ids)]
+        np.testing.assert_allclose(lp, [d[t].logprob for d, t in zip(first.outputs[0].logprobs, want)],
+                                   atol=1e-5)
+    with torch.no_grad():  # the short prompt: HF's short-set forward, not the long prompt's cached block
+        ref = torch.log_softmax(hf_model(path)(torch.tensor([prompt[:20]])).logits[0, -1], -1)
+    tok = short.outputs[0].token_ids[0]
+    assert tok == int(ref.argmax()) and abs(short.outputs[0].logprobs[0][tok].logprob - float(ref[tok])) < 1e-4
 
 
 BASE = dict(vocab_size=256, hidden_size=64, intermediate_size=96, num_hidden_layers=2, num_attention_heads=4)

@@ -2,8 +2,8 @@
 tp=8 replicates kv heads): identical greedy outputs and prompt logprobs, ~1/tp of the sharded
 parameters and of the KV cache per device, each device's shard of the fused wqkv / w_gate_up holding
 exactly its own q/k/v and gate/up slices, Megatron collectives only, zero compiles after warm-up,
-structured outputs and beam search across tp. tp=2 is covered elsewhere: its forward and fp8 KV cache
-in test_tp_logits.py, its engine greedy in test_tp_int4.py and test_tp_moe.py, its fused placement in
+structured outputs and beam search across tp. tp=2 is covered elsewhere: its forward, fp8 KV cache
+and engine prompt logprobs in test_tp_logits.py, its engine greedy in test_tp_int4.py and test_tp_moe.py, its fused placement in
 test_layout.py (LoRA slots: test_tp_lora.py; the forward outside the engine: tp_forward.py)."""
 from __future__ import annotations
 

@@ -2,7 +2,8 @@
 prefill, then a decode step) at tp 2, 4 and 8 (8 heads / 4 kv heads; tp=8 replicates kv heads): logits
 within 1e-4 of tp=1 in both layer loops, the fused qkv / gate_up split adding no collective; Qwen2's
 fused bias and Qwen3's q/k norm sharded; an fp8 KV cache at tp=2 (forward, and the served engine's
-pages and calibrated scales). The serving engine at tp 1/4/8: test_tp_engine.py."""
+pages and calibrated scales), and prompt logprobs through that tp=2 engine. The serving engine at tp
+1/4/8: test_tp_engine.py."""
 from __future__ import annotations
 
 import jax.numpy as jnp
@@ -98,3 +99,25 @@ def test_fp8_kv_cache_tp2_equals_tp1(engines, path):
         # tp=8 repeats each kv head on two devices: each copy calibrates to its head's tp=1 scale
         tp8 = np.asarray(getattr(engines(8, "fp8", warmup=False).runner.kv_cache, f"{name}_scale"))  # [L, 8]
         np.testing.assert_allclose(tp8, np.repeat(tp1, 2, axis=1), rtol=1e-5)
+
+
+def test_prompt_logprobs_tp2_equal_tp1(engines):
+    """Prompt logprobs (the LM-head pass over every prompt position on vocab-parallel weights) and
+    greedy tokens through the served tp=2 engine equal tp=1's: the fp8-cache engines the test above
+    built (scales equal across tp), so no engine is built for this alone, and the prompt that test
+    ran, one step (no decode bucket to compile at tp=1); tp 4 and 8 with an f32 cache and all four
+    prompts: test_tp_engine.py."""
+    params = SamplingParams(temperature=0, max_tokens=1, ignore_eos=True, prompt_logprobs=3)
+    prompts = [{"prompt_token_ids": PROMPTS[0]}]  # 17 tokens: 16 prompt positions with logprobs
+    ref, got = (LLM("tiny", engine=engines(tp, "fp8", warmup=False)).generate(prompts, params, use_tqdm=False)
+                for tp in (1, 2))
+    for r, g in zip(ref, got):
+        assert g.outputs[0].token_ids == r.outputs[0].token_ids
+        assert r.prompt_logprobs[0] is None and len(r.prompt_logprobs) == len(r.prompt_token_ids)
+        assert len(g.prompt_logprobs) == len(r.prompt_logprobs)
+        for lr, lg in zip(r.prompt_logprobs[1:], g.prompt_logprobs[1:]):  # {id: Logprob}: the prompt token + top 3
+            assert set(lg) == set(lr) and len(lr) >= 3
+            np.testing.assert_allclose([lg[t].logprob for t in lr], [lr[t].logprob for t in lr], atol=1e-4, rtol=0)
+            assert [lg[t].rank for t in lr] == [lr[t].rank for t in lr]
+    spread = [v.logprob for lp in ref[0].prompt_logprobs[1:] for v in lp.values()]
+    assert np.ptp(spread) > 0.5  # real distributions, not a flat vocabulary

@@ -30,14 +30,15 @@ class SlowRunner(FakeRunner):
 
 
 def make_llm_engine(max_model_len: int = 128, num_blocks: int = 256, max_num_seqs: int = 8,
-                    runner_cls=FakeRunner, grammar_tokenizer=None) -> LLMEngine:
+                    runner_cls=FakeRunner, grammar_tokenizer=None, task: str = "generate") -> LLMEngine:
     """The real host engine (scheduler, KV cache manager, output processor) over the fake
     runner and tokenizer: no jax, real block accounting. ``grammar_tokenizer``: structured
-    outputs (tests/fakes/grammar_tokenizers.py's fake_grammar_tokenizer)."""
+    outputs (tests/fakes/grammar_tokenizers.py's fake_grammar_tokenizer). ``task="embed"``: an
+    embedding server (the fake runner pools)."""
     tok = FakeTokenizer()
     config = EngineConfig(model="fake-llm", block_size=4, max_model_len=max_model_len,
-                          max_num_batched_tokens=64, max_num_seqs=max_num_seqs)
-    runner = runner_cls(num_blocks, 4, vocab_size=tok.vocab_size, eos_token_ids=tok.eos_token_ids)
+                          max_num_batched_tokens=64, max_num_seqs=max_num_seqs, task=task)
+    runner = runner_cls(num_blocks, 4, vocab_size=tok.vocab_size, eos_token_ids=tok.eos_token_ids, task=task)
     return LLMEngine(config, runner, tok, detokenizer_factory=FakeIncrementalDetokenizer,
                      grammar_tokenizer=grammar_tokenizer)
 

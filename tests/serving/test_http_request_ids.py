@@ -1,7 +1,9 @@
 """Client request ids on the HTTP door, vLLM's rule: the ``X-Request-Id`` header, else the body's
-``request_id``, names the answer (``cmpl-<id>``, ``chatcmpl-<id>``, ``resp_<id>``), the header
-comes back on the response, a bad value is a one-line 400, and one id sent twice at once runs as
-two distinct engine requests (each aborted alone when its client leaves).
+``request_id``, names the answer (``cmpl-<id>``, ``chatcmpl-<id>``, ``resp_<id>``, ``embd-<id>``),
+the header comes back on the response, a bad value is a one-line 400, and one id sent twice at once
+runs as two distinct engine requests (each aborted alone when its client leaves). With
+``--enable-request-id-headers`` every answer carries ``X-Request-Id``, the server's id when the
+client sent none (and that id names the answer).
 
 The server: the real host engine over the fake runner (slowed, so streams are still running while
 the test looks at the engine's in-flight ids)."""
@@ -135,3 +137,112 @@ def test_same_id_sequentially_and_beam_search(client, srv):
                                   extra_headers={"X-Request-Id": "beam-7"}, extra_body={"use_beam_search": True})
     assert r.id == "cmpl-beam-7" and len(r.choices) == 2
     srv.wait_idle()
+
+
+@pytest.fixture(scope="module")
+def id_headers_srv():
+    s = ThreadedServer(make_llm_engine(), enable_request_id_headers=True)
+    yield s
+    s.close()
+
+
+@pytest.fixture(scope="module")
+def embed_srv():
+    s = ThreadedServer(make_llm_engine(task="embed"), enable_request_id_headers=True, max_request_id_len=32)
+    yield s
+    s.close()
+
+
+def test_enable_request_id_headers_every_answer_carries_one(id_headers_srv):
+    """--enable-request-id-headers: an answer to a client that sent no id carries X-Request-Id, the
+    id that names it (cmpl-<it>, every streamed chunk's too), fresh per request; the client's header
+    or body request_id when sent; /health, /v1/models and errors (404, 400) carry one too."""
+    srv = id_headers_srv
+    with openai.OpenAI(base_url=srv.base_url + "/v1", api_key="unused", max_retries=0) as oc:
+        raw = oc.completions.with_raw_response.create(model="fake-llm", prompt="abc", max_tokens=2)
+        gen = raw.headers["x-request-id"]
+        assert raw.parse().id == f"cmpl-{gen}" and len(gen) == 32 and int(gen, 16) >= 0
+        raw = oc.chat.completions.with_raw_response.create(model="fake-llm", messages=CHAT, max_tokens=2,
+                                                           extra_body={"request_id": "body-9"})
+        assert raw.headers["x-request-id"] == "body-9" and raw.parse().id == "chatcmpl-body-9"
+        raw = oc.chat.completions.with_raw_response.create(model="fake-llm", messages=CHAT, max_tokens=2,
+                                                           extra_headers={"X-Request-Id": "hdr-9"},
+                                                           extra_body={"request_id": "body-9"})
+        assert raw.headers["x-request-id"] == "hdr-9" and raw.parse().id == "chatcmpl-hdr-9"
+    with httpx.stream("POST", srv.base_url + "/v1/chat/completions", timeout=30,
+                      json={"messages": CHAT, "max_tokens": 3, "stream": True}) as r:
+        sid = r.headers["x-request-id"]
+        ids = {json.loads(line[6:])["id"] for line in r.iter_lines() if line.startswith("data: {")}
+    assert ids == {f"chatcmpl-{sid}"} and sid != gen
+    shown = []
+    for method, path, body, status in (("GET", "/health", None, 200), ("GET", "/v1/models", None, 200),
+                                       ("GET", "/v1/nothing", None, 404),
+                                       ("POST", "/v1/completions", {"prompt": "abc", "max_tokens": -1}, 400)):
+        r = httpx.request(method, srv.base_url + path, json=body, timeout=30)
+        assert r.status_code == status, r.text
+        shown.append(r.headers["x-request-id"])
+        assert len(shown[-1]) == 32
+    assert len(set(shown + [gen, sid])) == 6  # fresh each time
+    srv.wait_idle()
+
+
+def test_flag_off_no_header_without_a_client_id(srv):
+    """The default (flag off): an answer to a client that sent no X-Request-Id has no such header,
+    errors and /health included; the body's request_id names the answer without one."""
+    for method, path, body in (("GET", "/health", None), ("GET", "/v1/nothing", None),
+                               ("POST", "/v1/completions", {"prompt": "abc", "max_tokens": 2, "request_id": "b"})):
+        r = httpx.request(method, srv.base_url + path, json=body, timeout=30)
+        assert "x-request-id" not in r.headers, path
+    assert r.json()["id"] == "cmpl-b"
+    srv.wait_idle()
+
+
+def test_embeddings_take_the_client_id(embed_srv):
+    """/v1/embeddings names its answer embd-<id> like the other endpoints: the X-Request-Id header,
+    else the body's request_id (vLLM's embeddings field), else the server's (the header it sends
+    back under --enable-request-id-headers); a bad id is the same one-line 400; one id sent twice
+    runs as two distinct engine requests (both answered with it)."""
+    srv = embed_srv
+    with openai.OpenAI(base_url=srv.base_url + "/v1", api_key="unused", max_retries=0) as oc:
+        raw = oc.embeddings.with_raw_response.create(model="fake-llm", input=["a b", "c"],
+                                                     extra_headers={"X-Request-Id": "emb-1"})
+        assert raw.headers["x-request-id"] == "emb-1" and raw.http_response.json()["id"] == "embd-emb-1"
+        assert len(raw.parse().data) == 2
+        raw = oc.embeddings.with_raw_response.create(model="fake-llm", input="a b", extra_body={"request_id": "emb-2"})
+        assert raw.headers["x-request-id"] == "emb-2" and raw.http_response.json()["id"] == "embd-emb-2"
+        raw = oc.embeddings.with_raw_response.create(model="fake-llm", input="a b")
+        answer = raw.http_response.json()
+        assert answer["id"] == f"embd-{raw.headers['x-request-id']}" and answer["object"] == "list"
+        assert isinstance(answer["created"], int)
+        with pytest.raises(openai.BadRequestError) as ei:
+            oc.embeddings.create(model="fake-llm", input="a", extra_body={"request_id": "z" * 33})
+        assert ei.value.body["param"] == "request_id"
+        assert ei.value.body["message"] == "request_id of length 33 is invalid: must be at most 32 characters " \
+                                           "(--max-request-id-len)"
+    seen = []
+    door_embed = srv.server.door.embed_many
+
+    async def recording(prefix, prompts, params):
+        seen.append(prefix)
+        return await door_embed(prefix, prompts, params)
+
+    srv.server.door.embed_many = recording
+    try:
+        for _ in range(2):
+            r = httpx.post(srv.base_url + "/v1/embeddings", json={"input": "x y", "request_id": "same"}, timeout=30)
+            assert r.status_code == 200 and r.json()["id"] == "embd-same"
+    finally:
+        srv.server.door.embed_many = door_embed
+    assert len(seen) == 2 and seen[0] != seen[1] and all(p.startswith("embd-same-") for p in seen)
+    srv.wait_idle()
+
+
+def test_request_id_flags_reach_the_server_config():
+    from serving.__main__ import build_parser, server_config
+
+    cfg = server_config(build_parser().parse_args([]))
+    assert (cfg.enable_request_id_headers, cfg.max_request_id_len) == (False, 256)
+    cfg = server_config(build_parser().parse_args(["--enable-request-id-headers", "--max-request-id-len", "64"]))
+    assert (cfg.enable_request_id_headers, cfg.max_request_id_len) == (True, 64)
+    with pytest.raises(ValueError, match="max_request_id_len=0 is invalid: must be a positive integer"):
+        server_config(build_parser().parse_args(["--max-request-id-len", "0"]))
