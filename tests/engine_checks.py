@@ -37,9 +37,10 @@ def assert_warm_and_greedy(engine, logits, check=(1,)):
         assert got == [int(ref[len(p) - 1 + k].argmax()) for k in range(len(got))], i
 
 
-def logits_of(model, c, seqs, block_size=8):
+def logits_of(model, c, seqs, block_size=8, share=False):
     """The independent reference forward: `model` on each of `seqs` (lists of token ids) in one
-    dense prefill batch through a fresh f32 cache, no engine → logits [sum(len), V] f32 numpy."""
+    dense prefill batch through a fresh f32 cache, no engine → logits [sum(len), V] f32 numpy.
+    ``share``: model_forward's (one compiled program per model structure; see the caveat there)."""
     import jax.numpy as jnp
 
     from jaxllm.models.dense_batch import prefill_batch
@@ -47,7 +48,7 @@ def logits_of(model, c, seqs, block_size=8):
 
     tokens, positions, meta, nblocks = prefill_batch(seqs, block_size)
     cache = KVCache.zeros(c.num_layers, nblocks + 1, block_size, c.num_kv_heads, c.head_dim, jnp.float32)
-    return jit_logits(model, tokens, positions, cache, meta)  # [sum(len), V] f32
+    return jit_logits(model, tokens, positions, cache, meta, share=share)  # [sum(len), V] f32
 
 
 _SHARED_FORWARD = []  # model_forward's process-wide jitted forward (share=True), made on first use
