@@ -37,9 +37,10 @@ def assert_warm_and_greedy(engine, logits, check=(1,)):
         assert got == [int(ref[len(p) - 1 + k].argmax()) for k in range(len(got))], i
 
 
-def logits_of(model, c, seqs, block_size=8):
+def logits_of(model, c, seqs, block_size=8, share=False):
     """The independent reference forward: `model` on each of `seqs` (lists of token ids) in one
-    dense prefill batch through a fresh f32 cache, no engine → logits [sum(len), V] f32 numpy."""
+    dense prefill batch through a fresh f32 cache, no engine → logits [sum(len), V] f32 numpy.
+    ``share``: model_forward's (one compiled program per model structure; see the caveat there)."""
     import jax.numpy as jnp
 
     from jaxllm.models.dense_batch import prefill_batch
@@ -47,25 +48,57 @@ def logits_of(model, c, seqs, block_size=8):
 
     tokens, positions, meta, nblocks = prefill_batch(seqs, block_size)
     cache = KVCache.zeros(c.num_layers, nblocks + 1, block_size, c.num_kv_heads, c.head_dim, jnp.float32)
-    return jit_logits(model, tokens, positions, cache, meta)  # [sum(len), V] f32
+    return jit_logits(model, tokens, positions, cache, meta, share=share)  # [sum(len), V] f32
 
 
-def jit_logits(model, *args, with_cache=False):
-    """`model(*args)` then its compute_logits as ONE jitted program (op-by-op dispatch of the eager
-    forward is several times slower on CPU; same model, same math) → logits [T, V] numpy, or
-    (logits, the returned cache) with `with_cache`."""
+_SHARED_FORWARD = []  # model_forward's process-wide jitted forward (share=True), made on first use
+
+
+def _forward(graphdef, switches, state, *args):
+    """`switches` is only part of the jit key (see model_forward)."""
+    from flax import nnx
+
+    m = nnx.merge(graphdef, state)
+    hidden, cache = m(*args)
+    return m.compute_logits(hidden), cache
+
+
+def model_forward(model, share=False):
+    """-> (fwd, state): ``fwd(state, *args)`` runs ``model(*args)`` then its compute_logits as ONE
+    jitted program -> (logits, the returned cache); ``fwd.lower(state, *args)`` lowers it.
+
+    ``share``: one jitted function for every model of the process, keyed by the model's graphdef
+    (structure, static config, layout; the weights are ``state``, an argument) and the $JAXLLM_*
+    environment, so two models of one architecture, shapes, quantization and sharding (a tp=4
+    forward built twice, the fp32 references of three checkpoints) run one compiled program instead
+    of compiling it again. A cached program is NOT retraced: a test that changes another trace-time
+    switch between calls (quant_dot.ENABLED, a monkeypatched kernel, jax.default_backend) must not
+    share. Without ``share``, a fresh jit per call (nothing reused)."""
+    import functools
+    import os
+
     import jax
-    import numpy as np
     from flax import nnx
 
     graphdef, state = nnx.split(model)
+    if not share:
+        return jax.jit(functools.partial(_forward, graphdef, None)), state
+    if not _SHARED_FORWARD:
+        _SHARED_FORWARD.append(jax.jit(_forward, static_argnums=(0, 1)))
+    jitted = _SHARED_FORWARD[0]
+    switches = tuple(sorted((k, v) for k, v in os.environ.items() if k.startswith("JAXLLM_")))
+    fwd = functools.partial(jitted, graphdef, switches)
+    fwd.lower = functools.partial(jitted.lower, graphdef, switches)
+    return fwd, state
 
-    @jax.jit
-    def fwd(state, *args):
-        m = nnx.merge(graphdef, state)
-        hidden, cache = m(*args)
-        return m.compute_logits(hidden), cache
 
+def jit_logits(model, *args, with_cache=False, share=False):
+    """`model(*args)` then its compute_logits as ONE jitted program (model_forward, ``share`` there:
+    op-by-op dispatch of the eager forward is several times slower on CPU; same model, same math)
+    → logits [T, V] numpy, or (logits, the returned cache) with `with_cache`."""
+    import numpy as np
+
+    fwd, state = model_forward(model, share=share)
     logits, cache = fwd(state, *args)
     return (np.asarray(logits), cache) if with_cache else np.asarray(logits)
 

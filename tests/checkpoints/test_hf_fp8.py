@@ -16,7 +16,7 @@ from checkpoints.errors import CheckpointError
 from jaxllm.models.llama import build_model
 from jaxllm.models.quant import QUANT_PARAMS, QuantWeight, dequantize, weight_bytes
 from tests.checkpoints.fp8_tiny import ct_config, make_fp8
-from tests.engine_checks import logits_of
+from tests.engine_checks import logits_of  # share=True: no trace-time switch changes in this module
 
 PROJ = {"layers.wq": 1, "layers.wk": 1, "layers.wv": 1, "layers.wo": 2, "layers.w_gate": 1, "layers.w_up": 1,
         "layers.w_down": 1}
@@ -67,7 +67,7 @@ def test_loads_fp8_and_matches_numpy_dequantized(name, dirs, caplog):
     mq = build_model(ck.config, ck.params, jnp.float32)
     mf = build_model(ref.config, ref.params, jnp.float32)
     assert mq.quantization == "fp8" and mf.quantization is None
-    got, want = logits_of(mq, ck.config, SEQS), logits_of(mf, ref.config, SEQS)
+    got, want = logits_of(mq, ck.config, SEQS, share=True), logits_of(mf, ref.config, SEQS, share=True)
     assert np.abs(want).max() > 1.0
     np.testing.assert_allclose(got, want, atol=2e-5 * np.abs(want).max(), rtol=0)
 
@@ -94,11 +94,11 @@ def test_ignored_layers_stay_full_precision_and_quantize_flag(root):
     assert all(isinstance(held[n[len("layers."):]], QuantWeight) for n in QUANT_PARAMS)
     mq = build_model(ck.config, dict(ck.params), jnp.float32)  # no flag: w_down and wqkv stay fp32
     assert not isinstance(mq.layers.arrays()["w_down"], QuantWeight) and mq.quantization == "fp8"
-    want = logits_of(build_model(ref.config, ref.params, jnp.float32), ref.config, SEQS)
-    np.testing.assert_allclose(logits_of(mq, ck.config, SEQS), want, atol=2e-5 * np.abs(want).max(), rtol=0)
+    want = logits_of(build_model(ref.config, ref.params, jnp.float32), ref.config, SEQS, share=True)
+    np.testing.assert_allclose(logits_of(mq, ck.config, SEQS, share=True), want, atol=2e-5 * np.abs(want).max(), rtol=0)
     mu = build_model(ck.config, dict(ck.params), jnp.float32, layer_loop="unroll")  # per-layer QuantWeights
     assert isinstance(mu.layers[1].arrays()["wo"], QuantWeight)
-    np.testing.assert_allclose(logits_of(mu, ck.config, SEQS), want, atol=2e-5 * np.abs(want).max(), rtol=0)
+    np.testing.assert_allclose(logits_of(mu, ck.config, SEQS, share=True), want, atol=2e-5 * np.abs(want).max(), rtol=0)
 
 
 def _with_qc(root: str, name: str, qc) -> str:
@@ -194,7 +194,7 @@ def test_fp8_block_checkpoint_matches_transformers_on_dequantized(dirs):
 
     fp8_dir, ref_dir = dirs["fp8-block"]
     ck = load_checkpoint(fp8_dir)
-    got = logits_of(build_model(ck.config, ck.params, jnp.float32), ck.config, SEQS)
+    got = logits_of(build_model(ck.config, ck.params, jnp.float32), ck.config, SEQS, share=True)
     want = np.concatenate(hf_logits(ref_dir, SEQS))
     np.testing.assert_allclose(got, want, atol=1e-4 * np.abs(want).max(), rtol=0)
 

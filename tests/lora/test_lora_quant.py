@@ -41,20 +41,36 @@ def forward(path, adapters, layer_loop, quantization=None, dequantized_from=None
     """Logits [T, V] of SEQS in one LoRA forward, seq i on slot slots_of_seq[i]; `dequantized_from`:
     a method whose quantize-then-dequantize replaces the checkpoint's projections (a full-precision
     model of the quantized weights)."""
-    ckpt = load_checkpoint(path)
-    c, params = ckpt.config, dict(ckpt.params)
-    if dequantized_from:
-        for name, nc in PROJECTIONS.items():
-            w = jnp.asarray(params[name], jnp.float32)
-            params[name] = np.asarray(dequantize(quantize(w, dequantized_from, nc, stacked=True), nc, stacked=True))
-    model = build_model(c, params, jnp.float32, layer_loop=layer_loop, quantization=quantization)
-    lora = LoRASlots(LoRAConfig(max_loras=len(adapters), max_lora_rank=RANK), model)
-    for slot, a in enumerate(adapters, start=1):
-        lora.set(slot, load_adapter(a, c, RANK))
+    model, lora = lora_model(path, tuple(adapters), layer_loop, quantization, dequantized_from)
     tokens, positions, meta, nblocks = prefill_batch(SEQS, 8)
     slots = jnp.asarray(np.repeat(slots_of_seq, [len(s) for s in SEQS]), jnp.int32)  # [T]
+    c = model.config
     cache = KVCache.zeros(c.num_layers, nblocks + 1, 8, c.num_kv_heads, c.head_dim, jnp.float32)
-    return jit_logits(model, tokens, positions, cache, meta, LoRABatch(lora.weights, slots))  # [T, V]
+    # shared: got and base (one quantized model, other slots), want and full (the fp32 model), and the
+    # fp32 model across methods each run one compiled program (no trace-time switch changes here)
+    return jit_logits(model, tokens, positions, cache, meta, LoRABatch(lora.weights, slots), share=True)  # [T, V]
+
+
+_MODELS = {}  # lora_model's: tiny models (vocab 512, hidden 64), a dozen at most
+
+
+def lora_model(path, adapters, layer_loop, quantization, dequantized_from):
+    """(model, its LoRASlots with `adapters` on slots 1..), built once per argument tuple: the
+    forwards of one model on other slots (got and base) reuse its weights and adapter slots."""
+    key = (path, adapters, layer_loop, quantization, dequantized_from)
+    if key not in _MODELS:
+        ckpt = load_checkpoint(path)
+        c, params = ckpt.config, dict(ckpt.params)
+        if dequantized_from:
+            for name, nc in PROJECTIONS.items():
+                w = jnp.asarray(params[name], jnp.float32)
+                params[name] = np.asarray(dequantize(quantize(w, dequantized_from, nc, stacked=True), nc, stacked=True))
+        model = build_model(c, params, jnp.float32, layer_loop=layer_loop, quantization=quantization)
+        lora = LoRASlots(LoRAConfig(max_loras=len(adapters), max_lora_rank=RANK), model)
+        for slot, a in enumerate(adapters, start=1):
+            lora.set(slot, load_adapter(a, c, RANK))
+        _MODELS[key] = model, lora
+    return _MODELS[key]
 
 
 @pytest.mark.parametrize("method,layer_loop", [("int8", "scan"), ("fp8", "scan"), ("fp8", "unroll"),

@@ -105,13 +105,15 @@ def test_engine_int4_greedy_equals_numpy_dequantized(tiny, tmp_path):
     for name, nc in CONTRACTED.items():
         ck.params[name] = numpy_rtn(np.asarray(ck.params[name]), nc, int4_group(ck.params[name].shape[nc]))
     model = build_model(ck.config, ck.params, jnp.float32, layer_loop="scan")
-    want = []  # the reference: greedy by full forwards of the growing sequence
-    for p in prompts:
-        seq = list(p["prompt_token_ids"])
-        for _ in range(8):
-            seq.append(int(logits_of(model, ck.config, [seq])[-1].argmax()))
-        want.append(seq[len(p["prompt_token_ids"]):])
-    assert got == want
+    # the reference: one full forward of each prompt + its 8 tokens (causal: position i's logits see
+    # tokens <= i alone), so greedy means each token is the argmax at the position before it; one
+    # program for both sequences instead of one per growing length
+    seqs = [p["prompt_token_ids"] + list(g) for p, g in zip(prompts, got)]
+    ref = logits_of(model, ck.config, seqs)  # [sum(len), V]
+    starts = np.cumsum([0] + [len(s) for s in seqs])
+    want = [[int(ref[start + len(p["prompt_token_ids"]) - 1 + k].argmax()) for k in range(len(g))]
+            for start, p, g in zip(starts, prompts, got)]
+    assert [len(g) for g in got] == [8, 8] and got == want
 
 
 def test_gpu_lowering_keeps_int4_and_the_block_dots(tiny, monkeypatch):

@@ -1,19 +1,20 @@
 """The tiny Llama's forward at any tensor-parallel size, outside the engine: two prompts prefilled
 together in one ragged step, then one decode step; shared by test_tp_logits.py and test_tp_lora.py.
 `prefill_logits`: one jitted ragged prefill of a loaded checkpoint, for the quantized-checkpoint
-modules (jitted: the eager forward at tp > 1 dispatches op by op, ~15x slower on the 8 CPU devices)."""
+modules (jitted: the eager forward at tp > 1 dispatches op by op, ~15x slower on the 8 CPU devices).
+Both share one jitted forward per model structure, sharding and $JAXLLM_* environment
+(tests/engine_checks.py model_forward): a test here must not change another trace-time switch."""
 from __future__ import annotations
 
-import jax
 import jax.numpy as jnp
 import numpy as np
-from flax import nnx
 
 from checkpoints import load_checkpoint
 from jaxllm.models.dense_batch import prefill_batch
 from jaxllm.models.llama import build_model
 from jaxllm.parallel import TPLayout, make_mesh
 from pallas_kernels import AttentionMetadata, KVCache
+from tests.engine_checks import model_forward
 
 BLOCK = 16
 PROMPTS = [list(range(3, 20)), [5, 9, 200, 7], list(range(100, 140)), [42]]
@@ -50,30 +51,16 @@ def forward_logits(path, tp, layer_loop=None, hlo=False, kv_dtype=jnp.float32):
     cache = KVCache.zeros(mc.num_layers, 16, BLOCK, mc.num_kv_heads, mc.head_dim, kv_dtype,
                           sharding=layout.cache_sharding() if layout else None,
                           scale_sharding=layout.cache_scale_sharding() if layout else None)
-    fwd, state = jit_forward(model)
+    fwd, state = model_forward(model, share=True)  # fwd(state, tokens, positions, cache, meta)
     a, b = PROMPTS[0], PROMPTS[2]  # 17 and 40 tokens; blocks 0-1 and 4-6
-    prefill_step, decode_step = two_prompt_steps(a, b)
-    prefill, cache = fwd(state, cache, *prefill_step)
+    (tokens, positions, meta), (dec_tokens, dec_positions, dec_meta) = two_prompt_steps(a, b)
+    prefill, cache = fwd(state, tokens, positions, cache, meta)
     prefill = np.asarray(prefill)[:len(a) + len(b)]
-    dec_args = (state, cache, *decode_step)
+    dec_args = (state, dec_tokens, dec_positions, cache, dec_meta)
     decode, _ = fwd(*dec_args)
     if hlo:
         return prefill, np.asarray(decode), fwd.lower(*dec_args).compile().as_text()
     return prefill, np.asarray(decode)
-
-
-def jit_forward(model):
-    """The model's forward and LM head as one jitted function of (state, cache, tokens, positions,
-    meta) -> (logits, cache), and the model's state to call it with."""
-    graphdef, state = nnx.split(model)
-
-    @jax.jit
-    def fwd(state, cache, tokens, positions, meta):
-        m = nnx.merge(graphdef, state)
-        hidden, cache = m(tokens, positions, cache, meta)
-        return m.compute_logits(hidden), cache
-
-    return fwd, state
 
 
 def prefill_logits(ckpt, tp, layer_loop, seqs, **build_kw):
@@ -87,6 +74,6 @@ def prefill_logits(ckpt, tp, layer_loop, seqs, **build_kw):
     cache = KVCache.zeros(mc.num_layers, nblocks + 1, 8, mc.num_kv_heads, mc.head_dim, jnp.float32,
                           sharding=layout.cache_sharding() if layout else None,
                           scale_sharding=layout.cache_scale_sharding() if layout else None)
-    fwd, state = jit_forward(model)
-    logits, _ = fwd(state, cache, tokens, positions, meta)
+    fwd, state = model_forward(model, share=True)
+    logits, _ = fwd(state, tokens, positions, cache, meta)
     return model, layout, np.asarray(logits)
