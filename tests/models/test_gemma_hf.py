@@ -97,7 +97,8 @@ def test_gemma2_through_pallas_kernels(tiny_root, monkeypatch):
 
     import jaxllm.parallel.ops as ops
     from jaxllm.models.llama import build_model
-    from tests.parallel.tp_forward import PROMPTS, jit_forward, two_prompt_steps
+    from tests.engine_checks import model_forward
+    from tests.parallel.tp_forward import PROMPTS, two_prompt_steps
     from pallas_kernels import KVCache
 
     calls = []
@@ -113,12 +114,13 @@ def test_gemma2_through_pallas_kernels(tiny_root, monkeypatch):
     ckpt = load_checkpoint(path)
     c = ckpt.config
     model = build_model(c, ckpt.params, jnp.float32, attention_impl="pallas")
-    fwd, state = jit_forward(model)
+    fwd, state = model_forward(model)  # not shared: the kernel is monkeypatched
     a, b = PROMPTS[0], PROMPTS[2]  # 17 and 40 tokens
     prefill_step, decode_step = two_prompt_steps(a, b)
     cache = KVCache.zeros(c.num_layers, 16, 16, c.num_kv_heads, c.head_dim, jnp.float32)
-    prefill, cache = fwd(state, cache, *prefill_step)
-    decode, _ = fwd(state, cache, *decode_step)  # tokens 7 and 11 after each prompt
+    (tokens, positions, meta), (dec_tokens, dec_positions, dec_meta) = prefill_step, decode_step
+    prefill, cache = fwd(state, tokens, positions, cache, meta)
+    decode, _ = fwd(state, dec_tokens, dec_positions, cache, dec_meta)  # tokens 7 and 11 after each prompt
     scale = 144 ** -0.5
     assert set(calls) == {("pallas", decode, scale, window, 1.0, 256)
                           for decode in (False, True) for window in (12, None)}
