@@ -26,7 +26,8 @@ from jaxllm.models.fusion import FUSED, FUSED_OUTPUTS, FUSED_PARTS, placement_pl
 from jaxllm.models import prequantized, quant_dot
 from jaxllm.models.moe import moe_mlp
 from jaxllm.models.projections import IN_PLACE, Projector
-from jaxllm.models.quant import QUANT_PARAMS, QuantWeight, check_backend, check_method, quantize
+from jaxllm.models.quant import (EXPERT_QUANT_PARAMS, QUANT_PARAMS, QuantWeight, check_backend, check_method,
+                                 quantize, quantize_experts)
 from jaxllm.models.rope import apply_rope, rope_for_step
 from jaxllm.parallel.ops import constrain, embed_lookup, lm_logits, paged_attention
 from pallas_kernels import AttentionMetadata, KVCache
@@ -316,9 +317,9 @@ def build_model(config: ModelConfig, params: dict[str, np.ndarray | jax.Array], 
     scales; an fp8 checkpoint's: float8 with per-channel or block scales) is placed as it is (fused
     like the others); see `prequantized.check`."""
     check_method(quantization)
-    if config.is_moe and (quantization or prequantized.method(params)):
+    if config.is_moe and (quantization == "int4" or prequantized.method(params)):
         raise ValueError(f"quantization={quantization or prequantized.method(params)!r} is not supported for the "
-                         f"{config.architecture} MoE model: expert weights have no quantized path (run it unquantized)")
+                         f"{config.architecture} MoE model: its experts quantize to 'int8' or 'fp8' only")
     prequantized.requantize_int4(params, quantization)
     check_backend(quantization or prequantized.method(params))
     prequantized.check(params, quantization)
@@ -343,6 +344,8 @@ def build_model(config: ModelConfig, params: dict[str, np.ndarray | jax.Array], 
             w = parts[0] if fn is None else fn(jnp, *parts)  # tp=1: fusing is concatenation
             if quantization and held in QUANT_PARAMS:
                 w = _quantize_jit(w, quantization, QUANT_PARAMS[held], i is None, fp8_bits, int4_packed)
+            elif quantization and held in EXPERT_QUANT_PARAMS:  # [(L,) X, in, out]: per expert and column
+                w = _quantize_experts_jit(w, quantization, fp8_bits)
             return w
 
         if split and held.startswith("layers."):
@@ -354,3 +357,4 @@ def build_model(config: ModelConfig, params: dict[str, np.ndarray | jax.Array], 
 
 
 _quantize_jit = jax.jit(quantize, static_argnums=(1, 2, 3, 4, 5))
+_quantize_experts_jit = jax.jit(quantize_experts, static_argnums=(1, 2))

@@ -143,7 +143,8 @@ class TPLayout:
         channel scale like the weight's output axes, `scale_axes`; int4's group scales like the weight). Params that are QuantWeights already
         (an fp8 checkpoint's projections, a GGUF's Q8_0 ones) are placed as they are, sharded the same way."""
         from jaxllm.models.llama import MODEL_AXES
-        from jaxllm.models.quant import QUANT_PARAMS, QuantWeight, quantize, scale_axes
+        from jaxllm.models.quant import (EXPERT_QUANT_PARAMS, QUANT_PARAMS, QuantWeight, expert_scale_axes, quantize,
+                                         quantize_experts, scale_axes)
 
         out = {}
         for held, sources, fn in placement_plan(params, self.kv_repeat, self.tp):
@@ -171,6 +172,11 @@ class TPLayout:
                         quantize(w, "int4", n, st), axes, n - lead)
                 f = jax.jit(quant, out_shardings=QuantWeight(q_sh, s_sh))
                 out[held] = f(out[held]) if stacked else [f(w) for w in out[held]]
+            elif quantization and held in EXPERT_QUANT_PARAMS:  # per expert and output channel, scale [(L,) X, out]
+                lead = 0 if not isinstance(out[held], list) else 1
+                sh = QuantWeight(self.sharding(axes[lead:]), self.sharding(expert_scale_axes(axes)[lead:]))
+                f = jax.jit(lambda w: quantize_experts(w, quantization), out_shardings=sh)
+                out[held] = [f(w) for w in out[held]] if lead else f(out[held])
         return out
 
     def _int4_whole_groups(self, w, axes: tuple[str, ...], axis: int):
