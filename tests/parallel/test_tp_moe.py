@@ -61,3 +61,24 @@ def test_engine_tp2_greedy_equals_hf_generate(root):
 
     assert_engine_greedy_equals_hf(sharpened("qwen3_moe", root), [[5, 17, 33, 2, 99, 140, 7], list(range(30, 43))], 8,
                                    tensor_parallel_size=2, max_num_batched_tokens=32)
+
+
+def test_int8_experts_tp2_equal_tp1(root):
+    """--quantization int8 on Mixtral (experts per expert and output channel, jaxllm/models/moe_quant.py):
+    at tp=2 each device holds its F/tp slice of every expert's q, the gate_up scale split like its
+    columns and the down scale (output axis "embed") replicated; logits equal tp=1's quantized ones."""
+    from jaxllm.models.quant import QuantWeight
+    from tests.parallel.tp_forward import prefill_logits
+
+    ck = load_checkpoint(make_tiny_hf("mixtral", root))
+    seqs = [[5, 9, 200, 7, 1], list(range(3, 30))]
+    _, _, one = prefill_logits(load_checkpoint(ck.path), 1, "unroll", seqs, quantization="int8")
+    model, _, two = prefill_logits(ck, 2, "unroll", seqs, quantization="int8")
+    w = model.layers[0].arrays()
+    gu, down = w["we_gate_up"], w["we_down"]
+    assert isinstance(gu, QuantWeight) and gu.q.dtype == jnp.int8 and down.q.dtype == jnp.int8
+    F, X = ck.config.moe_intermediate_size, ck.config.num_experts
+    assert gu.q.addressable_shards[0].data.shape[-1] == 2 * F // 2 and gu.scale.addressable_shards[0].data.shape == (X, F)
+    assert down.q.addressable_shards[0].data.shape[1] == F // 2 and down.scale.sharding.is_fully_replicated
+    np.testing.assert_allclose(two, one, atol=1e-4 * np.abs(one).max(), rtol=0)
+    assert np.abs(one).max() > 0.5
