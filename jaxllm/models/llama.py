@@ -233,7 +233,7 @@ class LlamaForCausalLM(nnx.Module):
         self.attention_impl = attention_impl
         self.layout = layout
         self.layer_loop = layer_loop_mode(layer_loop, config)
-        held = [params.get(n) for n in QUANT_PARAMS]  # an fp8 checkpoint may keep only some of them
+        held = [params.get(n) for n in (*QUANT_PARAMS, *EXPERT_QUANT_PARAMS)]  # an fp8 checkpoint may keep some
         held = [w[0] if isinstance(w, (list, tuple)) else w for w in held]
         self.quantization = next((w.method for w in held if isinstance(w, QuantWeight)), None)
         self.embed = nnx.Param(params["embed"])
@@ -317,7 +317,7 @@ def build_model(config: ModelConfig, params: dict[str, np.ndarray | jax.Array], 
     scales; an fp8 checkpoint's: float8 with per-channel or block scales) is placed as it is (fused
     like the others); see `prequantized.check`."""
     check_method(quantization)
-    if config.is_moe and (quantization == "int4" or prequantized.method(params)):
+    if config.is_moe and (quantization == "int4" or prequantized.method(params) not in (None, "fp8")):
         raise ValueError(f"quantization={quantization or prequantized.method(params)!r} is not supported for the "
                          f"{config.architecture} MoE model: its experts quantize to 'int8' or 'fp8' only")
     prequantized.requantize_int4(params, quantization)

@@ -224,6 +224,16 @@ def quantize_experts(w: jax.Array, method: str, fp8_bits: bool = False) -> Quant
     return QuantWeight(qw.q.reshape(w.shape), qw.scale.reshape(w.shape[:-2] + w.shape[-1:]))
 
 
+def dequantize_experts(w: QuantWeight, dtype=jnp.float32, xp=jnp):
+    """The full-precision expert weights [..., X, in, out] a QuantWeight of `quantize_experts`' form (or
+    an fp8 checkpoint's block-scaled one, scale [..., X, in/B, out]) stands for (`xp`: jax.numpy or numpy)."""
+    q, s = w.q, w.scale
+    n = q.size // (q.shape[-2] * q.shape[-1])
+    tail = s.shape[-2:] if s.ndim == q.ndim else s.shape[-1:]  # [in/B, out] or [out]
+    flat = QuantWeight(q.reshape((n,) + q.shape[-2:]), s.reshape((n,) + tail))
+    return dequantize(flat, 1, stacked=True, dtype=dtype, xp=xp).reshape(q.shape)
+
+
 def expert_scale_axes(weight_axes: tuple[str, ...]) -> tuple[str, ...]:
     """Logical axes of an expert weight's scale: the weight's without its contracted (second to last) axis."""
     return weight_axes[:-2] + weight_axes[-1:]

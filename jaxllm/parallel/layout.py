@@ -150,6 +150,11 @@ class TPLayout:
         for held, sources, fn in placement_plan(params, self.kv_repeat, self.tp):
             xs = [params.pop(s) for s in sources]
             axes = MODEL_AXES[held]
+            if isinstance(xs[0], QuantWeight) and held in EXPERT_QUANT_PARAMS:  # an fp8 checkpoint's experts:
+                # [L, X, in, out], the contracted axis at 2; per-channel scales [L, X, out]
+                out[held] = self._place_quant(xs, axes, 2, fn, config.num_layers, split_layers,
+                                              channel_axes=expert_scale_axes(axes))
+                continue
             if isinstance(xs[0], QuantWeight):  # an fp8 checkpoint's / Q8_0 projection: placed as stored
                 out[held] = self._place_quant(xs, axes, QUANT_PARAMS[held], fn, config.num_layers, split_layers)
                 continue
@@ -189,15 +194,17 @@ class TPLayout:
             return w
         return QuantWeight(w.q, _whole_blocks(w.q, w.scale, axis, self.tp))
 
-    def _place_quant(self, xs: list, axes: tuple[str, ...], n: int, fn, num_layers: int, split_layers: bool):
+    def _place_quant(self, xs: list, axes: tuple[str, ...], n: int, fn, num_layers: int, split_layers: bool,
+                     channel_axes: tuple[str, ...] | None = None):
         """Pre-quantized parts (QuantWeights of numpy, stacked) → the held QuantWeight (a list per
         layer when `split_layers`): q sharded like the weight, a per-channel scale like the weight's
         output axes, block scales ([L, in..., in_last/B, out...]) like the weight. kv-head repetition
-        and shard-major fusion (`fn`) act on the output axes, which q and scale share at the end."""
+        and shard-major fusion (`fn`) act on the output axes, which q and scale share at the end. Experts:
+        `n` = 2 (the blocked axis is q's axis 2) and `channel_axes` their per-channel scale's axes."""
         from jaxllm.models.quant import QuantWeight, scale_axes
 
         blocked = xs[0].scale.ndim == xs[0].q.ndim
-        s_axes = axes if blocked else scale_axes(axes, n)
+        s_axes = axes if blocked else channel_axes or scale_axes(axes, n)
         qs, ss = [x.q for x in xs], [x.scale for x in xs]
         os_ = None if xs[0].offset is None else [x.offset for x in xs]  # 4-bit asymmetric: like the block scales
         if blocked and self.rules.get(axes[n]) == TP:  # the blocked axis (the last contracted one) is

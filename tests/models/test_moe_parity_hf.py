@@ -161,14 +161,15 @@ def test_quantized_hf_and_gguf_moe_refused_in_one_line(root, tmp_path):
 
     from tests.checkpoints.gguf_tiny import write_gguf_from_hf
 
-    d = str(tmp_path / "fp8")
+    d = str(tmp_path / "gptq")
     shutil.copytree(make_tiny_hf("qwen3_moe", root), d)
     with open(os.path.join(d, "config.json")) as f:
         cfg = json.load(f)
-    cfg["quantization_config"] = {"quant_method": "fp8", "activation_scheme": "dynamic"}
+    cfg["quantization_config"] = {"quant_method": "gptq", "bits": 4, "group_size": 32, "sym": True}  # fp8 loads
     with open(os.path.join(d, "config.json"), "w") as f:
         json.dump(cfg, f)
-    with pytest.raises(CheckpointError, match="quantization_config on the qwen3_moe MoE model is not supported") as e:
+    with pytest.raises(CheckpointError, match="quantization_config on the qwen3_moe MoE model is not supported "
+                                              r"\(quant_method='gptq': MoE checkpoints load in fp8 or full precision only\)") as e:
         load_checkpoint(d)
     assert "\n" not in str(e.value)
     gg = write_gguf_from_hf(make_tiny_hf("llama", root), str(tmp_path / "moe.gguf"), extra_f32={"expert_count": 8.0})
@@ -181,7 +182,7 @@ def test_quantized_hf_and_gguf_moe_refused_in_one_line(root, tmp_path):
 def test_gguf_mixtral_matches_transformers(root, tmp_path, monkeypatch):
     """llama.cpp's Mixtral layout (general.architecture llama + expert_count, blk.N.ffn_gate_inp and the
     stacked ffn_{gate,up,down}_exps): F32 logits equal HF's. A Q8_0 file (2-D tensors Q8_0: attention,
-    router, embeddings) loads with every tensor dequantized (MoE has no quantized path), each param
+    router, embeddings) loads with every tensor dequantized (GGUF MoE is not kept quantized), each param
     within Q8_0's rounding of the F32 file's (its logits are not compared: a rounded router flips
     near-tied expert choices)."""
     from jaxllm.models.quant import QuantWeight

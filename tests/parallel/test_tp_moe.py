@@ -82,3 +82,21 @@ def test_int8_experts_tp2_equal_tp1(root):
     assert down.q.addressable_shards[0].data.shape[1] == F // 2 and down.scale.sharding.is_fully_replicated
     np.testing.assert_allclose(two, one, atol=1e-4 * np.abs(one).max(), rtol=0)
     assert np.abs(one).max() > 0.5
+
+
+def test_fp8_block_checkpoint_tp2_equal_tp1(root):
+    """A Qwen3-MoE fp8 checkpoint with [32, 32] block scales (experts kept float8, checkpoints/hf_fp8_experts.py):
+    at tp=2 the experts' F axis is split, we_down's blocks along F (3 of 16) made finer so none straddles
+    the two devices; logits equal tp=1's."""
+    from tests.checkpoints.test_hf_fp8_moe import make_moe_fp8
+    from tests.parallel.tp_forward import prefill_logits
+
+    fp8_dir, _ = make_moe_fp8(root, "qwen3-fp8-block")
+    seqs = [[5, 9, 200, 7, 1], list(range(3, 30))]
+    _, _, one = prefill_logits(load_checkpoint(fp8_dir), 1, "unroll", seqs)
+    model, _, two = prefill_logits(load_checkpoint(fp8_dir), 2, "unroll", seqs)
+    down = model.layers[0].arrays()["we_down"]
+    assert down.q.dtype == jnp.float8_e4m3fn and down.scale.ndim == down.q.ndim
+    assert down.scale.shape == (8, 6, 64)  # [X, F/8, E]: 3 blocks of 16 split in two, 3 per device
+    np.testing.assert_allclose(two, one, atol=1e-4 * np.abs(one).max(), rtol=0)
+    assert np.abs(one).max() > 0.5
