@@ -56,6 +56,8 @@ PARAM_AXES: dict[str, tuple[str, ...]] = {
     "layers.we_gate": ("layers", "experts", "embed", "mlp"),
     "layers.we_up": ("layers", "experts", "embed", "mlp"),
     "layers.we_down": ("layers", "experts", "mlp", "embed"),
+    # Qwen2-MoE's shared expert: w_gate/w_up/w_down of shared_expert_intermediate_size, and its gate
+    "layers.shared_gate": ("layers", "embed"),
 }
 # What the model holds: PARAM_AXES with wq/wk/wv fused into wqkv, bq/bk/bv into bqkv and w_gate/w_up
 # into w_gate_up (jaxllm/models/fusion.py). "qkv_heads" = H + 2K heads, "mlp2" = 2F, both
@@ -83,9 +85,12 @@ def param_shapes(c: ModelConfig) -> dict[str, tuple[int, ...]]:
         "layers.w_gate": (L, E, F), "layers.w_up": (L, E, F), "layers.w_down": (L, F, E),
     }
     if c.is_moe:
-        X, F = c.num_experts, c.moe_intermediate_size
+        X, F, S = c.num_experts, c.moe_intermediate_size, c.shared_expert_intermediate_size
         for n in ("layers.w_gate", "layers.w_up", "layers.w_down"):
             del shapes[n]
+        if S:  # the shared expert: a dense MLP held under the dense names, and its gate
+            shapes.update({"layers.w_gate": (L, E, S), "layers.w_up": (L, E, S), "layers.w_down": (L, S, E),
+                           "layers.shared_gate": (L, E)})
         shapes.update({"layers.router": (L, E, X), "layers.we_gate": (L, X, E, F), "layers.we_up": (L, X, E, F),
                        "layers.we_down": (L, X, F, E)})
     if not c.tie_word_embeddings and c.has_lm_head:
@@ -154,11 +159,19 @@ def decoder_layer(w: dict[str, jax.Array], x, cos, sin, cache: KVCache, index, m
     h = rms_norm(x, w["post_norm"], eps)
     if c.is_moe:  # [T, E]: each token's top-k experts (moe.py)
         down = moe_mlp(h, w["router"], w["we_gate_up"], w["we_down"], c.num_experts_per_tok, c.norm_topk_prob, lay)
+        if c.shared_expert_intermediate_size:  # Qwen2-MoE: + sigmoid(h . gate) * the shared expert's MLP
+            gate = jax.nn.sigmoid(jnp.einsum("te,e->t", h, w["shared_gate"]))[:, None]  # [T, 1]
+            down = down + gate * _mlp(h, w, c.shared_expert_intermediate_size, lay, proj, index)
         return x + constrain(down, lay, ("tokens", "embed")), cache
+    return x + _residual(_mlp(h, w, c.intermediate_size, lay, proj, index), c), cache
+
+
+def _mlp(h: jax.Array, w: dict, F: int, lay, proj: Projector, index) -> jax.Array:
+    """The dense SwiGLU MLP (w_gate_up, w_down) of intermediate size F: h [T, E] → [T, E]."""
     gate_up = proj("te,ef->tf", h, "w_gate_up", w["w_gate_up"], index)  # [T, 2F] shard-major
-    gate, up = split_fused(gate_up, (c.intermediate_size,) * 2, lay, *FUSED_OUTPUTS["w_gate_up"])  # [T, F]
+    gate, up = split_fused(gate_up, (F,) * 2, lay, *FUSED_OUTPUTS["w_gate_up"])  # [T, F]
     down = proj("tf,fe->te", jax.nn.silu(gate) * up, "w_down", w["w_down"], index)
-    return x + _residual(constrain(down, lay, ("tokens", "embed")), c), cache
+    return constrain(down, lay, ("tokens", "embed"))
 
 
 def _residual(branch: jax.Array, c: ModelConfig) -> jax.Array:

@@ -53,6 +53,8 @@ def check_fits(config: ModelConfig, tp: int) -> None:
     elif F % tp:
         name = "moe_intermediate_size" if config.is_moe else "intermediate_size"
         problem = f"{name}={F} is not divisible by {tp}"
+    elif config.shared_expert_intermediate_size % tp:
+        problem = f"shared_expert_intermediate_size={config.shared_expert_intermediate_size} is not divisible by {tp}"
     if problem:
         raise ValueError(f"tensor_parallel_size={tp} does not fit the model: {problem}; "
                          f"valid sizes for this model: {valid_tp_sizes(config)}")
