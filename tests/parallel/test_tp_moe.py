@@ -100,3 +100,18 @@ def test_fp8_block_checkpoint_tp2_equal_tp1(root):
     assert down.scale.shape == (8, 6, 64)  # [X, F/8, E]: 3 blocks of 16 split in two, 3 per device
     np.testing.assert_allclose(two, one, atol=1e-4 * np.abs(one).max(), rtol=0)
     assert np.abs(one).max() > 0.5
+
+
+def test_qwen2_moe_shared_expert_tp2_equal_tp1(root):
+    """Qwen2-MoE at tp=2: the shared expert splits like a dense MLP (w_gate_up column-, w_down
+    row-parallel), the routed experts as above, the shared gate replicated; logits equal tp=1's."""
+    from tests.parallel.tp_forward import prefill_logits
+
+    path = make_tiny_hf("qwen2_moe", root)
+    seqs = [[5, 9, 200, 7, 1], list(range(3, 30))]
+    _, _, one = prefill_logits(load_checkpoint(path), 1, "unroll", seqs)
+    model, _, two = prefill_logits(load_checkpoint(path), 2, "unroll", seqs)
+    w = model.layers[0].arrays()
+    assert w["w_gate_up"].addressable_shards[0].data.shape == (64, 80) and w["shared_gate"].sharding.is_fully_replicated
+    np.testing.assert_allclose(two, one, atol=1e-4 * np.abs(one).max(), rtol=0)
+    assert np.abs(one).max() > 0.05
