@@ -1,6 +1,7 @@
 """Mixtral and Qwen3-MoE against HF transformers on tiny random checkpoints: prefill logits (both layer
 loops), greedy tokens through the engine (paged KV, batched) against HF generate, the fused expert
-tensor names, the Orbax round trip, and the refusals (GPTQ / AWQ MoE checkpoints, LoRA on experts, GGUF Mixtral; quantized experts: test_moe_quant.py)."""
+tensor names, the Orbax round trip, and the refusals (GPTQ / AWQ MoE checkpoints, LoRA on experts,
+GGUF Mixtral; quantized experts: test_moe_quant.py)."""
 import os
 
 import jax.numpy as jnp
