@@ -2,6 +2,7 @@
 densely (every expert on every token, masked) vs a dense model with the same ACTIVE parameters.
 
     JAX_PLATFORMS=cpu python bench/moe.py                      # small Mixtral-shaped dummy, batch 1 and 16
+    JAX_PLATFORMS=cpu python bench/moe.py --models moe-auto moe-int8 moe-fp8   # 8-bit experts vs the model dtype
     python bench/moe.py --preset mixtral-8x7b --layers 2 --dtype bfloat16 --batches 1 16 64 --json out.json
 
 The layer loop is the default's (JAXLLM_LAYER_LOOP=auto: an MoE unrolls, a dense model scans on CPU).
@@ -10,7 +11,10 @@ paged KV) is jitted and timed in a loop (best of --rounds medians of --iters ste
 shape: "moe-grouped" (JAXLLM_MOE=grouped, the GPU default), "moe-dense" (JAXLLM_MOE=dense, the CPU
 default from T*k >= X rows), "moe-gather" (JAXLLM_MOE=gather, the CPU default below) and "dense-active", a
 dense model of the same shape whose MLP has intermediate_size = k * moe_intermediate_size (the same
-active parameters, minus the router's X*E per layer). `weight_mib_read` is what a step must read: the
+active parameters, minus the router's X*E per layer). Quantized rows (the same MoE shape and weights,
+`--quantization` at load, the experts' path the default's, JAXLLM_MOE=auto): "moe-auto" (the model
+dtype, the baseline of the quantized rows), "moe-int8", "moe-fp8" (attention projections and experts
+in 8 bits, router / embeddings / LM head in the model dtype). `weight_mib_read` is what a step must read: the
 active experts' bytes for the routed models (at most min(T*k, X) experts a layer), all of them for
 moe-dense; `roofline` (GPU): that over the step time, as a fraction of --peak-gbs.
 """
@@ -63,7 +67,8 @@ def decode_inputs(c, batch: int):
     return tokens, positions, meta, batch * nb
 
 
-def time_step(c, params: dict, dtype, batch: int, impl: str | None, iters: int, rounds: int) -> tuple[float, str]:
+def time_step(c, params: dict, dtype, batch: int, impl: str | None, iters: int, rounds: int,
+              quantization: str | None = None) -> tuple[float, str]:
     """(ms per decode step (median of `iters`, best of `rounds`), the layer loop it ran)."""
     import jax
     import numpy as np
@@ -74,7 +79,7 @@ def time_step(c, params: dict, dtype, batch: int, impl: str | None, iters: int, 
 
     if impl:
         os.environ["JAXLLM_MOE"] = impl  # read when the step is traced (jaxllm/models/moe.py)
-    model = build_model(c, dict(params), dtype)  # a copy: build_model empties the dict it is given
+    model = build_model(c, dict(params), dtype, quantization=quantization)  # a copy: build_model empties its dict
     tokens, positions, meta, nblocks = decode_inputs(c, batch)
     cache = KVCache.zeros(c.num_layers, nblocks, BLOCK, c.num_kv_heads, c.head_dim, dtype)
     gd, st = nnx.split(model)
@@ -99,9 +104,11 @@ def time_step(c, params: dict, dtype, batch: int, impl: str | None, iters: int, 
     return 1000 * best, loop
 
 
-def weight_bytes(c, batch: int, dense_experts: bool, itemsize: int, gather: bool = False) -> int:
+def weight_bytes(c, batch: int, dense_experts: bool, itemsize: int, gather: bool = False,
+                 layer_itemsize: int | None = None) -> int:
     """Bytes one decode step must read: embeddings rows aside, every layer's attention and norms,
-    the experts it routes to (all of them computed densely), and the LM head."""
+    the experts it routes to (all of them computed densely), and the LM head. `layer_itemsize`: the
+    layers' weights' (1 when quantized; scales not counted), else `itemsize`."""
     E, D, H, K, V, L = c.hidden_size, c.head_dim, c.num_heads, c.num_kv_heads, c.vocab_size, c.num_layers
     attn = E * D * (2 * H + 2 * K)
     if c.is_moe:
@@ -110,7 +117,7 @@ def weight_bytes(c, batch: int, dense_experts: bool, itemsize: int, gather: bool
         mlp = experts * 3 * E * F + E * X
     else:
         mlp = 3 * E * c.intermediate_size
-    return itemsize * (L * (attn + mlp) + E * V)
+    return (layer_itemsize or itemsize) * L * (attn + mlp) + itemsize * E * V
 
 
 def main(argv=None) -> int:
@@ -120,7 +127,8 @@ def main(argv=None) -> int:
     ap.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"])
     ap.add_argument("--batches", type=int, nargs="+", default=[1, 16])
     ap.add_argument("--models", nargs="+", default=["moe-grouped", "moe-dense", "moe-gather", "dense-active"],
-                    choices=["moe-grouped", "moe-dense", "moe-gather", "dense-active"])
+                    choices=["moe-grouped", "moe-dense", "moe-gather", "dense-active", "moe-auto", "moe-int8",
+                             "moe-fp8"])
     ap.add_argument("--iters", type=int, default=20)
     ap.add_argument("--rounds", type=int, default=3)
     ap.add_argument("--peak-gbs", type=float, default=4800.0, help="HBM bandwidth for the roofline (H200: 4800)")
@@ -139,17 +147,22 @@ def main(argv=None) -> int:
           f"{moe.num_active_params / 1e6:.1f}M active; dense-active: F={dense.intermediate_size}, "
           f"{dense.num_params / 1e6:.1f}M params; {args.dtype}", flush=True)
     from checkpoints.dummy import dummy_params
+    from jaxllm.models.moe import moe_impl
 
     rows, params = [], {}  # dummy weights drawn once per config (each draw compiles: ~1 s a tensor on CPU)
     for name in args.models:
         c, impl = {"moe-grouped": (moe, "grouped"), "moe-dense": (moe, "dense"), "moe-gather": (moe, "gather"),
-                   "dense-active": (dense, None)}[name]
+                   "dense-active": (dense, None), "moe-auto": (moe, "auto"), "moe-int8": (moe, "auto"),
+                   "moe-fp8": (moe, "auto")}[name]
+        quant = {"moe-int8": "int8", "moe-fp8": "fp8"}.get(name)
         for b in args.batches:
             if c.is_moe not in params:
                 params[c.is_moe] = dummy_params(c, dtype)
-            ms, loop = time_step(c, params[c.is_moe], dtype, b, impl, args.iters, args.rounds)
-            read = weight_bytes(c, b, name == "moe-dense", dtype.itemsize, gather=name == "moe-gather")
-            row = dict(model=name, batch=b, layer_loop=loop, step_ms=round(ms, 3), tok_s=round(1000 * b / ms, 1),
+            ms, loop = time_step(c, params[c.is_moe], dtype, b, impl, args.iters, args.rounds, quant)
+            auto = moe_impl(impl, b * c.num_experts_per_tok, c.num_experts) if c.is_moe else None
+            read = weight_bytes(c, b, auto == "dense", dtype.itemsize, gather=auto == "gather",
+                                layer_itemsize=1 if quant else None)
+            row = dict(model=name, batch=b, layer_loop=loop, experts=auto, step_ms=round(ms, 3), tok_s=round(1000 * b / ms, 1),
                        weight_mib_read=round(read / 2**20, 1),
                        roofline=round(read / (ms / 1000) / (args.peak_gbs * 1e9), 3))
             rows.append(row)
@@ -158,7 +171,8 @@ def main(argv=None) -> int:
     by = {(r["model"], r["batch"]): r["step_ms"] for r in rows}
     for b in args.batches:
         for a, z in (("moe-grouped", "moe-dense"), ("moe-grouped", "dense-active"), ("moe-dense", "dense-active"),
-                     ("moe-gather", "moe-dense"), ("moe-gather", "dense-active")):
+                     ("moe-gather", "moe-dense"), ("moe-gather", "dense-active"), ("moe-int8", "moe-auto"),
+                     ("moe-fp8", "moe-auto")):
             if (a, b) in by and (z, b) in by:
                 print(f"batch {b}: {a} / {z} = {by[(a, b)] / by[(z, b)]:.2f}x")
     if args.json:

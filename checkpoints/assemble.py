@@ -75,7 +75,8 @@ def assemble_params(config: ModelConfig, get: GetTensor, source: str, dtype=np.f
 
 # per model_type: (the MoE block's module, (gate, up, down) of expert N's HF names)
 _MOE_NAMES = {"mixtral": ("block_sparse_moe", ("w1", "w3", "w2")),
-              "qwen3_moe": ("mlp", ("gate_proj", "up_proj", "down_proj"))}
+              "qwen3_moe": ("mlp", ("gate_proj", "up_proj", "down_proj")),
+              "qwen2_moe": ("mlp", ("gate_proj", "up_proj", "down_proj"))}
 
 
 def moe_params(c: ModelConfig, get: GetTensor, need, stack) -> dict:
@@ -97,7 +98,18 @@ def moe_params(c: ModelConfig, get: GetTensor, need, stack) -> dict:
         name, shape = ((g, (F, E)), (u, (F, E)), (d, (E, F)))[part]
         return np.stack([need(f"{l}{block}.experts.{x}.{name}.weight", shape).T for x in range(X)])
 
+    shared = {}
+    S = c.shared_expert_intermediate_size
+    if S:  # Qwen2-MoE: mlp.shared_expert.{gate,up,down}_proj [S, E] / [E, S] and mlp.shared_expert_gate [1, E]
+        se = f"{block}.shared_expert."
+        shared = {
+            "layers.w_gate": lambda: stack(lambda l: need(l + se + "gate_proj.weight", (S, E)).T),
+            "layers.w_up": lambda: stack(lambda l: need(l + se + "up_proj.weight", (S, E)).T),
+            "layers.w_down": lambda: stack(lambda l: need(l + se + "down_proj.weight", (E, S)).T),
+            "layers.shared_gate": lambda: stack(lambda l: need(l + f"{block}.shared_expert_gate.weight", (1, E))[0]),
+        }
     return {
+        **shared,
         "layers.router": lambda: stack(lambda l: need(l + f"{block}.gate.weight", (X, E)).T),
         "layers.we_gate": lambda: stack(lambda l: experts(l, 0)),
         "layers.we_up": lambda: stack(lambda l: experts(l, 1)),

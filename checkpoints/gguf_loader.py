@@ -1,6 +1,6 @@
 """GGUF files (llama.cpp): weights, model config and tokenizer from the metadata. Q8_0 projections
 stay int8 with their block scales, Q4_0 / Q4_1 ones 4-bit (checkpoints/gguf_quant.py); every other
-tensor is dequantized to fp32 (all of a Mixtral's: MoE has no quantized path). One log line at load
+tensor is dequantized to fp32 (all of a Mixtral's: its GGUF experts and attention are not kept quantized). One log line at load
 says what happened to each tensor type."""
 from __future__ import annotations
 
@@ -211,7 +211,7 @@ def _convert(reader, config: ModelConfig, path: str) -> dict:
         hf_name = (f"model.layers.{m.group(1)}.{layer_names.get(m.group(2), m.group(2))}" if m
                    else _GLOBAL_NAMES.get(t.name, t.name))
         tensors[hf_name] = t
-    kept = {} if config.is_moe else kept_projections(tensors, config)  # MoE: no quantized path (models/moe.py)
+    kept = {} if config.is_moe else kept_projections(tensors, config)  # MoE: dequantized (no GGUF expert blocks kept)
     quantized = assemble_quantized(config, tensors, kept, _unpermute if arch in PERMUTED_ARCHS else None, path)
     deq = Counter()
 

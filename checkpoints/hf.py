@@ -13,6 +13,7 @@ from safetensors import safe_open
 
 from checkpoints.assemble import assemble_params
 from checkpoints.errors import CheckpointError
+from checkpoints.hf_fp8_config import Fp8Scheme
 from checkpoints.hf_int4 import Int4Scheme
 from checkpoints.hf_names import llama_names
 from jaxllm.models.config import ModelConfig, ModelConfigError
@@ -44,10 +45,10 @@ def _read_config(path: str):
         scheme = _modelopt_file(path)
     try:
         config = ModelConfig.from_hf(raw, source=cfg_path)
-        if config.is_moe and scheme is not None:  # expert weights have no quantized path (models/moe.py)
+        if config.is_moe and scheme is not None and not isinstance(scheme, Fp8Scheme):  # fp8 only (hf_fp8_experts.py)
             raise CheckpointError(f"{cfg_path}: quantization_config on the {config.architecture} MoE model is not "
-                                  f"supported (quant_method={(qc or {}).get('quant_method')!r}: expert weights have "
-                                  f"no quantized path); load an unquantized checkpoint")
+                                  f"supported (quant_method={(qc or {}).get('quant_method')!r}: MoE checkpoints "
+                                  f"load in fp8 or full precision only); load an unquantized checkpoint")
         return config, scheme
     except ModelConfigError as e:
         raise CheckpointError(str(e)) from None
@@ -164,12 +165,18 @@ def load_hf(path: str, dtype=np.float32):
             return config, _load_int4(config, raw, scheme, path, dtype), None
 
         quantized = hf_fp8.assemble_fp8(config, raw, stored_f8, scheme, path)
+        experts = {}
+        if config.is_moe:  # the experts kept float8 too when every one is stored so (hf_fp8_experts.py)
+            from checkpoints.hf_fp8_experts import assemble_fp8_experts
+
+            experts = assemble_fp8_experts(config, raw, stored_f8, scheme, path)
+            quantized.update(experts)
         get = hf_fp8.dequantizing(raw, scheme.block, path)
         params = assemble_params(config, get, source=path, dtype=dtype, skip=frozenset(quantized))
         params.update(quantized)
         kept = tuple(s for s, p in hf_fp8.PROJECTIONS.items() if p in quantized)
         deq = sorted(n for n, (_, _, f8) in where.items() if f8 is not None and n.endswith("weight")
-                     and not n.endswith(kept))
+                     and not n.endswith(kept) and not (experts and ".experts." in n))
         log.info("%s: fp8 checkpoint (quant_method %r): kept as float8_e4m3fn with %s scales: %s; "
                  "dequantized to fp32: %s%s", path, scheme.method,
                  f"{list(scheme.block)}-block" if scheme.block else "per-tensor/per-channel",

@@ -18,13 +18,14 @@ SUPPORTED_ARCHITECTURES = {
     # mixture-of-experts (jaxllm/models/moe.py): every layer's MLP is a routed set of experts
     "mixtral": dict(),
     "qwen3_moe": dict(qk_norm=True),
+    "qwen2_moe": dict(attention_bias=True),  # + a shared expert per layer (shared_expert_intermediate_size)
     # Google Gemma 1 / 2 / 3 text (jaxllm/models/gemma_config.py): (1 + w) norms, scaled embeddings, GELU-tanh;
     # Gemma 2/3: sandwich norms, per-layer sliding window, soft-capping; Gemma 3: q/k norm, local rope
     "gemma": dict(),
     "gemma2": dict(),
     "gemma3_text": dict(),
 }
-MOE_ARCHITECTURES = ("mixtral", "qwen3_moe")
+MOE_ARCHITECTURES = ("mixtral", "qwen3_moe", "qwen2_moe")
 
 
 class ModelConfigError(ValueError):
@@ -78,6 +79,9 @@ class ModelConfig:
     num_experts_per_tok: int = 0
     moe_intermediate_size: int = 0
     norm_topk_prob: bool = True  # renormalise the top-k routing weights to sum to 1 (Mixtral always)
+    # Qwen2-MoE: a dense SwiGLU MLP of this size on every token, times sigmoid(x . shared_gate), added to
+    # the routed experts' output (0 = none); held as w_gate/w_up/w_down and shared_gate (llama.py)
+    shared_expert_intermediate_size: int = 0
 
     def __post_init__(self):
         if self.num_heads % self.num_kv_heads:
@@ -133,8 +137,9 @@ class ModelConfig:
         e, f, d = self.hidden_size, self.intermediate_size, self.head_dim
         attn = e * d * (2 * self.num_heads + 2 * self.num_kv_heads)
         mlp = 3 * e * f
-        if self.is_moe:  # every expert's MLP plus the router
+        if self.is_moe:  # every expert's MLP plus the router (and a shared expert with its gate)
             mlp = self.num_experts * 3 * e * self.moe_intermediate_size + e * self.num_experts
+            mlp += 3 * e * self.shared_expert_intermediate_size + (e if self.shared_expert_intermediate_size else 0)
         per_layer = attn + mlp + 2 * e
         head = 0 if self.tie_word_embeddings or not self.has_lm_head else self.vocab_size * e
         return self.num_layers * per_layer + self.vocab_size * e + head + e
@@ -165,6 +170,8 @@ class ModelConfig:
         flags = dict(SUPPORTED_ARCHITECTURES[model_type])
         if model_type in ("llama", "mistral", "granite") and cfg.get("attention_bias"):
             flags["attention_bias"] = True
+        if model_type == "qwen2_moe":  # HF Qwen2MoeConfig.qkv_bias, default True
+            flags["attention_bias"] = bool(cfg.get("qkv_bias", True))
         # transformers 5 keeps rope settings in `rope_parameters`; older configs use rope_theta + rope_scaling.
         rope, local_theta = gemma_rope(model_type, cfg, dict(cfg.get("rope_parameters") or {}), source)
         scaling = cfg.get("rope_scaling") or {}
@@ -189,7 +196,7 @@ class ModelConfig:
                 check_longrope(rope, cfg, rotary_dim, source)
             rope_scaling = tuple(sorted(rope.items()))
         sliding = cfg.get("sliding_window")
-        if model_type in ("qwen2", "qwen3", "qwen3_moe") and not cfg.get("use_sliding_window", False):
+        if model_type in ("qwen2", "qwen3", "qwen3_moe", "qwen2_moe") and not cfg.get("use_sliding_window", False):
             sliding = None
         archs = cfg.get("architectures") or []
         tied = bool(cfg.get("tie_word_embeddings", False))
@@ -230,9 +237,11 @@ def _moe_fields(model_type: str, cfg: dict, source: str) -> dict:
     if model_type == "mixtral":
         experts = 8 if experts is None else experts
         inter, norm, top_k = cfg["intermediate_size"], True, cfg.get("num_experts_per_tok", 2)
-    else:
-        experts = 128 if experts is None else experts
-        inter, top_k = cfg.get("moe_intermediate_size", 768), cfg.get("num_experts_per_tok", 8)
+    else:  # qwen3_moe / qwen2_moe (HF's defaults differ)
+        q2 = model_type == "qwen2_moe"
+        experts = (60 if q2 else 128) if experts is None else experts
+        inter = cfg.get("moe_intermediate_size", 1408 if q2 else 768)
+        top_k = cfg.get("num_experts_per_tok", 4 if q2 else 8)
         norm = bool(cfg.get("norm_topk_prob", False))
         step = cfg.get("decoder_sparse_step", 1)
         if step != 1:
@@ -240,16 +249,24 @@ def _moe_fields(model_type: str, cfg: dict, source: str) -> dict:
         if cfg.get("mlp_only_layers"):
             raise ModelConfigError(f"{source}: mlp_only_layers={cfg['mlp_only_layers']!r} is not supported "
                                    f"(only []: no dense-MLP layers)")
+    shared = {}
+    if model_type == "qwen2_moe":
+        s = cfg.get("shared_expert_intermediate_size", 5632)
+        if isinstance(s, bool) or not isinstance(s, int) or s < 0:
+            raise ModelConfigError(f"{source}: shared_expert_intermediate_size={s!r} must be an integer >= 0")
+        shared = dict(shared_expert_intermediate_size=s)
     for key in ("shared_expert_intermediate_size", "n_shared_experts", "num_shared_experts"):
-        if cfg.get(key):
-            raise ModelConfigError(f"{source}: {key}={cfg[key]!r} is not supported (shared experts)")
+        if cfg.get(key) and not (model_type == "qwen2_moe" and key == "shared_expert_intermediate_size"):
+            raise ModelConfigError(f"{source}: {key}={cfg[key]!r} is not supported for model_type="
+                                   f"{model_type!r} (shared experts: qwen2_moe only)")
     for key, v in (("num_experts" if model_type == "qwen3_moe" else "num_local_experts", experts),
                    ("moe_intermediate_size", inter), ("num_experts_per_tok", top_k)):
         if isinstance(v, bool) or not isinstance(v, int) or v < 1:
             raise ModelConfigError(f"{source}: {key}={v!r} must be an integer >= 1")
     if top_k > experts:
         raise ModelConfigError(f"{source}: num_experts_per_tok={top_k} exceeds the {experts} experts")
-    return dict(num_experts=experts, num_experts_per_tok=top_k, moe_intermediate_size=inter, norm_topk_prob=norm)
+    return dict(num_experts=experts, num_experts_per_tok=top_k, moe_intermediate_size=inter, norm_topk_prob=norm,
+                **shared)
 
 
 def _check_rope(rope: dict, cfg: dict, source: str) -> None:

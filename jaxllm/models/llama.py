@@ -27,7 +27,8 @@ from jaxllm.models.gemma_config import layer_attention
 from jaxllm.models import prequantized, quant_dot
 from jaxllm.models.moe import moe_mlp
 from jaxllm.models.projections import IN_PLACE, Projector
-from jaxllm.models.quant import QUANT_PARAMS, QuantWeight, check_backend, check_method, quantize
+from jaxllm.models.quant import (EXPERT_QUANT_PARAMS, QUANT_PARAMS, QuantWeight, check_backend, check_method,
+                                 quantize, quantize_experts)
 from jaxllm.models.rope import apply_rope, local_rope_for_step, rope_for_step
 from jaxllm.parallel.ops import constrain, embed_lookup, lm_logits, paged_attention
 from pallas_kernels import AttentionMetadata, KVCache
@@ -58,6 +59,8 @@ PARAM_AXES: dict[str, tuple[str, ...]] = {
     "layers.we_gate": ("layers", "experts", "embed", "mlp"),
     "layers.we_up": ("layers", "experts", "embed", "mlp"),
     "layers.we_down": ("layers", "experts", "mlp", "embed"),
+    # Qwen2-MoE's shared expert: w_gate/w_up/w_down of shared_expert_intermediate_size, and its gate
+    "layers.shared_gate": ("layers", "embed"),
 }
 # What the model holds: PARAM_AXES with wq/wk/wv fused into wqkv, bq/bk/bv into bqkv and w_gate/w_up
 # into w_gate_up (jaxllm/models/fusion.py). "qkv_heads" = H + 2K heads, "mlp2" = 2F, both
@@ -85,9 +88,12 @@ def param_shapes(c: ModelConfig) -> dict[str, tuple[int, ...]]:
         "layers.w_gate": (L, E, F), "layers.w_up": (L, E, F), "layers.w_down": (L, F, E),
     }
     if c.is_moe:
-        X, F = c.num_experts, c.moe_intermediate_size
+        X, F, S = c.num_experts, c.moe_intermediate_size, c.shared_expert_intermediate_size
         for n in ("layers.w_gate", "layers.w_up", "layers.w_down"):
             del shapes[n]
+        if S:  # the shared expert: a dense MLP held under the dense names, and its gate
+            shapes.update({"layers.w_gate": (L, E, S), "layers.w_up": (L, E, S), "layers.w_down": (L, S, E),
+                           "layers.shared_gate": (L, E)})
         shapes.update({"layers.router": (L, E, X), "layers.we_gate": (L, X, E, F), "layers.we_up": (L, X, E, F),
                        "layers.we_down": (L, X, F, E)})
     if not c.tie_word_embeddings and c.has_lm_head:
@@ -171,14 +177,23 @@ def decoder_layer(w: dict[str, jax.Array], x, cos, sin, cache: KVCache, index, m
     h = norm(x, w["post_norm"])
     if c.is_moe:  # [T, E]: each token's top-k experts (moe.py)
         down = moe_mlp(h, w["router"], w["we_gate_up"], w["we_down"], c.num_experts_per_tok, c.norm_topk_prob, lay)
+        if c.shared_expert_intermediate_size:  # Qwen2-MoE: + sigmoid(h . gate) * the shared expert's MLP
+            gate = jax.nn.sigmoid(jnp.einsum("te,e->t", h, w["shared_gate"]))[:, None]  # [T, 1]
+            down = down + gate * _mlp(h, w, c, c.shared_expert_intermediate_size, lay, proj, index)
         return x + constrain(down, lay, ("tokens", "embed")), cache
+    return x + _residual(_mlp(h, w, c, c.intermediate_size, lay, proj, index), c), cache
+
+
+def _mlp(h: jax.Array, w: dict, c: ModelConfig, F: int, lay, proj: Projector, index) -> jax.Array:
+    """The dense gated MLP (w_gate_up, w_down) of intermediate size F: h [T, E] → [T, E]. SiLU, or
+    GELU-tanh (Gemma); Gemma 2/3 normalise its output (sandwich norms)."""
     gate_up = proj("te,ef->tf", h, "w_gate_up", w["w_gate_up"], index)  # [T, 2F] shard-major
-    gate, up = split_fused(gate_up, (c.intermediate_size,) * 2, lay, *FUSED_OUTPUTS["w_gate_up"])  # [T, F]
+    gate, up = split_fused(gate_up, (F,) * 2, lay, *FUSED_OUTPUTS["w_gate_up"])  # [T, F]
     act = jax.nn.silu(gate) if c.hidden_act == "silu" else jax.nn.gelu(gate, approximate=True)  # gelu_tanh: Gemma
     down = constrain(proj("tf,fe->te", act * up, "w_down", w["w_down"], index), lay, ("tokens", "embed"))  # [T, E]
     if c.sandwich_norms:
-        down = norm(down, w["mlp_out_norm"])
-    return x + _residual(down, c), cache
+        down = rms_norm(down, w["mlp_out_norm"], c.rms_norm_eps, c.norm_offset)
+    return down
 
 
 def _residual(branch: jax.Array, c: ModelConfig) -> jax.Array:
@@ -253,7 +268,7 @@ class LlamaForCausalLM(nnx.Module):
         self.attention_impl = attention_impl
         self.layout = layout
         self.layer_loop = layer_loop_mode(layer_loop, config)
-        held = [params.get(n) for n in QUANT_PARAMS]  # an fp8 checkpoint may keep only some of them
+        held = [params.get(n) for n in (*QUANT_PARAMS, *EXPERT_QUANT_PARAMS)]  # an fp8 checkpoint may keep some
         held = [w[0] if isinstance(w, (list, tuple)) else w for w in held]
         self.quantization = next((w.method for w in held if isinstance(w, QuantWeight)), None)
         self.embed = nnx.Param(params["embed"])
@@ -344,9 +359,9 @@ def build_model(config: ModelConfig, params: dict[str, np.ndarray | jax.Array], 
     scales; an fp8 checkpoint's: float8 with per-channel or block scales) is placed as it is (fused
     like the others); see `prequantized.check`."""
     check_method(quantization)
-    if config.is_moe and (quantization or prequantized.method(params)):
+    if config.is_moe and (quantization == "int4" or prequantized.method(params) not in (None, "fp8")):
         raise ValueError(f"quantization={quantization or prequantized.method(params)!r} is not supported for the "
-                         f"{config.architecture} MoE model: expert weights have no quantized path (run it unquantized)")
+                         f"{config.architecture} MoE model: its experts quantize to 'int8' or 'fp8' only")
     prequantized.requantize_int4(params, quantization)
     check_backend(quantization or prequantized.method(params))
     prequantized.check(params, quantization)
@@ -371,6 +386,8 @@ def build_model(config: ModelConfig, params: dict[str, np.ndarray | jax.Array], 
             w = parts[0] if fn is None else fn(jnp, *parts)  # tp=1: fusing is concatenation
             if quantization and held in QUANT_PARAMS:
                 w = _quantize_jit(w, quantization, QUANT_PARAMS[held], i is None, fp8_bits, int4_packed)
+            elif quantization and held in EXPERT_QUANT_PARAMS:  # [(L,) X, in, out]: per expert and column
+                w = _quantize_experts_jit(w, quantization, fp8_bits)
             return w
 
         if split and held.startswith("layers."):
@@ -382,3 +399,4 @@ def build_model(config: ModelConfig, params: dict[str, np.ndarray | jax.Array], 
 
 
 _quantize_jit = jax.jit(quantize, static_argnums=(1, 2, 3, 4, 5))
+_quantize_experts_jit = jax.jit(quantize_experts, static_argnums=(1, 2))

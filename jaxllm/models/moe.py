@@ -24,6 +24,11 @@ Tensor parallelism: each expert's intermediate axis is split over "tp" like the 
 (w_gate_up column-parallel in shard-major order, w_down row-parallel, jaxllm/models/fusion.py); the
 router and its choices are replicated. Under `shard_map` every device runs the same sort and its
 own slice of every expert, and one psum adds the partial outputs (the dense MLP's one all-reduce).
+
+Quantized experts (`--quantization int8|fp8`, or an fp8 checkpoint's): `w_gate_up` / `w_down` are
+QuantWeights with one scale per expert and output channel (or an fp8 checkpoint's block scales); each
+path's matmuls are moe_quant.py's (the 8-bit q converted in the dot, the scale on its output). Their
+scales shard like the weights' output axes (block scales like the weights).
 """
 from __future__ import annotations
 
@@ -33,6 +38,8 @@ import jax
 import jax.numpy as jnp
 from jax.sharding import PartitionSpec as P
 
+from jaxllm.models import moe_quant
+from jaxllm.models.quant import QuantWeight, expert_scale_axes
 from jaxllm.parallel.rules import TP
 
 MOE_ENV = "JAXLLM_MOE"
@@ -80,8 +87,13 @@ def grouped_experts(x: jax.Array, weights: jax.Array, experts: jax.Array, w_gate
     order = jnp.argsort(flat, stable=True)  # [T*k] assignments grouped by expert
     group_sizes = jnp.bincount(flat, length=X).astype(jnp.int32)  # [X], sums to T*k
     rows = x[order // k]  # [T*k, E] each assignment's token, in expert order
-    h = _swiglu(jax.lax.ragged_dot(rows, w_gate_up, group_sizes))  # [T*k, F]
-    y = jax.lax.ragged_dot(h, w_down, group_sizes)  # [T*k, E] in expert order
+    if isinstance(w_gate_up, QuantWeight):
+        row_expert = flat[order]  # [T*k] each sorted row's expert
+        h = _swiglu(moe_quant.grouped_dot(rows, w_gate_up, group_sizes, row_expert))  # [T*k, F]
+        y = moe_quant.grouped_dot(h, w_down, group_sizes, row_expert)  # [T*k, E] in expert order
+    else:
+        h = _swiglu(jax.lax.ragged_dot(rows, w_gate_up, group_sizes))  # [T*k, F]
+        y = jax.lax.ragged_dot(h, w_down, group_sizes)  # [T*k, E] in expert order
     unsort = jnp.zeros_like(order).at[order].set(jnp.arange(T * k, dtype=order.dtype))  # [T*k] inverse perm
     y = y[unsort].reshape(T, k, -1)  # [T, k, E] back in (token, slot) order
     return jnp.einsum("tke,tk->te", y.astype(jnp.float32), weights).astype(x.dtype)
@@ -94,10 +106,12 @@ def dense_experts(x: jax.Array, weights: jax.Array, experts: jax.Array, w_gate_u
     [X, T, E]): XLA CPU runs "xte,xef->xtf" as X GEMMs, but "te,xef->txf" ~10x slower (bench/RESULTS.md)."""
     T = x.shape[0]
     X = w_gate_up.shape[0]
+    combine = jnp.zeros((T, X), jnp.float32).at[jnp.arange(T)[:, None], experts].add(weights)  # [T, X]
+    if isinstance(w_gate_up, QuantWeight):  # one expert at a time (moe_quant.py: no converted copy of all)
+        return moe_quant.dense_loop(x, combine, w_gate_up, w_down, _swiglu).astype(x.dtype)
     xb = jnp.broadcast_to(x, (X,) + x.shape)  # [X, T, E]
     h = _swiglu(jnp.einsum("xte,xef->xtf", xb, w_gate_up))  # [X, T, F]
     y = jnp.einsum("xtf,xfe->xte", h, w_down)  # [X, T, E]
-    combine = jnp.zeros((T, X), jnp.float32).at[jnp.arange(T)[:, None], experts].add(weights)  # [T, X]
     return jnp.einsum("xte,tx->te", y.astype(jnp.float32), combine).astype(x.dtype)
 
 
@@ -109,8 +123,12 @@ def gather_experts(x: jax.Array, weights: jax.Array, experts: jax.Array, w_gate_
     T, k = experts.shape
     flat = experts.reshape(-1)  # [T*k]: token t's slot j at t*k + j
     rows = jnp.repeat(x, k, axis=0)  # [T*k, E]
-    h = _swiglu(jnp.einsum("re,ref->rf", rows, w_gate_up[flat]))  # [T*k, F]
-    y = jnp.einsum("rf,rfe->re", h, w_down[flat]).reshape(T, k, -1)  # [T, k, E]
+    if isinstance(w_gate_up, QuantWeight):  # the routed experts' q gathered in 8 bits, then converted
+        h = _swiglu(moe_quant.gather_dot("re,ref->rf", rows, w_gate_up, flat))  # [T*k, F]
+        y = moe_quant.gather_dot("rf,rfe->re", h, w_down, flat).reshape(T, k, -1)  # [T, k, E]
+    else:
+        h = _swiglu(jnp.einsum("re,ref->rf", rows, w_gate_up[flat]))  # [T*k, F]
+        y = jnp.einsum("rf,rfe->re", h, w_down[flat]).reshape(T, k, -1)  # [T, k, E]
     return jnp.einsum("tke,tk->te", y.astype(jnp.float32), weights).astype(x.dtype)
 
 
@@ -127,6 +145,15 @@ def moe_mlp(x: jax.Array, w_router: jax.Array, w_gate_up: jax.Array, w_down: jax
     def local(x, weights, experts, w_gate_up, w_down):  # this device's F/tp slice of every expert
         return jax.lax.psum(fn(x, weights, experts, w_gate_up, w_down), TP)
 
-    specs = (P(), P(), P(), layout.spec(("experts", "embed", "mlp2")), layout.spec(("experts", "mlp", "embed")))
+    specs = (P(), P(), P(), _spec(layout, w_gate_up, ("experts", "embed", "mlp2")),
+             _spec(layout, w_down, ("experts", "mlp", "embed")))
     return jax.shard_map(local, mesh=layout.mesh, in_specs=specs, out_specs=P(),
                          check_vma=False)(x, weights, experts, w_gate_up, w_down)
+
+
+def _spec(layout, w, axes: tuple[str, ...]):
+    """The shard_map spec of an expert weight: its axes', or a QuantWeight's (q like the weight, the
+    scale like its output axes: `quant.expert_scale_axes`)."""
+    if isinstance(w, QuantWeight):  # block scales [X, in/B, out] (an fp8 checkpoint's): like the weight
+        return QuantWeight(layout.spec(axes), layout.spec(axes if w.scale.ndim == w.q.ndim else expert_scale_axes(axes)))
+    return layout.spec(axes)

@@ -23,7 +23,7 @@ import logging
 import jax.numpy as jnp
 import numpy as np
 
-from jaxllm.models.quant import QUANT_PARAMS, QuantWeight, dequantize, pack_int4
+from jaxllm.models.quant import QUANT_PARAMS, QuantWeight, dequantize, dequantize_experts, pack_int4
 
 log = logging.getLogger("jaxllm.models")
 # checkpoint (unfused) name -> its number of contracted axes after "layers"
@@ -67,7 +67,10 @@ def dequantize_all(params: dict, why: str, only: str | None = None) -> None:
     if kept:
         log.info("%s: dequantizing the checkpoint's pre-quantized %s to fp32", why, ", ".join(kept))
     for k in kept:
-        params[k] = dequantize(params[k], _CONTRACTED[k], stacked=True, dtype=np.float32, xp=np)
+        if k in _CONTRACTED:
+            params[k] = dequantize(params[k], _CONTRACTED[k], stacked=True, dtype=np.float32, xp=np)
+        else:  # an fp8 checkpoint's experts, [L, X, in, out] (checkpoints/hf_fp8_experts.py)
+            params[k] = dequantize_experts(params[k], dtype=np.float32, xp=np)
 
 
 def place(parts: list[QuantWeight], fn, fp8_bits: bool = False, pack4: bool = False) -> QuantWeight:

@@ -21,7 +21,7 @@ import jax.numpy as jnp
 from jaxllm.lora.delta import LoRAWeight, lora_delta
 from jaxllm.models.fusion import FUSED_OUTPUTS, join_fused
 from jaxllm.models import quant_dot
-from jaxllm.models.quant import QuantWeight, quant_einsum
+from jaxllm.models.quant import QUANT_PARAMS, QuantWeight, quant_einsum
 from pallas_kernels.matmul import stacked_matmul, stacked_matmul_supported
 from pallas_kernels.matmul.stacked import MAX_ROWS
 
@@ -61,7 +61,8 @@ class Projector:
         # not as scan xs (`in_place`); float8 as uint8 bits (held so from load, quant_dot.py)
         self.stacked_quant = {}
         if self.chunked_quant and stacked is not None:
-            self.stacked_quant = quant_dot.fp8_as_bits({n: w for n, w in stacked.items() if isinstance(w, QuantWeight)})
+            self.stacked_quant = quant_dot.fp8_as_bits({n: w for n, w in stacked.items() if isinstance(w, QuantWeight)
+                                                        and f"layers.{n}" in QUANT_PARAMS})  # not the experts
 
     @property
     def in_place(self) -> frozenset[str]:

@@ -209,6 +209,36 @@ def quantize(w: jax.Array, method: str, num_contracted: int, stacked: bool = Fal
     return QuantWeight(jax.lax.bitcast_convert_type(q, FP8_BITS) if fp8_bits else q, best_s)
 
 
+# the experts' weights (jaxllm/models/moe.py), [L, X, in, out]: one contracted axis after the "layers" and
+# "experts" axes, so their own quantizer (`quantize_experts`) and scale axes (`expert_scale_axes`)
+EXPERT_QUANT_PARAMS = ("layers.we_gate_up", "layers.we_down")
+
+
+def quantize_experts(w: jax.Array, method: str, fp8_bits: bool = False) -> QuantWeight:
+    """Expert weights w [..., X, in, out] (stacked [L, X, ...] or one layer's [X, ...]) → QuantWeight:
+    q like w, scale [..., X, out] f32, one per expert and output channel: `quantize` ("int8" / "fp8")
+    with the leading axes flattened into its layer axis."""
+    if method not in _QMAX:
+        raise ValueError(f"quantization={method!r} is not supported for expert weights: use 'int8' or 'fp8'")
+    qw = quantize(w.reshape((-1,) + w.shape[-2:]), method, 1, stacked=True, fp8_bits=fp8_bits)  # [N, in, out]
+    return QuantWeight(qw.q.reshape(w.shape), qw.scale.reshape(w.shape[:-2] + w.shape[-1:]))
+
+
+def dequantize_experts(w: QuantWeight, dtype=jnp.float32, xp=jnp):
+    """The full-precision expert weights [..., X, in, out] a QuantWeight of `quantize_experts`' form (or
+    an fp8 checkpoint's block-scaled one, scale [..., X, in/B, out]) stands for (`xp`: jax.numpy or numpy)."""
+    q, s = w.q, w.scale
+    n = q.size // (q.shape[-2] * q.shape[-1])
+    tail = s.shape[-2:] if s.ndim == q.ndim else s.shape[-1:]  # [in/B, out] or [out]
+    flat = QuantWeight(q.reshape((n,) + q.shape[-2:]), s.reshape((n,) + tail))
+    return dequantize(flat, 1, stacked=True, dtype=dtype, xp=xp).reshape(q.shape)
+
+
+def expert_scale_axes(weight_axes: tuple[str, ...]) -> tuple[str, ...]:
+    """Logical axes of an expert weight's scale: the weight's without its contracted (second to last) axis."""
+    return weight_axes[:-2] + weight_axes[-1:]
+
+
 def block_axis(w: QuantWeight, num_contracted: int, stacked: bool = False) -> int | None:
     """The axis of q (and scale) that block scales divide, or None for per-output-channel scales."""
     if w.scale.ndim != w.q.ndim:

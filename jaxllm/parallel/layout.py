@@ -53,6 +53,8 @@ def check_fits(config: ModelConfig, tp: int) -> None:
     elif F % tp:
         name = "moe_intermediate_size" if config.is_moe else "intermediate_size"
         problem = f"{name}={F} is not divisible by {tp}"
+    elif config.shared_expert_intermediate_size % tp:
+        problem = f"shared_expert_intermediate_size={config.shared_expert_intermediate_size} is not divisible by {tp}"
     if problem:
         raise ValueError(f"tensor_parallel_size={tp} does not fit the model: {problem}; "
                          f"valid sizes for this model: {valid_tp_sizes(config)}")
@@ -143,12 +145,18 @@ class TPLayout:
         channel scale like the weight's output axes, `scale_axes`; int4's group scales like the weight). Params that are QuantWeights already
         (an fp8 checkpoint's projections, a GGUF's Q8_0 ones) are placed as they are, sharded the same way."""
         from jaxllm.models.llama import MODEL_AXES
-        from jaxllm.models.quant import QUANT_PARAMS, QuantWeight, quantize, scale_axes
+        from jaxllm.models.quant import (EXPERT_QUANT_PARAMS, QUANT_PARAMS, QuantWeight, expert_scale_axes, quantize,
+                                         quantize_experts, scale_axes)
 
         out = {}
         for held, sources, fn in placement_plan(params, self.kv_repeat, self.tp):
             xs = [params.pop(s) for s in sources]
             axes = MODEL_AXES[held]
+            if isinstance(xs[0], QuantWeight) and held in EXPERT_QUANT_PARAMS:  # an fp8 checkpoint's experts:
+                # [L, X, in, out], the contracted axis at 2; per-channel scales [L, X, out]
+                out[held] = self._place_quant(xs, axes, 2, fn, config.num_layers, split_layers,
+                                              channel_axes=expert_scale_axes(axes))
+                continue
             if isinstance(xs[0], QuantWeight):  # an fp8 checkpoint's / Q8_0 projection: placed as stored
                 out[held] = self._place_quant(xs, axes, QUANT_PARAMS[held], fn, config.num_layers, split_layers)
                 continue
@@ -171,6 +179,11 @@ class TPLayout:
                         quantize(w, "int4", n, st), axes, n - lead)
                 f = jax.jit(quant, out_shardings=QuantWeight(q_sh, s_sh))
                 out[held] = f(out[held]) if stacked else [f(w) for w in out[held]]
+            elif quantization and held in EXPERT_QUANT_PARAMS:  # per expert and output channel, scale [(L,) X, out]
+                lead = 0 if not isinstance(out[held], list) else 1
+                sh = QuantWeight(self.sharding(axes[lead:]), self.sharding(expert_scale_axes(axes)[lead:]))
+                f = jax.jit(lambda w: quantize_experts(w, quantization), out_shardings=sh)
+                out[held] = [f(w) for w in out[held]] if lead else f(out[held])
         return out
 
     def _int4_whole_groups(self, w, axes: tuple[str, ...], axis: int):
@@ -183,15 +196,17 @@ class TPLayout:
             return w
         return QuantWeight(w.q, _whole_blocks(w.q, w.scale, axis, self.tp))
 
-    def _place_quant(self, xs: list, axes: tuple[str, ...], n: int, fn, num_layers: int, split_layers: bool):
+    def _place_quant(self, xs: list, axes: tuple[str, ...], n: int, fn, num_layers: int, split_layers: bool,
+                     channel_axes: tuple[str, ...] | None = None):
         """Pre-quantized parts (QuantWeights of numpy, stacked) → the held QuantWeight (a list per
         layer when `split_layers`): q sharded like the weight, a per-channel scale like the weight's
         output axes, block scales ([L, in..., in_last/B, out...]) like the weight. kv-head repetition
-        and shard-major fusion (`fn`) act on the output axes, which q and scale share at the end."""
+        and shard-major fusion (`fn`) act on the output axes, which q and scale share at the end. Experts:
+        `n` = 2 (the blocked axis is q's axis 2) and `channel_axes` their per-channel scale's axes."""
         from jaxllm.models.quant import QuantWeight, scale_axes
 
         blocked = xs[0].scale.ndim == xs[0].q.ndim
-        s_axes = axes if blocked else scale_axes(axes, n)
+        s_axes = axes if blocked else channel_axes or scale_axes(axes, n)
         qs, ss = [x.q for x in xs], [x.scale for x in xs]
         os_ = None if xs[0].offset is None else [x.offset for x in xs]  # 4-bit asymmetric: like the block scales
         if blocked and self.rules.get(axes[n]) == TP:  # the blocked axis (the last contracted one) is

@@ -26,6 +26,13 @@ MOE_CONFIGS = {
                                          moe_intermediate_size=48, norm_topk_prob=True)),
 }
 
+# Qwen2-MoE (top-2 of 8 without renormalising, a shared expert of 80 gated by sigmoid, qkv bias): its own
+# tests (tests/models/test_qwen2_moe.py)
+SHARED_MOE_CONFIGS = {
+    "qwen2_moe": ("Qwen2MoeConfig", dict(COMMON, num_experts=8, num_experts_per_tok=2, moe_intermediate_size=48,
+                                         shared_expert_intermediate_size=80, norm_topk_prob=False)),
+}
+
 # RoPE scaling types past the original length (tests/models/test_rope_scaling.py): yarn as Qwen2.5/Qwen3
 # long-context configs write it, DeepSeek's mscale/mscale_all_dim, an explicit attention_factor with
 # gpt-oss's truncate=False and custom betas; dynamic NTK (max_position_embeddings is its original length).
@@ -85,7 +92,8 @@ def make_tiny_hf(name: str, root: str, seed: int = 0) -> str:
     path = os.path.join(root, name)
     if os.path.isfile(os.path.join(path, "config.json")):
         return path
-    cls_name, kwargs = {**TINY_CONFIGS, **ROPE_CONFIGS, **ARCH_CONFIGS, **MOE_CONFIGS, **GEMMA_CONFIGS}[name]
+    cls_name, kwargs = {**TINY_CONFIGS, **ROPE_CONFIGS, **ARCH_CONFIGS, **MOE_CONFIGS, **SHARED_MOE_CONFIGS,
+                        **GEMMA_CONFIGS}[name]
     config = getattr(transformers, cls_name)(**kwargs)
     torch.manual_seed(seed)
     model = transformers.AutoModelForCausalLM.from_config(config, dtype=torch.float32)

@@ -1,6 +1,7 @@
 """Mixtral and Qwen3-MoE against HF transformers on tiny random checkpoints: prefill logits (both layer
 loops), greedy tokens through the engine (paged KV, batched) against HF generate, the fused expert
-tensor names, the Orbax round trip, and the refusals (quantization, LoRA on experts, GGUF Mixtral)."""
+tensor names, the Orbax round trip, and the refusals (GPTQ / AWQ MoE checkpoints, LoRA on experts,
+GGUF Mixtral; quantized experts: test_moe_quant.py)."""
 import os
 
 import jax.numpy as jnp
@@ -118,16 +119,6 @@ def test_orbax_round_trip(root, tmp_path):
         np.testing.assert_array_less(np.abs(got - want).max(), 1e-4)
 
 
-@pytest.mark.parametrize("method", ["int8", "int4"])
-def test_quantization_refused_in_one_line(method, root):
-    from jaxllm.models.llama import build_model
-
-    ck = load_checkpoint(make_tiny_hf("mixtral", root))
-    with pytest.raises(ValueError, match=f"quantization='{method}' is not supported for the mixtral MoE model") as e:
-        build_model(ck.config, ck.params, jnp.float32, quantization=method)
-    assert "\n" not in str(e.value)
-
-
 def test_attention_lora_on_moe_equals_peft(root, tmp_path):
     """LoRA on the attention projections of an MoE model works (the experts stay the base model's):
     greedy tokens with the adapter equal peft's over transformers; an adapter on the MLP (the experts)
@@ -171,14 +162,15 @@ def test_quantized_hf_and_gguf_moe_refused_in_one_line(root, tmp_path):
 
     from tests.checkpoints.gguf_tiny import write_gguf_from_hf
 
-    d = str(tmp_path / "fp8")
+    d = str(tmp_path / "gptq")
     shutil.copytree(make_tiny_hf("qwen3_moe", root), d)
     with open(os.path.join(d, "config.json")) as f:
         cfg = json.load(f)
-    cfg["quantization_config"] = {"quant_method": "fp8", "activation_scheme": "dynamic"}
+    cfg["quantization_config"] = {"quant_method": "gptq", "bits": 4, "group_size": 32, "sym": True}  # fp8 loads
     with open(os.path.join(d, "config.json"), "w") as f:
         json.dump(cfg, f)
-    with pytest.raises(CheckpointError, match="quantization_config on the qwen3_moe MoE model is not supported") as e:
+    with pytest.raises(CheckpointError, match="quantization_config on the qwen3_moe MoE model is not supported "
+                                              r"\(quant_method='gptq': MoE checkpoints load in fp8 or full precision only\)") as e:
         load_checkpoint(d)
     assert "\n" not in str(e.value)
     gg = write_gguf_from_hf(make_tiny_hf("llama", root), str(tmp_path / "moe.gguf"), extra_f32={"expert_count": 8.0})
@@ -191,7 +183,7 @@ def test_quantized_hf_and_gguf_moe_refused_in_one_line(root, tmp_path):
 def test_gguf_mixtral_matches_transformers(root, tmp_path, monkeypatch):
     """llama.cpp's Mixtral layout (general.architecture llama + expert_count, blk.N.ffn_gate_inp and the
     stacked ffn_{gate,up,down}_exps): F32 logits equal HF's. A Q8_0 file (2-D tensors Q8_0: attention,
-    router, embeddings) loads with every tensor dequantized (MoE has no quantized path), each param
+    router, embeddings) loads with every tensor dequantized (GGUF MoE is not kept quantized), each param
     within Q8_0's rounding of the F32 file's (its logits are not compared: a rounded router flips
     near-tied expert choices)."""
     from jaxllm.models.quant import QuantWeight
