@@ -95,7 +95,7 @@ def pair_texts(name_1: str, value_1, name_2: str, value_2, max_items: int) -> tu
     return t1, t2
 
 
-async def _scores(door: FrontDoor, t1: list[str], t2: list[str], truncate: int | None, answer_id: str,
+async def embed_scores(door: FrontDoor, t1: list[str], t2: list[str], truncate: int | None, answer_id: str,
                   client_chosen: bool) -> tuple[np.ndarray, int]:
     """(cosine score of each pair [len(t2)] f64, prompt tokens embedded)."""
     try:
@@ -121,7 +121,7 @@ async def create_score(door: FrontDoor, info: ModelInfo, body: ScoreRequest, pat
     check_task(info, path)
     t1, t2 = pair_texts("text_1", body.text_1, "text_2", body.text_2, door.config.max_queued_requests)
     answer_id = "score-" + (request_id or uuid.uuid4().hex)
-    scores, tokens = await _scores(door, t1, t2, body.truncate_prompt_tokens, answer_id,
+    scores, tokens = await embed_scores(door, t1, t2, body.truncate_prompt_tokens, answer_id,
                                    request_id is not None)
     data = [{"index": i, "object": "score", "score": float(s)} for i, s in enumerate(scores)]
     return {"id": answer_id, "object": "list", "created": int(time.time()), "model": info.name, "data": data,
@@ -135,7 +135,7 @@ async def create_rerank(door: FrontDoor, info: ModelInfo, body: RerankRequest, p
         raise invalid(f"top_n={body.top_n} is invalid: must be >= 0 (0: every document)", "top_n")
     t1, t2 = pair_texts("query", body.query, "documents", body.documents, door.config.max_queued_requests)
     answer_id = "rerank-" + (request_id or uuid.uuid4().hex)
-    scores, tokens = await _scores(door, t1, t2, body.truncate_prompt_tokens, answer_id,
+    scores, tokens = await embed_scores(door, t1, t2, body.truncate_prompt_tokens, answer_id,
                                    request_id is not None)
     order = sorted(range(len(t2)), key=lambda i: -scores[i])  # stable: ties keep the lower index first
     if 0 < body.top_n < len(order):
