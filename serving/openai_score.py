@@ -14,7 +14,7 @@ negative: a 400). Each result is ``{"index", "relevance_score", "document": {"te
 ``document`` out. The answer: ``{"id": "rerank-<id>", "model", "usage", "results"}``.
 
 For an embedding model vLLM scores a pair by the cosine similarity of the two embeddings; so here:
-every distinct input (``text_1``'s, then ``text_2``'s; a 1:N query once) is one engine embedding
+every input (``text_1``'s, then ``text_2``'s; a 1:N query once) is one engine embedding
 request, admitted together so the scheduler batches them (``FrontDoor.embed_many``, all or
 nothing), pooled as the server is configured, and the cosine is taken in float64 on the host.
 ``usage.prompt_tokens`` counts the tokens the engine embedded, each input once (vLLM counts a 1:N
@@ -96,8 +96,9 @@ def pair_texts(name_1: str, value_1, name_2: str, value_2, max_items: int) -> tu
 
 
 async def embed_scores(door: FrontDoor, t1: list[str], t2: list[str], truncate: int | None, answer_id: str,
-                  client_chosen: bool) -> tuple[np.ndarray, int]:
-    """(cosine score of each pair [len(t2)] f64, prompt tokens embedded)."""
+                       client_chosen: bool) -> tuple[np.ndarray, int]:
+    """(cosine score of each pair [len(t2)] f64, prompt tokens embedded): ``t1 + t2`` embedded as
+    one batch of engine requests named after ``answer_id`` (``engine_prefix``)."""
     try:
         params = PoolingParams(truncate_prompt_tokens=truncate).validate()
     except ValueError as exc:
@@ -122,7 +123,7 @@ async def create_score(door: FrontDoor, info: ModelInfo, body: ScoreRequest, pat
     t1, t2 = pair_texts("text_1", body.text_1, "text_2", body.text_2, door.config.max_queued_requests)
     answer_id = "score-" + (request_id or uuid.uuid4().hex)
     scores, tokens = await embed_scores(door, t1, t2, body.truncate_prompt_tokens, answer_id,
-                                   request_id is not None)
+                                        request_id is not None)
     data = [{"index": i, "object": "score", "score": float(s)} for i, s in enumerate(scores)]
     return {"id": answer_id, "object": "list", "created": int(time.time()), "model": info.name, "data": data,
             "usage": {"prompt_tokens": tokens, "total_tokens": tokens, "completion_tokens": 0}}
@@ -136,7 +137,7 @@ async def create_rerank(door: FrontDoor, info: ModelInfo, body: RerankRequest, p
     t1, t2 = pair_texts("query", body.query, "documents", body.documents, door.config.max_queued_requests)
     answer_id = "rerank-" + (request_id or uuid.uuid4().hex)
     scores, tokens = await embed_scores(door, t1, t2, body.truncate_prompt_tokens, answer_id,
-                                   request_id is not None)
+                                        request_id is not None)
     order = sorted(range(len(t2)), key=lambda i: -scores[i])  # stable: ties keep the lower index first
     if 0 < body.top_n < len(order):
         order = order[:body.top_n]
