@@ -39,7 +39,7 @@ from jaxllm.engine.async_engine import EngineDeadError
 from serving.frontdoor import Code, FrontDoorError, ModelInfo, check_token_ids, dead_message, invalid
 from serving.openai_errors import error_body, error_response, validation_message
 from serving.openai_embed import EmbeddingRequest, create_embeddings
-from serving.openai_score import RerankRequest, ScoreRequest, create_rerank, create_score
+from serving.openai_score import add_score_routes
 from serving.openai_generate import chat_job, completion_job, respond
 from serving.openai_protocol import (ChatCompletionRequest, CompletionRequest, DetokenizeRequest,
                                      LoadLoRAAdapterRequest, TokenizeRequest, UnloadLoRAAdapterRequest)
@@ -312,19 +312,7 @@ def build_app(server: "ServingServer") -> Any:
         rid = client_id(request, body)
         return await create_embeddings(door, model_of(body.model, adapters=False), body, rid)
 
-    async def score(body: ScoreRequest, request: Request):
-        rid = client_id(request, body)
-        return await create_score(door, model_of(body.model, adapters=False), body, request.url.path, rid)
-
-    async def rerank(body: RerankRequest, request: Request):
-        rid = client_id(request, body)
-        return await create_rerank(door, model_of(body.model, adapters=False), body, request.url.path, rid)
-
-    # vLLM's paths: /score and /rerank, their /v1 aliases, and Cohere's /v2/rerank
-    for path in ("/score", "/v1/score"):
-        app.add_api_route(path, score, methods=["POST"])
-    for path in ("/rerank", "/v1/rerank", "/v2/rerank"):
-        app.add_api_route(path, rerank, methods=["POST"])
+    add_score_routes(app, door, model_of, client_id)
 
     @app.get("/metrics")
     async def metrics():

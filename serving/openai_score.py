@@ -30,6 +30,7 @@ import time
 import uuid
 
 import numpy as np
+from fastapi import Request
 from pydantic import BaseModel, ConfigDict
 
 from jaxllm.pooling_params import PoolingParams
@@ -149,3 +150,21 @@ async def create_rerank(door: FrontDoor, info: ModelInfo, body: RerankRequest, p
         results.append(r)
     return {"id": answer_id, "model": info.name, "usage": {"prompt_tokens": tokens, "total_tokens": tokens},
             "results": results}
+
+
+def add_score_routes(app, door: FrontDoor, model_of, client_id) -> None:
+    """vLLM's paths on the HTTP app: /score and /rerank, their /v1 aliases, and Cohere's /v2/rerank
+    (``model_of`` / ``client_id``: serving/openai_api.py's model and request-id rules)."""
+
+    async def score(body: ScoreRequest, request: Request):
+        rid = client_id(request, body)
+        return await create_score(door, model_of(body.model, adapters=False), body, request.url.path, rid)
+
+    async def rerank(body: RerankRequest, request: Request):
+        rid = client_id(request, body)
+        return await create_rerank(door, model_of(body.model, adapters=False), body, request.url.path, rid)
+
+    for path in ("/score", "/v1/score"):
+        app.add_api_route(path, score, methods=["POST"])
+    for path in ("/rerank", "/v1/rerank", "/v2/rerank"):
+        app.add_api_route(path, rerank, methods=["POST"])
