@@ -7,6 +7,10 @@ e5-mistral and most HF embedding repos ship beside config.json):
   the vectors are L2-normalised.
 
 ``read_pooling_config(dir) -> (pooling_type, normalize) | None`` (None: no such files).
+
+``read_matryoshka(dir) -> (is_matryoshka, matryoshka_dimensions | None)``: vLLM's Matryoshka keys,
+``is_matryoshka`` and ``matryoshka_dimensions``, from ``config.json``, else from
+``config_sentence_transformers.json``; a model with ``matryoshka_dimensions`` is Matryoshka.
 """
 from __future__ import annotations
 
@@ -51,3 +55,18 @@ def read_pooling_config(path: str) -> tuple[str, bool] | None:
     if len(modes) != 1:
         raise CheckpointError(f"{cfg_path}: exactly one of {', '.join(_MODES)} must be true")
     return modes[0], normalize
+
+
+def read_matryoshka(path: str) -> tuple[bool, list[int] | None]:
+    for name in ("config.json", "config_sentence_transformers.json"):
+        f = os.path.join(path, name)
+        cfg = _read_json(f) if os.path.isfile(f) else None
+        if not isinstance(cfg, dict) or not ("is_matryoshka" in cfg or "matryoshka_dimensions" in cfg):
+            continue
+        dims = cfg.get("matryoshka_dimensions")
+        if dims is not None and (not isinstance(dims, list) or not dims or any(
+                isinstance(d, bool) or not isinstance(d, int) or d < 1 for d in dims)):
+            raise CheckpointError(f"{f}: matryoshka_dimensions={dims!r} is invalid: must be a non-empty "
+                                  "list of integers >= 1")
+        return bool(cfg.get("is_matryoshka")) or bool(dims), (sorted(set(dims)) if dims else None)
+    return False, None

@@ -106,6 +106,11 @@ class EngineConfig(msgspec.Struct, kw_only=True):
     # config (1_Pooling/config.json, a Normalize module in modules.json), else LAST and True
     pooling_type: str | None = None
     normalize: bool | None = None
+    # Matryoshka embeddings (vLLM's, from the HF config): may a request ask for fewer `dimensions`,
+    # and which (None: any from 1 to hidden_size). None = the checkpoint's `is_matryoshka` /
+    # `matryoshka_dimensions` (config.json, else config_sentence_transformers.json), else not
+    is_matryoshka: bool | None = None
+    matryoshka_dimensions: list[int] | None = None
     # speculative decoding (vLLM's --speculative-config): None, or a dict / JSON string such as
     # {"method": "ngram", "num_speculative_tokens": 4, "prompt_lookup_max": 4, "prompt_lookup_min": 1}
     # (jaxllm/spec_config.py). Speculation runs the engine synchronously (async_scheduling off).
@@ -149,6 +154,13 @@ class EngineConfig(msgspec.Struct, kw_only=True):
             raise ValueError(f"pooling_type={self.pooling_type!r} is invalid: must be one of ['LAST', 'MEAN']")
         if self.normalize is not None:
             _bool("normalize", self.normalize)
+        if self.is_matryoshka is not None:
+            _bool("is_matryoshka", self.is_matryoshka)
+        dims = self.matryoshka_dimensions
+        if dims is not None and (not isinstance(dims, (list, tuple)) or not dims or any(
+                isinstance(d, bool) or not isinstance(d, int) or d < 1 for d in dims)):
+            raise ValueError(f"matryoshka_dimensions={dims!r} is invalid: must be a non-empty list of "
+                             "integers >= 1, or None")
         _policy(self.scheduling_policy)
         self.speculative()
         self.cache_config().validate()

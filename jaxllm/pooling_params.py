@@ -6,6 +6,9 @@ embedders put an EOS token last), ``"MEAN"`` = the mean over every prompt token.
 engine's (``EngineConfig.pooling_type``, else the checkpoint's sentence-transformers pooling
 config, else LAST). ``normalize``: L2-normalise the pooled vector (None = the engine's default,
 True unless configured). ``truncate_prompt_tokens``: keep the prompt's last k tokens.
+``dimensions``: keep the pooled vector's first d values, then normalise (vLLM's Matryoshka
+truncation; the engine refuses it for a model that is not Matryoshka, see
+``EngineConfig.is_matryoshka``).
 """
 
 from __future__ import annotations
@@ -19,6 +22,7 @@ class PoolingParams(msgspec.Struct, kw_only=True):
     pooling_type: str | None = None
     normalize: bool | None = None
     truncate_prompt_tokens: int | None = None
+    dimensions: int | None = None
 
     def validate(self) -> "PoolingParams":
         if self.pooling_type is not None and self.pooling_type not in POOLING_TYPES:
@@ -29,6 +33,9 @@ class PoolingParams(msgspec.Struct, kw_only=True):
         k = self.truncate_prompt_tokens
         if k is not None and (isinstance(k, bool) or not isinstance(k, int) or k < 1):
             raise ValueError(f"truncate_prompt_tokens={k!r} is invalid: must be an integer >= 1")
+        d = self.dimensions
+        if d is not None and (isinstance(d, bool) or not isinstance(d, int) or d < 1):
+            raise ValueError(f"dimensions={d!r} is invalid: must be an integer >= 1")
         return self
 
     def resolved(self, pooling_type: str, normalize: bool) -> "PoolingParams":

@@ -1,9 +1,10 @@
-"""Embed RPC: proto <-> engine arguments (no jax). The servicer's ``Embed`` handler admits the
+"""Embed and Score RPCs: proto <-> engine arguments (no jax). The servicer's ``Embed`` handler admits the
 request through the front door like ``Generate`` (same gate, request-id rules, queue limit,
 drain: ``FrontDoor.embed``); this module turns the message into what the engine takes and back."""
 
 from __future__ import annotations
 
+import uuid
 from typing import Any
 
 from jaxllm.pooling_params import PoolingParams
@@ -20,10 +21,24 @@ def embed_request_to_engine(req: pb.EmbedRequest, vocab_size: int | None) -> tup
     params = PoolingParams(
         pooling_type=req.pooling_type if req.HasField("pooling_type") else None,
         normalize=req.normalize if req.HasField("normalize") else None,
-        truncate_prompt_tokens=req.truncate_prompt_tokens if req.HasField("truncate_prompt_tokens") else None)
+        truncate_prompt_tokens=req.truncate_prompt_tokens if req.HasField("truncate_prompt_tokens") else None,
+        dimensions=req.dimensions if req.HasField("dimensions") else None)
     return prompt, params.validate()
 
 
 def embed_response(rid: str, out: Any) -> pb.EmbedResponse:
     return pb.EmbedResponse(request_id=rid, embedding=out.outputs.embedding,
                             prompt_tokens=len(out.prompt_token_ids))
+
+
+async def score(door: Any, info: Any, req: pb.ScoreRequest) -> pb.ScoreResponse:
+    """The Score RPC: HTTP /v1/score's rules and cosine (serving/openai_score.py); the engine's
+    requests are ``<request_id>-<i>``, so a client id already in flight is ALREADY_EXISTS."""
+    from serving.openai_score import check_task, embed_scores, pair_texts
+
+    check_task(info, "Score")
+    t1, t2 = pair_texts("text_1", list(req.text_1), "text_2", list(req.text_2), door.config.max_queued_requests)
+    rid = door.check_request_id(req.request_id) or f"score-{uuid.uuid4().hex}"
+    truncate = req.truncate_prompt_tokens if req.HasField("truncate_prompt_tokens") else None
+    scores, tokens = await embed_scores(door, t1, t2, truncate, rid, client_chosen=False)
+    return pb.ScoreResponse(request_id=rid, scores=scores.tolist(), prompt_tokens=tokens)

@@ -6,7 +6,8 @@ as vLLM), ``POST /v1/load_lora_adapter`` / ``/v1/unload_lora_adapter`` (vLLM's, 
 also as server-sent events ending ``data: [DONE]``), ``GET /health``, ``POST /tokenize``,
 ``POST /detokenize``, ``POST /v1/responses`` (OpenAI's Responses API over the chat path,
 ``serving/openai_responses.py``), ``POST /v1/embeddings`` (``serving/openai_embed.py``; a server started
-with ``--task embed``) and ``GET /metrics`` (Prometheus text of the server's registry, like
+with ``--task embed``), vLLM's ``POST /score`` = ``/v1/score`` and ``POST /rerank`` = ``/v1/rerank`` =
+``/v2/rerank`` (``serving/openai_score.py``: cosine of embeddings; ``--task embed`` too) and ``GET /metrics`` (Prometheus text of the server's registry, like
 ``--metrics-port``; no API key, as /health), ``GET|POST /ping`` (= /health), ``GET /version``
 (both without a key) and ``POST /reset_prefix_cache`` (vLLM's: the prefix cache forgets the
 blocks no request holds). Admission, caps, queue limit, drain and the in-flight registry are the
@@ -38,6 +39,7 @@ from jaxllm.engine.async_engine import EngineDeadError
 from serving.frontdoor import Code, FrontDoorError, ModelInfo, check_token_ids, dead_message, invalid
 from serving.openai_errors import error_body, error_response, validation_message
 from serving.openai_embed import EmbeddingRequest, create_embeddings
+from serving.openai_score import add_score_routes
 from serving.openai_generate import chat_job, completion_job, respond
 from serving.openai_protocol import (ChatCompletionRequest, CompletionRequest, DetokenizeRequest,
                                      LoadLoRAAdapterRequest, TokenizeRequest, UnloadLoRAAdapterRequest)
@@ -309,6 +311,8 @@ def build_app(server: "ServingServer") -> Any:
     async def embeddings(body: EmbeddingRequest, request: Request):
         rid = client_id(request, body)
         return await create_embeddings(door, model_of(body.model, adapters=False), body, rid)
+
+    add_score_routes(app, door, model_of, client_id)
 
     @app.get("/metrics")
     async def metrics():

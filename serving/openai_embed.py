@@ -7,8 +7,9 @@ all or nothing (``FrontDoor.embed_many``). vLLM's extra fields: ``truncate_promp
 ``X-Request-Id`` header winning as on the other endpoints: serving/request_ids.py; with neither a
 random uuid). ``encoding_format="base64"`` returns little-endian float32
 bytes, base64-encoded, as OpenAI's client expects. A server that generates refuses with 400
-naming ``model`` (start it with ``--task embed``); ``dimensions`` (Matryoshka truncation) is
-refused by name.
+naming ``model`` (start it with ``--task embed``). ``dimensions`` (vLLM's Matryoshka truncation:
+the first d values, normalised after the cut) only for a Matryoshka model (the engine's
+``is_matryoshka`` / ``matryoshka_dimensions``), else 400 naming ``dimensions``.
 """
 
 from __future__ import annotations
@@ -70,16 +71,14 @@ async def create_embeddings(door: FrontDoor, info: ModelInfo, body: EmbeddingReq
     if task != "embed":
         raise invalid(f"model={info.name!r} is invalid for /v1/embeddings: this server's task is "
                       f"{task!r} (start it with --task embed)", "model")
-    if body.dimensions is not None:
-        raise invalid(f"dimensions={body.dimensions} is not supported: the model's embeddings are "
-                      "returned whole", "dimensions")
     try:
         prompts = _prompts(body, info.vocab_size, door.config.max_queued_requests)
     except ValueError as exc:
         raise invalid(str(exc), "input") from None
     try:
         params = PoolingParams(pooling_type=body.pooling_type, normalize=body.normalize,
-                               truncate_prompt_tokens=body.truncate_prompt_tokens).validate()
+                               truncate_prompt_tokens=body.truncate_prompt_tokens,
+                               dimensions=body.dimensions).validate()
     except ValueError as exc:
         raise invalid(str(exc)) from None
     answer_id = "embd-" + (request_id or uuid.uuid4().hex)

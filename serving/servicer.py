@@ -29,7 +29,7 @@ from typing import TYPE_CHECKING, Any
 import grpc
 
 from serving import beam, convert, proto_tools
-from serving.embed import embed_request_to_engine, embed_response
+from serving.embed import embed_request_to_engine, embed_response, score
 from serving.frontdoor import Code, FrontDoor, FrontDoorError, ModelInfo, config_get, invalid
 from serving.proto.jaxllm.v1 import generation_pb2 as pb
 from serving.proto.jaxllm.v1 import generation_pb2_grpc as pb_grpc
@@ -172,6 +172,15 @@ class GenerationServicer(pb_grpc.GenerationServicer):
         except FrontDoorError as exc:
             await _abort(context, exc)
         return embed_response(rid, out)
+
+    async def Score(self, request: pb.ScoreRequest, context):
+        """Unary: vLLM's score for an embedding model (serving/embed.py ``score``), every text one
+        embedding request admitted together through the front door."""
+        info = await self._model(context)
+        try:
+            return await score(self.door, info, request)
+        except FrontDoorError as exc:
+            await _abort(context, exc)
 
     async def ListAdapters(self, request: pb.ListAdaptersRequest, context):
         info = await self._model(context)

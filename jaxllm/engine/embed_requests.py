@@ -18,6 +18,8 @@ class EmbedRequestsMixin:
     def _add_embed_request(self, request_id: str, prompt, params: PoolingParams,
                            arrival_time: float | None, priority: int = 0) -> None:
         params = params.validate().resolved(*self.pooling_defaults)
+        if params.dimensions is not None:
+            self._check_dimensions(params.dimensions)
         text, ids = self._resolve_prompt(prompt)
         if params.truncate_prompt_tokens is not None:
             ids = ids[-params.truncate_prompt_tokens:]
@@ -40,6 +42,21 @@ class EmbedRequestsMixin:
         if st.in_stats:
             self.num_prompt_tokens += len(ids)
 
+    def _check_dimensions(self, d: int) -> None:
+        """vLLM's Matryoshka rule: ``dimensions`` only for a Matryoshka model, one of its
+        ``matryoshka_dimensions`` when it lists them; ValueError naming the value and the allowed."""
+        c = self.config
+        mc = getattr(self.runner, "model_config", None)
+        size = getattr(mc, "hidden_size", None) or getattr(self.runner, "hidden_size", None)
+        if not (c.is_matryoshka or c.matryoshka_dimensions):
+            raise ValueError(f"dimensions={d} is invalid: this model is not a Matryoshka model (no is_matryoshka / "
+                             f"matryoshka_dimensions in its config), its embeddings are returned whole"
+                             + (f" ({size} dimensions)" if size else ""))
+        if c.matryoshka_dimensions and d not in c.matryoshka_dimensions:
+            raise ValueError(f"dimensions={d} is invalid: must be one of the model's matryoshka_dimensions "
+                             f"{sorted(c.matryoshka_dimensions)}")
+        if size and d > size:
+            raise ValueError(f"dimensions={d} is invalid: must be <= the embedding size {size}")
 
     def _finish_embeddings(self, out, now: float, it=None) -> list[EmbeddingRequestOutput]:
         """File step ``out``'s pooled chunks; finish (free the blocks of) every embedding request

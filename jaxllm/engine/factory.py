@@ -99,12 +99,13 @@ def allocate_runner(runner_cls, model, num_blocks: int, runner_kw: dict, *, shri
 
 
 def resolve_task(config: EngineConfig, model_config, checkpoint_path: str | None) -> EngineConfig:
-    """``config`` with ``task``, and for embed ``pooling_type`` / ``normalize``, resolved: "auto" is
+    """``config`` with ``task``, and for embed ``pooling_type`` / ``normalize`` / ``is_matryoshka``
+    (+ ``matryoshka_dimensions``), resolved: "auto" is
     "embed" for a checkpoint without an LM head or with a sentence-transformers pooling config
     (checkpoints/pooling_config.py), else "generate"; unset pooling defaults come from that config,
     else LAST and normalize=True (Qwen3-Embedding's and e5-mistral's). Raises ValueError naming
     ``task`` when the checkpoint cannot do the task asked."""
-    from checkpoints.pooling_config import read_pooling_config
+    from checkpoints.pooling_config import read_matryoshka, read_pooling_config
 
     st = read_pooling_config(checkpoint_path) if checkpoint_path else None
     task = config.task
@@ -114,10 +115,15 @@ def resolve_task(config: EngineConfig, model_config, checkpoint_path: str | None
         raise ValueError(f"task='generate' is invalid for this checkpoint: it is a {model_config.architecture} "
                          f"base model without an LM head (an embedding model); use task='embed'")
     pooling_type, normalize = config.pooling_type, config.normalize
+    is_mat, mat_dims = config.is_matryoshka, config.matryoshka_dimensions
     if task == "embed":
         pooling_type = pooling_type or (st[0] if st else "LAST")
         normalize = (st[1] if st else True) if normalize is None else normalize
-    return msgspec.structs.replace(config, task=task, pooling_type=pooling_type, normalize=normalize)
+        if is_mat is None:
+            is_mat, ckpt_dims = read_matryoshka(checkpoint_path) if checkpoint_path else (False, None)
+            mat_dims = ckpt_dims if mat_dims is None else mat_dims
+    return msgspec.structs.replace(config, task=task, pooling_type=pooling_type, normalize=normalize,
+                                   is_matryoshka=is_mat, matryoshka_dimensions=mat_dims)
 
 
 def build_engine(config: EngineConfig, *, compile_cache: bool = True, warmup: bool = True) -> LLMEngine:

@@ -23,10 +23,12 @@ class PooledChunk:
     last: np.ndarray  # [E] f32, hidden state of the chunk's last token
 
 
-def pool(total: np.ndarray, last: np.ndarray, num_tokens: int, pooling_type: str, normalize: bool) -> np.ndarray:
-    """The embedding of a prompt from its summed and last hidden states ([E] f32 each)."""
+def pool(total: np.ndarray, last: np.ndarray, num_tokens: int, pooling_type: str, normalize: bool,
+         dimensions: int | None = None) -> np.ndarray:
+    """The embedding of a prompt from its summed and last hidden states ([E] f32 each): [E] f32, or
+    [dimensions] (Matryoshka: the first values, normalised after the cut, as vLLM)."""
     v = last if pooling_type == "LAST" else total / num_tokens
-    v = v.astype(np.float32)
+    v = v.astype(np.float32)[:dimensions]
     if normalize:
         v = v / max(float(np.linalg.norm(v)), 1e-12)  # like torch.nn.functional.normalize
     return v
@@ -56,7 +58,7 @@ class EmbedState:
     def output(self, now: float) -> EmbeddingRequestOutput:
         p = self.req.pooling
         assert self.num_pooled == self.req.num_prompt_tokens, (self.num_pooled, self.req.num_prompt_tokens)
-        vec = pool(self.sum, self.last, self.num_pooled, p.pooling_type, p.normalize)
+        vec = pool(self.sum, self.last, self.num_pooled, p.pooling_type, p.normalize, p.dimensions)
         metrics = RequestMetrics(arrival_time=self.arrival_time, first_scheduled_time=self.req.first_scheduled_time,
                                  first_token_time=now, finished_time=now)
         return EmbeddingRequestOutput(request_id=self.req.request_id, outputs=EmbeddingOutput(embedding=vec.tolist()),

@@ -5,7 +5,7 @@ import json
 import pytest
 
 from checkpoints import CheckpointError
-from checkpoints.pooling_config import read_pooling_config
+from checkpoints.pooling_config import read_matryoshka, read_pooling_config
 from jaxllm.config import EngineConfig
 from jaxllm.engine.factory import resolve_task
 from jaxllm.models.config import ModelConfig
@@ -67,3 +67,34 @@ def test_sentence_transformers_files(tmp_path):
     (bad / "modules.json").write_text("{not json")
     with pytest.raises(CheckpointError, match="modules.json: invalid JSON"):
         read_pooling_config(str(bad))
+
+
+def test_matryoshka_keys(tmp_path):
+    """vLLM's is_matryoshka / matryoshka_dimensions: config.json first, else the
+    sentence-transformers config; resolve_task fills the engine's fields unless they are set."""
+    base = ModelConfig.from_hf(dict(HF, architectures=["LlamaModel"]))
+    plain, hf, st_only, flag = (tmp_path / n for n in ("plain", "hf", "st", "flag"))
+    for d in (plain, hf, st_only, flag):
+        d.mkdir()
+    (plain / "config.json").write_text(json.dumps(HF))
+    (hf / "config.json").write_text(json.dumps(dict(HF, matryoshka_dimensions=[8, 2, 4])))
+    (hf / "config_sentence_transformers.json").write_text(json.dumps({"matryoshka_dimensions": [6]}))
+    (st_only / "config.json").write_text(json.dumps(HF))
+    (st_only / "config_sentence_transformers.json").write_text(json.dumps({"matryoshka_dimensions": [4, 8]}))
+    (flag / "config.json").write_text(json.dumps(dict(HF, is_matryoshka=True)))
+    assert read_matryoshka(str(plain)) == (False, None)
+    assert read_matryoshka(str(hf)) == (True, [2, 4, 8])  # config.json wins, sorted
+    assert read_matryoshka(str(st_only)) == (True, [4, 8])
+    assert read_matryoshka(str(flag)) == (True, None)  # any dimensions
+    embed = EngineConfig(task="embed")
+    c = resolve_task(embed, base, str(hf))
+    assert (c.is_matryoshka, c.matryoshka_dimensions) == (True, [2, 4, 8])
+    c = resolve_task(embed, base, str(plain))
+    assert (c.is_matryoshka, c.matryoshka_dimensions) == (False, None)
+    c = resolve_task(EngineConfig(task="embed", is_matryoshka=False), base, str(hf))
+    assert (c.is_matryoshka, c.matryoshka_dimensions) == (False, None)  # the engine's setting wins
+    (flag / "config.json").write_text(json.dumps(dict(HF, matryoshka_dimensions=[0])))
+    with pytest.raises(CheckpointError, match=r"matryoshka_dimensions=\[0\] is invalid"):
+        read_matryoshka(str(flag))
+    with pytest.raises(ValueError, match=r"matryoshka_dimensions=\[\] is invalid"):
+        EngineConfig(matryoshka_dimensions=[]).validate()

@@ -65,6 +65,8 @@ def fake_hidden(ctx: list[int]) -> np.ndarray:
 
 
 class FakeRunner:
+    hidden_size = FAKE_HIDDEN_SIZE  # the embedding size of task "embed"
+
     def __init__(self, num_blocks: int, block_size: int, vocab_size: int = 131,
                  eos_token_ids: set[int] = frozenset({1}),
                  next_token_fn: Callable[[list[int], ScheduledSeq], int] | None = None,

@@ -26,12 +26,13 @@ from serving.openai_embed import EmbeddingRequest
 from serving.openai_protocol import (ChatCompletionRequest, CompletionRequest, DetokenizeRequest,
                                      TokenizeRequest)
 from serving.openai_responses_protocol import ResponsesRequest
+from serving.openai_score import RerankRequest, ScoreRequest
 
 # path -> body model (None: a GET without a body)
 POST_BODIES: dict[str, type[BaseModel]] = {
     "/v1/completions": CompletionRequest, "/v1/chat/completions": ChatCompletionRequest,
     "/tokenize": TokenizeRequest, "/detokenize": DetokenizeRequest, "/v1/embeddings": EmbeddingRequest,
-    "/v1/responses": ResponsesRequest}
+    "/v1/responses": ResponsesRequest, "/v1/score": ScoreRequest, "/v1/rerank": RerankRequest}
 GETS = ("/v1/models", "/health", "/metrics", "/ping", "/version")
 STATUSES = {200, 400, 401, 404, 405, 413, 429, 503}
 NO_KEY_PATHS = ("/health", "/metrics", "/ping", "/version")  # serving/openai_api.py's OPEN_PATHS
@@ -115,6 +116,10 @@ def plausible(vocab: int, served: str = "fake-llm") -> dict[str, st.SearchStrate
             st.fixed_dictionaries({"json_object": st.booleans()})),
         stream_options=st.fixed_dictionaries({}, optional={"include_usage": st.booleans()}),
         request_id=st.text(st.characters(min_codepoint=0x21, max_codepoint=0x7e), min_size=1, max_size=12),
+        text_1=st.one_of(words, st.lists(words, min_size=1, max_size=3)),
+        text_2=st.one_of(words, st.lists(words, min_size=1, max_size=3)),
+        query=words, documents=st.lists(words, min_size=1, max_size=4), top_n=st.integers(-1, 5),
+        return_documents=st.booleans(),
         # a field another body shares the name of, by "Model.field": the Responses input is text
         # or message items, not the token ids /v1/embeddings' input also takes
         **{"ResponsesRequest.input": st.one_of(words, st.lists(msg.map(lambda m: {**m, "type": "message"}),

@@ -44,10 +44,11 @@ ENV = "JAXLLM_HTTP_FUZZ_EXAMPLES"
 GEN_PLAN = {"/v1/completions": (44, {200, 400}), "/v1/chat/completions": (44, {200, 400}),
             "/tokenize": (22, {200, 400}), "/detokenize": (22, {200, 400}), "/v1/embeddings": (12, {400}),
             "/v1/models": (12, {200}), "/health": (11, {200}), "/metrics": (11, {200}), "/ping": (11, {200}),
-            "/version": (11, {200}), "/v1/responses": (44, {200, 400})}
+            "/version": (11, {200}), "/v1/responses": (44, {200, 400}), "/v1/score": (6, {400})}
 EMBED_PLAN = {"/v1/embeddings": (20, {200, 400}), "/v1/completions": (8, {400}), "/tokenize": (12, {200, 400}),
-              "/v1/models": (5, {200}), "/health": (5, {200}), "/ping": (5, {200}), "/version": (5, {200})}
-_LEAD = re.compile(r"[A-Za-z_]+")
+              "/v1/models": (5, {200}), "/health": (5, {200}), "/ping": (5, {200}), "/version": (5, {200}),
+              "/v1/score": (16, {200, 400}), "/v1/rerank": (16, {200, 400})}
+_LEAD = re.compile(r"[A-Za-z_][A-Za-z0-9_]*")  # a field name (text_1: digits after the first)
 
 
 def make_embed_engine() -> LLMEngine:
@@ -193,6 +194,17 @@ def check_ok(r: httpx.Response, req: dict) -> None:
             vec = d["embedding"]
             size = len(base64.b64decode(vec)) // 4 if isinstance(vec, str) else len(vec)
             assert size == FAKE_HIDDEN_SIZE
+    elif path == "/v1/score":  # one score per text_2, each a cosine
+        t2 = body["text_2"]
+        data = r.json()["data"]
+        assert [d["index"] for d in data] == list(range(1 if isinstance(t2, str) else len(t2)))
+        assert all(-1 - 1e-9 <= d["score"] <= 1 + 1e-9 for d in data), data
+    elif path == "/v1/rerank":  # best first, at most top_n, documents as sent unless dropped
+        res, docs, top = r.json()["results"], body["documents"], body.get("top_n", 0)
+        assert len(res) == (min(top, len(docs)) if top > 0 else len(docs)), res
+        assert [x["relevance_score"] for x in res] == sorted((x["relevance_score"] for x in res), reverse=True)
+        assert all(("document" in x) == body.get("return_documents", True) for x in res), res
+        assert all(x["document"]["text"] == docs[x["index"]] for x in res if "document" in x), res
     elif path in ("/health", "/ping"):
         assert r.json() == {"status": "SERVING"}
     elif path == "/version":

@@ -59,6 +59,11 @@ class GenerationStub:
                 request_serializer=jaxllm_dot_v1_dot_generation__pb2.EmbedRequest.SerializeToString,
                 response_deserializer=jaxllm_dot_v1_dot_generation__pb2.EmbedResponse.FromString,
                 _registered_method=True)
+        self.Score = channel.unary_unary(
+                '/jaxllm.v1.Generation/Score',
+                request_serializer=jaxllm_dot_v1_dot_generation__pb2.ScoreRequest.SerializeToString,
+                response_deserializer=jaxllm_dot_v1_dot_generation__pb2.ScoreResponse.FromString,
+                _registered_method=True)
         self.ListAdapters = channel.unary_unary(
                 '/jaxllm.v1.Generation/ListAdapters',
                 request_serializer=jaxllm_dot_v1_dot_generation__pb2.ListAdaptersRequest.SerializeToString,
@@ -114,6 +119,14 @@ class GenerationServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def Score(self, request, context):
+        """vLLM's score API for an embedding model: the cosine similarity of each pair's embeddings
+        (1:1, 1:N or N:N, as HTTP /v1/score). A generate server answers INVALID_ARGUMENT naming model.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
     def ListAdapters(self, request, context):
         """LoRA adapters (a server started with --enable-lora or --lora-modules; else INVALID_ARGUMENT
         naming enable_lora). Generate picks one with GenerateRequest.lora_name.
@@ -164,6 +177,11 @@ def add_GenerationServicer_to_server(servicer, server):
                     servicer.Embed,
                     request_deserializer=jaxllm_dot_v1_dot_generation__pb2.EmbedRequest.FromString,
                     response_serializer=jaxllm_dot_v1_dot_generation__pb2.EmbedResponse.SerializeToString,
+            ),
+            'Score': grpc.unary_unary_rpc_method_handler(
+                    servicer.Score,
+                    request_deserializer=jaxllm_dot_v1_dot_generation__pb2.ScoreRequest.FromString,
+                    response_serializer=jaxllm_dot_v1_dot_generation__pb2.ScoreResponse.SerializeToString,
             ),
             'ListAdapters': grpc.unary_unary_rpc_method_handler(
                     servicer.ListAdapters,
@@ -316,6 +334,33 @@ class Generation:
             '/jaxllm.v1.Generation/Embed',
             jaxllm_dot_v1_dot_generation__pb2.EmbedRequest.SerializeToString,
             jaxllm_dot_v1_dot_generation__pb2.EmbedResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def Score(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/jaxllm.v1.Generation/Score',
+            jaxllm_dot_v1_dot_generation__pb2.ScoreRequest.SerializeToString,
+            jaxllm_dot_v1_dot_generation__pb2.ScoreResponse.FromString,
             options,
             channel_credentials,
             insecure,

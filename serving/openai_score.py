@@ -1,0 +1,170 @@
+"""vLLM's score and rerank APIs for an embedding model over the front door (no jax).
+
+``POST /score`` = ``/v1/score`` (vLLM's ``ScoreRequest``): ``text_1`` and ``text_2``, each a string
+or a list of strings, paired 1:1, 1:N (``text_1`` one text, scored against each of ``text_2``) or
+N:N (element-wise); anything else is a 400. The answer: ``{"id": "score-<id>", "object": "list",
+"created", "model", "data": [{"index", "object": "score", "score"}], "usage"}``, ``data`` in
+``text_2``'s order.
+
+``POST /rerank`` = ``/v1/rerank`` = ``/v2/rerank`` (vLLM's Jina/Cohere-shaped ``RerankRequest``):
+``query`` against each of ``documents``; ``results`` sorted by ``relevance_score``, highest first
+(ties: the lower index first), the best ``top_n`` (0, the default, or more than there are: all;
+negative: a 400). Each result is ``{"index", "relevance_score", "document": {"text"}}``;
+``return_documents=false`` (Jina's and Cohere's field; vLLM always returns them) leaves
+``document`` out. The answer: ``{"id": "rerank-<id>", "model", "usage", "results"}``.
+
+For an embedding model vLLM scores a pair by the cosine similarity of the two embeddings; so here:
+every input (``text_1``'s, then ``text_2``'s; a 1:N query once) is one engine embedding
+request, admitted together so the scheduler batches them (``FrontDoor.embed_many``, all or
+nothing), pooled as the server is configured, and the cosine is taken in float64 on the host.
+``usage.prompt_tokens`` counts the tokens the engine embedded, each input once (vLLM counts a 1:N
+query once per pair, plus a padding token). A generating server refuses with 400 naming ``model``
+(vLLM: score needs an embedding or cross-encoder model; jaxllm has no cross-encoders). Request ids
+as /v1/embeddings (serving/request_ids.py): the ``X-Request-Id`` header, then the body's
+``request_id``, else a random uuid.
+"""
+
+from __future__ import annotations
+
+import time
+import uuid
+
+import numpy as np
+from fastapi import Request
+from pydantic import BaseModel, ConfigDict
+
+from jaxllm.pooling_params import PoolingParams
+from serving.frontdoor import FrontDoor, ModelInfo, invalid
+from serving.request_ids import engine_prefix
+
+_EPS = 1e-8  # torch.nn.CosineSimilarity's, as vLLM scores: each norm clamped to at least this
+
+
+class ScoreRequest(BaseModel):
+    model_config = ConfigDict(extra="forbid", strict=True)
+
+    text_1: str | list[str]
+    text_2: str | list[str]
+    model: str | None = None
+    truncate_prompt_tokens: int | None = None
+    request_id: str | None = None  # as /v1/embeddings' (the X-Request-Id header wins)
+    user: str | None = None  # accepted, unused
+
+
+class RerankRequest(BaseModel):
+    model_config = ConfigDict(extra="forbid", strict=True)
+
+    query: str
+    documents: list[str]
+    model: str | None = None
+    top_n: int = 0  # vLLM's default: every document
+    return_documents: bool = True
+    truncate_prompt_tokens: int | None = None
+    request_id: str | None = None
+    user: str | None = None
+
+
+def cosine_scores(vecs_1: np.ndarray, vecs_2: np.ndarray) -> np.ndarray:
+    """Cosine similarity of each row pair, float64; ``vecs_1`` of 1 row is paired with every row of
+    ``vecs_2`` (1:N). [n1|1, E], [n, E] -> [n]."""
+    a = np.asarray(vecs_1, dtype=np.float64)
+    b = np.asarray(vecs_2, dtype=np.float64)
+    norms = np.maximum(np.linalg.norm(a, axis=1), _EPS) * np.maximum(np.linalg.norm(b, axis=1), _EPS)
+    return np.sum(a * b, axis=1) / norms
+
+
+def _texts(name: str, value: str | list[str]) -> list[str]:
+    items = [value] if isinstance(value, str) else list(value)
+    if not items:
+        raise invalid(f"{name}=[] is invalid: must hold at least one text", name)
+    for i, t in enumerate(items):
+        if t == "":
+            where = name if isinstance(value, str) else f"{name}[{i}]"
+            raise invalid(f"{where}='' is invalid: the text must be non-empty", name)
+    return items
+
+
+def pair_texts(name_1: str, value_1, name_2: str, value_2, max_items: int) -> tuple[list[str], list[str]]:
+    """vLLM's pairing rules (1:1, 1:N, N:N), the server's item limit; 400 naming the field."""
+    t1, t2 = _texts(name_1, value_1), _texts(name_2, value_2)
+    if len(t1) > 1 and len(t1) != len(t2):
+        raise invalid(f"{name_1} has {len(t1)} items and {name_2} has {len(t2)}, which is invalid: "
+                      "the lengths must be 1:1, 1:N or N:N", name_2)
+    if len(t1) + len(t2) > max_items:
+        raise invalid(f"{name_1} and {name_2} hold {len(t1) + len(t2)} texts, which is invalid: exceeds "
+                      f"the server limit --max-queued-requests={max_items}", name_2)
+    return t1, t2
+
+
+async def embed_scores(door: FrontDoor, t1: list[str], t2: list[str], truncate: int | None, answer_id: str,
+                       client_chosen: bool) -> tuple[np.ndarray, int]:
+    """(cosine score of each pair [len(t2)] f64, prompt tokens embedded): ``t1 + t2`` embedded as
+    one batch of engine requests named after ``answer_id`` (``engine_prefix``)."""
+    try:
+        params = PoolingParams(truncate_prompt_tokens=truncate).validate()
+    except ValueError as exc:
+        raise invalid(str(exc), "truncate_prompt_tokens") from None
+    outs = await door.embed_many(engine_prefix(answer_id, client_chosen), t1 + t2, params)
+    vecs = np.asarray([o.outputs.embedding for o in outs], dtype=np.float64)  # [n1 + n2, E]
+    tokens = sum(len(o.prompt_token_ids) for o in outs)
+    return cosine_scores(vecs[:len(t1)], vecs[len(t1):]), tokens
+
+
+def check_task(info: ModelInfo, path: str) -> None:
+    task = getattr(info.engine, "task", "generate")
+    if task != "embed":
+        raise invalid(f"model={info.name!r} is invalid for {path}: this server's task is {task!r} "
+                      "(scoring needs an embedding model: start it with --task embed)", "model")
+
+
+async def create_score(door: FrontDoor, info: ModelInfo, body: ScoreRequest, path: str,
+                       request_id: str | None = None) -> dict:
+    """``request_id``: the client's (checked by the caller), None = a fresh uuid."""
+    check_task(info, path)
+    t1, t2 = pair_texts("text_1", body.text_1, "text_2", body.text_2, door.config.max_queued_requests)
+    answer_id = "score-" + (request_id or uuid.uuid4().hex)
+    scores, tokens = await embed_scores(door, t1, t2, body.truncate_prompt_tokens, answer_id,
+                                        request_id is not None)
+    data = [{"index": i, "object": "score", "score": float(s)} for i, s in enumerate(scores)]
+    return {"id": answer_id, "object": "list", "created": int(time.time()), "model": info.name, "data": data,
+            "usage": {"prompt_tokens": tokens, "total_tokens": tokens, "completion_tokens": 0}}
+
+
+async def create_rerank(door: FrontDoor, info: ModelInfo, body: RerankRequest, path: str,
+                        request_id: str | None = None) -> dict:
+    check_task(info, path)
+    if body.top_n < 0:
+        raise invalid(f"top_n={body.top_n} is invalid: must be >= 0 (0: every document)", "top_n")
+    t1, t2 = pair_texts("query", body.query, "documents", body.documents, door.config.max_queued_requests)
+    answer_id = "rerank-" + (request_id or uuid.uuid4().hex)
+    scores, tokens = await embed_scores(door, t1, t2, body.truncate_prompt_tokens, answer_id,
+                                        request_id is not None)
+    order = sorted(range(len(t2)), key=lambda i: -scores[i])  # stable: ties keep the lower index first
+    if 0 < body.top_n < len(order):
+        order = order[:body.top_n]
+    results = []
+    for i in order:
+        r = {"index": i, "relevance_score": float(scores[i])}
+        if body.return_documents:
+            r["document"] = {"text": t2[i]}
+        results.append(r)
+    return {"id": answer_id, "model": info.name, "usage": {"prompt_tokens": tokens, "total_tokens": tokens},
+            "results": results}
+
+
+def add_score_routes(app, door: FrontDoor, model_of, client_id) -> None:
+    """vLLM's paths on the HTTP app: /score and /rerank, their /v1 aliases, and Cohere's /v2/rerank
+    (``model_of`` / ``client_id``: serving/openai_api.py's model and request-id rules)."""
+
+    async def score(body: ScoreRequest, request: Request):
+        rid = client_id(request, body)
+        return await create_score(door, model_of(body.model, adapters=False), body, request.url.path, rid)
+
+    async def rerank(body: RerankRequest, request: Request):
+        rid = client_id(request, body)
+        return await create_rerank(door, model_of(body.model, adapters=False), body, request.url.path, rid)
+
+    for path in ("/score", "/v1/score"):
+        app.add_api_route(path, score, methods=["POST"])
+    for path in ("/rerank", "/v1/rerank", "/v2/rerank"):
+        app.add_api_route(path, rerank, methods=["POST"])
