@@ -4,6 +4,8 @@ the same program at once could read each other's half-written file. Subprocesses
 inherit the worker's directory. An explicit $JAXLLM_COMPILE_CACHE is left alone."""
 import os
 
+import pytest
+
 _worker = os.environ.get("PYTEST_XDIST_WORKER")
 if _worker and "JAXLLM_COMPILE_CACHE" not in os.environ:
     os.environ["JAXLLM_COMPILE_CACHE"] = os.path.join(
@@ -31,3 +33,29 @@ def pytest_collection_modifyitems(session, config, items):
             return 0, PARALLEL_LONGEST.index(name) if name in PARALLEL_LONGEST else len(PARALLEL_LONGEST)
         return (1 if "/tests/e2e/" in path else 2), 0
     items.sort(key=rank)
+
+
+@pytest.fixture(autouse=True)
+def _hypothesis_draws_independent_of_imports():
+    """Hypothesis (>= 6.13x) mixes literals it finds in every imported local module into its draws
+    (hypothesis.internal.conjecture.providers._get_local_constants), so a fixed-seed (derandomized)
+    test drew other examples when another test file of the same worker had imported more of the code
+    first: the HTTP fuzz's /tokenize then saw no 200 after test_serving_security.py. Every test runs
+    with an empty local pool (hypothesis's own constants stay), so its draws depend on its seed only."""
+    try:
+        from hypothesis.internal.conjecture import providers
+        from hypothesis.internal.constants_ast import Constants
+    except ImportError:  # another hypothesis layout: nothing to pin
+        yield
+        return
+    if not hasattr(providers, "_get_local_constants"):
+        yield
+        return
+    real, empty = providers._get_local_constants, Constants()
+    providers._get_local_constants = lambda: empty
+    providers.CONSTANTS_CACHE.cache.clear()
+    try:
+        yield
+    finally:
+        providers._get_local_constants = real
+        providers.CONSTANTS_CACHE.cache.clear()
