@@ -49,7 +49,7 @@
 #                       tiny dummy llama on CPU loops at once: mean accepted 4.7-5.0 of K+1 = 5), not
 #                       prompt lookup on real text; what it gives is a draft step's cost vs a decode
 #                       step's on the GPU at near-full acceptance (steps, tok/s), an upper bound
-#   moe          90 s   mixture of experts: bench/moe.py on a 2-layer Mixtral-8x7B-shaped dummy (bf16, 5.6 GB of
+#   moe         110 s   mixture of experts: bench/moe.py on a 2-layer Mixtral-8x7B-shaped dummy (bf16, 5.6 GB of
 #                       experts: the full 93 GB model fits an H200 only without HF), batch 1/16/64 decode steps:
 #                       the grouped ragged_dot experts vs the same MoE computed densely vs a dense model of
 #                       the same active parameters; tok/s and the active-weight-read roofline fraction
@@ -276,7 +276,9 @@ fi
 if want moe; then
   moe_args=(--preset mixtral-8x7b --layers 2 --dtype bfloat16 --batches 1 16 64 --iters 10 --rounds 2)
   [ "$SMOKE" = 1 ] && moe_args=(--preset tiny-mixtral --batches 1 --iters 2 --rounds 1)
-  run moe 90 "$PY" bench/moe.py "${moe_args[@]}" --models moe-grouped moe-dense dense-active --json "$OUT" --json-key moe
+  moe_models=(moe-grouped moe-dense dense-active moe-int8)  # moe-int8: int8 experts on the default (grouped) path
+  [ "$SMOKE" = 1 ] && moe_models=(moe-grouped moe-dense dense-active)  # the smoke test keeps its time; int8 row: bench/RESULTS.md
+  run moe 110 "$PY" bench/moe.py "${moe_args[@]}" --models "${moe_models[@]}" --json "$OUT" --json-key moe
   finish moe $?
 fi
 
