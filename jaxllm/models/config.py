@@ -5,7 +5,7 @@ import dataclasses
 from typing import Any
 
 from jaxllm.models.arch_config import arch_fields, check_longrope
-from jaxllm.models.gemma_config import GEMMA_ARCHITECTURES, gemma_fields, gemma_rope, hf_defaults
+from jaxllm.models.gemma_config import GEMMA_ARCHITECTURES, gemma3_text_config, gemma_fields, gemma_rope, hf_defaults
 
 # HF model_type → the switches that distinguish it inside the one Llama-family decoder.
 SUPPORTED_ARCHITECTURES = {
@@ -155,12 +155,12 @@ class ModelConfig:
     @staticmethod
     def from_hf(cfg: dict[str, Any], source: str = "config.json") -> "ModelConfig":
         model_type = cfg.get("model_type")
+        if model_type == "gemma3":  # Gemma3ForConditionalGeneration: its text model only (gemma_config.py)
+            cfg, model_type = gemma3_text_config(cfg, source), "gemma3_text"
         if model_type not in SUPPORTED_ARCHITECTURES:
-            hint = (" (Gemma 3 multimodal: only its text model, model_type 'gemma3_text', is supported)"
-                    if model_type == "gemma3" else "")
             raise ModelConfigError(
                 f"{source}: unsupported architecture model_type={model_type!r} "
-                f"(supported: {', '.join(sorted(SUPPORTED_ARCHITECTURES))}){hint}")
+                f"(supported: {', '.join(sorted(SUPPORTED_ARCHITECTURES))})")
         cfg = hf_defaults(model_type, cfg)  # Gemma: HF's defaults for absent fields
         act = cfg.get("hidden_act", "silu")
         if act != "silu" and model_type not in GEMMA_ARCHITECTURES:  # Gemma's activation: gemma_fields
@@ -200,7 +200,8 @@ class ModelConfig:
             sliding = None
         archs = cfg.get("architectures") or []
         tied = bool(cfg.get("tie_word_embeddings", False))
-        base_model = bool(archs) and not any(a.endswith(("ForCausalLM", "LMHeadModel")) for a in archs)
+        base_model = bool(archs) and not any(a.endswith(("ForCausalLM", "LMHeadModel", "ForConditionalGeneration"))
+                                             for a in archs)
         moe = _moe_fields(model_type, cfg, source)
         eos = cfg.get("eos_token_id")
         eos_ids = tuple(eos) if isinstance(eos, list) else ((eos,) if eos is not None else ())

@@ -82,6 +82,13 @@ GEMMA_CONFIGS = {
                                                                                    rope_theta=10000.0)})),
     "gemma": ("GemmaConfig", dict(COMMON, head_dim=32, hidden_act="gelu", pad_token_id=0)),
 }
+# gemma3_mm: Gemma3ForConditionalGeneration (gemma-3-4b/12b/27b's class) around gemma3's text model and a tiny
+# SigLIP vision tower (image tokens 253..255 inside the tiny vocab); jaxllm loads the text model only.
+GEMMA_CONFIGS["gemma3_mm"] = ("Gemma3Config", dict(
+    text_config=GEMMA_CONFIGS["gemma3"][1], boi_token_index=253, eoi_token_index=254, image_token_index=255,
+    mm_tokens_per_image=4, vision_config=dict(model_type="siglip_vision_model", hidden_size=16, intermediate_size=32,
+                                              num_hidden_layers=1, num_attention_heads=2, image_size=28,
+                                              patch_size=14)))
 
 
 def make_tiny_hf(name: str, root: str, seed: int = 0) -> str:
