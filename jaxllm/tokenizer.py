@@ -136,6 +136,19 @@ def parse_tool_call_arguments(messages: list[dict], field: str = "messages") -> 
     return out
 
 
+def check_text_parts(messages: list[dict], field: str = "messages") -> None:
+    """A message ``content`` given as a list of OpenAI parts may hold text parts only: image, audio and
+    file inputs are not supported (a multimodal checkpoint such as Gemma 3 27B runs its text model alone,
+    and its template would render an image part as a bare image token). ValueError names the part."""
+    for i, m in enumerate(messages):
+        content = m.get("content") if isinstance(m, dict) else None
+        for j, part in enumerate(content if isinstance(content, list) else ()):
+            kind = part.get("type") if isinstance(part, dict) else None
+            if kind != "text":
+                raise ValueError(f"{field}[{i}].content[{j}].type={kind!r} is not supported: only text parts "
+                                 f"(no image, audio or file inputs)")
+
+
 # arguments of transformers' apply_chat_template that chat_template_kwargs may not set
 _RESERVED_TEMPLATE_KWARGS = frozenset({"conversation", "messages", "tools", "documents", "chat_template",
                                        "add_generation_prompt", "continue_final_message", "tokenize",
