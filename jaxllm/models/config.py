@@ -4,7 +4,7 @@ from __future__ import annotations
 import dataclasses
 from typing import Any
 
-from jaxllm.models.arch_config import arch_fields, check_longrope
+from jaxllm.models.arch_config import arch_fields, check_longrope, qwen_windows
 from jaxllm.models.gemma_config import GEMMA_ARCHITECTURES, gemma3_text_config, gemma_fields, gemma_rope, hf_defaults
 
 # HF model_type → the switches that distinguish it inside the one Llama-family decoder.
@@ -198,6 +198,9 @@ class ModelConfig:
         sliding = cfg.get("sliding_window")
         if model_type in ("qwen2", "qwen3", "qwen3_moe", "qwen2_moe") and not cfg.get("use_sliding_window", False):
             sliding = None
+        sliding, qwen_types = qwen_windows(model_type, cfg, sliding, source)  # per layer: max_window_layers
+        if qwen_types is not None:
+            flags["layer_types"] = qwen_types
         archs = cfg.get("architectures") or []
         tied = bool(cfg.get("tie_word_embeddings", False))
         base_model = bool(archs) and not any(a.endswith(("ForCausalLM", "LMHeadModel", "ForConditionalGeneration"))

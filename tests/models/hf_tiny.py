@@ -51,7 +51,7 @@ ROPE_CONFIGS = {
 }
 
 
-# Phi-3 and Granite (tests/models/test_archs_hf.py). phi3: fused qkv_proj / gate_up_proj, a sliding
+# Phi-3, Granite and Qwen2's per-layer window (tests/models/test_archs_hf.py). phi3: fused qkv_proj / gate_up_proj, a sliding
 # window and partial rotary (half of head_dim) with default rope; phi3_longrope: Phi-4-mini's shape
 # (partial rotary 0.75, longrope, tied) with original length 32;
 # granite: every multiplier away from 1, attention_multiplier far from 1/sqrt(head_dim).
@@ -63,6 +63,9 @@ ARCH_CONFIGS = {
                                          rope_parameters=dict(rope_type="longrope", rope_theta=10000.0, **_LONG))),
     "granite": ("GraniteConfig", dict(COMMON, embedding_multiplier=6.0, residual_multiplier=0.4,
                                       attention_multiplier=0.09, logits_scaling=2.5, tie_word_embeddings=True)),
+    # qwen2_window: use_sliding_window with max_window_layers 1 of 3: layer 0 full, layers 1-2 a 12-token window
+    "qwen2_window": ("Qwen2Config", dict(COMMON, num_hidden_layers=3, tie_word_embeddings=True, use_sliding_window=True,
+                                         sliding_window=12, max_window_layers=1)),
 }
 
 # Gemma (tests/models/test_gemma_hf.py). gemma2: head_dim 256 (Gemma's), every other layer a 12-token window
