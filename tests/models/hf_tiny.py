@@ -93,6 +93,15 @@ GEMMA_CONFIGS["gemma3_mm"] = ("Gemma3Config", dict(
                                               num_hidden_layers=1, num_attention_heads=2, image_size=28,
                                               patch_size=14)))
 
+# GGUF Gemma (tests/checkpoints/test_gguf.py): llama.cpp derives the query scale from the layer count (head_dim
+# but for the 27B models) and writes no key for it, so these take query_pre_attn_scalar = head_dim (Gemma 2 2B /
+# 9B, Gemma 3 1B-12B); Gemma 3 with 7 layers, so the full layer at 5 and a sliding one after it count.
+GEMMA_GGUF_CONFIGS = {
+    "gemma2_gguf": ("Gemma2Config", dict(GEMMA_CONFIGS["gemma2"][1], query_pre_attn_scalar=256)),
+    "gemma3_gguf": ("Gemma3TextConfig", dict(GEMMA_CONFIGS["gemma3"][1], query_pre_attn_scalar=256, num_hidden_layers=7,
+                                              layer_types=None)),
+}
+
 
 def make_tiny_hf(name: str, root: str, seed: int = 0) -> str:
     """Creates (once) and returns the directory of a tiny random HF model."""
@@ -103,11 +112,11 @@ def make_tiny_hf(name: str, root: str, seed: int = 0) -> str:
     if os.path.isfile(os.path.join(path, "config.json")):
         return path
     cls_name, kwargs = {**TINY_CONFIGS, **ROPE_CONFIGS, **ARCH_CONFIGS, **MOE_CONFIGS, **SHARED_MOE_CONFIGS,
-                        **GEMMA_CONFIGS}[name]
+                        **GEMMA_CONFIGS, **GEMMA_GGUF_CONFIGS}[name]
     config = getattr(transformers, cls_name)(**kwargs)
     torch.manual_seed(seed)
     model = transformers.AutoModelForCausalLM.from_config(config, dtype=torch.float32)
-    if name in GEMMA_CONFIGS:
+    if name in GEMMA_CONFIGS or name in GEMMA_GGUF_CONFIGS:
         with torch.no_grad():
             for n, p in model.named_parameters():
                 if n.endswith("norm.weight"):
