@@ -30,9 +30,19 @@ class Tokenizer:
 
     @staticmethod
     def from_dir(path: str, extra_eos_ids=()) -> "Tokenizer":
+        """An HF directory's tokenizer. Without a template of its own (tokenizer_config.json's or
+        chat_template.jinja), a processor's chat_template.json is read, as vLLM does: multimodal
+        checkpoints such as Gemma 3 4B-27B may keep their template only there."""
         from transformers import AutoTokenizer
 
-        return Tokenizer(AutoTokenizer.from_pretrained(path, local_files_only=True), extra_eos_ids)
+        hf = AutoTokenizer.from_pretrained(path, local_files_only=True)
+        legacy = os.path.join(path, "chat_template.json")
+        if not hf.chat_template and os.path.isfile(legacy):
+            with open(legacy) as f:
+                template = json.load(f).get("chat_template")
+            if isinstance(template, str):
+                hf.chat_template = template
+        return Tokenizer(hf, extra_eos_ids)
 
     @staticmethod
     def from_gguf(path: str, extra_eos_ids=()) -> "Tokenizer":
