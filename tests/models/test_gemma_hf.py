@@ -226,6 +226,11 @@ def test_dummy_presets_and_orbax_round_trip(tiny_root, tmp_path):
     assert g2.num_layers == 42 and g2.layer_types[:2] == ("sliding_attention", "full_attention")
     assert g3.num_kv_heads == 1 and g3.layer_types[5] == "full_attention" and g3.sliding_window == 512
     assert g3.layer_types.count("sliding_attention") == 22 and g3.rope_local_theta == 1e4
+    g27 = dummy_config("gemma-3-27b")  # the multimodal class's config: its text model
+    assert (g27.num_layers, g27.num_heads, g27.num_kv_heads, g27.head_dim, g27.vocab_size) == (62, 32, 16, 128, 262208)
+    assert g27.attention_scale == 168 ** -0.5 and g27.layer_types.count("full_attention") == 10
+    assert g27.rope_scaling_dict == {"rope_type": "linear", "factor": 8.0} and g27.eos_token_ids == (1, 106)
+    assert 26.5e9 < g27.num_params < 27.5e9  # the text model of the 27B (its ~0.4B vision tower left out)
     ckpt = load_checkpoint(make_tiny_hf("gemma3", tiny_root))
     save_orbax(str(tmp_path / "orbax"), ckpt.config, {"embed": np.asarray(ckpt.params["embed"])})
     back = read_orbax_config(str(tmp_path / "orbax"))
