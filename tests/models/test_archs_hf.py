@@ -49,16 +49,18 @@ def test_config_fields_are_read(tiny_root):
     assert qwen2.sliding_window == 12 and qwen2.rope_local_theta is None
 
 
-@pytest.mark.parametrize("cls", ["Qwen2Config", "Qwen3Config"])
+@pytest.mark.parametrize("cls,model_type", [("Qwen2Config", "qwen2"), ("Qwen3Config", "qwen3"),
+                                            ("Qwen2MoeConfig", "qwen2_moe")])
 @pytest.mark.parametrize("use,first,n", [(True, 1, 3), (True, 0, 3), (True, 3, 3), (True, None, 30),
                                          (False, 1, 3), (True, 28, 28)])
-def test_qwen_window_layers_follow_transformers(cls, use, first, n):
-    """Qwen2 / Qwen3 config.json as the Hub has them (no layer_types; max_window_layers absent: HF's 28)
-    read as transformers 5 reads them: the window on layers >= max_window_layers, only with
-    use_sliding_window. Every layer alike gives no layer_types (one window for all, or none)."""
+def test_qwen_window_layers_follow_transformers(cls, model_type, use, first, n):
+    """Qwen2 / Qwen3 / Qwen2-MoE config.json as the Hub has them (no layer_types; max_window_layers absent:
+    HF's 28) read as transformers 5 reads them: the window on layers >= max_window_layers (Qwen2-MoE: the
+    even layers below it), only with use_sliding_window. Every layer alike gives no layer_types (one window
+    for all, or none)."""
     import transformers
 
-    raw = dict(BASE, model_type=cls[:5].lower(), num_hidden_layers=n, num_key_value_heads=2, use_sliding_window=use,
+    raw = dict(BASE, model_type=model_type, num_hidden_layers=n, num_key_value_heads=2, use_sliding_window=use,
                sliding_window=12)
     if first is not None:
         raw["max_window_layers"] = first
@@ -66,7 +68,7 @@ def test_qwen_window_layers_follow_transformers(cls, use, first, n):
     c = ModelConfig.from_hf(raw)
     from jaxllm.models.gemma_config import layer_attention
 
-    want = [12 if t == "sliding_attention" and hf.sliding_window is not None else None for t in hf.layer_types]
+    want = [12 if t == "sliding_attention" and hf.sliding_window else None for t in hf.layer_types]
     assert [layer_attention(c, i)[0] for i in range(n)] == want
     assert (c.layer_types is None) == (len(set(want)) == 1)
     again = ModelConfig.from_hf(hf.to_dict())  # transformers 5 writes layer_types: read the same
