@@ -62,6 +62,13 @@ PRESETS: dict[str, dict] = {
                        query_pre_attn_scalar=256, sliding_window=512, sliding_window_pattern=6,
                        rope_theta=1000000.0, rope_local_base_freq=10000.0, max_position_embeddings=32768,
                        rms_norm_eps=1e-6, bos_token_id=2, eos_token_id=[1, 106]),
+    # google/gemma-3-27b-it's config.json (Gemma3ForConditionalGeneration: its text model, the rest of the
+    # fields Gemma3TextConfig's defaults): GQA 32 / 16, head_dim 128, query_pre_attn_scalar 168, 1024 window
+    "gemma-3-27b": dict(model_type="gemma3", architectures=["Gemma3ForConditionalGeneration"], eos_token_id=[1, 106],
+                        text_config=dict(model_type="gemma3_text", hidden_size=5376, intermediate_size=21504,
+                                         num_hidden_layers=62, num_attention_heads=32, num_key_value_heads=16,
+                                         head_dim=128, query_pre_attn_scalar=168, sliding_window=1024,
+                                         rope_scaling={"factor": 8.0, "rope_type": "linear"})),
 
     # Mixture of experts (jaxllm/models/moe.py).
     "mixtral-8x7b": dict(model_type="mixtral", vocab_size=32000, hidden_size=4096, intermediate_size=14336,

@@ -21,7 +21,7 @@ from jaxllm.models.config import ModelConfig, ModelConfigError
 
 # llama.cpp architecture → HF model_type (only those the Llama-family decoder covers).
 GGUF_ARCHS = {"llama": "llama", "mistral": "mistral", "qwen2": "qwen2", "qwen3": "qwen3", "phi3": "phi3",
-              "granite": "granite"}
+              "granite": "granite", "gemma2": "gemma2", "gemma3": "gemma3_text"}
 # llama.cpp permutes Q/K rows for these architectures (interleaved rotary); others keep HF order.
 PERMUTED_ARCHS = {"llama", "mistral", "granite"}  # convert_hf_to_gguf's GraniteModel is a LlamaModel
 # granite's µP scalars: llama.cpp metadata key (after "granite.") → HF config field (same meaning:
@@ -55,6 +55,13 @@ _LAYER_NAMES = {
 # swiglu halves), split under Llama's names by checkpoints/hf_names.py as for an HF Phi-3 checkpoint
 _PHI3_NAMES = {**_LAYER_NAMES, "attn_qkv.weight": "self_attn.qkv_proj.weight",
                "ffn_up.weight": "mlp.gate_up_proj.weight"}
+# Gemma 2 / 3 (convert_hf_to_gguf.py's Gemma2Model / Gemma3Model): the sandwich norms under llama.cpp's names
+# (ffn_norm is the MLP's input norm, HF's pre_feedforward_layernorm), every *norm.weight stored as 1 + w (HF
+# scales by 1 + w: the loader subtracts the 1 again)
+_GEMMA_NAMES = {**_LAYER_NAMES, "ffn_norm.weight": "pre_feedforward_layernorm.weight",
+                "post_attention_norm.weight": "post_attention_layernorm.weight",
+                "post_ffw_norm.weight": "post_feedforward_layernorm.weight"}
+GEMMA_GGUF = ("gemma2", "gemma3")
 _GLOBAL_NAMES = {"token_embd.weight": "model.embed_tokens.weight", "output_norm.weight": "model.norm.weight",
                  "output.weight": "lm_head.weight"}
 
@@ -135,12 +142,38 @@ def _hf_config(reader, path: str) -> dict:
         rot = g("rope.dimension_count")
         if rot and hf["head_dim"] and rot != hf["head_dim"]:
             hf["partial_rotary_factor"] = rot / hf["head_dim"]
+    if arch in GEMMA_GGUF:
+        hf.update(_gemma_keys(arch, g, hf))
     if experts:  # Mixtral: feed_forward_length is each expert's
         hf.update(model_type="mixtral", num_local_experts=experts, num_experts_per_tok=g("expert_used_count", 2))
     missing = [k for k, v in hf.items() if v is None and k not in ("sliding_window", "bos_token_id", "eos_token_id")]
     if missing:
         raise CheckpointError(f"{path}: GGUF metadata lacks {', '.join(missing)} for architecture {arch}")
     return hf
+
+
+# llama.cpp's model size by block count whose softmax scale is (hidden / heads) ** -0.5, not head_dim ** -0.5
+_GEMMA_27B_LAYERS = {"gemma2": 46, "gemma3": 62}
+
+
+def _gemma_keys(arch: str, g, hf: dict) -> dict:
+    """The Gemma 2 / 3 config fields as llama.cpp reads its own files (llama-model.cpp): the query scale from
+    the layer count (27B: query_pre_attn_scalar = hidden / heads, else head_dim; the converter writes no key
+    for it), the soft-caps (Gemma 2 only; absent: HF's and llama.cpp's defaults 50 / 30), the window
+    (absent: 4096), the sliding layers' rope base (rope.freq_base_swa, else 10000). The layer pattern is
+    llama.cpp's fixed one, HF's default (Gemma 2: every other layer from 0; Gemma 3: 5 sliding, 1 full)."""
+    heads, embd = hf["num_attention_heads"], hf["hidden_size"]
+    big = hf["num_hidden_layers"] == _GEMMA_27B_LAYERS[arch] and heads and embd
+    out = {"query_pre_attn_scalar": embd // heads if big else hf["head_dim"]}
+    if hf.get("sliding_window") is None:
+        del hf["sliding_window"]  # HF's default (4096) fills it
+    if arch == "gemma2":
+        for key in ("attn_logit_softcapping", "final_logit_softcapping"):
+            if g(key) is not None:
+                out[key] = float(g(key))
+    else:
+        out["rope_local_base_freq"] = float(g("rope.freq_base_swa", 10000.0))
+    return out
 
 
 # llama.cpp's yarn keys (convert_hf_to_gguf.py writes them from the HF rope parameters) → HF's names
@@ -207,7 +240,7 @@ def _convert(reader, config: ModelConfig, path: str) -> dict:
     tensors = {}
     for t in reader.tensors:
         m = re.fullmatch(r"blk\.(\d+)\.(.+)", t.name)
-        layer_names = _PHI3_NAMES if arch == "phi3" else _LAYER_NAMES
+        layer_names = _PHI3_NAMES if arch == "phi3" else _GEMMA_NAMES if arch in GEMMA_GGUF else _LAYER_NAMES
         hf_name = (f"model.layers.{m.group(1)}.{layer_names.get(m.group(2), m.group(2))}" if m
                    else _GLOBAL_NAMES.get(t.name, t.name))
         tensors[hf_name] = t
@@ -231,6 +264,8 @@ def _convert(reader, config: ModelConfig, path: str) -> dict:
         except Exception as e:
             raise CheckpointError(f"{path}: tensor {t.name} is corrupt or truncated ({e})") from None
         w = np.asarray(w, dtype=np.float32)
+        if arch in GEMMA_GGUF and name.endswith("norm.weight"):
+            w = w - np.float32(1.0)  # stored 1 + w; the model scales by 1 + w itself (config.norm_offset)
         if arch in PERMUTED_ARCHS and name.endswith(("q_proj.weight", "k_proj.weight")):
             heads = config.num_heads if name.endswith("q_proj.weight") else config.num_kv_heads
             w = _unpermute(w, heads)

@@ -15,7 +15,7 @@ from checkpoints.assemble import assemble_params
 from checkpoints.errors import CheckpointError
 from checkpoints.hf_fp8_config import Fp8Scheme
 from checkpoints.hf_int4 import Int4Scheme
-from checkpoints.hf_names import llama_names
+from checkpoints.hf_names import llama_names, text_model_aliases
 from jaxllm.models.config import ModelConfig, ModelConfigError
 
 log = logging.getLogger("jaxllm.checkpoints")
@@ -134,8 +134,11 @@ def load_hf(path: str, dtype=np.float32):
                                       f"quantization_config (an fp8 checkpoint names its scheme there)")
             for name in header:
                 where[name] = (file, h, (header, start) if name in f8 else None)
+        aliases = text_model_aliases(where, path)  # Gemma3ForConditionalGeneration's language model
 
         def stored_name(name: str) -> str:
+            if name not in where and name in aliases:
+                return aliases[name]
             if name not in where and name.startswith("model."):
                 return name[len("model."):]  # a base model (LlamaModel, Qwen3Model) saved alone
             return name

@@ -9,9 +9,37 @@ for any tensor_parallel_size (jaxllm/models/fusion.py).
 """
 from __future__ import annotations
 
+import logging
+
 from checkpoints.assemble import GetTensor
 from checkpoints.errors import CheckpointError
 from jaxllm.models.config import ModelConfig
+
+log = logging.getLogger("jaxllm.checkpoints")
+
+# A multimodal checkpoint's text model (Gemma3ForConditionalGeneration): stored prefix → Llama's prefix.
+# transformers 5's save_pretrained writes model.language_model.* and lm_head; checkpoints saved before
+# transformers 4.52 (most on the Hub) language_model.model.* and language_model.lm_head.
+_TEXT_PREFIXES = (("model.language_model.", "model."), ("language_model.model.", "model."),
+                  ("language_model.lm_head.", "lm_head."))
+_SKIPPED_PREFIXES = ("model.vision_tower.", "vision_tower.", "model.multi_modal_projector.",
+                     "multi_modal_projector.")
+
+
+def text_model_aliases(names, source: str) -> dict[str, str]:
+    """{Llama name: stored name} for a multimodal checkpoint's text-model tensors (empty for a plain
+    one); logs in one line the vision tower / projector tensors left unread."""
+    aliases = {}
+    for name in names:
+        for stored, ours in _TEXT_PREFIXES:
+            if name.startswith(stored):
+                aliases[ours + name[len(stored):]] = name
+    if aliases:
+        skipped = sorted(n for n in names if n.startswith(_SKIPPED_PREFIXES))
+        log.info("%s: multimodal checkpoint: loading its text model only (%d tensors); image inputs are not "
+                 "supported, the %d vision tower / projector tensors are skipped", source, len(aliases), len(skipped))
+    return aliases
+
 
 _PHI3_SPLITS = {  # Llama name suffix → (fused name suffix, index of the row block)
     "self_attn.q_proj.weight": ("self_attn.qkv_proj.weight", 0),

@@ -22,7 +22,7 @@ from jaxllm.config import EngineConfig
 from jaxllm.lora.loader import LoRALoadError
 from jaxllm.metrics.loggers import LoggingStatLogger, validate_interval
 from jaxllm.outputs import EmbeddingRequestOutput, RequestOutput
-from jaxllm.tokenizer import parse_tool_call_arguments
+from jaxllm.tokenizer import check_text_parts, parse_tool_call_arguments
 from jaxllm.pooling_params import PoolingParams
 from jaxllm.sampling_params import SamplingParams
 
@@ -205,6 +205,7 @@ class LLM:
                 raise ValueError(f"conversations[{i}]={conv!r} is invalid: must be a list of "
                                  f"message dicts")
             kw = {k: v for k, v in (("tools", tools), ("chat_template_kwargs", chat_template_kwargs)) if v}
+            check_text_parts(conv, f"conversations[{i}]")
             conv = parse_tool_call_arguments(list(conv), f"conversations[{i}]")
             prompts.append(tok.chat_prompt(conv, add_generation_prompt, chat_template=chat_template,
                                            continue_final_message=continue_final_message, **kw))

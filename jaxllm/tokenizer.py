@@ -30,9 +30,19 @@ class Tokenizer:
 
     @staticmethod
     def from_dir(path: str, extra_eos_ids=()) -> "Tokenizer":
+        """An HF directory's tokenizer. Without a template of its own (tokenizer_config.json's or
+        chat_template.jinja), a processor's chat_template.json is read, as vLLM does: multimodal
+        checkpoints such as Gemma 3 4B-27B may keep their template only there."""
         from transformers import AutoTokenizer
 
-        return Tokenizer(AutoTokenizer.from_pretrained(path, local_files_only=True), extra_eos_ids)
+        hf = AutoTokenizer.from_pretrained(path, local_files_only=True)
+        legacy = os.path.join(path, "chat_template.json")
+        if not hf.chat_template and os.path.isfile(legacy):
+            with open(legacy) as f:
+                template = json.load(f).get("chat_template")
+            if isinstance(template, str):
+                hf.chat_template = template
+        return Tokenizer(hf, extra_eos_ids)
 
     @staticmethod
     def from_gguf(path: str, extra_eos_ids=()) -> "Tokenizer":
@@ -134,6 +144,19 @@ def parse_tool_call_arguments(messages: list[dict], field: str = "messages") -> 
                                          f"not JSON ({exc})") from None
         out.append(m)
     return out
+
+
+def check_text_parts(messages: list[dict], field: str = "messages") -> None:
+    """A message ``content`` given as a list of OpenAI parts may hold text parts only: image, audio and
+    file inputs are not supported (a multimodal checkpoint such as Gemma 3 27B runs its text model alone,
+    and its template would render an image part as a bare image token). ValueError names the part."""
+    for i, m in enumerate(messages):
+        content = m.get("content") if isinstance(m, dict) else None
+        for j, part in enumerate(content if isinstance(content, list) else ()):
+            kind = part.get("type") if isinstance(part, dict) else None
+            if kind != "text":
+                raise ValueError(f"{field}[{i}].content[{j}].type={kind!r} is not supported: only text parts "
+                                 f"(no image, audio or file inputs)")
 
 
 # arguments of transformers' apply_chat_template that chat_template_kwargs may not set

@@ -14,7 +14,8 @@ from __future__ import annotations
 
 from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, field_validator
+from pydantic_core import PydanticCustomError
 
 from jaxllm.sampling_params import SamplingParams
 from jaxllm.structured_outputs import StructuredOutputsParams
@@ -197,6 +198,16 @@ class ChatMessage(_Body):
     annotations: list | None = None
     audio: dict | None = None
     function_call: dict | None = None
+
+    @field_validator("content", mode="before")
+    @classmethod
+    def _text_parts_only(cls, content):  # an image part: one line naming it, not a union mismatch
+        for j, part in enumerate(content if isinstance(content, list) else ()):
+            kind = part.get("type") if isinstance(part, dict) else None
+            if isinstance(kind, str) and kind != "text":
+                raise PydanticCustomError("content_part", "content[{j}].type={kind} is not supported: only text "
+                                          "parts (no image, audio or file inputs)", dict(j=j, kind=repr(kind)))
+        return content
 
     def to_dict(self) -> dict:
         """The message as chat templates see it (tool call arguments stay text here; see

@@ -16,12 +16,17 @@ targeted HF linear layer, `...layers.{i}.{self_attn|mlp}.{name}.lora_A.weight` [
 with the scaling folded into B (f32). Layers the adapter does not touch (`layers_to_transform`)
 hold zeros. The device side (jaxllm/lora/slots.py) pads the rank, repeats kv heads and fuses.
 
-Every refusal is a ValueError of one line naming the file and the field or tensor.
+Every refusal is a ValueError of one line naming the file and the field or tensor. An adapter of a
+multimodal checkpoint's text model (Gemma3ForConditionalGeneration: `model.language_model.layers...`,
+or `language_model.model.layers...` before transformers 4.52) loads the same way; its vision tower /
+projector tensors (PEFT's `target_modules` match SigLIP's q_proj too) are skipped, said in one log
+line: only text runs.
 """
 from __future__ import annotations
 
 import dataclasses
 import json
+import logging
 import math
 import os
 import re
@@ -43,8 +48,13 @@ _NEUTRAL = {"use_dora": (False, None), "bias": ("none", None), "modules_to_save"
             "fan_in_fan_out": (False, None), "lora_bias": (False, None), "rank_pattern": ({}, None),
             "alpha_pattern": ({}, None), "layer_replication": (None, []), "target_parameters": (None, []),
             "use_qalora": (False, None), "trainable_token_indices": (None, {}, [])}
-_TENSOR = re.compile(r"^(?:base_model\.model\.)?(?:model\.)?layers\.(\d+)\.(self_attn|mlp)\.(\w+)"
-                     r"\.lora_([AB])(?:\.[\w-]+)?\.weight$")
+_TENSOR = re.compile(r"^(?:base_model\.model\.)?(?:model\.)?(?:language_model\.)?(?:model\.)?layers\.(\d+)\."
+                     r"(self_attn|mlp)\.(\w+)\.lora_([AB])(?:\.[\w-]+)?\.weight$")
+# a multimodal checkpoint's image side (skipped: image inputs are not supported)
+_VISION = re.compile(r"^(?:base_model\.model\.)?(?:model\.)?(?:vision_tower|multi_modal_projector)\.")
+# the full module names PEFT's regex target_modules may be written against (text model of a multimodal one too)
+_PREFIXES = ("model.", "model.language_model.", "language_model.model.")
+log = logging.getLogger("jaxllm.lora")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -98,7 +108,7 @@ def _targets(file: str, cfg: dict, num_layers: int) -> set[str]:
     if isinstance(tm, str):  # PEFT: a regex matched against the full module names
         try:
             return {m for m, (blk, _) in MODULES.items()
-                    if any(re.fullmatch(tm, f"model.layers.{i}.{blk}.{m}") for i in range(num_layers))}
+                    if any(re.fullmatch(tm, f"{p}layers.{i}.{blk}.{m}") for i in range(num_layers) for p in _PREFIXES)}
         except re.error as e:
             raise _fail(file, f"target_modules={tm!r} is not a valid regex ({e})") from None
     if not isinstance(tm, list) or not tm or not all(isinstance(t, str) for t in tm):
@@ -160,7 +170,13 @@ def load_adapter(path: str, model_config: ModelConfig, max_lora_rank: int, *, na
         raise _fail(wfile, f"corrupt or truncated safetensors file ({str(e).splitlines()[0][:200]})") from None
     shapes = module_shapes(c)
     found: dict[tuple[str, int, str], str] = {}  # (module, layer, "A"|"B") -> tensor name
+    vision = {key for key in keys if _VISION.match(key)}
+    if vision:
+        log.info("%s: %d vision tower / projector LoRA tensors skipped (image inputs are not supported)", wfile,
+                 len(vision))
     for key in keys:
+        if key in vision:
+            continue
         m = _TENSOR.match(key)
         if m is None:
             raise _fail(wfile, f"tensor {key} is not supported (only lora_A/lora_B of {', '.join(MODULES)})")

@@ -9,6 +9,11 @@
 - granite (`GraniteForCausalLM`): x = embed * embedding_multiplier; each residual branch is scaled by
   residual_multiplier before it is added; the softmax scale is attention_multiplier (not 1/sqrt(d));
   logits are divided by logits_scaling.
+- qwen2 / qwen3 (dense): the sliding window (only with use_sliding_window) applies per layer as
+  transformers 5 does: the config's `layer_types`, else "sliding_attention" on layers >=
+  max_window_layers (default 28); qwen2_moe: the even layers below max_window_layers (HF's
+  Qwen2MoeConfig). vLLM refuses such a mix (max_window_layers < num_hidden_layers); jaxllm runs it
+  through the per-layer window Gemma 2/3 use. Qwen3-MoE: every layer (HF's).
 """
 from __future__ import annotations
 
@@ -109,3 +114,38 @@ def long_prompt_threshold(config, max_model_len: int) -> int | None:
     if s.get("rope_type") != "longrope" or max_model_len <= s["original_max_position_embeddings"]:
         return None
     return int(s["original_max_position_embeddings"])
+
+
+QWEN_WINDOWED = ("qwen2", "qwen3", "qwen2_moe")
+
+
+def qwen_windows(model_type: str, cfg: dict[str, Any], window: int | None,
+                 source: str) -> tuple[int | None, tuple[str, ...] | None]:
+    """(sliding_window, layer_types) of a qwen2 / qwen3 config whose window is `window` (None unless
+    use_sliding_window), as HF's Qwen2Config / Qwen3Config / Qwen2MoeConfig derive them: the config's
+    `layer_types`, else layers >= max_window_layers (default 28) sliding (qwen2_moe: the even layers
+    below it). Every layer alike: layer_types None (a
+    window on all layers, or none), so the layer loop may still scan; others are left as given."""
+    if model_type not in QWEN_WINDOWED or window is None:
+        return window, None
+    from jaxllm.models.gemma_config import LAYER_TYPES
+
+    n = cfg["num_hidden_layers"]
+    types = cfg.get("layer_types")
+    if types is None:
+        first = cfg.get("max_window_layers", 28)
+        if isinstance(first, bool) or not isinstance(first, int) or first < 0:
+            raise _error(f"{source}: max_window_layers={first!r} must be an integer >= 0")
+        if model_type == "qwen2_moe":
+            types = ["sliding_attention" if i % 2 == 0 and i < first else "full_attention" for i in range(n)]
+        else:
+            types = ["sliding_attention" if i >= first else "full_attention" for i in range(n)]
+    if not isinstance(types, (list, tuple)) or len(types) != n:
+        shown = f"a list of {len(types)}" if isinstance(types, (list, tuple)) else types
+        raise _error(f"{source}: layer_types={shown!r} must list one type per layer (num_hidden_layers={n})")
+    for i, t in enumerate(types):
+        if t not in LAYER_TYPES:
+            raise _error(f"{source}: layer_types[{i}]={t!r} is not supported ({' / '.join(LAYER_TYPES)})")
+    if len(set(types)) == 1:
+        return (window if types[0] == "sliding_attention" else None), None
+    return window, tuple(types)

@@ -4,8 +4,8 @@ from __future__ import annotations
 import dataclasses
 from typing import Any
 
-from jaxllm.models.arch_config import arch_fields, check_longrope
-from jaxllm.models.gemma_config import GEMMA_ARCHITECTURES, gemma_fields, gemma_rope, hf_defaults
+from jaxllm.models.arch_config import arch_fields, check_longrope, qwen_windows
+from jaxllm.models.gemma_config import GEMMA_ARCHITECTURES, gemma3_text_config, gemma_fields, gemma_rope, hf_defaults
 
 # HF model_type → the switches that distinguish it inside the one Llama-family decoder.
 SUPPORTED_ARCHITECTURES = {
@@ -155,12 +155,12 @@ class ModelConfig:
     @staticmethod
     def from_hf(cfg: dict[str, Any], source: str = "config.json") -> "ModelConfig":
         model_type = cfg.get("model_type")
+        if model_type == "gemma3":  # Gemma3ForConditionalGeneration: its text model only (gemma_config.py)
+            cfg, model_type = gemma3_text_config(cfg, source), "gemma3_text"
         if model_type not in SUPPORTED_ARCHITECTURES:
-            hint = (" (Gemma 3 multimodal: only its text model, model_type 'gemma3_text', is supported)"
-                    if model_type == "gemma3" else "")
             raise ModelConfigError(
                 f"{source}: unsupported architecture model_type={model_type!r} "
-                f"(supported: {', '.join(sorted(SUPPORTED_ARCHITECTURES))}){hint}")
+                f"(supported: {', '.join(sorted(SUPPORTED_ARCHITECTURES))})")
         cfg = hf_defaults(model_type, cfg)  # Gemma: HF's defaults for absent fields
         act = cfg.get("hidden_act", "silu")
         if act != "silu" and model_type not in GEMMA_ARCHITECTURES:  # Gemma's activation: gemma_fields
@@ -198,9 +198,13 @@ class ModelConfig:
         sliding = cfg.get("sliding_window")
         if model_type in ("qwen2", "qwen3", "qwen3_moe", "qwen2_moe") and not cfg.get("use_sliding_window", False):
             sliding = None
+        sliding, qwen_types = qwen_windows(model_type, cfg, sliding, source)  # per layer: max_window_layers
+        if qwen_types is not None:
+            flags["layer_types"] = qwen_types
         archs = cfg.get("architectures") or []
         tied = bool(cfg.get("tie_word_embeddings", False))
-        base_model = bool(archs) and not any(a.endswith(("ForCausalLM", "LMHeadModel")) for a in archs)
+        base_model = bool(archs) and not any(a.endswith(("ForCausalLM", "LMHeadModel", "ForConditionalGeneration"))
+                                             for a in archs)
         moe = _moe_fields(model_type, cfg, source)
         eos = cfg.get("eos_token_id")
         eos_ids = tuple(eos) if isinstance(eos, list) else ((eos,) if eos is not None else ())

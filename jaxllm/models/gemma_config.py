@@ -30,7 +30,10 @@ HF_DEFAULTS = {  # transformers 5's GemmaConfig / Gemma2Config / Gemma3TextConfi
     "gemma": dict(_COMMON, hidden_act="gelu_pytorch_tanh"),
     "gemma2": dict(_V2, final_logit_softcapping=30.0, attn_logit_softcapping=50.0),
     "gemma3_text": dict(_V2, final_logit_softcapping=None, attn_logit_softcapping=None, rope_theta=1_000_000.0,
-                        rope_local_base_freq=10000.0, sliding_window_pattern=6),
+                        rope_local_base_freq=10000.0, sliding_window_pattern=6, vocab_size=262_208,
+                        hidden_size=2304, intermediate_size=9216, num_hidden_layers=26, num_attention_heads=8,
+                        num_key_value_heads=4, max_position_embeddings=131_072, pad_token_id=0, eos_token_id=1,
+                        bos_token_id=2),
 }
 
 
@@ -43,6 +46,32 @@ def _error(msg: str):
 def hf_defaults(model_type: str, cfg: dict[str, Any]) -> dict[str, Any]:
     """`cfg` with HF's defaults filled in for a Gemma model_type (fields absent, not null); others as given."""
     return {**HF_DEFAULTS[model_type], **cfg} if model_type in GEMMA_ARCHITECTURES else cfg
+
+
+def gemma3_text_config(cfg: dict[str, Any], source: str) -> dict[str, Any]:
+    """A `gemma3` (Gemma3ForConditionalGeneration, gemma-3-4b/12b/27b) config → its text model's config
+    as a `gemma3_text` one: `text_config` over Gemma3TextConfig's defaults (hf_defaults), the composite's
+    tie_word_embeddings (HF ties on it, default True) and, when set there, its eos / bos ids. The vision
+    config is not read. HF's multimodal class never applies final_logit_softcapping (its ForCausalLM
+    does, as vLLM does for both): a config that sets it is refused rather than guessed."""
+    text = cfg.get("text_config")
+    text = {} if text is None else text
+    if not isinstance(text, dict):
+        raise _error(f"{source}: text_config={text!r} must be an object (Gemma3TextConfig's fields)")
+    kind = text.get("model_type", "gemma3_text")
+    if kind != "gemma3_text":
+        raise _error(f"{source}: text_config.model_type={kind!r} is not supported for model_type 'gemma3' "
+                     f"(only 'gemma3_text')")
+    if text.get("final_logit_softcapping") is not None:
+        raise _error(f"{source}: text_config.final_logit_softcapping={text['final_logit_softcapping']!r} is not "
+                     f"supported for model_type 'gemma3' (HF's Gemma3ForConditionalGeneration ignores it; only null)")
+    out = hf_defaults("gemma3_text", dict(text, model_type="gemma3_text",
+                                          architectures=cfg.get("architectures") or ["Gemma3ForConditionalGeneration"]))
+    out["tie_word_embeddings"] = cfg.get("tie_word_embeddings", True)
+    for key in ("eos_token_id", "bos_token_id"):
+        if cfg.get(key) is not None:
+            out[key] = cfg[key]
+    return out
 
 
 def _cap(cfg: dict, name: str, source: str) -> float | None:

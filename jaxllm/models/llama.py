@@ -138,12 +138,12 @@ def layer_loop_mode(mode: str | None = None, config: ModelConfig | None = None) 
     unroll on accelerators, scan on CPU, where unrolling SmolLM2's 30 layers made warm-up ~8x longer
     for no measurable step gain (bench/RESULTS.md, "Layer loop"). An MoE `config` unrolls on CPU too: the
     scan's per-layer copy of the expert weights made a decode step 4-8x slower there (bench/RESULTS.md, "MoE").
-    A config with `layer_types` (Gemma 2/3: each layer's window and rope are static, its own) always
-    unrolls; "scan" is refused for it."""
+    A config with `layer_types` (Gemma 2/3, Qwen2/3 with max_window_layers: each layer's window and
+    rope are static, its own) always unrolls; "scan" is refused for it."""
     mode = mode or os.environ.get(LAYER_LOOP_ENV, "auto") or "auto"
     if mode not in ("auto", "unroll", "scan"):
         raise ValueError(f"{LAYER_LOOP_ENV}={mode!r} is invalid: must be one of auto, unroll, scan")
-    if config is not None and config.layer_types is not None:  # Gemma 2/3: window and rope differ per layer
+    if config is not None and config.layer_types is not None:  # Gemma 2/3, Qwen2/3: windows differ per layer
         if mode == "scan":
             raise ValueError(f"{LAYER_LOOP_ENV}=scan is not supported for model_type={config.architecture!r}: its "
                              f"layers differ (layer_types: sliding-window and full attention); use unroll or auto")

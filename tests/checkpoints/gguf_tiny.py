@@ -20,6 +20,13 @@ _GGUF_NAMES = {
 }
 
 
+# Gemma 2 / 3 as convert_hf_to_gguf.py's Gemma2Model / Gemma3Model name them (every *norm.weight written as 1 + w)
+_GEMMA_GGUF_NAMES = {**_GGUF_NAMES, "post_attention_layernorm.weight": "post_attention_norm.weight",
+                     "pre_feedforward_layernorm.weight": "ffn_norm.weight",
+                     "post_feedforward_layernorm.weight": "post_ffw_norm.weight",
+                     "self_attn.q_norm.weight": "attn_q_norm.weight", "self_attn.k_norm.weight": "attn_k_norm.weight"}
+
+
 def _stack_experts(tensors: dict, cfg: dict) -> dict:
     """HF Mixtral's experts.N.w1/w3/w2 [F, E] / [E, F] → llama.cpp's stacked gate/up/down_exps [X, ...]."""
     out = {k: v for k, v in tensors.items() if ".experts." not in k}
@@ -52,7 +59,8 @@ def write_gguf_from_hf(hf_dir: str, out_path: str, qtype: str = "F32", extra_f32
     tensors = load_file(os.path.join(hf_dir, "model.safetensors"))
     heads, kv = cfg["num_attention_heads"], cfg["num_key_value_heads"]
     head_dim = cfg.get("head_dim") or cfg["hidden_size"] // heads
-    arch = "llama" if arch == "mixtral" else arch
+    arch = {"mixtral": "llama", "gemma3_text": "gemma3"}.get(arch, arch)
+    gemma = arch in ("gemma2", "gemma3")
     w = gguf.GGUFWriter(out_path, arch)
     if cfg["model_type"] == "mixtral":
         w.add_expert_count(cfg["num_local_experts"])
@@ -64,6 +72,8 @@ def write_gguf_from_hf(hf_dir: str, out_path: str, qtype: str = "F32", extra_f32
     w.add_head_count(heads)
     w.add_head_count_kv(kv)
     rope = dict(cfg.get("rope_parameters") or cfg.get("rope_scaling") or {})
+    if arch == "gemma3":  # the full layers' rope (the sliding layers' base is llama.cpp's fixed 10000)
+        rope = dict(rope.get("full_attention", rope))
     if arch == "phi3":  # as convert_hf_to_gguf.py's Phi3MiniModel: no key length, the rotated dims, the window
         partial = cfg.get("partial_rotary_factor", rope.get("partial_rotary_factor", 1.0))
         w.add_rope_dimension_count(int(partial * cfg["hidden_size"]) // heads)
@@ -73,7 +83,7 @@ def write_gguf_from_hf(hf_dir: str, out_path: str, qtype: str = "F32", extra_f32
         w.add_key_length(head_dim)
         w.add_value_length(head_dim)
         w.add_rope_dimension_count(head_dim)
-    w.add_rope_freq_base(cfg.get("rope_theta", (cfg.get("rope_parameters") or {}).get("rope_theta", 10000.0)))
+    w.add_rope_freq_base(cfg.get("rope_theta", rope.get("rope_theta", 10000.0)))
     w.add_layer_norm_rms_eps(cfg["rms_norm_eps"])
     if rope.get("rope_type") == "yarn":  # as llama.cpp's convert_hf_to_gguf.py writes it
         w.add_rope_scaling_type(gguf.RopeScalingType.YARN)
@@ -85,6 +95,14 @@ def write_gguf_from_hf(hf_dir: str, out_path: str, qtype: str = "F32", extra_f32
             w.add_rope_scaling_yarn_beta_fast(rope["beta_fast"])
         if rope.get("beta_slow") is not None:
             w.add_rope_scaling_yarn_beta_slow(rope["beta_slow"])
+    if rope.get("rope_type") == "linear":  # Gemma 3 4B+ (convert_hf_to_gguf.py's Gemma3Model)
+        w.add_rope_scaling_type(gguf.RopeScalingType.LINEAR)
+        w.add_rope_scaling_factor(rope["factor"])
+    if gemma:  # as Gemma2Model / Gemma3Model: the window; Gemma 2's soft-caps (no query scale: llama.cpp derives it)
+        w.add_sliding_window(cfg["sliding_window"])
+        if arch == "gemma2":
+            w.add_attn_logit_softcapping(cfg["attn_logit_softcapping"])
+            w.add_final_logit_softcapping(cfg["final_logit_softcapping"])
     if arch == "granite":  # as convert_hf_to_gguf.py's GraniteModel
         w.add_attention_scale(cfg["attention_multiplier"])
         w.add_embedding_scale(cfg["embedding_multiplier"])
@@ -100,7 +118,8 @@ def write_gguf_from_hf(hf_dir: str, out_path: str, qtype: str = "F32", extra_f32
         t = np.asarray(t, np.float32)
         if name.startswith("model.layers."):
             _, _, layer, rest = name.split(".", 3)
-            gname = f"blk.{layer}.{(_PHI3_GGUF_NAMES if arch == 'phi3' else _GGUF_NAMES)[rest]}"
+            names = _PHI3_GGUF_NAMES if arch == "phi3" else _GEMMA_GGUF_NAMES if gemma else _GGUF_NAMES
+            gname = f"blk.{layer}.{names[rest]}"
             if arch in ("llama", "granite") and rest == "self_attn.q_proj.weight":
                 t = llama_cpp_permute(t, heads)
             if arch in ("llama", "granite") and rest == "self_attn.k_proj.weight":
@@ -108,6 +127,8 @@ def write_gguf_from_hf(hf_dir: str, out_path: str, qtype: str = "F32", extra_f32
         else:
             gname = {"model.embed_tokens.weight": "token_embd.weight", "model.norm.weight": "output_norm.weight",
                      "lm_head.weight": "output.weight"}[name]
+        if gemma and name.endswith("norm.weight"):
+            t = t + np.float32(1.0)
         if t.ndim == 2 and qt != gguf.GGMLQuantizationType.F32:
             data = gguf.quants.quantize(t, qt)
             w.add_tensor(gname, data, raw_shape=data.shape, raw_dtype=qt)

@@ -75,3 +75,74 @@ def test_phi3_longrope_gguf_refused(tiny_root):
     with pytest.raises(CheckpointError, match=r"^\S+phi3-longrope\.gguf: rope_factors_long/rope_factors_short "
                                               r"\(Phi-3 longrope in GGUF\) are not supported; load the HF checkpoint"):
         load_checkpoint(path)
+
+
+@pytest.mark.parametrize("name", ["gemma2_gguf", "gemma3_gguf"])
+def test_gemma_gguf_matches_transformers(name, tiny_root):
+    """llama.cpp's Gemma 2 / 3 layout (convert_hf_to_gguf.py's Gemma2Model / Gemma3Model): every norm stored
+    as 1 + w, the sandwich norms as post_attention_norm / ffn_norm / post_ffw_norm, soft-caps, window and the
+    full layers' linear rope in the metadata. Logits equal HF's within 1e-4 past the 12-token window and the
+    config equals the HF checkpoint's (but the token ids the tiny GGUF has no tokenizer for, and rms_norm_eps
+    which GGUF stores as float32)."""
+    import dataclasses
+
+    import gguf
+
+    hf_dir = make_tiny_hf(name, tiny_root)
+    path = write_gguf_from_hf(hf_dir, f"{tiny_root}/{name}.gguf")
+    stored = {t.name: np.asarray(t.data) for t in gguf.GGUFReader(path).tensors}
+    assert {"blk.0.post_attention_norm.weight", "blk.0.ffn_norm.weight", "blk.0.post_ffw_norm.weight"} <= set(stored)
+    _, hf_params = load_hf_dir(hf_dir)
+    np.testing.assert_allclose(stored["output_norm.weight"], hf_params["final_norm"] + 1, rtol=0, atol=1e-6)
+    ckpt, ours = run_model(path, SEQS)
+    want = load_checkpoint(hf_dir).config
+    no_ids = dict(bos_token_id=None, eos_token_ids=(), rms_norm_eps=1e-6)
+    assert dataclasses.replace(ckpt.config, **no_ids) == dataclasses.replace(want, **no_ids)
+    assert ckpt.config.sliding_window == 12 and ckpt.config.layer_types.count("full_attention") == 1
+    for got, want_logits in zip(ours, hf_logits(hf_dir, SEQS)):
+        np.testing.assert_array_less(np.abs(got - want_logits).max(), 1e-4)
+
+
+def _metadata_only_gguf(path: str, arch: str, layers: int, hidden: int, heads: int, head_dim: int) -> str:
+    import gguf
+
+    w = gguf.GGUFWriter(path, arch)
+    w.add_block_count(layers)
+    w.add_context_length(8192)
+    w.add_embedding_length(hidden)
+    w.add_feed_forward_length(4 * hidden)
+    w.add_head_count(heads)
+    w.add_head_count_kv(heads // 2)
+    w.add_key_length(head_dim)
+    w.add_value_length(head_dim)
+    w.add_layer_norm_rms_eps(1e-6)
+    w.add_vocab_size(256)
+    w.write_header_to_file()
+    w.write_kv_data_to_file()
+    w.write_tensors_to_file()
+    w.close()
+    return path
+
+
+@pytest.mark.parametrize("arch,layers,hidden,heads,head_dim,scalar", [
+    ("gemma2", 46, 4608, 32, 128, 144),  # Gemma 2 27B: hidden / heads (its HF query_pre_attn_scalar 144)
+    ("gemma2", 42, 3584, 16, 256, 256),  # 9B: head_dim
+    ("gemma3", 62, 5376, 32, 128, 168),  # Gemma 3 27B: hidden / heads (HF's 168)
+    ("gemma3", 34, 2560, 8, 256, 256),   # 4B: head_dim
+])
+def test_gemma_gguf_query_scale_and_defaults(arch, layers, hidden, heads, head_dim, scalar, tmp_path):
+    """No GGUF key carries query_pre_attn_scalar: llama.cpp takes hidden / heads for the 27B models (known by
+    their layer count) and head_dim otherwise, which is each real model's HF value. Absent keys read as llama.cpp
+    and HF default them: Gemma 2's soft-caps 50 / 30 and window 4096, Gemma 3's sliding rope base 10000."""
+    from checkpoints.gguf_loader import gguf_config, open_gguf
+
+    c = gguf_config(open_gguf(_metadata_only_gguf(str(tmp_path / "m.gguf"), arch, layers, hidden, heads, head_dim)),
+                    "m.gguf")
+    assert c.attention_scale == scalar ** -0.5 and c.head_dim == head_dim and c.norm_offset and c.sandwich_norms
+    assert c.sliding_window == 4096 and c.tie_word_embeddings
+    if arch == "gemma2":
+        assert (c.attn_logit_softcap, c.final_logit_softcap) == (50.0, 30.0)
+        assert c.layer_types[:2] == ("sliding_attention", "full_attention")
+    else:
+        assert c.rope_local_theta == 10000.0 and c.qk_norm and c.final_logit_softcap is None
+        assert c.layer_types[:6] == ("sliding_attention",) * 5 + ("full_attention",)

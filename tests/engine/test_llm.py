@@ -37,6 +37,11 @@ def test_per_prompt_params_and_chat():
     cont = llm.chat(conv + [{"role": "assistant", "content": "hi"}], SamplingParams(max_tokens=1),
                     use_tqdm=False, add_generation_prompt=False, continue_final_message=True)
     assert cont[0].prompt == "user: hello<sep>assistant: hi"
+    image = [{"role": "user", "content": [{"type": "text", "text": "what is it?"}, {"type": "image"}]}]
+    with pytest.raises(ValueError) as e:  # a template would render it as a bare image token: refused
+        llm.chat([conv, image], use_tqdm=False)
+    assert str(e.value) == ("conversations[1][0].content[1].type='image' is not supported: only text parts "
+                            "(no image, audio or file inputs)")
     assert_clean(llm.engine)
 
 

@@ -142,3 +142,21 @@ def test_runner_refuses_bad_slots_and_adapters(setups, runner, tmp_path):
     assert set(runner.execute(SchedulerOutput([ok], 2))) == {"x"}  # still serving
     runner.release(["x"])
     assert (runner.compile_count, runner.num_traces) == compiled
+
+
+def test_gemma3_multimodal_adapter_matches_peft(tmp_path):
+    """PEFT adapters of Gemma3ForConditionalGeneration (gemma-3-27b-it's class): tensors under
+    model.language_model.*, the SigLIP q_proj / v_proj ones PEFT wraps too skipped (text only), and a regex
+    target_modules written against the language model's names. One batch of both adapters: each sequence's
+    logits equal peft's within 1e-4, and the adapters move them."""
+    root = str(tmp_path)
+    base = make_tiny_hf("gemma3_mm", root)
+    listed = make_peft_adapter(base, root, "g3-listed", 8, 16, ["q_proj", "v_proj", "down_proj"], seed=3)
+    regex = make_peft_adapter(base, root, "g3-regex", 4, 8, r".*language_model.*\.(o_proj|up_proj)", seed=4)
+    seqs = SEQS[:2]
+    ours = mixed_forward(base, [listed, regex], seqs, [1, 2], "unroll")
+    plain = peft_logits(peft_model(base, None), seqs)
+    for i, path in enumerate((listed, regex)):
+        want = peft_logits(peft_model(base, path), [seqs[i]])[0]
+        np.testing.assert_array_less(np.abs(ours[i] - want).max(), 1e-4)
+        assert np.abs(want - plain[i]).max() > 0.05, f"adapter {path} barely changes the logits"

@@ -51,7 +51,7 @@ ROPE_CONFIGS = {
 }
 
 
-# Phi-3 and Granite (tests/models/test_archs_hf.py). phi3: fused qkv_proj / gate_up_proj, a sliding
+# Phi-3, Granite and Qwen2's per-layer window (tests/models/test_archs_hf.py). phi3: fused qkv_proj / gate_up_proj, a sliding
 # window and partial rotary (half of head_dim) with default rope; phi3_longrope: Phi-4-mini's shape
 # (partial rotary 0.75, longrope, tied) with original length 32;
 # granite: every multiplier away from 1, attention_multiplier far from 1/sqrt(head_dim).
@@ -63,6 +63,9 @@ ARCH_CONFIGS = {
                                          rope_parameters=dict(rope_type="longrope", rope_theta=10000.0, **_LONG))),
     "granite": ("GraniteConfig", dict(COMMON, embedding_multiplier=6.0, residual_multiplier=0.4,
                                       attention_multiplier=0.09, logits_scaling=2.5, tie_word_embeddings=True)),
+    # qwen2_window: use_sliding_window with max_window_layers 1 of 3: layer 0 full, layers 1-2 a 12-token window
+    "qwen2_window": ("Qwen2Config", dict(COMMON, num_hidden_layers=3, tie_word_embeddings=True, use_sliding_window=True,
+                                         sliding_window=12, max_window_layers=1)),
 }
 
 # Gemma (tests/models/test_gemma_hf.py). gemma2: head_dim 256 (Gemma's), every other layer a 12-token window
@@ -82,6 +85,22 @@ GEMMA_CONFIGS = {
                                                                                    rope_theta=10000.0)})),
     "gemma": ("GemmaConfig", dict(COMMON, head_dim=32, hidden_act="gelu", pad_token_id=0)),
 }
+# gemma3_mm: Gemma3ForConditionalGeneration (gemma-3-4b/12b/27b's class) around gemma3's text model and a tiny
+# SigLIP vision tower (image tokens 253..255 inside the tiny vocab); jaxllm loads the text model only.
+GEMMA_CONFIGS["gemma3_mm"] = ("Gemma3Config", dict(
+    text_config=GEMMA_CONFIGS["gemma3"][1], boi_token_index=253, eoi_token_index=254, image_token_index=255,
+    mm_tokens_per_image=4, vision_config=dict(model_type="siglip_vision_model", hidden_size=16, intermediate_size=32,
+                                              num_hidden_layers=1, num_attention_heads=2, image_size=28,
+                                              patch_size=14)))
+
+# GGUF Gemma (tests/checkpoints/test_gguf.py): llama.cpp derives the query scale from the layer count (head_dim
+# but for the 27B models) and writes no key for it, so these take query_pre_attn_scalar = head_dim (Gemma 2 2B /
+# 9B, Gemma 3 1B-12B); Gemma 3 with 7 layers, so the full layer at 5 and a sliding one after it count.
+GEMMA_GGUF_CONFIGS = {
+    "gemma2_gguf": ("Gemma2Config", dict(GEMMA_CONFIGS["gemma2"][1], query_pre_attn_scalar=256)),
+    "gemma3_gguf": ("Gemma3TextConfig", dict(GEMMA_CONFIGS["gemma3"][1], query_pre_attn_scalar=256, num_hidden_layers=7,
+                                              layer_types=None)),
+}
 
 
 def make_tiny_hf(name: str, root: str, seed: int = 0) -> str:
@@ -93,11 +112,11 @@ def make_tiny_hf(name: str, root: str, seed: int = 0) -> str:
     if os.path.isfile(os.path.join(path, "config.json")):
         return path
     cls_name, kwargs = {**TINY_CONFIGS, **ROPE_CONFIGS, **ARCH_CONFIGS, **MOE_CONFIGS, **SHARED_MOE_CONFIGS,
-                        **GEMMA_CONFIGS}[name]
+                        **GEMMA_CONFIGS, **GEMMA_GGUF_CONFIGS}[name]
     config = getattr(transformers, cls_name)(**kwargs)
     torch.manual_seed(seed)
     model = transformers.AutoModelForCausalLM.from_config(config, dtype=torch.float32)
-    if name in GEMMA_CONFIGS:
+    if name in GEMMA_CONFIGS or name in GEMMA_GGUF_CONFIGS:
         with torch.no_grad():
             for n, p in model.named_parameters():
                 if n.endswith("norm.weight"):

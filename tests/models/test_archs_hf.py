@@ -1,5 +1,6 @@
-"""Phi-3 (fused qkv_proj / gate_up_proj, sliding window, partial rotary, longrope) and Granite
-(embedding / residual / attention multipliers, logits scaling) against HF transformers on tiny random
+"""Phi-3 (fused qkv_proj / gate_up_proj, sliding window, partial rotary, longrope), Granite
+(embedding / residual / attention multipliers, logits scaling) and Qwen2 / Qwen3's per-layer sliding
+window (max_window_layers) against HF transformers on tiny random
 checkpoints: prefill logits, longrope's frequencies, greedy through the engine (paged, batched) against
 HF generate, and the config fields refused in one line."""
 import numpy as np
@@ -21,7 +22,7 @@ def tiny_root(tmp_path_factory):
 
 @pytest.mark.parametrize("arch", sorted(ARCH_CONFIGS))
 def test_logits_match_transformers(arch, tiny_root):
-    """One ragged batch of 1, 7, 33 and 70 tokens (phi3: past its sliding window of 12; phi3_longrope:
+    """One ragged batch of 1, 7, 33 and 70 tokens (phi3, qwen2_window: past the sliding window of 12; phi3_longrope:
     two sequences under the original length 32, two past it, so the batch mixes longrope's short and
     long sets) equals HF's per-sequence forwards (fp32, eager)."""
     path = make_tiny_hf(arch, tiny_root)
@@ -43,6 +44,35 @@ def test_config_fields_are_read(tiny_root):
     assert long.rope_scaling_dict["original_max_position_embeddings"] == ORIGINAL
     assert granite.attention_scale == 0.09 and granite.logits_scaling == 2.5
     assert (granite.embedding_multiplier, granite.residual_multiplier) == (6.0, 0.4)
+    qwen2 = load_checkpoint(make_tiny_hf("qwen2_window", tiny_root)).config
+    assert qwen2.layer_types == ("full_attention", "sliding_attention", "sliding_attention")
+    assert qwen2.sliding_window == 12 and qwen2.rope_local_theta is None
+
+
+@pytest.mark.parametrize("cls,model_type", [("Qwen2Config", "qwen2"), ("Qwen3Config", "qwen3"),
+                                            ("Qwen2MoeConfig", "qwen2_moe")])
+@pytest.mark.parametrize("use,first,n", [(True, 1, 3), (True, 0, 3), (True, 3, 3), (True, None, 30),
+                                         (False, 1, 3), (True, 28, 28)])
+def test_qwen_window_layers_follow_transformers(cls, model_type, use, first, n):
+    """Qwen2 / Qwen3 / Qwen2-MoE config.json as the Hub has them (no layer_types; max_window_layers absent:
+    HF's 28) read as transformers 5 reads them: the window on layers >= max_window_layers (Qwen2-MoE: the
+    even layers below it), only with use_sliding_window. Every layer alike gives no layer_types (one window
+    for all, or none)."""
+    import transformers
+
+    raw = dict(BASE, model_type=model_type, num_hidden_layers=n, num_key_value_heads=2, use_sliding_window=use,
+               sliding_window=12)
+    if first is not None:
+        raw["max_window_layers"] = first
+    hf = getattr(transformers, cls)(**raw)
+    c = ModelConfig.from_hf(raw)
+    from jaxllm.models.gemma_config import layer_attention
+
+    want = [12 if t == "sliding_attention" and hf.sliding_window else None for t in hf.layer_types]
+    assert [layer_attention(c, i)[0] for i in range(n)] == want
+    assert (c.layer_types is None) == (len(set(want)) == 1)
+    again = ModelConfig.from_hf(hf.to_dict())  # transformers 5 writes layer_types: read the same
+    assert [layer_attention(again, i)[0] for i in range(n)] == want
 
 
 def test_longrope_frequencies_match_transformers():
@@ -228,6 +258,11 @@ LONGROPE = dict(rope_type="longrope", short_factor=[1.0] * 8, long_factor=[2.0] 
     (dict(BASE, model_type="granite", attention_multiplier="0.1"), "attention_multiplier='0.1' must be"),
     (dict(BASE, model_type="llama", logits_scaling=8.0),
      "logits_scaling=8.0 is only supported for model_type 'granite' (got 'llama')"),
+    (dict(BASE, model_type="qwen2", use_sliding_window=True, sliding_window=8, max_window_layers=-1),
+     "max_window_layers=-1 must be an integer >= 0"),
+    (dict(BASE, model_type="qwen3", use_sliding_window=True, sliding_window=8,
+          layer_types=["sliding_attention", "chunked_attention"]),
+     "layer_types[1]='chunked_attention' is not supported (sliding_attention / full_attention)"),
 ])
 def test_bad_fields_refused_in_one_line(cfg, message):
     with pytest.raises(ModelConfigError) as e:

@@ -2,7 +2,8 @@
 (tests/models/hf_tiny.py GEMMA_CONFIGS: head_dim 256, a 12-token window on the sliding layers, soft-caps
 that bite, drawn norm weights): prefill logits, greedy through the engine (paged, batched, prefix cache
 reused) against HF generate, Gemma 2 through the Pallas kernels (interpret mode), int8 weights, the
-config fields refused in one line, dummy presets and the Orbax config round trip."""
+config fields refused in one line, dummy presets and the Orbax config round trip. gemma3_mm: a
+Gemma3ForConditionalGeneration checkpoint (gemma-3-4b/12b/27b's class), its text model loaded alone."""
 import numpy as np
 import pytest
 
@@ -64,7 +65,7 @@ def hf_greedy(path, prompts, n):
     return out
 
 
-@pytest.mark.parametrize("arch", ["gemma2", "gemma3"])
+@pytest.mark.parametrize("arch", ["gemma2", "gemma3_mm"])  # gemma3_mm: gemma3's text model in the multimodal class
 def test_engine_greedy_matches_hf_generate(arch, tiny_root):
     """Four prompts batched through the engine (paged cache, block 16), 8 greedy tokens each: HF
     generate's tokens. Served twice: the second round's prompts hit the prefix cache (sliding layers
@@ -184,8 +185,12 @@ BASE = dict(vocab_size=256, hidden_size=64, intermediate_size=96, num_hidden_lay
     (dict(BASE, model_type="gemma3_text",
           rope_parameters={"sliding_attention": {"rope_type": "linear", "factor": 2.0}}),
      "rope_parameters.sliding_attention.rope_type='linear' is not supported"),
-    (dict(BASE, model_type="gemma3", text_config={}),
-     "unsupported architecture model_type='gemma3' (supported: "),
+    (dict(model_type="gemma3", text_config=dict(BASE, final_logit_softcapping=30.0)),
+     "text_config.final_logit_softcapping=30.0 is not supported for model_type 'gemma3' (HF's "
+     "Gemma3ForConditionalGeneration ignores it; only null)"),
+    (dict(model_type="gemma3", text_config=dict(BASE, model_type="gemma2")),
+     "text_config.model_type='gemma2' is not supported for model_type 'gemma3' (only 'gemma3_text')"),
+    (dict(model_type="gemma3", text_config=[]), "text_config=[] must be an object"),
 ])
 def test_bad_fields_refused_in_one_line(cfg, message):
     with pytest.raises(ModelConfigError) as e:
@@ -221,7 +226,83 @@ def test_dummy_presets_and_orbax_round_trip(tiny_root, tmp_path):
     assert g2.num_layers == 42 and g2.layer_types[:2] == ("sliding_attention", "full_attention")
     assert g3.num_kv_heads == 1 and g3.layer_types[5] == "full_attention" and g3.sliding_window == 512
     assert g3.layer_types.count("sliding_attention") == 22 and g3.rope_local_theta == 1e4
+    g27 = dummy_config("gemma-3-27b")  # the multimodal class's config: its text model
+    assert (g27.num_layers, g27.num_heads, g27.num_kv_heads, g27.head_dim, g27.vocab_size) == (62, 32, 16, 128, 262208)
+    assert g27.attention_scale == 168 ** -0.5 and g27.layer_types.count("full_attention") == 10
+    assert g27.rope_scaling_dict == {"rope_type": "linear", "factor": 8.0} and g27.eos_token_ids == (1, 106)
+    assert 26.5e9 < g27.num_params < 27.5e9  # the text model of the 27B (its ~0.4B vision tower left out)
     ckpt = load_checkpoint(make_tiny_hf("gemma3", tiny_root))
     save_orbax(str(tmp_path / "orbax"), ckpt.config, {"embed": np.asarray(ckpt.params["embed"])})
     back = read_orbax_config(str(tmp_path / "orbax"))
     assert back == ckpt.config and hash(back) == hash(ckpt.config)
+
+
+def test_gemma3_multimodal_config_defaults():
+    """A Hub-style gemma-3-4b-it config.json (text_config lists only what differs from Gemma3TextConfig's
+    defaults, rope_scaling the older way) reads as transformers 5 fills it: 8 heads, 4 KV heads, vocab
+    262208, 5 sliding : 1 full, linear rope 8 on the full layers only; the composite's eos ids and tying
+    win; the vision config is not read. An absent text_config is Gemma3TextConfig() itself."""
+    import transformers
+
+    raw = dict(architectures=["Gemma3ForConditionalGeneration"], model_type="gemma3", eos_token_id=[1, 106],
+               text_config=dict(hidden_size=2560, intermediate_size=10240, model_type="gemma3_text",
+                                num_hidden_layers=34, rope_scaling={"factor": 8.0, "rope_type": "linear"},
+                                sliding_window=1024), vision_config=dict(model_type="siglip_vision_model"))
+    c = ModelConfig.from_hf(raw)
+    hf = transformers.Gemma3Config(**raw).text_config
+    assert (c.architecture, c.num_heads, c.num_kv_heads, c.head_dim, c.vocab_size) == (
+        "gemma3_text", hf.num_attention_heads, hf.num_key_value_heads, hf.head_dim, hf.vocab_size) == (
+        "gemma3_text", 8, 4, 256, 262208)
+    assert c.layer_types == tuple(hf.layer_types) and c.layer_types.count("full_attention") == 5
+    assert (c.sliding_window, c.max_position_embeddings, c.rms_norm_eps) == (1024, 131072, 1e-6)
+    assert c.rope_scaling_dict == {"rope_type": "linear", "factor": 8.0} and c.rope_theta == 1e6
+    assert c.rope_local_theta == hf.rope_parameters["sliding_attention"]["rope_theta"] == 1e4
+    assert c.attention_scale == 256 ** -0.5 and c.eos_token_ids == (1, 106) and c.bos_token_id == 2
+    assert c.tie_word_embeddings and c.has_lm_head and c.qk_norm and c.sandwich_norms
+    bare = ModelConfig.from_hf(dict(model_type="gemma3"))
+    hf = transformers.Gemma3TextConfig()
+    assert (bare.hidden_size, bare.intermediate_size, bare.num_layers, bare.eos_token_ids) == (
+        hf.hidden_size, hf.intermediate_size, hf.num_hidden_layers, (hf.eos_token_id,))
+
+
+def test_gemma3_multimodal_tensor_names(tiny_root, tmp_path, caplog):
+    """transformers 5.24's save_pretrained writes the multimodal class's text model as language_model.model.*
+    (the Hub's layout); transformers' in-memory names (model.language_model.*, model.vision_tower.*, lm_head)
+    load the same parameters. The vision tower and projector are skipped, said in one log line; an untied
+    composite reads lm_head.weight."""
+    import logging
+    import os
+    import shutil
+
+    from safetensors.numpy import load_file, save_file
+
+    path = make_tiny_hf("gemma3_mm", tiny_root)
+    stored = load_file(os.path.join(path, "model.safetensors"))
+    assert "language_model.model.embed_tokens.weight" in stored and any(k.startswith("vision_tower.") for k in stored)
+    with caplog.at_level(logging.INFO, logger="jaxllm.checkpoints"):
+        old = load_checkpoint(path).params
+    lines = [r.getMessage() for r in caplog.records if "multimodal checkpoint" in r.getMessage()]
+    assert len(lines) == 1 and "text model only" in lines[0] and "vision tower / projector tensors are skipped" in lines[0]
+    new_dir = str(tmp_path / "new_names")
+    shutil.copytree(path, new_dir)
+    prefix = "language_model.model."  # → model.language_model.*; vision_tower.* → model.vision_tower.* (etc.)
+    renamed = {"model.language_model." + k[len(prefix):] if k.startswith(prefix) else "model." + k: v
+               for k, v in stored.items()}
+    emb = stored["language_model.model.embed_tokens.weight"]  # [V, E]
+    renamed["lm_head.weight"] = emb[::-1].copy()  # read only when untied
+    save_file(renamed, os.path.join(new_dir, "model.safetensors"))
+    assert "model.language_model.layers.0.self_attn.q_proj.weight" in renamed
+    assert any(k.startswith("model.vision_tower.") for k in renamed)
+    new = load_checkpoint(new_dir).params
+    assert sorted(new) == sorted(old) and "lm_head" not in new
+    for k in old:
+        np.testing.assert_array_equal(np.asarray(new[k]), np.asarray(old[k]), err_msg=k)
+    import json
+
+    with open(os.path.join(new_dir, "config.json")) as f:
+        cfg = json.load(f)
+    with open(os.path.join(new_dir, "config.json"), "w") as f:
+        json.dump(dict(cfg, tie_word_embeddings=False), f)
+    untied = load_checkpoint(new_dir)
+    assert not untied.config.tie_word_embeddings and untied.config.has_lm_head
+    np.testing.assert_array_equal(np.asarray(untied.params["lm_head"]), emb[::-1].T)  # kept [E, V]

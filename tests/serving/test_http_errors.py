@@ -78,6 +78,9 @@ CASES = [
      "messages.0.role", ["messages.0.role is required"]),
     ("chat: content a number", "POST", CH, {"messages": [{"role": "user", "content": 3}]}, None, 400,
      "messages", ["messages.0.content"]),
+    ("chat: image part", "POST", CH, {"messages": [{"role": "user", "content": [
+        {"type": "text", "text": "x"}, {"type": "image_url", "image_url": {"url": "http://x/a.png"}}]}]}, None, 400,
+     "messages", ["messages.0.content=", "content[1].type='image_url' is not supported: only text parts"]),
     ("chat: top_logprobs without logprobs", "POST", CH, {"messages": MSG, "top_logprobs": 2}, None, 400,
      "top_logprobs", ["top_logprobs=2", "logprobs=true"]),
     ("chat: top_logprobs above cap", "POST", CH, {"messages": MSG, "logprobs": True, "top_logprobs": 50},

@@ -119,3 +119,25 @@ def test_convert_ids_to_tokens_gives_vocabulary_strings(tok):
     strs = tok.convert_ids_to_tokens(ids)
     assert len(strs) == len(ids) and strs[-1] == "Ġworld" and "".join(strs).replace("Ġ", " ") == "Hello world"
     assert tok.convert_ids_to_tokens([tok.hf.eos_token_id]) == [tok.hf.eos_token]
+
+
+def test_processor_chat_template_json_is_read(tmp_path):
+    """A multimodal checkpoint (Gemma 3 4B-27B) may keep its template only in the processor's
+    chat_template.json, which transformers' AutoTokenizer does not read: from_dir falls back to it, as
+    vLLM does; a template of the tokenizer's own wins."""
+    import json
+
+    from tokenizers import Tokenizer as RustTokenizer, models
+    from transformers import PreTrainedTokenizerFast
+
+    vocab = {c: i for i, c in enumerate(["<pad>", "<eos>", "<bos>", "[", "]"] + list("abcdefghijklmnopqrstuvwxyz"))}
+    rust = RustTokenizer(models.WordLevel(vocab, unk_token="<pad>"))
+    PreTrainedTokenizerFast(tokenizer_object=rust, bos_token="<bos>", eos_token="<eos>",
+                            pad_token="<pad>").save_pretrained(str(tmp_path))
+    msgs = [{"role": "user", "content": "hi"}]
+    with open(tmp_path / "chat_template.json", "w") as f:
+        json.dump({"chat_template": "{% for m in messages %}[{{ m.content }}]{% endfor %}"}, f)
+    assert Tokenizer.from_dir(str(tmp_path)).chat_prompt(msgs, add_generation_prompt=False)["prompt"] == "[hi]"
+    with open(tmp_path / "chat_template.jinja", "w") as f:
+        f.write("{% for m in messages %}{{ m.content }}{% endfor %}")
+    assert Tokenizer.from_dir(str(tmp_path)).chat_prompt(msgs, add_generation_prompt=False)["prompt"] == "hi"
