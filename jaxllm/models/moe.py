@@ -154,6 +154,7 @@ def moe_mlp(x: jax.Array, w_router: jax.Array, w_gate_up: jax.Array, w_down: jax
 def _spec(layout, w, axes: tuple[str, ...]):
     """The shard_map spec of an expert weight: its axes', or a QuantWeight's (q like the weight, the
     scale like its output axes: `quant.expert_scale_axes`)."""
-    if isinstance(w, QuantWeight):  # block scales [X, in/B, out] (an fp8 checkpoint's): like the weight
-        return QuantWeight(layout.spec(axes), layout.spec(axes if w.scale.ndim == w.q.ndim else expert_scale_axes(axes)))
+    if isinstance(w, QuantWeight):  # block scales [X, in/B, out] (fp8 checkpoint, int4, AWQ/GPTQ offsets): like the weight
+        s = layout.spec(axes if w.scale.ndim == w.q.ndim else expert_scale_axes(axes))
+        return QuantWeight(layout.spec(axes), s, None if w.offset is None else s, w.packed, w.pack_axis)
     return layout.spec(axes)
