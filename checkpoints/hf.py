@@ -13,7 +13,6 @@ from safetensors import safe_open
 
 from checkpoints.assemble import assemble_params
 from checkpoints.errors import CheckpointError
-from checkpoints.hf_fp8_config import Fp8Scheme
 from checkpoints.hf_int4 import Int4Scheme
 from checkpoints.hf_names import llama_names
 from jaxllm.models.config import ModelConfig, ModelConfigError
@@ -45,10 +44,6 @@ def _read_config(path: str):
         scheme = _modelopt_file(path)
     try:
         config = ModelConfig.from_hf(raw, source=cfg_path)
-        if config.is_moe and scheme is not None and not isinstance(scheme, (Fp8Scheme, Int4Scheme)):
-            raise CheckpointError(f"{cfg_path}: quantization_config on the {config.architecture} MoE model is not "
-                                  f"supported (quant_method={(qc or {}).get('quant_method')!r}: MoE checkpoints "
-                                  f"load in fp8, AWQ / GPTQ int4 or full precision only); load an unquantized checkpoint")
         return config, scheme
     except ModelConfigError as e:
         raise CheckpointError(str(e)) from None
