@@ -25,10 +25,11 @@ Tensor parallelism: each expert's intermediate axis is split over "tp" like the 
 router and its choices are replicated. Under `shard_map` every device runs the same sort and its
 own slice of every expert, and one psum adds the partial outputs (the dense MLP's one all-reduce).
 
-Quantized experts (`--quantization int8|fp8`, or an fp8 checkpoint's): `w_gate_up` / `w_down` are
-QuantWeights with one scale per expert and output channel (or an fp8 checkpoint's block scales); each
+Quantized experts (`--quantization int8|fp8|int4`, or an fp8 / AWQ / GPTQ checkpoint's): `w_gate_up` /
+`w_down` are QuantWeights with one scale per expert and output channel (or block scales: an fp8
+checkpoint's, int4's groups, with AWQ / GPTQ offsets); each
 path's matmuls are moe_quant.py's (the 8-bit q converted in the dot, the scale on its output). Their
-scales shard like the weights' output axes (block scales like the weights).
+scales shard like the weights' output axes (block scales and offsets like the weights).
 """
 from __future__ import annotations
 

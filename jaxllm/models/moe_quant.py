@@ -1,4 +1,4 @@
-"""Quantized expert weights (`--quantization int8|fp8` on Mixtral / Qwen3-MoE): the matmuls of moe.py's
+"""Quantized expert weights (`--quantization int8|fp8|int4` on Mixtral / Qwen3-MoE): the matmuls of moe.py's
 three expert paths when `we_gate_up` / `we_down` are QuantWeights (q [X, in, out] int8 / float8_e4m3fn,
 or the uint8 bits of float8 where the chunked dot runs, jaxllm/models/quant_dot.py; scale [X, out] f32,
 one per expert and output channel, `quant.quantize_experts`; or, an fp8 checkpoint's block-scaled experts
@@ -18,7 +18,11 @@ The per-output-channel scale commutes with the contraction, so each path compute
   copy per step, the loop one expert at a time (tests/models/test_moe_quant.py checks the temp bytes).
 
 Block scales do not commute with the contraction: the expert weights are dequantized (q times each
-block's scale, in f32, then x's dtype) into the dot's operand instead: for the dense loop one expert,
+block's scale, plus its offset for AWQ / GPTQ's asymmetric 4-bit, in f32, then x's dtype) into the dot's
+operand instead. Block-scaled experts are an fp8 checkpoint's, `--quantization int4`'s (int4 q with
+group scales [X, in/G, out], `quant.quantize_experts`; on the chunked-dot backend packed two a byte,
+[X, in/2, out] uint8 in quant_pack4.py's byte order, unpacked here with a mask and a shift) and an AWQ /
+GPTQ checkpoint's (checkpoints/hf_int4_experts.py: int4, or uint4 with offsets). Dequantized: for the dense loop one expert,
 for gather the T*k routed ones, for grouped every expert of the layer (a full-precision copy per step
 wherever the compiler does not fuse it into the grouped GEMM).
 """
