@@ -182,26 +182,15 @@ class TPLayout:
             elif quantization and held in EXPERT_QUANT_PARAMS:  # per expert and output channel, scale [(L,) X, out]
                 lead = 0 if not isinstance(out[held], list) else 1
                 s_axes = expert_scale_axes(axes)
-                if quantization == "int4":  # group scales [(L,) X, in/g, out] like the weight, whole groups per shard
-                    self._check_expert_groups(held, axes, config)
-                    s_axes = axes
+                quant = lambda w: quantize_experts(w, quantization)  # noqa: E731
+                if quantization == "int4":  # group scales [(L,) X, in/g, out] like the weight (q int4, unpacked
+                    s_axes = axes  # under TP), split finer where a group of w_down's F would straddle two devices
+                    quant = lambda w, lead=lead: self._int4_whole_groups(  # noqa: E731
+                        quantize_experts(w, "int4"), axes, 2 - lead)
                 sh = QuantWeight(self.sharding(axes[lead:]), self.sharding(s_axes[lead:]))
-                f = jax.jit(lambda w: quantize_experts(w, quantization), out_shardings=sh)
+                f = jax.jit(quant, out_shardings=sh)
                 out[held] = [f(w) for w in out[held]] if lead else f(out[held])
         return out
-
-    def _check_expert_groups(self, held: str, axes: tuple[str, ...], config) -> None:
-        """`--quantization int4` experts: ValueError where the sharded contracted axis (w_down's
-        intermediate one) would cut a group of `int4_group` inputs between two devices."""
-        from jaxllm.models.quant import int4_group
-
-        if self.rules.get(axes[2]) != TP:
-            return
-        k = config.moe_intermediate_size
-        g = int4_group(k)
-        if (k // self.tp) % g:
-            raise ValueError(f"{held}: moe_intermediate_size={k} split over tp={self.tp} ({k // self.tp} a device) "
-                             f"cuts its int4 groups of {g}: use a tp whose share is a multiple of {g}")
 
     def _int4_whole_groups(self, w, axes: tuple[str, ...], axis: int):
         """`--quantization int4`'s QuantWeight with its group scales repeated along `axis` (the last

@@ -1,7 +1,7 @@
 """4-bit experts under tensor parallelism: an AWQ Mixtral checkpoint (uint4 experts with group scales and
 offsets, tests/checkpoints/test_hf_int4_moe.py) at tp=2 holds each device's F/tp slice of every expert,
 w_down's groups along F made finer where a group would straddle the two devices, and its logits equal
-tp=1's; `--quantization int4` refuses a split that would cut one of its own groups, in one line."""
+tp=1's; so do `--quantization int4`'s experts, whose groups are split the same way."""
 from __future__ import annotations
 
 import os
@@ -11,8 +11,6 @@ import numpy as np
 import pytest
 
 from checkpoints import load_checkpoint
-from jaxllm.models.llama import build_model
-from jaxllm.parallel import TPLayout, make_mesh
 from tests.models.hf_tiny import make_tiny_hf
 
 
@@ -37,10 +35,18 @@ def test_awq_experts_tp2_equal_tp1(root):
     assert np.abs(one).max() > 0.5
 
 
-def test_int4_flag_refuses_a_split_that_cuts_a_group(root):
-    ck = load_checkpoint(make_tiny_hf("mixtral", root))  # F = 96: one int4 group of 96 per expert row
-    with pytest.raises(ValueError, match=r"layers.we_down: moe_intermediate_size=96 split over tp=2 \(48 a device\) "
-                                         r"cuts its int4 groups of 96: use a tp whose share is a multiple of 96") as e:
-        build_model(ck.config, dict(ck.params), jnp.float32, layout=TPLayout.plan(ck.config, 2, make_mesh(2)),
-                    quantization="int4")
-    assert "\n" not in str(e.value)
+def test_int4_flag_tp2_equal_tp1(root):
+    """--quantization int4 on Mixtral at tp=2: q int4 (unpacked under TP) split on F, w_down's one group
+    of 96 per expert row split in two (48 a device, each half with the group's scale): the same weights,
+    so logits equal tp=1's int4 ones."""
+    from tests.parallel.tp_forward import prefill_logits
+
+    ck = load_checkpoint(make_tiny_hf("mixtral", root))
+    seqs = [[5, 9, 200, 7, 1], list(range(3, 30))]
+    _, _, one = prefill_logits(load_checkpoint(ck.path), 1, "unroll", seqs, quantization="int4")
+    model, _, two = prefill_logits(ck, 2, "unroll", seqs, quantization="int4")
+    down = model.layers[0].arrays()["we_down"]
+    assert down.q.dtype == jnp.int4 and down.scale.shape == (4, 2, 64)
+    assert down.q.addressable_shards[0].data.shape == (4, 48, 64) and down.scale.addressable_shards[0].data.shape == (4, 1, 64)
+    np.testing.assert_allclose(two, one, atol=1e-4 * np.abs(one).max(), rtol=0)
+    assert np.abs(one).max() > 0.5
