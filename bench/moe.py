@@ -3,6 +3,7 @@ densely (every expert on every token, masked) vs a dense model with the same ACT
 
     JAX_PLATFORMS=cpu python bench/moe.py                      # small Mixtral-shaped dummy, batch 1 and 16
     JAX_PLATFORMS=cpu python bench/moe.py --models moe-auto moe-int8 moe-fp8   # 8-bit experts vs the model dtype
+    JAX_PLATFORMS=cpu python bench/moe.py --models moe-auto moe-int4           # 4-bit experts (group scales)
     python bench/moe.py --preset mixtral-8x7b --layers 2 --dtype bfloat16 --batches 1 16 64 --json out.json
 
 The layer loop is the default's (JAXLLM_LAYER_LOOP=auto: an MoE unrolls, a dense model scans on CPU).
@@ -14,7 +15,7 @@ dense model of the same shape whose MLP has intermediate_size = k * moe_intermed
 active parameters, minus the router's X*E per layer). Quantized rows (the same MoE shape and weights,
 `--quantization` at load, the experts' path the default's, JAXLLM_MOE=auto): "moe-auto" (the model
 dtype, the baseline of the quantized rows), "moe-int8", "moe-fp8" (attention projections and experts
-in 8 bits, router / embeddings / LM head in the model dtype). `weight_mib_read` is what a step must read: the
+in 8 bits, router / embeddings / LM head in the model dtype), "moe-int4" (in 4 bits, group scales: RTN). `weight_mib_read` is what a step must read: the
 active experts' bytes for the routed models (at most min(T*k, X) experts a layer), all of them for
 moe-dense; `roofline` (GPU): that over the step time, as a fraction of --peak-gbs.
 """
@@ -105,7 +106,7 @@ def time_step(c, params: dict, dtype, batch: int, impl: str | None, iters: int, 
 
 
 def weight_bytes(c, batch: int, dense_experts: bool, itemsize: int, gather: bool = False,
-                 layer_itemsize: int | None = None) -> int:
+                 layer_itemsize: float | None = None) -> int:
     """Bytes one decode step must read: embeddings rows aside, every layer's attention and norms,
     the experts it routes to (all of them computed densely), and the LM head. `layer_itemsize`: the
     layers' weights' (1 when quantized; scales not counted), else `itemsize`."""
@@ -117,7 +118,7 @@ def weight_bytes(c, batch: int, dense_experts: bool, itemsize: int, gather: bool
         mlp = experts * 3 * E * F + E * X
     else:
         mlp = 3 * E * c.intermediate_size
-    return (layer_itemsize or itemsize) * L * (attn + mlp) + itemsize * E * V
+    return int((layer_itemsize or itemsize) * L * (attn + mlp) + itemsize * E * V)
 
 
 def main(argv=None) -> int:
@@ -128,7 +129,7 @@ def main(argv=None) -> int:
     ap.add_argument("--batches", type=int, nargs="+", default=[1, 16])
     ap.add_argument("--models", nargs="+", default=["moe-grouped", "moe-dense", "moe-gather", "dense-active"],
                     choices=["moe-grouped", "moe-dense", "moe-gather", "dense-active", "moe-auto", "moe-int8",
-                             "moe-fp8"])
+                             "moe-fp8", "moe-int4"])
     ap.add_argument("--iters", type=int, default=20)
     ap.add_argument("--rounds", type=int, default=3)
     ap.add_argument("--peak-gbs", type=float, default=4800.0, help="HBM bandwidth for the roofline (H200: 4800)")
@@ -153,15 +154,15 @@ def main(argv=None) -> int:
     for name in args.models:
         c, impl = {"moe-grouped": (moe, "grouped"), "moe-dense": (moe, "dense"), "moe-gather": (moe, "gather"),
                    "dense-active": (dense, None), "moe-auto": (moe, "auto"), "moe-int8": (moe, "auto"),
-                   "moe-fp8": (moe, "auto")}[name]
-        quant = {"moe-int8": "int8", "moe-fp8": "fp8"}.get(name)
+                   "moe-fp8": (moe, "auto"), "moe-int4": (moe, "auto")}[name]
+        quant = {"moe-int8": "int8", "moe-fp8": "fp8", "moe-int4": "int4"}.get(name)
         for b in args.batches:
             if c.is_moe not in params:
                 params[c.is_moe] = dummy_params(c, dtype)
             ms, loop = time_step(c, params[c.is_moe], dtype, b, impl, args.iters, args.rounds, quant)
             auto = moe_impl(impl, b * c.num_experts_per_tok, c.num_experts) if c.is_moe else None
             read = weight_bytes(c, b, auto == "dense", dtype.itemsize, gather=auto == "gather",
-                                layer_itemsize=1 if quant else None)
+                                layer_itemsize=(0.5 if quant == "int4" else 1) if quant else None)
             row = dict(model=name, batch=b, layer_loop=loop, experts=auto, step_ms=round(ms, 3), tok_s=round(1000 * b / ms, 1),
                        weight_mib_read=round(read / 2**20, 1),
                        roofline=round(read / (ms / 1000) / (args.peak_gbs * 1e9), 3))
@@ -172,7 +173,7 @@ def main(argv=None) -> int:
     for b in args.batches:
         for a, z in (("moe-grouped", "moe-dense"), ("moe-grouped", "dense-active"), ("moe-dense", "dense-active"),
                      ("moe-gather", "moe-dense"), ("moe-gather", "dense-active"), ("moe-int8", "moe-auto"),
-                     ("moe-fp8", "moe-auto")):
+                     ("moe-fp8", "moe-auto"), ("moe-int4", "moe-auto"), ("moe-int4", "moe-int8")):
             if (a, b) in by and (z, b) in by:
                 print(f"batch {b}: {a} / {z} = {by[(a, b)] / by[(z, b)]:.2f}x")
     if args.json:

@@ -13,7 +13,6 @@ from safetensors import safe_open
 
 from checkpoints.assemble import assemble_params
 from checkpoints.errors import CheckpointError
-from checkpoints.hf_fp8_config import Fp8Scheme
 from checkpoints.hf_int4 import Int4Scheme
 from checkpoints.hf_names import llama_names, text_model_aliases
 from jaxllm.models.config import ModelConfig, ModelConfigError
@@ -45,10 +44,6 @@ def _read_config(path: str):
         scheme = _modelopt_file(path)
     try:
         config = ModelConfig.from_hf(raw, source=cfg_path)
-        if config.is_moe and scheme is not None and not isinstance(scheme, Fp8Scheme):  # fp8 only (hf_fp8_experts.py)
-            raise CheckpointError(f"{cfg_path}: quantization_config on the {config.architecture} MoE model is not "
-                                  f"supported (quant_method={(qc or {}).get('quant_method')!r}: MoE checkpoints "
-                                  f"load in fp8 or full precision only); load an unquantized checkpoint")
         return config, scheme
     except ModelConfigError as e:
         raise CheckpointError(str(e)) from None
@@ -198,7 +193,13 @@ def _load_int4(config, raw, scheme, path: str, dtype) -> dict:
 
     quantized = hf_int4.assemble_int4(config, raw, scheme, path)
     shapes = hf_int4.shapes(config)
-    get = hf_int4.dequantizing(raw, scheme, path, lambda name: shapes[name.split(".", 3)[3]][0])
+    shape_of = lambda name: shapes[name.split(".", 3)[3]][0]  # noqa: E731
+    if config.is_moe:  # the experts kept 4-bit too when every one is stored so (hf_int4_experts.py)
+        from checkpoints.hf_int4_experts import assemble_int4_experts, expert_shape
+
+        quantized.update(assemble_int4_experts(config, raw, scheme, path))
+        shape_of = lambda name: expert_shape(config, name) or shapes[name.split(".", 3)[3]][0]  # noqa: E731
+    get = hf_int4.dequantizing(raw, scheme, path, shape_of)
     params = assemble_params(config, get, source=path, dtype=dtype, skip=frozenset(quantized))
     params.update(quantized)
     kinds = sorted({f"{w.q.dtype}{' + offset' if w.offset is not None else ''}" for w in quantized.values()})

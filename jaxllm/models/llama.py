@@ -359,9 +359,9 @@ def build_model(config: ModelConfig, params: dict[str, np.ndarray | jax.Array], 
     scales; an fp8 checkpoint's: float8 with per-channel or block scales) is placed as it is (fused
     like the others); see `prequantized.check`."""
     check_method(quantization)
-    if config.is_moe and (quantization == "int4" or prequantized.method(params) not in (None, "fp8")):
-        raise ValueError(f"quantization={quantization or prequantized.method(params)!r} is not supported for the "
-                         f"{config.architecture} MoE model: its experts quantize to 'int8' or 'fp8' only")
+    if config.is_moe and prequantized.method(params) not in (None, "fp8", "int4"):
+        raise ValueError(f"quantization={prequantized.method(params)!r} is not supported for the "
+                         f"{config.architecture} MoE model: its experts quantize to 'int8', 'fp8' or 'int4' only")
     prequantized.requantize_int4(params, quantization)
     check_backend(quantization or prequantized.method(params))
     prequantized.check(params, quantization)
@@ -387,7 +387,7 @@ def build_model(config: ModelConfig, params: dict[str, np.ndarray | jax.Array], 
             if quantization and held in QUANT_PARAMS:
                 w = _quantize_jit(w, quantization, QUANT_PARAMS[held], i is None, fp8_bits, int4_packed)
             elif quantization and held in EXPERT_QUANT_PARAMS:  # [(L,) X, in, out]: per expert and column
-                w = _quantize_experts_jit(w, quantization, fp8_bits)
+                w = _quantize_experts_jit(w, quantization, fp8_bits, int4_packed)
             return w
 
         if split and held.startswith("layers."):
@@ -399,4 +399,4 @@ def build_model(config: ModelConfig, params: dict[str, np.ndarray | jax.Array], 
 
 
 _quantize_jit = jax.jit(quantize, static_argnums=(1, 2, 3, 4, 5))
-_quantize_experts_jit = jax.jit(quantize_experts, static_argnums=(1, 2))
+_quantize_experts_jit = jax.jit(quantize_experts, static_argnums=(1, 2, 3))

@@ -25,10 +25,11 @@ Tensor parallelism: each expert's intermediate axis is split over "tp" like the 
 router and its choices are replicated. Under `shard_map` every device runs the same sort and its
 own slice of every expert, and one psum adds the partial outputs (the dense MLP's one all-reduce).
 
-Quantized experts (`--quantization int8|fp8`, or an fp8 checkpoint's): `w_gate_up` / `w_down` are
-QuantWeights with one scale per expert and output channel (or an fp8 checkpoint's block scales); each
+Quantized experts (`--quantization int8|fp8|int4`, or an fp8 / AWQ / GPTQ checkpoint's): `w_gate_up` /
+`w_down` are QuantWeights with one scale per expert and output channel (or block scales: an fp8
+checkpoint's, int4's groups, with AWQ / GPTQ offsets); each
 path's matmuls are moe_quant.py's (the 8-bit q converted in the dot, the scale on its output). Their
-scales shard like the weights' output axes (block scales like the weights).
+scales shard like the weights' output axes (block scales and offsets like the weights).
 """
 from __future__ import annotations
 
@@ -154,6 +155,7 @@ def moe_mlp(x: jax.Array, w_router: jax.Array, w_gate_up: jax.Array, w_down: jax
 def _spec(layout, w, axes: tuple[str, ...]):
     """The shard_map spec of an expert weight: its axes', or a QuantWeight's (q like the weight, the
     scale like its output axes: `quant.expert_scale_axes`)."""
-    if isinstance(w, QuantWeight):  # block scales [X, in/B, out] (an fp8 checkpoint's): like the weight
-        return QuantWeight(layout.spec(axes), layout.spec(axes if w.scale.ndim == w.q.ndim else expert_scale_axes(axes)))
+    if isinstance(w, QuantWeight):  # block scales [X, in/B, out] (fp8 checkpoint, int4, AWQ/GPTQ offsets): like the weight
+        s = layout.spec(axes if w.scale.ndim == w.q.ndim else expert_scale_axes(axes))
+        return QuantWeight(layout.spec(axes), s, None if w.offset is None else s, w.packed, w.pack_axis)
     return layout.spec(axes)

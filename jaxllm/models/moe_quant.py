@@ -1,4 +1,4 @@
-"""Quantized expert weights (`--quantization int8|fp8` on Mixtral / Qwen3-MoE): the matmuls of moe.py's
+"""Quantized expert weights (`--quantization int8|fp8|int4` on Mixtral / Qwen3-MoE): the matmuls of moe.py's
 three expert paths when `we_gate_up` / `we_down` are QuantWeights (q [X, in, out] int8 / float8_e4m3fn,
 or the uint8 bits of float8 where the chunked dot runs, jaxllm/models/quant_dot.py; scale [X, out] f32,
 one per expert and output channel, `quant.quantize_experts`; or, an fp8 checkpoint's block-scaled experts
@@ -18,7 +18,11 @@ The per-output-channel scale commutes with the contraction, so each path compute
   copy per step, the loop one expert at a time (tests/models/test_moe_quant.py checks the temp bytes).
 
 Block scales do not commute with the contraction: the expert weights are dequantized (q times each
-block's scale, in f32, then x's dtype) into the dot's operand instead: for the dense loop one expert,
+block's scale, plus its offset for AWQ / GPTQ's asymmetric 4-bit, in f32, then x's dtype) into the dot's
+operand instead. Block-scaled experts are an fp8 checkpoint's, `--quantization int4`'s (int4 q with
+group scales [X, in/G, out], `quant.quantize_experts`; on the chunked-dot backend packed two a byte,
+[X, in/2, out] uint8 in quant_pack4.py's byte order, unpacked here with a mask and a shift) and an AWQ /
+GPTQ checkpoint's (checkpoints/hf_int4_experts.py: int4, or uint4 with offsets). Dequantized: for the dense loop one expert,
 for gather the T*k routed ones, for grouped every expert of the layer (a full-precision copy per step
 wherever the compiler does not fuse it into the grouped GEMM).
 """
@@ -32,6 +36,7 @@ from jax import lax
 
 from jaxllm.models.quant import QuantWeight
 from jaxllm.models.quant_dot import FP8_BITS, fp8_bits_to_float
+from jaxllm.models.quant_pack4 import nibbles
 
 
 def operand(q: jax.Array, dtype) -> jax.Array:
@@ -46,26 +51,40 @@ def blocked(w: QuantWeight) -> bool:
     return w.scale.ndim == w.q.ndim
 
 
-def dequantize_blocks(q: jax.Array, scale: jax.Array, dtype) -> jax.Array:
-    """q [..., in, out] and block scales [..., in/B, out] → the weight [..., in, out] in `dtype` (f32 products)."""
+def dequantize_blocks(w: QuantWeight, dtype) -> jax.Array:
+    """A block-scaled expert weight (q [..., in, out], or packed two a byte [..., in/2, out]; scale and
+    offset [..., in/B, out]) → the weight [..., in, out] in `dtype`: q times its block's scale (plus
+    its offset: AWQ / GPTQ), in f32."""
+    q, scale = w.q, w.scale
     nb, out = scale.shape[-2], q.shape[-1]
-    w = operand(q, jnp.float32).reshape(q.shape[:-2] + (nb, q.shape[-2] // nb, out))  # [..., nb, B, out]
-    return (w * scale.astype(jnp.float32)[..., :, None, :]).reshape(q.shape).astype(dtype)
+    lead = q.shape[:-2]
+    if w.packed:  # byte j of block g: row g*B + j low, g*B + B/2 + j high (quant_pack4.py)
+        lo, hi = nibbles(q, w.packed)  # [..., in/2, out] int8 / uint8 each
+        half = (nb, q.shape[-2] // nb, out)
+        v = jnp.concatenate([lo.reshape(lead + half), hi.reshape(lead + half)], axis=-2)  # [..., nb, B, out]
+        v = v.astype(jnp.float32)
+    else:
+        v = operand(q, jnp.float32).reshape(lead + (nb, q.shape[-2] // nb, out))  # [..., nb, B, out]
+    v = v * scale.astype(jnp.float32)[..., :, None, :]
+    if w.offset is not None:
+        v = v + w.offset.astype(jnp.float32)[..., :, None, :]
+    return v.reshape(lead + (v.shape[-3] * v.shape[-2], out)).astype(dtype)
 
 
 def grouped_dot(lhs: jax.Array, w: QuantWeight, group_sizes: jax.Array, row_expert: jax.Array) -> jax.Array:
     """lhs [R, in] in expert order, group_sizes [X], row_expert [R] (each row's expert) → [R, out] in lhs's dtype."""
     if blocked(w):
-        return lax.ragged_dot(lhs, dequantize_blocks(w.q, w.scale, lhs.dtype), group_sizes)  # [R, out]
+        return lax.ragged_dot(lhs, dequantize_blocks(w, lhs.dtype), group_sizes)  # [R, out]
     y = lax.ragged_dot(lhs, operand(w.q, lhs.dtype), group_sizes, preferred_element_type=jnp.float32)  # [R, out] f32
     return (y * w.scale[row_expert]).astype(lhs.dtype)
 
 
 def gather_dot(spec: str, rows: jax.Array, w: QuantWeight, flat: jax.Array) -> jax.Array:
     """rows [R, in], flat [R] (each row's expert) → [R, out] in rows's dtype: the routed experts' q
-    gathered in 8 bits ([R, in, out]), converted, one batched matvec, each row times its expert's scale."""
+    gathered in 8 bits ([R, in, out]; 4-bit packed: [R, in/2, out]), converted, one batched matvec,
+    each row times its expert's scale."""
     if blocked(w):
-        return jnp.einsum(spec, rows, dequantize_blocks(w.q[flat], w.scale[flat], rows.dtype))  # [R, out]
+        return jnp.einsum(spec, rows, dequantize_blocks(w[flat], rows.dtype))  # [R, out]
     y = jnp.einsum(spec, rows, operand(w.q[flat], rows.dtype), preferred_element_type=jnp.float32)  # [R, out] f32
     return (y * w.scale[flat]).astype(rows.dtype)
 
@@ -78,12 +97,14 @@ def dense_loop(x: jax.Array, combine: jax.Array, w_gate_up: QuantWeight, w_down:
     X = w_gate_up.q.shape[0]
 
     def dot(a: jax.Array, w: QuantWeight, e) -> jax.Array:  # a [T, in] → [T, out] f32, expert e's weight
-        q = lax.dynamic_index_in_dim(w.q, e, keepdims=False)  # [in, out] 8-bit
+        q = lax.dynamic_index_in_dim(w.q, e, keepdims=False)  # [in, out] 8-bit (4-bit packed: [in/2, out])
         if q.dtype == FP8_BITS:  # a contiguous u8 copy for the convert (quant_dot.FP8_CHUNK_COPY's reason)
             q = lax.optimization_barrier(q)
         s = lax.dynamic_index_in_dim(w.scale, e, keepdims=False)  # [out] or [in/B, out]
         if blocked(w):
-            return jnp.dot(a, dequantize_blocks(q, s, a.dtype), preferred_element_type=jnp.float32)
+            o = None if w.offset is None else lax.dynamic_index_in_dim(w.offset, e, keepdims=False)  # [in/B, out]
+            one = QuantWeight(q, s, o, w.packed, w.pack_axis)
+            return jnp.dot(a, dequantize_blocks(one, a.dtype), preferred_element_type=jnp.float32)
         return jnp.dot(a, operand(q, a.dtype), preferred_element_type=jnp.float32) * s
 
     def body(e, acc):  # acc [T, E] f32

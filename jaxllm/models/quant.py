@@ -214,23 +214,33 @@ def quantize(w: jax.Array, method: str, num_contracted: int, stacked: bool = Fal
 EXPERT_QUANT_PARAMS = ("layers.we_gate_up", "layers.we_down")
 
 
-def quantize_experts(w: jax.Array, method: str, fp8_bits: bool = False) -> QuantWeight:
+def quantize_experts(w: jax.Array, method: str, fp8_bits: bool = False, pack4: bool = False) -> QuantWeight:
     """Expert weights w [..., X, in, out] (stacked [L, X, ...] or one layer's [X, ...]) → QuantWeight:
-    q like w, scale [..., X, out] f32, one per expert and output channel: `quantize` ("int8" / "fp8")
-    with the leading axes flattened into its layer axis."""
-    if method not in _QMAX:
-        raise ValueError(f"quantization={method!r} is not supported for expert weights: use 'int8' or 'fp8'")
-    qw = quantize(w.reshape((-1,) + w.shape[-2:]), method, 1, stacked=True, fp8_bits=fp8_bits)  # [N, in, out]
+    "int8" / "fp8": q like w, scale [..., X, out] f32, one per expert and output channel (`quantize`
+    with the leading axes flattened into its layer axis). "int4": `quantize_int4`'s groups along `in`
+    (`int4_group(in)`), q int4 like w, scale [..., X, in/g, out] f32 (block scales); `pack4`: q packed
+    two a byte along `in` ([..., X, in/2, out] uint8, quant_pack4.py) where the groups are even."""
+    if method not in (*_QMAX, "int4"):
+        raise ValueError(f"quantization={method!r} is not supported for expert weights: use 'int8', 'fp8' or 'int4'")
+    flat = w.reshape((-1,) + w.shape[-2:])  # [N, in, out]
+    if method == "int4":
+        qw = quantize_int4(flat, 1, stacked=True)  # q [N, in, out] int4, scale [N, in/g, out]
+        qw = QuantWeight(qw.q.reshape(w.shape), qw.scale.reshape(w.shape[:-2] + qw.scale.shape[-2:]))
+        return pack_int4(qw) if pack4 else qw
+    qw = quantize(flat, method, 1, stacked=True, fp8_bits=fp8_bits)  # [N, in, out]
     return QuantWeight(qw.q.reshape(w.shape), qw.scale.reshape(w.shape[:-2] + w.shape[-1:]))
 
 
 def dequantize_experts(w: QuantWeight, dtype=jnp.float32, xp=jnp):
-    """The full-precision expert weights [..., X, in, out] a QuantWeight of `quantize_experts`' form (or
-    an fp8 checkpoint's block-scaled one, scale [..., X, in/B, out]) stands for (`xp`: jax.numpy or numpy)."""
-    q, s = w.q, w.scale
+    """The full-precision expert weights [..., X, in, out] a QuantWeight of `quantize_experts`' form
+    stands for (per-channel scale [..., X, out]; or block scales [..., X, in/B, out], with an offset
+    for AWQ / GPTQ, a 4-bit q perhaps packed; `xp`: jax.numpy or numpy)."""
+    w = w.unpacked(xp)
+    q, s, o = w.q, w.scale, w.offset
     n = q.size // (q.shape[-2] * q.shape[-1])
     tail = s.shape[-2:] if s.ndim == q.ndim else s.shape[-1:]  # [in/B, out] or [out]
-    flat = QuantWeight(q.reshape((n,) + q.shape[-2:]), s.reshape((n,) + tail))
+    flat = QuantWeight(q.reshape((n,) + q.shape[-2:]), s.reshape((n,) + tail),
+                       None if o is None else o.reshape((n,) + tail))
     return dequantize(flat, 1, stacked=True, dtype=dtype, xp=xp).reshape(q.shape)
 
 

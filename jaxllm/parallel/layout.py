@@ -181,8 +181,14 @@ class TPLayout:
                 out[held] = f(out[held]) if stacked else [f(w) for w in out[held]]
             elif quantization and held in EXPERT_QUANT_PARAMS:  # per expert and output channel, scale [(L,) X, out]
                 lead = 0 if not isinstance(out[held], list) else 1
-                sh = QuantWeight(self.sharding(axes[lead:]), self.sharding(expert_scale_axes(axes)[lead:]))
-                f = jax.jit(lambda w: quantize_experts(w, quantization), out_shardings=sh)
+                s_axes = expert_scale_axes(axes)
+                quant = lambda w: quantize_experts(w, quantization)  # noqa: E731
+                if quantization == "int4":  # group scales [(L,) X, in/g, out] like the weight (q int4, unpacked
+                    s_axes = axes  # under TP), split finer where a group of w_down's F would straddle two devices
+                    quant = lambda w, lead=lead: self._int4_whole_groups(  # noqa: E731
+                        quantize_experts(w, "int4"), axes, 2 - lead)
+                sh = QuantWeight(self.sharding(axes[lead:]), self.sharding(s_axes[lead:]))
+                f = jax.jit(quant, out_shardings=sh)
                 out[held] = [f(w) for w in out[held]] if lead else f(out[held])
         return out
 

@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import shutil
 
 import numpy as np
@@ -67,7 +68,8 @@ def pack_rows(v: np.ndarray) -> np.ndarray:
 def write_int4(hf_dir: str, out_dir: str, method: str, group: int, sym: bool = False,
                fmt: str = "gptq", skip: tuple[str, ...] = ()) -> tuple[str, str]:
     """→ (the int4 checkpoint dir, the fp32 reference dir holding (q - z) * s). `skip`: tensor stems
-    (e.g. "model.layers.1.mlp.down_proj") left unquantized (modules_to_not_convert)."""
+    (e.g. "model.layers.1.mlp.down_proj") left unquantized (modules_to_not_convert). MoE: each
+    expert's linear (`experts.N.w1` / `gate_proj` ...) and Qwen2-MoE's shared expert's quantized too."""
     ref_dir = out_dir + "-ref"
     for d in (out_dir, ref_dir):
         shutil.copytree(hf_dir, d, dirs_exist_ok=True)
@@ -75,7 +77,8 @@ def write_int4(hf_dir: str, out_dir: str, method: str, group: int, sym: bool = F
     qt, ref = {}, {}
     for name, t in tensors.items():
         stem = name[:-len(".weight")]
-        if not (name.endswith(".weight") and stem.split(".", 3)[-1] in PROJ) or stem in skip:
+        linear = stem.split(".", 3)[-1] in PROJ or re.search(r"\.(experts\.\d+|shared_expert)\.\w+$", stem)
+        if not (name.endswith(".weight") and linear) or stem in skip:
             qt[name] = ref[name] = t
             continue
         q, z, s = quantize_groups(t, group, sym)
