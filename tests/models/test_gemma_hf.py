@@ -67,7 +67,8 @@ def hf_greedy(path, prompts, n):
 
 @pytest.mark.parametrize("arch", ["gemma2", "gemma3_mm"])  # gemma3_mm: gemma3's text model in the multimodal class
 def test_engine_greedy_matches_hf_generate(arch, tiny_root):
-    """Four prompts batched through the engine (paged cache, block 16), 8 greedy tokens each: HF
+    """Four prompts batched through the engine (paged cache, block 16; steps of 64 tokens, so the
+    40-token prompt's prefill is chunked and two step programs compile), 8 greedy tokens each: HF
     generate's tokens. Served twice: the second round's prompts hit the prefix cache (sliding layers
     only mask, so a cached block's keys depend on its tokens and positions alone) and give the same tokens."""
     from jaxllm import LLM, SamplingParams
@@ -78,7 +79,7 @@ def test_engine_greedy_matches_hf_generate(arch, tiny_root):
     rng = np.random.default_rng(7)
     prompts = [rng.integers(0, 256, n).tolist() for n in (5, 14, 28, 40)]
     engine = build_engine(EngineConfig(model=path, max_model_len=128, block_size=16, max_num_seqs=4,
-                                       max_num_batched_tokens=128), compile_cache=False, warmup=False)
+                                       max_num_batched_tokens=64), compile_cache=False, warmup=False)
     assert engine.kv.enable_caching
     llm = LLM("tiny", engine=engine)
     params = SamplingParams(temperature=0, max_tokens=8, ignore_eos=True)

@@ -135,9 +135,12 @@ def test_model_logits_each_path(arch, method, root, monkeypatch):
     deq = dequantized_model(model)
     rng = np.random.default_rng(0)
     seqs = [rng.integers(0, 256, n).tolist() for n in (5, 40, 90)]
+    # the references once, on the default path (the paths agree in fp32: tests/models/test_moe.py), in the
+    # shared forward (deq and full have one structure: one program); each path of the quantized model against them
+    want, ref = logits_of(deq, c, seqs, share=True), logits_of(full, c, seqs, share=True)
     for impl in IMPLS:
         monkeypatch.setenv("JAXLLM_MOE", impl)
-        got, want, ref = logits_of(model, c, seqs), logits_of(deq, c, seqs), logits_of(full, c, seqs)
+        got = logits_of(model, c, seqs, share=True)
         np.testing.assert_allclose(got, want, rtol=0, atol=1e-4 * np.abs(want).max(), err_msg=impl)
         err, agree = np.abs(got - ref).mean(), (got.argmax(-1) == ref.argmax(-1)).mean()
         print(arch, method, impl, f"mean logit err {err:.4f} (max |ref| {np.abs(ref).max():.3f}), agree {agree:.3f}")
@@ -158,7 +161,11 @@ def test_engine_greedy_quantized(arch, method, root):
                                        max_num_batched_tokens=64, quantization=method), compile_cache=False)
     ck = load_checkpoint(path)
     model = build_model(ck.config, ck.params, jnp.float32, quantization=method)
-    assert_warm_and_greedy(engine, lambda seq: logits_of(model, ck.config, [seq]), check=(1, 2))
+
+    def logits(seq):  # padded to 64 tokens (causal: the padding after seq moves none of its logits): one program
+        return logits_of(model, ck.config, [seq + [0] * (64 - len(seq))], share=True)[:len(seq)]
+
+    assert_warm_and_greedy(engine, logits, check=(1, 2))
 
 
 def test_grouped_quantized_exports_for_cuda(monkeypatch):
@@ -167,13 +174,16 @@ def test_grouped_quantized_exports_for_cuda(monkeypatch):
     each output times its rows' expert scales (a [T*k, out] gather of the [X, out] scale)."""
     from flax import nnx
 
-    from checkpoints.dummy import dummy_config, dummy_params
+    from checkpoints.dummy import dummy_config
+    from jaxllm.models.llama import param_shapes
     from tests.models.test_quant_fp8_bits import step_inputs
 
     monkeypatch.setattr(jax, "default_backend", lambda: "gpu")
     c = dummy_config("tiny-mixtral")
-    model = build_model(c, dummy_params(c, jnp.bfloat16), jnp.bfloat16, layer_loop="unroll",
-                        attention_impl="reference", quantization="int8")
+    rng = np.random.default_rng(0)  # numpy draws: dummy_params compiles one jitted draw per shape; only shapes matter here
+    params = {n: (np.ones(shape) if n.endswith("norm") else rng.uniform(-1e-3, 1e-3, shape)).astype(ml_dtypes.bfloat16)
+              for n, shape in param_shapes(c).items()}
+    model = build_model(c, params, jnp.bfloat16, layer_loop="unroll", attention_impl="reference", quantization="int8")
     inputs = step_inputs(c, seqs=((5, 6, 7, 8), (9,), (10, 11)))  # T = 7 tokens
     gd, st = nnx.split(model)
     treedef = jax.tree.structure((st, *inputs))

@@ -1,25 +1,48 @@
-"""Gemma 2 and Gemma 3 text at tensor_parallel_size=2: logits of a two-prompt prefill (17 and 40 tokens,
-past the 12-token window of the sliding layers) and a decode step (tests/parallel/tp_forward.py) within
-1e-4 of tp=1. gemma2: sandwich norms, attention soft-cap inside the sharded attention, the final soft-cap
-after the vocab-parallel LM head's gather; gemma3: q/k norms, the sliding layers' local rope table, one
-kv head per device. One build per tp and arch, tiny configs (tests/models/hf_tiny.py GEMMA_CONFIGS)."""
+"""Gemma at tensor_parallel_size=2: logits of a two-prompt prefill (17 and 40 tokens, past the 12-token
+window of the sliding layers) and a decode step (tests/parallel/tp_forward.py) within 1e-4 of tp=1.
+One tiny Gemma 3 text model that also carries Gemma 2's soft-caps (HF's Gemma3TextConfig reads both), so
+one build per tp covers every sharded Gemma piece: sandwich norms, the attention soft-cap inside the
+sharded attention and the final soft-cap after the vocab-parallel LM head's gather (Gemma 2's), q/k
+norms, the sliding layers' local rope table and one kv head per device (Gemma 3's). (No HF reference
+here: transformers' Gemma3Attention reads attn_logit_softcapping but does not apply it; jaxllm does.)"""
 from __future__ import annotations
 
-import numpy as np
-import pytest
+import os
 
-from tests.models.hf_tiny import make_tiny_hf
+import numpy as np
+
+from tests.models.hf_tiny import GEMMA_CONFIGS
 from tests.parallel.tp_forward import forward_logits
 
-
-@pytest.fixture(scope="module")
-def root(tmp_path_factory):
-    return str(tmp_path_factory.mktemp("tp_gemma"))
+# tests/models/hf_tiny.py's gemma3 (3 layers: sliding, sliding, full; head_dim 256; 2 kv heads) with gemma2's caps
+CAPPED_GEMMA3 = dict(GEMMA_CONFIGS["gemma3"][1], attn_logit_softcapping=1.0, final_logit_softcapping=3.0)
 
 
-@pytest.mark.parametrize("arch", ["gemma2", "gemma3"])
-def test_tp2_logits_equal_tp1(arch, root):
-    path = make_tiny_hf(arch, root)
+def make_capped_gemma3(root: str) -> str:
+    """The tiny random checkpoint (norm weights drawn, as hf_tiny draws every Gemma's)."""
+    import torch
+    import transformers
+
+    path = os.path.join(root, "gemma3-capped")
+    torch.manual_seed(0)
+    model = transformers.AutoModelForCausalLM.from_config(transformers.Gemma3TextConfig(**CAPPED_GEMMA3),
+                                                          dtype=torch.float32)
+    with torch.no_grad():
+        for n, p in model.named_parameters():
+            if n.endswith("norm.weight"):
+                p.normal_(0.0, 0.3)
+    model.save_pretrained(path)
+    return path
+
+
+def test_tp2_logits_equal_tp1(tmp_path):
+    from checkpoints import load_checkpoint
+
+    path = make_capped_gemma3(str(tmp_path))
+    c = load_checkpoint(path).config
+    assert (c.attn_logit_softcap, c.final_logit_softcap, c.qk_norm, c.sandwich_norms) == (1.0, 3.0, True, True)
+    assert c.layer_types == ("sliding_attention", "sliding_attention", "full_attention") and c.rope_local_theta
+    assert c.num_kv_heads == 2
     ref_prefill, ref_decode = forward_logits(path, 1)
     got_prefill, got_decode = forward_logits(path, 2)
     assert np.abs(ref_prefill).max() > 0.05, "reference logits are degenerate: the comparison would be weak"
