@@ -42,6 +42,12 @@ of 2+ tokens: ``Request.needs_last_token``). A request preempted while its token
 keeps that token when it arrives and is not re-admitted before; one finished or aborted while a
 step is in flight gets nothing from that step (its slot is wasted, its blocks are already free).
 
+Step gates (``Request.gate``, a beam search's driver holding its requests in lockstep with its
+decisions): a gated request whose allowed output tokens are all produced or in flight is not
+scheduled (running: skipped, it keeps its blocks; waiting after a preemption: it keeps its place);
+``LLMEngine.release_step`` allows one more. A scheduling condition like a compiling grammar, not a
+second scheduler: preemption, aborts and finishing treat gated requests like any other.
+
 Speculative decoding (synchronous steps only; vLLM's ``spec_token_ids``): a running request may
 carry ``spec_token_ids`` (drafts, e.g. from jaxllm.core.ngram_proposer). When its chunk ends its
 known tokens, as many drafts as the budget, max_output_tokens and max_model_len allow ride behind
@@ -140,6 +146,9 @@ class Scheduler:
             if req.pooling is not None and req.num_computed_tokens >= req.num_tokens:
                 i += 1  # an embedding whose last chunk is in flight: the engine finishes it
                 continue
+            if req.gate_closed:
+                i += 1  # step-gated: its driver has not released the next token yet
+                continue
             ph = req.num_output_placeholders
             if ph and (req.num_output_tokens + ph >= req.max_output_tokens
                        or req.num_tokens + ph >= max_len or req.needs_last_token):
@@ -175,7 +184,7 @@ class Scheduler:
             while (self.waiting and budget > 0
                    and len(self.running) < self.config.max_num_seqs):
                 req = self.waiting[0]
-                if req.waits_for_grammar:
+                if req.waits_for_grammar or req.gate_closed:  # (a gated one: preempted, not yet released)
                     skipped.append(self.waiting.popleft())
                     continue
                 lid = req.lora_int_id if max_loras is not None else None
@@ -263,6 +272,10 @@ class Scheduler:
         return max(0, min(len(req.spec_token_ids), budget - n,
                           req.max_output_tokens - req.num_output_tokens - 1,
                           self.config.max_model_len - req.num_tokens - 1))
+
+    def num_gate_closed(self) -> int:
+        """Requests held by their step gate (jaxllm/core/request.py ``gate``)."""
+        return sum(r.gate_closed for r in self.requests.values())
 
     def resident_loras(self) -> set[int]:
         """The adapters of running requests (each keeps its device slot while it runs)."""
