@@ -84,3 +84,28 @@ def test_preempted_gated_request_waits_for_release_then_recomputes():
     assert step(sched, runner) == [("g", 8, True)]  # prompt + its first token recomputed, one more sampled
     assert_no_leaks(sched)
     assert g.output_token_ids == reference(range(50, 57), 2)
+
+
+def test_held_requests_give_their_blocks_to_a_waiting_one_when_nothing_else_runs():
+    """Held requests fill the pool and a waiting one (a driver's lagging beam) needs blocks: with
+    nothing else to run the latest held one is preempted (no deadlock); while another request runs,
+    the waiting one waits as any waiting request does."""
+    sched, runner = make(num_blocks=6, budget=64, caching=False)
+    a, b = req("a", range(3, 11), max_tokens=4), req("b", range(20, 28), max_tokens=4)  # 8 tokens: 2 blocks each
+    a.gate = b.gate = 1
+    u = req("u", range(40, 42), max_tokens=3)  # 1 block, runs 3 steps
+    for r in (a, b, u):
+        sched.add_request(r)
+    step(sched, runner)
+    w = req("w", range(60, 72), max_tokens=1)  # 12 tokens: 3 blocks, only 1 free
+    sched.add_request(w)
+    while "u" in sched.requests:
+        assert step(sched, runner) == [("u", 1, True)] and w.status == RequestStatus.WAITING
+    assert step(sched, runner) == [("w", 12, True)]  # u finished: b (latest held) gave its blocks
+    assert b.status == RequestStatus.PREEMPTED and a.status == RequestStatus.RUNNING
+    assert list(sched.waiting) == [b] and b.gate_closed
+    a.gate = b.gate = 4
+    while sched.has_unfinished_requests():
+        step(sched, runner)
+    assert_no_leaks(sched)
+    assert b.output_token_ids == reference(range(20, 28), 4) and a.output_token_ids == reference(range(3, 11), 4)
