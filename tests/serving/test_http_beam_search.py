@@ -128,6 +128,28 @@ def test_beams_wait_for_the_driver_at_a_real_step_pace():
         srv.close()
 
 
+def test_gated_beams_in_a_kv_pool_far_too_small():
+    """12 blocks of 4 tokens for 3 prompts x 4 beams: held beams are preempted for the lagging ones
+    (no deadlock), forks whose parent was preempted prefill; the beams equal offline on the same pool,
+    every block free after."""
+    prompts = [[3 + ord(c) for c in s] for s in ("hello", "beam search!", "x")]
+    llm = LLM("fake-llm", engine=make_llm_engine(max_model_len=40, num_blocks=12, max_num_seqs=32))
+    outs = llm.beam_search([{"prompt_token_ids": p} for p in prompts], BeamSearchParams(beam_width=4, max_tokens=14))
+    srv = ThreadedServer(make_llm_engine(max_model_len=40, num_blocks=12, max_num_seqs=32, runner_cls=SlowRunner))
+    try:
+        r = httpx_post(srv, {"model": "fake-llm", "prompt": prompts, "n": 4, "max_tokens": 14, "temperature": 0,
+                             "use_beam_search": True, "ignore_eos": False})
+        tok = srv.engine.tokenizer
+        want = [tok.decode(s.tokens[len(p):], skip_special_tokens=False) for p, o in zip(prompts, outs)
+                for s in o.sequences]
+        assert [c["text"] for c in r["choices"]] == want
+        assert srv.engine.scheduler.num_preemptions > 0
+        stats = srv.wait_idle()
+        assert stats.num_free_blocks == stats.num_blocks == 12
+    finally:
+        srv.close()
+
+
 def httpx_post(srv, body):
     import httpx
 
