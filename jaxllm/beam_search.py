@@ -25,7 +25,11 @@ prefill; any other surviving candidate forks a new request whose prompt is the b
 running request's full blocks are registered) and its partial last block a device copy of the
 parent's (KVCacheManager.pin_fork), so it too computes one token. Where the engine cannot fork
 (runner without block copies, prefix caching off, parent gone) the fork prefills what the prefix
-cache does not hold. Requests no beam continues are aborted (their blocks freed). All beams of all
+cache does not hold. Requests no beam continues are aborted (their blocks freed). A driver on
+another thread than the engine (the server's, serving/beam.py) adds its requests step-gated
+(``step_gate=True``) and releases the continued ones (``take_releases``) after each depth, so no
+request decodes past a decision (dropped beams' tokens wasted; a parent gone before its fork
+arrives, which then prefills); the offline driver steps the engine itself and needs no gate. All beams of all
 prompts ride in the same engine steps. vLLM instead submits every beam as a new one-token request
 each step (every beam re-prefills the tokens past its last full block every step).
 """
@@ -138,7 +142,8 @@ class BeamSearchRun:
     the depth: a beam reaching it ends with finish_reason "length" (jaxllm's generate rule)."""
 
     def __init__(self, rid_prefix: str, prompt_ids: list[int], params: BeamSearchParams,
-                 eos_token_ids: Collection[int], max_model_len: int, lora_request=None) -> None:
+                 eos_token_ids: Collection[int], max_model_len: int, lora_request=None,
+                 step_gate: bool = False) -> None:
         self.prefix = rid_prefix
         self.prompt_len = len(prompt_ids)
         self.params = params
@@ -153,6 +158,8 @@ class BeamSearchRun:
         self._ids = 0
         self._adds: list[tuple[str, list[int], SamplingParams]] = []
         self._aborts: list[str] = []
+        self.step_gate = step_gate  # the driver gates its requests: continued ones go to take_releases
+        self._releases: list[str] = []
         root = BeamSearchSequence(list(prompt_ids), [], lora_request)
         self.beams: list[_Beam] = [self._fork(root)]
         self.done = False
@@ -179,6 +186,12 @@ class BeamSearchRun:
     def take_aborts(self) -> list[str]:
         aborts, self._aborts = self._aborts, []
         return aborts
+
+    def take_releases(self) -> list[str]:
+        """(``step_gate``) the requests that continue a beam past the last depth: release each one's
+        next step (``release_step``) after ``take_adds`` (their forks find them unmoved)."""
+        releases, self._releases = self._releases, []
+        return releases
 
     def live_request_ids(self) -> set[str]:
         return {b.rid for b in self.beams}
@@ -249,6 +262,8 @@ class BeamSearchRun:
                 self.num_forks += 1
         self.beams = new
         self._aborts += [b.rid for b in old if b.rid not in claimed]
+        if self.step_gate:
+            self._releases += [b.rid for b in new if b.rid in claimed]
         for rid in list(self.outputs):
             if rid not in claimed:
                 del self.outputs[rid]

@@ -92,12 +92,14 @@ class LLM:
             _, ids = engine._resolve_prompt(prompt)
             engine._validate_ids(ids)
             runs.append(BeamSearchRun(f"beam-{next(self._ids)}", ids, params, engine.eos_token_ids,
-                                      engine.max_model_len, lora))
+                                      engine.max_model_len, lora, step_gate=True))
         max_seqs = getattr(getattr(engine, "config", None), "max_num_seqs", None)
         limit = concurrency_limit or (max(1, max_seqs // params.beam_width) if max_seqs else len(runs))
         # A fork needs the step before it read back: with a step in flight (async scheduling) every
         # depth would take two steps and continued beams would decode a token ahead for nothing. The
         # offline engine runs nothing else meanwhile, so the search steps it synchronously.
+        # Requests are step-gated as on the server: when a step's token budget splits a depth over
+        # two steps, the beams already answered wait for the depth's decision instead of decoding on.
         was_async = getattr(engine, "async_scheduling", False) and not engine.has_unfinished_requests()
         if was_async:
             engine.async_scheduling = False
@@ -111,13 +113,16 @@ class LLM:
                 for run in runs[:started]:
                     for rid, ids, sp, fork_of in run.take_adds():
                         kw = {} if run.lora_request is None else {"lora_request": run.lora_request}
-                        engine.add_request(rid, {"prompt_token_ids": ids}, sp, fork_of=fork_of, **kw)
+                        engine.add_request(rid, {"prompt_token_ids": ids}, sp, fork_of=fork_of, step_gate=True,
+                                           **kw)
                         owner[rid] = run
                     aborts = run.take_aborts()
                     if aborts:
                         engine.abort_request(aborts)
                         for rid in aborts:
                             owner.pop(rid, None)
+                    for rid in run.take_releases():
+                        engine.release_step(rid)
                 if all(run.done for run in runs):
                     break
                 if not engine.has_unfinished_requests():

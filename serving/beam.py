@@ -9,7 +9,10 @@ its generated tokens without a final EOS. The sampling fields a search cannot ho
 are refused in one line naming the field instead of being ignored.
 
 Each prompt runs as a ``BeamSearchRun`` (jaxllm/beam_search.py) whose engine requests go through
-the front door like any request (admission, drain, abort when the client leaves).
+the front door like any request (admission, drain, abort when the client leaves), step-gated
+(``step_gate=True``): the engine computes a beam's next token only once this driver has decided the
+depth and released it (``release_step``), so no beam decodes tokens the search drops and a fork
+always finds its parent's partial block to copy.
 """
 
 from __future__ import annotations
@@ -81,6 +84,8 @@ class BeamRequest:
     (``request_id`` = ``request_id``); ``aclose()`` aborts whatever engine requests are left
     (client gone, error). The engine requests are ``f"{rid_prefix}.{i}"``."""
 
+    step_gate = True  # False: the ungated driver (beams run ahead of it), for bench/beam_overhead.py only
+
     def __init__(self, door: FrontDoor, info: ModelInfo, rid_prefix: str, request_id: str, prompt: Any,
                  prompt_ids: list[int], beam: BeamSearchParams, priority: int = 0, logprobs: bool = False):
         self.door = door
@@ -93,7 +98,8 @@ class BeamRequest:
         self.prompt = prompt
         self.prompt_ids = prompt_ids
         self.eos = set(getattr(info.tokenizer, "eos_token_ids", ()) or ())
-        self.run = BeamSearchRun(rid_prefix, prompt_ids, beam, self.eos, info.max_model_len, info.lora)
+        self.run = BeamSearchRun(rid_prefix, prompt_ids, beam, self.eos, info.max_model_len, info.lora,
+                                 step_gate=self.step_gate)
         self._open: dict[str, tuple[Any, Any]] = {}  # rid -> (door.request context, its Request)
 
     async def next_batch(self) -> list:
@@ -103,10 +109,12 @@ class BeamRequest:
         while True:
             for rid, ids, sp, fork_of in run.take_adds():  # added (parents still running) before the aborts
                 cm = self.door.request(rid, {"prompt_token_ids": ids}, sp, run.lora_request, self.priority,
-                                       fork_of=fork_of)
+                                       fork_of=fork_of, step_gate=self.step_gate)
                 self._open[rid] = (cm, await cm.__aenter__())
             for rid in run.take_aborts():
                 await self._close(rid)
+            for rid in run.take_releases():  # after the forks: they found their parents unmoved
+                self.door.async_engine.release_step(rid)
             if run.done:
                 break
             while not run.ready():

@@ -234,11 +234,11 @@ class FrontDoor:
     @contextlib.asynccontextmanager
     async def request(self, request_id: str, prompt: Any, params: SamplingParams,
                       lora_request: Any = None, priority: int = 0,
-                      fork_of: str | None = None) -> AsyncIterator[Request]:
+                      fork_of: str | None = None, step_gate: bool = False) -> AsyncIterator[Request]:
         """Admit (queue limit, duplicate ids, the engine's own validation) and run one request
         (with ``lora_request``, an adapter from ``self.adapters.resolve``; None = the base model;
         ``priority``: vLLM's request priority, checked by the engine against its policy;
-        ``fork_of``: LLMEngine.add_request's beam-search fork hint).
+        ``fork_of``, ``step_gate``: LLMEngine.add_request's beam-search fork hint and step gate).
 
         Leaving the block before the final output aborts it in the engine (client cancel,
         disconnect, error alike); a finished request is only forgotten."""
@@ -262,7 +262,8 @@ class FrontDoor:
         req: Request | None = None
         try:
             try:
-                stream = await ae.add_request(rid, prompt, params, lora_request, priority, fork_of)
+                stream = await ae.add_request(rid, prompt, params, lora_request, priority, fork_of,
+                                              **({"step_gate": True} if step_gate else {}))
             except DuplicateRequestError as exc:  # another caller's request: not ours to abort
                 owned = False
                 raise FrontDoorError(Code.ALREADY_EXISTS, str(exc), "request_id") from None

@@ -59,6 +59,10 @@ class Request:
     # bad_words (jaxllm/engine/bad_words.py): the words' token sequences; the engine bans each one's
     # last token at a step whose generated tokens end with the rest of it
     bad_words: tuple[tuple[int, ...], ...] = ()
+    # step gate (``add_request(..., step_gate=True)``, a beam search's driver): the number of output
+    # tokens the driver has allowed so far (None = ungated). A request whose outputs (in flight
+    # included) reach it is not scheduled until ``LLMEngine.release_step`` raises it by one.
+    gate: int | None = None
 
     status: RequestStatus = RequestStatus.WAITING
     output_token_ids: list[int] = field(default_factory=list)
@@ -101,6 +105,11 @@ class Request:
     @property
     def waits_for_grammar(self) -> bool:
         return self.grammar is not None and not self.grammar.ready
+
+    @property
+    def gate_closed(self) -> bool:
+        """Step-gated and its allowed output tokens all produced (or in flight): not scheduled."""
+        return self.gate is not None and self.num_output_tokens + self.num_output_placeholders >= self.gate
 
     @property
     def needs_last_token(self) -> bool:

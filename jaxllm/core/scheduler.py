@@ -42,6 +42,15 @@ of 2+ tokens: ``Request.needs_last_token``). A request preempted while its token
 keeps that token when it arrives and is not re-admitted before; one finished or aborted while a
 step is in flight gets nothing from that step (its slot is wasted, its blocks are already free).
 
+Step gates (``Request.gate``, a beam search's driver holding its requests in lockstep with its
+decisions): a gated request whose allowed output tokens are all produced or in flight is not
+scheduled (running: skipped, it keeps its blocks; waiting after a preemption: it keeps its place);
+``LLMEngine.release_step`` allows one more. A scheduling condition like a compiling grammar, not a
+second scheduler: preemption, aborts and finishing treat gated requests like any other. One
+exception to "a waiting request never preempts": when a step would schedule nothing and the
+waiting request at the head lacks blocks, the latest held running request is preempted (held
+requests would otherwise keep the KV a driver's lagging beams need: a deadlock).
+
 Speculative decoding (synchronous steps only; vLLM's ``spec_token_ids``): a running request may
 carry ``spec_token_ids`` (drafts, e.g. from jaxllm.core.ngram_proposer). When its chunk ends its
 known tokens, as many drafts as the budget, max_output_tokens and max_model_len allow ride behind
@@ -140,6 +149,9 @@ class Scheduler:
             if req.pooling is not None and req.num_computed_tokens >= req.num_tokens:
                 i += 1  # an embedding whose last chunk is in flight: the engine finishes it
                 continue
+            if req.gate_closed:
+                i += 1  # step-gated: its driver has not released the next token yet
+                continue
             ph = req.num_output_placeholders
             if ph and (req.num_output_tokens + ph >= req.max_output_tokens
                        or req.num_tokens + ph >= max_len or req.needs_last_token):
@@ -175,7 +187,7 @@ class Scheduler:
             while (self.waiting and budget > 0
                    and len(self.running) < self.config.max_num_seqs):
                 req = self.waiting[0]
-                if req.waits_for_grammar:
+                if req.waits_for_grammar or req.gate_closed:  # (a gated one: preempted, not yet released)
                     skipped.append(self.waiting.popleft())
                     continue
                 lid = req.lora_int_id if max_loras is not None else None
@@ -194,7 +206,9 @@ class Scheduler:
                 n = min(req.num_tokens - num_cached, budget)
                 num_hit = len(cached_blocks) * self.kv.block_size  # the rest (a fork's partial block) is copied
                 if self.kv.allocate_slots(req, n, cached_blocks, num_cached - num_hit) is None:
-                    break
+                    if scheduled or not self._preempt_held():
+                        break
+                    continue  # a held request's blocks are free now: try again
                 self.waiting.popleft()
                 if self.kv.enable_caching and req.pooling is None:  # embeddings bypass the cache
                     self.kv.record_prefix_lookup(req.num_tokens, num_hit)
@@ -263,6 +277,21 @@ class Scheduler:
         return max(0, min(len(req.spec_token_ids), budget - n,
                           req.max_output_tokens - req.num_output_tokens - 1,
                           self.config.max_model_len - req.num_tokens - 1))
+
+    def _preempt_held(self) -> bool:
+        """Nothing else runs this step and a waiting request lacks blocks: preempt the latest running
+        request held by its step gate (it makes no progress until released; its driver may be
+        waiting for the waiting one). False when none is held."""
+        for victim in reversed(self.running):
+            if victim.gate_closed:
+                self.running.remove(victim)
+                self._preempt(victim)
+                return True
+        return False
+
+    def num_gate_closed(self) -> int:
+        """Requests held by their step gate (jaxllm/core/request.py ``gate``)."""
+        return sum(r.gate_closed for r in self.requests.values())
 
     def resident_loras(self) -> set[int]:
         """The adapters of running requests (each keeps its device slot while it runs)."""

@@ -29,6 +29,12 @@ Input rules (``add_request`` validates everything before anything is scheduled a
   prompt extends by one; the new request then shares its full KV blocks and gets a device copy of
   its partial last block at admission (KVCacheManager.pin_fork) instead of a prefill. Only a hint:
   anything that does not match falls back to an ordinary (prefix-cached) prefill.
+- ``step_gate`` (a beam search's driver on another thread, serving/beam.py): the request samples
+  one token and is then not scheduled again until ``release_step(request_id)`` allows one more
+  (``Request.gate``), so it never decodes past the driver's decision (a beam it drops, a fork
+  that must still find its parent's partial block). Only with ``n == 1``. Aborting a gated request
+  frees it as any other; while every request left waits for its release the engine's steps are
+  empty (``held_by_gates``: AsyncEngine then sleeps until a command comes).
 """
 
 from __future__ import annotations
@@ -47,6 +53,16 @@ from jaxllm.sampling_params import SamplingParams
 class AddRequestsMixin:
     """LLMEngine's intake (the engine's state: its tokenizer, scheduler, kv, runner, _parents/_seqs/_embeds)."""
 
+    def release_step(self, request_id: str) -> bool:
+        """Let the step-gated request ``request_id`` compute one more token than it has produced
+        (its driver has consumed its last one). False (a no-op) when it is unknown, finished or
+        not gated: a driver racing an abort or a finish needs no check."""
+        req = self.scheduler.requests.get(request_id)
+        if req is None or req.gate is None:
+            return False
+        req.gate = max(req.gate, req.num_output_tokens + 1)
+        return True
+
     def _resolve_prompt(self, prompt) -> tuple[str | None, list[int]]:
         return resolve_prompt(prompt, self.tokenizer)
 
@@ -60,7 +76,7 @@ class AddRequestsMixin:
 
     def add_request(self, request_id: str, prompt, params: SamplingParams | PoolingParams | None = None,
                     arrival_time: float | None = None, lora_request=None, priority: int = 0,
-                    fork_of: str | None = None) -> None:
+                    fork_of: str | None = None, step_gate: bool = False) -> None:
         """``fork_of`` (beam search): the id of a running request whose computed tokens this prompt
         extends by one token; the new request then shares its KV blocks (the partial last one
         copied on the device) instead of prefilling them (KVCacheManager.pin_fork). A hint: when
@@ -71,6 +87,8 @@ class AddRequestsMixin:
         check_priority(priority, self.scheduler.priority)
         if fork_of is not None and not isinstance(fork_of, str):
             raise ValueError(f"fork_of={fork_of!r} is invalid: must be None or a request id (str)")
+        if not isinstance(step_gate, bool):
+            raise ValueError(f"step_gate={step_gate!r} is invalid: must be a bool")
         if params is None:
             params = PoolingParams() if self.task == "embed" else SamplingParams()
         self._check_lora_request(lora_request, params)
@@ -89,6 +107,8 @@ class AddRequestsMixin:
             raise ValueError(f"task={self.task!r} is invalid for SamplingParams (a generation request): "
                              f"this engine embeds; start one with task='generate'")
         params.validate(self.vocab_size)
+        if step_gate and params.n != 1:
+            raise ValueError(f"n={params.n} is invalid with step_gate=True: a gated request is one sequence (n=1)")
         if params.prompt_logprobs is not None and not getattr(self.runner, "supports_prompt_logprobs", False):
             raise ValueError(f"prompt_logprobs={params.prompt_logprobs} is invalid: this engine's model runner "
                              f"cannot compute prompt logprobs (multi-host runs); leave it None")
@@ -125,6 +145,8 @@ class AddRequestsMixin:
             seq = SeqState(req, i, detok, token_text)
             parent.children.append(seq)
             self._seqs[cid] = (parent, seq)
+            if step_gate:
+                req.gate = 1  # the first token (the prefill's); release_step allows each next one
             self.scheduler.add_request(req)
             if fork_of is not None and params.n == 1 and getattr(self.runner, "supports_block_copy", False):
                 source = self.scheduler.requests.get(fork_of)

@@ -23,6 +23,10 @@ Contract
   least every ``idle_tick`` seconds while idle); ``step_started_at`` is set while inside
   ``step()``. ``heartbeat_age()`` growing past a timeout means the loop is wedged.
   ``last_output_time`` is the last time any request received tokens (progress).
+* Step gates (``add_request(..., step_gate=True)``, a beam search's driver): ``release_step(id)``
+  is thread-safe and non-blocking like ``abort``; applied in order with the other commands. While
+  every request left waits for a release (``engine.held_by_gates``) the loop sleeps on its command
+  queue instead of stepping empty.
 
 No jax here: this file only moves Python objects between threads.
 """
@@ -125,7 +129,7 @@ class AsyncEngine:
 
     async def add_request(self, request_id: str, prompt: Any, params: Any,
                           lora_request: Any = None, priority: int = 0,
-                          fork_of: str | None = None) -> RequestStream:
+                          fork_of: str | None = None, step_gate: bool = False) -> RequestStream:
         if self.dead is not None:
             raise EngineDeadError(self.dead)
         if self.stopped:
@@ -138,6 +142,8 @@ class AsyncEngine:
         self._pending_adds += 1
         try:
             kw = {k: v for k, v in (("lora_request", lora_request), ("fork_of", fork_of)) if v is not None}
+            if step_gate:
+                kw["step_gate"] = True
             if priority != 0:
                 kw["priority"] = priority
             self._cmds.put(("add", request_id, prompt, params, fut, kw))
@@ -175,6 +181,12 @@ class AsyncEngine:
             stream._aborted = True
             stream._fail(error)
         self._cmds.put(("abort", request_id))
+        self._wake.set()
+
+    def release_step(self, request_id: str) -> None:
+        """Let the step-gated ``request_id`` compute its next token (LLMEngine.release_step), before
+        the engine's next step; non-blocking, a no-op for an unknown / finished id."""
+        self._cmds.put(("release_step", request_id))
         self._wake.set()
 
     async def generate(self, request_id: str, prompt: Any, params: Any,
@@ -251,7 +263,8 @@ class AsyncEngine:
         take_errors = getattr(engine, "take_request_errors", None)
         try:
             while True:
-                busy = engine.has_unfinished_requests()
+                # held by step gates: nothing to run until a command (release, abort, add) comes
+                busy = engine.has_unfinished_requests() and not getattr(engine, "held_by_gates", False)
                 if not self._drain_commands(block=not busy):
                     self._fail_queued(RuntimeError("engine loop stopped"))
                     return
@@ -314,6 +327,10 @@ class AsyncEngine:
                     answers.append((fut, None))
             elif kind == "abort":
                 engine.abort_request(cmd[1])
+            elif kind == "release_step":
+                release = getattr(engine, "release_step", None)  # test doubles may have none
+                if release is not None:
+                    release(cmd[1])
         if answers:
             # refresh stats first, so a caller that sees its add accepted also sees it queued
             self._refresh_stats()

@@ -99,6 +99,7 @@ class LLMEngine(AddRequestsMixin, EmbedRequestsMixin, EngineStatsMixin, GrammarR
         self.async_scheduling = bool(on) and hasattr(runner, "dispatch")
         self._init_speculative(config, runner)  # n-gram drafts: synchronous steps only (spec_requests.py)
         self._in_flight: tuple | None = None  # (SchedulerOutput, PendingStep) not read back yet
+        self.held_by_gates = False  # the last step was empty: every request left waits for release_step
         self._request_errors: dict[str, Exception] = {}  # failed by their host-side processing
         # structured outputs: () -> llguidance tokenizer (default: from the model's HF tokenizer);
         # the compiler (thread pool, cache) is made on the first constrained request
@@ -193,16 +194,20 @@ class LLMEngine(AddRequestsMixin, EmbedRequestsMixin, EngineStatsMixin, GrammarR
         loading, an empty one is normal (what is left waits for those): None then, after releasing
         the forgotten ids."""
         out = self.scheduler.schedule()
+        self.held_by_gates = False
         if not out.seqs:
             compiling = [r for r in self.scheduler.waiting if r.waits_for_grammar]
             loading = self._lora_loading()
-            if in_flight or compiling or loading:
+            gated = self.scheduler.num_gate_closed()  # step-gated requests waiting for release_step
+            if in_flight or compiling or loading or gated:
+                # nothing runs until a driver releases a gate (or aborts): AsyncEngine sleeps on its queue
+                self.held_by_gates = not (in_flight or compiling or loading)
                 if out.finished_or_preempted_ids:
                     self.runner.release(out.finished_or_preempted_ids)
                 if not in_flight:  # nothing else to run: give the grammar / the load a moment
                     if compiling:
                         compiling[0].grammar.wait(0.05)
-                    else:
+                    elif loading:
                         self.lora.wait(0.02)
                 return None
             raise RuntimeError(f"scheduler produced an empty step with {self.scheduler.num_waiting} "

@@ -45,10 +45,8 @@ def make_llm_engine(max_model_len: int = 128, num_blocks: int = 256, max_num_seq
 
 def record_fork_hints(engine: LLMEngine) -> list[tuple[str, str]]:
     """(request id, fork_of) of every add_request that carries a beam-search fork hint, recorded as
-    the engine thread adds them. A server test checks the door passes the hints; whether the engine
-    can honour one is timing there (the engine does not wait for the beam driver, so on the fake
-    runner a parent may finish its max_tokens before its fork is added, and the fork then prefills):
-    the honoured forks are checked deterministically offline (tests/engine/test_beam_search.py)."""
+    the engine thread adds them (the door passes the hints; ``offline_beam_work`` checks the engine
+    honours them: the door's requests are step-gated, so a parent never runs ahead of its fork)."""
     hints: list[tuple[str, str]] = []
     add = engine.add_request
 
@@ -59,6 +57,18 @@ def record_fork_hints(engine: LLMEngine) -> list[tuple[str, str]]:
 
     engine.add_request = recording_add
     return hints
+
+
+def offline_beam_work(prompts: list, n: int, max_tokens: int) -> tuple[list, int, int]:
+    """``LLM.beam_search`` (greedy) of ``prompts`` over a fresh engine built like the servers':
+    (its BeamSearchOutputs, the tokens its engine generated, the partial blocks its forks copied).
+    The offline driver steps the engine itself, so those are the work the search needs: a server
+    whose beams ran ahead of its driver generates more and copies fewer (forks prefill)."""
+    from jaxllm import LLM, BeamSearchParams
+
+    eng = make_llm_engine(max_model_len=512, num_blocks=1024, max_num_seqs=32)
+    outs = LLM("fake-llm", engine=eng).beam_search(prompts, BeamSearchParams(beam_width=n, max_tokens=max_tokens))
+    return outs, eng.get_stats().num_generated_tokens, eng.runner.num_block_copies
 
 
 class ThreadedServer:

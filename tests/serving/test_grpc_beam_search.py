@@ -12,7 +12,7 @@ import grpc
 import httpx
 import pytest
 
-from http_helpers import SlowRunner, ThreadedServer, make_llm_engine, record_fork_hints
+from http_helpers import SlowRunner, ThreadedServer, make_llm_engine, offline_beam_work, record_fork_hints
 from jaxllm import LLM, BeamSearchParams
 from serving.proto.jaxllm.v1 import generation_pb2 as pb
 from serving.proto.jaxllm.v1 import generation_pb2_grpc as pb_grpc
@@ -84,6 +84,7 @@ def test_grpc_beams_equal_offline_and_http(srv, llm):
     http = httpx.post(srv.base_url + "/v1/completions", json=body, timeout=30).json()
     assert [(c["text"], c["finish_reason"]) for c in http["choices"]] == [(t, f) for _, t, f, _ in want]
     assert len(srv.fork_hints) > 0  # the door asked the engine to fork the parents' KV
+    assert srv.engine.runner.num_block_copies > 0  # and it honoured them (gated parents wait for their forks)
     srv.wait_idle()
 
 
@@ -152,6 +153,33 @@ def test_length_penalty_without_beam_search_is_ignored_by_both_doors(srv, llm):
         "length_penalty": 0.5})
     assert r.json()["choices"][0]["text"] == want.outputs[0].text
     srv.wait_idle()
+
+
+def test_beams_wait_for_the_driver_at_a_real_step_pace():
+    """At 3 ms a step, two concurrent gRPC searches do exactly the offline searches' work (step-gated
+    requests: no beam decodes past the driver, every fork copies its parent's partial block)."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    prompts = ["The three primary colors are", "Once upon a time"]
+    outs, generated, copies = offline_beam_work(prompts, 4, 24)
+    assert copies > 0
+    srv = ThreadedServer(make_llm_engine(max_model_len=512, num_blocks=1024, max_num_seqs=32, runner_cls=SlowRunner))
+    try:
+        with grpc.insecure_channel(f"127.0.0.1:{srv.server.port}") as ch:
+            stub = pb_grpc.GenerationStub(ch)
+            sp = pb.SamplingParams(n=4, max_tokens=24, temperature=0, use_beam_search=True)
+            with ThreadPoolExecutor(2) as pool:
+                got = list(pool.map(lambda p: list(stub.Generate(pb.GenerateRequest(text=p, sampling=sp),
+                                                                 timeout=60))[-1], prompts))
+        tok = srv.engine.tokenizer
+        for p, o, resp in zip(prompts, outs, got):
+            n0 = len(tok.encode(p))
+            assert [list(d.token_ids) for d in resp.outputs] == [s.tokens[n0:] for s in o.sequences]
+            assert [d.cumulative_logprob for d in resp.outputs] == pytest.approx([s.cum_logprob for s in o.sequences])
+        stats = srv.wait_idle()
+        assert (stats.num_generated_tokens, srv.engine.runner.num_block_copies) == (generated, copies)
+    finally:
+        srv.close()
 
 
 def test_client_leaving_mid_search_frees_every_block():

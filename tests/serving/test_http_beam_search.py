@@ -8,7 +8,7 @@ from __future__ import annotations
 import openai
 import pytest
 
-from http_helpers import SlowRunner, ThreadedServer, make_llm_engine, record_fork_hints
+from http_helpers import SlowRunner, ThreadedServer, make_llm_engine, offline_beam_work, record_fork_hints
 from jaxllm import LLM, BeamSearchParams
 
 PROMPTS = ["The three primary colors are", "Once upon a time"]
@@ -68,6 +68,7 @@ def test_completions_beams_equal_offline_stream_too(client, llm, srv):
             reasons[c.index] = c.finish_reason or reasons.get(c.index)
     assert [(texts[i], reasons[i]) for i in range(6)] == [(t, f) for t, f, _ in want]
     assert len(srv.fork_hints) > 0  # the door asked the engine to fork the parents' KV, too
+    assert srv.engine.runner.num_block_copies > 0  # and it honoured them (gated parents wait for their forks)
     srv.wait_idle()
 
 
@@ -101,6 +102,60 @@ def test_refusals_are_one_line_400s(client, srv, extra, field):
     msg = e.value.body["message"] if isinstance(e.value.body, dict) else str(e.value)
     assert field in msg and "\n" not in msg
     srv.wait_idle()
+
+
+def test_beams_wait_for_the_driver_at_a_real_step_pace():
+    """At 3 ms a step the engine thread would decode beams past the driver's decisions (tokens the
+    search drops; forks whose parent ran ahead prefill): with step-gated requests the server does the
+    offline search's work exactly: the same beams, tokens generated and fork block copies (> 0)."""
+    prompts = ["The three primary colors are", "Once upon a time", "A good breakfast"]
+    outs, generated, copies = offline_beam_work(prompts, 4, 24)
+    assert copies > 0
+    srv = ThreadedServer(make_llm_engine(max_model_len=512, num_blocks=1024, max_num_seqs=32, runner_cls=SlowRunner))
+    try:
+        r = httpx_post(srv, {"model": "fake-llm", "prompt": prompts, "n": 4, "max_tokens": 24, "temperature": 0,
+                             "use_beam_search": True})
+        tok = srv.engine.tokenizer
+        want = []
+        for p, o in zip(prompts, outs):
+            for s in o.sequences:
+                gen = s.tokens[len(tok.encode(p)):]
+                want.append(tok.decode(gen[:-1] if gen and gen[-1] == EOS else gen, skip_special_tokens=False))
+        assert [c["text"] for c in r["choices"]] == want
+        stats = srv.wait_idle()
+        assert (stats.num_generated_tokens, srv.engine.runner.num_block_copies) == (generated, copies)
+    finally:
+        srv.close()
+
+
+def test_gated_beams_in_a_kv_pool_far_too_small():
+    """12 blocks of 4 tokens for 3 prompts x 4 beams: held beams are preempted for the lagging ones
+    (no deadlock), forks whose parent was preempted prefill; the beams equal offline on the same pool,
+    every block free after."""
+    prompts = [[3 + ord(c) for c in s] for s in ("hello", "beam search!", "x")]
+    llm = LLM("fake-llm", engine=make_llm_engine(max_model_len=40, num_blocks=12, max_num_seqs=32))
+    outs = llm.beam_search([{"prompt_token_ids": p} for p in prompts], BeamSearchParams(beam_width=4, max_tokens=14))
+    srv = ThreadedServer(make_llm_engine(max_model_len=40, num_blocks=12, max_num_seqs=32, runner_cls=SlowRunner))
+    try:
+        r = httpx_post(srv, {"model": "fake-llm", "prompt": prompts, "n": 4, "max_tokens": 14, "temperature": 0,
+                             "use_beam_search": True, "ignore_eos": False})
+        tok = srv.engine.tokenizer
+        want = [tok.decode(s.tokens[len(p):], skip_special_tokens=False) for p, o in zip(prompts, outs)
+                for s in o.sequences]
+        assert [c["text"] for c in r["choices"]] == want
+        assert srv.engine.scheduler.num_preemptions > 0
+        stats = srv.wait_idle()
+        assert stats.num_free_blocks == stats.num_blocks == 12
+    finally:
+        srv.close()
+
+
+def httpx_post(srv, body):
+    import httpx
+
+    r = httpx.post(srv.base_url + "/v1/completions", json=body, timeout=60)
+    assert r.status_code == 200, r.text
+    return r.json()
 
 
 def test_clients_giving_up_mid_search_free_every_block():
