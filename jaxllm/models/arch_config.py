@@ -128,7 +128,7 @@ def qwen_windows(model_type: str, cfg: dict[str, Any], window: int | None,
     window on all layers, or none), so the layer loop may still scan; others are left as given."""
     if model_type not in QWEN_WINDOWED or window is None:
         return window, None
-    from jaxllm.models.gemma_config import LAYER_TYPES
+    from jaxllm.models.gemma_config import check_layer_types
 
     n = cfg["num_hidden_layers"]
     types = cfg.get("layer_types")
@@ -140,12 +140,7 @@ def qwen_windows(model_type: str, cfg: dict[str, Any], window: int | None,
             types = ["sliding_attention" if i % 2 == 0 and i < first else "full_attention" for i in range(n)]
         else:
             types = ["sliding_attention" if i >= first else "full_attention" for i in range(n)]
-    if not isinstance(types, (list, tuple)) or len(types) != n:
-        shown = f"a list of {len(types)}" if isinstance(types, (list, tuple)) else types
-        raise _error(f"{source}: layer_types={shown!r} must list one type per layer (num_hidden_layers={n})")
-    for i, t in enumerate(types):
-        if t not in LAYER_TYPES:
-            raise _error(f"{source}: layer_types[{i}]={t!r} is not supported ({' / '.join(LAYER_TYPES)})")
+    types = check_layer_types(types, n, source)
     if len(set(types)) == 1:
         return (window if types[0] == "sliding_attention" else None), None
-    return window, tuple(types)
+    return window, types

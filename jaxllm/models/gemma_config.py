@@ -150,6 +150,12 @@ def _layer_types(model_type: str, cfg: dict, source: str) -> tuple[str, ...]:
         if isinstance(period, bool) or not isinstance(period, int) or period < 1:
             raise _error(f"{source}: sliding_window_pattern={period!r} must be an integer >= 1")
         types = ["sliding_attention" if (i + 1) % period else "full_attention" for i in range(n)]
+    return check_layer_types(types, n, source)
+
+
+def check_layer_types(types, n: int, source: str) -> tuple[str, ...]:
+    """`types` (a config's layer_types or a derived pattern) as a tuple of n LAYER_TYPES entries, or a
+    one-line ModelConfigError naming the field (also used for Qwen2/Qwen3: arch_config.qwen_windows)."""
     if not isinstance(types, (list, tuple)) or len(types) != n:
         shown = f"a list of {len(types)}" if isinstance(types, (list, tuple)) else types
         raise _error(f"{source}: layer_types={shown!r} must list one type per layer (num_hidden_layers={n})")

@@ -145,32 +145,17 @@ def test_moe_forward_exports_for_cuda(monkeypatch):
     """The whole tiny-mixtral forward (bf16, unrolled layers: the GPU default) exports for CUDA, its
     experts as XLA ragged dots (chlo.ragged_dot composites, the grouped GEMM on GPU): two per layer, of
     T*k rows, and no dense [T, X, ...] expert intermediate."""
-    import re
-
-    from flax import nnx
-
     from checkpoints.dummy import dummy_config, dummy_params
     from jaxllm.models.llama import build_model
-    from tests.models.test_quant_fp8_bits import step_inputs
+    from tests.models.moe_export import export_step_for_cuda, ragged_dots
 
     monkeypatch.setattr(jax, "default_backend", lambda: "gpu")
     c = dummy_config("tiny-mixtral")
     model = build_model(c, dummy_params(c, jnp.bfloat16), jnp.bfloat16, layer_loop="unroll",
                         attention_impl="reference")
-    inputs = step_inputs(c, seqs=((5, 6, 7, 8), (9,), (10, 11)))  # T = 7 tokens
-    gd, st = nnx.split(model)
-    treedef = jax.tree.structure((st, *inputs))
-    args = [jax.ShapeDtypeStruct(a.shape, a.dtype) for a in jax.tree.leaves((st, *inputs))]
-
-    def fwd(*leaves):
-        st, t, p, cache, m = jax.tree.unflatten(treedef, leaves)
-        return nnx.merge(gd, st)(t, p, cache, m)[0]
-
-    exported = jax.export.export(jax.jit(fwd), platforms=["cuda"])(*args)
-    assert exported.platforms == ("cuda",)
-    text = exported.mlir_module()
+    text = export_step_for_cuda(model, c)  # T = 7 tokens
     T, k, X, E, F = 7, c.num_experts_per_tok, c.num_experts, c.hidden_size, c.moe_intermediate_size
-    dots = re.findall(r"chlo\.ragged_dot\.impl.*: \((tensor<[^)]*)\) -> (tensor<[\dx]+\w+>)", text)
+    dots = ragged_dots(text)
     want = {(f"tensor<{T * k}x{E}xbf16>, tensor<{X}x{E}x{2 * F}xbf16>, tensor<{X}xi32>",
              f"tensor<{T * k}x{2 * F}xbf16>"),
             (f"tensor<{T * k}x{F}xbf16>, tensor<{X}x{F}x{E}xbf16>, tensor<{X}xi32>", f"tensor<{T * k}x{E}xbf16>")}
