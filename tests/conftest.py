@@ -59,3 +59,16 @@ def _hypothesis_draws_independent_of_imports():
     finally:
         providers._get_local_constants = real
         providers.CONSTANTS_CACHE.cache.clear()
+
+
+@pytest.fixture(autouse=True)
+def _restore_jaxllm_environment():
+    """Every test ends with the $JAXLLM_* environment it started with. Bench entry points that tests
+    call in-process set switches as their CLIs do (bench/step_memory.py sets JAXLLM_LAYER_LOOP), and a
+    leaked `scan` made later tests of that worker build Gemma / windowed-Qwen models (unroll only) or
+    read per-layer weights of a stacked model."""
+    before = {k: v for k, v in os.environ.items() if k.startswith("JAXLLM_")}
+    yield
+    for k in [k for k in os.environ if k.startswith("JAXLLM_") and k not in before]:
+        del os.environ[k]
+    os.environ.update(before)
