@@ -15,6 +15,7 @@ from jaxllm.models.quant import EXPERT_QUANT_PARAMS, QUANT_PARAMS, QuantWeight, 
 from tests.engine_checks import assert_warm_and_greedy, logits_of
 from tests.models.hf_tiny import make_tiny_hf
 from tests.models.test_moe import reference_moe, weights
+from tests.models import test_moe_quant
 from tests.models.test_moe_quant import _float_expert_arrays
 
 IMPLS = ("grouped", "dense", "gather")
@@ -122,19 +123,10 @@ def root(tmp_path_factory):
 def dequantized_model(model: LlamaForCausalLM) -> LlamaForCausalLM:
     """The same model (unrolled layers) with every held QuantWeight replaced by its f32 weight: the
     experts by np_dequantize, the attention projections by quant.dequantize."""
-    per_layer = [lw.arrays() for lw in model.layers]
-    params = {"embed": model.embed[...], "final_norm": model.final_norm[...]}
-    if model.lm_head is not None:
-        params["lm_head"] = model.lm_head[...]
-    for n, v in per_layer[0].items():
-        name = f"layers.{n}"
-        if isinstance(v, QuantWeight) and name in EXPERT_QUANT_PARAMS:
-            params[name] = [jnp.asarray(np_dequantize(p[n])) for p in per_layer]
-        elif isinstance(v, QuantWeight):
-            params[name] = [dequantize(p[n], QUANT_PARAMS[name]) for p in per_layer]
-        else:
-            params[name] = [p[n] for p in per_layer]
-    return LlamaForCausalLM(model.config, params, layer_loop="unroll", attention_impl=model.attention_impl)
+    def dequant(name, w):
+        return np_dequantize(w) if name in EXPERT_QUANT_PARAMS else dequantize(w, QUANT_PARAMS[name])
+
+    return test_moe_quant.dequantized_model(model, dequant)
 
 
 # Measured (tiny random models, fp32, 45 positions, max |ref logit| 3.30 / 3.04), mixtral / qwen3_moe: int4 RTN

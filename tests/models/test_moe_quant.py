@@ -92,8 +92,12 @@ def root(tmp_path_factory):
     return str(tmp_path_factory.mktemp("moe_quant"))
 
 
-def dequantized_model(model: LlamaForCausalLM) -> LlamaForCausalLM:
-    """The same model (unrolled layers) with every held QuantWeight replaced by its f32 weight (numpy)."""
+def dequantized_model(model: LlamaForCausalLM, dequant=None) -> LlamaForCausalLM:
+    """The same model (unrolled layers) with every held QuantWeight replaced by its f32 weight:
+    `dequant(name, w)`, by default this module's numpy np_dequantize."""
+    if dequant is None:
+        def dequant(name, w):
+            return np_dequantize(w, QUANT_PARAMS.get(name, 1), name in EXPERT_QUANT_PARAMS)
     per_layer = [lw.arrays() for lw in model.layers]
     params = {"embed": model.embed[...], "final_norm": model.final_norm[...]}
     if model.lm_head is not None:
@@ -101,8 +105,7 @@ def dequantized_model(model: LlamaForCausalLM) -> LlamaForCausalLM:
     for n, v in per_layer[0].items():
         name = f"layers.{n}"
         if isinstance(v, QuantWeight):
-            nc, experts = QUANT_PARAMS.get(name, 1), name in EXPERT_QUANT_PARAMS
-            params[name] = [jnp.asarray(np_dequantize(p[n], nc, experts)) for p in per_layer]
+            params[name] = [jnp.asarray(dequant(name, p[n])) for p in per_layer]
         else:
             params[name] = [p[n] for p in per_layer]
     return LlamaForCausalLM(model.config, params, layer_loop="unroll", attention_impl=model.attention_impl)
