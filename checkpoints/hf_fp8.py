@@ -73,6 +73,17 @@ def scale_kind(s: np.ndarray, out_dim: int, in_dim: int, block, name: str, sourc
                           f"{list(s.shape)}; expected {want}")
 
 
+def read_linear(raw: RawGet, name: str, out_dim: int, in_dim: int, block, source: str):
+    """A stored fp8 linear `name` -> (q [out, in] f8, its scale, the scale's kind), its shape checked
+    against the config's (out_dim, in_dim)."""
+    q = np.asarray(raw(name))
+    if q.shape != (out_dim, in_dim):
+        raise CheckpointError(f"{source}: tensor {name} has shape {q.shape}, the config implies "
+                              f"{(out_dim, in_dim)}")
+    s = scale_of(raw, name, source)
+    return q, s, scale_kind(s, out_dim, in_dim, block, name, source)
+
+
 def channel_scale(s: np.ndarray, out_dim: int) -> np.ndarray:
     """A per-tensor or per-channel scale → [out] f32."""
     return np.full((out_dim,), s.reshape(-1)[0], np.float32) if s.size == 1 else s.reshape(out_dim)
@@ -142,13 +153,7 @@ def assemble_fp8(config, raw: RawGet, stored_f8: Callable[[str], bool], scheme: 
             (out_dim, in_dim), _, _ = shapes[suffix]
             rows = []
             for i in range(c.num_layers):
-                name = f"model.layers.{i}.{suffix}"
-                q = np.asarray(raw(name))
-                if q.shape != (out_dim, in_dim):
-                    raise CheckpointError(f"{source}: tensor {name} has shape {q.shape}, the config implies "
-                                          f"{(out_dim, in_dim)}")
-                s = scale_of(raw, name, source)
-                rows.append((q, s, scale_kind(s, out_dim, in_dim, scheme.block, name, source)))
+                rows.append(read_linear(raw, f"model.layers.{i}.{suffix}", out_dim, in_dim, scheme.block, source))
             loaded[suffix] = rows
         blocked = any(k == "block" for rows in loaded.values() for _, _, k in rows)
         for suffix, rows in loaded.items():

@@ -17,8 +17,7 @@ import math
 import numpy as np
 
 from checkpoints.assemble import _MOE_NAMES
-from checkpoints.errors import CheckpointError
-from checkpoints.hf_fp8 import block_scale, channel_scale, scale_kind, scale_of
+from checkpoints.hf_fp8 import block_scale, channel_scale, read_linear
 
 
 def expert_names(config) -> dict[str, str]:
@@ -49,12 +48,7 @@ def assemble_fp8_experts(config, raw, stored_f8, scheme, source: str) -> dict:
             row = []
             for x in range(X):
                 name = f"model.layers.{i}.{suffix.format(x=x)}"
-                q = np.asarray(raw(name))
-                if q.shape != (out_dim, in_dim):
-                    raise CheckpointError(f"{source}: tensor {name} has shape {q.shape}, the config implies "
-                                          f"{(out_dim, in_dim)}")
-                s = scale_of(raw, name, source)
-                row.append((q, s, scale_kind(s, out_dim, in_dim, scheme.block, name, source)))
+                row.append(read_linear(raw, name, out_dim, in_dim, scheme.block, source))
             layers.append(row)
         loaded[p] = layers
     out = {}
