@@ -117,12 +117,20 @@ def make_tiny_hf(name: str, root: str, seed: int = 0) -> str:
     torch.manual_seed(seed)
     model = transformers.AutoModelForCausalLM.from_config(config, dtype=torch.float32)
     if name in GEMMA_CONFIGS or name in GEMMA_GGUF_CONFIGS:
-        with torch.no_grad():
-            for n, p in model.named_parameters():
-                if n.endswith("norm.weight"):
-                    p.normal_(0.0, 0.3)
+        randomize_norms(model)
     model.save_pretrained(path)
     return path
+
+
+def randomize_norms(model) -> None:
+    """Gemma's norm weights drawn N(0, 0.3) in place: HF initialises them to 0 (a scale of 1 + 0), which
+    would leave the (1 + w) norms unexercised."""
+    import torch
+
+    with torch.no_grad():
+        for n, p in model.named_parameters():
+            if n.endswith("norm.weight"):
+                p.normal_(0.0, 0.3)
 
 
 def hf_logits(path: str, seqs: list[list[int]]):

@@ -11,7 +11,7 @@ import os
 
 import numpy as np
 
-from tests.models.hf_tiny import GEMMA_CONFIGS
+from tests.models.hf_tiny import GEMMA_CONFIGS, randomize_norms
 from tests.parallel.tp_forward import forward_logits
 
 # tests/models/hf_tiny.py's gemma3 (3 layers: sliding, sliding, full; head_dim 256; 2 kv heads) with gemma2's caps
@@ -19,7 +19,7 @@ CAPPED_GEMMA3 = dict(GEMMA_CONFIGS["gemma3"][1], attn_logit_softcapping=1.0, fin
 
 
 def make_capped_gemma3(root: str) -> str:
-    """The tiny random checkpoint (norm weights drawn, as hf_tiny draws every Gemma's)."""
+    """The tiny random checkpoint (norm weights drawn: hf_tiny.randomize_norms)."""
     import torch
     import transformers
 
@@ -27,10 +27,7 @@ def make_capped_gemma3(root: str) -> str:
     torch.manual_seed(0)
     model = transformers.AutoModelForCausalLM.from_config(transformers.Gemma3TextConfig(**CAPPED_GEMMA3),
                                                           dtype=torch.float32)
-    with torch.no_grad():
-        for n, p in model.named_parameters():
-            if n.endswith("norm.weight"):
-                p.normal_(0.0, 0.3)
+    randomize_norms(model)
     model.save_pretrained(path)
     return path
 
