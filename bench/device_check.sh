@@ -245,21 +245,21 @@ fi
 # ---- kernels: compiled Pallas vs reference, then timings next to a device copy (GPU only) -------
 gpu_only() { if [ "$SMOKE" = 1 ]; then echo; echo "== $1: skipped: smoke (GPU only)"; done_phase "$1"; return 1; fi; }
 if want kernels && gpu_only kernels; then
-  run kernels 90 "$PY" bench/kernels.py --impls reference,pallas --cases 2 --check --json "$OUT" --json-key kernels
+  run kernels 90 "$PY" bench/attention_kernels.py --impls reference,pallas --cases 2 --check --json "$OUT" --json-key kernels
   finish kernels $?
 fi
 if want ragged && gpu_only ragged; then
-  run ragged 30 "$PY" bench/kernels.py --impls reference,pallas --only decode --ragged --check \
+  run ragged 30 "$PY" bench/attention_kernels.py --impls reference,pallas --only decode --ragged --check \
     --json "$OUT" --json-key kernels_ragged
   rc=$?
   if [ $rc -ne 99 ]; then
-    run ragged_smollm2 30 "$PY" bench/kernels.py --impls reference,pallas --batch 64 --context 1024 --heads 9 \
+    run ragged_smollm2 30 "$PY" bench/attention_kernels.py --impls reference,pallas --batch 64 --context 1024 --heads 9 \
       --kv-heads 3 --head-dim 64 --prefill-tokens 1024 --check --json "$OUT" --json-key kernels_smollm2
     rc2=$?; [ $rc2 -ne 99 ] && finish ragged $rc && finish ragged $rc2
   fi
 fi
 if want sweep && gpu_only sweep; then
-  run sweep 60 "$PY" bench/kernels.py --impls pallas --sweep --skip-bench --iters 10 --json "$OUT" --json-key sweep
+  run sweep 60 "$PY" bench/attention_kernels.py --impls pallas --sweep --skip-bench --iters 10 --json "$OUT" --json-key sweep
   finish sweep $?
 fi
 

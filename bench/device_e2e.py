@@ -34,11 +34,11 @@ from bench.throughput import make_row  # noqa: E402  (the same row fields as the
 
 
 def micro_benchmarks(copy_bytes: int, matmul_n: int, reps: int) -> dict:
-    """Copy bandwidth as bench/kernels.py measures it (calls queued, one block), and a bf16 matmul."""
+    """Copy bandwidth as bench/attention_kernels.py measures it (calls queued, one block), and a bf16 matmul."""
     import jax
     import jax.numpy as jnp
 
-    from bench.kernels import copy_bandwidth, time_call
+    from bench.attention_kernels import copy_bandwidth, time_call
 
     gbs = copy_bandwidth(copy_bytes, iters=10)
     a = jnp.ones((matmul_n, matmul_n), jnp.bfloat16)

@@ -19,7 +19,7 @@ tokens drawn from the plain vocabulary (seeded), --output-len generated tokens:
   the final norm and the LM head; a tied embedding counted once, as the LM head; an untied
   embedding table only by the one row it gathers) at the dtype in use, divided by this machine's
   measured read bandwidth (CPU: bench/cpu_roofline.py's large-array sum, best of numpy and torch;
-  GPU: bench/kernels.py's device copy, read + write bytes / time). With tensor parallelism on GPUs
+  GPU: bench/attention_kernels.py's device copy, read + write bytes / time). With tensor parallelism on GPUs
   each device reads 1/tp of the bytes; forced CPU devices share one memory, so the CPU floor stays
   total bytes / bandwidth. KV-cache reads, activations and host time are ignored, so the floor is
   low (a lower bound no engine can beat).
@@ -103,7 +103,7 @@ def weight_read_bytes(config, dtype_bytes: int) -> dict:
 
 def measure_bandwidth(mib: int) -> dict:
     """This machine's read bandwidth: CPU, cpu_roofline's large-array sum (best of numpy and torch);
-    GPU, kernels.py's device-to-device copy (read + write bytes / time)."""
+    GPU, attention_kernels.py's device-to-device copy (read + write bytes / time)."""
     import jax
 
     backend = jax.default_backend()
@@ -115,7 +115,7 @@ def measure_bandwidth(mib: int) -> dict:
         return {"bytes_per_s": max(bw.values()), "how": how, "backend": backend,
                 **{f"{k}_bytes_per_s": v for k, v in bw.items()}}
     if backend == "gpu":
-        from bench.kernels import copy_bandwidth
+        from bench.attention_kernels import copy_bandwidth
 
         gbs = copy_bandwidth(mib << 20, iters=10)
         return {"bytes_per_s": gbs * 1e9, "how": f"device copy, {mib} MiB (read + write bytes / time)",

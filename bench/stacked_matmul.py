@@ -4,7 +4,7 @@ on a dynamically indexed layer (what the layer scan does today: slice copy + gem
     python bench/stacked_matmul.py            # Llama-2-13B projections, bf16, M = 1, 8, 64
 
 Reported per shape: time per call and the weight bytes of one layer over that time (GB/s). On a
-GPU compare with the device copy bandwidth (bench/kernels.py); on CPU the kernel runs in interpret
+GPU compare with the device copy bandwidth (bench/attention_kernels.py); on CPU the kernel runs in interpret
 mode (a smoke run, not a timing).
 """
 from __future__ import annotations
@@ -19,7 +19,7 @@ import jax  # noqa: E402
 import jax.numpy as jnp  # noqa: E402
 
 from bench.common import merge_json  # noqa: E402
-from bench.kernels import time_call  # noqa: E402
+from bench.attention_kernels import time_call  # noqa: E402
 from pallas_kernels.matmul import stacked_matmul, stacked_matmul_reference  # noqa: E402
 
 # (name, K, N) of Llama-2-13B's projections (q/k/v/o are 5120 x 5120; gate/up 5120 x 13824; down 13824 x 5120)

@@ -70,7 +70,7 @@ def _decode_kernel(layer_ref, ctx_ref, bt_ref, q_ref, k_ref, v_ref, *refs,
 def _plan_splits(num_seqs: int, num_kv_heads: int, table_tokens: int, block_k: int) -> tuple[int, int]:
     """(num_splits, split_len): enough programs to fill a GPU several times over (an H100 runs ~3
     of these programs per SM, 132 SMs: fewer programs leave a ragged last wave), each split >= 2
-    chunks of work. Tune with `bench/kernels.py --sweep` on the GPU."""
+    chunks of work. Tune with `bench/attention_kernels.py --sweep` on the GPU."""
     target_programs = 1024
     want = max(1, -(-target_programs // (num_seqs * num_kv_heads)))
     most = max(1, table_tokens // (2 * block_k))

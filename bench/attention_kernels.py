@@ -1,7 +1,10 @@
 """Attention kernel bench: paged decode and prefill, each implementation on this machine's backend.
 
-    python bench/kernels.py                       # reference (CPU); reference + Pallas on a GPU
-    python bench/kernels.py --impls pallas --json out.json --check
+    python bench/attention_kernels.py                       # reference (CPU); reference + Pallas on a GPU
+    python bench/attention_kernels.py --impls pallas --json out.json --check
+
+(Named so that it shadows nothing: `python bench/x.py` puts bench/ on sys.path, and a bench/kernels.py
+made transformers >= 5.25 import it as the PyPI `kernels` package, failing HF's import in every bench.)
 
 Decode: batch 64 x context 2048 x 32 q heads / 8 kv heads x head_dim 128, block_size 16, bf16 cache,
 shuffled block tables. Reported: time per call, bytes read (K+V of every context token + q + out),
