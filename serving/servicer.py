@@ -241,8 +241,8 @@ class GenerationServicer(pb_grpc.GenerationServicer):
             tensor_parallel_size=int(config_get(eng, "tensor_parallel_size") or 1),
             block_size=int(config_get(eng, "block_size") or 0),
             token_buckets=_buckets(eng, s, "mixed", "token_buckets"),
-            # an embed engine compiles no decode-only step (prefill only)
-            request_buckets=([] if getattr(eng, "task", None) == "embed"
+            # an embed or classify engine compiles no decode-only step (prefill only)
+            request_buckets=([] if getattr(eng, "task", None) in ("embed", "classify")
                              else _buckets(eng, s, "decode", "request_buckets")),
             free_kv_blocks=s.num_free_blocks,
             total_kv_blocks=s.num_blocks,
