@@ -161,9 +161,10 @@ def _embed(llm, items, args) -> int:
     secs = time.perf_counter() - t1
     for it, o in zip(items, outs):
         v = o.outputs.probs if classify else o.outputs.embedding
-        name = f"probs {labels[max(range(len(v)), key=v.__getitem__)]}" if classify else "embedding"
-        print(f"\n>>> {it.shown}\n    {name}[{len(v)}] = [{', '.join(f'{x:.4f}' for x in v[:4])}"
-              f"{', ...' if len(v) > 4 else ''}] ({len(o.prompt_token_ids)} tokens)")
+        label = f", label {labels[max(range(len(v)), key=v.__getitem__)]}" if classify else ""
+        print(f"\n>>> {it.shown}\n    {'probs' if classify else 'embedding'}[{len(v)}] = "
+              f"[{', '.join(f'{x:.4f}' for x in v[:4])}{', ...' if len(v) > 4 else ''}] "
+              f"({len(o.prompt_token_ids)} tokens{label})")
     if args.output:
         with open(args.output, "wb") as f:
             for o in outs:

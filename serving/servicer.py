@@ -163,6 +163,9 @@ class GenerationServicer(pb_grpc.GenerationServicer):
         long a prompt, a generate engine: "task='generate' is invalid ...") is INVALID_ARGUMENT."""
         info = await self._model(context)
         try:
+            if getattr(info.engine, "task", None) == "classify":  # its outputs are probs, not a vector
+                raise invalid("task='classify' is invalid for Embed: this server classifies (HTTP /classify; a "
+                              "cross-encoder also answers Score)", "task")
             try:
                 prompt, params = embed_request_to_engine(request, info.vocab_size)
             except ValueError as exc:

@@ -121,6 +121,9 @@ def test_misuse_is_one_line_naming_the_field(llama3, qwen3_ce):
             llm.classify([[1, 2]], bad, use_tqdm=False)
     with pytest.raises(ValueError, match=r"^task='generate' is invalid for this checkpoint: .* sequence classifier"):
         LLM(llama3[0], task="generate", max_model_len=64, kv_cache_memory_bytes=1 << 20)
+    with pytest.raises(ValueError, match=r"^task='classify' is invalid for this checkpoint: the llama model has no "
+                                         r"classifier head"):
+        LLM("dummy:tiny-llama", task="classify", max_model_len=64, kv_cache_memory_bytes=1 << 20)
     with pytest.raises(ValueError, match=r"^text_1 has 2 items and text_2 has 3"):
         qwen3_ce[1].score(["a", "b"], ["c", "d", "e"], use_tqdm=False)
     stats = llm.engine.get_stats()
@@ -146,3 +149,25 @@ def test_every_family_classifier_config_reads_labels_and_activations(arch):
     assert causal.num_labels == 0 and causal.has_lm_head
     with pytest.raises(ValueError, match="sbert_ce_default_activation_function='os.system' is not supported"):
         ModelConfig.from_hf(dict(cfg, sbert_ce_default_activation_function="os.system"))
+
+
+def test_cli_classifies_jsonl_prompts_like_hf(llama3, tmp_path, capsys):
+    import json
+
+    from jaxllm.generate import main
+
+    path, _ = llama3
+    seqs = prompts(3)[:3]
+    src, dst = tmp_path / "in.jsonl", tmp_path / "out.jsonl"
+    src.write_text("".join(json.dumps({"prompt_token_ids": s}) + "\n" for s in seqs))
+    rc = main(["--model", path, "--input", str(src), "--output", str(dst), "--max-model-len", "256",
+               "--max-num-batched-tokens", str(BUDGET), "--max-num-seqs", "4", "--kv-cache-memory-bytes",
+               str(1 << 22), "--no-progress"])
+    assert rc == 0
+    lines = [json.loads(x) for x in dst.read_text().splitlines()]
+    ref = hf_classifier_logits(path, seqs)
+    for line, s, want in zip(lines, seqs, ref):
+        assert line["prompt_token_ids"] == s
+        np.testing.assert_allclose(line["probs"], softmax(want.astype(np.float64)), atol=1e-5, rtol=0)
+        assert line["label"] == ("label_a", "label_b", "label_c")[int(np.argmax(want))]
+    assert "3 classifications" in capsys.readouterr().out

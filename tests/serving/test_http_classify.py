@@ -7,6 +7,7 @@ sigmoid of the pair's logit, /rerank the same scores sorted. Misuse is a 400 nam
 
 from __future__ import annotations
 
+import grpc
 import httpx
 import numpy as np
 import pytest
@@ -86,6 +87,10 @@ def test_misuse_is_400_naming_the_field(model):
     _, engine = model
 
     async def calls(h, c):
+        with pytest.raises(grpc.aio.AioRpcError) as ei:
+            await c.stub.Embed(pb.EmbedRequest(text="w5"), timeout=10)
+        assert ei.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+        assert ei.value.details().startswith("task='classify' is invalid for Embed")
         return [await h.post(p, json=b) for p, b in (
             ("/classify", {"input": []}),
             ("/classify", {"input": "w5", "activation": "yes"}),
