@@ -171,3 +171,17 @@ def test_cli_classifies_jsonl_prompts_like_hf(llama3, tmp_path, capsys):
         np.testing.assert_allclose(line["probs"], softmax(want.astype(np.float64)), atol=1e-5, rtol=0)
         assert line["label"] == ("label_a", "label_b", "label_c")[int(np.argmax(want))]
     assert "3 classifications" in capsys.readouterr().out
+
+
+def test_orbax_conversion_keeps_the_head_and_labels(llama3, tmp_path):
+    from checkpoints.convert import main as convert
+
+    path, _ = llama3
+    assert convert([path, str(tmp_path / "orbax")]) == 0
+    llm = build(str(tmp_path / "orbax"))
+    mc = llm.engine.runner.model_config
+    assert llm.engine.task == "classify" and mc.labels == ("label_a", "label_b", "label_c")
+    seqs = prompts(4)[:2]
+    raw = llm.classify(seqs, PoolingParams(activation=False), use_tqdm=False)
+    for r, want in zip(raw, hf_classifier_logits(path, seqs)):
+        np.testing.assert_allclose(r.outputs.probs, want, atol=1e-4, rtol=0)
