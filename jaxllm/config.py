@@ -25,7 +25,8 @@ import msgspec
 _DTYPES = ("auto", "float32", "bfloat16", "float16")
 _LOAD_FORMATS = ("auto", "safetensors", "gguf", "dummy", "orbax")
 TASKS = ("auto", "generate", "embed", "classify")
-POOLING_TASKS = ("embed", "classify")  # prefill only, nothing sampled: the runner's embed step (classify: + the head)
+# prefill only, nothing sampled: the runner's embed step (classify: the classifier head on the last token)
+POOLING_TASKS = ("embed", "classify")
 # weight-only, jaxllm/models/quant.py; "int4": a 4-bit checkpoint's own weights (GGUF Q4_0/Q4_1, AWQ,
 # GPTQ, which load 4-bit without the flag too), or any other weights rounded to int4 at load (groups of 128)
 QUANTIZATIONS = ("int8", "fp8", "int4")

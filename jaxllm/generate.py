@@ -175,7 +175,8 @@ def _embed(llm, items, args) -> int:
                                              "prompt_token_ids": o.prompt_token_ids, **res}) + b"\n")
     n_prompt = sum(len(o.prompt_token_ids) for o in outs)
     startup = getattr(llm.engine, "startup_seconds", None)
-    print(f"\n{len(outs)} {'classifications' if classify else 'embeddings'}, {n_prompt} prompt tokens in {secs:.2f}s: {n_prompt / secs:.1f} prompt tok/s"
+    print(f"\n{len(outs)} {'classifications' if classify else 'embeddings'}, {n_prompt} prompt tokens in "
+          f"{secs:.2f}s: {n_prompt / secs:.1f} prompt tok/s"
           + (f" (engine start {startup:.1f}s)" if startup is not None else ""))
     return 0
 
