@@ -12,7 +12,7 @@ of the chunk's last token; the final chunk's are the prompt's, activated here (`
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 import numpy as np
 
@@ -25,7 +25,7 @@ from jaxllm.outputs import (ClassificationOutput, ClassificationRequestOutput, E
 class PooledChunk:
     sum: np.ndarray | None  # [E] f32, sum of the chunk's hidden states (None: a classify step)
     last: np.ndarray | None  # [E] f32, hidden state of the chunk's last token (None: a classify step)
-    logits: np.ndarray | None = field(default=None)  # [num_labels] f32: the classifier head's, last token
+    logits: np.ndarray | None = None  # [num_labels] f32: the classifier head's, last token
 
 
 def activate(logits: np.ndarray, activation: str) -> np.ndarray:
@@ -36,7 +36,7 @@ def activate(logits: np.ndarray, activation: str) -> np.ndarray:
         e = np.exp(x - x.max(axis=-1, keepdims=True))
         return e / e.sum(axis=-1, keepdims=True)
     if activation == "sigmoid":
-        return 1.0 / (1.0 + np.exp(-x))
+        return 0.5 * (1.0 + np.tanh(0.5 * x))  # = 1 / (1 + exp(-x)), without overflow
     if activation == "identity":
         return x
     raise ValueError(f"activation={activation!r} is invalid: must be one of ['softmax', 'sigmoid', 'identity']")
