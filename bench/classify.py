@@ -3,7 +3,8 @@
     python bench/classify.py --num-prompts 64 --input-len 16..128 --repeats 5 --output-json /tmp/classify.json
 
 One checkpoint (default the dummy preset ``tiny-llama-classifier``: tiny-llama's decoder plus a
-3-label ``score`` head; ``--model`` takes any *ForSequenceClassification directory) is built twice, as
+3-label ``score`` head; ``--model`` takes any *ForSequenceClassification directory, with
+``--load-format dummy`` its config.json alone) is built twice, as
 ``task="classify"`` (the step gathers each sequence's last hidden state and multiplies it by the
 [hidden, num_labels] head on device, [S, num_labels] f32 back to the host) and as ``task="embed"``
 (LAST pooling: the step's per-sequence sums and last states, [S, hidden] f32 each, back to the host),
@@ -26,6 +27,7 @@ from bench.common import log, log_machine, parse_range, synthetic_requests, writ
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--model", default="dummy:tiny-llama-classifier")
+    ap.add_argument("--load-format", default="auto", help="dummy: random weights for a config.json directory")
     ap.add_argument("--num-prompts", type=int, default=64)
     ap.add_argument("--input-len", type=parse_range, default=(16, 128), help="prompt lengths, uniform in LO..HI")
     ap.add_argument("--repeats", type=int, default=5)
@@ -39,7 +41,8 @@ def main(argv=None) -> int:
 
     machine = log_machine()
     kw = dict(max_num_batched_tokens=args.max_num_batched_tokens, max_num_seqs=args.max_num_seqs,
-              max_model_len=args.input_len[1] + 16, kv_cache_memory_bytes=256 << 20, seed=args.seed)
+              max_model_len=args.input_len[1] + 16, kv_cache_memory_bytes=256 << 20, seed=args.seed,
+              load_format=args.load_format)
     llms = {"classify": LLM(args.model, task="classify", **kw), "embed": LLM(args.model, task="embed", **kw)}
     vocab = llms["classify"].engine.vocab_size
     prompts = [r.prompt_token_ids for r in synthetic_requests(args.num_prompts, args.input_len, (1, 1), vocab,
