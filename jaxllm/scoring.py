@@ -49,7 +49,7 @@ def check_cross_encoder(model_config, what: str = "score") -> None:
     n = getattr(model_config, "num_labels", 0)
     if n != 1:
         raise ValueError(f"num_labels={n} is invalid for {what}: a cross-encoder has exactly 1 label "
-                         f"(this classifier's labels: {list(getattr(model_config, 'labels', ()))}); use classify")
+                         f"(this classifier's labels: {list(getattr(model_config, 'labels', ()))}; classify it instead)")
 
 
 def pair_prompts(tokenizer, t1: list[str], t2: list[str], truncate: int | None = None) -> list[list[int]]:

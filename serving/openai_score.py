@@ -41,7 +41,6 @@ from pydantic import BaseModel, ConfigDict
 
 from jaxllm import scoring
 from jaxllm.pooling_params import PoolingParams
-from jaxllm.scoring import cosine_scores  # noqa: F401  (torch's CosineSimilarity, as vLLM scores)
 from serving.frontdoor import FrontDoor, ModelInfo, invalid
 from serving.request_ids import engine_prefix
 
@@ -115,7 +114,7 @@ async def pair_scores(door: FrontDoor, info: ModelInfo, t1: list[str], t2: list[
     outs = await door.embed_many(prefix, t1 + t2, params)
     vecs = np.asarray([o.outputs.embedding for o in outs], dtype=np.float64)  # [n1 + n2, E]
     tokens = sum(len(o.prompt_token_ids) for o in outs)
-    return cosine_scores(vecs[:len(t1)], vecs[len(t1):]), tokens
+    return scoring.cosine_scores(vecs[:len(t1)], vecs[len(t1):]), tokens
 
 
 def check_task(info: ModelInfo, path: str) -> None:
@@ -124,7 +123,7 @@ def check_task(info: ModelInfo, path: str) -> None:
         try:
             scoring.check_cross_encoder(info.engine.runner.model_config, path)
         except ValueError as exc:
-            raise invalid(f"model={info.name!r} is invalid for {path}: {exc}", "model") from None
+            raise invalid(f"model={info.name!r}: {exc}", "model") from None
     elif task != "embed":
         raise invalid(f"model={info.name!r} is invalid for {path}: this server's task is {task!r} "
                       "(scoring needs an embedding model or a cross-encoder: --task embed or classify)", "model")

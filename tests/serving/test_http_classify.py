@@ -126,5 +126,5 @@ def test_score_on_a_multi_label_classifier_is_refused_naming_model():
 
     with pytest.raises(FrontDoorError) as ei:
         check_task(Info, "/v1/score")
-    assert str(ei.value).startswith("model='cls3' is invalid for /v1/score: num_labels=3 is invalid for /v1/score: "
-                                    "a cross-encoder has exactly 1 label")
+    assert str(ei.value) == ("model='cls3': num_labels=3 is invalid for /v1/score: a cross-encoder has exactly 1 "
+                             "label (this classifier's labels: ['a', 'b', 'c']; classify it instead)")
