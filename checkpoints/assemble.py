@@ -68,6 +68,8 @@ def assemble_params(config: ModelConfig, get: GetTensor, source: str, dtype=np.f
         p["layers.k_norm"] = stack(lambda l: need(l + "self_attn.k_norm.weight", (D,)))
     if not c.tie_word_embeddings and c.has_lm_head:
         p["lm_head"] = linear("lm_head.weight", c.vocab_size, E)
+    if c.num_labels and "score" not in skip:  # *ForSequenceClassification: score.weight [num_labels, E]
+        p["score"] = linear("score.weight", c.num_labels, E)
     expected = {k: v for k, v in param_shapes(c).items() if k not in skip}
     assert {k: v.shape for k, v in p.items()} == expected, "internal: assembled shapes differ from param_shapes"
     return p

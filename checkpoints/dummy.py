@@ -84,6 +84,14 @@ PRESETS: dict[str, dict] = {
     # Tiny configs for tests and quick runs.
     "tiny-llama": dict(_LLAMA2, vocab_size=512, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
                        num_attention_heads=8, num_key_value_heads=4, max_position_embeddings=2048),
+    # tiny-llama's decoder as a sequence classifier (3 labels) and as a cross-encoder reranker (1 label)
+    "tiny-llama-classifier": dict(_LLAMA2, vocab_size=512, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                                  num_attention_heads=8, num_key_value_heads=4, max_position_embeddings=2048,
+                                  architectures=["LlamaForSequenceClassification"],
+                                  id2label={"0": "negative", "1": "neutral", "2": "positive"}),
+    "tiny-llama-reranker": dict(_LLAMA2, vocab_size=512, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                                num_attention_heads=8, num_key_value_heads=4, max_position_embeddings=2048,
+                                architectures=["LlamaForSequenceClassification"], id2label={"0": "LABEL_0"}),
     "tiny-mixtral": dict(_LLAMA2, model_type="mixtral", vocab_size=512, hidden_size=64, intermediate_size=128,
                          num_hidden_layers=2, num_attention_heads=8, num_key_value_heads=4,
                          num_local_experts=4, num_experts_per_tok=2, max_position_embeddings=2048),

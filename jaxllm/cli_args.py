@@ -104,9 +104,11 @@ def add_engine_args(ap: argparse.ArgumentParser) -> None:
                    help="dispatch step N+1 before reading step N's sampled tokens back, so host work "
                    "overlaps the device's (default: on with a GPU/TPU, off on CPU)")
     g.add_argument("--task", default=d.task, choices=TASKS,
-                   help="generate text or embed prompts (pooled last_hidden_state); auto = embed for a "
-                        "checkpoint without an LM head (architectures LlamaModel, Qwen3Model, ...) or with "
-                        "a sentence-transformers modules.json + 1_Pooling/config.json, else generate")
+                   help="generate text, embed prompts (pooled last_hidden_state) or classify them (a "
+                        "*ForSequenceClassification checkpoint's score head on the last token); auto = classify "
+                        "for such a checkpoint, embed for one without an LM head (architectures LlamaModel, "
+                        "Qwen3Model, ...) or with a sentence-transformers modules.json + 1_Pooling/config.json, "
+                        "else generate")
     g.add_argument("--pooling-type", default=None, choices=("LAST", "MEAN"),
                    help="embed task: the last token's hidden state or the mean over the prompt (default: "
                         "the checkpoint's 1_Pooling/config.json, else LAST)")

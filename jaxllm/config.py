@@ -24,7 +24,9 @@ import msgspec
 
 _DTYPES = ("auto", "float32", "bfloat16", "float16")
 _LOAD_FORMATS = ("auto", "safetensors", "gguf", "dummy", "orbax")
-TASKS = ("auto", "generate", "embed")
+TASKS = ("auto", "generate", "embed", "classify")
+# prefill only, nothing sampled: the runner's embed step (classify: the classifier head on the last token)
+POOLING_TASKS = ("embed", "classify")
 # weight-only, jaxllm/models/quant.py; "int4": a 4-bit checkpoint's own weights (GGUF Q4_0/Q4_1, AWQ,
 # GPTQ, which load 4-bit without the flag too), or any other weights rounded to int4 at load (groups of 128)
 QUANTIZATIONS = ("int8", "fp8", "int4")
@@ -99,8 +101,9 @@ class EngineConfig(msgspec.Struct, kw_only=True):
     load_format: str = "auto"
     seed: int = 0
     async_scheduling: bool | None = None
-    # "generate" | "embed" | "auto" (embed for a checkpoint without an LM head or with a
-    # sentence-transformers pooling config, else generate); the factory resolves it
+    # "generate" | "embed" | "classify" | "auto" (classify for a *ForSequenceClassification checkpoint,
+    # embed for one without an LM head or with a sentence-transformers pooling config, else generate);
+    # the factory resolves it
     task: str = "auto"
     # embed task defaults (vLLM's PoolerConfig): None = the checkpoint's sentence-transformers
     # config (1_Pooling/config.json, a Normalize module in modules.json), else LAST and True

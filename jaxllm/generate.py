@@ -107,7 +107,7 @@ def main(argv=None) -> int:
         if args.profile:
             from jaxllm.profiling import EngineProfiler
             prof = EngineProfiler(llm.engine, args.profile, num_steps=args.profile_steps)
-        if llm.engine.task == "embed":
+        if llm.engine.task in ("embed", "classify"):
             return _embed(llm, items, args)
         t1 = time.perf_counter()
         lora = None
@@ -151,24 +151,32 @@ def main(argv=None) -> int:
 
 
 def _embed(llm, items, args) -> int:
-    """--task embed (or an embedding checkpoint): embed every prompt, print a summary per prompt,
-    write one JSON line each to --output."""
+    """--task embed / classify (or such a checkpoint): embed or classify every prompt, print a summary
+    per prompt, write one JSON line each to --output (``embedding``, or ``probs`` and ``label``)."""
+    classify = llm.engine.task == "classify"
+    labels = llm.engine.runner.model_config.labels if classify else ()
     t1 = time.perf_counter()
-    outs = llm.embed([it.prompt for it in items], use_tqdm=not args.no_progress)
+    run = llm.classify if classify else llm.embed
+    outs = run([it.prompt for it in items], use_tqdm=not args.no_progress)
     secs = time.perf_counter() - t1
     for it, o in zip(items, outs):
-        v = o.outputs.embedding
-        print(f"\n>>> {it.shown}\n    embedding[{len(v)}] = [{', '.join(f'{x:.4f}' for x in v[:4])}, ...] "
-              f"({len(o.prompt_token_ids)} tokens)")
+        v = o.outputs.probs if classify else o.outputs.embedding
+        label = f", label {labels[max(range(len(v)), key=v.__getitem__)]}" if classify else ""
+        print(f"\n>>> {it.shown}\n    {'probs' if classify else 'embedding'}[{len(v)}] = "
+              f"[{', '.join(f'{x:.4f}' for x in v[:4])}{', ...' if len(v) > 4 else ''}] "
+              f"({len(o.prompt_token_ids)} tokens{label})")
     if args.output:
         with open(args.output, "wb") as f:
             for o in outs:
+                res = ({"probs": o.outputs.probs, "label": labels[max(range(len(o.outputs.probs)),
+                                                                       key=o.outputs.probs.__getitem__)]}
+                       if classify else {"embedding": o.outputs.embedding})
                 f.write(msgspec.json.encode({"request_id": o.request_id, "prompt": o.prompt,
-                                             "prompt_token_ids": o.prompt_token_ids,
-                                             "embedding": o.outputs.embedding}) + b"\n")
+                                             "prompt_token_ids": o.prompt_token_ids, **res}) + b"\n")
     n_prompt = sum(len(o.prompt_token_ids) for o in outs)
     startup = getattr(llm.engine, "startup_seconds", None)
-    print(f"\n{len(outs)} embeddings, {n_prompt} prompt tokens in {secs:.2f}s: {n_prompt / secs:.1f} prompt tok/s"
+    print(f"\n{len(outs)} {'classifications' if classify else 'embeddings'}, {n_prompt} prompt tokens in "
+          f"{secs:.2f}s: {n_prompt / secs:.1f} prompt tok/s"
           + (f" (engine start {startup:.1f}s)" if startup is not None else ""))
     return 0
 

@@ -21,7 +21,8 @@ from jaxllm.beam_search import BeamSearchOutput, BeamSearchParams, BeamSearchRun
 from jaxllm.config import EngineConfig
 from jaxllm.lora.loader import LoRALoadError
 from jaxllm.metrics.loggers import LoggingStatLogger, validate_interval
-from jaxllm.outputs import EmbeddingRequestOutput, RequestOutput
+from jaxllm.outputs import (ClassificationRequestOutput, EmbeddingRequestOutput, RequestOutput, ScoringOutput,
+                            ScoringRequestOutput)
 from jaxllm.tokenizer import check_text_parts, parse_tool_call_arguments
 from jaxllm.pooling_params import PoolingParams
 from jaxllm.sampling_params import SamplingParams
@@ -171,18 +172,63 @@ class LLM:
         checkpoint); outputs come back in input order, ``out.outputs.embedding`` a list of
         hidden_size floats. ``pooling_params``: one for all, or one per prompt (None = the
         engine's pooling_type / normalize)."""
+        self._need_task("embed", "embed")
+        return self._run(*self._pooling_list(prompts, pooling_params), use_tqdm)
+
+    def classify(self, prompts, pooling_params: PoolingParams | Sequence[PoolingParams] | None = None,
+                 use_tqdm: bool = True) -> list[ClassificationRequestOutput]:
+        """Classify every prompt (a *ForSequenceClassification checkpoint: task "classify", auto-detected);
+        ``out.outputs.probs``: the num_labels logits of the prompt's last token after the model's
+        activation (softmax; sigmoid for one label; ``PoolingParams(activation=False)``: raw)."""
+        self._need_task("classify", "classify")
+        return self._run(*self._pooling_list(prompts, pooling_params), use_tqdm)
+
+    def score(self, text_1, text_2, truncate_prompt_tokens: int | None = None,
+              use_tqdm: bool = True) -> list[ScoringRequestOutput]:
+        """vLLM's ``LLM.score``: ``text_1`` against ``text_2`` (1:1, 1:N or N:N), one output per pair
+        in ``text_2``'s order. A cross-encoder (classify, num_labels == 1) scores the pair encoding
+        ``tokenizer(text_1, text_2)``: the model's score activation (sigmoid) of its logit; an
+        embedding model the cosine of the two embeddings (jaxllm/scoring.py)."""
+        from jaxllm import scoring
+
+        task = getattr(self.engine, "task", "generate")
+        if task not in ("embed", "classify"):
+            raise ValueError(f"task={task!r} is invalid for score(): build the LLM from an embedding or "
+                             f"cross-encoder model")
+        t1, t2 = scoring.pair_lists(text_1, text_2)
+        params = PoolingParams(truncate_prompt_tokens=truncate_prompt_tokens).validate()
+        if task == "classify":
+            mc = self.engine.runner.model_config
+            scoring.check_cross_encoder(mc)
+            ids = scoring.pair_prompts(self.get_tokenizer(), t1, t2, truncate_prompt_tokens)
+            raw = PoolingParams(activation=False)
+            outs = self._run(ids, [raw] * len(ids), use_tqdm)
+            scores = scoring.cross_encoder_scores([o.outputs.probs for o in outs], mc)
+            toks = [o.prompt_token_ids for o in outs]
+        else:  # every text embedded once (a 1:N text_1 too), in one batch
+            firsts = t1[:1] if len(t1) > 1 and all(t is t1[0] for t in t1) else t1
+            outs = self._run(list(firsts) + list(t2), [params] * (len(firsts) + len(t2)), use_tqdm)
+            vecs = [o.outputs.embedding for o in outs]
+            scores = scoring.cosine_scores(vecs[:len(firsts)], vecs[len(firsts):])
+            ones = outs[:len(firsts)] * (len(t2) // len(firsts))
+            toks = [a.prompt_token_ids + b.prompt_token_ids for a, b in zip(ones, outs[len(firsts):])]
+        return [ScoringRequestOutput(request_id=f"score-{next(self._ids)}", outputs=ScoringOutput(score=float(s)),
+                                     prompt_token_ids=t) for s, t in zip(scores, toks)]
+
+    def _need_task(self, task: str, method: str) -> None:
+        have = getattr(self.engine, "task", "generate")
+        if have != task:
+            raise ValueError(f"task={have!r} is invalid for {method}(): build the LLM with task={task!r}")
+
+    def _pooling_list(self, prompts, pooling_params) -> tuple[list, list]:
         prompts = _as_prompt_list(prompts)
-        if getattr(self.engine, "task", "generate") != "embed":
-            raise ValueError(f"task={getattr(self.engine, 'task', 'generate')!r} is invalid for embed(): "
-                             f"build the LLM with task='embed'")
         if pooling_params is None or isinstance(pooling_params, PoolingParams):
-            params = [pooling_params or PoolingParams()] * len(prompts)
-        else:
-            params = list(pooling_params)
-            if len(params) != len(prompts):
-                raise ValueError(f"pooling_params has {len(params)} entries, which is invalid: must be one "
-                                 f"PoolingParams or exactly one per prompt ({len(prompts)})")
-        return self._run(prompts, params, use_tqdm)
+            return prompts, [pooling_params or PoolingParams()] * len(prompts)
+        params = list(pooling_params)
+        if len(params) != len(prompts):
+            raise ValueError(f"pooling_params has {len(params)} entries, which is invalid: must be one "
+                             f"PoolingParams or exactly one per prompt ({len(prompts)})")
+        return prompts, params
 
     def chat(self, conversations, sampling_params: SamplingParams | Sequence[SamplingParams] | None = None,
              use_tqdm: bool = True, lora_request=None, add_generation_prompt: bool = True,
@@ -258,11 +304,12 @@ class LLM:
                     if out.finished and out.request_id in pending:
                         pending.discard(out.request_id)
                         finals[out.request_id] = out
-                        out_tokens += (len(out.prompt_token_ids) if isinstance(out, EmbeddingRequestOutput)
+                        pooled = isinstance(out, (EmbeddingRequestOutput, ClassificationRequestOutput))
+                        out_tokens += (len(out.prompt_token_ids) if pooled
                                        else sum(len(c.token_ids) for c in out.outputs))
                         if bar is not None:
                             rate = out_tokens / max(time.perf_counter() - start, 1e-9)
-                            kind = "prompt" if isinstance(out, EmbeddingRequestOutput) else "output"
+                            kind = "prompt" if pooled else "output"
                             bar.set_postfix_str(f"{kind} {rate:.1f} tok/s", refresh=False)
                             bar.update(1)
         except BaseException:

@@ -103,3 +103,43 @@ class EmbeddingRequestOutput(msgspec.Struct, kw_only=True):
     prompt: str | None = None
     finished: bool = True
     metrics: RequestMetrics | None = None
+
+
+class ClassificationOutput(msgspec.Struct, kw_only=True):
+    """vLLM's ``ClassificationOutput``: the classifier head's logits after the model's activation
+    (softmax over the labels, sigmoid for one label or a multi-label model, none for regression;
+    raw logits with ``PoolingParams(activation=False)``)."""
+
+    probs: list[float]
+
+    @property
+    def num_classes(self) -> int:
+        return len(self.probs)
+
+
+class ClassificationRequestOutput(msgspec.Struct, kw_only=True):
+    """vLLM's ``ClassificationRequestOutput`` (``LLM.classify``): always final, like an embedding's."""
+
+    request_id: str
+    outputs: ClassificationOutput
+    prompt_token_ids: list[int]
+    prompt: str | None = None
+    finished: bool = True
+    metrics: RequestMetrics | None = None
+
+
+class ScoringOutput(msgspec.Struct, kw_only=True):
+    """vLLM's ``ScoringOutput``: a cross-encoder's activated logit of a text pair, or the cosine of an
+    embedding model's two vectors."""
+
+    score: float
+
+
+class ScoringRequestOutput(msgspec.Struct, kw_only=True):
+    """vLLM's ``ScoringRequestOutput`` (``LLM.score``): one pair's score; ``prompt_token_ids`` the pair
+    encoding (a cross-encoder) or both texts' tokens (an embedding model)."""
+
+    request_id: str
+    outputs: ScoringOutput
+    prompt_token_ids: list[int]
+    finished: bool = True

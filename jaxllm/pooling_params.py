@@ -8,7 +8,10 @@ config, else LAST). ``normalize``: L2-normalise the pooled vector (None = the en
 True unless configured). ``truncate_prompt_tokens``: keep the prompt's last k tokens.
 ``dimensions``: keep the pooled vector's first d values, then normalise (vLLM's Matryoshka
 truncation; the engine refuses it for a model that is not Matryoshka, see
-``EngineConfig.is_matryoshka``).
+``EngineConfig.is_matryoshka``). ``activation`` (a classify request, vLLM's): apply the model's
+activation to the classifier's logits (softmax / sigmoid, jaxllm/models/classifier_config.py);
+False = the raw logits; None = True. An embedding request refuses it, a classify request refuses
+``pooling_type`` other than LAST, ``normalize`` and ``dimensions`` (the head reads the last token).
 """
 
 from __future__ import annotations
@@ -23,6 +26,7 @@ class PoolingParams(msgspec.Struct, kw_only=True):
     normalize: bool | None = None
     truncate_prompt_tokens: int | None = None
     dimensions: int | None = None
+    activation: bool | None = None
 
     def validate(self) -> "PoolingParams":
         if self.pooling_type is not None and self.pooling_type not in POOLING_TYPES:
@@ -33,6 +37,8 @@ class PoolingParams(msgspec.Struct, kw_only=True):
         k = self.truncate_prompt_tokens
         if k is not None and (isinstance(k, bool) or not isinstance(k, int) or k < 1):
             raise ValueError(f"truncate_prompt_tokens={k!r} is invalid: must be an integer >= 1")
+        if self.activation is not None and not isinstance(self.activation, bool):
+            raise ValueError(f"activation={self.activation!r} is invalid: must be a bool")
         d = self.dimensions
         if d is not None and (isinstance(d, bool) or not isinstance(d, int) or d < 1):
             raise ValueError(f"dimensions={d!r} is invalid: must be an integer >= 1")

@@ -122,7 +122,7 @@ def validate_items(items: list[PromptItem], tokenizer, vocab_size: int, max_mode
                    task: str = "generate") -> None:
     """Tokenize every prompt and check it and its SamplingParams as the engine would (same rules,
     same messages, prefixed with where the prompt came from); fills each item's `prompt`.
-    task "embed": a prompt may be max_model_len tokens long (nothing is generated)."""
+    task "embed" / "classify": a prompt may be max_model_len tokens long (nothing is generated)."""
     from jaxllm.engine.bad_words import tokenize_bad_words
     from jaxllm.engine.intake import validate_prompt_ids
 
@@ -144,7 +144,7 @@ def validate_items(items: list[PromptItem], tokenizer, vocab_size: int, max_mode
                 it.prompt = {"prompt_token_ids": ids}
             if it.params.truncate_prompt_tokens is not None:
                 ids = ids[-it.params.truncate_prompt_tokens:]  # the engine checks what is kept
-            if task == "embed":
+            if task in ("embed", "classify"):
                 if len(ids) > max_model_len:
                     raise ValueError(f"prompt length={len(ids)} tokens is invalid: must be <= "
                                      f"max_model_len={max_model_len}")

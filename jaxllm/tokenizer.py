@@ -72,6 +72,11 @@ class Tokenizer:
     def encode(self, text: str, add_special_tokens: bool = True) -> list[int]:
         return list(self.hf.encode(text, add_special_tokens=add_special_tokens))
 
+    def encode_pair(self, text: str, text_pair: str) -> list[int]:
+        """The tokenizer's pair encoding, ``tokenizer(text, text_pair)`` (its template post-processor:
+        what a cross-encoder was trained on, e.g. ``<bos> a <sep> b <sep>``)."""
+        return list(self.hf(text, text_pair, add_special_tokens=True)["input_ids"])
+
     def decode(self, ids, skip_special_tokens: bool = True) -> str:
         if self._fast_decode is not None:
             return self._fast_decode(list(ids), skip_special_tokens=skip_special_tokens)
@@ -250,6 +255,10 @@ class TokenIdsOnlyTokenizer:
 
     def encode(self, text: str, add_special_tokens: bool = True) -> list[int]:
         raise ValueError("prompt: this model has no tokenizer; pass {'prompt_token_ids': [...]} instead of text")
+
+    def encode_pair(self, text: str, text_pair: str) -> list[int]:
+        self.encode(text)
+        return []
 
     def decode(self, ids, skip_special_tokens: bool = True) -> str:
         return ""

@@ -32,13 +32,14 @@ def embed_response(rid: str, out: Any) -> pb.EmbedResponse:
 
 
 async def score(door: Any, info: Any, req: pb.ScoreRequest) -> pb.ScoreResponse:
-    """The Score RPC: HTTP /v1/score's rules and cosine (serving/openai_score.py); the engine's
+    """The Score RPC: HTTP /v1/score's rules and scores (serving/openai_score.py: cosine of embeddings,
+    or a cross-encoder's pair scores); the engine's
     requests are ``<request_id>-<i>``, so a client id already in flight is ALREADY_EXISTS."""
-    from serving.openai_score import check_task, embed_scores, pair_texts
+    from serving.openai_score import check_task, pair_scores, pair_texts
 
     check_task(info, "Score")
     t1, t2 = pair_texts("text_1", list(req.text_1), "text_2", list(req.text_2), door.config.max_queued_requests)
     rid = door.check_request_id(req.request_id) or f"score-{uuid.uuid4().hex}"
     truncate = req.truncate_prompt_tokens if req.HasField("truncate_prompt_tokens") else None
-    scores, tokens = await embed_scores(door, t1, t2, truncate, rid, client_chosen=False)
+    scores, tokens = await pair_scores(door, info, t1, t2, truncate, rid, client_chosen=False)
     return pb.ScoreResponse(request_id=rid, scores=scores.tolist(), prompt_tokens=tokens)

@@ -105,8 +105,8 @@ class HealthMonitor:
     # ----- probe ----------------------------------------------------------------------
     async def _probe(self, ae: Any) -> None:
         rid = f"{PROBE_PREFIX}{next(self._ids)}"
-        embed = getattr(getattr(ae, "engine", None), "task", "generate") == "embed"
-        # an embedding engine refuses SamplingParams: probe it with a one-token embedding
+        embed = getattr(getattr(ae, "engine", None), "task", "generate") in ("embed", "classify")
+        # an embedding or classify engine refuses SamplingParams: probe it with a one-token request
         params = PoolingParams() if embed else SamplingParams(max_tokens=1, temperature=0.0, ignore_eos=True)
         self._probe_started = time.monotonic()
         ok, err = False, None
@@ -116,7 +116,8 @@ class HealthMonitor:
                                              params):
                     if out.finished:
                         if embed:
-                            ok = len(out.outputs.embedding) >= 1
+                            pooled = getattr(out.outputs, "embedding", None) or getattr(out.outputs, "probs", None)
+                            ok = pooled is not None and len(pooled) >= 1
                         else:
                             ok = bool(out.outputs) and len(out.outputs[0].token_ids) >= 1
                         if not ok:

@@ -7,7 +7,9 @@ also as server-sent events ending ``data: [DONE]``), ``GET /health``, ``POST /to
 ``POST /detokenize``, ``POST /v1/responses`` (OpenAI's Responses API over the chat path,
 ``serving/openai_responses.py``), ``POST /v1/embeddings`` (``serving/openai_embed.py``; a server started
 with ``--task embed``), vLLM's ``POST /score`` = ``/v1/score`` and ``POST /rerank`` = ``/v1/rerank`` =
-``/v2/rerank`` (``serving/openai_score.py``: cosine of embeddings; ``--task embed`` too) and ``GET /metrics`` (Prometheus text of the server's registry, like
+``/v2/rerank`` (``serving/openai_score.py``: cosine of embeddings, ``--task embed``; or a cross-encoder's
+pair scores, ``--task classify``), vLLM's ``POST /classify`` = ``/v1/classify`` (``serving/openai_classify.py``;
+``--task classify``) and ``GET /metrics`` (Prometheus text of the server's registry, like
 ``--metrics-port``; no API key, as /health), ``GET|POST /ping`` (= /health), ``GET /version``
 (both without a key) and ``POST /reset_prefix_cache`` (vLLM's: the prefix cache forgets the
 blocks no request holds). Admission, caps, queue limit, drain and the in-flight registry are the
@@ -38,6 +40,7 @@ from starlette.responses import JSONResponse, PlainTextResponse
 from jaxllm.engine.async_engine import EngineDeadError
 from serving.frontdoor import Code, FrontDoorError, ModelInfo, check_token_ids, dead_message, invalid
 from serving.openai_errors import error_body, error_response, validation_message
+from serving.openai_classify import add_classify_routes
 from serving.openai_embed import EmbeddingRequest, create_embeddings
 from serving.openai_score import add_score_routes
 from serving.openai_generate import chat_job, completion_job, respond
@@ -313,6 +316,7 @@ def build_app(server: "ServingServer") -> Any:
         return await create_embeddings(door, model_of(body.model, adapters=False), body, rid)
 
     add_score_routes(app, door, model_of, client_id)
+    add_classify_routes(app, door, model_of, client_id)
 
     @app.get("/metrics")
     async def metrics():

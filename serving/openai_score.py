@@ -1,4 +1,4 @@
-"""vLLM's score and rerank APIs for an embedding model over the front door (no jax).
+"""vLLM's score and rerank APIs for an embedding model or a cross-encoder over the front door (no jax).
 
 ``POST /score`` = ``/v1/score`` (vLLM's ``ScoreRequest``): ``text_1`` and ``text_2``, each a string
 or a list of strings, paired 1:1, 1:N (``text_1`` one text, scored against each of ``text_2``) or
@@ -18,8 +18,14 @@ every input (``text_1``'s, then ``text_2``'s; a 1:N query once) is one engine em
 request, admitted together so the scheduler batches them (``FrontDoor.embed_many``, all or
 nothing), pooled as the server is configured, and the cosine is taken in float64 on the host.
 ``usage.prompt_tokens`` counts the tokens the engine embedded, each input once (vLLM counts a 1:N
-query once per pair, plus a padding token). A generating server refuses with 400 naming ``model``
-(vLLM: score needs an embedding or cross-encoder model; jaxllm has no cross-encoders). Request ids
+query once per pair, plus a padding token).
+
+For a cross-encoder (a ``--task classify`` server whose model has ``num_labels == 1``: a reranker),
+each pair is one engine request: the tokenizer's pair encoding ``tokenizer(text_1, text_2)``
+(``truncate_prompt_tokens`` keeping its last k tokens), classified with its raw logit, the score the
+model's score activation of it (sigmoid; jaxllm/scoring.py), ``usage.prompt_tokens`` the pairs' tokens.
+A classifier with more labels is a 400 naming ``model`` (vLLM refuses score for it too), and so is a
+generating server (score needs an embedding or cross-encoder model). Request ids
 as /v1/embeddings (serving/request_ids.py): the ``X-Request-Id`` header, then the body's
 ``request_id``, else a random uuid.
 """
@@ -33,11 +39,10 @@ import numpy as np
 from fastapi import Request
 from pydantic import BaseModel, ConfigDict
 
+from jaxllm import scoring
 from jaxllm.pooling_params import PoolingParams
 from serving.frontdoor import FrontDoor, ModelInfo, invalid
 from serving.request_ids import engine_prefix
-
-_EPS = 1e-8  # torch.nn.CosineSimilarity's, as vLLM scores: each norm clamped to at least this
 
 
 class ScoreRequest(BaseModel):
@@ -64,15 +69,6 @@ class RerankRequest(BaseModel):
     user: str | None = None
 
 
-def cosine_scores(vecs_1: np.ndarray, vecs_2: np.ndarray) -> np.ndarray:
-    """Cosine similarity of each row pair, float64; ``vecs_1`` of 1 row is paired with every row of
-    ``vecs_2`` (1:N). [n1|1, E], [n, E] -> [n]."""
-    a = np.asarray(vecs_1, dtype=np.float64)
-    b = np.asarray(vecs_2, dtype=np.float64)
-    norms = np.maximum(np.linalg.norm(a, axis=1), _EPS) * np.maximum(np.linalg.norm(b, axis=1), _EPS)
-    return np.sum(a * b, axis=1) / norms
-
-
 def _texts(name: str, value: str | list[str]) -> list[str]:
     items = [value] if isinstance(value, str) else list(value)
     if not items:
@@ -96,25 +92,41 @@ def pair_texts(name_1: str, value_1, name_2: str, value_2, max_items: int) -> tu
     return t1, t2
 
 
-async def embed_scores(door: FrontDoor, t1: list[str], t2: list[str], truncate: int | None, answer_id: str,
-                       client_chosen: bool) -> tuple[np.ndarray, int]:
-    """(cosine score of each pair [len(t2)] f64, prompt tokens embedded): ``t1 + t2`` embedded as
-    one batch of engine requests named after ``answer_id`` (``engine_prefix``)."""
+async def pair_scores(door: FrontDoor, info: ModelInfo, t1: list[str], t2: list[str], truncate: int | None,
+                      answer_id: str, client_chosen: bool) -> tuple[np.ndarray, int]:
+    """(score of each pair [len(t2)] f64, prompt tokens the engine ran), its requests named after
+    ``answer_id`` (``engine_prefix``) and admitted as one batch: a cross-encoder's pair encodings, or
+    ``t1 + t2`` embedded and their cosine."""
     try:
         params = PoolingParams(truncate_prompt_tokens=truncate).validate()
     except ValueError as exc:
         raise invalid(str(exc), "truncate_prompt_tokens") from None
-    outs = await door.embed_many(engine_prefix(answer_id, client_chosen), t1 + t2, params)
+    prefix = engine_prefix(answer_id, client_chosen)
+    if getattr(info.engine, "task", "generate") == "classify":
+        a, b = (t1 * len(t2), t2) if len(t1) == 1 else (t1, t2)
+        try:
+            ids = scoring.pair_prompts(info.tokenizer, a, b, truncate)
+        except ValueError as exc:
+            raise invalid(str(exc), "text_1") from None
+        outs = await door.embed_many(prefix, [{"prompt_token_ids": i} for i in ids], PoolingParams(activation=False))
+        mc = info.engine.runner.model_config
+        return scoring.cross_encoder_scores([o.outputs.probs for o in outs], mc), sum(len(i) for i in ids)
+    outs = await door.embed_many(prefix, t1 + t2, params)
     vecs = np.asarray([o.outputs.embedding for o in outs], dtype=np.float64)  # [n1 + n2, E]
     tokens = sum(len(o.prompt_token_ids) for o in outs)
-    return cosine_scores(vecs[:len(t1)], vecs[len(t1):]), tokens
+    return scoring.cosine_scores(vecs[:len(t1)], vecs[len(t1):]), tokens
 
 
 def check_task(info: ModelInfo, path: str) -> None:
     task = getattr(info.engine, "task", "generate")
-    if task != "embed":
+    if task == "classify":
+        try:
+            scoring.check_cross_encoder(info.engine.runner.model_config, path)
+        except ValueError as exc:
+            raise invalid(f"model={info.name!r}: {exc}", "model") from None
+    elif task != "embed":
         raise invalid(f"model={info.name!r} is invalid for {path}: this server's task is {task!r} "
-                      "(scoring needs an embedding model: start it with --task embed)", "model")
+                      "(scoring needs an embedding model or a cross-encoder: --task embed or classify)", "model")
 
 
 async def create_score(door: FrontDoor, info: ModelInfo, body: ScoreRequest, path: str,
@@ -123,8 +135,8 @@ async def create_score(door: FrontDoor, info: ModelInfo, body: ScoreRequest, pat
     check_task(info, path)
     t1, t2 = pair_texts("text_1", body.text_1, "text_2", body.text_2, door.config.max_queued_requests)
     answer_id = "score-" + (request_id or uuid.uuid4().hex)
-    scores, tokens = await embed_scores(door, t1, t2, body.truncate_prompt_tokens, answer_id,
-                                        request_id is not None)
+    scores, tokens = await pair_scores(door, info, t1, t2, body.truncate_prompt_tokens, answer_id,
+                                       request_id is not None)
     data = [{"index": i, "object": "score", "score": float(s)} for i, s in enumerate(scores)]
     return {"id": answer_id, "object": "list", "created": int(time.time()), "model": info.name, "data": data,
             "usage": {"prompt_tokens": tokens, "total_tokens": tokens, "completion_tokens": 0}}
@@ -137,8 +149,8 @@ async def create_rerank(door: FrontDoor, info: ModelInfo, body: RerankRequest, p
         raise invalid(f"top_n={body.top_n} is invalid: must be >= 0 (0: every document)", "top_n")
     t1, t2 = pair_texts("query", body.query, "documents", body.documents, door.config.max_queued_requests)
     answer_id = "rerank-" + (request_id or uuid.uuid4().hex)
-    scores, tokens = await embed_scores(door, t1, t2, body.truncate_prompt_tokens, answer_id,
-                                        request_id is not None)
+    scores, tokens = await pair_scores(door, info, t1, t2, body.truncate_prompt_tokens, answer_id,
+                                       request_id is not None)
     order = sorted(range(len(t2)), key=lambda i: -scores[i])  # stable: ties keep the lower index first
     if 0 < body.top_n < len(order):
         order = order[:body.top_n]

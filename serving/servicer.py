@@ -163,6 +163,9 @@ class GenerationServicer(pb_grpc.GenerationServicer):
         long a prompt, a generate engine: "task='generate' is invalid ...") is INVALID_ARGUMENT."""
         info = await self._model(context)
         try:
+            if getattr(info.engine, "task", None) == "classify":  # its outputs are probs, not a vector
+                raise invalid("task='classify' is invalid for Embed: this server classifies (HTTP /classify; a "
+                              "cross-encoder also answers Score)", "task")
             try:
                 prompt, params = embed_request_to_engine(request, info.vocab_size)
             except ValueError as exc:
@@ -241,8 +244,8 @@ class GenerationServicer(pb_grpc.GenerationServicer):
             tensor_parallel_size=int(config_get(eng, "tensor_parallel_size") or 1),
             block_size=int(config_get(eng, "block_size") or 0),
             token_buckets=_buckets(eng, s, "mixed", "token_buckets"),
-            # an embed engine compiles no decode-only step (prefill only)
-            request_buckets=([] if getattr(eng, "task", None) == "embed"
+            # an embed or classify engine compiles no decode-only step (prefill only)
+            request_buckets=([] if getattr(eng, "task", None) in ("embed", "classify")
                              else _buckets(eng, s, "decode", "request_buckets")),
             free_kv_blocks=s.num_free_blocks,
             total_kv_blocks=s.num_blocks,

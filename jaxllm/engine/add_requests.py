@@ -46,6 +46,7 @@ from jaxllm.engine.bad_words import tokenize_bad_words
 from jaxllm.engine.intake import (_NO_TEXT, SEED_MOD, check_priority, derive_seed, resolve_prompt,
                                   validate_prompt_ids)
 from jaxllm.engine.output_processor import ParentState, SeqState
+from jaxllm.config import POOLING_TASKS
 from jaxllm.pooling_params import PoolingParams
 from jaxllm.sampling_params import SamplingParams
 
@@ -90,22 +91,23 @@ class AddRequestsMixin:
         if not isinstance(step_gate, bool):
             raise ValueError(f"step_gate={step_gate!r} is invalid: must be a bool")
         if params is None:
-            params = PoolingParams() if self.task == "embed" else SamplingParams()
+            params = PoolingParams() if self.task in POOLING_TASKS else SamplingParams()
         self._check_lora_request(lora_request, params)
         if isinstance(params, PoolingParams):
             if lora_request is not None:
                 raise ValueError(f"lora_request={lora_request.lora_name!r} is invalid for an embedding "
                                  f"request: adapters serve generation only")
-            if self.task != "embed":
+            if self.task not in POOLING_TASKS:
                 raise ValueError(f"task={self.task!r} is invalid for PoolingParams (an embedding request): "
-                                 f"this engine generates; start one with task='embed'")
+                                 f"this engine generates; start one with task='embed' or 'classify'")
             return self._add_embed_request(request_id, prompt, params, arrival_time, priority)
         if not isinstance(params, SamplingParams):
             raise ValueError(f"params of type {type(params).__name__} is invalid: "
                              f"must be a SamplingParams or a PoolingParams")
         if self.task != "generate":
             raise ValueError(f"task={self.task!r} is invalid for SamplingParams (a generation request): "
-                             f"this engine embeds; start one with task='generate'")
+                             f"this engine {'classifies' if self.task == 'classify' else 'embeds'}; start one "
+                             f"with task='generate'")
         params.validate(self.vocab_size)
         if step_gate and params.n != 1:
             raise ValueError(f"n={params.n} is invalid with step_gate=True: a gated request is one sequence (n=1)")

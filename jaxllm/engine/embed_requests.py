@@ -17,9 +17,17 @@ from jaxllm.sampling_params import SamplingParams
 class EmbedRequestsMixin:
     def _add_embed_request(self, request_id: str, prompt, params: PoolingParams,
                            arrival_time: float | None, priority: int = 0) -> None:
-        params = params.validate().resolved(*self.pooling_defaults)
-        if params.dimensions is not None:
-            self._check_dimensions(params.dimensions)
+        params = params.validate()
+        activation = None
+        if self.task == "classify":
+            activation = self._check_classify(params)
+        else:
+            if params.activation is not None:
+                raise ValueError(f"activation={params.activation!r} is invalid for an embedding request: "
+                                 f"this engine's task is 'embed' (activation is a classify request's)")
+            params = params.resolved(*self.pooling_defaults)
+            if params.dimensions is not None:
+                self._check_dimensions(params.dimensions)
         text, ids = self._resolve_prompt(prompt)
         if params.truncate_prompt_tokens is not None:
             ids = ids[-params.truncate_prompt_tokens:]
@@ -36,11 +44,23 @@ class EmbedRequestsMixin:
         arrival = time.time() if arrival_time is None else arrival_time
         req = Request(request_id, ids, SamplingParams(max_tokens=1), seed=0, arrival_time=arrival,
                       max_output_tokens=0, pooling=params, priority=priority)
-        st = self._embeds[request_id] = EmbedState(req, text, arrival)
+        st = self._embeds[request_id] = EmbedState(req, text, arrival, activation)
         st.in_stats = self._in_stats(request_id)
         self.scheduler.add_request(req)
         if st.in_stats:
             self.num_prompt_tokens += len(ids)
+
+    def _check_classify(self, params: PoolingParams) -> str:
+        """The activation of a classify request (the model's, vLLM's rule); ValueError naming a field
+        a classifier cannot honour (its head reads the last token's final-norm hidden state)."""
+        if params.pooling_type not in (None, "LAST"):
+            raise ValueError(f"pooling_type={params.pooling_type!r} is invalid for task='classify': the "
+                             f"classifier head reads the last token (LAST)")
+        for name in ("normalize", "dimensions"):
+            if getattr(params, name) is not None:
+                raise ValueError(f"{name}={getattr(params, name)!r} is invalid for task='classify': it is an "
+                                 f"embedding request's field")
+        return self.runner.model_config.classify_activation
 
     def _check_dimensions(self, d: int) -> None:
         """vLLM's Matryoshka rule: ``dimensions`` only for a Matryoshka model, one of its

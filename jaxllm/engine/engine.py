@@ -32,7 +32,7 @@ import random
 import time
 from collections.abc import Iterable
 
-from jaxllm.config import EngineConfig
+from jaxllm.config import POOLING_TASKS, EngineConfig
 from jaxllm.core.kv_cache_manager import KVCacheManager, cdiv
 from jaxllm.core.request import RequestStatus
 from jaxllm.core.scheduler import Scheduler
@@ -231,7 +231,7 @@ class LLMEngine(AddRequestsMixin, EmbedRequestsMixin, EngineStatsMixin, GrammarR
                 if rid in self._seqs and self._seqs[rid][1].req is scheduled.get(rid):
                     self._seqs[rid][0].add_prompt_logprobs(entries)
         now = time.time()
-        outputs: list = self._finish_embeddings(out, now, it) if self.task == "embed" else []
+        outputs: list = self._finish_embeddings(out, now, it) if self.task in POOLING_TASKS else []
         touched: dict[str, ParentState] = {}
         finished: dict[RequestStatus, list[str]] = {}
         failed: dict[str, tuple[ParentState, Exception]] = {}

@@ -109,8 +109,15 @@ def resolve_task(config: EngineConfig, model_config, checkpoint_path: str | None
 
     st = read_pooling_config(checkpoint_path) if checkpoint_path else None
     task = config.task
+    num_labels = getattr(model_config, "num_labels", 0)
     if task == "auto":
-        task = "embed" if (st is not None or not model_config.has_lm_head) else "generate"
+        task = "classify" if num_labels else "embed" if (st is not None or not model_config.has_lm_head) else "generate"
+    if task == "classify" and not num_labels:
+        raise ValueError(f"task='classify' is invalid for this checkpoint: the {model_config.architecture} model "
+                         f"has no classifier head (config.json architectures names no *ForSequenceClassification)")
+    if task == "generate" and num_labels:
+        raise ValueError(f"task='generate' is invalid for this checkpoint: it is a {model_config.architecture} "
+                         f"sequence classifier (num_labels={num_labels}) without an LM head; use task='classify'")
     if task == "generate" and not model_config.has_lm_head:
         raise ValueError(f"task='generate' is invalid for this checkpoint: it is a {model_config.architecture} "
                          f"base model without an LM head (an embedding model); use task='embed'")
@@ -251,6 +258,9 @@ def build_engine(config: EngineConfig, *, compile_cache: bool = True, warmup: bo
     if config.task == "embed":
         _info(f"task embed: pooling {config.pooling_type}, normalize={config.normalize}; "
               f"mixed buckets only (prefill), nothing sampled")
+    if config.task == "classify":
+        _info(f"task classify: {mc.num_labels} labels {list(mc.labels)[:8]}, activation {mc.classify_activation} "
+              f"(score: {mc.score_activation}); last token; mixed buckets only (prefill), nothing sampled")
     _info(f"buckets: {runner.buckets.describe()}; async scheduling "
           f"{'on' if engine.async_scheduling else 'off'}")
     if warmup:

@@ -50,8 +50,8 @@ class SpecDecodeMixin:
         self.spec_backoff: DraftBackoff | None = None  # pauses drafting for low-acceptance requests
         self.num_spec_seqs = self.num_draft_tokens = self.num_accepted_tokens = 0  # per seq-step with drafts
         if self.speculative is not None:
-            if self.task == "embed":
-                raise ValueError("speculative_config is invalid for task='embed': nothing is generated")
+            if self.task in ("embed", "classify"):
+                raise ValueError(f"speculative_config is invalid for task={self.task!r}: nothing is generated")
             k = getattr(runner, "num_speculative_tokens", None)
             if k is not None and k < self.speculative.num_speculative_tokens:
                 raise ValueError(f"speculative_config.num_speculative_tokens={self.speculative.num_speculative_tokens}"

@@ -304,10 +304,11 @@ def rank_buckets(max_rank: int, smallest: int = 8) -> tuple[int, ...]:
 def check_seq_slots(seqs, slots: "LoRASlots | None", task: str) -> None:
     """ValueError unless every ScheduledSeq's lora_slot is 0 (the base) or, on a generate runner
     with LoRA, 1..max_loras (embed steps run the base model only)."""
-    limit = 0 if slots is None or task == "embed" else slots.num_slots
+    pooling = task in ("embed", "classify")
+    limit = 0 if slots is None or pooling else slots.num_slots
     for s in seqs:
         if not (isinstance(s.lora_slot, int) and 0 <= s.lora_slot <= limit):
-            why = ("embed steps run the base model" if task == "embed" else
+            why = (f"{task} steps run the base model" if pooling else
                    "LoRA is off (lora_config=None)" if slots is None else f"max_loras={limit}")
             raise ValueError(f"lora_slot={s.lora_slot!r} of request {s.request_id} is invalid: "
                              f"must be in 0..{limit} ({why})")

@@ -5,6 +5,7 @@ import dataclasses
 from typing import Any
 
 from jaxllm.models.arch_config import arch_fields, check_longrope, qwen_windows
+from jaxllm.models.classifier_config import classifier_fields
 from jaxllm.models.gemma_config import GEMMA_ARCHITECTURES, gemma3_text_config, gemma_fields, gemma_rope, hf_defaults
 
 # HF model_type → the switches that distinguish it inside the one Llama-family decoder.
@@ -58,6 +59,12 @@ class ModelConfig:
     # False for a base model without an LM head (HF architectures LlamaModel / MistralModel /
     # Qwen2Model / Qwen3Model and untied embeddings, e.g. e5-mistral): it can only embed
     has_lm_head: bool = True
+    # *ForSequenceClassification (jaxllm/models/classifier_config.py): a bias-free `score` linear
+    # [hidden_size, num_labels] on the last token's hidden state; 0 = no such head
+    num_labels: int = 0
+    labels: tuple[str, ...] = ()  # id2label in id order
+    classify_activation: str = ""  # "softmax" | "sigmoid" | "identity" (vLLM's classify rule)
+    score_activation: str = ""  # the cross-encoder score's (vLLM's rule)
     partial_rotary_factor: float = 1.0  # Phi-4-mini 0.75: RoPE on the first rotary_dim dims of head_dim
     # Granite (jaxllm/models/arch_config.py); 1.0 / None leave a plain Llama
     embedding_multiplier: float = 1.0
@@ -142,7 +149,7 @@ class ModelConfig:
             mlp += 3 * e * self.shared_expert_intermediate_size + (e if self.shared_expert_intermediate_size else 0)
         per_layer = attn + mlp + 2 * e
         head = 0 if self.tie_word_embeddings or not self.has_lm_head else self.vocab_size * e
-        return self.num_layers * per_layer + self.vocab_size * e + head + e
+        return self.num_layers * per_layer + self.vocab_size * e + head + e + e * self.num_labels
 
     @property
     def num_active_params(self) -> int:
@@ -206,6 +213,7 @@ class ModelConfig:
         base_model = bool(archs) and not any(a.endswith(("ForCausalLM", "LMHeadModel", "ForConditionalGeneration"))
                                              for a in archs)
         moe = _moe_fields(model_type, cfg, source)
+        cls = classifier_fields(cfg, source)  # a classifier has no LM head, tied embeddings or not
         eos = cfg.get("eos_token_id")
         eos_ids = tuple(eos) if isinstance(eos, list) else ((eos,) if eos is not None else ())
         return ModelConfig(
@@ -222,11 +230,12 @@ class ModelConfig:
             rope_scaling=rope_scaling,
             max_position_embeddings=cfg.get("max_position_embeddings", 4096),
             tie_word_embeddings=tied,
-            has_lm_head=not base_model or tied,
+            has_lm_head=(not base_model or tied) and not cls,
             sliding_window=sliding,
             bos_token_id=cfg.get("bos_token_id"),
             eos_token_ids=eos_ids,
             **moe,
+            **cls,
             **flags,
         )
 

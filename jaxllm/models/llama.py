@@ -37,6 +37,7 @@ from pallas_kernels import AttentionMetadata, KVCache
 PARAM_AXES: dict[str, tuple[str, ...]] = {
     "embed": ("vocab", "embed"),
     "lm_head": ("embed", "vocab"),
+    "score": ("embed", "labels"),  # a sequence classifier's head (classifier_config.py), replicated
     "final_norm": ("norm",),
     "layers.input_norm": ("layers", "norm"),
     "layers.post_norm": ("layers", "norm"),
@@ -98,6 +99,8 @@ def param_shapes(c: ModelConfig) -> dict[str, tuple[int, ...]]:
                        "layers.we_down": (L, X, F, E)})
     if not c.tie_word_embeddings and c.has_lm_head:
         shapes["lm_head"] = (E, V)
+    if c.num_labels:
+        shapes["score"] = (E, c.num_labels)
     if c.attention_bias:
         shapes.update({"layers.bq": (L, H, D), "layers.bk": (L, K, D), "layers.bv": (L, K, D)})
     if c.qk_norm:
@@ -274,6 +277,7 @@ class LlamaForCausalLM(nnx.Module):
         self.embed = nnx.Param(params["embed"])
         self.final_norm = nnx.Param(params["final_norm"])
         self.lm_head = nnx.Param(params["lm_head"]) if "lm_head" in params else None
+        self.score = nnx.Param(params["score"]) if "score" in params else None
         layer_params = {n: params[f"layers.{n}"] for n in LAYER_PARAMS if f"layers.{n}" in params}
         if self.layer_loop == "scan":
             self.layers = LayerWeights({n: v if not isinstance(v, (list, tuple))
@@ -325,6 +329,14 @@ class LlamaForCausalLM(nnx.Module):
                 w = layer.arrays() if lora is None else with_lora(layer.arrays(), lora.weights[i])
                 x, kv_cache = run(w, x, kv_cache, i)
         return rms_norm(x, self.final_norm[...], c.rms_norm_eps, c.norm_offset), kv_cache
+
+    def classify(self, hidden: jax.Array) -> jax.Array:
+        """hidden [S, E] (each sequence's last token, after the final norm) → the classifier head's
+        logits [S, num_labels] f32 (HF's bias-free `score` linear, here in f32)."""
+        if self.score is None:
+            raise ValueError(f"task='classify' is invalid for this model: the {self.config.architecture} "
+                             f"checkpoint has no score head (not a *ForSequenceClassification)")
+        return jnp.dot(hidden.astype(jnp.float32), self.score[...].astype(jnp.float32))  # [S, L] f32
 
     def compute_logits(self, hidden: jax.Array) -> jax.Array:
         """hidden [N, E] → logits [N, vocab] f32."""

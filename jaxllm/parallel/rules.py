@@ -38,6 +38,7 @@ LOGICAL_AXIS_RULES: dict[str, str | None] = {
     "head_dim": None,
     "layers": None,
     "norm": None,
+    "labels": None,  # a classifier head's outputs (few: replicated)
     # activations
     "tokens": None,
     "seqs": None,

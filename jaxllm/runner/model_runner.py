@@ -26,6 +26,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
+from jaxllm.config import POOLING_TASKS
 from jaxllm.core.scheduler_output import SchedulerOutput
 from jaxllm.engine.runner_protocol import SampledToken
 from jaxllm.lora.slots import LoRASlots, check_seq_slots
@@ -48,8 +49,9 @@ class ModelRunner:
                  max_num_seqs: int, max_num_batched_tokens: int, eos_token_ids=(), cache_sharding=None,
                  task: str = "generate", kv_cache_dtype: str = "auto", lora_config=None,
                  kv_scales_fixed: bool = False, num_speculative_tokens: int = 0):
-        """`task`: "generate" (sample from logits) or "embed" (pool hidden states, runner/pooler.py:
-        only the mixed buckets of the embed step are compiled; nothing is sampled).
+        """`task`: "generate" (sample from logits), "embed" (pool hidden states, runner/pooler.py:
+        only the mixed buckets of the embed step are compiled; nothing is sampled) or "classify" (the
+        same, the step returning the classifier head's logits of each sequence's last token).
         `kv_cache_dtype`: "auto" (the model dtype) or "fp8" (runner/kv_cache_dtype.py).
         `kv_scales_fixed` (fp8): the scales start at 1.0 and only `kv_calibration.set_scales` changes
         them, so the step's KV writes compute no absmax (build_engine's runner); False: they start
@@ -60,13 +62,17 @@ class ModelRunner:
         `num_speculative_tokens` (K): seqs may carry up to K drafts (ScheduledSeq.num_draft_tokens);
         the mixed buckets' S grows to the most sampling rows a step can have, and steps whose seqs all
         decode (with 0..K drafts) run draft buckets, T == S sized for them (runner/buckets.py)."""
-        if task not in ("generate", "embed"):
-            raise ValueError(f"task={task!r} is invalid: must be 'generate' or 'embed'")
+        if task not in ("generate", *POOLING_TASKS):
+            raise ValueError(f"task={task!r} is invalid: must be one of {['generate', *POOLING_TASKS]}")
         c = model.config
         if task == "generate" and not getattr(c, "has_lm_head", True):
             raise ValueError(f"task='generate' is invalid for this checkpoint: it has no LM head "
                              f"(architecture {c.architecture} base model); use task='embed'")
+        if task == "classify" and not getattr(c, "num_labels", 0):
+            raise ValueError(f"task='classify' is invalid for this checkpoint: it has no classifier head "
+                             f"(architecture {c.architecture}, not a *ForSequenceClassification)")
         self.task = task
+        self.pooling = task in POOLING_TASKS  # prefill-only steps, nothing sampled
         self.model_config = c
         self.vocab_size = c.vocab_size
         self.block_size = block_size
@@ -102,7 +108,7 @@ class ModelRunner:
         graphdef, self.state = nnx.split(model)
         self.state_dtype = dtype
         # device adapter slots (none for embed: its steps run the base model)
-        self.lora = None if lora_config is None or task == "embed" else LoRASlots(lora_config, model)
+        self.lora = None if lora_config is None or self.pooling else LoRASlots(lora_config, model)
 
         programs = step_programs(graphdef, self._traced)
 
@@ -117,14 +123,15 @@ class ModelRunner:
 
         embed_kw = {}
         if layout is not None:
-            embed_kw["out_shardings"] = (self.kv_cache.like(cache_sharding, scale_sharding), layout.replicated,
-                                         layout.replicated)
-        self._embed = jax.jit(programs.embed_step, donate_argnums=(1,), **embed_kw)
+            embed_kw["out_shardings"] = (self.kv_cache.like(cache_sharding, scale_sharding), layout.replicated) \
+                + ((layout.replicated,) if task == "embed" else ())
+        pool_step = programs.classify_step if task == "classify" else programs.embed_step
+        self._embed = jax.jit(pool_step, donate_argnums=(1,), **embed_kw)
         # forks (beam search): whole-block KV copies before a step; one executable, compiled at warm-up
         copy_kw = {} if layout is None else {"out_shardings": self.kv_cache.like(cache_sharding, scale_sharding)}
         self._copy = jax.jit(copy_blocks, donate_argnums=(0,), **copy_kw)
         self.max_copies = max_num_seqs  # forks admitted in one step: at most one per scheduled seq
-        self.supports_block_copy = task != "embed" and jax.process_count() == 1
+        self.supports_block_copy = not self.pooling and jax.process_count() == 1
         self._pooled: dict = {}  # request_id -> PooledChunk, filed by PendingPool.result()
         self._prompt_lp = jax.jit(programs.prompt_logprobs)
         self._prompt_lp_out: dict[str, dict[int, SampledToken]] = {}
@@ -275,8 +282,8 @@ class ModelRunner:
     def _dispatch_embed(self, seqs) -> PendingPool:
         T, S, _ = self.buckets.pick(sum(len(s.token_ids) for s in seqs), len(seqs), False)
         inp = self._embed_inputs(seqs, T, S)
-        self.kv_cache, sums, last = self._embed_executable(inp)(self.state, self.kv_cache, inp)
-        return PendingPool(seqs, (sums, last), lambda: self._pooled)
+        self.kv_cache, *pooled = self._embed_executable(inp)(self.state, self.kv_cache, inp)
+        return PendingPool(seqs, tuple(pooled), lambda: self._pooled)  # (sums, last) or (logits,)
 
     def take_pooled(self) -> dict:
         """{request_id: PooledChunk} of the embed steps read back since the last call."""
@@ -290,7 +297,7 @@ class ModelRunner:
         if not seqs:
             return PendingStep([], None, None)
         check_seq_slots(seqs, self.lora, self.task)
-        if self.task == "embed":
+        if self.pooling:
             return self._dispatch_embed(seqs)
         if sched.block_copies:  # forks admitted this step: their copied partial blocks first
             self._copy_blocks(sched.block_copies)
@@ -352,7 +359,7 @@ class ModelRunner:
         cache on accelerators): XLA's temp allocation for the largest bucket's step and prompt-logprobs
         pass, plus the penalty state and the LoRA slots. Compiles those two once; runs nothing."""
         T, S, decode_only = max(self.buckets.all(), key=lambda b: b[0])
-        if self.task == "embed":  # the embed step is all this runner will run (a base model has no LM head)
+        if self.pooling:  # the embed step is all this runner will run (a base model has no LM head)
             exe = self._embed.lower(self.state, self.kv_cache, self._embed_inputs([], T, S)).compile()
             return int(getattr(exe.memory_analysis(), "temp_size_in_bytes", 0) or 0)
         step = self._step_lowering(self._padding_inputs(T, S, decode_only)).compile()
@@ -368,7 +375,7 @@ class ModelRunner:
         t0 = time.perf_counter()
         jobs = {}  # key -> lowered, in bucket order
         for T, S, decode_only in self.buckets.all():
-            if self.task == "embed":  # prefill only: the mixed buckets of the embed step
+            if self.pooling:  # prefill only: the mixed buckets of the embed step
                 if not decode_only:
                     inp = self._embed_inputs([], T, S)
                     key = ("embed",) + self._bucket(inp)

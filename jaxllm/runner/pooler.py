@@ -4,7 +4,9 @@ An embed step runs the model over the scheduled prompt chunks (writing their KV,
 of the same prompt attends to the earlier ones) and, instead of logits and sampling, reduces the
 final hidden states per sequence: ``[S, E]`` f32 sums (MEAN pooling, summed over chunks by the
 host, jaxllm/engine/pooling.py) and ``[S, E]`` f32 last-token states (LAST pooling). Both are
-computed for every row; the host picks per request. ``PendingPool`` is the dispatched step.
+computed for every row; the host picks per request. A classify step (step_programs.classify_step)
+returns instead the classifier head's ``[S, num_labels]`` f32 logits of each sequence's last token.
+``PendingPool`` is the dispatched step.
 """
 from __future__ import annotations
 
@@ -34,7 +36,7 @@ class PendingPool:
 
     def __init__(self, seqs: list[ScheduledSeq], out, sink: Callable[[], dict]) -> None:
         self._seqs = seqs
-        self._out = out  # (sums [S, E] f32, last [S, E] f32) on device
+        self._out = out  # (sums [S, E] f32, last [S, E] f32), or (logits [S, L] f32,), on device
         self._sink = sink
         self._marker = out[0] if out is not None else None
         if out is not None:
@@ -46,9 +48,10 @@ class PendingPool:
 
     def result(self) -> dict:
         if self._out is not None:
-            sums, last = jax.device_get(self._out)
+            outs = jax.device_get(self._out)
             store = self._sink()
             for i, s in enumerate(self._seqs):
-                store[s.request_id] = PooledChunk(sums[i], last[i])
+                store[s.request_id] = (PooledChunk(outs[0][i], outs[1][i]) if len(outs) == 2
+                                       else PooledChunk(None, None, logits=outs[0][i]))
             self._out = None
         return {}

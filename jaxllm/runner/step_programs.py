@@ -4,7 +4,8 @@
   penalty tables updated, the model run over the padded batch (KV cache written in place), logits of
   each sequence's sampling rows, sampling on device;
 - `prompt_logprobs`: the prompt-logprobs pass over a step's hidden states, in chunks;
-- `embed_step`: the embed task's step: pooled hidden states, nothing sampled.
+- `embed_step`: the embed task's step: pooled hidden states, nothing sampled;
+- `classify_step`: the classify task's: the classifier head's logits of each sequence's last token.
 
 They close over the model's graph definition only; the weights (`state`) are an argument of each.
 """
@@ -29,6 +30,7 @@ class StepPrograms(NamedTuple):
     fed_step: Callable
     prompt_logprobs: Callable
     embed_step: Callable
+    classify_step: Callable
 
 
 def step_programs(graphdef, on_trace: Callable[[], None]) -> StepPrograms:
@@ -93,4 +95,12 @@ def step_programs(graphdef, on_trace: Callable[[], None]) -> StepPrograms:
         sums, last = pool_hidden(hidden, inp.metadata.cu_q_lens, inp.logits_indices)
         return cache, sums, last
 
-    return StepPrograms(fed_step, prompt_logprobs, embed_step)
+    def classify_step(state, cache, inp: StepInputs):
+        """Prefill chunks → (cache, the head's logits of each sequence's last token [S, num_labels] f32;
+        the host keeps a prompt's final chunk's)."""
+        on_trace()  # runs only while tracing
+        m = nnx.merge(graphdef, state)
+        hidden, cache = m(inp.tokens, inp.positions, cache, inp.metadata)  # [T, E]
+        return cache, m.classify(hidden[inp.logits_indices])  # [S, L] f32
+
+    return StepPrograms(fed_step, prompt_logprobs, embed_step, classify_step)

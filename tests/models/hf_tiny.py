@@ -195,3 +195,60 @@ def hf_embeddings(path: str, seqs: list[list[int]], pooling_type: str, normalize
                 v = torch.nn.functional.normalize(v, dim=-1)
             out.append(v.numpy())
     return out
+
+
+def make_tiny_hf_classifier(name: str, root: str, num_labels: int, seed: int = 0, tokenizer: bool = False,
+                            **config_kw) -> str:
+    """A tiny random HF ``*ForSequenceClassification`` (the decoder + a bias-free ``score`` linear
+    [hidden, num_labels]) of a TINY_CONFIGS / GEMMA_CONFIGS architecture: reward models and cross-encoder
+    rerankers are this shape (num_labels 1). ``tokenizer``: also save a word-level tokenizer whose pair
+    encoding is ``<bos> a <sep> b <sep>`` (``tiny_pair_tokenizer``)."""
+    import torch
+    import transformers
+
+    tag = "-".join(f"{k}{v}" for k, v in sorted(config_kw.items()))
+    path = os.path.join(root, f"{name}-cls{num_labels}{'-tok' if tokenizer else ''}{'-' + tag if tag else ''}")
+    if os.path.isfile(os.path.join(path, "config.json")):
+        return path
+    cls_name, kwargs = {**TINY_CONFIGS, **GEMMA_CONFIGS}[name]
+    labels = {i: f"label_{chr(97 + i)}" for i in range(num_labels)}
+    config = getattr(transformers, cls_name)(**dict(kwargs, id2label=labels,
+                                                    label2id={v: k for k, v in labels.items()}, **config_kw))
+    torch.manual_seed(seed)
+    model = transformers.AutoModelForSequenceClassification.from_config(config, dtype=torch.float32)
+    with torch.no_grad():
+        model.score.weight.normal_(0.0, 0.5)  # logits of a useful size (HF draws them at initializer_range)
+    if name in GEMMA_CONFIGS:
+        randomize_norms(model)
+    model.save_pretrained(path)
+    if tokenizer:
+        tiny_pair_tokenizer(config.vocab_size).save_pretrained(path)
+    return path
+
+
+def tiny_pair_tokenizer(vocab_size: int):
+    """A word-level fast tokenizer over ``vocab_size`` ids: 0 <pad>, 1 <bos>, 2 <eos>, 3 <sep>, 4 <unk>,
+    then the words w5, w6, ...; single texts encode as ``<bos> a``, pairs as ``<bos> a <sep> b <sep>``."""
+    from tokenizers import Tokenizer as RustTokenizer, models, pre_tokenizers, processors
+    from transformers import PreTrainedTokenizerFast
+
+    special = ["<pad>", "<bos>", "<eos>", "<sep>", "<unk>"]
+    vocab = {t: i for i, t in enumerate(special)} | {f"w{i}": i for i in range(len(special), vocab_size)}
+    rust = RustTokenizer(models.WordLevel(vocab, unk_token="<unk>"))
+    rust.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
+    rust.post_processor = processors.TemplateProcessing(
+        single="<bos> $A", pair="<bos> $A <sep> $B:1 <sep>:1", special_tokens=[("<bos>", 1), ("<sep>", 3)])
+    return PreTrainedTokenizerFast(tokenizer_object=rust, bos_token="<bos>", eos_token="<eos>", pad_token="<pad>",
+                                   unk_token="<unk>", sep_token="<sep>")
+
+
+def hf_classifier_logits(path: str, seqs: list[list[int]]):
+    """Reference logits [num_labels] per sequence from transformers' *ForSequenceClassification (fp32,
+    eager attention, each sequence alone: its last token is the one scored)."""
+    import torch
+    import transformers
+
+    model = transformers.AutoModelForSequenceClassification.from_pretrained(path, dtype=torch.float32,
+                                                                            attn_implementation="eager")
+    with torch.no_grad():
+        return [model(torch.tensor([s])).logits[0].numpy() for s in seqs]

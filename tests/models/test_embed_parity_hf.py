@@ -140,3 +140,18 @@ def test_workspace_probe_compiles_the_embed_step(llama):
     the generate step would need the LM head a base model lacks."""
     _, llm = llama
     assert llm.engine.runner.workspace_bytes() > 0
+
+
+def test_llm_score_of_an_embedder_is_the_cosine_of_hf_embeddings(llama):
+    """vLLM's LLM.score on an embedding model: the cosine of the two texts' embeddings (1:N and N:N)."""
+    path, llm = llama
+    a, *bs = prompts(5)[:3]
+    ref = hf_embeddings(path, [a, *bs], "LAST", normalize=True)
+    want = [cosine(ref[0], r) for r in ref[1:]]
+    one_n = llm.score({"prompt_token_ids": a}, [{"prompt_token_ids": b} for b in bs], use_tqdm=False)
+    n_n = llm.score([{"prompt_token_ids": b} for b in bs], [{"prompt_token_ids": a}] * 2, use_tqdm=False)
+    np.testing.assert_allclose([o.outputs.score for o in one_n], want, atol=1e-5)
+    np.testing.assert_allclose([o.outputs.score for o in n_n], want, atol=1e-5)
+    assert [o.prompt_token_ids for o in one_n] == [a + b for b in bs]
+    stats = llm.engine.get_stats()
+    assert stats["num_free_blocks"] == stats["num_blocks"]

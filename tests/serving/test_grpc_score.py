@@ -63,7 +63,7 @@ def test_score_on_a_generate_server_and_embed_dimensions():
     err = run(generate())
     assert err.code() == grpc.StatusCode.INVALID_ARGUMENT
     assert err.details() == ("model='fake-embed' is invalid for Score: this server's task is 'generate' "
-                             "(scoring needs an embedding model: start it with --task embed)")
+                             "(scoring needs an embedding model or a cross-encoder: --task embed or classify)")
 
     async def matryoshka():
         async with running_server(matryoshka_engine([2, 4])) as c:

@@ -135,4 +135,4 @@ def test_a_generating_server_refuses_score_and_rerank_naming_model():
         err = resp.json()["error"]
         assert resp.status_code == 400 and err["param"] == "model", resp.text
         assert err["message"] == (f"model='fake-embed' is invalid for {path}: this server's task is 'generate' "
-                                  "(scoring needs an embedding model: start it with --task embed)")
+                                  "(scoring needs an embedding model or a cross-encoder: --task embed or classify)")

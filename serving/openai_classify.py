@@ -1,0 +1,78 @@
+"""vLLM's classification API, ``POST /classify`` = ``/v1/classify``, over the front door (no jax).
+
+A ``--task classify`` server (a *ForSequenceClassification checkpoint: a classifier, a reward model,
+a cross-encoder) answers ``{"input": str | [str] | [ids] | [[ids]], "model"?, "truncate_prompt_tokens"?,
+"activation"?, "request_id"?, "user"?}``: every input is one engine request (``f"{id}-{i}"``), admitted
+together so the scheduler batches them, all or nothing (``FrontDoor.embed_many``, as /v1/embeddings).
+The answer, vLLM's ``ClassificationResponse``: ``{"id": "classify-<id>", "object": "list", "created",
+"model", "data": [{"index", "label", "probs", "num_classes"}], "usage": {"prompt_tokens",
+"total_tokens", "completion_tokens": 0, "prompt_tokens_details": null}}``: ``probs`` the model's
+activation of the logits (softmax; sigmoid for one label; ``activation: false``: the raw logits),
+``label`` the ``id2label`` name of the largest. Any other server refuses with 400 naming ``model``.
+"""
+
+from __future__ import annotations
+
+import time
+import uuid
+
+import numpy as np
+from fastapi import Request
+from pydantic import BaseModel, ConfigDict
+
+from jaxllm.pooling_params import PoolingParams
+from serving.frontdoor import FrontDoor, ModelInfo, invalid
+from serving.openai_embed import _prompts
+from serving.request_ids import engine_prefix
+
+
+class ClassificationRequest(BaseModel):
+    model_config = ConfigDict(extra="forbid", strict=True)
+
+    input: str | list[str] | list[int] | list[list[int]]
+    model: str | None = None
+    truncate_prompt_tokens: int | None = None
+    activation: bool | None = None  # vLLM's: False = the raw logits
+    request_id: str | None = None  # names the answer (serving/request_ids.py; the X-Request-Id header wins)
+    user: str | None = None  # accepted, unused
+
+
+async def create_classify(door: FrontDoor, info: ModelInfo, body: ClassificationRequest, path: str,
+                          request_id: str | None = None) -> dict:
+    """``request_id``: the client's (checked by the caller), None = a fresh uuid."""
+    task = getattr(info.engine, "task", "generate")
+    if task != "classify":
+        raise invalid(f"model={info.name!r} is invalid for {path}: this server's task is {task!r} (classify "
+                      f"needs a *ForSequenceClassification model: start it with --task classify)", "model")
+    try:
+        prompts = _prompts(body, info.vocab_size, door.config.max_queued_requests)
+    except ValueError as exc:
+        raise invalid(str(exc), "input") from None
+    try:
+        params = PoolingParams(truncate_prompt_tokens=body.truncate_prompt_tokens,
+                               activation=body.activation).validate()
+    except ValueError as exc:
+        raise invalid(str(exc)) from None
+    answer_id = "classify-" + (request_id or uuid.uuid4().hex)
+    outs = await door.embed_many(engine_prefix(answer_id, request_id is not None), prompts, params)
+    labels = info.engine.runner.model_config.labels
+    data = []
+    for i, out in enumerate(outs):
+        probs = out.outputs.probs
+        data.append({"index": i, "label": labels[int(np.argmax(probs))] if labels else None, "probs": probs,
+                     "num_classes": len(probs)})
+    tokens = sum(len(o.prompt_token_ids) for o in outs)
+    return {"id": answer_id, "object": "list", "created": int(time.time()), "model": info.name, "data": data,
+            "usage": {"prompt_tokens": tokens, "total_tokens": tokens, "completion_tokens": 0,
+                      "prompt_tokens_details": None}}
+
+
+def add_classify_routes(app, door: FrontDoor, model_of, client_id) -> None:
+    """vLLM's /classify and its /v1 alias (``model_of`` / ``client_id``: serving/openai_api.py's rules)."""
+
+    async def classify(body: ClassificationRequest, request: Request):
+        rid = client_id(request, body)
+        return await create_classify(door, model_of(body.model, adapters=False), body, request.url.path, rid)
+
+    for path in ("/classify", "/v1/classify"):
+        app.add_api_route(path, classify, methods=["POST"])

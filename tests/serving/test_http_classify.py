@@ -1,0 +1,130 @@
+"""vLLM's /classify and the cross-encoder /score, /rerank and gRPC Score on a loopback server around
+one tiny real engine: a random Qwen3ForSequenceClassification with num_labels 1 and a word-level
+tokenizer whose pair template is ``<bos> a <sep> b <sep>`` (tests/models/hf_tiny.py). References are
+HF transformers' logits of the same token ids (the tokenizer's own single and pair encodings):
+/classify's probs are their sigmoid (raw with ``activation: false``), /score and gRPC Score the
+sigmoid of the pair's logit, /rerank the same scores sorted. Misuse is a 400 naming the field."""
+
+from __future__ import annotations
+
+import grpc
+import httpx
+import numpy as np
+import pytest
+
+from serving.proto.jaxllm.v1 import generation_pb2 as pb
+from serving_helpers import run, running_server
+from test_serving_embed import make_engine as fake_embed_engine
+from tests.models.hf_tiny import hf_classifier_logits, make_tiny_hf_classifier
+
+QUERY = "w9 w17 w30"
+DOCS = ["w40 w41", "w99 w5 w7 w200 w11", "w30 w9", "w250"]
+
+
+@pytest.fixture(scope="module")
+def model(tmp_path_factory):
+    from jaxllm.llm import LLM
+
+    path = make_tiny_hf_classifier("qwen3", str(tmp_path_factory.mktemp("http_cls")), num_labels=1, tokenizer=True)
+    llm = LLM(path, max_num_batched_tokens=32, max_num_seqs=4, max_model_len=64, kv_cache_memory_bytes=1 << 20)
+    return path, llm.engine
+
+
+def sigmoid(x):
+    return 1 / (1 + np.exp(-np.asarray(x, np.float64)))
+
+
+async def _serve(engine, calls):
+    async with running_server(engine, http_port=0) as c:
+        async with httpx.AsyncClient(base_url=f"http://127.0.0.1:{c.server.http_port}", timeout=60) as h:
+            got = await calls(h, c)
+        await c.wait_blocks_free()
+        return got
+
+
+def test_classify_score_rerank_and_grpc_score_equal_hf(model):
+    path, engine = model
+
+    async def calls(h, c):
+        cls = await h.post("/classify", json={"input": [QUERY, *DOCS[:2]], "request_id": "c1"})
+        raw = await h.post("/v1/classify", json={"input": [[1, 9, 17]], "activation": False})
+        score = await h.post("/v1/score", json={"text_1": QUERY, "text_2": DOCS})
+        rerank = await h.post("/rerank", json={"query": QUERY, "documents": DOCS, "top_n": 3})
+        grpc_score = await c.stub.Score(pb.ScoreRequest(text_1=[QUERY], text_2=DOCS), timeout=30)
+        return cls, raw, score, rerank, grpc_score
+
+    cls, raw, score, rerank, grpc_score = run(_serve(engine, calls), timeout=120)
+    tok = engine.tokenizer.hf
+    singles = [tok(t)["input_ids"] for t in [QUERY, *DOCS[:2]]]
+    pairs = [tok(QUERY, d)["input_ids"] for d in DOCS]
+    ref = [l[0] for l in hf_classifier_logits(path, singles + [[1, 9, 17]] + pairs)]
+    want_cls, want_raw, want_pairs = sigmoid(ref[:3]), ref[3], sigmoid(ref[4:])
+    assert np.ptp(want_pairs) > 0.01  # distinct: the rerank order below is meaningful
+
+    r = cls.json()
+    assert cls.status_code == 200 and r["id"] == "classify-c1" and r["object"] == "list", r
+    assert [d["index"] for d in r["data"]] == [0, 1, 2]
+    assert all(d["label"] == "label_a" and d["num_classes"] == 1 for d in r["data"])
+    np.testing.assert_allclose([d["probs"][0] for d in r["data"]], want_cls, atol=1e-5, rtol=0)
+    assert r["usage"] == {"prompt_tokens": sum(map(len, singles)), "total_tokens": sum(map(len, singles)),
+                          "completion_tokens": 0, "prompt_tokens_details": None}
+    np.testing.assert_allclose(raw.json()["data"][0]["probs"], [want_raw], atol=1e-4, rtol=0)
+
+    s = score.json()
+    assert score.status_code == 200 and s["id"].startswith("score-"), s
+    np.testing.assert_allclose([d["score"] for d in s["data"]], want_pairs, atol=1e-5, rtol=0)
+    assert s["usage"]["prompt_tokens"] == sum(map(len, pairs))
+    np.testing.assert_allclose(grpc_score.scores, want_pairs, atol=1e-5, rtol=0)
+    assert grpc_score.prompt_tokens == sum(map(len, pairs))
+
+    order = [int(i) for i in np.argsort(-want_pairs, kind="stable")[:3]]
+    res = rerank.json()["results"]
+    assert [x["index"] for x in res] == order and [x["document"]["text"] for x in res] == [DOCS[i] for i in order]
+    np.testing.assert_allclose([x["relevance_score"] for x in res], want_pairs[order], atol=1e-5, rtol=0)
+
+
+def test_misuse_is_400_naming_the_field(model):
+    _, engine = model
+
+    async def calls(h, c):
+        with pytest.raises(grpc.aio.AioRpcError) as ei:
+            await c.stub.Embed(pb.EmbedRequest(text="w5"), timeout=10)
+        assert ei.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+        assert ei.value.details().startswith("task='classify' is invalid for Embed")
+        return [await h.post(p, json=b) for p, b in (
+            ("/classify", {"input": []}),
+            ("/classify", {"input": "w5", "activation": "yes"}),
+            ("/v1/classify", {"input": [[1, 99999]]}),
+            ("/v1/embeddings", {"input": "w5"}),
+            ("/v1/score", {"text_1": ["w5", "w6"], "text_2": ["w7", "w8", "w9"]}))]
+
+    got = run(_serve(engine, calls), timeout=60)
+    params = [r.json()["error"]["param"] for r in got]
+    assert [r.status_code for r in got] == [400] * 5, [r.text for r in got]
+    assert params == ["input", "activation", "input", "model", "text_2"], params
+    assert "this server's task is 'classify'" in got[3].json()["error"]["message"]
+
+
+def test_classify_on_an_embedding_server_is_400_naming_model():
+    async def calls(h, c):
+        return await h.post("/classify", json={"input": "a"})
+
+    resp = run(_serve(fake_embed_engine(), calls))
+    err = resp.json()["error"]
+    assert resp.status_code == 400 and err["param"] == "model"
+    assert err["message"].startswith("model='fake-embed' is invalid for /classify: this server's task is 'embed'")
+
+
+def test_score_on_a_multi_label_classifier_is_refused_naming_model():
+    from serving.frontdoor import FrontDoorError
+    from serving.openai_score import check_task
+
+    class Info:  # a classify server's ModelInfo around a 3-label classifier
+        name = "cls3"
+        engine = type("E", (), {"task": "classify", "runner": type("R", (), {"model_config": type(
+            "C", (), {"num_labels": 3, "labels": ("a", "b", "c")})})})
+
+    with pytest.raises(FrontDoorError) as ei:
+        check_task(Info, "/v1/score")
+    assert str(ei.value) == ("model='cls3': num_labels=3 is invalid for /v1/score: a cross-encoder has exactly 1 "
+                             "label (this classifier's labels: ['a', 'b', 'c']; classify it instead)")
