@@ -3,6 +3,7 @@ persistent XLA compile cache: JAX writes cache entries non-atomically, so two pr
 the same program at once could read each other's half-written file. Subprocesses that tests start
 inherit the worker's directory. An explicit $JAXLLM_COMPILE_CACHE is left alone."""
 import os
+import sys
 
 import pytest
 
@@ -33,6 +34,38 @@ def pytest_collection_modifyitems(session, config, items):
             return 0, PARALLEL_LONGEST.index(name) if name in PARALLEL_LONGEST else len(PARALLEL_LONGEST)
         return (1 if "/tests/e2e/" in path else 2), 0
     items.sort(key=rank)
+    _OPTIMIZED_MODULES.update(str(item.fspath) for item in items if item.get_closest_marker("slow"))
+
+
+# XLA's CPU backend spends most of a tiny model's test in LLVM (compiling, not running): with LLVM's
+# optimizations off (jax's `jax_disable_most_optimizations`: backend optimization level 0, no expensive
+# passes; the HLO passes, fusion and buffer assignment are unchanged) a tiny-model module compiles
+# ~25-35 % faster. A real model's compute is another matter (the SmolLM2 end to end took 3.5x longer
+# unoptimized), so modules with a test marked `slow` (they run SmolLM2) compile as users do.
+_OPTIMIZED_MODULES: set[str] = set()
+_DMO = "JAX_DISABLE_MOST_OPTIMIZATIONS"
+
+
+@pytest.fixture(scope="module", autouse=True)
+def _llvm_optimizations_for_real_models_only(request):
+    """Set before the module's other module-scoped fixtures (autouse first in a scope) build engines.
+    The environment variable reaches jax in subprocesses (tests/parallel children, servers, benches)
+    and a jax imported later; a jax already imported is switched through its config. $JAX_DISABLE_MOST_
+    OPTIMIZATIONS set outside pytest wins (0 runs every module optimized)."""
+    outside = _DMO_OUTSIDE
+    want = outside if outside is not None else ("0" if str(request.node.fspath) in _OPTIMIZED_MODULES else "1")
+    before = os.environ.get(_DMO)
+    os.environ[_DMO] = want
+    if "jax" in sys.modules:
+        sys.modules["jax"].config.update("jax_disable_most_optimizations", want == "1")
+    yield
+    if before is None:
+        os.environ.pop(_DMO, None)
+    else:
+        os.environ[_DMO] = before
+
+
+_DMO_OUTSIDE = os.environ.get(_DMO)
 
 
 @pytest.fixture(autouse=True)
