@@ -89,7 +89,7 @@ def grouped_experts(x: jax.Array, weights: jax.Array, experts: jax.Array, w_gate
     group_sizes = jnp.bincount(flat, length=X).astype(jnp.int32)  # [X], sums to T*k
     rows = x[order // k]  # [T*k, E] each assignment's token, in expert order
     if isinstance(w_gate_up, QuantWeight):
-        row_expert = flat[order]  # [T*k] each sorted row's expert
+        row_expert = jnp.minimum(flat[order], X - 1)  # [T*k] each sorted row's expert (EP's id X: any, weight 0)
         h = _swiglu(moe_quant.grouped_dot(rows, w_gate_up, group_sizes, row_expert))  # [T*k, F]
         y = moe_quant.grouped_dot(h, w_down, group_sizes, row_expert)  # [T*k, E] in expert order
     else:
@@ -122,7 +122,8 @@ def gather_experts(x: jax.Array, weights: jax.Array, experts: jax.Array, w_gate_
     ([T*k, E, 2F] and [T*k, F, E]) and runs one batched matvec. Reads T*k experts' weights (copying
     them once): below X rows, less than the dense form's X; above, more."""
     T, k = experts.shape
-    flat = experts.reshape(-1)  # [T*k]: token t's slot j at t*k + j
+    flat = jnp.minimum(experts.reshape(-1), w_gate_up.shape[0] - 1)  # [T*k]: token t's slot j at t*k + j
+    # (an id past the experts, another device's under EP, weighted 0, reads the last one)
     rows = jnp.repeat(x, k, axis=0)  # [T*k, E]
     if isinstance(w_gate_up, QuantWeight):  # the routed experts' q gathered in 8 bits, then converted
         h = _swiglu(moe_quant.gather_dot("re,ref->rf", rows, w_gate_up, flat))  # [T*k, F]
@@ -136,20 +137,37 @@ def gather_experts(x: jax.Array, weights: jax.Array, experts: jax.Array, w_gate_
 def moe_mlp(x: jax.Array, w_router: jax.Array, w_gate_up: jax.Array, w_down: jax.Array, top_k: int,
             renormalize: bool, layout=None, impl: str | None = None) -> jax.Array:
     """One layer's MoE MLP: x [T, E] (replicated) → [T, E] (replicated). `w_gate_up` [X, E, 2F] fused
-    shard-major and `w_down` [X, F, E], F sharded on "tp" under a TPLayout `layout`."""
+    shard-major and `w_down` [X, F, E]: under a TPLayout `layout`, F sharded on "tp", or with
+    `layout.expert_parallel` X sharded on "tp" (whole experts, gate/up plainly concatenated)."""
     weights, experts = route(x, w_router, top_k, renormalize)  # [T, k] each, replicated
+    X = w_gate_up.shape[0]
+    ep = layout is not None and layout.expert_parallel
+    local_x = X // layout.tp if ep else X  # experts on one device
     fn = {"grouped": grouped_experts, "dense": dense_experts, "gather": gather_experts}[
-        moe_impl(impl, x.shape[0] * top_k, w_gate_up.shape[0])]
+        moe_impl(impl, x.shape[0] * top_k, local_x)]
     if layout is None:
         return fn(x, weights, experts, w_gate_up, w_down)
 
-    def local(x, weights, experts, w_gate_up, w_down):  # this device's F/tp slice of every expert
+    def local(x, weights, experts, w_gate_up, w_down):  # TP: this device's F/tp slice of every expert
+        if ep:  # EP: its X/tp whole experts; the other devices' assignments get weight 0 here
+            weights, experts = local_assignments(weights, experts, jax.lax.axis_index(TP) * local_x, local_x)
         return jax.lax.psum(fn(x, weights, experts, w_gate_up, w_down), TP)
 
-    specs = (P(), P(), P(), _spec(layout, w_gate_up, ("experts", "embed", "mlp2")),
-             _spec(layout, w_down, ("experts", "mlp", "embed")))
+    specs = (P(), P(), P(), _spec(layout, w_gate_up, ("experts", "embed", "expert_mlp2")),
+             _spec(layout, w_down, ("experts", "expert_mlp", "embed")))
     return jax.shard_map(local, mesh=layout.mesh, in_specs=specs, out_specs=P(),
                          check_vma=False)(x, weights, experts, w_gate_up, w_down)
+
+
+def local_assignments(weights: jax.Array, experts: jax.Array, first, n: int) -> tuple[jax.Array, jax.Array]:
+    """Expert parallelism: the replicated routing (weights [T, k] f32, experts [T, k] global ids) as
+    one device's, whose experts are [first, first + n): ids made local, and an assignment to another
+    device's expert gets weight 0 and the id `n` (one past the local experts). Every path copes with
+    that id: grouped's bincount and ragged_dot leave its rows out (sorted last, in no group: zero
+    rows), dense's scatter drops it, gather clips it to a local expert (weighted 0)."""
+    ids = experts - first  # [T, k]
+    here = (ids >= 0) & (ids < n)  # [T, k]
+    return jnp.where(here, weights, 0.0), jnp.where(here, ids, n).astype(jnp.int32)
 
 
 def _spec(layout, w, axes: tuple[str, ...]):
