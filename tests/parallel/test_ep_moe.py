@@ -42,12 +42,21 @@ def ref(root):
 @pytest.mark.parametrize("arch,tp,impl", [("mixtral", 2, "grouped"), ("mixtral", 4, "gather"),
                                           ("qwen3_moe", 2, "gather"), ("qwen3_moe", 4, "dense")])
 def test_ep_logits_equal_tp1(root, ref, arch, tp, impl, monkeypatch):
+    """... and the decode step communicates what TP's does: one all-reduce of [T, E] for the embedding, two
+    per layer (o_proj; the experts' partial sums, as TP's row-parallel down projection), one all-gather
+    of the [T, V] logits: no expert weight or token moves between devices."""
+    import re
+
+    from tests.parallel.test_tp_logits import COLLECTIVE
+
     monkeypatch.setenv("JAXLLM_MOE", impl)
     pre1, dec1 = ref[arch]
-    pre, dec = forward_logits(make_tiny_hf(arch, root), tp, expert_parallel=True)
+    pre, dec, hlo = forward_logits(make_tiny_hf(arch, root), tp, hlo=True, expert_parallel=True)
     np.testing.assert_allclose(pre, pre1, atol=2e-5, rtol=0)
     np.testing.assert_allclose(dec, dec1, atol=2e-5, rtol=0)
     assert np.abs(pre1).max() > 0.5 and np.abs(dec1).max() > 0.5
+    ops = sorted(m.groups() for m in re.finditer(COLLECTIVE, hlo))
+    assert ops == [("f32[2,256]", "all-gather")] + [("f32[2,64]", "all-reduce")] * (1 + 2 * 2), ops  # 2 layers
 
 
 @pytest.mark.parametrize("arch,tp", [("qwen3_moe", 4), ("mixtral", 2)])
