@@ -24,6 +24,10 @@ Tensor parallelism: each expert's intermediate axis is split over "tp" like the 
 (w_gate_up column-parallel in shard-major order, w_down row-parallel, jaxllm/models/fusion.py); the
 router and its choices are replicated. Under `shard_map` every device runs the same sort and its
 own slice of every expert, and one psum adds the partial outputs (the dense MLP's one all-reduce).
+Expert parallelism (`layout.expert_parallel`, --enable-expert-parallel): the expert axis is split over
+"tp" instead, X/tp whole experts a device; every device still routes every token, `local_assignments`
+keeps the assignments to its own experts (the others weight 0), the path runs on its experts only
+(chosen by X/tp), and the same psum adds the partial outputs (jaxllm/parallel/README.md, "Expert parallelism").
 
 Quantized experts (`--quantization int8|fp8|int4`, or an fp8 / AWQ / GPTQ checkpoint's): `w_gate_up` /
 `w_down` are QuantWeights with one scale per expert and output channel (or block scales: an fp8

@@ -136,6 +136,24 @@ def test_fp8_block_checkpoint_ep2_equal_tp1(root):
     assert np.abs(one).max() > 0.5
 
 
+def test_awq_experts_ep2_equal_tp1(root):
+    """An AWQ Mixtral checkpoint (uint4 experts, group scales and offsets, groups of 32): under EP tp=2
+    each device holds 2 whole experts with their groups as stored (w_down's 3 along F, none split)."""
+    import os
+
+    from tests.checkpoints.int4_tiny import write_int4
+
+    ck_dir, _ = write_int4(make_tiny_hf("mixtral", root), os.path.join(root, "awq"), "awq", 32)
+    _, _, one = prefill_logits(load_checkpoint(ck_dir), 1, "unroll", SEQS)
+    model, _, two = prefill_logits(load_checkpoint(ck_dir), 2, "unroll", SEQS, expert_parallel=True)
+    down = model.layers[0].arrays()["we_down"]  # [X, F, E]: F = 96
+    assert down.q.dtype == jnp.uint4 and down.offset is not None and down.scale.shape == (4, 3, 64)
+    assert down.q.addressable_shards[0].data.shape == (2, 96, 64)
+    assert down.offset.addressable_shards[0].data.shape == down.scale.addressable_shards[0].data.shape == (2, 3, 64)
+    np.testing.assert_allclose(two, one, atol=1e-4 * np.abs(one).max(), rtol=0)
+    assert np.abs(one).max() > 0.5
+
+
 def test_refusals_name_the_value_and_limit(root):
     c = load_checkpoint(make_tiny_hf("qwen3_moe", root)).config  # 8 experts, 4 heads, 2 kv heads
     with pytest.raises(ValueError, match=r"num_experts=6 is not divisible by 4 .*valid sizes for this model: \[1, 2\]"):
