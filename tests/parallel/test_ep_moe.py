@@ -165,10 +165,11 @@ def test_refusals_name_the_value_and_limit(root):
         check_fits(dataclasses.replace(c, num_experts=0, num_experts_per_tok=0), 2, expert_parallel=True)
 
 
-def test_engine_ep2_greedy_equals_hf_generate(root):
+def test_engine_ep2_greedy_equals_hf_generate(root, capfd):
     """Through LLM at EP tp=2 (the CPU defaults: dense experts for prefill, gather for decode): greedy
     tokens equal HF generate's, which the tp=1 engine matches (tests/models/test_moe_parity_hf.py)."""
     from tests.models.test_moe_parity_hf import assert_engine_greedy_equals_hf, sharpened
 
     assert_engine_greedy_equals_hf(sharpened("qwen3_moe", root), [[5, 17, 33, 2, 99, 140, 7], list(range(30, 43))], 8,
                                    tensor_parallel_size=2, enable_expert_parallel=True, max_num_batched_tokens=32)
+    assert "expert parallelism: 8 experts, 4 whole experts per device over 2 devices" in capfd.readouterr().err
