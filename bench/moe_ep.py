@@ -8,12 +8,12 @@ one run on forced CPU devices.
 
 The step is bench/moe.py's (forward + logits of one decode step, every sequence one new token over a
 64-token context, jitted; best of --rounds medians of --iters steps), built with a TPLayout at tp > 1.
-The expert path is the CPU default (JAXLLM_MOE=auto unless set): under EP it picks by the experts on
-one device (gather while T*k < X/tp, else dense over the local experts), under TP by all X.
-`expert_mib_dev`: the expert weight bytes one device reads per step (tp=1: min(T*k, X) experts; TP:
-the same over tp; EP: min(T*k, X/tp) whole experts: with few tokens a device reads whole experts where
-TP reads slices, so EP reads more per device at batch 1 and the same at large batches, in fewer,
-larger matmuls). The forced CPU devices share this machine's cores: tp > 1 cannot beat tp=1 here; the
+The expert path is the CPU default (JAXLLM_MOE=auto unless set): while T*k < X, gather (tp=1, TP)
+or, under EP, loop (each device runs only its experts some token was routed to); else dense (under EP
+over the local experts). `expert_mib_dev`: the expert weight bytes one device reads per step (tp=1:
+min(T*k, X) experts; TP: the same over tp; EP: at most min(T*k, X/tp) whole experts (loop: its routed
+ones, data-dependent), X/tp when dense: with few tokens a device reads whole experts where TP reads
+slices, at large batches the same bytes in fewer, larger matmuls). The forced CPU devices share this machine's cores: tp > 1 cannot beat tp=1 here; the
 numbers compare the two layouts' per-device work, not multi-device speed.
 """
 from __future__ import annotations
@@ -104,8 +104,9 @@ def main(argv=None) -> int:
     for tp, ep in modes:
         for b in args.batches:
             local = X // tp if ep else X
-            path = moe_impl(None, b * k, local)
-            experts = min(b * k, local) if path == "gather" else local  # per device and layer, whole or sliced
+            path = moe_impl(None, b * k, X, ep)
+            # per device and layer, whole or sliced; loop: at most (its routed experts, data-dependent)
+            experts = min(b * k, local) if path in ("gather", "loop") else local
             frac = 1 if ep or tp == 1 else 1 / tp
             mib = experts * frac * 3 * E * F * dtype.itemsize * c.num_layers / 2**20
             ms = time_step(c, params, dtype, b, tp, ep, args.iters, args.rounds)
@@ -113,7 +114,7 @@ def main(argv=None) -> int:
             rows.append(dict(mode=mode, tp=tp, expert_parallel=ep, batch=b, experts_path=path, step_ms=round(ms, 2),
                              expert_mib_dev=round(mib, 1)))
             print(f"{mode:5s} batch {b:3d}: {ms:8.2f} ms/step  experts {path:6s}  "
-                  f"expert weights read per device {mib:7.1f} MiB", flush=True)
+                  f"expert weights read per device {'<=' if path == 'loop' else '  '}{mib:7.1f} MiB", flush=True)
     by = {(r["mode"], r["batch"]): r["step_ms"] for r in rows}
     for b in args.batches:
         for tp in sorted({t for t, _ in modes if t > 1}):

@@ -17,8 +17,9 @@ over every row, in a dot form XLA CPU runs slowly: bench/RESULTS.md, "MoE").
 "dense" (the CPU default from T*k >= X rows, `JAXLLM_MOE=dense`): every expert on every token as dots
 batched over the experts, the unrouted outputs masked out by a zero weight; the bench's "same MoE
 computed densely". "gather" (the CPU default below X rows, a small decode batch): each assignment
-gathers its expert's weights, so only the routed experts are read. All three are tested against a
-numpy reference (tests/models/test_moe.py).
+gathers its expert's weights, so only the routed experts are read. "loop" (the CPU default for a small
+batch under expert parallelism): a loop over the experts running, by `lax.cond`, only those some token is
+routed to. All four are tested against a numpy reference (tests/models/test_moe.py).
 
 Tensor parallelism: each expert's intermediate axis is split over "tp" like the dense MLP's
 (w_gate_up column-parallel in shard-major order, w_down row-parallel, jaxllm/models/fusion.py); the
@@ -27,7 +28,8 @@ own slice of every expert, and one psum adds the partial outputs (the dense MLP'
 Expert parallelism (`layout.expert_parallel`, --enable-expert-parallel): the expert axis is split over
 "tp" instead, X/tp whole experts a device; every device still routes every token, `local_assignments`
 keeps the assignments to its own experts (the others weight 0), the path runs on its experts only
-(chosen by X/tp), and the same psum adds the partial outputs (jaxllm/parallel/README.md, "Expert parallelism").
+(small batches: "loop", so a device reads just its routed experts), and the same psum adds the
+partial outputs (jaxllm/parallel/README.md, "Expert parallelism").
 
 Quantized experts (`--quantization int8|fp8|int4`, or an fp8 / AWQ / GPTQ checkpoint's): `w_gate_up` /
 `w_down` are QuantWeights with one scale per expert and output channel (or block scales: an fp8
@@ -48,21 +50,25 @@ from jaxllm.models.quant import QuantWeight, expert_scale_axes
 from jaxllm.parallel.rules import TP
 
 MOE_ENV = "JAXLLM_MOE"
-MOE_IMPLS = ("auto", "grouped", "dense", "gather")
+MOE_IMPLS = ("auto", "grouped", "dense", "gather", "loop")
 
 
-def moe_impl(impl: str | None = None, rows: int | None = None, num_experts: int | None = None) -> str:
-    """`impl` or $JAXLLM_MOE: "grouped", "dense", "gather", or "auto" (the default): grouped off CPU; on
-    CPU, where jax expands ragged_dot into a slow dense form, "gather" while the step's `rows` (T*k)
-    are fewer than `num_experts` (a small decode batch: only the routed experts' weights are read),
-    else "dense"."""
+def moe_impl(impl: str | None = None, rows: int | None = None, num_experts: int | None = None,
+             expert_parallel: bool = False) -> str:
+    """`impl` or $JAXLLM_MOE: "grouped", "dense", "gather", "loop", or "auto" (the default): grouped off
+    CPU; on CPU, where jax expands ragged_dot into a slow dense form, "gather" while the step's `rows`
+    (T*k) are fewer than `num_experts` (all of the model's: a small decode batch; only the routed experts'
+    weights are read), else "dense". Under `expert_parallel` "loop" instead of "gather": a device's
+    share of the assignments is unknown at trace time, so gather would read T*k whole experts on every
+    device; the loop reads only its experts that some token was routed to."""
     impl = impl or os.environ.get(MOE_ENV, "auto") or "auto"
     if impl not in MOE_IMPLS:
         raise ValueError(f"{MOE_ENV}={impl!r} is invalid: must be one of {', '.join(MOE_IMPLS)}")
     if impl == "auto":
         if jax.default_backend() != "cpu":
             return "grouped"
-        return "gather" if rows is not None and num_experts is not None and rows < num_experts else "dense"
+        small = rows is not None and num_experts is not None and rows < num_experts
+        return ("loop" if expert_parallel else "gather") if small else "dense"
     return impl
 
 
@@ -138,6 +144,29 @@ def gather_experts(x: jax.Array, weights: jax.Array, experts: jax.Array, w_gate_
     return jnp.einsum("tke,tk->te", y.astype(jnp.float32), weights).astype(x.dtype)
 
 
+def loop_experts(x: jax.Array, weights: jax.Array, experts: jax.Array, w_gate_up: jax.Array,
+                 w_down: jax.Array) -> jax.Array:
+    """Same contract as `grouped_experts`: a loop over the experts that runs (`lax.cond`) only those some
+    token is routed to, each on every token, the outputs weighted like dense's. Reads the distinct routed
+    experts' weights and nothing else (no copies); under expert parallelism a device's own routed experts."""
+    T = x.shape[0]
+    X = w_gate_up.shape[0]
+    combine = jnp.zeros((T, X), jnp.float32).at[jnp.arange(T)[:, None], experts].add(weights)  # [T, X]
+    hit = jnp.zeros((X,), jnp.bool_).at[experts.reshape(-1)].set(True)  # [X]; an id past X (EP) is dropped
+    if isinstance(w_gate_up, QuantWeight):
+        return moe_quant.dense_loop(x, combine, w_gate_up, w_down, _swiglu, hit).astype(x.dtype)
+
+    def body(e, acc):  # acc [T, E] f32
+        def run(acc):
+            h = _swiglu(x @ jax.lax.dynamic_index_in_dim(w_gate_up, e, keepdims=False))  # [T, F]
+            y = jnp.dot(h, jax.lax.dynamic_index_in_dim(w_down, e, keepdims=False),
+                        preferred_element_type=jnp.float32)  # [T, E]
+            return acc + y * jax.lax.dynamic_index_in_dim(combine, e, axis=1)  # [T, 1] routing weight
+        return jax.lax.cond(hit[e], run, lambda acc: acc, acc)
+
+    return jax.lax.fori_loop(0, X, body, jnp.zeros(x.shape, jnp.float32)).astype(x.dtype)
+
+
 def moe_mlp(x: jax.Array, w_router: jax.Array, w_gate_up: jax.Array, w_down: jax.Array, top_k: int,
             renormalize: bool, layout=None, impl: str | None = None) -> jax.Array:
     """One layer's MoE MLP: x [T, E] (replicated) → [T, E] (replicated). `w_gate_up` [X, E, 2F] fused
@@ -147,8 +176,8 @@ def moe_mlp(x: jax.Array, w_router: jax.Array, w_gate_up: jax.Array, w_down: jax
     X = w_gate_up.shape[0]
     ep = layout is not None and layout.expert_parallel
     local_x = X // layout.tp if ep else X  # experts on one device
-    fn = {"grouped": grouped_experts, "dense": dense_experts, "gather": gather_experts}[
-        moe_impl(impl, x.shape[0] * top_k, local_x)]
+    path = moe_impl(impl, x.shape[0] * top_k, X, ep)  # CPU, small batch: gather (EP: loop), else dense
+    fn = {"grouped": grouped_experts, "dense": dense_experts, "gather": gather_experts, "loop": loop_experts}[path]
     if layout is None:
         return fn(x, weights, experts, w_gate_up, w_down)
 

@@ -2,7 +2,8 @@
 Mixtral (4 experts, top-2) and Qwen3-MoE (8 experts, top-2): the expert axis is sharded over "tp"
 (device d holds experts [d*X/tp, (d+1)*X/tp) whole, gate/up plainly concatenated), attention and the
 router as under TP; each device runs its experts on the tokens routed to them and one psum adds the
-partial outputs. Logits at EP tp=2/4 equal tp=1's through each expert path (dense / gather / grouped),
+partial outputs. Logits at EP tp=2/4 equal tp=1's through each expert path (dense / gather / grouped /
+loop, EP's CPU default for small batches),
 quantized experts included, and an engine at EP tp=2 decodes HF generate's greedy tokens."""
 from __future__ import annotations
 
@@ -38,9 +39,9 @@ def ref(root):
 
 # each EP size through another expert path (the tp=1 reference runs the dense one), each path at least
 # once; Mixtral at tp=4 holds one expert a device. (Gather relies on the zeroed weight of other devices'
-# assignments; dense and grouped drop them by their out-of-range id.)
+# assignments; dense, grouped and loop drop them by their out-of-range id.)
 @pytest.mark.parametrize("arch,tp,impl", [("mixtral", 2, "grouped"), ("mixtral", 4, "gather"),
-                                          ("qwen3_moe", 2, "gather"), ("qwen3_moe", 4, "dense")])
+                                          ("qwen3_moe", 2, "loop"), ("qwen3_moe", 4, "dense")])
 def test_ep_logits_equal_tp1(root, ref, arch, tp, impl, monkeypatch):
     """... and the decode step communicates what TP's does: one all-reduce of [T, E] for the embedding, two
     per layer (o_proj; the experts' partial sums, as TP's row-parallel down projection), one all-gather
@@ -166,7 +167,7 @@ def test_refusals_name_the_value_and_limit(root):
 
 
 def test_engine_ep2_greedy_equals_hf_generate(root, capfd):
-    """Through LLM at EP tp=2 (the CPU defaults: dense experts for prefill, gather for decode): greedy
+    """Through LLM at EP tp=2 (the CPU defaults: dense experts for prefill, loop for decode): greedy
     tokens equal HF generate's, which the tp=1 engine matches (tests/models/test_moe_parity_hf.py)."""
     from tests.models.test_moe_parity_hf import assert_engine_greedy_equals_hf, sharpened
 
