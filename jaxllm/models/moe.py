@@ -197,7 +197,7 @@ def local_assignments(weights: jax.Array, experts: jax.Array, first, n: int) -> 
     one device's, whose experts are [first, first + n): ids made local, and an assignment to another
     device's expert gets weight 0 and the id `n` (one past the local experts). Every path copes with
     that id: grouped's bincount and ragged_dot leave its rows out (sorted last, in no group: zero
-    rows), dense's scatter drops it, gather clips it to a local expert (weighted 0)."""
+    rows), dense's and loop's scatters drop it, gather clips it to a local expert (weighted 0)."""
     ids = experts - first  # [T, k]
     here = (ids >= 0) & (ids < n)  # [T, k]
     return jnp.where(here, weights, 0.0), jnp.where(here, ids, n).astype(jnp.int32)
