@@ -76,6 +76,11 @@ def add_engine_args(ap: argparse.ArgumentParser) -> None:
                    help="fraction of accelerator memory jaxllm may use")
     g.add_argument("--tensor-parallel-size", type=int, default=d.tensor_parallel_size,
                    help="devices to shard the model over")
+    g.add_argument("--enable-expert-parallel", action=argparse.BooleanOptionalAction,
+                   default=d.enable_expert_parallel,
+                   help="MoE models at --tensor-parallel-size > 1: whole experts on each device (the expert "
+                        "axis sharded over the tp devices) instead of each expert's intermediate axis split; "
+                        "num_experts must divide by tp; a no-op at tp=1 (default: off)")
     g.add_argument("--dtype", default=d.dtype, choices=_DTYPES,
                    help="weights and activations; auto = bfloat16 on an accelerator, float32 on CPU")
     g.add_argument("--quantization", default=None, choices=QUANTIZATIONS,
@@ -153,7 +158,8 @@ def engine_config_from_args(args) -> EngineConfig:
                         enable_prefix_caching=args.enable_prefix_caching,
                         kv_cache_memory_bytes=args.kv_cache_memory_bytes,
                         gpu_memory_utilization=args.gpu_memory_utilization,
-                        tensor_parallel_size=args.tensor_parallel_size, dtype=args.dtype,
+                        tensor_parallel_size=args.tensor_parallel_size,
+                        enable_expert_parallel=getattr(args, "enable_expert_parallel", False), dtype=args.dtype,
                         quantization=args.quantization, kv_cache_dtype=args.kv_cache_dtype,
                         calculate_kv_scales=args.calculate_kv_scales,
                         load_format=args.load_format, seed=args.seed,

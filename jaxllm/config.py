@@ -80,6 +80,11 @@ class EngineConfig(msgspec.Struct, kw_only=True):
     kv_cache_memory_bytes: int | None = None
     gpu_memory_utilization: float = 0.9
     tensor_parallel_size: int = 1
+    # MoE models with tensor_parallel_size > 1 (vLLM's --enable-expert-parallel): whole experts on each
+    # device (the expert axis sharded over the tp devices) instead of every expert's F axis split;
+    # attention, dense MLPs and the router stay as under TP. A no-op at tp=1; refused for a model
+    # without experts or num_experts not divisible by tp (jaxllm/parallel/layout.py check_fits)
+    enable_expert_parallel: bool = False
     dtype: str = "auto"
     # weight-only quantization of the per-layer projections at load: None | "int8" | "fp8" | "int4"
     # (jaxllm/models/quant.py; embeddings, LM head and norms stay in `dtype`; "int4": a 4-bit
@@ -137,6 +142,7 @@ class EngineConfig(msgspec.Struct, kw_only=True):
         if self.kv_cache_dtype not in KV_CACHE_DTYPES:
             raise ValueError(f"kv_cache_dtype={self.kv_cache_dtype!r} is invalid: must be one of {list(KV_CACHE_DTYPES)}")
         _bool("calculate_kv_scales", self.calculate_kv_scales)
+        _bool("enable_expert_parallel", self.enable_expert_parallel)
         _bool("enable_lora", self.enable_lora)
         _pos_int("max_loras", self.max_loras)
         _pos_int("max_lora_rank", self.max_lora_rank)

@@ -42,7 +42,7 @@ def enable_compile_cache(root: str | None = None) -> str:
     of EngineConfig:
     - change the program, so they get other entries by themselves: ``model``, ``load_format`` and
       ``dtype`` (model shapes, parameter dtype), ``kv_cache_dtype`` (the cache's element type),
-      ``tensor_parallel_size`` (mesh, shardings),
+      ``tensor_parallel_size`` (mesh, shardings), ``enable_expert_parallel`` (the experts' shardings),
       ``max_num_seqs`` and ``max_num_batched_tokens`` (buckets, penalty-table rows),
       ``max_model_len`` (block-table width), ``block_size``, ``kv_cache_memory_bytes`` and
       ``gpu_memory_utilization`` (through the number of KV blocks, a dimension of the cache;
@@ -155,7 +155,9 @@ def build_engine(config: EngineConfig, *, compile_cache: bool = True, warmup: bo
 
         mesh = make_mesh(tp)  # ValueError naming tp and the device count when too few devices
         # model_config -> its TPLayout; ValueError naming the numbers when the model does not fit
-        layout_for = functools.partial(TPLayout.plan, tp=tp, mesh=mesh)
+        layout_for = functools.partial(TPLayout.plan, tp=tp, mesh=mesh, expert_parallel=config.enable_expert_parallel)
+    elif config.enable_expert_parallel:  # vLLM's: an expert-parallel group of one device is no EP at all
+        _info("enable_expert_parallel: a no-op at tensor_parallel_size=1 (every expert is on the one device)")
     t0 = time.perf_counter()
     if compile_cache:
         enable_compile_cache()
@@ -168,6 +170,9 @@ def build_engine(config: EngineConfig, *, compile_cache: bool = True, warmup: bo
     mc = ckpt.config
     config = resolve_task(config, mc, ckpt.path if ckpt.format in ("hf", "orbax") else None)
     layout = layout_for(mc) if layout_for else None
+    if layout is not None and layout.expert_parallel:
+        _info(f"expert parallelism: {mc.num_experts} experts, {mc.num_experts // tp} whole experts per device "
+              f"over {tp} devices")
     tokenizer = load_tokenizer(ckpt.tokenizer_source, mc) or TokenIdsOnlyTokenizer(mc.vocab_size, mc.eos_token_ids)
     max_model_len = config.max_model_len or mc.max_model_len_limit
     if max_model_len > mc.max_model_len_limit:

@@ -29,6 +29,8 @@ FUSED: dict[str, tuple[tuple[str, ...], int]] = {
     "layers.w_gate_up": (("layers.w_gate", "layers.w_up"), -1),
     "layers.we_gate_up": (("layers.we_gate", "layers.we_up"), -1),  # [.., X, E, 2F]: per expert, like w_gate_up
 }
+# Fused MoE expert weights: fused for layout.expert_tp (tp, or 1 under expert parallelism)
+EXPERT_FUSED = ("layers.we_gate_up",)
 # Checkpoint params whose kv-head axis (-2) is repeated layout.kv_repeat times before fusing.
 KV_PARAMS = ("layers.wk", "layers.wv", "layers.bk", "layers.bv")
 FUSED_PARTS = {part: held for held, (parts, _) in FUSED.items() for part in parts}
@@ -56,10 +58,12 @@ def fuse(xp, parts, axis: int, tp: int, names: tuple[str, ...] | None = None):
     return out.reshape(out.shape[:a] + (out.shape[a] * out.shape[a + 1],) + out.shape[a + 2:])
 
 
-def placement_plan(names, kv_repeat: int, tp: int) -> list[tuple[str, tuple[str, ...], object]]:
+def placement_plan(names, kv_repeat: int, tp: int, expert_tp: int | None = None
+                   ) -> list[tuple[str, tuple[str, ...], object]]:
     """For checkpoint param `names`: [(held name, checkpoint names it is made of, fn(xp, *arrays))].
-    fn repeats kv heads `kv_repeat` times and fuses in shard-major order for `tp`; plain params map to
-    themselves with fn None."""
+    fn repeats kv heads `kv_repeat` times and fuses in shard-major order for `tp` (the MoE experts'
+    gate/up for `expert_tp`, default tp: 1 under expert parallelism, where each expert is whole on one
+    device and its gate/up are plainly concatenated); plain params map to themselves with fn None."""
     names = list(names)
     plan, done = [], set()
     for name in names:
@@ -75,10 +79,12 @@ def placement_plan(names, kv_repeat: int, tp: int) -> list[tuple[str, tuple[str,
         if missing:
             raise ValueError(f"parameters missing to build {held}: {', '.join(missing)}")
 
-        def fn(xp, *arrays, parts=parts, axis=axis):
+        n = tp if expert_tp is None or held not in EXPERT_FUSED else expert_tp
+
+        def fn(xp, *arrays, parts=parts, axis=axis, n=n):
             arrays = [xp.repeat(x, kv_repeat, axis=-2) if kv_repeat > 1 and p in KV_PARAMS else x
                       for p, x in zip(parts, arrays)]
-            return fuse(xp, arrays, axis, tp, parts)
+            return fuse(xp, arrays, axis, n, parts)
 
         plan.append((held, parts, fn))
     return plan

@@ -56,10 +56,10 @@ PARAM_AXES: dict[str, tuple[str, ...]] = {
     "layers.w_up": ("layers", "embed", "mlp"),
     "layers.w_down": ("layers", "mlp", "embed"),
     # mixture of experts (jaxllm/models/moe.py): the router and each expert's MLP, in place of w_gate/w_up/w_down
-    "layers.router": ("layers", "embed", "experts"),
-    "layers.we_gate": ("layers", "experts", "embed", "mlp"),
-    "layers.we_up": ("layers", "experts", "embed", "mlp"),
-    "layers.we_down": ("layers", "experts", "mlp", "embed"),
+    "layers.router": ("layers", "embed", "router_experts"),
+    "layers.we_gate": ("layers", "experts", "embed", "expert_mlp"),
+    "layers.we_up": ("layers", "experts", "embed", "expert_mlp"),
+    "layers.we_down": ("layers", "experts", "expert_mlp", "embed"),
     # Qwen2-MoE's shared expert: w_gate/w_up/w_down of shared_expert_intermediate_size, and its gate
     "layers.shared_gate": ("layers", "embed"),
 }
@@ -71,7 +71,7 @@ MODEL_AXES: dict[str, tuple[str, ...]] = {
     "layers.wqkv": ("layers", "embed", "qkv_heads", "head_dim"),
     "layers.bqkv": ("layers", "qkv_heads", "head_dim"),
     "layers.w_gate_up": ("layers", "embed", "mlp2"),
-    "layers.we_gate_up": ("layers", "experts", "embed", "mlp2"),
+    "layers.we_gate_up": ("layers", "experts", "embed", "expert_mlp2"),
 }
 LAYER_LOOP_ENV = "JAXLLM_LAYER_LOOP"
 LAYER_PARAMS = tuple(k.split(".", 1)[1] for k in MODEL_AXES if k.startswith("layers."))

@@ -17,13 +17,19 @@ over every row, in a dot form XLA CPU runs slowly: bench/RESULTS.md, "MoE").
 "dense" (the CPU default from T*k >= X rows, `JAXLLM_MOE=dense`): every expert on every token as dots
 batched over the experts, the unrouted outputs masked out by a zero weight; the bench's "same MoE
 computed densely". "gather" (the CPU default below X rows, a small decode batch): each assignment
-gathers its expert's weights, so only the routed experts are read. All three are tested against a
-numpy reference (tests/models/test_moe.py).
+gathers its expert's weights, so only the routed experts are read. "loop" (the CPU default for a small
+batch under expert parallelism): a loop over the experts running, by `lax.cond`, only those some token is
+routed to. All four are tested against a numpy reference (tests/models/test_moe.py).
 
 Tensor parallelism: each expert's intermediate axis is split over "tp" like the dense MLP's
 (w_gate_up column-parallel in shard-major order, w_down row-parallel, jaxllm/models/fusion.py); the
 router and its choices are replicated. Under `shard_map` every device runs the same sort and its
 own slice of every expert, and one psum adds the partial outputs (the dense MLP's one all-reduce).
+Expert parallelism (`layout.expert_parallel`, --enable-expert-parallel): the expert axis is split over
+"tp" instead, X/tp whole experts a device; every device still routes every token, `local_assignments`
+keeps the assignments to its own experts (the others weight 0), the path runs on its experts only
+(small batches: "loop", so a device reads just its routed experts), and the same psum adds the
+partial outputs (jaxllm/parallel/README.md, "Expert parallelism").
 
 Quantized experts (`--quantization int8|fp8|int4`, or an fp8 / AWQ / GPTQ checkpoint's): `w_gate_up` /
 `w_down` are QuantWeights with one scale per expert and output channel (or block scales: an fp8
@@ -44,21 +50,25 @@ from jaxllm.models.quant import QuantWeight, expert_scale_axes
 from jaxllm.parallel.rules import TP
 
 MOE_ENV = "JAXLLM_MOE"
-MOE_IMPLS = ("auto", "grouped", "dense", "gather")
+MOE_IMPLS = ("auto", "grouped", "dense", "gather", "loop")
 
 
-def moe_impl(impl: str | None = None, rows: int | None = None, num_experts: int | None = None) -> str:
-    """`impl` or $JAXLLM_MOE: "grouped", "dense", "gather", or "auto" (the default): grouped off CPU; on
-    CPU, where jax expands ragged_dot into a slow dense form, "gather" while the step's `rows` (T*k)
-    are fewer than `num_experts` (a small decode batch: only the routed experts' weights are read),
-    else "dense"."""
+def moe_impl(impl: str | None = None, rows: int | None = None, num_experts: int | None = None,
+             expert_parallel: bool = False) -> str:
+    """`impl` or $JAXLLM_MOE: "grouped", "dense", "gather", "loop", or "auto" (the default): grouped off
+    CPU; on CPU, where jax expands ragged_dot into a slow dense form, "gather" while the step's `rows`
+    (T*k) are fewer than `num_experts` (all of the model's: a small decode batch; only the routed experts'
+    weights are read), else "dense". Under `expert_parallel` "loop" instead of "gather": a device's
+    share of the assignments is unknown at trace time, so gather would read T*k whole experts on every
+    device; the loop reads only its experts that some token was routed to."""
     impl = impl or os.environ.get(MOE_ENV, "auto") or "auto"
     if impl not in MOE_IMPLS:
         raise ValueError(f"{MOE_ENV}={impl!r} is invalid: must be one of {', '.join(MOE_IMPLS)}")
     if impl == "auto":
         if jax.default_backend() != "cpu":
             return "grouped"
-        return "gather" if rows is not None and num_experts is not None and rows < num_experts else "dense"
+        small = rows is not None and num_experts is not None and rows < num_experts
+        return ("loop" if expert_parallel else "gather") if small else "dense"
     return impl
 
 
@@ -89,7 +99,7 @@ def grouped_experts(x: jax.Array, weights: jax.Array, experts: jax.Array, w_gate
     group_sizes = jnp.bincount(flat, length=X).astype(jnp.int32)  # [X], sums to T*k
     rows = x[order // k]  # [T*k, E] each assignment's token, in expert order
     if isinstance(w_gate_up, QuantWeight):
-        row_expert = flat[order]  # [T*k] each sorted row's expert
+        row_expert = jnp.minimum(flat[order], X - 1)  # [T*k] each sorted row's expert (EP's id X: any, weight 0)
         h = _swiglu(moe_quant.grouped_dot(rows, w_gate_up, group_sizes, row_expert))  # [T*k, F]
         y = moe_quant.grouped_dot(h, w_down, group_sizes, row_expert)  # [T*k, E] in expert order
     else:
@@ -122,7 +132,8 @@ def gather_experts(x: jax.Array, weights: jax.Array, experts: jax.Array, w_gate_
     ([T*k, E, 2F] and [T*k, F, E]) and runs one batched matvec. Reads T*k experts' weights (copying
     them once): below X rows, less than the dense form's X; above, more."""
     T, k = experts.shape
-    flat = experts.reshape(-1)  # [T*k]: token t's slot j at t*k + j
+    flat = jnp.minimum(experts.reshape(-1), w_gate_up.shape[0] - 1)  # [T*k]: token t's slot j at t*k + j
+    # (an id past the experts, another device's under EP, weighted 0, reads the last one)
     rows = jnp.repeat(x, k, axis=0)  # [T*k, E]
     if isinstance(w_gate_up, QuantWeight):  # the routed experts' q gathered in 8 bits, then converted
         h = _swiglu(moe_quant.gather_dot("re,ref->rf", rows, w_gate_up, flat))  # [T*k, F]
@@ -133,23 +144,63 @@ def gather_experts(x: jax.Array, weights: jax.Array, experts: jax.Array, w_gate_
     return jnp.einsum("tke,tk->te", y.astype(jnp.float32), weights).astype(x.dtype)
 
 
+def loop_experts(x: jax.Array, weights: jax.Array, experts: jax.Array, w_gate_up: jax.Array,
+                 w_down: jax.Array) -> jax.Array:
+    """Same contract as `grouped_experts`: a loop over the experts that runs (`lax.cond`) only those some
+    token is routed to, each on every token, the outputs weighted like dense's. Reads the distinct routed
+    experts' weights and nothing else (no copies); under expert parallelism a device's own routed experts."""
+    T = x.shape[0]
+    X = w_gate_up.shape[0]
+    combine = jnp.zeros((T, X), jnp.float32).at[jnp.arange(T)[:, None], experts].add(weights)  # [T, X]
+    hit = jnp.zeros((X,), jnp.bool_).at[experts.reshape(-1)].set(True)  # [X]; an id past X (EP) is dropped
+    if isinstance(w_gate_up, QuantWeight):
+        return moe_quant.dense_loop(x, combine, w_gate_up, w_down, _swiglu, hit).astype(x.dtype)
+
+    def body(e, acc):  # acc [T, E] f32
+        def run(acc):
+            h = _swiglu(x @ jax.lax.dynamic_index_in_dim(w_gate_up, e, keepdims=False))  # [T, F]
+            y = jnp.dot(h, jax.lax.dynamic_index_in_dim(w_down, e, keepdims=False),
+                        preferred_element_type=jnp.float32)  # [T, E]
+            return acc + y * jax.lax.dynamic_index_in_dim(combine, e, axis=1)  # [T, 1] routing weight
+        return jax.lax.cond(hit[e], run, lambda acc: acc, acc)
+
+    return jax.lax.fori_loop(0, X, body, jnp.zeros(x.shape, jnp.float32)).astype(x.dtype)
+
+
 def moe_mlp(x: jax.Array, w_router: jax.Array, w_gate_up: jax.Array, w_down: jax.Array, top_k: int,
             renormalize: bool, layout=None, impl: str | None = None) -> jax.Array:
     """One layer's MoE MLP: x [T, E] (replicated) → [T, E] (replicated). `w_gate_up` [X, E, 2F] fused
-    shard-major and `w_down` [X, F, E], F sharded on "tp" under a TPLayout `layout`."""
+    shard-major and `w_down` [X, F, E]: under a TPLayout `layout`, F sharded on "tp", or with
+    `layout.expert_parallel` X sharded on "tp" (whole experts, gate/up plainly concatenated)."""
     weights, experts = route(x, w_router, top_k, renormalize)  # [T, k] each, replicated
-    fn = {"grouped": grouped_experts, "dense": dense_experts, "gather": gather_experts}[
-        moe_impl(impl, x.shape[0] * top_k, w_gate_up.shape[0])]
+    X = w_gate_up.shape[0]
+    ep = layout is not None and layout.expert_parallel
+    local_x = X // layout.tp if ep else X  # experts on one device
+    path = moe_impl(impl, x.shape[0] * top_k, X, ep)  # CPU, small batch: gather (EP: loop), else dense
+    fn = {"grouped": grouped_experts, "dense": dense_experts, "gather": gather_experts, "loop": loop_experts}[path]
     if layout is None:
         return fn(x, weights, experts, w_gate_up, w_down)
 
-    def local(x, weights, experts, w_gate_up, w_down):  # this device's F/tp slice of every expert
+    def local(x, weights, experts, w_gate_up, w_down):  # TP: this device's F/tp slice of every expert
+        if ep:  # EP: its X/tp whole experts; the other devices' assignments get weight 0 here
+            weights, experts = local_assignments(weights, experts, jax.lax.axis_index(TP) * local_x, local_x)
         return jax.lax.psum(fn(x, weights, experts, w_gate_up, w_down), TP)
 
-    specs = (P(), P(), P(), _spec(layout, w_gate_up, ("experts", "embed", "mlp2")),
-             _spec(layout, w_down, ("experts", "mlp", "embed")))
+    specs = (P(), P(), P(), _spec(layout, w_gate_up, ("experts", "embed", "expert_mlp2")),
+             _spec(layout, w_down, ("experts", "expert_mlp", "embed")))
     return jax.shard_map(local, mesh=layout.mesh, in_specs=specs, out_specs=P(),
                          check_vma=False)(x, weights, experts, w_gate_up, w_down)
+
+
+def local_assignments(weights: jax.Array, experts: jax.Array, first, n: int) -> tuple[jax.Array, jax.Array]:
+    """Expert parallelism: the replicated routing (weights [T, k] f32, experts [T, k] global ids) as
+    one device's, whose experts are [first, first + n): ids made local, and an assignment to another
+    device's expert gets weight 0 and the id `n` (one past the local experts). Every path copes with
+    that id: grouped's bincount and ragged_dot leave its rows out (sorted last, in no group: zero
+    rows), dense's and loop's scatters drop it, gather clips it to a local expert (weighted 0)."""
+    ids = experts - first  # [T, k]
+    here = (ids >= 0) & (ids < n)  # [T, k]
+    return jnp.where(here, weights, 0.0), jnp.where(here, ids, n).astype(jnp.int32)
 
 
 def _spec(layout, w, axes: tuple[str, ...]):

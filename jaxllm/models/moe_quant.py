@@ -90,10 +90,11 @@ def gather_dot(spec: str, rows: jax.Array, w: QuantWeight, flat: jax.Array) -> j
 
 
 def dense_loop(x: jax.Array, combine: jax.Array, w_gate_up: QuantWeight, w_down: QuantWeight,
-               swiglu: Callable[[jax.Array], jax.Array]) -> jax.Array:
+               swiglu: Callable[[jax.Array], jax.Array], hit: jax.Array | None = None) -> jax.Array:
     """x [T, E], combine [T, X] f32 (each token's routing weight per expert, 0 where not routed) →
     [T, E] f32: sum over experts e of combine[:, e] * down_e(swiglu(gate_up_e(x))), one expert per
-    loop iteration (one expert's weights converted at a time)."""
+    loop iteration (one expert's weights converted at a time); with `hit` [X] bool (moe.loop_experts)
+    only the experts it marks run (`lax.cond`), the others are not read."""
     X = w_gate_up.q.shape[0]
 
     def dot(a: jax.Array, w: QuantWeight, e) -> jax.Array:  # a [T, in] → [T, out] f32, expert e's weight
@@ -107,9 +108,12 @@ def dense_loop(x: jax.Array, combine: jax.Array, w_gate_up: QuantWeight, w_down:
             return jnp.dot(a, dequantize_blocks(one, a.dtype), preferred_element_type=jnp.float32)
         return jnp.dot(a, operand(q, a.dtype), preferred_element_type=jnp.float32) * s
 
-    def body(e, acc):  # acc [T, E] f32
+    def run(e, acc):  # acc [T, E] f32
         h = swiglu(dot(x, w_gate_up, e).astype(x.dtype))  # [T, F]
         y = dot(h, w_down, e)  # [T, E] f32
         return acc + y * lax.dynamic_index_in_dim(combine, e, axis=1)  # [T, 1] routing weight
+
+    def body(e, acc):
+        return run(e, acc) if hit is None else lax.cond(hit[e], lambda a: run(e, a), lambda a: a, acc)
 
     return lax.fori_loop(0, X, body, jnp.zeros(x.shape, jnp.float32))

@@ -30,34 +30,42 @@ from jax.sharding import PartitionSpec as P
 from jaxllm.models.config import ModelConfig
 from jaxllm.models.fusion import KV_PARAMS, placement_plan
 from jaxllm.parallel.mesh import make_mesh
-from jaxllm.parallel.rules import CACHE_AXES, CACHE_SCALE_AXES, LOGICAL_AXIS_RULES, TP, logical_to_spec
+from jaxllm.parallel.rules import (CACHE_AXES, CACHE_SCALE_AXES, LOGICAL_AXIS_RULES, TP, expert_parallel_rules,
+                                   logical_to_spec)
 
 __all__ = ["KV_PARAMS", "TPLayout", "check_fits", "valid_tp_sizes"]
 
 
-def valid_tp_sizes(config: ModelConfig, limit: int | None = None) -> list[int]:
+def valid_tp_sizes(config: ModelConfig, limit: int | None = None, expert_parallel: bool = False) -> list[int]:
     H, K, F = config.num_heads, config.num_kv_heads, config.mlp_size
     return [t for t in range(1, (limit or H) + 1)
-            if H % t == 0 and F % t == 0 and (K % t == 0 or t % K == 0)]
+            if H % t == 0 and (K % t == 0 or t % K == 0) and config.shared_expert_intermediate_size % t == 0
+            and (config.num_experts % t == 0 if expert_parallel else F % t == 0)]
 
 
-def check_fits(config: ModelConfig, tp: int) -> None:
-    """ValueError naming the numbers when the model cannot be split `tp` ways."""
+def check_fits(config: ModelConfig, tp: int, expert_parallel: bool = False) -> None:
+    """ValueError naming the numbers when the model cannot be split `tp` ways (with `expert_parallel`:
+    whole experts per device, so num_experts rather than moe_intermediate_size must divide by tp)."""
     H, K, F = config.num_heads, config.num_kv_heads, config.mlp_size
+    if expert_parallel and not config.is_moe:
+        raise ValueError(f"enable_expert_parallel=True is invalid for this model: the {config.architecture} "
+                         f"model has no experts (num_experts=0); expert parallelism needs a MoE model")
     problem = None
     if H % tp:
         problem = f"num_attention_heads={H} is not divisible by {tp}"
     elif K % tp and tp % K:
         problem = (f"num_key_value_heads={K} is neither divisible by {tp} (to shard kv heads) nor a divisor "
                    f"of it (to replicate each kv head {tp}/{K} times)")
-    elif F % tp:
+    elif expert_parallel and config.num_experts % tp:
+        problem = f"num_experts={config.num_experts} is not divisible by {tp} (enable_expert_parallel: whole experts per device)"
+    elif F % tp and not expert_parallel:
         name = "moe_intermediate_size" if config.is_moe else "intermediate_size"
         problem = f"{name}={F} is not divisible by {tp}"
     elif config.shared_expert_intermediate_size % tp:
         problem = f"shared_expert_intermediate_size={config.shared_expert_intermediate_size} is not divisible by {tp}"
     if problem:
         raise ValueError(f"tensor_parallel_size={tp} does not fit the model: {problem}; "
-                         f"valid sizes for this model: {valid_tp_sizes(config)}")
+                         f"valid sizes for this model: {valid_tp_sizes(config, expert_parallel=expert_parallel)}")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -66,20 +74,27 @@ class TPLayout:
     tp: int
     kv_repeat: int  # each checkpoint kv head appears kv_repeat times (1: kv heads are sharded)
     shard_vocab: bool  # embed / lm_head split on the vocabulary axis
+    expert_parallel: bool = False  # MoE experts whole, X/tp per device (`rules.expert_parallel_rules`)
 
     @staticmethod
-    def plan(config: ModelConfig, tp: int, mesh: Mesh | None = None) -> "TPLayout":
+    def plan(config: ModelConfig, tp: int, mesh: Mesh | None = None, expert_parallel: bool = False) -> "TPLayout":
         mesh = make_mesh(tp) if mesh is None else mesh
         if mesh.shape[TP] != tp:
             raise ValueError(f"mesh axis {TP!r} has size {mesh.shape[TP]}, expected tensor_parallel_size={tp}")
-        check_fits(config, tp)
+        check_fits(config, tp, expert_parallel)
         K = config.num_kv_heads
-        return TPLayout(mesh, tp, tp // K if tp > K else 1, config.vocab_size % tp == 0)
+        return TPLayout(mesh, tp, tp // K if tp > K else 1, config.vocab_size % tp == 0, expert_parallel)
 
     # ----- specs and shardings ---------------------------------------------------------------
     @property
     def rules(self) -> dict[str, str | None]:
-        return dict(LOGICAL_AXIS_RULES, vocab=TP if self.shard_vocab else None)
+        rules = dict(LOGICAL_AXIS_RULES, vocab=TP if self.shard_vocab else None)
+        return expert_parallel_rules(rules) if self.expert_parallel else rules
+
+    @property
+    def expert_tp(self) -> int:
+        """How many ways each expert's F axis is split (and its gate/up fused shard-major): tp, or 1 under EP."""
+        return 1 if self.expert_parallel else self.tp
 
     def spec(self, logical_axes: tuple[str | None, ...]) -> P:
         return logical_to_spec(logical_axes, self.rules)
@@ -149,7 +164,7 @@ class TPLayout:
                                          quantize_experts, scale_axes)
 
         out = {}
-        for held, sources, fn in placement_plan(params, self.kv_repeat, self.tp):
+        for held, sources, fn in placement_plan(params, self.kv_repeat, self.tp, self.expert_tp):
             xs = [params.pop(s) for s in sources]
             axes = MODEL_AXES[held]
             if isinstance(xs[0], QuantWeight) and held in EXPERT_QUANT_PARAMS:  # an fp8 checkpoint's experts:

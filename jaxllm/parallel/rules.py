@@ -10,8 +10,10 @@ names into `PartitionSpec`s. Megatron layout:
     (checkpoint wq/wk/wv [L, E, heads|kv_heads, D], w_gate/w_up [L, E, mlp] load sharded the same way)
     wo [L, heads, D, E]            row-parallel (heads on "tp": XLA inserts one all-reduce)
     w_down [L, mlp, E]             row-parallel (mlp on "tp": one all-reduce)
-    we_gate_up [L, X, E, mlp2]     MoE experts: each expert column-parallel like w_gate_up,
-    we_down [L, X, mlp, E]         and row-parallel like w_down; the router [L, E, X] replicated
+    we_gate_up [L, X, E, expert_mlp2]  MoE experts: each expert column-parallel like w_gate_up,
+    we_down [L, X, expert_mlp, E]      and row-parallel like w_down; the router [L, E, X] replicated
+                                   (with --enable-expert-parallel, `expert_parallel_rules`: X on "tp"
+                                   instead, every expert whole on one device)
     embed [V, E], lm_head [E, V]   vocab-parallel ("vocab" on "tp"), see README "Vocabulary"
     KV cache [L, N, B, kv_heads, D]  kv_heads on "tp"
 
@@ -34,7 +36,12 @@ LOGICAL_AXIS_RULES: dict[str, str | None] = {
     "qkv_heads": TP,  # fused q+k+v heads (shard-major); also the [tp] axis of a split fused output
     "mlp2": TP,  # fused gate+up columns (shard-major)
     "embed": None,
-    "experts": None,  # MoE: every device holds its mlp slice of every expert (jaxllm/models/moe.py)
+    # MoE (jaxllm/models/moe.py): by default every device holds its F/tp slice of every expert (TP of
+    # experts); `expert_parallel_rules` swaps these three for expert parallelism
+    "experts": None,
+    "expert_mlp": TP,  # each expert's intermediate axis (F)
+    "expert_mlp2": TP,  # each expert's fused gate+up columns (2F, shard-major like "mlp2")
+    "router_experts": None,  # the router's output axis (its logits over the experts): always replicated
     "head_dim": None,
     "layers": None,
     "norm": None,
@@ -54,6 +61,13 @@ LOGICAL_AXIS_RULES: dict[str, str | None] = {
 CACHE_AXES = ("layers", "cache_blocks", "block_slots", "kv_heads", "head_dim")
 # An fp8 cache's per-layer, per-kv-head scales ([num_layers, num_kv_heads]): sharded with their heads.
 CACHE_SCALE_AXES = ("layers", "kv_heads")
+
+
+def expert_parallel_rules(rules: dict[str, str | None]) -> dict[str, str | None]:
+    """`rules` with MoE experts sharded whole (vLLM's --enable-expert-parallel): the expert axis on
+    "tp" (device d holds experts [d*X/tp, (d+1)*X/tp)), each expert's F axis unsplit; attention, the
+    dense / shared-expert MLP and the router keep their TP rules."""
+    return dict(rules, experts=TP, expert_mlp=None, expert_mlp2=None)
 
 
 def logical_to_spec(axes: tuple[str | None, ...], rules: dict[str, str | None] | None = None) -> P:

@@ -59,6 +59,9 @@ def test_engine_flags_are_one_set():
     assert engine_config_from_args(args).calculate_kv_scales is True  # calibrated fp8 scales by default
     args = generate.build_parser().parse_args(["--kv-cache-dtype", "fp8", "--no-calculate-kv-scales"])
     assert engine_config_from_args(args).calculate_kv_scales is False  # vLLM's fixed 1.0
+    assert engine_config_from_args(args).enable_expert_parallel is False
+    args = server_main.build_parser().parse_args(["--tensor-parallel-size", "2", "--enable-expert-parallel"])
+    assert engine_config_from_args(args).enable_expert_parallel is True  # vLLM's --enable-expert-parallel
     assert server_main.build_parser().parse_args([]).model == "smollm2-135m"
 
 

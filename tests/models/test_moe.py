@@ -40,7 +40,7 @@ def test_moe_matches_reference(T, X, k, renorm):
     wr, wg, wu, wd = weights(rng, X, E, F)
     gate_up = np.concatenate([wg, wu], axis=-1)  # [X, E, 2F]: the tp=1 fused layout
     want = reference_moe(x, wr, wg, wu, wd, k, renorm)
-    for impl in ("grouped", "dense", "gather"):
+    for impl in ("grouped", "dense", "gather", "loop"):
         got = np.asarray(jax.jit(lambda *a: moe_mlp(*a, k, renorm, impl=impl))(x, wr, gate_up, wd))
         np.testing.assert_allclose(got, want, rtol=1e-4, atol=1e-5, err_msg=impl)
 
@@ -95,12 +95,32 @@ def test_grouped_computes_only_routed_rows():
     assert "ragged_dot" not in dense and f"f32[{X},{T},{2 * F}]" in dense
 
 
+def test_loop_reads_only_routed_experts():
+    """The loop path (expert parallelism's small batches) skips an expert no token is routed to: with its
+    weights NaN (never routed: its router column -1e9), the output is finite and the reference's; the dense
+    path, which computes it at weight 0, is NaN."""
+    rng = np.random.default_rng(7)
+    T, X, E, F, k = 3, 6, 16, 12, 2
+    x = rng.normal(0, 1, (T, E)).astype(np.float32)
+    wr, wg, wu, wd = weights(rng, X, E, F)
+    x[:, 0] = 1.0  # a constant feature, so that
+    wr[:, 4], wr[0, 4] = 0.0, -1e4  # expert 4's router logit is -1e4 for every token
+    want = reference_moe(x, wr, wg, wu, wd, k, True)
+    gate_up = np.concatenate([wg, wu], axis=-1)
+    gate_up[4], wd[4] = np.nan, np.nan
+    run = lambda impl: np.asarray(jax.jit(lambda *a: moe_mlp(*a, k, True, impl=impl))(x, wr, gate_up, wd))  # noqa: E731
+    np.testing.assert_allclose(run("loop"), want, rtol=1e-4, atol=1e-5)
+    assert np.isnan(run("dense")).all()
+
+
 def test_auto_is_gather_or_dense_on_cpu_grouped_elsewhere(monkeypatch):
     from jaxllm.models.moe import moe_impl
 
     monkeypatch.delenv("JAXLLM_MOE", raising=False)
     assert moe_impl() == "dense"  # this machine: CPU
     assert moe_impl(rows=2, num_experts=8) == "gather" and moe_impl(rows=8, num_experts=8) == "dense"
+    assert moe_impl(rows=2, num_experts=8, expert_parallel=True) == "loop"  # only a device's routed experts
+    assert moe_impl(rows=8, num_experts=8, expert_parallel=True) == "dense"
     monkeypatch.setattr(jax, "default_backend", lambda: "gpu")
     assert moe_impl() == "grouped" and moe_impl("dense") == "dense"
 

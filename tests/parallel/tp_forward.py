@@ -40,12 +40,12 @@ def two_prompt_steps(a, b, T=64):
     return (tokens, positions, meta), (np.array([7, 11], np.int32), np.array([len(a), len(b)], np.int32), dec_meta)
 
 
-def forward_logits(path, tp, layer_loop=None, hlo=False, kv_dtype=jnp.float32):
+def forward_logits(path, tp, layer_loop=None, hlo=False, kv_dtype=jnp.float32, expert_parallel=False):
     """Logits of every token of two prompts (one prefill step) and then of one decode step (and
-    the decode step's optimized HLO with `hlo`)."""
+    the decode step's optimized HLO with `hlo`); `expert_parallel`: MoE experts whole per device."""
     ckpt = load_checkpoint(path)
     c = ckpt.config
-    layout = TPLayout.plan(c, tp, make_mesh(tp)) if tp > 1 else None
+    layout = TPLayout.plan(c, tp, make_mesh(tp), expert_parallel=expert_parallel) if tp > 1 else None
     model = build_model(c, ckpt.params, jnp.float32, layout=layout, layer_loop=layer_loop)
     mc = model.config
     cache = KVCache.zeros(mc.num_layers, 16, BLOCK, mc.num_kv_heads, mc.head_dim, kv_dtype,
@@ -63,11 +63,12 @@ def forward_logits(path, tp, layer_loop=None, hlo=False, kv_dtype=jnp.float32):
     return prefill, np.asarray(decode)
 
 
-def prefill_logits(ckpt, tp, layer_loop, seqs, **build_kw):
-    """A loaded checkpoint at tensor-parallel size ``tp``: every token's logits of ``seqs`` prefilled
-    together in one ragged step (block size 8). -> (model, layout or None, logits [sum(len), V])"""
+def prefill_logits(ckpt, tp, layer_loop, seqs, expert_parallel=False, **build_kw):
+    """A loaded checkpoint at tensor-parallel size ``tp`` (``expert_parallel``: MoE experts whole per
+    device): every token's logits of ``seqs`` prefilled together in one ragged step (block size 8).
+    -> (model, layout or None, logits [sum(len), V])"""
     c = ckpt.config
-    layout = TPLayout.plan(c, tp, make_mesh(tp)) if tp > 1 else None
+    layout = TPLayout.plan(c, tp, make_mesh(tp), expert_parallel=expert_parallel) if tp > 1 else None
     model = build_model(c, ckpt.params, jnp.float32, layout=layout, layer_loop=layer_loop, **build_kw)
     mc = model.config
     tokens, positions, meta, nblocks = prefill_batch(seqs, 8)
