@@ -20,6 +20,7 @@ import subprocess
 import sys
 
 import httpx
+import numpy as np
 import pytest
 
 from http_helpers import ThreadedServer, make_llm_engine
@@ -146,15 +147,26 @@ def test_embedding_lines_on_an_embed_engine_equal_the_offline_engine():
     from jaxllm.pooling_params import PoolingParams
     from test_serving_embed import make_engine as embed_engine, offline
 
-    texts = ["embed me", "and me too " * 3]
+    texts = ["embed me", "and me too " * 3, "a third"]
     lines = [_line("e", "/v1/embeddings", {"input": texts}),
-             _line("c", "/v1/chat/completions", {"messages": MSGS})]
-    emb, chat = run_lines(lines, embed_engine())
+             _line("c", "/v1/chat/completions", {"messages": MSGS}),
+             _line("s", "/v1/score", {"text_1": texts[0], "text_2": texts[1:]}),
+             _line("r", "/v1/rerank", {"query": texts[0], "documents": texts[1:]}),
+             _line("k", "/v1/classify", {"input": texts[0]})]
+    emb, chat, score, rerank, classify = run_lines(lines, embed_engine())
     data = emb["response"]["body"]["data"]
-    assert [d["index"] for d in data] == [0, 1] and emb["error"] is None
-    for d, t in zip(data, texts):
-        assert d["embedding"] == pytest.approx(offline(t, PoolingParams()), rel=1e-6)
+    assert [d["index"] for d in data] == [0, 1, 2] and emb["error"] is None
+    vecs = [np.asarray(offline(t, PoolingParams()), np.float64) for t in texts]
+    for d, v in zip(data, vecs):
+        assert d["embedding"] == pytest.approx(v, rel=1e-6)
     assert chat["response"]["status_code"] == 400 and "--task generate" in chat["error"]["error"]["message"]
+    # vLLM's run-batch takes /v1/score and /v1/rerank: cosines of the texts' embeddings
+    cos = [float(vecs[0] @ v / (np.linalg.norm(vecs[0]) * np.linalg.norm(v))) for v in vecs[1:]]
+    assert [d["score"] for d in score["response"]["body"]["data"]] == pytest.approx(cos, abs=1e-6)
+    ranked = rerank["response"]["body"]["results"]
+    assert [r["index"] for r in ranked] == list(np.argsort(cos)[::-1])
+    assert [r["relevance_score"] for r in ranked] == pytest.approx(sorted(cos, reverse=True), abs=1e-6)
+    assert classify["response"]["status_code"] == 400 and classify["error"]["error"]["param"] == "model"
 
 
 @pytest.mark.parametrize("line, field, message", [
@@ -164,7 +176,7 @@ def test_embedding_lines_on_an_embed_engine_equal_the_offline_engine():
      "method='GET' on line 1 is invalid: must be 'POST'"),
     ('{"custom_id": "a", "method": "POST", "url": "/v1/moderations", "body": {}}', "url",
      "url='/v1/moderations' on line 1 is invalid: must be one of /v1/chat/completions, /v1/completions, "
-     "/v1/embeddings, /v1/responses"),
+     "/v1/embeddings, /v1/responses, /v1/score, /v1/rerank, /v1/classify"),
     ('{"custom_id": "a", "method": "POST", "url": "/v1/completions", "body": [1]}', "body",
      "body=[1] on line 1 is invalid: expected a JSON object"),
     ('{"custom_id": "a", "method": "POST", "url": "/v1/completions", "body": {"prompt": "x", "stream": true}}',
