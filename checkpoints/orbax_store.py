@@ -43,7 +43,7 @@ def read_orbax_config(path: str) -> ModelConfig:
     raw["eos_token_ids"] = tuple(raw.get("eos_token_ids", ()))
     if raw.get("layer_types"):  # Gemma 2/3
         raw["layer_types"] = tuple(raw["layer_types"])
-    if raw.get("labels"):  # a sequence classifier's id2label
+    if "labels" in raw:  # a sequence classifier's id2label (every model writes it: () when none)
         raw["labels"] = tuple(raw["labels"])
     return ModelConfig(**raw)
 
