@@ -13,13 +13,14 @@ if _worker and "JAXLLM_COMPILE_CACHE" not in os.environ:
         os.path.expanduser("~"), ".cache", "jaxllm", f"xla-test-{_worker}")
 
 
-# tests/parallel modules by their child pytest's time, longest first (load ~3, 12-2026: test_tp_int4
-# 66 s, test_tp_logits 65, test_tp_gguf_q8 42, test_tp_moe 41, test_multihost 41, test_tp_smollm2
-# 37, test_tp_cache_in_place 32, test_tp_fp8_checkpoint 31); the rest of tests/parallel (under
-# 25 s each) keeps its collection order after these.
-PARALLEL_LONGEST = ("test_tp_int4.py", "test_tp_logits.py", "test_tp_gguf_q8.py", "test_tp_moe.py",
-                    "test_multihost.py", "test_tp_smollm2.py", "test_tp_cache_in_place.py",
-                    "test_tp_fp8_checkpoint.py")
+# tests/parallel modules by their child pytest's time, longest first (`make test` of 2beaa87, tiny
+# modules compiled unoptimized, load 3-5: test_tp_logits 151 s, test_tp_moe 132, test_tp_int4 114,
+# test_multihost 86, test_ep_moe ~85 (the helper's run, before one case went), test_tp_gguf_q8 61,
+# test_tp_lora 52, test_tp_smollm2 50, test_tp_moe_int4 49, test_tp_gemma 47); the rest of
+# tests/parallel (under 45 s each) keeps its collection order after these.
+PARALLEL_LONGEST = ("test_tp_logits.py", "test_tp_moe.py", "test_tp_int4.py", "test_multihost.py",
+                    "test_ep_moe.py", "test_tp_gguf_q8.py", "test_tp_lora.py", "test_tp_smollm2.py",
+                    "test_tp_moe_int4.py", "test_tp_gemma.py")
 
 
 def pytest_collection_modifyitems(session, config, items):
