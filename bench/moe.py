@@ -71,10 +71,6 @@ def decode_inputs(c, batch: int):
 def time_step(c, params: dict, dtype, batch: int, impl: str | None, iters: int, rounds: int,
               quantization: str | None = None) -> tuple[float, str]:
     """(ms per decode step (median of `iters`, best of `rounds`), the layer loop it ran)."""
-    import jax
-    import numpy as np
-    from flax import nnx
-
     from jaxllm.models.llama import build_model
     from pallas_kernels import KVCache
 
@@ -83,6 +79,17 @@ def time_step(c, params: dict, dtype, batch: int, impl: str | None, iters: int, 
     model = build_model(c, dict(params), dtype, quantization=quantization)  # a copy: build_model empties its dict
     tokens, positions, meta, nblocks = decode_inputs(c, batch)
     cache = KVCache.zeros(c.num_layers, nblocks, BLOCK, c.num_kv_heads, c.head_dim, dtype)
+    ms = time_decode(model, cache, (tokens, positions, meta), iters, rounds)
+    return ms, model.layer_loop
+
+
+def time_decode(model, cache, inputs: tuple, iters: int, rounds: int) -> float:
+    """ms per jitted decode step (forward + logits) of `model` over `inputs` = (tokens, positions,
+    metadata): the median of `iters` steps, best of `rounds` (also bench/moe_ep.py's)."""
+    import jax
+    import numpy as np
+    from flax import nnx
+
     gd, st = nnx.split(model)
 
     @jax.jit
@@ -91,18 +98,16 @@ def time_step(c, params: dict, dtype, batch: int, impl: str | None, iters: int, 
         hidden, cache = m(tokens, positions, cache, meta)
         return m.compute_logits(hidden), cache
 
-    jax.block_until_ready(step(st, cache, tokens, positions, meta))
+    jax.block_until_ready(step(st, cache, *inputs))
     best = float("inf")
     for _ in range(rounds):
         ts = []
         for _ in range(iters):
             t = time.perf_counter()
-            jax.block_until_ready(step(st, cache, tokens, positions, meta))
+            jax.block_until_ready(step(st, cache, *inputs))
             ts.append(time.perf_counter() - t)
         best = min(best, float(np.median(ts)))
-    loop = model.layer_loop
-    del model, st, cache
-    return 1000 * best, loop
+    return 1000 * best
 
 
 def weight_bytes(c, batch: int, dense_experts: bool, itemsize: int, gather: bool = False,

@@ -21,7 +21,6 @@ from __future__ import annotations
 import argparse
 import os
 import sys
-import time
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
@@ -29,11 +28,7 @@ sys.path.insert(0, ROOT)
 
 def time_step(c, params: dict, dtype, batch: int, tp: int, ep: bool, iters: int, rounds: int) -> float:
     """ms per decode step (median of `iters`, best of `rounds`) at tensor-parallel size `tp`."""
-    import jax
-    import numpy as np
-    from flax import nnx
-
-    from bench.moe import BLOCK, decode_inputs
+    from bench.moe import BLOCK, decode_inputs, time_decode
     from jaxllm.models.llama import build_model
     from jaxllm.parallel import TPLayout, make_mesh
     from pallas_kernels import KVCache
@@ -44,24 +39,7 @@ def time_step(c, params: dict, dtype, batch: int, tp: int, ep: bool, iters: int,
     tokens, positions, meta, nblocks = decode_inputs(c, batch)
     cache = KVCache.zeros(mc.num_layers, nblocks, BLOCK, mc.num_kv_heads, mc.head_dim, dtype,
                           sharding=layout.cache_sharding() if layout else None)
-    gd, st = nnx.split(model)
-
-    @jax.jit
-    def step(st, cache, tokens, positions, meta):
-        m = nnx.merge(gd, st)
-        hidden, cache = m(tokens, positions, cache, meta)
-        return m.compute_logits(hidden), cache
-
-    jax.block_until_ready(step(st, cache, tokens, positions, meta))
-    best = float("inf")
-    for _ in range(rounds):
-        ts = []
-        for _ in range(iters):
-            t = time.perf_counter()
-            jax.block_until_ready(step(st, cache, tokens, positions, meta))
-            ts.append(time.perf_counter() - t)
-        best = min(best, float(np.median(ts)))
-    return 1000 * best
+    return time_decode(model, cache, (tokens, positions, meta), iters, rounds)
 
 
 def main(argv=None) -> int:
