@@ -123,6 +123,13 @@ def resolve_task(config: EngineConfig, model_config, checkpoint_path: str | None
                          f"base model without an LM head (an embedding model); use task='embed'")
     pooling_type, normalize = config.pooling_type, config.normalize
     is_mat, mat_dims = config.is_matryoshka, config.matryoshka_dimensions
+    if task == "classify":  # the head reads the last token's state as it is (as per request: add_requests.py)
+        if pooling_type not in (None, "LAST"):
+            raise ValueError(f"pooling_type={pooling_type!r} is invalid for task='classify': a classifier's head "
+                             f"reads the last token (LAST)")
+        if normalize:
+            raise ValueError("normalize=True is invalid for task='classify': the head reads the hidden state "
+                             "unnormalized (leave it unset or False)")
     if task == "embed":
         pooling_type = pooling_type or (st[0] if st else "LAST")
         normalize = (st[1] if st else True) if normalize is None else normalize

@@ -121,6 +121,9 @@ def test_misuse_is_one_line_naming_the_field(llama3, qwen3_ce):
             llm.classify([[1, 2]], bad, use_tqdm=False)
     with pytest.raises(ValueError, match=r"^task='generate' is invalid for this checkpoint: .* sequence classifier"):
         LLM(llama3[0], task="generate", max_model_len=64, kv_cache_memory_bytes=1 << 20)
+    for kw, field in ((dict(pooling_type="MEAN"), "pooling_type='MEAN'"), (dict(normalize=True), "normalize=True")):
+        with pytest.raises(ValueError, match=rf"^{field} is invalid for task='classify'"):  # the engine flags too
+            LLM(llama3[0], max_model_len=64, kv_cache_memory_bytes=1 << 20, **kw)
     with pytest.raises(ValueError, match=r"^task='classify' is invalid for this checkpoint: the llama model has no "
                                          r"classifier head"):
         LLM("dummy:tiny-llama", task="classify", max_model_len=64, kv_cache_memory_bytes=1 << 20)
