@@ -126,12 +126,17 @@ def weight_bytes(c, batch: int, dense_experts: bool, itemsize: int, gather: bool
     return int((layer_itemsize or itemsize) * L * (attn + mlp) + itemsize * E * V)
 
 
-def main(argv=None) -> int:
-    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+def add_shape_args(ap: argparse.ArgumentParser) -> None:
+    """The model / dtype / batch flags of bench/moe.py and bench/moe_ep.py (read by configs(args))."""
     ap.add_argument("--preset", default=None, help="a dummy preset (mixtral-8x7b, qwen3-30b-a3b); default: small")
     ap.add_argument("--layers", type=int, default=None, help="override num_hidden_layers")
     ap.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"])
     ap.add_argument("--batches", type=int, nargs="+", default=[1, 16])
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    add_shape_args(ap)
     ap.add_argument("--models", nargs="+", default=["moe-grouped", "moe-dense", "moe-gather", "dense-active"],
                     choices=["moe-grouped", "moe-dense", "moe-gather", "dense-active", "moe-auto", "moe-int8",
                              "moe-fp8", "moe-int4"])

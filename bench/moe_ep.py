@@ -43,11 +43,10 @@ def time_step(c, params: dict, dtype, batch: int, tp: int, ep: bool, iters: int,
 
 
 def main(argv=None) -> int:
+    from bench.moe import add_shape_args, configs  # no jax at bench.moe's import: XLA_FLAGS is set below
+
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--preset", default=None, help="a dummy preset (mixtral-8x7b, qwen3-30b-a3b); default: small")
-    ap.add_argument("--layers", type=int, default=None, help="override num_hidden_layers")
-    ap.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"])
-    ap.add_argument("--batches", type=int, nargs="+", default=[1, 16])
+    add_shape_args(ap)
     ap.add_argument("--modes", nargs="+", default=["1", "2-tp", "2-ep", "4-tp", "4-ep"],
                     help="'1' or '<tp>-tp' (experts' F split) / '<tp>-ep' (whole experts per device)")
     ap.add_argument("--iters", type=int, default=20)
@@ -67,7 +66,6 @@ def main(argv=None) -> int:
     import jax.numpy as jnp
 
     from bench.common import log_machine
-    from bench.moe import configs
     from checkpoints.dummy import dummy_params
     from jaxllm.models.moe import moe_impl
 
