@@ -206,12 +206,11 @@ class LLM:
             scores = scoring.cross_encoder_scores([o.outputs.probs for o in outs], mc)
             toks = [o.prompt_token_ids for o in outs]
         else:  # every text embedded once (a 1:N text_1 too), in one batch
-            firsts = t1[:1] if len(t1) > 1 and all(t is t1[0] for t in t1) else t1
-            outs = self._run(list(firsts) + list(t2), [params] * (len(firsts) + len(t2)), use_tqdm)
+            outs = self._run(t1 + t2, [params] * (len(t1) + len(t2)), use_tqdm)
             vecs = [o.outputs.embedding for o in outs]
-            scores = scoring.cosine_scores(vecs[:len(firsts)], vecs[len(firsts):])
-            ones = outs[:len(firsts)] * (len(t2) // len(firsts))
-            toks = [a.prompt_token_ids + b.prompt_token_ids for a, b in zip(ones, outs[len(firsts):])]
+            scores = scoring.cosine_scores(vecs[:len(t1)], vecs[len(t1):])
+            ones = outs[:len(t1)] * (len(t2) // len(t1))
+            toks = [a.prompt_token_ids + b.prompt_token_ids for a, b in zip(ones, outs[len(t1):])]
         return [ScoringRequestOutput(request_id=f"score-{next(self._ids)}", outputs=ScoringOutput(score=float(s)),
                                      prompt_token_ids=t) for s, t in zip(scores, toks)]
 

@@ -32,7 +32,8 @@ def cosine_scores(vecs_1, vecs_2) -> np.ndarray:
 
 
 def pair_lists(text_1, text_2, name_1: str = "text_1", name_2: str = "text_2") -> tuple[list, list]:
-    """(t1, t2) as lists of equal length (a 1:N ``text_1`` repeated); ValueError naming the field."""
+    """(t1, t2) as lists, t1 of one item (1:N) or as long as t2; ValueError naming the field (also the
+    server's rule: serving/openai_score.pair_texts)."""
     t1 = [text_1] if isinstance(text_1, (str, dict)) else list(text_1)
     t2 = [text_2] if isinstance(text_2, (str, dict)) else list(text_2)
     for name, items in ((name_1, t1), (name_2, t2)):
@@ -41,7 +42,7 @@ def pair_lists(text_1, text_2, name_1: str = "text_1", name_2: str = "text_2") -
     if len(t1) > 1 and len(t1) != len(t2):
         raise ValueError(f"{name_1} has {len(t1)} items and {name_2} has {len(t2)}, which is invalid: the "
                          f"lengths must be 1:1, 1:N or N:N")
-    return t1 * len(t2) if len(t1) == 1 else t1, t2
+    return t1, t2
 
 
 def check_cross_encoder(model_config, what: str = "score") -> None:
@@ -53,10 +54,10 @@ def check_cross_encoder(model_config, what: str = "score") -> None:
 
 
 def pair_prompts(tokenizer, t1: list[str], t2: list[str], truncate: int | None = None) -> list[list[int]]:
-    """Each pair's token ids: the tokenizer's pair encoding, ``truncate`` keeping its last k tokens
-    (as PoolingParams.truncate_prompt_tokens does)."""
+    """Each pair's token ids (``pair_lists``' t1, t2: a 1:N t1 paired with every t2): the tokenizer's
+    pair encoding, ``truncate`` keeping its last k tokens (as PoolingParams.truncate_prompt_tokens does)."""
     out = []
-    for a, b in zip(t1, t2):
+    for a, b in zip(t1 * len(t2) if len(t1) == 1 else t1, t2):
         if not isinstance(a, str) or not isinstance(b, str):
             raise ValueError(f"text pair ({a!r}, {b!r}) is invalid: a cross-encoder scores text (str) pairs")
         ids = tokenizer.encode_pair(a, b)

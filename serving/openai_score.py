@@ -83,9 +83,10 @@ def _texts(name: str, value: str | list[str]) -> list[str]:
 def pair_texts(name_1: str, value_1, name_2: str, value_2, max_items: int) -> tuple[list[str], list[str]]:
     """vLLM's pairing rules (1:1, 1:N, N:N), the server's item limit; 400 naming the field."""
     t1, t2 = _texts(name_1, value_1), _texts(name_2, value_2)
-    if len(t1) > 1 and len(t1) != len(t2):
-        raise invalid(f"{name_1} has {len(t1)} items and {name_2} has {len(t2)}, which is invalid: "
-                      "the lengths must be 1:1, 1:N or N:N", name_2)
+    try:
+        scoring.pair_lists(t1, t2, name_1, name_2)  # the offline API's pairing rule (LLM.score)
+    except ValueError as exc:
+        raise invalid(str(exc), name_2) from None
     if len(t1) + len(t2) > max_items:
         raise invalid(f"{name_1} and {name_2} hold {len(t1) + len(t2)} texts, which is invalid: exceeds "
                       f"the server limit --max-queued-requests={max_items}", name_2)
@@ -103,9 +104,8 @@ async def pair_scores(door: FrontDoor, info: ModelInfo, t1: list[str], t2: list[
         raise invalid(str(exc), "truncate_prompt_tokens") from None
     prefix = engine_prefix(answer_id, client_chosen)
     if getattr(info.engine, "task", "generate") == "classify":
-        a, b = (t1 * len(t2), t2) if len(t1) == 1 else (t1, t2)
         try:
-            ids = scoring.pair_prompts(info.tokenizer, a, b, truncate)
+            ids = scoring.pair_prompts(info.tokenizer, t1, t2, truncate)
         except ValueError as exc:
             raise invalid(str(exc), "text_1") from None
         outs = await door.embed_many(prefix, [{"prompt_token_ids": i} for i in ids], PoolingParams(activation=False))
