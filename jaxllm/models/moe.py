@@ -153,18 +153,7 @@ def loop_experts(x: jax.Array, weights: jax.Array, experts: jax.Array, w_gate_up
     X = w_gate_up.shape[0]
     combine = jnp.zeros((T, X), jnp.float32).at[jnp.arange(T)[:, None], experts].add(weights)  # [T, X]
     hit = jnp.zeros((X,), jnp.bool_).at[experts.reshape(-1)].set(True)  # [X]; an id past X (EP) is dropped
-    if isinstance(w_gate_up, QuantWeight):
-        return moe_quant.dense_loop(x, combine, w_gate_up, w_down, _swiglu, hit).astype(x.dtype)
-
-    def body(e, acc):  # acc [T, E] f32
-        def run(acc):
-            h = _swiglu(x @ jax.lax.dynamic_index_in_dim(w_gate_up, e, keepdims=False))  # [T, F]
-            y = jnp.dot(h, jax.lax.dynamic_index_in_dim(w_down, e, keepdims=False),
-                        preferred_element_type=jnp.float32)  # [T, E]
-            return acc + y * jax.lax.dynamic_index_in_dim(combine, e, axis=1)  # [T, 1] routing weight
-        return jax.lax.cond(hit[e], run, lambda acc: acc, acc)
-
-    return jax.lax.fori_loop(0, X, body, jnp.zeros(x.shape, jnp.float32)).astype(x.dtype)
+    return moe_quant.dense_loop(x, combine, w_gate_up, w_down, _swiglu, hit).astype(x.dtype)
 
 
 def moe_mlp(x: jax.Array, w_router: jax.Array, w_gate_up: jax.Array, w_down: jax.Array, top_k: int,

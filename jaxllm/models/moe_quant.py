@@ -89,15 +89,19 @@ def gather_dot(spec: str, rows: jax.Array, w: QuantWeight, flat: jax.Array) -> j
     return (y * w.scale[flat]).astype(rows.dtype)
 
 
-def dense_loop(x: jax.Array, combine: jax.Array, w_gate_up: QuantWeight, w_down: QuantWeight,
-               swiglu: Callable[[jax.Array], jax.Array], hit: jax.Array | None = None) -> jax.Array:
+def dense_loop(x: jax.Array, combine: jax.Array, w_gate_up: QuantWeight | jax.Array,
+               w_down: QuantWeight | jax.Array, swiglu: Callable[[jax.Array], jax.Array],
+               hit: jax.Array | None = None) -> jax.Array:
     """x [T, E], combine [T, X] f32 (each token's routing weight per expert, 0 where not routed) →
     [T, E] f32: sum over experts e of combine[:, e] * down_e(swiglu(gate_up_e(x))), one expert per
     loop iteration (one expert's weights converted at a time); with `hit` [X] bool (moe.loop_experts)
-    only the experts it marks run (`lax.cond`), the others are not read."""
-    X = w_gate_up.q.shape[0]
+    only the experts it marks run (`lax.cond`), the others are not read. Plain (unquantized) expert
+    weights run the same loop (moe.loop_experts)."""
+    X = w_gate_up.shape[0]
 
-    def dot(a: jax.Array, w: QuantWeight, e) -> jax.Array:  # a [T, in] → [T, out] f32, expert e's weight
+    def dot(a: jax.Array, w: QuantWeight | jax.Array, e) -> jax.Array:  # a [T, in] → [T, out] f32, expert e's
+        if not isinstance(w, QuantWeight):
+            return jnp.dot(a, lax.dynamic_index_in_dim(w, e, keepdims=False), preferred_element_type=jnp.float32)
         q = lax.dynamic_index_in_dim(w.q, e, keepdims=False)  # [in, out] 8-bit (4-bit packed: [in/2, out])
         if q.dtype == FP8_BITS:  # a contiguous u8 copy for the convert (quant_dot.FP8_CHUNK_COPY's reason)
             q = lax.optimization_barrier(q)
