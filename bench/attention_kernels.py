@@ -112,13 +112,20 @@ def bench_decode(impls, args, results):
                "shape": f"B{args.batch} ctx{'<=' if args.ragged else ''}{args.context} H{args.heads}/{args.kv_heads} d{args.head_dim} "
                         f"bs{args.block_size} {args.dtype}"}
         if args.check:
-            out = np.asarray(fn(q, cache, md), np.float32)
-            if ref_out is None:
-                ref_out = np.asarray(attn_fn("reference")(q, cache, md), np.float32)
-            row["max_abs_err_vs_ref"] = float(np.abs(out - ref_out).max())
+            ref_out = error_vs_reference(row, fn, (q, cache, md), ref_out)
         results.append(row)
         print(f"decode  {impl:15s} {t * 1e3:9.3f} ms  {nbytes / 1e6:9.1f} MB read  {nbytes / t / 1e9:8.1f} GB/s"
               + (f"  err {row['max_abs_err_vs_ref']:.2e}" if "max_abs_err_vs_ref" in row else ""), flush=True)
+
+
+def error_vs_reference(row: dict, fn, inputs: tuple, ref_out):
+    """row["max_abs_err_vs_ref"]: max |fn - the reference| on `inputs`; returns the reference's output
+    (`ref_out`, computed here on the first call of a kernel's loop)."""
+    out = np.asarray(fn(*inputs), np.float32)
+    if ref_out is None:
+        ref_out = np.asarray(attn_fn("reference")(*inputs), np.float32)
+    row["max_abs_err_vs_ref"] = float(np.abs(out - ref_out).max())
+    return ref_out
 
 
 def bench_prefill(impls, args, results):
@@ -133,10 +140,7 @@ def bench_prefill(impls, args, results):
         row = {"kernel": "prefill", "impl": impl, "ms": t * 1e3, "flops": flops, "TFLOP/s": flops / t / 1e12,
                "shape": f"T{n} ctx{n} H{args.heads}/{args.kv_heads} d{args.head_dim} bs{args.block_size} {args.dtype}"}
         if args.check:
-            out = np.asarray(fn(q, cache, md), np.float32)
-            if ref_out is None:
-                ref_out = np.asarray(attn_fn("reference")(q, cache, md), np.float32)
-            row["max_abs_err_vs_ref"] = float(np.abs(out - ref_out).max())
+            ref_out = error_vs_reference(row, fn, (q, cache, md), ref_out)
         results.append(row)
         print(f"prefill {impl:15s} {t * 1e3:9.3f} ms  {flops / 1e9:9.1f} GFLOP    {flops / t / 1e12:8.3f} TFLOP/s"
               + (f"  err {row['max_abs_err_vs_ref']:.2e}" if "max_abs_err_vs_ref" in row else ""), flush=True)

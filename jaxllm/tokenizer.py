@@ -257,8 +257,7 @@ class TokenIdsOnlyTokenizer:
         raise ValueError("prompt: this model has no tokenizer; pass {'prompt_token_ids': [...]} instead of text")
 
     def encode_pair(self, text: str, text_pair: str) -> list[int]:
-        self.encode(text)
-        return []
+        return self.encode(text)  # raises: no tokenizer to encode a text pair with
 
     def decode(self, ids, skip_special_tokens: bool = True) -> str:
         return ""
