@@ -45,6 +45,7 @@ def pytest_collection_modifyitems(session, config, items):
 # unoptimized), so modules with a test marked `slow` (they run SmolLM2) compile as users do.
 _OPTIMIZED_MODULES: set[str] = set()
 _DMO = "JAX_DISABLE_MOST_OPTIMIZATIONS"
+_DMO_OUTSIDE = os.environ.get(_DMO)  # set outside pytest: every module follows it
 
 
 @pytest.fixture(scope="module", autouse=True)
@@ -53,8 +54,8 @@ def _llvm_optimizations_for_real_models_only(request):
     The environment variable reaches jax in subprocesses (tests/parallel children, servers, benches)
     and a jax imported later; a jax already imported is switched through its config. $JAX_DISABLE_MOST_
     OPTIMIZATIONS set outside pytest wins (0 runs every module optimized)."""
-    outside = _DMO_OUTSIDE
-    want = outside if outside is not None else ("0" if str(request.node.fspath) in _OPTIMIZED_MODULES else "1")
+    want = _DMO_OUTSIDE if _DMO_OUTSIDE is not None else (
+        "0" if str(request.node.fspath) in _OPTIMIZED_MODULES else "1")
     before = os.environ.get(_DMO)
     os.environ[_DMO] = want
     if "jax" in sys.modules:
@@ -65,8 +66,6 @@ def _llvm_optimizations_for_real_models_only(request):
     else:
         os.environ[_DMO] = before
 
-
-_DMO_OUTSIDE = os.environ.get(_DMO)
 
 
 @pytest.fixture(autouse=True)
