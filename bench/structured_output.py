@@ -12,8 +12,12 @@ unconstrained decode throughput, in one run.
    an enum and an array); each step every sequence takes a random allowed token (seeded), and a
    finished one restarts from a fresh matcher, so the masks stay those of mid-JSON states.
 2. Engine: SmolLM2, ``--num-seqs`` requests decoding exactly ``--output-len`` tokens each
-   (min_tokens = max_tokens), seeded sampling at temperature 1, once free and once under an
-   unbounded regex (``[a-z ,.]*``: a real mask every step, never finished); same engine, warm.
+   (min_tokens = max_tokens), seeded sampling at temperature 1, free and under an unbounded regex
+   (``[a-z ,.]*``: a real mask every step, never finished), each synchronously and with async
+   scheduling; the regex under async twice: masks written after the forward pass (late_bitmask) and
+   waiting for each token (before late masks), on every request and on every other one (beside free
+   requests a waiting one skips every other step). Output tok/s and engine steps per output token
+   (1.0: every step advances every request); same engine, warm.
 """
 from __future__ import annotations
 
@@ -78,6 +82,9 @@ def host_part(model: str, counts: list[int], steps: int) -> list[dict]:
 
 
 def engine_part(model: str, num_seqs: int, output_len: int, rounds: int) -> list[dict]:
+    """Free vs constrained, each synchronously and with async scheduling; constrained async twice: masks
+    written after the forward pass (late_bitmask, the default) and waiting for each token (the engine
+    before late masks: a constrained request skipped while its token is in flight). One engine, warm."""
     from jaxllm.config import EngineConfig
     from jaxllm.engine.factory import build_engine
     from jaxllm.llm import LLM
@@ -85,24 +92,32 @@ def engine_part(model: str, num_seqs: int, output_len: int, rounds: int) -> list
     from jaxllm.structured_outputs import StructuredOutputsParams
 
     engine = build_engine(EngineConfig(model=model, max_model_len=512, max_num_seqs=num_seqs,
-                                       max_num_batched_tokens=512))
+                                       max_num_batched_tokens=512, async_scheduling=True))
     llm = LLM(model, engine=engine)
     prompts = [f"Write a short list of things number {i}:" for i in range(num_seqs)]
-    modes = {"free": None, "regex [a-z ,.]*": StructuredOutputsParams(regex=r"[a-z ,.]*")}
+    regex = StructuredOutputsParams(regex=r"[a-z ,.]*")
+    half = "half"  # every other request under the regex, the rest free
+    modes = {"sync free": (False, None, False), "sync regex": (False, regex, False),
+             "async free": (True, None, True), "async regex, late mask": (True, regex, True),
+             "async regex, waits": (True, regex, False), "async half regex, late mask": (True, half, True),
+             "async half regex, waits": (True, half, False)}  # (async, spec, late_grammar_mask)
     traces = engine.runner.num_traces
     results = {m: [] for m in modes}
     for r in range(rounds + 1):  # round 0 warms the grammar cache and the host paths
-        for mode, so in modes.items():
+        for mode, (on, so, late) in modes.items():
+            engine.async_scheduling, engine.scheduler.late_grammar_mask = on, late  # idle engine: safe
             params = [SamplingParams(temperature=1.0, seed=i, max_tokens=output_len, min_tokens=output_len,
-                                     structured_outputs=so) for i in range(num_seqs)]
-            t0 = time.perf_counter()
+                                     structured_outputs=(regex if i % 2 else None) if so is half else so)
+                      for i in range(num_seqs)]
+            steps0, t0 = engine.num_steps, time.perf_counter()
             outs = llm.generate(prompts, params, use_tqdm=False)
             secs = time.perf_counter() - t0
             n = sum(len(o.outputs[0].token_ids) for o in outs)
             if r:
-                results[mode].append(n / secs)
+                results[mode].append((n / secs, (engine.num_steps - steps0) / output_len))
     assert engine.runner.num_traces == traces, "a step compiled during the bench"
-    return [dict(mode=m, tok_s=statistics.median(v), runs=len(v)) for m, v in results.items()]
+    return [dict(mode=m, tok_s=statistics.median(t for t, _ in v), steps_per_token=statistics.median(s for _, s in v),
+                 runs=len(v)) for m, v in results.items()]
 
 
 def main(argv=None) -> int:
@@ -124,8 +139,12 @@ def main(argv=None) -> int:
     if not args.skip_engine:
         rows = engine_part(args.model, args.num_seqs, args.output_len, args.rounds)
         for r in rows:
-            print(f"engine  {r['mode']:16s} {r['tok_s']:8.1f} output tok/s (median of {r['runs']})")
-        print(f"constrained / free: {rows[1]['tok_s'] / rows[0]['tok_s']:.2f}")
+            print(f"engine  {r['mode']:24s} {r['tok_s']:8.1f} output tok/s  {r['steps_per_token']:.2f} steps "
+                  f"per output token (median of {r['runs']})")
+        tok = {r["mode"]: r["tok_s"] for r in rows}
+        print(f"constrained / free: sync {tok['sync regex'] / tok['sync free']:.2f}, async (late mask) "
+              f"{tok['async regex, late mask'] / tok['async free']:.2f}, async (waits) "
+              f"{tok['async regex, waits'] / tok['async free']:.2f}")
     return 0
 
 

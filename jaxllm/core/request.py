@@ -53,8 +53,9 @@ class Request:
     # step that computes its last prompt token; bypasses the prefix cache (kv_cache_manager.py)
     pooling: PoolingParams | None = None
     # structured outputs: the sequence's grammar state (jaxllm.engine.grammar.GrammarState, duck-typed
-    # here: ``.ready``). Its next-token mask depends on the last token, so it is never scheduled on a
-    # token still in flight (async scheduling), and it waits unscheduled until the grammar compiles.
+    # here: ``.ready``). Its next-token mask depends on the last token: on a token still in flight
+    # (async scheduling) the engine writes it after the forward pass (Scheduler.late_grammar_mask), or
+    # the request waits for the token. It waits unscheduled until the grammar compiles.
     grammar: object = None
     # bad_words (jaxllm/engine/bad_words.py): the words' token sequences; the engine bans each one's
     # last token at a step whose generated tokens end with the rest of it
@@ -114,8 +115,14 @@ class Request:
     @property
     def needs_last_token(self) -> bool:
         """Its next step's sampling depends on its last token (a grammar's mask; a bad word of 2+
-        tokens): never scheduled on a token still in flight, never given speculative drafts."""
-        return self.grammar is not None or any(len(ids) > 1 for ids in self.bad_words)
+        tokens): never given speculative drafts."""
+        return self.grammar is not None or self.bans_need_last_token
+
+    @property
+    def bans_need_last_token(self) -> bool:
+        """A bad word of 2+ tokens: the next step's bans depend on its last token, so it is never
+        scheduled on a token still in flight (a grammar's mask may follow later: late_bitmask)."""
+        return any(len(ids) > 1 for ids in self.bad_words)
 
     @property
     def is_finished(self) -> bool:

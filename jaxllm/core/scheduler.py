@@ -37,8 +37,9 @@ hidden states are back), prompts up to max_model_len tokens (no room for an outp
 Async scheduling (the engine schedules step N+1 before step N's tokens are read back): a running
 request with a placeholder gets a one-token decode whose token is that placeholder
 (``ScheduledSeq.placeholder``; the runner feeds the sampled id on device), unless the placeholder
-already ends it (max tokens / max_model_len) or the next step's mask needs it (a grammar, a bad word
-of 2+ tokens: ``Request.needs_last_token``). A request preempted while its token is in flight
+already ends it (max tokens / max_model_len) or the next step's mask needs it on the host before
+the step goes out (a bad word of 2+ tokens: ``Request.bans_need_last_token``; a grammar unless
+``late_grammar_mask``: the engine then writes its mask after the forward pass). A request preempted while its token is in flight
 keeps that token when it arrives and is not re-admitted before; one finished or aborted while a
 step is in flight gets nothing from that step (its slot is wasted, its blocks are already free).
 
@@ -98,6 +99,9 @@ class Scheduler:
         self._next_seq = 0
         # lora_int_ids whose adapter is still loading (the engine sets the LoRAManager's ``loading``)
         self.loading_loras: Container[int] = frozenset()
+        # async scheduling: a request with a grammar may run on its token in flight (the engine writes
+        # its mask after the forward pass: SchedulerOutput.late_bitmask); False: it waits for the token
+        self.late_grammar_mask = False
         # the order of running and waiting requests (and, reversed, of preemption victims)
         self.priority = self.config.policy == "priority"
         self._order: Callable[[Request], object] = (
@@ -154,8 +158,9 @@ class Scheduler:
                 continue
             ph = req.num_output_placeholders
             if ph and (req.num_output_tokens + ph >= req.max_output_tokens
-                       or req.num_tokens + ph >= max_len or req.needs_last_token):
-                i += 1  # its token in flight ends it, or (a grammar, bad words) must be known to mask the next
+                       or req.num_tokens + ph >= max_len or req.bans_need_last_token
+                       or (req.grammar is not None and not self.late_grammar_mask)):
+                i += 1  # its token in flight ends it, or (bad words, a grammar) must be known to mask the next
                 continue
             n = min(req.num_tokens + ph - req.num_computed_tokens, budget,
                     max_len - req.num_computed_tokens)

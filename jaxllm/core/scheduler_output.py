@@ -73,6 +73,10 @@ class SchedulerOutput:
     # ``constrained`` entry is True; None when no seq of the step has a grammar.
     grammar_bitmask: object = field(default=None, repr=False)
     constrained: list[bool] | None = None
+    # async scheduling: a constrained seq runs on a token still in flight, so its mask is not known
+    # yet. The runner launches the forward pass at dispatch and the sampling when the engine hands
+    # the bitmask to ``PendingStep.set_bitmask(grammar_bitmask, constrained)`` (runner_protocol.py).
+    late_bitmask: bool = False
     # forks admitted this step (beam search; KVCacheManager.pin_fork): (source block, destination
     # block) pairs whose whole KV the runner copies before the step runs (no step reads a
     # destination before)

@@ -11,7 +11,7 @@ one-token sequence always). Prompt tokens never count.
 The banned ids travel to the device in the min_tokens mask the sampler already applies
 (``SamplingInputs.mask_ids``, fixed width: no new input, no new compiled program); a sequence of
 two or more tokens depends on the last token, so such a request is never scheduled on a token still
-in flight (``Request.needs_last_token``, as a grammar) and gets no speculative drafts.
+in flight (``Request.bans_need_last_token``) and gets no speculative drafts.
 """
 from __future__ import annotations
 

@@ -19,8 +19,12 @@ Structured outputs (``params.structured_outputs``): ``add_request`` checks the s
 the field) and gives each sequence a ``GrammarState`` whose matcher compiles on a thread pool
 (``jaxllm/engine/grammar.py``); the scheduler leaves it waiting until then. After each schedule the
 engine writes the sampling seqs' allowed-token bitmask into the SchedulerOutput; each sampled token
-advances the matcher. With async scheduling a constrained request is never scheduled on a token
-still in flight (its mask needs that token), so it runs every other step; the rest overlap as usual.
+advances the matcher. With async scheduling a constrained request runs on its token still in flight
+like any other (with a runner that has ``supports_late_bitmask``): its mask needs that token, so the
+step goes out with ``late_bitmask``: the runner launches its forward pass at once, and ``step()``
+hands the masks to ``PendingStep.set_bitmask`` after reading the step before back and advancing the
+grammars, while the device computes that forward pass. (A runner without it: a constrained request is
+never scheduled on a token in flight and runs every other step.)
 
 Input rules: ``add_request`` (jaxllm/engine/add_requests.py) validates everything before anything is
 scheduled and raises ``ValueError`` naming the field, the value and the limit.
@@ -98,6 +102,8 @@ class LLMEngine(AddRequestsMixin, EmbedRequestsMixin, EngineStatsMixin, GrammarR
             on = getattr(runner, "async_by_default", True)
         self.async_scheduling = bool(on) and hasattr(runner, "dispatch")
         self._init_speculative(config, runner)  # n-gram drafts: synchronous steps only (spec_requests.py)
+        # a constrained request may run on its token in flight: its mask follows the forward pass
+        self.scheduler.late_grammar_mask = self.async_scheduling and getattr(runner, "supports_late_bitmask", False)
         self._in_flight: tuple | None = None  # (SchedulerOutput, PendingStep) not read back yet
         self.held_by_gates = False  # the last step was empty: every request left waits for release_step
         self._request_errors: dict[str, Exception] = {}  # failed by their host-side processing
@@ -183,11 +189,17 @@ class LLMEngine(AddRequestsMixin, EmbedRequestsMixin, EngineStatsMixin, GrammarR
                 return []
             self._in_flight = (out, self.runner.dispatch(out))
         prev, self._in_flight = self._in_flight, None
+        late = None  # step N+1 if its sampling waits for grammar masks that need step N's tokens
         if self.scheduler.has_unfinished_requests():  # step N+1 goes out before step N is read
             out = self._schedule(in_flight=True)
             if out is not None:
                 self._in_flight = (out, self.runner.dispatch(out))
-        return self._process(prev[0], prev[1].result(), t0)
+                late = self._in_flight if out.late_bitmask else None
+        try:
+            return self._process(prev[0], prev[1].result(), t0)
+        finally:  # step N's tokens have advanced the grammars: step N+1's sampling can go
+            if late is not None:
+                self._send_late_bitmask(*late)
 
     def _schedule(self, in_flight: bool):
         """The next step's SchedulerOutput. With a step in flight, a grammar compiling or an adapter

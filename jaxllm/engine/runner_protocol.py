@@ -29,6 +29,11 @@ The engine never imports jax; it talks to any object with this shape. Contract:
   token, the token sampled for the same request by the previously dispatched step (kept on the
   device; its ``token_ids`` hold ``PLACEHOLDER_TOKEN_ID``). The engine calls ``result()`` of each
   pending step once, in dispatch order, with at most one step dispatched after it meanwhile.
+- Late masks (optional; a runner with ``supports_late_bitmask = True``): a step with
+  ``out.late_bitmask`` comes without ``grammar_bitmask`` (``constrained`` says which seqs will get
+  one); the runner may start it but samples only after ``pending.set_bitmask(bitmask, constrained)``
+  (same layout as SchedulerOutput's; None = every row free), which the engine calls once, before it
+  dispatches the next step. ``result()`` before ``set_bitmask`` samples with every row free.
 - ``set_lora(slot, adapter | None)`` (multi-LoRA; only called when the engine has enable_lora): write
   adapter (a ``jaxllm.lora.peft.LoRAAdapter``, or what the runner's optional ``prepare_lora(adapter)``
   made of one: checked and cast on the engine's adapter-loader thread, still at its own rank (the

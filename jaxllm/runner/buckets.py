@@ -90,6 +90,10 @@ class Buckets:
         out = [(s, s, True) for s in self.decode] + [(t, t, False) for t in self.draft]
         return out + [b for b in ((t, self.mixed_s, False) for t in self.mixed) if b not in out]
 
+    def sample_sizes(self) -> list[int]:
+        """The distinct numbers of sampling rows S of the buckets (one sampling program each)."""
+        return sorted({S for _, S, _ in self.all()})
+
     def describe(self) -> str:
         draft = f"; draft T=S in {list(self.draft)}" if self.draft else ""
         return f"decode T=S in {list(self.decode)}; mixed T in {list(self.mixed)} with S={self.mixed_s}{draft}"

@@ -54,6 +54,20 @@ def sample_rows(seqs: list[ScheduledSeq]) -> list[int]:
     return out
 
 
+def place_bitmask(seqs: list[ScheduledSeq], padded_seqs: int, vocab_size: int,
+                  grammar_bitmask: np.ndarray | None, constrained: list[bool] | None) -> tuple[np.ndarray, np.ndarray]:
+    """SchedulerOutput's grammar bitmask ([len(seqs), W] i32) and `constrained` flags moved to the
+    seqs' sampling rows → (bitmask [S, W] i32 packed allowed bits, constrained [S] bool); all zero
+    (every row free) without them."""
+    bitmask = np.zeros((padded_seqs, -(-vocab_size // 32)), np.int32)  # [S, W] i32
+    rows = np.zeros(padded_seqs, bool)  # [S] bool
+    if constrained is not None and any(constrained):
+        at = sample_rows(seqs)[:-1]  # seqs with a grammar get no drafts: one row each
+        bitmask[at] = grammar_bitmask
+        rows[at] = constrained
+    return bitmask, rows
+
+
 def build_inputs(seqs: list[ScheduledSeq], rows: list[int], num_rows: int, eos_ids: list[int],
                  padded_tokens: int, padded_seqs: int, decode_only: bool, block_size: int,
                  max_blocks: int, max_seen: int, seed_steps: list | None = None, *, vocab_size: int,
@@ -96,13 +110,8 @@ def build_inputs(seqs: list[ScheduledSeq], rows: list[int], num_rows: int, eos_i
     bias_ids = np.full((S, MAX_LOGIT_BIAS), -1, np.int32)
     bias_values = np.zeros((S, MAX_LOGIT_BIAS), np.float32)
     allowed_ids = np.full((S, MAX_ALLOWED_TOKEN_IDS), -1, np.int32)
-    bitmask = np.zeros((S, -(-vocab_size // 32)), np.int32)  # [S, W] i32 packed allowed bits
-    constrained_rows = np.zeros(S, bool)  # [S] bool
+    bitmask, constrained_rows = place_bitmask(seqs, S, vocab_size, grammar_bitmask, constrained)
     first_row = sample_rows(seqs)
-    if constrained is not None and any(constrained):
-        at = first_row[:-1]  # seqs with a grammar get no drafts: one row each
-        bitmask[at] = grammar_bitmask
-        constrained_rows[at] = constrained
     seen_tokens = np.zeros(max_seen, np.int32)
     seen_prompt_rows = np.full(max_seen, R, np.int32)
     seen_output_rows = np.full(max_seen, R, np.int32)

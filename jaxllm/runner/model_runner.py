@@ -1,15 +1,19 @@
-"""ModelRunner: pads each scheduled step to a precompiled bucket and runs ONE jitted call that
-writes the KV cache in place (donated), computes logits for the last token of each sequence and
-samples on device. Only sampled ids and logprobs come back to the host.
+"""ModelRunner: pads each scheduled step to a precompiled bucket and runs it as two jitted calls
+launched back to back: the forward pass, which writes the KV cache in place (donated) and computes
+the logits of each sequence's sampling rows, then the sampling on device. Only sampled ids and
+logprobs come back to the host.
 
 ``dispatch(sched)`` launches a step and returns a ``PendingStep`` at once (JAX dispatch is
 asynchronous); ``PendingStep.result()`` waits and converts. Each row's last sampled token stays
 on the device (``last_tokens``, [R] i32) so the next step can feed it to a placeholder decode
-(async scheduling) without a round trip; ``execute`` = dispatch + result.
+(async scheduling) without a round trip; ``execute`` = dispatch + result. A late-bitmask step
+(``SchedulerOutput.late_bitmask``: a constrained request on a token still in flight) launches its
+forward pass at dispatch and its sampling at ``PendingStep.set_bitmask``, so the device computes the
+forward pass while the host reads the previous step back and advances the grammars.
 
-The device programs themselves (step, prompt-logprobs pass, embed step) are runner/step_programs.py;
-the runner holds their state (cache, penalty tables, rows), picks buckets and compiles one executable
-per bucket.
+The device programs themselves (forward, sampling, prompt-logprobs pass, embed step) are
+runner/step_programs.py; the runner holds their state (cache, penalty tables, rows), picks buckets
+and compiles one executable per bucket (the sampling: one per number of sampling rows).
 
 Implements jaxllm.engine.runner_protocol.ModelRunnerProtocol.
 """
@@ -34,7 +38,7 @@ from jaxllm.models.config import ModelConfig
 from jaxllm.models.llama import LlamaForCausalLM
 from jaxllm.runner.block_copy import copy_blocks
 from jaxllm.runner.buckets import Buckets
-from jaxllm.runner.inputs import StepInputs, build_inputs
+from jaxllm.runner.inputs import StepInputs, build_inputs, place_bitmask
 from jaxllm.runner.kv_cache_dtype import cache_dtype
 from jaxllm.runner.pending import PendingStep, PromptLogprobsJob
 from jaxllm.runner.pooler import PendingPool
@@ -100,11 +104,14 @@ class ModelRunner:
                                       scales_fixed=kv_scales_fixed)
         self.counts = jnp.zeros((self.num_rows, c.vocab_size), jnp.int32)  # [R, V] generated-token counts
         self.prompt_mask = jnp.zeros((self.num_rows, c.vocab_size), bool)  # [R, V] token in prompt
-        jit_kwargs = {}
-        if layout is not None:  # penalty state and sampler outputs replicated; shardings pinned so
-            rep = layout.replicated  # every step sees the same input shardings (no recompiles)
+        fwd_kw, sample_kw = {}, {}
+        self._logits_sharding = None
+        if layout is not None:  # penalty state, logits and sampler outputs replicated; shardings pinned
+            rep = layout.replicated  # so every step sees the same input shardings (no recompiles)
             self.counts, self.prompt_mask = jax.device_put((self.counts, self.prompt_mask), rep)
-            jit_kwargs["out_shardings"] = (self.kv_cache.like(cache_sharding, scale_sharding), rep, rep, rep, rep)
+            fwd_kw["out_shardings"] = (self.kv_cache.like(cache_sharding, scale_sharding), rep, rep, rep, rep)
+            sample_kw["out_shardings"] = (rep, rep)
+            self._logits_sharding = rep
         graphdef, self.state = nnx.split(model)
         self.state_dtype = dtype
         # device adapter slots (none for embed: its steps run the base model)
@@ -116,10 +123,11 @@ class ModelRunner:
         self.last_tokens = jnp.zeros((self.num_rows,), jnp.int32)
         if layout is not None:
             self.last_tokens = jax.device_put(self.last_tokens, layout.replicated)
-            cs, counts_s, mask_s, *rest = jit_kwargs["out_shardings"]
-            jit_kwargs["out_shardings"] = (cs, counts_s, mask_s, layout.replicated, *rest)
 
-        self._step = jax.jit(programs.fed_step, donate_argnums=(1, 2, 3, 4), **jit_kwargs)
+        # a step = the forward pass (cache, penalty tables donated: updated in place), then sampling
+        self._forward = jax.jit(programs.fed_forward, donate_argnums=(1, 2, 3), **fwd_kw)
+        self._sample = jax.jit(programs.sample_step, donate_argnums=(3,), **sample_kw)
+        self._unsampled = None  # a dispatched step whose sampling waits for its bitmask (set_bitmask)
 
         embed_kw = {}
         if layout is not None:
@@ -139,6 +147,9 @@ class ModelRunner:
         # Async scheduling's default: on where a device runs the steps while the host works; off
         # on CPU, where both share the cores and overlapping slowed steps (bench/RESULTS.md).
         self.async_by_default = jax.default_backend() != "cpu"
+        # SchedulerOutput.late_bitmask: the sampling launched after the forward pass, once the engine
+        # knows the grammar bitmask (single host: a multi-host step goes to every process whole)
+        self.supports_late_bitmask = jax.process_count() == 1
         self._zero_bitmasks: dict[int, jax.Array] = {}  # S -> [S, ceil(V/32)] i32 zeros on device
         self._channel = None  # multi-host: process 0 broadcasts each step (jaxllm/parallel/multihost.py)
         if jax.process_count() > 1:
@@ -170,8 +181,8 @@ class ModelRunner:
 
     @property
     def compile_count(self) -> int:
-        """Executables compiled so far (step + prompt-logprobs pass, one per bucket, + the block copy of
-        a generating runner); a change after
+        """Executables compiled so far (forward pass + prompt-logprobs pass per bucket, sampling per
+        number of sampling rows S, + the block copy of a generating runner); a change after
         warm-up means a new shape reached the device: a bug."""
         return len(self._executables)
 
@@ -194,8 +205,15 @@ class ModelRunner:
         return inp.tokens.shape[0], inp.logits_indices.shape[0], inp.metadata.decode_only
 
     def _step_lowering(self, inp: StepInputs):
-        return self._step.lower(self.state, self.kv_cache, self.counts, self.prompt_mask, self.last_tokens, inp,
-                                self._lora_weights())
+        """The step's forward pass for `inp`'s bucket (its HLO holds every weight read and KV write)."""
+        return self._forward.lower(self.state, self.kv_cache, self.counts, self.prompt_mask, self.last_tokens, inp,
+                                   self._lora_weights())
+
+    def _sample_lowering(self, inp: StepInputs):
+        S = inp.logits_indices.shape[0]
+        logits = jax.ShapeDtypeStruct((S, self.vocab_size), jnp.float32, sharding=self._logits_sharding)
+        return self._sample.lower(logits, self.counts, self.prompt_mask, self.last_tokens, inp.sampling,
+                                  inp.want_top_logprobs, inp.seq_rows)
 
     def _prompt_lp_lowering(self, num_tokens: int):
         hidden = jax.ShapeDtypeStruct((num_tokens, self.model_config.hidden_size), self.state_dtype)
@@ -203,6 +221,9 @@ class ModelRunner:
 
     def _step_executable(self, inp: StepInputs):
         return self._executable(("step",) + self._bucket(inp), lambda: self._step_lowering(inp))
+
+    def _sample_executable(self, inp: StepInputs):
+        return self._executable(("sample", inp.logits_indices.shape[0]), lambda: self._sample_lowering(inp))
 
     def _prompt_lp_executable(self, num_tokens: int):
         return self._executable(("prompt_lp", num_tokens), lambda: self._prompt_lp_lowering(num_tokens))
@@ -220,9 +241,19 @@ class ModelRunner:
         self.kv_cache = exe(self.kv_cache, src, dst, np.int32(len(pairs)))
 
     def _run_local(self, inp: StepInputs):
-        self.kv_cache, self.counts, self.prompt_mask, self.last_tokens, out, self._hidden = \
+        return self._sample_local(inp, self._forward_local(inp), inp.sampling)
+
+    def _forward_local(self, inp: StepInputs):
+        """Launch the step's forward pass → its logits [S, V] f32 (on device)."""
+        self.kv_cache, self.counts, self.prompt_mask, logits, self._hidden = \
             self._step_executable(inp)(self.state, self.kv_cache, self.counts, self.prompt_mask, self.last_tokens, inp,
                                        self._lora_weights())
+        return logits
+
+    def _sample_local(self, inp: StepInputs, logits, sampling):
+        """Launch the sampling of a forward pass's `logits` with `sampling` → SamplerOutput (on device)."""
+        self.last_tokens, out = self._sample_executable(inp)(logits, self.counts, self.prompt_mask, self.last_tokens,
+                                                             sampling, inp.want_top_logprobs, inp.seq_rows)
         return out
 
     # ----- LoRA ---------------------------------------------------------------------
@@ -292,6 +323,9 @@ class ModelRunner:
 
     def dispatch(self, sched: SchedulerOutput) -> PendingStep:
         """Launch one step (and its prompt-logprobs pass) without waiting for the device."""
+        if self._unsampled is not None:
+            raise RuntimeError("dispatch() before the previous step's set_bitmask(): a step's placeholders "
+                               "need the tokens that sampling writes")
         self.release(sched.finished_or_preempted_ids)
         seqs = sched.seqs
         if not seqs:
@@ -302,21 +336,38 @@ class ModelRunner:
         if sched.block_copies:  # forks admitted this step: their copied partial blocks first
             self._copy_blocks(sched.block_copies)
         T, S, decode_only = self.buckets.pick_step(seqs)  # decode, draft or mixed bucket
+        late = sched.late_bitmask  # the masks come later: PendingStep.set_bitmask
         rows = [self._row(s.request_id) for s in seqs]
         seed_steps = []  # only when this step's prefix-cache hits exceed what one step carries
         inp = build_inputs(seqs, rows, self.num_rows, self.eos_ids, T, S, decode_only, self.block_size,
                            self.max_blocks_per_seq, self.max_model_len, seed_steps, vocab_size=self.vocab_size,
-                           grammar_bitmask=sched.grammar_bitmask, constrained=sched.constrained,
-                           lora=self.lora is not None)
-        if not (sched.constrained and any(sched.constrained)):
+                           grammar_bitmask=None if late else sched.grammar_bitmask,
+                           constrained=None if late else sched.constrained, lora=self.lora is not None)
+        if late or not (sched.constrained and any(sched.constrained)):
             inp = self._with_zero_bitmask(inp, S)
         for seed in seed_steps:  # same bucket, all padding: seeds penalty state only
             self._run(seed)
-        out = self._run(inp)
-        prompt_lp = None
+        if late:  # the sampling waits for PendingStep.set_bitmask
+            if self._channel is not None:
+                raise RuntimeError("late_bitmask needs a single-host runner (supports_late_bitmask)")
+            logits = self._forward_local(inp)
+            pending = PendingStep(seqs, None, None, lambda: self._prompt_lp_out,
+                                  sample_later=lambda bitmask, constrained: self._sample_late(
+                                      inp, logits, seqs, bitmask, constrained), marker=logits)
+            self._unsampled = pending
+        else:
+            pending = PendingStep(seqs, self._run(inp), None, lambda: self._prompt_lp_out)
         if any(s.params.prompt_logprobs is not None and s.start_pos + 1 < s.num_prompt_tokens for s in seqs):
-            prompt_lp = self._dispatch_prompt_logprobs(seqs, T)
-        return PendingStep(seqs, out, prompt_lp, lambda: self._prompt_lp_out)
+            pending.set_prompt_logprobs(self._dispatch_prompt_logprobs(seqs, T))
+        return pending
+
+    def _sample_late(self, inp: StepInputs, logits, seqs, bitmask, constrained):
+        """A late-bitmask step's sampling (PendingStep.set_bitmask) → SamplerOutput (on device)."""
+        assert self._unsampled is not None
+        self._unsampled = None
+        mask, rows = place_bitmask(seqs, inp.logits_indices.shape[0], self.vocab_size, bitmask, constrained)
+        sampling = dataclasses.replace(inp.sampling, bitmask=mask, constrained=rows)
+        return self._sample_local(inp, logits, sampling)
 
     def _with_zero_bitmask(self, inp: StepInputs, S: int) -> StepInputs:
         """A step without grammars: its all-zero [S, ceil(V/32)] bitmask is a device array kept per
@@ -362,9 +413,12 @@ class ModelRunner:
         if self.pooling:  # the embed step is all this runner will run (a base model has no LM head)
             exe = self._embed.lower(self.state, self.kv_cache, self._embed_inputs([], T, S)).compile()
             return int(getattr(exe.memory_analysis(), "temp_size_in_bytes", 0) or 0)
-        step = self._step_lowering(self._padding_inputs(T, S, decode_only)).compile()
-        plp = self._prompt_lp_lowering(T).compile()
-        temp = sum(int(getattr(c.memory_analysis(), "temp_size_in_bytes", 0) or 0) for c in (step, plp))
+        inp = self._padding_inputs(T, S, decode_only)
+        programs = (self._step_lowering(inp).compile(), self._sample_lowering(inp).compile(),
+                    self._prompt_lp_lowering(T).compile())
+        # the logits live between the forward pass and the sampling: the forward's output
+        temp = sum(int(getattr(c.memory_analysis(), "temp_size_in_bytes", 0) or 0) for c in programs)
+        temp += S * self.vocab_size * 4
         lora = 0 if self.lora is None else self.lora.nbytes  # the probe's slots are freed with it
         return temp + self.counts.nbytes + self.prompt_mask.nbytes + self.last_tokens.nbytes + lora
 
@@ -386,6 +440,8 @@ class ModelRunner:
             key = ("step",) + self._bucket(inp)
             if key not in self._executables:
                 jobs[key] = self._step_lowering(inp)
+            if ("sample", S) not in self._executables and ("sample", S) not in jobs:  # one per S
+                jobs[("sample", S)] = self._sample_lowering(inp)
             prompt_lp = decode_only or T in self.buckets.mixed  # draft steps have no prompt tokens
             if prompt_lp and self.supports_prompt_logprobs and ("prompt_lp", T) not in self._executables:
                 jobs[("prompt_lp", T)] = self._prompt_lp_lowering(T)

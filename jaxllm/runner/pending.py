@@ -52,18 +52,42 @@ class PendingStep:
     """One dispatched step. ``result()`` waits for it once and returns
     ``{request_id: SampledToken}`` for its ``sample=True`` seqs (later calls return the same); a seq
     with speculative drafts gets a list: the accepted drafts' SampledTokens, then the model's own
-    (1..num_draft_tokens + 1 entries; acceptance is decided here, on the sampled ids)."""
+    (1..num_draft_tokens + 1 entries; acceptance is decided here, on the sampled ids).
+
+    A late-bitmask step (``SchedulerOutput.late_bitmask``) was dispatched without its sampling:
+    ``set_bitmask(bitmask, constrained)`` launches it (``sample_later``); ``result()`` before that
+    samples with every row free (the engine does so only for a step none of whose requests is left)."""
 
     def __init__(self, seqs: list[ScheduledSeq], out: SamplerOutput | None,
-                 prompt_lp: PromptLogprobsJob | None, prompt_lp_sink: Callable[[], dict] | None = None) -> None:
+                 prompt_lp: PromptLogprobsJob | None, prompt_lp_sink: Callable[[], dict] | None = None, *,
+                 sample_later: Callable[..., SamplerOutput] | None = None, marker=None) -> None:
         self._seqs = seqs
         self._out = out
         self._prompt_lp = prompt_lp
         self._prompt_lp_sink = prompt_lp_sink  # () -> the runner's take_prompt_logprobs store
+        self._sample_later = sample_later  # (bitmask, constrained) -> SamplerOutput, launched once
         self._result: dict[str, SampledToken] | None = None
-        self._marker = None if out is None else out.token_ids  # [S] i32: ready when the step is done
+        self._marker = marker if out is None else out.token_ids  # a device array ready when the step is done
         if out is not None:
             start_copy(out)
+
+    def set_prompt_logprobs(self, job: PromptLogprobsJob) -> None:
+        self._prompt_lp = job
+
+    @property
+    def needs_bitmask(self) -> bool:
+        """A late-bitmask step whose sampling is not launched yet."""
+        return self._sample_later is not None
+
+    def set_bitmask(self, bitmask, constrained: list[bool] | None) -> None:
+        """Launch a late-bitmask step's sampling: `bitmask` [len(seqs), W] i32 and `constrained` as
+        SchedulerOutput's (None: every row free). A no-op once launched."""
+        if self._sample_later is None:
+            return
+        launch, self._sample_later = self._sample_later, None
+        self._out = launch(bitmask, constrained)
+        self._marker = self._out.token_ids
+        start_copy(self._out)
 
     def wait_device(self) -> None:
         """Block until the device has finished this step, without copying anything (benches time
@@ -74,6 +98,7 @@ class PendingStep:
     def result(self) -> dict[str, SampledToken]:
         if self._result is not None:
             return self._result
+        self.set_bitmask(None, None)  # a late-bitmask step nobody handed a mask: every row free
         result: dict = {}
         if self._out is not None:
             out = jax.device_get(self._out)

@@ -1,8 +1,12 @@
 """The device programs a ModelRunner compiles (runner/model_runner.py jits, lowers and runs them):
 
-- `fed_step`: one scheduled step: placeholder tokens fed from the device's last sampled ids, the
-  penalty tables updated, the model run over the padded batch (KV cache written in place), logits of
-  each sequence's sampling rows, sampling on device;
+- `fed_forward`: one scheduled step's model pass: placeholder tokens fed from the device's last sampled
+  ids, the penalty tables updated, the model run over the padded batch (KV cache written in place),
+  the logits of each sequence's sampling rows;
+- `sample_step`: that step's sampling on device, from its logits, and each row's sampled id recorded
+  for the next step's placeholders. A program of its own so that the runner can launch it after the
+  forward pass, once the host knows the grammar bitmask (async scheduling: a constrained request's
+  mask needs the token the step before sampled);
 - `prompt_logprobs`: the prompt-logprobs pass over a step's hidden states, in chunks;
 - `embed_step`: the embed task's step: pooled hidden states, nothing sampled;
 - `classify_step`: the classify task's: the classifier head's logits of each sequence's last token.
@@ -11,7 +15,6 @@ They close over the model's graph definition only; the weights (`state`) are an 
 """
 from __future__ import annotations
 
-import dataclasses
 from typing import Callable, NamedTuple
 
 import jax
@@ -27,42 +30,45 @@ PROMPT_LP_CHUNK = 256  # tokens per chunk of the prompt-logprobs LM head
 
 
 class StepPrograms(NamedTuple):
-    fed_step: Callable
+    fed_forward: Callable
+    sample_step: Callable
     prompt_logprobs: Callable
     embed_step: Callable
     classify_step: Callable
 
 
 def step_programs(graphdef, on_trace: Callable[[], None]) -> StepPrograms:
-    """The three programs of a model split into `graphdef` + state (nnx.split); `on_trace()` runs each
-    time the step or the embed step is traced (the runner counts traces: one after warm-up is a bug)."""
+    """The programs of a model split into `graphdef` + state (nnx.split); `on_trace()` runs each
+    time the step (forward or sampling) or the embed step is traced (the runner counts traces: one after warm-up is a bug)."""
 
-    def step(state, cache, counts, prompt_mask, inp: StepInputs, lora=None):
+    def fed_forward(state, cache, counts, prompt_mask, last_tokens, inp: StepInputs, lora=None):
+        """The model over the step's tokens, placeholders taken from last_tokens on device (feed_rows
+        < R) → (cache, counts, prompt_mask, logits [S, V] f32 of the sampling rows, hidden [T, E]: it
+        stays on device for prompt logprobs). `lora`: the LoRA slots' weights (a jit argument: loading
+        a slot recompiles nothing). `inp.sampling` is not read here (sample_step's)."""
         on_trace()  # runs only while tracing
+        R = last_tokens.shape[0]
+        fed = last_tokens[jnp.minimum(inp.feed_rows, R - 1)]  # [T] i32
+        tokens = jnp.where(inp.feed_rows < R, fed, inp.tokens)  # [T] i32
         m = nnx.merge(graphdef, state)
         counts = counts.at[inp.reset_rows].set(0, mode="drop")
         prompt_mask = prompt_mask.at[inp.reset_rows].set(False, mode="drop")
-        prompt_mask = prompt_mask.at[inp.prompt_rows, inp.tokens].set(True, mode="drop")
-        counts = counts.at[inp.output_rows, inp.tokens].add(1, mode="drop")
+        prompt_mask = prompt_mask.at[inp.prompt_rows, tokens].set(True, mode="drop")
+        counts = counts.at[inp.output_rows, tokens].add(1, mode="drop")
         prompt_mask = prompt_mask.at[inp.seen_prompt_rows, inp.seen_tokens].set(True, mode="drop")
         counts = counts.at[inp.seen_output_rows, inp.seen_tokens].add(1, mode="drop")
         lora = None if lora is None else LoRABatch(lora, inp.lora_slots)
-        hidden, cache = m(inp.tokens, inp.positions, cache, inp.metadata, lora)  # [T, E]
+        hidden, cache = m(tokens, inp.positions, cache, inp.metadata, lora)  # [T, E]
         logits = m.compute_logits(hidden[inp.logits_indices])  # [S, V] f32
-        out = sample(logits, counts, prompt_mask, inp.sampling, inp.want_top_logprobs,
-                     rows=inp.seq_rows)  # the tables' rows are gathered only if a penalty needs them
-        return cache, counts, prompt_mask, out, hidden  # hidden stays on device (prompt logprobs)
+        return cache, counts, prompt_mask, logits, hidden
 
-    def fed_step(state, cache, counts, prompt_mask, last_tokens, inp: StepInputs, lora=None):
-        """step() with placeholder tokens taken from last_tokens on device (feed_rows < R), and
-        this step's sampled ids recorded per row (padding rows write the spare row only).
-        `lora`: the LoRA slots' weights (a jit argument: loading a slot recompiles nothing)."""
-        R = last_tokens.shape[0]
-        fed = last_tokens[jnp.minimum(inp.feed_rows, R - 1)]  # [T] i32
-        inp = dataclasses.replace(inp, tokens=jnp.where(inp.feed_rows < R, fed, inp.tokens))
-        cache, counts, prompt_mask, out, hidden = step(state, cache, counts, prompt_mask, inp, lora)
-        last_tokens = last_tokens.at[inp.seq_rows].set(out.token_ids)
-        return cache, counts, prompt_mask, last_tokens, out, hidden
+    def sample_step(logits, counts, prompt_mask, last_tokens, sampling, want_top_logprobs, seq_rows):
+        """Sampling of one step's rows (the penalty tables' rows are gathered only if a penalty needs
+        them) → (last_tokens with each row's sampled id set (padding rows write the spare row only),
+        SamplerOutput)."""
+        on_trace()  # runs only while tracing
+        out = sample(logits, counts, prompt_mask, sampling, want_top_logprobs, rows=seq_rows)
+        return last_tokens.at[seq_rows].set(out.token_ids), out
 
     def prompt_logprobs(state, hidden, targets):
         """Raw logprob and rank of each token's next prompt token and the top MAX_LOGPROBS,
@@ -103,4 +109,4 @@ def step_programs(graphdef, on_trace: Callable[[], None]) -> StepPrograms:
         hidden, cache = m(inp.tokens, inp.positions, cache, inp.metadata)  # [T, E]
         return cache, m.classify(hidden[inp.logits_indices])  # [S, L] f32
 
-    return StepPrograms(fed_step, prompt_logprobs, embed_step, classify_step)
+    return StepPrograms(fed_forward, sample_step, prompt_logprobs, embed_step, classify_step)

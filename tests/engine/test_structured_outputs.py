@@ -63,20 +63,26 @@ def test_every_kind_matches_alone_and_beside_free_requests(async_scheduling):
             assert c.finish_reason == "stop" and c.token_ids[-1] == 1, (spec, c.text)
             check(spec, c.text)
         assert len(finals[f"f{i}"].outputs[0].token_ids) == 7
-    if async_scheduling:  # a constrained request never runs on a token still in flight
-        assert e.runner.num_placeholders_fed > 0
-        assert not [s for o in e.runner.steps for s in o.seqs if s.placeholder and s.request_id.startswith("g")]
+    if async_scheduling:  # constrained requests run on their tokens still in flight, masks given late
+        assert [s for o in e.runner.steps for s in o.seqs if s.placeholder and s.request_id.startswith("g")]
+        assert e.runner.num_late_steps > 0
     assert e.grammar.num_compiles == len(SPECS) - 1  # the schema as a dict and as text: one cache entry
 
 
-def test_async_gives_the_sync_tokens():
+@pytest.mark.parametrize("late", [True, False], ids=["late-mask", "waits-for-token"])
+def test_async_gives_the_sync_tokens(late):
+    """Async scheduling with masks written after dispatch (a runner with supports_late_bitmask), and
+    with a runner without it (constrained requests wait for their token): the sync engine's tokens."""
     outs = []
     for on in (False, True):
         e = make(on)
+        e.runner.supports_late_bitmask = late
+        e.scheduler.late_grammar_mask = on and late
         for i, spec in enumerate(SPECS):
             e.add_request(f"g{i}", "p", SamplingParams(max_tokens=60, structured_outputs=spec, seed=i))
             e.add_request(f"f{i}", "p", SamplingParams(max_tokens=9, seed=i))
         outs.append({k: v.outputs[0].token_ids for k, v in run_all(e).items()})
+        assert (e.runner.num_late_steps > 0) == (on and late)
     assert outs[0] == outs[1]
 
 

@@ -84,6 +84,10 @@ class FakeRunner:
         self.released: list[str] = []
         self._prev_sampled: dict[str, int] = {}  # request id -> token sampled by the last dispatched step
         self._unread: list[FakePending] = []  # dispatched, result() not called yet (oldest first)
+        # SchedulerOutput.late_bitmask: constrained seqs sampled when the engine hands the mask over
+        self.supports_late_bitmask = True
+        self._unsampled: FakePending | None = None
+        self.num_late_steps = 0
         self.num_placeholders_fed = 0
         # speculative decoding: a seq with num_draft_tokens gets a list of SampledTokens (greedy
         # verification: the accepted drafts, then the model's own token)
@@ -123,9 +127,14 @@ class FakeRunner:
 
     def dispatch(self, out: SchedulerOutput) -> FakePending:
         assert len(self._unread) <= 1, "a step dispatched with two unread steps before it"
+        assert self._unsampled is None, "a step dispatched before the late-bitmask step before it was sampled"
         self._chunks: dict = {}
         self._prompt_lp: dict[str, dict[int, SampledToken]] = {}
-        pending = FakePending(self, self._run(out), self._chunks, self._prompt_lp)
+        self._late: list = []  # late_bitmask: (index, seq, context, adapter) of the seqs sampled later
+        pending = FakePending(self, self._run(out), self._chunks, self._prompt_lp, self._late)
+        if self._late:
+            self._unsampled = pending
+            self.num_late_steps += 1
         self._unread.append(pending)
         return pending
 
@@ -224,11 +233,21 @@ class FakeRunner:
                 self._chunks[s.request_id] = PooledChunk(np.sum(hs, axis=0, dtype=np.float32), hs[-1])
             if s.params.prompt_logprobs is not None:
                 self._prompt_logprobs(s, ctx, fed[s.request_id])
-            if s.sample:
+            if s.sample and out.late_bitmask and out.constrained[i]:
+                self._late.append((i, s, ctx, key))  # sampled at set_bitmask, with the mask then given
+            elif s.sample:
                 mask = out.grammar_bitmask[i] if out.constrained and out.constrained[i] else None
                 result[s.request_id] = self._sample(ctx, s, mask, key)
         self._prev_sampled = {rid: (t[-1] if isinstance(t, list) else t).token_id for rid, t in result.items()}
         return result
+
+    def _sample_late(self, late: list, result: dict, bitmask, constrained) -> None:
+        """A late-bitmask step's held-back samples (FakePending.set_bitmask)."""
+        for i, s, ctx, key in late:
+            mask = bitmask[i] if constrained and constrained[i] else None
+            result[s.request_id] = tok = self._sample(ctx, s, mask, key)
+            self._prev_sampled[s.request_id] = tok.token_id
+        self._unsampled = None
 
     # ----- the "model" --------------------------------------------------------------
     def _slot(self, block_ids: list[int], pos: int) -> int:
@@ -298,17 +317,28 @@ class FakeRunner:
 
 
 class FakePending:
-    """The fake's PendingStep: the result is computed at dispatch; result() checks the read order
-    (and, for an embed step, files its pooled chunks where take_pooled finds them, as the real
-    runner does)."""
+    """The fake's PendingStep: the result is computed at dispatch (a late-bitmask step's constrained
+    seqs at set_bitmask, or at result() with no mask); result() checks the read order (and, for an
+    embed step, files its pooled chunks where take_pooled finds them, as the real runner does)."""
 
     def __init__(self, runner: FakeRunner, result: dict[str, SampledToken], chunks: dict | None = None,
-                 prompt_lp: dict | None = None) -> None:
+                 prompt_lp: dict | None = None, late: list | None = None) -> None:
         self._runner, self._result, self._read = runner, result, False
         self._chunks = chunks or {}
         self._prompt_lp = prompt_lp or {}
+        self._late = late or []
+
+    @property
+    def needs_bitmask(self) -> bool:
+        return bool(self._late)
+
+    def set_bitmask(self, bitmask, constrained) -> None:
+        if self._late:
+            late, self._late = self._late, []
+            self._runner._sample_late(late, self._result, bitmask, constrained)
 
     def result(self) -> dict[str, SampledToken]:
+        self.set_bitmask(None, None)
         if not self._read:
             self._runner._take(self)
             self._runner._pooled.update(self._chunks)

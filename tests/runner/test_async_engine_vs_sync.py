@@ -32,14 +32,14 @@ def runner(tmp_path_factory):
     return build_engine(cfg, compile_cache=False).runner
 
 
-def engine_on(runner, async_scheduling: bool) -> LLMEngine:
+def engine_on(runner, async_scheduling: bool, **kw) -> LLMEngine:
     """An engine around the shared runner, with a text tokenizer (the tiny model has none) whose EOS
     is the model's, so stop strings are exercised too."""
     tok = FakeTokenizer()
     tok.eos_token_ids = set(runner.eos_ids)
     cfg = EngineConfig(model="tiny", max_model_len=256, block_size=BLOCK, max_num_seqs=8, max_num_batched_tokens=64,
                        seed=0, async_scheduling=async_scheduling)
-    return LLMEngine(cfg, runner, tok, detokenizer_factory=FakeIncrementalDetokenizer)
+    return LLMEngine(cfg, runner, tok, detokenizer_factory=FakeIncrementalDetokenizer, **kw)
 
 
 def workload():
@@ -141,3 +141,44 @@ def test_async_and_sync_engines_give_identical_outputs_and_compile_nothing(runne
         assert e.get_stats()["num_preemptions"] > 0
     # the async engine really overlapped: it scheduled decodes on tokens still on the device
     assert sum(placeholders) > 100
+
+
+def test_constrained_requests_run_on_tokens_in_flight_with_the_sync_outputs(runner):
+    """Structured outputs under async scheduling: a constrained request is scheduled on its token still
+    on the device (late_bitmask: the runner launches the forward pass, the engine hands the masks over
+    after reading the step before back), greedy and seeded, n > 1, an abort, beside free requests:
+    the sync engine's outputs, every constrained text in its language, nothing compiled."""
+    import re
+
+    from jaxllm.structured_outputs import StructuredOutputsParams as SO
+    from tests.fakes.grammar_tokenizers import byte_vocab_grammar_tokenizer, decode_bytes
+
+    specs = [SO(regex=r"[a-z]{2,6}@[a-z]{2,4}\.(com|org)"), SO(choice=["red", "green", "blue"]),
+             SO(regex=r"(0|[1-9][0-9]{0,3})(\+(0|[1-9][0-9]{0,3})){1,3}")]
+    reqs = []
+    for i in range(12):
+        prompt = np.random.default_rng(100 + i).integers(3, VOCAB, 5 + 9 * i).tolist()
+        kw = dict(max_tokens=30, temperature=0.0 if i % 2 else 0.8, seed=i, n=2 if i == 5 else 1)
+        if i % 3 != 2:
+            kw["structured_outputs"] = specs[i % 3] if i % 4 else specs[2]
+        reqs.append((f"c{i}", prompt, SamplingParams(**kw), 3 if i == 7 else None))
+    grammar = byte_vocab_grammar_tokenizer(VOCAB, runner.eos_ids)
+    compiled = (runner.compile_count, runner.num_traces)
+    want = run(engine_on(runner, False, grammar_tokenizer=grammar), reqs)
+    late = []
+    dispatch = runner.dispatch
+    runner.dispatch = lambda out: late.append(out.late_bitmask) or dispatch(out)
+    try:
+        got = run(engine_on(runner, True, grammar_tokenizer=grammar), reqs)
+    finally:
+        del runner.dispatch
+    assert_same_run(runner, compiled, got, want, reqs)
+    assert sum(late) > 10, late  # constrained decodes went out on tokens still in flight
+    for rid, _, p, abort in reqs:
+        so = p.structured_outputs
+        for c in got[rid].outputs:
+            if so is None or abort is not None:
+                continue
+            text = decode_bytes(c.token_ids, runner.eos_ids)
+            assert c.finish_reason == "stop", (rid, text)
+            assert (text in so.choice) if so.choice else re.fullmatch(so.regex, text), (rid, text)

@@ -234,8 +234,9 @@ def assert_matches(spec: StructuredOutputsParams, text: str) -> None:
 def test_zero_compiles_after_warmup_serving_200_random_requests(engine):
     r = engine.runner
     compiled, traces = r.compile_count, r.num_traces
-    # step + prompt-lp per bucket + the block copy (beam search forks)
-    assert compiled == 2 * len(r.buckets.all()) + 1 and traces == len(r.buckets.all())
+    # forward + prompt-lp per bucket, sampling per S, + the block copy (beam search forks)
+    n_sample = len(r.buckets.sample_sizes())
+    assert compiled == 2 * len(r.buckets.all()) + n_sample + 1 and traces == len(r.buckets.all()) + n_sample
     rng = random.Random(7)
     prompts = [np.random.default_rng(i).integers(0, VOCAB, rng.randint(1, 200)).tolist() for i in range(200)]
     params = [_random_params(rng) for _ in prompts]
