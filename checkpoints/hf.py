@@ -3,7 +3,8 @@ A `quantization_config` (or, without one, an older ModelOpt export's hf_quant_co
 checkpoints/hf_fp8_config.py: fp8 checkpoints load (their projections kept fp8, checkpoints/hf_fp8.py),
 AWQ / GPTQ int4 ones too (kept 4-bit, checkpoints/hf_int4.py), every other kind is refused in one line.
 `hf_overrides` (vLLM's --hf-overrides, jaxllm/hf_overrides.py) is merged into config.json's dict before
-ModelConfig.from_hf reads it."""
+ModelConfig.from_hf reads it; a `classifier_from_token` (config.json's or the overrides') builds a
+classifier's `score` head from LM-head rows (checkpoints/seq_cls_from_lm.py)."""
 from __future__ import annotations
 
 import json
@@ -109,6 +110,10 @@ def load_hf(path: str, dtype=np.float32, hf_overrides: dict | None = None):
     from checkpoints import safetensors_f8
 
     config, scheme = _read_config(path, hf_overrides)
+    if config.classifier_from_token:  # a *ForCausalLM loaded as a classifier: its head from LM-head rows
+        from checkpoints.seq_cls_from_lm import resolve_token_ids
+
+        config = resolve_token_ids(config, path)
     if scheme is not None and config.architecture == "phi3":
         raise CheckpointError(f"{os.path.join(path, 'config.json')}: quantization_config with model_type 'phi3' "
                               f"is not supported (its fused qkv_proj / gate_up_proj are split only unquantized)")
