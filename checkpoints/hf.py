@@ -98,7 +98,8 @@ def _weight_files(path: str) -> list[str]:
     return out
 
 
-def load_hf_dir(path: str, dtype=np.float32, hf_overrides: dict | None = None) -> tuple[ModelConfig, dict[str, np.ndarray]]:
+def load_hf_dir(path: str, dtype=np.float32,
+                hf_overrides: dict | None = None) -> tuple[ModelConfig, dict[str, np.ndarray]]:
     config, params, _ = load_hf(path, dtype, hf_overrides)
     return config, params
 

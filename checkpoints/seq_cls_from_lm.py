@@ -11,8 +11,8 @@ when the embeddings are tied). The LM head itself is read only to slice those ro
 - ``no_post_processing``: score = the tokens' rows, so the raw logits are the LM's logits of the tokens.
 
 A model's logits divisor (Granite's ``logits_scaling``) is folded into the rows, so both stay equal to
-what the causal LM computes; Gemma 2's final logit soft-cap (a tanh) is not linear and is not applied (as
-in vLLM): the head's logits are the uncapped ones.
+what the causal LM computes; Gemma 2's final logit soft-cap (a tanh) is not linear and is not applied:
+the head's logits are the uncapped ones.
 """
 from __future__ import annotations
 

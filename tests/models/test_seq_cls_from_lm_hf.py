@@ -62,7 +62,8 @@ def test_qwen3_reranker_from_2_way_softmax_matches_hf_yes_minus_no(qwen3):
     path, llm = qwen3
     e = llm.engine
     mc = e.runner.model_config
-    assert e.task == "classify" and (mc.num_labels, mc.labels, mc.classifier_method) == (1, ("yes",), "from_2_way_softmax")
+    assert e.task == "classify"
+    assert (mc.num_labels, mc.labels, mc.classifier_method) == (1, ("yes",), "from_2_way_softmax")
     assert not mc.has_lm_head and mc.classifier_token_ids == (NO, YES) and mc.score_activation == "sigmoid"
     assert e.config.hf_overrides == QWEN3_RERANKER
     compiled = e.runner.compile_count
@@ -190,3 +191,24 @@ def test_overrides_merge_like_vllm_and_refuse_in_one_line(root, tmp_path):
     assert ModelConfig.from_hf(dict(cfg, use_sep_token=False, use_pad_token=True)).use_sep_token is True
     with pytest.raises(ModelConfigError, match=r"^config.json: use_sep_token='no' is invalid: must be true or false"):
         ModelConfig.from_hf(dict(cfg, use_sep_token="no"))
+
+
+def test_head_rows_fold_in_the_logits_divisor():
+    """Granite divides its logits by logits_scaling: the head's rows are divided too, so the 2-way
+    difference and the raw logits stay the causal LM's (a numpy check of score_from_lm_rows)."""
+    import dataclasses
+
+    from checkpoints.seq_cls_from_lm import score_from_lm_rows
+
+    cfg = dict(COMMON, model_type="granite", architectures=["GraniteForSequenceClassification"],
+               logits_scaling=2.5, classifier_from_token=["no", "yes"])
+    rows = np.random.default_rng(0).normal(size=(2, COMMON["hidden_size"]))  # [tokens, hidden]
+    mc = ModelConfig.from_hf(cfg)
+    assert mc.logits_scaling == 2.5
+    w = score_from_lm_rows(dataclasses.replace(mc, classifier_token_ids=(NO, YES)), rows, "x")
+    np.testing.assert_allclose(w[:, 0], (rows[1] - rows[0]) / 2.5)
+    raw = ModelConfig.from_hf(dict(cfg, method="no_post_processing"))
+    w = score_from_lm_rows(dataclasses.replace(raw, classifier_token_ids=(NO, YES)), rows, "x")
+    np.testing.assert_allclose(w, rows.T / 2.5)
+    with pytest.raises(CheckpointError, match=r"^x: classifier_from_token=\['no', 'yes'\] has no token ids"):
+        score_from_lm_rows(mc, rows, "x")
