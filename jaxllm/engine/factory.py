@@ -271,8 +271,10 @@ def build_engine(config: EngineConfig, *, compile_cache: bool = True, warmup: bo
         _info(f"task embed: pooling {config.pooling_type}, normalize={config.normalize}; "
               f"mixed buckets only (prefill), nothing sampled")
     if config.task == "classify":
+        head = (f"; head from the LM-head rows of {list(mc.classifier_from_token)[:8]} ({mc.classifier_method})"
+                if mc.classifier_from_token else "") + ("; score pairs as one text" if not mc.use_sep_token else "")
         _info(f"task classify: {mc.num_labels} labels {list(mc.labels)[:8]}, activation {mc.classify_activation} "
-              f"(score: {mc.score_activation}); last token; mixed buckets only (prefill), nothing sampled")
+              f"(score: {mc.score_activation}){head}; last token; mixed buckets only (prefill), nothing sampled")
     _info(f"buckets: {runner.buckets.describe()}; async scheduling "
           f"{'on' if engine.async_scheduling else 'off'}")
     if warmup:
