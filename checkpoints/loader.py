@@ -70,8 +70,8 @@ def _check_overrides(fmt: str, path: str, hf_overrides: dict | None) -> None:
     """vLLM's --hf-overrides edit config.json: the other formats have none to edit."""
     if hf_overrides and fmt != "hf":
         what = {"gguf": "a GGUF file (its config is the header metadata)",
-                "orbax": "an Orbax directory (its config was fixed at conversion: convert with the overrides' "
-                         "effect already in config.json)",
+                "orbax": "an Orbax directory (its config was fixed at conversion: pass the overrides to "
+                         "python -m checkpoints.convert)",
                 "dummy": "dummy weights (load_format dummy: edit the preset's config.json instead)"}[fmt]
         raise CheckpointError(f"--hf-overrides is invalid for {path}: it is {what}; the flag edits an HF "
                               f"safetensors checkpoint's config.json")

@@ -212,3 +212,21 @@ def test_head_rows_fold_in_the_logits_divisor():
     np.testing.assert_allclose(w, rows.T / 2.5)
     with pytest.raises(CheckpointError, match=r"^x: classifier_from_token=\['no', 'yes'\] has no token ids"):
         score_from_lm_rows(mc, rows, "x")
+
+
+def test_orbax_conversion_with_overrides_keeps_the_built_head(root, tmp_path):
+    """python -m checkpoints.convert --hf-overrides: the store holds the score head built from the LM head
+    (HF's lm_head.weight rows, read back with safetensors) and the reranker's config fields."""
+    from safetensors.numpy import load_file
+
+    from checkpoints.convert import main as convert
+
+    path = make_tiny_hf_reranker("qwen3", root)
+    dst = str(tmp_path / "orbax")
+    assert convert([path, dst, "--hf-overrides", "{rms"]) == 2
+    assert convert([path, dst, "--hf-overrides", json.dumps(QWEN3_RERANKER)]) == 0
+    ck = load_checkpoint(dst)
+    lm = load_file(f"{path}/model.safetensors")["lm_head.weight"].astype(np.float64)
+    assert ck.format == "orbax" and "lm_head" not in ck.params
+    assert (ck.config.classifier_token_ids, ck.config.use_sep_token, ck.config.num_labels) == ((NO, YES), False, 1)
+    np.testing.assert_allclose(np.asarray(ck.params["score"])[:, 0], lm[YES] - lm[NO], atol=1e-6)
