@@ -68,7 +68,14 @@ def assemble_params(config: ModelConfig, get: GetTensor, source: str, dtype=np.f
         p["layers.k_norm"] = stack(lambda l: need(l + "self_attn.k_norm.weight", (D,)))
     if not c.tie_word_embeddings and c.has_lm_head:
         p["lm_head"] = linear("lm_head.weight", c.vocab_size, E)
-    if c.num_labels and "score" not in skip:  # *ForSequenceClassification: score.weight [num_labels, E]
+    if c.num_labels and "score" not in skip and c.classifier_from_token:  # a *ForCausalLM as a reranker:
+        from checkpoints.seq_cls_from_lm import score_from_lm_rows  # score from the tokens' LM-head rows
+
+        ids = list(c.classifier_token_ids)
+        lm = p["embed"] if c.tie_word_embeddings and "embed" in p else need(
+            "model.embed_tokens.weight" if c.tie_word_embeddings else "lm_head.weight", (c.vocab_size, E))
+        p["score"] = score_from_lm_rows(c, lm[ids] if ids else lm[:0], source).astype(dtype)
+    elif c.num_labels and "score" not in skip:  # *ForSequenceClassification: score.weight [num_labels, E]
         p["score"] = linear("score.weight", c.num_labels, E)
     expected = {k: v for k, v in param_shapes(c).items() if k not in skip}
     assert {k: v.shape for k, v in p.items()} == expected, "internal: assembled shapes differ from param_shapes"

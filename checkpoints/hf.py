@@ -1,7 +1,10 @@
 """HF checkpoint directories: config.json + *.safetensors (single file or sharded with an index).
 A `quantization_config` (or, without one, an older ModelOpt export's hf_quant_config.json) is read by
 checkpoints/hf_fp8_config.py: fp8 checkpoints load (their projections kept fp8, checkpoints/hf_fp8.py),
-AWQ / GPTQ int4 ones too (kept 4-bit, checkpoints/hf_int4.py), every other kind is refused in one line."""
+AWQ / GPTQ int4 ones too (kept 4-bit, checkpoints/hf_int4.py), every other kind is refused in one line.
+`hf_overrides` (vLLM's --hf-overrides, jaxllm/hf_overrides.py) is merged into config.json's dict before
+ModelConfig.from_hf reads it; a `classifier_from_token` (config.json's or the overrides') builds a
+classifier's `score` head from LM-head rows (checkpoints/seq_cls_from_lm.py)."""
 from __future__ import annotations
 
 import json
@@ -20,12 +23,13 @@ from jaxllm.models.config import ModelConfig, ModelConfigError
 log = logging.getLogger("jaxllm.checkpoints")
 
 
-def read_config(path: str) -> ModelConfig:
-    return _read_config(path)[0]
+def read_config(path: str, hf_overrides: dict | None = None) -> ModelConfig:
+    return _read_config(path, hf_overrides)[0]
 
 
-def _read_config(path: str):
-    """→ (ModelConfig, hf_fp8_config.Fp8Scheme or None)."""
+def _read_config(path: str, hf_overrides: dict | None = None):
+    """→ (ModelConfig, hf_fp8_config.Fp8Scheme or None). `hf_overrides` (vLLM's --hf-overrides) is merged
+    into config.json's dict first (jaxllm/hf_overrides.py)."""
     cfg_path = os.path.join(path, "config.json")
     if not os.path.isfile(cfg_path):
         raise CheckpointError(f"{cfg_path}: not found (an HF checkpoint directory needs config.json)")
@@ -34,6 +38,11 @@ def _read_config(path: str):
             raw = json.load(f)
     except json.JSONDecodeError as e:
         raise CheckpointError(f"{cfg_path}: invalid JSON ({e})") from None
+    if hf_overrides and isinstance(raw, dict):
+        from jaxllm.hf_overrides import apply_hf_overrides
+
+        raw = apply_hf_overrides(raw, hf_overrides)
+        cfg_path += " (with --hf-overrides)"
     qc = raw.get("quantization_config") if isinstance(raw, dict) else None
     scheme = None
     if qc:  # fp8 loads; GPTQ/AWQ/bitsandbytes/int tensors are refused in one line
@@ -89,18 +98,23 @@ def _weight_files(path: str) -> list[str]:
     return out
 
 
-def load_hf_dir(path: str, dtype=np.float32) -> tuple[ModelConfig, dict[str, np.ndarray]]:
-    config, params, _ = load_hf(path, dtype)
+def load_hf_dir(path: str, dtype=np.float32,
+                hf_overrides: dict | None = None) -> tuple[ModelConfig, dict[str, np.ndarray]]:
+    config, params, _ = load_hf(path, dtype, hf_overrides)
     return config, params
 
 
-def load_hf(path: str, dtype=np.float32):
+def load_hf(path: str, dtype=np.float32, hf_overrides: dict | None = None):
     """→ (config, params, kv_scales). params: {name: array}, an fp8 checkpoint's kept projections as
     QuantWeights of numpy float8_e4m3fn + f32 scales (checkpoints/hf_fp8.py); kv_scales: the
     checkpoint's fp8 KV cache scales (k [L, kv_heads], v [L, kv_heads], their tensor names) or None."""
     from checkpoints import safetensors_f8
 
-    config, scheme = _read_config(path)
+    config, scheme = _read_config(path, hf_overrides)
+    if config.classifier_from_token:  # a *ForCausalLM loaded as a classifier: its head from LM-head rows
+        from checkpoints.seq_cls_from_lm import resolve_token_ids
+
+        config = resolve_token_ids(config, path)
     if scheme is not None and config.architecture == "phi3":
         raise CheckpointError(f"{os.path.join(path, 'config.json')}: quantization_config with model_type 'phi3' "
                               f"is not supported (its fused qkv_proj / gate_up_proj are split only unquantized)")

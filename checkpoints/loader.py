@@ -66,19 +66,34 @@ def resolve(model: str, load_format: str = "auto") -> tuple[str, str]:
     raise CheckpointError(f"{model}: cannot load with load_format={load_format!r}")
 
 
+def _check_overrides(fmt: str, path: str, hf_overrides: dict | None) -> None:
+    """vLLM's --hf-overrides edit config.json: the other formats have none to edit."""
+    if hf_overrides and fmt != "hf":
+        what = {"gguf": "a GGUF file (its config is the header metadata)",
+                "orbax": "an Orbax directory (its config was fixed at conversion: pass the overrides to "
+                         "python -m checkpoints.convert)",
+                "dummy": "dummy weights (load_format dummy: edit the preset's config.json instead)"}[fmt]
+        raise CheckpointError(f"--hf-overrides is invalid for {path}: it is {what}; the flag edits an HF "
+                              f"safetensors checkpoint's config.json")
+
+
 def load_checkpoint(model: str, load_format: str = "auto", dtype=np.float32, seed: int = 0,
-                    shardings: dict | Callable[[ModelConfig], dict] | None = None) -> Checkpoint:
-    """`shardings`: {param name: Sharding} for the formats restored on device (dummy, Orbax), or a
+                    shardings: dict | Callable[[ModelConfig], dict] | None = None,
+                    hf_overrides: dict | None = None) -> Checkpoint:
+    """`hf_overrides`: vLLM's --hf-overrides, merged into an HF checkpoint's config.json
+    (jaxllm/hf_overrides.py); refused in one line for the other formats.
+`shardings`: {param name: Sharding} for the formats restored on device (dummy, Orbax), or a
     function of the model config returning it (tensor parallelism: jaxllm.parallel decides from
     the config; it is called as soon as the config is read, before weights, so a model that does
     not fit fails fast). HF and GGUF return numpy arrays in host memory: the caller places them."""
     fmt, path = resolve(model, load_format)
+    _check_overrides(fmt, path, hf_overrides)
     if fmt == "hf":
         from checkpoints.hf import load_hf, read_config
 
         if callable(shardings):
-            shardings(read_config(path))  # validation only: the caller places the numpy arrays
-        config, params, kv_scales = load_hf(path, dtype=np.float32)
+            shardings(read_config(path, hf_overrides))  # validation only: the caller places the numpy arrays
+        config, params, kv_scales = load_hf(path, dtype=np.float32, hf_overrides=hf_overrides)
         return Checkpoint(fmt, path, config, params, ("dir", path), kv_scales)
     if fmt == "gguf":
         from checkpoints.gguf_loader import load_gguf
@@ -104,15 +119,17 @@ def load_checkpoint(model: str, load_format: str = "auto", dtype=np.float32, see
     return Checkpoint(fmt, path, config, dummy_params(config, dtype, seed, sh), tokenizer_source)
 
 
-def load_config(model: str, load_format: str = "auto") -> tuple[ModelConfig, tuple[str, str] | None]:
+def load_config(model: str, load_format: str = "auto",
+                hf_overrides: dict | None = None) -> tuple[ModelConfig, tuple[str, str] | None]:
     """→ (config, tokenizer_source) without reading any weights: what `load_checkpoint` would
     return as `.config` and `.tokenizer_source`. Lets a caller tokenize and validate prompts
     before the engine is built (`python -m jaxllm.generate --input`)."""
     fmt, path = resolve(model, load_format)
+    _check_overrides(fmt, path, hf_overrides)
     if fmt == "hf":
         from checkpoints.hf import read_config
 
-        return read_config(path), ("dir", path)
+        return read_config(path, hf_overrides), ("dir", path)
     if fmt == "gguf":
         return _gguf_config(path), ("gguf", path)
     if fmt == "orbax":

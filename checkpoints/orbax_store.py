@@ -45,6 +45,9 @@ def read_orbax_config(path: str) -> ModelConfig:
         raw["layer_types"] = tuple(raw["layer_types"])
     if "labels" in raw:  # a sequence classifier's id2label (every model writes it: () when none)
         raw["labels"] = tuple(raw["labels"])
+    for key in ("classifier_from_token", "classifier_token_ids"):  # an unconverted reranker's
+        if key in raw:
+            raw[key] = tuple(raw[key])
     return ModelConfig(**raw)
 
 

@@ -130,6 +130,13 @@ def add_engine_args(ap: argparse.ArgumentParser) -> None:
                         "(ties by arrival), and the lowest-priority running request is the one preempted "
                         "when the KV cache is full (vLLM's flag; requests set priority through "
                         "LLM.generate(priority=[...]), the HTTP field and the gRPC field)")
+    g.add_argument("--hf-overrides", type=_hf_overrides, default=None, metavar="JSON",
+                   help="a JSON object merged into an HF checkpoint's config.json before it is read (vLLM's "
+                        "flag; top-level keys replace, *_config sub-configs merge), e.g. '{\"rms_norm_eps\": 1e-5}'; "
+                        "a *ForCausalLM reranker loads as classify with '{\"architectures\": "
+                        "[\"Qwen3ForSequenceClassification\"], \"classifier_from_token\": [\"no\", \"yes\"], "
+                        "\"is_original_qwen3_reranker\": true}' (README, \"Classification and reranking\"); "
+                        "HF safetensors checkpoints only (default: none)")
     lo = ap.add_argument_group("LoRA adapters (vLLM's flags)")
     lo.add_argument("--enable-lora", action="store_true",
                     help="serve PEFT LoRA adapters beside the base model, mixed in one batch (default: off; "
@@ -171,7 +178,8 @@ def engine_config_from_args(args) -> EngineConfig:
                                          or getattr(args, "lora_modules", None)),
                         max_loras=getattr(args, "max_loras", EngineConfig().max_loras),
                         max_lora_rank=getattr(args, "max_lora_rank", EngineConfig().max_lora_rank),
-                        max_cpu_loras=getattr(args, "max_cpu_loras", None))
+                        max_cpu_loras=getattr(args, "max_cpu_loras", None),
+                        hf_overrides=getattr(args, "hf_overrides", None))
 
 
 # ----- sampling ---------------------------------------------------------------------------------
@@ -278,6 +286,15 @@ def _json_file(path: str) -> dict:
     if not isinstance(schema, dict):
         raise argparse.ArgumentTypeError(f"{path!r} is invalid: a JSON schema must be an object")
     return schema
+
+
+def _hf_overrides(text: str) -> dict:
+    from jaxllm.hf_overrides import parse_hf_overrides
+
+    try:
+        return parse_hf_overrides(text)
+    except ValueError as e:
+        raise argparse.ArgumentTypeError(str(e)) from None
 
 
 def _logit_bias(text: str) -> dict[int, float]:

@@ -127,6 +127,9 @@ class EngineConfig(msgspec.Struct, kw_only=True):
     # (lower add_request(priority=...) first, ties by arrival; the lowest-priority running request is
     # the one preempted when KV blocks run out)
     scheduling_policy: str = "fcfs"
+    # vLLM's --hf-overrides: a dict (or JSON text of an object) merged into an HF checkpoint's config.json
+    # before it is read (jaxllm/hf_overrides.py); refused for GGUF, Orbax and dummy weights
+    hf_overrides: dict | None = None
 
     def validate(self) -> "EngineConfig":
         if not isinstance(self.model, str):
@@ -171,6 +174,9 @@ class EngineConfig(msgspec.Struct, kw_only=True):
             raise ValueError(f"matryoshka_dimensions={dims!r} is invalid: must be a non-empty list of "
                              "integers >= 1, or None")
         _policy(self.scheduling_policy)
+        from jaxllm.hf_overrides import parse_hf_overrides
+
+        self.hf_overrides = parse_hf_overrides(self.hf_overrides, "hf_overrides")
         self.speculative()
         self.cache_config().validate()
         SchedulerConfig(max_num_seqs=self.max_num_seqs,

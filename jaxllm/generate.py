@@ -69,7 +69,7 @@ def load_prompts(args) -> list:
         items += read_inputs(args.input, args.chat, params, args.scheduling_policy)
     if not items:
         raise ValueError("no prompts: give --prompt, --chat-prompt or --input")
-    mc, source = load_config(args.model, args.load_format)
+    mc, source = load_config(args.model, args.load_format, getattr(args, "hf_overrides", None))
     max_model_len = args.max_model_len or mc.max_model_len_limit
     if max_model_len > mc.max_model_len_limit:
         raise ValueError(f"max_model_len={max_model_len} is invalid: the model supports at most "

@@ -200,7 +200,7 @@ class LLM:
         if task == "classify":
             mc = self.engine.runner.model_config
             scoring.check_cross_encoder(mc)
-            ids = scoring.pair_prompts(self.get_tokenizer(), t1, t2, truncate_prompt_tokens)
+            ids = scoring.pair_prompts(self.get_tokenizer(), t1, t2, truncate_prompt_tokens, mc.use_sep_token)
             raw = PoolingParams(activation=False)
             outs = self._run(ids, [raw] * len(ids), use_tqdm)
             scores = scoring.cross_encoder_scores([o.outputs.probs for o in outs], mc)

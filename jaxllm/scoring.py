@@ -6,7 +6,8 @@ Two kinds of model score a pair, as in vLLM:
   float64 (``cosine_scores``; each norm clamped to at least 1e-8, torch's CosineSimilarity);
 - a **cross-encoder** (task "classify" with ``num_labels == 1``: a reranker such as
   bge-reranker-v2-gemma, a converted Qwen3-Reranker): the pair encoded together as the tokenizer's
-  pair encoding (``tokenizer(text_1, text_2)``, ``pair_prompts``), classified, and the single logit
+  pair encoding (``tokenizer(text_1, text_2)``, ``pair_prompts``; ``tokenizer(text_1 + text_2)`` for an
+  LLM as reranker, vLLM's ``use_sep_token`` False: classifier_from_token), classified, and the single logit
   put through the model's score activation (sigmoid unless the config's
   ``sbert_ce_default_activation_function`` says Identity; ``activate``). A classifier with more
   labels is refused, as vLLM refuses it (``check_cross_encoder``).
@@ -53,14 +54,17 @@ def check_cross_encoder(model_config, what: str = "score") -> None:
                          f"(this classifier's labels: {list(getattr(model_config, 'labels', ()))}; classify it instead)")
 
 
-def pair_prompts(tokenizer, t1: list[str], t2: list[str], truncate: int | None = None) -> list[list[int]]:
+def pair_prompts(tokenizer, t1: list[str], t2: list[str], truncate: int | None = None,
+                 use_sep_token: bool = True) -> list[list[int]]:
     """Each pair's token ids (``pair_lists``' t1, t2: a 1:N t1 paired with every t2): the tokenizer's
-    pair encoding, ``truncate`` keeping its last k tokens (as PoolingParams.truncate_prompt_tokens does)."""
+    pair encoding, or with ``use_sep_token=False`` (vLLM's, an LLM as reranker: the model config's
+    ``use_sep_token``) ``text_1 + text_2`` encoded as one text; ``truncate`` keeps the last k tokens (as
+    PoolingParams.truncate_prompt_tokens does)."""
     out = []
     for a, b in zip(t1 * len(t2) if len(t1) == 1 else t1, t2):
         if not isinstance(a, str) or not isinstance(b, str):
             raise ValueError(f"text pair ({a!r}, {b!r}) is invalid: a cross-encoder scores text (str) pairs")
-        ids = tokenizer.encode_pair(a, b)
+        ids = tokenizer.encode_pair(a, b) if use_sep_token else tokenizer.encode(a + b)
         out.append(ids[-truncate:] if truncate else ids)
     return out
 

@@ -104,12 +104,12 @@ async def pair_scores(door: FrontDoor, info: ModelInfo, t1: list[str], t2: list[
         raise invalid(str(exc), "truncate_prompt_tokens") from None
     prefix = engine_prefix(answer_id, client_chosen)
     if getattr(info.engine, "task", "generate") == "classify":
+        mc = info.engine.runner.model_config
         try:
-            ids = scoring.pair_prompts(info.tokenizer, t1, t2, truncate)
+            ids = scoring.pair_prompts(info.tokenizer, t1, t2, truncate, getattr(mc, "use_sep_token", True))
         except ValueError as exc:
             raise invalid(str(exc), "text_1") from None
         outs = await door.embed_many(prefix, [{"prompt_token_ids": i} for i in ids], PoolingParams(activation=False))
-        mc = info.engine.runner.model_config
         return scoring.cross_encoder_scores([o.outputs.probs for o in outs], mc), sum(len(i) for i in ids)
     outs = await door.embed_many(prefix, t1 + t2, params)
     vecs = np.asarray([o.outputs.embedding for o in outs], dtype=np.float64)  # [n1 + n2, E]

@@ -41,7 +41,7 @@ def enable_compile_cache(root: str | None = None) -> str:
     backend/jaxlib version, XLA flags), which is exactly "what changes shapes or code". Per field
     of EngineConfig:
     - change the program, so they get other entries by themselves: ``model``, ``load_format`` and
-      ``dtype`` (model shapes, parameter dtype), ``kv_cache_dtype`` (the cache's element type),
+      ``dtype`` (model shapes, parameter dtype), ``hf_overrides`` (through the model config it edits), ``kv_cache_dtype`` (the cache's element type),
       ``tensor_parallel_size`` (mesh, shardings), ``enable_expert_parallel`` (the experts' shardings),
       ``max_num_seqs`` and ``max_num_batched_tokens`` (buckets, penalty-table rows),
       ``max_model_len`` (block-table width), ``block_size``, ``kv_cache_memory_bytes`` and
@@ -173,7 +173,7 @@ def build_engine(config: EngineConfig, *, compile_cache: bool = True, warmup: bo
     # Dummy and Orbax weights are born in their shards; HF/GGUF numpy goes host → shards in build_model.
     shardings = (lambda mc: layout_for(mc).load_shardings(mc)) if layout_for else None
     ckpt = load_checkpoint(config.model or "smollm2-135m", load_format, dtype=dtype, seed=config.seed,
-                           shardings=shardings)
+                           shardings=shardings, hf_overrides=config.hf_overrides)
     mc = ckpt.config
     config = resolve_task(config, mc, ckpt.path if ckpt.format in ("hf", "orbax") else None)
     layout = layout_for(mc) if layout_for else None
@@ -271,8 +271,10 @@ def build_engine(config: EngineConfig, *, compile_cache: bool = True, warmup: bo
         _info(f"task embed: pooling {config.pooling_type}, normalize={config.normalize}; "
               f"mixed buckets only (prefill), nothing sampled")
     if config.task == "classify":
+        head = (f"; head from the LM-head rows of {list(mc.classifier_from_token)[:8]} ({mc.classifier_method})"
+                if mc.classifier_from_token else "") + ("; score pairs as one text" if not mc.use_sep_token else "")
         _info(f"task classify: {mc.num_labels} labels {list(mc.labels)[:8]}, activation {mc.classify_activation} "
-              f"(score: {mc.score_activation}); last token; mixed buckets only (prefill), nothing sampled")
+              f"(score: {mc.score_activation}){head}; last token; mixed buckets only (prefill), nothing sampled")
     _info(f"buckets: {runner.buckets.describe()}; async scheduling "
           f"{'on' if engine.async_scheduling else 'off'}")
     if warmup:

@@ -65,6 +65,14 @@ class ModelConfig:
     labels: tuple[str, ...] = ()  # id2label in id order
     classify_activation: str = ""  # "softmax" | "sigmoid" | "identity" (vLLM's classify rule)
     score_activation: str = ""  # the cross-encoder score's (vLLM's rule)
+    # score's pair encoding (vLLM's use_sep_token): the tokenizer's pair template, or text_1 + text_2 as one text
+    use_sep_token: bool = True
+    # an unconverted reranker (a *ForCausalLM with classifier_from_token, classifier_config.py): the tokens
+    # whose LM-head rows make `score`, the method, and the tokens' ids (resolved by the HF loader through
+    # the checkpoint's tokenizer: checkpoints/seq_cls_from_lm.py)
+    classifier_from_token: tuple[str, ...] = ()
+    classifier_method: str = ""  # "from_2_way_softmax" | "no_post_processing"
+    classifier_token_ids: tuple[int, ...] = ()
     partial_rotary_factor: float = 1.0  # Phi-4-mini 0.75: RoPE on the first rotary_dim dims of head_dim
     # Granite (jaxllm/models/arch_config.py); 1.0 / None leave a plain Llama
     embedding_multiplier: float = 1.0

@@ -226,13 +226,14 @@ def make_tiny_hf_classifier(name: str, root: str, num_labels: int, seed: int = 0
     return path
 
 
-def tiny_pair_tokenizer(vocab_size: int):
+def tiny_pair_tokenizer(vocab_size: int, words: tuple[str, ...] = ()):
     """A word-level fast tokenizer over ``vocab_size`` ids: 0 <pad>, 1 <bos>, 2 <eos>, 3 <sep>, 4 <unk>,
-    then the words w5, w6, ...; single texts encode as ``<bos> a``, pairs as ``<bos> a <sep> b <sep>``."""
+    then ``words`` (ids 5, 6, ...), then the words wN for the remaining ids N; single texts encode as
+    ``<bos> a``, pairs as ``<bos> a <sep> b <sep>``."""
     from tokenizers import Tokenizer as RustTokenizer, models, pre_tokenizers, processors
     from transformers import PreTrainedTokenizerFast
 
-    special = ["<pad>", "<bos>", "<eos>", "<sep>", "<unk>"]
+    special = ["<pad>", "<bos>", "<eos>", "<sep>", "<unk>", *words]
     vocab = {t: i for i, t in enumerate(special)} | {f"w{i}": i for i in range(len(special), vocab_size)}
     rust = RustTokenizer(models.WordLevel(vocab, unk_token="<unk>"))
     rust.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
@@ -240,6 +241,29 @@ def tiny_pair_tokenizer(vocab_size: int):
         single="<bos> $A", pair="<bos> $A <sep> $B:1 <sep>:1", special_tokens=[("<bos>", 1), ("<sep>", 3)])
     return PreTrainedTokenizerFast(tokenizer_object=rust, bos_token="<bos>", eos_token="<eos>", pad_token="<pad>",
                                    unk_token="<unk>", sep_token="<sep>")
+
+
+def make_tiny_hf_reranker(name: str, root: str, seed: int = 0, **config_kw) -> str:
+    """A tiny random HF ``*ForCausalLM`` (as ``make_tiny_hf``) with a word-level tokenizer whose words "no"
+    and "yes" are ids 5 and 6 and "maybe" 7 (``tiny_pair_tokenizer``): the shape of an unconverted
+    reranker (Qwen3-Reranker, bge-reranker-v2-gemma) that ``--hf-overrides`` with ``classifier_from_token``
+    loads as a classifier."""
+    import torch
+    import transformers
+
+    tag = "-".join(f"{k}{v}" for k, v in sorted(config_kw.items()))
+    path = os.path.join(root, f"{name}-reranker{'-' + tag if tag else ''}")
+    if os.path.isfile(os.path.join(path, "config.json")):
+        return path
+    cls_name, kwargs = {**TINY_CONFIGS, **GEMMA_CONFIGS}[name]
+    config = getattr(transformers, cls_name)(**dict(kwargs, **config_kw))
+    torch.manual_seed(seed)
+    model = transformers.AutoModelForCausalLM.from_config(config, dtype=torch.float32)
+    if name in GEMMA_CONFIGS:
+        randomize_norms(model)
+    model.save_pretrained(path)
+    tiny_pair_tokenizer(config.vocab_size, words=("no", "yes", "maybe")).save_pretrained(path)
+    return path
 
 
 def hf_classifier_logits(path: str, seqs: list[list[int]]):
