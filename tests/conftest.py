@@ -13,14 +13,11 @@ if _worker and "JAXLLM_COMPILE_CACHE" not in os.environ:
         os.path.expanduser("~"), ".cache", "jaxllm", f"xla-test-{_worker}")
 
 
-# tests/parallel modules by their child pytest's time, longest first (`make test` of 2beaa87, tiny
-# modules compiled unoptimized, load 3-5: test_tp_logits 151 s, test_tp_moe 132, test_tp_int4 114,
-# test_multihost 86, test_ep_moe ~85 (the helper's run, before one case went), test_tp_gguf_q8 61,
-# test_tp_lora 52, test_tp_smollm2 50, test_tp_moe_int4 49, test_tp_gemma 47); the rest of
-# tests/parallel (under 45 s each) keeps its collection order after these.
-PARALLEL_LONGEST = ("test_tp_logits.py", "test_tp_moe.py", "test_tp_int4.py", "test_multihost.py",
-                    "test_ep_moe.py", "test_tp_gguf_q8.py", "test_tp_lora.py", "test_tp_smollm2.py",
-                    "test_tp_moe_int4.py", "test_tp_gemma.py")
+# tests/parallel items longest first: the two module groups that each run in one child
+# (tests/parallel/conftest.py CHILD_GROUPS: ~130 s each alone on this box, 2026-12-03), then the SmolLM2
+# slow ones that run alone (test_tp_smollm2 ~50 s, test_multihost ~25 s); any module outside a group keeps
+# its collection order after.
+PARALLEL_LONGEST = ("test_ep_moe.py", "test_tp_logits.py", "test_tp_smollm2.py", "test_multihost.py")
 
 
 def pytest_collection_modifyitems(session, config, items):
