@@ -82,7 +82,7 @@ def load_checkpoint(model: str, load_format: str = "auto", dtype=np.float32, see
                     hf_overrides: dict | None = None) -> Checkpoint:
     """`hf_overrides`: vLLM's --hf-overrides, merged into an HF checkpoint's config.json
     (jaxllm/hf_overrides.py); refused in one line for the other formats.
-`shardings`: {param name: Sharding} for the formats restored on device (dummy, Orbax), or a
+    `shardings`: {param name: Sharding} for the formats restored on device (dummy, Orbax), or a
     function of the model config returning it (tensor parallelism: jaxllm.parallel decides from
     the config; it is called as soon as the config is read, before weights, so a model that does
     not fit fails fast). HF and GGUF return numpy arrays in host memory: the caller places them."""

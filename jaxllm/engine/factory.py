@@ -41,7 +41,8 @@ def enable_compile_cache(root: str | None = None) -> str:
     backend/jaxlib version, XLA flags), which is exactly "what changes shapes or code". Per field
     of EngineConfig:
     - change the program, so they get other entries by themselves: ``model``, ``load_format`` and
-      ``dtype`` (model shapes, parameter dtype), ``hf_overrides`` (through the model config it edits), ``kv_cache_dtype`` (the cache's element type),
+      ``dtype`` (model shapes, parameter dtype), ``hf_overrides`` (through the model config it edits),
+      ``kv_cache_dtype`` (the cache's element type),
       ``tensor_parallel_size`` (mesh, shardings), ``enable_expert_parallel`` (the experts' shardings),
       ``max_num_seqs`` and ``max_num_batched_tokens`` (buckets, penalty-table rows),
       ``max_model_len`` (block-table width), ``block_size``, ``kv_cache_memory_bytes`` and
