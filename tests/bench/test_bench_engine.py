@@ -53,32 +53,11 @@ def test_prefix_cache_on_off(tmp_path):
     assert set(res["speedups"]) >= {"batch_throughput_x", "sequential_ttft_mean_x"}
 
 
-def test_device_e2e_smoke(tmp_path):
-    pytest.importorskip("torch")
-    from bench import device_e2e
-
-    out = tmp_path / "e2e.json"
-    assert device_e2e.main(["--smoke", "--article-requests", "512", "--output-json", str(out)]) == 0
-    res = json.loads(out.read_text())
-    systems = [r["system"] for r in res["rows"]]
-    assert systems[0] == "jaxllm" and systems.count("hf generate") == 2
-    assert res["roofline"]["decode_s_per_token"] > 0 and res["micro"]["copy_gbytes_per_s"] > 0
-    assert set(res["ratios"]) == {"jaxllm_vs_hf_batch1", "jaxllm_vs_hf_batch2"}
-    # the article-sized run on the same engine, scaled to the tiny model (--smoke: 12 requests)
-    from bench.article import chat_requests
-
-    art = res["article"]
-    want = chat_requests(12, 512, input_mean=16.0, output_mean=8.0, max_prompt=64, max_total=128)
-    assert art["requests"] == art["completed"] == 12 and not art["truncated"] and art["compiles"] == 0
-    assert art["output_tokens"] == sum(r.output_len for r in want)
-    assert art["itl_ms"]["n"] == sum(r.output_len - 1 for r in want) and art["ttft_ms"]["n"] == 12
-    assert art["output_tokens_per_s"] > 0 and art["max_num_seqs"] == 8
-
-
 def test_device_check_smoke_e2e_with_article(tmp_path):
-    """bench/device_check.sh end to end on CPU (DEVICE_CHECK_SMOKE=1) for the issue-12 phases: the
-    article-sized run goes on e2e's engine, so no standalone article phase runs and nothing is left to
-    do. After test_device_e2e_smoke: the same tiny engine, so this module's compile cache is warm."""
+    """bench/device_check.sh end to end on CPU (DEVICE_CHECK_SMOKE=1) for the issue-12 phases, which run
+    bench/device_e2e.py --smoke (jaxllm, HF generate at batch 1 and static batch 2, the roofline and copy
+    micro-benchmarks): the article-sized run goes on e2e's engine, so no standalone article phase runs and
+    nothing is left to do. (It replaced a direct device_e2e.py --smoke run of the same code.)"""
     import subprocess
     import sys
 
@@ -95,7 +74,10 @@ def test_device_check_smoke_e2e_with_article(tmp_path):
     assert list(dc["phases"]) == ["imports", "e2e"] and dc["phases"]["e2e"]["rc"] == 0 and dc["skipped"] == []
     assert todo.read_text().split() == [] and "every requested phase ran" in p.stdout
     e2e = res["e2e"]
-    assert [r["system"] for r in e2e["rows"]].count("hf generate") == 2 and e2e["rows"][1]["requests"] == 2
-    assert e2e["roofline"]["decode_s_per_token"] > 0
-    art = e2e["article"]
-    assert art["requests"] == art["completed"] == 12 and not art["truncated"] and art["itl_ms"]["n"] > 0
+    systems = [r["system"] for r in e2e["rows"]]
+    assert systems[0] == "jaxllm" and systems.count("hf generate") == 2 and e2e["rows"][1]["requests"] == 2
+    assert e2e["roofline"]["decode_s_per_token"] > 0 and e2e["micro"]["copy_gbytes_per_s"] > 0
+    assert set(e2e["ratios"]) == {"jaxllm_vs_hf_batch1", "jaxllm_vs_hf_batch2"}
+    art = e2e["article"]  # --smoke: 12 chat-like requests scaled to the tiny model, on the same engine
+    assert art["requests"] == art["completed"] == 12 and not art["truncated"] and art["compiles"] == 0
+    assert art["itl_ms"]["n"] > 0 and art["ttft_ms"]["n"] == 12 and art["output_tokens_per_s"] > 0

@@ -1,7 +1,7 @@
 """bench/device_check.sh's control flow on CPU (DEVICE_CHECK_SMOKE=1: no GPU assert, tiny shapes): the
 budget skips phases whose timeout exceeds the time left, records them and leaves them in the to-do
 file that PHASES=rest reads back. The smoke run of the e2e + article phases is in
-test_bench_engine.py (it shares that module's compile cache with the device_e2e smoke test)."""
+test_bench_engine.py."""
 import json
 import os
 import subprocess
@@ -39,19 +39,21 @@ def test_budget_skips_in_acceptance_order_and_rest_resumes(tmp_path):
     assert p.returncode == 2 and "name the phases" in p.stdout and not (tmp_path / "c.json").exists()
 
 
-def test_spec_phase_is_last_by_default_and_runs_in_smoke(tmp_path):
+def test_spec_and_moe_phases_are_last_by_default_and_run_in_smoke(tmp_path):
     # the default phases under a 1 s budget: spec then moe are skipped last (lowest priority); GPU-only ones
     # are not listed
     p = run_check(tmp_path, tmp_path / "a.json", BUDGET_S="1")
     assert p.returncode == 0, p.stdout + p.stderr
     assert (tmp_path / "todo").read_text().split() == ["e2e", "article", "int8", "fp8", "lora", "int4", "kvfp8",
                                                        "quanthlo", "memory", "spec", "moe"]
-    # the phase itself on CPU: bench/spec_decode.py --smoke merges its rows into OUT.json
+    # the two phases on CPU, in one run: bench/spec_decode.py --smoke and bench/moe.py --preset tiny-mixtral
+    # merge their rows into OUT.json
     out = tmp_path / "b.json"
-    p = run_check(tmp_path, out, PHASES="spec", BUDGET_S="300")
+    p = run_check(tmp_path, out, PHASES="spec moe", BUDGET_S="300")
     assert p.returncode == 0, p.stdout + p.stderr
     doc = json.loads(out.read_text())
-    assert doc["device_check"]["phases"]["spec"]["rc"] == 0 and not doc["device_check"]["skipped"]
+    phases = doc["device_check"]["phases"]
+    assert phases["spec"]["rc"] == 0 and phases["moe"]["rc"] == 0 and not doc["device_check"]["skipped"]
     sd = doc["spec_decode"]
     assert sd["load_format"] == "dummy" and sd["compiled_after_warmup"] == 0
     rows = {(r["workload"], r["batch"], r["mode"]): r for r in sd["rows"]}
@@ -59,16 +61,8 @@ def test_spec_phase_is_last_by_default_and_runs_in_smoke(tmp_path):
     for (w, b, m), r in rows.items():
         assert r["tokens"] == rows[(w, b, "plain")]["tokens"] > 0
         assert r["same_output"] is (None if m == "plain" else True)
-    assert not (tmp_path / "todo").read_text().split()
-
-
-def test_moe_phase_runs_in_smoke(tmp_path):
-    """bench/moe.py --preset tiny-mixtral merges its rows (three models at batch 1) into OUT.json."""
-    out = tmp_path / "m.json"
-    p = run_check(tmp_path, out, PHASES="moe", BUDGET_S="300")
-    assert p.returncode == 0, p.stdout + p.stderr
-    doc = json.loads(out.read_text())
-    assert doc["device_check"]["phases"]["moe"]["rc"] == 0
-    rows = {(r["model"], r["batch"]) for r in doc["moe"]["rows"]}
-    assert rows == {(m, 1) for m in ("moe-grouped", "moe-dense", "dense-active")}
+    # three models at batch 1
+    assert {(r["model"], r["batch"]) for r in doc["moe"]["rows"]} == {
+        (m, 1) for m in ("moe-grouped", "moe-dense", "dense-active")}
     assert all(r["step_ms"] > 0 for r in doc["moe"]["rows"])
+    assert not (tmp_path / "todo").read_text().split()
