@@ -329,7 +329,7 @@ class ModelRunner:
         self.release(sched.finished_or_preempted_ids)
         seqs = sched.seqs
         if not seqs:
-            return PendingStep([], None, None)
+            return PendingStep([], None)
         check_seq_slots(seqs, self.lora, self.task)
         if self.pooling:
             return self._dispatch_embed(seqs)
@@ -351,12 +351,12 @@ class ModelRunner:
             if self._channel is not None:
                 raise RuntimeError("late_bitmask needs a single-host runner (supports_late_bitmask)")
             logits = self._forward_local(inp)
-            pending = PendingStep(seqs, None, None, lambda: self._prompt_lp_out,
+            pending = PendingStep(seqs, None, lambda: self._prompt_lp_out,
                                   sample_later=lambda bitmask, constrained: self._sample_late(
                                       inp, logits, seqs, bitmask, constrained), marker=logits)
             self._unsampled = pending
         else:
-            pending = PendingStep(seqs, self._run(inp), None, lambda: self._prompt_lp_out)
+            pending = PendingStep(seqs, self._run(inp), lambda: self._prompt_lp_out)
         if any(s.params.prompt_logprobs is not None and s.start_pos + 1 < s.num_prompt_tokens for s in seqs):
             pending.set_prompt_logprobs(self._dispatch_prompt_logprobs(seqs, T))
         return pending

@@ -59,11 +59,11 @@ class PendingStep:
     samples with every row free (the engine does so only for a step none of whose requests is left)."""
 
     def __init__(self, seqs: list[ScheduledSeq], out: SamplerOutput | None,
-                 prompt_lp: PromptLogprobsJob | None, prompt_lp_sink: Callable[[], dict] | None = None, *,
+                 prompt_lp_sink: Callable[[], dict] | None = None, *,
                  sample_later: Callable[..., SamplerOutput] | None = None, marker=None) -> None:
         self._seqs = seqs
         self._out = out
-        self._prompt_lp = prompt_lp
+        self._prompt_lp: PromptLogprobsJob | None = None  # set_prompt_logprobs
         self._prompt_lp_sink = prompt_lp_sink  # () -> the runner's take_prompt_logprobs store
         self._sample_later = sample_later  # (bitmask, constrained) -> SamplerOutput, launched once
         self._result: dict[str, SampledToken] | None = None
@@ -72,6 +72,7 @@ class PendingStep:
             start_copy(out)
 
     def set_prompt_logprobs(self, job: PromptLogprobsJob) -> None:
+        """The step's prompt-logprobs pass, filed where `prompt_lp_sink()` says when result() runs."""
         self._prompt_lp = job
 
     @property
