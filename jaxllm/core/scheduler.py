@@ -107,6 +107,11 @@ class Scheduler:
         self._order: Callable[[Request], object] = (
             (lambda r: (r.priority, r.arrival_seq)) if self.priority else (lambda r: r.arrival_seq))
 
+    def holds(self, req: Request) -> bool:
+        """``req`` is still the scheduler's request of its id: not finished or aborted since it was
+        scheduled (a finished id may be reused by a new request while its last step is in flight)."""
+        return self.requests.get(req.request_id) is req
+
     # ----- intake ---------------------------------------------------------------------
     def add_request(self, req: Request) -> None:
         if req.request_id in self.requests:
@@ -331,7 +336,7 @@ class Scheduler:
         dropped, never appended."""
         new_tokens = []
         for seq, req in zip(out.seqs, out.requests):
-            if not seq.sample or self.requests.get(seq.request_id) is not req:
+            if not seq.sample or not self.holds(req):
                 continue
             if seq.request_id not in sampled:
                 raise RuntimeError(f"runner returned no token for request_id="

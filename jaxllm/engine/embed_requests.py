@@ -87,7 +87,7 @@ class EmbedRequestsMixin:
         done = []
         for seq, req in zip(out.seqs, out.requests):
             st = self._embeds.get(seq.request_id)
-            if st is None or st.req is not req or self.scheduler.requests.get(seq.request_id) is not req:
+            if st is None or st.req is not req or not self.scheduler.holds(req):
                 continue
             if req.num_computed_tokens < seq.start_pos + len(seq.token_ids):
                 continue  # preempted after this step was scheduled: its chunks are recomputed

@@ -54,7 +54,7 @@ class GrammarRequestsMixin:
         token there is discarded)."""
         if not getattr(pending, "needs_bitmask", False):  # already read back (nothing left to run)
             return
-        live = [c and self.scheduler.requests.get(r.request_id) is r for r, c in zip(out.requests, out.constrained)]
+        live = [c and self.scheduler.holds(r) for r, c in zip(out.requests, out.constrained)]
         if any(live):
             pending.set_bitmask(self._bitmask(out, live), live)
         else:
