@@ -57,7 +57,8 @@ JSON_LEAF = st.none() | st.booleans() | st.integers(-10**6, 10**6) | st.text(max
 JSON_VALUE = st.recursive(JSON_LEAF, lambda inner: st.lists(inner, max_size=3)
                           | st.dictionaries(st.text(max_size=5), inner, max_size=3), max_leaves=8)
 ARGS = st.dictionaries(st.text(max_size=6), JSON_VALUE, max_size=4)
-NAMES = st.sampled_from(["get_weather", "f", "search_web", "tool-2", "unknown_fn"])
+DRAWN_NAMES = ("get_weather", "f", "search_web", "tool-2", "unknown_fn")
+NAMES = st.sampled_from(DRAWN_NAMES)
 # content pieces: no ">" anywhere, so they can begin but never complete a hermes tag
 CONTENT_ATOMS = st.sampled_from(["Hi", " ", "\n", "<", "<tool_", "<tool_call", "</tool_call",
                                  "é😀", "東京", '{"a": 1}', "[", "]", ";", '"', "\\", "x,y"])
