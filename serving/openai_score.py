@@ -29,8 +29,9 @@ rendering of ``[{"role": "query", "content": text_1}, {"role": "document", "cont
 tokenized as one text instead (``scoring.ScoreTemplate``; /score, /rerank, run_batch and the gRPC Score
 rpc alike); a body's ``chat_template_kwargs`` (a jaxllm extension: vLLM's ScoreRequest and
 RerankRequest have no such field) adds template variables such as an ``instruction``. A template that
-fails to render or renders blank is a 400 naming ``--chat-template`` and the reason. An embedding
-server ignores the template (vLLM's rule: each text is embedded alone).
+fails to render or renders blank is a 400 naming ``--chat-template`` and the reason;
+``chat_template_kwargs`` without a template is a 400 naming it. An embedding server ignores both
+(vLLM's rule for the template: each text is embedded alone).
 A classifier with more labels is a 400 naming ``model`` (vLLM refuses score for it too), and so is a
 generating server (score needs an embedding or cross-encoder model). Request ids
 as /v1/embeddings (serving/request_ids.py): the ``X-Request-Id`` header, then the body's
