@@ -183,12 +183,17 @@ class LLM:
         self._need_task("classify", "classify")
         return self._run(*self._pooling_list(prompts, pooling_params), use_tqdm)
 
-    def score(self, text_1, text_2, truncate_prompt_tokens: int | None = None,
-              use_tqdm: bool = True) -> list[ScoringRequestOutput]:
+    def score(self, text_1, text_2, truncate_prompt_tokens: int | None = None, use_tqdm: bool = True,
+              chat_template: str | None = None, chat_template_kwargs: dict | None = None) -> list[ScoringRequestOutput]:
         """vLLM's ``LLM.score``: ``text_1`` against ``text_2`` (1:1, 1:N or N:N), one output per pair
         in ``text_2``'s order. A cross-encoder (classify, num_labels == 1) scores the pair encoding
-        ``tokenizer(text_1, text_2)``: the model's score activation (sigmoid) of its logit; an
-        embedding model the cosine of the two embeddings (jaxllm/scoring.py)."""
+        ``tokenizer(text_1, text_2)`` (``text_1 + text_2`` for an LLM as reranker), or with
+        ``chat_template`` (a Jinja string, vLLM's score template) the template's rendering of
+        ``[{"role": "query", "content": text_1}, {"role": "document", "content": text_2}]`` (and the
+        ``chat_template_kwargs`` variables, a jaxllm extension) tokenized as one text: the model's
+        score activation (sigmoid) of its logit. An embedding model scores the cosine of the two
+        embeddings and ignores the template, as vLLM does (jaxllm/scoring.py). A template that fails
+        to render or renders blank is a ValueError naming ``chat_template``."""
         from jaxllm import scoring
 
         task = getattr(self.engine, "task", "generate")
@@ -200,7 +205,9 @@ class LLM:
         if task == "classify":
             mc = self.engine.runner.model_config
             scoring.check_cross_encoder(mc)
-            ids = scoring.pair_prompts(self.get_tokenizer(), t1, t2, truncate_prompt_tokens, mc.use_sep_token)
+            template = scoring.score_template(chat_template, "chat_template", chat_template_kwargs)
+            ids = scoring.pair_prompts(self.get_tokenizer(), t1, t2, truncate_prompt_tokens, mc.use_sep_token,
+                                       template)
             raw = PoolingParams(activation=False)
             outs = self._run(ids, [raw] * len(ids), use_tqdm)
             scores = scoring.cross_encoder_scores([o.outputs.probs for o in outs], mc)

@@ -104,9 +104,7 @@ class Tokenizer:
         if continue_final_message and add_generation_prompt:
             raise ValueError("continue_final_message=True is invalid with add_generation_prompt=True: "
                              "continue the last message or start a new turn, not both")
-        extra = dict(chat_template_kwargs or {})
-        for key in sorted(set(extra) & _RESERVED_TEMPLATE_KWARGS):
-            raise ValueError(f"chat_template_kwargs.{key} is invalid: {key} is set by its own argument")
+        extra = check_template_kwargs(chat_template_kwargs)
         try:
             text, ids = self._render_chat(messages, add_generation_prompt, chat_template, continue_final_message,
                                           tools, extra)
@@ -115,6 +113,14 @@ class Tokenizer:
         except Exception as exc:  # jinja's raise_exception, undefined fields, template syntax
             raise ValueError(f"messages is invalid: the chat template failed: {exc}") from exc
         return {"prompt": text, "prompt_token_ids": ids}
+
+    def render_template(self, messages: list[dict], chat_template: str, template_kwargs: dict | None = None) -> str:
+        """``chat_template`` (a Jinja string) rendered on ``messages`` as transformers renders chat
+        templates (its sandboxed Jinja, the tokenizer's special tokens as variables), no generation
+        prompt, not tokenized: vLLM's score template (jaxllm/scoring.py). ``template_kwargs``: more
+        variables (checked by ``check_template_kwargs`` first). Template errors propagate as they are."""
+        return self.hf.apply_chat_template(messages, tokenize=False, add_generation_prompt=False,
+                                           chat_template=chat_template, **check_template_kwargs(template_kwargs))
 
     def _render_chat(self, messages, add_generation_prompt: bool, chat_template: str | None = None,
                      continue_final_message: bool = False, tools: list[dict] | None = None,
@@ -169,6 +175,18 @@ _RESERVED_TEMPLATE_KWARGS = frozenset({"conversation", "messages", "tools", "doc
                                        "add_generation_prompt", "continue_final_message", "tokenize",
                                        "return_dict", "return_tensors", "padding", "truncation", "max_length",
                                        "tokenizer_kwargs", "return_assistant_tokens_mask"})
+
+
+def check_template_kwargs(kwargs) -> dict:
+    """``chat_template_kwargs`` as a dict copy (None: empty); ValueError naming a key that is one of
+    transformers' own apply_chat_template arguments, or a value that is not a mapping."""
+    if kwargs is None:
+        return {}
+    if not isinstance(kwargs, dict):
+        raise ValueError(f"chat_template_kwargs={kwargs!r} is invalid: must be a dict of template variables")
+    for key in sorted(set(kwargs) & _RESERVED_TEMPLATE_KWARGS):
+        raise ValueError(f"chat_template_kwargs.{key} is invalid: {key} is set by its own argument")
+    return dict(kwargs)
 
 
 def _hf_tokenizer_from_gguf(path: str):

@@ -12,7 +12,9 @@ def add_chat_args(p: argparse.ArgumentParser) -> None:
     c = p.add_argument_group("chat and tool calling (OpenAI HTTP API; vLLM's flags)")
     c.add_argument("--chat-template", default=None,
                    help="chat template for /v1/chat/completions and /tokenize: a file path or the Jinja "
-                        "template itself (default: the model's)")
+                        "template itself (default: the model's); on a cross-encoder (--task classify) the "
+                        "score template of /score, /rerank and Score: rendered on messages with roles "
+                        "'query' and 'document' (default: the pair encoding)")
     c.add_argument("--trust-request-chat-template", action="store_true",
                    help="let a request's chat_template field replace the template (default: refused)")
     c.add_argument("--enable-auto-tool-choice", action="store_true",

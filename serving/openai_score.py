@@ -24,6 +24,14 @@ For a cross-encoder (a ``--task classify`` server whose model has ``num_labels =
 each pair is one engine request: the tokenizer's pair encoding ``tokenizer(text_1, text_2)``
 (``truncate_prompt_tokens`` keeping its last k tokens), classified with its raw logit, the score the
 model's score activation of it (sigmoid; jaxllm/scoring.py), ``usage.prompt_tokens`` the pairs' tokens.
+A server started with ``--chat-template`` (vLLM's score template) encodes each pair as the template's
+rendering of ``[{"role": "query", "content": text_1}, {"role": "document", "content": text_2}]``
+tokenized as one text instead (``scoring.ScoreTemplate``; /score, /rerank, run_batch and the gRPC Score
+rpc alike); a body's ``chat_template_kwargs`` (a jaxllm extension: vLLM's ScoreRequest and
+RerankRequest have no such field) adds template variables such as an ``instruction``. A template that
+fails to render or renders blank is a 400 naming ``--chat-template`` and the reason;
+``chat_template_kwargs`` without a template is a 400 naming it. An embedding server ignores both
+(vLLM's rule for the template: each text is embedded alone).
 A classifier with more labels is a 400 naming ``model`` (vLLM refuses score for it too), and so is a
 generating server (score needs an embedding or cross-encoder model). Request ids
 as /v1/embeddings (serving/request_ids.py): the ``X-Request-Id`` header, then the body's
@@ -34,6 +42,7 @@ from __future__ import annotations
 
 import time
 import uuid
+from typing import Any
 
 import numpy as np
 from fastapi import Request
@@ -52,6 +61,7 @@ class ScoreRequest(BaseModel):
     text_2: str | list[str]
     model: str | None = None
     truncate_prompt_tokens: int | None = None
+    chat_template_kwargs: dict[str, Any] | None = None  # the score template's variables (jaxllm extension)
     request_id: str | None = None  # as /v1/embeddings' (the X-Request-Id header wins)
     user: str | None = None  # accepted, unused
 
@@ -65,6 +75,7 @@ class RerankRequest(BaseModel):
     top_n: int = 0  # vLLM's default: every document
     return_documents: bool = True
     truncate_prompt_tokens: int | None = None
+    chat_template_kwargs: dict[str, Any] | None = None
     request_id: str | None = None
     user: str | None = None
 
@@ -94,10 +105,12 @@ def pair_texts(name_1: str, value_1, name_2: str, value_2, max_items: int) -> tu
 
 
 async def pair_scores(door: FrontDoor, info: ModelInfo, t1: list[str], t2: list[str], truncate: int | None,
-                      answer_id: str, client_chosen: bool) -> tuple[np.ndarray, int]:
+                      answer_id: str, client_chosen: bool,
+                      template_kwargs: dict | None = None) -> tuple[np.ndarray, int]:
     """(score of each pair [len(t2)] f64, prompt tokens the engine ran), its requests named after
-    ``answer_id`` (``engine_prefix``) and admitted as one batch: a cross-encoder's pair encodings, or
-    ``t1 + t2`` embedded and their cosine."""
+    ``answer_id`` (``engine_prefix``) and admitted as one batch: a cross-encoder's pair encodings (or
+    the server's score template's renderings, with ``template_kwargs``), or ``t1 + t2`` embedded and
+    their cosine."""
     try:
         params = PoolingParams(truncate_prompt_tokens=truncate).validate()
     except ValueError as exc:
@@ -106,7 +119,10 @@ async def pair_scores(door: FrontDoor, info: ModelInfo, t1: list[str], t2: list[
     if getattr(info.engine, "task", "generate") == "classify":
         mc = info.engine.runner.model_config
         try:
-            ids = scoring.pair_prompts(info.tokenizer, t1, t2, truncate, getattr(mc, "use_sep_token", True))
+            template = scoring.score_template(door.config.chat_template, "--chat-template", template_kwargs)
+            ids = scoring.pair_prompts(info.tokenizer, t1, t2, truncate, getattr(mc, "use_sep_token", True), template)
+        except scoring.ScoreTemplateError as exc:  # names --chat-template or chat_template_kwargs
+            raise invalid(str(exc)) from None
         except ValueError as exc:
             raise invalid(str(exc), "text_1") from None
         outs = await door.embed_many(prefix, [{"prompt_token_ids": i} for i in ids], PoolingParams(activation=False))
@@ -136,7 +152,7 @@ async def create_score(door: FrontDoor, info: ModelInfo, body: ScoreRequest, pat
     t1, t2 = pair_texts("text_1", body.text_1, "text_2", body.text_2, door.config.max_queued_requests)
     answer_id = "score-" + (request_id or uuid.uuid4().hex)
     scores, tokens = await pair_scores(door, info, t1, t2, body.truncate_prompt_tokens, answer_id,
-                                       request_id is not None)
+                                       request_id is not None, body.chat_template_kwargs)
     data = [{"index": i, "object": "score", "score": float(s)} for i, s in enumerate(scores)]
     return {"id": answer_id, "object": "list", "created": int(time.time()), "model": info.name, "data": data,
             "usage": {"prompt_tokens": tokens, "total_tokens": tokens, "completion_tokens": 0}}
@@ -150,7 +166,7 @@ async def create_rerank(door: FrontDoor, info: ModelInfo, body: RerankRequest, p
     t1, t2 = pair_texts("query", body.query, "documents", body.documents, door.config.max_queued_requests)
     answer_id = "rerank-" + (request_id or uuid.uuid4().hex)
     scores, tokens = await pair_scores(door, info, t1, t2, body.truncate_prompt_tokens, answer_id,
-                                       request_id is not None)
+                                       request_id is not None, body.chat_template_kwargs)
     order = sorted(range(len(t2)), key=lambda i: -scores[i])  # stable: ties keep the lower index first
     if 0 < body.top_n < len(order):
         order = order[:body.top_n]

@@ -5,6 +5,8 @@ Tiny random *ForCausalLM checkpoints with a word-level tokenizer whose words "no
 - Qwen3-Reranker's (from_2_way_softmax): the one raw logit is HF's causal-LM logit of "yes" minus "no" at
   the last token, probs its sigmoid (= the 2-way softmax probability of "yes"), LLM.score, /score and
   /rerank the sigmoid of that difference on text_1 + text_2 encoded as one text (vLLM's use_sep_token False);
+  with a Qwen3-Reranker-style score template (LLM.score(chat_template=), a server's --chat-template: /rerank,
+  /v1/score, gRPC Score, run_batch) the same on the template rendered by jinja2 here and tokenized by HF;
 - no_post_processing on a tied Llama, with rms_norm_eps and max_position_embeddings overridden too: the
   raw logits are HF's logits of the three tokens with HF loading the same overrides;
 and the misuses are one-line errors naming the field (bad JSON, the wrong format, unknown tokens, ...)."""
@@ -230,3 +232,146 @@ def test_orbax_conversion_with_overrides_keeps_the_built_head(root, tmp_path):
     assert ck.format == "orbax" and "lm_head" not in ck.params
     assert (ck.config.classifier_token_ids, ck.config.use_sep_token, ck.config.num_labels) == ((NO, YES), False, 1)
     np.testing.assert_allclose(np.asarray(ck.params["score"])[:, 0], lm[YES] - lm[NO], atol=1e-6)
+
+
+# A Qwen3-Reranker-style score template (vLLM's --chat-template for /score and /rerank, ours), in the tiny
+# tokenizer's words: w10 <|im_start|>, w11 <|im_end|>, w12 system, w13 user, w14 assistant, w15 <think>,
+# w16 </think>, w17 w18 the judge's sentence, w19 <Instruct>:, w20 <Query>:, w21 <Document>:, w26 w27 the
+# default instruction; the query and document are picked out of messages by role, as vLLM's template does.
+SCORE_TEMPLATE = """w10 w12 w17 w18 w11
+w10 w13
+{% set query = messages | selectattr("role", "eq", "query") | map(attribute="content") | first %}
+{% set doc = messages | selectattr("role", "eq", "document") | map(attribute="content") | first %}
+w19 {{ instruction | default("w26 w27") }}
+w20 {{ query }}
+w21 {{ doc }} w11
+w10 w14
+w15 w16
+"""
+
+
+def rendered_ids(hf_tok, query, docs, **variables):
+    """The reference prompts: SCORE_TEMPLATE rendered by jinja2 itself (the whitespace rules transformers
+    gives chat templates), then the HF tokenizer with its default special tokens (<bos> here)."""
+    import jinja2
+
+    tpl = jinja2.Environment(trim_blocks=True, lstrip_blocks=True).from_string(SCORE_TEMPLATE)
+    texts = [tpl.render(messages=[{"role": "query", "content": query}, {"role": "document", "content": d}],
+                        **variables) for d in docs]
+    return [hf_tok(t)["input_ids"] for t in texts]
+
+
+def test_qwen3_reranker_score_template_offline_equals_hf_on_the_rendered_prompt(qwen3):
+    """LLM.score(chat_template=): the score is sigmoid(HF logit(yes) - logit(no)) on the independently
+    rendered and tokenized prompt; chat_template_kwargs fill the instruction; truncate_prompt_tokens cuts
+    the rendered prompt; a failing or blank template is a ValueError naming chat_template, and the engine
+    scores on afterwards."""
+    path, llm = qwen3
+    hf_tok = llm.engine.tokenizer.hf
+    query, docs = "w9 w30 yes", ["w40 no", "w99 w5 w7 w200 w11", "maybe w9"]
+    plain = hf_tok(query + docs[0])["input_ids"]
+    ids = rendered_ids(hf_tok, query, docs)
+    assert ids[0][:3] == [1, 10, 12] and ids[0][-3:] == [14, 15, 16]  # <bos>, then the template's turns
+    assert ids[0][ids[0].index(19) + 1:ids[0].index(20)] == [26, 27]  # the default instruction
+    ids_instr = rendered_ids(hf_tok, query, docs, instruction="w50 w51 w52")
+    cut = ids[1][-9:]
+    ref = hf_last_logits(path, ids + ids_instr + [cut, plain])
+    want = sigmoid(ref[:, YES] - ref[:, NO])
+    assert np.ptp(want) > 0.01 and abs(want[0] - want[-1]) > 1e-3  # the template changes the score
+
+    got = llm.score(query, docs, chat_template=SCORE_TEMPLATE, use_tqdm=False)
+    assert [s.prompt_token_ids for s in got] == ids
+    np.testing.assert_allclose([s.outputs.score for s in got], want[:3], atol=1e-4, rtol=0)
+    got = llm.score([query] * 3, docs, chat_template=SCORE_TEMPLATE, use_tqdm=False,
+                    chat_template_kwargs={"instruction": "w50 w51 w52"})
+    assert [s.prompt_token_ids for s in got] == ids_instr
+    np.testing.assert_allclose([s.outputs.score for s in got], want[3:6], atol=1e-4, rtol=0)
+    got = llm.score(query, docs[1], truncate_prompt_tokens=9, chat_template=SCORE_TEMPLATE, use_tqdm=False)
+    assert got[0].prompt_token_ids == cut
+    np.testing.assert_allclose(got[0].outputs.score, want[6], atol=1e-4, rtol=0)
+
+    for template, kwargs, msg in (
+            ("{{ messages[0].content }} {{ x | nosuchfilter }}", None,
+             r"^chat_template is invalid: the score template failed to render pair 0 \(query 'w9 w30 yes', "
+             r"document 'w40 no'\): TemplateAssertionError: No filter named 'nosuchfilter'"),
+            ("{% if messages[5].content %}w9{% endif %}", None,
+             r"^chat_template is invalid: the score template failed to render pair 0 .*UndefinedError"),
+            ("{% if false %}w9{% endif %}  ", None,
+             r"^chat_template is invalid: the score template rendered pair 0 as blank text \('  '\); it must"),
+            ("", None, r"^chat_template='' is invalid: must be a non-empty Jinja template"),
+            (SCORE_TEMPLATE, {"messages": []}, r"^chat_template_kwargs.messages is invalid: messages is set by"),
+            (None, {"instruction": "w5"}, r"^chat_template_kwargs is invalid without a score template: give "
+                                          r"chat_template")):
+        with pytest.raises(ValueError, match=msg):
+            llm.score(query, docs, chat_template=template, chat_template_kwargs=kwargs, use_tqdm=False)
+    got = llm.score(query, docs[0], use_tqdm=False)  # no template: the plain text_1 + text_2 encoding still
+    assert got[0].prompt_token_ids == plain
+    np.testing.assert_allclose(got[0].outputs.score, want[-1], atol=1e-4, rtol=0)
+
+
+def test_qwen3_reranker_score_template_over_http_grpc_and_run_batch(qwen3):
+    """A server started with the template (--chat-template) applies it to /rerank, /v1/score, the gRPC
+    Score rpc and run_batch's /v1/score lines: each score equals HF's on the reference rendering; a body's
+    chat_template_kwargs fill the instruction; a template that does not render is a 400 naming
+    --chat-template and why, and the server answers the next request."""
+    import httpx
+
+    from serving.config import ServerConfig
+    from serving.proto.jaxllm.v1 import generation_pb2 as pb
+    from serving.run_batch import BatchRunner
+    from tests.serving.serving_helpers import run, running_server
+
+    path, llm = qwen3
+    hf_tok = llm.engine.tokenizer.hf
+    query, docs = "w9 w30 yes", ["w40 no", "w99 w5 w7 w200 w11", "maybe w9", "w250"]
+    ids, ids_instr = rendered_ids(hf_tok, query, docs), rendered_ids(hf_tok, query, docs, instruction="w60")
+    ref = hf_last_logits(path, ids + ids_instr)
+    want, want_instr = np.split(sigmoid(ref[:, YES] - ref[:, NO]), 2)
+    assert np.ptp(want) > 0.01 and np.abs(want - want_instr).max() > 1e-3
+
+    async def calls():
+        async with running_server(llm.engine, http_port=0, chat_template=SCORE_TEMPLATE) as c:
+            async with httpx.AsyncClient(base_url=f"http://127.0.0.1:{c.server.http_port}", timeout=60) as h:
+                rerank = await h.post("/rerank", json={"query": query, "documents": docs, "top_n": 3})
+                score = await h.post("/v1/score", json={"text_1": query, "text_2": docs,
+                                                        "chat_template_kwargs": {"instruction": "w60"}})
+                reserved = await h.post("/score", json={"text_1": query, "text_2": docs,
+                                                        "chat_template_kwargs": {"messages": []}})
+            grpc_scores = await c.stub.Score(pb.ScoreRequest(text_1=[query], text_2=docs), timeout=30)
+            await c.wait_blocks_free()
+        async with running_server(llm.engine, http_port=0, chat_template="{{ messages[0].content | nope }}") as c:
+            async with httpx.AsyncClient(base_url=f"http://127.0.0.1:{c.server.http_port}", timeout=60) as h:
+                broken = await h.post("/v1/rerank", json={"query": query, "documents": docs})
+                after = await h.post("/v1/classify", json={"input": "w9 yes"})
+        out: list[dict] = []
+        runner = BatchRunner(ServerConfig(chat_template=SCORE_TEMPLATE, max_queued_requests=64), engine=llm.engine)
+        await runner.start()
+        try:
+            line = {"custom_id": "s", "method": "POST", "url": "/v1/score", "body": {"text_1": query, "text_2": docs}}
+            await runner.run(iter([json.dumps(line)]), out.append)
+        finally:
+            await runner.stop()
+        return rerank, score, reserved, grpc_scores, broken, after, out
+
+    rerank, score, reserved, grpc_scores, broken, after, batch = run(calls(), timeout=120)
+    assert rerank.status_code == 200, rerank.text
+    order = [int(i) for i in np.argsort(-want, kind="stable")[:3]]
+    res = rerank.json()["results"]
+    assert [x["index"] for x in res] == order
+    np.testing.assert_allclose([x["relevance_score"] for x in res], want[order], atol=1e-4, rtol=0)
+    assert rerank.json()["usage"]["prompt_tokens"] == sum(map(len, ids))
+    assert score.status_code == 200, score.text
+    np.testing.assert_allclose([d["score"] for d in score.json()["data"]], want_instr, atol=1e-4, rtol=0)
+    np.testing.assert_allclose(list(grpc_scores.scores), want, atol=1e-4, rtol=0)
+    assert grpc_scores.prompt_tokens == sum(map(len, ids))
+    err = reserved.json()["error"]
+    assert reserved.status_code == 400 and err["param"] == "chat_template_kwargs", err
+    assert err["message"].startswith("chat_template_kwargs.messages is invalid: messages is set by its own")
+    err = broken.json()["error"]
+    assert broken.status_code == 400 and err["message"].startswith(
+        "--chat-template is invalid: the score template failed to render pair 0 (query 'w9 w30 yes', "
+        "document 'w40 no'): TemplateAssertionError: No filter named 'nope'"), err
+    assert after.status_code == 200, after.text  # the engine serves on
+    (line,) = batch
+    assert line["response"]["status_code"] == 200, line
+    np.testing.assert_allclose([d["score"] for d in line["response"]["body"]["data"]], want, atol=1e-4, rtol=0)

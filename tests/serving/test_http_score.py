@@ -23,9 +23,10 @@ def cos(a, b) -> float:
     return float(a @ b / (np.linalg.norm(a) * np.linalg.norm(b)))
 
 
-async def _serve(engine, calls):
-    """Run ``calls(h, base)`` against a loopback HTTP server; every block free afterwards."""
-    async with running_server(engine, http_port=0) as c:
+async def _serve(engine, calls, **cfg):
+    """Run ``calls(h, base)`` against a loopback HTTP server (``cfg``: ServerConfig fields); every block
+    free afterwards."""
+    async with running_server(engine, http_port=0, **cfg) as c:
         base = f"http://127.0.0.1:{c.server.http_port}"
         async with httpx.AsyncClient(base_url=base, timeout=30) as h:
             got = await calls(h)
@@ -87,6 +88,28 @@ def test_score_and_rerank_equal_numpy_cosine_of_the_embeddings():
     r = top.json()
     assert r["id"] == "rerank-r1" and [x["index"] for x in r["results"]] == order[:2]
     assert all(set(x) == {"index", "relevance_score"} for x in r["results"])  # return_documents=false
+
+
+def test_an_embedding_server_ignores_the_score_template():
+    """vLLM's rule: --chat-template is a cross-encoder's score template; an embedding server embeds each
+    text alone, so the template (here one that cannot render) and chat_template_kwargs change nothing and
+    fail nothing: the scores are the cosines of the texts' embeddings."""
+    docs = DOCS[:3]
+
+    async def calls(h):
+        emb = (await h.post("/v1/embeddings", json={"input": [QUERY, *docs]})).json()
+        score = await h.post("/v1/score", json={"text_1": QUERY, "text_2": docs})
+        rerank = await h.post("/rerank", json={"query": QUERY, "documents": docs,
+                                               "chat_template_kwargs": {"instruction": "x"}})
+        return emb, score, rerank
+
+    emb, score, rerank = run(_serve(make_engine(), calls, chat_template="{{ messages | no_such_filter }}"))
+    vec = [d["embedding"] for d in emb["data"]]
+    want = [cos(vec[0], v) for v in vec[1:]]
+    assert score.status_code == 200 and rerank.status_code == 200, (score.text, rerank.text)
+    np.testing.assert_allclose([d["score"] for d in score.json()["data"]], want, rtol=1e-9, atol=1e-12)
+    got = {x["index"]: x["relevance_score"] for x in rerank.json()["results"]}
+    np.testing.assert_allclose([got[i] for i in range(len(docs))], want, rtol=1e-9, atol=1e-12)
 
 
 BAD = [
