@@ -23,11 +23,11 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from jaxllm.logprobs_table import Alternative, TokenRow, format_table
 from serving.client_messages import (FINISH_NAMES, SAMPLING_FIELDS, Completion, build_request,
-                                     structured_outputs_to_proto)
+                                     classify_request, structured_outputs_to_proto)
 from serving.proto.jaxllm.v1 import generation_pb2 as pb
 from serving.proto.jaxllm.v1 import generation_pb2_grpc as pb_grpc
 
-__all__ = ["GenerationClient", "AsyncGenerationClient", "Completion", "build_request",
+__all__ = ["GenerationClient", "AsyncGenerationClient", "Completion", "build_request", "classify_request",
            "structured_outputs_to_proto", "FINISH_NAMES", "SAMPLING_FIELDS", "logprob_rows", "main"]
 
 
@@ -116,6 +116,15 @@ class GenerationClient:
             req.skip_special_tokens = skip_special_tokens
         return self.stub.Detokenize(req, metadata=self.metadata, timeout=self.timeout).text
 
+    def classify(self, prompts: str | list[str] | list[int] | list[list[int]], *, activation: bool | None = None,
+                 truncate_prompt_tokens: int | None = None, request_id: str = "",
+                 timeout: float | None = None) -> pb.ClassifyResponse:
+        """The Classify rpc (a --task classify server): ``prompts`` as ``LLM.classify`` takes them;
+        ``results[i].probs`` (softmax / sigmoid; raw logits with ``activation=False``), ``label``."""
+        req = classify_request(prompts, activation=activation, truncate_prompt_tokens=truncate_prompt_tokens,
+                               request_id=request_id)
+        return self.stub.Classify(req, metadata=self.metadata, timeout=timeout or self.timeout)
+
     def model_info(self) -> pb.ModelInfo:
         return self.stub.GetModelInfo(pb.GetModelInfoRequest(), metadata=self.metadata,
                                       timeout=self.timeout)
@@ -196,6 +205,14 @@ class AsyncGenerationClient:
             req.skip_special_tokens = skip_special_tokens
         resp = await self.stub.Detokenize(req, metadata=self.metadata, timeout=self.timeout)
         return resp.text
+
+    async def classify(self, prompts: str | list[str] | list[int] | list[list[int]], *,
+                       activation: bool | None = None, truncate_prompt_tokens: int | None = None,
+                       request_id: str = "", timeout: float | None = None) -> pb.ClassifyResponse:
+        """As :meth:`GenerationClient.classify`."""
+        req = classify_request(prompts, activation=activation, truncate_prompt_tokens=truncate_prompt_tokens,
+                               request_id=request_id)
+        return await self.stub.Classify(req, metadata=self.metadata, timeout=timeout or self.timeout)
 
     async def model_info(self) -> pb.ModelInfo:
         return await self.stub.GetModelInfo(pb.GetModelInfoRequest(), metadata=self.metadata,

@@ -1,5 +1,6 @@
 """The messages a jaxllm.v1.Generation client sends and what it makes of the answers: `build_request`
-(a GenerateRequest from a prompt, chat or token ids plus SamplingParams fields) and `Completion` (a
+(a GenerateRequest from a prompt, chat or token ids plus SamplingParams fields), `classify_request`
+(a ClassifyRequest from prompts as `LLM.classify` takes them) and `Completion` (a
 stream of GenerateResponses accumulated per sample: text, token ids, logprobs, finish and stop
 reasons, tool calls, reasoning, usage). Transport-free; serving/client.py holds the sync and asyncio clients.
 """
@@ -52,6 +53,29 @@ def build_request(prompt: str | None = None, *, text: str | None = None, chat: l
         req.chat.tool_choice = tool_choice
     else:
         req.token_ids.ids.extend(token_ids)
+    return req
+
+
+def classify_request(prompts: str | list[str] | list[int] | list[list[int]], *, activation: bool | None = None,
+                     truncate_prompt_tokens: int | None = None, request_id: str = "") -> pb.ClassifyRequest:
+    """A ClassifyRequest from ``prompts`` as ``LLM.classify`` and HTTP /classify's ``input`` take them: a
+    text, a list of texts, one prompt's token ids or a list of token-id lists (one result per prompt);
+    ``activation=False``: the raw logits; None fields are left unset (the server's default)."""
+    req = pb.ClassifyRequest(request_id=request_id)
+    if isinstance(prompts, str):
+        req.text = prompts
+    elif not prompts:
+        raise ValueError("prompts=[] is invalid: give a text, texts, token ids or token-id lists")
+    elif isinstance(prompts[0], str):
+        req.texts.extend(prompts)
+    elif isinstance(prompts[0], int):
+        req.token_ids.ids.extend(prompts)
+    else:
+        req.token_id_lists.extend(pb.TokenIds(ids=ids) for ids in prompts)
+    if activation is not None:
+        req.activation = activation
+    if truncate_prompt_tokens is not None:
+        req.truncate_prompt_tokens = truncate_prompt_tokens
     return req
 
 

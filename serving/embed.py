@@ -1,6 +1,8 @@
-"""Embed and Score RPCs: proto <-> engine arguments (no jax). The servicer's ``Embed`` handler admits the
-request through the front door like ``Generate`` (same gate, request-id rules, queue limit,
-drain: ``FrontDoor.embed``); this module turns the message into what the engine takes and back."""
+"""Embed, Score and Classify RPCs: proto <-> engine arguments (no jax). The servicer's ``Embed`` handler
+admits the request through the front door like ``Generate`` (same gate, request-id rules, queue limit,
+drain: ``FrontDoor.embed``); this module turns the message into what the engine takes and back. Score
+and Classify run HTTP /v1/score's and /classify's own code (serving/openai_score.py,
+serving/openai_classify.py) on the proto's fields."""
 
 from __future__ import annotations
 
@@ -9,6 +11,7 @@ from typing import Any
 
 from jaxllm.pooling_params import PoolingParams
 from serving import convert
+from serving.frontdoor import check_token_ids, invalid
 from serving.proto.jaxllm.v1 import generation_pb2 as pb
 
 
@@ -43,3 +46,47 @@ async def score(door: Any, info: Any, req: pb.ScoreRequest) -> pb.ScoreResponse:
     truncate = req.truncate_prompt_tokens if req.HasField("truncate_prompt_tokens") else None
     scores, tokens = await pair_scores(door, info, t1, t2, truncate, rid, client_chosen=False)
     return pb.ScoreResponse(request_id=rid, scores=scores.tolist(), prompt_tokens=tokens)
+
+
+def classify_inputs(req: pb.ClassifyRequest, vocab_size: int | None, max_items: int) -> list:
+    """A ClassifyRequest's inputs as the engine takes them: one of ``text``, ``token_ids`` (EmbedRequest's),
+    ``texts`` or ``token_id_lists``; ValueError / INVALID_ARGUMENT naming the field, value and limit."""
+    kinds = ([req.WhichOneof("prompt")] if req.WhichOneof("prompt") else []) + \
+        [k for k in ("texts", "token_id_lists") if len(getattr(req, k))]
+    if len(kinds) != 1:
+        got = f" (got {' and '.join(kinds)})" if kinds else ""
+        raise ValueError(f"prompt is invalid: set exactly one of text, token_ids, texts or token_id_lists{got}")
+    kind = kinds[0]
+    if kind in ("text", "token_ids"):
+        return [convert.text_or_token_ids(req, kind, vocab_size)]
+    from serving.openai_embed import check_item_count
+
+    check_item_count(kind, len(getattr(req, kind)), max_items)
+    if kind == "token_id_lists":
+        return [{"prompt_token_ids": check_token_ids(f"token_id_lists[{i}]", t.ids, vocab_size)}
+                for i, t in enumerate(req.token_id_lists)]
+    for i, t in enumerate(req.texts):
+        if t == "":
+            raise ValueError(f"texts[{i}]='' is invalid: the prompt must be non-empty")
+    return list(req.texts)
+
+
+async def classify(door: Any, info: Any, req: pb.ClassifyRequest) -> pb.ClassifyResponse:
+    """The Classify RPC: HTTP /classify's rules and answers (serving/openai_classify.py) for a proto's
+    inputs; the engine's requests are ``<request_id>-<i>`` (as Score's), so a client id already in flight
+    is ALREADY_EXISTS; unset: ``classify-<uuid>``."""
+    from serving.openai_classify import check_classify_task, classify_prompts
+
+    check_classify_task(info, "Classify")
+    try:
+        prompts = classify_inputs(req, info.vocab_size, door.config.max_queued_requests)
+    except ValueError as exc:
+        raise invalid(str(exc)) from None
+    rid = door.check_request_id(req.request_id) or f"classify-{uuid.uuid4().hex}"
+    answers = await classify_prompts(
+        door, info, prompts, req.truncate_prompt_tokens if req.HasField("truncate_prompt_tokens") else None,
+        req.activation if req.HasField("activation") else None, rid, client_chosen=False)
+    return pb.ClassifyResponse(
+        request_id=rid, prompt_tokens=sum(a.prompt_tokens for a in answers),
+        results=[pb.Classification(index=i, probs=a.probs, label_index=a.label_index, label=a.label,
+                                   prompt_tokens=a.prompt_tokens) for i, a in enumerate(answers)])

@@ -9,10 +9,12 @@ The answer, vLLM's ``ClassificationResponse``: ``{"id": "classify-<id>", "object
 "total_tokens", "completion_tokens": 0, "prompt_tokens_details": null}}``: ``probs`` the model's
 activation of the logits (softmax; sigmoid for one label; ``activation: false``: the raw logits),
 ``label`` the ``id2label`` name of the largest. Any other server refuses with 400 naming ``model``.
+The gRPC ``Classify`` rpc (serving/embed.py) runs the same checks and ``classify_prompts``.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import time
 import uuid
 
@@ -37,31 +39,57 @@ class ClassificationRequest(BaseModel):
     user: str | None = None  # accepted, unused
 
 
-async def create_classify(door: FrontDoor, info: ModelInfo, body: ClassificationRequest, path: str,
-                          request_id: str | None = None) -> dict:
-    """``request_id``: the client's (checked by the caller), None = a fresh uuid."""
+@dataclasses.dataclass(frozen=True)
+class Classified:
+    """One input's answer, whichever door asked: ``probs`` (the activation of the labels' logits, or
+    the raw logits), the index of the largest, its ``id2label`` name (None without labels), the tokens run."""
+
+    probs: list[float]
+    label_index: int
+    label: str | None
+    prompt_tokens: int
+
+
+def check_classify_task(info: ModelInfo, path: str) -> None:
+    """INVALID_ARGUMENT naming ``model`` (and the server's task) unless this is a classify server."""
     task = getattr(info.engine, "task", "generate")
     if task != "classify":
         raise invalid(f"model={info.name!r} is invalid for {path}: this server's task is {task!r} (classify "
                       f"needs a *ForSequenceClassification model: start it with --task classify)", "model")
+
+
+async def classify_prompts(door: FrontDoor, info: ModelInfo, prompts: list, truncate_prompt_tokens: int | None,
+                           activation: bool | None, answer_id: str, client_chosen: bool) -> list[Classified]:
+    """Every prompt one engine request named after ``answer_id`` (``engine_prefix``), admitted as one
+    batch (all or nothing); the answers in input order. HTTP /classify and the gRPC Classify rpc."""
+    try:
+        params = PoolingParams(truncate_prompt_tokens=truncate_prompt_tokens, activation=activation).validate()
+    except ValueError as exc:
+        raise invalid(str(exc)) from None
+    outs = await door.embed_many(engine_prefix(answer_id, client_chosen), prompts, params)
+    labels = info.engine.runner.model_config.labels
+    answers = []
+    for out in outs:
+        probs = out.outputs.probs
+        best = int(np.argmax(probs))
+        answers.append(Classified(probs, best, labels[best] if labels else None, len(out.prompt_token_ids)))
+    return answers
+
+
+async def create_classify(door: FrontDoor, info: ModelInfo, body: ClassificationRequest, path: str,
+                          request_id: str | None = None) -> dict:
+    """``request_id``: the client's (checked by the caller), None = a fresh uuid."""
+    check_classify_task(info, path)
     try:
         prompts = _prompts(body, info.vocab_size, door.config.max_queued_requests)
     except ValueError as exc:
         raise invalid(str(exc), "input") from None
-    try:
-        params = PoolingParams(truncate_prompt_tokens=body.truncate_prompt_tokens,
-                               activation=body.activation).validate()
-    except ValueError as exc:
-        raise invalid(str(exc)) from None
     answer_id = "classify-" + (request_id or uuid.uuid4().hex)
-    outs = await door.embed_many(engine_prefix(answer_id, request_id is not None), prompts, params)
-    labels = info.engine.runner.model_config.labels
-    data = []
-    for i, out in enumerate(outs):
-        probs = out.outputs.probs
-        data.append({"index": i, "label": labels[int(np.argmax(probs))] if labels else None, "probs": probs,
-                     "num_classes": len(probs)})
-    tokens = sum(len(o.prompt_token_ids) for o in outs)
+    answers = await classify_prompts(door, info, prompts, body.truncate_prompt_tokens, body.activation, answer_id,
+                                     request_id is not None)
+    data = [{"index": i, "label": a.label, "probs": a.probs, "num_classes": len(a.probs)}
+            for i, a in enumerate(answers)]
+    tokens = sum(a.prompt_tokens for a in answers)
     return {"id": answer_id, "object": "list", "created": int(time.time()), "model": info.name, "data": data,
             "usage": {"prompt_tokens": tokens, "total_tokens": tokens, "completion_tokens": 0,
                       "prompt_tokens_details": None}}

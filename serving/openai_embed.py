@@ -42,6 +42,13 @@ class EmbeddingRequest(BaseModel):
     request_id: str | None = None  # vLLM's: names the answer (serving/request_ids.py)
 
 
+def check_item_count(field: str, n: int, max_items: int) -> None:
+    """One client request's inputs are that many engine requests at once: at most the waiting queue."""
+    if n > max_items:
+        raise invalid(f"{field} has {n} items, which is invalid: exceeds the server limit "
+                      f"--max-queued-requests={max_items}", field)
+
+
 def _prompts(body: EmbeddingRequest, vocab_size: int | None, max_items: int) -> list:
     inp = body.input
     if isinstance(inp, str):
@@ -55,9 +62,7 @@ def _prompts(body: EmbeddingRequest, vocab_size: int | None, max_items: int) -> 
     else:
         items = [{"prompt_token_ids": check_token_ids(f"input[{i}]", ids, vocab_size)}
                  for i, ids in enumerate(inp)]
-    if len(items) > max_items:
-        raise invalid(f"input has {len(items)} items, which is invalid: exceeds the server limit "
-                      f"--max-queued-requests={max_items}", "input")
+    check_item_count("input", len(items), max_items)
     for i, p in enumerate(items):
         if p == "":
             raise invalid(f"input[{i}]='' is invalid: the prompt must be non-empty", "input")

@@ -4,7 +4,8 @@ Status codes
 ------------
 INVALID_ARGUMENT   any invalid field (the engine's own validation message), prompt too long,
                    a server cap exceeded (--max-n, --max-tokens-cap, --max-logprobs, ...),
-                   adapters on a server without --enable-lora, a bad adapter at LoadAdapter
+                   adapters on a server without --enable-lora, a bad adapter at LoadAdapter,
+                   Embed / Score / Classify on a server of another task (naming task or model)
 NOT_FOUND          a lora_name this server does not serve (Generate, UnloadAdapter)
 ALREADY_EXISTS     a client request_id that is already in flight; LoadAdapter of a served name
 RESOURCE_EXHAUSTED waiting requests >= --max-queued-requests (at once, nothing queued);
@@ -29,7 +30,7 @@ from typing import TYPE_CHECKING, Any
 import grpc
 
 from serving import beam, convert, proto_tools
-from serving.embed import embed_request_to_engine, embed_response, score
+from serving.embed import classify, embed_request_to_engine, embed_response, score
 from serving.frontdoor import Code, FrontDoor, FrontDoorError, ModelInfo, config_get, invalid
 from serving.proto.jaxllm.v1 import generation_pb2 as pb
 from serving.proto.jaxllm.v1 import generation_pb2_grpc as pb_grpc
@@ -182,6 +183,15 @@ class GenerationServicer(pb_grpc.GenerationServicer):
         info = await self._model(context)
         try:
             return await score(self.door, info, request)
+        except FrontDoorError as exc:
+            await _abort(context, exc)
+
+    async def Classify(self, request: pb.ClassifyRequest, context):
+        """Unary: vLLM's classify on a --task classify server (serving/embed.py ``classify``: HTTP
+        /classify's code), every input one engine request admitted together through the front door."""
+        info = await self._model(context)
+        try:
+            return await classify(self.door, info, request)
         except FrontDoorError as exc:
             await _abort(context, exc)
 

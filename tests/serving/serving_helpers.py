@@ -55,13 +55,14 @@ class Ctx:
         req = request(**kw)
         return [r async for r in self.stub.Generate(req, metadata=metadata, timeout=timeout)]
 
-    async def stats(self) -> pb.ModelInfo:
-        return await self.stub.GetModelInfo(pb.GetModelInfoRequest(), timeout=5)
+    async def stats(self, metadata=None) -> pb.ModelInfo:
+        return await self.stub.GetModelInfo(pb.GetModelInfoRequest(), metadata=metadata, timeout=5)
 
-    async def wait_blocks_free(self, timeout: float = 5.0) -> pb.ModelInfo:
+    async def wait_blocks_free(self, timeout: float = 5.0, metadata=None) -> pb.ModelInfo:
+        """``metadata``: the API key on a server run with one."""
         t0 = time.monotonic()
         while True:
-            info = await self.stats()
+            info = await self.stats(metadata)
             if info.free_kv_blocks == info.total_kv_blocks and info.num_running == 0 \
                     and info.num_waiting == 0:
                 return info

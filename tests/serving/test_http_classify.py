@@ -83,6 +83,32 @@ def test_classify_score_rerank_and_grpc_score_equal_hf(model):
     np.testing.assert_allclose([x["relevance_score"] for x in res], want_pairs[order], atol=1e-5, rtol=0)
 
 
+def test_grpc_classify_is_sigmoid_of_hf_and_equals_http_classify(model):
+    """One label: gRPC Classify's probs are the sigmoid of HF's logit (raw with activation=false) and equal
+    HTTP /classify's on the same server (the 3-label softmax case: tests/serving/test_grpc_classify.py)."""
+    path, engine = model
+
+    async def calls(h, c):
+        got = await c.stub.Classify(pb.ClassifyRequest(texts=DOCS[:2], request_id="g"), timeout=30)
+        raw = await c.stub.Classify(pb.ClassifyRequest(text=QUERY, activation=False), timeout=30)
+        http = await h.post("/classify", json={"input": DOCS[:2]})
+        return got, raw, http.json()
+
+    got, raw, http = run(_serve(engine, calls), timeout=60)
+    tok = engine.tokenizer.hf
+    ids = [tok(t)["input_ids"] for t in [*DOCS[:2], QUERY]]
+    ref = [l[0] for l in hf_classifier_logits(path, ids)]
+    assert got.request_id == "g" and [r.index for r in got.results] == [0, 1]
+    np.testing.assert_allclose([r.probs[0] for r in got.results], sigmoid(ref[:2]), atol=1e-5, rtol=0)
+    assert all((r.label_index, r.label) == (0, "label_a") for r in got.results)
+    assert [r.prompt_tokens for r in got.results] == [len(i) for i in ids[:2]]
+    assert got.prompt_tokens == sum(len(i) for i in ids[:2])
+    np.testing.assert_allclose(raw.results[0].probs, [ref[2]], atol=1e-4, rtol=0)
+    np.testing.assert_allclose([d["probs"] for d in http["data"]], [list(r.probs) for r in got.results],
+                               atol=1e-6, rtol=0)
+    assert [d["label"] for d in http["data"]] == [r.label for r in got.results]
+
+
 def test_misuse_is_400_naming_the_field(model):
     _, engine = model
 

@@ -108,8 +108,8 @@ def test_reflection_lists_services_and_describes_messages():
             from jaxllm.sampling_params import SamplingParams
             # every field is exposed; the proto's beam search options become BeamSearchParams instead
             assert set(SamplingParams.__struct_fields__) == sp_fields - {"use_beam_search", "length_penalty"}
-            assert methods == ["Generate", "Tokenize", "Detokenize", "GetModelInfo", "Embed", "Score", "ListAdapters",
-                               "LoadAdapter", "UnloadAdapter"]
+            assert methods == ["Generate", "Tokenize", "Detokenize", "GetModelInfo", "Embed", "Score", "Classify",
+                               "ListAdapters", "LoadAdapter", "UnloadAdapter"]
     run(main())
 
 

@@ -64,6 +64,11 @@ class GenerationStub:
                 request_serializer=jaxllm_dot_v1_dot_generation__pb2.ScoreRequest.SerializeToString,
                 response_deserializer=jaxllm_dot_v1_dot_generation__pb2.ScoreResponse.FromString,
                 _registered_method=True)
+        self.Classify = channel.unary_unary(
+                '/jaxllm.v1.Generation/Classify',
+                request_serializer=jaxllm_dot_v1_dot_generation__pb2.ClassifyRequest.SerializeToString,
+                response_deserializer=jaxllm_dot_v1_dot_generation__pb2.ClassifyResponse.FromString,
+                _registered_method=True)
         self.ListAdapters = channel.unary_unary(
                 '/jaxllm.v1.Generation/ListAdapters',
                 request_serializer=jaxllm_dot_v1_dot_generation__pb2.ListAdaptersRequest.SerializeToString,
@@ -127,6 +132,15 @@ class GenerationServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def Classify(self, request, context):
+        """vLLM's classify (HTTP /classify) on a --task classify server (a *ForSequenceClassification
+        checkpoint): per input the model's activation of its labels' logits and the predicted label.
+        Any other server answers INVALID_ARGUMENT naming model (and its task).
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
     def ListAdapters(self, request, context):
         """LoRA adapters (a server started with --enable-lora or --lora-modules; else INVALID_ARGUMENT
         naming enable_lora). Generate picks one with GenerateRequest.lora_name.
@@ -182,6 +196,11 @@ def add_GenerationServicer_to_server(servicer, server):
                     servicer.Score,
                     request_deserializer=jaxllm_dot_v1_dot_generation__pb2.ScoreRequest.FromString,
                     response_serializer=jaxllm_dot_v1_dot_generation__pb2.ScoreResponse.SerializeToString,
+            ),
+            'Classify': grpc.unary_unary_rpc_method_handler(
+                    servicer.Classify,
+                    request_deserializer=jaxllm_dot_v1_dot_generation__pb2.ClassifyRequest.FromString,
+                    response_serializer=jaxllm_dot_v1_dot_generation__pb2.ClassifyResponse.SerializeToString,
             ),
             'ListAdapters': grpc.unary_unary_rpc_method_handler(
                     servicer.ListAdapters,
@@ -361,6 +380,33 @@ class Generation:
             '/jaxllm.v1.Generation/Score',
             jaxllm_dot_v1_dot_generation__pb2.ScoreRequest.SerializeToString,
             jaxllm_dot_v1_dot_generation__pb2.ScoreResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def Classify(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/jaxllm.v1.Generation/Classify',
+            jaxllm_dot_v1_dot_generation__pb2.ClassifyRequest.SerializeToString,
+            jaxllm_dot_v1_dot_generation__pb2.ClassifyResponse.FromString,
             options,
             channel_credentials,
             insecure,
