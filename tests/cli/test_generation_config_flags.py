@@ -69,6 +69,10 @@ def test_request_fields_meet_the_defaults(tmp_path):
     capped = gencfg.resolve("auto", {"max_new_tokens": 5}, "hf", model)
     p, _ = ChatCompletionRequest(messages=[{"role": "user", "content": "hi"}], max_tokens=40).to_params(64, capped)
     assert p.max_tokens == 5  # an override's max_new_tokens caps a request's own (vLLM's override_max_tokens)
+    from serving.beam import search_params
+
+    p, _ = CompletionRequest(prompt="x", use_beam_search=True, n=2).to_params(d)
+    assert search_params(p, None, 1.0).temperature == 0.2  # beam search: vLLM's default temperature too
     # gRPC: proto3 optional fields, so unset is known
     msg = pb.SamplingParams(top_k=3)
     p = sampling_params_from_proto(msg, ServerConfig(), vocab_size=256, max_model_len=64, defaults=d)
