@@ -8,6 +8,7 @@ jit arguments): the first build compiles, the others load."""
 from __future__ import annotations
 
 import json
+import logging
 import os
 
 import httpx
@@ -71,13 +72,14 @@ def test_defaults_from_the_checkpoint_file(tiny, auto_llm):
     assert len(llm.generate(PROMPT, whole, use_tqdm=False)[0].outputs[0].token_ids) == 16
 
 
-def test_http_completion_fields_left_unset_take_the_file(tiny, auto_llm):
+def test_http_completion_fields_left_unset_take_the_file(tiny, auto_llm, caplog):
     from tests.serving.http_helpers import ThreadedServer
 
     _, _, ref, ref_text = tiny
     llm, _ = auto_llm
     sampled = llm.generate(PROMPT, SamplingParams(temperature=1.0, top_k=5, seed=11, max_tokens=5),
                            use_tqdm=False)[0].outputs[0].text
+    caplog.set_level(logging.INFO, logger="serving.server")
     srv = ThreadedServer(llm.engine)
     try:
         def complete(**body):
@@ -86,11 +88,23 @@ def test_http_completion_fields_left_unset_take_the_file(tiny, auto_llm):
             return r.json()
 
         plain = complete()
+        assert "Using default chat sampling params from model: {'temperature': 0.0, 'top_k': 5, 'max_tokens': 7}" \
+            in caplog.messages  # vLLM's start-up line
         assert plain["choices"][0]["text"] == ref_text and plain["usage"]["completion_tokens"] == 7
         short = complete(max_tokens=3, temperature=0)  # the body's values win
         assert short["choices"][0]["text"] == " ".join(ref_text.split()[:3])
         # temperature from the body, top_k still the file's 5 (unset), seeded: LLM.generate's same draw
         assert complete(temperature=1.0, seed=11, max_tokens=5)["choices"][0]["text"] == sampled
+        # gRPC Generate: the proto3 optional fields left unset take the file's values too
+        import grpc
+
+        from serving.proto.jaxllm.v1 import generation_pb2 as pb
+        from serving.proto.jaxllm.v1 import generation_pb2_grpc as pb_grpc
+
+        with grpc.insecure_channel(f"127.0.0.1:{srv.server.port}") as ch:
+            resps = list(pb_grpc.GenerationStub(ch).Generate(
+                pb.GenerateRequest(request_id="g", text=PROMPT, sampling=pb.SamplingParams()), timeout=60))
+        assert [t for r in resps for d in r.outputs for t in d.token_ids] == ref
     finally:
         srv.close()
 
