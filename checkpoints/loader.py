@@ -164,16 +164,19 @@ def _gguf_config(path: str) -> ModelConfig:
     return _config_from(hf, path)
 
 
-def load_tokenizer(source: tuple[str, str] | None, config: ModelConfig):
-    """The model's tokenizer, or None (dummy presets without one accept token-id prompts only)."""
+def load_tokenizer(source: tuple[str, str] | None, config: ModelConfig, extra_eos_ids=()):
+    """The model's tokenizer, or None (dummy presets without one accept token-id prompts only). Its
+    ``eos_token_ids``: the tokenizer's eos, config.json's ``eos_token_id`` and ``extra_eos_ids`` (a
+    generation_config.json's, jaxllm/generation_config.py)."""
     from jaxllm.tokenizer import Tokenizer
 
     if source is None:
         return None
     kind, path = source
+    eos = (*config.eos_token_ids, *extra_eos_ids)
     if kind == "gguf":
         try:
-            return Tokenizer.from_gguf(path, extra_eos_ids=config.eos_token_ids)
+            return Tokenizer.from_gguf(path, extra_eos_ids=eos)
         except ValueError:
             from checkpoints.gguf_loader import open_gguf
 
@@ -183,4 +186,4 @@ def load_tokenizer(source: tuple[str, str] | None, config: ModelConfig):
     if not any(os.path.isfile(os.path.join(path, f)) for f in ("tokenizer.json", "tokenizer.model",
                                                                 "tokenizer_config.json")):
         return None
-    return Tokenizer.from_dir(path, extra_eos_ids=config.eos_token_ids)
+    return Tokenizer.from_dir(path, extra_eos_ids=eos)

@@ -137,6 +137,15 @@ def add_engine_args(ap: argparse.ArgumentParser) -> None:
                         "[\"Qwen3ForSequenceClassification\"], \"classifier_from_token\": [\"no\", \"yes\"], "
                         "\"is_original_qwen3_reranker\": true}' (README, \"Classification and reranking\"); "
                         "HF safetensors checkpoints only (default: none)")
+    g.add_argument("--generation-config", type=_generation_config, default=d.generation_config, metavar="auto|vllm|DIR",
+                   help="where requests' default sampling parameters come from (vLLM's flag): auto = the HF "
+                        "checkpoint's generation_config.json (repetition_penalty, temperature, top_k, top_p, min_p, "
+                        "max_new_tokens; GGUF, Orbax and dummy weights have none), vllm = jaxllm's own defaults, or "
+                        "a folder holding a generation_config.json; a request's own values win, and the file's "
+                        "eos_token_id are stop tokens beside the tokenizer's (default: auto)")
+    g.add_argument("--override-generation-config", type=_override_generation_config, default=None, metavar="JSON",
+                   help="a JSON object laid over the generation config (vLLM's flag), e.g. '{\"temperature\": 0.5}'; "
+                        "it may add keys; its max_new_tokens also caps every server request's max_tokens (default: none)")
     lo = ap.add_argument_group("LoRA adapters (vLLM's flags)")
     lo.add_argument("--enable-lora", action="store_true",
                     help="serve PEFT LoRA adapters beside the base model, mixed in one batch (default: off; "
@@ -179,7 +188,9 @@ def engine_config_from_args(args) -> EngineConfig:
                         max_loras=getattr(args, "max_loras", EngineConfig().max_loras),
                         max_lora_rank=getattr(args, "max_lora_rank", EngineConfig().max_lora_rank),
                         max_cpu_loras=getattr(args, "max_cpu_loras", None),
-                        hf_overrides=getattr(args, "hf_overrides", None))
+                        hf_overrides=getattr(args, "hf_overrides", None),
+                        generation_config=getattr(args, "generation_config", EngineConfig().generation_config),
+                        override_generation_config=getattr(args, "override_generation_config", None))
 
 
 # ----- sampling ---------------------------------------------------------------------------------
@@ -201,13 +212,22 @@ _SAMPLING = (
 )
 
 
-def add_sampling_args(ap: argparse.ArgumentParser, *, server_defaults: bool = False) -> None:
+# the sampling flags a generation_config.json can set (jaxllm/generation_config.py SAMPLING_KEYS' fields)
+MODEL_DEFAULT_FIELDS = ("temperature", "top_p", "top_k", "min_p", "repetition_penalty", "max_tokens")
+
+
+def add_sampling_args(ap: argparse.ArgumentParser, *, server_defaults: bool = False,
+                      model_defaults: bool = False) -> None:
     """The `SamplingParams` fields as flags. `server_defaults` (the gRPC client): an unset flag is
-    not sent and the server's default applies; the help shows that default."""
+    not sent and the server's default applies; the help shows that default. `model_defaults`
+    (jaxllm.generate): the flags a generation config sets (MODEL_DEFAULT_FIELDS) default to None, to
+    be filled from the model's generation_config.json, else SamplingParams' default."""
     d = SamplingParams()
 
     def default(field, shown=None):
         value = getattr(d, field)
+        if model_defaults and field in MODEL_DEFAULT_FIELDS:
+            return None, f" (default: the model's generation config, else {value})"
         if not server_defaults:
             return value, ""
         return None, f" (default: the server's, {shown if shown is not None else value})"
@@ -293,6 +313,24 @@ def _hf_overrides(text: str) -> dict:
 
     try:
         return parse_hf_overrides(text)
+    except ValueError as e:
+        raise argparse.ArgumentTypeError(str(e)) from None
+
+
+def _generation_config(text: str) -> str:
+    from jaxllm.generation_config import FLAG, check_mode
+
+    try:
+        return check_mode(text, FLAG)
+    except ValueError as e:
+        raise argparse.ArgumentTypeError(str(e)) from None
+
+
+def _override_generation_config(text: str) -> dict:
+    from jaxllm.generation_config import OVERRIDE_FLAG, parse_override
+
+    try:
+        return parse_override(text, OVERRIDE_FLAG)
     except ValueError as e:
         raise argparse.ArgumentTypeError(str(e)) from None
 

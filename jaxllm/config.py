@@ -130,6 +130,13 @@ class EngineConfig(msgspec.Struct, kw_only=True):
     # vLLM's --hf-overrides: a dict (or JSON text of an object) merged into an HF checkpoint's config.json
     # before it is read (jaxllm/hf_overrides.py); refused for GGUF, Orbax and dummy weights
     hf_overrides: dict | None = None
+    # vLLM's --generation-config: where requests' default sampling parameters (and extra eos ids) come
+    # from: "auto" = the HF checkpoint's generation_config.json, "vllm" = jaxllm's own defaults, or a
+    # folder holding a generation_config.json (jaxllm/generation_config.py)
+    generation_config: str = "auto"
+    # vLLM's --override-generation-config: a dict (or JSON text of an object) laid over that file,
+    # e.g. {"temperature": 0.5}; it may add keys (max_new_tokens here also caps server requests)
+    override_generation_config: dict | None = None
 
     def validate(self) -> "EngineConfig":
         if not isinstance(self.model, str):
@@ -177,6 +184,10 @@ class EngineConfig(msgspec.Struct, kw_only=True):
         from jaxllm.hf_overrides import parse_hf_overrides
 
         self.hf_overrides = parse_hf_overrides(self.hf_overrides, "hf_overrides")
+        from jaxllm import generation_config as gencfg
+
+        gencfg.check_mode(self.generation_config)
+        self.override_generation_config = gencfg.parse_override(self.override_generation_config)
         self.speculative()
         self.cache_config().validate()
         SchedulerConfig(max_num_seqs=self.max_num_seqs,

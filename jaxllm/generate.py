@@ -18,12 +18,13 @@ import msgspec
 
 from jaxllm.cli_args import (ArgumentParser, add_engine_args, add_log_level_arg, add_sampling_args,
                              configure_logging, engine_config_from_args, parse_lora_module,
-                             sampling_params_from_args)
+                             sampling_fields_from_args, sampling_params_from_args)
 from jaxllm.logprobs_table import format_table, rows_from_logprobs
 from jaxllm.metrics.loggers import validate_interval
 from jaxllm.outputs import output_json
 from jaxllm.parallel.cli import add_distributed_args, run_follower, start_distributed
 from jaxllm.prompt_inputs import cli_items, read_inputs, validate_items
+from jaxllm.sampling_params import SamplingParams
 
 __all__ = ["add_engine_args", "engine_config_from_args", "add_sampling_args", "sampling_params_from_args",
            "build_parser", "main"]
@@ -52,7 +53,7 @@ def build_parser() -> ArgumentParser:
                          "(default: the base model)")
     add_log_level_arg(ap)
     add_engine_args(ap)
-    add_sampling_args(ap)
+    add_sampling_args(ap, model_defaults=True)
     add_distributed_args(ap)
     return ap
 
@@ -63,7 +64,7 @@ def load_prompts(args) -> list:
     from checkpoints import load_config, load_tokenizer
     from jaxllm.tokenizer import TokenIdsOnlyTokenizer
 
-    params = sampling_params_from_args(args).validate()
+    params = model_sampling_params(args)
     items = cli_items(args.prompt, args.chat_prompt, args.chat, params)
     if args.input:
         items += read_inputs(args.input, args.chat, params, args.scheduling_policy)
@@ -80,6 +81,19 @@ def load_prompts(args) -> list:
     task = resolve_task(engine_config_from_args(args), mc, source[1] if source and source[0] == "dir" else None).task
     validate_items(items, tok, mc.vocab_size, max_model_len, task=task)
     return items
+
+
+def model_sampling_params(args) -> SamplingParams:
+    """The sampling flags as SamplingParams; the flags not given take the model's generation config
+    (--generation-config, --override-generation-config), as vLLM's LLM does, and a line says which."""
+    from jaxllm.engine.factory import _info, generation_defaults
+
+    gen = generation_defaults(engine_config_from_args(args), flags=True)
+    given = {k: v for k, v in sampling_fields_from_args(args).items() if v is not None}
+    taken = {k: v for k, v in gen.sampling.items() if k not in given}
+    if taken:
+        _info(f"sampling defaults from {gen.source}: {taken} (flags given on the command line win)")
+    return SamplingParams(**gen.fill(given, cap=False)).validate()
 
 
 def main(argv=None) -> int:

@@ -51,6 +51,13 @@ class LLM:
     def get_tokenizer(self):
         return self.engine.tokenizer
 
+    def get_default_sampling_params(self) -> SamplingParams:
+        """vLLM's: the SamplingParams that ``generate`` / ``chat`` use when given none: jaxllm's defaults
+        with the model's generation_config.json values laid over them (``generation_config``,
+        ``override_generation_config``; jaxllm/generation_config.py). A new object each call."""
+        defaults = getattr(self.engine, "generation_defaults", None)
+        return defaults.sampling_params() if defaults is not None else SamplingParams()
+
     # ----- generation ---------------------------------------------------------------
     def generate(self, prompts, sampling_params: SamplingParams | Sequence[SamplingParams] | None = None,
                  use_tqdm: bool = True, lora_request=None,
@@ -59,11 +66,12 @@ class LLM:
 
         ``prompts``: one prompt or a list of them; a prompt is a ``str``, a list of token ids
         or a dict with ``prompt_token_ids`` / ``prompt``. ``sampling_params``: one for all, or
-        one per prompt. ``lora_request``: a ``LoRARequest`` for all, or a list with one per
-        prompt (None entries: the base model); needs ``enable_lora=True``. ``priority``: one int per
+        one per prompt; None = ``get_default_sampling_params()`` (the model's generation config).
+        ``lora_request``: a ``LoRARequest`` for all, or a list with one per prompt (None entries:
+        the base model); needs ``enable_lora=True``. ``priority``: one int per
         prompt (vLLM's), lower runs first; needs ``scheduling_policy="priority"`` unless all are 0."""
         prompts = _as_prompt_list(prompts)
-        params = _as_params_list(sampling_params, len(prompts))
+        params = _as_params_list(sampling_params, len(prompts), self.get_default_sampling_params)
         return self._run(prompts, params, use_tqdm, _as_lora_list(lora_request, len(prompts)),
                          _as_priority_list(priority, len(prompts)))
 
@@ -266,7 +274,7 @@ class LLM:
             conv = parse_tool_call_arguments(list(conv), f"conversations[{i}]")
             prompts.append(tok.chat_prompt(conv, add_generation_prompt, chat_template=chat_template,
                                            continue_final_message=continue_final_message, **kw))
-        params = _as_params_list(sampling_params, len(prompts))
+        params = _as_params_list(sampling_params, len(prompts), self.get_default_sampling_params)
         return self._run(prompts, params, use_tqdm, _as_lora_list(lora_request, len(prompts)),
                          _as_priority_list(priority, len(prompts)))
 
@@ -372,9 +380,9 @@ def _as_priority_list(priority, n: int) -> list[int] | None:
     return list(priority)
 
 
-def _as_params_list(sampling_params, n: int) -> list[SamplingParams]:
+def _as_params_list(sampling_params, n: int, default=SamplingParams) -> list[SamplingParams]:
     if sampling_params is None:
-        return [SamplingParams()] * n
+        return [default()] * n
     if isinstance(sampling_params, SamplingParams):
         return [sampling_params] * n
     if isinstance(sampling_params, dict):

@@ -139,6 +139,9 @@ def engine_factory(args: argparse.Namespace) -> Callable[[], Any]:
 
     config = engine_config_from_args(args).validate()  # bad flags fail here, before the port opens
     resolve(config.model, config.load_format)
+    from jaxllm.engine.factory import generation_defaults
+
+    generation_defaults(config, flags=True)  # a bad value in the generation config too (its files only)
 
     def build_real():
         from jaxllm.engine.factory import build_engine

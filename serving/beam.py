@@ -49,12 +49,13 @@ def refuse_params(params: SamplingParams) -> None:
 
 
 def search_params(params: SamplingParams, temperature: float | None, length_penalty: float) -> BeamSearchParams:
-    """The BeamSearchParams of checked ``params`` (``n`` = the beam width); ``temperature`` None =
-    1.0. A bad value is INVALID_ARGUMENT naming the request's field (``n``, not beam_width)."""
+    """The BeamSearchParams of checked ``params`` (``n`` = the beam width); ``temperature`` None (the
+    request's unset) = ``params``' own: the model's generation config default, else 1.0 (vLLM's). A bad
+    value is INVALID_ARGUMENT naming the request's field (``n``, not beam_width)."""
     try:
         return BeamSearchParams(
             beam_width=params.n, max_tokens=params.max_tokens, ignore_eos=params.ignore_eos,
-            temperature=1.0 if temperature is None else temperature, length_penalty=length_penalty,
+            temperature=params.temperature if temperature is None else temperature, length_penalty=length_penalty,
             include_stop_str_in_output=params.include_stop_str_in_output)
     except ValueError as exc:
         msg = str(exc)

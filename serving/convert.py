@@ -9,6 +9,7 @@ import logging
 import re
 from typing import Any
 
+from jaxllm.generation_config import NONE as NO_DEFAULTS, GenerationDefaults
 from jaxllm.sampling_params import SamplingParams
 from jaxllm.structured_outputs import StructuredOutputsParams
 
@@ -36,10 +37,13 @@ FINISH_REASONS = {
 
 
 def sampling_params_from_proto(msg: pb.SamplingParams, cfg: ServerConfig, *, vocab_size: int | None,
-                               max_model_len: int | None) -> SamplingParams:
+                               max_model_len: int | None,
+                               defaults: GenerationDefaults = NO_DEFAULTS) -> SamplingParams:
     """Build + validate (engine rules, then the server caps); raise ValueError('<field>=<value>
-    is invalid: <limit>')."""
+    is invalid: <limit>'). Unset optional fields take ``defaults`` (the model's generation config),
+    as the HTTP bodies' unset fields do, then SamplingParams' own."""
     kw: dict[str, Any] = {f: getattr(msg, f) for f in _OPTIONAL_FIELDS if msg.HasField(f)}
+    max_tokens_set = "max_tokens" in kw
     if msg.stop:
         kw["stop"] = list(msg.stop)
     if msg.stop_token_ids:
@@ -52,8 +56,8 @@ def sampling_params_from_proto(msg: pb.SamplingParams, cfg: ServerConfig, *, voc
         kw["bad_words"] = list(msg.bad_words)
     if msg.HasField("structured_outputs"):
         kw["structured_outputs"] = structured_outputs_from_proto(msg.structured_outputs)
-    return apply_caps(SamplingParams(**kw), cfg, vocab_size=vocab_size, max_model_len=max_model_len,
-                      max_tokens_set="max_tokens" in kw)
+    return apply_caps(SamplingParams(**defaults.fill(kw)), cfg, vocab_size=vocab_size, max_model_len=max_model_len,
+                      max_tokens_set=max_tokens_set)
 
 
 def structured_outputs_from_proto(msg: pb.StructuredOutputs) -> StructuredOutputsParams:

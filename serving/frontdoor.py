@@ -31,6 +31,7 @@ from typing import Any, AsyncIterator
 
 from jaxllm.engine.async_engine import (AsyncEngine, DuplicateRequestError, EngineDeadError,
                                         RequestAbortedError, RequestFailedError, RequestStream)
+from jaxllm.generation_config import NONE as NO_GENERATION_DEFAULTS
 from jaxllm.lora.loader import LoRALoadError
 from jaxllm.sampling_params import SamplingParams
 
@@ -132,11 +133,13 @@ def render_chat(tokenizer: Any, messages: list[dict], field: str = "messages", *
 class ModelInfo:
     """What an adapter needs to know about the served model (read once the engine is built)."""
 
-    __slots__ = ("engine", "tokenizer", "vocab_size", "max_model_len", "name", "lora")
+    __slots__ = ("engine", "tokenizer", "vocab_size", "max_model_len", "name", "lora", "generation")
 
     def __init__(self, engine: Any):
         self.lora = None  # the LoRA adapter the request chose (HTTP: by its model name)
         self.engine = engine
+        # the model's generation config: defaults of the sampling fields a request leaves unset
+        self.generation = getattr(engine, "generation_defaults", None) or NO_GENERATION_DEFAULTS
         self.tokenizer = getattr(engine, "tokenizer", None)
         self.vocab_size = getattr(engine, "vocab_size", None) or getattr(self.tokenizer, "vocab_size", None)
         self.max_model_len = config_get(engine, "max_model_len")

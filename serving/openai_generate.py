@@ -81,7 +81,7 @@ def completion_job(door: FrontDoor, info: ModelInfo, body: CompletionRequest,
     if body.best_of is not None and body.best_of != body.n:
         raise invalid(f"best_of={body.best_of} is not supported: only best_of == n ({body.n})", "best_of")
     try:
-        params, max_set = body.to_params()
+        params, max_set = body.to_params(info.generation)
     except ValueError as exc:
         raise invalid(str(exc)) from None
     params = door.check_params(params, info, max_tokens_set=max_set)
@@ -131,7 +131,7 @@ def chat_job(door: FrontDoor, info: ModelInfo, body: ChatCompletionRequest,
     try:
         tools = ToolPlan.from_body(body, door.config)
         prompt = render_body(info.tokenizer, body, door.config)
-        params, max_set = body.to_params(info.max_model_len)
+        params, max_set = body.to_params(info.max_model_len, info.generation)
         if tools is not None:
             tools.adjust(params, body)  # named/required: the tool schema constrains the output
         reasoning = ReasoningPlan.from_body(body, door.config, prompt, info.tokenizer)

@@ -17,6 +17,7 @@ from typing import Any, Literal
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 from pydantic_core import PydanticCustomError
 
+from jaxllm.generation_config import NONE as NO_DEFAULTS, GenerationDefaults
 from jaxllm.sampling_params import SamplingParams
 from jaxllm.structured_outputs import StructuredOutputsParams
 
@@ -106,7 +107,8 @@ class _SamplingFields(_Body):
         return StructuredOutputsParams(json=rf.json_schema.schema_)
 
     def sampling_kwargs(self) -> dict[str, Any]:
-        """The SamplingParams fields this body sets (unset = the engine's default)."""
+        """The SamplingParams fields this body sets (unset = the model's generation config default, else
+        SamplingParams')."""
         kw: dict[str, Any] = {}
         for name in ("temperature", "top_p", "presence_penalty", "frequency_penalty", "seed", "top_k",
                      "min_p", "repetition_penalty", "min_tokens", "stop_token_ids", "ignore_eos",
@@ -137,13 +139,15 @@ class CompletionRequest(_SamplingFields):
     suffix: str | None = None  # refused: no insertion models
     best_of: int | None = None  # only None or == n
 
-    def to_params(self) -> tuple[SamplingParams, bool]:
+    def to_params(self, defaults: GenerationDefaults = NO_DEFAULTS) -> tuple[SamplingParams, bool]:
+        """(params, whether the body set max_tokens); fields the body leaves unset take ``defaults``
+        (the model's generation config), then SamplingParams' own (max_tokens 16, as vLLM's body)."""
         kw = self.sampling_kwargs()
         if self.max_tokens is not None:
             kw["max_tokens"] = self.max_tokens
         if self.logprobs is not None:
             kw["logprobs"] = self.logprobs
-        kw = echo_sampling_kwargs(kw, echo=self.echo)
+        kw = echo_sampling_kwargs(defaults.fill(kw), echo=self.echo)
         return SamplingParams(**kw), self.max_tokens is not None
 
 
@@ -246,18 +250,19 @@ class ChatCompletionRequest(_SamplingFields, _ChatTemplateFields):
     echo: bool = False  # vLLM's extra: the answer starts with the last message when it is the assistant's
     include_reasoning: bool = True  # vLLM's extra: under --reasoning-parser, answer the reasoning too
 
-    def to_params(self, default_max_tokens: int | None) -> tuple[SamplingParams, bool]:
+    def to_params(self, default_max_tokens: int | None,
+                  defaults: GenerationDefaults = NO_DEFAULTS) -> tuple[SamplingParams, bool]:
+        """(params, whether the body set a limit); unset fields take ``defaults`` (the model's generation
+        config); no limit there either = ``default_max_tokens`` (until max_model_len, as OpenAI and vLLM)."""
         kw = self.sampling_kwargs()
         limit = self.max_completion_tokens if self.max_completion_tokens is not None else self.max_tokens
         if limit is not None:
             kw["max_tokens"] = limit
-        elif default_max_tokens:  # chat: no limit = until max_model_len, as OpenAI and vLLM
-            kw["max_tokens"] = default_max_tokens
         if self.top_logprobs is not None and not self.logprobs:
             raise ValueError(f"top_logprobs={self.top_logprobs} is invalid: needs logprobs=true")
         if self.logprobs:
             kw["logprobs"] = self.top_logprobs or 0
-        return SamplingParams(**kw), limit is not None
+        return SamplingParams(**defaults.fill(kw, default_max_tokens or None)), limit is not None
 
 
 class TokenizeRequest(_ChatTemplateFields):

@@ -136,6 +136,9 @@ class ServingServer:
         exc = fut.exception()
         if exc is None:
             log.info("serving: engine ready")  # its start-up time: build_engine's "engine start" line
+            defaults = getattr(self.async_engine.engine, "generation_defaults", None)
+            if defaults is not None and defaults.sampling:  # vLLM's line (its OpenAIServingChat logs it)
+                log.info("Using default chat sampling params from model: %s", defaults.sampling)
         else:  # the cause is in start_error; `python -m serving` prints it as its one error line
             log.debug("serving: engine failed to start: %r", exc)
 

@@ -90,7 +90,8 @@ class GenerationServicer(pb_grpc.GenerationServicer):
                 # length_penalty without use_beam_search: accepted and unused, as vLLM (and HTTP)
                 params = convert.sampling_params_from_proto(request.sampling, self.door.config,
                                                             vocab_size=info.vocab_size,
-                                                            max_model_len=info.max_model_len)
+                                                            max_model_len=info.max_model_len,
+                                                            defaults=info.generation)
                 plan, prompt = proto_tools.plan_request(request, self.door.config, info.tokenizer, params)
                 if prompt is None:
                     prompt = convert.prompt_from_request(request, info.vocab_size, self._chat_renderer(info))
@@ -133,7 +134,7 @@ class GenerationServicer(pb_grpc.GenerationServicer):
         try:
             try:
                 params = convert.sampling_params_from_proto(sp, self.door.config, vocab_size=info.vocab_size,
-                                                            max_model_len=info.max_model_len)
+                                                            max_model_len=info.max_model_len, defaults=info.generation)
                 prompt = convert.prompt_from_request(request, info.vocab_size, self._chat_renderer(info))
             except ValueError as exc:
                 raise invalid(str(exc)) from None

@@ -50,6 +50,7 @@ from jaxllm.engine.engine_stats import EngineStatsMixin
 from jaxllm.engine.grammar_requests import GrammarRequestsMixin
 from jaxllm.engine.lora_requests import LoRARequestsMixin
 from jaxllm.engine.spec_requests import SpecDecodeMixin, split_sampled
+from jaxllm.generation_config import NONE as NO_GENERATION_DEFAULTS, GenerationDefaults
 from jaxllm.models.arch_config import long_prompt_threshold
 from jaxllm.metrics.stats import IterationStats
 from jaxllm.outputs import RequestOutput
@@ -59,7 +60,7 @@ class LLMEngine(AddRequestsMixin, EmbedRequestsMixin, EngineStatsMixin, GrammarR
                 SpecDecodeMixin):
     def __init__(self, config: EngineConfig, runner: ModelRunnerProtocol, tokenizer,
                  detokenizer_factory: DetokenizerFactory | None = None, grammar_tokenizer=None,
-                 lora_load_fn=None) -> None:
+                 lora_load_fn=None, generation_defaults: GenerationDefaults | None = None) -> None:
         self.config = config.validate()
         if config.max_model_len is None:
             raise ValueError("max_model_len=None is invalid for LLMEngine: resolve it from the "
@@ -83,6 +84,9 @@ class LLMEngine(AddRequestsMixin, EmbedRequestsMixin, EngineStatsMixin, GrammarR
         self.vocab_size = runner.vocab_size
         self.max_model_len = config.max_model_len
         self.eos_token_ids = set(getattr(tokenizer, "eos_token_ids", ()) or ())
+        # the model's generation_config.json: requests' default sampling values (the factory also put its
+        # eos ids into the tokenizer's, read above); LLM.get_default_sampling_params and the servers use them
+        self.generation_defaults = generation_defaults or NO_GENERATION_DEFAULTS
         if detokenizer_factory is None:
             from jaxllm.tokenizer import IncrementalDetokenizer  # the lead's; lazy on purpose
             detokenizer_factory = IncrementalDetokenizer

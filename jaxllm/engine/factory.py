@@ -50,7 +50,8 @@ def enable_compile_cache(root: str | None = None) -> str:
       on CPU the latter does not change it, so it shares entries);
     - never reach the program, so they must not key anything: ``seed`` (the host RNG that draws
       per-request seeds, and the dummy-weight key, a jit *argument*), ``enable_prefix_caching``
-      (host block manager only). Weights are arguments too, so dummy and real weights of one
+      (host block manager only), ``generation_config`` and ``override_generation_config`` (requests'
+      default sampling values, and eos ids: host stop checks and per-row sampler inputs). Weights are arguments too, so dummy and real weights of one
       architecture share executables.
     A hash of the whole config in the path (as before) made a new ``--seed`` recompile everything."""
     import jax
@@ -141,6 +142,17 @@ def resolve_task(config: EngineConfig, model_config, checkpoint_path: str | None
                                    is_matryoshka=is_mat, matryoshka_dimensions=mat_dims)
 
 
+def generation_defaults(config: EngineConfig, *, flags: bool = False):
+    """The ``GenerationDefaults`` (jaxllm/generation_config.py) of ``config``'s model: its files only, no
+    weights. ``flags``: errors name the CLI flags instead of the EngineConfig fields."""
+    from checkpoints.loader import resolve
+    from jaxllm import generation_config
+
+    fmt, path = resolve(config.model or "smollm2-135m", config.load_format)
+    return generation_config.resolve(config.generation_config, config.override_generation_config, fmt, path,
+                                     flags=flags)
+
+
 def build_engine(config: EngineConfig, *, compile_cache: bool = True, warmup: bool = True) -> LLMEngine:
     import jax
 
@@ -171,6 +183,7 @@ def build_engine(config: EngineConfig, *, compile_cache: bool = True, warmup: bo
         enable_compile_cache()
     dtype = resolve_dtype(config.dtype)
     load_format = {"safetensors": "hf"}.get(config.load_format, config.load_format)
+    gen = generation_defaults(config)  # a bad generation_config.json fails before any weight is read
     # Dummy and Orbax weights are born in their shards; HF/GGUF numpy goes host → shards in build_model.
     shardings = (lambda mc: layout_for(mc).load_shardings(mc)) if layout_for else None
     ckpt = load_checkpoint(config.model or "smollm2-135m", load_format, dtype=dtype, seed=config.seed,
@@ -181,7 +194,8 @@ def build_engine(config: EngineConfig, *, compile_cache: bool = True, warmup: bo
     if layout is not None and layout.expert_parallel:
         _info(f"expert parallelism: {mc.num_experts} experts, {mc.num_experts // tp} whole experts per device "
               f"over {tp} devices")
-    tokenizer = load_tokenizer(ckpt.tokenizer_source, mc) or TokenIdsOnlyTokenizer(mc.vocab_size, mc.eos_token_ids)
+    tokenizer = (load_tokenizer(ckpt.tokenizer_source, mc, gen.eos_token_ids)
+                 or TokenIdsOnlyTokenizer(mc.vocab_size, (*mc.eos_token_ids, *gen.eos_token_ids)))
     max_model_len = config.max_model_len or mc.max_model_len_limit
     if max_model_len > mc.max_model_len_limit:
         raise ValueError(f"max_model_len={max_model_len} is invalid: the model supports at most "
@@ -250,7 +264,7 @@ def build_engine(config: EngineConfig, *, compile_cache: bool = True, warmup: bo
         from jaxllm.lora.manager import default_load_fn
 
         lora_load_fn = default_load_fn(mc, config.max_lora_rank, prepare=runner.prepare_lora)
-    engine = LLMEngine(config, runner, tokenizer, lora_load_fn=lora_load_fn)
+    engine = LLMEngine(config, runner, tokenizer, lora_load_fn=lora_load_fn, generation_defaults=gen)
     tokens = num_blocks * config.block_size
     quant = f", {model.quantization} weights" if model.quantization else ""
     _info(f"model {config.model or 'smollm2-135m'} ({mc.architecture}, {mc.num_params / 1e6:.0f}M params, "
@@ -268,6 +282,8 @@ def build_engine(config: EngineConfig, *, compile_cache: bool = True, warmup: bo
           f"tokens; maximum concurrency at max_model_len={max_model_len}: {tokens / max_model_len:.1f}x")
     if scales_line:
         _info(scales_line)
+    if gen.describe():
+        _info(gen.describe())
     if config.task == "embed":
         _info(f"task embed: pooling {config.pooling_type}, normalize={config.normalize}; "
               f"mixed buckets only (prefill), nothing sampled")
