@@ -66,8 +66,9 @@ def resolve(model: str, load_format: str = "auto") -> tuple[str, str]:
     raise CheckpointError(f"{model}: cannot load with load_format={load_format!r}")
 
 
-def _check_overrides(fmt: str, path: str, hf_overrides: dict | None) -> None:
-    """vLLM's --hf-overrides edit config.json: the other formats have none to edit."""
+def check_overrides(fmt: str, path: str, hf_overrides: dict | None) -> None:
+    """vLLM's --hf-overrides edit config.json: the other formats have none to edit (CheckpointError in one
+    line; `python -m serving` calls it before its port opens)."""
     if hf_overrides and fmt != "hf":
         what = {"gguf": "a GGUF file (its config is the header metadata)",
                 "orbax": "an Orbax directory (its config was fixed at conversion: pass the overrides to "
@@ -87,7 +88,7 @@ def load_checkpoint(model: str, load_format: str = "auto", dtype=np.float32, see
     the config; it is called as soon as the config is read, before weights, so a model that does
     not fit fails fast). HF and GGUF return numpy arrays in host memory: the caller places them."""
     fmt, path = resolve(model, load_format)
-    _check_overrides(fmt, path, hf_overrides)
+    check_overrides(fmt, path, hf_overrides)
     if fmt == "hf":
         from checkpoints.hf import load_hf, read_config
 
@@ -125,7 +126,7 @@ def load_config(model: str, load_format: str = "auto",
     return as `.config` and `.tokenizer_source`. Lets a caller tokenize and validate prompts
     before the engine is built (`python -m jaxllm.generate --input`)."""
     fmt, path = resolve(model, load_format)
-    _check_overrides(fmt, path, hf_overrides)
+    check_overrides(fmt, path, hf_overrides)
     if fmt == "hf":
         from checkpoints.hf import read_config
 

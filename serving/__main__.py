@@ -135,10 +135,10 @@ def engine_factory(args: argparse.Namespace) -> Callable[[], Any]:
             return build_fake_engine(model.partition(":")[2])
         return build_fake
 
-    from checkpoints.loader import resolve  # no jax: finds the files or names what is missing
+    from checkpoints.loader import check_overrides, resolve  # no jax: finds the files or names what is missing
 
     config = engine_config_from_args(args).validate()  # bad flags fail here, before the port opens
-    resolve(config.model, config.load_format)
+    check_overrides(*resolve(config.model, config.load_format), config.hf_overrides)
     from jaxllm.engine.factory import generation_defaults
 
     generation_defaults(config, flags=True)  # a bad value in the generation config too (its files only)

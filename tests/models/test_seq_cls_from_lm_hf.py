@@ -143,7 +143,7 @@ def test_llama_no_post_processing_tied_with_config_overrides_matches_hf(root):
     np.testing.assert_allclose(raw, want, atol=1e-4, rtol=0)
 
 
-def test_overrides_merge_like_vllm_and_refuse_in_one_line(root, tmp_path):
+def test_overrides_merge_like_vllm_and_refuse_in_one_line(root, tmp_path, capsys):
     raw = {"rms_norm_eps": 1e-6, "rope_scaling": {"type": "linear", "factor": 2.0},
            "text_config": {"rms_norm_eps": 1e-6, "hidden_size": 8, "rope_scaling": {"factor": 2.0, "type": "x"}}}
     got = apply_hf_overrides(raw, {"rope_scaling": {"factor": 4.0}, "text_config": {
@@ -165,6 +165,13 @@ def test_overrides_merge_like_vllm_and_refuse_in_one_line(root, tmp_path):
         assert exc.value.code == 2
     with pytest.raises(CheckpointError, match=r"^--hf-overrides is invalid for tiny-llama: it is dummy weights"):
         LLM("dummy:tiny-llama", hf_overrides={"rms_norm_eps": 0.1}, max_model_len=64, kv_cache_memory_bytes=1 << 20)
+    # the server refuses it in one line before its port opens (it said "engine failed to start" after)
+    from serving.__main__ import main as serve_main
+    assert serve_main(["--model", "tiny-llama", "--load-format", "dummy", "--port", "0",
+                       "--hf-overrides", '{"rms_norm_eps": 0.1}']) == 2
+    assert capsys.readouterr().err.strip().splitlines()[-1] == ("error: --hf-overrides is invalid for tiny-llama: it is dummy weights "
+                                              "(load_format dummy: edit the preset's config.json instead); the flag "
+                                              "edits an HF safetensors checkpoint's config.json")
 
     path = make_tiny_hf_reranker("qwen3", root)
     with pytest.raises(CheckpointError, match=r"classifier_from_token token 'Yes' is not in the tokenizer's vocab"):
