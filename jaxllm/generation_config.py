@@ -38,6 +38,7 @@ from typing import Any
 
 import msgspec
 
+from jaxllm.hf_overrides import named_value, parse_json_object
 from jaxllm.sampling_params import SamplingParams
 
 FILE = "generation_config.json"
@@ -101,32 +102,25 @@ def check_mode(value: Any, name: str = "generation_config") -> str:
     """``"auto"``, ``"vllm"`` or a folder holding a generation_config.json; ValueError in one line
     naming ``name`` (the field, or the flag), the value and why."""
     if not isinstance(value, str) or not value:
-        raise ValueError(f"{_named(name, value)} is invalid: must be 'auto', 'vllm' or a folder holding a {FILE}")
+        raise ValueError(f"{named_value(name, value)} is invalid: must be 'auto', 'vllm' or a folder holding a {FILE}")
     if value in MODES:
         return value
     if not os.path.isdir(value):
-        raise ValueError(f"{_named(name, value)} is invalid: no such folder (expected 'auto', 'vllm' or a "
+        raise ValueError(f"{named_value(name, value)} is invalid: no such folder (expected 'auto', 'vllm' or a "
                          f"folder holding a {FILE})")
     if not os.path.isfile(os.path.join(value, FILE)):
-        raise ValueError(f"{_named(name, value)} is invalid: the folder has no {FILE}")
+        raise ValueError(f"{named_value(name, value)} is invalid: the folder has no {FILE}")
     return value
 
 
 def parse_override(value: Any, name: str = "override_generation_config") -> dict | None:
     """None, a dict or JSON text of an object -> a dict (a copy) or None, its sampling values checked
     as SamplingParams checks them; ValueError in one line naming ``name``, the value and why."""
+    value = parse_json_object(value, name, "generation config keys, e.g. '{\"temperature\": 0.5}'")
     if value is None:
         return None
-    if isinstance(value, str):
-        try:
-            value = json.loads(value)
-        except ValueError as e:
-            raise ValueError(f"{_named(name, value)} is invalid: not JSON ({e})") from None
-    if not isinstance(value, dict):
-        raise ValueError(f"{_named(name, value)} is invalid: must be a JSON object of generation config "
-                         f"keys, e.g. '{{\"temperature\": 0.5}}'")
     _check_values(value, name)
-    return json.loads(json.dumps(value))
+    return value
 
 
 def read_file(folder: str) -> tuple[dict, str]:
@@ -162,7 +156,7 @@ def resolve(mode: str, override: dict | None, fmt: str, path: str, *, flags: boo
     file_sampling = {} if mode == "vllm" else {k: raw[k] for k in SAMPLING_KEYS if raw.get(k) is not None}
     ours = {k: v for k, v in override.items() if k in SAMPLING_KEYS and v is not None}
     # a file value the override replaces is never used: only the values kept are checked
-    _check_values({k: v for k, v in file_sampling.items() if k not in ours}, f"{where} (read for {_named(name, mode)})")
+    _check_values({k: v for k, v in file_sampling.items() if k not in ours}, f"{where} (read for {named_value(name, mode)})")
     merged = {**file_sampling, **ours}
     sampling = {SAMPLING_KEYS[k]: v for k, v in merged.items()}
     # vLLM's override_max_tokens: a max_new_tokens the operator chose caps every server request
@@ -198,9 +192,3 @@ def _eos_ids(value: Any, where: str | None) -> tuple[int, ...]:
         raise ValueError(f"{where}: eos_token_id={value!r} is invalid: must be a token id or a list of token "
                          f"ids (ints >= 0)")
     return tuple(dict.fromkeys(ids))
-
-
-def _named(name: str, value: Any) -> str:
-    shown = value if isinstance(value, str) else json.dumps(value, default=repr)
-    shown = shown if len(shown) <= 80 else shown[:77] + "..."
-    return f"{name} {shown!r}" if name.startswith("--") else f"{name}={shown!r}"

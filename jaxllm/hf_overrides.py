@@ -26,16 +26,22 @@ _PLAIN_DICTS = ("quantization_config",)  # *_config keys that HF keeps as dicts,
 def parse_hf_overrides(value: Any, name: str = FLAG) -> dict | None:
     """``None``, a dict, or JSON text of an object -> a dict (a copy) or None. Raises ValueError in one
     line naming ``name`` (the flag, or ``hf_overrides`` for the Python API) and the value."""
+    return parse_json_object(value, name, "config.json keys, e.g. '{\"rms_norm_eps\": 1e-5}'")
+
+
+def parse_json_object(value: Any, name: str, what: str) -> dict | None:
+    """A JSON-object option (``--hf-overrides``, ``--override-generation-config``): None, a dict, or JSON
+    text of an object -> a deep copy, or None; ValueError in one line naming ``name`` and the value, and
+    saying the object holds ``what``."""
     if value is None:
         return None
     if isinstance(value, str):
         try:
             value = json.loads(value)
         except ValueError as e:
-            raise ValueError(f"{_named(name, value)} is invalid: not JSON ({e})") from None
+            raise ValueError(f"{named_value(name, value)} is invalid: not JSON ({e})") from None
     if not isinstance(value, dict):
-        raise ValueError(f"{_named(name, value)} is invalid: must be a JSON object of config.json keys, "
-                         f"e.g. '{{\"rms_norm_eps\": 1e-5}}'")
+        raise ValueError(f"{named_value(name, value)} is invalid: must be a JSON object of {what}")
     return copy.deepcopy(value)
 
 
@@ -61,7 +67,8 @@ def _merge(old: dict, new: dict) -> dict:
     return out
 
 
-def _named(name: str, value: Any) -> str:
+def named_value(name: str, value: Any) -> str:
+    """``--flag 'value'`` for a flag, ``field=value`` for a Python argument (value cut at 120 characters)."""
     return f"{name} {_short(value)}" if name.startswith("--") else f"{name}={_short(value)}"
 
 

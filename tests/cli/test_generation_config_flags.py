@@ -88,7 +88,7 @@ def test_bad_values_refused_in_one_line(tmp_path, capsys):
     cases = [(["--generation-config", "/nope"], "--generation-config '/nope' is invalid: no such folder"),
              (["--generation-config", str(empty)],
               f"--generation-config '{empty}' is invalid: the folder has no generation_config.json"),
-             (["--override-generation-config", "[1]"], "--override-generation-config '[1]' is invalid: must be a "
+             (["--override-generation-config", "[1]"], "--override-generation-config [1] is invalid: must be a "
                                                        "JSON object"),
              (["--override-generation-config", '{"temperature": -1}'],
               "--override-generation-config: temperature=-1 is invalid: must be >= 0")]
