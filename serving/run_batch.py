@@ -6,9 +6,10 @@ Input, one JSON object a line (blank lines skipped)::
     {"custom_id": "a", "method": "POST", "url": "/v1/chat/completions", "body": {...}}
 
 ``url``: ``/v1/chat/completions``, ``/v1/completions``, ``/v1/responses`` (OpenAI's Batch API
-takes it too), ``/v1/embeddings`` (a server started with ``--task embed``), ``/v1/score`` and
-``/v1/rerank`` (vLLM's run-batch takes them: ``--task embed`` or a cross-encoder's ``--task classify``)
-or ``/v1/classify`` (``--task classify``). Output, one line per input line, in input order (vLLM's format)::
+takes it too), ``/v1/embeddings`` (a server started with ``--task embed``), ``/v1/score`` = ``/score``
+and ``/v1/rerank`` = ``/rerank`` = ``/v2/rerank`` (vLLM's run-batch takes any url ending in /score or
+/rerank: ``--task embed`` or a cross-encoder's ``--task classify``) or ``/v1/classify`` = ``/classify``
+(``--task classify``). Output, one line per input line, in input order (vLLM's format)::
 
     {"id": "batch-...", "custom_id": "a",
      "response": {"status_code": 200, "request_id": "batch-req-...", "body": {<the HTTP answer>}},
@@ -49,7 +50,7 @@ from serving.config import ServerConfig
 log = logging.getLogger("serving.run_batch")
 
 URLS = ("/v1/chat/completions", "/v1/completions", "/v1/embeddings", "/v1/responses", "/v1/score", "/v1/rerank",
-        "/v1/classify")
+        "/v1/classify", "/score", "/rerank", "/v2/rerank", "/classify")  # the last four: the app's other paths
 # the runner bounds what is in flight itself: the server's waiting-queue refusal (429) must not fire
 _NO_QUEUE_LIMIT = 1 << 30
 

@@ -152,8 +152,11 @@ def test_embedding_lines_on_an_embed_engine_equal_the_offline_engine():
              _line("c", "/v1/chat/completions", {"messages": MSGS}),
              _line("s", "/v1/score", {"text_1": texts[0], "text_2": texts[1:]}),
              _line("r", "/v1/rerank", {"query": texts[0], "documents": texts[1:]}),
-             _line("k", "/v1/classify", {"input": texts[0]})]
-    emb, chat, score, rerank, classify = run_lines(lines, embed_engine())
+             _line("k", "/v1/classify", {"input": texts[0]}),
+             # vLLM's run-batch takes any url ending in /score or /rerank: the app's other paths
+             _line("s2", "/score", {"text_1": texts[0], "text_2": texts[1:]}),
+             _line("r2", "/v2/rerank", {"query": texts[0], "documents": texts[1:]})]
+    emb, chat, score, rerank, classify, score2, rerank2 = run_lines(lines, embed_engine())
     data = emb["response"]["body"]["data"]
     assert [d["index"] for d in data] == [0, 1, 2] and emb["error"] is None
     vecs = [np.asarray(offline(t, PoolingParams()), np.float64) for t in texts]
@@ -167,6 +170,8 @@ def test_embedding_lines_on_an_embed_engine_equal_the_offline_engine():
     assert [r["index"] for r in ranked] == list(np.argsort(cos)[::-1])
     assert [r["relevance_score"] for r in ranked] == pytest.approx(sorted(cos, reverse=True), abs=1e-6)
     assert classify["response"]["status_code"] == 400 and classify["error"]["error"]["param"] == "model"
+    assert [d["score"] for d in score2["response"]["body"]["data"]] == pytest.approx(cos, abs=1e-6)
+    assert [r["index"] for r in rerank2["response"]["body"]["results"]] == [r["index"] for r in ranked]
 
 
 @pytest.mark.parametrize("line, field, message", [
@@ -176,7 +181,7 @@ def test_embedding_lines_on_an_embed_engine_equal_the_offline_engine():
      "method='GET' on line 1 is invalid: must be 'POST'"),
     ('{"custom_id": "a", "method": "POST", "url": "/v1/moderations", "body": {}}', "url",
      "url='/v1/moderations' on line 1 is invalid: must be one of /v1/chat/completions, /v1/completions, "
-     "/v1/embeddings, /v1/responses, /v1/score, /v1/rerank, /v1/classify"),
+     "/v1/embeddings, /v1/responses, /v1/score, /v1/rerank, /v1/classify, /score, /rerank, /v2/rerank, /classify"),
     ('{"custom_id": "a", "method": "POST", "url": "/v1/completions", "body": [1]}', "body",
      "body=[1] on line 1 is invalid: expected a JSON object"),
     ('{"custom_id": "a", "method": "POST", "url": "/v1/completions", "body": {"prompt": "x", "stream": true}}',
