@@ -1,8 +1,11 @@
 """python -m checkpoints.convert SRC DST: convert any loadable checkpoint to an Orbax directory
-(params + config + tokenizer) that loads much faster than GGUF dequantization."""
+(params + config + tokenizer, and an HF source's generation_config.json) that loads much faster than
+GGUF dequantization."""
 from __future__ import annotations
 
 import argparse
+import os
+import shutil
 import sys
 import time
 
@@ -34,11 +37,24 @@ def main(argv=None) -> int:
 
         prequantized.dequantize_all(ckpt.params, "Orbax conversion")  # Q8_0 / fp8 projections: stored fp32
         save_orbax(args.dst, ckpt.config, ckpt.params, tok)
+        copy_generation_config(ckpt.format, ckpt.path, args.dst)
     except CheckpointError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
     print(f"wrote {args.dst} ({ckpt.config.num_params / 1e6:.1f}M params) in {time.perf_counter() - t:.1f}s")
     return 0
+
+
+def copy_generation_config(fmt: str, src: str, dst: str) -> bool:
+    """An HF source's generation_config.json goes along (`--generation-config auto` reads it from an
+    Orbax directory too: default sampling parameters and eos ids, jaxllm/generation_config.py)."""
+    from jaxllm.generation_config import FILE
+
+    own = os.path.join(src, FILE)
+    if fmt != "hf" or not os.path.isfile(own):
+        return False
+    shutil.copyfile(own, os.path.join(dst, FILE))
+    return True
 
 
 if __name__ == "__main__":

@@ -9,7 +9,8 @@ is laid over the file first and may add keys; keys outside those six are ignored
 Where the file comes from (``generation_config``):
 
 - ``"auto"`` (default): the model's own ``generation_config.json``, for an HF safetensors directory
-  only (GGUF, Orbax and dummy weights have none: nothing is taken);
+  and an Orbax directory (``python -m checkpoints.convert`` copies an HF source's file there); GGUF and
+  dummy weights have none: nothing is taken;
 - ``"vllm"``: no file for the sampling defaults (only the override applies); the EOS ids are still
   the model's own file's (vLLM reads them whatever this says);
 - a folder: that folder's ``generation_config.json`` (must exist), for any load format.
@@ -146,7 +147,7 @@ def resolve(mode: str, override: dict | None, fmt: str, path: str, *, flags: boo
     name, oname = (FLAG, OVERRIDE_FLAG) if flags else ("generation_config", "override_generation_config")
     mode = check_mode(mode, name)
     override = parse_override(override, oname) or {}
-    own = os.path.join(path, FILE) if fmt == "hf" and os.path.isdir(path) else None
+    own = os.path.join(path, FILE) if fmt in ("hf", "orbax") and os.path.isdir(path) else None
     own = own if own is not None and os.path.isfile(own) else None
     if mode in MODES:
         raw, where = read_file(os.path.dirname(own)) if own else ({}, None)

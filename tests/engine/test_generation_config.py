@@ -137,3 +137,24 @@ def test_cli_flags_not_given_take_the_file(tiny, auto_llm, capsys):
     line = [x for x in err.splitlines() if "sampling defaults from" in x]
     assert len(line) == 1 and line[0].endswith(
         "generation_config.json: {'temperature': 0.0, 'top_k': 5} (flags given on the command line win)")
+
+
+def test_convert_copies_the_file_and_auto_reads_it_from_the_orbax_directory(tiny, tmp_path):
+    """`python -m checkpoints.convert` copies the HF source's generation_config.json; `auto` then takes the
+    same defaults and eos ids from the Orbax directory as from the HF one (a GGUF-sourced Orbax has none)."""
+    from checkpoints import resolve as resolve_format
+    from checkpoints.convert import main as convert
+    from jaxllm import generation_config
+
+    path, saved, _, _ = tiny
+    with open(os.path.join(path, "generation_config.json"), "w") as f:  # the auto_llm fixture may have run
+        json.dump({**saved, "temperature": 0.25, "top_p": 0.5, "eos_token_id": [2, 7]}, f)
+    dst = str(tmp_path / "orbax")
+    assert convert([path, dst]) == 0
+    assert resolve_format(dst, "auto") == ("orbax", dst)
+    assert json.load(open(os.path.join(dst, "generation_config.json")))["top_p"] == 0.5
+    hf, orbax = (generation_config.resolve("auto", None, *where) for where in (("hf", path), ("orbax", dst)))
+    assert orbax.sampling == hf.sampling == {"temperature": 0.25, "top_p": 0.5}
+    assert orbax.eos_token_ids == hf.eos_token_ids == (2, 7)
+    os.remove(os.path.join(dst, "generation_config.json"))  # an Orbax directory without one: nothing taken
+    assert generation_config.resolve("auto", None, "orbax", dst).sampling == {}
