@@ -59,14 +59,7 @@ MARKS = {
 _NAME_STOP = re.compile(r"[<>\n]")
 
 
-def first_mark(text: str, marks: tuple[str, ...]) -> tuple[int, str]:
-    """Where the earliest of ``marks`` begins in ``text`` and which; (-1, "") when none does."""
-    best, which = -1, ""
-    for m in marks:
-        i = text.find(m, 0, best + len(m) - 1 if best >= 0 else len(text))
-        if i >= 0 and (best < 0 or i < best):
-            best, which = i, m
-    return best, which
+_FIND = {state: re.compile("|".join(map(re.escape, marks))) for state, marks in MARKS.items()}
 
 
 def held(text: str, marks: tuple[str, ...]) -> int:
@@ -111,16 +104,15 @@ class Qwen3CoderToolParser(ToolParser):
                 self._label.append(text[: m.start()])
                 text = self._end_label(out, text, m.start())
                 continue
-            marks = MARKS[state]
-            i, mark = first_mark(text, marks)
-            if i < 0:
-                k = held(text, marks)
+            m = _FIND[state].search(text)  # the earliest tag (none is a prefix of another)
+            if m is None:
+                k = held(text, MARKS[state])
                 self._hold = text[len(text) - k:]
                 self._take(out, text[: len(text) - k])
                 return
-            self._take(out, text[:i])
-            text = text[i + len(mark):]
-            self._mark(out, mark)
+            self._take(out, text[: m.start()])
+            text = text[m.end():]
+            self._mark(out, m.group())
 
     def _take(self, out: ToolDelta, piece: str) -> None:
         """Text of the current state that is no tag."""
