@@ -12,12 +12,14 @@ For the parsers whose calls write each argument as plain text (``qwen3_coder``'s
 * ``boolean`` (``bool``, ``binary``): ``true`` / ``false`` in any case;
 * ``object``, ``array`` and any other type: JSON, else a Python literal (``{'a': (1, None)}`` ->
   ``{"a": [1, null]}``, read by ``pythonic.python_literal``, never evaluated);
-* ``"null"`` (any case) is null for every type but a string that does not admit null;
+* ``null`` or ``None`` (any case; chat templates write a Python ``None`` as ``None``, as they
+  write ``True``) is null for every type but a string that does not admit null;
 * a parameter the schema does not list, one without a ``type``, or a call with no schema (an
   unknown function): JSON, else the text.
 
 A value that does not convert stays the text (vLLM's fallback; except that vLLM turns a
-non-boolean into ``false``, and answers the raw text for a parameter its schema does not list).
+non-boolean into ``false``, and answers the raw text for a parameter its schema does not list;
+older vLLM releases also made ``"null"`` null for strings and read only ``type``).
 The type is ``type`` (the first one that is not ``"null"`` when it is a list) or, without it,
 the first typed branch of ``anyOf`` / ``oneOf``; a ``"null"`` among them admits null.
 """
@@ -86,7 +88,7 @@ def convert(text: str, schema: Any) -> Any:
             return loads(text)
         except ValueError:
             return text
-    is_null = text.lower() == "null"
+    is_null = text.lower() in ("null", "none")
     if kind in STRING:
         return None if nullable and is_null else text
     if is_null:

@@ -59,6 +59,7 @@ def test_qwen3_coder_converts_each_value_by_its_schema_type():
         ("o", "{not json", "{not json"), ("o", "NaN", "NaN"), ("o", "{1, 2}", "{1, 2}"),
         ("a", "[1, 'two', 3.5]", [1, "two", 3.5]), ("a", '["\\ud83d\\ude00"]', ["😀"]),
         ("z", "null", None), ("z", "NULL", None), ("ns", "null", None), ("ns", "text", "text"),
+        ("i", "None", None), ("ns", "None", None), ("s", "None", "None"), ("b", "None", None),
         ("any", "5", 5), ("any", "null", None), ("any", "five", "five"),
         ("u", "[1]", [1]), ("u", "plain", "plain"), ("u", '"quoted"', "quoted"),
         ("extra", "7", 7), ("extra", "true", True), ("extra", "hello world", "hello world"),
