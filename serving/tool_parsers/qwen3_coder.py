@@ -56,10 +56,8 @@ MARKS = {
     "params": (PARAM, FUNC_END, CALL_END, FUNC),  # inside a function, between parameters
     "value": (PARAM_END, PARAM, FUNC_END, CALL_END),  # a parameter's value
 }
-_NAME_STOP = re.compile(r"[<>\n]")
-
-
 _FIND = {state: re.compile("|".join(map(re.escape, marks))) for state, marks in MARKS.items()}
+_NAME_STOP = re.compile(r"[<>\n]")
 
 
 def held(text: str, marks: tuple[str, ...]) -> int:
@@ -94,24 +92,26 @@ class Qwen3CoderToolParser(ToolParser):
 
     def _feed(self, delta: str, out: ToolDelta) -> None:
         text, self._hold = self._hold + delta, ""
-        while text:
+        i = 0  # read up to here (positions, not slices: a whole output in one piece stays linear)
+        while i < len(text):
             state = self._state
             if state in ("name", "pname"):
-                m = _NAME_STOP.search(text)
+                m = _NAME_STOP.search(text, i)
                 if m is None:
-                    self._label.append(text)
+                    self._label.append(text[i:])
                     return
-                self._label.append(text[: m.start()])
-                text = self._end_label(out, text, m.start())
+                self._label.append(text[i: m.start()])
+                i = self._end_label(out, text, m.start())
                 continue
-            m = _FIND[state].search(text)  # the earliest tag (none is a prefix of another)
+            m = _FIND[state].search(text, i)  # the earliest tag (none is a prefix of another)
             if m is None:
-                k = held(text, MARKS[state])
-                self._hold = text[len(text) - k:]
-                self._take(out, text[: len(text) - k])
+                rest = text[i:]
+                k = held(rest, MARKS[state])
+                self._hold = rest[len(rest) - k:]
+                self._take(out, rest[: len(rest) - k])
                 return
-            self._take(out, text[: m.start()])
-            text = text[m.end():]
+            self._take(out, text[i: m.start()])
+            i = m.end()
             self._mark(out, m.group())
 
     def _take(self, out: ToolDelta, piece: str) -> None:
@@ -156,14 +156,14 @@ class Qwen3CoderToolParser(ToolParser):
             else:
                 self._raw, self._state, self._in_block = [], "text", False
 
-    def _end_label(self, out: ToolDelta, text: str, at: int) -> str:
+    def _end_label(self, out: ToolDelta, text: str, at: int) -> int:
         """A function's or parameter's name met ``<``, ``>`` or a newline at ``text[at]``;
-        returns the text left to read."""
+        returns where reading goes on (past a ``>``, else at that character)."""
         label = "".join(self._label)
         self._label = []
         name = label.strip()
         ok = text[at] == ">" and name
-        rest = text[at + 1:] if text[at] == ">" else text[at:]
+        rest = at + 1 if text[at] == ">" else at
         if self._state == "pname":
             if ok:
                 self._pname, self._value, self._state = name, [], "value"
@@ -177,7 +177,7 @@ class Qwen3CoderToolParser(ToolParser):
             self._block_calls += 1
             self._props, self._count = param_types.properties(self.tools, name), 0
         else:  # a broken opening is content, and reading goes on as plain text
-            self._content(out, "".join(self._raw) + label + text[at:len(text) - len(rest)])
+            self._content(out, "".join(self._raw) + label + text[at:rest])
             self._raw, self._state, self._in_block = [], "text", False
         return rest
 

@@ -46,6 +46,8 @@ def test_qwen3_coder_one_call_and_two_with_content_around():
     # no <tool_call> around the function (vLLM's fallback); the text after it is content
     q("Sure: " + fn("get_weather", ("city", "Oslo"), block=False) + " ok", "Sure:  ok",
       [call("get_weather", {"city": "Oslo"})])
+    # spaces around a name are not part of it
+    q("<function= get_weather ><parameter= days >1</parameter></function>", None, [call("get_weather", {"days": 1})])
 
 
 def test_qwen3_coder_converts_each_value_by_its_schema_type():
@@ -111,7 +113,7 @@ def test_qwen3_coder_cut_off_calls_end_with_the_output():
 
 def test_qwen3_coder_malformed_openings_are_content():
     for bad in ["<tool_call>\n<function=>\n</function>\n</tool_call>",  # empty name
-                "<tool_call>\n<function=get weather\n>x</function></tool_call>",  # newline in the name
+                "<tool_call>\n<function=get weather \n>x</function></tool_call>",  # newline in the name
                 "<tool_call><function=f<parameter=x>1</parameter></function></tool_call>",  # "<" in the name
                 "<tool_call>\nno function here\n</tool_call>", "<tool_call></tool_call>", "<function=",
                 "a < b > c <function", "</tool_call></function></parameter>"]:
