@@ -17,14 +17,16 @@ from serving.tool_parsers.hermes import HermesToolParser
 from serving.tool_parsers.llama3_json import Llama3JsonToolParser
 from serving.tool_parsers.mistral import MistralToolParser
 from serving.tool_parsers.pythonic import PythonicToolParser
+from serving.tool_parsers.qwen3_coder import Qwen3CoderToolParser
 
 PARSERS: dict[str, type[ToolParser]] = {
     p.name: p for p in (HermesToolParser, Llama3JsonToolParser, MistralToolParser,
-                         PythonicToolParser)
+                         PythonicToolParser, Qwen3CoderToolParser)
 }
 # vLLM's other names for the same formats
 PARSERS["llama4_json"] = Llama3JsonToolParser
 PARSERS["llama4_pythonic"] = PythonicToolParser
+PARSERS["qwen3_xml"] = Qwen3CoderToolParser  # vLLM's streaming-XML parser of the same format
 
 
 def get_parser(name: str) -> type[ToolParser]:

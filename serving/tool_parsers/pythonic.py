@@ -76,6 +76,15 @@ def _value(node: ast.expr) -> Any:
     raise _NotLiteral
 
 
+def python_literal(source: str) -> Any:
+    """A Python literal's JSON value (``(1, 'a')`` -> ``[1, "a"]``, ``None`` -> null), read with
+    ``ast.parse``, never evaluated; ValueError when ``source`` is not such a literal."""
+    try:
+        return _value(ast.parse(source.strip(), mode="eval").body)
+    except (SyntaxError, ValueError, RecursionError, MemoryError, _NotLiteral):
+        raise ValueError(f"not a Python literal: {source[:40]!r}") from None
+
+
 def parse_calls(source: str) -> list[ToolCall] | None:
     """``[f(a=1), g()]`` -> its calls; None when it is not a non-empty list of such calls."""
     try:

@@ -203,13 +203,17 @@ def test_auto_without_parallel_tool_calls_answers_only_the_first_call(auto_srv, 
     assert resp.choices[0].finish_reason == final.choices[0].finish_reason == "tool_calls"
 
 
-@pytest.mark.parametrize("parser, text", [
-    ("pythonic", "[get_weather(city='Rome', days=2), get_time(zone='UTC')]"),
-    ("llama3_json", '{"name": "get_time", "parameters": {"zone": "EST"}}'),
+@pytest.mark.parametrize("parser, text, first", [
+    ("pythonic", "[get_weather(city='Rome', days=2), get_time(zone='UTC')]", {"city": "Rome", "days": 2}),
+    ("llama3_json", '{"name": "get_time", "parameters": {"zone": "EST"}}', {"zone": "EST"}),
     ("mistral", 'Checking. [TOOL_CALLS]get_weather[ARGS]{"city": "Rome", "days": 2}'
-                '[TOOL_CALLS]get_time{"zone": "UTC"}'),
+                '[TOOL_CALLS]get_time{"zone": "UTC"}', {"city": "Rome", "days": 2}),
+    # values are raw text typed by the request's schema: zone "123" stays a string (untyped: a number)
+    ("qwen3_coder", "Checking.\n<tool_call>\n<function=get_time>\n<parameter=zone>\n123\n</parameter>\n</function>"
+                    "\n</tool_call>\n<tool_call>\n<function=get_weather>\n<parameter=city>\nRome\n</parameter>\n"
+                    "<parameter=days>\n2\n</parameter>\n</function>\n</tool_call>", {"zone": "123"}),
 ])
-def test_auto_with_other_parsers(parser, text):
+def test_auto_with_other_parsers(parser, text, first):
     s = ThreadedServer(_engine(), enable_auto_tool_choice=True, tool_call_parser=parser)
     try:
         kw = dict(tools=TOOLS, max_tokens=300, temperature=0, extra_body={"structured_outputs": {"regex": re.escape(text)}})
@@ -222,7 +226,8 @@ def test_auto_with_other_parsers(parser, text):
     assert want.calls and calls_of(resp.choices[0].message) == [(t.name, t.arguments) for t in want.calls]
     assert calls_of(final.choices[0].message) == calls_of(resp.choices[0].message)
     assert resp.choices[0].message.content == final.choices[0].message.content == want.content
-    assert resp.choices[0].finish_reason == "tool_calls"
+    assert resp.choices[0].finish_reason == final.choices[0].finish_reason == "tool_calls"
+    assert json.loads(resp.choices[0].message.tool_calls[0].function.arguments) == first
 
 
 def test_tool_history_renders_and_none_is_plain_text(client):

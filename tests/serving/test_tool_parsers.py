@@ -6,7 +6,8 @@ block), so the expected content and calls are an independent reference; then the
 ``extract`` gives exactly that and that every random split of the text, fed in order, streams
 the same content and calls (each name once, in the first delta of its index).
 The formats' own tests: test_tool_parsers_json.py (hermes, llama3_json), test_tool_parsers_mistral.py,
-test_tool_parsers_pythonic.py; here the registry and every parser on arbitrary text.
+test_tool_parsers_pythonic.py, test_tool_parsers_qwen3_coder.py; here the registry and every parser on
+arbitrary text.
 """
 from __future__ import annotations
 
@@ -22,9 +23,10 @@ from tool_parse_helpers import CUTS, SETTINGS, split, stream
 def test_get_parser_names_and_error():
     assert get_parser("hermes") is PARSERS["hermes"]
     assert {n for n in PARSERS if PARSERS[n].name == n} == {"hermes", "llama3_json", "mistral",
-                                                           "pythonic"}
+                                                           "pythonic", "qwen3_coder"}
     assert get_parser("llama4_json").name == "llama3_json"  # vLLM's aliases
     assert get_parser("llama4_pythonic").name == "pythonic"
+    assert get_parser("qwen3_xml").name == "qwen3_coder"
     with pytest.raises(ValueError, match=r"^tool_call_parser='nope' is invalid: must be one of "
                                          r"hermes"):
         get_parser("nope")
@@ -48,7 +50,8 @@ NOISE = st.lists(st.sampled_from(
     ["<tool_call>", "</tool_call>", "<tool_", "[TOOL_CALLS]", "[ARGS]", "<|python_tag|>",
      "<|python_start|>", "<|python_end|>", '{"name": "f", "arguments": {}}', '{"name": "g"}', "{",
      "}", "[", "]", "(", ")", "f(", "x=1", "'", '"', '"""', "\\", ";", ",", " ", "\n", "#", "é😀",
-     "get_weather", "[f()]", "null"]), max_size=14).map("".join)
+     "get_weather", "[f()]", "null", "<function=f>", "<function=", "<parameter=x>", "</parameter>",
+     "</function>", ">", "=", "<"]), max_size=14).map("".join)
 
 
 @SETTINGS

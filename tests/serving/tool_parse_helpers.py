@@ -16,9 +16,9 @@ def call(name: str, args: dict) -> ToolCall:
     return ToolCall(name, json.dumps(args, ensure_ascii=False))
 
 
-def stream(cls: type[ToolParser], chunks: list[str]) -> Extracted:
+def stream(cls: type[ToolParser], chunks: list[str], tools: list[dict] = TOOLS) -> Extracted:
     """Feed ``chunks`` in order then finish; check the delta rules; fold into an Extracted."""
-    p = cls(TOOLS)
+    p = cls(tools)
     deltas = [p.feed(c) for c in chunks] + [p.finish()]
     content = ""
     names: list[str] = []
@@ -43,13 +43,14 @@ def split(text: str, cuts: list[int]) -> list[str]:
     return [text[a:b] for a, b in zip([0] + points, points + [len(text)])]
 
 
-def check(cls: type[ToolParser], text: str, content: str | None, calls: list[ToolCall]):
+def check(cls: type[ToolParser], text: str, content: str | None, calls: list[ToolCall],
+          tools: list[dict] = TOOLS):
     """extract and three streamings (whole, one char at a time, two halves) all give the same."""
     want = Extracted(content, calls)
-    assert cls(TOOLS).extract(text) == want
-    assert stream(cls, [text]) == want
-    assert stream(cls, list(text)) == want
-    assert stream(cls, [text[: len(text) // 2], text[len(text) // 2:]]) == want
+    assert cls(tools).extract(text) == want
+    assert stream(cls, [text], tools) == want
+    assert stream(cls, list(text), tools) == want
+    assert stream(cls, [text[: len(text) // 2], text[len(text) // 2:]], tools) == want
 
 
 JSON_LEAF = st.none() | st.booleans() | st.integers(-10**6, 10**6) | st.text(max_size=8) | \
@@ -77,10 +78,11 @@ def model_json(draw, obj) -> str:
 SETTINGS = settings(max_examples=300, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 
 
-def contract(cls: type[ToolParser], out: tuple[str, str | None, list[ToolCall]], cuts: list[int]):
+def contract(cls: type[ToolParser], out: tuple[str, str | None, list[ToolCall]], cuts: list[int],
+             tools: list[dict] = TOOLS):
     """A generated output (text, expected content, expected calls): extract and one split agree."""
     text, content, calls = out
     want = Extracted(content, calls)
-    assert cls(TOOLS).extract(text) == want
-    assert stream(cls, split(text, cuts)) == want
+    assert cls(tools).extract(text) == want
+    assert stream(cls, split(text, cuts), tools) == want
 
