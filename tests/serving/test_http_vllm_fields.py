@@ -134,9 +134,11 @@ def test_two_constraints_are_a_400_naming_both(srv, extra, named):
 def test_cache_salt_shares_prefix_blocks_only_with_the_same_salt(srv):
     prompt = "salted prompt: " + "0123456789" * 4  # 55 tokens, 13 full blocks of 4
 
-    def hits(**extra) -> int:
+    def hits(path="/v1/completions", **extra) -> int:
         before = srv.wait_idle().prefix_cache_hits
-        r = post(srv, "/v1/completions", prompt=prompt, max_tokens=2, temperature=0, **extra)
+        body = {"input": prompt} if path == "/v1/responses" else {"prompt": prompt, "temperature": 0}
+        r = post(srv, path, max_tokens=2, **body, **extra) if path != "/v1/responses" else \
+            post(srv, path, max_output_tokens=2, **body, **extra)
         assert r.status_code == 200, r.text
         return srv.wait_idle().prefix_cache_hits - before
 
@@ -145,8 +147,9 @@ def test_cache_salt_shares_prefix_blocks_only_with_the_same_salt(srv):
     assert hits(cache_salt="beta") == 0  # another salt sees none of them
     assert hits() == 0  # nor does an unsalted request
     assert hits() == 52 and hits(cache_salt="beta") == 52  # each namespace caches its own
-    chat = post(srv, "/v1/chat/completions", messages=CHAT, max_tokens=2, cache_salt="gamma")
-    assert chat.status_code == 200
+    # the Responses API passes it to its chat request
+    hits("/v1/responses", cache_salt="gamma")
+    assert hits("/v1/responses", cache_salt="gamma") > 40 and hits("/v1/responses", cache_salt="delta") == 0
     r = post(srv, "/v1/completions", prompt=prompt, max_tokens=2, cache_salt="")
     assert r.status_code == 400 and r.json()["error"]["param"] == "cache_salt", r.text
 
