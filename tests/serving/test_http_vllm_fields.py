@@ -254,3 +254,23 @@ def test_openai_client_sends_vllm_fields_through_extra_body(srv):
         assert usage == sorted(usage) and usage[-1] == 4
         with pytest.raises(openai.BadRequestError, match="prompt_embeds"):
             client.completions.create(model="fake-llm", prompt="", max_tokens=1, extra_body={"prompt_embeds": "AA=="})
+
+
+def test_chat_add_special_tokens_encodes_the_rendering_with_them():
+    """Chat's add_special_tokens (vLLM's, default false): the template's text tokenized with the
+    tokenizer's specials. The fake tokenizer's rendering is not re-encodable, so a stub stands in."""
+    from serving.config import ServerConfig
+    from serving.openai_protocol import ChatCompletionRequest
+    from serving.openai_tools import render_body
+
+    class Stub:
+        def chat_prompt(self, messages, add_generation_prompt=True, **kw):
+            return {"prompt": "hi", "prompt_token_ids": [7, 8]}
+
+        def encode(self, text, add_special_tokens=True):
+            return ([0] if add_special_tokens else []) + [7, 8]
+
+    body = ChatCompletionRequest.model_validate({"messages": CHAT})
+    assert render_body(Stub(), body, ServerConfig())["prompt_token_ids"] == [7, 8]
+    body = ChatCompletionRequest.model_validate({"messages": CHAT, "add_special_tokens": True})
+    assert render_body(Stub(), body, ServerConfig())["prompt_token_ids"] == [0, 7, 8]
