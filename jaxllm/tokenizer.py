@@ -94,18 +94,21 @@ class Tokenizer:
 
     def chat_prompt(self, messages: list[dict], add_generation_prompt: bool = True, *,
                     chat_template: str | None = None, continue_final_message: bool = False,
-                    tools: list[dict] | None = None, chat_template_kwargs: dict | None = None) -> dict:
+                    tools: list[dict] | None = None, chat_template_kwargs: dict | None = None,
+                    documents: list[dict] | None = None) -> dict:
         """``{"prompt": rendered text, "prompt_token_ids": ids}`` for a conversation, like vLLM's
         ``LLM.chat``: the model's template (or ``chat_template``, a Jinja string); with
         ``continue_final_message`` the last (assistant) message is left open for the model to
         continue instead of starting a new turn. ``tools`` (OpenAI's ``[{"type": "function",
         "function": {...}}]``) reach the template as its ``tools`` variable, ``chat_template_kwargs``
-        as further variables (``enable_thinking``...). A template error is a ValueError naming it."""
+        as further variables (``enable_thinking``...), ``documents`` (RAG) as its ``documents``. A template error is a ValueError naming it."""
         if continue_final_message and add_generation_prompt:
             raise ValueError("continue_final_message=True is invalid with add_generation_prompt=True: "
                              "continue the last message or start a new turn, not both")
         extra = check_template_kwargs(chat_template_kwargs)
         try:
+            if documents is not None:
+                extra["documents"] = documents
             text, ids = self._render_chat(messages, add_generation_prompt, chat_template, continue_final_message,
                                           tools, extra)
         except ValueError:

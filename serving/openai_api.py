@@ -294,7 +294,8 @@ def build_app(server: "ServingServer") -> Any:
             if body.messages is not None:
                 ids = render_body(info.tokenizer, body, cfg)["prompt_token_ids"]
             else:
-                ids = [int(t) for t in info.tokenizer.encode(body.prompt, add_special_tokens=body.add_special_tokens)]
+                special = body.add_special_tokens is not False  # unset: true for a prompt (vLLM's)
+                ids = [int(t) for t in info.tokenizer.encode(body.prompt, add_special_tokens=special)]
         except ValueError as exc:
             raise invalid(str(exc), "messages" if body.messages is not None else "prompt") from None
         # vLLM's answer: token_strs (the vocabulary's strings) only with return_token_strs, else null

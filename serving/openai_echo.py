@@ -58,6 +58,8 @@ def echo_text(prompt: Any, tokenizer: Any) -> str:
     tokens kept)."""
     if isinstance(prompt, str):
         return prompt
+    if isinstance(prompt.get("prompt"), str):  # text tokenized by the door (add_special_tokens=false)
+        return prompt["prompt"]
     return tokenizer.decode(prompt["prompt_token_ids"], skip_special_tokens=False)
 
 

@@ -56,6 +56,8 @@ class _Job:
         self.priority = 0  # the body's priority (--scheduling-policy priority)
         self.beam = None  # use_beam_search: its BeamSearchParams (serving/openai_beam.py)
         self.beam_prompt_ids: list[list[int]] = []
+        self.continuous_usage = False  # stream_options.continuous_usage_stats: usage in every chunk
+        self.tokens_as_ids = False  # return_tokens_as_token_ids: logprob tokens as "token_id:<id>"
 
     def usage(self) -> dict:
         p = sum(t.num_prompt_tokens for t in self.trackers)
@@ -68,6 +70,10 @@ class _Job:
             out["completion_tokens_details"] = {"reasoning_tokens": r}
         return out
 
+    def logprob_token(self, tid: int, lp: Any) -> str:
+        """A logprobs entry's token: its text, or "token_id:<id>" (vLLM's return_tokens_as_token_ids)."""
+        return f"token_id:{tid}" if self.tokens_as_ids else self.token_text(tid, lp)
+
     def token_text(self, tid: int, lp: Any) -> str:
         text = getattr(lp, "decoded_token", None)
         return text if text is not None else self.info.tokenizer.decode([tid], skip_special_tokens=False)
@@ -76,6 +82,9 @@ class _Job:
 # ----- bodies -> jobs ------------------------------------------------------------------------
 def completion_job(door: FrontDoor, info: ModelInfo, body: CompletionRequest,
                    request_id: str | None = None) -> _Job:
+    if body.prompt_embeds is not None:
+        raise invalid("prompt_embeds is not supported by this server: send the prompt as text or token ids",
+                      "prompt_embeds")
     if body.suffix is not None:
         raise invalid("suffix is not supported: this server has no insertion models", "suffix")
     if body.best_of is not None and body.best_of != body.n:
@@ -100,7 +109,9 @@ def completion_job(door: FrontDoor, info: ModelInfo, body: CompletionRequest,
         if isinstance(x, str):
             if not x:
                 raise invalid(f"{field}='' is invalid: the prompt must be non-empty", "prompt")
-            prompts.append(x)
+            # vLLM's add_special_tokens=false: the text tokenized without BOS etc. (the engine's adds them)
+            prompts.append(x if body.add_special_tokens else
+                           {"prompt": x, "prompt_token_ids": list(info.tokenizer.encode(x, add_special_tokens=False))})
         else:
             try:
                 prompts.append({"prompt_token_ids": check_token_ids(field, x, info.vocab_size)})
@@ -108,17 +119,14 @@ def completion_job(door: FrontDoor, info: ModelInfo, body: CompletionRequest,
                 raise invalid(str(exc), "prompt") from None
     if (msg := check_stream(body.prompt_logprobs, body.stream)) is not None:
         raise invalid(msg, "prompt_logprobs")
-    job = _Job("completion", info, prompts, params, body.stream,
-               bool(body.stream_options and body.stream_options.include_usage), request_id)
-    job.prompt_logprobs = body.prompt_logprobs
-    job.priority = body.priority
+    job = _new_job("completion", door, info, prompts, params, body, request_id)
     if body.echo:  # vLLM: echo with logprobs answers the prompt logprobs too
         if job.prompt_logprobs is None and body.logprobs is not None:
             job.prompt_logprobs = params.logprobs
         job.echo = Echo([echo_text(x, info.tokenizer) for x in prompts], prompt_only=body.max_tokens == 0)
     if body.use_beam_search:
         beam_params(job, body)
-    return job
+    return salted(job, body.cache_salt)
 
 
 def chat_job(door: FrontDoor, info: ModelInfo, body: ChatCompletionRequest,
@@ -144,15 +152,39 @@ def chat_job(door: FrontDoor, info: ModelInfo, body: ChatCompletionRequest,
         prompt = {"prompt_token_ids": prompt["prompt_token_ids"]}
     if (msg := check_stream(body.prompt_logprobs, body.stream)) is not None:
         raise invalid(msg, "prompt_logprobs")
-    job = _Job("chat", info, [prompt], params, body.stream,
-               bool(body.stream_options and body.stream_options.include_usage), request_id)
-    job.prompt_logprobs = body.prompt_logprobs
-    job.priority = body.priority
+    job = _new_job("chat", door, info, [prompt], params, body, request_id)
     job.echo = chat_echo(body)
     job.tools = tools
     job.reasoning = reasoning
     if body.use_beam_search:
         beam_params(job, body)
+    return salted(job, body.cache_salt)
+
+
+def _new_job(kind: str, door: FrontDoor, info: ModelInfo, prompts: list, params: SamplingParams, body: Any,
+             request_id: str | None) -> _Job:
+    """The job of a checked body: its stream options, the fields every generation body shares."""
+    if (refusal := body.refused()) is not None:
+        raise invalid(*refusal)
+    so = body.stream_options
+    continuous = bool(so and so.continuous_usage_stats and so.include_usage is not False)  # vLLM's rule
+    job = _Job(kind, info, prompts, params, body.stream, bool(so and so.include_usage) or continuous, request_id)
+    job.continuous_usage = continuous
+    job.tokens_as_ids = bool(body.return_tokens_as_token_ids)
+    job.prompt_logprobs = body.prompt_logprobs
+    job.priority = body.priority
+    if body.truncate_prompt_tokens == -1:  # vLLM's: truncate to the model's length
+        params.truncate_prompt_tokens = info.max_model_len
+    return job
+
+
+def salted(job: _Job, salt: str | None) -> _Job:
+    """Every prompt of ``job`` with vLLM's ``cache_salt`` (the engine keys its prefix-cache blocks on it)."""
+    if salt is not None:
+        if job.beam is not None:
+            raise invalid("cache_salt is invalid with use_beam_search=true: the beams share their prompt's "
+                          "blocks", "cache_salt")
+        job.prompts = [dict({"prompt": p} if isinstance(p, str) else p, cache_salt=salt) for p in job.prompts]
     return job
 
 
@@ -368,8 +400,8 @@ def _chunk(job: _Job, head: dict, k: int, batch: list, started: set[int]) -> dic
     if not choices:
         return None
     chunk = dict(head, choices=choices)
-    if job.include_usage:
-        chunk["usage"] = None
+    if job.include_usage:  # vLLM's continuous_usage_stats: the tokens so far, else null until the last chunk
+        chunk["usage"] = job.usage() if job.continuous_usage else None
     return chunk
 
 

@@ -22,7 +22,7 @@ def completion_logprobs(job, index: int, d: SampleDelta) -> dict | None:
     tokens, token_lps, tops, offsets = [], [], [], []
     offset = job.offsets.get(index, 0)
     for tid, own, entry in d.logprobs:
-        text = job.token_text(tid, entry.get(tid) if entry is not None else None)
+        text = job.logprob_token(tid, entry.get(tid) if entry is not None else None)
         tokens.append(text)
         token_lps.append(own)
         offsets.append(offset)
@@ -33,7 +33,7 @@ def completion_logprobs(job, index: int, d: SampleDelta) -> dict | None:
         # vLLM's rule (the OpenAI API's): the chosen token first, then the top k (k = 0: the chosen one alone)
         best = [(tid, entry[tid])] if tid in entry else []
         best += [kv for kv in sorted(entry.items(), key=_by_rank)[:k] if kv[0] != tid]
-        tops.append({job.token_text(t, lp): lp.logprob for t, lp in best})
+        tops.append({job.logprob_token(t, lp): lp.logprob for t, lp in best})
     job.offsets[index] = offset
     return {"tokens": tokens, "token_logprobs": token_lps, "top_logprobs": tops, "text_offset": offsets}
 
@@ -51,9 +51,9 @@ def chat_logprobs(job, d: SampleDelta) -> dict | None:
     k = job.params.logprobs or 0
     content = []
     for tid, own, entry in d.logprobs:
-        text = job.token_text(tid, entry.get(tid))
+        text = job.logprob_token(tid, entry.get(tid))
         best = sorted(entry.items(), key=lambda kv: -kv[1].logprob)[:k]
-        tops = [{"token": (t := job.token_text(i, lp)), "logprob": lp.logprob, "bytes": list(t.encode())}
+        tops = [{"token": (t := job.logprob_token(i, lp)), "logprob": lp.logprob, "bytes": list(t.encode())}
                 for i, lp in best]
         content.append({"token": text, "logprob": own, "bytes": list(text.encode()), "top_logprobs": tops})
     return {"content": content}

@@ -6,56 +6,37 @@ to ``SamplingParams.validate`` and the front door's caps, whose messages name fi
 limit the same way for every door. Besides OpenAI's fields, vLLM's extra sampling fields are
 accepted (``top_k``, ``min_p``, ``repetition_penalty``, ``min_tokens``, ``stop_token_ids``,
 ``ignore_eos``, ``skip_special_tokens``, ``include_stop_str_in_output``, ``prompt_logprobs``,
-``bad_words``, ``use_beam_search``, ``length_penalty``), and vLLM's ``priority`` and ``request_id``
-(the request's, not sampling fields).
+``bad_words``, ``use_beam_search``, ``length_penalty``, ``allowed_token_ids``, ``truncate_prompt_tokens``,
+``return_tokens_as_token_ids``, ``cache_salt``), and vLLM's ``priority`` and ``request_id`` (the request's,
+not sampling fields). The structured-output fields are serving/openai_structured.py's; the vLLM / OpenAI
+fields accepted and ignored, or refused by name, serving/openai_compat.py's (serving/README.md's table).
 """
 
 from __future__ import annotations
 
 from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, field_validator
+from pydantic import field_validator, model_validator
 from pydantic_core import PydanticCustomError
 
 from jaxllm.generation_config import NONE as NO_DEFAULTS, GenerationDefaults
 from jaxllm.sampling_params import SamplingParams
-from jaxllm.structured_outputs import StructuredOutputsParams
 
+from serving.openai_compat import Body, ChatCompatFields, CompatFields
 from serving.openai_echo import echo_sampling_kwargs
+from serving.openai_structured import ResponseFormat, StructuredFields, StructuredOutputsBody  # noqa: F401
 
 
-class _Body(BaseModel):
-    model_config = ConfigDict(extra="forbid", strict=True)
+_Body = Body
+_NULL_IS_DEFAULT = ("n", "stream", "echo", "logprobs", "top_logprobs")
 
 
 class StreamOptions(_Body):
-    include_usage: bool = False
+    include_usage: bool | None = None  # None: as continuous_usage_stats (vLLM: true when stream_options is set)
+    continuous_usage_stats: bool = False  # vLLM's: every chunk carries the usage so far
 
 
-class JsonSchemaFormat(_Body):
-    name: str | None = None
-    description: str | None = None
-    schema_: dict | None = Field(default=None, alias="schema")
-    strict: bool | None = None
-
-
-class ResponseFormat(_Body):
-    """OpenAI's ``response_format``: ``text`` (free), ``json_object`` (any JSON object) or
-    ``json_schema`` (``{"json_schema": {"name", "schema", "strict"}}``)."""
-    type: Literal["text", "json_object", "json_schema"]
-    json_schema: JsonSchemaFormat | None = None
-
-
-class StructuredOutputsBody(_Body):
-    """vLLM's extra body field ``structured_outputs`` (its ``StructuredOutputsParams``)."""
-    json_: dict | str | None = Field(default=None, alias="json")
-    regex: str | None = None
-    choice: list[str] | None = None
-    grammar: str | None = None
-    json_object: bool | None = None
-
-
-class _SamplingFields(_Body):
+class _SamplingFields(StructuredFields, CompatFields):
     model: str | None = None  # None = the served model
     max_tokens: int | None = None
     temperature: float | None = None
@@ -87,24 +68,20 @@ class _SamplingFields(_Body):
     # vLLM's beam search fields (serving/openai_beam.py): n is the beam width
     use_beam_search: bool = False
     length_penalty: float = 1.0
-    # structured outputs: OpenAI's response_format, or vLLM's structured_outputs (not both)
-    response_format: ResponseFormat | None = None
-    structured_outputs: StructuredOutputsBody | None = None
+    # vLLM's: keep the prompt's last k tokens (-1: max_model_len; serving/openai_generate.py)
+    truncate_prompt_tokens: int | None = None
+    allowed_token_ids: list[int] | None = None  # vLLM's: sample only among these ids
+    return_tokens_as_token_ids: bool | None = None  # vLLM's: logprob tokens as "token_id:<id>"
+    # vLLM's: the prefix cache is shared only between requests with the same salt (KVCacheManager.block_key)
+    cache_salt: str | None = None
 
-    def structured(self) -> StructuredOutputsParams | None:
-        rf, so = self.response_format, self.structured_outputs
-        if rf is not None and rf.type != "text" and so is not None:
-            raise ValueError("response_format and structured_outputs are invalid together: set one")
-        if so is not None:
-            return StructuredOutputsParams(json=so.json_, regex=so.regex, choice=so.choice,
-                                           grammar=so.grammar, json_object=so.json_object)
-        if rf is None or rf.type == "text":
-            return None
-        if rf.type == "json_object":
-            return StructuredOutputsParams(json_object=True)
-        if rf.json_schema is None or rf.json_schema.schema_ is None:
-            raise ValueError("response_format.json_schema.schema is required for type 'json_schema'")
-        return StructuredOutputsParams(json=rf.json_schema.schema_)
+    @model_validator(mode="before")
+    @classmethod
+    def _null_is_default(cls, data: Any) -> Any:
+        """vLLM's Optional fields with a default: JSON null means the default (clients send it)."""
+        if isinstance(data, dict) and any(data.get(k, 0) is None for k in _NULL_IS_DEFAULT):
+            data = {k: v for k, v in data.items() if not (k in _NULL_IS_DEFAULT and v is None)}
+        return data
 
     def sampling_kwargs(self) -> dict[str, Any]:
         """The SamplingParams fields this body sets (unset = the model's generation config default, else
@@ -113,11 +90,13 @@ class _SamplingFields(_Body):
         for name in ("temperature", "top_p", "presence_penalty", "frequency_penalty", "seed", "top_k",
                      "min_p", "repetition_penalty", "min_tokens", "stop_token_ids", "ignore_eos",
                      "skip_special_tokens", "include_stop_str_in_output", "stop", "prompt_logprobs",
-                     "bad_words"):
+                     "bad_words", "allowed_token_ids"):
             v = getattr(self, name)
             if v is not None:
                 kw[name] = v
         kw["n"] = self.n
+        if self.truncate_prompt_tokens not in (None, -1):  # -1: the job sets max_model_len
+            kw["truncate_prompt_tokens"] = self.truncate_prompt_tokens
         so = self.structured()
         if so is not None:
             kw["structured_outputs"] = so
@@ -138,6 +117,8 @@ class CompletionRequest(_SamplingFields):
     echo: bool = False  # the prompt comes back before the completion (serving/openai_echo.py)
     suffix: str | None = None  # refused: no insertion models
     best_of: int | None = None  # only None or == n
+    add_special_tokens: bool = True  # vLLM's: the tokenizer's BOS etc. around a text prompt
+    prompt_embeds: Any = None  # vLLM's: refused (serving/openai_generate.completion_job)
 
     def to_params(self, defaults: GenerationDefaults = NO_DEFAULTS) -> tuple[SamplingParams, bool]:
         """(params, whether the body set max_tokens); fields the body leaves unset take ``defaults``
@@ -237,9 +218,12 @@ class _ChatTemplateFields(_Body):
     chat_template_kwargs: dict[str, Any] | None = None  # more template variables
     add_generation_prompt: bool = True
     continue_final_message: bool = False
+    # vLLM's: the template's `documents` (RAG) and `reasoning_effort` variables (serving/openai_tools.render_body)
+    documents: list[dict[str, str]] | None = None
+    reasoning_effort: Literal["none", "minimal", "low", "medium", "high", "xhigh", "max"] | None = None
 
 
-class ChatCompletionRequest(_SamplingFields, _ChatTemplateFields):
+class ChatCompletionRequest(_SamplingFields, ChatCompatFields, _ChatTemplateFields):
     messages: list[ChatMessage]
     # unset: "auto" with tools, else "none" (OpenAI's and vLLM's default)
     tool_choice: Literal["none", "auto", "required"] | NamedToolChoice | None = None
@@ -249,6 +233,7 @@ class ChatCompletionRequest(_SamplingFields, _ChatTemplateFields):
     top_logprobs: int | None = None
     echo: bool = False  # vLLM's extra: the answer starts with the last message when it is the assistant's
     include_reasoning: bool = True  # vLLM's extra: under --reasoning-parser, answer the reasoning too
+    add_special_tokens: bool = False  # vLLM's: BOS etc. on top of what the chat template renders
 
     def to_params(self, default_max_tokens: int | None,
                   defaults: GenerationDefaults = NO_DEFAULTS) -> tuple[SamplingParams, bool]:
@@ -258,7 +243,7 @@ class ChatCompletionRequest(_SamplingFields, _ChatTemplateFields):
         limit = self.max_completion_tokens if self.max_completion_tokens is not None else self.max_tokens
         if limit is not None:
             kw["max_tokens"] = limit
-        if self.top_logprobs is not None and not self.logprobs:
+        if self.top_logprobs and not self.logprobs:  # 0 without logprobs: vLLM's default, accepted
             raise ValueError(f"top_logprobs={self.top_logprobs} is invalid: needs logprobs=true")
         if self.logprobs:
             kw["logprobs"] = self.top_logprobs or 0
@@ -269,7 +254,7 @@ class TokenizeRequest(_ChatTemplateFields):
     model: str | None = None
     prompt: str | None = None
     messages: list[ChatMessage] | None = None
-    add_special_tokens: bool = True
+    add_special_tokens: bool | None = None  # None: true for a prompt, false for messages (vLLM's defaults)
     return_token_strs: bool = False  # vLLM's extra: the vocabulary strings of the tokens too
 
 

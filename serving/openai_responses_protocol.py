@@ -110,6 +110,8 @@ class ResponsesRequest(_Body):
     stop: str | list[str] | None = None
     priority: int = 0
     request_id: str | None = None  # vLLM's: the answer's id is resp_<it> (X-Request-Id wins)
+    cache_salt: str | None = None  # vLLM's: the prefix cache is shared only with the same salt
+    mm_processor_kwargs: dict[str, Any] | None = None  # vLLM's: accepted, unused (text-only server)
 
     def refused(self) -> tuple[str, str] | None:
         """(message, field) of the first field this server cannot honour, else None."""
@@ -149,7 +151,7 @@ class ResponsesRequest(_Body):
             body["logprobs"] = True
             body["top_logprobs"] = self.top_logprobs or 0
         for name in ("temperature", "top_p", "top_k", "min_p", "repetition_penalty", "seed", "stop",
-                     "parallel_tool_calls"):
+                     "parallel_tool_calls", "cache_salt"):
             v = getattr(self, name)
             if v is not None:
                 body[name] = v

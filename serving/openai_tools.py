@@ -69,12 +69,23 @@ def render_body(tokenizer: Any, body: Any, cfg: Any) -> dict:
         kw["chat_template"] = cfg.chat_template
     if body.tools:
         kw["tools"] = [t.model_dump(exclude_none=True) for t in body.tools]
-    if body.chat_template_kwargs:
-        kw["chat_template_kwargs"] = body.chat_template_kwargs
+    # vLLM's reasoning_effort is a template variable; the request's own chat_template_kwargs win
+    variables = {"reasoning_effort": body.reasoning_effort} if body.reasoning_effort is not None else {}
+    variables.update(body.chat_template_kwargs or {})
+    if variables:
+        kw["chat_template_kwargs"] = variables
+    if body.documents is not None:
+        kw["documents"] = body.documents
     if body.continue_final_message:
         kw["continue_final_message"] = True
-    return render_chat(tokenizer, template_messages(body.messages),
-                       add_generation_prompt=body.add_generation_prompt, **kw)
+    out = render_chat(tokenizer, template_messages(body.messages),
+                      add_generation_prompt=body.add_generation_prompt, **kw)
+    if getattr(body, "add_special_tokens", False):  # vLLM's: BOS etc. on top of the template's rendering
+        if out.get("prompt") is None:
+            raise ValueError("add_special_tokens=True is invalid here: this model's tokenizer renders token "
+                             "ids only")
+        out = dict(out, prompt_token_ids=[int(t) for t in tokenizer.encode(out["prompt"], add_special_tokens=True)])
+    return out
 
 
 def check_parser_name(name: str) -> None:

@@ -43,7 +43,7 @@ import time
 
 from jaxllm.core.request import Request, RequestStatus
 from jaxllm.engine.bad_words import tokenize_bad_words
-from jaxllm.engine.intake import (_NO_TEXT, SEED_MOD, check_priority, derive_seed, resolve_prompt,
+from jaxllm.engine.intake import (_NO_TEXT, SEED_MOD, cache_salt_of, check_priority, derive_seed, resolve_prompt,
                                   validate_prompt_ids)
 from jaxllm.engine.output_processor import ParentState, SeqState
 from jaxllm.config import POOLING_TASKS
@@ -115,6 +115,7 @@ class AddRequestsMixin:
             raise ValueError(f"prompt_logprobs={params.prompt_logprobs} is invalid: this engine's model runner "
                              f"cannot compute prompt logprobs (multi-host runs); leave it None")
         text, ids = self._resolve_prompt(prompt)
+        salt = cache_salt_of(prompt)
         if params.truncate_prompt_tokens is not None:
             ids = ids[-params.truncate_prompt_tokens:]  # the last k (the length checks see what is kept)
         self._validate_ids(ids)
@@ -127,6 +128,10 @@ class AddRequestsMixin:
             self._check_new_id(rid)
         self._acquire_lora(request_id, lora_request)  # pins the adapter (its load runs off-thread): the last check
         # -- everything valid: nothing below raises on user input --
+        # prefix-cache namespace: the adapter's, and the prompt's cache_salt (salted blocks match only that salt)
+        extra_key = None if lora_request is None else self.lora.cache_key(lora_request.lora_int_id)
+        if salt is not None:
+            extra_key = ("cache_salt", salt, extra_key)
         now = time.time()
         arrival = now if arrival_time is None else arrival_time
         base_seed = (params.seed % SEED_MOD) if params.seed is not None \
@@ -139,7 +144,7 @@ class AddRequestsMixin:
             req = Request(cid, ids, params, seed=derive_seed(base_seed, i), arrival_time=arrival,
                           max_output_tokens=max_out, lora_request=lora_request, priority=priority,
                           bad_words=bad_words,
-                          extra_key=None if lora_request is None else self.lora.cache_key(lora_request.lora_int_id),
+                          extra_key=extra_key,
                           grammar=None if grammar_key is None else self.grammar.new_state(
                               grammar_key, params.structured_outputs.reasoning_end))
             detok = (self.detokenizer_factory(self.tokenizer, ids, params.skip_special_tokens)

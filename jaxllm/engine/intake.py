@@ -59,6 +59,20 @@ def resolve_prompt(prompt, tokenizer) -> tuple[str | None, list[int]]:
                      f"of token ids, or a dict with 'prompt_token_ids' or 'prompt'")
 
 
+MAX_CACHE_SALT_CHARS = 1024  # vLLM's limit
+
+
+def cache_salt_of(prompt) -> str | None:
+    """A dict prompt's ``cache_salt`` (vLLM's): requests share prefix-cache blocks only when their
+    salts are equal (none = no salt); ValueError for a salt that is not a non-empty str."""
+    salt = prompt.get("cache_salt") if isinstance(prompt, dict) else None
+    if salt is not None and (not isinstance(salt, str) or not salt or len(salt) > MAX_CACHE_SALT_CHARS):
+        shown = repr(salt) if len(repr(salt)) <= 40 else repr(salt)[:37] + "..."
+        raise ValueError(f"cache_salt={shown} is invalid: must be a non-empty str of at most "
+                         f"{MAX_CACHE_SALT_CHARS} characters")
+    return salt
+
+
 class _NoText:
     """The detokenizer of a detokenize=False request: no text, no host decoding."""
 

@@ -154,3 +154,33 @@ def test_chat_completion_prompt_and_offline_llm_chat_render_the_same(srv, engine
     (prompt,) = ran
     assert prompt["prompt_token_ids"] == tok.encode(reference(HISTORY, TOOLS, greeting="hi"),
                                                     add_special_tokens=False)
+
+
+RAG_TEMPLATE = """{%- if documents %}<docs>{% for d in documents %}[{{ d.title }}: {{ d.text }}]{% endfor %}</docs>
+{% endif %}{%- if reasoning_effort is defined %}<effort {{ reasoning_effort }}>
+{% endif %}{%- for m in messages %}{{ m.role }}: {{ m.content }}
+{% endfor %}"""
+
+
+def test_documents_and_reasoning_effort_reach_the_template(srv, tok):
+    """vLLM's `documents` and `reasoning_effort` fields are template variables (a request's own
+    chat_template_kwargs win); the reference renders the template with jinja2 directly."""
+    docs = [{"title": "Paris", "text": "capital of France"}, {"title": "Lyon", "text": "on the Rhone"}]
+    msgs = [{"role": "user", "content": "Where?"}]
+
+    def ids(**body):
+        r = tokenize(srv, messages=msgs, chat_template=RAG_TEMPLATE, add_generation_prompt=False, **body)
+        assert r.status_code == 200, r.text
+        return r.json()["tokens"]
+
+    def want(**kw):
+        env = jinja2.Environment(trim_blocks=True, lstrip_blocks=True)
+        return tok.encode(env.from_string(RAG_TEMPLATE).render(messages=msgs, **kw), add_special_tokens=False)
+
+    assert ids(documents=docs, reasoning_effort="high") == want(documents=docs, reasoning_effort="high")
+    assert ids() == want() != want(documents=docs)
+    assert ids(reasoning_effort="low", chat_template_kwargs={"reasoning_effort": "max"}) == want(reasoning_effort="max")
+    r = httpx.post(srv.base_url + "/v1/chat/completions", timeout=30, json={
+        "model": "smollm2-135m", "messages": msgs, "chat_template": RAG_TEMPLATE, "add_generation_prompt": False,
+        "documents": docs, "max_tokens": 1})
+    assert r.status_code == 200 and r.json()["usage"]["prompt_tokens"] == len(want(documents=docs)), r.text
