@@ -8,7 +8,7 @@ four requests preempt in it. Prompts and outputs run far past the window.
 * n > 1 seeded sampling and beam search (forks copy their partial block in every group): hybrid == disabled;
 * a long request alone: each sliding group holds at most cdiv(window, bs) + 1 blocks while it decodes,
   the full group one per 4 tokens;
-* every block is back in the pool after each run.
+* every block is back in the pool after each run, and the warmed-up hybrid engine compiled nothing more.
 """
 import numpy as np
 import pytest
@@ -39,7 +39,8 @@ def engines(tmp_path_factory):
     kw = dict(model=path, max_model_len=MAX_LEN, block_size=BS, max_num_seqs=4, max_num_batched_tokens=BUDGET,
               dtype="float32")
     hybrid = build_engine(EngineConfig(**kw, async_scheduling=True, kv_cache_memory_bytes=HYBRID_BYTES * per_block),
-                          compile_cache=False, warmup=False)
+                          compile_cache=False, warmup=True)  # every bucket compiled: serving must compile nothing
+    hybrid.warm = (hybrid.runner.compile_count, hybrid.runner.num_traces)
     classic = build_engine(EngineConfig(**kw, async_scheduling=False, disable_hybrid_kv_cache_manager=True,
                                         kv_cache_memory_bytes=CLASSIC_BLOCKS * per_block),
                            compile_cache=False, warmup=False)
@@ -127,3 +128,10 @@ def test_sliding_groups_stay_bounded(engines):
             assert max(held[1:]) <= cdiv(W, BS) + 1 and held[0] == cdiv(req.num_computed_tokens, BS), held
     assert decoding > 40
     assert_all_free(hybrid)
+
+
+def test_no_compile_after_warmup(engines):
+    """The group tables ride in fixed-shape metadata: every step above reused a warm-up executable."""
+    e = engines[1].engine
+    assert e.runner.compile_count == e.compiles_at_warmup
+    assert (e.runner.compile_count, e.runner.num_traces) == e.warm
