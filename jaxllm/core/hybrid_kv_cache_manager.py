@@ -136,12 +136,14 @@ class HybridKVCacheManager(KVCacheManager):
     # ----- allocation -----------------------------------------------------------------
     def _free_skipped(self, lists: list[list[KVBlock | None]], num_computed: int) -> None:
         """Free every sliding group's blocks before its window at ``num_computed`` (entries turn None)."""
-        for g, blocks in enumerate(lists):
-            if self.windows[g] is None:
+        for w, blocks in zip(self.windows, lists):
+            if w is None:
+                continue
+            i = min(max(0, num_computed - w + 1) // self.block_size, len(blocks)) - 1
+            if i < 0 or blocks[i] is None:  # freed entries form a prefix: nothing new to free
                 continue
             freed = []
-            i = min(self._first_needed(g, num_computed), len(blocks)) - 1
-            while i >= 0 and blocks[i] is not None:  # freed entries form a prefix: stop at the first None
+            while i >= 0 and blocks[i] is not None:
                 freed.append(blocks[i])
                 blocks[i] = None
                 i -= 1
@@ -153,35 +155,37 @@ class HybridKVCacheManager(KVCacheManager):
         """Make room for ``num_new_tokens`` after the computed tokens in every group. Returns the newly
         allocated blocks, or None when the pool cannot supply every group's: then nothing was allocated
         (blocks that fell out of a sliding window may have been freed, which is always valid)."""
-        G = self.num_groups
-        new_computed_blocks = new_computed_blocks or [[] for _ in range(G)]
-        hit = len(new_computed_blocks[0])
+        bs = self.block_size
+        hit = len(new_computed_blocks[0]) if new_computed_blocks else 0
         lists = self.req_blocks.get(req.request_id)
-        num_computed = req.num_computed_tokens + hit * self.block_size + num_copied_tokens
+        num_computed = req.num_computed_tokens + hit * bs + num_copied_tokens
         total = num_computed + num_new_tokens
+        want = cdiv(total, bs)
         if lists is not None:
             self._free_skipped(lists, num_computed)
-        want = cdiv(total, self.block_size)
-        have = [hit + (len(lists[g]) if lists is not None else 0) for g in range(G)]
-        first = [self._first_needed(g, num_computed) for g in range(G)]
-        num_needed = sum(max(0, want - max(have[g], first[g])) for g in range(G))
-        num_reclaimed = sum(1 for blocks in new_computed_blocks for b in blocks if b is not None and b.ref_cnt == 0)
+        firsts = [0 if w is None else max(0, num_computed - w + 1) // bs for w in self.windows]
+        num_needed = 0
+        for g, first in enumerate(firsts):
+            have = hit + (len(lists[g]) if lists is not None else 0)
+            num_needed += max(0, want - max(have, first))
+        num_reclaimed = 0 if not hit else sum(
+            1 for blocks in new_computed_blocks for b in blocks if b is not None and b.ref_cnt == 0)
         if num_needed > self.pool.num_free_blocks - num_reclaimed:
             return None
         if lists is None:
-            lists = self.req_blocks[req.request_id] = [[] for _ in range(G)]
+            lists = self.req_blocks[req.request_id] = [[] for _ in self.windows]
         if hit:
-            for g in range(G):
+            for g, blocks in enumerate(lists):
                 self.pool.touch([b for b in new_computed_blocks[g] if b is not None])
-                lists[g].extend(new_computed_blocks[g])
+                blocks.extend(new_computed_blocks[g])
             self.num_cached_blocks[req.request_id] = hit
-        new_blocks = self.pool.get_new_blocks(num_needed)
+        new_blocks = self.pool.get_new_blocks(num_needed) if num_needed else []
         it = iter(new_blocks)
-        for g in range(G):
-            blocks = lists[g]
-            if len(blocks) < min(first[g], want):
-                blocks.extend([None] * (min(first[g], want) - len(blocks)))
-            blocks.extend(next(it) for _ in range(want - len(blocks)))
+        for blocks, first in zip(lists, firsts):
+            if len(blocks) < first:  # positions already out of the window: no block
+                blocks.extend([None] * (first - len(blocks)))
+            if len(blocks) < want:
+                blocks.extend(next(it) for _ in range(want - len(blocks)))
         if self.enable_caching and req.pooling is None:
             self._cache_group_blocks(req, lists, total)
         return new_blocks

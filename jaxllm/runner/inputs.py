@@ -140,14 +140,14 @@ def build_inputs(seqs: list[ScheduledSeq], rows: list[int], num_rows: int, eos_i
         prompt_rows[t:t + n] = np.where(is_prompt, row, R)
         output_rows[t:t + n] = np.where(is_prompt, R, row)
         block_tables[i, :len(blocks)] = blocks
-        if G > 1:
-            for g, ids in enumerate(s.group_block_ids):
-                table = np.asarray(ids, np.int32)  # [n_blocks] i32, -1 = null (out of a sliding window)
-                if (table[pos // block_size] < 0).any():
-                    raise RuntimeError(f"request_id={s.request_id!r}: KV cache group {g} has a null block under a "
-                                       f"token it writes (positions {s.start_pos}..{s.start_pos + n - 1})")
-                group_slots[g, t:t + n] = table[pos // block_size] * block_size + pos % block_size
-                group_tables[g, i, :len(table)] = np.maximum(table, 0)
+        if G > 1:  # every group's table has one entry per block of the sequence: [G, n_blocks]
+            table = np.asarray(s.group_block_ids, np.int32)  # [G, n_blocks] i32, -1 = null (out of a window)
+            written = table[:, pos // block_size]  # [G, n] i32
+            if (written < 0).any():
+                raise RuntimeError(f"request_id={s.request_id!r}: a KV cache group has a null block under a token "
+                                   f"it writes (positions {s.start_pos}..{s.start_pos + n - 1})")
+            group_slots[:, t:t + n] = written * block_size + pos % block_size
+            group_tables[:, i, :table.shape[1]] = np.maximum(table, 0)
             block_tables[i, :len(blocks)] = group_tables[0, i, :len(blocks)]
             slots[t:t + n] = group_slots[0, t:t + n]
         context_lens[i] = s.start_pos + n
