@@ -70,6 +70,7 @@ class GroupKVStore:
         self.windows = windows
         self.store = [dict() for _ in windows]
         self.max_sliding_held = 0
+        self.rng = random.Random(0)
 
     def step(self, out, sched):
         sampled = {}
@@ -94,14 +95,19 @@ class GroupKVStore:
                         assert b != NULL_BLOCK_ID, ("read of a freed block", s.request_id, g, q, p)
                         assert self.store[g].get(b * BS + p % BS) == (p, tuple(toks[:p + 1])), (s.request_id, g, q, p)
             if s.sample:
-                sampled[s.request_id] = (sum(toks[-3:]) * 7 + len(toks)) % 50
+                new = (sum(toks[-3:]) * 7 + len(toks)) % 50
+                d = s.num_draft_tokens  # speculative: accept a random prefix of the drafts, then the new token
+                sampled[s.request_id] = (new if not d else
+                                         s.token_ids[len(s.token_ids) - d:][:self.rng.randrange(d + 1)] + [new])
         return sampled
 
 
-def drive(sched, store, max_steps=5000):
+def drive(sched, store, max_steps=5000, spec: int = 0):
     for _ in range(max_steps):
         if not sched.has_unfinished_requests():
             return
+        for r in sched.running:  # speculative decoding: drafts ride behind a decode, rejected ones roll back
+            r.spec_token_ids = [store.rng.randrange(50) for _ in range(spec)]
         out = sched.schedule()
         for r, _ in sched.update_from_output(out, store.step(out, sched)):
             if r.num_output_tokens >= r.max_output_tokens:
@@ -136,6 +142,38 @@ def test_scheduler_loop_reads_what_each_group_needs(num_blocks, budget, seed):
         assert kv.prefix_hits > 0  # the shared stems were reused
     else:
         assert sched.num_preemptions > 0  # tight pools preempt
+
+
+def test_speculative_drafts_roll_back_inside_the_window():
+    """Drafts take slots like any token and rejected ones roll num_computed_tokens back: a sliding group
+    frees by the rolled-back count at the next allocation, so every later read still finds its window."""
+    groups = make_groups(gemma3_windows())
+    kv = HybridKVCacheManager(200, BS, groups)
+    sched = Scheduler(SchedulerConfig(max_num_seqs=4, max_num_batched_tokens=16, max_model_len=200), kv)
+    store = GroupKVStore([g.window for g in groups.groups])
+    rng = random.Random(5)
+    for i in range(4):
+        sched.add_request(req(f"s{i}", [rng.randrange(50) for _ in range(rng.randrange(3, 20))], max_tokens=30))
+    drafted = []
+    real_schedule = sched.schedule
+    sched.schedule = lambda: (out := real_schedule(), drafted.extend(s.num_draft_tokens for s in out.seqs))[0]
+    drive(sched, store, spec=3)
+    assert_no_leaks(sched)
+    assert max(drafted) == 3
+
+
+def test_block_keys_keep_groups_apart():
+    """A LoRA adapter's requests (extra_key) never hit another key's blocks, in any group."""
+    groups = make_groups(gemma3_windows())
+    kv = HybridKVCacheManager(64, BS, groups)
+    a = req("a", range(20))
+    kv.allocate_slots(a, 20)
+    a.num_computed_tokens = 20
+    same, other = req("b", range(21)), req("c", range(21))
+    other.extra_key = ("lora", 1)
+    assert kv.get_computed_blocks(same)[1] == 20 and kv.get_computed_blocks(other) == ([[], [], []], 0)
+    kv.free(a)
+    assert kv.num_free_blocks == 64
 
 
 def longest_hit_brute_force(kv, r):
