@@ -123,7 +123,8 @@ def main(argv=None) -> int:
     ap.add_argument("--budget-gib", type=float, default=40.0, help="KV cache bytes per device (bf16)")
     ap.add_argument("--context", type=int, nargs="+", default=[8192, 32768])
     ap.add_argument("--block-size", type=int, default=16)
-    ap.add_argument("--chunk", type=int, default=2048, help="max_num_batched_tokens (a sliding group holds window + chunk)")
+    ap.add_argument("--chunk", type=int, default=2048,
+                    help="max_num_batched_tokens (a sliding group holds window + chunk)")
     ap.add_argument("--engine", action="store_true", help="also time a small CPU engine run per layout")
     ap.add_argument("--repeats", type=int, default=2, help="engine runs per layout")
     ap.add_argument("--output-json")

@@ -17,7 +17,8 @@ class EngineStatsMixin:
         groups = getattr(self, "kv_groups", None)
         if groups is None:
             return cdiv(self.config.max_model_len, self.config.block_size)
-        return groups.blocks_per_request(self.config.max_model_len, self.config.max_num_batched_tokens, self.config.block_size)
+        c = self.config
+        return groups.blocks_per_request(c.max_model_len, c.max_num_batched_tokens, c.block_size)
 
     def cache_summary(self) -> str:
         """One line for start-up: blocks, tokens, and how many max_model_len requests fit."""

@@ -29,7 +29,8 @@ def kv_cache_blocks(model_config: ModelConfig, block_size: int, dtype, kv_cache_
     working memory; on CPU a 1 GiB default (split over the tp devices, which share host memory).
     With tensor parallelism each device holds num_kv_heads / tp heads of every block. `kv_layers`: the
     layer pages per block (a hybrid cache's group slots, jaxllm/core/kv_cache_groups.py); None = every layer."""
-    per_block = KVCache.bytes_per_block(kv_layers or model_config.num_layers, block_size, model_config.num_kv_heads // tp,
+    per_block = KVCache.bytes_per_block(kv_layers or model_config.num_layers, block_size,
+                                        model_config.num_kv_heads // tp,
                                         model_config.head_dim, dtype)
     budget = kv_cache_memory_bytes
     if budget is None:

@@ -135,3 +135,25 @@ def test_no_compile_after_warmup(engines):
     e = engines[1].engine
     assert e.runner.compile_count == e.compiles_at_warmup
     assert (e.runner.compile_count, e.runner.num_traces) == e.warm
+
+
+def test_engine_refuses_a_cache_one_request_cannot_fit():
+    """The start-up check counts a max_model_len request's blocks over the groups: 24 full + 3 x 7 sliding
+    blocks (window + chunk) = 45, not 24 and not 4 x 24."""
+    from jaxllm.config import EngineConfig
+    from jaxllm.core.hybrid_kv_cache_manager import HybridKVCacheManager
+    from jaxllm.core.kv_cache_groups import make_groups
+    from jaxllm.engine.engine import LLMEngine
+    from tests.fakes.fake_runner import FakeRunner
+    from tests.fakes.fake_tokenizer import FakeTokenizer
+
+    cfg = EngineConfig(model="fake", block_size=BS, max_model_len=MAX_LEN, max_num_batched_tokens=BUDGET)
+    for num_blocks in (44, 45):
+        runner = FakeRunner(num_blocks, BS)
+        runner.kv_groups = make_groups([W, W, W, None])
+        if num_blocks == 44:
+            with pytest.raises(ValueError, match=r"^num_blocks=44 is invalid: a request of max_model_len=96 tokens "
+                                                 r"needs 45 blocks over the KV cache groups \(4 groups"):
+                LLMEngine(cfg, runner, FakeTokenizer())
+        else:
+            assert isinstance(LLMEngine(cfg, runner, FakeTokenizer()).kv, HybridKVCacheManager)
