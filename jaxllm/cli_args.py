@@ -69,6 +69,10 @@ def add_engine_args(ap: argparse.ArgumentParser) -> None:
     g.add_argument("--block-size", type=int, default=d.block_size, help="tokens per KV cache block")
     g.add_argument("--enable-prefix-caching", action=argparse.BooleanOptionalAction,
                    default=d.enable_prefix_caching, help="share the KV blocks of identical prompt prefixes")
+    g.add_argument("--disable-hybrid-kv-cache-manager", action="store_true",
+                   default=d.disable_hybrid_kv_cache_manager,
+                   help="one full-length KV cache for every layer of a model with sliding-window layers "
+                        "(default: sliding-window layers keep only their window's blocks)")
     g.add_argument("--kv-cache-memory-bytes", type=int, default=None,
                    help="KV cache size in bytes (default: 1 GiB on CPU; on an accelerator "
                         "--gpu-memory-utilization of its memory minus weights and working memory)")
@@ -172,6 +176,7 @@ def engine_config_from_args(args) -> EngineConfig:
     return EngineConfig(model=args.model, max_model_len=args.max_model_len, max_num_seqs=args.max_num_seqs,
                         max_num_batched_tokens=args.max_num_batched_tokens, block_size=args.block_size,
                         enable_prefix_caching=args.enable_prefix_caching,
+                        disable_hybrid_kv_cache_manager=getattr(args, "disable_hybrid_kv_cache_manager", False),
                         kv_cache_memory_bytes=args.kv_cache_memory_bytes,
                         gpu_memory_utilization=args.gpu_memory_utilization,
                         tensor_parallel_size=args.tensor_parallel_size,

@@ -77,6 +77,10 @@ class EngineConfig(msgspec.Struct, kw_only=True):
     max_num_batched_tokens: int = 2048
     block_size: int = 16
     enable_prefix_caching: bool = True
+    # vLLM's --disable-hybrid-kv-cache-manager: keep one full-length KV cache for every layer of a model with
+    # sliding-window layers (default: KV cache groups, sliding ones holding only their window's blocks;
+    # jaxllm/core/kv_cache_groups.py). Models whose layers attend alike have one group either way.
+    disable_hybrid_kv_cache_manager: bool = False
     kv_cache_memory_bytes: int | None = None
     gpu_memory_utilization: float = 0.9
     tensor_parallel_size: int = 1
@@ -153,6 +157,7 @@ class EngineConfig(msgspec.Struct, kw_only=True):
             raise ValueError(f"kv_cache_dtype={self.kv_cache_dtype!r} is invalid: must be one of {list(KV_CACHE_DTYPES)}")
         _bool("calculate_kv_scales", self.calculate_kv_scales)
         _bool("enable_expert_parallel", self.enable_expert_parallel)
+        _bool("disable_hybrid_kv_cache_manager", self.disable_hybrid_kv_cache_manager)
         _bool("enable_lora", self.enable_lora)
         _pos_int("max_loras", self.max_loras)
         _pos_int("max_lora_rank", self.max_lora_rank)

@@ -66,12 +66,15 @@ class KVCache:
 
     @staticmethod
     def zeros(num_layers, num_blocks, block_size, num_kv_heads, head_dim, dtype, sharding=None,
-              scale_sharding=None, scale_init: float = 0.0, scales_fixed: bool = False) -> "KVCache":
+              scale_sharding=None, scale_init: float = 0.0, scales_fixed: bool = False,
+              num_scale_layers: int | None = None) -> "KVCache":
         """An all-zero cache. `dtype` float8_e4m3fn makes an fp8 cache with scales [L, kvh] f32 set
         to `scale_init` (0: each layer's first write derives them, kv_quant.py; 1.0: a fixed
         scale, vLLM's default without calibration; the engine replaces them with its calibrated
         scales at start, jaxllm/runner/kv_calibration.py). `scales_fixed`: writes never derive or
-        change the scales (the engine's runner: kv_write.py), so they must start > 0."""
+        change the scales (the engine's runner: kv_write.py), so they must start > 0. `num_scale_layers`:
+        the model's layers when `num_layers` counts layer slots of KV cache groups (the hybrid cache:
+        pages [P, ...], scales stay per real layer [L, kvh]); None = num_layers."""
         if scales_fixed and not scale_init > 0:
             raise ValueError(f"scale_init={scale_init} is invalid with scales_fixed=True: must be > 0")
         shape = (num_layers, num_blocks, block_size, num_kv_heads, head_dim)
@@ -85,12 +88,12 @@ class KVCache:
         pages = [make(shape, jnp.uint8 if fp8 else dtype, 0, sharding) for _ in "kv"]  # fp8: its bits
         if not fp8:
             return KVCache(*pages)
-        scales = [make((num_layers, num_kv_heads), jnp.float32, scale_init, scale_sharding) for _ in "kv"]
+        scales = [make((num_scale_layers or num_layers, num_kv_heads), jnp.float32, scale_init, scale_sharding) for _ in "kv"]
         return KVCache(*pages, *scales, scales_fixed=scales_fixed)
 
     @staticmethod
     def bytes_per_block(num_layers, block_size, num_kv_heads, head_dim, dtype) -> int:
-        """Bytes of one block's K and V pages over all layers (an fp8 cache's scales are a fixed
+        """Bytes of one block's K and V pages over all layers (layer slots of a hybrid cache) (an fp8 cache's scales are a fixed
         2 x num_layers x num_kv_heads f32, not per block)."""
         return 2 * num_layers * block_size * num_kv_heads * head_dim * jnp.dtype(dtype).itemsize
 
@@ -111,6 +114,20 @@ class AttentionMetadata:
     # Only longrope's per-sequence set choice does (jaxllm/models/rope.py); None = not given (the
     # model then takes context_lens in its place, which is the same for a one-step prefill).
     prompt_lens: jax.Array | None = None
+    # Hybrid KV cache (jaxllm/core/kv_cache_groups.py): every KV cache group's slot mapping and block
+    # tables, group 0's equal to slot_mapping / block_tables; layer l of group g reads and writes its page
+    # slot through `for_group(g)`. A sliding group's null entries (blocks out of its window) hold block 0:
+    # never written (no slot maps there) and only ever masked. None with one group.
+    group_slot_mapping: jax.Array | None = None  # [G, T] int32, -1 for padding tokens
+    group_block_tables: jax.Array | None = None  # [G, S, max_blocks_per_seq] int32
+
+    def for_group(self, g: int) -> "AttentionMetadata":
+        """The metadata layers of KV cache group `g` attend with (self when there are no groups)."""
+        if self.group_slot_mapping is None:
+            return self
+        return dataclasses.replace(self, slot_mapping=self.group_slot_mapping[g],
+                                   block_tables=self.group_block_tables[g], group_slot_mapping=None,
+                                   group_block_tables=None)
 
     @property
     def num_tokens(self) -> int:

@@ -132,6 +132,16 @@ class KVCacheManager:
         self._pinned_to_release.append(block)
         return copy
 
+    def take_fork_copies(self, req: Request) -> list[tuple[int, int]]:
+        """``take_fork_copy`` as a list of (source, destination) block pairs (one per KV cache group;
+        the hybrid manager copies one per group)."""
+        copy = self.take_fork_copy(req)
+        return [] if copy is None else [copy]
+
+    def num_hit_tokens(self, computed: list[KVBlock]) -> int:
+        """Tokens the cached blocks of a ``get_computed_blocks`` answer hold (a fork's copied rest aside)."""
+        return len(computed) * self.block_size
+
     def release_pins(self) -> None:
         """Drop the pins of forks admitted in this schedule (after its allocations)."""
         blocks, self._pinned_to_release = self._pinned_to_release, []
@@ -183,6 +193,10 @@ class KVCacheManager:
 
     def get_block_ids(self, request_id: str) -> list[int]:
         return [b.block_id for b in self.req_blocks.get(request_id, ())]
+
+    def get_group_block_ids(self, request_id: str) -> list[list[int]] | None:
+        """Every KV cache group's table: None here (one group, ``get_block_ids``); see HybridKVCacheManager."""
+        return None
 
     def free(self, req: Request) -> None:
         """Release the request's blocks, tail first (so its tail is evicted first), and its fork pin."""

@@ -214,7 +214,7 @@ class Scheduler:
                     break  # preempted while its token is in flight: resume once that token is known
                 cached_blocks, num_cached = self.kv.get_computed_blocks(req)
                 n = min(req.num_tokens - num_cached, budget)
-                num_hit = len(cached_blocks) * self.kv.block_size  # the rest (a fork's partial block) is copied
+                num_hit = self.kv.num_hit_tokens(cached_blocks)  # the rest (a fork's partial block) is copied
                 if self.kv.allocate_slots(req, n, cached_blocks, num_cached - num_hit) is None:
                     if scheduled or not self._preempt_held():
                         break
@@ -223,9 +223,7 @@ class Scheduler:
                 if self.kv.enable_caching and req.pooling is None:  # embeddings bypass the cache
                     self.kv.record_prefix_lookup(req.num_tokens, num_hit)
                 req.num_computed_tokens = num_cached
-                copy = self.kv.take_fork_copy(req)
-                if copy is not None:
-                    copies.append(copy)
+                copies.extend(self.kv.take_fork_copies(req))
                 if req.num_cached_tokens < 0:
                     req.num_cached_tokens = num_cached
                 if req.first_scheduled_time is None:
@@ -254,7 +252,9 @@ class Scheduler:
                 token_ids=([PLACEHOLDER_TOKEN_ID] if placeholder
                            else req.all_token_ids[start:start + n] + drafts),
                 start_pos=start,
-                block_ids=self.kv.get_block_ids(req.request_id),
+                block_ids=group_ids[0] if (group_ids := self.kv.get_group_block_ids(req.request_id))
+                else self.kv.get_block_ids(req.request_id),
+                group_block_ids=group_ids,
                 sample=sample,
                 num_prompt_tokens=req.num_prompt_tokens,
                 params=req.params,

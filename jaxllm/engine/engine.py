@@ -37,6 +37,7 @@ import time
 from collections.abc import Iterable
 
 from jaxllm.config import POOLING_TASKS, EngineConfig
+from jaxllm.core.hybrid_kv_cache_manager import HybridKVCacheManager
 from jaxllm.core.kv_cache_manager import KVCacheManager, cdiv
 from jaxllm.core.request import RequestStatus
 from jaxllm.core.scheduler import Scheduler
@@ -66,7 +67,15 @@ class LLMEngine(AddRequestsMixin, EmbedRequestsMixin, EngineStatsMixin, GrammarR
             raise ValueError("max_model_len=None is invalid for LLMEngine: resolve it from the "
                              "model config first (the factory does)")
         num_blocks = runner.num_blocks
-        if num_blocks * config.block_size < config.max_model_len:
+        self.kv_groups = getattr(runner, "kv_groups", None)  # KV cache groups (jaxllm/core/kv_cache_groups.py)
+        hybrid = self.kv_groups is not None and self.kv_groups.hybrid
+        if hybrid and num_blocks < (need := self.blocks_per_request()):
+            raise ValueError(
+                f"num_blocks={num_blocks} is invalid: a request of max_model_len={config.max_model_len} tokens "
+                f"needs {need} blocks over the KV cache groups ({self.kv_groups.describe()}; block_size="
+                f"{config.block_size}, chunks of max_num_batched_tokens={config.max_num_batched_tokens}); lower "
+                f"max_model_len or give the cache more memory")
+        if not hybrid and num_blocks * config.block_size < config.max_model_len:
             raise ValueError(
                 f"num_blocks={num_blocks} is invalid: the KV cache holds {num_blocks} x "
                 f"block_size={config.block_size} = {num_blocks * config.block_size} tokens, less "
@@ -94,8 +103,12 @@ class LLMEngine(AddRequestsMixin, EmbedRequestsMixin, EngineStatsMixin, GrammarR
         # Logprob.decoded_token (None for tokenizer-less models, like detokenize=False)
         self._token_texts = TokenTexts(tokenizer) if getattr(tokenizer, "has_text", True) else None
         # longrope: prompts past the original length write other KV; their blocks hash apart
-        self.kv = KVCacheManager(num_blocks, config.block_size, config.enable_prefix_caching,
-                                 long_prompt_threshold(getattr(runner, "model_config", None), config.max_model_len))
+        threshold = long_prompt_threshold(getattr(runner, "model_config", None), config.max_model_len)
+        if hybrid:  # sliding-window groups beside full ones: one block table per group
+            self.kv = HybridKVCacheManager(num_blocks, config.block_size, self.kv_groups,
+                                           config.enable_prefix_caching, threshold)
+        else:
+            self.kv = KVCacheManager(num_blocks, config.block_size, config.enable_prefix_caching, threshold)
         self.scheduler = Scheduler(config.scheduler_config(), self.kv)
         self._rng = random.Random(config.seed)
         self._parents: dict[str, ParentState] = {}

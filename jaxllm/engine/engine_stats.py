@@ -11,10 +11,19 @@ from jaxllm.metrics.stats import IterationStats, SchedulerStats
 
 
 class EngineStatsMixin:
+    def blocks_per_request(self) -> int:
+        """Blocks one request of max_model_len tokens may hold: one per block_size tokens, or with KV cache
+        groups each full group's plus each sliding group's window and chunk (kv_cache_groups.py)."""
+        groups = getattr(self, "kv_groups", None)
+        if groups is None:
+            return cdiv(self.config.max_model_len, self.config.block_size)
+        c = self.config
+        return groups.blocks_per_request(c.max_model_len, c.max_num_batched_tokens, c.block_size)
+
     def cache_summary(self) -> str:
         """One line for start-up: blocks, tokens, and how many max_model_len requests fit."""
         bs, nb = self.config.block_size, self.kv.num_blocks
-        per_req = cdiv(self.max_model_len, bs)
+        per_req = self.blocks_per_request()
         return (f"KV cache: {nb} blocks x {bs} tokens = {nb * bs} tokens; maximum concurrency "
                 f"at max_model_len={self.max_model_len}: {nb / per_req:.2f}x")
 

@@ -216,7 +216,9 @@ def build_engine(config: EngineConfig, *, compile_cache: bool = True, warmup: bo
                      task=config.task, kv_cache_dtype=config.kv_cache_dtype,
                      lora_config=LoRAConfig.from_engine_config(config),
                      kv_scales_fixed=config.kv_cache_dtype == "fp8",  # set at start below: no per-write absmax
-                     num_speculative_tokens=spec.num_speculative_tokens if (spec := config.speculative()) else 0)
+                     num_speculative_tokens=spec.num_speculative_tokens if (spec := config.speculative()) else 0,
+                     hybrid_kv_cache=not config.disable_hybrid_kv_cache_manager)
+    kv_groups = model.kv_cache_groups(not config.disable_hybrid_kv_cache_manager)  # the runner's (kv_cache_groups.py)
     reserve = 0
     accelerator = jax.local_devices()[0].platform != "cpu"
     if config.kv_cache_memory_bytes is None and accelerator:
@@ -233,7 +235,7 @@ def build_engine(config: EngineConfig, *, compile_cache: bool = True, warmup: bo
               f"largest free block {stats.get('largest_free_block_bytes', 0) / gib:.1f} GiB")
     kv_dtype = cache_dtype(config.kv_cache_dtype, dtype)
     num_blocks = kv_cache_blocks(model.config, config.block_size, kv_dtype, config.kv_cache_memory_bytes,
-                                 config.gpu_memory_utilization, reserve_bytes=reserve, tp=tp)
+                                 config.gpu_memory_utilization, reserve_bytes=reserve, tp=tp, kv_layers=kv_groups.slots)
     if jax.process_count() > 1:  # multi-host: every process allocates the same cache (process 0's size)
         import numpy as np
         from jax.experimental import multihost_utils
@@ -274,12 +276,17 @@ def build_engine(config: EngineConfig, *, compile_cache: bool = True, warmup: bo
               + (f"replicated x{layout.kv_repeat} ({mc.num_kv_heads} -> {model.config.num_kv_heads}, one per device)"
                  if layout.kv_repeat > 1 else f"sharded ({mc.num_kv_heads // tp} per device)")
               + f"; embed/lm_head {'vocab-parallel' if layout.shard_vocab else 'replicated'}")
-    per_token = KVCache.bytes_per_block(model.config.num_layers, 1, model.config.num_kv_heads // tp,
+    per_token = KVCache.bytes_per_block(kv_groups.slots, 1, model.config.num_kv_heads // tp,
                                         model.config.head_dim, kv_dtype)
+    per_request = kv_groups.blocks_per_request(max_model_len, config.max_num_batched_tokens, config.block_size)
     _info(f"KV cache: {config.kv_cache_dtype} ({jax.numpy.dtype(kv_dtype).name}"
           f"{', per-layer per-kv-head scales' if config.kv_cache_dtype == 'fp8' else ''}), {per_token} bytes per "
-          f"token{' per device' if tp > 1 else ''}; {num_blocks} blocks x {config.block_size} tokens = {tokens} "
-          f"tokens; maximum concurrency at max_model_len={max_model_len}: {tokens / max_model_len:.1f}x")
+          f"token{' per group' if kv_groups.hybrid else ''}{' per device' if tp > 1 else ''}; {num_blocks} blocks x "
+          f"{config.block_size} tokens = {tokens} tokens; maximum concurrency at max_model_len={max_model_len}: "
+          f"{num_blocks / per_request:.1f}x")
+    if kv_groups.hybrid or any(t == "sliding_attention" for t in (mc.layer_types or ())):
+        _info(f"KV cache groups ({'hybrid' if kv_groups.hybrid else '--disable-hybrid-kv-cache-manager'}): "
+              f"{kv_groups.describe()}; a max_model_len request holds {per_request} blocks")
     if scales_line:
         _info(scales_line)
     if gen.describe():

@@ -20,6 +20,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
+from jaxllm.core.kv_cache_groups import KVCacheGroups, make_groups
 from jaxllm.lora.delta import LoRABatch, with_lora
 from jaxllm.models.config import ModelConfig
 from jaxllm.models.fusion import FUSED, FUSED_OUTPUTS, FUSED_PARTS, placement_plan, split_fused
@@ -157,10 +158,12 @@ def layer_loop_mode(mode: str | None = None, config: ModelConfig | None = None) 
 
 
 def decoder_layer(w: dict[str, jax.Array], x, cos, sin, cache: KVCache, index, metadata: AttentionMetadata,
-                  c: ModelConfig, lay, proj: Projector, attention_impl, window: int | None):
+                  c: ModelConfig, lay, proj: Projector, attention_impl, window: int | None,
+                  cache_slot: int | None = None):
     """One decoder layer: x [T, E] → (x [T, E], cache with this layer's k/v written at `index`).
     `w`: the layer's held weights by short name ("wqkv", ...), each the layer's own array or a slice.
-    `window`: this layer's sliding window (None: full attention)."""
+    `window`: this layer's sliding window (None: full attention). `cache_slot` (hybrid KV cache): the
+    page slot this layer reads and writes, with `metadata` its group's (None: page `index`)."""
     H, K = c.num_heads, c.num_kv_heads
     norm = lambda x, weight: rms_norm(x, weight, c.rms_norm_eps, c.norm_offset)  # noqa: E731
     h = norm(x, w["input_norm"])  # [T, E]
@@ -171,7 +174,8 @@ def decoder_layer(w: dict[str, jax.Array], x, cos, sin, cache: KVCache, index, m
     if c.qk_norm:
         q, k = norm(q, w["q_norm"]), norm(k, w["k_norm"])
     q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
-    attn, cache = paged_attention(q, k, v, cache, index, metadata, lay, sm_scale=c.attention_scale,
+    attn, cache = paged_attention(q, k, v, cache, index if cache_slot is None else cache_slot, metadata, lay,
+                                  scale_layer=None if cache_slot is None else index, sm_scale=c.attention_scale,
                                   sliding_window=window, soft_cap=c.attn_logit_softcap, impl=attention_impl)
     out = constrain(proj("thd,hde->te", attn, "wo", w["wo"], index), lay, ("tokens", "embed"))  # [T, E]
     if c.sandwich_norms:  # Gemma 2/3: the attention output normalised before the residual
@@ -306,9 +310,21 @@ class LlamaForCausalLM(nnx.Module):
         stacked = self.layers.arrays() if self.layer_loop == "scan" else None
         proj = Projector(stacked, tokens.shape[0], lay, lora_onehot=None if lora is None else lora.onehot(x.dtype))
 
+        groups = None
+        if metadata.group_slot_mapping is not None:  # hybrid KV cache: layer i is slot j of group g
+            if self.layer_loop == "scan":
+                raise ValueError("a hybrid KV cache needs the unrolled layer loop (its layers differ)")
+            groups = self.kv_cache_groups()
+            group_meta = [metadata.for_group(g) for g in range(groups.num_groups)]
+
         def run(w, x, cache, i):  # i: a Python int (unroll) or traced (scan: every layer alike)
             window, local = layer_attention(c, i)
-            return decoder_layer(w, x, *ropes[local], cache, i, metadata, c, lay, proj, self.attention_impl, window)
+            if groups is None:
+                return decoder_layer(w, x, *ropes[local], cache, i, metadata, c, lay, proj, self.attention_impl,
+                                     window)
+            g, j = groups.layer_slot(i)
+            return decoder_layer(w, x, *ropes[local], cache, i, group_meta[g], c, lay, proj, self.attention_impl,
+                                 window, cache_slot=j)
 
         if self.layer_loop == "scan":
             in_place = {n: IN_PLACE for n in proj.in_place}  # read by the Projector at the traced layer
@@ -329,6 +345,13 @@ class LlamaForCausalLM(nnx.Module):
                 w = layer.arrays() if lora is None else with_lora(layer.arrays(), lora.weights[i])
                 x, kv_cache = run(w, x, kv_cache, i)
         return rms_norm(x, self.final_norm[...], c.rms_norm_eps, c.norm_offset), kv_cache
+
+    def kv_cache_groups(self, hybrid: bool = True) -> KVCacheGroups:
+        """The model's KV cache groups (jaxllm/core/kv_cache_groups.py) from its layers' windows; one group
+        for a model whose layers attend alike, or with `hybrid=False`."""
+        c = self.config
+        windows = [layer_attention(c, i)[0] if c.layer_types is not None else None for i in range(c.num_layers)]
+        return make_groups(windows, hybrid=hybrid)
 
     def classify(self, hidden: jax.Array) -> jax.Array:
         """hidden [S, E] (each sequence's last token, after the final norm) → the classifier head's

@@ -12,6 +12,8 @@ it is exactly the single-device computation).
 """
 from __future__ import annotations
 
+import dataclasses
+
 import jax
 import jax.numpy as jnp
 from jax.sharding import NamedSharding
@@ -27,12 +29,25 @@ def constrain(x: jax.Array, layout, logical_axes: tuple[str | None, ...]) -> jax
     return jax.lax.with_sharding_constraint(x, NamedSharding(layout.mesh, layout.spec(logical_axes)))
 
 
-def paged_attention(q, k, v, cache: KVCache, layer, metadata, layout, **attn_kwargs):
-    """q [T, H, D], k/v [T, K, D] → (attention [T, H, D], cache with k/v written at `layer`)."""
+def paged_attention(q, k, v, cache: KVCache, layer, metadata, layout, scale_layer: int | None = None,
+                    **attn_kwargs):
+    """q [T, H, D], k/v [T, K, D] → (attention [T, H, D], cache with k/v written at `layer`).
+
+    `scale_layer` (the hybrid KV cache: `layer` is a page slot shared by one layer of each KV cache
+    group): the model layer whose fp8 scales [L, kvh] apply; None = `layer` itself."""
 
     def local(q, k, v, cache, layer, metadata):
-        cache = write_kv(cache, layer, k, v, metadata.slot_mapping)
-        return ragged_paged_attention(q, cache, layer, metadata, **attn_kwargs), cache
+        if scale_layer is None or not cache.quantized:
+            cache = write_kv(cache, layer, k, v, metadata.slot_mapping)
+            return ragged_paged_attention(q, cache, layer, metadata, **attn_kwargs), cache
+        # a view whose every slot row holds scale_layer's scales (tiny: [P, kvh] f32), written back after
+        scales = cache.k_scale, cache.v_scale  # [L, kvh] f32 each
+        rows = [jnp.broadcast_to(s[scale_layer], (cache.num_layers,) + s.shape[1:]) for s in scales]
+        view = dataclasses.replace(cache, k_scale=rows[0], v_scale=rows[1])
+        view = write_kv(view, layer, k, v, metadata.slot_mapping)
+        out = ragged_paged_attention(q, view, layer, metadata, **attn_kwargs)
+        return out, dataclasses.replace(view, k_scale=scales[0].at[scale_layer].set(view.k_scale[layer]),
+                                        v_scale=scales[1].at[scale_layer].set(view.v_scale[layer]))
 
     if layout is None:
         return local(q, k, v, cache, layer, metadata)

@@ -72,11 +72,13 @@ def build_inputs(seqs: list[ScheduledSeq], rows: list[int], num_rows: int, eos_i
                  padded_tokens: int, padded_seqs: int, decode_only: bool, block_size: int,
                  max_blocks: int, max_seen: int, seed_steps: list | None = None, *, vocab_size: int,
                  grammar_bitmask: np.ndarray | None = None, constrained: list[bool] | None = None,
-                 lora: bool = False) -> StepInputs:
+                 lora: bool = False, num_groups: int = 1) -> StepInputs:
     """Numpy arrays for one step. `rows[i]` is seqs[i]'s penalty row; row `num_rows - 1` is spare.
     `grammar_bitmask` [len(seqs), ceil(vocab_size / 32)] i32 and `constrained` (SchedulerOutput's)
     restrict the constrained seqs' next token; without them every row is free (an all-zero mask).
     `lora`: fill `lora_slots` [T] from each seq's lora_slot (else it stays None).
+    `num_groups` > 1 (hybrid KV cache): the metadata's group_slot_mapping [G, T] and group_block_tables
+    [G, S, max_blocks] from each seq's group_block_ids (null entries -1 → block 0: masked, never written).
 
     Prefix-cache hits seed penalty state with up to `max_seen` tokens per step. When the step's
     hits carry more and `seed_steps` is a list, the prefixes go instead into all-padding inputs of
@@ -91,6 +93,9 @@ def build_inputs(seqs: list[ScheduledSeq], rows: list[int], num_rows: int, eos_i
     feed_rows = np.full(T, R, np.int32)
     lora_slots = np.zeros(T, np.int32) if lora else None
     block_tables = np.zeros((S, max_blocks), np.int32)
+    G = num_groups
+    group_slots = np.full((G, T), -1, np.int32) if G > 1 else None
+    group_tables = np.zeros((G, S, max_blocks), np.int32) if G > 1 else None
     context_lens = np.zeros(S, np.int32)
     prompt_lens = np.zeros(S, np.int32)  # [S] longrope's set choice (jaxllm/models/rope.py)
     cu = np.zeros(S + 1, np.int32)
@@ -135,6 +140,16 @@ def build_inputs(seqs: list[ScheduledSeq], rows: list[int], num_rows: int, eos_i
         prompt_rows[t:t + n] = np.where(is_prompt, row, R)
         output_rows[t:t + n] = np.where(is_prompt, R, row)
         block_tables[i, :len(blocks)] = blocks
+        if G > 1:  # every group's table has one entry per block of the sequence: [G, n_blocks]
+            table = np.asarray(s.group_block_ids, np.int32)  # [G, n_blocks] i32, -1 = null (out of a window)
+            written = table[:, pos // block_size]  # [G, n] i32
+            if (written < 0).any():
+                raise RuntimeError(f"request_id={s.request_id!r}: a KV cache group has a null block under a token "
+                                   f"it writes (positions {s.start_pos}..{s.start_pos + n - 1})")
+            group_slots[:, t:t + n] = written * block_size + pos % block_size
+            group_tables[:, i, :table.shape[1]] = np.maximum(table, 0)
+            block_tables[i, :len(blocks)] = group_tables[0, i, :len(blocks)]
+            slots[t:t + n] = group_slots[0, t:t + n]
         context_lens[i] = s.start_pos + n
         prompt_lens[i] = s.num_prompt_tokens
         t += n
@@ -177,7 +192,7 @@ def build_inputs(seqs: list[ScheduledSeq], rows: list[int], num_rows: int, eos_i
             # more than one step can carry: reset and seed the rows in padding steps run before this one
             for j, lo in enumerate(range(0, len(all_seen[0]), max_seen)):
                 pad = build_inputs([], [], num_rows, eos_ids, padded_tokens, padded_seqs, decode_only, block_size,
-                                   max_blocks, max_seen, vocab_size=vocab_size, lora=lora)
+                                   max_blocks, max_seen, vocab_size=vocab_size, lora=lora, num_groups=num_groups)
                 chunk = [a[lo:lo + max_seen] for a in all_seen]
                 n = len(chunk[0])
                 seen_tokens_j = pad.seen_tokens.copy()
@@ -191,7 +206,8 @@ def build_inputs(seqs: list[ScheduledSeq], rows: list[int], num_rows: int, eos_i
             n = min(max_seen, len(all_seen[0]))
             seen_tokens[:n], seen_prompt_rows[:n], seen_output_rows[:n] = (a[:n] for a in all_seen)
     meta = AttentionMetadata(slot_mapping=slots, block_tables=block_tables, context_lens=context_lens,
-                             cu_q_lens=cu, decode_only=decode_only, prompt_lens=prompt_lens)
+                             cu_q_lens=cu, decode_only=decode_only, prompt_lens=prompt_lens,
+                             group_slot_mapping=group_slots, group_block_tables=group_tables)
     sampling = SamplingInputs(temperature, top_k, top_p, min_p, presence, frequency, repetition, seeds,
                               sample_pos, mask_ids, bias_ids, bias_values, allowed_ids, bitmask, constrained_rows)
     want = np.asarray(any(s.params.logprobs for s in seqs))

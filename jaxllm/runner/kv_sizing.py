@@ -22,12 +22,15 @@ def contiguous_bytes(stats: dict) -> int:
 
 
 def kv_cache_blocks(model_config: ModelConfig, block_size: int, dtype, kv_cache_memory_bytes: int | None,
-                    gpu_memory_utilization: float, reserve_bytes: int = 0, tp: int = 1) -> int:
+                    gpu_memory_utilization: float, reserve_bytes: int = 0, tp: int = 1,
+                    kv_layers: int | None = None) -> int:
     """Number of KV blocks: from kv_cache_memory_bytes (per device) if given; on accelerators from
     the device's memory limit × utilization minus what is in use (weights) and the step's own
     working memory; on CPU a 1 GiB default (split over the tp devices, which share host memory).
-    With tensor parallelism each device holds num_kv_heads / tp heads of every block."""
-    per_block = KVCache.bytes_per_block(model_config.num_layers, block_size, model_config.num_kv_heads // tp,
+    With tensor parallelism each device holds num_kv_heads / tp heads of every block. `kv_layers`: the
+    layer pages per block (a hybrid cache's group slots, jaxllm/core/kv_cache_groups.py); None = every layer."""
+    per_block = KVCache.bytes_per_block(kv_layers or model_config.num_layers, block_size,
+                                        model_config.num_kv_heads // tp,
                                         model_config.head_dim, dtype)
     budget = kv_cache_memory_bytes
     if budget is None:

@@ -52,7 +52,7 @@ class ModelRunner:
     def __init__(self, model: LlamaForCausalLM, *, block_size: int, num_blocks: int, max_model_len: int,
                  max_num_seqs: int, max_num_batched_tokens: int, eos_token_ids=(), cache_sharding=None,
                  task: str = "generate", kv_cache_dtype: str = "auto", lora_config=None,
-                 kv_scales_fixed: bool = False, num_speculative_tokens: int = 0):
+                 kv_scales_fixed: bool = False, num_speculative_tokens: int = 0, hybrid_kv_cache: bool = True):
         """`task`: "generate" (sample from logits), "embed" (pool hidden states, runner/pooler.py:
         only the mixed buckets of the embed step are compiled; nothing is sampled) or "classify" (the
         same, the step returning the classifier head's logits of each sequence's last token).
@@ -65,7 +65,11 @@ class ModelRunner:
         (no LoRA: the step is exactly the program without it).
         `num_speculative_tokens` (K): seqs may carry up to K drafts (ScheduledSeq.num_draft_tokens);
         the mixed buckets' S grows to the most sampling rows a step can have, and steps whose seqs all
-        decode (with 0..K drafts) run draft buckets, T == S sized for them (runner/buckets.py)."""
+        decode (with 0..K drafts) run draft buckets, T == S sized for them (runner/buckets.py).
+        `hybrid_kv_cache`: a model with sliding-window and full-attention layers gets KV cache groups
+        (`kv_groups`, jaxllm/core/kv_cache_groups.py): pages [P, num_blocks, ...] for P layer slots, one
+        block table per group in each step's metadata; False (--disable-hybrid-kv-cache-manager) or a
+        model whose layers attend alike: one group, pages [num_layers, ...]."""
         if task not in ("generate", *POOLING_TASKS):
             raise ValueError(f"task={task!r} is invalid: must be one of {['generate', *POOLING_TASKS]}")
         c = model.config
@@ -98,10 +102,12 @@ class ModelRunner:
             cache_sharding = layout.cache_sharding()  # kv heads on "tp"
         scale_sharding = layout.cache_scale_sharding() if layout is not None else None  # fp8 scales
         self.kv_cache_dtype = kv_cache_dtype
-        self.kv_cache = KVCache.zeros(c.num_layers, num_blocks, block_size, c.num_kv_heads, c.head_dim,
+        self.kv_groups = model.kv_cache_groups(hybrid_kv_cache)
+        self.num_kv_groups = self.kv_groups.num_groups
+        self.kv_cache = KVCache.zeros(self.kv_groups.slots, num_blocks, block_size, c.num_kv_heads, c.head_dim,
                                       cache_dtype(kv_cache_dtype, dtype), sharding=cache_sharding,
                                       scale_sharding=scale_sharding, scale_init=1.0 if kv_scales_fixed else 0.0,
-                                      scales_fixed=kv_scales_fixed)
+                                      scales_fixed=kv_scales_fixed, num_scale_layers=c.num_layers)
         self.counts = jnp.zeros((self.num_rows, c.vocab_size), jnp.int32)  # [R, V] generated-token counts
         self.prompt_mask = jnp.zeros((self.num_rows, c.vocab_size), bool)  # [R, V] token in prompt
         fwd_kw, sample_kw = {}, {}
@@ -138,7 +144,8 @@ class ModelRunner:
         # forks (beam search): whole-block KV copies before a step; one executable, compiled at warm-up
         copy_kw = {} if layout is None else {"out_shardings": self.kv_cache.like(cache_sharding, scale_sharding)}
         self._copy = jax.jit(copy_blocks, donate_argnums=(0,), **copy_kw)
-        self.max_copies = max_num_seqs  # forks admitted in one step: at most one per scheduled seq
+        # forks admitted in one step: at most one per scheduled seq, one block per KV cache group each
+        self.max_copies = max_num_seqs * self.num_kv_groups
         self.supports_block_copy = not self.pooling and jax.process_count() == 1
         self._pooled: dict = {}  # request_id -> PooledChunk, filed by PendingPool.result()
         self._prompt_lp = jax.jit(programs.prompt_logprobs)
@@ -198,7 +205,7 @@ class ModelRunner:
         """An all-padding batch of one bucket: touches no slot and no penalty row."""
         return build_inputs([], [], self.num_rows, self.eos_ids, T, S, decode_only, self.block_size,
                             self.max_blocks_per_seq, self.max_model_len, vocab_size=self.vocab_size,
-                            lora=self.lora is not None)
+                            lora=self.lora is not None, num_groups=self.num_kv_groups)
 
     @staticmethod
     def _bucket(inp: StepInputs) -> tuple:
@@ -304,7 +311,8 @@ class ModelRunner:
     def _embed_inputs(self, seqs, T: int, S: int) -> StepInputs:
         spare = [self.num_rows - 1] * len(seqs)  # no penalty rows: embed steps never sample
         return build_inputs(seqs, spare, self.num_rows, self.eos_ids, T, S, False, self.block_size,
-                            self.max_blocks_per_seq, self.max_model_len, vocab_size=self.vocab_size)
+                            self.max_blocks_per_seq, self.max_model_len, vocab_size=self.vocab_size,
+                            num_groups=self.num_kv_groups)
 
     def _embed_executable(self, inp: StepInputs):
         key = ("embed",) + self._bucket(inp)
@@ -342,7 +350,8 @@ class ModelRunner:
         inp = build_inputs(seqs, rows, self.num_rows, self.eos_ids, T, S, decode_only, self.block_size,
                            self.max_blocks_per_seq, self.max_model_len, seed_steps, vocab_size=self.vocab_size,
                            grammar_bitmask=None if late else sched.grammar_bitmask,
-                           constrained=None if late else sched.constrained, lora=self.lora is not None)
+                           constrained=None if late else sched.constrained, lora=self.lora is not None,
+                           num_groups=self.num_kv_groups)
         if late or not (sched.constrained and any(sched.constrained)):
             inp = self._with_zero_bitmask(inp, S)
         for seed in seed_steps:  # same bucket, all padding: seeds penalty state only

@@ -93,6 +93,13 @@ GEMMA_CONFIGS["gemma3_mm"] = ("Gemma3Config", dict(
                                               num_hidden_layers=1, num_attention_heads=2, image_size=28,
                                               patch_size=14)))
 
+# The hybrid KV cache (tests/models/test_hybrid_kv_engine.py): Gemma 3's shape with 3 sliding layers of an
+# 8-token window per full one (4 KV cache groups of one layer each), short enough for block_size 4 to free blocks.
+HYBRID_CONFIGS = {
+    "gemma3_w8": ("Gemma3TextConfig", dict(GEMMA_CONFIGS["gemma3"][1], num_hidden_layers=4, sliding_window=8,
+                                           layer_types=["sliding_attention"] * 3 + ["full_attention"])),
+}
+
 # GGUF Gemma (tests/checkpoints/test_gguf.py): llama.cpp derives the query scale from the layer count (head_dim
 # but for the 27B models) and writes no key for it, so these take query_pre_attn_scalar = head_dim (Gemma 2 2B /
 # 9B, Gemma 3 1B-12B); Gemma 3 with 7 layers, so the full layer at 5 and a sliding one after it count.
@@ -112,11 +119,11 @@ def make_tiny_hf(name: str, root: str, seed: int = 0) -> str:
     if os.path.isfile(os.path.join(path, "config.json")):
         return path
     cls_name, kwargs = {**TINY_CONFIGS, **ROPE_CONFIGS, **ARCH_CONFIGS, **MOE_CONFIGS, **SHARED_MOE_CONFIGS,
-                        **GEMMA_CONFIGS, **GEMMA_GGUF_CONFIGS}[name]
+                        **GEMMA_CONFIGS, **GEMMA_GGUF_CONFIGS, **HYBRID_CONFIGS}[name]
     config = getattr(transformers, cls_name)(**kwargs)
     torch.manual_seed(seed)
     model = transformers.AutoModelForCausalLM.from_config(config, dtype=torch.float32)
-    if name in GEMMA_CONFIGS or name in GEMMA_GGUF_CONFIGS:
+    if name in GEMMA_CONFIGS or name in GEMMA_GGUF_CONFIGS or name in HYBRID_CONFIGS:
         randomize_norms(model)
     model.save_pretrained(path)
     return path

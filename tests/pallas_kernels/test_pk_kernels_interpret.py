@@ -150,3 +150,40 @@ def test_kernels_read_fp8_cache(item):
         assert np.isfinite(got).all()
         tol = TOL[cfg.dtype] * max(1.0, np.abs(want[ok]).max())
         np.testing.assert_allclose(got[ok], want[ok], atol=tol, rtol=TOL[cfg.dtype], err_msg=f"{impl} seed={seed}")
+
+
+@pytest.mark.parametrize("impl,item", [("pallas_prefill", MIXED[2]), ("pallas_decode", DECODE[2]),
+                                       ("reference", DECODE[2])],
+                         ids=lambda x: x if isinstance(x, str) else _cid(x))
+def test_null_blocks_before_the_window(impl, item):
+    """The hybrid KV cache (jaxllm/core/hybrid_kv_cache_manager.py) frees a sliding group's blocks wholly
+    before the window of a sequence's first query and points their table entries at another block. Here that
+    block is poison: NaN for the Pallas kernels (they must never read it), huge finite values for the
+    reference (which gathers whole chunks and masks; the engine's cache never holds NaN). Output = the
+    reference over the real table."""
+    import dataclasses
+
+    import jax.numpy as jnp
+
+    cfg, opts, _ = item
+    w, bs = opts["sliding_window"], cfg.block_size
+    kernel, ref = _jitted(impl, tuple(sorted(opts.items()))), _jitted("reference", tuple(sorted(opts.items())))
+    nulled = 0
+    for seed in range(3):
+        case = make_case(cfg, seed)
+        want = np.asarray(ref(case.q, case.cache, case.layer, case.metadata), np.float32)
+        poison_id = case.cache.num_blocks
+        poison = jnp.full((cfg.num_layers, 1, bs, cfg.num_kv_heads, cfg.head_dim),
+                          jnp.nan if impl != "reference" else 1e4, case.cache.k.dtype)
+        cache = dataclasses.replace(case.cache, k=jnp.concatenate([case.cache.k, poison], 1),
+                                    v=jnp.concatenate([case.cache.v, poison], 1))
+        tables = np.array(case.tables)
+        for i, (c, ql) in enumerate(zip(case.ctx, case.q_lens)):
+            first = max(0, int(c - ql) - w + 1) // bs if ql > 0 else 0  # first block the first query reads
+            tables[i, :first] = poison_id
+            nulled += first
+        meta = dataclasses.replace(case.metadata, block_tables=jnp.asarray(tables))
+        got = np.asarray(kernel(case.q, cache, case.layer, meta), np.float32)
+        ok = valid_tokens(case)
+        np.testing.assert_allclose(got[ok], want[ok], atol=TOL[cfg.dtype], rtol=TOL[cfg.dtype], err_msg=f"seed={seed}")
+    assert nulled > 0

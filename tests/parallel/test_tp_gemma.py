@@ -45,3 +45,18 @@ def test_tp2_logits_equal_tp1(tmp_path):
     assert np.abs(ref_prefill).max() > 0.05, "reference logits are degenerate: the comparison would be weak"
     np.testing.assert_array_less(np.abs(got_prefill - ref_prefill).max(), 1e-4)
     np.testing.assert_array_less(np.abs(got_decode - ref_decode).max(), 1e-4)
+
+
+def test_tp2_hybrid_kv_cache_equals_classic(tmp_path):
+    """The hybrid KV cache layout (3 groups of one layer slot: full, sliding, sliding; in the decode step a
+    sliding group's blocks before its window are null, pointing at another group's block) at tp=2: the
+    tp=1 classic cache's logits (f32), and the tp=2 classic cache's with an fp8 cache (per-layer scales,
+    pages per slot; tp=1 and tp=2 fp8 differ by their rounding alone)."""
+    import jax.numpy as jnp
+
+    path = make_capped_gemma3(str(tmp_path))
+    for kv_dtype, ref_tp in ((jnp.float32, 1), (jnp.float8_e4m3fn, 2)):
+        ref_prefill, ref_decode = forward_logits(path, ref_tp, kv_dtype=kv_dtype)
+        got_prefill, got_decode = forward_logits(path, 2, kv_dtype=kv_dtype, hybrid=True)
+        np.testing.assert_array_less(np.abs(got_prefill - ref_prefill).max(), 1e-4)
+        np.testing.assert_array_less(np.abs(got_decode - ref_decode).max(), 1e-4)

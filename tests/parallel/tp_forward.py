@@ -6,6 +6,8 @@ Both share one jitted forward per model structure, sharding and $JAXLLM_* enviro
 (tests/engine_checks.py model_forward): a test here must not change another trace-time switch."""
 from __future__ import annotations
 
+import dataclasses
+
 import jax.numpy as jnp
 import numpy as np
 
@@ -40,20 +42,45 @@ def two_prompt_steps(a, b, T=64):
     return (tokens, positions, meta), (np.array([7, 11], np.int32), np.array([len(a), len(b)], np.int32), dec_meta)
 
 
-def forward_logits(path, tp, layer_loop=None, hlo=False, kv_dtype=jnp.float32, expert_parallel=False):
+def hybrid_meta(meta: AttentionMetadata, windows, num_blocks: int = 16) -> AttentionMetadata:
+    """`meta` for a hybrid KV cache of groups with these windows: group g's blocks are meta's + g *
+    num_blocks; in a decode step a sliding group's table entries wholly before its window are null
+    (block 0: another group's data, which the kernels must mask)."""
+    G = len(windows)
+    slots = np.asarray(meta.slot_mapping)
+    group_slots = np.stack([np.where(slots >= 0, slots + g * num_blocks * BLOCK, -1) for g in range(G)])  # [G, T]
+    tables = []
+    for g, w in enumerate(windows):
+        t = np.asarray(meta.block_tables) + g * num_blocks  # [S, max_blocks]
+        if w is not None and meta.decode_only:
+            first = np.maximum(np.asarray(meta.context_lens) - w, 0) // BLOCK  # [S] first block in the window
+            t = np.where(np.arange(t.shape[1])[None, :] < first[:, None], 0, t)
+        tables.append(t)
+    return dataclasses.replace(meta, group_slot_mapping=group_slots.astype(np.int32),
+                               group_block_tables=np.stack(tables).astype(np.int32))
+
+
+def forward_logits(path, tp, layer_loop=None, hlo=False, kv_dtype=jnp.float32, expert_parallel=False,
+                   hybrid=False):
     """Logits of every token of two prompts (one prefill step) and then of one decode step (and
-    the decode step's optimized HLO with `hlo`); `expert_parallel`: MoE experts whole per device."""
+    the decode step's optimized HLO with `hlo`); `expert_parallel`: MoE experts whole per device.
+    `hybrid`: through the model's KV cache groups (pages [P, 16 x G blocks], `hybrid_meta`)."""
     ckpt = load_checkpoint(path)
     c = ckpt.config
     layout = TPLayout.plan(c, tp, make_mesh(tp), expert_parallel=expert_parallel) if tp > 1 else None
     model = build_model(c, ckpt.params, jnp.float32, layout=layout, layer_loop=layer_loop)
     mc = model.config
-    cache = KVCache.zeros(mc.num_layers, 16, BLOCK, mc.num_kv_heads, mc.head_dim, kv_dtype,
+    groups = model.kv_cache_groups() if hybrid else None
+    cache = KVCache.zeros(groups.slots if hybrid else mc.num_layers, 16 * (groups.num_groups if hybrid else 1), BLOCK,
+                          mc.num_kv_heads, mc.head_dim, kv_dtype, num_scale_layers=mc.num_layers,
                           sharding=layout.cache_sharding() if layout else None,
                           scale_sharding=layout.cache_scale_sharding() if layout else None)
     fwd, state = model_forward(model, share=True)  # fwd(state, tokens, positions, cache, meta)
     a, b = PROMPTS[0], PROMPTS[2]  # 17 and 40 tokens; blocks 0-1 and 4-6
     (tokens, positions, meta), (dec_tokens, dec_positions, dec_meta) = two_prompt_steps(a, b)
+    if hybrid:
+        windows = [g.window for g in groups.groups]
+        meta, dec_meta = hybrid_meta(meta, windows), hybrid_meta(dec_meta, windows)
     prefill, cache = fwd(state, tokens, positions, cache, meta)
     prefill = np.asarray(prefill)[:len(a) + len(b)]
     dec_args = (state, dec_tokens, dec_positions, cache, dec_meta)
