@@ -104,6 +104,14 @@ def prompt_from_request(req: pb.GenerateRequest, vocab_size: int | None, render_
     return text_or_token_ids(req, kind, vocab_size)
 
 
+def salted(prompt, salt: str):
+    """``prompt`` (a str or a prompt dict) with vLLM's ``cache_salt`` when ``salt`` is not empty (the
+    engine checks it and keys the request's prefix-cache blocks on it: jaxllm/engine/intake.py)."""
+    if not salt:
+        return prompt
+    return dict({"prompt": prompt} if isinstance(prompt, str) else prompt, cache_salt=salt)
+
+
 def text_or_token_ids(req: Any, kind: str, vocab_size: int | None):
     """A request's ``text`` (non-empty) or checked ``token_ids`` oneof member, as the engine takes it
     (GenerateRequest and EmbedRequest share these two)."""

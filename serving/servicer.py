@@ -95,6 +95,7 @@ class GenerationServicer(pb_grpc.GenerationServicer):
                 plan, prompt = proto_tools.plan_request(request, self.door.config, info.tokenizer, params)
                 if prompt is None:
                     prompt = convert.prompt_from_request(request, info.vocab_size, self._chat_renderer(info))
+                prompt = convert.salted(prompt, request.cache_salt)
             except ValueError as exc:
                 raise invalid(str(exc)) from None
             if plan is not None:  # its constraint: checked as the request's own would be
@@ -140,6 +141,8 @@ class GenerationServicer(pb_grpc.GenerationServicer):
                 raise invalid(str(exc)) from None
             if request.WhichOneof("prompt") == "chat" and (request.chat.tools_json or request.chat.tool_choice):
                 raise beam.refused("chat.tools_json" if request.chat.tools_json else "chat.tool_choice")
+            if request.cache_salt:  # as HTTP: the beams share their prompt's blocks
+                raise beam.refused("cache_salt")
             if request.WhichOneof("prompt") == "chat" and self.door.config.reasoning_parser:
                 raise invalid("use_beam_search=true is invalid under --reasoning-parser: the reasoning split "
                               "applies to sampled outputs only", "use_beam_search")

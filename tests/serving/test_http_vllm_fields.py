@@ -154,6 +154,41 @@ def test_cache_salt_shares_prefix_blocks_only_with_the_same_salt(srv):
     assert r.status_code == 400 and r.json()["error"]["param"] == "cache_salt", r.text
 
 
+def test_grpc_generate_cache_salt_shares_blocks_only_with_the_same_salt(srv):
+    """GenerateRequest.cache_salt: the same namespaces as HTTP's field (the engine keys the blocks), and
+    the HTTP requests of the same salt share them; a bad salt is INVALID_ARGUMENT naming it."""
+    import grpc
+
+    from serving.proto.jaxllm.v1 import generation_pb2 as pb
+    from serving.proto.jaxllm.v1 import generation_pb2_grpc as pb_grpc
+
+    prompt = "grpc salted prompt: " + "9876543210" * 4
+
+    async def generate(salt: str, **kw) -> None:
+        async with grpc.aio.insecure_channel(f"127.0.0.1:{srv.server.port}") as channel:
+            req = pb.GenerateRequest(text=prompt, cache_salt=salt,
+                                     sampling=pb.SamplingParams(max_tokens=2, temperature=0, **kw))
+            [r async for r in pb_grpc.GenerationStub(channel).Generate(req, timeout=30)]
+
+    def hits(salt: str, http: bool = False) -> int:
+        before = srv.wait_idle().prefix_cache_hits
+        if http:
+            assert post(srv, "/v1/completions", prompt=prompt, max_tokens=2, temperature=0,
+                        cache_salt=salt).status_code == 200
+        else:
+            srv.call(generate(salt))
+        return srv.wait_idle().prefix_cache_hits - before
+
+    hits("alpha")
+    assert hits("alpha") > 40 and hits("beta") == 0 and hits("") == 0
+    assert hits("alpha", http=True) > 40  # one namespace whatever the door
+    for salt, extra, field in (("x" * 1025, {}, "cache_salt"), ("alpha", {"use_beam_search": True}, "cache_salt")):
+        with pytest.raises(grpc.aio.AioRpcError) as err:
+            srv.call(generate(salt, **extra))
+        assert err.value.code() == grpc.StatusCode.INVALID_ARGUMENT and field in err.value.details()
+    srv.wait_idle()
+
+
 # ----- truncate_prompt_tokens, allowed_token_ids, add_special_tokens ------------------------------
 def test_truncate_prompt_tokens_keeps_the_last_tokens(srv, llm):
     r = post(srv, "/v1/completions", prompt=PROMPT, max_tokens=5, temperature=0, truncate_prompt_tokens=7).json()
