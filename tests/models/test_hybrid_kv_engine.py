@@ -130,6 +130,30 @@ def test_sliding_groups_stay_bounded(engines):
     assert_all_free(hybrid)
 
 
+def test_ngram_speculative_decoding_matches_classic(engines):
+    """n-gram drafts on the hybrid cache: a step allocates 1 + k slots in every group and rejected drafts
+    roll back, while the sliding groups free what falls out of the window. Greedy tokens equal the classic
+    engine's (no drafts); drafts were proposed and accepted; every block comes back."""
+    from jaxllm.config import EngineConfig
+    from jaxllm.engine.factory import build_engine
+
+    path, hybrid, classic = engines
+    spec = build_engine(EngineConfig(
+        model=path, max_model_len=MAX_LEN, block_size=BS, max_num_seqs=4, max_num_batched_tokens=BUDGET,
+        dtype="float32", kv_cache_memory_bytes=hybrid.engine.config.kv_cache_memory_bytes,
+        speculative_config={"method": "ngram", "num_speculative_tokens": 3, "prompt_lookup_max": 3,
+                            "prompt_lookup_min": 1}), compile_cache=False, warmup=False)
+    assert spec.kv_groups.hybrid
+    llm = LLM("spec", engine=spec)
+    prompts = [{"prompt_token_ids": ([11, 12, 13, 14, 15] * 8)[:n]} for n in (12, 29)]  # repeats: drafts
+    params = SamplingParams(temperature=0, max_tokens=36, ignore_eos=True)
+    got = [list(o.outputs[0].token_ids) for o in llm.generate(prompts, params, use_tqdm=False)]
+    want = [list(o.outputs[0].token_ids) for o in classic.generate(prompts, params, use_tqdm=False)]
+    assert got == want  # classic == HF generate: test_greedy_matches_classic_and_hf_...
+    assert spec.num_draft_tokens > 0 and spec.num_accepted_tokens > 0
+    assert_all_free(llm)
+
+
 def test_no_compile_after_warmup(engines):
     """The group tables ride in fixed-shape metadata: every step above reused a warm-up executable."""
     e = engines[1].engine
