@@ -40,9 +40,11 @@ def test_what_is_taken_and_precedence(tmp_path):
     vllm = gencfg.resolve("vllm", {"top_p": 0.5}, "hf", model)
     assert vllm.sampling == {"top_p": 0.5} and vllm.eos_token_ids == (5, 6)
     assert gencfg.resolve("vllm", None, "hf", model).sampling_params() == SamplingParams()
-    # GGUF, Orbax, dummy: no file, nothing taken; a folder works with any format
-    for fmt in ("gguf", "orbax", "dummy"):
+    # GGUF, dummy: no file, nothing taken (an Orbax directory's own file is read: checkpoints.convert copies
+    # an HF source's there); a folder works with any format
+    for fmt in ("gguf", "dummy"):
         assert gencfg.resolve("auto", None, fmt, model) == gencfg.NONE
+    assert gencfg.resolve("auto", None, "orbax", model) == auto
     folder = gencfg.resolve(_dir(tmp_path, "other", {"max_new_tokens": 3}), None, "gguf", "/m.gguf")
     assert folder.sampling == {"max_tokens": 3} and folder.max_tokens_cap == 3  # an operator's choice caps
 
