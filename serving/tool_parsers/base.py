@@ -211,8 +211,8 @@ def make_call(obj: Any, arg_keys: tuple[str, ...] = ("arguments", "parameters"))
     return ToolCall(name, dump_args(args))
 
 
-def dump_args(args: dict) -> str:
-    """JSON text of an arguments object: characters as they are, except that a lone surrogate
+def dump_args(args: Any) -> str:
+    """JSON text of an arguments object (or any JSON value): characters as they are, except that a lone surrogate
     (``"\\ud800"`` alone is valid JSON) would make the text unencodable: then all is escaped."""
     text = json.dumps(args, ensure_ascii=False)
     try:

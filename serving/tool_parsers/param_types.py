@@ -30,6 +30,7 @@ import json
 import math
 from typing import Any
 
+from serving.tool_parsers.base import dump_args
 from serving.tool_parsers.pythonic import python_literal
 
 STRING = frozenset({"string", "str", "text", "varchar", "char", "enum"})
@@ -122,10 +123,5 @@ def convert(text: str, schema: Any) -> Any:
 
 
 def dump(value: Any) -> str:
-    """JSON text of a value, characters as they are unless a lone surrogate forbids it."""
-    text = json.dumps(value, ensure_ascii=False)
-    try:
-        text.encode("utf-8")
-    except UnicodeEncodeError:
-        return json.dumps(value)
-    return text
+    """JSON text of a value, characters as they are unless a lone surrogate forbids it (base.dump_args)."""
+    return dump_args(value)
