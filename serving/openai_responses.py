@@ -36,7 +36,8 @@ from typing import Any, AsyncIterator
 from pydantic import ValidationError
 
 from serving.frontdoor import FrontDoor, FrontDoorError, ModelInfo, invalid
-from serving.openai_generate import chat_choice, chat_job, final_delta, merged_outputs, respond
+from serving.openai_choices import chat_choice, final_delta
+from serving.openai_generate import chat_job, merged_outputs, respond
 from serving.openai_protocol import ChatCompletionRequest
 from serving.openai_responses_protocol import ResponsesRequest
 
