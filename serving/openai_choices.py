@@ -18,17 +18,33 @@ def final_body(job: Any) -> dict:
     choices = []
     for k, tracker in enumerate(job.trackers):
         for idx in sorted(tracker.latest):
-            d = final_delta(idx, tracker.latest[idx])
-            choice = _choice(job, k * n + idx, _echoed(job, k, d, first=True), final=True)
+            d = _echoed(job, k, final_delta(idx, tracker.latest[idx]), first=True)
+            choice = _choice(job, k * n + idx, d, final=True)
             if job.kind == "completion":  # vLLM: on each completion choice
                 choice["prompt_logprobs"] = _prompt_logprobs(job, tracker)
+            _with_token_ids(job, choice, tracker, d, first=True)
             choices.append(choice)
     obj = "text_completion" if job.kind == "completion" else "chat.completion"
     out = {"id": job.id, "object": obj, "created": job.created, "model": job.info.name,
            "choices": choices, "usage": job.usage()}
     if job.kind == "chat":  # vLLM: on the chat response
         out["prompt_logprobs"] = _prompt_logprobs(job, job.trackers[0])
+        if job.return_token_ids:
+            out["prompt_token_ids"] = job.trackers[0].prompt_token_ids
     return out
+
+
+def _with_token_ids(job: Any, choice: dict, tracker: DeltaTracker, d: SampleDelta, *, first: bool) -> None:
+    """vLLM's ``return_token_ids`` on a choice: ``token_ids`` (the sample's generated ids; in a stream
+    this chunk's), and for completions ``prompt_token_ids`` (its prompt's, on a choice's first chunk; chat
+    puts them on the response / the chunk). Chat under a reasoning parser with ``include_reasoning=false``
+    leaves them out (null), as vLLM: they would show the hidden reasoning."""
+    if not job.return_token_ids:
+        return
+    if job.kind == "completion":
+        choice["prompt_token_ids"] = tracker.prompt_token_ids if first else None
+    hidden = job.reasoning is not None and not job.reasoning.include
+    choice["token_ids"] = None if hidden else [int(t) for t in d.token_ids]
 
 
 def final_delta(idx: int, c: Any) -> SampleDelta:
@@ -111,21 +127,36 @@ def _with_reasoning(msg: dict, reasoning: str | None) -> dict:
     return out
 
 
-
-def stream_chunk(job: Any, head: dict, k: int, batch: list, started: set[int]) -> dict | None:
-    """The chunk of prompt ``k``'s new outputs ``batch`` (None when every choice holds its text back);
-    ``started``: the choice indices already sent (their first delta carried the role / the echo)."""
-    choices = []
-    for d in job.trackers[k].update(batch):
+def stream_chunks(job: Any, head: dict, k: int, batch: list, started: set[int]) -> list[dict]:
+    """The chunks of prompt ``k``'s new outputs ``batch`` (none while every choice holds its text back);
+    ``started``: the choice indices already sent (their first delta carried the role / the echo). One
+    chunk for them all, or one per choice under ``continuous_usage_stats``: each chunk's usage is then
+    its own choice's tokens so far, with its prompt's (vLLM's count)."""
+    tracker = job.trackers[k]
+    choices, firsts = [], []
+    for d in tracker.update(batch):
         index = k * job.params.n + d.index
         first = index not in started
-        choice = _choice(job, index, _echoed(job, k, d, first=first), final=False, first=first)
+        d = _echoed(job, k, d, first=first)
+        choice = _choice(job, index, d, final=False, first=first)
+        if choice is None and job.return_token_ids and d.token_ids:  # vLLM: every token's id is sent
+            choice = {"index": index, "delta": {"role": "assistant"} if first else {}, "logprobs": None,
+                      "finish_reason": None, "stop_reason": None}
         if choice is not None:
+            _with_token_ids(job, choice, tracker, d, first=first)
             choices.append(choice)
+            firsts.append(first)
             started.add(index)
-    if not choices:
-        return None
-    chunk = dict(head, choices=choices)
-    if job.include_usage:  # vLLM's continuous_usage_stats: the tokens so far, else null until the last chunk
-        chunk["usage"] = job.usage() if job.continuous_usage else None
-    return chunk
+    groups = [([c], [f]) for c, f in zip(choices, firsts)] if job.continuous_usage else [(choices, firsts)]
+    chunks = []
+    for group, group_firsts in groups:
+        if not group:
+            continue
+        chunk = dict(head, choices=group)
+        if job.kind == "chat" and job.return_token_ids and any(group_firsts):  # vLLM: with each choice's first
+            chunk["prompt_token_ids"] = tracker.prompt_token_ids
+        if job.include_usage:  # vLLM's continuous_usage_stats: the tokens so far, else null until the last chunk
+            chunk["usage"] = job.usage(only=(k, group[0]["index"] - k * job.params.n)) if job.continuous_usage \
+                else None
+        chunks.append(chunk)
+    return chunks

@@ -60,7 +60,6 @@ class CompatFields(Body):
     thinking_token_budget: int | None = None
     repetition_detection: dict | None = None
     logprob_token_ids: list[int] | None = None
-    return_token_ids: bool | None = None
     return_prompt_text: bool | None = None
     truncation_side: str | None = None  # "left" (keep the last tokens) is what truncate_prompt_tokens does
     spaces_between_special_tokens: bool = True
@@ -78,8 +77,6 @@ class CompatFields(Body):
              "this server does not stop on repeated n-grams"),
             ("logprob_token_ids", self.logprob_token_ids, self.logprob_token_ids is not None,
              "use logprobs/top_logprobs"),
-            ("return_token_ids", self.return_token_ids, bool(self.return_token_ids),
-             "answers carry no token ids (use logprobs with return_tokens_as_token_ids)"),
             ("return_prompt_text", self.return_prompt_text, bool(self.return_prompt_text),
              "use POST /tokenize with the messages"),
             ("truncation_side", self.truncation_side, self.truncation_side not in (None, "left"),

@@ -23,7 +23,7 @@ from jaxllm.sampling_params import MAX_LOGPROBS, SamplingParams
 from serving.deltas import DeltaTracker
 from serving.frontdoor import FrontDoor, FrontDoorError, ModelInfo, check_token_ids, invalid
 from serving.openai_beam import beam_params, beam_request
-from serving.openai_choices import final_body, stream_chunk
+from serving.openai_choices import final_body, stream_chunks
 from serving.openai_echo import Echo, chat_echo, check_stream, echo_text
 from serving.openai_protocol import ChatCompletionRequest, CompletionRequest
 from serving.openai_reasoning import ReasoningPlan
@@ -58,15 +58,23 @@ class _Job:
         self.beam_prompt_ids: list[list[int]] = []
         self.continuous_usage = False  # stream_options.continuous_usage_stats: usage in every chunk
         self.tokens_as_ids = False  # return_tokens_as_token_ids: logprob tokens as "token_id:<id>"
+        self.return_token_ids = False  # vLLM's return_token_ids: prompt and generated ids in the answer
 
-    def usage(self) -> dict:
-        p = sum(t.num_prompt_tokens for t in self.trackers)
+    def usage(self, only: tuple[int, int] | None = None) -> dict:
+        """The answer's usage, or with ``only=(prompt position, sample index)`` that one choice's (its
+        prompt's tokens and its own completion tokens so far: vLLM's continuous usage with n > 1)."""
+        if only is None:
+            p = sum(t.num_prompt_tokens for t in self.trackers)
+            outs = [o for t in self.trackers for o in t.latest.values()]
+        else:
+            tracker = self.trackers[only[0]]
+            p = tracker.num_prompt_tokens
+            outs = [tracker.latest[only[1]]] if only[1] in tracker.latest else []
         prompt_only = self.echo is not None and self.echo.prompt_only  # its one token is dropped
-        c = 0 if prompt_only else sum(t.num_completion_tokens for t in self.trackers)
+        c = 0 if prompt_only else sum(len(o.token_ids) for o in outs)
         out = {"prompt_tokens": p, "completion_tokens": c, "total_tokens": p + c}
         if self.reasoning is not None:  # current vLLM: with a reasoning parser, the think blocks' tokens
-            r = sum(self.reasoning.reasoning_tokens(o.text, o.token_ids, o.finish_reason == "stop")
-                    for t in self.trackers for o in t.latest.values())
+            r = sum(self.reasoning.reasoning_tokens(o.text, o.token_ids, o.finish_reason == "stop") for o in outs)
             out["completion_tokens_details"] = {"reasoning_tokens": r}
         return out
 
@@ -123,7 +131,9 @@ def completion_job(door: FrontDoor, info: ModelInfo, body: CompletionRequest,
     if body.echo:  # vLLM: echo with logprobs answers the prompt logprobs too
         if job.prompt_logprobs is None and body.logprobs is not None:
             job.prompt_logprobs = params.logprobs
-        job.echo = Echo([echo_text(x, info.tokenizer) for x in prompts], prompt_only=body.max_tokens == 0)
+        # vLLM: with return_token_ids the prompt comes back as prompt_token_ids, not as text
+        texts = ["" if body.return_token_ids else echo_text(x, info.tokenizer) for x in prompts]
+        job.echo = Echo(texts, prompt_only=body.max_tokens == 0)
     if body.use_beam_search:
         beam_params(job, body)
     return salted(job, body.cache_salt)
@@ -171,6 +181,7 @@ def _new_job(kind: str, door: FrontDoor, info: ModelInfo, prompts: list, params:
     job = _Job(kind, info, prompts, params, body.stream, bool(so and so.include_usage) or continuous, request_id)
     job.continuous_usage = continuous
     job.tokens_as_ids = bool(body.return_tokens_as_token_ids)
+    job.return_token_ids = bool(body.return_token_ids)
     job.prompt_logprobs = body.prompt_logprobs
     job.priority = body.priority
     if body.truncate_prompt_tokens == -1:  # vLLM's: truncate to the model's length
@@ -278,8 +289,7 @@ async def _sse(job: _Job, reqs: list) -> AsyncIterator[bytes]:
     try:
         async with contextlib.aclosing(merged_outputs(reqs)) as outputs:  # its pending reads end with us
             async for k, batch in outputs:
-                chunk = stream_chunk(job, head, k, batch, started)
-                if chunk is not None:
+                for chunk in stream_chunks(job, head, k, batch, started):
                     yield _event(chunk)
         if job.include_usage:
             yield _event(dict(head, choices=[], usage=job.usage()))

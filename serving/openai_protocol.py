@@ -7,7 +7,7 @@ limit the same way for every door. Besides OpenAI's fields, vLLM's extra samplin
 accepted (``top_k``, ``min_p``, ``repetition_penalty``, ``min_tokens``, ``stop_token_ids``,
 ``ignore_eos``, ``skip_special_tokens``, ``include_stop_str_in_output``, ``prompt_logprobs``,
 ``bad_words``, ``use_beam_search``, ``length_penalty``, ``allowed_token_ids``, ``truncate_prompt_tokens``,
-``return_tokens_as_token_ids``, ``cache_salt``), and vLLM's ``priority`` and ``request_id`` (the request's,
+``return_tokens_as_token_ids``, ``return_token_ids``, ``cache_salt``), and vLLM's ``priority`` and ``request_id`` (the request's,
 not sampling fields). The structured-output fields are serving/openai_structured.py's; the vLLM / OpenAI
 fields accepted and ignored, or refused by name, serving/openai_compat.py's (serving/README.md's table).
 """
@@ -72,6 +72,7 @@ class _SamplingFields(StructuredFields, CompatFields):
     truncate_prompt_tokens: int | None = None
     allowed_token_ids: list[int] | None = None  # vLLM's: sample only among these ids
     return_tokens_as_token_ids: bool | None = None  # vLLM's: logprob tokens as "token_id:<id>"
+    return_token_ids: bool | None = None  # vLLM's: the prompt's and the choices' token ids in the answer
     # vLLM's: the prefix cache is shared only between requests with the same salt (KVCacheManager.block_key)
     cache_salt: str | None = None
 

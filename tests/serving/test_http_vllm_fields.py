@@ -250,7 +250,7 @@ def test_ignored_fields_change_nothing(srv, path):
 
 
 REFUSED = [("logits_processors", ["my.Proc"]), ("watermarking", True), ("thinking_token_budget", 10),
-           ("repetition_detection", {"max_pattern_size": 4}), ("logprob_token_ids", [5]), ("return_token_ids", True),
+           ("repetition_detection", {"max_pattern_size": 4}), ("logprob_token_ids", [5]),
            ("return_prompt_text", True), ("truncation_side", "right"), ("spaces_between_special_tokens", False),
            ("early_stopping", True), ("guided_whitespace_pattern", " *"), ("structural_tag", "{}"),
            ("response_format", {"type": "structural_tag", "structures": [], "triggers": []}),
