@@ -290,10 +290,10 @@ class FrontDoor:
             if not self.active:
                 self._idle.set()
 
-    async def embed(self, request_id: str, prompt: Any, params: Any) -> tuple[str, Any]:
-        """One embedding request (``params`` a PoolingParams), admitted like ``request``:
-        (request id, its ``EmbeddingRequestOutput``)."""
-        async with self.request(request_id, prompt, params) as req:
+    async def embed(self, request_id: str, prompt: Any, params: Any, priority: int = 0) -> tuple[str, Any]:
+        """One embedding request (``params`` a PoolingParams), admitted like ``request`` (``priority``
+        too): (request id, its ``EmbeddingRequestOutput``)."""
+        async with self.request(request_id, prompt, params, priority=priority) as req:
             while True:
                 batch = await req.next_batch()
                 if not batch:
@@ -303,11 +303,11 @@ class FrontDoor:
                         return req.request_id, out
         raise FrontDoorError(Code.UNAVAILABLE, f"request_id={req.request_id!r} ended without an embedding")
 
-    async def embed_many(self, request_id: str, prompts: list, params: Any) -> list:
+    async def embed_many(self, request_id: str, prompts: list, params: Any, priority: int = 0) -> list:
         """Several prompts as one client request (OpenAI's ``input`` list): sub-requests
         ``f"{request_id}-{i}"`` admitted together so the scheduler batches them; the outputs in
         input order. All or nothing: the first error cancels (aborts) the others."""
-        tasks = [asyncio.ensure_future(self.embed(f"{request_id}-{i}", p, params))
+        tasks = [asyncio.ensure_future(self.embed(f"{request_id}-{i}", p, params, priority))
                  for i, p in enumerate(prompts)]
         try:
             return [out for _, out in await asyncio.gather(*tasks)]

@@ -9,7 +9,9 @@ The answer, vLLM's ``ClassificationResponse``: ``{"id": "classify-<id>", "object
 "total_tokens", "completion_tokens": 0, "prompt_tokens_details": null}}``: ``probs`` the model's
 activation of the logits (softmax; sigmoid for one label; ``activation: false``: the raw logits),
 ``label`` the ``id2label`` name of the largest. Any other server refuses with 400 naming ``model``.
-The gRPC ``Classify`` rpc (serving/embed.py) runs the same checks and ``classify_prompts``.
+The gRPC ``Classify`` rpc (serving/embed.py) runs the same checks and ``classify_prompts``. vLLM's
+pooling extras (``use_activation`` = ``activation``, ``priority``, ``add_special_tokens``, ...):
+serving/openai_pooling_fields.py.
 """
 
 from __future__ import annotations
@@ -20,23 +22,22 @@ import uuid
 
 import numpy as np
 from fastapi import Request
-from pydantic import BaseModel, ConfigDict
 
 from jaxllm.pooling_params import PoolingParams
 from serving.frontdoor import FrontDoor, ModelInfo, invalid
 from serving.openai_embed import _prompts
+from serving.openai_pooling_fields import PoolingFields, text_prompts
 from serving.request_ids import engine_prefix
 
 
-class ClassificationRequest(BaseModel):
-    model_config = ConfigDict(extra="forbid", strict=True)
-
+class ClassificationRequest(PoolingFields):
     input: str | list[str] | list[int] | list[list[int]]
     model: str | None = None
     truncate_prompt_tokens: int | None = None
-    activation: bool | None = None  # vLLM's: False = the raw logits
+    activation: bool | None = None  # vLLM's older name of use_activation: False = the raw logits
     request_id: str | None = None  # names the answer (serving/request_ids.py; the X-Request-Id header wins)
     user: str | None = None  # accepted, unused
+    add_special_tokens: bool = True  # vLLM's: BOS etc. around a text input
 
 
 @dataclasses.dataclass(frozen=True)
@@ -59,14 +60,16 @@ def check_classify_task(info: ModelInfo, path: str) -> None:
 
 
 async def classify_prompts(door: FrontDoor, info: ModelInfo, prompts: list, truncate_prompt_tokens: int | None,
-                           activation: bool | None, answer_id: str, client_chosen: bool) -> list[Classified]:
+                           activation: bool | None, answer_id: str, client_chosen: bool,
+                           priority: int = 0) -> list[Classified]:
     """Every prompt one engine request named after ``answer_id`` (``engine_prefix``), admitted as one
-    batch (all or nothing); the answers in input order. HTTP /classify and the gRPC Classify rpc."""
+    batch (all or nothing) at ``priority``; the answers in input order. HTTP /classify and the gRPC
+    Classify rpc."""
     try:
         params = PoolingParams(truncate_prompt_tokens=truncate_prompt_tokens, activation=activation).validate()
     except ValueError as exc:
         raise invalid(str(exc)) from None
-    outs = await door.embed_many(engine_prefix(answer_id, client_chosen), prompts, params)
+    outs = await door.embed_many(engine_prefix(answer_id, client_chosen), prompts, params, priority)
     labels = info.engine.runner.model_config.labels
     answers = []
     for out in outs:
@@ -80,13 +83,16 @@ async def create_classify(door: FrontDoor, info: ModelInfo, body: Classification
                           request_id: str | None = None) -> dict:
     """``request_id``: the client's (checked by the caller), None = a fresh uuid."""
     check_classify_task(info, path)
+    body.check_pooling_fields()
     try:
         prompts = _prompts(body, info.vocab_size, door.config.max_queued_requests)
     except ValueError as exc:
         raise invalid(str(exc), "input") from None
+    prompts = text_prompts(prompts, info.tokenizer, body.add_special_tokens)
     answer_id = "classify-" + (request_id or uuid.uuid4().hex)
-    answers = await classify_prompts(door, info, prompts, body.truncate_prompt_tokens, body.activation, answer_id,
-                                     request_id is not None)
+    answers = await classify_prompts(door, info, prompts, body.truncation(info.max_model_len),
+                                     body.activation_flag("activation", body.activation), answer_id,
+                                     request_id is not None, body.priority)
     data = [{"index": i, "label": a.label, "probs": a.probs, "num_classes": len(a.probs)}
             for i, a in enumerate(answers)]
     tokens = sum(a.prompt_tokens for a in answers)

@@ -5,8 +5,13 @@ item is one engine request (``f"{id}-{i}"``), admitted together so the scheduler
 all or nothing (``FrontDoor.embed_many``). vLLM's extra fields: ``truncate_prompt_tokens``,
 ``normalize``, ``pooling_type``, ``request_id`` (the answer's ``id`` is ``embd-<id>``, the
 ``X-Request-Id`` header winning as on the other endpoints: serving/request_ids.py; with neither a
-random uuid). ``encoding_format="base64"`` returns little-endian float32
-bytes, base64-encoded, as OpenAI's client expects. A server that generates refuses with 400
+random uuid). ``encoding_format="base64"`` returns the values' bytes base64-encoded: float32 by
+default (what OpenAI's client expects), vLLM's ``embed_dtype`` ``float16`` / ``bfloat16`` (float32
+rounded to nearest even, as torch converts) in vLLM's ``endianness`` (``native``, the default, =
+the host's; ``little``, ``big``); fp8 dtypes and ``encoding_format="bytes"`` (vLLM's binary answer)
+are a 400 naming the field; with ``"float"`` both are unused. vLLM's pooling extras (``priority``,
+``use_activation`` = ``normalize``, ``add_special_tokens``, ...): serving/openai_pooling_fields.py.
+A server that generates refuses with 400
 naming ``model`` (start it with ``--task embed``). ``dimensions`` (vLLM's Matryoshka truncation:
 the first d values, normalised after the cut) only for a Matryoshka model (the engine's
 ``is_matryoshka`` / ``matryoshka_dimensions``), else 400 naming ``dimensions``.
@@ -15,31 +20,47 @@ the first d values, normalised after the cut) only for a Matryoshka model (the e
 from __future__ import annotations
 
 import base64
+import sys
 import time
 import uuid
 from typing import Literal
 
 import numpy as np
-from pydantic import BaseModel, ConfigDict
 
 from jaxllm.pooling_params import PoolingParams
 from serving.frontdoor import FrontDoor, ModelInfo, check_token_ids, invalid
+from serving.openai_pooling_fields import PoolingFields, text_prompts
 from serving.request_ids import engine_prefix
 
+EMBED_DTYPES = ("float32", "float16", "bfloat16")  # vLLM's also has fp8_e4m3 / fp8_e5m2: refused
 
-class EmbeddingRequest(BaseModel):
-    model_config = ConfigDict(extra="forbid", strict=True)
 
+class EmbeddingRequest(PoolingFields):
     input: str | list[str] | list[int] | list[list[int]]
     model: str | None = None
-    encoding_format: Literal["float", "base64"] = "float"
+    encoding_format: Literal["float", "base64", "bytes"] = "float"
     dimensions: int | None = None
     user: str | None = None  # accepted, unused
     # vLLM's extra fields
     truncate_prompt_tokens: int | None = None
-    normalize: bool | None = None
+    normalize: bool | None = None  # vLLM's older name of use_activation
     pooling_type: str | None = None
     request_id: str | None = None  # vLLM's: names the answer (serving/request_ids.py)
+    add_special_tokens: bool = True  # vLLM's: BOS etc. around a text input
+    embed_dtype: Literal["float32", "float16", "bfloat16", "fp8_e4m3", "fp8_e5m2"] = "float32"
+    endianness: Literal["native", "big", "little"] = "native"
+
+
+def encode_base64(vec, embed_dtype: str, endianness: str) -> str:
+    """One embedding as vLLM's base64 answer: its values as ``embed_dtype`` in ``endianness`` byte order."""
+    order = {"little": "<", "big": ">", "native": "<" if sys.byteorder == "little" else ">"}[endianness]
+    x = np.asarray(vec, dtype=np.float32)
+    if embed_dtype == "bfloat16":  # the upper 16 bits of float32, rounded to nearest even
+        u = x.view(np.uint32).astype(np.uint64)
+        raw = ((u + 0x7FFF + ((u >> 16) & 1)) >> 16).astype(order + "u2")
+    else:
+        raw = x.astype(order + ("f4" if embed_dtype == "float32" else "f2"))
+    return base64.b64encode(raw.tobytes()).decode("ascii")
 
 
 def check_item_count(field: str, n: int, max_items: int) -> None:
@@ -76,24 +97,33 @@ async def create_embeddings(door: FrontDoor, info: ModelInfo, body: EmbeddingReq
     if task != "embed":
         raise invalid(f"model={info.name!r} is invalid for /v1/embeddings: this server's task is "
                       f"{task!r} (start it with --task embed)", "model")
+    body.check_pooling_fields()
+    if body.encoding_format == "bytes":
+        raise invalid("encoding_format='bytes' is not supported by this server: use 'base64' (the same bytes, "
+                      "base64-encoded) or 'float'", "encoding_format")
+    if body.encoding_format == "base64" and body.embed_dtype not in EMBED_DTYPES:
+        raise invalid(f"embed_dtype={body.embed_dtype!r} is not supported by this server: use one of "
+                      f"{', '.join(EMBED_DTYPES)}", "embed_dtype")
     try:
         prompts = _prompts(body, info.vocab_size, door.config.max_queued_requests)
     except ValueError as exc:
         raise invalid(str(exc), "input") from None
+    prompts = text_prompts(prompts, info.tokenizer, body.add_special_tokens)
     try:
-        params = PoolingParams(pooling_type=body.pooling_type, normalize=body.normalize,
-                               truncate_prompt_tokens=body.truncate_prompt_tokens,
+        normalize = body.activation_flag("normalize", body.normalize)
+        params = PoolingParams(pooling_type=body.pooling_type, normalize=normalize,
+                               truncate_prompt_tokens=body.truncation(info.max_model_len),
                                dimensions=body.dimensions).validate()
     except ValueError as exc:
         raise invalid(str(exc)) from None
     answer_id = "embd-" + (request_id or uuid.uuid4().hex)
     # the engine's requests: f"{prefix}-{i}", unique even when two clients send one id
-    outs = await door.embed_many(engine_prefix(answer_id, request_id is not None), prompts, params)
+    outs = await door.embed_many(engine_prefix(answer_id, request_id is not None), prompts, params, body.priority)
     data = []
     for i, out in enumerate(outs):
         vec = out.outputs.embedding
         if body.encoding_format == "base64":
-            vec = base64.b64encode(np.asarray(vec, dtype="<f4").tobytes()).decode("ascii")
+            vec = encode_base64(vec, body.embed_dtype, body.endianness)
         data.append({"object": "embedding", "index": i, "embedding": vec})
     tokens = sum(len(o.prompt_token_ids) for o in outs)
     return {"id": answer_id, "object": "list", "created": int(time.time()), "data": data, "model": info.name,

@@ -257,6 +257,7 @@ class TokenizeRequest(_ChatTemplateFields):
     messages: list[ChatMessage] | None = None
     add_special_tokens: bool | None = None  # None: true for a prompt, false for messages (vLLM's defaults)
     return_token_strs: bool = False  # vLLM's extra: the vocabulary strings of the tokens too
+    mm_processor_kwargs: dict[str, Any] | None = None  # vLLM's (messages form): ignored, text only
 
 
 class DetokenizeRequest(_Body):

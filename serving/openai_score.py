@@ -32,6 +32,9 @@ RerankRequest have no such field) adds template variables such as an ``instructi
 fails to render or renders blank is a 400 naming ``--chat-template`` and the reason;
 ``chat_template_kwargs`` without a template is a 400 naming it. An embedding server ignores both
 (vLLM's rule for the template: each text is embedded alone).
+vLLM's pooling extras (serving/openai_pooling_fields.py): ``use_activation=false`` scores a
+cross-encoder's pair by its raw logit (no sigmoid); on an embedding server it changes nothing (the
+cosine ignores the normalisation); ``priority`` is the engine requests'.
 A classifier with more labels is a 400 naming ``model`` (vLLM refuses score for it too), and so is a
 generating server (score needs an embedding or cross-encoder model). Request ids
 as /v1/embeddings (serving/request_ids.py): the ``X-Request-Id`` header, then the body's
@@ -46,17 +49,15 @@ from typing import Any
 
 import numpy as np
 from fastapi import Request
-from pydantic import BaseModel, ConfigDict
 
 from jaxllm import scoring
 from jaxllm.pooling_params import PoolingParams
 from serving.frontdoor import FrontDoor, ModelInfo, invalid
+from serving.openai_pooling_fields import PoolingFields
 from serving.request_ids import engine_prefix
 
 
-class ScoreRequest(BaseModel):
-    model_config = ConfigDict(extra="forbid", strict=True)
-
+class ScoreRequest(PoolingFields):
     text_1: str | list[str]
     text_2: str | list[str]
     model: str | None = None
@@ -66,9 +67,7 @@ class ScoreRequest(BaseModel):
     user: str | None = None  # accepted, unused
 
 
-class RerankRequest(BaseModel):
-    model_config = ConfigDict(extra="forbid", strict=True)
-
+class RerankRequest(PoolingFields):
     query: str
     documents: list[str]
     model: str | None = None
@@ -105,12 +104,12 @@ def pair_texts(name_1: str, value_1, name_2: str, value_2, max_items: int) -> tu
 
 
 async def pair_scores(door: FrontDoor, info: ModelInfo, t1: list[str], t2: list[str], truncate: int | None,
-                      answer_id: str, client_chosen: bool,
-                      template_kwargs: dict | None = None) -> tuple[np.ndarray, int]:
+                      answer_id: str, client_chosen: bool, template_kwargs: dict | None = None,
+                      activation: bool | None = None, priority: int = 0) -> tuple[np.ndarray, int]:
     """(score of each pair [len(t2)] f64, prompt tokens the engine ran), its requests named after
-    ``answer_id`` (``engine_prefix``) and admitted as one batch: a cross-encoder's pair encodings (or
-    the server's score template's renderings, with ``template_kwargs``), or ``t1 + t2`` embedded and
-    their cosine."""
+    ``answer_id`` (``engine_prefix``) and admitted as one batch at ``priority``: a cross-encoder's pair
+    encodings (or the server's score template's renderings, with ``template_kwargs``; ``activation=False``:
+    the raw logits), or ``t1 + t2`` embedded and their cosine."""
     try:
         params = PoolingParams(truncate_prompt_tokens=truncate).validate()
     except ValueError as exc:
@@ -125,9 +124,13 @@ async def pair_scores(door: FrontDoor, info: ModelInfo, t1: list[str], t2: list[
             raise invalid(str(exc)) from None
         except ValueError as exc:
             raise invalid(str(exc), "text_1") from None
-        outs = await door.embed_many(prefix, [{"prompt_token_ids": i} for i in ids], PoolingParams(activation=False))
-        return scoring.cross_encoder_scores([o.outputs.probs for o in outs], mc), sum(len(i) for i in ids)
-    outs = await door.embed_many(prefix, t1 + t2, params)
+        outs = await door.embed_many(prefix, [{"prompt_token_ids": i} for i in ids], PoolingParams(activation=False),
+                                     priority)
+        logits = [o.outputs.probs for o in outs]  # [n, 1] raw
+        scores = np.asarray(logits, dtype=np.float64)[:, 0] if activation is False else \
+            scoring.cross_encoder_scores(logits, mc)
+        return scores, sum(len(i) for i in ids)
+    outs = await door.embed_many(prefix, t1 + t2, params, priority)
     vecs = np.asarray([o.outputs.embedding for o in outs], dtype=np.float64)  # [n1 + n2, E]
     tokens = sum(len(o.prompt_token_ids) for o in outs)
     return scoring.cosine_scores(vecs[:len(t1)], vecs[len(t1):]), tokens
@@ -149,10 +152,12 @@ async def create_score(door: FrontDoor, info: ModelInfo, body: ScoreRequest, pat
                        request_id: str | None = None) -> dict:
     """``request_id``: the client's (checked by the caller), None = a fresh uuid."""
     check_task(info, path)
+    body.check_pooling_fields()
     t1, t2 = pair_texts("text_1", body.text_1, "text_2", body.text_2, door.config.max_queued_requests)
     answer_id = "score-" + (request_id or uuid.uuid4().hex)
-    scores, tokens = await pair_scores(door, info, t1, t2, body.truncate_prompt_tokens, answer_id,
-                                       request_id is not None, body.chat_template_kwargs)
+    scores, tokens = await pair_scores(door, info, t1, t2, body.truncation(info.max_model_len), answer_id,
+                                       request_id is not None, body.chat_template_kwargs, body.use_activation,
+                                       body.priority)
     data = [{"index": i, "object": "score", "score": float(s)} for i, s in enumerate(scores)]
     return {"id": answer_id, "object": "list", "created": int(time.time()), "model": info.name, "data": data,
             "usage": {"prompt_tokens": tokens, "total_tokens": tokens, "completion_tokens": 0}}
@@ -161,12 +166,14 @@ async def create_score(door: FrontDoor, info: ModelInfo, body: ScoreRequest, pat
 async def create_rerank(door: FrontDoor, info: ModelInfo, body: RerankRequest, path: str,
                         request_id: str | None = None) -> dict:
     check_task(info, path)
+    body.check_pooling_fields()
     if body.top_n < 0:
         raise invalid(f"top_n={body.top_n} is invalid: must be >= 0 (0: every document)", "top_n")
     t1, t2 = pair_texts("query", body.query, "documents", body.documents, door.config.max_queued_requests)
     answer_id = "rerank-" + (request_id or uuid.uuid4().hex)
-    scores, tokens = await pair_scores(door, info, t1, t2, body.truncate_prompt_tokens, answer_id,
-                                       request_id is not None, body.chat_template_kwargs)
+    scores, tokens = await pair_scores(door, info, t1, t2, body.truncation(info.max_model_len), answer_id,
+                                       request_id is not None, body.chat_template_kwargs, body.use_activation,
+                                       body.priority)
     order = sorted(range(len(t2)), key=lambda i: -scores[i])  # stable: ties keep the lower index first
     if 0 < body.top_n < len(order):
         order = order[:body.top_n]

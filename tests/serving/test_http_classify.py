@@ -154,3 +154,35 @@ def test_score_on_a_multi_label_classifier_is_refused_naming_model():
         check_task(Info, "/v1/score")
     assert str(ei.value) == ("model='cls3': num_labels=3 is invalid for /v1/score: a cross-encoder has exactly 1 "
                              "label (this classifier's labels: ['a', 'b', 'c']; classify it instead)")
+
+
+def test_vllm_pooling_extras_on_the_cross_encoder(model):
+    """vLLM's ``use_activation`` (the newer name of ``activation``): /classify's raw logits, and /score's
+    and /rerank's raw pair logits, against HF's; ``add_special_tokens=false`` classifies the text without
+    its BOS (HF's logits of the tokenizer's encoding without specials); the older and the newer name at
+    different values are a 400 naming ``use_activation``."""
+    path, engine = model
+
+    async def calls(h, c):
+        cls = await h.post("/classify", json={"input": DOCS[:2], "use_activation": False, "priority": 0})
+        bare = await h.post("/classify", json={"input": DOCS[0], "add_special_tokens": False})
+        score = await h.post("/score", json={"text_1": QUERY, "text_2": DOCS[:2], "use_activation": False})
+        rerank = await h.post("/rerank", json={"query": QUERY, "documents": DOCS[:2], "use_activation": False,
+                                               "cache_salt": "ignored", "mm_processor_kwargs": {}})
+        both = await h.post("/classify", json={"input": "w5", "activation": True, "use_activation": False})
+        return cls, bare, score, rerank, both
+
+    cls, bare, score, rerank, both = run(_serve(engine, calls), timeout=60)
+    tok = engine.tokenizer.hf
+    singles = [tok(t)["input_ids"] for t in DOCS[:2]]
+    no_bos = tok(DOCS[0], add_special_tokens=False)["input_ids"]
+    pairs = [tok(QUERY, d)["input_ids"] for d in DOCS[:2]]
+    assert len(no_bos) < len(singles[0])
+    ref = [l[0] for l in hf_classifier_logits(path, singles + [no_bos] + pairs)]
+    np.testing.assert_allclose([d["probs"][0] for d in cls.json()["data"]], ref[:2], atol=1e-4, rtol=0)
+    np.testing.assert_allclose(bare.json()["data"][0]["probs"], sigmoid([ref[2]]), atol=1e-5, rtol=0)
+    assert bare.json()["usage"]["prompt_tokens"] == len(no_bos)
+    np.testing.assert_allclose([d["score"] for d in score.json()["data"]], ref[3:], atol=1e-4, rtol=0)
+    res = sorted(rerank.json()["results"], key=lambda x: x["index"])
+    np.testing.assert_allclose([x["relevance_score"] for x in res], ref[3:], atol=1e-4, rtol=0)
+    assert both.status_code == 400 and both.json()["error"]["param"] == "use_activation", both.text
