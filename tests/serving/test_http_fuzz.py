@@ -42,10 +42,10 @@ ENV = "JAXLLM_HTTP_FUZZ_EXAMPLES"
 # once). Each path is fuzzed on its own examples, so a path added here neither changes another
 # path's draws nor dilutes its mix of answers (both sides of the contract are checked path by path).
 GEN_PLAN = {"/v1/completions": (44, {200, 400}), "/v1/chat/completions": (44, {200, 400}),
-            "/tokenize": (22, {200, 400}), "/detokenize": (22, {200, 400}), "/v1/embeddings": (12, {400}),
+            "/tokenize": (30, {200, 400}), "/detokenize": (22, {200, 400}), "/v1/embeddings": (12, {400}),
             "/v1/models": (12, {200}), "/health": (11, {200}), "/metrics": (11, {200}), "/ping": (11, {200}),
             "/version": (11, {200}), "/v1/responses": (44, {200, 400}), "/v1/score": (6, {400})}
-EMBED_PLAN = {"/v1/embeddings": (20, {200, 400}), "/v1/completions": (8, {400}), "/tokenize": (20, {200, 400}),
+EMBED_PLAN = {"/v1/embeddings": (20, {200, 400}), "/v1/completions": (8, {400}), "/tokenize": (30, {200, 400}),
               "/v1/models": (5, {200}), "/health": (5, {200}), "/ping": (5, {200}), "/version": (5, {200}),
               "/v1/score": (16, {200, 400}), "/v1/rerank": (16, {200, 400})}
 _LEAD = re.compile(r"[A-Za-z_][A-Za-z0-9_]*")  # a field name (text_1: digits after the first)

@@ -222,9 +222,9 @@ def test_embeddings_take_the_client_id(embed_srv):
     seen = []
     door_embed = srv.server.door.embed_many
 
-    async def recording(prefix, prompts, params):
+    async def recording(prefix, prompts, params, priority=0):
         seen.append(prefix)
-        return await door_embed(prefix, prompts, params)
+        return await door_embed(prefix, prompts, params, priority)
 
     srv.server.door.embed_many = recording
     try:
