@@ -7,8 +7,8 @@ limit the same way for every door. Besides OpenAI's fields, vLLM's extra samplin
 accepted (``top_k``, ``min_p``, ``repetition_penalty``, ``min_tokens``, ``stop_token_ids``,
 ``ignore_eos``, ``skip_special_tokens``, ``include_stop_str_in_output``, ``prompt_logprobs``,
 ``bad_words``, ``use_beam_search``, ``length_penalty``, ``allowed_token_ids``, ``truncate_prompt_tokens``,
-``return_tokens_as_token_ids``, ``return_token_ids``, ``cache_salt``), and vLLM's ``priority`` and ``request_id`` (the request's,
-not sampling fields). The structured-output fields are serving/openai_structured.py's; the vLLM / OpenAI
+``return_tokens_as_token_ids``, ``return_token_ids``, ``cache_salt``), and vLLM's ``priority`` and
+``request_id`` (the request's, not sampling fields). The structured-output fields are serving/openai_structured.py's; the vLLM / OpenAI
 fields accepted and ignored, or refused by name, serving/openai_compat.py's (serving/README.md's table).
 """
 
