@@ -161,3 +161,16 @@ def test_held_back_deltas_still_send_their_token_ids():
     finally:
         s.close()
         SCRIPTS.pop("token ids?", None)
+
+
+def test_beam_search_choices_carry_their_beams_ids(srv):
+    """use_beam_search: each beam's token_ids are the ids of its text (the fake tokenizer's one character
+    per id), its prompt_token_ids the prompt's."""
+    from tests.fakes.fake_tokenizer import OFFSET, FakeTokenizer
+
+    r = post(srv, "/v1/completions", prompt=PROMPTS[0], max_tokens=4, n=2, use_beam_search=True,
+             return_token_ids=True).json()
+    assert len(r["choices"]) == 2
+    for c in r["choices"]:
+        assert "".join(chr(t - OFFSET) for t in c["token_ids"]) == c["text"]
+        assert c["prompt_token_ids"] == FakeTokenizer().encode(PROMPTS[0])
