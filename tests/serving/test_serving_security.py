@@ -104,7 +104,8 @@ def test_reflection_lists_services_and_describes_messages():
             services, req_fields, sp_fields, methods = await asyncio.to_thread(reflect, c.target)
             assert {"jaxllm.v1.Generation", "grpc.health.v1.Health",
                     "grpc.reflection.v1alpha.ServerReflection"} <= services
-            assert req_fields == ["request_id", "text", "chat", "token_ids", "sampling", "lora_name", "priority"]
+            assert req_fields == ["request_id", "text", "chat", "token_ids", "sampling", "lora_name", "priority",
+                                      "cache_salt"]
             from jaxllm.sampling_params import SamplingParams
             # every field is exposed; the proto's beam search options become BeamSearchParams instead
             assert set(SamplingParams.__struct_fields__) == sp_fields - {"use_beam_search", "length_penalty"}
