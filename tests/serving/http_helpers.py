@@ -5,6 +5,7 @@ client can call it from the test thread."""
 from __future__ import annotations
 
 import asyncio
+import json
 import threading
 import time
 
@@ -113,3 +114,10 @@ class ThreadedServer:
             self.call(self.server.stop())
         self.loop.call_soon_threadsafe(self.loop.stop)
         self._thread.join(5)
+
+
+def sse_events(r) -> list[dict]:
+    """An OpenAI stream's chunks (an httpx response's ``data:`` events), checking it ends ``data: [DONE]``."""
+    lines = [ln for ln in r.text.split("\n\n") if ln]
+    assert lines[-1] == "data: [DONE]", r.text[-200:]
+    return [json.loads(ln.removeprefix("data: ")) for ln in lines[:-1]]

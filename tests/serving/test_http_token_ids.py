@@ -7,12 +7,11 @@ non-streamed answer for the stream, and each choice's own logprob rows for its r
 
 from __future__ import annotations
 
-import json
 
 import httpx
 import pytest
 
-from http_helpers import ThreadedServer, make_llm_engine
+from http_helpers import ThreadedServer, make_llm_engine, sse_events
 from jaxllm import LLM, SamplingParams
 
 PROMPTS = ["The three primary colors are", "Name a prime:"]
@@ -37,12 +36,6 @@ def post(srv, path: str, **body) -> httpx.Response:
     return r
 
 
-def events(r: httpx.Response) -> list[dict]:
-    lines = [ln for ln in r.text.split("\n\n") if ln]
-    assert lines[-1] == "data: [DONE]", r.text[-200:]
-    return [json.loads(ln.removeprefix("data: ")) for ln in lines[:-1]]
-
-
 def streamed_ids(chunks: list[dict]) -> dict[int, list[int]]:
     out: dict[int, list[int]] = {}
     for c in chunks:
@@ -62,7 +55,7 @@ def test_completions_token_ids_equal_the_offline_engines(srv, llm):
         assert c["prompt_token_ids"] == list(ref.prompt_token_ids)
         assert c["token_ids"] == list(ref.outputs[c["index"] % 2].token_ids)
     assert whole["usage"]["completion_tokens"] == sum(len(c["token_ids"]) for c in whole["choices"])
-    chunks = events(post(srv, "/v1/completions", stream=True, **body))
+    chunks = sse_events(post(srv, "/v1/completions", stream=True, **body))
     assert streamed_ids(chunks) == {c["index"]: c["token_ids"] for c in whole["choices"]}
     first: dict[int, list] = {}
     for c in chunks:
@@ -88,7 +81,7 @@ def test_completions_echo_with_token_ids_returns_the_prompt_as_ids(srv, llm):
     scored = post(srv, "/v1/completions", prompt=PROMPTS[0], max_tokens=0, echo=True,
                   return_token_ids=True).json()["choices"][0]  # max_tokens=0: the prompt alone
     assert (scored["text"], scored["token_ids"], scored["prompt_token_ids"]) == ("", [], list(ref.prompt_token_ids))
-    chunks = events(post(srv, "/v1/completions", prompt=PROMPTS[0], max_tokens=4, temperature=0, echo=True,
+    chunks = sse_events(post(srv, "/v1/completions", prompt=PROMPTS[0], max_tokens=4, temperature=0, echo=True,
                          stream=True, return_token_ids=True))
     assert "".join(c["choices"][0]["text"] for c in chunks) == ref.outputs[0].text
     assert streamed_ids(chunks) == {0: list(ref.outputs[0].token_ids)}
@@ -101,7 +94,7 @@ def test_chat_token_ids_on_the_response_and_the_choices(srv, llm):
     whole = post(srv, "/v1/chat/completions", **body).json()
     assert whole["prompt_token_ids"] == list(ref.prompt_token_ids)  # vLLM: on the response
     assert [c["token_ids"] for c in whole["choices"]] == [list(o.token_ids) for o in ref.outputs]
-    chunks = events(post(srv, "/v1/chat/completions", stream=True, **body))
+    chunks = sse_events(post(srv, "/v1/chat/completions", stream=True, **body))
     assert streamed_ids(chunks) == {c["index"]: c["token_ids"] for c in whole["choices"]}
     with_ids = [c for c in chunks if "prompt_token_ids" in c]  # the chunks of each choice's first delta
     assert with_ids and all(c["prompt_token_ids"] == whole["prompt_token_ids"] for c in with_ids)
@@ -119,7 +112,7 @@ def test_continuous_usage_with_n2_counts_each_chunks_own_choice(srv, path):
     body = dict(max_tokens=8, temperature=0.9, seed=5, n=2, logprobs=True if chat else 0)
     body.update(messages=CHAT) if chat else body.update(prompt=PROMPTS[1])
     whole = post(srv, path, **body).json()["usage"]
-    chunks = events(post(srv, path, stream=True, stream_options={"include_usage": True,
+    chunks = sse_events(post(srv, path, stream=True, stream_options={"include_usage": True,
                                                                   "continuous_usage_stats": True}, **body))
     seen = {0: 0, 1: 0}
     for c in chunks[:-1]:
@@ -153,7 +146,7 @@ def test_held_back_deltas_still_send_their_token_ids():
         whole = post(s, "/v1/chat/completions", **body).json()
         [choice] = whole["choices"]
         assert choice["finish_reason"] == "tool_calls" and choice["token_ids"] == want
-        chunks = events(post(s, "/v1/chat/completions", stream=True, **body))
+        chunks = sse_events(post(s, "/v1/chat/completions", stream=True, **body))
         assert streamed_ids(chunks) == {0: want}
         assert any(ch["delta"] == {} and ch["token_ids"] for c in chunks for ch in c["choices"])
         hidden = post(s, "/v1/chat/completions", include_reasoning=False, **body).json()

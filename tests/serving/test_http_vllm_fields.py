@@ -17,7 +17,7 @@ import jsonschema
 import openai
 import pytest
 
-from http_helpers import ThreadedServer, make_llm_engine
+from http_helpers import ThreadedServer, make_llm_engine, sse_events
 from jaxllm import LLM, SamplingParams
 from tests.fakes.fake_tokenizer import OFFSET
 from tests.fakes.grammar_tokenizers import fake_grammar_tokenizer
@@ -42,19 +42,13 @@ def post(srv, path: str, **body) -> httpx.Response:
     return httpx.post(srv.base_url + path, json={"model": "fake-llm", **body}, timeout=30)
 
 
-def events(r: httpx.Response) -> list[dict]:
-    lines = [ln for ln in r.text.split("\n\n") if ln]
-    assert lines[-1] == "data: [DONE]", r.text[-200:]
-    return [json.loads(ln.removeprefix("data: ")) for ln in lines[:-1]]
-
-
 # ----- stream_options.continuous_usage_stats -----------------------------------------------------
 @pytest.mark.parametrize("path", ["/v1/completions", "/v1/chat/completions"])
 def test_continuous_usage_counts_the_tokens_so_far_in_every_chunk(srv, path):
     body = dict(max_tokens=9, temperature=0, ignore_eos=True, logprobs=True if "chat" in path else 0)
     body.update(messages=CHAT) if "chat" in path else body.update(prompt=PROMPT)
     whole = post(srv, path, **body).json()["usage"]
-    chunks = events(post(srv, path, stream=True, stream_options={"include_usage": True,
+    chunks = sse_events(post(srv, path, stream=True, stream_options={"include_usage": True,
                                                                   "continuous_usage_stats": True}, **body))
     seen = 0
     for c in chunks[:-1]:
@@ -65,12 +59,12 @@ def test_continuous_usage_counts_the_tokens_so_far_in_every_chunk(srv, path):
                               "total_tokens": whole["prompt_tokens"] + seen}
     assert seen == 9 and chunks[-1]["choices"] == [] and chunks[-1]["usage"] == whole
     # include_usage unset: vLLM's default with stream_options is true; explicitly false: no usage at all
-    unset = events(post(srv, path, stream=True, stream_options={"continuous_usage_stats": True}, **body))
+    unset = sse_events(post(srv, path, stream=True, stream_options={"continuous_usage_stats": True}, **body))
     assert [c["usage"]["completion_tokens"] for c in unset][-1] == 9
-    off = events(post(srv, path, stream=True, stream_options={"include_usage": False,
+    off = sse_events(post(srv, path, stream=True, stream_options={"include_usage": False,
                                                                "continuous_usage_stats": True}, **body))
     assert all("usage" not in c for c in off)
-    plain = events(post(srv, path, stream=True, stream_options={"include_usage": True}, **body))
+    plain = sse_events(post(srv, path, stream=True, stream_options={"include_usage": True}, **body))
     assert all(c["usage"] is None for c in plain[:-1]) and plain[-1]["usage"] == whole
 
 
