@@ -130,9 +130,6 @@ class HybridKVCacheManager(KVCacheManager):
         self._pinned_to_release.extend(pinned)
         return copies
 
-    def take_fork_copy(self, req: Request):
-        raise NotImplementedError("HybridKVCacheManager copies one block per group: use take_fork_copies")
-
     # ----- allocation -----------------------------------------------------------------
     def _free_skipped(self, lists: list[list[KVBlock | None]], num_computed: int) -> None:
         """Free every sliding group's blocks before its window at ``num_computed`` (entries turn None)."""

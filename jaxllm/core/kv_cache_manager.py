@@ -117,26 +117,21 @@ class KVCacheManager:
         self.fork_pins[req.request_id] = (block, m)
         return True
 
-    def take_fork_copy(self, req: Request) -> tuple[int, int] | None:
-        """At admission (after ``allocate_slots``): (source block, destination block) when ``req``
-        was admitted as a fork, else None; either way its pin is released (the caller applies the
-        copy in the step it schedules, before any later allocation can reuse the source)."""
+    def take_fork_copies(self, req: Request) -> list[tuple[int, int]]:
+        """At admission (after ``allocate_slots``): the (source block, destination block) pairs to copy
+        when ``req`` was admitted as a fork (one here; the hybrid manager's one per KV cache group), else
+        []; either way its pin is released (the caller applies the copies in the step it schedules,
+        before any later allocation can reuse the source)."""
         pin = self.fork_pins.pop(req.request_id, None)
         if pin is None:
-            return None
+            return []
         block, m = pin
         blocks = self.req_blocks.get(req.request_id, [])
-        copy = None
+        copies = []
         if req.num_computed_tokens == m and len(blocks) > m // self.block_size:
-            copy = (block.block_id, blocks[m // self.block_size].block_id)
+            copies = [(block.block_id, blocks[m // self.block_size].block_id)]
         self._pinned_to_release.append(block)
-        return copy
-
-    def take_fork_copies(self, req: Request) -> list[tuple[int, int]]:
-        """``take_fork_copy`` as a list of (source, destination) block pairs (one per KV cache group;
-        the hybrid manager copies one per group)."""
-        copy = self.take_fork_copy(req)
-        return [] if copy is None else [copy]
+        return copies
 
     def num_hit_tokens(self, computed: list[KVBlock]) -> int:
         """Tokens the cached blocks of a ``get_computed_blocks`` answer hold (a fork's copied rest aside)."""

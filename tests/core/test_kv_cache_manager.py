@@ -107,7 +107,7 @@ def test_fork_pins_shares_full_blocks_and_copies_the_partial_one():
     assert len(kv.allocate_slots(fork, 1, blocks, n - 8)) == 1  # one fresh block: the copy's destination
     fork.num_computed_tokens = n
     dst = kv.get_block_ids("fork")[2]
-    assert kv.take_fork_copy(fork) == (src_blocks[2], dst) and dst != src_blocks[2]
+    assert kv.take_fork_copies(fork) == [(src_blocks[2], dst)] and dst != src_blocks[2]
     kv.release_pins()
     assert kv.pool.blocks[src_blocks[2]].ref_cnt == 0 and not kv.fork_pins
     kv.free(fork)
