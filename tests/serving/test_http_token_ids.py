@@ -7,6 +7,7 @@ non-streamed answer for the stream, and each choice's own logprob rows for its r
 
 from __future__ import annotations
 
+import time
 
 import httpx
 import pytest
@@ -138,7 +139,15 @@ def test_held_back_deltas_still_send_their_token_ids():
     text = "<think>check the weather</think>" + HERMES
     SCRIPTS["token ids?"] = (text, True)
     want = TOK.encode(text, add_special_tokens=False) + [EOS]
-    s = ThreadedServer(_engine(), reasoning_parser="deepseek_r1", enable_auto_tool_choice=True,
+    engine = _engine()
+    scripted = engine.runner.next_token_fn
+
+    def paced(ctx, seq):  # a token every few ms: the stream reader sees them one by one, not coalesced
+        time.sleep(0.004)
+        return scripted(ctx, seq)
+
+    engine.runner.next_token_fn = paced
+    s = ThreadedServer(engine, reasoning_parser="deepseek_r1", enable_auto_tool_choice=True,
                        tool_call_parser="hermes")
     try:
         body = dict(messages=[{"role": "user", "content": "token ids?"}], tools=TOOLS, max_tokens=200,
@@ -158,12 +167,14 @@ def test_held_back_deltas_still_send_their_token_ids():
 
 def test_beam_search_choices_carry_their_beams_ids(srv):
     """use_beam_search: each beam's token_ids are the ids of its text (the fake tokenizer's one character
-    per id), its prompt_token_ids the prompt's."""
-    from tests.fakes.fake_tokenizer import OFFSET, FakeTokenizer
+    per id; an <eos> that ends a beam is in its ids, not its text), its prompt_token_ids the prompt's."""
+    from tests.fakes.fake_tokenizer import EOS, FakeTokenizer
 
     r = post(srv, "/v1/completions", prompt=PROMPTS[0], max_tokens=4, n=2, use_beam_search=True,
              return_token_ids=True).json()
     assert len(r["choices"]) == 2
     for c in r["choices"]:
-        assert "".join(chr(t - OFFSET) for t in c["token_ids"]) == c["text"]
+        ids = c["token_ids"]
+        assert EOS not in ids[:-1] and FakeTokenizer().decode(ids) == c["text"]
+        assert len(c["text"]) == len(ids) - (ids[-1:] == [EOS])
         assert c["prompt_token_ids"] == FakeTokenizer().encode(PROMPTS[0])
