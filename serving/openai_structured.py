@@ -2,10 +2,13 @@
 ``response_format``, vLLM's ``structured_outputs`` and vLLM's older ``guided_*`` names, resolved to
 one ``StructuredOutputsParams``.
 
-One constraint per request: vLLM lets one source silently win over another (``structured_outputs``
-over ``guided_*``; older versions let ``response_format``'s schema replace ``guided_json``); here
-two sources, or two ``guided_*`` kinds (vLLM refuses those too), are a 400 naming both, so a
-client never gets an answer constrained by something other than what it sent.
+Two sources, as vLLM resolves them: ``structured_outputs`` set, the ``guided_*`` fields are unused
+(vLLM forwarded them only without it; current vLLM no longer reads them at all); else two ``guided_*``
+kinds are a 400 (vLLM's ``StructuredOutputsParams`` refuses two kinds). A ``response_format`` of type
+``json_schema`` / ``json_object`` then replaces that constraint's ``json`` / ``json_object`` (vLLM's
+``structured_outputs_from_response_format``): it wins over ``guided_*`` and over the same kind in
+``structured_outputs``; another kind there is a 400 naming both (vLLM: "You can only use one kind of
+structured outputs constraint").
 """
 
 from __future__ import annotations
@@ -67,33 +70,38 @@ class StructuredFields(Body):
     structural_tag: str | None = None  # vLLM's older top-level field: refused
 
     def structured(self) -> StructuredOutputsParams | None:
-        """The request's constraint, or None; ValueError (naming the fields) for two of them or a
-        constraint this server cannot honour."""
+        """The request's constraint, or None; ValueError (naming the fields) for two kinds of
+        constraint or one this server cannot honour (vLLM's precedence: the module's docstring)."""
         rf, so = self.response_format, self.structured_outputs
         _refuse_unsupported(self)
-        sources = [name for name, on in (("response_format", rf is not None and rf.type != "text"),
-                                         ("structured_outputs", so is not None)) if on]
-        guided = [g for g in GUIDED if getattr(self, g) is not None]
-        if len(guided) > 1:
-            raise ValueError(f"{' and '.join(guided)} are invalid together: set one guided_* field "
-                             "(or structured_outputs)")
-        sources += guided
-        if len(sources) > 1:
-            raise ValueError(f"{' and '.join(sources)} are invalid together: set one of response_format, "
-                             "structured_outputs or a guided_* field")
-        if guided:
-            kind = guided[0].removeprefix("guided_")
-            return StructuredOutputsParams(**{kind: getattr(self, guided[0])})
         if so is not None:
-            return StructuredOutputsParams(json=so.json_, regex=so.regex, choice=so.choice,
-                                           grammar=so.grammar, json_object=so.json_object)
-        if rf is None or rf.type == "text":
-            return None
-        if rf.type == "json_object":
-            return StructuredOutputsParams(json_object=True)
-        if rf.json_schema is None or rf.json_schema.schema_ is None:
-            raise ValueError("response_format.json_schema.schema is required for type 'json_schema'")
-        return StructuredOutputsParams(json=rf.json_schema.schema_)
+            kinds = {k: v for k, v in (("json", so.json_), ("regex", so.regex), ("choice", so.choice),
+                                       ("grammar", so.grammar), ("json_object", so.json_object)) if v is not None}
+            if len(kinds) > 1:
+                raise ValueError(f"structured_outputs sets {' and '.join(kinds)}, which is invalid: set one kind "
+                                 "of constraint")
+            source = "structured_outputs"
+        else:
+            guided = [g for g in GUIDED if getattr(self, g) is not None]
+            if len(guided) > 1:
+                raise ValueError(f"{' and '.join(guided)} are invalid together: set one guided_* field "
+                                 "(or structured_outputs)")
+            kinds = {g.removeprefix("guided_"): getattr(self, g) for g in guided}
+            source = guided[0] if guided else None
+        if rf is not None and rf.type != "text":
+            if rf.type == "json_object":
+                kind, value = "json_object", True
+            elif rf.json_schema is None or rf.json_schema.schema_ is None:
+                raise ValueError("response_format.json_schema.schema is required for type 'json_schema'")
+            else:
+                kind, value = "json", rf.json_schema.schema_
+            if source == "structured_outputs" and kinds and kind not in kinds:
+                raise ValueError(f"response_format type {rf.type!r} and structured_outputs.{next(iter(kinds))} "
+                                 f"are invalid together: set one kind of constraint")
+            kinds = {kind: value}  # vLLM: response_format's value replaces the same kind (and guided_*)
+        if not kinds:  # an empty structured_outputs: its validation refuses it, as vLLM's
+            return StructuredOutputsParams() if source == "structured_outputs" else None
+        return StructuredOutputsParams(**kinds)
 
 
 def _refuse_unsupported(body: StructuredFields) -> None:

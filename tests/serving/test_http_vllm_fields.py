@@ -116,12 +116,49 @@ def test_guided_json_regex_choice_constrain_the_answer(srv):
 
 @pytest.mark.parametrize("extra,named", [
     ({"guided_regex": "a+", "guided_choice": ["a"]}, "guided_regex and guided_choice"),
-    ({"guided_json": SCHEMA, "response_format": {"type": "json_object"}}, "response_format and guided_json"),
-    ({"guided_grammar": "start: \"a\"", "structured_outputs": {"regex": "a"}}, "structured_outputs and guided_grammar"),
+    ({"structured_outputs": {"regex": "a", "choice": ["a"]}}, "structured_outputs sets regex and choice"),
+    ({"response_format": {"type": "json_object"}, "structured_outputs": {"regex": "a"}},
+     "response_format type 'json_object' and structured_outputs.regex"),
+    ({"response_format": {"type": "json_schema", "json_schema": {"name": "s", "schema": SCHEMA}},
+      "structured_outputs": {"choice": ["a"]}}, "response_format type 'json_schema' and structured_outputs.choice"),
 ])
-def test_two_constraints_are_a_400_naming_both(srv, extra, named):
+def test_two_kinds_of_constraint_are_a_400_naming_both(srv, extra, named):
+    """vLLM's: two guided_* kinds (its StructuredOutputsParams refuses them), two kinds in structured_outputs,
+    or a response_format of another kind than structured_outputs' (replace() leaves both set)."""
     r = post(srv, "/v1/completions", prompt=PROMPT, max_tokens=4, **extra)
     assert r.status_code == 400 and named in r.json()["error"]["message"], r.text
+
+
+OTHER = {"type": "object", "properties": {"b": {"type": "string", "maxLength": 3}}, "required": ["b"],
+         "additionalProperties": False}
+
+
+@pytest.mark.parametrize("path", ["/v1/completions", "/v1/chat/completions"])
+@pytest.mark.parametrize("winner,loser", [
+    # structured_outputs over guided_* (vLLM forwarded guided_* only without it)
+    ({"structured_outputs": {"choice": ["yes", "no"]}}, {"guided_regex": "[ab]{3}c"}),
+    ({"structured_outputs": {"regex": "[ab]{3}c"}}, {"guided_json": SCHEMA, "guided_choice": ["x"]}),
+    # response_format over guided_* and over structured_outputs' same kind (vLLM's replace())
+    ({"response_format": {"type": "json_object"}}, {"guided_regex": "[ab]{3}c"}),
+    ({"response_format": {"type": "json_schema", "json_schema": {"name": "s", "schema": SCHEMA}}},
+     {"structured_outputs": {"json": OTHER}}),
+    ({"response_format": {"type": "json_schema", "json_schema": {"name": "s", "schema": SCHEMA}}},
+     {"guided_json": OTHER}),
+])
+def test_the_winning_constraint_answers_as_if_sent_alone(srv, path, winner, loser):
+    """Reference: the same body with the winner alone (greedy, so the answers must be equal)."""
+    body = dict(max_tokens=30, temperature=0, **({"messages": CHAT} if "chat" in path else {"prompt": PROMPT}))
+    alone = post(srv, path, **body, **winner)
+    both = post(srv, path, **body, **winner, **loser)
+    assert alone.status_code == both.status_code == 200, both.text
+
+    def text(r):
+        c = r.json()["choices"][0]
+        return c["text"] if "text" in c else c["message"]["content"]
+
+    assert text(both) == text(alone)
+    if "response_format" in winner and "json_schema" in json.dumps(winner):
+        jsonschema.validate(json.loads(text(both)), SCHEMA)
 
 
 # ----- cache_salt ----------------------------------------------------------------------------------
