@@ -112,6 +112,9 @@ class _SamplingFields(StructuredFields, CompatFields):
         return kw
 
 
+COMPLETION_MAX_TOKENS = 16  # vLLM's CompletionRequest.max_tokens default (null too)
+
+
 class CompletionRequest(_SamplingFields):
     prompt: str | list[str] | list[int] | list[list[int]]
     logprobs: int | None = None  # top-k per generated token (legacy completions shape)
@@ -123,10 +126,11 @@ class CompletionRequest(_SamplingFields):
 
     def to_params(self, defaults: GenerationDefaults = NO_DEFAULTS) -> tuple[SamplingParams, bool]:
         """(params, whether the body set max_tokens); fields the body leaves unset take ``defaults``
-        (the model's generation config), then SamplingParams' own (max_tokens 16, as vLLM's body)."""
+        (the model's generation config), then SamplingParams' own. max_tokens unset is 16, vLLM's body
+        default, so the generation config's max_new_tokens is no default here (vLLM's ``get_max_tokens``
+        falls back to it only for chat); an operator's cap (``max_tokens_cap``) still lowers it."""
         kw = self.sampling_kwargs()
-        if self.max_tokens is not None:
-            kw["max_tokens"] = self.max_tokens
+        kw["max_tokens"] = self.max_tokens if self.max_tokens is not None else COMPLETION_MAX_TOKENS
         if self.logprobs is not None:
             kw["logprobs"] = self.logprobs
         kw = echo_sampling_kwargs(defaults.fill(kw), echo=self.echo)

@@ -59,7 +59,11 @@ def test_request_fields_meet_the_defaults(tmp_path):
     model = _dir(tmp_path, "model", FILE)
     d = gencfg.resolve("auto", {"temperature": 0.2}, "hf", model)
     p, max_set = CompletionRequest(prompt="x").to_params(d)
-    assert (p.temperature, p.top_k, p.max_tokens, max_set) == (0.2, 20, 7, False)
+    # completions: vLLM's body default 16, not the file's 7 (that is chat's default: below)
+    assert (p.temperature, p.top_k, p.max_tokens, max_set) == (0.2, 20, 16, False)
+    assert CompletionRequest(prompt="x", max_tokens=None).to_params(d)[0].max_tokens == 16  # null too
+    assert CompletionRequest(prompt="x").to_params(gencfg.resolve("auto", {"max_new_tokens": 5}, "hf", model))[0] \
+        .max_tokens == 5  # an operator's max_new_tokens still caps it (vLLM's override_max_tokens)
     p, _ = CompletionRequest(prompt="x", temperature=1.0, max_tokens=40).to_params(d)
     assert (p.temperature, p.top_k, p.max_tokens) == (1.0, 20, 40)  # the checkpoint file's 7: a default only
     p, _ = CompletionRequest(prompt="x").to_params()
