@@ -27,10 +27,9 @@ def final_body(job: Any) -> dict:
     obj = "text_completion" if job.kind == "completion" else "chat.completion"
     out = {"id": job.id, "object": obj, "created": job.created, "model": job.info.name,
            "choices": choices, "usage": job.usage()}
-    if job.kind == "chat":  # vLLM: on the chat response
+    if job.kind == "chat":  # vLLM: on the chat response (null without return_token_ids, as its model_dump)
         out["prompt_logprobs"] = _prompt_logprobs(job, job.trackers[0])
-        if job.return_token_ids:
-            out["prompt_token_ids"] = job.trackers[0].prompt_token_ids
+        out["prompt_token_ids"] = job.trackers[0].prompt_token_ids if job.return_token_ids else None
     return out
 
 
@@ -38,8 +37,13 @@ def _with_token_ids(job: Any, choice: dict, tracker: DeltaTracker, d: SampleDelt
     """vLLM's ``return_token_ids`` on a choice: ``token_ids`` (the sample's generated ids; in a stream
     this chunk's), and for completions ``prompt_token_ids`` (its prompt's, on a choice's first chunk; chat
     puts them on the response / the chunk). Chat under a reasoning parser with ``include_reasoning=false``
-    leaves them out (null), as vLLM: they would show the hidden reasoning."""
+    leaves them out (null), as vLLM: they would show the hidden reasoning. Without ``return_token_ids`` the
+    keys are there as null, streamed or not: vLLM's answers always carry them (its non-streamed bodies are
+    whole ``model_dump``s, its chunks set both on every choice)."""
     if not job.return_token_ids:
+        if job.kind == "completion":
+            choice["prompt_token_ids"] = None
+        choice["token_ids"] = None
         return
     if job.kind == "completion":
         choice["prompt_token_ids"] = tracker.prompt_token_ids if first else None
@@ -153,8 +157,8 @@ def stream_chunks(job: Any, head: dict, k: int, batch: list, started: set[int]) 
         if not group:
             continue
         chunk = dict(head, choices=group)
-        if job.kind == "chat" and job.return_token_ids and any(group_firsts):  # vLLM: with each choice's first
-            chunk["prompt_token_ids"] = tracker.prompt_token_ids
+        if job.kind == "chat" and any(group_firsts):  # vLLM: with each choice's first delta (null when unasked)
+            chunk["prompt_token_ids"] = tracker.prompt_token_ids if job.return_token_ids else None
         if job.include_usage:  # vLLM's continuous_usage_stats: the tokens so far, else null until the last chunk
             chunk["usage"] = job.usage(only=(k, group[0]["index"] - k * job.params.n)) if job.continuous_usage \
                 else None

@@ -66,8 +66,33 @@ def test_completions_token_ids_equal_the_offline_engines(srv, llm):
             else:
                 assert ch["prompt_token_ids"] is None
     assert first == {c["index"]: c["prompt_token_ids"] for c in whole["choices"]}
-    plain = post(srv, "/v1/completions", prompt=PROMPTS[0], max_tokens=3).json()  # unset: no such keys
-    assert "token_ids" not in plain["choices"][0] and "prompt_token_ids" not in plain["choices"][0]
+
+
+@pytest.mark.parametrize("path", ["/v1/completions", "/v1/chat/completions"])
+def test_unset_the_keys_are_null_where_vllm_writes_them(srv, path):
+    """vLLM without return_token_ids: its non-streamed bodies are whole model_dumps (every choice's
+    ``token_ids``, a completion choice's ``prompt_token_ids``, chat's response ``prompt_token_ids``: null);
+    its chunks set both on every completion choice and ``token_ids`` on every chat choice, and chat's
+    ``prompt_token_ids`` on the chunk of a choice's first delta. The openai client parses them as None."""
+    body = dict(max_tokens=3, n=2, temperature=0.5, seed=1)
+    body.update(messages=CHAT) if "chat" in path else body.update(prompt=PROMPTS[0])
+    whole = post(srv, path, **body).json()
+    want = ["token_ids"] + (["prompt_token_ids"] if "chat" not in path else [])
+    assert all(ch[k] is None for ch in whole["choices"] for k in want) and len(whole["choices"]) == 2
+    assert ("chat" not in path) == ("prompt_token_ids" not in whole)  # chat: on the response
+    assert whole.get("prompt_token_ids", None) is None
+    chunks = sse_events(post(srv, path, stream=True, **body))
+    assert all(ch[k] is None for c in chunks for ch in c["choices"] for k in want)
+    if "chat" in path:
+        firsts = [c for c in chunks if any(ch["delta"].get("role") for ch in c["choices"])]
+        assert firsts and all(c["prompt_token_ids"] is None for c in firsts)
+        assert all("prompt_token_ids" not in c for c in chunks if c not in firsts)
+    import openai
+
+    client = openai.OpenAI(base_url=srv.base_url + "/v1", api_key="x")
+    parsed = (client.chat.completions.create(model="fake-llm", messages=CHAT, max_tokens=3) if "chat" in path
+              else client.completions.create(model="fake-llm", prompt=PROMPTS[0], max_tokens=3))
+    assert parsed.choices[0].model_extra["token_ids"] is None
 
 
 def test_completions_echo_with_token_ids_returns_the_prompt_as_ids(srv, llm):
