@@ -2,9 +2,11 @@
 
 ``POST /score`` = ``/v1/score`` (vLLM's ``ScoreRequest``): ``text_1`` and ``text_2``, each a string
 or a list of strings, paired 1:1, 1:N (``text_1`` one text, scored against each of ``text_2``) or
-N:N (element-wise); anything else is a 400. The answer: ``{"id": "score-<id>", "object": "list",
-"created", "model", "data": [{"index", "object": "score", "score"}], "usage"}``, ``data`` in
-``text_2``'s order.
+N:N (element-wise); anything else is a 400. vLLM's other names of the pair are taken too, in its
+precedence when a body holds several: ``queries`` + ``documents``, then ``queries`` + ``items``, then
+``data_1`` + ``data_2``, then ``text_1`` + ``text_2`` (``PAIR_NAMES``); errors name the pair's fields.
+The answer: ``{"id": "score-<id>", "object": "list", "created", "model", "data": [{"index", "object":
+"score", "score"}], "usage"}``, ``data`` in the second side's order.
 
 ``POST /rerank`` = ``/v1/rerank`` = ``/v2/rerank`` (vLLM's Jina/Cohere-shaped ``RerankRequest``):
 ``query`` against each of ``documents``; ``results`` sorted by ``relevance_score``, highest first
@@ -57,14 +59,40 @@ from serving.openai_pooling_fields import PoolingFields
 from serving.request_ids import engine_prefix
 
 
+# vLLM's ScoreRequest is a union of four bodies, one pair each; pydantic takes the first that validates,
+# so a body with two whole pairs is read by the first of these (the other pair's fields go unused)
+PAIR_NAMES = (("queries", "documents"), ("queries", "items"), ("data_1", "data_2"), ("text_1", "text_2"))
+
+
 class ScoreRequest(PoolingFields):
-    text_1: str | list[str]
-    text_2: str | list[str]
+    text_1: str | list[str] | None = None
+    text_2: str | list[str] | None = None
+    data_1: str | list[str] | None = None  # vLLM's other pair names (PAIR_NAMES)
+    data_2: str | list[str] | None = None
+    queries: str | list[str] | None = None
+    documents: str | list[str] | None = None
+    items: str | list[str] | None = None
     model: str | None = None
     truncate_prompt_tokens: int | None = None
     chat_template_kwargs: dict[str, Any] | None = None  # the score template's variables (jaxllm extension)
     request_id: str | None = None  # as /v1/embeddings' (the X-Request-Id header wins)
     user: str | None = None  # accepted, unused
+
+
+    def pair(self) -> tuple[str, Any, str, Any]:
+        """(name, value) of the two sides, by vLLM's precedence (PAIR_NAMES); a 400 naming the missing
+        side when no pair is whole."""
+        for a, b in PAIR_NAMES:
+            if getattr(self, a) is not None and getattr(self, b) is not None:
+                return a, getattr(self, a), b, getattr(self, b)
+        given = [n for n in ("text_1", "text_2", "data_1", "data_2", "queries", "documents", "items")
+                 if getattr(self, n) is not None]
+        order = (PAIR_NAMES[3], PAIR_NAMES[2], PAIR_NAMES[0], PAIR_NAMES[1])  # text_1 alone: text_2 is missing
+        half = next(((a, b) for a, b in order if a in given or b in given), PAIR_NAMES[3])
+        missing = half[1] if half[0] in given else half[0]
+        pairs = ", ".join(f"{a} + {b}" for a, b in reversed(PAIR_NAMES))
+        raise invalid(f"{missing} is required: a score body holds one pair ({pairs})"
+                      + (f"; got only {' and '.join(given)}" if given else ""), missing)
 
 
 class RerankRequest(PoolingFields):
@@ -153,7 +181,7 @@ async def create_score(door: FrontDoor, info: ModelInfo, body: ScoreRequest, pat
     """``request_id``: the client's (checked by the caller), None = a fresh uuid."""
     check_task(info, path)
     body.check_pooling_fields()
-    t1, t2 = pair_texts("text_1", body.text_1, "text_2", body.text_2, door.config.max_queued_requests)
+    t1, t2 = pair_texts(*body.pair(), door.config.max_queued_requests)
     answer_id = "score-" + (request_id or uuid.uuid4().hex)
     scores, tokens = await pair_scores(door, info, t1, t2, body.truncation(info.max_model_len), answer_id,
                                        request_id is not None, body.chat_template_kwargs, body.use_activation,

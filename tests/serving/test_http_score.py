@@ -122,7 +122,14 @@ BAD = [
      "truncate_prompt_tokens=0 is invalid: must be an integer >= 1"),
     ("/v1/score", {"text_1": "a", "text_2": ["b", "a" * 70]}, "prompt",
      "prompt length=70 tokens is invalid: must be <= max_model_len=64"),
-    ("/v1/score", {"text_1": "a", "text_2": "b", "documents": ["x"]}, "documents", None),
+    ("/v1/score", {"text_1": "a"}, "text_2", "text_2 is required: a score body holds one pair (text_1 + text_2, "
+     "data_1 + data_2, queries + items, queries + documents); got only text_1"),
+    ("/v1/score", {"queries": "q", "text_2": "b"}, "text_1", "text_1 is required"),
+    ("/score", {"queries": "q"}, "documents", "documents is required"),
+    ("/score", {"data_1": ["a", "b"], "data_2": ["c", "d", "e"]}, "data_2",
+     "data_1 has 2 items and data_2 has 3, which is invalid"),
+    ("/v1/score", {"queries": [], "items": "c"}, "queries", "queries=[] is invalid"),
+    ("/v1/score", {"text_1": "a", "text_2": "b", "query": "x"}, "query", None),  # rerank's name: unknown here
     ("/v1/rerank", {"query": "q", "documents": ["a"], "top_n": -1}, "top_n",
      "top_n=-1 is invalid: must be >= 0 (0: every document)"),
     ("/v2/rerank", {"query": "q", "documents": []}, "documents", "documents=[] is invalid: must hold at least one text"),
@@ -131,6 +138,32 @@ BAD = [
     ("/v1/rerank", {"query": "q", "documents": ["a"], "request_id": "bad id"}, "request_id", "request_id='bad id' is invalid"),
     ("/v1/score", {"text_1": "a", "text_2": "b", "model": "other"}, "model", "model='other' does not exist"),
 ]
+
+
+def test_vllms_other_pair_names_score_as_text_1_and_text_2_in_vllms_precedence():
+    """vLLM's ScoreRequest is a union of four bodies (queries + documents, queries + items, data_1 + data_2,
+    text_1 + text_2), the first whole pair read. Reference: the text_1/text_2 body of the same pair (its
+    scores are the numpy cosine: the test above)."""
+    a, b = [QUERY], DOCS[:3]
+    x, y = ["an unrelated query"], ["zzz", "yyy", "www"]
+    bodies = [{"data_1": a, "data_2": b}, {"queries": a, "documents": b}, {"queries": a, "items": b},
+              {"queries": a, "documents": b, "text_1": x, "text_2": y},  # queries + documents first
+              {"queries": a, "items": b, "data_1": x, "data_2": y},  # then queries + items
+              {"data_1": a, "data_2": b, "text_1": x, "text_2": y},  # then data_1 + data_2
+              {"queries": a, "documents": b, "items": y}]
+
+    async def calls(h):
+        ref = (await h.post("/score", json={"text_1": a, "text_2": b})).json()
+        other = (await h.post("/score", json={"text_1": x, "text_2": y})).json()
+        return ref, other, [await h.post("/v1/score", json=body) for body in bodies]
+
+    ref, other, got = run(_serve(make_engine(), calls))
+    want = [d["score"] for d in ref["data"]]
+    assert want != [d["score"] for d in other["data"]]  # the losing pair would answer otherwise
+    for body, resp in zip(bodies, got):
+        assert resp.status_code == 200, (body, resp.text)
+        assert [d["score"] for d in resp.json()["data"]] == want, body
+        assert resp.json()["usage"] == ref["usage"]
 
 
 def test_bad_score_and_rerank_requests_are_400_naming_the_field():
