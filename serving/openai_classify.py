@@ -26,18 +26,18 @@ from fastapi import Request
 from jaxllm.pooling_params import PoolingParams
 from serving.frontdoor import FrontDoor, ModelInfo, invalid
 from serving.openai_embed import _prompts
+from serving.openai_pooling_chat import PoolingChatFields
 from serving.openai_pooling_fields import PoolingFields, text_prompts
 from serving.request_ids import engine_prefix
 
 
-class ClassificationRequest(PoolingFields):
-    input: str | list[str] | list[int] | list[list[int]]
+class ClassificationRequest(PoolingFields, PoolingChatFields):
+    input: str | list[str] | list[int] | list[list[int]] | None = None  # or messages (openai_pooling_chat)
     model: str | None = None
     truncate_prompt_tokens: int | None = None
     activation: bool | None = None  # vLLM's older name of use_activation: False = the raw logits
     request_id: str | None = None  # names the answer (serving/request_ids.py; the X-Request-Id header wins)
     user: str | None = None  # accepted, unused
-    add_special_tokens: bool = True  # vLLM's: BOS etc. around a text input
 
 
 @dataclasses.dataclass(frozen=True)
@@ -84,11 +84,14 @@ async def create_classify(door: FrontDoor, info: ModelInfo, body: Classification
     """``request_id``: the client's (checked by the caller), None = a fresh uuid."""
     check_classify_task(info, path)
     body.check_pooling_fields()
-    try:
-        prompts = _prompts(body, info.vocab_size, door.config.max_queued_requests)
-    except ValueError as exc:
-        raise invalid(str(exc), "input") from None
-    prompts = text_prompts(prompts, info.tokenizer, body.add_special_tokens)
+    if body.is_chat():  # vLLM's chat-shaped body: the conversation rendered, one prompt
+        prompts = [body.chat_prompt(info.tokenizer, door.config)]
+    else:
+        try:
+            prompts = _prompts(body, info.vocab_size, door.config.max_queued_requests)
+        except ValueError as exc:
+            raise invalid(str(exc), "input") from None
+        prompts = text_prompts(prompts, info.tokenizer, body.special_tokens())
     answer_id = "classify-" + (request_id or uuid.uuid4().hex)
     answers = await classify_prompts(door, info, prompts, body.truncation(info.max_model_len),
                                      body.activation_flag("activation", body.activation), answer_id,

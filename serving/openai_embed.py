@@ -29,14 +29,15 @@ import numpy as np
 
 from jaxllm.pooling_params import PoolingParams
 from serving.frontdoor import FrontDoor, ModelInfo, check_token_ids, invalid
+from serving.openai_pooling_chat import PoolingChatFields
 from serving.openai_pooling_fields import PoolingFields, text_prompts
 from serving.request_ids import engine_prefix
 
 EMBED_DTYPES = ("float32", "float16", "bfloat16")  # vLLM's also has fp8_e4m3 / fp8_e5m2: refused
 
 
-class EmbeddingRequest(PoolingFields):
-    input: str | list[str] | list[int] | list[list[int]]
+class EmbeddingRequest(PoolingFields, PoolingChatFields):
+    input: str | list[str] | list[int] | list[list[int]] | None = None  # or messages (openai_pooling_chat)
     model: str | None = None
     encoding_format: Literal["float", "base64", "bytes"] = "float"
     dimensions: int | None = None
@@ -46,7 +47,6 @@ class EmbeddingRequest(PoolingFields):
     normalize: bool | None = None  # vLLM's older name of use_activation
     pooling_type: str | None = None
     request_id: str | None = None  # vLLM's: names the answer (serving/request_ids.py)
-    add_special_tokens: bool = True  # vLLM's: BOS etc. around a text input
     embed_dtype: Literal["float32", "float16", "bfloat16", "fp8_e4m3", "fp8_e5m2"] = "float32"
     endianness: Literal["native", "big", "little"] = "native"
 
@@ -104,11 +104,14 @@ async def create_embeddings(door: FrontDoor, info: ModelInfo, body: EmbeddingReq
     if body.encoding_format == "base64" and body.embed_dtype not in EMBED_DTYPES:
         raise invalid(f"embed_dtype={body.embed_dtype!r} is not supported by this server: use one of "
                       f"{', '.join(EMBED_DTYPES)}", "embed_dtype")
-    try:
-        prompts = _prompts(body, info.vocab_size, door.config.max_queued_requests)
-    except ValueError as exc:
-        raise invalid(str(exc), "input") from None
-    prompts = text_prompts(prompts, info.tokenizer, body.add_special_tokens)
+    if body.is_chat():  # vLLM's chat-shaped body: the conversation rendered, one prompt
+        prompts = [body.chat_prompt(info.tokenizer, door.config)]
+    else:
+        try:
+            prompts = _prompts(body, info.vocab_size, door.config.max_queued_requests)
+        except ValueError as exc:
+            raise invalid(str(exc), "input") from None
+        prompts = text_prompts(prompts, info.tokenizer, body.special_tokens())
     try:
         normalize = body.activation_flag("normalize", body.normalize)
         params = PoolingParams(pooling_type=body.pooling_type, normalize=normalize,

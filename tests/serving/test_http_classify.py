@@ -109,6 +109,43 @@ def test_grpc_classify_is_sigmoid_of_hf_and_equals_http_classify(model):
     assert [d["label"] for d in http["data"]] == [r.label for r in got.results]
 
 
+TEMPLATE = ("{% for m in messages %}w1 {{ m['content'] }} {% endfor %}{% if add_generation_prompt %}w2{% endif %}"
+            "{{ extra | default('') }}")
+
+
+def test_classify_messages_equal_the_rendered_conversation_as_input(model):
+    """vLLM's ClassificationChatRequest: the conversation through the chat template (--chat-template here),
+    one input. Reference: the rendering written out, tokenized without special tokens (the template's
+    text is the prompt, vLLM's add_special_tokens=false), sent as token ids (whose probs the test above
+    checks against HF)."""
+    _, engine = model
+    msgs = [{"role": "user", "content": "w9 w17"}, {"role": "assistant", "content": "w30"}]
+    texts = ["w1 w9 w17 w1 w30 ", "w1 w9 w17 w1 w30 w2", "w1 w9 w17 w1 w30 w44"]
+    bodies = [{"messages": msgs}, {"messages": msgs, "add_generation_prompt": True},
+              {"messages": msgs, "chat_template_kwargs": {"extra": "w44"}, "activation": False}]
+    tok = engine.tokenizer.hf
+    ids = [tok(t, add_special_tokens=False)["input_ids"] for t in texts]
+
+    async def calls(h, c):
+        got = [await h.post("/classify", json=b) for b in bodies]
+        plain = [await h.post("/classify", json={"input": [i], **({"activation": False} if "activation" in b else {})})
+                 for b, i in zip(bodies, ids)]
+        return got, plain
+
+    async def serve():
+        async with running_server(engine, http_port=0, chat_template=TEMPLATE) as c:
+            async with httpx.AsyncClient(base_url=f"http://127.0.0.1:{c.server.http_port}", timeout=60) as h:
+                got = await calls(h, c)
+            await c.wait_blocks_free()
+            return got
+
+    got, plain = run(serve(), timeout=120)
+    assert len({tuple(i) for i in ids}) == 3
+    for b, r, p, i in zip(bodies, got, plain, ids):
+        assert r.status_code == 200 and p.status_code == 200, (b, r.text, p.text)
+        assert r.json()["data"] == p.json()["data"] and r.json()["usage"]["prompt_tokens"] == len(i), b
+
+
 def test_misuse_is_400_naming_the_field(model):
     _, engine = model
 
