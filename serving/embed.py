@@ -6,12 +6,13 @@ serving/openai_classify.py) on the proto's fields."""
 
 from __future__ import annotations
 
+import json
 import uuid
 from typing import Any
 
 from jaxllm.pooling_params import PoolingParams
 from serving import convert
-from serving.frontdoor import check_token_ids, invalid
+from serving.frontdoor import FrontDoorError, check_token_ids, invalid
 from serving.proto.jaxllm.v1 import generation_pb2 as pb
 
 
@@ -44,8 +45,31 @@ async def score(door: Any, info: Any, req: pb.ScoreRequest) -> pb.ScoreResponse:
     t1, t2 = pair_texts("text_1", list(req.text_1), "text_2", list(req.text_2), door.config.max_queued_requests)
     rid = door.check_request_id(req.request_id) or f"score-{uuid.uuid4().hex}"
     truncate = req.truncate_prompt_tokens if req.HasField("truncate_prompt_tokens") else None
-    scores, tokens = await pair_scores(door, info, t1, t2, truncate, rid, client_chosen=False)
+    try:
+        scores, tokens = await pair_scores(door, info, t1, t2, truncate, rid, client_chosen=False,
+                                           template_kwargs=_template_kwargs(req.chat_template_kwargs_json))
+    except FrontDoorError as exc:  # the score template's refusals name HTTP's field: name the proto's
+        if exc.param == "chat_template_kwargs" and exc.message.startswith("chat_template_kwargs"):
+            raise invalid("chat_template_kwargs_json" + exc.message[len("chat_template_kwargs"):],
+                          "chat_template_kwargs_json") from None
+        raise
     return pb.ScoreResponse(request_id=rid, scores=scores.tolist(), prompt_tokens=tokens)
+
+
+def _template_kwargs(text: str) -> dict | None:
+    """``ScoreRequest.chat_template_kwargs_json``: a JSON object's text ("" = none), HTTP's
+    ``chat_template_kwargs``; INVALID_ARGUMENT naming the field otherwise."""
+    if not text:
+        return None
+    try:
+        value = json.loads(text)
+    except ValueError as exc:
+        raise invalid(f"chat_template_kwargs_json is invalid: not JSON ({exc})", "chat_template_kwargs_json") \
+            from None
+    if not isinstance(value, dict):
+        raise invalid(f"chat_template_kwargs_json is invalid: must be a JSON object, not {type(value).__name__}",
+                      "chat_template_kwargs_json")
+    return value
 
 
 def classify_inputs(req: pb.ClassifyRequest, vocab_size: int | None, max_items: int) -> list:

@@ -345,6 +345,9 @@ def test_qwen3_reranker_score_template_over_http_grpc_and_run_batch(qwen3):
                 reserved = await h.post("/score", json={"text_1": query, "text_2": docs,
                                                         "chat_template_kwargs": {"messages": []}})
             grpc_scores = await c.stub.Score(pb.ScoreRequest(text_1=[query], text_2=docs), timeout=30)
+            grpc_instr = await c.stub.Score(pb.ScoreRequest(text_1=[query], text_2=docs,
+                                                            chat_template_kwargs_json='{"instruction": "w60"}'),
+                                            timeout=30)
             await c.wait_blocks_free()
         async with running_server(llm.engine, http_port=0, chat_template="{{ messages[0].content | nope }}") as c:
             async with httpx.AsyncClient(base_url=f"http://127.0.0.1:{c.server.http_port}", timeout=60) as h:
@@ -358,9 +361,9 @@ def test_qwen3_reranker_score_template_over_http_grpc_and_run_batch(qwen3):
             await runner.run(iter([json.dumps(line)]), out.append)
         finally:
             await runner.stop()
-        return rerank, score, reserved, grpc_scores, broken, after, out
+        return rerank, score, reserved, (grpc_scores, grpc_instr), broken, after, out
 
-    rerank, score, reserved, grpc_scores, broken, after, batch = run(calls(), timeout=120)
+    rerank, score, reserved, (grpc_scores, grpc_instr), broken, after, batch = run(calls(), timeout=120)
     assert rerank.status_code == 200, rerank.text
     order = [int(i) for i in np.argsort(-want, kind="stable")[:3]]
     res = rerank.json()["results"]
@@ -370,6 +373,7 @@ def test_qwen3_reranker_score_template_over_http_grpc_and_run_batch(qwen3):
     assert score.status_code == 200, score.text
     np.testing.assert_allclose([d["score"] for d in score.json()["data"]], want_instr, atol=1e-4, rtol=0)
     np.testing.assert_allclose(list(grpc_scores.scores), want, atol=1e-4, rtol=0)
+    np.testing.assert_allclose(list(grpc_instr.scores), want_instr, atol=1e-4, rtol=0)  # gRPC's template variables
     assert grpc_scores.prompt_tokens == sum(map(len, ids))
     err = reserved.json()["error"]
     assert reserved.status_code == 400 and err["param"] == "chat_template_kwargs", err

@@ -29,10 +29,16 @@ def test_score_rpc_equals_numpy_cosine_of_embed():
             vecs = {t: (await c.stub.Embed(embed_req(t), timeout=10)).embedding for t in [QUERY, *DOCS]}
             one_n = await c.stub.Score(pb.ScoreRequest(text_1=[QUERY], text_2=DOCS, request_id="s1"), timeout=10)
             n_n = await c.stub.Score(pb.ScoreRequest(text_1=DOCS, text_2=[QUERY] * 3), timeout=10)
+            # an embedding server ignores the score template's variables (HTTP's rule), once they parse
+            kw = await c.stub.Score(pb.ScoreRequest(text_1=[QUERY], text_2=DOCS,
+                                                    chat_template_kwargs_json='{"instruction": "x"}'), timeout=10)
+            assert list(kw.scores) == list(one_n.scores)
             errors = []
             for req in (pb.ScoreRequest(text_1=["a", "b"], text_2=["c", "d", "e"]),
                         pb.ScoreRequest(text_1=["a"]),
-                        pb.ScoreRequest(text_1=["a"], text_2=["b"], truncate_prompt_tokens=0)):
+                        pb.ScoreRequest(text_1=["a"], text_2=["b"], truncate_prompt_tokens=0),
+                        pb.ScoreRequest(text_1=["a"], text_2=["b"], chat_template_kwargs_json="{bad"),
+                        pb.ScoreRequest(text_1=["a"], text_2=["b"], chat_template_kwargs_json="[1]")):
                 with pytest.raises(grpc.aio.AioRpcError) as ei:
                     await c.stub.Score(req, timeout=5)
                 errors.append((ei.value.code(), ei.value.details()))
@@ -50,7 +56,10 @@ def test_score_rpc_equals_numpy_cosine_of_embed():
     assert [m for _, m in errors] == [
         "text_1 has 2 items and text_2 has 3, which is invalid: the lengths must be 1:1, 1:N or N:N",
         "text_2=[] is invalid: must hold at least one text",
-        "truncate_prompt_tokens=0 is invalid: must be an integer >= 1"]
+        "truncate_prompt_tokens=0 is invalid: must be an integer >= 1",
+        "chat_template_kwargs_json is invalid: not JSON (Expecting property name enclosed in double quotes: "
+        "line 1 column 2 (char 1))",
+        "chat_template_kwargs_json is invalid: must be a JSON object, not list"]
 
 
 def test_score_on_a_generate_server_and_embed_dimensions():

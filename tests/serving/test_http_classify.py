@@ -146,6 +146,22 @@ def test_classify_messages_equal_the_rendered_conversation_as_input(model):
         assert r.json()["data"] == p.json()["data"] and r.json()["usage"]["prompt_tokens"] == len(i), b
 
 
+def test_grpc_score_template_kwargs_without_a_template_name_the_proto_field(model):
+    """HTTP's refusal (chat_template_kwargs without --chat-template) over gRPC names chat_template_kwargs_json."""
+    _, engine = model
+
+    async def main():
+        async with running_server(engine) as c:
+            with pytest.raises(grpc.aio.AioRpcError) as ei:
+                await c.stub.Score(pb.ScoreRequest(text_1=[QUERY], text_2=DOCS[:1],
+                                                   chat_template_kwargs_json='{"instruction": "w5"}'), timeout=30)
+            return ei.value
+
+    err = run(main(), timeout=60)
+    assert err.code() == grpc.StatusCode.INVALID_ARGUMENT
+    assert err.details().startswith("chat_template_kwargs_json is invalid without a score template"), err.details()
+
+
 def test_misuse_is_400_naming_the_field(model):
     _, engine = model
 
