@@ -154,7 +154,9 @@ def from_annotation(ann, vocab: int, depth: int = 0) -> st.SearchStrategy:
 TAME = frozenset({"model", "max_tokens", "max_output_tokens", "temperature", "top_p", "n", "seed", "top_k", "min_p", "presence_penalty",
                   "frequency_penalty", "repetition_penalty", "stop", "min_tokens", "encoding_format",
                   "request_id"})
-TAME_ALWAYS = frozenset({"prompt"})
+# optional only beside another form (/tokenize's prompt or messages, the pooling bodies' input or messages,
+# score's text_1 + text_2 or vLLM's other pair names): a tame body takes the plain form
+TAME_ALWAYS = frozenset({"prompt", "input", "text_1", "text_2"})
 # ...but not where the field means something else: the Responses API's `prompt` (a stored prompt
 # template) is refused by this server
 TAME_NEVER = {"ResponsesRequest": frozenset({"prompt"})}

@@ -131,6 +131,8 @@ def check_sse(text: str, req: dict, n_choices: int) -> None:
 def n_prompts(path: str, body: dict) -> int:
     if path == "/v1/chat/completions":
         return 1
+    if path != "/v1/completions" and body.get("input") is None:  # vLLM's chat-shaped body: one conversation
+        return 1
     p = body["prompt"] if path == "/v1/completions" else body["input"]
     if isinstance(p, str) or all(isinstance(x, int) for x in p):
         return 1
@@ -194,8 +196,9 @@ def check_ok(r: httpx.Response, req: dict) -> None:
             vec = d["embedding"]
             size = len(base64.b64decode(vec)) // 4 if isinstance(vec, str) else len(vec)
             assert size == FAKE_HIDDEN_SIZE
-    elif path == "/v1/score":  # one score per text_2, each a cosine
-        t2 = body["text_2"]
+    elif path == "/v1/score":  # one score per second text of the pair vLLM reads first, each a cosine
+        pairs = [("queries", "documents"), ("queries", "items"), ("data_1", "data_2"), ("text_1", "text_2")]
+        t2 = next(body[b] for a, b in pairs if body.get(a) is not None and body.get(b) is not None)
         data = r.json()["data"]
         assert [d["index"] for d in data] == list(range(1 if isinstance(t2, str) else len(t2)))
         assert all(-1 - 1e-9 <= d["score"] <= 1 + 1e-9 for d in data), data
