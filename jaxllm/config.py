@@ -108,6 +108,9 @@ class EngineConfig(msgspec.Struct, kw_only=True):
     max_lora_rank: int = 16
     max_cpu_loras: int | None = None
     load_format: str = "auto"
+    # vLLM's --tokenizer: an HF tokenizer directory (or a .gguf file's vocabulary) instead of the model's
+    # own; None = the checkpoint's
+    tokenizer: str | None = None
     seed: int = 0
     async_scheduling: bool | None = None
     # "generate" | "embed" | "classify" | "auto" (classify for a *ForSequenceClassification checkpoint,
@@ -145,6 +148,15 @@ class EngineConfig(msgspec.Struct, kw_only=True):
     def validate(self) -> "EngineConfig":
         if not isinstance(self.model, str):
             raise ValueError(f"model={self.model!r} is invalid: must be a string (name or path)")
+        if self.tokenizer is not None:
+            import os
+
+            t = self.tokenizer
+            files = ("tokenizer.json", "tokenizer.model", "tokenizer_config.json")
+            if not isinstance(t, str) or not ((t.endswith(".gguf") and os.path.isfile(t)) or (
+                    os.path.isdir(t) and any(os.path.isfile(os.path.join(t, f)) for f in files))):
+                raise ValueError(f"tokenizer={t!r} is invalid: need an HF tokenizer directory (tokenizer.json / "
+                                 f"tokenizer_config.json) or a .gguf file")
         if self.max_model_len is not None:
             _pos_int("max_model_len", self.max_model_len)
         _pos_int("tensor_parallel_size", self.tensor_parallel_size)
