@@ -67,6 +67,9 @@ def add_engine_args(ap: argparse.ArgumentParser) -> None:
                    help="sequences per engine step (also the largest decode bucket)")
     g.add_argument("--max-num-batched-tokens", type=human_int, default=d.max_num_batched_tokens,
                    help="token budget per step (4k, 8K as --max-model-len); longer prompts are prefilled in chunks")
+    g.add_argument("--long-prefill-token-threshold", type=human_int, default=d.long_prefill_token_threshold,
+                   help="most prompt tokens of one request prefilled per step, so a long prompt shares the steps "
+                        "with others (vLLM's flag; 0 = no cap, what the token budget leaves)")
     g.add_argument("--block-size", type=int, default=d.block_size, help="tokens per KV cache block")
     g.add_argument("--enable-prefix-caching", action=argparse.BooleanOptionalAction,
                    default=d.enable_prefix_caching, help="share the KV blocks of identical prompt prefixes")
@@ -208,6 +211,7 @@ def parse_lora_module(text: str) -> tuple[str, str]:
 def engine_config_from_args(args) -> EngineConfig:
     return EngineConfig(model=args.model, max_model_len=args.max_model_len, max_num_seqs=args.max_num_seqs,
                         max_num_batched_tokens=args.max_num_batched_tokens, block_size=args.block_size,
+                        long_prefill_token_threshold=getattr(args, "long_prefill_token_threshold", 0),
                         enable_prefix_caching=args.enable_prefix_caching,
                         disable_hybrid_kv_cache_manager=getattr(args, "disable_hybrid_kv_cache_manager", False),
                         kv_cache_memory_bytes=args.kv_cache_memory_bytes,

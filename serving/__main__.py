@@ -56,6 +56,9 @@ def build_parser() -> ArgumentParser:
                    help="model id of the HTTP API (/v1/models, the 'model' field; one name: vLLM's extra aliases "
                         "are refused; default: --model)")
     add_log_level_arg(p)
+    p.add_argument("--log-config-file", default=None, metavar="JSON_FILE",
+                   help="a logging.config.dictConfig JSON file applied after --log-level (vLLM's flag; its "
+                        "VLLM_LOGGING_CONFIG_PATH format; default: none)")
     add_engine_args(p)
     p.add_argument("--lora-modules", type=parse_lora_module, nargs="+", action="extend", default=None,
                    metavar="NAME=PATH",
@@ -160,6 +163,18 @@ def server_config(args: argparse.Namespace) -> ServerConfig:
     ).validate()
 
 
+def apply_log_config(path: str) -> None:
+    """--log-config-file: ``logging.config.dictConfig`` of the JSON file; ValueError in one line."""
+    import json
+    import logging.config
+
+    try:
+        with open(path, encoding="utf-8") as f:
+            logging.config.dictConfig(json.load(f))
+    except (OSError, ValueError, TypeError, AttributeError, ImportError) as exc:
+        raise ValueError(f"--log-config-file={path} is invalid: {type(exc).__name__}: {exc}") from None
+
+
 _HTTP_ONLY = ("root_path", "allowed_origins", "allowed_methods", "allowed_headers", "allow_credentials",
               "fastapi_docs", "uvicorn_log_level", "h11_max_incomplete_event_size", "enable_prompt_tokens_details",
               "enable_force_include_usage", "return_tokens_as_token_ids", "enable_request_id_headers")
@@ -241,6 +256,8 @@ def main(argv: list[str] | None = None) -> int:
     if args.log_level != "debug":  # gRPC C-core's own E-lines (e.g. a failed bind) repeat our error
         os.environ.setdefault("GRPC_VERBOSITY", "NONE")
     try:
+        if args.log_config_file:
+            apply_log_config(args.log_config_file)
         ignored = check_compat(args) + http_fields_from_args(args)[1]  # a refused vLLM flag: ValueError
         cfg = server_config(args)
         if ignored:

@@ -28,6 +28,9 @@ def add_chat_args(p: argparse.ArgumentParser) -> None:
                         f"'reasoning' field; one of {', '.join(_reasoning_parsers())} (default: none)")
 
 
+    c.add_argument("--exclude-tools-when-tool-choice-none", action="store_true",
+                   help="a request with tool_choice 'none' renders its template without the tools (default: off, "
+                        "the tools are shown to the model, which may not call them)")
     c.add_argument("--default-chat-template-kwargs", type=_json_object, default=None, metavar="JSON",
                    help="chat template variables for every request, under the request's own chat_template_kwargs "
                         "(e.g. '{\"enable_thinking\": false}'; default: none)")
@@ -60,6 +63,7 @@ def chat_fields_from_args(args: argparse.Namespace) -> dict:
                 trust_request_chat_template=args.trust_request_chat_template,
                 enable_auto_tool_choice=args.enable_auto_tool_choice, tool_call_parser=args.tool_call_parser,
                 reasoning_parser=args.reasoning_parser,
+                exclude_tools_when_tool_choice_none=args.exclude_tools_when_tool_choice_none,
                 default_chat_template_kwargs=args.default_chat_template_kwargs, response_role=args.response_role,
                 return_tokens_as_token_ids=args.return_tokens_as_token_ids,
                 enable_prompt_tokens_details=args.enable_prompt_tokens_details,

@@ -37,6 +37,7 @@ class ServerConfig(msgspec.Struct, kw_only=True):
     tool_call_parser: str | None = None  # serving/tool_parsers name for "auto" (hermes, ...)
     reasoning_parser: str | None = None  # serving/reasoning_parsers name (deepseek_r1, qwen3); None = off
     # answers (vLLM's flags; serving/chat_args.py)
+    exclude_tools_when_tool_choice_none: bool = False  # tool_choice "none": tools left out of the template
     response_role: str = "assistant"  # the chat answer's role when add_generation_prompt (else the last message's)
     default_chat_template_kwargs: dict | None = None  # chat template variables under each request's own
     return_tokens_as_token_ids: bool = False  # the request field's default (logprob tokens as "token_id:N")

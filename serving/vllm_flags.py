@@ -259,8 +259,6 @@ TABLE: tuple[CompatFlag, ...] = (
                "token budget; no cap on concurrent partial prefills", type=int, default="1"),
     CompatFlag(("--max-long-partial-prefills",), only(1), "no cap on concurrent long prefills", type=int,
                default="1"),
-    CompatFlag(("--long-prefill-token-threshold",), only(0), "a prefill chunk takes what the token budget "
-               "(--max-num-batched-tokens) leaves; no per-request chunk cap", type=int, default="0"),
     CompatFlag(("--num-lookahead-slots",), ignored, "speculative decoding sizes its own slots "
                "(--speculative-config)", type=int, default="0"),
     CompatFlag(("--enable-chunked-prefill",), ok_when_on, "chunked prefill is always on (a prompt longer "

@@ -77,7 +77,7 @@ def test_defaults_are_vllms_where_it_has_them():
     (["--kv-transfer-config", '{"kv_connector": "X"}'], "--kv-transfer-config={\"kv_connector\": \"X\"} is not "
                                                           "supported by jaxllm: no KV connectors"),
     (["--enable-sleep-mode"], "--enable-sleep-mode is not supported by jaxllm: no sleep mode"),
-    (["--long-prefill-token-threshold", "512"], "--long-prefill-token-threshold=512 is not supported"),
+    (["--max-num-partial-prefills", "2"], "--max-num-partial-prefills=2 is not supported by jaxllm"),
     (["--runner", "pooling"], "--runner=pooling is not supported by jaxllm: the runner follows --task"),
     (["--api-key", "secret1", "secret2"], "--api-key with 2 values is not supported by jaxllm: it takes one"),
     (["--ssl-cert-reqs", "2"], "--ssl-cert-reqs=2 is invalid without --ssl-ca-certs"),
@@ -180,3 +180,24 @@ def test_ignored_flags_are_one_info_line(caplog, monkeypatch):
     with caplog.at_level(logging.INFO, logger="serving"), pytest.raises(SystemExit):
         server_main.main(["fake:", "--log-level", "info"])
     assert not [r for r in caplog.records if r.levelno >= logging.WARNING or "ignored" in r.getMessage()]
+
+
+def test_log_config_file(tmp_path, capsys, monkeypatch):
+    import json
+
+    async def no_serve(cfg, factory):
+        return 0
+
+    monkeypatch.setattr(server_main, "serve", no_serve)
+    monkeypatch.setattr(server_main.os, "_exit", lambda code: (_ for _ in ()).throw(SystemExit(code)))
+    name = "jaxllm.test_log_config_file"
+    path = tmp_path / "log.json"
+    path.write_text(json.dumps({"version": 1, "disable_existing_loggers": False,
+                                "loggers": {name: {"level": "ERROR"}}}))
+    with pytest.raises(SystemExit):
+        server_main.main(["fake:", "--log-config-file", str(path)])
+    assert logging.getLogger(name).level == logging.ERROR
+    path.write_text("[1, 2]")  # not a dictConfig
+    assert server_main.main(["fake:", "--log-config-file", str(path)]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith(f"error: --log-config-file={path} is invalid: ") and err.count("\n") == 1, err

@@ -132,3 +132,17 @@ def test_default_chat_template_kwargs_under_the_requests_own():
     render_body(tok, ChatCompletionRequest(messages=CHAT, chat_template_kwargs={"enable_thinking": True},
                                            reasoning_effort="low"), cfg)
     assert tok.kw["chat_template_kwargs"] == {"enable_thinking": True, "greeting": "hi", "reasoning_effort": "low"}
+
+
+def test_exclude_tools_when_tool_choice_none():
+    class Recording(FakeTokenizer):
+        def chat_prompt(self, messages, add_generation_prompt=True, **kw):
+            self.kw = kw
+            return super().chat_prompt(messages, add_generation_prompt, **kw)
+
+    tools = [{"type": "function", "function": {"name": "get_weather", "parameters": {"type": "object"}}}]
+    tok = Recording()
+    for exclude, choice, shown in ((False, "none", True), (True, "none", False), (True, None, True)):
+        body = ChatCompletionRequest(messages=CHAT, tools=tools, **({"tool_choice": choice} if choice else {}))
+        render_body(tok, body, ServerConfig(exclude_tools_when_tool_choice_none=exclude))
+        assert ("tools" in tok.kw) == shown, (exclude, choice, tok.kw)
