@@ -68,7 +68,9 @@ def render_body(tokenizer: Any, body: Any, cfg: Any) -> dict:
     elif cfg.chat_template is not None:
         kw["chat_template"] = cfg.chat_template
     # --exclude-tools-when-tool-choice-none: a request that may not call tools does not show them to the model
-    if body.tools and not (body.tool_choice == "none" and getattr(cfg, "exclude_tools_when_tool_choice_none", False)):
+    # (a /tokenize body has tools but no tool_choice)
+    excluded = getattr(body, "tool_choice", None) == "none" and getattr(cfg, "exclude_tools_when_tool_choice_none", False)
+    if body.tools and not excluded:
         kw["tools"] = [t.model_dump(exclude_none=True) for t in body.tools]
     # --default-chat-template-kwargs, then vLLM's reasoning_effort (a template variable), then the request's
     # own chat_template_kwargs: the request wins

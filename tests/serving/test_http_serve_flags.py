@@ -146,3 +146,7 @@ def test_exclude_tools_when_tool_choice_none():
         body = ChatCompletionRequest(messages=CHAT, tools=tools, **({"tool_choice": choice} if choice else {}))
         render_body(tok, body, ServerConfig(exclude_tools_when_tool_choice_none=exclude))
         assert ("tools" in tok.kw) == shown, (exclude, choice, tok.kw)
+    from serving.openai_protocol import TokenizeRequest  # /tokenize: tools, no tool_choice
+
+    render_body(tok, TokenizeRequest(messages=CHAT, tools=tools), ServerConfig(exclude_tools_when_tool_choice_none=True))
+    assert "tools" in tok.kw
