@@ -164,6 +164,7 @@ def test_ignored_flags_are_one_info_line(caplog, monkeypatch):
 
     monkeypatch.setattr(server_main, "serve", no_serve)
     monkeypatch.setattr(server_main.os, "_exit", lambda code: (_ for _ in ()).throw(SystemExit(code)))
+    monkeypatch.setattr(logging, "shutdown", lambda: None)  # main's would close pytest's log handlers
     with caplog.at_level(logging.INFO, logger="serving"), pytest.raises(SystemExit) as e:
         server_main.main(["fake:", "--enforce-eager", "--swap-space", "4", "--log-level", "info", "--port", "8000",
                           "--root-path", "/api", "--disable-fastapi-docs"])
@@ -190,10 +191,11 @@ def test_log_config_file(tmp_path, capsys, monkeypatch):
 
     monkeypatch.setattr(server_main, "serve", no_serve)
     monkeypatch.setattr(server_main.os, "_exit", lambda code: (_ for _ in ()).throw(SystemExit(code)))
+    monkeypatch.setattr(logging, "shutdown", lambda: None)  # main's would close pytest's log handlers
     name = "jaxllm.test_log_config_file"
     path = tmp_path / "log.json"
-    path.write_text(json.dumps({"version": 1, "disable_existing_loggers": False,
-                                "loggers": {name: {"level": "ERROR"}}}))
+    # incremental: levels only (a full dictConfig would close pytest's own log handlers too)
+    path.write_text(json.dumps({"version": 1, "incremental": True, "loggers": {name: {"level": "ERROR"}}}))
     with pytest.raises(SystemExit):
         server_main.main(["fake:", "--log-config-file", str(path)])
     assert logging.getLogger(name).level == logging.ERROR
