@@ -60,12 +60,16 @@ def add_engine_args(ap: argparse.ArgumentParser) -> None:
     g.add_argument("--model", default="smollm2-135m",
                    help="model name (smollm2-135m), HF directory, .gguf file, Orbax directory, or a dummy "
                         "preset (dummy:tiny-llama, or any preset with --load-format dummy)")
-    g.add_argument("--max-model-len", type=int, default=None,
-                   help="longest prompt + output in tokens (default: the model's context length)")
+    g.add_argument("--max-model-len", type=human_int, default=None,
+                   help="longest prompt + output in tokens; vLLM's forms 32k (32000) and 32K (32768) too "
+                        "(default: the model's context length)")
     g.add_argument("--max-num-seqs", type=int, default=d.max_num_seqs,
                    help="sequences per engine step (also the largest decode bucket)")
-    g.add_argument("--max-num-batched-tokens", type=int, default=d.max_num_batched_tokens,
-                   help="token budget per step; longer prompts are prefilled in chunks")
+    g.add_argument("--max-num-batched-tokens", type=human_int, default=d.max_num_batched_tokens,
+                   help="token budget per step (4k, 8K as --max-model-len); longer prompts are prefilled in chunks")
+    g.add_argument("--long-prefill-token-threshold", type=human_int, default=d.long_prefill_token_threshold,
+                   help="most prompt tokens of one request prefilled per step, so a long prompt shares the steps "
+                        "with others (vLLM's flag; 0 = no cap, what the token budget leaves)")
     g.add_argument("--block-size", type=int, default=d.block_size, help="tokens per KV cache block")
     g.add_argument("--enable-prefix-caching", action=argparse.BooleanOptionalAction,
                    default=d.enable_prefix_caching, help="share the KV blocks of identical prompt prefixes")
@@ -73,21 +77,22 @@ def add_engine_args(ap: argparse.ArgumentParser) -> None:
                    default=d.disable_hybrid_kv_cache_manager,
                    help="one full-length KV cache for every layer of a model with sliding-window layers "
                         "(default: sliding-window layers keep only their window's blocks)")
-    g.add_argument("--kv-cache-memory-bytes", type=int, default=None,
-                   help="KV cache size in bytes (default: 1 GiB on CPU; on an accelerator "
+    g.add_argument("--kv-cache-memory-bytes", type=human_int, default=None,
+                   help="KV cache size in bytes, e.g. 4G (4 GiB) or 4g (4e9) (default: 1 GiB on CPU; on an accelerator "
                         "--gpu-memory-utilization of its memory minus weights and working memory)")
     g.add_argument("--gpu-memory-utilization", type=float, default=d.gpu_memory_utilization,
                    help="fraction of accelerator memory jaxllm may use")
-    g.add_argument("--tensor-parallel-size", type=int, default=d.tensor_parallel_size,
+    g.add_argument("--tensor-parallel-size", "-tp", type=int, default=d.tensor_parallel_size,
                    help="devices to shard the model over")
     g.add_argument("--enable-expert-parallel", action=argparse.BooleanOptionalAction,
                    default=d.enable_expert_parallel,
                    help="MoE models at --tensor-parallel-size > 1: whole experts on each device (the expert "
                         "axis sharded over the tp devices) instead of each expert's intermediate axis split; "
                         "num_experts must divide by tp; a no-op at tp=1 (default: off)")
-    g.add_argument("--dtype", default=d.dtype, choices=_DTYPES,
-                   help="weights and activations; auto = bfloat16 on an accelerator, float32 on CPU")
-    g.add_argument("--quantization", default=None, choices=QUANTIZATIONS,
+    g.add_argument("--dtype", type=_dtype, default=d.dtype, choices=_DTYPES,
+                   help="weights and activations; auto = bfloat16 on an accelerator, float32 on CPU; vLLM's "
+                        "half and float are float16 and float32")
+    g.add_argument("--quantization", "-q", default=None, choices=QUANTIZATIONS,
                    help="weight-only quantization of the per-layer projections at load (default: none, full "
                         "precision; per-output-channel "
                         "scales; embeddings, LM head and norms stay in --dtype); a Q8_0 GGUF stays int8 with "
@@ -107,6 +112,9 @@ def add_engine_args(ap: argparse.ArgumentParser) -> None:
                         "checkpoint's stored k_scale/v_scale are used instead of either")
     g.add_argument("--load-format", default=d.load_format, choices=_LOAD_FORMATS,
                    help="checkpoint format; auto decides from the path")
+    g.add_argument("--tokenizer", default=None,
+                   help="an HF tokenizer directory or a .gguf file whose vocabulary to use instead of the model's "
+                        "(vLLM's flag; default: the checkpoint's)")
     g.add_argument("--seed", type=int, default=d.seed,
                    help="engine seed: requests without --sampling-seed draw their seed from it")
     g.add_argument("--async-scheduling", action=argparse.BooleanOptionalAction, default=d.async_scheduling,
@@ -163,6 +171,34 @@ def add_engine_args(ap: argparse.ArgumentParser) -> None:
                          "(default: --max-loras)")
 
 
+_UNITS = {"k": 10 ** 3, "m": 10 ** 6, "g": 10 ** 9, "t": 10 ** 12,
+          "K": 2 ** 10, "M": 2 ** 20, "G": 2 ** 30, "T": 2 ** 40}
+
+
+def human_int(text: str) -> int:
+    """An int, or vLLM's human-readable form: a number with a unit, k/m/g/t decimal (``25.6k`` =
+    25600) and K/M/G/T binary (``1K`` = 1024, ``4G`` = 4 GiB); the result must be a whole number."""
+    from decimal import Decimal, InvalidOperation
+
+    t = text.strip()
+    unit = _UNITS.get(t[-1:])
+    number = t[:-1] if unit is not None else t
+    try:
+        value = Decimal(number) * (unit or 1) if number and (unit is not None or number.lstrip("-").isdigit()) \
+            else None
+    except InvalidOperation:
+        value = None
+    if value is None or not value.is_finite() or value != value.to_integral_value():
+        raise argparse.ArgumentTypeError(f"{text!r} is invalid: need an integer, optionally with a unit "
+                                         f"(32k = 32000, 32K = 32768; k/m/g/t decimal, K/M/G/T binary)")
+    return int(value)
+
+
+def _dtype(text: str) -> str:
+    """vLLM's dtype spellings: half = float16, float = float32 (argparse then checks the choices)."""
+    return {"half": "float16", "float": "float32"}.get(text, text)
+
+
 def parse_lora_module(text: str) -> tuple[str, str]:
     """``name=path`` (an adapter's public name and its PEFT directory) -> (name, path)."""
     name, sep, path = text.partition("=")
@@ -175,6 +211,7 @@ def parse_lora_module(text: str) -> tuple[str, str]:
 def engine_config_from_args(args) -> EngineConfig:
     return EngineConfig(model=args.model, max_model_len=args.max_model_len, max_num_seqs=args.max_num_seqs,
                         max_num_batched_tokens=args.max_num_batched_tokens, block_size=args.block_size,
+                        long_prefill_token_threshold=getattr(args, "long_prefill_token_threshold", 0),
                         enable_prefix_caching=args.enable_prefix_caching,
                         disable_hybrid_kv_cache_manager=getattr(args, "disable_hybrid_kv_cache_manager", False),
                         kv_cache_memory_bytes=args.kv_cache_memory_bytes,
@@ -183,7 +220,7 @@ def engine_config_from_args(args) -> EngineConfig:
                         enable_expert_parallel=getattr(args, "enable_expert_parallel", False), dtype=args.dtype,
                         quantization=args.quantization, kv_cache_dtype=args.kv_cache_dtype,
                         calculate_kv_scales=args.calculate_kv_scales,
-                        load_format=args.load_format, seed=args.seed,
+                        load_format=args.load_format, tokenizer=getattr(args, "tokenizer", None), seed=args.seed,
                         async_scheduling=args.async_scheduling, task=args.task,
                         pooling_type=args.pooling_type, normalize=args.normalize,
                         speculative_config=getattr(args, "speculative_config", None),

@@ -59,12 +59,16 @@ class SchedulerConfig(msgspec.Struct, kw_only=True):
     max_loras: int | None = None
     # "fcfs" (arrival order) | "priority" (lower Request.priority first, ties by arrival)
     policy: str = "fcfs"
+    # vLLM's --long-prefill-token-threshold: a prefill chunk of one request takes at most this many
+    # tokens per step (0 = no cap: what the token budget leaves), so one long prompt shares the steps
+    long_prefill_token_threshold: int = 0
 
     def validate(self) -> "SchedulerConfig":
         _pos_int("max_num_seqs", self.max_num_seqs)
         _pos_int("max_num_batched_tokens", self.max_num_batched_tokens)
         _pos_int("max_model_len", self.max_model_len)
         _policy(self.policy)
+        _threshold(self.long_prefill_token_threshold)
         if self.max_loras is not None:
             _pos_int("max_loras", self.max_loras)
         return self
@@ -75,6 +79,8 @@ class EngineConfig(msgspec.Struct, kw_only=True):
     max_model_len: int | None = None
     max_num_seqs: int = 64
     max_num_batched_tokens: int = 2048
+    # vLLM's --long-prefill-token-threshold: most tokens of one request's prefill per step (0 = no cap)
+    long_prefill_token_threshold: int = 0
     block_size: int = 16
     enable_prefix_caching: bool = True
     # vLLM's --disable-hybrid-kv-cache-manager: keep one full-length KV cache for every layer of a model with
@@ -108,6 +114,9 @@ class EngineConfig(msgspec.Struct, kw_only=True):
     max_lora_rank: int = 16
     max_cpu_loras: int | None = None
     load_format: str = "auto"
+    # vLLM's --tokenizer: an HF tokenizer directory (or a .gguf file's vocabulary) instead of the model's
+    # own; None = the checkpoint's
+    tokenizer: str | None = None
     seed: int = 0
     async_scheduling: bool | None = None
     # "generate" | "embed" | "classify" | "auto" (classify for a *ForSequenceClassification checkpoint,
@@ -145,6 +154,16 @@ class EngineConfig(msgspec.Struct, kw_only=True):
     def validate(self) -> "EngineConfig":
         if not isinstance(self.model, str):
             raise ValueError(f"model={self.model!r} is invalid: must be a string (name or path)")
+        _threshold(self.long_prefill_token_threshold)
+        if self.tokenizer is not None:
+            import os
+
+            t = self.tokenizer
+            files = ("tokenizer.json", "tokenizer.model", "tokenizer_config.json")
+            if not isinstance(t, str) or not ((t.endswith(".gguf") and os.path.isfile(t)) or (
+                    os.path.isdir(t) and any(os.path.isfile(os.path.join(t, f)) for f in files))):
+                raise ValueError(f"tokenizer={t!r} is invalid: need an HF tokenizer directory (tokenizer.json / "
+                                 f"tokenizer_config.json) or a .gguf file")
         if self.max_model_len is not None:
             _pos_int("max_model_len", self.max_model_len)
         _pos_int("tensor_parallel_size", self.tensor_parallel_size)
@@ -219,7 +238,13 @@ class EngineConfig(msgspec.Struct, kw_only=True):
                                max_num_batched_tokens=self.max_num_batched_tokens,
                                max_model_len=self.max_model_len,
                                max_loras=self.max_loras if self.enable_lora else None,
-                               policy=self.scheduling_policy).validate()
+                               policy=self.scheduling_policy,
+                               long_prefill_token_threshold=self.long_prefill_token_threshold).validate()
+
+
+def _threshold(v) -> None:
+    if isinstance(v, bool) or not isinstance(v, int) or v < 0:
+        raise ValueError(f"long_prefill_token_threshold={v!r} is invalid: must be an integer >= 0 (0 = no cap)")
 
 
 def _pos_int(name: str, v) -> None:

@@ -34,22 +34,31 @@ from jaxllm.cli_args import (ArgumentParser, add_engine_args, add_log_level_arg,
                              configure_logging, engine_config_from_args, parse_lora_module)
 from serving.config import ServerConfig
 from serving.chat_args import add_chat_args, chat_fields_from_args
+from serving.http_args import add_http_args, http_fields_from_args
 from serving.tls import check_tls_files
+from serving.vllm_flags import add_compat_args, check_compat
 
 log = logging.getLogger("serving")
 
 
 def build_parser() -> ArgumentParser:
     p = ArgumentParser(prog="python -m serving", description="jaxllm gRPC server (jaxllm.v1.Generation)")
+    p.add_argument("model_tag", nargs="?", default=None, metavar="MODEL",
+                   help="the model to serve, as in vLLM's `vllm serve MODEL` (the same as --model; default: "
+                        "--model's)")
     p.add_argument("--host", default="127.0.0.1", help="address to bind")
     p.add_argument("--port", type=int, default=50051,
                    help="port to bind; 0 = any free port (the bound one is printed on stdout)")
     p.add_argument("--http-port", type=int, default=None,
                    help="also serve the OpenAI-compatible HTTP API on this port (default: off; "
                         "0 = any free port, printed on stdout)")
-    p.add_argument("--served-model-name", default=None,
-                   help="model id of the HTTP API (/v1/models, the 'model' field; default: --model)")
+    p.add_argument("--served-model-name", nargs="+", default=None, metavar="NAME",
+                   help="model id of the HTTP API (/v1/models, the 'model' field; one name: vLLM's extra aliases "
+                        "are refused; default: --model)")
     add_log_level_arg(p)
+    p.add_argument("--log-config-file", default=None, metavar="JSON_FILE",
+                   help="a logging.config.dictConfig JSON file applied after --log-level (vLLM's flag; its "
+                        "VLLM_LOGGING_CONFIG_PATH format; default: none)")
     add_engine_args(p)
     p.add_argument("--lora-modules", type=parse_lora_module, nargs="+", action="extend", default=None,
                    metavar="NAME=PATH",
@@ -62,15 +71,16 @@ def build_parser() -> ArgumentParser:
     d = ServerConfig()
     s.add_argument("--max-queued-requests", type=int, default=d.max_queued_requests,
                    help="waiting requests before new ones get RESOURCE_EXHAUSTED")
-    s.add_argument("--api-key", default=api_key_from_env(),
+    s.add_argument("--api-key", nargs="+", default=api_key_from_env(), metavar="KEY",
                    help="require 'authorization: Bearer <key>' on every RPC and HTTP request but health "
-                        "(default: $JAXLLM_API_KEY, else none)")
-    s.add_argument("--tls-cert", help="PEM certificate chain, with --tls-key (default: plaintext)")
-    s.add_argument("--tls-key", help="PEM private key, with --tls-cert (default: plaintext)")
+                        "(one key: vLLM's several are refused; default: $JAXLLM_API_KEY, else none)")
+    s.add_argument("--tls-cert", "--ssl-certfile",
+                   help="PEM certificate chain, with --tls-key; gRPC and HTTP (default: plaintext)")
+    s.add_argument("--tls-key", "--ssl-keyfile", help="PEM private key, with --tls-cert (default: plaintext)")
     s.add_argument("--tls-client-ca",
                    help="PEM CA certificates: require a client certificate signed by one of them "
-                        "(mutual TLS; needs --tls-cert/--tls-key; default: none, no client certificate "
-                        "asked for)")
+                        "(mutual TLS, gRPC and HTTP; needs --tls-cert/--tls-key; default: none, no client "
+                        "certificate asked for)")
     s.add_argument("--stream-timeout", type=float, default=d.stream_timeout,
                    help="abort a response stream whose client has read nothing for this many "
                         "seconds (frees its KV blocks; 0 = never)")
@@ -97,6 +107,7 @@ def build_parser() -> ArgumentParser:
                         "server gave the request (vLLM's flag; default: off, only a client's X-Request-Id "
                         "comes back)")
     add_chat_args(p)
+    add_http_args(p)
     m = p.add_argument_group("metrics")
     m.add_argument("--metrics-port", type=int, default=None,
                    help="serve Prometheus metrics (jaxllm:*) on this port; 0 = any free port (the bound "
@@ -106,14 +117,39 @@ def build_parser() -> ArgumentParser:
                         "(default: logged)")
     m.add_argument("--log-stats-interval", type=float, default=d.log_stats_interval,
                    help="seconds between stats lines")
+    add_compat_args(p)
     return p
 
 
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    """build_parser's parse, with vLLM's positional model (`python -m serving MODEL`) as --model."""
+    p = build_parser()
+    args = p.parse_args(argv)
+    if args.model_tag is not None:
+        given = [a for a in (sys.argv[1:] if argv is None else argv) if a == "--model" or a.startswith("--model=")]
+        if given and args.model != args.model_tag:
+            p.error(f"argument MODEL: {args.model_tag!r} is invalid with --model {args.model!r}: give the model once")
+        args.model = args.model_tag
+    return args
+
+
+def _one(flag: str, values: Any, secret: bool = False) -> Any:
+    """The one value of a flag vLLM lets repeat (``--api-key k1 k2``): several are refused by name
+    (keys are counted, never shown)."""
+    if isinstance(values, list):
+        if len(values) > 1:
+            shown = f" with {len(values)} values" if secret else "=" + " ".join(values)
+            raise ValueError(f"{flag}{shown} is not supported by jaxllm: it takes one value (vLLM takes several)")
+        return values[0]
+    return values
+
+
 def server_config(args: argparse.Namespace) -> ServerConfig:
+    http, _ = http_fields_from_args(args)
     return ServerConfig(
         host=args.host, port=args.port, http_port=args.http_port,
-        served_model_name=args.served_model_name, api_key=args.api_key or None, tls_cert=args.tls_cert,
-        tls_key=args.tls_key, tls_client_ca=args.tls_client_ca,
+        served_model_name=_one("--served-model-name", args.served_model_name),
+        api_key=_one("--api-key", args.api_key, secret=True) or None, tls_cert=args.tls_cert, tls_key=args.tls_key,
         stream_timeout=args.stream_timeout, max_queued_requests=args.max_queued_requests,
         shutdown_timeout=args.shutdown_timeout, watchdog_timeout=args.watchdog_timeout,
         health_probe_interval=args.health_probe_interval, max_n=args.max_n,
@@ -123,8 +159,32 @@ def server_config(args: argparse.Namespace) -> ServerConfig:
         metrics_port=args.metrics_port, log_stats=not args.disable_log_stats,
         log_stats_interval=args.log_stats_interval,
         lora_modules=tuple(args.lora_modules or ()),
-        **chat_fields_from_args(args),
+        **chat_fields_from_args(args), **http,
     ).validate()
+
+
+def apply_log_config(path: str) -> None:
+    """--log-config-file: ``logging.config.dictConfig`` of the JSON file; ValueError in one line."""
+    import json
+    import logging.config
+
+    try:
+        with open(path, encoding="utf-8") as f:
+            logging.config.dictConfig(json.load(f))
+    except (OSError, ValueError, TypeError, AttributeError, ImportError) as exc:
+        raise ValueError(f"--log-config-file={path} is invalid: {type(exc).__name__}: {exc}") from None
+
+
+_HTTP_ONLY = ("root_path", "allowed_origins", "allowed_methods", "allowed_headers", "allow_credentials",
+              "fastapi_docs", "uvicorn_log_level", "h11_max_incomplete_event_size", "enable_prompt_tokens_details",
+              "enable_force_include_usage", "return_tokens_as_token_ids", "enable_request_id_headers")
+
+
+def http_only_flags(cfg: ServerConfig) -> list[str]:
+    """The flags set away from their defaults that only the HTTP door reads (as --flag-names)."""
+    d = ServerConfig()
+    flags = {"fastapi_docs": "--disable-fastapi-docs"}
+    return [flags.get(f, "--" + f.replace("_", "-")) for f in _HTTP_ONLY if getattr(cfg, f) != getattr(d, f)]
 
 
 def engine_factory(args: argparse.Namespace) -> Callable[[], Any]:
@@ -191,12 +251,21 @@ async def serve(cfg: ServerConfig, factory: Callable[[], Any]) -> int:
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+    args = parse_args(argv)
     configure_logging(args.log_level)
     if args.log_level != "debug":  # gRPC C-core's own E-lines (e.g. a failed bind) repeat our error
         os.environ.setdefault("GRPC_VERBOSITY", "NONE")
     try:
+        if args.log_config_file:
+            apply_log_config(args.log_config_file)
+        ignored = check_compat(args) + http_fields_from_args(args)[1]  # a refused vLLM flag: ValueError
         cfg = server_config(args)
+        if ignored:
+            log.info("serving: vLLM flags ignored: %s", "; ".join(ignored))
+        unused = http_only_flags(cfg) if cfg.http_port is None else []
+        if unused:  # a vLLM launch line: its --port is the HTTP port, ours gRPC's
+            log.warning("serving: %s set the OpenAI HTTP API, which is off: give --http-port (--port %d is gRPC's; "
+                        "vLLM's --port is its HTTP port)", ", ".join(unused), cfg.port)
         check_tls_files(cfg)
         from jaxllm.parallel.cli import run_follower, start_distributed
 

@@ -7,6 +7,7 @@ import msgspec
 from jaxllm.metrics.loggers import validate_interval
 
 GENERATION_SERVICE = "jaxllm.v1.Generation"
+UVICORN_LOG_LEVELS = ("critical", "error", "warning", "info", "debug", "trace")
 
 
 class ServerConfig(msgspec.Struct, kw_only=True):
@@ -35,6 +36,24 @@ class ServerConfig(msgspec.Struct, kw_only=True):
     enable_auto_tool_choice: bool = False  # tool_choice "auto" (needs tool_call_parser)
     tool_call_parser: str | None = None  # serving/tool_parsers name for "auto" (hermes, ...)
     reasoning_parser: str | None = None  # serving/reasoning_parsers name (deepseek_r1, qwen3); None = off
+    # answers (vLLM's flags; serving/chat_args.py)
+    exclude_tools_when_tool_choice_none: bool = False  # tool_choice "none": tools left out of the template
+    response_role: str = "assistant"  # the chat answer's role when add_generation_prompt (else the last message's)
+    default_chat_template_kwargs: dict | None = None  # chat template variables under each request's own
+    return_tokens_as_token_ids: bool = False  # the request field's default (logprob tokens as "token_id:N")
+    enable_prompt_tokens_details: bool = False  # usage.prompt_tokens_details.cached_tokens (prefix-cache hits)
+    enable_force_include_usage: bool = False  # a stream's usage chunk even without stream_options.include_usage
+    enable_log_requests: bool = False  # one INFO line per admitted request (prompt clipped to max_log_len)
+    max_log_len: int | None = None  # prompt characters / token ids in that line; None = all
+    # the HTTP door (vLLM's flags; serving/http_args.py)
+    root_path: str = ""  # FastAPI root_path: the path prefix of a path-routing proxy in front
+    allowed_origins: tuple[str, ...] = ("*",)  # CORS (Starlette's CORSMiddleware), vLLM's defaults
+    allowed_methods: tuple[str, ...] = ("*",)
+    allowed_headers: tuple[str, ...] = ("*",)
+    allow_credentials: bool = False
+    fastapi_docs: bool = True  # /docs, /redoc, /openapi.json (--disable-fastapi-docs turns them off)
+    uvicorn_log_level: str | None = None  # None = the --log-level
+    h11_max_incomplete_event_size: int | None = None  # uvicorn's limit on a header block; None = uvicorn's
     # LoRA adapters served from the start (``--lora-modules name=path ...``; needs enable_lora)
     lora_modules: tuple[tuple[str, str], ...] = ()
     # metrics
@@ -93,6 +112,16 @@ class ServerConfig(msgspec.Struct, kw_only=True):
             from serving.reasoning_parsers import get_parser  # no jax
 
             get_parser(self.reasoning_parser)  # "reasoning_parser='x' is invalid: must be one of ..."
+        if self.max_log_len is not None and (isinstance(self.max_log_len, bool) or self.max_log_len < 0):
+            raise ValueError(f"max_log_len={self.max_log_len!r} is invalid: must be >= 0 (unset = no limit)")
+        if not self.response_role:
+            raise ValueError("response_role='' is invalid: must be a role name such as 'assistant'")
+        if self.root_path and (not self.root_path.startswith("/") or self.root_path.endswith("/")):
+            raise ValueError(f"root_path={self.root_path!r} is invalid: must start with '/' and not end with "
+                             f"one (e.g. '/api')")
+        if self.uvicorn_log_level is not None and self.uvicorn_log_level not in UVICORN_LOG_LEVELS:
+            raise ValueError(f"uvicorn_log_level={self.uvicorn_log_level!r} is invalid: must be one of "
+                             f"{', '.join(UVICORN_LOG_LEVELS)}")
         if self.http_port is not None and not 0 <= self.http_port < 65536:
             raise ValueError(f"http_port={self.http_port} is invalid: must be in [0, 65535]")
         return self

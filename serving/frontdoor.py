@@ -277,6 +277,10 @@ class FrontDoor:
             except RuntimeError as exc:
                 raise FrontDoorError(Code.UNAVAILABLE, str(exc)) from None
             self.active[rid] = stream
+            if self.config.enable_log_requests and not rid.startswith(PROBE_PREFIX):
+                from serving.request_log import request_line
+
+                log.info(request_line(rid, prompt, params, lora_request, self.config.max_log_len))
             req = Request(rid, params, stream)
             yield req
         finally:

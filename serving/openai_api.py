@@ -75,8 +75,10 @@ class _Guard:
     limit (the whole body is read here, so an oversized or chunked one is refused with 413
     before any handler parses it)."""
 
-    def __init__(self, app, api_key: str | None, max_body: int, request_id_headers: bool = False):
+    def __init__(self, app, api_key: str | None, max_body: int, request_id_headers: bool = False,
+                 root_path: str = ""):
         self.app = app
+        self.root_path = root_path  # --root-path: a path under it is the path without it (FastAPI's rule)
         self.request_id_headers = request_id_headers  # --enable-request-id-headers
         self.expected = f"Bearer {api_key}".encode() if api_key else None
         self.max_body = max_body
@@ -93,7 +95,7 @@ class _Guard:
         if slot.value is not None:
             scope = {**scope, RequestIdSlot.SCOPE_KEY: slot}
             send = _with_request_id(send, slot)
-        if self.expected is not None and scope.get("path") not in OPEN_PATHS:
+        if self.expected is not None and route_path(scope.get("path", ""), self.root_path) not in OPEN_PATHS:
             got = headers.get(b"authorization", b"")
             if not hmac.compare_digest(got, self.expected):
                 msg = ("missing API key: send the header 'Authorization: Bearer <api key>'" if not got
@@ -129,6 +131,13 @@ class _Guard:
             scope, receive, send)
 
 
+def route_path(path: str, root_path: str) -> str:
+    """``path`` as the routes see it: without the ``--root-path`` prefix when it starts with it."""
+    if root_path and (path == root_path or path.startswith(root_path + "/")):
+        return path[len(root_path):] or "/"
+    return path
+
+
 def _with_request_id(send, slot: RequestIdSlot):
     """``send`` with ``X-Request-Id: <slot's value when the response starts>`` added (errors too)."""
 
@@ -144,8 +153,13 @@ def _with_request_id(send, slot: RequestIdSlot):
 def build_app(server: "ServingServer") -> Any:
     door = server.door
     cfg = server.config
-    app = FastAPI(title="jaxllm", docs_url=None, redoc_url=None, openapi_url=None,
+    docs = cfg.fastapi_docs  # vLLM's default: served; --disable-fastapi-docs
+    app = FastAPI(title="jaxllm", version=jaxllm_version(),
+                  docs_url="/docs" if docs else None, redoc_url="/redoc" if docs else None,
+                  openapi_url="/openapi.json" if docs else None,
                   redirect_slashes=False)  # "/v1/completions/" is a 404, not an undocumented 307
+    # --root-path as vLLM sets it (the app's, not uvicorn's): paths are served with and without the prefix
+    app.root_path = cfg.root_path
 
     @app.exception_handler(FrontDoorError)
     async def _front_door_error(request: Request, exc: FrontDoorError):
@@ -199,7 +213,7 @@ def build_app(server: "ServingServer") -> Any:
         return JSONResponse({"status": "NOT_SERVING", "reason": server.monitor.reason}, status_code=503)
 
     # SageMaker-style health: the same answer as /health, GET or POST (vLLM's /ping)
-    app.add_api_route("/ping", health, methods=["GET", "POST"])
+    app.add_api_route("/ping", health, methods=["GET", "POST"], include_in_schema=False)  # /health's alias
 
     @app.get("/version")
     async def version():
@@ -326,7 +340,13 @@ def build_app(server: "ServingServer") -> Any:
 
         return Response(generate_latest(server.metrics.registry), media_type=CONTENT_TYPE_LATEST)
 
-    return _Guard(app, cfg.api_key, cfg.max_message_bytes, cfg.enable_request_id_headers)
+    guarded = _Guard(app, cfg.api_key, cfg.max_message_bytes, cfg.enable_request_id_headers, cfg.root_path)
+    from starlette.middleware.cors import CORSMiddleware
+
+    # outermost, as vLLM's: a browser's preflight is answered before the key check, and refusals
+    # (401, 413) carry the CORS headers so the page can read them
+    return CORSMiddleware(guarded, allow_origins=list(cfg.allowed_origins), allow_methods=list(cfg.allowed_methods),
+                          allow_headers=list(cfg.allowed_headers), allow_credentials=cfg.allow_credentials)
 
 
 class HttpServer:
@@ -362,11 +382,19 @@ class HttpServer:
         sock.listen(2048)
         sock.setblocking(False)
         self._sock = sock
+        cfg = self.server.config
+        extra: dict = {}
+        if cfg.tls_cert:
+            extra.update(ssl_certfile=cfg.tls_cert, ssl_keyfile=cfg.tls_key)
+            if cfg.tls_client_ca:  # mutual TLS on this door too, as on gRPC
+                import ssl
+
+                extra.update(ssl_ca_certs=cfg.tls_client_ca, ssl_cert_reqs=ssl.CERT_REQUIRED)
+        if cfg.h11_max_incomplete_event_size is not None:
+            extra["h11_max_incomplete_event_size"] = cfg.h11_max_incomplete_event_size
         config = uvicorn.Config(build_app(self.server), lifespan="off", access_log=False,
-                                log_level=logging.getLogger("serving").getEffectiveLevel(),
-                                timeout_graceful_shutdown=2, timeout_keep_alive=5,
-                                ssl_certfile=self.server.config.tls_cert,
-                                ssl_keyfile=self.server.config.tls_key)
+                                log_level=cfg.uvicorn_log_level or logging.getLogger("serving").getEffectiveLevel(),
+                                timeout_graceful_shutdown=2, timeout_keep_alive=5, **extra)
         config.load()
         uv = uvicorn.Server(config)
         uv.lifespan = config.lifespan_class(config)

@@ -99,22 +99,25 @@ def chat_choice(job: Any, index: int, d: SampleDelta, *, final: bool, first: boo
         if tools is not None:  # tool calls: the content read by its tool reader
             msg, reason = tools.message(text, d.finish_reason)
         else:
-            msg = {"role": "assistant", "content": text if rp is None else text or None,
+            msg = {"role": job.role, "content": text if rp is None else text or None,
                    "tool_calls": []}  # as vLLM's ChatMessage dumps it
             reason = d.finish_reason
+        msg["role"] = job.role  # (the tool reader's message too)
         if rp is not None:
             msg = _with_reasoning(msg, reasoning)
         return {"index": index, "message": msg, "logprobs": lp, "finish_reason": reason}
     reasoning, text = rp.delta(index, d.text, d.finish_reason is not None) if rp is not None else ("", d.text)
     if tools is not None:
         delta, reason = tools.delta(index, text, d.finish_reason, first)
+        if "role" in delta:
+            delta["role"] = job.role
     elif rp is not None:
-        delta = {"role": "assistant"} if first else {}
+        delta = {"role": job.role} if first else {}
         if text:
             delta["content"] = text
         reason = d.finish_reason
     else:
-        delta = {"role": "assistant", "content": text} if first else {"content": text}
+        delta = {"role": job.role, "content": text} if first else {"content": text}
         reason = d.finish_reason
     if reasoning:
         delta = _with_reasoning(delta, reasoning)
@@ -144,7 +147,7 @@ def stream_chunks(job: Any, head: dict, k: int, batch: list, started: set[int]) 
         d = _echoed(job, k, d, first=first)
         choice = _choice(job, index, d, final=False, first=first)
         if choice is None and job.return_token_ids and d.token_ids:  # vLLM: every token's id is sent
-            choice = {"index": index, "delta": {"role": "assistant"} if first else {}, "logprobs": None,
+            choice = {"index": index, "delta": {"role": job.role} if first else {}, "logprobs": None,
                       "finish_reason": None, "stop_reason": None}
         if choice is not None:
             _with_token_ids(job, choice, tracker, d, first=first)

@@ -99,15 +99,21 @@ class Echo:
         return rows
 
 
-def chat_echo(body: Any) -> Echo | None:
+def answer_role(body: Any, response_role: str = "assistant") -> str:
+    """A chat answer's role (vLLM's rule): ``response_role`` (--response-role) when the template adds
+    the generation prompt, else the last message's own role (the answer continues it)."""
+    if getattr(body, "add_generation_prompt", True) or not body.messages:
+        return response_role
+    return body.messages[-1].to_dict()["role"]
+
+
+def chat_echo(body: Any, response_role: str = "assistant") -> Echo | None:
     """A chat body's echo (vLLM's ``echo``): the last message's text when its role is the answer's
-    (``assistant`` with ``add_generation_prompt``, else the last message's own role, as vLLM);
-    None when there is nothing to echo."""
+    (``answer_role``); None when there is nothing to echo."""
     if not getattr(body, "echo", False) or not body.messages:
         return None
     last = body.messages[-1].to_dict()
-    role = "assistant" if getattr(body, "add_generation_prompt", True) else last["role"]
-    if last["role"] != role or not last["content"]:
+    if last["role"] != answer_role(body, response_role) or not last["content"]:
         return None
     return Echo([last["content"]], prompt_only=False, with_logprobs=False)
 

@@ -24,7 +24,7 @@ from serving.deltas import DeltaTracker
 from serving.frontdoor import FrontDoor, FrontDoorError, ModelInfo, check_token_ids, invalid
 from serving.openai_beam import beam_params, beam_request
 from serving.openai_choices import final_body, stream_chunks
-from serving.openai_echo import Echo, chat_echo, check_stream, echo_text
+from serving.openai_echo import Echo, answer_role, chat_echo, check_stream, echo_text
 from serving.openai_protocol import ChatCompletionRequest, CompletionRequest
 from serving.openai_reasoning import ReasoningPlan
 from serving.openai_tools import ToolPlan, render_body
@@ -59,6 +59,8 @@ class _Job:
         self.continuous_usage = False  # stream_options.continuous_usage_stats: usage in every chunk
         self.tokens_as_ids = False  # return_tokens_as_token_ids: logprob tokens as "token_id:<id>"
         self.return_token_ids = False  # vLLM's return_token_ids: prompt and generated ids in the answer
+        self.prompt_details = False  # --enable-prompt-tokens-details: usage.prompt_tokens_details
+        self.role = "assistant"  # chat: the answer's role (--response-role, or the last message's)
 
     def usage(self, only: tuple[int, int] | None = None) -> dict:
         """The answer's usage, or with ``only=(prompt position, sample index)`` that one choice's (its
@@ -73,6 +75,9 @@ class _Job:
         prompt_only = self.echo is not None and self.echo.prompt_only  # its one token is dropped
         c = 0 if prompt_only else sum(len(o.token_ids) for o in outs)
         out = {"prompt_tokens": p, "completion_tokens": c, "total_tokens": p + c}
+        if self.prompt_details:  # the prompt tokens the prefix cache served (vLLM's, OpenAI's shape)
+            trackers = self.trackers if only is None else [self.trackers[only[0]]]
+            out["prompt_tokens_details"] = {"cached_tokens": sum(t.num_cached_tokens for t in trackers)}
         if self.reasoning is not None:  # current vLLM: with a reasoning parser, the think blocks' tokens
             r = sum(self.reasoning.reasoning_tokens(o.text, o.token_ids, o.finish_reason == "stop") for o in outs)
             out["completion_tokens_details"] = {"reasoning_tokens": r}
@@ -163,7 +168,8 @@ def chat_job(door: FrontDoor, info: ModelInfo, body: ChatCompletionRequest,
     if (msg := check_stream(body.prompt_logprobs, body.stream)) is not None:
         raise invalid(msg, "prompt_logprobs")
     job = _new_job("chat", door, info, [prompt], params, body, request_id)
-    job.echo = chat_echo(body)
+    job.role = answer_role(body, door.config.response_role)
+    job.echo = chat_echo(body, door.config.response_role)
     job.tools = tools
     job.reasoning = reasoning
     if body.use_beam_search:
@@ -177,10 +183,14 @@ def _new_job(kind: str, door: FrontDoor, info: ModelInfo, prompts: list, params:
     if (refusal := body.refused()) is not None:
         raise invalid(*refusal)
     so = body.stream_options
+    cfg = door.config
     continuous = bool(so and so.continuous_usage_stats and so.include_usage is not False)  # vLLM's rule
-    job = _Job(kind, info, prompts, params, body.stream, bool(so and so.include_usage) or continuous, request_id)
+    usage = bool(so and so.include_usage) or continuous or cfg.enable_force_include_usage
+    job = _Job(kind, info, prompts, params, body.stream, usage, request_id)
     job.continuous_usage = continuous
-    job.tokens_as_ids = bool(body.return_tokens_as_token_ids)
+    job.prompt_details = cfg.enable_prompt_tokens_details
+    job.tokens_as_ids = bool(cfg.return_tokens_as_token_ids if body.return_tokens_as_token_ids is None
+                             else body.return_tokens_as_token_ids)
     job.return_token_ids = bool(body.return_token_ids)
     job.prompt_logprobs = body.prompt_logprobs
     job.priority = body.priority

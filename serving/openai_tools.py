@@ -67,10 +67,16 @@ def render_body(tokenizer: Any, body: Any, cfg: Any) -> dict:
         kw["chat_template"] = body.chat_template
     elif cfg.chat_template is not None:
         kw["chat_template"] = cfg.chat_template
-    if body.tools:
+    # --exclude-tools-when-tool-choice-none: a request that may not call tools does not show them to the model
+    # (a /tokenize body has tools but no tool_choice)
+    excluded = getattr(body, "tool_choice", None) == "none" and getattr(cfg, "exclude_tools_when_tool_choice_none", False)
+    if body.tools and not excluded:
         kw["tools"] = [t.model_dump(exclude_none=True) for t in body.tools]
-    # vLLM's reasoning_effort is a template variable; the request's own chat_template_kwargs win
-    variables = {"reasoning_effort": body.reasoning_effort} if body.reasoning_effort is not None else {}
+    # --default-chat-template-kwargs, then vLLM's reasoning_effort (a template variable), then the request's
+    # own chat_template_kwargs: the request wins
+    variables = dict(getattr(cfg, "default_chat_template_kwargs", None) or {})
+    if body.reasoning_effort is not None:
+        variables["reasoning_effort"] = body.reasoning_effort
     variables.update(body.chat_template_kwargs or {})
     if variables:
         kw["chat_template_kwargs"] = variables

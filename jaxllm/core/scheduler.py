@@ -169,6 +169,8 @@ class Scheduler:
                 continue
             n = min(req.num_tokens + ph - req.num_computed_tokens, budget,
                     max_len - req.num_computed_tokens)
+            if 0 < self.config.long_prefill_token_threshold < n:  # vLLM's per-request chunk cap
+                n = self.config.long_prefill_token_threshold
             assert n > 0, (req.request_id, req.num_tokens, req.num_computed_tokens)
             drafts = self._fit_drafts(req, n, budget) if req.spec_token_ids else 0
             num_drafts[req.request_id] = drafts
@@ -214,6 +216,8 @@ class Scheduler:
                     break  # preempted while its token is in flight: resume once that token is known
                 cached_blocks, num_cached = self.kv.get_computed_blocks(req)
                 n = min(req.num_tokens - num_cached, budget)
+                if 0 < self.config.long_prefill_token_threshold < n:
+                    n = self.config.long_prefill_token_threshold
                 num_hit = self.kv.num_hit_tokens(cached_blocks)  # the rest (a fork's partial block) is copied
                 if self.kv.allocate_slots(req, n, cached_blocks, num_cached - num_hit) is None:
                     if scheduled or not self._preempt_held():

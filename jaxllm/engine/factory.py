@@ -153,6 +153,14 @@ def generation_defaults(config: EngineConfig, *, flags: bool = False):
                                      flags=flags)
 
 
+def tokenizer_source(config: EngineConfig, checkpoint_source: tuple[str, str] | None) -> tuple[str, str] | None:
+    """Where the tokenizer comes from (``checkpoints.load_tokenizer``'s source): vLLM's ``--tokenizer``
+    (an HF tokenizer directory or a .gguf file) when set, else the checkpoint's own."""
+    if config.tokenizer is None:
+        return checkpoint_source
+    return ("gguf" if config.tokenizer.endswith(".gguf") else "dir", config.tokenizer)
+
+
 def build_engine(config: EngineConfig, *, compile_cache: bool = True, warmup: bool = True) -> LLMEngine:
     import jax
 
@@ -194,7 +202,7 @@ def build_engine(config: EngineConfig, *, compile_cache: bool = True, warmup: bo
     if layout is not None and layout.expert_parallel:
         _info(f"expert parallelism: {mc.num_experts} experts, {mc.num_experts // tp} whole experts per device "
               f"over {tp} devices")
-    tokenizer = (load_tokenizer(ckpt.tokenizer_source, mc, gen.eos_token_ids)
+    tokenizer = (load_tokenizer(tokenizer_source(config, ckpt.tokenizer_source), mc, gen.eos_token_ids)
                  or TokenIdsOnlyTokenizer(mc.vocab_size, (*mc.eos_token_ids, *gen.eos_token_ids)))
     max_model_len = config.max_model_len or mc.max_model_len_limit
     if max_model_len > mc.max_model_len_limit:

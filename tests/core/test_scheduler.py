@@ -192,3 +192,28 @@ def test_never_exceeds_max_model_len():
     sched.add_request(req("a", range(3, 15), max_tokens=100))
     fin = drive(sched, runner)
     assert fin["a"].num_tokens == 20
+
+
+def test_long_prefill_token_threshold_caps_each_requests_chunk():
+    """vLLM's --long-prefill-token-threshold: one request's prefill chunk is at most the threshold per
+    step (the rest of the budget goes to others); the tokens generated are those of the uncapped run."""
+    def run(threshold):
+        kv = KVCacheManager(64, BS, enable_caching=True)
+        sched = Scheduler(SchedulerConfig(max_num_seqs=8, max_num_batched_tokens=32, max_model_len=256,
+                                          long_prefill_token_threshold=threshold), kv)
+        sched.add_request(req("long", range(10, 40), max_tokens=3))  # 30 prompt tokens
+        sched.add_request(req("short", range(50, 56), max_tokens=3))  # 6
+        chunks = []
+        done = drive(sched, FakeRunner(64, BS), on_step=lambda out: chunks.append(
+            {s.request_id: len(s.token_ids) for s in out.seqs}))
+        return chunks, {k: r.output_token_ids for k, r in done.items()}
+
+    capped, outs = run(8)
+    assert capped[:4] == [{"long": 8, "short": 6}, {"long": 8, "short": 1}, {"long": 8, "short": 1},
+                          {"long": 6}]  # 8 + 8 + 8 + 6 = 30 (the last chunk samples); short's 3 tokens done
+    assert all(n <= 8 for step in capped for n in step.values())
+    uncapped, ref = run(0)
+    assert uncapped[0] == {"long": 30, "short": 2}  # without it the long prompt takes the budget first
+    assert outs == ref
+    with pytest.raises(ValueError, match=r"long_prefill_token_threshold=-1 is invalid: must be an integer >= 0"):
+        SchedulerConfig(long_prefill_token_threshold=-1).validate()

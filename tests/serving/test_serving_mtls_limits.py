@@ -145,3 +145,33 @@ def test_tls_client_ca_file_is_checked_before_the_port_opens(pki, tmp_path):
     junk.write_text("not a certificate\n")
     with pytest.raises(ValueError, match=r"--tls-client-ca .*junk.pem is invalid: need PEM CA"):
         check_tls_files(ServerConfig(**ok, tls_client_ca=str(junk)))
+
+
+def test_mutual_tls_holds_on_the_http_door_too(pki):
+    """--tls-client-ca (vLLM's --ssl-ca-certs with --ssl-cert-reqs 2) requires a client certificate from
+    the CA on the OpenAI HTTP door as on gRPC; before, HTTPS there asked for none."""
+    import ssl
+
+    import httpx
+
+    def context(who=None):
+        ctx = ssl.create_default_context(cafile=str(pki / "ca.pem"))
+        if who is not None:
+            ctx.load_cert_chain(str(pki / f"{who}.pem"), str(pki / f"{who}.key"))
+        return ctx
+
+    async def main():
+        async with running_server(tls_cert=str(pki / "server.pem"), tls_key=str(pki / "server.key"),
+                                  tls_client_ca=str(pki / "ca.pem"), http_port=0,
+                                  channel_credentials=grpc.ssl_channel_credentials(
+                                      root_certificates=(pki / "ca.pem").read_bytes(),
+                                      private_key=(pki / "client.key").read_bytes(),
+                                      certificate_chain=(pki / "client.pem").read_bytes())) as c:
+            url = f"https://localhost:{c.server.http_port}/health"
+            async with httpx.AsyncClient(verify=context("client")) as h:
+                assert (await h.get(url, timeout=5)).status_code == 200
+            for who in (None, "intruder"):  # no client certificate; one signed by another CA
+                async with httpx.AsyncClient(verify=context(who)) as h:
+                    with pytest.raises(httpx.TransportError):
+                        await h.get(url, timeout=5)
+    run(main())
