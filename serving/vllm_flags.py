@@ -286,8 +286,30 @@ TABLE: tuple[CompatFlag, ...] = (
 )
 
 
+class _HelpVllmFlags(argparse.Action):
+    """``--help-vllm-flags``: the TABLE flags' help (hidden from ``--help``, which stays jaxllm's own
+    flags: the table is ~150 flags), then exit 0."""
+
+    def __init__(self, option_strings, dest, **kw):
+        super().__init__(option_strings, dest, nargs=0, default=argparse.SUPPRESS, **kw)
+
+    def __call__(self, parser, namespace, values, option_string=None):
+        p = argparse.ArgumentParser(prog=parser.prog, add_help=False, usage=argparse.SUPPRESS)
+        _add_table(p, shown=True)
+        p.print_help()
+        parser.exit()
+
+
 def add_compat_args(p: argparse.ArgumentParser) -> None:
-    """Every TABLE flag, in one --help group; an absent flag leaves no attribute (SUPPRESS)."""
+    """Every TABLE flag, hidden from --help (``--help-vllm-flags`` lists them); an absent flag leaves
+    no attribute (SUPPRESS)."""
+    p.add_argument("--help-vllm-flags", action=_HelpVllmFlags,
+                   help=f"list vLLM's serve flags accepted without a jaxllm flag of their own ({len(TABLE)}: "
+                        "honoured, ignored with an INFO line, or refused by name) and exit (default: off)")
+    _add_table(p, shown=False)
+
+
+def _add_table(p: argparse.ArgumentParser, shown: bool) -> None:
     g = p.add_argument_group(
         "vLLM's serve flags without a jaxllm counterpart (serving/README.md, \"vLLM's serve flags: where we stand\")",
         "accepted for vLLM launch commands: a value jaxllm does anyway is silent, a meaningless one is named "
@@ -303,7 +325,8 @@ def add_compat_args(p: argparse.ArgumentParser) -> None:
                 kw["nargs"] = "+"
         what = {OK: "honoured", IGNORED: "ignored", REFUSED: "refused"}
         verdicts = sorted({f.verdict(v) for v in _probe_values(f)}, key=list(what).index)
-        kw["help"] = f"vLLM's flag; {' / '.join(verdicts)} here: {f.why} (vLLM's default: {f.default})"
+        kw["help"] = (f"vLLM's flag; {' / '.join(verdicts)} here: {f.why} (vLLM's default: {f.default})"
+                      if shown else argparse.SUPPRESS)
         g.add_argument(*f.flags, **kw)
 
 

@@ -5,13 +5,14 @@ from __future__ import annotations
 
 import argparse
 import logging
+import re
 
 import pytest
 
 from jaxllm import generate
 from jaxllm.cli_args import configure_logging, sampling_fields_from_args, sampling_params_from_args
 from serving import __main__ as server_main
-from serving import client, run_batch
+from serving import client, run_batch, vllm_flags
 
 PARSERS = {"generate": generate.build_parser, "serving": server_main.build_parser, "client": client.build_parser,
            "run_batch": run_batch.build_parser}
@@ -29,8 +30,9 @@ def test_every_flag_has_help_default_and_choices(name):
     visible_dests = {a.dest for a in _actions(parser) if a.help != argparse.SUPPRESS}
     for action in _actions(parser):
         flag = "/".join(action.option_strings) or action.dest
-        if action.help == argparse.SUPPRESS:  # only old spellings of a shown flag may hide
-            assert action.dest in visible_dests, f"{name} {flag}: hidden and not an alias"
+        if action.help == argparse.SUPPRESS:  # only old spellings of a shown flag, and vLLM's compat table, hide
+            assert action.dest in visible_dests or action.dest.startswith(vllm_flags._DEST), \
+                f"{name} {flag}: hidden and not an alias"
             continue
         assert action.help and len(action.help.split()) >= 3, f"{name} {flag}: no sentence"
         shown = formatter._expand_help(action)
@@ -156,3 +158,16 @@ def test_structured_output_flags(tmp_path, capsys):
     with pytest.raises(SystemExit):
         gen.parse_args(["--json-schema", str(tmp_path / "bad.json")])
     assert "a JSON schema must be an object" in capsys.readouterr().err
+
+
+def test_vllm_compat_flags_hide_from_help_and_list_with_their_own(capsys):
+    """--help stays jaxllm's flags; --help-vllm-flags prints every compat-table flag with a sentence."""
+    parser = server_main.build_parser()
+    assert "--enforce-eager" not in parser.format_help() and "--help-vllm-flags" in parser.format_help()
+    with pytest.raises(SystemExit) as e:
+        parser.parse_args(["--help-vllm-flags"])
+    assert e.value.code == 0
+    out = capsys.readouterr().out
+    for f in vllm_flags.TABLE:
+        assert re.search(rf"^  {re.escape(f.name)}[ ,\n]", out, re.M), f.name
+    assert "vLLM's default" in out
