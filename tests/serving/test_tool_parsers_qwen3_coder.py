@@ -4,6 +4,7 @@ and the streaming contract under hypothesis. Method: see tests/serving/test_tool
 from __future__ import annotations
 
 import json
+import re
 
 from hypothesis import given
 from hypothesis import strategies as st
@@ -211,6 +212,27 @@ RAW = st.lists(SAFE, max_size=6).map("".join).filter(lambda s: not any(t in s fo
 Q_CONTENT = st.lists(CONTENT_ATOMS | st.sampled_from(["<function", "</function", "<parameter"]),
                      max_size=4).map("".join)
 PNAMES = st.sampled_from(["city", "days", "s", "i", "n", "b", "o", "a", "u", "extra", "x-y"])
+# a file written as one value: long, with the tags in it where the look-ahead reads them as text
+TAGGY = st.sampled_from(["</parameter>", "</function>", "</tool_call>", "<parameter=", "<tool_call>", "\n", " ",
+                         "\t", "code", "x = '", "';", "é😀", '"', "\\", "<", ">", "</", "<parameter=p>"])
+FILE = st.lists(TAGGY | st.text(max_size=8), min_size=20, max_size=80).map("".join)
+
+
+def literal(raw: str) -> bool:
+    """Reference (regexes on the whole written value, independent of the parser): no tag in ``raw``
+    is structural when ``\n</parameter>`` follows it, i.e. vLLM's look-ahead reads them all as text."""
+    after = raw + "\n</parameter>"
+    return not (re.search(r"</parameter>\s*(<parameter=|</function>|</tool_call>)", after)
+                or re.search(r"</function>\s*</tool_call>", after) or re.search(r"</tool_call>\s*<tool_call>", after)
+                or "\n<parameter=" in "\n" + raw)
+
+
+def _is_json(text: str) -> bool:
+    try:
+        json.loads(text)
+    except ValueError:
+        return False
+    return True
 
 
 @st.composite
@@ -219,7 +241,7 @@ def value(draw, tool: str, pname: str):
     kind = ALL.get(pname, {}).get("type") if tool == "types" else \
         {"city": "string", "days": "integer"}.get(pname) if tool == "get_weather" else None
     if kind == "string":
-        s = draw(RAW)
+        s = draw(RAW | FILE.filter(literal))
         return s, s
     if kind == "integer":
         i = draw(st.integers(-10**12, 10**12))
@@ -230,6 +252,9 @@ def value(draw, tool: str, pname: str):
     if kind == "boolean":
         b = draw(st.booleans())
         return draw(st.sampled_from([str(b), str(b).lower(), str(b).upper()])), b
+    if kind is None and draw(st.integers(0, 4)) == 0:  # untyped text that is no JSON
+        s = draw(FILE.filter(literal).filter(lambda t: not _is_json(t)))
+        return s, s
     v = draw(JSON_VALUE)
     if kind in ("object", "array") and draw(st.booleans()):  # a Python literal
         v = draw(st.dictionaries(st.text(max_size=4), JSON_VALUE, max_size=3)) if kind == "object" else \
@@ -252,7 +277,8 @@ def qwen3_call(draw):
 
 
 @st.composite
-def qwen3_output(draw):
+def qwen3_output(draw, ends: list | None = None):
+    """(text, content, calls); ``ends`` collects where each call's ``</function>`` ends."""
     text, content, calls = "", "", []
     for _ in range(draw(st.integers(0, 4))):
         kind = draw(st.sampled_from(["content", "call", "calls", "bare", "bad"]))
@@ -261,12 +287,19 @@ def qwen3_output(draw):
             text, content = text + piece, content + piece
         elif kind in ("call", "calls"):
             written = [draw(qwen3_call()) for _ in range(1 if kind == "call" else 2)]
-            text += "<tool_call>\n" + "\n".join(t for t, _ in written) + "\n</tool_call>"
-            calls += [c for _, c in written]
+            text += "<tool_call>\n"
+            for k, (t, c) in enumerate(written):
+                text += ("\n" if k else "") + t
+                calls.append(c)
+                if ends is not None:
+                    ends.append(len(text))
+            text += "\n</tool_call>"
         elif kind == "bare":
             t, c = draw(qwen3_call())
             text += t
             calls.append(c)
+            if ends is not None:
+                ends.append(len(text))
         else:  # a block without a function, or a function whose name breaks: content
             piece = draw(st.sampled_from(["<tool_call>", "<tool_call>\n<function=a b\n", "<function=<"]))
             end = "</tool_call>" if piece == "<tool_call>" else draw(st.sampled_from(["", "</tool_call>"]))
@@ -282,13 +315,15 @@ def test_qwen3_coder_contract(out, cuts):
 
 
 @SETTINGS
-@given(qwen3_output(), st.integers(0, 10**6), CUTS)
-def test_qwen3_coder_cut_outputs_split_alike_and_keep_the_calls_before_the_cut(out, at, cuts):
+@given(st.data(), st.integers(0, 10**6), CUTS)
+def test_qwen3_coder_cut_outputs_split_alike_and_keep_the_calls_before_the_cut(data, at, cuts):
     """An output stopped anywhere (max_tokens): every split streams what extract says, and the
     calls that closed before the cut come first, unchanged."""
+    ends: list[int] = []
+    out = data.draw(qwen3_output(ends))
     text = out[0][: at % (len(out[0]) + 1)]
     got = Q(TOOLS).extract(text)
     assert stream(Q, split(text, cuts), TOOLS) == got
-    closed = text.count("</function>")  # no value or content piece can hold the tag
+    closed = sum(e <= len(text) for e in ends)  # calls whose </function> came before the cut
     assert got.calls[:closed] == out[2][:closed]
     assert len(got.calls) in (closed, closed + 1)  # and at most the call being written
