@@ -126,6 +126,7 @@ def convert(text: str, schema: Any) -> Any:
 WAIT_LIMIT = 64  # characters an untyped or nullable value may stay undecided; then it goes out whole
 _JSON_WS = " \t\n\r"
 _SURROGATE = re.compile("[\ud800-\udfff]")
+_ESCAPED = re.compile('["\\\\\x00-\x1f\ud800-\udfff]')  # what a JSON string writes otherwise
 
 
 def string_mode(schema: Any) -> str:
@@ -164,6 +165,8 @@ def stays_text(head: str, schema: Any) -> bool | None:
 def string_chars(text: str) -> str:
     """``text`` as inside a JSON string, character by character (so pieces join to the whole):
     as ``json.dumps(ensure_ascii=False)`` writes it, but a lone surrogate written as ``\\udXXX``."""
+    if not _ESCAPED.search(text):
+        return text
     chars = json.dumps(text, ensure_ascii=False)[1:-1]
     return _SURROGATE.sub(lambda m: f"\\u{ord(m.group()):04x}", chars) if _SURROGATE.search(chars) else chars
 
