@@ -28,6 +28,7 @@ from __future__ import annotations
 
 import json
 import math
+import re
 from typing import Any
 
 from serving.tool_parsers.base import dump_args
@@ -120,6 +121,54 @@ def convert(text: str, schema: Any) -> Any:
         except ValueError:
             pass
     return text
+
+
+WAIT_LIMIT = 64  # characters an untyped or nullable value may stay undecided; then it goes out whole
+_JSON_WS = " \t\n\r"
+_SURROGATE = re.compile("[\ud800-\udfff]")
+_ESCAPED = re.compile('["\\\\\x00-\x1f\ud800-\udfff]')  # what a JSON string writes otherwise
+
+
+def string_mode(schema: Any) -> str:
+    """How a value of this parameter can stream: ``"stream"`` (it is a string whatever its text),
+    ``"wait"`` (it may be one: ask ``stays_text`` as its text comes) or ``"whole"``."""
+    kind, nullable = schema_type(schema)
+    if kind is None or (kind in STRING and nullable):
+        return "wait"
+    return "stream" if kind in STRING else "whole"
+
+
+def stays_text(head: str, schema: Any) -> bool | None:
+    """For a ``"wait"`` parameter whose value begins with ``head``: True when ``convert`` answers
+    the text itself whatever follows, False when that may not be so (or ``head`` is past
+    ``WAIT_LIMIT`` undecided), None when more text must tell."""
+    kind, _ = schema_type(schema)
+    if kind is not None:  # a nullable string: text unless it is null / None
+        low = head.lower()
+        return None if "null".startswith(low) or "none".startswith(low) else True
+    s = head.lstrip(_JSON_WS)  # untyped: text once no ending can make it JSON
+    if not s:
+        verdict = None
+    elif s[0] in '{["-0123456789"':
+        verdict = False
+    elif s[0] in "tfn":
+        lit = {"t": "true", "f": "false", "n": "null"}[s[0]]
+        if lit.startswith(s) or (s.startswith(lit) and not s[len(lit):].strip(_JSON_WS)):
+            verdict = None
+        else:
+            verdict = True
+    else:
+        verdict = True
+    return False if verdict is None and len(head) > WAIT_LIMIT else verdict
+
+
+def string_chars(text: str) -> str:
+    """``text`` as inside a JSON string, character by character (so pieces join to the whole):
+    as ``json.dumps(ensure_ascii=False)`` writes it, but a lone surrogate written as ``\\udXXX``."""
+    if not _ESCAPED.search(text):
+        return text
+    chars = json.dumps(text, ensure_ascii=False)[1:-1]
+    return _SURROGATE.sub(lambda m: f"\\u{ord(m.group()):04x}", chars) if _SURROGATE.search(chars) else chars
 
 
 def dump(value: Any) -> str:

@@ -4,6 +4,7 @@ and the streaming contract under hypothesis. Method: see tests/serving/test_tool
 from __future__ import annotations
 
 import json
+import re
 
 from hypothesis import given
 from hypothesis import strategies as st
@@ -83,11 +84,85 @@ def test_qwen3_coder_raw_values_keep_newlines_and_angle_brackets():
     code = "def f(a, b):\n    if a < b and b > 0:\n        return '<div>' + \"</p>\"\n\n"
     q(fn("get_weather", ("city", code)), None, [call("get_weather", {"city": code})])
     q(fn("get_weather", ("city", "\nx\n")), None, [call("get_weather", {"city": "\nx\n"})])  # one newline trimmed
-    # a value ends at the first of the four tags that close it (as vLLM's parse)
-    q("<function=get_weather><parameter=city>a</function>b</parameter></function>", "b</parameter></function>",
-      [call("get_weather", {"city": "a"})])
-    q("<function=f><parameter=x>1<parameter=y>2</function>", None, [call("f", {"x": 1, "y": 2})])
-    q("<function=f><parameter=x>1<parameter=x>2</function>", None, [ToolCall("f", '{"x": 1, "x": 2}')])
+    # a tag in a value closes it only when what follows says so (current vLLM's look-ahead)
+    q("<function=get_weather><parameter=city>a</function>b</parameter></function>", None,
+      [call("get_weather", {"city": "a</function>b"})])
+    q("<function=f><parameter=x>1<parameter=y>2</function>", None, [call("f", {"x": "1<parameter=y>2"})])
+    q("<function=f><parameter=x>1\n<parameter=x>2</function>", None, [ToolCall("f", '{"x": 1, "x": 2}')])
+
+
+def test_qwen3_coder_looks_ahead_to_tell_a_closing_tag_from_text_in_a_value():
+    """The cases vLLM's qwen3coder parser describes: a file written as one value that contains the
+    tags (its ``_find_true_param_end`` / ``_find_true_function_end`` / ``_get_function_calls``)."""
+    def wf(*params, tail="\n</tool_call>"):  # write_file as the template writes it
+        return "<tool_call>\n<function=types>\n" + "".join(
+            f"<parameter={k}>\n{v}\n</parameter>\n" for k, v in params) + "</function>" + tail
+    cases = [  # a string value holding a tag the look-ahead reads as text
+        'x = "</parameter>"\nprint(x)', "</parameter> and more", "a</parameter>b\n</parameter>c",
+        "end: </parameter>\nnext line", 'html = "</function>"', "</function> not the end",
+        "</tool_call> inline", 'see "<parameter=x>" here', "no tag at all",
+        "</function>\n</parameter>\n", "</parameter>\n</parameter>", "</parameter>\n\t x",
+    ]
+    for v in cases:
+        q(wf(("s", v), ("i", "7")), None, [call("types", {"s": v, "i": 7})])
+        q("Writing:\n" + wf(("s", v)) + "\nDone.", "Writing:\n\nDone.", [call("types", {"s": v})])
+    # the structural ones: </parameter> then <parameter=, </function>, </tool_call> or the end
+    q("<function=f><parameter=a>1</parameter>  \n <parameter=b>2</parameter></function>", None,
+      [call("f", {"a": 1, "b": 2})])
+    q("<tool_call><function=f><parameter=a>x</parameter>\n</tool_call>", None, [call("f", {"a": "x"})])
+    q("<function=f><parameter=a>x</parameter>\n ", None, [call("f", {"a": "x"})])
+    # a missing </parameter>: </function> before </tool_call> or the end, a line-start <parameter=
+    q("<tool_call>\n<function=f>\n<parameter=a>\nx\n</function>\n</tool_call>\nok", "\nok",
+      [call("f", {"a": "x"})])
+    q("<function=f>\n<parameter=a>\nx\n</function>", None, [call("f", {"a": "x"})])
+    q("<function=f>\n<parameter=a>\nx\n<parameter=b>\n2\n</parameter>\n</function>", None,
+      [call("f", {"a": "x", "b": 2})])
+    # </tool_call> in a value: the end when <tool_call> or the end follows, else text
+    q("<tool_call><function=f><parameter=a>x</tool_call>\n<tool_call><function=g></function></tool_call>", None,
+      [call("f", {"a": "x"}), call("g", {})])
+    q("<tool_call><function=f><parameter=a>x</tool_call> y", None, [call("f", {"a": "x</tool_call> y"})])
+    # the output stopped in the look-ahead: what came is all there is
+    q("<function=f><parameter=a>x</parameter>\n</func", None, [call("f", {"a": "x</parameter>\n</func"})])
+    q("<function=f><parameter=a>x</function>\n", None, [call("f", {"a": "x"})])
+    # streamed: the tag and the whitespace after it wait for the next non-space text
+    p = Q(TOOLS)
+    assert p.feed("<function=types><parameter=s>\nab</parameter>").calls == [
+        CallDelta(0, "types", '{"s": "ab')]
+    assert p.feed(" \n").calls == []
+    assert p.feed("x").calls == [CallDelta(0, None, "</parameter> \\nx")]
+    assert p.feed("</parameter>\n<param").calls == []
+    assert p.feed("eter=i>5\n</parameter>\n</function>").calls == [CallDelta(0, None, '", "i": 5}')]
+    assert p.finish() == ToolDelta()
+
+
+def test_qwen3_coder_streams_string_values_as_they_come():
+    """A string value goes out character by character; typed otherwise, whole at its end."""
+    p = Q(TOOLS)
+    got = [p.feed(d).calls for d in ["<function=types>\n<parameter=s>\n", "line 1\n", "<b>\"q\"</b>\\",
+                                      "\n</para", "meter>\n<parameter=i>\n4", "2\n</parameter>\n", "</function>"]]
+    assert got == [[CallDelta(0, "types", '{"s": "')], [CallDelta(0, None, "line 1")],
+                   [CallDelta(0, None, '\\n<b>\\"q\\"</b>\\\\')], [], [CallDelta(0, None, '"')],
+                   [], [CallDelta(0, None, ', "i": 42}')]]  # </parameter> waits for what follows
+    # untyped: a string once no ending can make it JSON; nullable: once it cannot be null
+    for pname, pieces, first in [("u", ["tr", "ue", " story"], 2), ("u", ["\n", " ", "Hello"], 2),
+                                  ("extra", ["[1", "]"], None), ("ns", ["no", "ne"], None),
+                                  ("ns", ["no", "t"], 1), ("u", ["nul", "l"], None)]:
+        p = Q(TOOLS)
+        p.feed(f"<function=types><parameter={pname}>")
+        sent = [bool(p.feed(x).calls) for x in pieces]
+        assert sent == [i == first for i in range(len(pieces))], (pname, pieces, sent)
+    text = fn("types", ("u", "true story"), ("ns", "not"), ("ns", "None"), ("extra", "[1]"))
+    q(text, None, [ToolCall("types", '{"u": "true story", "ns": "not", "ns": null, "extra": [1]}')])
+    # a long file in 4-character deltas: its text arrives before the value ends
+    body = "".join(f"def f{i}(x):\n    return '</parameter>' if x < {i} else \"</function>\"\n" for i in range(60))
+    text = "<tool_call>\n" + fn("types", ("s", body), block=False) + "\n</tool_call>"
+    p = Q(TOOLS)
+    parts = [p.feed(text[k: k + 4]) for k in range(0, len(text), 4)] + [p.finish()]
+    streamed = "".join(c.arguments for d in parts for c in d.calls)
+    assert streamed == json.dumps({"s": body}, ensure_ascii=False)
+    cut = text.index("\n</parameter>\n</function>")  # what was sent before the closing tag came
+    before = "".join(c.arguments for d in parts[: cut // 4] for c in d.calls)
+    assert len(before) > len(json.dumps(body)) - 40
 
 
 def test_qwen3_coder_cut_off_calls_end_with_the_output():
@@ -102,12 +177,12 @@ def test_qwen3_coder_cut_off_calls_end_with_the_output():
     # before the name closed nothing was sent: all content
     q("Hi <tool_call>\n<function=get_wea", "Hi <tool_call>\n<function=get_wea", [])
     q("Hi <tool_call>\n", "Hi <tool_call>\n", [])
-    # streamed: the name with "{" when <function=...> closes, a member per parameter, "}" at the end
+    # streamed: the name with "{" when <function=...> closes, a string as it comes, "}" at the end
     p = Q(TOOLS)
     assert p.feed("A <tool_call>\n<function=get_weather").content == "A "
-    assert p.feed(">\n<parameter=city>\nPar").calls == [CallDelta(0, "get_weather", "{")]
-    assert p.feed("is\n</param").calls == []
-    assert p.feed("eter>\n<parameter=days>\n3\n</para").calls == [CallDelta(0, None, '"city": "Paris"')]
+    assert p.feed(">\n<parameter=city>\nPar").calls == [CallDelta(0, "get_weather", '{"city": "Par')]
+    assert p.feed("is\n</param").calls == [CallDelta(0, None, "is")]
+    assert p.feed("eter>\n<parameter=days>\n3\n</para").calls == [CallDelta(0, None, '"')]
     assert p.finish() == ToolDelta(calls=[CallDelta(0, None, ', "days": "3\\n</para"}')])
 
 
@@ -137,6 +212,27 @@ RAW = st.lists(SAFE, max_size=6).map("".join).filter(lambda s: not any(t in s fo
 Q_CONTENT = st.lists(CONTENT_ATOMS | st.sampled_from(["<function", "</function", "<parameter"]),
                      max_size=4).map("".join)
 PNAMES = st.sampled_from(["city", "days", "s", "i", "n", "b", "o", "a", "u", "extra", "x-y"])
+# a file written as one value: long, with the tags in it where the look-ahead reads them as text
+TAGGY = st.sampled_from(["</parameter>", "</function>", "</tool_call>", "<parameter=", "<tool_call>", "\n", " ",
+                         "\t", "code", "x = '", "';", "é😀", '"', "\\", "<", ">", "</", "<parameter=p>"])
+FILE = st.lists(TAGGY | st.text(max_size=8), min_size=20, max_size=80).map("".join)
+
+
+def literal(raw: str) -> bool:
+    """Reference (regexes on the whole written value, independent of the parser): no tag in ``raw``
+    is structural when ``\n</parameter>`` follows it, i.e. vLLM's look-ahead reads them all as text."""
+    after = raw + "\n</parameter>"
+    return not (re.search(r"</parameter>\s*(<parameter=|</function>|</tool_call>)", after)
+                or re.search(r"</function>\s*</tool_call>", after) or re.search(r"</tool_call>\s*<tool_call>", after)
+                or "\n<parameter=" in "\n" + raw)
+
+
+def _is_json(text: str) -> bool:
+    try:
+        json.loads(text)
+    except ValueError:
+        return False
+    return True
 
 
 @st.composite
@@ -145,7 +241,7 @@ def value(draw, tool: str, pname: str):
     kind = ALL.get(pname, {}).get("type") if tool == "types" else \
         {"city": "string", "days": "integer"}.get(pname) if tool == "get_weather" else None
     if kind == "string":
-        s = draw(RAW)
+        s = draw(RAW | FILE.filter(literal))
         return s, s
     if kind == "integer":
         i = draw(st.integers(-10**12, 10**12))
@@ -156,6 +252,9 @@ def value(draw, tool: str, pname: str):
     if kind == "boolean":
         b = draw(st.booleans())
         return draw(st.sampled_from([str(b), str(b).lower(), str(b).upper()])), b
+    if kind is None and draw(st.integers(0, 4)) == 0:  # untyped text that is no JSON
+        s = draw(FILE.filter(literal).filter(lambda t: not _is_json(t)))
+        return s, s
     v = draw(JSON_VALUE)
     if kind in ("object", "array") and draw(st.booleans()):  # a Python literal
         v = draw(st.dictionaries(st.text(max_size=4), JSON_VALUE, max_size=3)) if kind == "object" else \
@@ -178,7 +277,8 @@ def qwen3_call(draw):
 
 
 @st.composite
-def qwen3_output(draw):
+def qwen3_output(draw, ends: list | None = None):
+    """(text, content, calls); ``ends`` collects where each call's ``</function>`` ends."""
     text, content, calls = "", "", []
     for _ in range(draw(st.integers(0, 4))):
         kind = draw(st.sampled_from(["content", "call", "calls", "bare", "bad"]))
@@ -187,12 +287,19 @@ def qwen3_output(draw):
             text, content = text + piece, content + piece
         elif kind in ("call", "calls"):
             written = [draw(qwen3_call()) for _ in range(1 if kind == "call" else 2)]
-            text += "<tool_call>\n" + "\n".join(t for t, _ in written) + "\n</tool_call>"
-            calls += [c for _, c in written]
+            text += "<tool_call>\n"
+            for k, (t, c) in enumerate(written):
+                text += ("\n" if k else "") + t
+                calls.append(c)
+                if ends is not None:
+                    ends.append(len(text))
+            text += "\n</tool_call>"
         elif kind == "bare":
             t, c = draw(qwen3_call())
             text += t
             calls.append(c)
+            if ends is not None:
+                ends.append(len(text))
         else:  # a block without a function, or a function whose name breaks: content
             piece = draw(st.sampled_from(["<tool_call>", "<tool_call>\n<function=a b\n", "<function=<"]))
             end = "</tool_call>" if piece == "<tool_call>" else draw(st.sampled_from(["", "</tool_call>"]))
@@ -208,13 +315,15 @@ def test_qwen3_coder_contract(out, cuts):
 
 
 @SETTINGS
-@given(qwen3_output(), st.integers(0, 10**6), CUTS)
-def test_qwen3_coder_cut_outputs_split_alike_and_keep_the_calls_before_the_cut(out, at, cuts):
+@given(st.data(), st.integers(0, 10**6), CUTS)
+def test_qwen3_coder_cut_outputs_split_alike_and_keep_the_calls_before_the_cut(data, at, cuts):
     """An output stopped anywhere (max_tokens): every split streams what extract says, and the
     calls that closed before the cut come first, unchanged."""
+    ends: list[int] = []
+    out = data.draw(qwen3_output(ends))
     text = out[0][: at % (len(out[0]) + 1)]
     got = Q(TOOLS).extract(text)
     assert stream(Q, split(text, cuts), TOOLS) == got
-    closed = text.count("</function>")  # no value or content piece can hold the tag
+    closed = sum(e <= len(text) for e in ends)  # calls whose </function> came before the cut
     assert got.calls[:closed] == out[2][:closed]
     assert len(got.calls) in (closed, closed + 1)  # and at most the call being written
