@@ -73,6 +73,9 @@ def add_engine_args(ap: argparse.ArgumentParser) -> None:
     g.add_argument("--block-size", type=int, default=d.block_size, help="tokens per KV cache block")
     g.add_argument("--enable-prefix-caching", action=argparse.BooleanOptionalAction,
                    default=d.enable_prefix_caching, help="share the KV blocks of identical prompt prefixes")
+    g.add_argument("--enable-sleep-mode", action="store_true", default=False,
+                   help="vLLM's sleep mode: LLM.sleep(level) / wake_up(tags) free the accelerator between uses "
+                        "(the server: POST /sleep?level=1, POST /wake_up, GET /is_sleeping)")
     g.add_argument("--disable-hybrid-kv-cache-manager", action="store_true",
                    default=d.disable_hybrid_kv_cache_manager,
                    help="one full-length KV cache for every layer of a model with sliding-window layers "
@@ -232,7 +235,8 @@ def engine_config_from_args(args) -> EngineConfig:
                         max_cpu_loras=getattr(args, "max_cpu_loras", None),
                         hf_overrides=getattr(args, "hf_overrides", None),
                         generation_config=getattr(args, "generation_config", EngineConfig().generation_config),
-                        override_generation_config=getattr(args, "override_generation_config", None))
+                        override_generation_config=getattr(args, "override_generation_config", None),
+                        enable_sleep_mode=getattr(args, "enable_sleep_mode", False))
 
 
 # ----- sampling ---------------------------------------------------------------------------------

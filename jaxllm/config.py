@@ -150,6 +150,9 @@ class EngineConfig(msgspec.Struct, kw_only=True):
     # vLLM's --override-generation-config: a dict (or JSON text of an object) laid over that file,
     # e.g. {"temperature": 0.5}; it may add keys (max_new_tokens here also caps server requests)
     override_generation_config: dict | None = None
+    # vLLM's --enable-sleep-mode: LLM.sleep(level) / wake_up(tags) / is_sleeping() and the server's
+    # /sleep, /wake_up, /is_sleeping (jaxllm/engine/sleep_requests.py, jaxllm/runner/sleep.py)
+    enable_sleep_mode: bool = False
 
     def validate(self) -> "EngineConfig":
         if not isinstance(self.model, str):
@@ -178,6 +181,7 @@ class EngineConfig(msgspec.Struct, kw_only=True):
         _bool("enable_expert_parallel", self.enable_expert_parallel)
         _bool("disable_hybrid_kv_cache_manager", self.disable_hybrid_kv_cache_manager)
         _bool("enable_lora", self.enable_lora)
+        _bool("enable_sleep_mode", self.enable_sleep_mode)
         _pos_int("max_loras", self.max_loras)
         _pos_int("max_lora_rank", self.max_lora_rank)
         if self.max_cpu_loras is not None:

@@ -174,6 +174,20 @@ class LLM:
     def list_loras(self) -> set[int]:
         return self.engine.list_loras()
 
+    # ----- sleep mode (vLLM's; LLM(enable_sleep_mode=True); jaxllm/engine/sleep_requests.py) ------------
+    def sleep(self, level: int = 1, mode: str = "abort") -> None:
+        """Free the accelerator: level 1 moves the weights to host RAM and discards the KV cache, level 2
+        discards both (wake_up reloads the checkpoint). Unfinished requests are aborted (vLLM's mode
+        "abort"); the prefix cache is reset. Requests are refused until ``wake_up()``."""
+        self.engine.sleep(level, mode)
+
+    def wake_up(self, tags: list[str] | None = None) -> None:
+        """Restore "weights" and/or "kv_cache" (None: both); nothing compiles again."""
+        self.engine.wake_up(tags)
+
+    def is_sleeping(self) -> bool:
+        return self.engine.is_sleeping()
+
     def embed(self, prompts, pooling_params: PoolingParams | Sequence[PoolingParams] | None = None,
               use_tqdm: bool = True) -> list[EmbeddingRequestOutput]:
         """Embed every prompt (an engine built with ``task="embed"``, or auto-detected from the

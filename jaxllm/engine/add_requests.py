@@ -85,6 +85,7 @@ class AddRequestsMixin:
         as usual, with prefix caching."""
         if not isinstance(request_id, str) or not request_id:
             raise ValueError(f"request_id={request_id!r} is invalid: must be a non-empty str")
+        self._check_awake(f"request_id={request_id!r}")  # EngineSleepingError while asleep (sleep_requests.py)
         check_priority(priority, self.scheduler.priority)
         if fork_of is not None and not isinstance(fork_of, str):
             raise ValueError(f"fork_of={fork_of!r} is invalid: must be None or a request id (str)")

@@ -183,6 +183,13 @@ class AsyncEngine:
         self._cmds.put(("abort", request_id))
         self._wake.set()
 
+    def abort_all(self, error: BaseException) -> list[str]:
+        """Abort every live stream (health probes included) with ``error``; their ids."""
+        ids = list(self._streams)
+        for rid in ids:
+            self.abort(rid, error)
+        return ids
+
     def release_step(self, request_id: str) -> None:
         """Let the step-gated ``request_id`` compute its next token (LLMEngine.release_step), before
         the engine's next step; non-blocking, a no-op for an unknown / finished id."""

@@ -50,6 +50,7 @@ from jaxllm.engine.embed_requests import EmbedRequestsMixin
 from jaxllm.engine.engine_stats import EngineStatsMixin
 from jaxllm.engine.grammar_requests import GrammarRequestsMixin
 from jaxllm.engine.lora_requests import LoRARequestsMixin
+from jaxllm.engine.sleep_requests import SleepMixin
 from jaxllm.engine.spec_requests import SpecDecodeMixin, split_sampled
 from jaxllm.generation_config import NONE as NO_GENERATION_DEFAULTS, GenerationDefaults
 from jaxllm.models.arch_config import long_prompt_threshold
@@ -58,7 +59,7 @@ from jaxllm.outputs import RequestOutput
 
 
 class LLMEngine(AddRequestsMixin, EmbedRequestsMixin, EngineStatsMixin, GrammarRequestsMixin, LoRARequestsMixin,
-                SpecDecodeMixin):
+                SleepMixin, SpecDecodeMixin):
     def __init__(self, config: EngineConfig, runner: ModelRunnerProtocol, tokenizer,
                  detokenizer_factory: DetokenizerFactory | None = None, grammar_tokenizer=None,
                  lora_load_fn=None, generation_defaults: GenerationDefaults | None = None) -> None:
@@ -139,6 +140,7 @@ class LLMEngine(AddRequestsMixin, EmbedRequestsMixin, EngineStatsMixin, GrammarR
         self._stats_excluded: tuple[str, ...] = ()  # request-id prefixes left out (exclude_from_stats)
         # multi-LoRA (enable_lora): lora_load_fn(LoRARequest) -> adapter; jaxllm/engine/lora_requests.py
         self._init_lora(config, runner, lora_load_fn)
+        self._init_sleep()  # sleep mode (jaxllm/engine/sleep_requests.py)
 
     def abort_request(self, request_ids: str | Iterable[str]) -> list[RequestOutput]:
         """Abort requests (parent ids). Unknown or finished ids are a no-op. Frees their blocks

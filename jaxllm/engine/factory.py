@@ -161,6 +161,18 @@ def tokenizer_source(config: EngineConfig, checkpoint_source: tuple[str, str] | 
     return ("gguf" if config.tokenizer.endswith(".gguf") else "dir", config.tokenizer)
 
 
+def _reload_weights(model: str, load_format: str, dtype, seed: int, shardings, hf_overrides, layout, quantization):
+    """The nnx state of the checkpoint an engine was built from, loaded and built again (the same
+    shardings): a level-2 sleep's wake-up (jaxllm/runner/sleep.py)."""
+    from flax import nnx
+
+    from checkpoints import load_checkpoint
+    from jaxllm.models.llama import build_model
+
+    ckpt = load_checkpoint(model, load_format, dtype=dtype, seed=seed, shardings=shardings, hf_overrides=hf_overrides)
+    return nnx.split(build_model(ckpt.config, ckpt.params, dtype, layout=layout, quantization=quantization))[1]
+
+
 def build_engine(config: EngineConfig, *, compile_cache: bool = True, warmup: bool = True) -> LLMEngine:
     import jax
 
@@ -215,7 +227,8 @@ def build_engine(config: EngineConfig, *, compile_cache: bool = True, warmup: bo
         how = "in groups (int4)" if config.quantization == "int4" else "per output channel"
         _info(f"quantization={config.quantization!r}: re-quantizing {ckpt.path}'s dequantized GGUF weights {how} "
               f"(bench/RESULTS.md, \"Quantized weights\": the perplexity this costs)")
-    model = build_model(mc, ckpt.params, dtype, layout=layout, quantization=config.quantization)
+    quantization_asked = config.quantization
+    model = build_model(mc, ckpt.params, dtype, layout=layout, quantization=quantization_asked)
     ckpt_kv_scales = ckpt.kv_scales  # an fp8 checkpoint's KV cache scales, or None
     del ckpt
     config = msgspec.structs.replace(config, quantization=model.quantization)  # a Q8_0 GGUF: "int8"
@@ -267,6 +280,10 @@ def build_engine(config: EngineConfig, *, compile_cache: bool = True, warmup: bo
             *((layout.cache_scale_sharding(), layout.cache_sharding()) if layout is not None else ()))
     runner = allocate_runner(ModelRunner, model, num_blocks, runner_kw, shrink=shrink)
     num_blocks = runner.num_blocks
+    if config.enable_sleep_mode:  # sleep(level=2) drops the weights: wake-up loads this checkpoint again
+        runner.reload_weights = functools.partial(
+            _reload_weights, config.model or "smollm2-135m", load_format, dtype, config.seed, shardings,
+            config.hf_overrides, layout, quantization_asked)
     if scales:
         kv_calibration.set_scales(runner, *scales)
     lora_load_fn = None

@@ -42,6 +42,7 @@ from jaxllm.runner.inputs import StepInputs, build_inputs, place_bitmask
 from jaxllm.runner.kv_cache_dtype import cache_dtype
 from jaxllm.runner.pending import PendingStep, PromptLogprobsJob
 from jaxllm.runner.pooler import PendingPool
+from jaxllm.runner.sleep import RunnerSleep
 from jaxllm.runner.step_programs import step_programs
 from pallas_kernels import KVCache
 
@@ -159,6 +160,8 @@ class ModelRunner:
         self.supports_late_bitmask = jax.process_count() == 1
         self._zero_bitmasks: dict[int, jax.Array] = {}  # S -> [S, ceil(V/32)] i32 zeros on device
         self._channel = None  # multi-host: process 0 broadcasts each step (jaxllm/parallel/multihost.py)
+        self._sleep = RunnerSleep()  # sleep mode (runner/sleep.py)
+        self.reload_weights = None  # () -> nnx state like self.state: level-2 wake-up's source (build_engine sets it)
         if jax.process_count() > 1:
             from jaxllm.parallel.multihost import StepChannel
 
@@ -289,6 +292,22 @@ class ModelRunner:
         if self.lora is None:
             raise ValueError("set_lora needs a runner built with lora_config (enable_lora=True)")
         self.lora.set(slot, adapter, lambda rank: self._executable(("set_lora", rank), lambda: self.lora.lower(rank)))
+
+    # ----- sleep mode (runner/sleep.py) ---------------------------------------------
+    def sleep(self, level: int = 1) -> int:
+        """Free the device memory of the weights (level 1: a host copy kept; 2: dropped) and of the KV
+        cache (discarded). Nothing may be in flight. Returns the bytes freed."""
+        if self._channel is not None:
+            raise RuntimeError("sleep mode is not supported on several processes (multi-host) yet")
+        return self._sleep.sleep(self, level)
+
+    def wake_up(self, tags=None) -> None:
+        """Restore the tags in `tags` ("weights", "kv_cache"; None: both) with their former shardings."""
+        self._sleep.wake_up(self, tags)
+
+    @property
+    def sleeping_tags(self) -> frozenset:
+        return frozenset(self._sleep.asleep)
 
     # ----- multi-host ---------------------------------------------------------------
     def follow(self) -> None:
