@@ -75,7 +75,7 @@ def add_engine_args(ap: argparse.ArgumentParser) -> None:
                    default=d.enable_prefix_caching, help="share the KV blocks of identical prompt prefixes")
     g.add_argument("--enable-sleep-mode", action="store_true", default=False,
                    help="vLLM's sleep mode: LLM.sleep(level) / wake_up(tags) free the accelerator between uses "
-                        "(the server: POST /sleep?level=1, POST /wake_up, GET /is_sleeping)")
+                        "(the server: POST /sleep?level=1, POST /wake_up, GET /is_sleeping) (default: off)")
     g.add_argument("--disable-hybrid-kv-cache-manager", action="store_true",
                    default=d.disable_hybrid_kv_cache_manager,
                    help="one full-length KV cache for every layer of a model with sliding-window layers "

@@ -7,7 +7,8 @@ SERVING iff all of:
   3. the engine loop is alive (step never raised, thread running);
   4. the loop heartbeat is younger than ``watchdog_timeout`` (the thread refreshes it after
      every step, and every ``idle_tick`` while idle; a step that hangs stops it);
-  5. the latest synthetic request (``max_tokens=1`` every ``health_probe_interval`` s) succeeded
+  5. (not while the engine sleeps, LLMEngine.sleep: no probe runs, and SERVING as vLLM's /health)
+     the latest synthetic request (``max_tokens=1`` every ``health_probe_interval`` s) succeeded
      and none is pending for longer than ``watchdog_timeout`` -- unless other requests received
      tokens within the last ``watchdog_timeout`` (a busy engine queues the probe; it is not wedged).
 
@@ -36,6 +37,12 @@ log = logging.getLogger(__name__)
 SERVING = health_pb2.HealthCheckResponse.SERVING
 NOT_SERVING = health_pb2.HealthCheckResponse.NOT_SERVING
 from serving.frontdoor import PROBE_PREFIX  # noqa: E402,F401  (re-exported)
+
+
+def _sleeping(ae: Any) -> bool:
+    """Whether the engine sleeps (LLMEngine.is_sleeping; a frozenset read, safe from the loop)."""
+    fn = getattr(getattr(ae, "engine", None), "is_sleeping", None)
+    return bool(fn()) if callable(fn) else False
 
 
 class HealthMonitor:
@@ -79,6 +86,8 @@ class HealthMonitor:
         if age > wd:
             return False, (f"engine loop wedged: no heartbeat for {age:.1f}s "
                            f"(watchdog {wd:g}s)")
+        if _sleeping(ae):  # LLMEngine.sleep(): alive, refusing requests until wake_up (vLLM's /health: 200)
+            return True, "sleeping"
         if self.probe_ok is None:
             return False, "starting: waiting for the first synthetic request"
         progressing = now - ae.last_output_time <= wd
@@ -130,6 +139,8 @@ class HealthMonitor:
             err = f"{type(exc).__name__}: {exc}"
         finally:
             self._probe_started = None
+        if not ok and _sleeping(ae):  # aborted or refused by a sleep: says nothing about health
+            return
         self.probe_ok, self.probe_error = ok, err
         if ok:
             self.probe_successes += 1
@@ -147,7 +158,7 @@ class HealthMonitor:
             try:
                 ae = self._get_engine()
                 now = time.monotonic()
-                if (ae is not None and ae.ready and ae.dead is None and not self._is_draining()
+                if (ae is not None and ae.ready and ae.dead is None and not self._is_draining() and not _sleeping(ae)
                         and (self._probe_task is None or self._probe_task.done())
                         and now - self.last_probe_start >= self._probe_period()):
                     self.last_probe_start = now

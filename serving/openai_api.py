@@ -11,8 +11,9 @@ with ``--task embed``), vLLM's ``POST /score`` = ``/v1/score`` and ``POST /reran
 pair scores, ``--task classify``), vLLM's ``POST /classify`` = ``/v1/classify`` (``serving/openai_classify.py``;
 ``--task classify``) and ``GET /metrics`` (Prometheus text of the server's registry, like
 ``--metrics-port``; no API key, as /health), ``GET|POST /ping`` (= /health), ``GET /version``
-(both without a key) and ``POST /reset_prefix_cache`` (vLLM's: the prefix cache forgets the
-blocks no request holds). Admission, caps, queue limit, drain and the in-flight registry are the
+(both without a key), ``POST /reset_prefix_cache`` (vLLM's: the prefix cache forgets the
+blocks no request holds) and, with ``--enable-sleep-mode``, ``POST /sleep``, ``POST /wake_up``,
+``GET /is_sleeping`` (``serving/openai_sleep.py``). Admission, caps, queue limit, drain and the in-flight registry are the
 front door's, shared with gRPC; this module only maps HTTP <-> front door.
 
 Status codes (body: OpenAI's ``{"error": {"message", "type", "param", "code"}}``):
@@ -43,6 +44,7 @@ from serving.openai_errors import error_body, error_response, validation_message
 from serving.openai_classify import add_classify_routes
 from serving.openai_embed import EmbeddingRequest, create_embeddings
 from serving.openai_score import add_score_routes
+from serving.openai_sleep import add_sleep_routes, is_sleeping
 from serving.openai_generate import chat_job, completion_job, respond
 from serving.openai_protocol import (ChatCompletionRequest, CompletionRequest, DetokenizeRequest,
                                      LoadLoRAAdapterRequest, TokenizeRequest, UnloadLoRAAdapterRequest)
@@ -208,8 +210,8 @@ def build_app(server: "ServingServer") -> Any:
     async def health():
         from serving.health import SERVING
 
-        if server.monitor.status == SERVING:
-            return JSONResponse({"status": "SERVING"})
+        if server.monitor.status == SERVING:  # asleep: still 200, as vLLM's (the engine is alive)
+            return JSONResponse({"status": "SERVING", **({"sleeping": True} if is_sleeping(door) else {})})
         return JSONResponse({"status": "NOT_SERVING", "reason": server.monitor.reason}, status_code=503)
 
     # SageMaker-style health: the same answer as /health, GET or POST (vLLM's /ping)
@@ -332,6 +334,7 @@ def build_app(server: "ServingServer") -> Any:
 
     add_score_routes(app, door, model_of, client_id)
     add_classify_routes(app, door, model_of, client_id)
+    add_sleep_routes(app, server, door)  # --enable-sleep-mode: /sleep, /wake_up, /is_sleeping
 
     @app.get("/metrics")
     async def metrics():

@@ -164,8 +164,6 @@ TABLE: tuple[CompatFlag, ...] = (
     CompatFlag(("--pooler-config", "--override-pooler-config"), refused, "use --pooling-type and --normalize"),
     CompatFlag(("--logits-processor-pattern",), refused, _NO_PLUGIN),
     CompatFlag(("--logits-processors",), refused, _NO_PLUGIN, "list"),
-    CompatFlag(("--enable-sleep-mode",), refused_when_on, "no sleep mode (/sleep, /wake_up)", "bool",
-               default="off"),
     CompatFlag(("--model-impl",), only("auto", "vllm"), "jaxllm's own model code (Flax NNX) only", default="auto"),
     CompatFlag(("--override-attention-dtype",), refused, "attention runs in --dtype (the KV cache in "
                "--kv-cache-dtype)"),

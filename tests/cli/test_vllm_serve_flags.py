@@ -76,7 +76,6 @@ def test_defaults_are_vllms_where_it_has_them():
     (["--cpu-offload-gb", "8"], "--cpu-offload-gb=8.0 is not supported by jaxllm: weights stay on the device"),
     (["--kv-transfer-config", '{"kv_connector": "X"}'], "--kv-transfer-config={\"kv_connector\": \"X\"} is not "
                                                           "supported by jaxllm: no KV connectors"),
-    (["--enable-sleep-mode"], "--enable-sleep-mode is not supported by jaxllm: no sleep mode"),
     (["--max-num-partial-prefills", "2"], "--max-num-partial-prefills=2 is not supported by jaxllm"),
     (["--runner", "pooling"], "--runner=pooling is not supported by jaxllm: the runner follows --task"),
     (["--api-key", "secret1", "secret2"], "--api-key with 2 values is not supported by jaxllm: it takes one"),
