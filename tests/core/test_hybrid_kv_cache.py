@@ -155,10 +155,11 @@ def test_scheduler_loop_reads_what_each_group_needs(windows, num_blocks, budget,
         assert sched.num_preemptions > 0  # tight pools preempt
 
 
-def test_speculative_drafts_roll_back_inside_the_window():
+@pytest.mark.parametrize("windows", [gemma3_windows(), [W] * 4], ids=["gemma3", "all-sliding"])
+def test_speculative_drafts_roll_back_inside_the_window(windows):
     """Drafts take slots like any token and rejected ones roll num_computed_tokens back: a sliding group
     frees by the rolled-back count at the next allocation, so every later read still finds its window."""
-    groups = make_groups(gemma3_windows())
+    groups = make_groups(windows)
     kv = HybridKVCacheManager(200, BS, groups)
     sched = Scheduler(SchedulerConfig(max_num_seqs=4, max_num_batched_tokens=16, max_model_len=200), kv)
     store = GroupKVStore([g.window for g in groups.groups])
