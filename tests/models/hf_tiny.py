@@ -93,8 +93,9 @@ GEMMA_CONFIGS["gemma3_mm"] = ("Gemma3Config", dict(
                                               num_hidden_layers=1, num_attention_heads=2, image_size=28,
                                               patch_size=14)))
 
-# The hybrid KV cache (tests/models/test_hybrid_kv_engine.py, test_sliding_kv_engine.py): Gemma 3's shape with 3 sliding layers of an
-# 8-token window per full one (4 KV cache groups of one layer each), short enough for block_size 4 to free blocks.
+# The hybrid KV cache (tests/models/test_hybrid_kv_engine.py, test_sliding_kv_engine.py): Gemma 3's shape with 3
+# sliding layers of an 8-token window per full one (4 KV cache groups of one layer each), short enough for
+# block_size 4 to free blocks.
 HYBRID_CONFIGS = {
     "gemma3_w8": ("Gemma3TextConfig", dict(GEMMA_CONFIGS["gemma3"][1], num_hidden_layers=4, sliding_window=8,
                                            layer_types=["sliding_attention"] * 3 + ["full_attention"])),

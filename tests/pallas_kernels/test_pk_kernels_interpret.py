@@ -239,4 +239,5 @@ def test_null_blocks_of_an_all_sliding_model(impl, item):
     for layer in range(cfg.num_layers):  # every layer reads the one table
         want = np.asarray(ref(case.q, case.cache, layer, case.metadata), np.float32)
         got = np.asarray(kernel(case.q, cache, layer, meta), np.float32)
-        np.testing.assert_allclose(got[ok], want[ok], atol=TOL[cfg.dtype], rtol=TOL[cfg.dtype], err_msg=f"layer={layer}")
+        np.testing.assert_allclose(got[ok], want[ok], atol=TOL[cfg.dtype], rtol=TOL[cfg.dtype],
+                                   err_msg=f"layer={layer}")
