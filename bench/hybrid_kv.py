@@ -1,7 +1,8 @@
 """Hybrid KV cache (jaxllm/core/kv_cache_groups.py, vLLM's hybrid KV cache manager) vs one full-length
 cache for every layer (--disable-hybrid-kv-cache-manager).
 
-Part 1 (host arithmetic, no device): for the Gemma dummy presets' shapes, at a fixed KV budget per device
+Part 1 (host arithmetic, no device): for the Gemma dummy presets' shapes and Mistral-7B-v0.1's (every layer a
+4096-token window: one sliding group of 32 slots, its out-of-window blocks freed), at a fixed KV budget per device
 and context length, the KV blocks the budget buys and the requests of that length that fit at once
 (blocks / the blocks one request holds: full groups its whole length, sliding groups window + chunk).
 
@@ -24,17 +25,23 @@ import time
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-PRESETS = ("gemma-2-9b", "gemma-3-1b", "gemma-3-27b")
+PRESETS = ("gemma-2-9b", "gemma-3-1b", "gemma-3-27b", "mistral-7b-v0.1")
+# mistralai/Mistral-7B-v0.1's config.json (not a dummy preset): every layer a 4096-token sliding window
+MISTRAL_7B_V01 = dict(model_type="mistral", architectures=["MistralForCausalLM"], vocab_size=32000, hidden_size=4096,
+                      intermediate_size=14336, num_hidden_layers=32, num_attention_heads=32, num_key_value_heads=8,
+                      max_position_embeddings=32768, rms_norm_eps=1e-5, rope_theta=10000.0, sliding_window=4096,
+                      tie_word_embeddings=False)
 
 
 def capacity_rows(budget_bytes: int, contexts, block_size: int, chunk: int, dtype_bytes: int):
     from checkpoints.dummy import dummy_config
     from jaxllm.core.kv_cache_groups import make_groups
+    from jaxllm.models.config import ModelConfig
     from jaxllm.models.gemma_config import layer_attention
 
     rows = []
     for name in PRESETS:
-        c = dummy_config(name)
+        c = (ModelConfig.from_hf(MISTRAL_7B_V01, source=name) if name == "mistral-7b-v0.1" else dummy_config(name))
         windows = [layer_attention(c, i)[0] for i in range(c.num_layers)]
         for hybrid in (False, True):
             g = make_groups(windows, hybrid=hybrid)
@@ -42,7 +49,8 @@ def capacity_rows(budget_bytes: int, contexts, block_size: int, chunk: int, dtyp
             blocks = budget_bytes // per_block
             for ctx in contexts:
                 need = g.blocks_per_request(ctx, chunk, block_size)
-                rows.append(dict(model=name, layout="hybrid" if hybrid else "classic", groups=g.num_groups,
+                layout = "hybrid" if g.hybrid else "sliding" if g.managed else "classic"  # sliding: one group
+                rows.append(dict(model=name, layout=layout, groups=g.num_groups,
                                  slots=g.slots, layers=c.num_layers, window=c.sliding_window, context=ctx,
                                  blocks=blocks, blocks_per_request=need, max_concurrency=blocks / need))
     return rows

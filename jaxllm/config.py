@@ -85,7 +85,8 @@ class EngineConfig(msgspec.Struct, kw_only=True):
     enable_prefix_caching: bool = True
     # vLLM's --disable-hybrid-kv-cache-manager: keep one full-length KV cache for every layer of a model with
     # sliding-window layers (default: KV cache groups, sliding ones holding only their window's blocks;
-    # jaxllm/core/kv_cache_groups.py). Models whose layers attend alike have one group either way.
+    # jaxllm/core/kv_cache_groups.py). Models whose layers attend alike have one group either way: with the
+    # flag a full-attention one even when every layer slides (Mistral v0.1), the window then only masked.
     disable_hybrid_kv_cache_manager: bool = False
     kv_cache_memory_bytes: int | None = None
     gpu_memory_utilization: float = 0.9

@@ -1,9 +1,11 @@
 """KV block bookkeeping for a model with KV cache groups (host only, no jax; vLLM's hybrid KV cache manager).
 
 Same contract as KVCacheManager (jaxllm/core/kv_cache_manager.py), with one block list per group
-(jaxllm/core/kv_cache_groups.py) over ONE shared BlockPool. Entry ``i`` of every group's list covers
-positions ``[i * block_size, (i + 1) * block_size)``; an entry may be None (a *null* block: no block,
-its table entry on the device is a harmless id that is never written, because no new token lands there).
+(jaxllm/core/kv_cache_groups.py) over ONE shared BlockPool. It also serves a model whose layers all slide
+(Mistral v0.1): ONE sliding group, its one table with null entries where blocks fell out of the window.
+Entry ``i`` of every group's list covers positions ``[i * block_size, (i + 1) * block_size)``; an entry may
+be None (a *null* block: no block, its table entry on the device is a harmless id that is never written,
+because no new token lands there).
 
 * Full-attention groups: as the classic manager, one block per ``block_size`` tokens.
 * Sliding-window groups (window ``w``): a query at position ``p`` reads positions ``> p - w``. The next
@@ -208,7 +210,7 @@ class HybridKVCacheManager(KVCacheManager):
         return [[NULL_BLOCK_ID if b is None else b.block_id for b in blocks] for blocks in lists]
 
     def get_block_ids(self, request_id: str) -> list[int]:
-        """Group 0's table (a full-attention group whenever the model has one)."""
+        """Group 0's table (a full-attention group whenever the model has one; an all-sliding model's one table)."""
         lists = self.req_blocks.get(request_id)
         return [] if lists is None else [NULL_BLOCK_ID if b is None else b.block_id for b in lists[0]]
 

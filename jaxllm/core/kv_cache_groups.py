@@ -1,7 +1,10 @@
 """KV cache groups: which layers share one block table (host only, no jax; vLLM's hybrid KV cache manager).
 
-A model whose layers all attend alike keeps one full-length block table for every layer: ONE group of
-``num_layers`` slots, the cache ``[num_layers, num_blocks, ...]`` as always. A model with sliding-window
+A model whose layers all attend alike has ONE group of ``num_layers`` slots, the cache
+``[num_layers, num_blocks, ...]`` as always: a full-attention group (every block kept) or, when every layer
+has the same window (Mistral-7B-v0.1's 4096; Qwen2 with use_sliding_window and max_window_layers=0), a
+*sliding* group, whose blocks that fell out of the window are freed like any sliding group's (vLLM's
+SlidingWindowManager; ``managed`` says the hybrid manager keeps its table). A model with sliding-window
 layers beside full-attention ones (Gemma 2: every other layer a window; Gemma 3: 5 of 6; Qwen2/3 with
 ``use_sliding_window``) splits its layers by kind (full attention, then each distinct window) and each
 kind into groups of ``P`` layers (the last group of a kind padded with unused slots). Every group has
@@ -13,8 +16,9 @@ window (jaxllm/core/hybrid_kv_cache_manager.py): the long-context memory of thos
 
 ``P`` is the smallest kind's layer count (Gemma 3's 1 full per 5 sliding: P = the full layers), or the
 largest when the kinds are within 25% of each other (a few padded slots beat many small groups):
-vLLM's rule. A single-kind model, or ``hybrid=False`` (``--disable-hybrid-kv-cache-manager``), is one
-group; its window (an all-sliding Mistral) is then only masked by the kernels, as before.
+vLLM's rule. ``hybrid=False`` (``--disable-hybrid-kv-cache-manager``) makes every model one full-attention
+group (vLLM: the flag handles every layer as full attention): full-length blocks for every layer, the
+windows only masked by the kernels.
 """
 from __future__ import annotations
 
@@ -28,7 +32,7 @@ def cdiv(a: int, b: int) -> int:
 
 @dataclass(frozen=True)
 class KVCacheGroup:
-    window: int | None  # the layers' sliding window in tokens; None = full attention (or one group for all)
+    window: int | None  # the layers' sliding window in tokens; None = full attention (or every block kept)
     layers: tuple[int, ...]  # the model layers in slots 0..len-1; slots past them are padding
 
     @property
@@ -51,6 +55,12 @@ class KVCacheGroups:
         """More than one block table (the hybrid manager); False: one group, exactly the classic cache."""
         return len(self.groups) > 1
 
+    @property
+    def managed(self) -> bool:
+        """The hybrid manager's rules apply (jaxllm/core/hybrid_kv_cache_manager.py): more than one group, or
+        one sliding group (an all-sliding model). False: one full-attention group, the classic manager."""
+        return self.hybrid or self.groups[0].sliding
+
     def layer_slot(self, layer: int) -> tuple[int, int]:
         """(group, slot) of model layer ``layer``."""
         for g, group in enumerate(self.groups):
@@ -64,7 +74,7 @@ class KVCacheGroups:
         chunk plus the chunk (and one block of misalignment), never more than the full count."""
         full = cdiv(num_tokens, block_size)
         w = self.groups[g].window
-        if w is None or not self.hybrid:
+        if w is None:
             return full
         return min(full, cdiv(w - 1 + min(chunk, num_tokens), block_size) + 1)
 
@@ -93,8 +103,10 @@ def make_groups(windows: Sequence[int | None], hybrid: bool = True) -> KVCacheGr
     kinds: dict[int | None, list[int]] = {}
     for i, w in enumerate(windows):
         kinds.setdefault(w, []).append(i)
-    if not hybrid or len(kinds) == 1:
+    if not hybrid:
         return KVCacheGroups((KVCacheGroup(None, tuple(range(n))),), n, n)
+    if len(kinds) == 1:  # all full attention, or all one window: one group of every layer
+        return KVCacheGroups((KVCacheGroup(windows[0], tuple(range(n))),), n, n)
     counts = [len(v) for v in kinds.values()]
     smallest, largest = min(counts), max(counts)
     size = largest if largest * 4 < smallest * 5 else smallest

@@ -50,7 +50,8 @@ class ScheduledSeq:
     lora_slot: int = 0
     # Hybrid KV cache (jaxllm/core/hybrid_kv_cache_manager.py): every KV cache group's block table after this
     # step's allocation (block_ids is group 0's); -1 = a null entry (a sliding group's block out of its
-    # window: never written, its device entry is a harmless id). None with one group.
+    # window: never written, its device entry is a harmless id; also in block_ids for an all-sliding model's one
+    # sliding group). None with the classic manager (one full-attention group).
     group_block_ids: list[list[int]] | None = None
     # bad_words: token ids the sampler must not pick this step (the engine fills them; every sampling
     # row of the seq gets them: a seq with drafts has only one-token bad words, banned at every row)

@@ -69,7 +69,8 @@ class LLMEngine(AddRequestsMixin, EmbedRequestsMixin, EngineStatsMixin, GrammarR
                              "model config first (the factory does)")
         num_blocks = runner.num_blocks
         self.kv_groups = getattr(runner, "kv_groups", None)  # KV cache groups (jaxllm/core/kv_cache_groups.py)
-        hybrid = self.kv_groups is not None and self.kv_groups.hybrid
+        # the hybrid manager's rules: several groups, or one sliding group (an all-sliding model, Mistral v0.1)
+        hybrid = self.kv_groups is not None and self.kv_groups.managed
         if hybrid and num_blocks < (need := self.blocks_per_request()):
             raise ValueError(
                 f"num_blocks={num_blocks} is invalid: a request of max_model_len={config.max_model_len} tokens "
@@ -105,7 +106,7 @@ class LLMEngine(AddRequestsMixin, EmbedRequestsMixin, EngineStatsMixin, GrammarR
         self._token_texts = TokenTexts(tokenizer) if getattr(tokenizer, "has_text", True) else None
         # longrope: prompts past the original length write other KV; their blocks hash apart
         threshold = long_prompt_threshold(getattr(runner, "model_config", None), config.max_model_len)
-        if hybrid:  # sliding-window groups beside full ones: one block table per group
+        if hybrid:  # one block table per group; sliding groups free the blocks that fell out of the window
             self.kv = HybridKVCacheManager(num_blocks, config.block_size, self.kv_groups,
                                            config.enable_prefix_caching, threshold)
         else:

@@ -309,9 +309,10 @@ def build_engine(config: EngineConfig, *, compile_cache: bool = True, warmup: bo
           f"token{' per group' if kv_groups.hybrid else ''}{' per device' if tp > 1 else ''}; {num_blocks} blocks x "
           f"{config.block_size} tokens = {tokens} tokens; maximum concurrency at max_model_len={max_model_len}: "
           f"{num_blocks / per_request:.1f}x")
-    if kv_groups.hybrid or any(t == "sliding_attention" for t in (mc.layer_types or ())):
-        _info(f"KV cache groups ({'hybrid' if kv_groups.hybrid else '--disable-hybrid-kv-cache-manager'}): "
-              f"{kv_groups.describe()}; a max_model_len request holds {per_request} blocks")
+    if kv_groups.managed or model.kv_cache_groups(True).managed:  # a window somewhere, or the flag kept it off
+        kind = ("hybrid" if kv_groups.hybrid else "sliding window, out-of-window blocks freed" if kv_groups.managed
+                else "--disable-hybrid-kv-cache-manager")
+        _info(f"KV cache groups ({kind}): {kv_groups.describe()}; a max_model_len request holds {per_request} blocks")
     if scales_line:
         _info(scales_line)
     if gen.describe():

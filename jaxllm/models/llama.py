@@ -348,9 +348,10 @@ class LlamaForCausalLM(nnx.Module):
 
     def kv_cache_groups(self, hybrid: bool = True) -> KVCacheGroups:
         """The model's KV cache groups (jaxllm/core/kv_cache_groups.py) from its layers' windows; one group
-        for a model whose layers attend alike, or with `hybrid=False`."""
+        for a model whose layers attend alike (a sliding one when they all slide: Mistral v0.1), one full
+        group with `hybrid=False`."""
         c = self.config
-        windows = [layer_attention(c, i)[0] if c.layer_types is not None else None for i in range(c.num_layers)]
+        windows = [layer_attention(c, i)[0] for i in range(c.num_layers)]
         return make_groups(windows, hybrid=hybrid)
 
     def classify(self, hidden: jax.Array) -> jax.Array:

@@ -77,8 +77,10 @@ def build_inputs(seqs: list[ScheduledSeq], rows: list[int], num_rows: int, eos_i
     `grammar_bitmask` [len(seqs), ceil(vocab_size / 32)] i32 and `constrained` (SchedulerOutput's)
     restrict the constrained seqs' next token; without them every row is free (an all-zero mask).
     `lora`: fill `lora_slots` [T] from each seq's lora_slot (else it stays None).
-    `num_groups` > 1 (hybrid KV cache): the metadata's group_slot_mapping [G, T] and group_block_tables
-    [G, S, max_blocks] from each seq's group_block_ids (null entries -1 → block 0: masked, never written).
+    Each seq's tables are its group_block_ids (the hybrid manager's, one per KV cache group) or its block_ids;
+    null entries -1 (blocks a sliding group freed) → block 0: masked, never written. `num_groups` > 1 (hybrid
+    KV cache): the metadata's group_slot_mapping [G, T] and group_block_tables [G, S, max_blocks] too; the
+    slot_mapping and block_tables are group 0's (one write).
 
     Prefix-cache hits seed penalty state with up to `max_seen` tokens per step. When the step's
     hits carry more and `seed_steps` is a list, the prefixes go instead into all-padding inputs of
@@ -87,15 +89,14 @@ def build_inputs(seqs: list[ScheduledSeq], rows: list[int], num_rows: int, eos_i
     spare = R - 1
     tokens = np.zeros(T, np.int32)
     positions = np.zeros(T, np.int32)
-    slots = np.full(T, -1, np.int32)
     prompt_rows = np.full(T, R, np.int32)
     output_rows = np.full(T, R, np.int32)
     feed_rows = np.full(T, R, np.int32)
     lora_slots = np.zeros(T, np.int32) if lora else None
-    block_tables = np.zeros((S, max_blocks), np.int32)
     G = num_groups
-    group_slots = np.full((G, T), -1, np.int32) if G > 1 else None
-    group_tables = np.zeros((G, S, max_blocks), np.int32) if G > 1 else None
+    # every group's slots and tables, written once: group 0's are the metadata's slot_mapping / block_tables
+    group_slots = np.full((G, T), -1, np.int32)  # [G, T] i32
+    group_tables = np.zeros((G, S, max_blocks), np.int32)  # [G, S, max_blocks] i32
     context_lens = np.zeros(S, np.int32)
     prompt_lens = np.zeros(S, np.int32)  # [S] longrope's set choice (jaxllm/models/rope.py)
     cu = np.zeros(S + 1, np.int32)
@@ -127,7 +128,6 @@ def build_inputs(seqs: list[ScheduledSeq], rows: list[int], num_rows: int, eos_i
     for i, (s, row) in enumerate(zip(seqs, rows)):
         n = len(s.token_ids)
         pos = np.arange(s.start_pos, s.start_pos + n, dtype=np.int32)
-        blocks = np.asarray(s.block_ids, np.int32)
         if s.placeholder:  # its one token is on the device: the last one sampled for this row
             feed_rows[t] = row
         else:
@@ -135,21 +135,21 @@ def build_inputs(seqs: list[ScheduledSeq], rows: list[int], num_rows: int, eos_i
         positions[t:t + n] = pos
         if lora:
             lora_slots[t:t + n] = s.lora_slot
-        slots[t:t + n] = blocks[pos // block_size] * block_size + pos % block_size
         is_prompt = pos < s.num_prompt_tokens
         prompt_rows[t:t + n] = np.where(is_prompt, row, R)
         output_rows[t:t + n] = np.where(is_prompt, R, row)
-        block_tables[i, :len(blocks)] = blocks
-        if G > 1:  # every group's table has one entry per block of the sequence: [G, n_blocks]
-            table = np.asarray(s.group_block_ids, np.int32)  # [G, n_blocks] i32, -1 = null (out of a window)
-            written = table[:, pos // block_size]  # [G, n] i32
-            if (written < 0).any():
-                raise RuntimeError(f"request_id={s.request_id!r}: a KV cache group has a null block under a token "
-                                   f"it writes (positions {s.start_pos}..{s.start_pos + n - 1})")
-            group_slots[:, t:t + n] = written * block_size + pos % block_size
-            group_tables[:, i, :table.shape[1]] = np.maximum(table, 0)
-            block_tables[i, :len(blocks)] = group_tables[0, i, :len(blocks)]
-            slots[t:t + n] = group_slots[0, t:t + n]
+        # every group's table, one entry per block of the sequence; -1 = null (a sliding group's block out of
+        # its window: also in the one table of an all-sliding model's single sliding group)
+        table = np.asarray(s.block_ids if s.group_block_ids is None else s.group_block_ids, np.int32)
+        table = table[None] if table.ndim == 1 else table  # [G, n_blocks] i32
+        if table.shape[0] != G:
+            raise RuntimeError(f"request_id={s.request_id!r}: {table.shape[0]} block tables for num_groups={G}")
+        written = table[:, pos // block_size]  # [G, n] i32
+        if (written < 0).any():
+            raise RuntimeError(f"request_id={s.request_id!r}: a KV cache group has a null block under a token "
+                               f"it writes (positions {s.start_pos}..{s.start_pos + n - 1})")
+        group_slots[:, t:t + n] = written * block_size + pos % block_size
+        group_tables[:, i, :table.shape[1]] = np.maximum(table, 0)  # null → block 0: masked, never written
         context_lens[i] = s.start_pos + n
         prompt_lens[i] = s.num_prompt_tokens
         t += n
@@ -205,9 +205,11 @@ def build_inputs(seqs: list[ScheduledSeq], rows: list[int], num_rows: int, eos_i
         else:  # capped at max_seen: penalties may under-count beyond it
             n = min(max_seen, len(all_seen[0]))
             seen_tokens[:n], seen_prompt_rows[:n], seen_output_rows[:n] = (a[:n] for a in all_seen)
-    meta = AttentionMetadata(slot_mapping=slots, block_tables=block_tables, context_lens=context_lens,
+    hybrid = G > 1
+    meta = AttentionMetadata(slot_mapping=group_slots[0], block_tables=group_tables[0], context_lens=context_lens,
                              cu_q_lens=cu, decode_only=decode_only, prompt_lens=prompt_lens,
-                             group_slot_mapping=group_slots, group_block_tables=group_tables)
+                             group_slot_mapping=group_slots if hybrid else None,
+                             group_block_tables=group_tables if hybrid else None)
     sampling = SamplingInputs(temperature, top_k, top_p, min_p, presence, frequency, repetition, seeds,
                               sample_pos, mask_ids, bias_ids, bias_values, allowed_ids, bitmask, constrained_rows)
     want = np.asarray(any(s.params.logprobs for s in seqs))

@@ -70,7 +70,8 @@ class ModelRunner:
         `hybrid_kv_cache`: a model with sliding-window and full-attention layers gets KV cache groups
         (`kv_groups`, jaxllm/core/kv_cache_groups.py): pages [P, num_blocks, ...] for P layer slots, one
         block table per group in each step's metadata; False (--disable-hybrid-kv-cache-manager) or a
-        model whose layers attend alike: one group, pages [num_layers, ...]."""
+        model whose layers attend alike: one group, pages [num_layers, ...] (an all-sliding model's one group
+        is a sliding one: its table's freed entries arrive as -1 and become block 0, runner/inputs.py)."""
         if task not in ("generate", *POOLING_TASKS):
             raise ValueError(f"task={task!r} is invalid: must be one of {['generate', *POOLING_TASKS]}")
         c = model.config

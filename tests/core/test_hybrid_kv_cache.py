@@ -40,11 +40,15 @@ def test_grouping_rules():
         assert g3.groups[g].layers[j] == lay
     near = make_groups([None] * 12 + [8] * 14)  # within 25%: the larger count, one group per kind
     assert near.slots == 14 and near.num_groups == 2
-    for alike in ([None] * 5, [8] * 5):  # one kind (Llama; an all-sliding Mistral): the classic cache
-        one = make_groups(alike)
-        assert not one.hybrid and one.slots == 5 and one.groups[0].window is None
-    off = make_groups([W, None] * 3, hybrid=False)
-    assert not off.hybrid and off.slots == 6 and off.layer_slot(5) == (0, 5)
+    llama = make_groups([None] * 5)  # one kind, full attention: the classic cache and manager
+    assert not llama.hybrid and not llama.managed and llama.slots == 5 and llama.groups[0].window is None
+    mistral = make_groups([8] * 5)  # all sliding (Mistral v0.1): one sliding group of every layer
+    assert not mistral.hybrid and mistral.managed and mistral.slots == 5 and mistral.groups[0].layers == tuple(range(5))
+    assert mistral.groups[0].window == 8 and mistral.describe() == "1 group x 5 layer slots: window 8 [0, 1, 2, 3, 4]"
+    for windows in ([W, None] * 3, [W] * 6):  # the flag: every layer full attention, full-length blocks
+        off = make_groups(windows, hybrid=False)
+        assert not off.hybrid and not off.managed and off.slots == 6 and off.layer_slot(5) == (0, 5)
+        assert off.groups[0].window is None
     with pytest.raises(ValueError, match=r"^windows\[1\]=0 is invalid"):
         make_groups([None, 0])
 
@@ -55,6 +59,9 @@ def test_blocks_per_request():
     # 100 tokens in chunks of 8: full 25 blocks; sliding: window 6 -> cdiv(5 + 8, 4) + 1 = 5 each
     assert g.blocks_per_request(100, 8, BS) == 25 + 5 + 5
     assert g.blocks_per_request(6, 8, BS) == 2 * 3  # short: never more than the full count
+    one = make_groups([W] * 4)  # all sliding: the window's blocks, not the context's
+    assert one.blocks_per_request(100, 8, BS) == 5 and one.blocks_per_request(6, 8, BS) == 2
+    assert make_groups([W] * 4, hybrid=False).blocks_per_request(100, 8, BS) == 25
 
 
 def req(rid, prompt, max_tokens=4, **kw):
@@ -121,12 +128,16 @@ def assert_no_leaks(sched):
     sched.kv.pool.check_invariants()
 
 
-@pytest.mark.parametrize("num_blocks,budget,seed", [(200, 8, 0), (24, 8, 1), (18, 5, 2), (400, 64, 3)])
-def test_scheduler_loop_reads_what_each_group_needs(num_blocks, budget, seed):
+@pytest.mark.parametrize("windows,num_blocks,budget,seed", [
+    (gemma3_windows(), 200, 8, 0), (gemma3_windows(), 24, 8, 1), (gemma3_windows(), 18, 5, 2),
+    (gemma3_windows(), 400, 64, 3),
+    ([W] * 4, 80, 8, 4), ([W] * 4, 9, 8, 5), ([W] * 4, 7, 5, 6), ([W] * 4, 200, 64, 7)],  # all sliding: 1 group
+    ids=lambda x: "all-sliding" if x == [W] * 4 else "gemma3" if isinstance(x, list) else str(x))
+def test_scheduler_loop_reads_what_each_group_needs(windows, num_blocks, budget, seed):
     """Random prompts (many sharing prefixes) much longer than the window, chunked, some preempted (few
-    blocks): every read is right in every group; sliding groups stay bounded; nothing leaks."""
+    blocks): every read is right in every group; sliding groups stay bounded; nothing leaks. An
+    all-sliding model (Mistral v0.1) is one sliding group: the same rules, one table."""
     rng = random.Random(seed)
-    windows = gemma3_windows()
     groups = make_groups(windows)
     kv = HybridKVCacheManager(num_blocks, BS, groups)
     sched = Scheduler(SchedulerConfig(max_num_seqs=4, max_num_batched_tokens=budget, max_model_len=200), kv)
@@ -138,16 +149,17 @@ def test_scheduler_loop_reads_what_each_group_needs(num_blocks, budget, seed):
     drive(sched, store)
     assert_no_leaks(sched)
     assert store.max_sliding_held > 0
-    if num_blocks >= 200:
+    if num_blocks >= 80:
         assert kv.prefix_hits > 0  # the shared stems were reused
     else:
         assert sched.num_preemptions > 0  # tight pools preempt
 
 
-def test_speculative_drafts_roll_back_inside_the_window():
+@pytest.mark.parametrize("windows", [gemma3_windows(), [W] * 4], ids=["gemma3", "all-sliding"])
+def test_speculative_drafts_roll_back_inside_the_window(windows):
     """Drafts take slots like any token and rejected ones roll num_computed_tokens back: a sliding group
     frees by the rolled-back count at the next allocation, so every later read still finds its window."""
-    groups = make_groups(gemma3_windows())
+    groups = make_groups(windows)
     kv = HybridKVCacheManager(200, BS, groups)
     sched = Scheduler(SchedulerConfig(max_num_seqs=4, max_num_batched_tokens=16, max_model_len=200), kv)
     store = GroupKVStore([g.window for g in groups.groups])
@@ -217,14 +229,16 @@ def test_prefix_hit_is_the_longest_every_group_serves():
         assert_no_leaks(sched)
 
 
-def test_fork_copies_its_partial_block_in_every_group():
-    groups = make_groups(gemma3_windows())
+@pytest.mark.parametrize("windows", [gemma3_windows(), [W] * 4], ids=["gemma3", "all-sliding"])
+def test_fork_copies_its_partial_block_in_every_group(windows):
+    groups = make_groups(windows)
+    G = groups.num_groups
     kv = HybridKVCacheManager(64, BS, groups)
     src = req("src", range(10))
     assert kv.allocate_slots(src, 10) is not None
     src.num_computed_tokens = 10
     ids = kv.get_group_block_ids("src")
-    assert [len([b for b in t if b >= 0]) for t in ids] == [3, 3, 3]
+    assert [len([b for b in t if b >= 0]) for t in ids] == [3] * G
     fork = req("fork", list(range(10)) + [55])
     assert kv.pin_fork(fork, src)
     blocks, n = kv.get_computed_blocks(fork)
@@ -232,7 +246,7 @@ def test_fork_copies_its_partial_block_in_every_group():
     assert kv.allocate_slots(fork, 1, blocks, n - 8) is not None
     fork.num_computed_tokens = n
     copies = kv.take_fork_copies(fork)
-    assert copies == [(ids[g][2], kv.get_group_block_ids("fork")[g][2]) for g in range(3)]
+    assert copies == [(ids[g][2], kv.get_group_block_ids("fork")[g][2]) for g in range(G)]
     kv.release_pins()
     kv.free(src)
     kv.free(fork)

@@ -93,11 +93,14 @@ GEMMA_CONFIGS["gemma3_mm"] = ("Gemma3Config", dict(
                                               num_hidden_layers=1, num_attention_heads=2, image_size=28,
                                               patch_size=14)))
 
-# The hybrid KV cache (tests/models/test_hybrid_kv_engine.py): Gemma 3's shape with 3 sliding layers of an
-# 8-token window per full one (4 KV cache groups of one layer each), short enough for block_size 4 to free blocks.
+# The hybrid KV cache (tests/models/test_hybrid_kv_engine.py, test_sliding_kv_engine.py): Gemma 3's shape with 3
+# sliding layers of an 8-token window per full one (4 KV cache groups of one layer each), short enough for
+# block_size 4 to free blocks.
 HYBRID_CONFIGS = {
     "gemma3_w8": ("Gemma3TextConfig", dict(GEMMA_CONFIGS["gemma3"][1], num_hidden_layers=4, sliding_window=8,
                                            layer_types=["sliding_attention"] * 3 + ["full_attention"])),
+    # all sliding (Mistral-7B-v0.1's shape: every layer one window): one sliding KV cache group of both layers
+    "mistral_w8": ("MistralConfig", dict(COMMON, sliding_window=8, head_dim=16)),
 }
 
 # GGUF Gemma (tests/checkpoints/test_gguf.py): llama.cpp derives the query scale from the layer count (head_dim
@@ -123,7 +126,7 @@ def make_tiny_hf(name: str, root: str, seed: int = 0) -> str:
     config = getattr(transformers, cls_name)(**kwargs)
     torch.manual_seed(seed)
     model = transformers.AutoModelForCausalLM.from_config(config, dtype=torch.float32)
-    if name in GEMMA_CONFIGS or name in GEMMA_GGUF_CONFIGS or name in HYBRID_CONFIGS:
+    if cls_name.startswith("Gemma"):
         randomize_norms(model)
     model.save_pretrained(path)
     return path

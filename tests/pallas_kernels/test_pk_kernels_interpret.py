@@ -187,3 +187,57 @@ def test_null_blocks_before_the_window(impl, item):
         ok = valid_tokens(case)
         np.testing.assert_allclose(got[ok], want[ok], atol=TOL[cfg.dtype], rtol=TOL[cfg.dtype], err_msg=f"seed={seed}")
     assert nulled > 0
+
+
+@pytest.mark.parametrize("impl,item", [("pallas_prefill", MIXED[2]), ("pallas_decode", DECODE[2])],
+                         ids=lambda x: x if isinstance(x, str) else _cid(x))
+def test_null_blocks_of_an_all_sliding_model(impl, item):
+    """An all-sliding model (Mistral v0.1: one sliding KV cache group of every layer) gets its one table from the
+    hybrid manager: each sequence's earlier tokens allocated as one chunk, then this step's. Its null entries are
+    exactly the blocks before the window of the step's first query (the rule above), and with NaN there every
+    layer's output is the reference's over the real table: no layer reads a freed block."""
+    import dataclasses
+
+    import jax.numpy as jnp
+
+    from jaxllm.core.hybrid_kv_cache_manager import NULL_BLOCK_ID, HybridKVCacheManager
+    from jaxllm.core.kv_cache_groups import make_groups
+    from jaxllm.core.request import Request
+    from jaxllm.sampling_params import SamplingParams
+
+    cfg, opts, _ = item
+    w, bs = opts["sliding_window"], cfg.block_size
+    kernel, ref = _jitted(impl, tuple(sorted(opts.items()))), _jitted("reference", tuple(sorted(opts.items())))
+    groups = make_groups([w] * cfg.num_layers)
+    assert groups.num_groups == 1 and groups.managed
+    for seed in range(7, 20):  # the first case with a null entry
+        case = make_case(cfg, seed)
+        kv = HybridKVCacheManager(cfg.num_seqs * case.tables.shape[1], bs, groups, enable_caching=False)
+        poison_id = case.cache.num_blocks
+        tables = np.array(case.tables)
+        nulled = 0
+        for i, (c, ql) in enumerate(zip(case.ctx.tolist(), case.q_lens.tolist())):
+            if ql == 0:
+                continue
+            r = Request(f"s{i}", list(range(c)), SamplingParams(max_tokens=1), seed=0, max_output_tokens=1)
+            if c > ql:
+                assert kv.allocate_slots(r, c - ql) is not None
+                r.num_computed_tokens = c - ql
+            assert kv.allocate_slots(r, ql) is not None
+            null = [j for j, b in enumerate(kv.get_block_ids(r.request_id)) if b == NULL_BLOCK_ID]
+            assert null == list(range(max(0, c - ql - w + 1) // bs))  # the blocks the window of query c - ql skips
+            tables[i, null] = poison_id
+            nulled += len(null)
+        if nulled:
+            break
+    assert nulled > 0
+    poison = jnp.full((cfg.num_layers, 1, bs, cfg.num_kv_heads, cfg.head_dim), jnp.nan, case.cache.k.dtype)
+    cache = dataclasses.replace(case.cache, k=jnp.concatenate([case.cache.k, poison], 1),
+                                v=jnp.concatenate([case.cache.v, poison], 1))
+    meta = dataclasses.replace(case.metadata, block_tables=jnp.asarray(tables))
+    ok = valid_tokens(case)
+    for layer in range(cfg.num_layers):  # every layer reads the one table
+        want = np.asarray(ref(case.q, case.cache, layer, case.metadata), np.float32)
+        got = np.asarray(kernel(case.q, cache, layer, meta), np.float32)
+        np.testing.assert_allclose(got[ok], want[ok], atol=TOL[cfg.dtype], rtol=TOL[cfg.dtype],
+                                   err_msg=f"layer={layer}")

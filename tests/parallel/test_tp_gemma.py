@@ -60,3 +60,43 @@ def test_tp2_hybrid_kv_cache_equals_classic(tmp_path):
         got_prefill, got_decode = forward_logits(path, 2, kv_dtype=kv_dtype, hybrid=True)
         np.testing.assert_array_less(np.abs(got_prefill - ref_prefill).max(), 1e-4)
         np.testing.assert_array_less(np.abs(got_decode - ref_decode).max(), 1e-4)
+
+
+def test_tp2_engine_hybrid_kv_cache_greedy_equals_tp1(tmp_path):
+    """The serving engine on tests/models/hf_tiny.py's gemma3 with the hybrid KV cache (3 groups of one slot:
+    full, sliding, sliding; window 12, block_size 4, steps of 16 tokens) at tp=2: the tp=1 engine's greedy
+    tokens and top logprobs. Prompts of 30 and 37 tokens (chunked prefill) run past the window, so the sliding
+    groups free blocks; the second shares the first's 24-token prefix, a prefix-cache hit in every group."""
+    from jaxllm.config import EngineConfig
+    from jaxllm.engine.factory import build_engine
+    from jaxllm.llm import LLM
+    from jaxllm.sampling_params import SamplingParams
+
+    from tests.models.hf_tiny import make_tiny_hf
+
+    path = make_tiny_hf("gemma3", str(tmp_path))  # no soft-caps: greedy tokens vary on the tiny weights
+    rng = np.random.default_rng(0)
+    first = rng.integers(0, 250, 30).tolist()
+    prompts = [first, first[:24] + rng.integers(0, 250, 13).tolist()]
+    params = SamplingParams(temperature=0, max_tokens=8, ignore_eos=True, logprobs=3)
+    outs, freed = {}, {}
+    for tp in (1, 2):
+        e = build_engine(EngineConfig(model=path, tensor_parallel_size=tp, max_model_len=64, block_size=4,
+                                      max_num_seqs=2, max_num_batched_tokens=16, dtype="float32",
+                                      kv_cache_memory_bytes=96 * 2 * 4 * 2 * 256 * 4), compile_cache=False,
+                         warmup=False)
+        assert e.kv_groups.hybrid and [g.window for g in e.kv_groups.groups] == [None, 12, 12]
+        nulls = []
+        real = e.kv.get_group_block_ids
+        e.kv.get_group_block_ids = lambda rid: (t := real(rid), nulls.append(sum(b < 0 for b in t[1])))[0]
+        llm = LLM("gemma", engine=e)
+        outs[tp] = [llm.generate([{"prompt_token_ids": p}], params, use_tqdm=False)[0].outputs[0] for p in prompts]
+        assert e.kv.prefix_hits >= 24 and e.kv.num_free_blocks == e.kv.num_blocks
+        freed[tp] = max(nulls)
+    for r, g in zip(*outs.values()):
+        assert g.token_ids == r.token_ids
+        for lr, lg in zip(r.logprobs, g.logprobs):
+            assert set(lg) == set(lr)
+            np.testing.assert_allclose([lg[t].logprob for t in lr], [lr[t].logprob for t in lr], atol=1e-4, rtol=0)
+    assert freed[1] == freed[2] > 0  # the sliding groups freed out-of-window blocks
+    assert len({t for o in outs[1] for t in o.token_ids}) > 3  # not one repeated token (the first prompt's is)

@@ -1,0 +1,151 @@
+"""An all-sliding model (Mistral-7B-v0.1's shape: every layer one window) through the real engine: ONE sliding KV
+cache group of every layer (cache [L, blocks, ...] as before) whose out-of-window blocks are freed by the hybrid
+manager's rules (vLLM's SlidingWindowManager). Tiny random Mistral (tests/models/hf_tiny.py "mistral_w8": 2 layers,
+window 8), block_size 4, steps of 16 tokens (prompts prefill in chunks); prompts and outputs run far past the window.
+HF's MistralForCausalLM applies the window in eager attention (create_sliding_window_causal_mask), so it is a
+reference here. The sliding engine (async scheduling on) gets fewer blocks than the classic one
+(--disable-hybrid-kv-cache-manager: full-length blocks, the window only masked; synchronous):
+
+* greedy tokens: sliding == classic == HF generate, twice (the second round from the prefix cache), with preemption;
+* n > 1 seeded sampling and beam search (forks copy their partial block): sliding == classic;
+* a long request alone holds no more blocks than its window needs (a brute-force count of the blocks under the
+  positions the next query reads, plus the chunk being written), while the classic one holds one per 4 tokens;
+* every block is back in the pool after each run.
+"""
+import numpy as np
+import pytest
+
+from jaxllm import LLM, BeamSearchParams, SamplingParams
+from jaxllm.core.kv_cache_groups import cdiv
+from tests.models.hf_tiny import make_tiny_hf
+from tests.models.test_gemma_hf import hf_greedy
+
+BS, W, BUDGET = 4, 8, 16
+MAX_LEN = 96
+SLIDING_BLOCKS = 8  # 4 requests decoding hold 3 blocks each (a max_model_len one fits: 7): they preempt
+CLASSIC_BLOCKS = 40
+
+
+@pytest.fixture(scope="module")
+def engines(tmp_path_factory):
+    import jax.numpy as jnp
+
+    from checkpoints import load_checkpoint
+    from jaxllm.config import EngineConfig
+    from jaxllm.engine.factory import build_engine
+    from pallas_kernels import KVCache
+
+    path = make_tiny_hf("mistral_w8", str(tmp_path_factory.mktemp("sliding_kv")))
+    c = load_checkpoint(path).config
+    per_block = KVCache.bytes_per_block(c.num_layers, BS, c.num_kv_heads, c.head_dim, jnp.float32)
+    kw = dict(model=path, max_model_len=MAX_LEN, block_size=BS, max_num_seqs=4, max_num_batched_tokens=BUDGET,
+              dtype="float32")
+    sliding = build_engine(EngineConfig(**kw, async_scheduling=True, kv_cache_memory_bytes=SLIDING_BLOCKS * per_block),
+                           compile_cache=False, warmup=False)
+    classic = build_engine(EngineConfig(**kw, async_scheduling=False, disable_hybrid_kv_cache_manager=True,
+                                        kv_cache_memory_bytes=CLASSIC_BLOCKS * per_block),
+                           compile_cache=False, warmup=False)
+    return path, LLM("sliding", engine=sliding), LLM("classic", engine=classic)
+
+
+def assert_all_free(llm):
+    e = llm.engine
+    assert not e.has_unfinished_requests() and not e.kv.req_blocks and not e.kv.fork_pins
+    assert e.kv.num_free_blocks == e.kv.num_blocks
+    e.kv.pool.check_invariants()
+
+
+def test_one_sliding_group_and_sizing(engines):
+    from jaxllm.core.hybrid_kv_cache_manager import HybridKVCacheManager
+    from jaxllm.core.kv_cache_manager import KVCacheManager
+
+    _, sliding, classic = engines
+    s, k = sliding.engine, classic.engine
+    assert [(g.window, g.layers) for g in s.kv_groups.groups] == [(W, (0, 1))] and s.kv_groups.managed
+    assert [(g.window, g.layers) for g in k.kv_groups.groups] == [(None, (0, 1))] and not k.kv_groups.managed
+    assert type(s.kv) is HybridKVCacheManager and type(k.kv) is KVCacheManager
+    assert s.runner.kv_cache.k.shape[:2] == (2, SLIDING_BLOCKS) and k.runner.kv_cache.k.shape[:2] == (2, CLASSIC_BLOCKS)
+    assert s.runner.num_kv_groups == 1  # one table: no group metadata
+    # a max_model_len request: the window and a chunk, cdiv(7 + 16, 4) + 1 = 7 blocks, vs 96 / 4 = 24
+    assert s.blocks_per_request() == 7 and k.blocks_per_request() == 24
+    assert "maximum concurrency at max_model_len=96: 1.14x" in s.cache_summary()  # 8 / 7
+    assert "1.67x" in k.cache_summary()  # 40 / 24
+
+
+def test_greedy_matches_classic_and_hf_with_prefix_hits_and_preemption(engines):
+    path, sliding, classic = engines
+    rng = np.random.default_rng(3)
+    prompts = [rng.integers(0, 250, n).tolist() for n in (5, 23, 41, 30)]
+    prompts[3][:20] = prompts[2][:20]  # a shared prefix: a hit in the same round
+    params = SamplingParams(temperature=0, max_tokens=30, ignore_eos=True)
+    want = hf_greedy(path, prompts, 30)
+    reqs = [{"prompt_token_ids": p} for p in prompts]
+    assert [list(o.outputs[0].token_ids) for o in classic.generate(reqs, params, use_tqdm=False)] == want
+    assert_all_free(classic)
+    e = sliding.engine
+    for round_ in range(2):
+        hits, preempted = e.kv.prefix_hits, e.scheduler.num_preemptions
+        outs = sliding.generate(reqs, params, use_tqdm=False)
+        assert [list(o.outputs[0].token_ids) for o in outs] == want, round_
+        assert_all_free(sliding)
+        assert e.kv.prefix_hits > hits, round_
+    assert e.scheduler.num_preemptions > 0  # 4 requests of 3 to 7 blocks in 8
+
+
+def test_sampling_n_and_beam_search_match_classic(engines, monkeypatch):
+    _, sliding, classic = engines
+    runner = sliding.engine.runner
+    copies = []
+    real_copy = runner._copy_blocks
+    monkeypatch.setattr(runner, "_copy_blocks", lambda pairs: (copies.append(list(pairs)), real_copy(pairs)))
+    prompts = [{"prompt_token_ids": list(range(3, 30))}, {"prompt_token_ids": [7, 9, 11] * 5}]
+    params = SamplingParams(n=3, temperature=1.0, seed=11, max_tokens=20, ignore_eos=True)
+    got = [[list(c.token_ids) for c in o.outputs] for o in sliding.generate(prompts, params, use_tqdm=False)]
+    want = [[list(c.token_ids) for c in o.outputs] for o in classic.generate(prompts, params, use_tqdm=False)]
+    assert got == want and len({tuple(t) for t in got[0]}) > 1
+    beam = BeamSearchParams(beam_width=3, max_tokens=14, ignore_eos=True)
+    got = sliding.beam_search([[5, 17, 33, 2, 99, 140, 7, 8, 9, 10, 11]], beam)
+    want = classic.beam_search([[5, 17, 33, 2, 99, 140, 7, 8, 9, 10, 11]], beam)
+    assert [s.tokens for s in got[0].sequences] == [s.tokens for s in want[0].sequences]
+    assert np.allclose([s.cum_logprob for s in got[0].sequences], [s.cum_logprob for s in want[0].sequences],
+                       atol=1e-4)
+    assert copies  # forks copied their partial block
+    assert_all_free(sliding)
+    assert_all_free(classic)
+
+
+def window_blocks(num_computed: int, num_tokens: int) -> int:
+    """Brute force: the blocks under the positions a query at ``num_computed`` or later reads (the W - 1 before
+    it) and under the tokens up to ``num_tokens`` that the step writes."""
+    return len({p // BS for p in range(max(0, num_computed - W + 1), num_tokens)})
+
+
+def test_blocks_held_stay_within_the_window(engines, monkeypatch):
+    """A 41-token prompt and 50 tokens alone: after each allocation (prefill chunks of 16, then decodes) the
+    request holds exactly the blocks its window and its new tokens need, never more than a max_model_len request
+    may (7); the classic engine holds one per 4 tokens."""
+    _, sliding, classic = engines
+    for llm in (sliding, classic):
+        e = llm.engine
+        held = []
+        real = e.kv.allocate_slots
+
+        def allocate(req, num_new, computed=None, copied=0, e=e, real=real):
+            start = req.num_computed_tokens + copied + (e.kv.num_hit_tokens(computed) if computed else 0)
+            out = real(req, num_new, computed, copied)
+            if out is not None:
+                ids = e.kv.get_block_ids(req.request_id)
+                held.append((sum(b >= 0 for b in ids), start, start + num_new))
+            return out
+
+        monkeypatch.setattr(e.kv, "allocate_slots", allocate)
+        e.add_request("long", {"prompt_token_ids": list(range(1, 42))},
+                      SamplingParams(temperature=0, max_tokens=50, ignore_eos=True))
+        while e.has_unfinished_requests():
+            e.step()
+        assert len(held) > 40
+        for n, start, end in held:
+            assert n == (window_blocks(start, end) if llm is sliding else cdiv(end, BS)), (n, start, end)
+        most = max(n for n, *_ in held)  # sliding: the chunk at 16..31 and the 7 positions before it
+        assert most == (6 if llm is sliding else 23) and (llm is classic or most <= e.blocks_per_request())
+        assert_all_free(llm)
