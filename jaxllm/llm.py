@@ -188,6 +188,21 @@ class LLM:
     def is_sleeping(self) -> bool:
         return self.engine.is_sleeping()
 
+    # ----- weight updates in place (vLLM's RLHF calls; jaxllm/engine/weight_requests.py) -------------
+    def load_weights(self, weights) -> int:
+        """Write ``weights`` ((HF tensor name, numpy / jax / torch CPU array) pairs, a full or partial set)
+        into the model in place: same shardings, nothing compiles; the prefix cache is reset. The engine
+        must be idle. Returns the number of tensors applied; ValueError naming a refused tensor."""
+        return self.engine.load_weights(weights)
+
+    def reload_weights(self, path: str | None = None) -> None:
+        """Load the checkpoint directory ``path`` (None: the one the engine was built from) in place."""
+        self.engine.reload_weights(path)
+
+    def collective_rpc(self, method, args=(), kwargs=None) -> list:
+        """vLLM's ``LLM.collective_rpc`` for ``"reload_weights"`` / ``"load_weights"``; other methods refused."""
+        return self.engine.collective_rpc(method, args, kwargs)
+
     def embed(self, prompts, pooling_params: PoolingParams | Sequence[PoolingParams] | None = None,
               use_tqdm: bool = True) -> list[EmbeddingRequestOutput]:
         """Embed every prompt (an engine built with ``task="embed"``, or auto-detected from the

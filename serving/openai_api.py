@@ -13,7 +13,8 @@ pair scores, ``--task classify``), vLLM's ``POST /classify`` = ``/v1/classify`` 
 ``--metrics-port``; no API key, as /health), ``GET|POST /ping`` (= /health), ``GET /version``
 (both without a key), ``POST /reset_prefix_cache`` (vLLM's: the prefix cache forgets the
 blocks no request holds) and, with ``--enable-sleep-mode``, ``POST /sleep``, ``POST /wake_up``,
-``GET /is_sleeping`` (``serving/openai_sleep.py``). Admission, caps, queue limit, drain and the in-flight registry are the
+``GET /is_sleeping`` (``serving/openai_sleep.py``) and ``POST /collective_rpc`` for ``reload_weights``
+(``serving/openai_weights.py``). Admission, caps, queue limit, drain and the in-flight registry are the
 front door's, shared with gRPC; this module only maps HTTP <-> front door.
 
 Status codes (body: OpenAI's ``{"error": {"message", "type", "param", "code"}}``):
@@ -45,6 +46,7 @@ from serving.openai_classify import add_classify_routes
 from serving.openai_embed import EmbeddingRequest, create_embeddings
 from serving.openai_score import add_score_routes
 from serving.openai_sleep import add_sleep_routes, is_sleeping
+from serving.openai_weights import add_weight_routes
 from serving.openai_generate import chat_job, completion_job, respond
 from serving.openai_protocol import (ChatCompletionRequest, CompletionRequest, DetokenizeRequest,
                                      LoadLoRAAdapterRequest, TokenizeRequest, UnloadLoRAAdapterRequest)
@@ -335,6 +337,7 @@ def build_app(server: "ServingServer") -> Any:
     add_score_routes(app, door, model_of, client_id)
     add_classify_routes(app, door, model_of, client_id)
     add_sleep_routes(app, server, door)  # --enable-sleep-mode: /sleep, /wake_up, /is_sleeping
+    add_weight_routes(app, server, door)  # --enable-sleep-mode: /collective_rpc (reload_weights)
 
     @app.get("/metrics")
     async def metrics():

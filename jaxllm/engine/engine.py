@@ -52,6 +52,7 @@ from jaxllm.engine.grammar_requests import GrammarRequestsMixin
 from jaxllm.engine.lora_requests import LoRARequestsMixin
 from jaxllm.engine.sleep_requests import SleepMixin
 from jaxllm.engine.spec_requests import SpecDecodeMixin, split_sampled
+from jaxllm.engine.weight_requests import WeightUpdateMixin
 from jaxllm.generation_config import NONE as NO_GENERATION_DEFAULTS, GenerationDefaults
 from jaxllm.models.arch_config import long_prompt_threshold
 from jaxllm.metrics.stats import IterationStats
@@ -59,7 +60,7 @@ from jaxllm.outputs import RequestOutput
 
 
 class LLMEngine(AddRequestsMixin, EmbedRequestsMixin, EngineStatsMixin, GrammarRequestsMixin, LoRARequestsMixin,
-                SleepMixin, SpecDecodeMixin):
+                SleepMixin, SpecDecodeMixin, WeightUpdateMixin):
     def __init__(self, config: EngineConfig, runner: ModelRunnerProtocol, tokenizer,
                  detokenizer_factory: DetokenizerFactory | None = None, grammar_tokenizer=None,
                  lora_load_fn=None, generation_defaults: GenerationDefaults | None = None) -> None:

@@ -161,14 +161,19 @@ def tokenizer_source(config: EngineConfig, checkpoint_source: tuple[str, str] | 
     return ("gguf" if config.tokenizer.endswith(".gguf") else "dir", config.tokenizer)
 
 
-def _reload_weights(model: str, load_format: str, dtype, seed: int, shardings, hf_overrides, layout, quantization):
-    """The nnx state of the checkpoint an engine was built from, loaded and built again (the same
-    shardings): a level-2 sleep's wake-up (jaxllm/runner/sleep.py)."""
+def _reload_weights(load_format: str, dtype, seed: int, shardings, hf_overrides, layout, quantization, *,
+                    model: str, built_from: str | None = None):
+    """The nnx state of the checkpoint an engine was built from (``model``), loaded and built again (the
+    same shardings): a level-2 sleep's wake-up (jaxllm/runner/sleep.py) and ``reload_weights()``. A
+    ``model`` other than ``built_from`` (``reload_weights(path)``: a trainer's new checkpoint) is read
+    with load_format "auto"."""
     from flax import nnx
 
     from checkpoints import load_checkpoint
     from jaxllm.models.llama import build_model
 
+    if built_from is not None and model != built_from:
+        load_format = "auto"
     ckpt = load_checkpoint(model, load_format, dtype=dtype, seed=seed, shardings=shardings, hf_overrides=hf_overrides)
     return nnx.split(build_model(ckpt.config, ckpt.params, dtype, layout=layout, quantization=quantization))[1]
 
@@ -280,10 +285,11 @@ def build_engine(config: EngineConfig, *, compile_cache: bool = True, warmup: bo
             *((layout.cache_scale_sharding(), layout.cache_sharding()) if layout is not None else ()))
     runner = allocate_runner(ModelRunner, model, num_blocks, runner_kw, shrink=shrink)
     num_blocks = runner.num_blocks
-    if config.enable_sleep_mode:  # sleep(level=2) drops the weights: wake-up loads this checkpoint again
-        runner.reload_weights = functools.partial(
-            _reload_weights, config.model or "smollm2-135m", load_format, dtype, config.seed, shardings,
-            config.hf_overrides, layout, quantization_asked)
+    # sleep(level=2) drops the weights: wake-up loads this checkpoint again; reload_weights(path) loads another
+    source = config.model or "smollm2-135m"
+    runner.reload_weights = functools.partial(
+        _reload_weights, load_format, dtype, config.seed, shardings, config.hf_overrides, layout, quantization_asked,
+        model=source, built_from=source)
     if scales:
         kv_calibration.set_scales(runner, *scales)
     lora_load_fn = None

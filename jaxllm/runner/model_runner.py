@@ -100,6 +100,10 @@ class ModelRunner:
         dtype = model.dtype
         layout = getattr(model, "layout", None)  # jaxllm.parallel.TPLayout when tensor parallel
         self.tensor_parallel_size = layout.tp if layout is not None else 1
+        self.layout = layout
+        # the checkpoint's config (load_weights maps HF names by it): the model's, kv heads unrepeated
+        self.checkpoint_config = c if layout is None or layout.kv_repeat == 1 else dataclasses.replace(
+            c, num_kv_heads=c.num_kv_heads // layout.kv_repeat)
         if layout is not None and cache_sharding is None:
             cache_sharding = layout.cache_sharding()  # kv heads on "tp"
         scale_sharding = layout.cache_scale_sharding() if layout is not None else None  # fp8 scales
@@ -309,6 +313,20 @@ class ModelRunner:
     @property
     def sleeping_tags(self) -> frozenset:
         return frozenset(self._sleep.asleep)
+
+    # ----- weight updates in place (runner/weight_update.py) ------------------------
+    def load_weights(self, weights) -> int:
+        """Write HF-named tensors into the weights in place (same shardings: nothing compiles); returns
+        the number of tensors applied. ValueError naming a refused tensor, nothing changed then."""
+        from jaxllm.runner.weight_update import load_weights
+
+        return load_weights(self, weights)
+
+    def reload_weights_from(self, path: str | None = None) -> None:
+        """Replace the weights by the checkpoint at `path` (None: the one the engine was built from)."""
+        from jaxllm.runner.weight_update import reload_from
+
+        reload_from(self, path)
 
     # ----- multi-host ---------------------------------------------------------------
     def follow(self) -> None:
