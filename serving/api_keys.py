@@ -30,12 +30,12 @@ class KeyRing:
         scheme is matched without regard to case (RFC 7235, as vLLM)."""
         if not authorization:
             return False
-        if isinstance(authorization, bytes):
-            authorization = authorization.decode("latin-1")
-        scheme, _, token = authorization.partition(" ")
-        if scheme.lower() != "bearer":
+        if isinstance(authorization, str):  # gRPC metadata; HTTP headers come as their raw bytes
+            authorization = authorization.encode("utf-8", "surrogateescape")
+        scheme, _, token = authorization.partition(b" ")
+        if scheme.lower() != b"bearer":
             return False
-        got = hashlib.sha256(token.encode("utf-8", "surrogateescape")).digest()
+        got = hashlib.sha256(token).digest()  # a key's UTF-8 bytes, as the client sent them
         match = False
         for digest in self._digests:  # every key, every time
             match |= hmac.compare_digest(got, digest)

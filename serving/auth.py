@@ -22,7 +22,7 @@ class ApiKeyInterceptor(grpc.aio.ServerInterceptor):
         got = ""
         for key, value in handler_call_details.invocation_metadata or ():
             if key == "authorization":
-                got = value if isinstance(value, str) else value.decode("latin-1")
+                got = value  # str, or bytes: KeyRing hashes the bytes as sent
                 break
         handler = await continuation(handler_call_details)
         if self._keys.accepts(got):
