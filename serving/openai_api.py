@@ -60,7 +60,7 @@ if TYPE_CHECKING:
 log = logging.getLogger(__name__)
 
 # paths served without the API key: health and its SageMaker alias, metrics, the load count and the
-# version (vLLM's public endpoints; everything else needs the key)
+# version (vLLM's public endpoints, less its docs pages, which stay behind the key here)
 OPEN_PATHS = ("/health", "/ping", "/metrics", "/load", "/version")
 
 
