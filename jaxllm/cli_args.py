@@ -410,4 +410,5 @@ def configure_logging(level: str) -> None:
 
 
 def api_key_from_env() -> str | None:
-    return os.environ.get("JAXLLM_API_KEY") or None
+    """$JAXLLM_API_KEY, else vLLM's $VLLM_API_KEY (a --api-key on the command line wins over both)."""
+    return os.environ.get("JAXLLM_API_KEY") or os.environ.get("VLLM_API_KEY") or None

@@ -53,8 +53,8 @@ def build_parser() -> ArgumentParser:
                    help="also serve the OpenAI-compatible HTTP API on this port (default: off; "
                         "0 = any free port, printed on stdout)")
     p.add_argument("--served-model-name", nargs="+", default=None, metavar="NAME",
-                   help="model id of the HTTP API (/v1/models, the 'model' field; one name: vLLM's extra aliases "
-                        "are refused; default: --model)")
+                   help="model ids of the HTTP API, as vLLM's: a request's 'model' may be any of them, "
+                        "/v1/models lists each, answers report the first (default: --model)")
     add_log_level_arg(p)
     p.add_argument("--log-config-file", default=None, metavar="JSON_FILE",
                    help="a logging.config.dictConfig JSON file applied after --log-level (vLLM's flag; its "
@@ -72,8 +72,9 @@ def build_parser() -> ArgumentParser:
     s.add_argument("--max-queued-requests", type=int, default=d.max_queued_requests,
                    help="waiting requests before new ones get RESOURCE_EXHAUSTED")
     s.add_argument("--api-key", nargs="+", default=api_key_from_env(), metavar="KEY",
-                   help="require 'authorization: Bearer <key>' on every RPC and HTTP request but health "
-                        "(one key: vLLM's several are refused; default: $JAXLLM_API_KEY, else none)")
+                   help="require 'authorization: Bearer <key>' with any of these keys on every RPC and HTTP "
+                        "request but health, /load, /metrics and /version (several: key rotation, as vLLM; "
+                        "default: $JAXLLM_API_KEY, else $VLLM_API_KEY, else none)")
     s.add_argument("--tls-cert", "--ssl-certfile",
                    help="PEM certificate chain, with --tls-key; gRPC and HTTP (default: plaintext)")
     s.add_argument("--tls-key", "--ssl-keyfile", help="PEM private key, with --tls-cert (default: plaintext)")
@@ -133,23 +134,21 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     return args
 
 
-def _one(flag: str, values: Any, secret: bool = False) -> Any:
-    """The one value of a flag vLLM lets repeat (``--api-key k1 k2``): several are refused by name
-    (keys are counted, never shown)."""
-    if isinstance(values, list):
-        if len(values) > 1:
-            shown = f" with {len(values)} values" if secret else "=" + " ".join(values)
-            raise ValueError(f"{flag}{shown} is not supported by jaxllm: it takes one value (vLLM takes several)")
-        return values[0]
-    return values
+def _several(values: Any) -> tuple[str, ...]:
+    """A flag vLLM lets repeat (``--api-key k1 k2``): unset (None), one value from the environment
+    (a str), or the command line's list, as a tuple."""
+    if values is None:
+        return ()
+    return (values,) if isinstance(values, str) else tuple(values)
 
 
 def server_config(args: argparse.Namespace) -> ServerConfig:
     http, _ = http_fields_from_args(args)
     return ServerConfig(
         host=args.host, port=args.port, http_port=args.http_port,
-        served_model_name=_one("--served-model-name", args.served_model_name),
-        api_key=_one("--api-key", args.api_key, secret=True) or None, tls_cert=args.tls_cert, tls_key=args.tls_key,
+        served_model_name=(_several(args.served_model_name) or (None,))[0],
+        served_model_aliases=_several(args.served_model_name)[1:],
+        api_key=tuple(k for k in _several(args.api_key) if k) or None, tls_cert=args.tls_cert, tls_key=args.tls_key,
         stream_timeout=args.stream_timeout, max_queued_requests=args.max_queued_requests,
         shutdown_timeout=args.shutdown_timeout, watchdog_timeout=args.watchdog_timeout,
         health_probe_interval=args.health_probe_interval, max_n=args.max_n,
@@ -177,7 +176,8 @@ def apply_log_config(path: str) -> None:
 
 _HTTP_ONLY = ("root_path", "allowed_origins", "allowed_methods", "allowed_headers", "allow_credentials",
               "fastapi_docs", "uvicorn_log_level", "h11_max_incomplete_event_size", "enable_prompt_tokens_details",
-              "enable_force_include_usage", "return_tokens_as_token_ids", "enable_request_id_headers")
+              "enable_force_include_usage", "return_tokens_as_token_ids", "enable_request_id_headers",
+              "enable_tokenizer_info_endpoint", "enable_server_load_tracking")
 
 
 def http_only_flags(cfg: ServerConfig) -> list[str]:

@@ -55,11 +55,11 @@ class Adapters:
         return lora
 
     # ----- start-up (engine thread) ----------------------------------------------------------------
-    def register_modules(self, engine: Any, modules, base_name: str) -> None:
+    def register_modules(self, engine: Any, modules, base_names: tuple[str, ...]) -> None:
         """``--lora-modules``: add each (name, path) to ``engine`` now; ValueError (one line) on the first
         bad one, which fails the server's start."""
         for name, path in modules:
-            if name in self.by_name or name == base_name:
+            if name in self.by_name or name in base_names:
                 raise ValueError(f"--lora-modules {name}={path} is invalid: the name {name!r} is already served")
             lora = LoRARequest(name, self._next_id, path)
             try:
@@ -70,7 +70,7 @@ class Adapters:
             self.by_name[name] = lora
 
     # ----- run time (event loop) ----------------------------------------------------------------------
-    async def load(self, name: str, path: str, base_name: str) -> LoRARequest:
+    async def load(self, name: str, path: str, base_names: tuple[str, ...]) -> LoRARequest:
         from serving.frontdoor import Code, FrontDoorError, invalid
 
         self._check_enabled()
@@ -78,7 +78,7 @@ class Adapters:
             raise invalid("lora_name='' is invalid: must be non-empty", "lora_name")
         if not path:
             raise invalid("lora_path='' is invalid: must be non-empty", "lora_path")
-        if name in self.by_name or name in self._busy or name == base_name:
+        if name in self.by_name or name in self._busy or name in base_names:
             raise FrontDoorError(Code.ALREADY_EXISTS, f"lora_name={name!r} is invalid: already served "
                                                       f"(unload it first)", "lora_name")
         lora = LoRARequest(name, self._next_id, path)

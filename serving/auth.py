@@ -1,19 +1,18 @@
-"""API-key interceptor: ``authorization: Bearer <key>`` on every RPC except grpc.health.v1."""
+"""API-key interceptor: ``authorization: Bearer <key>`` (any of ``--api-key``'s keys,
+serving/api_keys.py) on every RPC except grpc.health.v1."""
 
 from __future__ import annotations
 
-import hmac
-
 import grpc
+
+from serving.api_keys import KeyRing
 
 OPEN_PREFIXES = ("/grpc.health.v1.Health/",)
 
 
 class ApiKeyInterceptor(grpc.aio.ServerInterceptor):
-    def __init__(self, api_key: str, open_prefixes: tuple[str, ...] = OPEN_PREFIXES):
-        if not api_key:
-            raise ValueError("api_key='' is invalid: must be non-empty")
-        self._expected = f"Bearer {api_key}".encode()
+    def __init__(self, keys: KeyRing, open_prefixes: tuple[str, ...] = OPEN_PREFIXES):
+        self._keys = keys
         self._open = open_prefixes
 
     async def intercept_service(self, continuation, handler_call_details):
@@ -23,10 +22,10 @@ class ApiKeyInterceptor(grpc.aio.ServerInterceptor):
         got = ""
         for key, value in handler_call_details.invocation_metadata or ():
             if key == "authorization":
-                got = value if isinstance(value, str) else value.decode("latin-1")
+                got = value  # str, or bytes: KeyRing hashes the bytes as sent
                 break
         handler = await continuation(handler_call_details)
-        if hmac.compare_digest(got.encode("utf-8", "replace"), self._expected):
+        if self._keys.accepts(got):
             return handler
         if handler is None:
             return None

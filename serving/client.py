@@ -14,7 +14,6 @@
 from __future__ import annotations
 
 import json
-import os
 import sys
 from typing import AsyncIterator, Iterator
 
@@ -32,9 +31,11 @@ __all__ = ["GenerationClient", "AsyncGenerationClient", "Completion", "build_req
 
 
 def _metadata(api_key: str | None):
-    """api_key None = $JAXLLM_API_KEY (what the server reads too); "" = send none."""
+    """api_key None = $JAXLLM_API_KEY, else $VLLM_API_KEY (what the server reads too); "" = send none."""
     if api_key is None:
-        api_key = os.environ.get("JAXLLM_API_KEY")
+        from jaxllm.cli_args import api_key_from_env  # argparse and os only: no jax
+
+        api_key = api_key_from_env()
     return (("authorization", f"Bearer {api_key}"),) if api_key else None
 
 
@@ -295,7 +296,8 @@ def build_parser():
     p.add_argument("--tool-choice", default="", help="none, auto, required or a function name, with "
                    "--tools (default: auto with tools)")
     p.add_argument("--api-key", default=None,
-                   help="sent as 'authorization: Bearer <key>' (default: $JAXLLM_API_KEY, else none)")
+                   help="sent as 'authorization: Bearer <key>' (default: $JAXLLM_API_KEY, else $VLLM_API_KEY, "
+                        "else none)")
     p.add_argument("--tls", action="store_true", help="use TLS with the system roots (default: plaintext)")
     p.add_argument("--tls-ca", help="PEM root certificate(s) to trust; implies --tls (default: system roots)")
     p.add_argument("--tls-cert", help="PEM client certificate, with --tls-key, for a server run with "

@@ -15,7 +15,10 @@ class ServerConfig(msgspec.Struct, kw_only=True):
     port: int = 50051  # 0 = pick a free port (``ServingServer.port`` tells which)
     http_port: int | None = None  # OpenAI-compatible HTTP API; None = off, 0 = any free port
     served_model_name: str | None = None  # the HTTP API's model id (default: the --model value)
-    api_key: str | None = None
+    # vLLM's further --served-model-name names: a request may name any of them (/v1/models lists each);
+    # answers report served_model_name, the first
+    served_model_aliases: tuple[str, ...] = ()
+    api_key: str | tuple[str, ...] | None = None  # one key or several (any is accepted; serving/api_keys.py)
     tls_cert: str | None = None  # PEM paths; both or neither
     tls_key: str | None = None
     tls_client_ca: str | None = None  # PEM CA bundle: require client certificates (mutual TLS)
@@ -30,6 +33,10 @@ class ServerConfig(msgspec.Struct, kw_only=True):
     # vLLM's --enable-request-id-headers: every HTTP answer carries X-Request-Id, the server's id when
     # the client sent none (serving/request_ids.py); off: only a client's X-Request-Id comes back
     enable_request_id_headers: bool = False
+    # vLLM's endpoints behind a flag (serving/openai_server_info.py): GET /tokenizer_info; /load's
+    # count of generation/pooling requests in flight (without the flag /load answers 0)
+    enable_tokenizer_info_endpoint: bool = False
+    enable_server_load_tracking: bool = False
     # chat (OpenAI HTTP API): --chat-template's text (None = the model's), request templates, tool calling
     chat_template: str | None = None
     trust_request_chat_template: bool = False  # let a request's chat_template replace the template
@@ -67,6 +74,11 @@ class ServerConfig(msgspec.Struct, kw_only=True):
     health_probe_interval: float = 10.0  # seconds between synthetic 1-token requests
     engine_death_grace: float = 1.0  # after the engine dies: keep answering (INTERNAL/NOT_SERVING) this long, then exit 1
 
+    def model_names(self, model: str) -> tuple[str, ...]:
+        """Every name a request may give the served model (``model``: the --model value, the name
+        when --served-model-name is unset); the first is the one answers report."""
+        return (self.served_model_name or model, *self.served_model_aliases)
+
     def validate(self) -> "ServerConfig":
         for name in ("max_queued_requests", "max_n", "max_logprobs", "max_stop_strings",
                      "max_message_bytes", "max_request_id_len"):
@@ -95,12 +107,25 @@ class ServerConfig(msgspec.Struct, kw_only=True):
         if self.metrics_port is not None and not 0 <= self.metrics_port < 65536:
             raise ValueError(f"metrics_port={self.metrics_port} is invalid: must be in [0, 65535]")
         validate_interval(self.log_stats_interval)
+        served = [n for n in (self.served_model_name, *self.served_model_aliases) if n is not None]
+        if self.served_model_aliases and self.served_model_name is None:
+            raise ValueError(f"served_model_aliases={list(self.served_model_aliases)} is invalid without "
+                             "served_model_name: the first --served-model-name is the one answers report")
+        if any(not isinstance(n, str) or not n for n in served) or len(set(served)) != len(served):
+            raise ValueError(f"served_model_name={served} is invalid: names must be non-empty and distinct")
+        from serving.api_keys import KeyRing, api_keys  # no jax
+
+        if api_keys(self.api_key):  # empty keys are dropped, as vLLM drops them
+            KeyRing(api_keys(self.api_key))  # "api_key #2 of 3 is invalid: ..." (never the key itself)
         names = [m[0] for m in self.lora_modules]
         for name, path in self.lora_modules:
             if not name or not path:
                 raise ValueError(f"lora_modules entry {name}={path} is invalid: need name=path, both non-empty")
         if len(set(names)) != len(names):
             raise ValueError(f"lora_modules={names} is invalid: adapter names must be unique")
+        clash = sorted(set(names) & set(served))
+        if clash:
+            raise ValueError(f"lora_modules name {clash[0]!r} is invalid: it is a --served-model-name")
         if self.enable_auto_tool_choice and not self.tool_call_parser:
             raise ValueError("enable_auto_tool_choice=True is invalid without tool_call_parser: name the "
                              "parser that reads the model's tool calls (--tool-call-parser)")

@@ -27,6 +27,13 @@ def add_http_args(p: argparse.ArgumentParser) -> None:
     h.add_argument("--h11-max-incomplete-event-size", type=int, default=None,
                    help="largest request line + header block in bytes before uvicorn answers 431/400 (default: "
                         "uvicorn's, 16 KiB)")
+    h.add_argument("--enable-tokenizer-info-endpoint", action=argparse.BooleanOptionalAction, default=False,
+                   help="serve GET /tokenizer_info: the tokenizer's configuration (its class, special tokens, "
+                        "model_max_length, chat template), behind --api-key (default: off)")
+    h.add_argument("--enable-server-load-tracking", action=argparse.BooleanOptionalAction, default=False,
+                   help="GET /load counts the generation and pooling requests in flight (completions, chat, "
+                        "responses, embeddings, score, rerank, classify) until each answer is sent; off, "
+                        "it answers 0 (default: off)")
     h.add_argument("--ssl-ca-certs", default=None,
                    help="PEM CA certificates for client certificates; with --ssl-cert-reqs 2 the same as "
                         "--tls-client-ca (default: none)")
@@ -55,7 +62,9 @@ def http_fields_from_args(args: argparse.Namespace) -> tuple[dict, list[str]]:
                   allowed_methods=tuple(args.allowed_methods), allowed_headers=tuple(args.allowed_headers),
                   allow_credentials=args.allow_credentials, fastapi_docs=not args.disable_fastapi_docs,
                   uvicorn_log_level=args.uvicorn_log_level,
-                  h11_max_incomplete_event_size=args.h11_max_incomplete_event_size, tls_client_ca=client_ca)
+                  h11_max_incomplete_event_size=args.h11_max_incomplete_event_size, tls_client_ca=client_ca,
+                  enable_tokenizer_info_endpoint=args.enable_tokenizer_info_endpoint,
+                  enable_server_load_tracking=args.enable_server_load_tracking)
     return fields, ignored
 
 

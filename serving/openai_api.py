@@ -12,14 +12,16 @@ pair scores, ``--task classify``), vLLM's ``POST /classify`` = ``/v1/classify`` 
 ``--task classify``) and ``GET /metrics`` (Prometheus text of the server's registry, like
 ``--metrics-port``; no API key, as /health), ``GET|POST /ping`` (= /health), ``GET /version``
 (both without a key), ``POST /reset_prefix_cache`` (vLLM's: the prefix cache forgets the
-blocks no request holds) and, with ``--enable-sleep-mode``, ``POST /sleep``, ``POST /wake_up``,
-``GET /is_sleeping`` (``serving/openai_sleep.py``) and ``POST /collective_rpc`` for ``reload_weights``
-(``serving/openai_weights.py``). Admission, caps, queue limit, drain and the in-flight registry are the
+blocks no request holds), vLLM's ``GET /load`` (no key), with ``--enable-tokenizer-info-endpoint``
+``GET /tokenizer_info`` (``serving/openai_server_info.py``) and, with ``--enable-sleep-mode``, ``POST /sleep``,
+``POST /wake_up``, ``GET /is_sleeping`` (``serving/openai_sleep.py``) and ``POST /collective_rpc`` for
+``reload_weights`` (``serving/openai_weights.py``). Admission, caps, queue limit, drain and the in-flight registry are the
 front door's, shared with gRPC; this module only maps HTTP <-> front door.
 
 Status codes (body: OpenAI's ``{"error": {"message", "type", "param", "code"}}``):
 400 bad JSON, wrong type, unknown field, out-of-range value, prompt too long, a server cap;
-401 missing/wrong ``Authorization: Bearer`` key (every path but /health, /ping, /metrics, /version); 404 unknown model or
+401 missing/wrong ``Authorization: Bearer`` key, any of --api-key's (every path but /health, /ping, /metrics, /load,
+/version); 404 unknown model or
 path (paths are exact: "/v1/models/" is a 404, not a redirect); 405 wrong method; 413 body
 larger than --max-message-bytes; 429 waiting requests >= --max-queued-requests; 503 starting,
 draining, engine wedged; 500 the engine died mid-request.
@@ -27,7 +29,6 @@ draining, engine wedged; 500 the engine died mid-request.
 
 from __future__ import annotations
 
-import hmac
 import logging
 import socket
 import time
@@ -40,6 +41,7 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.responses import JSONResponse, PlainTextResponse
 
 from jaxllm.engine.async_engine import EngineDeadError
+from serving.api_keys import KeyRing, api_keys
 from serving.frontdoor import Code, FrontDoorError, ModelInfo, check_token_ids, dead_message, invalid
 from serving.openai_errors import error_body, error_response, validation_message
 from serving.openai_classify import add_classify_routes
@@ -47,6 +49,7 @@ from serving.openai_embed import EmbeddingRequest, create_embeddings
 from serving.openai_score import add_score_routes
 from serving.openai_sleep import add_sleep_routes, is_sleeping
 from serving.openai_weights import add_weight_routes
+from serving.openai_server_info import ServerLoad, add_info_routes
 from serving.openai_generate import chat_job, completion_job, respond
 from serving.openai_protocol import (ChatCompletionRequest, CompletionRequest, DetokenizeRequest,
                                      LoadLoRAAdapterRequest, TokenizeRequest, UnloadLoRAAdapterRequest)
@@ -60,9 +63,9 @@ if TYPE_CHECKING:
 
 log = logging.getLogger(__name__)
 
-# paths served without the API key: health and its SageMaker alias, metrics and the version (vLLM
-# asks a key only under /v1; jaxllm also guards /tokenize, /detokenize and /reset_prefix_cache)
-OPEN_PATHS = ("/health", "/ping", "/metrics", "/version")
+# paths served without the API key: health and its SageMaker alias, metrics, the load count and the
+# version (vLLM's public endpoints, less its docs pages, which stay behind the key here)
+OPEN_PATHS = ("/health", "/ping", "/metrics", "/load", "/version")
 
 
 def jaxllm_version() -> str:
@@ -79,12 +82,13 @@ class _Guard:
     limit (the whole body is read here, so an oversized or chunked one is refused with 413
     before any handler parses it)."""
 
-    def __init__(self, app, api_key: str | None, max_body: int, request_id_headers: bool = False,
+    def __init__(self, app, api_key: str | tuple[str, ...] | None, max_body: int, request_id_headers: bool = False,
                  root_path: str = ""):
         self.app = app
         self.root_path = root_path  # --root-path: a path under it is the path without it (FastAPI's rule)
         self.request_id_headers = request_id_headers  # --enable-request-id-headers
-        self.expected = f"Bearer {api_key}".encode() if api_key else None
+        keys = api_keys(api_key)
+        self.keys = KeyRing(keys) if keys else None  # any of --api-key's keys lets a request in
         self.max_body = max_body
 
     async def __call__(self, scope, receive, send):
@@ -99,9 +103,9 @@ class _Guard:
         if slot.value is not None:
             scope = {**scope, RequestIdSlot.SCOPE_KEY: slot}
             send = _with_request_id(send, slot)
-        if self.expected is not None and route_path(scope.get("path", ""), self.root_path) not in OPEN_PATHS:
+        if self.keys is not None and route_path(scope.get("path", ""), self.root_path) not in OPEN_PATHS:
             got = headers.get(b"authorization", b"")
-            if not hmac.compare_digest(got, self.expected):
+            if not self.keys.accepts(got):
                 msg = ("missing API key: send the header 'Authorization: Bearer <api key>'" if not got
                        else "invalid API key")
                 return await error_response(401, msg, code="invalid_api_key")(scope, receive, send)
@@ -194,12 +198,12 @@ def build_app(server: "ServingServer") -> Any:
         """The served model, or one of its LoRA adapters (``info.lora``) when ``name`` is an
         adapter's (vLLM's rule: an adapter is chosen by ``model``); else 404."""
         info = door.model()
-        served = cfg.served_model_name or info.name
-        info.name = served
-        if name is not None and name != served:
+        names = cfg.model_names(info.name)  # vLLM's: a request may give any; answers report the first
+        served = info.name = names[0]
+        if name is not None and name not in names:
             lora = door.adapters.by_name.get(name)
             if lora is None:
-                more = "".join(f", {a!r}" for a in sorted(door.adapters.by_name))
+                more = "".join(f", {a!r}" for a in (*names[1:], *sorted(door.adapters.by_name)))
                 raise FrontDoorError(Code.NOT_FOUND, f"model={name!r} does not exist: this server serves "
                                                      f"{served!r}{more} (GET /v1/models)", "model")
             if not adapters:
@@ -243,15 +247,17 @@ def build_app(server: "ServingServer") -> Any:
         created = int(wall_started(server.async_engine.started_at))
         base = {"id": info.name, "object": "model", "created": created, "owned_by": "jaxllm",
                 "root": model, "parent": None, "max_model_len": info.max_model_len}
-        # LoRA adapters as vLLM lists them: root = the adapter's path, parent = the base model
-        cards = [base] + [{**base, "id": a.lora_name, "root": a.lora_path, "parent": info.name}
-                          for a in door.adapters.list()]
+        # a card per --served-model-name, as vLLM; then the LoRA adapters: root = the adapter's path,
+        # parent = the first name
+        cards = [base] + [{**base, "id": alias} for alias in cfg.served_model_aliases]
+        cards += [{**base, "id": a.lora_name, "root": a.lora_path, "parent": info.name}
+                  for a in door.adapters.list()]
         return {"object": "list", "data": [{**c, "permission": [_permission(created)]} for c in cards]}
 
     @app.post("/v1/load_lora_adapter")
     async def load_lora_adapter(body: LoadLoRAAdapterRequest):
         info = model_of(None)
-        lora = await door.adapters.load(body.lora_name, body.lora_path, info.name)
+        lora = await door.adapters.load(body.lora_name, body.lora_path, cfg.model_names(info.name))
         return PlainTextResponse(f"Success: LoRA adapter {lora.lora_name!r} added successfully.")
 
     @app.post("/v1/unload_lora_adapter")
@@ -346,7 +352,10 @@ def build_app(server: "ServingServer") -> Any:
 
         return Response(generate_latest(server.metrics.registry), media_type=CONTENT_TYPE_LATEST)
 
-    guarded = _Guard(app, cfg.api_key, cfg.max_message_bytes, cfg.enable_request_id_headers, cfg.root_path)
+    # GET /load (and its in-flight count, inside the key check), GET /tokenizer_info
+    load = ServerLoad(app, cfg.enable_server_load_tracking, lambda path: route_path(path, cfg.root_path))
+    add_info_routes(app, server, load)
+    guarded = _Guard(load, cfg.api_key, cfg.max_message_bytes, cfg.enable_request_id_headers, cfg.root_path)
     from starlette.middleware.cors import CORSMiddleware
 
     # outermost, as vLLM's: a browser's preflight is answered before the key check, and refusals

@@ -29,6 +29,7 @@ from grpc_reflection.v1alpha import reflection
 
 from jaxllm.engine.async_engine import AsyncEngine
 
+from serving.api_keys import KeyRing, api_keys
 from serving.auth import ApiKeyInterceptor
 from serving.config import GENERATION_SERVICE, ServerConfig
 from serving.frontdoor import FrontDoor
@@ -62,8 +63,8 @@ class ServingServer:
             if self.config.lora_modules:  # a bad adapter fails the start (start_error)
                 from serving.frontdoor import config_get
 
-                base = self.config.served_model_name or str(config_get(eng, "model") or "")
-                self.door.adapters.register_modules(eng, self.config.lora_modules, base)
+                names = self.config.model_names(str(config_get(eng, "model") or ""))
+                self.door.adapters.register_modules(eng, self.config.lora_modules, names)
             self.metrics.attach(eng)
         self.async_engine = AsyncEngine(engine, engine_factory=engine_factory, warmup=warm,
                                         idle_tick=idle_tick)
@@ -86,7 +87,8 @@ class ServingServer:
     # ----- start ----------------------------------------------------------------------
     async def start(self) -> int:
         cfg = self.config
-        interceptors = [ApiKeyInterceptor(cfg.api_key)] if cfg.api_key else []
+        keys = api_keys(cfg.api_key)
+        interceptors = [ApiKeyInterceptor(KeyRing(keys))] if keys else []
         options = [
             ("grpc.max_receive_message_length", cfg.max_message_bytes),
             ("grpc.max_send_message_length", max(cfg.max_message_bytes, 64 * 1024 * 1024)),

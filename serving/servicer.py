@@ -202,14 +202,14 @@ class GenerationServicer(pb_grpc.GenerationServicer):
     async def ListAdapters(self, request: pb.ListAdaptersRequest, context):
         info = await self._model(context)
         return pb.ListAdaptersResponse(
-            base_model=self.door.config.served_model_name or info.name,
+            base_model=self.door.config.model_names(info.name)[0],
             adapters=[_adapter(a) for a in self.door.adapters.list()])
 
     async def LoadAdapter(self, request: pb.LoadAdapterRequest, context):
         info = await self._model(context)
         try:
             lora = await self.door.adapters.load(request.name, request.path,
-                                                 self.door.config.served_model_name or info.name)
+                                                 self.door.config.model_names(info.name))
         except FrontDoorError as exc:
             await _abort(context, exc)
         return _adapter(lora)

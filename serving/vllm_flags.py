@@ -115,9 +115,6 @@ TABLE: tuple[CompatFlag, ...] = (
     CompatFlag(("--tool-server",), refused, "no built-in tool servers (browser, code interpreter)"),
     CompatFlag(("--enable-per-request-metrics",), refused_when_on, "answers carry no per-request timing metrics "
                "(they are on /metrics)", "bool", default="off"),
-    CompatFlag(("--enable-server-load-tracking",), refused_when_on, "no /load endpoint", "bool", default="off"),
-    CompatFlag(("--enable-tokenizer-info-endpoint",), refused_when_on, "no /tokenizer_info endpoint", "bool",
-               default="off"),
     CompatFlag(("--enable-log-outputs",), refused_when_on, "outputs are not logged (--enable-log-requests logs "
                "each request as it is admitted)", "bool", default="off"),
     CompatFlag(("--enable-log-deltas",), ignored, "outputs are not logged", "bool", default="on"),
@@ -253,10 +250,13 @@ TABLE: tuple[CompatFlag, ...] = (
     CompatFlag(("--collect-detailed-traces",), refused, "no OpenTelemetry tracing", "list"),
     CompatFlag(("--aggregate-engine-logging",), ignored, "one engine", "bool", default="off"),
     # ----- scheduler (SchedulerConfig) --------------------------------------------------------------------
-    CompatFlag(("--max-num-partial-prefills",), only(1), "prompts are prefilled in arrival order within the "
-               "token budget; no cap on concurrent partial prefills", type=int, default="1"),
-    CompatFlag(("--max-long-partial-prefills",), only(1), "no cap on concurrent long prefills", type=int,
-               default="1"),
+    # vLLM V1 refuses any value but 1 ("Concurrent Partial Prefill is not supported"; EngineArgs.
+    # _check_feature_supported) and later releases dropped both flags: refused here too
+    CompatFlag(("--max-num-partial-prefills",), only(1), "no concurrent partial prefill (vLLM V1 refuses it "
+               "too): prompts are prefilled in arrival order within the token budget, each chunk capped by "
+               "--long-prefill-token-threshold", type=int, default="1"),
+    CompatFlag(("--max-long-partial-prefills",), only(1), "no concurrent partial prefill (vLLM V1 refuses it "
+               "too); cap long prompts' chunks with --long-prefill-token-threshold", type=int, default="1"),
     CompatFlag(("--num-lookahead-slots",), ignored, "speculative decoding sizes its own slots "
                "(--speculative-config)", type=int, default="0"),
     CompatFlag(("--enable-chunked-prefill",), ok_when_on, "chunked prefill is always on (a prompt longer "

@@ -48,6 +48,14 @@ def test_root_path_serves_with_and_without_the_prefix(srv):
     assert httpx.get(srv.base_url + "/api/v1/models").status_code == 401
 
 
+def test_load_and_tokenizer_info_without_their_flags(srv):
+    """vLLM's defaults: /load is served without the key (answering 0: nothing is counted,
+    test_http_names_keys_load.py checks what is); /tokenizer_info does not exist."""
+    assert httpx.get(srv.base_url + "/api/load").json() == {"server_load": 0}
+    assert httpx.get(srv.base_url + "/v1/models").status_code == 401  # the key is asked elsewhere
+    assert httpx.get(srv.base_url + "/tokenizer_info", headers=KEY).status_code == 404
+
+
 def test_cors_as_configured(srv):
     pre = httpx.options(srv.base_url + "/api/v1/chat/completions", headers={
         "Origin": UI, "Access-Control-Request-Method": "POST", "Access-Control-Request-Headers": "authorization"})

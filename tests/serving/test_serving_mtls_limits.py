@@ -3,6 +3,7 @@ never logged, and the metadata / message size limits (the server keeps serving a
 
 from __future__ import annotations
 
+import hashlib
 import hmac
 import logging
 import shutil
@@ -11,7 +12,7 @@ import subprocess
 import grpc
 import pytest
 
-from serving import auth
+from serving import api_keys
 from serving.client import AsyncGenerationClient
 from serving.proto.jaxllm.v1 import generation_pb2 as pb
 from serving.proto.jaxllm.v1 import generation_pb2_grpc as pb_grpc
@@ -92,7 +93,7 @@ def test_api_key_constant_time_and_never_logged(monkeypatch, caplog):
         calls.append((a, b))
         return real(a, b)
 
-    monkeypatch.setattr(auth.hmac, "compare_digest", spy)
+    monkeypatch.setattr(api_keys.hmac, "compare_digest", spy)
     caplog.set_level(logging.DEBUG)
     near = KEY[:-1] + "X"
 
@@ -107,7 +108,9 @@ def test_api_key_constant_time_and_never_logged(monkeypatch, caplog):
                                    metadata=(("authorization", f"Bearer {KEY}"),))
             assert collect(res)["texts"][0] == "ok"
     run(main())
-    assert len(calls) == 4 and all(b == f"Bearer {KEY}".encode() for _, b in calls)
+    # only the two 'Bearer <key>' headers reach a comparison (no header / no scheme: refused before),
+    # each against the key's SHA-256, never the key
+    assert len(calls) == 2 and all(b == hashlib.sha256(KEY.encode()).digest() for _, b in calls), calls
     assert caplog.records  # the server did log (start, ready, stop) ...
     assert KEY not in caplog.text and near not in caplog.text  # ... but never the key
     assert all(KEY not in repr(r.args) for r in caplog.records)
