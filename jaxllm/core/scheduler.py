@@ -196,8 +196,7 @@ class Scheduler:
             resident = self.resident_loras() if max_loras is not None else set()
             lora_blocked = False  # an adapter request waits for a slot: later adapter requests wait too
             reserved: set[int] = set()  # adapters still loading for requests ahead: their slots are kept
-            while (self.waiting and budget > 0
-                   and len(self.running) < self.config.max_num_seqs):
+            while self.waiting and budget > 0:
                 req = self.waiting[0]
                 if req.waits_for_grammar or req.gate_closed:  # (a gated one: preempted, not yet released)
                     skipped.append(self.waiting.popleft())
@@ -214,6 +213,10 @@ class Scheduler:
                     continue
                 if req.num_output_placeholders:
                     break  # preempted while its token is in flight: resume once that token is known
+                if len(self.running) >= self.config.max_num_seqs:
+                    if scheduled or not self._preempt_held():
+                        break  # slots full: it waits (held beams only give theirs up when nothing runs)
+                    continue  # a held request's slot is free now
                 cached_blocks, num_cached = self.kv.get_computed_blocks(req)
                 n = min(req.num_tokens - num_cached, budget)
                 if 0 < self.config.long_prefill_token_threshold < n:
