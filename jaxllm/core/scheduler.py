@@ -49,8 +49,9 @@ scheduled (running: skipped, it keeps its blocks; waiting after a preemption: it
 ``LLMEngine.release_step`` allows one more. A scheduling condition like a compiling grammar, not a
 second scheduler: preemption, aborts and finishing treat gated requests like any other. One
 exception to "a waiting request never preempts": when a step would schedule nothing and the
-waiting request at the head lacks blocks, the latest held running request is preempted (held
-requests would otherwise keep the KV a driver's lagging beams need: a deadlock).
+waiting request at the head lacks blocks or a running slot (``max_num_seqs``), the latest held
+running request is preempted (held requests would otherwise keep the KV or the slots a driver's
+lagging beams need: a deadlock, e.g. ``beam_width > max_num_seqs``).
 
 Speculative decoding (synchronous steps only; vLLM's ``spec_token_ids``): a running request may
 carry ``spec_token_ids`` (drafts, e.g. from jaxllm.core.ngram_proposer). When its chunk ends its
@@ -296,7 +297,7 @@ class Scheduler:
                           self.config.max_model_len - req.num_tokens - 1))
 
     def _preempt_held(self) -> bool:
-        """Nothing else runs this step and a waiting request lacks blocks: preempt the latest running
+        """Nothing else runs this step and a waiting request lacks blocks or a slot: preempt the latest running
         request held by its step gate (it makes no progress until released; its driver may be
         waiting for the waiting one). False when none is held."""
         for victim in reversed(self.running):
