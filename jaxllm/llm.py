@@ -83,8 +83,9 @@ class LLM:
         ``llm.get_tokenizer().chat_prompt(messages)``). ``lora_request``: one for all or one per
         prompt. ``concurrency_limit``: at most this many prompts searched at once (each holds up to
         ``beam_width`` running requests); None = as many as ``max_num_seqs // beam_width`` (at least
-        1), so every live beam runs in every step (vLLM's None = all: with more beams than
-        ``max_num_seqs``, the running beams would decode ahead while the others wait). Everything is
+        1), so every live beam runs in every step (vLLM's None = all). ``beam_width > max_num_seqs``
+        works, slower: the beams of a depth take turns in the slots (held ones are preempted for the
+        waiting ones: jaxllm/core/scheduler.py, step gates). Everything is
         validated before the engine sees a request; on any error every request of this call is
         aborted (no KV block stays held)."""
         if not isinstance(params, BeamSearchParams):

@@ -49,8 +49,9 @@ scheduled (running: skipped, it keeps its blocks; waiting after a preemption: it
 ``LLMEngine.release_step`` allows one more. A scheduling condition like a compiling grammar, not a
 second scheduler: preemption, aborts and finishing treat gated requests like any other. One
 exception to "a waiting request never preempts": when a step would schedule nothing and the
-waiting request at the head lacks blocks, the latest held running request is preempted (held
-requests would otherwise keep the KV a driver's lagging beams need: a deadlock).
+waiting request at the head lacks blocks or a running slot (``max_num_seqs``), the latest held
+running request is preempted (held requests would otherwise keep the KV or the slots a driver's
+lagging beams need: a deadlock, e.g. ``beam_width > max_num_seqs``).
 
 Speculative decoding (synchronous steps only; vLLM's ``spec_token_ids``): a running request may
 carry ``spec_token_ids`` (drafts, e.g. from jaxllm.core.ngram_proposer). When its chunk ends its
@@ -196,8 +197,7 @@ class Scheduler:
             resident = self.resident_loras() if max_loras is not None else set()
             lora_blocked = False  # an adapter request waits for a slot: later adapter requests wait too
             reserved: set[int] = set()  # adapters still loading for requests ahead: their slots are kept
-            while (self.waiting and budget > 0
-                   and len(self.running) < self.config.max_num_seqs):
+            while self.waiting and budget > 0:
                 req = self.waiting[0]
                 if req.waits_for_grammar or req.gate_closed:  # (a gated one: preempted, not yet released)
                     skipped.append(self.waiting.popleft())
@@ -214,6 +214,10 @@ class Scheduler:
                     continue
                 if req.num_output_placeholders:
                     break  # preempted while its token is in flight: resume once that token is known
+                if len(self.running) >= self.config.max_num_seqs:
+                    if scheduled or not self._preempt_held():
+                        break  # slots full: it waits (held beams only give theirs up when nothing runs)
+                    continue  # a held request's slot is free now
                 cached_blocks, num_cached = self.kv.get_computed_blocks(req)
                 n = min(req.num_tokens - num_cached, budget)
                 if 0 < self.config.long_prefill_token_threshold < n:
@@ -293,7 +297,7 @@ class Scheduler:
                           self.config.max_model_len - req.num_tokens - 1))
 
     def _preempt_held(self) -> bool:
-        """Nothing else runs this step and a waiting request lacks blocks: preempt the latest running
+        """Nothing else runs this step and a waiting request lacks blocks or a slot: preempt the latest running
         request held by its step gate (it makes no progress until released; its driver may be
         waiting for the waiting one). False when none is held."""
         for victim in reversed(self.running):

@@ -109,3 +109,41 @@ def test_held_requests_give_their_blocks_to_a_waiting_one_when_nothing_else_runs
         step(sched, runner)
     assert_no_leaks(sched)
     assert b.output_token_ids == reference(range(20, 28), 4) and a.output_token_ids == reference(range(3, 11), 4)
+
+
+def test_held_requests_give_their_running_slots_to_a_waiting_one_when_nothing_else_runs():
+    """Held requests fill every running slot (max_num_seqs) and a waiting one needs a slot (beam_width
+    > max_num_seqs): with nothing else to run the latest held one is preempted; while an ungated one
+    runs, the waiting one waits for a slot as any waiting request does; an ungated workload is never
+    preempted for a slot."""
+    sched, runner = make(max_seqs=2, budget=64)
+    a, w = req("a", range(3, 11), max_tokens=4), req("w", range(60, 66), max_tokens=2)
+    a.gate = w.gate = 1
+    u = req("u", range(40, 42), max_tokens=3)
+    for r in (a, u, w):
+        sched.add_request(r)
+    assert step(sched, runner) == [("a", 8, True), ("u", 2, True)]
+    while "u" in sched.requests:  # a held, u runs: w waits (no preemption)
+        assert step(sched, runner) == [("u", 1, True)] and w.status == RequestStatus.WAITING
+    assert step(sched, runner) == [("w", 6, True)]  # u's slot
+    assert sched.num_preemptions == 0
+    w2 = req("w2", range(70, 75), max_tokens=1)
+    w2.gate = 1
+    sched.add_request(w2)
+    assert step(sched, runner) == [("w2", 5, True)]  # a, w held in both slots: w (latest) gave its slot
+    assert w.status == RequestStatus.PREEMPTED and a.status == RequestStatus.RUNNING and sched.num_preemptions == 1
+    assert step(sched, runner) == [] and list(sched.waiting) == [w]  # w2 finished; w held, nothing runs
+    a.gate = w.gate = 4
+    while sched.has_unfinished_requests():
+        assert len(step(sched, runner)) <= 2
+    assert_no_leaks(sched)
+    assert a.output_token_ids == reference(range(3, 11), 4) and w.output_token_ids == reference(range(60, 66), 2)
+
+
+def test_ungated_requests_beyond_max_num_seqs_just_wait():
+    sched, runner = make(max_seqs=2, budget=64)
+    for i in range(4):
+        sched.add_request(req(f"r{i}", range(10 * i + 3, 10 * i + 8), max_tokens=3))
+    finished = drive(sched, runner)
+    assert sched.num_preemptions == 0 and len(finished) == 4
+    assert all(finished[f"r{i}"].output_token_ids == reference(range(10 * i + 3, 10 * i + 8), 3) for i in range(4))

@@ -150,10 +150,34 @@ def test_gated_beams_in_a_kv_pool_far_too_small():
         srv.close()
 
 
-def httpx_post(srv, body):
+def test_beam_width_above_max_num_seqs():
+    """n=3 beams on a server running 2 requests at a time: the gated beams holding both slots are
+    preempted for the third (no hang: the request's timeout fails the test), same beams as offline
+    with room for every beam; plain n=3 sampling on the same server queues its third child."""
+    prompts = [[3 + ord(c) for c in s] for s in ("hello", "x")]
+    llm = LLM("fake-llm", engine=make_llm_engine(max_model_len=40, num_blocks=64, max_num_seqs=32))
+    outs = llm.beam_search([{"prompt_token_ids": p} for p in prompts], BeamSearchParams(beam_width=3, max_tokens=8))
+    srv = ThreadedServer(make_llm_engine(max_model_len=40, num_blocks=64, max_num_seqs=2))
+    try:
+        body = {"model": "fake-llm", "prompt": prompts, "n": 3, "max_tokens": 8, "temperature": 0}
+        r = httpx_post(srv, dict(body, use_beam_search=True, ignore_eos=False), timeout=20)
+        tok = srv.engine.tokenizer
+        want = [tok.decode(s.tokens[len(p):], skip_special_tokens=False) for p, o in zip(prompts, outs)
+                for s in o.sequences]
+        assert [c["text"] for c in r["choices"]] == want
+        assert srv.engine.scheduler.num_preemptions > 0
+        r = httpx_post(srv, dict(body, ignore_eos=True), timeout=20)
+        assert [c["finish_reason"] for c in r["choices"]] == ["length"] * 6
+        stats = srv.wait_idle()
+        assert stats.num_free_blocks == stats.num_blocks == 64
+    finally:
+        srv.close()
+
+
+def httpx_post(srv, body, timeout: float = 60):
     import httpx
 
-    r = httpx.post(srv.base_url + "/v1/completions", json=body, timeout=60)
+    r = httpx.post(srv.base_url + "/v1/completions", json=body, timeout=timeout)
     assert r.status_code == 200, r.text
     return r.json()
 
