@@ -40,9 +40,11 @@ from serving.frontdoor import PROBE_PREFIX  # noqa: E402,F401  (re-exported)
 
 
 def _sleeping(ae: Any) -> bool:
-    """Whether the engine sleeps (LLMEngine.is_sleeping; a frozenset read, safe from the loop)."""
-    fn = getattr(getattr(ae, "engine", None), "is_sleeping", None)
-    return bool(fn()) if callable(fn) else False
+    """Whether the engine sleeps (LLMEngine.is_sleeping; a frozenset read, safe from the loop) or its
+    weights wait for a load after a level-2 sleep (requests refused: no probe either)."""
+    engine = getattr(ae, "engine", None)
+    fn = getattr(engine, "is_sleeping", None)
+    return (bool(fn()) if callable(fn) else False) or getattr(engine, "weights_discarded", False) is True
 
 
 class HealthMonitor:
