@@ -7,7 +7,8 @@ SERVING iff all of:
   3. the engine loop is alive (step never raised, thread running);
   4. the loop heartbeat is younger than ``watchdog_timeout`` (the thread refreshes it after
      every step, and every ``idle_tick`` while idle; a step that hangs stops it);
-  5. (not while the engine sleeps, LLMEngine.sleep: no probe runs, and SERVING as vLLM's /health)
+  5. (not while the engine sleeps, LLMEngine.sleep, or its weights wait for a load after a level-2
+     sleep: no probe runs, and SERVING as vLLM's /health)
      the latest synthetic request (``max_tokens=1`` every ``health_probe_interval`` s) succeeded
      and none is pending for longer than ``watchdog_timeout`` -- unless other requests received
      tokens within the last ``watchdog_timeout`` (a busy engine queues the probe; it is not wedged).
@@ -40,9 +41,11 @@ from serving.frontdoor import PROBE_PREFIX  # noqa: E402,F401  (re-exported)
 
 
 def _sleeping(ae: Any) -> bool:
-    """Whether the engine sleeps (LLMEngine.is_sleeping; a frozenset read, safe from the loop)."""
-    fn = getattr(getattr(ae, "engine", None), "is_sleeping", None)
-    return bool(fn()) if callable(fn) else False
+    """Whether the engine sleeps (LLMEngine.is_sleeping; a frozenset read, safe from the loop) or its
+    weights wait for a load after a level-2 sleep (requests refused: no probe either)."""
+    engine = getattr(ae, "engine", None)
+    fn = getattr(engine, "is_sleeping", None)
+    return (bool(fn()) if callable(fn) else False) or getattr(engine, "weights_discarded", False) is True
 
 
 class HealthMonitor:

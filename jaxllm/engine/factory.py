@@ -164,7 +164,7 @@ def tokenizer_source(config: EngineConfig, checkpoint_source: tuple[str, str] | 
 def _reload_weights(load_format: str, dtype, seed: int, shardings, hf_overrides, layout, quantization, *,
                     model: str, built_from: str | None = None):
     """The nnx state of the checkpoint an engine was built from (``model``), loaded and built again (the
-    same shardings): a level-2 sleep's wake-up (jaxllm/runner/sleep.py) and ``reload_weights()``. A
+    same shardings): ``reload_weights()`` (a level-2 sleep's wake-up reads no checkpoint: runner/sleep.py). A
     ``model`` other than ``built_from`` (``reload_weights(path)``: a trainer's new checkpoint) is read
     with load_format "auto"."""
     from flax import nnx
@@ -285,7 +285,7 @@ def build_engine(config: EngineConfig, *, compile_cache: bool = True, warmup: bo
             *((layout.cache_scale_sharding(), layout.cache_sharding()) if layout is not None else ()))
     runner = allocate_runner(ModelRunner, model, num_blocks, runner_kw, shrink=shrink)
     num_blocks = runner.num_blocks
-    # sleep(level=2) drops the weights: wake-up loads this checkpoint again; reload_weights(path) loads another
+    # reload_weights() loads this checkpoint again, reload_weights(path) another (a level-2 wake-up reads neither)
     source = config.model or "smollm2-135m"
     runner.reload_weights = functools.partial(
         _reload_weights, load_format, dtype, config.seed, shardings, config.hf_overrides, layout, quantization_asked,

@@ -7,8 +7,11 @@ Semantics (vLLM's, jaxllm's choices where vLLM leaves room):
 * ``sleep(level=1, mode="abort")``: every unfinished request is aborted first (vLLM's default pause
   mode "abort": finish_reason "abort", their KV blocks freed; the outputs are returned), the step in
   flight is read back, the prefix cache is reset (the blocks it names are about to be discarded),
-  then the runner frees the device memory: level 1 keeps the weights in host RAM, level 2 drops them
-  (wake-up reloads the checkpoint). vLLM's other pause modes ("wait", "keep") are refused by name;
+  then the runner frees the device memory: level 1 keeps the weights in host RAM, level 2 drops them;
+  waking them after level 2 maps the memory back (zeros, as vLLM's contents are undefined) without
+  reading any checkpoint, and the weights stay *discarded* until a full ``load_weights`` or a
+  ``reload_weights`` writes them (vLLM would generate garbage meanwhile; jaxllm refuses requests with
+  :class:`WeightsDiscardedError`). vLLM's other pause modes ("wait", "keep") are refused by name;
   sleeping while asleep is a no-op (vLLM's);
 * while any tag sleeps, ``add_request`` raises :class:`EngineSleepingError` (a RuntimeError; the
   servers answer 503 / UNAVAILABLE) and the engine has nothing to step;
@@ -28,6 +31,10 @@ class EngineSleepingError(RuntimeError):
     """A request reached an engine that is asleep (``sleep()`` until ``wake_up()``)."""
 
 
+class WeightsDiscardedError(EngineSleepingError):
+    """A request reached an engine whose weights a level-2 sleep discarded and nothing loaded since."""
+
+
 class SleepMixin:
     def _init_sleep(self) -> None:
         self._sleeping: frozenset[str] = frozenset()  # tags whose device memory is freed
@@ -40,11 +47,21 @@ class SleepMixin:
     def sleeping_tags(self) -> frozenset[str]:
         return self._sleeping
 
+    @property
+    def weights_discarded(self) -> bool:
+        """Whether the weights are discarded (a level-2 sleep's wake-up, no full load since)."""
+        return bool(getattr(self.runner, "weights_discarded", False))
+
     def _check_awake(self, what: str = "request") -> None:
         if self._sleeping:
             raise EngineSleepingError(
                 f"{what} refused: the engine is sleeping (sleep(level={self._sleep_level}); asleep: "
                 f"{sorted(self._sleeping)}); call wake_up() (HTTP: POST /wake_up) first")
+        if self.weights_discarded:
+            raise WeightsDiscardedError(
+                f"{what} refused: the weights were discarded by sleep(level=2): load them with "
+                f"load_weights(...) (every tensor) or reload_weights(path) (HTTP: POST /collective_rpc "
+                f"with method reload_weights)")
 
     def sleep(self, level: int = 1, mode: str = "abort") -> list[RequestOutput]:
         """Abort every unfinished request, reset the prefix cache and free the device memory (level 1:

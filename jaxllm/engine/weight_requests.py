@@ -15,7 +15,10 @@ not mix two weight versions in one request, and the prefix cache is reset after 
 blocks hold KV computed with the old weights; vLLM resets it on reload too). RLHF loops pause or
 abort before pushing (vLLM's ``/pause`` or ``sleep()``); a request arriving during the update waits
 (the engine thread runs it between steps). While asleep, the weights tag must be awake: vLLM's
-sequence ``sleep(2)`` → ``wake_up(["weights"])`` → ``load_weights`` → ``wake_up(["kv_cache"])`` works.
+sequence ``sleep(2)`` → ``wake_up(["weights"])`` → ``load_weights`` → ``wake_up(["kv_cache"])`` works,
+and loads once: the level-2 wake-up reads no checkpoint (the weights are zeros, *discarded*), so the
+``load_weights`` after it must be full (a partial one is refused naming the missing tensors) or a
+``reload_weights``; either clears the mark and requests run again.
 """
 
 from __future__ import annotations

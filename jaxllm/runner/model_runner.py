@@ -166,7 +166,7 @@ class ModelRunner:
         self._zero_bitmasks: dict[int, jax.Array] = {}  # S -> [S, ceil(V/32)] i32 zeros on device
         self._channel = None  # multi-host: process 0 broadcasts each step (jaxllm/parallel/multihost.py)
         self._sleep = RunnerSleep()  # sleep mode (runner/sleep.py)
-        self.reload_weights = None  # () -> nnx state like self.state: level-2 wake-up's source (build_engine sets it)
+        self.reload_weights = None  # (model=path) -> nnx state like self.state: reload_weights' source (build_engine sets it)
         if jax.process_count() > 1:
             from jaxllm.parallel.multihost import StepChannel
 
@@ -313,6 +313,11 @@ class ModelRunner:
     @property
     def sleeping_tags(self) -> frozenset:
         return frozenset(self._sleep.asleep)
+
+    @property
+    def weights_discarded(self) -> bool:
+        """The weights are zeros since a level-2 sleep's wake-up, until a full load (runner/sleep.py)."""
+        return self._sleep.discarded
 
     # ----- weight updates in place (runner/weight_update.py) ------------------------
     def load_weights(self, weights) -> int:

@@ -8,9 +8,13 @@ Two tags, as vLLM's memory pools:
   weights and their scales) and the LoRA adapter slots. Level 1 copies them to host numpy first
   (``jax.device_get``: a tensor-parallel array comes back whole) and wake-up puts them back
   (``jax.device_put`` with each leaf's recorded sharding). Level 2 keeps no host copy of the
-  model's weights: wake-up calls the runner's ``reload_weights`` (build_engine sets it: the
-  checkpoint the engine was built from, loaded again) or refuses. The LoRA slots go to the host at
-  both levels: the adapters they hold are the host LoRA manager's bookkeeping, not the model's.
+  model's weights: wake-up maps the memory back (vLLM's), i.e. allocates zeros of the recorded
+  shapes, dtypes and shardings (one jitted allocation, cached: nothing compiles after the first)
+  WITHOUT reading the checkpoint, and marks the weights *discarded* (``RunnerSleep.discarded``)
+  until a full ``load_weights`` or a ``reload_weights`` writes them (the RLHF loop's next step;
+  runner/weight_update.py). Leaves that ``load_weights`` cannot write (none in the dense models
+  today) keep a host copy at level 2 too, as vLLM keeps a model's buffers. The LoRA slots go to
+  the host at both levels: the adapters they hold are the host LoRA manager's bookkeeping.
 * ``"kv_cache"``: the K/V pages and the per-row penalty state (token counts, prompt masks, last
   tokens) and the last step's hidden states. Nothing is kept: wake-up allocates zeros of the same
   shapes, dtypes and shardings (one small jitted allocation per tree, cached for later wake-ups).
@@ -98,6 +102,9 @@ class RunnerSleep:
         self.kv: Offloaded | None = None  # (pages k, pages v, counts, prompt_mask, last_tokens)
         self._kv_template = None  # the KVCache whose k/v were freed (its scales stay live)
         self._kv_zeros = None  # cached jitted allocation of the kv_cache tag's arrays
+        self._weights_zeros = None  # cached jitted allocation of the discarded weight leaves (level 2)
+        self._kept: dict[int, Any] = {}  # level 2: leaf index -> host copy of a leaf load_weights cannot write
+        self.discarded = False  # the weights are zeros since a level-2 wake-up, until a full load
 
     def sleep(self, runner, level: int) -> int:
         """Free the runner's device memory at ``level`` (1 or 2); returns the bytes freed (their nbytes;
@@ -113,6 +120,12 @@ class RunnerSleep:
         kv_tree = (kc.k, kc.v, runner.counts, runner.prompt_mask, runner.last_tokens)
         lora = runner.lora.weights if runner.lora is not None else None
         freed = device_bytes((runner.state, lora, kv_tree, getattr(runner, "_hidden", None)))
+        self._kept = {}
+        if level == 2:
+            loadable = loadable_leaves(runner)
+            if loadable is not None:
+                leaves = jax.tree.leaves(runner.state)
+                self._kept = {i: jax.device_get(x) for i, x in enumerate(leaves) if i not in loadable}
         self.weights = offload(runner.state, keep=level == 1)
         self.lora = offload(lora, keep=True) if lora is not None else None
         self.kv = offload(kv_tree, keep=False)
@@ -149,12 +162,25 @@ class RunnerSleep:
         off = self.weights
         if off.host is not None:
             return off.restore()
-        reload = getattr(runner, "reload_weights", None)
-        if reload is None:
-            raise RuntimeError("wake_up(tags=['weights']) after sleep(level=2) needs the weights again, and this "
-                               "runner has no source to reload them from (only engines built by build_engine "
-                               "reload their checkpoint); sleep at level=1 to keep a host copy")
-        state = reload()
-        check_like(state, off.specs, "wake_up after sleep(level=2)")
-        state = jax.device_put(state, jax.tree.map(lambda s: s.sharding, off.specs))  # the compiled shardings
-        return state
+        # level 2: the memory mapped back, contents zero (the caller loads): no checkpoint read
+        specs, treedef = jax.tree.flatten(off.specs)
+        if self._weights_zeros is None:
+            self._weights_zeros = _zeros_fn([s for i, s in enumerate(specs) if i not in self._kept])
+        zeros = iter(self._weights_zeros())
+        leaves = [jax.device_put(self._kept[i], s.sharding) if i in self._kept else next(zeros)
+                  for i, s in enumerate(specs)]
+        self._kept = {}
+        self.discarded = True
+        return jax.tree.unflatten(treedef, leaves)
+
+
+def loadable_leaves(runner) -> set[int] | None:
+    """Indices (among ``runner.state``'s leaves) of the weights ``load_weights`` writes; None when it
+    writes none (MoE, a runner without a checkpoint config): every leaf is discarded then, and only
+    ``reload_weights`` restores them."""
+    from jaxllm.runner.weight_update import updater
+
+    try:
+        return updater(runner).loadable()
+    except (ValueError, AttributeError):
+        return None

@@ -124,9 +124,19 @@ class WeightUpdater:
         short = held.split(".", 1)[1] if held.startswith("layers.") else held
         return any(k[-1] == short for k in self.quantized)
 
-    def collect(self, weights: Iterable, dtype) -> dict[tuple, dict]:
+    def loadable(self) -> set[int]:
+        """Indices of the state leaves ``load_weights`` writes (the others: buffers, scales)."""
+        return {h.index for h in self.held.values()}
+
+    def missing(self, names: set[str]) -> list[str]:
+        """The checkpoint tensors a full load needs that ``names`` lacks (a tied lm_head is not needed:
+        hf_tensor_map has no entry for it), in checkpoint order."""
+        return [n for n in self.names if n not in names]
+
+    def collect(self, weights: Iterable, dtype, seen: set[str] | None = None) -> dict[tuple, dict]:
         """Checked updates: {leaf key: {(part, layer): one layer's slice in the checkpoint layout}}.
-        ValueError naming the tensor for an unknown name, a wrong shape or a non-float dtype."""
+        ValueError naming the tensor for an unknown name, a wrong shape or a non-float dtype. The
+        canonical names applied are added to ``seen``."""
         updates: dict[tuple, dict] = {}
         for item in weights:
             if not (isinstance(item, (tuple, list)) and len(item) == 2 and isinstance(item[0], str)):
@@ -146,6 +156,8 @@ class WeightUpdater:
             if np.dtype(arr.dtype).name not in _FLOAT_KINDS:
                 raise ValueError(f"tensor {raw_name}: dtype {arr.dtype} is invalid: must be a float dtype "
                                  f"({', '.join(_FLOAT_KINDS)})")
+            if seen is not None:
+                seen.add(name)
             for t in entry.targets:
                 if self._is_quantized(t.param):
                     raise ValueError(f"tensor {raw_name}: the model holds {t.param} quantized; load_weights writes "
@@ -192,16 +204,34 @@ class WeightUpdater:
         return len(old)
 
 
-def load_weights(runner, weights: Iterable) -> int:
-    """The runner's weights updated from `weights` ((HF name, tensor) pairs); returns the number of
-    tensors applied. Nothing changes when any tensor is refused (ValueError naming it)."""
-    if runner.state is None:
-        raise RuntimeError("load_weights: the weights are asleep; wake_up(tags=['weights']) first")
+def updater(runner) -> WeightUpdater:
+    """The runner's WeightUpdater, built on first use (ValueError for a model load_weights refuses)."""
     up = getattr(runner, "_weight_updater", None)
     if up is None:
         up = runner._weight_updater = WeightUpdater(runner, runner.checkpoint_config)
-    updates = up.collect(weights, runner.state_dtype)
+    return up
+
+
+def load_weights(runner, weights: Iterable) -> int:
+    """The runner's weights updated from `weights` ((HF name, tensor) pairs); returns the number of
+    tensors applied. Nothing changes when any tensor is refused (ValueError naming it). While the
+    weights are discarded (a level-2 sleep's wake-up: zeros) only a full set is taken, and it clears
+    the mark; a partial one is refused naming what it lacks."""
+    if runner.state is None:
+        raise RuntimeError("load_weights: the weights are asleep; wake_up(tags=['weights']) first")
+    up = updater(runner)
+    seen: set[str] = set()
+    updates = up.collect(weights, runner.state_dtype, seen)
+    sleep = runner._sleep
+    if sleep.discarded:
+        missing = up.missing(seen)
+        if missing:
+            shown = ", ".join(missing[:4]) + (f", ... ({len(missing) - 4} more)" if len(missing) > 4 else "")
+            raise ValueError(f"weights: {len(missing)} of the model's {len(up.names)} tensors missing ({shown}); the "
+                             f"weights were discarded by sleep(level=2), so load_weights must write every one of "
+                             f"them (or call reload_weights(path)); nothing was changed")
     up.apply(runner, updates)
+    sleep.discarded = False
     return sum(len(v) for v in updates.values())
 
 
@@ -220,3 +250,4 @@ def reload_from(runner, path: str | None) -> None:
     for x in jax.tree.leaves(runner.state):
         x.delete()
     runner.state = state
+    runner._sleep.discarded = False

@@ -4,17 +4,19 @@ The references are independent of the code under test: the device bytes are coun
 ``jax.live_arrays()`` (what XLA still holds) against the weights' and cache's own nbytes taken before
 sleeping; outputs after a wake-up are compared with the same prompts' outputs before the sleep
 (greedy and seeded); compiles are counted three ways (the runner's executables, its traces, and JAX's
-own backend-compile events)."""
+own backend-compile events); a level-2 wake-up's checkpoint reads are counted by a stand-in source
+that raises when read."""
 from __future__ import annotations
 
 import jax
+import numpy as np
 import pytest
 from jax._src import monitoring
 
 from jaxllm import LLM, SamplingParams
 from jaxllm.config import EngineConfig
 from jaxllm.engine.factory import build_engine
-from jaxllm.engine.sleep_requests import EngineSleepingError
+from jaxllm.engine.sleep_requests import EngineSleepingError, WeightsDiscardedError
 from tests.engine_checks import assert_clean
 
 # 2 decode + 1 mixed bucket; a 32-block cache (4 tokens of 2 layers x 4 kv heads x 8 dims, f32)
@@ -95,32 +97,74 @@ def test_sleep_resets_the_prefix_cache(llm):
     assert kv.prefix_hits == hits  # the repeat found nothing cached: the cache was reset
 
 
-def test_level_2_reloads_the_checkpoint_tag_by_tag(llm):
+class Source:
+    """A stand-in for the runner's checkpoint source that counts its reads (``raising``: refuses them)."""
+
+    def __init__(self, runner, raising: bool = False):
+        self.runner, self.raising, self.reads = runner, raising, 0
+
+    def __call__(self, **kw):
+        self.reads += 1
+        if self.raising:
+            raise AssertionError("the checkpoint was read")
+        return self.original(**kw)
+
+    def __enter__(self):
+        self.original, self.runner.reload_weights = self.runner.reload_weights, self
+        return self
+
+    def __exit__(self, *exc):
+        self.runner.reload_weights = self.original
+
+
+def _all_zero(state) -> bool:
+    return all(not np.asarray(jax.device_get(x)).any() for x in jax.tree.leaves(state))
+
+
+def test_level_2_wake_up_reads_no_checkpoint_and_refuses_requests_until_a_load(llm):
+    runner = llm.engine.runner
     before = _run(llm)
-    llm.sleep(level=2)
-    llm.wake_up(tags=["weights"])  # vLLM's RLHF order: weights first, then the KV cache
-    assert llm.is_sleeping() and llm.engine.sleeping_tags == {"kv_cache"}
-    with pytest.raises(EngineSleepingError, match="sleeping"):
+    specs = [(x.shape, x.dtype, x.sharding) for x in jax.tree.leaves(runner.state)]
+    with Source(runner, raising=True) as src:
+        llm.sleep(level=2)
+        llm.wake_up(tags=["weights"])  # vLLM's RLHF order: weights first, then the KV cache
+        assert llm.is_sleeping() and llm.engine.sleeping_tags == {"kv_cache"}
+        with pytest.raises(EngineSleepingError, match="sleeping"):
+            llm.generate(PROMPTS, GREEDY, use_tqdm=False)
+        llm.wake_up(tags=["kv_cache"])
+        assert src.reads == 0 and not llm.is_sleeping()
+    assert [(x.shape, x.dtype, x.sharding) for x in jax.tree.leaves(runner.state)] == specs
+    assert _all_zero(runner.state)  # mapped back, contents undefined (here zeros): nothing was read
+    with pytest.raises(WeightsDiscardedError, match=r"discarded by sleep\(level=2\): load them with load_weights"):
         llm.generate(PROMPTS, GREEDY, use_tqdm=False)
-    llm.wake_up(tags=["kv_cache"])
-    assert not llm.is_sleeping()
-    with Compiles(llm.engine.runner) as c:
-        assert _run(llm) == before  # dummy weights of the same seed, loaded again
+    with pytest.raises(WeightsDiscardedError):  # an embed/generate request alike: refused at add_request
+        llm.engine.add_request("r1", {"prompt_token_ids": [1, 2, 3]}, GREEDY)
+    assert llm.engine.step() == []
+    assert_clean(llm.engine)
+    with Source(runner) as src:
+        llm.reload_weights()  # no path: the checkpoint the engine was built from
+        assert src.reads == 1
+    assert not llm.engine.weights_discarded
+    with Compiles(runner) as c:
+        assert _run(llm) == before  # dummy weights of the same seed, loaded once
     assert c.none()
 
 
-def test_level_2_without_a_reload_source_refuses_then_recovers(llm):
+def test_a_second_level_2_wake_up_compiles_nothing_and_level_1_keeps_the_mark(llm):
     runner = llm.engine.runner
-    source, runner.reload_weights = runner.reload_weights, None
-    try:
+    before = _run(llm)
+    llm.sleep(2)
+    llm.wake_up()  # the allocation is compiled here at the latest (the test above may have done it)
+    with Source(runner, raising=True):
         llm.sleep(2)
-        with pytest.raises(RuntimeError, match=r"sleep\(level=2\) needs the weights again"):
-            llm.wake_up()
-        assert llm.engine.sleeping_tags == {"weights", "kv_cache"}  # nothing half-woken
-    finally:
-        runner.reload_weights = source
-    llm.wake_up()
-    assert not llm.is_sleeping()
+        with Compiles(runner) as c:
+            llm.wake_up()  # tags=None: both, no checkpoint read
+        assert c.none(), (c.before, c.after, c.backend)
+        llm.sleep(1)  # a level-1 sleep of discarded weights keeps them discarded
+        llm.wake_up()
+    assert llm.engine.weights_discarded and _all_zero(runner.state)
+    llm.reload_weights()
+    assert _run(llm) == before
 
 
 def test_requests_while_asleep_are_refused_and_leak_nothing(llm):

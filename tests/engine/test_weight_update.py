@@ -5,7 +5,8 @@ Two tiny random Qwen2 checkpoints (tied embeddings, q/k/v bias): A (seed 1), the
 built from it; B (seed 0). The references are independent of the code under test: an engine built
 from B's directory by the loader (and HF transformers' greedy generate on B) for a full push; the
 loader's whole-checkpoint path (reload_weights of a directory saved with one tensor changed) for a
-partial one; the prefix-cache hit counter; compiles counted as tests/engine/test_sleep.py counts them."""
+partial one; the prefix-cache hit counter; compiles and checkpoint reads counted as
+tests/engine/test_sleep.py counts them."""
 from __future__ import annotations
 
 import numpy as np
@@ -14,9 +15,9 @@ import pytest
 from jaxllm import LLM, SamplingParams
 from jaxllm.config import EngineConfig
 from jaxllm.engine.factory import build_engine
-from jaxllm.engine.sleep_requests import EngineSleepingError
+from jaxllm.engine.sleep_requests import EngineSleepingError, WeightsDiscardedError
 from jaxllm.engine.weight_requests import EngineBusyError
-from tests.engine.test_sleep import Compiles
+from tests.engine.test_sleep import Compiles, Source, _all_zero
 from tests.engine_checks import assert_clean
 from tests.models.hf_tiny import make_tiny_hf
 
@@ -145,18 +146,51 @@ def test_unfinished_requests_are_refused_until_done(llm, dirs):
 def test_vllm_rlhf_sequence_sleep_2_wake_weights_load_wake_kv(llm, ref, dirs):
     a, _, _, sd, _ = dirs
     llm.reload_weights(a)  # back to A
+    runner = llm.engine.runner
     llm.sleep(level=2)
     with pytest.raises(EngineSleepingError, match=r"weights are asleep.*wake_up\(tags=\['weights'\]\)"):
         llm.load_weights(sd.items())
-    llm.wake_up(tags=["weights"])
-    with Compiles(llm.engine.runner) as c:
-        llm.load_weights(sd.items())
-    assert c.none()
-    llm.wake_up(tags=["kv_cache"])  # (its first wake-up compiles the zeros' allocation: sleep mode's, once)
-    with Compiles(llm.engine.runner) as c:
+    with Source(runner, raising=True) as src:  # the wake-up maps memory back: no checkpoint read
+        llm.wake_up(tags=["weights"])
+        with Compiles(runner) as c:
+            llm.load_weights(sd.items())
+        llm.wake_up(tags=["kv_cache"])  # (its first wake-up compiles the zeros' allocation: sleep mode's, once)
+    assert c.none() and src.reads == 0
+    with Compiles(runner) as c:
         after = _run(llm)
     assert c.none()
     assert _same(after, _run(ref))
+
+
+def test_after_level_2_a_partial_load_is_refused_and_a_full_one_or_a_reload_serves(llm, ref, dirs):
+    a, _, _, sd, q1 = dirs
+    llm.sleep(level=2)
+    llm.wake_up()
+    eng = llm.engine
+    assert eng.weights_discarded and not llm.is_sleeping()
+    with pytest.raises(WeightsDiscardedError, match=r"discarded by sleep\(level=2\)"):
+        _run(llm)
+    assert_clean(eng)
+    n = len(sd) - 1  # tied lm_head excepted
+    partial = [(k, v) for k, v in sd.items() if k not in (Q1, "lm_head.weight")]
+    with pytest.raises(ValueError, match=rf"weights: 1 of the model's {n} tensors missing \({Q1}\); .*nothing was "
+                                         rf"changed"):
+        llm.load_weights(partial)
+    with pytest.raises(ValueError, match=rf"weights: {n - 1} of the model's {n} tensors missing "
+                                         rf"\(model\.embed_tokens\.weight, .*\({n - 5} more\)"):
+        llm.load_weights([(Q1, q1.numpy())])
+    assert eng.weights_discarded and _all_zero(eng.runner.state)  # the refusals wrote nothing
+    with pytest.raises(WeightsDiscardedError):
+        _run(llm)
+    assert llm.load_weights(sd.items()) == n  # everything, lm_head given or not
+    assert not eng.weights_discarded and _same(_run(llm), _run(ref))
+    llm.sleep(level=2)
+    llm.wake_up()
+    llm.reload_weights(a)  # a checkpoint directory clears the mark too
+    assert not eng.weights_discarded
+    assert not _same(_run(llm), _run(ref))
+    llm.reload_weights(dirs[1])
+    assert _same(_run(llm), _run(ref))
 
 
 def test_collective_rpc_maps_onto_the_weight_methods(llm, ref, dirs):

@@ -8,20 +8,40 @@ from __future__ import annotations
 
 import os
 
+import grpc
 import httpx
 import pytest
 
 from http_helpers import ThreadedServer
 from jaxllm.config import EngineConfig
 from jaxllm.engine.engine import LLMEngine
-from test_http_sleep import AUTH, BODY, KEY, SleepyRunner
+from test_http_sleep import AUTH, BODY, KEY, SleepyRunner, _grpc_code
 from tests.fakes.fake_tokenizer import FakeIncrementalDetokenizer, FakeTokenizer
 
 
 class ReloadingRunner(SleepyRunner):
+    """Also the real runner's level-2 contract: waking the weights leaves them discarded (no step may
+    run) until a reload."""
+
     def __init__(self, *a, **kw):
         super().__init__(*a, **kw)
         self.reloads: list[str | None] = []
+        self.level = 0
+        self.weights_discarded = False
+
+    def sleep(self, level: int) -> int:
+        self.level = level
+        return super().sleep(level)
+
+    def wake_up(self, tags) -> None:
+        if "weights" in tags and "weights" in self.asleep and self.level == 2:
+            self.weights_discarded = True
+        super().wake_up(tags)
+
+    def dispatch(self, out):
+        if self.weights_discarded and out.seqs:
+            raise AssertionError("a step ran on discarded weights")
+        return super().dispatch(out)
 
     def load_weights(self, weights) -> int:
         return len(list(weights))
@@ -32,6 +52,7 @@ class ReloadingRunner(SleepyRunner):
         if path is not None and not os.path.isdir(path):
             raise ValueError(f"{path}: no such file or directory")
         self.reloads.append(path)
+        self.weights_discarded = False
 
 
 def make_engine(enable_sleep_mode: bool = True) -> LLMEngine:
@@ -125,3 +146,21 @@ def test_asleep_weights_refuse_and_the_flag_gates_the_route(srv):
             assert r.status_code == 404 and "--enable-sleep-mode" in r.json()["error"]["message"], r.text
     finally:
         s.close()
+
+
+def test_after_level_2_requests_get_503_until_a_reload(srv, tmp_path):
+    runner = srv.engine.runner
+    with httpx.Client(base_url=srv.base_url, headers=AUTH, timeout=30) as h:
+        assert h.post("/sleep", params={"level": 2}).status_code == 200
+        assert h.post("/wake_up").status_code == 200
+        assert h.get("/is_sleeping").json() == {"is_sleeping": False}  # every tag awake (vLLM's)
+        r = h.post("/v1/completions", json=BODY)
+        assert r.status_code == 503 and "discarded by sleep(level=2)" in r.json()["error"]["message"], r.text
+        code, details = srv.call(_grpc_code(srv.server.port))
+        assert code == grpc.StatusCode.UNAVAILABLE and "reload_weights(path)" in details
+        assert h.get("/health").json() == {"status": "SERVING"}  # alive; no probe runs on discarded weights
+        s = srv.wait_idle()
+        assert s.num_free_blocks == s.num_blocks  # the refusals held no block
+        assert rpc(h, {"method": "reload_weights", "kwargs": {"weights_path": str(tmp_path)}}).status_code == 200
+        assert runner.reloads[-1] == str(tmp_path) and not runner.weights_discarded
+        assert h.post("/v1/completions", json=BODY).status_code == 200
