@@ -25,9 +25,9 @@ from fastapi import Request
 
 from jaxllm.pooling_params import PoolingParams
 from serving.frontdoor import FrontDoor, ModelInfo, invalid
-from serving.openai_embed import _prompts
+from serving.openai_embed import pooling_prompts
 from serving.openai_pooling_chat import PoolingChatFields
-from serving.openai_pooling_fields import PoolingFields, text_prompts
+from serving.openai_pooling_fields import PoolingFields
 from serving.request_ids import engine_prefix
 
 
@@ -84,14 +84,7 @@ async def create_classify(door: FrontDoor, info: ModelInfo, body: Classification
     """``request_id``: the client's (checked by the caller), None = a fresh uuid."""
     check_classify_task(info, path)
     body.check_pooling_fields()
-    if body.is_chat():  # vLLM's chat-shaped body: the conversation rendered, one prompt
-        prompts = [body.chat_prompt(info.tokenizer, door.config)]
-    else:
-        try:
-            prompts = _prompts(body, info.vocab_size, door.config.max_queued_requests)
-        except ValueError as exc:
-            raise invalid(str(exc), "input") from None
-        prompts = text_prompts(prompts, info.tokenizer, body.special_tokens())
+    prompts = pooling_prompts(door, info, body)
     answer_id = "classify-" + (request_id or uuid.uuid4().hex)
     answers = await classify_prompts(door, info, prompts, body.truncation(info.max_model_len),
                                      body.activation_flag("activation", body.activation), answer_id,

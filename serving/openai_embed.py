@@ -90,6 +90,18 @@ def _prompts(body: EmbeddingRequest, vocab_size: int | None, max_items: int) -> 
     return items
 
 
+def pooling_prompts(door: FrontDoor, info: ModelInfo, body) -> list:
+    """An embeddings / classify body's engine prompts: vLLM's chat-shaped body (``messages``) rendered as
+    one prompt, else ``input``'s items (strings tokenized with the body's special-token choice)."""
+    if body.is_chat():
+        return [body.chat_prompt(info.tokenizer, door.config)]
+    try:
+        prompts = _prompts(body, info.vocab_size, door.config.max_queued_requests)
+    except ValueError as exc:
+        raise invalid(str(exc), "input") from None
+    return text_prompts(prompts, info.tokenizer, body.special_tokens())
+
+
 async def create_embeddings(door: FrontDoor, info: ModelInfo, body: EmbeddingRequest,
                             request_id: str | None = None) -> dict:
     """``request_id``: the client's (checked by the caller), None = a fresh uuid."""
@@ -104,14 +116,7 @@ async def create_embeddings(door: FrontDoor, info: ModelInfo, body: EmbeddingReq
     if body.encoding_format == "base64" and body.embed_dtype not in EMBED_DTYPES:
         raise invalid(f"embed_dtype={body.embed_dtype!r} is not supported by this server: use one of "
                       f"{', '.join(EMBED_DTYPES)}", "embed_dtype")
-    if body.is_chat():  # vLLM's chat-shaped body: the conversation rendered, one prompt
-        prompts = [body.chat_prompt(info.tokenizer, door.config)]
-    else:
-        try:
-            prompts = _prompts(body, info.vocab_size, door.config.max_queued_requests)
-        except ValueError as exc:
-            raise invalid(str(exc), "input") from None
-        prompts = text_prompts(prompts, info.tokenizer, body.special_tokens())
+    prompts = pooling_prompts(door, info, body)
     try:
         normalize = body.activation_flag("normalize", body.normalize)
         params = PoolingParams(pooling_type=body.pooling_type, normalize=normalize,

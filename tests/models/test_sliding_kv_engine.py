@@ -12,13 +12,13 @@ reference here. The sliding engine (async scheduling on) gets fewer blocks than 
   positions the next query reads, plus the chunk being written), while the classic one holds one per 4 tokens;
 * every block is back in the pool after each run.
 """
-import numpy as np
 import pytest
 
-from jaxllm import LLM, BeamSearchParams, SamplingParams
+from jaxllm import LLM, SamplingParams
 from jaxllm.core.kv_cache_groups import cdiv
 from tests.models.hf_tiny import make_tiny_hf
-from tests.models.test_gemma_hf import hf_greedy
+from tests.models.kv_group_checks import (assert_all_free, greedy_matches_classic_and_hf,
+                                          sampling_n_and_beam_match_classic)
 
 BS, W, BUDGET = 4, 8, 16
 MAX_LEN = 96
@@ -48,12 +48,6 @@ def engines(tmp_path_factory):
     return path, LLM("sliding", engine=sliding), LLM("classic", engine=classic)
 
 
-def assert_all_free(llm):
-    e = llm.engine
-    assert not e.has_unfinished_requests() and not e.kv.req_blocks and not e.kv.fork_pins
-    assert e.kv.num_free_blocks == e.kv.num_blocks
-    e.kv.pool.check_invariants()
-
 
 def test_one_sliding_group_and_sizing(engines):
     from jaxllm.core.hybrid_kv_cache_manager import HybridKVCacheManager
@@ -74,44 +68,13 @@ def test_one_sliding_group_and_sizing(engines):
 
 def test_greedy_matches_classic_and_hf_with_prefix_hits_and_preemption(engines):
     path, sliding, classic = engines
-    rng = np.random.default_rng(3)
-    prompts = [rng.integers(0, 250, n).tolist() for n in (5, 23, 41, 30)]
-    prompts[3][:20] = prompts[2][:20]  # a shared prefix: a hit in the same round
-    params = SamplingParams(temperature=0, max_tokens=30, ignore_eos=True)
-    want = hf_greedy(path, prompts, 30)
-    reqs = [{"prompt_token_ids": p} for p in prompts]
-    assert [list(o.outputs[0].token_ids) for o in classic.generate(reqs, params, use_tqdm=False)] == want
-    assert_all_free(classic)
-    e = sliding.engine
-    for round_ in range(2):
-        hits, preempted = e.kv.prefix_hits, e.scheduler.num_preemptions
-        outs = sliding.generate(reqs, params, use_tqdm=False)
-        assert [list(o.outputs[0].token_ids) for o in outs] == want, round_
-        assert_all_free(sliding)
-        assert e.kv.prefix_hits > hits, round_
-    assert e.scheduler.num_preemptions > 0  # 4 requests of 3 to 7 blocks in 8
+    assert greedy_matches_classic_and_hf(path, sliding, classic) > 0  # 4 requests of 3 to 7 blocks in 8
 
 
 def test_sampling_n_and_beam_search_match_classic(engines, monkeypatch):
     _, sliding, classic = engines
-    runner = sliding.engine.runner
-    copies = []
-    real_copy = runner._copy_blocks
-    monkeypatch.setattr(runner, "_copy_blocks", lambda pairs: (copies.append(list(pairs)), real_copy(pairs)))
-    prompts = [{"prompt_token_ids": list(range(3, 30))}, {"prompt_token_ids": [7, 9, 11] * 5}]
-    params = SamplingParams(n=3, temperature=1.0, seed=11, max_tokens=20, ignore_eos=True)
-    got = [[list(c.token_ids) for c in o.outputs] for o in sliding.generate(prompts, params, use_tqdm=False)]
-    want = [[list(c.token_ids) for c in o.outputs] for o in classic.generate(prompts, params, use_tqdm=False)]
-    assert got == want and len({tuple(t) for t in got[0]}) > 1
-    beam = BeamSearchParams(beam_width=3, max_tokens=14, ignore_eos=True)
-    got = sliding.beam_search([[5, 17, 33, 2, 99, 140, 7, 8, 9, 10, 11]], beam)
-    want = classic.beam_search([[5, 17, 33, 2, 99, 140, 7, 8, 9, 10, 11]], beam)
-    assert [s.tokens for s in got[0].sequences] == [s.tokens for s in want[0].sequences]
-    assert np.allclose([s.cum_logprob for s in got[0].sequences], [s.cum_logprob for s in want[0].sequences],
-                       atol=1e-4)
+    copies = sampling_n_and_beam_match_classic(sliding, classic, monkeypatch)
     assert copies  # forks copied their partial block
-    assert_all_free(sliding)
-    assert_all_free(classic)
 
 
 def window_blocks(num_computed: int, num_tokens: int) -> int:

@@ -49,11 +49,11 @@ class SleepyRunner(SlowRunner):
         return super().dispatch(out)
 
 
-def make_engine(enable_sleep_mode: bool = True) -> LLMEngine:
+def make_engine(enable_sleep_mode: bool = True, runner_cls=SleepyRunner) -> LLMEngine:
     tok = FakeTokenizer()
     config = EngineConfig(model="fake-llm", block_size=4, max_model_len=4096, max_num_batched_tokens=64,
                           max_num_seqs=8, enable_sleep_mode=enable_sleep_mode)
-    runner = SleepyRunner(2048, 4, vocab_size=tok.vocab_size, eos_token_ids=tok.eos_token_ids)
+    runner = runner_cls(2048, 4, vocab_size=tok.vocab_size, eos_token_ids=tok.eos_token_ids)
     return LLMEngine(config, runner, tok, detokenizer_factory=FakeIncrementalDetokenizer)
 
 

@@ -13,10 +13,9 @@ import httpx
 import pytest
 
 from http_helpers import ThreadedServer
-from jaxllm.config import EngineConfig
 from jaxllm.engine.engine import LLMEngine
 from test_http_sleep import AUTH, BODY, KEY, SleepyRunner, _grpc_code
-from tests.fakes.fake_tokenizer import FakeIncrementalDetokenizer, FakeTokenizer
+from test_http_sleep import make_engine as sleep_engine
 
 
 class ReloadingRunner(SleepyRunner):
@@ -56,11 +55,7 @@ class ReloadingRunner(SleepyRunner):
 
 
 def make_engine(enable_sleep_mode: bool = True) -> LLMEngine:
-    tok = FakeTokenizer()
-    config = EngineConfig(model="fake-llm", block_size=4, max_model_len=4096, max_num_batched_tokens=64,
-                          max_num_seqs=8, enable_sleep_mode=enable_sleep_mode)
-    runner = ReloadingRunner(2048, 4, vocab_size=tok.vocab_size, eos_token_ids=tok.eos_token_ids)
-    return LLMEngine(config, runner, tok, detokenizer_factory=FakeIncrementalDetokenizer)
+    return sleep_engine(enable_sleep_mode, runner_cls=ReloadingRunner)
 
 
 @pytest.fixture(scope="module")
