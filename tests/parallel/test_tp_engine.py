@@ -212,7 +212,7 @@ def test_smollm2_head_layout_tp3_equals_tp1(tmp_path_factory):
     path = make_tiny_llama(str(tmp_path_factory.mktemp("tp3")), num_attention_heads=9, num_key_value_heads=3,
                            hidden_size=144, intermediate_size=192, vocab_size=576, tie_word_embeddings=True)
     engines = engine_factory(path)
-    ref = [o.outputs[0] for o in run(engines(1))]
+    ref = [o.outputs[0] for o in run(engines(1, warmup=False))]  # the reference compiles only what it runs
     e = engines(3)
     got = [o.outputs[0] for o in run(e)]
     assert e.runner.tensor_parallel_size == 3
