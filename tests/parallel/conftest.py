@@ -8,7 +8,7 @@ When a whole group of CHILD_GROUPS is collected (`make test`, `pytest tests/para
 run in ONE child, reported as its first module's item: they share the child's imports (torch,
 transformers, jax on 8 devices) and in-memory compiles (132 s in one child vs 199 s in four for the
 MoE/int4 group, 2026-12-03). A module collected alone, or outside any group, runs in its own child.
-Modules marked slow (test_tp_smollm2, test_multihost) stay alone, so `-m "not slow"` deselects only them.
+Modules marked slow (test_multihost) stay alone, so `-m "not slow"` deselects only them.
 """
 from __future__ import annotations
 

@@ -1,5 +1,5 @@
 """The serving engine at tensor_parallel_size 1, 4, 8 on a tiny random Llama (8 heads / 4 kv heads;
-tp=8 replicates kv heads): identical greedy outputs and prompt logprobs, ~1/tp of the sharded
+tp=8 replicates kv heads), and at 3 on one of SmolLM2's head layout (9 / 3, tied embeddings): identical greedy outputs and prompt logprobs, ~1/tp of the sharded
 parameters and of the KV cache per device, each device's shard of the fused wqkv / w_gate_up holding
 exactly its own q/k/v and gate/up slices, Megatron collectives only, zero compiles after warm-up,
 structured outputs and beam search across tp. tp=2 is covered elsewhere: its forward, fp8 KV cache
@@ -200,3 +200,30 @@ def test_beam_search_forks_across_tp_without_compiles(engines):
             np.testing.assert_allclose([s.cum_logprob for s in g.sequences], [s.cum_logprob for s in r.sequences],
                                        atol=1e-4, rtol=0)
         assert e.get_stats().num_free_blocks == e.get_stats().num_blocks
+
+
+def test_smollm2_head_layout_tp3_equals_tp1(tmp_path_factory):
+    """SmolLM2-135M's head layout (9 q heads / 3 kv heads, tied embeddings) at tensor_parallel_size=3 on a
+    tiny random model of that layout (9 / 3 heads of 16, tied, F = 192, vocab 576: each divisible by 3):
+    three q heads and one kv head per device, the vocab-parallel LM head on the tied embedding; greedy
+    tokens and top-5 logprobs equal tp=1's, nothing compiled after warm-up. (The real SmolLM2 at tp=3 took
+    a child process of its own and ~100 test-seconds; what tp=3 shards is the layout, not the weights.
+    The real checkpoint's parity with HF: tests/e2e/test_smollm2.py.)"""
+    path = make_tiny_llama(str(tmp_path_factory.mktemp("tp3")), num_attention_heads=9, num_key_value_heads=3,
+                           hidden_size=144, intermediate_size=192, vocab_size=576, tie_word_embeddings=True)
+    engines = engine_factory(path)
+    ref = [o.outputs[0] for o in run(engines(1, warmup=False))]  # the reference compiles only what it runs
+    e = engines(3)
+    got = [o.outputs[0] for o in run(e)]
+    assert e.runner.tensor_parallel_size == 3
+    assert compiles(e.runner) == engines.built[3][1], "compiled after warm-up"
+    k = e.runner.kv_cache.k
+    assert k.shape[3] == 3 and [s.data.shape[3] for s in k.addressable_shards] == [1, 1, 1]  # one kv head each
+    names = [str(keypath) for keypath, _ in jax.tree_util.tree_leaves_with_path(e.runner.state)]
+    assert any("embed" in n for n in names) and not any("lm_head" in n for n in names)  # tied: no LM head of its own
+    for r, g in zip(ref, got):
+        assert g.token_ids == r.token_ids
+        for lr, lg in zip(r.logprobs, g.logprobs):
+            assert set(lg) == set(lr)
+            np.testing.assert_allclose([lg[t].logprob for t in lr], [lr[t].logprob for t in lr], atol=1e-4, rtol=0)
+    assert len({tuple(r.token_ids) for r in ref}) > 1  # the prompts lead to different greedy runs

@@ -41,14 +41,15 @@ def test_logits_match_tp1(path):
 COLLECTIVE = r"= (\S+?)\{[^}]*\} (all-reduce|all-gather|reduce-scatter|all-to-all|collective-permute)(?:-start)?\("
 
 
-@pytest.mark.parametrize("layer_loop", ["scan", "unroll"])
-def test_fused_split_adds_no_collective(path, layer_loop):
-    """The decode forward at tp=4 in either layer loop: splitting the fused qkv / gate_up outputs
-    communicates nothing: one all-reduce for the embedding, two per layer body, one all-gather of
-    the [S, V] logits; no weight or activation gathered, permuted or scattered."""
+# the (tp, loop) pairs test_logits_match_tp1 compiled: the HLO comes from its programs, no compile of its own
+@pytest.mark.parametrize("tp,layer_loop", [(4, "scan"), (2, "unroll")])
+def test_fused_split_adds_no_collective(path, tp, layer_loop):
+    """The decode forward at tp=4 (scan) and tp=2 (unroll) (kv heads sharded at both): splitting the
+    fused qkv / gate_up outputs communicates nothing: one all-reduce for the embedding, two per layer
+    body, one all-gather of the [S, V] logits; no weight or activation gathered, permuted or scattered."""
     import re
 
-    _, _, hlo = forward_logits(path, 4, layer_loop, hlo=True)
+    _, _, hlo = forward_logits(path, tp, layer_loop, hlo=True)
     ops = sorted(m.groups() for m in re.finditer(COLLECTIVE, hlo))
     bodies = 1 if layer_loop == "scan" else 2  # the tiny model has 2 layers
     assert ops == [("f32[2,512]", "all-gather")] + [("f32[2,64]", "all-reduce")] * (1 + 2 * bodies), ops
