@@ -244,7 +244,7 @@ def http_requests(draw, vocab: int, key: str, paths: list[str], max_body: int, s
     if auth >= 3:
         headers["Authorization"] = f"Bearer {key}"
     elif auth == 1:
-        headers["Authorization"] = draw(st.sampled_from([f"Bearer {key}x", key, f"bearer {key}", "Bearer",
+        headers["Authorization"] = draw(st.sampled_from([f"Bearer {key}x", key, f"bearer {key}", f"bEaRer {key.upper()}", "Bearer",
                                                          f"Bearer  {key}", "Basic eDp5"]))
     content = b""
     if method != "GET":
