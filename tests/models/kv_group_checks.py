@@ -3,8 +3,34 @@ test_sliding_kv_engine: an all-sliding Mistral's one sliding group): each engine
 classic one-full-group engine over the same weights, and HF generate."""
 import numpy as np
 
-from jaxllm import BeamSearchParams, SamplingParams
+from jaxllm import LLM, BeamSearchParams, SamplingParams
+from tests.models.hf_tiny import make_tiny_hf
 from tests.models.test_gemma_hf import hf_greedy
+
+
+def build_grouped_and_classic(preset: str, tmp_dir: str, name: str, grouped_blocks: int, classic_blocks: int, *,
+                              block_size: int, max_model_len: int, budget: int, warmup_grouped: bool):
+    """A tiny HF checkpoint of ``preset`` and two engines over it (f32, 4 seqs): the KV-cache-group one
+    (async scheduling, ``grouped_blocks`` blocks' bytes of the classic layout) and the classic one
+    (--disable-hybrid-kv-cache-manager, synchronous, ``classic_blocks``) -> (path, grouped LLM, classic LLM)."""
+    import jax.numpy as jnp
+
+    from checkpoints import load_checkpoint
+    from jaxllm.config import EngineConfig
+    from jaxllm.engine.factory import build_engine
+    from pallas_kernels import KVCache
+
+    path = make_tiny_hf(preset, tmp_dir)
+    c = load_checkpoint(path).config
+    per_block = KVCache.bytes_per_block(c.num_layers, block_size, c.num_kv_heads, c.head_dim, jnp.float32)
+    kw = dict(model=path, max_model_len=max_model_len, block_size=block_size, max_num_seqs=4,
+              max_num_batched_tokens=budget, dtype="float32")
+    grouped = build_engine(EngineConfig(**kw, async_scheduling=True, kv_cache_memory_bytes=grouped_blocks * per_block),
+                           compile_cache=False, warmup=warmup_grouped)
+    classic = build_engine(EngineConfig(**kw, async_scheduling=False, disable_hybrid_kv_cache_manager=True,
+                                        kv_cache_memory_bytes=classic_blocks * per_block),
+                           compile_cache=False, warmup=False)
+    return path, LLM(name, engine=grouped), LLM("classic", engine=classic)
 
 
 def assert_all_free(llm):

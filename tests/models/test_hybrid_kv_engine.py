@@ -14,9 +14,8 @@ import pytest
 
 from jaxllm import LLM, SamplingParams
 from jaxllm.core.kv_cache_groups import cdiv
-from tests.models.hf_tiny import make_tiny_hf
-from tests.models.kv_group_checks import (assert_all_free, greedy_matches_classic_and_hf,
-                                          sampling_n_and_beam_match_classic)
+from tests.models.kv_group_checks import (assert_all_free, build_grouped_and_classic,
+                                          greedy_matches_classic_and_hf, sampling_n_and_beam_match_classic)
 
 BS, W, BUDGET = 4, 8, 16
 MAX_LEN = 96
@@ -26,25 +25,11 @@ HYBRID_BYTES = 20  # the hybrid engine's, in those blocks: 20 of 4 layers = 80 b
 
 @pytest.fixture(scope="module")
 def engines(tmp_path_factory):
-    import jax.numpy as jnp
-
-    from checkpoints import load_checkpoint
-    from jaxllm.config import EngineConfig
-    from jaxllm.engine.factory import build_engine
-    from pallas_kernels import KVCache
-
-    path = make_tiny_hf("gemma3_w8", str(tmp_path_factory.mktemp("hybrid_kv")))
-    c = load_checkpoint(path).config
-    per_block = KVCache.bytes_per_block(c.num_layers, BS, c.num_kv_heads, c.head_dim, jnp.float32)
-    kw = dict(model=path, max_model_len=MAX_LEN, block_size=BS, max_num_seqs=4, max_num_batched_tokens=BUDGET,
-              dtype="float32")
-    hybrid = build_engine(EngineConfig(**kw, async_scheduling=True, kv_cache_memory_bytes=HYBRID_BYTES * per_block),
-                          compile_cache=False, warmup=True)  # every bucket compiled: serving must compile nothing
-    hybrid.warm = (hybrid.runner.compile_count, hybrid.runner.num_traces)
-    classic = build_engine(EngineConfig(**kw, async_scheduling=False, disable_hybrid_kv_cache_manager=True,
-                                        kv_cache_memory_bytes=CLASSIC_BLOCKS * per_block),
-                           compile_cache=False, warmup=False)
-    return path, LLM("hybrid", engine=hybrid), LLM("classic", engine=classic)
+    path, hybrid, classic = build_grouped_and_classic(
+        "gemma3_w8", str(tmp_path_factory.mktemp("hybrid_kv")), "hybrid", HYBRID_BYTES, CLASSIC_BLOCKS, block_size=BS,
+        max_model_len=MAX_LEN, budget=BUDGET, warmup_grouped=True)  # every bucket compiled: serving must compile nothing
+    hybrid.engine.warm = (hybrid.engine.runner.compile_count, hybrid.engine.runner.num_traces)
+    return path, hybrid, classic
 
 
 

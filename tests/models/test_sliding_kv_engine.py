@@ -14,11 +14,10 @@ reference here. The sliding engine (async scheduling on) gets fewer blocks than 
 """
 import pytest
 
-from jaxllm import LLM, SamplingParams
+from jaxllm import SamplingParams
 from jaxllm.core.kv_cache_groups import cdiv
-from tests.models.hf_tiny import make_tiny_hf
-from tests.models.kv_group_checks import (assert_all_free, greedy_matches_classic_and_hf,
-                                          sampling_n_and_beam_match_classic)
+from tests.models.kv_group_checks import (assert_all_free, build_grouped_and_classic,
+                                          greedy_matches_classic_and_hf, sampling_n_and_beam_match_classic)
 
 BS, W, BUDGET = 4, 8, 16
 MAX_LEN = 96
@@ -28,24 +27,10 @@ CLASSIC_BLOCKS = 40
 
 @pytest.fixture(scope="module")
 def engines(tmp_path_factory):
-    import jax.numpy as jnp
-
-    from checkpoints import load_checkpoint
-    from jaxllm.config import EngineConfig
-    from jaxllm.engine.factory import build_engine
-    from pallas_kernels import KVCache
-
-    path = make_tiny_hf("mistral_w8", str(tmp_path_factory.mktemp("sliding_kv")))
-    c = load_checkpoint(path).config
-    per_block = KVCache.bytes_per_block(c.num_layers, BS, c.num_kv_heads, c.head_dim, jnp.float32)
-    kw = dict(model=path, max_model_len=MAX_LEN, block_size=BS, max_num_seqs=4, max_num_batched_tokens=BUDGET,
-              dtype="float32")
-    sliding = build_engine(EngineConfig(**kw, async_scheduling=True, kv_cache_memory_bytes=SLIDING_BLOCKS * per_block),
-                           compile_cache=False, warmup=False)
-    classic = build_engine(EngineConfig(**kw, async_scheduling=False, disable_hybrid_kv_cache_manager=True,
-                                        kv_cache_memory_bytes=CLASSIC_BLOCKS * per_block),
-                           compile_cache=False, warmup=False)
-    return path, LLM("sliding", engine=sliding), LLM("classic", engine=classic)
+    path, sliding, classic = build_grouped_and_classic(
+        "mistral_w8", str(tmp_path_factory.mktemp("sliding_kv")), "sliding", SLIDING_BLOCKS, CLASSIC_BLOCKS, block_size=BS,
+        max_model_len=MAX_LEN, budget=BUDGET, warmup_grouped=False)
+    return path, sliding, classic
 
 
 
