@@ -178,7 +178,8 @@ class LLM:
     # ----- sleep mode (vLLM's; LLM(enable_sleep_mode=True); jaxllm/engine/sleep_requests.py) ------------
     def sleep(self, level: int = 1, mode: str = "abort") -> None:
         """Free the accelerator: level 1 moves the weights to host RAM and discards the KV cache, level 2
-        discards both (wake_up reloads the checkpoint). Unfinished requests are aborted (vLLM's mode
+        discards both (after wake_up the weights are zeros until load_weights (every tensor) or
+        reload_weights writes them; requests are refused meanwhile). Unfinished requests are aborted (vLLM's mode
         "abort"); the prefix cache is reset. Requests are refused until ``wake_up()``."""
         self.engine.sleep(level, mode)
 

@@ -72,7 +72,8 @@ def add_sleep_routes(app, server: "ServingServer", door: FrontDoor) -> None:
 
     @app.post("/sleep")
     async def sleep_route(request: Request):
-        """vLLM's: ``level`` 1 (weights to host RAM) or 2 (weights dropped; wake-up reloads them)."""
+        """vLLM's: ``level`` 1 (weights to host RAM) or 2 (weights dropped; after wake-up they are zeros until a
+        reload: POST /collective_rpc)."""
         enabled(request)
         text = request.query_params.get("level", "1")
         try:

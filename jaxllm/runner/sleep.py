@@ -41,13 +41,14 @@ def device_bytes(tree) -> int:
     return sum(x.nbytes for x in jax.tree.leaves(tree) if isinstance(x, jax.Array) and not x.is_deleted())
 
 
-def _delete(tree) -> None:
+def delete_arrays(tree) -> None:
+    """Free the device buffers of ``tree``'s live arrays (``jax.Array.delete``)."""
     for x in jax.tree.leaves(tree):
         if isinstance(x, jax.Array) and not x.is_deleted():
             x.delete()
 
 
-def _specs(tree):
+def specs_of(tree):
     """``tree``'s leaves as ShapeDtypeStructs carrying their shardings."""
     return jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=x.sharding), tree)
 
@@ -65,9 +66,9 @@ class Offloaded:
 
 def offload(tree, keep: bool) -> Offloaded:
     """Copy ``tree`` to host numpy (``keep``) and free its device buffers."""
-    specs = _specs(tree)
+    specs = specs_of(tree)
     host = jax.device_get(tree) if keep else None
-    _delete(tree)
+    delete_arrays(tree)
     return Offloaded(host, specs)
 
 
@@ -129,7 +130,7 @@ class RunnerSleep:
         self.weights = offload(runner.state, keep=level == 1)
         self.lora = offload(lora, keep=True) if lora is not None else None
         self.kv = offload(kv_tree, keep=False)
-        _delete(getattr(runner, "_hidden", None))
+        delete_arrays(getattr(runner, "_hidden", None))
         self._kv_template = kc
         runner.state = runner.kv_cache = runner.counts = runner.prompt_mask = runner.last_tokens = None
         runner._hidden = None
@@ -153,7 +154,6 @@ class RunnerSleep:
                 k, v, runner.counts, runner.prompt_mask, runner.last_tokens = self._kv_zeros()
                 runner.kv_cache = dataclasses.replace(self._kv_template, k=k, v=v)
                 self._kv_template = None
-                self.kv = dataclasses.replace(self.kv, host=None)
             self.asleep.discard(tag)
         if not self.asleep:
             self.level = 0

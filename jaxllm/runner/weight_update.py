@@ -26,7 +26,7 @@ import numpy as np
 from checkpoints.hf_tensor_map import SKIPPED_PREFIXES, canonical_name, hf_tensor_map
 from jaxllm.models.fusion import FUSED, FUSED_PARTS, placement_plan
 from jaxllm.models.llama import param_shapes
-from jaxllm.runner.sleep import check_like
+from jaxllm.runner.sleep import check_like, delete_arrays, specs_of
 
 _FLOAT_KINDS = ("float32", "float16", "bfloat16", "float64")
 
@@ -175,7 +175,6 @@ class WeightUpdater:
     def apply(self, runner, updates: dict[tuple, dict]) -> int:
         """Write `updates` into the runner's state; returns the number of leaves replaced."""
         leaves, treedef = jax.tree.flatten(runner.state)
-        old = []
         for (held, layer), parts in updates.items():
             h = self.held[(held, layer)]
             leaf = leaves[h.index]
@@ -196,12 +195,10 @@ class WeightUpdater:
                     host[lay] = new
                 else:
                     host = np.asarray(new, dtype=leaf.dtype)
-            placed = jax.device_put(np.asarray(host, dtype=leaf.dtype), leaf.sharding)
-            old.append(leaf)
-            leaves[h.index] = placed
+            leaves[h.index] = jax.device_put(np.asarray(host, dtype=leaf.dtype), leaf.sharding)
             leaf.delete()  # one copy of the model on the device at any time
         runner.state = jax.tree.unflatten(treedef, leaves)
-        return len(old)
+        return len(updates)
 
 
 def updater(runner) -> WeightUpdater:
@@ -244,10 +241,9 @@ def reload_from(runner, path: str | None) -> None:
         raise RuntimeError("reload_weights: this runner has no checkpoint source (only engines built by "
                            "build_engine reload a checkpoint)")
     state = runner.reload_weights(**({"model": path} if path else {}))
-    specs = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=x.sharding), runner.state)
+    specs = specs_of(runner.state)
     check_like(state, specs, f"reload_weights({path!r})" if path else "reload_weights()")
     state = jax.device_put(state, jax.tree.map(lambda s: s.sharding, specs))
-    for x in jax.tree.leaves(runner.state):
-        x.delete()
+    delete_arrays(runner.state)
     runner.state = state
     runner._sleep.discarded = False
