@@ -50,3 +50,10 @@ def api_keys(value: str | tuple[str, ...] | list[str] | None) -> tuple[str, ...]
     if isinstance(value, str):
         value = (value,)
     return tuple(k for k in value if k)
+
+
+def key_ring(value: str | tuple[str, ...] | list[str] | None) -> KeyRing | None:
+    """ServerConfig.api_key as the KeyRing both doors check, None when no key is set (no auth);
+    ValueError naming the key's position (never the key) for a non-string one."""
+    keys = api_keys(value)
+    return KeyRing(keys) if keys else None

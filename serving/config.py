@@ -113,10 +113,9 @@ class ServerConfig(msgspec.Struct, kw_only=True):
                              "served_model_name: the first --served-model-name is the one answers report")
         if any(not isinstance(n, str) or not n for n in served) or len(set(served)) != len(served):
             raise ValueError(f"served_model_name={served} is invalid: names must be non-empty and distinct")
-        from serving.api_keys import KeyRing, api_keys  # no jax
+        from serving.api_keys import key_ring  # no jax
 
-        if api_keys(self.api_key):  # empty keys are dropped, as vLLM drops them
-            KeyRing(api_keys(self.api_key))  # "api_key #2 of 3 is invalid: ..." (never the key itself)
+        key_ring(self.api_key)  # "api_key #2 of 3 is invalid: ..." (never the key itself); empty keys dropped
         names = [m[0] for m in self.lora_modules]
         for name, path in self.lora_modules:
             if not name or not path:

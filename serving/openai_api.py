@@ -41,7 +41,7 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.responses import JSONResponse, PlainTextResponse
 
 from jaxllm.engine.async_engine import EngineDeadError
-from serving.api_keys import KeyRing, api_keys
+from serving.api_keys import key_ring
 from serving.frontdoor import Code, FrontDoorError, ModelInfo, check_token_ids, dead_message, invalid
 from serving.openai_errors import error_body, error_response, validation_message
 from serving.openai_classify import add_classify_routes
@@ -87,8 +87,7 @@ class _Guard:
         self.app = app
         self.root_path = root_path  # --root-path: a path under it is the path without it (FastAPI's rule)
         self.request_id_headers = request_id_headers  # --enable-request-id-headers
-        keys = api_keys(api_key)
-        self.keys = KeyRing(keys) if keys else None  # any of --api-key's keys lets a request in
+        self.keys = key_ring(api_key)  # any of --api-key's keys lets a request in; None: no auth
         self.max_body = max_body
 
     async def __call__(self, scope, receive, send):

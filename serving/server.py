@@ -29,7 +29,7 @@ from grpc_reflection.v1alpha import reflection
 
 from jaxllm.engine.async_engine import AsyncEngine
 
-from serving.api_keys import KeyRing, api_keys
+from serving.api_keys import key_ring
 from serving.auth import ApiKeyInterceptor
 from serving.config import GENERATION_SERVICE, ServerConfig
 from serving.frontdoor import FrontDoor
@@ -87,8 +87,8 @@ class ServingServer:
     # ----- start ----------------------------------------------------------------------
     async def start(self) -> int:
         cfg = self.config
-        keys = api_keys(cfg.api_key)
-        interceptors = [ApiKeyInterceptor(KeyRing(keys))] if keys else []
+        keys = key_ring(cfg.api_key)
+        interceptors = [ApiKeyInterceptor(keys)] if keys is not None else []
         options = [
             ("grpc.max_receive_message_length", cfg.max_message_bytes),
             ("grpc.max_send_message_length", max(cfg.max_message_bytes, 64 * 1024 * 1024)),
