@@ -55,6 +55,7 @@
 #                       the same active parameters; tok/s and the active-weight-read roofline fraction
 #                       (9 compiles + 3 dummy inits, ~60 s expected; lowest priority, after spec)
 #   weightcopy ~900 s   (only when named) the layer loop's weight reads: five batch-1 decode variants
+#                       (WC_VARIANTS="1 2 4": only those, 110 s each; variant 0 = e2e's batch-1 row)
 # lora sits before int4/kvfp8/quanthlo: with two calls in 15 minutes of device time it is the only way
 # issue 15 gets a GPU figure (kvfp8 + quanthlo fit a second call's tail; lora's 200 s does not).
 # Each phase merges its results into OUT.json under its own key after every sub-step, so a timeout
@@ -288,20 +289,25 @@ fi
 # of the weight-read roofline, 2026-11-26). A/B on batch-1 decode: 0 unroll (default); 1 scan;
 # 2 scan + XLA's dynamic-slice fusion; 3 the same with cuBLAS gemms; 4 scan + the Pallas
 # stacked_matmul (JAXLLM_STACKED_MATMUL=1) reading w[layer] in place.
+# WC_VARIANTS="1 2 4" runs only those decode variants (no stacked_matmul bench, no step-memory runs):
+# variant 0's figure is e2e's batch-1 row when e2e ran in the same call.
 if want weightcopy && gpu_only weightcopy; then
-  wc_ok=1
-  run stacked_matmul 90 "$PY" bench/stacked_matmul.py --json "$OUT" --json-key stacked_matmul
-  rc=$?; [ $rc -eq 99 ] && wc_ok=0; [ $rc -ne 0 ] && [ $rc -ne 99 ] && status=1
+  wc_ok=1 wc_all=1; [ -n "${WC_VARIANTS:-}" ] && wc_all=0
+  if [ $wc_all = 1 ]; then
+    run stacked_matmul 90 "$PY" bench/stacked_matmul.py --json "$OUT" --json-key stacked_matmul
+    rc=$?; [ $rc -eq 99 ] && wc_ok=0; [ $rc -ne 0 ] && [ $rc -ne 99 ] && status=1
+  fi
   variants=("unroll|" "scan|" "scan|--xla_gpu_enable_dynamic_slice_fusion=true"
             "scan|--xla_gpu_enable_dynamic_slice_fusion=true --xla_gpu_enable_triton_gemm=false" "scan|STACKED")
-  for i in "${!variants[@]}"; do
+  for i in ${WC_VARIANTS:-${!variants[@]}}; do
     loop="${variants[$i]%%|*}"; flags="${variants[$i]#*|}"; extra=(JAXLLM_LAYER_LOOP="$loop")
     if [ "$flags" = STACKED ]; then flags=""; extra+=(JAXLLM_STACKED_MATMUL=1); fi
-    run "decode1_variant$i" 150 env -u XLA_PYTHON_CLIENT_PREALLOCATE XLA_FLAGS="${XLA_FLAGS:-} $flags" "${extra[@]}" \
+    run "decode1_variant$i" 110 env -u XLA_PYTHON_CLIENT_PREALLOCATE XLA_FLAGS="${XLA_FLAGS:-} $flags" "${extra[@]}" \
       "$PY" bench/device_e2e.py --decode-only --json "$OUT" --json-key "decode1_variant$i"
     rc=$?; [ $rc -eq 99 ] && wc_ok=0; [ $rc -ne 0 ] && [ $rc -ne 99 ] && status=1
   done
   for loop in unroll scan; do
+    [ $wc_all = 1 ] || break
     run "step_memory_$loop" 90 "$PY" bench/step_memory.py --layer-loop "$loop" --hlo-dir "$HLO/step_$loop" \
       --json "$OUT" --json-key "step_memory_$loop"
     rc=$?; [ $rc -eq 99 ] && wc_ok=0; [ $rc -ne 0 ] && [ $rc -ne 99 ] && status=1
