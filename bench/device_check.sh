@@ -16,9 +16,12 @@
 # sweep 20 s.
 #   phase      timeout  what (expected on the H200)
 #   imports      60 s   jax/flax/msgspec/Pallas imports, GPU backend assert (10-15 s)
-#   e2e         240 s   issue 12: HF generate batch 1 (2 requests, ~17 s) and static batch 8 (16
-#                       requests, ~29 s), copy/matmul, then jaxllm: the 64-request workload and batch-1
-#                       decode vs the weight-read roofline, and (with "article") the article-sized run on
+#   e2e         300 s   issue 12: HF generate batch 1 (2 requests, ~17 s; 35 s on 2026-12-04) and static
+#                       batch 8 (16 requests, ~29 s; 50 s), copy/matmul, then jaxllm: the 64-request workload
+#                       and batch-1 decode vs the weight-read roofline, (with "profile") that workload twice
+#                       more under jax.profiler (first 12 steps, 20 steady decode steps; ~30 s), summarised
+#                       (bench/profile_report.py: device time by category, host idle, top ops) into
+#                       e2e.profile_mixed / e2e.profile_decode, and (with "article") the article-sized run on
 #                       the same engine (max_num_seqs 256, bench/article.py): 512 chat-like requests,
 #                       158,357 output tokens = ~53 s at 3,000 tok/s. ~140 s + the article's ~60 s; the
 #                       article stops 15 s before the timeout whatever it has done (--article-stop-by)
@@ -26,6 +29,8 @@
 #                       requests still run at most 64 at once); without it, 64 and 1024 as on 2026-11-26
 #   e2e_retry   200 s   only if e2e left no batch-1 figure: no HF, gpu_memory_utilization 0.6
 #   article     180 s   only if neither e2e run stored the article run: --article-only, no HF
+#   profile     150 s   only if e2e did not store the profiles: its own engine (64 sequences, max_model_len
+#                       1024), no HF: the 64-request run, batch-1 decode and the two profiled runs
 #   int8, fp8   120 s   issue 17: e2e without HF, --quantization int8 / fp8 (~90 s: start + runs)
 #   int4        120 s   4-bit weights: e2e without HF, --quantization int4 (dummy weights rounded to int4
 #                       at load, groups of 128; sized like int8, one more quantize pass at load). After
@@ -86,8 +91,8 @@ export DEVICE_CHECK_SMOKE="${DEVICE_CHECK_SMOKE:-0}"
 SMOKE=$DEVICE_CHECK_SMOKE
 BUDGET_S="${BUDGET_S:-540}"
 TODO_FILE="${DEVICE_CHECK_TODO:-/tmp/jaxllm_device_check.todo}"
-ORDER="e2e article int8 fp8 lora int4 kvfp8 quanthlo memory kernels ragged sweep spec moe weightcopy"
-PHASES="${PHASES:-e2e article int8 fp8 lora int4 kvfp8 quanthlo memory kernels ragged sweep spec moe}"
+ORDER="e2e article profile int8 fp8 lora int4 kvfp8 quanthlo memory kernels ragged sweep spec moe weightcopy"
+PHASES="${PHASES:-e2e article profile int8 fp8 lora int4 kvfp8 quanthlo memory kernels ragged sweep spec moe}"
 if [ "$PHASES" = rest ]; then
   [ -f "$TODO_FILE" ] || { echo "PHASES=rest: no $TODO_FILE (a fresh machine?): name the phases"; exit 2; }
   PHASES="$(cat "$TODO_FILE")"
@@ -179,11 +184,15 @@ nvidia-smi --query-gpu=name,memory.total,clocks.max.sm,clocks.max.memory,driver_
 E2E=(env -u XLA_PYTHON_CLIENT_PREALLOCATE "$PY" bench/device_e2e.py "${smoke_args[@]}")
 article_args=()
 want article && article_args=(--article-requests 512 --max-num-seqs 256 --max-model-len 2048)
+PROF="${DEVICE_CHECK_PROFILE:-/tmp/jaxllm_device_check_profile}"  # traces stay there (summaries go to OUT.json)
+profile_args=()
+want profile && profile_args=(--profile "$PROF")
 has_article() {  # an article run that made tokens (one cut off at once by its stop-by time does not count)
   json_has e2e article output_tokens || json_has e2e_retry article output_tokens || json_has article article output_tokens; }
 stop_by() { echo --article-stop-by $(($(date +%s) + $1 - 15)); }  # the article run ends 15 s before the kill
 if want e2e; then
-  run e2e 240 "${E2E[@]}" --hf-batch1-requests 2 "${article_args[@]}" $(stop_by 240) --json "$OUT" --json-key e2e
+  run e2e 300 "${E2E[@]}" --hf-batch1-requests 2 "${profile_args[@]}" "${article_args[@]}" $(stop_by 300) \
+    --json "$OUT" --json-key e2e
   rc=$?; finish e2e $rc
   if [ $rc -ne 99 ] && ! json_has e2e roofline; then
     echo "e2e left no batch-1 figure: once more without HF and with gpu_memory_utilization 0.6"
@@ -191,11 +200,16 @@ if want e2e; then
       --json "$OUT" --json-key e2e_retry
   fi
   has_article && done_phase article
+  json_has e2e profile_decode && done_phase profile
 fi
 if want article; then
   run article 180 "${E2E[@]}" --article-only --max-num-seqs 256 --max-model-len 2048 $(stop_by 180) \
     --json "$OUT" --json-key article
   finish article $?
+fi
+if want profile; then  # alone (e2e did not run or left no profile): its own engine, the 64-request config
+  run profile 150 "${E2E[@]}" --skip-hf --profile "$PROF" --json "$OUT" --json-key profile
+  finish profile $?
 fi
 
 # ---- issue 17: int8/fp8 weights (target: batch-1 decode >= 1.6x bf16's e2e row) --------------------
@@ -302,7 +316,9 @@ if want weightcopy && gpu_only weightcopy; then
   for i in ${WC_VARIANTS:-${!variants[@]}}; do
     loop="${variants[$i]%%|*}"; flags="${variants[$i]#*|}"; extra=(JAXLLM_LAYER_LOOP="$loop")
     if [ "$flags" = STACKED ]; then flags=""; extra+=(JAXLLM_STACKED_MATMUL=1); fi
-    run "decode1_variant$i" 110 env -u XLA_PYTHON_CLIENT_PREALLOCATE XLA_FLAGS="${XLA_FLAGS:-} $flags" "${extra[@]}" \
+    xf="${XLA_FLAGS:-} $flags"; xf="${xf# }"; xf="${xf% }"  # " " alone: XLA reads it as a flags file and aborts
+    if [ -n "$xf" ]; then extra+=(XLA_FLAGS="$xf"); else extra=(-u XLA_FLAGS "${extra[@]}"); fi
+    run "decode1_variant$i" 110 env -u XLA_PYTHON_CLIENT_PREALLOCATE "${extra[@]}" \
       "$PY" bench/device_e2e.py --decode-only --json "$OUT" --json-key "decode1_variant$i"
     rc=$?; [ $rc -eq 99 ] && wc_ok=0; [ $rc -ne 0 ] && [ $rc -ne 99 ] && status=1
   done

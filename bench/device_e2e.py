@@ -12,11 +12,16 @@ On the card, in one run (no network needed: dummy weights, no tokenizer):
 3. jaxllm (dummy bf16 weights, same shapes): all requests at once (continuous batching);
 4. batch-1 decode: one request alone, time per output token vs the weight-read roofline
    (weight bytes / measured copy bandwidth);
-5. with --article-requests N (issue 12's article-sized run, bench/article.py): N chat-like requests
+5. with --profile DIR: the same workload twice more under jax.profiler (jaxllm.profiling): its first
+   12 steps (prefill chunks beside decodes) and 20 steady decode steps (nothing waiting); each trace
+   summarised by bench/profile_report.py (device time per category: attention, matmul, sampling,
+   cache writes, other; device idle = host overhead; top ops) into result["profile_mixed"] and
+   ["profile_decode"]; --profile-only skips the timed run and the batch-1 decode;
+6. with --article-requests N (issue 12's article-sized run, bench/article.py): N chat-like requests
    on the same engine (build it with --max-num-seqs 256 --max-model-len 2048), output and total
    tok/s, TTFT and inter-token latency P50/P99. --article-only runs 5 alone (after 1).
 Prints a table and writes {"rows": [...], "micro": {...}, "roofline": {...}, "article": {...},
-"machine": {...}}.
+"machine": {...}, "profile_decode": {...}, "profile_mixed": {...}}.
 """
 from __future__ import annotations
 
@@ -103,8 +108,16 @@ def main(argv=None) -> int:
     ap.add_argument("--no-warmup", action="store_true",
                     help="build the engine without compiling every bucket (with --decode-only: the KV block "
                          "count and a batch-1 decode at a fraction of the start-up)")
+    ap.add_argument("--profile", metavar="DIR", help="trace the workload's first 12 steps and 20 steady decode steps "
+                    "(two more runs of it) and summarise them (bench/profile_report.py)")
+    ap.add_argument("--profile-only", action="store_true",
+                    help="with --profile: no timed run, no batch-1 decode, no HF (a phase of its own)")
     add_article_args(ap)
     args = ap.parse_args(argv)
+    if args.profile_only and not args.profile:
+        ap.error("--profile-only needs --profile DIR")
+    if args.profile_only:
+        args.skip_hf = True
     if args.article_only:
         args.article_requests = args.article_requests or 512
         args.skip_hf = True
@@ -182,8 +195,10 @@ def main(argv=None) -> int:
                         "kv_blocks": llm.engine.get_stats().num_blocks, "block_size": llm.engine.config.block_size}
     log(f"jaxllm {args.model} built{'' if args.no_warmup else ' and warm'} in {startup:.1f}s")
     result["engine_start_s"] = startup
+    params = [SamplingParams(max_tokens=r.output_len, ignore_eos=True, temperature=0.0) for r in reqs]
+    if args.profile_only:
+        return profile_runs(llm, reqs, params, args.profile, result, save)
     if not (args.decode_only or args.article_only):
-        params = [SamplingParams(max_tokens=r.output_len, ignore_eos=True, temperature=0.0) for r in reqs]
         t0 = time.perf_counter()
         llm.generate([{"prompt_token_ids": r.prompt_token_ids} for r in reqs], params, use_tqdm=False)
         secs = time.perf_counter() - t0
@@ -225,7 +240,40 @@ def main(argv=None) -> int:
     print_results(rows, cols, ratios)
     result.update({"rows": rows, "ratios": ratios, "micro": micro, "machine": machine, "engine_start_s": startup})
     save()
+    if args.profile:
+        profile_runs(llm, reqs, params, args.profile, result, save)
     return article(llm.engine, args, result, save) if args.article_requests else 0
+
+
+def profile_runs(llm, reqs, params, root: str, result: dict, save) -> int:
+    """The workload twice under jax.profiler: its first 12 steps of any kind ("mixed": prefill chunks
+    beside decodes) and 20 steady decode steps ("decode"); each trace summarised by
+    bench/profile_report.py into result["profile_<name>"] (per-step device time by category, idle =
+    host overhead, top ops). Returns 1 when a trace left no report."""
+    from bench.profile_report import HloIndex, analyze, find_trace, load_trace, render
+    from jaxllm.profiling import HLO_FILE, EngineProfiler
+
+    prompts = [{"prompt_token_ids": r.prompt_token_ids} for r in reqs]
+    rc = 0
+    for name, mode, skip, steps in (("decode", "decode", 2, 20), ("mixed", "any", 0, 12)):
+        out_dir = os.path.join(root, name)
+        prof = EngineProfiler(llm.engine, out_dir, num_steps=steps, mode=mode, skip=skip)
+        t0 = time.perf_counter()
+        llm.generate(prompts, params, use_tqdm=False)
+        measured = prof.finish()
+        if measured is None:
+            log(f"profile {name}: nothing traced")
+            rc = 1
+            continue
+        hlo_path = os.path.join(out_dir, HLO_FILE)
+        hlo = HloIndex(open(hlo_path).read()) if os.path.isfile(hlo_path) else None
+        trace_path = find_trace(out_dir)
+        report = analyze(load_trace(trace_path), hlo, measured, top=12)
+        log(f"profile {name}: {len(measured['steps'])} steps traced, run + summary {time.perf_counter() - t0:.1f}s")
+        print(f"\n-- profile: {name} --\n" + render(report, measured, trace_path))
+        result[f"profile_{name}"] = report
+        save()
+    return rc
 
 
 def article(engine, args, result: dict, save) -> int:

@@ -64,7 +64,7 @@ def test_device_check_smoke_e2e_with_article(tmp_path):
     pytest.importorskip("torch")
     root = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
     out, todo = tmp_path / "gpu.json", tmp_path / "todo"
-    env = dict(os.environ, PYTHON=sys.executable, DEVICE_CHECK_SMOKE="1", PHASES="e2e article", BUDGET_S="600",
+    env = dict(os.environ, PYTHON=sys.executable, DEVICE_CHECK_SMOKE="1", PHASES="e2e article profile", BUDGET_S="600",
                DEVICE_CHECK_TODO=str(todo), DEVICE_CHECK_HLO=str(tmp_path / "hlo"))
     p = subprocess.run(["bash", "bench/device_check.sh", str(out)], cwd=root, env=env, capture_output=True,
                        text=True, timeout=600)
@@ -78,6 +78,13 @@ def test_device_check_smoke_e2e_with_article(tmp_path):
     assert systems[0] == "jaxllm" and systems.count("hf generate") == 2 and e2e["rows"][1]["requests"] == 2
     assert e2e["roofline"]["decode_s_per_token"] > 0 and e2e["micro"]["copy_gbytes_per_s"] > 0
     assert set(e2e["ratios"]) == {"jaxllm_vs_hf_batch1", "jaxllm_vs_hf_batch2"}
+    for name, kinds in (("decode", {"decode"}), ("mixed", {"mixed", "decode"})):  # "profile" rode on e2e's engine
+        prof = e2e[f"profile_{name}"]
+        assert prof["num_steps"] > 0 and set(prof["kinds"]) <= kinds
+        assert ("mixed" in prof["kinds"]) is (name == "mixed")  # the first steps prefill beside decodes
+        parts = sum(prof["categories_us"].values()) + prof["idle_us"]
+        assert abs(parts - prof["window_us"]) <= 1e-6 * prof["window_us"] + 1 and prof["categories_us"]["matmul"] > 0
+    assert "profile" not in dc["phases"]
     art = e2e["article"]  # --smoke: 12 chat-like requests scaled to the tiny model, on the same engine
     assert art["requests"] == art["completed"] == 12 and not art["truncated"] and art["compiles"] == 0
     assert art["itl_ms"]["n"] > 0 and art["ttft_ms"]["n"] == 12 and art["output_tokens_per_s"] > 0
