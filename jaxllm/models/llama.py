@@ -139,8 +139,11 @@ def layer_loop_mode(mode: str | None = None, config: ModelConfig | None = None) 
     """"unroll" (one array per layer, a Python loop unrolled at trace time: every weight read in
     place) or "scan" (weights stacked [L, ...], `lax.scan`: one layer body to compile, but XLA copies
     each layer's weight slice before its matmuls). `mode` or $JAXLLM_LAYER_LOOP, default "auto":
-    unroll on accelerators, scan on CPU, where unrolling SmolLM2's 30 layers made warm-up ~8x longer
-    for no measurable step gain (bench/RESULTS.md, "Layer loop"). An MoE `config` unrolls on CPU too: the
+    unroll on accelerators (H200, Llama-2-13B bf16, batch-1 decode: unroll 7.69 ms/token = 83% of the
+    weight-read roofline; scan 20.41 ms, also with XLA's dynamic-slice fusion; bench/RESULTS.md "GPU
+    figures, 2026-12-04"), scan on CPU, where unrolling SmolLM2's 30 layers made warm-up ~8x longer
+    for no measurable step gain (bench/RESULTS.md, "Layer loop"); the scan also compiles the 13B step
+    in 4-12 s on the GPU against 37-58 s unrolled. An MoE `config` unrolls on CPU too: the
     scan's per-layer copy of the expert weights made a decode step 4-8x slower there (bench/RESULTS.md, "MoE").
     A config with `layer_types` (Gemma 2/3, Qwen2/3 with max_window_layers: each layer's window and
     rope are static, its own) always unrolls; "scan" is refused for it."""
