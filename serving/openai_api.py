@@ -31,18 +31,16 @@ from __future__ import annotations
 
 import logging
 import socket
-import time
-import uuid
 from typing import TYPE_CHECKING, Any
 
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from starlette.exceptions import HTTPException as StarletteHTTPException
-from starlette.responses import JSONResponse, PlainTextResponse
+from starlette.responses import JSONResponse
 
 from jaxllm.engine.async_engine import EngineDeadError
 from serving.api_keys import key_ring
-from serving.frontdoor import Code, FrontDoorError, ModelInfo, check_token_ids, dead_message, invalid
+from serving.frontdoor import Code, FrontDoorError, ModelInfo, dead_message, invalid
 from serving.openai_errors import error_body, error_response, validation_message
 from serving.openai_classify import add_classify_routes
 from serving.openai_embed import EmbeddingRequest, create_embeddings
@@ -50,12 +48,12 @@ from serving.openai_score import add_score_routes
 from serving.openai_sleep import add_sleep_routes, is_sleeping
 from serving.openai_weights import add_weight_routes
 from serving.openai_server_info import ServerLoad, add_info_routes
+from serving.openai_tokenize import add_tokenize_routes
 from serving.openai_generate import chat_job, completion_job, respond
-from serving.openai_protocol import (ChatCompletionRequest, CompletionRequest, DetokenizeRequest,
-                                     LoadLoRAAdapterRequest, TokenizeRequest, UnloadLoRAAdapterRequest)
+from serving.openai_models import add_model_routes
+from serving.openai_protocol import ChatCompletionRequest, CompletionRequest
 from serving.openai_responses import create_response
 from serving.openai_responses_protocol import ResponsesRequest
-from serving.openai_tools import render_body
 from serving.request_ids import HEADER, RequestIdSlot, client_request_id, fresh_request_id
 
 if TYPE_CHECKING:
@@ -239,32 +237,6 @@ def build_app(server: "ServingServer") -> Any:
             raise FrontDoorError(Code.INTERNAL, dead_message(exc)) from None
         return {"num_blocks_dropped": int(dropped)}
 
-    @app.get("/v1/models")
-    async def models():
-        model = door.model().name  # the --model value, vLLM's root of the base model's card
-        info = model_of(None)
-        created = int(wall_started(server.async_engine.started_at))
-        base = {"id": info.name, "object": "model", "created": created, "owned_by": "jaxllm",
-                "root": model, "parent": None, "max_model_len": info.max_model_len}
-        # a card per --served-model-name, as vLLM; then the LoRA adapters: root = the adapter's path,
-        # parent = the first name
-        cards = [base] + [{**base, "id": alias} for alias in cfg.served_model_aliases]
-        cards += [{**base, "id": a.lora_name, "root": a.lora_path, "parent": info.name}
-                  for a in door.adapters.list()]
-        return {"object": "list", "data": [{**c, "permission": [_permission(created)]} for c in cards]}
-
-    @app.post("/v1/load_lora_adapter")
-    async def load_lora_adapter(body: LoadLoRAAdapterRequest):
-        info = model_of(None)
-        lora = await door.adapters.load(body.lora_name, body.lora_path, cfg.model_names(info.name))
-        return PlainTextResponse(f"Success: LoRA adapter {lora.lora_name!r} added successfully.")
-
-    @app.post("/v1/unload_lora_adapter")
-    async def unload_lora_adapter(body: UnloadLoRAAdapterRequest):
-        model_of(None)
-        lora = await door.adapters.unload(body.lora_name)
-        return PlainTextResponse(f"Success: LoRA adapter {lora.lora_name!r} removed successfully.")
-
     def generating(info: ModelInfo, path: str) -> ModelInfo:
         """An embedding server refuses generation by the field the client chose it with (the
         mirror of /v1/embeddings on a generating server), not by the engine's ``task``."""
@@ -308,37 +280,13 @@ def build_app(server: "ServingServer") -> Any:
         info = generating(model_of(body.model), "/v1/responses")
         return await create_response(door, info, body, request.receive, rid)
 
-    @app.post("/tokenize")
-    async def tokenize(body: TokenizeRequest):
-        info = model_of(body.model)
-        if (body.prompt is None) == (body.messages is None):
-            raise invalid("prompt/messages are invalid: set exactly one of them", "prompt")
-        try:
-            if body.messages is not None:
-                ids = render_body(info.tokenizer, body, cfg)["prompt_token_ids"]
-            else:
-                special = body.add_special_tokens is not False  # unset: true for a prompt (vLLM's)
-                ids = [int(t) for t in info.tokenizer.encode(body.prompt, add_special_tokens=special)]
-        except ValueError as exc:
-            raise invalid(str(exc), "messages" if body.messages is not None else "prompt") from None
-        # vLLM's answer: token_strs (the vocabulary's strings) only with return_token_strs, else null
-        strs = token_strs(info.tokenizer, ids) if body.return_token_strs else None
-        return {"count": len(ids), "max_model_len": info.max_model_len, "tokens": ids, "token_strs": strs}
-
-    @app.post("/detokenize")
-    async def detokenize(body: DetokenizeRequest):
-        info = model_of(body.model)
-        try:
-            ids = check_token_ids("tokens", body.tokens, info.vocab_size) if body.tokens else []
-        except ValueError as exc:
-            raise invalid(str(exc), "tokens") from None
-        return {"prompt": info.tokenizer.decode(ids, skip_special_tokens=True)}
-
     @app.post("/v1/embeddings")
     async def embeddings(body: EmbeddingRequest, request: Request):
         rid = client_id(request, body)
         return await create_embeddings(door, model_of(body.model, adapters=False), body, rid)
 
+    add_model_routes(app, server, door, model_of)  # /v1/models, /v1/(un)load_lora_adapter
+    add_tokenize_routes(app, cfg, model_of)  # /tokenize, /detokenize
     add_score_routes(app, door, model_of, client_id)
     add_classify_routes(app, door, model_of, client_id)
     add_sleep_routes(app, server, door)  # --enable-sleep-mode: /sleep, /wake_up, /is_sleeping
@@ -428,23 +376,3 @@ class HttpServer:
             await self._task
         await uv.shutdown(sockets=[self._sock] if self._sock else None)
 
-
-def token_strs(tokenizer: Any, ids: list[int]) -> list[str]:
-    """The vocabulary strings of ``ids`` (``convert_ids_to_tokens``); a tokenizer without one
-    (the fakes, token-ids-only models) answers each id's own text, special tokens kept."""
-    convert = getattr(tokenizer, "convert_ids_to_tokens", None)
-    if convert is not None:
-        return list(convert(ids))
-    return [tokenizer.decode([t], skip_special_tokens=False) for t in ids]
-
-
-def _permission(created: int) -> dict:
-    """vLLM's ModelPermission with its defaults (the OpenAI legacy object): one per model card."""
-    return {"id": f"modelperm-{uuid.uuid4().hex}", "object": "model_permission", "created": created,
-            "allow_create_engine": False, "allow_sampling": True, "allow_logprobs": True,
-            "allow_search_indices": False, "allow_view": True, "allow_fine_tuning": False,
-            "organization": "*", "group": None, "is_blocking": False}
-
-
-def wall_started(t_monotonic: float) -> float:
-    return time.time() - (time.monotonic() - t_monotonic)
