@@ -148,6 +148,8 @@ run() {
 smoke_args=(); [ "$SMOKE" = 1 ] && smoke_args=(--smoke)
 HLO="${DEVICE_CHECK_HLO:-/tmp/jaxllm_device_check_hlo}"  # HLO dumps: one hlo.tgz beside OUT at the end
 rm -rf "$HLO"
+PROF="${DEVICE_CHECK_PROFILE:-/tmp/jaxllm_device_check_profile}"  # traces (summaries go to OUT.json; archives beside it)
+rm -rf "$PROF"
 save_todo
 echo "device_check: phases '${todo[*]:-}', budget ${BUDGET_S}s, smoke=$SMOKE, python $PY"
 
@@ -184,7 +186,6 @@ nvidia-smi --query-gpu=name,memory.total,clocks.max.sm,clocks.max.memory,driver_
 E2E=(env -u XLA_PYTHON_CLIENT_PREALLOCATE "$PY" bench/device_e2e.py "${smoke_args[@]}")
 article_args=()
 want article && article_args=(--article-requests 512 --max-num-seqs 256 --max-model-len 2048)
-PROF="${DEVICE_CHECK_PROFILE:-/tmp/jaxllm_device_check_profile}"  # traces stay there (summaries go to OUT.json)
 profile_args=()
 want profile && profile_args=(--profile "$PROF")
 has_article() {  # an article run that made tokens (one cut off at once by its stop-by time does not count)
@@ -333,6 +334,18 @@ fi
 
 phase "done"
 if [ -d "$HLO" ]; then tar czf "$(dirname "$OUT")/hlo.tgz" -C "$HLO" . && echo "HLO dumps: $(dirname "$OUT")/hlo.tgz"; fi
+# the profiles' traces and the profiled buckets' optimized HLO, one archive per profile (the device tool
+# brings back files of at most 16 MiB: a larger one is left behind with a line saying so)
+for name in decode mixed; do
+  d="$PROF/$name"; [ -d "$d" ] || continue
+  tgz="$(dirname "$OUT")/profile_$name.tgz"
+  tar czf "$tgz" -C "$d" . 2>/dev/null || continue
+  if [ "$(stat -c %s "$tgz")" -gt $((15 << 20)) ]; then
+    rm -f "$tgz"; tar czf "$tgz" -C "$d" --exclude='*.xplane.pb' --exclude='perfetto_trace.json.gz' . 2>/dev/null
+  fi
+  if [ "$(stat -c %s "$tgz")" -gt $((15 << 20)) ]; then echo "profile $name: archive over 15 MiB, left in $d"; rm -f "$tgz"
+  else echo "profile $name: $tgz ($(du -h "$tgz" | cut -f1))"; fi
+done
 if [ -n "${todo[*]:-}" ]; then
   echo "left undone (skipped: budget): ${todo[*]}  -> next call on this machine: PHASES=rest bench/device_check.sh OUT2.json"
 else

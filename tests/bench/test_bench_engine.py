@@ -65,7 +65,8 @@ def test_device_check_smoke_e2e_with_article(tmp_path):
     root = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
     out, todo = tmp_path / "gpu.json", tmp_path / "todo"
     env = dict(os.environ, PYTHON=sys.executable, DEVICE_CHECK_SMOKE="1", PHASES="e2e article profile", BUDGET_S="600",
-               DEVICE_CHECK_TODO=str(todo), DEVICE_CHECK_HLO=str(tmp_path / "hlo"))
+               DEVICE_CHECK_TODO=str(todo), DEVICE_CHECK_HLO=str(tmp_path / "hlo"),
+               DEVICE_CHECK_PROFILE=str(tmp_path / "prof"))
     p = subprocess.run(["bash", "bench/device_check.sh", str(out)], cwd=root, env=env, capture_output=True,
                        text=True, timeout=600)
     assert p.returncode == 0, p.stdout[-3000:] + p.stderr[-3000:]
@@ -85,6 +86,11 @@ def test_device_check_smoke_e2e_with_article(tmp_path):
         parts = sum(prof["categories_us"].values()) + prof["idle_us"]
         assert abs(parts - prof["window_us"]) <= 1e-6 * prof["window_us"] + 1 and prof["categories_us"]["matmul"] > 0
     assert "profile" not in dc["phases"]
+    import tarfile
+
+    with tarfile.open(tmp_path / "profile_decode.tgz") as tgz:  # the trace and the bucket's HLO come back
+        names = tgz.getnames()
+    assert any(n.endswith(".trace.json.gz") for n in names) and "./step.hlo.txt" in names, names
     art = e2e["article"]  # --smoke: 12 chat-like requests scaled to the tiny model, on the same engine
     assert art["requests"] == art["completed"] == 12 and not art["truncated"] and art["compiles"] == 0
     assert art["itl_ms"]["n"] > 0 and art["ttft_ms"]["n"] == 12 and art["output_tokens_per_s"] > 0
