@@ -85,9 +85,8 @@ class ScoreRequest(PoolingFields):
         for a, b in PAIR_NAMES:
             if getattr(self, a) is not None and getattr(self, b) is not None:
                 return a, getattr(self, a), b, getattr(self, b)
-        given = [n for n in ("text_1", "text_2", "data_1", "data_2", "queries", "documents", "items")
-                 if getattr(self, n) is not None]
         order = (PAIR_NAMES[3], PAIR_NAMES[2], PAIR_NAMES[0], PAIR_NAMES[1])  # text_1 alone: text_2 is missing
+        given = [n for n in dict.fromkeys(n for names in order for n in names) if getattr(self, n) is not None]
         half = next(((a, b) for a, b in order if a in given or b in given), PAIR_NAMES[3])
         missing = half[1] if half[0] in given else half[0]
         pairs = ", ".join(f"{a} + {b}" for a, b in reversed(PAIR_NAMES))
