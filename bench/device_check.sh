@@ -29,6 +29,8 @@
 #                       requests still run at most 64 at once); without it, 64 and 1024 as on 2026-11-26
 #   e2e_retry   200 s   only if e2e left no batch-1 figure: no HF, gpu_memory_utilization 0.6
 #   article     180 s   only if neither e2e run stored the article run: --article-only, no HF
+#   sampler     150 s   e2e's jaxllm rows (no HF) with JAXLLM_SAMPLER_BRANCHES=cond: the branching sampler (an XLA
+#                       conditional blocks the host on a GPU) against the default branchless one in e2e
 #   profile     150 s   only if e2e did not store the profiles: its own engine (64 sequences, max_model_len
 #                       1024), no HF: the 64-request run, batch-1 decode and the two profiled runs
 #   int8, fp8   120 s   issue 17: e2e without HF, --quantization int8 / fp8 (~90 s: start + runs)
@@ -91,8 +93,8 @@ export DEVICE_CHECK_SMOKE="${DEVICE_CHECK_SMOKE:-0}"
 SMOKE=$DEVICE_CHECK_SMOKE
 BUDGET_S="${BUDGET_S:-540}"
 TODO_FILE="${DEVICE_CHECK_TODO:-/tmp/jaxllm_device_check.todo}"
-ORDER="e2e article profile int8 fp8 lora int4 kvfp8 quanthlo memory kernels ragged sweep spec moe weightcopy"
-PHASES="${PHASES:-e2e article profile int8 fp8 lora int4 kvfp8 quanthlo memory kernels ragged sweep spec moe}"
+ORDER="e2e article profile sampler int8 fp8 lora int4 kvfp8 quanthlo memory kernels ragged sweep spec moe weightcopy"
+PHASES="${PHASES:-e2e article profile sampler int8 fp8 lora int4 kvfp8 quanthlo memory kernels ragged sweep spec moe}"
 if [ "$PHASES" = rest ]; then
   [ -f "$TODO_FILE" ] || { echo "PHASES=rest: no $TODO_FILE (a fresh machine?): name the phases"; exit 2; }
   PHASES="$(cat "$TODO_FILE")"
@@ -207,6 +209,13 @@ if want article; then
   run article 180 "${E2E[@]}" --article-only --max-num-seqs 256 --max-model-len 2048 $(stop_by 180) \
     --json "$OUT" --json-key article
   finish article $?
+fi
+# the sampler's branches A/B: since 2026-12-04 a GPU samples without lax.cond (each XLA conditional
+# blocks the host until the device reaches it); this runs e2e's jaxllm part with the old branching
+# sampler (JAXLLM_SAMPLER_BRANCHES=cond): its 64-request and batch-1 rows beside e2e's (or profile's)
+if want sampler; then
+  run sampler 150 env JAXLLM_SAMPLER_BRANCHES=cond "${E2E[@]}" --skip-hf --json "$OUT" --json-key e2e_sampler_cond
+  finish sampler $?
 fi
 if want profile; then  # alone (e2e did not run or left no profile): its own engine, the 64-request config
   run profile 150 "${E2E[@]}" --skip-hf --profile "$PROF" --json "$OUT" --json-key profile

@@ -42,6 +42,7 @@ from jaxllm.runner.inputs import StepInputs, build_inputs, place_bitmask
 from jaxllm.runner.kv_cache_dtype import cache_dtype
 from jaxllm.runner.pending import PendingStep, PromptLogprobsJob
 from jaxllm.runner.pooler import PendingPool
+from jaxllm.runner.sampler import sampler_branchless
 from jaxllm.runner.sleep import RunnerSleep
 from jaxllm.runner.step_programs import step_programs
 from pallas_kernels import KVCache
@@ -129,7 +130,9 @@ class ModelRunner:
         # device adapter slots (none for embed: its steps run the base model)
         self.lora = None if lora_config is None or self.pooling else LoRASlots(lora_config, model)
 
-        programs = step_programs(graphdef, self._traced)
+        # sampling without device-side branches off the CPU (runner/sampler.py; $JAXLLM_SAMPLER_BRANCHES)
+        self.branchless_sampling = sampler_branchless()
+        programs = step_programs(graphdef, self._traced, self.branchless_sampling)
 
         # [R] i32: the token each penalty row sampled in its latest step (async scheduling feeds it)
         self.last_tokens = jnp.zeros((self.num_rows,), jnp.int32)

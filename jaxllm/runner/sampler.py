@@ -16,6 +16,13 @@ Order per row (documented; the tests' numpy reference follows it):
 Each row's key is fold_in(key(seed), position of the sampled token), so a request's draws do not
 depend on what else is in the batch. Filters work as per-row logit thresholds applied in vocab
 order, so whether the batch needed the sort (a lax.cond) never changes a row's result.
+Branches: on CPU each skippable piece of work (grammar, allowed/bias, penalties, masks, the draw and
+its filters, top logprobs) sits under a lax.cond on a device predicate (jnp.any over the batch). On a
+GPU an XLA conditional copies its predicate to the host and blocks the host until the device reaches
+it (XLA's ConditionalThunk: Memcpy + BlockHostUntilDone), which in a step program stalls the launch of
+the next step behind the current one; there (`branchless=True`, `sampler_branchless()`) both sides are
+computed and the predicate selects with jnp.where: the same values, no host round trip, at the cost
+of work a batch may not need ([S, V] sort, draw and top-k every step).
 Logprobs are those of the raw model distribution (log_softmax of the unprocessed logits), like
 vLLM's default: the sampled token's, its rank, and the top MAX_LOGPROBS. The rank is 1 + the number
 of raw logits strictly greater than the sampled token's (so correct when it lies outside the top-k,
@@ -24,11 +31,33 @@ as a temperature draw may); one [S, V] compare and sum, always computed (no cond
 from __future__ import annotations
 
 import dataclasses
+import os
 
 import jax
 import jax.numpy as jnp
 
 MAX_LOGPROBS = 20
+BRANCHES_ENV = "JAXLLM_SAMPLER_BRANCHES"  # auto (select off CPU, cond on CPU) | cond | select
+
+
+def sampler_branchless(platform: str | None = None) -> bool:
+    """Whether sampling selects between computed branches (True) or branches with lax.cond (False):
+    $JAXLLM_SAMPLER_BRANCHES "cond" / "select", default "auto" = select on any backend but the CPU's
+    (`platform`, default jax.default_backend())."""
+    mode = (os.environ.get(BRANCHES_ENV, "") or "auto").strip().lower()
+    if mode not in ("auto", "cond", "select"):
+        raise ValueError(f"{BRANCHES_ENV}={mode!r} is invalid: must be one of auto, cond, select")
+    if mode == "auto":
+        return (platform or jax.default_backend()) != "cpu"
+    return mode == "select"
+
+
+def _branch(pred, on_true, on_false, branchless: bool):
+    """jax.lax.cond over `pred`; with `branchless`, both sides computed and selected by `pred` (the
+    same result, and no conditional for the device to report back to the host)."""
+    if not branchless:
+        return jax.lax.cond(pred, on_true, on_false)
+    return jax.tree.map(lambda a, b: jnp.where(pred, a, b), on_true(), on_false())
 
 
 @jax.tree_util.register_dataclass
@@ -87,8 +116,10 @@ def _filter_thresholds(scaled, p: SamplingInputs):
     return jnp.take_along_axis(sorted_desc, last_kept[:, None], axis=-1)[:, 0]
 
 
-def sample(logits, counts, seen_in_prompt, p: SamplingInputs, want_top_logprobs, rows=None) -> SamplerOutput:
+def sample(logits, counts, seen_in_prompt, p: SamplingInputs, want_top_logprobs, rows=None,
+           branchless: bool = False) -> SamplerOutput:
     """logits [S, V] f32 raw → SamplerOutput. want_top_logprobs: bool scalar (any row asked for logprobs).
+    `branchless`: every branch computed and selected instead of lax.cond (the module docstring: GPUs).
 
     counts [S, V] i32 / seen_in_prompt [S, V] bool per row; or, with rows [S] i32, the whole penalty
     tables [R, V] and each row's index into them. Work a batch does not need is skipped by lax.cond
@@ -100,8 +131,8 @@ def sample(logits, counts, seen_in_prompt, p: SamplingInputs, want_top_logprobs,
     log_sum = jnp.log(jnp.sum(jnp.exp(logits - row_max), axis=-1))  # [S] f32, as jax.nn.log_softmax
 
     row_idx = jnp.arange(logits.shape[0])[:, None]  # [S, 1]
-    grammar_logits = jax.lax.cond(jnp.any(p.constrained), lambda: apply_bitmask(logits, p.bitmask, p.constrained),
-                                  lambda: logits)  # [S, V] f32; logprobs below stay the raw logits'
+    grammar_logits = _branch(jnp.any(p.constrained), lambda: apply_bitmask(logits, p.bitmask, p.constrained),
+                             lambda: logits, branchless)  # [S, V] f32; logprobs below stay the raw logits'
 
     def restricted():  # allowed_token_ids, then logit_bias
         allowed_cols = jnp.where(p.allowed_ids >= 0, p.allowed_ids, vocab)  # -1 → out of range → dropped
@@ -111,43 +142,43 @@ def sample(logits, counts, seen_in_prompt, p: SamplingInputs, want_top_logprobs,
         bias_cols = jnp.where(p.bias_ids >= 0, p.bias_ids, vocab)
         return out.at[row_idx, bias_cols].add(p.bias_values, mode="drop")
 
-    base = jax.lax.cond(jnp.any(p.allowed_ids >= 0) | jnp.any(p.bias_ids >= 0), restricted,
-                        lambda: grammar_logits)
+    base = _branch(jnp.any(p.allowed_ids >= 0) | jnp.any(p.bias_ids >= 0), restricted,
+                   lambda: grammar_logits, branchless)
 
     def penalised():
         c, seen = (counts, seen_in_prompt) if rows is None else (counts[rows], seen_in_prompt[rows])
         return apply_penalties(base, c, seen, p)
 
     has_penalty = (p.repetition != 1) | (p.frequency != 0) | (p.presence != 0)  # [S] bool
-    processed = jax.lax.cond(jnp.any(has_penalty), penalised, lambda: base)
+    processed = _branch(jnp.any(has_penalty), penalised, lambda: base, branchless)
 
     def masked():
         mask_cols = jnp.where(p.mask_ids >= 0, p.mask_ids, vocab)  # -1 → out of range → dropped
         forbid = jnp.zeros(processed.shape, bool).at[row_idx, mask_cols].set(True, mode="drop")  # [S, V] bool
         return jnp.where(forbid, -jnp.inf, processed)
 
-    processed = jax.lax.cond(jnp.any(p.mask_ids >= 0), masked, lambda: processed)
+    processed = _branch(jnp.any(p.mask_ids >= 0), masked, lambda: processed, branchless)
     greedy = p.temperature <= 0
 
     def draw():  # Gumbel-max over the filtered logits; skipped when every row is greedy
         scaled = processed / jnp.where(greedy, 1.0, p.temperature)[:, None]
         needs_filter = (~greedy) & ((p.top_k > 0) & (p.top_k < vocab) | (p.top_p < 1) | (p.min_p > 0))
-        thresholds = jax.lax.cond(
+        thresholds = _branch(
             jnp.any(needs_filter),
             lambda: jnp.where(needs_filter, _filter_thresholds(scaled, p), -jnp.inf),
-            lambda: jnp.full(scaled.shape[:1], -jnp.inf, jnp.float32))
+            lambda: jnp.full(scaled.shape[:1], -jnp.inf, jnp.float32), branchless)
         filtered = jnp.where(scaled >= thresholds[:, None], scaled, -jnp.inf)
         keys = jax.vmap(lambda s, pos: jax.random.fold_in(jax.random.key(s), pos))(p.seeds, p.positions)
         gumbel = jax.vmap(lambda k: jax.random.gumbel(k, (vocab,), jnp.float32))(keys)  # [S, V] f32
         return jnp.argmax(filtered + gumbel, axis=-1).astype(jnp.int32)
 
-    drawn = jax.lax.cond(jnp.any(~greedy), draw, lambda: jnp.zeros(logits.shape[:1], jnp.int32))
+    drawn = _branch(jnp.any(~greedy), draw, lambda: jnp.zeros(logits.shape[:1], jnp.int32), branchless)
     token_ids = jnp.where(greedy, jnp.argmax(processed, axis=-1), drawn).astype(jnp.int32)
-    top_lp, top_ids = jax.lax.cond(
+    top_lp, top_ids = _branch(
         want_top_logprobs,
         lambda: tuple(jax.lax.top_k(jax.nn.log_softmax(logits, axis=-1), MAX_LOGPROBS)),
         lambda: (jnp.zeros((logits.shape[0], MAX_LOGPROBS), jnp.float32),
-                 jnp.zeros((logits.shape[0], MAX_LOGPROBS), jnp.int32)))
+                 jnp.zeros((logits.shape[0], MAX_LOGPROBS), jnp.int32)), branchless)
     picked = jnp.take_along_axis(logits, token_ids[:, None], axis=-1)[:, 0]  # [S] f32 raw logit
     chosen = (picked - row_max[:, 0]) - log_sum  # raw logprob, the same arithmetic as log_softmax
     ranks = token_rank(logits, picked)  # [S] i32

@@ -37,9 +37,11 @@ class StepPrograms(NamedTuple):
     classify_step: Callable
 
 
-def step_programs(graphdef, on_trace: Callable[[], None]) -> StepPrograms:
+def step_programs(graphdef, on_trace: Callable[[], None], branchless_sampling: bool = False) -> StepPrograms:
     """The programs of a model split into `graphdef` + state (nnx.split); `on_trace()` runs each
-    time the step (forward or sampling) or the embed step is traced (the runner counts traces: one after warm-up is a bug)."""
+    time the step (forward or sampling) or the embed step is traced (the runner counts traces: one after warm-up is a bug).
+    `branchless_sampling`: sample_step selects between computed branches instead of lax.cond
+    (runner/sampler.py: an XLA conditional on a GPU blocks the host until the device reaches it)."""
 
     def fed_forward(state, cache, counts, prompt_mask, last_tokens, inp: StepInputs, lora=None):
         """The model over the step's tokens, placeholders taken from last_tokens on device (feed_rows
@@ -67,7 +69,8 @@ def step_programs(graphdef, on_trace: Callable[[], None]) -> StepPrograms:
         them) → (last_tokens with each row's sampled id set (padding rows write the spare row only),
         SamplerOutput)."""
         on_trace()  # runs only while tracing
-        out = sample(logits, counts, prompt_mask, sampling, want_top_logprobs, rows=seq_rows)
+        out = sample(logits, counts, prompt_mask, sampling, want_top_logprobs, rows=seq_rows,
+                     branchless=branchless_sampling)
         return last_tokens.at[seq_rows].set(out.token_ids), out
 
     def prompt_logprobs(state, hidden, targets):

@@ -44,8 +44,8 @@ def test_spec_and_moe_phases_are_last_by_default_and_run_in_smoke(tmp_path):
     # are not listed
     p = run_check(tmp_path, tmp_path / "a.json", BUDGET_S="1")
     assert p.returncode == 0, p.stdout + p.stderr
-    assert (tmp_path / "todo").read_text().split() == ["e2e", "article", "profile", "int8", "fp8", "lora",
-                                                       "int4", "kvfp8", "quanthlo", "memory", "spec", "moe"]
+    assert (tmp_path / "todo").read_text().split() == ["e2e", "article", "profile", "sampler", "int8", "fp8",
+                                                       "lora", "int4", "kvfp8", "quanthlo", "memory", "spec", "moe"]
     # the two phases on CPU, in one run: bench/spec_decode.py --smoke and bench/moe.py --preset tiny-mixtral
     # merge their rows into OUT.json
     out = tmp_path / "b.json"

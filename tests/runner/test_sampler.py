@@ -4,6 +4,7 @@ min-p -> draw. Distributions are checked by chi-square over thousands of draws a
 from __future__ import annotations
 
 import dataclasses
+import functools
 
 import jax
 import jax.numpy as jnp
@@ -353,3 +354,70 @@ def test_allowed_token_ids_and_logit_bias():
     want[[5, 9, 40]] = logits[0, [5, 9, 40]]
     want[9] += 1.5
     assert chi_square_p(ids, ref_probs(want, 1.0)) > 1e-4
+
+
+_sample_select = jax.jit(functools.partial(sample, branchless=True))
+
+
+@pytest.mark.parametrize("mix", ["nothing", "everything", "mixed"])
+def test_branchless_sampling_equals_the_branching_one(mix):
+    """GPUs sample without lax.cond (an XLA conditional blocks the host there): every branch computed
+    and selected by the same predicate must give exactly what the branching sampler gives, whether no
+    row, every row or some rows take each branch (grammar, allowed/bias, penalties, masks, filters,
+    draw, top logprobs)."""
+    S, rng = 16, np.random.default_rng({"nothing": 0, "everything": 1, "mixed": 2}[mix])
+    logits = rng.normal(size=(S, V)).astype(np.float32) * 3
+    on = np.ones(S, bool) if mix == "everything" else np.zeros(S, bool) if mix == "nothing" else rng.random(S) < 0.5
+
+    def pick(values, off):
+        return np.where(on.reshape((S,) + (1,) * (np.ndim(values) - 1)), values, off)
+
+    ids = lambda w: pick(rng.integers(0, V, (S, w)), -1).astype(np.int32)  # noqa: E731
+    p = make_inputs(
+        S, temperature=pick(rng.uniform(0.5, 1.5, S), 0.0), top_k=pick(rng.integers(1, V, S), 0),
+        top_p=pick(rng.uniform(0.3, 0.95, S), 1.0), min_p=pick(rng.uniform(0, 0.2, S), 0.0),
+        presence=pick(rng.uniform(0, 1, S), 0.0), frequency=pick(rng.uniform(0, 1, S), 0.0),
+        repetition=pick(rng.uniform(1, 2, S), 1.0), seeds=np.arange(S), positions=rng.integers(0, 99, S),
+        mask_ids=ids(M), bias_ids=ids(B), bias_values=rng.normal(size=(S, B)), allowed_ids=ids(A),
+        bitmask=rng.integers(-2**31, 2**31, (S, -(-V // 32))), constrained=on)
+    counts = rng.integers(0, 3, (S, V)).astype(np.int32)
+    seen = rng.random((S, V)) < 0.2
+    want = np.asarray(mix != "nothing")
+    ref = jax.device_get(_sample(jnp.asarray(logits), counts, seen, p, want))
+    got = jax.device_get(_sample_select(jnp.asarray(logits), counts, seen, p, want))
+    np.testing.assert_array_equal(got.token_ids, ref.token_ids)
+    np.testing.assert_array_equal(got.ranks, ref.ranks)
+    np.testing.assert_array_equal(got.top_ids, ref.top_ids)
+    np.testing.assert_allclose(got.logprobs, ref.logprobs, rtol=1e-6, atol=1e-6)
+    np.testing.assert_allclose(got.top_logprobs, ref.top_logprobs, rtol=1e-6, atol=1e-6)
+    if mix == "mixed":  # the inputs really took both sides somewhere
+        assert on.any() and not on.all() and (ref.token_ids != logits.argmax(-1)).any()
+
+
+def test_sampler_branches_setting(monkeypatch):
+    from jaxllm.runner.sampler import BRANCHES_ENV, sampler_branchless
+
+    monkeypatch.delenv(BRANCHES_ENV, raising=False)
+    assert sampler_branchless("cpu") is False and sampler_branchless("gpu") is True
+    monkeypatch.setenv(BRANCHES_ENV, "select")
+    assert sampler_branchless("cpu") is True
+    monkeypatch.setenv(BRANCHES_ENV, "cond")
+    assert sampler_branchless("gpu") is False
+    monkeypatch.setenv(BRANCHES_ENV, "sometimes")
+    with pytest.raises(ValueError, match="JAXLLM_SAMPLER_BRANCHES='sometimes' is invalid: must be one of auto, cond, select"):
+        sampler_branchless("gpu")
+
+
+def test_branchless_sampling_program_has_no_device_branch():
+    """The sampling program the runner ships off the CPU (step_programs(..., branchless_sampling=True))
+    lowers without a conditional (StableHLO case/if: on a GPU each one is a host round trip), and the
+    CPU's keeps them (they skip the work a batch does not need)."""
+    from jaxllm.runner.step_programs import step_programs
+
+    S, R = 4, 8
+    p = make_inputs(S)
+    args = (jax.ShapeDtypeStruct((S, V), jnp.float32), np.zeros((R, V), np.int32), np.zeros((R, V), bool),
+            np.zeros(R, np.int32), p, np.asarray(False), np.arange(S, dtype=np.int32))
+    texts = {b: jax.jit(step_programs(None, lambda: None, b).sample_step).lower(*args).as_text() for b in (False, True)}
+    assert "stablehlo.case" in texts[False] or "stablehlo.if" in texts[False]
+    assert "stablehlo.case" not in texts[True] and "stablehlo.if" not in texts[True]
