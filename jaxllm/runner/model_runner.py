@@ -130,7 +130,7 @@ class ModelRunner:
         # device adapter slots (none for embed: its steps run the base model)
         self.lora = None if lora_config is None or self.pooling else LoRASlots(lora_config, model)
 
-        # sampling without device-side branches off the CPU (runner/sampler.py; $JAXLLM_SAMPLER_BRANCHES)
+        # sampling without device-side branches on GPUs (runner/sampler.py; $JAXLLM_SAMPLER_BRANCHES)
         self.branchless_sampling = sampler_branchless()
         programs = step_programs(graphdef, self._traced, self.branchless_sampling)
 

@@ -37,18 +37,18 @@ import jax
 import jax.numpy as jnp
 
 MAX_LOGPROBS = 20
-BRANCHES_ENV = "JAXLLM_SAMPLER_BRANCHES"  # auto (select off CPU, cond on CPU) | cond | select
+BRANCHES_ENV = "JAXLLM_SAMPLER_BRANCHES"  # auto (select on GPUs, cond elsewhere) | cond | select
 
 
 def sampler_branchless(platform: str | None = None) -> bool:
     """Whether sampling selects between computed branches (True) or branches with lax.cond (False):
-    $JAXLLM_SAMPLER_BRANCHES "cond" / "select", default "auto" = select on any backend but the CPU's
-    (`platform`, default jax.default_backend())."""
+    $JAXLLM_SAMPLER_BRANCHES "cond" / "select", default "auto" = select on GPUs (`platform`, default
+    jax.default_backend(): "gpu", "cuda" or "rocm"), cond on CPUs and TPUs (a TPU branches on the device)."""
     mode = (os.environ.get(BRANCHES_ENV, "") or "auto").strip().lower()
     if mode not in ("auto", "cond", "select"):
         raise ValueError(f"{BRANCHES_ENV}={mode!r} is invalid: must be one of auto, cond, select")
     if mode == "auto":
-        return (platform or jax.default_backend()) != "cpu"
+        return (platform or jax.default_backend()) in ("gpu", "cuda", "rocm")
     return mode == "select"
 
 

@@ -40,7 +40,7 @@ class StepPrograms(NamedTuple):
 def step_programs(graphdef, on_trace: Callable[[], None], branchless_sampling: bool = False) -> StepPrograms:
     """The programs of a model split into `graphdef` + state (nnx.split); `on_trace()` runs each
     time the step (forward or sampling) or the embed step is traced (the runner counts traces: one after warm-up is a bug).
-    `branchless_sampling`: sample_step selects between computed branches instead of lax.cond
+    `branchless_sampling` (GPUs): sample_step selects between computed branches instead of lax.cond
     (runner/sampler.py: an XLA conditional on a GPU blocks the host until the device reaches it)."""
 
     def fed_forward(state, cache, counts, prompt_mask, last_tokens, inp: StepInputs, lora=None):

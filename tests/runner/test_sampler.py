@@ -399,6 +399,7 @@ def test_sampler_branches_setting(monkeypatch):
 
     monkeypatch.delenv(BRANCHES_ENV, raising=False)
     assert sampler_branchless("cpu") is False and sampler_branchless("gpu") is True
+    assert sampler_branchless("tpu") is False  # a TPU's conditionals run on the device
     monkeypatch.setenv(BRANCHES_ENV, "select")
     assert sampler_branchless("cpu") is True
     monkeypatch.setenv(BRANCHES_ENV, "cond")
