@@ -42,7 +42,7 @@ from jaxllm.runner.inputs import StepInputs, build_inputs, place_bitmask
 from jaxllm.runner.kv_cache_dtype import cache_dtype
 from jaxllm.runner.pending import PendingStep, PromptLogprobsJob
 from jaxllm.runner.pooler import PendingPool
-from jaxllm.runner.sampler import sampler_branchless
+from jaxllm.runner.sampler import FULL_PLAN, SAMPLE_PLANS, SamplePlan, plan_of, sampler_branchless
 from jaxllm.runner.sleep import RunnerSleep
 from jaxllm.runner.step_programs import step_programs
 from pallas_kernels import KVCache
@@ -141,7 +141,7 @@ class ModelRunner:
 
         # a step = the forward pass (cache, penalty tables donated: updated in place), then sampling
         self._forward = jax.jit(programs.fed_forward, donate_argnums=(1, 2, 3), **fwd_kw)
-        self._sample = jax.jit(programs.sample_step, donate_argnums=(3,), **sample_kw)
+        self._sample = jax.jit(programs.sample_step, donate_argnums=(3,), static_argnames=("plan",), **sample_kw)
         self._unsampled = None  # a dispatched step whose sampling waits for its bitmask (set_bitmask)
 
         embed_kw = {}
@@ -227,11 +227,16 @@ class ModelRunner:
         return self._forward.lower(self.state, self.kv_cache, self.counts, self.prompt_mask, self.last_tokens, inp,
                                    self._lora_weights())
 
-    def _sample_lowering(self, inp: StepInputs):
+    def _sample_lowering(self, inp: StepInputs, plan: SamplePlan = FULL_PLAN):
         S = inp.logits_indices.shape[0]
         logits = jax.ShapeDtypeStruct((S, self.vocab_size), jnp.float32, sharding=self._logits_sharding)
         return self._sample.lower(logits, self.counts, self.prompt_mask, self.last_tokens, inp.sampling,
-                                  inp.want_top_logprobs, inp.seq_rows)
+                                  inp.want_top_logprobs, inp.seq_rows, plan=plan)
+
+    def _sample_keys(self, S: int) -> list[tuple]:
+        """The sampling executables of S rows: one (lax.cond skips unneeded work on the device), or with
+        branchless sampling one per SamplePlan (the host picks per step: sampler.plan_of)."""
+        return [("sample", S, plan) for plan in SAMPLE_PLANS] if self.branchless_sampling else [("sample", S)]
 
     def _prompt_lp_lowering(self, num_tokens: int):
         hidden = jax.ShapeDtypeStruct((num_tokens, self.model_config.hidden_size), self.state_dtype)
@@ -240,8 +245,12 @@ class ModelRunner:
     def _step_executable(self, inp: StepInputs):
         return self._executable(("step",) + self._bucket(inp), lambda: self._step_lowering(inp))
 
-    def _sample_executable(self, inp: StepInputs):
-        return self._executable(("sample", inp.logits_indices.shape[0]), lambda: self._sample_lowering(inp))
+    def _sample_executable(self, inp: StepInputs, sampling=None):
+        S = inp.logits_indices.shape[0]
+        if not self.branchless_sampling:
+            return self._executable(("sample", S), lambda: self._sample_lowering(inp))
+        plan = plan_of(inp.sampling if sampling is None else sampling, inp.want_top_logprobs, self.vocab_size)
+        return self._executable(("sample", S, plan), lambda: self._sample_lowering(inp, plan))
 
     def _prompt_lp_executable(self, num_tokens: int):
         return self._executable(("prompt_lp", num_tokens), lambda: self._prompt_lp_lowering(num_tokens))
@@ -270,7 +279,7 @@ class ModelRunner:
 
     def _sample_local(self, inp: StepInputs, logits, sampling):
         """Launch the sampling of a forward pass's `logits` with `sampling` → SamplerOutput (on device)."""
-        self.last_tokens, out = self._sample_executable(inp)(logits, self.counts, self.prompt_mask, self.last_tokens,
+        self.last_tokens, out = self._sample_executable(inp, sampling)(logits, self.counts, self.prompt_mask, self.last_tokens,
                                                              sampling, inp.want_top_logprobs, inp.seq_rows)
         return out
 
@@ -495,8 +504,9 @@ class ModelRunner:
             key = ("step",) + self._bucket(inp)
             if key not in self._executables:
                 jobs[key] = self._step_lowering(inp)
-            if ("sample", S) not in self._executables and ("sample", S) not in jobs:  # one per S
-                jobs[("sample", S)] = self._sample_lowering(inp)
+            for key in self._sample_keys(S):  # one per S (two with branchless sampling)
+                if key not in self._executables and key not in jobs:
+                    jobs[key] = self._sample_lowering(inp, key[-1] if len(key) == 3 else FULL_PLAN)
             prompt_lp = decode_only or T in self.buckets.mixed  # draft steps have no prompt tokens
             if prompt_lp and self.supports_prompt_logprobs and ("prompt_lp", T) not in self._executables:
                 jobs[("prompt_lp", T)] = self._prompt_lp_lowering(T)

@@ -21,8 +21,13 @@ its filters, top logprobs) sits under a lax.cond on a device predicate (jnp.any 
 GPU an XLA conditional copies its predicate to the host and blocks the host until the device reaches
 it (XLA's ConditionalThunk: Memcpy + BlockHostUntilDone), which in a step program stalls the launch of
 the next step behind the current one; there (`branchless=True`, `sampler_branchless()`) both sides are
-computed and the predicate selects with jnp.where: the same values, no host round trip, at the cost
-of work a batch may not need ([S, V] sort, draw and top-k every step).
+computed and the predicate selects with jnp.where: the same values, no host round trip. The three
+expensive branches are decided on the host instead, from the step's inputs (`SamplePlan`, `plan_of`):
+the Gumbel draw (any sampled row), the [S, V] sort behind top-k / top-p / min-p (any sampled row with
+a filter) and the top-20 log-softmax (any row asked for logprobs; XLA's top-k of 20 may sort too);
+the runner compiles each S's valid plans (SAMPLE_PLANS) and picks one per step. The cheap branches
+(grammar bitmask, allowed ids / bias, penalties, masks: [S, V] elementwise work and scatters) are
+computed every step.
 Logprobs are those of the raw model distribution (log_softmax of the unprocessed logits), like
 vLLM's default: the sampled token's, its rank, and the top MAX_LOGPROBS. The rank is 1 + the number
 of raw logits strictly greater than the sampled token's (so correct when it lies outside the top-k,
@@ -32,9 +37,11 @@ from __future__ import annotations
 
 import dataclasses
 import os
+from typing import NamedTuple
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 
 MAX_LOGPROBS = 20
 BRANCHES_ENV = "JAXLLM_SAMPLER_BRANCHES"  # auto (select on GPUs, cond elsewhere) | cond | select
@@ -50,6 +57,26 @@ def sampler_branchless(platform: str | None = None) -> bool:
     if mode == "auto":
         return (platform or jax.default_backend()) in ("gpu", "cuda", "rocm")
     return mode == "select"
+
+
+class SamplePlan(NamedTuple):
+    """What a branchless sampling program computes at all (static; the host decides per step)."""
+    draw: bool  # any row samples (temperature > 0): the Gumbel draw
+    filters: bool  # any sampled row has top-k / top-p / min-p: the [S, V] sort (implies draw)
+    top_logprobs: bool  # any row asked for logprobs: the top-MAX_LOGPROBS log-softmax
+
+
+SAMPLE_PLANS = tuple(SamplePlan(d, f, lp) for d, f in ((False, False), (True, False), (True, True))
+                     for lp in (False, True))
+FULL_PLAN = SamplePlan(True, True, True)
+
+
+def plan_of(p: "SamplingInputs", want_top_logprobs, vocab: int) -> SamplePlan:
+    """Host (numpy inputs): the smallest plan that samples this step's rows exactly."""
+    t, k, top_p, min_p = (np.asarray(x) for x in (p.temperature, p.top_k, p.top_p, p.min_p))
+    sampled = t > 0
+    filters = bool(np.any(sampled & (((k > 0) & (k < vocab)) | (top_p < 1) | (min_p > 0))))
+    return SamplePlan(bool(np.any(sampled)), filters, bool(np.asarray(want_top_logprobs)))
 
 
 def _branch(pred, on_true, on_false, branchless: bool):
@@ -117,9 +144,11 @@ def _filter_thresholds(scaled, p: SamplingInputs):
 
 
 def sample(logits, counts, seen_in_prompt, p: SamplingInputs, want_top_logprobs, rows=None,
-           branchless: bool = False) -> SamplerOutput:
+           branchless: bool = False, plan: SamplePlan = FULL_PLAN) -> SamplerOutput:
     """logits [S, V] f32 raw → SamplerOutput. want_top_logprobs: bool scalar (any row asked for logprobs).
-    `branchless`: every branch computed and selected instead of lax.cond (the module docstring: GPUs).
+    `branchless`: every branch computed and selected instead of lax.cond (the module docstring: GPUs);
+    then `plan` (static, `plan_of` the same inputs) leaves out the draw, the filters' sort and the top
+    logprobs where no row needs them (a plan smaller than plan_of's would sample those rows wrong).
 
     counts [S, V] i32 / seen_in_prompt [S, V] bool per row; or, with rows [S] i32, the whole penalty
     tables [R, V] and each row's index into them. Work a batch does not need is skipped by lax.cond
@@ -163,22 +192,23 @@ def sample(logits, counts, seen_in_prompt, p: SamplingInputs, want_top_logprobs,
     def draw():  # Gumbel-max over the filtered logits; skipped when every row is greedy
         scaled = processed / jnp.where(greedy, 1.0, p.temperature)[:, None]
         needs_filter = (~greedy) & ((p.top_k > 0) & (p.top_k < vocab) | (p.top_p < 1) | (p.min_p > 0))
-        thresholds = _branch(
-            jnp.any(needs_filter),
-            lambda: jnp.where(needs_filter, _filter_thresholds(scaled, p), -jnp.inf),
-            lambda: jnp.full(scaled.shape[:1], -jnp.inf, jnp.float32), branchless)
+        no_filter = lambda: jnp.full(scaled.shape[:1], -jnp.inf, jnp.float32)  # noqa: E731
+        thresholds = no_filter() if branchless and not plan.filters else _branch(
+            jnp.any(needs_filter), lambda: jnp.where(needs_filter, _filter_thresholds(scaled, p), -jnp.inf),
+            no_filter, branchless)
         filtered = jnp.where(scaled >= thresholds[:, None], scaled, -jnp.inf)
         keys = jax.vmap(lambda s, pos: jax.random.fold_in(jax.random.key(s), pos))(p.seeds, p.positions)
         gumbel = jax.vmap(lambda k: jax.random.gumbel(k, (vocab,), jnp.float32))(keys)  # [S, V] f32
         return jnp.argmax(filtered + gumbel, axis=-1).astype(jnp.int32)
 
-    drawn = _branch(jnp.any(~greedy), draw, lambda: jnp.zeros(logits.shape[:1], jnp.int32), branchless)
+    no_draw = lambda: jnp.zeros(logits.shape[:1], jnp.int32)  # noqa: E731
+    drawn = no_draw() if branchless and not plan.draw else _branch(jnp.any(~greedy), draw, no_draw, branchless)
     token_ids = jnp.where(greedy, jnp.argmax(processed, axis=-1), drawn).astype(jnp.int32)
-    top_lp, top_ids = _branch(
-        want_top_logprobs,
-        lambda: tuple(jax.lax.top_k(jax.nn.log_softmax(logits, axis=-1), MAX_LOGPROBS)),
-        lambda: (jnp.zeros((logits.shape[0], MAX_LOGPROBS), jnp.float32),
-                 jnp.zeros((logits.shape[0], MAX_LOGPROBS), jnp.int32)), branchless)
+    no_top = lambda: (jnp.zeros((logits.shape[0], MAX_LOGPROBS), jnp.float32),  # noqa: E731
+                      jnp.zeros((logits.shape[0], MAX_LOGPROBS), jnp.int32))
+    top_lp, top_ids = no_top() if branchless and not plan.top_logprobs else _branch(
+        want_top_logprobs, lambda: tuple(jax.lax.top_k(jax.nn.log_softmax(logits, axis=-1), MAX_LOGPROBS)),
+        no_top, branchless)
     picked = jnp.take_along_axis(logits, token_ids[:, None], axis=-1)[:, 0]  # [S] f32 raw logit
     chosen = (picked - row_max[:, 0]) - log_sum  # raw logprob, the same arithmetic as log_softmax
     ranks = token_rank(logits, picked)  # [S] i32

@@ -24,7 +24,7 @@ from flax import nnx
 from jaxllm.lora.delta import LoRABatch
 from jaxllm.runner.inputs import StepInputs
 from jaxllm.runner.pooler import pool_hidden
-from jaxllm.runner.sampler import MAX_LOGPROBS, sample, token_rank
+from jaxllm.runner.sampler import FULL_PLAN, MAX_LOGPROBS, sample, token_rank
 
 PROMPT_LP_CHUNK = 256  # tokens per chunk of the prompt-logprobs LM head
 
@@ -64,13 +64,14 @@ def step_programs(graphdef, on_trace: Callable[[], None], branchless_sampling: b
         logits = m.compute_logits(hidden[inp.logits_indices])  # [S, V] f32
         return cache, counts, prompt_mask, logits, hidden
 
-    def sample_step(logits, counts, prompt_mask, last_tokens, sampling, want_top_logprobs, seq_rows):
+    def sample_step(logits, counts, prompt_mask, last_tokens, sampling, want_top_logprobs, seq_rows, plan=FULL_PLAN):
         """Sampling of one step's rows (the penalty tables' rows are gathered only if a penalty needs
         them) → (last_tokens with each row's sampled id set (padding rows write the spare row only),
-        SamplerOutput)."""
+        SamplerOutput). `plan` (static; branchless sampling only): what the step's rows need computed
+        at all (sampler.plan_of)."""
         on_trace()  # runs only while tracing
         out = sample(logits, counts, prompt_mask, sampling, want_top_logprobs, rows=seq_rows,
-                     branchless=branchless_sampling)
+                     branchless=branchless_sampling, plan=plan)
         return last_tokens.at[seq_rows].set(out.token_ids), out
 
     def prompt_logprobs(state, hidden, targets):

@@ -15,6 +15,7 @@ import pytest
 from jaxllm.config import EngineConfig
 from jaxllm.engine.factory import build_engine
 from jaxllm.llm import LLM
+from jaxllm.runner.sampler import SAMPLE_PLANS
 from jaxllm.sampling_params import SamplingParams
 from jaxllm.structured_outputs import StructuredOutputsParams
 from tests.engine_checks import assert_clean
@@ -234,8 +235,9 @@ def assert_matches(spec: StructuredOutputsParams, text: str) -> None:
 def test_zero_compiles_after_warmup_serving_200_random_requests(engine):
     r = engine.runner
     compiled, traces = r.compile_count, r.num_traces
-    # forward + prompt-lp per bucket, sampling per S, + the block copy (beam search forks)
-    n_sample = len(r.buckets.sample_sizes())
+    # forward + prompt-lp per bucket, sampling per S (with branchless sampling one per SamplePlan), + the
+    # block copy (beam search forks)
+    n_sample = len(r.buckets.sample_sizes()) * (len(SAMPLE_PLANS) if r.branchless_sampling else 1)
     assert compiled == 2 * len(r.buckets.all()) + n_sample + 1 and traces == len(r.buckets.all()) + n_sample
     rng = random.Random(7)
     prompts = [np.random.default_rng(i).integers(0, VOCAB, rng.randint(1, 200)).tolist() for i in range(200)]

@@ -12,7 +12,7 @@ import numpy as np
 import pytest
 from scipy import stats
 
-from jaxllm.runner.sampler import MAX_LOGPROBS, SamplingInputs, apply_penalties, sample
+from jaxllm.runner.sampler import MAX_LOGPROBS, SAMPLE_PLANS, SamplePlan, SamplingInputs, apply_penalties, plan_of, sample
 
 V = 64
 M = 4  # mask id columns
@@ -356,7 +356,7 @@ def test_allowed_token_ids_and_logit_bias():
     assert chi_square_p(ids, ref_probs(want, 1.0)) > 1e-4
 
 
-_sample_select = jax.jit(functools.partial(sample, branchless=True))
+_sample_select = jax.jit(functools.partial(sample, branchless=True), static_argnames=("plan",))
 
 
 @pytest.mark.parametrize("mix", ["nothing", "everything", "mixed"])
@@ -384,7 +384,10 @@ def test_branchless_sampling_equals_the_branching_one(mix):
     seen = rng.random((S, V)) < 0.2
     want = np.asarray(mix != "nothing")
     ref = jax.device_get(_sample(jnp.asarray(logits), counts, seen, p, want))
-    got = jax.device_get(_sample_select(jnp.asarray(logits), counts, seen, p, want))
+    plan = plan_of(p, want, V)  # the host's choice of program: nothing computed that no row needs
+    assert plan == (SamplePlan(False, False, False) if mix == "nothing" else SamplePlan(True, True, True))
+    assert plan in SAMPLE_PLANS
+    got = jax.device_get(_sample_select(jnp.asarray(logits), counts, seen, p, want, plan=plan))
     np.testing.assert_array_equal(got.token_ids, ref.token_ids)
     np.testing.assert_array_equal(got.ranks, ref.ranks)
     np.testing.assert_array_equal(got.top_ids, ref.top_ids)
@@ -419,6 +422,30 @@ def test_branchless_sampling_program_has_no_device_branch():
     p = make_inputs(S)
     args = (jax.ShapeDtypeStruct((S, V), jnp.float32), np.zeros((R, V), np.int32), np.zeros((R, V), bool),
             np.zeros(R, np.int32), p, np.asarray(False), np.arange(S, dtype=np.int32))
-    texts = {b: jax.jit(step_programs(None, lambda: None, b).sample_step).lower(*args).as_text() for b in (False, True)}
-    assert "stablehlo.case" in texts[False] or "stablehlo.if" in texts[False]
-    assert "stablehlo.case" not in texts[True] and "stablehlo.if" not in texts[True]
+    lower = lambda b, plan: jax.jit(step_programs(None, lambda: None, b).sample_step,  # noqa: E731
+                                    static_argnames=("plan",)).lower(*args, plan=plan).as_text()
+    cond = lower(False, SAMPLE_PLANS[-1])
+    assert "stablehlo.case" in cond or "stablehlo.if" in cond
+    texts = {plan: lower(True, plan) for plan in SAMPLE_PLANS}
+    for plan, text in texts.items():
+        assert "stablehlo.case" not in text and "stablehlo.if" not in text, plan
+        # what the host left out is not in the program: the filters' sort, the draw's random bits, top-k
+        assert ("stablehlo.sort" in text) is plan.filters, plan
+        assert ("threefry" in text or "rng_bit_generator" in text) is plan.draw, plan
+        assert ("top_k" in text) is plan.top_logprobs, plan
+
+
+def test_branchless_plain_draws_without_filters_or_logprobs():
+    """The plan that draws but leaves out the filters' sort and the top logprobs (temperature only):
+    the same tokens and logprobs as the branching sampler."""
+    S, rng = 16, np.random.default_rng(3)
+    logits = rng.normal(size=(S, V)).astype(np.float32) * 3
+    p = make_inputs(S, temperature=np.where(np.arange(S) % 2 == 0, 0.0, rng.uniform(0.5, 1.5, S)), seeds=np.arange(S))
+    counts, seen, want = np.zeros((S, V), np.int32), np.zeros((S, V), bool), np.asarray(False)
+    plan = plan_of(p, want, V)
+    assert plan == SamplePlan(True, False, False)
+    ref = jax.device_get(_sample(jnp.asarray(logits), counts, seen, p, want))
+    got = jax.device_get(_sample_select(jnp.asarray(logits), counts, seen, p, want, plan=plan))
+    np.testing.assert_array_equal(got.token_ids, ref.token_ids)
+    np.testing.assert_allclose(got.logprobs, ref.logprobs, rtol=1e-6, atol=1e-6)
+    assert (ref.token_ids[1::2] != logits[1::2].argmax(-1)).any()  # some draws left the argmax
