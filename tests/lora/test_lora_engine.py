@@ -24,8 +24,10 @@ def test_engine_with_lora_compiles_at_warmup_only(tmp_path):
     buckets = len(r.buckets.all())
     assert r.lora is not None and (r.lora.num_slots, r.lora.rank) == (2, 8)
     assert r.lora.rank_buckets == (8,)  # max_lora_rank 8: one slot write, every rank sent at 8
-    assert r.compile_count == 2 * buckets + len(r.buckets.sample_sizes()) + 2  # forward + prompt-lp per bucket,
-    # sampling per S, + the slot update + the block copy
+    assert r.compile_count == 3 * buckets + len(r.buckets.sample_sizes()) + 2  # forward (LoRA and base-only)
+    # + prompt-lp per bucket, sampling per S, + the slot update + the block copy
+    assert {k[1:] for k in r._executables if k[0] == "step"} == {k[1:] for k in r._executables if k[0] == "step_lora"} \
+        == set(r.buckets.all())
     compiled = (r.compile_count, r.num_traces)
     llm = LLM("tiny", engine=engine)
     params = SamplingParams(temperature=0.0, max_tokens=4, ignore_eos=True)
