@@ -5,7 +5,7 @@ and the LoRA one otherwise; warm-up compiles both for every bucket, and nothing 
 References: a plain engine (no enable_lora) for the base-only outputs, greedy tokens and logprobs; HF
 transformers + peft (each request alone, full recomputation) for a batch mixing base and adapter
 requests. The LoRA engine runs with async scheduling (steps dispatched before the previous one is
-read back), the plain one synchronously."""
+read back), the plain one synchronously; it goes through a sleep / wake-up round trip too."""
 from __future__ import annotations
 
 import re
@@ -32,8 +32,8 @@ def setup(tmp_path_factory):
     cfg = dict(model=base, max_model_len=64, block_size=16, max_num_seqs=4, max_num_batched_tokens=32,
                kv_cache_memory_bytes=1 << 20)
     plain = build_engine(EngineConfig(**cfg), compile_cache=False, warmup=False)  # compiles what it runs only
-    lora = build_engine(EngineConfig(**cfg, enable_lora=True, max_loras=2, max_lora_rank=8, async_scheduling=True),
-                        compile_cache=False)
+    lora = build_engine(EngineConfig(**cfg, enable_lora=True, max_loras=2, max_lora_rank=8, async_scheduling=True,
+                                     enable_sleep_mode=True), compile_cache=False)
     warm = (lora.runner.compile_count, lora.runner.num_traces)
     ad = LoRARequest("ad", 1, adapter)
     assert lora.add_lora(ad)  # loaded in a slot: the base-only steps must not pick it up
@@ -97,4 +97,12 @@ def test_mixed_then_base_only_steps_match_peft_and_compile_nothing(setup):
     assert list(alone[0].outputs[0].token_ids) == want[1]
     assert list(llm.generate({"prompt_token_ids": PROMPTS[0]}, params[0], use_tqdm=False)[0].outputs[0].token_ids) \
         == want[0]
+    # sleep mode holds the LoRA slots with the weights: after a level-1 round trip both variants still
+    # run with the adapter in place, and nothing compiles
+    llm.sleep(level=1)
+    llm.wake_up()
+    runs = dict(r.step_runs)
+    again = llm.generate([{"prompt_token_ids": q} for q in PROMPTS], params, use_tqdm=False, lora_request=which)
+    assert [list(o.outputs[0].token_ids) for o in again] == want
+    assert r.step_runs["lora"] > runs["lora"] and r.step_runs["base"] > runs["base"]
     assert (r.compile_count, r.num_traces) == warm, "switching between the step variants compiled something"
