@@ -29,8 +29,9 @@
 #                       requests still run at most 64 at once); without it, 64 and 1024 as on 2026-11-26
 #   e2e_retry   200 s   only if e2e left no batch-1 figure: no HF, gpu_memory_utilization 0.6
 #   article     180 s   only if neither e2e run stored the article run: --article-only, no HF
-#   sampler     150 s   e2e's jaxllm rows (no HF) with JAXLLM_SAMPLER_BRANCHES=cond: the branching sampler (an XLA
-#                       conditional blocks the host on a GPU) against the default branchless one in e2e
+#   sampler  60+150 s   bench/sampler_branches.py (the sampling program alone, cond vs select, S 1/64/256, V 32k/128k,
+#                       ~20 s), then e2e's jaxllm rows (no HF) with JAXLLM_SAMPLER_BRANCHES=cond: the branching
+#                       sampler (an XLA conditional blocks the host on a GPU) against the default branchless one in e2e
 #   profile     150 s   only if e2e did not store the profiles: its own engine (64 sequences, max_model_len
 #                       1024), no HF: the 64-request run, batch-1 decode and the two profiled runs
 #   int8, fp8   120 s   issue 17: e2e without HF, --quantization int8 / fp8 (~90 s: start + runs)
@@ -214,6 +215,9 @@ fi
 # blocks the host until the device reaches it); this runs e2e's jaxllm part with the old branching
 # sampler (JAXLLM_SAMPLER_BRANCHES=cond): its 64-request and batch-1 rows beside e2e's (or profile's)
 if want sampler; then
+  sb_args=(); [ "$SMOKE" = 1 ] && sb_args=(--rows 1 8 --vocab 512 --iters 3)
+  run sampler_bench 60 "$PY" bench/sampler_branches.py "${sb_args[@]}" --json "$OUT" --json-key sampler_branches
+  rc=$?; [ $rc -ne 0 ] && [ $rc -ne 99 ] && status=1
   run sampler 150 env JAXLLM_SAMPLER_BRANCHES=cond "${E2E[@]}" --skip-hf --json "$OUT" --json-key e2e_sampler_cond
   finish sampler $?
 fi

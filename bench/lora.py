@@ -12,12 +12,13 @@ to a temporary directory with numpy + safetensors + json directly (no peft/torch
 with ``add_lora``. Then, per mode, ``--batch`` requests (``--input-len`` random prompt tokens,
 ``--output-len`` greedy tokens, ignore_eos) are added together and stepped to the end:
 
-- ``base``: every request on the base model (the adapter path is compiled in, all slots idle);
+- ``base``: every request on the base model (LoRA engine, adapters loaded, slots idle: its steps run
+  the base-only program, the plain engine's, since the runner picks it per step);
 - ``1 adapter``: every request on adapter 1;
 - ``4 adapters``: request i on adapter i % 4, all four in one batch.
 
 - ``plain`` (``--plain-baseline``): every request on a second engine built without ``enable_lora``
-  (what compiling the LoRA path in costs when no adapter is used).
+  (what enabling LoRA costs a step with no adapter: ~0 once the base-only program runs).
 
 Modes run in rotated order ``--repeats`` times (median reported): output tokens/s over the whole
 batch, and the decode step time (ms per step, steps with every request decoding). The overhead per

@@ -25,3 +25,21 @@ class LoRAConfig:
         if not config.enable_lora:
             return None
         return LoRAConfig(config.max_loras, config.max_lora_rank, config.max_cpu_loras)
+
+
+BASE_PROGRAM_ENV = "JAXLLM_LORA_BASE_PROGRAM"  # auto (on for GPUs) | on | off
+
+
+def base_program_enabled(platform: str) -> bool:
+    """Whether a LoRA runner runs steps without adapters on a base-only program (the plain runner's:
+    no LoRA deltas), compiled beside the LoRA program for every bucket: $JAXLLM_LORA_BASE_PROGRAM
+    "on" / "off", default "auto" = on for GPUs (`platform` "gpu", "cuda" or "rocm"), where the deltas'
+    small kernels made a 13B decode step 24.7% slower with no adapter in the batch (bench/RESULTS.md);
+    off elsewhere, where the second program would double the warm-up's step compiles for a gain
+    lost in the CPU's noise."""
+    import os
+
+    mode = (os.environ.get(BASE_PROGRAM_ENV, "") or "auto").strip().lower()
+    if mode not in ("auto", "on", "off"):
+        raise ValueError(f"{BASE_PROGRAM_ENV}={mode!r} is invalid: must be one of auto, on, off")
+    return platform in ("gpu", "cuda", "rocm") if mode == "auto" else mode == "on"

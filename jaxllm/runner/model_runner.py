@@ -15,6 +15,11 @@ The device programs themselves (forward, sampling, prompt-logprobs pass, embed s
 runner/step_programs.py; the runner holds their state (cache, penalty tables, rows), picks buckets
 and compiles one executable per bucket (the sampling: one per number of sampling rows).
 
+With LoRA each bucket has two forward executables: the LoRA program (slot weights + per-token slot
+index in, the deltas added) and the base-only one, the plain runner's very program. The host picks
+per step from the scheduled seqs' lora_slot (all 0: base-only), never a device-side conditional:
+an XLA conditional reads its predicate back to the host and would stall async dispatch.
+
 Implements jaxllm.engine.runner_protocol.ModelRunnerProtocol.
 """
 from __future__ import annotations
@@ -36,6 +41,7 @@ from jaxllm.engine.runner_protocol import SampledToken
 from jaxllm.lora.slots import LoRASlots, check_seq_slots
 from jaxllm.models.config import ModelConfig
 from jaxllm.models.llama import LlamaForCausalLM
+from jaxllm.lora.config import base_program_enabled
 from jaxllm.runner.block_copy import copy_blocks
 from jaxllm.runner.buckets import Buckets
 from jaxllm.runner.inputs import StepInputs, build_inputs, place_bitmask
@@ -98,6 +104,7 @@ class ModelRunner:
         self._rows: dict[str, int] = {}
         self.num_traces = 0  # traces of the step function (a trace after warm-up is a bug)
         self._executables: dict[tuple, object] = {}  # (fn, T, S, decode_only) → compiled executable
+        self.step_runs = {"base": 0, "lora": 0}  # forward passes launched per variant (LoRA runners: both)
         dtype = model.dtype
         layout = getattr(model, "layout", None)  # jaxllm.parallel.TPLayout when tensor parallel
         self.tensor_parallel_size = layout.tp if layout is not None else 1
@@ -129,6 +136,8 @@ class ModelRunner:
         self.state_dtype = dtype
         # device adapter slots (none for embed: its steps run the base model)
         self.lora = None if lora_config is None or self.pooling else LoRASlots(lora_config, model)
+        # steps without adapters on the base-only program too (GPUs; $JAXLLM_LORA_BASE_PROGRAM)
+        self.lora_base_program = self.lora is not None and base_program_enabled(jax.default_backend())
 
         # sampling without device-side branches on GPUs (runner/sampler.py; $JAXLLM_SAMPLER_BRANCHES)
         self.branchless_sampling = sampler_branchless()
@@ -200,7 +209,8 @@ class ModelRunner:
     @property
     def compile_count(self) -> int:
         """Executables compiled so far (forward pass + prompt-logprobs pass per bucket, sampling per
-        number of sampling rows S, + the block copy of a generating runner); a change after
+        number of sampling rows S, + the block copy of a generating runner; with LoRA a second forward
+        pass per bucket, the base-only one, and a slot write per rank bucket); a change after
         warm-up means a new shape reached the device: a bug."""
         return len(self._executables)
 
@@ -212,20 +222,32 @@ class ModelRunner:
             exe = self._executables[key] = lower().compile()
         return exe
 
-    def _padding_inputs(self, T: int, S: int, decode_only: bool) -> StepInputs:
-        """An all-padding batch of one bucket: touches no slot and no penalty row."""
+    def _padding_inputs(self, T: int, S: int, decode_only: bool, lora: bool | None = None) -> StepInputs:
+        """An all-padding batch of one bucket: touches no slot and no penalty row. `lora`: the LoRA
+        program's inputs (a [T] slot index; None: whenever the runner has LoRA) or the base-only one's."""
+        lora = self.lora is not None if lora is None else lora and self.lora is not None
         return build_inputs([], [], self.num_rows, self.eos_ids, T, S, decode_only, self.block_size,
                             self.max_blocks_per_seq, self.max_model_len, vocab_size=self.vocab_size,
-                            lora=self.lora is not None, num_groups=self.num_kv_groups)
+                            lora=lora, num_groups=self.num_kv_groups)
 
     @staticmethod
     def _bucket(inp: StepInputs) -> tuple:
         return inp.tokens.shape[0], inp.logits_indices.shape[0], inp.metadata.decode_only
 
+    @classmethod
+    def _step_key(cls, inp: StepInputs) -> tuple:
+        """("step", T, S, decode_only): the base-only forward pass (a plain runner's only one);
+        ("step_lora", ...): the LoRA program, whose inputs carry the per-token slot index."""
+        return ("step" if inp.lora_slots is None else "step_lora",) + cls._bucket(inp)
+
+    def _step_lora_arg(self, inp: StepInputs):
+        """The forward pass's `lora` argument: the slots' weights for a LoRA step, None for base-only."""
+        return None if inp.lora_slots is None else self._lora_weights()
+
     def _step_lowering(self, inp: StepInputs):
-        """The step's forward pass for `inp`'s bucket (its HLO holds every weight read and KV write)."""
+        """The step's forward pass for `inp`'s bucket and variant (its HLO holds every weight read and KV write)."""
         return self._forward.lower(self.state, self.kv_cache, self.counts, self.prompt_mask, self.last_tokens, inp,
-                                   self._lora_weights())
+                                   self._step_lora_arg(inp))
 
     def _sample_lowering(self, inp: StepInputs, plan: SamplePlan = FULL_PLAN):
         S = inp.logits_indices.shape[0]
@@ -243,7 +265,7 @@ class ModelRunner:
         return self._prompt_lp.lower(self.state, hidden, np.zeros(num_tokens, np.int32))
 
     def _step_executable(self, inp: StepInputs):
-        return self._executable(("step",) + self._bucket(inp), lambda: self._step_lowering(inp))
+        return self._executable(self._step_key(inp), lambda: self._step_lowering(inp))
 
     def _sample_executable(self, inp: StepInputs, sampling=None):
         S = inp.logits_indices.shape[0]
@@ -271,10 +293,12 @@ class ModelRunner:
         return self._sample_local(inp, self._forward_local(inp), inp.sampling)
 
     def _forward_local(self, inp: StepInputs):
-        """Launch the step's forward pass → its logits [S, V] f32 (on device)."""
+        """Launch the step's forward pass → its logits [S, V] f32 (on device): the LoRA program when
+        `inp` carries a slot index, else the base-only one."""
+        exe = self._step_executable(inp)
+        self.step_runs["base" if inp.lora_slots is None else "lora"] += 1
         self.kv_cache, self.counts, self.prompt_mask, logits, self._hidden = \
-            self._step_executable(inp)(self.state, self.kv_cache, self.counts, self.prompt_mask, self.last_tokens, inp,
-                                       self._lora_weights())
+            exe(self.state, self.kv_cache, self.counts, self.prompt_mask, self.last_tokens, inp, self._step_lora_arg(inp))
         return logits
 
     def _sample_local(self, inp: StepInputs, logits, sampling):
@@ -401,11 +425,13 @@ class ModelRunner:
         T, S, decode_only = self.buckets.pick_step(seqs)  # decode, draft or mixed bucket
         late = sched.late_bitmask  # the masks come later: PendingStep.set_bitmask
         rows = [self._row(s.request_id) for s in seqs]
+        # LoRA program only when some seq runs an adapter: base-only steps cost what a plain runner's do
+        with_lora = self.lora is not None and (not self.lora_base_program or any(s.lora_slot for s in seqs))
         seed_steps = []  # only when this step's prefix-cache hits exceed what one step carries
         inp = build_inputs(seqs, rows, self.num_rows, self.eos_ids, T, S, decode_only, self.block_size,
                            self.max_blocks_per_seq, self.max_model_len, seed_steps, vocab_size=self.vocab_size,
                            grammar_bitmask=None if late else sched.grammar_bitmask,
-                           constrained=None if late else sched.constrained, lora=self.lora is not None,
+                           constrained=None if late else sched.constrained, lora=with_lora,
                            num_groups=self.num_kv_groups)
         if late or not (sched.constrained and any(sched.constrained)):
             inp = self._with_zero_bitmask(inp, S)
@@ -487,7 +513,7 @@ class ModelRunner:
         return temp + self.counts.nbytes + self.prompt_mask.nbytes + self.last_tokens.nbytes + lora
 
     def warmup(self) -> float:
-        """Compiles every bucket's step and prompt-logprobs pass ahead of time (from JAX's persistent
+        """Compiles every bucket's step (with LoRA: both variants) and prompt-logprobs pass ahead of time (from JAX's persistent
         cache when warm) without running them. Returns seconds taken. Tracing is sequential; the
         XLA compiles run on a thread pool (they release the GIL), one per core."""
         t0 = time.perf_counter()
@@ -501,10 +527,13 @@ class ModelRunner:
                         jobs[key] = self._embed.lower(self.state, self.kv_cache, inp)
                 continue
             inp = self._padding_inputs(T, S, decode_only)
-            key = ("step",) + self._bucket(inp)
-            if key not in self._executables:
-                jobs[key] = self._step_lowering(inp)
-            for key in self._sample_keys(S):  # one per S (two with branchless sampling)
+            # a LoRA runner: the LoRA program and the base-only one (steps without adapters) per bucket
+            base_too = self.lora is not None and self.lora_base_program
+            for variant in (inp, self._padding_inputs(T, S, decode_only, False)) if base_too else (inp,):
+                key = self._step_key(variant)
+                if key not in self._executables:
+                    jobs[key] = self._step_lowering(variant)
+            for key in self._sample_keys(S):  # one per S (one per SamplePlan with branchless sampling)
                 if key not in self._executables and key not in jobs:
                     jobs[key] = self._sample_lowering(inp, key[-1] if len(key) == 3 else FULL_PLAN)
             prompt_lp = decode_only or T in self.buckets.mixed  # draft steps have no prompt tokens
