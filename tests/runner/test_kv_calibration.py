@@ -39,6 +39,13 @@ def _engine(path, **kw):
                         compile_cache=False, warmup=False)
 
 
+@pytest.fixture(scope="module")
+def calibrated(path):
+    """One default fp8 engine for the tests that only read its start-up state (scales, tokenizer, HLO):
+    no request changes the scales (test_same_request_same_output_whatever_came_first asserts it)."""
+    return _engine(path)
+
+
 def _generate(engine, prompt):
     params = SamplingParams(temperature=0, max_tokens=8, ignore_eos=True, logprobs=5)
     out = LLM("tiny", engine=engine).generate([{"prompt_token_ids": prompt}], params, use_tqdm=False)
@@ -46,11 +53,11 @@ def _generate(engine, prompt):
     return o.token_ids, [{t: lp.logprob for t, lp in step.items()} for step in o.logprobs]
 
 
-def test_same_request_same_output_whatever_came_first(path):
+def test_same_request_same_output_whatever_came_first(path, calibrated):
     """PROMPT as the first request after start vs after a 1-token first request: identical token ids
     and top-5 logprobs, bit for bit (before calibration, the 1-token prompt set every scale); the
     scales are set before any request and never move; no block is leaked or left in the prefix cache."""
-    first = _engine(path)
+    first = calibrated  # no request before this one: the other tests on it read state only
     scales0 = [np.asarray(first.runner.kv_cache.k_scale), np.asarray(first.runner.kv_cache.v_scale)]
     assert first.get_stats()["num_free_blocks"] == first.get_stats()["num_blocks"]
     assert not first.kv.pool.cached, "calibration left blocks in the prefix cache"
@@ -68,11 +75,11 @@ def test_same_request_same_output_whatever_came_first(path):
         assert_clean(e)
 
 
-def test_scales_are_the_calibration_prefill_absmax(path):
+def test_scales_are_the_calibration_prefill_absmax(path, calibrated):
     """Independent reference: the calibration sequence (256 ids from default_rng(0): this model has no
     tokenizer) prefilled through the f32 model into an f32 cache; each layer's and kv head's scale is
     HEADROOM x its |K| / |V| max / 448. The scales differ across layers and heads (not one constant)."""
-    e = _engine(path)
+    e = calibrated
     ckpt = load_checkpoint(path)
     c = ckpt.config
     ids = np.random.default_rng(0).integers(0, c.vocab_size, 256).tolist()[:MAX_LEN]
@@ -135,18 +142,20 @@ def _absmax_reductions(hlo: str, kvh: int) -> list[str]:
             if re.search(rf"= f32\[{kvh}\]\S* reduce\(", ln) and "dimensions={0,2}" in ln]
 
 
-def test_engine_decode_step_computes_no_kv_absmax(path):
+def test_engine_decode_step_computes_no_kv_absmax(calibrated):
     """build_engine's fp8 cache has fixed scales (set at start): the optimized CPU HLO of its decode
     step holds no per-write absmax. The same step on the same cache with `scales_fixed=False` (a raw cache's first-write path) holds the two
     (K and V), so the pattern does match what it looks for."""
-    e = _engine(path)
-    r = e.runner
+    r = calibrated.runner
     assert r.kv_cache.scales_fixed
     kvh = r.kv_cache.k_scale.shape[1]
     inp = r._padding_inputs(*r.buckets.pick(1, 1, True))  # the smallest decode bucket
     assert inp.metadata.decode_only
     fixed = r._step_lowering(inp).compile().as_text()
     assert _absmax_reductions(fixed, kvh) == []
-    r.kv_cache = dataclasses.replace(r.kv_cache, scales_fixed=False)
-    first_write = r._step_lowering(inp).compile().as_text()
+    fixed_cache, r.kv_cache = r.kv_cache, dataclasses.replace(r.kv_cache, scales_fixed=False)
+    try:
+        first_write = r._step_lowering(inp).compile().as_text()
+    finally:
+        r.kv_cache = fixed_cache  # the shared engine keeps its fixed scales
     assert len(_absmax_reductions(first_write, kvh)) == 2, _absmax_reductions(first_write, kvh)

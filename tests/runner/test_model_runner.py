@@ -9,10 +9,12 @@ from __future__ import annotations
 import random
 
 import jax.numpy as jnp
+import msgspec
 import numpy as np
 import pytest
 
 from jaxllm.config import EngineConfig
+from jaxllm.engine.engine import LLMEngine
 from jaxllm.engine.factory import build_engine
 from jaxllm.llm import LLM
 from jaxllm.runner.sampler import SAMPLE_PLANS
@@ -132,7 +134,7 @@ def test_sampled_logprobs_ranks_and_texts_outside_the_top_k(engine, reference):
     assert outside > 0, "no draw outside the top-2: raise the temperature"
 
 
-def test_greedy_with_chunked_prefill_preemption_and_n(tight_engine, reference):
+def test_greedy_with_chunked_prefill_preemption_priority_and_n(tight_engine, reference):
     prompts = random_prompts(1, 8, 60, 150)
     params = SamplingParams(temperature=0.0, max_tokens=24, ignore_eos=True)
     before = tight_engine.get_stats()["num_preemptions"]
@@ -145,6 +147,21 @@ def test_greedy_with_chunked_prefill_preemption_and_n(tight_engine, reference):
     outs = generate(tight_engine, prompts[:2], SamplingParams(n=3, temperature=0.0, max_tokens=24, ignore_eos=True))
     for o, w in zip(outs, want[:2]):
         assert [c.token_ids for c in o.outputs] == [w] * 3
+    # scheduling_policy="priority": a second engine over the same runner (the policy is host-side), the same
+    # batch: it preempts, never the most urgent request (priority 0, the last to arrive: fcfs above preempts
+    # the newest), and every output is the reference's
+    prio = LLMEngine(msgspec.structs.replace(tight_engine.config, scheduling_policy="priority"),
+                     tight_engine.runner, tight_engine.tokenizer)
+    victims, preempt = [], prio.scheduler._preempt
+    prio.scheduler._preempt = lambda r: (victims.append(r.priority), preempt(r))
+    try:
+        outs = LLM("tiny", engine=prio).generate([{"prompt_token_ids": p} for p in prompts], params,
+                                                 use_tqdm=False, priority=[5, 4, 3, 1, 7, 2, 6, 0])
+        assert_clean(prio)
+    finally:
+        assert tight_engine.reset_prefix_cache()  # the second engine overwrote cached blocks
+    assert victims and 0 not in victims
+    assert [o.outputs[0].token_ids for o in outs] == want
 
 
 def test_penalties_match_brute_force_across_prefix_hits_and_preemption(tight_engine, reference):
