@@ -79,11 +79,14 @@ def plan_of(p: "SamplingInputs", want_top_logprobs, vocab: int) -> SamplePlan:
     return SamplePlan(bool(np.any(sampled)), filters, bool(np.asarray(want_top_logprobs)))
 
 
-def _branch(pred, on_true, on_false, branchless: bool):
+def _branch(pred, on_true, on_false, branchless: bool, needed: bool = True):
     """jax.lax.cond over `pred`; with `branchless`, both sides computed and selected by `pred` (the
-    same result, and no conditional for the device to report back to the host)."""
+    same result, and no conditional for the device to report back to the host), or `on_false` alone
+    when the host's plan says no row needs `on_true` (`needed` False)."""
     if not branchless:
         return jax.lax.cond(pred, on_true, on_false)
+    if not needed:
+        return on_false()
     return jax.tree.map(lambda a, b: jnp.where(pred, a, b), on_true(), on_false())
 
 
@@ -192,23 +195,20 @@ def sample(logits, counts, seen_in_prompt, p: SamplingInputs, want_top_logprobs,
     def draw():  # Gumbel-max over the filtered logits; skipped when every row is greedy
         scaled = processed / jnp.where(greedy, 1.0, p.temperature)[:, None]
         needs_filter = (~greedy) & ((p.top_k > 0) & (p.top_k < vocab) | (p.top_p < 1) | (p.min_p > 0))
-        no_filter = lambda: jnp.full(scaled.shape[:1], -jnp.inf, jnp.float32)  # noqa: E731
-        thresholds = no_filter() if branchless and not plan.filters else _branch(
+        thresholds = _branch(
             jnp.any(needs_filter), lambda: jnp.where(needs_filter, _filter_thresholds(scaled, p), -jnp.inf),
-            no_filter, branchless)
+            lambda: jnp.full(scaled.shape[:1], -jnp.inf, jnp.float32), branchless, plan.filters)
         filtered = jnp.where(scaled >= thresholds[:, None], scaled, -jnp.inf)
         keys = jax.vmap(lambda s, pos: jax.random.fold_in(jax.random.key(s), pos))(p.seeds, p.positions)
         gumbel = jax.vmap(lambda k: jax.random.gumbel(k, (vocab,), jnp.float32))(keys)  # [S, V] f32
         return jnp.argmax(filtered + gumbel, axis=-1).astype(jnp.int32)
 
-    no_draw = lambda: jnp.zeros(logits.shape[:1], jnp.int32)  # noqa: E731
-    drawn = no_draw() if branchless and not plan.draw else _branch(jnp.any(~greedy), draw, no_draw, branchless)
+    drawn = _branch(jnp.any(~greedy), draw, lambda: jnp.zeros(logits.shape[:1], jnp.int32), branchless, plan.draw)
     token_ids = jnp.where(greedy, jnp.argmax(processed, axis=-1), drawn).astype(jnp.int32)
-    no_top = lambda: (jnp.zeros((logits.shape[0], MAX_LOGPROBS), jnp.float32),  # noqa: E731
-                      jnp.zeros((logits.shape[0], MAX_LOGPROBS), jnp.int32))
-    top_lp, top_ids = no_top() if branchless and not plan.top_logprobs else _branch(
+    top_lp, top_ids = _branch(
         want_top_logprobs, lambda: tuple(jax.lax.top_k(jax.nn.log_softmax(logits, axis=-1), MAX_LOGPROBS)),
-        no_top, branchless)
+        lambda: (jnp.zeros((logits.shape[0], MAX_LOGPROBS), jnp.float32),
+                 jnp.zeros((logits.shape[0], MAX_LOGPROBS), jnp.int32)), branchless, plan.top_logprobs)
     picked = jnp.take_along_axis(logits, token_ids[:, None], axis=-1)[:, 0]  # [S] f32 raw logit
     chosen = (picked - row_max[:, 0]) - log_sum  # raw logprob, the same arithmetic as log_softmax
     ranks = token_rank(logits, picked)  # [S] i32
