@@ -250,8 +250,8 @@ def profile_runs(llm, reqs, params, root: str, result: dict, save) -> int:
     beside decodes) and 20 steady decode steps ("decode"); each trace summarised by
     bench/profile_report.py into result["profile_<name>"] (per-step device time by category, idle =
     host overhead, top ops). Returns 1 when a trace left no report."""
-    from bench.profile_report import HloIndex, analyze, find_trace, load_trace, render
-    from jaxllm.profiling import HLO_FILE, EngineProfiler
+    from bench.profile_report import render, report_dir
+    from jaxllm.profiling import EngineProfiler
 
     prompts = [{"prompt_token_ids": r.prompt_token_ids} for r in reqs]
     rc = 0
@@ -260,15 +260,11 @@ def profile_runs(llm, reqs, params, root: str, result: dict, save) -> int:
         prof = EngineProfiler(llm.engine, out_dir, num_steps=steps, mode=mode, skip=skip)
         t0 = time.perf_counter()
         llm.generate(prompts, params, use_tqdm=False)
-        measured = prof.finish()
-        if measured is None:
+        if prof.finish() is None:
             log(f"profile {name}: nothing traced")
             rc = 1
             continue
-        hlo_path = os.path.join(out_dir, HLO_FILE)
-        hlo = HloIndex(open(hlo_path).read()) if os.path.isfile(hlo_path) else None
-        trace_path = find_trace(out_dir)
-        report = analyze(load_trace(trace_path), hlo, measured, top=12)
+        report, measured, trace_path = report_dir(out_dir, top=12)  # the trace, the steps, the bucket's HLO
         log(f"profile {name}: {len(measured['steps'])} steps traced, run + summary {time.perf_counter() - t0:.1f}s")
         print(f"\n-- profile: {name} --\n" + render(report, measured, trace_path))
         result[f"profile_{name}"] = report

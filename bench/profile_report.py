@@ -328,6 +328,24 @@ def render(report: dict, measured: dict | None, trace_path: str) -> str:
     return "\n".join(L)
 
 
+def report_dir(path: str, hlo_path: str | None = None, top: int = 10) -> tuple[dict, dict | None, str]:
+    """A --profile DIR (or one trace file) summarised: (report, the measured steps of
+    DIR/jaxllm_profile.json or None, the trace's path); the HLO from `hlo_path` (default DIR/step.hlo.txt)."""
+    trace_path = find_trace(path)
+    root = path if os.path.isdir(path) else os.path.dirname(path)
+    measured = None
+    mpath = os.path.join(root, "jaxllm_profile.json")
+    if os.path.isfile(mpath):
+        with open(mpath) as f:
+            measured = json.load(f)
+    hlo_path = hlo_path or os.path.join(root, "step.hlo.txt")
+    hlo = None
+    if os.path.isfile(hlo_path):
+        with open(hlo_path) as f:
+            hlo = HloIndex(f.read())
+    return analyze(load_trace(trace_path), hlo, measured, top), measured, trace_path
+
+
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("path", help="the --profile DIR (or a .trace.json.gz file)")
@@ -335,19 +353,7 @@ def main(argv=None) -> int:
     ap.add_argument("--top", type=int, default=10)
     ap.add_argument("--json", help="write the report as JSON")
     args = ap.parse_args(argv)
-    trace_path = find_trace(args.path)
-    root = args.path if os.path.isdir(args.path) else os.path.dirname(args.path)
-    measured = None
-    mpath = os.path.join(root, "jaxllm_profile.json")
-    if os.path.isfile(mpath):
-        with open(mpath) as f:
-            measured = json.load(f)
-    hlo_path = args.hlo or os.path.join(root, "step.hlo.txt")
-    hlo = None
-    if os.path.isfile(hlo_path):
-        with open(hlo_path) as f:
-            hlo = HloIndex(f.read())
-    report = analyze(load_trace(trace_path), hlo, measured, args.top)
+    report, measured, trace_path = report_dir(args.path, args.hlo, args.top)
     print(render(report, measured, trace_path))
     if args.json:
         with open(args.json, "w") as f:
