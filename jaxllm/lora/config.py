@@ -3,6 +3,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+from jaxllm.gpu_defaults import gpu_default
+
 
 @dataclass(frozen=True)
 class LoRAConfig:
@@ -37,9 +39,4 @@ def base_program_enabled(platform: str) -> bool:
     small kernels made a 13B decode step 24.7% slower with no adapter in the batch (bench/RESULTS.md);
     off elsewhere, where the second program would double the warm-up's step compiles for a gain
     lost in the CPU's noise."""
-    import os
-
-    mode = (os.environ.get(BASE_PROGRAM_ENV, "") or "auto").strip().lower()
-    if mode not in ("auto", "on", "off"):
-        raise ValueError(f"{BASE_PROGRAM_ENV}={mode!r} is invalid: must be one of auto, on, off")
-    return platform in ("gpu", "cuda", "rocm") if mode == "auto" else mode == "on"
+    return gpu_default(BASE_PROGRAM_ENV, ("auto", "on", "off"), "on", platform)

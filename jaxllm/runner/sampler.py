@@ -36,12 +36,13 @@ as a temperature draw may); one [S, V] compare and sum, always computed (no cond
 from __future__ import annotations
 
 import dataclasses
-import os
 from typing import NamedTuple
 
 import jax
 import jax.numpy as jnp
 import numpy as np
+
+from jaxllm.gpu_defaults import gpu_default
 
 MAX_LOGPROBS = 20
 BRANCHES_ENV = "JAXLLM_SAMPLER_BRANCHES"  # auto (select on GPUs, cond elsewhere) | cond | select
@@ -51,12 +52,7 @@ def sampler_branchless(platform: str | None = None) -> bool:
     """Whether sampling selects between computed branches (True) or branches with lax.cond (False):
     $JAXLLM_SAMPLER_BRANCHES "cond" / "select", default "auto" = select on GPUs (`platform`, default
     jax.default_backend(): "gpu", "cuda" or "rocm"), cond on CPUs and TPUs (a TPU branches on the device)."""
-    mode = (os.environ.get(BRANCHES_ENV, "") or "auto").strip().lower()
-    if mode not in ("auto", "cond", "select"):
-        raise ValueError(f"{BRANCHES_ENV}={mode!r} is invalid: must be one of auto, cond, select")
-    if mode == "auto":
-        return (platform or jax.default_backend()) in ("gpu", "cuda", "rocm")
-    return mode == "select"
+    return gpu_default(BRANCHES_ENV, ("auto", "cond", "select"), "select", platform or jax.default_backend())
 
 
 class SamplePlan(NamedTuple):
