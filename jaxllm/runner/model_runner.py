@@ -38,10 +38,10 @@ from flax import nnx
 from jaxllm.config import POOLING_TASKS
 from jaxllm.core.scheduler_output import SchedulerOutput
 from jaxllm.engine.runner_protocol import SampledToken
+from jaxllm.lora.config import base_program_enabled
 from jaxllm.lora.slots import LoRASlots, check_seq_slots
 from jaxllm.models.config import ModelConfig
 from jaxllm.models.llama import LlamaForCausalLM
-from jaxllm.lora.config import base_program_enabled
 from jaxllm.runner.block_copy import copy_blocks
 from jaxllm.runner.buckets import Buckets
 from jaxllm.runner.inputs import StepInputs, build_inputs, place_bitmask
@@ -255,10 +255,14 @@ class ModelRunner:
         return self._sample.lower(logits, self.counts, self.prompt_mask, self.last_tokens, inp.sampling,
                                   inp.want_top_logprobs, inp.seq_rows, plan=plan)
 
-    def _sample_keys(self, S: int) -> list[tuple]:
-        """The sampling executables of S rows: one (lax.cond skips unneeded work on the device), or with
-        branchless sampling one per SamplePlan (the host picks per step: sampler.plan_of)."""
-        return [("sample", S, plan) for plan in SAMPLE_PLANS] if self.branchless_sampling else [("sample", S)]
+    @property
+    def _sample_plans(self) -> tuple[SamplePlan, ...]:
+        """The plans a sampling executable is compiled for: FULL_PLAN alone (lax.cond skips unneeded work on
+        the device), or with branchless sampling each SamplePlan (the host picks per step: sampler.plan_of)."""
+        return SAMPLE_PLANS if self.branchless_sampling else (FULL_PLAN,)
+
+    def _sample_key(self, S: int, plan: SamplePlan) -> tuple:
+        return ("sample", S, plan) if self.branchless_sampling else ("sample", S)
 
     def _prompt_lp_lowering(self, num_tokens: int):
         hidden = jax.ShapeDtypeStruct((num_tokens, self.model_config.hidden_size), self.state_dtype)
@@ -268,11 +272,10 @@ class ModelRunner:
         return self._executable(self._step_key(inp), lambda: self._step_lowering(inp))
 
     def _sample_executable(self, inp: StepInputs, sampling=None):
-        S = inp.logits_indices.shape[0]
-        if not self.branchless_sampling:
-            return self._executable(("sample", S), lambda: self._sample_lowering(inp))
-        plan = plan_of(inp.sampling if sampling is None else sampling, inp.want_top_logprobs, self.vocab_size)
-        return self._executable(("sample", S, plan), lambda: self._sample_lowering(inp, plan))
+        plan = FULL_PLAN if not self.branchless_sampling else plan_of(
+            inp.sampling if sampling is None else sampling, inp.want_top_logprobs, self.vocab_size)
+        return self._executable(self._sample_key(inp.logits_indices.shape[0], plan),
+                                lambda: self._sample_lowering(inp, plan))
 
     def _prompt_lp_executable(self, num_tokens: int):
         return self._executable(("prompt_lp", num_tokens), lambda: self._prompt_lp_lowering(num_tokens))
@@ -528,14 +531,14 @@ class ModelRunner:
                 continue
             inp = self._padding_inputs(T, S, decode_only)
             # a LoRA runner: the LoRA program and the base-only one (steps without adapters) per bucket
-            base_too = self.lora is not None and self.lora_base_program
-            for variant in (inp, self._padding_inputs(T, S, decode_only, False)) if base_too else (inp,):
+            for variant in (inp, self._padding_inputs(T, S, decode_only, False)) if self.lora_base_program else (inp,):
                 key = self._step_key(variant)
                 if key not in self._executables:
                     jobs[key] = self._step_lowering(variant)
-            for key in self._sample_keys(S):  # one per S (one per SamplePlan with branchless sampling)
+            for plan in self._sample_plans:  # one per S (one per SamplePlan with branchless sampling)
+                key = self._sample_key(S, plan)
                 if key not in self._executables and key not in jobs:
-                    jobs[key] = self._sample_lowering(inp, key[-1] if len(key) == 3 else FULL_PLAN)
+                    jobs[key] = self._sample_lowering(inp, plan)
             prompt_lp = decode_only or T in self.buckets.mixed  # draft steps have no prompt tokens
             if prompt_lp and self.supports_prompt_logprobs and ("prompt_lp", T) not in self._executables:
                 jobs[("prompt_lp", T)] = self._prompt_lp_lowering(T)
