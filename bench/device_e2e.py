@@ -171,8 +171,10 @@ def main(argv=None) -> int:
     import jax
 
     from jaxllm.llm import LLM
+    from jaxllm.runner import device_pool
     from jaxllm.sampling_params import SamplingParams
 
+    device_pool.claim(args.gpu_memory_utilization)  # the engine's pool: before the micro-benchmarks start jax
     machine = machine_info()
     micro = micro_benchmarks(args.copy_mib << 20, args.matmul_n, reps=5)
     log(f"copy {micro['copy_gbytes_per_s']:.0f} GB/s, bf16 matmul {micro['matmul_tflops']:.1f} TFLOP/s")

@@ -185,6 +185,7 @@ def build_engine(config: EngineConfig, *, compile_cache: bool = True, warmup: bo
     from jaxllm.lora.config import LoRAConfig
     from jaxllm.models import prequantized
     from jaxllm.models.llama import build_model
+    from jaxllm.runner import device_pool
     from jaxllm.runner.kv_cache_dtype import cache_dtype, check_kv_cache_dtype
     from jaxllm.runner.kv_sizing import kv_cache_blocks
     from jaxllm.runner.model_runner import ModelRunner
@@ -193,6 +194,7 @@ def build_engine(config: EngineConfig, *, compile_cache: bool = True, warmup: bo
 
     config.validate()
     check_kv_cache_dtype(config.kv_cache_dtype)  # before any weight is loaded
+    pool = device_pool.claim(config.gpu_memory_utilization)  # before anything starts the backends
     tp = config.tensor_parallel_size
     mesh = layout_for = None
     if tp > 1:  # tp == 1 keeps the plain single-device path (no mesh, no shard_map)
@@ -258,10 +260,11 @@ def build_engine(config: EngineConfig, *, compile_cache: bool = True, warmup: bo
         gib = 2 ** 30
         _info(f"device memory: limit {stats.get('bytes_limit', 0) / gib:.1f} GiB, in use "
               f"{stats.get('bytes_in_use', 0) / gib:.1f} GiB, pool {stats.get('pool_bytes', 0) / gib:.1f} GiB, "
-              f"largest free block {stats.get('largest_free_block_bytes', 0) / gib:.1f} GiB")
+              f"largest free block {stats.get('largest_free_block_bytes', 0) / gib:.1f} GiB; {pool.describe()}")
     kv_dtype = cache_dtype(config.kv_cache_dtype, dtype)
     num_blocks = kv_cache_blocks(model.config, config.block_size, kv_dtype, config.kv_cache_memory_bytes,
-                                 config.gpu_memory_utilization, reserve_bytes=reserve, tp=tp, kv_layers=kv_groups.slots)
+                                 config.gpu_memory_utilization, reserve_bytes=reserve, tp=tp, kv_layers=kv_groups.slots,
+                                 pool_fraction=pool.fraction)
     if jax.process_count() > 1:  # multi-host: every process allocates the same cache (process 0's size)
         import numpy as np
         from jax.experimental import multihost_utils
