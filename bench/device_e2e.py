@@ -193,6 +193,8 @@ def main(argv=None) -> int:
     else:
         llm = LLM(model=args.model, **kw)
     startup = time.perf_counter() - t0
+    from jaxllm.engine.gc_heap import freeze_startup_heap
+    freeze_startup_heap()  # as the servers run: no full-heap collection stalls in the timed runs
     result["config"] = {"quantization": args.quantization, "kv_cache_dtype": args.kv_cache_dtype,
                         "kv_blocks": llm.engine.get_stats().num_blocks, "block_size": llm.engine.config.block_size}
     log(f"jaxllm {args.model} built{'' if args.no_warmup else ' and warm'} in {startup:.1f}s")

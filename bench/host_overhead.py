@@ -6,6 +6,7 @@ detokenization and stop checks around a stub runner that samples instantly.
     JAX_PLATFORMS=cpu python bench/host_overhead.py --num-adapters 4   # LoRA bookkeeping on top
     JAX_PLATFORMS=cpu python bench/host_overhead.py --scheduling-policy priority --priorities 8
     JAX_PLATFORMS=cpu python bench/host_overhead.py --bad-words " the" --bad-words "once upon"
+    JAX_PLATFORMS=cpu python bench/host_overhead.py --num-seqs 256 --steps 400 --gc   # full-collection stalls, as the servers run (frozen start-up heap) and not
 
 On an accelerator this time sits between device steps unless it is overlapped, so it bounds
 batch-1 latency from below; the runner's own host work (input building, dispatch) comes on top.
@@ -58,7 +59,22 @@ def main(argv=None) -> int:
                          "running order is not the arrival order (default: 1, all 0)")
     ap.add_argument("--bad-words", action="append", default=None,
                     help="bad_words of every sequence, repeatable (default: none)")
+    ap.add_argument("--gc", action="store_true",
+                    help="run twice, without and with the start-up heap frozen (engine/gc_heap.py), and report "
+                         "the garbage collector's full-collection pauses in the timed steps")
     args = ap.parse_args(argv)
+    if args.gc:
+        for freeze in (False, True):
+            run(args, freeze)
+        return 0
+    run(args, None)
+    return 0
+
+
+def run(args, freeze: bool | None) -> None:
+    """One engine, one timed run. freeze: None = leave the collector alone (no report); False/True =
+    report its full collections, with the start-up heap frozen (as the servers run) when True."""
+    import gc
 
     from checkpoints import load_checkpoint, load_tokenizer
     from jaxllm.config import EngineConfig
@@ -84,6 +100,20 @@ def main(argv=None) -> int:
                            lora_request=loras[i % n_ad] if n_ad else None,
                            **({"priority": (7 * i) % args.priorities} if args.priorities > 1 else {}))
     engine.step()  # the prefill step
+    pauses, started = [], [0.0]
+
+    def on_gc(phase, info):  # generation-2 (full) collections only
+        if info["generation"] == 2:
+            if phase == "start":
+                started[0] = time.perf_counter()
+            else:
+                pauses.append(time.perf_counter() - started[0])
+
+    if freeze:
+        from jaxllm.engine.gc_heap import freeze_startup_heap
+        frozen = freeze_startup_heap()
+    if freeze is not None:
+        gc.callbacks.append(on_gc)
     times = []
     for _ in range(args.steps):
         t0 = time.perf_counter()
@@ -97,8 +127,14 @@ def main(argv=None) -> int:
           + f": host time per step median "
           f"{1e3 * statistics.median(times):.2f} ms, p90 {1e3 * times[int(0.9 * (len(times) - 1))]:.2f} ms "
           f"({1e6 * statistics.median(times) / args.num_seqs:.0f} us per sequence)")
+    if freeze is not None:
+        gc.callbacks.remove(on_gc)
+        print(f"  start-up heap {'frozen (' + str(frozen) + ' objects)' if freeze else 'not frozen'}: "
+              f"{len(gc.get_objects())} objects tracked; slowest step {1e3 * times[-1]:.1f} ms; "
+              f"{len(pauses)} full collections in the timed steps"
+              + (f", {1e3 * max(pauses):.1f} ms the longest, {1e3 * sum(pauses):.1f} ms in all" if pauses else ""))
+        gc.unfreeze()
     engine.abort_request([f"r{i}" for i in range(args.num_seqs)])
-    return 0
 
 
 if __name__ == "__main__":

@@ -109,6 +109,7 @@ def main(argv=None) -> int:
         return 2
 
     from checkpoints import CheckpointError
+    from jaxllm.engine.gc_heap import freeze_startup_heap
     from jaxllm.llm import LLM
 
     try:
@@ -117,6 +118,7 @@ def main(argv=None) -> int:
         items = load_prompts(args)
         llm = LLM(**msgspec.structs.asdict(engine_config_from_args(args)), disable_log_stats=not args.log_stats,
                   log_stats_interval=args.log_stats_interval)
+        freeze_startup_heap()  # full collections then skip the start-up heap (engine/gc_heap.py)
         prof = None
         if args.profile:
             from jaxllm.profiling import EngineProfiler

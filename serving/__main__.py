@@ -205,7 +205,11 @@ def engine_factory(args: argparse.Namespace) -> Callable[[], Any]:
 
     def build_real():
         from jaxllm.engine.factory import build_engine
-        return build_engine(config)
+        from jaxllm.engine.gc_heap import freeze_startup_heap
+
+        engine = build_engine(config)
+        freeze_startup_heap()  # full collections then skip the start-up heap (gc_heap.py)
+        return engine
     return build_real
 
 
