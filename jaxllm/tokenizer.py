@@ -25,8 +25,13 @@ class Tokenizer:
         # thread): the Rust `tokenizers` decoder directly is ~5x cheaper than transformers' wrapper,
         # which only adds argument conversion here, unless it would clean up spaces afterwards.
         backend = getattr(hf_tokenizer, "backend_tokenizer", None)
-        self._fast_decode = (backend.decode if backend is not None
-                             and not getattr(hf_tokenizer, "clean_up_tokenization_spaces", False) else None)
+        if getattr(hf_tokenizer, "clean_up_tokenization_spaces", False):
+            backend = None
+        self._fast_decode = backend.decode if backend is not None else None
+        # IncrementalDetokenizer streams through it (tokenizers.decoders.DecodeStream), with the
+        # ids it knows: an id past its vocabulary (a model's padded rows) stalls a stream for good
+        self.stream_backend = backend
+        self.backend_vocab_size = backend.get_vocab_size(with_added_tokens=True) if backend is not None else 0
 
     @staticmethod
     def from_dir(path: str, extra_eos_ids=()) -> "Tokenizer":
@@ -223,6 +228,10 @@ class IncrementalDetokenizer:
     Decodes a short window (a few already-emitted tokens for context plus the new ones) rather
     than the whole text each step, and holds back text while it ends in an incomplete UTF-8
     sequence (U+FFFD), so the concatenated deltas equal decoding all output ids at once.
+
+    With a Rust `tokenizers` backend the same algorithm runs inside `tokenizers.decoders.DecodeStream`
+    (one call per token: 0.77 against 8.0 us per token for the two window decodes below, SmolLM2,
+    2026-12-04); ids outside the backend's vocabulary are left out, as its decode leaves them out.
     """
 
     CONTEXT = 5  # tokens of left context kept for merges and leading-space handling
@@ -234,8 +243,30 @@ class IncrementalDetokenizer:
         self.text = ""
         self.prefix_offset = 0  # start of the decode window in self.ids
         self.read_offset = 0  # ids before this are reflected in self.text
+        self._backend = getattr(tokenizer, "stream_backend", None)
+        if self._backend is not None:
+            from tokenizers.decoders import DecodeStream
+
+            self._stream = DecodeStream(skip_special_tokens=skip_special_tokens)
+            self._known = tokenizer.backend_vocab_size
 
     def add(self, new_ids: list[int]) -> str:
+        if self._backend is not None:
+            self.ids.extend(new_ids)
+            delta = ""
+            for i in new_ids:
+                if 0 <= i < self._known:
+                    try:
+                        delta += self._stream.step(self._backend, i) or ""
+                    except Exception:  # noqa: BLE001 - "Invalid prefix encountered": a decode whose
+                        # prefix changed (a special token inside a byte-fallback run): windows from here on
+                        self._backend = None
+                        self.text += delta
+                        self.read_offset = len(self.ids)
+                        self.prefix_offset = max(0, self.read_offset - self.CONTEXT)
+                        return delta + self._resync()
+            self.text += delta
+            return delta
         self.ids.extend(new_ids)
         prefix_text = self.tok.decode(self.ids[self.prefix_offset:self.read_offset], self.skip)
         full = self.tok.decode(self.ids[self.prefix_offset:], self.skip)

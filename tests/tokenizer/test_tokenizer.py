@@ -67,28 +67,101 @@ def _random_text(rng) -> str:
     return "".join(rng.choice(words) for _ in range(rng.integers(1, 30)))
 
 
+def _llama_style_tokenizer() -> Tokenizer:
+    """A small sentencepiece-style vocabulary (Metaspace pre-tokenizer, byte fallback, Llama's decoder
+    chain: the leading space of a decode is stripped), built here: no hub."""
+    from tokenizers import Tokenizer as RustTokenizer
+    from tokenizers import decoders, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+
+    vocab = {"<unk>": 0, "<s>": 1, "</s>": 2, **{f"<0x{b:02X}>": 3 + b for b in range(256)}}
+    for piece in ["\u2581", "\u2581the", "\u2581cat", "\u2581sat", "the", "ing", ",", "\u258142", "a", "b", "c", "é", "ü",
+                  "東京", "\u2581日本語", "Ω", "t", "h", "e", "\u2581n", "aï", "ve"]:
+        vocab.setdefault(piece, len(vocab))
+    rust = RustTokenizer(models.BPE(vocab=vocab, merges=[], byte_fallback=True, unk_token="<unk>"))
+    rust.pre_tokenizer = pre_tokenizers.Metaspace(replacement="\u2581", prepend_scheme="first")
+    rust.decoder = decoders.Sequence([decoders.Replace("\u2581", " "), decoders.ByteFallback(), decoders.Fuse(),
+                                      decoders.Strip(" ", 1, 0)])
+    return Tokenizer(PreTrainedTokenizerFast(tokenizer_object=rust, bos_token="<s>", eos_token="</s>",
+                                             unk_token="<unk>", clean_up_tokenization_spaces=False))
+
+
+def _window_only(tok: Tokenizer) -> Tokenizer:
+    """The same tokenizer without the streaming backend: IncrementalDetokenizer's window decodes."""
+    import copy
+
+    plain = copy.copy(tok)
+    plain.stream_backend = None
+    return plain
+
+
+@pytest.mark.parametrize("vocab", ["smollm2", "llama_style"])
 @pytest.mark.parametrize("skip_special", [True, False])
-def test_incremental_detokenization_equals_full_decode(tok, skip_special):
+def test_incremental_detokenization_equals_full_decode(tok, vocab, skip_special):
+    """The streamed text (tokenizers' DecodeStream) ends equal to the full decode, for a byte-level
+    BPE (SmolLM2) and a byte-fallback sentencepiece-style vocabulary (Llama 2's decoder chain), with
+    ids one or several at a time (accepted drafts). Byte-level: at every step it is the full decode
+    less an incomplete trailing character, its deltas are the window decoder's token for token, and
+    ids past the vocabulary (a padded model's rows) are left out as the decode leaves them out."""
+    tok = tok if vocab == "smollm2" else _llama_style_tokenizer()
+    assert tok.stream_backend is not None
+    plain = _window_only(tok)
     rng = np.random.default_rng(0)
     specials = sorted(tok.all_special_ids)
-    for case in range(100):  # 2 x 100 = 200 sequences
-        if case % 3 == 0:  # arbitrary ids: byte tokens split multi-byte characters anywhere
+    for case in range(100):  # 2 x 100 = 200 sequences per vocabulary
+        if case % 3 == 0 and vocab == "smollm2":  # arbitrary ids: byte tokens split multi-byte characters
+            # anywhere (not for byte fallback: its decode turns an invalid byte run into one U+FFFD per
+            # byte, so "ɮ" becomes "\ufffd\ufffd\ufffd" once a third byte follows: no prefix to keep)
             ids = rng.integers(0, tok.vocab_size, rng.integers(1, 60)).tolist()
         else:
             ids = tok.encode(_random_text(rng))
-            if case % 5 == 0:
-                ids.insert(int(rng.integers(0, len(ids) + 1)), int(rng.choice(specials)))
+            if case % 5 == 0:  # (byte fallback: not inside a byte run, test_stream_survives_... below)
+                at = [j for j in range(len(ids) + 1) if vocab == "smollm2" or j == 0
+                      or not tok.convert_ids_to_tokens([ids[j - 1]])[0].startswith("<0x")]
+                ids.insert(int(rng.choice(at)), int(rng.choice(specials)))
+        if case % 7 == 0 and vocab == "smollm2":  # (byte fallback: an unknown id inside a byte run splits it)
+            ids.insert(int(rng.integers(0, len(ids) + 1)), tok.vocab_size + 3)
         prompt = tok.encode("Say:")
         detok = IncrementalDetokenizer(tok, prompt, skip_special_tokens=skip_special)
+        window = IncrementalDetokenizer(plain, prompt, skip_special_tokens=skip_special)
         text = ""
-        for k, t in enumerate(ids):
-            text += detok.add([t])
-            full = tok.decode(ids[:k + 1], skip_special)
-            # Text is held back only while the full decode ends in an incomplete UTF-8 character.
-            assert full.startswith(text), (case, k)
-            held = full[len(text):]
-            assert held == "" or full.endswith("\ufffd"), (case, k, held)
-        assert detok.text == text
+        k = 0
+        while k < len(ids):
+            n = 1 if case % 4 else int(rng.integers(1, 4))  # 1-3 ids at once every fourth case
+            new = ids[k:k + n]
+            delta, window_delta = detok.add(new), window.add(new)
+            if case % 4 and vocab == "smollm2":  # one id at a time: the same deltas (given several, the
+                assert delta == window_delta, (case, k)  # stream may emit what precedes a partial character sooner)
+            text += delta
+            k += len(new)
+            if vocab == "smollm2":  # byte-level BPE: a decode's prefix stays (byte fallback's may not:
+                full = tok.decode(ids[:k], skip_special)  # "μ" + the first byte of "έ" decode to 3 x U+FFFD)
+                # Text is held back only while the full decode ends in an incomplete UTF-8 character.
+                assert full.startswith(text), (case, k)
+                held = full[len(text):]
+                assert held == "" or full.endswith("\ufffd"), (case, k, held)
+        assert detok.text == text == tok.decode(ids, skip_special), case
+        if vocab == "smollm2":  # (the window decoder garbles byte-fallback runs cut by its window)
+            assert window.text == text, case
+
+
+def test_stream_survives_a_special_token_inside_a_byte_run():
+    """A special token after a character's bytes and inside the next one's changes the decode of
+    what came before ("ß" becomes 4 x U+FFFD: tokenizers' DecodeStream raises "Invalid prefix"): the
+    detokenizer goes on with window decodes and the text after it still comes out."""
+    from tokenizers.decoders import DecodeStream
+
+    tok = _llama_style_tokenizer()
+    east = [3 + b for b in "東".encode()]
+    ids = (tok.encode("the", add_special_tokens=False) + [3 + b for b in "ß".encode()] + east[:2] + [2]
+           + east[2:] + tok.encode(" the cat", add_special_tokens=False))
+    stream = DecodeStream(skip_special_tokens=False)
+    with pytest.raises(Exception, match="Invalid prefix"):  # what the fallback is for
+        for t in ids:
+            stream.step(tok.stream_backend, t)
+    detok = IncrementalDetokenizer(tok, [], skip_special_tokens=False)
+    text = "".join(detok.add([t]) for t in ids)
+    assert text.startswith("theß") and text.endswith(" the cat") and detok.text == text
 
 
 def test_chat_prompt_text_ids_override_and_continuation(tok):
