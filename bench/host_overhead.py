@@ -59,6 +59,8 @@ def main(argv=None) -> int:
                          "running order is not the arrival order (default: 1, all 0)")
     ap.add_argument("--bad-words", action="append", default=None,
                     help="bad_words of every sequence, repeatable (default: none)")
+    ap.add_argument("--output-kind", choices=("cumulative", "delta", "final_only"), default="cumulative",
+                    help="SamplingParams.output_kind of every request (LLM.generate asks final_only)")
     ap.add_argument("--gc", action="store_true",
                     help="run twice, without and with the start-up heap frozen (engine/gc_heap.py), and report "
                          "the garbage collector's full-collection pauses in the timed steps")
@@ -79,7 +81,7 @@ def run(args, freeze: bool | None) -> None:
     from checkpoints import load_checkpoint, load_tokenizer
     from jaxllm.config import EngineConfig
     from jaxllm.engine.engine import LLMEngine
-    from jaxllm.sampling_params import SamplingParams
+    from jaxllm.sampling_params import RequestOutputKind, SamplingParams
 
     ckpt = load_checkpoint(args.model, "auto")
     tok = load_tokenizer(ckpt.tokenizer_source, ckpt.config)
@@ -96,6 +98,7 @@ def run(args, freeze: bool | None) -> None:
     for i in range(args.num_seqs):
         engine.add_request(f"r{i}", "Once upon a time " * 10,
                            SamplingParams(max_tokens=args.steps + 10, ignore_eos=True, temperature=0.8, seed=i,
+                                          output_kind=RequestOutputKind[args.output_kind.upper()],
                                           stop=args.stop or ["\x00never\x00"], bad_words=args.bad_words),
                            lora_request=loras[i % n_ad] if n_ad else None,
                            **({"priority": (7 * i) % args.priorities} if args.priorities > 1 else {}))
@@ -122,7 +125,8 @@ def run(args, freeze: bool | None) -> None:
     times.sort()
     extra = (f", {n_ad} adapters" if n_ad else "") + (
         f", priority ({args.priorities} levels)" if args.scheduling_policy == "priority" else "") + (
-        f", {len(args.bad_words)} bad words" if args.bad_words else "")
+        f", {len(args.bad_words)} bad words" if args.bad_words else "") + (
+        f", output_kind {args.output_kind}" if args.output_kind != "cumulative" else "")
     print(f"{args.num_seqs} sequences, {args.steps} decode steps" + extra
           + f": host time per step median "
           f"{1e3 * statistics.median(times):.2f} ms, p90 {1e3 * times[int(0.9 * (len(times) - 1))]:.2f} ms "

@@ -4,9 +4,9 @@ from jaxllm.llm import LLM
 from jaxllm.outputs import (ClassificationOutput, ClassificationRequestOutput, CompletionOutput, EmbeddingOutput,
                             EmbeddingRequestOutput, Logprob, RequestOutput, ScoringOutput, ScoringRequestOutput)
 from jaxllm.pooling_params import PoolingParams
-from jaxllm.sampling_params import SamplingParams
+from jaxllm.sampling_params import RequestOutputKind, SamplingParams
 
 __all__ = ["LLM", "SamplingParams", "PoolingParams", "RequestOutput", "CompletionOutput", "Logprob",
            "EmbeddingRequestOutput", "EmbeddingOutput", "BeamSearchParams", "BeamSearchOutput",
            "BeamSearchSequence", "ClassificationOutput", "ClassificationRequestOutput", "ScoringOutput",
-           "ScoringRequestOutput"]
+           "ScoringRequestOutput", "RequestOutputKind"]

@@ -25,7 +25,7 @@ from jaxllm.outputs import (ClassificationRequestOutput, EmbeddingRequestOutput,
                             ScoringRequestOutput)
 from jaxllm.tokenizer import check_text_parts, parse_tool_call_arguments
 from jaxllm.pooling_params import PoolingParams
-from jaxllm.sampling_params import SamplingParams
+from jaxllm.sampling_params import RequestOutputKind, SamplingParams
 
 
 class LLM:
@@ -321,6 +321,8 @@ class LLM:
                     kw["lora_request"] = loras[i]
                 if priorities is not None and priorities[i] != 0:
                     kw["priority"] = priorities[i]
+                if isinstance(p, SamplingParams) and p.output_kind != RequestOutputKind.FINAL_ONLY:
+                    p = p.clone(output_kind=RequestOutputKind.FINAL_ONLY)  # only finals are read (as vLLM's LLM)
                 engine.add_request(rid, prompt, p, **kw)
                 ids.append(rid)
         except BaseException:

@@ -27,6 +27,11 @@ Notes on semantics:
   (a per-step token bitmask on device, see jaxllm/engine/grammar.py); logprobs stay the raw model's.
 - ``truncate_prompt_tokens=k`` keeps the prompt's last k tokens (before the length checks);
   ``RequestOutput.prompt_token_ids`` are the kept ones.
+- ``output_kind`` (vLLM's ``RequestOutputKind``): what each step's ``RequestOutput`` carries. CUMULATIVE
+  (the default): everything so far; DELTA: only what is new since the request's previous output
+  (text, token_ids and logprobs; cumulative_logprob stays cumulative; prompt_logprobs come once);
+  FINAL_ONLY: no output until the request finishes (``LLM.generate`` and ``LLM.chat`` ask for it:
+  the engine then builds no per-step output copies of growing token lists).
 - ``prompt_logprobs=k``: ``RequestOutput.prompt_logprobs`` holds, per prompt token after the first,
   its logprob and the top-k (None for the first token, as vLLM), computed by the prefill steps (a
   step variant compiled per bucket at warm-up); such requests bypass the prefix cache (a cached
@@ -35,6 +40,7 @@ Notes on semantics:
 
 from __future__ import annotations
 
+import enum
 import math
 
 import msgspec
@@ -51,6 +57,13 @@ LOGIT_BIAS_RANGE = 100.0  # |bias| <= 100, as OpenAI's API
 # bans at most 2 ids a step (its two tokenizations), which ride in the sampler's mask_ids.
 MAX_BAD_WORDS = 16
 MAX_BAD_WORD_TOKENS = 16
+
+
+class RequestOutputKind(enum.IntEnum):
+    """vLLM's: what each step's RequestOutput carries (see the module notes)."""
+    CUMULATIVE = 0
+    DELTA = 1
+    FINAL_ONLY = 2
 
 
 class SamplingParams(msgspec.Struct, kw_only=True):
@@ -79,6 +92,7 @@ class SamplingParams(msgspec.Struct, kw_only=True):
     bad_words: list[str] | None = None  # never generate these words (vLLM's; see the module notes)
     # the completion must match a JSON schema / regex / choice / grammar (jaxllm/structured_outputs.py)
     structured_outputs: StructuredOutputsParams | None = None
+    output_kind: RequestOutputKind = RequestOutputKind.CUMULATIVE  # per-step outputs (module notes)
 
     # ----- derived views -----------------------------------------------------------
     @property
@@ -127,6 +141,12 @@ class SamplingParams(msgspec.Struct, kw_only=True):
             if v is not None:
                 _int(name, v, rule=f"must be None or in [0, {MAX_LOGPROBS}]",
                      ok=lambda x: 0 <= x <= MAX_LOGPROBS)
+        if type(self.output_kind) is not RequestOutputKind:  # an int from the wire, or anything else
+            kinds = {k.value: k for k in RequestOutputKind}
+            if isinstance(self.output_kind, bool) or self.output_kind not in kinds:
+                raise ValueError(f"output_kind={self.output_kind!r} is invalid: must be one of "
+                                 + ", ".join(f"{k.value} ({k.name})" for k in RequestOutputKind))
+            self.output_kind = kinds[self.output_kind]
         for name in ("ignore_eos", "skip_special_tokens", "include_stop_str_in_output", "detokenize"):
             v = getattr(self, name)
             if not isinstance(v, bool):

@@ -54,6 +54,7 @@ from jaxllm.engine.sleep_requests import SleepMixin
 from jaxllm.engine.spec_requests import SpecDecodeMixin, split_sampled
 from jaxllm.engine.weight_requests import WeightUpdateMixin
 from jaxllm.generation_config import NONE as NO_GENERATION_DEFAULTS, GenerationDefaults
+from jaxllm.sampling_params import RequestOutputKind
 from jaxllm.models.arch_config import long_prompt_threshold
 from jaxllm.metrics.stats import IterationStats
 from jaxllm.outputs import RequestOutput
@@ -306,12 +307,14 @@ class LLMEngine(AddRequestsMixin, EmbedRequestsMixin, EngineStatsMixin, GrammarR
         for rid, parent in touched.items():
             if rid in failed:
                 continue
+            fin = parent.finished
             try:
-                outputs.append(parent.output(now))
+                if fin or parent.children[0].req.params.output_kind != RequestOutputKind.FINAL_ONLY:
+                    outputs.append(parent.output(now))
             except Exception as exc:  # noqa: BLE001
                 failed[rid] = (parent, exc)
                 continue
-            if parent.finished:
+            if fin:
                 del self._parents[rid]
                 self._release_lora(rid)
         for rid, (parent, exc) in failed.items():

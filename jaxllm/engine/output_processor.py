@@ -10,6 +10,7 @@ from jaxllm.core.request import Request, RequestStatus
 from jaxllm.engine.runner_protocol import SampledToken
 from jaxllm.engine.stop_checker import find_stop_string, holdback_chars, stop_token_reason
 from jaxllm.outputs import CompletionOutput, Logprob, RequestMetrics, RequestOutput
+from jaxllm.sampling_params import RequestOutputKind
 
 TokenText = Callable[[int], str]  # one token id -> its text (for Logprob.decoded_token)
 
@@ -58,6 +59,7 @@ class SeqState:
         self.stop_reason: int | str | None = None
         self._holdback = holdback_chars(req.params)
         self.last_token_time: float | None = None  # kept while stats are recorded (inter-token latency)
+        self._sent = (0, 0)  # output_kind DELTA: (tokens, characters) already in an output
 
     @property
     def finished(self) -> bool:
@@ -100,15 +102,20 @@ class SeqState:
         if not self.finished:
             self._finish(RequestStatus.FINISHED_ABORTED, None)
 
-    def completion(self) -> CompletionOutput:
+    def completion(self, delta: bool = False) -> CompletionOutput:
+        """Everything so far, or with ``delta`` what is new since the last delta (output_kind DELTA;
+        held-back text, a possible stop string's start, comes once it is known not to be one)."""
         text = self.text
         if not self.finished and self._holdback:
             text = text[:max(0, len(text) - self._holdback)]
+        t0, c0 = self._sent if delta else (0, 0)
+        if delta:
+            self._sent = (len(self.token_ids), max(c0, len(text)))
         return CompletionOutput(
-            index=self.index, text=text, token_ids=list(self.token_ids),
+            index=self.index, text=text[c0:], token_ids=self.token_ids[t0:],
             cumulative_logprob=self.cumulative_logprob,
             # entries are never mutated once appended: a shallow copy keeps this O(len)
-            logprobs=list(self.logprobs) if self.logprobs is not None else None,
+            logprobs=self.logprobs[t0:] if self.logprobs is not None else None,
             finish_reason=self.status.finish_reason if self.status is not None else None,
             stop_reason=self.stop_reason)
 
@@ -129,6 +136,7 @@ class ParentState:
         self.children: list[SeqState] = []
         self.metrics = RequestMetrics(arrival_time=arrival_time)
         self.in_stats = True  # False: left out of the request-level stats (engine.exclude_from_stats)
+        self._prompt_logprobs_sent = False
 
     @property
     def finished(self) -> bool:
@@ -143,12 +151,21 @@ class ParentState:
             if 0 < pos < len(self.prompt_logprobs) and self.prompt_logprobs[pos] is None:
                 self.prompt_logprobs[pos] = logprob_entry(tok, self.token_text)
 
+    def _prompt_logprobs(self, delta: bool):
+        if self.prompt_logprobs is None or (delta and self._prompt_logprobs_sent):
+            return None  # DELTA: once, with the first output
+        self._prompt_logprobs_sent = True
+        return list(self.prompt_logprobs)
+
     def note_token(self, now: float) -> None:
         if self.metrics.first_token_time is None:
             self.metrics.first_token_time = now
 
     def output(self, now: float | None = None) -> RequestOutput:
+        """This request's output now, as its output_kind asks (the engine asks FINAL_ONLY requests
+        only once they finish)."""
         fin = self.finished
+        delta = self.children[0].req.params.output_kind == RequestOutputKind.DELTA
         m = self.metrics
         sched = [c.req.first_scheduled_time for c in self.children if c.req.first_scheduled_time]
         if sched:
@@ -158,8 +175,8 @@ class ParentState:
         return RequestOutput(
             request_id=self.request_id, prompt=self.prompt,
             prompt_token_ids=list(self.prompt_token_ids),
-            outputs=[c.completion() for c in self.children], finished=fin,
-            prompt_logprobs=list(self.prompt_logprobs) if self.prompt_logprobs is not None else None,
+            outputs=[c.completion(delta) for c in self.children], finished=fin,
+            prompt_logprobs=self._prompt_logprobs(delta),
             num_cached_tokens=max(0, self.children[0].req.num_cached_tokens),
             metrics=RequestMetrics(arrival_time=m.arrival_time,
                                    first_scheduled_time=m.first_scheduled_time,

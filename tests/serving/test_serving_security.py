@@ -107,8 +107,10 @@ def test_reflection_lists_services_and_describes_messages():
             assert req_fields == ["request_id", "text", "chat", "token_ids", "sampling", "lora_name", "priority",
                                       "cache_salt"]
             from jaxllm.sampling_params import SamplingParams
-            # every field is exposed; the proto's beam search options become BeamSearchParams instead
-            assert set(SamplingParams.__struct_fields__) == sp_fields - {"use_beam_search", "length_penalty"}
+            # every field is exposed (but output_kind: the transport picks it, a stream's messages are
+            # deltas already); the proto's beam search options become BeamSearchParams instead
+            assert set(SamplingParams.__struct_fields__) - {"output_kind"} == sp_fields - {"use_beam_search",
+                                                                                         "length_penalty"}
             assert methods == ["Generate", "Tokenize", "Detokenize", "GetModelInfo", "Embed", "Score", "Classify",
                                "ListAdapters", "LoadAdapter", "UnloadAdapter"]
     run(main())
