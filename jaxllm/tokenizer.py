@@ -230,8 +230,9 @@ class IncrementalDetokenizer:
     sequence (U+FFFD), so the concatenated deltas equal decoding all output ids at once.
 
     With a Rust `tokenizers` backend the same algorithm runs inside `tokenizers.decoders.DecodeStream`
-    (one call per token: 0.77 against 8.0 us per token for the two window decodes below, SmolLM2,
-    2026-12-04); ids outside the backend's vocabulary are left out, as its decode leaves them out.
+    (one call per token: 1.25 against 4.35 us per token for the two window decodes below, SmolLM2,
+    `bench/detokenize.py`, 2026-12-04); ids outside the backend's vocabulary are left out, as its
+    decode leaves them out.
     """
 
     CONTEXT = 5  # tokens of left context kept for merges and leading-space handling
