@@ -18,7 +18,7 @@ from typing import Any, AsyncIterator
 
 from starlette.responses import JSONResponse, Response, StreamingResponse
 
-from jaxllm.sampling_params import MAX_LOGPROBS, SamplingParams
+from jaxllm.sampling_params import MAX_LOGPROBS, RequestOutputKind, SamplingParams
 
 from serving.deltas import DeltaTracker
 from serving.frontdoor import FrontDoor, FrontDoorError, ModelInfo, check_token_ids, invalid
@@ -223,8 +223,9 @@ async def respond(door: FrontDoor, job: _Job, receive=None, final=None, sse=None
             reqs = [beam_request(door, job, k) for k in range(len(job.prompts))]
             for r in reqs:
                 stack.push_async_callback(r.aclose)
-        else:
-            reqs = [await stack.enter_async_context(door.request(f"{job.engine_id}-{k}", p, job.params,
+        else:  # a JSON answer reads only the final outputs: the engine then builds no per-step ones
+            params = job.params if job.stream else job.params.clone(output_kind=RequestOutputKind.FINAL_ONLY)
+            reqs = [await stack.enter_async_context(door.request(f"{job.engine_id}-{k}", p, params,
                                                                  job.info.lora, job.priority))
                     for k, p in enumerate(job.prompts)]
     except BaseException as exc:

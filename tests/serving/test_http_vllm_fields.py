@@ -340,3 +340,25 @@ def test_chat_add_special_tokens_encodes_the_rendering_with_them():
     assert render_body(Stub(), body, ServerConfig())["prompt_token_ids"] == [7, 8]
     body = ChatCompletionRequest.model_validate({"messages": CHAT, "add_special_tokens": True})
     assert render_body(Stub(), body, ServerConfig())["prompt_token_ids"] == [0, 7, 8]
+
+
+def test_json_answers_ask_the_engine_for_final_outputs_only(srv, monkeypatch):
+    """A non-streamed answer reads only the final outputs: its engine requests carry output_kind
+    FINAL_ONLY (no per-step outputs built); a stream's stay CUMULATIVE (serving/deltas.py); both
+    answers are the same text."""
+    from jaxllm.sampling_params import RequestOutputKind
+
+    seen = []
+    add = srv.engine.add_request
+
+    def recording_add(request_id, prompt, params, *args, **kw):
+        if prompt == PROMPT:  # not the health probes'
+            seen.append(params.output_kind)
+        return add(request_id, prompt, params, *args, **kw)
+
+    monkeypatch.setattr(srv.engine, "add_request", recording_add)
+    whole = post(srv, "/v1/completions", prompt=PROMPT, max_tokens=9, temperature=0, n=2).json()
+    events = sse_events(post(srv, "/v1/completions", prompt=PROMPT, max_tokens=9, temperature=0, stream=True))
+    streamed = "".join(c["text"] for e in events for c in e["choices"] if c["index"] == 0)
+    assert seen == [RequestOutputKind.FINAL_ONLY, RequestOutputKind.CUMULATIVE]
+    assert whole["choices"][0]["text"] == whole["choices"][1]["text"] == streamed and len(streamed) > 0
