@@ -66,11 +66,28 @@ class ExecutablesMixin:
 
     @property
     def compile_count(self) -> int:
-        """Executables compiled so far (forward pass + prompt-logprobs pass per bucket, sampling per
-        number of sampling rows S, + the block copy of a generating runner; with LoRA a second forward
-        pass per bucket, the base-only one, and a slot write per rank bucket); a change after
-        warm-up means a new shape reached the device: a bug."""
+        """Executables compiled so far (after a warm-up: `warmup_compile_count`, which says which); a
+        change after warm-up means a new shape reached the device: a bug."""
         return len(self._executables)
+
+    @property
+    def warmup_compile_count(self) -> int:
+        """The executables `warmup` compiles for this runner's buckets and modes (a fresh runner's
+        `compile_count` after it), counted from the tables warm-up walks: per bucket a forward pass
+        (two with `lora_base_program`: the LoRA program and the base-only one); per number of sampling
+        rows S a sampling executable per sample plan (`_sample_plans`: one, or every SamplePlan with
+        branchless sampling); a prompt-logprobs pass per distinct T of the buckets with prompt tokens
+        (decode and mixed); the block copy; a slot write per LoRA rank bucket. An embed / classify
+        runner: its step per mixed bucket, nothing else."""
+        buckets = self.buckets.all()
+        if self.pooling:
+            return sum(not decode_only for _, _, decode_only in buckets)
+        forward = len(buckets) * (2 if self.lora_base_program else 1)
+        sampling = len(self.buckets.sample_sizes()) * len(self._sample_plans)
+        prompt_lp = len({T for T, _, decode_only in buckets if decode_only or T in self.buckets.mixed}
+                        if self.supports_prompt_logprobs else ())
+        slot_writes = 0 if self.lora is None else len(self.lora.rank_buckets)
+        return forward + sampling + prompt_lp + int(self.supports_block_copy) + slot_writes
 
     def _executable(self, key: tuple, lower):
         """Ahead-of-time compiled executable per bucket: warm-up compiles (or loads from the
