@@ -13,7 +13,8 @@ forward pass while the host reads the previous step back and advances the gramma
 
 The device programs themselves (forward, sampling, prompt-logprobs pass, embed step) are
 runner/step_programs.py; the runner holds their state (cache, penalty tables, rows), picks buckets
-and compiles one executable per bucket (the sampling: one per number of sampling rows).
+and runs one executable per bucket (the sampling: one per number of sampling rows), compiled at
+warm-up (runner/executables.py: the executables' keys, lowerings and warm-up).
 
 With LoRA each bucket has two forward executables: the LoRA program (slot weights + per-token slot
 index in, the deltas added) and the base-only one, the plain runner's very program. The host picks
@@ -24,11 +25,8 @@ Implements jaxllm.engine.runner_protocol.ModelRunnerProtocol.
 """
 from __future__ import annotations
 
-import concurrent.futures
 import dataclasses
 import logging
-import os
-import time
 
 import jax
 import jax.numpy as jnp
@@ -42,21 +40,20 @@ from jaxllm.lora.config import base_program_enabled
 from jaxllm.lora.slots import LoRASlots, check_seq_slots
 from jaxllm.models.config import ModelConfig
 from jaxllm.models.llama import LlamaForCausalLM
-from jaxllm.runner.block_copy import copy_blocks
 from jaxllm.runner.buckets import Buckets
+from jaxllm.runner.executables import ExecutablesMixin
 from jaxllm.runner.inputs import StepInputs, build_inputs, place_bitmask
 from jaxllm.runner.kv_cache_dtype import cache_dtype
-from jaxllm.runner.pending import PendingStep, PromptLogprobsJob
+from jaxllm.runner.pending import PendingStep, PromptLogprobsJob, prompt_logprobs_targets
 from jaxllm.runner.pooler import PendingPool
-from jaxllm.runner.sampler import FULL_PLAN, SAMPLE_PLANS, SamplePlan, plan_of, sampler_branchless
+from jaxllm.runner.sampler import sampler_branchless
 from jaxllm.runner.sleep import RunnerSleep
-from jaxllm.runner.step_programs import step_programs
 from pallas_kernels import KVCache
 
 log = logging.getLogger("jaxllm")
 
 
-class ModelRunner:
+class ModelRunner(ExecutablesMixin):
     def __init__(self, model: LlamaForCausalLM, *, block_size: int, num_blocks: int, max_model_len: int,
                  max_num_seqs: int, max_num_batched_tokens: int, eos_token_ids=(), cache_sharding=None,
                  task: str = "generate", kv_cache_dtype: str = "auto", lora_config=None,
@@ -102,8 +99,6 @@ class ModelRunner:
         self.num_rows = max_num_seqs + 1  # + one spare row for padding sequences
         self._free_rows = list(range(max_num_seqs - 1, -1, -1))
         self._rows: dict[str, int] = {}
-        self.num_traces = 0  # traces of the step function (a trace after warm-up is a bug)
-        self._executables: dict[tuple, object] = {}  # (fn, T, S, decode_only) → compiled executable
         self.step_runs = {"base": 0, "lora": 0}  # forward passes launched per variant (LoRA runners: both)
         dtype = model.dtype
         layout = getattr(model, "layout", None)  # jaxllm.parallel.TPLayout when tensor parallel
@@ -124,14 +119,8 @@ class ModelRunner:
                                       scales_fixed=kv_scales_fixed, num_scale_layers=c.num_layers)
         self.counts = jnp.zeros((self.num_rows, c.vocab_size), jnp.int32)  # [R, V] generated-token counts
         self.prompt_mask = jnp.zeros((self.num_rows, c.vocab_size), bool)  # [R, V] token in prompt
-        fwd_kw, sample_kw = {}, {}
-        self._logits_sharding = None
-        if layout is not None:  # penalty state, logits and sampler outputs replicated; shardings pinned
-            rep = layout.replicated  # so every step sees the same input shardings (no recompiles)
-            self.counts, self.prompt_mask = jax.device_put((self.counts, self.prompt_mask), rep)
-            fwd_kw["out_shardings"] = (self.kv_cache.like(cache_sharding, scale_sharding), rep, rep, rep, rep)
-            sample_kw["out_shardings"] = (rep, rep)
-            self._logits_sharding = rep
+        if layout is not None:  # penalty state replicated (the programs' shardings: runner/executables.py)
+            self.counts, self.prompt_mask = jax.device_put((self.counts, self.prompt_mask), layout.replicated)
         graphdef, self.state = nnx.split(model)
         self.state_dtype = dtype
         # device adapter slots (none for embed: its steps run the base model)
@@ -141,32 +130,19 @@ class ModelRunner:
 
         # sampling without device-side branches on GPUs (runner/sampler.py; $JAXLLM_SAMPLER_BRANCHES)
         self.branchless_sampling = sampler_branchless()
-        programs = step_programs(graphdef, self._traced, self.branchless_sampling)
 
         # [R] i32: the token each penalty row sampled in its latest step (async scheduling feeds it)
         self.last_tokens = jnp.zeros((self.num_rows,), jnp.int32)
         if layout is not None:
             self.last_tokens = jax.device_put(self.last_tokens, layout.replicated)
 
-        # a step = the forward pass (cache, penalty tables donated: updated in place), then sampling
-        self._forward = jax.jit(programs.fed_forward, donate_argnums=(1, 2, 3), **fwd_kw)
-        self._sample = jax.jit(programs.sample_step, donate_argnums=(3,), static_argnames=("plan",), **sample_kw)
+        # the forward pass, sampling, prompt-logprobs, embed and block-copy programs, jitted
+        self._init_programs(graphdef, layout, cache_sharding, scale_sharding)
         self._unsampled = None  # a dispatched step whose sampling waits for its bitmask (set_bitmask)
-
-        embed_kw = {}
-        if layout is not None:
-            embed_kw["out_shardings"] = (self.kv_cache.like(cache_sharding, scale_sharding), layout.replicated) \
-                + ((layout.replicated,) if task == "embed" else ())
-        pool_step = programs.classify_step if task == "classify" else programs.embed_step
-        self._embed = jax.jit(pool_step, donate_argnums=(1,), **embed_kw)
-        # forks (beam search): whole-block KV copies before a step; one executable, compiled at warm-up
-        copy_kw = {} if layout is None else {"out_shardings": self.kv_cache.like(cache_sharding, scale_sharding)}
-        self._copy = jax.jit(copy_blocks, donate_argnums=(0,), **copy_kw)
         # forks admitted in one step: at most one per scheduled seq, one block per KV cache group each
         self.max_copies = max_num_seqs * self.num_kv_groups
         self.supports_block_copy = not self.pooling and jax.process_count() == 1
         self._pooled: dict = {}  # request_id -> PooledChunk, filed by PendingPool.result()
-        self._prompt_lp = jax.jit(programs.prompt_logprobs)
         self._prompt_lp_out: dict[str, dict[int, SampledToken]] = {}
         self.supports_prompt_logprobs = jax.process_count() == 1
         # Async scheduling's default: on where a device runs the steps while the host works; off
@@ -183,9 +159,6 @@ class ModelRunner:
             from jaxllm.parallel.multihost import StepChannel
 
             self._channel = StepChannel(self._padding_inputs)
-
-    def _traced(self) -> None:
-        self.num_traces += 1  # a trace of the step or embed step (runs only while tracing)
 
     # ----- per-request rows ---------------------------------------------------------
     def release(self, request_ids) -> None:
@@ -206,91 +179,12 @@ class ModelRunner:
             inp = self._channel.send(inp)
         return self._run_local(inp)
 
-    @property
-    def compile_count(self) -> int:
-        """Executables compiled so far (forward pass + prompt-logprobs pass per bucket, sampling per
-        number of sampling rows S, + the block copy of a generating runner; with LoRA a second forward
-        pass per bucket, the base-only one, and a slot write per rank bucket); a change after
-        warm-up means a new shape reached the device: a bug."""
-        return len(self._executables)
-
-    def _executable(self, key: tuple, lower):
-        """Ahead-of-time compiled executable per bucket: warm-up compiles (or loads from the
-        persistent cache) without running anything; serving only looks executables up."""
-        exe = self._executables.get(key)
-        if exe is None:
-            exe = self._executables[key] = lower().compile()
-        return exe
-
-    def _padding_inputs(self, T: int, S: int, decode_only: bool, lora: bool | None = None) -> StepInputs:
-        """An all-padding batch of one bucket: touches no slot and no penalty row. `lora`: the LoRA
-        program's inputs (a [T] slot index; None: whenever the runner has LoRA) or the base-only one's."""
-        lora = self.lora is not None if lora is None else lora and self.lora is not None
-        return build_inputs([], [], self.num_rows, self.eos_ids, T, S, decode_only, self.block_size,
-                            self.max_blocks_per_seq, self.max_model_len, vocab_size=self.vocab_size,
-                            lora=lora, num_groups=self.num_kv_groups)
-
-    @staticmethod
-    def _bucket(inp: StepInputs) -> tuple:
-        return inp.tokens.shape[0], inp.logits_indices.shape[0], inp.metadata.decode_only
-
-    @classmethod
-    def _step_key(cls, inp: StepInputs) -> tuple:
-        """("step", T, S, decode_only): the base-only forward pass (a plain runner's only one);
-        ("step_lora", ...): the LoRA program, whose inputs carry the per-token slot index."""
-        return ("step" if inp.lora_slots is None else "step_lora",) + cls._bucket(inp)
-
-    def _step_lora_arg(self, inp: StepInputs):
-        """The forward pass's `lora` argument: the slots' weights for a LoRA step, None for base-only."""
-        return None if inp.lora_slots is None else self._lora_weights()
-
-    def _step_lowering(self, inp: StepInputs):
-        """The step's forward pass for `inp`'s bucket and variant (its HLO holds every weight read and KV write)."""
-        return self._forward.lower(self.state, self.kv_cache, self.counts, self.prompt_mask, self.last_tokens, inp,
-                                   self._step_lora_arg(inp))
-
-    def _sample_lowering(self, inp: StepInputs, plan: SamplePlan = FULL_PLAN):
-        S = inp.logits_indices.shape[0]
-        logits = jax.ShapeDtypeStruct((S, self.vocab_size), jnp.float32, sharding=self._logits_sharding)
-        return self._sample.lower(logits, self.counts, self.prompt_mask, self.last_tokens, inp.sampling,
-                                  inp.want_top_logprobs, inp.seq_rows, plan=plan)
-
-    @property
-    def _sample_plans(self) -> tuple[SamplePlan, ...]:
-        """The plans a sampling executable is compiled for: FULL_PLAN alone (lax.cond skips unneeded work on
-        the device), or with branchless sampling each SamplePlan (the host picks per step: sampler.plan_of)."""
-        return SAMPLE_PLANS if self.branchless_sampling else (FULL_PLAN,)
-
-    def _sample_key(self, S: int, plan: SamplePlan) -> tuple:
-        return ("sample", S, plan) if self.branchless_sampling else ("sample", S)
-
-    def _prompt_lp_lowering(self, num_tokens: int):
-        hidden = jax.ShapeDtypeStruct((num_tokens, self.model_config.hidden_size), self.state_dtype)
-        return self._prompt_lp.lower(self.state, hidden, np.zeros(num_tokens, np.int32))
-
-    def _step_executable(self, inp: StepInputs):
-        return self._executable(self._step_key(inp), lambda: self._step_lowering(inp))
-
-    def _sample_executable(self, inp: StepInputs, sampling=None):
-        plan = FULL_PLAN if not self.branchless_sampling else plan_of(
-            inp.sampling if sampling is None else sampling, inp.want_top_logprobs, self.vocab_size)
-        return self._executable(self._sample_key(inp.logits_indices.shape[0], plan),
-                                lambda: self._sample_lowering(inp, plan))
-
-    def _prompt_lp_executable(self, num_tokens: int):
-        return self._executable(("prompt_lp", num_tokens), lambda: self._prompt_lp_lowering(num_tokens))
-
-    def _copy_lowering(self):
-        pad = np.zeros(self.max_copies, np.int32)
-        return self._copy.lower(self.kv_cache, pad, pad, np.int32(0))
-
     def _copy_blocks(self, pairs) -> None:
         """SchedulerOutput.block_copies: (source, destination) block ids, copied before the step."""
         src = np.zeros(self.max_copies, np.int32)  # [max_copies] i32
         dst = np.zeros(self.max_copies, np.int32)
         src[:len(pairs)], dst[:len(pairs)] = zip(*pairs)
-        exe = self._executable(("copy_blocks",), self._copy_lowering)
-        self.kv_cache = exe(self.kv_cache, src, dst, np.int32(len(pairs)))
+        self.kv_cache = self._copy_executable()(self.kv_cache, src, dst, np.int32(len(pairs)))
 
     def _run_local(self, inp: StepInputs):
         return self._sample_local(inp, self._forward_local(inp), inp.sampling)
@@ -311,9 +205,6 @@ class ModelRunner:
         return out
 
     # ----- LoRA ---------------------------------------------------------------------
-    def _lora_weights(self):
-        return None if self.lora is None else self.lora.weights
-
     @property
     def lora_model_config(self) -> ModelConfig:
         """The ModelConfig adapters are loaded against (jaxllm.lora.peft.load_adapter): the
@@ -335,7 +226,7 @@ class ModelRunner:
         Steps dispatched afterwards see it; ValueError (nothing changed) for a bad slot or adapter."""
         if self.lora is None:
             raise ValueError("set_lora needs a runner built with lora_config (enable_lora=True)")
-        self.lora.set(slot, adapter, lambda rank: self._executable(("set_lora", rank), lambda: self.lora.lower(rank)))
+        self.lora.set(slot, adapter, self._set_lora_executable)
 
     # ----- sleep mode (runner/sleep.py) ---------------------------------------------
     def sleep(self, level: int = 1) -> int:
@@ -395,10 +286,6 @@ class ModelRunner:
         return build_inputs(seqs, spare, self.num_rows, self.eos_ids, T, S, False, self.block_size,
                             self.max_blocks_per_seq, self.max_model_len, vocab_size=self.vocab_size,
                             num_groups=self.num_kv_groups)
-
-    def _embed_executable(self, inp: StepInputs):
-        key = ("embed",) + self._bucket(inp)
-        return self._executable(key, lambda: self._embed.lower(self.state, self.kv_cache, inp))
 
     def _dispatch_embed(self, seqs) -> PendingPool:
         T, S, _ = self.buckets.pick(sum(len(s.token_ids) for s in seqs), len(seqs), False)
@@ -475,20 +362,7 @@ class ModelRunner:
 
     def _dispatch_prompt_logprobs(self, seqs, padded_tokens: int) -> PromptLogprobsJob:
         """For seqs asking prompt_logprobs: logprobs of prompt tokens 1.. predicted in this step."""
-        targets = np.full(padded_tokens, -1, np.int32)  # [T] next prompt token, -1 = not wanted
-        spans = []
-        t = 0
-        for s in seqs:
-            n = len(s.token_ids)
-            if s.params.prompt_logprobs is not None:
-                for j in range(n):
-                    p = s.start_pos + j  # this token predicts position p + 1
-                    if p + 1 < s.num_prompt_tokens:
-                        nxt = s.token_ids[j + 1] if j + 1 < n else s.next_token_id
-                        if nxt is not None:
-                            targets[t + j] = nxt
-                spans.append((s, t, n))
-            t += n
+        targets, spans = prompt_logprobs_targets(seqs, padded_tokens)
         outputs = self._prompt_lp_executable(padded_tokens)(self.state, self._hidden, targets)
         return PromptLogprobsJob(outputs, targets, spans)
 
@@ -497,59 +371,3 @@ class ModelRunner:
         the last call (see runner_protocol)."""
         out, self._prompt_lp_out = self._prompt_lp_out, {}
         return out
-
-    def workspace_bytes(self) -> int:
-        """Device memory a step needs beyond weights and cache (the profiling pass that sizes the KV
-        cache on accelerators): XLA's temp allocation for the largest bucket's step and prompt-logprobs
-        pass, plus the penalty state and the LoRA slots. Compiles those two once; runs nothing."""
-        T, S, decode_only = max(self.buckets.all(), key=lambda b: b[0])
-        if self.pooling:  # the embed step is all this runner will run (a base model has no LM head)
-            exe = self._embed.lower(self.state, self.kv_cache, self._embed_inputs([], T, S)).compile()
-            return int(getattr(exe.memory_analysis(), "temp_size_in_bytes", 0) or 0)
-        inp = self._padding_inputs(T, S, decode_only)
-        programs = (self._step_lowering(inp).compile(), self._sample_lowering(inp).compile(),
-                    self._prompt_lp_lowering(T).compile())
-        # the logits live between the forward pass and the sampling: the forward's output
-        temp = sum(int(getattr(c.memory_analysis(), "temp_size_in_bytes", 0) or 0) for c in programs)
-        temp += S * self.vocab_size * 4
-        lora = 0 if self.lora is None else self.lora.nbytes  # the probe's slots are freed with it
-        return temp + self.counts.nbytes + self.prompt_mask.nbytes + self.last_tokens.nbytes + lora
-
-    def warmup(self) -> float:
-        """Compiles every bucket's step (with LoRA: both variants) and prompt-logprobs pass ahead of time (from JAX's persistent
-        cache when warm) without running them. Returns seconds taken. Tracing is sequential; the
-        XLA compiles run on a thread pool (they release the GIL), one per core."""
-        t0 = time.perf_counter()
-        jobs = {}  # key -> lowered, in bucket order
-        for T, S, decode_only in self.buckets.all():
-            if self.pooling:  # prefill only: the mixed buckets of the embed step
-                if not decode_only:
-                    inp = self._embed_inputs([], T, S)
-                    key = ("embed",) + self._bucket(inp)
-                    if key not in self._executables:
-                        jobs[key] = self._embed.lower(self.state, self.kv_cache, inp)
-                continue
-            inp = self._padding_inputs(T, S, decode_only)
-            # a LoRA runner: the LoRA program and the base-only one (steps without adapters) per bucket
-            for variant in (inp, self._padding_inputs(T, S, decode_only, False)) if self.lora_base_program else (inp,):
-                key = self._step_key(variant)
-                if key not in self._executables:
-                    jobs[key] = self._step_lowering(variant)
-            for plan in self._sample_plans:  # one per S (one per SamplePlan with branchless sampling)
-                key = self._sample_key(S, plan)
-                if key not in self._executables and key not in jobs:
-                    jobs[key] = self._sample_lowering(inp, plan)
-            prompt_lp = decode_only or T in self.buckets.mixed  # draft steps have no prompt tokens
-            if prompt_lp and self.supports_prompt_logprobs and ("prompt_lp", T) not in self._executables:
-                jobs[("prompt_lp", T)] = self._prompt_lp_lowering(T)
-        if self.supports_block_copy and ("copy_blocks",) not in self._executables:
-            jobs[("copy_blocks",)] = self._copy_lowering()
-        for rank in () if self.lora is None else self.lora.rank_buckets:  # a slot write per rank bucket
-            if ("set_lora", rank) not in self._executables:
-                jobs[("set_lora", rank)] = self.lora.lower(rank)
-        if jobs:
-            workers = max(1, min(len(jobs), os.cpu_count() or 1))
-            with concurrent.futures.ThreadPoolExecutor(workers, thread_name_prefix="jaxllm-compile") as pool:
-                for key, exe in zip(jobs, pool.map(lambda lowered: lowered.compile(), jobs.values())):
-                    self._executables[key] = exe
-        return time.perf_counter() - t0

@@ -26,6 +26,26 @@ def start_copy(tree) -> None:
             copy()
 
 
+def prompt_logprobs_targets(seqs: list[ScheduledSeq], padded_tokens: int) -> tuple[np.ndarray, list]:
+    """For a step's seqs asking prompt_logprobs: (targets [padded_tokens] i32, each token's next prompt
+    token, -1 = not wanted; spans (seq, first token index, number of tokens) of those seqs)."""
+    targets = np.full(padded_tokens, -1, np.int32)  # [T] next prompt token, -1 = not wanted
+    spans = []
+    t = 0
+    for s in seqs:
+        n = len(s.token_ids)
+        if s.params.prompt_logprobs is not None:
+            for j in range(n):
+                p = s.start_pos + j  # this token predicts position p + 1
+                if p + 1 < s.num_prompt_tokens:
+                    nxt = s.token_ids[j + 1] if j + 1 < n else s.next_token_id
+                    if nxt is not None:
+                        targets[t + j] = nxt
+            spans.append((s, t, n))
+        t += n
+    return targets, spans
+
+
 class PromptLogprobsJob:
     """The dispatched prompt-logprobs pass of one step: device outputs plus what to file where."""
 
