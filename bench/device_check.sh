@@ -170,11 +170,11 @@ print("jax", jax.__version__, "flax", flax.__version__, "msgspec", msgspec.__ver
       "backend", jax.default_backend(), "devices", jax.devices())
 if os.environ.get("DEVICE_CHECK_SMOKE") != "1":
     assert jax.default_backend() == "gpu", "no GPU backend: install jax[cuda] on this machine"
-try:
-    import torch, transformers, triton
-    print("torch", torch.__version__, "transformers", transformers.__version__, "triton", triton.__version__)
-except ImportError as e:
-    print("optional:", e)
+    try:  # the HF side's versions (smoke: left out, 3-4 s of imports that print only; CPU has no triton)
+        import torch, transformers, triton
+        print("torch", torch.__version__, "transformers", transformers.__version__, "triton", triton.__version__)
+    except ImportError as e:
+        print("optional:", e)
 PY
 then
   echo "imports FAILED"; record imports 60 $((SECONDS - t_start)) 2; exit 2

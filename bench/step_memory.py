@@ -10,6 +10,7 @@ aliased (donated) bytes and temp bytes. The step donates the cache, so the alias
 cover K and V and the temp bytes should be far below one K: a temp of a cache's size means XLA
 copies the cache somewhere in the step (a 13B model's cache then no longer fits next to its copy).
 --hlo-dir writes each step's optimized HLO and lists its copy instructions of a cache's size.
+--steps-only compiles each bucket's step alone (the programs the verdict reads; what tests use).
 Exit status 1 when some bucket's temp reaches half of one cache array or its HLO copies a whole one.
 
 --kv-cache-dtype fp8 builds the cache the engine runs (``build_engine``: ``kv_scales_fixed=True``,
@@ -124,6 +125,9 @@ def main(argv=None) -> int:
     ap.add_argument("--impl", default=None, help="attention impl (sets JAXLLM_ATTENTION_IMPL)")
     ap.add_argument("--probes", action="store_true",
                     help="also compile bare layer scans (write_kv only; write_kv + each attention impl) and report their temp")
+    ap.add_argument("--steps-only", action="store_true",
+                    help="compile only each bucket's step (forward pass), the programs the in-place verdict reads: "
+                         "no sampling, prompt-logprobs or block-copy program (their rows are left out)")
     ap.add_argument("--hlo-dir", default=None)
     ap.add_argument("--json", default=None, help="merge results into this JSON file under --json-key")
     ap.add_argument("--json-key", default="step_memory")
@@ -166,7 +170,11 @@ def main(argv=None) -> int:
                          max_num_seqs=args.max_num_seqs, max_num_batched_tokens=args.max_num_batched_tokens,
                          kv_cache_dtype=args.kv_cache_dtype,
                          kv_scales_fixed=args.kv_cache_dtype == "fp8")  # as build_engine: the engine's cache
-    runner.warmup()
+    if args.steps_only:  # the forward pass of every bucket, as warm-up compiles it
+        for T, S, decode_only in runner.buckets.all():
+            runner._step_executable(runner._padding_inputs(T, S, decode_only))
+    else:
+        runner.warmup()
     print(f"backend {jax.default_backend()} ({jax.devices()[0].device_kind}); tp {args.tp}; cache.k = cache.v = "
           f"{cache_bytes / 2**20:.0f} MiB per device ({num_blocks} blocks); attention impl (env) "
           f"{os.environ.get('JAXLLM_ATTENTION_IMPL') or 'by backend'}")

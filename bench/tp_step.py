@@ -53,7 +53,7 @@ def measure(args, tp: int, cache_mib: int) -> dict:
 
     engine = build_engine(EngineConfig(model=args.model, load_format=args.load_format, tensor_parallel_size=tp,
                                        kv_cache_memory_bytes=cache_mib << 20, max_model_len=args.max_model_len,
-                                       max_num_seqs=8, max_num_batched_tokens=256))
+                                       max_num_seqs=8, max_num_batched_tokens=args.max_num_batched_tokens))
     r = engine.runner
     llm = LLM(args.model, engine=engine)
     prompt = {"prompt_token_ids": list(range(100, 100 + args.input_len))}
@@ -90,6 +90,8 @@ def main(argv=None) -> int:
     ap.add_argument("--tokens", type=int, default=17, help="tokens of the timed run")
     ap.add_argument("--repeats", type=int, default=3)
     ap.add_argument("--max-model-len", type=int, default=256)
+    ap.add_argument("--max-num-batched-tokens", type=int, default=256,
+                    help="the engine's step budget (mixed buckets 64..this); the measured step is the 8-seq decode")
     ap.add_argument("--output-json")
     args = ap.parse_args(argv)
     if "xla_force_host_platform_device_count" not in os.environ.get("XLA_FLAGS", ""):

@@ -10,8 +10,9 @@ import pytest
 
 from bench import step_memory
 
+# --steps-only: each bucket's step alone (what the checks read; no sampling / prompt-logprobs / copy program)
 SMALL = ["--cache-mib", "32", "--layers", "2", "--hidden", "256", "--heads", "4",
-         "--max-num-seqs", "8", "--max-num-batched-tokens", "64"]
+         "--max-num-seqs", "8", "--max-num-batched-tokens", "64", "--steps-only"]
 
 
 @pytest.mark.parametrize("tp,kv_heads", [(2, 2), (4, 2)])  # 1 kv head per device, and kv repeated
