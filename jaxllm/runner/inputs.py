@@ -127,29 +127,42 @@ def build_inputs(seqs: list[ScheduledSeq], rows: list[int], num_rows: int, eos_i
     t = 0
     for i, (s, row) in enumerate(zip(seqs, rows)):
         n = len(s.token_ids)
-        pos = np.arange(s.start_pos, s.start_pos + n, dtype=np.int32)
         if s.placeholder:  # its one token is on the device: the last one sampled for this row
             feed_rows[t] = row
         else:
             tokens[t:t + n] = s.token_ids
-        positions[t:t + n] = pos
         if lora:
             lora_slots[t:t + n] = s.lora_slot
-        is_prompt = pos < s.num_prompt_tokens
-        prompt_rows[t:t + n] = np.where(is_prompt, row, R)
-        output_rows[t:t + n] = np.where(is_prompt, R, row)
-        # every group's table, one entry per block of the sequence; -1 = null (a sliding group's block out of
-        # its window: also in the one table of an all-sliding model's single sliding group)
-        table = np.asarray(s.block_ids if s.group_block_ids is None else s.group_block_ids, np.int32)
-        table = table[None] if table.ndim == 1 else table  # [G, n_blocks] i32
-        if table.shape[0] != G:
-            raise RuntimeError(f"request_id={s.request_id!r}: {table.shape[0]} block tables for num_groups={G}")
-        written = table[:, pos // block_size]  # [G, n] i32
-        if (written < 0).any():
-            raise RuntimeError(f"request_id={s.request_id!r}: a KV cache group has a null block under a token "
-                               f"it writes (positions {s.start_pos}..{s.start_pos + n - 1})")
-        group_slots[:, t:t + n] = written * block_size + pos % block_size
-        group_tables[:, i, :table.shape[1]] = np.maximum(table, 0)  # null → block 0: masked, never written
+        if n == 1 and s.group_block_ids is None and G == 1:  # a decode token, one table: Python scalars
+            p0 = s.start_pos  # (the numpy calls below cost ~10 us a sequence: most of a 256-row step's inputs)
+            positions[t] = p0
+            prompt_rows[t], output_rows[t] = (row, R) if p0 < s.num_prompt_tokens else (R, row)
+            b = s.block_ids[p0 // block_size]
+            if b < 0:
+                raise RuntimeError(f"request_id={s.request_id!r}: a KV cache group has a null block under a token "
+                                   f"it writes (positions {p0}..{p0})")
+            group_slots[0, t] = b * block_size + p0 % block_size
+            group_tables[0, i, :len(s.block_ids)] = s.block_ids
+            if min(s.block_ids) < 0:  # null (a sliding window's freed blocks) → block 0: masked, never written
+                np.maximum(group_tables[0, i], 0, out=group_tables[0, i])
+        else:
+            pos = np.arange(s.start_pos, s.start_pos + n, dtype=np.int32)
+            positions[t:t + n] = pos
+            is_prompt = pos < s.num_prompt_tokens
+            prompt_rows[t:t + n] = np.where(is_prompt, row, R)
+            output_rows[t:t + n] = np.where(is_prompt, R, row)
+            # every group's table, one entry per block of the sequence; -1 = null (a sliding group's block out
+            # of its window: also in the one table of an all-sliding model's single sliding group)
+            table = np.asarray(s.block_ids if s.group_block_ids is None else s.group_block_ids, np.int32)
+            table = table[None] if table.ndim == 1 else table  # [G, n_blocks] i32
+            if table.shape[0] != G:
+                raise RuntimeError(f"request_id={s.request_id!r}: {table.shape[0]} block tables for num_groups={G}")
+            written = table[:, pos // block_size]  # [G, n] i32
+            if (written < 0).any():
+                raise RuntimeError(f"request_id={s.request_id!r}: a KV cache group has a null block under a token "
+                                   f"it writes (positions {s.start_pos}..{s.start_pos + n - 1})")
+            group_slots[:, t:t + n] = written * block_size + pos % block_size
+            group_tables[:, i, :table.shape[1]] = np.maximum(table, 0)  # null → block 0: masked, never written
         context_lens[i] = s.start_pos + n
         prompt_lens[i] = s.num_prompt_tokens
         t += n

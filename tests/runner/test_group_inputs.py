@@ -47,3 +47,33 @@ def test_a_token_over_a_null_block_is_refused(num_groups):
     with pytest.raises(RuntimeError, match=r"^request_id='a': a KV cache group has a null block under a token "
                                            r"it writes \(positions 3\.\.4\)"):
         build([seq("a", [5, 6], 3, tables[0], tables)], num_groups)
+
+
+@pytest.mark.parametrize("lora", [False, True])
+def test_decode_fast_path_equals_the_general_one(lora):
+    """A one-token seq with one table takes build_inputs' scalar path; the same seq handed its table as a
+    one-group group_block_ids takes the general (numpy) path: every input array must be equal, over random
+    decode batches with placeholders, prompt and output positions, null (sliding) entries and padding."""
+    import jax
+
+    rng = np.random.default_rng(0)
+    for trial in range(40):
+        n = int(rng.integers(1, 9))
+        fast, general = [], []
+        for i in range(n):
+            start = int(rng.integers(0, 23))
+            blocks = [int(b) for b in rng.permutation(40)[:start // BS + 1]]
+            if trial % 3 == 0:  # a sliding window freed leading blocks (never the one written)
+                freed = min(start // BS, 2)
+                blocks[:freed] = [-1] * freed
+            kw = dict(request_id=f"r{i}", token_ids=[int(rng.integers(3, 60))], start_pos=start, sample=True,
+                      num_prompt_tokens=int(rng.integers(1, 20)), params=SamplingParams(max_tokens=50), seed=i,
+                      placeholder=bool(rng.integers(0, 2)), lora_slot=int(rng.integers(0, 3)))
+            fast.append(ScheduledSeq(block_ids=blocks, **kw))
+            general.append(ScheduledSeq(block_ids=blocks, group_block_ids=[blocks], **kw))
+        rows = [int(r) for r in rng.permutation(8)[:n]]
+        a, b = (build_inputs(s, rows, 9, [2], 8, 8, True, BS, 6, 8, vocab_size=64, lora=lora) for s in (fast, general))
+        for x, y in zip(jax.tree.leaves(a), jax.tree.leaves(b), strict=True):
+            np.testing.assert_array_equal(x, y, err_msg=f"trial {trial}")
+        if trial % 3 == 0:
+            assert (a.metadata.block_tables >= 0).all()  # null entries became block 0
