@@ -53,6 +53,13 @@ def claim(utilization: float) -> Pool:
     from jax._src import xla_bridge
 
     name, value = _user_env()
+    if value:
+        try:
+            if not 0 < float(value) <= 1:
+                raise ValueError
+        except ValueError:
+            raise ValueError(f"{name}={value!r} is invalid: must be a number in (0, 1], the fraction of the "
+                             f"accelerator's memory JAX's pool may take") from None
     if xla_bridge.backends_are_initialized():
         _pool = Pool(float(value) if value else XLA_DEFAULT_FRACTION, "started")
     elif value:

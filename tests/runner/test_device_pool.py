@@ -51,6 +51,14 @@ def test_the_users_fraction_stands(fresh, monkeypatch, name):
     assert name in device_pool.claim(0.9).describe()
 
 
+@pytest.mark.parametrize("bad", ["abc", "0", "1.5"])
+def test_a_bad_user_fraction_names_the_variable(fresh, monkeypatch, bad):
+    monkeypatch.setenv(ENV[0], bad)
+    with pytest.raises(ValueError, match=rf"XLA_CLIENT_MEM_FRACTION='{bad}' is invalid: must be a number in \(0, 1\]"):
+        device_pool.claim(0.9)
+    assert fresh == [] and device_pool._pool is None
+
+
 def test_backends_already_started_keep_their_pool(fresh, monkeypatch):
     monkeypatch.setattr(xla_bridge, "backends_are_initialized", lambda: True)
     assert device_pool.claim(0.9) == Pool(device_pool.XLA_DEFAULT_FRACTION, "started")
