@@ -24,20 +24,30 @@ GPU_PLATFORMS = ("gpu", "cuda", "rocm")
 class Pool:
     fraction: float  # of the card: a GPU pool's bytes_limit / the card's memory
     how: str  # "claimed" (set here), "env" (the user's variable), "started" (backends already running)
+    env: str | None = None  # the user's variable that set the fraction, if one did
 
     def describe(self) -> str:
         return {"claimed": f"pool = {self.fraction:g} of the card (gpu_memory_utilization)",
-                "env": f"pool = {self.fraction:g} of the card ({_user_env()[0]})",
+                "env": f"pool = {self.fraction:g} of the card ({self.env})",
                 "started": f"backends started before the engine: pool assumed {self.fraction:g} of the card"}[self.how]
 
 
 _pool: Pool | None = None
 
 
-def _user_env() -> tuple[str, str] | tuple[None, None]:
+def _user_fraction() -> tuple[str, float] | tuple[None, None]:
+    """The first of ENV the user set, and its value (ValueError naming it unless a number in (0, 1])."""
     for name in ENV:
-        if os.environ.get(name):
-            return name, os.environ[name]
+        value = os.environ.get(name)
+        if value:
+            try:
+                fraction = float(value)
+            except ValueError:
+                fraction = float("nan")
+            if not 0 < fraction <= 1:
+                raise ValueError(f"{name}={value!r} is invalid: must be a number in (0, 1], the fraction of the "
+                                 f"accelerator's memory JAX's pool may take")
+            return name, fraction
     return None, None
 
 
@@ -52,18 +62,11 @@ def claim(utilization: float) -> Pool:
     import jax
     from jax._src import xla_bridge
 
-    name, value = _user_env()
-    if value:
-        try:
-            if not 0 < float(value) <= 1:
-                raise ValueError
-        except ValueError:
-            raise ValueError(f"{name}={value!r} is invalid: must be a number in (0, 1], the fraction of the "
-                             f"accelerator's memory JAX's pool may take") from None
+    name, fraction = _user_fraction()
     if xla_bridge.backends_are_initialized():
-        _pool = Pool(float(value) if value else XLA_DEFAULT_FRACTION, "started")
-    elif value:
-        _pool = Pool(float(value), "env")
+        _pool = Pool(fraction or XLA_DEFAULT_FRACTION, "started", name)
+    elif name is not None:
+        _pool = Pool(fraction, "env", name)
     else:
         os.environ[ENV[0]] = repr(float(utilization))
         try:

@@ -28,7 +28,8 @@ def kv_cache_blocks(model_config: ModelConfig, block_size: int, dtype, kv_cache_
     """Number of KV blocks: from kv_cache_memory_bytes (per device) if given; on accelerators
     utilization × the device's memory (on GPUs the card, whose pool is ``pool_fraction`` of it:
     device_pool.py) minus what is in use (weights), the step's own working memory and 1% of the
-    pool (allocator rounding, the few small programs the profiling pass does not compile); on CPU a 1 GiB default (split over the tp devices, which share host memory).
+    pool (allocator rounding, the few small programs the profiling pass does not compile); on CPU a
+    1 GiB default (split over the tp devices, which share host memory).
     With tensor parallelism each device holds num_kv_heads / tp heads of every block. `kv_layers`: the
     layer pages per block (a hybrid cache's group slots, jaxllm/core/kv_cache_groups.py); None = every layer."""
     per_block = KVCache.bytes_per_block(kv_layers or model_config.num_layers, block_size,

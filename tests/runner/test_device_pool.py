@@ -46,7 +46,7 @@ def test_claim_starts_the_backends_with_the_utilization_and_unsets_it(fresh):
 @pytest.mark.parametrize("name", ENV)
 def test_the_users_fraction_stands(fresh, monkeypatch, name):
     monkeypatch.setenv(name, "0.6")
-    assert device_pool.claim(0.9) == Pool(0.6, "env")
+    assert device_pool.claim(0.9) == Pool(0.6, "env", name)
     assert fresh == [] and device_pool.os.environ[name] == "0.6"
     assert name in device_pool.claim(0.9).describe()
 
