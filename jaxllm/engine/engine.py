@@ -309,7 +309,7 @@ class LLMEngine(AddRequestsMixin, EmbedRequestsMixin, EngineStatsMixin, GrammarR
                 continue
             fin = parent.finished
             try:
-                if fin or parent.children[0].req.params.output_kind != RequestOutputKind.FINAL_ONLY:
+                if fin or parent.output_kind != RequestOutputKind.FINAL_ONLY:
                     outputs.append(parent.output(now))
             except Exception as exc:  # noqa: BLE001
                 failed[rid] = (parent, exc)

@@ -142,6 +142,10 @@ class ParentState:
     def finished(self) -> bool:
         return all(c.finished for c in self.children)
 
+    @property
+    def output_kind(self) -> RequestOutputKind:
+        return self.children[0].req.params.output_kind  # one SamplingParams for the n children
+
     def add_prompt_logprobs(self, entries: dict[int, SampledToken]) -> None:
         """The runner's prompt token per prompt position (a recompute after preemption or another
         of the n children may send a position again: the first one stays)."""
@@ -165,7 +169,7 @@ class ParentState:
         """This request's output now, as its output_kind asks (the engine asks FINAL_ONLY requests
         only once they finish)."""
         fin = self.finished
-        delta = self.children[0].req.params.output_kind == RequestOutputKind.DELTA
+        delta = self.output_kind == RequestOutputKind.DELTA
         m = self.metrics
         sched = [c.req.first_scheduled_time for c in self.children if c.req.first_scheduled_time]
         if sched:

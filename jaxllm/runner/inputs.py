@@ -68,6 +68,11 @@ def place_bitmask(seqs: list[ScheduledSeq], padded_seqs: int, vocab_size: int,
     return bitmask, rows
 
 
+def _null_block_written(s: ScheduledSeq) -> RuntimeError:
+    return RuntimeError(f"request_id={s.request_id!r}: a KV cache group has a null block under a token it writes "
+                        f"(positions {s.start_pos}..{s.start_pos + len(s.token_ids) - 1})")
+
+
 def build_inputs(seqs: list[ScheduledSeq], rows: list[int], num_rows: int, eos_ids: list[int],
                  padded_tokens: int, padded_seqs: int, decode_only: bool, block_size: int,
                  max_blocks: int, max_seen: int, seed_steps: list | None = None, *, vocab_size: int,
@@ -139,8 +144,7 @@ def build_inputs(seqs: list[ScheduledSeq], rows: list[int], num_rows: int, eos_i
             prompt_rows[t], output_rows[t] = (row, R) if p0 < s.num_prompt_tokens else (R, row)
             b = s.block_ids[p0 // block_size]
             if b < 0:
-                raise RuntimeError(f"request_id={s.request_id!r}: a KV cache group has a null block under a token "
-                                   f"it writes (positions {p0}..{p0})")
+                raise _null_block_written(s)
             group_slots[0, t] = b * block_size + p0 % block_size
             group_tables[0, i, :len(s.block_ids)] = s.block_ids
             if min(s.block_ids) < 0:  # null (a sliding window's freed blocks) → block 0: masked, never written
@@ -159,8 +163,7 @@ def build_inputs(seqs: list[ScheduledSeq], rows: list[int], num_rows: int, eos_i
                 raise RuntimeError(f"request_id={s.request_id!r}: {table.shape[0]} block tables for num_groups={G}")
             written = table[:, pos // block_size]  # [G, n] i32
             if (written < 0).any():
-                raise RuntimeError(f"request_id={s.request_id!r}: a KV cache group has a null block under a token "
-                                   f"it writes (positions {s.start_pos}..{s.start_pos + n - 1})")
+                raise _null_block_written(s)
             group_slots[:, t:t + n] = written * block_size + pos % block_size
             group_tables[:, i, :table.shape[1]] = np.maximum(table, 0)  # null → block 0: masked, never written
         context_lens[i] = s.start_pos + n
