@@ -4,7 +4,7 @@
 # machine's own python + jax[cuda]. Usage:
 #   [PHASES="..."] [BUDGET_S=540] bench/device_check.sh OUT.json
 # Phases run in this order (by acceptance value), each only when PHASES names it (default: all but
-# weightcopy; "quant" names int8 fp8 int4 kvfp8 quanthlo) and only when the time left of BUDGET_S covers
+# weightcopy; "quant" names qmatmul int8 fp8 int4 kvfp8 quanthlo) and only when the time left of BUDGET_S covers
 # its timeout; else it logs "skipped: budget" and stays in the to-do file ($DEVICE_CHECK_TODO,
 # default /tmp/jaxllm_device_check.todo). PHASES=rest runs that file's phases: the second call on
 # the same, still warm machine (its compile cache in /tmp/jaxllm_xla is warm too).
@@ -34,7 +34,10 @@
 #                       sampler (an XLA conditional blocks the host on a GPU) against the default branchless one in e2e
 #   profile     150 s   only if e2e did not store the profiles: its own engine (64 sequences, max_model_len
 #                       1024), no HF: the 64-request run, batch-1 decode and the two profiled runs
-#   int8, fp8   120 s   issue 17: e2e without HF, --quantization int8 / fp8 (~90 s: start + runs)
+#   qmatmul      90 s   bench/quant_matmul.py: the Pallas int8/fp8 matmul (the GPU default for steps of <= 64
+#                       tokens since 2026-12-05) vs XLA's dot, 13B projections, M 1/16/64 (~40 compiles, ~40 s)
+#   int8, fp8   120 s   issue 17: e2e without HF, --quantization int8 / fp8 (~90 s: start + runs; the Pallas
+#                       matmul on; 2026-12-04's rows are XLA's dot: JAXLLM_QUANT_MATMUL=xla gives those again)
 #   int4        120 s   4-bit weights: e2e without HF, --quantization int4 (dummy weights rounded to int4
 #                       at load, groups of 128; sized like int8, one more quantize pass at load). After
 #                       lora, so that issue 15's figure keeps its place in a first call
@@ -94,14 +97,14 @@ export DEVICE_CHECK_SMOKE="${DEVICE_CHECK_SMOKE:-0}"
 SMOKE=$DEVICE_CHECK_SMOKE
 BUDGET_S="${BUDGET_S:-540}"
 TODO_FILE="${DEVICE_CHECK_TODO:-/tmp/jaxllm_device_check.todo}"
-ORDER="e2e article profile sampler int8 fp8 lora int4 kvfp8 quanthlo memory kernels ragged sweep spec moe weightcopy"
-PHASES="${PHASES:-e2e article profile sampler int8 fp8 lora int4 kvfp8 quanthlo memory kernels ragged sweep spec moe}"
+ORDER="e2e article profile sampler qmatmul int8 fp8 lora int4 kvfp8 quanthlo memory kernels ragged sweep spec moe weightcopy"
+PHASES="${PHASES:-e2e article profile sampler qmatmul int8 fp8 lora int4 kvfp8 quanthlo memory kernels ragged sweep spec moe}"
 if [ "$PHASES" = rest ]; then
   [ -f "$TODO_FILE" ] || { echo "PHASES=rest: no $TODO_FILE (a fresh machine?): name the phases"; exit 2; }
   PHASES="$(cat "$TODO_FILE")"
   echo "PHASES=rest: the phases the last run left undone: '${PHASES}'"
 fi
-words=""; for p in $PHASES; do [ "$p" = quant ] && p="int8 fp8 int4 kvfp8 quanthlo"; words+=" $p"; done
+words=""; for p in $PHASES; do [ "$p" = quant ] && p="qmatmul int8 fp8 int4 kvfp8 quanthlo"; words+=" $p"; done
 PHASES="$words "
 todo=()
 for p in $ORDER; do [[ "$PHASES" == *" $p "* ]] && todo+=("$p"); done
@@ -226,6 +229,12 @@ if want profile; then  # alone (e2e did not run or left no profile): its own eng
   finish profile $?
 fi
 
+gpu_only() { if [ "$SMOKE" = 1 ]; then echo; echo "== $1: skipped: smoke (GPU only)"; done_phase "$1"; return 1; fi; }
+# ---- issue 17: the Pallas int8/fp8 matmul vs XLA's dot, one projection at a time (13B shapes) -----
+if want qmatmul && gpu_only qmatmul; then
+  run qmatmul 90 "$PY" bench/quant_matmul.py --json "$OUT" --json-key quant_matmul
+  finish qmatmul $?
+fi
 # ---- issue 17: int8/fp8 weights (target: batch-1 decode >= 1.6x bf16's e2e row) --------------------
 for q in int8 fp8; do
   if want "$q"; then
@@ -272,7 +281,6 @@ if want memory; then
 fi
 
 # ---- kernels: compiled Pallas vs reference, then timings next to a device copy (GPU only) -------
-gpu_only() { if [ "$SMOKE" = 1 ]; then echo; echo "== $1: skipped: smoke (GPU only)"; done_phase "$1"; return 1; fi; }
 if want kernels && gpu_only kernels; then
   run kernels 90 "$PY" bench/attention_kernels.py --impls reference,pallas --cases 2 --check --json "$OUT" --json-key kernels
   finish kernels $?

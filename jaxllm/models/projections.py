@@ -9,6 +9,12 @@ Why the experiment: XLA copies each layer's weight slice out of the stacked arra
 matmul (seen in the CPU and GPU HLO), so a decode step moves about 3x the weight bytes; on an H200
 batch-1 decode ran at 27% of the weight-read roofline (bench/RESULTS.md). The kernel path applies
 only on GPU (or interpret mode for tests), on one device, to steps of at most MAX_ROWS tokens.
+
+Quantized weights (int8 / fp8, per-column or block scales) in steps of at most MAX_ROWS tokens go
+to the Pallas `quant_matmul` on GPUs ($JAXLLM_QUANT_MATMUL "auto" (default) | "pallas" | "xla";
+"pallas" on a CPU runs it in interpret mode, for tests): it streams the 1-byte weight and converts
+each tile in registers, where XLA's gemm for a few rows ran at half the int8 bandwidth
+(pallas_kernels/matmul/quant.py). 4-bit weights, longer steps and tensor parallelism keep XLA's dot.
 """
 from __future__ import annotations
 
@@ -18,14 +24,21 @@ import os
 import jax
 import jax.numpy as jnp
 
+from jaxllm.gpu_defaults import gpu_default
 from jaxllm.lora.delta import LoRAWeight, lora_delta
 from jaxllm.models.fusion import FUSED_OUTPUTS, join_fused
 from jaxllm.models import quant_dot
 from jaxllm.models.quant import QUANT_PARAMS, QuantWeight, quant_einsum
-from pallas_kernels.matmul import stacked_matmul, stacked_matmul_supported
+from pallas_kernels.matmul import quant_matmul, quant_matmul_supported, stacked_matmul, stacked_matmul_supported
 from pallas_kernels.matmul.stacked import MAX_ROWS
 
 ENV_VAR = "JAXLLM_STACKED_MATMUL"
+QUANT_ENV = "JAXLLM_QUANT_MATMUL"  # auto (Pallas on GPUs) | pallas | xla
+
+
+def pallas_quant_matmul(platform: str | None = None) -> bool:
+    """Whether quantized projections of decode-sized steps may run the Pallas quant_matmul."""
+    return gpu_default(QUANT_ENV, ("auto", "pallas", "xla"), "pallas", platform or jax.default_backend())
 
 
 class _InPlace:
@@ -54,6 +67,7 @@ class Projector:
               and num_tokens <= MAX_ROWS)
         self.interpret = jax.default_backend() != "gpu" if interpret is None else interpret
         self.stacked = stacked if on else None
+        self.pallas_quant = layout is None and num_tokens <= MAX_ROWS and pallas_quant_matmul()
         # quantized weights: the column-chunked dot on CPU (no f32 copy of a weight), one device only
         self.chunked_quant = quant_dot.use_chunked(layout)
         # ... and in the scan loop each chunk is sliced straight out of the stacked weight at the traced
@@ -80,8 +94,15 @@ class Projector:
             if name in FUSED_OUTPUTS:
                 join = lambda parts: join_fused(parts, self.layout, *FUSED_OUTPUTS[name])  # noqa: E731
             return self(spec, x, name, w.base, layer) + lora_delta(spec, x, w.a, w.b, self.lora_onehot, join)
-        if name in self.stacked_quant:  # w is IN_PLACE: the stacked weight, read at the traced layer
-            return quant_einsum(spec, x, self.stacked_quant[name], chunked=True, layer=layer)
+        stacked_layer = name in self.stacked_quant  # w is IN_PLACE: the stacked weight, read at the traced layer
+        if stacked_layer:
+            w = self.stacked_quant[name]
+        if isinstance(w, QuantWeight) and self.pallas_quant:
+            y = self._pallas_quant(x, w, layer if stacked_layer else None)
+            if y is not None:
+                return y
+        if stacked_layer:
+            return quant_einsum(spec, x, w, chunked=True, layer=layer)
         if isinstance(w, QuantWeight):
             return quant_einsum(spec, x, w, chunked=self.chunked_quant)
         if self.stacked is not None:
@@ -92,3 +113,23 @@ class Projector:
                 y = stacked_matmul(x.reshape(t, k), ws.reshape(ws.shape[0], k, n), layer, interpret=self.interpret)
                 return y.reshape((t,) + w.shape[x.ndim - 1:])  # [T, out...]
         return jnp.einsum(spec, x, w)
+
+    def _pallas_quant(self, x: jax.Array, w: QuantWeight, layer) -> jax.Array | None:
+        """x [T, in...] @ w (q [in..., out...], or [L, in..., out...] read at `layer`) through quant_matmul,
+        flattened to [T, K] @ [K, N]; None where the kernel does not take the weight (4-bit, packed,
+        shapes): the caller's XLA dot then runs."""
+        if w.packed:
+            return None
+        lead = 0 if layer is None else 1  # the stacked layer axis
+        t, k = x.shape[0], math.prod(x.shape[1:])
+        n = w.q.size // (k * (w.q.shape[0] if lead else 1))
+        blocked = w.scale.ndim == w.q.ndim
+        nb = w.scale.size // (n * (w.scale.shape[0] if lead else 1)) if blocked else None
+        if (blocked and (nb == 0 or k % nb)) or not quant_matmul_supported(t, k, n, w.q.dtype, k // nb if blocked else None):
+            return None
+        stack = w.q.shape[:lead]
+        q = w.q.reshape(stack + (k, n))
+        scale = w.scale.reshape(stack + ((nb, n) if blocked else (n,)))
+        offset = None if w.offset is None else w.offset.reshape(scale.shape)
+        y = quant_matmul(x.reshape(t, k), q, scale, offset, layer=layer, interpret=self.interpret)  # [T, N]
+        return y.reshape((t,) + w.q.shape[lead + x.ndim - 1:])  # [T, out...]

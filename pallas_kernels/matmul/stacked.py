@@ -48,22 +48,66 @@ def _plan_splits(k_chunks: int, n_tiles: int) -> int:
     return max(d for d in range(1, min(want, k_chunks) + 1) if k_chunks % d == 0)
 
 
-def _kernel(layer_ref, x_ref, w_ref, o_ref, *, block_k, block_n, chunks_per_split):
+def _kernel(layer_ref, x_ref, w_ref, *rest, block_k, block_n, chunks_per_split, block_scaled, has_offset):
+    """Program (n, split): acc [Mp, BN] f32 over its K chunks. The weight tile is converted to x's dtype
+    in registers (int8 / float8_e4m3fn, or uint8 holding e4m3fn bits); with `block_scaled` each
+    chunk is one scale block (block_k = the block size) whose partial dot is scaled per column (and,
+    `has_offset`, gets the block's x sum times its offset) before it is accumulated."""
+    s_ref = rest[0] if block_scaled else None
+    off_ref = rest[1] if has_offset else None
+    o_ref = rest[-1]
     n, split = pl.program_id(0), pl.program_id(1)
     mp, bn = o_ref.shape[1], block_n
     layer = layer_ref[0]
     rows = jnp.arange(mp, dtype=jnp.int32)[:, None]  # [Mp, 1] i32
     cols = (n * bn + jnp.arange(bn, dtype=jnp.int32))[None, :]  # [1, BN] i32
-    k0 = split * chunks_per_split * block_k
+    c0 = split * chunks_per_split  # the program's first K chunk
 
     def body(j, acc):  # acc [Mp, BN] f32
-        ks = k0 + j * block_k + jnp.arange(block_k, dtype=jnp.int32)  # [BK] i32
+        ks = (c0 + j) * block_k + jnp.arange(block_k, dtype=jnp.int32)  # [BK] i32
         x = plgpu.load(x_ref.at[rows, ks[None, :]])  # [Mp, BK]
-        w = plgpu.load(w_ref.at[layer, ks[:, None], cols])  # [BK, BN]
-        return acc + lax.dot_general(x, w, (((1,), (0,)), ((), ())), preferred_element_type=jnp.float32)
+        w = plgpu.load(w_ref.at[layer, ks[:, None], cols])  # [BK, BN] in the weight's storage dtype
+        if w.dtype == jnp.uint8:  # float8_e4m3fn bits
+            w = lax.bitcast_convert_type(w, jnp.float8_e4m3fn)
+        part = lax.dot_general(x, w.astype(x.dtype), (((1,), (0,)), ((), ())), preferred_element_type=jnp.float32)
+        if block_scaled:
+            kb = jnp.full((1, bn), c0 + j, jnp.int32)  # [1, BN] i32: this chunk's scale block
+            part = part * plgpu.load(s_ref.at[layer, kb, cols]).astype(jnp.float32)
+            if has_offset:
+                xsum = jnp.sum(x.astype(jnp.float32), axis=1, keepdims=True)  # [Mp, 1] f32
+                part = part + xsum * plgpu.load(off_ref.at[layer, kb, cols]).astype(jnp.float32)
+        return acc + part
 
     acc = lax.fori_loop(0, chunks_per_split, body, jnp.zeros((mp, bn), jnp.float32))
     plgpu.store(o_ref.at[split, rows, cols], acc)
+
+
+def small_m_matmul(x: jax.Array, w: jax.Array, layer, *, block_scale: jax.Array | None = None,
+                   offset: jax.Array | None = None, block_k: int = 64, block_n: int | None = None,
+                   splits: int | None = None, num_warps: int = 4, num_stages: int = 3,
+                   interpret: bool = False) -> jax.Array:
+    """The kernel call: x [M, K] (M <= MAX_ROWS) @ w[layer] with w [L, K, N] read in place -> the f32
+    split-K partials summed, [M, N] f32. `block_scale` (and `offset`) [L, K / block_k, N]: per-block
+    dequantization in the kernel (block_k is the block size). Shapes are the caller's to check."""
+    m, k = x.shape
+    n = w.shape[2]
+    block_n = block_n or _block_n(n)
+    mp = max(16, next_pow2(m))
+    n_tiles, k_chunks = n // block_n, k // block_k
+    splits = splits or _plan_splits(k_chunks, n_tiles)
+    if k_chunks % splits:
+        raise ValueError(f"splits={splits} must divide K / block_k = {k_chunks}")
+    dot_dtype = x.dtype if w.dtype.itemsize == 1 else w.dtype  # a 1-byte weight converts to x's dtype
+    xp = jnp.pad(x.astype(dot_dtype), ((0, mp - m), (0, 0)))  # [Mp, K] in the dot dtype
+    extra = tuple(a for a in (block_scale, offset) if a is not None)
+    partial = pl.pallas_call(
+        functools.partial(_kernel, block_k=block_k, block_n=block_n, chunks_per_split=k_chunks // splits,
+                          block_scaled=block_scale is not None, has_offset=offset is not None),
+        out_shape=jax.ShapeDtypeStruct((splits, mp, n), jnp.float32), grid=(n_tiles, splits),
+        interpret=interpret, compiler_params=plgpu.CompilerParams(num_warps=num_warps, num_stages=num_stages),
+        name="jaxllm_small_m_matmul",
+    )(layer_index(layer), xp, w, *extra)
+    return partial.sum(axis=0)[:m]  # [M, N] f32
 
 
 def stacked_matmul(x: jax.Array, w: jax.Array, layer, *, block_k: int = 64, block_n: int | None = None,
@@ -78,16 +122,5 @@ def stacked_matmul(x: jax.Array, w: jax.Array, layer, *, block_k: int = 64, bloc
     if m > MAX_ROWS or k % block_k or block_n is None or n % block_n:
         raise ValueError(f"stacked_matmul takes M <= {MAX_ROWS}, K % {block_k} == 0 and N % 16 == 0; "
                          f"got M={m}, K={k}, N={n} (check stacked_matmul_supported first)")
-    mp = max(16, next_pow2(m))
-    n_tiles, k_chunks = n // block_n, k // block_k
-    splits = splits or _plan_splits(k_chunks, n_tiles)
-    if k_chunks % splits:
-        raise ValueError(f"splits={splits} must divide K / block_k = {k_chunks}")
-    xp = jnp.pad(x.astype(w.dtype), ((0, mp - m), (0, 0)))  # [Mp, K] in the weight dtype
-    partial = pl.pallas_call(
-        functools.partial(_kernel, block_k=block_k, block_n=block_n, chunks_per_split=k_chunks // splits),
-        out_shape=jax.ShapeDtypeStruct((splits, mp, n), jnp.float32), grid=(n_tiles, splits),
-        interpret=interpret, compiler_params=plgpu.CompilerParams(num_warps=num_warps, num_stages=num_stages),
-        name="jaxllm_stacked_matmul",
-    )(layer_index(layer), xp, w)
-    return partial.sum(axis=0)[:m].astype(x.dtype)  # [M, N]
+    return small_m_matmul(x.astype(w.dtype), w, layer, block_k=block_k, block_n=block_n, splits=splits,
+                          num_warps=num_warps, num_stages=num_stages, interpret=interpret).astype(x.dtype)

@@ -103,3 +103,25 @@ def test_stacked_matmul_lowers_for_cuda(m, k, n):
                 f, platforms=["cuda"],
                 disabled_checks=[jax.export.DisabledSafetyCheck.custom_call(plgpu.CUSTOM_CALL_TARGET_NAME)])(*args)
     assert exported.mlir_module().count(plgpu.CUSTOM_CALL_TARGET_NAME) == 1
+
+
+@pytest.mark.parametrize("m,k,n,qdtype,block,offset", [
+    (1, 5120, 15360, jnp.int8, None, False), (64, 13824, 5120, jnp.float8_e4m3fn, None, False),
+    (8, 5120, 5120, jnp.uint8, None, False), (4, 5120, 13824, jnp.int8, 32, False), (2, 576, 192, jnp.int8, 32, True)])
+def test_quant_matmul_lowers_for_cuda(m, k, n, qdtype, block, offset):
+    """int8 / fp8 (and fp8 bits) weight tiles converted to bf16 in registers; block scales per chunk."""
+    from pallas_kernels.matmul import quant_matmul
+
+    sshape = (k // block, n) if block else (n,)
+    args = [jax.ShapeDtypeStruct((m, k), jnp.bfloat16), jax.ShapeDtypeStruct((k, n), qdtype),
+            jax.ShapeDtypeStruct(sshape, jnp.float16 if block else jnp.float32)]
+    args += [jax.ShapeDtypeStruct(sshape, jnp.float32)] if offset else []
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", DeprecationWarning)
+        with jax.sharding.use_abstract_mesh(H100):
+            exported = jax.export.export(
+                jax.jit(quant_matmul), platforms=["cuda"],
+                disabled_checks=[jax.export.DisabledSafetyCheck.custom_call(plgpu.CUSTOM_CALL_TARGET_NAME)])(*args)
+    text = exported.mlir_module()
+    assert text.count(plgpu.CUSTOM_CALL_TARGET_NAME) == 1
+    assert "bf16" in text and ("i8" in text or "f8E4M3FN" in text)  # the weight reaches the kernel as its bytes

@@ -1,0 +1,83 @@
+"""Weight-only int8 / fp8 matmul at decode sizes: the Pallas quant_matmul (weight tiles converted in
+registers) vs XLA's dot as the model runs it without the kernel (`quant_einsum`: the convert fused into
+XLA's gemm on a GPU), on Llama-2-13B's fused projections.
+
+    python bench/quant_matmul.py              # int8 and fp8, per-column scales, M = 1, 16, 64; int8 Q8_0 blocks at M = 1
+    python bench/quant_matmul.py --scale 16 --rows 1 --iters 2    # CPU smoke (interpret mode: not a timing)
+
+Per row: time per call and the weight's bytes (1 per element, + its scales) over that time (GB/s);
+compare with the device copy bandwidth (bench/attention_kernels.py: 4,078 GB/s on the H200). The
+roofline of a 13B int8 decode step is 13.35 GB at that bandwidth: 3.27 ms.
+"""
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+import jax  # noqa: E402
+import jax.numpy as jnp  # noqa: E402
+
+from bench.attention_kernels import time_call  # noqa: E402
+from bench.common import merge_json  # noqa: E402
+from jaxllm.models.quant import QuantWeight, quant_einsum  # noqa: E402
+from pallas_kernels.matmul import quant_matmul  # noqa: E402
+
+# (name, K, N): Llama-2-13B's fused q/k/v, o, fused gate/up, down
+SHAPES_13B = [("wqkv", 5120, 15360), ("wo", 5120, 5120), ("w_gate_up", 5120, 27648), ("w_down", 13824, 5120)]
+
+
+def _weight(kind: str, k: int, n: int) -> QuantWeight:
+    key = jax.random.key(0)
+    if kind == "fp8":
+        q = (jax.random.normal(key, (k, n), jnp.float32) * 64).astype(jnp.float8_e4m3fn)
+    else:
+        q = jax.random.randint(key, (k, n), -127, 128, jnp.int32).astype(jnp.int8)
+    shape = (k // 32, n) if kind == "q8_0" else (n,)
+    scale = jax.random.uniform(jax.random.key(1), shape, jnp.float32, 1e-3, 2e-2)
+    return QuantWeight(q, scale.astype(jnp.float16) if kind == "q8_0" else scale)
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--rows", default="1,16,64")
+    ap.add_argument("--kinds", default="int8,fp8,q8_0", help="q8_0: int8 with f16 scales per 32 rows (GGUF), M=1 only")
+    ap.add_argument("--iters", type=int, default=20)
+    ap.add_argument("--scale", type=int, default=1, help="divide K and N by this (CPU smoke runs)")
+    ap.add_argument("--json", default=None)
+    ap.add_argument("--json-key", default="quant_matmul")
+    args = ap.parse_args(argv)
+    gpu = jax.default_backend() == "gpu"
+    rows = []
+    for kind in args.kinds.split(","):
+        for name, k, n in SHAPES_13B:
+            k, n = k // args.scale, n // args.scale
+            w = _weight(kind, k, n)
+            wbytes = w.q.size + w.scale.size * w.scale.dtype.itemsize
+            for m in (int(r) for r in args.rows.split(",")):
+                if kind == "q8_0" and m != 1:
+                    continue
+                x = jax.random.normal(jax.random.key(2), (m, k), jnp.bfloat16)
+                kern = jax.jit(lambda x, q, s: quant_matmul(x, q, s, interpret=not gpu))
+                xla = jax.jit(lambda x, q, s: quant_einsum("tk,kn->tn", x, QuantWeight(q, s)))
+                a, b = (f(x, w.q, w.scale).astype(jnp.float32) for f in (kern, xla))
+                err = float(jnp.abs(a - b).max() / (jnp.abs(b).max() + 1e-6))
+                row = {"kind": kind, "shape": name, "M": m, "K": k, "N": n, "max_rel_err": err}
+                for label, f in (("pallas", kern), ("xla", xla)):
+                    t = time_call(f, (x, w.q, w.scale), args.iters)
+                    row[f"{label}_us"], row[f"{label}_GB/s"] = t * 1e6, wbytes / t / 1e9
+                row["speedup"] = row["xla_us"] / row["pallas_us"]
+                rows.append(row)
+                print(f"{kind:5s} {name:9s} M={m:3d} K={k:5d} N={n:5d}  pallas {row['pallas_us']:8.1f} us "
+                      f"{row['pallas_GB/s']:6.0f} GB/s   xla {row['xla_us']:8.1f} us {row['xla_GB/s']:6.0f} GB/s   "
+                      f"x{row['speedup']:.2f}   err {err:.2g}", flush=True)
+    if args.json:
+        merge_json(args.json, args.json_key, {"backend": jax.default_backend(),
+                                              "device": jax.devices()[0].device_kind, "rows": rows})
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
