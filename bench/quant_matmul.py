@@ -2,7 +2,8 @@
 registers) vs XLA's dot as the model runs it without the kernel (`quant_einsum`: the convert fused into
 XLA's gemm on a GPU), on Llama-2-13B's fused projections.
 
-    python bench/quant_matmul.py              # int8 and fp8, per-column scales, M = 1, 16, 64; int8 Q8_0 blocks at M = 1
+    python bench/quant_matmul.py      # int8, fp8 (per-column scales), int4 (AWQ-like: uint4 pairs, groups of 128
+                                      # with offsets) at M = 1, 16, 64; int8 with GGUF Q8_0 blocks at M = 1
     python bench/quant_matmul.py --scale 16 --rows 1 --iters 2    # CPU smoke (interpret mode: not a timing)
 
 Per row: time per call and the weight's bytes (1 per element, + its scales) over that time (GB/s);
@@ -22,7 +23,7 @@ import jax.numpy as jnp  # noqa: E402
 
 from bench.attention_kernels import time_call  # noqa: E402
 from bench.common import merge_json  # noqa: E402
-from jaxllm.models.quant import QuantWeight, quant_einsum  # noqa: E402
+from jaxllm.models.quant import QuantWeight, pack_int4, quant_einsum  # noqa: E402
 from pallas_kernels.matmul import quant_matmul  # noqa: E402
 
 # (name, K, N): Llama-2-13B's fused q/k/v, o, fused gate/up, down
@@ -31,6 +32,11 @@ SHAPES_13B = [("wqkv", 5120, 15360), ("wo", 5120, 5120), ("w_gate_up", 5120, 276
 
 def _weight(kind: str, k: int, n: int) -> QuantWeight:
     key = jax.random.key(0)
+    if kind == "int4":  # as the GPU loader holds AWQ / GPTQ / --quantization int4: uint8 pairs, groups of 128
+        q = jax.random.randint(key, (k, n), 0, 16, jnp.int32).astype(jnp.uint4)
+        shape = (k // (128 if k % 128 == 0 else 32), n)  # groups of 32 in --scale's smoke shapes
+        scale = jax.random.uniform(jax.random.key(1), shape, jnp.float32, 1e-3, 2e-2).astype(jnp.float16)
+        return pack_int4(QuantWeight(q, scale, -8 * scale))
     if kind == "fp8":
         q = (jax.random.normal(key, (k, n), jnp.float32) * 64).astype(jnp.float8_e4m3fn)
     else:
@@ -43,7 +49,7 @@ def _weight(kind: str, k: int, n: int) -> QuantWeight:
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--rows", default="1,16,64")
-    ap.add_argument("--kinds", default="int8,fp8,q8_0", help="q8_0: int8 with f16 scales per 32 rows (GGUF), M=1 only")
+    ap.add_argument("--kinds", default="int8,fp8,int4,q8_0", help="q8_0: int8 with f16 scales per 32 rows (GGUF), M=1 only")
     ap.add_argument("--iters", type=int, default=20)
     ap.add_argument("--scale", type=int, default=1, help="divide K and N by this (CPU smoke runs)")
     ap.add_argument("--json", default=None)
@@ -55,18 +61,21 @@ def main(argv=None) -> int:
         for name, k, n in SHAPES_13B:
             k, n = k // args.scale, n // args.scale
             w = _weight(kind, k, n)
-            wbytes = w.q.size + w.scale.size * w.scale.dtype.itemsize
+            wbytes = sum(a.size * a.dtype.itemsize for a in (w.q, w.scale, w.offset) if a is not None)
             for m in (int(r) for r in args.rows.split(",")):
                 if kind == "q8_0" and m != 1:
                     continue
                 x = jax.random.normal(jax.random.key(2), (m, k), jnp.bfloat16)
-                kern = jax.jit(lambda x, q, s: quant_matmul(x, q, s, interpret=not gpu))
-                xla = jax.jit(lambda x, q, s: quant_einsum("tk,kn->tn", x, QuantWeight(q, s)))
-                a, b = (f(x, w.q, w.scale).astype(jnp.float32) for f in (kern, xla))
+                kern = jax.jit(lambda x, q, s, o, p=w.packed: quant_matmul(x, q, s, o, packed=p, interpret=not gpu))
+                # XLA: what the model runs without the kernel (a 4-bit q as XLA's uint4, held unpacked)
+                xla = jax.jit(lambda x, q, s, o: quant_einsum("tk,kn->tn", x, QuantWeight(q, s, o)))
+                xla_args = (x, w.unpacked().q, w.scale, w.offset)
+                a = kern(x, w.q, w.scale, w.offset).astype(jnp.float32)
+                b = xla(*xla_args).astype(jnp.float32)
                 err = float(jnp.abs(a - b).max() / (jnp.abs(b).max() + 1e-6))
                 row = {"kind": kind, "shape": name, "M": m, "K": k, "N": n, "max_rel_err": err}
-                for label, f in (("pallas", kern), ("xla", xla)):
-                    t = time_call(f, (x, w.q, w.scale), args.iters)
+                for label, f, fargs in (("pallas", kern, (x, w.q, w.scale, w.offset)), ("xla", xla, xla_args)):
+                    t = time_call(f, fargs, args.iters)
                     row[f"{label}_us"], row[f"{label}_GB/s"] = t * 1e6, wbytes / t / 1e9
                 row["speedup"] = row["xla_us"] / row["pallas_us"]
                 rows.append(row)

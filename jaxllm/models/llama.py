@@ -415,16 +415,19 @@ def build_model(config: ModelConfig, params: dict[str, np.ndarray | jax.Array], 
     int4_packed = quantization == "int4" and quant_dot.packs_int4(None)
     held_bits = quant_dot.holds_fp8_bits(None)  # an fp8 checkpoint's own q too
     pack4 = quant_dot.packs_int4(None)  # a 4-bit q as uint8 two a byte (quant_pack4.py)
+    pack4_proj = quant_dot.packs_int4_projections(None)  # ... and where the Pallas quant_matmul reads them
     for held, sources, fn in placement_plan(params, kv_repeat=1, tp=1):
         xs = [params.pop(s) for s in sources]  # numpy slices stay on the host until placed
 
-        def make(i, fn=fn, xs=xs):
+        def make(i, fn=fn, xs=xs, held=held):
             if isinstance(xs[0], QuantWeight):  # already quantized: q and scales fused alike
-                return prequantized.place([x if i is None else x[i] for x in xs], fn, held_bits, pack4)
+                return prequantized.place([x if i is None else x[i] for x in xs], fn, held_bits,
+                                          pack4_proj if held in QUANT_PARAMS else pack4)
             parts = [jnp.asarray(x if i is None else x[i], dtype=dtype) for x in xs]
             w = parts[0] if fn is None else fn(jnp, *parts)  # tp=1: fusing is concatenation
             if quantization and held in QUANT_PARAMS:
-                w = _quantize_jit(w, quantization, QUANT_PARAMS[held], i is None, fp8_bits, int4_packed)
+                w = _quantize_jit(w, quantization, QUANT_PARAMS[held], i is None, fp8_bits,
+                                  quantization == "int4" and pack4_proj)
             elif quantization and held in EXPERT_QUANT_PARAMS:  # [(L,) X, in, out]: per expert and column
                 w = _quantize_experts_jit(w, quantization, fp8_bits, int4_packed)
             return w

@@ -24,7 +24,6 @@ import os
 import jax
 import jax.numpy as jnp
 
-from jaxllm.gpu_defaults import gpu_default
 from jaxllm.lora.delta import LoRAWeight, lora_delta
 from jaxllm.models.fusion import FUSED_OUTPUTS, join_fused
 from jaxllm.models import quant_dot
@@ -33,12 +32,8 @@ from pallas_kernels.matmul import quant_matmul, quant_matmul_supported, stacked_
 from pallas_kernels.matmul.stacked import MAX_ROWS
 
 ENV_VAR = "JAXLLM_STACKED_MATMUL"
-QUANT_ENV = "JAXLLM_QUANT_MATMUL"  # auto (Pallas on GPUs) | pallas | xla
-
-
-def pallas_quant_matmul(platform: str | None = None) -> bool:
-    """Whether quantized projections of decode-sized steps may run the Pallas quant_matmul."""
-    return gpu_default(QUANT_ENV, ("auto", "pallas", "xla"), "pallas", platform or jax.default_backend())
+QUANT_ENV = quant_dot.QUANT_ENV
+pallas_quant_matmul = quant_dot.pallas_quant_matmul
 
 
 class _InPlace:
@@ -116,20 +111,25 @@ class Projector:
 
     def _pallas_quant(self, x: jax.Array, w: QuantWeight, layer) -> jax.Array | None:
         """x [T, in...] @ w (q [in..., out...], or [L, in..., out...] read at `layer`) through quant_matmul,
-        flattened to [T, K] @ [K, N]; None where the kernel does not take the weight (4-bit, packed,
-        shapes): the caller's XLA dot then runs."""
-        if w.packed:
-            return None
+        flattened to [T, K] @ [K, N] (a packed 4-bit q: [K / 2, N] bytes); None where the kernel does not
+        take the weight (4-bit unpacked, shapes): the caller's XLA dot then runs."""
         lead = 0 if layer is None else 1  # the stacked layer axis
+        nl = w.q.shape[0] if lead else 1
         t, k = x.shape[0], math.prod(x.shape[1:])
-        n = w.q.size // (k * (w.q.shape[0] if lead else 1))
+        if w.packed and w.q.ndim + w.pack_axis != lead + x.ndim - 2:  # not the last contracted axis
+            return None
+        kq = k // 2 if w.packed else k  # q's rows
+        n = w.q.size // (kq * nl)
         blocked = w.scale.ndim == w.q.ndim
-        nb = w.scale.size // (n * (w.scale.shape[0] if lead else 1)) if blocked else None
-        if (blocked and (nb == 0 or k % nb)) or not quant_matmul_supported(t, k, n, w.q.dtype, k // nb if blocked else None):
+        nb = w.scale.size // (n * nl) if blocked else None
+        if blocked and (nb == 0 or k % nb):
+            return None
+        if not quant_matmul_supported(t, k, n, w.q.dtype, k // nb if blocked else None, w.packed):
             return None
         stack = w.q.shape[:lead]
-        q = w.q.reshape(stack + (k, n))
+        q = w.q.reshape(stack + (kq, n))
         scale = w.scale.reshape(stack + ((nb, n) if blocked else (n,)))
         offset = None if w.offset is None else w.offset.reshape(scale.shape)
-        y = quant_matmul(x.reshape(t, k), q, scale, offset, layer=layer, interpret=self.interpret)  # [T, N]
+        y = quant_matmul(x.reshape(t, k), q, scale, offset, layer=layer, packed=w.packed,
+                         interpret=self.interpret)  # [T, N]
         return y.reshape((t,) + w.q.shape[lead + x.ndim - 1:])  # [T, out...]

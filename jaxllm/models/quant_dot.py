@@ -40,6 +40,7 @@ import ml_dtypes
 import numpy as np
 from jax import lax
 
+from jaxllm.gpu_defaults import gpu_default
 from jaxllm.models.quant_pack4 import nibbles, split_halves
 
 ENABLED = True  # read when a step is traced; bench/quant.py sets it False to measure the plain dot
@@ -53,6 +54,13 @@ FP8_CHUNK_COPY = True  # read at trace time: copy each u8 loop chunk out before 
 
 
 FP8_BITS = jnp.uint8  # a q of this dtype holds float8_e4m3fn bits
+QUANT_ENV = "JAXLLM_QUANT_MATMUL"  # auto (the Pallas quant_matmul on GPUs) | pallas | xla
+
+
+def pallas_quant_matmul(platform: str | None = None) -> bool:
+    """Whether quantized projections of decode-sized steps may run the Pallas quant_matmul
+    (pallas_kernels/matmul/quant.py; jaxllm/models/projections.py): $JAXLLM_QUANT_MATMUL, "auto" = on GPUs."""
+    return gpu_default(QUANT_ENV, ("auto", "pallas", "xla"), "pallas", platform or jax.default_backend())
 
 
 def use_chunked(layout) -> bool:
@@ -70,8 +78,15 @@ def holds_fp8_bits(layout) -> bool:
 def packs_int4(layout) -> bool:
     """Whether a 4-bit weight is held packed two values a byte in uint8 from load on (quant_pack4.py):
     wherever the chunked dot runs (XLA CPU's int4 / uint4 → f32 convert costs ~3x int8's; the
-    bytes unpack with a mask and a shift). Elsewhere q stays XLA's int4 / uint4."""
+    bytes unpack with a mask and a shift). Elsewhere q stays XLA's int4 / uint4 (but see
+    `packs_int4_projections`)."""
     return PACK_INT4 and use_chunked(layout)
+
+
+def packs_int4_projections(layout) -> bool:
+    """Whether a 4-bit *projection* weight (not an expert's) is held packed: as `packs_int4`, and also
+    where the Pallas quant_matmul runs (one device, `pallas_quant_matmul`), which reads the bytes."""
+    return packs_int4(layout) or (PACK_INT4 and layout is None and pallas_quant_matmul())
 
 
 def fp8_as_bits(tree):

@@ -12,7 +12,9 @@ Scales: per output column (`scale` [N]: applied once to the summed f32 result), 
 `B` rows of K (`scale` [K / B, N], GGUF Q8_0's 32, a checkpoint's group): each K chunk of the
 kernel is one block, its partial dot scaled per column before it is accumulated, plus the block's
 x sum times `offset` [K / B, N] for asymmetric formats (weight = scale * q + offset). 4-bit weights
-are not taken (Triton has no int4 loads here): they keep XLA's dot.
+come packed two a byte as uint8 [K / 2, N] (`packed` "int4" / "uint4"; per block of B rows the first
+B / 2 in the low nibbles, the rest in the high ones: jaxllm/models/quant_pack4.py's order) with block
+scales, B >= 32: each chunk unpacks its [B / 2, N] bytes with a mask and shifts, two half-block dots.
 
 With `layer`, q is stacked [L, K, N] (scales [L, ...]) and read in place at that (traced) layer.
 Reference: `quant_matmul_reference` (dequantize, then a dot).
@@ -24,7 +26,8 @@ import jax.numpy as jnp
 
 from pallas_kernels.matmul.stacked import MAX_ROWS, _block_n, small_m_matmul
 
-DTYPES = (jnp.int8, jnp.float8_e4m3fn, jnp.uint8)  # uint8: float8_e4m3fn bits
+DTYPES = (jnp.int8, jnp.float8_e4m3fn, jnp.uint8)  # uint8: float8_e4m3fn bits, or packed 4-bit pairs
+PACKED = ("int4", "uint4")
 BLOCK_KS = (64, 32, 16)  # per-column scales: the K chunk per iteration, the first dividing K (block scales: the block)
 
 
@@ -36,59 +39,77 @@ def _weight(q: jax.Array) -> jax.Array:
     return jax.lax.bitcast_convert_type(q, jnp.float8_e4m3fn) if q.dtype == jnp.uint8 else q
 
 
+def unpack_reference(b: jax.Array, packed: str, nblocks: int) -> jax.Array:
+    """uint8 [K / 2, N] of 4-bit pairs -> the values [K, N] f32, rows in order (per block: low nibbles
+    then high ones)."""
+    v = b.astype(jnp.int32)
+    lo, hi = v & 0x0F, v >> 4
+    if packed == "int4":
+        lo, hi = jnp.where(lo > 7, lo - 16, lo), jnp.where(hi > 7, hi - 16, hi)
+    half, n = b.shape[0] // nblocks, b.shape[1]
+    pair = jnp.stack([lo.reshape(nblocks, half, n), hi.reshape(nblocks, half, n)], axis=1)  # [nb, 2, B/2, N]
+    return pair.reshape(2 * b.shape[0], n).astype(jnp.float32)
+
+
 def quant_matmul_reference(x: jax.Array, q: jax.Array, scale: jax.Array, offset: jax.Array | None = None,
-                           layer=None) -> jax.Array:
+                           layer=None, packed: str | None = None) -> jax.Array:
     """x [M, K] @ (q * scale (+ offset)) -> [M, N] in x.dtype (f32 math). q [K, N] (or [L, K, N] with
-    `layer`); scale [N] or block scales [K / B, N] (offset the same shape), [L, ...] with `layer`."""
+    `layer`; `packed`: uint8 [K / 2, N]); scale [N] or block scales [K / B, N] (offset the same
+    shape), [L, ...] with `layer`."""
     if layer is not None:
         q, scale = q[layer], scale[layer]
         offset = None if offset is None else offset[layer]
-    w = _weight(q).astype(jnp.float32)  # [K, N] f32
+    w = unpack_reference(q, packed, scale.shape[0]) if packed else _weight(q).astype(jnp.float32)  # [K, N] f32
     if scale.ndim == 2:  # blocks of B rows of K
         nb = scale.shape[0]
         w = w.reshape(nb, -1, w.shape[-1]) * scale[:, None, :].astype(jnp.float32)
         if offset is not None:
             w = w + offset[:, None, :].astype(jnp.float32)
-        w = w.reshape(q.shape[-2:])
+        w = w.reshape(-1, w.shape[-1])
     else:
         w = w * scale.astype(jnp.float32)
     return jnp.dot(x.astype(jnp.float32), w, precision="highest").astype(x.dtype)
 
 
-def quant_matmul_supported(m: int, k: int, n: int, dtype, block: int | None = None) -> bool:
+def quant_matmul_supported(m: int, k: int, n: int, dtype, block: int | None = None, packed: str | None = None) -> bool:
     """Shapes and dtypes the kernel takes: M <= MAX_ROWS rows, a 1-byte weight (int8, float8_e4m3fn,
-    its uint8 bits), N a multiple of 16, K a multiple of 16 or, with block scales of `block` rows,
-    of a block size 16..256 (a tensor-core dot needs K >= 16 per chunk)."""
+    its uint8 bits; `packed` 4-bit pairs in uint8), N a multiple of 16, K a multiple of 16 or, with
+    block scales of `block` rows, of a block size 16..256 (a tensor-core dot needs K >= 16 per chunk;
+    packed: 32..256, each half a dot), a power of two (Triton's tiles are)."""
     bk = _block_k(k) if block is None else block
+    if packed is not None and (packed not in PACKED or block is None or bk < 32 or jnp.dtype(dtype) != jnp.uint8):
+        return False
     return (m <= MAX_ROWS and jnp.dtype(dtype) in tuple(map(jnp.dtype, DTYPES)) and _block_n(n) is not None
-            and bk is not None and 16 <= bk <= 256 and k % bk == 0)
+            and bk is not None and 16 <= bk <= 256 and bk & (bk - 1) == 0 and k % bk == 0)  # Triton: 2^n tiles
 
 
 def quant_matmul(x: jax.Array, q: jax.Array, scale: jax.Array, offset: jax.Array | None = None, *, layer=None,
-                 block_n: int | None = None, splits: int | None = None, num_warps: int = 4, num_stages: int = 3,
+                 packed: str | None = None, block_n: int | None = None, splits: int | None = None, num_warps: int = 4, num_stages: int = 3,
                  interpret: bool = False) -> jax.Array:
     """x [M, K] @ dequantized q -> [M, N] in x.dtype (f32 accumulation); shapes as in the reference."""
     m, k = x.shape
     stacked = layer is not None
     qs = q if stacked else q[None]  # [L, K, N]
     ss = scale if stacked else scale[None]  # [L, N] or [L, K / B, N]
-    if qs.ndim != 3 or qs.shape[1] != k:
-        raise ValueError(f"q must be [K={k}, N] (or [L, K, N] with layer), got {q.shape}")
+    kq = k // 2 if packed else k  # q's rows
+    if qs.ndim != 3 or qs.shape[1] != kq:
+        raise ValueError(f"q must be [K={kq}, N] (or [L, K, N] with layer; packed 4-bit: K / 2 rows), got {q.shape}")
     n = qs.shape[2]
     blocked = ss.ndim == 3
     block = k // ss.shape[1] if blocked else None
     if (ss.shape[-1] != n or (blocked and k % ss.shape[1])
-            or not quant_matmul_supported(m, k, n, q.dtype, block)):
+            or not quant_matmul_supported(m, k, n, q.dtype, block, packed)):
         raise ValueError(f"quant_matmul takes M <= {MAX_ROWS}, a 1-byte q, N % 16 == 0 and K a multiple of the "
-                         f"block (16..256; 16 without block scales); got M={m}, K={k}, N={n}, q {q.dtype}, "
-                         f"scale {scale.shape} (check quant_matmul_supported first)")
+                         f"block (16..256; 16 without block scales; packed 4-bit: block scales of 32..256); got "
+                         f"M={m}, K={k}, N={n}, q {q.dtype}, packed={packed}, scale {scale.shape} "
+                         f"(check quant_matmul_supported first)")
     if offset is not None and (not blocked or (offset if stacked else offset[None]).shape != ss.shape):
         raise ValueError(f"offset must have the block scales' shape {scale.shape}, got {offset.shape}")
     kw = dict(block_n=block_n, splits=splits, num_warps=num_warps, num_stages=num_stages, interpret=interpret)
     li = layer if stacked else 0
     if blocked:
         offs = None if offset is None else (offset if stacked else offset[None])
-        y = small_m_matmul(x, qs, li, block_scale=ss, offset=offs, block_k=block, **kw)  # [M, N] f32
+        y = small_m_matmul(x, qs, li, block_scale=ss, offset=offs, packed=packed, block_k=block, **kw)  # [M, N] f32
     else:
         y = small_m_matmul(x, qs, li, block_k=_block_k(k), **kw) * ss[li].astype(jnp.float32)  # [M, N] f32
     return y.astype(x.dtype)

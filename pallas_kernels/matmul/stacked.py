@@ -48,11 +48,24 @@ def _plan_splits(k_chunks: int, n_tiles: int) -> int:
     return max(d for d in range(1, min(want, k_chunks) + 1) if k_chunks % d == 0)
 
 
-def _kernel(layer_ref, x_ref, w_ref, *rest, block_k, block_n, chunks_per_split, block_scaled, has_offset):
+def _nibbles(b: jax.Array, packed: str) -> tuple[jax.Array, jax.Array]:
+    """uint8 bytes -> (low, high) nibble values: int8 two's complement for "int4", uint8 for "uint4"."""
+    if packed == "uint4":
+        return b & 0x0F, b >> 4
+    return (lax.bitcast_convert_type(b << 4, jnp.int8) >> 4), (lax.bitcast_convert_type(b, jnp.int8) >> 4)
+
+
+def _dot(x, w):
+    return lax.dot_general(x, w.astype(x.dtype), (((1,), (0,)), ((), ())), preferred_element_type=jnp.float32)
+
+
+def _kernel(layer_ref, x_ref, w_ref, *rest, block_k, block_n, chunks_per_split, block_scaled, has_offset, packed):
     """Program (n, split): acc [Mp, BN] f32 over its K chunks. The weight tile is converted to x's dtype
     in registers (int8 / float8_e4m3fn, or uint8 holding e4m3fn bits); with `block_scaled` each
     chunk is one scale block (block_k = the block size) whose partial dot is scaled per column (and,
-    `has_offset`, gets the block's x sum times its offset) before it is accumulated."""
+    `has_offset`, gets the block's x sum times its offset) before it is accumulated. `packed`
+    ("int4" / "uint4"): w holds two rows a byte, per block the first half's rows in the low nibbles
+    and the second half's in the high ones (jaxllm/models/quant_pack4.py): two half-block dots."""
     s_ref = rest[0] if block_scaled else None
     off_ref = rest[1] if has_offset else None
     o_ref = rest[-1]
@@ -64,18 +77,29 @@ def _kernel(layer_ref, x_ref, w_ref, *rest, block_k, block_n, chunks_per_split, 
     c0 = split * chunks_per_split  # the program's first K chunk
 
     def body(j, acc):  # acc [Mp, BN] f32
-        ks = (c0 + j) * block_k + jnp.arange(block_k, dtype=jnp.int32)  # [BK] i32
-        x = plgpu.load(x_ref.at[rows, ks[None, :]])  # [Mp, BK]
-        w = plgpu.load(w_ref.at[layer, ks[:, None], cols])  # [BK, BN] in the weight's storage dtype
-        if w.dtype == jnp.uint8:  # float8_e4m3fn bits
-            w = lax.bitcast_convert_type(w, jnp.float8_e4m3fn)
-        part = lax.dot_general(x, w.astype(x.dtype), (((1,), (0,)), ((), ())), preferred_element_type=jnp.float32)
+        if packed:
+            half = block_k // 2
+            kl = (c0 + j) * block_k + jnp.arange(half, dtype=jnp.int32)  # [BK/2] i32: the block's first half
+            kp = (c0 + j) * half + jnp.arange(half, dtype=jnp.int32)  # [BK/2] i32: its packed rows
+            lo, hi = _nibbles(plgpu.load(w_ref.at[layer, kp[:, None], cols]), packed)  # [BK/2, BN] each
+            x_lo = plgpu.load(x_ref.at[rows, kl[None, :]])  # [Mp, BK/2]
+            x_hi = plgpu.load(x_ref.at[rows, kl[None, :] + half])  # [Mp, BK/2]
+            part = _dot(x_lo, lo) + _dot(x_hi, hi)
+            xsum = lambda: (jnp.sum(x_lo.astype(jnp.float32), axis=1, keepdims=True)  # noqa: E731
+                            + jnp.sum(x_hi.astype(jnp.float32), axis=1, keepdims=True))  # [Mp, 1] f32
+        else:
+            ks = (c0 + j) * block_k + jnp.arange(block_k, dtype=jnp.int32)  # [BK] i32
+            x = plgpu.load(x_ref.at[rows, ks[None, :]])  # [Mp, BK]
+            w = plgpu.load(w_ref.at[layer, ks[:, None], cols])  # [BK, BN] in the weight's storage dtype
+            if w.dtype == jnp.uint8:  # float8_e4m3fn bits
+                w = lax.bitcast_convert_type(w, jnp.float8_e4m3fn)
+            part = _dot(x, w)
+            xsum = lambda: jnp.sum(x.astype(jnp.float32), axis=1, keepdims=True)  # noqa: E731  [Mp, 1] f32
         if block_scaled:
             kb = jnp.full((1, bn), c0 + j, jnp.int32)  # [1, BN] i32: this chunk's scale block
             part = part * plgpu.load(s_ref.at[layer, kb, cols]).astype(jnp.float32)
             if has_offset:
-                xsum = jnp.sum(x.astype(jnp.float32), axis=1, keepdims=True)  # [Mp, 1] f32
-                part = part + xsum * plgpu.load(off_ref.at[layer, kb, cols]).astype(jnp.float32)
+                part = part + xsum() * plgpu.load(off_ref.at[layer, kb, cols]).astype(jnp.float32)
         return acc + part
 
     acc = lax.fori_loop(0, chunks_per_split, body, jnp.zeros((mp, bn), jnp.float32))
@@ -83,12 +107,13 @@ def _kernel(layer_ref, x_ref, w_ref, *rest, block_k, block_n, chunks_per_split, 
 
 
 def small_m_matmul(x: jax.Array, w: jax.Array, layer, *, block_scale: jax.Array | None = None,
-                   offset: jax.Array | None = None, block_k: int = 64, block_n: int | None = None,
+                   offset: jax.Array | None = None, packed: str | None = None, block_k: int = 64, block_n: int | None = None,
                    splits: int | None = None, num_warps: int = 4, num_stages: int = 3,
                    interpret: bool = False) -> jax.Array:
     """The kernel call: x [M, K] (M <= MAX_ROWS) @ w[layer] with w [L, K, N] read in place -> the f32
     split-K partials summed, [M, N] f32. `block_scale` (and `offset`) [L, K / block_k, N]: per-block
-    dequantization in the kernel (block_k is the block size). Shapes are the caller's to check."""
+    dequantization in the kernel (block_k is the block size). `packed`: w is [L, K / 2, N] uint8 of
+    4-bit pairs (block scales required). Shapes are the caller's to check."""
     m, k = x.shape
     n = w.shape[2]
     block_n = block_n or _block_n(n)
@@ -102,7 +127,7 @@ def small_m_matmul(x: jax.Array, w: jax.Array, layer, *, block_scale: jax.Array 
     extra = tuple(a for a in (block_scale, offset) if a is not None)
     partial = pl.pallas_call(
         functools.partial(_kernel, block_k=block_k, block_n=block_n, chunks_per_split=k_chunks // splits,
-                          block_scaled=block_scale is not None, has_offset=offset is not None),
+                          block_scaled=block_scale is not None, has_offset=offset is not None, packed=packed),
         out_shape=jax.ShapeDtypeStruct((splits, mp, n), jnp.float32), grid=(n_tiles, splits),
         interpret=interpret, compiler_params=plgpu.CompilerParams(num_warps=num_warps, num_stages=num_stages),
         name="jaxllm_small_m_matmul",

@@ -10,7 +10,8 @@ T_TOKENS = 7  # the step's tokens: sequences (5, 6, 7, 8), (9,), (10, 11)
 
 
 def export_step_for_cuda(model, c) -> str:
-    """The MLIR text of `model`'s forward (config `c`) on the 7-token step, exported for CUDA."""
+    """The MLIR text of `model`'s forward (config `c`) on the 7-token step, exported for CUDA (under an
+    abstract H100: a quantized model's projections are Pallas Triton kernels on GPUs)."""
     from flax import nnx
 
     from tests.models.test_quant_fp8_bits import step_inputs
@@ -24,7 +25,19 @@ def export_step_for_cuda(model, c) -> str:
         st, t, p, cache, m = jax.tree.unflatten(treedef, leaves)
         return nnx.merge(gd, st)(t, p, cache, m)[0]
 
-    exported = jax.export.export(jax.jit(fwd), platforms=["cuda"])(*args)
+    import warnings
+
+    from jax.experimental.pallas import triton as plgpu
+    from jax.sharding import AbstractDevice, AbstractMesh, AxisType
+
+    # an Auto (not Explicit) axis: ragged_dot has no explicit-sharding rule
+    H100 = AbstractMesh((1,), ("x",), (AxisType.Auto,),
+                        abstract_device=AbstractDevice(device_kind="NVIDIA H100", num_cores=None, platform="gpu"))
+
+    triton = [jax.export.DisabledSafetyCheck.custom_call(plgpu.CUSTOM_CALL_TARGET_NAME)]  # quantized projections
+    with warnings.catch_warnings(), jax.sharding.use_abstract_mesh(H100):
+        warnings.simplefilter("ignore", DeprecationWarning)  # "Pallas Triton backend is deprecated"
+        exported = jax.export.export(jax.jit(fwd), platforms=["cuda"], disabled_checks=triton)(*args)
     assert exported.platforms == ("cuda",)
     return exported.mlir_module()
 

@@ -168,8 +168,11 @@ def test_scan_does_not_slice_weights_read_in_place(method, tiny_path):
 def test_gpu_lowering_keeps_float8_and_the_plain_dot(tiny_path, monkeypatch):
     """On a GPU backend (simulated: jax.default_backend() says "gpu") an fp8 model holds float8_e4m3fn
     weights and its forward, exported for CUDA (unrolled layers, the GPU default), converts each whole
-    float8 parameter for its dot (the plain path, no column chunks); no uint8 bits anywhere."""
+    float8 parameter for its dot (the plain path, no column chunks); no uint8 bits anywhere. With XLA's
+    dot for decode-sized steps too (JAXLLM_QUANT_MATMUL=xla; the default Pallas quant_matmul reads the
+    float8 weight in place: tests/models/test_quant_pallas.py)."""
     monkeypatch.setattr(jax, "default_backend", lambda: "gpu")
+    monkeypatch.setenv("JAXLLM_QUANT_MATMUL", "xla")
     assert not quant_dot.holds_fp8_bits(None) and not quant_dot.use_chunked(None)
     from checkpoints import load_checkpoint
     from jaxllm.models.llama import build_model

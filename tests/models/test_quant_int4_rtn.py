@@ -116,25 +116,30 @@ def test_engine_int4_greedy_equals_numpy_dequantized(tiny, tmp_path):
     assert [len(g) for g in got] == [8, 8] and got == want
 
 
-def test_gpu_lowering_keeps_int4_and_the_block_dots(tiny, monkeypatch):
-    """On a GPU backend (simulated: jax.default_backend() says "gpu") `--quantization int4` holds XLA's
-    int4 q (not the CPU's uint8 pairs), and the forward exports for CUDA (unrolled layers, the GPU
-    default): each weight's int4 parameter is converted for the einsum path's per-block dots, no
-    uint8 unpacking anywhere."""
+@pytest.mark.parametrize("mode", ["xla", "auto"])
+def test_gpu_lowering_of_int4(tiny, monkeypatch, mode):
+    """On a GPU backend (simulated: jax.default_backend() says "gpu"), the forward exported for CUDA
+    (unrolled layers, the GPU default). JAXLLM_QUANT_MATMUL=xla: `--quantization int4` holds XLA's int4
+    q (not the CPU's uint8 pairs) and each weight's int4 parameter is converted for the einsum path's
+    per-block dots, no uint8 unpacking anywhere. "auto" (the Pallas quant_matmul on GPUs): the q are
+    held as uint8 pairs, and each projection whose groups the kernel takes is one Triton call."""
     import re
+    import warnings
 
     from flax import nnx
+    from jax.experimental.pallas import triton as plgpu
 
     from tests.models.test_quant_fp8_bits import held_quant, step_inputs
+    from tests.pallas_kernels.test_pk_lowering import H100
 
     monkeypatch.setattr(jax, "default_backend", lambda: "gpu")
+    monkeypatch.setenv("JAXLLM_QUANT_MATMUL", mode)
     assert not quant_dot.packs_int4(None) and not quant_dot.use_chunked(None)
     ck = load_checkpoint(tiny)
     c = ck.config
     model = build_model(c, ck.params, jnp.float32, layer_loop="unroll", quantization="int4", attention_impl="reference")
     qs = [v.q for _, v in held_quant(model)]
-    assert len(qs) == c.num_layers * 4 and {q.dtype for q in qs} == {jnp.dtype(jnp.int4)}
-    assert all(v.packed is None for _, v in held_quant(model))
+    assert len(qs) == c.num_layers * 4
     gd, st = nnx.split(model)
     args = [jax.ShapeDtypeStruct(a.shape, a.dtype) for a in jax.tree.leaves((st, *step_inputs(c)))]
     treedef = jax.tree.structure((st, *step_inputs(c)))
@@ -143,11 +148,25 @@ def test_gpu_lowering_keeps_int4_and_the_block_dots(tiny, monkeypatch):
         st, t, p, cache, m = jax.tree.unflatten(treedef, leaves)
         return nnx.merge(gd, st)(t, p, cache, m)[0]
 
-    exported = jax.export.export(jax.jit(fwd), platforms=["cuda"])(*args)
+    triton = [jax.export.DisabledSafetyCheck.custom_call(plgpu.CUSTOM_CALL_TARGET_NAME)]
+    with warnings.catch_warnings(), jax.sharding.use_abstract_mesh(H100):
+        warnings.simplefilter("ignore", DeprecationWarning)  # "Pallas Triton backend is deprecated"
+        exported = jax.export.export(jax.jit(fwd), platforms=["cuda"], disabled_checks=triton)(*args)
     assert exported.platforms == ("cuda",)
     text = exported.mlir_module()
+    if mode == "auto":
+        assert {q.dtype for q in qs} == {jnp.dtype(jnp.uint8)}
+        assert {v.packed for _, v in held_quant(model)} == {"int4"}
+        # wqkv and w_gate_up per layer; wo's groups are head_dim 16 here (too short for the kernel) and
+        # w_down's are its K of 96 (not a power of two, as Triton's tiles must be): XLA unpacks those
+        assert text.count(plgpu.CUSTOM_CALL_TARGET_NAME) == 2 * c.num_layers
+        assert "shift_right" in text
+        return
+    assert {q.dtype for q in qs} == {jnp.dtype(jnp.int4)}
+    assert all(v.packed is None for _, v in held_quant(model))
     params = re.findall(r"%arg\d+: tensor<([\dx]+)xi4>", text)
     assert sorted(params) == sorted("x".join(map(str, q.shape)) for q in qs)
     converts = re.findall(r"stablehlo\.convert %\S+ : \(tensor<([\dx]+)xi4>\) -> tensor<[\dx]+xf32>", text)
     assert len(converts) >= len(qs), converts  # each int4 weight converted for its dot (reshaped per block first)
     assert "xui8>" not in text and "shift_right" not in text
+    assert plgpu.CUSTOM_CALL_TARGET_NAME not in text

@@ -3,6 +3,7 @@
 Catches Triton lowering errors (unsupported ops, bad indexing, shape/dtype mistakes) without a GPU.
 Shapes: SmolLM2 (9 q heads / 3 kv heads, head_dim 64) and Llama-2-13B (40 / 40, head_dim 128).
 """
+import functools
 import warnings
 
 import jax
@@ -105,22 +106,25 @@ def test_stacked_matmul_lowers_for_cuda(m, k, n):
     assert exported.mlir_module().count(plgpu.CUSTOM_CALL_TARGET_NAME) == 1
 
 
-@pytest.mark.parametrize("m,k,n,qdtype,block,offset", [
-    (1, 5120, 15360, jnp.int8, None, False), (64, 13824, 5120, jnp.float8_e4m3fn, None, False),
-    (8, 5120, 5120, jnp.uint8, None, False), (4, 5120, 13824, jnp.int8, 32, False), (2, 576, 192, jnp.int8, 32, True)])
-def test_quant_matmul_lowers_for_cuda(m, k, n, qdtype, block, offset):
-    """int8 / fp8 (and fp8 bits) weight tiles converted to bf16 in registers; block scales per chunk."""
+@pytest.mark.parametrize("m,k,n,qdtype,block,offset,packed", [
+    (1, 5120, 15360, jnp.int8, None, False, None), (64, 13824, 5120, jnp.float8_e4m3fn, None, False, None),
+    (8, 5120, 5120, jnp.uint8, None, False, None), (4, 5120, 13824, jnp.int8, 32, False, None),
+    (2, 576, 192, jnp.int8, 32, True, None), (1, 5120, 15360, jnp.uint8, 128, True, "uint4"),
+    (16, 13824, 5120, jnp.uint8, 32, False, "int4")])
+def test_quant_matmul_lowers_for_cuda(m, k, n, qdtype, block, offset, packed):
+    """int8 / fp8 (and fp8 bits) weight tiles converted to bf16 in registers; block scales per chunk;
+    4-bit pairs unpacked with masks and shifts."""
     from pallas_kernels.matmul import quant_matmul
 
     sshape = (k // block, n) if block else (n,)
-    args = [jax.ShapeDtypeStruct((m, k), jnp.bfloat16), jax.ShapeDtypeStruct((k, n), qdtype),
+    args = [jax.ShapeDtypeStruct((m, k), jnp.bfloat16), jax.ShapeDtypeStruct((k // 2 if packed else k, n), qdtype),
             jax.ShapeDtypeStruct(sshape, jnp.float16 if block else jnp.float32)]
-    args += [jax.ShapeDtypeStruct(sshape, jnp.float32)] if offset else []
+    args += [jax.ShapeDtypeStruct(sshape, jnp.float32)] if offset else [None]
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", DeprecationWarning)
         with jax.sharding.use_abstract_mesh(H100):
             exported = jax.export.export(
-                jax.jit(quant_matmul), platforms=["cuda"],
+                jax.jit(functools.partial(quant_matmul, packed=packed)), platforms=["cuda"],
                 disabled_checks=[jax.export.DisabledSafetyCheck.custom_call(plgpu.CUSTOM_CALL_TARGET_NAME)])(*args)
     text = exported.mlir_module()
     assert text.count(plgpu.CUSTOM_CALL_TARGET_NAME) == 1

@@ -68,8 +68,38 @@ def test_unsupported_inputs_are_refused_with_the_numbers():
     assert quant_matmul_supported(8, 96, 64, jnp.int8)  # K chunks of 32
     assert not quant_matmul_supported(8, 512, 256, jnp.int4)
     assert not quant_matmul_supported(8, 512, 256, jnp.int8, block=8)
+    assert not quant_matmul_supported(8, 576, 256, jnp.int8, block=96)  # Triton tiles are powers of two
     assert quant_matmul_supported(64, 5120, 15360, jnp.float8_e4m3fn)
     with pytest.raises(ValueError, match="M=65, K=512, N=256"):
         quant_matmul(jnp.zeros((65, 512)), jnp.zeros((512, 256), jnp.int8), jnp.ones(256))
     with pytest.raises(ValueError, match="offset must have"):
         quant_matmul(jnp.zeros((2, 512)), jnp.zeros((512, 256), jnp.int8), jnp.ones(256), jnp.zeros((16, 256)))
+
+
+@pytest.mark.parametrize("packed", ["int4", "uint4"])
+@pytest.mark.parametrize("block,with_offset", [(32, False), (128, True)])
+def test_packed_4bit_matches_numpy(packed, block, with_offset):
+    """4-bit pairs in uint8 (per block: the first half's rows in the low nibbles), as
+    jaxllm/models/quant_pack4.pack4 lays them out, against numpy on the unpacked values."""
+    import ml_dtypes
+
+    from jaxllm.models.quant_pack4 import pack4
+
+    rng = np.random.default_rng(block)
+    m, k, n = 5, 512, 128
+    lo, hi = (-8, 8) if packed == "int4" else (0, 16)
+    vals = rng.integers(lo, hi, (k, n))
+    q4 = vals.astype(ml_dtypes.int4 if packed == "int4" else ml_dtypes.uint4)
+    b = jnp.asarray(pack4(q4, -2, k // block))  # [K/2, N] uint8
+    scale = jnp.asarray(rng.uniform(0.001, 0.02, (k // block, n)), jnp.float32)
+    offset = jnp.asarray(rng.uniform(-0.1, 0.1, (k // block, n)), jnp.float32) if with_offset else None
+    x = jnp.asarray(rng.standard_normal((m, k)), jnp.float32)
+    got = np.asarray(quant_matmul(x, b, scale, offset, packed=packed, interpret=True))
+    w = vals.reshape(k // block, block, n) * np.asarray(scale)[:, None]
+    if with_offset:
+        w = w + np.asarray(offset)[:, None]
+    want = np.asarray(x) @ w.reshape(k, n)
+    np.testing.assert_allclose(got, want, atol=1e-4 * np.abs(want).max(), rtol=1e-4)
+    ref = np.asarray(quant_matmul_reference(x, b, scale, offset, packed=packed))
+    np.testing.assert_allclose(ref, want, atol=1e-4 * np.abs(want).max(), rtol=1e-4)
+    assert not quant_matmul_supported(m, k, n, jnp.uint8, 16, packed)  # a half-block of 8 rows: no dot
