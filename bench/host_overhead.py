@@ -9,7 +9,7 @@ detokenization and stop checks around a stub runner that samples instantly.
     JAX_PLATFORMS=cpu python bench/host_overhead.py --num-seqs 256 --steps 400 --gc   # full-collection stalls, as the servers run (frozen start-up heap) and not
     JAX_PLATFORMS=cpu python bench/host_overhead.py --num-seqs 256 --steps 50 --context 1000 --context 2000 --split
         # long contexts (random prompts of N token ids), each step split into scheduler (of which the block
-        # tables: get_block_ids), the runner's build_inputs (which the stub runner then runs) and the rest
+        # tables it reads), the runner's build_inputs (which the stub runner then runs) and the rest
 
 On an accelerator this time sits between device steps unless it is overlapped, so it bounds
 batch-1 latency from below; the runner's own host work (input building, dispatch) comes on top.
@@ -94,7 +94,8 @@ def main(argv=None) -> int:
                          "repeatable: one run per N (default: the ~50-token text prompt)")
     ap.add_argument("--split", action="store_true",
                     help="the stub runner also builds each step's input arrays (runner/inputs.build_inputs); report "
-                         "per step the scheduler's time (of which get_block_ids / get_group_block_ids), "
+                         "per step the scheduler's time (of which the block tables it reads: KVCacheManager."
+                         "block_table / group_block_tables), "
                          "build_inputs' and the rest's (output processing, detokenization, stop checks)")
     args = ap.parse_args(argv)
     for context in args.context or [None]:
@@ -160,8 +161,10 @@ def run(args, freeze: bool | None, context: int | None = None) -> None:
     if timer is not None:
         sched, kv = engine.scheduler, engine.kv
         sched.schedule = _timed(sched.schedule, timer, "schedule")
-        kv.get_block_ids = _timed(kv.get_block_ids, timer, "block_ids")
-        kv.get_group_block_ids = _timed(kv.get_group_block_ids, timer, "block_ids")
+        # the tables the scheduler reads per seq (before the incremental tables: the get_* rebuilds)
+        for name in (("block_table", "group_block_tables") if hasattr(kv, "block_table")
+                     else ("get_block_ids", "get_group_block_ids")):
+            setattr(kv, name, _timed(getattr(kv, name), timer, "block_ids"))
     parts = {k: [] for k in ("schedule", "block_ids", "build_inputs", "rest")}
     pauses, started = [], [0.0]
 
@@ -200,7 +203,7 @@ def run(args, freeze: bool | None, context: int | None = None) -> None:
           f"({1e6 * statistics.median(times) / args.num_seqs:.0f} us per sequence)")
     if timer is not None:
         med = {k: 1e3 * statistics.median(v) for k, v in parts.items()}
-        print(f"  split, medians per step: scheduler {med['schedule']:.2f} ms (of which get_block_ids "
+        print(f"  split, medians per step: scheduler {med['schedule']:.2f} ms (of which block tables "
               f"{med['block_ids']:.2f} ms), build_inputs {med['build_inputs']:.2f} ms, rest {med['rest']:.2f} ms "
               f"(output processing, detokenization, stop checks)")
     if freeze is not None:

@@ -32,12 +32,11 @@ from __future__ import annotations
 import numpy as np
 
 from jaxllm.core.block_pool import BlockHash, KVBlock
+# NULL_BLOCK_ID: a null entry in the tables (the runner maps it to block 0); importable from here too
 from jaxllm.core.block_table import NULL_BLOCK_ID, BlockTable
 from jaxllm.core.kv_cache_groups import KVCacheGroups, cdiv
 from jaxllm.core.kv_cache_manager import KVCacheManager
 from jaxllm.core.request import Request
-
-__all__ = ["NULL_BLOCK_ID", "HybridKVCacheManager"]  # NULL_BLOCK_ID: a null entry (the runner maps it to block 0)
 
 
 class HybridKVCacheManager(KVCacheManager):
