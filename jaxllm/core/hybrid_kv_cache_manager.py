@@ -22,16 +22,21 @@ because no new token lands there).
   window); the longest ``k`` every group serves is taken (vLLM's rule).
 * Forks (beam search): the source's partial block is pinned and copied in every group
   (``take_fork_copies``: one (source, destination) pair per group).
+* Tables: ``group_block_tables`` is every group's ids as one read-only ``[G, n]`` int32 array kept
+  incrementally (jaxllm/core/block_table.py: new entries appended after each allocation, freed ones nulled);
+  ``get_group_block_ids`` rebuilds the same as lists.
 """
 
 from __future__ import annotations
 
+import numpy as np
+
 from jaxllm.core.block_pool import BlockHash, KVBlock
+# NULL_BLOCK_ID: a null entry in the tables (the runner maps it to block 0); importable from here too
+from jaxllm.core.block_table import NULL_BLOCK_ID, BlockTable
 from jaxllm.core.kv_cache_groups import KVCacheGroups, cdiv
 from jaxllm.core.kv_cache_manager import KVCacheManager
 from jaxllm.core.request import Request
-
-NULL_BLOCK_ID = -1  # a null entry in get_block_ids / get_group_block_ids (the runner maps it to block 0)
 
 
 class HybridKVCacheManager(KVCacheManager):
@@ -133,19 +138,22 @@ class HybridKVCacheManager(KVCacheManager):
         return copies
 
     # ----- allocation -----------------------------------------------------------------
-    def _free_skipped(self, lists: list[list[KVBlock | None]], num_computed: int) -> None:
-        """Free every sliding group's blocks before its window at ``num_computed`` (entries turn None)."""
-        for w, blocks in zip(self.windows, lists):
+    def _free_skipped(self, lists: list[list[KVBlock | None]], table: BlockTable, num_computed: int) -> None:
+        """Free every sliding group's blocks before its window at ``num_computed`` (entries turn None, and
+        NULL_BLOCK_ID in the table)."""
+        for g, (w, blocks) in enumerate(zip(self.windows, lists)):
             if w is None:
                 continue
             i = min(max(0, num_computed - w + 1) // self.block_size, len(blocks)) - 1
             if i < 0 or blocks[i] is None:  # freed entries form a prefix: nothing new to free
                 continue
             freed = []
+            hi = i + 1
             while i >= 0 and blocks[i] is not None:
                 freed.append(blocks[i])
                 blocks[i] = None
                 i -= 1
+            table.set_null(g, i + 1, hi)
             self.pool.free_blocks(freed)
 
     def allocate_slots(self, req: Request, num_new_tokens: int,
@@ -161,7 +169,7 @@ class HybridKVCacheManager(KVCacheManager):
         total = num_computed + num_new_tokens
         want = cdiv(total, bs)
         if lists is not None:
-            self._free_skipped(lists, num_computed)
+            self._free_skipped(lists, self.req_tables[req.request_id], num_computed)
         firsts = [0 if w is None else max(0, num_computed - w + 1) // bs for w in self.windows]
         num_needed = 0
         for g, first in enumerate(firsts):
@@ -185,9 +193,19 @@ class HybridKVCacheManager(KVCacheManager):
                 blocks.extend([None] * (first - len(blocks)))
             if len(blocks) < want:
                 blocks.extend(next(it) for _ in range(want - len(blocks)))
+        self._append_table(req.request_id, lists)
         if self.enable_caching and req.pooling is None:
             self._cache_group_blocks(req, lists, total)
         return new_blocks
+
+    def _append_table(self, request_id: str, lists: list[list[KVBlock | None]]) -> None:
+        """Append the lists' entries past the request's table to it (every group's list is as long)."""
+        table = self.req_tables.get(request_id)
+        if table is None:
+            table = self.req_tables[request_id] = BlockTable(self.num_groups, len(lists[0]) + 16)
+        n = len(table)
+        if len(lists[0]) > n:
+            table.extend([[NULL_BLOCK_ID if b is None else b.block_id for b in blocks[n:]] for blocks in lists])
 
     def _cache_group_blocks(self, req: Request, lists: list[list[KVBlock | None]], num_tokens: int) -> None:
         start = self.num_cached_blocks.get(req.request_id, 0)
@@ -202,6 +220,16 @@ class HybridKVCacheManager(KVCacheManager):
         self.num_cached_blocks[req.request_id] = end
 
     # ----- tables -----------------------------------------------------------------------
+    def group_block_tables(self, request_id: str) -> np.ndarray:
+        """Every group's ``block_table``: ``[G, n]`` int32 (NULL_BLOCK_ID for a null entry), read-only and never
+        changed later (KVCacheManager.block_table); equal to ``get_group_block_ids``."""
+        table = self.req_tables.get(request_id)
+        return np.zeros((self.num_groups, 0), np.int32) if table is None else table.view()
+
+    def block_table(self, request_id: str) -> np.ndarray:
+        """Group 0's row of ``group_block_tables``."""
+        return self.group_block_tables(request_id)[0]
+
     def get_group_block_ids(self, request_id: str) -> list[list[int]]:
         """Every group's block table (NULL_BLOCK_ID for a null entry)."""
         lists = self.req_blocks.get(request_id)
@@ -226,4 +254,5 @@ class HybridKVCacheManager(KVCacheManager):
             self.pool.free_blocks(pin[0])
         for blocks in self.req_blocks.pop(req.request_id, []):
             self.pool.free_blocks(b for b in reversed(blocks) if b is not None)
+        self.req_tables.pop(req.request_id, None)
         self.num_cached_blocks.pop(req.request_id, None)

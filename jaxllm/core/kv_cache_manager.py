@@ -13,6 +13,10 @@ admitted, when a fresh block takes the copy (``ScheduledSeq``-independent: the S
 ``block_copies``, applied by the runner before the step) and the pin is dropped. A fork whose full
 blocks are no longer all cached when it is admitted drops the pin and recomputes as any request.
 
+Block tables: ``block_table`` hands the scheduler a request's block ids as a read-only int32 numpy array kept
+incrementally (jaxllm/core/block_table.py: appended as blocks are allocated, never rebuilt per step);
+``get_block_ids`` rebuilds the same ids as a list from the request's blocks.
+
 Block keys: a block's hash covers its tokens, every token before it and the request's ``extra_key``
 (its LoRA adapter), plus, for a model whose KV also depends on the prompt's length, which side of
 ``long_prompt_threshold`` the prompt is on. That is longrope (Phi-3 / Phi-3.5 128k): a prompt longer
@@ -23,8 +27,15 @@ block, nor a fork's copied block; prompts on one side share as any others.
 
 from __future__ import annotations
 
+import numpy as np
+
 from jaxllm.core.block_pool import BlockHash, BlockPool, KVBlock, hash_request_blocks
+from jaxllm.core.block_table import BlockTable
 from jaxllm.core.request import Request
+
+
+_EMPTY = np.zeros(0, np.int32)
+_EMPTY.flags.writeable = False
 
 
 def cdiv(a: int, b: int) -> int:
@@ -45,6 +56,7 @@ class KVCacheManager:
         self.enable_caching = enable_caching
         self.pool = BlockPool(num_blocks, enable_caching)
         self.req_blocks: dict[str, list[KVBlock]] = {}
+        self.req_tables: dict[str, BlockTable] = {}  # the ids of req_blocks, kept incrementally
         self.req_hashes: dict[str, list[BlockHash]] = {}
         self.num_cached_blocks: dict[str, int] = {}  # leading blocks of a request already registered
         self.fork_pins: dict[str, tuple[KVBlock, int]] = {}  # fork id -> (pinned source block, tokens it covers)
@@ -170,6 +182,11 @@ class KVCacheManager:
             self.num_cached_blocks[req.request_id] = len(blocks)
         new_blocks = self.pool.get_new_blocks(max(num_needed, 0))
         blocks.extend(new_blocks)
+        if new_computed_blocks or new_blocks:
+            table = self.req_tables.get(req.request_id)
+            if table is None:
+                table = self.req_tables[req.request_id] = BlockTable(1, len(blocks) + 16)
+            table.extend([[b.block_id for b in new_computed_blocks] + [b.block_id for b in new_blocks]])
         if self.enable_caching and req.pooling is None:
             # embedding requests keep their blocks out of the prefix cache: they are freed the step
             # their prompt is done and would only evict generation prefixes from the LRU queue
@@ -187,7 +204,18 @@ class KVCacheManager:
         self.num_cached_blocks[req.request_id] = end
 
     def get_block_ids(self, request_id: str) -> list[int]:
+        """The request's block ids, rebuilt as a new list (the scheduler reads ``block_table`` instead)."""
         return [b.block_id for b in self.req_blocks.get(request_id, ())]
+
+    def block_table(self, request_id: str) -> np.ndarray:
+        """The request's block ids, ``[n]`` int32, read-only and never changed later (a snapshot, kept
+        incrementally: no per-step rebuild); equal to ``get_block_ids``."""
+        table = self.req_tables.get(request_id)
+        return _EMPTY if table is None else table.view()[0]
+
+    def group_block_tables(self, request_id: str) -> np.ndarray | None:
+        """Every KV cache group's ``block_table``: None here (one group); see HybridKVCacheManager."""
+        return None
 
     def get_group_block_ids(self, request_id: str) -> list[list[int]] | None:
         """Every KV cache group's table: None here (one group, ``get_block_ids``); see HybridKVCacheManager."""
@@ -199,6 +227,7 @@ class KVCacheManager:
         if pin is not None:
             self.pool.free_blocks([pin[0]])
         blocks = self.req_blocks.pop(req.request_id, [])
+        self.req_tables.pop(req.request_id, None)
         self.pool.free_blocks(reversed(blocks))
         self.num_cached_blocks.pop(req.request_id, None)
         # hashes depend only on the tokens: keep them while the request lives (resume after

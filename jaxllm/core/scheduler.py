@@ -260,8 +260,8 @@ class Scheduler:
                 token_ids=([PLACEHOLDER_TOKEN_ID] if placeholder
                            else req.all_token_ids[start:start + n] + drafts),
                 start_pos=start,
-                block_ids=group_ids[0] if (group_ids := self.kv.get_group_block_ids(req.request_id))
-                else self.kv.get_block_ids(req.request_id),
+                block_ids=group_ids[0] if (group_ids := self.kv.group_block_tables(req.request_id)) is not None
+                else self.kv.block_table(req.request_id),
                 group_block_ids=group_ids,
                 sample=sample,
                 num_prompt_tokens=req.num_prompt_tokens,

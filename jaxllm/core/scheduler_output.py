@@ -4,6 +4,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
+import numpy as np
+
 from jaxllm.sampling_params import SamplingParams
 
 PLACEHOLDER_TOKEN_ID = -1  # a token the host does not know yet (async scheduling)
@@ -17,8 +19,9 @@ class ScheduledSeq:
     # num_computed_tokens before this step (the position of token_ids[0])
     start_pos: int
     # the request's whole block table after this step's allocation; token at position p lives in
-    # slot block_ids[p // block_size] * block_size + p % block_size
-    block_ids: list[int]
+    # slot block_ids[p // block_size] * block_size + p % block_size. From the scheduler: a read-only int32
+    # numpy array that never changes (KVCacheManager.block_table); a list of ints is accepted as well
+    block_ids: np.ndarray | list[int]
     # True iff after this step every known token is computed -> sample 1 new token
     sample: bool
     # original prompt length: positions >= this hold generated tokens (for penalties)
@@ -51,8 +54,9 @@ class ScheduledSeq:
     # Hybrid KV cache (jaxllm/core/hybrid_kv_cache_manager.py): every KV cache group's block table after this
     # step's allocation (block_ids is group 0's); -1 = a null entry (a sliding group's block out of its
     # window: never written, its device entry is a harmless id; also in block_ids for an all-sliding model's one
-    # sliding group). None with the classic manager (one full-attention group).
-    group_block_ids: list[list[int]] | None = None
+    # sliding group). None with the classic manager (one full-attention group). From the scheduler: a read-only
+    # [G, n] int32 numpy array (HybridKVCacheManager.group_block_tables); lists of ints are accepted as well.
+    group_block_ids: np.ndarray | list[list[int]] | None = None
     # bad_words: token ids the sampler must not pick this step (the engine fills them; every sampling
     # row of the seq gets them: a seq with drafts has only one-token bad words, banned at every row)
     banned_token_ids: list[int] = field(default_factory=list)

@@ -130,6 +130,7 @@ def build_inputs(seqs: list[ScheduledSeq], rows: list[int], num_rows: int, eos_i
     prefixed = []  # indices of sequences whose penalty rows this step (re)starts
 
     t = 0
+    used = 0  # table columns any seq fills
     for i, (s, row) in enumerate(zip(seqs, rows)):
         n = len(s.token_ids)
         if s.placeholder:  # its one token is on the device: the last one sampled for this row
@@ -142,13 +143,13 @@ def build_inputs(seqs: list[ScheduledSeq], rows: list[int], num_rows: int, eos_i
             p0 = s.start_pos  # (the numpy calls below cost ~10 us a sequence: most of a 256-row step's inputs)
             positions[t] = p0
             prompt_rows[t], output_rows[t] = (row, R) if p0 < s.num_prompt_tokens else (R, row)
-            b = s.block_ids[p0 // block_size]
+            ids = s.block_ids  # (the scheduler's: an int32 array, copied with one slice assignment)
+            b = int(ids[p0 // block_size])
             if b < 0:
                 raise _null_block_written(s)
             group_slots[0, t] = b * block_size + p0 % block_size
-            group_tables[0, i, :len(s.block_ids)] = s.block_ids
-            if min(s.block_ids) < 0:  # null (a sliding window's freed blocks) → block 0: masked, never written
-                np.maximum(group_tables[0, i], 0, out=group_tables[0, i])
+            group_tables[0, i, :len(ids)] = ids  # nulls (-1) → block 0 below, for every seq at once
+            used = max(used, len(ids))
         else:
             pos = np.arange(s.start_pos, s.start_pos + n, dtype=np.int32)
             positions[t:t + n] = pos
@@ -165,7 +166,8 @@ def build_inputs(seqs: list[ScheduledSeq], rows: list[int], num_rows: int, eos_i
             if (written < 0).any():
                 raise _null_block_written(s)
             group_slots[:, t:t + n] = written * block_size + pos % block_size
-            group_tables[:, i, :table.shape[1]] = np.maximum(table, 0)  # null → block 0: masked, never written
+            group_tables[:, i, :table.shape[1]] = table  # nulls (-1) → block 0 below
+            used = max(used, table.shape[1])
         context_lens[i] = s.start_pos + n
         prompt_lens[i] = s.num_prompt_tokens
         t += n
@@ -202,6 +204,9 @@ def build_inputs(seqs: list[ScheduledSeq], rows: list[int], num_rows: int, eos_i
             if p.allowed_token_ids:
                 allowed_ids[r, :len(p.allowed_token_ids)] = p.allowed_token_ids
     cu[len(seqs) + 1:] = t
+    if used:  # null entries (-1: a sliding group's blocks out of its window) → block 0: masked, never written
+        filled = group_tables[:, :, :used]
+        np.maximum(filled, 0, out=filled)
     if seen:
         all_seen = [np.concatenate(a) for a in zip(*seen)]
         if len(all_seen[0]) > max_seen and seed_steps is not None:

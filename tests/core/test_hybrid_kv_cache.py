@@ -82,8 +82,10 @@ class GroupKVStore:
     def step(self, out, sched):
         sampled = {}
         for s, r in zip(out.seqs, out.requests):
-            tables = s.group_block_ids
-            assert tables is not None and tables[0] == s.block_ids
+            # the scheduler's incremental [G, n] tables equal the manager's rebuild from its blocks
+            assert s.group_block_ids is not None and s.block_ids.tolist() == s.group_block_ids[0].tolist()
+            tables = s.group_block_ids.tolist()
+            assert tables == sched.kv.get_group_block_ids(s.request_id)
             toks = r.all_token_ids[:s.start_pos] + s.token_ids
             for g, (w, table) in enumerate(zip(self.windows, tables)):
                 real = [b for b in table if b != NULL_BLOCK_ID]

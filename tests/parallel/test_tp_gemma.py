@@ -87,8 +87,8 @@ def test_tp2_engine_hybrid_kv_cache_greedy_equals_tp1(tmp_path):
                          warmup=False)
         assert e.kv_groups.hybrid and [g.window for g in e.kv_groups.groups] == [None, 12, 12]
         nulls = []
-        real = e.kv.get_group_block_ids
-        e.kv.get_group_block_ids = lambda rid: (t := real(rid), nulls.append(sum(b < 0 for b in t[1])))[0]
+        real = e.kv.group_block_tables  # what the scheduler reads each step
+        e.kv.group_block_tables = lambda rid: (t := real(rid), nulls.append(int((t[1] < 0).sum())))[0]
         llm = LLM("gemma", engine=e)
         outs[tp] = [llm.generate([{"prompt_token_ids": p}], params, use_tqdm=False)[0].outputs[0] for p in prompts]
         assert e.kv.prefix_hits >= 24 and e.kv.num_free_blocks == e.kv.num_blocks
