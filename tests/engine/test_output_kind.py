@@ -103,3 +103,18 @@ def test_llm_generate_reads_finals_only_and_leaves_the_callers_params(monkeypatc
     outs = llm._run(["hi", "yo"], [mine, mine], use_tqdm=False)
     assert [o.outputs[0].text for o in outs] == [TEXT[:12]] * 2
     assert [p.output_kind for p in seen] == [K.FINAL_ONLY] * 2 and mine.output_kind is K.CUMULATIVE
+
+
+def test_outputs_share_one_prompt_list_copied_from_the_callers():
+    """Every RequestOutput of a request hands out the same prompt list (no O(prompt) copy per step, as
+    vLLM's outputs share theirs), copied once at add_request: the caller's list is not aliased."""
+    engine = make_engine(num_blocks=24, next_token_fn=script_fn(TEXT), max_num_seqs=4, max_model_len=96)
+    ids = [5, 6, 7, 8]
+    engine.add_request("p", {"prompt_token_ids": ids}, SamplingParams(max_tokens=5, temperature=0.0))
+    ids.append(99)  # the caller reuses its list
+    outs = []
+    while engine.has_unfinished_requests():
+        outs += engine.step()
+    assert len(outs) == 5 and all(o.prompt_token_ids == [5, 6, 7, 8] for o in outs)
+    assert all(o.prompt_token_ids is outs[0].prompt_token_ids for o in outs)
+    assert_clean(engine)
