@@ -15,7 +15,7 @@ Keys (the dict ``_executables``; tests and bench/step_memory.py read it):
 What it reads from the runner: the device state the programs take (``state``, ``kv_cache``,
 ``counts``, ``prompt_mask``, ``last_tokens``, ``lora``), the shapes (``buckets``, ``num_rows``,
 ``eos_ids``, ``block_size``, ``max_blocks_per_seq``, ``max_model_len``, ``vocab_size``,
-``num_kv_groups``, ``max_copies``, ``model_config``, ``state_dtype``), the modes (``task``,
+``num_kv_groups``, ``model_config``, ``state_dtype``), the modes (``task``,
 ``pooling``, ``branchless_sampling``, ``lora_base_program``, ``supports_prompt_logprobs``,
 ``supports_block_copy``) and ``_embed_inputs``.
 """
@@ -29,7 +29,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from jaxllm.runner.block_copy import copy_blocks
+from jaxllm.runner.block_copy import COPY_CHUNK, copy_blocks
 from jaxllm.runner.inputs import StepInputs, build_inputs
 from jaxllm.runner.sampler import FULL_PLAN, SAMPLE_PLANS, SamplePlan, plan_of
 from jaxllm.runner.step_programs import step_programs
@@ -148,8 +148,8 @@ class ExecutablesMixin:
         return self._embed.lower(self.state, self.kv_cache, inp)
 
     def _copy_lowering(self):
-        pad = np.zeros(self.max_copies, np.int32)
-        return self._copy.lower(self.kv_cache, pad, pad, np.int32(0))
+        pad = np.zeros(COPY_CHUNK, np.int32)
+        return self._copy.lower(self.kv_cache, pad, pad)
 
     # ----- lookups (serving) --------------------------------------------------------
     def _step_executable(self, inp: StepInputs):

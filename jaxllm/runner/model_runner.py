@@ -40,6 +40,7 @@ from jaxllm.lora.config import base_program_enabled
 from jaxllm.lora.slots import LoRASlots, check_seq_slots
 from jaxllm.models.config import ModelConfig
 from jaxllm.models.llama import LlamaForCausalLM
+from jaxllm.runner.block_copy import copy_chunks
 from jaxllm.runner.buckets import Buckets
 from jaxllm.runner.executables import ExecutablesMixin
 from jaxllm.runner.inputs import StepInputs, build_inputs, place_bitmask
@@ -140,7 +141,6 @@ class ModelRunner(ExecutablesMixin):
         self._init_programs(graphdef, layout, cache_sharding, scale_sharding)
         self._unsampled = None  # a dispatched step whose sampling waits for its bitmask (set_bitmask)
         # forks admitted in one step: at most one per scheduled seq, one block per KV cache group each
-        self.max_copies = max_num_seqs * self.num_kv_groups
         self.supports_block_copy = not self.pooling and jax.process_count() == 1
         self._pooled: dict = {}  # request_id -> PooledChunk, filed by PendingPool.result()
         self._prompt_lp_out: dict[str, dict[int, SampledToken]] = {}
@@ -181,10 +181,8 @@ class ModelRunner(ExecutablesMixin):
 
     def _copy_blocks(self, pairs) -> None:
         """SchedulerOutput.block_copies: (source, destination) block ids, copied before the step."""
-        src = np.zeros(self.max_copies, np.int32)  # [max_copies] i32
-        dst = np.zeros(self.max_copies, np.int32)
-        src[:len(pairs)], dst[:len(pairs)] = zip(*pairs)
-        self.kv_cache = self._copy_executable()(self.kv_cache, src, dst, np.int32(len(pairs)))
+        for src, dst in copy_chunks(list(pairs)):  # [COPY_CHUNK] i32 each, launched back to back
+            self.kv_cache = self._copy_executable()(self.kv_cache, src, dst)
 
     def _run_local(self, inp: StepInputs):
         return self._sample_local(inp, self._forward_local(inp), inp.sampling)
