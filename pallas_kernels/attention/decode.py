@@ -5,8 +5,9 @@ sequence s together as the rows of one tile (`[gp, head_dim]`, q-per-kv padded t
 >= 16 for the tensor-core dot, padded rows masked) and walks split p of the context in chunks of
 `block_k` tokens, gathering each token's K/V row from the stacked cache through the block table:
 `k_ref[layer, block, offset, h, :]` indexes the full cache ref, so the traced layer needs no slice.
-Each split leaves an unnormalised fp32 accumulator with its running max and sum; a small jnp
-epilogue merges the splits (log-sum-exp) and casts to q.dtype.
+Each split leaves an unnormalised fp32 accumulator with its running max and sum for the real q
+heads only (rows of a flat [splits * S * H, d]: masked stores, no padded rows); a small jnp epilogue merges the splits
+(log-sum-exp) and casts to q.dtype.
 """
 from __future__ import annotations
 
@@ -26,11 +27,11 @@ from pallas_kernels.metadata import AttentionMetadata, KVCache
 
 
 def _decode_kernel(layer_ref, ctx_ref, bt_ref, q_ref, k_ref, v_ref, *refs,
-                   q_per_kv, num_heads, block_k, split_len, sm_scale, soft_cap, sliding_window, fp8):
+                   q_per_kv, gp, num_heads, block_k, split_len, sm_scale, soft_cap, sliding_window, fp8):
     # refs: [k_scale_ref, v_scale_ref ([L, kvh] f32, fp8 cache only)], then outputs o_ref, m_ref, l_ref
     scale_refs, (o_ref, m_ref, l_ref) = refs[:-3], refs[-3:]
     s, h, split = pl.program_id(0), pl.program_id(1), pl.program_id(2)
-    gp, head_dim = o_ref.shape[-2], o_ref.shape[-1]
+    head_dim = o_ref.shape[-1]  # gp: q_per_kv padded to a power of two >= 16 (the tile's rows)
     block_size, num_blocks = k_ref.shape[2], k_ref.shape[1]
     max_blocks = bt_ref.shape[1]
     layer = layer_ref[0]
@@ -62,9 +63,19 @@ def _decode_kernel(layer_ref, ctx_ref, bt_ref, q_ref, k_ref, v_ref, *refs,
     acc, m_i, l_i = lax.fori_loop(0, num_chunks, body, init)
     if fp8:
         acc = acc * scale_refs[1][layer, h]
-    o_ref[split, s, h, :, :] = acc
-    m_ref[split, s, h, :] = m_i
-    l_ref[split, s, h, :] = l_i
+    # only the q_per_kv real rows go out (a padded row would be written and read back for nothing:
+    # 15 of the 16 rows of an MHA model's tile)
+    # A padded lane writes the first real row again, with that row's values (an unmasked store: a
+    # masked one in interpret mode writes back the row's old contents for its masked lanes, and the
+    # duplicate could land last).
+    first = g == 0
+    row0 = (split * pl.num_programs(0) + s) * num_heads + h * q_per_kv  # first q head of kv head h
+    out_rows = row0 + jnp.where(head_ok, g, 0)  # [gp] i32: rows of the flat [splits * S * H, d]
+    pad = lambda x: jnp.where(head_ok.reshape((gp,) + (1,) * (x.ndim - 1)), x,  # noqa: E731
+                              jnp.sum(jnp.where(first.reshape((gp,) + (1,) * (x.ndim - 1)), x, 0.0), axis=0))
+    plgpu.store(o_ref.at[out_rows[:, None], dcol], pad(acc))
+    plgpu.store(m_ref.at[out_rows], pad(m_i))
+    plgpu.store(l_ref.at[out_rows], pad(l_i))
 
 
 def _plan_splits(num_seqs: int, num_kv_heads: int, table_tokens: int, block_k: int) -> tuple[int, int]:
@@ -117,15 +128,16 @@ def paged_decode_attention(
     q_lens = metadata.cu_q_lens[1:] - metadata.cu_q_lens[:-1]
     ctx = jnp.where(q_lens > 0, metadata.context_lens, 0).astype(jnp.int32)  # [S] i32
     kernel = functools.partial(
-        _decode_kernel, q_per_kv=q_per_kv, num_heads=num_heads, block_k=block_k,
+        _decode_kernel, q_per_kv=q_per_kv, gp=gp, num_heads=num_heads, block_k=block_k,
         split_len=split_len, sm_scale=resolve_scale(sm_scale, head_dim), fp8=cache.quantized,
         soft_cap=None if soft_cap is None else float(soft_cap),
         sliding_window=None if sliding_window is None else int(sliding_window))
     f32 = jnp.float32
+    rows = splits * num_seqs * num_heads  # flat (split, seq, q head) rows: Triton tiles are powers of two, H may not be
     out_shape = (
-        jax.ShapeDtypeStruct((splits, num_seqs, num_kv_heads, gp, head_dim), f32),  # acc
-        jax.ShapeDtypeStruct((splits, num_seqs, num_kv_heads, gp), f32),  # running max (base 2)
-        jax.ShapeDtypeStruct((splits, num_seqs, num_kv_heads, gp), f32),  # running sum
+        jax.ShapeDtypeStruct((rows, head_dim), f32),  # acc
+        jax.ShapeDtypeStruct((rows,), f32),  # running max (base 2)
+        jax.ShapeDtypeStruct((rows,), f32),  # running sum
     )
     acc, m, l = pl.pallas_call(
         kernel, out_shape=out_shape, grid=(num_seqs, num_kv_heads, splits), interpret=interpret,
@@ -135,10 +147,11 @@ def paged_decode_attention(
       q.reshape(num_tokens * num_heads, head_dim).astype(dot_dtype(q, cache)), cache.k, cache.v,
       *((cache.k_scale, cache.v_scale) if cache.quantized else ()))
 
-    # Merge the splits: [splits, S, kvh, gp(, d)] -> [S, kvh, gp, d].
+    # Merge the splits: [splits, S, H(, d)] -> [S, H, d].
+    acc = acc.reshape(splits, num_seqs, num_heads, head_dim)
+    m, l = (a.reshape(splits, num_seqs, num_heads) for a in (m, l))
     m_all = m.max(axis=0)
-    w = jnp.exp2(m - m_all[None])  # [splits, S, kvh, gp] f32
+    w = jnp.exp2(m - m_all[None])  # [splits, S, H] f32
     l_all = (w * l).sum(axis=0)
     out = (w[..., None] * acc).sum(axis=0) / jnp.where(l_all > 0, l_all, 1.0)[..., None]
-    out = out[:, :, :q_per_kv].astype(q.dtype)  # [S, kvh, G, d]
-    return out.reshape(num_tokens, num_heads, head_dim)
+    return out.astype(q.dtype).reshape(num_tokens, num_heads, head_dim)  # [S, H, d]
