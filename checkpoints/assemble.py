@@ -7,7 +7,7 @@ import numpy as np
 
 from checkpoints.errors import CheckpointError
 from jaxllm.models.config import ModelConfig
-from jaxllm.models.llama import param_shapes
+from jaxllm.models.llama_params import param_shapes
 
 GetTensor = Callable[[str], "np.ndarray | None"]  # HF tensor name → array in HF orientation, None if absent
 

@@ -16,7 +16,7 @@ import jax.numpy as jnp
 
 from checkpoints.errors import CheckpointError
 from jaxllm.models.config import ModelConfig
-from jaxllm.models.llama import param_shapes
+from jaxllm.models.llama_params import param_shapes
 
 _LLAMA2 = dict(model_type="llama", vocab_size=32000, hidden_act="silu", max_position_embeddings=4096,
                rms_norm_eps=1e-5, rope_theta=10000.0, tie_word_embeddings=False, bos_token_id=1, eos_token_id=2)

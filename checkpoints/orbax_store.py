@@ -55,7 +55,7 @@ def load_orbax(path: str, dtype, shardings: dict | None = None) -> tuple[ModelCo
     """Restores straight onto devices (into `shardings` when given) in `dtype`."""
     import orbax.checkpoint as ocp
 
-    from jaxllm.models.llama import param_shapes
+    from jaxllm.models.llama_params import param_shapes
 
     path = os.path.abspath(path)
     config = read_orbax_config(path)

@@ -16,14 +16,14 @@ import time
 
 import msgspec
 
-from jaxllm.cli_args import (ArgumentParser, add_engine_args, add_log_level_arg, add_sampling_args,
-                             configure_logging, engine_config_from_args, parse_lora_module,
-                             sampling_fields_from_args, sampling_params_from_args)
+from jaxllm.cli_args import (ArgumentParser, add_engine_args, add_log_level_arg, configure_logging,
+                             engine_config_from_args, parse_lora_module)
 from jaxllm.logprobs_table import format_table, rows_from_logprobs
 from jaxllm.metrics.loggers import validate_interval
 from jaxllm.outputs import output_json
 from jaxllm.parallel.cli import add_distributed_args, run_follower, start_distributed
 from jaxllm.prompt_inputs import cli_items, read_inputs, validate_items
+from jaxllm.sampling_args import add_sampling_args, sampling_fields_from_args, sampling_params_from_args
 from jaxllm.sampling_params import SamplingParams
 
 __all__ = ["add_engine_args", "engine_config_from_args", "add_sampling_args", "sampling_params_from_args",

@@ -17,6 +17,7 @@ from collections.abc import Sequence
 
 import msgspec
 
+from jaxllm.beam_offline import run_offline
 from jaxllm.beam_search import BeamSearchOutput, BeamSearchParams, BeamSearchRun
 from jaxllm.config import EngineConfig
 from jaxllm.lora.loader import LoRALoadError
@@ -105,63 +106,12 @@ class LLM:
                                       engine.max_model_len, lora, step_gate=True))
         max_seqs = getattr(getattr(engine, "config", None), "max_num_seqs", None)
         limit = concurrency_limit or (max(1, max_seqs // params.beam_width) if max_seqs else len(runs))
-        # A fork needs the step before it read back: with a step in flight (async scheduling) every
-        # depth would take two steps and continued beams would decode a token ahead for nothing. The
-        # offline engine runs nothing else meanwhile, so the search steps it synchronously.
-        # Requests are step-gated as on the server: when a step's token budget splits a depth over
-        # two steps, the beams already answered wait for the depth's decision instead of decoding on.
-        was_async = getattr(engine, "async_scheduling", False) and not engine.has_unfinished_requests()
-        if was_async:
-            engine.async_scheduling = False
-        owner: dict[str, BeamSearchRun] = {}
         bar = _progress(len(runs), use_tqdm)
-        started = 0  # runs[:started] have begun; a finished one makes room for the next
         try:
-            while True:
-                while started < len(runs) and sum(not r.done for r in runs[:started]) < limit:
-                    started += 1
-                for run in runs[:started]:
-                    for rid, ids, sp, fork_of in run.take_adds():
-                        kw = {} if run.lora_request is None else {"lora_request": run.lora_request}
-                        engine.add_request(rid, {"prompt_token_ids": ids}, sp, fork_of=fork_of, step_gate=True,
-                                           **kw)
-                        owner[rid] = run
-                    aborts = run.take_aborts()
-                    if aborts:
-                        engine.abort_request(aborts)
-                        for rid in aborts:
-                            owner.pop(rid, None)
-                    for rid in run.take_releases():
-                        engine.release_step(rid)
-                if all(run.done for run in runs):
-                    break
-                if not engine.has_unfinished_requests():
-                    raise RuntimeError("engine has no unfinished requests but a beam search waits for "
-                                       "its outputs")
-                outs = engine.step()
-                errors = {r: e for r, e in engine.take_request_errors().items() if r in owner}
-                if errors:
-                    rid, exc = next(iter(errors.items()))
-                    if isinstance(exc, LoRALoadError):
-                        raise exc
-                    raise RuntimeError(f"beam request {rid} failed: {type(exc).__name__}: {exc}") from exc
-                for out in outs:
-                    run = owner.get(out.request_id)
-                    if run is not None:
-                        run.feed(out.request_id, out)
-                for run in runs[:started]:
-                    while run.ready():
-                        run.advance()
-                        if run.done and bar is not None:
-                            bar.update(1)
-        except BaseException:
-            engine.abort_request(list(owner))
-            raise
+            run_offline(engine, runs, limit, bar)  # jaxllm/beam_offline.py
         finally:
             if bar is not None:
                 bar.close()
-            if was_async:
-                engine.async_scheduling = True
         tok = self.get_tokenizer()
         return [run.output(tok) for run in runs]
 

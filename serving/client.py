@@ -282,7 +282,8 @@ def _print_logprobs(client: "GenerationClient", result: Completion, logprobs: in
 
 
 def build_parser():
-    from jaxllm.cli_args import ArgumentParser, add_hidden_alias, add_sampling_args
+    from jaxllm.cli_args import ArgumentParser, add_hidden_alias
+    from jaxllm.sampling_args import add_sampling_args
 
     p = ArgumentParser(prog="python -m serving.client", description="Stream a completion from a jaxllm gRPC server.")
     p.add_argument("prompt", nargs="?", help="prompt text (a user message with --chat); required unless "
@@ -321,7 +322,7 @@ def build_parser():
 
 
 def main(argv: list[str] | None = None) -> int:
-    from jaxllm.cli_args import sampling_fields_from_args
+    from jaxllm.sampling_args import sampling_fields_from_args
 
     p = build_parser()
     args = p.parse_args(argv)

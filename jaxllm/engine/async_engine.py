@@ -4,8 +4,8 @@ Contract
 --------
 * Every call into the engine (build, ``add_request``, ``abort_request``, ``step``,
   ``get_stats``) happens on the single engine thread, so the engine needs no locks. The
-  asyncio side talks to it through a command queue and gets results back through
-  ``loop.call_soon_threadsafe`` (one callback per step, not per request).
+  asyncio side talks to it through a command queue (engine_commands.py) and gets results back
+  through ``loop.call_soon_threadsafe`` (one callback per step, not per request).
 * ``await add_request(...)`` returns a :class:`RequestStream` once the engine accepted the
   request, or raises the engine's ``ValueError`` (validation), :class:`DuplicateRequestError`
   or :class:`EngineDeadError`.
@@ -35,18 +35,16 @@ from __future__ import annotations
 
 import asyncio
 import logging
-import queue
 import threading
 import time
 from typing import Any, AsyncIterator, Callable
 
+from jaxllm.engine.engine_commands import CommandQueue, answer_adds, set_exception, set_result
 from jaxllm.engine.request_stream import (  # noqa: F401 - re-exported: the errors are this API's
     DuplicateRequestError, EngineDeadError, RequestAbortedError, RequestFailedError, RequestStream)
 from jaxllm.engine.stats import EngineStats
 
 log = logging.getLogger(__name__)
-
-_STOP = object()
 
 
 class AsyncEngine:
@@ -66,8 +64,7 @@ class AsyncEngine:
         self._warmup = warmup
         self._idle_tick = idle_tick
         self._name = name
-        self._cmds: queue.SimpleQueue = queue.SimpleQueue()
-        self._wake = threading.Event()
+        self._cmds = CommandQueue()  # to the engine thread (engine_commands.py)
         self._loop: asyncio.AbstractEventLoop | None = None
         self._thread: threading.Thread | None = None
         self._streams: dict[str, RequestStream] = {}  # loop side
@@ -110,8 +107,7 @@ class AsyncEngine:
     async def stop(self, timeout: float = 5.0) -> None:
         """Stop the loop thread (does not abort requests: do that first if needed)."""
         self.stopped = True
-        self._cmds.put((_STOP,))
-        self._wake.set()
+        self._cmds.stop()
         if self._thread is not None:
             await asyncio.get_running_loop().run_in_executor(None, self._thread.join, timeout)
 
@@ -146,8 +142,7 @@ class AsyncEngine:
                 kw["step_gate"] = True
             if priority != 0:
                 kw["priority"] = priority
-            self._cmds.put(("add", request_id, prompt, params, fut, kw))
-            self._wake.set()
+            self._cmds.add(request_id, prompt, params, fut, kw)
             try:
                 await asyncio.shield(fut)
             except asyncio.CancelledError:
@@ -170,8 +165,7 @@ class AsyncEngine:
         if self.stopped:
             raise RuntimeError("engine loop is stopped")
         fut = self._loop.create_future()
-        self._cmds.put(("call", fn, fut))
-        self._wake.set()
+        self._cmds.call(fn, fut)
         return await fut
 
     def abort(self, request_id: str, error: BaseException | None = None) -> None:
@@ -180,8 +174,7 @@ class AsyncEngine:
         if stream is not None and error is not None:
             stream._aborted = True
             stream._fail(error)
-        self._cmds.put(("abort", request_id))
-        self._wake.set()
+        self._cmds.abort(request_id)
 
     def abort_all(self, error: BaseException) -> list[str]:
         """Abort every live stream (health probes included) with ``error``; their ids."""
@@ -193,8 +186,7 @@ class AsyncEngine:
     def release_step(self, request_id: str) -> None:
         """Let the step-gated ``request_id`` compute its next token (LLMEngine.release_step), before
         the engine's next step; non-blocking, a no-op for an unknown / finished id."""
-        self._cmds.put(("release_step", request_id))
-        self._wake.set()
+        self._cmds.release_step(request_id)
 
     async def generate(self, request_id: str, prompt: Any, params: Any,
                        lora_request: Any = None, priority: int = 0) -> AsyncIterator:
@@ -262,10 +254,10 @@ class AsyncEngine:
             # the ready future carries it (the server prints it as one line); traceback at debug
             log.debug("engine build/warm-up failed", exc_info=True)
             self._die(exc)
-            self._post(_set_exception, self._ready, exc)
+            self._post(set_exception, self._ready, exc)
             return
         self.last_heartbeat = time.monotonic()
-        self._post(_set_result, self._ready, None)
+        self._post(set_result, self._ready, None)
         engine = self.engine
         take_errors = getattr(engine, "take_request_errors", None)
         try:
@@ -273,7 +265,7 @@ class AsyncEngine:
                 # held by step gates: nothing to run until a command (release, abort, add) comes
                 busy = engine.has_unfinished_requests() and not getattr(engine, "held_by_gates", False)
                 if not self._drain_commands(block=not busy):
-                    self._fail_queued(RuntimeError("engine loop stopped"))
+                    self._cmds.fail_queued(RuntimeError("engine loop stopped"), self._post)
                     return
                 self.last_heartbeat = time.monotonic()
                 if engine.has_unfinished_requests():
@@ -302,46 +294,12 @@ class AsyncEngine:
     def _drain_commands(self, block: bool) -> bool:
         """Apply queued adds/aborts. Returns False when asked to stop."""
         if block:
-            self._wake.wait(self._idle_tick)
-        self._wake.clear()
-        engine = self.engine
-        answers: list[tuple[asyncio.Future, BaseException | None]] = []
-        keep_going = True
-        while True:
-            try:
-                cmd = self._cmds.get_nowait()
-            except queue.Empty:
-                break
-            kind = cmd[0]
-            if kind is _STOP:
-                keep_going = False
-                break
-            if kind == "call":
-                _, fn, fut = cmd
-                try:
-                    res = fn(engine)
-                except Exception as exc:  # noqa: BLE001 - the caller's error
-                    self._post(_set_exception, fut, exc)
-                else:
-                    self._post(_set_result, fut, res)
-            elif kind == "add":
-                _, rid, prompt, params, fut, kw = cmd
-                try:  # keywords only when set: engines without adapters / priorities / forks need not take them
-                    engine.add_request(rid, prompt, params, **kw)
-                except Exception as exc:  # validation errors go back to the caller
-                    answers.append((fut, exc))
-                else:
-                    answers.append((fut, None))
-            elif kind == "abort":
-                engine.abort_request(cmd[1])
-            elif kind == "release_step":
-                release = getattr(engine, "release_step", None)  # test doubles may have none
-                if release is not None:
-                    release(cmd[1])
+            self._cmds.wait(self._idle_tick)
+        keep_going, answers = self._cmds.apply(self.engine, self._post)
         if answers:
             # refresh stats first, so a caller that sees its add accepted also sees it queued
             self._refresh_stats()
-            self._post(_answer_adds, answers)
+            self._post(answer_adds, answers)
         return keep_going
 
     def _refresh_stats(self) -> None:
@@ -352,20 +310,8 @@ class AsyncEngine:
 
     def _die(self, exc: BaseException) -> None:
         self.dead = exc
-        self._fail_queued(EngineDeadError(exc))
+        self._cmds.fail_queued(EngineDeadError(exc), self._post)
         self._post(self._on_death, exc)
-
-    def _fail_queued(self, err: BaseException) -> None:
-        """Answer adds still in the command queue (the loop will not run them)."""
-        while True:
-            try:
-                cmd = self._cmds.get_nowait()
-            except queue.Empty:
-                break
-            if cmd[0] == "add":
-                self._post(_set_exception, cmd[4], err)  # ("add", rid, prompt, params, fut, kw)
-            elif cmd[0] == "call":
-                self._post(_set_exception, cmd[2], err)
 
     # ----- loop side callbacks --------------------------------------------------------
     def _dispatch(self, outputs: list) -> None:
@@ -393,21 +339,3 @@ class AsyncEngine:
                 cb(exc)
             except Exception:
                 log.exception("death callback failed")
-
-
-def _answer_adds(answers) -> None:
-    for fut, exc in answers:
-        if exc is None:
-            _set_result(fut, None)
-        else:
-            _set_exception(fut, exc)
-
-
-def _set_result(fut: asyncio.Future, value) -> None:
-    if not fut.done():
-        fut.set_result(value)
-
-
-def _set_exception(fut: asyncio.Future, exc: BaseException) -> None:
-    if not fut.done():
-        fut.set_exception(exc)

@@ -72,7 +72,7 @@ class LoRAAdapter:
 
 
 def module_shapes(c: ModelConfig) -> dict[str, tuple[tuple[int, ...], tuple[int, ...]]]:
-    """Checkpoint param name → (input axes, output axes) of one layer's weight (llama.param_shapes
+    """Checkpoint param name → (input axes, output axes) of one layer's weight (llama_params.param_shapes
     without the layer axis; written out here so that this module imports no jax)."""
     E, F, H, K, D = c.hidden_size, c.intermediate_size, c.num_heads, c.num_kv_heads, c.head_dim
     return {"layers.wq": ((E,), (H, D)), "layers.wk": ((E,), (K, D)), "layers.wv": ((E,), (K, D)),

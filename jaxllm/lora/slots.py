@@ -56,7 +56,7 @@ from jaxllm.lora.config import LoRAConfig
 from jaxllm.lora.delta import LoRAPair
 from jaxllm.lora.peft import LoRAAdapter, module_shapes
 from jaxllm.models.fusion import FUSED, KV_PARAMS
-from jaxllm.models.llama import MODEL_AXES, PARAM_AXES
+from jaxllm.models.llama_params import MODEL_AXES, PARAM_AXES
 
 # held short name -> the checkpoint projections fused into it, in order
 LORA_TARGETS: dict[str, tuple[str, ...]] = {

@@ -2,7 +2,7 @@
 
 Checkpoints keep handing over separate wq/wk/wv (bq/bk/bv) and w_gate/w_up (`PARAM_AXES`, the
 loaders' contract); `build_model` / `TPLayout.place_params` fuse them as they place them, so every
-loader (HF, GGUF, Orbax, dummy) gives the model the same held layout (`MODEL_AXES` in llama.py):
+loader (HF, GGUF, Orbax, dummy) gives the model the same held layout (`MODEL_AXES` in llama_params.py):
 
     wqkv      [.., E, H+2K, D]  = per device d of tp: its H/tp q heads, its K/tp k heads, its K/tp v heads
     bqkv      [.., H+2K, D]       (the same order)

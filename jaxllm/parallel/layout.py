@@ -121,13 +121,13 @@ class TPLayout:
 
     def param_shardings(self, config: ModelConfig) -> dict[str, NamedSharding]:
         """Shardings of a checkpoint's parameters (`param_shapes`, unfused) at `config`'s shapes."""
-        from jaxllm.models.llama import PARAM_AXES, param_shapes
+        from jaxllm.models.llama_params import PARAM_AXES, param_shapes
 
         return {name: self.sharding(PARAM_AXES[name]) for name in param_shapes(config)}
 
     def model_shardings(self, config: ModelConfig) -> dict[str, NamedSharding]:
         """Shardings of the parameters the model holds (`model_param_shapes(model_config(config))`: fused)."""
-        from jaxllm.models.llama import MODEL_AXES, model_param_shapes
+        from jaxllm.models.llama_params import MODEL_AXES, model_param_shapes
 
         return {name: self.sharding(MODEL_AXES[name]) for name in model_param_shapes(self.model_config(config))}
 
@@ -159,7 +159,7 @@ class TPLayout:
         device right after it is placed (a QuantWeight: q sharded like the weight, the per-output-
         channel scale like the weight's output axes, `scale_axes`; int4's group scales like the weight). Params that are QuantWeights already
         (an fp8 checkpoint's projections, a GGUF's Q8_0 ones) are placed as they are, sharded the same way."""
-        from jaxllm.models.llama import MODEL_AXES
+        from jaxllm.models.llama_params import MODEL_AXES
         from jaxllm.models.quant import (EXPERT_QUANT_PARAMS, QUANT_PARAMS, QuantWeight, expert_scale_axes, quantize,
                                          quantize_experts, scale_axes)
 

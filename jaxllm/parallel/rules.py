@@ -1,6 +1,6 @@
 """THE table mapping logical axis names to mesh axes (the only place that knows about "tp").
 
-Model code names the axes of every parameter (`jaxllm.models.llama.PARAM_AXES` for checkpoints,
+Model code names the axes of every parameter (`jaxllm.models.llama_params.PARAM_AXES` for checkpoints,
 `MODEL_AXES` for what the model holds) and of the few activations it pins; this table turns those
 names into `PartitionSpec`s. Megatron layout:
 

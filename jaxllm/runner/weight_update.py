@@ -25,7 +25,7 @@ import numpy as np
 
 from checkpoints.hf_tensor_map import SKIPPED_PREFIXES, canonical_name, hf_tensor_map
 from jaxllm.models.fusion import FUSED, FUSED_PARTS, placement_plan
-from jaxllm.models.llama import param_shapes
+from jaxllm.models.llama_params import param_shapes
 from jaxllm.runner.sleep import check_like, delete_arrays, specs_of
 
 _FLOAT_KINDS = ("float32", "float16", "bfloat16", "float64")

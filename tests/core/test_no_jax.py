@@ -9,7 +9,7 @@ def test_host_side_imports_no_jax():
             "import jaxllm.sampling_params, jaxllm.outputs, jaxllm.config\n"
             "import jaxllm.core.scheduler, jaxllm.core.kv_cache_manager, jaxllm.core.block_pool\n"
             "import jaxllm.engine.engine, jaxllm.engine.runner_protocol, jaxllm.llm, jaxllm.beam_search\n"
-            "import jaxllm.scoring, jaxllm.generation_config\n"
+            "import jaxllm.scoring, jaxllm.generation_config, jaxllm.cli_args, jaxllm.sampling_args\n"
             "import jaxllm.models.classifier_config, serving.openai_score, serving.openai_classify\n"
             "import jaxllm.lora, jaxllm.lora.peft, jaxllm.lora.config, jaxllm.lora.manager, jaxllm.engine.async_engine\n"
             "bad = sorted(m for m in sys.modules if m.split('.')[0] in ('jax', 'jaxlib', 'flax'))\n"
