@@ -26,7 +26,7 @@ from pallas_kernels.metadata import AttentionMetadata, KVCache
 
 
 
-def _decode_kernel(layer_ref, ctx_ref, bt_ref, q_ref, k_ref, v_ref, *refs,
+def _decode_kernel(layer_ref, ctx_ref, tok_ref, bt_ref, q_ref, k_ref, v_ref, *refs,
                    q_per_kv, gp, num_heads, block_k, split_len, sm_scale, soft_cap, sliding_window, fp8):
     # refs: [k_scale_ref, v_scale_ref ([L, kvh] f32, fp8 cache only)], then outputs o_ref, m_ref, l_ref
     scale_refs, (o_ref, m_ref, l_ref) = refs[:-3], refs[-3:]
@@ -42,7 +42,7 @@ def _decode_kernel(layer_ref, ctx_ref, bt_ref, q_ref, k_ref, v_ref, *refs,
     g = jnp.arange(gp, dtype=jnp.int32)  # [gp] i32
     dcol = jnp.arange(head_dim, dtype=jnp.int32)[None, :]  # [1, d] i32
     head_ok = g < q_per_kv
-    q_rows = jnp.where(head_ok, s * num_heads + h * q_per_kv + g, 0)  # rows of q viewed [T*H, d]
+    q_rows = jnp.where(head_ok, tok_ref[s] * num_heads + h * q_per_kv + g, 0)  # rows of q viewed [T*H, d]
     q = plgpu.load(q_ref.at[q_rows[:, None], dcol], mask=head_ok[:, None], other=0.0)  # [gp, d]
 
     lo = split * split_len
@@ -110,6 +110,23 @@ def paged_decode_attention(
     """Decode-only paged attention (token i is the single new token of sequence i)."""
     if not metadata.decode_only:
         raise ValueError("pallas_decode needs metadata.decode_only=True (one token per sequence)")
+    q_lens = metadata.cu_q_lens[1:] - metadata.cu_q_lens[:-1]
+    ctx = jnp.where(q_lens > 0, metadata.context_lens, 0).astype(jnp.int32)  # [S] i32; padding: no work
+    tok = jnp.arange(metadata.num_seqs, dtype=jnp.int32)  # [S] i32: sequence i's token is row i
+    out = decode_rows(q, cache, layer, metadata, ctx, tok, sm_scale=sm_scale, sliding_window=sliding_window,
+                      soft_cap=soft_cap, interpret=interpret, block_k=block_k, num_splits=num_splits,
+                      num_warps=num_warps, num_stages=num_stages)  # [S, H, d]
+    return out.reshape(q.shape)
+
+
+def decode_rows(q: jax.Array, cache: KVCache, layer, metadata: AttentionMetadata, ctx: jax.Array, tok: jax.Array, *,
+                sm_scale: float | None = None, sliding_window: int | None = None, soft_cap: float | None = None,
+                interpret: bool = False, block_k: int | None = None, num_splits: int | None = None,
+                num_warps: int = 4, num_stages: int = 2) -> jax.Array:
+    """One query token per sequence: sequence s's token `tok[s]` (a row of q [T, H, d]) attends to its
+    first `ctx[s]` cache positions (ctx 0: no work, zeros out) -> [S, H, d] in q.dtype. The decode
+    kernel proper; `paged_decode_attention` (decode-only batches) and the mixed batches' single-token
+    sequences (pallas_kernels/attention/prefill.py) call it."""
     num_kv_heads, q_per_kv, head_dim = check_inputs(q, cache, metadata)
     num_tokens, num_heads, _ = q.shape
     num_seqs = metadata.num_seqs
@@ -123,10 +140,6 @@ def paged_decode_attention(
         split_len = -(-table_tokens // num_splits)
         split_len = -(-split_len // block_k) * block_k
         splits = num_splits
-
-    # Padding sequences (q_len 0) attend to nothing and come out as zeros.
-    q_lens = metadata.cu_q_lens[1:] - metadata.cu_q_lens[:-1]
-    ctx = jnp.where(q_lens > 0, metadata.context_lens, 0).astype(jnp.int32)  # [S] i32
     kernel = functools.partial(
         _decode_kernel, q_per_kv=q_per_kv, gp=gp, num_heads=num_heads, block_k=block_k,
         split_len=split_len, sm_scale=resolve_scale(sm_scale, head_dim), fp8=cache.quantized,
@@ -143,7 +156,7 @@ def paged_decode_attention(
         kernel, out_shape=out_shape, grid=(num_seqs, num_kv_heads, splits), interpret=interpret,
         compiler_params=plgpu.CompilerParams(num_warps=num_warps, num_stages=num_stages),
         name="jaxllm_paged_decode",
-    )(layer_index(layer), ctx, metadata.block_tables.astype(jnp.int32),
+    )(layer_index(layer), ctx.astype(jnp.int32), tok.astype(jnp.int32), metadata.block_tables.astype(jnp.int32),
       q.reshape(num_tokens * num_heads, head_dim).astype(dot_dtype(q, cache)), cache.k, cache.v,
       *((cache.k_scale, cache.v_scale) if cache.quantized else ()))
 
@@ -154,4 +167,4 @@ def paged_decode_attention(
     w = jnp.exp2(m - m_all[None])  # [splits, S, H] f32
     l_all = (w * l).sum(axis=0)
     out = (w[..., None] * acc).sum(axis=0) / jnp.where(l_all > 0, l_all, 1.0)[..., None]
-    return out.astype(q.dtype).reshape(num_tokens, num_heads, head_dim)  # [S, H, d]
+    return out.astype(q.dtype)  # [S, H, d]

@@ -7,7 +7,8 @@ block (row r = token r // gp, head r % gp; q-per-kv padded to a power of two, pa
 then walks the sequence's KV in chunks of `block_k` tokens from the window start (0 without a
 sliding window) up to its last query's position, gathering K/V rows through the block table from
 the full stacked cache ref at the traced `layer`. Online softmax in fp32 (base 2), causal mask per
-row. Rows of padding tokens are never stored: the output buffer is a zero array aliased in.
+row. Rows of padding tokens are never stored: the output buffer is aliased in, zeros or (mixed
+batches) the decode kernel's rows for the single-token sequences, which get no tiles here.
 """
 from __future__ import annotations
 
@@ -22,6 +23,7 @@ from jax.experimental.pallas import triton as plgpu
 from pallas_kernels.attention.common import (
     MASK_VALUE, TILE_CTX, TILE_NUM_Q, TILE_POS0, TILE_Q_START, TILE_SEQ, build_q_tiles,
     check_inputs, dot_dtype, layer_index, next_pow2, resolve_scale)
+from pallas_kernels.attention.decode import decode_rows
 from pallas_kernels.attention.paged_chunk import attend_chunk
 from pallas_kernels.metadata import AttentionMetadata, KVCache
 
@@ -100,15 +102,31 @@ def paged_prefill_attention(
     block_k: int | None = None,
     num_warps: int = 4,
     num_stages: int = 2,
+    split_decodes: bool = True,
 ) -> jax.Array:
-    """Ragged paged attention for any mix of prefill chunks and decode tokens."""
+    """Ragged paged attention for any mix of prefill chunks and decode tokens. `split_decodes` (mixed
+    batches): the single-token sequences go through the decode kernel (`decode_rows`: one q row per
+    kv head, padded to 16) and only the longer ones get q tiles here, as the reference splits them;
+    a decode token in a tile of `rows_per_tile` rows would do 64x its attention FLOPs and softmax work
+    (an MHA model's q-per-kv 1). False: every sequence in tiles (the kernel alone, for tests)."""
     num_kv_heads, q_per_kv, head_dim = check_inputs(q, cache, metadata)
     num_tokens, num_heads, _ = q.shape
     if head_dim < 16 or head_dim & (head_dim - 1):
         raise ValueError(f"pallas_prefill needs a power-of-two head_dim >= 16, got {head_dim}")
     bq, gp = tile_rows(q_per_kv, rows_per_tile)
     block_k = block_k or (64 if head_dim <= 128 else 32)
-    tiles = build_q_tiles(metadata.cu_q_lens, metadata.context_lens, num_tokens, bq)  # [NT, 5] i32
+    base = jnp.zeros((num_tokens, num_heads, head_dim), q.dtype)  # [T, H, d]: rows no tile writes
+    seq_mask = None
+    if split_decodes and not metadata.decode_only:
+        q_lens = (metadata.cu_q_lens[1:] - metadata.cu_q_lens[:-1]).astype(jnp.int32)  # [S] i32
+        one = q_lens == 1
+        tok = jnp.where(one, metadata.cu_q_lens[:-1].astype(jnp.int32), 0)  # [S] i32: the decode token's row
+        dec = decode_rows(q, cache, layer, metadata, jnp.where(one, metadata.context_lens, 0), tok,
+                          sm_scale=sm_scale, sliding_window=sliding_window, soft_cap=soft_cap,
+                          interpret=interpret, num_warps=num_warps, num_stages=num_stages)  # [S, H, d]
+        base = base.at[jnp.where(one, tok, num_tokens)].set(dec, mode="drop")
+        seq_mask = q_lens > 1
+    tiles = build_q_tiles(metadata.cu_q_lens, metadata.context_lens, num_tokens, bq, seq_mask)  # [NT, 5] i32
     kernel = functools.partial(
         _prefill_kernel, q_per_kv=q_per_kv, gp=gp, bq=bq, num_heads=num_heads, block_k=block_k,
         sm_scale=resolve_scale(sm_scale, head_dim), fp8=cache.quantized,
@@ -122,5 +140,5 @@ def paged_prefill_attention(
         compiler_params=plgpu.CompilerParams(num_warps=num_warps, num_stages=num_stages),
         name="jaxllm_paged_prefill",
     )(layer_index(layer), tiles, metadata.block_tables.astype(jnp.int32), q_rows, cache.k, cache.v,
-      jnp.zeros(q_rows.shape, q.dtype), *((cache.k_scale, cache.v_scale) if cache.quantized else ()))
+      base.reshape(q_rows.shape), *((cache.k_scale, cache.v_scale) if cache.quantized else ()))
     return out.reshape(num_tokens, num_heads, head_dim)

@@ -64,6 +64,12 @@ def verify_triton_modules(monkeypatch):
     assert built, "no Triton module was lowered"
 
 
+def kernels(impl: str, decode: bool) -> int:
+    """Triton kernels per attention call: a mixed batch through pallas_prefill runs its single-token
+    sequences through the decode kernel and the rest through the prefill kernel."""
+    return 2 if impl == "pallas_prefill" and not decode else 1
+
+
 @pytest.mark.parametrize("model", sorted(MODELS))
 @pytest.mark.parametrize("impl,decode", [("pallas_decode", True), ("pallas_prefill", False), ("pallas_prefill", True)])
 @pytest.mark.parametrize("opts", [{}, dict(sliding_window=256, soft_cap=30.0)], ids=["plain", "window_softcap"])
@@ -71,7 +77,7 @@ def test_kernels_lower_for_cuda(model, impl, decode, opts):
     exported = export_for_cuda(impl, *MODELS[model], decode=decode, **opts)
     assert exported.platforms == ("cuda",)
     text = exported.mlir_module()
-    assert text.count(plgpu.CUSTOM_CALL_TARGET_NAME) == 1, "expected exactly one Triton kernel"
+    assert text.count(plgpu.CUSTOM_CALL_TARGET_NAME) == kernels(impl, decode)
 
 
 @pytest.mark.parametrize("model", sorted(MODELS))
@@ -81,7 +87,7 @@ def test_kernels_lower_for_cuda_fp8_cache(model, impl, decode):
     registers, the per-kv-head scales loaded as scalars (one Triton kernel, verified)."""
     exported = export_for_cuda(impl, *MODELS[model], decode=decode, fp8=True, soft_cap=30.0)
     text = exported.mlir_module()
-    assert text.count(plgpu.CUSTOM_CALL_TARGET_NAME) == 1
+    assert text.count(plgpu.CUSTOM_CALL_TARGET_NAME) == kernels(impl, decode)
     assert "ui8" in text  # the cache's pages reach the kernel as bytes
 
 
