@@ -31,6 +31,7 @@ import numpy as np  # noqa: E402
 
 from bench.common import machine_info, merge_json  # noqa: E402
 from pallas_kernels import AttentionMetadata, KVCache, ragged_paged_attention  # noqa: E402
+from pallas_kernels.attention.prefill import paged_prefill_attention  # noqa: E402
 
 warnings.filterwarnings("ignore", message=".*Pallas Triton backend is deprecated.*")
 
@@ -95,8 +96,55 @@ def copy_bandwidth(nbytes: int, iters: int) -> float:
 
 
 def attn_fn(impl: str):
+    """impl: reference, pallas, pallas_decode, pallas_prefill, or pallas_tiles (the prefill kernel with
+    every sequence of a mixed batch in q tiles, single-token ones included: the path before 2026-12-05)."""
     interpret = jax.default_backend() != "gpu" and impl != "reference"  # CPU: interpret (smoke only)
+    if impl == "pallas_tiles":
+        return jax.jit(lambda q, c, md: paged_prefill_attention(q, c, 0, md, interpret=interpret, split_decodes=False))
     return jax.jit(lambda q, c, md: ragged_paged_attention(q, c, 0, md, impl=impl, interpret=interpret))
+
+
+def make_mixed_workload(num_decodes: int, context: int, prefill: int, num_heads: int, num_kv_heads: int,
+                        head_dim: int, block_size: int, dtype, seed: int = 0):
+    """A mixed batch as a serving step has it: `num_decodes` single-token sequences at contexts drawn
+    in [64, context] and one `prefill`-token prompt chunk (a fresh request); pages shuffled."""
+    rng = np.random.default_rng(seed)
+    ctx = np.append(rng.integers(min(64, context), context + 1, num_decodes), prefill).astype(np.int32)  # [S]
+    q_lens = np.append(np.ones(num_decodes, np.int32), prefill)  # [S]
+    blocks_per_seq = -(-max(context, prefill) // block_size)
+    num_seqs = num_decodes + 1
+    tables = rng.permutation(num_seqs * blocks_per_seq).astype(np.int32).reshape(num_seqs, blocks_per_seq)
+    pos = np.concatenate([np.arange(c - n, c) for c, n in zip(ctx, q_lens)])  # [T] positions of the new tokens
+    seq_of = np.repeat(np.arange(num_seqs), q_lens)
+    slots = (tables[seq_of, pos // block_size] * block_size + pos % block_size).astype(np.int32)
+    kq, kk, kv = jax.random.split(jax.random.key(seed), 3)
+    shape = (1, tables.size, block_size, num_kv_heads, head_dim)
+    cache = KVCache(jax.random.normal(kk, shape, dtype), jax.random.normal(kv, shape, dtype))
+    q = jax.random.normal(kq, (int(q_lens.sum()), num_heads, head_dim), dtype)
+    md = AttentionMetadata(slot_mapping=jnp.asarray(slots), block_tables=jnp.asarray(tables),
+                           context_lens=jnp.asarray(ctx), cu_q_lens=jnp.asarray(np.append(0, np.cumsum(q_lens)), jnp.int32),
+                           decode_only=False)
+    return q, cache, md
+
+
+def bench_mixed(impls, args, results):
+    """A mixed step: --batch decodes (contexts <= --context) + one --mixed-prefill-token chunk."""
+    q, cache, md = make_mixed_workload(args.batch, args.context, args.mixed_prefill, args.heads, args.kv_heads,
+                                       args.head_dim, args.block_size, jnp.dtype(args.dtype))
+    ctx = np.asarray(md.context_lens)
+    kv_bytes = 2 * int(ctx.sum()) * args.kv_heads * args.head_dim * jnp.dtype(args.dtype).itemsize
+    ref_out = None
+    for impl in impls:
+        fn = attn_fn(impl)
+        t = time_call(fn, (q, cache, md), args.iters)
+        row = {"kernel": "mixed", "impl": impl, "ms": t * 1e3, "bytes_read": kv_bytes, "GB/s": kv_bytes / t / 1e9,
+               "shape": f"B{args.batch} ctx<={args.context} + prefill {args.mixed_prefill} H{args.heads}/{args.kv_heads} "
+                        f"d{args.head_dim} bs{args.block_size} {args.dtype}"}
+        if args.check:
+            ref_out = error_vs_reference(row, fn, (q, cache, md), ref_out)
+        results.append(row)
+        print(f"mixed   {impl:15s} {t * 1e3:9.3f} ms  {kv_bytes / 1e6:9.1f} MB of KV  {kv_bytes / t / 1e9:8.1f} GB/s"
+              + (f"  err {row['max_abs_err_vs_ref']:.2e}" if "max_abs_err_vs_ref" in row else ""), flush=True)
 
 
 def bench_decode(impls, args, results):
@@ -253,9 +301,11 @@ def main(argv=None) -> int:
     p.add_argument("--ragged", action="store_true",
                    help="decode: contexts drawn uniformly in [64, --context] (seeded) instead of all equal")
     p.add_argument("--prefill-tokens", type=int, default=2048)
+    p.add_argument("--mixed-prefill", type=int, default=0,
+                   help="with --only mixed: one prompt chunk of this many tokens beside the --batch decodes")
     p.add_argument("--dtype", default="bfloat16")
     p.add_argument("--iters", type=int, default=None, help="timed calls per case (default 3 CPU, 20 GPU)")
-    p.add_argument("--only", choices=["decode", "prefill"], default=None)
+    p.add_argument("--only", choices=["decode", "prefill", "mixed"], default=None)
     p.add_argument("--check", action="store_true", help="also compare each impl with the reference")
     p.add_argument("--sweep", action="store_true", help="also time Pallas tile/warp/stage/split variants (on CPU: interpret mode, tiny shapes only)")
     p.add_argument("--skip-bench", action="store_true", help="no copy/decode/prefill timings (with --sweep or --cases)")
@@ -289,6 +339,8 @@ def main(argv=None) -> int:
         bench_decode(impls, args, results)
     if args.only in (None, "prefill") and not args.skip_bench:
         bench_prefill(impls, args, results)
+    if args.only == "mixed" and not args.skip_bench:
+        bench_mixed(impls, args, results)
     save()
     if args.sweep:
         sweep_configs(args, results)

@@ -34,8 +34,10 @@
 #                       sampler (an XLA conditional blocks the host on a GPU) against the default branchless one in e2e
 #   profile     150 s   only if e2e did not store the profiles: its own engine (64 sequences, max_model_len
 #                       1024), no HF: the 64-request run, batch-1 decode and the two profiled runs
-#   attn13b  60+45 s   the Pallas decode attention at the 13B shapes (40/40 heads, d128), ragged contexts:
-#                       64 seqs U[64,768] (vs the reference, --check) and 256 seqs U[64,1024] (~20 s)
+#   attn13b 60+45+45 s the Pallas attention at the 13B shapes (40/40 heads, d128), ragged contexts: decode
+#                       64 seqs U[64,768] (vs the reference, --check), 256 seqs U[64,1024], and the article's
+#                       mixed step (255 decodes + a 160-token chunk) with the decodes split out vs in q tiles
+#                       (pallas_tiles, the path before 2026-12-05) (~30 s)
 #   qmatmul      90 s   bench/quant_matmul.py: the Pallas int8/fp8 matmul (the GPU default for steps of <= 64
 #                       tokens since 2026-12-05) vs XLA's dot, 13B projections, M 1/16/64 (~40 compiles, ~40 s)
 #   int8, fp8   120 s   issue 17: e2e without HF, --quantization int8 / fp8 (~90 s: start + runs; the Pallas
@@ -243,7 +245,16 @@ if want attn13b && gpu_only attn13b; then
   if [ $rc -ne 99 ]; then
     run attn13b_256 45 "$PY" bench/attention_kernels.py --impls pallas --only decode --ragged \
       --batch 256 --context 1024 --heads 40 --kv-heads 40 --json "$OUT" --json-key kernels_13b_b256
-    rc2=$?; [ $rc2 -ne 99 ] && finish attn13b $rc && finish attn13b $rc2
+    rc2=$?
+    # the article's steady step: 255 decodes + a 160-token prompt chunk, decodes split out vs all in q tiles
+    rc3=99
+    if [ $rc2 -ne 99 ]; then
+      run attn13b_mixed 45 "$PY" bench/attention_kernels.py --impls pallas,pallas_tiles \
+        --only mixed --batch 255 --context 1024 --mixed-prefill 160 --heads 40 --kv-heads 40 --check \
+        --json "$OUT" --json-key kernels_13b_mixed
+      rc3=$?
+    fi
+    [ $rc3 -ne 99 ] && finish attn13b $rc && finish attn13b $rc2 && finish attn13b $rc3
   fi
 fi
 # ---- issue 17: the Pallas int8/fp8 matmul vs XLA's dot, one projection at a time (13B shapes) -----
