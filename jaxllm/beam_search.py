@@ -29,7 +29,8 @@ cache does not hold. Requests no beam continues are aborted (their blocks freed)
 another thread than the engine (the server's, serving/beam.py) adds its requests step-gated
 (``step_gate=True``) and releases the continued ones (``take_releases``) after each depth, so no
 request decodes past a decision (dropped beams' tokens wasted; a parent gone before its fork
-arrives, which then prefills); the offline driver steps the engine itself and needs no gate. All beams of all
+arrives, which then prefills); the offline driver (jaxllm/beam_offline.py) steps the engine itself,
+synchronously, and gates its requests too (a depth split over two steps by the token budget). All beams of all
 prompts ride in the same engine steps. vLLM instead submits every beam as a new one-token request
 each step (every beam re-prefills the tokens past its last full block every step).
 """
