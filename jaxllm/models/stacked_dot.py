@@ -19,7 +19,8 @@ measured faster than quant_dot's column chunks for f32 (a column-chunked variant
 
 Used for steps of at most MAX_TOKENS tokens (decode and small mixed steps; longer steps are
 compute-bound and keep XLA's dot), on the CPU backend, one device (`layout` None), the scan loop;
-$JAXLLM_CPU_STACKED_DOT ("auto" = on | "rows" = on | "xla" = off) switches it.
+$JAXLLM_CPU_STACKED_DOT switches it: "auto" (default) = on for those steps, "rows" = on for steps of
+any size (to measure longer ones), "xla" = off (the scan's per-layer copy, as before).
 """
 from __future__ import annotations
 
@@ -48,9 +49,11 @@ def mode() -> str:
 
 def use_stacked_dot(num_tokens: int, layout) -> bool:
     """Whether a step of `num_tokens` tokens reads its full-precision stacked projections in place
-    (the Projector, scan loop): the CPU backend, one device, at most MAX_TOKENS tokens, switch on."""
-    return (mode() != "xla" and jax.default_backend() == "cpu" and layout is None
-            and num_tokens <= MAX_TOKENS)
+    (the Projector, scan loop): the CPU backend, one device, and at most MAX_TOKENS tokens ("auto")
+    or any number ("rows")."""
+    m = mode()
+    return (jax.default_backend() == "cpu" and layout is None
+            and (m == "rows" or (m == "auto" and num_tokens <= MAX_TOKENS)))
 
 
 def chunk_rows(k: int, n: int, itemsize: int, chunk_bytes: int) -> int:

@@ -25,6 +25,25 @@ def test_chunk_rows():
     assert chunk_rows(4096, 4096, 4, 1024) == stacked_dot.MIN_ROWS
 
 
+def test_use_stacked_dot(monkeypatch):
+    """On: CPU, one device, steps of <= MAX_TOKENS tokens ("auto") or any ("rows"); off with "xla",
+    under tensor parallelism (a layout) and on any other backend; a bad value is refused by name."""
+    use = stacked_dot.use_stacked_dot
+    monkeypatch.delenv(stacked_dot.ENV, raising=False)
+    assert use(1, None) and use(stacked_dot.MAX_TOKENS, None) and not use(stacked_dot.MAX_TOKENS + 1, None)
+    assert not use(8, object())  # a TPLayout
+    monkeypatch.setenv(stacked_dot.ENV, "rows")
+    assert use(4096, None) and not use(8, object())
+    monkeypatch.setenv(stacked_dot.ENV, "xla")
+    assert not use(1, None)
+    monkeypatch.setenv(stacked_dot.ENV, "auto")
+    monkeypatch.setattr(jax, "default_backend", lambda: "gpu")
+    assert not use(1, None)
+    monkeypatch.setenv(stacked_dot.ENV, "on")
+    with pytest.raises(ValueError, match="JAXLLM_CPU_STACKED_DOT='on' is invalid"):
+        use(1, None)
+
+
 @pytest.mark.parametrize("t,k,n,dtype", [(1, 96, 40, np.float32), (5, 576, 200, np.float32),
                                          (64, 256, 96, np.float32), (3, 128, 64, jnp.bfloat16)])
 def test_stacked_dot_equals_matmul(t, k, n, dtype):
@@ -97,10 +116,10 @@ def test_tiny_model_in_place_equals_slices_and_copies_no_weight(tmp_path_factory
     small = [[3, 1, 4, 1, 5], list(range(7, 40))]  # 38 tokens: the in-place path
     big = [list(range(1, 70))]  # 69 tokens: > MAX_TOKENS, XLA's dot either way
     got = {}
-    for m in ("xla", "rows"):
+    for m in ("xla", "auto"):
         monkeypatch.setenv(stacked_dot.ENV, m)
         got[m] = [logits_of(model, c, s) for s in (small, big)]
-    for a, b in zip(got["rows"], got["xla"]):
+    for a, b in zip(got["auto"], got["xla"]):
         np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-5 * np.abs(b).max())
 
     shapes = set()
@@ -111,7 +130,7 @@ def test_tiny_model_in_place_equals_slices_and_copies_no_weight(tmp_path_factory
     tokens, positions, meta, nb = prefill_batch([[5], [6], [7]], 16)
     cache = KVCache.zeros(c.num_layers, nb + 1, 16, c.num_kv_heads, c.head_dim, jnp.float32)
     found = {}
-    for m in ("xla", "rows"):
+    for m in ("xla", "auto"):
         monkeypatch.setenv(stacked_dot.ENV, m)
         hlo = jax.jit(lambda st, t, p, cache, md: nnx.merge(gd, st)(t, p, cache, md)[0]).lower(
             st, tokens, positions, cache, meta).compile().as_text()
@@ -119,4 +138,4 @@ def test_tiny_model_in_place_equals_slices_and_copies_no_weight(tmp_path_factory
         found[m] = weight_sized_arrays(hlo, shapes)
     print(found)
     assert len(found["xla"]) >= 4, found["xla"]  # the scan's copies of each layer's slice: the check can fail
-    assert found["rows"] == [], found["rows"]
+    assert found["auto"] == [], found["auto"]
