@@ -10,7 +10,8 @@ buffer, so some copy stays; what this file changes is its size.
 `stacked_dot` runs x @ w[layer] in a `fori_loop` over chunks of the weight's input rows (the
 contracted axis): each iteration slices one contiguous [ch, N] block of about CHUNK_BYTES straight
 out of the stacked [L, K, N] weight at the traced layer (a copy that stays in L2), dots it with x's
-matching [T, ch] columns and adds the [T, N] partial to an f32 accumulator. The stacked weight
+matching [T, ch] columns and adds the [T, N] partial to an f32 accumulator (a block is at most half
+the weight, so the loop always runs). The stacked weight
 reaches the loop once (the Projector's in-place mechanism, jaxllm/models/projections.py, as for the
 column-chunked quantized dot of quant_dot.py), so no weight-sized copy exists in the step.
 Rows, not output columns: a row block is contiguous (a memcpy-like slice, no strided gather), and
@@ -34,8 +35,9 @@ from jax import lax
 ENV = "JAXLLM_CPU_STACKED_DOT"
 MODES = ("auto", "rows", "xla")
 MAX_TOKENS = 64  # steps of more tokens keep XLA's dot on the scan's slice (measured: bench/RESULTS.md)
-CHUNK_BYTES = 2 << 20  # one [ch, N] row block (bench/RESULTS.md, "fp32 projections read in place")
-WIDE_FROM_T, WIDE_FACTOR = 32, 2  # steps of >= 32 tokens: 2x larger blocks
+# one [ch, N] row block at most (bench/stacked_dot.py; bench/RESULTS.md, "fp32 projections read in place"):
+# 4 MiB was as fast as or faster than 1-2 MiB at T = 1..64; SmolLM2's weights then go in two halves
+CHUNK_BYTES = 4 << 20
 MIN_ROWS = 8
 
 
@@ -75,9 +77,7 @@ def stacked_dot(x: jax.Array, w: jax.Array, layer, chunk_bytes: int | None = Non
     n = w.shape[-1]
     if w.ndim != 3 or w.shape[1] != k:
         raise ValueError(f"stacked_dot: w must be [L, K={k}, N], got {tuple(w.shape)}")
-    if chunk_bytes is None:
-        chunk_bytes = CHUNK_BYTES * (WIDE_FACTOR if t >= WIDE_FROM_T else 1)
-    ch = chunk_rows(k, n, jnp.dtype(w.dtype).itemsize, chunk_bytes)
+    ch = chunk_rows(k, n, jnp.dtype(w.dtype).itemsize, chunk_bytes or CHUNK_BYTES)
 
     def block(i):  # [T, ch] @ [ch, N]: the block read straight out of layer `layer`
         wc = lax.dynamic_slice(w, (layer, i * ch, 0), (1, ch, n))[0]
