@@ -11,7 +11,8 @@ method with the plain dot instead of CPU's column-chunked one, jaxllm/models/qua
 bitcasts them, a copy on XLA CPU: the "before" of quant_dot.holds_fp8_bits; "int4-xla" holds the 4-bit
 weights as XLA's int4 / uint4 instead of uint8 two a byte: the "before" of quant_dot.packs_int4; "int4-rtn"
 rounds the --dtype weights to int4 at load, `--quantization int4`, groups of 128, quant.quantize_int4,
-a GGUF's Q4 projections dequantized to fp32 first) the engine is built
+a GGUF's Q4 projections dequantized to fp32 first; "none-copy" = none with the CPU scan's per-layer copy of
+the fp32 projections, JAXLLM_CPU_STACKED_DOT=xla, the "before" of jaxllm/models/stacked_dot.py) the engine is built
 (warm); then --rounds rounds, each measuring every engine in turn (interleaved, so a load change on
 the shared machine hits all alike); the median over rounds:
 - batch-1 decode: one request alone (--input-len prompt tokens drawn from the vocabulary, seeded,
@@ -79,15 +80,16 @@ def main(argv=None) -> int:
 
     machine = log_machine()
     batches = [int(b) for b in args.batches.split(",")]
-    from jaxllm.models import quant_dot
+    from jaxllm.models import quant_dot, stacked_dot
 
     engines = {}
     for method in args.methods.split(","):
-        base = method.removesuffix("-plain").removesuffix("-f8").removesuffix("-xla").removesuffix("-rtn")
+        base = method.removesuffix("-copy").removesuffix("-plain").removesuffix("-f8").removesuffix("-xla").removesuffix("-rtn")
         rtn = method.endswith("-rtn")
         quant_dot.ENABLED = not method.endswith("-plain")  # read when the engine's steps are traced (warm-up)
         quant_dot.HOLD_FP8_BITS = not method.endswith("-f8")  # read at load
         quant_dot.PACK_INT4 = not method.endswith("-xla")  # read at load
+        os.environ[stacked_dot.ENV] = "xla" if method.endswith("-copy") else "auto"  # read at trace (warm-up)
         os.environ["JAXLLM_GGUF_Q4"] = "keep" if base == "int4" and not rtn else "fp32"  # read at load
         engine = build_engine(EngineConfig(model=args.model, load_format=args.load_format, dtype=args.dtype,
                                            quantization=None if base == "none" or (base == "int4" and not rtn) else base,
@@ -99,6 +101,7 @@ def main(argv=None) -> int:
             step_ms(engine, b, 2, vocab, np.random.default_rng(0))  # warm the path at this batch
         engines[method] = engine
     quant_dot.ENABLED = quant_dot.HOLD_FP8_BITS = quant_dot.PACK_INT4 = True
+    os.environ.pop(stacked_dot.ENV)
     samples = {m: {} for m in engines}
     for rnd in range(args.rounds):
         for method, engine in engines.items():

@@ -40,23 +40,49 @@ _INSTR = re.compile(r"^\s*(?:ROOT )?%\S+ = (\w+)\[([\d,]*)\]\S* (fusion|copy|dyn
 _WEIGHT_DTYPES = ("f32", "bf16", "f16", "s8", "u8", "f8e4m3fn")
 
 
+_COMP = re.compile(r"^(%\S+) \((.*)\) -> ")
+_SHAPE = re.compile(r"\b(\w+)\[([\d,]*)\]")
+_DEF = re.compile(r"^\s*(?:ROOT )?(%\S+) = (\w+)\[([\d,]*)\]")
+
+
 def weight_copies(text: str, weight_shapes: list[tuple[int, ...]], num_layers: int, scan: bool) -> tuple[list, int]:
     """Instructions of the optimized HLO that materialise a slice of a layer weight: a fusion, copy,
-    dynamic-slice or slice (outside fused computations) whose op_name says slice and whose element
-    count is one layer's weight. Returns (those lines, bytes copied per step: x num_layers when the
-    layer loop is a scan, whose body runs once per layer)."""
+    dynamic-slice or slice (outside fused computations) whose element count is one layer's weight
+    and, in the scan, which reads (an operand, or a parameter of the computation it calls) a stacked
+    array of num_layers such slices; in the unrolled loop, whose op_name says slice.
+    A row block of a larger weight (jaxllm/models/stacked_dot.py reads blocks of half a weight or
+    less) may have another weight's element count, but its source holds more than L of them.
+    Returns (those lines, bytes copied per step: x num_layers when the layer loop is a scan, whose
+    body runs once per layer)."""
     sizes = {int(np.prod(s)) for s in weight_shapes}
+    params, defs = {}, {}  # computation -> its parameters' element counts; instruction -> its element count
+    for ln in text.splitlines():
+        m = _COMP.match(ln)
+        if m:
+            params[m.group(1)] = [hlo_elements(d) for _, d in _SHAPE.findall(m.group(2))]
+        m = _DEF.match(ln)
+        if m:
+            defs[m.group(1)] = hlo_elements(m.group(3))
     lines, per_step = [], 0
     for comp, ln in hlo_instructions(text):
-        if comp.startswith(("%fused", "%wrapped")) or "slice" not in ln.split("op_name=")[-1][:200]:
+        # the op_name filter only without the source check (the scan's transposing copy of wo is
+        # named after dynamic_index_in_dim, not its slice)
+        if comp.startswith(("%fused", "%wrapped")) or (not scan and "slice" not in ln.split("op_name=")[-1][:200]):
             continue
         m = _INSTR.match(ln)
         if not m or m.group(1) not in _WEIGHT_DTYPES:
             continue
         n = hlo_elements(m.group(2))
-        if n in sizes:
-            lines.append(ln.strip()[:200])
-            per_step += n * HLO_DTYPE_BYTES[m.group(1)] * (num_layers if scan else 1)
+        if n not in sizes:
+            continue
+        if scan:  # the source: the operands', or the called computation's parameters' element counts
+            call = re.search(r"calls=(%[\w.-]+)", ln)
+            args = ln.split("(", 1)[1].split(")", 1)[0]
+            sources = params.get(call.group(1), []) if call else [defs.get(a.strip(), 0) for a in args.split(",")]
+            if num_layers * n not in sources:
+                continue
+        lines.append(ln.strip()[:200])
+        per_step += n * HLO_DTYPE_BYTES[m.group(1)] * (num_layers if scan else 1)
     return lines, per_step
 
 
@@ -122,6 +148,9 @@ def main(argv=None) -> int:
     ap.add_argument("--tp", type=int, default=1, help="tensor-parallel size (needs that many devices)")
     ap.add_argument("--layer-loop", choices=["auto", "scan", "unroll"], default=None,
                     help="sets JAXLLM_LAYER_LOOP (default: the environment's, else auto)")
+    ap.add_argument("--stacked-dot", choices=["auto", "rows", "xla"], default=None,
+                    help="sets JAXLLM_CPU_STACKED_DOT (xla: the scan copies each layer's fp32/bf16 projections "
+                         "before their dots, the path before jaxllm/models/stacked_dot.py)")
     ap.add_argument("--impl", default=None, help="attention impl (sets JAXLLM_ATTENTION_IMPL)")
     ap.add_argument("--probes", action="store_true",
                     help="also compile bare layer scans (write_kv only; write_kv + each attention impl) and report their temp")
@@ -136,6 +165,8 @@ def main(argv=None) -> int:
         os.environ["JAXLLM_ATTENTION_IMPL"] = args.impl
     if args.layer_loop:
         os.environ["JAXLLM_LAYER_LOOP"] = args.layer_loop
+    if args.stacked_dot:
+        os.environ["JAXLLM_CPU_STACKED_DOT"] = args.stacked_dot
 
     import jax
     import jax.numpy as jnp

@@ -53,7 +53,8 @@ def rms_norm(x: jax.Array, weight: jax.Array, eps: float, offset: bool = False) 
 def layer_loop_mode(mode: str | None = None, config: ModelConfig | None = None) -> str:
     """"unroll" (one array per layer, a Python loop unrolled at trace time: every weight read in
     place) or "scan" (weights stacked [L, ...], `lax.scan`: one layer body to compile, but XLA copies
-    each layer's weight slice before its matmuls). `mode` or $JAXLLM_LAYER_LOOP, default "auto":
+    each layer's weight slice before its matmuls; not on CPU for the projections of steps of <= 64
+    tokens, read in place by the Projector: stacked_dot.py, quant_dot.py). `mode` or $JAXLLM_LAYER_LOOP, default "auto":
     unroll on accelerators (H200, Llama-2-13B bf16, batch-1 decode: unroll 7.69 ms/token = 83% of the
     weight-read roofline; scan 20.41 ms, also with XLA's dynamic-slice fusion; bench/RESULTS.md "GPU
     figures, 2026-12-04"), scan on CPU, where unrolling SmolLM2's 30 layers made warm-up ~8x longer

@@ -10,6 +10,11 @@ matmul (seen in the CPU and GPU HLO), so a decode step moves about 3x the weight
 batch-1 decode ran at 27% of the weight-read roofline (bench/RESULTS.md). The kernel path applies
 only on GPU (or interpret mode for tests), on one device, to steps of at most MAX_ROWS tokens.
 
+Full-precision projections of decode-sized steps (at most stacked_dot.MAX_TOKENS tokens) in the CPU
+scan loop, one device, are read in place too: in row blocks sliced from the stacked weight at the
+traced layer (jaxllm/models/stacked_dot.py; $JAXLLM_CPU_STACKED_DOT), so the scan makes no per-layer
+copy of them; like the quantized ones (`stacked_quant`) they reach the loop once, not as scan xs.
+
 Quantized weights (int8 / fp8, per-column or block scales) in steps of at most MAX_ROWS tokens go
 to the Pallas `quant_matmul` on GPUs ($JAXLLM_QUANT_MATMUL "auto" (default) | "pallas" | "xla";
 "pallas" on a CPU runs it in interpret mode, for tests): it streams the 1-byte weight and converts
@@ -26,7 +31,7 @@ import jax.numpy as jnp
 
 from jaxllm.lora.delta import LoRAWeight, lora_delta
 from jaxllm.models.fusion import FUSED_OUTPUTS, join_fused
-from jaxllm.models import quant_dot
+from jaxllm.models import quant_dot, stacked_dot
 from jaxllm.models.quant import QUANT_PARAMS, QuantWeight, quant_einsum
 from pallas_kernels.matmul import quant_matmul, quant_matmul_supported, stacked_matmul, stacked_matmul_supported
 from pallas_kernels.matmul.stacked import MAX_ROWS
@@ -73,11 +78,19 @@ class Projector:
             self.stacked_quant = quant_dot.fp8_as_bits({n: w for n, w in stacked.items() if isinstance(w, QuantWeight)
                                                         and f"layers.{n}" in QUANT_PARAMS})  # not the experts
 
+        # full-precision projections on CPU, decode-sized steps: read in row blocks from the stacked
+        # weight at the traced layer (stacked_dot.py), not copied out of it whole by the scan; not
+        # under the explicit Pallas stacked-matmul experiment
+        self.stacked_float = {}
+        if stacked is not None and self.stacked is None and stacked_dot.use_stacked_dot(num_tokens, layout):
+            self.stacked_float = {n: w for n, w in stacked.items() if not isinstance(w, QuantWeight)
+                                  and f"layers.{n}" in QUANT_PARAMS}
+
     @property
     def in_place(self) -> frozenset[str]:
         """Names the Projector reads from the stacked weight at the traced layer (scan loop): the layer
         hands it `IN_PLACE` for them instead of a slice."""
-        return frozenset(self.stacked_quant)
+        return frozenset(self.stacked_quant) | frozenset(self.stacked_float)
 
     def __call__(self, spec: str, x: jax.Array, name: str, w, layer) -> jax.Array:
         """`w`: the layer's weight, a jax.Array or a QuantWeight (weight-only int8/fp8: dequantized
@@ -89,6 +102,8 @@ class Projector:
             if name in FUSED_OUTPUTS:
                 join = lambda parts: join_fused(parts, self.layout, *FUSED_OUTPUTS[name])  # noqa: E731
             return self(spec, x, name, w.base, layer) + lora_delta(spec, x, w.a, w.b, self.lora_onehot, join)
+        if name in self.stacked_float:  # w is IN_PLACE: the stacked fp32 / bf16 weight, read at the traced layer
+            return stacked_dot.stacked_einsum(x, self.stacked_float[name], layer)
         stacked_layer = name in self.stacked_quant  # w is IN_PLACE: the stacked weight, read at the traced layer
         if stacked_layer:
             w = self.stacked_quant[name]

@@ -33,28 +33,34 @@ def test_one_kv_head_is_not_copied(tmp_path, capsys):
     assert len(steps) == len(rows) == 2  # --steps-only: the decode and the mixed bucket's step, nothing else
 
 
-def test_unrolled_layers_copy_no_weight(tmp_path, capsys):
+def test_unrolled_layers_copy_no_weight(tmp_path, capsys, monkeypatch):
     """Issue 12: with per-layer weights (the unroll layer loop) the compiled decode and mixed steps
-    slice no weight (0 bytes copied per step) and their temp stays well below one layer's weights;
-    the scan loop over stacked weights, measured by the same detector, copies every layer's."""
+    slice no weight (0 bytes copied per step) and their temp stays well below one layer's weights.
+    The scan loop over stacked weights: with the CPU's in-place stacked dot (jaxllm/models/stacked_dot.py,
+    steps of <= 64 tokens: both buckets here) no weight copy either; with it off
+    (JAXLLM_CPU_STACKED_DOT=xla) the same detector finds a copy of every layer's weights."""
+    monkeypatch.setenv("JAXLLM_LAYER_LOOP", "auto")  # main() sets them; restored after the test
+    monkeypatch.setenv("JAXLLM_CPU_STACKED_DOT", "auto")
     docs = {}
-    for loop in ("unroll", "scan"):
-        out = tmp_path / f"{loop}.json"
+    for loop, sdot in (("unroll", "auto"), ("scan", "auto"), ("scan", "xla")):
+        out = tmp_path / f"{loop}-{sdot}.json"
         rc = step_memory.main(["--cache-mib", "16", "--layers", "2", "--hidden", "512", "--heads", "4", "--kv-heads", "2",
                                "--max-num-seqs", "8", "--max-num-batched-tokens", "64", "--layer-loop", loop,
-                               "--steps-only", "--json", str(out)])
+                               "--stacked-dot", sdot, "--steps-only", "--json", str(out)])
         assert rc == 0, capsys.readouterr().out
-        docs[loop] = json.loads(out.read_text())["step_memory"]
-    unroll, scan = docs["unroll"], docs["scan"]
-    assert unroll["layer_loop"] == "unroll" and scan["layer_loop"] == "scan"
-    for r in unroll["rows"]:
-        if r["bucket"].startswith("('step'"):
+        docs[loop, sdot] = json.loads(out.read_text())["step_memory"]
+    unroll, in_place, copied = docs["unroll", "auto"], docs["scan", "auto"], docs["scan", "xla"]
+    assert unroll["layer_loop"] == "unroll" and in_place["layer_loop"] == copied["layer_loop"] == "scan"
+    for doc in (unroll, in_place):
+        steps = [r for r in doc["rows"] if r["bucket"].startswith("('step'")]
+        assert len(steps) == 2, steps  # the decode and the mixed bucket
+        for r in steps:
             assert r["weight_bytes_copied_per_step"] == 0 and r["weight_copies"] == [], r
             if r["bucket"].endswith("True)"):  # decode
-                assert r["temp_size_in_bytes"] < 0.5 * unroll["layer_weight_bytes"], r
-    scan_steps = [r for r in scan["rows"] if r["bucket"].startswith("('step'")]
-    assert all(r["weight_bytes_copied_per_step"] >= 2 * scan["layer_weight_bytes"] // 2 for r in scan_steps), scan_steps
-
+                assert r["temp_size_in_bytes"] < 0.5 * doc["layer_weight_bytes"], r
+    copied_steps = [r for r in copied["rows"] if r["bucket"].startswith("('step'")]
+    assert copied_steps and all(r["weight_bytes_copied_per_step"] >= 2 * copied["layer_weight_bytes"] // 2
+                                for r in copied_steps), copied_steps
 
 
 def test_fp8_measures_the_engine_fixed_scale_cache(tmp_path, capsys):
