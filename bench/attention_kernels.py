@@ -127,24 +127,29 @@ def make_mixed_workload(num_decodes: int, context: int, prefill: int, num_heads:
     return q, cache, md
 
 
+def _bandwidth_rows(kernel: str, what: str, impls, inputs: tuple, nbytes: int, shape: str, args, results):
+    """Each impl on `inputs` (q, cache, metadata): time, `nbytes` over it, and with --check its error."""
+    ref_out = None
+    for impl in impls:
+        fn = attn_fn(impl)
+        t = time_call(fn, inputs, args.iters)
+        row = {"kernel": kernel, "impl": impl, "ms": t * 1e3, "bytes_read": nbytes, "GB/s": nbytes / t / 1e9,
+               "shape": shape}
+        if args.check:
+            ref_out = error_vs_reference(row, fn, inputs, ref_out)
+        results.append(row)
+        print(f"{kernel:7s} {impl:15s} {t * 1e3:9.3f} ms  {nbytes / 1e6:9.1f} MB {what}  {nbytes / t / 1e9:8.1f} GB/s"
+              + (f"  err {row['max_abs_err_vs_ref']:.2e}" if "max_abs_err_vs_ref" in row else ""), flush=True)
+
+
 def bench_mixed(impls, args, results):
     """A mixed step: --batch decodes (contexts <= --context) + one --mixed-prefill-token chunk."""
     q, cache, md = make_mixed_workload(args.batch, args.context, args.mixed_prefill, args.heads, args.kv_heads,
                                        args.head_dim, args.block_size, jnp.dtype(args.dtype))
-    ctx = np.asarray(md.context_lens)
-    kv_bytes = 2 * int(ctx.sum()) * args.kv_heads * args.head_dim * jnp.dtype(args.dtype).itemsize
-    ref_out = None
-    for impl in impls:
-        fn = attn_fn(impl)
-        t = time_call(fn, (q, cache, md), args.iters)
-        row = {"kernel": "mixed", "impl": impl, "ms": t * 1e3, "bytes_read": kv_bytes, "GB/s": kv_bytes / t / 1e9,
-               "shape": f"B{args.batch} ctx<={args.context} + prefill {args.mixed_prefill} H{args.heads}/{args.kv_heads} "
-                        f"d{args.head_dim} bs{args.block_size} {args.dtype}"}
-        if args.check:
-            ref_out = error_vs_reference(row, fn, (q, cache, md), ref_out)
-        results.append(row)
-        print(f"mixed   {impl:15s} {t * 1e3:9.3f} ms  {kv_bytes / 1e6:9.1f} MB of KV  {kv_bytes / t / 1e9:8.1f} GB/s"
-              + (f"  err {row['max_abs_err_vs_ref']:.2e}" if "max_abs_err_vs_ref" in row else ""), flush=True)
+    kv_bytes = 2 * int(np.asarray(md.context_lens).sum()) * args.kv_heads * args.head_dim * jnp.dtype(args.dtype).itemsize
+    shape = (f"B{args.batch} ctx<={args.context} + prefill {args.mixed_prefill} H{args.heads}/{args.kv_heads} "
+             f"d{args.head_dim} bs{args.block_size} {args.dtype}")
+    _bandwidth_rows("mixed", "of KV", impls, (q, cache, md), kv_bytes, shape, args, results)
 
 
 def bench_decode(impls, args, results):
@@ -152,18 +157,9 @@ def bench_decode(impls, args, results):
                                  args.block_size, jnp.dtype(args.dtype), ragged=args.ragged)
     kv_bytes = 2 * int(np.asarray(md.context_lens).sum()) * args.kv_heads * args.head_dim * jnp.dtype(args.dtype).itemsize
     nbytes = kv_bytes + 2 * q.nbytes + md.block_tables.nbytes
-    ref_out = None
-    for impl in impls:
-        fn = attn_fn(impl)
-        t = time_call(fn, (q, cache, md), args.iters)
-        row = {"kernel": "decode", "impl": impl, "ms": t * 1e3, "bytes_read": nbytes, "GB/s": nbytes / t / 1e9,
-               "shape": f"B{args.batch} ctx{'<=' if args.ragged else ''}{args.context} H{args.heads}/{args.kv_heads} d{args.head_dim} "
-                        f"bs{args.block_size} {args.dtype}"}
-        if args.check:
-            ref_out = error_vs_reference(row, fn, (q, cache, md), ref_out)
-        results.append(row)
-        print(f"decode  {impl:15s} {t * 1e3:9.3f} ms  {nbytes / 1e6:9.1f} MB read  {nbytes / t / 1e9:8.1f} GB/s"
-              + (f"  err {row['max_abs_err_vs_ref']:.2e}" if "max_abs_err_vs_ref" in row else ""), flush=True)
+    shape = (f"B{args.batch} ctx{'<=' if args.ragged else ''}{args.context} H{args.heads}/{args.kv_heads} "
+             f"d{args.head_dim} bs{args.block_size} {args.dtype}")
+    _bandwidth_rows("decode", "read", impls, (q, cache, md), nbytes, shape, args, results)
 
 
 def error_vs_reference(row: dict, fn, inputs: tuple, ref_out):
