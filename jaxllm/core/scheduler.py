@@ -168,10 +168,8 @@ class Scheduler:
                        or (req.grammar is not None and not self.late_grammar_mask)):
                 i += 1  # its token in flight ends it, or (bad words, a grammar) must be known to mask the next
                 continue
-            n = min(req.num_tokens + ph - req.num_computed_tokens, budget,
-                    max_len - req.num_computed_tokens)
-            if 0 < self.config.long_prefill_token_threshold < n:  # vLLM's per-request chunk cap
-                n = self.config.long_prefill_token_threshold
+            n = self._chunk_cap(min(req.num_tokens + ph - req.num_computed_tokens, budget,
+                                    max_len - req.num_computed_tokens))
             assert n > 0, (req.request_id, req.num_tokens, req.num_computed_tokens)
             drafts = self._fit_drafts(req, n, budget) if req.spec_token_ids else 0
             num_drafts[req.request_id] = drafts
@@ -219,9 +217,7 @@ class Scheduler:
                         break  # slots full: it waits (held beams only give theirs up when nothing runs)
                     continue  # a held request's slot is free now
                 cached_blocks, num_cached = self.kv.get_computed_blocks(req)
-                n = min(req.num_tokens - num_cached, budget)
-                if 0 < self.config.long_prefill_token_threshold < n:
-                    n = self.config.long_prefill_token_threshold
+                n = self._chunk_cap(min(req.num_tokens - num_cached, budget))
                 num_hit = self.kv.num_hit_tokens(cached_blocks)  # the rest (a fork's partial block) is copied
                 if self.kv.allocate_slots(req, n, cached_blocks, num_cached - num_hit) is None:
                     if scheduled or not self._preempt_held():
@@ -283,6 +279,11 @@ class Scheduler:
                                num_batched_tokens=self.config.max_num_batched_tokens - budget,
                                finished_or_preempted_ids=forget,
                                requests=[req for req, _ in scheduled], block_copies=copies)
+
+    def _chunk_cap(self, n: int) -> int:
+        """`n` tokens of a request's step, capped at long_prefill_token_threshold (vLLM's per-request chunk cap; 0 = none)."""
+        cap = self.config.long_prefill_token_threshold
+        return min(n, cap) if cap > 0 else n
 
     def _fit_drafts(self, req: Request, n: int, budget: int) -> int:
         """How many of ``req.spec_token_ids`` go behind its ``n`` known tokens this step: only when
