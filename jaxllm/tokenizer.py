@@ -252,8 +252,8 @@ class IncrementalDetokenizer:
             self._known = tokenizer.backend_vocab_size
 
     def add(self, new_ids: list[int]) -> str:
+        self.ids.extend(new_ids)
         if self._backend is not None:
-            self.ids.extend(new_ids)
             delta = ""
             for i in new_ids:
                 if 0 <= i < self._known:
@@ -268,7 +268,6 @@ class IncrementalDetokenizer:
                         return delta + self._resync()
             self.text += delta
             return delta
-        self.ids.extend(new_ids)
         prefix_text = self.tok.decode(self.ids[self.prefix_offset:self.read_offset], self.skip)
         full = self.tok.decode(self.ids[self.prefix_offset:], self.skip)
         if full.endswith("\ufffd") or len(full) < len(prefix_text) or not full.startswith(prefix_text):
