@@ -81,6 +81,15 @@ def from_storage(x: jax.Array) -> jax.Array:
     return jax.lax.bitcast_convert_type(x, FP8)
 
 
+def from_storage_as(x: jax.Array, dtype) -> jax.Array:
+    """`x` in `dtype`, uint8 storage (float8_e4m3fn bits: an fp8 cache's pages, an fp8 weight held as
+    bits) bitcast to float8_e4m3fn first. Works on a tile loaded in a Triton kernel (converted in
+    registers) as on a jnp array."""
+    if x.dtype == STORAGE:
+        x = jax.lax.bitcast_convert_type(x, FP8)
+    return x.astype(dtype)
+
+
 def dequantize_pages(pages: jax.Array, scale: jax.Array) -> jax.Array:
     """pages [..., kvh, d] uint8 (fp8 bits), scale [kvh] f32 → f32 (tests and brute-force references)."""
     return from_storage(pages).astype(jnp.float32) * scale[:, None]

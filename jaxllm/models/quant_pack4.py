@@ -21,6 +21,8 @@ import jax.numpy as jnp
 import ml_dtypes
 import numpy as np
 
+from pallas_kernels.matmul.packed4 import nibbles  # one definition: the Triton kernel's (and these jnp paths')
+
 PACKED = ("int4", "uint4")  # the value dtypes a packed q can hold
 
 
@@ -51,15 +53,6 @@ def pack4(q, axis: int, nblocks: int, xp=np):
     at = (slice(None),) * (a + 1)
     lo, hi = v[at + (0,)] & 0x0F, v[at + (1,)] & 0x0F  # [..., nb, B/2, ...] each
     return (lo | (hi << 4)).astype(xp.uint8).reshape(q.shape[:a] + (k // 2,) + q.shape[a + 1:])
-
-
-def nibbles(b, packed: str):
-    """uint8 bytes → (low, high) values, int8 for "int4" (two's complement nibbles, arithmetic shifts)
-    or uint8 for "uint4"; jax arrays."""
-    if packed == "uint4":
-        return b & 0x0F, b >> 4
-    s = jax.lax.bitcast_convert_type(b, jnp.int8)
-    return jax.lax.bitcast_convert_type(b << 4, jnp.int8) >> 4, s >> 4
 
 
 def unpack4(b, packed: str, axis: int, nblocks: int, xp=jnp):

@@ -6,7 +6,7 @@ sequence s together as the rows of one tile (`[gp, head_dim]`, q-per-kv padded t
 `block_k` tokens, gathering each token's K/V row from the stacked cache through the block table:
 `k_ref[layer, block, offset, h, :]` indexes the full cache ref, so the traced layer needs no slice.
 Each split leaves an unnormalised fp32 accumulator with its running max and sum for the real q
-heads only (rows of a flat [splits * S * H, d]: masked stores, no padded rows); a small jnp epilogue merges the splits
+heads only (rows of a flat [splits * S * H, d]: masked stores, no padded rows written); a small jnp epilogue merges the splits
 (log-sum-exp) and casts to q.dtype.
 """
 from __future__ import annotations
@@ -63,19 +63,14 @@ def _decode_kernel(layer_ref, ctx_ref, tok_ref, bt_ref, q_ref, k_ref, v_ref, *re
     acc, m_i, l_i = lax.fori_loop(0, num_chunks, body, init)
     if fp8:
         acc = acc * scale_refs[1][layer, h]
-    # only the q_per_kv real rows go out (a padded row would be written and read back for nothing:
-    # 15 of the 16 rows of an MHA model's tile)
-    # A padded lane writes the first real row again, with that row's values (an unmasked store: a
-    # masked one in interpret mode writes back the row's old contents for its masked lanes, and the
-    # duplicate could land last).
-    first = g == 0
+    # only the q_per_kv real rows go out (a padded row would be written and read back for nothing: 15 of
+    # the 16 rows of an MHA model's tile). Padded lanes point one past the end, as the prefill kernel's
+    # masked rows: never touched on GPU, dropped by interpret mode's scatter.
     row0 = (split * pl.num_programs(0) + s) * num_heads + h * q_per_kv  # first q head of kv head h
-    out_rows = row0 + jnp.where(head_ok, g, 0)  # [gp] i32: rows of the flat [splits * S * H, d]
-    pad = lambda x: jnp.where(head_ok.reshape((gp,) + (1,) * (x.ndim - 1)), x,  # noqa: E731
-                              jnp.sum(jnp.where(first.reshape((gp,) + (1,) * (x.ndim - 1)), x, 0.0), axis=0))
-    plgpu.store(o_ref.at[out_rows[:, None], dcol], pad(acc))
-    plgpu.store(m_ref.at[out_rows], pad(m_i))
-    plgpu.store(l_ref.at[out_rows], pad(l_i))
+    out_rows = jnp.where(head_ok, row0 + g, m_ref.shape[0])  # [gp] i32: rows of the flat [splits * S * H, d]
+    plgpu.store(o_ref.at[out_rows[:, None], dcol], acc, mask=head_ok[:, None])
+    plgpu.store(m_ref.at[out_rows], m_i, mask=head_ok)
+    plgpu.store(l_ref.at[out_rows], l_i, mask=head_ok)
 
 
 def _plan_splits(num_seqs: int, num_kv_heads: int, table_tokens: int, block_k: int) -> tuple[int, int]:

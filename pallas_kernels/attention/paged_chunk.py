@@ -7,17 +7,10 @@ from jax import lax
 from jax.experimental.pallas import triton as plgpu
 
 from pallas_kernels.attention.common import LOG2E, MASK_VALUE
+from pallas_kernels.kv_quant import from_storage_as
 
 DOT_NT = (((1,), (1,)), ((), ()))  # a @ b.T
 DOT_NN = (((1,), (0,)), ((), ()))  # a @ b
-
-
-def _pages_as(x, dtype):
-    """A loaded K/V tile in the dot dtype: an fp8 cache's uint8 bits are bitcast to float8_e4m3fn
-    and converted in registers (kv_quant.py); other caches are already in it."""
-    if x.dtype == jnp.uint8:
-        x = lax.bitcast_convert_type(x, jnp.float8_e4m3fn)
-    return x.astype(dtype)
 
 
 def attend_chunk(carry, q, k_ref, v_ref, bt_ref, *, seq, layer, head, dcol, k_pos, k_ok, mask,
@@ -31,7 +24,7 @@ def attend_chunk(carry, q, k_ref, v_ref, bt_ref, *, seq, layer, head, dcol, k_po
     blk = jnp.clip(page, 0, num_blocks - 1)[:, None]  # [bk, 1] i32
     off = (k_pos % block_size)[:, None]
     k = plgpu.load(k_ref.at[layer, blk, off, head, dcol], mask=k_ok[:, None], other=0)  # [bk, d]
-    k = _pages_as(k, q.dtype)  # [bk, d] q.dtype
+    k = from_storage_as(k, q.dtype)  # [bk, d] q.dtype (an fp8 cache's bits converted in registers)
     logits = lax.dot_general(q, k, DOT_NT, preferred_element_type=jnp.float32)  # [rows, bk]
     if soft_cap is not None:
         logits = jnp.tanh(logits * (sm_scale / soft_cap)) * (soft_cap * LOG2E)
@@ -42,6 +35,6 @@ def attend_chunk(carry, q, k_ref, v_ref, bt_ref, *, seq, layer, head, dcol, k_po
     alpha = jnp.exp2(m_i - m_new)
     p = jnp.exp2(logits - m_new[:, None])  # [rows, bk] f32
     v = plgpu.load(v_ref.at[layer, blk, off, head, dcol], mask=k_ok[:, None], other=0)  # [bk, d]
-    v = _pages_as(v, q.dtype)
+    v = from_storage_as(v, q.dtype)
     pv = lax.dot_general(p.astype(v.dtype), v, DOT_NN, preferred_element_type=jnp.float32)
     return acc * alpha[:, None] + pv, m_new, l_i * alpha + p.sum(axis=1)

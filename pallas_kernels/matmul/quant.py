@@ -24,6 +24,8 @@ from __future__ import annotations
 import jax
 import jax.numpy as jnp
 
+from pallas_kernels.kv_quant import from_storage_as
+from pallas_kernels.matmul.packed4 import nibbles
 from pallas_kernels.matmul.stacked import MAX_ROWS, _block_n, small_m_matmul
 
 DTYPES = (jnp.int8, jnp.float8_e4m3fn, jnp.uint8)  # uint8: float8_e4m3fn bits, or packed 4-bit pairs
@@ -35,20 +37,13 @@ def _block_k(k: int) -> int | None:
     return next((b for b in BLOCK_KS if k % b == 0), None)
 
 
-def _weight(q: jax.Array) -> jax.Array:
-    return jax.lax.bitcast_convert_type(q, jnp.float8_e4m3fn) if q.dtype == jnp.uint8 else q
-
-
 def unpack_reference(b: jax.Array, packed: str, nblocks: int) -> jax.Array:
     """uint8 [K / 2, N] of 4-bit pairs -> the values [K, N] f32, rows in order (per block: low nibbles
     then high ones)."""
-    v = b.astype(jnp.int32)
-    lo, hi = v & 0x0F, v >> 4
-    if packed == "int4":
-        lo, hi = jnp.where(lo > 7, lo - 16, lo), jnp.where(hi > 7, hi - 16, hi)
+    lo, hi = (a.astype(jnp.float32) for a in nibbles(b, packed))  # [K/2, N] each
     half, n = b.shape[0] // nblocks, b.shape[1]
     pair = jnp.stack([lo.reshape(nblocks, half, n), hi.reshape(nblocks, half, n)], axis=1)  # [nb, 2, B/2, N]
-    return pair.reshape(2 * b.shape[0], n).astype(jnp.float32)
+    return pair.reshape(2 * b.shape[0], n)
 
 
 def quant_matmul_reference(x: jax.Array, q: jax.Array, scale: jax.Array, offset: jax.Array | None = None,
@@ -59,7 +54,7 @@ def quant_matmul_reference(x: jax.Array, q: jax.Array, scale: jax.Array, offset:
     if layer is not None:
         q, scale = q[layer], scale[layer]
         offset = None if offset is None else offset[layer]
-    w = unpack_reference(q, packed, scale.shape[0]) if packed else _weight(q).astype(jnp.float32)  # [K, N] f32
+    w = unpack_reference(q, packed, scale.shape[0]) if packed else from_storage_as(q, jnp.float32)  # [K, N] f32
     if scale.ndim == 2:  # blocks of B rows of K
         nb = scale.shape[0]
         w = w.reshape(nb, -1, w.shape[-1]) * scale[:, None, :].astype(jnp.float32)

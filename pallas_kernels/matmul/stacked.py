@@ -22,6 +22,8 @@ from jax.experimental import pallas as pl
 from jax.experimental.pallas import triton as plgpu
 
 from pallas_kernels.attention.common import layer_index, next_pow2
+from pallas_kernels.kv_quant import from_storage_as
+from pallas_kernels.matmul.packed4 import nibbles
 
 MAX_ROWS = 64  # beyond this the matmul is compute-bound and XLA's own gemm (plus the copy) wins
 TARGET_PROGRAMS = 264  # two waves of programs on a 132-SM H100/H200
@@ -46,13 +48,6 @@ def _plan_splits(k_chunks: int, n_tiles: int) -> int:
     """The most splits up to TARGET_PROGRAMS programs that divide K's chunks evenly."""
     want = max(1, -(-TARGET_PROGRAMS // n_tiles))
     return max(d for d in range(1, min(want, k_chunks) + 1) if k_chunks % d == 0)
-
-
-def _nibbles(b: jax.Array, packed: str) -> tuple[jax.Array, jax.Array]:
-    """uint8 bytes -> (low, high) nibble values: int8 two's complement for "int4", uint8 for "uint4"."""
-    if packed == "uint4":
-        return b & 0x0F, b >> 4
-    return (lax.bitcast_convert_type(b << 4, jnp.int8) >> 4), (lax.bitcast_convert_type(b, jnp.int8) >> 4)
 
 
 def _dot(x, w):
@@ -81,7 +76,7 @@ def _kernel(layer_ref, x_ref, w_ref, *rest, block_k, block_n, chunks_per_split, 
             half = block_k // 2
             kl = (c0 + j) * block_k + jnp.arange(half, dtype=jnp.int32)  # [BK/2] i32: the block's first half
             kp = (c0 + j) * half + jnp.arange(half, dtype=jnp.int32)  # [BK/2] i32: its packed rows
-            lo, hi = _nibbles(plgpu.load(w_ref.at[layer, kp[:, None], cols]), packed)  # [BK/2, BN] each
+            lo, hi = nibbles(plgpu.load(w_ref.at[layer, kp[:, None], cols]), packed)  # [BK/2, BN] each
             x_lo = plgpu.load(x_ref.at[rows, kl[None, :]])  # [Mp, BK/2]
             x_hi = plgpu.load(x_ref.at[rows, kl[None, :] + half])  # [Mp, BK/2]
             part = _dot(x_lo, lo) + _dot(x_hi, hi)
@@ -91,9 +86,7 @@ def _kernel(layer_ref, x_ref, w_ref, *rest, block_k, block_n, chunks_per_split, 
             ks = (c0 + j) * block_k + jnp.arange(block_k, dtype=jnp.int32)  # [BK] i32
             x = plgpu.load(x_ref.at[rows, ks[None, :]])  # [Mp, BK]
             w = plgpu.load(w_ref.at[layer, ks[:, None], cols])  # [BK, BN] in the weight's storage dtype
-            if w.dtype == jnp.uint8:  # float8_e4m3fn bits
-                w = lax.bitcast_convert_type(w, jnp.float8_e4m3fn)
-            part = _dot(x, w)
+            part = _dot(x, from_storage_as(w, x.dtype))  # uint8: float8_e4m3fn bits
             xsum = lambda: jnp.sum(x.astype(jnp.float32), axis=1, keepdims=True)  # noqa: E731  [Mp, 1] f32
         if block_scaled:
             kb = jnp.full((1, bn), c0 + j, jnp.int32)  # [1, BN] i32: this chunk's scale block
