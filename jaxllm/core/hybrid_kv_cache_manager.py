@@ -200,9 +200,7 @@ class HybridKVCacheManager(KVCacheManager):
 
     def _append_table(self, request_id: str, lists: list[list[KVBlock | None]]) -> None:
         """Append the lists' entries past the request's table to it (every group's list is as long)."""
-        table = self.req_tables.get(request_id)
-        if table is None:
-            table = self.req_tables[request_id] = BlockTable(self.num_groups, len(lists[0]) + 16)
+        table = self._table(request_id, len(lists[0]))
         n = len(table)
         if len(lists[0]) > n:
             table.extend([[NULL_BLOCK_ID if b is None else b.block_id for b in blocks[n:]] for blocks in lists])

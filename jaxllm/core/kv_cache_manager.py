@@ -183,10 +183,8 @@ class KVCacheManager:
         new_blocks = self.pool.get_new_blocks(max(num_needed, 0))
         blocks.extend(new_blocks)
         if new_computed_blocks or new_blocks:
-            table = self.req_tables.get(req.request_id)
-            if table is None:
-                table = self.req_tables[req.request_id] = BlockTable(1, len(blocks) + 16)
-            table.extend([[b.block_id for b in new_computed_blocks] + [b.block_id for b in new_blocks]])
+            self._table(req.request_id, len(blocks)).extend(
+                [[b.block_id for b in new_computed_blocks] + [b.block_id for b in new_blocks]])
         if self.enable_caching and req.pooling is None:
             # embedding requests keep their blocks out of the prefix cache: they are freed the step
             # their prompt is done and would only evict generation prefixes from the LRU queue
@@ -202,6 +200,18 @@ class KVCacheManager:
         for i in range(start, end):
             self.pool.cache_block(blocks[i], hashes[i])
         self.num_cached_blocks[req.request_id] = end
+
+    @property
+    def num_groups(self) -> int:
+        """KV cache groups (rows of a block table): one here; HybridKVCacheManager has one per group."""
+        return 1
+
+    def _table(self, request_id: str, size: int) -> BlockTable:
+        """The request's table, made on its first allocation (room for `size` entries and then some)."""
+        table = self.req_tables.get(request_id)
+        if table is None:
+            table = self.req_tables[request_id] = BlockTable(self.num_groups, size + 16)
+        return table
 
     def get_block_ids(self, request_id: str) -> list[int]:
         """The request's block ids, rebuilt as a new list (the scheduler reads ``block_table`` instead)."""
