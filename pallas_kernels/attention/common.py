@@ -114,3 +114,36 @@ def build_q_tiles(cu_q_lens: jax.Array, context_lens: jax.Array, num_tokens: int
     q_start = jnp.where(used, q_start, 0)
     pos0 = jnp.where(used, pos0, 0)
     return jnp.stack([seq, q_start, n_q, pos0, ctx], axis=1).astype(jnp.int32)  # [NT, 5] i32
+
+
+def plan_splits(num_seqs: int, programs_per_seq: int, table_tokens: int, block_k: int,
+                num_splits: int | None = None) -> tuple[int, int]:
+    """(num_splits, split_len) of the decode kernels, whose grids run `programs_per_seq` programs (kv
+    heads, or head groups) per sequence and split: enough programs to fill a GPU several times over (an
+    H100 runs ~3 of these programs per SM, 132 SMs: fewer programs leave a ragged last wave), each split
+    >= 2 chunks of `block_k` tokens. Tune with `bench/attention_kernels.py --sweep` on the GPU.
+    `num_splits` given: that many equal splits of the table, each a multiple of block_k."""
+    if num_splits is not None:
+        split_len = -(-table_tokens // num_splits)
+        return num_splits, -(-split_len // block_k) * block_k
+    target_programs = 1024
+    want = max(1, -(-target_programs // (num_seqs * programs_per_seq)))
+    most = max(1, table_tokens // (2 * block_k))
+    num_splits = min(want, most)
+    split_len = -(-table_tokens // num_splits)
+    split_len = -(-split_len // block_k) * block_k
+    num_splits = -(-table_tokens // split_len)
+    return num_splits, split_len
+
+
+def merge_splits(acc: jax.Array, m: jax.Array, l: jax.Array, splits: int, num_seqs: int,
+                 num_heads: int) -> jax.Array:
+    """The decode kernels' split-K epilogue (log-sum-exp): acc [splits*S*H, d] f32 (unnormalised), m / l
+    [splits*S*H] f32 (base-2 running max and sum; rows in (split, seq, head) order) -> [S, H, d] f32.
+    A row with l == 0 (no context) comes out as zeros."""
+    acc = acc.reshape(splits, num_seqs, num_heads, acc.shape[-1])
+    m, l = (a.reshape(splits, num_seqs, num_heads) for a in (m, l))
+    m_all = m.max(axis=0)
+    w = jnp.exp2(m - m_all[None])  # [splits, S, H] f32
+    l_all = (w * l).sum(axis=0)
+    return (w[..., None] * acc).sum(axis=0) / jnp.where(l_all > 0, l_all, 1.0)[..., None]  # [S, H, d] f32

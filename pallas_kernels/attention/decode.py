@@ -20,7 +20,8 @@ from jax.experimental import pallas as pl
 from jax.experimental.pallas import triton as plgpu
 
 from pallas_kernels.attention.common import (
-    MASK_VALUE, check_inputs, dot_dtype, layer_index, next_pow2, resolve_scale)
+    MASK_VALUE, check_inputs, dot_dtype, layer_index, merge_splits, next_pow2, plan_splits, resolve_scale)
+from pallas_kernels.attention.decode_mha import decode_rows_mha, resolve_mha_group
 from pallas_kernels.attention.paged_chunk import attend_chunk
 from pallas_kernels.metadata import AttentionMetadata, KVCache
 
@@ -73,20 +74,6 @@ def _decode_kernel(layer_ref, ctx_ref, tok_ref, bt_ref, q_ref, k_ref, v_ref, *re
     plgpu.store(l_ref.at[out_rows], l_i, mask=head_ok)
 
 
-def _plan_splits(num_seqs: int, num_kv_heads: int, table_tokens: int, block_k: int) -> tuple[int, int]:
-    """(num_splits, split_len): enough programs to fill a GPU several times over (an H100 runs ~3
-    of these programs per SM, 132 SMs: fewer programs leave a ragged last wave), each split >= 2
-    chunks of work. Tune with `bench/attention_kernels.py --sweep` on the GPU."""
-    target_programs = 1024
-    want = max(1, -(-target_programs // (num_seqs * num_kv_heads)))
-    most = max(1, table_tokens // (2 * block_k))
-    num_splits = min(want, most)
-    split_len = -(-table_tokens // num_splits)
-    split_len = -(-split_len // block_k) * block_k
-    num_splits = -(-table_tokens // split_len)
-    return num_splits, split_len
-
-
 def paged_decode_attention(
     q: jax.Array,
     cache: KVCache,
@@ -101,8 +88,10 @@ def paged_decode_attention(
     num_splits: int | None = None,
     num_warps: int = 4,
     num_stages: int = 2,
+    mha_group: int | str | None = None,
 ) -> jax.Array:
-    """Decode-only paged attention (token i is the single new token of sequence i)."""
+    """Decode-only paged attention (token i is the single new token of sequence i). `mha_group`: see
+    `decode_rows`."""
     if not metadata.decode_only:
         raise ValueError("pallas_decode needs metadata.decode_only=True (one token per sequence)")
     q_lens = metadata.cu_q_lens[1:] - metadata.cu_q_lens[:-1]
@@ -110,31 +99,36 @@ def paged_decode_attention(
     tok = jnp.arange(metadata.num_seqs, dtype=jnp.int32)  # [S] i32: sequence i's token is row i
     out = decode_rows(q, cache, layer, metadata, ctx, tok, sm_scale=sm_scale, sliding_window=sliding_window,
                       soft_cap=soft_cap, interpret=interpret, block_k=block_k, num_splits=num_splits,
-                      num_warps=num_warps, num_stages=num_stages)  # [S, H, d]
+                      num_warps=num_warps, num_stages=num_stages, mha_group=mha_group)  # [S, H, d]
     return out.reshape(q.shape)
 
 
 def decode_rows(q: jax.Array, cache: KVCache, layer, metadata: AttentionMetadata, ctx: jax.Array, tok: jax.Array, *,
                 sm_scale: float | None = None, sliding_window: int | None = None, soft_cap: float | None = None,
                 interpret: bool = False, block_k: int | None = None, num_splits: int | None = None,
-                num_warps: int = 4, num_stages: int = 2) -> jax.Array:
+                num_warps: int = 4, num_stages: int = 2, mha_group: int | str | None = None) -> jax.Array:
     """One query token per sequence: sequence s's token `tok[s]` (a row of q [T, H, d]) attends to its
     first `ctx[s]` cache positions (ctx 0: no work, zeros out) -> [S, H, d] in q.dtype. The decode
     kernel proper; `paged_decode_attention` (decode-only batches) and the mixed batches' single-token
-    sequences (pallas_kernels/attention/prefill.py) call it."""
+    sequences (pallas_kernels/attention/prefill.py) call it.
+
+    `mha_group` (None: the environment variable JAXLLM_DECODE_MHA_GROUP, unset = "off"): an MHA model
+    (q_per_kv 1) with a group G ("auto" = 16, or a power of two) runs decode_mha.py's kernel, G kv heads
+    per program, instead of this one; off by default until a GPU measures it. The one switch point."""
     num_kv_heads, q_per_kv, head_dim = check_inputs(q, cache, metadata)
-    num_tokens, num_heads, _ = q.shape
-    num_seqs = metadata.num_seqs
     if head_dim < 16 or head_dim & (head_dim - 1):
         raise ValueError(f"pallas_decode needs a power-of-two head_dim >= 16, got {head_dim}")
+    group = resolve_mha_group(mha_group, q_per_kv)
+    if group is not None:  # MHA, G heads per program (decode_mha.py); block_k there is tokens per chunk too
+        return decode_rows_mha(q, cache, layer, metadata, ctx, tok, group=group, sm_scale=sm_scale,
+                               sliding_window=sliding_window, soft_cap=soft_cap, interpret=interpret,
+                               block_k=block_k, num_splits=num_splits, num_warps=num_warps, num_stages=num_stages)
+    num_tokens, num_heads, _ = q.shape
+    num_seqs = metadata.num_seqs
     gp = max(16, next_pow2(q_per_kv))
     block_k = block_k or (64 if head_dim <= 128 else 32)
     table_tokens = metadata.block_tables.shape[1] * cache.block_size
-    splits, split_len = _plan_splits(num_seqs, num_kv_heads, table_tokens, block_k)
-    if num_splits is not None:  # forced: equal splits of the table, each a multiple of block_k
-        split_len = -(-table_tokens // num_splits)
-        split_len = -(-split_len // block_k) * block_k
-        splits = num_splits
+    splits, split_len = plan_splits(num_seqs, num_kv_heads, table_tokens, block_k, num_splits)
     kernel = functools.partial(
         _decode_kernel, q_per_kv=q_per_kv, gp=gp, num_heads=num_heads, block_k=block_k,
         split_len=split_len, sm_scale=resolve_scale(sm_scale, head_dim), fp8=cache.quantized,
@@ -155,11 +149,4 @@ def decode_rows(q: jax.Array, cache: KVCache, layer, metadata: AttentionMetadata
       q.reshape(num_tokens * num_heads, head_dim).astype(dot_dtype(q, cache)), cache.k, cache.v,
       *((cache.k_scale, cache.v_scale) if cache.quantized else ()))
 
-    # Merge the splits: [splits, S, H(, d)] -> [S, H, d].
-    acc = acc.reshape(splits, num_seqs, num_heads, head_dim)
-    m, l = (a.reshape(splits, num_seqs, num_heads) for a in (m, l))
-    m_all = m.max(axis=0)
-    w = jnp.exp2(m - m_all[None])  # [splits, S, H] f32
-    l_all = (w * l).sum(axis=0)
-    out = (w[..., None] * acc).sum(axis=0) / jnp.where(l_all > 0, l_all, 1.0)[..., None]
-    return out.astype(q.dtype)  # [S, H, d]
+    return merge_splits(acc, m, l, splits, num_seqs, num_heads).astype(q.dtype)  # [S, H, d]

@@ -15,10 +15,12 @@ DOT_NN = (((1,), (0,)), ((), ()))  # a @ b
 
 def attend_chunk(carry, q, k_ref, v_ref, bt_ref, *, seq, layer, head, dcol, k_pos, k_ok, mask,
                  block_size, max_blocks, num_blocks, sm_scale, soft_cap):
-    """carry = (acc [rows, d] f32, m [rows] f32, l [rows] f32), q [rows, d]; k_pos/k_ok [bk];
-    mask [rows, bk] (which (row, position) pairs attend; must imply k_ok). Base-2 online softmax.
-    An fp8 cache: K/V rows are converted to q's dtype in registers for the dots; `sm_scale` then
-    carries the K scale (a traced scalar) and the caller multiplies the output by the V scale."""
+    """carry = (acc [rows, d] f32, m [rows] f32, l [rows] f32), q [rows, d]; k_pos/k_ok [bk] (the
+    cached position each K/V column reads); `head` the kv head, a scalar or [bk, 1] per column
+    (decode_mha.py's columns are (token, head) pairs); mask [rows, bk] (which (row, column) pairs
+    attend; must imply k_ok). Base-2 online softmax. An fp8 cache: K/V rows are converted to q's
+    dtype in registers for the dots; `sm_scale` then carries the K scale (a traced scalar, or
+    [rows, 1] per row) and the caller multiplies the output by the V scale."""
     acc, m_i, l_i = carry
     page = plgpu.load(bt_ref.at[seq, jnp.minimum(k_pos // block_size, max_blocks - 1)], mask=k_ok, other=0)
     blk = jnp.clip(page, 0, num_blocks - 1)[:, None]  # [bk, 1] i32

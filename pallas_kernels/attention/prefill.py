@@ -103,12 +103,14 @@ def paged_prefill_attention(
     num_warps: int = 4,
     num_stages: int = 2,
     split_decodes: bool = True,
+    mha_group: int | str | None = None,
 ) -> jax.Array:
     """Ragged paged attention for any mix of prefill chunks and decode tokens. `split_decodes` (mixed
     batches): the single-token sequences go through the decode kernel (`decode_rows`: one q row per
     kv head, padded to 16) and only the longer ones get q tiles here, as the reference splits them;
     a decode token in a tile of `rows_per_tile` rows would do 64x its attention FLOPs and softmax work
-    (an MHA model's q-per-kv 1). False: every sequence in tiles (the kernel alone, for tests)."""
+    (an MHA model's q-per-kv 1). False: every sequence in tiles (the kernel alone, for tests).
+    `mha_group`: decode_rows' switch to the G-heads-per-program MHA decode kernel (decode_mha.py)."""
     num_kv_heads, q_per_kv, head_dim = check_inputs(q, cache, metadata)
     num_tokens, num_heads, _ = q.shape
     if head_dim < 16 or head_dim & (head_dim - 1):
@@ -123,7 +125,8 @@ def paged_prefill_attention(
         tok = jnp.where(one, metadata.cu_q_lens[:-1].astype(jnp.int32), 0)  # [S] i32: the decode token's row
         dec = decode_rows(q, cache, layer, metadata, jnp.where(one, metadata.context_lens, 0), tok,
                           sm_scale=sm_scale, sliding_window=sliding_window, soft_cap=soft_cap,
-                          interpret=interpret, num_warps=num_warps, num_stages=num_stages)  # [S, H, d]
+                          interpret=interpret, num_warps=num_warps, num_stages=num_stages,
+                          mha_group=mha_group)  # [S, H, d]
         base = base.at[jnp.where(one, tok, num_tokens)].set(dec, mode="drop")
         seq_mask = q_lens > 1
     tiles = build_q_tiles(metadata.cu_q_lens, metadata.context_lens, num_tokens, bq, seq_mask)  # [NT, 5] i32
