@@ -135,3 +135,28 @@ def test_quant_matmul_lowers_for_cuda(m, k, n, qdtype, block, offset, packed):
     text = exported.mlir_module()
     assert text.count(plgpu.CUSTOM_CALL_TARGET_NAME) == 1
     assert "bf16" in text and ("i8" in text or "f8E4M3FN" in text)  # the weight reaches the kernel as its bytes
+
+
+MHA_OPTS = {"plain": {}, "window_softcap": dict(sliding_window=256, soft_cap=30.0), "fp8": dict(fp8=True, soft_cap=30.0)}
+
+
+@pytest.mark.parametrize("impl,decode", [("pallas_decode", True), ("pallas_prefill", False)])
+@pytest.mark.parametrize("shape,group,opts", [
+    ((40, 40, 128), "16", "plain"), ((40, 40, 128), "16", "window_softcap"), ((40, 40, 128), "16", "fp8"),
+    ((40, 40, 128), "32", "plain"), ((40, 40, 128), "2", "plain"), ((16, 16, 64), "auto", "plain"),
+    ((8, 8, 256), "16", "fp8")], ids=lambda x: "x".join(map(str, x)) if isinstance(x, tuple) else x)
+def test_mha_decode_kernel_lowers_for_cuda(monkeypatch, impl, decode, shape, group, opts):
+    """JAXLLM_DECODE_MHA_GROUP on an MHA model: the G-heads-per-program decode kernel (decode_mha.py) lowers
+    under the Triton verifier, decode-only and in a mixed batch (decode_rows); its [block_k * G, d] K/V
+    tiles and [max(G, 16), block_k * G] logits must be powers of two, which interpret mode does not check."""
+    monkeypatch.setenv("JAXLLM_DECODE_MHA_GROUP", group)
+    text = export_for_cuda(impl, *shape, decode=decode, **MHA_OPTS[opts]).mlir_module()
+    assert text.count(plgpu.CUSTOM_CALL_TARGET_NAME) == kernels(impl, decode)
+    assert "jaxllm_paged_decode_mha" in text
+
+
+def test_mha_group_falls_back_on_gqa(monkeypatch):
+    """The switch asks for the variant, the model is GQA (SmolLM2, 9/3 heads): the one-head decode kernel."""
+    monkeypatch.setenv("JAXLLM_DECODE_MHA_GROUP", "16")
+    text = export_for_cuda("pallas_decode", *MODELS["smollm2"], decode=True).mlir_module()
+    assert "jaxllm_paged_decode" in text and "jaxllm_paged_decode_mha" not in text
