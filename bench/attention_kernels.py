@@ -2,6 +2,8 @@
 
     python bench/attention_kernels.py                       # reference (CPU); reference + Pallas on a GPU
     python bench/attention_kernels.py --impls pallas --json out.json --check
+    python bench/attention_kernels.py --impls reference,pallas,pallas_mha16 --only decode --ragged --check \
+        --batch 64 --context 768 --heads 40 --kv-heads 40   # the MHA decode kernel A/B (13B shapes)
 
 (Named so that it shadows nothing: `python bench/x.py` puts bench/ on sys.path, and a bench/kernels.py
 made transformers >= 5.25 import it as the PyPI `kernels` package, failing HF's import in every bench.)
@@ -31,6 +33,7 @@ import numpy as np  # noqa: E402
 
 from bench.common import machine_info, merge_json  # noqa: E402
 from pallas_kernels import AttentionMetadata, KVCache, ragged_paged_attention  # noqa: E402
+from pallas_kernels.attention.decode import paged_decode_attention  # noqa: E402
 from pallas_kernels.attention.prefill import paged_prefill_attention  # noqa: E402
 
 warnings.filterwarnings("ignore", message=".*Pallas Triton backend is deprecated.*")
@@ -96,11 +99,21 @@ def copy_bandwidth(nbytes: int, iters: int) -> float:
 
 
 def attn_fn(impl: str):
-    """impl: reference, pallas, pallas_decode, pallas_prefill, or pallas_tiles (the prefill kernel with
-    every sequence of a mixed batch in q tiles, single-token ones included: the path before 2026-12-05)."""
+    """impl: reference, pallas, pallas_decode, pallas_prefill, pallas_tiles (the prefill kernel with
+    every sequence of a mixed batch in q tiles, single-token ones included: the path before 2026-12-05),
+    or pallas_mha<G> (e.g. pallas_mha16): "pallas" with the decode tokens through the MHA decode kernel,
+    G kv heads per program (decode_mha.py; the JAXLLM_DECODE_MHA_GROUP=<G> path, off by default; a GQA
+    model falls back to the one-head kernel, so its row equals "pallas")."""
     interpret = jax.default_backend() != "gpu" and impl != "reference"  # CPU: interpret (smoke only)
     if impl == "pallas_tiles":
         return jax.jit(lambda q, c, md: paged_prefill_attention(q, c, 0, md, interpret=interpret, split_decodes=False))
+    if impl.startswith("pallas_mha"):
+        group = int(impl[len("pallas_mha"):])
+
+        def mha(q, c, md):
+            fn = paged_decode_attention if md.decode_only else paged_prefill_attention  # md.decode_only: static
+            return fn(q, c, 0, md, interpret=interpret, mha_group=group)
+        return jax.jit(mha)
     return jax.jit(lambda q, c, md: ragged_paged_attention(q, c, 0, md, impl=impl, interpret=interpret))
 
 
@@ -241,6 +254,15 @@ DECODE_SWEEP = (
     + [dict(block_k=bk, num_warps=w) for bk in (32, 128) for w in (2, 8)]
     + [dict(block_k=128, num_warps=8, num_stages=3), dict(block_k=128, num_splits=8)]
 )
+# The MHA decode kernel (decode_mha.py), swept only on MHA shapes (--heads == --kv-heads): G kv heads
+# per program, block_k tokens per chunk (block_k * G K/V rows), warps, stages.
+MHA_SWEEP = (
+    [dict(mha_group=16)]
+    + [dict(mha_group=g) for g in (8, 32)]
+    + [dict(mha_group=16, block_k=bk) for bk in (4, 16)]
+    + [dict(mha_group=16, num_warps=w) for w in (2, 8)]
+    + [dict(mha_group=16, num_stages=st) for st in (1, 3)]
+)
 PREFILL_SWEEP = (
     [dict()]
     + [dict(rows_per_tile=r) for r in (32, 128)]
@@ -253,8 +275,8 @@ PREFILL_SWEEP = (
 
 
 def sweep_configs(args, results):
-    """Times Pallas kernel variants (tile sizes, warps, stages, splits) on the bench shapes."""
-    from pallas_kernels.attention import paged_decode_attention, paged_prefill_attention
+    """Times Pallas kernel variants (tile sizes, warps, stages, splits; on MHA shapes the MHA decode kernel
+    too) on the bench shapes."""
 
     dtype = jnp.dtype(args.dtype)
     dq, dc, dmd = make_workload(args.batch, args.context, 1, args.heads, args.kv_heads, args.head_dim,
@@ -262,7 +284,8 @@ def sweep_configs(args, results):
     dec_bytes = (2 * int(np.asarray(dmd.context_lens).sum()) * args.kv_heads * args.head_dim * dtype.itemsize
                  + 2 * dq.nbytes + dmd.block_tables.nbytes)
     n = args.prefill_tokens
-    work = {"decode": (paged_decode_attention, DECODE_SWEEP, (dq, dc, dmd)),
+    decode_variants = DECODE_SWEEP + (MHA_SWEEP if args.heads == args.kv_heads else [])
+    work = {"decode": (paged_decode_attention, decode_variants, (dq, dc, dmd)),
             "prefill": (paged_prefill_attention, PREFILL_SWEEP,
                         make_workload(1, n, n, args.heads, args.kv_heads, args.head_dim, args.block_size, dtype))}
     flops = 4 * args.heads * args.head_dim * (n * (n + 1) // 2)
@@ -287,7 +310,8 @@ def sweep_configs(args, results):
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--impls", default=None,
-                   help="comma list of reference,pallas (default: reference; reference,pallas on a GPU)")
+                   help="comma list of reference, pallas, pallas_decode, pallas_prefill, pallas_tiles, pallas_mha<G> "
+                        "(default: reference; reference,pallas on a GPU)")
     p.add_argument("--batch", type=int, default=64)
     p.add_argument("--context", type=int, default=2048)
     p.add_argument("--heads", type=int, default=32)

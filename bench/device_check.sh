@@ -37,7 +37,9 @@
 #   attn13b 60+45+45 s the Pallas attention at the 13B shapes (40/40 heads, d128), ragged contexts: decode
 #                       64 seqs U[64,768] (vs the reference, --check), 256 seqs U[64,1024], and the article's
 #                       mixed step (255 decodes + a 160-token chunk) with the decodes split out vs in q tiles
-#                       (pallas_tiles, the path before 2026-12-05) (~30 s)
+#                       (pallas_tiles, the path before 2026-12-05); each row also as pallas_mha16 (the MHA decode
+#                       kernel, 16 kv heads per program, JAXLLM_DECODE_MHA_GROUP=16; off by default): the A/B
+#                       that decides its default (~35-40 s: one more kernel compile per row)
 #   qmatmul      90 s   bench/quant_matmul.py: the Pallas int8/fp8 matmul (the GPU default for steps of <= 64
 #                       tokens since 2026-12-05) vs XLA's dot, 13B projections, M 1/16/64 (~40 compiles, ~40 s)
 #   int8, fp8   120 s   issue 17: e2e without HF, --quantization int8 / fp8 (~90 s: start + runs; the Pallas
@@ -239,17 +241,18 @@ gpu_only() { if [ "$SMOKE" = 1 ]; then echo; echo "== $1: skipped: smoke (GPU on
 # excess grows with the KV read); the kernels phase's 89% is for 32/8 heads. Two ragged decode batches:
 # the 64-request run's (64 seqs, contexts U[64, 768]) and the article's (256 seqs, U[64, 1024]).
 if want attn13b && gpu_only attn13b; then
-  run attn13b 60 "$PY" bench/attention_kernels.py --impls reference,pallas --only decode --ragged --check \
+  run attn13b 60 "$PY" bench/attention_kernels.py --impls reference,pallas,pallas_mha16 --only decode --ragged --check \
     --batch 64 --context 768 --heads 40 --kv-heads 40 --json "$OUT" --json-key kernels_13b_b64
   rc=$?
   if [ $rc -ne 99 ]; then
-    run attn13b_256 45 "$PY" bench/attention_kernels.py --impls pallas --only decode --ragged \
+    run attn13b_256 45 "$PY" bench/attention_kernels.py --impls pallas,pallas_mha16 --only decode --ragged \
       --batch 256 --context 1024 --heads 40 --kv-heads 40 --json "$OUT" --json-key kernels_13b_b256
     rc2=$?
     # the article's steady step: 255 decodes + a 160-token prompt chunk, decodes split out vs all in q tiles
+    # (and split out through the MHA decode kernel, pallas_mha16)
     rc3=99
     if [ $rc2 -ne 99 ]; then
-      run attn13b_mixed 45 "$PY" bench/attention_kernels.py --impls pallas,pallas_tiles \
+      run attn13b_mixed 45 "$PY" bench/attention_kernels.py --impls pallas,pallas_tiles,pallas_mha16 \
         --only mixed --batch 255 --context 1024 --mixed-prefill 160 --heads 40 --kv-heads 40 --check \
         --json "$OUT" --json-key kernels_13b_mixed
       rc3=$?
