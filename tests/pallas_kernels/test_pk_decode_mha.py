@@ -110,6 +110,16 @@ def test_mha_decode_kernel_reads_fp8_cache(opts):
         _assert_close(_decode(16, key)(*args), want, case, cfg.dtype, f"fp8 seed={seed}", scale)
 
 
+def test_mha_decode_kernel_fp32_queries_over_bf16_cache():
+    """q in fp32 over a bf16 cache: q is cast to the cache dtype for the dots, the output stays fp32."""
+    cfg = Config(3, 3, 90, block_size=8, num_kv_heads=20, q_per_kv=1, dtype="bfloat16", decode_only=True)
+    case = make_case(cfg, 5)
+    q32 = case.q.astype(jnp.float32)
+    got = _decode(16, ())(q32, case.cache, case.layer, case.metadata)
+    assert got.dtype == jnp.float32
+    _assert_close(got, _reference(())(q32, case.cache, case.layer, case.metadata), case, "bfloat16", "f32 q")
+
+
 def test_mha_decode_rows_in_mixed_batches():
     """Mixed batches: the single-token sequences go through decode_rows with mha_group 16, the prompt
     chunks (and a padding sequence) through the prefill kernel; the whole output equals the reference."""
