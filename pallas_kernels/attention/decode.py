@@ -6,8 +6,10 @@ sequence s together as the rows of one tile (`[gp, head_dim]`, q-per-kv padded t
 `block_k` tokens, gathering each token's K/V row from the stacked cache through the block table:
 `k_ref[layer, block, offset, h, :]` indexes the full cache ref, so the traced layer needs no slice.
 Each split leaves an unnormalised fp32 accumulator with its running max and sum for the real q
-heads only (rows of a flat [splits * S * H, d]: masked stores, no padded rows written); a small jnp epilogue merges the splits
-(log-sum-exp) and casts to q.dtype.
+heads only (rows of a flat [splits * S * H, d]: masked stores, no padded rows written); a small jnp
+epilogue merges the splits (log-sum-exp, common.merge_splits) and casts to q.dtype.
+MHA models (q-per-kv 1) can run decode_mha.py's kernel instead, G kv heads per program: `decode_rows`
+switches on `mha_group=` / JAXLLM_DECODE_MHA_GROUP (default off).
 """
 from __future__ import annotations
 
