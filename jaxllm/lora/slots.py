@@ -55,8 +55,8 @@ import numpy as np
 from jaxllm.lora.config import LoRAConfig
 from jaxllm.lora.delta import LoRAPair
 from jaxllm.lora.peft import LoRAAdapter, module_shapes
-from jaxllm.models.fusion import FUSED, KV_PARAMS
-from jaxllm.models.llama_params import MODEL_AXES, PARAM_AXES
+from jaxllm.models.fusion import FUSED, KV_PARAMS, fuse
+from jaxllm.models.llama_params import MODEL_AXES, PARAM_AXES, model_param_shapes
 
 # held short name -> the checkpoint projections fused into it, in order
 LORA_TARGETS: dict[str, tuple[str, ...]] = {
@@ -83,10 +83,11 @@ class SlotAdapter:
 
 
 def lora_axes(weight_axes: tuple[str, ...], num_in: int, stacked: bool) -> tuple[tuple, tuple]:
-    """Logical axes of (a, b) from the base weight's ("layers", in..., out...)."""
-    lead = ("layers", "lora_slots") if stacked else ("lora_slots",)
+    """Logical axes of (a [(L,) in..., S, P·R], b [(L,) S, P·R, out...]) from the held weight's
+    ("layers", in..., out...): a takes its input axes, b its (fused) output axes."""
+    lead = ("layers",) if stacked else ()
     ins, outs = weight_axes[1:1 + num_in], weight_axes[1 + num_in:]
-    return lead + ins + ("lora_rank",), lead + ("lora_rank",) + outs
+    return lead + ins + ("lora_slots", "lora_rank"), lead + ("lora_slots", "lora_rank") + outs
 
 
 class LoRASlots:
@@ -105,15 +106,16 @@ class LoRASlots:
         self.ckpt_shapes = module_shapes(self.adapter_config)  # checkpoint name -> (in, out) per layer
         self.dtype = model.dtype
         self.stacked = model.layer_loop == "scan"
-        R = self.rank
-        held_out = module_shapes(mc)  # the model's: kv heads as repeated
-        self.shapes, self.axes = {}, {}  # name -> (a, (b per part)) shapes / axes, without L and S
+        R, S = self.rank, self.num_slots
+        held = model_param_shapes(mc)  # the model's weights: fused, kv heads as repeated
+        self.tp = 1 if layout is None else layout.tp  # the fused outputs' shard-major order
+        self.shapes, self.axes = {}, {}  # name -> (a, b) shapes / logical axes (without L)
         for name, parts in LORA_TARGETS.items():
-            ins = held_out[parts[0]][0]
-            P = len(parts)
-            self.shapes[name] = (ins + (P * R,), tuple((R,) + held_out[p][1] for p in parts))
-            self.axes[name] = (lora_axes(MODEL_AXES[f"layers.{name}"], len(ins), self.stacked)[0],
-                               tuple(lora_axes(PARAM_AXES[p], len(ins), self.stacked)[1] for p in parts))
+            w = held[f"layers.{name}"][1:]  # [in..., out...]
+            num_in = len(self.ckpt_shapes[parts[0]][0])
+            PR = len(parts) * R
+            self.shapes[name] = (w[:num_in] + (S, PR), (S, PR) + w[num_in:])
+            self.axes[name] = lora_axes(MODEL_AXES[f"layers.{name}"], num_in, self.stacked)
         self.weights = self._zeros()
         self.nbytes = sum(x.nbytes for x in jax.tree.leaves(self.weights))
         self.rank_buckets = rank_buckets(R)  # a slot write is compiled for each (warm-up): its rank → the next
@@ -124,9 +126,10 @@ class LoRASlots:
             return jnp.repeat(x, self.kv_repeat, axis=-2) if self.kv_repeat > 1 and param in KV_PARAMS else x
 
         def write(w, index, xs, slot_axis, rank_axis):
-            """w [(L,) S, ...] with slot `index` zeroed and the parts xs [(L,) ..., rb, ...] (no slot
-            axis) written side by side on `rank_axis` (part k at column k·R): in place, the columns
-            past rb left zero (no zeroing when rb = R: the parts cover the slot)."""
+            """w (a [(L,) in..., S, P·R] or b [(L,) S, P·R, out...]) with slot `index` zeroed and the
+            parts xs [.., rb, ..] (w without the slot axis, rb on the rank axis) written side by side on
+            `rank_axis` (part k at k·R): in place, what lies past rb left zero (no zeroing when rb = R:
+            the parts cover the slot; each b part is a full-width row block, `row_block`)."""
             rb = xs[0].shape[rank_axis - 1]
             if rb < R:
                 zeros = jnp.zeros(w.shape[:slot_axis] + w.shape[slot_axis + 1:], w.dtype)  # one slot
@@ -137,6 +140,15 @@ class LoRASlots:
                 w = jax.lax.dynamic_update_slice(w, jnp.expand_dims(x.astype(w.dtype), slot_axis), starts)
             return w
 
+        def row_block(n, k, bs):
+            """Part k's row block of `n`'s block-diagonal b: bs (each part's B [(L,) rb, out_p...], kv
+            heads repeated) → [(L,) rb, out...], part k's B in its columns of the fused output, in the
+            base weight's shard-major order for tp devices (fusion.fuse), zeros in the other parts'."""
+            if len(bs) == 1:
+                return bs[0]
+            return fuse(jnp, [x if q == k else jnp.zeros_like(x) for q, x in enumerate(bs)],
+                        FUSED[f"layers.{n}"][1], self.tp)
+
         def update(weights, index, sent):
             """weights with slot `index` (0-based) replaced by `sent` ({name: (A parts, B parts)} at one
             rank bucket: `write_arrays`), padded to max_lora_rank and kv-repeated here, on the device."""
@@ -144,10 +156,10 @@ class LoRASlots:
                 a_parts, b_parts = sent[n]
                 if layer is not None:
                     a_parts, b_parts = [x[layer] for x in a_parts], [x[layer] for x in b_parts]
-                s = 0 if layer is not None else 1  # the slot axis
-                return LoRAPair(write(p.a, index, a_parts, s, p.a.ndim - 1),
-                                tuple(write(b, index, [repeat_kv(q, x)], s, s + 1)
-                                      for b, q, x in zip(p.b, LORA_TARGETS[n], b_parts)))
+                s = 0 if layer is not None else 1  # b's slot axis
+                bs = [repeat_kv(q, x) for q, x in zip(LORA_TARGETS[n], b_parts)]
+                return LoRAPair(write(p.a, index, a_parts, p.a.ndim - 2, p.a.ndim - 1),
+                                write(p.b, index, [row_block(n, k, bs) for k in range(len(bs))], s, s + 1))
 
             if self.stacked:
                 return {n: pair(p, n) for n, p in weights.items()}
@@ -168,19 +180,20 @@ class LoRASlots:
         B per part ("layers", "lora_rank", out...)); B's "kv_heads" unsharded while they are repeated."""
         parts = LORA_TARGETS[name]
         ins = len(self.ckpt_shapes[parts[0]][0])
-        a = lora_axes(MODEL_AXES[f"layers.{name}"], ins, True)[0]
-        a = (a[0],) + a[2:]  # without "lora_slots"
+
+        def unslotted(axes):
+            return tuple(x for x in axes if x != "lora_slots")
+
+        a = unslotted(lora_axes(MODEL_AXES[f"layers.{name}"], ins, True)[0])
         bs = []
         for p in parts:
-            b = lora_axes(PARAM_AXES[p], ins, True)[1]
-            b = (b[0],) + b[2:]
+            b = unslotted(lora_axes(PARAM_AXES[p], ins, True)[1])  # the unfused part's output axes
             if self.kv_repeat > 1 and p in KV_PARAMS:
                 b = tuple(None if x == "kv_heads" else x for x in b)
             bs.append(b)
         return (a,) * len(parts), tuple(bs)
 
     def _zeros(self):
-        L, S = self.num_layers, self.num_slots
         lay = self.layout
 
         def zeros(shape, axes):
@@ -189,12 +202,12 @@ class LoRASlots:
             return jax.jit(lambda: jnp.zeros(shape, self.dtype), out_shardings=lay.sharding(axes))()
 
         def pair(name, lead):
-            (sa, sbs), (xa, xbs) = self.shapes[name], self.axes[name]
-            return LoRAPair(zeros(lead + sa, xa), tuple(zeros(lead + sb, xb) for sb, xb in zip(sbs, xbs)))
+            (sa, sb), (xa, xb) = self.shapes[name], self.axes[name]
+            return LoRAPair(zeros(lead + sa, xa), zeros(lead + sb, xb))
 
         if self.stacked:
-            return {n: pair(n, (L, S)) for n in LORA_TARGETS}
-        return [{n: pair(n, (S,)) for n in LORA_TARGETS} for _ in range(L)]
+            return {n: pair(n, (self.num_layers,)) for n in LORA_TARGETS}
+        return [{n: pair(n, ()) for n in LORA_TARGETS} for _ in range(self.num_layers)]
 
     # ----- host side: an adapter in the slot layout -------------------------------------------
     def check(self, slot, adapter: LoRAAdapter | None) -> None:

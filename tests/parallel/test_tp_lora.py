@@ -123,7 +123,7 @@ def test_lora_slot_write_pads_on_device_sharded_in_place(path, tp, layer_loop):
         hlo = slots.lower(rb).compile().as_text()
         assert "input_output_alias" in hlo, f"rank {rb}: the slot update is not in place"
         assert not re.search(r"all-reduce|all-gather|reduce-scatter|all-to-all|collective-permute", hlo), rb
-    want = {s: padded_slot(None, c, 16, slots.kv_repeat, jnp.float32) for s in (1, 2)}
+    want = {s: padded_slot(None, c, 16, slots.kv_repeat, jnp.float32, tp) for s in (1, 2)}
     writes = ((1, 8, None), (2, 5, ("layers.wk", "layers.wv", "layers.wo")), (1, 16, None), (2, None, None))
     for seed, (slot, rank, params) in enumerate(writes):
         ad = None if rank is None else random_adapter(c, rank, seed, params=params)
@@ -131,6 +131,6 @@ def test_lora_slot_write_pads_on_device_sharded_in_place(path, tp, layer_loop):
         slots.set(slot, ad)
         assert all(x.is_deleted() for x in old), "the slot write is not donated"
         assert jax.tree.map(lambda x: x.sharding, slots.weights) == shardings
-        want[slot] = padded_slot(ad, c, 16, slots.kv_repeat, jnp.float32)
+        want[slot] = padded_slot(ad, c, 16, slots.kv_repeat, jnp.float32, tp)
         for s in want:
             assert_slot_equal(read_slot(slots, s), want[s], f"tp={tp} {layer_loop} slot {s} after writing slot {slot}")
