@@ -3,27 +3,33 @@
 Layout (per held projection of the model, `LORA_TARGETS`; S = max_loras, R = max_lora_rank, P = the
 number of checkpoint projections fused into it: 3 for wqkv, 2 for w_gate_up, 1 for wo / w_down):
 
-    a [L, S, in..., P·R]     the parts' A side by side on the rank axis (part p: columns pR..pR+r)
-    b: P arrays [L, S, R, out_p...]   each part's own B (q, k, v; gate, up), unfused
+    a [L, in..., S, P·R]    the parts' A side by side on the rank axis (part p: columns pR..pR+r)
+    b [L, S, P·R, out...]   block-diagonal: rows pR..pR+r hold part p's B in part p's columns of the
+                            fused output (the held weight's shard-major order, fusion.py), zeros elsewhere
 
-(the "unroll" layer loop holds one [S, ...] array per layer instead, like its weights; the layer
-axis leads so the "scan" loop scans the slots with the weights). One code path for the four
-projections (`delta.lora_delta`): u = x·a once, then one u_p·b_p per part, and for a fused projection
-`fusion.join_fused` (the inverse of the decoder's `split_fused`) puts the part deltas in the fused
-output's shard-major order, each device concatenating its own slices.
+(the "unroll" layer loop holds one array per layer instead, like its weights; the layer axis leads
+so the "scan" loop scans the slots with the weights). One code path for the four projections
+(`delta.lora_delta`): u = x·a ([T, in] x [in, S·P·R], a plain gemm: the slot axis after the input
+axes spares XLA a transposed copy of a), then u·b ([T, S·P·R] x [S·P·R, out]) straight into the
+fused output: two matmuls per projection, whatever P.
 
-Tensor parallelism by logical axes (`lora_axes`): a takes the held weight's input axes, each b its
-unfused checkpoint projection's output axes (PARAM_AXES). Column-parallel wqkv / w_gate_up: a
-replicated, b_q on "heads", b_k/b_v on "kv_heads", b_gate/b_up on "mlp": every part delta is born
-on the device that holds those output columns and the join moves nothing. Row-parallel wo / w_down:
-a sharded on the input axis, b replicated; XLA sums the partial u = x·a ([T, S, R]) in the same
+Tensor parallelism by logical axes (`lora_axes`): a takes the held weight's input axes, b its output
+axes (MODEL_AXES: "qkv_heads" / "mlp2" for the fused ones). Column-parallel wqkv / w_gate_up: a
+replicated, b sharded like the base weight's columns, whose shard-major order the row blocks follow:
+the delta is born on the device that holds those output columns. Row-parallel wo / w_down: a
+sharded on the input axis, b replicated; XLA sums the partial u = x·a ([T, S, R]) in the same
 all-reduce op as the base projection's partial output (tests/parallel/test_tp_lora.py checks the
 HLO: the decode step's collectives are those of the step without LoRA).
 
-Rejected first version (commit 6d5707b): one fused, block-diagonal b [L, S, P·R, out...] made with
-the base weight's own `fusion.fuse`; simpler (no join) but its zero blocks made b of wqkv 3x and of
-w_gate_up 2x the needed size, bytes read and FLOPs every step: 111 MiB of slots for SmolLM2-135M
-with 4 slots of rank 16 against 74 MiB now (bench/RESULTS.md).
+Bytes: b of wqkv is 3x and of w_gate_up 2x what one B per part takes (the zero blocks are read every
+LoRA step). Llama-2-13B shape, max_loras 4, rank 16, bf16: b 545.0 MiB instead of 260.0 (+285 MiB,
+1.2% of the 23.6 GiB of layer weights), a 217.5 MiB, slots 762.5 MiB instead of 477.5; SmolLM2-135M
+f32: 111.1 instead of 74.5 MiB. History: the first version (commit 6d5707b) had this b; 69d3ccc
+replaced it with one B per part and `fusion.join_fused` (fewer bytes, and on CPU a 64-sequence step
+at 1.11x LoRA off instead of 1.19-1.27x); on the H200 each part's expand matmul and the join were
+kernel launches (11 small dots per layer instead of 8, +24.7% per 13B decode step with LoRA on),
+so b is block-diagonal again, now with a's slot axis moved and u·b one plain gemm (bench/RESULTS.md,
+"LoRA: one expand matmul per projection").
 
 Slot s (1..S) lives at index s - 1; slot 0 (the base model) has no storage (delta.py). Adapters
 arrive from `jaxllm/lora/peft.py` in checkpoint layout. `prepare` does the checks and the cast to the
@@ -35,7 +41,8 @@ A slot write (`set`, on the engine thread) sends the adapter at its rank bucket 
 powers of two from 8 below max_lora_rank, then max_lora_rank) with the checkpoint's kv heads
 (`write_arrays`: the adapter's own arrays when its rank is a bucket, no host copy), and one jitted,
 donated update per bucket (all compiled at warm-up; the slot is an argument) zeroes the slot and
-`dynamic_update_slice`s each part's columns in, repeating kv heads on the device. Under tensor
+`dynamic_update_slice`s each part's A columns and B row block in (the row block made full width on
+the device by `fusion.fuse` with zeros for the other parts), repeating kv heads on the device. Under tensor
 parallelism what is sent lands sharded like the slots (each device its own shard; unrepeated kv
 heads whole) and the update moves nothing between devices. Measured on SmolLM2-135M, rank 8 into
 max_lora_rank 64 (bench/RESULTS.md): 9.3 MiB sent instead of 74.5 MiB (f32), no host padding.
