@@ -63,7 +63,7 @@ from jaxllm.lora.config import LoRAConfig
 from jaxllm.lora.delta import LoRAPair
 from jaxllm.lora.peft import LoRAAdapter, module_shapes
 from jaxllm.models.fusion import FUSED, KV_PARAMS, fuse
-from jaxllm.models.llama_params import MODEL_AXES, PARAM_AXES, model_param_shapes
+from jaxllm.models.llama_params import MODEL_AXES, PARAM_AXES
 
 # held short name -> the checkpoint projections fused into it, in order
 LORA_TARGETS: dict[str, tuple[str, ...]] = {
@@ -114,15 +114,17 @@ class LoRASlots:
         self.dtype = model.dtype
         self.stacked = model.layer_loop == "scan"
         R, S = self.rank, self.num_slots
-        held = model_param_shapes(mc)  # the model's weights: fused, kv heads as repeated
+        held = module_shapes(mc)  # the model's: kv heads as repeated
         self.tp = 1 if layout is None else layout.tp  # the fused outputs' shard-major order
         self.shapes, self.axes = {}, {}  # name -> (a, b) shapes / logical axes (without L)
         for name, parts in LORA_TARGETS.items():
-            w = held[f"layers.{name}"][1:]  # [in..., out...]
-            num_in = len(self.ckpt_shapes[parts[0]][0])
+            ins, outs = held[parts[0]][0], [held[p][1] for p in parts]
+            if len(parts) > 1:  # the fused output: the parts' outputs joined on the fused axis
+                f = len(outs[0]) + FUSED[f"layers.{name}"][1]
+                outs = [outs[0][:f] + (sum(o[f] for o in outs),) + outs[0][f + 1:]]
             PR = len(parts) * R
-            self.shapes[name] = (w[:num_in] + (S, PR), (S, PR) + w[num_in:])
-            self.axes[name] = lora_axes(MODEL_AXES[f"layers.{name}"], num_in, self.stacked)
+            self.shapes[name] = (ins + (S, PR), (S, PR) + outs[0])
+            self.axes[name] = lora_axes(MODEL_AXES[f"layers.{name}"], len(ins), self.stacked)
         self.weights = self._zeros()
         self.nbytes = sum(x.nbytes for x in jax.tree.leaves(self.weights))
         self.rank_buckets = rank_buckets(R)  # a slot write is compiled for each (warm-up): its rank → the next
