@@ -11,11 +11,12 @@ Pytrees the model sees (built by the runner, jaxllm/lora/slots.py):
 - `LoRAWeight(base, a, b)`: a layer's weight with its pairs attached, what the Projector receives in
   place of the plain weight (`with_lora`): the decoder layer's code does not change.
 
-The formulation is the one-hot einsum over slots (sglang-jax's): u = x·A for every slot [T, S, P·R]
-(one plain [T, in] x [in, S·P·R] matmul: the slot axis sits after A's input axes, so no copy of A
-is transposed for the dot), zeroed except the token's own slot, then one u·B contracting slots and
-ranks [T, S·P·R] x [S·P·R, out] straight into the fused output: two matmuls per projection whatever
-its number of fused parts. It reads each slot's A/B once per step whatever the number of tokens, at
+The formulation is the one-hot einsum over slots (sglang-jax's): u = x·A for every slot [T, S·P·R]
+(one plain [T, in] x [in, S·P·R] matmul: the slot axis sits after A's input axes), zeroed except
+the token's own slot (one elementwise multiply), then one u·B contracting slots and ranks
+[T, S·P·R] x [S·P·R, out] straight into the fused output: two matmuls per projection whatever its
+number of fused parts, and no transposed copy of A, u or B (the tiny Llama's CPU HLO: the LoRA
+decode step's transposes/copies are the base step's). It reads each slot's A/B once per step whatever the number of tokens, at
 the price of S times the delta's FLOPs. Gathering each token's A[slot], B[slot] ([T, in, P·R] and
 [T, R, out_p]) materialises T copies: measured on CPU for SmolLM2's wqkv (4 slots, rank 16, f32;
 `python bench/lora_step.py`, 2 shared cores), one-hot vs gather: T=64 0.33-0.39 vs 0.67-1.07 ms,
@@ -81,13 +82,13 @@ def lora_delta(spec: str, x: jax.Array, a: jax.Array, b: jax.Array, onehot: jax.
     fused parts, in the fused output's order), onehot [T, S] → [T, out...]. Two matmuls."""
     lhs, out = spec.split("->")
     xs, ws = lhs.split(",")
-    ins = "".join(ch for ch in ws if ch in xs)
-    outs = ws[len(ins):]
+    outs = ws[x.ndim - 1:]
     t = xs[0]
-    u = jnp.einsum(f"{xs},{ins}SR->{t}SR", x, a)  # [T, S, P*R]
-    u = u * onehot[:, :, None]  # only the token's own slot survives
-    # contract slots and ranks as one axis: an einsum over (S, R) lists them in an order that makes
-    # XLA transpose a copy of u and of b for the dot (seen in the CPU HLO); merged, it is a plain gemm
-    u = u.reshape(u.shape[0], -1)  # [T, S*P*R]
+    # Both matmuls as plain 2-D gemms over merged axes: an einsum contracting two axes (wo's heads and
+    # head_dim; slots and ranks) may list them in an order that makes XLA transpose a copy of an
+    # operand for the dot (seen in the CPU HLO: a copy of A, of u and of B per projection and step).
+    T = x.shape[0]
+    u = jnp.dot(x.reshape(T, -1), a.reshape(-1, a.shape[-2] * a.shape[-1]))  # [T, S*P*R]
+    u = u * jnp.repeat(onehot, a.shape[-1], axis=1)  # only the token's own slot survives
     b = b.reshape((-1,) + b.shape[2:])  # [S*P*R, out...]
     return jnp.einsum(f"{t}K,K{outs}->{out}", u, b)  # [T, out...]

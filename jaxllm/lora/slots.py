@@ -17,7 +17,7 @@ Tensor parallelism by logical axes (`lora_axes`): a takes the held weight's inpu
 axes (MODEL_AXES: "qkv_heads" / "mlp2" for the fused ones). Column-parallel wqkv / w_gate_up: a
 replicated, b sharded like the base weight's columns, whose shard-major order the row blocks follow:
 the delta is born on the device that holds those output columns. Row-parallel wo / w_down: a
-sharded on the input axis, b replicated; XLA sums the partial u = x·a ([T, S, R]) in the same
+sharded on the input axis, b replicated; XLA sums the partial u = x·a ([T, S·R]) in the same
 all-reduce op as the base projection's partial output (tests/parallel/test_tp_lora.py checks the
 HLO: the decode step's collectives are those of the step without LoRA).
 

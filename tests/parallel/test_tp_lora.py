@@ -78,7 +78,7 @@ def test_lora_mixed_slots_match_tp1_and_add_no_collective(path, lora_adapters):
 
     And at tp=2 the deltas ride on the base projections' communication: the decode forward has the
     collectives it has without LoRA (test_fused_split_adds_no_collective), o_proj's and down_proj's
-    all-reduce carrying the row-parallel delta's partial x·A ([T, S, R], summed before its replicated
+    all-reduce carrying the row-parallel delta's partial x·A ([T, S·R], summed before its replicated
     B) in the same op; the column-parallel deltas are computed where their outputs live."""
     import re
 
@@ -96,7 +96,7 @@ def test_lora_mixed_slots_match_tp1_and_add_no_collective(path, lora_adapters):
             ops = sorted(re.findall(r"= (\(?[^=]*?\)?) (all-reduce|all-gather|reduce-scatter|all-to-all|"
                                     r"collective-permute)(?:-start)?\(", hlo))
             ops = [(re.sub(r"\{[\d,]*\}", "", shape), op) for shape, op in ops]  # drop layouts
-            body = ("(f32[2,64], f32[2,3,8])", "all-reduce")  # [T, E] and u [T, S, R] in one op
+            body = ("(f32[2,64], f32[2,24])", "all-reduce")  # [T, E] and u [T, S·R] in one op
             assert ops == [body, body, ("f32[2,512]", "all-gather"), ("f32[2,64]", "all-reduce")], ops
 
 
