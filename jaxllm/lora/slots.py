@@ -25,11 +25,13 @@ Bytes: b of wqkv is 3x and of w_gate_up 2x what one B per part takes (the zero b
 LoRA step). Llama-2-13B shape, max_loras 4, rank 16, bf16: b 545.0 MiB instead of 260.0 (+285 MiB,
 1.2% of the 23.6 GiB of layer weights), a 217.5 MiB, slots 762.5 MiB instead of 477.5; SmolLM2-135M
 f32: 111.1 instead of 74.5 MiB. History: the first version (commit 6d5707b) had this b; 69d3ccc
-replaced it with one B per part and `fusion.join_fused` (fewer bytes, and on CPU a 64-sequence step
+replaced it with one B per part and `fusion.join_fused` (fewer bytes; on CPU then a 64-sequence step
 at 1.11x LoRA off instead of 1.19-1.27x); on the H200 each part's expand matmul and the join were
 kernel launches (11 small dots per layer instead of 8, +24.7% per 13B decode step with LoRA on),
-so b is block-diagonal again, now with a's slot axis moved and u·b one plain gemm (bench/RESULTS.md,
-"LoRA: one expand matmul per projection").
+so b is block-diagonal again, now with a's slot axis moved and both matmuls plain gemms, which took
+the transposed copies of a, u and b out of the step. Measured back to back on CPU (bench/RESULTS.md,
+"LoRA: one expand matmul per projection"): the 64-sequence step 1.12-1.19x LoRA off vs 1.08-1.17x
+for one B per part, within the noise; the wqkv delta alone ~1.2-1.4x slower (P x the expand FLOPs).
 
 Slot s (1..S) lives at index s - 1; slot 0 (the base model) has no storage (delta.py). Adapters
 arrive from `jaxllm/lora/peft.py` in checkpoint layout. `prepare` does the checks and the cast to the
