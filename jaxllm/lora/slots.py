@@ -43,8 +43,9 @@ A slot write (`set`, on the engine thread) sends the adapter at its rank bucket 
 powers of two from 8 below max_lora_rank, then max_lora_rank) with the checkpoint's kv heads
 (`write_arrays`: the adapter's own arrays when its rank is a bucket, no host copy), and one jitted,
 donated update per bucket (all compiled at warm-up; the slot is an argument) zeroes the slot and
-`dynamic_update_slice`s each part's A columns and B row block in (the row block made full width on
-the device by `fusion.fuse` with zeros for the other parts), repeating kv heads on the device. Under tensor
+`dynamic_update_slice`s each part's A columns and B block in (B's fused axis viewed as [tp, n/tp]:
+each device writes its shard of the part's columns; the off-diagonal blocks stay zero from the
+start), repeating kv heads on the device. Under tensor
 parallelism what is sent lands sharded like the slots (each device its own shard; unrepeated kv
 heads whole) and the update moves nothing between devices. Measured on SmolLM2-135M, rank 8 into
 max_lora_rank 64 (bench/RESULTS.md): 9.3 MiB sent instead of 74.5 MiB (f32), no host padding.
@@ -64,7 +65,7 @@ import numpy as np
 from jaxllm.lora.config import LoRAConfig
 from jaxllm.lora.delta import LoRAPair
 from jaxllm.lora.peft import LoRAAdapter, module_shapes
-from jaxllm.models.fusion import FUSED, KV_PARAMS, fuse
+from jaxllm.models.fusion import FUSED, KV_PARAMS
 from jaxllm.models.llama_params import MODEL_AXES, PARAM_AXES
 
 # held short name -> the checkpoint projections fused into it, in order
@@ -140,7 +141,7 @@ class LoRASlots:
             """w (a [(L,) in..., S, P·R] or b [(L,) S, P·R, out...]) with slot `index` zeroed and the
             parts xs [.., rb, ..] (w without the slot axis, rb on the rank axis) written side by side on
             `rank_axis` (part k at k·R): in place, what lies past rb left zero (no zeroing when rb = R:
-            the parts cover the slot; each b part is a full-width row block, `row_block`)."""
+            the parts cover the slot). A fused projection's b: `write_fused`."""
             rb = xs[0].shape[rank_axis - 1]
             if rb < R:
                 zeros = jnp.zeros(w.shape[:slot_axis] + w.shape[slot_axis + 1:], w.dtype)  # one slot
@@ -151,14 +152,27 @@ class LoRASlots:
                 w = jax.lax.dynamic_update_slice(w, jnp.expand_dims(x.astype(w.dtype), slot_axis), starts)
             return w
 
-        def row_block(n, k, bs):
-            """Part k's row block of `n`'s block-diagonal b: bs (each part's B [(L,) rb, out_p...], kv
-            heads repeated) → [(L,) rb, out...], part k's B in its columns of the fused output, in the
-            base weight's shard-major order for tp devices (fusion.fuse), zeros in the other parts'."""
-            if len(bs) == 1:
-                return bs[0]
-            return fuse(jnp, [x if q == k else jnp.zeros_like(x) for q, x in enumerate(bs)],
-                        FUSED[f"layers.{n}"][1], self.tp)
+        def write_fused(w, index, bs, s, axis):
+            """b [(L,) S, P·R, out...] with slot `index` zeroed (rb < R) and each part's B bs[k]
+            [(L,) rb, out_k...] (kv heads repeated) written into rows kR.. and part k's own columns of
+            the fused axis (`axis`, from the end). The fused axis is viewed as [tp, n/tp] as in
+            `fusion.fuse`'s shard-major order, so each device writes only its shard of every part. The
+            other parts' columns of a row block are never written: they stay the zeros of `_zeros`."""
+            rb = bs[0].shape[s]
+            if rb < R:
+                w = jax.lax.dynamic_update_index_in_dim(w, jnp.zeros(w.shape[:s] + w.shape[s + 1:], w.dtype), index, s)
+            f, tp = w.ndim + axis, self.tp
+            shape = w.shape
+            w = w.reshape(shape[:f] + (tp, shape[f] // tp) + shape[f + 1:])  # [.., tp, n/tp, ..]
+            offset = 0
+            for k, x in enumerate(bs):
+                xf = x.ndim + axis
+                x = x.reshape(x.shape[:xf] + (tp, x.shape[xf] // tp) + x.shape[xf + 1:])  # [.., tp, n_k/tp, ..]
+                starts = [0] * w.ndim
+                starts[s], starts[s + 1], starts[f + 1] = index, k * R, offset
+                w = jax.lax.dynamic_update_slice(w, jnp.expand_dims(x.astype(w.dtype), s), starts)
+                offset += x.shape[xf + 1]
+            return w.reshape(shape)
 
         def update(weights, index, sent):
             """weights with slot `index` (0-based) replaced by `sent` ({name: (A parts, B parts)} at one
@@ -169,8 +183,9 @@ class LoRASlots:
                     a_parts, b_parts = [x[layer] for x in a_parts], [x[layer] for x in b_parts]
                 s = 0 if layer is not None else 1  # b's slot axis
                 bs = [repeat_kv(q, x) for q, x in zip(LORA_TARGETS[n], b_parts)]
-                return LoRAPair(write(p.a, index, a_parts, p.a.ndim - 2, p.a.ndim - 1),
-                                write(p.b, index, [row_block(n, k, bs) for k in range(len(bs))], s, s + 1))
+                b = (write(p.b, index, bs, s, s + 1) if len(bs) == 1 else
+                     write_fused(p.b, index, bs, s, FUSED[f"layers.{n}"][1]))
+                return LoRAPair(write(p.a, index, a_parts, p.a.ndim - 2, p.a.ndim - 1), b)
 
             if self.stacked:
                 return {n: pair(p, n) for n, p in weights.items()}
