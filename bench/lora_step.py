@@ -3,9 +3,11 @@
     python bench/lora_step.py [--model smollm2-135m] [--batch 64] [--max-loras 4] [--rank 16]
 
 1. "formulations": the delta of one fused wqkv projection (the model's shapes, P = 3 parts,
-   --max-loras slots of --rank) as a one-hot einsum over slots (jaxllm/lora/delta.py) vs gathering
-   each token's A and B ([T, in, P·R], [T, R, out_p] per part), at T = --batch (decode) and prefill sizes:
-   ms per call, median of --repeats.
+   --max-loras slots of --rank) as a one-hot einsum over slots (jaxllm/lora/delta.py: A [in, S, P·R],
+   one block-diagonal B [S, P·R, out], two matmuls) vs the previous one-hot layout (A [S, in, P·R], one
+   B per part [S, R, out_p]: a matmul per part and a concatenate, written out here) vs gathering each
+   token's A and B ([T, in, P·R], [T, R, out_p] per part), at T = --batch (decode) and prefill sizes:
+   ms per call, median of --repeats; and the dot_generals of each (jax.jit(...).lower) text.
 2. "decode step": a --batch-sequence decode step of the ModelRunner (dummy weights of --model's
    shape, context --context tokens each, greedy) with LoRA off, and with LoRA on (--max-loras slots,
    rank --rank) with 0, 1 and 4 distinct adapters among the sequences: ms per step, median of
@@ -48,17 +50,27 @@ def formulations(mc, S: int, R: int, tokens: list[int], repeats: int, dtype) -> 
 
     E, P = mc.hidden_size, 3
     outs = [mc.num_heads * mc.head_dim] + [mc.num_kv_heads * mc.head_dim] * 2  # q, k, v
+    N = sum(outs)
     rng = np.random.default_rng(0)
     a = jnp.asarray(rng.standard_normal((S, E, P * R)), dtype)  # [S, E, PR]
     b = tuple(jnp.asarray(rng.standard_normal((S, R, n)), dtype) for n in outs)  # [S, R, N_p]
+    a_now = jnp.transpose(a, (1, 0, 2))  # [E, S, PR]
+    cols = np.cumsum([0] + outs)
+    b_now = jnp.zeros((S, P * R, N), dtype)  # block-diagonal (tp=1: the fused order is concatenation)
+    for p, bp in enumerate(b):
+        b_now = b_now.at[:, p * R:(p + 1) * R, cols[p]:cols[p + 1]].set(bp)
     a0 = jnp.concatenate([jnp.zeros_like(a[:1]), a])  # [S+1, ...]: slot 0 = zeros for the gather
     b0 = tuple(jnp.concatenate([jnp.zeros_like(x[:1]), x]) for x in b)
-    N = sum(outs)
 
     @jax.jit
-    def onehot(x, slots, a, b):
-        join = lambda parts: jnp.concatenate(parts, axis=1)  # noqa: E731  (tp=1: shard-major = concatenation)
-        return lora_delta("te,en->tn", x, a, b, jax.nn.one_hot(slots - 1, S, dtype=x.dtype), join)
+    def onehot(x, slots, a, b):  # the model's (jaxllm/lora/delta.py)
+        return lora_delta("te,en->tn", x, a, b, jax.nn.one_hot(slots - 1, S, dtype=x.dtype))
+
+    @jax.jit
+    def per_part(x, slots, a, b):  # main 89b2bea's lora_delta at tp=1 (its join: a concatenate)
+        u = jnp.einsum("te,SeR->tSR", x, a) * jax.nn.one_hot(slots - 1, S, dtype=x.dtype)[:, :, None]
+        return jnp.concatenate([jnp.einsum("tSR,SRn->tn", u[..., p * R:(p + 1) * R], bp)
+                                for p, bp in enumerate(b)], axis=1)
 
     @jax.jit
     def gather(x, slots, a0, b0):
@@ -70,15 +82,22 @@ def formulations(mc, S: int, R: int, tokens: list[int], repeats: int, dtype) -> 
     for T in tokens:
         x = jnp.asarray(rng.standard_normal((T, E)), dtype)
         slots = jnp.asarray(rng.integers(0, S + 1, T), jnp.int32)
-        np.testing.assert_allclose(np.asarray(onehot(x, slots, a, b), np.float32),
-                                   np.asarray(gather(x, slots, a0, b0), np.float32), rtol=2e-2, atol=2e-2 * R)
+        want = np.asarray(gather(x, slots, a0, b0), np.float32)
+        for got in (onehot(x, slots, a_now, b_now), per_part(x, slots, a, b)):
+            np.testing.assert_allclose(np.asarray(got, np.float32), want, rtol=2e-2, atol=2e-2 * R)
+        if T == tokens[0]:
+            dots = {n: f.lower(x, slots, *w).as_text().count("stablehlo.dot_general")
+                    for n, f, w in (("one-hot", onehot, (a_now, b_now)), ("per-part", per_part, (a, b)))}
+            print(f"  dot_generals of one wqkv delta: one-hot (block-diagonal B) {dots['one-hot']}, "
+                  f"per-part B {dots['per-part']}", flush=True)
         base = jnp.asarray(rng.standard_normal((E, N)), dtype)  # [E, N] the fused wqkv
         rows.append(dict(T=T, base_ms=timed(lambda: jax.jit(jnp.dot)(x, base), repeats),
-                         onehot_ms=timed(lambda: onehot(x, slots, a, b), repeats),
+                         onehot_ms=timed(lambda: onehot(x, slots, a_now, b_now), repeats),
+                         per_part_ms=timed(lambda: per_part(x, slots, a, b), repeats),
                          gather_ms=timed(lambda: gather(x, slots, a0, b0), repeats)))
         r = rows[-1]
         print(f"  wqkv delta T={T:5d}: base matmul {r['base_ms']:7.3f} ms | one-hot {r['onehot_ms']:7.3f} ms | "
-              f"gather {r['gather_ms']:7.3f} ms", flush=True)
+              f"per-part B (before) {r['per_part_ms']:7.3f} ms | gather {r['gather_ms']:7.3f} ms", flush=True)
     return rows
 
 

@@ -3,27 +3,35 @@
 Layout (per held projection of the model, `LORA_TARGETS`; S = max_loras, R = max_lora_rank, P = the
 number of checkpoint projections fused into it: 3 for wqkv, 2 for w_gate_up, 1 for wo / w_down):
 
-    a [L, S, in..., P·R]     the parts' A side by side on the rank axis (part p: columns pR..pR+r)
-    b: P arrays [L, S, R, out_p...]   each part's own B (q, k, v; gate, up), unfused
+    a [L, in..., S, P·R]    the parts' A side by side on the rank axis (part p: columns pR..pR+r)
+    b [L, S, P·R, out...]   block-diagonal: rows pR..pR+r hold part p's B in part p's columns of the
+                            fused output (the held weight's shard-major order, fusion.py), zeros elsewhere
 
-(the "unroll" layer loop holds one [S, ...] array per layer instead, like its weights; the layer
-axis leads so the "scan" loop scans the slots with the weights). One code path for the four
-projections (`delta.lora_delta`): u = x·a once, then one u_p·b_p per part, and for a fused projection
-`fusion.join_fused` (the inverse of the decoder's `split_fused`) puts the part deltas in the fused
-output's shard-major order, each device concatenating its own slices.
+(the "unroll" layer loop holds one array per layer instead, like its weights; the layer axis leads
+so the "scan" loop scans the slots with the weights). One code path for the four projections
+(`delta.lora_delta`): u = x·a ([T, in] x [in, S·P·R], a plain gemm: the slot axis after the input
+axes spares XLA a transposed copy of a), then u·b ([T, S·P·R] x [S·P·R, out]) straight into the
+fused output: two matmuls per projection, whatever P.
 
-Tensor parallelism by logical axes (`lora_axes`): a takes the held weight's input axes, each b its
-unfused checkpoint projection's output axes (PARAM_AXES). Column-parallel wqkv / w_gate_up: a
-replicated, b_q on "heads", b_k/b_v on "kv_heads", b_gate/b_up on "mlp": every part delta is born
-on the device that holds those output columns and the join moves nothing. Row-parallel wo / w_down:
-a sharded on the input axis, b replicated; XLA sums the partial u = x·a ([T, S, R]) in the same
+Tensor parallelism by logical axes (`lora_axes`): a takes the held weight's input axes, b its output
+axes (MODEL_AXES: "qkv_heads" / "mlp2" for the fused ones). Column-parallel wqkv / w_gate_up: a
+replicated, b sharded like the base weight's columns, whose shard-major order the row blocks follow:
+the delta is born on the device that holds those output columns. Row-parallel wo / w_down: a
+sharded on the input axis, b replicated; XLA sums the partial u = x·a ([T, S·R]) in the same
 all-reduce op as the base projection's partial output (tests/parallel/test_tp_lora.py checks the
 HLO: the decode step's collectives are those of the step without LoRA).
 
-Rejected first version (commit 6d5707b): one fused, block-diagonal b [L, S, P·R, out...] made with
-the base weight's own `fusion.fuse`; simpler (no join) but its zero blocks made b of wqkv 3x and of
-w_gate_up 2x the needed size, bytes read and FLOPs every step: 111 MiB of slots for SmolLM2-135M
-with 4 slots of rank 16 against 74 MiB now (bench/RESULTS.md).
+Bytes: b of wqkv is 3x and of w_gate_up 2x what one B per part takes (the zero blocks are read every
+LoRA step). Llama-2-13B shape, max_loras 4, rank 16, bf16: b 545.0 MiB instead of 260.0 (+285 MiB,
+1.2% of the 23.6 GiB of layer weights), a 217.5 MiB, slots 762.5 MiB instead of 477.5; SmolLM2-135M
+f32: 111.1 instead of 74.5 MiB. History: the first version (commit 6d5707b) had this b; 69d3ccc
+replaced it with one B per part and `fusion.join_fused` (fewer bytes; on CPU then a 64-sequence step
+at 1.11x LoRA off instead of 1.19-1.27x); on the H200 each part's expand matmul and the join were
+kernel launches (11 small dots per layer instead of 8, +24.7% per 13B decode step with LoRA on),
+so b is block-diagonal again, now with a's slot axis moved and both matmuls plain gemms, which took
+the transposed copies of a, u and b out of the step. Measured back to back on CPU (bench/RESULTS.md,
+"LoRA: one expand matmul per projection"): the 64-sequence step 1.12-1.19x LoRA off vs 1.08-1.17x
+for one B per part, within the noise; the wqkv delta alone ~1.2-1.4x slower (P x the expand FLOPs).
 
 Slot s (1..S) lives at index s - 1; slot 0 (the base model) has no storage (delta.py). Adapters
 arrive from `jaxllm/lora/peft.py` in checkpoint layout. `prepare` does the checks and the cast to the
@@ -35,7 +43,9 @@ A slot write (`set`, on the engine thread) sends the adapter at its rank bucket 
 powers of two from 8 below max_lora_rank, then max_lora_rank) with the checkpoint's kv heads
 (`write_arrays`: the adapter's own arrays when its rank is a bucket, no host copy), and one jitted,
 donated update per bucket (all compiled at warm-up; the slot is an argument) zeroes the slot and
-`dynamic_update_slice`s each part's columns in, repeating kv heads on the device. Under tensor
+`dynamic_update_slice`s each part's A columns and B block in (B's fused axis viewed as [tp, n/tp]:
+each device writes its shard of the part's columns; the off-diagonal blocks stay zero from the
+start), repeating kv heads on the device. Under tensor
 parallelism what is sent lands sharded like the slots (each device its own shard; unrepeated kv
 heads whole) and the update moves nothing between devices. Measured on SmolLM2-135M, rank 8 into
 max_lora_rank 64 (bench/RESULTS.md): 9.3 MiB sent instead of 74.5 MiB (f32), no host padding.
@@ -83,10 +93,11 @@ class SlotAdapter:
 
 
 def lora_axes(weight_axes: tuple[str, ...], num_in: int, stacked: bool) -> tuple[tuple, tuple]:
-    """Logical axes of (a, b) from the base weight's ("layers", in..., out...)."""
-    lead = ("layers", "lora_slots") if stacked else ("lora_slots",)
+    """Logical axes of (a [(L,) in..., S, P·R], b [(L,) S, P·R, out...]) from the held weight's
+    ("layers", in..., out...): a takes its input axes, b its (fused) output axes."""
+    lead = ("layers",) if stacked else ()
     ins, outs = weight_axes[1:1 + num_in], weight_axes[1 + num_in:]
-    return lead + ins + ("lora_rank",), lead + ("lora_rank",) + outs
+    return lead + ins + ("lora_slots", "lora_rank"), lead + ("lora_slots", "lora_rank") + outs
 
 
 class LoRASlots:
@@ -105,15 +116,18 @@ class LoRASlots:
         self.ckpt_shapes = module_shapes(self.adapter_config)  # checkpoint name -> (in, out) per layer
         self.dtype = model.dtype
         self.stacked = model.layer_loop == "scan"
-        R = self.rank
-        held_out = module_shapes(mc)  # the model's: kv heads as repeated
-        self.shapes, self.axes = {}, {}  # name -> (a, (b per part)) shapes / axes, without L and S
+        R, S = self.rank, self.num_slots
+        held = module_shapes(mc)  # the model's: kv heads as repeated
+        self.tp = 1 if layout is None else layout.tp  # the fused outputs' shard-major order
+        self.shapes, self.axes = {}, {}  # name -> (a, b) shapes / logical axes (without L)
         for name, parts in LORA_TARGETS.items():
-            ins = held_out[parts[0]][0]
-            P = len(parts)
-            self.shapes[name] = (ins + (P * R,), tuple((R,) + held_out[p][1] for p in parts))
-            self.axes[name] = (lora_axes(MODEL_AXES[f"layers.{name}"], len(ins), self.stacked)[0],
-                               tuple(lora_axes(PARAM_AXES[p], len(ins), self.stacked)[1] for p in parts))
+            ins, outs = held[parts[0]][0], [held[p][1] for p in parts]
+            if len(parts) > 1:  # the fused output: the parts' outputs joined on the fused axis
+                f = len(outs[0]) + FUSED[f"layers.{name}"][1]
+                outs = [outs[0][:f] + (sum(o[f] for o in outs),) + outs[0][f + 1:]]
+            PR = len(parts) * R
+            self.shapes[name] = (ins + (S, PR), (S, PR) + outs[0])
+            self.axes[name] = lora_axes(MODEL_AXES[f"layers.{name}"], len(ins), self.stacked)
         self.weights = self._zeros()
         self.nbytes = sum(x.nbytes for x in jax.tree.leaves(self.weights))
         self.rank_buckets = rank_buckets(R)  # a slot write is compiled for each (warm-up): its rank → the next
@@ -124,9 +138,10 @@ class LoRASlots:
             return jnp.repeat(x, self.kv_repeat, axis=-2) if self.kv_repeat > 1 and param in KV_PARAMS else x
 
         def write(w, index, xs, slot_axis, rank_axis):
-            """w [(L,) S, ...] with slot `index` zeroed and the parts xs [(L,) ..., rb, ...] (no slot
-            axis) written side by side on `rank_axis` (part k at column k·R): in place, the columns
-            past rb left zero (no zeroing when rb = R: the parts cover the slot)."""
+            """w (a [(L,) in..., S, P·R] or b [(L,) S, P·R, out...]) with slot `index` zeroed and the
+            parts xs [.., rb, ..] (w without the slot axis, rb on the rank axis) written side by side on
+            `rank_axis` (part k at k·R): in place, what lies past rb left zero (no zeroing when rb = R:
+            the parts cover the slot). A fused projection's b: `write_fused`."""
             rb = xs[0].shape[rank_axis - 1]
             if rb < R:
                 zeros = jnp.zeros(w.shape[:slot_axis] + w.shape[slot_axis + 1:], w.dtype)  # one slot
@@ -137,6 +152,28 @@ class LoRASlots:
                 w = jax.lax.dynamic_update_slice(w, jnp.expand_dims(x.astype(w.dtype), slot_axis), starts)
             return w
 
+        def write_fused(w, index, bs, s, axis):
+            """b [(L,) S, P·R, out...] with slot `index` zeroed (rb < R) and each part's B bs[k]
+            [(L,) rb, out_k...] (kv heads repeated) written into rows kR.. and part k's own columns of
+            the fused axis (`axis`, from the end). The fused axis is viewed as [tp, n/tp] as in
+            `fusion.fuse`'s shard-major order, so each device writes only its shard of every part. The
+            other parts' columns of a row block are never written: they stay the zeros of `_zeros`."""
+            rb = bs[0].shape[s]
+            if rb < R:
+                w = jax.lax.dynamic_update_index_in_dim(w, jnp.zeros(w.shape[:s] + w.shape[s + 1:], w.dtype), index, s)
+            f, tp = w.ndim + axis, self.tp
+            shape = w.shape
+            w = w.reshape(shape[:f] + (tp, shape[f] // tp) + shape[f + 1:])  # [.., tp, n/tp, ..]
+            offset = 0
+            for k, x in enumerate(bs):
+                xf = x.ndim + axis
+                x = x.reshape(x.shape[:xf] + (tp, x.shape[xf] // tp) + x.shape[xf + 1:])  # [.., tp, n_k/tp, ..]
+                starts = [0] * w.ndim
+                starts[s], starts[s + 1], starts[f + 1] = index, k * R, offset
+                w = jax.lax.dynamic_update_slice(w, jnp.expand_dims(x.astype(w.dtype), s), starts)
+                offset += x.shape[xf + 1]
+            return w.reshape(shape)
+
         def update(weights, index, sent):
             """weights with slot `index` (0-based) replaced by `sent` ({name: (A parts, B parts)} at one
             rank bucket: `write_arrays`), padded to max_lora_rank and kv-repeated here, on the device."""
@@ -144,10 +181,11 @@ class LoRASlots:
                 a_parts, b_parts = sent[n]
                 if layer is not None:
                     a_parts, b_parts = [x[layer] for x in a_parts], [x[layer] for x in b_parts]
-                s = 0 if layer is not None else 1  # the slot axis
-                return LoRAPair(write(p.a, index, a_parts, s, p.a.ndim - 1),
-                                tuple(write(b, index, [repeat_kv(q, x)], s, s + 1)
-                                      for b, q, x in zip(p.b, LORA_TARGETS[n], b_parts)))
+                s = 0 if layer is not None else 1  # b's slot axis
+                bs = [repeat_kv(q, x) for q, x in zip(LORA_TARGETS[n], b_parts)]
+                b = (write(p.b, index, bs, s, s + 1) if len(bs) == 1 else
+                     write_fused(p.b, index, bs, s, FUSED[f"layers.{n}"][1]))
+                return LoRAPair(write(p.a, index, a_parts, p.a.ndim - 2, p.a.ndim - 1), b)
 
             if self.stacked:
                 return {n: pair(p, n) for n, p in weights.items()}
@@ -168,19 +206,20 @@ class LoRASlots:
         B per part ("layers", "lora_rank", out...)); B's "kv_heads" unsharded while they are repeated."""
         parts = LORA_TARGETS[name]
         ins = len(self.ckpt_shapes[parts[0]][0])
-        a = lora_axes(MODEL_AXES[f"layers.{name}"], ins, True)[0]
-        a = (a[0],) + a[2:]  # without "lora_slots"
+
+        def unslotted(axes):
+            return tuple(x for x in axes if x != "lora_slots")
+
+        a = unslotted(lora_axes(MODEL_AXES[f"layers.{name}"], ins, True)[0])
         bs = []
         for p in parts:
-            b = lora_axes(PARAM_AXES[p], ins, True)[1]
-            b = (b[0],) + b[2:]
+            b = unslotted(lora_axes(PARAM_AXES[p], ins, True)[1])  # the unfused part's output axes
             if self.kv_repeat > 1 and p in KV_PARAMS:
                 b = tuple(None if x == "kv_heads" else x for x in b)
             bs.append(b)
         return (a,) * len(parts), tuple(bs)
 
     def _zeros(self):
-        L, S = self.num_layers, self.num_slots
         lay = self.layout
 
         def zeros(shape, axes):
@@ -189,12 +228,12 @@ class LoRASlots:
             return jax.jit(lambda: jnp.zeros(shape, self.dtype), out_shardings=lay.sharding(axes))()
 
         def pair(name, lead):
-            (sa, sbs), (xa, xbs) = self.shapes[name], self.axes[name]
-            return LoRAPair(zeros(lead + sa, xa), tuple(zeros(lead + sb, xb) for sb, xb in zip(sbs, xbs)))
+            (sa, sb), (xa, xb) = self.shapes[name], self.axes[name]
+            return LoRAPair(zeros(lead + sa, xa), zeros(lead + sb, xb))
 
         if self.stacked:
-            return {n: pair(n, (L, S)) for n in LORA_TARGETS}
-        return [{n: pair(n, (S,)) for n in LORA_TARGETS} for _ in range(L)]
+            return {n: pair(n, (self.num_layers,)) for n in LORA_TARGETS}
+        return [{n: pair(n, ()) for n in LORA_TARGETS} for _ in range(self.num_layers)]
 
     # ----- host side: an adapter in the slot layout -------------------------------------------
     def check(self, slot, adapter: LoRAAdapter | None) -> None:

@@ -17,7 +17,6 @@ each device's part where it is (no collective).
 from __future__ import annotations
 
 import jax
-import jax.numpy as jnp
 import numpy as np
 
 from jaxllm.parallel.ops import constrain
@@ -35,7 +34,7 @@ EXPERT_FUSED = ("layers.we_gate_up",)
 KV_PARAMS = ("layers.wk", "layers.wv", "layers.bk", "layers.bv")
 FUSED_PARTS = {part: held for held, (parts, _) in FUSED.items() for part in parts}
 # each fused projection's output: (its fused logical axis, the logical axes of each part's output),
-# what `split_fused` (the decoder) and `join_fused` (LoRA deltas per part) both take
+# what `split_fused` (the decoder) takes
 FUSED_OUTPUTS: dict[str, tuple[str, tuple[tuple[str, ...], ...]]] = {
     "wqkv": ("qkv_heads", (("tokens", "heads", "head_dim"), ("tokens", "kv_heads", "head_dim"),
                            ("tokens", "kv_heads", "head_dim"))),
@@ -107,19 +106,6 @@ def split_fused(y: jax.Array, sizes: tuple[int, ...], layout, fused_axis: str,
         start += size // tp
         out.append(constrain(part.reshape((T, size) + rest), layout, axes))
     return out
-
-
-def join_fused(parts: list[jax.Array], layout, fused_axis: str, part_axes: tuple[tuple[str, ...], ...]) -> jax.Array:
-    """Inverse of `split_fused`: parts [T, size_i, *rest] (each sharded like its unfused projection's
-    output) → [T, sum(sizes), *rest] in shard-major order, each device concatenating its own slices
-    (no collective). The LoRA deltas of a fused projection are computed per part and joined so."""
-    tp = 1 if layout is None else layout.tp
-    T, rest = parts[0].shape[0], tuple(parts[0].shape[2:])
-    rest_axes = tuple(part_axes[0][2:])
-    split = [constrain(p, layout, axes).reshape((T, tp, p.shape[1] // tp) + rest)  # [T, tp, size/tp, *rest]
-             for p, axes in zip(parts, part_axes)]
-    y = constrain(jnp.concatenate(split, axis=2), layout, ("tokens", fused_axis, None) + rest_axes)
-    return constrain(y.reshape((T, -1) + rest), layout, ("tokens", fused_axis) + rest_axes)
 
 
 def unfuse_numpy(fused: np.ndarray, sizes: tuple[int, ...], axis: int, tp: int) -> list[np.ndarray]:

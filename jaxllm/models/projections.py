@@ -1,6 +1,6 @@
 """The one hook every decoder projection goes through: `proj(spec, x, name, w, layer)` (LoRA deltas,
 jaxllm/lora/delta.py, and quantized weights land here, once). Four per layer: the fused "wqkv" and "w_gate_up"
-(shard-major, jaxllm/models/fusion.py: a per-part LoRA delta must follow that order), "wo", "w_down". Normally XLA's dot on the layer's weight: its own array in
+(shard-major, jaxllm/models/fusion.py: a LoRA B of a fused projection is laid out in that order), "wo", "w_down". Normally XLA's dot on the layer's weight: its own array in
 the "unroll" layer loop (read in place), a slice of the stacked array in the "scan" loop. In the scan
 loop, an experiment (JAXLLM_STACKED_MATMUL=1) uses the Pallas `stacked_matmul` that reads the
 stacked weight in place at the traced layer index instead.
@@ -30,7 +30,6 @@ import jax
 import jax.numpy as jnp
 
 from jaxllm.lora.delta import LoRAWeight, lora_delta
-from jaxllm.models.fusion import FUSED_OUTPUTS, join_fused
 from jaxllm.models import quant_dot, stacked_dot
 from jaxllm.models.quant import QUANT_PARAMS, QuantWeight, quant_einsum
 from pallas_kernels.matmul import quant_matmul, quant_matmul_supported, stacked_matmul, stacked_matmul_supported
@@ -97,11 +96,8 @@ class Projector:
         in the dot, jaxllm/models/quant.py; the stacked-matmul experiment reads plain weights only),
         IN_PLACE for a name in `in_place` (scan loop), or a LoRAWeight wrapping any of them: the base
         projection plus each token's adapter delta."""
-        if isinstance(w, LoRAWeight):
-            join = None
-            if name in FUSED_OUTPUTS:
-                join = lambda parts: join_fused(parts, self.layout, *FUSED_OUTPUTS[name])  # noqa: E731
-            return self(spec, x, name, w.base, layer) + lora_delta(spec, x, w.a, w.b, self.lora_onehot, join)
+        if isinstance(w, LoRAWeight):  # B in the fused output's order: the delta adds as it comes
+            return self(spec, x, name, w.base, layer) + lora_delta(spec, x, w.a, w.b, self.lora_onehot)
         if name in self.stacked_float:  # w is IN_PLACE: the stacked fp32 / bf16 weight, read at the traced layer
             return stacked_dot.stacked_einsum(x, self.stacked_float[name], layer)
         stacked_layer = name in self.stacked_quant  # w is IN_PLACE: the stacked weight, read at the traced layer

@@ -78,7 +78,7 @@ def test_lora_mixed_slots_match_tp1_and_add_no_collective(path, lora_adapters):
 
     And at tp=2 the deltas ride on the base projections' communication: the decode forward has the
     collectives it has without LoRA (test_fused_split_adds_no_collective), o_proj's and down_proj's
-    all-reduce carrying the row-parallel delta's partial x·A ([T, S, R], summed before its replicated
+    all-reduce carrying the row-parallel delta's partial x·A ([T, S·R], summed before its replicated
     B) in the same op; the column-parallel deltas are computed where their outputs live."""
     import re
 
@@ -96,7 +96,7 @@ def test_lora_mixed_slots_match_tp1_and_add_no_collective(path, lora_adapters):
             ops = sorted(re.findall(r"= (\(?[^=]*?\)?) (all-reduce|all-gather|reduce-scatter|all-to-all|"
                                     r"collective-permute)(?:-start)?\(", hlo))
             ops = [(re.sub(r"\{[\d,]*\}", "", shape), op) for shape, op in ops]  # drop layouts
-            body = ("(f32[2,64], f32[2,3,8])", "all-reduce")  # [T, E] and u [T, S, R] in one op
+            body = ("(f32[2,64], f32[2,24])", "all-reduce")  # [T, E] and u [T, S·R] in one op
             assert ops == [body, body, ("f32[2,512]", "all-gather"), ("f32[2,64]", "all-reduce")], ops
 
 
@@ -123,7 +123,7 @@ def test_lora_slot_write_pads_on_device_sharded_in_place(path, tp, layer_loop):
         hlo = slots.lower(rb).compile().as_text()
         assert "input_output_alias" in hlo, f"rank {rb}: the slot update is not in place"
         assert not re.search(r"all-reduce|all-gather|reduce-scatter|all-to-all|collective-permute", hlo), rb
-    want = {s: padded_slot(None, c, 16, slots.kv_repeat, jnp.float32) for s in (1, 2)}
+    want = {s: padded_slot(None, c, 16, slots.kv_repeat, jnp.float32, tp) for s in (1, 2)}
     writes = ((1, 8, None), (2, 5, ("layers.wk", "layers.wv", "layers.wo")), (1, 16, None), (2, None, None))
     for seed, (slot, rank, params) in enumerate(writes):
         ad = None if rank is None else random_adapter(c, rank, seed, params=params)
@@ -131,6 +131,6 @@ def test_lora_slot_write_pads_on_device_sharded_in_place(path, tp, layer_loop):
         slots.set(slot, ad)
         assert all(x.is_deleted() for x in old), "the slot write is not donated"
         assert jax.tree.map(lambda x: x.sharding, slots.weights) == shardings
-        want[slot] = padded_slot(ad, c, 16, slots.kv_repeat, jnp.float32)
+        want[slot] = padded_slot(ad, c, 16, slots.kv_repeat, jnp.float32, tp)
         for s in want:
             assert_slot_equal(read_slot(slots, s), want[s], f"tp={tp} {layer_loop} slot {s} after writing slot {slot}")

@@ -78,3 +78,28 @@ def test_gpu_forward_and_sampling_programs_have_no_conditionals(runner, monkeypa
     # the check can fail: the CPU's branching sampler, exported the same way, has conditionals
     cond = jax.jit(step_programs(None, lambda: None, branchless_sampling=False).sample_step)
     assert _branches(_export(cond, logits, *rest)) > 0
+
+
+def test_gpu_lora_decode_adds_two_matmuls_per_projection(runner, monkeypatch):
+    """On a GPU every matmul is a kernel launch of a few microseconds whatever its size, so the LoRA
+    decode forward may add at most two dot_generals per targeted projection and layer (x·A and one
+    expand into the fused output), whatever the number of fused parts (wqkv: 3, w_gate_up: 2). The
+    reference is the base-only program of the same bucket, exported the same way. (With one B per
+    part, as before, this model's decode forward had 11 extra per layer: 31 dots vs 9 for 2 layers.)"""
+    from jaxllm.lora.slots import LORA_TARGETS
+
+    r = runner
+    monkeypatch.setenv("JAXLLM_ATTENTION_IMPL", "pallas")
+    L = r.model_config.num_layers
+    decode = [b for b in r.buckets.all() if b[2]]
+    assert decode
+    for T, S, decode_only in decode:
+        dots = {}
+        for lora in (True, False):
+            inp = r._padding_inputs(T, S, decode_only, lora)
+            args = _spec((r.state, r.kv_cache, r.counts, r.prompt_mask, r.last_tokens, inp))
+            dots[lora] = len(re.findall(r"stablehlo\.dot_general\b", _export(r._forward, *args,
+                                                                                _spec(r._step_lora_arg(inp)))))
+        extra = dots[True] - dots[False]
+        assert dots[False] >= 4 * L, dots  # the base projections are there to count
+        assert 0 < extra <= 2 * len(LORA_TARGETS) * L, (T, S, dots)
