@@ -69,6 +69,8 @@ def weight_copies(text: str, weight_shapes: list[tuple[int, ...]], num_layers: i
         # named after dynamic_index_in_dim, not its slice)
         if comp.startswith(("%fused", "%wrapped")) or (not scan and "slice" not in ln.split("op_name=")[-1][:200]):
             continue
+        if "kind=kCustom" in ln:  # a gemm fusion (XLA CPU's ynn/onednn): its output is an activation, which
+            continue  # can have a weight's element count ([256, 4F] = wo's at T=256) and read a weight's slice
         m = _INSTR.match(ln)
         if not m or m.group(1) not in _WEIGHT_DTYPES:
             continue

@@ -27,10 +27,10 @@ import math
 import os
 
 import jax
-import jax.numpy as jnp
 
 from jaxllm.lora.delta import LoRAWeight, lora_delta
 from jaxllm.models import quant_dot, stacked_dot
+from jaxllm.models.leading_dot import leading_dot
 from jaxllm.models.quant import QUANT_PARAMS, QuantWeight, quant_einsum
 from pallas_kernels.matmul import quant_matmul, quant_matmul_supported, stacked_matmul, stacked_matmul_supported
 from pallas_kernels.matmul.stacked import MAX_ROWS
@@ -118,7 +118,7 @@ class Projector:
             if stacked_matmul_supported(t, k, n):
                 y = stacked_matmul(x.reshape(t, k), ws.reshape(ws.shape[0], k, n), layer, interpret=self.interpret)
                 return y.reshape((t,) + w.shape[x.ndim - 1:])  # [T, out...]
-        return jnp.einsum(spec, x, w)
+        return leading_dot(x, w)  # [T, out...]: spec's contraction, contracting axes in layout order
 
     def _pallas_quant(self, x: jax.Array, w: QuantWeight, layer) -> jax.Array | None:
         """x [T, in...] @ w (q [in..., out...], or [L, in..., out...] read at `layer`) through quant_matmul,

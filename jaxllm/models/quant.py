@@ -36,6 +36,7 @@ import jax
 import jax.numpy as jnp
 
 from jaxllm.config import QUANTIZATIONS as QUANT_METHODS  # one list for the config and the model
+from jaxllm.models.leading_dot import leading_dot
 from jaxllm.models.quant_dot import FP8_BITS, quant_dot_flat
 from jaxllm.models.quant_pack4 import can_pack, pack4, unpack4
 
@@ -286,13 +287,13 @@ def quant_einsum(spec: str, x: jax.Array, w: QuantWeight, chunked: bool = False,
     w = w.unpacked()  # a packed 4-bit q (a model loaded for the chunked dot) → int4 / uint4
     w = QuantWeight(fp8_view(w.q), w.scale, w.offset)  # uint8 bits (a model loaded for the chunked dot) → float8
     if w.scale.ndim != w.q.ndim:
-        y = jnp.einsum(spec, x, w.q.astype(x.dtype), preferred_element_type=jnp.float32)  # [T, out...] f32
+        y = leading_dot(x, w.q.astype(x.dtype), preferred_element_type=jnp.float32)  # [T, out...] f32
         return (y * w.scale).astype(x.dtype)
     nc = x.ndim - 1  # contracted axes: all of x's but the tokens axis
     nb = w.scale.shape[nc - 1]
     partial_size = x.shape[0] * w.scale.size  # [T, in_lead..., nb, out...]: T x the scale's size
     if partial_size > w.q.size:
-        y = jnp.einsum(spec, x, dequantize(w, nc, dtype=x.dtype), preferred_element_type=jnp.float32)
+        y = leading_dot(x, dequantize(w, nc, dtype=x.dtype), preferred_element_type=jnp.float32)
         return y.astype(x.dtype)
     bsz = w.q.shape[nc - 1] // nb
     xb = x.reshape(x.shape[:-1] + (nb, bsz))  # [T, in..., nb, B]
