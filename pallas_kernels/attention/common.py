@@ -12,6 +12,8 @@ import math
 import jax
 import jax.experimental.pallas.fuser  # noqa: F401  (see below)
 import jax.numpy as jnp
+from jax.experimental import pallas as pl
+from jax.experimental.pallas import triton as plgpu
 
 from pallas_kernels.metadata import AttentionMetadata, KVCache
 
@@ -147,3 +149,25 @@ def merge_splits(acc: jax.Array, m: jax.Array, l: jax.Array, splits: int, num_se
     w = jnp.exp2(m - m_all[None])  # [splits, S, H] f32
     l_all = (w * l).sum(axis=0)
     return (w[..., None] * acc).sum(axis=0) / jnp.where(l_all > 0, l_all, 1.0)[..., None]  # [S, H, d] f32
+
+
+def launch_split_decode(kernel, *, name: str, grid: tuple[int, int, int], splits: int, q: jax.Array, cache: KVCache,
+                        layer, metadata: AttentionMetadata, ctx: jax.Array, tok: jax.Array, interpret: bool,
+                        num_warps: int, num_stages: int) -> jax.Array:
+    """Runs a split-K decode kernel (decode.py's, decode_mha.py's) and merges its splits. The kernel takes
+    (layer [1], ctx [S], tok [S], block tables [S, MB] (i32), q viewed [T*H, d] in the dot dtype, cache K,
+    cache V, [K scales, V scales: an fp8 cache]) and writes the flat f32 partials acc [splits*S*H, d], m and
+    l [splits*S*H] (rows in (split, seq, head) order). Returns [S, H, d] in q.dtype."""
+    num_tokens, num_heads, head_dim = q.shape
+    rows = splits * metadata.num_seqs * num_heads  # flat rows: Triton tiles are powers of two, H may not be
+    f32 = jnp.float32
+    out_shape = (jax.ShapeDtypeStruct((rows, head_dim), f32),  # acc
+                 jax.ShapeDtypeStruct((rows,), f32),  # running max (base 2)
+                 jax.ShapeDtypeStruct((rows,), f32))  # running sum
+    acc, m, l = pl.pallas_call(
+        kernel, out_shape=out_shape, grid=grid, interpret=interpret, name=name,
+        compiler_params=plgpu.CompilerParams(num_warps=num_warps, num_stages=num_stages),
+    )(layer_index(layer), ctx.astype(jnp.int32), tok.astype(jnp.int32), metadata.block_tables.astype(jnp.int32),
+      q.reshape(num_tokens * num_heads, head_dim).astype(dot_dtype(q, cache)), cache.k, cache.v,
+      *((cache.k_scale, cache.v_scale) if cache.quantized else ()))
+    return merge_splits(acc, m, l, splits, metadata.num_seqs, num_heads).astype(q.dtype)  # [S, H, d]

@@ -35,7 +35,7 @@ from jax.experimental import pallas as pl
 from jax.experimental.pallas import triton as plgpu
 
 from pallas_kernels.attention.common import (
-    MASK_VALUE, dot_dtype, layer_index, merge_splits, next_pow2, plan_splits, resolve_scale)
+    MASK_VALUE, launch_split_decode, next_pow2, plan_splits, resolve_scale)
 from pallas_kernels.attention.paged_chunk import attend_chunk
 from pallas_kernels.metadata import AttentionMetadata, KVCache
 
@@ -156,18 +156,8 @@ def decode_rows_mha(q: jax.Array, cache: KVCache, layer, metadata: AttentionMeta
         block_k=block_k, split_len=split_len, sm_scale=resolve_scale(sm_scale, head_dim), fp8=cache.quantized,
         soft_cap=None if soft_cap is None else float(soft_cap),
         sliding_window=None if sliding_window is None else int(sliding_window))
-    f32 = jnp.float32
-    n_rows = splits * num_seqs * num_heads  # flat (split, seq, head) rows, as decode.py's
-    out_shape = (jax.ShapeDtypeStruct((n_rows, head_dim), f32),  # acc
-                 jax.ShapeDtypeStruct((n_rows,), f32),  # running max (base 2)
-                 jax.ShapeDtypeStruct((n_rows,), f32))  # running sum
     # grid: the head group varies fastest, so programs launched together read adjacent bytes of the
     # same cache rows (one token's kvh * d elements), then sequences, then splits.
-    acc, m, l = pl.pallas_call(
-        kernel, out_shape=out_shape, grid=(num_groups, num_seqs, splits), interpret=interpret,
-        compiler_params=plgpu.CompilerParams(num_warps=num_warps, num_stages=num_stages),
-        name="jaxllm_paged_decode_mha",
-    )(layer_index(layer), ctx.astype(jnp.int32), tok.astype(jnp.int32), metadata.block_tables.astype(jnp.int32),
-      q.reshape(num_tokens * num_heads, head_dim).astype(dot_dtype(q, cache)), cache.k, cache.v,
-      *((cache.k_scale, cache.v_scale) if cache.quantized else ()))
-    return merge_splits(acc, m, l, splits, num_seqs, num_heads).astype(q.dtype)  # [S, H, d]
+    return launch_split_decode(kernel, name="jaxllm_paged_decode_mha", grid=(num_groups, num_seqs, splits),
+                               splits=splits, q=q, cache=cache, layer=layer, metadata=metadata, ctx=ctx, tok=tok,
+                               interpret=interpret, num_warps=num_warps, num_stages=num_stages)  # [S, H, d]
