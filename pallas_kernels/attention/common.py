@@ -138,6 +138,16 @@ def plan_splits(num_seqs: int, programs_per_seq: int, table_tokens: int, block_k
     return num_splits, split_len
 
 
+def split_range(split, split_len: int, ctx, sliding_window: int | None, block_k: int):
+    """Inside a decode kernel: split `split`'s cache positions [lo, hi) of a sequence with `ctx` of them
+    (clipped to the last `sliding_window` positions), and its number of `block_k` chunks (0 when empty)."""
+    lo = split * split_len
+    hi = jnp.minimum(ctx, lo + split_len)
+    if sliding_window is not None:
+        lo = jnp.maximum(lo, ctx - sliding_window)
+    return lo, hi, (jnp.maximum(hi - lo, 0) + block_k - 1) // block_k
+
+
 def merge_splits(acc: jax.Array, m: jax.Array, l: jax.Array, splits: int, num_seqs: int,
                  num_heads: int) -> jax.Array:
     """The decode kernels' split-K epilogue (log-sum-exp): acc [splits*S*H, d] f32 (unnormalised), m / l

@@ -22,7 +22,8 @@ from jax.experimental import pallas as pl
 from jax.experimental.pallas import triton as plgpu
 
 from pallas_kernels.attention.common import (
-    MASK_VALUE, check_inputs, launch_split_decode, next_pow2, plan_splits, resolve_scale)
+    MASK_VALUE, check_inputs, launch_split_decode, next_pow2, plan_splits, resolve_scale,
+    split_range)
 from pallas_kernels.attention.decode_mha import decode_rows_mha, resolve_mha_group
 from pallas_kernels.attention.paged_chunk import attend_chunk
 from pallas_kernels.metadata import AttentionMetadata, KVCache
@@ -48,11 +49,7 @@ def _decode_kernel(layer_ref, ctx_ref, tok_ref, bt_ref, q_ref, k_ref, v_ref, *re
     q_rows = jnp.where(head_ok, tok_ref[s] * num_heads + h * q_per_kv + g, 0)  # rows of q viewed [T*H, d]
     q = plgpu.load(q_ref.at[q_rows[:, None], dcol], mask=head_ok[:, None], other=0.0)  # [gp, d]
 
-    lo = split * split_len
-    hi = jnp.minimum(ctx, lo + split_len)
-    if sliding_window is not None:
-        lo = jnp.maximum(lo, ctx - sliding_window)
-    num_chunks = (jnp.maximum(hi - lo, 0) + block_k - 1) // block_k
+    lo, hi, num_chunks = split_range(split, split_len, ctx, sliding_window, block_k)
 
     def body(i, carry):  # carry: [gp, d] f32, [gp] f32, [gp] f32
         k_pos = lo + i * block_k + jnp.arange(block_k, dtype=jnp.int32)  # [bk] i32

@@ -35,7 +35,8 @@ from jax.experimental import pallas as pl
 from jax.experimental.pallas import triton as plgpu
 
 from pallas_kernels.attention.common import (
-    MASK_VALUE, launch_split_decode, next_pow2, plan_splits, resolve_scale)
+    MASK_VALUE, launch_split_decode, next_pow2, plan_splits, resolve_scale,
+    split_range)
 from pallas_kernels.attention.paged_chunk import attend_chunk
 from pallas_kernels.metadata import AttentionMetadata, KVCache
 
@@ -100,11 +101,7 @@ def _decode_mha_kernel(layer_ref, ctx_ref, tok_ref, bt_ref, q_ref, k_ref, v_ref,
     col_head = jnp.minimum(h0 + col_g, num_kv_heads - 1)[:, None]  # [C, 1] i32
     own = col_g[None, :] == r[:, None]  # [R, C] bool: row g sees only its own head's columns
 
-    lo = split * split_len
-    hi = jnp.minimum(ctx, lo + split_len)
-    if sliding_window is not None:
-        lo = jnp.maximum(lo, ctx - sliding_window)
-    num_chunks = (jnp.maximum(hi - lo, 0) + block_k - 1) // block_k
+    lo, hi, num_chunks = split_range(split, split_len, ctx, sliding_window, block_k)
 
     def body(i, carry):  # carry: [R, d] f32, [R] f32, [R] f32
         k_pos = lo + i * block_k + col_tok  # [C] i32
