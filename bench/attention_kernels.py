@@ -90,6 +90,21 @@ def time_call(fn, args, iters: int, warmup: int = 2) -> float:
     return float(np.median(times))
 
 
+def time_variants(row: dict, calls: dict, iters: int, nbytes: int) -> dict:
+    """Times each `label: (fn, args)` of `calls` (time_call) into row[f"{label}_us"] and row[f"{label}_GB/s"]
+    (`nbytes` read per call); returns row."""
+    for label, (fn, fargs) in calls.items():
+        t = time_call(fn, fargs, iters)
+        row[f"{label}_us"], row[f"{label}_GB/s"] = t * 1e6, nbytes / t / 1e9
+    return row
+
+
+def save_device_rows(path: str | None, key: str, rows: list) -> None:
+    """Merges {backend, device, rows} into the JSON file `path` under `key` (nothing without a path)."""
+    if path:
+        merge_json(path, key, {"backend": jax.default_backend(), "device": jax.devices()[0].device_kind, "rows": rows})
+
+
 def copy_bandwidth(nbytes: int, iters: int) -> float:
     """Device-to-device copy, GB/s counting read + write."""
     x = jnp.ones((nbytes // 4,), jnp.float32)

@@ -21,8 +21,7 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 import jax  # noqa: E402
 import jax.numpy as jnp  # noqa: E402
 
-from bench.attention_kernels import time_call  # noqa: E402
-from bench.common import merge_json  # noqa: E402
+from bench.attention_kernels import save_device_rows, time_variants  # noqa: E402
 from jaxllm.models.quant import QuantWeight, pack_int4, quant_einsum  # noqa: E402
 from pallas_kernels.matmul import quant_matmul  # noqa: E402
 
@@ -74,17 +73,14 @@ def main(argv=None) -> int:
                 b = xla(*xla_args).astype(jnp.float32)
                 err = float(jnp.abs(a - b).max() / (jnp.abs(b).max() + 1e-6))
                 row = {"kind": kind, "shape": name, "M": m, "K": k, "N": n, "max_rel_err": err}
-                for label, f, fargs in (("pallas", kern, (x, w.q, w.scale, w.offset)), ("xla", xla, xla_args)):
-                    t = time_call(f, fargs, args.iters)
-                    row[f"{label}_us"], row[f"{label}_GB/s"] = t * 1e6, wbytes / t / 1e9
+                time_variants(row, {"pallas": (kern, (x, w.q, w.scale, w.offset)), "xla": (xla, xla_args)},
+                              args.iters, wbytes)
                 row["speedup"] = row["xla_us"] / row["pallas_us"]
                 rows.append(row)
                 print(f"{kind:5s} {name:9s} M={m:3d} K={k:5d} N={n:5d}  pallas {row['pallas_us']:8.1f} us "
                       f"{row['pallas_GB/s']:6.0f} GB/s   xla {row['xla_us']:8.1f} us {row['xla_GB/s']:6.0f} GB/s   "
                       f"x{row['speedup']:.2f}   err {err:.2g}", flush=True)
-    if args.json:
-        merge_json(args.json, args.json_key, {"backend": jax.default_backend(),
-                                              "device": jax.devices()[0].device_kind, "rows": rows})
+    save_device_rows(args.json, args.json_key, rows)
     return 0
 
 

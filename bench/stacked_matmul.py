@@ -18,8 +18,7 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 import jax  # noqa: E402
 import jax.numpy as jnp  # noqa: E402
 
-from bench.common import merge_json  # noqa: E402
-from bench.attention_kernels import time_call  # noqa: E402
+from bench.attention_kernels import save_device_rows, time_variants  # noqa: E402
 from pallas_kernels.matmul import stacked_matmul, stacked_matmul_reference  # noqa: E402
 
 # (name, K, N) of Llama-2-13B's projections (q/k/v/o are 5120 x 5120; gate/up 5120 x 13824; down 13824 x 5120)
@@ -48,15 +47,11 @@ def main(argv=None) -> int:
             xla = jax.jit(stacked_matmul_reference)
             err = float(jnp.abs(kern(x, w, layer).astype(jnp.float32) - xla(x, w, layer).astype(jnp.float32)).max())
             row = {"shape": name, "M": m, "K": k, "N": n, "max_abs_err": err}
-            for label, f in (("pallas", kern), ("xla", xla)):
-                t = time_call(f, (x, w, layer), args.iters)
-                row[f"{label}_us"], row[f"{label}_GB/s"] = t * 1e6, wbytes / t / 1e9
+            time_variants(row, {"pallas": (kern, (x, w, layer)), "xla": (xla, (x, w, layer))}, args.iters, wbytes)
             rows.append(row)
             print(f"{name:8s} M={m:3d} K={k:5d} N={n:5d}  pallas {row['pallas_us']:8.1f} us {row['pallas_GB/s']:7.0f} GB/s"
                   f"   xla {row['xla_us']:8.1f} us {row['xla_GB/s']:7.0f} GB/s   err {err:.3g}", flush=True)
-    if args.json:
-        merge_json(args.json, args.json_key, {"backend": jax.default_backend(),
-                                              "device": jax.devices()[0].device_kind, "rows": rows})
+    save_device_rows(args.json, args.json_key, rows)
     return 0
 
 
