@@ -125,22 +125,15 @@ class Projector:
         flattened to [T, K] @ [K, N] (a packed 4-bit q: [K / 2, N] bytes); None where the kernel does not
         take the weight (4-bit unpacked, shapes): the caller's XLA dot then runs."""
         lead = 0 if layer is None else 1  # the stacked layer axis
-        nl = w.q.shape[0] if lead else 1
-        t, k = x.shape[0], math.prod(x.shape[1:])
         if w.packed and w.q.ndim + w.pack_axis != lead + x.ndim - 2:  # not the last contracted axis
             return None
-        kq = k // 2 if w.packed else k  # q's rows
-        n = w.q.size // (kq * nl)
-        blocked = w.scale.ndim == w.q.ndim
-        nb = w.scale.size // (n * nl) if blocked else None
-        if blocked and (nb == 0 or k % nb):
+        q, scale, offset, k, block, out_shape = quant_dot.flat_quant(w.q, w.scale, w.offset, x.ndim - 1, bool(lead),
+                                                                     w.packed)
+        t = x.shape[0]
+        if block is not None and k % scale.shape[-2]:  # the block scales do not tile K
             return None
-        if not quant_matmul_supported(t, k, n, w.q.dtype, k // nb if blocked else None, w.packed):
+        if not quant_matmul_supported(t, k, q.shape[-1], w.q.dtype, block, w.packed):
             return None
-        stack = w.q.shape[:lead]
-        q = w.q.reshape(stack + (kq, n))
-        scale = w.scale.reshape(stack + ((nb, n) if blocked else (n,)))
-        offset = None if w.offset is None else w.offset.reshape(scale.shape)
         y = quant_matmul(x.reshape(t, k), q, scale, offset, layer=layer, packed=w.packed,
                          interpret=self.interpret)  # [T, N]
-        return y.reshape((t,) + w.q.shape[lead + x.ndim - 1:])  # [T, out...]
+        return y.reshape((t,) + out_shape)  # [T, out...]

@@ -212,15 +212,15 @@ def chunked_quant_dot(x: jax.Array, q: jax.Array, scale: jax.Array, block: int |
     return y
 
 
-def quant_dot_flat(x: jax.Array, q: jax.Array, scale: jax.Array, chunk_bytes: int | None = None,
-                   layer=None, offset: jax.Array | None = None, packed: str | None = None) -> jax.Array:
-    """`einsum(x, dequantize(QuantWeight(q, scale)))` for x [T, in...] contracting all its axes but
-    the first with q's leading ones (q [in..., out...]; scale [out...] or block scales
-    [in..., in_last/B, out...], and an `offset` of the block scales' shape) → [T, out...] f32, through `chunked_quant_dot` on flattened views.
-    `layer`: q and scale carry a leading [L] axis and layer `layer` is used, read in place.
-    `packed`: q is uint8 holding two 4-bit values a byte along its last contracted axis (quant_pack4.py)."""
-    nc = x.ndim - 1
-    lead = () if layer is None else q.shape[:1]
+def flat_quant(q: jax.Array, scale: jax.Array, offset: jax.Array | None, nc: int, stacked: bool,
+               packed: str | None = None):
+    """A quantized weight as the matrix a dot contracting x's `nc` axes after its tokens axis reads:
+    q [(L,) in..., out...] (`packed`: its last contracted axis holds two rows a byte), scale [(L,) out...]
+    or block scales along the last contracted axis [(L,) in..., in_last/B, out...] (and an offset like
+    them) → (q2 [(L,) K, N] ([(L,) K/2, N] packed), s2 [(L,) N] or [(L,) K/B, N], o2 like s2 or None,
+    K, B (None: per-column scales), the output axes out...). Shared by the chunked dot (quant_dot_flat)
+    and the Pallas quant_matmul's caller (projections.py)."""
+    lead = q.shape[:1] if stacked else ()
     qs = q.shape[len(lead):]
     if packed:  # the weight's own shape: the packed (last contracted) axis holds two rows a byte
         qs = qs[:nc - 1] + (qs[nc - 1] * 2,) + qs[nc:]
@@ -229,10 +229,21 @@ def quant_dot_flat(x: jax.Array, q: jax.Array, scale: jax.Array, chunk_bytes: in
     o2 = None
     if scale.ndim == q.ndim:  # block scales along the last contracted axis: K/B rows of scales
         block = qs[nc - 1] // scale.shape[len(lead) + nc - 1]
-        s2 = scale.reshape(lead + (k // block, n))
-        o2 = None if offset is None else offset.reshape(lead + (k // block, n))
+        s2 = scale.reshape(lead + (-1, n))
+        o2 = None if offset is None else offset.reshape(s2.shape)
     else:
         block, s2 = None, scale.reshape(lead + (n,))
     q2 = q.reshape(lead + ((k // 2 if packed else k), n))  # [(L,) K, N], or [(L,) K/2, N] packed
+    return q2, s2, o2, k, block, out_shape
+
+
+def quant_dot_flat(x: jax.Array, q: jax.Array, scale: jax.Array, chunk_bytes: int | None = None,
+                   layer=None, offset: jax.Array | None = None, packed: str | None = None) -> jax.Array:
+    """`einsum(x, dequantize(QuantWeight(q, scale)))` for x [T, in...] contracting all its axes but
+    the first with q's leading ones (q [in..., out...]; scale [out...] or block scales
+    [in..., in_last/B, out...], and an `offset` of the block scales' shape) → [T, out...] f32, through `chunked_quant_dot` on flattened views.
+    `layer`: q and scale carry a leading [L] axis and layer `layer` is used, read in place.
+    `packed`: q is uint8 holding two 4-bit values a byte along its last contracted axis (quant_pack4.py)."""
+    q2, s2, o2, k, block, out_shape = flat_quant(q, scale, offset, x.ndim - 1, layer is not None, packed)
     y = chunked_quant_dot(x.reshape(x.shape[0], k), q2, s2, block, chunk_bytes, layer, o2, packed)  # [T, N] f32
     return y.reshape((x.shape[0],) + out_shape)
