@@ -2,9 +2,9 @@
 
 In the "scan" layer loop (jaxllm/models/llama.py, the CPU default) each layer's weights are the
 scan's xs: XLA slices them out of the stacked [L, ...] arrays and, before each dot, copies the
-layer's slice into a buffer of its own (`dynamic-slice_bitcast_fusion = f32[576,3072]` etc., and a
-transposing `copy` for wo: every weight byte read and written once more per step; bench/RESULTS.md,
-"Single-request decode latency vs HF"). XLA CPU cannot hand a dot a slice at a traced offset of a
+layer's slice into a buffer of its own (`dynamic-slice_bitcast_fusion = f32[576,3072]` etc.; for wo
+a transposing `copy` until the projections contracted in layout order, leading_dot.py): every weight
+byte read and written once more per step (bench/RESULTS.md, "Single-request decode latency vs HF"). XLA CPU cannot hand a dot a slice at a traced offset of a
 buffer, so some copy stays; what this file changes is its size.
 
 `stacked_dot` runs x @ w[layer] in a `fori_loop` over chunks of the weight's input rows (the
