@@ -7,7 +7,8 @@ XLA's gemm on a GPU), on Llama-2-13B's fused projections.
     python bench/quant_matmul.py --scale 16 --rows 1 --iters 2    # CPU smoke (interpret mode: not a timing)
 
 Per row: time per call and the weight's bytes (1 per element, + its scales) over that time (GB/s);
-compare with the device copy bandwidth (bench/attention_kernels.py: 4,078 GB/s on the H200). The
+"pallas_t264": the same kernel with the split count its plan gave before 2026-12-05 (264 programs
+targeted, now 528: bench/RESULTS.md, "The Pallas kernels compiled for sm_90"); compare with the device copy bandwidth (bench/attention_kernels.py: 4,078 GB/s on the H200). The
 roofline of a 13B int8 decode step is 13.35 GB at that bandwidth: 3.27 ms.
 """
 from __future__ import annotations
@@ -24,6 +25,15 @@ import jax.numpy as jnp  # noqa: E402
 from bench.attention_kernels import save_device_rows, time_variants  # noqa: E402
 from jaxllm.models.quant import QuantWeight, pack_int4, quant_einsum  # noqa: E402
 from pallas_kernels.matmul import quant_matmul  # noqa: E402
+from pallas_kernels.matmul.quant import _block_k  # noqa: E402
+from pallas_kernels.matmul.stacked import _block_n, _plan_splits  # noqa: E402
+
+OLD_TARGET = 264  # the split plan's program target before 2026-12-05 (now stacked.TARGET_PROGRAMS = 528)
+
+
+def old_splits(k: int, n: int, block: int | None) -> int:
+    """The split count the kernel planned with the old 264-program target (the A/B's "pallas_t264" row)."""
+    return _plan_splits(k // (block or _block_k(k)), n // _block_n(n), OLD_TARGET)
 
 # (name, K, N): Llama-2-13B's fused q/k/v, o, fused gate/up, down
 SHAPES_13B = [("wqkv", 5120, 15360), ("wo", 5120, 5120), ("w_gate_up", 5120, 27648), ("w_down", 13824, 5120)]
@@ -66,6 +76,9 @@ def main(argv=None) -> int:
                     continue
                 x = jax.random.normal(jax.random.key(2), (m, k), jnp.bfloat16)
                 kern = jax.jit(lambda x, q, s, o, p=w.packed: quant_matmul(x, q, s, o, packed=p, interpret=not gpu))
+                block = k // w.scale.shape[0] if w.scale.ndim == 2 else None
+                kern_old = jax.jit(lambda x, q, s, o, p=w.packed, sp=old_splits(k, n, block):
+                                   quant_matmul(x, q, s, o, packed=p, splits=sp, interpret=not gpu))
                 # XLA: what the model runs without the kernel (a 4-bit q as XLA's uint4, held unpacked)
                 xla = jax.jit(lambda x, q, s, o: quant_einsum("tk,kn->tn", x, QuantWeight(q, s, o)))
                 xla_args = (x, w.unpacked().q, w.scale, w.offset)
@@ -73,12 +86,13 @@ def main(argv=None) -> int:
                 b = xla(*xla_args).astype(jnp.float32)
                 err = float(jnp.abs(a - b).max() / (jnp.abs(b).max() + 1e-6))
                 row = {"kind": kind, "shape": name, "M": m, "K": k, "N": n, "max_rel_err": err}
-                time_variants(row, {"pallas": (kern, (x, w.q, w.scale, w.offset)), "xla": (xla, xla_args)},
+                time_variants(row, {"pallas": (kern, (x, w.q, w.scale, w.offset)),
+                                    "pallas_t264": (kern_old, (x, w.q, w.scale, w.offset)), "xla": (xla, xla_args)},
                               args.iters, wbytes)
                 row["speedup"] = row["xla_us"] / row["pallas_us"]
                 rows.append(row)
                 print(f"{kind:5s} {name:9s} M={m:3d} K={k:5d} N={n:5d}  pallas {row['pallas_us']:8.1f} us "
-                      f"{row['pallas_GB/s']:6.0f} GB/s   xla {row['xla_us']:8.1f} us {row['xla_GB/s']:6.0f} GB/s   "
+                      f"{row['pallas_GB/s']:6.0f} GB/s (old plan {row['pallas_t264_GB/s']:5.0f})   xla {row['xla_us']:8.1f} us {row['xla_GB/s']:6.0f} GB/s   "
                       f"x{row['speedup']:.2f}   err {err:.2g}", flush=True)
     save_device_rows(args.json, args.json_key, rows)
     return 0

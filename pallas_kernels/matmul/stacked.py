@@ -8,7 +8,8 @@ indexing the whole stacked ref at the traced layer; this kernel does the same fo
 Pallas Triton. Grid `(N / block_n, splits)`: program (n, s) computes the `[Mp, block_n]` tile of
 output columns n over the s-th of `splits` equal parts of K (split-K, so that a decode-sized
 problem still has enough programs to keep every SM streaming weights), in fp32. A jnp epilogue sums
-the splits. x is padded to Mp = max(16, next power of two) rows for the tensor-core dot.
+the splits. x is padded to Mp = max(16, next power of two) rows for the tensor-core dot; each split writes
+only x's M real rows of its partial tile.
 Reference: `stacked_matmul_reference` (a dynamic index and a dot).
 """
 from __future__ import annotations
@@ -26,7 +27,11 @@ from pallas_kernels.kv_quant import from_storage_as
 from pallas_kernels.matmul.packed4 import nibbles
 
 MAX_ROWS = 64  # beyond this the matmul is compute-bound and XLA's own gemm (plus the copy) wins
-TARGET_PROGRAMS = 264  # two waves of programs on a 132-SM H100/H200
+# Programs to launch: 4 per SM of a 132-SM H100/H200. bench/triton_static.py (the kernel compiled for sm_90 on a
+# CPU machine) shows 3-7 of these programs resident per SM (72-162 registers a thread at 4 warps, 8-72 KiB of
+# shared memory): the earlier 264 ("two waves", counting one program per SM) left each SM 2 programs, 8 of its
+# 64 warps, to keep the weight stream's loads in flight (bench/RESULTS.md, "The Pallas kernels compiled for sm_90").
+TARGET_PROGRAMS = 4 * 132
 
 
 def stacked_matmul_reference(x: jax.Array, w: jax.Array, layer) -> jax.Array:
@@ -44,9 +49,9 @@ def stacked_matmul_supported(m: int, k: int, n: int, block_k: int = 64) -> bool:
     return m <= MAX_ROWS and k % block_k == 0 and _block_n(n) is not None
 
 
-def _plan_splits(k_chunks: int, n_tiles: int) -> int:
-    """The most splits up to TARGET_PROGRAMS programs that divide K's chunks evenly."""
-    want = max(1, -(-TARGET_PROGRAMS // n_tiles))
+def _plan_splits(k_chunks: int, n_tiles: int, target: int | None = None) -> int:
+    """The most splits up to `target` (TARGET_PROGRAMS) programs that divide K's chunks evenly."""
+    want = max(1, -(-(target or TARGET_PROGRAMS) // n_tiles))
     return max(d for d in range(1, min(want, k_chunks) + 1) if k_chunks % d == 0)
 
 
@@ -54,7 +59,7 @@ def _dot(x, w):
     return lax.dot_general(x, w.astype(x.dtype), (((1,), (0,)), ((), ())), preferred_element_type=jnp.float32)
 
 
-def _kernel(layer_ref, x_ref, w_ref, *rest, block_k, block_n, chunks_per_split, block_scaled, has_offset, packed):
+def _kernel(layer_ref, x_ref, w_ref, *rest, m, block_k, block_n, chunks_per_split, block_scaled, has_offset, packed):
     """Program (n, split): acc [Mp, BN] f32 over its K chunks. The weight tile is converted to x's dtype
     in registers (int8 / float8_e4m3fn, or uint8 holding e4m3fn bits); with `block_scaled` each
     chunk is one scale block (block_k = the block size) whose partial dot is scaled per column (and,
@@ -65,7 +70,7 @@ def _kernel(layer_ref, x_ref, w_ref, *rest, block_k, block_n, chunks_per_split, 
     off_ref = rest[1] if has_offset else None
     o_ref = rest[-1]
     n, split = pl.program_id(0), pl.program_id(1)
-    mp, bn = o_ref.shape[1], block_n
+    mp, bn = x_ref.shape[0], block_n
     layer = layer_ref[0]
     rows = jnp.arange(mp, dtype=jnp.int32)[:, None]  # [Mp, 1] i32
     cols = (n * bn + jnp.arange(bn, dtype=jnp.int32))[None, :]  # [1, BN] i32
@@ -96,7 +101,11 @@ def _kernel(layer_ref, x_ref, w_ref, *rest, block_k, block_n, chunks_per_split, 
         return acc + part
 
     acc = lax.fori_loop(0, chunks_per_split, body, jnp.zeros((mp, bn), jnp.float32))
-    plgpu.store(o_ref.at[split, rows, cols], acc)
+    # only x's m real rows go out (a decode step's M=1 would write 16 rows of partials per split); padded
+    # rows point one past the end of the flat [splits * m, N] partials: masked on GPU, dropped by interpret mode
+    real = rows < m
+    out = jnp.where(real, split * m + rows, o_ref.shape[0])  # [Mp, 1] i32
+    plgpu.store(o_ref.at[out, cols], acc, mask=real)
 
 
 def small_m_matmul(x: jax.Array, w: jax.Array, layer, *, block_scale: jax.Array | None = None,
@@ -119,13 +128,13 @@ def small_m_matmul(x: jax.Array, w: jax.Array, layer, *, block_scale: jax.Array 
     xp = jnp.pad(x.astype(dot_dtype), ((0, mp - m), (0, 0)))  # [Mp, K] in the dot dtype
     extra = tuple(a for a in (block_scale, offset) if a is not None)
     partial = pl.pallas_call(
-        functools.partial(_kernel, block_k=block_k, block_n=block_n, chunks_per_split=k_chunks // splits,
+        functools.partial(_kernel, m=m, block_k=block_k, block_n=block_n, chunks_per_split=k_chunks // splits,
                           block_scaled=block_scale is not None, has_offset=offset is not None, packed=packed),
-        out_shape=jax.ShapeDtypeStruct((splits, mp, n), jnp.float32), grid=(n_tiles, splits),
+        out_shape=jax.ShapeDtypeStruct((splits * m, n), jnp.float32), grid=(n_tiles, splits),
         interpret=interpret, compiler_params=plgpu.CompilerParams(num_warps=num_warps, num_stages=num_stages),
         name="jaxllm_small_m_matmul",
     )(layer_index(layer), xp, w, *extra)
-    return partial.sum(axis=0)[:m]  # [M, N] f32
+    return partial.reshape(splits, m, n).sum(axis=0)  # [M, N] f32
 
 
 def stacked_matmul(x: jax.Array, w: jax.Array, layer, *, block_k: int = 64, block_n: int | None = None,
