@@ -117,7 +117,7 @@ def attn_fn(impl: str):
     """impl: reference, pallas, pallas_decode, pallas_prefill, pallas_tiles (the prefill kernel with
     every sequence of a mixed batch in q tiles, single-token ones included: the path before 2026-12-05),
     or pallas_mha<G> (e.g. pallas_mha16): "pallas" with the decode tokens through the MHA decode kernel,
-    G kv heads per program (decode_mha.py; the JAXLLM_DECODE_MHA_GROUP=<G> path, off by default; a GQA
+    G kv heads per program (decode_mha.py; the JAXLLM_DECODE_MHA_GROUP=<G> path; engines time it at warm-up; a GQA
     model falls back to the one-head kernel, so its row equals "pallas")."""
     interpret = jax.default_backend() != "gpu" and impl != "reference"  # CPU: interpret (smoke only)
     if impl == "pallas_tiles":

@@ -38,8 +38,9 @@
 #                       64 seqs U[64,768] (vs the reference, --check), 256 seqs U[64,1024], and the article's
 #                       mixed step (255 decodes + a 160-token chunk) with the decodes split out vs in q tiles
 #                       (pallas_tiles, the path before 2026-12-05); each row also as pallas_mha16 (the MHA decode
-#                       kernel, 16 kv heads per program, JAXLLM_DECODE_MHA_GROUP=16; off by default): the A/B
-#                       that decides its default (~35-40 s: one more kernel compile per row)
+#                       kernel, 16 kv heads per program, JAXLLM_DECODE_MHA_GROUP=16): the kernel A/B at the
+#                       13B's batches (~35-40 s: one more kernel compile per row); e2e's warm-up now times the
+#                       variants itself and records its choice (e2e JSON "decode_attention")
 #   qmatmul      90 s   bench/quant_matmul.py: the Pallas int8/fp8 matmul (the GPU default for steps of <= 64
 #                       tokens since 2026-12-05) vs XLA's dot, 13B projections, M 1/16/64 (~40 compiles, ~40 s)
 #   int8, fp8   120 s   issue 17: e2e without HF, --quantization int8 / fp8 (~90 s: start + runs; the Pallas

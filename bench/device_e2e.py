@@ -21,7 +21,8 @@ On the card, in one run (no network needed: dummy weights, no tokenizer):
    on the same engine (build it with --max-num-seqs 256 --max-model-len 2048), output and total
    tok/s, TTFT and inter-token latency P50/P99. --article-only runs 5 alone (after 1).
 Prints a table and writes {"rows": [...], "micro": {...}, "roofline": {...}, "article": {...},
-"machine": {...}, "profile_decode": {...}, "profile_mixed": {...}}.
+"machine": {...}, "profile_decode": {...}, "profile_mixed": {...}, "decode_attention": {...}} (the last:
+the decode attention kernel the engine's warm-up timed and chose, jaxllm/runner/decode_tuning.py).
 """
 from __future__ import annotations
 
@@ -199,6 +200,9 @@ def main(argv=None) -> int:
                         "kv_blocks": llm.engine.get_stats().num_blocks, "block_size": llm.engine.config.block_size}
     log(f"jaxllm {args.model} built{'' if args.no_warmup else ' and warm'} in {startup:.1f}s")
     result["engine_start_s"] = startup
+    # the decode attention kernel warm-up picked (runner/decode_tuning.py: timings, dropped variants; None
+    # with --no-warmup): {"mode": "tuned" | "env" | "skipped" | "failed", "group", "times_ms", ...}
+    result["decode_attention"] = llm.engine.runner.decode_tuning
     params = [SamplingParams(max_tokens=r.output_len, ignore_eos=True, temperature=0.0) for r in reqs]
     if args.profile_only:
         return profile_runs(llm, reqs, params, args.profile, result, save)

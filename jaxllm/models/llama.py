@@ -77,10 +77,11 @@ def layer_loop_mode(mode: str | None = None, config: ModelConfig | None = None) 
 
 
 def decoder_layer(w: dict[str, jax.Array], x, cos, sin, cache: KVCache, index, metadata: AttentionMetadata,
-                  c: ModelConfig, lay, proj: Projector, attention_impl, window: int | None,
+                  c: ModelConfig, lay, proj: Projector, attn_kw: dict, window: int | None,
                   cache_slot: int | None = None):
     """One decoder layer: x [T, E] → (x [T, E], cache with this layer's k/v written at `index`).
     `w`: the layer's held weights by short name ("wqkv", ...), each the layer's own array or a slice.
+    `attn_kw`: ragged_paged_attention's kernel choices (impl, mha_group), static.
     `window`: this layer's sliding window (None: full attention). `cache_slot` (hybrid KV cache): the
     page slot this layer reads and writes, with `metadata` its group's (None: page `index`)."""
     H, K = c.num_heads, c.num_kv_heads
@@ -95,7 +96,7 @@ def decoder_layer(w: dict[str, jax.Array], x, cos, sin, cache: KVCache, index, m
     q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
     attn, cache = paged_attention(q, k, v, cache, index if cache_slot is None else cache_slot, metadata, lay,
                                   scale_layer=None if cache_slot is None else index, sm_scale=c.attention_scale,
-                                  sliding_window=window, soft_cap=c.attn_logit_softcap, impl=attention_impl)
+                                  sliding_window=window, soft_cap=c.attn_logit_softcap, **attn_kw)
     out = constrain(proj("thd,hde->te", attn, "wo", w["wo"], index), lay, ("tokens", "embed"))  # [T, E]
     if c.sandwich_norms:  # Gemma 2/3: the attention output normalised before the residual
         out = norm(out, w["attn_out_norm"])
@@ -215,10 +216,13 @@ class LlamaForCausalLM(nnx.Module):
         return self.embed[...].dtype
 
     def __call__(self, tokens: jax.Array, positions: jax.Array, kv_cache: KVCache,
-                 metadata: AttentionMetadata, lora: LoRABatch | None = None) -> tuple[jax.Array, KVCache]:
+                 metadata: AttentionMetadata, lora: LoRABatch | None = None, *,
+                 decode_mha_group: int | None = None) -> tuple[jax.Array, KVCache]:
         """tokens, positions: [T] int32 → hidden [T, hidden_size] (after the final norm), updated cache.
         `lora`: adapter slots and the per-token slot index (jaxllm/lora/delta.py); None = the base
-        model only (the program is then exactly the one without LoRA)."""
+        model only (the program is then exactly the one without LoRA). `decode_mha_group` (static, GPU
+        Pallas attention): the decode kernel's head group (0 = the one-head kernel; the runner's choice at
+        warm-up, runner/decode_tuning.py), None = the kernels' default (JAXLLM_DECODE_MHA_GROUP)."""
         c = self.config
         lay = self.layout
         x = embed_lookup(self.embed[...], tokens, lay)  # [T, E]
@@ -229,6 +233,9 @@ class LlamaForCausalLM(nnx.Module):
         stacked = self.layers.arrays() if self.layer_loop == "scan" else None
         proj = Projector(stacked, tokens.shape[0], lay, lora_onehot=None if lora is None else lora.onehot(x.dtype))
 
+        attn_kw = {"impl": self.attention_impl}
+        if decode_mha_group is not None:
+            attn_kw["mha_group"] = decode_mha_group
         groups = None
         if metadata.group_slot_mapping is not None:  # hybrid KV cache: layer i is slot j of group g
             if self.layer_loop == "scan":
@@ -239,11 +246,10 @@ class LlamaForCausalLM(nnx.Module):
         def run(w, x, cache, i):  # i: a Python int (unroll) or traced (scan: every layer alike)
             window, local = layer_attention(c, i)
             if groups is None:
-                return decoder_layer(w, x, *ropes[local], cache, i, metadata, c, lay, proj, self.attention_impl,
-                                     window)
+                return decoder_layer(w, x, *ropes[local], cache, i, metadata, c, lay, proj, attn_kw, window)
             g, j = groups.layer_slot(i)
-            return decoder_layer(w, x, *ropes[local], cache, i, group_meta[g], c, lay, proj, self.attention_impl,
-                                 window, cache_slot=j)
+            return decoder_layer(w, x, *ropes[local], cache, i, group_meta[g], c, lay, proj, attn_kw, window,
+                                 cache_slot=j)
 
         if self.layer_loop == "scan":
             in_place = {n: IN_PLACE for n in proj.in_place}  # read by the Projector at the traced layer

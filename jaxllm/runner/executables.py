@@ -30,6 +30,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from jaxllm.runner.block_copy import COPY_CHUNK, copy_blocks
+from jaxllm.runner.decode_tuning import choose_decode_kernel
 from jaxllm.runner.inputs import StepInputs, build_inputs
 from jaxllm.runner.sampler import FULL_PLAN, SAMPLE_PLANS, SamplePlan, plan_of
 from jaxllm.runner.step_programs import step_programs
@@ -53,7 +54,12 @@ class ExecutablesMixin:
             copy_kw["out_shardings"] = cache
             self._logits_sharding = rep
         # a step = the forward pass (cache, penalty tables donated: updated in place), then sampling
-        self._forward = jax.jit(programs.fed_forward, donate_argnums=(1, 2, 3), **fwd_kw)
+        # decode_mha_group: the decode attention kernel (runner/decode_tuning.py, chosen at warm-up), static
+        self._forward = jax.jit(programs.fed_forward, donate_argnums=(1, 2, 3), static_argnames=("decode_mha_group",),
+                                **fwd_kw)
+        self.decode_mha_group = None  # the head group decode steps run (None: the one-head kernel); set at warm-up
+        self.decode_mha_group_arg = None  # the forward programs' static argument (None: the kernels' default)
+        self.decode_tuning = None  # what choose_decode_kernel found (runner/decode_tuning.py)
         self._sample = jax.jit(programs.sample_step, donate_argnums=(3,), static_argnames=("plan",), **sample_kw)
         pool_step = programs.classify_step if self.task == "classify" else programs.embed_step
         self._embed = jax.jit(pool_step, donate_argnums=(1,), **embed_kw)
@@ -123,7 +129,7 @@ class ExecutablesMixin:
     def _step_lowering(self, inp: StepInputs):
         """The step's forward pass for `inp`'s bucket and variant (its HLO holds every weight read and KV write)."""
         return self._forward.lower(self.state, self.kv_cache, self.counts, self.prompt_mask, self.last_tokens, inp,
-                                   self._step_lora_arg(inp))
+                                   self._step_lora_arg(inp), decode_mha_group=self.decode_mha_group_arg)
 
     def _sample_lowering(self, inp: StepInputs, plan: SamplePlan = FULL_PLAN):
         S = inp.logits_indices.shape[0]
@@ -173,6 +179,12 @@ class ExecutablesMixin:
     def _set_lora_executable(self, rank: int):
         return self._executable(("set_lora", rank), lambda: self.lora.lower(rank))
 
+    def _choose_decode_kernel(self) -> None:
+        if any(key[0] in ("step", "step_lora") for key in self._executables):  # traced with the default already
+            self.decode_tuning = {"mode": "skipped", "reason": "step programs compiled before warm-up", "group": None}
+            return
+        choose_decode_kernel(self)
+
     # ----- ahead of time ------------------------------------------------------------
     def workspace_bytes(self) -> int:
         """Device memory a step needs beyond weights and cache (the profiling pass that sizes the KV
@@ -194,8 +206,12 @@ class ExecutablesMixin:
     def warmup(self) -> float:
         """Compiles every bucket's step (with LoRA: both variants) and prompt-logprobs pass ahead of time (from JAX's persistent
         cache when warm) without running them. Returns seconds taken. Tracing is sequential; the
-        XLA compiles run on a thread pool (they release the GIL), one per core."""
+        XLA compiles run on a thread pool (they release the GIL), one per core. First, once, the decode
+        attention kernel is chosen (runner/decode_tuning.py: timed on GPUs for MHA models), since every
+        forward program is traced with it."""
         t0 = time.perf_counter()
+        if self.decode_tuning is None:
+            self._choose_decode_kernel()
         jobs = {}  # key -> lowered, in bucket order
         for T, S, decode_only in self.buckets.all():
             if self.pooling:  # prefill only: the mixed buckets of the embed step

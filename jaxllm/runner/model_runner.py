@@ -87,6 +87,7 @@ class ModelRunner(ExecutablesMixin):
             raise ValueError(f"task='classify' is invalid for this checkpoint: it has no classifier head "
                              f"(architecture {c.architecture}, not a *ForSequenceClassification)")
         self.task = task
+        self.attention_impl = getattr(model, "attention_impl", None)  # the model's forced impl (decode_tuning.py)
         self.pooling = task in POOLING_TASKS  # prefill-only steps, nothing sampled
         self.model_config = c
         self.vocab_size = c.vocab_size

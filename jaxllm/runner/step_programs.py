@@ -43,11 +43,13 @@ def step_programs(graphdef, on_trace: Callable[[], None], branchless_sampling: b
     `branchless_sampling` (GPUs): sample_step selects between computed branches instead of lax.cond
     (runner/sampler.py: an XLA conditional on a GPU blocks the host until the device reaches it)."""
 
-    def fed_forward(state, cache, counts, prompt_mask, last_tokens, inp: StepInputs, lora=None):
+    def fed_forward(state, cache, counts, prompt_mask, last_tokens, inp: StepInputs, lora=None, decode_mha_group=None):
         """The model over the step's tokens, placeholders taken from last_tokens on device (feed_rows
         < R) → (cache, counts, prompt_mask, logits [S, V] f32 of the sampling rows, hidden [T, E]: it
         stays on device for prompt logprobs). `lora`: the LoRA slots' weights (a jit argument: loading
-        a slot recompiles nothing). `inp.sampling` is not read here (sample_step's)."""
+        a slot recompiles nothing). `inp.sampling` is not read here (sample_step's).
+        `decode_mha_group` (static): the GPU decode attention kernel's head group the runner chose at
+        warm-up (runner/decode_tuning.py; 0 = the one-head kernel), None = the kernels' default."""
         on_trace()  # runs only while tracing
         R = last_tokens.shape[0]
         fed = last_tokens[jnp.minimum(inp.feed_rows, R - 1)]  # [T] i32
@@ -60,7 +62,8 @@ def step_programs(graphdef, on_trace: Callable[[], None], branchless_sampling: b
         prompt_mask = prompt_mask.at[inp.seen_prompt_rows, inp.seen_tokens].set(True, mode="drop")
         counts = counts.at[inp.seen_output_rows, inp.seen_tokens].add(1, mode="drop")
         lora = None if lora is None else LoRABatch(lora, inp.lora_slots)
-        hidden, cache = m(tokens, inp.positions, cache, inp.metadata, lora)  # [T, E]
+        attn = {} if decode_mha_group is None else {"decode_mha_group": decode_mha_group}
+        hidden, cache = m(tokens, inp.positions, cache, inp.metadata, lora, **attn)  # [T, E]
         logits = m.compute_logits(hidden[inp.logits_indices])  # [S, V] f32
         return cache, counts, prompt_mask, logits, hidden
 

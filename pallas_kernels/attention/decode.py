@@ -9,7 +9,7 @@ Each split leaves an unnormalised fp32 accumulator with its running max and sum 
 heads only (rows of a flat [splits * S * H, d]: masked stores, no padded rows written); a small jnp
 epilogue merges the splits (log-sum-exp, common.merge_splits) and casts to q.dtype.
 MHA models (q-per-kv 1) can run decode_mha.py's kernel instead, G kv heads per program: `decode_rows`
-switches on `mha_group=` / JAXLLM_DECODE_MHA_GROUP (default off).
+switches on `mha_group=` (the engine passes the G it timed at warm-up: tune.py) / JAXLLM_DECODE_MHA_GROUP.
 """
 from __future__ import annotations
 
@@ -111,9 +111,10 @@ def decode_rows(q: jax.Array, cache: KVCache, layer, metadata: AttentionMetadata
     kernel proper; `paged_decode_attention` (decode-only batches) and the mixed batches' single-token
     sequences (pallas_kernels/attention/prefill.py) call it.
 
-    `mha_group` (None: the environment variable JAXLLM_DECODE_MHA_GROUP, unset = "off"): an MHA model
-    (q_per_kv 1) with a group G ("auto" = 16, or a power of two) runs decode_mha.py's kernel, G kv heads
-    per program, instead of this one; off by default until a GPU measures it. The one switch point."""
+    `mha_group` (None: the environment variable JAXLLM_DECODE_MHA_GROUP, unset / "tune" = this kernel; 0 /
+    "off": this kernel): an MHA model (q_per_kv 1) with a group G ("auto" = 16, or a power of two) runs
+    decode_mha.py's kernel, G kv heads per program, instead of this one. The engine's runner times both
+    at warm-up on GPUs and passes its choice (jaxllm/runner/decode_tuning.py). The one switch point."""
     num_kv_heads, q_per_kv, head_dim = check_inputs(q, cache, metadata)
     if head_dim < 16 or head_dim & (head_dim - 1):
         raise ValueError(f"pallas_decode needs a power-of-two head_dim >= 16, got {head_dim}")

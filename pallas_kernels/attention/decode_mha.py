@@ -17,9 +17,11 @@ Split-K and its log-sum-exp merge, fp8 caches (the per-(layer, kv head) K/V scal
 vectors), sliding windows and soft caps are as in decode.py; the flash step is paged_chunk's.
 
 Selection (trace time, in decode.py's `decode_rows`, the one place): `mha_group=` argument, else the
-environment variable JAXLLM_DECODE_MHA_GROUP: unset / "off" / "0" = the one-head kernel (the default:
-this variant is unmeasured on a GPU; bench/device_check.sh's attn13b phase times both, impl
-`pallas_mha16` of bench/attention_kernels.py); "auto" = G 16; "<G>" = that G (a power of two, 1..64).
+environment variable JAXLLM_DECODE_MHA_GROUP: "off" / "0" = the one-head kernel; "auto" = G 16; "<G>" = that G
+(a power of two, 1..64); unset / "tune" (the default) = the one-head kernel here, while the engine's runner
+times the variants at warm-up on the model's shapes (tune.py, jaxllm/runner/decode_tuning.py) and passes
+its choice as `mha_group=` (0 for the one-head kernel), so a direct call of the kernels never tunes.
+bench/device_check.sh's attn13b phase times both (impl `pallas_mha16` of bench/attention_kernels.py).
 It applies to q_per_kv == 1 only; GQA models always take the one-head kernel (its tile already holds
 a kv head's q_per_kv rows).
 """
@@ -46,17 +48,26 @@ MAX_GROUP = 64
 COLUMNS = 128  # default K/V columns per chunk (block_k * G) at head_dim <= 128; 64 above
 
 
+TUNE = "tune"  # JAXLLM_DECODE_MHA_GROUP's default: the engine measures (jaxllm/runner/decode_tuning.py)
+
+
+def env_setting() -> str:
+    """JAXLLM_DECODE_MHA_GROUP as set, lower-cased; "tune" when unset or empty (the default)."""
+    return os.environ.get(ENV_VAR, "").strip().lower() or TUNE
+
+
 def resolve_mha_group(mha_group: int | str | None, q_per_kv: int) -> int | None:
     """The head group G the decode kernels use, or None for the one-head kernel. `mha_group` None reads
-    JAXLLM_DECODE_MHA_GROUP (unset = off). "off"/"0"/0 -> None; "auto" -> 16; an int or "<int>" -> G,
-    which must be a power of two in [1, 64]. None whenever q_per_kv != 1 (the variant is MHA-only)."""
+    JAXLLM_DECODE_MHA_GROUP (unset = "tune"). "off"/"0"/0 -> None; "tune" -> None (the kernels do not
+    measure: the engine's runner does and passes its choice); "auto" -> 16; an int or "<int>" -> G, which
+    must be a power of two in [1, 64]. None whenever q_per_kv != 1 (the variant is MHA-only)."""
     source = f"mha_group={mha_group!r}"
     if mha_group is None:
-        mha_group = os.environ.get(ENV_VAR, "").strip() or "off"
-        source = f"{ENV_VAR}={mha_group!r}"
+        mha_group = env_setting()
+        source = f"{ENV_VAR}={os.environ.get(ENV_VAR, '')!r}"
     if isinstance(mha_group, str):
         word = mha_group.strip().lower()
-        if word in ("off", "0", "none", ""):
+        if word in ("off", "0", "none", "", TUNE):
             return None
         if word == "auto":
             mha_group = AUTO_GROUP
@@ -64,13 +75,19 @@ def resolve_mha_group(mha_group: int | str | None, q_per_kv: int) -> int | None:
             try:
                 mha_group = int(word)
             except ValueError:
-                raise ValueError(f"{source}: expected 'off', 'auto' or a power of two in [1, {MAX_GROUP}]") from None
+                raise ValueError(f"{source}: expected 'tune', 'off', 'auto' or a power of two in [1, {MAX_GROUP}]") from None
     group = int(mha_group)
     if group == 0:
         return None
     if not 1 <= group <= MAX_GROUP or group & (group - 1):
         raise ValueError(f"{source}: the head group must be a power of two in [1, {MAX_GROUP}], got {group}")
     return group if q_per_kv == 1 else None
+
+
+def effective_group(group: int, num_kv_heads: int) -> int:
+    """The G the kernel runs with for `group` over `num_kv_heads` heads: at most next_pow2(kvh), so a
+    smaller model gets no all-padding heads (G 16 and 32 over 4 heads are both G 4)."""
+    return min(group, next_pow2(num_kv_heads))
 
 
 def _decode_mha_kernel(layer_ref, ctx_ref, tok_ref, bt_ref, q_ref, k_ref, v_ref, *refs,
@@ -138,7 +155,7 @@ def decode_rows_mha(q: jax.Array, cache: KVCache, layer, metadata: AttentionMeta
     num_kv_heads = cache.k.shape[3]
     if num_heads != num_kv_heads:
         raise ValueError(f"the MHA decode kernel needs num_heads == num_kv_heads, got {num_heads} and {num_kv_heads}")
-    group = min(group, next_pow2(num_kv_heads))
+    group = effective_group(group, num_kv_heads)
     block_k = block_k or max(1, (COLUMNS if head_dim <= 128 else COLUMNS // 2) // group)
     cols = block_k * group
     if block_k & (block_k - 1) or cols < 16:

@@ -5,6 +5,8 @@ kernel when `metadata.decode_only`, else the mixed prefill kernel); "tpu" and "c
 The environment variable JAXLLM_ATTENTION_IMPL (read at trace time; like vLLM's
 VLLM_ATTENTION_BACKEND) overrides that choice for a whole engine: "reference" or "pallas" (or one
 of IMPLS). Tests force an implementation with impl=... and interpret=True.
+`mha_group` reaches the Pallas kernels' decode rows (`decode_rows`: the MHA decode kernel's head group,
+0 = the one-head kernel, None = JAXLLM_DECODE_MHA_GROUP); the reference has no such choice.
 """
 from __future__ import annotations
 
@@ -51,12 +53,15 @@ def ragged_paged_attention(
     soft_cap: float | None = None,
     impl: str | None = None,
     interpret: bool = False,
+    mha_group: int | str | None = None,
 ) -> jax.Array:
     """Causal attention of ragged query tokens q [T, num_heads, head_dim] over the paged cache.
 
     Returns [T, num_heads, head_dim] in q.dtype (fp32 accumulation). See metadata.py for the
     batch layout; `layer` is a Python int or a traced int32 scalar selecting the cache layer.
+    `mha_group` (static; Pallas only): see the module doc.
     """
-    fn = IMPLS[resolve_impl(impl, metadata)]
-    return fn(q, cache, layer, metadata, sm_scale=sm_scale, sliding_window=sliding_window,
-              soft_cap=soft_cap, interpret=interpret)
+    name = resolve_impl(impl, metadata)
+    extra = {} if mha_group is None or name == "reference" else {"mha_group": mha_group}
+    return IMPLS[name](q, cache, layer, metadata, sm_scale=sm_scale, sliding_window=sliding_window,
+                       soft_cap=soft_cap, interpret=interpret, **extra)

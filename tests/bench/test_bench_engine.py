@@ -78,6 +78,7 @@ def test_device_check_smoke_e2e_with_article(tmp_path):
     systems = [r["system"] for r in e2e["rows"]]
     assert systems[0] == "jaxllm" and systems.count("hf generate") == 2 and e2e["rows"][1]["requests"] == 2
     assert e2e["roofline"]["decode_s_per_token"] > 0 and e2e["micro"]["copy_gbytes_per_s"] > 0
+    assert e2e["decode_attention"] == {"mode": "skipped", "reason": "cpu backend", "group": None}  # CPU: not tuned
     assert set(e2e["ratios"]) == {"jaxllm_vs_hf_batch1", "jaxllm_vs_hf_batch2"}
     for name, kinds in (("decode", {"decode"}), ("mixed", {"mixed", "decode"})):  # "profile" rode on e2e's engine
         prof = e2e[f"profile_{name}"]

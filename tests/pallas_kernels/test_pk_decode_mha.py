@@ -162,12 +162,14 @@ def test_mha_decode_kernel_never_reads_blocks_before_the_window():
 
 def test_resolve_mha_group(monkeypatch):
     monkeypatch.delenv(ENV_VAR, raising=False)
-    assert resolve_mha_group(None, 1) is None  # default: off
-    for value, want in [("off", None), ("0", None), ("auto", 16), ("16", 16), ("1", 1), ("64", 64)]:
+    assert resolve_mha_group(None, 1) is None  # default "tune": the engine times; the kernels alone run one-head
+    for value, want in [("tune", None), ("TUNE", None), ("off", None), ("0", None), ("auto", 16), ("16", 16),
+                        ("1", 1), ("64", 64)]:
         monkeypatch.setenv(ENV_VAR, value)
         assert resolve_mha_group(None, 1) == want, value
         assert resolve_mha_group(None, 4) is None, value  # GQA: always the one-head kernel
     assert resolve_mha_group(32, 1) == 32 and resolve_mha_group("off", 1) is None  # the argument wins
+    assert resolve_mha_group(0, 1) is None  # the engine's "one-head kernel, measured" whatever the variable says
     for value in ["12", "128", "-4", "fast"]:
         monkeypatch.setenv(ENV_VAR, value)
         with pytest.raises(ValueError, match=f"{ENV_VAR}='{value}'"):
@@ -176,7 +178,7 @@ def test_resolve_mha_group(monkeypatch):
         resolve_mha_group(24, 1)
 
 
-@pytest.mark.parametrize("env,q_per_kv,want", [(None, 1, False), ("off", 1, False), ("auto", 1, True),
+@pytest.mark.parametrize("env,q_per_kv,want", [(None, 1, False), ("tune", 1, False), ("off", 1, False), ("auto", 1, True),
                                                ("16", 1, True), ("16", 2, False)])
 def test_environment_selects_the_kernel_at_trace_time(monkeypatch, env, q_per_kv, want):
     """ragged_paged_attention(impl="pallas_decode") traces the MHA kernel exactly when the variable asks
