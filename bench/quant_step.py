@@ -11,7 +11,9 @@ chunk by integer ops (the default) / a 256-entry table / a float8 bitcast and co
 quant_dot.FP8_CONVERT; a last "-copy" / "-nocopy": each u8 chunk copied out of the weight before
 its convert (the default) or not, quant_dot.FP8_CHUNK_COPY; e.g. "fp8-astype-nocopy", the
 convert before). "gguf-q4" / "gguf-fp32": the packaged SmolLM2 Q4_1 GGUF (real weights) with its
-projections kept 4-bit (the default) / dequantized to fp32 (JAXLLM_GGUF_Q4=fp32). `--shapes`: besides
+projections kept 4-bit (the default) / dequantized to fp32 (JAXLLM_GGUF_Q4=fp32); "gguf-q4-twodot": 4-bit
+with each packed chunk's halves in two dots at every T (quant_dot.PACK4_ONE_DOT_FROM_T = None, the path before
+2026-12-05's one dot from 32 tokens). `--shapes`: besides
 T1 and T64 (one-token sequences), T256 (one 256-token prompt) and T2048 (eight), the prefill steps of a
 batched workload. No engine, sampling or host work: bench/quant.py has those.
 
@@ -45,14 +47,16 @@ if any(sh not in SHAPES for sh in shapes):
     sys.exit(f"--shapes {args.shapes!r}: expected names from {list(SHAPES)}")
 steps = {}
 fp8_convert, fp8_copy = quant_dot.FP8_CONVERT, quant_dot.FP8_CHUNK_COPY  # the defaults
+pack4_one_dot = quant_dot.PACK4_ONE_DOT_FROM_T
 for method in args.methods.split(","):
     base, *opts = method.split("-")
     quant_dot.FP8_CONVERT = next((o for o in opts if o in ("bits", "lut", "astype")), fp8_convert)  # read at trace time
     quant_dot.FP8_CHUNK_COPY = {"copy": True, "nocopy": False}.get(opts[-1] if opts else "", fp8_copy)
     quant_dot.ENABLED = "plain" not in opts  # read at trace time (below)
     quant_dot.HOLD_FP8_BITS = "f8" not in opts  # read at load
+    quant_dot.PACK4_ONE_DOT_FROM_T = None if "twodot" in opts else pack4_one_dot  # read at trace time
     if base == "gguf":  # the packaged GGUF, its Q4_1 projections kept 4-bit or dequantized (read at load)
-        os.environ["JAXLLM_GGUF_Q4"] = {"q4": "keep", "fp32": "fp32"}[opts[0]]
+        os.environ["JAXLLM_GGUF_Q4"] = {"q4": "keep", "fp32": "fp32"}[opts[0]]  # gguf-q4-twodot: the two-dot 4-bit path
         ck = load_checkpoint("smollm2-135m")
     else:
         ck = load_checkpoint("smollm2-135m", "dummy")
@@ -69,6 +73,7 @@ for method in args.methods.split(","):
         steps[(method, ntok)] = (comp, inputs)
 quant_dot.ENABLED = quant_dot.HOLD_FP8_BITS = True
 quant_dot.FP8_CONVERT, quant_dot.FP8_CHUNK_COPY = fp8_convert, fp8_copy
+quant_dot.PACK4_ONE_DOT_FROM_T = pack4_one_dot
 samples = {k: [] for k in steps}
 loads = []
 for r in range(args.rounds):

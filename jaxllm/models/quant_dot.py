@@ -51,6 +51,9 @@ MIN_COLS = 64  # narrower column chunks make the per-chunk dot inefficient
 FP8_CONVERT = "bits"  # read at trace time: "bits" | "lut" | "astype" (fp8_bits_to_float; bench/quant_step.py)
 PACK_INT4 = True  # read at load: 4-bit q held as uint8 two values a byte (quant_pack4.py); bench/quant.py "int4-xla" sets it False
 FP8_CHUNK_COPY = True  # read at trace time: copy each u8 loop chunk out before converting it (chunked_quant_dot)
+PACK4_ONE_DOT_FROM_T = 32  # read at trace time: packed 4-bit chunks of steps of >= this many tokens meet x in one
+# [T, K] x [K, c] dot (x's halves concatenated once per step), not two [T, K/2] ones summed; None: always two
+# (bench/RESULTS.md, "4-bit steps on CPU": the SmolLM2 T=64 step 1.18x fp32's with two dots)
 
 
 FP8_BITS = jnp.uint8  # a q of this dtype holds float8_e4m3fn bits
@@ -146,7 +149,8 @@ def chunked_quant_dot(x: jax.Array, q: jax.Array, scale: jax.Array, block: int |
     scale [L, ...] (and offset) are stacked and each chunk is sliced out of layer `layer` directly
     (no copy of the layer's slice). `packed` ("int4" / "uint4", block scales only): q is [K/2, N]
     uint8 holding two such values a byte (quant_pack4.py); each chunk's low and high rows are
-    scaled alone and meet x's matching halves in two [T, K/2] x [K/2, c] dots (no re-interleave)."""
+    scaled alone and meet x's matching halves in two [T, K/2] x [K/2, c] dots (no re-interleave), or, for
+    steps of PACK4_ONE_DOT_FROM_T+ tokens, stacked into one [K, c] that x's halves side by side meet in one dot."""
     t, k = x.shape[0], x.shape[1]
     n = q.shape[-1]
     if chunk_bytes is None:  # measured on SmolLM2 shapes (bench/RESULTS.md): 512 KiB best at T=1, 2 MiB at T=64..256
@@ -159,18 +163,24 @@ def chunked_quant_dot(x: jax.Array, q: jax.Array, scale: jax.Array, block: int |
             raise ValueError(f"packed={packed!r}: needs block scales and q [K/2, N] = [{k // 2}, {n}], "
                              f"got block={block}, q {tuple(q.shape)}")
         x_lo, x_hi = split_halves(x, block)  # [T, K/2] each: the rows held in the low / high nibbles
+        one_dot = PACK4_ONE_DOT_FROM_T is not None and t >= PACK4_ONE_DOT_FROM_T
+        if one_dot:  # [T, K]: the low rows' inputs, then the high rows', matching each chunk's stacked halves
+            x_cat = jnp.concatenate([x_lo, x_hi], axis=1)
 
     def part4(qc: jax.Array, sc: jax.Array, oc: jax.Array | None) -> jax.Array:
-        """One packed chunk: qc [K/2, c] uint8, sc / oc [K/block, c] → [T, c] f32."""
+        """One packed chunk: qc [K/2, c] uint8, sc / oc [K/block, c] → [T, c] f32. Steps of a few tokens
+        dot each half alone (no [K, c] concatenate); longer ones dot the two halves stacked, once."""
         c = qc.shape[1]
-        y = None
-        for xh, vh in zip((x_lo, x_hi), nibbles(qc, packed)):  # vh [K/2, c] int8 / uint8 values
+        halves = []
+        for vh in nibbles(qc, packed):  # vh [K/2, c] int8 / uint8 values
             w = vh.reshape(k // block, block // 2, c).astype(jnp.float32) * sc.astype(jnp.float32)[:, None, :]
             if oc is not None:  # scale * q + offset, as the unpacked path computes it
                 w = w + oc.astype(jnp.float32)[:, None, :]
-            d = jnp.dot(xh, w.reshape(k // 2, c).astype(x.dtype), preferred_element_type=jnp.float32)  # [T, c]
-            y = d if y is None else y + d
-        return y
+            halves.append(w.reshape(k // 2, c).astype(x.dtype))  # [K/2, c]
+        if one_dot:
+            return jnp.dot(x_cat, jnp.concatenate(halves, axis=0), preferred_element_type=jnp.float32)  # [T, c]
+        return (jnp.dot(x_lo, halves[0], preferred_element_type=jnp.float32)
+                + jnp.dot(x_hi, halves[1], preferred_element_type=jnp.float32))  # [T, c]
 
     def part(qc: jax.Array, sc: jax.Array, oc: jax.Array | None, copy: bool = True) -> jax.Array:
         """One chunk: qc [K, c], sc [c] or [K/block, c], oc None or [K/block, c] → [T, c] f32.

@@ -67,7 +67,7 @@ def test_packed_chunked_dot_matches_numpy_dequantized(case, offset):
     wn = jax.tree.map(np.asarray, w)  # numpy q (ml_dtypes int4 / uint4), as a checkpoint's
     np.testing.assert_array_equal(np.asarray(dequantize(pack_int4(wn, np), nc, xp=np)), ref_w)
     np.testing.assert_array_equal(np.asarray(pack_int4(wn, np).q), np.asarray(p.q))
-    for t in (1, 3, 40):  # 40: the wide chunks of longer steps
+    for t in (1, 3, 40):  # 40: the wide chunks of longer steps, and one dot of both halves (PACK4_ONE_DOT_FROM_T)
         x = np.random.default_rng(t).standard_normal((t,) + xs).astype(np.float32)
         ref = np.einsum(spec, x, ref_w)
         tol = 3e-5 * np.abs(ref).max()
@@ -88,12 +88,13 @@ def test_packed_chunked_reads_stacked_layer_in_place(offset):
     assert p.pack_axis == -3 and p[1].packed == p.packed and p[1].shape == ws
     stacked = jax.tree.map(lambda *a: jnp.stack(a), p[0], p[1], p[2])  # the scan loop's stacking
     assert stacked.packed == p.packed and stacked.shape == w.shape
-    x = np.random.default_rng(0).standard_normal((2,) + xs).astype(np.float32)
     f = jax.jit(lambda x, w, i: quant_einsum(spec, x, w, chunked=True, layer=i))
-    for i in range(3):
-        ref = np.einsum(spec, x, numpy_weight(q[i], s[i], None if m is None else m[i], nc - 1, group))
-        got = np.asarray(f(jnp.asarray(x), stacked, jnp.int32(i)))
-        np.testing.assert_allclose(got, ref, rtol=0, atol=3e-5 * np.abs(ref).max(), err_msg=str(i))
+    for t in (2, 40):  # 40: the halves meet x in one dot (quant_dot.PACK4_ONE_DOT_FROM_T)
+        x = np.random.default_rng(t).standard_normal((t,) + xs).astype(np.float32)
+        for i in range(3):
+            ref = np.einsum(spec, x, numpy_weight(q[i], s[i], None if m is None else m[i], nc - 1, group))
+            got = np.asarray(f(jnp.asarray(x), stacked, jnp.int32(i)))
+            np.testing.assert_allclose(got, ref, rtol=0, atol=3e-5 * np.abs(ref).max(), err_msg=f"T={t} layer {i}")
 
 
 def test_packed_dot_refuses_per_channel_scales():
