@@ -11,8 +11,10 @@ No engine knowledge here (the engine's glue, jaxllm/runner/decode_tuning.py, sup
   other candidate is run, compared with it (`mismatch`: max |got - want| <= tol x max |want|, tol 2e-2
   for 16-bit or fp8 outputs, 2e-3 for f32, finite) and timed; a candidate that raises (lowering,
   compiling, running) or mismatches is dropped with one log line naming it and the error's first
-  line. The fastest kept one wins; the one-head kernel when every variant is dropped, or when the
-  one-head kernel itself fails (then nothing is timed: the engine keeps its default);
+  line. The fastest kept one wins if it beats the one-head kernel by MIN_GAIN (else the one-head
+  kernel: a near tie would flip between starts, and each flip recompiles every step program, warm
+  compile cache or not); the one-head kernel when every variant is dropped, or when the one-head
+  kernel itself fails (then nothing is timed: the engine keeps its default);
 - `tune_decode_group(q, cache, metadata, ...)`: the real path, each candidate jitted through
   `paged_decode_attention(mha_group=G or 0)`, timed by `median_ms`.
 
@@ -42,6 +44,7 @@ WARMUP_CALLS = 3
 SAMPLES = 10
 CALLS_PER_SAMPLE = 3
 BUDGET_S = 30.0  # candidates not started by then are skipped (the cold start's share)
+MIN_GAIN = 0.03  # a variant replaces the one-head kernel only when at least this much faster
 TOLERANCE = {"float32": 2e-3}  # of max |reference|; every other output dtype (bf16, f16): 2e-2
 DEFAULT_TOLERANCE = 2e-2
 FP8_BITS_MASK = 0xBF  # synthetic fp8 pages: random e4m3fn bits, exponent < 8 (|x| <= 1.875, no NaN)
@@ -144,6 +147,8 @@ def select_group(candidates: list[int | None], run: Callable, timer: Callable, *
             dropped[name] = _first_line(e)
             log(f"dropped {name}: {dropped[name]}")
     best = min((g for g in candidates if label(g) in times), key=lambda g: times[label(g)])
+    if times[label(best)] > (1 - MIN_GAIN) * times[label(None)]:
+        best = None  # within MIN_GAIN of the one-head kernel: keep it
     return TuneResult(best, times, dropped, clock() - t0)
 
 

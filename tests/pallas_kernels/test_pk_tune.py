@@ -41,8 +41,10 @@ def test_select_picks_the_fastest_matching_candidate():
     assert result.group == 16 and not result.dropped and lines == []
     assert result.times_ms == {"one-head": 0.9, "G=8": 0.5, "G=16": 0.3, "G=32": 0.4}
     assert result.describe().startswith("chose G=16 (0.30 ms vs 0.90 ms one-head) in ")
-    # the one-head kernel wins when it is the fastest
+    # the one-head kernel wins when it is the fastest, and when a variant is faster by less than MIN_GAIN (3%)
     assert _select({None: OUT, 16: OUT}, {None: 0.2, 16: 0.3})[0].group is None
+    assert _select({None: OUT, 16: OUT}, {None: 1.0, 16: 0.98})[0].group is None
+    assert _select({None: OUT, 16: OUT}, {None: 1.0, 16: 0.96})[0].group == 16
 
 
 def test_raising_and_mismatching_candidates_are_dropped_and_logged():
