@@ -26,7 +26,6 @@ import tempfile
 import warnings
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))  # bench/common.py
 
 # H100 / H200 (sm_90): per SM
 SM_REGS, SM_SMEM, SM_MAX_WARPS, SM_MAX_PROGRAMS, SM_COUNT = 65536, 228 * 1024, 64, 32, 132
@@ -246,7 +245,7 @@ def main() -> None:
               f"{r['regs']:>4d} {r['spill_bytes']:>5d} {r['shared_bytes'] / 1024:>8.1f} {r['programs_per_sm']:>7d} "
               f"{r['limited_by']:>9s} {r['waves']:>6.2f}  {r['loads']} mma {r['mma']}")
     if a.output_json:
-        from common import machine_info, write_json
+        from bench.common import machine_info, write_json
         write_json(a.output_json, {"triton": triton.__version__, "arch": a.arch, "machine": machine_info(), "rows": rows})
 
 

@@ -1,6 +1,9 @@
 """bench/triton_static.py's parts that need no `triton` package: the TTIR capture of an exported kernel
 (with its custom call's num_warps / num_stages), the SASS load census, resources and the occupancy model
 against hand-worked figures. (Compiling the TTIR needs the pip `triton` wheel, not a jaxllm dependency.)"""
+import os
+import sys
+
 from bench import triton_static as ts
 
 SASS = """
@@ -45,3 +48,12 @@ def test_capture_reads_each_kernel_with_its_warps_and_stages():
     [k] = ts.capture(fn, *args)
     assert (k["name"], k["num_warps"], k["num_stages"]) == ("jaxllm_small_m_matmul", 4, 3)
     assert k["grid"] == [15360 // 128, 5]  # 120 column tiles x 5 splits: 600 programs, TARGET_PROGRAMS 528
+
+
+def test_importing_it_leaves_bench_off_sys_path():
+    """A bench module imported by the tests must not put bench/ on sys.path: bench/serving.py would then
+    shadow the `serving` package for every later test in the process (66 errors in one fresh-clone run)."""
+    bench = os.path.dirname(os.path.abspath(ts.__file__))
+    assert bench not in [os.path.abspath(p or ".") for p in sys.path]
+    import serving
+    assert os.path.isdir(os.path.dirname(serving.__file__)) and serving.__file__.endswith(os.path.join("serving", "__init__.py"))
