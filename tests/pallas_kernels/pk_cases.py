@@ -6,12 +6,14 @@ contents, so cases of one config share one compilation.
 from __future__ import annotations
 
 import dataclasses
+import functools
 
+import jax
 import jax.numpy as jnp
 import ml_dtypes
 import numpy as np
 
-from pallas_kernels import AttentionMetadata, KVCache
+from pallas_kernels import AttentionMetadata, KVCache, ragged_paged_attention
 
 
 @dataclasses.dataclass(frozen=True)
@@ -175,3 +177,13 @@ def dense_attention(case: Case, *, sm_scale=None, sliding_window=None, soft_cap=
 def valid_tokens(case: Case) -> np.ndarray:
     """Boolean [T]: tokens that belong to a sequence."""
     return np.asarray(case.metadata.slot_mapping) >= 0
+
+
+@functools.lru_cache(maxsize=None)
+def jitted_attention(impl: str, opts_items: tuple = ()):
+    """`ragged_paged_attention(q, cache, layer, metadata, impl=impl, interpret=True, **opts)` jitted once per
+    (impl, options): `opts_items` are the options' sorted (name, value) pairs, e.g. (("mha_group", 16),
+    ("soft_cap", 4.0)) (the reference ignores mha_group)."""
+    opts = dict(opts_items)
+    return jax.jit(lambda q, c, layer, m: ragged_paged_attention(q, c, layer, m, impl=impl, interpret=True, **opts))
+

@@ -8,7 +8,6 @@ batches (the single-token sequences through decode_rows), NaN blocks before the 
 Tolerances as test_pk_kernels_interpret.py: fp32 1e-4, bf16 2e-2.
 """
 import dataclasses
-import functools
 
 import jax
 import jax.numpy as jnp
@@ -18,7 +17,7 @@ import pytest
 from pallas_kernels import ragged_paged_attention
 from pallas_kernels.attention import paged_decode_attention, paged_prefill_attention
 from pallas_kernels.attention.decode_mha import ENV_VAR, resolve_mha_group
-from tests.pallas_kernels.pk_cases import Config, make_case, to_fp8, valid_tokens
+from tests.pallas_kernels.pk_cases import Config, jitted_attention, make_case, to_fp8, valid_tokens
 
 TOL = {"float32": 1e-4, "bfloat16": 2e-2}
 KERNEL = "jaxllm_paged_decode_mha"
@@ -42,16 +41,13 @@ def _cid(item):
             f"{cfg.dtype[:2]}G{group}" + "".join(f"-{k}" for k in opts))
 
 
-@functools.lru_cache(maxsize=None)
 def _decode(group, opts_items):
-    opts = dict(opts_items)
-    return jax.jit(lambda q, c, layer, m: paged_decode_attention(q, c, layer, m, interpret=True, mha_group=group, **opts))
+    """The decode kernel with head group `group`, jitted once per (group, options)."""
+    return jitted_attention("pallas_decode", tuple(sorted(opts_items + (("mha_group", group),))))
 
 
-@functools.lru_cache(maxsize=None)
 def _reference(opts_items):
-    opts = dict(opts_items)
-    return jax.jit(lambda q, c, layer, m: ragged_paged_attention(q, c, layer, m, impl="reference", **opts))
+    return jitted_attention("reference", opts_items)
 
 
 def _assert_close(got, want, case, dtype, msg, scale=1.0):

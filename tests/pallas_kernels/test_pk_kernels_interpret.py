@@ -5,14 +5,12 @@ sequences, shuffled block tables (one sequence's pages in reverse order), garbag
 end and stale cache contents. 53 cases for the mixed kernel, 50 for the decode kernel (plus edge cases).
 Tolerances (max abs and rel): fp32 1e-4; bf16 2e-2 (bf16 output rounding plus bf16 P @ V).
 """
-import functools
 
 import jax
 import numpy as np
 import pytest
 
-from pallas_kernels import ragged_paged_attention
-from tests.pallas_kernels.pk_cases import Config, make_case, to_fp8, valid_tokens
+from tests.pallas_kernels.pk_cases import Config, jitted_attention, make_case, to_fp8, valid_tokens
 
 TOL = {"float32": 1e-4, "bfloat16": 2e-2}
 
@@ -43,14 +41,8 @@ def _cid(item):
             f"g{cfg.q_per_kv}d{cfg.head_dim}{cfg.dtype[:2]}" + "".join(f"-{k}" for k in opts))
 
 
-@functools.lru_cache(maxsize=None)
-def _jitted(impl, opts_items):
-    opts = dict(opts_items)
-    return jax.jit(lambda q, c, layer, m: ragged_paged_attention(q, c, layer, m, impl=impl, interpret=True, **opts))
-
-
 def _check(impl, cfg, opts, seeds, seed_base):
-    kernel, ref = _jitted(impl, tuple(sorted(opts.items()))), _jitted("reference", tuple(sorted(opts.items())))
+    kernel, ref = jitted_attention(impl, tuple(sorted(opts.items()))), jitted_attention("reference", tuple(sorted(opts.items())))
     tol = TOL[cfg.dtype]
     for seed in range(seed_base, seed_base + seeds):
         case = make_case(cfg, seed, reverse_seq=seed % cfg.num_seqs)
@@ -91,8 +83,8 @@ def test_kernel_edge_cases(impl):
     case = make_case(cfg, 7, ctx_override=[64, 1, 32, 0], q_override=q_lens, reverse_seq=0)
     assert case.tables[0, 0] > case.tables[0, 3]
     args = (case.q, case.cache, case.layer, case.metadata)
-    got = np.asarray(_jitted(impl, ())(*args))
-    want = np.asarray(_jitted("reference", ())(*args))
+    got = np.asarray(jitted_attention(impl, ())(*args))
+    want = np.asarray(jitted_attention("reference", ())(*args))
     ok = valid_tokens(case)
     np.testing.assert_allclose(got[ok], want[ok], atol=1e-4, rtol=1e-4)
     assert np.all(got[~ok] == 0)
@@ -107,7 +99,7 @@ def test_decode_kernel_split_override(num_splits):
     case = make_case(cfg, 11)
     args = (case.q, case.cache, case.layer, case.metadata)
     got = np.asarray(jax.jit(lambda *a: paged_decode_attention(*a, interpret=True, num_splits=num_splits))(*args))
-    want = np.asarray(_jitted("reference", ())(*args))
+    want = np.asarray(jitted_attention("reference", ())(*args))
     np.testing.assert_allclose(got, want, atol=1e-4, rtol=1e-4)
 
 
@@ -120,9 +112,9 @@ def test_kernel_fp32_queries_over_bf16_cache(impl):
                  dtype="bfloat16", decode_only=impl == "pallas_decode")
     case = make_case(cfg, 5)
     q32 = case.q.astype(jnp.float32)
-    got = _jitted(impl, ())(q32, case.cache, case.layer, case.metadata)
+    got = jitted_attention(impl, ())(q32, case.cache, case.layer, case.metadata)
     assert got.dtype == jnp.float32
-    want = _jitted("reference", ())(q32, case.cache, case.layer, case.metadata)
+    want = jitted_attention("reference", ())(q32, case.cache, case.layer, case.metadata)
     ok = valid_tokens(case)
     np.testing.assert_allclose(np.asarray(got)[ok], np.asarray(want)[ok], atol=2e-2, rtol=2e-2)
 
@@ -140,7 +132,7 @@ FP8 = [
 @pytest.mark.parametrize("item", FP8, ids=lambda it: it[0] + "-" + _cid((it[1], it[2], 0)))
 def test_kernels_read_fp8_cache(item):
     impl, cfg, opts = item
-    kernel, ref = _jitted(impl, tuple(sorted(opts.items()))), _jitted("reference", tuple(sorted(opts.items())))
+    kernel, ref = jitted_attention(impl, tuple(sorted(opts.items()))), jitted_attention("reference", tuple(sorted(opts.items())))
     for seed in range(2):
         case = to_fp8(make_case(cfg, 400 + seed, reverse_seq=seed % cfg.num_seqs), seed)
         assert case.cache.quantized and case.cache.k.dtype == np.uint8
@@ -167,7 +159,7 @@ def test_null_blocks_before_the_window(impl, item):
 
     cfg, opts, _ = item
     w, bs = opts["sliding_window"], cfg.block_size
-    kernel, ref = _jitted(impl, tuple(sorted(opts.items()))), _jitted("reference", tuple(sorted(opts.items())))
+    kernel, ref = jitted_attention(impl, tuple(sorted(opts.items()))), jitted_attention("reference", tuple(sorted(opts.items())))
     nulled = 0
     for seed in range(3):
         case = make_case(cfg, seed)
@@ -207,7 +199,7 @@ def test_null_blocks_of_an_all_sliding_model(impl, item):
 
     cfg, opts, _ = item
     w, bs = opts["sliding_window"], cfg.block_size
-    kernel, ref = _jitted(impl, tuple(sorted(opts.items()))), _jitted("reference", tuple(sorted(opts.items())))
+    kernel, ref = jitted_attention(impl, tuple(sorted(opts.items()))), jitted_attention("reference", tuple(sorted(opts.items())))
     groups = make_groups([w] * cfg.num_layers)
     assert groups.num_groups == 1 and groups.managed
     for seed in range(7, 20):  # the first case with a null entry
@@ -252,7 +244,7 @@ def test_prefill_kernel_tiles_alone_and_with_decodes_split(split_decodes):
     cfg, opts, _ = MIXED[0]
     fn = jax.jit(lambda q, c, layer, m: paged_prefill_attention(q, c, layer, m, interpret=True,
                                                                  split_decodes=split_decodes, **opts))
-    ref = _jitted("reference", tuple(sorted(opts.items())))
+    ref = jitted_attention("reference", tuple(sorted(opts.items())))
     singles = 0
     for seed in range(400, 403):
         case = make_case(cfg, seed, reverse_seq=seed % cfg.num_seqs)
