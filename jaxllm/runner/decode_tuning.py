@@ -26,8 +26,6 @@ The choice, its timings and what was dropped land on the runner (`decode_mha_gro
 """
 from __future__ import annotations
 
-import logging
-import sys
 import types
 
 import jax
@@ -43,10 +41,10 @@ FREE_SHARE = 3  # ... and at most this fraction of the device's free memory (fil
 
 
 def say(msg: str) -> None:
-    """A start-up line on stderr, as the engine's (jaxllm/engine/factory.py): hidden when the `jaxllm`
-    logger's level is above INFO."""
-    if logging.getLogger("jaxllm").level <= logging.INFO:
-        print(f"[jaxllm] decode attention: {msg}", file=sys.stderr, flush=True)
+    """The engine's start-up line (jaxllm/engine/factory.py `_info`: stderr, hidden above INFO)."""
+    from jaxllm.engine.factory import _info  # the runner is built by the factory: imported by then
+
+    _info(f"decode attention: {msg}")
 
 
 def _backend() -> str:
