@@ -25,15 +25,21 @@ import jax.numpy as jnp  # noqa: E402
 from bench.attention_kernels import save_device_rows, time_variants  # noqa: E402
 from jaxllm.models.quant import QuantWeight, pack_int4, quant_einsum  # noqa: E402
 from pallas_kernels.matmul import quant_matmul  # noqa: E402
-from pallas_kernels.matmul.quant import _block_k  # noqa: E402
-from pallas_kernels.matmul.stacked import _block_n, _plan_splits  # noqa: E402
+from pallas_kernels.matmul import stacked  # noqa: E402
 
 OLD_TARGET = 264  # the split plan's program target before 2026-12-05 (now stacked.TARGET_PROGRAMS = 528)
 
 
-def old_splits(k: int, n: int, block: int | None) -> int:
-    """The split count the kernel planned with the old 264-program target (the A/B's "pallas_t264" row)."""
-    return _plan_splits(k // (block or _block_k(k)), n // _block_n(n), OLD_TARGET)
+def compiled_with_target(fn, args, target: int):
+    """`fn` compiled for `args` with the split plan's program target set to `target` while it traces
+    (stacked.TARGET_PROGRAMS is read then): the kernel's own plan, under the old target. `fn` is wrapped in a
+    function of its own: jax.jit caches traces by function, so jit(fn) elsewhere would reuse this one."""
+    kept = stacked.TARGET_PROGRAMS
+    stacked.TARGET_PROGRAMS = target
+    try:
+        return jax.jit(lambda *a: fn(*a)).lower(*args).compile()
+    finally:
+        stacked.TARGET_PROGRAMS = kept
 
 # (name, K, N): Llama-2-13B's fused q/k/v, o, fused gate/up, down
 SHAPES_13B = [("wqkv", 5120, 15360), ("wo", 5120, 5120), ("w_gate_up", 5120, 27648), ("w_down", 13824, 5120)]
@@ -75,19 +81,17 @@ def main(argv=None) -> int:
                 if kind == "q8_0" and m != 1:
                     continue
                 x = jax.random.normal(jax.random.key(2), (m, k), jnp.bfloat16)
-                kern = jax.jit(lambda x, q, s, o, p=w.packed: quant_matmul(x, q, s, o, packed=p, interpret=not gpu))
-                block = k // w.scale.shape[0] if w.scale.ndim == 2 else None
-                kern_old = jax.jit(lambda x, q, s, o, p=w.packed, sp=old_splits(k, n, block):
-                                   quant_matmul(x, q, s, o, packed=p, splits=sp, interpret=not gpu))
+                call = lambda x, q, s, o, p=w.packed: quant_matmul(x, q, s, o, packed=p, interpret=not gpu)  # noqa: E731
+                kargs = (x, w.q, w.scale, w.offset)
+                kern, kern_old = jax.jit(call), compiled_with_target(call, kargs, OLD_TARGET)
                 # XLA: what the model runs without the kernel (a 4-bit q as XLA's uint4, held unpacked)
                 xla = jax.jit(lambda x, q, s, o: quant_einsum("tk,kn->tn", x, QuantWeight(q, s, o)))
                 xla_args = (x, w.unpacked().q, w.scale, w.offset)
-                a = kern(x, w.q, w.scale, w.offset).astype(jnp.float32)
+                a = kern(*kargs).astype(jnp.float32)
                 b = xla(*xla_args).astype(jnp.float32)
                 err = float(jnp.abs(a - b).max() / (jnp.abs(b).max() + 1e-6))
                 row = {"kind": kind, "shape": name, "M": m, "K": k, "N": n, "max_rel_err": err}
-                time_variants(row, {"pallas": (kern, (x, w.q, w.scale, w.offset)),
-                                    "pallas_t264": (kern_old, (x, w.q, w.scale, w.offset)), "xla": (xla, xla_args)},
+                time_variants(row, {"pallas": (kern, kargs), "pallas_t264": (kern_old, kargs), "xla": (xla, xla_args)},
                               args.iters, wbytes)
                 row["speedup"] = row["xla_us"] / row["pallas_us"]
                 rows.append(row)

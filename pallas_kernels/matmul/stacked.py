@@ -49,9 +49,9 @@ def stacked_matmul_supported(m: int, k: int, n: int, block_k: int = 64) -> bool:
     return m <= MAX_ROWS and k % block_k == 0 and _block_n(n) is not None
 
 
-def _plan_splits(k_chunks: int, n_tiles: int, target: int | None = None) -> int:
-    """The most splits up to `target` (TARGET_PROGRAMS) programs that divide K's chunks evenly."""
-    want = max(1, -(-(target or TARGET_PROGRAMS) // n_tiles))
+def _plan_splits(k_chunks: int, n_tiles: int) -> int:
+    """The most splits up to TARGET_PROGRAMS programs (read at trace time) that divide K's chunks evenly."""
+    want = max(1, -(-TARGET_PROGRAMS // n_tiles))
     return max(d for d in range(1, min(want, k_chunks) + 1) if k_chunks % d == 0)
 
 
