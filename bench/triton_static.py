@@ -120,13 +120,8 @@ def attention_case(heads: int, kv_heads: int, head_dim: int, decode: bool, fp8: 
 
     def step(q, k, v, layer, slots, tables, ctx, cu, *scales):
         md = AttentionMetadata(slots, tables, ctx, cu, decode_only=decode)
-        kw = {} if mha_group is None else {"mha_group": mha_group}
-        impl = "pallas_decode" if decode else "pallas_prefill"
-        if kw:  # the variant's switch is the kernel's own argument
-            from pallas_kernels.attention import decode as dec, prefill as pre
-            fn = dec.paged_decode_attention if decode else pre.paged_prefill_attention
-            return fn(q, KVCache(k, v, *scales), layer, md, **kw)
-        return ragged_paged_attention(q, KVCache(k, v, *scales), layer, md, impl=impl)
+        return ragged_paged_attention(q, KVCache(k, v, *scales), layer, md, mha_group=mha_group,
+                                      impl="pallas_decode" if decode else "pallas_prefill")
 
     args = (sds((T, heads, head_dim), jnp.bfloat16), sds((L, NB, bs, kv_heads, head_dim), page),
             sds((L, NB, bs, kv_heads, head_dim), page), sds((), jnp.int32), sds((T,), jnp.int32),
